@@ -1,0 +1,111 @@
+//! Reading files into YAML documents, remembering where each came from.
+use std::{
+    fmt,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use serde::Deserialize as _;
+
+use super::{ConfigError, ConfigErrors};
+
+/// Where a document is: file, 1-based document number and first line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    pub file: Arc<Path>,
+    pub document: usize,
+    /// Index in `items` when the document is a `kind: List`.
+    pub item: Option<usize>,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} (document {}", self.file.display(), self.document)?;
+        if let Some(item) = self.item {
+            write!(f, ", items[{item}]")?;
+        }
+        f.write_str(")")
+    }
+}
+
+/// One parsed YAML document.
+#[derive(Debug, Clone)]
+pub struct Document {
+    pub origin: Origin,
+    pub value: serde_yaml_ng::Value,
+}
+
+/// Lists the files to read: `path` itself, or the YAML/JSON files directly in
+/// the directory (sorted; hidden files such as Kubernetes' `..data` links skipped).
+fn config_files(path: &Path) -> Result<Vec<PathBuf>, ConfigErrors> {
+    let io_error = |p: &Path, e: std::io::Error| {
+        ConfigErrors(vec![ConfigError {
+            origin: Origin { file: p.into(), document: 0, item: None },
+            object: "file".into(),
+            field: "-".into(),
+            message: format!("cannot read: {e}"),
+        }])
+    };
+    let meta = std::fs::metadata(path).map_err(|e| io_error(path, e))?;
+    if !meta.is_dir() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(path).map_err(|e| io_error(path, e))? {
+        let entry = entry.map_err(|e| io_error(path, e))?;
+        let p = entry.path();
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let wanted = [".yaml", ".yml", ".json"].iter().any(|s| name.ends_with(s));
+        if wanted && !name.starts_with('.') && p.is_file() {
+            files.push(p);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Reads every document of every config file under `path`. YAML syntax errors
+/// are reported with file, document and line; all files are read before failing.
+pub fn read_documents(path: &Path) -> Result<Vec<Document>, ConfigErrors> {
+    let mut docs = Vec::new();
+    let mut errors = Vec::new();
+    for file in config_files(path)? {
+        let file: Arc<Path> = file.into();
+        let text = match std::fs::read_to_string(&file) {
+            Ok(t) => t,
+            Err(e) => {
+                errors.push(ConfigError {
+                    origin: Origin { file, document: 0, item: None },
+                    object: "file".into(),
+                    field: "-".into(),
+                    message: format!("cannot read: {e}"),
+                });
+                continue;
+            }
+        };
+        parse_text(&file, &text, &mut docs, &mut errors);
+    }
+    if errors.is_empty() { Ok(docs) } else { Err(ConfigErrors(errors)) }
+}
+
+/// Splits one file's text into documents, skipping empty ones.
+pub(crate) fn parse_text(file: &Arc<Path>, text: &str, docs: &mut Vec<Document>, errors: &mut Vec<ConfigError>) {
+    for (i, de) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+        let origin = Origin { file: file.clone(), document: i + 1, item: None };
+        match serde_yaml_ng::Value::deserialize(de) {
+            Ok(serde_yaml_ng::Value::Null) => {}
+            Ok(value) => docs.push(Document { origin, value }),
+            Err(e) => {
+                errors.push(ConfigError {
+                    origin,
+                    object: "document".into(),
+                    field: "-".into(),
+                    message: format!("YAML syntax: {e}"),
+                });
+                // The parser cannot resynchronise after a syntax error.
+                break;
+            }
+        }
+    }
+}

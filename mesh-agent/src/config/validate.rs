@@ -1,0 +1,421 @@
+//! Turning documents into a validated [`State`].
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::Ipv4Addr,
+    sync::Arc,
+};
+
+use serde::de::DeserializeOwned;
+
+use super::{ConfigError, ConfigErrors, Document, Loaded, Origin, k8s};
+use crate::state::{
+    DATAPLANE_MODE_LABEL, DEFAULT_TRUST_DOMAIN, Namespace, Node, Protocol, Service, ServicePort, State, TargetPort,
+    Workload,
+};
+
+/// Collects errors against one object.
+struct Ctx<'a> {
+    origin: &'a Origin,
+    object: String,
+    errors: &'a mut Vec<ConfigError>,
+}
+
+impl Ctx<'_> {
+    fn error(&mut self, field: impl Into<String>, message: impl Into<String>) {
+        self.errors.push(ConfigError {
+            origin: self.origin.clone(),
+            object: self.object.clone(),
+            field: field.into(),
+            message: message.into(),
+        });
+    }
+}
+
+/// Objects sorted by kind, each with its origin, before cross-object checks.
+#[derive(Default)]
+struct Objects {
+    nodes: Vec<(Origin, k8s::Node)>,
+    namespaces: Vec<(Origin, k8s::Namespace)>,
+    pods: Vec<(Origin, k8s::Pod)>,
+    services: Vec<(Origin, k8s::Service)>,
+}
+
+pub(super) fn build_state(docs: &[Document]) -> Result<Loaded, ConfigErrors> {
+    let mut errors = Vec::new();
+    let mut notes = Vec::new();
+    let mut objects = Objects::default();
+    for doc in docs {
+        sort_document(&doc.origin, &doc.value, &mut objects, &mut notes, &mut errors);
+    }
+    let state = assemble(objects, &mut errors);
+    if errors.is_empty() { Ok(Loaded { state, notes }) } else { Err(ConfigErrors(errors)) }
+}
+
+fn str_field<'a>(v: &'a serde_yaml_ng::Value, key: &str) -> Option<&'a str> {
+    v.get(key).and_then(|k| k.as_str())
+}
+
+fn describe(kind: &str, v: &serde_yaml_ng::Value) -> String {
+    let meta = v.get("metadata");
+    let name = meta.and_then(|m| str_field(m, "name")).unwrap_or("<unnamed>");
+    let cluster_scoped = matches!(kind, "Node" | "Namespace" | "List");
+    match meta.and_then(|m| str_field(m, "namespace")) {
+        Some(ns) => format!("{kind} {ns}/{name}"),
+        None if cluster_scoped => format!("{kind} {name}"),
+        None => format!("{kind} default/{name}"),
+    }
+}
+
+fn sort_document(
+    origin: &Origin,
+    value: &serde_yaml_ng::Value,
+    objects: &mut Objects,
+    notes: &mut Vec<String>,
+    errors: &mut Vec<ConfigError>,
+) {
+    let kind = str_field(value, "kind");
+    let api_version = str_field(value, "apiVersion");
+    let (Some(kind), Some(api_version)) = (kind, api_version) else {
+        let missing = if kind.is_none() { "kind" } else { "apiVersion" };
+        errors.push(ConfigError {
+            origin: origin.clone(),
+            object: "document".into(),
+            field: missing.into(),
+            message: format!("missing `{missing}`: every document must be a Kubernetes object"),
+        });
+        return;
+    };
+    let object = describe(kind, value);
+    let mut ctx = Ctx { origin, object, errors };
+    match (api_version, kind) {
+        ("v1", "List") => {
+            let items = value.get("items").and_then(|i| i.as_sequence());
+            for (i, item) in items.into_iter().flatten().enumerate() {
+                let origin = Origin { item: Some(i), ..origin.clone() };
+                sort_document(&origin, item, objects, notes, ctx.errors);
+            }
+        }
+        ("v1", "Node") => push(&mut ctx, value, &mut objects.nodes),
+        ("v1", "Namespace") => push(&mut ctx, value, &mut objects.namespaces),
+        ("v1", "Pod") => push(&mut ctx, value, &mut objects.pods),
+        ("v1", "Service") => push(&mut ctx, value, &mut objects.services),
+        (api, _) if api.split('/').next().is_some_and(|g| g.ends_with("istio.io")) => {
+            ctx.error("kind", format!("{api} {kind} is not supported by this version of mesh-agent"));
+        }
+        (api, _) => notes.push(format!("{origin}: {}: {api} not used by mesh-agent, skipped", ctx.object)),
+    }
+}
+
+fn push<T: DeserializeOwned>(ctx: &mut Ctx<'_>, value: &serde_yaml_ng::Value, into: &mut Vec<(Origin, T)>) {
+    match serde_path_to_error::deserialize::<_, T>(value.clone()) {
+        Ok(obj) => into.push((ctx.origin.clone(), obj)),
+        Err(e) => {
+            let path = e.path().to_string();
+            ctx.error(path, e.into_inner().to_string());
+        }
+    }
+}
+
+fn parse_ip(ctx: &mut Ctx<'_>, field: &str, s: &str) -> Option<Ipv4Addr> {
+    match s.parse::<Ipv4Addr>() {
+        Ok(ip) => Some(ip),
+        Err(_) if s.parse::<std::net::Ipv6Addr>().is_ok() => {
+            ctx.error(field, format!("{s:?}: IPv6 is not supported yet"));
+            None
+        }
+        Err(_) => {
+            ctx.error(field, format!("{s:?} is not an IPv4 address"));
+            None
+        }
+    }
+}
+
+fn parse_port(ctx: &mut Ctx<'_>, field: &str, p: i64) -> Option<u16> {
+    match u16::try_from(p) {
+        Ok(p) if p != 0 => Some(p),
+        _ => {
+            ctx.error(field, format!("port {p} is out of range 1-65535"));
+            None
+        }
+    }
+}
+
+/// Kubernetes IANA_SVC_NAME: 1-15 lowercase alphanumerics or '-', with a letter,
+/// not starting or ending with '-'.
+fn valid_port_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 15
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes().any(|b| b.is_ascii_lowercase())
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+        && !s.contains("--")
+}
+
+fn require_name(ctx: &mut Ctx<'_>, meta: &k8s::ObjectMeta) -> Option<Arc<str>> {
+    match meta.name.as_deref() {
+        Some(n) if !n.is_empty() => Some(n.into()),
+        _ => {
+            ctx.error("metadata.name", "required");
+            None
+        }
+    }
+}
+
+fn assemble(objects: Objects, errors: &mut Vec<ConfigError>) -> State {
+    let mut state = State::default();
+    for (origin, node) in &objects.nodes {
+        let mut ctx = Ctx { origin, object: describe_meta("Node", &node.metadata, false), errors };
+        if let Some(n) = build_node(&mut ctx, node) {
+            state.nodes.insert(n.name.clone(), n);
+        }
+    }
+    for (origin, ns) in &objects.namespaces {
+        let mut ctx = Ctx { origin, object: describe_meta("Namespace", &ns.metadata, false), errors };
+        if let Some(name) = require_name(&mut ctx, &ns.metadata) {
+            let labels = ns.metadata.labels.clone();
+            state.namespaces.insert(name.clone(), Namespace { name, labels });
+        }
+    }
+    let mut ip_owner: HashMap<Ipv4Addr, String> = HashMap::new();
+    for (origin, pod) in &objects.pods {
+        let mut ctx = Ctx { origin, object: describe_meta("Pod", &pod.metadata, true), errors };
+        let Some(w) = build_workload(&mut ctx, pod, &state.namespaces) else { continue };
+        let key = format!("{}/{}", w.namespace, w.name);
+        if let (Some(ip), false) = (w.ip, w.host_network) {
+            if let Some(other) = ip_owner.get(&ip) {
+                ctx.error("status.podIP", format!("{ip} is already the IP of Pod {other}"));
+                continue;
+            }
+            ip_owner.insert(ip, key.clone());
+        }
+        if state.workloads.contains_key(&key) {
+            ctx.error("metadata.name", format!("Pod {key} is defined twice"));
+            continue;
+        }
+        let w = Arc::new(w);
+        if let (Some(ip), false) = (w.ip, w.host_network) {
+            state.by_ip.insert(ip, w.clone());
+        }
+        state.workloads.insert(key, w);
+    }
+    let mut vip_owner: HashMap<Ipv4Addr, String> = HashMap::new();
+    for (origin, svc) in &objects.services {
+        let mut ctx = Ctx { origin, object: describe_meta("Service", &svc.metadata, true), errors };
+        let Some(s) = build_service(&mut ctx, svc, &state.workloads) else { continue };
+        let key = format!("{}/{}", s.namespace, s.name);
+        if let Some(vip) = s.vip {
+            if let Some(other) = vip_owner.get(&vip) {
+                ctx.error("spec.clusterIP", format!("{vip} is already the clusterIP of Service {other}"));
+                continue;
+            }
+            if let Some(pod) = ip_owner.get(&vip) {
+                ctx.error("spec.clusterIP", format!("{vip} is the IP of Pod {pod}"));
+                continue;
+            }
+            vip_owner.insert(vip, key.clone());
+        }
+        if state.services.contains_key(&key) {
+            ctx.error("metadata.name", format!("Service {key} is defined twice"));
+            continue;
+        }
+        let s = Arc::new(s);
+        if let Some(vip) = s.vip {
+            state.by_vip.insert(vip, s.clone());
+        }
+        state.services.insert(key, s);
+    }
+    state
+}
+
+fn describe_meta(kind: &str, meta: &k8s::ObjectMeta, namespaced: bool) -> String {
+    let name = meta.name.as_deref().unwrap_or("<unnamed>");
+    if namespaced {
+        format!("{kind} {}/{name}", meta.namespace.as_deref().unwrap_or("default"))
+    } else {
+        format!("{kind} {name}")
+    }
+}
+
+fn build_node(ctx: &mut Ctx<'_>, node: &k8s::Node) -> Option<Node> {
+    let name = require_name(ctx, &node.metadata)?;
+    let mut internal_ip = None;
+    for (i, a) in node.status.addresses.iter().enumerate() {
+        if a.kind == "InternalIP" && internal_ip.is_none() {
+            let field = format!("status.addresses[{i}].address");
+            // Dual-stack nodes list an IPv6 InternalIP too; the first IPv4 one counts.
+            if a.address.parse::<std::net::Ipv6Addr>().is_ok() {
+                continue;
+            }
+            internal_ip = parse_ip(ctx, &field, &a.address);
+        }
+    }
+    Some(Node { name, internal_ip, labels: node.metadata.labels.clone() })
+}
+
+/// Istio's workload name: a ReplicaSet's owner Deployment (the ReplicaSet name
+/// without its pod-template hash), another controller's name, else the app label,
+/// else the pod name.
+fn workload_name(pod: &k8s::Pod, name: &Arc<str>) -> Arc<str> {
+    let owner = pod.metadata.owner_references.iter().find(|o| o.controller != Some(false));
+    match owner {
+        Some(o) if o.kind == "ReplicaSet" => match o.name.rsplit_once('-') {
+            Some((deployment, _hash)) => deployment.into(),
+            None => o.name.as_str().into(),
+        },
+        Some(o) if o.kind == "Job" || o.kind == "StatefulSet" || o.kind == "DaemonSet" => o.name.as_str().into(),
+        _ => pod.metadata.labels.get("app").map_or_else(|| name.clone(), |a| a.as_str().into()),
+    }
+}
+
+fn build_workload(ctx: &mut Ctx<'_>, pod: &k8s::Pod, namespaces: &BTreeMap<Arc<str>, Namespace>) -> Option<Workload> {
+    let name = require_name(ctx, &pod.metadata)?;
+    let namespace: Arc<str> = pod.metadata.namespace.as_deref().unwrap_or("default").into();
+    let labels = &pod.metadata.labels;
+    let ns_mode = namespaces.get(&namespace).and_then(|ns| ns.labels.get(DATAPLANE_MODE_LABEL));
+    let meshed = !pod.spec.host_network
+        && match labels.get(DATAPLANE_MODE_LABEL).map(String::as_str) {
+            Some("none") => false,
+            Some("ambient") => true,
+            Some(other) => {
+                ctx.error(
+                    format!("metadata.labels[{DATAPLANE_MODE_LABEL}]"),
+                    format!("{other:?}: expected \"ambient\" or \"none\""),
+                );
+                return None;
+            }
+            None => ns_mode.map(String::as_str) == Some("ambient"),
+        };
+    let ip = match pod.status.pod_ip.as_deref() {
+        Some(s) => Some(parse_ip(ctx, "status.podIP", s)?),
+        None if meshed && pod.spec.node_name.is_some() => {
+            ctx.error("status.podIP", "required for a pod enrolled in the mesh");
+            return None;
+        }
+        None => None,
+    };
+    let mut named_ports = BTreeMap::new();
+    for (ci, c) in pod.spec.containers.iter().enumerate() {
+        for (pi, p) in c.ports.iter().enumerate() {
+            let field = format!("spec.containers[{ci}].ports[{pi}].containerPort");
+            let port = parse_port(ctx, &field, p.container_port)?;
+            if let Some(n) = &p.name {
+                named_ports.insert(n.clone(), port);
+            }
+        }
+    }
+    let phase_ok = pod.status.phase.as_deref().is_none_or(|p| p == "Running");
+    let ready_ok = pod.status.conditions.iter().filter(|c| c.kind == "Ready").all(|c| c.status == "True");
+    let service_account: Arc<str> = pod.spec.service_account_name.as_deref().unwrap_or("default").into();
+    let workload_name = workload_name(pod, &name);
+    let app = labels
+        .get("app")
+        .or_else(|| labels.get("app.kubernetes.io/name"))
+        .map_or_else(|| workload_name.clone(), |a| a.as_str().into());
+    let version = labels
+        .get("version")
+        .or_else(|| labels.get("app.kubernetes.io/version"))
+        .map_or("unknown", String::as_str)
+        .into();
+    Some(Workload {
+        principal: format!("spiffe://{DEFAULT_TRUST_DOMAIN}/ns/{namespace}/sa/{service_account}").into(),
+        name,
+        namespace,
+        workload_name,
+        app,
+        version,
+        labels: labels.clone(),
+        node: pod.spec.node_name.as_deref().map(Into::into),
+        service_account,
+        ip,
+        host_network: pod.spec.host_network,
+        meshed,
+        ready: phase_ok && ready_ok,
+        named_ports,
+    })
+}
+
+fn build_service(
+    ctx: &mut Ctx<'_>,
+    svc: &k8s::Service,
+    workloads: &BTreeMap<String, Arc<Workload>>,
+) -> Option<Service> {
+    let name = require_name(ctx, &svc.metadata)?;
+    let namespace: Arc<str> = svc.metadata.namespace.as_deref().unwrap_or("default").into();
+    let vip = match svc.spec.cluster_ip.as_deref() {
+        None | Some("None") | Some("") => None,
+        Some(s) => Some(parse_ip(ctx, "spec.clusterIP", s)?),
+    };
+    let mut ports = Vec::new();
+    let mut ok = true;
+    for (i, p) in svc.spec.ports.iter().enumerate() {
+        match build_service_port(ctx, i, p, svc.spec.ports.len()) {
+            Some(port) => ports.push(port),
+            None => ok = false,
+        }
+    }
+    for (i, p) in ports.iter().enumerate() {
+        if ports[..i].iter().any(|q| q.port == p.port && q.protocol == p.protocol) {
+            ctx.error(format!("spec.ports[{i}].port"), format!("port {} is listed twice", p.port));
+            ok = false;
+        }
+    }
+    if !ok {
+        return None;
+    }
+    let endpoints = match &svc.spec.selector {
+        Some(sel) if !sel.is_empty() => workloads
+            .values()
+            .filter(|w| w.namespace == namespace && sel.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
+            .filter(|w| w.ip.is_some())
+            .cloned()
+            .collect(),
+        _ => Vec::new(),
+    };
+    Some(Service {
+        hostname: format!("{name}.{namespace}.svc.{DEFAULT_TRUST_DOMAIN}").into(),
+        name,
+        namespace,
+        vip,
+        ports,
+        endpoints,
+    })
+}
+
+fn build_service_port(ctx: &mut Ctx<'_>, i: usize, p: &k8s::ServicePort, count: usize) -> Option<ServicePort> {
+    let port = parse_port(ctx, &format!("spec.ports[{i}].port"), p.port)?;
+    let target = match &p.target_port {
+        None => TargetPort::Number(port),
+        Some(k8s::IntOrString::Int(t)) => {
+            TargetPort::Number(parse_port(ctx, &format!("spec.ports[{i}].targetPort"), *t)?)
+        }
+        Some(k8s::IntOrString::String(s)) => match s.parse::<i64>() {
+            Ok(t) => TargetPort::Number(parse_port(ctx, &format!("spec.ports[{i}].targetPort"), t)?),
+            Err(_) if valid_port_name(s) => TargetPort::Name(s.clone()),
+            Err(_) => {
+                ctx.error(
+                    format!("spec.ports[{i}].targetPort"),
+                    format!("{s:?} is neither a port number nor a valid port name"),
+                );
+                return None;
+            }
+        },
+    };
+    let protocol = match p.protocol.as_deref() {
+        None | Some("TCP") => Protocol::Tcp,
+        Some("UDP") => Protocol::Udp,
+        Some("SCTP") => Protocol::Sctp,
+        Some(other) => {
+            ctx.error(format!("spec.ports[{i}].protocol"), format!("{other:?}: expected TCP, UDP or SCTP"));
+            return None;
+        }
+    };
+    if count > 1 && p.name.is_none() {
+        ctx.error(format!("spec.ports[{i}].name"), "required when a Service has more than one port");
+        return None;
+    }
+    Some(ServicePort { name: p.name.clone(), port, target, protocol, app_protocol: p.app_protocol.clone() })
+}
+
+#[cfg(test)]
+mod tests;

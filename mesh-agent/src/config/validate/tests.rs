@@ -1,0 +1,151 @@
+use std::{path::Path, sync::Arc};
+
+use super::super::load::parse_text;
+use crate::config::{ConfigError, Loaded, load_documents};
+
+fn load(yaml: &str) -> Result<Loaded, Vec<ConfigError>> {
+    let file: Arc<Path> = Path::new("cluster.yaml").into();
+    let (mut docs, mut errors) = (Vec::new(), Vec::new());
+    parse_text(&file, yaml, &mut docs, &mut errors);
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    load_documents(&docs).map_err(|e| e.0)
+}
+
+fn error_of(yaml: &str) -> String {
+    match load(yaml) {
+        Ok(_) => panic!("expected an error for:\n{yaml}"),
+        Err(errors) => errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"),
+    }
+}
+
+const MESHED_NS: &str =
+    "apiVersion: v1\nkind: Namespace\nmetadata: {name: demo, labels: {istio.io/dataplane-mode: ambient}}\n---\n";
+
+#[test]
+fn invalid_input_names_file_object_and_field() {
+    let cases = [
+        (
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: demo}\nstatus: {podIP: 10.0.0.300}\n",
+            "cluster.yaml (document 1): Pod demo/p: status.podIP: \"10.0.0.300\" is not an IPv4 address",
+        ),
+        (
+            "apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 70000}]}\n",
+            "cluster.yaml (document 1): Service default/s: spec.ports[0].port: port 70000 is out of range 1-65535",
+        ),
+        (
+            "apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {ports: [{port: 80, targetPort: Bad_Name}]}\n",
+            "cluster.yaml (document 1): Service default/s: spec.ports[0].targetPort: \"Bad_Name\" is neither a port number nor a valid port name",
+        ),
+        (
+            "apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {ports: [{port: eighty}]}\n",
+            "cluster.yaml (document 1): Service default/s: spec.ports[0].port: invalid type: string \"eighty\", expected i64",
+        ),
+        (
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nstatus: {podIP: 10.0.0.1}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: b}\nstatus: {podIP: 10.0.0.1}\n",
+            "cluster.yaml (document 2): Pod default/b: status.podIP: 10.0.0.1 is already the IP of Pod default/a",
+        ),
+        (
+            "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {clusterIP: 10.96.0.1}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: b, namespace: x}\nspec: {clusterIP: 10.96.0.1}\n",
+            "cluster.yaml (document 2): Service x/b: spec.clusterIP: 10.96.0.1 is already the clusterIP of Service default/a",
+        ),
+        (
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: demo, labels: {istio.io/dataplane-mode: ambient}}\nspec: {nodeName: n1}\n",
+            "cluster.yaml (document 1): Pod demo/p: status.podIP: required for a pod enrolled in the mesh",
+        ),
+        (
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: p, labels: {istio.io/dataplane-mode: sidecar}}\n",
+            "cluster.yaml (document 1): Pod default/p: metadata.labels[istio.io/dataplane-mode]: \"sidecar\": expected \"ambient\" or \"none\"",
+        ),
+        (
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: v, namespace: demo}\n",
+            "cluster.yaml (document 1): VirtualService demo/v: kind: networking.istio.io/v1 VirtualService is not supported by this version of mesh-agent",
+        ),
+        (
+            "kind: Pod\nmetadata: {name: p}\n",
+            "cluster.yaml (document 1): document: apiVersion: missing `apiVersion`: every document must be a Kubernetes object",
+        ),
+        (
+            "apiVersion: v1\nkind: Node\nmetadata: {name: n1}\nstatus: {addresses: [{type: InternalIP, address: nope}]}\n",
+            "cluster.yaml (document 1): Node n1: status.addresses[0].address: \"nope\" is not an IPv4 address",
+        ),
+    ];
+    for (yaml, want) in cases {
+        assert_eq!(error_of(yaml), want);
+    }
+}
+
+#[test]
+fn yaml_syntax_error_names_the_line() {
+    let err = error_of("apiVersion: v1\nkind: Pod\nmetadata: {name: p\n");
+    assert!(err.starts_with("cluster.yaml (document 1): document: -: YAML syntax:"), "{err}");
+    assert!(err.contains("line"), "{err}");
+}
+
+#[test]
+fn enrollment_follows_istio_ambient() {
+    let yaml = format!(
+        "{MESHED_NS}apiVersion: v1\nkind: Namespace\nmetadata: {{name: plain}}\n---\n\
+         apiVersion: v1\nkind: Pod\nmetadata: {{name: in-ns, namespace: demo}}\nstatus: {{podIP: 10.0.0.1}}\n---\n\
+         apiVersion: v1\nkind: Pod\nmetadata: {{name: opted-out, namespace: demo, labels: {{istio.io/dataplane-mode: none}}}}\nstatus: {{podIP: 10.0.0.2}}\n---\n\
+         apiVersion: v1\nkind: Pod\nmetadata: {{name: plain-pod, namespace: plain}}\nstatus: {{podIP: 10.0.0.3}}\n---\n\
+         apiVersion: v1\nkind: Pod\nmetadata: {{name: opted-in, namespace: plain, labels: {{istio.io/dataplane-mode: ambient}}}}\nstatus: {{podIP: 10.0.0.4}}\n---\n\
+         apiVersion: v1\nkind: Pod\nmetadata: {{name: host, namespace: demo}}\nspec: {{hostNetwork: true}}\nstatus: {{podIP: 172.18.0.2}}\n"
+    );
+    let state = load(&yaml).expect("valid").state;
+    let meshed = |k: &str| state.workloads[k].meshed;
+    assert!(meshed("demo/in-ns"));
+    assert!(!meshed("demo/opted-out"));
+    assert!(!meshed("plain/plain-pod"));
+    assert!(meshed("plain/opted-in"));
+    assert!(!meshed("demo/host"), "hostNetwork pods are never captured");
+}
+
+#[test]
+fn kubectl_output_loads_with_unused_fields_ignored() {
+    let yaml = r#"
+apiVersion: v1
+kind: List
+metadata: {resourceVersion: ""}
+items:
+- apiVersion: v1
+  kind: Pod
+  metadata:
+    name: helloworld-v1-7d8f9c6b5-x2x9z
+    namespace: default
+    uid: 0b4b7d2e-5a9b-4e7c-9a3e-1d6f1c2b3a4d
+    labels: {app: helloworld, version: v1, pod-template-hash: 7d8f9c6b5}
+    ownerReferences:
+    - {apiVersion: apps/v1, kind: ReplicaSet, name: helloworld-v1-7d8f9c6b5, controller: true, uid: x}
+  spec:
+    nodeName: node-1
+    serviceAccountName: helloworld
+    containers:
+    - name: helloworld
+      image: docker.io/istio/examples-helloworld-v1
+      ports: [{containerPort: 5000, protocol: TCP}]
+      resources: {requests: {cpu: 100m}}
+  status:
+    phase: Running
+    podIP: 10.244.1.5
+    podIPs: [{ip: 10.244.1.5}]
+    conditions: [{type: Ready, status: "True", lastTransitionTime: null}]
+- apiVersion: apps/v1
+  kind: Deployment
+  metadata: {name: helloworld-v1}
+"#;
+    let loaded = load(yaml).expect("valid");
+    let w = &loaded.state.workloads["default/helloworld-v1-7d8f9c6b5-x2x9z"];
+    assert_eq!(&*w.workload_name, "helloworld-v1");
+    assert_eq!(&*w.app, "helloworld");
+    assert_eq!(&*w.version, "v1");
+    assert_eq!(&*w.principal, "spiffe://cluster.local/ns/default/sa/helloworld");
+    assert!(w.ready);
+    assert_eq!(loaded.notes.len(), 1, "{:?}", loaded.notes);
+    assert!(
+        loaded.notes[0].contains("Deployment default/helloworld-v1: apps/v1 not used by mesh-agent, skipped"),
+        "{:?}",
+        loaded.notes
+    );
+}

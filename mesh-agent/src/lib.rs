@@ -1,0 +1,17 @@
+//! The mesh node agent: captures the traffic of the node's meshed pods with eBPF
+//! and proxies it (see DESIGN.md in the repository for the whole picture).
+//!
+//! Modules by concern: `config` (read and validate), `state` (the snapshot),
+//! `route` (pure routing decision), `redirect` (eBPF and netlink), `proxy` (L4),
+//! `telemetry` (metrics), `admin` (HTTP admin), `agent` (the running process),
+//! `cli` (arguments).
+pub mod admin;
+pub mod agent;
+pub mod cli;
+pub mod config;
+pub mod privileges;
+pub mod proxy;
+pub mod redirect;
+pub mod route;
+pub mod state;
+pub mod telemetry;

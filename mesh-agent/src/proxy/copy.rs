@@ -1,0 +1,57 @@
+//! Bidirectional byte copy with half-close, bounded buffers that grow with the
+//! flow, and byte counters updated as data moves (not only at close).
+use std::io;
+
+use prometheus_client::metrics::counter::Counter;
+use tokio::{
+    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
+    net::TcpStream,
+};
+
+/// First buffer size; small so idle connections stay cheap.
+const INITIAL_BUF: usize = 4 * 1024;
+/// Largest buffer a direction grows to while reads keep filling it.
+const MAX_BUF: usize = 256 * 1024;
+
+/// Copies client→upstream (counted in `received`) and upstream→client (`sent`)
+/// until both directions have seen EOF. Each EOF is passed on as a write
+/// shutdown (half-close). On an error in either direction both sockets are reset.
+pub async fn bidirectional(
+    mut client: TcpStream,
+    mut upstream: TcpStream,
+    received: &Counter,
+    sent: &Counter,
+) -> io::Result<()> {
+    let result = {
+        let (mut cr, mut cw) = client.split();
+        let (mut ur, mut uw) = upstream.split();
+        tokio::try_join!(one_way(&mut cr, &mut uw, received), one_way(&mut ur, &mut cw, sent)).map(|_| ())
+    };
+    if result.is_err() {
+        super::reset(&client);
+        super::reset(&upstream);
+    }
+    result
+}
+
+async fn one_way<R, W>(r: &mut R, w: &mut W, counter: &Counter) -> io::Result<u64>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; INITIAL_BUF];
+    let mut total = 0u64;
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            w.shutdown().await?;
+            return Ok(total);
+        }
+        w.write_all(&buf[..n]).await?;
+        counter.inc_by(n as u64);
+        total += n as u64;
+        if n == buf.len() && buf.len() < MAX_BUF {
+            buf.resize(buf.len() * 2, 0);
+        }
+    }
+}

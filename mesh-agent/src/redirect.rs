@@ -1,0 +1,237 @@
+//! Traffic capture: loads the eBPF classifier, attaches it to the host-side veth
+//! of each local pod, keeps the `IFACES` map in step with the configuration, and
+//! owns the policy-routing rule that delivers assigned packets locally.
+//!
+//! Everything attached here is a TCX link held by this process, so the kernel
+//! detaches it even if the agent dies; the routing rule is removed on a clean
+//! exit and replaced on the next start.
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::Ipv4Addr,
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray},
+    programs::{SchedClassifier, TcAttachType, tc::SchedClassifierLinkId},
+};
+use mesh_common::{IfaceInfo, OUTBOUND_ADDR, OUTBOUND_PORT, PROXY_MARK, PROXY_MARK_MASK, Settings, counter, role};
+use serde::Serialize;
+
+use crate::state::State;
+
+pub mod netlink;
+
+/// The eBPF object built by build.rs from `mesh-ebpf`.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh-ebpf"));
+
+const PROGRAM: &str = "mesh_tc";
+
+#[derive(Debug, thiserror::Error)]
+pub enum RedirectError {
+    #[error("loading eBPF programs failed (is this kernel ≥ 6.6 with BTF, and are we root with CAP_BPF?): {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("eBPF program {PROGRAM}: {0}")]
+    Program(#[from] aya::programs::ProgramError),
+    #[error("eBPF map {name}: {source}")]
+    Map { name: &'static str, source: aya::maps::MapError },
+    #[error(transparent)]
+    Netlink(#[from] netlink::NetlinkError),
+    #[error("netlink socket: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> RedirectError {
+    move |source| RedirectError::Map { name, source }
+}
+
+/// One interface the classifier is attached to.
+#[derive(Debug, Clone, Serialize)]
+pub struct Attached {
+    pub ifname: String,
+    pub info_role: &'static str,
+    pub pod: String,
+    pub pod_ip: Ipv4Addr,
+    #[serde(skip)]
+    info: IfaceInfo,
+}
+
+/// A local pod that should be captured but whose interface was not found (yet).
+#[derive(Debug, Clone, Serialize)]
+pub struct Pending {
+    pub pod: String,
+    pub pod_ip: Ipv4Addr,
+    pub reason: &'static str,
+}
+
+pub struct Redirect {
+    ebpf: Ebpf,
+    ifaces: BpfHashMap<MapData, u32, IfaceInfo>,
+    counters: PerCpuArray<MapData, u64>,
+    handle: rtnetlink::Handle,
+    lo: u32,
+    attached: BTreeMap<u32, Attached>,
+    /// TCX links by ifindex (kept apart: link ids are neither `Clone` nor `Serialize`).
+    links: HashMap<u32, SchedClassifierLinkId>,
+    pub pending: Vec<Pending>,
+}
+
+impl Redirect {
+    /// Loads the programs, fills the settings map and installs the routing rule.
+    pub async fn start() -> Result<Self, RedirectError> {
+        let mut ebpf = EbpfLoader::new().load(EBPF_OBJECT)?;
+        let settings = Settings {
+            outbound_addr: OUTBOUND_ADDR.to_be(),
+            outbound_port: OUTBOUND_PORT,
+            _pad: 0,
+            mark: PROXY_MARK,
+            mark_mask: PROXY_MARK_MASK,
+        };
+        let mut settings_map: Array<_, Settings> = Array::try_from(
+            ebpf.map_mut("SETTINGS")
+                .ok_or(aya::maps::MapError::InvalidName { name: "SETTINGS".into() })
+                .map_err(map_err("SETTINGS"))?,
+        )
+        .map_err(map_err("SETTINGS"))?;
+        settings_map.set(0, settings, 0).map_err(map_err("SETTINGS"))?;
+        let ifaces = BpfHashMap::try_from(take_map(&mut ebpf, "IFACES")?).map_err(map_err("IFACES"))?;
+        let counters = PerCpuArray::try_from(take_map(&mut ebpf, "COUNTERS")?).map_err(map_err("COUNTERS"))?;
+        let prog: &mut SchedClassifier = program(&mut ebpf)?;
+        prog.load()?;
+        let handle = netlink::connect()?;
+        let lo = loopback_index()?;
+        netlink::install_proxy_routing(&handle, lo).await?;
+        Ok(Self {
+            ebpf,
+            ifaces,
+            counters,
+            handle,
+            lo,
+            attached: BTreeMap::new(),
+            links: HashMap::new(),
+            pending: Vec::new(),
+        })
+    }
+
+    /// Attaches to, updates or detaches from interfaces so that exactly the local
+    /// pods of `state` on `node` are handled, each with its current role.
+    pub async fn reconcile(&mut self, state: &State, node: &str) -> Result<(), RedirectError> {
+        let routes = netlink::pod_routes(&self.handle).await?;
+        let names = netlink::link_names(&self.handle).await?;
+        let mut desired: BTreeMap<u32, Attached> = BTreeMap::new();
+        let mut pending = Vec::new();
+        for w in state.local_workloads(node) {
+            let Some(ip) = w.ip else { continue };
+            let pod = format!("{}/{}", w.namespace, w.name);
+            let Some((&ifindex, ifname)) = routes.get(&ip).and_then(|i| names.get_key_value(i)) else {
+                if w.meshed {
+                    pending.push(Pending { pod, pod_ip: ip, reason: "no /32 route to the pod IP via an interface" });
+                }
+                continue;
+            };
+            let r = if w.meshed { role::MESHED_POD } else { role::UNMESHED_POD };
+            let info = IfaceInfo { pod_ip: u32::from_ne_bytes(ip.octets()), role: r };
+            let info_role = if w.meshed { "meshed" } else { "unmeshed" };
+            desired.insert(ifindex, Attached { ifname: ifname.clone(), info_role, pod, pod_ip: ip, info });
+        }
+        // Detach what is no longer wanted (pod removed, or its interface replaced).
+        let stale: Vec<u32> = self
+            .attached
+            .iter()
+            .filter(|(i, a)| desired.get(i).is_none_or(|d| d.ifname != a.ifname))
+            .map(|(i, _)| *i)
+            .collect();
+        for ifindex in stale {
+            self.detach(ifindex);
+        }
+        for (ifindex, want) in desired {
+            if let Some(have) = self.attached.get_mut(&ifindex) {
+                if have.info != want.info {
+                    self.ifaces.insert(ifindex, want.info, 0).map_err(map_err("IFACES"))?;
+                    have.info = want.info;
+                    have.info_role = want.info_role;
+                    have.pod = want.pod;
+                    tracing::info!(ifname = %have.ifname, pod = %have.pod, role = have.info_role, "capture updated");
+                }
+                continue;
+            }
+            // Map entry first: the program ignores interfaces it does not know.
+            self.ifaces.insert(ifindex, want.info, 0).map_err(map_err("IFACES"))?;
+            let prog: &mut SchedClassifier = program(&mut self.ebpf)?;
+            match prog.attach(&want.ifname, TcAttachType::Ingress) {
+                Ok(id) => {
+                    self.links.insert(ifindex, id);
+                    tracing::info!(ifname = %want.ifname, pod = %want.pod, role = want.info_role, "capture attached");
+                    self.attached.insert(ifindex, want);
+                }
+                Err(e) => {
+                    // The interface may have vanished between listing and attaching.
+                    let _ = self.ifaces.remove(&ifindex);
+                    tracing::warn!(ifname = %want.ifname, pod = %want.pod, error = %e, "attaching the classifier failed; will retry");
+                    pending.push(Pending {
+                        pod: want.pod,
+                        pod_ip: want.pod_ip,
+                        reason: "attaching the classifier failed",
+                    });
+                }
+            }
+        }
+        self.pending = pending;
+        Ok(())
+    }
+
+    fn detach(&mut self, ifindex: u32) {
+        let Some(a) = self.attached.remove(&ifindex) else { return };
+        let _ = self.ifaces.remove(&ifindex);
+        if let Some(id) = self.links.remove(&ifindex)
+            && let Ok(prog) = program(&mut self.ebpf)
+            && let Err(e) = prog.detach(id)
+        {
+            // Expected when the interface is already gone: the kernel detached it.
+            tracing::debug!(ifname = %a.ifname, error = %e, "detach");
+        }
+        tracing::info!(ifname = %a.ifname, pod = %a.pod, "capture released");
+    }
+
+    /// Interfaces currently captured, by ifindex.
+    pub fn attached(&self) -> &BTreeMap<u32, Attached> {
+        &self.attached
+    }
+
+    /// Per-program packet counters summed over CPUs, in `counter::NAMES` order.
+    pub fn counters(&self) -> [u64; counter::LEN as usize] {
+        let mut out = [0; counter::LEN as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            if let Ok(values) = self.counters.get(&(i as u32), 0) {
+                *slot = values.iter().sum();
+            }
+        }
+        out
+    }
+
+    /// Detaches every program and removes the routing rule and route.
+    pub async fn shutdown(mut self) -> Result<(), RedirectError> {
+        let all: Vec<u32> = self.attached.keys().copied().collect();
+        for ifindex in all {
+            self.detach(ifindex);
+        }
+        netlink::remove_proxy_routing(&self.handle, self.lo).await?;
+        drop(self.ebpf);
+        Ok(())
+    }
+}
+
+fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, RedirectError> {
+    ebpf.take_map(name).ok_or_else(|| map_err(name)(aya::maps::MapError::InvalidName { name: name.into() }))
+}
+
+fn program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, RedirectError> {
+    let prog = ebpf.program_mut(PROGRAM).ok_or(aya::programs::ProgramError::UnexpectedProgramType)?;
+    Ok(prog.try_into()?)
+}
+
+fn loopback_index() -> Result<u32, std::io::Error> {
+    // SAFETY: a NUL-terminated constant string.
+    let index = unsafe { libc::if_nametoindex(c"lo".as_ptr()) };
+    if index == 0 { Err(std::io::Error::last_os_error()) } else { Ok(index) }
+}

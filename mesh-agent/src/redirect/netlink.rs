@@ -1,0 +1,146 @@
+//! Netlink side of capture: finding pods' host-side interfaces from the node's
+//! routes, and the policy-routing rule and local route that deliver marked
+//! packets to the agent's sockets.
+use std::{collections::HashMap, net::Ipv4Addr};
+
+use futures_util::TryStreamExt as _;
+use mesh_common::{PROXY_MARK, PROXY_MARK_MASK, PROXY_ROUTE_TABLE, PROXY_RULE_PRIORITY};
+use rtnetlink::{
+    Handle, IpVersion, RouteMessageBuilder,
+    packet_route::{
+        AddressFamily,
+        link::LinkAttribute,
+        route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteScope, RouteType},
+        rule::{RuleAction, RuleAttribute, RuleMessage},
+    },
+};
+
+/// A netlink request failed; `what` names the operation for the operator.
+#[derive(Debug, thiserror::Error)]
+#[error("netlink: {what}: {source}")]
+pub struct NetlinkError {
+    pub what: &'static str,
+    #[source]
+    pub source: rtnetlink::Error,
+}
+
+fn nl(what: &'static str) -> impl FnOnce(rtnetlink::Error) -> NetlinkError {
+    move |source| NetlinkError { what, source }
+}
+
+/// Opens a route-netlink connection in the current network namespace.
+pub fn connect() -> std::io::Result<Handle> {
+    let (conn, handle, _) = rtnetlink::new_connection()?;
+    tokio::spawn(conn);
+    Ok(handle)
+}
+
+/// `pod IP → ifindex` for every `/32` route of the main table that goes straight
+/// out of an interface (no gateway), the way CNIs route each local pod to its veth.
+pub async fn pod_routes(handle: &Handle) -> Result<HashMap<Ipv4Addr, u32>, NetlinkError> {
+    let filter = RouteMessageBuilder::<Ipv4Addr>::new().build();
+    let mut routes = handle.route().get(filter).execute();
+    let mut out = HashMap::new();
+    while let Some(msg) = routes.try_next().await.map_err(nl("list routes"))? {
+        if let Some((ip, oif)) = pod_route(&msg) {
+            out.insert(ip, oif);
+        }
+    }
+    Ok(out)
+}
+
+fn pod_route(msg: &RouteMessage) -> Option<(Ipv4Addr, u32)> {
+    let h = &msg.header;
+    let in_main = h.table == RouteHeader::RT_TABLE_MAIN
+        || msg
+            .attributes
+            .iter()
+            .any(|a| matches!(a, RouteAttribute::Table(t) if *t == u32::from(RouteHeader::RT_TABLE_MAIN)));
+    if h.address_family != AddressFamily::Inet
+        || h.destination_prefix_length != 32
+        || h.kind != RouteType::Unicast
+        || !in_main
+    {
+        return None;
+    }
+    let mut dst = None;
+    let mut oif = None;
+    for attr in &msg.attributes {
+        match attr {
+            RouteAttribute::Destination(RouteAddress::Inet(ip)) => dst = Some(*ip),
+            RouteAttribute::Oif(i) => oif = Some(*i),
+            RouteAttribute::Gateway(_) | RouteAttribute::MultiPath(_) => return None,
+            _ => {}
+        }
+    }
+    Some((dst?, oif?))
+}
+
+/// `ifindex → name` of every interface.
+pub async fn link_names(handle: &Handle) -> Result<HashMap<u32, String>, NetlinkError> {
+    let mut links = handle.link().get().execute();
+    let mut out = HashMap::new();
+    while let Some(msg) = links.try_next().await.map_err(nl("list links"))? {
+        for attr in &msg.attributes {
+            if let LinkAttribute::IfName(name) = attr {
+                out.insert(msg.header.index, name.clone());
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn is_ours(rule: &RuleMessage) -> bool {
+    let attrs = &rule.attributes;
+    attrs.contains(&RuleAttribute::Priority(PROXY_RULE_PRIORITY)) && attrs.contains(&RuleAttribute::FwMark(PROXY_MARK))
+}
+
+/// Removes the agent's rule (left by a previous run that crashed, or ours at exit).
+pub async fn remove_proxy_rule(handle: &Handle) -> Result<usize, NetlinkError> {
+    let rules: Vec<RuleMessage> =
+        handle.rule().get(IpVersion::V4).execute().try_collect().await.map_err(nl("list rules"))?;
+    let mut removed = 0;
+    for rule in rules.into_iter().filter(is_ours) {
+        handle.rule().del(rule).execute().await.map_err(nl("delete rule"))?;
+        removed += 1;
+    }
+    Ok(removed)
+}
+
+fn local_route(lo: u32) -> RouteMessage {
+    RouteMessageBuilder::<Ipv4Addr>::new()
+        .table_id(PROXY_ROUTE_TABLE)
+        .kind(RouteType::Local)
+        .scope(RouteScope::Host)
+        .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
+        .output_interface(lo)
+        .build()
+}
+
+/// Installs `fwmark PROXY_MARK/PROXY_MARK_MASK lookup PROXY_ROUTE_TABLE` and
+/// `local 0.0.0.0/0 dev lo table PROXY_ROUTE_TABLE`, replacing stale copies.
+pub async fn install_proxy_routing(handle: &Handle, lo: u32) -> Result<(), NetlinkError> {
+    remove_proxy_rule(handle).await?;
+    handle.route().add(local_route(lo)).replace().execute().await.map_err(nl("add local route"))?;
+    let mut req = handle
+        .rule()
+        .add()
+        .v4()
+        .table_id(PROXY_ROUTE_TABLE)
+        .priority(PROXY_RULE_PRIORITY)
+        .fw_mark(PROXY_MARK)
+        .action(RuleAction::ToTable);
+    req.message_mut().attributes.push(RuleAttribute::FwMask(PROXY_MARK_MASK));
+    req.execute().await.map_err(nl("add rule"))
+}
+
+/// Removes what [`install_proxy_routing`] added.
+pub async fn remove_proxy_routing(handle: &Handle, lo: u32) -> Result<(), NetlinkError> {
+    remove_proxy_rule(handle).await?;
+    match handle.route().del(local_route(lo)).execute().await {
+        Ok(()) => Ok(()),
+        // Already gone (ENOENT/ESRCH): nothing to restore.
+        Err(rtnetlink::Error::NetlinkError(e)) if matches!(e.raw_code(), -2 | -3) => Ok(()),
+        Err(e) => Err(nl("delete local route")(e)),
+    }
+}

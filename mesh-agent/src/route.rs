@@ -1,0 +1,75 @@
+//! The L4 routing decision: where a captured connection goes. A pure function of
+//! the state snapshot, the original destination and a round-robin counter, so it
+//! is tested with tables and has no I/O.
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    sync::Arc,
+};
+
+use crate::state::{Protocol, Service, State, Workload};
+
+/// Where a connection to an original destination goes.
+#[derive(Debug, Clone)]
+pub enum Route {
+    /// A Service VIP: to the chosen endpoint pod on its target port.
+    Service { service: Arc<Service>, endpoint: Arc<Workload>, addr: SocketAddrV4 },
+    /// A pod IP: to that pod.
+    Workload { workload: Arc<Workload>, addr: SocketAddrV4 },
+    /// Not a mesh address: to the original destination unchanged.
+    Passthrough { addr: SocketAddrV4 },
+    /// A Service VIP that cannot be served; the client is reset.
+    Refused { service: Arc<Service>, reason: Refusal },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The Service has no TCP port with this number.
+    UnknownPort(u16),
+    /// No ready endpoint serves the port.
+    NoReadyEndpoint(u16),
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::UnknownPort(p) => write!(f, "the Service has no TCP port {p}"),
+            Refusal::NoReadyEndpoint(p) => write!(f, "no ready endpoint for port {p}"),
+        }
+    }
+}
+
+/// Decides where a connection to `dst` goes. `pick` chooses among the eligible
+/// endpoints (the caller passes a round-robin counter).
+pub fn route(state: &State, dst: SocketAddrV4, pick: usize) -> Route {
+    let ip: Ipv4Addr = *dst.ip();
+    if let Some(service) = state.by_vip.get(&ip) {
+        return route_service(service, dst.port(), pick);
+    }
+    if let Some(workload) = state.workload_by_ip(ip) {
+        return Route::Workload { workload: workload.clone(), addr: dst };
+    }
+    Route::Passthrough { addr: dst }
+}
+
+fn route_service(service: &Arc<Service>, port: u16, pick: usize) -> Route {
+    let Some(sp) = service.ports.iter().find(|p| p.port == port && p.protocol == Protocol::Tcp) else {
+        return Route::Refused { service: service.clone(), reason: Refusal::UnknownPort(port) };
+    };
+    // Endpoints that are ready and define the target port (a named port may be
+    // missing on some pods, as in Kubernetes).
+    let eligible =
+        || service.endpoints.iter().filter(|w| w.ready).filter_map(|w| Some((w, w.ip?, w.resolve_port(&sp.target)?)));
+    let n = eligible().count();
+    if n == 0 {
+        return Route::Refused { service: service.clone(), reason: Refusal::NoReadyEndpoint(port) };
+    }
+    match eligible().nth(pick % n) {
+        Some((w, ip, p)) => {
+            Route::Service { service: service.clone(), endpoint: w.clone(), addr: SocketAddrV4::new(ip, p) }
+        }
+        None => Route::Refused { service: service.clone(), reason: Refusal::NoReadyEndpoint(port) },
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,180 @@
+//! Telemetry (Istio's Mixer role, metrics part): Istio's standard TCP metrics with
+//! its standard labels, plus the agent's own counters, in one Prometheus registry.
+//! Label sets are built once per connection, never per read.
+use std::sync::{Mutex, atomic::AtomicU64};
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+
+use crate::state::{Service, Workload};
+
+/// Istio's labels for TCP metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpLabels {
+    pub reporter: &'static str,
+    pub source_workload: String,
+    pub source_workload_namespace: String,
+    pub source_principal: String,
+    pub source_app: String,
+    pub source_version: String,
+    pub destination_workload: String,
+    pub destination_workload_namespace: String,
+    pub destination_principal: String,
+    pub destination_app: String,
+    pub destination_version: String,
+    pub destination_service: String,
+    pub destination_service_name: String,
+    pub destination_service_namespace: String,
+    pub request_protocol: &'static str,
+    pub response_flags: &'static str,
+    pub connection_security_policy: &'static str,
+}
+
+const UNKNOWN: &str = "unknown";
+
+impl TcpLabels {
+    /// Labels for a connection from `source` (a pod, or unknown) to `dest` (a
+    /// pod, or unknown) through `service` (or none).
+    pub fn new(
+        source: Option<&Workload>,
+        dest: Option<&Workload>,
+        service: Option<&Service>,
+        passthrough: bool,
+    ) -> Self {
+        let field = |w: Option<&Workload>, f: fn(&Workload) -> &str| w.map_or(UNKNOWN, f).to_owned();
+        let (svc, svc_name, svc_ns) = match (service, passthrough) {
+            (Some(s), _) => (s.hostname.to_string(), s.name.to_string(), s.namespace.to_string()),
+            (None, true) => ("PassthroughCluster".into(), "PassthroughCluster".into(), UNKNOWN.into()),
+            // A pod IP called directly: no Service was involved.
+            (None, false) => (UNKNOWN.into(), UNKNOWN.into(), UNKNOWN.into()),
+        };
+        Self {
+            reporter: "source",
+            source_workload: field(source, |w| &w.workload_name),
+            source_workload_namespace: field(source, |w| &w.namespace),
+            source_principal: field(source, |w| &w.principal),
+            source_app: field(source, |w| &w.app),
+            source_version: field(source, |w| &w.version),
+            destination_workload: field(dest, |w| &w.workload_name),
+            destination_workload_namespace: field(dest, |w| &w.namespace),
+            destination_principal: field(dest, |w| &w.principal),
+            destination_app: field(dest, |w| &w.app),
+            destination_version: field(dest, |w| &w.version),
+            destination_service: svc,
+            destination_service_name: svc_name,
+            destination_service_namespace: svc_ns,
+            request_protocol: "tcp",
+            response_flags: "-",
+            // Same-node plaintext hop: no mTLS yet.
+            connection_security_policy: "none",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EbpfLabels {
+    pub counter: &'static str,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub tcp_opened: Family<TcpLabels, Counter>,
+    pub tcp_closed: Family<TcpLabels, Counter>,
+    pub tcp_sent: Family<TcpLabels, Counter>,
+    pub tcp_received: Family<TcpLabels, Counter>,
+    /// Connections that failed, by reason (also counted in the Istio metrics).
+    pub connection_failures: Family<ReasonLabels, Counter>,
+    pub active_connections: Gauge,
+    /// Config loads by result: `success`, `rejected`.
+    pub config_loads: Family<ResultLabels, Counter>,
+    ebpf_packets: Family<EbpfLabels, Counter<u64, AtomicU64>>,
+    ebpf_last: Mutex<Vec<u64>>,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let tcp_opened = Family::default();
+        let tcp_closed = Family::default();
+        let tcp_sent = Family::default();
+        let tcp_received = Family::default();
+        let connection_failures = Family::default();
+        let active_connections = Gauge::default();
+        let config_loads = Family::default();
+        let ebpf_packets = Family::default();
+        registry.register("istio_tcp_connections_opened", "TCP connections opened", tcp_opened.clone());
+        registry.register("istio_tcp_connections_closed", "TCP connections closed", tcp_closed.clone());
+        registry.register("istio_tcp_sent_bytes", "Bytes sent to the client (response direction)", tcp_sent.clone());
+        registry.register(
+            "istio_tcp_received_bytes",
+            "Bytes received from the client (request direction)",
+            tcp_received.clone(),
+        );
+        registry.register(
+            "mesh_tcp_connection_failures",
+            "Proxied connections that failed, by reason",
+            connection_failures.clone(),
+        );
+        registry.register("mesh_tcp_active_connections", "Proxied connections open now", active_connections.clone());
+        registry.register(
+            "mesh_config_loads",
+            "Configuration loads by result (rejected: the last good config kept serving)",
+            config_loads.clone(),
+        );
+        registry.register(
+            "mesh_ebpf_packets",
+            "Packets handled by the capture classifier, by outcome",
+            ebpf_packets.clone(),
+        );
+        Self {
+            registry,
+            tcp_opened,
+            tcp_closed,
+            tcp_sent,
+            tcp_received,
+            connection_failures,
+            active_connections,
+            config_loads,
+            ebpf_packets,
+            ebpf_last: Mutex::new(vec![0; mesh_common::counter::LEN as usize]),
+        }
+    }
+
+    /// Brings the eBPF counters up to the totals read from the kernel.
+    pub fn update_ebpf(&self, totals: &[u64]) {
+        let Ok(mut last) = self.ebpf_last.lock() else { return };
+        for (i, (&now, prev)) in totals.iter().zip(last.iter_mut()).enumerate() {
+            let counter = mesh_common::counter::NAMES[i];
+            self.ebpf_packets.get_or_create(&EbpfLabels { counter }).inc_by(now.saturating_sub(*prev));
+            *prev = now;
+        }
+    }
+
+    /// Prometheus text exposition of everything.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,114 @@
+//! Plain-data types shared by the eBPF programs (`mesh-ebpf`) and the node agent
+//! (`mesh-agent`): map keys and values, counter indices, ports and marks.
+//!
+//! Everything here is `#[repr(C)]` with explicit padding and fixed-width integers
+//! (a `u32` flag, never a `bool`), so the kernel and user space agree on the
+//! layout; `size_of` is asserted at compile time. The `user` feature adds
+//! `aya::Pod` impls so the agent can put these values in maps.
+#![no_std]
+
+/// Port of the outbound capture listener (pod → anything), as in Istio ambient.
+pub const OUTBOUND_PORT: u16 = 15001;
+/// Address the outbound listener binds (127.0.0.1), as an integer in host order.
+pub const OUTBOUND_ADDR: u32 = 0x7f00_0001;
+/// Port of the inbound plaintext capture listener (non-mesh client → local pod).
+pub const INBOUND_PORT: u16 = 15006;
+/// Port of the HBONE (mTLS + HTTP/2 CONNECT) listener between node agents.
+pub const HBONE_PORT: u16 = 15008;
+/// Port of the admin server on 127.0.0.1.
+pub const ADMIN_PORT: u16 = 15000;
+
+/// skb mark set on packets assigned to an agent socket. A policy-routing rule
+/// (`fwmark PROXY_MARK/PROXY_MARK_MASK lookup PROXY_ROUTE_TABLE`) sends them to a
+/// table whose only route is `local 0.0.0.0/0 dev lo`, so the kernel delivers them
+/// locally instead of forwarding them to the pod the destination address names.
+pub const PROXY_MARK: u32 = 0x0000_0e00;
+/// Bits of the mark the agent owns; other bits are left to the node's other tenants.
+pub const PROXY_MARK_MASK: u32 = 0x0000_0f00;
+/// Routing table holding the `local 0.0.0.0/0 dev lo` route.
+pub const PROXY_ROUTE_TABLE: u32 = 15001;
+/// Priority of the agent's policy-routing rule: before `lookup local` (0) is not
+/// allowed, so right after it, ahead of `main` (32766).
+pub const PROXY_RULE_PRIORITY: u32 = 90;
+
+/// What the classifier does on an interface (the `role` of [`IfaceInfo`]).
+pub mod role {
+    /// Host-side veth of a local pod enrolled in the mesh: anti-spoof, then capture
+    /// new outbound TCP connections into the outbound listener.
+    pub const MESHED_POD: u32 = 1;
+    /// Host-side veth of a local pod outside the mesh: anti-spoof, and deliver
+    /// replies to the agent's own (transparent) upstream sockets; nothing captured.
+    pub const UNMESHED_POD: u32 = 2;
+    /// The node's uplink: deliver replies to the agent's own upstream sockets.
+    pub const UPLINK: u32 = 3;
+}
+
+/// Value of the `IFACES` map, keyed by ifindex (`u32`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IfaceInfo {
+    /// The pod's IPv4 address in network byte order (as it appears on the wire);
+    /// 0 on an uplink.
+    pub pod_ip: u32,
+    /// One of [`role`].
+    pub role: u32,
+}
+
+/// Value of the single-entry `SETTINGS` array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Settings {
+    /// Outbound listener address, network byte order. The listener is bound to a
+    /// loopback address so that nothing can reach it except through capture (a pod
+    /// dialing `node-ip:15001` directly must not loop the agent into itself).
+    pub outbound_addr: u32,
+    /// Outbound listener port, host byte order.
+    pub outbound_port: u16,
+    pub _pad: u16,
+    /// Mark set on every assigned packet (see [`PROXY_MARK`]).
+    pub mark: u32,
+    /// Bits of the mark the agent owns.
+    pub mark_mask: u32,
+}
+
+/// Indices into the per-CPU `COUNTERS` array. Each counts packets.
+pub mod counter {
+    /// Packets seen by the classifier on an interface it knows.
+    pub const SEEN: u32 = 0;
+    /// Dropped: source address is not the pod IP registered for the interface.
+    pub const SPOOF_DROPPED: u32 = 1;
+    /// Assigned to an existing agent socket (established or half-open).
+    pub const ASSIGNED_ESTABLISHED: u32 = 2;
+    /// New connection (SYN) assigned to the outbound listener.
+    pub const ASSIGNED_OUTBOUND: u32 = 3;
+    /// New connection captured but the outbound listener was not found (agent not
+    /// listening): the SYN was dropped so the client retries.
+    pub const LISTENER_MISSING: u32 = 4;
+    /// `bpf_sk_assign` failed; the packet was dropped.
+    pub const ASSIGN_FAILED: u32 = 5;
+    /// Packets that were not IPv4 TCP, or were malformed, and passed untouched.
+    pub const PASSED: u32 = 6;
+    /// Number of counters.
+    pub const LEN: u32 = 7;
+    /// Names for the admin page, in index order.
+    pub const NAMES: [&str; LEN as usize] = [
+        "seen",
+        "spoof_dropped",
+        "assigned_established",
+        "assigned_outbound",
+        "listener_missing",
+        "assign_failed",
+        "passed",
+    ];
+}
+
+const _: () = assert!(core::mem::size_of::<IfaceInfo>() == 8);
+const _: () = assert!(core::mem::size_of::<Settings>() == 16);
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: plain `#[repr(C)]` integers with no padding bytes left implicit.
+    unsafe impl aya::Pod for super::IfaceInfo {}
+    // SAFETY: as above; `_pad` makes the padding explicit.
+    unsafe impl aya::Pod for super::Settings {}
+}
