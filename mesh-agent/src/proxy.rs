@@ -33,8 +33,8 @@ pub enum ProxyError {
     ConnectTimeout { addr: SocketAddrV4, timeout: Duration },
     #[error("connect to {addr} from {source_ip:?}: {error}")]
     Connect { addr: SocketAddrV4, source_ip: Option<Ipv4Addr>, error: io::Error },
-    #[error("copy between client and {addr}: {error}")]
-    Copy { addr: SocketAddrV4, error: io::Error },
+    #[error("{op} (upstream {addr}): {error}")]
+    Copy { addr: SocketAddrV4, op: copy::Failed, error: io::Error },
 }
 
 impl ProxyError {
@@ -146,8 +146,8 @@ async fn handle(ctx: &Context, client: TcpStream, peer: SocketAddr) {
         Ok(()) => {
             m.tcp_closed.get_or_create(&labels).inc();
         }
-        Err(error) => {
-            let err = ProxyError::Copy { addr, error };
+        Err((op, error)) => {
+            let err = ProxyError::Copy { addr, op, error };
             tracing::info!(%peer, %orig, error = %err, "connection reset");
             m.connection_failures.get_or_create(&crate::telemetry::ReasonLabels { reason: err.reason() }).inc();
             m.tcp_closed.get_or_create(&labels).inc();

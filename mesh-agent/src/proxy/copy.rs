@@ -13,6 +13,26 @@ const INITIAL_BUF: usize = 4 * 1024;
 /// Largest buffer a direction grows to while reads keep filling it.
 const MAX_BUF: usize = 256 * 1024;
 
+/// Which socket operation failed, so logs say which side broke the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failed {
+    ReadClient,
+    WriteUpstream,
+    ReadUpstream,
+    WriteClient,
+}
+
+impl std::fmt::Display for Failed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Failed::ReadClient => "reading from the client",
+            Failed::WriteUpstream => "writing to the upstream",
+            Failed::ReadUpstream => "reading from the upstream",
+            Failed::WriteClient => "writing to the client",
+        })
+    }
+}
+
 /// Copies client→upstream (counted in `received`) and upstream→client (`sent`)
 /// until both directions have seen EOF. Each EOF is passed on as a write
 /// shutdown (half-close). On an error in either direction both sockets are reset.
@@ -21,11 +41,15 @@ pub async fn bidirectional(
     mut upstream: TcpStream,
     received: &Counter,
     sent: &Counter,
-) -> io::Result<()> {
+) -> Result<(), (Failed, io::Error)> {
     let result = {
         let (mut cr, mut cw) = client.split();
         let (mut ur, mut uw) = upstream.split();
-        tokio::try_join!(one_way(&mut cr, &mut uw, received), one_way(&mut ur, &mut cw, sent)).map(|_| ())
+        tokio::try_join!(
+            one_way(&mut cr, &mut uw, received, (Failed::ReadClient, Failed::WriteUpstream)),
+            one_way(&mut ur, &mut cw, sent, (Failed::ReadUpstream, Failed::WriteClient))
+        )
+        .map(|_| ())
     };
     if result.is_err() {
         super::reset(&client);
@@ -34,7 +58,12 @@ pub async fn bidirectional(
     result
 }
 
-async fn one_way<R, W>(r: &mut R, w: &mut W, counter: &Counter) -> io::Result<u64>
+async fn one_way<R, W>(
+    r: &mut R,
+    w: &mut W,
+    counter: &Counter,
+    ops: (Failed, Failed),
+) -> Result<u64, (Failed, io::Error)>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -42,12 +71,12 @@ where
     let mut buf = vec![0u8; INITIAL_BUF];
     let mut total = 0u64;
     loop {
-        let n = r.read(&mut buf).await?;
+        let n = r.read(&mut buf).await.map_err(|e| (ops.0, e))?;
         if n == 0 {
-            w.shutdown().await?;
+            w.shutdown().await.map_err(|e| (ops.1, e))?;
             return Ok(total);
         }
-        w.write_all(&buf[..n]).await?;
+        w.write_all(&buf[..n]).await.map_err(|e| (ops.1, e))?;
         counter.inc_by(n as u64);
         total += n as u64;
         if n == buf.len() && buf.len() < MAX_BUF {

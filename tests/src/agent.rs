@@ -1,0 +1,177 @@
+//! Runs the real `mesh-agent` binary inside a test node's namespace.
+use std::{
+    io::{Read as _, Write as _},
+    net::TcpStream,
+    path::PathBuf,
+    process::{Child, Command, ExitStatus, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::netns::{Cluster, enter_and_spawn};
+
+pub const NODE: &str = "node-1";
+
+/// The agent binary: `MESH_AGENT_BIN`, or `mesh-agent` next to this test's
+/// target directory (`cargo xtask test` builds it first).
+pub fn binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("MESH_AGENT_BIN") {
+        return p.into();
+    }
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/<test> (tests) or target/<profile>/xtask (demo).
+    let dir = exe.parent().unwrap();
+    let bin = [dir.join("mesh-agent"), dir.parent().unwrap().join("mesh-agent")]
+        .into_iter()
+        .find(|p| p.exists())
+        .unwrap_or_else(|| dir.join("mesh-agent"));
+    assert!(
+        bin.exists(),
+        "{} not found: build it first (`cargo build -p mesh-agent`, or run `cargo xtask test`)",
+        bin.display()
+    );
+    bin
+}
+
+pub struct Agent {
+    child: Option<Child>,
+    node_ns: String,
+    pub dir: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Agent {
+    /// Starts the agent on `cluster` with `config` (YAML) and waits for `/ready`.
+    pub fn start(cluster: &Cluster, config: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("mesh-test-{}", cluster.id));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("agent.log");
+        let mut agent = Self { child: None, node_ns: cluster.node_ns.clone(), dir, log };
+        agent.write_config(config);
+        let stderr = std::fs::File::create(&agent.log).unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &cluster.node_ns])
+            .arg(binary())
+            .args(["run", "--node", NODE, "--resync-interval", "200ms", "--drain-timeout", "2s", "--config"])
+            .arg(agent.dir.join("config"))
+            .env("RUST_LOG", "info,mesh_agent=debug,netlink_packet_route=error")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .unwrap();
+        agent.child = Some(child);
+        agent.wait_ready();
+        agent
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
+                panic!("mesh-agent exited with {status} before ready:\n{}", self.log_text());
+            }
+            if self.admin_get("/ready").is_some_and(|(code, _)| code == 200) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "mesh-agent not ready after 30s:\n{}", self.log_text());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Replaces the config file atomically (write + rename), as a ConfigMap update would.
+    pub fn write_config(&self, yaml: &str) {
+        let cfg = self.dir.join("config");
+        std::fs::create_dir_all(&cfg).unwrap();
+        let tmp = self.dir.join("cluster.yaml.tmp");
+        std::fs::write(&tmp, yaml).unwrap();
+        std::fs::rename(&tmp, cfg.join("cluster.yaml")).unwrap();
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// GET from the admin server: (status, body), or None if unreachable.
+    pub fn admin_get(&self, path: &str) -> Option<(u16, String)> {
+        let req = format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n");
+        enter_and_spawn(&self.node_ns, move || {
+            let mut s = TcpStream::connect_timeout(&"127.0.0.1:15000".parse().unwrap(), Duration::from_secs(2)).ok()?;
+            s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+            s.write_all(req.as_bytes()).ok()?;
+            let mut out = String::new();
+            s.read_to_string(&mut out).ok()?;
+            let code = out.split(' ').nth(1)?.parse().ok()?;
+            let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+            Some((code, body))
+        })
+        .join()
+        .unwrap()
+    }
+
+    pub fn metrics(&self) -> String {
+        self.admin_get("/metrics").expect("metrics").1
+    }
+
+    /// Polls `cond` on the metrics until it holds, or panics after `secs`.
+    pub fn wait_metrics(&self, secs: u64, what: &str, cond: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let m = self.metrics();
+            if cond(&m) {
+                return m;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; metrics:\n{m}\nlog:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// SIGTERM, then wait for exit (SIGKILL after 15 s).
+    pub fn stop(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("agent running");
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("mesh-agent did not exit within 15s of SIGTERM:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: signalling our own child; a clean exit removes its rules.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("--- mesh-agent log ({}) ---\n{}", self.log.display(), self.log_text());
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Sum of the samples of `name` whose labels include every `(key, value)`.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
