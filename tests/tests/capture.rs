@@ -355,5 +355,5 @@ fn invalid_config_refuses_to_start_with_exit_64() {
         err.contains("bad.yaml (document 1): Pod default/p: status.podIP: \"nope\" is not an IPv4 address"),
         "{err}"
     );
-    assert_eq!(c.node_routing().contains("15001"), false, "nothing installed");
+    assert!(!c.node_routing().contains("15001"), "nothing installed");
 }

@@ -1,1 +1,123 @@
-fn main() {}
+//! `cargo xtask <task>`: everything a developer or CI needs beyond cargo itself.
+//!
+//! - `setup`: install what is missing (Debian packages, nightly rust-src,
+//!   bpf-linker built against LLVM 22), idempotently.
+//! - `build-ebpf`: build the eBPF object alone (the agent's build script embeds it).
+//! - `test`: build the agent and run every test; root tests need root.
+//! - `demo`: a node with `test` and `helloworld` pods, traffic through the mesh.
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+mod demo;
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what the project needs (as root): Debian packages, rust-src, bpf-linker.
+    Setup,
+    /// Build the eBPF programs to target/bpfel-unknown-none/release/mesh-ebpf.
+    BuildEbpf,
+    /// Build the agent and run all tests (netns tests need root).
+    Test {
+        /// Extra arguments for `cargo test`.
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Run the demo (as root): test → helloworld through the mesh on one node.
+    Demo {
+        /// Leave everything running and print how to poke at it.
+        #[arg(long)]
+        keep: bool,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().task {
+        Task::Setup => setup(),
+        Task::BuildEbpf => build_ebpf(),
+        Task::Test { args } => test(&args),
+        Task::Demo { keep } => demo::run(keep),
+    }
+}
+
+fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    eprintln!("+ {cmd:?}");
+    let status = cmd.status().with_context(|| format!("spawning {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+fn succeeds(cmd: &mut Command) -> bool {
+    cmd.output().is_ok_and(|o| o.status.success())
+}
+
+/// Debian packages: LLVM 22 for bpf-linker; curl and iproute2 for the tests.
+const PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev", "libzstd-dev", "zlib1g-dev", "curl", "iproute2"];
+const BPF_LINKER_VERSION: &str = "0.13";
+
+fn setup() -> anyhow::Result<()> {
+    let missing: Vec<&str> =
+        PACKAGES.iter().copied().filter(|p| !succeeds(Command::new("dpkg").args(["-s", p]))).collect();
+    if missing.is_empty() {
+        eprintln!("setup: Debian packages present");
+    } else {
+        run(Command::new("apt-get").args(["update", "-q"]))?;
+        run(Command::new("apt-get").args(["install", "-y", "-q", "--no-install-recommends"]).args(&missing))?;
+    }
+    if !succeeds(Command::new("rustup").args(["run", "nightly", "rustc", "--version"])) {
+        run(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
+    }
+    let components = Command::new("rustup").args(["component", "list", "--installed", "--toolchain", "nightly"]).output()?;
+    if String::from_utf8_lossy(&components.stdout).lines().any(|l| l.starts_with("rust-src")) {
+        eprintln!("setup: nightly rust-src present");
+    } else {
+        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    }
+    let linker = Command::new("bpf-linker").arg("--version").output();
+    let have = linker.as_ref().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION));
+    if have {
+        eprintln!("setup: bpf-linker {BPF_LINKER_VERSION} present");
+    } else {
+        run(Command::new("cargo")
+            .args(["install", "bpf-linker", "--locked", "--version", &format!("~{BPF_LINKER_VERSION}")])
+            .args(["--no-default-features", "--features", "llvm-22"])
+            .env("LLVM_PREFIX", "/usr/lib/llvm-22"))?;
+    }
+    eprintln!("setup: done");
+    Ok(())
+}
+
+fn build_ebpf() -> anyhow::Result<()> {
+    let root = workspace_root()?;
+    run(Command::new("rustup")
+        .args(["run", "nightly", "cargo", "build", "--package", "mesh-ebpf", "--bins", "--release"])
+        .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+        .current_dir(&root)
+        .env_remove("RUSTC")
+        .env_remove("RUSTC_WORKSPACE_WRAPPER")
+        // The same flags aya-build passes when mesh-agent's build script builds it.
+        .env("CARGO_ENCODED_RUSTFLAGS", "--cfg=bpf_target_arch=\"x86_64\"\x1f-Cdebuginfo=2\x1f-Clink-arg=--btf"))?;
+    eprintln!("eBPF object: {}", root.join("target/bpfel-unknown-none/release/mesh-ebpf").display());
+    Ok(())
+}
+
+fn test(args: &[String]) -> anyhow::Result<()> {
+    // The netns tests run the agent binary, which `cargo test` does not build.
+    run(Command::new("cargo").args(["build", "--package", "mesh-agent"]))?;
+    run(Command::new("cargo").args(["test", "--workspace"]).args(args))
+}
+
+fn workspace_root() -> anyhow::Result<std::path::PathBuf> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    Ok(dir.parent().context("xtask has no parent directory")?.to_path_buf())
+}
