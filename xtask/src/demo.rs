@@ -50,7 +50,10 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
     cluster.add_pod("test", Ipv4Addr::new(10, 244, 0, 2));
     cluster.add_pod("helloworld", Ipv4Addr::new(10, 244, 0, 3));
     servers::http_hello(cluster.pod("helloworld"), 9095);
-    println!("node {} (InternalIP {}), pods: test 10.244.0.2, helloworld 10.244.0.3:9095", cluster.node_ns, cluster.node_ip);
+    println!(
+        "node {} (InternalIP {}), pods: test 10.244.0.2, helloworld 10.244.0.3:9095",
+        cluster.node_ns, cluster.node_ip
+    );
     let agent = Agent::start(&cluster, CONFIG);
     println!("mesh-agent ready in {} (log {})\n", cluster.node_ns, agent.log.display());
 
@@ -68,7 +71,10 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
         let body = String::from_utf8_lossy(&out.stdout).trim().to_owned();
         let status = if out.status.success() { "ok" } else { "FAILED" };
         failed += usize::from(!out.status.success());
-        println!("{step:<34} {:<9} {:<46} {status:<7} {ms:>7.1}ms", "HTTP/1.1", "test → eBPF → agent:15001 → helloworld:9095");
+        println!(
+            "{step:<34} {:<9} {:<46} {status:<7} {ms:>7.1}ms",
+            "HTTP/1.1", "test → eBPF → agent:15001 → helloworld:9095"
+        );
         println!("    {}", if body.is_empty() { String::from_utf8_lossy(&out.stderr).trim().to_owned() } else { body });
     }
     let m = agent.wait_metrics(5, "connections closed", |m| {
@@ -76,7 +82,9 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
             && metric(m, "mesh_ebpf_packets_total", &[("counter", "assigned_outbound")]) >= 3.0
     });
     println!("\nmetrics (http://127.0.0.1:15000/metrics in {}):", cluster.node_ns);
-    for line in m.lines().filter(|l| l.starts_with("istio_tcp_connections_opened") || l.starts_with("mesh_ebpf_packets")) {
+    for line in
+        m.lines().filter(|l| l.starts_with("istio_tcp_connections_opened") || l.starts_with("mesh_ebpf_packets"))
+    {
         println!("  {line}");
     }
     if keep {

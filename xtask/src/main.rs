@@ -77,7 +77,8 @@ fn setup() -> anyhow::Result<()> {
     if !succeeds(Command::new("rustup").args(["run", "nightly", "rustc", "--version"])) {
         run(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
     }
-    let components = Command::new("rustup").args(["component", "list", "--installed", "--toolchain", "nightly"]).output()?;
+    let components =
+        Command::new("rustup").args(["component", "list", "--installed", "--toolchain", "nightly"]).output()?;
     if String::from_utf8_lossy(&components.stdout).lines().any(|l| l.starts_with("rust-src")) {
         eprintln!("setup: nightly rust-src present");
     } else {
