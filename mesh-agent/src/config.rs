@@ -54,8 +54,17 @@ pub struct Loaded {
 /// Reads and validates everything under `path` (a file, or a directory whose
 /// `*.yaml`/`*.yml`/`*.json` files are read in name order).
 pub fn load(path: &Path) -> Result<Loaded, ConfigErrors> {
-    let docs = read_documents(path)?;
-    validate::build_state(&docs)
+    let (docs, mut errors) = read_documents(path)?;
+    match validate::build_state(&docs) {
+        Ok(loaded) if errors.is_empty() => Ok(loaded),
+        Ok(_) => Err(ConfigErrors(errors)),
+        Err(more) => {
+            errors.extend(more.0);
+            // Stable: keeps each file's errors in document order.
+            errors.sort_by(|a, b| (&a.origin.file, a.origin.document).cmp(&(&b.origin.file, b.origin.document)));
+            Err(ConfigErrors(errors))
+        }
+    }
 }
 
 /// Validates documents that were already read (used by tests and by the watcher).

@@ -90,7 +90,7 @@ fn setup() -> anyhow::Result<()> {
         eprintln!("setup: bpf-linker {BPF_LINKER_VERSION} present");
     } else {
         run(Command::new("cargo")
-            .args(["install", "bpf-linker", "--locked", "--version", &format!("~{BPF_LINKER_VERSION}")])
+            .args(["install", "bpf-linker", "--version", &format!("~{BPF_LINKER_VERSION}")])
             .args(["--no-default-features", "--features", "llvm-22"])
             .env("LLVM_PREFIX", "/usr/lib/llvm-22"))?;
     }

@@ -65,9 +65,11 @@ fn config_files(path: &Path) -> Result<Vec<PathBuf>, ConfigErrors> {
     Ok(files)
 }
 
-/// Reads every document of every config file under `path`. YAML syntax errors
-/// are reported with file, document and line; all files are read before failing.
-pub fn read_documents(path: &Path) -> Result<Vec<Document>, ConfigErrors> {
+/// Reads every document of every config file under `path`, with the problems
+/// met on the way (unreadable files, YAML syntax errors with their line), so
+/// that the documents that did parse can still be validated and every problem
+/// reported at once. Fails outright only when `path` itself cannot be read.
+pub fn read_documents(path: &Path) -> Result<(Vec<Document>, Vec<ConfigError>), ConfigErrors> {
     let mut docs = Vec::new();
     let mut errors = Vec::new();
     for file in config_files(path)? {
@@ -86,7 +88,7 @@ pub fn read_documents(path: &Path) -> Result<Vec<Document>, ConfigErrors> {
         };
         parse_text(&file, &text, &mut docs, &mut errors);
     }
-    if errors.is_empty() { Ok(docs) } else { Err(ConfigErrors(errors)) }
+    Ok((docs, errors))
 }
 
 /// Splits one file's text into documents, skipping empty ones.

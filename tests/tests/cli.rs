@@ -1,0 +1,63 @@
+//! The `mesh-agent` command line, as an operator uses it (no root needed).
+#![expect(clippy::unwrap_used, reason = "tests")]
+
+use std::process::Command;
+
+use mesh_tests::agent::binary;
+
+fn agent(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(binary()).args(args).output().unwrap();
+    (out.status.code(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+#[test]
+fn validate_exits_0_for_good_config_and_1_with_every_error_located() {
+    let dir = std::env::temp_dir().join(format!("mesh-cli-test-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("good")).unwrap();
+    std::fs::create_dir_all(dir.join("bad")).unwrap();
+    std::fs::write(
+        dir.join("good/a.yaml"),
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: demo, labels: {istio.io/dataplane-mode: ambient}}\n---\n\
+         apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: demo}\nspec: {nodeName: n}\nstatus: {podIP: 10.0.0.1}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("good/b.yml"),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: demo}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("good/notes.txt"), "not config").unwrap();
+    std::fs::write(
+        dir.join("bad/a.yaml"),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {clusterIP: 1.2.3}\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("bad/b.yaml"), "apiVersion: v1\nkind: Pod\nmetadata: {name: p\n").unwrap();
+
+    let (code, out, err) = agent(&["validate", dir.join("good").to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("valid (0 nodes, 1 namespaces, 1 pods, 1 services)"), "{out}");
+
+    let (code, _, err) = agent(&["validate", dir.join("bad").to_str().unwrap()]);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("bad/a.yaml (document 1): Service default/s: spec.clusterIP: \"1.2.3\" is not an IPv4 address"),
+        "{err}"
+    );
+    assert!(err.contains("bad/b.yaml (document 1): document: -: YAML syntax:"), "{err}");
+}
+
+#[test]
+fn version_prints_the_version() {
+    let (code, out, _) = agent(&["version"]);
+    assert_eq!(code, Some(0));
+    assert!(out.starts_with("mesh-agent 0."), "{out}");
+}
+
+#[test]
+fn unknown_flags_are_rejected() {
+    let (code, _, err) = agent(&["run", "--config", "x", "--node", "n", "--bogus"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--bogus"), "{err}");
+}
