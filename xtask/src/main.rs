@@ -72,7 +72,7 @@ fn setup() -> anyhow::Result<()> {
         eprintln!("setup: Debian packages present");
     } else {
         run(Command::new("apt-get").args(["update", "-q"]))?;
-        run(Command::new("apt-get").args(["install", "-y", "-q", "--no-install-recommends"]).args(&missing))?;
+        run(Command::new("apt-get").args(["install", "-y", "-q"]).args(&missing))?;
     }
     if !succeeds(Command::new("rustup").args(["run", "nightly", "rustc", "--version"])) {
         run(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
