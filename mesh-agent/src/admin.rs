@@ -12,7 +12,7 @@ use crate::agent::Context;
 
 /// Serves until the process exits (it stays up during drain so `/ready` can
 /// report 503 and metrics stay scrapeable).
-pub async fn serve(ctx: Arc<Context>, listener: TcpListener, _stop: tokio::sync::watch::Receiver<bool>) {
+pub async fn serve(ctx: Arc<Context>, listener: TcpListener) {
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(s) => s,

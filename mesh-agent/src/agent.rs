@@ -203,8 +203,8 @@ async fn serve(
     redirect.reconcile(&ctx.state(), &cfg.node).await?;
     ctx.publish_capture(redirect);
     let (stop_tx, stop_rx) = watch::channel(false);
-    let proxy = tokio::spawn(crate::proxy::serve(ctx.clone(), outbound, stop_rx.clone()));
-    tokio::spawn(crate::admin::serve(ctx.clone(), admin, stop_rx));
+    let proxy = tokio::spawn(crate::proxy::serve(ctx.clone(), outbound, stop_rx));
+    tokio::spawn(crate::admin::serve(ctx.clone(), admin));
     ctx.ready.store(true, Ordering::Release);
     tracing::info!(node = %cfg.node, admin = %cfg.admin_addr, pods = redirect.attached().len(), "mesh-agent ready");
 

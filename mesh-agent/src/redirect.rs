@@ -87,12 +87,9 @@ impl Redirect {
             mark: PROXY_MARK,
             mark_mask: PROXY_MARK_MASK,
         };
-        let mut settings_map: Array<_, Settings> = Array::try_from(
-            ebpf.map_mut("SETTINGS")
-                .ok_or(aya::maps::MapError::InvalidName { name: "SETTINGS".into() })
-                .map_err(map_err("SETTINGS"))?,
-        )
-        .map_err(map_err("SETTINGS"))?;
+        // Borrowed, not taken: the map must stay open until the program is loaded.
+        let settings_map = ebpf.map_mut("SETTINGS").ok_or_else(|| missing_map("SETTINGS"))?;
+        let mut settings_map: Array<_, Settings> = Array::try_from(settings_map).map_err(map_err("SETTINGS"))?;
         settings_map.set(0, settings, 0).map_err(map_err("SETTINGS"))?;
         let ifaces = BpfHashMap::try_from(take_map(&mut ebpf, "IFACES")?).map_err(map_err("IFACES"))?;
         let counters = PerCpuArray::try_from(take_map(&mut ebpf, "COUNTERS")?).map_err(map_err("COUNTERS"))?;
@@ -221,8 +218,12 @@ impl Redirect {
     }
 }
 
+fn missing_map(name: &'static str) -> RedirectError {
+    map_err(name)(aya::maps::MapError::InvalidName { name: name.into() })
+}
+
 fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, RedirectError> {
-    ebpf.take_map(name).ok_or_else(|| map_err(name)(aya::maps::MapError::InvalidName { name: name.into() }))
+    ebpf.take_map(name).ok_or_else(|| missing_map(name))
 }
 
 fn program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, RedirectError> {

@@ -55,15 +55,24 @@ fn str_field<'a>(v: &'a serde_yaml_ng::Value, key: &str) -> Option<&'a str> {
     v.get(key).and_then(|k| k.as_str())
 }
 
-fn describe(kind: &str, v: &serde_yaml_ng::Value) -> String {
-    let meta = v.get("metadata");
-    let name = meta.and_then(|m| str_field(m, "name")).unwrap_or("<unnamed>");
+/// `Kind namespace/name` (namespaced kinds default to `default`) or `Kind name`.
+fn object_name(kind: &str, name: Option<&str>, namespace: Option<&str>) -> String {
+    let name = name.unwrap_or("<unnamed>");
     let cluster_scoped = matches!(kind, "Node" | "Namespace" | "List");
-    match meta.and_then(|m| str_field(m, "namespace")) {
+    match namespace {
         Some(ns) => format!("{kind} {ns}/{name}"),
         None if cluster_scoped => format!("{kind} {name}"),
         None => format!("{kind} default/{name}"),
     }
+}
+
+fn describe(kind: &str, v: &serde_yaml_ng::Value) -> String {
+    let meta = v.get("metadata");
+    object_name(kind, meta.and_then(|m| str_field(m, "name")), meta.and_then(|m| str_field(m, "namespace")))
+}
+
+fn describe_meta(kind: &str, meta: &k8s::ObjectMeta) -> String {
+    object_name(kind, meta.name.as_deref(), meta.namespace.as_deref())
 }
 
 fn sort_document(
@@ -165,13 +174,13 @@ fn require_name(ctx: &mut Ctx<'_>, meta: &k8s::ObjectMeta) -> Option<Arc<str>> {
 fn assemble(objects: Objects, errors: &mut Vec<ConfigError>) -> State {
     let mut state = State::default();
     for (origin, node) in &objects.nodes {
-        let mut ctx = Ctx { origin, object: describe_meta("Node", &node.metadata, false), errors };
+        let mut ctx = Ctx { origin, object: describe_meta("Node", &node.metadata), errors };
         if let Some(n) = build_node(&mut ctx, node) {
             state.nodes.insert(n.name.clone(), n);
         }
     }
     for (origin, ns) in &objects.namespaces {
-        let mut ctx = Ctx { origin, object: describe_meta("Namespace", &ns.metadata, false), errors };
+        let mut ctx = Ctx { origin, object: describe_meta("Namespace", &ns.metadata), errors };
         if let Some(name) = require_name(&mut ctx, &ns.metadata) {
             let labels = ns.metadata.labels.clone();
             state.namespaces.insert(name.clone(), Namespace { name, labels });
@@ -179,7 +188,7 @@ fn assemble(objects: Objects, errors: &mut Vec<ConfigError>) -> State {
     }
     let mut ip_owner: HashMap<Ipv4Addr, String> = HashMap::new();
     for (origin, pod) in &objects.pods {
-        let mut ctx = Ctx { origin, object: describe_meta("Pod", &pod.metadata, true), errors };
+        let mut ctx = Ctx { origin, object: describe_meta("Pod", &pod.metadata), errors };
         let Some(w) = build_workload(&mut ctx, pod, &state.namespaces) else { continue };
         let key = format!("{}/{}", w.namespace, w.name);
         if let (Some(ip), false) = (w.ip, w.host_network) {
@@ -201,7 +210,7 @@ fn assemble(objects: Objects, errors: &mut Vec<ConfigError>) -> State {
     }
     let mut vip_owner: HashMap<Ipv4Addr, String> = HashMap::new();
     for (origin, svc) in &objects.services {
-        let mut ctx = Ctx { origin, object: describe_meta("Service", &svc.metadata, true), errors };
+        let mut ctx = Ctx { origin, object: describe_meta("Service", &svc.metadata), errors };
         let Some(s) = build_service(&mut ctx, svc, &state.workloads) else { continue };
         let key = format!("{}/{}", s.namespace, s.name);
         if let Some(vip) = s.vip {
@@ -226,15 +235,6 @@ fn assemble(objects: Objects, errors: &mut Vec<ConfigError>) -> State {
         state.services.insert(key, s);
     }
     state
-}
-
-fn describe_meta(kind: &str, meta: &k8s::ObjectMeta, namespaced: bool) -> String {
-    let name = meta.name.as_deref().unwrap_or("<unnamed>");
-    if namespaced {
-        format!("{kind} {}/{name}", meta.namespace.as_deref().unwrap_or("default"))
-    } else {
-        format!("{kind} {name}")
-    }
 }
 
 fn build_node(ctx: &mut Ctx<'_>, node: &k8s::Node) -> Option<Node> {
