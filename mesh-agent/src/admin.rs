@@ -64,6 +64,7 @@ fn respond<B>(ctx: &Context, req: &Request<B>) -> Response<Full<Bytes>> {
                 "last_config_error": ctx.last_config_error(),
                 "active_connections": ctx.active.count(),
                 "capture": ctx.capture(),
+                "certificates": ctx.certs.dump(),
                 "state": &*ctx.state(),
             });
             let body = serde_json::to_string_pretty(&dump).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"));

@@ -16,12 +16,13 @@ use tokio::sync::{Notify, watch};
 
 use crate::{
     config::{self, ConfigErrors},
+    identity::{CertManager, IdentityError, ca, ca_service, manager::CertSource},
     redirect::{Attached, Pending, Redirect, RedirectError},
     state::State,
     telemetry::{Metrics, ResultLabels},
 };
 
-mod watch_files;
+pub(crate) mod watch_files;
 
 /// Settings of `mesh-agent run`.
 #[derive(Debug, Clone)]
@@ -33,6 +34,24 @@ pub struct RunConfig {
     pub drain_timeout: Duration,
     /// How often the configuration and the node's interfaces are re-checked.
     pub resync_interval: Duration,
+    pub identity: IdentityConfig,
+}
+
+/// Where workload certificates come from.
+#[derive(Debug, Clone)]
+pub struct IdentityConfig {
+    pub trust_domain: String,
+    /// The embedded CA's directory (used without `remote`).
+    pub state_dir: PathBuf,
+    pub remote: Option<RemoteCa>,
+    pub cert_ttl: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct RemoteCa {
+    pub addr: String,
+    pub root: PathBuf,
+    pub token_file: PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +62,10 @@ pub enum RunError {
     Bind { what: &'static str, addr: String, source: std::io::Error },
     #[error(transparent)]
     Redirect(#[from] RedirectError),
+    #[error("identity: {0}")]
+    Identity(#[from] IdentityError),
+    #[error("TLS settings: {0}")]
+    Tls(#[from] rustls::Error),
 }
 
 /// What the admin server shows about capture.
@@ -60,6 +83,8 @@ pub struct Context {
     pub connect_timeout: Duration,
     pub metrics: Metrics,
     pub active: Arc<Active>,
+    pub certs: Arc<CertManager>,
+    pub hbone: crate::hbone::Pool,
     state: RwLock<Arc<State>>,
     captured_ips: RwLock<Arc<HashSet<Ipv4Addr>>>,
     capture: RwLock<CaptureStatus>,
@@ -149,7 +174,7 @@ impl Drop for ActiveGuardOwned {
 /// Runs until SIGTERM or SIGINT, then drains and cleans up.
 pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
     // Configuration is loaded and validated before any port is bound.
-    let loaded = config::load(&cfg.config_path)?;
+    let loaded = config::load(&cfg.config_path, &cfg.identity.trust_domain)?;
     for note in &loaded.notes {
         tracing::info!("{note}");
     }
@@ -157,12 +182,15 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
         tracing::warn!(node = %cfg.node, "no Node object with this name in the configuration");
     }
     let mut watcher = watch_files::Fingerprint::of(&cfg.config_path);
+    let certs = Arc::new(cert_manager(&cfg.identity)?);
     let ctx = Arc::new(Context {
         node: cfg.node.clone(),
         config_path: cfg.config_path.clone(),
         connect_timeout: cfg.connect_timeout,
         metrics: Metrics::new(),
         active: Arc::default(),
+        certs,
+        hbone: crate::hbone::Pool::default(),
         state: RwLock::new(Arc::new(loaded.state)),
         captured_ips: RwLock::default(),
         capture: RwLock::default(),
@@ -172,18 +200,30 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
     });
     ctx.metrics.config_loads.get_or_create(&ResultLabels { result: "success" }).inc();
 
-    let outbound = crate::proxy::bind_outbound().map_err(|source| RunError::Bind {
-        what: "the outbound listener",
-        addr: format!("127.0.0.1:{}", mesh_common::OUTBOUND_PORT),
+    let bind_capture = |what, port| {
+        crate::proxy::bind_capture(port).map_err(|source| RunError::Bind {
+            what,
+            addr: format!("127.0.0.1:{port}"),
+            source,
+        })
+    };
+    let outbound = bind_capture("the outbound listener", mesh_common::OUTBOUND_PORT)?;
+    let inbound = bind_capture("the inbound plaintext listener", mesh_common::INBOUND_PORT)?;
+    let hbone_addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, mesh_common::HBONE_PORT));
+    let hbone = tokio::net::TcpListener::bind(hbone_addr).await.map_err(|source| RunError::Bind {
+        what: "the HBONE listener",
+        addr: hbone_addr.to_string(),
         source,
     })?;
+    let tls = crate::identity::tls::server_config(ctx.certs.roots(), ctx.certs.clone(), true, &[b"h2"])?;
+    let listeners = Listeners { outbound, inbound, hbone, hbone_tls: tokio_rustls::TlsAcceptor::from(Arc::new(tls)) };
     let admin = tokio::net::TcpListener::bind(cfg.admin_addr).await.map_err(|source| RunError::Bind {
         what: "the admin server",
         addr: cfg.admin_addr.to_string(),
         source,
     })?;
     let mut redirect = Redirect::start().await?;
-    let result = serve(&cfg, &ctx, outbound, admin, &mut redirect, &mut watcher).await;
+    let result = serve(&cfg, &ctx, listeners, admin, &mut redirect, &mut watcher).await;
     // Whatever happened, leave the node as it was.
     let cleanup = redirect.shutdown().await;
     tracing::info!("capture detached, routing rule removed");
@@ -192,18 +232,69 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
     Ok(())
 }
 
+struct Listeners {
+    outbound: tokio::net::TcpListener,
+    inbound: tokio::net::TcpListener,
+    hbone: tokio::net::TcpListener,
+    hbone_tls: tokio_rustls::TlsAcceptor,
+}
+
+fn cert_manager(cfg: &IdentityConfig) -> Result<CertManager, IdentityError> {
+    match &cfg.remote {
+        None => {
+            let ca = ca::Ca::load_or_create(&cfg.state_dir, &cfg.trust_domain)?;
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(ca.root_der().clone()).map_err(|e| IdentityError::invalid("mesh root", e))?;
+            Ok(CertManager::new(CertSource::Embedded(Arc::new(ca)), roots, cfg.cert_ttl))
+        }
+        Some(remote) => {
+            let roots = ca::load_roots(&remote.root)?;
+            let token = ca_service::read_token(&remote.token_file)?;
+            let client =
+                ca_service::CaClient::new(remote.addr.clone(), Arc::new(roots.clone()), token, &cfg.trust_domain)?;
+            Ok(CertManager::new(CertSource::Remote(client), roots, cfg.cert_ttl))
+        }
+    }
+}
+
+/// The identities of this node's meshed pods: the certificates to hold.
+fn wanted_identities(ctx: &Context) -> HashSet<Arc<str>> {
+    let state = ctx.state();
+    state.local_workloads(&ctx.node).filter(|w| w.meshed).map(|w| w.principal.clone()).collect()
+}
+
+/// Keeps certificates in step with the local pods, renewing at half life.
+async fn sync_certificates(ctx: Arc<Context>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        ctx.certs.sync(&wanted_identities(&ctx)).await;
+    }
+}
+
 async fn serve(
     cfg: &RunConfig,
     ctx: &Arc<Context>,
-    outbound: tokio::net::TcpListener,
+    listeners: Listeners,
     admin: tokio::net::TcpListener,
     redirect: &mut Redirect,
     watcher: &mut watch_files::Fingerprint,
 ) -> Result<(), RunError> {
     redirect.reconcile(&ctx.state(), &cfg.node).await?;
     ctx.publish_capture(redirect);
+    // Certificates for the local pods before serving, so that the first
+    // connections need not wait for the CA.
+    ctx.certs.sync(&wanted_identities(ctx)).await;
+    let certs_task = tokio::spawn(sync_certificates(ctx.clone(), cfg.resync_interval.min(Duration::from_secs(1))));
     let (stop_tx, stop_rx) = watch::channel(false);
-    let proxy = tokio::spawn(crate::proxy::serve(ctx.clone(), outbound, stop_rx));
+    let Listeners { outbound, inbound, hbone, hbone_tls } = listeners;
+    use crate::proxy::Listener;
+    let tasks = [
+        tokio::spawn(crate::proxy::serve(ctx.clone(), outbound, Listener::Outbound, stop_rx.clone())),
+        tokio::spawn(crate::proxy::serve(ctx.clone(), inbound, Listener::Inbound, stop_rx.clone())),
+        tokio::spawn(crate::hbone::serve(ctx.clone(), hbone, hbone_tls, stop_rx)),
+    ];
     tokio::spawn(crate::admin::serve(ctx.clone(), admin));
     ctx.ready.store(true, Ordering::Release);
     tracing::info!(node = %cfg.node, admin = %cfg.admin_addr, pods = redirect.attached().len(), "mesh-agent ready");
@@ -217,7 +308,7 @@ async fn serve(
             _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: draining"); break }
             _ = tick.tick() => {
                 if watcher.changed(&cfg.config_path) {
-                    reload(ctx, &cfg.config_path);
+                    reload(ctx, &cfg.config_path, &cfg.identity.trust_domain);
                 }
                 if let Err(e) = redirect.reconcile(&ctx.state(), &cfg.node).await {
                     tracing::warn!(error = %e, "capture reconcile failed; will retry");
@@ -228,13 +319,16 @@ async fn serve(
     }
     ctx.ready.store(false, Ordering::Release);
     let _ = stop_tx.send(true);
-    let _ = proxy.await;
+    for t in tasks {
+        let _ = t.await;
+    }
+    certs_task.abort();
     drain(&ctx.active, cfg.drain_timeout).await;
     Ok(())
 }
 
-fn reload(ctx: &Context, path: &std::path::Path) {
-    match config::load(path) {
+fn reload(ctx: &Context, path: &std::path::Path, trust_domain: &str) {
+    match config::load(path, trust_domain) {
         Ok(loaded) => {
             tracing::info!(path = %path.display(), pods = loaded.state.workloads.len(), services = loaded.state.services.len(), "configuration reloaded");
             ctx.set_state(loaded.state);

@@ -1,10 +1,13 @@
-//! Command line: `run`, `validate`, `version`. All argument parsing lives here;
+//! Command line: `run`, `ca`, `validate`, `version`. All argument parsing lives here;
 //! the rest of the agent takes plain config structs.
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
 
-use crate::agent::{RunConfig, RunError};
+use crate::{
+    agent::{IdentityConfig, RemoteCa, RunConfig, RunError},
+    identity::ca_service::CaServiceConfig,
+};
 
 /// Exit status for invalid configuration (EX_USAGE).
 pub const EXIT_CONFIG: u8 = 64;
@@ -40,26 +43,64 @@ pub enum Command {
         /// How often configuration and interfaces are re-checked.
         #[arg(long, default_value = "1s", value_parser = parse_duration)]
         resync_interval: Duration,
+        /// SPIFFE trust domain of workload identities.
+        #[arg(long, default_value = crate::state::DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
+        /// Where the embedded CA keeps its root (used when --ca-addr is not given).
+        #[arg(long, default_value = "/var/lib/mesh-agent")]
+        state_dir: PathBuf,
+        /// CA service address (host:port); the agent then holds no CA key.
+        #[arg(long, requires_all = ["ca_root", "ca_token_file"])]
+        ca_addr: Option<String>,
+        /// The mesh root certificate (the CA service's root-cert.pem).
+        #[arg(long, requires = "ca_addr")]
+        ca_root: Option<PathBuf>,
+        /// This node's bootstrap token (the CA service's node-tokens/<node>).
+        #[arg(long, requires = "ca_addr")]
+        ca_token_file: Option<PathBuf>,
+        /// Lifetime of workload certificates; renewed at half life.
+        #[arg(long, default_value = "24h", value_parser = parse_duration)]
+        cert_ttl: Duration,
+    },
+    /// Run the mesh CA service for a multi-node mesh.
+    Ca {
+        /// The same configuration the agents read (Nodes and Pods decide who may get which identity).
+        #[arg(long)]
+        config: PathBuf,
+        /// Root key and certificate (created on first start), node-tokens/.
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// Address to serve on (Istio's CA port is 15012).
+        #[arg(long, default_value = "0.0.0.0:15012")]
+        listen: SocketAddr,
+        #[arg(long, default_value = crate::state::DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
+        /// Longest certificate lifetime granted.
+        #[arg(long, default_value = "24h", value_parser = parse_duration)]
+        max_cert_ttl: Duration,
     },
     /// Check configuration files; exit 0 if valid, 1 if not.
     Validate {
         /// Files or directories.
         #[arg(required = true)]
         paths: Vec<PathBuf>,
+        #[arg(long, default_value = crate::state::DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
     },
     /// Print the version.
     Version,
 }
 
-/// Parses `250ms`, `10s`, `2m`.
+/// Parses `250ms`, `10s`, `2m`, `24h`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let (num, unit) = s.find(|c: char| !c.is_ascii_digit()).map_or((s, "s"), |i| s.split_at(i));
-    let n: u64 = num.parse().map_err(|_| format!("{s:?}: expected a number with ms, s or m"))?;
+    let n: u64 = num.parse().map_err(|_| format!("{s:?}: expected a number with ms, s, m or h"))?;
     match unit {
         "ms" => Ok(Duration::from_millis(n)),
         "s" => Ok(Duration::from_secs(n)),
         "m" => Ok(Duration::from_secs(n * 60)),
-        _ => Err(format!("{s:?}: unit must be ms, s or m")),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        _ => Err(format!("{s:?}: unit must be ms, s, m or h")),
     }
 }
 
@@ -71,35 +112,91 @@ pub fn main() -> ExitCode {
             println!("mesh-agent {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
-        Command::Validate { paths } => validate(&paths),
-        Command::Run { config, node, admin_addr, connect_timeout, drain_timeout, resync_interval } => {
+        Command::Validate { paths, trust_domain } => validate(&paths, &trust_domain),
+        Command::Run {
+            config,
+            node,
+            admin_addr,
+            connect_timeout,
+            drain_timeout,
+            resync_interval,
+            trust_domain,
+            state_dir,
+            ca_addr,
+            ca_root,
+            ca_token_file,
+            cert_ttl,
+        } => {
             if let Err(msg) = crate::privileges::check() {
                 eprintln!("mesh-agent run: {msg}");
                 return ExitCode::from(EXIT_NOPERM);
             }
-            let cfg =
-                RunConfig { config_path: config, node, admin_addr, connect_timeout, drain_timeout, resync_interval };
+            let remote = match (ca_addr, ca_root, ca_token_file) {
+                (Some(addr), Some(root), Some(token_file)) => Some(RemoteCa { addr, root, token_file }),
+                _ => None,
+            };
+            let identity = IdentityConfig { trust_domain, state_dir, remote, cert_ttl };
+            let cfg = RunConfig {
+                config_path: config,
+                node,
+                admin_addr,
+                connect_timeout,
+                drain_timeout,
+                resync_interval,
+                identity,
+            };
             run(cfg)
+        }
+        Command::Ca { config, ca_dir, listen, trust_domain, max_cert_ttl } => {
+            let cfg = CaServiceConfig { config_path: config, ca_dir, listen, trust_domain, max_ttl: max_cert_ttl };
+            run_ca(cfg)
         }
     }
 }
 
-fn validate(paths: &[PathBuf]) -> ExitCode {
+fn runtime() -> Option<tokio::runtime::Runtime> {
+    match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => Some(r),
+        Err(e) => {
+            eprintln!("mesh-agent: cannot start the async runtime: {e}");
+            None
+        }
+    }
+}
+
+fn run_ca(cfg: CaServiceConfig) -> ExitCode {
+    let Some(runtime) = runtime() else { return ExitCode::FAILURE };
+    match runtime.block_on(crate::identity::ca_service::run(cfg)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mesh-agent ca: {e:#}");
+            if e.downcast_ref::<crate::config::ConfigErrors>().is_some() {
+                ExitCode::from(EXIT_CONFIG)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+fn validate(paths: &[PathBuf], trust_domain: &str) -> ExitCode {
     let mut ok = true;
     for path in paths {
-        match crate::config::load(path) {
+        match crate::config::load(path, trust_domain) {
             Ok(loaded) => {
                 for note in &loaded.notes {
                     eprintln!("note: {note}");
                 }
                 let s = &loaded.state;
                 println!(
-                    "{}: valid ({} nodes, {} namespaces, {} pods, {} services)",
+                    "{}: valid ({} nodes, {} namespaces, {} pods, {} services, {} PeerAuthentications, {} AuthorizationPolicies)",
                     path.display(),
                     s.nodes.len(),
                     s.namespaces.len(),
                     s.workloads.len(),
-                    s.services.len()
+                    s.services.len(),
+                    s.peer_authentications.len(),
+                    s.authorization_policies.len(),
                 );
             }
             Err(errors) => {
@@ -114,13 +211,7 @@ fn validate(paths: &[PathBuf]) -> ExitCode {
 }
 
 fn run(cfg: RunConfig) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("mesh-agent run: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
+    let Some(runtime) = runtime() else { return ExitCode::FAILURE };
     let result = runtime.block_on(crate::agent::run(cfg));
     runtime.shutdown_timeout(Duration::from_secs(1));
     match result {

@@ -10,6 +10,7 @@ use crate::state::State;
 
 pub mod k8s;
 mod load;
+mod security;
 mod validate;
 
 pub use load::{Document, Origin, read_documents};
@@ -53,9 +54,10 @@ pub struct Loaded {
 
 /// Reads and validates everything under `path` (a file, or a directory whose
 /// `*.yaml`/`*.yml`/`*.json` files are read in name order).
-pub fn load(path: &Path) -> Result<Loaded, ConfigErrors> {
+/// Pod identities are in `trust_domain`.
+pub fn load(path: &Path, trust_domain: &str) -> Result<Loaded, ConfigErrors> {
     let (docs, mut errors) = read_documents(path)?;
-    match validate::build_state(&docs) {
+    match validate::build_state(&docs, trust_domain) {
         Ok(loaded) if errors.is_empty() => Ok(loaded),
         Ok(_) => Err(ConfigErrors(errors)),
         Err(more) => {
@@ -68,6 +70,6 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigErrors> {
 }
 
 /// Validates documents that were already read (used by tests and by the watcher).
-pub fn load_documents(docs: &[Document]) -> Result<Loaded, ConfigErrors> {
-    validate::build_state(docs)
+pub fn load_documents(docs: &[Document], trust_domain: &str) -> Result<Loaded, ConfigErrors> {
+    validate::build_state(docs, trust_domain)
 }

@@ -2,13 +2,18 @@
 //! and proxies it (see DESIGN.md in the repository for the whole picture).
 //!
 //! Modules by concern: `config` (read and validate), `state` (the snapshot),
-//! `route` (pure routing decision), `redirect` (eBPF and netlink), `proxy` (L4),
+//! `route` (pure routing decision), `policy` (PeerAuthentication and
+//! AuthorizationPolicy decisions), `identity` (SPIFFE certificates, the mesh CA),
+//! `hbone` (mTLS tunnels between agents), `redirect` (eBPF and netlink), `proxy` (L4),
 //! `telemetry` (metrics), `admin` (HTTP admin), `agent` (the running process),
 //! `cli` (arguments).
 pub mod admin;
 pub mod agent;
 pub mod cli;
 pub mod config;
+pub mod hbone;
+pub mod identity;
+pub mod policy;
 pub mod privileges;
 pub mod proxy;
 pub mod redirect;

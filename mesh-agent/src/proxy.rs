@@ -16,11 +16,13 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 use crate::{
     agent::Context,
+    policy::{Decision, Peer},
     route::{Route, route},
     telemetry::TcpLabels,
 };
 
-mod copy;
+pub(crate) mod copy;
+mod inbound;
 
 /// Why a proxied connection failed, for logs and `mesh_tcp_connection_failures_total`.
 #[derive(Debug, thiserror::Error)]
@@ -35,33 +37,55 @@ pub enum ProxyError {
     Connect { addr: SocketAddrV4, source_ip: Option<Ipv4Addr>, error: io::Error },
     #[error("{op} (upstream {addr}): {error}")]
     Copy { addr: SocketAddrV4, op: copy::Failed, error: io::Error },
+    #[error("node {node} has no InternalIP in the configuration; cannot reach its agent")]
+    NoNodeAddress { node: String },
+    #[error("client {0} is not a meshed pod with an identity")]
+    NoSourceIdentity(Ipv4Addr),
+    #[error("HBONE: {0}")]
+    Tunnel(#[from] crate::hbone::HboneError),
+    #[error("denied by AuthorizationPolicy ({policy})")]
+    Denied { policy: String },
+    #[error("plaintext refused: PeerAuthentication for {pod} port {port} is STRICT")]
+    PlaintextRefused { pod: String, port: u16 },
+    #[error("{0} is not a meshed pod on this node")]
+    NotLocal(SocketAddrV4),
 }
 
 impl ProxyError {
-    fn reason(&self) -> &'static str {
+    pub(crate) fn reason(&self) -> &'static str {
         match self {
             ProxyError::NotIpv4(_) => "not_ipv4",
             ProxyError::Refused { .. } => "no_route",
             ProxyError::ConnectTimeout { .. } => "connect_timeout",
             ProxyError::Connect { .. } => "connect_error",
             ProxyError::Copy { .. } => "copy_error",
+            ProxyError::NoNodeAddress { .. } => "no_node_address",
+            ProxyError::NoSourceIdentity(_) => "no_identity",
+            ProxyError::Tunnel(e) => e.reason(),
+            ProxyError::Denied { .. } => "denied",
+            ProxyError::PlaintextRefused { .. } => "plaintext_refused",
+            ProxyError::NotLocal(_) => "not_local",
         }
     }
 
     /// Envoy's response flag, as Istio reports it.
-    fn response_flags(&self) -> &'static str {
+    pub(crate) fn response_flags(&self) -> &'static str {
         match self {
-            ProxyError::Refused { .. } | ProxyError::NotIpv4(_) => "UH",
-            ProxyError::ConnectTimeout { .. } | ProxyError::Connect { .. } => "UF",
-            ProxyError::Copy { .. } => "-",
+            ProxyError::Refused { .. } | ProxyError::NotIpv4(_) | ProxyError::NoNodeAddress { .. } => "UH",
+            ProxyError::NotLocal(_) => "NR",
+            ProxyError::ConnectTimeout { .. } | ProxyError::Connect { .. } | ProxyError::Tunnel(_) => "UF",
+            ProxyError::Copy { .. }
+            | ProxyError::NoSourceIdentity(_)
+            | ProxyError::Denied { .. }
+            | ProxyError::PlaintextRefused { .. } => "-",
         }
     }
 }
 
-/// Binds the outbound capture listener: loopback, IP_TRANSPARENT so that it may
-/// accept connections addressed to any destination.
-pub fn bind_outbound() -> io::Result<TcpListener> {
-    let addr = SocketAddrV4::new(Ipv4Addr::from(mesh_common::OUTBOUND_ADDR), mesh_common::OUTBOUND_PORT);
+/// Binds a capture listener on loopback (`port` 15001 or 15006), IP_TRANSPARENT
+/// so that it may accept connections addressed to any destination.
+pub fn bind_capture(port: u16) -> io::Result<TcpListener> {
+    let addr = SocketAddrV4::new(Ipv4Addr::from(mesh_common::OUTBOUND_ADDR), port);
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     socket.set_ip_transparent_v4(true)?;
@@ -71,8 +95,22 @@ pub fn bind_outbound() -> io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
+/// Which captured listener a connection came through.
+#[derive(Debug, Clone, Copy)]
+pub enum Listener {
+    /// 15001: a meshed pod's outgoing connection.
+    Outbound,
+    /// 15006: plaintext from outside the mesh to a local meshed pod.
+    Inbound,
+}
+
 /// Accepts until `stop` fires; each connection runs in its own task.
-pub async fn serve(ctx: Arc<Context>, listener: TcpListener, mut stop: tokio::sync::watch::Receiver<bool>) {
+pub async fn serve(
+    ctx: Arc<Context>,
+    listener: TcpListener,
+    kind: Listener,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
     loop {
         tokio::select! {
             _ = stop.changed() => break,
@@ -81,7 +119,10 @@ pub async fn serve(ctx: Arc<Context>, listener: TcpListener, mut stop: tokio::sy
                     let guard = ctx.active.enter();
                     let ctx = ctx.clone();
                     tokio::spawn(async move {
-                        handle(&ctx, stream, peer).await;
+                        match kind {
+                            Listener::Outbound => handle(&ctx, stream, peer).await,
+                            Listener::Inbound => inbound::handle_plaintext(&ctx, stream, peer).await,
+                        }
                         drop(guard);
                     });
                 }
@@ -105,58 +146,130 @@ async fn handle(ctx: &Context, client: TcpStream, peer: SocketAddr) {
             return;
         }
     };
-    let state = ctx.state();
-    let source = match peer.ip() {
-        std::net::IpAddr::V4(ip) => state.workload_by_ip(ip).cloned(),
-        std::net::IpAddr::V6(_) => None,
+    let peer_ip = match peer.ip() {
+        std::net::IpAddr::V4(ip) => ip,
+        std::net::IpAddr::V6(_) => return fail(ctx, &client, peer, None, ProxyError::NotIpv4(peer)),
     };
+    let state = ctx.state();
+    let source = state.workload_by_ip(peer_ip).cloned();
     let pick = ctx.next_pick();
-    let (addr, labels) = match route(&state, orig, pick) {
+    let (dest, addr, mut labels) = match route(&state, orig, pick) {
         Route::Service { service, endpoint, addr } => {
-            (addr, TcpLabels::new(source.as_deref(), Some(&endpoint), Some(&service), false))
+            let labels = TcpLabels::new(source.as_deref(), Some(&endpoint), Some(&service), false);
+            (Some(endpoint), addr, labels)
         }
-        Route::Workload { workload, addr } => (addr, TcpLabels::new(source.as_deref(), Some(&workload), None, false)),
-        Route::Passthrough { addr } => (addr, TcpLabels::new(source.as_deref(), None, None, true)),
+        Route::Workload { workload, addr } => {
+            let labels = TcpLabels::new(source.as_deref(), Some(&workload), None, false);
+            (Some(workload), addr, labels)
+        }
+        Route::Passthrough { addr } => (None, addr, TcpLabels::new(source.as_deref(), None, None, true)),
         Route::Refused { service, reason } => {
             let labels = TcpLabels::new(source.as_deref(), None, Some(&service), false);
             let err = ProxyError::Refused { service: format!("{}/{} {orig}", service.namespace, service.name), reason };
             return fail(ctx, &client, peer, Some(labels), err);
         }
     };
-    drop(state);
-    // Keep the client's address only when the reply comes back through a captured
-    // interface (a local pod's veth); otherwise the reply would bypass the agent.
-    let source_ip = match peer.ip() {
-        std::net::IpAddr::V4(ip) if ip != *addr.ip() && ctx.is_captured(*addr.ip()) => Some(ip),
-        _ => None,
-    };
-    let upstream = match connect(addr, source_ip, ctx.connect_timeout).await {
-        Ok(s) => s,
-        Err(e) => return fail(ctx, &client, peer, Some(labels), e),
-    };
-    let m = &ctx.metrics;
-    m.tcp_opened.get_or_create(&labels).inc();
-    m.active_connections.inc();
-    tracing::debug!(%peer, %orig, upstream = %addr, ?source_ip, "proxying");
-    let received: Counter = m.tcp_received.get_or_create(&labels).clone();
-    let sent: Counter = m.tcp_sent.get_or_create(&labels).clone();
-    let result = copy::bidirectional(client, upstream, &received, &sent).await;
-    m.active_connections.dec();
-    match result {
-        Ok(()) => {
-            m.tcp_closed.get_or_create(&labels).inc();
+    let source_identity = source.as_ref().filter(|s| s.meshed).map(|s| s.principal.clone());
+    match dest.filter(|d| d.meshed) {
+        // A meshed pod on another node: through its node's agent, over HBONE.
+        Some(d) if d.node.as_deref() != Some(ctx.node.as_str()) => {
+            let node_ip = d.node.as_ref().and_then(|n| state.nodes.get(n)).and_then(|n| n.internal_ip);
+            drop(state);
+            let Some(node_ip) = node_ip else {
+                let err = ProxyError::NoNodeAddress { node: d.node.as_deref().unwrap_or("<unscheduled>").to_owned() };
+                return fail(ctx, &client, peer, Some(labels), err);
+            };
+            let Some(src_id) = source_identity else {
+                return fail(ctx, &client, peer, Some(labels), ProxyError::NoSourceIdentity(peer_ip));
+            };
+            labels.connection_security_policy = "mutual_tls";
+            let node = SocketAddrV4::new(node_ip, mesh_common::HBONE_PORT);
+            let tunnel = match ctx.hbone.open(ctx, &src_id, node, &d.principal, addr, peer_ip).await {
+                Ok(t) => t,
+                Err(e) => return fail(ctx, &client, peer, Some(labels), ProxyError::Tunnel(e)),
+            };
+            tracing::debug!(%peer, %orig, upstream = %addr, %node, "proxying over HBONE");
+            pump(ctx, client, hyper_util::rt::TokioIo::new(tunnel), labels, addr, |c, _| reset(c)).await;
         }
-        Err((op, error)) => {
-            let err = ProxyError::Copy { addr, op, error };
-            tracing::info!(%peer, %orig, error = %err, "connection reset");
-            m.connection_failures.get_or_create(&crate::telemetry::ReasonLabels { reason: err.reason() }).inc();
-            m.tcp_closed.get_or_create(&labels).inc();
+        // A meshed pod on this node: this agent is also the destination's, so
+        // it enforces the destination's policy here.
+        Some(d) => {
+            let principal = source_identity.as_deref();
+            let decision = crate::policy::authorize(&state, &d, &Peer { principal, ip: peer_ip }, addr.port());
+            drop(state);
+            // Same-node traffic never leaves the node: the source identity comes
+            // from capture (anti-spoofed veth), not from TLS, and is reported so.
+            if let Decision::Deny(policy) = decision {
+                return fail(ctx, &client, peer, Some(labels), ProxyError::Denied { policy });
+            }
+            deliver(ctx, client, peer, addr, labels).await;
+        }
+        None => {
+            drop(state);
+            deliver(ctx, client, peer, addr, labels).await;
         }
     }
 }
 
+/// Connects to `addr` (keeping the client's address where the reply path is
+/// captured) and copies both ways.
+pub(crate) async fn deliver(ctx: &Context, client: TcpStream, peer: SocketAddr, addr: SocketAddrV4, labels: TcpLabels) {
+    let upstream = match connect(addr, transparent_source(ctx, peer, addr), ctx.connect_timeout).await {
+        Ok(s) => s,
+        Err(e) => return fail(ctx, &client, peer, Some(labels), e),
+    };
+    tracing::debug!(%peer, upstream = %addr, "proxying");
+    pump(ctx, client, upstream, labels, addr, |c, u| {
+        reset(c);
+        reset(u);
+    })
+    .await;
+}
+
+/// The client's address to connect from, if replies come back to this agent:
+/// only when the upstream is a pod whose veth is captured on this node.
+pub(crate) fn transparent_source(ctx: &Context, peer: SocketAddr, addr: SocketAddrV4) -> Option<Ipv4Addr> {
+    match peer.ip() {
+        std::net::IpAddr::V4(ip) if ip != *addr.ip() && ctx.is_captured(*addr.ip()) => Some(ip),
+        _ => None,
+    }
+}
+
+/// Copies between a client and its upstream, with metrics; `on_error` resets
+/// what it can of both.
+pub(crate) async fn pump<C, U>(
+    ctx: &Context,
+    mut client: C,
+    mut upstream: U,
+    labels: TcpLabels,
+    addr: SocketAddrV4,
+    on_error: impl FnOnce(&C, &U),
+) where
+    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let m = &ctx.metrics;
+    m.tcp_opened.get_or_create(&labels).inc();
+    m.active_connections.inc();
+    let received: Counter = m.tcp_received.get_or_create(&labels).clone();
+    let sent: Counter = m.tcp_sent.get_or_create(&labels).clone();
+    let result = copy::bidirectional(&mut client, &mut upstream, &received, &sent).await;
+    m.active_connections.dec();
+    m.tcp_closed.get_or_create(&labels).inc();
+    if let Err((op, error)) = result {
+        on_error(&client, &upstream);
+        let err = ProxyError::Copy { addr, op, error };
+        tracing::info!(error = %err, "connection reset");
+        m.connection_failures.get_or_create(&crate::telemetry::ReasonLabels { reason: err.reason() }).inc();
+    }
+}
+
 /// Connects to `addr`, from `source_ip` (any port) when given, within `timeout`.
-async fn connect(addr: SocketAddrV4, source_ip: Option<Ipv4Addr>, timeout: Duration) -> Result<TcpStream, ProxyError> {
+pub(crate) async fn connect(
+    addr: SocketAddrV4,
+    source_ip: Option<Ipv4Addr>,
+    timeout: Duration,
+) -> Result<TcpStream, ProxyError> {
     let socket = TcpSocket::new_v4().map_err(|error| ProxyError::Connect { addr, source_ip, error })?;
     if let Some(ip) = source_ip {
         let bind = || -> io::Result<()> {
@@ -174,7 +287,7 @@ async fn connect(addr: SocketAddrV4, source_ip: Option<Ipv4Addr>, timeout: Durat
 }
 
 /// Records a connection that never reached its upstream, and resets the client.
-fn fail(ctx: &Context, client: &TcpStream, peer: SocketAddr, labels: Option<TcpLabels>, err: ProxyError) {
+pub(crate) fn fail(ctx: &Context, client: &TcpStream, peer: SocketAddr, labels: Option<TcpLabels>, err: ProxyError) {
     tracing::warn!(%peer, error = %err, "connection refused");
     let m = &ctx.metrics;
     m.connection_failures.get_or_create(&crate::telemetry::ReasonLabels { reason: err.reason() }).inc();

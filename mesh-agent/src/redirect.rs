@@ -15,7 +15,9 @@ use aya::{
     maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray},
     programs::{SchedClassifier, TcAttachType, tc::SchedClassifierLinkId},
 };
-use mesh_common::{IfaceInfo, OUTBOUND_ADDR, OUTBOUND_PORT, PROXY_MARK, PROXY_MARK_MASK, Settings, counter, role};
+use mesh_common::{
+    INBOUND_PORT, IfaceInfo, OUTBOUND_ADDR, OUTBOUND_PORT, PROXY_MARK, PROXY_MARK_MASK, Settings, counter, role,
+};
 use serde::Serialize;
 
 use crate::state::State;
@@ -67,6 +69,9 @@ pub struct Pending {
 pub struct Redirect {
     ebpf: Ebpf,
     ifaces: BpfHashMap<MapData, u32, IfaceInfo>,
+    /// Local meshed pod IPs (network order): plaintext to them goes to 15006.
+    meshed_ips: BpfHashMap<MapData, u32, u32>,
+    meshed_set: std::collections::HashSet<u32>,
     counters: PerCpuArray<MapData, u64>,
     handle: rtnetlink::Handle,
     lo: u32,
@@ -83,7 +88,7 @@ impl Redirect {
         let settings = Settings {
             outbound_addr: OUTBOUND_ADDR.to_be(),
             outbound_port: OUTBOUND_PORT,
-            _pad: 0,
+            inbound_port: INBOUND_PORT,
             mark: PROXY_MARK,
             mark_mask: PROXY_MARK_MASK,
         };
@@ -92,6 +97,7 @@ impl Redirect {
         let mut settings_map: Array<_, Settings> = Array::try_from(settings_map).map_err(map_err("SETTINGS"))?;
         settings_map.set(0, settings, 0).map_err(map_err("SETTINGS"))?;
         let ifaces = BpfHashMap::try_from(take_map(&mut ebpf, "IFACES")?).map_err(map_err("IFACES"))?;
+        let meshed_ips = BpfHashMap::try_from(take_map(&mut ebpf, "LOCAL_MESHED")?).map_err(map_err("LOCAL_MESHED"))?;
         let counters = PerCpuArray::try_from(take_map(&mut ebpf, "COUNTERS")?).map_err(map_err("COUNTERS"))?;
         let prog: &mut SchedClassifier = program(&mut ebpf)?;
         prog.load()?;
@@ -101,6 +107,8 @@ impl Redirect {
         Ok(Self {
             ebpf,
             ifaces,
+            meshed_ips,
+            meshed_set: Default::default(),
             counters,
             handle,
             lo,
@@ -131,6 +139,26 @@ impl Redirect {
             let info_role = if w.meshed { "meshed" } else { "unmeshed" };
             desired.insert(ifindex, Attached { ifname: ifname.clone(), info_role, pod, pod_ip: ip, info });
         }
+        // The node's uplink (the interface with its InternalIP): plaintext from
+        // other nodes or outside to local meshed pods is captured there.
+        let node_ip = state.nodes.get(node).and_then(|n| n.internal_ip);
+        if let Some(node_ip) = node_ip {
+            match netlink::link_with_address(&self.handle, node_ip).await? {
+                Some(ifindex) if !desired.contains_key(&ifindex) => {
+                    let ifname = names.get(&ifindex).cloned().unwrap_or_default();
+                    let info = IfaceInfo { pod_ip: u32::from_ne_bytes(node_ip.octets()), role: role::UPLINK };
+                    let pod = format!("node {node}");
+                    desired.insert(ifindex, Attached { ifname, info_role: "uplink", pod, pod_ip: node_ip, info });
+                }
+                Some(_) => {}
+                None => pending.push(Pending {
+                    pod: format!("node {node}"),
+                    pod_ip: node_ip,
+                    reason: "no interface holds the node's InternalIP",
+                }),
+            }
+        }
+        self.sync_meshed_ips(state, node)?;
         // Detach what is no longer wanted (pod removed, or its interface replaced).
         let stale: Vec<u32> = self
             .attached
@@ -174,6 +202,23 @@ impl Redirect {
             }
         }
         self.pending = pending;
+        Ok(())
+    }
+
+    fn sync_meshed_ips(&mut self, state: &State, node: &str) -> Result<(), RedirectError> {
+        let want: std::collections::HashSet<u32> = state
+            .local_workloads(node)
+            .filter(|w| w.meshed)
+            .filter_map(|w| w.ip)
+            .map(|ip| u32::from_ne_bytes(ip.octets()))
+            .collect();
+        for ip in want.difference(&self.meshed_set) {
+            self.meshed_ips.insert(*ip, 1, 0).map_err(map_err("LOCAL_MESHED"))?;
+        }
+        for ip in self.meshed_set.difference(&want) {
+            let _ = self.meshed_ips.remove(ip);
+        }
+        self.meshed_set = want;
         Ok(())
     }
 

@@ -13,15 +13,20 @@ use serde::Serialize;
 pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
 /// Default SPIFFE trust domain.
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+/// Kubernetes DNS domain of Service hostnames.
+pub const CLUSTER_DOMAIN: &str = "cluster.local";
 
 #[derive(Debug, Default, Serialize)]
 pub struct State {
+    pub trust_domain: Arc<str>,
     pub nodes: BTreeMap<Arc<str>, Node>,
     pub namespaces: BTreeMap<Arc<str>, Namespace>,
     /// Pods by `namespace/name`.
     pub workloads: BTreeMap<String, Arc<Workload>>,
     /// Services by `namespace/name`.
     pub services: BTreeMap<String, Arc<Service>>,
+    pub peer_authentications: Vec<crate::policy::PeerAuthentication>,
+    pub authorization_policies: Vec<crate::policy::AuthorizationPolicy>,
     #[serde(skip)]
     pub by_ip: HashMap<Ipv4Addr, Arc<Workload>>,
     #[serde(skip)]

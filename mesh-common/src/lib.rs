@@ -39,7 +39,9 @@ pub mod role {
     /// Host-side veth of a local pod outside the mesh: anti-spoof, and deliver
     /// replies to the agent's own (transparent) upstream sockets; nothing captured.
     pub const UNMESHED_POD: u32 = 2;
-    /// The node's uplink: deliver replies to the agent's own upstream sockets.
+    /// The node's uplink: no anti-spoof; for destinations that are local meshed
+    /// pods, deliver to the agent's sockets and capture new connections into the
+    /// inbound plaintext listener (PeerAuthentication decides there).
     pub const UPLINK: u32 = 3;
 }
 
@@ -64,7 +66,8 @@ pub struct Settings {
     pub outbound_addr: u32,
     /// Outbound listener port, host byte order.
     pub outbound_port: u16,
-    pub _pad: u16,
+    /// Inbound plaintext listener port (same address), host byte order.
+    pub inbound_port: u16,
     /// Mark set on every assigned packet (see [`PROXY_MARK`]).
     pub mark: u32,
     /// Bits of the mark the agent owns.
@@ -88,8 +91,10 @@ pub mod counter {
     pub const ASSIGN_FAILED: u32 = 5;
     /// Packets that were not IPv4 TCP, or were malformed, and passed untouched.
     pub const PASSED: u32 = 6;
+    /// New plaintext connection to a local meshed pod assigned to the inbound listener.
+    pub const ASSIGNED_INBOUND: u32 = 7;
     /// Number of counters.
-    pub const LEN: u32 = 7;
+    pub const LEN: u32 = 8;
     /// Names for the admin page, in index order.
     pub const NAMES: [&str; LEN as usize] = [
         "seen",
@@ -99,6 +104,7 @@ pub mod counter {
         "listener_missing",
         "assign_failed",
         "passed",
+        "assigned_inbound",
     ];
 }
 
@@ -109,6 +115,6 @@ const _: () = assert!(core::mem::size_of::<Settings>() == 16);
 mod user {
     // SAFETY: plain `#[repr(C)]` integers with no padding bytes left implicit.
     unsafe impl aya::Pod for super::IfaceInfo {}
-    // SAFETY: as above; `_pad` makes the padding explicit.
+    // SAFETY: as above; the two u16 ports fill the 4 bytes between the u32s.
     unsafe impl aya::Pod for super::Settings {}
 }

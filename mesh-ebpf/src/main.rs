@@ -1,7 +1,7 @@
 //! eBPF programs of the mesh data plane.
 //!
 //! `mesh_tc`: a TC (TCX on Linux ≥ 6.6) **ingress** classifier, attached by the agent
-//! to the host-side veth of every local pod (and later the node's uplink). It only
+//! to the host-side veth of every local pod and to the node's uplink. It only
 //! acts on interfaces listed in `IFACES`; the entry's `role` selects the behaviour:
 //!
 //! 1. anti-spoof (pod interfaces): an IPv4 packet whose source is not the pod IP
@@ -13,13 +13,18 @@
 //! 3. on a meshed pod's interface, a new connection (SYN without ACK) is assigned to
 //!    the outbound listener (`bpf_sk_assign`), found by looking up the tuple with the
 //!    listener's loopback address and port. The accepted socket's local address is then the original
-//!    destination: no rewriting, no conntrack, no checksums.
+//!    destination: no rewriting, no conntrack, no checksums;
+//! 4. on the uplink and on un-meshed pods' interfaces, a new connection to a local
+//!    meshed pod (`LOCAL_MESHED`) is assigned the same way to the inbound plaintext
+//!    listener, where PeerAuthentication decides. The uplink ignores everything
+//!    else (the node's own traffic is not the mesh's business).
 //!
 //! Every assigned packet gets the proxy mark, which the agent's policy-routing rule
 //! sends to a table with `local 0.0.0.0/0 dev lo`, so it is delivered locally.
 //! Every socket reference taken is released on every path.
 //!
-//! Maps: `IFACES` (ifindex → [`IfaceInfo`]), `SETTINGS` (ports, mark), `COUNTERS`
+//! Maps: `IFACES` (ifindex → [`IfaceInfo`]), `LOCAL_MESHED` (local meshed pod
+//! IPv4 → 1), `SETTINGS` (ports, mark), `COUNTERS`
 //! (per-CPU packet counters, see `mesh_common::counter`).
 //! Minimum kernel: 5.7 (`bpf_sk_assign`), 6.6 for TCX attachment.
 #![no_std]
@@ -36,6 +41,9 @@ use mesh_common::{IfaceInfo, Settings, counter, role};
 
 #[map]
 static IFACES: HashMap<u32, IfaceInfo> = HashMap::with_max_entries(4096, 0);
+
+#[map]
+static LOCAL_MESHED: HashMap<u32, u32> = HashMap::with_max_entries(4096, 0);
 
 #[map]
 static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
@@ -123,6 +131,11 @@ fn classify(ctx: &TcContext) -> i32 {
         count(counter::PASSED);
         return TC_ACT_OK;
     }
+    // SAFETY: only tested for presence.
+    let to_local_meshed = unsafe { LOCAL_MESHED.get(&pkt.daddr) }.is_some();
+    if info.role == role::UPLINK && !to_local_meshed {
+        return TC_ACT_OK;
+    }
     let Some(settings) = SETTINGS.get(0).copied() else {
         return TC_ACT_OK;
     };
@@ -145,13 +158,21 @@ fn classify(ctx: &TcContext) -> i32 {
         release(sk);
     }
 
-    // 2. A new outbound connection from a meshed pod → the outbound listener.
+    // 2. A new connection: from a meshed pod → the outbound listener; from
+    //    anywhere else to a local meshed pod → the inbound plaintext listener.
     let is_syn = pkt.tcp_flags & TCP_FLAG_SYN != 0 && pkt.tcp_flags & TCP_FLAG_ACK == 0;
-    if info.role != role::MESHED_POD || !is_syn {
+    if !is_syn {
         return TC_ACT_OK;
     }
+    let (port, which) = if info.role == role::MESHED_POD {
+        (settings.outbound_port, counter::ASSIGNED_OUTBOUND)
+    } else if to_local_meshed {
+        (settings.inbound_port, counter::ASSIGNED_INBOUND)
+    } else {
+        return TC_ACT_OK;
+    };
     tuple.__bindgen_anon_1.ipv4.daddr = settings.outbound_addr;
-    tuple.__bindgen_anon_1.ipv4.dport = settings.outbound_port.to_be();
+    tuple.__bindgen_anon_1.ipv4.dport = port.to_be();
     let sk = lookup(ctx, &mut tuple, tuple_len);
     if sk.is_null() {
         count(counter::LISTENER_MISSING);
@@ -163,7 +184,7 @@ fn classify(ctx: &TcContext) -> i32 {
         count(counter::LISTENER_MISSING);
         return TC_ACT_SHOT;
     }
-    assign(ctx, sk, &settings, counter::ASSIGNED_OUTBOUND)
+    assign(ctx, sk, &settings, which)
 }
 
 #[inline(always)]

@@ -40,18 +40,30 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Starts the agent on `cluster` with `config` (YAML) and waits for `/ready`.
+    /// Starts the agent on the first node of `cluster` with `config` (YAML),
+    /// with its embedded CA, and waits for `/ready`.
     pub fn start(cluster: &Cluster, config: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("mesh-test-{}", cluster.id));
+        Self::start_on(cluster, 0, config, &[])
+    }
+
+    /// Starts the agent on node `node` with extra arguments (without
+    /// `--ca-addr`, the CA is embedded, in a directory of its own).
+    pub fn start_on(cluster: &Cluster, node: usize, config: &str, extra: &[String]) -> Self {
+        let node = &cluster.nodes[node];
+        let dir = std::env::temp_dir().join(format!("mesh-test-{}-{}", cluster.id, node.name));
         std::fs::create_dir_all(&dir).unwrap();
         let log = dir.join("agent.log");
-        let mut agent = Self { child: None, node_ns: cluster.node_ns.clone(), dir, log };
+        let mut agent = Self { child: None, node_ns: node.ns.clone(), dir, log };
         agent.write_config(config);
         let stderr = std::fs::File::create(&agent.log).unwrap();
         let child = Command::new("ip")
-            .args(["netns", "exec", &cluster.node_ns])
+            .args(["netns", "exec", &node.ns])
             .arg(binary())
-            .args(["run", "--node", NODE, "--resync-interval", "200ms", "--drain-timeout", "2s", "--config"])
+            .args(["run", "--node", &node.name, "--resync-interval", "200ms", "--drain-timeout", "2s"])
+            .arg("--state-dir")
+            .arg(agent.dir.join("state"))
+            .args(extra)
+            .arg("--config")
             .arg(agent.dir.join("config"))
             .env("RUST_LOG", "info,mesh_agent=debug,netlink_packet_route=error")
             .stdin(Stdio::null())
@@ -174,4 +186,103 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         .filter(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// The CA service (`mesh-agent ca`), run in the cluster network's namespace.
+pub struct CaService {
+    child: Option<Child>,
+    pub dir: PathBuf,
+    pub addr: String,
+    pub log: PathBuf,
+}
+
+impl CaService {
+    /// Starts on `172.18.0.1:15012` in the `net` namespace with `config`, and
+    /// waits until the root and every node token are written and it accepts.
+    pub fn start(cluster: &Cluster, config: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("mesh-test-{}-ca", cluster.id));
+        std::fs::create_dir_all(dir.join("config")).unwrap();
+        std::fs::write(dir.join("config").join("cluster.yaml"), config).unwrap();
+        let log = dir.join("ca.log");
+        let addr = "172.18.0.1:15012".to_owned();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &cluster.net_ns])
+            .arg(binary())
+            .args(["ca", "--listen", &addr, "--config"])
+            .arg(dir.join("config"))
+            .arg("--ca-dir")
+            .arg(dir.join("ca"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut ca = Self { child: Some(child), dir, addr, log };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = ca.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
+                panic!("mesh-agent ca exited with {status}:\n{}", ca.log_text());
+            }
+            let tokens_ready = cluster.nodes.iter().all(|n| ca.token_file(&n.name).exists());
+            let addr = ca.addr.clone();
+            let listening = tokens_ready
+                && enter_and_spawn(&cluster.net_ns, move || {
+                    TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_millis(200)).is_ok()
+                })
+                .join()
+                .unwrap();
+            if listening {
+                return ca;
+            }
+            assert!(Instant::now() < deadline, "CA service not ready after 20s:\n{}", ca.log_text());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn ca_dir(&self) -> PathBuf {
+        self.dir.join("ca")
+    }
+
+    pub fn root_cert(&self) -> PathBuf {
+        self.ca_dir().join("root-cert.pem")
+    }
+
+    pub fn token_file(&self, node: &str) -> PathBuf {
+        self.ca_dir().join("node-tokens").join(node)
+    }
+
+    /// `run` arguments that make an agent on `node` use this CA.
+    pub fn agent_args(&self, node: &str) -> Vec<String> {
+        vec![
+            "--ca-addr".into(),
+            self.addr.clone(),
+            "--ca-root".into(),
+            self.root_cert().display().to_string(),
+            "--ca-token-file".into(),
+            self.token_file(node).display().to_string(),
+        ]
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for CaService {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("--- mesh-agent ca log ({}) ---\n{}", self.log.display(), self.log_text());
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }

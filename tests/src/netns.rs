@@ -1,8 +1,10 @@
 //! Network namespaces laid out like a Calico node: each pod's `eth0` is a veth to
 //! the node, the pod has its IP as a /32 and a default route via 169.254.1.1,
 //! which the node answers by proxy ARP; the node routes each pod IP as a /32 via
-//! the pod's veth. The node has an uplink veth to a `net` namespace (its default
-//! route), standing in for the cluster network.
+//! the pod's veth. Each node has an uplink veth to a `net` namespace (its default
+//! route), which stands in for the cluster network: it routes every pod IP to
+//! its node, and doubles as the place "outside the mesh" where external clients
+//! and the CA service run.
 use std::{
     net::Ipv4Addr,
     os::fd::AsRawFd as _,
@@ -42,18 +44,31 @@ pub fn sh_any(args: &[&str]) -> Output {
 pub struct Pod {
     pub name: String,
     pub ip: Ipv4Addr,
+    /// Index into [`Cluster::nodes`].
+    pub node: usize,
     pub netns: String,
     /// Host-side interface in the node namespace.
     pub host_if: String,
     pub cgroup: PathBuf,
 }
 
-/// A node namespace with pods. Dropping it removes every namespace and cgroup.
+/// A node: its namespace, its uplink address, and the `net` side of its uplink.
+pub struct Node {
+    pub name: String,
+    pub ns: String,
+    pub ip: Ipv4Addr,
+    /// Interface in the `net` namespace facing this node (for packet captures).
+    pub net_if: String,
+}
+
+/// Node namespaces with pods. Dropping it removes every namespace and cgroup.
 pub struct Cluster {
     pub id: String,
+    /// The first node's namespace and address (the single-node tests use these).
     pub node_ns: String,
     pub net_ns: String,
     pub node_ip: Ipv4Addr,
+    pub nodes: Vec<Node>,
     pub pods: Vec<Pod>,
     cgroup_root: PathBuf,
 }
@@ -67,43 +82,76 @@ impl Cluster {
         let node_ns = format!("{id}-node");
         let net_ns = format!("{id}-net");
         let cgroup_root = PathBuf::from(CGROUP_BASE).join(format!("mesh-test-{id}"));
-        let cluster = Self {
+        let mut cluster = Self {
             id,
             node_ns: node_ns.clone(),
             net_ns: net_ns.clone(),
             node_ip: Ipv4Addr::new(172, 18, 0, 2),
+            nodes: Vec::new(),
             pods: Vec::new(),
             cgroup_root,
         };
         // From here on, Drop cleans up whatever was created.
-        sh(&["ip", "netns", "add", &node_ns]);
         sh(&["ip", "netns", "add", &net_ns]);
+        sh(&["ip", "-n", &net_ns, "link", "set", "lo", "up"]);
+        sh(&["ip", "netns", "exec", &net_ns, "sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        if std::path::Path::new(CGROUP_BASE).join("cgroup.procs").exists() {
+            std::fs::create_dir_all(&cluster.cgroup_root).unwrap();
+        }
+        cluster.add_node();
+        cluster
+    }
+
+    /// Two nodes, `node-1` (172.18.0.2) and `node-2` (172.18.1.2).
+    pub fn two_nodes() -> Self {
+        let mut c = Self::new();
+        c.add_node();
+        c
+    }
+
+    /// Adds node `node-<n>` with uplink address 172.18.<n-1>.2/24, the `net`
+    /// side being 172.18.<n-1>.1; returns its index.
+    pub fn add_node(&mut self) -> usize {
+        let i = self.nodes.len();
+        let name = format!("node-{}", i + 1);
+        let ns = if i == 0 { self.node_ns.clone() } else { format!("{}-node{}", self.id, i + 1) };
+        let ip = Ipv4Addr::new(172, 18, i as u8, 2);
+        let gw = Ipv4Addr::new(172, 18, i as u8, 1);
+        let net_if = format!("node{i}");
+        sh(&["ip", "netns", "add", &ns]);
+        self.nodes.push(Node { name, ns: ns.clone(), ip, net_if: net_if.clone() });
         let n = |args: &[&str]| {
-            let mut v = vec!["ip", "-n", node_ns.as_str()];
+            let mut v = vec!["ip", "-n", ns.as_str()];
             v.extend_from_slice(args);
             sh(&v);
         };
         n(&["link", "set", "lo", "up"]);
-        n(&["link", "add", "uplink0", "type", "veth", "peer", "name", "node0", "netns", &net_ns]);
+        n(&["link", "add", "uplink0", "type", "veth", "peer", "name", &net_if, "netns", &self.net_ns]);
         n(&["link", "set", "uplink0", "up"]);
-        n(&["addr", "add", "172.18.0.2/24", "dev", "uplink0"]);
-        n(&["route", "add", "default", "via", "172.18.0.1"]);
-        sh(&["ip", "-n", &net_ns, "link", "set", "node0", "up"]);
-        sh(&["ip", "-n", &net_ns, "addr", "add", "172.18.0.1/24", "dev", "node0"]);
-        sh(&["ip", "netns", "exec", &node_ns, "sysctl", "-qw", "net.ipv4.ip_forward=1"]);
-        if std::path::Path::new(CGROUP_BASE).join("cgroup.procs").exists() {
-            std::fs::create_dir_all(&cluster.cgroup_root).unwrap();
-        }
-        cluster
+        n(&["addr", "add", &format!("{ip}/24"), "dev", "uplink0"]);
+        n(&["route", "add", "default", "via", &gw.to_string()]);
+        sh(&["ip", "-n", &self.net_ns, "link", "set", &net_if, "up"]);
+        sh(&["ip", "-n", &self.net_ns, "addr", "add", &format!("{gw}/24"), "dev", &net_if]);
+        sh(&["ip", "netns", "exec", &ns, "sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        i
     }
 
-    /// Adds a pod namespace `name` with `ip`, wired like a CNI would.
+    /// Adds a pod namespace `name` with `ip` on the first node.
     pub fn add_pod(&mut self, name: &str, ip: Ipv4Addr) -> &Pod {
+        self.add_pod_on(0, name, ip)
+    }
+
+    /// Adds a pod namespace `name` with `ip` on node `node`, wired like a CNI
+    /// would, and routed to that node by the cluster network.
+    pub fn add_pod_on(&mut self, node: usize, name: &str, ip: Ipv4Addr) -> &Pod {
         let netns = format!("{}-{name}", self.id);
         let host_if = format!("v{}", &name[..name.len().min(12)]);
         sh(&["ip", "netns", "add", &netns]);
         let ips = format!("{ip}/32");
-        let node = self.node_ns.as_str();
+        let node_ip = self.nodes[node].ip.to_string();
+        sh(&["ip", "-n", &self.net_ns, "route", "add", &ips, "via", &node_ip]);
+        let node_index = node;
+        let node = self.nodes[node].ns.as_str();
         sh(&["ip", "-n", node, "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &netns]);
         sh(&["ip", "-n", node, "link", "set", &host_if, "up"]);
         sh(&["ip", "netns", "exec", node, "sysctl", "-qw", &format!("net.ipv4.conf.{host_if}.proxy_arp=1")]);
@@ -117,7 +165,7 @@ impl Cluster {
         if self.cgroup_root.exists() {
             std::fs::create_dir_all(&cgroup).unwrap();
         }
-        self.pods.push(Pod { name: name.into(), ip, netns, host_if, cgroup });
+        self.pods.push(Pod { name: name.into(), ip, node: node_index, netns, host_if, cgroup });
         self.pods.last().unwrap()
     }
 
@@ -125,9 +173,16 @@ impl Cluster {
         self.pods.iter().find(|p| p.name == name).unwrap_or_else(|| panic!("no pod {name}"))
     }
 
-    /// Runs a command in the node's namespace.
+    /// Runs a command in the first node's namespace.
     pub fn node_cmd(&self, args: &[&str]) -> Output {
         let mut v = vec!["ip", "netns", "exec", self.node_ns.as_str()];
+        v.extend_from_slice(args);
+        sh_any(&v)
+    }
+
+    /// Runs a command in the `net` namespace (outside every node).
+    pub fn net_cmd(&self, args: &[&str]) -> Output {
+        let mut v = vec!["ip", "netns", "exec", self.net_ns.as_str()];
         v.extend_from_slice(args);
         sh_any(&v)
     }
@@ -203,7 +258,9 @@ impl Drop for Cluster {
         for pod in &self.pods {
             let _ = sh_any(&["ip", "netns", "del", &pod.netns]);
         }
-        let _ = sh_any(&["ip", "netns", "del", &self.node_ns]);
+        for node in &self.nodes {
+            let _ = sh_any(&["ip", "netns", "del", &node.ns]);
+        }
         let _ = sh_any(&["ip", "netns", "del", &self.net_ns]);
         if self.cgroup_root.exists() {
             for pod in &self.pods {

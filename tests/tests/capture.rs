@@ -231,6 +231,9 @@ fn pod_in_unenrolled_namespace_is_not_captured() {
     if !require_root("pod_in_unenrolled_namespace_is_not_captured") {
         return;
     }
+    // Its outbound traffic is not captured; only what it sends to a meshed pod on
+    // this node passes the inbound plaintext listener (where PeerAuthentication
+    // applies, PERMISSIVE by default), with its own address kept.
     let c = cluster();
     let agent = Agent::start(&c, &config(false, ""));
     let outsider = c.pod("outsider");
@@ -241,8 +244,13 @@ fn pod_in_unenrolled_namespace_is_not_captured() {
     let (ok, body) = curl(outsider, "http://10.244.0.3:9095/");
     assert!(ok, "{body}");
     assert_eq!(body, "hello from helloworld; client 10.244.0.4\n");
-    let m = agent.metrics();
-    assert_eq!(metric(&m, "istio_tcp_connections_opened_total", &[("source_workload", "outsider")]), 0.0, "{m}");
+    let m = agent.wait_metrics(5, "eBPF counters", |m| {
+        metric(m, "mesh_ebpf_packets_total", &[("counter", "assigned_inbound")]) >= 1.0
+    });
+    let inbound =
+        [("reporter", "destination"), ("source_workload", "outsider"), ("connection_security_policy", "none")];
+    assert_eq!(metric(&m, "istio_tcp_connections_opened_total", &inbound), 1.0, "{m}");
+    assert_eq!(metric(&m, "istio_tcp_connections_opened_total", &[("reporter", "source")]), 0.0, "{m}");
     assert_eq!(metric(&m, "mesh_ebpf_packets_total", &[("counter", "assigned_outbound")]), 0.0, "{m}");
 }
 

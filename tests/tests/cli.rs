@@ -36,7 +36,12 @@ fn validate_exits_0_for_good_config_and_1_with_every_error_located() {
 
     let (code, out, err) = agent(&["validate", dir.join("good").to_str().unwrap()]);
     assert_eq!(code, Some(0), "{out}{err}");
-    assert!(out.contains("valid (0 nodes, 1 namespaces, 1 pods, 1 services)"), "{out}");
+    assert!(
+        out.contains(
+            "valid (0 nodes, 1 namespaces, 1 pods, 1 services, 0 PeerAuthentications, 0 AuthorizationPolicies)"
+        ),
+        "{out}"
+    );
 
     let (code, _, err) = agent(&["validate", dir.join("bad").to_str().unwrap()]);
     let _ = std::fs::remove_dir_all(&dir);

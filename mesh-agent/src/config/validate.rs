@@ -7,21 +7,27 @@ use std::{
 
 use serde::de::DeserializeOwned;
 
-use super::{ConfigError, ConfigErrors, Document, Loaded, Origin, k8s};
+use super::{
+    ConfigError, ConfigErrors, Document, Loaded, Origin, k8s,
+    security::{self, AuthorizationPolicyObject, PeerAuthenticationObject},
+};
 use crate::state::{
-    DATAPLANE_MODE_LABEL, DEFAULT_TRUST_DOMAIN, Namespace, Node, Protocol, Service, ServicePort, State, TargetPort,
-    Workload,
+    CLUSTER_DOMAIN, DATAPLANE_MODE_LABEL, Namespace, Node, Protocol, Service, ServicePort, State, TargetPort, Workload,
 };
 
 /// Collects errors against one object.
-struct Ctx<'a> {
+pub(super) struct Ctx<'a> {
     origin: &'a Origin,
     object: String,
     errors: &'a mut Vec<ConfigError>,
 }
 
 impl Ctx<'_> {
-    fn error(&mut self, field: impl Into<String>, message: impl Into<String>) {
+    pub(super) fn error_count(&self) -> usize {
+        self.errors.len()
+    }
+
+    pub(super) fn error(&mut self, field: impl Into<String>, message: impl Into<String>) {
         self.errors.push(ConfigError {
             origin: self.origin.clone(),
             object: self.object.clone(),
@@ -38,16 +44,18 @@ struct Objects {
     namespaces: Vec<(Origin, k8s::Namespace)>,
     pods: Vec<(Origin, k8s::Pod)>,
     services: Vec<(Origin, k8s::Service)>,
+    peer_authentications: Vec<(Origin, PeerAuthenticationObject)>,
+    authorization_policies: Vec<(Origin, AuthorizationPolicyObject)>,
 }
 
-pub(super) fn build_state(docs: &[Document]) -> Result<Loaded, ConfigErrors> {
+pub(super) fn build_state(docs: &[Document], trust_domain: &str) -> Result<Loaded, ConfigErrors> {
     let mut errors = Vec::new();
     let mut notes = Vec::new();
     let mut objects = Objects::default();
     for doc in docs {
         sort_document(&doc.origin, &doc.value, &mut objects, &mut notes, &mut errors);
     }
-    let state = assemble(objects, &mut errors);
+    let state = assemble(objects, trust_domain, &mut errors);
     if errors.is_empty() { Ok(Loaded { state, notes }) } else { Err(ConfigErrors(errors)) }
 }
 
@@ -108,6 +116,12 @@ fn sort_document(
         ("v1", "Namespace") => push(&mut ctx, value, &mut objects.namespaces),
         ("v1", "Pod") => push(&mut ctx, value, &mut objects.pods),
         ("v1", "Service") => push(&mut ctx, value, &mut objects.services),
+        ("security.istio.io/v1" | "security.istio.io/v1beta1", "PeerAuthentication") => {
+            push(&mut ctx, value, &mut objects.peer_authentications)
+        }
+        ("security.istio.io/v1" | "security.istio.io/v1beta1", "AuthorizationPolicy") => {
+            push(&mut ctx, value, &mut objects.authorization_policies)
+        }
         (api, _) if api.split('/').next().is_some_and(|g| g.ends_with("istio.io")) => {
             ctx.error("kind", format!("{api} {kind} is not supported by this version of mesh-agent"));
         }
@@ -161,7 +175,7 @@ fn valid_port_name(s: &str) -> bool {
         && !s.contains("--")
 }
 
-fn require_name(ctx: &mut Ctx<'_>, meta: &k8s::ObjectMeta) -> Option<Arc<str>> {
+pub(super) fn require_name(ctx: &mut Ctx<'_>, meta: &k8s::ObjectMeta) -> Option<Arc<str>> {
     match meta.name.as_deref() {
         Some(n) if !n.is_empty() => Some(n.into()),
         _ => {
@@ -171,8 +185,8 @@ fn require_name(ctx: &mut Ctx<'_>, meta: &k8s::ObjectMeta) -> Option<Arc<str>> {
     }
 }
 
-fn assemble(objects: Objects, errors: &mut Vec<ConfigError>) -> State {
-    let mut state = State::default();
+fn assemble(objects: Objects, trust_domain: &str, errors: &mut Vec<ConfigError>) -> State {
+    let mut state = State { trust_domain: trust_domain.into(), ..State::default() };
     for (origin, node) in &objects.nodes {
         let mut ctx = Ctx { origin, object: describe_meta("Node", &node.metadata), errors };
         if let Some(n) = build_node(&mut ctx, node) {
@@ -189,7 +203,7 @@ fn assemble(objects: Objects, errors: &mut Vec<ConfigError>) -> State {
     let mut ip_owner: HashMap<Ipv4Addr, String> = HashMap::new();
     for (origin, pod) in &objects.pods {
         let mut ctx = Ctx { origin, object: describe_meta("Pod", &pod.metadata), errors };
-        let Some(w) = build_workload(&mut ctx, pod, &state.namespaces) else { continue };
+        let Some(w) = build_workload(&mut ctx, pod, &state.namespaces, trust_domain) else { continue };
         let key = format!("{}/{}", w.namespace, w.name);
         if let (Some(ip), false) = (w.ip, w.host_network) {
             if let Some(other) = ip_owner.get(&ip) {
@@ -234,6 +248,30 @@ fn assemble(objects: Objects, errors: &mut Vec<ConfigError>) -> State {
         }
         state.services.insert(key, s);
     }
+    let mut seen = std::collections::HashSet::new();
+    for (origin, obj) in &objects.peer_authentications {
+        let mut ctx = Ctx { origin, object: describe_meta("PeerAuthentication", &obj.metadata), errors };
+        if let Some(p) = security::build_peer_authentication(&mut ctx, obj) {
+            if !seen.insert(format!("PeerAuthentication {}/{}", p.namespace, p.name)) {
+                ctx.error("metadata.name", "defined twice");
+                continue;
+            }
+            state.peer_authentications.push(p);
+        }
+    }
+    for (origin, obj) in &objects.authorization_policies {
+        let mut ctx = Ctx { origin, object: describe_meta("AuthorizationPolicy", &obj.metadata), errors };
+        if let Some(p) = security::build_authorization_policy(&mut ctx, obj) {
+            if !seen.insert(format!("AuthorizationPolicy {}/{}", p.namespace, p.name)) {
+                ctx.error("metadata.name", "defined twice");
+                continue;
+            }
+            state.authorization_policies.push(p);
+        }
+    }
+    // Istio applies the oldest policy first when several select a workload;
+    // without creation times, name order makes the choice stable.
+    state.peer_authentications.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
     state
 }
 
@@ -268,7 +306,12 @@ fn workload_name(pod: &k8s::Pod, name: &Arc<str>) -> Arc<str> {
     }
 }
 
-fn build_workload(ctx: &mut Ctx<'_>, pod: &k8s::Pod, namespaces: &BTreeMap<Arc<str>, Namespace>) -> Option<Workload> {
+fn build_workload(
+    ctx: &mut Ctx<'_>,
+    pod: &k8s::Pod,
+    namespaces: &BTreeMap<Arc<str>, Namespace>,
+    trust_domain: &str,
+) -> Option<Workload> {
     let name = require_name(ctx, &pod.metadata)?;
     let namespace: Arc<str> = pod.metadata.namespace.as_deref().unwrap_or("default").into();
     let labels = &pod.metadata.labels;
@@ -318,7 +361,7 @@ fn build_workload(ctx: &mut Ctx<'_>, pod: &k8s::Pod, namespaces: &BTreeMap<Arc<s
         .map_or("unknown", String::as_str)
         .into();
     Some(Workload {
-        principal: format!("spiffe://{DEFAULT_TRUST_DOMAIN}/ns/{namespace}/sa/{service_account}").into(),
+        principal: crate::identity::spiffe_id(trust_domain, &namespace, &service_account).into(),
         name,
         namespace,
         workload_name,
@@ -373,7 +416,7 @@ fn build_service(
         _ => Vec::new(),
     };
     Some(Service {
-        hostname: format!("{name}.{namespace}.svc.{DEFAULT_TRUST_DOMAIN}").into(),
+        hostname: format!("{name}.{namespace}.svc.{CLUSTER_DOMAIN}").into(),
         name,
         namespace,
         vip,

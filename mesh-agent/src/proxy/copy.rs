@@ -3,10 +3,7 @@
 use std::io;
 
 use prometheus_client::metrics::counter::Counter;
-use tokio::{
-    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
-    net::TcpStream,
-};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
 /// First buffer size; small so idle connections stay cheap.
 const INITIAL_BUF: usize = 4 * 1024;
@@ -35,27 +32,25 @@ impl std::fmt::Display for Failed {
 
 /// Copies client→upstream (counted in `received`) and upstream→client (`sent`)
 /// until both directions have seen EOF. Each EOF is passed on as a write
-/// shutdown (half-close). On an error in either direction both sockets are reset.
-pub async fn bidirectional(
-    mut client: TcpStream,
-    mut upstream: TcpStream,
+/// shutdown (half-close). On an error the caller resets what it can (a TCP
+/// socket gets RST; a tunnel stream is cancelled when dropped).
+pub async fn bidirectional<C, U>(
+    client: &mut C,
+    upstream: &mut U,
     received: &Counter,
     sent: &Counter,
-) -> Result<(), (Failed, io::Error)> {
-    let result = {
-        let (mut cr, mut cw) = client.split();
-        let (mut ur, mut uw) = upstream.split();
-        tokio::try_join!(
-            one_way(&mut cr, &mut uw, received, (Failed::ReadClient, Failed::WriteUpstream)),
-            one_way(&mut ur, &mut cw, sent, (Failed::ReadUpstream, Failed::WriteClient))
-        )
-        .map(|_| ())
-    };
-    if result.is_err() {
-        super::reset(&client);
-        super::reset(&upstream);
-    }
-    result
+) -> Result<(), (Failed, io::Error)>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut cr, mut cw) = tokio::io::split(client);
+    let (mut ur, mut uw) = tokio::io::split(upstream);
+    tokio::try_join!(
+        one_way(&mut cr, &mut uw, received, (Failed::ReadClient, Failed::WriteUpstream)),
+        one_way(&mut ur, &mut cw, sent, (Failed::ReadUpstream, Failed::WriteClient))
+    )
+    .map(|_| ())
 }
 
 async fn one_way<R, W>(

@@ -76,6 +76,21 @@ fn pod_route(msg: &RouteMessage) -> Option<(Ipv4Addr, u32)> {
     Some((dst?, oif?))
 }
 
+/// The interface that holds `ip` as one of its addresses (the node's uplink,
+/// for the node's InternalIP).
+pub async fn link_with_address(handle: &Handle, ip: Ipv4Addr) -> Result<Option<u32>, NetlinkError> {
+    use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
+    let mut addrs = handle.address().get().execute();
+    while let Some(msg) = addrs.try_next().await.map_err(nl("list addresses"))? {
+        let AddressMessage { header, attributes, .. } = msg;
+        let has = attributes.iter().any(|a| matches!(a, AddressAttribute::Local(std::net::IpAddr::V4(a)) | AddressAttribute::Address(std::net::IpAddr::V4(a)) if *a == ip));
+        if has {
+            return Ok(Some(header.index));
+        }
+    }
+    Ok(None)
+}
+
 /// `ifindex → name` of every interface.
 pub async fn link_names(handle: &Handle) -> Result<HashMap<u32, String>, NetlinkError> {
     let mut links = handle.link().get().execute();

@@ -13,7 +13,7 @@ fn state(yaml: &str) -> State {
             Document { origin: Origin { document: i + 1, ..origin.clone() }, value }
         })
         .collect::<Vec<_>>();
-    load_documents(&docs).expect("valid config").state
+    load_documents(&docs, "cluster.local").expect("valid config").state
 }
 
 const CLUSTER: &str = r#"

@@ -10,7 +10,7 @@ fn load(yaml: &str) -> Result<Loaded, Vec<ConfigError>> {
     if !errors.is_empty() {
         return Err(errors);
     }
-    load_documents(&docs).map_err(|e| e.0)
+    load_documents(&docs, "cluster.local").map_err(|e| e.0)
 }
 
 fn error_of(yaml: &str) -> String {

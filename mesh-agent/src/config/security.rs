@@ -1,0 +1,330 @@
+//! `security.istio.io/v1` `PeerAuthentication` and `AuthorizationPolicy`: the
+//! shapes Istio documents, with unknown fields rejected (a misspelt field in a
+//! security policy must never be silently ignored), validated into
+//! [`crate::policy`] types.
+use std::{collections::BTreeMap, sync::Arc};
+
+use serde::Deserialize;
+
+use super::{k8s::ObjectMeta, validate::Ctx};
+use crate::policy::{self, Action, AuthorizationPolicy, Cidr, MtlsMode, Operation, Pattern, PeerAuthentication, Rule};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PeerAuthenticationObject {
+    #[allow(dead_code)]
+    pub api_version: String,
+    #[allow(dead_code)]
+    pub kind: String,
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: PeerAuthenticationSpec,
+    #[allow(dead_code)]
+    pub status: Option<serde_yaml_ng::Value>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PeerAuthenticationSpec {
+    pub selector: Option<Selector>,
+    pub mtls: Option<Mtls>,
+    #[serde(default)]
+    pub port_level_mtls: BTreeMap<String, Mtls>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Selector {
+    #[serde(default)]
+    pub match_labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Mtls {
+    pub mode: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AuthorizationPolicyObject {
+    #[allow(dead_code)]
+    pub api_version: String,
+    #[allow(dead_code)]
+    pub kind: String,
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: AuthorizationPolicySpec,
+    #[allow(dead_code)]
+    pub status: Option<serde_yaml_ng::Value>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AuthorizationPolicySpec {
+    pub selector: Option<Selector>,
+    pub target_ref: Option<serde_yaml_ng::Value>,
+    pub target_refs: Option<serde_yaml_ng::Value>,
+    pub action: Option<String>,
+    pub provider: Option<serde_yaml_ng::Value>,
+    pub rules: Option<Vec<RuleSpec>>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleSpec {
+    #[serde(default)]
+    pub from: Vec<FromSpec>,
+    #[serde(default)]
+    pub to: Vec<ToSpec>,
+    pub when: Option<serde_yaml_ng::Value>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FromSpec {
+    #[serde(default)]
+    pub source: SourceSpec,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct SourceSpec {
+    #[serde(default)]
+    pub principals: Vec<String>,
+    #[serde(default)]
+    pub not_principals: Vec<String>,
+    #[serde(default)]
+    pub namespaces: Vec<String>,
+    #[serde(default)]
+    pub not_namespaces: Vec<String>,
+    #[serde(default)]
+    pub ip_blocks: Vec<String>,
+    #[serde(default)]
+    pub not_ip_blocks: Vec<String>,
+    // L7-only (need a request): rejected until L7 lands.
+    pub request_principals: Option<Vec<String>>,
+    pub not_request_principals: Option<Vec<String>>,
+    pub remote_ip_blocks: Option<Vec<String>>,
+    pub not_remote_ip_blocks: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ToSpec {
+    #[serde(default)]
+    pub operation: OperationSpec,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct OperationSpec {
+    #[serde(default)]
+    pub ports: Vec<super::k8s::IntOrString>,
+    #[serde(default)]
+    pub not_ports: Vec<super::k8s::IntOrString>,
+    // L7-only.
+    pub hosts: Option<Vec<String>>,
+    pub not_hosts: Option<Vec<String>>,
+    pub methods: Option<Vec<String>>,
+    pub not_methods: Option<Vec<String>>,
+    pub paths: Option<Vec<String>>,
+    pub not_paths: Option<Vec<String>>,
+}
+
+fn name_and_namespace(ctx: &mut Ctx<'_>, meta: &ObjectMeta) -> Option<(Arc<str>, Arc<str>)> {
+    let name = super::validate::require_name(ctx, meta)?;
+    Some((name, meta.namespace.as_deref().unwrap_or("default").into()))
+}
+
+fn selector(ctx: &mut Ctx<'_>, sel: &Option<Selector>) -> Option<BTreeMap<String, String>> {
+    match sel {
+        Some(s) if s.match_labels.is_empty() => {
+            ctx.error("spec.selector.matchLabels", "empty: omit `selector` to select every workload");
+            None
+        }
+        Some(s) => Some(s.match_labels.clone()),
+        None => None,
+    }
+}
+
+fn parse_mode(ctx: &mut Ctx<'_>, field: &str, m: &Mtls) -> Result<Option<MtlsMode>, ()> {
+    match m.mode.as_deref() {
+        None | Some("UNSET") => Ok(None),
+        Some("STRICT") => Ok(Some(MtlsMode::Strict)),
+        Some("PERMISSIVE") => Ok(Some(MtlsMode::Permissive)),
+        Some("DISABLE") => Ok(Some(MtlsMode::Disable)),
+        Some(other) => {
+            ctx.error(field, format!("{other:?}: expected UNSET, STRICT, PERMISSIVE or DISABLE"));
+            Err(())
+        }
+    }
+}
+
+pub(super) fn build_peer_authentication(
+    ctx: &mut Ctx<'_>,
+    obj: &PeerAuthenticationObject,
+) -> Option<PeerAuthentication> {
+    let (name, namespace) = name_and_namespace(ctx, &obj.metadata)?;
+    let spec = &obj.spec;
+    let selector = selector(ctx, &spec.selector);
+    let mut ok = spec.selector.is_none() || selector.is_some();
+    let mode = match &spec.mtls {
+        Some(m) => parse_mode(ctx, "spec.mtls.mode", m).unwrap_or_else(|()| {
+            ok = false;
+            None
+        }),
+        None => None,
+    };
+    if !spec.port_level_mtls.is_empty() && selector.is_none() {
+        ctx.error(
+            "spec.portLevelMtls",
+            "requires spec.selector (Istio applies port-level modes to selected workloads only)",
+        );
+        ok = false;
+    }
+    let mut port_modes = BTreeMap::new();
+    for (port, m) in &spec.port_level_mtls {
+        let field = format!("spec.portLevelMtls[{port}]");
+        let Ok(p) = port.parse::<u16>() else {
+            ctx.error(&field, format!("{port:?} is not a port number"));
+            ok = false;
+            continue;
+        };
+        match parse_mode(ctx, &format!("{field}.mode"), m) {
+            Ok(Some(m)) if p != 0 => {
+                port_modes.insert(p, m);
+            }
+            Ok(Some(_)) => {
+                ctx.error(&field, "port 0 is out of range");
+                ok = false;
+            }
+            Ok(None) => {}
+            Err(()) => ok = false,
+        }
+    }
+    ok.then_some(PeerAuthentication { name, namespace, selector, mode, port_modes })
+}
+
+fn patterns(v: &[String]) -> Vec<Pattern> {
+    v.iter().map(|s| Pattern::parse(s)).collect()
+}
+
+fn cidrs(ctx: &mut Ctx<'_>, field: &str, v: &[String]) -> Option<Vec<Cidr>> {
+    let mut out = Vec::new();
+    let mut ok = true;
+    for (i, s) in v.iter().enumerate() {
+        match Cidr::parse(s) {
+            Ok(c) => out.push(c),
+            Err(e) => {
+                ctx.error(format!("{field}[{i}]"), e);
+                ok = false;
+            }
+        }
+    }
+    ok.then_some(out)
+}
+
+fn ports(ctx: &mut Ctx<'_>, field: &str, v: &[super::k8s::IntOrString]) -> Option<Vec<u16>> {
+    let mut out = Vec::new();
+    let mut ok = true;
+    for (i, p) in v.iter().enumerate() {
+        let n = match p {
+            super::k8s::IntOrString::Int(n) => Some(*n),
+            super::k8s::IntOrString::String(s) => s.parse::<i64>().ok(),
+        };
+        match n.and_then(|n| u16::try_from(n).ok()).filter(|n| *n != 0) {
+            Some(n) => out.push(n),
+            None => {
+                ctx.error(format!("{field}[{i}]"), format!("{p:?} is not a port number 1-65535"));
+                ok = false;
+            }
+        }
+    }
+    ok.then_some(out)
+}
+
+const L7_ONLY: &str = "needs an HTTP request: L7 authorization is not supported by this version of mesh-agent (L4 fields: principals, namespaces, ipBlocks, ports and their not* forms)";
+
+pub(super) fn build_authorization_policy(
+    ctx: &mut Ctx<'_>,
+    obj: &AuthorizationPolicyObject,
+) -> Option<AuthorizationPolicy> {
+    let (name, namespace) = name_and_namespace(ctx, &obj.metadata)?;
+    let spec = &obj.spec;
+    let errors_before = ctx.error_count();
+    let selector = selector(ctx, &spec.selector);
+    if spec.target_ref.is_some() || spec.target_refs.is_some() {
+        ctx.error("spec.targetRef", "targetRef(s) is not supported; use spec.selector");
+    }
+    let action = match spec.action.as_deref() {
+        None | Some("ALLOW") => Action::Allow,
+        Some("DENY") => Action::Deny,
+        Some(a @ ("AUDIT" | "CUSTOM")) => {
+            ctx.error("spec.action", format!("{a} is not supported; use ALLOW or DENY"));
+            Action::Allow
+        }
+        Some(other) => {
+            ctx.error("spec.action", format!("{other:?}: expected ALLOW or DENY"));
+            Action::Allow
+        }
+    };
+    if spec.provider.is_some() {
+        ctx.error("spec.provider", "external authorization (CUSTOM) is not supported");
+    }
+    let mut rules = Vec::new();
+    for (ri, r) in spec.rules.iter().flatten().enumerate() {
+        let base = format!("spec.rules[{ri}]");
+        if r.when.is_some() {
+            ctx.error(format!("{base}.when"), L7_ONLY);
+        }
+        let mut rule = Rule::default();
+        for (fi, f) in r.from.iter().enumerate() {
+            let field = format!("{base}.from[{fi}].source");
+            let s = &f.source;
+            let l7 = [
+                ("requestPrincipals", &s.request_principals),
+                ("notRequestPrincipals", &s.not_request_principals),
+                ("remoteIpBlocks", &s.remote_ip_blocks),
+                ("notRemoteIpBlocks", &s.not_remote_ip_blocks),
+            ];
+            for (n, v) in l7 {
+                if v.is_some() {
+                    ctx.error(format!("{field}.{n}"), L7_ONLY);
+                }
+            }
+            let ip_blocks = cidrs(ctx, &format!("{field}.ipBlocks"), &s.ip_blocks).unwrap_or_default();
+            let not_ip_blocks = cidrs(ctx, &format!("{field}.notIpBlocks"), &s.not_ip_blocks).unwrap_or_default();
+            rule.from.push(policy::Source {
+                principals: patterns(&s.principals),
+                not_principals: patterns(&s.not_principals),
+                namespaces: patterns(&s.namespaces),
+                not_namespaces: patterns(&s.not_namespaces),
+                ip_blocks,
+                not_ip_blocks,
+            });
+        }
+        for (ti, t) in r.to.iter().enumerate() {
+            let field = format!("{base}.to[{ti}].operation");
+            let o = &t.operation;
+            let l7 = [
+                ("hosts", &o.hosts),
+                ("notHosts", &o.not_hosts),
+                ("methods", &o.methods),
+                ("notMethods", &o.not_methods),
+                ("paths", &o.paths),
+                ("notPaths", &o.not_paths),
+            ];
+            for (n, v) in l7 {
+                if v.is_some() {
+                    ctx.error(format!("{field}.{n}"), L7_ONLY);
+                }
+            }
+            let p = ports(ctx, &format!("{field}.ports"), &o.ports).unwrap_or_default();
+            let np = ports(ctx, &format!("{field}.notPorts"), &o.not_ports).unwrap_or_default();
+            rule.to.push(Operation { ports: p, not_ports: np });
+        }
+        rules.push(rule);
+    }
+    (ctx.error_count() == errors_before).then_some(AuthorizationPolicy { name, namespace, selector, action, rules })
+}

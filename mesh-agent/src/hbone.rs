@@ -1,0 +1,349 @@
+//! HBONE, as Istio ambient uses it: mTLS between node agents on port 15008,
+//! and one HTTP/2 `CONNECT <pod-ip>:<port>` stream per proxied connection.
+//!
+//! Client side ([`Pool`]): the source agent presents the **source workload's**
+//! certificate and accepts only a server presenting the **destination
+//! workload's** identity (asked for by TLS server name, see
+//! [`identity::server_name_for`]). HTTP/2 connections are pooled per
+//! (source identity, destination node, destination identity) and reused; a
+//! renewed source certificate starts a new connection while streams on the old
+//! one run to their end. The original client's IP travels in `Forwarded: for=`.
+//!
+//! Server side ([`serve`]): the client chain must lead to the mesh root; the
+//! source principal comes from it. The target must be a meshed pod on this node
+//! running as the identity the client asked for; AuthorizationPolicy decides;
+//! then the agent connects to the pod with the source pod's IP as the client
+//! address when that IP belongs to the authenticated identity.
+use std::{
+    collections::HashMap,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use http_body_util::Empty;
+use hyper::{
+    Method, Request, Response, StatusCode,
+    body::{Bytes, Incoming},
+    client::conn::http2::SendRequest,
+    upgrade::Upgraded,
+};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::{
+    agent::Context,
+    identity::{self, IdentityError},
+    policy::{Decision, Peer, authorize},
+    proxy::{self, ProxyError},
+    telemetry::TcpLabels,
+};
+
+/// HTTP/2 flow-control windows: large enough that one stream can fill a fast
+/// link without waiting for WINDOW_UPDATEs.
+const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+const MAX_FRAME: u32 = 256 * 1024;
+/// Streams per pooled connection.
+const MAX_STREAMS: u32 = 1000;
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const KEEPALIVE: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum HboneError {
+    #[error("source certificate: {0}")]
+    Identity(#[from] IdentityError),
+    #[error("connect to agent {addr}: {error}")]
+    Connect { addr: SocketAddrV4, error: std::io::Error },
+    #[error("connect to agent {addr} timed out")]
+    ConnectTimeout { addr: SocketAddrV4 },
+    #[error("mTLS with agent {addr} (expecting {expected}): {error}")]
+    Tls { addr: SocketAddrV4, expected: Arc<str>, error: std::io::Error },
+    #[error("HTTP/2 with agent {addr}: {error}")]
+    Http { addr: SocketAddrV4, error: hyper::Error },
+    #[error("agent {addr} answered {status} for CONNECT {target}: {reason}")]
+    Status { addr: SocketAddrV4, target: SocketAddrV4, status: StatusCode, reason: String },
+}
+
+impl HboneError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            HboneError::Identity(_) => "no_certificate",
+            HboneError::Connect { .. } | HboneError::ConnectTimeout { .. } => "tunnel_connect",
+            HboneError::Tls { .. } => "tunnel_tls",
+            HboneError::Http { .. } => "tunnel_http",
+            HboneError::Status { status, .. } if *status == StatusCode::UNAUTHORIZED => "denied_by_peer",
+            HboneError::Status { .. } => "tunnel_refused",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct PoolKey {
+    source: Arc<str>,
+    node: SocketAddrV4,
+    dest: Arc<str>,
+}
+
+struct PoolEntry {
+    sender: SendRequest<Empty<Bytes>>,
+    /// Serial of the source certificate the connection was made with.
+    serial: String,
+}
+
+#[derive(Default)]
+pub struct Pool {
+    conns: Mutex<HashMap<PoolKey, PoolEntry>>,
+}
+
+impl Pool {
+    /// Opens a tunnel to `target` (a pod on the node whose agent is `node`,
+    /// running as `dest`), on behalf of `source` whose pod IP is `client_ip`.
+    pub async fn open(
+        &self,
+        ctx: &Context,
+        source: &Arc<str>,
+        node: SocketAddrV4,
+        dest: &Arc<str>,
+        target: SocketAddrV4,
+        client_ip: Ipv4Addr,
+    ) -> Result<Upgraded, HboneError> {
+        let cert = ctx.certs.get(source).await?;
+        let key = PoolKey { source: source.clone(), node, dest: dest.clone() };
+        let pooled = self.conns.lock().ok().and_then(|m| {
+            m.get(&key).filter(|e| e.serial == cert.info.serial && !e.sender.is_closed()).map(|e| e.sender.clone())
+        });
+        let mut sender = match pooled {
+            Some(s) => s,
+            None => {
+                let s = connect(ctx, &cert, node, dest).await?;
+                if let Ok(mut m) = self.conns.lock() {
+                    m.retain(|_, e| !e.sender.is_closed());
+                    m.insert(key, PoolEntry { sender: s.clone(), serial: cert.info.serial.clone() });
+                }
+                s
+            }
+        };
+        let http = |error| HboneError::Http { addr: node, error };
+        let req = Request::builder()
+            .method(Method::CONNECT)
+            .uri(target.to_string())
+            .header("forwarded", format!("for={client_ip}"))
+            .body(Empty::new())
+            .map_err(|e| HboneError::Status {
+                addr: node,
+                target,
+                status: StatusCode::BAD_REQUEST,
+                reason: e.to_string(),
+            })?;
+        sender.ready().await.map_err(http)?;
+        let resp = sender.send_request(req).await.map_err(http)?;
+        if resp.status() != StatusCode::OK {
+            let reason = resp
+                .headers()
+                .get("x-mesh-reason")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("no reason given")
+                .to_owned();
+            return Err(HboneError::Status { addr: node, target, status: resp.status(), reason });
+        }
+        hyper::upgrade::on(resp).await.map_err(http)
+    }
+}
+
+async fn connect(
+    ctx: &Context,
+    cert: &identity::WorkloadCert,
+    node: SocketAddrV4,
+    dest: &Arc<str>,
+) -> Result<SendRequest<Empty<Bytes>>, HboneError> {
+    let tcp = match tokio::time::timeout(ctx.connect_timeout, TcpStream::connect(node)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(error)) => return Err(HboneError::Connect { addr: node, error }),
+        Err(_) => return Err(HboneError::ConnectTimeout { addr: node }),
+    };
+    let _ = tcp.set_nodelay(true);
+    let tls_err = |error| HboneError::Tls { addr: node, expected: dest.clone(), error };
+    let config = identity::tls::client_config(ctx.certs.roots(), Some(cert.key.clone()), dest.clone(), &[b"h2"])
+        .map_err(|e| tls_err(std::io::Error::other(e)))?;
+    let name = rustls::pki_types::ServerName::try_from(identity::server_name_for(dest))
+        .map_err(|e| tls_err(std::io::Error::other(e)))?;
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(name, tcp)).await {
+        Ok(r) => r.map_err(tls_err)?,
+        Err(_) => return Err(tls_err(std::io::ErrorKind::TimedOut.into())),
+    };
+    let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .keep_alive_interval(KEEPALIVE)
+        .keep_alive_while_idle(false)
+        .handshake(TokioIo::new(tls))
+        .await
+        .map_err(|error| HboneError::Http { addr: node, error })?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(%node, error = %e, "HBONE connection ended");
+        }
+    });
+    tracing::debug!(%node, source = %cert.identity, dest = %dest, "HBONE connection established");
+    Ok(sender)
+}
+
+/// Accepts mTLS connections on 15008 until `stop` fires.
+pub async fn serve(
+    ctx: Arc<Context>,
+    listener: TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.changed() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, peer)) => {
+                    let (ctx, acceptor) = (ctx.clone(), acceptor.clone());
+                    tokio::spawn(async move { serve_connection(ctx, tcp, peer, acceptor).await });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "HBONE accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+}
+
+async fn serve_connection(ctx: Arc<Context>, tcp: TcpStream, peer: SocketAddr, acceptor: tokio_rustls::TlsAcceptor) {
+    let _ = tcp.set_nodelay(true);
+    let refused = |why: String| {
+        tracing::warn!(%peer, "HBONE connection refused: {why}");
+        ctx.metrics.connection_failures.get_or_create(&crate::telemetry::ReasonLabels { reason: "tunnel_tls" }).inc();
+    };
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return refused(format!("mTLS handshake: {e}")),
+        Err(_) => return refused("mTLS handshake timed out".into()),
+    };
+    let (_, conn) = tls.get_ref();
+    let peer_id = conn.peer_certificates().and_then(|c| c.first()).and_then(|c| identity::peer_identity(c));
+    let server_id = conn.server_name().and_then(|sni| ctx.certs.identity_for_server_name(sni));
+    let (Some(peer_id), Some(server_id)) = (peer_id, server_id) else {
+        return refused("client certificate without a SPIFFE identity, or unknown server name".into());
+    };
+    let peer_id: Arc<str> = peer_id.into();
+    let service = hyper::service::service_fn(move |req| {
+        let (ctx, peer_id, server_id) = (ctx.clone(), peer_id.clone(), server_id.clone());
+        async move { Ok::<_, std::convert::Infallible>(handle_connect(ctx, peer, peer_id, server_id, req).await) }
+    });
+    let result = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .max_concurrent_streams(MAX_STREAMS)
+        .keep_alive_interval(KEEPALIVE)
+        .serve_connection(TokioIo::new(tls), service)
+        .await;
+    if let Err(e) = result {
+        tracing::debug!(%peer, error = %e, "HBONE connection ended");
+    }
+}
+
+fn answer(status: StatusCode, reason: &str) -> Response<Empty<Bytes>> {
+    let mut r = Response::new(Empty::new());
+    *r.status_mut() = status;
+    if let Ok(v) = hyper::header::HeaderValue::from_str(reason) {
+        r.headers_mut().insert("x-mesh-reason", v);
+    }
+    r
+}
+
+/// `Forwarded: for=<ip>` (RFC 7239), first element.
+fn forwarded_for(req: &Request<Incoming>) -> Option<Ipv4Addr> {
+    let v = req.headers().get("forwarded")?.to_str().ok()?;
+    let first = v.split(',').next()?;
+    first.split(';').find_map(|kv| {
+        let (k, v) = kv.trim().split_once('=')?;
+        k.eq_ignore_ascii_case("for").then(|| v.trim_matches('"').parse().ok())?
+    })
+}
+
+async fn handle_connect(
+    ctx: Arc<Context>,
+    peer: SocketAddr,
+    peer_id: Arc<str>,
+    server_id: Arc<str>,
+    req: Request<Incoming>,
+) -> Response<Empty<Bytes>> {
+    if req.method() != Method::CONNECT {
+        return answer(StatusCode::METHOD_NOT_ALLOWED, "only CONNECT is served on this port");
+    }
+    let Some(target) = req.uri().authority().and_then(|a| a.as_str().parse::<SocketAddrV4>().ok()) else {
+        return answer(StatusCode::BAD_REQUEST, "CONNECT target must be <ipv4>:<port>");
+    };
+    let state = ctx.state();
+    let dest = state
+        .workload_by_ip(*target.ip())
+        .filter(|w| w.meshed && w.node.as_deref() == Some(ctx.node.as_str()))
+        .cloned();
+    let Some(dest) = dest else {
+        tracing::warn!(%peer, %target, "HBONE: target is not a meshed pod on this node");
+        return answer(StatusCode::NOT_FOUND, "target is not a meshed pod on this node");
+    };
+    if *dest.principal != *server_id {
+        tracing::warn!(%peer, %target, expected = %server_id, actual = %dest.principal, "HBONE: identity mismatch");
+        return answer(StatusCode::FORBIDDEN, "target does not run as the identity the connection was made for");
+    }
+    // The original client: trusted only when that pod runs as the peer's identity.
+    let client_ip = forwarded_for(&req);
+    let source = client_ip.and_then(|ip| state.workload_by_ip(ip)).filter(|w| *w.principal == *peer_id).cloned();
+    let source_ip = source.as_ref().and_then(|w| w.ip);
+    let policy_ip = source_ip.unwrap_or(match peer.ip() {
+        std::net::IpAddr::V4(ip) => ip,
+        std::net::IpAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
+    });
+    let mut labels = TcpLabels::new(source.as_deref(), Some(&dest), None, false);
+    labels.reporter = "destination";
+    labels.source_principal = peer_id.to_string();
+    labels.connection_security_policy = "mutual_tls";
+    let decision = authorize(&state, &dest, &Peer { principal: Some(&peer_id), ip: policy_ip }, target.port());
+    drop(state);
+    let m = &ctx.metrics;
+    if let Decision::Deny(policy) = decision {
+        let err = ProxyError::Denied { policy };
+        tracing::warn!(%peer, source = %peer_id, %target, error = %err, "HBONE: connection refused");
+        m.connection_failures.get_or_create(&crate::telemetry::ReasonLabels { reason: err.reason() }).inc();
+        m.tcp_opened.get_or_create(&labels).inc();
+        m.tcp_closed.get_or_create(&labels).inc();
+        return answer(StatusCode::UNAUTHORIZED, &err.to_string());
+    }
+    // Replies to the source pod's IP come back through the pod's captured veth.
+    let transparent = source_ip.filter(|_| ctx.is_captured(*target.ip()));
+    let upstream = match proxy::connect(target, transparent, ctx.connect_timeout).await {
+        Ok(s) => s,
+        Err(err) => {
+            tracing::warn!(%peer, %target, error = %err, "HBONE: upstream connect failed");
+            m.connection_failures.get_or_create(&crate::telemetry::ReasonLabels { reason: err.reason() }).inc();
+            let mut labels = labels;
+            labels.response_flags = err.response_flags();
+            m.tcp_opened.get_or_create(&labels).inc();
+            m.tcp_closed.get_or_create(&labels).inc();
+            return answer(StatusCode::SERVICE_UNAVAILABLE, &err.to_string());
+        }
+    };
+    let guard = ctx.active.enter();
+    tokio::spawn(async move {
+        match hyper::upgrade::on(req).await {
+            Ok(upgraded) => {
+                tracing::debug!(%peer, source = %peer_id, %target, "HBONE stream proxying");
+                proxy::pump(&ctx, TokioIo::new(upgraded), upstream, labels, target, |_, u| proxy::reset(u)).await;
+            }
+            Err(e) => tracing::debug!(%peer, %target, error = %e, "HBONE stream ended before upgrade"),
+        }
+        drop(guard);
+    });
+    answer(StatusCode::OK, "")
+}

@@ -1,0 +1,358 @@
+//! The CA service (`mesh-agent ca`) and its client in the node agent.
+//!
+//! Protocol (HTTP/1.1 over TLS 1.3, Istio's port 15012 by convention):
+//!
+//! - The service presents a certificate for `spiffe://<td>/ns/istio-system/sa/mesh-ca`
+//!   signed by the mesh root; agents verify it against `--ca-root`.
+//! - `POST /v1/certificates` with `Authorization: Bearer <node token>` and a JSON
+//!   body `{"identity": "spiffe://…", "csr": "<PEM CERTIFICATE REQUEST>", "ttlSeconds": N}`.
+//! - The token names the node (one per `Node`, in `<ca-dir>/node-tokens/<node>`).
+//!   The identity must be that of a meshed pod scheduled on that node in the
+//!   CA's own view of the configuration. The CSR's signature must verify; only
+//!   its public key is used. `ttlSeconds` is capped by `--max-cert-ttl`.
+//! - 200 `{"certChain": ["<PEM leaf>", …]}`; 400 bad request, 401 unknown token,
+//!   403 identity not allowed for the node, 500 signing failed; error bodies are
+//!   `{"error": "…"}`.
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use http_body_util::{BodyExt as _, Full, Limited};
+use hyper::{Request, Response, StatusCode, body::Bytes, header};
+use hyper_util::rt::TokioIo;
+use rustls::{RootCertStore, pki_types::CertificateDer, sign::CertifiedKey};
+use serde::{Deserialize, Serialize};
+
+use super::{IdentityError, ca::Ca, tls};
+use crate::{config, state::State};
+
+/// Largest request body the service reads.
+const MAX_BODY: usize = 64 * 1024;
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SignRequest {
+    pub identity: String,
+    pub csr: String,
+    pub ttl_seconds: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SignResponse {
+    pub cert_chain: Vec<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+/// Settings of `mesh-agent ca`.
+#[derive(Debug, Clone)]
+pub struct CaServiceConfig {
+    pub config_path: PathBuf,
+    pub ca_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub trust_domain: String,
+    pub max_ttl: Duration,
+}
+
+struct Service {
+    ca: Ca,
+    max_ttl: Duration,
+    state: RwLock<Arc<State>>,
+    /// token → node name.
+    tokens: RwLock<HashMap<String, String>>,
+}
+
+#[derive(Debug)]
+struct OneCert(Arc<CertifiedKey>);
+
+impl tls::CertLookup for OneCert {
+    fn by_server_name(&self, _sni: &str) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
+/// Writes a token for every Node that has none; returns token → node for all.
+fn ensure_tokens(ca_dir: &Path, state: &State) -> Result<HashMap<String, String>, IdentityError> {
+    let dir = super::ca::token_dir(ca_dir);
+    super::ca::create_dir(&dir)?;
+    let mut map = HashMap::new();
+    for name in state.nodes.keys() {
+        if name.contains('/') || name.starts_with('.') {
+            tracing::warn!(node = %name, "node name cannot be a file name; no token written");
+            continue;
+        }
+        let path = dir.join(&**name);
+        let token = match std::fs::read_to_string(&path) {
+            Ok(t) if !t.trim().is_empty() => t.trim().to_owned(),
+            _ => {
+                let t = super::hex(&super::random_bytes::<32>()?);
+                super::ca::write_private(&path, t.as_bytes(), 0o600)?;
+                tracing::info!(node = %name, path = %path.display(), "wrote node bootstrap token");
+                t
+            }
+        };
+        map.insert(token, name.to_string());
+    }
+    Ok(map)
+}
+
+/// Runs the CA service until SIGTERM/SIGINT.
+pub async fn run(cfg: CaServiceConfig) -> anyhow::Result<()> {
+    let loaded = config::load(&cfg.config_path, &cfg.trust_domain)?;
+    let ca = Ca::load_or_create(&cfg.ca_dir, &cfg.trust_domain)?;
+    let tokens = ensure_tokens(&cfg.ca_dir, &loaded.state)?;
+    let now = std::time::SystemTime::now();
+    let identity = super::ca_identity(&cfg.trust_domain);
+    let serving = ca.issue(&identity, now - Duration::from_secs(60), now + Duration::from_secs(365 * 24 * 3600))?;
+    let mut roots = RootCertStore::empty();
+    roots.add(ca.root_der().clone())?;
+    let tls_config =
+        tls::server_config(Arc::new(roots), Arc::new(OneCert(serving.key.clone())), false, &[b"http/1.1"])?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls_config));
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("binding the CA service on {}: {e}", cfg.listen))?;
+    let svc = Arc::new(Service {
+        ca,
+        max_ttl: cfg.max_ttl,
+        state: RwLock::new(Arc::new(loaded.state)),
+        tokens: RwLock::new(tokens),
+    });
+    tracing::info!(listen = %cfg.listen, ca_dir = %cfg.ca_dir.display(), %identity, "mesh CA service ready");
+    let mut watcher = crate::agent::watch_files::Fingerprint::of(&cfg.config_path);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+            _ = tick.tick() => if watcher.changed(&cfg.config_path) {
+                reload(&svc, &cfg);
+            },
+            accepted = listener.accept() => {
+                let Ok((stream, peer)) = accepted else { continue };
+                let (svc, acceptor) = (svc.clone(), acceptor.clone());
+                tokio::spawn(async move {
+                    let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "CA: TLS handshake failed"),
+                        Err(_) => return tracing::info!(%peer, "CA: TLS handshake timed out"),
+                    };
+                    let service = hyper::service::service_fn(move |req| {
+                        let svc = svc.clone();
+                        async move { Ok::<_, std::convert::Infallible>(handle(&svc, peer, req).await) }
+                    });
+                    let conn = hyper::server::conn::http1::Builder::new()
+                        .timer(hyper_util::rt::TokioTimer::new())
+                        .header_read_timeout(Duration::from_secs(10))
+                        .serve_connection(TokioIo::new(tls), service);
+                    if let Err(e) = conn.await {
+                        tracing::debug!(%peer, error = %e, "CA: connection error");
+                    }
+                });
+            }
+        }
+    }
+    tracing::info!("CA service stopped");
+    Ok(())
+}
+
+fn reload(svc: &Service, cfg: &CaServiceConfig) {
+    match config::load(&cfg.config_path, &cfg.trust_domain) {
+        Ok(loaded) => {
+            match ensure_tokens(&cfg.ca_dir, &loaded.state) {
+                Ok(t) => {
+                    if let Ok(mut m) = svc.tokens.write() {
+                        *m = t;
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "writing node tokens"),
+            }
+            if let Ok(mut s) = svc.state.write() {
+                *s = Arc::new(loaded.state);
+            }
+            tracing::info!("CA: configuration reloaded");
+        }
+        Err(e) => tracing::error!("CA: configuration rejected, keeping the last good one:\n{e}"),
+    }
+}
+
+fn json<T: Serialize>(status: StatusCode, body: &T) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(serde_json::to_vec(body).unwrap_or_default())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+    r
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response<Full<Bytes>> {
+    json(status, &ErrorBody { error: message.into() })
+}
+
+/// Compares without stopping at the first differing byte.
+fn same_token(a: &str, b: &str) -> bool {
+    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn handle(svc: &Service, peer: SocketAddr, req: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+    if req.uri().path() != "/v1/certificates" {
+        return error(StatusCode::NOT_FOUND, "unknown path; POST /v1/certificates");
+    }
+    if req.method() != hyper::Method::POST {
+        return error(StatusCode::METHOD_NOT_ALLOWED, "use POST");
+    }
+    let token = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .unwrap_or_default()
+        .to_owned();
+    let node =
+        svc.tokens.read().ok().and_then(|m| m.iter().find(|(t, _)| same_token(t, &token)).map(|(_, n)| n.clone()));
+    let Some(node) = node else {
+        tracing::warn!(%peer, "CA: request with an unknown node token");
+        return error(StatusCode::UNAUTHORIZED, "missing or unknown node token");
+    };
+    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("reading the body: {e}")),
+    };
+    let request: SignRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("request body: {e}")),
+    };
+    let state = svc.state.read().map(|s| s.clone()).unwrap_or_default();
+    let allowed = state.local_workloads(&node).any(|w| w.meshed && *w.principal == *request.identity);
+    if !allowed {
+        tracing::warn!(%peer, %node, identity = %request.identity, "CA: identity refused for this node");
+        return error(
+            StatusCode::FORBIDDEN,
+            format!(
+                "no meshed pod on node {node} runs as {}; a node gets only its own pods' identities",
+                request.identity
+            ),
+        );
+    }
+    let ttl = Duration::from_secs(request.ttl_seconds.max(1)).min(svc.max_ttl);
+    match svc.ca.sign_csr(&request.csr, &request.identity, ttl) {
+        Ok(chain) => {
+            tracing::info!(%node, identity = %request.identity, ?ttl, "CA: certificate signed");
+            let pem = chain.iter().map(|c| der_to_pem(c)).collect();
+            json(StatusCode::OK, &SignResponse { cert_chain: pem })
+        }
+        Err(IdentityError::Invalid { what, message }) => error(StatusCode::BAD_REQUEST, format!("{what}: {message}")),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+fn der_to_pem(der: &CertificateDer<'_>) -> String {
+    pem::encode(&pem::Pem::new("CERTIFICATE", der.to_vec()))
+}
+
+/// The node agent's side: asks the CA service to sign CSRs.
+pub struct CaClient {
+    addr: String,
+    token: String,
+    tls: tokio_rustls::TlsConnector,
+    server_name: rustls::pki_types::ServerName<'static>,
+}
+
+impl CaClient {
+    pub fn new(
+        addr: String,
+        roots: Arc<RootCertStore>,
+        token: String,
+        trust_domain: &str,
+    ) -> Result<Self, IdentityError> {
+        let identity = super::ca_identity(trust_domain);
+        let config = tls::client_config(roots, None, identity.as_str().into(), &[b"http/1.1"])
+            .map_err(|e| IdentityError::invalid("TLS settings", e))?;
+        let server_name = rustls::pki_types::ServerName::try_from(super::server_name_for(&identity))
+            .map_err(|e| IdentityError::invalid("CA server name", e))?;
+        Ok(Self { addr, token, tls: tokio_rustls::TlsConnector::from(Arc::new(config)), server_name })
+    }
+
+    pub async fn sign(
+        &self,
+        identity: &str,
+        csr_pem: &str,
+        ttl: Duration,
+    ) -> Result<Vec<CertificateDer<'static>>, IdentityError> {
+        let remote = |message: String| IdentityError::Remote { addr: self.addr.clone(), message };
+        let work = async {
+            let tcp = tokio::net::TcpStream::connect(&self.addr).await.map_err(|e| remote(format!("connect: {e}")))?;
+            let tls = self
+                .tls
+                .connect(self.server_name.clone(), tcp)
+                .await
+                .map_err(|e| remote(format!("TLS (is --ca-root the CA's root-cert.pem?): {e}")))?;
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+                .await
+                .map_err(|e| remote(format!("HTTP: {e}")))?;
+            tokio::spawn(conn);
+            let body = serde_json::to_vec(&SignRequest {
+                identity: identity.to_owned(),
+                csr: csr_pem.to_owned(),
+                ttl_seconds: ttl.as_secs().max(1),
+            })
+            .map_err(|e| remote(e.to_string()))?;
+            let req = Request::post("/v1/certificates")
+                .header(header::HOST, self.addr.as_str())
+                .header(header::AUTHORIZATION, format!("Bearer {}", self.token))
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Full::new(Bytes::from(body)))
+                .map_err(|e| remote(e.to_string()))?;
+            let resp = sender.send_request(req).await.map_err(|e| remote(format!("HTTP: {e}")))?;
+            let status = resp.status();
+            let body = Limited::new(resp.into_body(), MAX_BODY)
+                .collect()
+                .await
+                .map_err(|e| remote(format!("reading the answer: {e}")))?
+                .to_bytes();
+            if status != StatusCode::OK {
+                let message = serde_json::from_slice::<ErrorBody>(&body)
+                    .map(|b| b.error)
+                    .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
+                return Err(IdentityError::Refused {
+                    identity: identity.to_owned(),
+                    message: format!("{status}: {message}"),
+                });
+            }
+            let answer: SignResponse = serde_json::from_slice(&body).map_err(|e| remote(format!("answer: {e}")))?;
+            let mut chain = Vec::new();
+            for pem in &answer.cert_chain {
+                chain.extend(super::ca::pem_certs(pem).map_err(|e| remote(format!("certificate: {e}")))?);
+            }
+            Ok(chain)
+        };
+        tokio::time::timeout(Duration::from_secs(15), work).await.map_err(|_| remote("timed out".into()))?
+    }
+}
+
+/// Reads a token file (trimmed), refusing one that others can read.
+pub fn read_token(path: &Path) -> Result<String, IdentityError> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let io = |source| IdentityError::Io { path: path.display().to_string(), source };
+    let meta = std::fs::metadata(path).map_err(io)?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        return Err(IdentityError::invalid(
+            path.display().to_string(),
+            "token file must not be readable by others (chmod 600)",
+        ));
+    }
+    let t = std::fs::read_to_string(path).map_err(io)?;
+    let t = t.trim();
+    if t.is_empty() {
+        return Err(IdentityError::invalid(path.display().to_string(), "empty token"));
+    }
+    Ok(t.to_owned())
+}

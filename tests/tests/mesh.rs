@@ -1,0 +1,408 @@
+//! Two-node tests (root): the CA service, mTLS/HBONE between node agents,
+//! PeerAuthentication and AuthorizationPolicy, with real clients through real
+//! eBPF capture.
+#![expect(clippy::unwrap_used, reason = "tests")]
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, TcpStream},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use mesh_tests::{
+    Agent, Cluster, Pod,
+    agent::{CaService, metric},
+    require_root, servers,
+};
+
+const VIP: &str = "10.96.0.10";
+const TEST_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
+const OUTSIDER_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 3);
+const SLEEP_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 4);
+const HELLO_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 2);
+const TEST_ID: &str = "spiffe://cluster.local/ns/demo/sa/test";
+const HELLO_ID: &str = "spiffe://cluster.local/ns/demo/sa/helloworld";
+
+/// Nodes node-1 and node-2; namespaces `demo` and `other` (meshed) and `plain`;
+/// `test` (demo/test) and `sleep` (other/sleep) and `outsider` (plain) on
+/// node-1, `helloworld` (demo/helloworld) on node-2, Service helloworld.
+fn config(extra: &str) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Node
+metadata: {{name: node-1}}
+status: {{addresses: [{{type: InternalIP, address: 172.18.0.2}}]}}
+---
+apiVersion: v1
+kind: Node
+metadata: {{name: node-2}}
+status: {{addresses: [{{type: InternalIP, address: 172.18.1.2}}]}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {{name: demo, labels: {{istio.io/dataplane-mode: ambient}}}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {{name: other, labels: {{istio.io/dataplane-mode: ambient}}}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {{name: plain}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: test, namespace: demo, labels: {{app: test}}}}
+spec: {{nodeName: node-1, serviceAccountName: test}}
+status: {{podIP: {TEST_IP}}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: sleep, namespace: other, labels: {{app: sleep}}}}
+spec: {{nodeName: node-1, serviceAccountName: sleep}}
+status: {{podIP: {SLEEP_IP}}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: outsider, namespace: plain, labels: {{app: outsider}}}}
+spec: {{nodeName: node-1}}
+status: {{podIP: {OUTSIDER_IP}}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: helloworld, namespace: demo, labels: {{app: helloworld, version: v1}}}}
+spec:
+  nodeName: node-2
+  serviceAccountName: helloworld
+  containers: [{{name: hello, ports: [{{name: http, containerPort: 9095}}, {{name: echo, containerPort: 7000}}]}}]
+status: {{podIP: {HELLO_IP}}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: helloworld, namespace: demo}}
+spec:
+  clusterIP: {VIP}
+  selector: {{app: helloworld}}
+  ports:
+  - {{name: http, port: 9095, targetPort: http}}
+  - {{name: tcp-echo, port: 7000, targetPort: echo}}
+{extra}"#
+    )
+}
+
+struct Mesh {
+    // Field order is drop order: agents before the CA, the cluster last.
+    agents: Vec<Agent>,
+    ca: CaService,
+    c: Cluster,
+}
+
+impl Mesh {
+    /// Two nodes, the CA service, an agent on each node using it, servers up.
+    fn start(extra: &str, agent_args: &[&str]) -> Mesh {
+        let mut c = Cluster::two_nodes();
+        c.add_pod_on(0, "test", TEST_IP);
+        c.add_pod_on(0, "outsider", OUTSIDER_IP);
+        c.add_pod_on(0, "sleep", SLEEP_IP);
+        c.add_pod_on(1, "helloworld", HELLO_IP);
+        servers::http_hello(c.pod("helloworld"), 9095);
+        servers::echo(c.pod("helloworld"), 7000);
+        let cfg = config(extra);
+        let ca = CaService::start(&c, &cfg);
+        let agents = (0..2)
+            .map(|i| {
+                let mut args = ca.agent_args(&c.nodes[i].name);
+                args.extend(agent_args.iter().map(|s| s.to_string()));
+                Agent::start_on(&c, i, &cfg, &args)
+            })
+            .collect();
+        Mesh { agents, ca, c }
+    }
+
+    fn pod(&self, name: &str) -> &Pod {
+        self.c.pod(name)
+    }
+}
+
+fn curl(pod: &Pod, url: &str) -> (bool, String) {
+    let out = pod.cmd(&["curl", "-sS", "--max-time", "5", url]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+/// Sends `payload` to an echo server and returns what came back (half-close).
+fn echo_roundtrip(addr: SocketAddr, payload: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(payload)?;
+    s.shutdown(std::net::Shutdown::Write)?;
+    let mut back = Vec::new();
+    s.read_to_end(&mut back)?;
+    Ok(back)
+}
+
+/// A packet capture on every interface of the cluster network's namespace.
+struct Capture {
+    child: std::process::Child,
+    file: std::path::PathBuf,
+    /// tcpdump's stderr, kept open so its exit summary does not hit SIGPIPE.
+    stderr: std::process::ChildStderr,
+}
+
+impl Capture {
+    fn start(c: &Cluster) -> Capture {
+        let file = std::env::temp_dir().join(format!("mesh-test-{}.pcap", c.id));
+        let child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &c.net_ns,
+                "tcpdump",
+                "-i",
+                "any",
+                "-nn",
+                "-U",
+                "--immediate-mode",
+                "-Z",
+                "root",
+                "-w",
+            ])
+            .arg(&file)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("tcpdump (apt-get install tcpdump; `cargo xtask setup` does)");
+        // tcpdump says "listening on" once the capture is open.
+        let mut child = child;
+        let mut err = child.stderr.take().unwrap();
+        let mut seen = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut buf = [0u8; 256];
+        while !String::from_utf8_lossy(&seen).contains("listening on") {
+            assert!(Instant::now() < deadline, "tcpdump did not start: {}", String::from_utf8_lossy(&seen));
+            let n = err.read(&mut buf).unwrap();
+            assert!(n > 0, "tcpdump exited: {}", String::from_utf8_lossy(&seen));
+            seen.extend_from_slice(&buf[..n]);
+        }
+        Capture { child, file, stderr: err }
+    }
+
+    /// Stops the capture and returns the raw pcap bytes.
+    fn stop(&mut self) -> Vec<u8> {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let _ = self.child.wait();
+        let mut summary = String::new();
+        let _ = self.stderr.read_to_string(&mut summary);
+        eprintln!("tcpdump: {summary}");
+        std::fs::read(&self.file).unwrap()
+    }
+
+    /// `tcpdump -r` of the file with a filter: one line per packet.
+    fn read(&self, filter: &str) -> String {
+        let out = Command::new("tcpdump").args(["-nn", "-r"]).arg(&self.file).arg(filter).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.file);
+    }
+}
+
+#[test]
+fn cross_node_traffic_is_mtls_with_workload_identities() {
+    if !require_root("cross_node_traffic_is_mtls_with_workload_identities") {
+        return;
+    }
+    let m = Mesh::start("", &[]);
+    let mut cap = Capture::start(&m.c);
+
+    // Service VIP and pod IP, across nodes; the server sees the client pod's IP.
+    for url in [format!("http://{VIP}:9095/hello"), format!("http://{HELLO_IP}:9095/hello")] {
+        let (ok, out) = curl(m.pod("test"), &url);
+        assert!(ok, "{url}: {out}");
+        assert!(out.contains(&format!("hello from helloworld; client {TEST_IP}")), "{url}: {out}");
+    }
+    // A marker through the tunnel, both ways.
+    let marker = b"MESH-MARKER-7f3a9c-never-in-clear".repeat(100);
+    let back = m.pod("test").run({
+        let marker = marker.clone();
+        move || echo_roundtrip(format!("{VIP}:7000").parse().unwrap(), &marker).unwrap()
+    });
+    assert_eq!(back, marker);
+
+    let bytes = cap.stop();
+    assert!(bytes.len() > 1000, "capture is empty");
+    let needle = b"MESH-MARKER-7f3a9c";
+    assert!(!bytes.windows(needle.len()).any(|w| w == needle), "the marker crossed the cluster network in clear");
+    let pod_packets = cap.read("net 10.244.0.0/16");
+    assert!(pod_packets.trim().is_empty(), "pod addresses on the wire:\n{pod_packets}");
+    let node_to_node = "tcp and host 172.18.0.2 and host 172.18.1.2";
+    let other = cap.read(&format!("{node_to_node} and not port 15008"));
+    assert!(other.trim().is_empty(), "node-to-node TCP other than 15008:\n{other}");
+    assert!(!cap.read(&format!("{node_to_node} and port 15008")).trim().is_empty(), "no HBONE traffic captured");
+
+    // Identities in the metrics of both sides.
+    let dest = &m.agents[1];
+    let labels = [
+        ("reporter", "destination"),
+        ("source_principal", TEST_ID),
+        ("destination_principal", HELLO_ID),
+        ("connection_security_policy", "mutual_tls"),
+    ];
+    let text = dest
+        .wait_metrics(5, "destination metrics", |t| metric(t, "istio_tcp_connections_closed_total", &labels) >= 3.0);
+    assert!(metric(&text, "istio_tcp_received_bytes_total", &labels) >= marker.len() as f64, "{text}");
+    let src_labels = [
+        ("reporter", "source"),
+        ("source_principal", TEST_ID),
+        ("destination_principal", HELLO_ID),
+        ("connection_security_policy", "mutual_tls"),
+        ("destination_service", "helloworld.demo.svc.cluster.local"),
+    ];
+    let text = m.agents[0]
+        .wait_metrics(5, "source metrics", |t| metric(t, "istio_tcp_connections_closed_total", &src_labels) >= 2.0);
+    assert!(metric(&text, "istio_tcp_sent_bytes_total", &src_labels) >= marker.len() as f64, "{text}");
+
+    // Certificates in config_dump: identity, serial, expiry; never a key.
+    let (_, dump) = dest.admin_get("/config_dump").unwrap();
+    let v: serde_json::Value = serde_json::from_str(&dump).unwrap();
+    let certs = v["certificates"].as_array().unwrap();
+    assert_eq!(certs.len(), 1, "{dump}");
+    assert_eq!(certs[0]["identity"], HELLO_ID);
+    assert!(certs[0]["serial"].as_str().is_some_and(|s| s.len() >= 16), "{dump}");
+    assert!(certs[0]["not_after"].as_str().is_some(), "{dump}");
+    assert!(!dump.contains("PRIVATE KEY"), "{dump}");
+    // The node agent holds no CA key.
+    assert!(!m.agents[0].dir.join("state").join("root-key.pem").exists());
+}
+
+/// A runtime for the in-test async clients.
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+}
+
+/// Dials node-2's agent at 15008 as `cert` (or no certificate), asks for
+/// helloworld's identity, and tunnels to helloworld's echo server. Ok with the
+/// echoed bytes, or Err naming the step that failed.
+fn hbone_echo(
+    c: &Cluster,
+    roots: rustls::RootCertStore,
+    cert: Option<mesh_agent::identity::WorkloadCert>,
+) -> Result<Vec<u8>, String> {
+    use http_body_util::Empty;
+    use hyper::body::Bytes;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let node2 = c.nodes[1].ip;
+    mesh_tests::netns::enter_and_spawn(&c.net_ns, move || {
+        runtime().block_on(async move {
+            let config = mesh_agent::identity::tls::client_config(
+                std::sync::Arc::new(roots),
+                cert.map(|c| c.key.clone()),
+                HELLO_ID.into(),
+                &[b"h2"],
+            )
+            .map_err(|e| format!("config: {e}"))?;
+            let name =
+                rustls::pki_types::ServerName::try_from(mesh_agent::identity::server_name_for(HELLO_ID)).unwrap();
+            let tcp = tokio::net::TcpStream::connect((node2, 15008)).await.map_err(|e| format!("tcp: {e}"))?;
+            let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+                .connect(name, tcp)
+                .await
+                .map_err(|e| format!("tls: {e}"))?;
+            let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+                .await
+                .map_err(|e| format!("h2: {e}"))?;
+            tokio::spawn(conn);
+            let req = hyper::Request::connect(format!("{HELLO_IP}:7000")).body(Empty::<Bytes>::new()).unwrap();
+            let resp = send.send_request(req).await.map_err(|e| format!("CONNECT: {e}"))?;
+            if resp.status() != 200 {
+                return Err(format!("CONNECT answered {}", resp.status()));
+            }
+            let mut io = TokioIo::new(hyper::upgrade::on(resp).await.map_err(|e| format!("upgrade: {e}"))?);
+            io.write_all(b"through the tunnel").await.map_err(|e| format!("write: {e}"))?;
+            io.shutdown().await.map_err(|e| format!("shutdown: {e}"))?;
+            let mut back = Vec::new();
+            io.read_to_end(&mut back).await.map_err(|e| format!("read: {e}"))?;
+            Ok(back)
+        })
+    })
+    .join()
+    .unwrap()
+}
+
+#[test]
+fn hbone_refuses_clients_without_a_valid_mesh_certificate() {
+    if !require_root("hbone_refuses_clients_without_a_valid_mesh_certificate") {
+        return;
+    }
+    let m = Mesh::start("", &[]);
+    let td = "cluster.local";
+    let now = std::time::SystemTime::now();
+    let hour = Duration::from_secs(3600);
+    let mesh_ca = mesh_agent::identity::Ca::load_or_create(&m.ca.ca_dir(), td).unwrap();
+    let roots = || mesh_agent::identity::ca::load_roots(&m.ca.root_cert()).unwrap();
+
+    // Control: a certificate from the mesh CA is admitted, end to end.
+    let good = mesh_ca.issue(TEST_ID, now - hour, now + hour).unwrap();
+    assert_eq!(hbone_echo(&m.c, roots(), Some(good)).unwrap(), b"through the tunnel");
+
+    // No certificate, another root's, an expired one: all refused.
+    let other_dir = std::env::temp_dir().join(format!("mesh-test-{}-other-ca", m.c.id));
+    let other_ca = mesh_agent::identity::Ca::load_or_create(&other_dir, td).unwrap();
+    let foreign = other_ca.issue(TEST_ID, now - hour, now + hour).unwrap();
+    let expired = mesh_ca.issue(TEST_ID, now - 2 * hour, now - hour).unwrap();
+    let _ = std::fs::remove_dir_all(&other_dir);
+    for (what, cert) in [("no certificate", None), ("another root", Some(foreign)), ("expired", Some(expired))] {
+        let result = hbone_echo(&m.c, roots(), cert);
+        assert!(result.is_err(), "{what}: admitted: {result:?}");
+    }
+    let text = m.agents[1].wait_metrics(5, "refused handshakes", |t| {
+        metric(t, "mesh_tcp_connection_failures_total", &[("reason", "tunnel_tls")]) >= 3.0
+    });
+    // Nothing reached the pod from the refused clients.
+    let labels = [("reporter", "destination"), ("source_principal", TEST_ID)];
+    assert_eq!(metric(&text, "istio_tcp_connections_opened_total", &labels), 1.0, "{text}");
+}
+
+#[test]
+fn node_token_obtains_only_its_own_pods_identities() {
+    if !require_root("node_token_obtains_only_its_own_pods_identities") {
+        return;
+    }
+    let m = Mesh::start("", &[]);
+    let roots = std::sync::Arc::new(mesh_agent::identity::ca::load_roots(&m.ca.root_cert()).unwrap());
+    let token = mesh_agent::identity::ca_service::read_token(&m.ca.token_file("node-1")).unwrap();
+    let addr = m.ca.addr.clone();
+    let results = mesh_tests::netns::enter_and_spawn(&m.c.net_ns, move || {
+        runtime().block_on(async move {
+            let ask = |token: String, identity: &'static str| {
+                let (roots, addr) = (roots.clone(), addr.clone());
+                async move {
+                    let client =
+                        mesh_agent::identity::ca_service::CaClient::new(addr, roots, token, "cluster.local").unwrap();
+                    let (_key, csr) = mesh_agent::identity::new_key_and_csr(identity).unwrap();
+                    client.sign(identity, &csr, Duration::from_secs(600)).await.map_err(|e| e.to_string())
+                }
+            };
+            (
+                ask(token.clone(), TEST_ID).await.map(|chain| chain.len()),
+                ask(token.clone(), HELLO_ID).await.map(|chain| chain.len()),
+                ask("not-a-token".into(), TEST_ID).await.map(|chain| chain.len()),
+            )
+        })
+    })
+    .join()
+    .unwrap();
+    assert_eq!(results.0, Ok(1), "node-1's own pod identity");
+    let refused = results.1.unwrap_err();
+    assert!(refused.contains("403") && refused.contains("node-1"), "{refused}");
+    let unknown = results.2.unwrap_err();
+    assert!(unknown.contains("401"), "{unknown}");
+}
