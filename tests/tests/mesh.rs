@@ -123,6 +123,43 @@ impl Mesh {
     fn pod(&self, name: &str) -> &Pod {
         self.c.pod(name)
     }
+
+    /// Replaces both agents' configuration and waits until both loaded it.
+    fn set_config(&self, extra: &str) {
+        let before: Vec<f64> = self.agents.iter().map(loads).collect();
+        for a in &self.agents {
+            a.write_config(&config(extra));
+        }
+        for (a, n) in self.agents.iter().zip(before) {
+            a.wait_metrics(10, "configuration reload", |t| {
+                metric(t, "mesh_config_loads_total", &[("result", "success")]) > n
+            });
+        }
+    }
+}
+
+fn loads(a: &Agent) -> f64 {
+    metric(&a.metrics(), "mesh_config_loads_total", &[("result", "success")])
+}
+
+/// The serial of the certificate an agent holds for `identity`.
+fn serial(a: &Agent, identity: &str) -> Option<String> {
+    let (_, dump) = a.admin_get("/config_dump")?;
+    let v: serde_json::Value = serde_json::from_str(&dump).ok()?;
+    let certs = v["certificates"].as_array()?;
+    let c = certs.iter().find(|c| c["identity"] == identity)?;
+    Some(c["serial"].as_str()?.to_owned())
+}
+
+/// curl from the cluster network's namespace: a client outside the mesh.
+fn curl_outside(c: &Cluster, url: &str) -> (bool, String) {
+    let out = c.net_cmd(&["curl", "-sS", "--max-time", "5", url]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+fn failures(a: &Agent, reason: &str) -> f64 {
+    metric(&a.metrics(), "mesh_tcp_connection_failures_total", &[("reason", reason)])
 }
 
 fn curl(pod: &Pod, url: &str) -> (bool, String) {
@@ -405,4 +442,151 @@ fn node_token_obtains_only_its_own_pods_identities() {
     assert!(refused.contains("403") && refused.contains("node-1"), "{refused}");
     let unknown = results.2.unwrap_err();
     assert!(unknown.contains("401"), "{unknown}");
+}
+
+#[test]
+fn strict_refuses_and_permissive_admits_plaintext_from_outside_the_mesh() {
+    if !require_root("strict_refuses_and_permissive_admits_plaintext_from_outside_the_mesh") {
+        return;
+    }
+    let m = Mesh::start("", &[]);
+    let hello = format!("http://{HELLO_IP}:9095/");
+    // PERMISSIVE (Istio's default): a client beyond the cluster and an
+    // un-meshed pod on the other node get through, and keep their address.
+    let (ok, out) = curl_outside(&m.c, &hello);
+    assert!(ok && out.contains("client 172.18.1.1"), "{out}");
+    let (ok, out) = curl(m.pod("outsider"), &hello);
+    assert!(ok && out.contains(&format!("client {OUTSIDER_IP}")), "{out}");
+    let plaintext = [("reporter", "destination"), ("connection_security_policy", "none")];
+    m.agents[1].wait_metrics(5, "plaintext connections", |t| {
+        metric(t, "istio_tcp_connections_closed_total", &plaintext) >= 2.0
+    });
+
+    // STRICT for the namespace: plaintext refused, the mesh still works.
+    m.set_config(
+        "---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\n\
+         metadata: {name: default, namespace: demo}\nspec: {mtls: {mode: STRICT}}\n",
+    );
+    let (ok, out) = curl_outside(&m.c, &hello);
+    assert!(!ok, "STRICT admitted a client outside the mesh: {out}");
+    let (ok, out) = curl(m.pod("outsider"), &hello);
+    assert!(!ok, "STRICT admitted an un-meshed pod: {out}");
+    let (ok, out) = curl(m.pod("test"), &format!("http://{VIP}:9095/"));
+    assert!(ok && out.contains(&format!("client {TEST_IP}")), "{out}");
+    assert!(failures(&m.agents[1], "plaintext_refused") >= 2.0);
+
+    // Mesh-wide STRICT from the root namespace, with a port-level exception
+    // for the selected workload: plaintext to 9095 only.
+    m.set_config(
+        "---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\n\
+         metadata: {name: default, namespace: istio-system}\nspec: {mtls: {mode: STRICT}}\n\
+         ---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\n\
+         metadata: {name: hello-http, namespace: demo}\n\
+         spec: {selector: {matchLabels: {app: helloworld}}, portLevelMtls: {\"9095\": {mode: PERMISSIVE}}}\n",
+    );
+    let (ok, out) = curl_outside(&m.c, &hello);
+    assert!(ok, "port-level PERMISSIVE refused: {out}");
+    let refused = mesh_tests::netns::enter_and_spawn(&m.c.net_ns, || {
+        echo_roundtrip(SocketAddr::from((HELLO_IP, 7000)), b"plain").is_err()
+    })
+    .join()
+    .unwrap();
+    assert!(refused, "mesh-wide STRICT admitted plaintext to port 7000");
+}
+
+#[test]
+fn authorization_policy_allows_and_denies_by_principal_namespace_ip_and_port() {
+    if !require_root("authorization_policy_allows_and_denies_by_principal_namespace_ip_and_port") {
+        return;
+    }
+    let m = Mesh::start("", &[]);
+    let vip = format!("http://{VIP}:9095/");
+    let policy = |spec: &str| {
+        format!(
+            "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+             metadata: {{name: hello, namespace: demo}}\nspec: {spec}\n"
+        )
+    };
+    let echo_from =
+        |pod: &str| m.pod(pod).run(|| echo_roundtrip(SocketAddr::from(([10, 96, 0, 10], 7000)), b"ping").is_ok());
+    // Control: with no policy both clients get through.
+    assert!(curl(m.pod("test"), &vip).0);
+    assert!(curl(m.pod("sleep"), &vip).0);
+
+    // DENY by namespace.
+    m.set_config(&policy(
+        "{selector: {matchLabels: {app: helloworld}}, action: DENY, rules: [{from: [{source: {namespaces: [other]}}]}]}",
+    ));
+    let (ok, out) = curl(m.pod("sleep"), &vip);
+    assert!(!ok, "DENY from namespace other let sleep through: {out}");
+    assert!(curl(m.pod("test"), &vip).0);
+    assert!(failures(&m.agents[1], "denied") >= 1.0);
+
+    // ALLOW by principal and port: only test, only 9095; plaintext has no principal.
+    m.set_config(&policy(
+        "{action: ALLOW, rules: [{from: [{source: {principals: [cluster.local/ns/demo/sa/test]}}], \
+         to: [{operation: {ports: [\"9095\"]}}]}]}",
+    ));
+    assert!(curl(m.pod("test"), &vip).0);
+    assert!(!echo_from("test"), "ALLOW to port 9095 admitted port 7000");
+    assert!(!curl(m.pod("sleep"), &vip).0, "ALLOW for test admitted sleep");
+    assert!(!curl_outside(&m.c, &format!("http://{HELLO_IP}:9095/")).0, "ALLOW by principal admitted plaintext");
+
+    // ALLOW by IP block: the client's own address counts (carried across the tunnel).
+    m.set_config(&policy("{rules: [{from: [{source: {ipBlocks: [172.18.1.0/24], notIpBlocks: [172.18.1.9]}}]}]}"));
+    assert!(curl_outside(&m.c, &format!("http://{HELLO_IP}:9095/")).0);
+    assert!(!curl(m.pod("test"), &vip).0, "ipBlocks admitted a pod outside the block");
+
+    // An empty ALLOW policy denies everything.
+    m.set_config(&policy("{}"));
+    assert!(!curl(m.pod("test"), &vip).0, "an empty ALLOW policy admitted test");
+    assert!(!echo_from("sleep"));
+    let denied = failures(&m.agents[1], "denied");
+    assert!(denied >= 7.0, "denied connections counted: {denied}");
+}
+
+#[test]
+fn certificate_rotation_keeps_live_connections() {
+    if !require_root("certificate_rotation_keeps_live_connections") {
+        return;
+    }
+    let m = Mesh::start("", &["--cert-ttl", "4s"]);
+    let started = Instant::now();
+    let first = (serial(&m.agents[0], TEST_ID).unwrap(), serial(&m.agents[1], HELLO_ID).unwrap());
+    let mut live = m.pod("test").run(|| {
+        let s = TcpStream::connect_timeout(&SocketAddr::from(([10, 96, 0, 10], 7000)), Duration::from_secs(5)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s
+    });
+    let roundtrip = |s: &mut TcpStream, msg: &[u8]| {
+        s.write_all(msg).unwrap();
+        let mut back = vec![0u8; msg.len()];
+        s.read_exact(&mut back).unwrap();
+        assert_eq!(back, msg);
+    };
+    roundtrip(&mut live, b"before rotation");
+    // Renewal at half life (2 s) on both sides.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let now = (serial(&m.agents[0], TEST_ID), serial(&m.agents[1], HELLO_ID));
+        if now.0.is_some_and(|s| s != first.0) && now.1.is_some_and(|s| s != first.1) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "certificates not renewed: still {first:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    roundtrip(&mut live, b"after rotation");
+    // Past the first certificates' expiry, the live connection still works...
+    std::thread::sleep(Duration::from_secs(5).saturating_sub(started.elapsed()));
+    roundtrip(&mut live, b"after the first certificates expired");
+    // ...and new connections use the current ones.
+    let (ok, out) = curl(m.pod("test"), &format!("http://{VIP}:9095/"));
+    assert!(ok, "{out}");
+    live.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    live.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty());
+    for a in &m.agents {
+        assert_eq!(failures(a, "copy_error"), 0.0, "{}", a.metrics());
+    }
 }
