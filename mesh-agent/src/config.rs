@@ -73,3 +73,14 @@ pub fn load(path: &Path, trust_domain: &str) -> Result<Loaded, ConfigErrors> {
 pub fn load_documents(docs: &[Document], trust_domain: &str) -> Result<Loaded, ConfigErrors> {
     validate::build_state(docs, trust_domain)
 }
+
+/// A validated state from YAML text (for unit tests of the decisions made on it).
+#[cfg(test)]
+#[expect(clippy::unwrap_used, reason = "tests")]
+pub(crate) fn state_from_yaml(yaml: &str) -> State {
+    let file: std::sync::Arc<Path> = Path::new("test.yaml").into();
+    let (mut docs, mut errors) = (Vec::new(), Vec::new());
+    load::parse_text(&file, yaml, &mut docs, &mut errors);
+    assert!(errors.is_empty(), "{errors:?}");
+    load_documents(&docs, crate::state::DEFAULT_TRUST_DOMAIN).unwrap().state
+}

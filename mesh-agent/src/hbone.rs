@@ -113,42 +113,50 @@ impl Pool {
         let pooled = self.conns.lock().ok().and_then(|m| {
             m.get(&key).filter(|e| e.serial == cert.info.serial && !e.sender.is_closed()).map(|e| e.sender.clone())
         });
-        let mut sender = match pooled {
-            Some(s) => s,
-            None => {
-                let s = connect(ctx, &cert, node, dest).await?;
-                if let Ok(mut m) = self.conns.lock() {
-                    m.retain(|_, e| !e.sender.is_closed());
-                    m.insert(key, PoolEntry { sender: s.clone(), serial: cert.info.serial.clone() });
-                }
-                s
+        // A pooled connection may have died since it was last used (the peer
+        // agent restarted); then one fresh connection is tried.
+        if let Some(sender) = pooled {
+            match send_connect(sender, node, target, client_ip).await {
+                Err(HboneError::Http { .. }) => tracing::debug!(%node, "pooled HBONE connection failed; reconnecting"),
+                other => return other,
             }
-        };
-        let http = |error| HboneError::Http { addr: node, error };
-        let req = Request::builder()
-            .method(Method::CONNECT)
-            .uri(target.to_string())
-            .header("forwarded", format!("for={client_ip}"))
-            .body(Empty::new())
-            .map_err(|e| HboneError::Status {
-                addr: node,
-                target,
-                status: StatusCode::BAD_REQUEST,
-                reason: e.to_string(),
-            })?;
-        sender.ready().await.map_err(http)?;
-        let resp = sender.send_request(req).await.map_err(http)?;
-        if resp.status() != StatusCode::OK {
-            let reason = resp
-                .headers()
-                .get("x-mesh-reason")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("no reason given")
-                .to_owned();
-            return Err(HboneError::Status { addr: node, target, status: resp.status(), reason });
         }
-        hyper::upgrade::on(resp).await.map_err(http)
+        let sender = connect(ctx, &cert, node, dest).await?;
+        if let Ok(mut m) = self.conns.lock() {
+            m.retain(|_, e| !e.sender.is_closed());
+            m.insert(key, PoolEntry { sender: sender.clone(), serial: cert.info.serial.clone() });
+        }
+        send_connect(sender, node, target, client_ip).await
     }
+}
+
+/// Sends `CONNECT target` on an HTTP/2 connection and returns the tunnel.
+async fn send_connect(
+    mut sender: SendRequest<Empty<Bytes>>,
+    node: SocketAddrV4,
+    target: SocketAddrV4,
+    client_ip: Ipv4Addr,
+) -> Result<Upgraded, HboneError> {
+    let http = |error| HboneError::Http { addr: node, error };
+    let req = Request::builder()
+        .method(Method::CONNECT)
+        .uri(target.to_string())
+        .header("forwarded", format!("for={client_ip}"))
+        .body(Empty::new())
+        .map_err(|e| HboneError::Status {
+            addr: node,
+            target,
+            status: StatusCode::BAD_REQUEST,
+            reason: e.to_string(),
+        })?;
+    sender.ready().await.map_err(http)?;
+    let resp = sender.send_request(req).await.map_err(http)?;
+    if resp.status() != StatusCode::OK {
+        let reason =
+            resp.headers().get("x-mesh-reason").and_then(|v| v.to_str().ok()).unwrap_or("no reason given").to_owned();
+        return Err(HboneError::Status { addr: node, target, status: resp.status(), reason });
+    }
+    hyper::upgrade::on(resp).await.map_err(http)
 }
 
 async fn connect(

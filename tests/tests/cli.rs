@@ -66,3 +66,32 @@ fn unknown_flags_are_rejected() {
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("--bogus"), "{err}");
 }
+
+#[test]
+fn ca_refuses_bad_config_and_run_needs_every_ca_flag() {
+    let dir = std::env::temp_dir().join(format!("mesh-cli-ca-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("bad.yaml");
+    std::fs::write(
+        &cfg,
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: p}\nspec: {mtls: {mode: MAYBE}}\n",
+    )
+    .unwrap();
+    let ca_dir = dir.join("ca");
+    let (code, _, err) = agent(&[
+        "ca",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--ca-dir",
+        ca_dir.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    assert_eq!(code, Some(64), "{err}");
+    assert!(err.contains("PeerAuthentication default/p: spec.mtls.mode: \"MAYBE\""), "{err}");
+    assert!(!ca_dir.exists(), "a CA was created from a bad configuration");
+    let (code, _, err) = agent(&["run", "--node", "n", "--config", "x", "--ca-addr", "10.0.0.1:15012"]);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--ca-root") && err.contains("--ca-token-file"), "{err}");
+}

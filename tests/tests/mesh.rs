@@ -108,6 +108,7 @@ impl Mesh {
         c.add_pod_on(1, "helloworld", HELLO_IP);
         servers::http_hello(c.pod("helloworld"), 9095);
         servers::echo(c.pod("helloworld"), 7000);
+        servers::http_hello(c.pod("test"), 9095);
         let cfg = config(extra);
         let ca = CaService::start(&c, &cfg);
         let agents = (0..2)
@@ -386,6 +387,20 @@ fn hbone_refuses_clients_without_a_valid_mesh_certificate() {
     let mesh_ca = mesh_agent::identity::Ca::load_or_create(&m.ca.ca_dir(), td).unwrap();
     let roots = || mesh_agent::identity::ca::load_roots(&m.ca.root_cert()).unwrap();
 
+    // Hostile bytes on the HBONE and CA ports, and a peer that connects and
+    // says nothing: each is dropped on its own, nothing else is disturbed.
+    let (node2, ca_addr) = (m.c.nodes[1].ip, m.ca.addr.parse::<SocketAddr>().unwrap());
+    let idle = mesh_tests::netns::enter_and_spawn(&m.c.net_ns, move || {
+        for addr in [SocketAddr::from((node2, 15008)), ca_addr] {
+            let mut s = TcpStream::connect(addr).unwrap();
+            let _ = s.write_all(&[0x16, 0x03, 0x01, 0xff, 0xff, 0, 1, 2, 3]);
+            let _ = s.write_all(b"GET / HTTP/1.1\r\n\r\n");
+        }
+        TcpStream::connect((node2, 15008)).unwrap()
+    })
+    .join()
+    .unwrap();
+
     // Control: a certificate from the mesh CA is admitted, end to end.
     let good = mesh_ca.issue(TEST_ID, now - hour, now + hour).unwrap();
     assert_eq!(hbone_echo(&m.c, roots(), Some(good)).unwrap(), b"through the tunnel");
@@ -401,8 +416,9 @@ fn hbone_refuses_clients_without_a_valid_mesh_certificate() {
         assert!(result.is_err(), "{what}: admitted: {result:?}");
     }
     let text = m.agents[1].wait_metrics(5, "refused handshakes", |t| {
-        metric(t, "mesh_tcp_connection_failures_total", &[("reason", "tunnel_tls")]) >= 3.0
+        metric(t, "mesh_tcp_connection_failures_total", &[("reason", "tunnel_tls")]) >= 4.0
     });
+    drop(idle);
     // Nothing reached the pod from the refused clients.
     let labels = [("reporter", "destination"), ("source_principal", TEST_ID)];
     assert_eq!(metric(&text, "istio_tcp_connections_opened_total", &labels), 1.0, "{text}");
@@ -513,14 +529,23 @@ fn authorization_policy_allows_and_denies_by_principal_namespace_ip_and_port() {
     assert!(curl(m.pod("test"), &vip).0);
     assert!(curl(m.pod("sleep"), &vip).0);
 
-    // DENY by namespace.
-    m.set_config(&policy(
-        "{selector: {matchLabels: {app: helloworld}}, action: DENY, rules: [{from: [{source: {namespaces: [other]}}]}]}",
-    ));
+    // DENY by namespace, across nodes and on the same node (node-1's agent is
+    // then the destination's agent too).
+    let deny_other = "{selector: {matchLabels: {app: helloworld}}, action: DENY, \
+                      rules: [{from: [{source: {namespaces: [other]}}]}]}";
+    let deny_other_to_test = "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+         metadata: {name: test, namespace: demo}\n\
+         spec: {selector: {matchLabels: {app: test}}, action: DENY, rules: [{from: [{source: {namespaces: [other]}}]}]}\n";
+    m.set_config(&(policy(deny_other) + deny_other_to_test));
     let (ok, out) = curl(m.pod("sleep"), &vip);
     assert!(!ok, "DENY from namespace other let sleep through: {out}");
     assert!(curl(m.pod("test"), &vip).0);
     assert!(failures(&m.agents[1], "denied") >= 1.0);
+    let (ok, out) = curl(m.pod("sleep"), &format!("http://{TEST_IP}:9095/"));
+    assert!(!ok, "same-node DENY let sleep through: {out}");
+    assert!(failures(&m.agents[0], "denied") >= 1.0);
+    let (ok, out) = curl(m.pod("outsider"), &format!("http://{TEST_IP}:9095/"));
+    assert!(ok && out.contains(&format!("client {OUTSIDER_IP}")), "{out}");
 
     // ALLOW by principal and port: only test, only 9095; plaintext has no principal.
     m.set_config(&policy(

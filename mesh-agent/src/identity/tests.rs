@@ -1,1 +1,124 @@
+#![expect(clippy::unwrap_used, reason = "tests")]
+use std::{
+    collections::HashSet,
+    os::unix::fs::PermissionsExt as _,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
+use rustls::{
+    client::danger::ServerCertVerifier as _,
+    pki_types::{ServerName, UnixTime},
+};
+
+use super::*;
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("mesh-unit-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        Self(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+const A: &str = "spiffe://cluster.local/ns/demo/sa/a";
+const B: &str = "spiffe://cluster.local/ns/demo/sa/b";
+
+fn roots(ca: &Ca) -> Arc<rustls::RootCertStore> {
+    let mut r = rustls::RootCertStore::empty();
+    r.add(ca.root_der().clone()).unwrap();
+    Arc::new(r)
+}
+
+#[test]
+fn ca_is_created_once_with_a_private_key_and_reloaded() {
+    let dir = TempDir::new("ca");
+    let ca = Ca::load_or_create(&dir.0, "cluster.local").unwrap();
+    let key = dir.0.join(ca::ROOT_KEY_FILE);
+    assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(std::fs::metadata(&dir.0).unwrap().permissions().mode() & 0o777, 0o700);
+    let again = Ca::load_or_create(&dir.0, "cluster.local").unwrap();
+    assert_eq!(ca.root_der(), again.root_der());
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let err = Ca::load_or_create(&dir.0, "cluster.local").err().unwrap().to_string();
+    assert!(err.contains("root-key.pem") && err.contains("chmod 600"), "{err}");
+}
+
+#[test]
+fn the_ca_decides_the_identity_not_the_csr() {
+    let dir = TempDir::new("csr");
+    let ca = Ca::load_or_create(&dir.0, "cluster.local").unwrap();
+    let (_key, csr) = new_key_and_csr(A).unwrap();
+    let chain = ca.sign_csr(&csr, B, Duration::from_secs(60)).unwrap();
+    let info = CertInfo::parse(&chain[0]).unwrap();
+    assert_eq!(info.identity, B);
+    assert!(info.not_after > SystemTime::now() && info.not_after < SystemTime::now() + Duration::from_secs(61));
+    assert!(info.renew_at < info.not_after);
+    let err = ca.sign_csr(
+        "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n",
+        A,
+        Duration::from_secs(60),
+    );
+    assert!(matches!(err, Err(IdentityError::Invalid { .. })), "{:?}", err.err());
+    assert!(ca.sign_csr(&csr, "https://not-spiffe", Duration::from_secs(60)).is_err());
+}
+
+#[test]
+fn a_client_accepts_only_the_expected_identity_from_the_mesh_root() {
+    let (d1, d2) = (TempDir::new("v1"), TempDir::new("v2"));
+    let (mesh, other) =
+        (Ca::load_or_create(&d1.0, "cluster.local").unwrap(), Ca::load_or_create(&d2.0, "cluster.local").unwrap());
+    let now = SystemTime::now();
+    let hour = Duration::from_secs(3600);
+    let b = mesh.issue(B, now - hour, now + hour).unwrap();
+    let forged_b = other.issue(B, now - hour, now + hour).unwrap();
+    let expired_b = mesh.issue(B, now - 2 * hour, now - hour).unwrap();
+    let name = ServerName::try_from(server_name_for(B)).unwrap();
+    let verify = |expected: &str, cert: &WorkloadCert| {
+        tls::IdentityVerifier::new(roots(&mesh), expected.into()).verify_server_cert(
+            &cert.key.cert[0],
+            &[],
+            &name,
+            &[],
+            UnixTime::now(),
+        )
+    };
+    assert!(verify(B, &b).is_ok());
+    assert!(verify(A, &b).is_err(), "identity mismatch accepted");
+    assert!(verify(B, &forged_b).is_err(), "another root accepted");
+    assert!(verify(B, &expired_b).is_err(), "expired certificate accepted");
+}
+
+#[test]
+fn server_names_are_distinct_per_identity() {
+    assert_eq!(server_name_for(A), "a.demo.cluster.local.hbone");
+    assert_ne!(server_name_for(A), server_name_for(B));
+    assert_eq!(server_name_for("garbage"), "unknown.hbone");
+}
+
+#[tokio::test]
+async fn manager_issues_caches_and_forgets() {
+    let dir = TempDir::new("mgr");
+    let ca = Arc::new(Ca::load_or_create(&dir.0, "cluster.local").unwrap());
+    let roots = (*roots(&ca)).clone();
+    let m = CertManager::new(manager::CertSource::Embedded(ca), roots, Duration::from_secs(3600));
+    let a: Arc<str> = A.into();
+    let first = m.get(&a).await.unwrap();
+    assert_eq!(m.get(&a).await.unwrap().info.serial, first.info.serial, "not cached");
+    use tls::CertLookup as _;
+    assert!(m.by_server_name(&server_name_for(A)).is_some());
+    m.sync(&HashSet::from([B.into()])).await;
+    assert!(m.cached(A).is_none(), "unwanted identity kept");
+    assert!(m.cached(B).is_some(), "wanted identity not fetched");
+    let dump = serde_json::to_string(&m.dump()).unwrap();
+    assert!(dump.contains(B) && !dump.contains("PRIVATE"), "{dump}");
+}

@@ -1,19 +1,9 @@
 use std::net::SocketAddrV4;
 
 use super::*;
-use crate::config::{Document, Origin, load_documents};
 
 fn state(yaml: &str) -> State {
-    let origin = Origin { file: std::path::Path::new("test.yaml").into(), document: 1, item: None };
-    let docs = serde_yaml_ng::Deserializer::from_str(yaml)
-        .enumerate()
-        .map(|(i, d)| {
-            use serde::Deserialize as _;
-            let value = serde_yaml_ng::Value::deserialize(d).expect("yaml");
-            Document { origin: Origin { document: i + 1, ..origin.clone() }, value }
-        })
-        .collect::<Vec<_>>();
-    load_documents(&docs, "cluster.local").expect("valid config").state
+    crate::config::state_from_yaml(yaml)
 }
 
 const CLUSTER: &str = r#"

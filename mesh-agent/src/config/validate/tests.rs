@@ -149,3 +149,93 @@ items:
         loaded.notes
     );
 }
+
+#[test]
+fn security_policies_are_validated_field_by_field() {
+    let pa = |spec: &str| {
+        format!(
+            "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{name: p, namespace: demo}}\nspec: {spec}\n"
+        )
+    };
+    let ap = |spec: &str| {
+        format!(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: a, namespace: demo}}\nspec: {spec}\n"
+        )
+    };
+    let at = "cluster.yaml (document 1)";
+    let cases = [
+        (
+            pa("{mtls: {mode: strict}}"),
+            format!(
+                "{at}: PeerAuthentication demo/p: spec.mtls.mode: \"strict\": expected UNSET, STRICT, PERMISSIVE or DISABLE"
+            ),
+        ),
+        (
+            pa("{mtls: {mode: STRICT, extra: 1}}"),
+            format!("{at}: PeerAuthentication demo/p: spec.mtls.extra: unknown field `extra`"),
+        ),
+        (
+            pa("{portLevelMtls: {\"80\": {mode: STRICT}}}"),
+            format!("{at}: PeerAuthentication demo/p: spec.portLevelMtls: requires spec.selector"),
+        ),
+        (
+            pa("{selector: {matchLabels: {app: x}}, portLevelMtls: {http: {mode: STRICT}}}"),
+            format!("{at}: PeerAuthentication demo/p: spec.portLevelMtls[http]: \"http\" is not a port number"),
+        ),
+        (
+            ap("{action: AUDIT}"),
+            format!("{at}: AuthorizationPolicy demo/a: spec.action: AUDIT is not supported; use ALLOW or DENY"),
+        ),
+        (
+            ap("{rules: [{to: [{operation: {methods: [GET]}}]}]}"),
+            format!("{at}: AuthorizationPolicy demo/a: spec.rules[0].to[0].operation.methods: needs an HTTP request"),
+        ),
+        (
+            ap("{rules: [{from: [{source: {requestPrincipals: [\"*\"]}}]}]}"),
+            format!(
+                "{at}: AuthorizationPolicy demo/a: spec.rules[0].from[0].source.requestPrincipals: needs an HTTP request"
+            ),
+        ),
+        (
+            ap("{rules: [{when: [{key: source.ip, values: [y]}]}]}"),
+            format!("{at}: AuthorizationPolicy demo/a: spec.rules[0].when: needs an HTTP request"),
+        ),
+        (
+            ap("{rules: [{from: [{source: {ipBlocks: [10.0.0.0/40]}}]}]}"),
+            format!(
+                "{at}: AuthorizationPolicy demo/a: spec.rules[0].from[0].source.ipBlocks[0]: \"10.0.0.0/40\": prefix length above 32"
+            ),
+        ),
+        (
+            ap("{rules: [{to: [{operation: {ports: [\"http\"]}}]}]}"),
+            format!(
+                "{at}: AuthorizationPolicy demo/a: spec.rules[0].to[0].operation.ports[0]: String(\"http\") is not a port number 1-65535"
+            ),
+        ),
+        (
+            ap("{rules: [{from: [{source: {principal: [x]}}]}]}"),
+            format!(
+                "{at}: AuthorizationPolicy demo/a: spec.rules[0].from[0].source.principal: unknown field `principal`"
+            ),
+        ),
+        (
+            ap("{selector: {matchLabels: {}}}"),
+            format!("{at}: AuthorizationPolicy demo/a: spec.selector.matchLabels: empty"),
+        ),
+    ];
+    for (yaml, want) in cases {
+        let got = error_of(&yaml);
+        assert!(got.starts_with(&want), "for:\n{yaml}\nwant: {want}\ngot:  {got}");
+    }
+    // Both kinds load, with v1beta1 accepted too and kubectl's status ignored.
+    let ok = format!(
+        "{}---\n{}status: {{}}\n",
+        pa("{mtls: {mode: STRICT}}").replace("security.istio.io/v1", "security.istio.io/v1beta1"),
+        ap(
+            "{action: DENY, rules: [{from: [{source: {notNamespaces: [demo]}}], to: [{operation: {ports: [22, \"23\"]}}]}]}"
+        )
+    );
+    let loaded = load(&ok).expect("valid");
+    assert_eq!(loaded.state.peer_authentications.len(), 1);
+    assert_eq!(loaded.state.authorization_policies[0].rules[0].to[0].ports, [22, 23]);
+}
