@@ -95,8 +95,9 @@ fn authorization_table() {
         ap("demo", "block", "{rules: [{from: [{source: {ipBlocks: [172.18.0.0/16], notIpBlocks: [172.18.0.9]}}]}]}");
     let mesh_deny = ap("istio-system", "mesh-deny", "{action: DENY, rules: [{to: [{operation: {ports: [\"23\"]}}]}]}");
     // (policies, pod, principal, ip, port, allowed)
+    type Case<'a> = (&'a [&'a str], &'a str, Option<&'a str>, Ipv4Addr, u16, bool);
     #[rustfmt::skip]
-    let cases: &[(&[&str], &str, Option<&str>, Ipv4Addr, u16, bool)] = &[
+    let cases: &[Case<'_>] = &[
         (&[], "hello", None, outside, 80, true),
         (&[&deny_other], "hello", sleep, ip, 80, false),
         (&[&deny_other], "hello", test, ip, 80, true),
