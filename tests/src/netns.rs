@@ -155,6 +155,8 @@ impl Cluster {
         sh(&["ip", "-n", node, "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &netns]);
         sh(&["ip", "-n", node, "link", "set", &host_if, "up"]);
         sh(&["ip", "netns", "exec", node, "sysctl", "-qw", &format!("net.ipv4.conf.{host_if}.proxy_arp=1")]);
+        // Answer at once: the kernel's default delays proxy ARP replies by up to 0.8 s.
+        sh(&["ip", "netns", "exec", node, "sysctl", "-qw", &format!("net.ipv4.neigh.{host_if}.proxy_delay=0")]);
         sh(&["ip", "-n", node, "route", "add", &ips, "dev", &host_if]);
         sh(&["ip", "-n", &netns, "link", "set", "lo", "up"]);
         sh(&["ip", "-n", &netns, "link", "set", "eth0", "up"]);

@@ -1,10 +1,18 @@
-//! `cargo xtask demo`: the pattern's sample on one node. A node namespace with a
-//! `test` pod and a `helloworld` pod serving on 9095, both enrolled in the mesh;
-//! the agent captures test's calls to the helloworld Service and pod IP.
+//! `cargo xtask demo`: the pattern's sample on two nodes. `test` (node-1) calls
+//! the `helloworld` Service, whose v1 pod runs on node-2 (reached over HBONE:
+//! mTLS between the node agents with both workloads' SPIFFE identities) and v2
+//! on node-1 (same node). The mesh CA runs as a service in the cluster network;
+//! the agents hold no CA key. PeerAuthentication STRICT turns away a plaintext
+//! client from outside the mesh, and an AuthorizationPolicy admits only
+//! `sample/test` to helloworld, so `sleep` in another namespace is refused.
 use std::{net::Ipv4Addr, process::Command, time::Instant};
 
 use anyhow::bail;
-use mesh_tests::{Agent, Cluster, agent::metric, servers};
+use mesh_tests::{
+    Agent, Cluster,
+    agent::{CaService, metric},
+    servers,
+};
 
 const CONFIG: &str = r#"apiVersion: v1
 kind: Node
@@ -12,24 +20,47 @@ metadata: {name: node-1, labels: {kubernetes.io/hostname: node-1}}
 status: {addresses: [{type: InternalIP, address: 172.18.0.2}]}
 ---
 apiVersion: v1
+kind: Node
+metadata: {name: node-2, labels: {kubernetes.io/hostname: node-2}}
+status: {addresses: [{type: InternalIP, address: 172.18.1.2}]}
+---
+apiVersion: v1
 kind: Namespace
 metadata: {name: sample, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: other, labels: {istio.io/dataplane-mode: ambient}}
 ---
 apiVersion: v1
 kind: Pod
 metadata: {name: test, namespace: sample, labels: {app: test}}
 spec: {nodeName: node-1, serviceAccountName: test}
-status: {podIP: 10.244.0.2, phase: Running}
+status: {podIP: 10.244.1.2, phase: Running}
 ---
 apiVersion: v1
 kind: Pod
-metadata: {name: helloworld-v1-6c7d8f9b5-k2x4q, namespace: sample, labels: {app: helloworld, version: v1},
-  ownerReferences: [{kind: ReplicaSet, name: helloworld-v1-6c7d8f9b5, controller: true}]}
+metadata: {name: sleep, namespace: other, labels: {app: sleep}}
+spec: {nodeName: node-1, serviceAccountName: sleep}
+status: {podIP: 10.244.1.4, phase: Running}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: helloworld-v1, namespace: sample, labels: {app: helloworld, version: v1}}
+spec:
+  nodeName: node-2
+  serviceAccountName: helloworld
+  containers: [{name: helloworld, ports: [{name: http, containerPort: 9095}]}]
+status: {podIP: 10.244.2.2, phase: Running, conditions: [{type: Ready, status: "True"}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: helloworld-v2, namespace: sample, labels: {app: helloworld, version: v2}}
 spec:
   nodeName: node-1
   serviceAccountName: helloworld
   containers: [{name: helloworld, ports: [{name: http, containerPort: 9095}]}]
-status: {podIP: 10.244.0.3, phase: Running, conditions: [{type: Ready, status: "True"}]}
+status: {podIP: 10.244.1.3, phase: Running, conditions: [{type: Ready, status: "True"}]}
 ---
 apiVersion: v1
 kind: Service
@@ -38,7 +69,73 @@ spec:
   clusterIP: 10.96.0.10
   selector: {app: helloworld}
   ports: [{name: http, port: 9095, targetPort: http}]
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: sample}
+spec: {mtls: {mode: STRICT}}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: helloworld, namespace: sample}
+spec:
+  selector: {matchLabels: {app: helloworld}}
+  action: ALLOW
+  rules: [{from: [{source: {principals: [cluster.local/ns/sample/sa/test]}}]}]
 "#;
+
+struct Step {
+    name: &'static str,
+    /// `None`: from the cluster network (outside the mesh).
+    client: Option<&'static str>,
+    url: &'static str,
+    path: &'static str,
+    identities: &'static str,
+    expect_ok: bool,
+}
+
+const STEPS: &[Step] = &[
+    Step {
+        name: "test → helloworld Service",
+        client: Some("test"),
+        url: "http://10.96.0.10:9095/hello",
+        path: "eBPF → agent → (mTLS :15008 | same node) → pod",
+        identities: "sample/sa/test → sample/sa/helloworld",
+        expect_ok: true,
+    },
+    Step {
+        name: "test → helloworld Service again",
+        client: Some("test"),
+        url: "http://10.96.0.10:9095/hello",
+        path: "round robin: the other version",
+        identities: "sample/sa/test → sample/sa/helloworld",
+        expect_ok: true,
+    },
+    Step {
+        name: "test → helloworld-v1 pod IP",
+        client: Some("test"),
+        url: "http://10.244.2.2:9095/hello",
+        path: "node-1 agent → mTLS → node-2 agent → pod",
+        identities: "sample/sa/test → sample/sa/helloworld",
+        expect_ok: true,
+    },
+    Step {
+        name: "outside client → helloworld-v1",
+        client: None,
+        url: "http://10.244.2.2:9095/hello",
+        path: "uplink → agent:15006: STRICT refuses",
+        identities: "(plaintext) → sample/sa/helloworld",
+        expect_ok: false,
+    },
+    Step {
+        name: "sleep → helloworld Service",
+        client: Some("sleep"),
+        url: "http://10.96.0.10:9095/hello",
+        path: "AuthorizationPolicy: only sa/test",
+        identities: "other/sa/sleep → sample/sa/helloworld",
+        expect_ok: false,
+    },
+];
 
 pub fn run(keep: bool) -> anyhow::Result<()> {
     // SAFETY: geteuid has no preconditions.
@@ -46,59 +143,77 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
         bail!("the demo creates network namespaces and loads eBPF: run it as root (sudo cargo xtask demo)");
     }
     crate::run(Command::new("cargo").args(["build", "--package", "mesh-agent"]))?;
-    let mut cluster = Cluster::new();
-    cluster.add_pod("test", Ipv4Addr::new(10, 244, 0, 2));
-    cluster.add_pod("helloworld", Ipv4Addr::new(10, 244, 0, 3));
-    servers::http_hello(cluster.pod("helloworld"), 9095);
+    let mut cluster = Cluster::two_nodes();
+    cluster.add_pod_on(0, "test", Ipv4Addr::new(10, 244, 1, 2));
+    cluster.add_pod_on(0, "helloworld-v2", Ipv4Addr::new(10, 244, 1, 3));
+    cluster.add_pod_on(0, "sleep", Ipv4Addr::new(10, 244, 1, 4));
+    cluster.add_pod_on(1, "helloworld-v1", Ipv4Addr::new(10, 244, 2, 2));
+    servers::http_hello(cluster.pod("helloworld-v1"), 9095);
+    servers::http_hello(cluster.pod("helloworld-v2"), 9095);
+    println!("node-1 {} (172.18.0.2): test 10.244.1.2, helloworld-v2 10.244.1.3, sleep 10.244.1.4", cluster.node_ns);
+    println!("node-2 {} (172.18.1.2): helloworld-v1 10.244.2.2", cluster.nodes[1].ns);
+    let ca = CaService::start(&cluster, CONFIG);
     println!(
-        "node {} (InternalIP {}), pods: test 10.244.0.2, helloworld 10.244.0.3:9095",
-        cluster.node_ns, cluster.node_ip
+        "mesh CA service on {} in {} (root and node tokens in {})",
+        ca.addr,
+        cluster.net_ns,
+        ca.ca_dir().display()
     );
-    let agent = Agent::start(&cluster, CONFIG);
-    println!("mesh-agent ready in {} (log {})\n", cluster.node_ns, agent.log.display());
-
-    println!("{:<34} {:<9} {:<46} {:<7} {:>9}", "step", "protocol", "path", "status", "latency");
-    let steps = [
-        ("test → helloworld Service (VIP)", "http://10.96.0.10:9095/hello"),
-        ("test → helloworld Service again", "http://10.96.0.10:9095/hello"),
-        ("test → helloworld pod IP", "http://10.244.0.3:9095/hello"),
-    ];
-    let mut failed = 0;
-    for (step, url) in steps {
+    let agents: Vec<Agent> =
+        (0..2).map(|i| Agent::start_on(&cluster, i, CONFIG, &ca.agent_args(&cluster.nodes[i].name))).collect();
+    for (a, n) in agents.iter().zip(&cluster.nodes) {
+        println!("mesh-agent ready on {} (log {})", n.name, a.log.display());
+    }
+    println!("\n{:<32} {:<9} {:<47} {:<40} {:<9} {:>9}", "step", "protocol", "path", "identities", "status", "latency");
+    let mut unexpected = 0;
+    for step in STEPS {
+        let args = ["curl", "-sS", "--max-time", "5", step.url];
         let start = Instant::now();
-        let out = cluster.pod("test").cmd(&["curl", "-sS", "--max-time", "5", url]);
+        let out = match step.client {
+            Some(pod) => cluster.pod(pod).cmd(&args),
+            None => cluster.net_cmd(&args),
+        };
         let ms = start.elapsed().as_secs_f64() * 1000.0;
-        let body = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-        let status = if out.status.success() { "ok" } else { "FAILED" };
-        failed += usize::from(!out.status.success());
+        let ok = out.status.success();
+        let status = match (ok, step.expect_ok) {
+            (true, true) => "ok",
+            (false, false) => "refused",
+            (true, false) => "ADMITTED",
+            (false, true) => "FAILED",
+        };
+        unexpected += usize::from(ok != step.expect_ok);
         println!(
-            "{step:<34} {:<9} {:<46} {status:<7} {ms:>7.1}ms",
-            "HTTP/1.1", "test → eBPF → agent:15001 → helloworld:9095"
+            "{:<32} {:<9} {:<47} {:<40} {status:<9} {ms:>7.1}ms",
+            step.name, "HTTP/1.1", step.path, step.identities
         );
+        let body = String::from_utf8_lossy(&out.stdout).trim().to_owned();
         println!("    {}", if body.is_empty() { String::from_utf8_lossy(&out.stderr).trim().to_owned() } else { body });
     }
-    let m = agent.wait_metrics(5, "connections closed", |m| {
-        metric(m, "istio_tcp_connections_closed_total", &[("source_workload", "test")]) >= 3.0
-            && metric(m, "mesh_ebpf_packets_total", &[("counter", "assigned_outbound")]) >= 3.0
+    let m = agents[1].wait_metrics(5, "connections closed", |m| {
+        metric(m, "istio_tcp_connections_closed_total", &[("connection_security_policy", "mutual_tls")]) >= 2.0
     });
-    println!("\nmetrics (http://127.0.0.1:15000/metrics in {}):", cluster.node_ns);
-    for line in
-        m.lines().filter(|l| l.starts_with("istio_tcp_connections_opened") || l.starts_with("mesh_ebpf_packets"))
+    println!("\nnode-2 metrics (http://127.0.0.1:15000/metrics in {}):", cluster.nodes[1].ns);
+    for line in m
+        .lines()
+        .filter(|l| l.starts_with("istio_tcp_connections_opened") || l.starts_with("mesh_tcp_connection_failures"))
     {
         println!("  {line}");
     }
     if keep {
         println!("\nleft running; try:");
         println!("  ip netns exec {}-test curl http://10.96.0.10:9095/", cluster.id);
-        println!("  ip netns exec {} curl -s 127.0.0.1:15000/config_dump", cluster.node_ns);
+        println!("  ip netns exec {} curl http://10.244.2.2:9095/   # outside the mesh: refused", cluster.net_ns);
+        println!("  ip netns exec {} curl -s 127.0.0.1:15000/config_dump   # certificates", cluster.nodes[1].ns);
+        println!("  ip netns exec {} tcpdump -ni any port 15008   # only mTLS between nodes", cluster.net_ns);
         println!("press Ctrl-C to tear everything down");
         wait_for_ctrl_c();
     }
-    drop(agent);
+    drop(agents);
+    drop(ca);
     drop(cluster);
-    println!("\ntorn down: agent stopped, namespaces removed");
-    if failed > 0 {
-        bail!("{failed} demo step(s) failed");
+    println!("\ntorn down: agents and CA stopped, namespaces removed");
+    if unexpected > 0 {
+        bail!("{unexpected} demo step(s) did not behave as expected");
     }
     Ok(())
 }

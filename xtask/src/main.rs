@@ -4,7 +4,7 @@
 //!   bpf-linker built against LLVM 22), idempotently.
 //! - `build-ebpf`: build the eBPF object alone (the agent's build script embeds it).
 //! - `test`: build the agent and run every test; root tests need root.
-//! - `demo`: a node with `test` and `helloworld` pods, traffic through the mesh.
+//! - `demo`: two nodes, the CA service, `test` → `helloworld` over mTLS, policy.
 use std::process::Command;
 
 use anyhow::{Context as _, bail};
@@ -31,7 +31,7 @@ enum Task {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
-    /// Run the demo (as root): test → helloworld through the mesh on one node.
+    /// Run the demo (as root): two nodes, test → helloworld over mTLS, STRICT and authorization.
     Demo {
         /// Leave everything running and print how to poke at it.
         #[arg(long)]
