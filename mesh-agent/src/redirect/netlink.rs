@@ -81,14 +81,19 @@ fn pod_route(msg: &RouteMessage) -> Option<(Ipv4Addr, u32)> {
 pub async fn link_with_address(handle: &Handle, ip: Ipv4Addr) -> Result<Option<u32>, NetlinkError> {
     use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
     let mut addrs = handle.address().get().execute();
+    let mut found = None;
+    // Read the whole dump: leaving it half-read makes the netlink connection
+    // warn about answers nobody takes.
     while let Some(msg) = addrs.try_next().await.map_err(nl("list addresses"))? {
         let AddressMessage { header, attributes, .. } = msg;
-        let has = attributes.iter().any(|a| matches!(a, AddressAttribute::Local(std::net::IpAddr::V4(a)) | AddressAttribute::Address(std::net::IpAddr::V4(a)) if *a == ip));
-        if has {
-            return Ok(Some(header.index));
+        let has = attributes.iter().any(|a| {
+            matches!(a, AddressAttribute::Local(std::net::IpAddr::V4(a)) | AddressAttribute::Address(std::net::IpAddr::V4(a)) if *a == ip)
+        });
+        if has && found.is_none() {
+            found = Some(header.index);
         }
     }
-    Ok(None)
+    Ok(found)
 }
 
 /// `ifindex → name` of every interface.
