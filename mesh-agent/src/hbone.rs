@@ -319,13 +319,10 @@ async fn handle_connect(
     labels.connection_security_policy = "mutual_tls";
     let decision = authorize(&state, &dest, &Peer { principal: Some(&peer_id), ip: policy_ip }, target.port());
     drop(state);
-    let m = &ctx.metrics;
     if let Decision::Deny(policy) = decision {
         let err = ProxyError::Denied { policy };
         tracing::warn!(%peer, source = %peer_id, %target, error = %err, "HBONE: connection refused");
-        m.connection_failures.get_or_create(&crate::telemetry::ReasonLabels { reason: err.reason() }).inc();
-        m.tcp_opened.get_or_create(&labels).inc();
-        m.tcp_closed.get_or_create(&labels).inc();
+        proxy::record_failure(&ctx, Some(labels), &err);
         return answer(StatusCode::UNAUTHORIZED, &err.to_string());
     }
     // Replies to the source pod's IP come back through the pod's captured veth.
@@ -334,11 +331,7 @@ async fn handle_connect(
         Ok(s) => s,
         Err(err) => {
             tracing::warn!(%peer, %target, error = %err, "HBONE: upstream connect failed");
-            m.connection_failures.get_or_create(&crate::telemetry::ReasonLabels { reason: err.reason() }).inc();
-            let mut labels = labels;
-            labels.response_flags = err.response_flags();
-            m.tcp_opened.get_or_create(&labels).inc();
-            m.tcp_closed.get_or_create(&labels).inc();
+            proxy::record_failure(&ctx, Some(labels), &err);
             return answer(StatusCode::SERVICE_UNAVAILABLE, &err.to_string());
         }
     };

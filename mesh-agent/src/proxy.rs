@@ -289,6 +289,13 @@ pub(crate) async fn connect(
 /// Records a connection that never reached its upstream, and resets the client.
 pub(crate) fn fail(ctx: &Context, client: &TcpStream, peer: SocketAddr, labels: Option<TcpLabels>, err: ProxyError) {
     tracing::warn!(%peer, error = %err, "connection refused");
+    record_failure(ctx, labels, &err);
+    reset(client);
+}
+
+/// Counts a connection that never reached its upstream: by reason, and (when
+/// its labels are known) as opened and closed with the error's response flags.
+pub(crate) fn record_failure(ctx: &Context, labels: Option<TcpLabels>, err: &ProxyError) {
     let m = &ctx.metrics;
     m.connection_failures.get_or_create(&crate::telemetry::ReasonLabels { reason: err.reason() }).inc();
     if let Some(mut labels) = labels {
@@ -296,7 +303,6 @@ pub(crate) fn fail(ctx: &Context, client: &TcpStream, peer: SocketAddr, labels: 
         m.tcp_opened.get_or_create(&labels).inc();
         m.tcp_closed.get_or_create(&labels).inc();
     }
-    reset(client);
 }
 
 /// Makes the close send RST rather than FIN, so the client sees a failure.

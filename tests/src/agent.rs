@@ -162,21 +162,27 @@ impl Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            // SAFETY: signalling our own child; a clean exit removes its rules.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
+        // A clean exit removes the agent's routing rule.
+        if let Some(child) = self.child.take() {
+            terminate(child, Duration::from_secs(10));
         }
         if std::thread::panicking() {
             eprintln!("--- mesh-agent log ({}) ---\n{}", self.log.display(), self.log_text());
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// SIGTERM, up to `grace` to exit, then SIGKILL.
+fn terminate(mut child: Child, grace: Duration) {
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + grace;
+    while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 /// Sum of the samples of `name` whose labels include every `(key, value)`.
@@ -270,15 +276,8 @@ impl CaService {
 
 impl Drop for CaService {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            // SAFETY: signalling our own child.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
+        if let Some(child) = self.child.take() {
+            terminate(child, Duration::from_secs(5));
         }
         if std::thread::panicking() {
             eprintln!("--- mesh-agent ca log ({}) ---\n{}", self.log.display(), self.log_text());

@@ -244,6 +244,15 @@ fn ports(ctx: &mut Ctx<'_>, field: &str, v: &[super::k8s::IntOrString]) -> Optio
     ok.then_some(out)
 }
 
+/// Reports each L7-only field that is set.
+fn reject_l7(ctx: &mut Ctx<'_>, field: &str, fields: &[(&str, &Option<Vec<String>>)]) {
+    for (name, value) in fields {
+        if value.is_some() {
+            ctx.error(format!("{field}.{name}"), L7_ONLY);
+        }
+    }
+}
+
 const L7_ONLY: &str = "needs an HTTP request: L7 authorization is not supported by this version of mesh-agent (L4 fields: principals, namespaces, ipBlocks, ports and their not* forms)";
 
 pub(super) fn build_authorization_policy(
@@ -282,17 +291,16 @@ pub(super) fn build_authorization_policy(
         for (fi, f) in r.from.iter().enumerate() {
             let field = format!("{base}.from[{fi}].source");
             let s = &f.source;
-            let l7 = [
-                ("requestPrincipals", &s.request_principals),
-                ("notRequestPrincipals", &s.not_request_principals),
-                ("remoteIpBlocks", &s.remote_ip_blocks),
-                ("notRemoteIpBlocks", &s.not_remote_ip_blocks),
-            ];
-            for (n, v) in l7 {
-                if v.is_some() {
-                    ctx.error(format!("{field}.{n}"), L7_ONLY);
-                }
-            }
+            reject_l7(
+                ctx,
+                &field,
+                &[
+                    ("requestPrincipals", &s.request_principals),
+                    ("notRequestPrincipals", &s.not_request_principals),
+                    ("remoteIpBlocks", &s.remote_ip_blocks),
+                    ("notRemoteIpBlocks", &s.not_remote_ip_blocks),
+                ],
+            );
             let ip_blocks = cidrs(ctx, &format!("{field}.ipBlocks"), &s.ip_blocks).unwrap_or_default();
             let not_ip_blocks = cidrs(ctx, &format!("{field}.notIpBlocks"), &s.not_ip_blocks).unwrap_or_default();
             rule.from.push(policy::Source {
@@ -307,19 +315,18 @@ pub(super) fn build_authorization_policy(
         for (ti, t) in r.to.iter().enumerate() {
             let field = format!("{base}.to[{ti}].operation");
             let o = &t.operation;
-            let l7 = [
-                ("hosts", &o.hosts),
-                ("notHosts", &o.not_hosts),
-                ("methods", &o.methods),
-                ("notMethods", &o.not_methods),
-                ("paths", &o.paths),
-                ("notPaths", &o.not_paths),
-            ];
-            for (n, v) in l7 {
-                if v.is_some() {
-                    ctx.error(format!("{field}.{n}"), L7_ONLY);
-                }
-            }
+            reject_l7(
+                ctx,
+                &field,
+                &[
+                    ("hosts", &o.hosts),
+                    ("notHosts", &o.not_hosts),
+                    ("methods", &o.methods),
+                    ("notMethods", &o.not_methods),
+                    ("paths", &o.paths),
+                    ("notPaths", &o.not_paths),
+                ],
+            );
             let p = ports(ctx, &format!("{field}.ports"), &o.ports).unwrap_or_default();
             let np = ports(ctx, &format!("{field}.notPorts"), &o.not_ports).unwrap_or_default();
             rule.to.push(Operation { ports: p, not_ports: np });

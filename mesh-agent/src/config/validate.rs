@@ -248,31 +248,44 @@ fn assemble(objects: Objects, trust_domain: &str, errors: &mut Vec<ConfigError>)
         }
         state.services.insert(key, s);
     }
-    let mut seen = std::collections::HashSet::new();
-    for (origin, obj) in &objects.peer_authentications {
-        let mut ctx = Ctx { origin, object: describe_meta("PeerAuthentication", &obj.metadata), errors };
-        if let Some(p) = security::build_peer_authentication(&mut ctx, obj) {
-            if !seen.insert(format!("PeerAuthentication {}/{}", p.namespace, p.name)) {
-                ctx.error("metadata.name", "defined twice");
-                continue;
-            }
-            state.peer_authentications.push(p);
-        }
-    }
-    for (origin, obj) in &objects.authorization_policies {
-        let mut ctx = Ctx { origin, object: describe_meta("AuthorizationPolicy", &obj.metadata), errors };
-        if let Some(p) = security::build_authorization_policy(&mut ctx, obj) {
-            if !seen.insert(format!("AuthorizationPolicy {}/{}", p.namespace, p.name)) {
-                ctx.error("metadata.name", "defined twice");
-                continue;
-            }
-            state.authorization_policies.push(p);
-        }
-    }
+    state.peer_authentications = build_unique(
+        &objects.peer_authentications,
+        errors,
+        |o| describe_meta("PeerAuthentication", &o.metadata),
+        security::build_peer_authentication,
+    );
+    state.authorization_policies = build_unique(
+        &objects.authorization_policies,
+        errors,
+        |o| describe_meta("AuthorizationPolicy", &o.metadata),
+        security::build_authorization_policy,
+    );
     // Istio applies the oldest policy first when several select a workload;
     // without creation times, name order makes the choice stable.
     state.peer_authentications.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
     state
+}
+
+/// Builds each object, reporting a second object of the same name (the name is
+/// the object's description, `Kind namespace/name`).
+fn build_unique<O, T>(
+    objects: &[(Origin, O)],
+    errors: &mut Vec<ConfigError>,
+    describe: impl Fn(&O) -> String,
+    build: impl Fn(&mut Ctx<'_>, &O) -> Option<T>,
+) -> Vec<T> {
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for (origin, obj) in objects {
+        let mut ctx = Ctx { origin, object: describe(obj), errors };
+        let Some(built) = build(&mut ctx, obj) else { continue };
+        if !seen.insert(ctx.object.clone()) {
+            ctx.error("metadata.name", "defined twice");
+            continue;
+        }
+        out.push(built);
+    }
+    out
 }
 
 fn build_node(ctx: &mut Ctx<'_>, node: &k8s::Node) -> Option<Node> {
