@@ -181,6 +181,13 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
     if !loaded.state.nodes.is_empty() && !loaded.state.nodes.contains_key(cfg.node.as_str()) {
         tracing::warn!(node = %cfg.node, "no Node object with this name in the configuration");
     }
+    if cfg.identity.remote.is_none() && loaded.state.nodes.len() > 1 {
+        tracing::warn!(
+            nodes = loaded.state.nodes.len(),
+            "embedded CA with several Nodes: each agent has its own root, so cross-node mTLS will fail; \
+             run `mesh-agent ca` and start the agents with --ca-addr"
+        );
+    }
     let mut watcher = watch_files::Fingerprint::of(&cfg.config_path);
     let certs = Arc::new(cert_manager(&cfg.identity)?);
     let ctx = Arc::new(Context {

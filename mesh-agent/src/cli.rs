@@ -168,13 +168,16 @@ fn run_ca(cfg: CaServiceConfig) -> ExitCode {
     let Some(runtime) = runtime() else { return ExitCode::FAILURE };
     match runtime.block_on(crate::identity::ca_service::run(cfg)) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("mesh-agent ca: {e:#}");
-            if e.downcast_ref::<crate::config::ConfigErrors>().is_some() {
-                ExitCode::from(EXIT_CONFIG)
-            } else {
-                ExitCode::FAILURE
+        Err(crate::identity::ca_service::CaServiceError::Config(errors)) => {
+            for e in &errors.0 {
+                eprintln!("error: {e}");
             }
+            eprintln!("mesh-agent ca: refusing to start with invalid configuration");
+            ExitCode::from(EXIT_CONFIG)
+        }
+        Err(e) => {
+            eprintln!("mesh-agent ca: {e}");
+            ExitCode::FAILURE
         }
     }
 }

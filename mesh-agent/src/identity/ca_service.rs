@@ -104,8 +104,22 @@ fn ensure_tokens(ca_dir: &Path, state: &State) -> Result<HashMap<String, String>
     Ok(map)
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum CaServiceError {
+    #[error("invalid configuration:\n{0}")]
+    Config(#[from] crate::config::ConfigErrors),
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error("TLS settings: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("binding the CA service on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("signal handler: {0}")]
+    Signal(std::io::Error),
+}
+
 /// Runs the CA service until SIGTERM/SIGINT.
-pub async fn run(cfg: CaServiceConfig) -> anyhow::Result<()> {
+pub async fn run(cfg: CaServiceConfig) -> Result<(), CaServiceError> {
     let loaded = config::load(&cfg.config_path, &cfg.trust_domain)?;
     let ca = Ca::load_or_create(&cfg.ca_dir, &cfg.trust_domain)?;
     let tokens = ensure_tokens(&cfg.ca_dir, &loaded.state)?;
@@ -113,13 +127,13 @@ pub async fn run(cfg: CaServiceConfig) -> anyhow::Result<()> {
     let identity = super::ca_identity(&cfg.trust_domain);
     let serving = ca.issue(&identity, now - Duration::from_secs(60), now + Duration::from_secs(365 * 24 * 3600))?;
     let mut roots = RootCertStore::empty();
-    roots.add(ca.root_der().clone())?;
+    roots.add(ca.root_der().clone()).map_err(|e| IdentityError::invalid("mesh root", e))?;
     let tls_config =
         tls::server_config(Arc::new(roots), Arc::new(OneCert(serving.key.clone())), false, &[b"http/1.1"])?;
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls_config));
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
-        .map_err(|e| anyhow::anyhow!("binding the CA service on {}: {e}", cfg.listen))?;
+        .map_err(|source| CaServiceError::Bind { addr: cfg.listen, source })?;
     let svc = Arc::new(Service {
         ca,
         max_ttl: cfg.max_ttl,
@@ -129,7 +143,8 @@ pub async fn run(cfg: CaServiceConfig) -> anyhow::Result<()> {
     tracing::info!(listen = %cfg.listen, ca_dir = %cfg.ca_dir.display(), %identity, "mesh CA service ready");
     let mut watcher = crate::agent::watch_files::Fingerprint::of(&cfg.config_path);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut sigterm =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(CaServiceError::Signal)?;
     loop {
         tokio::select! {
             _ = sigterm.recv() => break,
