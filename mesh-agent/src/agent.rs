@@ -35,6 +35,10 @@ pub struct RunConfig {
     /// How often the configuration and the node's interfaces are re-checked.
     pub resync_interval: Duration,
     pub identity: IdentityConfig,
+    /// How long to wait for a client's first bytes on ports with no declared protocol.
+    pub protocol_detection_timeout: Duration,
+    /// `off`, `stdout` or a file path.
+    pub access_log: String,
 }
 
 /// Where workload certificates come from.
@@ -66,6 +70,8 @@ pub enum RunError {
     Identity(#[from] IdentityError),
     #[error("TLS settings: {0}")]
     Tls(#[from] rustls::Error),
+    #[error("access log {path}: {source}")]
+    AccessLog { path: String, source: std::io::Error },
 }
 
 /// What the admin server shows about capture.
@@ -85,6 +91,9 @@ pub struct Context {
     pub active: Arc<Active>,
     pub certs: Arc<CertManager>,
     pub hbone: crate::hbone::Pool,
+    pub http_pool: crate::l7::pool::Pool,
+    pub access_log: crate::l7::access_log::AccessLog,
+    pub protocol_detection_timeout: Duration,
     state: RwLock<Arc<State>>,
     captured_ips: RwLock<Arc<HashSet<Ipv4Addr>>>,
     capture: RwLock<CaptureStatus>,
@@ -190,6 +199,8 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
     }
     let mut watcher = watch_files::Fingerprint::of(&cfg.config_path);
     let certs = Arc::new(cert_manager(&cfg.identity)?);
+    let access_log = crate::l7::access_log::AccessLog::open(&cfg.access_log)
+        .map_err(|source| RunError::AccessLog { path: cfg.access_log.clone(), source })?;
     let ctx = Arc::new(Context {
         node: cfg.node.clone(),
         config_path: cfg.config_path.clone(),
@@ -198,6 +209,9 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
         active: Arc::default(),
         certs,
         hbone: crate::hbone::Pool::default(),
+        http_pool: crate::l7::pool::Pool::default(),
+        access_log,
+        protocol_detection_timeout: cfg.protocol_detection_timeout,
         state: RwLock::new(Arc::new(loaded.state)),
         captured_ips: RwLock::default(),
         capture: RwLock::default(),
@@ -339,6 +353,9 @@ fn reload(ctx: &Context, path: &std::path::Path, trust_domain: &str) {
         Ok(loaded) => {
             tracing::info!(path = %path.display(), pods = loaded.state.workloads.len(), services = loaded.state.services.len(), "configuration reloaded");
             ctx.set_state(loaded.state);
+            // Pooled upstream connections were authorized under the old policy:
+            // new requests get new connections, checked against the new one.
+            ctx.http_pool.clear();
             ctx.metrics.config_loads.get_or_create(&ResultLabels { result: "success" }).inc();
             if let Ok(mut e) = ctx.last_config_error.write() {
                 *e = None;

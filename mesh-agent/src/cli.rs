@@ -61,6 +61,13 @@ pub enum Command {
         /// Lifetime of workload certificates; renewed at half life.
         #[arg(long, default_value = "24h", value_parser = parse_duration)]
         cert_ttl: Duration,
+        /// How long to wait for a client's first bytes to tell HTTP from TCP, on
+        /// ports that declare no protocol (silence means TCP).
+        #[arg(long, default_value = "100ms", value_parser = parse_duration)]
+        protocol_detection_timeout: Duration,
+        /// JSON access log, one line per request: `off`, `stdout` or a file path.
+        #[arg(long, default_value = "stdout")]
+        access_log: String,
     },
     /// Run the mesh CA service for a multi-node mesh.
     Ca {
@@ -126,6 +133,8 @@ pub fn main() -> ExitCode {
             ca_root,
             ca_token_file,
             cert_ttl,
+            protocol_detection_timeout,
+            access_log,
         } => {
             if let Err(msg) = crate::privileges::check() {
                 eprintln!("mesh-agent run: {msg}");
@@ -144,6 +153,8 @@ pub fn main() -> ExitCode {
                 drain_timeout,
                 resync_interval,
                 identity,
+                protocol_detection_timeout,
+                access_log,
             };
             run(cfg)
         }

@@ -5,6 +5,7 @@
 //! `route` (pure routing decision), `policy` (PeerAuthentication and
 //! AuthorizationPolicy decisions), `identity` (SPIFFE certificates, the mesh CA),
 //! `hbone` (mTLS tunnels between agents), `redirect` (eBPF and netlink), `proxy` (L4),
+//! `l7` (HTTP/1.1, HTTP/2, gRPC and WebSocket at the source agent),
 //! `telemetry` (metrics), `admin` (HTTP admin), `agent` (the running process),
 //! `cli` (arguments).
 pub mod admin;
@@ -13,6 +14,7 @@ pub mod cli;
 pub mod config;
 pub mod hbone;
 pub mod identity;
+pub mod l7;
 pub mod policy;
 pub mod privileges;
 pub mod proxy;

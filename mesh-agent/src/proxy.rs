@@ -16,8 +16,10 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 use crate::{
     agent::Context,
+    l7::protocol::{self, Declared, Handling, Sniffed},
     policy::{Decision, Peer},
     route::{Route, route},
+    state::{State, Workload},
     telemetry::TcpLabels,
 };
 
@@ -136,7 +138,7 @@ pub async fn serve(
     }
 }
 
-async fn handle(ctx: &Context, client: TcpStream, peer: SocketAddr) {
+async fn handle(ctx: &Arc<Context>, client: TcpStream, peer: SocketAddr) {
     let _ = client.set_nodelay(true);
     let orig = match client.local_addr() {
         Ok(SocketAddr::V4(a)) => a,
@@ -153,60 +155,191 @@ async fn handle(ctx: &Context, client: TcpStream, peer: SocketAddr) {
     let state = ctx.state();
     let source = state.workload_by_ip(peer_ip).cloned();
     let pick = ctx.next_pick();
-    let (dest, addr, mut labels) = match route(&state, orig, pick) {
-        Route::Service { service, endpoint, addr } => {
+    let (dest, addr, mut labels, declared) = match route(&state, orig, pick) {
+        Route::Service { service, endpoint, addr, protocol } => {
             let labels = TcpLabels::new(source.as_deref(), Some(&endpoint), Some(&service), false);
-            (Some(endpoint), addr, labels)
+            (Some(endpoint), addr, labels, Some(protocol))
         }
         Route::Workload { workload, addr } => {
             let labels = TcpLabels::new(source.as_deref(), Some(&workload), None, false);
-            (Some(workload), addr, labels)
+            (Some(workload), addr, labels, Some(Declared::Unknown))
         }
-        Route::Passthrough { addr } => (None, addr, TcpLabels::new(source.as_deref(), None, None, true)),
+        Route::Passthrough { addr } => (None, addr, TcpLabels::new(source.as_deref(), None, None, true), None),
         Route::Refused { service, reason } => {
             let labels = TcpLabels::new(source.as_deref(), None, Some(&service), false);
             let err = ProxyError::Refused { service: format!("{}/{} {orig}", service.namespace, service.name), reason };
             return fail(ctx, &client, peer, Some(labels), err);
         }
     };
-    let source_identity = source.as_ref().filter(|s| s.meshed).map(|s| s.principal.clone());
+    // Mesh destinations may speak HTTP: declared on the Service port, else sniffed.
+    let handling = match declared {
+        None | Some(Declared::Tcp) => Handling::Tcp,
+        Some(Declared::Http2 | Declared::Grpc) => Handling::Http2,
+        // An `http` port takes HTTP/1.1 and h2c alike (as Envoy's AUTO codec).
+        Some(Declared::Http) => match sniff_client(&client, ctx.protocol_detection_timeout).await {
+            Handling::Http2 => Handling::Http2,
+            _ => Handling::Http1,
+        },
+        Some(Declared::Unknown) => sniff_client(&client, ctx.protocol_detection_timeout).await,
+    };
+    if handling != Handling::Tcp {
+        drop(state);
+        let down = crate::l7::Downstream { peer, peer_ip, orig, source };
+        return crate::l7::serve(ctx.clone(), client, down, handling).await;
+    }
+    match open_upstream(ctx, &state, source.as_ref(), peer, dest.as_ref(), addr).await {
+        Ok(opened) => {
+            drop(state);
+            if opened.mtls {
+                labels.connection_security_policy = "mutual_tls";
+            }
+            tracing::debug!(%peer, %orig, upstream = %addr, mtls = opened.mtls, "proxying");
+            pump(ctx, client, opened.io, labels, addr, |c, u| {
+                reset(c);
+                u.reset();
+            })
+            .await;
+        }
+        Err(e) => {
+            if matches!(e, ProxyError::Tunnel(_)) {
+                labels.connection_security_policy = "mutual_tls";
+            }
+            fail(ctx, &client, peer, Some(labels), e)
+        }
+    }
+}
+
+/// Waits (up to `timeout`) for the client's first bytes and classifies them;
+/// silence, TLS or anything unrecognised is a byte stream.
+async fn sniff_client(client: &TcpStream, timeout: Duration) -> Handling {
+    let mut buf = [0u8; 32];
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let n = match tokio::time::timeout_at(deadline, client.peek(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => n,
+            _ => return Handling::Tcp,
+        };
+        match protocol::sniff(&buf[..n]) {
+            Sniffed::Http1 => return Handling::Http1,
+            Sniffed::Http2 => return Handling::Http2,
+            Sniffed::Other => return Handling::Tcp,
+            // Part of a method or preface: wait a little for the rest.
+            Sniffed::NeedMore if n == buf.len() => return Handling::Tcp,
+            Sniffed::NeedMore => tokio::time::sleep(Duration::from_millis(1)).await,
+        }
+    }
+}
+
+/// An upstream byte stream: a TCP connection, or an HBONE stream.
+pub(crate) enum Upstream {
+    Tcp(TcpStream),
+    Tunnel(hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>),
+}
+
+impl Upstream {
+    /// Resets a TCP upstream; a tunnel stream is cancelled when dropped.
+    pub(crate) fn reset(&self) {
+        if let Upstream::Tcp(s) = self {
+            reset(s);
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for Upstream {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        match self.get_mut() {
+            Upstream::Tcp(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            Upstream::Tunnel(t) => std::pin::Pin::new(t).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Upstream {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Upstream::Tcp(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            Upstream::Tunnel(t) => std::pin::Pin::new(t).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
+        match self.get_mut() {
+            Upstream::Tcp(s) => std::pin::Pin::new(s).poll_flush(cx),
+            Upstream::Tunnel(t) => std::pin::Pin::new(t).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        match self.get_mut() {
+            Upstream::Tcp(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            Upstream::Tunnel(t) => std::pin::Pin::new(t).poll_shutdown(cx),
+        }
+    }
+}
+
+pub(crate) struct Opened {
+    pub io: Upstream,
+    /// Over HBONE (mutual TLS).
+    pub mtls: bool,
+}
+
+/// Opens the upstream for a connection from `peer` (the pod `source`, if known)
+/// to `addr` (the pod `dest`, if known): HBONE to the destination node's agent
+/// for a meshed pod on another node; otherwise a direct connection, after
+/// authorization when the pod is a meshed one on this node (this agent is then
+/// the destination's agent too).
+pub(crate) async fn open_upstream(
+    ctx: &Context,
+    state: &State,
+    source: Option<&Arc<Workload>>,
+    peer: SocketAddr,
+    dest: Option<&Arc<Workload>>,
+    addr: SocketAddrV4,
+) -> Result<Opened, ProxyError> {
+    let peer_ip = match peer.ip() {
+        std::net::IpAddr::V4(ip) => ip,
+        std::net::IpAddr::V6(_) => return Err(ProxyError::NotIpv4(peer)),
+    };
+    let source_identity = source.filter(|s| s.meshed).map(|s| s.principal.clone());
     match dest.filter(|d| d.meshed) {
-        // A meshed pod on another node: through its node's agent, over HBONE.
         Some(d) if d.node.as_deref() != Some(ctx.node.as_str()) => {
             let node_ip = d.node.as_ref().and_then(|n| state.nodes.get(n)).and_then(|n| n.internal_ip);
-            drop(state);
             let Some(node_ip) = node_ip else {
-                let err = ProxyError::NoNodeAddress { node: d.node.as_deref().unwrap_or("<unscheduled>").to_owned() };
-                return fail(ctx, &client, peer, Some(labels), err);
+                return Err(ProxyError::NoNodeAddress {
+                    node: d.node.as_deref().unwrap_or("<unscheduled>").to_owned(),
+                });
             };
-            let Some(src_id) = source_identity else {
-                return fail(ctx, &client, peer, Some(labels), ProxyError::NoSourceIdentity(peer_ip));
-            };
-            labels.connection_security_policy = "mutual_tls";
+            let src_id = source_identity.ok_or(ProxyError::NoSourceIdentity(peer_ip))?;
             let node = SocketAddrV4::new(node_ip, mesh_common::HBONE_PORT);
-            let tunnel = match ctx.hbone.open(ctx, &src_id, node, &d.principal, addr, peer_ip).await {
-                Ok(t) => t,
-                Err(e) => return fail(ctx, &client, peer, Some(labels), ProxyError::Tunnel(e)),
-            };
-            tracing::debug!(%peer, %orig, upstream = %addr, %node, "proxying over HBONE");
-            pump(ctx, client, hyper_util::rt::TokioIo::new(tunnel), labels, addr, |c, _| reset(c)).await;
+            let tunnel = ctx.hbone.open(ctx, &src_id, node, &d.principal, addr, peer_ip).await?;
+            Ok(Opened { io: Upstream::Tunnel(hyper_util::rt::TokioIo::new(tunnel)), mtls: true })
         }
-        // A meshed pod on this node: this agent is also the destination's, so
-        // it enforces the destination's policy here.
         Some(d) => {
-            let principal = source_identity.as_deref();
-            let decision = crate::policy::authorize(&state, &d, &Peer { principal, ip: peer_ip }, addr.port());
-            drop(state);
             // Same-node traffic never leaves the node: the source identity comes
             // from capture (anti-spoofed veth), not from TLS, and is reported so.
-            if let Decision::Deny(policy) = decision {
-                return fail(ctx, &client, peer, Some(labels), ProxyError::Denied { policy });
+            let principal = source_identity.as_deref();
+            if let Decision::Deny(policy) =
+                crate::policy::authorize(state, d, &Peer { principal, ip: peer_ip }, addr.port())
+            {
+                return Err(ProxyError::Denied { policy });
             }
-            deliver(ctx, client, peer, addr, labels).await;
+            let s = connect(addr, transparent_source(ctx, peer, addr), ctx.connect_timeout).await?;
+            Ok(Opened { io: Upstream::Tcp(s), mtls: false })
         }
         None => {
-            drop(state);
-            deliver(ctx, client, peer, addr, labels).await;
+            let s = connect(addr, transparent_source(ctx, peer, addr), ctx.connect_timeout).await?;
+            Ok(Opened { io: Upstream::Tcp(s), mtls: false })
         }
     }
 }

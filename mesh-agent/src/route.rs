@@ -6,13 +6,17 @@ use std::{
     sync::Arc,
 };
 
-use crate::state::{Protocol, Service, State, Workload};
+use crate::{
+    l7::protocol::{Declared, declared},
+    state::{Protocol, Service, State, Workload},
+};
 
 /// Where a connection to an original destination goes.
 #[derive(Debug, Clone)]
 pub enum Route {
-    /// A Service VIP: to the chosen endpoint pod on its target port.
-    Service { service: Arc<Service>, endpoint: Arc<Workload>, addr: SocketAddrV4 },
+    /// A Service VIP: to the chosen endpoint pod on its target port; the port
+    /// declares its protocol.
+    Service { service: Arc<Service>, endpoint: Arc<Workload>, addr: SocketAddrV4, protocol: Declared },
     /// A pod IP: to that pod.
     Workload { workload: Arc<Workload>, addr: SocketAddrV4 },
     /// Not a mesh address: to the original destination unchanged.
@@ -64,9 +68,12 @@ fn route_service(service: &Arc<Service>, port: u16, pick: usize) -> Route {
         return Route::Refused { service: service.clone(), reason: Refusal::NoReadyEndpoint(port) };
     }
     match eligible().nth(pick % n) {
-        Some((w, ip, p)) => {
-            Route::Service { service: service.clone(), endpoint: w.clone(), addr: SocketAddrV4::new(ip, p) }
-        }
+        Some((w, ip, p)) => Route::Service {
+            service: service.clone(),
+            endpoint: w.clone(),
+            addr: SocketAddrV4::new(ip, p),
+            protocol: declared(sp),
+        },
         None => Route::Refused { service: service.clone(), reason: Refusal::NoReadyEndpoint(port) },
     }
 }

@@ -5,7 +5,7 @@ use std::sync::{Mutex, atomic::AtomicU64};
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
 
@@ -74,6 +74,80 @@ impl TcpLabels {
     }
 }
 
+/// Istio's labels for request metrics: the TCP ones plus the response.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub reporter: &'static str,
+    pub source_workload: String,
+    pub source_workload_namespace: String,
+    pub source_principal: String,
+    pub source_app: String,
+    pub source_version: String,
+    pub destination_workload: String,
+    pub destination_workload_namespace: String,
+    pub destination_principal: String,
+    pub destination_app: String,
+    pub destination_version: String,
+    pub destination_service: String,
+    pub destination_service_name: String,
+    pub destination_service_namespace: String,
+    /// `http` or `grpc`.
+    pub request_protocol: &'static str,
+    pub response_code: u16,
+    /// The `grpc-status` trailer (or header), `-` when absent.
+    pub grpc_response_status: String,
+    pub response_flags: &'static str,
+    pub connection_security_policy: &'static str,
+}
+
+impl RequestLabels {
+    pub fn new(
+        tcp: TcpLabels,
+        request_protocol: &'static str,
+        response_code: u16,
+        grpc_response_status: String,
+        response_flags: &'static str,
+    ) -> Self {
+        Self {
+            reporter: tcp.reporter,
+            source_workload: tcp.source_workload,
+            source_workload_namespace: tcp.source_workload_namespace,
+            source_principal: tcp.source_principal,
+            source_app: tcp.source_app,
+            source_version: tcp.source_version,
+            destination_workload: tcp.destination_workload,
+            destination_workload_namespace: tcp.destination_workload_namespace,
+            destination_principal: tcp.destination_principal,
+            destination_app: tcp.destination_app,
+            destination_version: tcp.destination_version,
+            destination_service: tcp.destination_service,
+            destination_service_name: tcp.destination_service_name,
+            destination_service_namespace: tcp.destination_service_namespace,
+            request_protocol,
+            response_code,
+            grpc_response_status,
+            response_flags,
+            connection_security_policy: tcp.connection_security_policy,
+        }
+    }
+}
+
+/// Istio's default buckets for `istio_request_duration_milliseconds`.
+const DURATION_BUCKETS_MS: [f64; 19] = [
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0, 60000.0, 300000.0,
+    600000.0, 1800000.0, 3600000.0,
+];
+
+fn duration_histogram() -> Histogram {
+    Histogram::new(DURATION_BUCKETS_MS)
+}
+
+fn size_histogram() -> Histogram {
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(1.0, 10.0, 10))
+}
+
+type HistogramFamily = Family<RequestLabels, Histogram, fn() -> Histogram>;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: &'static str,
@@ -100,6 +174,10 @@ pub struct Metrics {
     pub active_connections: Gauge,
     /// Config loads by result: `success`, `rejected`.
     pub config_loads: Family<ResultLabels, Counter>,
+    pub requests: Family<RequestLabels, Counter>,
+    pub request_duration: HistogramFamily,
+    pub request_bytes: HistogramFamily,
+    pub response_bytes: HistogramFamily,
     ebpf_packets: Family<EbpfLabels, Counter<u64, AtomicU64>>,
     ebpf_last: Mutex<Vec<u64>>,
 }
@@ -115,6 +193,18 @@ impl Metrics {
         let active_connections = Gauge::default();
         let config_loads = Family::default();
         let ebpf_packets = Family::default();
+        let requests = Family::default();
+        let request_duration: HistogramFamily = Family::new_with_constructor(duration_histogram);
+        let request_bytes: HistogramFamily = Family::new_with_constructor(size_histogram);
+        let response_bytes: HistogramFamily = Family::new_with_constructor(size_histogram);
+        registry.register("istio_requests", "Requests, by response", requests.clone());
+        registry.register(
+            "istio_request_duration_milliseconds",
+            "Request duration, until the response is complete",
+            request_duration.clone(),
+        );
+        registry.register("istio_request_bytes", "Request body sizes", request_bytes.clone());
+        registry.register("istio_response_bytes", "Response body sizes", response_bytes.clone());
         registry.register("istio_tcp_connections_opened", "TCP connections opened", tcp_opened.clone());
         registry.register("istio_tcp_connections_closed", "TCP connections closed", tcp_closed.clone());
         registry.register("istio_tcp_sent_bytes", "Bytes sent to the client (response direction)", tcp_sent.clone());
@@ -148,6 +238,10 @@ impl Metrics {
             connection_failures,
             active_connections,
             config_loads,
+            requests,
+            request_duration,
+            request_bytes,
+            response_bytes,
             ebpf_packets,
             ebpf_last: Mutex::new(vec![0; mesh_common::counter::LEN as usize]),
         }

@@ -74,3 +74,82 @@ pub fn echo(pod: &Pod, port: u16) {
         }
     });
 }
+
+type Body = http_body_util::combinators::BoxBody<hyper::body::Bytes, hyper::Error>;
+
+/// An HTTP server on `port` taking HTTP/1.1 (keep-alive) and h2c alike:
+/// - `/hello`: `hello from <pod>; client <ip>; <version>; x-request-id <id>`
+/// - `/echo`: streams the request body back as it arrives
+/// - `/status/<code>`: answers with that status
+/// - `/upgrade` with `Upgrade:`: `101`, then echoes raw bytes (a WebSocket stand-in)
+pub fn http_api(pod: &Pod, port: u16) {
+    let name = pod.name.clone();
+    let listener = listen(pod, port);
+    listener.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            loop {
+                let Ok((stream, peer)) = listener.accept().await else { continue };
+                let name = name.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req| {
+                        let name = name.clone();
+                        async move { Ok::<_, std::convert::Infallible>(api(&name, peer, req)) }
+                    });
+                    let mut first = [0u8; 4];
+                    let _ = stream.peek(&mut first).await;
+                    let io = hyper_util::rt::TokioIo::new(stream);
+                    if &first == b"PRI " {
+                        let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                            .serve_connection(io, service)
+                            .await;
+                    } else {
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(io, service)
+                            .with_upgrades()
+                            .await;
+                    }
+                });
+            }
+        });
+    });
+}
+
+fn api(
+    name: &str,
+    peer: std::net::SocketAddr,
+    mut req: hyper::Request<hyper::body::Incoming>,
+) -> hyper::Response<Body> {
+    use http_body_util::BodyExt as _;
+    let text = |status: u16, body: String| {
+        let mut r = hyper::Response::new(http_body_util::Full::new(body.into()).map_err(|e| match e {}).boxed());
+        *r.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
+        r
+    };
+    let path = req.uri().path().to_owned();
+    if path == "/upgrade" && req.headers().contains_key(hyper::header::UPGRADE) {
+        let on = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            if let Ok(up) = on.await {
+                let io = hyper_util::rt::TokioIo::new(up);
+                let (mut r, mut w) = tokio::io::split(io);
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = tokio::io::AsyncWriteExt::shutdown(&mut w).await;
+            }
+        });
+        let mut r = text(101, String::new());
+        r.headers_mut().insert(hyper::header::CONNECTION, hyper::header::HeaderValue::from_static("upgrade"));
+        r.headers_mut().insert(hyper::header::UPGRADE, hyper::header::HeaderValue::from_static("websocket"));
+        return r;
+    }
+    if path == "/echo" {
+        return hyper::Response::new(req.into_body().boxed());
+    }
+    if let Some(code) = path.strip_prefix("/status/").and_then(|c| c.parse::<u16>().ok()) {
+        return text(code, format!("status {code}\n"));
+    }
+    let id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("-");
+    text(200, format!("hello from {name}; client {}; {:?}; x-request-id {id}\n", peer.ip(), req.version()))
+}

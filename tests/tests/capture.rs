@@ -103,9 +103,9 @@ fn curl_reaches_vip_and_pod_ip_and_server_sees_client_ip() {
     assert!(ok, "curl to the pod IP failed: {body}");
     assert_eq!(body, "hello from helloworld; client 10.244.0.2\n");
 
-    let m = agent.wait_metrics(5, "closed connections", |m| {
-        metric(m, "istio_tcp_connections_closed_total", &[("source_workload", "test")]) >= 2.0
-    });
+    // Port `http`: each request is measured (the two share one upstream connection).
+    let m =
+        agent.wait_metrics(5, "requests", |m| metric(m, "istio_requests_total", &[("source_workload", "test")]) >= 2.0);
     let via_vip = [
         ("reporter", "source"),
         ("source_workload", "test"),
@@ -116,12 +116,15 @@ fn curl_reaches_vip_and_pod_ip_and_server_sees_client_ip() {
         ("destination_service", "helloworld.demo.svc.cluster.local"),
         ("destination_service_name", "helloworld"),
         ("connection_security_policy", "none"),
+        ("request_protocol", "http"),
+        ("response_code", "200"),
     ];
-    assert_eq!(metric(&m, "istio_tcp_connections_opened_total", &via_vip), 1.0, "{m}");
-    assert!(metric(&m, "istio_tcp_sent_bytes_total", &via_vip) > 40.0, "{m}");
-    assert!(metric(&m, "istio_tcp_received_bytes_total", &via_vip) > 40.0, "{m}");
-    let direct = [("destination_workload", "helloworld-v1"), ("destination_service", "unknown")];
-    assert_eq!(metric(&m, "istio_tcp_connections_opened_total", &direct), 1.0, "{m}");
+    assert_eq!(metric(&m, "istio_requests_total", &via_vip), 1.0, "{m}");
+    assert_eq!(metric(&m, "istio_response_bytes_sum", &via_vip), 41.0, "{m}");
+    assert_eq!(metric(&m, "istio_request_duration_milliseconds_count", &via_vip), 1.0, "{m}");
+    let direct =
+        [("destination_workload", "helloworld-v1"), ("destination_service", "unknown"), ("response_code", "200")];
+    assert_eq!(metric(&m, "istio_requests_total", &direct), 1.0, "{m}");
     agent.wait_metrics(5, "eBPF counters", |m| {
         metric(m, "mesh_ebpf_packets_total", &[("counter", "assigned_outbound")]) >= 2.0
     });

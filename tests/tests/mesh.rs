@@ -17,6 +17,8 @@ use mesh_tests::{
 };
 
 const VIP: &str = "10.96.0.10";
+/// Service `api`: port 80 named `http-api`, to helloworld's HTTP server on 8080.
+const API_VIP: &str = "10.96.0.11";
 const TEST_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
 const OUTSIDER_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 3);
 const SLEEP_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 4);
@@ -87,6 +89,14 @@ spec:
   ports:
   - {{name: http, port: 9095, targetPort: http}}
   - {{name: tcp-echo, port: 7000, targetPort: echo}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: api, namespace: demo}}
+spec:
+  clusterIP: {API_VIP}
+  selector: {{app: helloworld}}
+  ports: [{{name: http-api, port: 80, targetPort: 8080}}]
 {extra}"#
     )
 }
@@ -109,6 +119,7 @@ impl Mesh {
         servers::http_hello(c.pod("helloworld"), 9095);
         servers::echo(c.pod("helloworld"), 7000);
         servers::http_hello(c.pod("test"), 9095);
+        servers::http_api(c.pod("helloworld"), 8080);
         let cfg = config(extra);
         let ca = CaService::start(&c, &cfg);
         let agents = (0..2)
@@ -154,7 +165,7 @@ fn serial(a: &Agent, identity: &str) -> Option<String> {
 
 /// curl from the cluster network's namespace: a client outside the mesh.
 fn curl_outside(c: &Cluster, url: &str) -> (bool, String) {
-    let out = c.net_cmd(&["curl", "-sS", "--max-time", "5", url]);
+    let out = c.net_cmd(&["curl", "-sSf", "--max-time", "5", url]);
     let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     (out.status.success(), text)
 }
@@ -163,8 +174,9 @@ fn failures(a: &Agent, reason: &str) -> f64 {
     metric(&a.metrics(), "mesh_tcp_connection_failures_total", &[("reason", reason)])
 }
 
+/// curl from a pod; an HTTP error status (such as a policy's 403) is a failure.
 fn curl(pod: &Pod, url: &str) -> (bool, String) {
-    let out = pod.cmd(&["curl", "-sS", "--max-time", "5", url]);
+    let out = pod.cmd(&["curl", "-sSf", "--max-time", "5", url]);
     let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     (out.status.success(), text)
 }
@@ -293,19 +305,27 @@ fn cross_node_traffic_is_mtls_with_workload_identities() {
         ("destination_principal", HELLO_ID),
         ("connection_security_policy", "mutual_tls"),
     ];
-    let text = dest
-        .wait_metrics(5, "destination metrics", |t| metric(t, "istio_tcp_connections_closed_total", &labels) >= 3.0);
+    // The destination agent sees tunnels (the two HTTP requests share one
+    // pooled upstream connection; the echo has its own).
+    let text = dest.wait_metrics(5, "destination metrics", |t| {
+        metric(t, "istio_tcp_connections_closed_total", &labels) >= 1.0
+            && metric(t, "istio_tcp_connections_opened_total", &labels) >= 2.0
+    });
     assert!(metric(&text, "istio_tcp_received_bytes_total", &labels) >= marker.len() as f64, "{text}");
     let src_labels = [
         ("reporter", "source"),
         ("source_principal", TEST_ID),
         ("destination_principal", HELLO_ID),
         ("connection_security_policy", "mutual_tls"),
-        ("destination_service", "helloworld.demo.svc.cluster.local"),
     ];
-    let text = m.agents[0]
-        .wait_metrics(5, "source metrics", |t| metric(t, "istio_tcp_connections_closed_total", &src_labels) >= 2.0);
-    assert!(metric(&text, "istio_tcp_sent_bytes_total", &src_labels) >= marker.len() as f64, "{text}");
+    let text = m.agents[0].wait_metrics(5, "source metrics", |t| {
+        metric(t, "istio_tcp_connections_closed_total", &src_labels) >= 1.0
+            && metric(t, "istio_requests_total", &src_labels) >= 2.0
+    });
+    let via_vip = [src_labels.as_slice(), &[("destination_service", "helloworld.demo.svc.cluster.local")]].concat();
+    assert!(metric(&text, "istio_tcp_sent_bytes_total", &via_vip) >= marker.len() as f64, "{text}");
+    let http_ok = [via_vip.as_slice(), &[("response_code", "200"), ("request_protocol", "http")]].concat();
+    assert_eq!(metric(&text, "istio_requests_total", &http_ok), 1.0, "{text}");
 
     // Certificates in config_dump: identity, serial, expiry; never a key.
     let (_, dump) = dest.admin_get("/config_dump").unwrap();
@@ -614,4 +634,124 @@ fn certificate_rotation_keeps_live_connections() {
     for a in &m.agents {
         assert_eq!(failures(a, "copy_error"), 0.0, "{}", a.metrics());
     }
+}
+
+#[test]
+fn http_through_the_mesh_across_nodes() {
+    if !require_root("http_through_the_mesh_across_nodes") {
+        return;
+    }
+    let access_log = std::env::temp_dir().join(format!("mesh-test-access-{}.log", std::process::id()));
+    let _ = std::fs::remove_file(&access_log);
+    let m = Mesh::start("", &["--access-log", access_log.to_str().unwrap()]);
+    let test = m.pod("test");
+    let api = format!("http://{API_VIP}");
+
+    // HTTP/1.1 keep-alive: two requests on one client connection; the agent adds
+    // x-request-id; the server sees the client pod.
+    let out = test.cmd(&["curl", "-sSfv", "--max-time", "5", &format!("{api}/hello"), &format!("{api}/hello")]);
+    let (body, verbose) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{verbose}");
+    assert_eq!(
+        body.matches(&format!("hello from helloworld; client {TEST_IP}; HTTP/1.1; x-request-id ")).count(),
+        2,
+        "{body}"
+    );
+    assert!(!body.contains("x-request-id -"), "{body}");
+    assert!(verbose.contains("Re-using existing connection"), "{verbose}");
+
+    // h2c with prior knowledge on the same `http` port.
+    let (ok, out) = curl(test, &format!("{api}/hello"));
+    assert!(ok, "{out}");
+    let out = test.cmd(&["curl", "-sSf", "--http2-prior-knowledge", "--max-time", "5", &format!("{api}/hello")]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("; HTTP/2.0;"), "{:?}", out);
+
+    // Streaming bodies both ways: 8 MiB, chunked on HTTP/1.1 (with Expect:
+    // 100-continue, which curl sends for large bodies) and on HTTP/2.
+    let dir = std::env::temp_dir().join(format!("mesh-test-l7-{}", m.c.id));
+    std::fs::create_dir_all(&dir).unwrap();
+    let payload: Vec<u8> = (0..8u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 24) as u8).collect();
+    let input = dir.join("in");
+    std::fs::write(&input, &payload).unwrap();
+    for (what, extra) in [("HTTP/1.1 chunked", "-HTransfer-Encoding: chunked"), ("h2c", "--http2-prior-knowledge")] {
+        let output = dir.join("out");
+        let out = test.cmd(&[
+            "curl",
+            "-sSf",
+            "--max-time",
+            "20",
+            extra,
+            "--data-binary",
+            &format!("@{}", input.display()),
+            "-o",
+            output.to_str().unwrap(),
+            &format!("{api}/echo"),
+        ]);
+        assert!(out.status.success(), "{what}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(std::fs::read(&output).unwrap() == payload, "{what}: echoed body differs");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // An upstream status passes through and is counted.
+    let out = test.cmd(&["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", &format!("{api}/status/503")]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "503");
+
+    // Upgrade (as WebSocket does): 101, then raw bytes both ways.
+    let echoed = test.run(|| {
+        let mut s =
+            TcpStream::connect_timeout(&SocketAddr::from(([10, 96, 0, 11], 80)), Duration::from_secs(5)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"GET /upgrade HTTP/1.1\r\nHost: api\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+            .unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            s.read_exact(&mut byte).unwrap();
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&head).into_owned();
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        let mut total = Vec::new();
+        for round in 0..64u8 {
+            let msg = vec![round; 16 * 1024];
+            s.write_all(&msg).unwrap();
+            let mut back = vec![0u8; msg.len()];
+            s.read_exact(&mut back).unwrap();
+            total.extend_from_slice(&back);
+        }
+        total
+    });
+    assert_eq!(echoed.len(), 64 * 16 * 1024);
+    assert!(echoed.chunks(16 * 1024).enumerate().all(|(i, c)| c.iter().all(|b| *b as usize == i)));
+
+    // Per-request metrics at the source, with identities and mTLS.
+    let base = [
+        ("reporter", "source"),
+        ("destination_service", "api.demo.svc.cluster.local"),
+        ("source_principal", TEST_ID),
+        ("destination_principal", HELLO_ID),
+        ("request_protocol", "http"),
+        ("connection_security_policy", "mutual_tls"),
+    ];
+    let with = |code: &'static str| [base.as_slice(), &[("response_code", code)]].concat();
+    let text = m.agents[0].wait_metrics(5, "request metrics", |t| {
+        metric(t, "istio_requests_total", &with("200")) >= 6.0
+            && metric(t, "istio_requests_total", &with("503")) >= 1.0
+            && metric(t, "istio_requests_total", &with("101")) >= 1.0
+    });
+    assert_eq!(metric(&text, "istio_requests_total", &with("200")), 6.0, "{text}");
+    assert!(metric(&text, "istio_request_bytes_sum", &with("200")) >= 2.0 * payload.len() as f64, "{text}");
+    assert!(metric(&text, "istio_response_bytes_sum", &with("200")) >= 2.0 * payload.len() as f64, "{text}");
+    assert_eq!(metric(&text, "istio_request_duration_milliseconds_count", &with("503")), 1.0, "{text}");
+
+    // One JSON access log line per request.
+    let log = std::fs::read_to_string(&access_log).unwrap();
+    let _ = std::fs::remove_file(&access_log);
+    let lines: Vec<serde_json::Value> = log.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 8, "{log}");
+    let failed = lines.iter().find(|l| l["path"] == "/status/503").expect("503 logged");
+    assert_eq!(failed["response_code"], 503);
+    assert_eq!(failed["source_principal"], TEST_ID);
+    assert_eq!(failed["upstream_host"], "10.244.2.2:8080");
+    assert_eq!(failed["x_request_id"].as_str().map(str::len), Some(36), "{failed}");
 }

@@ -62,7 +62,9 @@ fn addr(s: &str) -> SocketAddrV4 {
 
 fn describe(r: &Route) -> String {
     match r {
-        Route::Service { service, endpoint, addr } => format!("svc {} -> {} {addr}", service.name, endpoint.name),
+        Route::Service { service, endpoint, addr, protocol } => {
+            format!("svc {} -> {} {addr} {protocol:?}", service.name, endpoint.name)
+        }
         Route::Workload { workload, addr } => format!("pod {} {addr}", workload.name),
         Route::Passthrough { addr } => format!("passthrough {addr}"),
         Route::Refused { service, reason } => format!("refused {}: {reason}", service.name),
@@ -74,11 +76,11 @@ fn routing_table() {
     let s = state(CLUSTER);
     let cases = [
         // Named targetPort resolves per pod; the unready pod is skipped.
-        ("10.96.0.10:80", 0, "svc hello -> hello-a 10.244.0.2:9095"),
-        ("10.96.0.10:80", 1, "svc hello -> hello-b 10.244.0.3:9096"),
-        ("10.96.0.10:80", 2, "svc hello -> hello-a 10.244.0.2:9095"),
+        ("10.96.0.10:80", 0, "svc hello -> hello-a 10.244.0.2:9095 Http"),
+        ("10.96.0.10:80", 1, "svc hello -> hello-b 10.244.0.3:9096 Http"),
+        ("10.96.0.10:80", 2, "svc hello -> hello-a 10.244.0.2:9095 Http"),
         // Numeric targetPort.
-        ("10.96.0.10:81", 1, "svc hello -> hello-b 10.244.0.3:7000"),
+        ("10.96.0.10:81", 1, "svc hello -> hello-b 10.244.0.3:7000 Unknown"),
         // UDP-only and unknown ports are refused for TCP.
         ("10.96.0.10:53", 0, "refused hello: the Service has no TCP port 53"),
         ("10.96.0.10:8080", 0, "refused hello: the Service has no TCP port 8080"),

@@ -1,0 +1,278 @@
+//! Per-request measurement: bodies that count their bytes as they stream, and a
+//! [`Record`] that, when the response is complete (or abandoned), updates
+//! Istio's request metrics and writes the access log line.
+use std::{
+    net::SocketAddrV4,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    task::{Context as TaskContext, Poll},
+    time::{Instant, SystemTime},
+};
+
+use http_body_util::BodyExt as _;
+use hyper::{
+    Request, Response, StatusCode,
+    body::{Body as _, Bytes, Frame, Incoming, SizeHint},
+    header::HeaderMap,
+    http::response::Parts,
+};
+
+use super::{Body, Downstream, local_reply, request_protocol};
+use crate::{
+    agent::Context,
+    telemetry::{RequestLabels, TcpLabels},
+};
+
+/// Request bytes, counted by the request body while it streams upstream.
+#[derive(Debug, Default)]
+pub struct Shared {
+    request_bytes: AtomicU64,
+}
+
+pub struct Record {
+    ctx: Arc<Context>,
+    tcp: TcpLabels,
+    grpc: bool,
+    start: Instant,
+    started_at: SystemTime,
+    method: String,
+    path: String,
+    authority: String,
+    user_agent: String,
+    request_id: String,
+    protocol: &'static str,
+    upstream: Option<SocketAddrV4>,
+    downstream: std::net::SocketAddr,
+    shared: Arc<Shared>,
+    status: u16,
+    grpc_status: Option<String>,
+    flags: &'static str,
+    response_bytes: u64,
+    done: bool,
+}
+
+fn header(h: &HeaderMap, name: &str) -> String {
+    h.get(name).and_then(|v| v.to_str().ok()).unwrap_or("-").to_owned()
+}
+
+fn grpc_status(h: &HeaderMap) -> Option<String> {
+    h.get("grpc-status").and_then(|v| v.to_str().ok()).map(str::to_owned)
+}
+
+impl Record {
+    #[expect(clippy::too_many_arguments, reason = "one constructor, called in two places")]
+    pub fn new(
+        ctx: &Arc<Context>,
+        down: &Downstream,
+        req: &Request<Incoming>,
+        tcp: TcpLabels,
+        grpc: bool,
+        upstream: Option<SocketAddrV4>,
+        started_at: SystemTime,
+        start: Instant,
+    ) -> Record {
+        let h = req.headers();
+        let authority =
+            req.uri().authority().map(|a| a.to_string()).unwrap_or_else(|| header(h, hyper::header::HOST.as_str()));
+        Record {
+            ctx: ctx.clone(),
+            tcp,
+            grpc,
+            start,
+            started_at,
+            method: req.method().to_string(),
+            path: req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_else(|| "/".into()),
+            authority,
+            user_agent: header(h, "user-agent"),
+            request_id: header(h, "x-request-id"),
+            protocol: match req.version() {
+                hyper::Version::HTTP_2 => "HTTP/2",
+                hyper::Version::HTTP_10 => "HTTP/1.0",
+                _ => "HTTP/1.1",
+            },
+            upstream,
+            downstream: down.peer,
+            shared: Arc::default(),
+            status: 0,
+            grpc_status: None,
+            flags: "-",
+            response_bytes: 0,
+            done: false,
+        }
+    }
+
+    pub fn set_mtls(&mut self, mtls: bool) {
+        if mtls {
+            self.tcp.connection_security_policy = "mutual_tls";
+        }
+    }
+
+    pub fn shared(&self) -> Arc<Shared> {
+        self.shared.clone()
+    }
+
+    pub fn set_response(&mut self, status: StatusCode, headers: &HeaderMap) {
+        self.status = status.as_u16();
+        // gRPC "trailers-only" responses carry the status in the headers.
+        self.grpc_status = grpc_status(headers);
+    }
+
+    /// An answer from the agent itself (no upstream response).
+    pub fn finish_local(mut self, status: StatusCode, text: &str, flags: &'static str) -> Response<Body> {
+        self.status = status.as_u16();
+        self.flags = flags;
+        self.response_bytes = text.len() as u64 + 1;
+        let mut r = local_reply(status, text);
+        if self.grpc {
+            // gRPC clients read the status from grpc-status: UNAVAILABLE (14),
+            // PERMISSION_DENIED (7) as Envoy maps them.
+            let code = if status == StatusCode::FORBIDDEN { "7" } else { "14" };
+            self.grpc_status = Some(code.into());
+            r.headers_mut().insert("grpc-status", hyper::header::HeaderValue::from_static(code));
+        }
+        self.finish();
+        r
+    }
+
+    /// `101 Switching Protocols`: the request is complete; the tunnel follows.
+    pub fn finish_switch(mut self, parts: Parts) -> Response<Body> {
+        self.status = parts.status.as_u16();
+        self.finish();
+        Response::from_parts(parts, http_body_util::Empty::new().map_err(|e| match e {}).boxed())
+    }
+
+    fn finish(&mut self) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        let request_bytes = self.shared.request_bytes.load(Ordering::Relaxed);
+        let ms = self.start.elapsed().as_secs_f64() * 1000.0;
+        let labels = RequestLabels::new(
+            self.tcp.clone(),
+            request_protocol(self.grpc),
+            self.status,
+            self.grpc_status.clone().unwrap_or_else(|| "-".into()),
+            self.flags,
+        );
+        let m = &self.ctx.metrics;
+        m.requests.get_or_create(&labels).inc();
+        m.request_duration.get_or_create(&labels).observe(ms);
+        m.request_bytes.get_or_create(&labels).observe(request_bytes as f64);
+        m.response_bytes.get_or_create(&labels).observe(self.response_bytes as f64);
+        self.ctx.access_log.write(&serde_json::json!({
+            "start_time": super::access_log::rfc3339(self.started_at),
+            "method": self.method,
+            "path": self.path,
+            "protocol": self.protocol,
+            "response_code": self.status,
+            "grpc_status": self.grpc_status,
+            "response_flags": self.flags,
+            "bytes_received": request_bytes,
+            "bytes_sent": self.response_bytes,
+            "duration_ms": (ms * 1000.0).round() / 1000.0,
+            "authority": self.authority,
+            "user_agent": self.user_agent,
+            "x_request_id": self.request_id,
+            "downstream_peer": self.downstream.to_string(),
+            "upstream_host": self.upstream.map(|a| a.to_string()),
+            "source_workload": labels.source_workload,
+            "source_namespace": labels.source_workload_namespace,
+            "source_principal": labels.source_principal,
+            "destination_workload": labels.destination_workload,
+            "destination_namespace": labels.destination_workload_namespace,
+            "destination_principal": labels.destination_principal,
+            "destination_service": labels.destination_service,
+            "connection_security_policy": labels.connection_security_policy,
+        }));
+    }
+}
+
+impl Drop for Record {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+enum Side {
+    Request(Arc<Shared>),
+    Response(Box<Record>),
+}
+
+/// A body passed through unchanged, counted as it streams.
+pub struct Metered {
+    inner: Incoming,
+    side: Side,
+    ended: bool,
+}
+
+impl Metered {
+    pub fn request(inner: Incoming, shared: Arc<Shared>) -> Metered {
+        Metered { inner, side: Side::Request(shared), ended: false }
+    }
+
+    pub fn response(inner: Incoming, record: Record) -> Metered {
+        Metered { inner, side: Side::Response(Box::new(record)), ended: false }
+    }
+}
+
+impl hyper::body::Body for Metered {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => match (&mut this.side, frame.data_ref(), frame.trailers_ref()) {
+                (Side::Request(s), Some(d), _) => {
+                    s.request_bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
+                }
+                (Side::Response(r), Some(d), _) => r.response_bytes += d.len() as u64,
+                (Side::Response(r), None, Some(t)) => {
+                    if let Some(g) = grpc_status(t) {
+                        r.grpc_status = Some(g);
+                    }
+                }
+                _ => {}
+            },
+            Poll::Ready(None) => {
+                this.ended = true;
+                if let Side::Response(r) = &mut this.side {
+                    r.finish();
+                }
+            }
+            Poll::Ready(Some(Err(_))) => {
+                if let Side::Response(r) = &mut this.side {
+                    r.flags = "UR";
+                }
+            }
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Metered {
+    fn drop(&mut self) {
+        if let Side::Response(r) = &mut self.side
+            && !self.ended
+            && !self.inner.is_end_stream()
+            && r.flags == "-"
+        {
+            // The client went away before the response was complete.
+            r.flags = "DC";
+        }
+    }
+}
