@@ -42,13 +42,25 @@ use protocol::Handling;
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
 /// The client side of an L7 connection.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Downstream {
     pub peer: SocketAddr,
     pub peer_ip: Ipv4Addr,
     /// Where the client connected (a Service VIP or a pod IP).
     pub orig: SocketAddrV4,
     pub source: Option<Arc<Workload>>,
+    /// The round-robin turn the connection already drew, for its first request
+    /// (`usize::MAX` once used), so that L7 does not skip endpoints.
+    pub first_pick: std::sync::atomic::AtomicUsize,
+}
+
+impl Downstream {
+    fn pick(&self, ctx: &Context) -> usize {
+        match self.first_pick.swap(usize::MAX, std::sync::atomic::Ordering::AcqRel) {
+            usize::MAX => ctx.next_pick(),
+            first => first,
+        }
+    }
 }
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1), never forwarded.
@@ -156,7 +168,7 @@ async fn handle(ctx: Arc<Context>, down: Arc<Downstream>, mut req: Request<Incom
     let grpc = is_grpc(req.headers());
     let state = ctx.state();
     let source = down.source.as_deref();
-    let (dest, addr, tcp_labels) = match route(&state, down.orig, ctx.next_pick()) {
+    let (dest, addr, tcp_labels) = match route(&state, down.orig, down.pick(&ctx)) {
         Route::Service { service, endpoint, addr, .. } => {
             let l = TcpLabels::new(source, Some(&endpoint), Some(&service), false);
             (Some(endpoint), addr, l)

@@ -184,7 +184,8 @@ async fn handle(ctx: &Arc<Context>, client: TcpStream, peer: SocketAddr) {
     };
     if handling != Handling::Tcp {
         drop(state);
-        let down = crate::l7::Downstream { peer, peer_ip, orig, source };
+        // The first request takes this connection's turn in the round robin.
+        let down = crate::l7::Downstream { peer, peer_ip, orig, source, first_pick: pick.into() };
         return crate::l7::serve(ctx.clone(), client, down, handling).await;
     }
     match open_upstream(ctx, &state, source.as_ref(), peer, dest.as_ref(), addr).await {

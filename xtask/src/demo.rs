@@ -131,7 +131,7 @@ const STEPS: &[Step] = &[
         name: "sleep → helloworld Service",
         client: Some("sleep"),
         url: "http://10.96.0.10:9095/hello",
-        path: "AuthorizationPolicy: only sa/test",
+        path: "AuthorizationPolicy: only sa/test → 403",
         identities: "other/sa/sleep → sample/sa/helloworld",
         expect_ok: false,
     },
@@ -167,7 +167,8 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
     println!("\n{:<32} {:<9} {:<47} {:<40} {:<9} {:>9}", "step", "protocol", "path", "identities", "status", "latency");
     let mut unexpected = 0;
     for step in STEPS {
-        let args = ["curl", "-sS", "--max-time", "5", step.url];
+        // -f: an HTTP error status (a policy's 403) counts as refused.
+        let args = ["curl", "-sSf", "--max-time", "5", step.url];
         let start = Instant::now();
         let out = match step.client {
             Some(pod) => cluster.pod(pod).cmd(&args),
@@ -189,11 +190,16 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
         let body = String::from_utf8_lossy(&out.stdout).trim().to_owned();
         println!("    {}", if body.is_empty() { String::from_utf8_lossy(&out.stderr).trim().to_owned() } else { body });
     }
-    let m = agents[1].wait_metrics(5, "connections closed", |m| {
-        metric(m, "istio_tcp_connections_closed_total", &[("connection_security_policy", "mutual_tls")]) >= 2.0
+    let source = agents[0].wait_metrics(5, "requests", |m| {
+        metric(m, "istio_requests_total", &[("connection_security_policy", "mutual_tls")]) >= 2.0
     });
-    println!("\nnode-2 metrics (http://127.0.0.1:15000/metrics in {}):", cluster.nodes[1].ns);
-    for line in m
+    println!("\nnode-1 (source) request metrics (http://127.0.0.1:15000/metrics in {}):", cluster.node_ns);
+    for line in source.lines().filter(|l| l.starts_with("istio_requests_total")) {
+        println!("  {line}");
+    }
+    let dest = agents[1].metrics();
+    println!("\nnode-2 (destination) tunnel metrics (in {}):", cluster.nodes[1].ns);
+    for line in dest
         .lines()
         .filter(|l| l.starts_with("istio_tcp_connections_opened") || l.starts_with("mesh_tcp_connection_failures"))
     {
