@@ -100,6 +100,7 @@ pub struct Context {
     last_config_error: RwLock<Option<String>>,
     ready: AtomicBool,
     rr: AtomicUsize,
+    rng: std::sync::atomic::AtomicU64,
 }
 
 impl Context {
@@ -120,6 +121,15 @@ impl Context {
 
     pub fn next_pick(&self) -> usize {
         self.rr.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// A pseudo-random number (splitmix64 over a shared counter): for weights
+    /// and random balancing, not for secrets.
+    pub fn next_random(&self) -> u64 {
+        let mut z = self.rng.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
     }
 
     pub fn is_ready(&self) -> bool {
@@ -218,6 +228,9 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
         last_config_error: RwLock::default(),
         ready: AtomicBool::new(false),
         rr: AtomicUsize::new(0),
+        rng: std::sync::atomic::AtomicU64::new(u64::from_ne_bytes(
+            crate::identity::random_bytes::<8>().unwrap_or_default(),
+        )),
     });
     ctx.metrics.config_loads.get_or_create(&ResultLabels { result: "success" }).inc();
 

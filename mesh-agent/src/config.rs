@@ -10,6 +10,7 @@ use crate::state::State;
 
 pub mod k8s;
 mod load;
+mod networking;
 mod security;
 mod validate;
 

@@ -24,7 +24,7 @@ use tokio::net::TcpStream;
 use crate::{
     agent::Context,
     proxy::{self, ProxyError},
-    route::{Refusal, Route, route},
+    route::{Refusal, Route},
     state::Workload,
     telemetry::TcpLabels,
 };
@@ -33,6 +33,7 @@ pub mod access_log;
 mod metered;
 pub mod pool;
 pub mod protocol;
+pub mod routing;
 
 use metered::{Metered, Record};
 use pool::{PoolKey, Sender};
@@ -168,7 +169,14 @@ async fn handle(ctx: Arc<Context>, down: Arc<Downstream>, mut req: Request<Incom
     let grpc = is_grpc(req.headers());
     let state = ctx.state();
     let source = down.source.as_deref();
-    let (dest, addr, tcp_labels) = match route(&state, down.orig, down.pick(&ctx)) {
+    let view = routing::RequestView {
+        method: req.method().as_str(),
+        path: req.uri().path_and_query().map_or("/", |p| p.as_str()),
+        headers: req.headers(),
+    };
+    let decision = routing::route_request(&state, down.orig, &view, down.pick(&ctx), ctx.next_random());
+    let timeout = decision.timeout;
+    let (dest, addr, tcp_labels) = match decision.route {
         Route::Service { service, endpoint, addr, .. } => {
             let l = TcpLabels::new(source, Some(&endpoint), Some(&service), false);
             (Some(endpoint), addr, l)
@@ -182,7 +190,7 @@ async fn handle(ctx: Arc<Context>, down: Arc<Downstream>, mut req: Request<Incom
             let l = TcpLabels::new(source, None, Some(&service), false);
             let (text, flags) = match reason {
                 Refusal::NoReadyEndpoint(_) => ("no healthy upstream", "UH"),
-                Refusal::UnknownPort(_) => ("no route", "NR"),
+                Refusal::UnknownPort(_) | Refusal::NoSubset(_) | Refusal::NoRoute => ("no healthy upstream", "NR"),
             };
             let record = Record::new(&ctx, &down, &req, l, grpc, None, started_at, start);
             return record.finish_local(StatusCode::SERVICE_UNAVAILABLE, text, flags);
@@ -248,7 +256,18 @@ async fn handle(ctx: Arc<Context>, down: Arc<Downstream>, mut req: Request<Incom
     }
     let body = Metered::request(body, record.shared()).boxed();
     let up_req = Request::from_parts(parts, body);
-    let mut resp = match sender.send(up_req).await {
+    let sent = match timeout {
+        Some(t) => match tokio::time::timeout(t, sender.send(up_req)).await {
+            Ok(r) => r,
+            Err(_) => {
+                // The upstream connection is dropped with the request (not pooled).
+                tracing::info!(peer = %down.peer, upstream = %addr, ?t, "request timed out");
+                return record.finish_local(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout", "UT");
+            }
+        },
+        None => sender.send(up_req).await,
+    };
+    let mut resp = match sent {
         Ok((resp, sender)) => {
             ctx.http_pool.release(&ctx, key, sender);
             resp

@@ -25,12 +25,16 @@ pub enum Route {
     Refused { service: Arc<Service>, reason: Refusal },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {
     /// The Service has no TCP port with this number.
     UnknownPort(u16),
     /// No ready endpoint serves the port.
     NoReadyEndpoint(u16),
+    /// A route names a subset no DestinationRule defines.
+    NoSubset(String),
+    /// A VirtualService rule matched but has no usable destination.
+    NoRoute,
 }
 
 impl std::fmt::Display for Refusal {
@@ -38,6 +42,8 @@ impl std::fmt::Display for Refusal {
         match self {
             Refusal::UnknownPort(p) => write!(f, "the Service has no TCP port {p}"),
             Refusal::NoReadyEndpoint(p) => write!(f, "no ready endpoint for port {p}"),
+            Refusal::NoSubset(s) => write!(f, "no DestinationRule defines subset {s:?}"),
+            Refusal::NoRoute => write!(f, "the matching route has no destination"),
         }
     }
 }
@@ -47,7 +53,7 @@ impl std::fmt::Display for Refusal {
 pub fn route(state: &State, dst: SocketAddrV4, pick: usize) -> Route {
     let ip: Ipv4Addr = *dst.ip();
     if let Some(service) = state.by_vip.get(&ip) {
-        return route_service(service, dst.port(), pick);
+        return route_service(service, dst.port(), None, pick);
     }
     if let Some(workload) = state.workload_by_ip(ip) {
         return Route::Workload { workload: workload.clone(), addr: dst };
@@ -55,14 +61,28 @@ pub fn route(state: &State, dst: SocketAddrV4, pick: usize) -> Route {
     Route::Passthrough { addr: dst }
 }
 
-fn route_service(service: &Arc<Service>, port: u16, pick: usize) -> Route {
+/// A ready endpoint of `service` for `port`, among the pods whose labels include
+/// `subset` (when given), by `pick`.
+pub fn route_service(
+    service: &Arc<Service>,
+    port: u16,
+    subset: Option<&std::collections::BTreeMap<String, String>>,
+    pick: usize,
+) -> Route {
     let Some(sp) = service.ports.iter().find(|p| p.port == port && p.protocol == Protocol::Tcp) else {
         return Route::Refused { service: service.clone(), reason: Refusal::UnknownPort(port) };
     };
     // Endpoints that are ready and define the target port (a named port may be
     // missing on some pods, as in Kubernetes).
-    let eligible =
-        || service.endpoints.iter().filter(|w| w.ready).filter_map(|w| Some((w, w.ip?, w.resolve_port(&sp.target)?)));
+    let in_subset = |w: &&Arc<Workload>| subset.is_none_or(|l| l.iter().all(|(k, v)| w.labels.get(k) == Some(v)));
+    let eligible = || {
+        service
+            .endpoints
+            .iter()
+            .filter(|w| w.ready)
+            .filter(in_subset)
+            .filter_map(|w| Some((w, w.ip?, w.resolve_port(&sp.target)?)))
+    };
     let n = eligible().count();
     if n == 0 {
         return Route::Refused { service: service.clone(), reason: Refusal::NoReadyEndpoint(port) };

@@ -27,6 +27,9 @@ pub struct State {
     pub services: BTreeMap<String, Arc<Service>>,
     pub peer_authentications: Vec<crate::policy::PeerAuthentication>,
     pub authorization_policies: Vec<crate::policy::AuthorizationPolicy>,
+    /// In name order (Istio applies the oldest first; creation time is not kept).
+    pub virtual_services: Vec<crate::l7::routing::VirtualService>,
+    pub destination_rules: Vec<crate::l7::routing::DestinationRule>,
     #[serde(skip)]
     pub by_ip: HashMap<Ipv4Addr, Arc<Workload>>,
     #[serde(skip)]

@@ -81,6 +81,7 @@ type Body = http_body_util::combinators::BoxBody<hyper::body::Bytes, hyper::Erro
 /// - `/hello`: `hello from <pod>; client <ip>; <version>; x-request-id <id>`
 /// - `/echo`: streams the request body back as it arrives
 /// - `/status/<code>`: answers with that status
+/// - `/delay/<ms>`: answers after that long
 /// - `/upgrade` with `Upgrade:`: `101`, then echoes raw bytes (a WebSocket stand-in)
 pub fn http_api(pod: &Pod, port: u16) {
     let name = pod.name.clone();
@@ -96,7 +97,7 @@ pub fn http_api(pod: &Pod, port: u16) {
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req| {
                         let name = name.clone();
-                        async move { Ok::<_, std::convert::Infallible>(api(&name, peer, req)) }
+                        async move { Ok::<_, std::convert::Infallible>(api(&name, peer, req).await) }
                     });
                     let mut first = [0u8; 4];
                     let _ = stream.peek(&mut first).await;
@@ -117,7 +118,7 @@ pub fn http_api(pod: &Pod, port: u16) {
     });
 }
 
-fn api(
+async fn api(
     name: &str,
     peer: std::net::SocketAddr,
     mut req: hyper::Request<hyper::body::Incoming>,
@@ -149,6 +150,11 @@ fn api(
     }
     if let Some(code) = path.strip_prefix("/status/").and_then(|c| c.parse::<u16>().ok()) {
         return text(code, format!("status {code}\n"));
+    }
+    if let Some(ms) = path.strip_prefix("/delay/").and_then(|c| c.parse::<u64>().ok()) {
+        // Headers only after the delay, as a slow upstream.
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+        return text(200, format!("after {ms} ms\n"));
     }
     let id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("-");
     text(200, format!("hello from {name}; client {}; {:?}; x-request-id {id}\n", peer.ip(), req.version()))

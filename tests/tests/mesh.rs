@@ -23,6 +23,10 @@ const TEST_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
 const OUTSIDER_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 3);
 const SLEEP_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 4);
 const HELLO_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 2);
+/// Service `ver`: v1 on node-2, v2 on node-1 (HTTP servers on 8080), for routing rules.
+const VER_VIP: &str = "10.96.0.12";
+const VER_V1_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 3);
+const VER_V2_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 5);
 const TEST_ID: &str = "spiffe://cluster.local/ns/demo/sa/test";
 const HELLO_ID: &str = "spiffe://cluster.local/ns/demo/sa/helloworld";
 
@@ -97,6 +101,26 @@ spec:
   clusterIP: {API_VIP}
   selector: {{app: helloworld}}
   ports: [{{name: http-api, port: 80, targetPort: 8080}}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: ver-v1, namespace: demo, labels: {{app: ver, version: v1}}}}
+spec: {{nodeName: node-2, serviceAccountName: ver}}
+status: {{podIP: {VER_V1_IP}}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: ver-v2, namespace: demo, labels: {{app: ver, version: v2}}}}
+spec: {{nodeName: node-1, serviceAccountName: ver}}
+status: {{podIP: {VER_V2_IP}}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: ver, namespace: demo}}
+spec:
+  clusterIP: {VER_VIP}
+  selector: {{app: ver}}
+  ports: [{{name: http, port: 80, targetPort: 8080}}]
 {extra}"#
     )
 }
@@ -116,6 +140,10 @@ impl Mesh {
         c.add_pod_on(0, "outsider", OUTSIDER_IP);
         c.add_pod_on(0, "sleep", SLEEP_IP);
         c.add_pod_on(1, "helloworld", HELLO_IP);
+        c.add_pod_on(1, "ver-v1", VER_V1_IP);
+        c.add_pod_on(0, "ver-v2", VER_V2_IP);
+        servers::http_api(c.pod("ver-v1"), 8080);
+        servers::http_api(c.pod("ver-v2"), 8080);
         servers::http_hello(c.pod("helloworld"), 9095);
         servers::echo(c.pod("helloworld"), 7000);
         servers::http_hello(c.pod("test"), 9095);
@@ -754,4 +782,85 @@ fn http_through_the_mesh_across_nodes() {
     assert_eq!(failed["source_principal"], TEST_ID);
     assert_eq!(failed["upstream_host"], "10.244.2.2:8080");
     assert_eq!(failed["x_request_id"].as_str().map(str::len), Some(36), "{failed}");
+}
+
+#[test]
+fn virtual_service_weights_header_match_and_timeout() {
+    if !require_root("virtual_service_weights_header_match_and_timeout") {
+        return;
+    }
+    let rules = "---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: ver, namespace: demo}
+spec:
+  host: ver
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: ver, namespace: demo}
+spec:
+  hosts: [ver.demo.svc.cluster.local]
+  http:
+  - match: [{headers: {x-version: {exact: v2}}}]
+    route: [{destination: {host: ver, subset: v2}}]
+  - match: [{uri: {prefix: /delay}}]
+    route: [{destination: {host: ver, subset: v1}}]
+    timeout: 0.5s
+  - route:
+    - {destination: {host: ver, subset: v1}, weight: 80}
+    - {destination: {host: ver, subset: v2}, weight: 20}
+";
+    let m = Mesh::start(rules, &[]);
+    let test = m.pod("test");
+    let url = format!("http://{VER_VIP}/hello");
+
+    // 80/20 over 500 requests (one keep-alive connection: routing is per request).
+    let urls: Vec<&str> = std::iter::repeat_n(url.as_str(), 500).collect();
+    let mut args = vec!["curl", "-sSf", "--max-time", "60"];
+    args.extend(&urls);
+    let out = test.cmd(&args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let body = String::from_utf8_lossy(&out.stdout);
+    let v1 = body.matches("hello from ver-v1;").count();
+    let v2 = body.matches("hello from ver-v2;").count();
+    assert_eq!(v1 + v2, 500, "{body}");
+    // 400 expected; ±50 is more than five standard deviations.
+    assert!((350..=450).contains(&v1), "v1 got {v1} of 500 (80% ± 10% expected)");
+
+    // A header match wins over the weights.
+    let mut args = vec!["curl", "-sSf", "--max-time", "10", "-H", "x-version: v2"];
+    let ten: Vec<&str> = std::iter::repeat_n(url.as_str(), 10).collect();
+    args.extend(&ten);
+    let out = test.cmd(&args);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).matches("hello from ver-v2;").count(), 10);
+
+    // A 2 s upstream under a 0.5 s route timeout: 504, promptly.
+    let start = Instant::now();
+    let out = test.cmd(&[
+        "curl",
+        "-s",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "--max-time",
+        "10",
+        &format!("http://{VER_VIP}/delay/2000"),
+    ]);
+    let took = start.elapsed();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "504");
+    assert!(took < Duration::from_millis(1800), "504 after {took:?}");
+
+    let text = m.agents[0].wait_metrics(5, "request metrics", |t| {
+        metric(t, "istio_requests_total", &[("destination_service", "ver.demo.svc.cluster.local")]) >= 511.0
+    });
+    let timeouts =
+        [("destination_service", "ver.demo.svc.cluster.local"), ("response_code", "504"), ("response_flags", "UT")];
+    assert_eq!(metric(&text, "istio_requests_total", &timeouts), 1.0, "{text}");
+    let v1_ok = [("destination_version", "v1"), ("response_code", "200"), ("connection_security_policy", "mutual_tls")];
+    assert_eq!(metric(&text, "istio_requests_total", &v1_ok), v1 as f64, "{text}");
 }

@@ -9,6 +9,7 @@ use serde::de::DeserializeOwned;
 
 use super::{
     ConfigError, ConfigErrors, Document, Loaded, Origin, k8s,
+    networking::{self, DestinationRuleObject, VirtualServiceObject},
     security::{self, AuthorizationPolicyObject, PeerAuthenticationObject},
 };
 use crate::state::{
@@ -46,6 +47,8 @@ struct Objects {
     services: Vec<(Origin, k8s::Service)>,
     peer_authentications: Vec<(Origin, PeerAuthenticationObject)>,
     authorization_policies: Vec<(Origin, AuthorizationPolicyObject)>,
+    virtual_services: Vec<(Origin, VirtualServiceObject)>,
+    destination_rules: Vec<(Origin, DestinationRuleObject)>,
 }
 
 pub(super) fn build_state(docs: &[Document], trust_domain: &str) -> Result<Loaded, ConfigErrors> {
@@ -121,6 +124,12 @@ fn sort_document(
         }
         ("security.istio.io/v1" | "security.istio.io/v1beta1", "AuthorizationPolicy") => {
             push(&mut ctx, value, &mut objects.authorization_policies)
+        }
+        ("networking.istio.io/v1" | "networking.istio.io/v1beta1", "VirtualService") => {
+            push(&mut ctx, value, &mut objects.virtual_services)
+        }
+        ("networking.istio.io/v1" | "networking.istio.io/v1beta1", "DestinationRule") => {
+            push(&mut ctx, value, &mut objects.destination_rules)
         }
         (api, _) if api.split('/').next().is_some_and(|g| g.ends_with("istio.io")) => {
             ctx.error("kind", format!("{api} {kind} is not supported by this version of mesh-agent"));
@@ -260,6 +269,23 @@ fn assemble(objects: Objects, trust_domain: &str, errors: &mut Vec<ConfigError>)
         |o| describe_meta("AuthorizationPolicy", &o.metadata),
         security::build_authorization_policy,
     );
+    let services = &state.services;
+    let mut virtual_services = build_unique(
+        &objects.virtual_services,
+        errors,
+        |o| describe_meta("VirtualService", &o.metadata),
+        |ctx, o| networking::build_virtual_service(ctx, o, services),
+    );
+    let mut destination_rules = build_unique(
+        &objects.destination_rules,
+        errors,
+        |o| describe_meta("DestinationRule", &o.metadata),
+        |ctx, o| networking::build_destination_rule(ctx, o, services),
+    );
+    virtual_services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    destination_rules.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    state.virtual_services = virtual_services;
+    state.destination_rules = destination_rules;
     // Istio applies the oldest policy first when several select a workload;
     // without creation times, name order makes the choice stable.
     state.peer_authentications.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));

@@ -59,8 +59,8 @@ fn invalid_input_names_file_object_and_field() {
             "cluster.yaml (document 1): Pod default/p: metadata.labels[istio.io/dataplane-mode]: \"sidecar\": expected \"ambient\" or \"none\"",
         ),
         (
-            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: v, namespace: demo}\n",
-            "cluster.yaml (document 1): VirtualService demo/v: kind: networking.istio.io/v1 VirtualService is not supported by this version of mesh-agent",
+            "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {name: t, namespace: demo}\n",
+            "cluster.yaml (document 1): Telemetry demo/t: kind: telemetry.istio.io/v1 Telemetry is not supported by this version of mesh-agent",
         ),
         (
             "kind: Pod\nmetadata: {name: p}\n",
@@ -238,4 +238,98 @@ fn security_policies_are_validated_field_by_field() {
     let loaded = load(&ok).expect("valid");
     assert_eq!(loaded.state.peer_authentications.len(), 1);
     assert_eq!(loaded.state.authorization_policies[0].rules[0].to[0].ports, [22, 23]);
+}
+
+#[test]
+fn routing_rules_are_validated_field_by_field() {
+    let svc = "apiVersion: v1\nkind: Service\nmetadata: {name: hello, namespace: demo}\n\
+               spec: {clusterIP: 10.96.0.10, ports: [{name: http, port: 80}]}\n---\n";
+    let vs = |spec: &str| {
+        format!(
+            "{svc}apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: v, namespace: demo}}\nspec: {spec}\n"
+        )
+    };
+    let dr = |spec: &str| {
+        format!(
+            "{svc}apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: d, namespace: demo}}\nspec: {spec}\n"
+        )
+    };
+    let at = "cluster.yaml (document 2)";
+    let cases = [
+        (
+            vs("{hosts: [nope], http: [{route: [{destination: {host: hello}}]}]}"),
+            format!("{at}: VirtualService demo/v: spec.hosts[0]: \"nope\" is not a known Service"),
+        ),
+        (
+            vs(
+                "{hosts: [hello], http: [{route: [{destination: {host: hello}, weight: 70}, {destination: {host: hello}, weight: 20}]}]}",
+            ),
+            format!("{at}: VirtualService demo/v: spec.http[0].route: weights add up to 90, not 100"),
+        ),
+        (
+            vs("{hosts: [hello], http: [{route: [{destination: {host: hello, port: {number: 81}}}]}]}"),
+            format!(
+                "{at}: VirtualService demo/v: spec.http[0].route[0].destination.port.number: Service demo/hello has no port 81"
+            ),
+        ),
+        (
+            vs("{hosts: [hello], http: [{route: [{destination: {host: hello}}], timeout: 5x}]}"),
+            format!("{at}: VirtualService demo/v: spec.http[0].timeout: \"5x\": the unit must be ms, s, m or h"),
+        ),
+        (
+            vs("{hosts: [hello], http: [{match: [{uri: {regex: \".*\"}}], route: [{destination: {host: hello}}]}]}"),
+            format!(
+                "{at}: VirtualService demo/v: spec.http[0].match[0].uri.regex: not supported by this version of mesh-agent"
+            ),
+        ),
+        (
+            vs(
+                "{hosts: [hello], http: [{match: [{uri: {exact: /a, prefix: /b}}], route: [{destination: {host: hello}}]}]}",
+            ),
+            format!(
+                "{at}: VirtualService demo/v: spec.http[0].match[0].uri: exactly one of exact, prefix or regex is required"
+            ),
+        ),
+        (
+            vs("{hosts: [hello], http: [{fault: {abort: {httpStatus: 500}}, route: [{destination: {host: hello}}]}]}"),
+            format!("{at}: VirtualService demo/v: spec.http[0].fault: not supported by this version of mesh-agent"),
+        ),
+        (
+            vs("{hosts: [hello], http: [{rout: []}]}"),
+            format!("{at}: VirtualService demo/v: spec.http[0].rout: unknown field `rout`"),
+        ),
+        (
+            dr("{host: hello, trafficPolicy: {loadBalancer: {simple: LEAST_REQUEST}}}"),
+            format!(
+                "{at}: DestinationRule demo/d: spec.trafficPolicy.loadBalancer.simple: LEAST_REQUEST is not supported by this version of mesh-agent"
+            ),
+        ),
+        (
+            dr("{host: hello, subsets: [{name: v1, labels: {version: v1}}, {name: v1}]}"),
+            format!("{at}: DestinationRule demo/d: spec.subsets[1].name: subset \"v1\" is defined twice"),
+        ),
+        (
+            dr("{host: hello.demo.svc.cluster.local, trafficPolicy: {outlierDetection: {}}}"),
+            format!(
+                "{at}: DestinationRule demo/d: spec.trafficPolicy.outlierDetection: not supported by this version of mesh-agent"
+            ),
+        ),
+    ];
+    for (yaml, want) in cases {
+        let got = error_of(&yaml);
+        assert!(got.starts_with(&want), "for:\n{yaml}\nwant: {want}\ngot:  {got}");
+    }
+    let ok = format!(
+        "{}---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: d, namespace: demo}}\n\
+         spec: {{host: 10.96.0.10, subsets: [{{name: v1, labels: {{version: v1}}}}]}}\n",
+        vs(
+            "{hosts: [hello.demo], http: [{match: [{headers: {X-User: {prefix: a}}, port: 80}], route: [{destination: {host: hello.demo.svc, subset: v1}}], timeout: 250ms}]}"
+        )
+    );
+    let loaded = load(&ok).expect("valid");
+    let v = &loaded.state.virtual_services[0];
+    assert_eq!(v.hosts, ["demo/hello"]);
+    assert_eq!(v.http[0].matches[0].headers[0].0, "x-user");
+    assert_eq!(v.http[0].timeout, Some(std::time::Duration::from_millis(250)));
+    assert_eq!(loaded.state.destination_rules[0].service, "demo/hello");
 }

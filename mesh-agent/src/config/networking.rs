@@ -1,0 +1,444 @@
+//! `networking.istio.io/v1` `VirtualService` and `DestinationRule` for mesh
+//! traffic, validated into [`crate::l7::routing`] types. Unknown fields are
+//! errors; fields Istio defines that this version does not implement yet are
+//! errors too, named, so that a rule is never half applied.
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use serde::Deserialize;
+
+use super::{k8s::ObjectMeta, validate::Ctx};
+use crate::{
+    l7::routing::{
+        DestinationRule, HttpMatch, HttpRoute, LoadBalancer, StrMatch, Subset, VirtualService, WeightedDestination,
+    },
+    state::{CLUSTER_DOMAIN, Service},
+};
+
+type Unsupported = Option<serde_yaml_ng::Value>;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct VirtualServiceObject {
+    #[allow(dead_code)]
+    pub api_version: String,
+    #[allow(dead_code)]
+    pub kind: String,
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: VirtualServiceSpec,
+    #[allow(dead_code)]
+    pub status: Unsupported,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct VirtualServiceSpec {
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    #[serde(default)]
+    pub gateways: Vec<String>,
+    #[serde(default)]
+    pub http: Vec<HttpRouteSpec>,
+    pub tcp: Unsupported,
+    pub tls: Unsupported,
+    pub export_to: Unsupported,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HttpRouteSpec {
+    pub name: Option<String>,
+    #[serde(default, rename = "match")]
+    pub matches: Vec<HttpMatchSpec>,
+    #[serde(default)]
+    pub route: Vec<RouteDestinationSpec>,
+    pub timeout: Option<String>,
+    pub retries: Unsupported,
+    pub fault: Unsupported,
+    pub mirror: Unsupported,
+    pub mirror_percentage: Unsupported,
+    pub mirrors: Unsupported,
+    pub rewrite: Unsupported,
+    pub redirect: Unsupported,
+    pub headers: Unsupported,
+    pub cors_policy: Unsupported,
+    pub direct_response: Unsupported,
+    pub delegate: Unsupported,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HttpMatchSpec {
+    /// Only for logs in Istio; accepted and unused.
+    #[allow(dead_code)]
+    pub name: Option<String>,
+    pub uri: Option<StringMatchSpec>,
+    pub method: Option<StringMatchSpec>,
+    #[serde(default)]
+    pub headers: BTreeMap<String, StringMatchSpec>,
+    pub port: Option<i64>,
+    pub query_params: Unsupported,
+    pub scheme: Unsupported,
+    pub authority: Unsupported,
+    pub without_headers: Unsupported,
+    pub ignore_uri_case: Unsupported,
+    pub source_labels: Unsupported,
+    pub source_namespace: Unsupported,
+    pub gateways: Unsupported,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StringMatchSpec {
+    pub exact: Option<String>,
+    pub prefix: Option<String>,
+    pub regex: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteDestinationSpec {
+    pub destination: DestinationSpec,
+    pub weight: Option<i64>,
+    pub headers: Unsupported,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DestinationSpec {
+    pub host: String,
+    pub subset: Option<String>,
+    pub port: Option<PortSelectorSpec>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortSelectorSpec {
+    pub number: i64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct DestinationRuleObject {
+    #[allow(dead_code)]
+    pub api_version: String,
+    #[allow(dead_code)]
+    pub kind: String,
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: DestinationRuleSpec,
+    #[allow(dead_code)]
+    pub status: Unsupported,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct DestinationRuleSpec {
+    #[serde(default)]
+    pub host: String,
+    #[serde(default)]
+    pub subsets: Vec<SubsetSpec>,
+    pub traffic_policy: Option<TrafficPolicySpec>,
+    pub export_to: Unsupported,
+    pub workload_selector: Unsupported,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct SubsetSpec {
+    pub name: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub traffic_policy: Option<TrafficPolicySpec>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TrafficPolicySpec {
+    pub load_balancer: Option<LoadBalancerSpec>,
+    pub connection_pool: Unsupported,
+    pub outlier_detection: Unsupported,
+    pub tls: Unsupported,
+    pub port_level_settings: Unsupported,
+    pub tunnel: Unsupported,
+    pub proxy_protocol: Unsupported,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LoadBalancerSpec {
+    pub simple: Option<String>,
+    pub consistent_hash: Unsupported,
+    pub locality_lb_setting: Unsupported,
+    pub warmup_duration_secs: Unsupported,
+}
+
+const NOT_YET: &str = "not supported by this version of mesh-agent";
+
+fn reject(ctx: &mut Ctx<'_>, base: &str, fields: &[(&str, &Unsupported)]) {
+    for (name, value) in fields {
+        if value.is_some() {
+            ctx.error(format!("{base}.{name}"), NOT_YET);
+        }
+    }
+}
+
+/// Istio's duration format: `250ms`, `0.5s`, `2s`, `1m`, `1h`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num.parse().map_err(|_| format!("{s:?}: expected a duration such as 500ms or 2s"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("{s:?}: the unit must be ms, s, m or h")),
+    };
+    if !(secs.is_finite() && secs > 0.0) {
+        return Err(format!("{s:?}: must be positive"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Resolves a host as Istio does for mesh Services: a short name (in the
+/// object's namespace), `name.ns`, `name.ns.svc`, the FQDN, or a VIP.
+pub fn resolve_host<'a>(
+    host: &str,
+    namespace: &str,
+    services: &'a BTreeMap<String, Arc<Service>>,
+) -> Option<&'a Arc<Service>> {
+    let suffix = format!(".svc.{CLUSTER_DOMAIN}");
+    let trimmed = host.strip_suffix(&suffix).or_else(|| host.strip_suffix(".svc")).unwrap_or(host);
+    let key = match trimmed.split_once('.') {
+        Some((name, ns)) if !ns.contains('.') => format!("{ns}/{name}"),
+        Some(_) => return services.values().find(|s| s.vip.is_some_and(|v| v.to_string() == host)),
+        None => format!("{namespace}/{trimmed}"),
+    };
+    services.get(&key)
+}
+
+fn string_match(ctx: &mut Ctx<'_>, field: &str, m: &StringMatchSpec) -> Option<StrMatch> {
+    match (&m.exact, &m.prefix, &m.regex) {
+        (Some(e), None, None) => Some(StrMatch::Exact(e.clone())),
+        (None, Some(p), None) => Some(StrMatch::Prefix(p.clone())),
+        (None, None, Some(_)) => {
+            ctx.error(format!("{field}.regex"), NOT_YET);
+            None
+        }
+        _ => {
+            ctx.error(field, "exactly one of exact, prefix or regex is required");
+            None
+        }
+    }
+}
+
+pub(super) fn build_virtual_service(
+    ctx: &mut Ctx<'_>,
+    obj: &VirtualServiceObject,
+    services: &BTreeMap<String, Arc<Service>>,
+) -> Option<VirtualService> {
+    let name = super::validate::require_name(ctx, &obj.metadata)?;
+    let namespace: Arc<str> = obj.metadata.namespace.as_deref().unwrap_or("default").into();
+    let before = ctx.error_count();
+    let spec = &obj.spec;
+    reject(ctx, "spec", &[("tcp", &spec.tcp), ("tls", &spec.tls), ("exportTo", &spec.export_to)]);
+    if spec.gateways.iter().any(|g| g != "mesh") {
+        ctx.error("spec.gateways", "only `mesh` is supported (gateways come with the gateway issue)");
+    }
+    if spec.hosts.is_empty() {
+        ctx.error("spec.hosts", "at least one host is required");
+    }
+    let mut hosts = Vec::new();
+    for (i, h) in spec.hosts.iter().enumerate() {
+        match resolve_host(h, &namespace, services) {
+            Some(s) => hosts.push(format!("{}/{}", s.namespace, s.name)),
+            None => ctx.error(format!("spec.hosts[{i}]"), format!("{h:?} is not a known Service")),
+        }
+    }
+    let mut http = Vec::new();
+    for (ri, r) in spec.http.iter().enumerate() {
+        let base = format!("spec.http[{ri}]");
+        reject(
+            ctx,
+            &base,
+            &[
+                ("retries", &r.retries),
+                ("fault", &r.fault),
+                ("mirror", &r.mirror),
+                ("mirrorPercentage", &r.mirror_percentage),
+                ("mirrors", &r.mirrors),
+                ("rewrite", &r.rewrite),
+                ("redirect", &r.redirect),
+                ("headers", &r.headers),
+                ("corsPolicy", &r.cors_policy),
+                ("directResponse", &r.direct_response),
+                ("delegate", &r.delegate),
+            ],
+        );
+        let mut matches = Vec::new();
+        for (mi, m) in r.matches.iter().enumerate() {
+            let mb = format!("{base}.match[{mi}]");
+            reject(
+                ctx,
+                &mb,
+                &[
+                    ("queryParams", &m.query_params),
+                    ("scheme", &m.scheme),
+                    ("authority", &m.authority),
+                    ("withoutHeaders", &m.without_headers),
+                    ("ignoreUriCase", &m.ignore_uri_case),
+                    ("sourceLabels", &m.source_labels),
+                    ("sourceNamespace", &m.source_namespace),
+                    ("gateways", &m.gateways),
+                ],
+            );
+            let uri = m.uri.as_ref().and_then(|u| string_match(ctx, &format!("{mb}.uri"), u));
+            let method = m.method.as_ref().and_then(|u| string_match(ctx, &format!("{mb}.method"), u));
+            let mut headers = Vec::new();
+            for (h, sm) in &m.headers {
+                if let Some(x) = string_match(ctx, &format!("{mb}.headers[{h}]"), sm) {
+                    headers.push((h.to_ascii_lowercase(), x));
+                }
+            }
+            let port = match m.port {
+                Some(p) => match u16::try_from(p) {
+                    Ok(p) if p != 0 => Some(p),
+                    _ => {
+                        ctx.error(format!("{mb}.port"), format!("port {p} is out of range 1-65535"));
+                        None
+                    }
+                },
+                None => None,
+            };
+            matches.push(HttpMatch { uri, method, headers, port });
+        }
+        if r.route.is_empty() {
+            ctx.error(format!("{base}.route"), "at least one destination is required");
+        }
+        let mut routes = Vec::new();
+        for (di, d) in r.route.iter().enumerate() {
+            let db = format!("{base}.route[{di}]");
+            reject(ctx, &db, &[("headers", &d.headers)]);
+            let Some(service) = resolve_host(&d.destination.host, &namespace, services) else {
+                ctx.error(format!("{db}.destination.host"), format!("{:?} is not a known Service", d.destination.host));
+                continue;
+            };
+            let port = match &d.destination.port {
+                Some(p) => match u16::try_from(p.number) {
+                    Ok(n) if service.ports.iter().any(|sp| sp.port == n) => Some(n),
+                    _ => {
+                        ctx.error(
+                            format!("{db}.destination.port.number"),
+                            format!("Service {}/{} has no port {}", service.namespace, service.name, p.number),
+                        );
+                        continue;
+                    }
+                },
+                None => None,
+            };
+            let weight = match d.weight {
+                None => None,
+                Some(w) if (0..=100).contains(&w) => Some(w as u32),
+                Some(w) => {
+                    ctx.error(format!("{db}.weight"), format!("{w} is out of range 0-100"));
+                    continue;
+                }
+            };
+            routes.push(WeightedDestination {
+                service: format!("{}/{}", service.namespace, service.name),
+                subset: d.destination.subset.clone(),
+                port,
+                weight: weight.unwrap_or(if r.route.len() == 1 { 100 } else { 0 }),
+            });
+        }
+        let total: u32 = routes.iter().map(|r| r.weight).sum();
+        if routes.len() > 1 && total != 100 {
+            ctx.error(format!("{base}.route"), format!("weights add up to {total}, not 100"));
+        }
+        let timeout = match &r.timeout {
+            Some(t) => match parse_duration(t) {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    ctx.error(format!("{base}.timeout"), e);
+                    None
+                }
+            },
+            None => None,
+        };
+        http.push(HttpRoute { name: r.name.clone(), matches, routes, timeout });
+    }
+    (ctx.error_count() == before).then_some(VirtualService { name, namespace, hosts, http })
+}
+
+fn load_balancer(ctx: &mut Ctx<'_>, field: &str, tp: &Option<TrafficPolicySpec>) -> Option<LoadBalancer> {
+    let tp = tp.as_ref()?;
+    reject(
+        ctx,
+        field,
+        &[
+            ("connectionPool", &tp.connection_pool),
+            ("outlierDetection", &tp.outlier_detection),
+            ("tls", &tp.tls),
+            ("portLevelSettings", &tp.port_level_settings),
+            ("tunnel", &tp.tunnel),
+            ("proxyProtocol", &tp.proxy_protocol),
+        ],
+    );
+    let lb = tp.load_balancer.as_ref()?;
+    let lbf = format!("{field}.loadBalancer");
+    reject(
+        ctx,
+        &lbf,
+        &[
+            ("consistentHash", &lb.consistent_hash),
+            ("localityLbSetting", &lb.locality_lb_setting),
+            ("warmupDurationSecs", &lb.warmup_duration_secs),
+        ],
+    );
+    match lb.simple.as_deref() {
+        None | Some("UNSPECIFIED") | Some("ROUND_ROBIN") => Some(LoadBalancer::RoundRobin),
+        Some("RANDOM") => Some(LoadBalancer::Random),
+        Some(other @ ("LEAST_REQUEST" | "LEAST_CONN" | "PASSTHROUGH")) => {
+            ctx.error(format!("{lbf}.simple"), format!("{other} is {NOT_YET}"));
+            None
+        }
+        Some(other) => {
+            ctx.error(format!("{lbf}.simple"), format!("{other:?}: expected ROUND_ROBIN or RANDOM"));
+            None
+        }
+    }
+}
+
+pub(super) fn build_destination_rule(
+    ctx: &mut Ctx<'_>,
+    obj: &DestinationRuleObject,
+    services: &BTreeMap<String, Arc<Service>>,
+) -> Option<DestinationRule> {
+    let name = super::validate::require_name(ctx, &obj.metadata)?;
+    let namespace: Arc<str> = obj.metadata.namespace.as_deref().unwrap_or("default").into();
+    let before = ctx.error_count();
+    let spec = &obj.spec;
+    reject(ctx, "spec", &[("exportTo", &spec.export_to), ("workloadSelector", &spec.workload_selector)]);
+    let service = match resolve_host(&spec.host, &namespace, services) {
+        Some(s) => format!("{}/{}", s.namespace, s.name),
+        None => {
+            ctx.error("spec.host", format!("{:?} is not a known Service", spec.host));
+            String::new()
+        }
+    };
+    let lb = load_balancer(ctx, "spec.trafficPolicy", &spec.traffic_policy).unwrap_or_default();
+    let mut subsets = Vec::new();
+    for (i, s) in spec.subsets.iter().enumerate() {
+        let field = format!("spec.subsets[{i}]");
+        if s.name.is_empty() {
+            ctx.error(format!("{field}.name"), "required");
+        }
+        if subsets.iter().any(|x: &Subset| x.name == s.name) {
+            ctx.error(format!("{field}.name"), format!("subset {:?} is defined twice", s.name));
+        }
+        let sub_lb = load_balancer(ctx, &format!("{field}.trafficPolicy"), &s.traffic_policy);
+        subsets.push(Subset { name: s.name.clone(), labels: s.labels.clone(), load_balancer: sub_lb.unwrap_or(lb) });
+    }
+    (ctx.error_count() == before).then_some(DestinationRule { name, namespace, service, subsets, load_balancer: lb })
+}

@@ -1,0 +1,126 @@
+use hyper::header::{HeaderMap, HeaderValue};
+
+use super::*;
+use crate::config::state_from_yaml;
+
+const CLUSTER: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: demo, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: hello-v1, namespace: demo, labels: {app: hello, version: v1}}
+spec: {nodeName: n1}
+status: {podIP: 10.244.0.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: hello-v2, namespace: demo, labels: {app: hello, version: v2}}
+spec: {nodeName: n1}
+status: {podIP: 10.244.0.3}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: other, namespace: demo, labels: {app: other}}
+spec: {nodeName: n1}
+status: {podIP: 10.244.0.4}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: hello, namespace: demo}
+spec:
+  clusterIP: 10.96.0.10
+  selector: {app: hello}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: other, namespace: demo}
+spec:
+  clusterIP: 10.96.0.11
+  selector: {app: other}
+  ports: [{name: http, port: 8000, targetPort: 9000}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: hello, namespace: demo}
+spec:
+  host: hello
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: hello, namespace: demo}
+spec:
+  hosts: [hello.demo.svc.cluster.local]
+  http:
+  - match: [{headers: {x-version: {exact: v2}}}]
+    route: [{destination: {host: hello, subset: v2}}]
+  - match: [{uri: {prefix: /other}, method: {exact: GET}}]
+    route: [{destination: {host: other.demo}}]
+    timeout: 0.5s
+  - match: [{uri: {exact: /missing}}]
+    route: [{destination: {host: hello, subset: v3}}]
+  - route:
+    - {destination: {host: hello, subset: v1}, weight: 80}
+    - {destination: {host: hello, subset: v2}, weight: 20}
+"#;
+
+fn describe(d: &Decision) -> String {
+    let r = match &d.route {
+        Route::Service { endpoint, addr, .. } => format!("{} {addr}", endpoint.name),
+        Route::Workload { workload, addr } => format!("pod {} {addr}", workload.name),
+        Route::Passthrough { addr } => format!("passthrough {addr}"),
+        Route::Refused { reason, .. } => format!("refused: {reason}"),
+    };
+    match d.timeout {
+        Some(t) => format!("{r} timeout {t:?}"),
+        None => r,
+    }
+}
+
+#[test]
+fn virtual_service_rules_in_order() {
+    let s = state_from_yaml(CLUSTER);
+    let mut v2 = HeaderMap::new();
+    v2.insert("x-version", HeaderValue::from_static("v2"));
+    let none = HeaderMap::new();
+    let req = |method, path, headers| RequestView { method, path, headers };
+    let orig = "10.96.0.10:80".parse().unwrap_or_else(|e| panic!("{e}"));
+    // (request, random, expected)
+    let cases = [
+        (req("GET", "/", &v2), 0, "hello-v2 10.244.0.3:8080"),
+        (req("GET", "/other/x?q=1", &none), 0, "other 10.244.0.4:9000 timeout 500ms"),
+        (req("POST", "/other", &none), 0, "hello-v1 10.244.0.2:8080"),
+        (req("GET", "/missing", &none), 0, "refused: no DestinationRule defines subset \"v3\""),
+        (req("GET", "/", &none), 79, "hello-v1 10.244.0.2:8080"),
+        (req("GET", "/", &none), 80, "hello-v2 10.244.0.3:8080"),
+        (req("GET", "/", &none), 199, "hello-v2 10.244.0.3:8080"),
+    ];
+    for (r, random, want) in cases {
+        assert_eq!(describe(&route_request(&s, orig, &r, 0, random)), want, "{} {} {random}", r.method, r.path);
+    }
+    // Without rules for a Service, routing is the L4 default; pod IPs are unchanged.
+    let other = "10.96.0.11:8000".parse().unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(describe(&route_request(&s, other, &req("GET", "/", &none), 0, 0)), "other 10.244.0.4:9000");
+    let pod = "10.244.0.3:8080".parse().unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(describe(&route_request(&s, pod, &req("GET", "/", &none), 0, 0)), "pod hello-v2 10.244.0.3:8080");
+}
+
+#[test]
+fn weights_split_as_declared() {
+    let s = state_from_yaml(CLUSTER);
+    let none = HeaderMap::new();
+    let orig = "10.96.0.10:80".parse().unwrap_or_else(|e| panic!("{e}"));
+    let view = RequestView { method: "GET", path: "/", headers: &none };
+    let v1 = (0..1000u64)
+        .filter(|i| {
+            let d = route_request(&s, orig, &view, 0, i.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            matches!(d.route, Route::Service { ref endpoint, .. } if &*endpoint.name == "hello-v1")
+        })
+        .count();
+    assert!((750..=850).contains(&v1), "{v1} of 1000 to v1");
+}
