@@ -158,6 +158,57 @@ fn request_id() -> String {
     format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
 }
 
+/// The largest request body kept in memory so that the request can be retried;
+/// larger (or unsized and long) bodies stream and are tried once.
+const RETRY_BUFFER: usize = 64 * 1024;
+/// Pause between tries (Envoy's base interval).
+const RETRY_BACKOFF: Duration = Duration::from_millis(25);
+
+/// Where one try of a request goes.
+struct Target {
+    dest: Option<Arc<Workload>>,
+    addr: SocketAddrV4,
+    labels: TcpLabels,
+}
+
+/// A refusal: the labels to count it under, the answer's text and its flags.
+type Refused = Box<(TcpLabels, &'static str, &'static str)>;
+
+/// Resolves a routing decision to a target, or the local answer for a refusal.
+fn target(route: Route, source: Option<&Workload>) -> Result<Target, Refused> {
+    match route {
+        Route::Service { service, endpoint, addr, .. } => {
+            let labels = TcpLabels::new(source, Some(&endpoint), Some(&service), false);
+            Ok(Target { dest: Some(endpoint), addr, labels })
+        }
+        Route::Workload { workload, addr } => {
+            let labels = TcpLabels::new(source, Some(&workload), None, false);
+            Ok(Target { dest: Some(workload), addr, labels })
+        }
+        Route::Passthrough { addr } => {
+            Ok(Target { dest: None, addr, labels: TcpLabels::new(source, None, None, true) })
+        }
+        Route::Refused { service, reason } => {
+            let labels = TcpLabels::new(source, None, Some(&service), false);
+            let flags = match reason {
+                Refusal::NoReadyEndpoint(_) => "UH",
+                Refusal::UnknownPort(_) | Refusal::NoSubset(_) | Refusal::NoRoute => "NR",
+            };
+            Err(Box::new((labels, "no healthy upstream", flags)))
+        }
+    }
+}
+
+/// A try that got no response.
+enum Failure {
+    /// No upstream connection (connect error, tunnel refused, policy).
+    Connect(ProxyError),
+    /// The upstream reset or closed before answering.
+    Reset(hyper::Error),
+    /// The per-try timeout passed.
+    Timeout,
+}
+
 async fn handle(ctx: Arc<Context>, down: Arc<Downstream>, mut req: Request<Incoming>) -> Response<Body> {
     let start = Instant::now();
     let started_at = SystemTime::now();
@@ -168,79 +219,51 @@ async fn handle(ctx: Arc<Context>, down: Arc<Downstream>, mut req: Request<Incom
     }
     let grpc = is_grpc(req.headers());
     let state = ctx.state();
-    let source = down.source.as_deref();
+    let source = down.source.clone();
     let view = routing::RequestView {
         method: req.method().as_str(),
         path: req.uri().path_and_query().map_or("/", |p| p.as_str()),
         headers: req.headers(),
     };
     let decision = routing::route_request(&state, down.orig, &view, down.pick(&ctx), ctx.next_random());
-    let timeout = decision.timeout;
-    let (dest, addr, tcp_labels) = match decision.route {
-        Route::Service { service, endpoint, addr, .. } => {
-            let l = TcpLabels::new(source, Some(&endpoint), Some(&service), false);
-            (Some(endpoint), addr, l)
-        }
-        Route::Workload { workload, addr } => {
-            let l = TcpLabels::new(source, Some(&workload), None, false);
-            (Some(workload), addr, l)
-        }
-        Route::Passthrough { addr } => (None, addr, TcpLabels::new(source, None, None, true)),
-        Route::Refused { service, reason } => {
-            let l = TcpLabels::new(source, None, Some(&service), false);
-            let (text, flags) = match reason {
-                Refusal::NoReadyEndpoint(_) => ("no healthy upstream", "UH"),
-                Refusal::UnknownPort(_) | Refusal::NoSubset(_) | Refusal::NoRoute => ("no healthy upstream", "NR"),
-            };
-            let record = Record::new(&ctx, &down, &req, l, grpc, None, started_at, start);
+    drop(state);
+    let rule = decision.rule.clone();
+    let first = match target(decision.route, source.as_deref()) {
+        Ok(t) => t,
+        Err(refused) => {
+            let (labels, text, flags) = *refused;
+            let record = Record::new(&ctx, &down, &req, labels, grpc, None, started_at, start);
             return record.finish_local(StatusCode::SERVICE_UNAVAILABLE, text, flags);
         }
     };
-    let mut record = Record::new(&ctx, &down, &req, tcp_labels, grpc, Some(addr), started_at, start);
-    let version = req.version();
-    let upgrade = wants_upgrade(&req);
-    let key = PoolKey { client: down.peer_ip, upstream: addr, h2: version == hyper::Version::HTTP_2 };
-    let sender = match ctx.http_pool.take(&key) {
-        Some(s) => s,
-        None => match connect(&ctx, &state, &down, dest.as_ref(), addr, key.h2).await {
-            Ok((s, mtls)) => {
-                record.set_mtls(mtls);
-                s
-            }
-            Err(e) => {
-                drop(state);
-                if matches!(e, ProxyError::Tunnel(_)) {
-                    record.set_mtls(true);
-                }
-                tracing::info!(peer = %down.peer, upstream = %addr, error = %e, "request failed: upstream connection");
-                ctx.metrics
-                    .connection_failures
-                    .get_or_create(&crate::telemetry::ReasonLabels { reason: e.reason() })
-                    .inc();
-                return match e {
-                    ProxyError::Denied { .. }
-                    | ProxyError::Tunnel(crate::hbone::HboneError::Status {
-                        status: StatusCode::UNAUTHORIZED, ..
-                    }) => record.finish_local(StatusCode::FORBIDDEN, "RBAC: access denied", "-"),
-                    _ => record.finish_local(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "upstream connect error or disconnect/reset before headers. reset reason: connection failure",
-                        "UF",
-                    ),
-                };
-            }
-        },
-    };
-    drop(state);
-    if pool::is_mtls(&sender) {
-        record.set_mtls(true);
+    let mut record = Record::new(&ctx, &down, &req, first.labels.clone(), grpc, Some(first.addr), started_at, start);
+
+    // Fault injection, before anything goes upstream.
+    if let Some(fault) = rule.as_ref().and_then(|r| r.fault.as_ref()) {
+        let roll = |pct: f64| (ctx.next_random() % 1_000_000) as f64 / 10_000.0 < pct;
+        if let Some((delay, pct)) = fault.delay
+            && roll(pct)
+        {
+            tokio::time::sleep(delay).await;
+            record.set_flag("DI");
+        }
+        if let Some((status, pct)) = fault.abort
+            && roll(pct)
+        {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+            return record.finish_local(status, "fault filter abort", "FI");
+        }
+    }
+    if let Some(r) = &rule {
+        r.headers.request.apply(req.headers_mut());
     }
 
-    // The request as it goes upstream.
+    let upgrade = wants_upgrade(&req);
+    let h2 = req.version() == hyper::Version::HTTP_2;
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers, upgrade);
-    if key.h2 {
+    if h2 {
         // HTTP/2 needs the scheme and authority in the URI.
         let authority = parts.uri.authority().map(|a| a.to_string()).unwrap_or_else(|| down.orig.to_string());
         let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
@@ -254,45 +277,189 @@ async fn handle(ctx: Arc<Context>, down: Arc<Downstream>, mut req: Request<Incom
             parts.uri = uri;
         }
     }
-    let body = Metered::request(body, record.shared()).boxed();
-    let up_req = Request::from_parts(parts, body);
-    let sent = match timeout {
-        Some(t) => match tokio::time::timeout(t, sender.send(up_req)).await {
-            Ok(r) => r,
-            Err(_) => {
-                // The upstream connection is dropped with the request (not pooled).
-                tracing::info!(peer = %down.peer, upstream = %addr, ?t, "request timed out");
-                return record.finish_local(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout", "UT");
+
+    // With retries, a small body is kept so that it can be sent again.
+    let retries = rule.as_ref().and_then(|r| r.retries.clone()).filter(|_| !upgrade);
+    let (mut streaming, buffered) = match &retries {
+        Some(_) if fits_retry_buffer(&parts.headers, &body) => {
+            match http_body_util::Limited::new(body, RETRY_BUFFER).collect().await {
+                Ok(collected) => (None, Some(collected.to_bytes())),
+                Err(e) => {
+                    tracing::info!(peer = %down.peer, error = %e, "reading the request body failed");
+                    return record.finish_local(StatusCode::BAD_REQUEST, "invalid request body", "DPE");
+                }
             }
-        },
-        None => sender.send(up_req).await,
-    };
-    let mut resp = match sent {
-        Ok((resp, sender)) => {
-            ctx.http_pool.release(&ctx, key, sender);
-            resp
         }
-        Err(e) => {
-            tracing::info!(peer = %down.peer, upstream = %addr, error = %e, "request failed upstream");
-            return record.finish_local(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "upstream connect error or disconnect/reset before headers. reset reason: connection termination",
-                "UC",
-            );
+        _ => (Some(body), None),
+    };
+    if let Some(b) = &buffered {
+        record.add_request_bytes(b.len());
+    }
+    let tries = 1 + retries.as_ref().map_or(0, |r| r.attempts);
+    let per_try = retries.as_ref().and_then(|r| r.per_try_timeout);
+    let overall = rule.as_ref().and_then(|r| r.timeout);
+    let deadline = overall.map(|t| tokio::time::Instant::now() + t);
+
+    let mut target = first;
+    let mut try_no = 0;
+    let resp = loop {
+        try_no += 1;
+        let body = match (&buffered, streaming.take()) {
+            (Some(b), _) => Full::new(b.clone()).map_err(|e| match e {}).boxed(),
+            (None, Some(b)) => Metered::request(b, record.shared()).boxed(),
+            (None, None) => Full::new(Bytes::new()).map_err(|e| match e {}).boxed(),
+        };
+        let up_req = Request::from_parts(parts.clone(), body);
+        let key = PoolKey { client: down.peer_ip, upstream: target.addr, h2 };
+        let one = exchange(&ctx, &down, &target, key, up_req, per_try, &mut record);
+        let result = match deadline {
+            Some(d) => match tokio::time::timeout_at(d, one).await {
+                Ok(r) => r,
+                Err(_) => {
+                    tracing::info!(peer = %down.peer, upstream = %target.addr, "request timed out");
+                    return record.finish_local(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout", "UT");
+                }
+            },
+            None => one.await,
+        };
+        let last = try_no >= tries;
+        let on = retries.as_ref().map(|r| &r.on);
+        match result {
+            Ok(resp) if !last && on.is_some_and(|o| o.status(resp.status().as_u16())) => {
+                tracing::debug!(upstream = %target.addr, status = %resp.status(), try_no, "retrying");
+            }
+            Ok(resp) => {
+                if try_no > 1 && on.is_some_and(|o| o.status(resp.status().as_u16())) {
+                    record.set_flag("URX");
+                }
+                break resp;
+            }
+            Err(f) if !last && on.is_some_and(|o| o.failure(matches!(f, Failure::Connect(_)))) => {
+                tracing::debug!(upstream = %target.addr, try_no, "retrying after a failure");
+            }
+            Err(f) => {
+                if try_no > 1 {
+                    record.set_flag("URX");
+                }
+                return fail_request(&ctx, &down, target.addr, record, f);
+            }
+        }
+        tokio::time::sleep(RETRY_BACKOFF).await;
+        // Another endpoint may be chosen for the next try.
+        let state = ctx.state();
+        let view = routing::RequestView {
+            method: parts.method.as_str(),
+            path: parts.uri.path_and_query().map_or("/", |p| p.as_str()),
+            headers: &parts.headers,
+        };
+        let again = routing::route_request(&state, down.orig, &view, ctx.next_pick(), ctx.next_random());
+        match self::target(again.route, source.as_deref()) {
+            Ok(t) => {
+                record.set_target(t.labels.clone(), t.addr);
+                target = t;
+            }
+            Err(refused) => return record.finish_local(StatusCode::SERVICE_UNAVAILABLE, refused.1, refused.2),
         }
     };
+    let mut resp = resp;
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         let upstream_upgrade = hyper::upgrade::on(&mut resp);
         if let Some(client_upgrade) = client_upgrade {
-            tokio::spawn(tunnel_upgrade(client_upgrade, upstream_upgrade, addr));
+            tokio::spawn(tunnel_upgrade(client_upgrade, upstream_upgrade, target.addr));
         }
         let (parts, _) = resp.into_parts();
         return record.finish_switch(parts);
     }
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers, false);
+    if let Some(r) = &rule {
+        r.headers.response.apply(&mut parts.headers);
+    }
     record.set_response(parts.status, &parts.headers);
     Response::from_parts(parts, Metered::response(body, record).boxed())
+}
+
+/// Whether a request body is small enough (or absent) to keep for retries.
+fn fits_retry_buffer(headers: &HeaderMap, body: &Incoming) -> bool {
+    use hyper::body::Body as _;
+    if body.is_end_stream() {
+        return true;
+    }
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+        .is_some_and(|n| n <= RETRY_BUFFER)
+}
+
+/// One try: a pooled or new connection to the target, the request, the
+/// response head (within `per_try`).
+async fn exchange(
+    ctx: &Arc<Context>,
+    down: &Downstream,
+    target: &Target,
+    key: PoolKey,
+    req: Request<Body>,
+    per_try: Option<Duration>,
+    record: &mut Record,
+) -> Result<Response<Incoming>, Failure> {
+    let sender = match ctx.http_pool.take(&key) {
+        Some(s) => s,
+        None => {
+            let state = ctx.state();
+            match connect(ctx, &state, down, target.dest.as_ref(), target.addr, key.h2).await {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    if matches!(e, ProxyError::Tunnel(_)) {
+                        record.set_mtls(true);
+                    }
+                    return Err(Failure::Connect(e));
+                }
+            }
+        }
+    };
+    record.set_mtls(pool::is_mtls(&sender));
+    let sent = match per_try {
+        Some(t) => tokio::time::timeout(t, sender.send(req)).await.map_err(|_| Failure::Timeout)?,
+        None => sender.send(req).await,
+    };
+    match sent {
+        Ok((resp, sender)) => {
+            ctx.http_pool.release(ctx, key, sender);
+            Ok(resp)
+        }
+        Err(e) => Err(Failure::Reset(e)),
+    }
+}
+
+/// The answer when no try got a response.
+fn fail_request(ctx: &Context, down: &Downstream, addr: SocketAddrV4, record: Record, f: Failure) -> Response<Body> {
+    match f {
+        Failure::Connect(e) => {
+            tracing::info!(peer = %down.peer, upstream = %addr, error = %e, "request failed: upstream connection");
+            ctx.metrics.connection_failures.get_or_create(&crate::telemetry::ReasonLabels { reason: e.reason() }).inc();
+            match e {
+                ProxyError::Denied { .. }
+                | ProxyError::Tunnel(crate::hbone::HboneError::Status { status: StatusCode::UNAUTHORIZED, .. }) => {
+                    record.finish_local(StatusCode::FORBIDDEN, "RBAC: access denied", "-")
+                }
+                _ => record.finish_local(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "upstream connect error or disconnect/reset before headers. reset reason: connection failure",
+                    "UF",
+                ),
+            }
+        }
+        Failure::Reset(e) => {
+            tracing::info!(peer = %down.peer, upstream = %addr, error = %e, "request failed upstream");
+            record.finish_local(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "upstream connect error or disconnect/reset before headers. reset reason: connection termination",
+                "UC",
+            )
+        }
+        Failure::Timeout => record.finish_local(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout", "UT"),
+    }
 }
 
 /// After a `101 Switching Protocols`, bytes both ways between the two upgraded

@@ -82,6 +82,8 @@ type Body = http_body_util::combinators::BoxBody<hyper::body::Bytes, hyper::Erro
 /// - `/echo`: streams the request body back as it arrives
 /// - `/status/<code>`: answers with that status
 /// - `/delay/<ms>`: answers after that long
+/// - `/fail-once/<id>`: 503 the first time, 200 after
+/// - `/headers`: the request headers, one per line
 /// - `/upgrade` with `Upgrade:`: `101`, then echoes raw bytes (a WebSocket stand-in)
 pub fn http_api(pod: &Pod, port: u16) {
     let name = pod.name.clone();
@@ -150,6 +152,22 @@ async fn api(
     }
     if let Some(code) = path.strip_prefix("/status/").and_then(|c| c.parse::<u16>().ok()) {
         return text(code, format!("status {code}\n"));
+    }
+    if let Some(id) = path.strip_prefix("/fail-once/") {
+        // 503 the first time an id is seen, 200 after: a flaky upstream.
+        static SEEN: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+        let mut seen = SEEN.lock().unwrap();
+        if seen.iter().any(|s| s == id) {
+            return text(200, format!("recovered {id}\n"));
+        }
+        seen.push(id.to_owned());
+        return text(503, format!("failing {id} once\n"));
+    }
+    if path == "/headers" {
+        let mut lines: Vec<String> =
+            req.headers().iter().map(|(k, v)| format!("{k}: {}", v.to_str().unwrap_or("?"))).collect();
+        lines.sort();
+        return text(200, lines.join("\n") + "\n");
     }
     if let Some(ms) = path.strip_prefix("/delay/").and_then(|c| c.parse::<u64>().ok()) {
         // Headers only after the delay, as a slow upstream.

@@ -359,8 +359,9 @@ fn cross_node_traffic_is_mtls_with_workload_identities() {
     let (_, dump) = dest.admin_get("/config_dump").unwrap();
     let v: serde_json::Value = serde_json::from_str(&dump).unwrap();
     let certs = v["certificates"].as_array().unwrap();
-    assert_eq!(certs.len(), 1, "{dump}");
-    assert_eq!(certs[0]["identity"], HELLO_ID);
+    // One per identity of node-2's meshed pods: helloworld and ver.
+    let ids: Vec<&str> = certs.iter().filter_map(|c| c["identity"].as_str()).collect();
+    assert_eq!(ids, [HELLO_ID, "spiffe://cluster.local/ns/demo/sa/ver"], "{dump}");
     assert!(certs[0]["serial"].as_str().is_some_and(|s| s.len() >= 16), "{dump}");
     assert!(certs[0]["not_after"].as_str().is_some(), "{dump}");
     assert!(!dump.contains("PRIVATE KEY"), "{dump}");
@@ -785,8 +786,8 @@ fn http_through_the_mesh_across_nodes() {
 }
 
 #[test]
-fn virtual_service_weights_header_match_and_timeout() {
-    if !require_root("virtual_service_weights_header_match_and_timeout") {
+fn virtual_service_weights_matches_timeout_retries_faults_and_headers() {
+    if !require_root("virtual_service_weights_matches_timeout_retries_faults_and_headers") {
         return;
     }
     let rules = "---
@@ -810,6 +811,19 @@ spec:
   - match: [{uri: {prefix: /delay}}]
     route: [{destination: {host: ver, subset: v1}}]
     timeout: 0.5s
+  - match: [{uri: {prefix: /fail-once/retried}}]
+    route: [{destination: {host: ver, subset: v1}}]
+    retries: {attempts: 2, perTryTimeout: 1s, retryOn: 5xx}
+  - match: [{uri: {prefix: /fail-once/}}]
+    route: [{destination: {host: ver, subset: v1}}]
+  - match: [{uri: {exact: /teapot}}]
+    route: [{destination: {host: ver, subset: v1}}]
+    fault: {abort: {httpStatus: 418, percentage: {value: 100}}}
+  - match: [{uri: {exact: /headers}}]
+    route: [{destination: {host: ver, subset: v1}}]
+    headers:
+      request: {set: {x-set: one}, add: {x-added: two}, remove: [x-remove-me]}
+      response: {set: {x-served-by: mesh}}
   - route:
     - {destination: {host: ver, subset: v1}, weight: 80}
     - {destination: {host: ver, subset: v2}, weight: 20}
@@ -855,12 +869,44 @@ spec:
     assert_eq!(String::from_utf8_lossy(&out.stdout), "504");
     assert!(took < Duration::from_millis(1800), "504 after {took:?}");
 
+    // A retry turns an upstream 503 into a 200; without retries the 503 stands.
+    let code = |path: &str| {
+        let out =
+            test.cmd(&["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", &format!("http://{VER_VIP}{path}")]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(code("/fail-once/retried-1"), "200");
+    assert_eq!(code("/fail-once/plain-1"), "503");
+    // An abort fault at 100%: the agent answers, the upstream never sees it.
+    assert_eq!(code("/teapot"), "418");
+    // Header rules on the way in and out.
+    let out = test.cmd(&[
+        "curl",
+        "-sS",
+        "-D",
+        "-",
+        "-H",
+        "x-remove-me: 1",
+        "-H",
+        "x-added: one",
+        &format!("http://{VER_VIP}/headers"),
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout).to_lowercase();
+    assert!(text.contains("x-served-by: mesh"), "{text}");
+    assert!(text.contains("x-set: one") && text.contains("x-added: one") && text.contains("x-added: two"), "{text}");
+    assert!(!text.contains("x-remove-me"), "{text}");
+
     let text = m.agents[0].wait_metrics(5, "request metrics", |t| {
-        metric(t, "istio_requests_total", &[("destination_service", "ver.demo.svc.cluster.local")]) >= 511.0
+        metric(t, "istio_requests_total", &[("destination_service", "ver.demo.svc.cluster.local")]) >= 515.0
     });
+    let flagged =
+        |code, flags| metric(&text, "istio_requests_total", &[("response_code", code), ("response_flags", flags)]);
+    assert_eq!(flagged("418", "FI"), 1.0, "{text}");
+    assert_eq!(flagged("503", "-"), 1.0, "{text}");
     let timeouts =
         [("destination_service", "ver.demo.svc.cluster.local"), ("response_code", "504"), ("response_flags", "UT")];
     assert_eq!(metric(&text, "istio_requests_total", &timeouts), 1.0, "{text}");
     let v1_ok = [("destination_version", "v1"), ("response_code", "200"), ("connection_security_policy", "mutual_tls")];
-    assert_eq!(metric(&text, "istio_requests_total", &v1_ok), v1 as f64, "{text}");
+    // The split's v1 share, the retried request and the header request.
+    assert_eq!(metric(&text, "istio_requests_total", &v1_ok), v1 as f64 + 2.0, "{text}");
 }

@@ -9,7 +9,8 @@ use serde::Deserialize;
 use super::{k8s::ObjectMeta, validate::Ctx};
 use crate::{
     l7::routing::{
-        DestinationRule, HttpMatch, HttpRoute, LoadBalancer, StrMatch, Subset, VirtualService, WeightedDestination,
+        DestinationRule, Fault, HeaderOps, HeaderRules, HttpMatch, HttpRoute, LoadBalancer, Retries, RetryOn, StrMatch,
+        Subset, VirtualService, WeightedDestination,
     },
     state::{CLUSTER_DOMAIN, Service},
 };
@@ -53,17 +54,79 @@ pub struct HttpRouteSpec {
     #[serde(default)]
     pub route: Vec<RouteDestinationSpec>,
     pub timeout: Option<String>,
-    pub retries: Unsupported,
-    pub fault: Unsupported,
+    pub retries: Option<RetriesSpec>,
+    pub fault: Option<FaultSpec>,
     pub mirror: Unsupported,
     pub mirror_percentage: Unsupported,
     pub mirrors: Unsupported,
     pub rewrite: Unsupported,
     pub redirect: Unsupported,
-    pub headers: Unsupported,
+    pub headers: Option<HeadersSpec>,
     pub cors_policy: Unsupported,
     pub direct_response: Unsupported,
     pub delegate: Unsupported,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RetriesSpec {
+    #[serde(default)]
+    pub attempts: i64,
+    pub per_try_timeout: Option<String>,
+    pub retry_on: Option<String>,
+    pub retry_remote_localities: Unsupported,
+    pub retry_ignore_previous_hosts: Unsupported,
+    pub backoff: Unsupported,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct FaultSpec {
+    pub delay: Option<DelaySpec>,
+    pub abort: Option<AbortSpec>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct DelaySpec {
+    pub fixed_delay: Option<String>,
+    pub percentage: Option<PercentSpec>,
+    /// Deprecated integer percentage, still accepted by Istio.
+    pub percent: Option<i64>,
+    pub exponential_delay: Unsupported,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AbortSpec {
+    pub http_status: Option<i64>,
+    pub percentage: Option<PercentSpec>,
+    pub grpc_status: Unsupported,
+    pub http2_error: Unsupported,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PercentSpec {
+    pub value: f64,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeadersSpec {
+    pub request: Option<HeaderOpsSpec>,
+    pub response: Option<HeaderOpsSpec>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderOpsSpec {
+    #[serde(default)]
+    pub set: BTreeMap<String, String>,
+    #[serde(default)]
+    pub add: BTreeMap<String, String>,
+    #[serde(default)]
+    pub remove: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -263,14 +326,11 @@ pub(super) fn build_virtual_service(
             ctx,
             &base,
             &[
-                ("retries", &r.retries),
-                ("fault", &r.fault),
                 ("mirror", &r.mirror),
                 ("mirrorPercentage", &r.mirror_percentage),
                 ("mirrors", &r.mirrors),
                 ("rewrite", &r.rewrite),
                 ("redirect", &r.redirect),
-                ("headers", &r.headers),
                 ("corsPolicy", &r.cors_policy),
                 ("directResponse", &r.direct_response),
                 ("delegate", &r.delegate),
@@ -366,9 +426,111 @@ pub(super) fn build_virtual_service(
             },
             None => None,
         };
-        http.push(HttpRoute { name: r.name.clone(), matches, routes, timeout });
+        let retries = r.retries.as_ref().and_then(|x| retries(ctx, &format!("{base}.retries"), x));
+        let fault = r.fault.as_ref().and_then(|f| fault(ctx, &format!("{base}.fault"), f));
+        let headers = r.headers.as_ref().map(header_rules).unwrap_or_default();
+        http.push(Arc::new(HttpRoute { name: r.name.clone(), matches, routes, timeout, retries, fault, headers }));
     }
     (ctx.error_count() == before).then_some(VirtualService { name, namespace, hosts, http })
+}
+
+fn duration_field(ctx: &mut Ctx<'_>, field: &str, s: &Option<String>) -> Option<Duration> {
+    match parse_duration(s.as_deref()?) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            ctx.error(field, e);
+            None
+        }
+    }
+}
+
+fn retries(ctx: &mut Ctx<'_>, base: &str, r: &RetriesSpec) -> Option<Retries> {
+    reject(
+        ctx,
+        base,
+        &[
+            ("retryRemoteLocalities", &r.retry_remote_localities),
+            ("retryIgnorePreviousHosts", &r.retry_ignore_previous_hosts),
+            ("backoff", &r.backoff),
+        ],
+    );
+    let attempts = match u32::try_from(r.attempts) {
+        Ok(a) if a <= 100 => a,
+        _ => {
+            ctx.error(format!("{base}.attempts"), format!("{} is out of range 0-100", r.attempts));
+            return None;
+        }
+    };
+    let per_try_timeout = duration_field(ctx, &format!("{base}.perTryTimeout"), &r.per_try_timeout);
+    // Istio's default conditions when none are given.
+    let spec = r.retry_on.as_deref().unwrap_or("connect-failure,refused-stream,retriable-status-codes,503");
+    let mut on = RetryOn::default();
+    for (i, cond) in spec.split(',').map(str::trim).filter(|c| !c.is_empty()).enumerate() {
+        match cond {
+            "5xx" => on.five_xx = true,
+            "gateway-error" => on.gateway_error = true,
+            "reset" | "refused-stream" => on.reset = true,
+            "connect-failure" => on.connect_failure = true,
+            "retriable-status-codes" => {}
+            code => match code.parse::<u16>() {
+                Ok(c) if (100..=599).contains(&c) => on.status_codes.push(c),
+                _ => ctx.error(
+                    format!("{base}.retryOn"),
+                    format!(
+                        "condition {} {code:?}: supported are 5xx, gateway-error, reset, refused-stream, \
+                         connect-failure, retriable-status-codes and status codes",
+                        i + 1
+                    ),
+                ),
+            },
+        }
+    }
+    (attempts > 0).then_some(Retries { attempts, per_try_timeout, on })
+}
+
+fn percent(ctx: &mut Ctx<'_>, field: &str, p: &Option<PercentSpec>, legacy: Option<i64>) -> f64 {
+    let v = p.as_ref().map(|p| p.value).or(legacy.map(|l| l as f64)).unwrap_or(100.0);
+    if !(0.0..=100.0).contains(&v) {
+        ctx.error(field, format!("{v} is out of range 0-100"));
+    }
+    v
+}
+
+fn fault(ctx: &mut Ctx<'_>, base: &str, f: &FaultSpec) -> Option<Fault> {
+    let mut out = Fault::default();
+    if let Some(d) = &f.delay {
+        reject(ctx, &format!("{base}.delay"), &[("exponentialDelay", &d.exponential_delay)]);
+        let pct = percent(ctx, &format!("{base}.delay.percentage.value"), &d.percentage, d.percent);
+        match duration_field(ctx, &format!("{base}.delay.fixedDelay"), &d.fixed_delay) {
+            Some(t) => out.delay = Some((t, pct)),
+            None if d.fixed_delay.is_none() => ctx.error(format!("{base}.delay.fixedDelay"), "required"),
+            None => {}
+        }
+    }
+    if let Some(a) = &f.abort {
+        reject(ctx, &format!("{base}.abort"), &[("grpcStatus", &a.grpc_status), ("http2Error", &a.http2_error)]);
+        let pct = percent(ctx, &format!("{base}.abort.percentage.value"), &a.percentage, None);
+        match a.http_status.map(u16::try_from) {
+            Some(Ok(code)) if (200..=599).contains(&code) => out.abort = Some((code, pct)),
+            Some(_) => ctx.error(format!("{base}.abort.httpStatus"), "must be an HTTP status 200-599"),
+            None => ctx.error(format!("{base}.abort.httpStatus"), "required"),
+        }
+    }
+    Some(out)
+}
+
+fn header_ops(h: &Option<HeaderOpsSpec>) -> HeaderOps {
+    let Some(h) = h else { return HeaderOps::default() };
+    let pairs = |m: &BTreeMap<String, String>| m.iter().map(|(k, v)| (k.to_ascii_lowercase(), v.clone())).collect();
+    HeaderOps {
+        set: pairs(&h.set),
+        add: pairs(&h.add),
+        remove: h.remove.iter().map(|k| k.to_ascii_lowercase()).collect(),
+    }
+}
+
+fn header_rules(h: &HeadersSpec) -> HeaderRules {
+    HeaderRules { request: header_ops(&h.request), response: header_ops(&h.response) }
 }
 
 fn load_balancer(ctx: &mut Ctx<'_>, field: &str, tp: &Option<TrafficPolicySpec>) -> Option<LoadBalancer> {

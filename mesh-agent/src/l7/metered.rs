@@ -105,9 +105,33 @@ impl Record {
     }
 
     pub fn set_mtls(&mut self, mtls: bool) {
-        if mtls {
-            self.tcp.connection_security_policy = "mutual_tls";
-        }
+        self.tcp.connection_security_policy = if mtls { "mutual_tls" } else { "none" };
+    }
+
+    /// Adds a response flag (`DI`, `URX`), keeping any already set.
+    pub fn set_flag(&mut self, flag: &'static str) {
+        // Envoy joins flags with commas; these are the pairs that can meet here.
+        self.flags = match (self.flags, flag) {
+            ("-", f) => f,
+            ("DI", "URX") => "DI,URX",
+            ("URX", "UF") => "UF,URX",
+            ("URX", "UC") => "UC,URX",
+            ("URX", "UT") => "UT,URX",
+            (other, _) => other,
+        };
+    }
+
+    /// The target changed on a retry.
+    pub fn set_target(&mut self, tcp: TcpLabels, upstream: SocketAddrV4) {
+        let csp = self.tcp.connection_security_policy;
+        self.tcp = tcp;
+        self.tcp.connection_security_policy = csp;
+        self.upstream = Some(upstream);
+    }
+
+    /// Bytes of a request body read whole (for retries).
+    pub fn add_request_bytes(&self, n: usize) {
+        self.shared.request_bytes.fetch_add(n as u64, Ordering::Relaxed);
     }
 
     pub fn shared(&self) -> Arc<Shared> {
@@ -123,7 +147,7 @@ impl Record {
     /// An answer from the agent itself (no upstream response).
     pub fn finish_local(mut self, status: StatusCode, text: &str, flags: &'static str) -> Response<Body> {
         self.status = status.as_u16();
-        self.flags = flags;
+        self.set_flag(flags);
         self.response_bytes = text.len() as u64 + 1;
         let mut r = local_reply(status, text);
         if self.grpc {

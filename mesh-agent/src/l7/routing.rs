@@ -18,7 +18,7 @@ pub struct VirtualService {
     pub namespace: Arc<str>,
     /// Services (`namespace/name`) whose traffic the rules apply to.
     pub hosts: Vec<String>,
-    pub http: Vec<HttpRoute>,
+    pub http: Vec<Arc<HttpRoute>>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -28,6 +28,92 @@ pub struct HttpRoute {
     pub matches: Vec<HttpMatch>,
     pub routes: Vec<WeightedDestination>,
     pub timeout: Option<Duration>,
+    pub retries: Option<Retries>,
+    pub fault: Option<Fault>,
+    pub headers: HeaderRules,
+}
+
+/// `retries`: how many more tries, each with its own timeout, on which failures.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Retries {
+    pub attempts: u32,
+    pub per_try_timeout: Option<Duration>,
+    pub on: RetryOn,
+}
+
+/// Envoy's `retryOn` conditions, as Istio passes them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct RetryOn {
+    /// `5xx`: any 5xx, a failed connection, a reset or a per-try timeout.
+    pub five_xx: bool,
+    /// `gateway-error`: 502, 503, 504.
+    pub gateway_error: bool,
+    /// `reset`: the upstream reset or did not answer in time.
+    pub reset: bool,
+    /// `connect-failure`.
+    pub connect_failure: bool,
+    /// `retriable-status-codes` plus the codes listed (`"503"` in `retryOn`).
+    pub status_codes: Vec<u16>,
+}
+
+/// `fault`: delay and/or abort a percentage of requests.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Fault {
+    pub delay: Option<(Duration, f64)>,
+    pub abort: Option<(u16, f64)>,
+}
+
+/// `headers.request` / `headers.response`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct HeaderRules {
+    pub request: HeaderOps,
+    pub response: HeaderOps,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct HeaderOps {
+    pub set: Vec<(String, String)>,
+    pub add: Vec<(String, String)>,
+    pub remove: Vec<String>,
+}
+
+impl HeaderOps {
+    /// Applies remove, then set (replacing), then add (appending), as Envoy does.
+    pub fn apply(&self, headers: &mut HeaderMap) {
+        use hyper::header::{HeaderName, HeaderValue};
+        for name in &self.remove {
+            headers.remove(name.as_str());
+        }
+        for (name, value) in &self.set {
+            if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_str(value)) {
+                headers.insert(n, v);
+            }
+        }
+        for (name, value) in &self.add {
+            if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_str(value)) {
+                headers.append(n, v);
+            }
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.add.is_empty() && self.remove.is_empty()
+    }
+}
+
+impl RetryOn {
+    /// Whether a response status is retried.
+    pub fn status(&self, code: u16) -> bool {
+        (self.five_xx && code >= 500)
+            || (self.gateway_error && matches!(code, 502..=504))
+            || self.status_codes.contains(&code)
+    }
+
+    /// Whether a failure without a response is retried (`connect`: the
+    /// connection could not be made; otherwise reset or per-try timeout).
+    pub fn failure(&self, connect: bool) -> bool {
+        self.five_xx || self.reset || (connect && self.connect_failure)
+    }
 }
 
 /// Every condition given must hold.
@@ -87,11 +173,18 @@ pub struct RequestView<'a> {
     pub headers: &'a HeaderMap,
 }
 
-/// Where a request goes, and the rule's timeout.
+/// Where a request goes, and the rule that sent it there (timeouts, retries,
+/// faults, header changes), if a VirtualService matched.
 #[derive(Debug, Clone)]
 pub struct Decision {
     pub route: Route,
-    pub timeout: Option<Duration>,
+    pub rule: Option<Arc<HttpRoute>>,
+}
+
+impl Decision {
+    pub fn timeout(&self) -> Option<Duration> {
+        self.rule.as_ref().and_then(|r| r.timeout)
+    }
 }
 
 impl StrMatch {
@@ -120,7 +213,7 @@ impl HttpMatch {
 /// round-robin turn, `random` a random number (weights, RANDOM balancing).
 pub fn route_request(state: &State, orig: SocketAddrV4, req: &RequestView<'_>, pick: usize, random: u64) -> Decision {
     let Some(service) = state.by_vip.get(orig.ip()) else {
-        return Decision { route: route(state, orig, pick), timeout: None };
+        return Decision { route: route(state, orig, pick), rule: None };
     };
     let key = format!("{}/{}", service.namespace, service.name);
     let rule = state
@@ -131,19 +224,15 @@ pub fn route_request(state: &State, orig: SocketAddrV4, req: &RequestView<'_>, p
         .find(|r| r.matches.is_empty() || r.matches.iter().any(|m| m.matches(req, orig.port())));
     let Some(rule) = rule else {
         let lb = destination_rule(state, &key).map(|d| d.load_balancer).unwrap_or_default();
-        return Decision { route: route_service(service, orig.port(), None, turn(lb, pick, random)), timeout: None };
+        return Decision { route: route_service(service, orig.port(), None, turn(lb, pick, random)), rule: None };
     };
+    let refused =
+        |reason| Decision { route: Route::Refused { service: service.clone(), reason }, rule: Some(rule.clone()) };
     let Some(dest) = choose(&rule.routes, random) else {
-        return Decision {
-            route: Route::Refused { service: service.clone(), reason: Refusal::NoRoute },
-            timeout: rule.timeout,
-        };
+        return refused(Refusal::NoRoute);
     };
     let Some(target) = state.services.get(&dest.service) else {
-        return Decision {
-            route: Route::Refused { service: service.clone(), reason: Refusal::NoRoute },
-            timeout: rule.timeout,
-        };
+        return refused(Refusal::NoRoute);
     };
     // The same port on the same Service; another Service's only port; else as named.
     let port = match dest.port {
@@ -159,15 +248,15 @@ pub fn route_request(state: &State, orig: SocketAddrV4, req: &RequestView<'_>, p
         (None, dr) => (None, dr.map(|d| d.load_balancer).unwrap_or_default()),
         (Some(name), Some(dr)) => match dr.subsets.iter().find(|s| &s.name == name) {
             Some(s) => (Some(&s.labels), s.load_balancer),
-            None => return no_subset(target, name, rule.timeout),
+            None => return no_subset(target, name, Some(rule.clone())),
         },
-        (Some(name), None) => return no_subset(target, name, rule.timeout),
+        (Some(name), None) => return no_subset(target, name, Some(rule.clone())),
     };
-    Decision { route: route_service(target, port, labels, turn(lb, pick, random)), timeout: rule.timeout }
+    Decision { route: route_service(target, port, labels, turn(lb, pick, random)), rule: Some(rule.clone()) }
 }
 
-fn no_subset(target: &Arc<crate::state::Service>, name: &str, timeout: Option<Duration>) -> Decision {
-    Decision { route: Route::Refused { service: target.clone(), reason: Refusal::NoSubset(name.to_owned()) }, timeout }
+fn no_subset(target: &Arc<crate::state::Service>, name: &str, rule: Option<Arc<HttpRoute>>) -> Decision {
+    Decision { route: Route::Refused { service: target.clone(), reason: Refusal::NoSubset(name.to_owned()) }, rule }
 }
 
 fn destination_rule<'a>(state: &'a State, service: &str) -> Option<&'a DestinationRule> {

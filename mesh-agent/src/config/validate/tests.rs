@@ -291,8 +291,22 @@ fn routing_rules_are_validated_field_by_field() {
             ),
         ),
         (
-            vs("{hosts: [hello], http: [{fault: {abort: {httpStatus: 500}}, route: [{destination: {host: hello}}]}]}"),
-            format!("{at}: VirtualService demo/v: spec.http[0].fault: not supported by this version of mesh-agent"),
+            vs("{hosts: [hello], http: [{mirror: {host: hello}, route: [{destination: {host: hello}}]}]}"),
+            format!("{at}: VirtualService demo/v: spec.http[0].mirror: not supported by this version of mesh-agent"),
+        ),
+        (
+            vs(
+                "{hosts: [hello], http: [{fault: {abort: {percentage: {value: 50}}}, route: [{destination: {host: hello}}]}]}",
+            ),
+            format!("{at}: VirtualService demo/v: spec.http[0].fault.abort.httpStatus: required"),
+        ),
+        (
+            vs(
+                "{hosts: [hello], http: [{retries: {attempts: 2, retryOn: \"5xx,unavailable\"}, route: [{destination: {host: hello}}]}]}",
+            ),
+            format!(
+                "{at}: VirtualService demo/v: spec.http[0].retries.retryOn: condition 2 \"unavailable\": supported are"
+            ),
         ),
         (
             vs("{hosts: [hello], http: [{rout: []}]}"),

@@ -76,7 +76,7 @@ fn describe(d: &Decision) -> String {
         Route::Passthrough { addr } => format!("passthrough {addr}"),
         Route::Refused { reason, .. } => format!("refused: {reason}"),
     };
-    match d.timeout {
+    match d.timeout() {
         Some(t) => format!("{r} timeout {t:?}"),
         None => r,
     }
