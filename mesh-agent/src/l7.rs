@@ -228,6 +228,16 @@ async fn handle(ctx: Arc<Context>, down: Arc<Downstream>, mut req: Request<Incom
     let decision = routing::route_request(&state, down.orig, &view, down.pick(&ctx), ctx.next_random());
     drop(state);
     let rule = decision.rule.clone();
+    if let Some(redirect) = rule.as_ref().and_then(|r| r.redirect.as_ref()) {
+        let labels = match target(decision.route, source.as_deref()) {
+            Ok(t) => t.labels,
+            Err(refused) => refused.0,
+        };
+        let authority = redirect.authority.clone().unwrap_or_else(|| request_authority(&req, &down));
+        let path = redirect.uri.clone().unwrap_or_else(|| view_path(&req));
+        let record = Record::new(&ctx, &down, &req, labels, grpc, None, started_at, start);
+        return record.finish_redirect(redirect.code, &format!("http://{authority}{path}"));
+    }
     let first = match target(decision.route, source.as_deref()) {
         Ok(t) => t,
         Err(refused) => {
@@ -256,6 +266,9 @@ async fn handle(ctx: Arc<Context>, down: Arc<Downstream>, mut req: Request<Incom
     }
     if let Some(r) = &rule {
         r.headers.request.apply(req.headers_mut());
+        if let Some(w) = &r.rewrite {
+            rewrite(&mut req, w, decision.matched_prefix.as_deref());
+        }
     }
 
     let upgrade = wants_upgrade(&req);
@@ -377,6 +390,43 @@ async fn handle(ctx: Arc<Context>, down: Arc<Downstream>, mut req: Request<Incom
     }
     record.set_response(parts.status, &parts.headers);
     Response::from_parts(parts, Metered::response(body, record).boxed())
+}
+
+fn view_path(req: &Request<Incoming>) -> String {
+    req.uri().path_and_query().map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned())
+}
+
+/// The authority the client asked for: the URI's (HTTP/2, absolute form), else Host.
+fn request_authority(req: &Request<Incoming>, down: &Downstream) -> String {
+    req.uri()
+        .authority()
+        .map(|a| a.to_string())
+        .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned))
+        .unwrap_or_else(|| down.orig.to_string())
+}
+
+/// Applies `rewrite`: the path (the matched prefix, or all of it) and the authority.
+fn rewrite(req: &mut Request<Incoming>, w: &routing::Rewrite, matched_prefix: Option<&str>) {
+    let mut parts = req.uri().clone().into_parts();
+    if let Some(uri) = &w.uri {
+        let path = routing::rewrite_path(&view_path(req), matched_prefix, uri);
+        if let Ok(pq) = path.parse() {
+            parts.path_and_query = Some(pq);
+        }
+    }
+    if let Some(authority) = &w.authority {
+        if parts.authority.is_some()
+            && let Ok(a) = authority.parse()
+        {
+            parts.authority = Some(a);
+        }
+        if let Ok(v) = HeaderValue::from_str(authority) {
+            req.headers_mut().insert(header::HOST, v);
+        }
+    }
+    if let Ok(uri) = hyper::Uri::from_parts(parts) {
+        *req.uri_mut() = uri;
+    }
 }
 
 /// Whether a request body is small enough (or absent) to keep for retries.

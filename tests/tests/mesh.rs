@@ -816,6 +816,11 @@ spec:
     retries: {attempts: 2, perTryTimeout: 1s, retryOn: 5xx}
   - match: [{uri: {prefix: /fail-once/}}]
     route: [{destination: {host: ver, subset: v1}}]
+  - match: [{uri: {prefix: /old/}}]
+    redirect: {uri: /new, authority: moved.example, redirectCode: 302}
+  - match: [{uri: {prefix: /v1api/}}]
+    rewrite: {uri: /}
+    route: [{destination: {host: ver, subset: v2}}]
   - match: [{uri: {exact: /teapot}}]
     route: [{destination: {host: ver, subset: v1}}]
     fault: {abort: {httpStatus: 418, percentage: {value: 100}}}
@@ -879,6 +884,19 @@ spec:
     assert_eq!(code("/fail-once/plain-1"), "503");
     // An abort fault at 100%: the agent answers, the upstream never sees it.
     assert_eq!(code("/teapot"), "418");
+    // A redirect is answered by the agent; a rewrite changes the matched prefix.
+    let out = test.cmd(&[
+        "curl",
+        "-s",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code} %{redirect_url}",
+        &format!("http://{VER_VIP}/old/x"),
+    ]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "302 http://moved.example/new");
+    let (ok, out) = curl(test, &format!("http://{VER_VIP}/v1api/hello"));
+    assert!(ok && out.contains("hello from ver-v2;"), "{out}");
     // Header rules on the way in and out.
     let out = test.cmd(&[
         "curl",
@@ -897,7 +915,7 @@ spec:
     assert!(!text.contains("x-remove-me"), "{text}");
 
     let text = m.agents[0].wait_metrics(5, "request metrics", |t| {
-        metric(t, "istio_requests_total", &[("destination_service", "ver.demo.svc.cluster.local")]) >= 515.0
+        metric(t, "istio_requests_total", &[("destination_service", "ver.demo.svc.cluster.local")]) >= 517.0
     });
     let flagged =
         |code, flags| metric(&text, "istio_requests_total", &[("response_code", code), ("response_flags", flags)]);

@@ -9,8 +9,8 @@ use serde::Deserialize;
 use super::{k8s::ObjectMeta, validate::Ctx};
 use crate::{
     l7::routing::{
-        DestinationRule, Fault, HeaderOps, HeaderRules, HttpMatch, HttpRoute, LoadBalancer, Retries, RetryOn, StrMatch,
-        Subset, VirtualService, WeightedDestination,
+        DestinationRule, Fault, HeaderOps, HeaderRules, HttpMatch, HttpRoute, LoadBalancer, Redirect, Retries, RetryOn,
+        Rewrite, StrMatch, Subset, VirtualService, WeightedDestination,
     },
     state::{CLUSTER_DOMAIN, Service},
 };
@@ -59,12 +59,31 @@ pub struct HttpRouteSpec {
     pub mirror: Unsupported,
     pub mirror_percentage: Unsupported,
     pub mirrors: Unsupported,
-    pub rewrite: Unsupported,
-    pub redirect: Unsupported,
+    pub rewrite: Option<RewriteSpec>,
+    pub redirect: Option<RedirectSpec>,
     pub headers: Option<HeadersSpec>,
     pub cors_policy: Unsupported,
     pub direct_response: Unsupported,
     pub delegate: Unsupported,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RewriteSpec {
+    pub uri: Option<String>,
+    pub authority: Option<String>,
+    pub uri_regex_rewrite: Unsupported,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RedirectSpec {
+    pub uri: Option<String>,
+    pub authority: Option<String>,
+    pub redirect_code: Option<i64>,
+    pub port: Unsupported,
+    pub derive_port: Unsupported,
+    pub scheme: Unsupported,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -140,7 +159,8 @@ pub struct HttpMatchSpec {
     #[serde(default)]
     pub headers: BTreeMap<String, StringMatchSpec>,
     pub port: Option<i64>,
-    pub query_params: Unsupported,
+    #[serde(default)]
+    pub query_params: BTreeMap<String, StringMatchSpec>,
     pub scheme: Unsupported,
     pub authority: Unsupported,
     pub without_headers: Unsupported,
@@ -285,10 +305,13 @@ fn string_match(ctx: &mut Ctx<'_>, field: &str, m: &StringMatchSpec) -> Option<S
     match (&m.exact, &m.prefix, &m.regex) {
         (Some(e), None, None) => Some(StrMatch::Exact(e.clone())),
         (None, Some(p), None) => Some(StrMatch::Prefix(p.clone())),
-        (None, None, Some(_)) => {
-            ctx.error(format!("{field}.regex"), NOT_YET);
-            None
-        }
+        (None, None, Some(r)) => match regex_lite::Regex::new(&format!("^(?:{r})$")) {
+            Ok(re) => Some(StrMatch::Regex(re)),
+            Err(e) => {
+                ctx.error(format!("{field}.regex"), format!("{r:?}: {e}"));
+                None
+            }
+        },
         _ => {
             ctx.error(field, "exactly one of exact, prefix or regex is required");
             None
@@ -329,8 +352,6 @@ pub(super) fn build_virtual_service(
                 ("mirror", &r.mirror),
                 ("mirrorPercentage", &r.mirror_percentage),
                 ("mirrors", &r.mirrors),
-                ("rewrite", &r.rewrite),
-                ("redirect", &r.redirect),
                 ("corsPolicy", &r.cors_policy),
                 ("directResponse", &r.direct_response),
                 ("delegate", &r.delegate),
@@ -343,7 +364,6 @@ pub(super) fn build_virtual_service(
                 ctx,
                 &mb,
                 &[
-                    ("queryParams", &m.query_params),
                     ("scheme", &m.scheme),
                     ("authority", &m.authority),
                     ("withoutHeaders", &m.without_headers),
@@ -371,10 +391,13 @@ pub(super) fn build_virtual_service(
                 },
                 None => None,
             };
-            matches.push(HttpMatch { uri, method, headers, port });
-        }
-        if r.route.is_empty() {
-            ctx.error(format!("{base}.route"), "at least one destination is required");
+            let mut query_params = Vec::new();
+            for (q, sm) in &m.query_params {
+                if let Some(x) = string_match(ctx, &format!("{mb}.queryParams[{q}]"), sm) {
+                    query_params.push((q.clone(), x));
+                }
+            }
+            matches.push(HttpMatch { uri, method, headers, query_params, port });
         }
         let mut routes = Vec::new();
         for (di, d) in r.route.iter().enumerate() {
@@ -429,9 +452,42 @@ pub(super) fn build_virtual_service(
         let retries = r.retries.as_ref().and_then(|x| retries(ctx, &format!("{base}.retries"), x));
         let fault = r.fault.as_ref().and_then(|f| fault(ctx, &format!("{base}.fault"), f));
         let headers = r.headers.as_ref().map(header_rules).unwrap_or_default();
-        http.push(Arc::new(HttpRoute { name: r.name.clone(), matches, routes, timeout, retries, fault, headers }));
+        let rewrite = r.rewrite.as_ref().map(|w| {
+            reject(ctx, &format!("{base}.rewrite"), &[("uriRegexRewrite", &w.uri_regex_rewrite)]);
+            Rewrite { uri: w.uri.clone(), authority: w.authority.clone() }
+        });
+        let redirect = r.redirect.as_ref().and_then(|d| redirect(ctx, &format!("{base}.redirect"), d));
+        if redirect.is_some() && (!r.route.is_empty() || rewrite.is_some()) {
+            ctx.error(format!("{base}.redirect"), "a redirect rule cannot also have route or rewrite");
+        } else if r.route.is_empty() && r.redirect.is_none() {
+            ctx.error(format!("{base}.route"), "at least one destination (or a redirect) is required");
+        }
+        http.push(Arc::new(HttpRoute {
+            name: r.name.clone(),
+            matches,
+            routes,
+            timeout,
+            retries,
+            fault,
+            headers,
+            rewrite,
+            redirect,
+        }));
     }
     (ctx.error_count() == before).then_some(VirtualService { name, namespace, hosts, http })
+}
+
+fn redirect(ctx: &mut Ctx<'_>, base: &str, d: &RedirectSpec) -> Option<Redirect> {
+    reject(ctx, base, &[("port", &d.port), ("derivePort", &d.derive_port), ("scheme", &d.scheme)]);
+    let code = match d.redirect_code {
+        None => 301,
+        Some(c @ (301 | 302 | 303 | 307 | 308)) => c as u16,
+        Some(c) => {
+            ctx.error(format!("{base}.redirectCode"), format!("{c}: expected 301, 302, 303, 307 or 308"));
+            return None;
+        }
+    };
+    Some(Redirect { uri: d.uri.clone(), authority: d.authority.clone(), code })
 }
 
 fn duration_field(ctx: &mut Ctx<'_>, field: &str, s: &Option<String>) -> Option<Duration> {

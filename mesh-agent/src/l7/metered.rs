@@ -161,6 +161,19 @@ impl Record {
         r
     }
 
+    /// A redirect the agent answers itself (`redirect` rule).
+    pub fn finish_redirect(mut self, code: u16, location: &str) -> Response<Body> {
+        let status = StatusCode::from_u16(code).unwrap_or(StatusCode::MOVED_PERMANENTLY);
+        self.status = status.as_u16();
+        let mut r = Response::new(http_body_util::Empty::new().map_err(|e| match e {}).boxed());
+        *r.status_mut() = status;
+        if let Ok(v) = hyper::header::HeaderValue::from_str(location) {
+            r.headers_mut().insert(hyper::header::LOCATION, v);
+        }
+        self.finish();
+        r
+    }
+
     /// `101 Switching Protocols`: the request is complete; the tunnel follows.
     pub fn finish_switch(mut self, parts: Parts) -> Response<Body> {
         self.status = parts.status.as_u16();

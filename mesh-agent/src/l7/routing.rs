@@ -31,6 +31,23 @@ pub struct HttpRoute {
     pub retries: Option<Retries>,
     pub fault: Option<Fault>,
     pub headers: HeaderRules,
+    pub rewrite: Option<Rewrite>,
+    pub redirect: Option<Redirect>,
+}
+
+/// `rewrite`: the path (or the matched prefix) and/or the authority.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Rewrite {
+    pub uri: Option<String>,
+    pub authority: Option<String>,
+}
+
+/// `redirect`: answered by the agent, never sent upstream.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Redirect {
+    pub uri: Option<String>,
+    pub authority: Option<String>,
+    pub code: u16,
 }
 
 /// `retries`: how many more tries, each with its own timeout, on which failures.
@@ -123,13 +140,30 @@ pub struct HttpMatch {
     pub method: Option<StrMatch>,
     /// Lower-case header names.
     pub headers: Vec<(String, StrMatch)>,
+    pub query_params: Vec<(String, StrMatch)>,
     pub port: Option<u16>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub enum StrMatch {
     Exact(String),
     Prefix(String),
+    /// RE2-style, matching the whole value (as Istio's `regex`).
+    Regex(#[serde(serialize_with = "serialize_regex")] regex_lite::Regex),
+}
+
+fn serialize_regex<S: serde::Serializer>(r: &regex_lite::Regex, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(r.as_str())
+}
+
+impl PartialEq for StrMatch {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (StrMatch::Exact(a), StrMatch::Exact(b)) | (StrMatch::Prefix(a), StrMatch::Prefix(b)) => a == b,
+            (StrMatch::Regex(a), StrMatch::Regex(b)) => a.as_str() == b.as_str(),
+            _ => false,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -179,6 +213,8 @@ pub struct RequestView<'a> {
 pub struct Decision {
     pub route: Route,
     pub rule: Option<Arc<HttpRoute>>,
+    /// The `uri.prefix` that matched, which a `rewrite.uri` replaces.
+    pub matched_prefix: Option<String>,
 }
 
 impl Decision {
@@ -192,6 +228,7 @@ impl StrMatch {
         match self {
             StrMatch::Exact(e) => v == e,
             StrMatch::Prefix(p) => v.starts_with(p.as_str()),
+            StrMatch::Regex(r) => r.is_match(v),
         }
     }
 }
@@ -199,8 +236,15 @@ impl StrMatch {
 impl HttpMatch {
     fn matches(&self, req: &RequestView<'_>, port: u16) -> bool {
         // Istio's `uri` matches the path without the query string.
-        let path = req.path.split('?').next().unwrap_or(req.path);
+        let (path, query) = req.path.split_once('?').unwrap_or((req.path, ""));
+        let param = |name: &str| {
+            query.split('&').find_map(|kv| {
+                let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+                (k == name).then_some(v)
+            })
+        };
         self.uri.as_ref().is_none_or(|m| m.matches(path))
+            && self.query_params.iter().all(|(name, m)| param(name).is_some_and(|v| m.matches(v)))
             && self.method.as_ref().is_none_or(|m| m.matches(req.method))
             && self.port.is_none_or(|p| p == port)
             && self.headers.iter().all(|(name, m)| {
@@ -213,21 +257,35 @@ impl HttpMatch {
 /// round-robin turn, `random` a random number (weights, RANDOM balancing).
 pub fn route_request(state: &State, orig: SocketAddrV4, req: &RequestView<'_>, pick: usize, random: u64) -> Decision {
     let Some(service) = state.by_vip.get(orig.ip()) else {
-        return Decision { route: route(state, orig, pick), rule: None };
+        return Decision { route: route(state, orig, pick), rule: None, matched_prefix: None };
     };
     let key = format!("{}/{}", service.namespace, service.name);
-    let rule = state
-        .virtual_services
-        .iter()
-        .filter(|vs| vs.hosts.contains(&key))
-        .flat_map(|vs| vs.http.iter())
-        .find(|r| r.matches.is_empty() || r.matches.iter().any(|m| m.matches(req, orig.port())));
+    // The first rule with a matching condition (no condition matches all), and
+    // the condition that matched.
+    let found =
+        state.virtual_services.iter().filter(|vs| vs.hosts.contains(&key)).flat_map(|vs| vs.http.iter()).find_map(
+            |r| {
+                if r.matches.is_empty() {
+                    return Some((r, None));
+                }
+                r.matches.iter().find(|m| m.matches(req, orig.port())).map(|m| (r, Some(m)))
+            },
+        );
+    let matched_prefix = found.and_then(|(_, m)| match m?.uri.as_ref()? {
+        StrMatch::Prefix(p) => Some(p.clone()),
+        _ => None,
+    });
+    let rule = found.map(|(r, _)| r);
     let Some(rule) = rule else {
         let lb = destination_rule(state, &key).map(|d| d.load_balancer).unwrap_or_default();
-        return Decision { route: route_service(service, orig.port(), None, turn(lb, pick, random)), rule: None };
+        let route = route_service(service, orig.port(), None, turn(lb, pick, random));
+        return Decision { route, rule: None, matched_prefix: None };
     };
-    let refused =
-        |reason| Decision { route: Route::Refused { service: service.clone(), reason }, rule: Some(rule.clone()) };
+    let refused = |reason| Decision {
+        route: Route::Refused { service: service.clone(), reason },
+        rule: Some(rule.clone()),
+        matched_prefix: matched_prefix.clone(),
+    };
     let Some(dest) = choose(&rule.routes, random) else {
         return refused(Refusal::NoRoute);
     };
@@ -248,15 +306,32 @@ pub fn route_request(state: &State, orig: SocketAddrV4, req: &RequestView<'_>, p
         (None, dr) => (None, dr.map(|d| d.load_balancer).unwrap_or_default()),
         (Some(name), Some(dr)) => match dr.subsets.iter().find(|s| &s.name == name) {
             Some(s) => (Some(&s.labels), s.load_balancer),
-            None => return no_subset(target, name, Some(rule.clone())),
+            None => return refused(Refusal::NoSubset(name.clone())),
         },
-        (Some(name), None) => return no_subset(target, name, Some(rule.clone())),
+        (Some(name), None) => return refused(Refusal::NoSubset(name.clone())),
     };
-    Decision { route: route_service(target, port, labels, turn(lb, pick, random)), rule: Some(rule.clone()) }
+    Decision {
+        route: route_service(target, port, labels, turn(lb, pick, random)),
+        rule: Some(rule.clone()),
+        matched_prefix,
+    }
 }
 
-fn no_subset(target: &Arc<crate::state::Service>, name: &str, rule: Option<Arc<HttpRoute>>) -> Decision {
-    Decision { route: Route::Refused { service: target.clone(), reason: Refusal::NoSubset(name.to_owned()) }, rule }
+/// The path after `rewrite.uri`: the matched prefix replaced, else the whole
+/// path; the query string kept.
+pub fn rewrite_path(path_and_query: &str, matched_prefix: Option<&str>, uri: &str) -> String {
+    let (path, query) = match path_and_query.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (path_and_query, None),
+    };
+    let new = match matched_prefix.and_then(|p| path.strip_prefix(p)) {
+        Some(rest) => format!("{uri}{rest}"),
+        None => uri.to_owned(),
+    };
+    match query {
+        Some(q) => format!("{new}?{q}"),
+        None => new,
+    }
 }
 
 fn destination_rule<'a>(state: &'a State, service: &str) -> Option<&'a DestinationRule> {

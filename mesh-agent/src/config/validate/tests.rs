@@ -277,10 +277,8 @@ fn routing_rules_are_validated_field_by_field() {
             format!("{at}: VirtualService demo/v: spec.http[0].timeout: \"5x\": the unit must be ms, s, m or h"),
         ),
         (
-            vs("{hosts: [hello], http: [{match: [{uri: {regex: \".*\"}}], route: [{destination: {host: hello}}]}]}"),
-            format!(
-                "{at}: VirtualService demo/v: spec.http[0].match[0].uri.regex: not supported by this version of mesh-agent"
-            ),
+            vs("{hosts: [hello], http: [{match: [{uri: {regex: \"(\"}}], route: [{destination: {host: hello}}]}]}"),
+            format!("{at}: VirtualService demo/v: spec.http[0].match[0].uri.regex: \"(\": "),
         ),
         (
             vs(

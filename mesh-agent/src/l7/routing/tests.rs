@@ -124,3 +124,42 @@ fn weights_split_as_declared() {
         .count();
     assert!((750..=850).contains(&v1), "{v1} of 1000 to v1");
 }
+
+#[test]
+fn rewrite_replaces_the_matched_prefix_or_the_path() {
+    let cases = [
+        ("/api/v1/items?x=1", Some("/api/"), "/", "/v1/items?x=1"),
+        ("/api/v1/items", Some("/api"), "/backend", "/backend/v1/items"),
+        ("/exact", None, "/other", "/other"),
+        ("/exact?q", None, "/other", "/other?q"),
+    ];
+    for (path, prefix, uri, want) in cases {
+        assert_eq!(rewrite_path(path, prefix, uri), want, "{path} {prefix:?} {uri}");
+    }
+}
+
+#[test]
+fn regex_and_query_parameter_matches() {
+    let s = state_from_yaml(&format!(
+        "{CLUSTER}---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: other, namespace: demo}}
+spec:
+  hosts: [other]
+  http:
+  - match: [{{uri: {{regex: \"/items/[0-9]+\"}}, queryParams: {{debug: {{exact: \"1\"}}}}}}]
+    route: [{{destination: {{host: hello, subset: v2}}}}]
+  - route: [{{destination: {{host: other}}}}]
+"
+    ));
+    let none = HeaderMap::new();
+    let orig = "10.96.0.11:8000".parse().unwrap_or_else(|e| panic!("{e}"));
+    let go = |path| describe(&route_request(&s, orig, &RequestView { method: "GET", path, headers: &none }, 0, 0));
+    assert_eq!(go("/items/42?debug=1"), "hello-v2 10.244.0.3:8080");
+    assert_eq!(go("/items/42?x=2&debug=1"), "hello-v2 10.244.0.3:8080");
+    // The regex must match the whole path; the parameter must be present.
+    assert_eq!(go("/items/42/more?debug=1"), "other 10.244.0.4:9000");
+    assert_eq!(go("/items/42"), "other 10.244.0.4:9000");
+    assert_eq!(go("/items/x?debug=1"), "other 10.244.0.4:9000");
+}
