@@ -92,6 +92,7 @@ pub struct Context {
     pub certs: Arc<CertManager>,
     pub hbone: crate::hbone::Pool,
     pub http_pool: crate::l7::pool::Pool,
+    pub clusters: crate::l7::cluster::Clusters,
     pub access_log: crate::l7::access_log::AccessLog,
     pub protocol_detection_timeout: Duration,
     state: RwLock<Arc<State>>,
@@ -220,6 +221,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
         certs,
         hbone: crate::hbone::Pool::default(),
         http_pool: crate::l7::pool::Pool::default(),
+        clusters: crate::l7::cluster::Clusters::default(),
         access_log,
         protocol_detection_timeout: cfg.protocol_detection_timeout,
         state: RwLock::new(Arc::new(loaded.state)),
@@ -369,6 +371,7 @@ fn reload(ctx: &Context, path: &std::path::Path, trust_domain: &str) {
             // Pooled upstream connections were authorized under the old policy:
             // new requests get new connections, checked against the new one.
             ctx.http_pool.clear();
+            ctx.clusters.clear();
             ctx.metrics.config_loads.get_or_create(&ResultLabels { result: "success" }).inc();
             if let Ok(mut e) = ctx.last_config_error.write() {
                 *e = None;

@@ -96,18 +96,23 @@ pub struct Pool {
     conns: Mutex<HashMap<PoolKey, PoolEntry>>,
 }
 
+/// What a tunnel is for: the pod `target` on the node whose agent is `node`,
+/// running as `dest`, on behalf of `source` whose pod IP is `client_ip`.
+#[derive(Debug, Clone, Copy)]
+pub struct TunnelTo<'a> {
+    pub source: &'a Arc<str>,
+    pub node: SocketAddrV4,
+    pub dest: &'a Arc<str>,
+    pub target: SocketAddrV4,
+    pub client_ip: Ipv4Addr,
+    pub connect_timeout: Duration,
+}
+
 impl Pool {
-    /// Opens a tunnel to `target` (a pod on the node whose agent is `node`,
-    /// running as `dest`), on behalf of `source` whose pod IP is `client_ip`.
-    pub async fn open(
-        &self,
-        ctx: &Context,
-        source: &Arc<str>,
-        node: SocketAddrV4,
-        dest: &Arc<str>,
-        target: SocketAddrV4,
-        client_ip: Ipv4Addr,
-    ) -> Result<Upgraded, HboneError> {
+    /// Opens a tunnel (an HTTP/2 CONNECT stream), on a pooled connection when
+    /// one is live.
+    pub async fn open(&self, ctx: &Context, to: TunnelTo<'_>) -> Result<Upgraded, HboneError> {
+        let TunnelTo { source, node, dest, target, client_ip, connect_timeout } = to;
         let cert = ctx.certs.get(source).await?;
         let key = PoolKey { source: source.clone(), node, dest: dest.clone() };
         let pooled = self.conns.lock().ok().and_then(|m| {
@@ -121,7 +126,7 @@ impl Pool {
                 other => return other,
             }
         }
-        let sender = connect(ctx, &cert, node, dest).await?;
+        let sender = connect(ctx, &cert, node, dest, connect_timeout).await?;
         if let Ok(mut m) = self.conns.lock() {
             m.retain(|_, e| !e.sender.is_closed());
             m.insert(key, PoolEntry { sender: sender.clone(), serial: cert.info.serial.clone() });
@@ -164,8 +169,9 @@ async fn connect(
     cert: &identity::WorkloadCert,
     node: SocketAddrV4,
     dest: &Arc<str>,
+    connect_timeout: Duration,
 ) -> Result<SendRequest<Empty<Bytes>>, HboneError> {
-    let tcp = match tokio::time::timeout(ctx.connect_timeout, TcpStream::connect(node)).await {
+    let tcp = match tokio::time::timeout(connect_timeout, TcpStream::connect(node)).await {
         Ok(Ok(s)) => s,
         Ok(Err(error)) => return Err(HboneError::Connect { addr: node, error }),
         Err(_) => return Err(HboneError::ConnectTimeout { addr: node }),

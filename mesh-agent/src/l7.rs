@@ -30,6 +30,7 @@ use crate::{
 };
 
 pub mod access_log;
+pub mod cluster;
 mod metered;
 pub mod pool;
 pub mod protocol;
@@ -225,9 +226,12 @@ async fn handle(ctx: Arc<Context>, down: Arc<Downstream>, mut req: Request<Incom
         path: req.uri().path_and_query().map_or("/", |p| p.as_str()),
         headers: req.headers(),
     };
-    let decision = routing::route_request(&state, down.orig, &view, down.pick(&ctx), ctx.next_random());
+    let ejected = |cluster: &str, addr| ctx.clusters.is_ejected(cluster, addr);
+    let decision = routing::route_request(&state, down.orig, &view, down.pick(&ctx), ctx.next_random(), &ejected);
     drop(state);
     let rule = decision.rule.clone();
+    let cluster = decision.cluster.clone();
+    let cluster_state = cluster.as_ref().and_then(|c| ctx.clusters.get(c));
     if let Some(redirect) = rule.as_ref().and_then(|r| r.redirect.as_ref()) {
         let labels = match target(decision.route, source.as_deref()) {
             Ok(t) => t.labels,
@@ -308,6 +312,14 @@ async fn handle(ctx: Arc<Context>, down: Arc<Downstream>, mut req: Request<Incom
     if let Some(b) = &buffered {
         record.add_request_bytes(b.len());
     }
+    // Circuit breakers: the request holds its place until its response is complete.
+    if let Some(cs) = &cluster_state {
+        match cs.admit(!h2).await {
+            Some(admission) => record.hold(admission),
+            None => return record.finish_overflow(),
+        }
+    }
+    let connect_timeout = cluster.as_ref().and_then(|c| c.policy.pool.connect_timeout);
     let tries = 1 + retries.as_ref().map_or(0, |r| r.attempts);
     let per_try = retries.as_ref().and_then(|r| r.per_try_timeout);
     let overall = rule.as_ref().and_then(|r| r.timeout);
@@ -324,7 +336,7 @@ async fn handle(ctx: Arc<Context>, down: Arc<Downstream>, mut req: Request<Incom
         };
         let up_req = Request::from_parts(parts.clone(), body);
         let key = PoolKey { client: down.peer_ip, upstream: target.addr, h2 };
-        let one = exchange(&ctx, &down, &target, key, up_req, per_try, &mut record);
+        let one = exchange(&ctx, &down, &target, key, up_req, per_try, connect_timeout, &mut record);
         let result = match deadline {
             Some(d) => match tokio::time::timeout_at(d, one).await {
                 Ok(r) => r,
@@ -335,6 +347,14 @@ async fn handle(ctx: Arc<Context>, down: Arc<Downstream>, mut req: Request<Incom
             },
             None => one.await,
         };
+        if let (Some(cs), Some(c)) = (&cluster_state, &cluster) {
+            let outcome = match &result {
+                Ok(resp) => cluster::Outcome::Status(resp.status().as_u16()),
+                Err(Failure::Connect(_)) => cluster::Outcome::ConnectFailure,
+                Err(_) => cluster::Outcome::NoResponse,
+            };
+            cs.report(target.addr, outcome, c.endpoints);
+        }
         let last = try_no >= tries;
         let on = retries.as_ref().map(|r| &r.on);
         match result {
@@ -365,7 +385,8 @@ async fn handle(ctx: Arc<Context>, down: Arc<Downstream>, mut req: Request<Incom
             path: parts.uri.path_and_query().map_or("/", |p| p.as_str()),
             headers: &parts.headers,
         };
-        let again = routing::route_request(&state, down.orig, &view, ctx.next_pick(), ctx.next_random());
+        let ejected = |cluster: &str, addr| ctx.clusters.is_ejected(cluster, addr);
+        let again = routing::route_request(&state, down.orig, &view, ctx.next_pick(), ctx.next_random(), &ejected);
         match self::target(again.route, source.as_deref()) {
             Ok(t) => {
                 record.set_target(t.labels.clone(), t.addr);
@@ -444,6 +465,7 @@ fn fits_retry_buffer(headers: &HeaderMap, body: &Incoming) -> bool {
 
 /// One try: a pooled or new connection to the target, the request, the
 /// response head (within `per_try`).
+#[expect(clippy::too_many_arguments, reason = "one try's inputs; called from one place")]
 async fn exchange(
     ctx: &Arc<Context>,
     down: &Downstream,
@@ -451,13 +473,15 @@ async fn exchange(
     key: PoolKey,
     req: Request<Body>,
     per_try: Option<Duration>,
+    connect_timeout: Option<Duration>,
     record: &mut Record,
 ) -> Result<Response<Incoming>, Failure> {
     let sender = match ctx.http_pool.take(&key) {
         Some(s) => s,
         None => {
             let state = ctx.state();
-            match connect(ctx, &state, down, target.dest.as_ref(), target.addr, key.h2).await {
+            let timeout = connect_timeout.unwrap_or(ctx.connect_timeout);
+            match connect(ctx, &state, down, target.dest.as_ref(), target.addr, key.h2, timeout).await {
                 Ok((s, _)) => s,
                 Err(e) => {
                     if matches!(e, ProxyError::Tunnel(_)) {
@@ -535,11 +559,12 @@ async fn connect(
     dest: Option<&Arc<Workload>>,
     addr: SocketAddrV4,
     h2: bool,
+    timeout: Duration,
 ) -> Result<(Sender, bool), ProxyError> {
     // The generation before connecting: a policy reload meanwhile keeps this
     // connection out of the pool.
     let generation = ctx.http_pool.generation();
-    let opened = proxy::open_upstream(ctx, state, down.source.as_ref(), down.peer, dest, addr).await?;
+    let opened = proxy::open_upstream(ctx, state, down.source.as_ref(), down.peer, dest, addr, timeout).await?;
     let mtls = opened.mtls;
     let sender = pool::handshake(opened.io, h2, mtls, generation).await.map_err(|error| ProxyError::Connect {
         addr,

@@ -188,7 +188,7 @@ async fn handle(ctx: &Arc<Context>, client: TcpStream, peer: SocketAddr) {
         let down = crate::l7::Downstream { peer, peer_ip, orig, source, first_pick: pick.into() };
         return crate::l7::serve(ctx.clone(), client, down, handling).await;
     }
-    match open_upstream(ctx, &state, source.as_ref(), peer, dest.as_ref(), addr).await {
+    match open_upstream(ctx, &state, source.as_ref(), peer, dest.as_ref(), addr, ctx.connect_timeout).await {
         Ok(opened) => {
             drop(state);
             if opened.mtls {
@@ -307,6 +307,7 @@ pub(crate) async fn open_upstream(
     peer: SocketAddr,
     dest: Option<&Arc<Workload>>,
     addr: SocketAddrV4,
+    connect_timeout: Duration,
 ) -> Result<Opened, ProxyError> {
     let peer_ip = match peer.ip() {
         std::net::IpAddr::V4(ip) => ip,
@@ -323,7 +324,15 @@ pub(crate) async fn open_upstream(
             };
             let src_id = source_identity.ok_or(ProxyError::NoSourceIdentity(peer_ip))?;
             let node = SocketAddrV4::new(node_ip, mesh_common::HBONE_PORT);
-            let tunnel = ctx.hbone.open(ctx, &src_id, node, &d.principal, addr, peer_ip).await?;
+            let to = crate::hbone::TunnelTo {
+                source: &src_id,
+                node,
+                dest: &d.principal,
+                target: addr,
+                client_ip: peer_ip,
+                connect_timeout,
+            };
+            let tunnel = ctx.hbone.open(ctx, to).await?;
             Ok(Opened { io: Upstream::Tunnel(hyper_util::rt::TokioIo::new(tunnel)), mtls: true })
         }
         Some(d) => {
@@ -335,11 +344,11 @@ pub(crate) async fn open_upstream(
             {
                 return Err(ProxyError::Denied { policy });
             }
-            let s = connect(addr, transparent_source(ctx, peer, addr), ctx.connect_timeout).await?;
+            let s = connect(addr, transparent_source(ctx, peer, addr), connect_timeout).await?;
             Ok(Opened { io: Upstream::Tcp(s), mtls: false })
         }
         None => {
-            let s = connect(addr, transparent_source(ctx, peer, addr), ctx.connect_timeout).await?;
+            let s = connect(addr, transparent_source(ctx, peer, addr), connect_timeout).await?;
             Ok(Opened { io: Upstream::Tcp(s), mtls: false })
         }
     }

@@ -53,7 +53,7 @@ impl std::fmt::Display for Refusal {
 pub fn route(state: &State, dst: SocketAddrV4, pick: usize) -> Route {
     let ip: Ipv4Addr = *dst.ip();
     if let Some(service) = state.by_vip.get(&ip) {
-        return route_service(service, dst.port(), None, pick);
+        return route_service(service, dst.port(), None, pick, &|_| false);
     }
     if let Some(workload) = state.workload_by_ip(ip) {
         return Route::Workload { workload: workload.clone(), addr: dst };
@@ -62,12 +62,14 @@ pub fn route(state: &State, dst: SocketAddrV4, pick: usize) -> Route {
 }
 
 /// A ready endpoint of `service` for `port`, among the pods whose labels include
-/// `subset` (when given), by `pick`.
+/// `subset` (when given), by `pick`, leaving out those `avoid` names unless
+/// that leaves none (then all are used, as Envoy's panic mode).
 pub fn route_service(
     service: &Arc<Service>,
     port: u16,
     subset: Option<&std::collections::BTreeMap<String, String>>,
     pick: usize,
+    avoid: &dyn Fn(SocketAddrV4) -> bool,
 ) -> Route {
     let Some(sp) = service.ports.iter().find(|p| p.port == port && p.protocol == Protocol::Tcp) else {
         return Route::Refused { service: service.clone(), reason: Refusal::UnknownPort(port) };
@@ -75,7 +77,7 @@ pub fn route_service(
     // Endpoints that are ready and define the target port (a named port may be
     // missing on some pods, as in Kubernetes).
     let in_subset = |w: &&Arc<Workload>| subset.is_none_or(|l| l.iter().all(|(k, v)| w.labels.get(k) == Some(v)));
-    let eligible = || {
+    let all = || {
         service
             .endpoints
             .iter()
@@ -83,6 +85,9 @@ pub fn route_service(
             .filter(in_subset)
             .filter_map(|w| Some((w, w.ip?, w.resolve_port(&sp.target)?)))
     };
+    let healthy = all().filter(|(_, ip, p)| !avoid(SocketAddrV4::new(*ip, *p))).count();
+    let panic = healthy == 0;
+    let eligible = || all().filter(move |(_, ip, p)| panic || !avoid(SocketAddrV4::new(*ip, *p)));
     let n = eligible().count();
     if n == 0 {
         return Route::Refused { service: service.clone(), reason: Refusal::NoReadyEndpoint(port) };

@@ -84,6 +84,7 @@ type Body = http_body_util::combinators::BoxBody<hyper::body::Bytes, hyper::Erro
 /// - `/delay/<ms>`: answers after that long
 /// - `/fail-once/<id>`: 503 the first time, 200 after
 /// - `/headers`: the request headers, one per line
+/// - `/unhealthy-on/<pod>`: 503 from that pod, 200 from the others
 /// - `/upgrade` with `Upgrade:`: `101`, then echoes raw bytes (a WebSocket stand-in)
 pub fn http_api(pod: &Pod, port: u16) {
     let name = pod.name.clone();
@@ -162,6 +163,11 @@ async fn api(
         }
         seen.push(id.to_owned());
         return text(503, format!("failing {id} once\n"));
+    }
+    if let Some(who) = path.strip_prefix("/unhealthy-on/") {
+        // 503 from the pod named, 200 from the others: one bad endpoint.
+        let status = if who == name { 503 } else { 200 };
+        return text(status, format!("{name} answers {status}\n"));
     }
     if path == "/headers" {
         let mut lines: Vec<String> =

@@ -9,8 +9,8 @@ use serde::Deserialize;
 use super::{k8s::ObjectMeta, validate::Ctx};
 use crate::{
     l7::routing::{
-        DestinationRule, Fault, HeaderOps, HeaderRules, HttpMatch, HttpRoute, LoadBalancer, Redirect, Retries, RetryOn,
-        Rewrite, StrMatch, Subset, VirtualService, WeightedDestination,
+        DestinationRule, Fault, HeaderOps, HeaderRules, HttpMatch, HttpRoute, LoadBalancer, OutlierDetection, Policy,
+        Redirect, Retries, RetryOn, Rewrite, StrMatch, Subset, VirtualService, WeightedDestination,
     },
     state::{CLUSTER_DOMAIN, Service},
 };
@@ -239,12 +239,56 @@ pub struct SubsetSpec {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct TrafficPolicySpec {
     pub load_balancer: Option<LoadBalancerSpec>,
-    pub connection_pool: Unsupported,
-    pub outlier_detection: Unsupported,
+    pub connection_pool: Option<ConnectionPoolSpec>,
+    pub outlier_detection: Option<OutlierDetectionSpec>,
     pub tls: Unsupported,
     pub port_level_settings: Unsupported,
     pub tunnel: Unsupported,
     pub proxy_protocol: Unsupported,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectionPoolSpec {
+    pub tcp: Option<TcpPoolSpec>,
+    pub http: Option<HttpPoolSpec>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TcpPoolSpec {
+    pub max_connections: Option<i64>,
+    pub connect_timeout: Option<String>,
+    pub tcp_keepalive: Unsupported,
+    pub max_connection_duration: Unsupported,
+    pub idle_timeout: Unsupported,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HttpPoolSpec {
+    pub http1_max_pending_requests: Option<i64>,
+    pub http2_max_requests: Option<i64>,
+    pub max_requests_per_connection: Unsupported,
+    pub max_retries: Unsupported,
+    pub idle_timeout: Unsupported,
+    pub h2_upgrade_policy: Unsupported,
+    pub use_client_protocol: Unsupported,
+    pub max_concurrent_streams: Unsupported,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct OutlierDetectionSpec {
+    pub consecutive_5xx_errors: Option<i64>,
+    pub consecutive_gateway_errors: Option<i64>,
+    pub interval: Option<String>,
+    pub base_ejection_time: Option<String>,
+    pub max_ejection_percent: Option<i64>,
+    pub consecutive_errors: Unsupported,
+    pub min_health_percent: Unsupported,
+    pub split_external_local_origin_errors: Unsupported,
+    pub consecutive_local_origin_failures: Unsupported,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -589,25 +633,118 @@ fn header_rules(h: &HeadersSpec) -> HeaderRules {
     HeaderRules { request: header_ops(&h.request), response: header_ops(&h.response) }
 }
 
-fn load_balancer(ctx: &mut Ctx<'_>, field: &str, tp: &Option<TrafficPolicySpec>) -> Option<LoadBalancer> {
-    let tp = tp.as_ref()?;
+/// A count in a policy: 0 or more, at most `max`.
+fn count(ctx: &mut Ctx<'_>, field: &str, v: Option<i64>, max: i64) -> Option<u32> {
+    let v = v?;
+    if (0..=max).contains(&v) {
+        Some(v as u32)
+    } else {
+        ctx.error(field, format!("{v} is out of range 0-{max}"));
+        None
+    }
+}
+
+/// A `trafficPolicy`; what it leaves unset comes from `inherited` (a subset's
+/// policy inherits the rule's).
+fn policy(ctx: &mut Ctx<'_>, field: &str, tp: &Option<TrafficPolicySpec>, inherited: &Policy) -> Policy {
+    let mut out = inherited.clone();
+    let Some(tp) = tp.as_ref() else { return out };
     reject(
         ctx,
         field,
         &[
-            ("connectionPool", &tp.connection_pool),
-            ("outlierDetection", &tp.outlier_detection),
             ("tls", &tp.tls),
             ("portLevelSettings", &tp.port_level_settings),
             ("tunnel", &tp.tunnel),
             ("proxyProtocol", &tp.proxy_protocol),
         ],
     );
-    let lb = tp.load_balancer.as_ref()?;
-    let lbf = format!("{field}.loadBalancer");
+    if let Some(lb) = &tp.load_balancer
+        && let Some(x) = load_balancer(ctx, &format!("{field}.loadBalancer"), lb)
+    {
+        out.load_balancer = x;
+    }
+    if let Some(cp) = &tp.connection_pool {
+        let f = format!("{field}.connectionPool");
+        if let Some(tcp) = &cp.tcp {
+            let tf = format!("{f}.tcp");
+            reject(
+                ctx,
+                &tf,
+                &[
+                    ("tcpKeepalive", &tcp.tcp_keepalive),
+                    ("maxConnectionDuration", &tcp.max_connection_duration),
+                    ("idleTimeout", &tcp.idle_timeout),
+                ],
+            );
+            if let Some(n) = count(ctx, &format!("{tf}.maxConnections"), tcp.max_connections, i64::from(u32::MAX)) {
+                out.pool.max_connections = Some(n);
+            }
+            if let Some(t) = duration_field(ctx, &format!("{tf}.connectTimeout"), &tcp.connect_timeout) {
+                out.pool.connect_timeout = Some(t);
+            }
+        }
+        if let Some(http) = &cp.http {
+            let hf = format!("{f}.http");
+            reject(
+                ctx,
+                &hf,
+                &[
+                    ("maxRequestsPerConnection", &http.max_requests_per_connection),
+                    ("maxRetries", &http.max_retries),
+                    ("idleTimeout", &http.idle_timeout),
+                    ("h2UpgradePolicy", &http.h2_upgrade_policy),
+                    ("useClientProtocol", &http.use_client_protocol),
+                    ("maxConcurrentStreams", &http.max_concurrent_streams),
+                ],
+            );
+            let max = i64::from(u32::MAX);
+            if let Some(n) = count(ctx, &format!("{hf}.http1MaxPendingRequests"), http.http1_max_pending_requests, max)
+            {
+                out.pool.max_pending = Some(n);
+            }
+            if let Some(n) = count(ctx, &format!("{hf}.http2MaxRequests"), http.http2_max_requests, max) {
+                out.pool.max_requests = Some(n);
+            }
+        }
+    }
+    if let Some(od) = &tp.outlier_detection {
+        let f = format!("{field}.outlierDetection");
+        reject(
+            ctx,
+            &f,
+            &[
+                ("consecutiveErrors", &od.consecutive_errors),
+                ("minHealthPercent", &od.min_health_percent),
+                ("splitExternalLocalOriginErrors", &od.split_external_local_origin_errors),
+                ("consecutiveLocalOriginFailures", &od.consecutive_local_origin_failures),
+            ],
+        );
+        // Istio's defaults.
+        out.outlier = Some(OutlierDetection {
+            consecutive_5xx: count(ctx, &format!("{f}.consecutive5xxErrors"), od.consecutive_5xx_errors, 1000)
+                .unwrap_or(5),
+            consecutive_gateway: count(
+                ctx,
+                &format!("{f}.consecutiveGatewayErrors"),
+                od.consecutive_gateway_errors,
+                1000,
+            )
+            .unwrap_or(0),
+            interval: duration_field(ctx, &format!("{f}.interval"), &od.interval).unwrap_or(Duration::from_secs(10)),
+            base_ejection: duration_field(ctx, &format!("{f}.baseEjectionTime"), &od.base_ejection_time)
+                .unwrap_or(Duration::from_secs(30)),
+            max_ejection_percent: count(ctx, &format!("{f}.maxEjectionPercent"), od.max_ejection_percent, 100)
+                .unwrap_or(10),
+        });
+    }
+    out
+}
+
+fn load_balancer(ctx: &mut Ctx<'_>, lbf: &str, lb: &LoadBalancerSpec) -> Option<LoadBalancer> {
     reject(
         ctx,
-        &lbf,
+        lbf,
         &[
             ("consistentHash", &lb.consistent_hash),
             ("localityLbSetting", &lb.locality_lb_setting),
@@ -645,7 +782,7 @@ pub(super) fn build_destination_rule(
             String::new()
         }
     };
-    let lb = load_balancer(ctx, "spec.trafficPolicy", &spec.traffic_policy).unwrap_or_default();
+    let top = policy(ctx, "spec.trafficPolicy", &spec.traffic_policy, &Policy::default());
     let mut subsets = Vec::new();
     for (i, s) in spec.subsets.iter().enumerate() {
         let field = format!("spec.subsets[{i}]");
@@ -655,8 +792,8 @@ pub(super) fn build_destination_rule(
         if subsets.iter().any(|x: &Subset| x.name == s.name) {
             ctx.error(format!("{field}.name"), format!("subset {:?} is defined twice", s.name));
         }
-        let sub_lb = load_balancer(ctx, &format!("{field}.trafficPolicy"), &s.traffic_policy);
-        subsets.push(Subset { name: s.name.clone(), labels: s.labels.clone(), load_balancer: sub_lb.unwrap_or(lb) });
+        let own = policy(ctx, &format!("{field}.trafficPolicy"), &s.traffic_policy, &top);
+        subsets.push(Subset { name: s.name.clone(), labels: s.labels.clone(), policy: own });
     }
-    (ctx.error_count() == before).then_some(DestinationRule { name, namespace, service, subsets, load_balancer: lb })
+    (ctx.error_count() == before).then_some(DestinationRule { name, namespace, service, subsets, policy: top })
 }

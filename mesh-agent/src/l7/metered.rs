@@ -52,6 +52,8 @@ pub struct Record {
     flags: &'static str,
     response_bytes: u64,
     done: bool,
+    /// The circuit-breaker place this request holds until it is complete.
+    held: Option<super::cluster::Admission>,
 }
 
 fn header(h: &HeaderMap, name: &str) -> String {
@@ -101,6 +103,7 @@ impl Record {
             flags: "-",
             response_bytes: 0,
             done: false,
+            held: None,
         }
     }
 
@@ -161,6 +164,21 @@ impl Record {
         r
     }
 
+    pub fn hold(&mut self, admission: super::cluster::Admission) {
+        self.held = Some(admission);
+    }
+
+    /// A circuit breaker overflowed: Envoy's answer.
+    pub fn finish_overflow(self) -> Response<Body> {
+        let mut r = self.finish_local(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "upstream connect error or disconnect/reset before headers. reset reason: overflow",
+            "UO",
+        );
+        r.headers_mut().insert("x-envoy-overloaded", hyper::header::HeaderValue::from_static("true"));
+        r
+    }
+
     /// A redirect the agent answers itself (`redirect` rule).
     pub fn finish_redirect(mut self, code: u16, location: &str) -> Response<Body> {
         let status = StatusCode::from_u16(code).unwrap_or(StatusCode::MOVED_PERMANENTLY);
@@ -186,6 +204,7 @@ impl Record {
             return;
         }
         self.done = true;
+        self.held = None;
         let request_bytes = self.shared.request_bytes.load(Ordering::Relaxed);
         let ms = self.start.elapsed().as_secs_f64() * 1000.0;
         let labels = RequestLabels::new(

@@ -182,14 +182,58 @@ pub struct DestinationRule {
     /// `namespace/name` of the Service.
     pub service: String,
     pub subsets: Vec<Subset>,
-    pub load_balancer: LoadBalancer,
+    pub policy: Policy,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Subset {
     pub name: String,
     pub labels: BTreeMap<String, String>,
+    /// The subset's own policy, its unset parts taken from the rule's.
+    pub policy: Policy,
+}
+
+/// A DestinationRule's `trafficPolicy` (the parts implemented).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Policy {
     pub load_balancer: LoadBalancer,
+    pub pool: ConnectionPool,
+    pub outlier: Option<OutlierDetection>,
+}
+
+/// `connectionPool`: Envoy's circuit breakers, per source agent and cluster.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ConnectionPool {
+    /// `tcp.maxConnections`: HTTP/1.1 requests in flight (each holds a connection).
+    pub max_connections: Option<u32>,
+    pub connect_timeout: Option<Duration>,
+    /// `http.http1MaxPendingRequests`: requests waiting for one of those connections.
+    pub max_pending: Option<u32>,
+    /// `http.http2MaxRequests`: requests in flight, any protocol.
+    pub max_requests: Option<u32>,
+}
+
+/// `outlierDetection`: endpoints failing in a row are left out for a while.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct OutlierDetection {
+    /// `consecutive5xxErrors` (Istio's default 5; 0 disables).
+    pub consecutive_5xx: u32,
+    /// `consecutiveGatewayErrors`: 502, 503, 504 and connect failures (0 disables).
+    pub consecutive_gateway: u32,
+    pub interval: Duration,
+    /// `baseEjectionTime`, multiplied by how many times the endpoint was ejected.
+    pub base_ejection: Duration,
+    pub max_ejection_percent: u32,
+}
+
+/// Where the request goes, as Envoy's "cluster": the Service and subset, with
+/// their policy and the number of endpoints they have.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Cluster {
+    /// `namespace/name` or `namespace/name|subset`.
+    pub key: String,
+    pub policy: Policy,
+    pub endpoints: usize,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -215,6 +259,8 @@ pub struct Decision {
     pub rule: Option<Arc<HttpRoute>>,
     /// The `uri.prefix` that matched, which a `rewrite.uri` replaces.
     pub matched_prefix: Option<String>,
+    /// The cluster a Service destination belongs to.
+    pub cluster: Option<Cluster>,
 }
 
 impl Decision {
@@ -254,10 +300,19 @@ impl HttpMatch {
 }
 
 /// Routes one request to `orig` (what the client connected to). `pick` is the
-/// round-robin turn, `random` a random number (weights, RANDOM balancing).
-pub fn route_request(state: &State, orig: SocketAddrV4, req: &RequestView<'_>, pick: usize, random: u64) -> Decision {
+/// round-robin turn, `random` a random number (weights, RANDOM balancing);
+/// `ejected(cluster, endpoint)` tells which endpoints outlier detection has
+/// left out for now.
+pub fn route_request(
+    state: &State,
+    orig: SocketAddrV4,
+    req: &RequestView<'_>,
+    pick: usize,
+    random: u64,
+    ejected: &dyn Fn(&str, SocketAddrV4) -> bool,
+) -> Decision {
     let Some(service) = state.by_vip.get(orig.ip()) else {
-        return Decision { route: route(state, orig, pick), rule: None, matched_prefix: None };
+        return Decision { route: route(state, orig, pick), rule: None, matched_prefix: None, cluster: None };
     };
     let key = format!("{}/{}", service.namespace, service.name);
     // The first rule with a matching condition (no condition matches all), and
@@ -277,14 +332,18 @@ pub fn route_request(state: &State, orig: SocketAddrV4, req: &RequestView<'_>, p
     });
     let rule = found.map(|(r, _)| r);
     let Some(rule) = rule else {
-        let lb = destination_rule(state, &key).map(|d| d.load_balancer).unwrap_or_default();
-        let route = route_service(service, orig.port(), None, turn(lb, pick, random));
-        return Decision { route, rule: None, matched_prefix: None };
+        let policy = destination_rule(state, &key).map(|d| d.policy.clone()).unwrap_or_default();
+        let avoid = |a: SocketAddrV4| ejected(&key, a);
+        let route = route_service(service, orig.port(), None, turn(policy.load_balancer, pick, random), &avoid);
+        let endpoints = count_endpoints(service, None);
+        let cluster = Some(Cluster { key, policy, endpoints });
+        return Decision { route, rule: None, matched_prefix: None, cluster };
     };
     let refused = |reason| Decision {
         route: Route::Refused { service: service.clone(), reason },
         rule: Some(rule.clone()),
         matched_prefix: matched_prefix.clone(),
+        cluster: None,
     };
     let Some(dest) = choose(&rule.routes, random) else {
         return refused(Refusal::NoRoute);
@@ -302,19 +361,36 @@ pub fn route_request(state: &State, orig: SocketAddrV4, req: &RequestView<'_>, p
         },
     };
     let dr = destination_rule(state, &dest.service);
-    let (labels, lb) = match (&dest.subset, dr) {
-        (None, dr) => (None, dr.map(|d| d.load_balancer).unwrap_or_default()),
+    let (labels, policy) = match (&dest.subset, dr) {
+        (None, dr) => (None, dr.map(|d| d.policy.clone()).unwrap_or_default()),
         (Some(name), Some(dr)) => match dr.subsets.iter().find(|s| &s.name == name) {
-            Some(s) => (Some(&s.labels), s.load_balancer),
+            Some(s) => (Some(&s.labels), s.policy.clone()),
             None => return refused(Refusal::NoSubset(name.clone())),
         },
         (Some(name), None) => return refused(Refusal::NoSubset(name.clone())),
     };
+    let cluster_key = match &dest.subset {
+        Some(name) => format!("{}|{name}", dest.service),
+        None => dest.service.clone(),
+    };
+    let avoid = |a: SocketAddrV4| ejected(&cluster_key, a);
+    let route = route_service(target, port, labels, turn(policy.load_balancer, pick, random), &avoid);
+    let endpoints = count_endpoints(target, labels);
     Decision {
-        route: route_service(target, port, labels, turn(lb, pick, random)),
+        route,
         rule: Some(rule.clone()),
         matched_prefix,
+        cluster: Some(Cluster { key: cluster_key, policy, endpoints }),
     }
+}
+
+/// Ready endpoints of a Service (in a subset), for the ejection limit.
+fn count_endpoints(service: &crate::state::Service, labels: Option<&BTreeMap<String, String>>) -> usize {
+    service
+        .endpoints
+        .iter()
+        .filter(|w| w.ready && labels.is_none_or(|l| l.iter().all(|(k, v)| w.labels.get(k) == Some(v))))
+        .count()
 }
 
 /// The path after `rewrite.uri`: the matched prefix replaced, else the whole

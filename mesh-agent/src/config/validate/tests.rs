@@ -321,9 +321,9 @@ fn routing_rules_are_validated_field_by_field() {
             format!("{at}: DestinationRule demo/d: spec.subsets[1].name: subset \"v1\" is defined twice"),
         ),
         (
-            dr("{host: hello.demo.svc.cluster.local, trafficPolicy: {outlierDetection: {}}}"),
+            dr("{host: hello.demo.svc.cluster.local, trafficPolicy: {outlierDetection: {minHealthPercent: 50}}}"),
             format!(
-                "{at}: DestinationRule demo/d: spec.trafficPolicy.outlierDetection: not supported by this version of mesh-agent"
+                "{at}: DestinationRule demo/d: spec.trafficPolicy.outlierDetection.minHealthPercent: not supported by this version of mesh-agent"
             ),
         ),
     ];

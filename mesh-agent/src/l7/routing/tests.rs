@@ -1,3 +1,5 @@
+use std::net::SocketAddrV4;
+
 use hyper::header::{HeaderMap, HeaderValue};
 
 use super::*;
@@ -101,13 +103,25 @@ fn virtual_service_rules_in_order() {
         (req("GET", "/", &none), 199, "hello-v2 10.244.0.3:8080"),
     ];
     for (r, random, want) in cases {
-        assert_eq!(describe(&route_request(&s, orig, &r, 0, random)), want, "{} {} {random}", r.method, r.path);
+        assert_eq!(
+            describe(&route_request(&s, orig, &r, 0, random, &|_, _| false)),
+            want,
+            "{} {} {random}",
+            r.method,
+            r.path
+        );
     }
     // Without rules for a Service, routing is the L4 default; pod IPs are unchanged.
     let other = "10.96.0.11:8000".parse().unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(describe(&route_request(&s, other, &req("GET", "/", &none), 0, 0)), "other 10.244.0.4:9000");
+    assert_eq!(
+        describe(&route_request(&s, other, &req("GET", "/", &none), 0, 0, &|_, _| false)),
+        "other 10.244.0.4:9000"
+    );
     let pod = "10.244.0.3:8080".parse().unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(describe(&route_request(&s, pod, &req("GET", "/", &none), 0, 0)), "pod hello-v2 10.244.0.3:8080");
+    assert_eq!(
+        describe(&route_request(&s, pod, &req("GET", "/", &none), 0, 0, &|_, _| false)),
+        "pod hello-v2 10.244.0.3:8080"
+    );
 }
 
 #[test]
@@ -118,7 +132,7 @@ fn weights_split_as_declared() {
     let view = RequestView { method: "GET", path: "/", headers: &none };
     let v1 = (0..1000u64)
         .filter(|i| {
-            let d = route_request(&s, orig, &view, 0, i.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            let d = route_request(&s, orig, &view, 0, i.wrapping_mul(0x9e37_79b9_7f4a_7c15), &|_, _| false);
             matches!(d.route, Route::Service { ref endpoint, .. } if &*endpoint.name == "hello-v1")
         })
         .count();
@@ -155,11 +169,33 @@ spec:
     ));
     let none = HeaderMap::new();
     let orig = "10.96.0.11:8000".parse().unwrap_or_else(|e| panic!("{e}"));
-    let go = |path| describe(&route_request(&s, orig, &RequestView { method: "GET", path, headers: &none }, 0, 0));
+    let go = |path| {
+        describe(&route_request(&s, orig, &RequestView { method: "GET", path, headers: &none }, 0, 0, &|_, _| false))
+    };
     assert_eq!(go("/items/42?debug=1"), "hello-v2 10.244.0.3:8080");
     assert_eq!(go("/items/42?x=2&debug=1"), "hello-v2 10.244.0.3:8080");
     // The regex must match the whole path; the parameter must be present.
     assert_eq!(go("/items/42/more?debug=1"), "other 10.244.0.4:9000");
     assert_eq!(go("/items/42"), "other 10.244.0.4:9000");
     assert_eq!(go("/items/x?debug=1"), "other 10.244.0.4:9000");
+}
+
+#[test]
+fn ejected_endpoints_are_left_out_unless_all_are() {
+    let s = state_from_yaml(CLUSTER);
+    let none = HeaderMap::new();
+    let orig = "10.96.0.11:8000".parse().unwrap_or_else(|e| panic!("{e}"));
+    let view = RequestView { method: "GET", path: "/", headers: &none };
+    // `other` has one endpoint: ejected, it is still used (panic mode).
+    let d = route_request(&s, orig, &view, 0, 0, &|_, _| true);
+    assert_eq!(describe(&d), "other 10.244.0.4:9000");
+    assert_eq!(d.cluster.map(|c| (c.key, c.endpoints)), Some(("demo/other".to_owned(), 1)));
+    // `hello` v1 ejected: the weights still pick v1's subset, whose only pod is
+    // ejected, so it is used; in the whole Service the other pod would be chosen.
+    let hello: SocketAddrV4 = "10.96.0.10:80".parse().unwrap_or_else(|e| panic!("{e}"));
+    let v1 = "10.244.0.2:8080".parse::<SocketAddrV4>().unwrap_or_else(|e| panic!("{e}"));
+    for pick in 0..4 {
+        let r = crate::route::route_service(&s.by_vip[hello.ip()], 80, None, pick, &|a| a == v1);
+        assert!(matches!(r, Route::Service { ref endpoint, .. } if &*endpoint.name == "hello-v2"), "{pick}");
+    }
 }
