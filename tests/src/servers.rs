@@ -183,3 +183,32 @@ async fn api(
     let id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("-");
     text(200, format!("hello from {name}; client {}; {:?}; x-request-id {id}\n", peer.ip(), req.version()))
 }
+
+/// A WebSocket echo server on `port` (tokio-tungstenite): every message comes
+/// back as it was sent; a close is answered with a close.
+pub fn websocket_echo(pod: &Pod, port: u16) {
+    let listener = listen(pod, port);
+    listener.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async move {
+            use futures_util::{SinkExt as _, StreamExt as _};
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                tokio::spawn(async move {
+                    let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else { return };
+                    while let Some(Ok(msg)) = ws.next().await {
+                        if msg.is_close() {
+                            break;
+                        }
+                        if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
+                            return;
+                        }
+                    }
+                    let _ = ws.close(None).await;
+                });
+            }
+        });
+    });
+}

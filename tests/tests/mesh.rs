@@ -19,6 +19,8 @@ use mesh_tests::{
 const VIP: &str = "10.96.0.10";
 /// Service `api`: port 80 named `http-api`, to helloworld's HTTP server on 8080.
 const API_VIP: &str = "10.96.0.11";
+/// Service `ws`: port 80 named `http-ws`, to helloworld's WebSocket echo on 8090.
+const WS_VIP: &str = "10.96.0.13";
 const TEST_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
 const OUTSIDER_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 3);
 const SLEEP_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 4);
@@ -103,6 +105,14 @@ spec:
   ports: [{{name: http-api, port: 80, targetPort: 8080}}]
 ---
 apiVersion: v1
+kind: Service
+metadata: {{name: ws, namespace: demo}}
+spec:
+  clusterIP: {WS_VIP}
+  selector: {{app: helloworld}}
+  ports: [{{name: http-ws, port: 80, targetPort: 8090}}]
+---
+apiVersion: v1
 kind: Pod
 metadata: {{name: ver-v1, namespace: demo, labels: {{app: ver, version: v1}}}}
 spec: {{nodeName: node-2, serviceAccountName: ver}}
@@ -148,6 +158,7 @@ impl Mesh {
         servers::echo(c.pod("helloworld"), 7000);
         servers::http_hello(c.pod("test"), 9095);
         servers::http_api(c.pod("helloworld"), 8080);
+        servers::websocket_echo(c.pod("helloworld"), 8090);
         let cfg = config(extra);
         let ca = CaService::start(&c, &cfg);
         let agents = (0..2)
@@ -994,4 +1005,48 @@ spec:
         overflow as f64,
         "{text}"
     );
+}
+
+#[test]
+fn websocket_through_the_mesh_across_nodes() {
+    if !require_root("websocket_through_the_mesh_across_nodes") {
+        return;
+    }
+    let m = Mesh::start("", &[]);
+    // A real WebSocket client (tokio-tungstenite) in the test pod: many small
+    // messages and a large one, each echoed intact, then a clean close.
+    let echoed = m.pod("test").run(|| {
+        runtime().block_on(async {
+            use futures_util::{SinkExt as _, StreamExt as _};
+            use tokio_tungstenite::tungstenite::Message;
+            let (mut ws, resp) = tokio_tungstenite::connect_async(format!("ws://{WS_VIP}/echo")).await.unwrap();
+            assert_eq!(resp.status(), 101);
+            let mut count = 0usize;
+            for i in 0..200 {
+                let text = format!("message {i}");
+                ws.send(Message::text(text.clone())).await.unwrap();
+                let back = ws.next().await.unwrap().unwrap();
+                assert_eq!(back, Message::text(text));
+                count += 1;
+            }
+            let big: Vec<u8> = (0..4u32 << 20).map(|i| (i % 251) as u8).collect();
+            ws.send(Message::binary(big.clone())).await.unwrap();
+            let back = ws.next().await.unwrap().unwrap();
+            assert!(back.into_data() == big, "large message changed");
+            ws.close(None).await.unwrap();
+            while let Some(Ok(m)) = ws.next().await {
+                if m.is_close() {
+                    break;
+                }
+            }
+            count + 1
+        })
+    });
+    assert_eq!(echoed, 201);
+    let labels = [
+        ("destination_service", "ws.demo.svc.cluster.local"),
+        ("response_code", "101"),
+        ("connection_security_policy", "mutual_tls"),
+    ];
+    m.agents[0].wait_metrics(5, "the upgrade request", |t| metric(t, "istio_requests_total", &labels) == 1.0);
 }
