@@ -88,6 +88,34 @@ type Body = http_body_util::combinators::BoxBody<hyper::body::Bytes, hyper::Erro
 /// - `/upgrade` with `Upgrade:`: `101`, then echoes raw bytes (a WebSocket stand-in)
 pub fn http_api(pod: &Pod, port: u16) {
     let name = pod.name.clone();
+    serve_async(pod, port, move |stream, peer| {
+        let name = name.clone();
+        async move {
+            let service = hyper::service::service_fn(move |req| {
+                let name = name.clone();
+                async move { Ok::<_, std::convert::Infallible>(api(&name, peer, req).await) }
+            });
+            let mut first = [0u8; 4];
+            let _ = stream.peek(&mut first).await;
+            let io = hyper_util::rt::TokioIo::new(stream);
+            if &first == b"PRI " {
+                let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(io, service)
+                    .await;
+            } else {
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).with_upgrades().await;
+            }
+        }
+    });
+}
+
+/// Accepts on `port` in the pod, on a thread of its own with a tokio runtime,
+/// each connection handled by `handle` in a task of its own.
+pub fn serve_async<F, Fut>(pod: &Pod, port: u16, handle: F)
+where
+    F: Fn(tokio::net::TcpStream, std::net::SocketAddr) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let listener = listen(pod, port);
     listener.set_nonblocking(true).unwrap();
     std::thread::spawn(move || {
@@ -96,26 +124,7 @@ pub fn http_api(pod: &Pod, port: u16) {
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
             loop {
                 let Ok((stream, peer)) = listener.accept().await else { continue };
-                let name = name.clone();
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |req| {
-                        let name = name.clone();
-                        async move { Ok::<_, std::convert::Infallible>(api(&name, peer, req).await) }
-                    });
-                    let mut first = [0u8; 4];
-                    let _ = stream.peek(&mut first).await;
-                    let io = hyper_util::rt::TokioIo::new(stream);
-                    if &first == b"PRI " {
-                        let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                            .serve_connection(io, service)
-                            .await;
-                    } else {
-                        let _ = hyper::server::conn::http1::Builder::new()
-                            .serve_connection(io, service)
-                            .with_upgrades()
-                            .await;
-                    }
-                });
+                tokio::spawn(handle(stream, peer));
             }
         });
     });
@@ -187,28 +196,17 @@ async fn api(
 /// A WebSocket echo server on `port` (tokio-tungstenite): every message comes
 /// back as it was sent; a close is answered with a close.
 pub fn websocket_echo(pod: &Pod, port: u16) {
-    let listener = listen(pod, port);
-    listener.set_nonblocking(true).unwrap();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        rt.block_on(async move {
-            use futures_util::{SinkExt as _, StreamExt as _};
-            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-            loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
-                tokio::spawn(async move {
-                    let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else { return };
-                    while let Some(Ok(msg)) = ws.next().await {
-                        if msg.is_close() {
-                            break;
-                        }
-                        if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
-                            return;
-                        }
-                    }
-                    let _ = ws.close(None).await;
-                });
+    serve_async(pod, port, |stream, _| async move {
+        use futures_util::{SinkExt as _, StreamExt as _};
+        let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else { return };
+        while let Some(Ok(msg)) = ws.next().await {
+            if msg.is_close() {
+                break;
             }
-        });
+            if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
+                return;
+            }
+        }
+        let _ = ws.close(None).await;
     });
 }

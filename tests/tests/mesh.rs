@@ -1118,40 +1118,27 @@ mod grpc {
     /// Serves `test.Echo` over h2c on `port` in the pod.
     pub fn serve(pod: &mesh_tests::Pod, port: u16) {
         let name = pod.name.clone();
-        let listener = pod.run(move || {
-            let l = std::net::TcpListener::bind(("0.0.0.0", port)).unwrap();
-            l.set_nonblocking(true).unwrap();
-            l
-        });
-        std::thread::spawn(move || {
-            super::runtime().block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                loop {
-                    let Ok((stream, _)) = listener.accept().await else { continue };
+        mesh_tests::servers::serve_async(pod, port, move |stream, _| {
+            let name = name.clone();
+            async move {
+                let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                     let name = name.clone();
-                    tokio::spawn(async move {
-                        let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                            let name = name.clone();
-                            async move {
-                                let req = req.map(tonic::body::Body::new);
-                                let resp = match req.uri().path() {
-                                    "/test.Echo/Unary" => {
-                                        tonic::server::Grpc::new(Codec::default()).unary(Unary(name), req).await
-                                    }
-                                    "/test.Echo/Bidi" => {
-                                        tonic::server::Grpc::new(Codec::default()).streaming(Bidi, req).await
-                                    }
-                                    _ => Status::unimplemented("no such method").into_http(),
-                                };
-                                Ok::<_, Infallible>(resp)
+                    async move {
+                        let req = req.map(tonic::body::Body::new);
+                        let resp = match req.uri().path() {
+                            "/test.Echo/Unary" => {
+                                tonic::server::Grpc::new(Codec::default()).unary(Unary(name), req).await
                             }
-                        });
-                        let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                            .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                            .await;
-                    });
-                }
-            });
+                            "/test.Echo/Bidi" => tonic::server::Grpc::new(Codec::default()).streaming(Bidi, req).await,
+                            _ => Status::unimplemented("no such method").into_http(),
+                        };
+                        Ok::<_, Infallible>(resp)
+                    }
+                });
+                let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            }
         });
     }
 

@@ -368,8 +368,7 @@ pub(super) fn build_virtual_service(
     obj: &VirtualServiceObject,
     services: &BTreeMap<String, Arc<Service>>,
 ) -> Option<VirtualService> {
-    let name = super::validate::require_name(ctx, &obj.metadata)?;
-    let namespace: Arc<str> = obj.metadata.namespace.as_deref().unwrap_or("default").into();
+    let (name, namespace) = super::security::name_and_namespace(ctx, &obj.metadata)?;
     let before = ctx.error_count();
     let spec = &obj.spec;
     reject(ctx, "spec", &[("tcp", &spec.tcp), ("tls", &spec.tls), ("exportTo", &spec.export_to)]);
@@ -770,8 +769,7 @@ pub(super) fn build_destination_rule(
     obj: &DestinationRuleObject,
     services: &BTreeMap<String, Arc<Service>>,
 ) -> Option<DestinationRule> {
-    let name = super::validate::require_name(ctx, &obj.metadata)?;
-    let namespace: Arc<str> = obj.metadata.namespace.as_deref().unwrap_or("default").into();
+    let (name, namespace) = super::security::name_and_namespace(ctx, &obj.metadata)?;
     let before = ctx.error_count();
     let spec = &obj.spec;
     reject(ctx, "spec", &[("exportTo", &spec.export_to), ("workloadSelector", &spec.workload_selector)]);

@@ -132,7 +132,8 @@ pub struct OperationSpec {
     pub not_paths: Option<Vec<String>>,
 }
 
-fn name_and_namespace(ctx: &mut Ctx<'_>, meta: &ObjectMeta) -> Option<(Arc<str>, Arc<str>)> {
+/// The object's name (required) and namespace (`default` when absent).
+pub(super) fn name_and_namespace(ctx: &mut Ctx<'_>, meta: &ObjectMeta) -> Option<(Arc<str>, Arc<str>)> {
     let name = super::validate::require_name(ctx, meta)?;
     Some((name, meta.namespace.as_deref().unwrap_or("default").into()))
 }
