@@ -225,9 +225,9 @@ async fn handle(ctx: Arc<Context>, down: Arc<Downstream>, mut req: Request<Incom
         method: req.method().as_str(),
         path: req.uri().path_and_query().map_or("/", |p| p.as_str()),
         headers: req.headers(),
+        client: down.peer_ip,
     };
-    let ejected = |cluster: &str, addr| ctx.clusters.is_ejected(cluster, addr);
-    let decision = routing::route_request(&state, down.orig, &view, down.pick(&ctx), ctx.next_random(), &ejected);
+    let decision = routing::route_request(&state, down.orig, &view, down.pick(&ctx), ctx.next_random(), &ctx.clusters);
     drop(state);
     let rule = decision.rule.clone();
     let cluster = decision.cluster.clone();
@@ -335,6 +335,9 @@ async fn handle(ctx: Arc<Context>, down: Arc<Downstream>, mut req: Request<Incom
             (None, None) => Full::new(Bytes::new()).map_err(|e| match e {}).boxed(),
         };
         let up_req = Request::from_parts(parts.clone(), body);
+        if let Some(cs) = &cluster_state {
+            record.hold_in_flight(cs.in_flight(target.addr));
+        }
         let key = PoolKey { client: down.peer_ip, upstream: target.addr, h2 };
         let one = exchange(&ctx, &down, &target, key, up_req, per_try, connect_timeout, &mut record);
         let result = match deadline {
@@ -384,9 +387,9 @@ async fn handle(ctx: Arc<Context>, down: Arc<Downstream>, mut req: Request<Incom
             method: parts.method.as_str(),
             path: parts.uri.path_and_query().map_or("/", |p| p.as_str()),
             headers: &parts.headers,
+            client: down.peer_ip,
         };
-        let ejected = |cluster: &str, addr| ctx.clusters.is_ejected(cluster, addr);
-        let again = routing::route_request(&state, down.orig, &view, ctx.next_pick(), ctx.next_random(), &ejected);
+        let again = routing::route_request(&state, down.orig, &view, ctx.next_pick(), ctx.next_random(), &ctx.clusters);
         match self::target(again.route, source.as_deref()) {
             Ok(t) => {
                 record.set_target(t.labels.clone(), t.addr);

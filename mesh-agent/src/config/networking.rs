@@ -9,8 +9,8 @@ use serde::Deserialize;
 use super::{k8s::ObjectMeta, validate::Ctx};
 use crate::{
     l7::routing::{
-        DestinationRule, Fault, HeaderOps, HeaderRules, HttpMatch, HttpRoute, LoadBalancer, OutlierDetection, Policy,
-        Redirect, Retries, RetryOn, Rewrite, StrMatch, Subset, VirtualService, WeightedDestination,
+        DestinationRule, Fault, HashKey, HeaderOps, HeaderRules, HttpMatch, HttpRoute, LoadBalancer, OutlierDetection,
+        Policy, Redirect, Retries, RetryOn, Rewrite, StrMatch, Subset, VirtualService, WeightedDestination,
     },
     state::{CLUSTER_DOMAIN, Service},
 };
@@ -295,9 +295,21 @@ pub struct OutlierDetectionSpec {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct LoadBalancerSpec {
     pub simple: Option<String>,
-    pub consistent_hash: Unsupported,
+    pub consistent_hash: Option<ConsistentHashSpec>,
     pub locality_lb_setting: Unsupported,
     pub warmup_duration_secs: Unsupported,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ConsistentHashSpec {
+    pub http_header_name: Option<String>,
+    pub http_query_parameter_name: Option<String>,
+    pub use_source_ip: Option<bool>,
+    pub http_cookie: Unsupported,
+    pub ring_hash: Unsupported,
+    pub maglev: Unsupported,
+    pub minimum_ring_size: Unsupported,
 }
 
 const NOT_YET: &str = "not supported by this version of mesh-agent";
@@ -744,21 +756,45 @@ fn load_balancer(ctx: &mut Ctx<'_>, lbf: &str, lb: &LoadBalancerSpec) -> Option<
     reject(
         ctx,
         lbf,
-        &[
-            ("consistentHash", &lb.consistent_hash),
-            ("localityLbSetting", &lb.locality_lb_setting),
-            ("warmupDurationSecs", &lb.warmup_duration_secs),
-        ],
+        &[("localityLbSetting", &lb.locality_lb_setting), ("warmupDurationSecs", &lb.warmup_duration_secs)],
     );
+    if let Some(ch) = &lb.consistent_hash {
+        let f = format!("{lbf}.consistentHash");
+        if lb.simple.is_some() {
+            ctx.error(lbf, "set either simple or consistentHash");
+        }
+        reject(
+            ctx,
+            &f,
+            &[
+                ("httpCookie", &ch.http_cookie),
+                ("ringHash", &ch.ring_hash),
+                ("maglev", &ch.maglev),
+                ("minimumRingSize", &ch.minimum_ring_size),
+            ],
+        );
+        let key = match (&ch.http_header_name, &ch.http_query_parameter_name, ch.use_source_ip) {
+            (Some(h), None, None | Some(false)) => HashKey::Header(h.to_ascii_lowercase()),
+            (None, Some(q), None | Some(false)) => HashKey::QueryParameter(q.clone()),
+            (None, None, Some(true)) => HashKey::SourceIp,
+            _ => {
+                ctx.error(&f, "exactly one of httpHeaderName, httpQueryParameterName or useSourceIp is required");
+                return None;
+            }
+        };
+        return Some(LoadBalancer::ConsistentHash(key));
+    }
     match lb.simple.as_deref() {
         None | Some("UNSPECIFIED") | Some("ROUND_ROBIN") => Some(LoadBalancer::RoundRobin),
         Some("RANDOM") => Some(LoadBalancer::Random),
-        Some(other @ ("LEAST_REQUEST" | "LEAST_CONN" | "PASSTHROUGH")) => {
+        // LEAST_CONN is Istio's deprecated name for LEAST_REQUEST.
+        Some("LEAST_REQUEST" | "LEAST_CONN") => Some(LoadBalancer::LeastRequest),
+        Some(other @ "PASSTHROUGH") => {
             ctx.error(format!("{lbf}.simple"), format!("{other} is {NOT_YET}"));
             None
         }
         Some(other) => {
-            ctx.error(format!("{lbf}.simple"), format!("{other:?}: expected ROUND_ROBIN or RANDOM"));
+            ctx.error(format!("{lbf}.simple"), format!("{other:?}: expected ROUND_ROBIN, RANDOM or LEAST_REQUEST"));
             None
         }
     }

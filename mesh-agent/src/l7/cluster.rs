@@ -29,6 +29,8 @@ pub struct ClusterState {
     pending: AtomicU32,
     connections: Option<Arc<Semaphore>>,
     hosts: Mutex<HashMap<SocketAddrV4, Host>>,
+    /// Requests in flight per endpoint (for LEAST_REQUEST).
+    load: Mutex<HashMap<SocketAddrV4, u32>>,
 }
 
 #[derive(Debug, Default)]
@@ -76,6 +78,7 @@ impl Clusters {
             pending: AtomicU32::new(0),
             connections,
             hosts: Mutex::default(),
+            load: Mutex::default(),
         });
         map.insert(cluster.key.clone(), state.clone());
         Some(state)
@@ -83,9 +86,13 @@ impl Clusters {
 
     /// Whether outlier detection has `addr` out of `cluster` right now.
     pub fn is_ejected(&self, cluster: &str, addr: SocketAddrV4) -> bool {
-        let Some(state) = self.map.lock().ok().and_then(|m| m.get(cluster).cloned()) else { return false };
+        let Some(state) = self.state(cluster) else { return false };
         let now = Instant::now();
         state.hosts.lock().is_ok_and(|h| h.get(&addr).and_then(|h| h.ejected_until).is_some_and(|u| u > now))
+    }
+
+    fn state(&self, cluster: &str) -> Option<Arc<ClusterState>> {
+        self.map.lock().ok().and_then(|m| m.get(cluster).cloned())
     }
 
     /// Forgets all state (on a configuration reload).
@@ -96,7 +103,44 @@ impl Clusters {
     }
 }
 
+impl super::routing::EndpointState for Clusters {
+    fn ejected(&self, cluster: &str, addr: SocketAddrV4) -> bool {
+        self.is_ejected(cluster, addr)
+    }
+
+    fn active(&self, cluster: &str, addr: SocketAddrV4) -> u32 {
+        self.state(cluster).and_then(|s| s.load.lock().ok().and_then(|l| l.get(&addr).copied())).unwrap_or(0)
+    }
+}
+
+/// A request in flight to one endpoint; dropping it ends it.
+pub struct InFlight {
+    state: Arc<ClusterState>,
+    addr: SocketAddrV4,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Ok(mut load) = self.state.load.lock()
+            && let Some(n) = load.get_mut(&self.addr)
+        {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                load.remove(&self.addr);
+            }
+        }
+    }
+}
+
 impl ClusterState {
+    /// Counts a request to `addr` until the returned guard is dropped.
+    pub fn in_flight(self: &Arc<Self>, addr: SocketAddrV4) -> InFlight {
+        if let Ok(mut load) = self.load.lock() {
+            *load.entry(addr).or_default() += 1;
+        }
+        InFlight { state: self.clone(), addr }
+    }
+
     /// Admits a request, or `None` when a limit overflows (the request is then
     /// answered 503 `UO`). HTTP/1.1 requests past `maxConnections` wait, up to
     /// `http1MaxPendingRequests` of them.

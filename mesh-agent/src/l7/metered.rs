@@ -54,6 +54,8 @@ pub struct Record {
     done: bool,
     /// The circuit-breaker place this request holds until it is complete.
     held: Option<super::cluster::Admission>,
+    /// The endpoint it is in flight to (for LEAST_REQUEST).
+    in_flight: Option<super::cluster::InFlight>,
 }
 
 fn header(h: &HeaderMap, name: &str) -> String {
@@ -104,6 +106,7 @@ impl Record {
             response_bytes: 0,
             done: false,
             held: None,
+            in_flight: None,
         }
     }
 
@@ -168,6 +171,11 @@ impl Record {
         self.held = Some(admission);
     }
 
+    /// Counts this request against its (current) endpoint until complete.
+    pub fn hold_in_flight(&mut self, guard: super::cluster::InFlight) {
+        self.in_flight = Some(guard);
+    }
+
     /// A circuit breaker overflowed: Envoy's answer.
     pub fn finish_overflow(self) -> Response<Body> {
         let mut r = self.finish_local(
@@ -205,6 +213,7 @@ impl Record {
         }
         self.done = true;
         self.held = None;
+        self.in_flight = None;
         let request_bytes = self.shared.request_bytes.load(Ordering::Relaxed);
         let ms = self.start.elapsed().as_secs_f64() * 1000.0;
         let labels = RequestLabels::new(

@@ -8,7 +8,7 @@ use hyper::header::HeaderMap;
 use serde::Serialize;
 
 use crate::{
-    route::{Refusal, Route, route, route_service},
+    route::{Pick, Refusal, Route, route, route_service},
     state::State,
 };
 
@@ -236,11 +236,32 @@ pub struct Cluster {
     pub endpoints: usize,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub enum LoadBalancer {
     #[default]
     RoundRobin,
     Random,
+    LeastRequest,
+    /// `consistentHash`: the same key goes to the same endpoint.
+    ConsistentHash(HashKey),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub enum HashKey {
+    /// `httpHeaderName` (lower case).
+    Header(String),
+    /// `httpQueryParameterName`.
+    QueryParameter(String),
+    /// `useSourceIp`.
+    SourceIp,
+}
+
+/// What routing knows of the endpoints' current state.
+pub trait EndpointState {
+    /// Left out by outlier detection for now.
+    fn ejected(&self, cluster: &str, addr: SocketAddrV4) -> bool;
+    /// Requests in flight to it (for LEAST_REQUEST).
+    fn active(&self, cluster: &str, addr: SocketAddrV4) -> u32;
 }
 
 /// What routing looks at in a request.
@@ -249,6 +270,8 @@ pub struct RequestView<'a> {
     pub method: &'a str,
     pub path: &'a str,
     pub headers: &'a HeaderMap,
+    /// The client's address (for `useSourceIp` hashing).
+    pub client: std::net::Ipv4Addr,
 }
 
 /// Where a request goes, and the rule that sent it there (timeouts, retries,
@@ -300,16 +323,16 @@ impl HttpMatch {
 }
 
 /// Routes one request to `orig` (what the client connected to). `pick` is the
-/// round-robin turn, `random` a random number (weights, RANDOM balancing);
-/// `ejected(cluster, endpoint)` tells which endpoints outlier detection has
-/// left out for now.
+/// round-robin turn, `random` a random number (weights, RANDOM and
+/// LEAST_REQUEST balancing); `endpoints` tells which endpoints outlier
+/// detection has left out and how loaded they are.
 pub fn route_request(
     state: &State,
     orig: SocketAddrV4,
     req: &RequestView<'_>,
     pick: usize,
     random: u64,
-    ejected: &dyn Fn(&str, SocketAddrV4) -> bool,
+    endpoints: &dyn EndpointState,
 ) -> Decision {
     let Some(service) = state.by_vip.get(orig.ip()) else {
         return Decision { route: route(state, orig, pick), rule: None, matched_prefix: None, cluster: None };
@@ -333,8 +356,10 @@ pub fn route_request(
     let rule = found.map(|(r, _)| r);
     let Some(rule) = rule else {
         let policy = destination_rule(state, &key).map(|d| d.policy.clone()).unwrap_or_default();
-        let avoid = |a: SocketAddrV4| ejected(&key, a);
-        let route = route_service(service, orig.port(), None, turn(policy.load_balancer, pick, random), &avoid);
+        let avoid = |a: SocketAddrV4| endpoints.ejected(&key, a);
+        let active = |a: SocketAddrV4| endpoints.active(&key, a);
+        let how = choose_endpoint(&policy.load_balancer, req, pick, random, &active);
+        let route = route_service(service, orig.port(), None, how, &avoid);
         let endpoints = count_endpoints(service, None);
         let cluster = Some(Cluster { key, policy, endpoints });
         return Decision { route, rule: None, matched_prefix: None, cluster };
@@ -373,8 +398,10 @@ pub fn route_request(
         Some(name) => format!("{}|{name}", dest.service),
         None => dest.service.clone(),
     };
-    let avoid = |a: SocketAddrV4| ejected(&cluster_key, a);
-    let route = route_service(target, port, labels, turn(policy.load_balancer, pick, random), &avoid);
+    let avoid = |a: SocketAddrV4| endpoints.ejected(&cluster_key, a);
+    let active = |a: SocketAddrV4| endpoints.active(&cluster_key, a);
+    let how = choose_endpoint(&policy.load_balancer, req, pick, random, &active);
+    let route = route_service(target, port, labels, how, &avoid);
     let endpoints = count_endpoints(target, labels);
     Decision {
         route,
@@ -414,10 +441,34 @@ fn destination_rule<'a>(state: &'a State, service: &str) -> Option<&'a Destinati
     state.destination_rules.iter().find(|d| d.service == service)
 }
 
-fn turn(lb: LoadBalancer, pick: usize, random: u64) -> usize {
+/// The endpoint choice a load-balancing policy makes for a request.
+fn choose_endpoint<'a>(
+    lb: &LoadBalancer,
+    req: &RequestView<'_>,
+    pick: usize,
+    random: u64,
+    active: &'a dyn Fn(SocketAddrV4) -> u32,
+) -> Pick<'a> {
+    let hash =
+        |s: &str| s.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
     match lb {
-        LoadBalancer::RoundRobin => pick,
-        LoadBalancer::Random => (random >> 16) as usize,
+        LoadBalancer::RoundRobin => Pick::Turn(pick),
+        LoadBalancer::Random => Pick::Turn((random >> 16) as usize),
+        LoadBalancer::LeastRequest => Pick::LeastRequest { random, active },
+        LoadBalancer::ConsistentHash(key) => {
+            let value = match key {
+                HashKey::Header(h) => req.headers.get(h.as_str()).and_then(|v| v.to_str().ok()).map(hash),
+                HashKey::QueryParameter(q) => req.path.split_once('?').and_then(|(_, qs)| {
+                    qs.split('&').find_map(|kv| {
+                        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+                        (k == q).then(|| hash(v))
+                    })
+                }),
+                HashKey::SourceIp => Some(u64::from(u32::from(req.client))),
+            };
+            // Without a key, Envoy picks at random.
+            value.map_or(Pick::Turn((random >> 16) as usize), Pick::Hash)
+        }
     }
 }
 

@@ -311,9 +311,9 @@ fn routing_rules_are_validated_field_by_field() {
             format!("{at}: VirtualService demo/v: spec.http[0].rout: unknown field `rout`"),
         ),
         (
-            dr("{host: hello, trafficPolicy: {loadBalancer: {simple: LEAST_REQUEST}}}"),
+            dr("{host: hello, trafficPolicy: {loadBalancer: {simple: PASSTHROUGH}}}"),
             format!(
-                "{at}: DestinationRule demo/d: spec.trafficPolicy.loadBalancer.simple: LEAST_REQUEST is not supported by this version of mesh-agent"
+                "{at}: DestinationRule demo/d: spec.trafficPolicy.loadBalancer.simple: PASSTHROUGH is not supported by this version of mesh-agent"
             ),
         ),
         (

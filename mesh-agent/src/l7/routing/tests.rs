@@ -5,6 +5,32 @@ use hyper::header::{HeaderMap, HeaderValue};
 use super::*;
 use crate::config::state_from_yaml;
 
+const CLIENT: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 244, 1, 2);
+
+struct NoState;
+
+impl EndpointState for NoState {
+    fn ejected(&self, _: &str, _: SocketAddrV4) -> bool {
+        false
+    }
+
+    fn active(&self, _: &str, _: SocketAddrV4) -> u32 {
+        0
+    }
+}
+
+struct AllEjected;
+
+impl EndpointState for AllEjected {
+    fn ejected(&self, _: &str, _: SocketAddrV4) -> bool {
+        true
+    }
+
+    fn active(&self, _: &str, _: SocketAddrV4) -> u32 {
+        0
+    }
+}
+
 const CLUSTER: &str = r#"
 apiVersion: v1
 kind: Namespace
@@ -90,7 +116,7 @@ fn virtual_service_rules_in_order() {
     let mut v2 = HeaderMap::new();
     v2.insert("x-version", HeaderValue::from_static("v2"));
     let none = HeaderMap::new();
-    let req = |method, path, headers| RequestView { method, path, headers };
+    let req = |method, path, headers| RequestView { method, path, headers, client: CLIENT };
     let orig = "10.96.0.10:80".parse().unwrap_or_else(|e| panic!("{e}"));
     // (request, random, expected)
     let cases = [
@@ -104,7 +130,7 @@ fn virtual_service_rules_in_order() {
     ];
     for (r, random, want) in cases {
         assert_eq!(
-            describe(&route_request(&s, orig, &r, 0, random, &|_, _| false)),
+            describe(&route_request(&s, orig, &r, 0, random, &NoState)),
             want,
             "{} {} {random}",
             r.method,
@@ -113,13 +139,10 @@ fn virtual_service_rules_in_order() {
     }
     // Without rules for a Service, routing is the L4 default; pod IPs are unchanged.
     let other = "10.96.0.11:8000".parse().unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(
-        describe(&route_request(&s, other, &req("GET", "/", &none), 0, 0, &|_, _| false)),
-        "other 10.244.0.4:9000"
-    );
+    assert_eq!(describe(&route_request(&s, other, &req("GET", "/", &none), 0, 0, &NoState)), "other 10.244.0.4:9000");
     let pod = "10.244.0.3:8080".parse().unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(
-        describe(&route_request(&s, pod, &req("GET", "/", &none), 0, 0, &|_, _| false)),
+        describe(&route_request(&s, pod, &req("GET", "/", &none), 0, 0, &NoState)),
         "pod hello-v2 10.244.0.3:8080"
     );
 }
@@ -129,10 +152,10 @@ fn weights_split_as_declared() {
     let s = state_from_yaml(CLUSTER);
     let none = HeaderMap::new();
     let orig = "10.96.0.10:80".parse().unwrap_or_else(|e| panic!("{e}"));
-    let view = RequestView { method: "GET", path: "/", headers: &none };
+    let view = RequestView { method: "GET", path: "/", headers: &none, client: CLIENT };
     let v1 = (0..1000u64)
         .filter(|i| {
-            let d = route_request(&s, orig, &view, 0, i.wrapping_mul(0x9e37_79b9_7f4a_7c15), &|_, _| false);
+            let d = route_request(&s, orig, &view, 0, i.wrapping_mul(0x9e37_79b9_7f4a_7c15), &NoState);
             matches!(d.route, Route::Service { ref endpoint, .. } if &*endpoint.name == "hello-v1")
         })
         .count();
@@ -170,7 +193,14 @@ spec:
     let none = HeaderMap::new();
     let orig = "10.96.0.11:8000".parse().unwrap_or_else(|e| panic!("{e}"));
     let go = |path| {
-        describe(&route_request(&s, orig, &RequestView { method: "GET", path, headers: &none }, 0, 0, &|_, _| false))
+        describe(&route_request(
+            &s,
+            orig,
+            &RequestView { method: "GET", path, headers: &none, client: CLIENT },
+            0,
+            0,
+            &NoState,
+        ))
     };
     assert_eq!(go("/items/42?debug=1"), "hello-v2 10.244.0.3:8080");
     assert_eq!(go("/items/42?x=2&debug=1"), "hello-v2 10.244.0.3:8080");
@@ -185,9 +215,9 @@ fn ejected_endpoints_are_left_out_unless_all_are() {
     let s = state_from_yaml(CLUSTER);
     let none = HeaderMap::new();
     let orig = "10.96.0.11:8000".parse().unwrap_or_else(|e| panic!("{e}"));
-    let view = RequestView { method: "GET", path: "/", headers: &none };
+    let view = RequestView { method: "GET", path: "/", headers: &none, client: CLIENT };
     // `other` has one endpoint: ejected, it is still used (panic mode).
-    let d = route_request(&s, orig, &view, 0, 0, &|_, _| true);
+    let d = route_request(&s, orig, &view, 0, 0, &AllEjected);
     assert_eq!(describe(&d), "other 10.244.0.4:9000");
     assert_eq!(d.cluster.map(|c| (c.key, c.endpoints)), Some(("demo/other".to_owned(), 1)));
     // `hello` v1 ejected: the weights still pick v1's subset, whose only pod is
@@ -195,7 +225,51 @@ fn ejected_endpoints_are_left_out_unless_all_are() {
     let hello: SocketAddrV4 = "10.96.0.10:80".parse().unwrap_or_else(|e| panic!("{e}"));
     let v1 = "10.244.0.2:8080".parse::<SocketAddrV4>().unwrap_or_else(|e| panic!("{e}"));
     for pick in 0..4 {
-        let r = crate::route::route_service(&s.by_vip[hello.ip()], 80, None, pick, &|a| a == v1);
+        let r = crate::route::route_service(&s.by_vip[hello.ip()], 80, None, Pick::Turn(pick), &|a| a == v1);
         assert!(matches!(r, Route::Service { ref endpoint, .. } if &*endpoint.name == "hello-v2"), "{pick}");
     }
+}
+
+#[test]
+fn consistent_hash_and_least_request() {
+    // `hello` (two pods) with its DestinationRule hashing on a header.
+    let hashed = CLUSTER.replace(
+        "  host: hello\n  subsets:",
+        "  host: hello\n  trafficPolicy: {loadBalancer: {consistentHash: {httpHeaderName: X-User}}}\n  subsets:",
+    );
+    let s = state_from_yaml(&hashed);
+    let svc = &s.services["demo/hello"];
+    let key = |user: &str| {
+        let mut h = HeaderMap::new();
+        h.insert("x-user", HeaderValue::from_str(user).unwrap_or_else(|e| panic!("{e}")));
+        h
+    };
+    let lb = &s.destination_rules[0].policy.load_balancer;
+    assert_eq!(*lb, LoadBalancer::ConsistentHash(HashKey::Header("x-user".into())));
+    let active = |_: SocketAddrV4| 0;
+    let pick_for = |h: &HeaderMap, pick, random| {
+        let view = RequestView { method: "GET", path: "/", headers: h, client: CLIENT };
+        match route_service(svc, 80, None, choose_endpoint(lb, &view, pick, random, &active), &|_| false) {
+            Route::Service { endpoint, .. } => endpoint.name.to_string(),
+            other => format!("{other:?}"),
+        }
+    };
+    // The same user always lands on the same pod, whatever the turn; users spread.
+    let mut seen = std::collections::BTreeSet::new();
+    for u in 0..20 {
+        let h = key(&format!("user-{u}"));
+        let first = pick_for(&h, 0, 0);
+        assert!((1..10).all(|t| pick_for(&h, t, t as u64 * 7919) == first), "user-{u} moved");
+        seen.insert(first);
+    }
+    assert_eq!(seen.len(), 2, "20 users all on one pod: {seen:?}");
+    // LEAST_REQUEST: of two candidates the less loaded wins.
+    let v1: SocketAddrV4 = "10.244.0.2:8080".parse().unwrap_or_else(|e| panic!("{e}"));
+    let busy_v1 = |a: SocketAddrV4| if a == v1 { 10 } else { 0 };
+    // random picks candidates 0 (v1) and 1 (v2).
+    let random = 1u64 << 32;
+    let how = Pick::LeastRequest { random, active: &busy_v1 };
+    assert!(
+        matches!(route_service(svc, 80, None, how, &|_| false), Route::Service { ref endpoint, .. } if &*endpoint.name == "hello-v2")
+    );
 }
