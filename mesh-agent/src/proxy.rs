@@ -155,7 +155,23 @@ async fn handle(ctx: &Arc<Context>, client: TcpStream, peer: SocketAddr) {
     let state = ctx.state();
     let source = state.workload_by_ip(peer_ip).cloned();
     let pick = ctx.next_pick();
-    let (dest, addr, mut labels, declared) = match route(&state, orig, pick) {
+    // On a port that is not HTTP, a VirtualService `tcp` rule may decide
+    // instead of the default route (the connection then stays opaque bytes).
+    let decided = match route(&state, orig, pick) {
+        Route::Service { protocol: Declared::Tcp | Declared::Unknown, .. } | Route::Refused { .. }
+            if state.by_vip.contains_key(orig.ip()) =>
+        {
+            match crate::l7::routing::route_tcp(&state, orig, pick, ctx.next_random()) {
+                Some(Route::Service { service, endpoint, addr, .. }) => {
+                    Route::Service { service, endpoint, addr, protocol: Declared::Tcp }
+                }
+                Some(other) => other,
+                None => route(&state, orig, pick),
+            }
+        }
+        other => other,
+    };
+    let (dest, addr, mut labels, declared) = match decided {
         Route::Service { service, endpoint, addr, protocol } => {
             let labels = TcpLabels::new(source.as_deref(), Some(&endpoint), Some(&service), false);
             (Some(endpoint), addr, labels, Some(protocol))

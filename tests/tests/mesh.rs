@@ -854,6 +854,15 @@ spec:
   - route:
     - {destination: {host: ver, subset: v1}, weight: 80}
     - {destination: {host: ver, subset: v2}, weight: 20}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: hello-tcp, namespace: demo}
+spec:
+  hosts: [helloworld]
+  tcp:
+  - match: [{port: 7000}]
+    route: [{destination: {host: ver, subset: v1, port: {number: 80}}}]
 ";
     let m = Mesh::start(rules, &[]);
     let test = m.pod("test");
@@ -906,6 +915,18 @@ spec:
     assert_eq!(code("/fail-once/plain-1"), "503");
     // An abort fault at 100%: the agent answers, the upstream never sees it.
     assert_eq!(code("/teapot"), "418");
+    // A `tcp` rule sends helloworld's echo port to ver-v1's HTTP server: the
+    // bytes are not echoed but answered.
+    let answer = test.run(|| {
+        let mut s =
+            TcpStream::connect_timeout(&SocketAddr::from(([10, 96, 0, 10], 7000)), Duration::from_secs(5)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"GET /hello HTTP/1.1\r\nHost: ver\r\nConnection: close\r\n\r\n").unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    });
+    assert!(answer.starts_with("HTTP/1.1 200") && answer.contains("hello from ver-v1;"), "{answer}");
     // A redirect is answered by the agent; a rewrite changes the matched prefix.
     let out = test.cmd(&[
         "curl",

@@ -10,7 +10,7 @@ use super::{k8s::ObjectMeta, validate::Ctx};
 use crate::{
     l7::routing::{
         DestinationRule, Fault, HashKey, HeaderOps, HeaderRules, HttpMatch, HttpRoute, LoadBalancer, OutlierDetection,
-        Policy, Redirect, Retries, RetryOn, Rewrite, StrMatch, Subset, VirtualService, WeightedDestination,
+        Policy, Redirect, Retries, RetryOn, Rewrite, StrMatch, Subset, TcpRoute, VirtualService, WeightedDestination,
     },
     state::{CLUSTER_DOMAIN, Service},
 };
@@ -40,7 +40,8 @@ pub struct VirtualServiceSpec {
     pub gateways: Vec<String>,
     #[serde(default)]
     pub http: Vec<HttpRouteSpec>,
-    pub tcp: Unsupported,
+    #[serde(default)]
+    pub tcp: Vec<TcpRouteSpec>,
     pub tls: Unsupported,
     pub export_to: Unsupported,
 }
@@ -65,6 +66,25 @@ pub struct HttpRouteSpec {
     pub cors_policy: Unsupported,
     pub direct_response: Unsupported,
     pub delegate: Unsupported,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TcpRouteSpec {
+    #[serde(default, rename = "match")]
+    pub matches: Vec<TcpMatchSpec>,
+    #[serde(default)]
+    pub route: Vec<RouteDestinationSpec>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TcpMatchSpec {
+    pub port: Option<i64>,
+    pub destination_subnets: Unsupported,
+    pub source_labels: Unsupported,
+    pub source_namespace: Unsupported,
+    pub gateways: Unsupported,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -383,7 +403,7 @@ pub(super) fn build_virtual_service(
     let (name, namespace) = super::security::name_and_namespace(ctx, &obj.metadata)?;
     let before = ctx.error_count();
     let spec = &obj.spec;
-    reject(ctx, "spec", &[("tcp", &spec.tcp), ("tls", &spec.tls), ("exportTo", &spec.export_to)]);
+    reject(ctx, "spec", &[("tls", &spec.tls), ("exportTo", &spec.export_to)]);
     if spec.gateways.iter().any(|g| g != "mesh") {
         ctx.error("spec.gateways", "only `mesh` is supported (gateways come with the gateway issue)");
     }
@@ -454,46 +474,7 @@ pub(super) fn build_virtual_service(
             }
             matches.push(HttpMatch { uri, method, headers, query_params, port });
         }
-        let mut routes = Vec::new();
-        for (di, d) in r.route.iter().enumerate() {
-            let db = format!("{base}.route[{di}]");
-            reject(ctx, &db, &[("headers", &d.headers)]);
-            let Some(service) = resolve_host(&d.destination.host, &namespace, services) else {
-                ctx.error(format!("{db}.destination.host"), format!("{:?} is not a known Service", d.destination.host));
-                continue;
-            };
-            let port = match &d.destination.port {
-                Some(p) => match u16::try_from(p.number) {
-                    Ok(n) if service.ports.iter().any(|sp| sp.port == n) => Some(n),
-                    _ => {
-                        ctx.error(
-                            format!("{db}.destination.port.number"),
-                            format!("Service {}/{} has no port {}", service.namespace, service.name, p.number),
-                        );
-                        continue;
-                    }
-                },
-                None => None,
-            };
-            let weight = match d.weight {
-                None => None,
-                Some(w) if (0..=100).contains(&w) => Some(w as u32),
-                Some(w) => {
-                    ctx.error(format!("{db}.weight"), format!("{w} is out of range 0-100"));
-                    continue;
-                }
-            };
-            routes.push(WeightedDestination {
-                service: format!("{}/{}", service.namespace, service.name),
-                subset: d.destination.subset.clone(),
-                port,
-                weight: weight.unwrap_or(if r.route.len() == 1 { 100 } else { 0 }),
-            });
-        }
-        let total: u32 = routes.iter().map(|r| r.weight).sum();
-        if routes.len() > 1 && total != 100 {
-            ctx.error(format!("{base}.route"), format!("weights add up to {total}, not 100"));
-        }
+        let routes = destinations(ctx, &base, &r.route, &namespace, services);
         let timeout = match &r.timeout {
             Some(t) => match parse_duration(t) {
                 Ok(d) => Some(d),
@@ -529,7 +510,86 @@ pub(super) fn build_virtual_service(
             redirect,
         }));
     }
-    (ctx.error_count() == before).then_some(VirtualService { name, namespace, hosts, http })
+    let mut tcp = Vec::new();
+    for (ri, r) in spec.tcp.iter().enumerate() {
+        let base = format!("spec.tcp[{ri}]");
+        let mut ports = Vec::new();
+        for (mi, m) in r.matches.iter().enumerate() {
+            let mb = format!("{base}.match[{mi}]");
+            reject(
+                ctx,
+                &mb,
+                &[
+                    ("destinationSubnets", &m.destination_subnets),
+                    ("sourceLabels", &m.source_labels),
+                    ("sourceNamespace", &m.source_namespace),
+                    ("gateways", &m.gateways),
+                ],
+            );
+            match m.port.map(u16::try_from) {
+                Some(Ok(p)) if p != 0 => ports.push(Some(p)),
+                Some(_) => ctx.error(format!("{mb}.port"), "out of range 1-65535"),
+                None => ports.push(None),
+            }
+        }
+        if r.route.is_empty() {
+            ctx.error(format!("{base}.route"), "at least one destination is required");
+        }
+        let routes = destinations(ctx, &base, &r.route, &namespace, services);
+        tcp.push(Arc::new(TcpRoute { ports, routes }));
+    }
+    (ctx.error_count() == before).then_some(VirtualService { name, namespace, hosts, http, tcp })
+}
+
+/// `route[]`: destinations with weights adding up to 100 (one may omit its weight).
+fn destinations(
+    ctx: &mut Ctx<'_>,
+    base: &str,
+    route: &[RouteDestinationSpec],
+    namespace: &str,
+    services: &BTreeMap<String, Arc<Service>>,
+) -> Vec<WeightedDestination> {
+    let mut routes = Vec::new();
+    for (di, d) in route.iter().enumerate() {
+        let db = format!("{base}.route[{di}]");
+        reject(ctx, &db, &[("headers", &d.headers)]);
+        let Some(service) = resolve_host(&d.destination.host, &namespace, services) else {
+            ctx.error(format!("{db}.destination.host"), format!("{:?} is not a known Service", d.destination.host));
+            continue;
+        };
+        let port = match &d.destination.port {
+            Some(p) => match u16::try_from(p.number) {
+                Ok(n) if service.ports.iter().any(|sp| sp.port == n) => Some(n),
+                _ => {
+                    ctx.error(
+                        format!("{db}.destination.port.number"),
+                        format!("Service {}/{} has no port {}", service.namespace, service.name, p.number),
+                    );
+                    continue;
+                }
+            },
+            None => None,
+        };
+        let weight = match d.weight {
+            None => None,
+            Some(w) if (0..=100).contains(&w) => Some(w as u32),
+            Some(w) => {
+                ctx.error(format!("{db}.weight"), format!("{w} is out of range 0-100"));
+                continue;
+            }
+        };
+        routes.push(WeightedDestination {
+            service: format!("{}/{}", service.namespace, service.name),
+            subset: d.destination.subset.clone(),
+            port,
+            weight: weight.unwrap_or(if route.len() == 1 { 100 } else { 0 }),
+        });
+    }
+    let total: u32 = routes.iter().map(|r| r.weight).sum();
+    if routes.len() > 1 && total != 100 {
+        ctx.error(format!("{base}.route"), format!("weights add up to {total}, not 100"));
+    }
+    routes
 }
 
 fn redirect(ctx: &mut Ctx<'_>, base: &str, d: &RedirectSpec) -> Option<Redirect> {

@@ -19,6 +19,15 @@ pub struct VirtualService {
     /// Services (`namespace/name`) whose traffic the rules apply to.
     pub hosts: Vec<String>,
     pub http: Vec<Arc<HttpRoute>>,
+    pub tcp: Vec<Arc<TcpRoute>>,
+}
+
+/// A `tcp` rule: for connections to the listed ports (any when a match has no
+/// port; no match at all matches every connection), weighted destinations.
+#[derive(Debug, Clone, Serialize)]
+pub struct TcpRoute {
+    pub ports: Vec<Option<u16>>,
+    pub routes: Vec<WeightedDestination>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -409,6 +418,39 @@ pub fn route_request(
         matched_prefix,
         cluster: Some(Cluster { key: cluster_key, policy, endpoints }),
     }
+}
+
+/// Routes a TCP connection to a Service VIP by the first matching `tcp` rule of
+/// its VirtualServices; `None` when no rule applies (the default route then).
+pub fn route_tcp(state: &State, orig: SocketAddrV4, pick: usize, random: u64) -> Option<Route> {
+    let service = state.by_vip.get(orig.ip())?;
+    let key = format!("{}/{}", service.namespace, service.name);
+    let rule = state
+        .virtual_services
+        .iter()
+        .filter(|vs| vs.hosts.contains(&key))
+        .flat_map(|vs| vs.tcp.iter())
+        .find(|r| r.ports.is_empty() || r.ports.iter().any(|p| p.is_none_or(|p| p == orig.port())))?;
+    let dest = choose(&rule.routes, random)?;
+    let target = state.services.get(&dest.service)?;
+    let port = match dest.port {
+        Some(p) => p,
+        None if dest.service == key => orig.port(),
+        None => match target.ports.as_slice() {
+            [only] => only.port,
+            _ => orig.port(),
+        },
+    };
+    let labels = match &dest.subset {
+        None => None,
+        Some(name) => match destination_rule(state, &dest.service)
+            .and_then(|d| d.subsets.iter().find(|s| &s.name == name))
+        {
+            Some(s) => Some(&s.labels),
+            None => return Some(Route::Refused { service: target.clone(), reason: Refusal::NoSubset(name.clone()) }),
+        },
+    };
+    Some(route_service(target, port, labels, Pick::Turn(pick), &|_| false))
 }
 
 /// Ready endpoints of a Service (in a subset), for the ejection limit.

@@ -317,6 +317,12 @@ fn routing_rules_are_validated_field_by_field() {
             ),
         ),
         (
+            vs("{hosts: [hello], tcp: [{match: [{sourceLabels: {app: x}}], route: [{destination: {host: hello}}]}]}"),
+            format!(
+                "{at}: VirtualService demo/v: spec.tcp[0].match[0].sourceLabels: not supported by this version of mesh-agent"
+            ),
+        ),
+        (
             dr("{host: hello, subsets: [{name: v1, labels: {version: v1}}, {name: v1}]}"),
             format!("{at}: DestinationRule demo/d: spec.subsets[1].name: subset \"v1\" is defined twice"),
         ),

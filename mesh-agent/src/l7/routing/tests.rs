@@ -273,3 +273,27 @@ fn consistent_hash_and_least_request() {
         matches!(route_service(svc, 80, None, how, &|_| false), Route::Service { ref endpoint, .. } if &*endpoint.name == "hello-v2")
     );
 }
+
+#[test]
+fn tcp_rules_by_port_and_weight() {
+    let s = state_from_yaml(&format!(
+        "{CLUSTER}---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: other-tcp, namespace: demo}}
+spec:
+  hosts: [other]
+  tcp:
+  - match: [{{port: 8000}}]
+    route: [{{destination: {{host: hello, subset: v2, port: {{number: 80}}}}}}]
+"
+    ));
+    let go = |orig: &str| match route_tcp(&s, orig.parse().unwrap_or_else(|e| panic!("{e}")), 0, 0) {
+        Some(Route::Service { endpoint, addr, .. }) => format!("{} {addr}", endpoint.name),
+        Some(other) => format!("{other:?}"),
+        None => "default".into(),
+    };
+    assert_eq!(go("10.96.0.11:8000"), "hello-v2 10.244.0.3:8080");
+    // No tcp rule for hello itself.
+    assert_eq!(go("10.96.0.10:80"), "default");
+}
