@@ -553,7 +553,7 @@ fn destinations(
     for (di, d) in route.iter().enumerate() {
         let db = format!("{base}.route[{di}]");
         reject(ctx, &db, &[("headers", &d.headers)]);
-        let Some(service) = resolve_host(&d.destination.host, &namespace, services) else {
+        let Some(service) = resolve_host(&d.destination.host, namespace, services) else {
             ctx.error(format!("{db}.destination.host"), format!("{:?} is not a known Service", d.destination.host));
             continue;
         };
