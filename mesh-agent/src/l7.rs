@@ -297,8 +297,13 @@ async fn handle(ctx: Arc<Context>, down: Arc<Downstream>, mut req: Request<Incom
 
     // With retries, a small body is kept so that it can be sent again.
     let retries = rule.as_ref().and_then(|r| r.retries.clone()).filter(|_| !upgrade);
-    let (mut streaming, buffered) = match &retries {
-        Some(_) if fits_retry_buffer(&parts.headers, &body) => {
+    let mirror = rule
+        .as_ref()
+        .and_then(|r| r.mirror.clone())
+        .filter(|(_, pct)| !upgrade && (ctx.next_random() % 1_000_000) as f64 / 10_000.0 < *pct);
+    let keep_body = retries.is_some() || mirror.is_some();
+    let (mut streaming, buffered) = match keep_body {
+        true if fits_retry_buffer(&parts.headers, &body) => {
             match http_body_util::Limited::new(body, RETRY_BUFFER).collect().await {
                 Ok(collected) => (None, Some(collected.to_bytes())),
                 Err(e) => {
@@ -311,6 +316,17 @@ async fn handle(ctx: Arc<Context>, down: Arc<Downstream>, mut req: Request<Incom
     };
     if let Some(b) = &buffered {
         record.add_request_bytes(b.len());
+    }
+    if let Some((dest, _)) = mirror {
+        match &buffered {
+            Some(b) => {
+                tokio::spawn(mirror_request(ctx.clone(), down.clone(), parts.clone(), b.clone(), dest, h2));
+            }
+            // As Envoy, a body too large to copy is not mirrored.
+            None => {
+                ctx.metrics.mirrored.get_or_create(&crate::telemetry::ResultLabels { result: "skipped" }).inc();
+            }
+        }
     }
     // Circuit breakers: the request holds its place until its response is complete.
     if let Some(cs) = &cluster_state {
@@ -451,6 +467,64 @@ fn rewrite(req: &mut Request<Incoming>, w: &routing::Rewrite, matched_prefix: Op
     if let Ok(uri) = hyper::Uri::from_parts(parts) {
         *req.uri_mut() = uri;
     }
+}
+
+/// Sends a copy of a request to the `mirror` destination; the answer is read
+/// and dropped. The authority gets Envoy's `-shadow` suffix.
+async fn mirror_request(
+    ctx: Arc<Context>,
+    down: Arc<Downstream>,
+    mut parts: hyper::http::request::Parts,
+    body: Bytes,
+    dest: routing::WeightedDestination,
+    h2: bool,
+) {
+    let state = ctx.state();
+    let from = state.by_vip.get(down.orig.ip()).map(|s| format!("{}/{}", s.namespace, s.name)).unwrap_or_default();
+    let route = match routing::resolve(&state, &from, &dest, down.orig.port()) {
+        Ok((target, port, labels, _, _)) => {
+            crate::route::route_service(target, port, labels, crate::route::Pick::Turn(ctx.next_pick()), &|_| false)
+        }
+        Err(reason) => {
+            tracing::debug!(%reason, "mirror destination unavailable");
+            Route::Passthrough { addr: down.orig }
+        }
+    };
+    let Route::Service { endpoint, addr, .. } = route else {
+        ctx.metrics.mirrored.get_or_create(&crate::telemetry::ResultLabels { result: "failed" }).inc();
+        return;
+    };
+    let shadow = |a: &str| format!("{a}-shadow");
+    if let Some(host) = parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(shadow)
+        && let Ok(v) = HeaderValue::from_str(&host)
+    {
+        parts.headers.insert(header::HOST, v);
+    }
+    if let Some(a) = parts.uri.authority().map(|a| shadow(a.as_str())) {
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        if let Ok(uri) = format!("http://{a}{path}").parse() {
+            parts.uri = uri;
+        }
+    }
+    let key = PoolKey { client: down.peer_ip, upstream: addr, h2 };
+    let sender = match ctx.http_pool.take(&key) {
+        Some(s) => Some(s),
+        None => connect(&ctx, &state, &down, Some(&endpoint), addr, h2, ctx.connect_timeout).await.ok().map(|(s, _)| s),
+    };
+    drop(state);
+    let req = Request::from_parts(parts, Full::new(body).map_err(|e| match e {}).boxed());
+    let result = match sender {
+        Some(s) => match s.send(req).await {
+            Ok((resp, s)) => {
+                ctx.http_pool.release(&ctx, key, s);
+                let _ = resp.into_body().collect().await;
+                "sent"
+            }
+            Err(_) => "failed",
+        },
+        None => "failed",
+    };
+    ctx.metrics.mirrored.get_or_create(&crate::telemetry::ResultLabels { result }).inc();
 }
 
 /// Whether a request body is small enough (or absent) to keep for retries.

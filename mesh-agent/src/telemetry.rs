@@ -175,6 +175,8 @@ pub struct Metrics {
     /// Config loads by result: `success`, `rejected`.
     pub config_loads: Family<ResultLabels, Counter>,
     pub requests: Family<RequestLabels, Counter>,
+    /// Mirrored request copies by result: `sent`, `failed`, `skipped` (body too large).
+    pub mirrored: Family<ResultLabels, Counter>,
     pub request_duration: HistogramFamily,
     pub request_bytes: HistogramFamily,
     pub response_bytes: HistogramFamily,
@@ -194,6 +196,8 @@ impl Metrics {
         let config_loads = Family::default();
         let ebpf_packets = Family::default();
         let requests = Family::default();
+        let mirrored = Family::default();
+        registry.register("mesh_http_mirrored_requests", "Mirrored request copies, by result", mirrored.clone());
         let request_duration: HistogramFamily = Family::new_with_constructor(duration_histogram);
         let request_bytes: HistogramFamily = Family::new_with_constructor(size_histogram);
         let response_bytes: HistogramFamily = Family::new_with_constructor(size_histogram);
@@ -239,6 +243,7 @@ impl Metrics {
             active_connections,
             config_loads,
             requests,
+            mirrored,
             request_duration,
             request_bytes,
             response_bytes,

@@ -85,6 +85,7 @@ type Body = http_body_util::combinators::BoxBody<hyper::body::Bytes, hyper::Erro
 /// - `/fail-once/<id>`: 503 the first time, 200 after
 /// - `/headers`: the request headers, one per line
 /// - `/unhealthy-on/<pod>`: 503 from that pod, 200 from the others
+/// - `/seen`: `<pod> <path> <host>` of every request this pod saw before
 /// - `/upgrade` with `Upgrade:`: `101`, then echoes raw bytes (a WebSocket stand-in)
 pub fn http_api(pod: &Pod, port: u16) {
     let name = pod.name.clone();
@@ -142,6 +143,15 @@ async fn api(
         r
     };
     let path = req.uri().path().to_owned();
+    // Every request any api server saw: `<pod> <path> <host>`, for `/seen`.
+    static SEEN_LOG: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let host = req.headers().get(hyper::header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("-").to_owned();
+    if path == "/seen" {
+        let log = SEEN_LOG.lock().unwrap();
+        let mine: Vec<&str> = log.iter().filter(|l| l.starts_with(&format!("{name} "))).map(String::as_str).collect();
+        return text(200, mine.join("\n") + "\n");
+    }
+    SEEN_LOG.lock().unwrap().push(format!("{name} {path} {host}"));
     if path == "/upgrade" && req.headers().contains_key(hyper::header::UPGRADE) {
         let on = hyper::upgrade::on(&mut req);
         tokio::spawn(async move {

@@ -843,6 +843,10 @@ spec:
   - match: [{uri: {prefix: /v1api/}}]
     rewrite: {uri: /}
     route: [{destination: {host: ver, subset: v2}}]
+  - match: [{uri: {prefix: /mirrored}}]
+    route: [{destination: {host: ver, subset: v1}}]
+    mirror: {host: ver, subset: v2}
+    mirrorPercentage: {value: 100}
   - match: [{uri: {exact: /teapot}}]
     route: [{destination: {host: ver, subset: v1}}]
     fault: {abort: {httpStatus: 418, percentage: {value: 100}}}
@@ -927,6 +931,19 @@ spec:
         out
     });
     assert!(answer.starts_with("HTTP/1.1 200") && answer.contains("hello from ver-v1;"), "{answer}");
+    // Mirroring: v1 answers, v2 gets a copy with the `-shadow` authority.
+    for i in 0..3 {
+        let (ok, out) = curl(test, &format!("http://{VER_VIP}/mirrored/{i}"));
+        assert!(ok && out.contains("hello from ver-v1;"), "{out}");
+    }
+    m.agents[0].wait_metrics(5, "mirrored copies", |t| {
+        metric(t, "mesh_http_mirrored_requests_total", &[("result", "sent")]) >= 3.0
+    });
+    let seen = test.cmd(&["curl", "-sSf", &format!("http://{VER_V2_IP}:8080/seen")]);
+    let seen = String::from_utf8_lossy(&seen.stdout);
+    for i in 0..3 {
+        assert!(seen.contains(&format!("ver-v2 /mirrored/{i} {VER_VIP}-shadow")), "{seen}");
+    }
     // A redirect is answered by the agent; a rewrite changes the matched prefix.
     let out = test.cmd(&[
         "curl",
@@ -958,7 +975,7 @@ spec:
     assert!(!text.contains("x-remove-me"), "{text}");
 
     let text = m.agents[0].wait_metrics(5, "request metrics", |t| {
-        metric(t, "istio_requests_total", &[("destination_service", "ver.demo.svc.cluster.local")]) >= 517.0
+        metric(t, "istio_requests_total", &[("destination_service", "ver.demo.svc.cluster.local")]) >= 520.0
     });
     let flagged =
         |code, flags| metric(&text, "istio_requests_total", &[("response_code", code), ("response_flags", flags)]);
@@ -968,8 +985,8 @@ spec:
         [("destination_service", "ver.demo.svc.cluster.local"), ("response_code", "504"), ("response_flags", "UT")];
     assert_eq!(metric(&text, "istio_requests_total", &timeouts), 1.0, "{text}");
     let v1_ok = [("destination_version", "v1"), ("response_code", "200"), ("connection_security_policy", "mutual_tls")];
-    // The split's v1 share, the retried request and the header request.
-    assert_eq!(metric(&text, "istio_requests_total", &v1_ok), v1 as f64 + 2.0, "{text}");
+    // The split's v1 share, the retried request, the header request, three mirrored ones.
+    assert_eq!(metric(&text, "istio_requests_total", &v1_ok), v1 as f64 + 5.0, "{text}");
 }
 
 #[test]

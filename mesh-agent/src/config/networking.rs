@@ -57,8 +57,10 @@ pub struct HttpRouteSpec {
     pub timeout: Option<String>,
     pub retries: Option<RetriesSpec>,
     pub fault: Option<FaultSpec>,
-    pub mirror: Unsupported,
-    pub mirror_percentage: Unsupported,
+    pub mirror: Option<DestinationSpec>,
+    pub mirror_percentage: Option<PercentSpec>,
+    /// Deprecated integer form of `mirrorPercentage`, still accepted by Istio.
+    pub mirror_percent: Option<i64>,
     pub mirrors: Unsupported,
     pub rewrite: Option<RewriteSpec>,
     pub redirect: Option<RedirectSpec>,
@@ -424,8 +426,6 @@ pub(super) fn build_virtual_service(
             ctx,
             &base,
             &[
-                ("mirror", &r.mirror),
-                ("mirrorPercentage", &r.mirror_percentage),
                 ("mirrors", &r.mirrors),
                 ("corsPolicy", &r.cors_policy),
                 ("directResponse", &r.direct_response),
@@ -488,6 +488,19 @@ pub(super) fn build_virtual_service(
         let retries = r.retries.as_ref().and_then(|x| retries(ctx, &format!("{base}.retries"), x));
         let fault = r.fault.as_ref().and_then(|f| fault(ctx, &format!("{base}.fault"), f));
         let headers = r.headers.as_ref().map(header_rules).unwrap_or_default();
+        let mirror = match &r.mirror {
+            Some(m) => {
+                let spec = [RouteDestinationSpec { destination: m.clone(), weight: None, headers: None }];
+                let pct =
+                    percent(ctx, &format!("{base}.mirrorPercentage.value"), &r.mirror_percentage, r.mirror_percent);
+                // Errors name `route[0]`; say `mirror` instead.
+                let errors = ctx.error_count();
+                let dest = destinations(ctx, &format!("{base}.mirror"), &spec, namespace.as_ref(), services);
+                ctx.rename_errors_since(errors, &format!("{base}.mirror.route[0]"), &format!("{base}.mirror"));
+                dest.into_iter().next().map(|d| (d, pct))
+            }
+            None => None,
+        };
         let rewrite = r.rewrite.as_ref().map(|w| {
             reject(ctx, &format!("{base}.rewrite"), &[("uriRegexRewrite", &w.uri_regex_rewrite)]);
             Rewrite { uri: w.uri.clone(), authority: w.authority.clone() }
@@ -508,6 +521,7 @@ pub(super) fn build_virtual_service(
             headers,
             rewrite,
             redirect,
+            mirror,
         }));
     }
     let mut tcp = Vec::new();

@@ -28,6 +28,15 @@ impl Ctx<'_> {
         self.errors.len()
     }
 
+    /// Rewrites the field prefix `from` to `to` in the errors reported since `since`.
+    pub(super) fn rename_errors_since(&mut self, since: usize, from: &str, to: &str) {
+        for e in self.errors.iter_mut().skip(since) {
+            if let Some(rest) = e.field.strip_prefix(from) {
+                e.field = format!("{to}{rest}");
+            }
+        }
+    }
+
     pub(super) fn error(&mut self, field: impl Into<String>, message: impl Into<String>) {
         self.errors.push(ConfigError {
             origin: self.origin.clone(),

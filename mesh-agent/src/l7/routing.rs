@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::{
     route::{Pick, Refusal, Route, route, route_service},
-    state::State,
+    state::{Service, State},
 };
 
 #[derive(Debug, Clone, Serialize)]
@@ -42,6 +42,8 @@ pub struct HttpRoute {
     pub headers: HeaderRules,
     pub rewrite: Option<Rewrite>,
     pub redirect: Option<Redirect>,
+    /// `mirror` and its `mirrorPercentage`: a copy of the request, answer ignored.
+    pub mirror: Option<(WeightedDestination, f64)>,
 }
 
 /// `rewrite`: the path (or the matched prefix) and/or the authority.
@@ -382,30 +384,9 @@ pub fn route_request(
     let Some(dest) = choose(&rule.routes, random) else {
         return refused(Refusal::NoRoute);
     };
-    let Some(target) = state.services.get(&dest.service) else {
-        return refused(Refusal::NoRoute);
-    };
-    // The same port on the same Service; another Service's only port; else as named.
-    let port = match dest.port {
-        Some(p) => p,
-        None if dest.service == key => orig.port(),
-        None => match target.ports.as_slice() {
-            [only] => only.port,
-            _ => orig.port(),
-        },
-    };
-    let dr = destination_rule(state, &dest.service);
-    let (labels, policy) = match (&dest.subset, dr) {
-        (None, dr) => (None, dr.map(|d| d.policy.clone()).unwrap_or_default()),
-        (Some(name), Some(dr)) => match dr.subsets.iter().find(|s| &s.name == name) {
-            Some(s) => (Some(&s.labels), s.policy.clone()),
-            None => return refused(Refusal::NoSubset(name.clone())),
-        },
-        (Some(name), None) => return refused(Refusal::NoSubset(name.clone())),
-    };
-    let cluster_key = match &dest.subset {
-        Some(name) => format!("{}|{name}", dest.service),
-        None => dest.service.clone(),
+    let (target, port, labels, policy, cluster_key) = match resolve(state, &key, dest, orig.port()) {
+        Ok(r) => r,
+        Err(reason) => return refused(reason),
     };
     let avoid = |a: SocketAddrV4| endpoints.ejected(&cluster_key, a);
     let active = |a: SocketAddrV4| endpoints.active(&cluster_key, a);
@@ -420,6 +401,44 @@ pub fn route_request(
     }
 }
 
+/// A destination resolved: the Service, its port, the subset's labels, the
+/// policy that applies, and the cluster key.
+type Resolved<'a> = (&'a Arc<Service>, u16, Option<&'a BTreeMap<String, String>>, Policy, String);
+
+/// Resolves a destination of a rule for a request to Service `from` on `port`:
+/// the same port on the same Service, else another Service's only port, else
+/// the port as named; the subset from the destination's DestinationRule.
+pub fn resolve<'a>(
+    state: &'a State,
+    from: &str,
+    dest: &WeightedDestination,
+    port: u16,
+) -> Result<Resolved<'a>, Refusal> {
+    let target = state.services.get(&dest.service).ok_or(Refusal::NoRoute)?;
+    let port = match dest.port {
+        Some(p) => p,
+        None if dest.service == from => port,
+        None => match target.ports.as_slice() {
+            [only] => only.port,
+            _ => port,
+        },
+    };
+    let dr = destination_rule(state, &dest.service);
+    let (labels, policy) = match (&dest.subset, dr) {
+        (None, dr) => (None, dr.map(|d| d.policy.clone()).unwrap_or_default()),
+        (Some(name), Some(dr)) => match dr.subsets.iter().find(|s| &s.name == name) {
+            Some(s) => (Some(&s.labels), s.policy.clone()),
+            None => return Err(Refusal::NoSubset(name.clone())),
+        },
+        (Some(name), None) => return Err(Refusal::NoSubset(name.clone())),
+    };
+    let key = match &dest.subset {
+        Some(name) => format!("{}|{name}", dest.service),
+        None => dest.service.clone(),
+    };
+    Ok((target, port, labels, policy, key))
+}
+
 /// Routes a TCP connection to a Service VIP by the first matching `tcp` rule of
 /// its VirtualServices; `None` when no rule applies (the default route then).
 pub fn route_tcp(state: &State, orig: SocketAddrV4, pick: usize, random: u64) -> Option<Route> {
@@ -432,25 +451,10 @@ pub fn route_tcp(state: &State, orig: SocketAddrV4, pick: usize, random: u64) ->
         .flat_map(|vs| vs.tcp.iter())
         .find(|r| r.ports.is_empty() || r.ports.iter().any(|p| p.is_none_or(|p| p == orig.port())))?;
     let dest = choose(&rule.routes, random)?;
-    let target = state.services.get(&dest.service)?;
-    let port = match dest.port {
-        Some(p) => p,
-        None if dest.service == key => orig.port(),
-        None => match target.ports.as_slice() {
-            [only] => only.port,
-            _ => orig.port(),
-        },
-    };
-    let labels = match &dest.subset {
-        None => None,
-        Some(name) => match destination_rule(state, &dest.service)
-            .and_then(|d| d.subsets.iter().find(|s| &s.name == name))
-        {
-            Some(s) => Some(&s.labels),
-            None => return Some(Route::Refused { service: target.clone(), reason: Refusal::NoSubset(name.clone()) }),
-        },
-    };
-    Some(route_service(target, port, labels, Pick::Turn(pick), &|_| false))
+    Some(match resolve(state, &key, dest, orig.port()) {
+        Ok((target, port, labels, _, _)) => route_service(target, port, labels, Pick::Turn(pick), &|_| false),
+        Err(reason) => Route::Refused { service: service.clone(), reason },
+    })
 }
 
 /// Ready endpoints of a Service (in a subset), for the ejection limit.

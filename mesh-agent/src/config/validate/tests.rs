@@ -289,8 +289,16 @@ fn routing_rules_are_validated_field_by_field() {
             ),
         ),
         (
-            vs("{hosts: [hello], http: [{mirror: {host: hello}, route: [{destination: {host: hello}}]}]}"),
-            format!("{at}: VirtualService demo/v: spec.http[0].mirror: not supported by this version of mesh-agent"),
+            vs(
+                "{hosts: [hello], http: [{mirrors: [{destination: {host: hello}}], route: [{destination: {host: hello}}]}]}",
+            ),
+            format!("{at}: VirtualService demo/v: spec.http[0].mirrors: not supported by this version of mesh-agent"),
+        ),
+        (
+            vs("{hosts: [hello], http: [{mirror: {host: nope}, route: [{destination: {host: hello}}]}]}"),
+            format!(
+                "{at}: VirtualService demo/v: spec.http[0].mirror.destination.host: \"nope\" is not a known Service"
+            ),
         ),
         (
             vs(
