@@ -335,7 +335,7 @@ async fn handle(ctx: Arc<Context>, down: Arc<Downstream>, mut req: Request<Incom
             None => return record.finish_overflow(),
         }
     }
-    let connect_timeout = cluster.as_ref().and_then(|c| c.policy.pool.connect_timeout);
+    let limits = limits(&ctx, cluster.as_ref().map(|c| &c.policy.pool));
     let tries = 1 + retries.as_ref().map_or(0, |r| r.attempts);
     let per_try = retries.as_ref().and_then(|r| r.per_try_timeout);
     let overall = rule.as_ref().and_then(|r| r.timeout);
@@ -355,7 +355,7 @@ async fn handle(ctx: Arc<Context>, down: Arc<Downstream>, mut req: Request<Incom
             record.hold_in_flight(cs.in_flight(target.addr));
         }
         let key = PoolKey { client: down.peer_ip, upstream: target.addr, h2 };
-        let one = exchange(&ctx, &down, &target, key, up_req, per_try, connect_timeout, &mut record);
+        let one = exchange(&ctx, &down, &target, key, up_req, per_try, &limits, &mut record);
         let result = match deadline {
             Some(d) => match tokio::time::timeout_at(d, one).await {
                 Ok(r) => r,
@@ -469,6 +469,15 @@ fn rewrite(req: &mut Request<Incoming>, w: &routing::Rewrite, matched_prefix: Op
     }
 }
 
+/// The pool limits from a DestinationRule's `connectionPool`, else the defaults.
+fn limits(ctx: &Context, pool: Option<&routing::ConnectionPool>) -> pool::Limits {
+    pool::Limits {
+        connect_timeout: pool.and_then(|p| p.connect_timeout).unwrap_or(ctx.connect_timeout),
+        max_requests_per_connection: pool.and_then(|p| p.max_requests_per_connection),
+        idle_timeout: pool.and_then(|p| p.idle_timeout).unwrap_or(pool::DEFAULT_IDLE_TIMEOUT),
+    }
+}
+
 /// Sends a copy of a request to the `mirror` destination; the answer is read
 /// and dropped. The authority gets Envoy's `-shadow` suffix.
 async fn mirror_request(
@@ -507,7 +516,8 @@ async fn mirror_request(
         }
     }
     let key = PoolKey { client: down.peer_ip, upstream: addr, h2 };
-    let sender = match ctx.http_pool.take(&key) {
+    let limits = limits(&ctx, None);
+    let sender = match ctx.http_pool.take(&key, &limits) {
         Some(s) => Some(s),
         None => connect(&ctx, &state, &down, Some(&endpoint), addr, h2, ctx.connect_timeout).await.ok().map(|(s, _)| s),
     };
@@ -516,7 +526,7 @@ async fn mirror_request(
     let result = match sender {
         Some(s) => match s.send(req).await {
             Ok((resp, s)) => {
-                ctx.http_pool.release(&ctx, key, s);
+                ctx.http_pool.release(&ctx, key, s, &limits);
                 let _ = resp.into_body().collect().await;
                 "sent"
             }
@@ -550,14 +560,14 @@ async fn exchange(
     key: PoolKey,
     req: Request<Body>,
     per_try: Option<Duration>,
-    connect_timeout: Option<Duration>,
+    limits: &pool::Limits,
     record: &mut Record,
 ) -> Result<Response<Incoming>, Failure> {
-    let sender = match ctx.http_pool.take(&key) {
+    let sender = match ctx.http_pool.take(&key, limits) {
         Some(s) => s,
         None => {
             let state = ctx.state();
-            let timeout = connect_timeout.unwrap_or(ctx.connect_timeout);
+            let timeout = limits.connect_timeout;
             match connect(ctx, &state, down, target.dest.as_ref(), target.addr, key.h2, timeout).await {
                 Ok((s, _)) => s,
                 Err(e) => {
@@ -569,14 +579,14 @@ async fn exchange(
             }
         }
     };
-    record.set_mtls(pool::is_mtls(&sender));
+    record.set_mtls(sender.is_mtls());
     let sent = match per_try {
         Some(t) => tokio::time::timeout(t, sender.send(req)).await.map_err(|_| Failure::Timeout)?,
         None => sender.send(req).await,
     };
     match sent {
         Ok((resp, sender)) => {
-            ctx.http_pool.release(ctx, key, sender);
+            ctx.http_pool.release(ctx, key, sender, limits);
             Ok(resp)
         }
         Err(e) => Err(Failure::Reset(e)),

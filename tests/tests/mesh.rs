@@ -1009,7 +1009,7 @@ metadata: {name: api, namespace: demo}
 spec:
   host: api
   trafficPolicy:
-    connectionPool: {tcp: {maxConnections: 1}, http: {http1MaxPendingRequests: 1}}
+    connectionPool: {tcp: {maxConnections: 1}, http: {http1MaxPendingRequests: 1, maxRequestsPerConnection: 1}}
 ";
     let m = Mesh::start(rules, &[]);
     let test = m.pod("test");
@@ -1026,6 +1026,18 @@ spec:
     let failed = lines.iter().filter(|l| l.contains("answers 503")).count();
     assert_eq!(failed, 3, "{lines:?}");
     assert!(lines[10..].iter().all(|l| l == "ver-v2 answers 200"), "{lines:?}");
+
+    // maxRequestsPerConnection 1: five keep-alive requests from the client are
+    // five upstream connections (five tunnels at node-2).
+    let hello = format!("http://{API_VIP}/hello");
+    let five: Vec<&str> = std::iter::repeat_n(hello.as_str(), 5).collect();
+    let mut args = vec!["curl", "-sSf", "--max-time", "10"];
+    args.extend(&five);
+    assert!(test.cmd(&args).status.success());
+    let tunnels = [("reporter", "destination"), ("destination_app", "helloworld")];
+    m.agents[1].wait_metrics(5, "one tunnel per request", |t| {
+        metric(t, "istio_tcp_connections_opened_total", &tunnels) == 5.0
+    });
 
     // api allows one request in flight and one waiting: of 8 slow requests at
     // once, the others are refused at once with 503 UO.

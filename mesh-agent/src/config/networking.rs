@@ -291,9 +291,9 @@ pub struct TcpPoolSpec {
 pub struct HttpPoolSpec {
     pub http1_max_pending_requests: Option<i64>,
     pub http2_max_requests: Option<i64>,
-    pub max_requests_per_connection: Unsupported,
+    pub max_requests_per_connection: Option<i64>,
     pub max_retries: Unsupported,
-    pub idle_timeout: Unsupported,
+    pub idle_timeout: Option<String>,
     pub h2_upgrade_policy: Unsupported,
     pub use_client_protocol: Unsupported,
     pub max_concurrent_streams: Unsupported,
@@ -775,9 +775,7 @@ fn policy(ctx: &mut Ctx<'_>, field: &str, tp: &Option<TrafficPolicySpec>, inheri
                 ctx,
                 &hf,
                 &[
-                    ("maxRequestsPerConnection", &http.max_requests_per_connection),
                     ("maxRetries", &http.max_retries),
-                    ("idleTimeout", &http.idle_timeout),
                     ("h2UpgradePolicy", &http.h2_upgrade_policy),
                     ("useClientProtocol", &http.use_client_protocol),
                     ("maxConcurrentStreams", &http.max_concurrent_streams),
@@ -790,6 +788,15 @@ fn policy(ctx: &mut Ctx<'_>, field: &str, tp: &Option<TrafficPolicySpec>, inheri
             }
             if let Some(n) = count(ctx, &format!("{hf}.http2MaxRequests"), http.http2_max_requests, max) {
                 out.pool.max_requests = Some(n);
+            }
+            // 0 means unlimited, as in Istio.
+            match count(ctx, &format!("{hf}.maxRequestsPerConnection"), http.max_requests_per_connection, max) {
+                Some(0) => out.pool.max_requests_per_connection = None,
+                Some(n) => out.pool.max_requests_per_connection = Some(n),
+                None => {}
+            }
+            if let Some(t) = duration_field(ctx, &format!("{hf}.idleTimeout"), &http.idle_timeout) {
+                out.pool.idle_timeout = Some(t);
             }
         }
     }

@@ -222,6 +222,10 @@ pub struct ConnectionPool {
     pub max_pending: Option<u32>,
     /// `http.http2MaxRequests`: requests in flight, any protocol.
     pub max_requests: Option<u32>,
+    /// `http.maxRequestsPerConnection`: a connection is not reused after this many.
+    pub max_requests_per_connection: Option<u32>,
+    /// `http.idleTimeout`: an unused upstream connection is dropped after this long.
+    pub idle_timeout: Option<Duration>,
 }
 
 /// `outlierDetection`: endpoints failing in a row are left out for a while.
