@@ -711,6 +711,24 @@ fn http_through_the_mesh_across_nodes() {
     assert!(!body.contains("x-request-id -"), "{body}");
     assert!(verbose.contains("Re-using existing connection"), "{verbose}");
 
+    // Trace context passes untouched (W3C and B3); a request id the client sent is kept.
+    let trace = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let out = test.cmd(&[
+        "curl",
+        "-sSf",
+        "-H",
+        &format!("traceparent: {trace}"),
+        "-H",
+        "x-b3-traceid: 80f198ee56343ba864fe8b2a57d3eff7",
+        "-H",
+        "x-request-id: my-id-1",
+        &format!("{api}/headers"),
+    ]);
+    let seen = String::from_utf8_lossy(&out.stdout);
+    assert!(seen.contains(&format!("traceparent: {trace}")), "{seen}");
+    assert!(seen.contains("x-b3-traceid: 80f198ee56343ba864fe8b2a57d3eff7"), "{seen}");
+    assert!(seen.contains("x-request-id: my-id-1"), "{seen}");
+
     // h2c with prior knowledge on the same `http` port.
     let (ok, out) = curl(test, &format!("{api}/hello"));
     assert!(ok, "{out}");
@@ -786,11 +804,11 @@ fn http_through_the_mesh_across_nodes() {
     ];
     let with = |code: &'static str| [base.as_slice(), &[("response_code", code)]].concat();
     let text = m.agents[0].wait_metrics(5, "request metrics", |t| {
-        metric(t, "istio_requests_total", &with("200")) >= 6.0
+        metric(t, "istio_requests_total", &with("200")) >= 7.0
             && metric(t, "istio_requests_total", &with("503")) >= 1.0
             && metric(t, "istio_requests_total", &with("101")) >= 1.0
     });
-    assert_eq!(metric(&text, "istio_requests_total", &with("200")), 6.0, "{text}");
+    assert_eq!(metric(&text, "istio_requests_total", &with("200")), 7.0, "{text}");
     assert!(metric(&text, "istio_request_bytes_sum", &with("200")) >= 2.0 * payload.len() as f64, "{text}");
     assert!(metric(&text, "istio_response_bytes_sum", &with("200")) >= 2.0 * payload.len() as f64, "{text}");
     assert_eq!(metric(&text, "istio_request_duration_milliseconds_count", &with("503")), 1.0, "{text}");
@@ -799,7 +817,7 @@ fn http_through_the_mesh_across_nodes() {
     let log = std::fs::read_to_string(&access_log).unwrap();
     let _ = std::fs::remove_file(&access_log);
     let lines: Vec<serde_json::Value> = log.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    assert_eq!(lines.len(), 8, "{log}");
+    assert_eq!(lines.len(), 9, "{log}");
     let failed = lines.iter().find(|l| l["path"] == "/status/503").expect("503 logged");
     assert_eq!(failed["response_code"], 503);
     assert_eq!(failed["source_principal"], TEST_ID);
