@@ -85,6 +85,8 @@ pub async fn serve(ctx: Arc<Context>, client: TcpStream, down: Downstream, handl
         Handling::Http2 => {
             hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
+                // RFC 8441: WebSocket (and the like) over HTTP/2 streams.
+                .enable_connect_protocol()
                 .serve_connection(io, service)
                 .await
         }
@@ -137,6 +139,11 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         }
         headers.remove(h);
     }
+}
+
+/// An HTTP/2 extended CONNECT (RFC 8441), as WebSocket over HTTP/2 uses.
+fn is_extended_connect(req: &Request<Incoming>) -> bool {
+    req.method() == hyper::Method::CONNECT && req.extensions().get::<hyper::ext::Protocol>().is_some()
 }
 
 fn wants_upgrade(req: &Request<Incoming>) -> bool {
@@ -275,7 +282,8 @@ async fn handle(ctx: Arc<Context>, down: Arc<Downstream>, mut req: Request<Incom
         }
     }
 
-    let upgrade = wants_upgrade(&req);
+    let extended_connect = is_extended_connect(&req);
+    let upgrade = wants_upgrade(&req) || extended_connect;
     let h2 = req.version() == hyper::Version::HTTP_2;
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
@@ -415,7 +423,7 @@ async fn handle(ctx: Arc<Context>, down: Arc<Downstream>, mut req: Request<Incom
         }
     };
     let mut resp = resp;
-    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS || (extended_connect && resp.status() == StatusCode::OK) {
         let upstream_upgrade = hyper::upgrade::on(&mut resp);
         if let Some(client_upgrade) = client_upgrade {
             tokio::spawn(tunnel_upgrade(client_upgrade, upstream_upgrade, target.addr));

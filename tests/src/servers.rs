@@ -86,7 +86,8 @@ type Body = http_body_util::combinators::BoxBody<hyper::body::Bytes, hyper::Erro
 /// - `/headers`: the request headers, one per line
 /// - `/unhealthy-on/<pod>`: 503 from that pod, 200 from the others
 /// - `/seen`: `<pod> <path> <host>` of every request this pod saw before
-/// - `/upgrade` with `Upgrade:`: `101`, then echoes raw bytes (a WebSocket stand-in)
+/// - `/upgrade` with `Upgrade:` (`101`) or an HTTP/2 extended CONNECT (`200`):
+///   then echoes raw bytes (a WebSocket stand-in)
 pub fn http_api(pod: &Pod, port: u16) {
     let name = pod.name.clone();
     serve_async(pod, port, move |stream, peer| {
@@ -101,6 +102,7 @@ pub fn http_api(pod: &Pod, port: u16) {
             let io = hyper_util::rt::TokioIo::new(stream);
             if &first == b"PRI " {
                 let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .enable_connect_protocol()
                     .serve_connection(io, service)
                     .await;
             } else {
@@ -152,7 +154,9 @@ async fn api(
         return text(200, mine.join("\n") + "\n");
     }
     SEEN_LOG.lock().unwrap().push(format!("{name} {path} {host}"));
-    if path == "/upgrade" && req.headers().contains_key(hyper::header::UPGRADE) {
+    let extended_connect =
+        req.method() == hyper::Method::CONNECT && req.extensions().get::<hyper::ext::Protocol>().is_some();
+    if path == "/upgrade" && (req.headers().contains_key(hyper::header::UPGRADE) || extended_connect) {
         let on = hyper::upgrade::on(&mut req);
         tokio::spawn(async move {
             if let Ok(up) = on.await {
@@ -162,6 +166,10 @@ async fn api(
                 let _ = tokio::io::AsyncWriteExt::shutdown(&mut w).await;
             }
         });
+        if extended_connect {
+            // RFC 8441: 200 on the stream, which then carries the bytes.
+            return text(200, String::new());
+        }
         let mut r = text(101, String::new());
         r.headers_mut().insert(hyper::header::CONNECTION, hyper::header::HeaderValue::from_static("upgrade"));
         r.headers_mut().insert(hyper::header::UPGRADE, hyper::header::HeaderValue::from_static("websocket"));

@@ -793,6 +793,38 @@ fn http_through_the_mesh_across_nodes() {
     assert_eq!(echoed.len(), 64 * 16 * 1024);
     assert!(echoed.chunks(16 * 1024).enumerate().all(|(i, c)| c.iter().all(|b| *b as usize == i)));
 
+    // HTTP/2 extended CONNECT (RFC 8441, WebSocket over HTTP/2): a tunnel on
+    // one stream, through the mesh.
+    let echoed = test.run(|| {
+        runtime().block_on(async {
+            use http_body_util::Empty;
+            use hyper::body::Bytes;
+            use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+            let tcp = tokio::net::TcpStream::connect((API_VIP, 80)).await.unwrap();
+            let io = hyper_util::rt::TokioIo::new(tcp);
+            let (mut send, conn) =
+                hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io).await.unwrap();
+            tokio::spawn(conn);
+            let mut req =
+                hyper::Request::connect(format!("http://{API_VIP}/upgrade")).body(Empty::<Bytes>::new()).unwrap();
+            req.extensions_mut().insert(hyper::ext::Protocol::from_static("websocket"));
+            let resp = send.send_request(req).await.unwrap();
+            assert_eq!(resp.status(), 200);
+            let mut io = hyper_util::rt::TokioIo::new(hyper::upgrade::on(resp).await.unwrap());
+            let mut total = Vec::new();
+            for round in 0..32u8 {
+                let msg = vec![round; 8 * 1024];
+                io.write_all(&msg).await.unwrap();
+                let mut back = vec![0u8; msg.len()];
+                io.read_exact(&mut back).await.unwrap();
+                total.extend_from_slice(&back);
+            }
+            total
+        })
+    });
+    assert_eq!(echoed.len(), 32 * 8 * 1024);
+    assert!(echoed.chunks(8 * 1024).enumerate().all(|(i, c)| c.iter().all(|b| *b as usize == i)));
+
     // Per-request metrics at the source, with identities and mTLS.
     let base = [
         ("reporter", "source"),
@@ -804,11 +836,12 @@ fn http_through_the_mesh_across_nodes() {
     ];
     let with = |code: &'static str| [base.as_slice(), &[("response_code", code)]].concat();
     let text = m.agents[0].wait_metrics(5, "request metrics", |t| {
-        metric(t, "istio_requests_total", &with("200")) >= 7.0
+        metric(t, "istio_requests_total", &with("200")) >= 8.0
             && metric(t, "istio_requests_total", &with("503")) >= 1.0
             && metric(t, "istio_requests_total", &with("101")) >= 1.0
     });
-    assert_eq!(metric(&text, "istio_requests_total", &with("200")), 7.0, "{text}");
+    // Six plain requests, the traced one and the extended CONNECT.
+    assert_eq!(metric(&text, "istio_requests_total", &with("200")), 8.0, "{text}");
     assert!(metric(&text, "istio_request_bytes_sum", &with("200")) >= 2.0 * payload.len() as f64, "{text}");
     assert!(metric(&text, "istio_response_bytes_sum", &with("200")) >= 2.0 * payload.len() as f64, "{text}");
     assert_eq!(metric(&text, "istio_request_duration_milliseconds_count", &with("503")), 1.0, "{text}");
@@ -817,7 +850,7 @@ fn http_through_the_mesh_across_nodes() {
     let log = std::fs::read_to_string(&access_log).unwrap();
     let _ = std::fs::remove_file(&access_log);
     let lines: Vec<serde_json::Value> = log.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    assert_eq!(lines.len(), 9, "{log}");
+    assert_eq!(lines.len(), 10, "{log}");
     let failed = lines.iter().find(|l| l["path"] == "/status/503").expect("503 logged");
     assert_eq!(failed["response_code"], 503);
     assert_eq!(failed["source_principal"], TEST_ID);
