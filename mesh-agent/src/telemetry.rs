@@ -77,58 +77,26 @@ impl TcpLabels {
 /// Istio's labels for request metrics: the TCP ones plus the response.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
-    pub reporter: &'static str,
-    pub source_workload: String,
-    pub source_workload_namespace: String,
-    pub source_principal: String,
-    pub source_app: String,
-    pub source_version: String,
-    pub destination_workload: String,
-    pub destination_workload_namespace: String,
-    pub destination_principal: String,
-    pub destination_app: String,
-    pub destination_version: String,
-    pub destination_service: String,
-    pub destination_service_name: String,
-    pub destination_service_namespace: String,
-    /// `http` or `grpc`.
-    pub request_protocol: &'static str,
     pub response_code: u16,
     /// The `grpc-status` trailer (or header), `-` when absent.
     pub grpc_response_status: String,
-    pub response_flags: &'static str,
-    pub connection_security_policy: &'static str,
+    /// Last: the derive hands the encoder to a flattened field for good.
+    #[prometheus(flatten)]
+    pub connection: TcpLabels,
 }
 
 impl RequestLabels {
+    /// `request_protocol` (`http`, `grpc`) and `response_flags` replace the TCP ones.
     pub fn new(
-        tcp: TcpLabels,
+        mut tcp: TcpLabels,
         request_protocol: &'static str,
         response_code: u16,
         grpc_response_status: String,
         response_flags: &'static str,
     ) -> Self {
-        Self {
-            reporter: tcp.reporter,
-            source_workload: tcp.source_workload,
-            source_workload_namespace: tcp.source_workload_namespace,
-            source_principal: tcp.source_principal,
-            source_app: tcp.source_app,
-            source_version: tcp.source_version,
-            destination_workload: tcp.destination_workload,
-            destination_workload_namespace: tcp.destination_workload_namespace,
-            destination_principal: tcp.destination_principal,
-            destination_app: tcp.destination_app,
-            destination_version: tcp.destination_version,
-            destination_service: tcp.destination_service,
-            destination_service_name: tcp.destination_service_name,
-            destination_service_namespace: tcp.destination_service_namespace,
-            request_protocol,
-            response_code,
-            grpc_response_status,
-            response_flags,
-            connection_security_policy: tcp.connection_security_policy,
-        }
+        tcp.request_protocol = request_protocol;
+        tcp.response_flags = response_flags;
+        Self { response_code, grpc_response_status, connection: tcp }
     }
 }
 

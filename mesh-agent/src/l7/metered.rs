@@ -244,14 +244,14 @@ impl Record {
             "x_request_id": self.request_id,
             "downstream_peer": self.downstream.to_string(),
             "upstream_host": self.upstream.map(|a| a.to_string()),
-            "source_workload": labels.source_workload,
-            "source_namespace": labels.source_workload_namespace,
-            "source_principal": labels.source_principal,
-            "destination_workload": labels.destination_workload,
-            "destination_namespace": labels.destination_workload_namespace,
-            "destination_principal": labels.destination_principal,
-            "destination_service": labels.destination_service,
-            "connection_security_policy": labels.connection_security_policy,
+            "source_workload": labels.connection.source_workload,
+            "source_namespace": labels.connection.source_workload_namespace,
+            "source_principal": labels.connection.source_principal,
+            "destination_workload": labels.connection.destination_workload,
+            "destination_namespace": labels.connection.destination_workload_namespace,
+            "destination_principal": labels.connection.destination_principal,
+            "destination_service": labels.connection.destination_service,
+            "connection_security_policy": labels.connection.connection_security_policy,
         }));
     }
 }
