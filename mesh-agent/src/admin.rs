@@ -65,6 +65,7 @@ fn respond<B>(ctx: &Context, req: &Request<B>) -> Response<Full<Bytes>> {
                 "active_connections": ctx.active.count(),
                 "capture": ctx.capture(),
                 "certificates": ctx.certs.dump(),
+                "gateway_listeners": ctx.gateway_status(),
                 "state": &*ctx.state(),
             });
             let body = serde_json::to_string_pretty(&dump).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"));

@@ -98,6 +98,7 @@ pub struct Context {
     state: RwLock<Arc<State>>,
     captured_ips: RwLock<Arc<HashSet<Ipv4Addr>>>,
     capture: RwLock<CaptureStatus>,
+    gateway_status: RwLock<Vec<crate::gateway::PortStatus>>,
     last_config_error: RwLock<Option<String>>,
     ready: AtomicBool,
     rr: AtomicUsize,
@@ -139,6 +140,18 @@ impl Context {
 
     pub fn capture(&self) -> CaptureStatus {
         self.capture.read().map(|c| c.clone()).unwrap_or_default()
+    }
+
+    /// The gateway ports of this node and whether they are open.
+    pub fn gateway_status(&self) -> Vec<crate::gateway::PortStatus> {
+        self.gateway_status.read().map(|g| g.clone()).unwrap_or_default()
+    }
+
+    fn reconcile_gateways(self: &Arc<Self>, gateways: &mut crate::gateway::Listeners) {
+        gateways.reconcile(self);
+        if let Ok(mut g) = self.gateway_status.write() {
+            *g = gateways.status();
+        }
     }
 
     pub fn last_config_error(&self) -> Option<String> {
@@ -227,6 +240,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
         state: RwLock::new(Arc::new(loaded.state)),
         captured_ips: RwLock::default(),
         capture: RwLock::default(),
+        gateway_status: RwLock::default(),
         last_config_error: RwLock::default(),
         ready: AtomicBool::new(false),
         rr: AtomicUsize::new(0),
@@ -293,10 +307,9 @@ fn cert_manager(cfg: &IdentityConfig) -> Result<CertManager, IdentityError> {
     }
 }
 
-/// The identities of this node's meshed pods: the certificates to hold.
+/// The identities of this node's meshed pods and gateways: the certificates to hold.
 fn wanted_identities(ctx: &Context) -> HashSet<Arc<str>> {
-    let state = ctx.state();
-    state.local_workloads(&ctx.node).filter(|w| w.meshed).map(|w| w.principal.clone()).collect()
+    ctx.state().node_identities(&ctx.node)
 }
 
 /// Keeps certificates in step with the local pods, renewing at half life.
@@ -332,6 +345,8 @@ async fn serve(
         tokio::spawn(crate::hbone::serve(ctx.clone(), hbone, hbone_tls, stop_rx)),
     ];
     tokio::spawn(crate::admin::serve(ctx.clone(), admin));
+    let mut gateways = crate::gateway::Listeners::default();
+    ctx.reconcile_gateways(&mut gateways);
     ctx.ready.store(true, Ordering::Release);
     tracing::info!(node = %cfg.node, admin = %cfg.admin_addr, pods = redirect.attached().len(), "mesh-agent ready");
 
@@ -346,6 +361,7 @@ async fn serve(
                 if watcher.changed(&cfg.config_path) {
                     reload(ctx, &cfg.config_path, &cfg.identity.trust_domain);
                 }
+                ctx.reconcile_gateways(&mut gateways);
                 if let Err(e) = redirect.reconcile(&ctx.state(), &cfg.node).await {
                     tracing::warn!(error = %e, "capture reconcile failed; will retry");
                 }
@@ -355,6 +371,7 @@ async fn serve(
     }
     ctx.ready.store(false, Ordering::Release);
     let _ = stop_tx.send(true);
+    gateways.close_all();
     for t in tasks {
         let _ = t.await;
     }

@@ -8,13 +8,16 @@ use std::{fmt, path::Path};
 
 use crate::state::State;
 
+mod gateway;
 pub mod k8s;
 mod load;
 mod networking;
 mod security;
+mod service_entry;
 mod validate;
 
 pub use load::{Document, Origin, read_documents};
+pub use networking::MESH;
 
 /// One problem in the configuration.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

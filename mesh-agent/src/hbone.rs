@@ -298,6 +298,22 @@ async fn handle_connect(
     let Some(target) = req.uri().authority().and_then(|a| a.as_str().parse::<SocketAddrV4>().ok()) else {
         return answer(StatusCode::BAD_REQUEST, "CONNECT target must be <ipv4>:<port>");
     };
+    // The second hop of the egress-gateway pattern: a gateway port on this node.
+    if let Some((gateways, protocol)) = crate::gateway::tunnel_target(&ctx, target, &server_id) {
+        let guard = ctx.active.enter();
+        tokio::spawn(async move {
+            match hyper::upgrade::on(req).await {
+                Ok(up) => {
+                    tracing::debug!(%peer, source = %peer_id, %target, "HBONE stream to a gateway");
+                    crate::gateway::serve_tunneled(ctx.clone(), TokioIo::new(up), peer, target, gateways, protocol)
+                        .await;
+                }
+                Err(e) => tracing::debug!(%peer, %target, error = %e, "HBONE stream ended before upgrade"),
+            }
+            drop(guard);
+        });
+        return answer(StatusCode::OK, "");
+    }
     let state = ctx.state();
     let dest = state
         .workload_by_ip(*target.ip())

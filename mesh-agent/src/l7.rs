@@ -19,7 +19,6 @@ use hyper::{
     header::{self, HeaderMap, HeaderName, HeaderValue},
 };
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::TcpStream;
 
 use crate::{
     agent::Context,
@@ -51,6 +50,10 @@ pub struct Downstream {
     /// Where the client connected (a Service VIP or a pod IP).
     pub orig: SocketAddrV4,
     pub source: Option<Arc<Workload>>,
+    /// For a Gateway listener: the gateways (`namespace/name`) serving its port;
+    /// requests are routed by their VirtualServices and leave with the
+    /// identity of the gateway that matched.
+    pub gateways: Option<Arc<[String]>>,
     /// The round-robin turn the connection already drew, for its first request
     /// (`usize::MAX` once used), so that L7 does not skip endpoints.
     pub first_pick: std::sync::atomic::AtomicUsize,
@@ -72,7 +75,10 @@ const HOP_BY_HOP: [&str; 7] =
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Serves one client connection until it closes.
-pub async fn serve(ctx: Arc<Context>, client: TcpStream, down: Downstream, handling: Handling) {
+pub async fn serve<I>(ctx: Arc<Context>, client: I, down: Downstream, handling: Handling)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let down = Arc::new(down);
     let peer = down.peer;
     let svc_ctx = ctx.clone();
@@ -174,35 +180,50 @@ const RETRY_BACKOFF: Duration = Duration::from_millis(25);
 
 /// Where one try of a request goes.
 struct Target {
+    /// Whose identity the request leaves with (a pod, or a gateway).
+    source: Option<Arc<Workload>>,
     dest: Option<Arc<Workload>>,
     addr: SocketAddrV4,
     labels: TcpLabels,
+    /// TLS to originate, with the server name to ask for.
+    tls: Option<(Arc<routing::TlsOrigination>, String)>,
 }
 
 /// A refusal: the labels to count it under, the answer's text and its flags.
-type Refused = Box<(TcpLabels, &'static str, &'static str)>;
+type Refused = Box<(TcpLabels, StatusCode, &'static str, &'static str)>;
+
+/// The answer to a request for a host outside the registry under REGISTRY_ONLY.
+pub const BLACK_HOLE_TEXT: &str =
+    "destination not in the service registry: outboundTrafficPolicy is REGISTRY_ONLY (add a ServiceEntry for it)";
 
 /// Resolves a routing decision to a target, or the local answer for a refusal.
-fn target(route: Route, source: Option<&Workload>) -> Result<Target, Refused> {
+fn target(route: Route, src: Option<&Arc<Workload>>, cluster: Option<&routing::Cluster>) -> Result<Target, Refused> {
+    let source = src.map(|s| &**s);
+    let target = |dest, addr, labels, tls| Target { source: src.cloned(), dest, addr, labels, tls };
     match route {
         Route::Service { service, endpoint, addr, .. } => {
             let labels = TcpLabels::new(source, Some(&endpoint), Some(&service), false);
-            Ok(Target { dest: Some(endpoint), addr, labels })
+            let tls = cluster.and_then(|c| c.policy.tls.clone()).map(|t| {
+                let sni = t.sni.clone().unwrap_or_else(|| service.hostname.to_string());
+                (t, sni)
+            });
+            Ok(target(Some(endpoint), addr, labels, tls))
         }
         Route::Workload { workload, addr } => {
             let labels = TcpLabels::new(source, Some(&workload), None, false);
-            Ok(Target { dest: Some(workload), addr, labels })
+            Ok(target(Some(workload), addr, labels, None))
         }
-        Route::Passthrough { addr } => {
-            Ok(Target { dest: None, addr, labels: TcpLabels::new(source, None, None, true) })
-        }
+        Route::Passthrough { addr } => Ok(target(None, addr, TcpLabels::new(source, None, None, true), None)),
         Route::Refused { service, reason } => {
             let labels = TcpLabels::new(source, None, Some(&service), false);
             let flags = match reason {
                 Refusal::NoReadyEndpoint(_) => "UH",
                 Refusal::UnknownPort(_) | Refusal::NoSubset(_) | Refusal::NoRoute => "NR",
             };
-            Err(Box::new((labels, "no healthy upstream", flags)))
+            Err(Box::new((labels, StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream", flags)))
+        }
+        Route::BlackHole { .. } => {
+            Err(Box::new((TcpLabels::black_hole(source), StatusCode::BAD_GATEWAY, BLACK_HOLE_TEXT, "UH")))
         }
     }
 }
@@ -225,22 +246,34 @@ async fn handle(ctx: Arc<Context>, down: Arc<Downstream>, mut req: Request<Incom
     {
         req.headers_mut().insert("x-request-id", v);
     }
+    // HTTP/2 names the host in `:authority`; routing reads `Host`.
+    if !req.headers().contains_key(header::HOST)
+        && let Some(v) = req.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    {
+        req.headers_mut().insert(header::HOST, v);
+    }
     let grpc = is_grpc(req.headers());
     let state = ctx.state();
-    let source = down.source.clone();
     let view = routing::RequestView {
         method: req.method().as_str(),
         path: req.uri().path_and_query().map_or("/", |p| p.as_str()),
         headers: req.headers(),
         client: down.peer_ip,
     };
-    let decision = routing::route_request(&state, down.orig, &view, down.pick(&ctx), ctx.next_random(), &ctx.clusters);
+    let Some((decision, source)) = decide(&ctx, &state, &down, &view, down.pick(&ctx)) else {
+        // A gateway with no rule for this host and path.
+        let gw = down.gateways.as_ref().and_then(|g| state.gateway(g.first()?)).map(|g| g.workload.clone());
+        drop(state);
+        let labels = TcpLabels::new(gw.as_deref(), None, None, false);
+        let record = Record::new(&ctx, &down, &req, labels, grpc, None, started_at, start);
+        return record.finish_local(StatusCode::NOT_FOUND, "no route for this host and path", "NR");
+    };
     drop(state);
     let rule = decision.rule.clone();
     let cluster = decision.cluster.clone();
     let cluster_state = cluster.as_ref().and_then(|c| ctx.clusters.get(c));
     if let Some(redirect) = rule.as_ref().and_then(|r| r.redirect.as_ref()) {
-        let labels = match target(decision.route, source.as_deref()) {
+        let labels = match target(decision.route, source.as_ref(), None) {
             Ok(t) => t.labels,
             Err(refused) => refused.0,
         };
@@ -249,12 +282,17 @@ async fn handle(ctx: Arc<Context>, down: Arc<Downstream>, mut req: Request<Incom
         let record = Record::new(&ctx, &down, &req, labels, grpc, None, started_at, start);
         return record.finish_redirect(redirect.code, &format!("http://{authority}{path}"));
     }
-    let first = match target(decision.route, source.as_deref()) {
+    // At a gateway the client's HTTP version is the edge's business: upstream
+    // speaks what the destination port declares (HTTP/1.1 unless http2/grpc),
+    // as Envoy does. Inside the mesh, the client's version is kept.
+    let declared_h2 =
+        matches!(decision.route, Route::Service { protocol: protocol::Declared::Http2 | protocol::Declared::Grpc, .. });
+    let first = match target(decision.route, source.as_ref(), cluster.as_ref()) {
         Ok(t) => t,
         Err(refused) => {
-            let (labels, text, flags) = *refused;
+            let (labels, status, text, flags) = *refused;
             let record = Record::new(&ctx, &down, &req, labels, grpc, None, started_at, start);
-            return record.finish_local(StatusCode::SERVICE_UNAVAILABLE, text, flags);
+            return record.finish_local(status, text, flags);
         }
     };
     let mut record = Record::new(&ctx, &down, &req, first.labels.clone(), grpc, Some(first.addr), started_at, start);
@@ -284,10 +322,14 @@ async fn handle(ctx: Arc<Context>, down: Arc<Downstream>, mut req: Request<Incom
 
     let extended_connect = is_extended_connect(&req);
     let upgrade = wants_upgrade(&req) || extended_connect;
-    let h2 = req.version() == hyper::Version::HTTP_2;
+    let h2 = match down.gateways {
+        Some(_) => declared_h2 || grpc,
+        None => req.version() == hyper::Version::HTTP_2,
+    };
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers, upgrade);
+    parts.version = if h2 { hyper::Version::HTTP_2 } else { hyper::Version::HTTP_11 };
     if h2 {
         // HTTP/2 needs the scheme and authority in the URI.
         let authority = parts.uri.authority().map(|a| a.to_string()).unwrap_or_else(|| down.orig.to_string());
@@ -328,7 +370,8 @@ async fn handle(ctx: Arc<Context>, down: Arc<Downstream>, mut req: Request<Incom
     if let Some((dest, _)) = mirror {
         match &buffered {
             Some(b) => {
-                tokio::spawn(mirror_request(ctx.clone(), down.clone(), parts.clone(), b.clone(), dest, h2));
+                let from = source.clone();
+                tokio::spawn(mirror_request(ctx.clone(), down.clone(), from, parts.clone(), b.clone(), dest, h2));
             }
             // As Envoy, a body too large to copy is not mirrored.
             None => {
@@ -362,7 +405,7 @@ async fn handle(ctx: Arc<Context>, down: Arc<Downstream>, mut req: Request<Incom
         if let Some(cs) = &cluster_state {
             record.hold_in_flight(cs.in_flight(target.addr));
         }
-        let key = PoolKey { client: down.peer_ip, upstream: target.addr, h2 };
+        let key = PoolKey { client: down.peer_ip, upstream: target.addr, h2, tls: target.tls.is_some() };
         let one = exchange(&ctx, &down, &target, key, up_req, per_try, &limits, &mut record);
         let result = match deadline {
             Some(d) => match tokio::time::timeout_at(d, one).await {
@@ -413,13 +456,15 @@ async fn handle(ctx: Arc<Context>, down: Arc<Downstream>, mut req: Request<Incom
             headers: &parts.headers,
             client: down.peer_ip,
         };
-        let again = routing::route_request(&state, down.orig, &view, ctx.next_pick(), ctx.next_random(), &ctx.clusters);
-        match self::target(again.route, source.as_deref()) {
+        let Some((again, source)) = decide(&ctx, &state, &down, &view, ctx.next_pick()) else {
+            return record.finish_local(StatusCode::NOT_FOUND, "no route for this host and path", "NR");
+        };
+        match self::target(again.route, source.as_ref(), again.cluster.as_ref()) {
             Ok(t) => {
                 record.set_target(t.labels.clone(), t.addr);
                 target = t;
             }
-            Err(refused) => return record.finish_local(StatusCode::SERVICE_UNAVAILABLE, refused.1, refused.2),
+            Err(refused) => return record.finish_local(refused.1, refused.2, refused.3),
         }
     };
     let mut resp = resp;
@@ -438,6 +483,28 @@ async fn handle(ctx: Arc<Context>, down: Arc<Downstream>, mut req: Request<Incom
     }
     record.set_response(parts.status, &parts.headers);
     Response::from_parts(parts, Metered::response(body, record).boxed())
+}
+
+/// Routes a request: by the mesh's rules for the Service asked for, or at a
+/// gateway by the rules bound to it. Also returns whose identity the request
+/// leaves with. `None`: a gateway has no rule for it.
+fn decide(
+    ctx: &Context,
+    state: &crate::state::State,
+    down: &Downstream,
+    view: &routing::RequestView<'_>,
+    pick: usize,
+) -> Option<(routing::Decision, Option<Arc<Workload>>)> {
+    let random = ctx.next_random();
+    match &down.gateways {
+        None => {
+            Some((routing::route_request(state, down.orig, view, pick, random, &ctx.clusters), down.source.clone()))
+        }
+        Some(gws) => {
+            let (decision, gw) = routing::route_gateway(state, gws, down.orig, view, pick, random, &ctx.clusters)?;
+            Some((decision, state.gateway(&gw).map(|g| g.workload.clone())))
+        }
+    }
 }
 
 fn view_path(req: &Request<Incoming>) -> String {
@@ -491,6 +558,7 @@ fn limits(ctx: &Context, pool: Option<&routing::ConnectionPool>) -> pool::Limits
 async fn mirror_request(
     ctx: Arc<Context>,
     down: Arc<Downstream>,
+    source: Option<Arc<Workload>>,
     mut parts: hyper::http::request::Parts,
     body: Bytes,
     dest: routing::WeightedDestination,
@@ -523,11 +591,14 @@ async fn mirror_request(
             parts.uri = uri;
         }
     }
-    let key = PoolKey { client: down.peer_ip, upstream: addr, h2 };
+    let key = PoolKey { client: down.peer_ip, upstream: addr, h2, tls: false };
     let limits = limits(&ctx, None);
     let sender = match ctx.http_pool.take(&key, &limits) {
         Some(s) => Some(s),
-        None => connect(&ctx, &state, &down, Some(&endpoint), addr, h2, ctx.connect_timeout).await.ok().map(|(s, _)| s),
+        None => {
+            let to = Target { source, dest: Some(endpoint), addr, labels: TcpLabels::black_hole(None), tls: None };
+            connect(&ctx, &state, &down, &to, h2, ctx.connect_timeout).await.ok().map(|(s, _)| s)
+        }
     };
     drop(state);
     let req = Request::from_parts(parts, Full::new(body).map_err(|e| match e {}).boxed());
@@ -576,7 +647,7 @@ async fn exchange(
         None => {
             let state = ctx.state();
             let timeout = limits.connect_timeout;
-            match connect(ctx, &state, down, target.dest.as_ref(), target.addr, key.h2, timeout).await {
+            match connect(ctx, &state, down, target, key.h2, timeout).await {
                 Ok((s, _)) => s,
                 Err(e) => {
                     if matches!(e, ProxyError::Tunnel(_)) {
@@ -651,15 +722,22 @@ async fn connect(
     ctx: &Context,
     state: &crate::state::State,
     down: &Downstream,
-    dest: Option<&Arc<Workload>>,
-    addr: SocketAddrV4,
+    to: &Target,
     h2: bool,
     timeout: Duration,
 ) -> Result<(Sender, bool), ProxyError> {
     // The generation before connecting: a policy reload meanwhile keeps this
     // connection out of the pool.
     let generation = ctx.http_pool.generation();
-    let opened = proxy::open_upstream(ctx, state, down.source.as_ref(), down.peer, dest, addr, timeout).await?;
+    let addr = to.addr;
+    let mut opened =
+        proxy::open_upstream(ctx, state, to.source.as_ref(), down.peer, to.dest.as_ref(), addr, timeout).await?;
+    if let Some((tls, sni)) = &to.tls {
+        opened.io = match opened.io {
+            proxy::Upstream::Tcp(tcp) => proxy::originate_tls(tcp, tls, sni, h2, addr).await?,
+            other => other,
+        };
+    }
     let mtls = opened.mtls;
     let sender = pool::handshake(opened.io, h2, mtls, generation).await.map_err(|error| ProxyError::Connect {
         addr,

@@ -6,12 +6,14 @@
 //! AuthorizationPolicy decisions), `identity` (SPIFFE certificates, the mesh CA),
 //! `hbone` (mTLS tunnels between agents), `redirect` (eBPF and netlink), `proxy` (L4),
 //! `l7` (HTTP/1.1, HTTP/2, gRPC and WebSocket at the source agent),
+//! `gateway` (ingress and egress gateway listeners),
 //! `telemetry` (metrics), `admin` (HTTP admin), `agent` (the running process),
 //! `cli` (arguments).
 pub mod admin;
 pub mod agent;
 pub mod cli;
 pub mod config;
+pub mod gateway;
 pub mod hbone;
 pub mod identity;
 pub mod l7;

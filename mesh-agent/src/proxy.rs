@@ -51,6 +51,10 @@ pub enum ProxyError {
     PlaintextRefused { pod: String, port: u16 },
     #[error("{0} is not a meshed pod on this node")]
     NotLocal(SocketAddrV4),
+    #[error("TLS to {addr} as {sni:?}: {error} (is tls.caCertificates/credentialName the server's CA?)")]
+    Tls { addr: SocketAddrV4, sni: String, error: io::Error },
+    #[error("{0} is not in the service registry and outboundTrafficPolicy is REGISTRY_ONLY (add a ServiceEntry)")]
+    BlackHole(SocketAddrV4),
 }
 
 impl ProxyError {
@@ -67,15 +71,23 @@ impl ProxyError {
             ProxyError::Denied { .. } => "denied",
             ProxyError::PlaintextRefused { .. } => "plaintext_refused",
             ProxyError::NotLocal(_) => "not_local",
+            ProxyError::BlackHole(_) => "registry_only",
+            ProxyError::Tls { .. } => "tls_error",
         }
     }
 
     /// Envoy's response flag, as Istio reports it.
     pub(crate) fn response_flags(&self) -> &'static str {
         match self {
-            ProxyError::Refused { .. } | ProxyError::NotIpv4(_) | ProxyError::NoNodeAddress { .. } => "UH",
+            ProxyError::Refused { .. }
+            | ProxyError::NotIpv4(_)
+            | ProxyError::NoNodeAddress { .. }
+            | ProxyError::BlackHole(_) => "UH",
             ProxyError::NotLocal(_) => "NR",
-            ProxyError::ConnectTimeout { .. } | ProxyError::Connect { .. } | ProxyError::Tunnel(_) => "UF",
+            ProxyError::ConnectTimeout { .. }
+            | ProxyError::Connect { .. }
+            | ProxyError::Tunnel(_)
+            | ProxyError::Tls { .. } => "UF",
             ProxyError::Copy { .. }
             | ProxyError::NoSourceIdentity(_)
             | ProxyError::Denied { .. }
@@ -181,6 +193,8 @@ async fn handle(ctx: &Arc<Context>, client: TcpStream, peer: SocketAddr) {
             (Some(workload), addr, labels, Some(Declared::Unknown))
         }
         Route::Passthrough { addr } => (None, addr, TcpLabels::new(source.as_deref(), None, None, true), None),
+        // HTTP may still name a host a ServiceEntry declares: look first.
+        Route::BlackHole { addr } => (None, addr, TcpLabels::black_hole(source.as_deref()), Some(Declared::Unknown)),
         Route::Refused { service, reason } => {
             let labels = TcpLabels::new(source.as_deref(), None, Some(&service), false);
             let err = ProxyError::Refused { service: format!("{}/{} {orig}", service.namespace, service.name), reason };
@@ -198,10 +212,13 @@ async fn handle(ctx: &Arc<Context>, client: TcpStream, peer: SocketAddr) {
         },
         Some(Declared::Unknown) => sniff_client(&client, ctx.protocol_detection_timeout).await,
     };
+    if handling == Handling::Tcp && labels.destination_service == "BlackHoleCluster" {
+        return fail(ctx, &client, peer, Some(labels), ProxyError::BlackHole(addr));
+    }
     if handling != Handling::Tcp {
         drop(state);
         // The first request takes this connection's turn in the round robin.
-        let down = crate::l7::Downstream { peer, peer_ip, orig, source, first_pick: pick.into() };
+        let down = crate::l7::Downstream { peer, peer_ip, orig, source, gateways: None, first_pick: pick.into() };
         return crate::l7::serve(ctx.clone(), client, down, handling).await;
     }
     match open_upstream(ctx, &state, source.as_ref(), peer, dest.as_ref(), addr, ctx.connect_timeout).await {
@@ -228,7 +245,7 @@ async fn handle(ctx: &Arc<Context>, client: TcpStream, peer: SocketAddr) {
 
 /// Waits (up to `timeout`) for the client's first bytes and classifies them;
 /// silence, TLS or anything unrecognised is a byte stream.
-async fn sniff_client(client: &TcpStream, timeout: Duration) -> Handling {
+pub(crate) async fn sniff_client(client: &TcpStream, timeout: Duration) -> Handling {
     let mut buf = [0u8; 32];
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
@@ -247,17 +264,41 @@ async fn sniff_client(client: &TcpStream, timeout: Duration) -> Handling {
     }
 }
 
-/// An upstream byte stream: a TCP connection, or an HBONE stream.
+/// An upstream byte stream: a TCP connection, an HBONE stream, or TLS the
+/// agent originated over TCP.
 pub(crate) enum Upstream {
     Tcp(TcpStream),
     Tunnel(hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+/// Starts TLS to an upstream outside the mesh (DestinationRule `tls.mode: SIMPLE`).
+pub(crate) async fn originate_tls(
+    tcp: TcpStream,
+    tls: &crate::l7::routing::TlsOrigination,
+    sni: &str,
+    h2: bool,
+    addr: SocketAddrV4,
+) -> Result<Upstream, ProxyError> {
+    let config = if h2 { tls.http2.clone() } else { tls.http1.clone() };
+    let name = rustls::pki_types::ServerName::try_from(sni.to_owned()).map_err(|e| ProxyError::Tls {
+        addr,
+        sni: sni.to_owned(),
+        error: io::Error::other(e),
+    })?;
+    match tokio_rustls::TlsConnector::from(config).connect(name, tcp).await {
+        Ok(s) => Ok(Upstream::Tls(Box::new(s))),
+        Err(error) => Err(ProxyError::Tls { addr, sni: sni.to_owned(), error }),
+    }
 }
 
 impl Upstream {
     /// Resets a TCP upstream; a tunnel stream is cancelled when dropped.
     pub(crate) fn reset(&self) {
-        if let Upstream::Tcp(s) = self {
-            reset(s);
+        match self {
+            Upstream::Tcp(s) => reset(s),
+            Upstream::Tls(t) => reset(t.get_ref().0),
+            Upstream::Tunnel(_) => {}
         }
     }
 }
@@ -271,6 +312,7 @@ impl tokio::io::AsyncRead for Upstream {
         match self.get_mut() {
             Upstream::Tcp(s) => std::pin::Pin::new(s).poll_read(cx, buf),
             Upstream::Tunnel(t) => std::pin::Pin::new(t).poll_read(cx, buf),
+            Upstream::Tls(t) => std::pin::Pin::new(t).poll_read(cx, buf),
         }
     }
 }
@@ -284,6 +326,7 @@ impl tokio::io::AsyncWrite for Upstream {
         match self.get_mut() {
             Upstream::Tcp(s) => std::pin::Pin::new(s).poll_write(cx, buf),
             Upstream::Tunnel(t) => std::pin::Pin::new(t).poll_write(cx, buf),
+            Upstream::Tls(t) => std::pin::Pin::new(t).poll_write(cx, buf),
         }
     }
 
@@ -291,6 +334,7 @@ impl tokio::io::AsyncWrite for Upstream {
         match self.get_mut() {
             Upstream::Tcp(s) => std::pin::Pin::new(s).poll_flush(cx),
             Upstream::Tunnel(t) => std::pin::Pin::new(t).poll_flush(cx),
+            Upstream::Tls(t) => std::pin::Pin::new(t).poll_flush(cx),
         }
     }
 
@@ -301,6 +345,7 @@ impl tokio::io::AsyncWrite for Upstream {
         match self.get_mut() {
             Upstream::Tcp(s) => std::pin::Pin::new(s).poll_shutdown(cx),
             Upstream::Tunnel(t) => std::pin::Pin::new(t).poll_shutdown(cx),
+            Upstream::Tls(t) => std::pin::Pin::new(t).poll_shutdown(cx),
         }
     }
 }

@@ -8,7 +8,7 @@ use std::{
 
 use crate::{
     l7::protocol::{Declared, declared},
-    state::{Protocol, Service, State, Workload},
+    state::{OutboundPolicy, Protocol, Resolution, Service, State, TargetPort, Workload},
 };
 
 /// Where a connection to an original destination goes.
@@ -23,6 +23,9 @@ pub enum Route {
     Passthrough { addr: SocketAddrV4 },
     /// A Service VIP that cannot be served; the client is reset.
     Refused { service: Arc<Service>, reason: Refusal },
+    /// Not in the registry, under `outboundTrafficPolicy: REGISTRY_ONLY`
+    /// (Istio's BlackHoleCluster).
+    BlackHole { addr: SocketAddrV4 },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,12 +56,64 @@ impl std::fmt::Display for Refusal {
 pub fn route(state: &State, dst: SocketAddrV4, pick: usize) -> Route {
     let ip: Ipv4Addr = *dst.ip();
     if let Some(service) = state.by_vip.get(&ip) {
-        return route_service(service, dst.port(), None, Pick::Turn(pick), &|_| false);
+        return route_to(service, dst, dst.port(), None, Pick::Turn(pick), &|_| false);
     }
     if let Some(workload) = state.workload_by_ip(ip) {
         return Route::Workload { workload: workload.clone(), addr: dst };
     }
-    Route::Passthrough { addr: dst }
+    // An address a ServiceEntry resolves to, dialed by the application itself:
+    // kept as dialed (the application chose among the addresses).
+    let external = state.external_by_ip.get(&ip).into_iter().flatten();
+    for service in external {
+        if let Some(sp) = service.ports.iter().find(|p| p.port == dst.port())
+            && let Some(endpoint) = service.endpoints.iter().find(|w| w.ip == Some(ip))
+        {
+            let addr = match sp.target {
+                TargetPort::Number(t) => SocketAddrV4::new(ip, t),
+                TargetPort::Name(_) => dst,
+            };
+            return Route::Service {
+                service: service.clone(),
+                endpoint: endpoint.clone(),
+                addr,
+                protocol: declared(sp),
+            };
+        }
+    }
+    match state.outbound_policy {
+        OutboundPolicy::AllowAny => Route::Passthrough { addr: dst },
+        OutboundPolicy::RegistryOnly => Route::BlackHole { addr: dst },
+    }
+}
+
+/// Like [`route_service`], but a ServiceEntry with `resolution: NONE` goes to
+/// the address the client connected to (`orig`), on the port's target.
+pub fn route_to(
+    service: &Arc<Service>,
+    orig: SocketAddrV4,
+    port: u16,
+    subset: Option<&std::collections::BTreeMap<String, String>>,
+    pick: Pick<'_>,
+    avoid: &dyn Fn(SocketAddrV4) -> bool,
+) -> Route {
+    match &service.external {
+        Some(e) if e.resolution == Resolution::None => {
+            let Some(sp) = service.ports.iter().find(|p| p.port == port) else {
+                return Route::Refused { service: service.clone(), reason: Refusal::UnknownPort(port) };
+            };
+            let target = match sp.target {
+                TargetPort::Number(t) => t,
+                TargetPort::Name(_) => port,
+            };
+            Route::Service {
+                service: service.clone(),
+                endpoint: e.unknown.clone(),
+                addr: SocketAddrV4::new(*orig.ip(), target),
+                protocol: declared(sp),
+            }
+        }
+        _ => route_service(service, port, subset, pick, avoid),
+    }
 }
 
 /// How an endpoint is chosen among the eligible ones.

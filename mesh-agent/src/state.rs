@@ -30,6 +30,17 @@ pub struct State {
     /// In name order (Istio applies the oldest first; creation time is not kept).
     pub virtual_services: Vec<crate::l7::routing::VirtualService>,
     pub destination_rules: Vec<crate::l7::routing::DestinationRule>,
+    /// In `namespace/name` order.
+    pub gateways: Vec<Arc<Gateway>>,
+    /// MeshConfig `outboundTrafficPolicy.mode`.
+    pub outbound_policy: OutboundPolicy,
+    /// ServiceEntry hosts (one Service each), for routing HTTP by `Host`.
+    #[serde(skip)]
+    pub external_by_host: HashMap<String, Arc<Service>>,
+    /// ServiceEntry endpoint IPs, for connections the application addressed
+    /// to one of them directly (after its own DNS lookup).
+    #[serde(skip)]
+    pub external_by_ip: HashMap<Ipv4Addr, Vec<Arc<Service>>>,
     #[serde(skip)]
     pub by_ip: HashMap<Ipv4Addr, Arc<Workload>>,
     #[serde(skip)]
@@ -50,7 +61,7 @@ pub struct Namespace {
 }
 
 /// A pod, with what the mesh derives from it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct Workload {
     pub name: Arc<str>,
     pub namespace: Arc<str>,
@@ -87,6 +98,121 @@ pub struct Service {
     /// Pods selected by the Service, in name order (ready or not; routing checks).
     #[serde(serialize_with = "serialize_endpoint_names")]
     pub endpoints: Vec<Arc<Workload>>,
+    /// Set for a host of a ServiceEntry.
+    pub external: Option<Arc<External>>,
+}
+
+/// What a ServiceEntry adds to the Service made from one of its hosts.
+#[derive(Debug, Serialize)]
+pub struct External {
+    /// The ServiceEntry, `namespace/name`.
+    pub entry: String,
+    pub location: Location,
+    pub resolution: Resolution,
+    pub addresses: Vec<Ipv4Addr>,
+    /// The endpoint reported for `resolution: NONE` (the original destination).
+    #[serde(skip)]
+    pub unknown: Arc<Workload>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Location {
+    MeshExternal,
+    MeshInternal,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Resolution {
+    /// To the address the application connected to.
+    None,
+    /// To the listed endpoint addresses.
+    Static,
+    /// To the addresses the names resolved to when the configuration was loaded.
+    Dns,
+}
+
+/// Istio's `outboundTrafficPolicy.mode`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum OutboundPolicy {
+    /// Unknown destinations are passed through.
+    #[default]
+    AllowAny,
+    /// Only destinations in the registry (Services, ServiceEntries) are reachable.
+    RegistryOnly,
+}
+
+/// An Istio `Gateway`: listeners opened on the node address of every node
+/// whose labels match `selector` (every node when empty).
+#[derive(Debug, Serialize)]
+pub struct Gateway {
+    pub name: Arc<str>,
+    pub namespace: Arc<str>,
+    pub selector: BTreeMap<String, String>,
+    pub servers: Vec<GatewayServer>,
+    /// The gateway as a workload: the identity (`spiffe://<td>/ns/<namespace>/sa/<name>`)
+    /// and the labels its traffic carries into the mesh.
+    #[serde(skip)]
+    pub workload: Arc<Workload>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct GatewayServer {
+    pub port: u16,
+    pub name: Option<String>,
+    pub protocol: GatewayProtocol,
+    /// Host patterns (`*`, `*.example.com`, `example.com`), namespace part removed.
+    pub hosts: Vec<String>,
+    pub tls: Option<ServerTls>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum GatewayProtocol {
+    Http,
+    /// HTTP2 and GRPC: h2c (HTTP/1.1 is accepted too).
+    Http2,
+    Https,
+    Tcp,
+    Tls,
+}
+
+impl GatewayProtocol {
+    /// The `appProtocol` a Service port for this server declares.
+    pub fn app_protocol(self) -> &'static str {
+        match self {
+            GatewayProtocol::Http => "http",
+            GatewayProtocol::Http2 => "http2",
+            GatewayProtocol::Https => "https",
+            GatewayProtocol::Tcp => "tcp",
+            GatewayProtocol::Tls => "tls",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub enum ServerTls {
+    /// Terminated with the certificate of a `kubernetes.io/tls` Secret.
+    Simple(ServerCert),
+    /// Forwarded unopened, routed by SNI.
+    Passthrough,
+}
+
+/// A server certificate and key from a Secret (never shown: only its name).
+#[derive(Clone, Serialize)]
+pub struct ServerCert {
+    /// `namespace/name` of the Secret.
+    pub credential: String,
+    #[serde(skip)]
+    pub key: Arc<rustls::sign::CertifiedKey>,
+}
+
+impl std::fmt::Debug for ServerCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerCert").field("credential", &self.credential).finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -123,6 +249,26 @@ impl State {
     /// The pod with this IP (never a hostNetwork pod).
     pub fn workload_by_ip(&self, ip: Ipv4Addr) -> Option<&Arc<Workload>> {
         self.by_ip.get(&ip)
+    }
+
+    /// The Gateways whose selector matches `node`'s labels.
+    pub fn gateways_on<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Arc<Gateway>> {
+        let labels = self.nodes.get(node).map(|n| &n.labels);
+        self.gateways
+            .iter()
+            .filter(move |g| g.selector.iter().all(|(k, v)| labels.is_some_and(|l| l.get(k) == Some(v))))
+    }
+
+    /// The Gateway `namespace/name`.
+    pub fn gateway(&self, key: &str) -> Option<&Arc<Gateway>> {
+        self.gateways.iter().find(|g| key.split_once('/') == Some((&g.namespace, &g.name)))
+    }
+
+    /// The identities an agent on `node` holds certificates for: its meshed
+    /// pods' and those of the Gateways it runs.
+    pub fn node_identities(&self, node: &str) -> std::collections::HashSet<Arc<str>> {
+        let pods = self.local_workloads(node).filter(|w| w.meshed).map(|w| w.principal.clone());
+        pods.chain(self.gateways_on(node).map(|g| g.workload.principal.clone())).collect()
     }
 
     /// Pods scheduled on `node` that have an IP of their own.

@@ -74,6 +74,16 @@ impl TcpLabels {
     }
 }
 
+impl TcpLabels {
+    /// A destination refused under REGISTRY_ONLY (Istio's BlackHoleCluster).
+    pub fn black_hole(source: Option<&Workload>) -> Self {
+        let mut l = Self::new(source, None, None, false);
+        l.destination_service = "BlackHoleCluster".into();
+        l.destination_service_name = "BlackHoleCluster".into();
+        l
+    }
+}
+
 /// Istio's labels for request metrics: the TCP ones plus the response.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
@@ -145,6 +155,8 @@ pub struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
     /// Mirrored request copies by result: `sent`, `failed`, `skipped` (body too large).
     pub mirrored: Family<ResultLabels, Counter>,
+    /// Gateway ports that could not be opened (another process holds them).
+    pub gateway_bind_failures: Counter,
     pub request_duration: HistogramFamily,
     pub request_bytes: HistogramFamily,
     pub response_bytes: HistogramFamily,
@@ -164,6 +176,12 @@ impl Metrics {
         let config_loads = Family::default();
         let ebpf_packets = Family::default();
         let requests = Family::default();
+        let gateway_bind_failures = Counter::default();
+        registry.register(
+            "mesh_gateway_listener_failures",
+            "Gateway listeners that could not be opened",
+            gateway_bind_failures.clone(),
+        );
         let mirrored = Family::default();
         registry.register("mesh_http_mirrored_requests", "Mirrored request copies, by result", mirrored.clone());
         let request_duration: HistogramFamily = Family::new_with_constructor(duration_histogram);
@@ -212,6 +230,7 @@ impl Metrics {
             config_loads,
             requests,
             mirrored,
+            gateway_bind_failures,
             request_duration,
             request_bytes,
             response_bytes,

@@ -6,6 +6,7 @@
 #![expect(clippy::unwrap_used, clippy::missing_panics_doc, reason = "test harness: failing loudly is the point")]
 
 pub mod agent;
+pub mod certs;
 pub mod netns;
 pub mod servers;
 

@@ -63,7 +63,7 @@ fn succeeds(cmd: &mut Command) -> bool {
 
 /// Debian packages: LLVM 22 for bpf-linker; curl and iproute2 for the tests.
 const PACKAGES: &[&str] =
-    &["llvm-22-dev", "libpolly-22-dev", "libzstd-dev", "zlib1g-dev", "curl", "iproute2", "tcpdump"];
+    &["llvm-22-dev", "libpolly-22-dev", "libzstd-dev", "zlib1g-dev", "curl", "iproute2", "tcpdump", "openssl"];
 const BPF_LINKER_VERSION: &str = "0.13";
 
 fn setup() -> anyhow::Result<()> {

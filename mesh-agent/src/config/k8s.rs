@@ -135,3 +135,10 @@ pub enum IntOrString {
     Int(i64),
     String(String),
 }
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(default)]
+pub struct ConfigMap {
+    pub metadata: ObjectMeta,
+    pub data: BTreeMap<String, String>,
+}

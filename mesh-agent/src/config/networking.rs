@@ -6,13 +6,13 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use serde::Deserialize;
 
-use super::{k8s::ObjectMeta, validate::Ctx};
+use super::{gateway::Secrets, k8s::ObjectMeta, validate::Ctx};
 use crate::{
     l7::routing::{
         DestinationRule, Fault, HashKey, HeaderOps, HeaderRules, HttpMatch, HttpRoute, LoadBalancer, OutlierDetection,
         Policy, Redirect, Retries, RetryOn, Rewrite, StrMatch, Subset, TcpRoute, VirtualService, WeightedDestination,
     },
-    state::{CLUSTER_DOMAIN, Service},
+    state::{CLUSTER_DOMAIN, Gateway, Service},
 };
 
 type Unsupported = Option<serde_yaml_ng::Value>;
@@ -189,7 +189,8 @@ pub struct HttpMatchSpec {
     pub ignore_uri_case: Unsupported,
     pub source_labels: Unsupported,
     pub source_namespace: Unsupported,
-    pub gateways: Unsupported,
+    #[serde(default)]
+    pub gateways: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -263,10 +264,24 @@ pub struct TrafficPolicySpec {
     pub load_balancer: Option<LoadBalancerSpec>,
     pub connection_pool: Option<ConnectionPoolSpec>,
     pub outlier_detection: Option<OutlierDetectionSpec>,
-    pub tls: Unsupported,
+    pub tls: Option<ClientTlsSpec>,
     pub port_level_settings: Unsupported,
     pub tunnel: Unsupported,
     pub proxy_protocol: Unsupported,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ClientTlsSpec {
+    pub mode: Option<String>,
+    pub credential_name: Option<String>,
+    pub ca_certificates: Option<String>,
+    pub sni: Option<String>,
+    pub insecure_skip_verify: Option<bool>,
+    pub client_certificate: Unsupported,
+    pub private_key: Unsupported,
+    pub subject_alt_names: Unsupported,
+    pub ca_crl: Unsupported,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -335,6 +350,17 @@ pub struct ConsistentHashSpec {
 }
 
 const NOT_YET: &str = "not supported by this version of mesh-agent";
+/// The reserved gateway name for sidecar-less mesh traffic.
+pub const MESH: &str = "mesh";
+
+/// A `gateways` entry as `namespace/name` (a bare name is in `namespace`), or `mesh`.
+fn gateway_ref(g: &str, namespace: &str) -> String {
+    match g.split_once('/') {
+        _ if g == MESH => MESH.to_owned(),
+        Some((ns, name)) => format!("{ns}/{name}"),
+        None => format!("{namespace}/{g}"),
+    }
+}
 
 fn reject(ctx: &mut Ctx<'_>, base: &str, fields: &[(&str, &Unsupported)]) {
     for (name, value) in fields {
@@ -369,6 +395,13 @@ pub fn resolve_host<'a>(
     namespace: &str,
     services: &'a BTreeMap<String, Arc<Service>>,
 ) -> Option<&'a Arc<Service>> {
+    // A ServiceEntry host, in the object's namespace first.
+    if let Some(s) = services.get(&format!("{namespace}/{host}")).filter(|s| s.external.is_some()) {
+        return Some(s);
+    }
+    if let Some(s) = services.values().find(|s| s.external.is_some() && *s.hostname == *host) {
+        return Some(s);
+    }
     let suffix = format!(".svc.{CLUSTER_DOMAIN}");
     let trimmed = host.strip_suffix(&suffix).or_else(|| host.strip_suffix(".svc")).unwrap_or(host);
     let key = match trimmed.split_once('.') {
@@ -401,23 +434,38 @@ pub(super) fn build_virtual_service(
     ctx: &mut Ctx<'_>,
     obj: &VirtualServiceObject,
     services: &BTreeMap<String, Arc<Service>>,
+    gateways: &[Arc<Gateway>],
 ) -> Option<VirtualService> {
     let (name, namespace) = super::security::name_and_namespace(ctx, &obj.metadata)?;
     let before = ctx.error_count();
     let spec = &obj.spec;
     reject(ctx, "spec", &[("tls", &spec.tls), ("exportTo", &spec.export_to)]);
-    if spec.gateways.iter().any(|g| g != "mesh") {
-        ctx.error("spec.gateways", "only `mesh` is supported (gateways come with the gateway issue)");
+    // No `gateways` means the mesh only; `mesh` names the mesh among gateways.
+    let gw_refs: Vec<String> = match spec.gateways.is_empty() {
+        true => vec![MESH.to_owned()],
+        false => spec.gateways.iter().map(|g| gateway_ref(g, &namespace)).collect(),
+    };
+    for (i, g) in gw_refs.iter().enumerate() {
+        if g != MESH && !gateways.iter().any(|gw| *g == format!("{}/{}", gw.namespace, gw.name)) {
+            ctx.error(format!("spec.gateways[{i}]"), format!("Gateway {g} does not exist"));
+        }
     }
+    let mesh_only = gw_refs.iter().all(|g| g == MESH);
     if spec.hosts.is_empty() {
         ctx.error("spec.hosts", "at least one host is required");
     }
+    // For the mesh, hosts name Services; for gateways they are matched against
+    // the request's host, and need not be Services.
     let mut hosts = Vec::new();
     for (i, h) in spec.hosts.iter().enumerate() {
         match resolve_host(h, &namespace, services) {
             Some(s) => hosts.push(format!("{}/{}", s.namespace, s.name)),
+            None if !mesh_only => {}
             None => ctx.error(format!("spec.hosts[{i}]"), format!("{h:?} is not a known Service")),
         }
+    }
+    if !gw_refs.iter().any(|g| g == MESH) {
+        hosts.clear();
     }
     let mut http = Vec::new();
     for (ri, r) in spec.http.iter().enumerate() {
@@ -445,9 +493,16 @@ pub(super) fn build_virtual_service(
                     ("ignoreUriCase", &m.ignore_uri_case),
                     ("sourceLabels", &m.source_labels),
                     ("sourceNamespace", &m.source_namespace),
-                    ("gateways", &m.gateways),
                 ],
             );
+            let mut match_gateways = Vec::new();
+            for (gi, g) in m.gateways.iter().enumerate() {
+                let g = gateway_ref(g, &namespace);
+                if !gw_refs.contains(&g) {
+                    ctx.error(format!("{mb}.gateways[{gi}]"), format!("{g:?} is not in spec.gateways"));
+                }
+                match_gateways.push(g);
+            }
             let uri = m.uri.as_ref().and_then(|u| string_match(ctx, &format!("{mb}.uri"), u));
             let method = m.method.as_ref().and_then(|u| string_match(ctx, &format!("{mb}.method"), u));
             let mut headers = Vec::new();
@@ -472,7 +527,7 @@ pub(super) fn build_virtual_service(
                     query_params.push((q.clone(), x));
                 }
             }
-            matches.push(HttpMatch { uri, method, headers, query_params, port });
+            matches.push(HttpMatch { uri, method, headers, query_params, port, gateways: match_gateways });
         }
         let routes = destinations(ctx, &base, &r.route, &namespace, services);
         let timeout = match &r.timeout {
@@ -552,7 +607,16 @@ pub(super) fn build_virtual_service(
         let routes = destinations(ctx, &base, &r.route, &namespace, services);
         tcp.push(Arc::new(TcpRoute { ports, routes }));
     }
-    (ctx.error_count() == before).then_some(VirtualService { name, namespace, hosts, http, tcp })
+    let host_patterns = spec.hosts.clone();
+    (ctx.error_count() == before).then_some(VirtualService {
+        name,
+        namespace,
+        hosts,
+        host_patterns,
+        gateways: gw_refs,
+        http,
+        tcp,
+    })
 }
 
 /// `route[]`: destinations with weights adding up to 100 (one may omit its weight).
@@ -731,14 +795,22 @@ fn count(ctx: &mut Ctx<'_>, field: &str, v: Option<i64>, max: i64) -> Option<u32
 
 /// A `trafficPolicy`; what it leaves unset comes from `inherited` (a subset's
 /// policy inherits the rule's).
-fn policy(ctx: &mut Ctx<'_>, field: &str, tp: &Option<TrafficPolicySpec>, inherited: &Policy) -> Policy {
+fn policy(
+    ctx: &mut Ctx<'_>,
+    field: &str,
+    tp: &Option<TrafficPolicySpec>,
+    inherited: &Policy,
+    secrets: &Secrets,
+) -> Policy {
     let mut out = inherited.clone();
     let Some(tp) = tp.as_ref() else { return out };
+    if let Some(tls) = &tp.tls {
+        out.tls = client_tls(ctx, &format!("{field}.tls"), tls, secrets);
+    }
     reject(
         ctx,
         field,
         &[
-            ("tls", &tp.tls),
             ("portLevelSettings", &tp.port_level_settings),
             ("tunnel", &tp.tunnel),
             ("proxyProtocol", &tp.proxy_protocol),
@@ -885,6 +957,7 @@ pub(super) fn build_destination_rule(
     ctx: &mut Ctx<'_>,
     obj: &DestinationRuleObject,
     services: &BTreeMap<String, Arc<Service>>,
+    secrets: &Secrets,
 ) -> Option<DestinationRule> {
     let (name, namespace) = super::security::name_and_namespace(ctx, &obj.metadata)?;
     let before = ctx.error_count();
@@ -897,7 +970,7 @@ pub(super) fn build_destination_rule(
             String::new()
         }
     };
-    let top = policy(ctx, "spec.trafficPolicy", &spec.traffic_policy, &Policy::default());
+    let top = policy(ctx, "spec.trafficPolicy", &spec.traffic_policy, &Policy::default(), secrets);
     let mut subsets = Vec::new();
     for (i, s) in spec.subsets.iter().enumerate() {
         let field = format!("spec.subsets[{i}]");
@@ -907,8 +980,91 @@ pub(super) fn build_destination_rule(
         if subsets.iter().any(|x: &Subset| x.name == s.name) {
             ctx.error(format!("{field}.name"), format!("subset {:?} is defined twice", s.name));
         }
-        let own = policy(ctx, &format!("{field}.trafficPolicy"), &s.traffic_policy, &top);
+        let own = policy(ctx, &format!("{field}.trafficPolicy"), &s.traffic_policy, &top, secrets);
         subsets.push(Subset { name: s.name.clone(), labels: s.labels.clone(), policy: own });
     }
     (ctx.error_count() == before).then_some(DestinationRule { name, namespace, service, subsets, policy: top })
+}
+
+/// `trafficPolicy.tls`: SIMPLE originates TLS to the destination (the
+/// application speaks plain HTTP); DISABLE and ISTIO_MUTUAL leave the
+/// connection as the mesh makes it (mesh hops are always mutual TLS here).
+fn client_tls(
+    ctx: &mut Ctx<'_>,
+    field: &str,
+    t: &ClientTlsSpec,
+    secrets: &Secrets,
+) -> Option<Arc<crate::l7::routing::TlsOrigination>> {
+    reject(
+        ctx,
+        field,
+        &[
+            ("clientCertificate", &t.client_certificate),
+            ("privateKey", &t.private_key),
+            ("subjectAltNames", &t.subject_alt_names),
+            ("caCrl", &t.ca_crl),
+        ],
+    );
+    match t.mode.as_deref().unwrap_or("DISABLE") {
+        "DISABLE" | "ISTIO_MUTUAL" => return None,
+        "SIMPLE" => {}
+        "MUTUAL" => {
+            ctx.error(format!("{field}.mode"), format!("MUTUAL is {NOT_YET}"));
+            return None;
+        }
+        other => {
+            ctx.error(format!("{field}.mode"), format!("{other:?}: expected DISABLE, SIMPLE or ISTIO_MUTUAL"));
+            return None;
+        }
+    }
+    let insecure = t.insecure_skip_verify.unwrap_or(false);
+    let (ca, pem) = match (&t.credential_name, &t.ca_certificates) {
+        (Some(_), Some(_)) => {
+            ctx.error(format!("{field}.caCertificates"), "give credentialName or caCertificates, not both");
+            return None;
+        }
+        (Some(name), None) => {
+            let key = if name.contains('/') { name.clone() } else { format!("{}/{name}", ctx_namespace(ctx)) };
+            let value = secrets.get(&key).map(|s| {
+                s.value("ca.crt").and_then(|v| match v {
+                    Some(v) => Ok(v),
+                    None => s.value("cacert").and_then(|v| v.ok_or_else(|| "has no ca.crt".to_owned())),
+                })
+            });
+            match value {
+                Some(Ok(pem)) => (format!("Secret {key}"), pem),
+                Some(Err(e)) => {
+                    ctx.error(format!("{field}.credentialName"), format!("Secret {key}: {e}"));
+                    return None;
+                }
+                None => {
+                    ctx.error(format!("{field}.credentialName"), format!("Secret {key} does not exist"));
+                    return None;
+                }
+            }
+        }
+        (None, path) => {
+            let path = path.as_deref().unwrap_or(crate::l7::routing::SYSTEM_ROOTS);
+            match std::fs::read(path) {
+                Ok(pem) => (path.to_owned(), pem),
+                Err(_) if insecure => (path.to_owned(), Vec::new()),
+                Err(e) => {
+                    ctx.error(format!("{field}.caCertificates"), format!("{path}: {e}"));
+                    return None;
+                }
+            }
+        }
+    };
+    match crate::l7::routing::TlsOrigination::new(t.sni.clone(), ca, &pem, insecure) {
+        Ok(o) => Some(Arc::new(o)),
+        Err(e) => {
+            ctx.error(field.to_owned(), e);
+            None
+        }
+    }
+}
+
+/// The namespace of the object being validated (`Kind namespace/name`).
+fn ctx_namespace(ctx: &Ctx<'_>) -> String {
+    ctx.object().split_once(' ').and_then(|(_, n)| n.split_once('/')).map_or("default", |(ns, _)| ns).to_owned()
 }

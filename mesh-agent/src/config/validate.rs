@@ -8,9 +8,12 @@ use std::{
 use serde::de::DeserializeOwned;
 
 use super::{
-    ConfigError, ConfigErrors, Document, Loaded, Origin, k8s,
+    ConfigError, ConfigErrors, Document, Loaded, Origin,
+    gateway::{self, GatewayObject, SecretObject},
+    k8s,
     networking::{self, DestinationRuleObject, VirtualServiceObject},
     security::{self, AuthorizationPolicyObject, PeerAuthenticationObject},
+    service_entry::{self, ServiceEntryObject},
 };
 use crate::state::{
     CLUSTER_DOMAIN, DATAPLANE_MODE_LABEL, Namespace, Node, Protocol, Service, ServicePort, State, TargetPort, Workload,
@@ -24,6 +27,10 @@ pub(super) struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
+    pub(super) fn object(&self) -> &str {
+        &self.object
+    }
+
     pub(super) fn error_count(&self) -> usize {
         self.errors.len()
     }
@@ -58,6 +65,11 @@ struct Objects {
     authorization_policies: Vec<(Origin, AuthorizationPolicyObject)>,
     virtual_services: Vec<(Origin, VirtualServiceObject)>,
     destination_rules: Vec<(Origin, DestinationRuleObject)>,
+    gateways: Vec<(Origin, GatewayObject)>,
+    service_entries: Vec<(Origin, ServiceEntryObject)>,
+    secrets: Vec<(Origin, SecretObject)>,
+    /// ConfigMap `istio-system/istio`.
+    mesh_config: Option<(Origin, k8s::ConfigMap)>,
 }
 
 pub(super) fn build_state(docs: &[Document], trust_domain: &str) -> Result<Loaded, ConfigErrors> {
@@ -128,6 +140,24 @@ fn sort_document(
         ("v1", "Namespace") => push(&mut ctx, value, &mut objects.namespaces),
         ("v1", "Pod") => push(&mut ctx, value, &mut objects.pods),
         ("v1", "Service") => push(&mut ctx, value, &mut objects.services),
+        ("v1", "Secret") => push(&mut ctx, value, &mut objects.secrets),
+        ("v1", "ConfigMap") => {
+            let mut found = Vec::new();
+            push(&mut ctx, value, &mut found);
+            match found.pop() {
+                Some((o, cm)) if is_mesh_config(&cm) => objects.mesh_config = Some((o, cm)),
+                Some(_) => {
+                    notes.push(format!("{origin}: {}: only ConfigMap istio-system/istio is read, skipped", ctx.object))
+                }
+                None => {}
+            }
+        }
+        ("networking.istio.io/v1" | "networking.istio.io/v1beta1" | "networking.istio.io/v1alpha3", "Gateway") => {
+            push(&mut ctx, value, &mut objects.gateways)
+        }
+        ("networking.istio.io/v1" | "networking.istio.io/v1beta1" | "networking.istio.io/v1alpha3", "ServiceEntry") => {
+            push(&mut ctx, value, &mut objects.service_entries)
+        }
         ("security.istio.io/v1" | "security.istio.io/v1beta1", "PeerAuthentication") => {
             push(&mut ctx, value, &mut objects.peer_authentications)
         }
@@ -145,6 +175,10 @@ fn sort_document(
         }
         (api, _) => notes.push(format!("{origin}: {}: {api} not used by mesh-agent, skipped", ctx.object)),
     }
+}
+
+fn is_mesh_config(cm: &k8s::ConfigMap) -> bool {
+    cm.metadata.name.as_deref() == Some("istio") && cm.metadata.namespace.as_deref() == Some("istio-system")
 }
 
 fn push<T: DeserializeOwned>(ctx: &mut Ctx<'_>, value: &serde_yaml_ng::Value, into: &mut Vec<(Origin, T)>) {
@@ -266,6 +300,28 @@ fn assemble(objects: Objects, trust_domain: &str, errors: &mut Vec<ConfigError>)
         }
         state.services.insert(key, s);
     }
+    add_service_entries(&mut state, &objects.service_entries, errors);
+    if let Some((origin, cm)) = &objects.mesh_config {
+        let mut ctx = Ctx { origin, object: describe_meta("ConfigMap", &cm.metadata), errors };
+        state.outbound_policy = service_entry::outbound_policy(&mut ctx, &cm.data);
+    }
+    let secrets: gateway::Secrets = objects
+        .secrets
+        .iter()
+        .map(|(_, s)| {
+            let ns = s.metadata.namespace.as_deref().unwrap_or("default");
+            (format!("{ns}/{}", s.metadata.name.as_deref().unwrap_or_default()), s.clone())
+        })
+        .collect();
+    let mut gateways = build_unique(
+        &objects.gateways,
+        errors,
+        |o| describe_meta("Gateway", &o.metadata),
+        |ctx, o| gateway::build_gateway(ctx, o, &secrets, trust_domain),
+    );
+    gateways.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    state.gateways = gateways.into_iter().map(Arc::new).collect();
+    add_gateway_services(&mut state, &objects.gateways, errors);
     state.peer_authentications = build_unique(
         &objects.peer_authentications,
         errors,
@@ -279,17 +335,18 @@ fn assemble(objects: Objects, trust_domain: &str, errors: &mut Vec<ConfigError>)
         security::build_authorization_policy,
     );
     let services = &state.services;
+    let gateways = &state.gateways;
     let mut virtual_services = build_unique(
         &objects.virtual_services,
         errors,
         |o| describe_meta("VirtualService", &o.metadata),
-        |ctx, o| networking::build_virtual_service(ctx, o, services),
+        |ctx, o| networking::build_virtual_service(ctx, o, services, gateways),
     );
     let mut destination_rules = build_unique(
         &objects.destination_rules,
         errors,
         |o| describe_meta("DestinationRule", &o.metadata),
-        |ctx, o| networking::build_destination_rule(ctx, o, services),
+        |ctx, o| networking::build_destination_rule(ctx, o, services, &secrets),
     );
     virtual_services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
     destination_rules.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
@@ -299,6 +356,104 @@ fn assemble(objects: Objects, trust_domain: &str, errors: &mut Vec<ConfigError>)
     // without creation times, name order makes the choice stable.
     state.peer_authentications.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
     state
+}
+
+/// Adds one Service per ServiceEntry host (key `namespace/host`), indexed by
+/// address, endpoint IP and host.
+fn add_service_entries(state: &mut State, entries: &[(Origin, ServiceEntryObject)], errors: &mut Vec<ConfigError>) {
+    let built = build_unique(
+        entries,
+        errors,
+        |o| describe_meta("ServiceEntry", &o.metadata),
+        |ctx, o| Some((ctx.origin.clone(), ctx.object.clone(), service_entry::build_service_entry(ctx, o)?)),
+    );
+    for (origin, object, services) in built {
+        let mut ctx = Ctx { origin: &origin, object, errors };
+        for s in services {
+            let key = format!("{}/{}", s.namespace, s.name);
+            if state.services.contains_key(&key) {
+                ctx.error("spec.hosts", format!("host {} is already defined in namespace {}", s.name, s.namespace));
+                continue;
+            }
+            let s = Arc::new(s);
+            for ip in s.external.iter().flat_map(|e| e.addresses.iter()) {
+                match state.by_vip.get(ip) {
+                    Some(other) if other.external.is_none() => {
+                        ctx.error(
+                            "spec.addresses",
+                            format!("{ip} is the clusterIP of Service {}/{}", other.namespace, other.name),
+                        );
+                    }
+                    Some(_) => {}
+                    None => {
+                        state.by_vip.insert(*ip, s.clone());
+                    }
+                }
+            }
+            for ip in s.endpoints.iter().filter_map(|w| w.ip) {
+                state.external_by_ip.entry(ip).or_default().push(s.clone());
+            }
+            state.external_by_host.entry(s.hostname.to_string()).or_insert_with(|| s.clone());
+            state.services.insert(key, s);
+        }
+    }
+}
+
+/// A Gateway is addressable as the Service `<name>.<namespace>.svc.cluster.local`
+/// (as Istio's gateway deployments are): its endpoints are the agents on the
+/// nodes it selects, at their node address, with the gateway's identity. A route
+/// to it (the first hop of the egress-gateway pattern) travels over HBONE.
+fn add_gateway_services(state: &mut State, objects: &[(Origin, GatewayObject)], errors: &mut Vec<ConfigError>) {
+    for g in state.gateways.clone() {
+        let key = format!("{}/{}", g.namespace, g.name);
+        if state.services.contains_key(&key) {
+            if let Some((origin, o)) =
+                objects.iter().find(|(_, o)| describe_meta("Gateway", &o.metadata) == format!("Gateway {key}"))
+            {
+                let mut ctx = Ctx { origin, object: describe_meta("Gateway", &o.metadata), errors };
+                ctx.error(
+                    "metadata.name",
+                    format!("Service {key} exists: a Gateway is addressed by its own name, choose another"),
+                );
+            }
+            continue;
+        }
+        let endpoints = state
+            .nodes
+            .values()
+            .filter(|n| g.selector.iter().all(|(k, v)| n.labels.get(k) == Some(v)))
+            .filter_map(|n| {
+                let ip = n.internal_ip?;
+                Some(Arc::new(Workload {
+                    name: format!("{}@{}", g.name, n.name).into(),
+                    node: Some(n.name.clone()),
+                    ip: Some(ip),
+                    ..Workload::clone(&g.workload)
+                }))
+            })
+            .collect();
+        let ports = g
+            .servers
+            .iter()
+            .map(|s| ServicePort {
+                name: s.name.clone(),
+                port: s.port,
+                target: TargetPort::Number(s.port),
+                protocol: Protocol::Tcp,
+                app_protocol: Some(s.protocol.app_protocol().into()),
+            })
+            .collect();
+        let s = Service {
+            hostname: format!("{}.{}.svc.{CLUSTER_DOMAIN}", g.name, g.namespace).into(),
+            name: g.name.clone(),
+            namespace: g.namespace.clone(),
+            vip: None,
+            ports,
+            endpoints,
+            external: None,
+        };
+        state.services.insert(key, Arc::new(s));
+    }
 }
 
 /// Builds each object, reporting a second object of the same name (the name is
@@ -470,6 +625,7 @@ fn build_service(
         vip,
         ports,
         endpoints,
+        external: None,
     })
 }
 

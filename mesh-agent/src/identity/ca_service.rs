@@ -246,13 +246,13 @@ async fn handle(svc: &Service, peer: SocketAddr, req: Request<hyper::body::Incom
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("request body: {e}")),
     };
     let state = svc.state.read().map(|s| s.clone()).unwrap_or_default();
-    let allowed = state.local_workloads(&node).any(|w| w.meshed && *w.principal == *request.identity);
+    let allowed = state.node_identities(&node).contains(&*request.identity);
     if !allowed {
         tracing::warn!(%peer, %node, identity = %request.identity, "CA: identity refused for this node");
         return error(
             StatusCode::FORBIDDEN,
             format!(
-                "no meshed pod on node {node} runs as {}; a node gets only its own pods' identities",
+                "no meshed pod or Gateway on node {node} runs as {}; a node gets only its own identities",
                 request.identity
             ),
         );

@@ -161,3 +161,102 @@ pub fn server_config(
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(config)
 }
+
+/// A certificate chain and private key from PEM (a `kubernetes.io/tls` Secret),
+/// checked to belong together.
+pub fn certified_key_from_pem(cert_pem: &[u8], key_pem: &[u8]) -> Result<CertifiedKey, String> {
+    use rustls::pki_types::{PrivateKeyDer, pem::PemObject as _};
+    let chain =
+        CertificateDer::pem_slice_iter(cert_pem).collect::<Result<Vec<_>, _>>().map_err(|e| format!("tls.crt: {e}"))?;
+    if chain.is_empty() {
+        return Err("tls.crt holds no PEM certificate".into());
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| format!("tls.key: {e}"))?;
+    let certified = CertifiedKey::from_der(chain, key, &provider()).map_err(|e| match e {
+        Error::InconsistentKeys(_) => "tls.key does not match the certificate in tls.crt".to_owned(),
+        other => format!("tls.key: {other}"),
+    })?;
+    // An unknown consistency is not an error for rustls; it is for a Gateway.
+    certified.keys_match().map_err(|_| "tls.key does not match the certificate in tls.crt".to_owned())?;
+    Ok(certified)
+}
+
+/// Settings for a Gateway's TLS server (mode SIMPLE): the certificate of the
+/// first server whose host pattern matches the client's SNI (the first one
+/// without SNI), no client certificate, TLS 1.2 and 1.3 (clients outside the
+/// mesh), h2 and HTTP/1.1 offered by ALPN.
+pub fn gateway_server_config(certs: Vec<(String, Arc<CertifiedKey>)>) -> Result<ServerConfig, Error> {
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(ByHost(certs)));
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+#[derive(Debug)]
+struct ByHost(Vec<(String, Arc<CertifiedKey>)>);
+
+impl ResolvesServerCert for ByHost {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let found = hello
+            .server_name()
+            .and_then(|sni| self.0.iter().find(|(pattern, _)| crate::l7::routing::host_matches(pattern, sni)));
+        found.or(self.0.first()).map(|(_, c)| c.clone())
+    }
+}
+
+/// Client settings for TLS origination to a service outside the mesh
+/// (DestinationRule `tls.mode: SIMPLE`): the server's chain must reach `roots`
+/// and name the server name asked for, unless `roots` is `None`
+/// (`insecureSkipVerify`). TLS 1.2 and 1.3.
+pub fn origination_config(roots: Option<RootCertStore>, alpn: &[&[u8]]) -> Result<ClientConfig, Error> {
+    let builder = ClientConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
+    let mut config = match roots {
+        Some(r) => builder.with_root_certificates(r).with_no_client_auth(),
+        None => {
+            builder.dangerous().with_custom_certificate_verifier(Arc::new(NoVerify(provider()))).with_no_client_auth()
+        }
+    };
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(config)
+}
+
+/// `insecureSkipVerify`: any certificate, but the handshake signatures still checked.
+#[derive(Debug)]
+struct NoVerify(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for NoVerify {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}

@@ -33,6 +33,8 @@ pub struct PoolKey {
     pub client: Ipv4Addr,
     pub upstream: SocketAddrV4,
     pub h2: bool,
+    /// TLS originated by the agent (DestinationRule `tls.mode: SIMPLE`).
+    pub tls: bool,
 }
 
 /// What the DestinationRule's `connectionPool` says about upstream connections.

@@ -8,7 +8,8 @@ use hyper::header::HeaderMap;
 use serde::Serialize;
 
 use crate::{
-    route::{Pick, Refusal, Route, route, route_service},
+    config::MESH,
+    route::{Pick, Refusal, Route, route, route_to},
     state::{Service, State},
 };
 
@@ -16,8 +17,12 @@ use crate::{
 pub struct VirtualService {
     pub name: Arc<str>,
     pub namespace: Arc<str>,
-    /// Services (`namespace/name`) whose traffic the rules apply to.
+    /// Services (`namespace/name`) whose mesh traffic the rules apply to.
     pub hosts: Vec<String>,
+    /// The hosts as written, matched against the request's host at gateways.
+    pub host_patterns: Vec<String>,
+    /// `mesh` and/or gateways (`namespace/name`) the rules apply at.
+    pub gateways: Vec<String>,
     pub http: Vec<Arc<HttpRoute>>,
     pub tcp: Vec<Arc<TcpRoute>>,
 }
@@ -153,6 +158,8 @@ pub struct HttpMatch {
     pub headers: Vec<(String, StrMatch)>,
     pub query_params: Vec<(String, StrMatch)>,
     pub port: Option<u16>,
+    /// Only at these (`mesh` or `namespace/name`); empty: wherever the rule applies.
+    pub gateways: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -210,6 +217,48 @@ pub struct Policy {
     pub load_balancer: LoadBalancer,
     pub pool: ConnectionPool,
     pub outlier: Option<OutlierDetection>,
+    /// `tls.mode: SIMPLE`: TLS to the destination, originated by the agent.
+    pub tls: Option<Arc<TlsOrigination>>,
+}
+
+/// The system's trusted roots, used for TLS origination without `caCertificates`.
+pub const SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// TLS originated to a destination (DestinationRule `tls.mode: SIMPLE`).
+#[derive(Debug, Serialize)]
+pub struct TlsOrigination {
+    /// Server name to send and verify; the destination's host when unset.
+    pub sni: Option<String>,
+    /// Where the trusted roots come from.
+    pub ca: String,
+    pub insecure_skip_verify: bool,
+    #[serde(skip)]
+    pub http1: Arc<rustls::ClientConfig>,
+    #[serde(skip)]
+    pub http2: Arc<rustls::ClientConfig>,
+}
+
+impl PartialEq for TlsOrigination {
+    fn eq(&self, other: &Self) -> bool {
+        (&self.sni, &self.ca, self.insecure_skip_verify) == (&other.sni, &other.ca, other.insecure_skip_verify)
+    }
+}
+
+impl TlsOrigination {
+    /// Settings trusting the certificates in `ca_pem` (any server when `insecure`).
+    pub fn new(sni: Option<String>, ca: String, ca_pem: &[u8], insecure: bool) -> Result<Self, String> {
+        let roots = match insecure {
+            true => None,
+            false => {
+                let text = String::from_utf8_lossy(ca_pem);
+                Some(crate::identity::ca::roots_from_pem(&text).map_err(|e| format!("{ca}: {e}"))?)
+            }
+        };
+        let config = |alpn: &[&[u8]]| {
+            crate::identity::tls::origination_config(roots.clone(), alpn).map(Arc::new).map_err(|e| e.to_string())
+        };
+        Ok(Self { http1: config(&[b"http/1.1"])?, http2: config(&[b"h2"])?, sni, ca, insecure_skip_verify: insecure })
+    }
 }
 
 /// `connectionPool`: Envoy's circuit breakers, per source agent and cluster.
@@ -318,7 +367,10 @@ impl StrMatch {
 }
 
 impl HttpMatch {
-    fn matches(&self, req: &RequestView<'_>, port: u16) -> bool {
+    fn matches(&self, req: &RequestView<'_>, port: u16, via: &str) -> bool {
+        if !(self.gateways.is_empty() || self.gateways.iter().any(|g| g == via)) {
+            return false;
+        }
         // Istio's `uri` matches the path without the query string.
         let (path, query) = req.path.split_once('?').unwrap_or((req.path, ""));
         let param = |name: &str| {
@@ -349,57 +401,147 @@ pub fn route_request(
     random: u64,
     endpoints: &dyn EndpointState,
 ) -> Decision {
-    let Some(service) = state.by_vip.get(orig.ip()) else {
+    // A Service VIP, else a ServiceEntry host named by the request.
+    let service = state.by_vip.get(orig.ip()).or_else(|| {
+        let host = request_host(req.headers)?;
+        state.external_by_host.get(host).filter(|s| s.ports.iter().any(|p| p.port == orig.port()))
+    });
+    let Some(service) = service else {
         return Decision { route: route(state, orig, pick), rule: None, matched_prefix: None, cluster: None };
     };
     let key = format!("{}/{}", service.namespace, service.name);
     // The first rule with a matching condition (no condition matches all), and
     // the condition that matched.
-    let found =
-        state.virtual_services.iter().filter(|vs| vs.hosts.contains(&key)).flat_map(|vs| vs.http.iter()).find_map(
-            |r| {
-                if r.matches.is_empty() {
-                    return Some((r, None));
-                }
-                r.matches.iter().find(|m| m.matches(req, orig.port())).map(|m| (r, Some(m)))
-            },
-        );
-    let matched_prefix = found.and_then(|(_, m)| match m?.uri.as_ref()? {
-        StrMatch::Prefix(p) => Some(p.clone()),
-        _ => None,
-    });
-    let rule = found.map(|(r, _)| r);
-    let Some(rule) = rule else {
+    let found = first_rule(
+        state.virtual_services.iter().filter(|vs| vs.gateways.iter().any(|g| g == MESH) && vs.hosts.contains(&key)),
+        req,
+        orig.port(),
+        MESH,
+    );
+    let Some((rule, matched)) = found else {
         let policy = destination_rule(state, &key).map(|d| d.policy.clone()).unwrap_or_default();
         let avoid = |a: SocketAddrV4| endpoints.ejected(&key, a);
         let active = |a: SocketAddrV4| endpoints.active(&key, a);
         let how = choose_endpoint(&policy.load_balancer, req, pick, random, &active);
-        let route = route_service(service, orig.port(), None, how, &avoid);
+        let route = route_to(service, orig, orig.port(), None, how, &avoid);
         let endpoints = count_endpoints(service, None);
         let cluster = Some(Cluster { key, policy, endpoints });
         return Decision { route, rule: None, matched_prefix: None, cluster };
     };
-    let refused = |reason| Decision {
-        route: Route::Refused { service: service.clone(), reason },
-        rule: Some(rule.clone()),
-        matched_prefix: matched_prefix.clone(),
-        cluster: None,
+    let chosen = Chosen { rule, matched, from: &key, orig, port: orig.port(), pick, random };
+    follow_rule(state, chosen, Some(service), req, endpoints)
+}
+
+/// Routes one request that arrived at a Gateway listener on `port`: the first
+/// rule of the VirtualServices bound to one of `gateways` (`namespace/name`)
+/// whose hosts match the request's host. `None`: nothing matches (404).
+pub fn route_gateway(
+    state: &State,
+    gateways: &[String],
+    orig: SocketAddrV4,
+    req: &RequestView<'_>,
+    pick: usize,
+    random: u64,
+    endpoints: &dyn EndpointState,
+) -> Option<(Decision, String)> {
+    let host = request_host(req.headers).unwrap_or("");
+    gateways.iter().find_map(|gw| {
+        let bound = state
+            .virtual_services
+            .iter()
+            .filter(|vs| vs.gateways.iter().any(|g| g == gw) && vs.host_patterns.iter().any(|p| host_matches(p, host)));
+        let (rule, matched) = first_rule(bound, req, orig.port(), gw)?;
+        let chosen = Chosen { rule, matched, from: "", orig, port: orig.port(), pick, random };
+        Some((follow_rule(state, chosen, None, req, endpoints), gw.clone()))
+    })
+}
+
+/// Whether a host pattern (`*`, `*.example.com`, `example.com`) matches `host`.
+pub fn host_matches(pattern: &str, host: &str) -> bool {
+    match pattern.strip_prefix('*') {
+        Some("") => true,
+        Some(suffix) => host.len() > suffix.len() && host.ends_with(suffix),
+        None => pattern.eq_ignore_ascii_case(host),
+    }
+}
+
+/// The request's host, without a port: `:authority` (HTTP/2) or `Host`.
+fn request_host(headers: &HeaderMap) -> Option<&str> {
+    let h = headers.get(hyper::header::HOST)?.to_str().ok()?;
+    Some(match h.rsplit_once(':') {
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+        _ => h,
+    })
+}
+
+/// The first http rule of `vss` with a condition matching on `port` through
+/// `via` (`mesh` or a gateway), and the condition.
+fn first_rule<'a>(
+    vss: impl Iterator<Item = &'a VirtualService>,
+    req: &RequestView<'_>,
+    port: u16,
+    via: &str,
+) -> Option<(&'a Arc<HttpRoute>, Option<&'a HttpMatch>)> {
+    vss.flat_map(|vs| vs.http.iter()).find_map(|r| {
+        if r.matches.is_empty() {
+            return Some((r, None));
+        }
+        r.matches.iter().find(|m| m.matches(req, port, via)).map(|m| (r, Some(m)))
+    })
+}
+
+/// A rule that matched, and what it matched.
+struct Chosen<'a> {
+    rule: &'a Arc<HttpRoute>,
+    matched: Option<&'a HttpMatch>,
+    /// The Service asked for (`namespace/name`), empty at a gateway.
+    from: &'a str,
+    orig: SocketAddrV4,
+    port: u16,
+    pick: usize,
+    random: u64,
+}
+
+/// Where a matched rule sends the request.
+fn follow_rule(
+    state: &State,
+    c: Chosen<'_>,
+    asked: Option<&Arc<Service>>,
+    req: &RequestView<'_>,
+    endpoints: &dyn EndpointState,
+) -> Decision {
+    let matched_prefix = c.matched.and_then(|m| match m.uri.as_ref()? {
+        StrMatch::Prefix(p) => Some(p.clone()),
+        _ => None,
+    });
+    let dest = choose(&c.rule.routes, c.random);
+    let refused = |reason| {
+        let service = asked.or_else(|| dest.and_then(|d| state.services.get(&d.service)));
+        Decision {
+            route: match service {
+                Some(s) => Route::Refused { service: s.clone(), reason },
+                None => Route::BlackHole { addr: c.orig },
+            },
+            rule: Some(c.rule.clone()),
+            matched_prefix: matched_prefix.clone(),
+            cluster: None,
+        }
     };
-    let Some(dest) = choose(&rule.routes, random) else {
+    let Some(dest) = dest else {
         return refused(Refusal::NoRoute);
     };
-    let (target, port, labels, policy, cluster_key) = match resolve(state, &key, dest, orig.port()) {
+    let (target, port, labels, policy, cluster_key) = match resolve(state, c.from, dest, c.port) {
         Ok(r) => r,
         Err(reason) => return refused(reason),
     };
     let avoid = |a: SocketAddrV4| endpoints.ejected(&cluster_key, a);
     let active = |a: SocketAddrV4| endpoints.active(&cluster_key, a);
-    let how = choose_endpoint(&policy.load_balancer, req, pick, random, &active);
-    let route = route_service(target, port, labels, how, &avoid);
+    let how = choose_endpoint(&policy.load_balancer, req, c.pick, c.random, &active);
+    let route = route_to(target, c.orig, port, labels, how, &avoid);
     let endpoints = count_endpoints(target, labels);
     Decision {
         route,
-        rule: Some(rule.clone()),
+        rule: Some(c.rule.clone()),
         matched_prefix,
         cluster: Some(Cluster { key: cluster_key, policy, endpoints }),
     }
@@ -451,13 +593,41 @@ pub fn route_tcp(state: &State, orig: SocketAddrV4, pick: usize, random: u64) ->
     let rule = state
         .virtual_services
         .iter()
-        .filter(|vs| vs.hosts.contains(&key))
+        .filter(|vs| vs.gateways.iter().any(|g| g == MESH) && vs.hosts.contains(&key))
         .flat_map(|vs| vs.tcp.iter())
         .find(|r| r.ports.is_empty() || r.ports.iter().any(|p| p.is_none_or(|p| p == orig.port())))?;
     let dest = choose(&rule.routes, random)?;
     Some(match resolve(state, &key, dest, orig.port()) {
-        Ok((target, port, labels, _, _)) => route_service(target, port, labels, Pick::Turn(pick), &|_| false),
+        Ok((target, port, labels, _, _)) => route_to(target, orig, port, labels, Pick::Turn(pick), &|_| false),
         Err(reason) => Route::Refused { service: service.clone(), reason },
+    })
+}
+
+/// Routes a connection that arrived at a Gateway's TCP server by the first
+/// `tcp` rule, for the port, of the VirtualServices bound to one of `gateways`.
+pub fn route_gateway_tcp(
+    state: &State,
+    gateways: &[String],
+    orig: SocketAddrV4,
+    pick: usize,
+    random: u64,
+) -> Option<(Route, String)> {
+    gateways.iter().find_map(|gw| {
+        let rule = state
+            .virtual_services
+            .iter()
+            .filter(|vs| vs.gateways.iter().any(|g| g == gw))
+            .flat_map(|vs| vs.tcp.iter())
+            .find(|r| r.ports.is_empty() || r.ports.iter().any(|p| p.is_none_or(|p| p == orig.port())))?;
+        let dest = choose(&rule.routes, random)?;
+        let route = match resolve(state, "", dest, orig.port()) {
+            Ok((target, port, labels, _, _)) => route_to(target, orig, port, labels, Pick::Turn(pick), &|_| false),
+            Err(reason) => match state.services.get(&dest.service) {
+                Some(s) => Route::Refused { service: s.clone(), reason },
+                None => Route::BlackHole { addr: orig },
+            },
+        };
+        Some((route, gw.clone()))
     })
 }
 

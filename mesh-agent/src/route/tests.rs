@@ -68,6 +68,7 @@ fn describe(r: &Route) -> String {
         Route::Workload { workload, addr } => format!("pod {} {addr}", workload.name),
         Route::Passthrough { addr } => format!("passthrough {addr}"),
         Route::Refused { service, reason } => format!("refused {}: {reason}", service.name),
+        Route::BlackHole { addr } => format!("black hole {addr}"),
     }
 }
 

@@ -3,7 +3,7 @@ use std::net::SocketAddrV4;
 use hyper::header::{HeaderMap, HeaderValue};
 
 use super::*;
-use crate::config::state_from_yaml;
+use crate::{config::state_from_yaml, route::route_service};
 
 const CLIENT: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 244, 1, 2);
 
@@ -103,6 +103,7 @@ fn describe(d: &Decision) -> String {
         Route::Workload { workload, addr } => format!("pod {} {addr}", workload.name),
         Route::Passthrough { addr } => format!("passthrough {addr}"),
         Route::Refused { reason, .. } => format!("refused: {reason}"),
+        Route::BlackHole { addr } => format!("black hole {addr}"),
     };
     match d.timeout() {
         Some(t) => format!("{r} timeout {t:?}"),
@@ -296,4 +297,159 @@ spec:
     assert_eq!(go("10.96.0.11:8000"), "hello-v2 10.244.0.3:8080");
     // No tcp rule for hello itself.
     assert_eq!(go("10.96.0.10:80"), "default");
+}
+
+const EDGE: &str = r#"
+apiVersion: v1
+kind: Node
+metadata: {name: n1, labels: {istio: ingressgateway}}
+status: {addresses: [{type: InternalIP, address: 172.18.0.2}]}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: n2, labels: {istio: egressgateway}}
+status: {addresses: [{type: InternalIP, address: 172.18.1.2}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: hello-v1, namespace: demo, labels: {app: hello, version: v1}}
+spec: {nodeName: n1}
+status: {podIP: 10.244.0.2}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: hello, namespace: demo}
+spec:
+  clusterIP: 10.96.0.10
+  selector: {app: hello}
+  ports: [{name: http, port: 5000}]
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: istio, namespace: istio-system}
+data:
+  mesh: |
+    outboundTrafficPolicy:
+      mode: REGISTRY_ONLY
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: ext, namespace: demo}
+spec:
+  hosts: [ext.example.com]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: STATIC
+  location: MESH_EXTERNAL
+  endpoints: [{address: 172.18.200.2}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: any, namespace: demo}
+spec:
+  hosts: [any.example.com]
+  addresses: [192.0.2.10]
+  ports: [{number: 443, name: tls, protocol: TLS}]
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: ingress, namespace: istio-system}
+spec:
+  selector: {istio: ingressgateway}
+  servers: [{port: {number: 80, name: http, protocol: HTTP}, hosts: ["*"]}]
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: egress, namespace: istio-system}
+spec:
+  selector: {istio: egressgateway}
+  servers: [{port: {number: 80, name: http, protocol: HTTP}, hosts: [ext.example.com]}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: hello-ingress, namespace: demo}
+spec:
+  hosts: ["*"]
+  gateways: [istio-system/ingress]
+  http:
+  - match: [{uri: {exact: /hello}}]
+    route: [{destination: {host: hello}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: ext-via-egress, namespace: demo}
+spec:
+  hosts: [ext.example.com]
+  gateways: [istio-system/egress, mesh]
+  http:
+  - match: [{gateways: [mesh], port: 80}]
+    route: [{destination: {host: egress.istio-system.svc.cluster.local, port: {number: 80}}}]
+  - match: [{gateways: [istio-system/egress], port: 80}]
+    route: [{destination: {host: ext.example.com, port: {number: 80}}}]
+"#;
+
+#[test]
+fn gateways_service_entries_and_registry_only() {
+    let s = state_from_yaml(EDGE);
+    let host = |h: &str| {
+        let mut m = HeaderMap::new();
+        m.insert("host", HeaderValue::from_str(h).expect("host"));
+        m
+    };
+    let mesh = |orig: &str, h: &str, path: &str| {
+        let headers = host(h);
+        let view = RequestView { method: "GET", path, headers: &headers, client: CLIENT };
+        describe(&route_request(&s, orig.parse().expect("orig"), &view, 0, 0, &NoState))
+    };
+    let gateway = |gw: &str, orig: &str, h: &str, path: &str| {
+        let headers = host(h);
+        let view = RequestView { method: "GET", path, headers: &headers, client: CLIENT };
+        let gws = [gw.to_owned()];
+        route_gateway(&s, &gws, orig.parse().expect("orig"), &view, 0, 0, &NoState)
+            .map_or_else(|| "404".to_owned(), |(d, _)| describe(&d))
+    };
+    // Mesh: the ServiceEntry host goes to the egress gateway's node.
+    assert_eq!(mesh("172.18.200.2:80", "ext.example.com", "/"), "egress@n2 172.18.1.2:80");
+    // Mesh: an address nobody declared, under REGISTRY_ONLY.
+    assert_eq!(mesh("198.51.100.1:80", "nowhere.example.com", "/"), "black hole 198.51.100.1:80");
+    // A ServiceEntry address with resolution NONE: the original destination.
+    assert_eq!(
+        describe(&Decision {
+            route: crate::route::route(&s, "192.0.2.10:443".parse().expect("a"), 0),
+            rule: None,
+            matched_prefix: None,
+            cluster: None
+        }),
+        "unknown 192.0.2.10:443"
+    );
+    assert_eq!(
+        describe(&Decision {
+            route: crate::route::route(&s, "198.51.100.1:443".parse().expect("a"), 0),
+            rule: None,
+            matched_prefix: None,
+            cluster: None
+        }),
+        "black hole 198.51.100.1:443"
+    );
+    // Ingress: any host, by path; nothing else matches (404).
+    assert_eq!(gateway("istio-system/ingress", "172.18.0.2:80", "172.18.0.2", "/hello"), "hello-v1 10.244.0.2:5000");
+    assert_eq!(gateway("istio-system/ingress", "172.18.0.2:80", "x.example", "/nope"), "404");
+    // Egress gateway: the second hop goes to the external endpoint.
+    assert_eq!(gateway("istio-system/egress", "172.18.1.2:80", "ext.example.com", "/"), "172.18.200.2 172.18.200.2:80");
+    assert_eq!(gateway("istio-system/egress", "172.18.1.2:80", "other.example.com", "/"), "404");
+    // The gateways' identities are what their nodes may hold.
+    assert!(s.node_identities("n1").contains("spiffe://cluster.local/ns/istio-system/sa/ingress"));
+    assert!(!s.node_identities("n1").contains("spiffe://cluster.local/ns/istio-system/sa/egress"));
+}
+
+#[test]
+fn host_patterns() {
+    for (pattern, host, want) in [
+        ("*", "anything", true),
+        ("*.example.com", "a.example.com", true),
+        ("*.example.com", "example.com", false),
+        ("Example.com", "example.com", true),
+        ("example.com", "example.org", false),
+    ] {
+        assert_eq!(host_matches(pattern, host), want, "{pattern} {host}");
+    }
 }

@@ -1,0 +1,294 @@
+//! `networking.istio.io/v1` `Gateway` and the Kubernetes `Secret`s its TLS
+//! servers name, validated into [`crate::state::Gateway`]. A Gateway's
+//! `selector` is matched against Node labels: the agents on those nodes open
+//! its listeners on their node address.
+use std::{collections::BTreeMap, sync::Arc};
+
+use serde::Deserialize;
+
+use super::{k8s::ObjectMeta, validate::Ctx};
+use crate::state::{Gateway, GatewayProtocol, GatewayServer, ServerCert, ServerTls, Workload};
+
+type Unsupported = Option<serde_yaml_ng::Value>;
+const NOT_YET: &str = "not supported by this version of mesh-agent";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct GatewayObject {
+    #[allow(dead_code)]
+    pub api_version: String,
+    #[allow(dead_code)]
+    pub kind: String,
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: GatewaySpec,
+    #[allow(dead_code)]
+    pub status: Unsupported,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewaySpec {
+    #[serde(default)]
+    pub selector: BTreeMap<String, String>,
+    #[serde(default)]
+    pub servers: Vec<ServerSpec>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ServerSpec {
+    pub port: Option<PortSpec>,
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    pub tls: Option<ServerTlsSpec>,
+    pub name: Option<String>,
+    pub bind: Unsupported,
+    pub default_endpoint: Unsupported,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PortSpec {
+    pub number: i64,
+    #[serde(default)]
+    pub protocol: String,
+    pub name: Option<String>,
+    pub target_port: Unsupported,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ServerTlsSpec {
+    pub mode: Option<String>,
+    pub credential_name: Option<String>,
+    pub https_redirect: Unsupported,
+    pub server_certificate: Unsupported,
+    pub private_key: Unsupported,
+    pub ca_certificates: Unsupported,
+    pub credential_names: Unsupported,
+    pub subject_alt_names: Unsupported,
+    pub verify_certificate_spki: Unsupported,
+    pub verify_certificate_hash: Unsupported,
+    pub min_protocol_version: Unsupported,
+    pub max_protocol_version: Unsupported,
+    pub cipher_suites: Unsupported,
+    pub ca_crl: Unsupported,
+    pub tls_certificates: Unsupported,
+}
+
+/// A Kubernetes `Secret` (only `kubernetes.io/tls` and `Opaque` ones are read,
+/// when a Gateway or DestinationRule names them).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct SecretObject {
+    pub metadata: ObjectMeta,
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    /// Base64 values, as the API server returns them.
+    pub data: BTreeMap<String, String>,
+    /// Plain values, as one may write them.
+    pub string_data: BTreeMap<String, String>,
+}
+
+impl SecretObject {
+    /// The decoded value of `key` (`stringData` wins, as in Kubernetes).
+    pub fn value(&self, key: &str) -> Result<Option<Vec<u8>>, String> {
+        use base64::Engine as _;
+        if let Some(v) = self.string_data.get(key) {
+            return Ok(Some(v.as_bytes().to_vec()));
+        }
+        match self.data.get(key) {
+            Some(v) => base64::engine::general_purpose::STANDARD
+                .decode(v.split_whitespace().collect::<String>())
+                .map(Some)
+                .map_err(|e| format!("data[{key}] is not valid base64: {e}")),
+            None => Ok(None),
+        }
+    }
+}
+
+/// Secrets by `namespace/name`.
+pub type Secrets = BTreeMap<String, SecretObject>;
+
+pub(super) fn build_gateway(
+    ctx: &mut Ctx<'_>,
+    obj: &GatewayObject,
+    secrets: &Secrets,
+    trust_domain: &str,
+) -> Option<Gateway> {
+    let (name, namespace) = super::security::name_and_namespace(ctx, &obj.metadata)?;
+    let before = ctx.error_count();
+    if obj.spec.servers.is_empty() {
+        ctx.error("spec.servers", "at least one server is required");
+    }
+    let mut servers: Vec<GatewayServer> = Vec::new();
+    for (i, s) in obj.spec.servers.iter().enumerate() {
+        let base = format!("spec.servers[{i}]");
+        if let Some(server) = build_server(ctx, &base, s, &namespace, secrets) {
+            if servers.iter().any(|o| o.port == server.port && o.protocol != server.protocol) {
+                ctx.error(format!("{base}.port.number"), format!("port {} is used with another protocol", server.port));
+            }
+            servers.push(server);
+        }
+    }
+    if ctx.error_count() != before {
+        return None;
+    }
+    // The identity the gateway's agents use for traffic they send into the mesh.
+    let principal: Arc<str> = crate::identity::spiffe_id(trust_domain, &namespace, &name).into();
+    let workload = Arc::new(Workload {
+        name: name.clone(),
+        namespace: namespace.clone(),
+        workload_name: name.clone(),
+        app: name.clone(),
+        version: "unknown".into(),
+        labels: BTreeMap::new(),
+        node: None,
+        service_account: name.clone(),
+        principal,
+        ip: None,
+        host_network: true,
+        meshed: true,
+        ready: true,
+        named_ports: BTreeMap::new(),
+    });
+    Some(Gateway { name, namespace, selector: obj.spec.selector.clone(), servers, workload })
+}
+
+fn build_server(
+    ctx: &mut Ctx<'_>,
+    base: &str,
+    s: &ServerSpec,
+    namespace: &str,
+    secrets: &Secrets,
+) -> Option<GatewayServer> {
+    for (field, v) in [("bind", &s.bind), ("defaultEndpoint", &s.default_endpoint)] {
+        if v.is_some() {
+            ctx.error(format!("{base}.{field}"), NOT_YET);
+        }
+    }
+    let Some(port) = &s.port else {
+        ctx.error(format!("{base}.port"), "required");
+        return None;
+    };
+    if port.target_port.is_some() {
+        ctx.error(format!("{base}.port.targetPort"), NOT_YET);
+    }
+    let number = match u16::try_from(port.number) {
+        Ok(p) if p != 0 => p,
+        _ => {
+            ctx.error(format!("{base}.port.number"), format!("port {} is out of range 1-65535", port.number));
+            return None;
+        }
+    };
+    let protocol = match port.protocol.to_ascii_uppercase().as_str() {
+        "HTTP" => GatewayProtocol::Http,
+        "HTTP2" | "GRPC" => GatewayProtocol::Http2,
+        "HTTPS" => GatewayProtocol::Https,
+        "TCP" => GatewayProtocol::Tcp,
+        "TLS" => GatewayProtocol::Tls,
+        other => {
+            ctx.error(
+                format!("{base}.port.protocol"),
+                format!("{other:?}: expected HTTP, HTTPS, HTTP2, GRPC, TCP or TLS"),
+            );
+            return None;
+        }
+    };
+    if s.hosts.is_empty() {
+        ctx.error(format!("{base}.hosts"), "at least one host is required (\"*\" for any)");
+    }
+    // `namespace/host` limits which VirtualServices may bind; `*/` and `./` forms.
+    let hosts = s.hosts.iter().map(|h| h.split_once('/').map_or(h.as_str(), |(_, h)| h).to_owned()).collect();
+    let tls = match (&s.tls, protocol) {
+        (None, GatewayProtocol::Https | GatewayProtocol::Tls) => {
+            ctx.error(format!("{base}.tls"), format!("required for a {} server", port.protocol.to_uppercase()));
+            return None;
+        }
+        (None, _) => None,
+        (Some(_), GatewayProtocol::Http | GatewayProtocol::Http2 | GatewayProtocol::Tcp) => {
+            ctx.error(format!("{base}.tls"), "only HTTPS and TLS servers take tls settings");
+            return None;
+        }
+        (Some(t), _) => Some(server_tls(ctx, &format!("{base}.tls"), t, protocol, namespace, secrets)?),
+    };
+    Some(GatewayServer { port: number, name: port.name.clone().or(s.name.clone()), protocol, hosts, tls })
+}
+
+fn server_tls(
+    ctx: &mut Ctx<'_>,
+    base: &str,
+    t: &ServerTlsSpec,
+    protocol: GatewayProtocol,
+    namespace: &str,
+    secrets: &Secrets,
+) -> Option<ServerTls> {
+    let unsupported = [
+        ("httpsRedirect", &t.https_redirect),
+        ("serverCertificate", &t.server_certificate),
+        ("privateKey", &t.private_key),
+        ("caCertificates", &t.ca_certificates),
+        ("credentialNames", &t.credential_names),
+        ("subjectAltNames", &t.subject_alt_names),
+        ("verifyCertificateSpki", &t.verify_certificate_spki),
+        ("verifyCertificateHash", &t.verify_certificate_hash),
+        ("minProtocolVersion", &t.min_protocol_version),
+        ("maxProtocolVersion", &t.max_protocol_version),
+        ("cipherSuites", &t.cipher_suites),
+        ("caCrl", &t.ca_crl),
+        ("tlsCertificates", &t.tls_certificates),
+    ];
+    let mut ok = true;
+    for (field, v) in unsupported {
+        if v.is_some() {
+            ctx.error(format!("{base}.{field}"), NOT_YET);
+            ok = false;
+        }
+    }
+    let tls = match t.mode.as_deref().unwrap_or("SIMPLE") {
+        "PASSTHROUGH" => {
+            ctx.error(format!("{base}.mode"), format!("PASSTHROUGH is {NOT_YET} (SNI routing comes later)"));
+            return None;
+        }
+        "SIMPLE" if protocol == GatewayProtocol::Tls => {
+            ctx.error(format!("{base}.mode"), "a TLS server takes PASSTHROUGH; use protocol HTTPS with SIMPLE");
+            return None;
+        }
+        "SIMPLE" => {
+            let Some(name) = t.credential_name.as_deref() else {
+                ctx.error(format!("{base}.credentialName"), "required for mode SIMPLE");
+                return None;
+            };
+            ServerTls::Simple(server_cert(ctx, &format!("{base}.credentialName"), name, namespace, secrets)?)
+        }
+        other => {
+            ctx.error(format!("{base}.mode"), format!("{other:?}: expected SIMPLE or PASSTHROUGH ({NOT_YET}: MUTUAL)"));
+            return None;
+        }
+    };
+    ok.then_some(tls)
+}
+
+/// The certificate and key of a `kubernetes.io/tls` Secret in the Gateway's
+/// namespace, checked to belong together.
+fn server_cert(ctx: &mut Ctx<'_>, field: &str, name: &str, namespace: &str, secrets: &Secrets) -> Option<ServerCert> {
+    let key = format!("{namespace}/{name}");
+    let Some(secret) = secrets.get(&key) else {
+        ctx.error(field, format!("Secret {key} does not exist"));
+        return None;
+    };
+    let mut fail = |msg: String| {
+        ctx.error(field, format!("Secret {key}: {msg}"));
+        None
+    };
+    let (cert, pkey) = match (secret.value("tls.crt"), secret.value("tls.key")) {
+        (Ok(Some(c)), Ok(Some(k))) => (c, k),
+        (Err(e), _) | (_, Err(e)) => return fail(e),
+        _ => return fail("needs both tls.crt and tls.key (type kubernetes.io/tls)".into()),
+    };
+    match crate::identity::tls::certified_key_from_pem(&cert, &pkey) {
+        Ok(certified) => Some(ServerCert { credential: key.clone(), key: Arc::new(certified) }),
+        Err(e) => fail(e),
+    }
+}

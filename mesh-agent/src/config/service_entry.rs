@@ -1,0 +1,325 @@
+//! `networking.istio.io/v1` `ServiceEntry` (services outside the cluster, or
+//! not in Kubernetes) and the mesh-wide `outboundTrafficPolicy`, read where
+//! Istio keeps it: the `mesh` key of ConfigMap `istio` in `istio-system`.
+//!
+//! Each host of a ServiceEntry becomes a [`Service`] keyed `namespace/host`, so
+//! that VirtualService and DestinationRule rules, metrics and balancing treat it
+//! like any other Service. Its endpoints are pods-to-be-called that carry no
+//! identity (Istio reports them as `unknown`).
+use std::{collections::BTreeMap, net::Ipv4Addr, sync::Arc};
+
+use serde::Deserialize;
+
+use super::{k8s::ObjectMeta, validate::Ctx};
+use crate::state::{
+    External, Location, OutboundPolicy, Protocol, Resolution, Service, ServicePort, TargetPort, Workload,
+};
+
+type Unsupported = Option<serde_yaml_ng::Value>;
+const NOT_YET: &str = "not supported by this version of mesh-agent";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ServiceEntryObject {
+    #[allow(dead_code)]
+    pub api_version: String,
+    #[allow(dead_code)]
+    pub kind: String,
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: ServiceEntrySpec,
+    #[allow(dead_code)]
+    pub status: Unsupported,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ServiceEntrySpec {
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    #[serde(default)]
+    pub addresses: Vec<String>,
+    #[serde(default)]
+    pub ports: Vec<SePortSpec>,
+    pub location: Option<String>,
+    pub resolution: Option<String>,
+    #[serde(default)]
+    pub endpoints: Vec<SeEndpointSpec>,
+    pub export_to: Unsupported,
+    pub subject_alt_names: Unsupported,
+    pub workload_selector: Unsupported,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct SePortSpec {
+    pub number: i64,
+    #[serde(default)]
+    pub protocol: String,
+    pub name: Option<String>,
+    pub target_port: Option<i64>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct SeEndpointSpec {
+    pub address: Option<String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub ports: Unsupported,
+    pub network: Unsupported,
+    pub locality: Unsupported,
+    pub weight: Unsupported,
+    pub service_account: Unsupported,
+}
+
+pub(super) fn build_service_entry(ctx: &mut Ctx<'_>, obj: &ServiceEntryObject) -> Option<Vec<Service>> {
+    let (name, namespace) = super::security::name_and_namespace(ctx, &obj.metadata)?;
+    let before = ctx.error_count();
+    let spec = &obj.spec;
+    for (field, v) in [
+        ("exportTo", &spec.export_to),
+        ("subjectAltNames", &spec.subject_alt_names),
+        ("workloadSelector", &spec.workload_selector),
+    ] {
+        if v.is_some() {
+            ctx.error(format!("spec.{field}"), NOT_YET);
+        }
+    }
+    if spec.hosts.is_empty() {
+        ctx.error("spec.hosts", "at least one host is required");
+    }
+    for (i, h) in spec.hosts.iter().enumerate() {
+        if h.is_empty() || h.contains('/') || h.contains('*') {
+            ctx.error(format!("spec.hosts[{i}]"), format!("{h:?}: expected a host name (wildcards are {NOT_YET})"));
+        }
+    }
+    let mut addresses = Vec::new();
+    for (i, a) in spec.addresses.iter().enumerate() {
+        match a.parse::<Ipv4Addr>() {
+            Ok(ip) => addresses.push(ip),
+            Err(_) => ctx.error(
+                format!("spec.addresses[{i}]"),
+                format!("{a:?}: expected an IPv4 address (CIDR ranges and IPv6 are {NOT_YET})"),
+            ),
+        }
+    }
+    let location = match spec.location.as_deref() {
+        None | Some("MESH_EXTERNAL") => Location::MeshExternal,
+        Some("MESH_INTERNAL") => Location::MeshInternal,
+        Some(other) => {
+            ctx.error("spec.location", format!("{other:?}: expected MESH_EXTERNAL or MESH_INTERNAL"));
+            Location::MeshExternal
+        }
+    };
+    let resolution = match spec.resolution.as_deref() {
+        None | Some("NONE") => Resolution::None,
+        Some("STATIC") => Resolution::Static,
+        Some("DNS" | "DNS_ROUND_ROBIN") => Resolution::Dns,
+        Some(other) => {
+            ctx.error("spec.resolution", format!("{other:?}: expected NONE, STATIC, DNS or DNS_ROUND_ROBIN"));
+            Resolution::None
+        }
+    };
+    let ports = se_ports(ctx, &spec.ports);
+    let endpoints = endpoints(ctx, spec, &namespace, resolution);
+    if resolution == Resolution::None && !spec.endpoints.is_empty() {
+        ctx.error("spec.endpoints", "resolution NONE takes no endpoints (the original destination is used)");
+    }
+    if ctx.error_count() != before {
+        return None;
+    }
+    let external = Arc::new(External {
+        entry: format!("{namespace}/{name}"),
+        location,
+        resolution,
+        addresses: addresses.clone(),
+        unknown: Arc::new(unknown_endpoint(&namespace, None, BTreeMap::new())),
+    });
+    let services = spec
+        .hosts
+        .iter()
+        .map(|host| Service {
+            name: host.as_str().into(),
+            namespace: namespace.clone(),
+            hostname: host.as_str().into(),
+            vip: addresses.first().copied(),
+            ports: ports.clone(),
+            endpoints: endpoints.clone(),
+            external: Some(external.clone()),
+        })
+        .collect();
+    Some(services)
+}
+
+fn se_ports(ctx: &mut Ctx<'_>, specs: &[SePortSpec]) -> Vec<ServicePort> {
+    if specs.is_empty() {
+        ctx.error("spec.ports", "at least one port is required");
+    }
+    let mut ports: Vec<ServicePort> = Vec::new();
+    for (i, p) in specs.iter().enumerate() {
+        let field = format!("spec.ports[{i}]");
+        let Some(number) = u16::try_from(p.number).ok().filter(|n| *n != 0) else {
+            ctx.error(format!("{field}.number"), format!("port {} is out of range 1-65535", p.number));
+            continue;
+        };
+        let target = match p.target_port.map(u16::try_from) {
+            None => number,
+            Some(Ok(t)) if t != 0 => t,
+            Some(_) => {
+                ctx.error(format!("{field}.targetPort"), "out of range 1-65535");
+                continue;
+            }
+        };
+        // Istio's protocols map onto the names protocol detection knows.
+        let app_protocol = match p.protocol.to_ascii_uppercase().as_str() {
+            "HTTP" => "http",
+            "HTTP2" => "http2",
+            "GRPC" => "grpc",
+            "HTTPS" => "https",
+            "TLS" => "tls",
+            "TCP" | "" => "tcp",
+            "MONGO" => "mongo",
+            "MYSQL" => "mysql",
+            "REDIS" => "redis",
+            other => {
+                ctx.error(
+                    format!("{field}.protocol"),
+                    format!("{other:?}: expected HTTP, HTTP2, GRPC, HTTPS, TLS or TCP"),
+                );
+                continue;
+            }
+        };
+        if ports.iter().any(|q| q.port == number) {
+            ctx.error(format!("{field}.number"), format!("port {number} is listed twice"));
+            continue;
+        }
+        ports.push(ServicePort {
+            name: p.name.clone(),
+            port: number,
+            target: TargetPort::Number(target),
+            protocol: Protocol::Tcp,
+            app_protocol: Some(app_protocol.into()),
+        });
+    }
+    ports
+}
+
+/// The endpoints to balance over: the listed addresses (STATIC: IPv4; DNS:
+/// names or addresses), or for DNS without endpoints the hosts themselves.
+/// Names are resolved now, with the node's resolver; a name that does not
+/// resolve leaves that endpoint out (logged) rather than failing the load.
+fn endpoints(ctx: &mut Ctx<'_>, spec: &ServiceEntrySpec, namespace: &Arc<str>, res: Resolution) -> Vec<Arc<Workload>> {
+    let mut out = Vec::new();
+    let mut add = |ip: Ipv4Addr, labels: &BTreeMap<String, String>| {
+        if !out.iter().any(|w: &Arc<Workload>| w.ip == Some(ip)) {
+            out.push(Arc::new(unknown_endpoint(namespace, Some(ip), labels.clone())));
+        }
+    };
+    for (i, e) in spec.endpoints.iter().enumerate() {
+        let field = format!("spec.endpoints[{i}]");
+        for (f, v) in [
+            ("ports", &e.ports),
+            ("network", &e.network),
+            ("locality", &e.locality),
+            ("weight", &e.weight),
+            ("serviceAccount", &e.service_account),
+        ] {
+            if v.is_some() {
+                ctx.error(format!("{field}.{f}"), NOT_YET);
+            }
+        }
+        let Some(address) = e.address.as_deref() else {
+            ctx.error(format!("{field}.address"), "required");
+            continue;
+        };
+        match (address.parse::<Ipv4Addr>(), res) {
+            (Ok(ip), _) => add(ip, &e.labels),
+            (Err(_), Resolution::Dns) => resolve(address).into_iter().for_each(|ip| add(ip, &e.labels)),
+            (Err(_), _) => ctx.error(format!("{field}.address"), format!("{address:?} is not an IPv4 address")),
+        }
+    }
+    if spec.endpoints.is_empty() && res == Resolution::Dns {
+        for h in &spec.hosts {
+            resolve(h).into_iter().for_each(|ip| add(ip, &BTreeMap::new()));
+        }
+    }
+    if spec.endpoints.is_empty() && res == Resolution::Static {
+        ctx.error("spec.endpoints", "resolution STATIC needs endpoints");
+    }
+    out
+}
+
+/// IPv4 addresses of `host` from the system resolver.
+fn resolve(host: &str) -> Vec<Ipv4Addr> {
+    use std::net::ToSocketAddrs as _;
+    match (host, 0).to_socket_addrs() {
+        Ok(addrs) => addrs
+            .filter_map(|a| match a.ip() {
+                std::net::IpAddr::V4(ip) => Some(ip),
+                std::net::IpAddr::V6(_) => None,
+            })
+            .collect(),
+        Err(e) => {
+            tracing::warn!(host, error = %e, "ServiceEntry host does not resolve; its endpoint is left out");
+            Vec::new()
+        }
+    }
+}
+
+/// An endpoint outside the mesh: no identity, reported as `unknown`.
+fn unknown_endpoint(namespace: &Arc<str>, ip: Option<Ipv4Addr>, labels: BTreeMap<String, String>) -> Workload {
+    let unknown: Arc<str> = "unknown".into();
+    Workload {
+        name: ip.map_or_else(|| unknown.clone(), |ip| ip.to_string().into()),
+        namespace: namespace.clone(),
+        workload_name: unknown.clone(),
+        app: unknown.clone(),
+        version: unknown.clone(),
+        labels,
+        node: None,
+        service_account: unknown.clone(),
+        principal: unknown,
+        ip,
+        host_network: false,
+        meshed: false,
+        ready: true,
+        named_ports: BTreeMap::new(),
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct MeshConfig {
+    outbound_traffic_policy: Option<OutboundTrafficPolicySpec>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OutboundTrafficPolicySpec {
+    mode: Option<String>,
+}
+
+/// `outboundTrafficPolicy.mode` from the `mesh` key of ConfigMap
+/// `istio-system/istio` (other MeshConfig fields are Istio's and ignored).
+pub(super) fn outbound_policy(ctx: &mut Ctx<'_>, data: &BTreeMap<String, String>) -> OutboundPolicy {
+    let Some(text) = data.get("mesh") else { return OutboundPolicy::AllowAny };
+    let mesh: MeshConfig = match serde_yaml_ng::from_str::<Option<MeshConfig>>(text) {
+        Ok(m) => m.unwrap_or_default(),
+        Err(e) => {
+            ctx.error("data.mesh", format!("not valid MeshConfig YAML: {e}"));
+            return OutboundPolicy::AllowAny;
+        }
+    };
+    match mesh.outbound_traffic_policy.and_then(|p| p.mode).as_deref() {
+        None | Some("ALLOW_ANY") => OutboundPolicy::AllowAny,
+        Some("REGISTRY_ONLY") => OutboundPolicy::RegistryOnly,
+        Some(other) => {
+            ctx.error(
+                "data.mesh.outboundTrafficPolicy.mode",
+                format!("{other:?}: expected ALLOW_ANY or REGISTRY_ONLY"),
+            );
+            OutboundPolicy::AllowAny
+        }
+    }
+}

@@ -1,0 +1,389 @@
+//! Ingress and egress gateways: the listeners a `Gateway` asks for, opened by
+//! the agents on the nodes it selects, on their node address.
+//!
+//! HTTP (and HTTPS, terminated with the Secret's certificate) goes through the
+//! L7 pipeline, routed by the VirtualServices bound to the gateway; TCP by
+//! their `tcp` rules. Traffic leaves with the gateway's own identity: over
+//! HBONE to a workload on another node, directly (after authorization) on this
+//! one, and directly to services outside the mesh — an egress gateway is the
+//! same thing reached over HBONE by other nodes' agents ([`serve_tunneled`]).
+//!
+//! A port that cannot be bound (another process has it) is reported in logs and
+//! `/config_dump` and retried on every resync; the other listeners and the rest
+//! of the configuration are unaffected.
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
+    sync::Arc,
+    time::Duration,
+};
+
+use std::{
+    pin::Pin,
+    task::{Context as TaskContext, Poll},
+};
+
+use serde::Serialize;
+use tokio::{
+    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, ReadBuf},
+    net::TcpStream,
+    sync::watch,
+    task::JoinHandle,
+};
+
+use crate::{
+    agent::Context,
+    l7::{Downstream, protocol::Handling},
+    proxy::{self, ProxyError},
+    route::Route,
+    state::{GatewayProtocol, ServerTls, State},
+    telemetry::TcpLabels,
+};
+
+/// How long a client may take to finish the TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What one port should be: compared on each reconcile, a change reopens it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PortPlan {
+    pub addr: SocketAddr,
+    pub protocol: GatewayProtocol,
+    /// Gateways (`namespace/name`) with a server on the port.
+    pub gateways: Vec<String>,
+    /// Host pattern → Secret, for HTTPS servers (SNI picks the certificate).
+    pub credentials: Vec<(String, String)>,
+}
+
+/// A port's state, for `/config_dump`.
+#[derive(Debug, Clone, Serialize)]
+pub struct PortStatus {
+    #[serde(flatten)]
+    pub plan: PortPlan,
+    /// `listening`, or why the port could not be opened.
+    pub status: String,
+}
+
+struct Held {
+    plan: PortPlan,
+    stop: Option<watch::Sender<bool>>,
+    task: Option<JoinHandle<()>>,
+    status: String,
+}
+
+/// The gateway listeners of this node.
+#[derive(Default)]
+pub struct Listeners {
+    held: BTreeMap<u16, Held>,
+}
+
+/// The ports this node's gateways ask for.
+pub fn plan(state: &State, node: &str) -> Result<BTreeMap<u16, PortPlan>, String> {
+    let ip = state.nodes.get(node).and_then(|n| n.internal_ip).unwrap_or(Ipv4Addr::UNSPECIFIED);
+    let mut ports: BTreeMap<u16, PortPlan> = BTreeMap::new();
+    for g in state.gateways_on(node) {
+        let key = format!("{}/{}", g.namespace, g.name);
+        for s in &g.servers {
+            let p = ports.entry(s.port).or_insert_with(|| PortPlan {
+                addr: SocketAddr::from((ip, s.port)),
+                protocol: s.protocol,
+                gateways: Vec::new(),
+                credentials: Vec::new(),
+            });
+            if p.protocol != s.protocol {
+                return Err(format!(
+                    "port {} is {:?} in one Gateway and {:?} in {key}",
+                    s.port, p.protocol, s.protocol
+                ));
+            }
+            if !p.gateways.contains(&key) {
+                p.gateways.push(key.clone());
+            }
+            if let Some(ServerTls::Simple(cert)) = &s.tls {
+                p.credentials.extend(s.hosts.iter().map(|h| (h.clone(), cert.credential.clone())));
+            }
+        }
+    }
+    Ok(ports)
+}
+
+impl Listeners {
+    /// Opens, reopens and closes listeners to match the configuration.
+    pub fn reconcile(&mut self, ctx: &Arc<Context>) {
+        let state = ctx.state();
+        let want = match plan(&state, &ctx.node) {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::error!(error = %e, "gateway listeners unchanged");
+                return;
+            }
+        };
+        self.held.retain(|port, held| {
+            let keep = want.get(port) == Some(&held.plan);
+            if !keep {
+                held.close();
+                tracing::info!(port, "gateway listener closed");
+            }
+            keep
+        });
+        for (port, plan) in want {
+            let held = self.held.entry(port).or_insert_with(|| Held {
+                plan: plan.clone(),
+                stop: None,
+                task: None,
+                status: String::new(),
+            });
+            if held.task.is_some() {
+                continue;
+            }
+            match open(ctx, &state, &plan) {
+                Ok((stop, task)) => {
+                    tracing::info!(addr = %plan.addr, protocol = ?plan.protocol, gateways = ?plan.gateways, "gateway listener open");
+                    held.stop = Some(stop);
+                    held.task = Some(task);
+                    held.status = "listening".into();
+                }
+                Err(e) => {
+                    let status = format!("cannot listen on {}: {e}", plan.addr);
+                    if held.status != status {
+                        tracing::error!(gateways = ?plan.gateways, "{status}; retrying on every resync");
+                        ctx.metrics.gateway_bind_failures.inc();
+                    }
+                    held.status = status;
+                }
+            }
+        }
+    }
+
+    pub fn status(&self) -> Vec<PortStatus> {
+        self.held.values().map(|h| PortStatus { plan: h.plan.clone(), status: h.status.clone() }).collect()
+    }
+
+    pub fn close_all(&mut self) {
+        for held in self.held.values_mut() {
+            held.close();
+        }
+        self.held.clear();
+    }
+}
+
+impl Held {
+    fn close(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(true);
+        }
+        self.task.take();
+    }
+}
+
+fn open(ctx: &Arc<Context>, state: &State, plan: &PortPlan) -> std::io::Result<(watch::Sender<bool>, JoinHandle<()>)> {
+    let acceptor = match plan.protocol {
+        GatewayProtocol::Https => Some(tls_acceptor(state, plan)?),
+        _ => None,
+    };
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&plan.addr.into())?;
+    socket.listen(1024)?;
+    let listener = tokio::net::TcpListener::from_std(socket.into())?;
+    let (stop_tx, mut stop) = watch::channel(false);
+    let (ctx, plan) = (ctx.clone(), plan.clone());
+    let gateways: Arc<[String]> = plan.gateways.clone().into();
+    let task = tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stop.changed() => break,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        let guard = ctx.active.enter();
+                        let (ctx, gateways, acceptor) = (ctx.clone(), gateways.clone(), acceptor.clone());
+                        let protocol = plan.protocol;
+                        tokio::spawn(async move {
+                            handle(&ctx, stream, peer, protocol, gateways, acceptor).await;
+                            drop(guard);
+                        });
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "gateway accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+            }
+        }
+    });
+    Ok((stop_tx, task))
+}
+
+/// A TLS acceptor presenting, by SNI, the certificate of the server whose hosts
+/// match (the first server's when none does).
+fn tls_acceptor(state: &State, plan: &PortPlan) -> std::io::Result<tokio_rustls::TlsAcceptor> {
+    let mut certs = Vec::new();
+    for g in plan.gateways.iter().filter_map(|k| state.gateway(k)) {
+        for s in g.servers.iter().filter(|s| s.port == plan.addr.port()) {
+            if let Some(ServerTls::Simple(c)) = &s.tls {
+                certs.extend(s.hosts.iter().map(|h| (h.clone(), c.key.clone())));
+            }
+        }
+    }
+    let config = crate::identity::tls::gateway_server_config(certs).map_err(std::io::Error::other)?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+async fn handle(
+    ctx: &Arc<Context>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    protocol: GatewayProtocol,
+    gateways: Arc<[String]>,
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
+) {
+    let _ = stream.set_nodelay(true);
+    let Ok(SocketAddr::V4(local)) = stream.local_addr() else { return };
+    match (protocol, acceptor) {
+        (GatewayProtocol::Https, Some(acceptor)) => {
+            let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => return tracing::info!(%peer, error = %e, "gateway TLS handshake failed"),
+                Err(_) => return tracing::info!(%peer, "gateway TLS handshake timed out"),
+            };
+            let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+            let handling = if h2 { Handling::Http2 } else { Handling::Http1 };
+            crate::l7::serve(ctx.clone(), tls, downstream(peer, local, gateways), handling).await;
+        }
+        (GatewayProtocol::Tcp, _) => serve_tcp(ctx, stream, peer, local, &gateways).await,
+        _ => {
+            let handling = match proxy::sniff_client(&stream, ctx.protocol_detection_timeout).await {
+                Handling::Http2 => Handling::Http2,
+                _ => Handling::Http1,
+            };
+            crate::l7::serve(ctx.clone(), stream, downstream(peer, local, gateways), handling).await;
+        }
+    }
+}
+
+fn downstream(peer: SocketAddr, local: SocketAddrV4, gateways: Arc<[String]>) -> Downstream {
+    let peer_ip = match peer.ip() {
+        IpAddr::V4(ip) => ip,
+        IpAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
+    };
+    Downstream { peer, peer_ip, orig: local, source: None, gateways: Some(gateways), first_pick: usize::MAX.into() }
+}
+
+/// A TCP server: the first `tcp` rule bound to one of the gateways for the port.
+async fn serve_tcp(ctx: &Arc<Context>, client: TcpStream, peer: SocketAddr, local: SocketAddrV4, gateways: &[String]) {
+    let state = ctx.state();
+    let found = crate::l7::routing::route_gateway_tcp(&state, gateways, local, ctx.next_pick(), ctx.next_random());
+    let Some((route, gw)) = found else {
+        let err = ProxyError::NotLocal(local);
+        tracing::info!(%peer, %local, "gateway: no tcp route for this port");
+        return proxy::fail(ctx, &client, peer, None, err);
+    };
+    let source = state.gateway(&gw).map(|g| g.workload.clone());
+    let (dest, addr, mut labels) = match route {
+        Route::Service { service, endpoint, addr, .. } => {
+            let labels = TcpLabels::new(source.as_deref(), Some(&endpoint), Some(&service), false);
+            (Some(endpoint), addr, labels)
+        }
+        Route::Refused { service, reason } => {
+            let labels = TcpLabels::new(source.as_deref(), None, Some(&service), false);
+            let err = ProxyError::Refused { service: format!("{}/{}", service.namespace, service.name), reason };
+            return proxy::fail(ctx, &client, peer, Some(labels), err);
+        }
+        Route::Workload { addr, .. } | Route::Passthrough { addr } | Route::BlackHole { addr } => {
+            let labels = TcpLabels::black_hole(source.as_deref());
+            return proxy::fail(ctx, &client, peer, Some(labels), ProxyError::BlackHole(addr));
+        }
+    };
+    match proxy::open_upstream(ctx, &state, source.as_ref(), peer, dest.as_ref(), addr, ctx.connect_timeout).await {
+        Ok(opened) => {
+            drop(state);
+            if opened.mtls {
+                labels.connection_security_policy = "mutual_tls";
+            }
+            proxy::pump(ctx, client, opened.io, labels, addr, |c, u| {
+                proxy::reset(c);
+                u.reset();
+            })
+            .await;
+        }
+        Err(e) => proxy::fail(ctx, &client, peer, Some(labels), e),
+    }
+}
+
+/// The gateway on this node that an HBONE stream to `target` (this node's
+/// address, a gateway port) with server identity `identity` is for: the
+/// gateways serving the port and its protocol.
+pub fn tunnel_target(ctx: &Context, target: SocketAddrV4, identity: &str) -> Option<(Arc<[String]>, GatewayProtocol)> {
+    let state = ctx.state();
+    let node_ip = state.nodes.get(ctx.node.as_str()).and_then(|n| n.internal_ip)?;
+    if *target.ip() != node_ip {
+        return None;
+    }
+    let plan = plan(&state, &ctx.node).ok()?.remove(&target.port())?;
+    let owner = plan.gateways.iter().filter_map(|k| state.gateway(k)).any(|g| *g.workload.principal == *identity);
+    owner.then(|| (plan.gateways.into(), plan.protocol))
+}
+
+/// Serves a stream that reached this node's gateway over HBONE (the second
+/// hop of the egress-gateway pattern): as if it had been accepted on the port.
+pub async fn serve_tunneled<I>(
+    ctx: Arc<Context>,
+    io: I,
+    peer: SocketAddr,
+    target: SocketAddrV4,
+    gateways: Arc<[String]>,
+    protocol: GatewayProtocol,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    if !matches!(protocol, GatewayProtocol::Http | GatewayProtocol::Http2) {
+        return tracing::warn!(%peer, %target, ?protocol, "HBONE to a gateway port that is not plain HTTP: not served");
+    }
+    // The source agent speaks its client's HTTP version: look at the first bytes.
+    let mut io = io;
+    let mut first = vec![0u8; 3];
+    let mut got = 0;
+    while got < first.len() {
+        match tokio::time::timeout(ctx.protocol_detection_timeout * 10, io.read(&mut first[got..])).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return,
+            Ok(Ok(n)) => got += n,
+        }
+    }
+    let handling = if first == b"PRI" { Handling::Http2 } else { Handling::Http1 };
+    let io = Prefixed { prefix: first, at: 0, io };
+    crate::l7::serve(ctx, io, downstream(peer, target, gateways), handling).await;
+}
+
+/// A stream with bytes already read put back in front.
+struct Prefixed<I> {
+    prefix: Vec<u8>,
+    at: usize,
+    io: I,
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Prefixed<I> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut TaskContext<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if this.at < this.prefix.len() {
+            let n = (this.prefix.len() - this.at).min(buf.remaining());
+            buf.put_slice(&this.prefix[this.at..this.at + n]);
+            this.at += n;
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.io).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Prefixed<I> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut TaskContext<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}

@@ -1,0 +1,370 @@
+//! The mesh's edges (root, two nodes, the CA service): an ingress Gateway on
+//! node-1 (HTTP and HTTPS from a Secret), ServiceEntries and REGISTRY_ONLY,
+//! TLS origination, and an egress Gateway on node-2 — with curl from outside
+//! the mesh and from a meshed pod, and servers outside the cluster.
+#![expect(clippy::unwrap_used, reason = "tests")]
+
+use std::{
+    net::{Ipv4Addr, SocketAddr, TcpListener},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use mesh_tests::{
+    Agent, Cluster, Pod,
+    agent::{CaService, metric},
+    certs::Certs,
+    require_root, servers,
+};
+
+const TEST_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
+const HELLO_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 2);
+/// A server outside the cluster, on the cluster network's namespace.
+const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(172, 18, 200, 2);
+const NODE1: &str = "172.18.0.2";
+const NODE2: &str = "172.18.1.2";
+
+/// node-1 runs the ingress gateway, node-2 the egress gateway; `test` on
+/// node-1 and `helloworld` on node-2 are meshed; outbound traffic is
+/// REGISTRY_ONLY; `direct.example` and `external.example` are ServiceEntries
+/// for the outside server, `secure.example` one with TLS originated to it.
+fn config(secret: &str, ca_secret: &str, extra: &str) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Node
+metadata: {{name: node-1, labels: {{istio: ingressgateway}}}}
+status: {{addresses: [{{type: InternalIP, address: {NODE1}}}]}}
+---
+apiVersion: v1
+kind: Node
+metadata: {{name: node-2, labels: {{istio: egressgateway}}}}
+status: {{addresses: [{{type: InternalIP, address: {NODE2}}}]}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {{name: demo, labels: {{istio.io/dataplane-mode: ambient}}}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: test, namespace: demo, labels: {{app: test}}}}
+spec: {{nodeName: node-1, serviceAccountName: test}}
+status: {{podIP: {TEST_IP}}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: helloworld, namespace: demo, labels: {{app: helloworld, version: v1}}}}
+spec: {{nodeName: node-2, serviceAccountName: helloworld}}
+status: {{podIP: {HELLO_IP}}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: helloworld, namespace: demo}}
+spec:
+  clusterIP: 10.96.0.10
+  selector: {{app: helloworld}}
+  ports: [{{name: http, port: 5000, targetPort: 9095}}]
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {{name: istio, namespace: istio-system}}
+data:
+  mesh: |
+    outboundTrafficPolicy:
+      mode: REGISTRY_ONLY
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: hello-cert, namespace: istio-system}}
+type: kubernetes.io/tls
+stringData:
+{secret}---
+apiVersion: v1
+kind: Secret
+metadata: {{name: external-ca, namespace: demo}}
+stringData:
+{ca_secret}---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: ingress, namespace: istio-system}}
+spec:
+  selector: {{istio: ingressgateway}}
+  servers:
+  - port: {{number: 80, name: http, protocol: HTTP}}
+    hosts: ["*"]
+  - port: {{number: 443, name: https, protocol: HTTPS}}
+    hosts: [hello.example.com]
+    tls: {{mode: SIMPLE, credentialName: hello-cert}}
+  - port: {{number: 8443, name: busy, protocol: HTTP}}
+    hosts: ["*"]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: helloworld, namespace: demo}}
+spec:
+  hosts: ["*"]
+  gateways: [istio-system/ingress]
+  http:
+  - match: [{{uri: {{prefix: /helloworld}}}}]
+    route: [{{destination: {{host: helloworld, port: {{number: 5000}}}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: direct, namespace: demo}}
+spec:
+  hosts: [direct.example]
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  location: MESH_EXTERNAL
+  endpoints: [{{address: {EXTERNAL_IP}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: external, namespace: demo}}
+spec:
+  hosts: [external.example]
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  resolution: DNS
+  endpoints: [{{address: {EXTERNAL_IP}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: secure, namespace: demo}}
+spec:
+  hosts: [secure.example]
+  ports: [{{number: 80, name: http, protocol: HTTP, targetPort: 8443}}]
+  resolution: STATIC
+  endpoints: [{{address: {EXTERNAL_IP}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: secure, namespace: demo}}
+spec:
+  host: secure.example
+  trafficPolicy:
+    tls: {{mode: SIMPLE, credentialName: external-ca}}
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: egress, namespace: istio-system}}
+spec:
+  selector: {{istio: egressgateway}}
+  servers:
+  - port: {{number: 80, name: http, protocol: HTTP}}
+    hosts: [external.example]
+{extra}"#
+    )
+}
+
+/// Sends external.example through the egress gateway (Istio's two-hop rule).
+const VIA_EGRESS: &str = r#"---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: external-via-egress, namespace: demo}
+spec:
+  hosts: [external.example]
+  gateways: [istio-system/egress, mesh]
+  http:
+  - match: [{gateways: [mesh], port: 80}]
+    route: [{destination: {host: egress.istio-system.svc.cluster.local, port: {number: 80}}}]
+  - match: [{gateways: [istio-system/egress], port: 80}]
+    route: [{destination: {host: external.example, port: {number: 80}}}]
+"#;
+
+struct Edge {
+    agents: Vec<Agent>,
+    _ca: CaService,
+    _tls_server: KillOnDrop,
+    _busy: TcpListener,
+    certs: Certs,
+    c: Cluster,
+    secret: String,
+    ca_secret: String,
+}
+
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Edge {
+    fn start() -> Edge {
+        let mut c = Cluster::two_nodes();
+        c.add_pod_on(0, "test", TEST_IP);
+        c.add_pod_on(1, "helloworld", HELLO_IP);
+        servers::http_hello(c.pod("helloworld"), 9095);
+        // Outside the cluster: an HTTP server and an HTTPS one (openssl s_server).
+        assert!(c.net_cmd(&["ip", "addr", "add", &format!("{EXTERNAL_IP}/32"), "dev", "lo"]).status.success());
+        let outside = Pod {
+            name: "external".into(),
+            ip: EXTERNAL_IP,
+            node: 0,
+            netns: c.net_ns.clone(),
+            host_if: String::new(),
+            cgroup: PathBuf::new(),
+        };
+        servers::http_hello(&outside, 80);
+        let certs = Certs::new(&c.id);
+        let (crt, key) = certs.server("hello", "hello.example.com");
+        let (ext_crt, ext_key) = certs.server("secure", "secure.example");
+        let tls_server = Command::new("ip")
+            .args(["netns", "exec", &c.net_ns, "openssl", "s_server", "-quiet", "-www", "-accept", "8443", "-cert"])
+            .arg(&ext_crt)
+            .arg("-key")
+            .arg(&ext_key)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // Something else holds node-1's port 8443: that listener must fail alone.
+        let node1 = Pod { netns: c.nodes[0].ns.clone(), ..outside };
+        let busy = node1.run(|| TcpListener::bind((NODE1, 8443)).unwrap());
+        let secret =
+            format!("  tls.crt: |\n{}  tls.key: |\n{}", Certs::yaml_block(&crt, 4), Certs::yaml_block(&key, 4));
+        let ca_secret = format!("  ca.crt: |\n{}", Certs::yaml_block(&certs.ca(), 4));
+        let cfg = config(&secret, &ca_secret, "");
+        let ca = CaService::start(&c, &cfg);
+        let agents = (0..2).map(|i| Agent::start_on(&c, i, &cfg, &ca.agent_args(&c.nodes[i].name))).collect();
+        Edge { agents, _ca: ca, _tls_server: KillOnDrop(tls_server), _busy: busy, certs, c, secret, ca_secret }
+    }
+
+    fn pod(&self, name: &str) -> &Pod {
+        self.c.pod(name)
+    }
+
+    fn set_extra(&self, extra: &str) {
+        let cfg = config(&self.secret, &self.ca_secret, extra);
+        for a in &self.agents {
+            let before = metric(&a.metrics(), "mesh_config_loads_total", &[("result", "success")]);
+            a.write_config(&cfg);
+            a.wait_metrics(10, "configuration reload", |t| {
+                metric(t, "mesh_config_loads_total", &[("result", "success")]) > before
+            });
+        }
+    }
+}
+
+/// curl in a namespace; returns (HTTP status, body + errors).
+fn curl(run: impl Fn(&[&str]) -> std::process::Output, args: &[&str]) -> (u16, String) {
+    let mut v = vec!["curl", "-sS", "--max-time", "5", "-o", "-", "-w", "\n%{http_code}"];
+    v.extend_from_slice(args);
+    let out = run(&v);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_owned() + &String::from_utf8_lossy(&out.stderr))
+}
+
+#[test]
+fn ingress_gateway_serves_http_and_https_from_outside_the_mesh() {
+    if !require_root("ingress_gateway_serves_http_and_https_from_outside_the_mesh") {
+        return;
+    }
+    let e = Edge::start();
+    let outside = |args: &[&str]| e.c.net_cmd(args);
+
+    // The pattern's example: curl http://<node-ip>:80/helloworld from outside.
+    let (code, body) = curl(outside, &[&format!("http://{NODE1}:80/helloworld")]);
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("hello from helloworld"), "{body}");
+    // Unknown path: 404 from the gateway, counted.
+    let (code, body) = curl(outside, &[&format!("http://{NODE1}/nothing-here")]);
+    assert_eq!(code, 404, "{body}");
+    // HTTPS with the Secret's certificate, checked by curl against the test CA.
+    let ca = e.certs.ca();
+    let (code, body) = curl(
+        outside,
+        &[
+            "--cacert",
+            ca.to_str().unwrap(),
+            "--resolve",
+            &format!("hello.example.com:443:{NODE1}"),
+            "https://hello.example.com/helloworld",
+        ],
+    );
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("hello from helloworld"), "{body}");
+    // node-2 runs the egress Gateway only: its port 80 does not route the
+    // ingress rules, and its port 443 is not open.
+    let (code, _) = curl(outside, &[&format!("http://{NODE2}/helloworld")]);
+    assert_eq!(code, 404);
+    let (code, _) = curl(outside, &["-k", &format!("https://{NODE2}/helloworld")]);
+    assert_eq!(code, 0);
+
+    // Port 8443 was taken: reported, not fatal, the other ports serve.
+    let (_, dump) = e.agents[0].admin_get("/config_dump").unwrap();
+    let v: serde_json::Value = serde_json::from_str(&dump).unwrap();
+    let ports = v["gateway_listeners"].as_array().unwrap();
+    let status = |port: u64| {
+        ports.iter().find(|p| p["addr"].as_str() == Some(&format!("{NODE1}:{port}"))).unwrap()["status"].clone()
+    };
+    assert_eq!(status(80), "listening");
+    assert!(status(8443).as_str().unwrap().contains("cannot listen"), "{dump}");
+    assert_eq!(metric(&e.agents[0].metrics(), "mesh_gateway_listener_failures_total", &[]), 1.0);
+
+    // The gateway's identity reaches the destination's agent over HBONE.
+    let m1 = e.agents[0].metrics();
+    let gw = [("source_workload", "ingress"), ("destination_service", "helloworld.demo.svc.cluster.local")];
+    assert!(metric(&m1, "istio_requests_total", &[gw[0], gw[1], ("response_code", "200")]) >= 2.0, "{m1}");
+    assert!(metric(&m1, "istio_requests_total", &[("source_workload", "ingress"), ("response_code", "404")]) >= 1.0);
+    let m2 = e.agents[1].metrics();
+    let principal = ("source_principal", "spiffe://cluster.local/ns/istio-system/sa/ingress");
+    let dest = [principal, ("reporter", "destination"), ("connection_security_policy", "mutual_tls")];
+    assert!(metric(&m2, "istio_tcp_connections_opened_total", &dest) >= 1.0, "{m2}");
+}
+
+#[test]
+fn egress_registry_only_service_entries_tls_origination_and_egress_gateway() {
+    if !require_root("egress_registry_only_service_entries_tls_origination_and_egress_gateway") {
+        return;
+    }
+    let e = Edge::start();
+    let test = |args: &[&str]| e.pod("test").cmd(args);
+    let resolve = |host: &str| format!("{host}:80:{EXTERNAL_IP}");
+
+    // Declared by a ServiceEntry: straight out from node-1.
+    let (code, body) = curl(test, &["--resolve", &resolve("direct.example"), "http://direct.example/"]);
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains(&format!("hello from external; client {NODE1}")), "{body}");
+    // Not declared: 502 naming the policy; raw TCP is reset.
+    let (code, body) = curl(test, &[&format!("http://{}/", Ipv4Addr::new(172, 18, 200, 3))]);
+    assert_eq!(code, 502, "{body}");
+    assert!(body.contains("REGISTRY_ONLY"), "{body}");
+    let tcp = e.pod("test").run(|| {
+        let addr = SocketAddr::from((EXTERNAL_IP, 7000));
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        use std::io::{Read as _, Write as _};
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(b"\x00\x01binary")?;
+        let mut buf = [0u8; 16];
+        s.read(&mut buf)
+    });
+    assert!(tcp.is_err() || tcp.as_ref().is_ok_and(|n| *n == 0), "{tcp:?}");
+    // TLS originated by the agent for a plain-HTTP call (openssl s_server answers).
+    let (code, body) = curl(test, &["--resolve", &resolve("secure.example"), "http://secure.example/"]);
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("s_server"), "{body}");
+
+    let m1 = e.agents[0].metrics();
+    let hole = ("destination_service", "BlackHoleCluster");
+    assert!(metric(&m1, "istio_requests_total", &[hole, ("response_code", "502")]) >= 1.0, "{m1}");
+    assert!(metric(&m1, "istio_tcp_connections_opened_total", &[hole]) >= 1.0, "{m1}");
+    let direct = [("destination_service", "direct.example"), ("destination_service_namespace", "demo")];
+    assert!(metric(&m1, "istio_requests_total", &[direct[0], direct[1], ("response_code", "200")]) >= 1.0);
+
+    // Through the egress gateway: node-2 alone talks to the outside.
+    e.set_extra(VIA_EGRESS);
+    let (code, body) = curl(test, &["--resolve", &resolve("external.example"), "http://external.example/"]);
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains(&format!("hello from external; client {NODE2}")), "{body}");
+    let m1 = e.agents[0].metrics();
+    let hop1 = ("destination_service", "egress.istio-system.svc.cluster.local");
+    assert!(metric(&m1, "istio_requests_total", &[hop1, ("connection_security_policy", "mutual_tls")]) >= 1.0, "{m1}");
+    let m2 = e.agents[1].metrics();
+    let hop2 = [("source_workload", "egress"), ("destination_service", "external.example")];
+    assert!(metric(&m2, "istio_requests_total", &[hop2[0], hop2[1], ("response_code", "200")]) >= 1.0, "{m2}");
+}
