@@ -95,3 +95,40 @@ fn ca_refuses_bad_config_and_run_needs_every_ca_flag() {
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("--ca-root") && err.contains("--ca-token-file"), "{err}");
 }
+
+#[test]
+fn validate_names_a_gateway_whose_secret_is_missing_or_mismatched() {
+    let certs = mesh_tests::certs::Certs::new(&format!("cli-{}", std::process::id()));
+    let (crt, _) = certs.server("a", "a.example.com");
+    let (_, other_key) = certs.server("b", "b.example.com");
+    let block = |p: &std::path::Path| mesh_tests::certs::Certs::yaml_block(p, 4);
+    let gateway = |name: &str, secret: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: {name}, namespace: istio-system}}\n\
+             spec:\n  servers:\n  - port: {{number: 443, name: https, protocol: HTTPS}}\n    hosts: [\"*\"]\n    \
+             tls: {{mode: SIMPLE, credentialName: {secret}}}\n---\n"
+        )
+    };
+    let yaml = format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: mismatched, namespace: istio-system}}\ntype: kubernetes.io/tls\n\
+         stringData:\n  tls.crt: |\n{}  tls.key: |\n{}---\n{}{}",
+        block(&crt),
+        block(&other_key),
+        gateway("uses-missing", "nowhere"),
+        gateway("uses-mismatched", "mismatched"),
+    );
+    let file = certs.dir.join("gateways.yaml");
+    std::fs::write(&file, yaml).unwrap();
+    let (code, _, err) = agent(&["validate", file.to_str().unwrap()]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(
+            "Gateway istio-system/uses-missing: spec.servers[0].tls.credentialName: Secret istio-system/nowhere does not exist"
+        ),
+        "{err}"
+    );
+    assert!(
+        err.contains("Gateway istio-system/uses-mismatched: spec.servers[0].tls.credentialName: Secret istio-system/mismatched: tls.key does not match the certificate in tls.crt"),
+        "{err}"
+    );
+}
