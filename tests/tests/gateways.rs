@@ -63,7 +63,7 @@ metadata: {{name: helloworld, namespace: demo}}
 spec:
   clusterIP: 10.96.0.10
   selector: {{app: helloworld}}
-  ports: [{{name: http, port: 5000, targetPort: 9095}}]
+  ports: [{{name: http, port: 5000, targetPort: 9095}}, {{name: tcp-echo, port: 7000}}]
 ---
 apiVersion: v1
 kind: ConfigMap
@@ -97,6 +97,18 @@ spec:
     tls: {{mode: SIMPLE, credentialName: hello-cert}}
   - port: {{number: 8443, name: busy, protocol: HTTP}}
     hosts: ["*"]
+  - port: {{number: 9000, name: tcp, protocol: TCP}}
+    hosts: ["*"]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: echo, namespace: demo}}
+spec:
+  hosts: ["*"]
+  gateways: [istio-system/ingress]
+  tcp:
+  - match: [{{port: 9000}}]
+    route: [{{destination: {{host: helloworld, port: {{number: 7000}}}}}}]
 ---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
@@ -197,6 +209,7 @@ impl Edge {
         c.add_pod_on(0, "test", TEST_IP);
         c.add_pod_on(1, "helloworld", HELLO_IP);
         servers::http_hello(c.pod("helloworld"), 9095);
+        servers::echo(c.pod("helloworld"), 7000);
         // Outside the cluster: an HTTP server and an HTTPS one (openssl s_server).
         assert!(c.net_cmd(&["ip", "addr", "add", &format!("{EXTERNAL_IP}/32"), "dev", "lo"]).status.success());
         let outside = Pod {
@@ -294,6 +307,25 @@ fn ingress_gateway_serves_http_and_https_from_outside_the_mesh() {
     assert_eq!(code, 404);
     let (code, _) = curl(outside, &["-k", &format!("https://{NODE2}/helloworld")]);
     assert_eq!(code, 0);
+
+    // A TCP server: bytes both ways, half-close kept, to the echo pod on node-2.
+    let outside_ns = e.c.net_ns.clone();
+    let payload: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    let sent = payload.clone();
+    let back = mesh_tests::netns::enter_and_spawn(&outside_ns, move || {
+        use std::io::{Read as _, Write as _};
+        let addr: SocketAddr = format!("{NODE1}:9000").parse().unwrap();
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(&sent).unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut back = Vec::new();
+        s.read_to_end(&mut back).unwrap();
+        back
+    })
+    .join()
+    .unwrap();
+    assert!(back == payload, "echoed {} of {} bytes", back.len(), payload.len());
 
     // Port 8443 was taken: reported, not fatal, the other ports serve.
     let (_, dump) = e.agents[0].admin_get("/config_dump").unwrap();
