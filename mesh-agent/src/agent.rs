@@ -39,6 +39,8 @@ pub struct RunConfig {
     pub protocol_detection_timeout: Duration,
     /// `off`, `stdout` or a file path.
     pub access_log: String,
+    /// The cgroup v2 root for host-client capture; `None`: not captured.
+    pub host_cgroup: Option<PathBuf>,
 }
 
 /// Where workload certificates come from.
@@ -99,6 +101,8 @@ pub struct Context {
     captured_ips: RwLock<Arc<HashSet<Ipv4Addr>>>,
     capture: RwLock<CaptureStatus>,
     gateway_status: RwLock<Vec<crate::gateway::PortStatus>>,
+    /// Original destinations of captured host clients (when that capture runs).
+    pub host_orig: std::sync::OnceLock<crate::redirect::host::HostOrig>,
     last_config_error: RwLock<Option<String>>,
     ready: AtomicBool,
     rr: AtomicUsize,
@@ -241,6 +245,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
         captured_ips: RwLock::default(),
         capture: RwLock::default(),
         gateway_status: RwLock::default(),
+        host_orig: std::sync::OnceLock::new(),
         last_config_error: RwLock::default(),
         ready: AtomicBool::new(false),
         rr: AtomicUsize::new(0),
@@ -272,7 +277,10 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
         addr: cfg.admin_addr.to_string(),
         source,
     })?;
-    let mut redirect = Redirect::start().await?;
+    let mut redirect = Redirect::start(cfg.host_cgroup.as_deref()).await?;
+    if let Some(orig) = redirect.take_host_orig() {
+        let _ = ctx.host_orig.set(orig);
+    }
     let result = serve(&cfg, &ctx, listeners, admin, &mut redirect, &mut watcher).await;
     // Whatever happened, leave the node as it was.
     let cleanup = redirect.shutdown().await;

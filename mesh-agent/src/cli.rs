@@ -22,6 +22,7 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+#[expect(clippy::large_enum_variant, reason = "parsed once at start; boxing buys nothing")]
 pub enum Command {
     /// Capture this node's meshed pods and proxy their traffic (needs root).
     Run {
@@ -68,6 +69,13 @@ pub enum Command {
         /// JSON access log, one line per request: `off`, `stdout` or a file path.
         #[arg(long, default_value = "stdout")]
         access_log: String,
+        /// cgroup v2 root whose processes' connects to Service VIPs are captured
+        /// (host clients); default: /sys/fs/cgroup, or /sys/fs/cgroup/unified.
+        #[arg(long)]
+        cgroup_root: Option<PathBuf>,
+        /// Leave host-network processes' connections alone.
+        #[arg(long, conflicts_with = "cgroup_root")]
+        no_host_capture: bool,
     },
     /// Run the mesh CA service for a multi-node mesh.
     Ca {
@@ -135,6 +143,8 @@ pub fn main() -> ExitCode {
             cert_ttl,
             protocol_detection_timeout,
             access_log,
+            cgroup_root,
+            no_host_capture,
         } => {
             if let Err(msg) = crate::privileges::check() {
                 eprintln!("mesh-agent run: {msg}");
@@ -155,6 +165,8 @@ pub fn main() -> ExitCode {
                 identity,
                 protocol_detection_timeout,
                 access_log,
+                host_cgroup: (!no_host_capture)
+                    .then(|| cgroup_root.unwrap_or_else(crate::redirect::host::default_cgroup_root)),
             };
             run(cfg)
         }

@@ -171,12 +171,12 @@ async fn connect(
     dest: &Arc<str>,
     connect_timeout: Duration,
 ) -> Result<SendRequest<Empty<Bytes>>, HboneError> {
-    let tcp = match tokio::time::timeout(connect_timeout, TcpStream::connect(node)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(error)) => return Err(HboneError::Connect { addr: node, error }),
-        Err(_) => return Err(HboneError::ConnectTimeout { addr: node }),
+    let tcp = match proxy::connect(node, None, connect_timeout).await {
+        Ok(s) => s,
+        Err(ProxyError::ConnectTimeout { .. }) => return Err(HboneError::ConnectTimeout { addr: node }),
+        Err(ProxyError::Connect { error, .. }) => return Err(HboneError::Connect { addr: node, error }),
+        Err(other) => return Err(HboneError::Connect { addr: node, error: std::io::Error::other(other.to_string()) }),
     };
-    let _ = tcp.set_nodelay(true);
     let tls_err = |error| HboneError::Tls { addr: node, expected: dest.clone(), error };
     let config = identity::tls::client_config(ctx.certs.roots(), Some(cert.key.clone()), dest.clone(), &[b"h2"])
         .map_err(|e| tls_err(std::io::Error::other(e)))?;

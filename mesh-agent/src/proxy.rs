@@ -152,7 +152,7 @@ pub async fn serve(
 
 async fn handle(ctx: &Arc<Context>, client: TcpStream, peer: SocketAddr) {
     let _ = client.set_nodelay(true);
-    let orig = match client.local_addr() {
+    let mut orig = match client.local_addr() {
         Ok(SocketAddr::V4(a)) => a,
         Ok(other) => return fail(ctx, &client, peer, None, ProxyError::NotIpv4(other)),
         Err(e) => {
@@ -165,7 +165,21 @@ async fn handle(ctx: &Arc<Context>, client: TcpStream, peer: SocketAddr) {
         std::net::IpAddr::V6(_) => return fail(ctx, &client, peer, None, ProxyError::NotIpv4(peer)),
     };
     let state = ctx.state();
-    let source = state.workload_by_ip(peer_ip).cloned();
+    let mut source = state.workload_by_ip(peer_ip).cloned();
+    // Connected to the listener itself: a host client redirected by
+    // cgroup/connect4, whose original destination the sockops program kept.
+    if *orig.ip() == Ipv4Addr::from(mesh_common::OUTBOUND_ADDR) && orig.port() == mesh_common::OUTBOUND_PORT {
+        let found = match peer {
+            SocketAddr::V4(p) => ctx.host_orig.get().and_then(|h| h.take(p)),
+            SocketAddr::V6(_) => None,
+        };
+        let Some(found) = found else {
+            return fail(ctx, &client, peer, None, ProxyError::NotLocal(orig));
+        };
+        tracing::debug!(%peer, orig = %found, "host client");
+        orig = found;
+        source = state.nodes.get(ctx.node.as_str()).map(|n| n.workload.clone());
+    }
     let pick = ctx.next_pick();
     // On a port that is not HTTP, a VirtualService `tcp` rule may decide
     // instead of the default route (the connection then stays opaque bytes).
@@ -434,7 +448,8 @@ pub(crate) async fn deliver(ctx: &Context, client: TcpStream, peer: SocketAddr, 
 /// only when the upstream is a pod whose veth is captured on this node.
 pub(crate) fn transparent_source(ctx: &Context, peer: SocketAddr, addr: SocketAddrV4) -> Option<Ipv4Addr> {
     match peer.ip() {
-        std::net::IpAddr::V4(ip) if ip != *addr.ip() && ctx.is_captured(*addr.ip()) => Some(ip),
+        // A host client (loopback) keeps the node's address.
+        std::net::IpAddr::V4(ip) if ip != *addr.ip() && !ip.is_loopback() && ctx.is_captured(*addr.ip()) => Some(ip),
         _ => None,
     }
 }
@@ -483,6 +498,8 @@ pub(crate) async fn connect(
         bind().map_err(|error| ProxyError::Connect { addr, source_ip, error })?;
     }
     let _ = socket.set_nodelay(true);
+    // The agent's own sockets are never captured as host clients.
+    let _ = socket2::SockRef::from(&socket).set_mark(mesh_common::AGENT_MARK);
     match tokio::time::timeout(timeout, socket.connect(addr.into())).await {
         Ok(Ok(stream)) => Ok(stream),
         Ok(Err(error)) => Err(ProxyError::Connect { addr, source_ip, error }),

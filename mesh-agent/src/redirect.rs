@@ -22,6 +22,7 @@ use serde::Serialize;
 
 use crate::state::State;
 
+pub mod host;
 pub mod netlink;
 
 /// The eBPF object built by build.rs from `mesh-ebpf`.
@@ -33,7 +34,7 @@ const PROGRAM: &str = "mesh_tc";
 pub enum RedirectError {
     #[error("loading eBPF programs failed (is this kernel ≥ 6.6 with BTF, and are we root with CAP_BPF?): {0}")]
     Load(#[from] aya::EbpfError),
-    #[error("eBPF program {PROGRAM}: {0}")]
+    #[error("eBPF program: {0}")]
     Program(#[from] aya::programs::ProgramError),
     #[error("eBPF map {name}: {source}")]
     Map { name: &'static str, source: aya::maps::MapError },
@@ -41,6 +42,8 @@ pub enum RedirectError {
     Netlink(#[from] netlink::NetlinkError),
     #[error("netlink socket: {0}")]
     Io(#[from] std::io::Error),
+    #[error("cgroup {path}: {source} (is cgroup v2 mounted there? see --cgroup-root)")]
+    Cgroup { path: std::path::PathBuf, source: std::io::Error },
 }
 
 fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> RedirectError {
@@ -79,18 +82,33 @@ pub struct Redirect {
     /// TCX links by ifindex (kept apart: link ids are neither `Clone` nor `Serialize`).
     links: HashMap<u32, SchedClassifierLinkId>,
     pub pending: Vec<Pending>,
+    host: Option<host::HostCapture>,
+    host_orig: Option<host::HostOrig>,
 }
 
 impl Redirect {
     /// Loads the programs, fills the settings map and installs the routing rule.
-    pub async fn start() -> Result<Self, RedirectError> {
+    /// With `host_cgroup`, host clients are captured too (see [`host`]); if
+    /// that fails, the rest works without it and the reason is logged.
+    pub async fn start(host_cgroup: Option<&std::path::Path>) -> Result<Self, RedirectError> {
         let mut ebpf = EbpfLoader::new().load(EBPF_OBJECT)?;
+        let netns_cookie = match host_cgroup.map(|_| host::netns_cookie()) {
+            Some(Ok(c)) => Some(c),
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "no network namespace cookie (Linux ≥ 5.14): host clients are not captured");
+                None
+            }
+            None => None,
+        };
         let settings = Settings {
             outbound_addr: OUTBOUND_ADDR.to_be(),
             outbound_port: OUTBOUND_PORT,
             inbound_port: INBOUND_PORT,
             mark: PROXY_MARK,
             mark_mask: PROXY_MARK_MASK,
+            netns_cookie: netns_cookie.unwrap_or(0),
+            agent_mark: host::AGENT_MARK,
+            host_capture: u32::from(netns_cookie.is_some()),
         };
         // Borrowed, not taken: the map must stay open until the program is loaded.
         let settings_map = ebpf.map_mut("SETTINGS").ok_or_else(|| missing_map("SETTINGS"))?;
@@ -101,6 +119,16 @@ impl Redirect {
         let counters = PerCpuArray::try_from(take_map(&mut ebpf, "COUNTERS")?).map_err(map_err("COUNTERS"))?;
         let prog: &mut SchedClassifier = program(&mut ebpf)?;
         prog.load()?;
+        let (host, host_orig) = match (host_cgroup, netns_cookie) {
+            (Some(cgroup), Some(_)) => match host::start(&mut ebpf, cgroup) {
+                Ok((h, o)) => (Some(h), Some(o)),
+                Err(e) => {
+                    tracing::warn!(error = %e, detail = ?e, "host clients are not captured");
+                    (None, None)
+                }
+            },
+            _ => (None, None),
+        };
         let handle = netlink::connect()?;
         let lo = loopback_index()?;
         netlink::install_proxy_routing(&handle, lo).await?;
@@ -115,7 +143,14 @@ impl Redirect {
             attached: BTreeMap::new(),
             links: HashMap::new(),
             pending: Vec::new(),
+            host,
+            host_orig,
         })
+    }
+
+    /// The host clients' original destinations, for the proxy (once).
+    pub fn take_host_orig(&mut self) -> Option<host::HostOrig> {
+        self.host_orig.take()
     }
 
     /// Attaches to, updates or detaches from interfaces so that exactly the local
@@ -159,6 +194,9 @@ impl Redirect {
             }
         }
         self.sync_meshed_ips(state, node)?;
+        if let Some(h) = &mut self.host {
+            h.sync(state)?;
+        }
         // Detach what is no longer wanted (pod removed, or its interface replaced).
         let stale: Vec<u32> = self
             .attached

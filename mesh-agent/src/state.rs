@@ -52,7 +52,14 @@ pub struct Node {
     pub name: Arc<str>,
     pub internal_ip: Option<Ipv4Addr>,
     pub labels: BTreeMap<String, String>,
+    /// The node as a workload: the identity its host clients travel with,
+    /// `spiffe://<td>/ns/istio-system/sa/mesh-node-<name>`.
+    #[serde(skip)]
+    pub workload: Arc<Workload>,
 }
+
+/// Service accounts in `istio-system` starting so are node identities.
+pub const NODE_IDENTITY_PREFIX: &str = "mesh-node-";
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Namespace {
@@ -268,7 +275,8 @@ impl State {
     /// pods' and those of the Gateways it runs.
     pub fn node_identities(&self, node: &str) -> std::collections::HashSet<Arc<str>> {
         let pods = self.local_workloads(node).filter(|w| w.meshed).map(|w| w.principal.clone());
-        pods.chain(self.gateways_on(node).map(|g| g.workload.principal.clone())).collect()
+        let node_id = self.nodes.get(node).map(|n| n.workload.principal.clone());
+        pods.chain(self.gateways_on(node).map(|g| g.workload.principal.clone())).chain(node_id).collect()
     }
 
     /// Pods scheduled on `node` that have an IP of their own.

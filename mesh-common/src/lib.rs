@@ -25,6 +25,11 @@ pub const ADMIN_PORT: u16 = 15000;
 pub const PROXY_MARK: u32 = 0x0000_0e00;
 /// Bits of the mark the agent owns; other bits are left to the node's other tenants.
 pub const PROXY_MARK_MASK: u32 = 0x0000_0f00;
+/// Socket mark (`SO_MARK`) on the agent's own outgoing sockets, inside
+/// [`PROXY_MARK_MASK`] but not [`PROXY_MARK`]: the host-client capture
+/// (`cgroup/connect4`) leaves sockets carrying it alone, so the agent never
+/// captures itself.
+pub const AGENT_MARK: u32 = 0x0000_0d00;
 /// Routing table holding the `local 0.0.0.0/0 dev lo` route.
 pub const PROXY_ROUTE_TABLE: u32 = 15001;
 /// Priority of the agent's policy-routing rule: before `lookup local` (0) is not
@@ -72,6 +77,34 @@ pub struct Settings {
     pub mark: u32,
     /// Bits of the mark the agent owns.
     pub mark_mask: u32,
+    /// Cookie of the node's network namespace: host clients are captured there
+    /// only (the cgroup hooks see every namespace's sockets).
+    pub netns_cookie: u64,
+    /// Socket mark of the agent's own sockets (see [`AGENT_MARK`]).
+    pub agent_mark: u32,
+    /// 1 when host clients are captured (`cgroup/connect4`), else 0.
+    pub host_capture: u32,
+}
+
+/// An original destination, as the host-client capture records it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OrigDst {
+    /// IPv4 address, network byte order.
+    pub ip: u32,
+    /// Port, host byte order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// Key of `HOST_ORIG`: a host client's socket, as the agent sees its peer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HostKey {
+    /// IPv4 address, network byte order.
+    pub ip: u32,
+    /// Port, host byte order.
+    pub port: u32,
 }
 
 /// Indices into the per-CPU `COUNTERS` array. Each counts packets.
@@ -93,8 +126,11 @@ pub mod counter {
     pub const PASSED: u32 = 6;
     /// New plaintext connection to a local meshed pod assigned to the inbound listener.
     pub const ASSIGNED_INBOUND: u32 = 7;
+    /// A host process's connection to a mesh Service VIP sent to the agent
+    /// (`cgroup/connect4`; counts connections, not packets).
+    pub const HOST_CAPTURED: u32 = 8;
     /// Number of counters.
-    pub const LEN: u32 = 8;
+    pub const LEN: u32 = 9;
     /// Names for the admin page, in index order.
     pub const NAMES: [&str; LEN as usize] = [
         "seen",
@@ -105,16 +141,24 @@ pub mod counter {
         "assign_failed",
         "passed",
         "assigned_inbound",
+        "host_captured",
     ];
 }
 
 const _: () = assert!(core::mem::size_of::<IfaceInfo>() == 8);
-const _: () = assert!(core::mem::size_of::<Settings>() == 16);
+const _: () = assert!(core::mem::size_of::<Settings>() == 32);
+const _: () = assert!(core::mem::size_of::<OrigDst>() == 8);
+const _: () = assert!(core::mem::size_of::<HostKey>() == 8);
 
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: plain `#[repr(C)]` integers with no padding bytes left implicit.
     unsafe impl aya::Pod for super::IfaceInfo {}
-    // SAFETY: as above; the two u16 ports fill the 4 bytes between the u32s.
+    // SAFETY: as above; the two u16 ports fill the 4 bytes between the u32s,
+    // and the u64 cookie sits at offset 16.
     unsafe impl aya::Pod for super::Settings {}
+    // SAFETY: a u32 and two u16s, no padding.
+    unsafe impl aya::Pod for super::OrigDst {}
+    // SAFETY: two u32s.
+    unsafe impl aya::Pod for super::HostKey {}
 }

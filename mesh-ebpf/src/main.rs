@@ -23,27 +23,49 @@
 //! sends to a table with `local 0.0.0.0/0 dev lo`, so it is delivered locally.
 //! Every socket reference taken is released on every path.
 //!
+//! `mesh_connect4` (`cgroup/connect4`, on the cgroup v2 root) and `mesh_sockops`
+//! (`sockops`, same cgroup) catch processes in the node's own network namespace
+//! (node daemons, `hostNetwork` pods) that connect to a mesh Service VIP
+//! (`SERVICE_VIPS`): the connect is redirected to the outbound listener and the
+//! original destination recorded by socket cookie (`ORIG_BY_COOKIE`); when the
+//! kernel has picked the source port, `mesh_sockops` moves it to `HOST_ORIG`
+//! keyed by (source address, port), which the agent reads on accept. Other
+//! namespaces (netns cookie) and the agent's own sockets (`AGENT_MARK`) are
+//! left alone.
+//!
 //! Maps: `IFACES` (ifindex → [`IfaceInfo`]), `LOCAL_MESHED` (local meshed pod
-//! IPv4 → 1), `SETTINGS` (ports, mark), `COUNTERS`
+//! IPv4 → 1), `SERVICE_VIPS` (Service VIP → 1), `ORIG_BY_COOKIE`, `HOST_ORIG`,
+//! `SETTINGS` (ports, mark, netns cookie), `COUNTERS`
 //! (per-CPU packet counters, see `mesh_common::counter`).
-//! Minimum kernel: 5.7 (`bpf_sk_assign`), 6.6 for TCX attachment.
+//! Minimum kernel: 5.7 (`bpf_sk_assign`, netns cookies in sock_addr programs),
+//! 6.6 for TCX attachment.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{BPF_F_CURRENT_NETNS, TC_ACT_OK, TC_ACT_SHOT, bpf_sock, bpf_sock_tuple},
-    helpers::{bpf_sk_assign, bpf_sk_release, bpf_skc_lookup_tcp},
-    macros::{classifier, map},
-    maps::{Array, HashMap, PerCpuArray},
-    programs::TcContext,
+    EbpfContext as _,
+    bindings::{BPF_F_CURRENT_NETNS, BPF_SOCK_OPS_TCP_CONNECT_CB, TC_ACT_OK, TC_ACT_SHOT, bpf_sock, bpf_sock_tuple},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_sk_assign, bpf_sk_release, bpf_skc_lookup_tcp},
+    macros::{cgroup_sock_addr, classifier, map, sock_ops},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    programs::{SockAddrContext, SockOpsContext, TcContext},
 };
-use mesh_common::{IfaceInfo, Settings, counter, role};
+use mesh_common::{HostKey, IfaceInfo, OrigDst, Settings, counter, role};
 
 #[map]
 static IFACES: HashMap<u32, IfaceInfo> = HashMap::with_max_entries(4096, 0);
 
 #[map]
 static LOCAL_MESHED: HashMap<u32, u32> = HashMap::with_max_entries(4096, 0);
+
+#[map]
+static SERVICE_VIPS: HashMap<u32, u32> = HashMap::with_max_entries(65536, 0);
+
+#[map]
+static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(65536, 0);
+
+#[map]
+static HOST_ORIG: LruHashMap<HostKey, OrigDst> = LruHashMap::with_max_entries(65536, 0);
 
 #[map]
 static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
@@ -213,6 +235,70 @@ fn assign(ctx: &TcContext, sk: *mut bpf_sock, settings: &Settings, which: u32) -
     ctx.set_mark((mark & !settings.mark_mask) | settings.mark);
     count(which);
     TC_ACT_OK
+}
+
+/// Allow the connect (1), possibly redirected to the outbound listener.
+#[cgroup_sock_addr(connect4)]
+pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
+    connect4(&ctx);
+    1
+}
+
+const IPPROTO_TCP_U32: u32 = 6;
+
+fn connect4(ctx: &SockAddrContext) {
+    let Some(settings) = SETTINGS.get(0).copied() else { return };
+    if settings.host_capture == 0 {
+        return;
+    }
+    // SAFETY: the context pointer is valid for the duration of the program.
+    let addr = unsafe { &mut *ctx.sock_addr };
+    if addr.protocol != IPPROTO_TCP_U32 {
+        return;
+    }
+    // SAFETY: helper over this program's own context.
+    if unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } != settings.netns_cookie {
+        return;
+    }
+    // Map keys must live on the stack, not in the context.
+    // SAFETY: reading a field of the valid context.
+    let dst_ip: u32 = unsafe { core::ptr::read_volatile(&addr.user_ip4) };
+    // SAFETY: only tested for presence.
+    if unsafe { SERVICE_VIPS.get(&dst_ip) }.is_none() {
+        return;
+    }
+    // SAFETY: `sk` is always set for connect hooks.
+    let sk = unsafe { addr.__bindgen_anon_1.sk };
+    // SAFETY: checked non-null; `mark` is a readable field of bpf_sock.
+    if sk.is_null() || unsafe { (*sk).mark } & settings.mark_mask == settings.agent_mark {
+        return;
+    }
+    let orig = OrigDst { ip: dst_ip, port: u16::from_be(addr.user_port as u16), _pad: 0 };
+    // SAFETY: helper over this program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if ORIG_BY_COOKIE.insert(&cookie, &orig, 0).is_err() {
+        return;
+    }
+    addr.user_ip4 = settings.outbound_addr;
+    addr.user_port = u32::from(settings.outbound_port.to_be());
+    count(counter::HOST_CAPTURED);
+}
+
+/// Once a redirected connect has its source port, records the original
+/// destination under (source address, port) for the agent.
+#[sock_ops]
+pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
+    if ctx.op() == BPF_SOCK_OPS_TCP_CONNECT_CB {
+        // SAFETY: helper over this program's own context.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        // SAFETY: the value is copied out before the map is changed.
+        if let Some(orig) = unsafe { ORIG_BY_COOKIE.get(&cookie) }.copied() {
+            let key = HostKey { ip: ctx.local_ip4(), port: ctx.local_port() };
+            let _ = HOST_ORIG.insert(&key, &orig, 0);
+            let _ = ORIG_BY_COOKIE.remove(&cookie);
+        }
+    }
+    1
 }
 
 #[cfg(not(test))]

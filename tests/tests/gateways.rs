@@ -400,3 +400,30 @@ fn egress_registry_only_service_entries_tls_origination_and_egress_gateway() {
     let hop2 = [("source_workload", "egress"), ("destination_service", "external.example")];
     assert!(metric(&m2, "istio_requests_total", &[hop2[0], hop2[1], ("response_code", "200")]) >= 1.0, "{m2}");
 }
+
+#[test]
+fn host_network_clients_reach_services_with_the_node_identity() {
+    if !require_root("host_network_clients_reach_services_with_the_node_identity") {
+        return;
+    }
+    let e = Edge::start();
+    // curl in node-1's own namespace (a node daemon or hostNetwork pod) to a
+    // Service VIP whose only endpoint is on node-2: caught by cgroup/connect4.
+    let node1 = |args: &[&str]| e.c.node_cmd(args);
+    let (code, body) = curl(node1, &["http://10.96.0.10:5000/from-the-node"]);
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("hello from helloworld"), "{body}");
+    let node_id = "spiffe://cluster.local/ns/istio-system/sa/mesh-node-node-1";
+    let m1 = e.agents[0].metrics();
+    let src = [("source_principal", node_id), ("destination_service", "helloworld.demo.svc.cluster.local")];
+    assert!(metric(&m1, "istio_requests_total", &[src[0], src[1], ("response_code", "200")]) >= 1.0, "{m1}");
+    let m2 = e.agents[1].metrics();
+    let dst = [("source_principal", node_id), ("reporter", "destination")];
+    assert!(metric(&m2, "istio_tcp_connections_opened_total", &dst) >= 1.0, "{m2}");
+    // A pod's connection is not a host client: it goes the usual way.
+    let (code, body) = curl(|a: &[&str]| e.pod("test").cmd(a), &["http://10.96.0.10:5000/"]);
+    assert_eq!(code, 200, "{body}");
+    e.agents[0].wait_metrics(5, "host_captured counter", |t| {
+        metric(t, "mesh_ebpf_packets_total", &[("counter", "host_captured")]) >= 1.0
+    });
+}

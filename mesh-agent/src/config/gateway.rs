@@ -119,6 +119,9 @@ pub(super) fn build_gateway(
 ) -> Option<Gateway> {
     let (name, namespace) = super::security::name_and_namespace(ctx, &obj.metadata)?;
     let before = ctx.error_count();
+    if &*namespace == "istio-system" && name.starts_with(crate::state::NODE_IDENTITY_PREFIX) {
+        ctx.error("metadata.name", "names mesh-node-* in istio-system are node identities");
+    }
     if obj.spec.servers.is_empty() {
         ctx.error("spec.servers", "at least one server is required");
     }

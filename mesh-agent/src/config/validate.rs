@@ -16,7 +16,8 @@ use super::{
     service_entry::{self, ServiceEntryObject},
 };
 use crate::state::{
-    CLUSTER_DOMAIN, DATAPLANE_MODE_LABEL, Namespace, Node, Protocol, Service, ServicePort, State, TargetPort, Workload,
+    CLUSTER_DOMAIN, DATAPLANE_MODE_LABEL, NODE_IDENTITY_PREFIX, Namespace, Node, Protocol, Service, ServicePort, State,
+    TargetPort, Workload,
 };
 
 /// Collects errors against one object.
@@ -241,7 +242,7 @@ fn assemble(objects: Objects, trust_domain: &str, errors: &mut Vec<ConfigError>)
     let mut state = State { trust_domain: trust_domain.into(), ..State::default() };
     for (origin, node) in &objects.nodes {
         let mut ctx = Ctx { origin, object: describe_meta("Node", &node.metadata), errors };
-        if let Some(n) = build_node(&mut ctx, node) {
+        if let Some(n) = build_node(&mut ctx, node, trust_domain) {
             state.nodes.insert(n.name.clone(), n);
         }
     }
@@ -478,7 +479,7 @@ fn build_unique<O, T>(
     out
 }
 
-fn build_node(ctx: &mut Ctx<'_>, node: &k8s::Node) -> Option<Node> {
+fn build_node(ctx: &mut Ctx<'_>, node: &k8s::Node, trust_domain: &str) -> Option<Node> {
     let name = require_name(ctx, &node.metadata)?;
     let mut internal_ip = None;
     for (i, a) in node.status.addresses.iter().enumerate() {
@@ -491,7 +492,24 @@ fn build_node(ctx: &mut Ctx<'_>, node: &k8s::Node) -> Option<Node> {
             internal_ip = parse_ip(ctx, &field, &a.address);
         }
     }
-    Some(Node { name, internal_ip, labels: node.metadata.labels.clone() })
+    let sa: Arc<str> = format!("{NODE_IDENTITY_PREFIX}{name}").into();
+    let workload = Arc::new(Workload {
+        name: name.clone(),
+        namespace: "istio-system".into(),
+        workload_name: name.clone(),
+        app: "mesh-node".into(),
+        version: "unknown".into(),
+        labels: BTreeMap::new(),
+        node: Some(name.clone()),
+        principal: crate::identity::spiffe_id(trust_domain, "istio-system", &sa).into(),
+        service_account: sa,
+        ip: internal_ip,
+        host_network: true,
+        meshed: true,
+        ready: true,
+        named_ports: BTreeMap::new(),
+    });
+    Some(Node { name, internal_ip, labels: node.metadata.labels.clone(), workload })
 }
 
 /// Istio's workload name: a ReplicaSet's owner Deployment (the ReplicaSet name
@@ -553,6 +571,15 @@ fn build_workload(
     let phase_ok = pod.status.phase.as_deref().is_none_or(|p| p == "Running");
     let ready_ok = pod.status.conditions.iter().filter(|c| c.kind == "Ready").all(|c| c.status == "True");
     let service_account: Arc<str> = pod.spec.service_account_name.as_deref().unwrap_or("default").into();
+    if &*namespace == "istio-system" && service_account.starts_with(NODE_IDENTITY_PREFIX) {
+        ctx.error(
+            "spec.serviceAccountName",
+            format!(
+                "{service_account:?}: service accounts {NODE_IDENTITY_PREFIX}* in istio-system are node identities"
+            ),
+        );
+        return None;
+    }
     let workload_name = workload_name(pod, &name);
     let app = labels
         .get("app")

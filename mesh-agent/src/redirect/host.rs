@@ -1,0 +1,137 @@
+//! Host clients: processes in the node's own network namespace (node daemons,
+//! `hostNetwork` pods) that connect to a mesh Service VIP. `mesh_connect4` on
+//! the cgroup v2 root sends such a connect to the outbound listener and
+//! `mesh_sockops` records its original destination under its source address
+//! and port in `HOST_ORIG`, which the proxy reads when it accepts.
+//!
+//! The programs see every namespace's sockets (the cgroup is the machine's
+//! root), so they act only in this node's namespace (its netns cookie), and
+//! never on the agent's own sockets (marked [`AGENT_MARK`]). Links are held by
+//! this process: the kernel detaches them if the agent dies.
+use std::{
+    collections::HashSet,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+use aya::{
+    Ebpf,
+    maps::{HashMap as BpfHashMap, MapData},
+    programs::{CgroupAttachMode, CgroupSockAddr, SockOps},
+};
+use mesh_common::{HostKey, OrigDst};
+
+use super::{RedirectError, map_err, take_map};
+use crate::state::State;
+
+pub use mesh_common::AGENT_MARK;
+
+/// The original destinations of captured host connections, shared with the proxy.
+pub struct HostOrig(Mutex<BpfHashMap<MapData, HostKey, OrigDst>>);
+
+impl HostOrig {
+    /// The original destination of a host connection accepted from `peer`
+    /// (the entry is consumed).
+    pub fn take(&self, peer: SocketAddrV4) -> Option<SocketAddrV4> {
+        let key = HostKey { ip: u32::from_ne_bytes(peer.ip().octets()), port: u32::from(peer.port()) };
+        let mut map = self.0.lock().ok()?;
+        let orig = map.get(&key, 0).ok()?;
+        let _ = map.remove(&key);
+        Some(SocketAddrV4::new(Ipv4Addr::from(orig.ip.to_ne_bytes()), orig.port))
+    }
+}
+
+/// The VIP set the programs act on, kept in step with the configuration.
+pub struct HostCapture {
+    vips: BpfHashMap<MapData, u32, u32>,
+    vip_set: HashSet<u32>,
+    pub cgroup: PathBuf,
+}
+
+/// The cgroup v2 root: `/sys/fs/cgroup` on a unified host, else the hybrid
+/// layout's `/sys/fs/cgroup/unified`. When `/sys/fs/cgroup` is an empty
+/// directory, this process runs in a mount namespace with a fresh sysfs (as
+/// `ip netns exec` makes): cgroup2 is mounted there, visible to this process
+/// only and gone with it.
+pub fn default_cgroup_root() -> PathBuf {
+    let base = Path::new("/sys/fs/cgroup");
+    for p in [base.to_path_buf(), base.join("unified")] {
+        if p.join("cgroup.controllers").exists() {
+            return p;
+        }
+    }
+    let empty = std::fs::read_dir(base).is_ok_and(|mut d| d.next().is_none());
+    if empty {
+        // SAFETY: NUL-terminated constant strings; no data argument.
+        let rc = unsafe {
+            libc::mount(c"cgroup2".as_ptr(), c"/sys/fs/cgroup".as_ptr(), c"cgroup2".as_ptr(), 0, std::ptr::null())
+        };
+        if rc == 0 {
+            tracing::info!("mounted cgroup2 on /sys/fs/cgroup in this process's mount namespace");
+        } else {
+            tracing::warn!(error = %std::io::Error::last_os_error(), "mounting cgroup2 on /sys/fs/cgroup failed");
+        }
+    }
+    base.into()
+}
+
+/// The cookie of this process's network namespace (Linux ≥ 5.14).
+pub fn netns_cookie() -> std::io::Result<u64> {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: valid fd, and a u64 out-buffer with its length.
+    let rc = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&s),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 { Ok(cookie) } else { Err(std::io::Error::last_os_error()) }
+}
+
+/// Loads and attaches the host-client programs to `cgroup`.
+pub fn start(ebpf: &mut Ebpf, cgroup: &Path) -> Result<(HostCapture, HostOrig), RedirectError> {
+    let vips = BpfHashMap::try_from(take_map(ebpf, "SERVICE_VIPS")?).map_err(map_err("SERVICE_VIPS"))?;
+    let orig = BpfHashMap::try_from(take_map(ebpf, "HOST_ORIG")?).map_err(map_err("HOST_ORIG"))?;
+    let dir = std::fs::File::open(cgroup).map_err(|e| RedirectError::Cgroup { path: cgroup.into(), source: e })?;
+    let connect: &mut CgroupSockAddr =
+        ebpf.program_mut("mesh_connect4").ok_or(aya::programs::ProgramError::UnexpectedProgramType)?.try_into()?;
+    connect.load()?;
+    // On Linux ≥ 5.7 this is a bpf_link, which always coexists with others on
+    // the cgroup (each node's agent, other tools); the kernel refuses the
+    // ALLOW_MULTI flag on links, so `Single` is the mode to ask for.
+    connect.attach(&dir, CgroupAttachMode::Single)?;
+    let sockops: &mut SockOps =
+        ebpf.program_mut("mesh_sockops").ok_or(aya::programs::ProgramError::UnexpectedProgramType)?.try_into()?;
+    sockops.load()?;
+    sockops.attach(&dir, CgroupAttachMode::Single)?;
+    tracing::info!(cgroup = %cgroup.display(), "host clients captured (cgroup/connect4 + sockops)");
+    Ok((HostCapture { vips, vip_set: HashSet::new(), cgroup: cgroup.into() }, HostOrig(Mutex::new(orig))))
+}
+
+impl HostCapture {
+    /// Makes `SERVICE_VIPS` hold exactly the mesh Services' VIPs.
+    pub fn sync(&mut self, state: &State) -> Result<(), RedirectError> {
+        let want: HashSet<u32> = state
+            .services
+            .values()
+            .filter(|s| s.external.is_none())
+            .filter_map(|s| s.vip)
+            .map(|ip| u32::from_ne_bytes(ip.octets()))
+            .collect();
+        for ip in want.difference(&self.vip_set) {
+            self.vips.insert(*ip, 1, 0).map_err(map_err("SERVICE_VIPS"))?;
+        }
+        for ip in self.vip_set.difference(&want) {
+            let _ = self.vips.remove(ip);
+        }
+        self.vip_set = want;
+        Ok(())
+    }
+}
