@@ -250,7 +250,22 @@ async fn handle(
             let handling = if h2 { Handling::Http2 } else { Handling::Http1 };
             crate::l7::serve(ctx.clone(), tls, downstream(peer, local, gateways), handling).await;
         }
-        (GatewayProtocol::Tcp, _) => serve_tcp(ctx, stream, peer, local, &gateways).await,
+        (GatewayProtocol::Tcp, _) => {
+            let state = ctx.state();
+            let found =
+                crate::l7::routing::route_gateway_tcp(&state, &gateways, local, ctx.next_pick(), ctx.next_random());
+            serve_tcp(ctx, stream, peer, local, found).await
+        }
+        (GatewayProtocol::Tls, _) => {
+            let Some(sni) = peek_sni(&stream).await else {
+                tracing::info!(%peer, %local, "gateway: no TLS server name from the client");
+                return proxy::fail(ctx, &stream, peer, None, ProxyError::NotLocal(local));
+            };
+            let state = ctx.state();
+            let (pick, random) = (ctx.next_pick(), ctx.next_random());
+            let found = crate::l7::routing::route_gateway_tls(&state, &gateways, local, &sni, pick, random);
+            serve_tcp(ctx, stream, peer, local, found).await
+        }
         _ => {
             let handling = match proxy::sniff_client(&stream, ctx.protocol_detection_timeout).await {
                 Handling::Http2 => Handling::Http2,
@@ -269,13 +284,37 @@ fn downstream(peer: SocketAddr, local: SocketAddrV4, gateways: Arc<[String]>) ->
     Downstream { peer, peer_ip, orig: local, source: None, gateways: Some(gateways), first_pick: usize::MAX.into() }
 }
 
-/// A TCP server: the first `tcp` rule bound to one of the gateways for the port.
-async fn serve_tcp(ctx: &Arc<Context>, client: TcpStream, peer: SocketAddr, local: SocketAddrV4, gateways: &[String]) {
+/// The server name in the client's ClientHello, read without consuming it
+/// (the bytes go upstream untouched).
+async fn peek_sni(stream: &TcpStream) -> Option<String> {
+    let mut buf = vec![0u8; 16 * 1024];
+    let deadline = tokio::time::Instant::now() + TLS_HANDSHAKE_TIMEOUT;
+    loop {
+        let n = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => n,
+            _ => return None,
+        };
+        match crate::l7::sni::sni(&buf[..n]) {
+            crate::l7::sni::Sni::Found(name) => return Some(name.to_ascii_lowercase()),
+            crate::l7::sni::Sni::NeedMore if n < buf.len() => tokio::time::sleep(Duration::from_millis(2)).await,
+            _ => return None,
+        }
+    }
+}
+
+/// A TCP or TLS-passthrough server: where the first matching rule sends the
+/// connection (`found`), bytes copied both ways.
+async fn serve_tcp(
+    ctx: &Arc<Context>,
+    client: TcpStream,
+    peer: SocketAddr,
+    local: SocketAddrV4,
+    found: Option<(Route, String)>,
+) {
     let state = ctx.state();
-    let found = crate::l7::routing::route_gateway_tcp(&state, gateways, local, ctx.next_pick(), ctx.next_random());
     let Some((route, gw)) = found else {
         let err = ProxyError::NotLocal(local);
-        tracing::info!(%peer, %local, "gateway: no tcp route for this port");
+        tracing::info!(%peer, %local, "gateway: no tcp/tls route for this connection");
         return proxy::fail(ctx, &client, peer, None, err);
     };
     let source = state.gateway(&gw).map(|g| g.workload.clone());

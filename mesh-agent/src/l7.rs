@@ -34,6 +34,7 @@ mod metered;
 pub mod pool;
 pub mod protocol;
 pub mod routing;
+pub mod sni;
 
 use metered::{Metered, Record};
 use pool::{PoolKey, Sender};

@@ -63,7 +63,7 @@ metadata: {{name: helloworld, namespace: demo}}
 spec:
   clusterIP: 10.96.0.10
   selector: {{app: helloworld}}
-  ports: [{{name: http, port: 5000, targetPort: 9095}}, {{name: tcp-echo, port: 7000}}]
+  ports: [{{name: http, port: 5000, targetPort: 9095}}, {{name: tcp-echo, port: 7000}}, {{name: tls, port: 8443}}]
 ---
 apiVersion: v1
 kind: ConfigMap
@@ -99,6 +99,19 @@ spec:
     hosts: ["*"]
   - port: {{number: 9000, name: tcp, protocol: TCP}}
     hosts: ["*"]
+  - port: {{number: 9443, name: tls, protocol: TLS}}
+    hosts: [passthrough.example]
+    tls: {{mode: PASSTHROUGH}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: passthrough, namespace: demo}}
+spec:
+  hosts: [passthrough.example]
+  gateways: [istio-system/ingress]
+  tls:
+  - match: [{{port: 9443, sniHosts: [passthrough.example]}}]
+    route: [{{destination: {{host: helloworld, port: {{number: 8443}}}}}}]
 ---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
@@ -186,7 +199,7 @@ spec:
 struct Edge {
     agents: Vec<Agent>,
     _ca: CaService,
-    _tls_server: KillOnDrop,
+    _tls_servers: Vec<KillOnDrop>,
     _busy: TcpListener,
     certs: Certs,
     c: Cluster,
@@ -224,16 +237,24 @@ impl Edge {
         let certs = Certs::new(&c.id);
         let (crt, key) = certs.server("hello", "hello.example.com");
         let (ext_crt, ext_key) = certs.server("secure", "secure.example");
-        let tls_server = Command::new("ip")
-            .args(["netns", "exec", &c.net_ns, "openssl", "s_server", "-quiet", "-www", "-accept", "8443", "-cert"])
-            .arg(&ext_crt)
-            .arg("-key")
-            .arg(&ext_key)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let (pass_crt, pass_key) = certs.server("passthrough", "passthrough.example");
+        let s_server = |netns: &str, crt: &PathBuf, key: &PathBuf| {
+            let child = Command::new("ip")
+                .args(["netns", "exec", netns, "openssl", "s_server", "-quiet", "-www", "-accept", "8443", "-cert"])
+                .arg(crt)
+                .arg("-key")
+                .arg(key)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            KillOnDrop(child)
+        };
+        // The outside HTTPS service, and a TLS server inside the mesh that the
+        // gateway passes through unopened.
+        let tls_servers =
+            vec![s_server(&c.net_ns, &ext_crt, &ext_key), s_server(&c.pod("helloworld").netns, &pass_crt, &pass_key)];
         // Something else holds node-1's port 8443: that listener must fail alone.
         let node1 = Pod { netns: c.nodes[0].ns.clone(), ..outside };
         let busy = node1.run(|| TcpListener::bind((NODE1, 8443)).unwrap());
@@ -243,7 +264,7 @@ impl Edge {
         let cfg = config(&secret, &ca_secret, "");
         let ca = CaService::start(&c, &cfg);
         let agents = (0..2).map(|i| Agent::start_on(&c, i, &cfg, &ca.agent_args(&c.nodes[i].name))).collect();
-        Edge { agents, _ca: ca, _tls_server: KillOnDrop(tls_server), _busy: busy, certs, c, secret, ca_secret }
+        Edge { agents, _ca: ca, _tls_servers: tls_servers, _busy: busy, certs, c, secret, ca_secret }
     }
 
     fn pod(&self, name: &str) -> &Pod {
@@ -301,6 +322,23 @@ fn ingress_gateway_serves_http_and_https_from_outside_the_mesh() {
     );
     assert_eq!(code, 200, "{body}");
     assert!(body.contains("hello from helloworld"), "{body}");
+    // TLS passthrough by SNI: the pod's own certificate reaches the client.
+    let (code, body) = curl(
+        outside,
+        &[
+            "--cacert",
+            ca.to_str().unwrap(),
+            "--resolve",
+            &format!("passthrough.example:9443:{NODE1}"),
+            "https://passthrough.example:9443/",
+        ],
+    );
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("s_server"), "{body}");
+    // Another SNI has no route: the connection is refused.
+    let (code, _) =
+        curl(outside, &["-k", "--resolve", &format!("other.example:9443:{NODE1}"), "https://other.example:9443/"]);
+    assert_eq!(code, 0);
     // node-2 runs the egress Gateway only: its port 80 does not route the
     // ingress rules, and its port 443 is not open.
     let (code, _) = curl(outside, &[&format!("http://{NODE2}/helloworld")]);

@@ -250,8 +250,9 @@ fn server_tls(
         }
     }
     let tls = match t.mode.as_deref().unwrap_or("SIMPLE") {
+        "PASSTHROUGH" if protocol == GatewayProtocol::Tls => ServerTls::Passthrough,
         "PASSTHROUGH" => {
-            ctx.error(format!("{base}.mode"), format!("PASSTHROUGH is {NOT_YET} (SNI routing comes later)"));
+            ctx.error(format!("{base}.mode"), "PASSTHROUGH needs port protocol TLS");
             return None;
         }
         "SIMPLE" if protocol == GatewayProtocol::Tls => {

@@ -10,7 +10,8 @@ use super::{gateway::Secrets, k8s::ObjectMeta, validate::Ctx};
 use crate::{
     l7::routing::{
         DestinationRule, Fault, HashKey, HeaderOps, HeaderRules, HttpMatch, HttpRoute, LoadBalancer, OutlierDetection,
-        Policy, Redirect, Retries, RetryOn, Rewrite, StrMatch, Subset, TcpRoute, VirtualService, WeightedDestination,
+        Policy, Redirect, Retries, RetryOn, Rewrite, StrMatch, Subset, TcpRoute, TlsMatch, TlsRoute, VirtualService,
+        WeightedDestination,
     },
     state::{CLUSTER_DOMAIN, Gateway, Service},
 };
@@ -42,8 +43,31 @@ pub struct VirtualServiceSpec {
     pub http: Vec<HttpRouteSpec>,
     #[serde(default)]
     pub tcp: Vec<TcpRouteSpec>,
-    pub tls: Unsupported,
+    #[serde(default)]
+    pub tls: Vec<TlsRouteSpec>,
     pub export_to: Unsupported,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsRouteSpec {
+    #[serde(default, rename = "match")]
+    pub matches: Vec<TlsMatchSpec>,
+    #[serde(default)]
+    pub route: Vec<RouteDestinationSpec>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TlsMatchSpec {
+    #[serde(default)]
+    pub sni_hosts: Vec<String>,
+    pub port: Option<i64>,
+    #[serde(default)]
+    pub gateways: Vec<String>,
+    pub destination_subnets: Unsupported,
+    pub source_labels: Unsupported,
+    pub source_namespace: Unsupported,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -439,7 +463,7 @@ pub(super) fn build_virtual_service(
     let (name, namespace) = super::security::name_and_namespace(ctx, &obj.metadata)?;
     let before = ctx.error_count();
     let spec = &obj.spec;
-    reject(ctx, "spec", &[("tls", &spec.tls), ("exportTo", &spec.export_to)]);
+    reject(ctx, "spec", &[("exportTo", &spec.export_to)]);
     // No `gateways` means the mesh only; `mesh` names the mesh among gateways.
     let gw_refs: Vec<String> = match spec.gateways.is_empty() {
         true => vec![MESH.to_owned()],
@@ -607,6 +631,7 @@ pub(super) fn build_virtual_service(
         let routes = destinations(ctx, &base, &r.route, &namespace, services);
         tcp.push(Arc::new(TcpRoute { ports, routes }));
     }
+    let tls = tls_routes(ctx, spec, &namespace, services, &gw_refs);
     let host_patterns = spec.hosts.clone();
     (ctx.error_count() == before).then_some(VirtualService {
         name,
@@ -616,7 +641,65 @@ pub(super) fn build_virtual_service(
         gateways: gw_refs,
         http,
         tcp,
+        tls,
     })
+}
+
+/// `tls` rules: routed by SNI at gateways (TLS PASSTHROUGH servers).
+fn tls_routes(
+    ctx: &mut Ctx<'_>,
+    spec: &VirtualServiceSpec,
+    namespace: &str,
+    services: &BTreeMap<String, Arc<Service>>,
+    gw_refs: &[String],
+) -> Vec<Arc<TlsRoute>> {
+    let mut out = Vec::new();
+    for (ri, r) in spec.tls.iter().enumerate() {
+        let base = format!("spec.tls[{ri}]");
+        let mut matches = Vec::new();
+        for (mi, m) in r.matches.iter().enumerate() {
+            let mb = format!("{base}.match[{mi}]");
+            reject(
+                ctx,
+                &mb,
+                &[
+                    ("destinationSubnets", &m.destination_subnets),
+                    ("sourceLabels", &m.source_labels),
+                    ("sourceNamespace", &m.source_namespace),
+                ],
+            );
+            if m.sni_hosts.is_empty() {
+                ctx.error(format!("{mb}.sniHosts"), "at least one SNI host is required");
+            }
+            let port = match m.port.map(u16::try_from) {
+                Some(Ok(p)) if p != 0 => Some(p),
+                Some(_) => {
+                    ctx.error(format!("{mb}.port"), "out of range 1-65535");
+                    None
+                }
+                None => None,
+            };
+            let gateways: Vec<String> = m.gateways.iter().map(|g| gateway_ref(g, namespace)).collect();
+            let applies: Vec<&String> =
+                if gateways.is_empty() { gw_refs.iter().collect() } else { gateways.iter().collect() };
+            if applies.iter().any(|g| *g == MESH) {
+                ctx.error(
+                    format!("{mb}.gateways"),
+                    format!("tls rules for mesh traffic are {NOT_YET} (gateways only)"),
+                );
+            }
+            matches.push(TlsMatch { sni_hosts: m.sni_hosts.clone(), port, gateways });
+        }
+        if r.matches.is_empty() {
+            ctx.error(format!("{base}.match"), "at least one match with sniHosts is required");
+        }
+        if r.route.is_empty() {
+            ctx.error(format!("{base}.route"), "at least one destination is required");
+        }
+        let routes = destinations(ctx, &base, &r.route, namespace, services);
+        out.push(Arc::new(TlsRoute { matches, routes }));
+    }
+    out
 }
 
 /// `route[]`: destinations with weights adding up to 100 (one may omit its weight).

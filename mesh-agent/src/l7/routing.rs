@@ -25,6 +25,24 @@ pub struct VirtualService {
     pub gateways: Vec<String>,
     pub http: Vec<Arc<HttpRoute>>,
     pub tcp: Vec<Arc<TcpRoute>>,
+    pub tls: Vec<Arc<TlsRoute>>,
+}
+
+/// A `tls` rule: connections whose SNI matches go to the destinations, the
+/// TLS left unopened.
+#[derive(Debug, Clone, Serialize)]
+pub struct TlsRoute {
+    pub matches: Vec<TlsMatch>,
+    pub routes: Vec<WeightedDestination>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TlsMatch {
+    /// Host patterns (`*.example.com` allowed).
+    pub sni_hosts: Vec<String>,
+    pub port: Option<u16>,
+    /// Only at these gateways; empty: the VirtualService's gateways.
+    pub gateways: Vec<String>,
 }
 
 /// A `tcp` rule: for connections to the listed ports (any when a match has no
@@ -619,6 +637,42 @@ pub fn route_gateway_tcp(
             .filter(|vs| vs.gateways.iter().any(|g| g == gw))
             .flat_map(|vs| vs.tcp.iter())
             .find(|r| r.ports.is_empty() || r.ports.iter().any(|p| p.is_none_or(|p| p == orig.port())))?;
+        let dest = choose(&rule.routes, random)?;
+        let route = match resolve(state, "", dest, orig.port()) {
+            Ok((target, port, labels, _, _)) => route_to(target, orig, port, labels, Pick::Turn(pick), &|_| false),
+            Err(reason) => match state.services.get(&dest.service) {
+                Some(s) => Route::Refused { service: s.clone(), reason },
+                None => Route::BlackHole { addr: orig },
+            },
+        };
+        Some((route, gw.clone()))
+    })
+}
+
+/// Routes a TLS connection at a Gateway's PASSTHROUGH server by its SNI: the
+/// first `tls` rule, of the VirtualServices bound to one of `gateways`, with a
+/// match for the SNI and port.
+pub fn route_gateway_tls(
+    state: &State,
+    gateways: &[String],
+    orig: SocketAddrV4,
+    sni: &str,
+    pick: usize,
+    random: u64,
+) -> Option<(Route, String)> {
+    gateways.iter().find_map(|gw| {
+        let rule = state
+            .virtual_services
+            .iter()
+            .filter(|vs| vs.gateways.iter().any(|g| g == gw))
+            .flat_map(|vs| vs.tls.iter())
+            .find(|r| {
+                r.matches.iter().any(|m| {
+                    (m.gateways.is_empty() || m.gateways.iter().any(|g| g == gw))
+                        && m.port.is_none_or(|p| p == orig.port())
+                        && m.sni_hosts.iter().any(|h| host_matches(h, sni))
+                })
+            })?;
         let dest = choose(&rule.routes, random)?;
         let route = match resolve(state, "", dest, orig.port()) {
             Ok((target, port, labels, _, _)) => route_to(target, orig, port, labels, Pick::Turn(pick), &|_| false),
