@@ -330,12 +330,14 @@ async fn handle_connect(
     // The original client: trusted only when that pod runs as the peer's identity.
     let client_ip = forwarded_for(&req);
     let source = client_ip.and_then(|ip| state.workload_by_ip(ip)).filter(|w| *w.principal == *peer_id).cloned();
+    // A gateway or a node's host client: labelled as that workload, no pod IP.
+    let labelled = source.clone().or_else(|| state.edge_workload(&peer_id));
     let source_ip = source.as_ref().and_then(|w| w.ip);
     let policy_ip = source_ip.unwrap_or(match peer.ip() {
         std::net::IpAddr::V4(ip) => ip,
         std::net::IpAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
     });
-    let mut labels = TcpLabels::new(source.as_deref(), Some(&dest), None, false);
+    let mut labels = TcpLabels::new(labelled.as_deref(), Some(&dest), None, false);
     labels.reporter = "destination";
     labels.source_principal = peer_id.to_string();
     labels.connection_security_policy = "mutual_tls";

@@ -271,6 +271,13 @@ impl State {
         self.gateways.iter().find(|g| key.split_once('/') == Some((&g.namespace, &g.name)))
     }
 
+    /// The Gateway or node that runs as `principal` (they have no pod IP).
+    pub fn edge_workload(&self, principal: &str) -> Option<Arc<Workload>> {
+        let gateways = self.gateways.iter().map(|g| &g.workload);
+        let nodes = self.nodes.values().map(|n| &n.workload);
+        gateways.chain(nodes).find(|w| *w.principal == *principal).cloned()
+    }
+
     /// The identities an agent on `node` holds certificates for: its meshed
     /// pods' and those of the Gateways it runs.
     pub fn node_identities(&self, node: &str) -> std::collections::HashSet<Arc<str>> {

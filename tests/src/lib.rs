@@ -7,6 +7,8 @@
 
 pub mod agent;
 pub mod certs;
+pub mod clients;
+pub mod grpc;
 pub mod netns;
 pub mod servers;
 

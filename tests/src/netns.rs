@@ -205,6 +205,12 @@ impl Default for Cluster {
 }
 
 impl Pod {
+    /// A namespace that is not a pod (the cluster network, a node), to run
+    /// servers and clients in with the same helpers; no cgroup.
+    pub fn namespace(name: &str, ip: Ipv4Addr, netns: &str) -> Pod {
+        Pod { name: name.into(), ip, node: 0, netns: netns.into(), host_if: String::new(), cgroup: PathBuf::new() }
+    }
+
     /// Runs a command (e.g. curl) in the pod's namespace and cgroup.
     pub fn cmd(&self, args: &[&str]) -> Output {
         let mut c = Command::new("ip");

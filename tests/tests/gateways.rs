@@ -225,14 +225,7 @@ impl Edge {
         servers::echo(c.pod("helloworld"), 7000);
         // Outside the cluster: an HTTP server and an HTTPS one (openssl s_server).
         assert!(c.net_cmd(&["ip", "addr", "add", &format!("{EXTERNAL_IP}/32"), "dev", "lo"]).status.success());
-        let outside = Pod {
-            name: "external".into(),
-            ip: EXTERNAL_IP,
-            node: 0,
-            netns: c.net_ns.clone(),
-            host_if: String::new(),
-            cgroup: PathBuf::new(),
-        };
+        let outside = Pod::namespace("external", EXTERNAL_IP, &c.net_ns);
         servers::http_hello(&outside, 80);
         let certs = Certs::new(&c.id);
         let (crt, key) = certs.server("hello", "hello.example.com");
@@ -256,7 +249,7 @@ impl Edge {
         let tls_servers =
             vec![s_server(&c.net_ns, &ext_crt, &ext_key), s_server(&c.pod("helloworld").netns, &pass_crt, &pass_key)];
         // Something else holds node-1's port 8443: that listener must fail alone.
-        let node1 = Pod { netns: c.nodes[0].ns.clone(), ..outside };
+        let node1 = Pod::namespace("node-1", c.nodes[0].ip, &c.nodes[0].ns);
         let busy = node1.run(|| TcpListener::bind((NODE1, 8443)).unwrap());
         let secret =
             format!("  tls.crt: |\n{}  tls.key: |\n{}", Certs::yaml_block(&crt, 4), Certs::yaml_block(&key, 4));
@@ -383,7 +376,12 @@ fn ingress_gateway_serves_http_and_https_from_outside_the_mesh() {
     assert!(metric(&m1, "istio_requests_total", &[("source_workload", "ingress"), ("response_code", "404")]) >= 1.0);
     let m2 = e.agents[1].metrics();
     let principal = ("source_principal", "spiffe://cluster.local/ns/istio-system/sa/ingress");
-    let dest = [principal, ("reporter", "destination"), ("connection_security_policy", "mutual_tls")];
+    let dest = [
+        principal,
+        ("source_workload", "ingress"),
+        ("reporter", "destination"),
+        ("connection_security_policy", "mutual_tls"),
+    ];
     assert!(metric(&m2, "istio_tcp_connections_opened_total", &dest) >= 1.0, "{m2}");
 }
 

@@ -1,0 +1,56 @@
+//! Blocking one-shot clients (gRPC with tonic, WebSocket with tokio-tungstenite,
+//! raw TCP) for the demo and tests; run them inside a namespace with `Pod::run`.
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    time::Duration,
+};
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+}
+
+/// One `test.Echo/Unary` call to `uri` (`http://host:port`); the reply's text.
+pub fn grpc_unary(uri: String, text: &str) -> Result<String, String> {
+    let msg = crate::grpc::EchoMsg { text: text.into(), fail_with: 0 };
+    runtime().block_on(async move {
+        let channel = tonic::transport::Endpoint::from_shared(uri)
+            .map_err(|e| e.to_string())?
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let mut grpc = tonic::client::Grpc::new(channel);
+        crate::grpc::unary(&mut grpc, msg).await.map(|m| m.text).map_err(|s| format!("{:?}: {}", s.code(), s.message()))
+    })
+}
+
+/// A WebSocket to `url`: sends `text`, returns what came back, closes.
+pub fn websocket_echo(url: String, text: &str) -> Result<String, String> {
+    use futures_util::{SinkExt as _, StreamExt as _};
+    use tokio_tungstenite::tungstenite::Message;
+    let text = text.to_owned();
+    runtime().block_on(async move {
+        let connect = tokio_tungstenite::connect_async(url);
+        let (mut ws, _) = tokio::time::timeout(Duration::from_secs(5), connect)
+            .await
+            .map_err(|_| "handshake timed out".to_owned())?
+            .map_err(|e| e.to_string())?;
+        ws.send(Message::text(text)).await.map_err(|e| e.to_string())?;
+        let back = ws.next().await.ok_or("closed")?.map_err(|e| e.to_string())?;
+        let _ = ws.close(None).await;
+        Ok(back.into_text().map_err(|e| e.to_string())?.to_string())
+    })
+}
+
+/// Sends `payload` to an echo server and returns what came back (half-close).
+pub fn tcp_echo(addr: SocketAddr, payload: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(payload)?;
+    s.shutdown(std::net::Shutdown::Write)?;
+    let mut back = Vec::new();
+    s.read_to_end(&mut back)?;
+    Ok(back)
+}

@@ -1,0 +1,103 @@
+//! A gRPC service `test.Echo` with tonic, written as tonic-build would
+//! generate it (no protoc needed): `Unary`, and `Bidi` (bidirectional streaming).
+use std::{convert::Infallible, pin::Pin};
+
+use futures_util::{Stream, StreamExt as _};
+use tonic::{Request, Response, Status, Streaming};
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct EchoMsg {
+    #[prost(string, tag = "1")]
+    pub text: String,
+    /// A gRPC status code for the server to answer with, 0 for OK.
+    #[prost(int32, tag = "2")]
+    pub fail_with: i32,
+}
+
+type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+type Codec = tonic_prost::ProstCodec<EchoMsg, EchoMsg>;
+
+struct Unary(String);
+
+impl tonic::server::UnaryService<EchoMsg> for Unary {
+    type Response = EchoMsg;
+    type Future = BoxFuture<Result<Response<EchoMsg>, Status>>;
+
+    fn call(&mut self, req: Request<EchoMsg>) -> Self::Future {
+        let name = self.0.clone();
+        Box::pin(async move {
+            let m = req.into_inner();
+            if m.fail_with != 0 {
+                return Err(Status::new(tonic::Code::from(m.fail_with), format!("failing as asked: {}", m.text)));
+            }
+            Ok(Response::new(EchoMsg { text: format!("{name}: {}", m.text), fail_with: 0 }))
+        })
+    }
+}
+
+struct Bidi;
+
+impl tonic::server::StreamingService<EchoMsg> for Bidi {
+    type Response = EchoMsg;
+    type ResponseStream = Pin<Box<dyn Stream<Item = Result<EchoMsg, Status>> + Send>>;
+    type Future = BoxFuture<Result<Response<Self::ResponseStream>, Status>>;
+
+    fn call(&mut self, req: Request<Streaming<EchoMsg>>) -> Self::Future {
+        Box::pin(async move {
+            let out = req.into_inner().map(|m| m.map(|m| EchoMsg { text: m.text.to_uppercase(), fail_with: 0 }));
+            Ok(Response::new(Box::pin(out) as Self::ResponseStream))
+        })
+    }
+}
+
+/// Serves `test.Echo` over h2c on `port` in the pod.
+pub fn serve(pod: &crate::Pod, port: u16) {
+    let name = pod.name.clone();
+    crate::servers::serve_async(pod, port, move |stream, _| {
+        let name = name.clone();
+        async move {
+            let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let name = name.clone();
+                async move {
+                    let req = req.map(tonic::body::Body::new);
+                    let resp = match req.uri().path() {
+                        "/test.Echo/Unary" => tonic::server::Grpc::new(Codec::default()).unary(Unary(name), req).await,
+                        "/test.Echo/Bidi" => tonic::server::Grpc::new(Codec::default()).streaming(Bidi, req).await,
+                        _ => Status::unimplemented("no such method").into_http(),
+                    };
+                    Ok::<_, Infallible>(resp)
+                }
+            });
+            let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+        }
+    });
+}
+
+/// A tonic client on `uri`.
+pub async fn client(uri: String) -> tonic::client::Grpc<tonic::transport::Channel> {
+    let channel = tonic::transport::Endpoint::from_shared(uri).unwrap().connect().await.unwrap();
+    tonic::client::Grpc::new(channel)
+}
+
+pub async fn unary(grpc: &mut tonic::client::Grpc<tonic::transport::Channel>, msg: EchoMsg) -> Result<EchoMsg, Status> {
+    grpc.ready().await.map_err(|e| Status::unknown(e.to_string()))?;
+    let path = http::uri::PathAndQuery::from_static("/test.Echo/Unary");
+    grpc.unary(Request::new(msg), path, Codec::default()).await.map(Response::into_inner)
+}
+
+pub async fn bidi(
+    grpc: &mut tonic::client::Grpc<tonic::transport::Channel>,
+    msgs: Vec<EchoMsg>,
+) -> Result<Vec<String>, Status> {
+    grpc.ready().await.map_err(|e| Status::unknown(e.to_string()))?;
+    let path = http::uri::PathAndQuery::from_static("/test.Echo/Bidi");
+    let stream = futures_util::stream::iter(msgs);
+    let mut replies = grpc.streaming(Request::new(stream), path, Codec::default()).await?.into_inner();
+    let mut out = Vec::new();
+    while let Some(m) = replies.message().await? {
+        out.push(m.text);
+    }
+    Ok(out)
+}
