@@ -214,15 +214,23 @@ fn validate(paths: &[PathBuf], trust_domain: &str) -> ExitCode {
                     eprintln!("note: {note}");
                 }
                 let s = &loaded.state;
+                let external = s.services.values().filter(|x| x.external.is_some()).count();
+                // Gateways are addressable as Services too; count them once.
+                let services = s.services.len() - external - s.gateways.len();
                 println!(
-                    "{}: valid ({} nodes, {} namespaces, {} pods, {} services, {} PeerAuthentications, {} AuthorizationPolicies)",
+                    "{}: valid ({} nodes, {} namespaces, {} pods, {} services, {} PeerAuthentications, {} AuthorizationPolicies, \
+                     {} VirtualServices, {} DestinationRules, {} Gateways, {} ServiceEntry hosts)",
                     path.display(),
                     s.nodes.len(),
                     s.namespaces.len(),
                     s.workloads.len(),
-                    s.services.len(),
+                    services,
                     s.peer_authentications.len(),
                     s.authorization_policies.len(),
+                    s.virtual_services.len(),
+                    s.destination_rules.len(),
+                    s.gateways.len(),
+                    external,
                 );
             }
             Err(errors) => {

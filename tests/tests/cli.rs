@@ -38,7 +38,8 @@ fn validate_exits_0_for_good_config_and_1_with_every_error_located() {
     assert_eq!(code, Some(0), "{out}{err}");
     assert!(
         out.contains(
-            "valid (0 nodes, 1 namespaces, 1 pods, 1 services, 0 PeerAuthentications, 0 AuthorizationPolicies)"
+            "valid (0 nodes, 1 namespaces, 1 pods, 1 services, 0 PeerAuthentications, 0 AuthorizationPolicies, \
+             0 VirtualServices, 0 DestinationRules, 0 Gateways, 0 ServiceEntry hosts)"
         ),
         "{out}"
     );
