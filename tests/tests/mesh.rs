@@ -231,17 +231,6 @@ fn curl(pod: &Pod, url: &str) -> (bool, String) {
     (out.status.success(), text)
 }
 
-/// Sends `payload` to an echo server and returns what came back (half-close).
-fn echo_roundtrip(addr: SocketAddr, payload: &[u8]) -> std::io::Result<Vec<u8>> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    s.write_all(payload)?;
-    s.shutdown(std::net::Shutdown::Write)?;
-    let mut back = Vec::new();
-    s.read_to_end(&mut back)?;
-    Ok(back)
-}
-
 /// A packet capture on every interface of the cluster network's namespace.
 struct Capture {
     child: std::process::Child,
@@ -332,7 +321,7 @@ fn cross_node_traffic_is_mtls_with_workload_identities() {
     let marker = b"MESH-MARKER-7f3a9c-never-in-clear".repeat(100);
     let back = m.pod("test").run({
         let marker = marker.clone();
-        move || echo_roundtrip(format!("{VIP}:7000").parse().unwrap(), &marker).unwrap()
+        move || mesh_tests::clients::tcp_echo(format!("{VIP}:7000").parse().unwrap(), &marker).unwrap()
     });
     assert_eq!(back, marker);
 
@@ -574,7 +563,7 @@ fn strict_refuses_and_permissive_admits_plaintext_from_outside_the_mesh() {
     let (ok, out) = curl_outside(&m.c, &hello);
     assert!(ok, "port-level PERMISSIVE refused: {out}");
     let refused = mesh_tests::netns::enter_and_spawn(&m.c.net_ns, || {
-        echo_roundtrip(SocketAddr::from((HELLO_IP, 7000)), b"plain").is_err()
+        mesh_tests::clients::tcp_echo(SocketAddr::from((HELLO_IP, 7000)), b"plain").is_err()
     })
     .join()
     .unwrap();
@@ -594,8 +583,9 @@ fn authorization_policy_allows_and_denies_by_principal_namespace_ip_and_port() {
              metadata: {{name: hello, namespace: demo}}\nspec: {spec}\n"
         )
     };
-    let echo_from =
-        |pod: &str| m.pod(pod).run(|| echo_roundtrip(SocketAddr::from(([10, 96, 0, 10], 7000)), b"ping").is_ok());
+    let echo_from = |pod: &str| {
+        m.pod(pod).run(|| mesh_tests::clients::tcp_echo(SocketAddr::from(([10, 96, 0, 10], 7000)), b"ping").is_ok())
+    };
     // Control: with no policy both clients get through.
     assert!(curl(m.pod("test"), &vip).0);
     assert!(curl(m.pod("sleep"), &vip).0);

@@ -619,10 +619,8 @@ pub(super) fn build_virtual_service(
                     ("gateways", &m.gateways),
                 ],
             );
-            match m.port.map(u16::try_from) {
-                Some(Ok(p)) if p != 0 => ports.push(Some(p)),
-                Some(_) => ctx.error(format!("{mb}.port"), "out of range 1-65535"),
-                None => ports.push(None),
+            if let Ok(p) = match_port(ctx, &format!("{mb}.port"), m.port) {
+                ports.push(p);
             }
         }
         if r.route.is_empty() {
@@ -643,6 +641,18 @@ pub(super) fn build_virtual_service(
         tcp,
         tls,
     })
+}
+
+/// A match's optional port; `Err` (reported) when out of range.
+fn match_port(ctx: &mut Ctx<'_>, field: &str, port: Option<i64>) -> Result<Option<u16>, ()> {
+    match port.map(u16::try_from) {
+        Some(Ok(p)) if p != 0 => Ok(Some(p)),
+        Some(_) => {
+            ctx.error(field, "out of range 1-65535");
+            Err(())
+        }
+        None => Ok(None),
+    }
 }
 
 /// `tls` rules: routed by SNI at gateways (TLS PASSTHROUGH servers).
@@ -671,14 +681,7 @@ fn tls_routes(
             if m.sni_hosts.is_empty() {
                 ctx.error(format!("{mb}.sniHosts"), "at least one SNI host is required");
             }
-            let port = match m.port.map(u16::try_from) {
-                Some(Ok(p)) if p != 0 => Some(p),
-                Some(_) => {
-                    ctx.error(format!("{mb}.port"), "out of range 1-65535");
-                    None
-                }
-                None => None,
-            };
+            let port = match_port(ctx, &format!("{mb}.port"), m.port).ok().flatten();
             let gateways: Vec<String> = m.gateways.iter().map(|g| gateway_ref(g, namespace)).collect();
             let applies: Vec<&String> =
                 if gateways.is_empty() { gw_refs.iter().collect() } else { gateways.iter().collect() };

@@ -638,15 +638,19 @@ pub fn route_gateway_tcp(
             .flat_map(|vs| vs.tcp.iter())
             .find(|r| r.ports.is_empty() || r.ports.iter().any(|p| p.is_none_or(|p| p == orig.port())))?;
         let dest = choose(&rule.routes, random)?;
-        let route = match resolve(state, "", dest, orig.port()) {
-            Ok((target, port, labels, _, _)) => route_to(target, orig, port, labels, Pick::Turn(pick), &|_| false),
-            Err(reason) => match state.services.get(&dest.service) {
-                Some(s) => Route::Refused { service: s.clone(), reason },
-                None => Route::BlackHole { addr: orig },
-            },
-        };
-        Some((route, gw.clone()))
+        Some((route_at_gateway(state, dest, orig, pick), gw.clone()))
     })
+}
+
+/// Where a gateway's TCP or TLS rule destination sends a connection to `orig`.
+fn route_at_gateway(state: &State, dest: &WeightedDestination, orig: SocketAddrV4, pick: usize) -> Route {
+    match resolve(state, "", dest, orig.port()) {
+        Ok((target, port, labels, _, _)) => route_to(target, orig, port, labels, Pick::Turn(pick), &|_| false),
+        Err(reason) => match state.services.get(&dest.service) {
+            Some(s) => Route::Refused { service: s.clone(), reason },
+            None => Route::BlackHole { addr: orig },
+        },
+    }
 }
 
 /// Routes a TLS connection at a Gateway's PASSTHROUGH server by its SNI: the
@@ -674,14 +678,7 @@ pub fn route_gateway_tls(
                 })
             })?;
         let dest = choose(&rule.routes, random)?;
-        let route = match resolve(state, "", dest, orig.port()) {
-            Ok((target, port, labels, _, _)) => route_to(target, orig, port, labels, Pick::Turn(pick), &|_| false),
-            Err(reason) => match state.services.get(&dest.service) {
-                Some(s) => Route::Refused { service: s.clone(), reason },
-                None => Route::BlackHole { addr: orig },
-            },
-        };
-        Some((route, gw.clone()))
+        Some((route_at_gateway(state, dest, orig, pick), gw.clone()))
     })
 }
 
