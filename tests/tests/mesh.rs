@@ -370,9 +370,11 @@ fn cross_node_traffic_is_mtls_with_workload_identities() {
     let (_, dump) = dest.admin_get("/config_dump").unwrap();
     let v: serde_json::Value = serde_json::from_str(&dump).unwrap();
     let certs = v["certificates"].as_array().unwrap();
-    // One per identity of node-2's meshed pods: helloworld and ver.
+    // One per identity of node-2's meshed pods (helloworld, ver) and node-2's
+    // own, for its host clients.
     let ids: Vec<&str> = certs.iter().filter_map(|c| c["identity"].as_str()).collect();
-    assert_eq!(ids, [HELLO_ID, "spiffe://cluster.local/ns/demo/sa/ver"], "{dump}");
+    let node_id = "spiffe://cluster.local/ns/istio-system/sa/mesh-node-node-2";
+    assert_eq!(ids, [HELLO_ID, "spiffe://cluster.local/ns/demo/sa/ver", node_id], "{dump}");
     assert!(certs[0]["serial"].as_str().is_some_and(|s| s.len() >= 16), "{dump}");
     assert!(certs[0]["not_after"].as_str().is_some(), "{dump}");
     assert!(!dump.contains("PRIVATE KEY"), "{dump}");
