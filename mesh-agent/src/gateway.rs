@@ -28,7 +28,6 @@ use tokio::{
     io::{AsyncRead, AsyncReadExt as _, AsyncWrite, ReadBuf},
     net::TcpStream,
     sync::watch,
-    task::JoinHandle,
 };
 
 use crate::{
@@ -65,9 +64,17 @@ pub struct PortStatus {
 
 struct Held {
     plan: PortPlan,
-    stop: Option<watch::Sender<bool>>,
-    task: Option<JoinHandle<()>>,
+    /// What the port's task serves; `None` (or dropped) stops it.
+    serving: Option<watch::Sender<Option<Arc<Serving>>>>,
     status: String,
+}
+
+/// What an open port serves; swapped in place when the configuration changes,
+/// so the socket stays bound across reloads.
+struct Serving {
+    protocol: GatewayProtocol,
+    gateways: Arc<[String]>,
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
 }
 
 /// The gateway listeners of this node.
@@ -99,7 +106,8 @@ pub fn plan(state: &State, node: &str) -> Result<BTreeMap<u16, PortPlan>, String
                 p.gateways.push(key.clone());
             }
             if let Some(ServerTls::Simple(cert)) = &s.tls {
-                p.credentials.extend(s.hosts.iter().map(|h| (h.clone(), cert.credential.clone())));
+                let id = format!("{} ({})", cert.credential, cert.fingerprint());
+                p.credentials.extend(s.hosts.iter().map(|h| (h.clone(), id.clone())));
             }
         }
     }
@@ -107,7 +115,7 @@ pub fn plan(state: &State, node: &str) -> Result<BTreeMap<u16, PortPlan>, String
 }
 
 impl Listeners {
-    /// Opens, reopens and closes listeners to match the configuration.
+    /// Opens, updates and closes listeners to match the configuration.
     pub fn reconcile(&mut self, ctx: &Arc<Context>) {
         let state = ctx.state();
         let want = match plan(&state, &ctx.node) {
@@ -118,7 +126,8 @@ impl Listeners {
             }
         };
         self.held.retain(|port, held| {
-            let keep = want.get(port) == Some(&held.plan);
+            // Kept while wanted at the same address; a new address rebinds.
+            let keep = want.get(port).is_some_and(|p| p.addr == held.plan.addr);
             if !keep {
                 held.close();
                 tracing::info!(port, "gateway listener closed");
@@ -128,21 +137,31 @@ impl Listeners {
         for (port, plan) in want {
             let held = self.held.entry(port).or_insert_with(|| Held {
                 plan: plan.clone(),
-                stop: None,
-                task: None,
+                serving: None,
                 status: String::new(),
             });
-            if held.task.is_some() {
-                continue;
-            }
-            match open(ctx, &state, &plan) {
-                Ok((stop, task)) => {
-                    tracing::info!(addr = %plan.addr, protocol = ?plan.protocol, gateways = ?plan.gateways, "gateway listener open");
-                    held.stop = Some(stop);
-                    held.task = Some(task);
+            let result = match &held.serving {
+                Some(tx) if held.plan == plan => Ok(tx.clone()),
+                Some(tx) => serving(&state, &plan).map(|s| {
+                    let _ = tx.send(Some(Arc::new(s)));
+                    tracing::info!(addr = %plan.addr, gateways = ?plan.gateways, "gateway listener updated");
+                    tx.clone()
+                }),
+                None => open(ctx, &state, &plan),
+            };
+            match result {
+                Ok(tx) => {
+                    if held.serving.is_none() {
+                        tracing::info!(addr = %plan.addr, protocol = ?plan.protocol, gateways = ?plan.gateways, "gateway listener open");
+                    }
+                    held.serving = Some(tx);
+                    held.plan = plan;
                     held.status = "listening".into();
                 }
                 Err(e) => {
+                    if held.serving.is_none() {
+                        held.plan = plan.clone();
+                    }
                     let status = format!("cannot listen on {}: {e}", plan.addr);
                     if held.status != status {
                         tracing::error!(gateways = ?plan.gateways, "{status}; retrying on every resync");
@@ -168,38 +187,48 @@ impl Listeners {
 
 impl Held {
     fn close(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(true);
+        if let Some(tx) = self.serving.take() {
+            let _ = tx.send(None);
         }
-        self.task.take();
     }
 }
 
-fn open(ctx: &Arc<Context>, state: &State, plan: &PortPlan) -> std::io::Result<(watch::Sender<bool>, JoinHandle<()>)> {
+fn serving(state: &State, plan: &PortPlan) -> std::io::Result<Serving> {
     let acceptor = match plan.protocol {
         GatewayProtocol::Https => Some(tls_acceptor(state, plan)?),
         _ => None,
     };
+    Ok(Serving { protocol: plan.protocol, gateways: plan.gateways.clone().into(), acceptor })
+}
+
+type ServingTx = watch::Sender<Option<Arc<Serving>>>;
+
+fn open(ctx: &Arc<Context>, state: &State, plan: &PortPlan) -> std::io::Result<ServingTx> {
+    let first = serving(state, plan)?;
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     socket.set_nonblocking(true)?;
     socket.bind(&plan.addr.into())?;
     socket.listen(1024)?;
     let listener = tokio::net::TcpListener::from_std(socket.into())?;
-    let (stop_tx, mut stop) = watch::channel(false);
-    let (ctx, plan) = (ctx.clone(), plan.clone());
-    let gateways: Arc<[String]> = plan.gateways.clone().into();
-    let task = tokio::spawn(async move {
+    let (tx, mut rx) = watch::channel(Some(Arc::new(first)));
+    let ctx = ctx.clone();
+    tokio::spawn(async move {
         loop {
             tokio::select! {
-                _ = stop.changed() => break,
+                changed = rx.changed() => {
+                    if changed.is_err() || rx.borrow().is_none() {
+                        break;
+                    }
+                }
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
+                        let Some(now) = rx.borrow().clone() else { break };
                         let guard = ctx.active.enter();
-                        let (ctx, gateways, acceptor) = (ctx.clone(), gateways.clone(), acceptor.clone());
-                        let protocol = plan.protocol;
+                        let ctx = ctx.clone();
                         tokio::spawn(async move {
-                            handle(&ctx, stream, peer, protocol, gateways, acceptor).await;
+                            let acceptor = now.acceptor.clone();
+                            handle(&ctx, stream, peer, now.protocol, now.gateways.clone(), acceptor).await;
                             drop(guard);
                         });
                     }
@@ -211,7 +240,7 @@ fn open(ctx: &Arc<Context>, state: &State, plan: &PortPlan) -> std::io::Result<(
             }
         }
     });
-    Ok((stop_tx, task))
+    Ok(tx)
 }
 
 /// A TLS acceptor presenting, by SNI, the certificate of the server whose hosts

@@ -216,6 +216,19 @@ pub struct ServerCert {
     pub key: Arc<rustls::sign::CertifiedKey>,
 }
 
+impl ServerCert {
+    /// A short digest of the certificate chain, to notice a changed Secret
+    /// (not a security check).
+    pub fn fingerprint(&self) -> String {
+        use std::hash::{Hash as _, Hasher as _};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        for c in &self.key.cert {
+            c.as_ref().hash(&mut h);
+        }
+        format!("{:016x}", h.finish())
+    }
+}
+
 impl std::fmt::Debug for ServerCert {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ServerCert").field("credential", &self.credential).finish_non_exhaustive()

@@ -265,10 +265,13 @@ impl Edge {
     }
 
     fn set_extra(&self, extra: &str) {
-        let cfg = config(&self.secret, &self.ca_secret, extra);
+        self.set_config(&config(&self.secret, &self.ca_secret, extra));
+    }
+
+    fn set_config(&self, cfg: &str) {
         for a in &self.agents {
             let before = metric(&a.metrics(), "mesh_config_loads_total", &[("result", "success")]);
-            a.write_config(&cfg);
+            a.write_config(cfg);
             a.wait_metrics(10, "configuration reload", |t| {
                 metric(t, "mesh_config_loads_total", &[("result", "success")]) > before
             });
@@ -368,6 +371,42 @@ fn ingress_gateway_serves_http_and_https_from_outside_the_mesh() {
     assert_eq!(status(80), "listening");
     assert!(status(8443).as_str().unwrap().contains("cannot listen"), "{dump}");
     assert_eq!(metric(&e.agents[0].metrics(), "mesh_gateway_listener_failures_total", &[]), 1.0);
+
+    // A new certificate in the Secret is served without rebinding the port.
+    let served_serial = || {
+        let cmd = format!(
+            "openssl s_client -connect {NODE1}:443 -servername hello.example.com </dev/null 2>/dev/null \
+             | openssl x509 -noout -serial"
+        );
+        String::from_utf8_lossy(&e.c.net_cmd(&["sh", "-c", &cmd]).stdout).trim().to_owned()
+    };
+    let file_serial = |crt: &std::path::Path| {
+        let out = Command::new("openssl").args(["x509", "-noout", "-serial", "-in"]).arg(crt).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let (crt2, key2) = e.certs.server("hello2", "hello.example.com");
+    let first = served_serial();
+    assert!(first.starts_with("serial="), "{first}");
+    let secret2 = format!("  tls.crt: |\n{}  tls.key: |\n{}", Certs::yaml_block(&crt2, 4), Certs::yaml_block(&key2, 4));
+    e.set_config(&config(&secret2, &e.ca_secret, ""));
+    let want = file_serial(&crt2);
+    assert_ne!(first, want);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while served_serial() != want {
+        assert!(std::time::Instant::now() < deadline, "still serving {first}, want {want}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (code, body) = curl(
+        outside,
+        &[
+            "--cacert",
+            ca.to_str().unwrap(),
+            "--resolve",
+            &format!("hello.example.com:443:{NODE1}"),
+            "https://hello.example.com/helloworld",
+        ],
+    );
+    assert_eq!(code, 200, "{body}");
 
     // The gateway's identity reaches the destination's agent over HBONE.
     let m1 = e.agents[0].metrics();
