@@ -504,7 +504,7 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
     }
     let demo = Demo { cluster, outside, node1 };
     let ca_path = certs.ca().display().to_string();
-    println!("\n{:<36} {:<9} {:<42} {:<42} {:<8} {:>9}", "step", "protocol", "path", "identities", "status", "latency");
+    println!("\n{:<36} {:<9} {:<44} {:<42} {:<8} {:>9}", "step", "protocol", "path", "identities", "status", "latency");
     let mut unexpected = 0;
     for step in steps(&ca_path) {
         let start = Instant::now();
@@ -519,7 +519,7 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
             (c, false) => format!("{c}!"),
         };
         println!(
-            "{:<36} {:<9} {:<42} {:<42} {status:<8} {ms:>7.1}ms",
+            "{:<36} {:<9} {:<44} {:<42} {status:<8} {ms:>7.1}ms",
             step.name, step.protocol, step.path, step.identities
         );
         println!("    {}", text.lines().next().unwrap_or("").trim());
