@@ -150,6 +150,7 @@ pub fn main() -> ExitCode {
                 eprintln!("mesh-agent run: {msg}");
                 return ExitCode::from(EXIT_NOPERM);
             }
+            crate::privileges::raise_fd_limit();
             let remote = match (ca_addr, ca_root, ca_token_file) {
                 (Some(addr), Some(root), Some(token_file)) => Some(RemoteCa { addr, root, token_file }),
                 _ => None,

@@ -33,3 +33,19 @@ pub fn check() -> Result<(), String> {
     }
     Ok(())
 }
+
+/// Raises the open-file limit to its hard maximum: every proxied connection
+/// holds two descriptors (three across nodes until the tunnel is pooled), and
+/// the usual soft limit of 1024 would cap the node at a few hundred.
+pub fn raise_fd_limit() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: a valid out-pointer for getrlimit, then the same struct for setrlimit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                tracing::warn!(error = %std::io::Error::last_os_error(), "could not raise the open-file limit");
+            }
+        }
+    }
+}

@@ -65,7 +65,11 @@ impl Agent {
             .args(extra)
             .arg("--config")
             .arg(agent.dir.join("config"))
-            .env("RUST_LOG", "info,mesh_agent=debug,netlink_packet_route=error")
+            .env(
+                "RUST_LOG",
+                std::env::var("MESH_AGENT_LOG")
+                    .unwrap_or_else(|_| "info,mesh_agent=debug,netlink_packet_route=error".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)
@@ -139,6 +143,11 @@ impl Agent {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// The agent's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// SIGTERM, then wait for exit (SIGKILL after 15 s).

@@ -4,12 +4,14 @@
 //!   bpf-linker built against LLVM 22), idempotently.
 //! - `build-ebpf`: build the eBPF object alone (the agent's build script embeds it).
 //! - `test`: build the agent and run every test; root tests need root.
-//! - `demo`: two nodes, the CA service, `test` → `helloworld` over mTLS, policy.
+//! - `demo`: the whole pattern on two nodes (mesh, ingress, egress, policy).
+//! - `bench`: the mesh against a direct connection (see `bench.rs`).
 use std::process::Command;
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod demo;
 
 #[derive(Parser)]
@@ -37,6 +39,12 @@ enum Task {
         #[arg(long)]
         keep: bool,
     },
+    /// Measure the mesh against a direct connection (as root; not part of the tests).
+    Bench {
+        /// A short run for development: 2 s windows, one round.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -45,6 +53,7 @@ fn main() -> anyhow::Result<()> {
         Task::BuildEbpf => build_ebpf(),
         Task::Test { args } => test(&args),
         Task::Demo { keep } => demo::run(keep),
+        Task::Bench { quick } => bench::run(quick),
     }
 }
 
@@ -62,8 +71,23 @@ fn succeeds(cmd: &mut Command) -> bool {
 }
 
 /// Debian packages: LLVM 22 for bpf-linker; curl and iproute2 for the tests.
-const PACKAGES: &[&str] =
-    &["llvm-22-dev", "libpolly-22-dev", "libzstd-dev", "zlib1g-dev", "curl", "iproute2", "tcpdump", "openssl"];
+const PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+    "curl",
+    "iproute2",
+    "tcpdump",
+    "openssl",
+    // `cargo xtask bench`: bulk TCP, ping-pong, the HTTP upstream, gRPC load.
+    "iperf3",
+    "sockperf",
+    "nginx-light",
+    "nghttp2-client",
+];
+/// The HTTP load generator of `cargo xtask bench`, from crates.io.
+const OHA_VERSION: &str = "1.16.0";
 const BPF_LINKER_VERSION: &str = "0.13";
 
 fn setup() -> anyhow::Result<()> {
@@ -94,6 +118,12 @@ fn setup() -> anyhow::Result<()> {
             .args(["install", "bpf-linker", "--version", &format!("~{BPF_LINKER_VERSION}")])
             .args(["--no-default-features", "--features", "llvm-22"])
             .env("LLVM_PREFIX", "/usr/lib/llvm-22"))?;
+    }
+    let oha = Command::new("oha").arg("--version").output();
+    if oha.as_ref().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(OHA_VERSION)) {
+        eprintln!("setup: oha {OHA_VERSION} present");
+    } else {
+        run(Command::new("cargo").args(["install", "oha", "--locked", "--version", &format!("={OHA_VERSION}")]))?;
     }
     eprintln!("setup: done");
     Ok(())

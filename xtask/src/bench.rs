@@ -1,0 +1,506 @@
+//! `cargo xtask bench [--quick]`: the mesh measured against a direct connection,
+//! in one run, on the two-node network-namespace cluster.
+//!
+//! Each round measures every scenario **direct** (agents stopped: plain routing
+//! between the pods) and then through the mesh (agents running, release build):
+//! **same-node** (client and server pods on node-1, one agent) and
+//! **cross-node** (server on node-2: both agents, mTLS/HBONE). Rounds alternate
+//! direct and mesh windows; the table reports medians over rounds, and the
+//! ratio or difference to direct measured in the same rounds. Results are also
+//! written to `target/bench/latest.json`.
+//!
+//! Tools: iperf3 (bulk TCP), sockperf (TCP ping-pong at a fixed rate), oha
+//! (HTTP/1.1 and HTTP/2, fixed rate with latency correction, and saturation),
+//! h2load (gRPC unary with a framed body), nginx-light (the HTTP upstream), the
+//! test library's tonic server (gRPC upstream).
+use std::{
+    collections::BTreeMap,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use mesh_tests::{Agent, Cluster, Pod, agent::CaService, grpc};
+
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
+const LOCAL: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 3);
+const REMOTE: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 2);
+
+const CONFIG: &str = r#"apiVersion: v1
+kind: Node
+metadata: {name: node-1}
+status: {addresses: [{type: InternalIP, address: 172.18.0.2}]}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: node-2}
+status: {addresses: [{type: InternalIP, address: 172.18.1.2}]}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: bench, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: bench, labels: {app: client}}
+spec: {nodeName: node-1, serviceAccountName: client}
+status: {podIP: 10.244.1.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: local, namespace: bench, labels: {app: server}}
+spec: {nodeName: node-1, serviceAccountName: server}
+status: {podIP: 10.244.1.3}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: remote, namespace: bench, labels: {app: server}}
+spec: {nodeName: node-2, serviceAccountName: server}
+status: {podIP: 10.244.2.2}
+"#;
+
+/// How long each measurement window runs, and how many rounds.
+struct Plan {
+    secs: u64,
+    rounds: usize,
+}
+
+/// One number from one window.
+type Sample = BTreeMap<&'static str, f64>;
+
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_in(netns: &str, args: &[&str]) -> anyhow::Result<KillOnDrop> {
+    let child = Command::new("ip")
+        .args(["netns", "exec", netns])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {args:?}"))?;
+    Ok(KillOnDrop(child))
+}
+
+fn output_in(netns: &str, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new("ip").args(["netns", "exec", netns]).args(args).output()?;
+    if !out.status.success() {
+        bail!("{args:?} failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// nginx-light serving a 1 KiB body: HTTP/1.1 on 8080, h2c on 8081.
+fn nginx(pod: &Pod, dir: &Path) -> anyhow::Result<KillOnDrop> {
+    let prefix = dir.join(&pod.name);
+    std::fs::create_dir_all(prefix.join("logs"))?;
+    let body = "x".repeat(1024);
+    let conf = format!(
+        "worker_processes 1;\ndaemon off;\npid {p}/nginx.pid;\nerror_log {p}/logs/error.log;\n\
+         events {{ worker_connections 65536; }}\n\
+         http {{\n  access_log off;\n  keepalive_requests 1000000;\n\
+           client_body_temp_path {p}/body;\n  proxy_temp_path {p}/proxy;\n  fastcgi_temp_path {p}/fastcgi;\n\
+           uwsgi_temp_path {p}/uwsgi;\n  scgi_temp_path {p}/scgi;\n\
+           server {{ listen 8080; location / {{ return 200 \"{body}\"; }} }}\n\
+           server {{ listen 8081 http2; location / {{ return 200 \"{body}\"; }} }}\n}}\n",
+        p = prefix.display()
+    );
+    let file = prefix.join("nginx.conf");
+    std::fs::write(&file, conf)?;
+    let file = file.display().to_string();
+    let prefix = prefix.display().to_string();
+    spawn_in(&pod.netns, &["nginx", "-e", "stderr", "-p", &prefix, "-c", &file])
+}
+
+/// Waits until something accepts on `ip:port` inside `netns`.
+fn wait_port(netns: &str, ip: Ipv4Addr, port: u16) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let netns = netns.to_owned();
+    loop {
+        let ns = netns.clone();
+        let up = mesh_tests::netns::enter_and_spawn(&ns, move || {
+            std::net::TcpStream::connect_timeout(&(ip, port).into(), Duration::from_millis(200)).is_ok()
+        })
+        .join()
+        .unwrap_or(false);
+        if up {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("nothing listens on {ip}:{port} after 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn json(text: &str) -> anyhow::Result<serde_json::Value> {
+    serde_json::from_str(text).with_context(|| format!("not JSON: {}", text.chars().take(300).collect::<String>()))
+}
+
+/// iperf3 for `secs`, `streams` parallel: received bits/s.
+fn iperf(client: &Pod, ip: Ipv4Addr, secs: u64, streams: u32) -> anyhow::Result<Sample> {
+    let out = output_in(
+        &client.netns,
+        &["iperf3", "-c", &ip.to_string(), "-t", &secs.to_string(), "-P", &streams.to_string(), "-J"],
+    )?;
+    let v = json(&out)?;
+    let bps = v["end"]["sum_received"]["bits_per_second"].as_f64().context("iperf3: no sum_received")?;
+    Ok(BTreeMap::from([("gbit_per_s", bps / 1e9)]))
+}
+
+/// sockperf ping-pong at 1000 messages/s: p50 and p99 round trip (µs).
+fn sockperf(client: &Pod, ip: Ipv4Addr, secs: u64) -> anyhow::Result<Sample> {
+    let out = output_in(
+        &client.netns,
+        &[
+            "sockperf",
+            "ping-pong",
+            "--tcp",
+            "-i",
+            &ip.to_string(),
+            "-p",
+            "11111",
+            "-t",
+            &secs.to_string(),
+            "--mps",
+            "1000",
+        ],
+    )?;
+    let pct = |p: &str| {
+        out.lines()
+            .find(|l| l.contains(&format!("percentile {p} =")))
+            .and_then(|l| l.rsplit('=').next())
+            .and_then(|v| v.trim().parse::<f64>().ok())
+    };
+    // sockperf reports half the round trip; the round trip is twice that.
+    let p50 = pct("50.000").context("sockperf: no p50")? * 2.0;
+    let p99 = pct("99.000").context("sockperf: no p99")? * 2.0;
+    Ok(BTreeMap::from([("p50_us", p50), ("p99_us", p99)]))
+}
+
+/// oha against `url` for `secs`; `rate` None means as fast as it goes.
+fn oha(client: &Pod, url: &str, secs: u64, rate: Option<u32>, args: &[&str]) -> anyhow::Result<Sample> {
+    let oha = oha_binary();
+    let dur = format!("{secs}s");
+    let mut v = vec![oha.as_str(), "--no-tui", "--output-format", "json", "-z", &dur];
+    let q;
+    match rate {
+        Some(r) => {
+            q = r.to_string();
+            v.extend(["-q", &q, "--latency-correction", "-c", "16"]);
+        }
+        None => v.extend(["-c", "32"]),
+    }
+    v.extend_from_slice(args);
+    v.push(url);
+    let out = output_in(&client.netns, &v)?;
+    let j = json(&out)?;
+    let summary = &j["summary"];
+    let ok = summary["successRate"].as_f64().unwrap_or(0.0);
+    let p = |k: &str| j["latencyPercentiles"][k].as_f64().map(|s| s * 1000.0).unwrap_or(f64::NAN);
+    let codes = &j["statusCodeDistribution"];
+    let good = codes["200"].as_f64().unwrap_or(0.0);
+    let total: f64 = codes.as_object().map(|m| m.values().filter_map(|v| v.as_f64()).sum()).unwrap_or(0.0);
+    Ok(BTreeMap::from([
+        ("rps", summary["requestsPerSec"].as_f64().unwrap_or(0.0)),
+        ("p50_ms", p("p50")),
+        ("p90_ms", p("p90")),
+        ("p99_ms", p("p99")),
+        ("p99.9_ms", p("p99.9")),
+        ("success", ok),
+        ("non_200", total - good),
+    ]))
+}
+
+fn oha_binary() -> String {
+    std::env::var("OHA").unwrap_or_else(|_| "oha".into())
+}
+
+/// h2load: gRPC unary calls (framed protobuf body) for `secs`.
+fn h2load(client: &Pod, ip: Ipv4Addr, secs: u64, body: &Path) -> anyhow::Result<Sample> {
+    let url = format!("http://{ip}:9090/test.Echo/Unary");
+    let out = output_in(
+        &client.netns,
+        &[
+            "h2load",
+            "-D",
+            &secs.to_string(),
+            "-c",
+            "4",
+            "-m",
+            "16",
+            "-H",
+            "content-type: application/grpc",
+            "-H",
+            "te: trailers",
+            "-d",
+            &body.display().to_string(),
+            &url,
+        ],
+    )?;
+    let rps = out
+        .lines()
+        .find(|l| l.starts_with("finished in"))
+        .and_then(|l| l.split(',').nth(1))
+        .and_then(|s| s.trim().split(' ').next())
+        .and_then(|s| s.parse::<f64>().ok())
+        .context("h2load: no req/s")?;
+    let failed = out
+        .lines()
+        .find(|l| l.starts_with("requests:"))
+        .and_then(|l| l.split(',').find(|p| p.contains("failed")))
+        .and_then(|p| p.trim().split(' ').next())
+        .and_then(|s| s.parse::<f64>().ok())
+        .unwrap_or(f64::NAN);
+    let mean = out
+        .lines()
+        .find(|l| l.starts_with("time for request:"))
+        .and_then(|l| l.split_whitespace().nth(5))
+        .map(parse_h2load_time)
+        .unwrap_or(f64::NAN);
+    Ok(BTreeMap::from([("rps", rps), ("mean_ms", mean), ("failed", failed)]))
+}
+
+/// `123.45us`, `1.23ms`, `1.2s` → milliseconds.
+fn parse_h2load_time(s: &str) -> f64 {
+    let (num, unit) = s.split_at(s.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(s.len()));
+    let n: f64 = num.parse().unwrap_or(f64::NAN);
+    match unit {
+        "us" => n / 1000.0,
+        "ms" => n,
+        "s" => n * 1000.0,
+        _ => f64::NAN,
+    }
+}
+
+/// CPU seconds (user + system) a process has used.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start after ')'.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (ticks(11) + ticks(12)) / hz
+}
+
+/// Resident memory of a process in MiB.
+fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+/// A gRPC request body: one framed `EchoMsg { text: "hi" }`.
+fn grpc_body(dir: &Path) -> anyhow::Result<PathBuf> {
+    let msg = [0x0a, 0x02, b'h', b'i'];
+    let mut framed = vec![0u8, 0, 0, 0, msg.len() as u8];
+    framed.extend_from_slice(&msg);
+    let path = dir.join("grpc-body.bin");
+    std::fs::write(&path, framed)?;
+    Ok(path)
+}
+
+/// Every scenario against `ip`; `agents` (pids) are watched for CPU during
+/// the fixed-rate HTTP window.
+fn scenarios(
+    client: &Pod,
+    ip: Ipv4Addr,
+    plan: &Plan,
+    body: &Path,
+    agents: &[u32],
+) -> anyhow::Result<BTreeMap<&'static str, Sample>> {
+    let s = plan.secs;
+    let mut out = BTreeMap::new();
+    out.insert("tcp_1_stream", iperf(client, ip, s, 1)?);
+    out.insert("tcp_8_streams", iperf(client, ip, s, 8)?);
+    out.insert("tcp_rr_1000mps", sockperf(client, ip, s)?);
+    let h1 = format!("http://{ip}:8080/");
+    let cpu0: Vec<f64> = agents.iter().map(|p| cpu_seconds(*p)).collect();
+    let start = Instant::now();
+    let mut fixed = oha(client, &h1, s, Some(1000), &[])?;
+    let elapsed = start.elapsed().as_secs_f64();
+    if !agents.is_empty() {
+        let used: f64 = agents.iter().zip(&cpu0).map(|(p, c)| cpu_seconds(*p) - c).sum();
+        let per_agent = used / agents.len() as f64;
+        // vCPU per 1000 rps, per agent: CPU seconds per second, per thousand rps.
+        fixed.insert("agent_vcpu_per_1000rps", per_agent / elapsed / (fixed["rps"] / 1000.0));
+    }
+    out.insert("http1_1000rps", fixed);
+    out.insert("http1_saturation", oha(client, &h1, s, None, &[])?);
+    let h2 = format!("http://{ip}:8081/");
+    out.insert("http2_1000rps", oha(client, &h2, s, Some(1000), &["--http2"])?);
+    out.insert("http2_saturation", oha(client, &h2, s, None, &["--http2"])?);
+    out.insert("new_connections", oha(client, &h1, s, None, &["--disable-keepalive"])?);
+    out.insert("grpc_unary", h2load(client, ip, s, body)?);
+    Ok(out)
+}
+
+/// Results by path (`direct_same_node`, `mesh_same_node`, …) → scenario → samples per round.
+type Results = BTreeMap<&'static str, BTreeMap<&'static str, Vec<Sample>>>;
+
+fn record(results: &mut Results, path: &'static str, got: BTreeMap<&'static str, Sample>) {
+    for (scenario, sample) in got {
+        results.entry(path).or_default().entry(scenario).or_default().push(sample);
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.retain(|x| x.is_finite());
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+}
+
+pub fn run(quick: bool) -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("the benchmark creates network namespaces and loads eBPF: run it as root (sudo cargo xtask bench)");
+    }
+    for tool in ["iperf3", "sockperf", "nginx", "h2load"] {
+        if !crate::succeeds(Command::new("sh").args(["-c", &format!("command -v {tool}")])) {
+            bail!("{tool} not found: run `cargo xtask setup` first");
+        }
+    }
+    if !crate::succeeds(Command::new(oha_binary()).arg("--version")) {
+        bail!("oha not found: run `cargo xtask setup` first (it installs oha from crates.io)");
+    }
+    let plan = if quick { Plan { secs: 2, rounds: 1 } } else { Plan { secs: 10, rounds: 3 } };
+    let root = crate::workspace_root()?;
+    crate::run(Command::new("cargo").args(["build", "--release", "--package", "mesh-agent"]).current_dir(&root))?;
+    // SAFETY: still single-threaded; the harness reads these when it starts agents.
+    unsafe {
+        std::env::set_var("MESH_AGENT_BIN", root.join("target/release/mesh-agent"));
+        std::env::set_var("MESH_AGENT_LOG", "warn");
+    }
+    let mut cluster = Cluster::two_nodes();
+    cluster.add_pod_on(0, "client", CLIENT);
+    cluster.add_pod_on(0, "local", LOCAL);
+    cluster.add_pod_on(1, "remote", REMOTE);
+    let work = std::env::temp_dir().join(format!("mesh-bench-{}", cluster.id));
+    std::fs::create_dir_all(&work)?;
+    let body = grpc_body(&work)?;
+    let mut servers = Vec::new();
+    for (name, ip) in [("local", LOCAL), ("remote", REMOTE)] {
+        let pod = cluster.pod(name);
+        servers.push(spawn_in(&pod.netns, &["iperf3", "-s"])?);
+        servers.push(spawn_in(&pod.netns, &["sockperf", "server", "--tcp", "-i", "0.0.0.0", "-p", "11111"])?);
+        servers.push(nginx(pod, &work)?);
+        grpc::serve(pod, 9090);
+        for port in [5201, 11111, 8080, 8081, 9090] {
+            wait_port(&cluster.pod("client").netns, ip, port)?;
+        }
+    }
+    let ca = CaService::start(&cluster, CONFIG);
+    let client = cluster.pod("client");
+    let mut results = Results::new();
+    let mut agent_rss = Vec::new();
+    let started = Instant::now();
+    for round in 1..=plan.rounds {
+        eprintln!("round {round}/{}: direct (no agent)", plan.rounds);
+        record(&mut results, "direct_same_node", scenarios(client, LOCAL, &plan, &body, &[])?);
+        record(&mut results, "direct_cross_node", scenarios(client, REMOTE, &plan, &body, &[])?);
+        eprintln!("round {round}/{}: through the mesh", plan.rounds);
+        let extra = |i: usize| {
+            let mut a = ca.agent_args(&cluster.nodes[i].name);
+            a.extend(["--access-log".into(), "off".into()]);
+            a
+        };
+        let agents: Vec<Agent> = (0..2).map(|i| Agent::start_on(&cluster, i, CONFIG, &extra(i))).collect();
+        let pids: Vec<u32> = agents.iter().filter_map(Agent::pid).collect();
+        std::thread::sleep(Duration::from_millis(500));
+        agent_rss.extend(pids.iter().map(|p| rss_mib(*p)));
+        record(&mut results, "mesh_same_node", scenarios(client, LOCAL, &plan, &body, &pids[..1])?);
+        record(&mut results, "mesh_cross_node", scenarios(client, REMOTE, &plan, &body, &pids)?);
+        drop(agents);
+    }
+    drop(ca);
+    drop(servers);
+    drop(cluster);
+    let _ = std::fs::remove_dir_all(&work);
+    report(&results, median(agent_rss), quick, started.elapsed())
+}
+
+/// The table, and `target/bench/latest.json`.
+fn report(results: &Results, rss_idle: f64, quick: bool, took: Duration) -> anyhow::Result<()> {
+    let med = |path: &str, scenario: &str, key: &str| {
+        let samples = results.get(path).and_then(|s| s.get(scenario)).map(Vec::as_slice).unwrap_or(&[]);
+        median(samples.iter().filter_map(|s| s.get(key).copied()).collect())
+    };
+    let rows: [(&str, &str, &str, bool); 19] = [
+        ("tcp_1_stream", "gbit_per_s", "Gbit/s", true),
+        ("tcp_8_streams", "gbit_per_s", "Gbit/s", true),
+        ("tcp_rr_1000mps", "p50_us", "µs p50", false),
+        ("tcp_rr_1000mps", "p99_us", "µs p99", false),
+        ("http1_1000rps", "p50_ms", "ms p50", false),
+        ("http1_1000rps", "p90_ms", "ms p90", false),
+        ("http1_1000rps", "p99_ms", "ms p99", false),
+        ("http1_1000rps", "p99.9_ms", "ms p99.9", false),
+        ("http1_saturation", "rps", "req/s", true),
+        ("http2_1000rps", "p50_ms", "ms p50", false),
+        ("http2_1000rps", "p90_ms", "ms p90", false),
+        ("http2_1000rps", "p99_ms", "ms p99", false),
+        ("http2_saturation", "rps", "req/s", true),
+        ("new_connections", "rps", "conn/s", true),
+        ("grpc_unary", "rps", "req/s", true),
+        ("grpc_unary", "mean_ms", "ms mean", false),
+        ("http1_saturation", "non_200", "errors", false),
+        ("http1_1000rps", "agent_vcpu_per_1000rps", "vCPU/1k rps", false),
+        ("grpc_unary", "failed", "failed", false),
+    ];
+    println!(
+        "\n{:<18} {:<12} {:>10} {:>10} {:>8} {:>10} {:>10} {:>8}",
+        "scenario", "unit", "direct", "same-node", "ratio", "direct", "cross-node", "ratio"
+    );
+    println!("{:<31} {:>29} {:>30}", "", "(node-1 → node-1)", "(node-1 → node-2)");
+    let mut table = Vec::new();
+    for (scenario, key, unit, higher_better) in rows {
+        let d1 = med("direct_same_node", scenario, key);
+        let m1 = med("mesh_same_node", scenario, key);
+        let d2 = med("direct_cross_node", scenario, key);
+        let m2 = med("mesh_cross_node", scenario, key);
+        // Throughputs as a ratio to direct; latencies as the time added.
+        let cmp = |d: f64, m: f64| if higher_better { format!("{:.2}x", m / d) } else { format!("{:+.3}", m - d) };
+        println!(
+            "{scenario:<18} {unit:<12} {d1:>10.3} {m1:>10.3} {:>8} {d2:>10.3} {m2:>10.3} {:>8}",
+            cmp(d1, m1),
+            cmp(d2, m2)
+        );
+        table.push(serde_json::json!({
+            "scenario": scenario, "metric": key, "unit": unit,
+            "direct_same_node": d1, "mesh_same_node": m1,
+            "direct_cross_node": d2, "mesh_cross_node": m2,
+        }));
+    }
+    println!("agent RSS idle: {rss_idle:.1} MiB");
+    let out = crate::workspace_root()?.join("target/bench");
+    std::fs::create_dir_all(&out)?;
+    let doc = serde_json::json!({
+        "quick": quick,
+        "seconds": took.as_secs(),
+        "agent_rss_idle_mib": rss_idle,
+        "rows": table,
+        "samples": results,
+    });
+    let file = out.join("latest.json");
+    std::fs::write(&file, serde_json::to_string_pretty(&doc)?)?;
+    println!("written: {} ({} s)", file.display(), took.as_secs());
+    Ok(())
+}
