@@ -17,7 +17,10 @@
 use std::{
     collections::HashMap,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::Duration,
 };
 
@@ -89,11 +92,67 @@ struct PoolEntry {
     sender: SendRequest<Empty<Bytes>>,
     /// Serial of the source certificate the connection was made with.
     serial: String,
+    /// Tunnels open on it; at [`MAX_STREAMS`] another connection is made, as
+    /// the peer would make a new stream wait.
+    streams: Arc<AtomicUsize>,
+}
+
+impl PoolEntry {
+    fn usable(&self, serial: &str) -> bool {
+        self.serial == serial && !self.sender.is_closed() && self.streams.load(Ordering::Acquire) < MAX_STREAMS as usize
+    }
 }
 
 #[derive(Default)]
 pub struct Pool {
-    conns: Mutex<HashMap<PoolKey, PoolEntry>>,
+    conns: Mutex<HashMap<PoolKey, Vec<PoolEntry>>>,
+}
+
+/// An HBONE tunnel (one HTTP/2 CONNECT stream); its connection's stream count
+/// goes down when it is dropped.
+pub struct Tunnel {
+    io: Upgraded,
+    streams: Arc<AtomicUsize>,
+}
+
+impl Drop for Tunnel {
+    fn drop(&mut self) {
+        self.streams.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl hyper::rt::Read for Tunnel {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for Tunnel {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
 }
 
 /// What a tunnel is for: the pod `target` on the node whose agent is `node`,
@@ -111,27 +170,49 @@ pub struct TunnelTo<'a> {
 impl Pool {
     /// Opens a tunnel (an HTTP/2 CONNECT stream), on a pooled connection when
     /// one is live.
-    pub async fn open(&self, ctx: &Context, to: TunnelTo<'_>) -> Result<Upgraded, HboneError> {
+    pub async fn open(&self, ctx: &Context, to: TunnelTo<'_>) -> Result<Tunnel, HboneError> {
         let TunnelTo { source, node, dest, target, client_ip, connect_timeout } = to;
         let cert = ctx.certs.get(source).await?;
         let key = PoolKey { source: source.clone(), node, dest: dest.clone() };
+        // A stream slot is taken before sending, so concurrent opens spread.
         let pooled = self.conns.lock().ok().and_then(|m| {
-            m.get(&key).filter(|e| e.serial == cert.info.serial && !e.sender.is_closed()).map(|e| e.sender.clone())
+            let e = m.get(&key)?.iter().find(|e| e.usable(&cert.info.serial))?;
+            e.streams.fetch_add(1, Ordering::AcqRel);
+            Some((e.sender.clone(), e.streams.clone()))
         });
         // A pooled connection may have died since it was last used (the peer
         // agent restarted); then one fresh connection is tried.
-        if let Some(sender) = pooled {
+        if let Some((sender, streams)) = pooled {
             match send_connect(sender, node, target, client_ip).await {
-                Err(HboneError::Http { .. }) => tracing::debug!(%node, "pooled HBONE connection failed; reconnecting"),
-                other => return other,
+                Ok(io) => return Ok(Tunnel { io, streams }),
+                Err(HboneError::Http { .. }) => {
+                    streams.fetch_sub(1, Ordering::AcqRel);
+                    tracing::debug!(%node, "pooled HBONE connection failed; reconnecting");
+                }
+                Err(e) => {
+                    streams.fetch_sub(1, Ordering::AcqRel);
+                    return Err(e);
+                }
             }
         }
         let sender = connect(ctx, &cert, node, dest, connect_timeout).await?;
+        let streams = Arc::new(AtomicUsize::new(1));
         if let Ok(mut m) = self.conns.lock() {
-            m.retain(|_, e| !e.sender.is_closed());
-            m.insert(key, PoolEntry { sender: sender.clone(), serial: cert.info.serial.clone() });
+            for entries in m.values_mut() {
+                entries.retain(|e| !e.sender.is_closed());
+            }
+            m.retain(|_, entries| !entries.is_empty());
+            let entry =
+                PoolEntry { sender: sender.clone(), serial: cert.info.serial.clone(), streams: streams.clone() };
+            m.entry(key).or_default().push(entry);
         }
-        send_connect(sender, node, target, client_ip).await
+        match send_connect(sender, node, target, client_ip).await {
+            Ok(io) => Ok(Tunnel { io, streams }),
+            Err(e) => {
+                streams.fetch_sub(1, Ordering::AcqRel);
+                Err(e)
+            }
+        }
     }
 }
 

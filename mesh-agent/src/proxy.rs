@@ -282,7 +282,7 @@ pub(crate) async fn sniff_client(client: &TcpStream, timeout: Duration) -> Handl
 /// agent originated over TCP.
 pub(crate) enum Upstream {
     Tcp(TcpStream),
-    Tunnel(hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>),
+    Tunnel(hyper_util::rt::TokioIo<crate::hbone::Tunnel>),
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 

@@ -65,6 +65,8 @@ status: {podIP: 10.244.2.2}
 struct Plan {
     secs: u64,
     rounds: usize,
+    /// Idle connections held open to measure memory per connection.
+    idle: usize,
 }
 
 /// One number from one window.
@@ -105,7 +107,7 @@ fn nginx(pod: &Pod, dir: &Path) -> anyhow::Result<KillOnDrop> {
     std::fs::create_dir_all(prefix.join("logs"))?;
     let body = "x".repeat(1024);
     let conf = format!(
-        "worker_processes 1;\ndaemon off;\npid {p}/nginx.pid;\nerror_log {p}/logs/error.log;\n\
+        "worker_processes 1;\nworker_rlimit_nofile 70000;\ndaemon off;\npid {p}/nginx.pid;\nerror_log {p}/logs/error.log;\n\
          events {{ worker_connections 65536; }}\n\
          http {{\n  access_log off;\n  keepalive_requests 1000000;\n\
            client_body_temp_path {p}/body;\n  proxy_temp_path {p}/proxy;\n  fastcgi_temp_path {p}/fastcgi;\n\
@@ -305,6 +307,64 @@ fn rss_mib(pid: u32) -> f64 {
         .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
+/// Opens `n` connections to `ip:8080` from the client pod and leaves them idle
+/// (no byte sent, so the agents sniff, then proxy them as TCP); returns the
+/// agents' added resident memory per connection in KiB, summed over `agents`.
+fn idle_connections(
+    client: &Pod,
+    ip: Ipv4Addr,
+    n: usize,
+    agents: &[u32],
+    proxied: impl Fn() -> f64,
+) -> anyhow::Result<f64> {
+    let before: f64 = agents.iter().map(|p| rss_mib(*p)).sum();
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<usize, String>>();
+    let holder = mesh_tests::netns::enter_and_spawn(&client.netns, move || {
+        let mut open = Vec::with_capacity(n);
+        for _ in 0..n {
+            match std::net::TcpStream::connect_timeout(&(ip, 8080).into(), Duration::from_secs(5)) {
+                Ok(s) => open.push(s),
+                Err(e) => {
+                    let _ = ready_tx.send(Err(format!("after {} connections: {e}", open.len())));
+                    return;
+                }
+            }
+        }
+        let _ = ready_tx.send(Ok(open.len()));
+        let _ = rx.recv();
+        drop(open);
+    });
+    let opened = ready_rx.recv().context("idle connection thread")?;
+    // Past protocol detection, every upstream opens: wait for the destination
+    // agent to hold them all.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while proxied() < n as f64 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let held = proxied();
+    let after: f64 = agents.iter().map(|p| rss_mib(*p)).sum();
+    let _ = tx.send(());
+    let _ = holder.join();
+    let opened = opened.map_err(anyhow::Error::msg)?;
+    if held < opened as f64 {
+        bail!("only {held} of {opened} idle connections reached the destination agent");
+    }
+    Ok((after - before) * 1024.0 / opened as f64)
+}
+
+/// Raises this process's open-file limit (thousands of idle connections).
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: a valid out-pointer, then the same struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
 /// A gRPC request body: one framed `EchoMsg { text: "hi" }`.
 fn grpc_body(dir: &Path) -> anyhow::Result<PathBuf> {
     let msg = [0x0a, 0x02, b'h', b'i'];
@@ -382,7 +442,8 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
     if !crate::succeeds(Command::new(oha_binary()).arg("--version")) {
         bail!("oha not found: run `cargo xtask setup` first (it installs oha from crates.io)");
     }
-    let plan = if quick { Plan { secs: 2, rounds: 1 } } else { Plan { secs: 10, rounds: 3 } };
+    let plan = if quick { Plan { secs: 2, rounds: 1, idle: 2000 } } else { Plan { secs: 10, rounds: 3, idle: 10_000 } };
+    raise_fd_limit();
     let root = crate::workspace_root()?;
     crate::run(Command::new("cargo").args(["build", "--release", "--package", "mesh-agent"]).current_dir(&root))?;
     // SAFETY: still single-threaded; the harness reads these when it starts agents.
@@ -412,6 +473,7 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
     let client = cluster.pod("client");
     let mut results = Results::new();
     let mut agent_rss = Vec::new();
+    let mut per_conn = Vec::new();
     let started = Instant::now();
     for round in 1..=plan.rounds {
         eprintln!("round {round}/{}: direct (no agent)", plan.rounds);
@@ -427,6 +489,9 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
         let pids: Vec<u32> = agents.iter().filter_map(Agent::pid).collect();
         std::thread::sleep(Duration::from_millis(500));
         agent_rss.extend(pids.iter().map(|p| rss_mib(*p)));
+        // On fresh agents: a heap grown by the load runs would hide the cost.
+        let active = |a: &Agent| mesh_tests::agent::metric(&a.metrics(), "mesh_tcp_active_connections", &[]);
+        per_conn.push(idle_connections(client, REMOTE, plan.idle, &pids, || active(&agents[1]))?);
         record(&mut results, "mesh_same_node", scenarios(client, LOCAL, &plan, &body, &pids[..1])?);
         record(&mut results, "mesh_cross_node", scenarios(client, REMOTE, &plan, &body, &pids)?);
         drop(agents);
@@ -435,11 +500,19 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
     drop(servers);
     drop(cluster);
     let _ = std::fs::remove_dir_all(&work);
-    report(&results, median(agent_rss), quick, started.elapsed())
+    let idle = Idle { rss_mib: median(agent_rss), kib_per_connection: median(per_conn), connections: plan.idle };
+    report(&results, &idle, quick, started.elapsed())
+}
+
+/// Agent memory: idle, and per idle proxied connection (both agents, cross-node).
+struct Idle {
+    rss_mib: f64,
+    kib_per_connection: f64,
+    connections: usize,
 }
 
 /// The table, and `target/bench/latest.json`.
-fn report(results: &Results, rss_idle: f64, quick: bool, took: Duration) -> anyhow::Result<()> {
+fn report(results: &Results, idle: &Idle, quick: bool, took: Duration) -> anyhow::Result<()> {
     let med = |path: &str, scenario: &str, key: &str| {
         let samples = results.get(path).and_then(|s| s.get(scenario)).map(Vec::as_slice).unwrap_or(&[]);
         median(samples.iter().filter_map(|s| s.get(key).copied()).collect())
@@ -489,13 +562,18 @@ fn report(results: &Results, rss_idle: f64, quick: bool, took: Duration) -> anyh
             "direct_cross_node": d2, "mesh_cross_node": m2,
         }));
     }
-    println!("agent RSS idle: {rss_idle:.1} MiB");
+    println!(
+        "agent RSS idle: {:.1} MiB; {} idle connections cross-node: {:.2} KiB per connection (both agents)",
+        idle.rss_mib, idle.connections, idle.kib_per_connection
+    );
     let out = crate::workspace_root()?.join("target/bench");
     std::fs::create_dir_all(&out)?;
     let doc = serde_json::json!({
         "quick": quick,
         "seconds": took.as_secs(),
-        "agent_rss_idle_mib": rss_idle,
+        "agent_rss_idle_mib": idle.rss_mib,
+        "idle_connections": idle.connections,
+        "agent_kib_per_idle_connection": idle.kib_per_connection,
         "rows": table,
         "samples": results,
     });
