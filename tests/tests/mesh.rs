@@ -1195,3 +1195,33 @@ fn grpc_through_the_mesh_across_nodes() {
     assert_eq!(metric(&text, "istio_requests_total", &with("0")), 2.0, "{text}");
     assert_eq!(metric(&text, "istio_requests_total", &with("5")), 1.0, "{text}");
 }
+
+#[test]
+fn more_tunnels_than_one_hbone_connection_carries() {
+    if !require_root("more_tunnels_than_one_hbone_connection_carries") {
+        return;
+    }
+    let m = Mesh::start("", &[]);
+    // 1100 live connections from one pod to one destination identity on one
+    // node: past the 1000 streams one HBONE connection may carry, so the pool
+    // must open another; every connection, the last ones included, works.
+    let echoed = m.pod("test").run(|| {
+        let addr = SocketAddr::from(([10, 96, 0, 10], 7000));
+        let mut conns: Vec<TcpStream> =
+            (0..1100).map(|_| TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap()).collect();
+        let mut ok = 0;
+        for (i, s) in conns.iter_mut().enumerate().rev().take(20) {
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let msg = format!("connection {i}");
+            s.write_all(msg.as_bytes()).unwrap();
+            let mut back = vec![0u8; msg.len()];
+            s.read_exact(&mut back).unwrap();
+            assert_eq!(back, msg.as_bytes());
+            ok += 1;
+        }
+        ok
+    });
+    assert_eq!(echoed, 20);
+    let opened = metric(&m.agents[1].metrics(), "istio_tcp_connections_opened_total", &[("reporter", "destination")]);
+    assert!(opened >= 1100.0, "destination agent saw {opened} tunnels");
+}
