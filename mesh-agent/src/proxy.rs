@@ -197,6 +197,8 @@ async fn handle(ctx: &Arc<Context>, client: TcpStream, peer: SocketAddr) {
         }
         other => other,
     };
+    // Not in the registry under REGISTRY_ONLY: refused unless HTTP names a host.
+    let black_hole = matches!(decided, Route::BlackHole { .. });
     let (dest, addr, mut labels, declared) = match decided {
         Route::Service { service, endpoint, addr, protocol } => {
             let labels = TcpLabels::new(source.as_deref(), Some(&endpoint), Some(&service), false);
@@ -226,7 +228,7 @@ async fn handle(ctx: &Arc<Context>, client: TcpStream, peer: SocketAddr) {
         },
         Some(Declared::Unknown) => sniff_client(&client, ctx.protocol_detection_timeout).await,
     };
-    if handling == Handling::Tcp && labels.destination_service == "BlackHoleCluster" {
+    if handling == Handling::Tcp && black_hole {
         return fail(ctx, &client, peer, Some(labels), ProxyError::BlackHole(addr));
     }
     if handling != Handling::Tcp {

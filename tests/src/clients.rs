@@ -54,3 +54,24 @@ pub fn tcp_echo(addr: SocketAddr, payload: &[u8]) -> std::io::Result<Vec<u8>> {
     s.read_to_end(&mut back)?;
     Ok(back)
 }
+
+/// What curl got: the HTTP status (0 when no answer), the body, curl's errors.
+pub struct Curled {
+    pub code: u16,
+    pub body: String,
+    pub stderr: String,
+}
+
+/// curl with `args`, run by `run` (e.g. `Pod::cmd`, in a namespace).
+pub fn curl(run: impl Fn(&[&str]) -> std::process::Output, args: &[&str]) -> Curled {
+    let mut v = vec!["curl", "-sS", "--max-time", "5", "-o", "-", "-w", "\n%{http_code}"];
+    v.extend_from_slice(args);
+    let out = run(&v);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    Curled {
+        code: code.trim().parse().unwrap_or(0),
+        body: body.to_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}

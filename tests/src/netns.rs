@@ -278,3 +278,35 @@ impl Drop for Cluster {
         }
     }
 }
+
+/// A process started in a namespace (a server for tests, the demo or the
+/// bench), stopped on drop: SIGTERM first (so a master such as nginx's takes
+/// its workers down), SIGKILL after 3 s.
+pub struct Background(std::process::Child);
+
+impl Background {
+    /// Runs `args` in `netns` with no input or output.
+    pub fn spawn_in(netns: &str, args: &[&str]) -> std::io::Result<Self> {
+        Command::new("ip")
+            .args(["netns", "exec", netns])
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map(Background)
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+        while self.0.try_wait().ok().flatten().is_none() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

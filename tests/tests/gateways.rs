@@ -7,7 +7,7 @@
 use std::{
     net::{Ipv4Addr, SocketAddr, TcpListener},
     path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::Command,
     time::Duration,
 };
 
@@ -15,6 +15,7 @@ use mesh_tests::{
     Agent, Cluster, Pod,
     agent::{CaService, metric},
     certs::Certs,
+    netns::Background,
     require_root, servers,
 };
 
@@ -199,21 +200,12 @@ spec:
 struct Edge {
     agents: Vec<Agent>,
     _ca: CaService,
-    _tls_servers: Vec<KillOnDrop>,
+    _tls_servers: Vec<Background>,
     _busy: TcpListener,
     certs: Certs,
     c: Cluster,
     secret: String,
     ca_secret: String,
-}
-
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 impl Edge {
@@ -232,17 +224,9 @@ impl Edge {
         let (ext_crt, ext_key) = certs.server("secure", "secure.example");
         let (pass_crt, pass_key) = certs.server("passthrough", "passthrough.example");
         let s_server = |netns: &str, crt: &PathBuf, key: &PathBuf| {
-            let child = Command::new("ip")
-                .args(["netns", "exec", netns, "openssl", "s_server", "-quiet", "-www", "-accept", "8443", "-cert"])
-                .arg(crt)
-                .arg("-key")
-                .arg(key)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap();
-            KillOnDrop(child)
+            let (crt, key) = (crt.to_str().unwrap(), key.to_str().unwrap());
+            let args = ["openssl", "s_server", "-quiet", "-www", "-accept", "8443", "-cert", crt, "-key", key];
+            Background::spawn_in(netns, &args).unwrap()
         };
         // The outside HTTPS service, and a TLS server inside the mesh that the
         // gateway passes through unopened.
@@ -281,12 +265,8 @@ impl Edge {
 
 /// curl in a namespace; returns (HTTP status, body + errors).
 fn curl(run: impl Fn(&[&str]) -> std::process::Output, args: &[&str]) -> (u16, String) {
-    let mut v = vec!["curl", "-sS", "--max-time", "5", "-o", "-", "-w", "\n%{http_code}"];
-    v.extend_from_slice(args);
-    let out = run(&v);
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-    (code.trim().parse().unwrap_or(0), body.to_owned() + &String::from_utf8_lossy(&out.stderr))
+    let c = mesh_tests::clients::curl(run, args);
+    (c.code, c.body + &c.stderr)
 }
 
 #[test]

@@ -17,12 +17,12 @@ use std::{
     collections::BTreeMap,
     net::Ipv4Addr,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
-use mesh_tests::{Agent, Cluster, Pod, agent::CaService, grpc};
+use mesh_tests::{Agent, Cluster, Pod, agent::CaService, grpc, netns::Background};
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
 const LOCAL: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 3);
@@ -72,33 +72,8 @@ struct Plan {
 /// One number from one window.
 type Sample = BTreeMap<&'static str, f64>;
 
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        // SIGTERM first: nginx's master then stops its workers (SIGKILL would
-        // orphan them).
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(3);
-        while self.0.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn_in(netns: &str, args: &[&str]) -> anyhow::Result<KillOnDrop> {
-    let child = Command::new("ip")
-        .args(["netns", "exec", netns])
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .with_context(|| format!("starting {args:?}"))?;
-    Ok(KillOnDrop(child))
+fn spawn_in(netns: &str, args: &[&str]) -> anyhow::Result<Background> {
+    Background::spawn_in(netns, args).with_context(|| format!("starting {args:?}"))
 }
 
 fn output_in(netns: &str, args: &[&str]) -> anyhow::Result<String> {
@@ -110,7 +85,7 @@ fn output_in(netns: &str, args: &[&str]) -> anyhow::Result<String> {
 }
 
 /// nginx-light serving a 1 KiB body: HTTP/1.1 on 8080, h2c on 8081.
-fn nginx(pod: &Pod, dir: &Path) -> anyhow::Result<KillOnDrop> {
+fn nginx(pod: &Pod, dir: &Path) -> anyhow::Result<Background> {
     let prefix = dir.join(&pod.name);
     std::fs::create_dir_all(prefix.join("logs"))?;
     let body = "x".repeat(1024);

@@ -14,7 +14,7 @@
 //! Everything is removed afterwards (`--keep` leaves it running).
 use std::{
     net::{Ipv4Addr, SocketAddr},
-    process::{Command, Output},
+    process::Command,
     time::Instant,
 };
 
@@ -417,18 +417,10 @@ impl Demo {
         let ns = self.netns(step.from);
         match &step.action {
             Action::Curl(args) => {
-                let mut v = vec!["curl", "-sS", "--max-time", "5", "-o", "-", "-w", "\n%{http_code}"];
-                v.extend(args.iter().map(String::as_str));
-                let out = match step.from {
-                    // In the pod's cgroup too, as its processes would be.
-                    From::Pod(_) => ns.cmd(&v),
-                    _ => plain_cmd(&ns.netns, &v),
-                };
-                let text = String::from_utf8_lossy(&out.stdout).into_owned();
-                let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-                let code = code.trim().parse().unwrap_or(0);
-                let shown = if code == 0 { String::from_utf8_lossy(&out.stderr).into_owned() } else { body.to_owned() };
-                (code, shown)
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                // In the pod's cgroup too, as its processes would be.
+                let c = clients::curl(|a| ns.cmd(a), &args);
+                (c.code, if c.code == 0 { c.stderr } else { c.body })
             }
             Action::Grpc(uri) => {
                 let uri = uri.to_string();
@@ -456,10 +448,6 @@ impl Demo {
             }
         }
     }
-}
-
-fn plain_cmd(netns: &str, args: &[&str]) -> Output {
-    Command::new("ip").args(["netns", "exec", netns]).args(args).output().expect("ip netns exec")
 }
 
 pub fn run(keep: bool) -> anyhow::Result<()> {
