@@ -76,6 +76,10 @@ pub enum Command {
         /// Leave host-network processes' connections alone.
         #[arg(long, conflicts_with = "cgroup_root")]
         no_host_capture: bool,
+        /// Proxy worker threads; default: the CPUs this process may use
+        /// (affinity and cgroup quota), as a node's share.
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
+        worker_threads: Option<u16>,
     },
     /// Run the mesh CA service for a multi-node mesh.
     Ca {
@@ -145,6 +149,7 @@ pub fn main() -> ExitCode {
             access_log,
             cgroup_root,
             no_host_capture,
+            worker_threads,
         } => {
             if let Err(msg) = crate::privileges::check() {
                 eprintln!("mesh-agent run: {msg}");
@@ -169,7 +174,7 @@ pub fn main() -> ExitCode {
                 host_cgroup: (!no_host_capture)
                     .then(|| cgroup_root.unwrap_or_else(crate::redirect::host::default_cgroup_root)),
             };
-            run(cfg)
+            run(cfg, worker_threads)
         }
         Command::Ca { config, ca_dir, listen, trust_domain, max_cert_ttl } => {
             let cfg = CaServiceConfig { config_path: config, ca_dir, listen, trust_domain, max_ttl: max_cert_ttl };
@@ -179,7 +184,18 @@ pub fn main() -> ExitCode {
 }
 
 fn runtime() -> Option<tokio::runtime::Runtime> {
-    match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    threaded_runtime(None)
+}
+
+/// The multi-threaded runtime, `workers` threads (default: the usable CPUs).
+fn threaded_runtime(workers: Option<u16>) -> Option<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = workers {
+        builder.worker_threads(usize::from(n));
+    } else if let Ok(n) = std::thread::available_parallelism() {
+        builder.worker_threads(n.get());
+    }
+    match builder.enable_all().build() {
         Ok(r) => Some(r),
         Err(e) => {
             eprintln!("mesh-agent: cannot start the async runtime: {e}");
@@ -245,8 +261,8 @@ fn validate(paths: &[PathBuf], trust_domain: &str) -> ExitCode {
     if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
 }
 
-fn run(cfg: RunConfig) -> ExitCode {
-    let Some(runtime) = runtime() else { return ExitCode::FAILURE };
+fn run(cfg: RunConfig, workers: Option<u16>) -> ExitCode {
+    let Some(runtime) = threaded_runtime(workers) else { return ExitCode::FAILURE };
     let result = runtime.block_on(crate::agent::run(cfg));
     runtime.shutdown_timeout(Duration::from_secs(1));
     match result {

@@ -59,7 +59,12 @@ impl Agent {
         let child = Command::new("ip")
             .args(["netns", "exec", &node.ns])
             .arg(binary())
-            .args(["run", "--node", &node.name, "--resync-interval", "200ms", "--drain-timeout", "2s"])
+            .args(["run", "--node", &node.name, "--drain-timeout", "2s"])
+            // Tests reload often; a caller (the bench) may ask for the default.
+            .args(match extra.iter().any(|a| a == "--resync-interval") {
+                true => &[][..],
+                false => &["--resync-interval", "200ms"][..],
+            })
             .arg("--state-dir")
             .arg(agent.dir.join("state"))
             .args(extra)

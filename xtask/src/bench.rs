@@ -69,6 +69,64 @@ struct Plan {
     idle: usize,
 }
 
+/// What `cargo xtask bench` was asked for.
+pub struct Options {
+    pub quick: bool,
+    /// Scenario names to run; empty: all.
+    pub only: Vec<String>,
+    /// `perf record` the agents during the mesh windows.
+    pub perf: bool,
+    /// Window length, overriding the plan's.
+    pub secs: Option<u64>,
+    /// Added to the agents' command line.
+    pub agent_args: Vec<String>,
+}
+
+impl Options {
+    fn wants(&self, scenario: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|s| s == scenario)
+    }
+}
+
+/// Every scenario, in the order they run; `idle` is the memory measurement.
+const SCENARIOS: [&str; 10] = [
+    "idle",
+    "tcp_1_stream",
+    "tcp_8_streams",
+    "tcp_rr_1000mps",
+    "http1_1000rps",
+    "http1_saturation",
+    "http2_1000rps",
+    "http2_saturation",
+    "new_connections",
+    "grpc_unary",
+];
+
+/// `perf record -g` of the agents until dropped.
+struct Perf(std::process::Child);
+
+impl Perf {
+    fn start(pids: &[u32], out: &Path) -> anyhow::Result<Perf> {
+        let pids = pids.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+        let child = Command::new("perf")
+            .args(["record", "-F", "999", "-g", "-p", &pids, "-o"])
+            .arg(out)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("perf record (apt install linux-perf)")?;
+        Ok(Perf(child))
+    }
+}
+
+impl Drop for Perf {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child; SIGINT makes perf write its file.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGINT) };
+        let _ = self.0.wait();
+    }
+}
+
 /// One number from one window.
 type Sample = BTreeMap<&'static str, f64>;
 
@@ -364,32 +422,38 @@ fn scenarios(
     client: &Pod,
     ip: Ipv4Addr,
     plan: &Plan,
+    options: &Options,
     body: &Path,
     agents: &[u32],
 ) -> anyhow::Result<BTreeMap<&'static str, Sample>> {
     let s = plan.secs;
-    let mut out = BTreeMap::new();
-    out.insert("tcp_1_stream", iperf(client, ip, s, 1)?);
-    out.insert("tcp_8_streams", iperf(client, ip, s, 8)?);
-    out.insert("tcp_rr_1000mps", sockperf(client, ip, s)?);
     let h1 = format!("http://{ip}:8080/");
-    let cpu0: Vec<f64> = agents.iter().map(|p| cpu_seconds(*p)).collect();
-    let start = Instant::now();
-    let mut fixed = oha(client, &h1, s, Some(1000), &[])?;
-    let elapsed = start.elapsed().as_secs_f64();
-    if !agents.is_empty() {
-        let used: f64 = agents.iter().zip(&cpu0).map(|(p, c)| cpu_seconds(*p) - c).sum();
-        let per_agent = used / agents.len() as f64;
-        // vCPU per 1000 rps, per agent: CPU seconds per second, per thousand rps.
-        fixed.insert("agent_vcpu_per_1000rps", per_agent / elapsed / (fixed["rps"] / 1000.0));
-    }
-    out.insert("http1_1000rps", fixed);
-    out.insert("http1_saturation", oha(client, &h1, s, None, &[])?);
     let h2 = format!("http://{ip}:8081/");
-    out.insert("http2_1000rps", oha(client, &h2, s, Some(1000), &["--http2"])?);
-    out.insert("http2_saturation", oha(client, &h2, s, None, &["--http2"])?);
-    out.insert("new_connections", oha(client, &h1, s, None, &["--disable-keepalive"])?);
-    out.insert("grpc_unary", h2load(client, ip, s, body)?);
+    let mut out = BTreeMap::new();
+    for scenario in SCENARIOS.into_iter().filter(|s| *s != "idle" && options.wants(s)) {
+        let cpu0: Vec<f64> = agents.iter().map(|p| cpu_seconds(*p)).collect();
+        let start = Instant::now();
+        let mut sample = match scenario {
+            "tcp_1_stream" => iperf(client, ip, s, 1)?,
+            "tcp_8_streams" => iperf(client, ip, s, 8)?,
+            "tcp_rr_1000mps" => sockperf(client, ip, s)?,
+            "http1_1000rps" => oha(client, &h1, s, Some(1000), &[])?,
+            "http1_saturation" => oha(client, &h1, s, None, &[])?,
+            "http2_1000rps" => oha(client, &h2, s, Some(1000), &["--http2"])?,
+            "http2_saturation" => oha(client, &h2, s, None, &["--http2"])?,
+            "new_connections" => oha(client, &h1, s, None, &["--disable-keepalive"])?,
+            "grpc_unary" => h2load(client, ip, s, body)?,
+            other => bail!("no scenario {other}"),
+        };
+        if let Some(rps) = sample.get("rps").copied().filter(|_| !agents.is_empty()) {
+            let elapsed = start.elapsed().as_secs_f64();
+            let used: f64 = agents.iter().zip(&cpu0).map(|(p, c)| cpu_seconds(*p) - c).sum();
+            let per_agent = used / agents.len() as f64;
+            // vCPU per 1000 rps, per agent: CPU seconds per second, per thousand rps.
+            sample.insert("agent_vcpu_per_1000rps", per_agent / elapsed / (rps / 1000.0));
+        }
+        out.insert(scenario, sample);
+    }
     Ok(out)
 }
 
@@ -412,7 +476,11 @@ fn median(mut v: Vec<f64>) -> f64 {
     if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
 }
 
-pub fn run(quick: bool) -> anyhow::Result<()> {
+pub fn run(options: Options) -> anyhow::Result<()> {
+    let quick = options.quick;
+    if let Some(unknown) = options.only.iter().find(|s| !SCENARIOS.contains(&s.as_str())) {
+        bail!("no scenario {unknown:?}; there are: {}", SCENARIOS.join(", "));
+    }
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!("the benchmark creates network namespaces and loads eBPF: run it as root (sudo cargo xtask bench)");
@@ -425,7 +493,8 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
     if !crate::succeeds(Command::new(oha_binary()).arg("--version")) {
         bail!("oha not found: run `cargo xtask setup` first (it installs oha from crates.io)");
     }
-    let plan = if quick { Plan { secs: 2, rounds: 1, idle: 2000 } } else { Plan { secs: 10, rounds: 3, idle: 10_000 } };
+    let mut plan = if quick { Plan { secs: 2, rounds: 1, idle: 2000 } } else { Plan { secs: 10, rounds: 3, idle: 10_000 } };
+    plan.secs = options.secs.unwrap_or(plan.secs);
     raise_fd_limit();
     let root = crate::workspace_root()?;
     crate::run(Command::new("cargo").args(["build", "--release", "--package", "mesh-agent"]).current_dir(&root))?;
@@ -460,12 +529,14 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
     let started = Instant::now();
     for round in 1..=plan.rounds {
         eprintln!("round {round}/{}: direct (no agent)", plan.rounds);
-        record(&mut results, "direct_same_node", scenarios(client, LOCAL, &plan, &body, &[])?);
-        record(&mut results, "direct_cross_node", scenarios(client, REMOTE, &plan, &body, &[])?);
+        record(&mut results, "direct_same_node", scenarios(client, LOCAL, &plan, &options, &body, &[])?);
+        record(&mut results, "direct_cross_node", scenarios(client, REMOTE, &plan, &options, &body, &[])?);
         eprintln!("round {round}/{}: through the mesh", plan.rounds);
         let extra = |i: usize| {
             let mut a = ca.agent_args(&cluster.nodes[i].name);
-            a.extend(["--access-log".into(), "off".into()]);
+            // As deployed: no access log, the default resync interval.
+            a.extend(["--access-log", "off", "--resync-interval", "1s"].map(String::from));
+            a.extend(options.agent_args.iter().cloned());
             a
         };
         let agents: Vec<Agent> = (0..2).map(|i| Agent::start_on(&cluster, i, CONFIG, &extra(i))).collect();
@@ -474,9 +545,17 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
         agent_rss.extend(pids.iter().map(|p| rss_mib(*p)));
         // On fresh agents: a heap grown by the load runs would hide the cost.
         let active = |a: &Agent| mesh_tests::agent::metric(&a.metrics(), "mesh_tcp_active_connections", &[]);
-        per_conn.push(idle_connections(client, REMOTE, plan.idle, &pids, || active(&agents[1]))?);
-        record(&mut results, "mesh_same_node", scenarios(client, LOCAL, &plan, &body, &pids[..1])?);
-        record(&mut results, "mesh_cross_node", scenarios(client, REMOTE, &plan, &body, &pids)?);
+        if options.wants("idle") {
+            per_conn.push(idle_connections(client, REMOTE, plan.idle, &pids, || active(&agents[1]))?);
+        }
+        std::fs::create_dir_all(root.join("target/bench"))?;
+        let perf = match options.perf {
+            true => Some(Perf::start(&pids, &root.join("target/bench/perf.data"))?),
+            false => None,
+        };
+        record(&mut results, "mesh_same_node", scenarios(client, LOCAL, &plan, &options, &body, &pids[..1])?);
+        record(&mut results, "mesh_cross_node", scenarios(client, REMOTE, &plan, &options, &body, &pids)?);
+        drop(perf);
         drop(agents);
     }
     drop(ca);
@@ -500,7 +579,7 @@ fn report(results: &Results, idle: &Idle, quick: bool, took: Duration) -> anyhow
         let samples = results.get(path).and_then(|s| s.get(scenario)).map(Vec::as_slice).unwrap_or(&[]);
         median(samples.iter().filter_map(|s| s.get(key).copied()).collect())
     };
-    let rows: [(&str, &str, &str, bool); 19] = [
+    let rows: [(&str, &str, &str, bool); 20] = [
         ("tcp_1_stream", "gbit_per_s", "Gbit/s", true),
         ("tcp_8_streams", "gbit_per_s", "Gbit/s", true),
         ("tcp_rr_1000mps", "p50_us", "µs p50", false),
@@ -519,6 +598,7 @@ fn report(results: &Results, idle: &Idle, quick: bool, took: Duration) -> anyhow
         ("grpc_unary", "mean_ms", "ms mean", false),
         ("http1_saturation", "non_200", "errors", false),
         ("http1_1000rps", "agent_vcpu_per_1000rps", "vCPU/1k rps", false),
+        ("http2_1000rps", "agent_vcpu_per_1000rps", "vCPU/1k rps", false),
         ("grpc_unary", "failed", "failed", false),
     ];
     println!(

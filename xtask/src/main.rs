@@ -44,6 +44,20 @@ enum Task {
         /// A short run for development: 2 s windows, one round.
         #[arg(long)]
         quick: bool,
+        /// Only these scenarios (comma-separated: tcp_1_stream, http1_1000rps,
+        /// idle, …); the rest are skipped.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
+        /// Record the agents with `perf record -g` during the mesh windows
+        /// (written to target/bench/perf.data).
+        #[arg(long)]
+        perf: bool,
+        /// Seconds per measurement window (default 10, 2 with --quick).
+        #[arg(long)]
+        secs: Option<u64>,
+        /// More arguments for the agents, e.g. `--agent-args="--worker-threads 1"`.
+        #[arg(long, allow_hyphen_values = true)]
+        agent_args: Option<String>,
     },
 }
 
@@ -53,7 +67,10 @@ fn main() -> anyhow::Result<()> {
         Task::BuildEbpf => build_ebpf(),
         Task::Test { args } => test(&args),
         Task::Demo { keep } => demo::run(keep),
-        Task::Bench { quick } => bench::run(quick),
+        Task::Bench { quick, only, perf, secs, agent_args } => {
+            let agent_args = agent_args.map(|a| a.split_whitespace().map(String::from).collect()).unwrap_or_default();
+            bench::run(bench::Options { quick, only, perf, secs, agent_args })
+        }
     }
 }
 

@@ -20,6 +20,11 @@ impl AccessLog {
         })
     }
 
+    /// Whether lines are written anywhere (requests skip building them if not).
+    pub fn enabled(&self) -> bool {
+        !matches!(self, AccessLog::Off)
+    }
+
     pub fn write(&self, entry: &serde_json::Value) {
         let mut line = entry.to_string();
         line.push('\n');

@@ -37,13 +37,8 @@ pub struct Record {
     tcp: TcpLabels,
     grpc: bool,
     start: Instant,
-    started_at: SystemTime,
-    method: String,
-    path: String,
-    authority: String,
-    user_agent: String,
-    request_id: String,
-    protocol: &'static str,
+    /// What only the access log needs; none when it is off.
+    line: Option<Box<RequestLine>>,
     upstream: Option<SocketAddrV4>,
     downstream: std::net::SocketAddr,
     shared: Arc<Shared>,
@@ -56,6 +51,17 @@ pub struct Record {
     held: Option<super::cluster::Admission>,
     /// The endpoint it is in flight to (for LEAST_REQUEST).
     in_flight: Option<super::cluster::InFlight>,
+}
+
+/// The request as the access log describes it.
+struct RequestLine {
+    started_at: SystemTime,
+    method: String,
+    path: String,
+    authority: String,
+    user_agent: String,
+    request_id: String,
+    protocol: &'static str,
 }
 
 fn header(h: &HeaderMap, name: &str) -> String {
@@ -78,25 +84,32 @@ impl Record {
         started_at: SystemTime,
         start: Instant,
     ) -> Record {
-        let h = req.headers();
-        let authority =
-            req.uri().authority().map(|a| a.to_string()).unwrap_or_else(|| header(h, hyper::header::HOST.as_str()));
+        let line = ctx.access_log.enabled().then(|| {
+            let h = req.headers();
+            Box::new(RequestLine {
+                started_at,
+                method: req.method().to_string(),
+                path: req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_else(|| "/".into()),
+                authority: req
+                    .uri()
+                    .authority()
+                    .map(|a| a.to_string())
+                    .unwrap_or_else(|| header(h, hyper::header::HOST.as_str())),
+                user_agent: header(h, "user-agent"),
+                request_id: header(h, "x-request-id"),
+                protocol: match req.version() {
+                    hyper::Version::HTTP_2 => "HTTP/2",
+                    hyper::Version::HTTP_10 => "HTTP/1.0",
+                    _ => "HTTP/1.1",
+                },
+            })
+        });
         Record {
             ctx: ctx.clone(),
             tcp,
             grpc,
             start,
-            started_at,
-            method: req.method().to_string(),
-            path: req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_else(|| "/".into()),
-            authority,
-            user_agent: header(h, "user-agent"),
-            request_id: header(h, "x-request-id"),
-            protocol: match req.version() {
-                hyper::Version::HTTP_2 => "HTTP/2",
-                hyper::Version::HTTP_10 => "HTTP/1.0",
-                _ => "HTTP/1.1",
-            },
+            line,
             upstream,
             downstream: down.peer,
             shared: Arc::default(),
@@ -228,20 +241,21 @@ impl Record {
         m.request_duration.get_or_create(&labels).observe(ms);
         m.request_bytes.get_or_create(&labels).observe(request_bytes as f64);
         m.response_bytes.get_or_create(&labels).observe(self.response_bytes as f64);
+        let Some(line) = self.line.take() else { return };
         self.ctx.access_log.write(&serde_json::json!({
-            "start_time": super::access_log::rfc3339(self.started_at),
-            "method": self.method,
-            "path": self.path,
-            "protocol": self.protocol,
+            "start_time": super::access_log::rfc3339(line.started_at),
+            "method": line.method,
+            "path": line.path,
+            "protocol": line.protocol,
             "response_code": self.status,
             "grpc_status": self.grpc_status,
             "response_flags": self.flags,
             "bytes_received": request_bytes,
             "bytes_sent": self.response_bytes,
             "duration_ms": (ms * 1000.0).round() / 1000.0,
-            "authority": self.authority,
-            "user_agent": self.user_agent,
-            "x_request_id": self.request_id,
+            "authority": line.authority,
+            "user_agent": line.user_agent,
+            "x_request_id": line.request_id,
             "downstream_peer": self.downstream.to_string(),
             "upstream_host": self.upstream.map(|a| a.to_string()),
             "source_workload": labels.connection.source_workload,
