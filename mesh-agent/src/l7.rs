@@ -70,10 +70,17 @@ impl Downstream {
 }
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1), never forwarded.
-const HOP_BY_HOP: [&str; 7] =
-    ["connection", "keep-alive", "proxy-connection", "te", "transfer-encoding", "upgrade", "proxy-authorization"];
+static HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHORIZATION,
+];
 
-const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -125,25 +132,28 @@ fn is_grpc(headers: &HeaderMap) -> bool {
     headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("application/grpc"))
 }
 
-fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+/// Removes hop-by-hop headers, and those `Connection` names, before a
+/// message is forwarded (`keep_upgrade` for a protocol upgrade).
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     // Headers named in `Connection` are hop-by-hop too.
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for n in named {
-        if !(keep_upgrade && n == header::UPGRADE) {
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .filter(|n| !HOP_BY_HOP.contains(n))
+            .collect();
+        for n in named {
             headers.remove(n);
         }
     }
-    for h in HOP_BY_HOP {
-        if keep_upgrade && (h == "upgrade" || h == "connection") {
+    for h in &HOP_BY_HOP {
+        if keep_upgrade && (h == header::UPGRADE || h == header::CONNECTION) {
             continue;
         }
-        if h == "te" && headers.get(header::TE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers")) {
+        if h == header::TE && headers.get(header::TE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers")) {
             continue;
         }
         headers.remove(h);
@@ -257,8 +267,8 @@ enum Failure {
 async fn handle(ctx: Arc<Context>, down: Arc<Downstream>, mut req: Request<Incoming>) -> Response<Body> {
     let start = Instant::now();
     let started_at = SystemTime::now();
-    if !req.headers().contains_key(X_REQUEST_ID) {
-        req.headers_mut().insert(X_REQUEST_ID, request_id(&ctx));
+    if !req.headers().contains_key(&X_REQUEST_ID) {
+        req.headers_mut().insert(X_REQUEST_ID.clone(), request_id(&ctx));
     }
     // HTTP/2 names the host in `:authority`; routing reads `Host`.
     if !req.headers().contains_key(header::HOST)

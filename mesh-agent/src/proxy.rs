@@ -237,7 +237,10 @@ async fn handle(ctx: &Arc<Context>, client: TcpStream, peer: SocketAddr) {
         let down = crate::l7::Downstream { peer, peer_ip, orig, source, gateways: None, first_pick: pick.into() };
         return crate::l7::serve(ctx.clone(), client, down, handling).await;
     }
-    match open_upstream(ctx, &state, source.as_ref(), peer, dest.as_ref(), addr, ctx.connect_timeout).await {
+    // Boxed: connecting (TLS, HBONE) needs far more state than copying, and the
+    // connection's task would otherwise keep room for it as long as it lives.
+    let opening = Box::pin(open_upstream(ctx, &state, source.as_ref(), peer, dest.as_ref(), addr, ctx.connect_timeout));
+    match opening.await {
         Ok(opened) => {
             drop(state);
             if opened.mtls {

@@ -493,7 +493,8 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     if !crate::succeeds(Command::new(oha_binary()).arg("--version")) {
         bail!("oha not found: run `cargo xtask setup` first (it installs oha from crates.io)");
     }
-    let mut plan = if quick { Plan { secs: 2, rounds: 1, idle: 2000 } } else { Plan { secs: 10, rounds: 3, idle: 10_000 } };
+    let mut plan =
+        if quick { Plan { secs: 2, rounds: 1, idle: 2000 } } else { Plan { secs: 10, rounds: 3, idle: 10_000 } };
     plan.secs = options.secs.unwrap_or(plan.secs);
     raise_fd_limit();
     let root = crate::workspace_root()?;
@@ -547,6 +548,11 @@ pub fn run(options: Options) -> anyhow::Result<()> {
         let active = |a: &Agent| mesh_tests::agent::metric(&a.metrics(), "mesh_tcp_active_connections", &[]);
         if options.wants("idle") {
             per_conn.push(idle_connections(client, REMOTE, plan.idle, &pids, || active(&agents[1]))?);
+            // Let both agents finish closing them before anything is timed.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while agents.iter().any(|a| active(a) > 0.0) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(200));
+            }
         }
         std::fs::create_dir_all(root.join("target/bench"))?;
         let perf = match options.perf {

@@ -9,9 +9,9 @@ use serde::Deserialize;
 use super::{gateway::Secrets, k8s::ObjectMeta, validate::Ctx};
 use crate::{
     l7::routing::{
-        DestinationRule, Fault, HashKey, HeaderOps, HeaderRules, HttpMatch, HttpRoute, LoadBalancer, OutlierDetection,
-        Policy, Redirect, Retries, RetryOn, Rewrite, StrMatch, Subset, TcpRoute, TlsMatch, TlsRoute, VirtualService,
-        WeightedDestination,
+        DestinationRule, Fault, HashKey, HeaderOps, HeaderPair, HeaderRules, HttpMatch, HttpRoute, LoadBalancer,
+        OutlierDetection, Policy, Redirect, Retries, RetryOn, Rewrite, StrMatch, Subset, TcpRoute, TlsMatch, TlsRoute,
+        VirtualService, WeightedDestination,
     },
     state::{CLUSTER_DOMAIN, Gateway, Service},
 };
@@ -566,7 +566,7 @@ pub(super) fn build_virtual_service(
         };
         let retries = r.retries.as_ref().and_then(|x| retries(ctx, &format!("{base}.retries"), x));
         let fault = r.fault.as_ref().and_then(|f| fault(ctx, &format!("{base}.fault"), f));
-        let headers = r.headers.as_ref().map(header_rules).unwrap_or_default();
+        let headers = r.headers.as_ref().map(|h| header_rules(ctx, &format!("{base}.headers"), h)).unwrap_or_default();
         let mirror = match &r.mirror {
             Some(m) => {
                 let spec = [RouteDestinationSpec { destination: m.clone(), weight: None, headers: None }];
@@ -854,18 +854,41 @@ fn fault(ctx: &mut Ctx<'_>, base: &str, f: &FaultSpec) -> Option<Fault> {
     Some(out)
 }
 
-fn header_ops(h: &Option<HeaderOpsSpec>) -> HeaderOps {
+fn header_ops(ctx: &mut Ctx<'_>, base: &str, h: &Option<HeaderOpsSpec>) -> HeaderOps {
+    use hyper::header::{HeaderName, HeaderValue};
     let Some(h) = h else { return HeaderOps::default() };
-    let pairs = |m: &BTreeMap<String, String>| m.iter().map(|(k, v)| (k.to_ascii_lowercase(), v.clone())).collect();
-    HeaderOps {
-        set: pairs(&h.set),
-        add: pairs(&h.add),
-        remove: h.remove.iter().map(|k| k.to_ascii_lowercase()).collect(),
-    }
+    let name = |ctx: &mut Ctx<'_>, field: String, k: &str| match HeaderName::from_bytes(k.as_bytes()) {
+        Ok(n) => Some(n),
+        Err(_) => {
+            ctx.error(field, format!("{k:?} is not a valid header name"));
+            None
+        }
+    };
+    let pairs = |ctx: &mut Ctx<'_>, op: &str, m: &BTreeMap<String, String>| {
+        let mut out = Vec::new();
+        for (k, v) in m {
+            let field = format!("{base}.{op}.{k}");
+            let value = HeaderValue::from_str(v);
+            if value.is_err() {
+                ctx.error(field.clone(), format!("{v:?} is not a valid header value"));
+            }
+            if let (Some(n), Ok(v)) = (name(ctx, field, k), value) {
+                out.push(HeaderPair(n, v));
+            }
+        }
+        out
+    };
+    let set = pairs(ctx, "set", &h.set);
+    let add = pairs(ctx, "add", &h.add);
+    let remove = h.remove.iter().enumerate().filter_map(|(i, k)| name(ctx, format!("{base}.remove[{i}]"), k)).collect();
+    HeaderOps { set, add, remove }
 }
 
-fn header_rules(h: &HeadersSpec) -> HeaderRules {
-    HeaderRules { request: header_ops(&h.request), response: header_ops(&h.response) }
+fn header_rules(ctx: &mut Ctx<'_>, base: &str, h: &HeadersSpec) -> HeaderRules {
+    HeaderRules {
+        request: header_ops(ctx, &format!("{base}.request"), &h.request),
+        response: header_ops(ctx, &format!("{base}.response"), &h.response),
+    }
 }
 
 /// A count in a policy: 0 or more, at most `max`.

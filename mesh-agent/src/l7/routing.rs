@@ -4,7 +4,7 @@
 //! of the state and the request, tested with tables.
 use std::{collections::BTreeMap, net::SocketAddrV4, sync::Arc, time::Duration};
 
-use hyper::header::HeaderMap;
+use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 use serde::Serialize;
 
 use crate::{
@@ -123,27 +123,37 @@ pub struct HeaderRules {
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct HeaderOps {
-    pub set: Vec<(String, String)>,
-    pub add: Vec<(String, String)>,
-    pub remove: Vec<String>,
+    pub set: Vec<HeaderPair>,
+    pub add: Vec<HeaderPair>,
+    #[serde(serialize_with = "header_names")]
+    pub remove: Vec<HeaderName>,
+}
+
+/// A header to set or add, parsed once when the configuration loads.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeaderPair(pub HeaderName, pub HeaderValue);
+
+impl Serialize for HeaderPair {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        (self.0.as_str(), String::from_utf8_lossy(self.1.as_bytes())).serialize(s)
+    }
+}
+
+fn header_names<S: serde::Serializer>(names: &[HeaderName], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(names.iter().map(HeaderName::as_str))
 }
 
 impl HeaderOps {
     /// Applies remove, then set (replacing), then add (appending), as Envoy does.
     pub fn apply(&self, headers: &mut HeaderMap) {
-        use hyper::header::{HeaderName, HeaderValue};
         for name in &self.remove {
-            headers.remove(name.as_str());
+            headers.remove(name);
         }
-        for (name, value) in &self.set {
-            if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_str(value)) {
-                headers.insert(n, v);
-            }
+        for HeaderPair(n, v) in &self.set {
+            headers.insert(n.clone(), v.clone());
         }
-        for (name, value) in &self.add {
-            if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_str(value)) {
-                headers.append(n, v);
-            }
+        for HeaderPair(n, v) in &self.add {
+            headers.append(n.clone(), v.clone());
         }
     }
 

@@ -163,6 +163,7 @@ impl Direction {
 }
 
 #[cfg(test)]
+#[expect(clippy::unwrap_used, reason = "tests")]
 mod tests {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 

@@ -315,6 +315,22 @@ fn routing_rules_are_validated_field_by_field() {
             ),
         ),
         (
+            vs(
+                "{hosts: [hello], http: [{headers: {request: {set: {\"bad name\": x}}}, route: [{destination: {host: hello}}]}]}",
+            ),
+            format!(
+                "{at}: VirtualService demo/v: spec.http[0].headers.request.set.bad name: \"bad name\" is not a valid header name"
+            ),
+        ),
+        (
+            vs(
+                "{hosts: [hello], http: [{headers: {response: {add: {x-ok: \"a\\nb\"}}}, route: [{destination: {host: hello}}]}]}",
+            ),
+            format!(
+                "{at}: VirtualService demo/v: spec.http[0].headers.response.add.x-ok: \"a\\nb\" is not a valid header value"
+            ),
+        ),
+        (
             vs("{hosts: [hello], http: [{rout: []}]}"),
             format!("{at}: VirtualService demo/v: spec.http[0].rout: unknown field `rout`"),
         ),
