@@ -1,10 +1,11 @@
 //! Bidirectional byte copy with half-close and byte counters updated as data
 //! moves (not only at close).
 //!
-//! Memory follows the flow, not the connection count: reads land in one
-//! scratch buffer per worker thread and are written on at once; only bytes the
-//! writer cannot take yet (backpressure) are kept, in a per-direction buffer
-//! that is freed as soon as it drains. An idle connection holds no buffer at
+//! Memory follows the flow, not the connection count: a direction that was
+//! idle reads into one scratch buffer per worker thread and writes on at once;
+//! only when the writer cannot take everything (backpressure) does it get a
+//! buffer of its own, read into directly from then on, and freed as soon as
+//! the reader has nothing more for now. An idle connection holds no buffer at
 //! all, and a fast one reads up to [`SCRATCH`] bytes per call.
 use std::{
     cell::RefCell,
@@ -18,7 +19,7 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// The largest single read.
-const SCRATCH: usize = 64 * 1024;
+const SCRATCH: usize = 256 * 1024;
 
 thread_local! {
     static SCRATCH_BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; SCRATCH].into_boxed_slice());
@@ -74,17 +75,29 @@ where
 
 /// One direction's progress.
 struct Direction {
-    /// Read but not yet written (only under backpressure; empty otherwise).
-    pending: Vec<u8>,
-    written: usize,
+    /// The direction's own buffer while data flows: read into directly, so a
+    /// partial write leaves the rest in place. Freed when the reader has
+    /// nothing more for now, so an idle connection holds no buffer.
+    buf: Vec<u8>,
+    /// `buf[start..end]` is read and not yet written.
+    start: usize,
+    end: usize,
     eof: bool,
     done: bool,
     ops: (Failed, Failed),
 }
 
+/// What one read (and the write tried at once) came to.
+enum Step {
+    /// Bytes moved (or parked in `buf`); go round again.
+    Moved,
+    /// End of stream.
+    Eof,
+}
+
 impl Direction {
     fn new(ops: (Failed, Failed)) -> Self {
-        Direction { pending: Vec::new(), written: 0, eof: false, done: false, ops }
+        Direction { buf: Vec::new(), start: 0, end: 0, eof: false, done: false, ops }
     }
 
     fn poll<R, W>(
@@ -98,25 +111,21 @@ impl Direction {
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
-        let (read_op, write_op) = self.ops;
+        let write_op = self.ops.1;
         loop {
             if self.done {
                 return Poll::Ready(Ok(()));
             }
             // First what the writer could not take before.
-            while self.written < self.pending.len() {
-                let n = ready!(Pin::new(&mut *w).poll_write(cx, &self.pending[self.written..]))
+            while self.start < self.end {
+                let n = ready!(Pin::new(&mut *w).poll_write(cx, &self.buf[self.start..self.end]))
                     .map_err(|e| (write_op, e))?;
                 if n == 0 {
                     return Poll::Ready(Err((write_op, io::ErrorKind::WriteZero.into())));
                 }
-                self.written += n;
+                self.start += n;
             }
-            if !self.pending.is_empty() {
-                // Drained: nothing is held while the flow waits for more.
-                self.pending = Vec::new();
-                self.written = 0;
-            }
+            (self.start, self.end) = (0, 0);
             if self.eof {
                 // Every byte was written; a peer that has already gone (a
                 // tunnel stream the other agent cancelled once it had the
@@ -125,40 +134,78 @@ impl Direction {
                 if let Err(e) = ready!(Pin::new(&mut *w).poll_shutdown(cx)) {
                     tracing::debug!(op = %write_op, error = %e, "half-close after the last byte failed: the peer is gone");
                 }
+                self.buf = Vec::new();
                 self.done = true;
                 continue;
             }
-            // Flush what the writer buffers (TLS, HTTP/2) before waiting to read.
-            let read = SCRATCH_BUF.with_borrow_mut(|scratch| -> Poll<Result<(), (Failed, io::Error)>> {
-                let mut rb = ReadBuf::new(scratch);
-                ready!(Pin::new(&mut *r).poll_read(cx, &mut rb)).map_err(|e| (read_op, e))?;
-                let got = rb.filled();
-                if got.is_empty() {
-                    self.eof = true;
-                    return Poll::Ready(Ok(()));
-                }
-                counter.inc_by(got.len() as u64);
-                // Write at once from the scratch buffer; keep only the rest.
-                let taken = match Pin::new(&mut *w).poll_write(cx, got) {
-                    Poll::Ready(Ok(0)) => return Poll::Ready(Err((write_op, io::ErrorKind::WriteZero.into()))),
-                    Poll::Ready(Ok(n)) => n,
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err((write_op, e))),
-                    Poll::Pending => 0,
-                };
-                if taken < got.len() {
-                    self.pending.extend_from_slice(&got[taken..]);
-                }
-                Poll::Ready(Ok(()))
-            });
-            match read {
-                Poll::Ready(r) => r?,
+            let step = if self.buf.is_empty() {
+                // Idle until now: read into the thread's scratch buffer and
+                // keep (copy) only what the writer does not take at once.
+                SCRATCH_BUF.with_borrow_mut(|scratch| self.read_and_write(cx, r, w, counter, scratch, true))
+            } else {
+                let mut buf = std::mem::take(&mut self.buf);
+                let step = self.read_and_write(cx, r, w, counter, &mut buf, false);
+                self.buf = buf;
+                step
+            };
+            match step {
+                Poll::Ready(Ok(Step::Moved)) => {}
+                Poll::Ready(Ok(Step::Eof)) => self.eof = true,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => {
-                    // Nothing to read: make sure buffered writes go out.
+                    // Nothing to read for now: hold no buffer, and make sure
+                    // what the writer buffers (TLS, HTTP/2) goes out.
+                    self.buf = Vec::new();
                     ready!(Pin::new(&mut *w).poll_flush(cx)).map_err(|e| (write_op, e))?;
                     return Poll::Pending;
                 }
             }
         }
+    }
+
+    /// One read into `into`, and a write of it at once. What the writer does
+    /// not take stays in `self.buf[start..end]` (copied there when `into` is
+    /// the scratch buffer).
+    fn read_and_write<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: &mut R,
+        w: &mut W,
+        counter: &Counter,
+        into: &mut [u8],
+        scratch: bool,
+    ) -> Poll<Result<Step, (Failed, io::Error)>>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let (read_op, write_op) = self.ops;
+        let mut rb = ReadBuf::new(into);
+        ready!(Pin::new(&mut *r).poll_read(cx, &mut rb)).map_err(|e| (read_op, e))?;
+        let n = rb.filled().len();
+        if n == 0 {
+            return Poll::Ready(Ok(Step::Eof));
+        }
+        counter.inc_by(n as u64);
+        let taken = match Pin::new(&mut *w).poll_write(cx, &into[..n]) {
+            Poll::Ready(Ok(0)) => return Poll::Ready(Err((write_op, io::ErrorKind::WriteZero.into()))),
+            Poll::Ready(Ok(t)) => t,
+            Poll::Ready(Err(e)) => return Poll::Ready(Err((write_op, e))),
+            Poll::Pending => 0,
+        };
+        if scratch {
+            if taken < n {
+                // The flow meets backpressure: from now on it reads into a
+                // buffer of its own, where partial writes cost no copy.
+                let mut own = vec![0u8; SCRATCH];
+                own[..n - taken].copy_from_slice(&into[taken..n]);
+                self.buf = own;
+                (self.start, self.end) = (0, n - taken);
+            }
+        } else {
+            (self.start, self.end) = (taken, n);
+        }
+        Poll::Ready(Ok(Step::Moved))
     }
 }
 
