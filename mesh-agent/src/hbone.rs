@@ -106,7 +106,25 @@ impl PoolEntry {
 #[derive(Default)]
 pub struct Pool {
     conns: Mutex<HashMap<PoolKey, Vec<PoolEntry>>>,
+    /// TLS client configurations by (source certificate serial, destination
+    /// identity): kept so that their session caches let a new connection to
+    /// the same peer resume instead of a full handshake. A renewed source
+    /// certificate has a new serial, so a new configuration and full handshakes.
+    tls: Mutex<TlsConfigs>,
+    /// Held while a connection to the key's peer is being made.
+    /// Held while a connection to the key's peer is being made; remembers
+    /// when the last attempt failed, and why.
+    connecting: Mutex<HashMap<PoolKey, Arc<Gate>>>,
 }
+
+/// TLS client configurations by (source certificate serial, peer identity).
+type TlsConfigs = HashMap<(String, Arc<str>), Arc<rustls::ClientConfig>>;
+
+/// One connection attempt at a time; when the last one failed, and why.
+type Gate = tokio::sync::Mutex<Option<(std::time::Instant, String)>>;
+
+/// Configurations kept at most (one per source identity and peer identity).
+const MAX_TLS_CONFIGS: usize = 4096;
 
 /// An HBONE tunnel (one HTTP/2 CONNECT stream); its connection's stream count
 /// goes down when it is dropped.
@@ -174,15 +192,9 @@ impl Pool {
         let TunnelTo { source, node, dest, target, client_ip, connect_timeout } = to;
         let cert = ctx.certs.get(source).await?;
         let key = PoolKey { source: source.clone(), node, dest: dest.clone() };
-        // A stream slot is taken before sending, so concurrent opens spread.
-        let pooled = self.conns.lock().ok().and_then(|m| {
-            let e = m.get(&key)?.iter().find(|e| e.usable(&cert.info.serial))?;
-            e.streams.fetch_add(1, Ordering::AcqRel);
-            Some((e.sender.clone(), e.streams.clone()))
-        });
         // A pooled connection may have died since it was last used (the peer
         // agent restarted); then one fresh connection is tried.
-        if let Some((sender, streams)) = pooled {
+        if let Some((sender, streams)) = self.take_slot(&key, &cert.info.serial) {
             match send_connect(sender, node, target, client_ip).await {
                 Ok(io) => return Ok(Tunnel { io, streams }),
                 Err(HboneError::Http { .. }) => {
@@ -195,17 +207,59 @@ impl Pool {
                 }
             }
         }
-        let sender = connect(ctx, &cert, node, dest, connect_timeout).await?;
+        // One handshake at a time per peer: a burst of new connections waits
+        // for the first and shares it, instead of each making its own.
+        let gate = self.connecting.lock().ok().map(|mut m| m.entry(key.clone()).or_default().clone());
+        let waiting_since = std::time::Instant::now();
+        let mut turn = match &gate {
+            Some(g) => Some(g.lock().await),
+            None => None,
+        };
+        // The attempt this opener waited for failed: fail with it rather than
+        // each waiter waiting out its own connect timeout. Later openers try.
+        if let Some(Some((when, why))) = turn.as_deref()
+            && *when >= waiting_since
+        {
+            return Err(HboneError::Connect { addr: node, error: std::io::Error::other(why.clone()) });
+        }
+        if let Some((sender, streams)) = self.take_slot(&key, &cert.info.serial) {
+            match send_connect(sender, node, target, client_ip).await {
+                Ok(io) => return Ok(Tunnel { io, streams }),
+                Err(e) => {
+                    streams.fetch_sub(1, Ordering::AcqRel);
+                    if !matches!(e, HboneError::Http { .. }) {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        let sender = match connect(ctx, self.tls_config(ctx, &cert, node, dest)?, node, dest, connect_timeout).await {
+            Ok(s) => s,
+            Err(e) => {
+                if let Some(t) = turn.as_deref_mut() {
+                    *t = Some((std::time::Instant::now(), e.to_string()));
+                }
+                return Err(e);
+            }
+        };
+        if let Some(t) = turn.as_deref_mut() {
+            *t = None;
+        }
         let streams = Arc::new(AtomicUsize::new(1));
         if let Ok(mut m) = self.conns.lock() {
             for entries in m.values_mut() {
                 entries.retain(|e| !e.sender.is_closed());
             }
             m.retain(|_, entries| !entries.is_empty());
+            if let Ok(mut gates) = self.connecting.lock() {
+                // Gates nobody waits on, for peers with no connection left.
+                gates.retain(|k, g| Arc::strong_count(g) > 1 || m.contains_key(k));
+            }
             let entry =
                 PoolEntry { sender: sender.clone(), serial: cert.info.serial.clone(), streams: streams.clone() };
             m.entry(key).or_default().push(entry);
         }
+        drop(turn);
         match send_connect(sender, node, target, client_ip).await {
             Ok(io) => Ok(Tunnel { io, streams }),
             Err(e) => {
@@ -213,6 +267,41 @@ impl Pool {
                 Err(e)
             }
         }
+    }
+}
+
+impl Pool {
+    /// A stream slot on a usable pooled connection, taken before sending so
+    /// that concurrent opens spread.
+    fn take_slot(&self, key: &PoolKey, serial: &str) -> Option<(SendRequest<Empty<Bytes>>, Arc<AtomicUsize>)> {
+        self.conns.lock().ok().and_then(|m| {
+            let e = m.get(key)?.iter().find(|e| e.usable(serial))?;
+            e.streams.fetch_add(1, Ordering::AcqRel);
+            Some((e.sender.clone(), e.streams.clone()))
+        })
+    }
+
+    fn tls_config(
+        &self,
+        ctx: &Context,
+        cert: &identity::WorkloadCert,
+        node: SocketAddrV4,
+        dest: &Arc<str>,
+    ) -> Result<Arc<rustls::ClientConfig>, HboneError> {
+        let key = (cert.info.serial.clone(), dest.clone());
+        if let Some(c) = self.tls.lock().ok().and_then(|m| m.get(&key).cloned()) {
+            return Ok(c);
+        }
+        let config = identity::tls::client_config(ctx.certs.roots(), Some(cert.key.clone()), dest.clone(), &[b"h2"])
+            .map_err(|e| HboneError::Tls { addr: node, expected: dest.clone(), error: std::io::Error::other(e) })?;
+        let config = Arc::new(config);
+        if let Ok(mut m) = self.tls.lock() {
+            if m.len() >= MAX_TLS_CONFIGS {
+                m.clear();
+            }
+            m.insert(key, config.clone());
+        }
+        Ok(config)
     }
 }
 
@@ -247,7 +336,7 @@ async fn send_connect(
 
 async fn connect(
     ctx: &Context,
-    cert: &identity::WorkloadCert,
+    config: Arc<rustls::ClientConfig>,
     node: SocketAddrV4,
     dest: &Arc<str>,
     connect_timeout: Duration,
@@ -259,15 +348,18 @@ async fn connect(
         Err(other) => return Err(HboneError::Connect { addr: node, error: std::io::Error::other(other.to_string()) }),
     };
     let tls_err = |error| HboneError::Tls { addr: node, expected: dest.clone(), error };
-    let config = identity::tls::client_config(ctx.certs.roots(), Some(cert.key.clone()), dest.clone(), &[b"h2"])
-        .map_err(|e| tls_err(std::io::Error::other(e)))?;
     let name = rustls::pki_types::ServerName::try_from(identity::server_name_for(dest))
         .map_err(|e| tls_err(std::io::Error::other(e)))?;
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let connector = tokio_rustls::TlsConnector::from(config);
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(name, tcp)).await {
         Ok(r) => r.map_err(tls_err)?,
         Err(_) => return Err(tls_err(std::io::ErrorKind::TimedOut.into())),
     };
+    let handshake = match tls.get_ref().1.handshake_kind() {
+        Some(rustls::HandshakeKind::Resumed) => "resumed",
+        _ => "full",
+    };
+    ctx.metrics.hbone_connections.get_or_create(&crate::telemetry::HandshakeLabels { handshake }).inc();
     let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .initial_stream_window_size(STREAM_WINDOW)
@@ -283,7 +375,7 @@ async fn connect(
             tracing::debug!(%node, error = %e, "HBONE connection ended");
         }
     });
-    tracing::debug!(%node, source = %cert.identity, dest = %dest, "HBONE connection established");
+    tracing::debug!(%node, dest = %dest, handshake, "HBONE connection established");
     Ok(sender)
 }
 

@@ -132,6 +132,11 @@ pub struct ResultLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandshakeLabels {
+    pub handshake: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
     pub reason: &'static str,
 }
@@ -155,6 +160,9 @@ pub struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
     /// Mirrored request copies by result: `sent`, `failed`, `skipped` (body too large).
     pub mirrored: Family<ResultLabels, Counter>,
+    /// mTLS connections this agent opened to other agents, by handshake
+    /// (`full`, or `resumed` from an earlier session with the same peer).
+    pub hbone_connections: Family<HandshakeLabels, Counter>,
     /// Gateway ports that could not be opened (another process holds them).
     pub gateway_bind_failures: Counter,
     pub request_duration: HistogramFamily,
@@ -184,6 +192,12 @@ impl Metrics {
         );
         let mirrored = Family::default();
         registry.register("mesh_http_mirrored_requests", "Mirrored request copies, by result", mirrored.clone());
+        let hbone_connections = Family::default();
+        registry.register(
+            "mesh_hbone_connections",
+            "mTLS connections opened to other agents, by TLS handshake (full or resumed)",
+            hbone_connections.clone(),
+        );
         let request_duration: HistogramFamily = Family::new_with_constructor(duration_histogram);
         let request_bytes: HistogramFamily = Family::new_with_constructor(size_histogram);
         let response_bytes: HistogramFamily = Family::new_with_constructor(size_histogram);
@@ -230,6 +244,7 @@ impl Metrics {
             config_loads,
             requests,
             mirrored,
+            hbone_connections,
             gateway_bind_failures,
             request_duration,
             request_bytes,
