@@ -68,6 +68,9 @@ impl Agent {
             .arg("--state-dir")
             .arg(agent.dir.join("state"))
             .args(extra)
+            // MESH_AGENT_ARGS: more flags for every agent a test starts (to
+            // run the suite with an experimental option on).
+            .args(std::env::var("MESH_AGENT_ARGS").unwrap_or_default().split_whitespace())
             .arg("--config")
             .arg(agent.dir.join("config"))
             .env(
