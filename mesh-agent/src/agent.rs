@@ -41,8 +41,6 @@ pub struct RunConfig {
     pub access_log: String,
     /// The cgroup v2 root for host-client capture; `None`: not captured.
     pub host_cgroup: Option<PathBuf>,
-    /// Splice same-node pod↔agent sockets with sockops + sk_msg (experimental).
-    pub fast_path: bool,
 }
 
 /// Where workload certificates come from.
@@ -279,7 +277,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
         addr: cfg.admin_addr.to_string(),
         source,
     })?;
-    let mut redirect = Redirect::start(cfg.host_cgroup.as_deref(), cfg.fast_path).await?;
+    let mut redirect = Redirect::start(cfg.host_cgroup.as_deref()).await?;
     if let Some(orig) = redirect.take_host_orig() {
         let _ = ctx.host_orig.set(orig);
     }

@@ -80,10 +80,6 @@ pub enum Command {
         /// (affinity and cgroup quota), as a node's share.
         #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
         worker_threads: Option<u16>,
-        /// Experimental: splice same-node pod↔agent sockets with sockops +
-        /// sk_msg, skipping TCP/IP between them (needs host capture's hooks).
-        #[arg(long, conflicts_with = "no_host_capture")]
-        sk_msg_fast_path: bool,
     },
     /// Run the mesh CA service for a multi-node mesh.
     Ca {
@@ -154,7 +150,6 @@ pub fn main() -> ExitCode {
             cgroup_root,
             no_host_capture,
             worker_threads,
-            sk_msg_fast_path,
         } => {
             if let Err(msg) = crate::privileges::check() {
                 eprintln!("mesh-agent run: {msg}");
@@ -178,7 +173,6 @@ pub fn main() -> ExitCode {
                 access_log,
                 host_cgroup: (!no_host_capture)
                     .then(|| cgroup_root.unwrap_or_else(crate::redirect::host::default_cgroup_root)),
-                fast_path: sk_msg_fast_path,
             };
             run(cfg, worker_threads)
         }

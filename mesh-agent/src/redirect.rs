@@ -90,8 +90,7 @@ impl Redirect {
     /// Loads the programs, fills the settings map and installs the routing rule.
     /// With `host_cgroup`, host clients are captured too (see [`host`]); if
     /// that fails, the rest works without it and the reason is logged.
-    /// `fast_path` (needs the cgroup hooks) splices same-node pod↔agent sockets.
-    pub async fn start(host_cgroup: Option<&std::path::Path>, fast_path: bool) -> Result<Self, RedirectError> {
+    pub async fn start(host_cgroup: Option<&std::path::Path>) -> Result<Self, RedirectError> {
         let mut ebpf = EbpfLoader::new().load(EBPF_OBJECT)?;
         let netns_cookie = match host_cgroup.map(|_| host::netns_cookie()) {
             Some(Ok(c)) => Some(c),
@@ -110,8 +109,6 @@ impl Redirect {
             netns_cookie: netns_cookie.unwrap_or(0),
             agent_mark: host::AGENT_MARK,
             host_capture: u32::from(netns_cookie.is_some()),
-            fast_path: u32::from(fast_path && netns_cookie.is_some()),
-            _pad: 0,
         };
         // Borrowed, not taken: the map must stay open until the program is loaded.
         let settings_map = ebpf.map_mut("SETTINGS").ok_or_else(|| missing_map("SETTINGS"))?;
@@ -123,7 +120,7 @@ impl Redirect {
         let prog: &mut SchedClassifier = program(&mut ebpf)?;
         prog.load()?;
         let (host, host_orig) = match (host_cgroup, netns_cookie) {
-            (Some(cgroup), Some(_)) => match host::start(&mut ebpf, cgroup, fast_path) {
+            (Some(cgroup), Some(_)) => match host::start(&mut ebpf, cgroup) {
                 Ok((h, o)) => (Some(h), Some(o)),
                 Err(e) => {
                     tracing::warn!(error = %e, detail = ?e, "host clients are not captured");
@@ -304,7 +301,7 @@ impl Redirect {
     }
 }
 
-pub(super) fn missing_map(name: &'static str) -> RedirectError {
+fn missing_map(name: &'static str) -> RedirectError {
     map_err(name)(aya::maps::MapError::InvalidName { name: name.into() })
 }
 

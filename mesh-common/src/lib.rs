@@ -84,9 +84,6 @@ pub struct Settings {
     pub agent_mark: u32,
     /// 1 when host clients are captured (`cgroup/connect4`), else 0.
     pub host_capture: u32,
-    /// 1 when the same-node fast path (`sockops` + `sk_msg`) splices sockets.
-    pub fast_path: u32,
-    pub _pad: u32,
 }
 
 /// An original destination, as the host-client capture records it.
@@ -108,23 +105,6 @@ pub struct HostKey {
     pub ip: u32,
     /// Port, host byte order.
     pub port: u32,
-}
-
-/// Key of `FAST_PATH` (a socket hash): one end of a TCP connection on this
-/// node, as that socket sees it. `node` is 1 for sockets in the node's network
-/// namespace (the agent's), 0 for a pod's; a pod socket's peer is always an
-/// agent socket and the other way round, which keeps tuples that repeat in
-/// different namespaces apart.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct SockKey {
-    pub node: u32,
-    /// IPv4 addresses, network byte order.
-    pub local_ip: u32,
-    pub remote_ip: u32,
-    /// Ports, host byte order.
-    pub local_port: u16,
-    pub remote_port: u16,
 }
 
 /// Indices into the per-CPU `COUNTERS` array. Each counts packets.
@@ -149,12 +129,8 @@ pub mod counter {
     /// A host process's connection to a mesh Service VIP sent to the agent
     /// (`cgroup/connect4`; counts connections, not packets).
     pub const HOST_CAPTURED: u32 = 8;
-    /// Sockets put in the same-node fast path map (connections, not packets).
-    pub const FAST_PATH_SOCKETS: u32 = 9;
-    /// Messages spliced to the peer socket by the fast path.
-    pub const FAST_PATH_MESSAGES: u32 = 10;
     /// Number of counters.
-    pub const LEN: u32 = 11;
+    pub const LEN: u32 = 9;
     /// Names for the admin page, in index order.
     pub const NAMES: [&str; LEN as usize] = [
         "seen",
@@ -166,14 +142,11 @@ pub mod counter {
         "passed",
         "assigned_inbound",
         "host_captured",
-        "fast_path_sockets",
-        "fast_path_messages",
     ];
 }
 
 const _: () = assert!(core::mem::size_of::<IfaceInfo>() == 8);
-const _: () = assert!(core::mem::size_of::<Settings>() == 40);
-const _: () = assert!(core::mem::size_of::<SockKey>() == 16);
+const _: () = assert!(core::mem::size_of::<Settings>() == 32);
 const _: () = assert!(core::mem::size_of::<OrigDst>() == 8);
 const _: () = assert!(core::mem::size_of::<HostKey>() == 8);
 
@@ -182,12 +155,10 @@ mod user {
     // SAFETY: plain `#[repr(C)]` integers with no padding bytes left implicit.
     unsafe impl aya::Pod for super::IfaceInfo {}
     // SAFETY: as above; the two u16 ports fill the 4 bytes between the u32s,
-    // the u64 cookie sits at offset 16, and `_pad` fills the tail.
+    // and the u64 cookie sits at offset 16.
     unsafe impl aya::Pod for super::Settings {}
     // SAFETY: a u32 and two u16s, no padding.
     unsafe impl aya::Pod for super::OrigDst {}
     // SAFETY: two u32s.
     unsafe impl aya::Pod for super::HostKey {}
-    // SAFETY: three u32s and two u16s, no padding.
-    unsafe impl aya::Pod for super::SockKey {}
 }

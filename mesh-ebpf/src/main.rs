@@ -44,17 +44,13 @@
 
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::{
-        BPF_ANY, BPF_F_CURRENT_NETNS, BPF_F_INGRESS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_TCP_CONNECT_CB, TC_ACT_OK, TC_ACT_SHOT, bpf_sock,
-        bpf_sock_tuple, sk_action::SK_PASS,
-    },
+    bindings::{BPF_F_CURRENT_NETNS, BPF_SOCK_OPS_TCP_CONNECT_CB, TC_ACT_OK, TC_ACT_SHOT, bpf_sock, bpf_sock_tuple},
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_sk_assign, bpf_sk_release, bpf_skc_lookup_tcp},
-    macros::{cgroup_sock_addr, classifier, map, sk_msg, sock_ops},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash},
-    programs::{SkMsgContext, SockAddrContext, SockOpsContext, TcContext},
+    macros::{cgroup_sock_addr, classifier, map, sock_ops},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    programs::{SockAddrContext, SockOpsContext, TcContext},
 };
-use mesh_common::{HostKey, IfaceInfo, OrigDst, Settings, SockKey, counter, role};
+use mesh_common::{HostKey, IfaceInfo, OrigDst, Settings, counter, role};
 
 #[map]
 static IFACES: HashMap<u32, IfaceInfo> = HashMap::with_max_entries(4096, 0);
@@ -70,15 +66,6 @@ static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(6
 
 #[map]
 static HOST_ORIG: LruHashMap<HostKey, OrigDst> = LruHashMap::with_max_entries(65536, 0);
-
-#[map]
-static FAST_PATH: SockHash<SockKey> = SockHash::with_max_entries(65536, 0);
-
-/// Sockets that sent a message the usual way because their peer was not in
-/// `FAST_PATH` yet: they stay on TCP for good, so that no later message can
-/// overtake one still in flight.
-#[map]
-static SLOW_PATH: LruHashMap<SockKey, u32> = LruHashMap::with_max_entries(65536, 0);
 
 #[map]
 static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
@@ -298,12 +285,10 @@ fn connect4(ctx: &SockAddrContext) {
 }
 
 /// Once a redirected connect has its source port, records the original
-/// destination under (source address, port) for the agent; with the fast path
-/// on, puts established pod↔agent sockets in `FAST_PATH`.
+/// destination under (source address, port) for the agent.
 #[sock_ops]
 pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
-    let op = ctx.op();
-    if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
+    if ctx.op() == BPF_SOCK_OPS_TCP_CONNECT_CB {
         // SAFETY: helper over this program's own context.
         let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
         // SAFETY: the value is copied out before the map is changed.
@@ -312,90 +297,8 @@ pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
             let _ = HOST_ORIG.insert(&key, &orig, 0);
             let _ = ORIG_BY_COOKIE.remove(&cookie);
         }
-    } else if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB || op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
-        fast_path_insert(&ctx);
     }
     1
-}
-
-const AF_INET: u32 = 2;
-
-/// `remote_port` of sock_ops and sk_msg contexts: network byte order, in the
-/// upper or (newer kernels) lower half of the field.
-#[inline(always)]
-fn remote_port(raw: u32) -> u16 {
-    let v = if raw >> 16 != 0 { raw >> 16 } else { raw };
-    u16::from_be(v as u16)
-}
-
-#[inline(always)]
-fn fast_path_insert(ctx: &SockOpsContext) {
-    let Some(settings) = SETTINGS.get(0).copied() else { return };
-    if settings.fast_path == 0 || ctx.family() != AF_INET {
-        return;
-    }
-    let (local_ip, remote_ip) = (ctx.local_ip4(), ctx.remote_ip4());
-    // Only connections with a meshed pod of this node at one end: the pod's
-    // own socket, or the agent's socket facing it.
-    // SAFETY: only tested for presence.
-    let meshed = unsafe { LOCAL_MESHED.get(&local_ip).is_some() || LOCAL_MESHED.get(&remote_ip).is_some() };
-    if !meshed {
-        return;
-    }
-    // SAFETY: helper over this program's own context.
-    let node = u32::from(unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } == settings.netns_cookie);
-    let mut key = SockKey {
-        node,
-        local_ip,
-        remote_ip,
-        local_port: ctx.local_port() as u16,
-        remote_port: remote_port(ctx.remote_port()),
-    };
-    // SAFETY: the context's sock_ops pointer is valid for the program's run.
-    // A new connection: forget a slow mark left by an earlier one with the same tuple.
-    let _ = SLOW_PATH.remove(&key);
-    if FAST_PATH.update(&mut key, unsafe { &mut *ctx.ops }, u64::from(BPF_ANY)).is_ok() {
-        count(counter::FAST_PATH_SOCKETS);
-    }
-}
-
-/// For a socket in `FAST_PATH`, each message goes straight into the receive
-/// queue of the other end of its connection when that end is in the map too
-/// (a pod and the agent on this node), skipping TCP/IP; else as usual.
-#[sk_msg]
-pub fn mesh_sk_msg(ctx: SkMsgContext) -> u32 {
-    // SAFETY: the context pointer is valid for the program's run.
-    let md = unsafe { &*ctx.msg };
-    if md.family != AF_INET {
-        return SK_PASS;
-    }
-    let Some(settings) = SETTINGS.get(0).copied() else { return SK_PASS };
-    // SAFETY: helper over this program's own context.
-    let node = u32::from(unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } == settings.netns_cookie);
-    let own = SockKey {
-        node,
-        local_ip: md.local_ip4,
-        remote_ip: md.remote_ip4,
-        local_port: md.local_port as u16,
-        remote_port: remote_port(md.remote_port),
-    };
-    // SAFETY: only tested for presence.
-    if unsafe { SLOW_PATH.get(&own) }.is_some() {
-        return SK_PASS;
-    }
-    let mut peer = SockKey {
-        node: node ^ 1,
-        local_ip: own.remote_ip,
-        remote_ip: own.local_ip,
-        local_port: own.remote_port,
-        remote_port: own.local_port,
-    };
-    if FAST_PATH.redirect_msg(&ctx, &mut peer, u64::from(BPF_F_INGRESS)) == i64::from(SK_PASS) {
-        count(counter::FAST_PATH_MESSAGES);
-    } else {
-        let _ = SLOW_PATH.insert(&own, &1, 0);
-    }
-    SK_PASS
 }
 
 #[cfg(not(test))]

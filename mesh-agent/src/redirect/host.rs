@@ -17,8 +17,8 @@ use std::{
 
 use aya::{
     Ebpf,
-    maps::{HashMap as BpfHashMap, MapData, SockHash},
-    programs::{CgroupAttachMode, CgroupSockAddr, SkMsg, SockOps},
+    maps::{HashMap as BpfHashMap, MapData},
+    programs::{CgroupAttachMode, CgroupSockAddr, SockOps},
 };
 use mesh_common::{HostKey, OrigDst};
 
@@ -96,7 +96,7 @@ pub fn netns_cookie() -> std::io::Result<u64> {
 }
 
 /// Loads and attaches the host-client programs to `cgroup`.
-pub fn start(ebpf: &mut Ebpf, cgroup: &Path, fast_path: bool) -> Result<(HostCapture, HostOrig), RedirectError> {
+pub fn start(ebpf: &mut Ebpf, cgroup: &Path) -> Result<(HostCapture, HostOrig), RedirectError> {
     let vips = BpfHashMap::try_from(take_map(ebpf, "SERVICE_VIPS")?).map_err(map_err("SERVICE_VIPS"))?;
     let orig = BpfHashMap::try_from(take_map(ebpf, "HOST_ORIG")?).map_err(map_err("HOST_ORIG"))?;
     let dir = std::fs::File::open(cgroup).map_err(|e| RedirectError::Cgroup { path: cgroup.into(), source: e })?;
@@ -112,18 +112,6 @@ pub fn start(ebpf: &mut Ebpf, cgroup: &Path, fast_path: bool) -> Result<(HostCap
     sockops.load()?;
     sockops.attach(&dir, CgroupAttachMode::Single)?;
     tracing::info!(cgroup = %cgroup.display(), "host clients captured (cgroup/connect4 + sockops)");
-    if fast_path {
-        let fd = {
-            let map = ebpf.map("FAST_PATH").ok_or_else(|| super::missing_map("FAST_PATH"))?;
-            let hash: SockHash<_, mesh_common::SockKey> = SockHash::try_from(map).map_err(map_err("FAST_PATH"))?;
-            hash.fd().try_clone().map_err(RedirectError::Io)?
-        };
-        let msg: &mut SkMsg =
-            ebpf.program_mut("mesh_sk_msg").ok_or(aya::programs::ProgramError::UnexpectedProgramType)?.try_into()?;
-        msg.load()?;
-        msg.attach(&fd)?;
-        tracing::info!("same-node fast path on (sockops + sk_msg)");
-    }
     Ok((HostCapture { vips, vip_set: HashSet::new(), cgroup: cgroup.into() }, HostOrig(Mutex::new(orig))))
 }
 
