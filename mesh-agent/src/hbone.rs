@@ -512,7 +512,7 @@ async fn handle_connect(
     });
     let mut labels = TcpLabels::new(labelled.as_deref(), Some(&dest), None, false);
     labels.reporter = "destination";
-    labels.source_principal = peer_id.to_string();
+    labels.source_principal = crate::telemetry::Label(peer_id.clone());
     labels.connection_security_policy = "mutual_tls";
     let decision = authorize(&state, &dest, &Peer { principal: Some(&peer_id), ip: policy_ip }, target.port());
     drop(state);

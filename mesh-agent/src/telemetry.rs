@@ -1,7 +1,7 @@
 //! Telemetry (Istio's Mixer role, metrics part): Istio's standard TCP metrics with
 //! its standard labels, plus the agent's own counters, in one Prometheus registry.
 //! Label sets are built once per connection, never per read.
-use std::sync::{Mutex, atomic::AtomicU64};
+use std::sync::{Arc, Mutex, atomic::AtomicU64};
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
@@ -15,25 +15,67 @@ use crate::state::{Service, Workload};
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TcpLabels {
     pub reporter: &'static str,
-    pub source_workload: String,
-    pub source_workload_namespace: String,
-    pub source_principal: String,
-    pub source_app: String,
-    pub source_version: String,
-    pub destination_workload: String,
-    pub destination_workload_namespace: String,
-    pub destination_principal: String,
-    pub destination_app: String,
-    pub destination_version: String,
-    pub destination_service: String,
-    pub destination_service_name: String,
-    pub destination_service_namespace: String,
+    pub source_workload: Label,
+    pub source_workload_namespace: Label,
+    pub source_principal: Label,
+    pub source_app: Label,
+    pub source_version: Label,
+    pub destination_workload: Label,
+    pub destination_workload_namespace: Label,
+    pub destination_principal: Label,
+    pub destination_app: Label,
+    pub destination_version: Label,
+    pub destination_service: Label,
+    pub destination_service_name: Label,
+    pub destination_service_namespace: Label,
     pub request_protocol: &'static str,
     pub response_flags: &'static str,
     pub connection_security_policy: &'static str,
 }
 
+/// A label value shared, not copied, between connections, requests and the
+/// registry (a workload's name is one allocation for all of them).
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct Label(pub Arc<str>);
+
+impl std::ops::Deref for Label {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<&str> for Label {
+    fn from(s: &str) -> Self {
+        Label(s.into())
+    }
+}
+
+impl prometheus_client::encoding::EncodeLabelValue for Label {
+    fn encode(&self, encoder: &mut prometheus_client::encoding::LabelValueEncoder) -> std::fmt::Result {
+        prometheus_client::encoding::EncodeLabelValue::encode(&&*self.0, encoder)
+    }
+}
+
+impl serde::Serialize for Label {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
 const UNKNOWN: &str = "unknown";
+
+/// Label values shared by every connection and request (no allocation each).
+fn shared(v: &'static str) -> Label {
+    static VALUES: std::sync::LazyLock<[Label; 3]> =
+        std::sync::LazyLock::new(|| [UNKNOWN.into(), "PassthroughCluster".into(), "BlackHoleCluster".into()]);
+    match v {
+        "PassthroughCluster" => VALUES[1].clone(),
+        "BlackHoleCluster" => VALUES[2].clone(),
+        UNKNOWN => VALUES[0].clone(),
+        other => other.into(),
+    }
+}
 
 impl TcpLabels {
     /// Labels for a connection from `source` (a pod, or unknown) to `dest` (a
@@ -44,12 +86,14 @@ impl TcpLabels {
         service: Option<&Service>,
         passthrough: bool,
     ) -> Self {
-        let field = |w: Option<&Workload>, f: fn(&Workload) -> &str| w.map_or(UNKNOWN, f).to_owned();
+        let field = |w: Option<&Workload>, f: fn(&Workload) -> &Arc<str>| {
+            w.map_or_else(|| shared(UNKNOWN), |w| Label(f(w).clone()))
+        };
         let (svc, svc_name, svc_ns) = match (service, passthrough) {
-            (Some(s), _) => (s.hostname.to_string(), s.name.to_string(), s.namespace.to_string()),
-            (None, true) => ("PassthroughCluster".into(), "PassthroughCluster".into(), UNKNOWN.into()),
+            (Some(s), _) => (Label(s.hostname.clone()), Label(s.name.clone()), Label(s.namespace.clone())),
+            (None, true) => (shared("PassthroughCluster"), shared("PassthroughCluster"), shared(UNKNOWN)),
             // A pod IP called directly: no Service was involved.
-            (None, false) => (UNKNOWN.into(), UNKNOWN.into(), UNKNOWN.into()),
+            (None, false) => (shared(UNKNOWN), shared(UNKNOWN), shared(UNKNOWN)),
         };
         Self {
             reporter: "source",
@@ -78,8 +122,8 @@ impl TcpLabels {
     /// A destination refused under REGISTRY_ONLY (Istio's BlackHoleCluster).
     pub fn black_hole(source: Option<&Workload>) -> Self {
         let mut l = Self::new(source, None, None, false);
-        l.destination_service = "BlackHoleCluster".into();
-        l.destination_service_name = "BlackHoleCluster".into();
+        l.destination_service = shared("BlackHoleCluster");
+        l.destination_service_name = shared("BlackHoleCluster");
         l
     }
 }
