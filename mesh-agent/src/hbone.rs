@@ -192,20 +192,9 @@ impl Pool {
         let TunnelTo { source, node, dest, target, client_ip, connect_timeout } = to;
         let cert = ctx.certs.get(source).await?;
         let key = PoolKey { source: source.clone(), node, dest: dest.clone() };
-        // A pooled connection may have died since it was last used (the peer
-        // agent restarted); then one fresh connection is tried.
-        if let Some((sender, streams)) = self.take_slot(&key, &cert.info.serial) {
-            match send_connect(sender, node, target, client_ip).await {
-                Ok(io) => return Ok(Tunnel { io, streams }),
-                Err(HboneError::Http { .. }) => {
-                    streams.fetch_sub(1, Ordering::AcqRel);
-                    tracing::debug!(%node, "pooled HBONE connection failed; reconnecting");
-                }
-                Err(e) => {
-                    streams.fetch_sub(1, Ordering::AcqRel);
-                    return Err(e);
-                }
-            }
+        let serial = &cert.info.serial;
+        if let Some(r) = self.on_pooled(&key, serial, node, target, client_ip).await {
+            return r;
         }
         // One handshake at a time per peer: a burst of new connections waits
         // for the first and shares it, instead of each making its own.
@@ -222,15 +211,12 @@ impl Pool {
         {
             return Err(HboneError::Connect { addr: node, error: std::io::Error::other(why.clone()) });
         }
-        if let Some((sender, streams)) = self.take_slot(&key, &cert.info.serial) {
-            match send_connect(sender, node, target, client_ip).await {
-                Ok(io) => return Ok(Tunnel { io, streams }),
-                Err(e) => {
-                    streams.fetch_sub(1, Ordering::AcqRel);
-                    if !matches!(e, HboneError::Http { .. }) {
-                        return Err(e);
-                    }
-                }
+        // Another opener connected while this one waited: use that, without
+        // holding the gate over the CONNECT.
+        if self.usable(&key, serial) {
+            turn = None;
+            if let Some(r) = self.on_pooled(&key, serial, node, target, client_ip).await {
+                return r;
             }
         }
         let sender = match connect(ctx, self.tls_config(ctx, &cert, node, dest)?, node, dest, connect_timeout).await {
@@ -271,14 +257,38 @@ impl Pool {
 }
 
 impl Pool {
-    /// A stream slot on a usable pooled connection, taken before sending so
-    /// that concurrent opens spread.
-    fn take_slot(&self, key: &PoolKey, serial: &str) -> Option<(SendRequest<Empty<Bytes>>, Arc<AtomicUsize>)> {
-        self.conns.lock().ok().and_then(|m| {
+    fn usable(&self, key: &PoolKey, serial: &str) -> bool {
+        self.conns.lock().is_ok_and(|m| m.get(key).is_some_and(|v| v.iter().any(|e| e.usable(serial))))
+    }
+
+    /// A tunnel on a usable pooled connection (a stream slot is taken before
+    /// sending, so that concurrent opens spread). `None`: there is none, or
+    /// the one tried has died since it was last used (the peer agent
+    /// restarted), and a fresh connection is for the caller to make.
+    async fn on_pooled(
+        &self,
+        key: &PoolKey,
+        serial: &str,
+        node: SocketAddrV4,
+        target: SocketAddrV4,
+        client_ip: Ipv4Addr,
+    ) -> Option<Result<Tunnel, HboneError>> {
+        let (sender, streams) = self.conns.lock().ok().and_then(|m| {
             let e = m.get(key)?.iter().find(|e| e.usable(serial))?;
             e.streams.fetch_add(1, Ordering::AcqRel);
             Some((e.sender.clone(), e.streams.clone()))
-        })
+        })?;
+        match send_connect(sender, node, target, client_ip).await {
+            Ok(io) => Some(Ok(Tunnel { io, streams })),
+            Err(e) => {
+                streams.fetch_sub(1, Ordering::AcqRel);
+                if matches!(e, HboneError::Http { .. }) {
+                    tracing::debug!(%node, "pooled HBONE connection failed; reconnecting");
+                    return None;
+                }
+                Some(Err(e))
+            }
+        }
     }
 
     fn tls_config(

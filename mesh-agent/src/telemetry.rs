@@ -1,7 +1,7 @@
 //! Telemetry (Istio's Mixer role, metrics part): Istio's standard TCP metrics with
 //! its standard labels, plus the agent's own counters, in one Prometheus registry.
 //! Label sets are built once per connection, never per read.
-use std::sync::{Arc, Mutex, atomic::AtomicU64};
+use std::sync::{Arc, LazyLock, Mutex, atomic::AtomicU64};
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
@@ -65,17 +65,10 @@ impl serde::Serialize for Label {
 
 const UNKNOWN: &str = "unknown";
 
-/// Label values shared by every connection and request (no allocation each).
-fn shared(v: &'static str) -> Label {
-    static VALUES: std::sync::LazyLock<[Label; 3]> =
-        std::sync::LazyLock::new(|| [UNKNOWN.into(), "PassthroughCluster".into(), "BlackHoleCluster".into()]);
-    match v {
-        "PassthroughCluster" => VALUES[1].clone(),
-        "BlackHoleCluster" => VALUES[2].clone(),
-        UNKNOWN => VALUES[0].clone(),
-        other => other.into(),
-    }
-}
+// Label values every connection may carry: one allocation each, shared.
+static UNKNOWN_LABEL: LazyLock<Label> = LazyLock::new(|| UNKNOWN.into());
+static PASSTHROUGH: LazyLock<Label> = LazyLock::new(|| "PassthroughCluster".into());
+static BLACK_HOLE: LazyLock<Label> = LazyLock::new(|| "BlackHoleCluster".into());
 
 impl TcpLabels {
     /// Labels for a connection from `source` (a pod, or unknown) to `dest` (a
@@ -87,13 +80,13 @@ impl TcpLabels {
         passthrough: bool,
     ) -> Self {
         let field = |w: Option<&Workload>, f: fn(&Workload) -> &Arc<str>| {
-            w.map_or_else(|| shared(UNKNOWN), |w| Label(f(w).clone()))
+            w.map_or_else(|| UNKNOWN_LABEL.clone(), |w| Label(f(w).clone()))
         };
         let (svc, svc_name, svc_ns) = match (service, passthrough) {
             (Some(s), _) => (Label(s.hostname.clone()), Label(s.name.clone()), Label(s.namespace.clone())),
-            (None, true) => (shared("PassthroughCluster"), shared("PassthroughCluster"), shared(UNKNOWN)),
+            (None, true) => (PASSTHROUGH.clone(), PASSTHROUGH.clone(), UNKNOWN_LABEL.clone()),
             // A pod IP called directly: no Service was involved.
-            (None, false) => (shared(UNKNOWN), shared(UNKNOWN), shared(UNKNOWN)),
+            (None, false) => (UNKNOWN_LABEL.clone(), UNKNOWN_LABEL.clone(), UNKNOWN_LABEL.clone()),
         };
         Self {
             reporter: "source",
@@ -122,8 +115,8 @@ impl TcpLabels {
     /// A destination refused under REGISTRY_ONLY (Istio's BlackHoleCluster).
     pub fn black_hole(source: Option<&Workload>) -> Self {
         let mut l = Self::new(source, None, None, false);
-        l.destination_service = shared("BlackHoleCluster");
-        l.destination_service_name = shared("BlackHoleCluster");
+        l.destination_service = BLACK_HOLE.clone();
+        l.destination_service_name = BLACK_HOLE.clone();
         l
     }
 }
