@@ -78,6 +78,8 @@ pub struct Options {
     pub perf: bool,
     /// Window length, overriding the plan's.
     pub secs: Option<u64>,
+    /// Rounds, overriding the plan's.
+    pub rounds: Option<usize>,
     /// Added to the agents' command line.
     pub agent_args: Vec<String>,
 }
@@ -337,6 +339,49 @@ fn cpu_seconds(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / hz
 }
 
+/// nginx's master and worker processes, from the pid file under `prefix`.
+fn nginx_pids(prefix: &Path) -> Vec<u32> {
+    let pid_file = prefix.join("nginx.pid");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let master = loop {
+        if let Some(pid) = std::fs::read_to_string(&pid_file).ok().and_then(|s| s.trim().parse::<u32>().ok()) {
+            break pid;
+        }
+        if Instant::now() > deadline {
+            return Vec::new();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let parent = |pid: u32| {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse::<u32>().ok()
+    };
+    let mut pids = vec![master];
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        if let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok())
+            && parent(pid) == Some(master)
+        {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// Context switches (voluntary and not) of every thread of a process.
+fn context_switches(pid: u32) -> f64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return f64::NAN };
+    let mut total = 0.0;
+    for task in tasks.flatten() {
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        total += status
+            .lines()
+            .filter(|l| l.starts_with("voluntary_ctxt_switches:") || l.starts_with("nonvoluntary_ctxt_switches:"))
+            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+            .sum::<f64>();
+    }
+    total
+}
+
 /// Resident memory of a process in MiB.
 fn rss_mib(pid: u32) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -417,7 +462,8 @@ fn grpc_body(dir: &Path) -> anyhow::Result<PathBuf> {
 }
 
 /// Every scenario against `ip`; `agents` (pids) are watched for CPU during
-/// the fixed-rate HTTP window.
+/// the request windows, and so is `server` (nginx's processes at `ip`): what
+/// one hop of a fast server costs per request on this machine, in the same run.
 fn scenarios(
     client: &Pod,
     ip: Ipv4Addr,
@@ -425,6 +471,7 @@ fn scenarios(
     options: &Options,
     body: &Path,
     agents: &[u32],
+    server: &[u32],
 ) -> anyhow::Result<BTreeMap<&'static str, Sample>> {
     let s = plan.secs;
     let h1 = format!("http://{ip}:8080/");
@@ -432,6 +479,8 @@ fn scenarios(
     let mut out = BTreeMap::new();
     for scenario in SCENARIOS.into_iter().filter(|s| *s != "idle" && options.wants(s)) {
         let cpu0: Vec<f64> = agents.iter().map(|p| cpu_seconds(*p)).collect();
+        let switches0: f64 = agents.iter().map(|p| context_switches(*p)).sum();
+        let server0: f64 = server.iter().map(|p| cpu_seconds(*p)).sum();
         let start = Instant::now();
         let mut sample = match scenario {
             "tcp_1_stream" => iperf(client, ip, s, 1)?,
@@ -445,12 +494,19 @@ fn scenarios(
             "grpc_unary" => h2load(client, ip, s, body)?,
             other => bail!("no scenario {other}"),
         };
+        let elapsed = start.elapsed().as_secs_f64();
+        if let Some(rps) = sample.get("rps").copied().filter(|_| scenario.starts_with("http")) {
+            let used = server.iter().map(|p| cpu_seconds(*p)).sum::<f64>() - server0;
+            sample.insert("server_vcpu_per_1000rps", used / elapsed / (rps / 1000.0));
+        }
         if let Some(rps) = sample.get("rps").copied().filter(|_| !agents.is_empty()) {
-            let elapsed = start.elapsed().as_secs_f64();
             let used: f64 = agents.iter().zip(&cpu0).map(|(p, c)| cpu_seconds(*p) - c).sum();
             let per_agent = used / agents.len() as f64;
             // vCPU per 1000 rps, per agent: CPU seconds per second, per thousand rps.
             sample.insert("agent_vcpu_per_1000rps", per_agent / elapsed / (rps / 1000.0));
+            // Thread sleeps and wakes per request, per agent: what costs most at a fixed rate.
+            let switches = agents.iter().map(|p| context_switches(*p)).sum::<f64>() - switches0;
+            sample.insert("agent_switches_per_request", switches / agents.len() as f64 / (rps * elapsed));
         }
         out.insert(scenario, sample);
     }
@@ -496,6 +552,7 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     let mut plan =
         if quick { Plan { secs: 2, rounds: 1, idle: 2000 } } else { Plan { secs: 10, rounds: 3, idle: 10_000 } };
     plan.secs = options.secs.unwrap_or(plan.secs);
+    plan.rounds = options.rounds.unwrap_or(plan.rounds).max(1);
     raise_fd_limit();
     let root = crate::workspace_root()?;
     crate::run(Command::new("cargo").args(["build", "--release", "--package", "mesh-agent"]).current_dir(&root))?;
@@ -522,6 +579,8 @@ pub fn run(options: Options) -> anyhow::Result<()> {
             wait_port(&cluster.pod("client").netns, ip, port)?;
         }
     }
+    let nginx_local = nginx_pids(&work.join("local"));
+    let nginx_remote = nginx_pids(&work.join("remote"));
     let ca = CaService::start(&cluster, CONFIG);
     let client = cluster.pod("client");
     let mut results = Results::new();
@@ -530,8 +589,8 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     let started = Instant::now();
     for round in 1..=plan.rounds {
         eprintln!("round {round}/{}: direct (no agent)", plan.rounds);
-        record(&mut results, "direct_same_node", scenarios(client, LOCAL, &plan, &options, &body, &[])?);
-        record(&mut results, "direct_cross_node", scenarios(client, REMOTE, &plan, &options, &body, &[])?);
+        record(&mut results, "direct_same_node", scenarios(client, LOCAL, &plan, &options, &body, &[], &nginx_local)?);
+        record(&mut results, "direct_cross_node", scenarios(client, REMOTE, &plan, &options, &body, &[], &nginx_remote)?);
         eprintln!("round {round}/{}: through the mesh", plan.rounds);
         let extra = |i: usize| {
             let mut a = ca.agent_args(&cluster.nodes[i].name);
@@ -559,8 +618,8 @@ pub fn run(options: Options) -> anyhow::Result<()> {
             true => Some(Perf::start(&pids, &root.join("target/bench/perf.data"))?),
             false => None,
         };
-        record(&mut results, "mesh_same_node", scenarios(client, LOCAL, &plan, &options, &body, &pids[..1])?);
-        record(&mut results, "mesh_cross_node", scenarios(client, REMOTE, &plan, &options, &body, &pids)?);
+        record(&mut results, "mesh_same_node", scenarios(client, LOCAL, &plan, &options, &body, &pids[..1], &nginx_local)?);
+        record(&mut results, "mesh_cross_node", scenarios(client, REMOTE, &plan, &options, &body, &pids, &nginx_remote)?);
         drop(perf);
         drop(agents);
     }
@@ -585,7 +644,7 @@ fn report(results: &Results, idle: &Idle, quick: bool, took: Duration) -> anyhow
         let samples = results.get(path).and_then(|s| s.get(scenario)).map(Vec::as_slice).unwrap_or(&[]);
         median(samples.iter().filter_map(|s| s.get(key).copied()).collect())
     };
-    let rows: [(&str, &str, &str, bool); 20] = [
+    let rows: [(&str, &str, &str, bool); 24] = [
         ("tcp_1_stream", "gbit_per_s", "Gbit/s", true),
         ("tcp_8_streams", "gbit_per_s", "Gbit/s", true),
         ("tcp_rr_1000mps", "p50_us", "µs p50", false),
@@ -605,6 +664,10 @@ fn report(results: &Results, idle: &Idle, quick: bool, took: Duration) -> anyhow
         ("http1_saturation", "non_200", "errors", false),
         ("http1_1000rps", "agent_vcpu_per_1000rps", "vCPU/1k rps", false),
         ("http2_1000rps", "agent_vcpu_per_1000rps", "vCPU/1k rps", false),
+        ("http1_1000rps", "server_vcpu_per_1000rps", "nginx vCPU/1k", false),
+        ("http2_1000rps", "server_vcpu_per_1000rps", "nginx vCPU/1k", false),
+        ("http1_1000rps", "agent_switches_per_request", "switches/req", false),
+        ("http2_1000rps", "agent_switches_per_request", "switches/req", false),
         ("grpc_unary", "failed", "failed", false),
     ];
     println!(
@@ -618,6 +681,9 @@ fn report(results: &Results, idle: &Idle, quick: bool, took: Duration) -> anyhow
         let m1 = med("mesh_same_node", scenario, key);
         let d2 = med("direct_cross_node", scenario, key);
         let m2 = med("mesh_cross_node", scenario, key);
+        if [d1, m1, d2, m2].iter().all(|v| v.is_nan()) {
+            continue; // not run (`--only`)
+        }
         // Throughputs as a ratio to direct; latencies as the time added.
         let cmp = |d: f64, m: f64| if higher_better { format!("{:.2}x", m / d) } else { format!("{:+.3}", m - d) };
         println!(
@@ -630,6 +696,17 @@ fn report(results: &Results, idle: &Idle, quick: bool, took: Duration) -> anyhow
             "direct_same_node": d1, "mesh_same_node": m1,
             "direct_cross_node": d2, "mesh_cross_node": m2,
         }));
+    }
+    // An agent's CPU per request against nginx's (one socket in, one out) in
+    // the direct run: the ratio travels between machines better than vCPU does.
+    for scenario in ["http1_1000rps", "http2_1000rps"] {
+        let nginx = |path| med(path, scenario, "server_vcpu_per_1000rps");
+        let agent = |path| med(path, scenario, "agent_vcpu_per_1000rps");
+        let (same, cross) =
+            (agent("mesh_same_node") / nginx("direct_same_node"), agent("mesh_cross_node") / nginx("direct_cross_node"));
+        if same.is_finite() || cross.is_finite() {
+            println!("{scenario}: CPU per request, each agent / nginx: same-node {same:.1}x, cross-node {cross:.1}x");
+        }
     }
     println!(
         "agent RSS idle: {:.1} MiB; {} idle connections cross-node: {:.2} KiB per connection (both agents)",

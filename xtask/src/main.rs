@@ -55,6 +55,9 @@ enum Task {
         /// Seconds per measurement window (default 10, 2 with --quick).
         #[arg(long)]
         secs: Option<u64>,
+        /// Rounds of direct and mesh windows (default 3, 1 with --quick).
+        #[arg(long)]
+        rounds: Option<usize>,
         /// More arguments for the agents, e.g. `--agent-args="--worker-threads 1"`.
         #[arg(long, allow_hyphen_values = true)]
         agent_args: Option<String>,
@@ -67,9 +70,9 @@ fn main() -> anyhow::Result<()> {
         Task::BuildEbpf => build_ebpf(),
         Task::Test { args } => test(&args),
         Task::Demo { keep } => demo::run(keep),
-        Task::Bench { quick, only, perf, secs, agent_args } => {
+        Task::Bench { quick, only, perf, secs, rounds, agent_args } => {
             let agent_args = agent_args.map(|a| a.split_whitespace().map(String::from).collect()).unwrap_or_default();
-            bench::run(bench::Options { quick, only, perf, secs, agent_args })
+            bench::run(bench::Options { quick, only, perf, secs, rounds, agent_args })
         }
     }
 }
