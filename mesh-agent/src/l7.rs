@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use http_body_util::{BodyExt as _, Full, combinators::BoxBody};
+use http_body_util::{BodyExt as _, Full, combinators::UnsyncBoxBody};
 use hyper::{
     Request, Response, StatusCode,
     body::{Bytes, Incoming},
@@ -41,7 +41,7 @@ use pool::{PoolKey, Sender};
 use protocol::Handling;
 
 /// Bodies going either way: the peer's, or one the agent wrote.
-pub type Body = BoxBody<Bytes, hyper::Error>;
+pub type Body = UnsyncBoxBody<Bytes, hyper::Error>;
 
 /// The client side of an L7 connection.
 #[derive(Debug)]
@@ -122,7 +122,7 @@ where
 
 /// Envoy's wording for what the agent answers itself.
 fn local_reply(status: StatusCode, text: &str) -> Response<Body> {
-    let mut r = Response::new(Full::new(Bytes::from(format!("{text}\n"))).map_err(|e| match e {}).boxed());
+    let mut r = Response::new(Full::new(Bytes::from(format!("{text}\n"))).map_err(|e| match e {}).boxed_unsync());
     *r.status_mut() = status;
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     r
@@ -421,9 +421,9 @@ async fn handle(ctx: Arc<Context>, down: Arc<Downstream>, mut req: Request<Incom
     let resp = loop {
         try_no += 1;
         let body = match (&buffered, streaming.take()) {
-            (Some(b), _) => Full::new(b.clone()).map_err(|e| match e {}).boxed(),
-            (None, Some(b)) => Metered::request(b, record.shared()).boxed(),
-            (None, None) => Full::new(Bytes::new()).map_err(|e| match e {}).boxed(),
+            (Some(b), _) => Full::new(b.clone()).map_err(|e| match e {}).boxed_unsync(),
+            (None, Some(b)) => Metered::request(b, record.shared()).boxed_unsync(),
+            (None, None) => Full::new(Bytes::new()).map_err(|e| match e {}).boxed_unsync(),
         };
         let up_req = Request::from_parts(parts.clone(), body);
         if let Some(cs) = &cluster_state {
@@ -506,7 +506,7 @@ async fn handle(ctx: Arc<Context>, down: Arc<Downstream>, mut req: Request<Incom
         r.headers.response.apply(&mut parts.headers);
     }
     record.set_response(parts.status, &parts.headers);
-    Response::from_parts(parts, Metered::response(body, record).boxed())
+    Response::from_parts(parts, Metered::response(body, record).boxed_unsync())
 }
 
 /// Routes a request: by the mesh's rules for the Service asked for, or at a
@@ -617,25 +617,16 @@ async fn mirror_request(
     }
     let key = PoolKey { client: down.peer_ip, upstream: addr, h2, tls: false };
     let limits = limits(&ctx, None);
-    let sender = match ctx.http_pool.take(&key, &limits) {
-        Some(s) => Some(s),
-        None => {
-            let to = Target { source, dest: Some(endpoint), addr, labels: TcpLabels::black_hole(None), tls: None };
-            connect(&ctx, &state, &down, &to, h2, ctx.connect_timeout).await.ok().map(|(s, _)| s)
-        }
-    };
+    let to = Target { source, dest: Some(endpoint), addr, labels: TcpLabels::black_hole(None), tls: None };
     drop(state);
-    let req = Request::from_parts(parts, Full::new(body).map_err(|e| match e {}).boxed());
-    let result = match sender {
-        Some(s) => match s.send(req).await {
-            Ok((resp, s)) => {
-                ctx.http_pool.release(&ctx, key, s, &limits);
-                let _ = resp.into_body().collect().await;
-                "sent"
-            }
+    let req = Request::from_parts(parts, Full::new(body).map_err(|e| match e {}).boxed_unsync());
+    let result = match send(&ctx, &down, &to, key, req, &limits, None).await {
+        // Read to its end: the connection goes back to the pool.
+        Ok(resp) => match resp.into_body().collect().await {
+            Ok(_) => "sent",
             Err(_) => "failed",
         },
-        None => "failed",
+        Err(_) => "failed",
     };
     ctx.metrics.mirrored.get_or_create(&crate::telemetry::ResultLabels { result }).inc();
 }
@@ -665,34 +656,51 @@ async fn exchange(
     per_try: Option<Duration>,
     limits: &pool::Limits,
     record: &mut Record,
-) -> Result<Response<Incoming>, Failure> {
-    let sender = match ctx.http_pool.take(&key, limits) {
-        Some(s) => s,
-        None => {
-            let state = ctx.state();
-            let timeout = limits.connect_timeout;
-            match connect(ctx, &state, down, target, key.h2, timeout).await {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    if matches!(e, ProxyError::Tunnel(_)) {
-                        record.set_mtls(true);
+) -> Result<Response<pool::ResponseBody>, Failure> {
+    let sent = send(ctx, down, target, key, req, limits, Some(record));
+    match per_try {
+        Some(t) => tokio::time::timeout(t, sent).await.map_err(|_| Failure::Timeout)?,
+        None => sent.await,
+    }
+}
+
+/// Sends a request on a pooled connection, or a new one if none is idle (or
+/// those that were had closed meanwhile).
+async fn send(
+    ctx: &Arc<Context>,
+    down: &Downstream,
+    target: &Target,
+    key: PoolKey,
+    mut req: Request<Body>,
+    limits: &pool::Limits,
+    mut record: Option<&mut Record>,
+) -> Result<Response<pool::ResponseBody>, Failure> {
+    loop {
+        let (sender, pooled) = match ctx.http_pool.take(&key, limits) {
+            Some(s) => (s, true),
+            None => {
+                let state = ctx.state();
+                match connect(ctx, &state, down, target, key.h2, limits.connect_timeout).await {
+                    Ok((s, _)) => (s, false),
+                    Err(e) => {
+                        if let (ProxyError::Tunnel(_), Some(r)) = (&e, record.as_deref_mut()) {
+                            r.set_mtls(true);
+                        }
+                        return Err(Failure::Connect(e));
                     }
-                    return Err(Failure::Connect(e));
                 }
             }
+        };
+        if let Some(r) = record.as_deref_mut() {
+            r.set_mtls(sender.is_mtls());
         }
-    };
-    record.set_mtls(sender.is_mtls());
-    let sent = match per_try {
-        Some(t) => tokio::time::timeout(t, sender.send(req)).await.map_err(|_| Failure::Timeout)?,
-        None => sender.send(req).await,
-    };
-    match sent {
-        Ok((resp, sender)) => {
-            ctx.http_pool.release(ctx, key, sender, limits);
-            Ok(resp)
+        let release = pool::Release { ctx: ctx.clone(), key: key.clone(), limits: *limits };
+        match sender.send(req, release).await {
+            Ok(resp) => return Ok(resp),
+            // Closed while idle: the request was not given to it; the next one.
+            Err(pool::SendError::Stale(r, _)) if pooled => req = *r,
+            Err(pool::SendError::Stale(_, e) | pool::SendError::Failed(e)) => return Err(Failure::Reset(e)),
         }
-        Err(e) => Err(Failure::Reset(e)),
     }
 }
 

@@ -848,6 +848,18 @@ fn http_through_the_mesh_across_nodes() {
     assert_eq!(failed["source_principal"], TEST_ID);
     assert_eq!(failed["upstream_host"], "10.244.2.2:8080");
     assert_eq!(failed["x_request_id"].as_str().map(str::len), Some(36), "{failed}");
+    // Upstream connections are pooled per client pod: requests on new client
+    // connections (a GET, a HEAD and a 204 with no body to read, a GET) all
+    // go on one tunnel to node-2 (none new if the requests above left one).
+    let tunnels = [("reporter", "destination"), ("destination_app", "helloworld")];
+    let opened = || metric(&m.agents[1].metrics(), "istio_tcp_connections_opened_total", &tunnels);
+    let before = opened();
+    for (flag, path) in [("-sSf", "/hello"), ("-sSfI", "/hello"), ("-sSf", "/status/204"), ("-sSf", "/hello")] {
+        let out = test.cmd(&["curl", flag, "--max-time", "5", &format!("{api}{path}")]);
+        assert!(out.status.success(), "{path}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let after = opened();
+    assert!(after - before <= 1.0, "{} new tunnels for 4 requests: upstream connections not reused", after - before);
 }
 
 #[test]

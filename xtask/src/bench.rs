@@ -590,7 +590,11 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     for round in 1..=plan.rounds {
         eprintln!("round {round}/{}: direct (no agent)", plan.rounds);
         record(&mut results, "direct_same_node", scenarios(client, LOCAL, &plan, &options, &body, &[], &nginx_local)?);
-        record(&mut results, "direct_cross_node", scenarios(client, REMOTE, &plan, &options, &body, &[], &nginx_remote)?);
+        record(
+            &mut results,
+            "direct_cross_node",
+            scenarios(client, REMOTE, &plan, &options, &body, &[], &nginx_remote)?,
+        );
         eprintln!("round {round}/{}: through the mesh", plan.rounds);
         let extra = |i: usize| {
             let mut a = ca.agent_args(&cluster.nodes[i].name);
@@ -618,8 +622,16 @@ pub fn run(options: Options) -> anyhow::Result<()> {
             true => Some(Perf::start(&pids, &root.join("target/bench/perf.data"))?),
             false => None,
         };
-        record(&mut results, "mesh_same_node", scenarios(client, LOCAL, &plan, &options, &body, &pids[..1], &nginx_local)?);
-        record(&mut results, "mesh_cross_node", scenarios(client, REMOTE, &plan, &options, &body, &pids, &nginx_remote)?);
+        record(
+            &mut results,
+            "mesh_same_node",
+            scenarios(client, LOCAL, &plan, &options, &body, &pids[..1], &nginx_local)?,
+        );
+        record(
+            &mut results,
+            "mesh_cross_node",
+            scenarios(client, REMOTE, &plan, &options, &body, &pids, &nginx_remote)?,
+        );
         drop(perf);
         drop(agents);
     }
@@ -702,8 +714,10 @@ fn report(results: &Results, idle: &Idle, quick: bool, took: Duration) -> anyhow
     for scenario in ["http1_1000rps", "http2_1000rps"] {
         let nginx = |path| med(path, scenario, "server_vcpu_per_1000rps");
         let agent = |path| med(path, scenario, "agent_vcpu_per_1000rps");
-        let (same, cross) =
-            (agent("mesh_same_node") / nginx("direct_same_node"), agent("mesh_cross_node") / nginx("direct_cross_node"));
+        let (same, cross) = (
+            agent("mesh_same_node") / nginx("direct_same_node"),
+            agent("mesh_cross_node") / nginx("direct_cross_node"),
+        );
         if same.is_finite() || cross.is_finite() {
             println!("{scenario}: CPU per request, each agent / nginx: same-node {same:.1}x, cross-node {cross:.1}x");
         }

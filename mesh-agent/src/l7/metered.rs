@@ -15,12 +15,12 @@ use std::{
 use http_body_util::BodyExt as _;
 use hyper::{
     Request, Response, StatusCode,
-    body::{Body as _, Bytes, Frame, Incoming, SizeHint},
+    body::{Bytes, Frame, Incoming, SizeHint},
     header::HeaderMap,
     http::response::Parts,
 };
 
-use super::{Body, Downstream, local_reply, request_protocol};
+use super::{Body, Downstream, local_reply, pool::ResponseBody, request_protocol};
 use crate::{
     agent::Context,
     telemetry::{RequestLabels, TcpLabels},
@@ -204,7 +204,7 @@ impl Record {
     pub fn finish_redirect(mut self, code: u16, location: &str) -> Response<Body> {
         let status = StatusCode::from_u16(code).unwrap_or(StatusCode::MOVED_PERMANENTLY);
         self.status = status.as_u16();
-        let mut r = Response::new(http_body_util::Empty::new().map_err(|e| match e {}).boxed());
+        let mut r = Response::new(http_body_util::Empty::new().map_err(|e| match e {}).boxed_unsync());
         *r.status_mut() = status;
         if let Ok(v) = hyper::header::HeaderValue::from_str(location) {
             r.headers_mut().insert(hyper::header::LOCATION, v);
@@ -217,7 +217,7 @@ impl Record {
     pub fn finish_switch(mut self, parts: Parts) -> Response<Body> {
         self.status = parts.status.as_u16();
         self.finish();
-        Response::from_parts(parts, http_body_util::Empty::new().map_err(|e| match e {}).boxed())
+        Response::from_parts(parts, http_body_util::Empty::new().map_err(|e| match e {}).boxed_unsync())
     }
 
     fn finish(&mut self) {
@@ -281,24 +281,27 @@ enum Side {
     Response(Box<Record>),
 }
 
-/// A body passed through unchanged, counted as it streams.
-pub struct Metered {
-    inner: Incoming,
+/// A body passed through unchanged, counted as it streams: the client's
+/// request body, or the upstream's response body.
+pub struct Metered<B: hyper::body::Body> {
+    inner: B,
     side: Side,
     ended: bool,
 }
 
-impl Metered {
-    pub fn request(inner: Incoming, shared: Arc<Shared>) -> Metered {
+impl Metered<Incoming> {
+    pub fn request(inner: Incoming, shared: Arc<Shared>) -> Self {
         Metered { inner, side: Side::Request(shared), ended: false }
     }
+}
 
-    pub fn response(inner: Incoming, record: Record) -> Metered {
+impl Metered<ResponseBody> {
+    pub fn response(inner: ResponseBody, record: Record) -> Self {
         Metered { inner, side: Side::Response(Box::new(record)), ended: false }
     }
 }
 
-impl hyper::body::Body for Metered {
+impl<B: hyper::body::Body<Data = Bytes, Error = hyper::Error> + Unpin> hyper::body::Body for Metered<B> {
     type Data = Bytes;
     type Error = hyper::Error;
 
@@ -343,7 +346,7 @@ impl hyper::body::Body for Metered {
     }
 }
 
-impl Drop for Metered {
+impl<B: hyper::body::Body> Drop for Metered<B> {
     fn drop(&mut self) {
         if let Side::Response(r) = &mut self.side
             && !self.ended

@@ -1,20 +1,25 @@
 //! Upstream HTTP connections, pooled per (client pod, endpoint, HTTP version):
-//! one multiplexed connection for HTTP/2, idle keep-alive connections for
-//! HTTP/1.1 (each carries one exchange at a time).
+//! one multiplexed connection for HTTP/2 (its own task), idle keep-alive
+//! connections for HTTP/1.1 (each carries one exchange at a time, driven by
+//! the request that holds it: no task, no hand-off per request).
 use std::{
     collections::HashMap,
+    future::{Future, poll_fn},
     net::{Ipv4Addr, SocketAddrV4},
+    pin::Pin,
     sync::{
         Arc, Mutex,
         atomic::{AtomicU32, AtomicU64, Ordering},
     },
+    task::{Context as TaskContext, Poll},
     time::{Duration, Instant},
 };
 
 use hyper::{
     Request, Response,
-    body::Incoming,
+    body::{Body as _, Bytes, Frame, Incoming, SizeHint},
     client::conn::{http1, http2},
+    header,
 };
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
@@ -57,9 +62,51 @@ pub struct Meta {
     uses: Arc<AtomicU32>,
 }
 
+/// An HTTP/1.1 connection's own future (it reads and writes the socket; an
+/// upgrade leaves through it).
+type H1Conn = Pin<Box<dyn Future<Output = hyper::Result<()>> + Send>>;
+
 pub enum Sender {
-    H1 { tx: http1::SendRequest<Body>, meta: Meta },
-    H2 { tx: http2::SendRequest<Body>, meta: Meta },
+    /// HTTP/1.1: no task of its own; whoever holds the sender drives the
+    /// connection (the request's task while it sends, then the response
+    /// body as it is read), so an exchange costs no hand-off between tasks.
+    H1 {
+        tx: http1::SendRequest<Body>,
+        conn: H1Conn,
+        meta: Meta,
+    },
+    H2 {
+        tx: http2::SendRequest<Body>,
+        meta: Meta,
+    },
+}
+
+/// Why a request got no response.
+pub enum SendError {
+    /// The connection had closed (a pooled one, while idle): the request was
+    /// not handed over and may go on another connection.
+    Stale(Box<Request<Body>>, hyper::Error),
+    /// Sent, and the connection failed before the response head.
+    Failed(hyper::Error),
+}
+
+/// Where a sender goes back after its exchange.
+pub struct Release {
+    pub ctx: Arc<Context>,
+    pub key: PoolKey,
+    pub limits: Limits,
+}
+
+/// Polls an HTTP/1.1 connection's future; `None` once it has ended.
+fn drive(conn: &mut Option<H1Conn>, cx: &mut TaskContext<'_>) {
+    if let Some(c) = conn
+        && let Poll::Ready(result) = c.as_mut().poll(cx)
+    {
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "upstream HTTP/1.1 connection ended");
+        }
+        *conn = None;
+    }
 }
 
 impl Sender {
@@ -73,26 +120,162 @@ impl Sender {
         self.meta().mtls
     }
 
-    /// Sends one request; the sender comes back for [`Pool::release`].
-    pub async fn send(self, req: Request<Body>) -> Result<(Response<Incoming>, Sender), hyper::Error> {
-        self.meta().uses.fetch_add(1, Ordering::AcqRel);
+    /// Sends one request. The sender goes back to the pool by itself: an
+    /// HTTP/2 one at once, an HTTP/1.1 one when the response body has been
+    /// read to its end (a request that upgrades the connection keeps it).
+    pub async fn send(self, req: Request<Body>, release: Release) -> Result<Response<ResponseBody>, SendError> {
         match self {
-            Sender::H1 { mut tx, meta } => {
-                tx.ready().await?;
-                let resp = tx.send_request(req).await?;
-                Ok((resp, Sender::H1 { tx, meta }))
+            Sender::H1 { mut tx, conn, meta } => {
+                let mut conn = Some(conn);
+                // Idle in the pool, nothing polled the connection: whether
+                // the server closed it shows now, before the request is given.
+                if let Err(e) = poll_fn(|cx| {
+                    drive(&mut conn, cx);
+                    tx.poll_ready(cx)
+                })
+                .await
+                {
+                    return Err(SendError::Stale(Box::new(req), e));
+                }
+                meta.uses.fetch_add(1, Ordering::AcqRel);
+                if req.headers().contains_key(header::UPGRADE) {
+                    // The upgraded connection leaves through the connection's future.
+                    if let Some(c) = conn.take() {
+                        tokio::spawn(async move {
+                            if let Err(e) = c.await {
+                                tracing::debug!(error = %e, "upstream HTTP/1.1 connection ended");
+                            }
+                        });
+                    }
+                    let resp = tx.send_request(req).await.map_err(SendError::Failed)?;
+                    return Ok(resp.map(|body| ResponseBody { body, held: None }));
+                }
+                let mut response = std::pin::pin!(tx.send_request(req));
+                let resp = poll_fn(|cx| {
+                    drive(&mut conn, cx);
+                    response.as_mut().poll(cx)
+                })
+                .await
+                .map_err(SendError::Failed)?;
+                let held = conn.map(|conn| Held { tx, conn: Some(conn), meta, release });
+                let mut resp = resp.map(|body| ResponseBody { body, held });
+                if resp.body().body.is_end_stream() {
+                    // No body (HEAD, 204, 304, `content-length: 0`): nobody will read one.
+                    resp.body_mut().done(None);
+                }
+                Ok(resp)
             }
             Sender::H2 { mut tx, meta } => {
-                tx.ready().await?;
-                let resp = tx.send_request(req).await?;
-                Ok((resp, Sender::H2 { tx, meta }))
+                if let Err(e) = tx.ready().await {
+                    return Err(SendError::Stale(Box::new(req), e));
+                }
+                meta.uses.fetch_add(1, Ordering::AcqRel);
+                let resp = tx.send_request(req).await.map_err(SendError::Failed)?;
+                release.ctx.http_pool.release_h2(release.key, tx, meta, &release.limits);
+                Ok(resp.map(|body| ResponseBody { body, held: None }))
             }
         }
     }
 }
 
+/// An HTTP/1.1 connection lent to a response body, and where it goes back.
+struct Held {
+    tx: http1::SendRequest<Body>,
+    conn: Option<H1Conn>,
+    meta: Meta,
+    release: Release,
+}
+
+impl Held {
+    /// Pools the connection once its exchange has finished, if it is still good.
+    fn release(mut self) {
+        let Release { ctx, key, limits } = self.release;
+        let spent = limits.max_requests_per_connection.is_some_and(|m| self.meta.uses.load(Ordering::Acquire) >= m);
+        if spent || self.conn.is_none() || self.meta.generation != ctx.http_pool.generation() {
+            return; // dropped: the connection closes
+        }
+        if self.tx.is_ready() {
+            if let Some(conn) = self.conn {
+                ctx.http_pool.put_h1(key, self.tx, conn, self.meta, limits.idle_timeout);
+            }
+            return;
+        }
+        // The connection has not yet seen its exchange end (or the request
+        // body is still going up): drive it there on a task of its own.
+        tokio::spawn(async move {
+            let ready = poll_fn(|cx| {
+                drive(&mut self.conn, cx);
+                self.tx.poll_ready(cx)
+            })
+            .await;
+            if let (Ok(()), Some(conn)) = (ready, self.conn)
+                && self.meta.generation == ctx.http_pool.generation()
+            {
+                ctx.http_pool.put_h1(key, self.tx, conn, self.meta, limits.idle_timeout);
+            }
+        });
+    }
+}
+
+/// A response body from upstream. On HTTP/1.1 it also drives the connection
+/// it arrives on, and returns that connection to the pool at its end; dropped
+/// before its end, the connection closes (the rest of the response is unread).
+pub struct ResponseBody {
+    body: Incoming,
+    held: Option<Held>,
+}
+
+impl ResponseBody {
+    fn done(&mut self, cx: Option<&mut TaskContext<'_>>) {
+        let Some(mut held) = self.held.take() else { return };
+        if let Some(cx) = cx {
+            // Lets the connection take in the end of the exchange.
+            drive(&mut held.conn, cx);
+        }
+        held.release();
+    }
+}
+
+impl hyper::body::Body for ResponseBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        if let Some(held) = &mut this.held {
+            drive(&mut held.conn, cx);
+        }
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        let ended = match &polled {
+            Poll::Ready(None) => true,
+            Poll::Ready(Some(Ok(_))) => this.body.is_end_stream(),
+            _ => false,
+        };
+        if ended {
+            this.done(Some(cx));
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        if self.body.is_end_stream() {
+            self.done(None);
+        }
+    }
+}
+
 /// An idle HTTP/1.1 connection and when it stops being reusable.
-type IdleH1 = (http1::SendRequest<Body>, Meta, Instant);
+type IdleH1 = (http1::SendRequest<Body>, H1Conn, Meta, Instant);
 /// The shared HTTP/2 connection, and when it was last used.
 type SharedH2 = (http2::SendRequest<Body>, Meta, Instant);
 
@@ -121,47 +304,31 @@ impl Pool {
         }
         let mut map = self.h1.lock().ok()?;
         let list = map.get_mut(key)?;
-        list.retain(|(tx, _, until)| !tx.is_closed() && *until > now);
-        list.pop().map(|(tx, meta, _)| Sender::H1 { tx, meta })
+        list.retain(|(tx, _, _, until)| !tx.is_closed() && *until > now);
+        list.pop().map(|(tx, conn, meta, _)| Sender::H1 { tx, conn, meta })
     }
 
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
     }
 
-    /// Returns a sender after use: HTTP/2 at once (it multiplexes); HTTP/1.1
-    /// once its exchange has finished, if the connection is still good. A
-    /// connection made before the last [`Pool::clear`], or that served
-    /// `maxRequestsPerConnection` requests, is not pooled again.
-    pub fn release(&self, ctx: &Arc<Context>, key: PoolKey, sender: Sender, limits: &Limits) {
-        let meta = sender.meta();
+    /// Pools an HTTP/2 sender after a request (it multiplexes); not one made
+    /// before the last [`Pool::clear`], nor one that served
+    /// `maxRequestsPerConnection` requests.
+    fn release_h2(&self, key: PoolKey, tx: http2::SendRequest<Body>, meta: Meta, limits: &Limits) {
         let spent = limits.max_requests_per_connection.is_some_and(|m| meta.uses.load(Ordering::Acquire) >= m);
         if meta.generation != self.generation() {
             return;
         }
-        match sender {
-            Sender::H2 { tx, meta } => {
-                if let Ok(mut map) = self.h2.lock() {
-                    map.retain(|_, (tx, _, _)| !tx.is_closed());
-                    if spent {
-                        // Only if it is still this connection that is pooled.
-                        if map.get(&key).is_some_and(|(_, m, _)| Arc::ptr_eq(&m.uses, &meta.uses)) {
-                            map.remove(&key);
-                        }
-                    } else {
-                        map.entry(key).or_insert((tx, meta, Instant::now()));
-                    }
+        if let Ok(mut map) = self.h2.lock() {
+            map.retain(|_, (tx, _, _)| !tx.is_closed());
+            if spent {
+                // Only if it is still this connection that is pooled.
+                if map.get(&key).is_some_and(|(_, m, _)| Arc::ptr_eq(&m.uses, &meta.uses)) {
+                    map.remove(&key);
                 }
-            }
-            Sender::H1 { .. } if spent => {}
-            Sender::H1 { mut tx, meta } => {
-                let ctx = ctx.clone();
-                let idle = limits.idle_timeout;
-                tokio::spawn(async move {
-                    if tx.ready().await.is_ok() && meta.generation == ctx.http_pool.generation() {
-                        ctx.http_pool.put_h1(key, tx, meta, idle);
-                    }
-                });
+            } else {
+                map.entry(key).or_insert((tx, meta, Instant::now()));
             }
         }
     }
@@ -177,16 +344,17 @@ impl Pool {
         }
     }
 
-    fn put_h1(&self, key: PoolKey, tx: http1::SendRequest<Body>, meta: Meta, idle: Duration) {
+    fn put_h1(&self, key: PoolKey, tx: http1::SendRequest<Body>, conn: H1Conn, meta: Meta, idle: Duration) {
         let Ok(mut map) = self.h1.lock() else { return };
-        // Forget keys whose connections all died.
+        // Forget keys whose connections all expired.
+        let now = Instant::now();
         map.retain(|_, list| {
-            list.retain(|(tx, _, _)| !tx.is_closed());
+            list.retain(|(tx, _, _, until)| !tx.is_closed() && *until > now);
             !list.is_empty()
         });
         let list = map.entry(key).or_default();
         if list.len() < MAX_IDLE {
-            list.push((tx, meta, Instant::now() + idle));
+            list.push((tx, conn, meta, now + idle));
         }
     }
 }
@@ -205,11 +373,6 @@ pub(crate) async fn handshake(io: Upstream, h2: bool, mtls: bool, generation: u6
         Ok(Sender::H2 { tx, meta })
     } else {
         let (tx, conn) = http1::Builder::new().handshake(io).await?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.with_upgrades().await {
-                tracing::debug!(error = %e, "upstream HTTP/1.1 connection ended");
-            }
-        });
-        Ok(Sender::H1 { tx, meta })
+        Ok(Sender::H1 { tx, conn: Box::pin(conn.with_upgrades()), meta })
     }
 }
