@@ -368,7 +368,7 @@ async fn serve_tcp(
             if opened.mtls {
                 labels.connection_security_policy = "mutual_tls";
             }
-            proxy::pump(ctx, client, opened.io, labels, addr, |c, u| {
+            proxy::pump(ctx, client, opened.io, proxy::ConnMeters::open(&ctx.metrics, &labels), addr, |c, u| {
                 proxy::reset(c);
                 u.reset();
             })

@@ -219,7 +219,10 @@ impl Pool {
                 return r;
             }
         }
-        let sender = match connect(ctx, self.tls_config(ctx, &cert, node, dest)?, node, dest, connect_timeout).await {
+        // Boxed: a handshake's state (~6.5 KB) is needed once per peer, not by
+        // every tunnel opened on a pooled connection.
+        let handshake = Box::pin(connect(ctx, self.tls_config(ctx, &cert, node, dest)?, node, dest, connect_timeout));
+        let sender = match handshake.await {
             Ok(s) => s,
             Err(e) => {
                 if let Some(t) = turn.as_deref_mut() {
@@ -473,7 +476,7 @@ async fn handle_connect(
     peer: SocketAddr,
     peer_id: Arc<str>,
     server_id: Arc<str>,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
 ) -> Response<Empty<Bytes>> {
     if req.method() != Method::CONNECT {
         return answer(StatusCode::METHOD_NOT_ALLOWED, "only CONNECT is served on this port");
@@ -543,11 +546,16 @@ async fn handle_connect(
         }
     };
     let guard = ctx.active.enter();
+    let meters = proxy::ConnMeters::open(&ctx.metrics, &labels);
+    drop(labels);
+    // Only the upgrade goes into the stream's task, not the request.
+    let upgrade = hyper::upgrade::on(&mut req);
+    drop(req);
     tokio::spawn(async move {
-        match hyper::upgrade::on(req).await {
+        match upgrade.await {
             Ok(upgraded) => {
                 tracing::debug!(%peer, source = %peer_id, %target, "HBONE stream proxying");
-                proxy::pump(&ctx, TokioIo::new(upgraded), upstream, labels, target, |_, u| proxy::reset(u)).await;
+                proxy::pump(&ctx, TokioIo::new(upgraded), upstream, meters, target, |_, u| proxy::reset(u)).await;
             }
             Err(e) => tracing::debug!(%peer, %target, error = %e, "HBONE stream ended before upgrade"),
         }

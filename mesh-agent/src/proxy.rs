@@ -135,7 +135,8 @@ pub async fn serve(
                     tokio::spawn(async move {
                         match kind {
                             Listener::Outbound => handle(&ctx, stream, peer).await,
-                            Listener::Inbound => inbound::handle_plaintext(&ctx, stream, peer).await,
+                            // Boxed: outbound connections, the many, keep no room for it.
+                            Listener::Inbound => Box::pin(inbound::handle_plaintext(&ctx, stream, peer)).await,
                         }
                         drop(guard);
                     });
@@ -150,19 +151,40 @@ pub async fn serve(
     }
 }
 
-async fn handle(ctx: &Arc<Context>, client: TcpStream, peer: SocketAddr) {
+/// One outbound connection: routed and opened (or served as HTTP), then copied.
+/// (An `async` block, not an `async fn`: the latter keeps its arguments twice
+/// in the connection's task.)
+#[expect(clippy::manual_async_fn, reason = "an async fn would keep its arguments twice")]
+fn handle(ctx: &Arc<Context>, client: TcpStream, peer: SocketAddr) -> impl Future<Output = ()> + '_ {
+    async move {
+        // Boxed, and over before the copy starts: routing, sniffing and
+        // connecting (TLS, HBONE) need far more state than copying, and the
+        // connection's task would otherwise keep room for it while it lives.
+        futures_util::future::OptionFuture::from(Box::pin(open(ctx, client, peer)).await).await;
+    }
+}
+
+/// Routes a new outbound connection and opens its upstream; what is left is
+/// the copy. `None`: refused, failed, or served as HTTP here.
+async fn open(ctx: &Arc<Context>, client: TcpStream, peer: SocketAddr) -> Option<impl Future<Output = ()> + '_> {
     let _ = client.set_nodelay(true);
     let mut orig = match client.local_addr() {
         Ok(SocketAddr::V4(a)) => a,
-        Ok(other) => return fail(ctx, &client, peer, None, ProxyError::NotIpv4(other)),
+        Ok(other) => {
+            fail(ctx, &client, peer, None, ProxyError::NotIpv4(other));
+            return None;
+        }
         Err(e) => {
             tracing::debug!(%peer, error = %e, "client gone before routing");
-            return;
+            return None;
         }
     };
     let peer_ip = match peer.ip() {
         std::net::IpAddr::V4(ip) => ip,
-        std::net::IpAddr::V6(_) => return fail(ctx, &client, peer, None, ProxyError::NotIpv4(peer)),
+        std::net::IpAddr::V6(_) => {
+            fail(ctx, &client, peer, None, ProxyError::NotIpv4(peer));
+            return None;
+        }
     };
     let state = ctx.state();
     let mut source = state.workload_by_ip(peer_ip).cloned();
@@ -174,7 +196,10 @@ async fn handle(ctx: &Arc<Context>, client: TcpStream, peer: SocketAddr) {
             SocketAddr::V6(_) => None,
         };
         let Some(found) = found else {
-            return fail(ctx, &client, peer, None, ProxyError::NotLocal(orig));
+            {
+                fail(ctx, &client, peer, None, ProxyError::NotLocal(orig));
+                return None;
+            }
         };
         tracing::debug!(%peer, orig = %found, "host client");
         orig = found;
@@ -214,7 +239,10 @@ async fn handle(ctx: &Arc<Context>, client: TcpStream, peer: SocketAddr) {
         Route::Refused { service, reason } => {
             let labels = TcpLabels::new(source.as_deref(), None, Some(&service), false);
             let err = ProxyError::Refused { service: format!("{}/{} {orig}", service.namespace, service.name), reason };
-            return fail(ctx, &client, peer, Some(labels), err);
+            {
+                fail(ctx, &client, peer, Some(labels), err);
+                return None;
+            }
         }
     };
     // Mesh destinations may speak HTTP: declared on the Service port, else sniffed.
@@ -229,42 +257,54 @@ async fn handle(ctx: &Arc<Context>, client: TcpStream, peer: SocketAddr) {
         Some(Declared::Unknown) => sniff_client(&client, ctx.protocol_detection_timeout).await,
     };
     if handling == Handling::Tcp && black_hole {
-        return fail(ctx, &client, peer, Some(labels), ProxyError::BlackHole(addr));
+        {
+            fail(ctx, &client, peer, Some(labels), ProxyError::BlackHole(addr));
+            return None;
+        }
     }
     if handling != Handling::Tcp {
         drop(state);
         // The first request takes this connection's turn in the round robin.
         let down = crate::l7::Downstream { peer, peer_ip, orig, source, gateways: None, first_pick: pick.into() };
-        return crate::l7::serve(ctx.clone(), client, down, handling).await;
+        // Boxed: a connection waiting for its first bytes keeps no room for an HTTP server.
+        Box::pin(crate::l7::serve(ctx.clone(), client, down, handling)).await;
+        return None;
     }
-    // Boxed: connecting (TLS, HBONE) needs far more state than copying, and the
-    // connection's task would otherwise keep room for it as long as it lives.
-    let opening = Box::pin(open_upstream(ctx, &state, source.as_ref(), peer, dest.as_ref(), addr, ctx.connect_timeout));
-    match opening.await {
-        Ok(opened) => {
-            drop(state);
-            if opened.mtls {
-                labels.connection_security_policy = "mutual_tls";
-            }
-            tracing::debug!(%peer, %orig, upstream = %addr, mtls = opened.mtls, "proxying");
-            pump(ctx, client, opened.io, labels, addr, |c, u| {
-                reset(c);
-                u.reset();
-            })
-            .await;
-        }
+    // Boxed apart: connecting (TLS, HBONE) takes ~6 KB of state, which a
+    // connection waiting for its first bytes (sniffing) need not hold yet.
+    let opened =
+        Box::pin(open_upstream(ctx, &state, source.as_ref(), peer, dest.as_ref(), addr, ctx.connect_timeout)).await;
+    let Opened { io, mtls } = match opened {
+        Ok(opened) => opened,
         Err(e) => {
             if matches!(e, ProxyError::Tunnel(_)) {
                 labels.connection_security_policy = "mutual_tls";
             }
-            fail(ctx, &client, peer, Some(labels), e)
+            fail(ctx, &client, peer, Some(labels), e);
+            return None;
         }
+    };
+    drop(state);
+    if mtls {
+        labels.connection_security_policy = "mutual_tls";
     }
+    tracing::debug!(%peer, %orig, upstream = %addr, mtls, "proxying");
+    let meters = ConnMeters::open(&ctx.metrics, &labels);
+    Some(pump(ctx, client, io, meters, addr, |c, u| {
+        reset(c);
+        u.reset();
+    }))
 }
 
 /// Waits (up to `timeout`) for the client's first bytes and classifies them;
 /// silence, TLS or anything unrecognised is a byte stream.
 pub(crate) async fn sniff_client(client: &TcpStream, timeout: Duration) -> Handling {
+    // Boxed: the timer and the peeked bytes (~430 bytes) would otherwise keep
+    // room in the connection's task for as long as it lives.
+    Box::pin(sniff_until(client, timeout)).await
+}
+
+async fn sniff_until(client: &TcpStream, timeout: Duration) -> Handling {
     let mut buf = [0u8; 32];
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
@@ -442,7 +482,7 @@ pub(crate) async fn deliver(ctx: &Context, client: TcpStream, peer: SocketAddr, 
         Err(e) => return fail(ctx, &client, peer, Some(labels), e),
     };
     tracing::debug!(%peer, upstream = %addr, "proxying");
-    pump(ctx, client, upstream, labels, addr, |c, u| {
+    pump(ctx, client, upstream, ConnMeters::open(&ctx.metrics, &labels), addr, |c, u| {
         reset(c);
         reset(u);
     })
@@ -459,32 +499,62 @@ pub(crate) fn transparent_source(ctx: &Context, peer: SocketAddr, addr: SocketAd
     }
 }
 
-/// Copies between a client and its upstream, with metrics; `on_error` resets
-/// what it can of both.
-pub(crate) async fn pump<C, U>(
-    ctx: &Context,
+/// A proxied connection's counters, looked up once when it opens (counted
+/// opened and active then, closed when dropped): what a long-lived connection
+/// keeps instead of its labels (four pointers, not 272 bytes).
+pub(crate) struct ConnMeters {
+    received: Counter,
+    sent: Counter,
+    closed: Counter,
+    active: prometheus_client::metrics::gauge::Gauge,
+}
+
+impl ConnMeters {
+    pub(crate) fn open(m: &crate::telemetry::Metrics, labels: &TcpLabels) -> Self {
+        m.tcp_opened.get_or_create(labels).inc();
+        m.active_connections.inc();
+        ConnMeters {
+            received: m.tcp_received.get_or_create(labels).clone(),
+            sent: m.tcp_sent.get_or_create(labels).clone(),
+            closed: m.tcp_closed.get_or_create(labels).clone(),
+            active: m.active_connections.clone(),
+        }
+    }
+}
+
+impl Drop for ConnMeters {
+    fn drop(&mut self) {
+        self.active.dec();
+        self.closed.inc();
+    }
+}
+
+/// Copies between a client and its upstream, counting bytes; `on_error`
+/// resets what it can of both. (An `async` block, not an `async fn`: the
+/// latter would keep each argument twice in the connection's task.)
+#[expect(clippy::manual_async_fn, reason = "an async fn would keep its arguments twice")]
+pub(crate) fn pump<'a, C, U>(
+    ctx: &'a Context,
     mut client: C,
     mut upstream: U,
-    labels: TcpLabels,
+    meters: ConnMeters,
     addr: SocketAddrV4,
-    on_error: impl FnOnce(&C, &U),
-) where
-    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-    U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    on_error: impl FnOnce(&C, &U) + 'a,
+) -> impl Future<Output = ()> + 'a
+where
+    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + 'a,
+    U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + 'a,
 {
-    let m = &ctx.metrics;
-    m.tcp_opened.get_or_create(&labels).inc();
-    m.active_connections.inc();
-    let received: Counter = m.tcp_received.get_or_create(&labels).clone();
-    let sent: Counter = m.tcp_sent.get_or_create(&labels).clone();
-    let result = copy::bidirectional(&mut client, &mut upstream, &received, &sent).await;
-    m.active_connections.dec();
-    m.tcp_closed.get_or_create(&labels).inc();
-    if let Err((op, error)) = result {
-        on_error(&client, &upstream);
-        let err = ProxyError::Copy { addr, op, error };
-        tracing::info!(error = %err, "connection reset");
-        m.connection_failures.get_or_create(&crate::telemetry::ReasonLabels { reason: err.reason() }).inc();
+    async move {
+        let result = copy::bidirectional(&mut client, &mut upstream, &meters.received, &meters.sent).await;
+        drop(meters);
+        if let Err((op, error)) = result {
+            on_error(&client, &upstream);
+            let err = ProxyError::Copy { addr, op, error };
+            tracing::info!(error = %err, "connection reset");
+            let reason = crate::telemetry::ReasonLabels { reason: err.reason() };
+            ctx.metrics.connection_failures.get_or_create(&reason).inc();
+        }
     }
 }
 

@@ -395,15 +395,15 @@ fn rss_mib(pid: u32) -> f64 {
 
 /// Opens `n` connections to `ip:8080` from the client pod and leaves them idle
 /// (no byte sent, so the agents sniff, then proxy them as TCP); returns the
-/// agents' added resident memory per connection in KiB, summed over `agents`.
+/// agents' added resident memory per connection in KiB, each (source first).
 fn idle_connections(
     client: &Pod,
     ip: Ipv4Addr,
     n: usize,
     agents: &[u32],
     proxied: impl Fn() -> f64,
-) -> anyhow::Result<f64> {
-    let before: f64 = agents.iter().map(|p| rss_mib(*p)).sum();
+) -> anyhow::Result<Vec<f64>> {
+    let before: Vec<f64> = agents.iter().map(|p| rss_mib(*p)).collect();
     let (tx, rx) = std::sync::mpsc::channel::<()>();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<usize, String>>();
     let holder = mesh_tests::netns::enter_and_spawn(&client.netns, move || {
@@ -429,14 +429,14 @@ fn idle_connections(
         std::thread::sleep(Duration::from_millis(200));
     }
     let held = proxied();
-    let after: f64 = agents.iter().map(|p| rss_mib(*p)).sum();
+    let after: Vec<f64> = agents.iter().map(|p| rss_mib(*p)).collect();
     let _ = tx.send(());
     let _ = holder.join();
     let opened = opened.map_err(anyhow::Error::msg)?;
     if held < opened as f64 {
         bail!("only {held} of {opened} idle connections reached the destination agent");
     }
-    Ok((after - before) * 1024.0 / opened as f64)
+    Ok(after.iter().zip(&before).map(|(a, b)| (a - b) * 1024.0 / opened as f64).collect())
 }
 
 /// Raises this process's open-file limit (thousands of idle connections).
@@ -639,7 +639,14 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     drop(servers);
     drop(cluster);
     let _ = std::fs::remove_dir_all(&work);
-    let idle = Idle { rss_mib: median(agent_rss), kib_per_connection: median(per_conn), connections: plan.idle };
+    let each = |i: usize| median(per_conn.iter().filter_map(|v: &Vec<f64>| v.get(i).copied()).collect());
+    let idle = Idle {
+        rss_mib: median(agent_rss),
+        kib_per_connection: median(per_conn.iter().map(|v| v.iter().sum()).collect()),
+        source_kib: each(0),
+        destination_kib: each(1),
+        connections: plan.idle,
+    };
     report(&results, &idle, quick, started.elapsed())
 }
 
@@ -647,6 +654,8 @@ pub fn run(options: Options) -> anyhow::Result<()> {
 struct Idle {
     rss_mib: f64,
     kib_per_connection: f64,
+    source_kib: f64,
+    destination_kib: f64,
     connections: usize,
 }
 
@@ -723,8 +732,8 @@ fn report(results: &Results, idle: &Idle, quick: bool, took: Duration) -> anyhow
         }
     }
     println!(
-        "agent RSS idle: {:.1} MiB; {} idle connections cross-node: {:.2} KiB per connection (both agents)",
-        idle.rss_mib, idle.connections, idle.kib_per_connection
+        "agent RSS idle: {:.1} MiB; {} idle connections cross-node: {:.2} KiB per connection (both agents: source {:.2}, destination {:.2})",
+        idle.rss_mib, idle.connections, idle.kib_per_connection, idle.source_kib, idle.destination_kib
     );
     let out = crate::workspace_root()?.join("target/bench");
     std::fs::create_dir_all(&out)?;
@@ -734,6 +743,8 @@ fn report(results: &Results, idle: &Idle, quick: bool, took: Duration) -> anyhow
         "agent_rss_idle_mib": idle.rss_mib,
         "idle_connections": idle.connections,
         "agent_kib_per_idle_connection": idle.kib_per_connection,
+        "source_agent_kib_per_idle_connection": idle.source_kib,
+        "destination_agent_kib_per_idle_connection": idle.destination_kib,
         "rows": table,
         "samples": results,
     });

@@ -65,6 +65,13 @@ impl CertManager {
         if let Some(c) = self.cached(identity) {
             return Ok(c);
         }
+        // Boxed: a fetch (a round trip to the CA) needs ~3 KB of state that the
+        // cached path, which nearly every connection takes, should not carry.
+        Box::pin(self.fetch_one(identity)).await
+    }
+
+    /// One fetch at a time; the certificate may have come meanwhile.
+    async fn fetch_one(&self, identity: &Arc<str>) -> Result<Arc<WorkloadCert>, IdentityError> {
         let _one = self.fetching.lock().await;
         if let Some(c) = self.cached(identity) {
             return Ok(c);
