@@ -675,6 +675,16 @@ fn scenarios(
     Ok(out)
 }
 
+/// The bench's files (nginx's prefixes, the gRPC body, the client
+/// certificate), removed however the run ends.
+struct WorkDir(PathBuf);
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// Results by path (`direct_same_node`, `mesh_same_node`, …) → scenario → samples per round.
 type Results = BTreeMap<&'static str, BTreeMap<&'static str, Vec<Sample>>>;
 
@@ -727,15 +737,16 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     cluster.add_pod_on(0, "client", CLIENT);
     cluster.add_pod_on(0, "local", LOCAL);
     cluster.add_pod_on(1, "remote", REMOTE);
-    let work = std::env::temp_dir().join(format!("mesh-bench-{}", cluster.id));
-    std::fs::create_dir_all(&work)?;
-    let body = grpc_body(&work)?;
+    let work = WorkDir(std::env::temp_dir().join(format!("mesh-bench-{}", cluster.id)));
+    std::fs::create_dir_all(&work.0)?;
+    let work = &work.0;
+    let body = grpc_body(work)?;
     let mut servers = Vec::new();
     for (name, ip) in [("local", LOCAL), ("remote", REMOTE)] {
         let pod = cluster.pod(name);
         servers.push(spawn_in(&pod.netns, &["iperf3", "-s"])?);
         servers.push(spawn_in(&pod.netns, &["sockperf", "server", "--tcp", "-i", "0.0.0.0", "-p", "11111"])?);
-        servers.push(nginx(pod, &work)?);
+        servers.push(nginx(pod, work)?);
         grpc::serve(pod, 9090);
         for port in [5201, 11111, 8080, 8081, 9090] {
             wait_port(&cluster.pod("client").netns, ip, port)?;
@@ -795,7 +806,7 @@ pub fn run(options: Options) -> anyhow::Result<()> {
             scenarios(client, REMOTE, &plan, &options, &body, &pids, &nginx_remote)?,
         );
         if options.wants("hbone_handshakes") {
-            let sample = hbone_handshakes(&cluster, &ca, &work, plan.secs, pids[1])?;
+            let sample = hbone_handshakes(&cluster, &ca, work, plan.secs, pids[1])?;
             record(&mut results, "mesh_cross_node", BTreeMap::from([("hbone_handshakes", sample)]));
         }
         drop(perf);
@@ -804,7 +815,6 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     drop(ca);
     drop(servers);
     drop(cluster);
-    let _ = std::fs::remove_dir_all(&work);
     let each = |i: usize| median(per_conn.iter().filter_map(|v: &Vec<f64>| v.get(i).copied()).collect());
     let idle = Idle {
         rss_mib: median(agent_rss),
