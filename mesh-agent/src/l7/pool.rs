@@ -62,6 +62,13 @@ pub struct Meta {
     uses: Arc<AtomicU32>,
 }
 
+impl Meta {
+    /// Served `maxRequestsPerConnection` requests: not to be pooled again.
+    fn spent(&self, limits: &Limits) -> bool {
+        limits.max_requests_per_connection.is_some_and(|m| self.uses.load(Ordering::Acquire) >= m)
+    }
+}
+
 /// An HTTP/1.1 connection's own future (it reads and writes the socket; an
 /// upgrade leaves through it).
 type H1Conn = Pin<Box<dyn Future<Output = hyper::Result<()>> + Send>>;
@@ -190,8 +197,7 @@ impl Held {
     /// Pools the connection once its exchange has finished, if it is still good.
     fn release(mut self) {
         let Release { ctx, key, limits } = self.release;
-        let spent = limits.max_requests_per_connection.is_some_and(|m| self.meta.uses.load(Ordering::Acquire) >= m);
-        if spent || self.conn.is_none() || self.meta.generation != ctx.http_pool.generation() {
+        if self.meta.spent(&limits) || self.conn.is_none() || self.meta.generation != ctx.http_pool.generation() {
             return; // dropped: the connection closes
         }
         if self.tx.is_ready() {
@@ -316,7 +322,7 @@ impl Pool {
     /// before the last [`Pool::clear`], nor one that served
     /// `maxRequestsPerConnection` requests.
     fn release_h2(&self, key: PoolKey, tx: http2::SendRequest<Body>, meta: Meta, limits: &Limits) {
-        let spent = limits.max_requests_per_connection.is_some_and(|m| meta.uses.load(Ordering::Acquire) >= m);
+        let spent = meta.spent(limits);
         if meta.generation != self.generation() {
             return;
         }
