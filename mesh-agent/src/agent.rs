@@ -41,6 +41,8 @@ pub struct RunConfig {
     pub access_log: String,
     /// The cgroup v2 root for host-client capture; `None`: not captured.
     pub host_cgroup: Option<PathBuf>,
+    /// The kubelet's cgroup, whose connections to local meshed pods go directly.
+    pub kubelet_cgroup: Option<PathBuf>,
 }
 
 /// Where workload certificates come from.
@@ -277,7 +279,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
         addr: cfg.admin_addr.to_string(),
         source,
     })?;
-    let mut redirect = Redirect::start(cfg.host_cgroup.as_deref()).await?;
+    let mut redirect = Redirect::start(cfg.host_cgroup.as_deref(), cfg.kubelet_cgroup.as_deref()).await?;
     if let Some(orig) = redirect.take_host_orig() {
         let _ = ctx.host_orig.set(orig);
     }

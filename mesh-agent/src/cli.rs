@@ -76,6 +76,13 @@ pub enum Command {
         /// Leave host-network processes' connections alone.
         #[arg(long, conflicts_with = "cgroup_root")]
         no_host_capture: bool,
+        /// The kubelet's cgroup (absolute, or under the cgroup root): its
+        /// connections to local meshed pods (health probes) reach them
+        /// directly, as in Istio ambient; every other node process goes
+        /// through the agent. Default: system.slice/kubelet.service when it
+        /// exists; `none` exempts nothing (probes then obey STRICT).
+        #[arg(long, conflicts_with = "no_host_capture")]
+        kubelet_cgroup: Option<PathBuf>,
         /// Proxy worker threads; default: half the CPUs this process may use
         /// (affinity and cgroup quota), at least one: the agent shares its
         /// node with the pods it serves, and a thread that sleeps less costs
@@ -152,6 +159,7 @@ pub fn main() -> ExitCode {
             access_log,
             cgroup_root,
             no_host_capture,
+            kubelet_cgroup,
             worker_threads,
         } => {
             if let Err(msg) = crate::privileges::check() {
@@ -174,8 +182,16 @@ pub fn main() -> ExitCode {
                 identity,
                 protocol_detection_timeout,
                 access_log,
-                host_cgroup: (!no_host_capture)
-                    .then(|| cgroup_root.unwrap_or_else(crate::redirect::host::default_cgroup_root)),
+                host_cgroup: None,
+                kubelet_cgroup: None,
+            };
+            let cfg = match no_host_capture {
+                true => cfg,
+                false => {
+                    let root = cgroup_root.unwrap_or_else(crate::redirect::host::default_cgroup_root);
+                    let kubelet = crate::redirect::host::kubelet_cgroup(&root, kubelet_cgroup.as_deref());
+                    RunConfig { host_cgroup: Some(root), kubelet_cgroup: kubelet, ..cfg }
+                }
             };
             run(cfg, worker_threads)
         }

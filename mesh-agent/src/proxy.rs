@@ -103,6 +103,9 @@ pub fn bind_capture(port: u16) -> io::Result<TcpListener> {
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     socket.set_ip_transparent_v4(true)?;
+    // Accepted sockets inherit the mark: their packets to a meshed pod (replies
+    // to its outbound connections) pass the pod's last-hop gate.
+    socket.set_mark(mesh_common::AGENT_MARK)?;
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(4096)?;

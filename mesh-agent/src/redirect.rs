@@ -1,6 +1,9 @@
 //! Traffic capture: loads the eBPF classifier, attaches it to the host-side veth
-//! of each local pod, keeps the `IFACES` map in step with the configuration, and
-//! owns the policy-routing rule that delivers assigned packets locally.
+//! of each local pod (and the last-hop gate to each meshed pod's veth egress),
+//! keeps the `IFACES` map in step with the configuration, and owns the
+//! policy-routing rule that delivers assigned packets locally, the node
+//! settings handed-back packets need (see [`node`]) and the notrack rule that
+//! keeps DNAT'd connections working through the gate.
 //!
 //! Everything attached here is a TCX link held by this process, so the kernel
 //! detaches it even if the agent dies; the routing rule is removed on a clean
@@ -16,7 +19,8 @@ use aya::{
     programs::{SchedClassifier, TcAttachType, tc::SchedClassifierLinkId},
 };
 use mesh_common::{
-    INBOUND_PORT, IfaceInfo, OUTBOUND_ADDR, OUTBOUND_PORT, PROXY_MARK, PROXY_MARK_MASK, Settings, counter, role,
+    HANDOFF_MARK, INBOUND_PORT, IfaceInfo, OUTBOUND_ADDR, OUTBOUND_PORT, PROBE_MARK, PROXY_MARK, PROXY_MARK_MASK,
+    Settings, counter, role,
 };
 use serde::Serialize;
 
@@ -24,11 +28,13 @@ use crate::state::State;
 
 pub mod host;
 pub mod netlink;
+pub mod node;
 
 /// The eBPF object built by build.rs from `mesh-ebpf`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh-ebpf"));
 
 const PROGRAM: &str = "mesh_tc";
+const GATE: &str = "mesh_gate";
 
 #[derive(Debug, thiserror::Error)]
 pub enum RedirectError {
@@ -81,6 +87,12 @@ pub struct Redirect {
     attached: BTreeMap<u32, Attached>,
     /// TCX links by ifindex (kept apart: link ids are neither `Clone` nor `Serialize`).
     links: HashMap<u32, SchedClassifierLinkId>,
+    /// The last-hop gates (egress) on meshed pods' veths, by ifindex.
+    gates: HashMap<u32, SchedClassifierLinkId>,
+    v6_refused: BpfHashMap<MapData, u32, u32>,
+    /// Interfaces whose refused IPv6 was logged (once per pod).
+    v6_logged: std::collections::HashSet<u32>,
+    node: node::NodeSettings,
     pub pending: Vec<Pending>,
     host: Option<host::HostCapture>,
     host_orig: Option<host::HostOrig>,
@@ -90,7 +102,10 @@ impl Redirect {
     /// Loads the programs, fills the settings map and installs the routing rule.
     /// With `host_cgroup`, host clients are captured too (see [`host`]); if
     /// that fails, the rest works without it and the reason is logged.
-    pub async fn start(host_cgroup: Option<&std::path::Path>) -> Result<Self, RedirectError> {
+    pub async fn start(
+        host_cgroup: Option<&std::path::Path>,
+        kubelet_cgroup: Option<&std::path::Path>,
+    ) -> Result<Self, RedirectError> {
         let mut ebpf = EbpfLoader::new().load(EBPF_OBJECT)?;
         let netns_cookie = match host_cgroup.map(|_| host::netns_cookie()) {
             Some(Ok(c)) => Some(c),
@@ -109,6 +124,9 @@ impl Redirect {
             netns_cookie: netns_cookie.unwrap_or(0),
             agent_mark: host::AGENT_MARK,
             host_capture: u32::from(netns_cookie.is_some()),
+            handoff_mark: HANDOFF_MARK,
+            probe_mark: PROBE_MARK,
+            kubelet_cgroup: kubelet_cgroup.map(host::cgroup_id).transpose()?.unwrap_or(0),
         };
         // Borrowed, not taken: the map must stay open until the program is loaded.
         let settings_map = ebpf.map_mut("SETTINGS").ok_or_else(|| missing_map("SETTINGS"))?;
@@ -117,8 +135,9 @@ impl Redirect {
         let ifaces = BpfHashMap::try_from(take_map(&mut ebpf, "IFACES")?).map_err(map_err("IFACES"))?;
         let meshed_ips = BpfHashMap::try_from(take_map(&mut ebpf, "LOCAL_MESHED")?).map_err(map_err("LOCAL_MESHED"))?;
         let counters = PerCpuArray::try_from(take_map(&mut ebpf, "COUNTERS")?).map_err(map_err("COUNTERS"))?;
-        let prog: &mut SchedClassifier = program(&mut ebpf)?;
-        prog.load()?;
+        let v6_refused = BpfHashMap::try_from(take_map(&mut ebpf, "V6_REFUSED")?).map_err(map_err("V6_REFUSED"))?;
+        program(&mut ebpf, PROGRAM)?.load()?;
+        program(&mut ebpf, GATE)?.load()?;
         let (host, host_orig) = match (host_cgroup, netns_cookie) {
             (Some(cgroup), Some(_)) => match host::start(&mut ebpf, cgroup) {
                 Ok((h, o)) => (Some(h), Some(o)),
@@ -132,6 +151,7 @@ impl Redirect {
         let handle = netlink::connect()?;
         let lo = loopback_index()?;
         netlink::install_proxy_routing(&handle, lo).await?;
+        let node = node::NodeSettings::apply();
         Ok(Self {
             ebpf,
             ifaces,
@@ -142,6 +162,10 @@ impl Redirect {
             lo,
             attached: BTreeMap::new(),
             links: HashMap::new(),
+            gates: HashMap::new(),
+            v6_refused,
+            v6_logged: Default::default(),
+            node,
             pending: Vec::new(),
             host,
             host_orig,
@@ -216,31 +240,89 @@ impl Redirect {
                     have.pod = want.pod;
                     tracing::info!(ifname = %have.ifname, pod = %have.pod, role = have.info_role, "capture updated");
                 }
-                continue;
+            } else {
+                // Map entry first: the program ignores interfaces it does not know.
+                self.ifaces.insert(ifindex, want.info, 0).map_err(map_err("IFACES"))?;
+                match program(&mut self.ebpf, PROGRAM)?.attach(&want.ifname, TcAttachType::Ingress) {
+                    Ok(id) => {
+                        self.links.insert(ifindex, id);
+                        tracing::info!(ifname = %want.ifname, pod = %want.pod, role = want.info_role, "capture attached");
+                        self.attached.insert(ifindex, want);
+                    }
+                    Err(e) => {
+                        // The interface may have vanished between listing and attaching.
+                        let _ = self.ifaces.remove(&ifindex);
+                        tracing::warn!(ifname = %want.ifname, pod = %want.pod, error = %e, "attaching the classifier failed; will retry");
+                        pending.push(Pending {
+                            pod: want.pod,
+                            pod_ip: want.pod_ip,
+                            reason: "attaching the classifier failed",
+                        });
+                        continue;
+                    }
+                }
             }
-            // Map entry first: the program ignores interfaces it does not know.
-            self.ifaces.insert(ifindex, want.info, 0).map_err(map_err("IFACES"))?;
-            let prog: &mut SchedClassifier = program(&mut self.ebpf)?;
-            match prog.attach(&want.ifname, TcAttachType::Ingress) {
-                Ok(id) => {
-                    self.links.insert(ifindex, id);
-                    tracing::info!(ifname = %want.ifname, pod = %want.pod, role = want.info_role, "capture attached");
-                    self.attached.insert(ifindex, want);
-                }
-                Err(e) => {
-                    // The interface may have vanished between listing and attaching.
-                    let _ = self.ifaces.remove(&ifindex);
-                    tracing::warn!(ifname = %want.ifname, pod = %want.pod, error = %e, "attaching the classifier failed; will retry");
-                    pending.push(Pending {
-                        pod: want.pod,
-                        pod_ip: want.pod_ip,
-                        reason: "attaching the classifier failed",
-                    });
-                }
+            if let Err(reason) = self.sync_gate(ifindex) {
+                let a = &self.attached[&ifindex];
+                pending.push(Pending { pod: a.pod.clone(), pod_ip: a.pod_ip, reason });
             }
         }
+        self.log_refused_v6();
         self.pending = pending;
         Ok(())
+    }
+
+    /// Attaches the last-hop gate to a meshed pod's veth (with the settings
+    /// handed-back packets need), or detaches it from one no longer meshed.
+    fn sync_gate(&mut self, ifindex: u32) -> Result<(), &'static str> {
+        let Some(a) = self.attached.get(&ifindex) else { return Ok(()) };
+        let want = a.info.role == role::MESHED_POD;
+        match (want, self.gates.contains_key(&ifindex)) {
+            (true, false) => {
+                let ifname = a.ifname.clone();
+                if let Err(e) = node::prepare_gated(&ifname) {
+                    tracing::warn!(%ifname, error = %e, "interface settings for the last-hop gate; will retry");
+                    return Err("setting accept_local/rp_filter on the pod's interface failed");
+                }
+                let prog = program(&mut self.ebpf, GATE).map_err(|_| "the last-hop gate program is missing")?;
+                match prog.attach(&ifname, TcAttachType::Egress) {
+                    Ok(id) => {
+                        self.gates.insert(ifindex, id);
+                        tracing::info!(%ifname, "last-hop gate attached");
+                    }
+                    Err(e) => {
+                        tracing::warn!(%ifname, error = %e, "attaching the last-hop gate failed; will retry");
+                        return Err("attaching the last-hop gate failed");
+                    }
+                }
+            }
+            (false, true) => self.detach_gate(ifindex),
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn detach_gate(&mut self, ifindex: u32) {
+        if let Some(id) = self.gates.remove(&ifindex)
+            && let Ok(prog) = program(&mut self.ebpf, GATE)
+            && let Err(e) = prog.detach(id)
+        {
+            tracing::debug!(ifindex, error = %e, "detach gate");
+        }
+        let _ = self.v6_refused.remove(&ifindex);
+        self.v6_logged.remove(&ifindex);
+    }
+
+    /// Logs, once per pod, that IPv6 to or from it was refused.
+    fn log_refused_v6(&mut self) {
+        let seen: Vec<u32> = self.v6_refused.keys().filter_map(Result::ok).collect();
+        for ifindex in seen {
+            if let Some(a) = self.attached.get(&ifindex)
+                && self.v6_logged.insert(ifindex)
+            {
+                tracing::warn!(pod = %a.pod, ifname = %a.ifname, "IPv6 to or from a meshed pod refused (all but UDP and ICMPv6): the mesh carries IPv4 only");
+            }
+        }
     }
 
     fn sync_meshed_ips(&mut self, state: &State, node: &str) -> Result<(), RedirectError> {
@@ -261,10 +343,11 @@ impl Redirect {
     }
 
     fn detach(&mut self, ifindex: u32) {
+        self.detach_gate(ifindex);
         let Some(a) = self.attached.remove(&ifindex) else { return };
         let _ = self.ifaces.remove(&ifindex);
         if let Some(id) = self.links.remove(&ifindex)
-            && let Ok(prog) = program(&mut self.ebpf)
+            && let Ok(prog) = program(&mut self.ebpf, PROGRAM)
             && let Err(e) = prog.detach(id)
         {
             // Expected when the interface is already gone: the kernel detached it.
@@ -296,6 +379,7 @@ impl Redirect {
             self.detach(ifindex);
         }
         netlink::remove_proxy_routing(&self.handle, self.lo).await?;
+        self.node.restore();
         drop(self.ebpf);
         Ok(())
     }
@@ -309,8 +393,8 @@ fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, Redir
     ebpf.take_map(name).ok_or_else(|| missing_map(name))
 }
 
-fn program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, RedirectError> {
-    let prog = ebpf.program_mut(PROGRAM).ok_or(aya::programs::ProgramError::UnexpectedProgramType)?;
+fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassifier, RedirectError> {
+    let prog = ebpf.program_mut(name).ok_or(aya::programs::ProgramError::UnexpectedProgramType)?;
     Ok(prog.try_into()?)
 }
 

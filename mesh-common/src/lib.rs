@@ -30,6 +30,14 @@ pub const PROXY_MARK_MASK: u32 = 0x0000_0f00;
 /// (`cgroup/connect4`) leaves sockets carrying it alone, so the agent never
 /// captures itself.
 pub const AGENT_MARK: u32 = 0x0000_0d00;
+/// skb mark of a packet the last-hop gate (`mesh_gate`, a meshed pod veth's
+/// egress) handed back to the same veth's ingress: the ingress program then
+/// assigns it to an agent socket, or drops it. Inside [`PROXY_MARK_MASK`]; a
+/// pod cannot set it (marks are cleared when a packet leaves a namespace).
+pub const HANDOFF_MARK: u32 = 0x0000_0c00;
+/// Socket mark the host-client hook puts on the kubelet's connections to a
+/// local meshed pod (its health probes): the last-hop gate lets them through.
+pub const PROBE_MARK: u32 = 0x0000_0b00;
 /// Routing table holding the `local 0.0.0.0/0 dev lo` route.
 pub const PROXY_ROUTE_TABLE: u32 = 15001;
 /// Priority of the agent's policy-routing rule: before `lookup local` (0) is not
@@ -84,6 +92,13 @@ pub struct Settings {
     pub agent_mark: u32,
     /// 1 when host clients are captured (`cgroup/connect4`), else 0.
     pub host_capture: u32,
+    /// Mark of packets handed back by the last-hop gate (see [`HANDOFF_MARK`]).
+    pub handoff_mark: u32,
+    /// Socket mark of the kubelet's probe connections (see [`PROBE_MARK`]).
+    pub probe_mark: u32,
+    /// cgroup v2 id of the kubelet (its directory's inode), or 0 when no
+    /// process is exempt as the kubelet.
+    pub kubelet_cgroup: u64,
 }
 
 /// An original destination, as the host-client capture records it.
@@ -122,15 +137,33 @@ pub mod counter {
     pub const LISTENER_MISSING: u32 = 4;
     /// `bpf_sk_assign` failed; the packet was dropped.
     pub const ASSIGN_FAILED: u32 = 5;
-    /// Packets that were not IPv4 TCP, or were malformed, and passed untouched.
+    /// Packets passed untouched: not TCP, or not a meshed pod's and unreadable.
     pub const PASSED: u32 = 6;
     /// New plaintext connection to a local meshed pod assigned to the inbound listener.
     pub const ASSIGNED_INBOUND: u32 = 7;
     /// A host process's connection to a mesh Service VIP sent to the agent
     /// (`cgroup/connect4`; counts connections, not packets).
     pub const HOST_CAPTURED: u32 = 8;
+    /// A TCP packet toward a meshed pod that did not come from the agent
+    /// (another interface, a tunnel, DNAT, a node process), handed back by the
+    /// last-hop gate to be assigned to the agent.
+    pub const HANDED_OFF: u32 = 9;
+    /// A handed-back packet that belongs to no agent socket and opens no
+    /// connection (not a SYN): dropped.
+    pub const GATE_DROPPED: u32 = 10;
+    /// An IPv4 TCP fragment to or from a meshed pod: the ports and flags of a
+    /// fragment cannot be trusted, so it is dropped.
+    pub const FRAGMENT_DROPPED: u32 = 11;
+    /// IPv6 to or from a meshed pod other than UDP and ICMPv6: dropped until
+    /// the mesh carries IPv6.
+    pub const IPV6_DROPPED: u32 = 12;
+    /// A packet to or from a meshed pod whose headers could not be read whole.
+    pub const UNPARSED_DROPPED: u32 = 13;
+    /// A kubelet connection to a local meshed pod, let through unproxied (its
+    /// health probes; counts connections).
+    pub const PROBE_PASSED: u32 = 14;
     /// Number of counters.
-    pub const LEN: u32 = 9;
+    pub const LEN: u32 = 15;
     /// Names for the admin page, in index order.
     pub const NAMES: [&str; LEN as usize] = [
         "seen",
@@ -142,11 +175,17 @@ pub mod counter {
         "passed",
         "assigned_inbound",
         "host_captured",
+        "handed_off",
+        "gate_dropped",
+        "fragment_dropped",
+        "ipv6_dropped",
+        "unparsed_dropped",
+        "probe_passed",
     ];
 }
 
 const _: () = assert!(core::mem::size_of::<IfaceInfo>() == 8);
-const _: () = assert!(core::mem::size_of::<Settings>() == 32);
+const _: () = assert!(core::mem::size_of::<Settings>() == 48);
 const _: () = assert!(core::mem::size_of::<OrigDst>() == 8);
 const _: () = assert!(core::mem::size_of::<HostKey>() == 8);
 
@@ -155,7 +194,7 @@ mod user {
     // SAFETY: plain `#[repr(C)]` integers with no padding bytes left implicit.
     unsafe impl aya::Pod for super::IfaceInfo {}
     // SAFETY: as above; the two u16 ports fill the 4 bytes between the u32s,
-    // and the u64 cookie sits at offset 16.
+    // the u64 cookie sits at offset 16 and the kubelet's cgroup id at 40.
     unsafe impl aya::Pod for super::Settings {}
     // SAFETY: a u32 and two u16s, no padding.
     unsafe impl aya::Pod for super::OrigDst {}

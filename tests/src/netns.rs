@@ -70,6 +70,10 @@ pub struct Cluster {
     pub node_ip: Ipv4Addr,
     pub nodes: Vec<Node>,
     pub pods: Vec<Pod>,
+    /// Other namespaces a test made (a second network, a client), removed on drop.
+    pub extra_ns: Vec<String>,
+    /// cgroups of node processes a test made, removed on drop.
+    extra_cgroups: Vec<PathBuf>,
     cgroup_root: PathBuf,
 }
 
@@ -89,6 +93,8 @@ impl Cluster {
             node_ip: Ipv4Addr::new(172, 18, 0, 2),
             nodes: Vec::new(),
             pods: Vec::new(),
+            extra_ns: Vec::new(),
+            extra_cgroups: Vec::new(),
             cgroup_root,
         };
         // From here on, Drop cleans up whatever was created.
@@ -169,6 +175,40 @@ impl Cluster {
         }
         self.pods.push(Pod { name: name.into(), ip, node: node_index, netns, host_if, cgroup });
         self.pods.last().unwrap()
+    }
+
+    /// Adds a namespace `<id>-<name>` (removed on drop) reached from node
+    /// `node` by a second interface, `eth1` there: the node is `<prefix>.1/24`,
+    /// the namespace `<prefix>.2/24` with a route to the pod network via the
+    /// node. Returns the namespace as a [`Pod`] (to run clients in).
+    pub fn add_lan(&mut self, node: usize, name: &str, prefix: &str) -> Pod {
+        let ns = format!("{}-{name}", self.id);
+        sh(&["ip", "netns", "add", &ns]);
+        self.extra_ns.push(ns.clone());
+        let node_ns = self.nodes[node].ns.clone();
+        sh(&["ip", "-n", &node_ns, "link", "add", "eth1", "type", "veth", "peer", "name", "eth0", "netns", &ns]);
+        sh(&["ip", "-n", &node_ns, "addr", "add", &format!("{prefix}.1/24"), "dev", "eth1"]);
+        sh(&["ip", "-n", &node_ns, "link", "set", "eth1", "up"]);
+        sh(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
+        sh(&["ip", "-n", &ns, "addr", "add", &format!("{prefix}.2/24"), "dev", "eth0"]);
+        sh(&["ip", "-n", &ns, "link", "set", "eth0", "up"]);
+        sh(&["ip", "-n", &ns, "route", "add", "10.244.0.0/16", "via", &format!("{prefix}.1")]);
+        Pod::namespace(name, format!("{prefix}.2").parse().unwrap(), &ns)
+    }
+
+    /// A process "pod" in node `node`'s own namespace, in a cgroup `name` of
+    /// its own (a node daemon, the kubelet), with the node's address.
+    pub fn node_process(&mut self, node: usize, name: &str) -> Pod {
+        let cgroup = self.cgroup_root.join(name);
+        std::fs::create_dir_all(&cgroup).unwrap();
+        self.extra_cgroups.push(cgroup.clone());
+        let n = &self.nodes[node];
+        Pod { name: name.into(), ip: n.ip, node, netns: n.ns.clone(), host_if: String::new(), cgroup }
+    }
+
+    /// A cgroup's path under the cgroup v2 root (for `--kubelet-cgroup`).
+    pub fn cgroup_under_root(&self, pod: &Pod) -> String {
+        pod.cgroup.strip_prefix(CGROUP_BASE).unwrap().display().to_string()
     }
 
     pub fn pod(&self, name: &str) -> &Pod {
@@ -270,9 +310,12 @@ impl Drop for Cluster {
             let _ = sh_any(&["ip", "netns", "del", &node.ns]);
         }
         let _ = sh_any(&["ip", "netns", "del", &self.net_ns]);
+        for ns in &self.extra_ns {
+            let _ = sh_any(&["ip", "netns", "del", ns]);
+        }
         if self.cgroup_root.exists() {
-            for pod in &self.pods {
-                let _ = std::fs::remove_dir(&pod.cgroup);
+            for cgroup in self.pods.iter().map(|p| &p.cgroup).chain(&self.extra_cgroups) {
+                let _ = std::fs::remove_dir(cgroup);
             }
             let _ = std::fs::remove_dir(&self.cgroup_root);
         }

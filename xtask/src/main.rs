@@ -100,6 +100,9 @@ const PACKAGES: &[&str] = &[
     "iproute2",
     "tcpdump",
     "openssl",
+    // The agent's notrack rule for handed-back packets; the kube-proxy-style
+    // DNAT test.
+    "nftables",
     // `cargo xtask bench`: bulk TCP, ping-pong, the HTTP upstream, gRPC load.
     "iperf3",
     "sockperf",

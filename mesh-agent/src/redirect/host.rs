@@ -1,13 +1,17 @@
 //! Host clients: processes in the node's own network namespace (node daemons,
-//! `hostNetwork` pods) that connect to a mesh Service VIP. `mesh_connect4` on
+//! `hostNetwork` pods) that connect to a mesh Service VIP or a meshed pod's IP
+//! (carried as the node's identity, as ztunnel carries them). `mesh_connect4` on
 //! the cgroup v2 root sends such a connect to the outbound listener and
 //! `mesh_sockops` records its original destination under its source address
 //! and port in `HOST_ORIG`, which the proxy reads when it accepts.
 //!
 //! The programs see every namespace's sockets (the cgroup is the machine's
 //! root), so they act only in this node's namespace (its netns cookie), and
-//! never on the agent's own sockets (marked [`AGENT_MARK`]). Links are held by
-//! this process: the kernel detaches them if the agent dies.
+//! never on the agent's own sockets (marked [`AGENT_MARK`]). The kubelet's
+//! connections to local meshed pods (its health probes) are the one exemption:
+//! a process in the kubelet's cgroup (`--kubelet-cgroup`) reaches them
+//! directly, its socket marked so that the pod's last-hop gate lets it pass.
+//! Links are held by this process: the kernel detaches them if the agent dies.
 use std::{
     collections::HashSet,
     net::{Ipv4Addr, SocketAddrV4},
@@ -42,10 +46,10 @@ impl HostOrig {
     }
 }
 
-/// The VIP set the programs act on, kept in step with the configuration.
+/// The destinations the programs act on, kept in step with the configuration.
 pub struct HostCapture {
-    vips: BpfHashMap<MapData, u32, u32>,
-    vip_set: HashSet<u32>,
+    dests: BpfHashMap<MapData, u32, u32>,
+    dest_set: HashSet<u32>,
     pub cgroup: PathBuf,
 }
 
@@ -97,7 +101,7 @@ pub fn netns_cookie() -> std::io::Result<u64> {
 
 /// Loads and attaches the host-client programs to `cgroup`.
 pub fn start(ebpf: &mut Ebpf, cgroup: &Path) -> Result<(HostCapture, HostOrig), RedirectError> {
-    let vips = BpfHashMap::try_from(take_map(ebpf, "SERVICE_VIPS")?).map_err(map_err("SERVICE_VIPS"))?;
+    let dests = BpfHashMap::try_from(take_map(ebpf, "HOST_DESTS")?).map_err(map_err("HOST_DESTS"))?;
     let orig = BpfHashMap::try_from(take_map(ebpf, "HOST_ORIG")?).map_err(map_err("HOST_ORIG"))?;
     let dir = std::fs::File::open(cgroup).map_err(|e| RedirectError::Cgroup { path: cgroup.into(), source: e })?;
     let connect: &mut CgroupSockAddr =
@@ -112,26 +116,40 @@ pub fn start(ebpf: &mut Ebpf, cgroup: &Path) -> Result<(HostCapture, HostOrig), 
     sockops.load()?;
     sockops.attach(&dir, CgroupAttachMode::Single)?;
     tracing::info!(cgroup = %cgroup.display(), "host clients captured (cgroup/connect4 + sockops)");
-    Ok((HostCapture { vips, vip_set: HashSet::new(), cgroup: cgroup.into() }, HostOrig(Mutex::new(orig))))
+    Ok((HostCapture { dests, dest_set: HashSet::new(), cgroup: cgroup.into() }, HostOrig(Mutex::new(orig))))
 }
 
 impl HostCapture {
-    /// Makes `SERVICE_VIPS` hold exactly the mesh Services' VIPs.
+    /// Makes `HOST_DESTS` hold exactly the mesh Services' VIPs and the meshed
+    /// pods' IPs (on every node: a host client reaches a remote one over HBONE).
     pub fn sync(&mut self, state: &State) -> Result<(), RedirectError> {
-        let want: HashSet<u32> = state
-            .services
-            .values()
-            .filter(|s| s.external.is_none())
-            .filter_map(|s| s.vip)
-            .map(|ip| u32::from_ne_bytes(ip.octets()))
-            .collect();
-        for ip in want.difference(&self.vip_set) {
-            self.vips.insert(*ip, 1, 0).map_err(map_err("SERVICE_VIPS"))?;
+        let vips = state.services.values().filter(|s| s.external.is_none()).filter_map(|s| s.vip);
+        let pods = state.workloads.values().filter(|w| w.meshed && !w.host_network).filter_map(|w| w.ip);
+        let want: HashSet<u32> = vips.chain(pods).map(|ip| u32::from_ne_bytes(ip.octets())).collect();
+        for ip in want.difference(&self.dest_set) {
+            self.dests.insert(*ip, 1, 0).map_err(map_err("HOST_DESTS"))?;
         }
-        for ip in self.vip_set.difference(&want) {
-            let _ = self.vips.remove(ip);
+        for ip in self.dest_set.difference(&want) {
+            let _ = self.dests.remove(ip);
         }
-        self.vip_set = want;
+        self.dest_set = want;
         Ok(())
     }
+}
+
+/// The kubelet's cgroup: `flag` (absolute, or under `root`; `none`: no
+/// exemption), else `system.slice/kubelet.service` under `root` if it exists.
+pub fn kubelet_cgroup(root: &Path, flag: Option<&Path>) -> Option<PathBuf> {
+    match flag {
+        Some(p) if p == Path::new("none") => None,
+        Some(p) => Some(root.join(p)),
+        None => Some(root.join("system.slice/kubelet.service")).filter(|p| p.is_dir()),
+    }
+}
+
+/// The cgroup v2 id of a cgroup directory (its inode number), as
+/// `bpf_get_current_cgroup_id` reports it for the processes inside.
+pub fn cgroup_id(path: &Path) -> Result<u64, RedirectError> {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(path).map(|m| m.ino()).map_err(|e| RedirectError::Cgroup { path: path.into(), source: e })
 }

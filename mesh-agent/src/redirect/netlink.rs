@@ -4,7 +4,11 @@
 use std::{collections::HashMap, net::Ipv4Addr};
 
 use futures_util::TryStreamExt as _;
-use mesh_common::{PROXY_MARK, PROXY_MARK_MASK, PROXY_ROUTE_TABLE, PROXY_RULE_PRIORITY};
+use mesh_common::{HANDOFF_MARK, PROXY_MARK, PROXY_MARK_MASK, PROXY_ROUTE_TABLE, PROXY_RULE_PRIORITY};
+
+/// Marks of packets assigned to an agent socket: captured ones, and those the
+/// last-hop gate handed back (kept apart so netfilter can skip the latter).
+const LOCAL_MARKS: [u32; 2] = [PROXY_MARK, HANDOFF_MARK];
 use rtnetlink::{
     Handle, IpVersion, RouteMessageBuilder,
     packet_route::{
@@ -112,7 +116,8 @@ pub async fn link_names(handle: &Handle) -> Result<HashMap<u32, String>, Netlink
 
 fn is_ours(rule: &RuleMessage) -> bool {
     let attrs = &rule.attributes;
-    attrs.contains(&RuleAttribute::Priority(PROXY_RULE_PRIORITY)) && attrs.contains(&RuleAttribute::FwMark(PROXY_MARK))
+    attrs.contains(&RuleAttribute::Priority(PROXY_RULE_PRIORITY))
+        && LOCAL_MARKS.iter().any(|m| attrs.contains(&RuleAttribute::FwMark(*m)))
 }
 
 /// Removes the agent's rule (left by a previous run that crashed, or ours at exit).
@@ -137,21 +142,25 @@ fn local_route(lo: u32) -> RouteMessage {
         .build()
 }
 
-/// Installs `fwmark PROXY_MARK/PROXY_MARK_MASK lookup PROXY_ROUTE_TABLE` and
-/// `local 0.0.0.0/0 dev lo table PROXY_ROUTE_TABLE`, replacing stale copies.
+/// Installs `fwmark PROXY_MARK/PROXY_MARK_MASK lookup PROXY_ROUTE_TABLE` (and
+/// the same for `HANDOFF_MARK`) and `local 0.0.0.0/0 dev lo table
+/// PROXY_ROUTE_TABLE`, replacing stale copies.
 pub async fn install_proxy_routing(handle: &Handle, lo: u32) -> Result<(), NetlinkError> {
     remove_proxy_rule(handle).await?;
     handle.route().add(local_route(lo)).replace().execute().await.map_err(nl("add local route"))?;
-    let mut req = handle
-        .rule()
-        .add()
-        .v4()
-        .table_id(PROXY_ROUTE_TABLE)
-        .priority(PROXY_RULE_PRIORITY)
-        .fw_mark(PROXY_MARK)
-        .action(RuleAction::ToTable);
-    req.message_mut().attributes.push(RuleAttribute::FwMask(PROXY_MARK_MASK));
-    req.execute().await.map_err(nl("add rule"))
+    for mark in LOCAL_MARKS {
+        let mut req = handle
+            .rule()
+            .add()
+            .v4()
+            .table_id(PROXY_ROUTE_TABLE)
+            .priority(PROXY_RULE_PRIORITY)
+            .fw_mark(mark)
+            .action(RuleAction::ToTable);
+        req.message_mut().attributes.push(RuleAttribute::FwMask(PROXY_MARK_MASK));
+        req.execute().await.map_err(nl("add rule"))?;
+    }
+    Ok(())
 }
 
 /// Removes what [`install_proxy_routing`] added.

@@ -1,0 +1,117 @@
+//! Node settings the last-hop gate needs, applied at start and undone at exit.
+//!
+//! A packet the gate hands back to a meshed pod's veth enters the node again
+//! from that veth, with a source that is not the pod: a client on another
+//! interface, or the node itself. Three kernel facts decide whether it reaches
+//! the agent's socket (each was seen failing without its setting):
+//!
+//! - `accept_local=1` and `rp_filter=0` on the veth: a node-originated packet
+//!   (source: a local address) is a martian otherwise, and a foreign source
+//!   fails reverse-path filtering there;
+//! - `net.ipv4.tcp_early_demux=0` in the node's namespace: a flow's later
+//!   packets, arriving on the interface they entered by, would be matched early
+//!   to the agent's socket (its local address is the pod's) and then dropped by
+//!   IP forwarding, which refuses packets that carry a socket, before the gate
+//!   could hand them back;
+//! - handed-back packets are not tracked again (a raw-table `notrack` for
+//!   [`HANDOFF_MARK`]): redirecting resets a packet's conntrack entry, and a
+//!   second entry for a kube-proxy-DNAT'd flow clashes with the first, whose
+//!   reply direction un-NATs the agent's replies. Installed with `nft` when
+//!   it is there; without it, DNAT'd connections to meshed pods fail (closed).
+use std::{io, path::Path, process::Command};
+
+use mesh_common::{HANDOFF_MARK, PROXY_MARK_MASK};
+
+const EARLY_DEMUX: &str = "/proc/sys/net/ipv4/tcp_early_demux";
+const NFT_TABLE: &str = "mesh_agent";
+
+/// What [`NodeSettings::apply`] changed, to undo at exit.
+#[derive(Debug, Default)]
+pub struct NodeSettings {
+    early_demux: Option<String>,
+    nft: bool,
+}
+
+impl NodeSettings {
+    /// Turns TCP early demux off and installs the notrack rule (best effort:
+    /// each failure is logged, and leaves DNAT'd or re-entering flows failing
+    /// closed, never passing).
+    pub fn apply() -> Self {
+        let mut applied = NodeSettings::default();
+        match std::fs::read_to_string(EARLY_DEMUX) {
+            Ok(old) if old.trim() == "0" => {}
+            Ok(old) => match std::fs::write(EARLY_DEMUX, "0") {
+                Ok(()) => applied.early_demux = Some(old.trim().to_owned()),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot turn tcp_early_demux off: flows that enter by another interface and reach a meshed pod will stall")
+                }
+            },
+            Err(e) => tracing::warn!(error = %e, "cannot read {EARLY_DEMUX}"),
+        }
+        match install_notrack() {
+            Ok(()) => applied.nft = true,
+            Err(e) => {
+                tracing::warn!(error = %e, "no notrack rule for handed-back packets: connections DNAT'd to a meshed pod (kube-proxy NodePort) will fail")
+            }
+        }
+        if read_sysctl("net/ipv4/conf/all/rp_filter").is_some_and(|v| v != "0") {
+            tracing::warn!(
+                "net.ipv4.conf.all.rp_filter is on: connections to meshed pods from another interface or the node itself are dropped at the last hop"
+            );
+        }
+        applied
+    }
+
+    /// Undoes what [`NodeSettings::apply`] changed.
+    pub fn restore(&mut self) {
+        if let Some(old) = self.early_demux.take()
+            && let Err(e) = std::fs::write(EARLY_DEMUX, &old)
+        {
+            tracing::warn!(error = %e, "restoring tcp_early_demux");
+        }
+        if std::mem::take(&mut self.nft) {
+            let _ = nft(&format!("delete table inet {NFT_TABLE}\n"));
+        }
+    }
+}
+
+/// `accept_local=1` and `rp_filter=0` on a meshed pod's veth (see the module doc).
+pub fn prepare_gated(ifname: &str) -> io::Result<()> {
+    if ifname.contains(['/', '.']) || ifname.is_empty() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("interface name {ifname:?}")));
+    }
+    let dir = Path::new("/proc/sys/net/ipv4/conf").join(ifname);
+    std::fs::write(dir.join("accept_local"), "1")?;
+    std::fs::write(dir.join("rp_filter"), "0")
+}
+
+fn read_sysctl(path: &str) -> Option<String> {
+    std::fs::read_to_string(Path::new("/proc/sys").join(path)).ok().map(|s| s.trim().to_owned())
+}
+
+fn install_notrack() -> io::Result<()> {
+    // `add` then `delete` makes the replacement atomic whether or not a
+    // previous run left the table behind.
+    nft(&format!(
+        "add table inet {NFT_TABLE}\ndelete table inet {NFT_TABLE}\n\
+         table inet {NFT_TABLE} {{\n  chain prerouting {{\n    type filter hook prerouting priority raw; policy accept;\n    \
+         meta mark & {PROXY_MARK_MASK:#010x} == {HANDOFF_MARK:#010x} notrack\n  }}\n}}\n"
+    ))
+}
+
+fn nft(script: &str) -> io::Result<()> {
+    use std::io::Write as _;
+    let mut child = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    child.stdin.take().ok_or_else(|| io::Error::other("nft stdin"))?.write_all(script.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!("nft: {}", String::from_utf8_lossy(&out.stderr).trim())))
+    }
+}
