@@ -43,6 +43,10 @@ pub struct RunConfig {
     pub host_cgroup: Option<PathBuf>,
     /// The kubelet's cgroup, whose connections to local meshed pods go directly.
     pub kubelet_cgroup: Option<PathBuf>,
+    /// Where capture is pinned.
+    pub bpffs: PathBuf,
+    /// Remove capture at exit instead of leaving it pinned.
+    pub uninstall_on_exit: bool,
 }
 
 /// Where workload certificates come from.
@@ -279,14 +283,14 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
         addr: cfg.admin_addr.to_string(),
         source,
     })?;
-    let mut redirect = Redirect::start(cfg.host_cgroup.as_deref(), cfg.kubelet_cgroup.as_deref()).await?;
+    let mut redirect = Redirect::start(cfg.host_cgroup.as_deref(), cfg.kubelet_cgroup.as_deref(), &cfg.bpffs).await?;
     if let Some(orig) = redirect.take_host_orig() {
         let _ = ctx.host_orig.set(orig);
     }
     let result = serve(&cfg, &ctx, listeners, admin, &mut redirect, &mut watcher).await;
-    // Whatever happened, leave the node as it was.
-    let cleanup = redirect.shutdown().await;
-    tracing::info!("capture detached, routing rule removed");
+    // Whatever happened: capture stays pinned (fail closed) unless the mesh
+    // is leaving the node.
+    let cleanup = redirect.shutdown(cfg.uninstall_on_exit).await;
     result?;
     cleanup?;
     Ok(())

@@ -1,4 +1,4 @@
-//! Command line: `run`, `ca`, `validate`, `version`. All argument parsing lives here;
+//! Command line: `run`, `uninstall`, `ca`, `validate`, `version`. All argument parsing lives here;
 //! the rest of the agent takes plain config structs.
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
@@ -83,6 +83,15 @@ pub enum Command {
         /// exists; `none` exempts nothing (probes then obey STRICT).
         #[arg(long, conflicts_with = "no_host_capture")]
         kubelet_cgroup: Option<PathBuf>,
+        /// BPF file system where capture is pinned (under `mesh-agent/`), so
+        /// that it outlives this process and fails closed while no agent
+        /// runs; mounted if nothing is. On Kubernetes, the host's.
+        #[arg(long, default_value = "/sys/fs/bpf")]
+        bpffs: PathBuf,
+        /// On exit (SIGTERM), remove capture from the node as `mesh-agent
+        /// uninstall` does, instead of leaving it pinned for the next agent.
+        #[arg(long)]
+        uninstall_on_exit: bool,
         /// Proxy worker threads; default: half the CPUs this process may use
         /// (affinity and cgroup quota), at least one: the agent shares its
         /// node with the pods it serves, and a thread that sleeps less costs
@@ -107,6 +116,13 @@ pub enum Command {
         /// Longest certificate lifetime granted.
         #[arg(long, default_value = "24h", value_parser = parse_duration)]
         max_cert_ttl: Duration,
+    },
+    /// Remove the mesh from this node (run in the node's network namespace):
+    /// every pinned program in `--bpffs`, the routing rule, the notrack rule,
+    /// and early demux back on. Pods are then reached directly.
+    Uninstall {
+        #[arg(long, default_value = "/sys/fs/bpf")]
+        bpffs: PathBuf,
     },
     /// Check configuration files; exit 0 if valid, 1 if not.
     Validate {
@@ -160,6 +176,8 @@ pub fn main() -> ExitCode {
             cgroup_root,
             no_host_capture,
             kubelet_cgroup,
+            bpffs,
+            uninstall_on_exit,
             worker_threads,
         } => {
             if let Err(msg) = crate::privileges::check() {
@@ -184,6 +202,8 @@ pub fn main() -> ExitCode {
                 access_log,
                 host_cgroup: None,
                 kubelet_cgroup: None,
+                bpffs,
+                uninstall_on_exit,
             };
             let cfg = match no_host_capture {
                 true => cfg,
@@ -194,6 +214,23 @@ pub fn main() -> ExitCode {
                 }
             };
             run(cfg, worker_threads)
+        }
+        Command::Uninstall { bpffs } => {
+            if let Err(msg) = crate::privileges::check() {
+                eprintln!("mesh-agent uninstall: {msg}");
+                return ExitCode::from(EXIT_NOPERM);
+            }
+            let Some(runtime) = runtime() else { return ExitCode::FAILURE };
+            match runtime.block_on(crate::redirect::Redirect::uninstall(&bpffs)) {
+                Ok(n) => {
+                    println!("mesh removed from this node ({n} pinned links detached)");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("mesh-agent uninstall: {e}");
+                    ExitCode::FAILURE
+                }
+            }
         }
         Command::Ca { config, ca_dir, listen, trust_domain, max_cert_ttl } => {
             let cfg = CaServiceConfig { config_path: config, ca_dir, listen, trust_domain, max_ttl: max_cert_ttl };

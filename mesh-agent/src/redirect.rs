@@ -16,7 +16,11 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray},
-    programs::{SchedClassifier, TcAttachType, tc::SchedClassifierLinkId},
+    programs::{
+        LinkOrder, SchedClassifier, TcAttachType,
+        links::FdLink,
+        tc::{SchedClassifierLink, TcAttachOptions},
+    },
 };
 use mesh_common::{
     HANDOFF_MARK, INBOUND_PORT, IfaceInfo, OUTBOUND_ADDR, OUTBOUND_PORT, PROBE_MARK, PROXY_MARK, PROXY_MARK_MASK,
@@ -29,6 +33,7 @@ use crate::state::State;
 pub mod host;
 pub mod netlink;
 pub mod node;
+pub mod pins;
 
 /// The eBPF object built by build.rs from `mesh-ebpf`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh-ebpf"));
@@ -50,6 +55,10 @@ pub enum RedirectError {
     Io(#[from] std::io::Error),
     #[error("cgroup {path}: {source} (is cgroup v2 mounted there? see --cgroup-root)")]
     Cgroup { path: std::path::PathBuf, source: std::io::Error },
+    #[error("eBPF link: {0}")]
+    Link(#[from] aya::programs::links::LinkError),
+    #[error("{0}")]
+    Pin(&'static str),
 }
 
 fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> RedirectError {
@@ -85,10 +94,11 @@ pub struct Redirect {
     handle: rtnetlink::Handle,
     lo: u32,
     attached: BTreeMap<u32, Attached>,
-    /// TCX links by ifindex (kept apart: link ids are neither `Clone` nor `Serialize`).
-    links: HashMap<u32, SchedClassifierLinkId>,
+    /// TCX links by ifindex (kept apart: links are neither `Clone` nor `Serialize`).
+    links: HashMap<u32, pins::Held>,
     /// The last-hop gates (egress) on meshed pods' veths, by ifindex.
-    gates: HashMap<u32, SchedClassifierLinkId>,
+    gates: HashMap<u32, pins::Held>,
+    pins: pins::Pins,
     v6_refused: BpfHashMap<MapData, u32, u32>,
     /// Interfaces whose refused IPv6 was logged (once per pod).
     v6_logged: std::collections::HashSet<u32>,
@@ -105,7 +115,9 @@ impl Redirect {
     pub async fn start(
         host_cgroup: Option<&std::path::Path>,
         kubelet_cgroup: Option<&std::path::Path>,
+        bpffs: &std::path::Path,
     ) -> Result<Self, RedirectError> {
+        let pins = pins::Pins::open(bpffs);
         let mut ebpf = EbpfLoader::new().load(EBPF_OBJECT)?;
         let netns_cookie = match host_cgroup.map(|_| host::netns_cookie()) {
             Some(Ok(c)) => Some(c),
@@ -139,7 +151,7 @@ impl Redirect {
         program(&mut ebpf, PROGRAM)?.load()?;
         program(&mut ebpf, GATE)?.load()?;
         let (host, host_orig) = match (host_cgroup, netns_cookie) {
-            (Some(cgroup), Some(_)) => match host::start(&mut ebpf, cgroup) {
+            (Some(cgroup), Some(_)) => match host::start(&mut ebpf, cgroup, &pins) {
                 Ok((h, o)) => (Some(h), Some(o)),
                 Err(e) => {
                     tracing::warn!(error = %e, detail = ?e, "host clients are not captured");
@@ -163,6 +175,7 @@ impl Redirect {
             attached: BTreeMap::new(),
             links: HashMap::new(),
             gates: HashMap::new(),
+            pins,
             v6_refused,
             v6_logged: Default::default(),
             node,
@@ -243,9 +256,9 @@ impl Redirect {
             } else {
                 // Map entry first: the program ignores interfaces it does not know.
                 self.ifaces.insert(ifindex, want.info, 0).map_err(map_err("IFACES"))?;
-                match program(&mut self.ebpf, PROGRAM)?.attach(&want.ifname, TcAttachType::Ingress) {
-                    Ok(id) => {
-                        self.links.insert(ifindex, id);
+                match self.attach_tc(PROGRAM, TcAttachType::Ingress, ifindex, &want.ifname) {
+                    Ok(held) => {
+                        self.links.insert(ifindex, held);
                         tracing::info!(ifname = %want.ifname, pod = %want.pod, role = want.info_role, "capture attached");
                         self.attached.insert(ifindex, want);
                     }
@@ -268,6 +281,7 @@ impl Redirect {
             }
         }
         self.log_refused_v6();
+        self.sweep_pins();
         self.pending = pending;
         Ok(())
     }
@@ -284,10 +298,9 @@ impl Redirect {
                     tracing::warn!(%ifname, error = %e, "interface settings for the last-hop gate; will retry");
                     return Err("setting accept_local/rp_filter on the pod's interface failed");
                 }
-                let prog = program(&mut self.ebpf, GATE).map_err(|_| "the last-hop gate program is missing")?;
-                match prog.attach(&ifname, TcAttachType::Egress) {
-                    Ok(id) => {
-                        self.gates.insert(ifindex, id);
+                match self.attach_tc(GATE, TcAttachType::Egress, ifindex, &ifname) {
+                    Ok(held) => {
+                        self.gates.insert(ifindex, held);
                         tracing::info!(%ifname, "last-hop gate attached");
                     }
                     Err(e) => {
@@ -302,12 +315,59 @@ impl Redirect {
         Ok(())
     }
 
+    /// Attaches `prog` to an interface, first in line, and pins the link; a
+    /// link an earlier run pinned there gets this run's program in one atomic
+    /// step instead, so capture never lapses across a restart.
+    fn attach_tc(
+        &mut self,
+        prog: &str,
+        attach: TcAttachType,
+        ifindex: u32,
+        ifname: &str,
+    ) -> Result<pins::Held, RedirectError> {
+        let name = pin_name(attach, ifindex);
+        let program = program(&mut self.ebpf, prog)?;
+        if let Some(old) = self.pins.adopt(&name) {
+            let adopted = SchedClassifierLink::try_from(old)
+                .map_err(RedirectError::from)
+                .and_then(|link| Ok(program.attach_to_link(link)?))
+                .and_then(|id| Ok(FdLink::try_from(program.take_link(id)?)?));
+            match adopted {
+                Ok(fd) => {
+                    tracing::info!(%ifname, pin = %name, "adopted pinned capture");
+                    return Ok(self.pins.held(&name, fd));
+                }
+                // Its interface was replaced, or the link is not TCX: attach
+                // anew, ahead of it, and the new pin replaces the old.
+                Err(e) => tracing::debug!(%ifname, error = %e, "pinned link not adopted"),
+            }
+        }
+        let id = program.attach_with_options(ifname, attach, TcAttachOptions::TcxOrder(LinkOrder::first()))?;
+        let fd = FdLink::try_from(program.take_link(id)?)?;
+        self.pins.hold(&name, fd).map_err(RedirectError::Pin)
+    }
+
+    /// Removes pins that no held link accounts for: interfaces gone or no
+    /// longer captured while no agent ran.
+    fn sweep_pins(&self) {
+        let held: std::collections::HashSet<String> = self
+            .links
+            .keys()
+            .map(|i| pin_name(TcAttachType::Ingress, *i))
+            .chain(self.gates.keys().map(|i| pin_name(TcAttachType::Egress, *i)))
+            .chain(host::PINS.iter().filter(|_| self.host.is_some()).map(|n| (*n).to_owned()))
+            .collect();
+        for name in self.pins.names() {
+            if !held.contains(&name) {
+                tracing::info!(pin = %name, "stale pinned capture removed");
+                self.pins.remove(&name);
+            }
+        }
+    }
+
     fn detach_gate(&mut self, ifindex: u32) {
-        if let Some(id) = self.gates.remove(&ifindex)
-            && let Ok(prog) = program(&mut self.ebpf, GATE)
-            && let Err(e) = prog.detach(id)
-        {
-            tracing::debug!(ifindex, error = %e, "detach gate");
+        if let Some(held) = self.gates.remove(&ifindex) {
+            held.release();
         }
         let _ = self.v6_refused.remove(&ifindex);
         self.v6_logged.remove(&ifindex);
@@ -345,14 +405,10 @@ impl Redirect {
     fn detach(&mut self, ifindex: u32) {
         self.detach_gate(ifindex);
         let Some(a) = self.attached.remove(&ifindex) else { return };
-        let _ = self.ifaces.remove(&ifindex);
-        if let Some(id) = self.links.remove(&ifindex)
-            && let Ok(prog) = program(&mut self.ebpf, PROGRAM)
-            && let Err(e) = prog.detach(id)
-        {
-            // Expected when the interface is already gone: the kernel detached it.
-            tracing::debug!(ifname = %a.ifname, error = %e, "detach");
+        if let Some(held) = self.links.remove(&ifindex) {
+            held.release();
         }
+        let _ = self.ifaces.remove(&ifindex);
         tracing::info!(ifname = %a.ifname, pod = %a.pod, "capture released");
     }
 
@@ -372,16 +428,48 @@ impl Redirect {
         out
     }
 
-    /// Detaches every program and removes the routing rule and route.
-    pub async fn shutdown(mut self) -> Result<(), RedirectError> {
+    /// Stops this process's part. With `uninstall`, the mesh leaves the node:
+    /// every program detached and unpinned, the routing rule, the notrack rule
+    /// and the node settings undone. Without it (SIGTERM: an upgrade or a
+    /// restart), pinned capture stays and fails closed until the next agent
+    /// adopts it.
+    pub async fn shutdown(mut self, uninstall: bool) -> Result<(), RedirectError> {
+        if !uninstall {
+            tracing::info!(
+                "capture left in place (fail closed until an agent returns; `mesh-agent uninstall` removes it)"
+            );
+            return Ok(());
+        }
         let all: Vec<u32> = self.attached.keys().copied().collect();
         for ifindex in all {
             self.detach(ifindex);
         }
+        if let Some(h) = self.host.take() {
+            h.release();
+        }
+        self.pins.remove_all();
         netlink::remove_proxy_routing(&self.handle, self.lo).await?;
         self.node.restore();
         drop(self.ebpf);
+        tracing::info!("capture detached, routing rule removed");
         Ok(())
+    }
+
+    /// `mesh-agent uninstall`: removes what a stopped agent left in this
+    /// network namespace and in `bpffs`. Returns how many pins were removed.
+    pub async fn uninstall(bpffs: &std::path::Path) -> Result<usize, RedirectError> {
+        let removed = pins::Pins::existing(bpffs).remove_all();
+        let handle = netlink::connect()?;
+        netlink::remove_proxy_routing(&handle, loopback_index()?).await?;
+        node::NodeSettings::remove();
+        Ok(removed)
+    }
+}
+
+fn pin_name(attach: TcAttachType, ifindex: u32) -> String {
+    match attach {
+        TcAttachType::Egress => format!("tc-egress-{ifindex}"),
+        _ => format!("tc-ingress-{ifindex}"),
     }
 }
 

@@ -158,6 +158,13 @@ impl Agent {
         self.child.as_ref().map(Child::id)
     }
 
+    /// SIGKILL, as a crash or an OOM kill would end it, and wait.
+    pub fn kill(&mut self) {
+        let mut child = self.child.take().expect("agent running");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
     /// SIGTERM, then wait for exit (SIGKILL after 15 s).
     pub fn stop(&mut self) -> ExitStatus {
         let mut child = self.child.take().expect("agent running");
@@ -187,6 +194,45 @@ impl Drop for Agent {
             eprintln!("--- mesh-agent log ({}) ---\n{}", self.log.display(), self.log_text());
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A BPF file system mounted in the test's own (root) mount namespace, so
+/// that what an agent pins there outlives the agent (one mounted inside `ip
+/// netns exec`'s private mount namespace dies with the process). Unmounted on
+/// drop, which also detaches whatever is still pinned.
+pub struct BpfFs {
+    pub path: PathBuf,
+}
+
+impl BpfFs {
+    pub fn mount(cluster: &Cluster) -> Self {
+        let path = PathBuf::from(format!("/run/mesh-test-{}-bpf", cluster.id));
+        std::fs::create_dir_all(&path).unwrap();
+        let fs = Self { path };
+        crate::netns::sh(&["mount", "-t", "bpf", "bpf", fs.path.to_str().unwrap()]);
+        fs
+    }
+
+    /// `run` arguments that pin there.
+    pub fn agent_args(&self) -> Vec<String> {
+        vec!["--bpffs".into(), self.path.display().to_string()]
+    }
+
+    /// The agent's pins, sorted.
+    pub fn pins(&self) -> Vec<String> {
+        let Ok(dir) = std::fs::read_dir(self.path.join("mesh-agent")) else { return Vec::new() };
+        let mut names: Vec<String> =
+            dir.filter_map(Result::ok).filter_map(|e| e.file_name().into_string().ok()).collect();
+        names.sort();
+        names
+    }
+}
+
+impl Drop for BpfFs {
+    fn drop(&mut self) {
+        let _ = crate::netns::sh_any(&["umount", "-l", self.path.to_str().unwrap()]);
+        let _ = std::fs::remove_dir(&self.path);
     }
 }
 

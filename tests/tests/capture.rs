@@ -321,13 +321,13 @@ fn config_edits_add_and_remove_pods_live_and_bad_edits_keep_the_last_good_config
 }
 
 #[test]
-fn sigterm_leaves_the_node_as_it_was() {
-    if !require_root("sigterm_leaves_the_node_as_it_was") {
+fn uninstall_on_exit_leaves_the_node_as_it_was() {
+    if !require_root("uninstall_on_exit_leaves_the_node_as_it_was") {
         return;
     }
     let c = cluster();
     let before = c.node_routing();
-    let mut agent = Agent::start(&c, &config(false, ""));
+    let mut agent = Agent::start_on(&c, 0, &config(false, ""), &["--uninstall-on-exit".to_owned()]);
     let during = c.node_routing();
     assert!(during.contains("lookup 15001"), "rule installed: {during}");
     assert!(curl(c.pod("test"), &format!("http://{VIP}:9095/")).0);

@@ -11,7 +11,8 @@
 //! connections to local meshed pods (its health probes) are the one exemption:
 //! a process in the kubelet's cgroup (`--kubelet-cgroup`) reaches them
 //! directly, its socket marked so that the pod's last-hop gate lets it pass.
-//! Links are held by this process: the kernel detaches them if the agent dies.
+//! Links are pinned (see [`super::pins`]): they outlive the agent, and while no
+//! agent listens a captured connect is refused.
 use std::{
     collections::HashSet,
     net::{Ipv4Addr, SocketAddrV4},
@@ -22,11 +23,15 @@ use std::{
 use aya::{
     Ebpf,
     maps::{HashMap as BpfHashMap, MapData},
-    programs::{CgroupAttachMode, CgroupSockAddr, SockOps},
+    programs::{CgroupAttachMode, CgroupSockAddr, SockOps, links::FdLink},
 };
 use mesh_common::{HostKey, OrigDst};
 
-use super::{RedirectError, map_err, take_map};
+use super::{
+    RedirectError, map_err,
+    pins::{Held, Pins},
+    take_map,
+};
 use crate::state::State;
 
 pub use mesh_common::AGENT_MARK;
@@ -51,6 +56,7 @@ pub struct HostCapture {
     dests: BpfHashMap<MapData, u32, u32>,
     dest_set: HashSet<u32>,
     pub cgroup: PathBuf,
+    links: Vec<Held>,
 }
 
 /// The cgroup v2 root: `/sys/fs/cgroup` on a unified host, else the hybrid
@@ -99,27 +105,47 @@ pub fn netns_cookie() -> std::io::Result<u64> {
     if rc == 0 { Ok(cookie) } else { Err(std::io::Error::last_os_error()) }
 }
 
-/// Loads and attaches the host-client programs to `cgroup`.
-pub fn start(ebpf: &mut Ebpf, cgroup: &Path) -> Result<(HostCapture, HostOrig), RedirectError> {
+/// Names of the host-client programs' pins (see [`super::pins`]).
+pub const PINS: [&str; 2] = ["cgroup-connect4", "cgroup-sockops"];
+
+/// Loads and attaches the host-client programs to `cgroup`, pinned. An earlier
+/// run's links are removed first: their maps are not this run's, and while
+/// neither is attached a node process's connection to a meshed pod meets the
+/// pod's last-hop gate, which fails closed.
+pub fn start(ebpf: &mut Ebpf, cgroup: &Path, pins: &Pins) -> Result<(HostCapture, HostOrig), RedirectError> {
     let dests = BpfHashMap::try_from(take_map(ebpf, "HOST_DESTS")?).map_err(map_err("HOST_DESTS"))?;
     let orig = BpfHashMap::try_from(take_map(ebpf, "HOST_ORIG")?).map_err(map_err("HOST_ORIG"))?;
     let dir = std::fs::File::open(cgroup).map_err(|e| RedirectError::Cgroup { path: cgroup.into(), source: e })?;
+    for name in PINS {
+        pins.remove(name);
+    }
     let connect: &mut CgroupSockAddr =
         ebpf.program_mut("mesh_connect4").ok_or(aya::programs::ProgramError::UnexpectedProgramType)?.try_into()?;
     connect.load()?;
     // On Linux ≥ 5.7 this is a bpf_link, which always coexists with others on
     // the cgroup (each node's agent, other tools); the kernel refuses the
     // ALLOW_MULTI flag on links, so `Single` is the mode to ask for.
-    connect.attach(&dir, CgroupAttachMode::Single)?;
+    let id = connect.attach(&dir, CgroupAttachMode::Single)?;
+    let connect_link = pins.hold(PINS[0], FdLink::try_from(connect.take_link(id)?)?).map_err(RedirectError::Pin)?;
     let sockops: &mut SockOps =
         ebpf.program_mut("mesh_sockops").ok_or(aya::programs::ProgramError::UnexpectedProgramType)?.try_into()?;
     sockops.load()?;
-    sockops.attach(&dir, CgroupAttachMode::Single)?;
+    let id = sockops.attach(&dir, CgroupAttachMode::Single)?;
+    let sockops_link = pins.hold(PINS[1], FdLink::try_from(sockops.take_link(id)?)?).map_err(RedirectError::Pin)?;
     tracing::info!(cgroup = %cgroup.display(), "host clients captured (cgroup/connect4 + sockops)");
-    Ok((HostCapture { dests, dest_set: HashSet::new(), cgroup: cgroup.into() }, HostOrig(Mutex::new(orig))))
+    let capture =
+        HostCapture { dests, dest_set: HashSet::new(), cgroup: cgroup.into(), links: vec![connect_link, sockops_link] };
+    Ok((capture, HostOrig(Mutex::new(orig))))
 }
 
 impl HostCapture {
+    /// Detaches and unpins both programs.
+    pub fn release(self) {
+        for l in self.links {
+            l.release();
+        }
+    }
+
     /// Makes `HOST_DESTS` hold exactly the mesh Services' VIPs and the meshed
     /// pods' IPs (on every node: a host client reaches a remote one over HBONE).
     pub fn sync(&mut self, state: &State) -> Result<(), RedirectError> {

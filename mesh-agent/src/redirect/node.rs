@@ -62,6 +62,16 @@ impl NodeSettings {
         applied
     }
 
+    /// Undoes what an earlier run applied, without its record (`mesh-agent
+    /// uninstall`): early demux back to the kernel's default, the notrack
+    /// rule removed.
+    pub fn remove() {
+        if read_sysctl("net/ipv4/tcp_early_demux").as_deref() == Some("0") {
+            let _ = std::fs::write(EARLY_DEMUX, "1");
+        }
+        let _ = nft(&format!("delete table inet {NFT_TABLE}\n"));
+    }
+
     /// Undoes what [`NodeSettings::apply`] changed.
     pub fn restore(&mut self) {
         if let Some(old) = self.early_demux.take()
