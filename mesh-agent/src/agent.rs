@@ -100,6 +100,8 @@ pub struct Context {
     pub certs: Arc<CertManager>,
     pub hbone: crate::hbone::Pool,
     pub http_pool: crate::l7::pool::Pool,
+    /// Connections authorized here, judged again after each reload.
+    pub conns: Arc<crate::proxy::conns::Conns>,
     pub clusters: crate::l7::cluster::Clusters,
     pub access_log: crate::l7::access_log::AccessLog,
     pub protocol_detection_timeout: Duration,
@@ -244,6 +246,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
         certs,
         hbone: crate::hbone::Pool::default(),
         http_pool: crate::l7::pool::Pool::default(),
+        conns: Arc::default(),
         clusters: crate::l7::cluster::Clusters::default(),
         access_log,
         protocol_detection_timeout: cfg.protocol_detection_timeout,
@@ -400,9 +403,15 @@ fn reload(ctx: &Context, path: &std::path::Path, trust_domain: &str) {
             tracing::info!(path = %path.display(), pods = loaded.state.workloads.len(), services = loaded.state.services.len(), "configuration reloaded");
             ctx.set_state(loaded.state);
             // Pooled upstream connections were authorized under the old policy:
-            // new requests get new connections, checked against the new one.
+            // new requests get new connections, checked against the new one;
+            // open connections the new one refuses are closed.
             ctx.http_pool.clear();
             ctx.clusters.clear();
+            let closed = ctx.conns.revalidate(&ctx.state());
+            if closed > 0 {
+                let reason = crate::telemetry::ReasonLabels { reason: "denied_after_policy_change" };
+                ctx.metrics.connection_failures.get_or_create(&reason).inc_by(closed as u64);
+            }
             ctx.metrics.config_loads.get_or_create(&ResultLabels { result: "success" }).inc();
             if let Ok(mut e) = ctx.last_config_error.write() {
                 *e = None;

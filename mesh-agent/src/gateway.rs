@@ -368,7 +368,8 @@ async fn serve_tcp(
             if opened.mtls {
                 labels.connection_security_policy = "mutual_tls";
             }
-            proxy::pump(ctx, client, opened.io, proxy::ConnMeters::open(&ctx.metrics, &labels), addr, |c, u| {
+            let meters = proxy::ConnMeters::open(&ctx.metrics, &labels);
+            proxy::pump(ctx, client, opened.io, meters, addr, opened.guard, |c, u| {
                 proxy::reset(c);
                 u.reset();
             })

@@ -545,6 +545,20 @@ async fn handle_connect(
             return answer(StatusCode::SERVICE_UNAVAILABLE, &err.to_string());
         }
     };
+    let authorized = proxy::conns::Authorized {
+        dest_ip: *target.ip(),
+        port: target.port(),
+        principal: Some(peer_id.clone()),
+        peer_ip: policy_ip,
+        plaintext: false,
+    };
+    let revocable = match proxy::register(&ctx, authorized, &upstream, target) {
+        Ok(g) => g,
+        Err(err) => {
+            proxy::record_failure(&ctx, Some(labels), &err);
+            return answer(StatusCode::SERVICE_UNAVAILABLE, &err.to_string());
+        }
+    };
     let guard = ctx.active.enter();
     let meters = proxy::ConnMeters::open(&ctx.metrics, &labels);
     drop(labels);
@@ -555,7 +569,8 @@ async fn handle_connect(
         match upgrade.await {
             Ok(upgraded) => {
                 tracing::debug!(%peer, source = %peer_id, %target, "HBONE stream proxying");
-                proxy::pump(&ctx, TokioIo::new(upgraded), upstream, meters, target, |_, u| proxy::reset(u)).await;
+                let io = TokioIo::new(upgraded);
+                proxy::pump(&ctx, io, upstream, meters, target, Some(revocable), |_, u| proxy::reset(u)).await;
             }
             Err(e) => tracing::debug!(%peer, %target, error = %e, "HBONE stream ended before upgrade"),
         }

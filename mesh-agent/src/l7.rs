@@ -762,16 +762,17 @@ async fn connect(
     // connection out of the pool.
     let generation = ctx.http_pool.generation();
     let addr = to.addr;
-    let mut opened =
+    let opened =
         proxy::open_upstream(ctx, state, to.source.as_ref(), down.peer, to.dest.as_ref(), addr, timeout).await?;
+    let mtls = opened.mtls;
+    let mut io = opened.into_io();
     if let Some((tls, sni)) = &to.tls {
-        opened.io = match opened.io {
+        io = match io {
             proxy::Upstream::Tcp(tcp) => proxy::originate_tls(tcp, tls, sni, h2, addr).await?,
             other => other,
         };
     }
-    let mtls = opened.mtls;
-    let sender = pool::handshake(opened.io, h2, mtls, generation).await.map_err(|error| ProxyError::Connect {
+    let sender = pool::handshake(io, h2, mtls, generation).await.map_err(|error| ProxyError::Connect {
         addr,
         source_ip: None,
         error: std::io::Error::other(error),

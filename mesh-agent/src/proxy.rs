@@ -23,6 +23,7 @@ use crate::{
     telemetry::TcpLabels,
 };
 
+pub mod conns;
 pub(crate) mod copy;
 mod inbound;
 
@@ -277,7 +278,7 @@ async fn open(ctx: &Arc<Context>, client: TcpStream, peer: SocketAddr) -> Option
     // connection waiting for its first bytes (sniffing) need not hold yet.
     let opened =
         Box::pin(open_upstream(ctx, &state, source.as_ref(), peer, dest.as_ref(), addr, ctx.connect_timeout)).await;
-    let Opened { io, mtls } = match opened {
+    let Opened { io, mtls, guard } = match opened {
         Ok(opened) => opened,
         Err(e) => {
             if matches!(e, ProxyError::Tunnel(_)) {
@@ -293,7 +294,7 @@ async fn open(ctx: &Arc<Context>, client: TcpStream, peer: SocketAddr) -> Option
     }
     tracing::debug!(%peer, %orig, upstream = %addr, mtls, "proxying");
     let meters = ConnMeters::open(&ctx.metrics, &labels);
-    Some(pump(ctx, client, io, meters, addr, |c, u| {
+    Some(pump(ctx, client, io, meters, addr, guard, |c, u| {
         reset(c);
         u.reset();
     }))
@@ -330,6 +331,8 @@ async fn sniff_until(client: &TcpStream, timeout: Duration) -> Handling {
 /// agent originated over TCP.
 pub(crate) enum Upstream {
     Tcp(TcpStream),
+    /// A direct connection to a local meshed pod, closed if policy changes to refuse it.
+    Local(TcpStream, #[expect(dead_code, reason = "held for its Drop, which unregisters the connection")] conns::Guard),
     Tunnel(hyper_util::rt::TokioIo<crate::hbone::Tunnel>),
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
@@ -358,7 +361,7 @@ impl Upstream {
     /// Resets a TCP upstream; a tunnel stream is cancelled when dropped.
     pub(crate) fn reset(&self) {
         match self {
-            Upstream::Tcp(s) => reset(s),
+            Upstream::Tcp(s) | Upstream::Local(s, _) => reset(s),
             Upstream::Tls(t) => reset(t.get_ref().0),
             Upstream::Tunnel(_) => {}
         }
@@ -372,7 +375,7 @@ impl tokio::io::AsyncRead for Upstream {
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<io::Result<()>> {
         match self.get_mut() {
-            Upstream::Tcp(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            Upstream::Tcp(s) | Upstream::Local(s, _) => std::pin::Pin::new(s).poll_read(cx, buf),
             Upstream::Tunnel(t) => std::pin::Pin::new(t).poll_read(cx, buf),
             Upstream::Tls(t) => std::pin::Pin::new(t).poll_read(cx, buf),
         }
@@ -386,7 +389,7 @@ impl tokio::io::AsyncWrite for Upstream {
         buf: &[u8],
     ) -> std::task::Poll<io::Result<usize>> {
         match self.get_mut() {
-            Upstream::Tcp(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            Upstream::Tcp(s) | Upstream::Local(s, _) => std::pin::Pin::new(s).poll_write(cx, buf),
             Upstream::Tunnel(t) => std::pin::Pin::new(t).poll_write(cx, buf),
             Upstream::Tls(t) => std::pin::Pin::new(t).poll_write(cx, buf),
         }
@@ -394,7 +397,7 @@ impl tokio::io::AsyncWrite for Upstream {
 
     fn poll_flush(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
         match self.get_mut() {
-            Upstream::Tcp(s) => std::pin::Pin::new(s).poll_flush(cx),
+            Upstream::Tcp(s) | Upstream::Local(s, _) => std::pin::Pin::new(s).poll_flush(cx),
             Upstream::Tunnel(t) => std::pin::Pin::new(t).poll_flush(cx),
             Upstream::Tls(t) => std::pin::Pin::new(t).poll_flush(cx),
         }
@@ -405,7 +408,7 @@ impl tokio::io::AsyncWrite for Upstream {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<io::Result<()>> {
         match self.get_mut() {
-            Upstream::Tcp(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            Upstream::Tcp(s) | Upstream::Local(s, _) => std::pin::Pin::new(s).poll_shutdown(cx),
             Upstream::Tunnel(t) => std::pin::Pin::new(t).poll_shutdown(cx),
             Upstream::Tls(t) => std::pin::Pin::new(t).poll_shutdown(cx),
         }
@@ -416,6 +419,18 @@ pub(crate) struct Opened {
     pub io: Upstream,
     /// Over HBONE (mutual TLS).
     pub mtls: bool,
+    /// Authorized here (a local meshed pod): closed if policy changes to refuse it.
+    pub guard: Option<conns::Guard>,
+}
+
+impl Opened {
+    /// The upstream, carrying its guard (for a connection handed to an HTTP client).
+    pub(crate) fn into_io(self) -> Upstream {
+        match (self.io, self.guard) {
+            (Upstream::Tcp(s), Some(g)) => Upstream::Local(s, g),
+            (io, _) => io,
+        }
+    }
 }
 
 /// Opens the upstream for a connection from `peer` (the pod `source`, if known)
@@ -456,7 +471,7 @@ pub(crate) async fn open_upstream(
                 connect_timeout,
             };
             let tunnel = ctx.hbone.open(ctx, to).await?;
-            Ok(Opened { io: Upstream::Tunnel(hyper_util::rt::TokioIo::new(tunnel)), mtls: true })
+            Ok(Opened { io: Upstream::Tunnel(hyper_util::rt::TokioIo::new(tunnel)), mtls: true, guard: None })
         }
         Some(d) => {
             // Same-node traffic never leaves the node: the source identity comes
@@ -468,24 +483,54 @@ pub(crate) async fn open_upstream(
                 return Err(ProxyError::Denied { policy });
             }
             let s = connect(addr, transparent_source(ctx, peer, addr), connect_timeout).await?;
-            Ok(Opened { io: Upstream::Tcp(s), mtls: false })
+            let authorized = conns::Authorized {
+                dest_ip: *addr.ip(),
+                port: addr.port(),
+                principal: source_identity,
+                peer_ip,
+                plaintext: false,
+            };
+            let guard = register(ctx, authorized, &s, addr)?;
+            Ok(Opened { io: Upstream::Tcp(s), mtls: false, guard: Some(guard) })
         }
         None => {
             let s = connect(addr, transparent_source(ctx, peer, addr), connect_timeout).await?;
-            Ok(Opened { io: Upstream::Tcp(s), mtls: false })
+            Ok(Opened { io: Upstream::Tcp(s), mtls: false, guard: None })
         }
     }
 }
 
-/// Connects to `addr` (keeping the client's address where the reply path is
-/// captured) and copies both ways.
-pub(crate) async fn deliver(ctx: &Context, client: TcpStream, peer: SocketAddr, addr: SocketAddrV4, labels: TcpLabels) {
+/// Registers a connection authorized here, so a policy change reaches it.
+pub(crate) fn register(
+    ctx: &Context,
+    authorized: conns::Authorized,
+    upstream: &TcpStream,
+    addr: SocketAddrV4,
+) -> Result<conns::Guard, ProxyError> {
+    ctx.conns.register(authorized, upstream).map_err(|error| ProxyError::Connect { addr, source_ip: None, error })
+}
+
+/// Connects to the local meshed pod `addr` (keeping the client's address
+/// where the reply path is captured), authorized as `authorized`, and copies
+/// both ways.
+pub(crate) async fn deliver(
+    ctx: &Context,
+    client: TcpStream,
+    peer: SocketAddr,
+    addr: SocketAddrV4,
+    labels: TcpLabels,
+    authorized: conns::Authorized,
+) {
     let upstream = match connect(addr, transparent_source(ctx, peer, addr), ctx.connect_timeout).await {
         Ok(s) => s,
         Err(e) => return fail(ctx, &client, peer, Some(labels), e),
     };
+    let guard = match register(ctx, authorized, &upstream, addr) {
+        Ok(g) => g,
+        Err(e) => return fail(ctx, &client, peer, Some(labels), e),
+    };
     tracing::debug!(%peer, upstream = %addr, "proxying");
-    pump(ctx, client, upstream, ConnMeters::open(&ctx.metrics, &labels), addr, |c, u| {
+    pump(ctx, client, upstream, ConnMeters::open(&ctx.metrics, &labels), addr, Some(guard), |c, u| {
         reset(c);
         reset(u);
     })
@@ -536,12 +581,15 @@ impl Drop for ConnMeters {
 /// resets what it can of both. (An `async` block, not an `async fn`: the
 /// latter would keep each argument twice in the connection's task.)
 #[expect(clippy::manual_async_fn, reason = "an async fn would keep its arguments twice")]
+/// With a `guard`, a policy change that refuses the connection resets both
+/// sides (the registry counted it).
 pub(crate) fn pump<'a, C, U>(
     ctx: &'a Context,
     mut client: C,
     mut upstream: U,
     meters: ConnMeters,
     addr: SocketAddrV4,
+    mut guard: Option<conns::Guard>,
     on_error: impl FnOnce(&C, &U) + 'a,
 ) -> impl Future<Output = ()> + 'a
 where
@@ -549,7 +597,20 @@ where
     U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + 'a,
 {
     async move {
-        let result = copy::bidirectional(&mut client, &mut upstream, &meters.received, &meters.sent).await;
+        let revoked = async {
+            match guard.as_mut() {
+                Some(g) => g.revoked().await,
+                None => std::future::pending().await,
+            }
+        };
+        let result = tokio::select! {
+            r = copy::bidirectional(&mut client, &mut upstream, &meters.received, &meters.sent) => r,
+            () = revoked => {
+                drop(meters);
+                on_error(&client, &upstream);
+                return;
+            }
+        };
         drop(meters);
         if let Err((op, error)) = result {
             on_error(&client, &upstream);

@@ -40,5 +40,12 @@ pub(super) async fn handle_plaintext(ctx: &Context, client: TcpStream, peer: Soc
     if let Decision::Deny(policy) = decision {
         return fail(ctx, &client, peer, Some(labels), ProxyError::Denied { policy });
     }
-    deliver(ctx, client, peer, SocketAddrV4::new(*dst.ip(), dst.port()), labels).await;
+    let authorized = super::conns::Authorized {
+        dest_ip: *dst.ip(),
+        port: dst.port(),
+        principal: None,
+        peer_ip: *peer_v4.ip(),
+        plaintext: true,
+    };
+    deliver(ctx, client, peer, SocketAddrV4::new(*dst.ip(), dst.port()), labels, authorized).await;
 }

@@ -1,0 +1,191 @@
+//! Live connections this agent authorized, so that a policy change reaches
+//! them (as ztunnel's connection manager does): after each configuration
+//! reload every one is judged again, and one that PeerAuthentication or
+//! AuthorizationPolicy would now refuse is closed and counted
+//! (`reason="denied_after_policy_change"`).
+//!
+//! A connection is registered where it was authorized — a direct connection
+//! to a local meshed pod (same node, L4 or L7), a plaintext one through the
+//! inbound listener, an HBONE stream — with a duplicate of its upstream
+//! socket. Closing shuts that socket down both ways, which ends whatever
+//! drives it (a copy loop, a pooled HTTP connection, an upgraded tunnel); a
+//! copy loop also hears it directly and resets both sides. The [`Guard`]
+//! unregisters it when the connection ends.
+use std::{
+    collections::HashMap,
+    net::{Ipv4Addr, Shutdown},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use tokio::sync::watch;
+
+use crate::{
+    policy::{Decision, MtlsMode, Peer, authorize, peer_mode},
+    state::State,
+};
+
+/// What a connection was authorized as: the inputs of the decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Authorized {
+    /// The local meshed pod, and the port, connected to.
+    pub dest_ip: Ipv4Addr,
+    pub port: u16,
+    /// The client's identity (mTLS, or capture on this node); `None` for plaintext.
+    pub principal: Option<Arc<str>>,
+    /// The client's address, as policy's `ipBlocks` saw it.
+    pub peer_ip: Ipv4Addr,
+    /// Plaintext from outside the mesh (the inbound listener): STRICT refuses it.
+    pub plaintext: bool,
+}
+
+impl Authorized {
+    /// Whether `state` still admits this connection. A destination that is no
+    /// longer a meshed pod is not policy's to judge (it is gone, or leaves
+    /// the mesh), so it stays.
+    pub fn still_allowed(&self, state: &State) -> bool {
+        let Some(dest) = state.workload_by_ip(self.dest_ip).filter(|w| w.meshed) else { return true };
+        if self.plaintext && peer_mode(state, dest, self.port) == MtlsMode::Strict {
+            return false;
+        }
+        let peer = Peer { principal: self.principal.as_deref(), ip: self.peer_ip };
+        authorize(state, dest, &peer, self.port) == Decision::Allow
+    }
+}
+
+struct Entry {
+    authorized: Authorized,
+    /// A duplicate of the upstream socket's descriptor: shutting it down
+    /// reaches the connection whoever owns the original.
+    socket: socket2::Socket,
+    revoke: watch::Sender<bool>,
+}
+
+/// The registry.
+#[derive(Default)]
+pub struct Conns {
+    next: AtomicU64,
+    live: Mutex<HashMap<u64, Entry>>,
+}
+
+/// A registered connection; dropping it unregisters the connection.
+pub struct Guard {
+    conns: Arc<Conns>,
+    id: u64,
+    revoked: watch::Receiver<bool>,
+}
+
+impl Conns {
+    /// Registers a connection authorized as `authorized`, whose upstream is
+    /// `upstream`. `None` if its socket cannot be duplicated (out of
+    /// descriptors): the connection then fails rather than escape revocation.
+    pub fn register(
+        self: &Arc<Self>,
+        authorized: Authorized,
+        upstream: &tokio::net::TcpStream,
+    ) -> std::io::Result<Guard> {
+        let socket = socket2::SockRef::from(upstream).try_clone()?;
+        let (revoke, revoked) = watch::channel(false);
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut live) = self.live.lock() {
+            live.insert(id, Entry { authorized, socket, revoke });
+        }
+        Ok(Guard { conns: self.clone(), id, revoked })
+    }
+
+    /// Judges every live connection against `state`; closes those it refuses.
+    /// Returns how many were closed.
+    pub fn revalidate(&self, state: &State) -> usize {
+        let Ok(mut live) = self.live.lock() else { return 0 };
+        let refused: Vec<u64> =
+            live.iter().filter(|(_, e)| !e.authorized.still_allowed(state)).map(|(id, _)| *id).collect();
+        for id in &refused {
+            if let Some(e) = live.remove(id) {
+                tracing::info!(dest = %e.authorized.dest_ip, port = e.authorized.port, client = %e.authorized.peer_ip,
+                    principal = e.authorized.principal.as_deref().unwrap_or("-"), "connection closed: denied after policy change");
+                let _ = e.revoke.send(true);
+                let _ = e.socket.shutdown(Shutdown::Both);
+            }
+        }
+        refused.len()
+    }
+
+    /// Connections registered now.
+    pub fn len(&self) -> usize {
+        self.live.lock().map(|l| l.len()).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Guard {
+    /// Resolves once policy closed this connection.
+    pub async fn revoked(&mut self) {
+        if self.revoked.wait_for(|r| *r).await.is_err() {
+            // Never registered (a poisoned lock): nothing can revoke it.
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Ok(mut live) = self.conns.live.lock() {
+            live.remove(&self.id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::state_from_yaml;
+
+    const POD: &str = "---\napiVersion: v1\nkind: Pod\nmetadata: {name: hello, namespace: demo, labels: {app: hello}}\n\
+        spec: {nodeName: n1, serviceAccountName: hello}\nstatus: {podIP: 10.244.0.2}\n";
+    const MESHED: &str =
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: demo, labels: {istio.io/dataplane-mode: ambient}}\n";
+    const UNMESHED: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: demo}\n";
+
+    fn conn(principal: Option<&str>, peer: [u8; 4], plaintext: bool) -> Authorized {
+        Authorized {
+            dest_ip: Ipv4Addr::new(10, 244, 0, 2),
+            port: 9095,
+            principal: principal.map(Arc::from),
+            peer_ip: Ipv4Addr::from(peer),
+            plaintext,
+        }
+    }
+
+    #[test]
+    fn a_reload_judges_open_connections_as_new_ones() {
+        let test = Some("spiffe://cluster.local/ns/demo/sa/test");
+        let other = Some("spiffe://cluster.local/ns/demo/sa/other");
+        let strict = "---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\n\
+            metadata: {name: default, namespace: demo}\nspec: {mtls: {mode: STRICT}}\n";
+        let deny_test = "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+            metadata: {name: no-test, namespace: demo}\n\
+            spec: {action: DENY, rules: [{from: [{source: {principals: [cluster.local/ns/demo/sa/test]}}]}]}\n";
+        let allow_block = "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+            metadata: {name: lan, namespace: demo}\nspec: {rules: [{from: [{source: {ipBlocks: [192.168.0.0/16]}}]}]}\n";
+        #[rustfmt::skip]
+        let table: &[(&str, &str, &str, Authorized, bool)] = &[
+            ("no policy",               MESHED,   "",          conn(test, [10, 244, 0, 9], false),  true),
+            ("STRICT, mesh client",     MESHED,   strict,      conn(test, [10, 244, 0, 9], false),  true),
+            ("STRICT, plaintext",       MESHED,   strict,      conn(None, [192, 168, 1, 2], true),  false),
+            ("DENY names the client",   MESHED,   deny_test,   conn(test, [10, 244, 0, 9], false),  false),
+            ("DENY names another",      MESHED,   deny_test,   conn(other, [10, 244, 0, 9], false), true),
+            ("ALLOW by block, inside",  MESHED,   allow_block, conn(None, [192, 168, 1, 2], true),  true),
+            ("ALLOW by block, outside", MESHED,   allow_block, conn(test, [10, 244, 0, 9], false),  false),
+            ("pod left the mesh",       UNMESHED, strict,      conn(None, [192, 168, 1, 2], true),  true),
+        ];
+        for (what, ns, extra, c, want) in table {
+            let state = state_from_yaml(&format!("{ns}{POD}{extra}"));
+            assert_eq!(c.still_allowed(&state), *want, "{what}");
+        }
+    }
+}
