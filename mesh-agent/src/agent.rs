@@ -107,6 +107,8 @@ pub struct Context {
     pub protocol_detection_timeout: Duration,
     state: RwLock<Arc<State>>,
     captured_ips: RwLock<Arc<HashSet<Ipv4Addr>>>,
+    /// Local meshed pods behind a last-hop gate.
+    gated_ips: RwLock<Arc<HashSet<Ipv4Addr>>>,
     capture: RwLock<CaptureStatus>,
     gateway_status: RwLock<Vec<crate::gateway::PortStatus>>,
     /// Original destinations of captured host clients (when that capture runs).
@@ -131,6 +133,12 @@ impl Context {
     /// Whether replies from `ip` come back through a captured interface.
     pub fn is_captured(&self, ip: Ipv4Addr) -> bool {
         self.captured_ips.read().is_ok_and(|s| s.contains(&ip))
+    }
+
+    /// Whether `ip` is a local meshed pod whose veth has the last-hop gate:
+    /// packets to it reach the agent's sockets whichever way they arrive.
+    pub fn is_gated(&self, ip: Ipv4Addr) -> bool {
+        self.gated_ips.read().is_ok_and(|s| s.contains(&ip))
     }
 
     pub fn next_pick(&self) -> usize {
@@ -176,6 +184,9 @@ impl Context {
         let ips = redirect.attached().values().map(|a| a.pod_ip).collect();
         if let Ok(mut c) = self.captured_ips.write() {
             *c = Arc::new(ips);
+        }
+        if let Ok(mut g) = self.gated_ips.write() {
+            *g = Arc::new(redirect.gated().collect());
         }
         if let Ok(mut c) = self.capture.write() {
             *c = CaptureStatus {
@@ -252,6 +263,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
         protocol_detection_timeout: cfg.protocol_detection_timeout,
         state: RwLock::new(Arc::new(loaded.state)),
         captured_ips: RwLock::default(),
+        gated_ips: RwLock::default(),
         capture: RwLock::default(),
         gateway_status: RwLock::default(),
         host_orig: std::sync::OnceLock::new(),

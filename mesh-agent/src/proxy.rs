@@ -538,11 +538,23 @@ pub(crate) async fn deliver(
 }
 
 /// The client's address to connect from, if replies come back to this agent:
-/// only when the upstream is a pod whose veth is captured on this node.
+/// when the upstream is a pod whose veth is captured on this node, or when
+/// the client is a meshed pod of this node (replies to its address reach the
+/// agent wherever they enter: the uplink's capture or the pod's last-hop
+/// gate). So a meshed pod's connections out of the mesh leave with its own
+/// address, and masquerading, NetworkPolicy and firewalls see the pod, not
+/// the node; only a gateway's connections leave from the node.
 pub(crate) fn transparent_source(ctx: &Context, peer: SocketAddr, addr: SocketAddrV4) -> Option<Ipv4Addr> {
     match peer.ip() {
         // A host client (loopback) keeps the node's address.
-        std::net::IpAddr::V4(ip) if ip != *addr.ip() && !ip.is_loopback() && ctx.is_captured(*addr.ip()) => Some(ip),
+        std::net::IpAddr::V4(ip)
+            if ip != *addr.ip()
+                && !ip.is_loopback()
+                && !addr.ip().is_loopback()
+                && (ctx.is_captured(*addr.ip()) || ctx.is_gated(ip)) =>
+        {
+            Some(ip)
+        }
         _ => None,
     }
 }

@@ -412,6 +412,11 @@ impl Redirect {
         tracing::info!(ifname = %a.ifname, pod = %a.pod, "capture released");
     }
 
+    /// The pod IPs behind a last-hop gate.
+    pub fn gated(&self) -> impl Iterator<Item = Ipv4Addr> + '_ {
+        self.gates.keys().filter_map(|i| self.attached.get(i)).map(|a| a.pod_ip)
+    }
+
     /// Interfaces currently captured, by ifindex.
     pub fn attached(&self) -> &BTreeMap<u32, Attached> {
         &self.attached

@@ -16,6 +16,8 @@
 //!    the outbound listener (`bpf_sk_assign`), found by looking up the tuple with the
 //!    listener's loopback address and port. The accepted socket's local address is then the original
 //!    destination: no rewriting, no conntrack, no checksums;
+//!    Link-local destinations (169.254.0.0/16: cloud metadata services) are
+//!    left alone: the pod reaches them as it would without the mesh;
 //! 5. on the uplink and on un-meshed pods' interfaces, a new connection to a local
 //!    meshed pod (`LOCAL_MESHED`) is assigned the same way to the inbound plaintext
 //!    listener, where PeerAuthentication decides: the fast path for the common
@@ -25,7 +27,8 @@
 //! last hop toward the pod, where every path has converged after routing and
 //! DNAT (a second interface, an overlay tunnel, kube-proxy, a node process).
 //! Packets from the agent's sockets (`AGENT_MARK`) and the kubelet's probes
-//! (`PROBE_MARK`) pass; IPv6 TCP, TCP fragments and unreadable headers are
+//! (`PROBE_MARK`) pass, and so do the replies of the pod's own link-local
+//! connections (not a SYN, from 169.254.0.0/16); IPv6 TCP, TCP fragments and unreadable headers are
 //! dropped; any other TCP packet is handed back to the veth's ingress
 //! (`bpf_redirect` with `BPF_F_INGRESS`, marked `HANDOFF_MARK`), where
 //! `mesh_tc` assigns it to the agent socket it belongs to or, for a SYN, to the
@@ -208,6 +211,18 @@ fn parse_v4(ctx: &TcContext) -> Option<Parsed> {
     Some(Parsed::Tcp(Packet { saddr, daddr, sport, dport, tcp_flags }))
 }
 
+/// A SYN without ACK: the packet that opens a connection.
+#[inline(always)]
+fn is_syn(pkt: &Packet) -> bool {
+    pkt.tcp_flags & TCP_FLAG_SYN != 0 && pkt.tcp_flags & TCP_FLAG_ACK == 0
+}
+
+/// 169.254.0.0/16 (an address in network byte order).
+#[inline(always)]
+fn is_link_local(addr: u32) -> bool {
+    u32::from_be(addr) >> 16 == 0xa9fe
+}
+
 /// Drops and counts.
 #[inline(always)]
 fn drop_counted(which: u32) -> i32 {
@@ -260,6 +275,9 @@ fn gate(ctx: &TcContext) -> i32 {
         }
         Parsed::V4TcpFragment { .. } => drop_counted(counter::FRAGMENT_DROPPED),
         Parsed::Unparsed => drop_counted(counter::UNPARSED_DROPPED),
+        // The replies of the pod's own link-local connections (see `classify`):
+        // only a SYN could open a connection, and that one is handed back.
+        Parsed::Tcp(pkt) if is_link_local(pkt.saddr) && !is_syn(&pkt) => TC_ACT_OK,
         Parsed::Tcp(_) => {
             ctx.set_mark((skb_mark(ctx) & !settings.mark_mask) | settings.handoff_mark);
             count(counter::HANDED_OFF);
@@ -310,6 +328,13 @@ fn classify(ctx: &TcContext) -> i32 {
     };
     if info.role != role::UPLINK && pkt.saddr != info.pod_ip {
         return drop_counted(counter::SPOOF_DROPPED);
+    }
+    // Link-local destinations (cloud metadata services among them) are not
+    // the mesh's to proxy: the pod's packets flow as without it, so hop
+    // limits and the platform's own protections apply unchanged.
+    if meshed && is_link_local(pkt.daddr) {
+        count(counter::PASSED);
+        return TC_ACT_OK;
     }
     // SAFETY: only tested for presence.
     let to_local_meshed = unsafe { LOCAL_MESHED.get(&pkt.daddr) }.is_some();
@@ -381,8 +406,7 @@ fn steer(ctx: &TcContext, pkt: &Packet, mark: u32, settings: &Settings, new_conn
         release(sk);
     }
     // 2. A new connection, to the listener that takes it.
-    let is_syn = pkt.tcp_flags & TCP_FLAG_SYN != 0 && pkt.tcp_flags & TCP_FLAG_ACK == 0;
-    let Some((port, which)) = new_conn.filter(|_| is_syn) else {
+    let Some((port, which)) = new_conn.filter(|_| is_syn(pkt)) else {
         return Steered::NoSocket;
     };
     tuple.__bindgen_anon_1.ipv4.daddr = settings.outbound_addr;

@@ -413,10 +413,10 @@ fn egress_registry_only_service_entries_tls_origination_and_egress_gateway() {
     let test = |args: &[&str]| e.pod("test").cmd(args);
     let resolve = |host: &str| format!("{host}:80:{EXTERNAL_IP}");
 
-    // Declared by a ServiceEntry: straight out from node-1.
+    // Declared by a ServiceEntry: straight out from node-1, with the pod's address.
     let (code, body) = curl(test, &["--resolve", &resolve("direct.example"), "http://direct.example/"]);
     assert_eq!(code, 200, "{body}");
-    assert!(body.contains(&format!("hello from external; client {NODE1}")), "{body}");
+    assert!(body.contains(&format!("hello from external; client {TEST_IP}")), "{body}");
     // Not declared: 502 naming the policy; raw TCP is reset.
     let (code, body) = curl(test, &[&format!("http://{}/", Ipv4Addr::new(172, 18, 200, 3))]);
     assert_eq!(code, 502, "{body}");

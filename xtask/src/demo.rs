@@ -338,10 +338,10 @@ fn steps(ca: &str) -> Vec<Step> {
             name: "test → direct.example",
             protocol: "HTTP/1.1",
             from: From::Pod("test"),
-            path: "ServiceEntry: node-1 straight out",
+            path: "ServiceEntry: out from node-1 as the pod",
             identities: "sample/test → (external)",
             want: 200,
-            want_text: "client 172.18.0.2",
+            want_text: "client 10.244.1.2",
             action: curl(&["--resolve", &resolve("direct.example"), "http://direct.example/"]),
         },
         Step {

@@ -1,0 +1,53 @@
+//! Egress keeps the pod's address (root): a meshed pod's connection out of the
+//! mesh reaches the outside server from the pod's IP, not the node's, and a
+//! link-local destination (a cloud metadata service) is not captured at all.
+
+use std::net::Ipv4Addr;
+
+use mesh_tests::{Agent, Cluster, Pod, agent::metric, clients::curl, netns::sh, require_root, servers};
+
+const CONFIG: &str = "apiVersion: v1\nkind: Node\nmetadata: {name: node-1}\n\
+    status: {addresses: [{type: InternalIP, address: 172.18.0.2}]}\n\
+    ---\napiVersion: v1\nkind: Namespace\nmetadata: {name: demo, labels: {istio.io/dataplane-mode: ambient}}\n\
+    ---\napiVersion: v1\nkind: Pod\nmetadata: {name: test, namespace: demo, labels: {app: test}}\n\
+    spec: {nodeName: node-1, serviceAccountName: test}\nstatus: {podIP: 10.244.0.2}\n";
+
+fn outbound(a: &Agent) -> f64 {
+    metric(&a.metrics(), "mesh_ebpf_packets_total", &[("counter", "assigned_outbound")])
+}
+
+#[test]
+fn egress_leaves_with_the_pods_address_and_metadata_is_not_captured() {
+    if !require_root("egress_leaves_with_the_pods_address_and_metadata_is_not_captured") {
+        return;
+    }
+    let mut c = Cluster::new();
+    c.add_pod("test", Ipv4Addr::new(10, 244, 0, 2));
+    // Outside the node: a server, and a metadata service at its well-known address.
+    let outside = Pod::namespace("outside", Ipv4Addr::new(172, 18, 0, 1), &c.net_ns);
+    servers::http_hello(&outside, 8080);
+    sh(&["ip", "-n", &c.net_ns, "addr", "add", "169.254.169.254/32", "dev", "lo"]);
+    sh(&["ip", "-n", &c.node_ns, "route", "add", "169.254.169.254/32", "via", "172.18.0.1"]);
+    servers::http_hello(&outside, 80);
+    let a = Agent::start(&c, CONFIG);
+    let test = c.pod("test");
+
+    let captured = outbound(&a);
+    let r = curl(|args| test.cmd(args), &["http://169.254.169.254/latest/meta-data/"]);
+    assert_eq!(r.code, 200, "{}{}", r.body, r.stderr);
+    assert_eq!(r.body, "hello from outside; client 10.244.0.2\n");
+
+    let r = curl(|args| test.cmd(args), &["http://172.18.0.1:8080/"]);
+    assert_eq!(r.code, 200, "{}{}\n{}", r.body, r.stderr, a.log_text());
+    assert_eq!(r.body, "hello from outside; client 10.244.0.2\n", "egress left with the node's address");
+    // Counters are published together: once the second connection shows, the
+    // first would have too, had it been captured.
+    a.wait_metrics(5, "the egress connection captured", |m| {
+        metric(m, "mesh_ebpf_packets_total", &[("counter", "assigned_outbound")]) > captured
+    });
+    assert_eq!(outbound(&a), captured + 1.0, "the metadata connection was captured");
+    // Passed through as bytes (the mesh does not know the destination).
+    a.wait_metrics(5, "the egress connection reported", |m| {
+        metric(m, "istio_tcp_connections_opened_total", &[("source_workload", "test"), ("reporter", "source")]) >= 1.0
+    });
+}
