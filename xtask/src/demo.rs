@@ -212,6 +212,8 @@ enum From {
     Outside,
     /// node-1's own network namespace (a host-network process).
     Node1,
+    /// node-2's own network namespace.
+    Node2,
 }
 
 /// What a step expects: an HTTP status (0: the connection is refused), and
@@ -375,6 +377,16 @@ fn steps(ca: &str) -> Vec<Step> {
             action: curl(&["http://10.96.0.10:9095/hello"]),
         },
         Step {
+            name: "node-2 host process → hw-v1 pod",
+            protocol: "HTTP/1.1",
+            from: From::Node2,
+            path: "no way around: agent as node-2 → 403",
+            identities: "istio-system/mesh-node-node-2 → …",
+            want: 403,
+            want_text: "RBAC: access denied",
+            action: curl(&["http://10.244.2.2:9095/hello"]),
+        },
+        Step {
             name: "outside → helloworld-v1 pod",
             protocol: "HTTP/1.1",
             from: From::Outside,
@@ -401,6 +413,7 @@ struct Demo {
     cluster: Cluster,
     outside: Pod,
     node1: Pod,
+    node2: Pod,
 }
 
 impl Demo {
@@ -409,6 +422,7 @@ impl Demo {
             From::Pod(p) => self.cluster.pod(p),
             From::Outside => &self.outside,
             From::Node1 => &self.node1,
+            From::Node2 => &self.node2,
         }
     }
 
@@ -476,6 +490,7 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
     let outside = Pod::namespace("external", EXTERNAL_IP, &cluster.net_ns);
     servers::http_hello(&outside, 80);
     let node1 = Pod::namespace("node-1", cluster.nodes[0].ip, &cluster.nodes[0].ns);
+    let node2 = Pod::namespace("node-2", cluster.nodes[1].ip, &cluster.nodes[1].ns);
     let certs = Certs::new(&cluster.id);
     let (crt, key) = certs.server("hello", "hello.example.com");
     let secret = format!("  tls.crt: |\n{}  tls.key: |\n{}", Certs::yaml_block(&crt, 4), Certs::yaml_block(&key, 4));
@@ -490,7 +505,7 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
     for (a, n) in agents.iter().zip(&cluster.nodes) {
         println!("mesh-agent ready on {} (log {})", n.name, a.log.display());
     }
-    let demo = Demo { cluster, outside, node1 };
+    let demo = Demo { cluster, outside, node1, node2 };
     let ca_path = certs.ca().display().to_string();
     println!("\n{:<36} {:<9} {:<44} {:<42} {:<8} {:>9}", "step", "protocol", "path", "identities", "status", "latency");
     let mut unexpected = 0;
