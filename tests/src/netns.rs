@@ -275,6 +275,17 @@ impl Pod {
         c.output().unwrap_or_else(|e| panic!("{args:?} in {}: {e}", self.name))
     }
 
+    /// A counter of the namespace's `/proc/net/snmp`, e.g. `("Tcp", "PassiveOpens")`.
+    pub fn snmp(&self, group: &str, field: &str) -> u64 {
+        let out = self.cmd(&["cat", "/proc/net/snmp"]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        let prefix = format!("{group}:");
+        let mut rows = text.lines().filter(|l| l.starts_with(&prefix));
+        let (names, values) = (rows.next().unwrap(), rows.next().unwrap());
+        let i = names.split_whitespace().position(|n| n == field).unwrap();
+        values.split_whitespace().nth(i).unwrap().parse().unwrap()
+    }
+
     /// Runs `f` on a new thread inside this pod's network namespace.
     pub fn spawn<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
         enter_and_spawn(&self.netns, f)

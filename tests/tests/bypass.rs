@@ -314,14 +314,9 @@ fn checksum(data: &[u8]) -> u16 {
     !(sum as u16)
 }
 
-/// `Ip: ReasmReqds` of a namespace: fragments that reached its IP layer.
+/// Fragments that reached a namespace's IP layer.
 fn reassembly_requests(ns: &Pod) -> u64 {
-    let out = ns.cmd(&["cat", "/proc/net/snmp"]);
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut ip = text.lines().filter(|l| l.starts_with("Ip:"));
-    let (names, values) = (ip.next().unwrap(), ip.next().unwrap());
-    let i = names.split_whitespace().position(|n| n == "ReasmReqds").unwrap();
-    values.split_whitespace().nth(i).unwrap().parse().unwrap()
+    ns.snmp("Ip", "ReasmReqds")
 }
 
 #[test]

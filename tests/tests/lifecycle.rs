@@ -38,14 +38,9 @@ fn get(ns: &Pod) -> Curled {
     curl(|args| ns.cmd(args), &["--max-time", "2", &format!("http://{HELLO}:9095/")])
 }
 
-/// `Tcp: PassiveOpens` of a namespace: connections its listeners accepted a SYN for.
+/// Connections a namespace's listeners accepted a SYN for.
 fn passive_opens(ns: &Pod) -> u64 {
-    let out = ns.cmd(&["cat", "/proc/net/snmp"]);
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut tcp = text.lines().filter(|l| l.starts_with("Tcp:"));
-    let (names, values) = (tcp.next().unwrap(), tcp.next().unwrap());
-    let i = names.split_whitespace().position(|n| n == "PassiveOpens").unwrap();
-    values.split_whitespace().nth(i).unwrap().parse().unwrap()
+    ns.snmp("Tcp", "PassiveOpens")
 }
 
 /// TCX programs attached to an interface of the node, both directions.
