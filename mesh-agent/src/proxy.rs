@@ -26,6 +26,9 @@ use crate::{
 pub mod conns;
 pub(crate) mod copy;
 mod inbound;
+mod upstream;
+
+pub(crate) use upstream::{Opened, Upstream, originate_tls};
 
 /// Why a proxied connection failed, for logs and `mesh_tcp_connection_failures_total`.
 #[derive(Debug, thiserror::Error)]
@@ -292,6 +295,14 @@ async fn open(ctx: &Arc<Context>, client: TcpStream, peer: SocketAddr) -> Option
     if mtls {
         labels.connection_security_policy = "mutual_tls";
     }
+    // Revoked, the client's socket is aborted with the upstream's.
+    let guard = match guard.map(|g| g.and_client(&client)).transpose() {
+        Ok(g) => g,
+        Err(error) => {
+            fail(ctx, &client, peer, Some(labels), ProxyError::Connect { addr, source_ip: None, error });
+            return None;
+        }
+    };
     tracing::debug!(%peer, %orig, upstream = %addr, mtls, "proxying");
     let meters = ConnMeters::open(&ctx.metrics, &labels);
     Some(pump(ctx, client, io, meters, addr, guard, |c, u| {
@@ -323,112 +334,6 @@ async fn sniff_until(client: &TcpStream, timeout: Duration) -> Handling {
             // Part of a method or preface: wait a little for the rest.
             Sniffed::NeedMore if n == buf.len() => return Handling::Tcp,
             Sniffed::NeedMore => tokio::time::sleep(Duration::from_millis(1)).await,
-        }
-    }
-}
-
-/// An upstream byte stream: a TCP connection, an HBONE stream, or TLS the
-/// agent originated over TCP.
-pub(crate) enum Upstream {
-    Tcp(TcpStream),
-    /// A direct connection to a local meshed pod, closed if policy changes to refuse it.
-    Local(TcpStream, #[expect(dead_code, reason = "held for its Drop, which unregisters the connection")] conns::Guard),
-    Tunnel(hyper_util::rt::TokioIo<crate::hbone::Tunnel>),
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
-}
-
-/// Starts TLS to an upstream outside the mesh (DestinationRule `tls.mode: SIMPLE`).
-pub(crate) async fn originate_tls(
-    tcp: TcpStream,
-    tls: &crate::l7::routing::TlsOrigination,
-    sni: &str,
-    h2: bool,
-    addr: SocketAddrV4,
-) -> Result<Upstream, ProxyError> {
-    let config = if h2 { tls.http2.clone() } else { tls.http1.clone() };
-    let name = rustls::pki_types::ServerName::try_from(sni.to_owned()).map_err(|e| ProxyError::Tls {
-        addr,
-        sni: sni.to_owned(),
-        error: io::Error::other(e),
-    })?;
-    match tokio_rustls::TlsConnector::from(config).connect(name, tcp).await {
-        Ok(s) => Ok(Upstream::Tls(Box::new(s))),
-        Err(error) => Err(ProxyError::Tls { addr, sni: sni.to_owned(), error }),
-    }
-}
-
-impl Upstream {
-    /// Resets a TCP upstream; a tunnel stream is cancelled when dropped.
-    pub(crate) fn reset(&self) {
-        match self {
-            Upstream::Tcp(s) | Upstream::Local(s, _) => reset(s),
-            Upstream::Tls(t) => reset(t.get_ref().0),
-            Upstream::Tunnel(_) => {}
-        }
-    }
-}
-
-impl tokio::io::AsyncRead for Upstream {
-    fn poll_read(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<io::Result<()>> {
-        match self.get_mut() {
-            Upstream::Tcp(s) | Upstream::Local(s, _) => std::pin::Pin::new(s).poll_read(cx, buf),
-            Upstream::Tunnel(t) => std::pin::Pin::new(t).poll_read(cx, buf),
-            Upstream::Tls(t) => std::pin::Pin::new(t).poll_read(cx, buf),
-        }
-    }
-}
-
-impl tokio::io::AsyncWrite for Upstream {
-    fn poll_write(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Upstream::Tcp(s) | Upstream::Local(s, _) => std::pin::Pin::new(s).poll_write(cx, buf),
-            Upstream::Tunnel(t) => std::pin::Pin::new(t).poll_write(cx, buf),
-            Upstream::Tls(t) => std::pin::Pin::new(t).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
-        match self.get_mut() {
-            Upstream::Tcp(s) | Upstream::Local(s, _) => std::pin::Pin::new(s).poll_flush(cx),
-            Upstream::Tunnel(t) => std::pin::Pin::new(t).poll_flush(cx),
-            Upstream::Tls(t) => std::pin::Pin::new(t).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<io::Result<()>> {
-        match self.get_mut() {
-            Upstream::Tcp(s) | Upstream::Local(s, _) => std::pin::Pin::new(s).poll_shutdown(cx),
-            Upstream::Tunnel(t) => std::pin::Pin::new(t).poll_shutdown(cx),
-            Upstream::Tls(t) => std::pin::Pin::new(t).poll_shutdown(cx),
-        }
-    }
-}
-
-pub(crate) struct Opened {
-    pub io: Upstream,
-    /// Over HBONE (mutual TLS).
-    pub mtls: bool,
-    /// Authorized here (a local meshed pod): closed if policy changes to refuse it.
-    pub guard: Option<conns::Guard>,
-}
-
-impl Opened {
-    /// The upstream, carrying its guard (for a connection handed to an HTTP client).
-    pub(crate) fn into_io(self) -> Upstream {
-        match (self.io, self.guard) {
-            (Upstream::Tcp(s), Some(g)) => Upstream::Local(s, g),
-            (io, _) => io,
         }
     }
 }
@@ -525,7 +430,9 @@ pub(crate) async fn deliver(
         Ok(s) => s,
         Err(e) => return fail(ctx, &client, peer, Some(labels), e),
     };
-    let guard = match register(ctx, authorized, &upstream, addr) {
+    let guard = match register(ctx, authorized, &upstream, addr)
+        .and_then(|g| g.and_client(&client).map_err(|error| ProxyError::Connect { addr, source_ip: None, error }))
+    {
         Ok(g) => g,
         Err(e) => return fail(ctx, &client, peer, Some(labels), e),
     };
@@ -590,18 +497,18 @@ impl Drop for ConnMeters {
 }
 
 /// Copies between a client and its upstream, counting bytes; `on_error`
-/// resets what it can of both. (An `async` block, not an `async fn`: the
-/// latter would keep each argument twice in the connection's task.)
+/// resets what it can of both. A `guard` is held while the copy runs (a
+/// policy change that refuses the connection aborts its sockets). (An `async`
+/// block, not an `async fn`: the latter would keep each argument twice in the
+/// connection's task.)
 #[expect(clippy::manual_async_fn, reason = "an async fn would keep its arguments twice")]
-/// With a `guard`, a policy change that refuses the connection resets both
-/// sides (the registry counted it).
 pub(crate) fn pump<'a, C, U>(
     ctx: &'a Context,
     mut client: C,
     mut upstream: U,
     meters: ConnMeters,
     addr: SocketAddrV4,
-    mut guard: Option<conns::Guard>,
+    guard: Option<conns::Guard>,
     on_error: impl FnOnce(&C, &U) + 'a,
 ) -> impl Future<Output = ()> + 'a
 where
@@ -609,21 +516,9 @@ where
     U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + 'a,
 {
     async move {
-        let revoked = async {
-            match guard.as_mut() {
-                Some(g) => g.revoked().await,
-                None => std::future::pending().await,
-            }
-        };
-        let result = tokio::select! {
-            r = copy::bidirectional(&mut client, &mut upstream, &meters.received, &meters.sent) => r,
-            () = revoked => {
-                drop(meters);
-                on_error(&client, &upstream);
-                return;
-            }
-        };
+        let result = copy::bidirectional(&mut client, &mut upstream, &meters.received, &meters.sent).await;
         drop(meters);
+        drop(guard);
         if let Err((op, error)) = result {
             on_error(&client, &upstream);
             let err = ProxyError::Copy { addr, op, error };

@@ -7,10 +7,12 @@
 //! A connection is registered where it was authorized — a direct connection
 //! to a local meshed pod (same node, L4 or L7), a plaintext one through the
 //! inbound listener, an HBONE stream — with a duplicate of its upstream
-//! socket. Closing shuts that socket down both ways, which ends whatever
-//! drives it (a copy loop, a pooled HTTP connection, an upgraded tunnel); a
-//! copy loop also hears it directly and resets both sides. The [`Guard`]
-//! unregisters it when the connection ends.
+//! socket (and of its client's, where that is a TCP socket too). Closing
+//! aborts those sockets (linger 0, shut down both ways), which ends whatever
+//! drives them — a copy loop, a pooled HTTP connection, an upgraded tunnel —
+//! with nothing on the data path listening for it (a `select!` there cost a
+//! measured 12 µs per round trip). The [`Guard`] unregisters the connection
+//! when it ends.
 use std::{
     collections::HashMap,
     net::{Ipv4Addr, Shutdown},
@@ -19,8 +21,6 @@ use std::{
         atomic::{AtomicU64, Ordering},
     },
 };
-
-use tokio::sync::watch;
 
 use crate::{
     policy::{Decision, MtlsMode, Peer, authorize, peer_mode},
@@ -57,10 +57,19 @@ impl Authorized {
 
 struct Entry {
     authorized: Authorized,
-    /// A duplicate of the upstream socket's descriptor: shutting it down
-    /// reaches the connection whoever owns the original.
-    socket: socket2::Socket,
-    revoke: watch::Sender<bool>,
+    /// Duplicates of the upstream's (and the client's) descriptors: shutting
+    /// them down reaches the connection whoever owns the originals.
+    upstream: socket2::Socket,
+    client: Option<socket2::Socket>,
+}
+
+impl Entry {
+    fn abort(&self) {
+        for s in std::iter::once(&self.upstream).chain(&self.client) {
+            let _ = s.set_linger(Some(std::time::Duration::ZERO));
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
 }
 
 /// The registry.
@@ -74,7 +83,6 @@ pub struct Conns {
 pub struct Guard {
     conns: Arc<Conns>,
     id: u64,
-    revoked: watch::Receiver<bool>,
 }
 
 impl Conns {
@@ -86,13 +94,12 @@ impl Conns {
         authorized: Authorized,
         upstream: &tokio::net::TcpStream,
     ) -> std::io::Result<Guard> {
-        let socket = socket2::SockRef::from(upstream).try_clone()?;
-        let (revoke, revoked) = watch::channel(false);
+        let upstream = socket2::SockRef::from(upstream).try_clone()?;
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut live) = self.live.lock() {
-            live.insert(id, Entry { authorized, socket, revoke });
+            live.insert(id, Entry { authorized, upstream, client: None });
         }
-        Ok(Guard { conns: self.clone(), id, revoked })
+        Ok(Guard { conns: self.clone(), id })
     }
 
     /// Judges every live connection against `state`; closes those it refuses.
@@ -105,8 +112,7 @@ impl Conns {
             if let Some(e) = live.remove(id) {
                 tracing::info!(dest = %e.authorized.dest_ip, port = e.authorized.port, client = %e.authorized.peer_ip,
                     principal = e.authorized.principal.as_deref().unwrap_or("-"), "connection closed: denied after policy change");
-                let _ = e.revoke.send(true);
-                let _ = e.socket.shutdown(Shutdown::Both);
+                e.abort();
             }
         }
         refused.len()
@@ -123,12 +129,16 @@ impl Conns {
 }
 
 impl Guard {
-    /// Resolves once policy closed this connection.
-    pub async fn revoked(&mut self) {
-        if self.revoked.wait_for(|r| *r).await.is_err() {
-            // Never registered (a poisoned lock): nothing can revoke it.
-            std::future::pending::<()>().await;
+    /// Closes `client` too when policy closes the connection (its client is
+    /// a TCP socket: reset rather than left half-open).
+    pub fn and_client(self, client: &tokio::net::TcpStream) -> std::io::Result<Self> {
+        let dup = socket2::SockRef::from(client).try_clone()?;
+        if let Ok(mut live) = self.conns.live.lock()
+            && let Some(e) = live.get_mut(&self.id)
+        {
+            e.client = Some(dup);
         }
+        Ok(self)
     }
 }
 

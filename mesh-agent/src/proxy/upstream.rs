@@ -1,0 +1,118 @@
+//! What a proxied connection's upstream is: a TCP connection (one this agent
+//! authorized carries its revocation guard), an HBONE stream, or TLS the agent
+//! originated; and what opening one yields.
+use std::{io, net::SocketAddrV4};
+
+use tokio::net::TcpStream;
+
+use super::{ProxyError, conns, reset};
+
+/// An upstream byte stream: a TCP connection, an HBONE stream, or TLS the
+/// agent originated over TCP.
+pub(crate) enum Upstream {
+    Tcp(TcpStream),
+    /// A direct connection to a local meshed pod, closed if policy changes to refuse it.
+    Local(
+        TcpStream,
+        // Boxed: the enum stays as small as before for every other connection.
+        #[expect(dead_code, reason = "held for its Drop, which unregisters the connection")] Box<conns::Guard>,
+    ),
+    Tunnel(hyper_util::rt::TokioIo<crate::hbone::Tunnel>),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+/// Starts TLS to an upstream outside the mesh (DestinationRule `tls.mode: SIMPLE`).
+pub(crate) async fn originate_tls(
+    tcp: TcpStream,
+    tls: &crate::l7::routing::TlsOrigination,
+    sni: &str,
+    h2: bool,
+    addr: SocketAddrV4,
+) -> Result<Upstream, ProxyError> {
+    let config = if h2 { tls.http2.clone() } else { tls.http1.clone() };
+    let name = rustls::pki_types::ServerName::try_from(sni.to_owned()).map_err(|e| ProxyError::Tls {
+        addr,
+        sni: sni.to_owned(),
+        error: io::Error::other(e),
+    })?;
+    match tokio_rustls::TlsConnector::from(config).connect(name, tcp).await {
+        Ok(s) => Ok(Upstream::Tls(Box::new(s))),
+        Err(error) => Err(ProxyError::Tls { addr, sni: sni.to_owned(), error }),
+    }
+}
+
+impl Upstream {
+    /// Resets a TCP upstream; a tunnel stream is cancelled when dropped.
+    pub(crate) fn reset(&self) {
+        match self {
+            Upstream::Tcp(s) | Upstream::Local(s, _) => reset(s),
+            Upstream::Tls(t) => reset(t.get_ref().0),
+            Upstream::Tunnel(_) => {}
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for Upstream {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        match self.get_mut() {
+            Upstream::Tcp(s) | Upstream::Local(s, _) => std::pin::Pin::new(s).poll_read(cx, buf),
+            Upstream::Tunnel(t) => std::pin::Pin::new(t).poll_read(cx, buf),
+            Upstream::Tls(t) => std::pin::Pin::new(t).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Upstream {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Upstream::Tcp(s) | Upstream::Local(s, _) => std::pin::Pin::new(s).poll_write(cx, buf),
+            Upstream::Tunnel(t) => std::pin::Pin::new(t).poll_write(cx, buf),
+            Upstream::Tls(t) => std::pin::Pin::new(t).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
+        match self.get_mut() {
+            Upstream::Tcp(s) | Upstream::Local(s, _) => std::pin::Pin::new(s).poll_flush(cx),
+            Upstream::Tunnel(t) => std::pin::Pin::new(t).poll_flush(cx),
+            Upstream::Tls(t) => std::pin::Pin::new(t).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        match self.get_mut() {
+            Upstream::Tcp(s) | Upstream::Local(s, _) => std::pin::Pin::new(s).poll_shutdown(cx),
+            Upstream::Tunnel(t) => std::pin::Pin::new(t).poll_shutdown(cx),
+            Upstream::Tls(t) => std::pin::Pin::new(t).poll_shutdown(cx),
+        }
+    }
+}
+
+pub(crate) struct Opened {
+    pub io: Upstream,
+    /// Over HBONE (mutual TLS).
+    pub mtls: bool,
+    /// Authorized here (a local meshed pod): closed if policy changes to refuse it.
+    pub guard: Option<conns::Guard>,
+}
+
+impl Opened {
+    /// The upstream, carrying its guard (for a connection handed to an HTTP client).
+    pub(crate) fn into_io(self) -> Upstream {
+        match (self.io, self.guard) {
+            (Upstream::Tcp(s), Some(g)) => Upstream::Local(s, Box::new(g)),
+            (io, _) => io,
+        }
+    }
+}
