@@ -5,9 +5,10 @@
 //! settings handed-back packets need (see [`node`]) and the notrack rule that
 //! keeps DNAT'd connections working through the gate.
 //!
-//! Everything attached here is a TCX link held by this process, so the kernel
-//! detaches it even if the agent dies; the routing rule is removed on a clean
-//! exit and replaced on the next start.
+//! Every link attached here is pinned (see [`pins`]): it outlives the process,
+//! fails closed while no agent runs, and is adopted by the next one. Only an
+//! uninstall detaches it all and removes the routing rule; a start replaces a
+//! rule an earlier run left.
 use std::{
     collections::{BTreeMap, HashMap},
     net::Ipv4Addr,
