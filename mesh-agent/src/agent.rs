@@ -174,6 +174,17 @@ impl Context {
         }
     }
 
+    /// Logs and shows the objects the configuration now applied rejected.
+    fn record_rejected(&self, rejected: &[config::ConfigError]) {
+        for e in rejected {
+            tracing::error!("object rejected, the rest of the configuration applies: {e}");
+        }
+        self.metrics.config_objects_rejected.set(rejected.len() as i64);
+        if let Ok(mut last) = self.last_config_error.write() {
+            *last = (!rejected.is_empty()).then(|| config::ConfigErrors(rejected.to_vec()).to_string());
+        }
+    }
+
     pub fn last_config_error(&self) -> Option<String> {
         self.last_config_error.read().ok().and_then(|e| e.clone())
     }
@@ -230,7 +241,8 @@ impl Drop for ActiveGuardOwned {
 /// Runs until SIGTERM or SIGINT, then drains and cleans up.
 pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
     // Configuration is loaded and validated before any port is bound.
-    let loaded = config::load(&cfg.config_path, &cfg.identity.trust_domain)?;
+    let mut last_good = config::LastGood::default();
+    let loaded = config::load_keeping(&cfg.config_path, &cfg.identity.trust_domain, &mut last_good)?;
     for note in &loaded.notes {
         tracing::info!("{note}");
     }
@@ -275,6 +287,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
         )),
     });
     ctx.metrics.config_loads.get_or_create(&ResultLabels { result: "success" }).inc();
+    ctx.record_rejected(&loaded.rejected);
 
     let bind_capture = |what, port| {
         crate::proxy::bind_capture(port).map_err(|source| RunError::Bind {
@@ -302,7 +315,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
     if let Some(orig) = redirect.take_host_orig() {
         let _ = ctx.host_orig.set(orig);
     }
-    let result = serve(&cfg, &ctx, listeners, admin, &mut redirect, &mut watcher).await;
+    let result = serve(&cfg, &ctx, listeners, admin, &mut redirect, (&mut watcher, &mut last_good)).await;
     // Whatever happened: capture stays pinned (fail closed) unless the mesh
     // is leaving the node.
     let cleanup = redirect.shutdown(cfg.uninstall_on_exit).await;
@@ -357,7 +370,7 @@ async fn serve(
     listeners: Listeners,
     admin: tokio::net::TcpListener,
     redirect: &mut Redirect,
-    watcher: &mut watch_files::Fingerprint,
+    (watcher, last_good): (&mut watch_files::Fingerprint, &mut config::LastGood),
 ) -> Result<(), RunError> {
     redirect.reconcile(&ctx.state(), &cfg.node).await?;
     ctx.publish_capture(redirect);
@@ -388,7 +401,7 @@ async fn serve(
             _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: draining"); break }
             _ = tick.tick() => {
                 if watcher.changed(&cfg.config_path) {
-                    reload(ctx, &cfg.config_path, &cfg.identity.trust_domain);
+                    reload(ctx, &cfg.config_path, &cfg.identity.trust_domain, last_good);
                 }
                 ctx.reconcile_gateways(&mut gateways);
                 if let Err(e) = redirect.reconcile(&ctx.state(), &cfg.node).await {
@@ -409,10 +422,11 @@ async fn serve(
     Ok(())
 }
 
-fn reload(ctx: &Context, path: &std::path::Path, trust_domain: &str) {
-    match config::load(path, trust_domain) {
+fn reload(ctx: &Context, path: &std::path::Path, trust_domain: &str, last_good: &mut config::LastGood) {
+    match config::load_keeping(path, trust_domain, last_good) {
         Ok(loaded) => {
-            tracing::info!(path = %path.display(), pods = loaded.state.workloads.len(), services = loaded.state.services.len(), "configuration reloaded");
+            tracing::info!(path = %path.display(), pods = loaded.state.workloads.len(), services = loaded.state.services.len(), rejected = loaded.rejected.len(), "configuration reloaded");
+            ctx.record_rejected(&loaded.rejected);
             ctx.set_state(loaded.state);
             // Pooled upstream connections were authorized under the old policy:
             // new requests get new connections, checked against the new one;
@@ -425,9 +439,6 @@ fn reload(ctx: &Context, path: &std::path::Path, trust_domain: &str) {
                 ctx.metrics.connection_failures.get_or_create(&reason).inc_by(closed as u64);
             }
             ctx.metrics.config_loads.get_or_create(&ResultLabels { result: "success" }).inc();
-            if let Ok(mut e) = ctx.last_config_error.write() {
-                *e = None;
-            }
         }
         Err(errors) => {
             for e in &errors.0 {

@@ -282,6 +282,12 @@ fn validate(paths: &[PathBuf], trust_domain: &str) -> ExitCode {
     let mut ok = true;
     for path in paths {
         match crate::config::load(path, trust_domain) {
+            Ok(loaded) if !loaded.rejected.is_empty() => {
+                ok = false;
+                for e in &loaded.rejected {
+                    eprintln!("error: {e}");
+                }
+            }
             Ok(loaded) => {
                 for note in &loaded.notes {
                     eprintln!("note: {note}");

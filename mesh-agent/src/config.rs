@@ -3,7 +3,10 @@
 //!
 //! Every problem is reported as a [`ConfigError`] naming the file, the object
 //! (`Kind namespace/name`) and the field path, so an operator can fix it without
-//! guessing. Loading never stops at the first problem: all are reported at once.
+//! guessing. Loading never stops at the first problem: all are reported at once,
+//! and objects are admitted one by one: an object with a problem is rejected
+//! on its own, everything else applies (security objects fail closed, see
+//! `validate`). Objects in, model out, whatever the source.
 use std::{fmt, path::Path};
 
 use crate::state::State;
@@ -16,7 +19,7 @@ mod security;
 mod service_entry;
 mod validate;
 
-pub use load::{Document, Origin, read_documents};
+pub use load::{Document, LastGood, Origin, read_documents};
 pub use networking::MESH;
 
 /// One problem in the configuration.
@@ -48,43 +51,49 @@ impl fmt::Display for ConfigErrors {
     }
 }
 
-/// The result of a successful load: the state, and notes about objects that were
-/// skipped on purpose (kinds the agent does not use).
+/// The result of a load: the state built from every admitted object, notes
+/// about objects skipped on purpose (kinds the agent does not use), and the
+/// problems of the objects (or documents, or files) that were rejected.
 #[derive(Debug)]
 pub struct Loaded {
     pub state: State,
     pub notes: Vec<String>,
+    pub rejected: Vec<ConfigError>,
 }
 
 /// Reads and validates everything under `path` (a file, or a directory whose
-/// `*.yaml`/`*.yml`/`*.json` files are read in name order).
-/// Pod identities are in `trust_domain`.
+/// `*.yaml`/`*.yml`/`*.json` files are read in name order), admitting each
+/// object that is valid. Pod identities are in `trust_domain`. Fails only
+/// when `path` itself cannot be read.
 pub fn load(path: &Path, trust_domain: &str) -> Result<Loaded, ConfigErrors> {
-    let (docs, mut errors) = read_documents(path)?;
-    match validate::build_state(&docs, trust_domain) {
-        Ok(loaded) if errors.is_empty() => Ok(loaded),
-        Ok(_) => Err(ConfigErrors(errors)),
-        Err(more) => {
-            errors.extend(more.0);
-            // Stable: keeps each file's errors in document order.
-            errors.sort_by(|a, b| (&a.origin.file, a.origin.document).cmp(&(&b.origin.file, b.origin.document)));
-            Err(ConfigErrors(errors))
-        }
-    }
+    load_keeping(path, trust_domain, &mut LastGood::default())
+}
+
+/// As [`load`], where a file that does not parse keeps its version in
+/// `last_good` (the agent's and the CA's reloads).
+pub fn load_keeping(path: &Path, trust_domain: &str, last_good: &mut LastGood) -> Result<Loaded, ConfigErrors> {
+    let (docs, mut errors) = load::read_documents_keeping(path, last_good)?;
+    let mut loaded = validate::build_state(&docs, trust_domain);
+    errors.append(&mut loaded.rejected);
+    // Stable: keeps each file's errors in document order.
+    errors.sort_by(|a, b| (&a.origin.file, a.origin.document).cmp(&(&b.origin.file, b.origin.document)));
+    loaded.rejected = errors;
+    Ok(loaded)
 }
 
 /// Validates documents that were already read (used by tests and by the watcher).
-pub fn load_documents(docs: &[Document], trust_domain: &str) -> Result<Loaded, ConfigErrors> {
+pub fn load_documents(docs: &[Document], trust_domain: &str) -> Loaded {
     validate::build_state(docs, trust_domain)
 }
 
 /// A validated state from YAML text (for unit tests of the decisions made on it).
 #[cfg(test)]
-#[expect(clippy::unwrap_used, reason = "tests")]
 pub(crate) fn state_from_yaml(yaml: &str) -> State {
     let file: std::sync::Arc<Path> = Path::new("test.yaml").into();
     let (mut docs, mut errors) = (Vec::new(), Vec::new());
     load::parse_text(&file, yaml, &mut docs, &mut errors);
     assert!(errors.is_empty(), "{errors:?}");
-    load_documents(&docs, crate::state::DEFAULT_TRUST_DOMAIN).unwrap().state
+    let loaded = load_documents(&docs, crate::state::DEFAULT_TRUST_DOMAIN);
+    assert!(loaded.rejected.is_empty(), "{:?}", loaded.rejected);
+    loaded.state
 }

@@ -192,8 +192,11 @@ pub struct Metrics {
     /// Connections that failed, by reason (also counted in the Istio metrics).
     pub connection_failures: Family<ReasonLabels, Counter>,
     pub active_connections: Gauge,
-    /// Config loads by result: `success`, `rejected`.
+    /// Config loads by result: `success` (valid objects applied), `rejected`
+    /// (the configuration could not be read at all).
     pub config_loads: Family<ResultLabels, Counter>,
+    /// Objects rejected in the configuration now applied.
+    pub config_objects_rejected: Gauge,
     pub requests: Family<RequestLabels, Counter>,
     /// Mirrored request copies by result: `sent`, `failed`, `skipped` (body too large).
     pub mirrored: Family<ResultLabels, Counter>,
@@ -219,6 +222,7 @@ impl Metrics {
         let connection_failures = Family::default();
         let active_connections = Gauge::default();
         let config_loads = Family::default();
+        let config_objects_rejected = Gauge::default();
         let ebpf_packets = Family::default();
         let requests = Family::default();
         let gateway_bind_failures = Counter::default();
@@ -262,8 +266,13 @@ impl Metrics {
         registry.register("mesh_tcp_active_connections", "Proxied connections open now", active_connections.clone());
         registry.register(
             "mesh_config_loads",
-            "Configuration loads by result (rejected: the last good config kept serving)",
+            "Configuration loads by result (rejected: unreadable, the last good config kept serving)",
             config_loads.clone(),
+        );
+        registry.register(
+            "mesh_config_objects_rejected",
+            "Objects rejected in the configuration now applied (each named in the log and /config_dump)",
+            config_objects_rejected.clone(),
         );
         registry.register(
             "mesh_ebpf_packets",
@@ -279,6 +288,7 @@ impl Metrics {
             connection_failures,
             active_connections,
             config_loads,
+            config_objects_rejected,
             requests,
             mirrored,
             hbone_connections,

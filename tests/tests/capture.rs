@@ -275,7 +275,7 @@ fn spoofed_source_is_dropped_and_counted() {
 }
 
 #[test]
-fn config_edits_add_and_remove_pods_live_and_bad_edits_keep_the_last_good_config() {
+fn config_edits_add_and_remove_pods_live_and_a_bad_object_is_rejected_alone() {
     if !require_root("config_edits_add_and_remove_pods_live") {
         return;
     }
@@ -297,14 +297,14 @@ fn config_edits_add_and_remove_pods_live_and_bad_edits_keep_the_last_good_config
     }
     assert!(ok, "late was added but never captured:\n{}", agent.log_text());
 
-    // A bad edit is rejected and counted; the last good config keeps serving.
+    // A bad object is rejected alone and counted; everything else keeps serving.
     agent.write_config(&config(
         true,
         "---\napiVersion: v1\nkind: Service\nmetadata: {name: bad, namespace: demo}\nspec: {clusterIP: 10.96.0.999}\n",
     ));
-    agent.wait_metrics(5, "rejected load", |m| metric(m, "mesh_config_loads_total", &[("result", "rejected")]) >= 1.0);
+    agent.wait_metrics(5, "rejected object", |m| metric(m, "mesh_config_objects_rejected", &[]) >= 1.0);
     let (ok, body) = curl(late, &vip);
-    assert!(ok, "last good config stopped serving: {body}");
+    assert!(ok, "the rest of the config stopped serving: {body}");
     let (_, dump) = agent.admin_get("/config_dump").unwrap();
     assert!(dump.contains("10.96.0.999"), "config_dump should show the rejection: {dump}");
 
@@ -342,29 +342,46 @@ fn uninstall_on_exit_leaves_the_node_as_it_was() {
 }
 
 #[test]
-fn invalid_config_refuses_to_start_with_exit_64() {
-    if !require_root("invalid_config_refuses_to_start_with_exit_64") {
+fn invalid_objects_are_rejected_one_by_one_and_an_unreadable_config_refuses_to_start() {
+    if !require_root("invalid_objects_are_rejected_one_by_one") {
         return;
     }
-    let c = Cluster::new();
-    let dir = std::env::temp_dir().join(format!("mesh-test-{}-bad", c.id));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("bad.yaml"), "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nstatus: {podIP: nope}\n")
-        .unwrap();
+    let c = cluster();
+    // A configuration that cannot be read at all: nothing starts.
     let out = c.node_cmd(&[
         mesh_tests::agent::binary().to_str().unwrap(),
         "run",
         "--node",
         "node-1",
         "--config",
-        dir.to_str().unwrap(),
+        "/nonexistent/mesh-config",
     ]);
-    let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(out.status.code(), Some(64), "{}", String::from_utf8_lossy(&out.stderr));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("bad.yaml (document 1): Pod default/p: status.podIP: \"nope\" is not an IPv4 address"),
-        "{err}"
-    );
+    assert!(err.contains("/nonexistent/mesh-config") && err.contains("cannot read"), "{err}");
     assert!(!c.node_routing().contains("15001"), "nothing installed");
+
+    // An invalid Pod among valid objects: rejected alone, the rest serves.
+    let bad = "---\napiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: demo}\nstatus: {podIP: nope}\n";
+    let agent = Agent::start(&c, &config(false, bad));
+    assert!(curl(c.pod("test"), &format!("http://{VIP}:9095/")).0, "valid objects not applied:\n{}", agent.log_text());
+    assert_eq!(metric(&agent.metrics(), "mesh_config_objects_rejected", &[]), 1.0);
+    let (_, dump) = agent.admin_get("/config_dump").unwrap();
+    assert!(dump.contains("(document 8): Pod demo/p: status.podIP: \\\"nope\\\" is not an IPv4 address"), "{dump}");
+
+    // A security policy that cannot be admitted fails closed for what it selects.
+    let policy = "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+        metadata: {name: hello, namespace: demo}\n\
+        spec: {selector: {matchLabels: {app: helloworld}}, rules: [{when: [{key: source.ip, values: [10.0.0.1]}]}]}\n";
+    let loads = |m: &str| metric(m, "mesh_config_loads_total", &[("result", "success")]);
+    let before = loads(&agent.metrics());
+    agent.write_config(&config(false, policy));
+    agent.wait_metrics(5, "the policy rejected", |m| loads(m) > before);
+    assert_eq!(metric(&agent.metrics(), "mesh_config_objects_rejected", &[]), 1.0);
+    let (ok, body) = curl(c.pod("test"), &format!("http://{VIP}:9095/"));
+    assert!(!ok || body.contains("RBAC: access denied"), "a rejected AuthorizationPolicy let traffic through: {body}");
+    agent.write_config(&config(false, ""));
+    agent.wait_metrics(5, "no object rejected", |m| metric(m, "mesh_config_objects_rejected", &[]) == 0.0);
+    let (ok, body) = curl(c.pod("test"), &format!("http://{VIP}:9095/"));
+    assert!(ok && body.starts_with("hello from helloworld"), "fixed, the workload is still denied: {body}");
 }

@@ -1,5 +1,6 @@
 //! Reading files into YAML documents, remembering where each came from.
 use std::{
+    collections::HashMap,
     fmt,
     path::{Path, PathBuf},
     sync::Arc,
@@ -10,7 +11,7 @@ use serde::Deserialize as _;
 use super::{ConfigError, ConfigErrors};
 
 /// Where a document is: file, 1-based document number and first line.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Origin {
     pub file: Arc<Path>,
     pub document: usize,
@@ -65,28 +66,57 @@ fn config_files(path: &Path) -> Result<Vec<PathBuf>, ConfigErrors> {
     Ok(files)
 }
 
+/// Each file's documents as they last parsed whole. A file that cannot be
+/// read or has a YAML syntax error keeps serving its last good version: what
+/// follows a syntax error cannot be read at all, and may be a security policy
+/// whose loss would open what it closed.
+#[derive(Debug, Default)]
+pub struct LastGood(HashMap<Arc<Path>, Vec<Document>>);
+
 /// Reads every document of every config file under `path`, with the problems
 /// met on the way (unreadable files, YAML syntax errors with their line), so
 /// that the documents that did parse can still be validated and every problem
 /// reported at once. Fails outright only when `path` itself cannot be read.
 pub fn read_documents(path: &Path) -> Result<(Vec<Document>, Vec<ConfigError>), ConfigErrors> {
+    read_documents_keeping(path, &mut LastGood::default())
+}
+
+/// As [`read_documents`], a file that does not parse whole replaced by its
+/// version in `last_good` (when there is one), which is kept up to date.
+pub fn read_documents_keeping(
+    path: &Path,
+    last_good: &mut LastGood,
+) -> Result<(Vec<Document>, Vec<ConfigError>), ConfigErrors> {
     let mut docs = Vec::new();
     let mut errors = Vec::new();
-    for file in config_files(path)? {
+    let files = config_files(path)?;
+    last_good.0.retain(|f, _| files.iter().any(|p| p.as_path() == &**f));
+    for file in files {
         let file: Arc<Path> = file.into();
-        let text = match std::fs::read_to_string(&file) {
-            Ok(t) => t,
-            Err(e) => {
-                errors.push(ConfigError {
-                    origin: Origin { file, document: 0, item: None },
-                    object: "file".into(),
-                    field: "-".into(),
-                    message: format!("cannot read: {e}"),
-                });
-                continue;
+        let (mut parsed, mut problems) = (Vec::new(), Vec::new());
+        match std::fs::read_to_string(&file) {
+            Ok(text) => parse_text(&file, &text, &mut parsed, &mut problems),
+            Err(e) => problems.push(ConfigError {
+                origin: Origin { file: file.clone(), document: 0, item: None },
+                object: "file".into(),
+                field: "-".into(),
+                message: format!("cannot read: {e}"),
+            }),
+        }
+        match last_good.0.get(&file) {
+            _ if problems.is_empty() => {
+                last_good.0.insert(file, parsed.clone());
+                docs.extend(parsed);
             }
-        };
-        parse_text(&file, &text, &mut docs, &mut errors);
+            Some(previous) => {
+                for p in &mut problems {
+                    p.message.push_str(" (the file's last good version still applies)");
+                }
+                docs.extend(previous.iter().cloned());
+            }
+            None => docs.extend(parsed),
+        }
+        errors.extend(problems);
     }
     Ok((docs, errors))
 }

@@ -1,4 +1,10 @@
-//! Turning documents into a validated [`State`].
+//! Turning documents into a validated [`State`], object by object: an object
+//! with any error is rejected on its own (with every error named) and the
+//! rest applies. Security objects fail closed: an AuthorizationPolicy or
+//! PeerAuthentication that cannot be admitted is replaced by a policy that
+//! denies everything to the workloads it would select (its namespace's, when
+//! even its selector cannot be read), as ztunnel does with a policy it
+//! cannot understand.
 use std::{
     collections::{BTreeMap, HashMap},
     net::Ipv4Addr,
@@ -8,7 +14,7 @@ use std::{
 use serde::de::DeserializeOwned;
 
 use super::{
-    ConfigError, ConfigErrors, Document, Loaded, Origin,
+    ConfigError, Document, Loaded, Origin,
     gateway::{self, GatewayObject, SecretObject},
     k8s,
     networking::{self, DestinationRuleObject, VirtualServiceObject},
@@ -71,17 +77,63 @@ struct Objects {
     secrets: Vec<(Origin, SecretObject)>,
     /// ConfigMap `istio-system/istio`.
     mesh_config: Option<(Origin, k8s::ConfigMap)>,
+    /// Every security object as far as its raw YAML says, to deny in its
+    /// place if it is rejected.
+    security: Vec<FailClosed>,
 }
 
-pub(super) fn build_state(docs: &[Document], trust_domain: &str) -> Result<Loaded, ConfigErrors> {
+/// What a security object selects, read from its raw YAML.
+struct FailClosed {
+    origin: Origin,
+    object: String,
+    namespace: Arc<str>,
+    /// `spec.selector.matchLabels`; `None` (absent or unreadable) selects the
+    /// whole namespace.
+    selector: Option<BTreeMap<String, String>>,
+}
+
+impl FailClosed {
+    fn read(origin: &Origin, object: &str, value: &serde_yaml_ng::Value) -> Self {
+        let namespace = value.get("metadata").and_then(|m| str_field(m, "namespace")).unwrap_or("default");
+        let labels = value.get("spec").and_then(|s| s.get("selector")).and_then(|s| s.get("matchLabels"));
+        let selector = labels.and_then(|l| l.as_mapping()).and_then(|m| {
+            m.iter()
+                .map(|(k, v)| Some((k.as_str()?.to_owned(), v.as_str()?.to_owned())))
+                .collect::<Option<BTreeMap<_, _>>>()
+                .filter(|m| !m.is_empty())
+        });
+        FailClosed { origin: origin.clone(), object: object.to_owned(), namespace: namespace.into(), selector }
+    }
+
+    /// A DENY whose one empty rule matches every request.
+    fn deny_all(&self) -> crate::policy::AuthorizationPolicy {
+        crate::policy::AuthorizationPolicy {
+            name: format!("{} (rejected: denies all)", self.object).into(),
+            namespace: self.namespace.clone(),
+            selector: self.selector.clone(),
+            action: crate::policy::Action::Deny,
+            rules: vec![crate::policy::Rule::default()],
+        }
+    }
+}
+
+/// The state built from every object that could be admitted, and the errors
+/// of those that could not.
+pub(super) fn build_state(docs: &[Document], trust_domain: &str) -> Loaded {
     let mut errors = Vec::new();
     let mut notes = Vec::new();
     let mut objects = Objects::default();
     for doc in docs {
         sort_document(&doc.origin, &doc.value, &mut objects, &mut notes, &mut errors);
     }
-    let state = assemble(objects, trust_domain, &mut errors);
-    if errors.is_empty() { Ok(Loaded { state, notes }) } else { Err(ConfigErrors(errors)) }
+    let security = std::mem::take(&mut objects.security);
+    let mut state = assemble(objects, trust_domain, &mut errors);
+    let rejected: std::collections::HashSet<&Origin> = errors.iter().map(|e| &e.origin).collect();
+    for f in security.iter().filter(|f| rejected.contains(&f.origin)) {
+        tracing::warn!(object = %f.object, namespace = %f.namespace, selector = ?f.selector, "security policy rejected: the workloads it selects deny every connection until it is fixed");
+        state.authorization_policies.push(f.deny_all());
+    }
+    Loaded { state, notes, rejected: errors }
 }
 
 fn str_field<'a>(v: &'a serde_yaml_ng::Value, key: &str) -> Option<&'a str> {
@@ -160,9 +212,11 @@ fn sort_document(
             push(&mut ctx, value, &mut objects.service_entries)
         }
         ("security.istio.io/v1" | "security.istio.io/v1beta1", "PeerAuthentication") => {
+            objects.security.push(FailClosed::read(origin, &ctx.object, value));
             push(&mut ctx, value, &mut objects.peer_authentications)
         }
         ("security.istio.io/v1" | "security.istio.io/v1beta1", "AuthorizationPolicy") => {
+            objects.security.push(FailClosed::read(origin, &ctx.object, value));
             push(&mut ctx, value, &mut objects.authorization_policies)
         }
         ("networking.istio.io/v1" | "networking.istio.io/v1beta1", "VirtualService") => {
@@ -242,7 +296,8 @@ fn assemble(objects: Objects, trust_domain: &str, errors: &mut Vec<ConfigError>)
     let mut state = State { trust_domain: trust_domain.into(), ..State::default() };
     for (origin, node) in &objects.nodes {
         let mut ctx = Ctx { origin, object: describe_meta("Node", &node.metadata), errors };
-        if let Some(n) = build_node(&mut ctx, node, trust_domain) {
+        let before = ctx.error_count();
+        if let Some(n) = build_node(&mut ctx, node, trust_domain).filter(|_| ctx.error_count() == before) {
             state.nodes.insert(n.name.clone(), n);
         }
     }
@@ -256,7 +311,9 @@ fn assemble(objects: Objects, trust_domain: &str, errors: &mut Vec<ConfigError>)
     let mut ip_owner: HashMap<Ipv4Addr, String> = HashMap::new();
     for (origin, pod) in &objects.pods {
         let mut ctx = Ctx { origin, object: describe_meta("Pod", &pod.metadata), errors };
-        let Some(w) = build_workload(&mut ctx, pod, &state.namespaces, trust_domain) else { continue };
+        let before = ctx.error_count();
+        let built = build_workload(&mut ctx, pod, &state.namespaces, trust_domain);
+        let Some(w) = built.filter(|_| ctx.error_count() == before) else { continue };
         let key = format!("{}/{}", w.namespace, w.name);
         if let (Some(ip), false) = (w.ip, w.host_network) {
             if let Some(other) = ip_owner.get(&ip) {
@@ -278,7 +335,10 @@ fn assemble(objects: Objects, trust_domain: &str, errors: &mut Vec<ConfigError>)
     let mut vip_owner: HashMap<Ipv4Addr, String> = HashMap::new();
     for (origin, svc) in &objects.services {
         let mut ctx = Ctx { origin, object: describe_meta("Service", &svc.metadata), errors };
-        let Some(s) = build_service(&mut ctx, svc, &state.workloads) else { continue };
+        let before = ctx.error_count();
+        let Some(s) = build_service(&mut ctx, svc, &state.workloads).filter(|_| ctx.error_count() == before) else {
+            continue;
+        };
         let key = format!("{}/{}", s.namespace, s.name);
         if let Some(vip) = s.vip {
             if let Some(other) = vip_owner.get(&vip) {
@@ -469,7 +529,10 @@ fn build_unique<O, T>(
     let mut out = Vec::new();
     for (origin, obj) in objects {
         let mut ctx = Ctx { origin, object: describe(obj), errors };
-        let Some(built) = build(&mut ctx, obj) else { continue };
+        let before = ctx.error_count();
+        // Any error rejects the whole object, even where a builder could
+        // have gone on without the faulty part.
+        let Some(built) = build(&mut ctx, obj).filter(|_| ctx.error_count() == before) else { continue };
         if !seen.insert(ctx.object.clone()) {
             ctx.error("metadata.name", "defined twice");
             continue;

@@ -120,7 +120,11 @@ pub enum CaServiceError {
 
 /// Runs the CA service until SIGTERM/SIGINT.
 pub async fn run(cfg: CaServiceConfig) -> Result<(), CaServiceError> {
-    let loaded = config::load(&cfg.config_path, &cfg.trust_domain)?;
+    let mut last_good = config::LastGood::default();
+    let loaded = config::load_keeping(&cfg.config_path, &cfg.trust_domain, &mut last_good)?;
+    for e in &loaded.rejected {
+        tracing::error!("object rejected, the rest of the configuration applies: {e}");
+    }
     let ca = Ca::load_or_create(&cfg.ca_dir, &cfg.trust_domain)?;
     let tokens = ensure_tokens(&cfg.ca_dir, &loaded.state)?;
     let now = std::time::SystemTime::now();
@@ -150,7 +154,7 @@ pub async fn run(cfg: CaServiceConfig) -> Result<(), CaServiceError> {
             _ = sigterm.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
             _ = tick.tick() => if watcher.changed(&cfg.config_path) {
-                reload(&svc, &cfg);
+                reload(&svc, &cfg, &mut last_good);
             },
             accepted = listener.accept() => {
                 let Ok((stream, peer)) = accepted else { continue };
@@ -180,9 +184,12 @@ pub async fn run(cfg: CaServiceConfig) -> Result<(), CaServiceError> {
     Ok(())
 }
 
-fn reload(svc: &Service, cfg: &CaServiceConfig) {
-    match config::load(&cfg.config_path, &cfg.trust_domain) {
+fn reload(svc: &Service, cfg: &CaServiceConfig, last_good: &mut config::LastGood) {
+    match config::load_keeping(&cfg.config_path, &cfg.trust_domain, last_good) {
         Ok(loaded) => {
+            for e in &loaded.rejected {
+                tracing::error!("object rejected, the rest of the configuration applies: {e}");
+            }
             match ensure_tokens(&cfg.ca_dir, &loaded.state) {
                 Ok(t) => {
                     if let Ok(mut m) = svc.tokens.write() {

@@ -10,7 +10,17 @@ fn load(yaml: &str) -> Result<Loaded, Vec<ConfigError>> {
     if !errors.is_empty() {
         return Err(errors);
     }
-    load_documents(&docs, "cluster.local").map_err(|e| e.0)
+    let loaded = load_documents(&docs, "cluster.local");
+    if loaded.rejected.is_empty() { Ok(loaded) } else { Err(loaded.rejected) }
+}
+
+/// The load, whatever was rejected.
+fn admitted(yaml: &str) -> Loaded {
+    let file: Arc<Path> = Path::new("cluster.yaml").into();
+    let (mut docs, mut errors) = (Vec::new(), Vec::new());
+    parse_text(&file, yaml, &mut docs, &mut errors);
+    assert!(errors.is_empty(), "{errors:?}");
+    load_documents(&docs, "cluster.local")
 }
 
 fn error_of(yaml: &str) -> String {
@@ -374,4 +384,87 @@ fn routing_rules_are_validated_field_by_field() {
     assert_eq!(v.http[0].matches[0].headers[0].0, "x-user");
     assert_eq!(v.http[0].timeout, Some(std::time::Duration::from_millis(250)));
     assert_eq!(loaded.state.destination_rules[0].service, "demo/hello");
+}
+
+const TWO_PODS: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: demo, labels: {istio.io/dataplane-mode: ambient}}\n\
+    ---\napiVersion: v1\nkind: Pod\nmetadata: {name: hello, namespace: demo, labels: {app: hello}}\n\
+    spec: {nodeName: n1, serviceAccountName: hello}\nstatus: {podIP: 10.244.0.2}\n\
+    ---\napiVersion: v1\nkind: Pod\nmetadata: {name: db, namespace: demo, labels: {app: db}}\n\
+    spec: {nodeName: n1}\nstatus: {podIP: 10.244.0.3}\n";
+
+#[test]
+fn an_invalid_object_is_rejected_alone_and_the_rest_applies() {
+    let yaml = format!(
+        "{TWO_PODS}---\napiVersion: v1\nkind: Service\nmetadata: {{name: bad, namespace: demo}}\nspec: {{clusterIP: 10.96.0.999}}\n\
+         ---\napiVersion: v1\nkind: Service\nmetadata: {{name: good, namespace: demo}}\n\
+         spec: {{clusterIP: 10.96.0.10, selector: {{app: hello}}, ports: [{{port: 80}}]}}\n\
+         ---\napiVersion: v1\nkind: Pod\nmetadata: {{name: twin, namespace: demo}}\nspec: {{nodeName: n1}}\nstatus: {{podIP: 10.244.0.2}}\n"
+    );
+    let loaded = admitted(&yaml);
+    let names: Vec<&str> = loaded.rejected.iter().map(|e| e.object.as_str()).collect();
+    assert_eq!(names, ["Pod demo/twin", "Service demo/bad"], "{:?}", loaded.rejected);
+    let s = &loaded.state;
+    assert!(s.workloads.contains_key("demo/hello") && s.workloads.contains_key("demo/db"));
+    assert!(!s.workloads.contains_key("demo/twin"));
+    assert!(s.services.contains_key("demo/good") && !s.services.contains_key("demo/bad"));
+}
+
+#[test]
+fn a_security_policy_that_cannot_be_admitted_denies_what_it_selects() {
+    use crate::policy::{Decision, Peer, authorize};
+    let ap = |name: &str, spec: &str| {
+        format!(
+            "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: demo}}\nspec: {spec}\n"
+        )
+    };
+    let pa = "---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: demo}\n\
+        spec: {mtls: {mode: SOMETIMES}}\n";
+    let peer =
+        Peer { principal: Some("spiffe://cluster.local/ns/demo/sa/test"), ip: std::net::Ipv4Addr::new(10, 244, 0, 9) };
+    #[rustfmt::skip]
+    let cases: &[(&str, String, bool, bool)] = &[
+        // (what, extra YAML, hello allowed, db allowed)
+        ("all valid",                      ap("ok", "{selector: {matchLabels: {app: hello}}, action: ALLOW, rules: [{}]}"), true, true),
+        ("unsupported field, selected",    ap("when", "{selector: {matchLabels: {app: hello}}, rules: [{when: [{key: a, values: [b]}]}]}"), false, true),
+        ("unreadable spec, selected",      ap("bad", "{selector: {matchLabels: {app: hello}}, rules: 7}"), false, true),
+        ("unreadable selector: namespace", ap("sel", "{selector: {matchLabels: [app]}, action: ALLOW}"), false, false),
+        ("PeerAuthentication: namespace",  pa.to_owned(), false, false),
+    ];
+    for (what, extra, hello_ok, db_ok) in cases {
+        let loaded = admitted(&format!("{TWO_PODS}{extra}"));
+        assert_eq!(loaded.rejected.is_empty(), *what == "all valid", "{what}: {:?}", loaded.rejected);
+        let s = &loaded.state;
+        let allowed = |pod: &str| authorize(s, &s.workloads[&format!("demo/{pod}")], &peer, 80) == Decision::Allow;
+        assert_eq!((allowed("hello"), allowed("db")), (*hello_ok, *db_ok), "{what}");
+    }
+}
+
+#[test]
+fn a_file_that_stops_parsing_keeps_its_last_good_version() {
+    use crate::policy::{Decision, Peer, authorize};
+    let dir = std::env::temp_dir().join(format!("mesh-config-last-good-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("test setup");
+    let deny = "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: no, namespace: demo}\n\
+        spec: {selector: {matchLabels: {app: hello}}, action: DENY, rules: [{}]}\n";
+    std::fs::write(dir.join("pods.yaml"), TWO_PODS).expect("test setup");
+    std::fs::write(dir.join("policy.yaml"), deny).expect("test setup");
+    let peer = Peer { principal: None, ip: std::net::Ipv4Addr::new(10, 244, 0, 9) };
+    let denied = |loaded: &Loaded| {
+        let s = &loaded.state;
+        authorize(s, &s.workloads["demo/hello"], &peer, 80) != Decision::Allow
+    };
+    let mut last_good = crate::config::LastGood::default();
+    let first = crate::config::load_keeping(&dir, "cluster.local", &mut last_good).expect("test setup");
+    assert!(first.rejected.is_empty() && denied(&first), "{:?}", first.rejected);
+    // A syntax error: the file's last good version still applies, and says so.
+    std::fs::write(dir.join("policy.yaml"), deny.replace("rules: [{}]}", "rules: [{}]")).expect("test setup");
+    let broken = crate::config::load_keeping(&dir, "cluster.local", &mut last_good).expect("test setup");
+    assert!(denied(&broken), "a policy file that stopped parsing stopped applying");
+    assert_eq!(broken.rejected.len(), 1, "{:?}", broken.rejected);
+    assert!(broken.rejected[0].message.contains("YAML syntax"), "{}", broken.rejected[0]);
+    assert!(broken.rejected[0].message.ends_with("(the file's last good version still applies)"));
+    // Without a last good version (a fresh start) the file's policy is absent.
+    let fresh = crate::config::load(&dir, "cluster.local").expect("test setup");
+    assert!(!denied(&fresh) && fresh.rejected.len() == 1);
+    let _ = std::fs::remove_dir_all(&dir);
 }
