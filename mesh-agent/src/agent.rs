@@ -15,9 +15,9 @@ use std::{
 use tokio::sync::{Notify, watch};
 
 use crate::{
+    capture::{Attached, Capture, CaptureError, Pending},
     config::{self, ConfigErrors},
     identity::{CertManager, IdentityError, ca, ca_service, manager::CertSource},
-    redirect::{Attached, Pending, Redirect, RedirectError},
     state::State,
     telemetry::{Metrics, ResultLabels},
 };
@@ -73,7 +73,7 @@ pub enum RunError {
     #[error("binding {what} on {addr}: {source} (is another mesh-agent running in this network namespace?)")]
     Bind { what: &'static str, addr: String, source: std::io::Error },
     #[error(transparent)]
-    Redirect(#[from] RedirectError),
+    Capture(#[from] CaptureError),
     #[error("identity: {0}")]
     Identity(#[from] IdentityError),
     #[error("TLS settings: {0}")]
@@ -112,7 +112,7 @@ pub struct Context {
     capture: RwLock<CaptureStatus>,
     gateway_status: RwLock<Vec<crate::gateway::PortStatus>>,
     /// Original destinations of captured host clients (when that capture runs).
-    pub host_orig: std::sync::OnceLock<crate::redirect::host::HostOrig>,
+    pub host_orig: std::sync::OnceLock<crate::capture::host::HostOrig>,
     last_config_error: RwLock<Option<String>>,
     ready: AtomicBool,
     rr: AtomicUsize,
@@ -189,20 +189,20 @@ impl Context {
         self.last_config_error.read().ok().and_then(|e| e.clone())
     }
 
-    fn publish_capture(&self, redirect: &Redirect) {
-        let totals = redirect.counters();
+    fn publish_capture(&self, capture: &Capture) {
+        let totals = capture.counters();
         self.metrics.update_ebpf(&totals);
-        let ips = redirect.attached().values().map(|a| a.pod_ip).collect();
+        let ips = capture.attached().values().map(|a| a.pod_ip).collect();
         if let Ok(mut c) = self.captured_ips.write() {
             *c = Arc::new(ips);
         }
         if let Ok(mut g) = self.gated_ips.write() {
-            *g = Arc::new(redirect.gated().collect());
+            *g = Arc::new(capture.gated().collect());
         }
         if let Ok(mut c) = self.capture.write() {
             *c = CaptureStatus {
-                attached: redirect.attached().values().cloned().collect(),
-                pending: redirect.pending.clone(),
+                attached: capture.attached().values().cloned().collect(),
+                pending: capture.pending.clone(),
                 ebpf_counters: mesh_common::counter::NAMES.iter().copied().zip(totals).collect(),
             };
         }
@@ -311,14 +311,14 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
         addr: cfg.admin_addr.to_string(),
         source,
     })?;
-    let mut redirect = Redirect::start(cfg.host_cgroup.as_deref(), cfg.kubelet_cgroup.as_deref(), &cfg.bpffs).await?;
-    if let Some(orig) = redirect.take_host_orig() {
+    let mut capture = Capture::start(cfg.host_cgroup.as_deref(), cfg.kubelet_cgroup.as_deref(), &cfg.bpffs).await?;
+    if let Some(orig) = capture.take_host_orig() {
         let _ = ctx.host_orig.set(orig);
     }
-    let result = serve(&cfg, &ctx, listeners, admin, &mut redirect, (&mut watcher, &mut last_good)).await;
+    let result = serve(&cfg, &ctx, listeners, admin, &mut capture, (&mut watcher, &mut last_good)).await;
     // Whatever happened: capture stays pinned (fail closed) unless the mesh
     // is leaving the node.
-    let cleanup = redirect.shutdown(cfg.uninstall_on_exit).await;
+    let cleanup = capture.shutdown(cfg.uninstall_on_exit).await;
     result?;
     cleanup?;
     Ok(())
@@ -369,11 +369,11 @@ async fn serve(
     ctx: &Arc<Context>,
     listeners: Listeners,
     admin: tokio::net::TcpListener,
-    redirect: &mut Redirect,
+    capture: &mut Capture,
     (watcher, last_good): (&mut watch_files::Fingerprint, &mut config::LastGood),
 ) -> Result<(), RunError> {
-    redirect.reconcile(&ctx.state(), &cfg.node).await?;
-    ctx.publish_capture(redirect);
+    capture.reconcile(&ctx.state(), &cfg.node).await?;
+    ctx.publish_capture(capture);
     // Certificates for the local pods before serving, so that the first
     // connections need not wait for the CA.
     ctx.certs.sync(&wanted_identities(ctx)).await;
@@ -390,10 +390,10 @@ async fn serve(
     let mut gateways = crate::gateway::Listeners::default();
     ctx.reconcile_gateways(&mut gateways);
     ctx.ready.store(true, Ordering::Release);
-    tracing::info!(node = %cfg.node, admin = %cfg.admin_addr, pods = redirect.attached().len(), "mesh-agent ready");
+    tracing::info!(node = %cfg.node, admin = %cfg.admin_addr, pods = capture.attached().len(), "mesh-agent ready");
 
     let mut sigterm =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(RedirectError::Io)?;
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(CaptureError::Io)?;
     let mut tick = tokio::time::interval(cfg.resync_interval);
     loop {
         tokio::select! {
@@ -404,10 +404,10 @@ async fn serve(
                     reload(ctx, &cfg.config_path, &cfg.identity.trust_domain, last_good);
                 }
                 ctx.reconcile_gateways(&mut gateways);
-                if let Err(e) = redirect.reconcile(&ctx.state(), &cfg.node).await {
+                if let Err(e) = capture.reconcile(&ctx.state(), &cfg.node).await {
                     tracing::warn!(error = %e, "capture reconcile failed; will retry");
                 }
-                ctx.publish_capture(redirect);
+                ctx.publish_capture(capture);
             }
         }
     }

@@ -208,8 +208,8 @@ pub fn main() -> ExitCode {
             let cfg = match no_host_capture {
                 true => cfg,
                 false => {
-                    let root = cgroup_root.unwrap_or_else(crate::redirect::host::default_cgroup_root);
-                    let kubelet = crate::redirect::host::kubelet_cgroup(&root, kubelet_cgroup.as_deref());
+                    let root = cgroup_root.unwrap_or_else(crate::capture::host::default_cgroup_root);
+                    let kubelet = crate::capture::host::kubelet_cgroup(&root, kubelet_cgroup.as_deref());
                     RunConfig { host_cgroup: Some(root), kubelet_cgroup: kubelet, ..cfg }
                 }
             };
@@ -221,7 +221,7 @@ pub fn main() -> ExitCode {
                 return ExitCode::from(EXIT_NOPERM);
             }
             let Some(runtime) = runtime() else { return ExitCode::FAILURE };
-            match runtime.block_on(crate::redirect::Redirect::uninstall(&bpffs)) {
+            match runtime.block_on(crate::capture::Capture::uninstall(&bpffs)) {
                 Ok(n) => {
                     println!("mesh removed from this node ({n} pinned links detached)");
                     ExitCode::SUCCESS

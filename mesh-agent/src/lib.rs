@@ -4,13 +4,14 @@
 //! Modules by concern: `config` (read and validate), `state` (the snapshot),
 //! `route` (pure routing decision), `policy` (PeerAuthentication and
 //! AuthorizationPolicy decisions), `identity` (SPIFFE certificates, the mesh CA),
-//! `hbone` (mTLS tunnels between agents), `redirect` (eBPF and netlink), `proxy` (L4),
+//! `hbone` (mTLS tunnels between agents), `capture` (eBPF and netlink), `proxy` (L4),
 //! `l7` (HTTP/1.1, HTTP/2, gRPC and WebSocket at the source agent),
 //! `gateway` (ingress and egress gateway listeners),
 //! `telemetry` (metrics), `admin` (HTTP admin), `agent` (the running process),
 //! `cli` (arguments).
 pub mod admin;
 pub mod agent;
+pub mod capture;
 pub mod cli;
 pub mod config;
 pub mod gateway;
@@ -20,7 +21,6 @@ pub mod l7;
 pub mod policy;
 pub mod privileges;
 pub mod proxy;
-pub mod redirect;
 pub mod route;
 pub mod state;
 pub mod telemetry;

@@ -28,7 +28,7 @@ use aya::{
 use mesh_common::{HostKey, OrigDst};
 
 use super::{
-    RedirectError, map_err,
+    CaptureError, map_err,
     pins::{Held, Pins},
     take_map,
 };
@@ -112,10 +112,10 @@ pub const PINS: [&str; 2] = ["cgroup-connect4", "cgroup-sockops"];
 /// run's links are removed first: their maps are not this run's, and while
 /// neither is attached a node process's connection to a meshed pod meets the
 /// pod's last-hop gate, which fails closed.
-pub fn start(ebpf: &mut Ebpf, cgroup: &Path, pins: &Pins) -> Result<(HostCapture, HostOrig), RedirectError> {
+pub fn start(ebpf: &mut Ebpf, cgroup: &Path, pins: &Pins) -> Result<(HostCapture, HostOrig), CaptureError> {
     let dests = BpfHashMap::try_from(take_map(ebpf, "HOST_DESTS")?).map_err(map_err("HOST_DESTS"))?;
     let orig = BpfHashMap::try_from(take_map(ebpf, "HOST_ORIG")?).map_err(map_err("HOST_ORIG"))?;
-    let dir = std::fs::File::open(cgroup).map_err(|e| RedirectError::Cgroup { path: cgroup.into(), source: e })?;
+    let dir = std::fs::File::open(cgroup).map_err(|e| CaptureError::Cgroup { path: cgroup.into(), source: e })?;
     for name in PINS {
         pins.remove(name);
     }
@@ -126,12 +126,12 @@ pub fn start(ebpf: &mut Ebpf, cgroup: &Path, pins: &Pins) -> Result<(HostCapture
     // the cgroup (each node's agent, other tools); the kernel refuses the
     // ALLOW_MULTI flag on links, so `Single` is the mode to ask for.
     let id = connect.attach(&dir, CgroupAttachMode::Single)?;
-    let connect_link = pins.hold(PINS[0], FdLink::try_from(connect.take_link(id)?)?).map_err(RedirectError::Pin)?;
+    let connect_link = pins.hold(PINS[0], FdLink::try_from(connect.take_link(id)?)?).map_err(CaptureError::Pin)?;
     let sockops: &mut SockOps =
         ebpf.program_mut("mesh_sockops").ok_or(aya::programs::ProgramError::UnexpectedProgramType)?.try_into()?;
     sockops.load()?;
     let id = sockops.attach(&dir, CgroupAttachMode::Single)?;
-    let sockops_link = pins.hold(PINS[1], FdLink::try_from(sockops.take_link(id)?)?).map_err(RedirectError::Pin)?;
+    let sockops_link = pins.hold(PINS[1], FdLink::try_from(sockops.take_link(id)?)?).map_err(CaptureError::Pin)?;
     tracing::info!(cgroup = %cgroup.display(), "host clients captured (cgroup/connect4 + sockops)");
     let capture =
         HostCapture { dests, dest_set: HashSet::new(), cgroup: cgroup.into(), links: vec![connect_link, sockops_link] };
@@ -148,7 +148,7 @@ impl HostCapture {
 
     /// Makes `HOST_DESTS` hold exactly the mesh Services' VIPs and the meshed
     /// pods' IPs (on every node: a host client reaches a remote one over HBONE).
-    pub fn sync(&mut self, state: &State) -> Result<(), RedirectError> {
+    pub fn sync(&mut self, state: &State) -> Result<(), CaptureError> {
         let vips = state.services.values().filter(|s| s.external.is_none()).filter_map(|s| s.vip);
         let pods = state.workloads.values().filter(|w| w.meshed && !w.host_network).filter_map(|w| w.ip);
         let want: HashSet<u32> = vips.chain(pods).map(|ip| u32::from_ne_bytes(ip.octets())).collect();
@@ -175,7 +175,7 @@ pub fn kubelet_cgroup(root: &Path, flag: Option<&Path>) -> Option<PathBuf> {
 
 /// The cgroup v2 id of a cgroup directory (its inode number), as
 /// `bpf_get_current_cgroup_id` reports it for the processes inside.
-pub fn cgroup_id(path: &Path) -> Result<u64, RedirectError> {
+pub fn cgroup_id(path: &Path) -> Result<u64, CaptureError> {
     use std::os::unix::fs::MetadataExt as _;
-    std::fs::metadata(path).map(|m| m.ino()).map_err(|e| RedirectError::Cgroup { path: path.into(), source: e })
+    std::fs::metadata(path).map(|m| m.ino()).map_err(|e| CaptureError::Cgroup { path: path.into(), source: e })
 }

@@ -43,7 +43,7 @@ const PROGRAM: &str = "mesh_tc";
 const GATE: &str = "mesh_gate";
 
 #[derive(Debug, thiserror::Error)]
-pub enum RedirectError {
+pub enum CaptureError {
     #[error("loading eBPF programs failed (is this kernel ≥ 6.6 with BTF, and are we root with CAP_BPF?): {0}")]
     Load(#[from] aya::EbpfError),
     #[error("eBPF program: {0}")]
@@ -62,8 +62,8 @@ pub enum RedirectError {
     Pin(&'static str),
 }
 
-fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> RedirectError {
-    move |source| RedirectError::Map { name, source }
+fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> CaptureError {
+    move |source| CaptureError::Map { name, source }
 }
 
 /// One interface the classifier is attached to.
@@ -85,7 +85,7 @@ pub struct Pending {
     pub reason: &'static str,
 }
 
-pub struct Redirect {
+pub struct Capture {
     ebpf: Ebpf,
     ifaces: BpfHashMap<MapData, u32, IfaceInfo>,
     /// Local meshed pod IPs (network order): plaintext to them goes to 15006.
@@ -109,7 +109,7 @@ pub struct Redirect {
     host_orig: Option<host::HostOrig>,
 }
 
-impl Redirect {
+impl Capture {
     /// Loads the programs, fills the settings map and installs the routing rule.
     /// With `host_cgroup`, host clients are captured too (see [`host`]); if
     /// that fails, the rest works without it and the reason is logged.
@@ -117,7 +117,7 @@ impl Redirect {
         host_cgroup: Option<&std::path::Path>,
         kubelet_cgroup: Option<&std::path::Path>,
         bpffs: &std::path::Path,
-    ) -> Result<Self, RedirectError> {
+    ) -> Result<Self, CaptureError> {
         let pins = pins::Pins::open(bpffs);
         let mut ebpf = EbpfLoader::new().load(EBPF_OBJECT)?;
         let netns_cookie = match host_cgroup.map(|_| host::netns_cookie()) {
@@ -193,7 +193,7 @@ impl Redirect {
 
     /// Attaches to, updates or detaches from interfaces so that exactly the local
     /// pods of `state` on `node` are handled, each with its current role.
-    pub async fn reconcile(&mut self, state: &State, node: &str) -> Result<(), RedirectError> {
+    pub async fn reconcile(&mut self, state: &State, node: &str) -> Result<(), CaptureError> {
         let routes = netlink::pod_routes(&self.handle).await?;
         let names = netlink::link_names(&self.handle).await?;
         let mut desired: BTreeMap<u32, Attached> = BTreeMap::new();
@@ -325,12 +325,12 @@ impl Redirect {
         attach: TcAttachType,
         ifindex: u32,
         ifname: &str,
-    ) -> Result<pins::Held, RedirectError> {
+    ) -> Result<pins::Held, CaptureError> {
         let name = pin_name(attach, ifindex);
         let program = program(&mut self.ebpf, prog)?;
         if let Some(old) = self.pins.adopt(&name) {
             let adopted = SchedClassifierLink::try_from(old)
-                .map_err(RedirectError::from)
+                .map_err(CaptureError::from)
                 .and_then(|link| Ok(program.attach_to_link(link)?))
                 .and_then(|id| Ok(FdLink::try_from(program.take_link(id)?)?));
             match adopted {
@@ -345,7 +345,7 @@ impl Redirect {
         }
         let id = program.attach_with_options(ifname, attach, TcAttachOptions::TcxOrder(LinkOrder::first()))?;
         let fd = FdLink::try_from(program.take_link(id)?)?;
-        self.pins.hold(&name, fd).map_err(RedirectError::Pin)
+        self.pins.hold(&name, fd).map_err(CaptureError::Pin)
     }
 
     /// Removes pins that no held link accounts for: interfaces gone or no
@@ -386,7 +386,7 @@ impl Redirect {
         }
     }
 
-    fn sync_meshed_ips(&mut self, state: &State, node: &str) -> Result<(), RedirectError> {
+    fn sync_meshed_ips(&mut self, state: &State, node: &str) -> Result<(), CaptureError> {
         let want: std::collections::HashSet<u32> = state
             .local_workloads(node)
             .filter(|w| w.meshed)
@@ -439,7 +439,7 @@ impl Redirect {
     /// and the node settings undone. Without it (SIGTERM: an upgrade or a
     /// restart), pinned capture stays and fails closed until the next agent
     /// adopts it.
-    pub async fn shutdown(mut self, uninstall: bool) -> Result<(), RedirectError> {
+    pub async fn shutdown(mut self, uninstall: bool) -> Result<(), CaptureError> {
         if !uninstall {
             tracing::info!(
                 "capture left in place (fail closed until an agent returns; `mesh-agent uninstall` removes it)"
@@ -463,7 +463,7 @@ impl Redirect {
 
     /// `mesh-agent uninstall`: removes what a stopped agent left in this
     /// network namespace and in `bpffs`. Returns how many pins were removed.
-    pub async fn uninstall(bpffs: &std::path::Path) -> Result<usize, RedirectError> {
+    pub async fn uninstall(bpffs: &std::path::Path) -> Result<usize, CaptureError> {
         let removed = pins::Pins::existing(bpffs).remove_all();
         let handle = netlink::connect()?;
         netlink::remove_proxy_routing(&handle, loopback_index()?).await?;
@@ -479,15 +479,15 @@ fn pin_name(attach: TcAttachType, ifindex: u32) -> String {
     }
 }
 
-fn missing_map(name: &'static str) -> RedirectError {
+fn missing_map(name: &'static str) -> CaptureError {
     map_err(name)(aya::maps::MapError::InvalidName { name: name.into() })
 }
 
-fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, RedirectError> {
+fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, CaptureError> {
     ebpf.take_map(name).ok_or_else(|| missing_map(name))
 }
 
-fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassifier, RedirectError> {
+fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassifier, CaptureError> {
     let prog = ebpf.program_mut(name).ok_or(aya::programs::ProgramError::UnexpectedProgramType)?;
     Ok(prog.try_into()?)
 }
