@@ -49,7 +49,7 @@ fn respond<B>(ctx: &Context, req: &Request<B>) -> Response<Full<Bytes>> {
             }
         }
         "/metrics" | "/stats/prometheus" => {
-            let mut r = text(StatusCode::OK, ctx.metrics.encode());
+            let mut r = text(StatusCode::OK, ctx.inputs.metrics.encode());
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
                 header::HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
@@ -58,15 +58,15 @@ fn respond<B>(ctx: &Context, req: &Request<B>) -> Response<Full<Bytes>> {
         }
         "/config_dump" => {
             let dump = serde_json::json!({
-                "node": ctx.node,
+                "node": ctx.inputs.node,
                 "config_path": ctx.config_path,
                 "ready": ctx.is_ready(),
                 "last_config_error": ctx.last_config_error(),
-                "active_connections": ctx.active.count(),
+                "active_connections": ctx.inputs.active.count(),
                 "capture": ctx.capture(),
-                "certificates": ctx.certs.dump(),
+                "certificates": ctx.inputs.certs.dump(),
                 "gateway_listeners": ctx.gateway_status(),
-                "state": &*ctx.state(),
+                "state": &*ctx.inputs.state(),
             });
             let body = serde_json::to_string_pretty(&dump).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"));
             let mut r = text(StatusCode::OK, body + "\n");

@@ -7,22 +7,20 @@ use std::{
     path::PathBuf,
     sync::{
         Arc, RwLock,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
+        atomic::{AtomicBool, Ordering},
     },
     time::{Duration, Instant},
 };
 
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 
 use crate::{
     capture::{Attached, Capture, CaptureError, Pending},
     config::{self, ConfigErrors},
     identity::{CertManager, IdentityError, ca, ca_service, manager::CertSource},
-    state::State,
-    telemetry::{Metrics, ResultLabels},
+    proxy::inputs::{Active, Inputs},
+    telemetry::ResultLabels,
 };
-
-pub(crate) mod watch_files;
 
 /// Settings of `mesh-agent run`.
 #[derive(Debug, Clone)]
@@ -90,70 +88,18 @@ pub struct CaptureStatus {
     pub ebpf_counters: std::collections::BTreeMap<&'static str, u64>,
 }
 
-/// Shared by the proxy, the admin server and the control loop.
+/// The agent: the data path's inputs, and its own status for the admin server.
 pub struct Context {
-    pub node: String,
+    /// What the data path runs on (it never sees the rest of this).
+    pub inputs: Arc<Inputs>,
     pub config_path: PathBuf,
-    pub connect_timeout: Duration,
-    pub metrics: Metrics,
-    pub active: Arc<Active>,
-    pub certs: Arc<CertManager>,
-    pub hbone: crate::hbone::Pool,
-    pub http_pool: crate::l7::pool::Pool,
-    /// Connections authorized here, judged again after each reload.
-    pub conns: Arc<crate::proxy::conns::Conns>,
-    pub clusters: crate::l7::cluster::Clusters,
-    pub access_log: crate::l7::access_log::AccessLog,
-    pub protocol_detection_timeout: Duration,
-    state: RwLock<Arc<State>>,
-    captured_ips: RwLock<Arc<HashSet<Ipv4Addr>>>,
-    /// Local meshed pods behind a last-hop gate.
-    gated_ips: RwLock<Arc<HashSet<Ipv4Addr>>>,
     capture: RwLock<CaptureStatus>,
     gateway_status: RwLock<Vec<crate::gateway::PortStatus>>,
-    /// Original destinations of captured host clients (when that capture runs).
-    pub host_orig: std::sync::OnceLock<crate::capture::host::HostOrig>,
     last_config_error: RwLock<Option<String>>,
     ready: AtomicBool,
-    rr: AtomicUsize,
-    rng: std::sync::atomic::AtomicU64,
 }
 
 impl Context {
-    pub fn state(&self) -> Arc<State> {
-        self.state.read().map(|s| s.clone()).unwrap_or_default()
-    }
-
-    fn set_state(&self, state: State) {
-        if let Ok(mut s) = self.state.write() {
-            *s = Arc::new(state);
-        }
-    }
-
-    /// Whether replies from `ip` come back through a captured interface.
-    pub fn is_captured(&self, ip: Ipv4Addr) -> bool {
-        self.captured_ips.read().is_ok_and(|s| s.contains(&ip))
-    }
-
-    /// Whether `ip` is a local meshed pod whose veth has the last-hop gate:
-    /// packets to it reach the agent's sockets whichever way they arrive.
-    pub fn is_gated(&self, ip: Ipv4Addr) -> bool {
-        self.gated_ips.read().is_ok_and(|s| s.contains(&ip))
-    }
-
-    pub fn next_pick(&self) -> usize {
-        self.rr.fetch_add(1, Ordering::Relaxed)
-    }
-
-    /// A pseudo-random number (splitmix64 over a shared counter): for weights
-    /// and random balancing, not for secrets.
-    pub fn next_random(&self) -> u64 {
-        let mut z = self.rng.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed);
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
     }
@@ -167,8 +113,8 @@ impl Context {
         self.gateway_status.read().map(|g| g.clone()).unwrap_or_default()
     }
 
-    fn reconcile_gateways(self: &Arc<Self>, gateways: &mut crate::gateway::Listeners) {
-        gateways.reconcile(self);
+    fn reconcile_gateways(&self, gateways: &mut crate::gateway::Listeners) {
+        gateways.reconcile(&self.inputs);
         if let Ok(mut g) = self.gateway_status.write() {
             *g = gateways.status();
         }
@@ -179,7 +125,7 @@ impl Context {
         for e in rejected {
             tracing::error!("object rejected, the rest of the configuration applies: {e}");
         }
-        self.metrics.config_objects_rejected.set(rejected.len() as i64);
+        self.inputs.metrics.config_objects_rejected.set(rejected.len() as i64);
         if let Ok(mut last) = self.last_config_error.write() {
             *last = (!rejected.is_empty()).then(|| config::ConfigErrors(rejected.to_vec()).to_string());
         }
@@ -191,49 +137,14 @@ impl Context {
 
     fn publish_capture(&self, capture: &Capture) {
         let totals = capture.counters();
-        self.metrics.update_ebpf(&totals);
-        let ips = capture.attached().values().map(|a| a.pod_ip).collect();
-        if let Ok(mut c) = self.captured_ips.write() {
-            *c = Arc::new(ips);
-        }
-        if let Ok(mut g) = self.gated_ips.write() {
-            *g = Arc::new(capture.gated().collect());
-        }
+        self.inputs.metrics.update_ebpf(&totals);
+        self.inputs.set_captured(capture.attached().values().map(|a| a.pod_ip).collect(), capture.gated().collect());
         if let Ok(mut c) = self.capture.write() {
             *c = CaptureStatus {
                 attached: capture.attached().values().cloned().collect(),
                 pending: capture.pending.clone(),
                 ebpf_counters: mesh_common::counter::NAMES.iter().copied().zip(totals).collect(),
             };
-        }
-    }
-}
-
-/// Counts live proxied connections so shutdown can wait for them.
-#[derive(Default)]
-pub struct Active {
-    count: AtomicUsize,
-    idle: Notify,
-}
-
-impl Active {
-    pub fn enter(self: &Arc<Self>) -> ActiveGuardOwned {
-        self.count.fetch_add(1, Ordering::AcqRel);
-        ActiveGuardOwned(self.clone())
-    }
-
-    pub fn count(&self) -> usize {
-        self.count.load(Ordering::Acquire)
-    }
-}
-
-/// Decrements the live-connection count when the connection's task ends.
-pub struct ActiveGuardOwned(Arc<Active>);
-
-impl Drop for ActiveGuardOwned {
-    fn drop(&mut self) {
-        if self.0.count.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.idle.notify_waiters();
         }
     }
 }
@@ -256,37 +167,27 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
              run `mesh-agent ca` and start the agents with --ca-addr"
         );
     }
-    let mut watcher = watch_files::Fingerprint::of(&cfg.config_path);
+    let mut watcher = config::watch_files::Fingerprint::of(&cfg.config_path);
     let certs = Arc::new(cert_manager(&cfg.identity)?);
     let access_log = crate::l7::access_log::AccessLog::open(&cfg.access_log)
         .map_err(|source| RunError::AccessLog { path: cfg.access_log.clone(), source })?;
-    let ctx = Arc::new(Context {
+    let inputs = Arc::new(Inputs::new(crate::proxy::inputs::Settings {
         node: cfg.node.clone(),
-        config_path: cfg.config_path.clone(),
         connect_timeout: cfg.connect_timeout,
-        metrics: Metrics::new(),
-        active: Arc::default(),
-        certs,
-        hbone: crate::hbone::Pool::default(),
-        http_pool: crate::l7::pool::Pool::default(),
-        conns: Arc::default(),
-        clusters: crate::l7::cluster::Clusters::default(),
-        access_log,
         protocol_detection_timeout: cfg.protocol_detection_timeout,
-        state: RwLock::new(Arc::new(loaded.state)),
-        captured_ips: RwLock::default(),
-        gated_ips: RwLock::default(),
+        certs,
+        access_log,
+        state: loaded.state,
+    }));
+    let ctx = Arc::new(Context {
+        inputs,
+        config_path: cfg.config_path.clone(),
         capture: RwLock::default(),
         gateway_status: RwLock::default(),
-        host_orig: std::sync::OnceLock::new(),
         last_config_error: RwLock::default(),
         ready: AtomicBool::new(false),
-        rr: AtomicUsize::new(0),
-        rng: std::sync::atomic::AtomicU64::new(u64::from_ne_bytes(
-            crate::identity::random_bytes::<8>().unwrap_or_default(),
-        )),
     });
-    ctx.metrics.config_loads.get_or_create(&ResultLabels { result: "success" }).inc();
+    ctx.inputs.metrics.config_loads.get_or_create(&ResultLabels { result: "success" }).inc();
     ctx.record_rejected(&loaded.rejected);
 
     let bind_capture = |what, port| {
@@ -304,7 +205,8 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
         addr: hbone_addr.to_string(),
         source,
     })?;
-    let tls = crate::identity::tls::server_config(ctx.certs.roots(), ctx.certs.clone(), true, &[b"h2"])?;
+    let certs = &ctx.inputs.certs;
+    let tls = crate::identity::tls::server_config(certs.roots(), certs.clone(), true, &[b"h2"])?;
     let listeners = Listeners { outbound, inbound, hbone, hbone_tls: tokio_rustls::TlsAcceptor::from(Arc::new(tls)) };
     let admin = tokio::net::TcpListener::bind(cfg.admin_addr).await.map_err(|source| RunError::Bind {
         what: "the admin server",
@@ -313,7 +215,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
     })?;
     let mut capture = Capture::start(cfg.host_cgroup.as_deref(), cfg.kubelet_cgroup.as_deref(), &cfg.bpffs).await?;
     if let Some(orig) = capture.take_host_orig() {
-        let _ = ctx.host_orig.set(orig);
+        let _ = ctx.inputs.host_orig.set(orig);
     }
     let result = serve(&cfg, &ctx, listeners, admin, &mut capture, (&mut watcher, &mut last_good)).await;
     // Whatever happened: capture stays pinned (fail closed) unless the mesh
@@ -350,17 +252,17 @@ fn cert_manager(cfg: &IdentityConfig) -> Result<CertManager, IdentityError> {
 }
 
 /// The identities of this node's meshed pods and gateways: the certificates to hold.
-fn wanted_identities(ctx: &Context) -> HashSet<Arc<str>> {
-    ctx.state().node_identities(&ctx.node)
+fn wanted_identities(inputs: &Inputs) -> HashSet<Arc<str>> {
+    inputs.state().node_identities(&inputs.node)
 }
 
 /// Keeps certificates in step with the local pods, renewing at half life.
-async fn sync_certificates(ctx: Arc<Context>, every: Duration) {
+async fn sync_certificates(inputs: Arc<Inputs>, every: Duration) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        ctx.certs.sync(&wanted_identities(&ctx)).await;
+        inputs.certs.sync(&wanted_identities(&inputs)).await;
     }
 }
 
@@ -370,21 +272,23 @@ async fn serve(
     listeners: Listeners,
     admin: tokio::net::TcpListener,
     capture: &mut Capture,
-    (watcher, last_good): (&mut watch_files::Fingerprint, &mut config::LastGood),
+    (watcher, last_good): (&mut config::watch_files::Fingerprint, &mut config::LastGood),
 ) -> Result<(), RunError> {
-    capture.reconcile(&ctx.state(), &cfg.node).await?;
+    let inputs = &ctx.inputs;
+    capture.reconcile(&inputs.state(), &cfg.node).await?;
     ctx.publish_capture(capture);
     // Certificates for the local pods before serving, so that the first
     // connections need not wait for the CA.
-    ctx.certs.sync(&wanted_identities(ctx)).await;
-    let certs_task = tokio::spawn(sync_certificates(ctx.clone(), cfg.resync_interval.min(Duration::from_secs(1))));
+    inputs.certs.sync(&wanted_identities(inputs)).await;
+    let every = cfg.resync_interval.min(Duration::from_secs(1));
+    let certs_task = tokio::spawn(sync_certificates(inputs.clone(), every));
     let (stop_tx, stop_rx) = watch::channel(false);
     let Listeners { outbound, inbound, hbone, hbone_tls } = listeners;
     use crate::proxy::Listener;
     let tasks = [
-        tokio::spawn(crate::proxy::serve(ctx.clone(), outbound, Listener::Outbound, stop_rx.clone())),
-        tokio::spawn(crate::proxy::serve(ctx.clone(), inbound, Listener::Inbound, stop_rx.clone())),
-        tokio::spawn(crate::hbone::serve(ctx.clone(), hbone, hbone_tls, stop_rx)),
+        tokio::spawn(crate::proxy::serve(inputs.clone(), outbound, Listener::Outbound, stop_rx.clone())),
+        tokio::spawn(crate::proxy::serve(inputs.clone(), inbound, Listener::Inbound, stop_rx.clone())),
+        tokio::spawn(crate::hbone::serve(inputs.clone(), hbone, hbone_tls, stop_rx)),
     ];
     tokio::spawn(crate::admin::serve(ctx.clone(), admin));
     let mut gateways = crate::gateway::Listeners::default();
@@ -404,7 +308,7 @@ async fn serve(
                     reload(ctx, &cfg.config_path, &cfg.identity.trust_domain, last_good);
                 }
                 ctx.reconcile_gateways(&mut gateways);
-                if let Err(e) = capture.reconcile(&ctx.state(), &cfg.node).await {
+                if let Err(e) = capture.reconcile(&inputs.state(), &cfg.node).await {
                     tracing::warn!(error = %e, "capture reconcile failed; will retry");
                 }
                 ctx.publish_capture(capture);
@@ -418,7 +322,7 @@ async fn serve(
         let _ = t.await;
     }
     certs_task.abort();
-    drain(&ctx.active, cfg.drain_timeout).await;
+    drain(&inputs.active, cfg.drain_timeout).await;
     Ok(())
 }
 
@@ -427,24 +331,25 @@ fn reload(ctx: &Context, path: &std::path::Path, trust_domain: &str, last_good: 
         Ok(loaded) => {
             tracing::info!(path = %path.display(), pods = loaded.state.workloads.len(), services = loaded.state.services.len(), rejected = loaded.rejected.len(), "configuration reloaded");
             ctx.record_rejected(&loaded.rejected);
-            ctx.set_state(loaded.state);
+            let inputs = &ctx.inputs;
+            inputs.set_state(loaded.state);
             // Pooled upstream connections were authorized under the old policy:
             // new requests get new connections, checked against the new one;
             // open connections the new one refuses are closed.
-            ctx.http_pool.clear();
-            ctx.clusters.clear();
-            let closed = ctx.conns.revalidate(&ctx.state());
+            inputs.http_pool.clear();
+            inputs.clusters.clear();
+            let closed = inputs.conns.revalidate(&inputs.state());
             if closed > 0 {
                 let reason = crate::telemetry::ReasonLabels { reason: "denied_after_policy_change" };
-                ctx.metrics.connection_failures.get_or_create(&reason).inc_by(closed as u64);
+                inputs.metrics.connection_failures.get_or_create(&reason).inc_by(closed as u64);
             }
-            ctx.metrics.config_loads.get_or_create(&ResultLabels { result: "success" }).inc();
+            inputs.metrics.config_loads.get_or_create(&ResultLabels { result: "success" }).inc();
         }
         Err(errors) => {
             for e in &errors.0 {
                 tracing::error!("configuration rejected, keeping the last good one: {e}");
             }
-            ctx.metrics.config_loads.get_or_create(&ResultLabels { result: "rejected" }).inc();
+            ctx.inputs.metrics.config_loads.get_or_create(&ResultLabels { result: "rejected" }).inc();
             if let Ok(mut e) = ctx.last_config_error.write() {
                 *e = Some(errors.to_string());
             }
@@ -466,6 +371,6 @@ async fn drain(active: &Arc<Active>, deadline: Duration) {
             return;
         }
         tracing::info!(connections = n, "waiting for connections to finish");
-        let _ = tokio::time::timeout(left.min(Duration::from_millis(200)), active.idle.notified()).await;
+        let _ = tokio::time::timeout(left.min(Duration::from_millis(200)), active.idle()).await;
     }
 }

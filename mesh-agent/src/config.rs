@@ -18,6 +18,7 @@ mod networking;
 mod security;
 mod service_entry;
 mod validate;
+pub(crate) mod watch_files;
 
 pub use load::{Document, LastGood, Origin, read_documents};
 pub use networking::MESH;

@@ -31,8 +31,8 @@ use tokio::{
 };
 
 use crate::{
-    agent::Context,
     l7::{Downstream, protocol::Handling},
+    proxy::Inputs,
     proxy::{self, ProxyError},
     route::Route,
     state::{GatewayProtocol, ServerTls, State},
@@ -116,7 +116,7 @@ pub fn plan(state: &State, node: &str) -> Result<BTreeMap<u16, PortPlan>, String
 
 impl Listeners {
     /// Opens, updates and closes listeners to match the configuration.
-    pub fn reconcile(&mut self, ctx: &Arc<Context>) {
+    pub fn reconcile(&mut self, ctx: &Arc<Inputs>) {
         let state = ctx.state();
         let want = match plan(&state, &ctx.node) {
             Ok(w) => w,
@@ -203,7 +203,7 @@ fn serving(state: &State, plan: &PortPlan) -> std::io::Result<Serving> {
 
 type ServingTx = watch::Sender<Option<Arc<Serving>>>;
 
-fn open(ctx: &Arc<Context>, state: &State, plan: &PortPlan) -> std::io::Result<ServingTx> {
+fn open(ctx: &Arc<Inputs>, state: &State, plan: &PortPlan) -> std::io::Result<ServingTx> {
     let first = serving(state, plan)?;
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
     socket.set_reuse_address(true)?;
@@ -259,7 +259,7 @@ fn tls_acceptor(state: &State, plan: &PortPlan) -> std::io::Result<tokio_rustls:
 }
 
 async fn handle(
-    ctx: &Arc<Context>,
+    ctx: &Arc<Inputs>,
     stream: TcpStream,
     peer: SocketAddr,
     protocol: GatewayProtocol,
@@ -334,7 +334,7 @@ async fn peek_sni(stream: &TcpStream) -> Option<String> {
 /// A TCP or TLS-passthrough server: where the first matching rule sends the
 /// connection (`found`), bytes copied both ways.
 async fn serve_tcp(
-    ctx: &Arc<Context>,
+    ctx: &Arc<Inputs>,
     client: TcpStream,
     peer: SocketAddr,
     local: SocketAddrV4,
@@ -382,7 +382,7 @@ async fn serve_tcp(
 /// The gateway on this node that an HBONE stream to `target` (this node's
 /// address, a gateway port) with server identity `identity` is for: the
 /// gateways serving the port and its protocol.
-pub fn tunnel_target(ctx: &Context, target: SocketAddrV4, identity: &str) -> Option<(Arc<[String]>, GatewayProtocol)> {
+pub fn tunnel_target(ctx: &Inputs, target: SocketAddrV4, identity: &str) -> Option<(Arc<[String]>, GatewayProtocol)> {
     let state = ctx.state();
     let node_ip = state.nodes.get(ctx.node.as_str()).and_then(|n| n.internal_ip)?;
     if *target.ip() != node_ip {
@@ -396,7 +396,7 @@ pub fn tunnel_target(ctx: &Context, target: SocketAddrV4, identity: &str) -> Opt
 /// Serves a stream that reached this node's gateway over HBONE (the second
 /// hop of the egress-gateway pattern): as if it had been accepted on the port.
 pub async fn serve_tunneled<I>(
-    ctx: Arc<Context>,
+    ctx: Arc<Inputs>,
     io: I,
     peer: SocketAddr,
     target: SocketAddrV4,

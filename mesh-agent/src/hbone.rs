@@ -35,9 +35,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::{
-    agent::Context,
     identity::{self, IdentityError},
     policy::{Decision, Peer, authorize},
+    proxy::Inputs,
     proxy::{self, ProxyError},
     telemetry::TcpLabels,
 };
@@ -188,7 +188,7 @@ pub struct TunnelTo<'a> {
 impl Pool {
     /// Opens a tunnel (an HTTP/2 CONNECT stream), on a pooled connection when
     /// one is live.
-    pub async fn open(&self, ctx: &Context, to: TunnelTo<'_>) -> Result<Tunnel, HboneError> {
+    pub async fn open(&self, ctx: &Inputs, to: TunnelTo<'_>) -> Result<Tunnel, HboneError> {
         let TunnelTo { source, node, dest, target, client_ip, connect_timeout } = to;
         let cert = ctx.certs.get(source).await?;
         let key = PoolKey { source: source.clone(), node, dest: dest.clone() };
@@ -296,7 +296,7 @@ impl Pool {
 
     fn tls_config(
         &self,
-        ctx: &Context,
+        ctx: &Inputs,
         cert: &identity::WorkloadCert,
         node: SocketAddrV4,
         dest: &Arc<str>,
@@ -348,7 +348,7 @@ async fn send_connect(
 }
 
 async fn connect(
-    ctx: &Context,
+    ctx: &Inputs,
     config: Arc<rustls::ClientConfig>,
     node: SocketAddrV4,
     dest: &Arc<str>,
@@ -394,7 +394,7 @@ async fn connect(
 
 /// Accepts mTLS connections on 15008 until `stop` fires.
 pub async fn serve(
-    ctx: Arc<Context>,
+    ctx: Arc<Inputs>,
     listener: TcpListener,
     acceptor: tokio_rustls::TlsAcceptor,
     mut stop: tokio::sync::watch::Receiver<bool>,
@@ -416,7 +416,7 @@ pub async fn serve(
     }
 }
 
-async fn serve_connection(ctx: Arc<Context>, tcp: TcpStream, peer: SocketAddr, acceptor: tokio_rustls::TlsAcceptor) {
+async fn serve_connection(ctx: Arc<Inputs>, tcp: TcpStream, peer: SocketAddr, acceptor: tokio_rustls::TlsAcceptor) {
     let _ = tcp.set_nodelay(true);
     let refused = |why: String| {
         tracing::warn!(%peer, "HBONE connection refused: {why}");
@@ -472,7 +472,7 @@ fn forwarded_for(req: &Request<Incoming>) -> Option<Ipv4Addr> {
 }
 
 async fn handle_connect(
-    ctx: Arc<Context>,
+    ctx: Arc<Inputs>,
     peer: SocketAddr,
     peer_id: Arc<str>,
     server_id: Arc<str>,

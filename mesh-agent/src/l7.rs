@@ -21,7 +21,7 @@ use hyper::{
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use crate::{
-    agent::Context,
+    proxy::Inputs,
     proxy::{self, ProxyError},
     route::{Refusal, Route},
     state::Workload,
@@ -61,7 +61,7 @@ pub struct Downstream {
 }
 
 impl Downstream {
-    fn pick(&self, ctx: &Context) -> usize {
+    fn pick(&self, ctx: &Inputs) -> usize {
         match self.first_pick.swap(usize::MAX, std::sync::atomic::Ordering::AcqRel) {
             usize::MAX => ctx.next_pick(),
             first => first,
@@ -85,7 +85,7 @@ static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Serves one client connection until it closes.
-pub async fn serve<I>(ctx: Arc<Context>, client: I, down: Downstream, handling: Handling)
+pub async fn serve<I>(ctx: Arc<Inputs>, client: I, down: Downstream, handling: Handling)
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -178,7 +178,7 @@ fn wants_upgrade(req: &Request<Incoming>) -> bool {
 
 /// A UUID v4 for `x-request-id`, from the agent's generator (seeded from
 /// the OS; as Envoy's, not a secret): no system call per request.
-fn request_id(ctx: &Context) -> HeaderValue {
+fn request_id(ctx: &Inputs) -> HeaderValue {
     let (hi, lo) = (ctx.next_random(), ctx.next_random());
     let hi = (hi & !0xf000) | 0x4000; // version 4
     let lo = (lo & !(0xc << 60)) | (0x8 << 60); // RFC 4122 variant
@@ -264,7 +264,7 @@ enum Failure {
     Timeout,
 }
 
-async fn handle(ctx: Arc<Context>, down: Arc<Downstream>, mut req: Request<Incoming>) -> Response<Body> {
+async fn handle(ctx: Arc<Inputs>, down: Arc<Downstream>, mut req: Request<Incoming>) -> Response<Body> {
     let start = Instant::now();
     let started_at = SystemTime::now();
     if !req.headers().contains_key(&X_REQUEST_ID) {
@@ -513,7 +513,7 @@ async fn handle(ctx: Arc<Context>, down: Arc<Downstream>, mut req: Request<Incom
 /// gateway by the rules bound to it. Also returns whose identity the request
 /// leaves with. `None`: a gateway has no rule for it.
 fn decide(
-    ctx: &Context,
+    ctx: &Inputs,
     state: &crate::state::State,
     down: &Downstream,
     view: &routing::RequestView<'_>,
@@ -569,7 +569,7 @@ fn rewrite(req: &mut Request<Incoming>, w: &routing::Rewrite, matched_prefix: Op
 }
 
 /// The pool limits from a DestinationRule's `connectionPool`, else the defaults.
-fn limits(ctx: &Context, pool: Option<&routing::ConnectionPool>) -> pool::Limits {
+fn limits(ctx: &Inputs, pool: Option<&routing::ConnectionPool>) -> pool::Limits {
     pool::Limits {
         connect_timeout: pool.and_then(|p| p.connect_timeout).unwrap_or(ctx.connect_timeout),
         max_requests_per_connection: pool.and_then(|p| p.max_requests_per_connection),
@@ -580,7 +580,7 @@ fn limits(ctx: &Context, pool: Option<&routing::ConnectionPool>) -> pool::Limits
 /// Sends a copy of a request to the `mirror` destination; the answer is read
 /// and dropped. The authority gets Envoy's `-shadow` suffix.
 async fn mirror_request(
-    ctx: Arc<Context>,
+    ctx: Arc<Inputs>,
     down: Arc<Downstream>,
     source: Option<Arc<Workload>>,
     mut parts: hyper::http::request::Parts,
@@ -648,7 +648,7 @@ fn fits_retry_buffer(headers: &HeaderMap, body: &Incoming) -> bool {
 /// response head (within `per_try`).
 #[expect(clippy::too_many_arguments, reason = "one try's inputs; called from one place")]
 async fn exchange(
-    ctx: &Arc<Context>,
+    ctx: &Arc<Inputs>,
     down: &Downstream,
     target: &Target,
     key: PoolKey,
@@ -667,7 +667,7 @@ async fn exchange(
 /// Sends a request on a pooled connection, or a new one if none is idle (or
 /// those that were had closed meanwhile).
 async fn send(
-    ctx: &Arc<Context>,
+    ctx: &Arc<Inputs>,
     down: &Downstream,
     target: &Target,
     key: PoolKey,
@@ -705,7 +705,7 @@ async fn send(
 }
 
 /// The answer when no try got a response.
-fn fail_request(ctx: &Context, down: &Downstream, addr: SocketAddrV4, record: Record, f: Failure) -> Response<Body> {
+fn fail_request(ctx: &Inputs, down: &Downstream, addr: SocketAddrV4, record: Record, f: Failure) -> Response<Body> {
     match f {
         Failure::Connect(e) => {
             tracing::info!(peer = %down.peer, upstream = %addr, error = %e, "request failed: upstream connection");
@@ -751,7 +751,7 @@ async fn tunnel_upgrade(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgr
 
 /// A new upstream connection and its HTTP handshake.
 async fn connect(
-    ctx: &Context,
+    ctx: &Inputs,
     state: &crate::state::State,
     down: &Downstream,
     to: &Target,

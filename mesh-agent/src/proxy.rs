@@ -15,7 +15,6 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 use crate::{
-    agent::Context,
     l7::protocol::{self, Declared, Handling, Sniffed},
     policy::{Decision, Peer},
     route::{Route, route},
@@ -26,7 +25,10 @@ use crate::{
 pub mod conns;
 pub(crate) mod copy;
 mod inbound;
+pub mod inputs;
 mod upstream;
+
+pub use inputs::Inputs;
 
 pub(crate) use upstream::{Opened, Upstream, originate_tls};
 
@@ -127,7 +129,7 @@ pub enum Listener {
 
 /// Accepts until `stop` fires; each connection runs in its own task.
 pub async fn serve(
-    ctx: Arc<Context>,
+    ctx: Arc<Inputs>,
     listener: TcpListener,
     kind: Listener,
     mut stop: tokio::sync::watch::Receiver<bool>,
@@ -162,7 +164,7 @@ pub async fn serve(
 /// (An `async` block, not an `async fn`: the latter keeps its arguments twice
 /// in the connection's task.)
 #[expect(clippy::manual_async_fn, reason = "an async fn would keep its arguments twice")]
-fn handle(ctx: &Arc<Context>, client: TcpStream, peer: SocketAddr) -> impl Future<Output = ()> + '_ {
+fn handle(ctx: &Arc<Inputs>, client: TcpStream, peer: SocketAddr) -> impl Future<Output = ()> + '_ {
     async move {
         // Boxed, and over before the copy starts: routing, sniffing and
         // connecting (TLS, HBONE) need far more state than copying, and the
@@ -173,7 +175,7 @@ fn handle(ctx: &Arc<Context>, client: TcpStream, peer: SocketAddr) -> impl Futur
 
 /// Routes a new outbound connection and opens its upstream; what is left is
 /// the copy. `None`: refused, failed, or served as HTTP here.
-async fn open(ctx: &Arc<Context>, client: TcpStream, peer: SocketAddr) -> Option<impl Future<Output = ()> + '_> {
+async fn open(ctx: &Arc<Inputs>, client: TcpStream, peer: SocketAddr) -> Option<impl Future<Output = ()> + '_> {
     let _ = client.set_nodelay(true);
     let mut orig = match client.local_addr() {
         Ok(SocketAddr::V4(a)) => a,
@@ -344,7 +346,7 @@ async fn sniff_until(client: &TcpStream, timeout: Duration) -> Handling {
 /// authorization when the pod is a meshed one on this node (this agent is then
 /// the destination's agent too).
 pub(crate) async fn open_upstream(
-    ctx: &Context,
+    ctx: &Inputs,
     state: &State,
     source: Option<&Arc<Workload>>,
     peer: SocketAddr,
@@ -407,7 +409,7 @@ pub(crate) async fn open_upstream(
 
 /// Registers a connection authorized here, so a policy change reaches it.
 pub(crate) fn register(
-    ctx: &Context,
+    ctx: &Inputs,
     authorized: conns::Authorized,
     upstream: &TcpStream,
     addr: SocketAddrV4,
@@ -419,7 +421,7 @@ pub(crate) fn register(
 /// where the reply path is captured), authorized as `authorized`, and copies
 /// both ways.
 pub(crate) async fn deliver(
-    ctx: &Context,
+    ctx: &Inputs,
     client: TcpStream,
     peer: SocketAddr,
     addr: SocketAddrV4,
@@ -451,7 +453,7 @@ pub(crate) async fn deliver(
 /// gate). So a meshed pod's connections out of the mesh leave with its own
 /// address, and masquerading, NetworkPolicy and firewalls see the pod, not
 /// the node; only a gateway's connections leave from the node.
-pub(crate) fn transparent_source(ctx: &Context, peer: SocketAddr, addr: SocketAddrV4) -> Option<Ipv4Addr> {
+pub(crate) fn transparent_source(ctx: &Inputs, peer: SocketAddr, addr: SocketAddrV4) -> Option<Ipv4Addr> {
     match peer.ip() {
         // A host client (loopback) keeps the node's address.
         std::net::IpAddr::V4(ip)
@@ -503,7 +505,7 @@ impl Drop for ConnMeters {
 /// connection's task.)
 #[expect(clippy::manual_async_fn, reason = "an async fn would keep its arguments twice")]
 pub(crate) fn pump<'a, C, U>(
-    ctx: &'a Context,
+    ctx: &'a Inputs,
     mut client: C,
     mut upstream: U,
     meters: ConnMeters,
@@ -554,7 +556,7 @@ pub(crate) async fn connect(
 }
 
 /// Records a connection that never reached its upstream, and resets the client.
-pub(crate) fn fail(ctx: &Context, client: &TcpStream, peer: SocketAddr, labels: Option<TcpLabels>, err: ProxyError) {
+pub(crate) fn fail(ctx: &Inputs, client: &TcpStream, peer: SocketAddr, labels: Option<TcpLabels>, err: ProxyError) {
     tracing::warn!(%peer, error = %err, "connection refused");
     record_failure(ctx, labels, &err);
     reset(client);
@@ -562,7 +564,7 @@ pub(crate) fn fail(ctx: &Context, client: &TcpStream, peer: SocketAddr, labels: 
 
 /// Counts a connection that never reached its upstream: by reason, and (when
 /// its labels are known) as opened and closed with the error's response flags.
-pub(crate) fn record_failure(ctx: &Context, labels: Option<TcpLabels>, err: &ProxyError) {
+pub(crate) fn record_failure(ctx: &Inputs, labels: Option<TcpLabels>, err: &ProxyError) {
     let m = &ctx.metrics;
     m.connection_failures.get_or_create(&crate::telemetry::ReasonLabels { reason: err.reason() }).inc();
     if let Some(mut labels) = labels {

@@ -145,7 +145,7 @@ pub async fn run(cfg: CaServiceConfig) -> Result<(), CaServiceError> {
         tokens: RwLock::new(tokens),
     });
     tracing::info!(listen = %cfg.listen, ca_dir = %cfg.ca_dir.display(), %identity, "mesh CA service ready");
-    let mut watcher = crate::agent::watch_files::Fingerprint::of(&cfg.config_path);
+    let mut watcher = crate::config::watch_files::Fingerprint::of(&cfg.config_path);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut sigterm =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(CaServiceError::Signal)?;

@@ -22,7 +22,7 @@ use hyper::{
 
 use super::{Body, Downstream, local_reply, pool::ResponseBody, request_protocol};
 use crate::{
-    agent::Context,
+    proxy::Inputs,
     telemetry::{RequestLabels, TcpLabels},
 };
 
@@ -33,7 +33,7 @@ pub struct Shared {
 }
 
 pub struct Record {
-    ctx: Arc<Context>,
+    ctx: Arc<Inputs>,
     tcp: TcpLabels,
     grpc: bool,
     start: Instant,
@@ -75,7 +75,7 @@ fn grpc_status(h: &HeaderMap) -> Option<String> {
 impl Record {
     #[expect(clippy::too_many_arguments, reason = "one constructor, called in two places")]
     pub fn new(
-        ctx: &Arc<Context>,
+        ctx: &Arc<Inputs>,
         down: &Downstream,
         req: &Request<Incoming>,
         tcp: TcpLabels,

@@ -24,7 +24,7 @@ use hyper::{
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use super::Body;
-use crate::{agent::Context, proxy::Upstream};
+use crate::proxy::{Inputs, Upstream};
 
 /// How long an unused connection is kept when no DestinationRule says
 /// (`connectionPool.http.idleTimeout`).
@@ -99,7 +99,7 @@ pub enum SendError {
 
 /// Where a sender goes back after its exchange.
 pub struct Release {
-    pub ctx: Arc<Context>,
+    pub ctx: Arc<Inputs>,
     pub key: PoolKey,
     pub limits: Limits,
 }

@@ -9,12 +9,12 @@ use tokio::net::TcpStream;
 
 use super::{ProxyError, deliver, fail};
 use crate::{
-    agent::Context,
     policy::{Decision, MtlsMode, Peer, authorize, peer_mode},
+    proxy::Inputs,
     telemetry::TcpLabels,
 };
 
-pub(super) async fn handle_plaintext(ctx: &Context, client: TcpStream, peer: SocketAddr) {
+pub(super) async fn handle_plaintext(ctx: &Inputs, client: TcpStream, peer: SocketAddr) {
     let _ = client.set_nodelay(true);
     let (Ok(SocketAddr::V4(dst)), SocketAddr::V4(peer_v4)) = (client.local_addr(), peer) else {
         return fail(ctx, &client, peer, None, ProxyError::NotIpv4(peer));

@@ -1,0 +1,155 @@
+//! What the data path runs on, built by the agent and handed down: the
+//! model's current snapshot, metrics, certificates, pools, the connection
+//! registry and the capture facts the proxy needs (ztunnel's `ProxyInputs`).
+//! The data path never imports the agent; the agent's own status (readiness,
+//! capture and gateway status, the last configuration error) stays with it.
+use std::{
+    collections::HashSet,
+    net::Ipv4Addr,
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use tokio::sync::Notify;
+
+use crate::{identity::CertManager, state::State, telemetry::Metrics};
+
+/// Shared by every connection's task.
+pub struct Inputs {
+    pub node: String,
+    pub connect_timeout: Duration,
+    pub protocol_detection_timeout: Duration,
+    pub metrics: Metrics,
+    pub active: Arc<Active>,
+    pub certs: Arc<CertManager>,
+    pub hbone: crate::hbone::Pool,
+    pub http_pool: crate::l7::pool::Pool,
+    /// Connections authorized here, judged again after each reload.
+    pub conns: Arc<super::conns::Conns>,
+    pub clusters: crate::l7::cluster::Clusters,
+    pub access_log: crate::l7::access_log::AccessLog,
+    /// Original destinations of captured host clients (when that capture runs).
+    pub host_orig: std::sync::OnceLock<crate::capture::host::HostOrig>,
+    state: RwLock<Arc<State>>,
+    captured_ips: RwLock<Arc<HashSet<Ipv4Addr>>>,
+    /// Local meshed pods behind a last-hop gate.
+    gated_ips: RwLock<Arc<HashSet<Ipv4Addr>>>,
+    rr: AtomicUsize,
+    rng: AtomicU64,
+}
+
+/// The settings and resources [`Inputs`] is built from.
+pub struct Settings {
+    pub node: String,
+    pub connect_timeout: Duration,
+    pub protocol_detection_timeout: Duration,
+    pub certs: Arc<CertManager>,
+    pub access_log: crate::l7::access_log::AccessLog,
+    pub state: State,
+}
+
+impl Inputs {
+    pub fn new(s: Settings) -> Self {
+        Inputs {
+            node: s.node,
+            connect_timeout: s.connect_timeout,
+            protocol_detection_timeout: s.protocol_detection_timeout,
+            metrics: Metrics::new(),
+            active: Arc::default(),
+            certs: s.certs,
+            hbone: crate::hbone::Pool::default(),
+            http_pool: crate::l7::pool::Pool::default(),
+            conns: Arc::default(),
+            clusters: crate::l7::cluster::Clusters::default(),
+            access_log: s.access_log,
+            host_orig: std::sync::OnceLock::new(),
+            state: RwLock::new(Arc::new(s.state)),
+            captured_ips: RwLock::default(),
+            gated_ips: RwLock::default(),
+            rr: AtomicUsize::new(0),
+            rng: AtomicU64::new(u64::from_ne_bytes(crate::identity::random_bytes::<8>().unwrap_or_default())),
+        }
+    }
+
+    pub fn state(&self) -> Arc<State> {
+        self.state.read().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    pub(crate) fn set_state(&self, state: State) {
+        if let Ok(mut s) = self.state.write() {
+            *s = Arc::new(state);
+        }
+    }
+
+    /// Records which addresses capture covers (see [`Inputs::is_captured`]
+    /// and [`Inputs::is_gated`]).
+    pub(crate) fn set_captured(&self, captured: HashSet<Ipv4Addr>, gated: HashSet<Ipv4Addr>) {
+        if let Ok(mut c) = self.captured_ips.write() {
+            *c = Arc::new(captured);
+        }
+        if let Ok(mut g) = self.gated_ips.write() {
+            *g = Arc::new(gated);
+        }
+    }
+
+    /// Whether replies from `ip` come back through a captured interface.
+    pub fn is_captured(&self, ip: Ipv4Addr) -> bool {
+        self.captured_ips.read().is_ok_and(|s| s.contains(&ip))
+    }
+
+    /// Whether `ip` is a local meshed pod whose veth has the last-hop gate:
+    /// packets to it reach the agent's sockets whichever way they arrive.
+    pub fn is_gated(&self, ip: Ipv4Addr) -> bool {
+        self.gated_ips.read().is_ok_and(|s| s.contains(&ip))
+    }
+
+    pub fn next_pick(&self) -> usize {
+        self.rr.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// A pseudo-random number (splitmix64 over a shared counter): for weights
+    /// and random balancing, not for secrets.
+    pub fn next_random(&self) -> u64 {
+        let mut z = self.rng.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+}
+
+/// Counts live proxied connections so shutdown can wait for them.
+#[derive(Default)]
+pub struct Active {
+    count: AtomicUsize,
+    idle: Notify,
+}
+
+impl Active {
+    pub fn enter(self: &Arc<Self>) -> ActiveGuardOwned {
+        self.count.fetch_add(1, Ordering::AcqRel);
+        ActiveGuardOwned(self.clone())
+    }
+
+    pub fn count(&self) -> usize {
+        self.count.load(Ordering::Acquire)
+    }
+
+    /// Resolves when the count next drops to zero.
+    pub async fn idle(&self) {
+        self.idle.notified().await;
+    }
+}
+
+/// Decrements the live-connection count when the connection's task ends.
+pub struct ActiveGuardOwned(Arc<Active>);
+
+impl Drop for ActiveGuardOwned {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
