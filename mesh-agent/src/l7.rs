@@ -35,6 +35,8 @@ pub mod pool;
 pub mod protocol;
 pub mod routing;
 pub mod sni;
+#[cfg(test)]
+mod tests;
 
 use metered::{Metered, Record};
 use pool::{PoolKey, Sender};

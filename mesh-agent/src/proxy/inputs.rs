@@ -153,3 +153,45 @@ impl Drop for ActiveGuardOwned {
         }
     }
 }
+
+#[cfg(test)]
+pub(crate) mod testing {
+    //! Inputs for in-process tests: a state from YAML, an embedded CA in a
+    //! directory of its own (removed on drop), no access log. No root, no eBPF.
+    use std::{path::PathBuf, sync::Arc, time::Duration};
+
+    use super::{Inputs, Settings};
+    use crate::identity::{CertManager, ca::Ca, manager::CertSource};
+
+    pub(crate) struct TestInputs {
+        pub inputs: Arc<Inputs>,
+        dir: PathBuf,
+    }
+
+    impl TestInputs {
+        pub(crate) fn new(yaml: &str) -> Self {
+            static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let dir = std::env::temp_dir().join(format!("mesh-inputs-{}-{n}", std::process::id()));
+            let ca = Arc::new(Ca::load_or_create(&dir, "cluster.local").expect("a CA in a temporary directory"));
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(ca.root_der().clone()).expect("the CA's root");
+            let certs = Arc::new(CertManager::new(CertSource::Embedded(ca), roots, Duration::from_secs(3600)));
+            let inputs = Inputs::new(Settings {
+                node: "n1".into(),
+                connect_timeout: Duration::from_secs(10),
+                protocol_detection_timeout: Duration::from_millis(100),
+                certs,
+                access_log: crate::l7::access_log::AccessLog::open("off").expect("no access log"),
+                state: crate::config::state_from_yaml(yaml),
+            });
+            TestInputs { inputs: Arc::new(inputs), dir }
+        }
+    }
+
+    impl Drop for TestInputs {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}

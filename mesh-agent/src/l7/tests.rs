@@ -1,0 +1,119 @@
+//! The HTTP pipeline in-process: `l7::serve` on an in-memory client stream,
+//! routing to a loopback upstream by the user's YAML, with paused time where
+//! the behaviour is about time. No root, no eBPF, milliseconds per test.
+use std::{
+    convert::Infallible,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+};
+
+use http_body_util::{BodyExt as _, Empty, Full};
+use hyper::{Request, Response, StatusCode, body::Bytes};
+use hyper_util::rt::TokioIo;
+
+use super::{Downstream, serve};
+use crate::{l7::protocol::Handling, proxy::inputs::testing::TestInputs};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+
+/// An unmeshed namespace (no policy in the way), one pod on loopback behind
+/// Service `hello` (port 80 → `port`), and `rules` as its VirtualService's
+/// `http` routes.
+fn cluster(port: u16, rules: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: plain}}\n\
+         ---\napiVersion: v1\nkind: Pod\nmetadata: {{name: hello, namespace: plain, labels: {{app: hello}}}}\n\
+         spec: {{nodeName: n1}}\nstatus: {{podIP: 127.0.0.1, phase: Running}}\n\
+         ---\napiVersion: v1\nkind: Service\nmetadata: {{name: hello, namespace: plain}}\n\
+         spec: {{clusterIP: {VIP}, selector: {{app: hello}}, ports: [{{name: http, port: 80, targetPort: {port}}}]}}\n\
+         ---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: hello, namespace: plain}}\n\
+         spec: {{hosts: [hello], http: [{rules}]}}\n"
+    )
+}
+
+/// An HTTP/1.1 upstream on loopback answering with `status(n)` for its n-th
+/// request (`None`: never answers); returns its port and the request count.
+async fn upstream(status: fn(usize) -> Option<StatusCode>) -> (u16, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("address").port();
+    let count = Arc::new(AtomicUsize::new(0));
+    let seen = count.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |_req: Request<hyper::body::Incoming>| {
+                    let n = seen.fetch_add(1, Ordering::SeqCst);
+                    async move {
+                        match status(n) {
+                            Some(s) => Ok::<_, Infallible>(
+                                Response::builder().status(s).body(Full::new(Bytes::from("up"))).expect("response"),
+                            ),
+                            None => std::future::pending().await,
+                        }
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc).await;
+            });
+        }
+    });
+    (port, count)
+}
+
+/// One GET through the pipeline, as a client connected to the Service VIP.
+async fn get(t: &TestInputs) -> (StatusCode, String) {
+    let (client, server) = tokio::io::duplex(64 * 1024);
+    let down = Downstream {
+        peer: SocketAddr::from(([10, 244, 1, 2], 40_000)),
+        peer_ip: Ipv4Addr::new(10, 244, 1, 2),
+        orig: SocketAddrV4::new(VIP, 80),
+        source: None,
+        gateways: None,
+        first_pick: 0.into(),
+    };
+    tokio::spawn(serve(t.inputs.clone(), server, down, Handling::Http1));
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(client)).await.expect("handshake");
+    tokio::spawn(conn);
+    let req = Request::get("/").header("host", "hello").body(Empty::<Bytes>::new()).expect("request");
+    let resp = send.send_request(req).await.expect("response");
+    let status = resp.status();
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test]
+async fn retries_on_5xx_until_an_answer_succeeds() {
+    let (port, count) = upstream(|n| Some(if n < 2 { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK })).await;
+    let t = TestInputs::new(&cluster(
+        port,
+        "{route: [{destination: {host: hello}}], retries: {attempts: 3, retryOn: 5xx}}",
+    ));
+    assert_eq!(get(&t).await, (StatusCode::OK, "up".into()));
+    assert_eq!(count.load(Ordering::SeqCst), 3, "two failures and the success");
+}
+
+#[tokio::test]
+async fn retries_stop_at_the_attempts_given() {
+    let (port, count) = upstream(|_| Some(StatusCode::SERVICE_UNAVAILABLE)).await;
+    let t = TestInputs::new(&cluster(
+        port,
+        "{route: [{destination: {host: hello}}], retries: {attempts: 2, retryOn: 5xx}}",
+    ));
+    assert_eq!(get(&t).await.0, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(count.load(Ordering::SeqCst), 3, "the first try and two retries");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_route_timeout_answers_504_when_the_upstream_hangs() {
+    let (port, count) = upstream(|_| None).await;
+    let t = TestInputs::new(&cluster(port, "{route: [{destination: {host: hello}}], timeout: 30s}"));
+    let started = tokio::time::Instant::now();
+    let (status, body) = get(&t).await;
+    assert_eq!((status, body.as_str()), (StatusCode::GATEWAY_TIMEOUT, "upstream request timeout\n"));
+    // Paused time: the 30 s passed on the clock, not on the wall.
+    assert!(started.elapsed() >= std::time::Duration::from_secs(30));
+    assert!(count.load(Ordering::SeqCst) <= 1);
+}
