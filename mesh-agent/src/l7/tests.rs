@@ -37,12 +37,25 @@ fn cluster(port: u16, rules: &str) -> String {
 /// An HTTP/1.1 upstream on loopback answering with `status(n)` for its n-th
 /// request (`None`: never answers); returns its port and the request count.
 async fn upstream(status: fn(usize) -> Option<StatusCode>) -> (u16, Arc<AtomicUsize>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let up = upstream_on(Ipv4Addr::LOCALHOST, 0, status).await;
+    (up.port, up.requests)
+}
+
+struct Upstream {
+    port: u16,
+    requests: Arc<AtomicUsize>,
+    connections: Arc<AtomicUsize>,
+}
+
+/// As [`upstream`], on `ip:port` (0: any port), counting connections too.
+async fn upstream_on(ip: Ipv4Addr, port: u16, status: fn(usize) -> Option<StatusCode>) -> Upstream {
+    let listener = tokio::net::TcpListener::bind((ip, port)).await.expect("bind");
     let port = listener.local_addr().expect("address").port();
-    let count = Arc::new(AtomicUsize::new(0));
-    let seen = count.clone();
+    let (requests, connections) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (seen, accepted) = (requests.clone(), connections.clone());
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
+            accepted.fetch_add(1, Ordering::SeqCst);
             let seen = seen.clone();
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |_req: Request<hyper::body::Incoming>| {
@@ -60,7 +73,7 @@ async fn upstream(status: fn(usize) -> Option<StatusCode>) -> (u16, Arc<AtomicUs
             });
         }
     });
-    (port, count)
+    Upstream { port, requests, connections }
 }
 
 /// One GET through the pipeline, as a client connected to the Service VIP.
@@ -116,4 +129,38 @@ async fn a_route_timeout_answers_504_when_the_upstream_hangs() {
     // Paused time: the 30 s passed on the clock, not on the wall.
     assert!(started.elapsed() >= std::time::Duration::from_secs(30));
     assert!(count.load(Ordering::SeqCst) <= 1);
+}
+
+#[tokio::test]
+async fn upstream_connections_are_pooled_across_client_connections() {
+    let up = upstream_on(Ipv4Addr::LOCALHOST, 0, |_| Some(StatusCode::OK)).await;
+    let t = TestInputs::new(&cluster(up.port, "{route: [{destination: {host: hello}}]}"));
+    for _ in 0..3 {
+        assert_eq!(get(&t).await.0, StatusCode::OK);
+    }
+    assert_eq!(up.requests.load(Ordering::SeqCst), 3);
+    assert_eq!(up.connections.load(Ordering::SeqCst), 1, "one pooled upstream connection for three clients");
+}
+
+#[tokio::test]
+async fn outlier_detection_ejects_an_endpoint_after_consecutive_5xx() {
+    // Two endpoints on one port: 127.0.0.1 always fails, 127.0.0.2 answers.
+    let bad = upstream_on(Ipv4Addr::LOCALHOST, 0, |_| Some(StatusCode::SERVICE_UNAVAILABLE)).await;
+    let good = upstream_on(Ipv4Addr::new(127, 0, 0, 2), bad.port, |_| Some(StatusCode::OK)).await;
+    let second_pod = "---\napiVersion: v1\nkind: Pod\nmetadata: {name: hello-2, namespace: plain, labels: {app: hello}}\n\
+        spec: {nodeName: n1}\nstatus: {podIP: 127.0.0.2, phase: Running}\n\
+        ---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: hello, namespace: plain}\n\
+        spec: {host: hello, trafficPolicy: {outlierDetection: {consecutive5xxErrors: 1, baseEjectionTime: 300s}}}\n";
+    let t = TestInputs::new(&format!("{}{second_pod}", cluster(bad.port, "{route: [{destination: {host: hello}}]}")));
+    let mut codes = Vec::new();
+    for _ in 0..8 {
+        codes.push(get(&t).await.0);
+    }
+    assert_eq!(
+        bad.requests.load(Ordering::SeqCst),
+        1,
+        "the failing endpoint got requests after its ejection: {codes:?}"
+    );
+    assert_eq!(good.requests.load(Ordering::SeqCst), 7);
+    assert_eq!(codes.iter().filter(|c| **c == StatusCode::OK).count(), 7);
 }
