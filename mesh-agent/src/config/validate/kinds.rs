@@ -1,0 +1,215 @@
+//! Kubernetes' own kinds — Node, Pod, Service — into the model's nodes,
+//! workloads and services.
+use super::*;
+
+pub(super) fn build_node(ctx: &mut Ctx<'_>, node: &k8s::Node, trust_domain: &str) -> Option<Node> {
+    let name = require_name(ctx, &node.metadata)?;
+    let mut internal_ip = None;
+    for (i, a) in node.status.addresses.iter().enumerate() {
+        if a.kind == "InternalIP" && internal_ip.is_none() {
+            let field = format!("status.addresses[{i}].address");
+            // Dual-stack nodes list an IPv6 InternalIP too; the first IPv4 one counts.
+            if a.address.parse::<std::net::Ipv6Addr>().is_ok() {
+                continue;
+            }
+            internal_ip = parse_ip(ctx, &field, &a.address);
+        }
+    }
+    let sa: Arc<str> = format!("{NODE_IDENTITY_PREFIX}{name}").into();
+    let workload = Arc::new(Workload {
+        name: name.clone(),
+        namespace: "istio-system".into(),
+        workload_name: name.clone(),
+        app: "mesh-node".into(),
+        version: "unknown".into(),
+        labels: BTreeMap::new(),
+        node: Some(name.clone()),
+        principal: crate::identity::spiffe_id(trust_domain, "istio-system", &sa).into(),
+        service_account: sa,
+        ip: internal_ip,
+        host_network: true,
+        meshed: true,
+        ready: true,
+        named_ports: BTreeMap::new(),
+    });
+    Some(Node { name, internal_ip, labels: node.metadata.labels.clone(), workload })
+}
+
+/// Istio's workload name: a ReplicaSet's owner Deployment (the ReplicaSet name
+/// without its pod-template hash), another controller's name, else the app label,
+/// else the pod name.
+fn workload_name(pod: &k8s::Pod, name: &Arc<str>) -> Arc<str> {
+    let owner = pod.metadata.owner_references.iter().find(|o| o.controller != Some(false));
+    match owner {
+        Some(o) if o.kind == "ReplicaSet" => match o.name.rsplit_once('-') {
+            Some((deployment, _hash)) => deployment.into(),
+            None => o.name.as_str().into(),
+        },
+        Some(o) if o.kind == "Job" || o.kind == "StatefulSet" || o.kind == "DaemonSet" => o.name.as_str().into(),
+        _ => pod.metadata.labels.get("app").map_or_else(|| name.clone(), |a| a.as_str().into()),
+    }
+}
+
+pub(super) fn build_workload(
+    ctx: &mut Ctx<'_>,
+    pod: &k8s::Pod,
+    namespaces: &BTreeMap<Arc<str>, Namespace>,
+    trust_domain: &str,
+) -> Option<Workload> {
+    let name = require_name(ctx, &pod.metadata)?;
+    let namespace: Arc<str> = pod.metadata.namespace.as_deref().unwrap_or("default").into();
+    let labels = &pod.metadata.labels;
+    let ns_mode = namespaces.get(&namespace).and_then(|ns| ns.labels.get(DATAPLANE_MODE_LABEL));
+    let meshed = !pod.spec.host_network
+        && match labels.get(DATAPLANE_MODE_LABEL).map(String::as_str) {
+            Some("none") => false,
+            Some("ambient") => true,
+            Some(other) => {
+                ctx.error(
+                    format!("metadata.labels[{DATAPLANE_MODE_LABEL}]"),
+                    format!("{other:?}: expected \"ambient\" or \"none\""),
+                );
+                return None;
+            }
+            None => ns_mode.map(String::as_str) == Some("ambient"),
+        };
+    let ip = match pod.status.pod_ip.as_deref() {
+        Some(s) => Some(parse_ip(ctx, "status.podIP", s)?),
+        None if meshed && pod.spec.node_name.is_some() => {
+            ctx.error("status.podIP", "required for a pod enrolled in the mesh");
+            return None;
+        }
+        None => None,
+    };
+    let mut named_ports = BTreeMap::new();
+    for (ci, c) in pod.spec.containers.iter().enumerate() {
+        for (pi, p) in c.ports.iter().enumerate() {
+            let field = format!("spec.containers[{ci}].ports[{pi}].containerPort");
+            let port = parse_port(ctx, &field, p.container_port)?;
+            if let Some(n) = &p.name {
+                named_ports.insert(n.clone(), port);
+            }
+        }
+    }
+    let phase_ok = pod.status.phase.as_deref().is_none_or(|p| p == "Running");
+    let ready_ok = pod.status.conditions.iter().filter(|c| c.kind == "Ready").all(|c| c.status == "True");
+    let service_account: Arc<str> = pod.spec.service_account_name.as_deref().unwrap_or("default").into();
+    if &*namespace == "istio-system" && service_account.starts_with(NODE_IDENTITY_PREFIX) {
+        ctx.error(
+            "spec.serviceAccountName",
+            format!(
+                "{service_account:?}: service accounts {NODE_IDENTITY_PREFIX}* in istio-system are node identities"
+            ),
+        );
+        return None;
+    }
+    let workload_name = workload_name(pod, &name);
+    let app = labels
+        .get("app")
+        .or_else(|| labels.get("app.kubernetes.io/name"))
+        .map_or_else(|| workload_name.clone(), |a| a.as_str().into());
+    let version = labels
+        .get("version")
+        .or_else(|| labels.get("app.kubernetes.io/version"))
+        .map_or("unknown", String::as_str)
+        .into();
+    Some(Workload {
+        principal: crate::identity::spiffe_id(trust_domain, &namespace, &service_account).into(),
+        name,
+        namespace,
+        workload_name,
+        app,
+        version,
+        labels: labels.clone(),
+        node: pod.spec.node_name.as_deref().map(Into::into),
+        service_account,
+        ip,
+        host_network: pod.spec.host_network,
+        meshed,
+        ready: phase_ok && ready_ok,
+        named_ports,
+    })
+}
+
+pub(super) fn build_service(
+    ctx: &mut Ctx<'_>,
+    svc: &k8s::Service,
+    workloads: &BTreeMap<String, Arc<Workload>>,
+) -> Option<Service> {
+    let name = require_name(ctx, &svc.metadata)?;
+    let namespace: Arc<str> = svc.metadata.namespace.as_deref().unwrap_or("default").into();
+    let vip = match svc.spec.cluster_ip.as_deref() {
+        None | Some("None") | Some("") => None,
+        Some(s) => Some(parse_ip(ctx, "spec.clusterIP", s)?),
+    };
+    let mut ports = Vec::new();
+    let mut ok = true;
+    for (i, p) in svc.spec.ports.iter().enumerate() {
+        match build_service_port(ctx, i, p, svc.spec.ports.len()) {
+            Some(port) => ports.push(port),
+            None => ok = false,
+        }
+    }
+    for (i, p) in ports.iter().enumerate() {
+        if ports[..i].iter().any(|q| q.port == p.port && q.protocol == p.protocol) {
+            ctx.error(format!("spec.ports[{i}].port"), format!("port {} is listed twice", p.port));
+            ok = false;
+        }
+    }
+    if !ok {
+        return None;
+    }
+    let endpoints = match &svc.spec.selector {
+        Some(sel) if !sel.is_empty() => workloads
+            .values()
+            .filter(|w| w.namespace == namespace && sel.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
+            .filter(|w| w.ip.is_some())
+            .cloned()
+            .collect(),
+        _ => Vec::new(),
+    };
+    Some(Service {
+        hostname: format!("{name}.{namespace}.svc.{CLUSTER_DOMAIN}").into(),
+        name,
+        namespace,
+        vip,
+        ports,
+        endpoints,
+        external: None,
+    })
+}
+
+fn build_service_port(ctx: &mut Ctx<'_>, i: usize, p: &k8s::ServicePort, count: usize) -> Option<ServicePort> {
+    let port = parse_port(ctx, &format!("spec.ports[{i}].port"), p.port)?;
+    let target = match &p.target_port {
+        None => TargetPort::Number(port),
+        Some(k8s::IntOrString::Int(t)) => {
+            TargetPort::Number(parse_port(ctx, &format!("spec.ports[{i}].targetPort"), *t)?)
+        }
+        Some(k8s::IntOrString::String(s)) => match s.parse::<i64>() {
+            Ok(t) => TargetPort::Number(parse_port(ctx, &format!("spec.ports[{i}].targetPort"), t)?),
+            Err(_) if valid_port_name(s) => TargetPort::Name(s.clone()),
+            Err(_) => {
+                ctx.error(
+                    format!("spec.ports[{i}].targetPort"),
+                    format!("{s:?} is neither a port number nor a valid port name"),
+                );
+                return None;
+            }
+        },
+    };
+    let protocol = match p.protocol.as_deref() {
+        None | Some("TCP") => Protocol::Tcp,
+        Some("UDP") => Protocol::Udp,
+        Some("SCTP") => Protocol::Sctp,
+        Some(other) => {
+            ctx.error(format!("spec.ports[{i}].protocol"), format!("{other:?}: expected TCP, UDP or SCTP"));
+            return None;
+        }
+    };
+    if count > 1 && p.name.is_none() {
+        ctx.error(format!("spec.ports[{i}].name"), "required when a Service has more than one port");
+        return None;
+    }
+    Some(ServicePort { name: p.name.clone(), port, target, protocol, app_protocol: p.app_protocol.clone() })
+}
