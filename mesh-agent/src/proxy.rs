@@ -26,7 +26,10 @@ pub mod conns;
 pub(crate) mod copy;
 mod inbound;
 pub mod inputs;
+mod outbound;
 mod upstream;
+
+pub(crate) use outbound::sniff_client;
 
 pub use inputs::Inputs;
 
@@ -143,7 +146,7 @@ pub async fn serve(
                     let ctx = ctx.clone();
                     tokio::spawn(async move {
                         match kind {
-                            Listener::Outbound => handle(&ctx, stream, peer).await,
+                            Listener::Outbound => outbound::handle(&ctx, stream, peer).await,
                             // Boxed: outbound connections, the many, keep no room for it.
                             Listener::Inbound => Box::pin(inbound::handle_plaintext(&ctx, stream, peer)).await,
                         }
@@ -156,186 +159,6 @@ pub async fn serve(
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             },
-        }
-    }
-}
-
-/// One outbound connection: routed and opened (or served as HTTP), then copied.
-/// (An `async` block, not an `async fn`: the latter keeps its arguments twice
-/// in the connection's task.)
-#[expect(clippy::manual_async_fn, reason = "an async fn would keep its arguments twice")]
-fn handle(ctx: &Arc<Inputs>, client: TcpStream, peer: SocketAddr) -> impl Future<Output = ()> + '_ {
-    async move {
-        // Boxed, and over before the copy starts: routing, sniffing and
-        // connecting (TLS, HBONE) need far more state than copying, and the
-        // connection's task would otherwise keep room for it while it lives.
-        futures_util::future::OptionFuture::from(Box::pin(open(ctx, client, peer)).await).await;
-    }
-}
-
-/// Routes a new outbound connection and opens its upstream; what is left is
-/// the copy. `None`: refused, failed, or served as HTTP here.
-async fn open(ctx: &Arc<Inputs>, client: TcpStream, peer: SocketAddr) -> Option<impl Future<Output = ()> + '_> {
-    let _ = client.set_nodelay(true);
-    let mut orig = match client.local_addr() {
-        Ok(SocketAddr::V4(a)) => a,
-        Ok(other) => {
-            fail(ctx, &client, peer, None, ProxyError::NotIpv4(other));
-            return None;
-        }
-        Err(e) => {
-            tracing::debug!(%peer, error = %e, "client gone before routing");
-            return None;
-        }
-    };
-    let peer_ip = match peer.ip() {
-        std::net::IpAddr::V4(ip) => ip,
-        std::net::IpAddr::V6(_) => {
-            fail(ctx, &client, peer, None, ProxyError::NotIpv4(peer));
-            return None;
-        }
-    };
-    let state = ctx.state();
-    let mut source = state.workload_by_ip(peer_ip).cloned();
-    // Connected to the listener itself: a host client redirected by
-    // cgroup/connect4, whose original destination the sockops program kept.
-    if *orig.ip() == Ipv4Addr::from(mesh_common::OUTBOUND_ADDR) && orig.port() == mesh_common::OUTBOUND_PORT {
-        let found = match peer {
-            SocketAddr::V4(p) => ctx.host_orig.get().and_then(|h| h.take(p)),
-            SocketAddr::V6(_) => None,
-        };
-        let Some(found) = found else {
-            {
-                fail(ctx, &client, peer, None, ProxyError::NotLocal(orig));
-                return None;
-            }
-        };
-        tracing::debug!(%peer, orig = %found, "host client");
-        orig = found;
-        source = state.nodes.get(ctx.node.as_str()).map(|n| n.workload.clone());
-    }
-    let pick = ctx.next_pick();
-    // On a port that is not HTTP, a VirtualService `tcp` rule may decide
-    // instead of the default route (the connection then stays opaque bytes).
-    let decided = match route(&state, orig, pick) {
-        Route::Service { protocol: Declared::Tcp | Declared::Unknown, .. } | Route::Refused { .. }
-            if state.by_vip.contains_key(orig.ip()) =>
-        {
-            match crate::l7::routing::route_tcp(&state, orig, pick, ctx.next_random()) {
-                Some(Route::Service { service, endpoint, addr, .. }) => {
-                    Route::Service { service, endpoint, addr, protocol: Declared::Tcp }
-                }
-                Some(other) => other,
-                None => route(&state, orig, pick),
-            }
-        }
-        other => other,
-    };
-    // Not in the registry under REGISTRY_ONLY: refused unless HTTP names a host.
-    let black_hole = matches!(decided, Route::BlackHole { .. });
-    let (dest, addr, mut labels, declared) = match decided {
-        Route::Service { service, endpoint, addr, protocol } => {
-            let labels = TcpLabels::new(source.as_deref(), Some(&endpoint), Some(&service), false);
-            (Some(endpoint), addr, labels, Some(protocol))
-        }
-        Route::Workload { workload, addr } => {
-            let labels = TcpLabels::new(source.as_deref(), Some(&workload), None, false);
-            (Some(workload), addr, labels, Some(Declared::Unknown))
-        }
-        Route::Passthrough { addr } => (None, addr, TcpLabels::new(source.as_deref(), None, None, true), None),
-        // HTTP may still name a host a ServiceEntry declares: look first.
-        Route::BlackHole { addr } => (None, addr, TcpLabels::black_hole(source.as_deref()), Some(Declared::Unknown)),
-        Route::Refused { service, reason } => {
-            let labels = TcpLabels::new(source.as_deref(), None, Some(&service), false);
-            let err = ProxyError::Refused { service: format!("{}/{} {orig}", service.namespace, service.name), reason };
-            {
-                fail(ctx, &client, peer, Some(labels), err);
-                return None;
-            }
-        }
-    };
-    // Mesh destinations may speak HTTP: declared on the Service port, else sniffed.
-    let handling = match declared {
-        None | Some(Declared::Tcp) => Handling::Tcp,
-        Some(Declared::Http2 | Declared::Grpc) => Handling::Http2,
-        // An `http` port takes HTTP/1.1 and h2c alike (as Envoy's AUTO codec).
-        Some(Declared::Http) => match sniff_client(&client, ctx.protocol_detection_timeout).await {
-            Handling::Http2 => Handling::Http2,
-            _ => Handling::Http1,
-        },
-        Some(Declared::Unknown) => sniff_client(&client, ctx.protocol_detection_timeout).await,
-    };
-    if handling == Handling::Tcp && black_hole {
-        {
-            fail(ctx, &client, peer, Some(labels), ProxyError::BlackHole(addr));
-            return None;
-        }
-    }
-    if handling != Handling::Tcp {
-        drop(state);
-        // The first request takes this connection's turn in the round robin.
-        let down = crate::l7::Downstream { peer, peer_ip, orig, source, gateways: None, first_pick: pick.into() };
-        // Boxed: a connection waiting for its first bytes keeps no room for an HTTP server.
-        Box::pin(crate::l7::serve(ctx.clone(), client, down, handling)).await;
-        return None;
-    }
-    // Boxed apart: connecting (TLS, HBONE) takes ~6 KB of state, which a
-    // connection waiting for its first bytes (sniffing) need not hold yet.
-    let opened =
-        Box::pin(open_upstream(ctx, &state, source.as_ref(), peer, dest.as_ref(), addr, ctx.connect_timeout)).await;
-    let Opened { io, mtls, guard } = match opened {
-        Ok(opened) => opened,
-        Err(e) => {
-            if matches!(e, ProxyError::Tunnel(_)) {
-                labels.connection_security_policy = "mutual_tls";
-            }
-            fail(ctx, &client, peer, Some(labels), e);
-            return None;
-        }
-    };
-    drop(state);
-    if mtls {
-        labels.connection_security_policy = "mutual_tls";
-    }
-    // Revoked, the client's socket is aborted with the upstream's.
-    let guard = match guard.map(|g| g.and_client(&client)).transpose() {
-        Ok(g) => g,
-        Err(error) => {
-            fail(ctx, &client, peer, Some(labels), ProxyError::Connect { addr, source_ip: None, error });
-            return None;
-        }
-    };
-    tracing::debug!(%peer, %orig, upstream = %addr, mtls, "proxying");
-    let meters = ConnMeters::open(&ctx.metrics, &labels);
-    Some(pump(ctx, client, io, meters, addr, guard, |c, u| {
-        reset(c);
-        u.reset();
-    }))
-}
-
-/// Waits (up to `timeout`) for the client's first bytes and classifies them;
-/// silence, TLS or anything unrecognised is a byte stream.
-pub(crate) async fn sniff_client(client: &TcpStream, timeout: Duration) -> Handling {
-    // Boxed: the timer and the peeked bytes (~430 bytes) would otherwise keep
-    // room in the connection's task for as long as it lives.
-    Box::pin(sniff_until(client, timeout)).await
-}
-
-async fn sniff_until(client: &TcpStream, timeout: Duration) -> Handling {
-    let mut buf = [0u8; 32];
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        let n = match tokio::time::timeout_at(deadline, client.peek(&mut buf)).await {
-            Ok(Ok(n)) if n > 0 => n,
-            _ => return Handling::Tcp,
-        };
-        match protocol::sniff(&buf[..n]) {
-            Sniffed::Http1 => return Handling::Http1,
-            Sniffed::Http2 => return Handling::Http2,
-            Sniffed::Other => return Handling::Tcp,
-            // Part of a method or preface: wait a little for the rest.
-            Sniffed::NeedMore if n == buf.len() => return Handling::Tcp,
-            Sniffed::NeedMore => tokio::time::sleep(Duration::from_millis(1)).await,
         }
     }
 }

@@ -1,0 +1,190 @@
+//! The destination agent's side: mTLS on 15008, CONNECT streams authorized
+//! and joined to the local pod (or handed to a gateway port).
+use super::*;
+
+/// Accepts mTLS connections on 15008 until `stop` fires.
+pub async fn serve(
+    ctx: Arc<Inputs>,
+    listener: TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.changed() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, peer)) => {
+                    let (ctx, acceptor) = (ctx.clone(), acceptor.clone());
+                    tokio::spawn(async move { serve_connection(ctx, tcp, peer, acceptor).await });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "HBONE accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+}
+
+async fn serve_connection(ctx: Arc<Inputs>, tcp: TcpStream, peer: SocketAddr, acceptor: tokio_rustls::TlsAcceptor) {
+    let _ = tcp.set_nodelay(true);
+    let refused = |why: String| {
+        tracing::warn!(%peer, "HBONE connection refused: {why}");
+        ctx.metrics.connection_failures.get_or_create(&crate::telemetry::ReasonLabels { reason: "tunnel_tls" }).inc();
+    };
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return refused(format!("mTLS handshake: {e}")),
+        Err(_) => return refused("mTLS handshake timed out".into()),
+    };
+    let (_, conn) = tls.get_ref();
+    let peer_id = conn.peer_certificates().and_then(|c| c.first()).and_then(|c| identity::peer_identity(c));
+    let server_id = conn.server_name().and_then(|sni| ctx.certs.identity_for_server_name(sni));
+    let (Some(peer_id), Some(server_id)) = (peer_id, server_id) else {
+        return refused("client certificate without a SPIFFE identity, or unknown server name".into());
+    };
+    let peer_id: Arc<str> = peer_id.into();
+    let service = hyper::service::service_fn(move |req| {
+        let (ctx, peer_id, server_id) = (ctx.clone(), peer_id.clone(), server_id.clone());
+        async move { Ok::<_, std::convert::Infallible>(handle_connect(ctx, peer, peer_id, server_id, req).await) }
+    });
+    let result = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .max_concurrent_streams(MAX_STREAMS)
+        .keep_alive_interval(KEEPALIVE)
+        .serve_connection(TokioIo::new(tls), service)
+        .await;
+    if let Err(e) = result {
+        tracing::debug!(%peer, error = %e, "HBONE connection ended");
+    }
+}
+
+fn answer(status: StatusCode, reason: &str) -> Response<Empty<Bytes>> {
+    let mut r = Response::new(Empty::new());
+    *r.status_mut() = status;
+    if let Ok(v) = hyper::header::HeaderValue::from_str(reason) {
+        r.headers_mut().insert("x-mesh-reason", v);
+    }
+    r
+}
+
+/// `Forwarded: for=<ip>` (RFC 7239), first element.
+fn forwarded_for(req: &Request<Incoming>) -> Option<Ipv4Addr> {
+    let v = req.headers().get("forwarded")?.to_str().ok()?;
+    let first = v.split(',').next()?;
+    first.split(';').find_map(|kv| {
+        let (k, v) = kv.trim().split_once('=')?;
+        k.eq_ignore_ascii_case("for").then(|| v.trim_matches('"').parse().ok())?
+    })
+}
+
+async fn handle_connect(
+    ctx: Arc<Inputs>,
+    peer: SocketAddr,
+    peer_id: Arc<str>,
+    server_id: Arc<str>,
+    mut req: Request<Incoming>,
+) -> Response<Empty<Bytes>> {
+    if req.method() != Method::CONNECT {
+        return answer(StatusCode::METHOD_NOT_ALLOWED, "only CONNECT is served on this port");
+    }
+    let Some(target) = req.uri().authority().and_then(|a| a.as_str().parse::<SocketAddrV4>().ok()) else {
+        return answer(StatusCode::BAD_REQUEST, "CONNECT target must be <ipv4>:<port>");
+    };
+    // The second hop of the egress-gateway pattern: a gateway port on this node.
+    if let Some((gateways, protocol)) = crate::gateway::tunnel_target(&ctx, target, &server_id) {
+        let guard = ctx.active.enter();
+        tokio::spawn(async move {
+            match hyper::upgrade::on(req).await {
+                Ok(up) => {
+                    tracing::debug!(%peer, source = %peer_id, %target, "HBONE stream to a gateway");
+                    crate::gateway::serve_tunneled(ctx.clone(), TokioIo::new(up), peer, target, gateways, protocol)
+                        .await;
+                }
+                Err(e) => tracing::debug!(%peer, %target, error = %e, "HBONE stream ended before upgrade"),
+            }
+            drop(guard);
+        });
+        return answer(StatusCode::OK, "");
+    }
+    let state = ctx.state();
+    let dest = state
+        .workload_by_ip(*target.ip())
+        .filter(|w| w.meshed && w.node.as_deref() == Some(ctx.node.as_str()))
+        .cloned();
+    let Some(dest) = dest else {
+        tracing::warn!(%peer, %target, "HBONE: target is not a meshed pod on this node");
+        return answer(StatusCode::NOT_FOUND, "target is not a meshed pod on this node");
+    };
+    if *dest.principal != *server_id {
+        tracing::warn!(%peer, %target, expected = %server_id, actual = %dest.principal, "HBONE: identity mismatch");
+        return answer(StatusCode::FORBIDDEN, "target does not run as the identity the connection was made for");
+    }
+    // The original client: trusted only when that pod runs as the peer's identity.
+    let client_ip = forwarded_for(&req);
+    let source = client_ip.and_then(|ip| state.workload_by_ip(ip)).filter(|w| *w.principal == *peer_id).cloned();
+    // A gateway or a node's host client: labelled as that workload, no pod IP.
+    let labelled = source.clone().or_else(|| state.edge_workload(&peer_id));
+    let source_ip = source.as_ref().and_then(|w| w.ip);
+    let policy_ip = source_ip.unwrap_or(match peer.ip() {
+        std::net::IpAddr::V4(ip) => ip,
+        std::net::IpAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
+    });
+    let mut labels = TcpLabels::new(labelled.as_deref(), Some(&dest), None, false);
+    labels.reporter = "destination";
+    labels.source_principal = crate::telemetry::Label(peer_id.clone());
+    labels.connection_security_policy = "mutual_tls";
+    let decision = authorize(&state, &dest, &Peer { principal: Some(&peer_id), ip: policy_ip }, target.port());
+    drop(state);
+    if let Decision::Deny(policy) = decision {
+        let err = ProxyError::Denied { policy };
+        tracing::warn!(%peer, source = %peer_id, %target, error = %err, "HBONE: connection refused");
+        proxy::record_failure(&ctx, Some(labels), &err);
+        return answer(StatusCode::UNAUTHORIZED, &err.to_string());
+    }
+    // Replies to the source pod's IP come back through the pod's captured veth.
+    let transparent = source_ip.filter(|_| ctx.is_captured(*target.ip()));
+    let upstream = match proxy::connect(target, transparent, ctx.connect_timeout).await {
+        Ok(s) => s,
+        Err(err) => {
+            tracing::warn!(%peer, %target, error = %err, "HBONE: upstream connect failed");
+            proxy::record_failure(&ctx, Some(labels), &err);
+            return answer(StatusCode::SERVICE_UNAVAILABLE, &err.to_string());
+        }
+    };
+    let authorized = proxy::conns::Authorized {
+        dest_ip: *target.ip(),
+        port: target.port(),
+        principal: Some(peer_id.clone()),
+        peer_ip: policy_ip,
+        plaintext: false,
+    };
+    let revocable = match proxy::register(&ctx, authorized, &upstream, target) {
+        Ok(g) => g,
+        Err(err) => {
+            proxy::record_failure(&ctx, Some(labels), &err);
+            return answer(StatusCode::SERVICE_UNAVAILABLE, &err.to_string());
+        }
+    };
+    let guard = ctx.active.enter();
+    let meters = proxy::ConnMeters::open(&ctx.metrics, &labels);
+    drop(labels);
+    // Only the upgrade goes into the stream's task, not the request.
+    let upgrade = hyper::upgrade::on(&mut req);
+    drop(req);
+    tokio::spawn(async move {
+        match upgrade.await {
+            Ok(upgraded) => {
+                tracing::debug!(%peer, source = %peer_id, %target, "HBONE stream proxying");
+                let io = TokioIo::new(upgraded);
+                proxy::pump(&ctx, io, upstream, meters, target, Some(revocable), |_, u| proxy::reset(u)).await;
+            }
+            Err(e) => tracing::debug!(%peer, %target, error = %e, "HBONE stream ended before upgrade"),
+        }
+        drop(guard);
+    });
+    answer(StatusCode::OK, "")
+}
