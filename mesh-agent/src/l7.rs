@@ -30,11 +30,17 @@ use crate::{
 
 pub mod access_log;
 pub mod cluster;
+mod headers;
 mod metered;
 pub mod pool;
 pub mod protocol;
 pub mod routing;
 pub mod sni;
+mod upstream;
+
+pub use headers::strip_hop_by_hop;
+use headers::*;
+use upstream::*;
 #[cfg(test)]
 mod tests;
 
@@ -128,76 +134,6 @@ fn local_reply(status: StatusCode, text: &str) -> Response<Body> {
     *r.status_mut() = status;
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     r
-}
-
-fn is_grpc(headers: &HeaderMap) -> bool {
-    headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("application/grpc"))
-}
-
-/// Removes hop-by-hop headers, and those `Connection` names, before a
-/// message is forwarded (`keep_upgrade` for a protocol upgrade).
-pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    // Headers named in `Connection` are hop-by-hop too.
-    if headers.contains_key(header::CONNECTION) {
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-            .filter(|n| !HOP_BY_HOP.contains(n))
-            .collect();
-        for n in named {
-            headers.remove(n);
-        }
-    }
-    for h in &HOP_BY_HOP {
-        if keep_upgrade && (h == header::UPGRADE || h == header::CONNECTION) {
-            continue;
-        }
-        if h == header::TE && headers.get(header::TE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers")) {
-            continue;
-        }
-        headers.remove(h);
-    }
-}
-
-/// An HTTP/2 extended CONNECT (RFC 8441), as WebSocket over HTTP/2 uses.
-fn is_extended_connect(req: &Request<Incoming>) -> bool {
-    req.method() == hyper::Method::CONNECT && req.extensions().get::<hyper::ext::Protocol>().is_some()
-}
-
-fn wants_upgrade(req: &Request<Incoming>) -> bool {
-    req.version() <= hyper::Version::HTTP_11
-        && req.headers().contains_key(header::UPGRADE)
-        && req
-            .headers()
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
-}
-
-/// A UUID v4 for `x-request-id`, from the agent's generator (seeded from
-/// the OS; as Envoy's, not a secret): no system call per request.
-fn request_id(ctx: &Inputs) -> HeaderValue {
-    let (hi, lo) = (ctx.next_random(), ctx.next_random());
-    let hi = (hi & !0xf000) | 0x4000; // version 4
-    let lo = (lo & !(0xc << 60)) | (0x8 << 60); // RFC 4122 variant
-    let b = ((u128::from(hi) << 64) | u128::from(lo)).to_be_bytes();
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut out = [0u8; 36];
-    let mut o = 0;
-    for (i, byte) in b.iter().enumerate() {
-        if matches!(i, 4 | 6 | 8 | 10) {
-            out[o] = b'-';
-            o += 1;
-        }
-        out[o] = HEX[usize::from(byte >> 4)];
-        out[o + 1] = HEX[usize::from(byte & 0xf)];
-        o += 2;
-    }
-    HeaderValue::from_bytes(&out).unwrap_or_else(|_| HeaderValue::from_static("00000000-0000-4000-8000-000000000000"))
 }
 
 /// The largest request body kept in memory so that the request can be retried;
@@ -533,52 +469,6 @@ fn decide(
     }
 }
 
-fn view_path(req: &Request<Incoming>) -> String {
-    req.uri().path_and_query().map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned())
-}
-
-/// The authority the client asked for: the URI's (HTTP/2, absolute form), else Host.
-fn request_authority(req: &Request<Incoming>, down: &Downstream) -> String {
-    req.uri()
-        .authority()
-        .map(|a| a.to_string())
-        .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned))
-        .unwrap_or_else(|| down.orig.to_string())
-}
-
-/// Applies `rewrite`: the path (the matched prefix, or all of it) and the authority.
-fn rewrite(req: &mut Request<Incoming>, w: &routing::Rewrite, matched_prefix: Option<&str>) {
-    let mut parts = req.uri().clone().into_parts();
-    if let Some(uri) = &w.uri {
-        let path = routing::rewrite_path(&view_path(req), matched_prefix, uri);
-        if let Ok(pq) = path.parse() {
-            parts.path_and_query = Some(pq);
-        }
-    }
-    if let Some(authority) = &w.authority {
-        if parts.authority.is_some()
-            && let Ok(a) = authority.parse()
-        {
-            parts.authority = Some(a);
-        }
-        if let Ok(v) = HeaderValue::from_str(authority) {
-            req.headers_mut().insert(header::HOST, v);
-        }
-    }
-    if let Ok(uri) = hyper::Uri::from_parts(parts) {
-        *req.uri_mut() = uri;
-    }
-}
-
-/// The pool limits from a DestinationRule's `connectionPool`, else the defaults.
-fn limits(ctx: &Inputs, pool: Option<&routing::ConnectionPool>) -> pool::Limits {
-    pool::Limits {
-        connect_timeout: pool.and_then(|p| p.connect_timeout).unwrap_or(ctx.connect_timeout),
-        max_requests_per_connection: pool.and_then(|p| p.max_requests_per_connection),
-        idle_timeout: pool.and_then(|p| p.idle_timeout).unwrap_or(pool::DEFAULT_IDLE_TIMEOUT),
-    }
-}
-
 /// Sends a copy of a request to the `mirror` destination; the answer is read
 /// and dropped. The authority gets Envoy's `-shadow` suffix.
 async fn mirror_request(
@@ -631,155 +521,6 @@ async fn mirror_request(
         Err(_) => "failed",
     };
     ctx.metrics.mirrored.get_or_create(&crate::telemetry::ResultLabels { result }).inc();
-}
-
-/// Whether a request body is small enough (or absent) to keep for retries.
-fn fits_retry_buffer(headers: &HeaderMap, body: &Incoming) -> bool {
-    use hyper::body::Body as _;
-    if body.is_end_stream() {
-        return true;
-    }
-    headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok())
-        .is_some_and(|n| n <= RETRY_BUFFER)
-}
-
-/// One try: a pooled or new connection to the target, the request, the
-/// response head (within `per_try`).
-#[expect(clippy::too_many_arguments, reason = "one try's inputs; called from one place")]
-async fn exchange(
-    ctx: &Arc<Inputs>,
-    down: &Downstream,
-    target: &Target,
-    key: PoolKey,
-    req: Request<Body>,
-    per_try: Option<Duration>,
-    limits: &pool::Limits,
-    record: &mut Record,
-) -> Result<Response<pool::ResponseBody>, Failure> {
-    let sent = send(ctx, down, target, key, req, limits, Some(record));
-    match per_try {
-        Some(t) => tokio::time::timeout(t, sent).await.map_err(|_| Failure::Timeout)?,
-        None => sent.await,
-    }
-}
-
-/// Sends a request on a pooled connection, or a new one if none is idle (or
-/// those that were had closed meanwhile).
-async fn send(
-    ctx: &Arc<Inputs>,
-    down: &Downstream,
-    target: &Target,
-    key: PoolKey,
-    mut req: Request<Body>,
-    limits: &pool::Limits,
-    mut record: Option<&mut Record>,
-) -> Result<Response<pool::ResponseBody>, Failure> {
-    loop {
-        let (sender, pooled) = match ctx.http_pool.take(&key, limits) {
-            Some(s) => (s, true),
-            None => {
-                let state = ctx.state();
-                match connect(ctx, &state, down, target, key.h2, limits.connect_timeout).await {
-                    Ok((s, _)) => (s, false),
-                    Err(e) => {
-                        if let (ProxyError::Tunnel(_), Some(r)) = (&e, record.as_deref_mut()) {
-                            r.set_mtls(true);
-                        }
-                        return Err(Failure::Connect(e));
-                    }
-                }
-            }
-        };
-        if let Some(r) = record.as_deref_mut() {
-            r.set_mtls(sender.is_mtls());
-        }
-        let release = pool::Release { ctx: ctx.clone(), key: key.clone(), limits: *limits };
-        match sender.send(req, release).await {
-            Ok(resp) => return Ok(resp),
-            // Closed while idle: the request was not given to it; the next one.
-            Err(pool::SendError::Stale(r, _)) if pooled => req = *r,
-            Err(pool::SendError::Stale(_, e) | pool::SendError::Failed(e)) => return Err(Failure::Reset(e)),
-        }
-    }
-}
-
-/// The answer when no try got a response.
-fn fail_request(ctx: &Inputs, down: &Downstream, addr: SocketAddrV4, record: Record, f: Failure) -> Response<Body> {
-    match f {
-        Failure::Connect(e) => {
-            tracing::info!(peer = %down.peer, upstream = %addr, error = %e, "request failed: upstream connection");
-            ctx.metrics.connection_failures.get_or_create(&crate::telemetry::ReasonLabels { reason: e.reason() }).inc();
-            match e {
-                ProxyError::Denied { .. }
-                | ProxyError::Tunnel(crate::hbone::HboneError::Status { status: StatusCode::UNAUTHORIZED, .. }) => {
-                    record.finish_local(StatusCode::FORBIDDEN, "RBAC: access denied", "-")
-                }
-                _ => record.finish_local(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "upstream connect error or disconnect/reset before headers. reset reason: connection failure",
-                    "UF",
-                ),
-            }
-        }
-        Failure::Reset(e) => {
-            tracing::info!(peer = %down.peer, upstream = %addr, error = %e, "request failed upstream");
-            record.finish_local(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "upstream connect error or disconnect/reset before headers. reset reason: connection termination",
-                "UC",
-            )
-        }
-        Failure::Timeout => record.finish_local(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout", "UT"),
-    }
-}
-
-/// After a `101 Switching Protocols`, bytes both ways between the two upgraded
-/// connections (WebSocket and the like).
-async fn tunnel_upgrade(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade, addr: SocketAddrV4) {
-    let (client, upstream) = match tokio::try_join!(client, upstream) {
-        Ok(both) => both,
-        Err(e) => return tracing::debug!(upstream = %addr, error = %e, "upgrade did not complete"),
-    };
-    let mut client = TokioIo::new(client);
-    let mut upstream = TokioIo::new(upstream);
-    let counter = prometheus_client::metrics::counter::Counter::default();
-    if let Err((op, error)) = proxy::copy::bidirectional(&mut client, &mut upstream, &counter, &counter).await {
-        tracing::debug!(upstream = %addr, %op, %error, "upgraded connection reset");
-    }
-}
-
-/// A new upstream connection and its HTTP handshake.
-async fn connect(
-    ctx: &Inputs,
-    state: &crate::state::State,
-    down: &Downstream,
-    to: &Target,
-    h2: bool,
-    timeout: Duration,
-) -> Result<(Sender, bool), ProxyError> {
-    // The generation before connecting: a policy reload meanwhile keeps this
-    // connection out of the pool.
-    let generation = ctx.http_pool.generation();
-    let addr = to.addr;
-    let opened =
-        proxy::open_upstream(ctx, state, to.source.as_ref(), down.peer, to.dest.as_ref(), addr, timeout).await?;
-    let mtls = opened.mtls;
-    let mut io = opened.into_io();
-    if let Some((tls, sni)) = &to.tls {
-        io = match io {
-            proxy::Upstream::Tcp(tcp) => proxy::originate_tls(tcp, tls, sni, h2, addr).await?,
-            other => other,
-        };
-    }
-    let sender = pool::handshake(io, h2, mtls, generation).await.map_err(|error| ProxyError::Connect {
-        addr,
-        source_ip: None,
-        error: std::io::Error::other(error),
-    })?;
-    Ok((sender, mtls))
 }
 
 /// Istio's `request_protocol`.

@@ -1,0 +1,110 @@
+//! What the pipeline reads from and writes into requests' headers: gRPC,
+//! hop-by-hop names, upgrades, request ids, the path and authority, rewrites.
+use super::*;
+
+pub(super) fn is_grpc(headers: &HeaderMap) -> bool {
+    headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+/// Removes hop-by-hop headers, and those `Connection` names, before a
+/// message is forwarded (`keep_upgrade` for a protocol upgrade).
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Headers named in `Connection` are hop-by-hop too.
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .filter(|n| !HOP_BY_HOP.contains(n))
+            .collect();
+        for n in named {
+            headers.remove(n);
+        }
+    }
+    for h in &HOP_BY_HOP {
+        if keep_upgrade && (h == header::UPGRADE || h == header::CONNECTION) {
+            continue;
+        }
+        if h == header::TE && headers.get(header::TE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers")) {
+            continue;
+        }
+        headers.remove(h);
+    }
+}
+
+/// An HTTP/2 extended CONNECT (RFC 8441), as WebSocket over HTTP/2 uses.
+pub(super) fn is_extended_connect(req: &Request<Incoming>) -> bool {
+    req.method() == hyper::Method::CONNECT && req.extensions().get::<hyper::ext::Protocol>().is_some()
+}
+
+pub(super) fn wants_upgrade(req: &Request<Incoming>) -> bool {
+    req.version() <= hyper::Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && req
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
+}
+
+/// A UUID v4 for `x-request-id`, from the agent's generator (seeded from
+/// the OS; as Envoy's, not a secret): no system call per request.
+pub(super) fn request_id(ctx: &Inputs) -> HeaderValue {
+    let (hi, lo) = (ctx.next_random(), ctx.next_random());
+    let hi = (hi & !0xf000) | 0x4000; // version 4
+    let lo = (lo & !(0xc << 60)) | (0x8 << 60); // RFC 4122 variant
+    let b = ((u128::from(hi) << 64) | u128::from(lo)).to_be_bytes();
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [0u8; 36];
+    let mut o = 0;
+    for (i, byte) in b.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            out[o] = b'-';
+            o += 1;
+        }
+        out[o] = HEX[usize::from(byte >> 4)];
+        out[o + 1] = HEX[usize::from(byte & 0xf)];
+        o += 2;
+    }
+    HeaderValue::from_bytes(&out).unwrap_or_else(|_| HeaderValue::from_static("00000000-0000-4000-8000-000000000000"))
+}
+
+pub(super) fn view_path(req: &Request<Incoming>) -> String {
+    req.uri().path_and_query().map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned())
+}
+
+/// The authority the client asked for: the URI's (HTTP/2, absolute form), else Host.
+pub(super) fn request_authority(req: &Request<Incoming>, down: &Downstream) -> String {
+    req.uri()
+        .authority()
+        .map(|a| a.to_string())
+        .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned))
+        .unwrap_or_else(|| down.orig.to_string())
+}
+
+/// Applies `rewrite`: the path (the matched prefix, or all of it) and the authority.
+pub(super) fn rewrite(req: &mut Request<Incoming>, w: &routing::Rewrite, matched_prefix: Option<&str>) {
+    let mut parts = req.uri().clone().into_parts();
+    if let Some(uri) = &w.uri {
+        let path = routing::rewrite_path(&view_path(req), matched_prefix, uri);
+        if let Ok(pq) = path.parse() {
+            parts.path_and_query = Some(pq);
+        }
+    }
+    if let Some(authority) = &w.authority {
+        if parts.authority.is_some()
+            && let Ok(a) = authority.parse()
+        {
+            parts.authority = Some(a);
+        }
+        if let Ok(v) = HeaderValue::from_str(authority) {
+            req.headers_mut().insert(header::HOST, v);
+        }
+    }
+    if let Ok(uri) = hyper::Uri::from_parts(parts) {
+        *req.uri_mut() = uri;
+    }
+}
