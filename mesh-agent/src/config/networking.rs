@@ -540,17 +540,6 @@ fn header_rules(ctx: &mut Ctx<'_>, base: &str, h: &HeadersSpec) -> HeaderRules {
     }
 }
 
-/// A count in a policy: 0 or more, at most `max`.
-fn count(ctx: &mut Ctx<'_>, field: &str, v: Option<i64>, max: i64) -> Option<u32> {
-    let v = v?;
-    if (0..=max).contains(&v) {
-        Some(v as u32)
-    } else {
-        ctx.error(field, format!("{v} is out of range 0-{max}"));
-        None
-    }
-}
-
 /// The namespace of the object being validated (`Kind namespace/name`).
 fn ctx_namespace(ctx: &Ctx<'_>) -> String {
     ctx.object().split_once(' ').and_then(|(_, n)| n.split_once('/')).map_or("default", |(ns, _)| ns).to_owned()

@@ -272,3 +272,14 @@ fn client_tls(
         }
     }
 }
+
+/// A count in a policy: 0 or more, at most `max`.
+fn count(ctx: &mut Ctx<'_>, field: &str, v: Option<i64>, max: i64) -> Option<u32> {
+    let v = v?;
+    if (0..=max).contains(&v) {
+        Some(v as u32)
+    } else {
+        ctx.error(field, format!("{v} is out of range 0-{max}"));
+        None
+    }
+}
