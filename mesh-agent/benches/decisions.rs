@@ -12,14 +12,17 @@ use std::{
 use criterion::{Criterion, criterion_group, criterion_main};
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 use mesh_agent::{
-    l7::{
-        self,
+    proxy::l7,
+    routing::{
+        http::{EndpointState, RequestView, route_request},
+        l4::route,
+        policy::{Peer, authorize},
         protocol::sniff,
-        routing::{EndpointState, HeaderOps, HeaderPair, RequestView, route_request},
     },
-    policy::{Peer, authorize},
-    route::route,
-    state::State,
+    state::{
+        State,
+        traffic::{HeaderOps, HeaderPair},
+    },
 };
 
 const CLUSTER: &str = r#"

@@ -22,6 +22,8 @@ use crate::{
     telemetry::ResultLabels,
 };
 
+mod admin;
+
 /// Settings of `mesh-agent run`.
 #[derive(Debug, Clone)]
 pub struct RunConfig {
@@ -94,7 +96,7 @@ pub struct Context {
     pub inputs: Arc<Inputs>,
     pub config_path: PathBuf,
     capture: RwLock<CaptureStatus>,
-    gateway_status: RwLock<Vec<crate::gateway::PortStatus>>,
+    gateway_status: RwLock<Vec<crate::proxy::gateway::PortStatus>>,
     last_config_error: RwLock<Option<String>>,
     ready: AtomicBool,
 }
@@ -109,11 +111,11 @@ impl Context {
     }
 
     /// The gateway ports of this node and whether they are open.
-    pub fn gateway_status(&self) -> Vec<crate::gateway::PortStatus> {
+    pub fn gateway_status(&self) -> Vec<crate::proxy::gateway::PortStatus> {
         self.gateway_status.read().map(|g| g.clone()).unwrap_or_default()
     }
 
-    fn reconcile_gateways(&self, gateways: &mut crate::gateway::Listeners) {
+    fn reconcile_gateways(&self, gateways: &mut crate::proxy::gateway::Listeners) {
         gateways.reconcile(&self.inputs);
         if let Ok(mut g) = self.gateway_status.write() {
             *g = gateways.status();
@@ -169,7 +171,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
     }
     let mut watcher = config::watch_files::Fingerprint::of(&cfg.config_path);
     let certs = Arc::new(cert_manager(&cfg.identity)?);
-    let access_log = crate::l7::access_log::AccessLog::open(&cfg.access_log)
+    let access_log = crate::proxy::l7::access_log::AccessLog::open(&cfg.access_log)
         .map_err(|source| RunError::AccessLog { path: cfg.access_log.clone(), source })?;
     let inputs = Arc::new(Inputs::new(crate::proxy::inputs::Settings {
         node: cfg.node.clone(),
@@ -285,14 +287,15 @@ async fn serve(
     let (stop_tx, stop_rx) = watch::channel(false);
     let Listeners { outbound, inbound, hbone, hbone_tls } = listeners;
     use crate::proxy::Listener;
+    let mut gateways = crate::proxy::gateway::Listeners::default();
+    ctx.reconcile_gateways(&mut gateways);
+    let hop = gateways.tunnel_hop(inputs);
     let tasks = [
         tokio::spawn(crate::proxy::serve(inputs.clone(), outbound, Listener::Outbound, stop_rx.clone())),
         tokio::spawn(crate::proxy::serve(inputs.clone(), inbound, Listener::Inbound, stop_rx.clone())),
-        tokio::spawn(crate::hbone::serve(inputs.clone(), hbone, hbone_tls, stop_rx)),
+        tokio::spawn(crate::proxy::hbone::serve(inputs.clone(), hbone, hbone_tls, hop, stop_rx)),
     ];
-    tokio::spawn(crate::admin::serve(ctx.clone(), admin));
-    let mut gateways = crate::gateway::Listeners::default();
-    ctx.reconcile_gateways(&mut gateways);
+    tokio::spawn(admin::serve(ctx.clone(), admin));
     ctx.ready.store(true, Ordering::Release);
     tracing::info!(node = %cfg.node, admin = %cfg.admin_addr, pods = capture.attached().len(), "mesh-agent ready");
 

@@ -6,7 +6,7 @@ use clap::{Parser, Subcommand};
 
 use crate::{
     agent::{IdentityConfig, RemoteCa, RunConfig, RunError},
-    identity::ca_service::CaServiceConfig,
+    ca_server::CaServiceConfig,
 };
 
 /// Exit status for invalid configuration (EX_USAGE).
@@ -262,9 +262,9 @@ fn threaded_runtime(workers: Option<u16>) -> Option<tokio::runtime::Runtime> {
 
 fn run_ca(cfg: CaServiceConfig) -> ExitCode {
     let Some(runtime) = runtime() else { return ExitCode::FAILURE };
-    match runtime.block_on(crate::identity::ca_service::run(cfg)) {
+    match runtime.block_on(crate::ca_server::run(cfg)) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(crate::identity::ca_service::CaServiceError::Config(errors)) => {
+        Err(crate::ca_server::CaServiceError::Config(errors)) => {
             for e in &errors.0 {
                 eprintln!("error: {e}");
             }

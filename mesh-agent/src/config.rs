@@ -21,7 +21,6 @@ mod validate;
 pub(crate) mod watch_files;
 
 pub use load::{Document, LastGood, Origin, read_documents};
-pub use networking::MESH;
 
 /// One problem in the configuration.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -29,8 +29,7 @@ pub use manager::CertManager;
 
 /// Default lifetime of a workload certificate.
 pub const DEFAULT_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
-/// Istio's root namespace, where mesh-wide policy lives and the CA's own identity is.
-pub const ROOT_NAMESPACE: &str = "istio-system";
+pub use crate::state::ROOT_NAMESPACE;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {

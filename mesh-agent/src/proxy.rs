@@ -15,17 +15,20 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 use crate::{
-    l7::protocol::{self, Declared, Handling, Sniffed},
-    policy::{Decision, Peer},
-    route::{Route, route},
+    routing::l4::{Route, route},
+    routing::policy::{Decision, Peer},
+    routing::protocol::{self, Declared, Handling, Sniffed},
     state::{State, Workload},
     telemetry::TcpLabels,
 };
 
 pub mod conns;
 pub(crate) mod copy;
+pub mod gateway;
+pub mod hbone;
 mod inbound;
 pub mod inputs;
+pub mod l7;
 mod outbound;
 mod upstream;
 
@@ -33,6 +36,7 @@ pub(crate) use outbound::sniff_client;
 
 pub use inputs::Inputs;
 
+pub use upstream::Originations;
 pub(crate) use upstream::{Opened, Upstream, originate_tls};
 
 /// Why a proxied connection failed, for logs and `mesh_tcp_connection_failures_total`.
@@ -41,7 +45,7 @@ pub enum ProxyError {
     #[error("original destination {0} is not IPv4")]
     NotIpv4(SocketAddr),
     #[error("refused by routing: {service}: {reason}")]
-    Refused { service: String, reason: crate::route::Refusal },
+    Refused { service: String, reason: crate::routing::l4::Refusal },
     #[error("connect to {addr} timed out after {timeout:?}: is the endpoint listening and reachable from the node?")]
     ConnectTimeout { addr: SocketAddrV4, timeout: Duration },
     #[error("connect to {addr} from {source_ip:?}: {error}")]
@@ -53,7 +57,7 @@ pub enum ProxyError {
     #[error("client {0} is not a meshed pod with an identity")]
     NoSourceIdentity(Ipv4Addr),
     #[error("HBONE: {0}")]
-    Tunnel(#[from] crate::hbone::HboneError),
+    Tunnel(#[from] crate::proxy::hbone::HboneError),
     #[error("denied by AuthorizationPolicy ({policy})")]
     Denied { policy: String },
     #[error("plaintext refused: PeerAuthentication for {pod} port {port} is STRICT")]
@@ -192,7 +196,7 @@ pub(crate) async fn open_upstream(
             };
             let src_id = source_identity.ok_or(ProxyError::NoSourceIdentity(peer_ip))?;
             let node = SocketAddrV4::new(node_ip, mesh_common::HBONE_PORT);
-            let to = crate::hbone::TunnelTo {
+            let to = crate::proxy::hbone::TunnelTo {
                 source: &src_id,
                 node,
                 dest: &d.principal,
@@ -208,7 +212,7 @@ pub(crate) async fn open_upstream(
             // from capture (anti-spoofed veth), not from TLS, and is reported so.
             let principal = source_identity.as_deref();
             if let Decision::Deny(policy) =
-                crate::policy::authorize(state, d, &Peer { principal, ip: peer_ip }, addr.port())
+                crate::routing::policy::authorize(state, d, &Peer { principal, ip: peer_ip }, addr.port())
             {
                 return Err(ProxyError::Denied { policy });
             }

@@ -1,6 +1,10 @@
-//! The agent's view of the cluster (Istio's Pilot role, discovery part): one
-//! immutable snapshot built from validated configuration. Proxies read it through
-//! an `Arc`; a reload builds a new snapshot and swaps it in whole.
+//! The model at the bottom of the agent: its view of the cluster (Istio's
+//! Pilot role, discovery part) as one immutable snapshot of plain types built
+//! from validated configuration, with the indexes built once per snapshot.
+//! Proxies read it through an `Arc`; a reload builds a new snapshot and swaps
+//! it in whole. It imports nothing from the rest of the agent: the routing
+//! and policy decisions over it are in [`crate::routing`], the live resources
+//! built from it (TLS settings, listeners) in the data path.
 use std::{
     collections::{BTreeMap, HashMap},
     net::Ipv4Addr,
@@ -9,12 +13,18 @@ use std::{
 
 use serde::Serialize;
 
+mod index;
+pub mod security;
+pub mod traffic;
+
 /// Label that enrolls a namespace or pod in the mesh (Istio ambient).
 pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
 /// Default SPIFFE trust domain.
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 /// Kubernetes DNS domain of Service hostnames.
 pub const CLUSTER_DOMAIN: &str = "cluster.local";
+/// Istio's root namespace: mesh-wide policy, the CA's and the nodes' identities.
+pub const ROOT_NAMESPACE: &str = "istio-system";
 
 #[derive(Debug, Default, Serialize)]
 pub struct State {
@@ -25,11 +35,11 @@ pub struct State {
     pub workloads: BTreeMap<String, Arc<Workload>>,
     /// Services by `namespace/name`.
     pub services: BTreeMap<String, Arc<Service>>,
-    pub peer_authentications: Vec<crate::policy::PeerAuthentication>,
-    pub authorization_policies: Vec<crate::policy::AuthorizationPolicy>,
+    pub peer_authentications: Vec<security::PeerAuthentication>,
+    pub authorization_policies: Vec<security::AuthorizationPolicy>,
     /// In name order (Istio applies the oldest first; creation time is not kept).
-    pub virtual_services: Vec<crate::l7::routing::VirtualService>,
-    pub destination_rules: Vec<crate::l7::routing::DestinationRule>,
+    pub virtual_services: Vec<traffic::VirtualService>,
+    pub destination_rules: Vec<traffic::DestinationRule>,
     /// In `namespace/name` order.
     pub gateways: Vec<Arc<Gateway>>,
     /// MeshConfig `outboundTrafficPolicy.mode`.
@@ -45,6 +55,9 @@ pub struct State {
     pub by_ip: HashMap<Ipv4Addr, Arc<Workload>>,
     #[serde(skip)]
     pub by_vip: HashMap<Ipv4Addr, Arc<Service>>,
+    /// Rules and policies by what asks for them ([`State::build_index`]).
+    #[serde(skip)]
+    index: index::Index,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -98,6 +111,9 @@ pub struct Workload {
 pub struct Service {
     pub name: Arc<str>,
     pub namespace: Arc<str>,
+    /// `namespace/name`: how rules and DestinationRules name it.
+    #[serde(skip)]
+    pub key: String,
     /// `name.namespace.svc.cluster.local`, Istio's `destination_service`.
     pub hostname: Arc<str>,
     pub vip: Option<Ipv4Addr>,
@@ -207,13 +223,17 @@ pub enum ServerTls {
     Passthrough,
 }
 
-/// A server certificate and key from a Secret (never shown: only its name).
+/// A server certificate chain and key from a Secret, as PEM checked by the
+/// configuration to belong together (never shown: only its name). The
+/// gateway builds its TLS settings from them.
 #[derive(Clone, Serialize)]
 pub struct ServerCert {
     /// `namespace/name` of the Secret.
     pub credential: String,
     #[serde(skip)]
-    pub key: Arc<rustls::sign::CertifiedKey>,
+    pub cert_pem: Arc<[u8]>,
+    #[serde(skip)]
+    pub key_pem: Arc<[u8]>,
 }
 
 impl ServerCert {
@@ -222,9 +242,7 @@ impl ServerCert {
     pub fn fingerprint(&self) -> String {
         use std::hash::{Hash as _, Hasher as _};
         let mut h = std::collections::hash_map::DefaultHasher::new();
-        for c in &self.key.cert {
-            c.as_ref().hash(&mut h);
-        }
+        self.cert_pem.hash(&mut h);
         format!("{:016x}", h.finish())
     }
 }
@@ -277,11 +295,6 @@ impl State {
         self.gateways
             .iter()
             .filter(move |g| g.selector.iter().all(|(k, v)| labels.is_some_and(|l| l.get(k) == Some(v))))
-    }
-
-    /// The Gateway `namespace/name`.
-    pub fn gateway(&self, key: &str) -> Option<&Arc<Gateway>> {
-        self.gateways.iter().find(|g| key.split_once('/') == Some((&g.namespace, &g.name)))
     }
 
     /// The Gateway or node that runs as `principal` (they have no pod IP).

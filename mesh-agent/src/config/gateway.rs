@@ -292,7 +292,7 @@ fn server_cert(ctx: &mut Ctx<'_>, field: &str, name: &str, namespace: &str, secr
         _ => return fail("needs both tls.crt and tls.key (type kubernetes.io/tls)".into()),
     };
     match crate::identity::tls::certified_key_from_pem(&cert, &pkey) {
-        Ok(certified) => Some(ServerCert { credential: key.clone(), key: Arc::new(certified) }),
+        Ok(_) => Some(ServerCert { credential: key.clone(), cert_pem: cert.into(), key_pem: pkey.into() }),
         Err(e) => fail(e),
     }
 }

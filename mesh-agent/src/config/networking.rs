@@ -1,15 +1,15 @@
 //! `networking.istio.io/v1` `VirtualService` and `DestinationRule` for mesh
-//! traffic, validated into [`crate::l7::routing`] types. Unknown fields are
+//! traffic, validated into [`crate::routing::http`] types. Unknown fields are
 //! errors; fields Istio defines that this version does not implement yet are
 //! errors too, named, so that a rule is never half applied.
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use super::{gateway::Secrets, validate::Ctx};
 use crate::{
-    l7::routing::{
+    state::traffic::{
         DestinationRule, Fault, HashKey, HeaderOps, HeaderPair, HeaderRules, HttpMatch, HttpRoute, LoadBalancer,
-        OutlierDetection, Policy, Redirect, Retries, RetryOn, Rewrite, StrMatch, Subset, TcpRoute, TlsMatch, TlsRoute,
-        VirtualService, WeightedDestination,
+        OutlierDetection, Policy, Redirect, Retries, RetryOn, Rewrite, StrMatch, Subset, TcpRoute, TlsMatch,
+        TlsOrigination, TlsRoute, VirtualService, WeightedDestination,
     },
     state::{CLUSTER_DOMAIN, Gateway, Service},
 };
@@ -23,8 +23,7 @@ pub(super) use destination_rule::build_destination_rule;
 pub use objects::*;
 
 const NOT_YET: &str = "not supported by this version of mesh-agent";
-/// The reserved gateway name for sidecar-less mesh traffic.
-pub const MESH: &str = "mesh";
+use crate::state::traffic::MESH;
 
 /// A `gateways` entry as `namespace/name` (a bare name is in `namespace`), or `mesh`.
 fn gateway_ref(g: &str, namespace: &str) -> String {

@@ -7,7 +7,9 @@ use std::{collections::BTreeMap, sync::Arc};
 use serde::Deserialize;
 
 use super::{k8s::ObjectMeta, validate::Ctx};
-use crate::policy::{self, Action, AuthorizationPolicy, Cidr, MtlsMode, Operation, Pattern, PeerAuthentication, Rule};
+use crate::state::security::{
+    self as policy, Action, AuthorizationPolicy, Cidr, MtlsMode, Operation, Pattern, PeerAuthentication, Rule,
+};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]

@@ -140,6 +140,7 @@ pub(super) fn build_service_entry(ctx: &mut Ctx<'_>, obj: &ServiceEntryObject) -
         .hosts
         .iter()
         .map(|host| Service {
+            key: format!("{namespace}/{host}"),
             name: host.as_str().into(),
             namespace: namespace.clone(),
             hostname: host.as_str().into(),

@@ -106,13 +106,13 @@ impl FailClosed {
     }
 
     /// A DENY whose one empty rule matches every request.
-    fn deny_all(&self) -> crate::policy::AuthorizationPolicy {
-        crate::policy::AuthorizationPolicy {
+    fn deny_all(&self) -> crate::state::security::AuthorizationPolicy {
+        crate::state::security::AuthorizationPolicy {
             name: format!("{} (rejected: denies all)", self.object).into(),
             namespace: self.namespace.clone(),
             selector: self.selector.clone(),
-            action: crate::policy::Action::Deny,
-            rules: vec![crate::policy::Rule::default()],
+            action: crate::state::security::Action::Deny,
+            rules: vec![crate::state::security::Rule::default()],
         }
     }
 }
@@ -133,6 +133,7 @@ pub(super) fn build_state(docs: &[Document], trust_domain: &str) -> Loaded {
         tracing::warn!(object = %f.object, namespace = %f.namespace, selector = ?f.selector, "security policy rejected: the workloads it selects deny every connection until it is fixed");
         state.authorization_policies.push(f.deny_all());
     }
+    state.build_index();
     Loaded { state, notes, rejected: errors }
 }
 
@@ -293,7 +294,8 @@ pub(super) fn require_name(ctx: &mut Ctx<'_>, meta: &k8s::ObjectMeta) -> Option<
 }
 
 fn assemble(objects: Objects, trust_domain: &str, errors: &mut Vec<ConfigError>) -> State {
-    let mut state = State { trust_domain: trust_domain.into(), ..State::default() };
+    let mut state = State::default();
+    state.trust_domain = trust_domain.into();
     for (origin, node) in &objects.nodes {
         let mut ctx = Ctx { origin, object: describe_meta("Node", &node.metadata), errors };
         let before = ctx.error_count();
@@ -505,6 +507,7 @@ fn add_gateway_services(state: &mut State, objects: &[(Origin, GatewayObject)], 
             })
             .collect();
         let s = Service {
+            key: format!("{}/{}", g.namespace, g.name),
             hostname: format!("{}.{}.svc.{CLUSTER_DOMAIN}", g.name, g.namespace).into(),
             name: g.name.clone(),
             namespace: g.namespace.clone(),

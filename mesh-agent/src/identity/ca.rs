@@ -184,6 +184,14 @@ pub fn roots_from_pem(pem: &str) -> Result<rustls::RootCertStore, String> {
     Ok(store)
 }
 
+/// Trusted roots from PEM as DER, each checked to be usable as a root: what
+/// the model keeps for TLS origination.
+pub fn root_ders_from_pem(pem: &str) -> Result<Vec<Vec<u8>>, String> {
+    let certs = pem_certs(pem)?;
+    roots_from_pem(pem)?;
+    Ok(certs.into_iter().map(|c| c.as_ref().to_vec()).collect())
+}
+
 /// The directory layout of the CA service.
 pub fn token_dir(ca_dir: &Path) -> PathBuf {
     ca_dir.join("node-tokens")

@@ -201,7 +201,7 @@ impl ResolvesServerCert for ByHost {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         let found = hello
             .server_name()
-            .and_then(|sni| self.0.iter().find(|(pattern, _)| crate::l7::routing::host_matches(pattern, sni)));
+            .and_then(|sni| self.0.iter().find(|(pattern, _)| crate::state::traffic::host_matches(pattern, sni)));
         found.or(self.0.first()).map(|(_, c)| c.clone())
     }
 }

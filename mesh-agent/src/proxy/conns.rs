@@ -23,8 +23,9 @@ use std::{
 };
 
 use crate::{
-    policy::{Decision, MtlsMode, Peer, authorize, peer_mode},
+    routing::policy::{Decision, Peer, authorize, peer_mode},
     state::State,
+    state::security::MtlsMode,
 };
 
 /// What a connection was authorized as: the inputs of the decision.

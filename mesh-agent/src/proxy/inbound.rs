@@ -9,8 +9,9 @@ use tokio::net::TcpStream;
 
 use super::{ProxyError, deliver, fail};
 use crate::{
-    policy::{Decision, MtlsMode, Peer, authorize, peer_mode},
     proxy::Inputs,
+    routing::policy::{Decision, Peer, authorize, peer_mode},
+    state::security::MtlsMode,
     telemetry::TcpLabels,
 };
 

@@ -8,7 +8,7 @@ use std::{
     net::Ipv4Addr,
     sync::{
         Arc, RwLock,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -25,20 +25,20 @@ pub struct Inputs {
     pub metrics: Metrics,
     pub active: Arc<Active>,
     pub certs: Arc<CertManager>,
-    pub hbone: crate::hbone::Pool,
-    pub http_pool: crate::l7::pool::Pool,
+    pub hbone: crate::proxy::hbone::Pool,
+    pub http_pool: crate::proxy::l7::pool::Pool,
     /// Connections authorized here, judged again after each reload.
     pub conns: Arc<super::conns::Conns>,
-    pub clusters: crate::l7::cluster::Clusters,
-    pub access_log: crate::l7::access_log::AccessLog,
+    pub clusters: crate::proxy::l7::cluster::Clusters,
+    /// TLS settings for the snapshot's TLS originations.
+    pub originations: super::Originations,
+    pub access_log: crate::proxy::l7::access_log::AccessLog,
     /// Original destinations of captured host clients (when that capture runs).
     pub host_orig: std::sync::OnceLock<crate::capture::host::HostOrig>,
     state: RwLock<Arc<State>>,
     captured_ips: RwLock<Arc<HashSet<Ipv4Addr>>>,
     /// Local meshed pods behind a last-hop gate.
     gated_ips: RwLock<Arc<HashSet<Ipv4Addr>>>,
-    rr: AtomicUsize,
-    rng: AtomicU64,
 }
 
 /// The settings and resources [`Inputs`] is built from.
@@ -47,31 +47,32 @@ pub struct Settings {
     pub connect_timeout: Duration,
     pub protocol_detection_timeout: Duration,
     pub certs: Arc<CertManager>,
-    pub access_log: crate::l7::access_log::AccessLog,
+    pub access_log: crate::proxy::l7::access_log::AccessLog,
     pub state: State,
 }
 
 impl Inputs {
     pub fn new(s: Settings) -> Self {
-        Inputs {
+        let inputs = Inputs {
             node: s.node,
             connect_timeout: s.connect_timeout,
             protocol_detection_timeout: s.protocol_detection_timeout,
             metrics: Metrics::new(),
             active: Arc::default(),
             certs: s.certs,
-            hbone: crate::hbone::Pool::default(),
-            http_pool: crate::l7::pool::Pool::default(),
+            hbone: crate::proxy::hbone::Pool::default(),
+            http_pool: crate::proxy::l7::pool::Pool::default(),
             conns: Arc::default(),
-            clusters: crate::l7::cluster::Clusters::default(),
+            clusters: crate::proxy::l7::cluster::Clusters::default(),
+            originations: super::Originations::default(),
             access_log: s.access_log,
             host_orig: std::sync::OnceLock::new(),
-            state: RwLock::new(Arc::new(s.state)),
+            state: RwLock::default(),
             captured_ips: RwLock::default(),
             gated_ips: RwLock::default(),
-            rr: AtomicUsize::new(0),
-            rng: AtomicU64::new(u64::from_ne_bytes(crate::identity::random_bytes::<8>().unwrap_or_default())),
-        }
+        };
+        inputs.set_state(s.state);
+        inputs
     }
 
     pub fn state(&self) -> Arc<State> {
@@ -79,6 +80,7 @@ impl Inputs {
     }
 
     pub(crate) fn set_state(&self, state: State) {
+        self.originations.rebuild(&state);
         if let Ok(mut s) = self.state.write() {
             *s = Arc::new(state);
         }
@@ -106,18 +108,38 @@ impl Inputs {
         self.gated_ips.read().is_ok_and(|s| s.contains(&ip))
     }
 
+    /// The next round-robin turn, counted per worker thread (as Envoy's
+    /// workers do): no cache line shared between workers on every request.
     pub fn next_pick(&self) -> usize {
-        self.rr.fetch_add(1, Ordering::Relaxed)
+        PICKER.with(|p| {
+            let (turn, seed) = p.get();
+            p.set((turn.wrapping_add(1), seed));
+            turn
+        })
     }
 
-    /// A pseudo-random number (splitmix64 over a shared counter): for weights
-    /// and random balancing, not for secrets.
+    /// A pseudo-random number (splitmix64 over a per-thread counter seeded
+    /// from the OS): for weights and random balancing, not for secrets.
     pub fn next_random(&self) -> u64 {
-        let mut z = self.rng.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed);
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        PICKER.with(|p| {
+            let (turn, seed) = p.get();
+            let seed = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            p.set((turn, seed));
+            let mut z = seed;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        })
     }
+}
+
+thread_local! {
+    /// Each worker's round-robin turn (starting at a random place, so workers
+    /// do not move in step) and random state.
+    static PICKER: std::cell::Cell<(usize, u64)> = std::cell::Cell::new({
+        let seed = u64::from_ne_bytes(crate::identity::random_bytes::<8>().unwrap_or_default());
+        (seed as usize >> 1, seed)
+    });
 }
 
 /// Counts live proxied connections so shutdown can wait for them.
@@ -182,7 +204,7 @@ pub(crate) mod testing {
                 connect_timeout: Duration::from_secs(10),
                 protocol_detection_timeout: Duration::from_millis(100),
                 certs,
-                access_log: crate::l7::access_log::AccessLog::open("off").expect("no access log"),
+                access_log: crate::proxy::l7::access_log::AccessLog::open("off").expect("no access log"),
                 state: crate::config::state_from_yaml(yaml),
             });
             TestInputs { inputs: Arc::new(inputs), dir }

@@ -64,7 +64,7 @@ async fn open(ctx: &Arc<Inputs>, client: TcpStream, peer: SocketAddr) -> Option<
         Route::Service { protocol: Declared::Tcp | Declared::Unknown, .. } | Route::Refused { .. }
             if state.by_vip.contains_key(orig.ip()) =>
         {
-            match crate::l7::routing::route_tcp(&state, orig, pick, ctx.next_random()) {
+            match crate::routing::http::route_tcp(&state, orig, pick, ctx.next_random()) {
                 Some(Route::Service { service, endpoint, addr, .. }) => {
                     Route::Service { service, endpoint, addr, protocol: Declared::Tcp }
                 }
@@ -117,9 +117,10 @@ async fn open(ctx: &Arc<Inputs>, client: TcpStream, peer: SocketAddr) -> Option<
     if handling != Handling::Tcp {
         drop(state);
         // The first request takes this connection's turn in the round robin.
-        let down = crate::l7::Downstream { peer, peer_ip, orig, source, gateways: None, first_pick: pick.into() };
+        let down =
+            crate::proxy::l7::Downstream { peer, peer_ip, orig, source, gateways: None, first_pick: pick.into() };
         // Boxed: a connection waiting for its first bytes keeps no room for an HTTP server.
-        Box::pin(crate::l7::serve(ctx.clone(), client, down, handling)).await;
+        Box::pin(crate::proxy::l7::serve(ctx.clone(), client, down, handling)).await;
         return None;
     }
     // Boxed apart: connecting (TLS, HBONE) takes ~6 KB of state, which a

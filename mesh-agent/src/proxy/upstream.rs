@@ -1,11 +1,17 @@
 //! What a proxied connection's upstream is: a TCP connection (one this agent
 //! authorized carries its revocation guard), an HBONE stream, or TLS the agent
 //! originated; and what opening one yields.
-use std::{io, net::SocketAddrV4};
+use std::{
+    io,
+    net::SocketAddrV4,
+    sync::{Arc, RwLock},
+};
 
+use rustls::ClientConfig;
 use tokio::net::TcpStream;
 
 use super::{ProxyError, conns, reset};
+use crate::state::{State, traffic::TlsOrigination};
 
 /// An upstream byte stream: a TCP connection, an HBONE stream, or TLS the
 /// agent originated over TCP.
@@ -17,19 +23,83 @@ pub(crate) enum Upstream {
         // Boxed: the enum stays as small as before for every other connection.
         #[expect(dead_code, reason = "held for its Drop, which unregisters the connection")] Box<conns::Guard>,
     ),
-    Tunnel(hyper_util::rt::TokioIo<crate::hbone::Tunnel>),
+    Tunnel(hyper_util::rt::TokioIo<crate::proxy::hbone::Tunnel>),
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+/// The client TLS settings (HTTP/1.1 and h2 ALPN) for each TLS origination
+/// of the current snapshot, built when it is swapped in: the model keeps
+/// plain roots, a connection finds its settings by the origination's
+/// identity (an `Arc` the snapshot holds, so never a stale match).
+#[derive(Default)]
+pub struct Originations(RwLock<Arc<Built>>);
+
+type OriginationConfigs = [Arc<ClientConfig>; 2];
+type Built = Vec<(Arc<TlsOrigination>, OriginationConfigs)>;
+
+impl Originations {
+    pub(crate) fn rebuild(&self, state: &State) {
+        let policies = state
+            .destination_rules
+            .iter()
+            .flat_map(|d| std::iter::once(&d.policy).chain(d.subsets.iter().map(|s| &s.policy)));
+        let mut built = Built::new();
+        for tls in policies.filter_map(|p| p.tls.as_ref()) {
+            if built.iter().any(|(t, _)| Arc::ptr_eq(t, tls)) {
+                continue;
+            }
+            match origination_configs(tls) {
+                Ok(c) => built.push((tls.clone(), c)),
+                Err(e) => tracing::warn!(ca = %tls.ca, error = %e, "TLS origination settings"),
+            }
+        }
+        if let Ok(mut o) = self.0.write() {
+            *o = Arc::new(built);
+        }
+    }
+
+    /// The settings for `tls`: built with its snapshot, or now for a
+    /// connection that began under the previous one.
+    fn get(&self, tls: &Arc<TlsOrigination>, h2: bool) -> Result<Arc<ClientConfig>, rustls::Error> {
+        let found =
+            self.0.read().ok().and_then(|o| o.iter().find(|(t, _)| Arc::ptr_eq(t, tls)).map(|(_, c)| c.clone()));
+        let [http1, http2] = match found {
+            Some(c) => c,
+            None => origination_configs(tls)?,
+        };
+        Ok(if h2 { http2 } else { http1 })
+    }
+}
+
+fn origination_configs(tls: &TlsOrigination) -> Result<OriginationConfigs, rustls::Error> {
+    let roots = match tls.insecure_skip_verify {
+        true => None,
+        false => {
+            let mut store = rustls::RootCertStore::empty();
+            for der in &tls.roots {
+                store.add(rustls::pki_types::CertificateDer::from(der.clone()))?;
+            }
+            Some(store)
+        }
+    };
+    let config = |alpn: &[&[u8]]| crate::identity::tls::origination_config(roots.clone(), alpn).map(Arc::new);
+    Ok([config(&[b"http/1.1"])?, config(&[b"h2"])?])
 }
 
 /// Starts TLS to an upstream outside the mesh (DestinationRule `tls.mode: SIMPLE`).
 pub(crate) async fn originate_tls(
+    originations: &Originations,
     tcp: TcpStream,
-    tls: &crate::l7::routing::TlsOrigination,
+    tls: &Arc<TlsOrigination>,
     sni: &str,
     h2: bool,
     addr: SocketAddrV4,
 ) -> Result<Upstream, ProxyError> {
-    let config = if h2 { tls.http2.clone() } else { tls.http1.clone() };
+    let config = originations.get(tls, h2).map_err(|e| ProxyError::Tls {
+        addr,
+        sni: sni.to_owned(),
+        error: io::Error::other(e),
+    })?;
     let name = rustls::pki_types::ServerName::try_from(sni.to_owned()).map_err(|e| ProxyError::Tls {
         addr,
         sni: sni.to_owned(),

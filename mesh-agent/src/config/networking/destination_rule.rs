@@ -198,12 +198,7 @@ pub(in crate::config) fn build_destination_rule(
 /// `trafficPolicy.tls`: SIMPLE originates TLS to the destination (the
 /// application speaks plain HTTP); DISABLE and ISTIO_MUTUAL leave the
 /// connection as the mesh makes it (mesh hops are always mutual TLS here).
-fn client_tls(
-    ctx: &mut Ctx<'_>,
-    field: &str,
-    t: &ClientTlsSpec,
-    secrets: &Secrets,
-) -> Option<Arc<crate::l7::routing::TlsOrigination>> {
+fn client_tls(ctx: &mut Ctx<'_>, field: &str, t: &ClientTlsSpec, secrets: &Secrets) -> Option<Arc<TlsOrigination>> {
     reject(
         ctx,
         field,
@@ -253,7 +248,7 @@ fn client_tls(
             }
         }
         (None, path) => {
-            let path = path.as_deref().unwrap_or(crate::l7::routing::SYSTEM_ROOTS);
+            let path = path.as_deref().unwrap_or(crate::state::traffic::SYSTEM_ROOTS);
             match std::fs::read(path) {
                 Ok(pem) => (path.to_owned(), pem),
                 Err(_) if insecure => (path.to_owned(), Vec::new()),
@@ -264,8 +259,14 @@ fn client_tls(
             }
         }
     };
-    match crate::l7::routing::TlsOrigination::new(t.sni.clone(), ca, &pem, insecure) {
-        Ok(o) => Some(Arc::new(o)),
+    let roots = match insecure {
+        true => Ok(Vec::new()),
+        false => {
+            crate::identity::ca::root_ders_from_pem(&String::from_utf8_lossy(&pem)).map_err(|e| format!("{ca}: {e}"))
+        }
+    };
+    match roots {
+        Ok(roots) => Some(Arc::new(TlsOrigination { sni: t.sni.clone(), ca, insecure_skip_verify: insecure, roots })),
         Err(e) => {
             ctx.error(field.to_owned(), e);
             None

@@ -169,6 +169,7 @@ pub(super) fn build_service(
         _ => Vec::new(),
     };
     Some(Service {
+        key: format!("{namespace}/{name}"),
         hostname: format!("{name}.{namespace}.svc.{CLUSTER_DOMAIN}").into(),
         name,
         namespace,

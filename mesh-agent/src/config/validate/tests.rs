@@ -411,7 +411,7 @@ fn an_invalid_object_is_rejected_alone_and_the_rest_applies() {
 
 #[test]
 fn a_security_policy_that_cannot_be_admitted_denies_what_it_selects() {
-    use crate::policy::{Decision, Peer, authorize};
+    use crate::routing::policy::{Decision, Peer, authorize};
     let ap = |name: &str, spec: &str| {
         format!(
             "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: demo}}\nspec: {spec}\n"
@@ -441,7 +441,7 @@ fn a_security_policy_that_cannot_be_admitted_denies_what_it_selects() {
 
 #[test]
 fn a_file_that_stops_parsing_keeps_its_last_good_version() {
-    use crate::policy::{Decision, Peer, authorize};
+    use crate::routing::policy::{Decision, Peer, authorize};
     let dir = std::env::temp_dir().join(format!("mesh-config-last-good-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("test setup");
     let deny = "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: no, namespace: demo}\n\

@@ -3,7 +3,7 @@ use std::net::SocketAddrV4;
 use hyper::header::{HeaderMap, HeaderValue};
 
 use super::*;
-use crate::{config::state_from_yaml, route::route_service};
+use crate::{config::state_from_yaml, routing::l4::route_service};
 
 const CLIENT: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 244, 1, 2);
 
@@ -226,7 +226,7 @@ fn ejected_endpoints_are_left_out_unless_all_are() {
     let hello: SocketAddrV4 = "10.96.0.10:80".parse().unwrap_or_else(|e| panic!("{e}"));
     let v1 = "10.244.0.2:8080".parse::<SocketAddrV4>().unwrap_or_else(|e| panic!("{e}"));
     for pick in 0..4 {
-        let r = crate::route::route_service(&s.by_vip[hello.ip()], 80, None, Pick::Turn(pick), &|a| a == v1);
+        let r = crate::routing::l4::route_service(&s.by_vip[hello.ip()], 80, None, Pick::Turn(pick), &|a| a == v1);
         assert!(matches!(r, Route::Service { ref endpoint, .. } if &*endpoint.name == "hello-v2"), "{pick}");
     }
 }
@@ -414,7 +414,7 @@ fn gateways_service_entries_and_registry_only() {
     // A ServiceEntry address with resolution NONE: the original destination.
     assert_eq!(
         describe(&Decision {
-            route: crate::route::route(&s, "192.0.2.10:443".parse().expect("a"), 0),
+            route: crate::routing::l4::route(&s, "192.0.2.10:443".parse().expect("a"), 0),
             rule: None,
             matched_prefix: None,
             cluster: None
@@ -423,7 +423,7 @@ fn gateways_service_entries_and_registry_only() {
     );
     assert_eq!(
         describe(&Decision {
-            route: crate::route::route(&s, "198.51.100.1:443".parse().expect("a"), 0),
+            route: crate::routing::l4::route(&s, "198.51.100.1:443".parse().expect("a"), 0),
             rule: None,
             matched_prefix: None,
             cluster: None

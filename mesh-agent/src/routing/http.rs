@@ -6,15 +6,9 @@ use std::{collections::BTreeMap, net::SocketAddrV4, sync::Arc, time::Duration};
 
 use hyper::header::HeaderMap;
 
-use crate::{
-    config::MESH,
-    route::{Pick, Refusal, Route, route, route_to},
-    state::{Service, State},
-};
-
-mod model;
-
-pub use model::*;
+use super::l4::{Pick, Refusal, Route, route, route_to};
+use crate::state::traffic::*;
+use crate::state::{Service, State};
 
 /// What routing knows of the endpoints' current state.
 pub trait EndpointState {
@@ -105,26 +99,21 @@ pub fn route_request(
     let Some(service) = service else {
         return Decision { route: route(state, orig, pick), rule: None, matched_prefix: None, cluster: None };
     };
-    let key = format!("{}/{}", service.namespace, service.name);
+    let key = &service.key;
     // The first rule with a matching condition (no condition matches all), and
     // the condition that matched.
-    let found = first_rule(
-        state.virtual_services.iter().filter(|vs| vs.gateways.iter().any(|g| g == MESH) && vs.hosts.contains(&key)),
-        req,
-        orig.port(),
-        MESH,
-    );
+    let found = first_rule(state.mesh_routes(key), req, orig.port(), MESH);
     let Some((rule, matched)) = found else {
-        let policy = destination_rule(state, &key).map(|d| d.policy.clone()).unwrap_or_default();
-        let avoid = |a: SocketAddrV4| endpoints.ejected(&key, a);
-        let active = |a: SocketAddrV4| endpoints.active(&key, a);
+        let policy = state.destination_rule(key).map(|d| d.policy.clone()).unwrap_or_default();
+        let avoid = |a: SocketAddrV4| endpoints.ejected(key, a);
+        let active = |a: SocketAddrV4| endpoints.active(key, a);
         let how = choose_endpoint(&policy.load_balancer, req, pick, random, &active);
         let route = route_to(service, orig, orig.port(), None, how, &avoid);
         let endpoints = count_endpoints(service, None);
-        let cluster = Some(Cluster { key, policy, endpoints });
+        let cluster = Some(Cluster { key: key.clone(), policy, endpoints });
         return Decision { route, rule: None, matched_prefix: None, cluster };
     };
-    let chosen = Chosen { rule, matched, from: &key, orig, port: orig.port(), pick, random };
+    let chosen = Chosen { rule, matched, from: key, orig, port: orig.port(), pick, random };
     follow_rule(state, chosen, Some(service), req, endpoints)
 }
 
@@ -142,23 +131,11 @@ pub fn route_gateway(
 ) -> Option<(Decision, String)> {
     let host = request_host(req.headers).unwrap_or("");
     gateways.iter().find_map(|gw| {
-        let bound = state
-            .virtual_services
-            .iter()
-            .filter(|vs| vs.gateways.iter().any(|g| g == gw) && vs.host_patterns.iter().any(|p| host_matches(p, host)));
+        let bound = state.gateway_routes(gw).filter(|vs| vs.host_patterns.iter().any(|p| host_matches(p, host)));
         let (rule, matched) = first_rule(bound, req, orig.port(), gw)?;
         let chosen = Chosen { rule, matched, from: "", orig, port: orig.port(), pick, random };
         Some((follow_rule(state, chosen, None, req, endpoints), gw.clone()))
     })
-}
-
-/// Whether a host pattern (`*`, `*.example.com`, `example.com`) matches `host`.
-pub fn host_matches(pattern: &str, host: &str) -> bool {
-    match pattern.strip_prefix('*') {
-        Some("") => true,
-        Some(suffix) => host.len() > suffix.len() && host.ends_with(suffix),
-        None => pattern.eq_ignore_ascii_case(host),
-    }
 }
 
 /// The request's host, without a port: `:authority` (HTTP/2) or `Host`.
@@ -265,7 +242,7 @@ pub fn resolve<'a>(
             _ => port,
         },
     };
-    let dr = destination_rule(state, &dest.service);
+    let dr = state.destination_rule(&dest.service);
     let (labels, policy) = match (&dest.subset, dr) {
         (None, dr) => (None, dr.map(|d| d.policy.clone()).unwrap_or_default()),
         (Some(name), Some(dr)) => match dr.subsets.iter().find(|s| &s.name == name) {
@@ -285,15 +262,13 @@ pub fn resolve<'a>(
 /// its VirtualServices; `None` when no rule applies (the default route then).
 pub fn route_tcp(state: &State, orig: SocketAddrV4, pick: usize, random: u64) -> Option<Route> {
     let service = state.by_vip.get(orig.ip())?;
-    let key = format!("{}/{}", service.namespace, service.name);
+    let key = &service.key;
     let rule = state
-        .virtual_services
-        .iter()
-        .filter(|vs| vs.gateways.iter().any(|g| g == MESH) && vs.hosts.contains(&key))
+        .mesh_routes(key)
         .flat_map(|vs| vs.tcp.iter())
         .find(|r| r.ports.is_empty() || r.ports.iter().any(|p| p.is_none_or(|p| p == orig.port())))?;
     let dest = choose(&rule.routes, random)?;
-    Some(match resolve(state, &key, dest, orig.port()) {
+    Some(match resolve(state, key, dest, orig.port()) {
         Ok((target, port, labels, _, _)) => route_to(target, orig, port, labels, Pick::Turn(pick), &|_| false),
         Err(reason) => Route::Refused { service: service.clone(), reason },
     })
@@ -310,9 +285,7 @@ pub fn route_gateway_tcp(
 ) -> Option<(Route, String)> {
     gateways.iter().find_map(|gw| {
         let rule = state
-            .virtual_services
-            .iter()
-            .filter(|vs| vs.gateways.iter().any(|g| g == gw))
+            .gateway_routes(gw)
             .flat_map(|vs| vs.tcp.iter())
             .find(|r| r.ports.is_empty() || r.ports.iter().any(|p| p.is_none_or(|p| p == orig.port())))?;
         let dest = choose(&rule.routes, random)?;
@@ -343,18 +316,13 @@ pub fn route_gateway_tls(
     random: u64,
 ) -> Option<(Route, String)> {
     gateways.iter().find_map(|gw| {
-        let rule = state
-            .virtual_services
-            .iter()
-            .filter(|vs| vs.gateways.iter().any(|g| g == gw))
-            .flat_map(|vs| vs.tls.iter())
-            .find(|r| {
-                r.matches.iter().any(|m| {
-                    (m.gateways.is_empty() || m.gateways.iter().any(|g| g == gw))
-                        && m.port.is_none_or(|p| p == orig.port())
-                        && m.sni_hosts.iter().any(|h| host_matches(h, sni))
-                })
-            })?;
+        let rule = state.gateway_routes(gw).flat_map(|vs| vs.tls.iter()).find(|r| {
+            r.matches.iter().any(|m| {
+                (m.gateways.is_empty() || m.gateways.iter().any(|g| g == gw))
+                    && m.port.is_none_or(|p| p == orig.port())
+                    && m.sni_hosts.iter().any(|h| host_matches(h, sni))
+            })
+        })?;
         let dest = choose(&rule.routes, random)?;
         Some((route_at_gateway(state, dest, orig, pick), gw.clone()))
     })
@@ -384,10 +352,6 @@ pub fn rewrite_path(path_and_query: &str, matched_prefix: Option<&str>, uri: &st
         Some(q) => format!("{new}?{q}"),
         None => new,
     }
-}
-
-fn destination_rule<'a>(state: &'a State, service: &str) -> Option<&'a DestinationRule> {
-    state.destination_rules.iter().find(|d| d.service == service)
 }
 
 /// The endpoint choice a load-balancing policy makes for a request.

@@ -23,8 +23,10 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use crate::{
     proxy::Inputs,
     proxy::{self, ProxyError},
-    route::{Refusal, Route},
+    routing::http as routing,
+    routing::l4::{Refusal, Route},
     state::Workload,
+    state::traffic,
     telemetry::TcpLabels,
 };
 
@@ -33,8 +35,7 @@ pub mod cluster;
 mod headers;
 mod metered;
 pub mod pool;
-pub mod protocol;
-pub mod routing;
+
 pub mod sni;
 mod upstream;
 
@@ -44,9 +45,9 @@ use upstream::*;
 #[cfg(test)]
 mod tests;
 
+use crate::routing::protocol::{self, Handling};
 use metered::{Metered, Record};
 use pool::{PoolKey, Sender};
-use protocol::Handling;
 
 /// Bodies going either way: the peer's, or one the agent wrote.
 pub type Body = UnsyncBoxBody<Bytes, hyper::Error>;
@@ -150,7 +151,7 @@ struct Target {
     addr: SocketAddrV4,
     labels: TcpLabels,
     /// TLS to originate, with the server name to ask for.
-    tls: Option<(Arc<routing::TlsOrigination>, String)>,
+    tls: Option<(Arc<traffic::TlsOrigination>, String)>,
 }
 
 /// A refusal: the labels to count it under, the answer's text and its flags.
@@ -161,7 +162,7 @@ pub const BLACK_HOLE_TEXT: &str =
     "destination not in the service registry: outboundTrafficPolicy is REGISTRY_ONLY (add a ServiceEntry for it)";
 
 /// Resolves a routing decision to a target, or the local answer for a refusal.
-fn target(route: Route, src: Option<&Arc<Workload>>, cluster: Option<&routing::Cluster>) -> Result<Target, Refused> {
+fn target(route: Route, src: Option<&Arc<Workload>>, cluster: Option<&traffic::Cluster>) -> Result<Target, Refused> {
     let source = src.map(|s| &**s);
     let target = |dest, addr, labels, tls| Target { source: src.cloned(), dest, addr, labels, tls };
     match route {
@@ -477,15 +478,19 @@ async fn mirror_request(
     source: Option<Arc<Workload>>,
     mut parts: hyper::http::request::Parts,
     body: Bytes,
-    dest: routing::WeightedDestination,
+    dest: traffic::WeightedDestination,
     h2: bool,
 ) {
     let state = ctx.state();
     let from = state.by_vip.get(down.orig.ip()).map(|s| format!("{}/{}", s.namespace, s.name)).unwrap_or_default();
     let route = match routing::resolve(&state, &from, &dest, down.orig.port()) {
-        Ok((target, port, labels, _, _)) => {
-            crate::route::route_service(target, port, labels, crate::route::Pick::Turn(ctx.next_pick()), &|_| false)
-        }
+        Ok((target, port, labels, _, _)) => crate::routing::l4::route_service(
+            target,
+            port,
+            labels,
+            crate::routing::l4::Pick::Turn(ctx.next_pick()),
+            &|_| false,
+        ),
         Err(reason) => {
             tracing::debug!(%reason, "mirror destination unavailable");
             Route::Passthrough { addr: down.orig }

@@ -7,7 +7,7 @@ use std::{
 };
 
 use crate::{
-    l7::protocol::{Declared, declared},
+    routing::protocol::{Declared, declared},
     state::{OutboundPolicy, Protocol, Resolution, Service, State, TargetPort, Workload},
 };
 

@@ -1,7 +1,7 @@
 //! The routing model: `VirtualService` and `DestinationRule` as the
 //! configuration admitted them (matches, routes, retries, faults, header
 //! rules, subsets, traffic policies). Plain data; the decisions over it are
-//! in the parent module.
+//! in [`crate::routing::http`].
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
@@ -246,41 +246,19 @@ pub struct Policy {
 /// The system's trusted roots, used for TLS origination without `caCertificates`.
 pub const SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
 
-/// TLS originated to a destination (DestinationRule `tls.mode: SIMPLE`).
-#[derive(Debug, Serialize)]
+/// TLS originated to a destination (DestinationRule `tls.mode: SIMPLE`). The
+/// data path builds the client settings from it (`proxy::upstream`).
+#[derive(Debug, PartialEq, Serialize)]
 pub struct TlsOrigination {
     /// Server name to send and verify; the destination's host when unset.
     pub sni: Option<String>,
     /// Where the trusted roots come from.
     pub ca: String,
     pub insecure_skip_verify: bool,
+    /// The trusted roots (DER), checked by the configuration; empty when
+    /// `insecure_skip_verify`.
     #[serde(skip)]
-    pub http1: Arc<rustls::ClientConfig>,
-    #[serde(skip)]
-    pub http2: Arc<rustls::ClientConfig>,
-}
-
-impl PartialEq for TlsOrigination {
-    fn eq(&self, other: &Self) -> bool {
-        (&self.sni, &self.ca, self.insecure_skip_verify) == (&other.sni, &other.ca, other.insecure_skip_verify)
-    }
-}
-
-impl TlsOrigination {
-    /// Settings trusting the certificates in `ca_pem` (any server when `insecure`).
-    pub fn new(sni: Option<String>, ca: String, ca_pem: &[u8], insecure: bool) -> Result<Self, String> {
-        let roots = match insecure {
-            true => None,
-            false => {
-                let text = String::from_utf8_lossy(ca_pem);
-                Some(crate::identity::ca::roots_from_pem(&text).map_err(|e| format!("{ca}: {e}"))?)
-            }
-        };
-        let config = |alpn: &[&[u8]]| {
-            crate::identity::tls::origination_config(roots.clone(), alpn).map(Arc::new).map_err(|e| e.to_string())
-        };
-        Ok(Self { http1: config(&[b"http/1.1"])?, http2: config(&[b"h2"])?, sni, ca, insecure_skip_verify: insecure })
-    }
+    pub roots: Vec<Vec<u8>>,
 }
 
 /// `connectionPool`: Envoy's circuit breakers, per source agent and cluster.
@@ -340,4 +318,16 @@ pub enum HashKey {
     QueryParameter(String),
     /// `useSourceIp`.
     SourceIp,
+}
+
+/// The `gateways` entry that means sidecars and agents (the mesh itself).
+pub const MESH: &str = "mesh";
+
+/// Whether a host pattern (`*`, `*.example.com`, `example.com`) matches `host`.
+pub fn host_matches(pattern: &str, host: &str) -> bool {
+    match pattern.strip_prefix('*') {
+        Some("") => true,
+        Some(suffix) => host.len() > suffix.len() && host.ends_with(suffix),
+        None => pattern.eq_ignore_ascii_case(host),
+    }
 }

@@ -13,7 +13,7 @@ use std::{
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::routing::{Cluster, Policy};
+use crate::state::traffic::{Cluster, Policy};
 
 #[derive(Default)]
 pub struct Clusters {
@@ -103,7 +103,7 @@ impl Clusters {
     }
 }
 
-impl super::routing::EndpointState for Clusters {
+impl crate::routing::http::EndpointState for Clusters {
     fn ejected(&self, cluster: &str, addr: SocketAddrV4) -> bool {
         self.is_ejected(cluster, addr)
     }

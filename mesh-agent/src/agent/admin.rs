@@ -8,7 +8,7 @@ use hyper::{Method, Request, Response, StatusCode, body::Bytes, header, service:
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
-use crate::agent::Context;
+use super::Context;
 
 /// Serves until the process exits (it stays up during drain so `/ready` can
 /// report 503 and metrics stay scrapeable).

@@ -4,7 +4,7 @@
 use super::*;
 
 /// The pool limits from a DestinationRule's `connectionPool`, else the defaults.
-pub(super) fn limits(ctx: &Inputs, pool: Option<&routing::ConnectionPool>) -> pool::Limits {
+pub(super) fn limits(ctx: &Inputs, pool: Option<&traffic::ConnectionPool>) -> pool::Limits {
     pool::Limits {
         connect_timeout: pool.and_then(|p| p.connect_timeout).unwrap_or(ctx.connect_timeout),
         max_requests_per_connection: pool.and_then(|p| p.max_requests_per_connection),
@@ -99,9 +99,10 @@ pub(super) fn fail_request(
             ctx.metrics.connection_failures.get_or_create(&crate::telemetry::ReasonLabels { reason: e.reason() }).inc();
             match e {
                 ProxyError::Denied { .. }
-                | ProxyError::Tunnel(crate::hbone::HboneError::Status { status: StatusCode::UNAUTHORIZED, .. }) => {
-                    record.finish_local(StatusCode::FORBIDDEN, "RBAC: access denied", "-")
-                }
+                | ProxyError::Tunnel(crate::proxy::hbone::HboneError::Status {
+                    status: StatusCode::UNAUTHORIZED,
+                    ..
+                }) => record.finish_local(StatusCode::FORBIDDEN, "RBAC: access denied", "-"),
                 _ => record.finish_local(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "upstream connect error or disconnect/reset before headers. reset reason: connection failure",
@@ -159,7 +160,7 @@ pub(super) async fn connect(
     let mut io = opened.into_io();
     if let Some((tls, sni)) = &to.tls {
         io = match io {
-            proxy::Upstream::Tcp(tcp) => proxy::originate_tls(tcp, tls, sni, h2, addr).await?,
+            proxy::Upstream::Tcp(tcp) => proxy::originate_tls(&ctx.originations, tcp, tls, sni, h2, addr).await?,
             other => other,
         };
     }

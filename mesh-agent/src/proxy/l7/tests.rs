@@ -15,7 +15,7 @@ use hyper::{Request, Response, StatusCode, body::Bytes};
 use hyper_util::rt::TokioIo;
 
 use super::{Downstream, serve};
-use crate::{l7::protocol::Handling, proxy::inputs::testing::TestInputs};
+use crate::{proxy::inputs::testing::TestInputs, routing::protocol::Handling};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 

@@ -2,11 +2,23 @@
 //! and joined to the local pod (or handed to a gateway port).
 use super::*;
 
+/// The second hop of the egress-gateway pattern, given by the agent (the
+/// gateway module implements it; HBONE does not import it): for a CONNECT
+/// target and the identity the connection was made for, what serves the
+/// stream when the target is a gateway port of this node run as that identity.
+pub type GatewayHop = Arc<dyn Fn(SocketAddrV4, &str) -> Option<HopServer> + Send + Sync>;
+
+/// Serves one upgraded CONNECT stream from `peer`.
+pub type HopServer = Box<
+    dyn FnOnce(TokioIo<Upgraded>, SocketAddr) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> + Send,
+>;
+
 /// Accepts mTLS connections on 15008 until `stop` fires.
 pub async fn serve(
     ctx: Arc<Inputs>,
     listener: TcpListener,
     acceptor: tokio_rustls::TlsAcceptor,
+    hop: GatewayHop,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     loop {
@@ -14,8 +26,8 @@ pub async fn serve(
             _ = stop.changed() => break,
             accepted = listener.accept() => match accepted {
                 Ok((tcp, peer)) => {
-                    let (ctx, acceptor) = (ctx.clone(), acceptor.clone());
-                    tokio::spawn(async move { serve_connection(ctx, tcp, peer, acceptor).await });
+                    let (ctx, acceptor, hop) = (ctx.clone(), acceptor.clone(), hop.clone());
+                    tokio::spawn(async move { serve_connection(ctx, tcp, peer, acceptor, hop).await });
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "HBONE accept failed");
@@ -26,7 +38,13 @@ pub async fn serve(
     }
 }
 
-async fn serve_connection(ctx: Arc<Inputs>, tcp: TcpStream, peer: SocketAddr, acceptor: tokio_rustls::TlsAcceptor) {
+async fn serve_connection(
+    ctx: Arc<Inputs>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    acceptor: tokio_rustls::TlsAcceptor,
+    hop: GatewayHop,
+) {
     let _ = tcp.set_nodelay(true);
     let refused = |why: String| {
         tracing::warn!(%peer, "HBONE connection refused: {why}");
@@ -45,8 +63,8 @@ async fn serve_connection(ctx: Arc<Inputs>, tcp: TcpStream, peer: SocketAddr, ac
     };
     let peer_id: Arc<str> = peer_id.into();
     let service = hyper::service::service_fn(move |req| {
-        let (ctx, peer_id, server_id) = (ctx.clone(), peer_id.clone(), server_id.clone());
-        async move { Ok::<_, std::convert::Infallible>(handle_connect(ctx, peer, peer_id, server_id, req).await) }
+        let (ctx, peer_id, server_id, hop) = (ctx.clone(), peer_id.clone(), server_id.clone(), hop.clone());
+        async move { Ok::<_, std::convert::Infallible>(handle_connect(ctx, &hop, peer, peer_id, server_id, req).await) }
     });
     let result = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
@@ -83,6 +101,7 @@ fn forwarded_for(req: &Request<Incoming>) -> Option<Ipv4Addr> {
 
 async fn handle_connect(
     ctx: Arc<Inputs>,
+    hop: &GatewayHop,
     peer: SocketAddr,
     peer_id: Arc<str>,
     server_id: Arc<str>,
@@ -95,14 +114,13 @@ async fn handle_connect(
         return answer(StatusCode::BAD_REQUEST, "CONNECT target must be <ipv4>:<port>");
     };
     // The second hop of the egress-gateway pattern: a gateway port on this node.
-    if let Some((gateways, protocol)) = crate::gateway::tunnel_target(&ctx, target, &server_id) {
+    if let Some(serve) = hop(target, &server_id) {
         let guard = ctx.active.enter();
         tokio::spawn(async move {
             match hyper::upgrade::on(req).await {
                 Ok(up) => {
                     tracing::debug!(%peer, source = %peer_id, %target, "HBONE stream to a gateway");
-                    crate::gateway::serve_tunneled(ctx.clone(), TokioIo::new(up), peer, target, gateways, protocol)
-                        .await;
+                    serve(TokioIo::new(up), peer).await;
                 }
                 Err(e) => tracing::debug!(%peer, %target, error = %e, "HBONE stream ended before upgrade"),
             }

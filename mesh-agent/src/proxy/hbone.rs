@@ -36,9 +36,9 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::{
     identity::{self, IdentityError},
-    policy::{Decision, Peer, authorize},
     proxy::Inputs,
     proxy::{self, ProxyError},
+    routing::policy::{Decision, Peer, authorize},
     telemetry::TcpLabels,
 };
 
@@ -85,4 +85,4 @@ mod client;
 mod server;
 
 pub use client::{Pool, Tunnel, TunnelTo};
-pub use server::serve;
+pub use server::{GatewayHop, HopServer, serve};

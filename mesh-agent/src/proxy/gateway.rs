@@ -12,9 +12,9 @@
 //! `/config_dump` and retried on every resync; the other listeners and the rest
 //! of the configuration are unaffected.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
-    sync::Arc,
+    sync::{Arc, RwLock},
     time::Duration,
 };
 
@@ -31,10 +31,11 @@ use tokio::{
 };
 
 use crate::{
-    l7::{Downstream, protocol::Handling},
     proxy::Inputs,
+    proxy::l7::Downstream,
     proxy::{self, ProxyError},
-    route::Route,
+    routing::l4::Route,
+    routing::protocol::Handling,
     state::{GatewayProtocol, ServerTls, State},
     telemetry::TcpLabels,
 };
@@ -81,6 +82,15 @@ struct Serving {
 #[derive(Default)]
 pub struct Listeners {
     held: BTreeMap<u16, Held>,
+    /// This node's gateway ports as HBONE targets, kept with the plan.
+    hops: Arc<RwLock<HashMap<SocketAddrV4, Hop>>>,
+}
+
+/// A gateway port reachable over HBONE, and the identities it runs as.
+struct Hop {
+    gateways: Arc<[String]>,
+    protocol: GatewayProtocol,
+    principals: Vec<Arc<str>>,
 }
 
 /// The ports this node's gateways ask for.
@@ -122,9 +132,11 @@ impl Listeners {
             Ok(w) => w,
             Err(e) => {
                 tracing::error!(error = %e, "gateway listeners unchanged");
+                self.set_hops(&state, &BTreeMap::new());
                 return;
             }
         };
+        self.set_hops(&state, &want);
         self.held.retain(|port, held| {
             // Kept while wanted at the same address; a new address rebinds.
             let keep = want.get(port).is_some_and(|p| p.addr == held.plan.addr);
@@ -170,6 +182,41 @@ impl Listeners {
                     held.status = status;
                 }
             }
+        }
+    }
+
+    /// The HBONE server's second hop: a CONNECT to one of this node's gateway
+    /// ports, made to that gateway's identity, is served as if accepted there.
+    pub fn tunnel_hop(&self, ctx: &Arc<Inputs>) -> crate::proxy::hbone::GatewayHop {
+        let (hops, ctx) = (self.hops.clone(), ctx.clone());
+        Arc::new(move |target: SocketAddrV4, identity: &str| {
+            let hops = hops.read().ok()?;
+            let hop = hops.get(&target).filter(|h| h.principals.iter().any(|p| **p == *identity))?;
+            let (gateways, protocol, ctx) = (hop.gateways.clone(), hop.protocol, ctx.clone());
+            Some(Box::new(move |io, peer| {
+                Box::pin(serve_tunneled(ctx, io, peer, target, gateways, protocol))
+                    as Pin<Box<dyn std::future::Future<Output = ()> + Send>>
+            }) as crate::proxy::hbone::HopServer)
+        })
+    }
+
+    fn set_hops(&self, state: &State, want: &BTreeMap<u16, PortPlan>) {
+        let hops = want
+            .values()
+            .filter_map(|plan| {
+                let SocketAddr::V4(addr) = plan.addr else { return None };
+                let principals =
+                    plan.gateways.iter().filter_map(|k| state.gateway(k)).map(|g| g.workload.principal.clone());
+                let hop = Hop {
+                    gateways: plan.gateways.clone().into(),
+                    protocol: plan.protocol,
+                    principals: principals.collect(),
+                };
+                (!addr.ip().is_unspecified()).then_some((addr, hop))
+            })
+            .collect();
+        if let Ok(mut h) = self.hops.write() {
+            *h = hops;
         }
     }
 
@@ -250,7 +297,10 @@ fn tls_acceptor(state: &State, plan: &PortPlan) -> std::io::Result<tokio_rustls:
     for g in plan.gateways.iter().filter_map(|k| state.gateway(k)) {
         for s in g.servers.iter().filter(|s| s.port == plan.addr.port()) {
             if let Some(ServerTls::Simple(c)) = &s.tls {
-                certs.extend(s.hosts.iter().map(|h| (h.clone(), c.key.clone())));
+                let key = crate::identity::tls::certified_key_from_pem(&c.cert_pem, &c.key_pem)
+                    .map_err(|e| std::io::Error::other(format!("{}: {e}", c.credential)))?;
+                let key = Arc::new(key);
+                certs.extend(s.hosts.iter().map(|h| (h.clone(), key.clone())));
             }
         }
     }
@@ -277,12 +327,12 @@ async fn handle(
             };
             let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
             let handling = if h2 { Handling::Http2 } else { Handling::Http1 };
-            crate::l7::serve(ctx.clone(), tls, downstream(peer, local, gateways), handling).await;
+            crate::proxy::l7::serve(ctx.clone(), tls, downstream(peer, local, gateways), handling).await;
         }
         (GatewayProtocol::Tcp, _) => {
             let state = ctx.state();
             let found =
-                crate::l7::routing::route_gateway_tcp(&state, &gateways, local, ctx.next_pick(), ctx.next_random());
+                crate::routing::http::route_gateway_tcp(&state, &gateways, local, ctx.next_pick(), ctx.next_random());
             serve_tcp(ctx, stream, peer, local, found).await
         }
         (GatewayProtocol::Tls, _) => {
@@ -292,7 +342,7 @@ async fn handle(
             };
             let state = ctx.state();
             let (pick, random) = (ctx.next_pick(), ctx.next_random());
-            let found = crate::l7::routing::route_gateway_tls(&state, &gateways, local, &sni, pick, random);
+            let found = crate::routing::http::route_gateway_tls(&state, &gateways, local, &sni, pick, random);
             serve_tcp(ctx, stream, peer, local, found).await
         }
         _ => {
@@ -300,7 +350,7 @@ async fn handle(
                 Handling::Http2 => Handling::Http2,
                 _ => Handling::Http1,
             };
-            crate::l7::serve(ctx.clone(), stream, downstream(peer, local, gateways), handling).await;
+            crate::proxy::l7::serve(ctx.clone(), stream, downstream(peer, local, gateways), handling).await;
         }
     }
 }
@@ -323,9 +373,9 @@ async fn peek_sni(stream: &TcpStream) -> Option<String> {
             Ok(Ok(n)) if n > 0 => n,
             _ => return None,
         };
-        match crate::l7::sni::sni(&buf[..n]) {
-            crate::l7::sni::Sni::Found(name) => return Some(name.to_ascii_lowercase()),
-            crate::l7::sni::Sni::NeedMore if n < buf.len() => tokio::time::sleep(Duration::from_millis(2)).await,
+        match crate::proxy::l7::sni::sni(&buf[..n]) {
+            crate::proxy::l7::sni::Sni::Found(name) => return Some(name.to_ascii_lowercase()),
+            crate::proxy::l7::sni::Sni::NeedMore if n < buf.len() => tokio::time::sleep(Duration::from_millis(2)).await,
             _ => return None,
         }
     }
@@ -379,20 +429,6 @@ async fn serve_tcp(
     }
 }
 
-/// The gateway on this node that an HBONE stream to `target` (this node's
-/// address, a gateway port) with server identity `identity` is for: the
-/// gateways serving the port and its protocol.
-pub fn tunnel_target(ctx: &Inputs, target: SocketAddrV4, identity: &str) -> Option<(Arc<[String]>, GatewayProtocol)> {
-    let state = ctx.state();
-    let node_ip = state.nodes.get(ctx.node.as_str()).and_then(|n| n.internal_ip)?;
-    if *target.ip() != node_ip {
-        return None;
-    }
-    let plan = plan(&state, &ctx.node).ok()?.remove(&target.port())?;
-    let owner = plan.gateways.iter().filter_map(|k| state.gateway(k)).any(|g| *g.workload.principal == *identity);
-    owner.then(|| (plan.gateways.into(), plan.protocol))
-}
-
 /// Serves a stream that reached this node's gateway over HBONE (the second
 /// hop of the egress-gateway pattern): as if it had been accepted on the port.
 pub async fn serve_tunneled<I>(
@@ -420,7 +456,7 @@ pub async fn serve_tunneled<I>(
     }
     let handling = if first == b"PRI" { Handling::Http2 } else { Handling::Http1 };
     let io = Prefixed { prefix: first, at: 0, io };
-    crate::l7::serve(ctx, io, downstream(peer, target, gateways), handling).await;
+    crate::proxy::l7::serve(ctx, io, downstream(peer, target, gateways), handling).await;
 }
 
 /// A stream with bytes already read put back in front.

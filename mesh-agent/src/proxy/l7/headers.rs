@@ -86,7 +86,7 @@ pub(super) fn request_authority(req: &Request<Incoming>, down: &Downstream) -> S
 }
 
 /// Applies `rewrite`: the path (the matched prefix, or all of it) and the authority.
-pub(super) fn rewrite(req: &mut Request<Incoming>, w: &routing::Rewrite, matched_prefix: Option<&str>) {
+pub(super) fn rewrite(req: &mut Request<Incoming>, w: &traffic::Rewrite, matched_prefix: Option<&str>) {
     let mut parts = req.uri().clone().into_parts();
     if let Some(uri) = &w.uri {
         let path = routing::rewrite_path(&view_path(req), matched_prefix, uri);

@@ -1,0 +1,256 @@
+//! The CA service (`mesh-agent ca`): signs workload certificates for node
+//! agents, each only for the meshed pods scheduled on its node in the
+//! service's own view of the configuration. The protocol and its client are
+//! in [`crate::identity::ca_service`].
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use http_body_util::{BodyExt as _, Full, Limited};
+use hyper::{Request, Response, StatusCode, body::Bytes, header};
+use hyper_util::rt::TokioIo;
+use rustls::{RootCertStore, pki_types::CertificateDer, sign::CertifiedKey};
+use serde::Serialize;
+
+use crate::{
+    config,
+    identity::{
+        IdentityError,
+        ca::Ca,
+        ca_service::{ErrorBody, MAX_BODY, SignRequest, SignResponse},
+        tls,
+    },
+    state::State,
+};
+
+/// Settings of `mesh-agent ca`.
+#[derive(Debug, Clone)]
+pub struct CaServiceConfig {
+    pub config_path: PathBuf,
+    pub ca_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub trust_domain: String,
+    pub max_ttl: Duration,
+}
+
+struct Service {
+    ca: Ca,
+    max_ttl: Duration,
+    state: RwLock<Arc<State>>,
+    /// token → node name.
+    tokens: RwLock<HashMap<String, String>>,
+}
+
+#[derive(Debug)]
+struct OneCert(Arc<CertifiedKey>);
+
+impl tls::CertLookup for OneCert {
+    fn by_server_name(&self, _sni: &str) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
+/// Writes a token for every Node that has none; returns token → node for all.
+fn ensure_tokens(ca_dir: &Path, state: &State) -> Result<HashMap<String, String>, IdentityError> {
+    let dir = crate::identity::ca::token_dir(ca_dir);
+    crate::identity::ca::create_dir(&dir)?;
+    let mut map = HashMap::new();
+    for name in state.nodes.keys() {
+        if name.contains('/') || name.starts_with('.') {
+            tracing::warn!(node = %name, "node name cannot be a file name; no token written");
+            continue;
+        }
+        let path = dir.join(&**name);
+        let token = match std::fs::read_to_string(&path) {
+            Ok(t) if !t.trim().is_empty() => t.trim().to_owned(),
+            _ => {
+                let t = crate::identity::hex(&crate::identity::random_bytes::<32>()?);
+                crate::identity::ca::write_private(&path, t.as_bytes(), 0o600)?;
+                tracing::info!(node = %name, path = %path.display(), "wrote node bootstrap token");
+                t
+            }
+        };
+        map.insert(token, name.to_string());
+    }
+    Ok(map)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaServiceError {
+    #[error("invalid configuration:\n{0}")]
+    Config(#[from] crate::config::ConfigErrors),
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error("TLS settings: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("binding the CA service on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("signal handler: {0}")]
+    Signal(std::io::Error),
+}
+
+/// Runs the CA service until SIGTERM/SIGINT.
+pub async fn run(cfg: CaServiceConfig) -> Result<(), CaServiceError> {
+    let mut last_good = config::LastGood::default();
+    let loaded = config::load_keeping(&cfg.config_path, &cfg.trust_domain, &mut last_good)?;
+    for e in &loaded.rejected {
+        tracing::error!("object rejected, the rest of the configuration applies: {e}");
+    }
+    let ca = Ca::load_or_create(&cfg.ca_dir, &cfg.trust_domain)?;
+    let tokens = ensure_tokens(&cfg.ca_dir, &loaded.state)?;
+    let now = std::time::SystemTime::now();
+    let identity = crate::identity::ca_identity(&cfg.trust_domain);
+    let serving = ca.issue(&identity, now - Duration::from_secs(60), now + Duration::from_secs(365 * 24 * 3600))?;
+    let mut roots = RootCertStore::empty();
+    roots.add(ca.root_der().clone()).map_err(|e| IdentityError::invalid("mesh root", e))?;
+    let tls_config =
+        tls::server_config(Arc::new(roots), Arc::new(OneCert(serving.key.clone())), false, &[b"http/1.1"])?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls_config));
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|source| CaServiceError::Bind { addr: cfg.listen, source })?;
+    let svc = Arc::new(Service {
+        ca,
+        max_ttl: cfg.max_ttl,
+        state: RwLock::new(Arc::new(loaded.state)),
+        tokens: RwLock::new(tokens),
+    });
+    tracing::info!(listen = %cfg.listen, ca_dir = %cfg.ca_dir.display(), %identity, "mesh CA service ready");
+    let mut watcher = crate::config::watch_files::Fingerprint::of(&cfg.config_path);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut sigterm =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(CaServiceError::Signal)?;
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+            _ = tick.tick() => if watcher.changed(&cfg.config_path) {
+                reload(&svc, &cfg, &mut last_good);
+            },
+            accepted = listener.accept() => {
+                let Ok((stream, peer)) = accepted else { continue };
+                let (svc, acceptor) = (svc.clone(), acceptor.clone());
+                tokio::spawn(async move {
+                    let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "CA: TLS handshake failed"),
+                        Err(_) => return tracing::info!(%peer, "CA: TLS handshake timed out"),
+                    };
+                    let service = hyper::service::service_fn(move |req| {
+                        let svc = svc.clone();
+                        async move { Ok::<_, std::convert::Infallible>(handle(&svc, peer, req).await) }
+                    });
+                    let conn = hyper::server::conn::http1::Builder::new()
+                        .timer(hyper_util::rt::TokioTimer::new())
+                        .header_read_timeout(Duration::from_secs(10))
+                        .serve_connection(TokioIo::new(tls), service);
+                    if let Err(e) = conn.await {
+                        tracing::debug!(%peer, error = %e, "CA: connection error");
+                    }
+                });
+            }
+        }
+    }
+    tracing::info!("CA service stopped");
+    Ok(())
+}
+
+fn reload(svc: &Service, cfg: &CaServiceConfig, last_good: &mut config::LastGood) {
+    match config::load_keeping(&cfg.config_path, &cfg.trust_domain, last_good) {
+        Ok(loaded) => {
+            for e in &loaded.rejected {
+                tracing::error!("object rejected, the rest of the configuration applies: {e}");
+            }
+            match ensure_tokens(&cfg.ca_dir, &loaded.state) {
+                Ok(t) => {
+                    if let Ok(mut m) = svc.tokens.write() {
+                        *m = t;
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "writing node tokens"),
+            }
+            if let Ok(mut s) = svc.state.write() {
+                *s = Arc::new(loaded.state);
+            }
+            tracing::info!("CA: configuration reloaded");
+        }
+        Err(e) => tracing::error!("CA: configuration rejected, keeping the last good one:\n{e}"),
+    }
+}
+
+fn json<T: Serialize>(status: StatusCode, body: &T) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(serde_json::to_vec(body).unwrap_or_default())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+    r
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response<Full<Bytes>> {
+    json(status, &ErrorBody { error: message.into() })
+}
+
+/// Compares without stopping at the first differing byte.
+fn same_token(a: &str, b: &str) -> bool {
+    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn handle(svc: &Service, peer: SocketAddr, req: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+    if req.uri().path() != "/v1/certificates" {
+        return error(StatusCode::NOT_FOUND, "unknown path; POST /v1/certificates");
+    }
+    if req.method() != hyper::Method::POST {
+        return error(StatusCode::METHOD_NOT_ALLOWED, "use POST");
+    }
+    let token = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .unwrap_or_default()
+        .to_owned();
+    let node =
+        svc.tokens.read().ok().and_then(|m| m.iter().find(|(t, _)| same_token(t, &token)).map(|(_, n)| n.clone()));
+    let Some(node) = node else {
+        tracing::warn!(%peer, "CA: request with an unknown node token");
+        return error(StatusCode::UNAUTHORIZED, "missing or unknown node token");
+    };
+    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("reading the body: {e}")),
+    };
+    let request: SignRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("request body: {e}")),
+    };
+    let state = svc.state.read().map(|s| s.clone()).unwrap_or_default();
+    let allowed = state.node_identities(&node).contains(&*request.identity);
+    if !allowed {
+        tracing::warn!(%peer, %node, identity = %request.identity, "CA: identity refused for this node");
+        return error(
+            StatusCode::FORBIDDEN,
+            format!(
+                "no meshed pod or Gateway on node {node} runs as {}; a node gets only its own identities",
+                request.identity
+            ),
+        );
+    }
+    let ttl = Duration::from_secs(request.ttl_seconds.max(1)).min(svc.max_ttl);
+    match svc.ca.sign_csr(&request.csr, &request.identity, ttl) {
+        Ok(chain) => {
+            tracing::info!(%node, identity = %request.identity, ?ttl, "CA: certificate signed");
+            let pem = chain.iter().map(|c| der_to_pem(c)).collect();
+            json(StatusCode::OK, &SignResponse { cert_chain: pem })
+        }
+        Err(IdentityError::Invalid { what, message }) => error(StatusCode::BAD_REQUEST, format!("{what}: {message}")),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+fn der_to_pem(der: &CertificateDer<'_>) -> String {
+    pem::encode(&pem::Pem::new("CERTIFICATE", der.to_vec()))
+}

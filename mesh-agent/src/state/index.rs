@@ -1,0 +1,94 @@
+//! Lookups built once per snapshot, so that a connection or a request finds
+//! its rules and policies without scanning every object and without
+//! allocating a key: VirtualServices by the Service they route (mesh) and by
+//! the Gateway they are bound to, each Service's DestinationRule, security
+//! policies by namespace, Gateways by `namespace/name`. Each list keeps the
+//! snapshot's order (the order Istio's "first match wins" rules need).
+use std::{collections::HashMap, sync::Arc};
+
+use super::{
+    State,
+    security::{AuthorizationPolicy, PeerAuthentication},
+    traffic::{DestinationRule, MESH, VirtualService},
+};
+
+#[derive(Debug, Default)]
+pub struct Index {
+    mesh_routes: HashMap<String, Vec<usize>>,
+    gateway_routes: HashMap<String, Vec<usize>>,
+    destination_rules: HashMap<String, usize>,
+    peer_authentications: HashMap<Arc<str>, Vec<usize>>,
+    authorization_policies: HashMap<Arc<str>, Vec<usize>>,
+    gateways: HashMap<String, usize>,
+}
+
+impl State {
+    /// Builds the indexes; called once the snapshot's objects are in place.
+    pub fn build_index(&mut self) {
+        let mut index = Index::default();
+        for (i, vs) in self.virtual_services.iter().enumerate() {
+            for g in &vs.gateways {
+                if g == MESH {
+                    for host in &vs.hosts {
+                        push_once(index.mesh_routes.entry(host.clone()).or_default(), i);
+                    }
+                } else {
+                    push_once(index.gateway_routes.entry(g.clone()).or_default(), i);
+                }
+            }
+        }
+        for (i, dr) in self.destination_rules.iter().enumerate() {
+            index.destination_rules.entry(dr.service.clone()).or_insert(i);
+        }
+        for (i, p) in self.peer_authentications.iter().enumerate() {
+            index.peer_authentications.entry(p.namespace.clone()).or_default().push(i);
+        }
+        for (i, p) in self.authorization_policies.iter().enumerate() {
+            index.authorization_policies.entry(p.namespace.clone()).or_default().push(i);
+        }
+        for (i, g) in self.gateways.iter().enumerate() {
+            index.gateways.entry(format!("{}/{}", g.namespace, g.name)).or_insert(i);
+        }
+        self.index = index;
+    }
+
+    /// The VirtualServices bound to `mesh` that route the Service `namespace/name`.
+    pub fn mesh_routes<'a>(&'a self, service: &str) -> impl Iterator<Item = &'a VirtualService> {
+        let found = self.index.mesh_routes.get(service).map(Vec::as_slice).unwrap_or_default();
+        found.iter().map(|&i| &self.virtual_services[i])
+    }
+
+    /// The VirtualServices bound to the Gateway `namespace/name`.
+    pub fn gateway_routes<'a>(&'a self, gateway: &str) -> impl Iterator<Item = &'a VirtualService> {
+        let found = self.index.gateway_routes.get(gateway).map(Vec::as_slice).unwrap_or_default();
+        found.iter().map(|&i| &self.virtual_services[i])
+    }
+
+    /// The DestinationRule for the Service `namespace/name` (the first by name).
+    pub fn destination_rule(&self, service: &str) -> Option<&DestinationRule> {
+        self.index.destination_rules.get(service).map(|&i| &self.destination_rules[i])
+    }
+
+    /// The PeerAuthentications in `namespace`, in name order.
+    pub fn peer_authentications_in<'a>(&'a self, namespace: &str) -> impl Iterator<Item = &'a PeerAuthentication> {
+        let found = self.index.peer_authentications.get(namespace).map(Vec::as_slice).unwrap_or_default();
+        found.iter().map(|&i| &self.peer_authentications[i])
+    }
+
+    /// The AuthorizationPolicies in `namespace`.
+    pub fn authorization_policies_in<'a>(&'a self, namespace: &str) -> impl Iterator<Item = &'a AuthorizationPolicy> {
+        let found = self.index.authorization_policies.get(namespace).map(Vec::as_slice).unwrap_or_default();
+        found.iter().map(|&i| &self.authorization_policies[i])
+    }
+
+    /// The Gateway `namespace/name`.
+    pub fn gateway(&self, key: &str) -> Option<&Arc<super::Gateway>> {
+        self.index.gateways.get(key).map(|&i| &self.gateways[i])
+    }
+}
+
+fn push_once(list: &mut Vec<usize>, i: usize) {
+    if list.last() != Some(&i) {
+        list.push(i);
+    }
+}
