@@ -254,7 +254,7 @@ fn steps(ca: &str) -> Vec<Step> {
             name: "test → helloworld again",
             protocol: "HTTP/1.1",
             from: From::Pod("test"),
-            path: "round robin: the other version",
+            path: "round robin (per worker thread): v1 or v2",
             identities: "sample/test → sample/helloworld",
             want: 200,
             want_text: "hello from helloworld",

@@ -1,0 +1,156 @@
+//! The layering ARCHITECTURE.md describes, checked on the source: each
+//! top-level module imports (`crate::<module>`) only the modules its row
+//! allows, so the model stays at the bottom and the top-level modules have no
+//! import cycle. Test modules (`tests.rs`, `#[cfg(test)] mod … { }`) may reach
+//! further (a test builds its state from YAML).
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::Path,
+};
+
+/// Each top-level module and what it may import.
+const ALLOWED: &[(&str, &[&str])] = &[
+    ("state", &[]),
+    ("routing", &["state"]),
+    ("identity", &["state"]),
+    ("telemetry", &["state"]),
+    ("config", &["state", "routing", "identity"]),
+    ("capture", &["state"]),
+    ("privileges", &[]),
+    ("proxy", &["state", "routing", "identity", "telemetry", "capture"]),
+    ("agent", &["state", "routing", "identity", "telemetry", "config", "capture", "proxy"]),
+    ("ca_server", &["state", "identity", "config"]),
+    (
+        "cli",
+        &[
+            "state",
+            "routing",
+            "identity",
+            "telemetry",
+            "config",
+            "capture",
+            "proxy",
+            "agent",
+            "ca_server",
+            "privileges",
+        ],
+    ),
+];
+
+#[test]
+fn top_level_modules_import_only_the_layers_below() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let allowed: BTreeMap<&str, &[&str]> = ALLOWED.iter().copied().collect();
+    let mut found: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for file in rust_files(&src) {
+        let rel = file.strip_prefix(&src).expect("under src");
+        let top = rel.iter().next().and_then(|c| c.to_str()).expect("a path").trim_end_matches(".rs").to_owned();
+        if matches!(top.as_str(), "lib" | "main") || rel.file_name().is_some_and(|n| n == "tests.rs") {
+            continue;
+        }
+        let text = without_tests(&without_comments(&std::fs::read_to_string(&file).expect("readable source")));
+        for target in imported_modules(&text) {
+            if target != top && allowed.contains_key(target.as_str()) {
+                found.entry(top.clone()).or_default().insert(format!("{target} ({})", rel.display()));
+            }
+        }
+    }
+    let mut wrong = Vec::new();
+    for (module, imports) in &found {
+        let Some(ok) = allowed.get(module.as_str()) else {
+            wrong.push(format!("{module}: a top-level module missing from ALLOWED (and ARCHITECTURE.md)"));
+            continue;
+        };
+        for i in imports {
+            let target = i.split(' ').next().unwrap_or_default();
+            if !ok.contains(&target) {
+                wrong.push(format!("{module} imports {i}"));
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "imports against the layering:\n{}", wrong.join("\n"));
+}
+
+fn rust_files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("readable src").flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(rust_files(&path));
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
+        }
+    }
+    out
+}
+
+fn without_comments(text: &str) -> String {
+    text.lines().map(|l| l.split_once("//").map_or(l, |(code, _)| code)).collect::<Vec<_>>().join("\n")
+}
+
+/// Drops `#[cfg(test)] mod name { … }` blocks.
+fn without_tests(text: &str) -> String {
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("#[cfg(test)]") {
+        out.push_str(&rest[..at]);
+        let after = &rest[at..];
+        let Some(open) = after.find(['{', ';']) else { break };
+        if after.as_bytes()[open] == b';' || !after[..open].contains("mod ") {
+            out.push_str(&after[..open + 1]);
+            rest = &after[open + 1..];
+            continue;
+        }
+        let mut depth = 0;
+        let mut end = after.len();
+        for (i, c) in after[open..].char_indices() {
+            match c {
+                '{' => depth += 1,
+                '}' => {
+                    depth -= 1;
+                    if depth == 0 {
+                        end = open + i + 1;
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+        rest = &after[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The first path segment after each `crate::`, including each item of a
+/// `crate::{a::…, b, …}` group.
+fn imported_modules(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for (at, _) in text.match_indices("crate::") {
+        let rest = &text[at + "crate::".len()..];
+        if let Some(group) = rest.strip_prefix('{') {
+            let mut depth = 0;
+            let mut item_start = true;
+            for (i, c) in group.char_indices() {
+                match c {
+                    '{' => depth += 1,
+                    '}' if depth == 0 => break,
+                    '}' => depth -= 1,
+                    ',' if depth == 0 => item_start = true,
+                    c if item_start && (c.is_alphanumeric() || c == '_') => {
+                        out.push(ident(&group[i..]));
+                        item_start = false;
+                    }
+                    _ => {}
+                }
+            }
+        } else {
+            out.push(ident(rest));
+        }
+    }
+    out
+}
+
+fn ident(s: &str) -> String {
+    s.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect()
+}
