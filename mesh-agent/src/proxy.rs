@@ -30,12 +30,15 @@ mod inbound;
 pub mod inputs;
 pub mod l7;
 mod outbound;
+mod reply;
 mod upstream;
 
 pub(crate) use outbound::sniff_client;
 
 pub use inputs::Inputs;
 
+pub(crate) use reply::Refused;
+pub use reply::{BLACK_HOLE_TEXT, LocalReply};
 pub use upstream::Originations;
 pub(crate) use upstream::{Opened, Upstream, originate_tls};
 
@@ -68,45 +71,6 @@ pub enum ProxyError {
     Tls { addr: SocketAddrV4, sni: String, error: io::Error },
     #[error("{0} is not in the service registry and outboundTrafficPolicy is REGISTRY_ONLY (add a ServiceEntry)")]
     BlackHole(SocketAddrV4),
-}
-
-impl ProxyError {
-    pub(crate) fn reason(&self) -> &'static str {
-        match self {
-            ProxyError::NotIpv4(_) => "not_ipv4",
-            ProxyError::Refused { .. } => "no_route",
-            ProxyError::ConnectTimeout { .. } => "connect_timeout",
-            ProxyError::Connect { .. } => "connect_error",
-            ProxyError::Copy { .. } => "copy_error",
-            ProxyError::NoNodeAddress { .. } => "no_node_address",
-            ProxyError::NoSourceIdentity(_) => "no_identity",
-            ProxyError::Tunnel(e) => e.reason(),
-            ProxyError::Denied { .. } => "denied",
-            ProxyError::PlaintextRefused { .. } => "plaintext_refused",
-            ProxyError::NotLocal(_) => "not_local",
-            ProxyError::BlackHole(_) => "registry_only",
-            ProxyError::Tls { .. } => "tls_error",
-        }
-    }
-
-    /// Envoy's response flag, as Istio reports it.
-    pub(crate) fn response_flags(&self) -> &'static str {
-        match self {
-            ProxyError::Refused { .. }
-            | ProxyError::NotIpv4(_)
-            | ProxyError::NoNodeAddress { .. }
-            | ProxyError::BlackHole(_) => "UH",
-            ProxyError::NotLocal(_) => "NR",
-            ProxyError::ConnectTimeout { .. }
-            | ProxyError::Connect { .. }
-            | ProxyError::Tunnel(_)
-            | ProxyError::Tls { .. } => "UF",
-            ProxyError::Copy { .. }
-            | ProxyError::NoSourceIdentity(_)
-            | ProxyError::Denied { .. }
-            | ProxyError::PlaintextRefused { .. } => "-",
-        }
-    }
 }
 
 /// Binds a capture listener on loopback (`port` 15001 or 15006), IP_TRANSPARENT
@@ -395,7 +359,7 @@ pub(crate) fn record_failure(ctx: &Inputs, labels: Option<TcpLabels>, err: &Prox
     let m = &ctx.metrics;
     m.connection_failures.get_or_create(&crate::telemetry::ReasonLabels { reason: err.reason() }).inc();
     if let Some(mut labels) = labels {
-        labels.response_flags = err.response_flags();
+        labels.response_flags = err.flags();
         m.tcp_opened.get_or_create(&labels).inc();
         m.tcp_closed.get_or_create(&labels).inc();
     }

@@ -11,6 +11,9 @@ use prometheus_client::{
 
 use crate::state::{Service, Workload};
 
+mod flags;
+pub use flags::Flags;
+
 /// Istio's labels for TCP metrics.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TcpLabels {
@@ -29,7 +32,7 @@ pub struct TcpLabels {
     pub destination_service_name: Label,
     pub destination_service_namespace: Label,
     pub request_protocol: &'static str,
-    pub response_flags: &'static str,
+    pub response_flags: Flags,
     pub connection_security_policy: &'static str,
 }
 
@@ -104,7 +107,7 @@ impl TcpLabels {
             destination_service_name: svc_name,
             destination_service_namespace: svc_ns,
             request_protocol: "tcp",
-            response_flags: "-",
+            response_flags: Flags::NONE,
             // Same-node plaintext hop: no mTLS yet.
             connection_security_policy: "none",
         }
@@ -139,7 +142,7 @@ impl RequestLabels {
         request_protocol: &'static str,
         response_code: u16,
         grpc_response_status: String,
-        response_flags: &'static str,
+        response_flags: Flags,
     ) -> Self {
         tcp.request_protocol = request_protocol;
         tcp.response_flags = response_flags;

@@ -404,7 +404,7 @@ async fn serve_tcp(
         }
         Route::Refused { service, reason } => {
             let labels = TcpLabels::new(source.as_deref(), None, Some(&service), false);
-            let err = ProxyError::Refused { service: format!("{}/{}", service.namespace, service.name), reason };
+            let err = ProxyError::Refused { service: service.key.clone(), reason };
             return proxy::fail(ctx, &client, peer, Some(labels), err);
         }
         Route::Workload { addr, .. } | Route::Passthrough { addr } | Route::BlackHole { addr } => {

@@ -21,13 +21,11 @@ use hyper::{
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use crate::{
-    proxy::Inputs,
-    proxy::{self, ProxyError},
+    proxy::{self, Inputs, LocalReply, ProxyError, Refused},
     routing::http as routing,
-    routing::l4::{Refusal, Route},
-    state::Workload,
-    state::traffic,
-    telemetry::TcpLabels,
+    routing::l4::Route,
+    state::{Workload, traffic},
+    telemetry::{Flags, TcpLabels},
 };
 
 pub mod access_log;
@@ -154,15 +152,12 @@ struct Target {
     tls: Option<(Arc<traffic::TlsOrigination>, String)>,
 }
 
-/// A refusal: the labels to count it under, the answer's text and its flags.
-type Refused = Box<(TcpLabels, StatusCode, &'static str, &'static str)>;
-
-/// The answer to a request for a host outside the registry under REGISTRY_ONLY.
-pub const BLACK_HOLE_TEXT: &str =
-    "destination not in the service registry: outboundTrafficPolicy is REGISTRY_ONLY (add a ServiceEntry for it)";
-
 /// Resolves a routing decision to a target, or the local answer for a refusal.
-fn target(route: Route, src: Option<&Arc<Workload>>, cluster: Option<&traffic::Cluster>) -> Result<Target, Refused> {
+fn target(
+    route: Route,
+    src: Option<&Arc<Workload>>,
+    cluster: Option<&traffic::Cluster>,
+) -> Result<Target, Box<Refused>> {
     let source = src.map(|s| &**s);
     let target = |dest, addr, labels, tls| Target { source: src.cloned(), dest, addr, labels, tls };
     match route {
@@ -181,14 +176,11 @@ fn target(route: Route, src: Option<&Arc<Workload>>, cluster: Option<&traffic::C
         Route::Passthrough { addr } => Ok(target(None, addr, TcpLabels::new(source, None, None, true), None)),
         Route::Refused { service, reason } => {
             let labels = TcpLabels::new(source, None, Some(&service), false);
-            let flags = match reason {
-                Refusal::NoReadyEndpoint(_) => "UH",
-                Refusal::UnknownPort(_) | Refusal::NoSubset(_) | Refusal::NoRoute => "NR",
-            };
-            Err(Box::new((labels, StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream", flags)))
+            let error = ProxyError::Refused { service: service.key.clone(), reason };
+            Err(Box::new(Refused { labels, error }))
         }
-        Route::BlackHole { .. } => {
-            Err(Box::new((TcpLabels::black_hole(source), StatusCode::BAD_GATEWAY, BLACK_HOLE_TEXT, "UH")))
+        Route::BlackHole { addr } => {
+            Err(Box::new(Refused { labels: TcpLabels::black_hole(source), error: ProxyError::BlackHole(addr) }))
         }
     }
 }
@@ -229,7 +221,7 @@ async fn handle(ctx: Arc<Inputs>, down: Arc<Downstream>, mut req: Request<Incomi
         drop(state);
         let labels = TcpLabels::new(gw.as_deref(), None, None, false);
         let record = Record::new(&ctx, &down, &req, labels, grpc, None, started_at, start);
-        return record.finish_local(StatusCode::NOT_FOUND, "no route for this host and path", "NR");
+        return record.finish_local(LocalReply::NO_ROUTE);
     };
     drop(state);
     let rule = decision.rule.clone();
@@ -238,7 +230,7 @@ async fn handle(ctx: Arc<Inputs>, down: Arc<Downstream>, mut req: Request<Incomi
     if let Some(redirect) = rule.as_ref().and_then(|r| r.redirect.as_ref()) {
         let labels = match target(decision.route, source.as_ref(), None) {
             Ok(t) => t.labels,
-            Err(refused) => refused.0,
+            Err(refused) => refused.labels,
         };
         let authority = redirect.authority.clone().unwrap_or_else(|| request_authority(&req, &down));
         let path = redirect.uri.clone().unwrap_or_else(|| view_path(&req));
@@ -253,9 +245,9 @@ async fn handle(ctx: Arc<Inputs>, down: Arc<Downstream>, mut req: Request<Incomi
     let first = match target(decision.route, source.as_ref(), cluster.as_ref()) {
         Ok(t) => t,
         Err(refused) => {
-            let (labels, status, text, flags) = *refused;
+            let Refused { labels, error } = *refused;
             let record = Record::new(&ctx, &down, &req, labels, grpc, None, started_at, start);
-            return record.finish_local(status, text, flags);
+            return record.finish_local(error.reply());
         }
     };
     let mut record = Record::new(&ctx, &down, &req, first.labels.clone(), grpc, Some(first.addr), started_at, start);
@@ -267,13 +259,13 @@ async fn handle(ctx: Arc<Inputs>, down: Arc<Downstream>, mut req: Request<Incomi
             && roll(pct)
         {
             tokio::time::sleep(delay).await;
-            record.set_flag("DI");
+            record.set_flag(Flags::DI);
         }
         if let Some((status, pct)) = fault.abort
             && roll(pct)
         {
             let status = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
-            return record.finish_local(status, "fault filter abort", "FI");
+            return record.finish_local(LocalReply::fault_abort(status));
         }
     }
     if let Some(r) = &rule {
@@ -321,7 +313,7 @@ async fn handle(ctx: Arc<Inputs>, down: Arc<Downstream>, mut req: Request<Incomi
                 Ok(collected) => (None, Some(collected.to_bytes())),
                 Err(e) => {
                     tracing::info!(peer = %down.peer, error = %e, "reading the request body failed");
-                    return record.finish_local(StatusCode::BAD_REQUEST, "invalid request body", "DPE");
+                    return record.finish_local(LocalReply::BAD_BODY);
                 }
             }
         }
@@ -375,7 +367,7 @@ async fn handle(ctx: Arc<Inputs>, down: Arc<Downstream>, mut req: Request<Incomi
                 Ok(r) => r,
                 Err(_) => {
                     tracing::info!(peer = %down.peer, upstream = %target.addr, "request timed out");
-                    return record.finish_local(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout", "UT");
+                    return record.finish_local(LocalReply::TIMEOUT);
                 }
             },
             None => one.await,
@@ -396,7 +388,7 @@ async fn handle(ctx: Arc<Inputs>, down: Arc<Downstream>, mut req: Request<Incomi
             }
             Ok(resp) => {
                 if try_no > 1 && on.is_some_and(|o| o.status(resp.status().as_u16())) {
-                    record.set_flag("URX");
+                    record.set_flag(Flags::URX);
                 }
                 break resp;
             }
@@ -405,7 +397,7 @@ async fn handle(ctx: Arc<Inputs>, down: Arc<Downstream>, mut req: Request<Incomi
             }
             Err(f) => {
                 if try_no > 1 {
-                    record.set_flag("URX");
+                    record.set_flag(Flags::URX);
                 }
                 return fail_request(&ctx, &down, target.addr, record, f);
             }
@@ -420,14 +412,14 @@ async fn handle(ctx: Arc<Inputs>, down: Arc<Downstream>, mut req: Request<Incomi
             client: down.peer_ip,
         };
         let Some((again, source)) = decide(&ctx, &state, &down, &view, ctx.next_pick()) else {
-            return record.finish_local(StatusCode::NOT_FOUND, "no route for this host and path", "NR");
+            return record.finish_local(LocalReply::NO_ROUTE);
         };
         match self::target(again.route, source.as_ref(), again.cluster.as_ref()) {
             Ok(t) => {
                 record.set_target(t.labels.clone(), t.addr);
                 target = t;
             }
-            Err(refused) => return record.finish_local(refused.1, refused.2, refused.3),
+            Err(refused) => return record.finish_local(refused.error.reply()),
         }
     };
     let mut resp = resp;

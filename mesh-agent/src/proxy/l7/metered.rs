@@ -22,8 +22,8 @@ use hyper::{
 
 use super::{Body, Downstream, local_reply, pool::ResponseBody, request_protocol};
 use crate::{
-    proxy::Inputs,
-    telemetry::{RequestLabels, TcpLabels},
+    proxy::{Inputs, LocalReply},
+    telemetry::{Flags, RequestLabels, TcpLabels},
 };
 
 /// Request bytes, counted by the request body while it streams upstream.
@@ -44,7 +44,7 @@ pub struct Record {
     shared: Arc<Shared>,
     status: u16,
     grpc_status: Option<String>,
-    flags: &'static str,
+    flags: Flags,
     response_bytes: u64,
     done: bool,
     /// The circuit-breaker place this request holds until it is complete.
@@ -115,7 +115,7 @@ impl Record {
             shared: Arc::default(),
             status: 0,
             grpc_status: None,
-            flags: "-",
+            flags: Flags::NONE,
             response_bytes: 0,
             done: false,
             held: None,
@@ -128,16 +128,8 @@ impl Record {
     }
 
     /// Adds a response flag (`DI`, `URX`), keeping any already set.
-    pub fn set_flag(&mut self, flag: &'static str) {
-        // Envoy joins flags with commas; these are the pairs that can meet here.
-        self.flags = match (self.flags, flag) {
-            ("-", f) => f,
-            ("DI", "URX") => "DI,URX",
-            ("URX", "UF") => "UF,URX",
-            ("URX", "UC") => "UC,URX",
-            ("URX", "UT") => "UT,URX",
-            (other, _) => other,
-        };
+    pub fn set_flag(&mut self, flag: Flags) {
+        self.flags.insert(flag);
     }
 
     /// The target changed on a retry.
@@ -164,7 +156,8 @@ impl Record {
     }
 
     /// An answer from the agent itself (no upstream response).
-    pub fn finish_local(mut self, status: StatusCode, text: &str, flags: &'static str) -> Response<Body> {
+    pub fn finish_local(mut self, reply: LocalReply) -> Response<Body> {
+        let LocalReply { status, text, flags } = reply;
         self.status = status.as_u16();
         self.set_flag(flags);
         self.response_bytes = text.len() as u64 + 1;
@@ -191,11 +184,7 @@ impl Record {
 
     /// A circuit breaker overflowed: Envoy's answer.
     pub fn finish_overflow(self) -> Response<Body> {
-        let mut r = self.finish_local(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "upstream connect error or disconnect/reset before headers. reset reason: overflow",
-            "UO",
-        );
+        let mut r = self.finish_local(LocalReply::OVERFLOW);
         r.headers_mut().insert("x-envoy-overloaded", hyper::header::HeaderValue::from_static("true"));
         r
     }
@@ -329,7 +318,7 @@ impl<B: hyper::body::Body<Data = Bytes, Error = hyper::Error> + Unpin> hyper::bo
             }
             Poll::Ready(Some(Err(_))) => {
                 if let Side::Response(r) = &mut this.side {
-                    r.flags = "UR";
+                    r.flags.insert(Flags::UR);
                 }
             }
             Poll::Pending => {}
@@ -351,10 +340,10 @@ impl<B: hyper::body::Body> Drop for Metered<B> {
         if let Side::Response(r) = &mut self.side
             && !self.ended
             && !self.inner.is_end_stream()
-            && r.flags == "-"
+            && r.flags.is_empty()
         {
             // The client went away before the response was complete.
-            r.flags = "DC";
+            r.flags.insert(Flags::DC);
         }
     }
 }

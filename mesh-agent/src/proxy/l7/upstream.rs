@@ -97,31 +97,15 @@ pub(super) fn fail_request(
         Failure::Connect(e) => {
             tracing::info!(peer = %down.peer, upstream = %addr, error = %e, "request failed: upstream connection");
             ctx.metrics.connection_failures.get_or_create(&crate::telemetry::ReasonLabels { reason: e.reason() }).inc();
-            match e {
-                ProxyError::Denied { .. }
-                | ProxyError::Tunnel(crate::proxy::hbone::HboneError::Status {
-                    status: StatusCode::UNAUTHORIZED,
-                    ..
-                }) => record.finish_local(StatusCode::FORBIDDEN, "RBAC: access denied", "-"),
-                _ => record.finish_local(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "upstream connect error or disconnect/reset before headers. reset reason: connection failure",
-                    "UF",
-                ),
-            }
+            record.finish_local(e.reply())
         }
         Failure::Reset(e) => {
             tracing::info!(peer = %down.peer, upstream = %addr, error = %e, "request failed upstream");
-            record.finish_local(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "upstream connect error or disconnect/reset before headers. reset reason: connection termination",
-                "UC",
-            )
+            record.finish_local(LocalReply::RESET)
         }
-        Failure::Timeout => record.finish_local(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout", "UT"),
+        Failure::Timeout => record.finish_local(LocalReply::TIMEOUT),
     }
 }
-
 /// After a `101 Switching Protocols`, bytes both ways between the two upgraded
 /// connections (WebSocket and the like).
 pub(super) async fn tunnel_upgrade(

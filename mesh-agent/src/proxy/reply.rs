@@ -1,0 +1,122 @@
+//! Failures to what is reported, in one place: each failure's metric reason
+//! (`mesh_tcp_connection_failures_total`), its response flags (Istio's
+//! `response_flags`), and the answer an HTTP client gets from the agent itself
+//! ([`LocalReply`]). The L4 proxy, the L7 pipeline and the gateways all ask
+//! here.
+use hyper::StatusCode;
+
+use super::ProxyError;
+use crate::{
+    proxy::hbone::HboneError,
+    routing::l4::Refusal,
+    telemetry::{Flags, TcpLabels},
+};
+
+/// An answer the agent gives itself (no upstream response): status, body
+/// text (Envoy's wording where Envoy has one) and response flags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocalReply {
+    pub status: StatusCode,
+    pub text: &'static str,
+    pub flags: Flags,
+}
+
+/// The answer to a request for a host outside the registry under REGISTRY_ONLY.
+pub const BLACK_HOLE_TEXT: &str =
+    "destination not in the service registry: outboundTrafficPolicy is REGISTRY_ONLY (add a ServiceEntry for it)";
+
+impl LocalReply {
+    /// No VirtualService rule for the host and path (at a gateway, or after a retry's re-route).
+    pub const NO_ROUTE: LocalReply =
+        LocalReply { status: StatusCode::NOT_FOUND, text: "no route for this host and path", flags: Flags::NR };
+    /// The route's timeout passed before a response.
+    pub const TIMEOUT: LocalReply =
+        LocalReply { status: StatusCode::GATEWAY_TIMEOUT, text: "upstream request timeout", flags: Flags::UT };
+    /// The upstream reset or closed before answering.
+    pub const RESET: LocalReply = LocalReply {
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        text: "upstream connect error or disconnect/reset before headers. reset reason: connection termination",
+        flags: Flags::UC,
+    };
+    /// A circuit breaker (connectionPool) overflowed.
+    pub const OVERFLOW: LocalReply = LocalReply {
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        text: "upstream connect error or disconnect/reset before headers. reset reason: overflow",
+        flags: Flags::UO,
+    };
+    /// The request body could not be read whole (to keep it for retries).
+    pub const BAD_BODY: LocalReply =
+        LocalReply { status: StatusCode::BAD_REQUEST, text: "invalid request body", flags: Flags::DPE };
+
+    /// The fault filter's abort with its status.
+    pub fn fault_abort(status: StatusCode) -> LocalReply {
+        LocalReply { status, text: "fault filter abort", flags: Flags::FI }
+    }
+}
+
+impl ProxyError {
+    /// The `reason` label of `mesh_tcp_connection_failures_total`.
+    pub(crate) fn reason(&self) -> &'static str {
+        match self {
+            ProxyError::NotIpv4(_) => "not_ipv4",
+            ProxyError::Refused { .. } => "no_route",
+            ProxyError::ConnectTimeout { .. } => "connect_timeout",
+            ProxyError::Connect { .. } => "connect_error",
+            ProxyError::Copy { .. } => "copy_error",
+            ProxyError::NoNodeAddress { .. } => "no_node_address",
+            ProxyError::NoSourceIdentity(_) => "no_identity",
+            ProxyError::Tunnel(e) => e.reason(),
+            ProxyError::Denied { .. } => "denied",
+            ProxyError::PlaintextRefused { .. } => "plaintext_refused",
+            ProxyError::NotLocal(_) => "not_local",
+            ProxyError::BlackHole(_) => "registry_only",
+            ProxyError::Tls { .. } => "tls_error",
+        }
+    }
+
+    /// Envoy's response flag, as Istio reports it.
+    pub(crate) fn flags(&self) -> Flags {
+        match self {
+            ProxyError::Refused { reason: Refusal::NoReadyEndpoint(_), .. }
+            | ProxyError::NotIpv4(_)
+            | ProxyError::NoNodeAddress { .. }
+            | ProxyError::BlackHole(_) => Flags::UH,
+            ProxyError::Refused { .. } | ProxyError::NotLocal(_) => Flags::NR,
+            ProxyError::ConnectTimeout { .. }
+            | ProxyError::Connect { .. }
+            | ProxyError::Tunnel(_)
+            | ProxyError::Tls { .. } => Flags::UF,
+            ProxyError::Copy { .. }
+            | ProxyError::NoSourceIdentity(_)
+            | ProxyError::Denied { .. }
+            | ProxyError::PlaintextRefused { .. } => Flags::NONE,
+        }
+    }
+
+    /// The answer an HTTP client gets when its request fails so.
+    pub(crate) fn reply(&self) -> LocalReply {
+        let flags = self.flags();
+        let (status, text) = match self {
+            ProxyError::Refused { .. } => (StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream"),
+            ProxyError::BlackHole(_) => (StatusCode::BAD_GATEWAY, BLACK_HOLE_TEXT),
+            // Refused by policy here or by the destination's agent.
+            ProxyError::Denied { .. }
+            | ProxyError::PlaintextRefused { .. }
+            | ProxyError::Tunnel(HboneError::Status { status: StatusCode::UNAUTHORIZED, .. }) => {
+                (StatusCode::FORBIDDEN, "RBAC: access denied")
+            }
+            _ => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "upstream connect error or disconnect/reset before headers. reset reason: connection failure",
+            ),
+        };
+        let flags = if status == StatusCode::FORBIDDEN { Flags::NONE } else { flags };
+        LocalReply { status, text, flags }
+    }
+}
+
+/// A request or connection routing refused, with the labels to count it under.
+pub(crate) struct Refused {
+    pub labels: TcpLabels,
+    pub error: ProxyError,
+}
