@@ -86,3 +86,6 @@ mod server;
 
 pub use client::{Pool, Tunnel, TunnelTo};
 pub use server::{GatewayHop, HopServer, serve};
+
+#[cfg(test)]
+mod tests;

@@ -19,13 +19,14 @@ struct PoolEntry {
 }
 
 impl PoolEntry {
-    fn usable(&self, serial: &str) -> bool {
-        self.serial == serial && !self.sender.is_closed() && self.streams.load(Ordering::Acquire) < MAX_STREAMS as usize
+    fn usable(&self, serial: &str, limit: usize) -> bool {
+        self.serial == serial && !self.sender.is_closed() && self.streams.load(Ordering::Acquire) < limit
     }
 }
 
-#[derive(Default)]
 pub struct Pool {
+    /// Streams per connection before another is made ([`MAX_STREAMS`]).
+    stream_limit: usize,
     conns: Mutex<HashMap<PoolKey, Vec<PoolEntry>>>,
     /// TLS client configurations by (source certificate serial, destination
     /// identity): kept so that their session caches let a new connection to
@@ -36,6 +37,19 @@ pub struct Pool {
     /// Held while a connection to the key's peer is being made; remembers
     /// when the last attempt failed, and why.
     connecting: Mutex<HashMap<PoolKey, Arc<Gate>>>,
+}
+
+impl Default for Pool {
+    fn default() -> Self {
+        Pool::with_stream_limit(MAX_STREAMS as usize)
+    }
+}
+
+impl Pool {
+    /// A pool that opens another connection to a peer at `limit` streams.
+    pub fn with_stream_limit(limit: usize) -> Self {
+        Pool { stream_limit: limit, conns: Mutex::default(), tls: Mutex::default(), connecting: Mutex::default() }
+    }
 }
 
 /// TLS client configurations by (source certificate serial, peer identity).
@@ -182,7 +196,9 @@ impl Pool {
 
 impl Pool {
     fn usable(&self, key: &PoolKey, serial: &str) -> bool {
-        self.conns.lock().is_ok_and(|m| m.get(key).is_some_and(|v| v.iter().any(|e| e.usable(serial))))
+        self.conns
+            .lock()
+            .is_ok_and(|m| m.get(key).is_some_and(|v| v.iter().any(|e| e.usable(serial, self.stream_limit))))
     }
 
     /// A tunnel on a usable pooled connection (a stream slot is taken before
@@ -198,7 +214,7 @@ impl Pool {
         client_ip: Ipv4Addr,
     ) -> Option<Result<Tunnel, HboneError>> {
         let (sender, streams) = self.conns.lock().ok().and_then(|m| {
-            let e = m.get(key)?.iter().find(|e| e.usable(serial))?;
+            let e = m.get(key)?.iter().find(|e| e.usable(serial, self.stream_limit))?;
             e.streams.fetch_add(1, Ordering::AcqRel);
             Some((e.sender.clone(), e.streams.clone()))
         })?;

@@ -1,4 +1,5 @@
-//! The HTTP pipeline in-process: `l7::serve` on an in-memory client stream,
+//! The HTTP pipeline in-process: `l7::serve` on an in-memory client stream
+//! (HTTP/1.1, HTTP/2, upgrades),
 //! routing to a loopback upstream by the user's YAML, with paused time where
 //! the behaviour is about time. No root, no eBPF, milliseconds per test.
 use std::{
@@ -79,15 +80,7 @@ async fn upstream_on(ip: Ipv4Addr, port: u16, status: fn(usize) -> Option<Status
 /// One GET through the pipeline, as a client connected to the Service VIP.
 async fn get(t: &TestInputs) -> (StatusCode, String) {
     let (client, server) = tokio::io::duplex(64 * 1024);
-    let down = Downstream {
-        peer: SocketAddr::from(([10, 244, 1, 2], 40_000)),
-        peer_ip: Ipv4Addr::new(10, 244, 1, 2),
-        orig: SocketAddrV4::new(VIP, 80),
-        source: None,
-        gateways: None,
-        first_pick: 0.into(),
-    };
-    tokio::spawn(serve(t.inputs.clone(), server, down, Handling::Http1));
+    tokio::spawn(serve(t.inputs.clone(), server, downstream(), Handling::Http1));
     let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(client)).await.expect("handshake");
     tokio::spawn(conn);
     let req = Request::get("/").header("host", "hello").body(Empty::<Bytes>::new()).expect("request");
@@ -163,4 +156,106 @@ async fn outlier_detection_ejects_an_endpoint_after_consecutive_5xx() {
     );
     assert_eq!(good.requests.load(Ordering::SeqCst), 7);
     assert_eq!(codes.iter().filter(|c| **c == StatusCode::OK).count(), 7);
+}
+
+/// The pipeline as a client connected to the Service VIP speaking `handling`.
+fn downstream() -> Downstream {
+    Downstream {
+        peer: SocketAddr::from(([10, 244, 1, 2], 40_000)),
+        peer_ip: Ipv4Addr::new(10, 244, 1, 2),
+        orig: SocketAddrV4::new(VIP, 80),
+        source: None,
+        gateways: None,
+        first_pick: 0.into(),
+    }
+}
+
+#[tokio::test]
+async fn http2_stays_http2_to_an_upstream_declared_http2() {
+    // An h2c upstream answering with the version it was asked in.
+    let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.expect("bind");
+    let port = listener.local_addr().expect("address").port();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let svc = hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
+                let body = format!("{:?} {}", req.version(), req.uri().path());
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body))))
+            });
+            let builder = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+            tokio::spawn(async move { builder.serve_connection(TokioIo::new(tcp), svc).await });
+        }
+    });
+    let yaml = cluster(port, "{route: [{destination: {host: hello}}]}").replace("name: http,", "name: http2,");
+    let t = TestInputs::new(&yaml);
+    let (client, server) = tokio::io::duplex(64 * 1024);
+    tokio::spawn(serve(t.inputs.clone(), server, downstream(), Handling::Http2));
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), TokioIo::new(client))
+            .await
+            .expect("h2 handshake");
+    tokio::spawn(conn);
+    // Two requests on one client connection, as gRPC clients multiplex them.
+    for path in ["/one", "/two"] {
+        let req = Request::get(format!("http://hello{path}")).body(Empty::<Bytes>::new()).expect("request");
+        let resp = send.send_request(req).await.expect("response");
+        assert_eq!(resp.status(), StatusCode::OK);
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        assert_eq!(String::from_utf8_lossy(&body), format!("HTTP/2.0 {path}"));
+    }
+}
+
+#[tokio::test]
+async fn an_upgrade_joins_client_and_upstream_after_101() {
+    // An upstream that accepts `Upgrade: websocket` and echoes what follows.
+    let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.expect("bind");
+    let port = listener.local_addr().expect("address").port();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let svc = hyper::service::service_fn(|mut req: Request<hyper::body::Incoming>| async move {
+                let asked = req.headers().get("upgrade").and_then(|v| v.to_str().ok()) == Some("websocket");
+                let on = hyper::upgrade::on(&mut req);
+                tokio::spawn(async move {
+                    if let Ok(up) = on.await {
+                        let mut io = TokioIo::new(up);
+                        let mut buf = [0u8; 64];
+                        while let Ok(n @ 1..) = tokio::io::AsyncReadExt::read(&mut io, &mut buf).await {
+                            let _ = tokio::io::AsyncWriteExt::write_all(&mut io, &buf[..n]).await;
+                        }
+                    }
+                });
+                let status = if asked { StatusCode::SWITCHING_PROTOCOLS } else { StatusCode::BAD_REQUEST };
+                let resp = Response::builder()
+                    .status(status)
+                    .header("connection", "upgrade")
+                    .header("upgrade", "websocket")
+                    .body(Empty::<Bytes>::new())
+                    .expect("response");
+                Ok::<_, Infallible>(resp)
+            });
+            tokio::spawn(async move {
+                let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc);
+                conn.with_upgrades().await
+            });
+        }
+    });
+    let t = TestInputs::new(&cluster(port, "{route: [{destination: {host: hello}}]}"));
+    let (client, server) = tokio::io::duplex(64 * 1024);
+    tokio::spawn(serve(t.inputs.clone(), server, downstream(), Handling::Http1));
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(client)).await.expect("handshake");
+    tokio::spawn(conn.with_upgrades());
+    let req = Request::get("/ws")
+        .header("host", "hello")
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .body(Empty::<Bytes>::new())
+        .expect("request");
+    let resp = send.send_request(req).await.expect("response");
+    assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+    let mut io = TokioIo::new(hyper::upgrade::on(resp).await.expect("upgraded"));
+    for msg in ["first frame", "second frame"] {
+        tokio::io::AsyncWriteExt::write_all(&mut io, msg.as_bytes()).await.expect("write");
+        let mut back = vec![0; msg.len()];
+        tokio::io::AsyncReadExt::read_exact(&mut io, &mut back).await.expect("echo");
+        assert_eq!(back, msg.as_bytes());
+    }
 }
