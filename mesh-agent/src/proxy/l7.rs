@@ -30,15 +30,20 @@ use crate::{
 
 pub mod access_log;
 pub mod cluster;
+mod filters;
 mod headers;
 mod metered;
+mod mirror;
 pub mod pool;
+mod retry;
 
 pub mod sni;
+mod target;
 mod upstream;
 
 pub use headers::strip_hop_by_hop;
 use headers::*;
+use target::{Target, target};
 use upstream::*;
 #[cfg(test)]
 mod tests;
@@ -135,56 +140,6 @@ fn local_reply(status: StatusCode, text: &str) -> Response<Body> {
     r
 }
 
-/// The largest request body kept in memory so that the request can be retried;
-/// larger (or unsized and long) bodies stream and are tried once.
-const RETRY_BUFFER: usize = 64 * 1024;
-/// Pause between tries (Envoy's base interval).
-const RETRY_BACKOFF: Duration = Duration::from_millis(25);
-
-/// Where one try of a request goes.
-struct Target {
-    /// Whose identity the request leaves with (a pod, or a gateway).
-    source: Option<Arc<Workload>>,
-    dest: Option<Arc<Workload>>,
-    addr: SocketAddrV4,
-    labels: TcpLabels,
-    /// TLS to originate, with the server name to ask for.
-    tls: Option<(Arc<traffic::TlsOrigination>, String)>,
-}
-
-/// Resolves a routing decision to a target, or the local answer for a refusal.
-fn target(
-    route: Route,
-    src: Option<&Arc<Workload>>,
-    cluster: Option<&traffic::Cluster>,
-) -> Result<Target, Box<Refused>> {
-    let source = src.map(|s| &**s);
-    let target = |dest, addr, labels, tls| Target { source: src.cloned(), dest, addr, labels, tls };
-    match route {
-        Route::Service { service, endpoint, addr, .. } => {
-            let labels = TcpLabels::new(source, Some(&endpoint), Some(&service), false);
-            let tls = cluster.and_then(|c| c.policy.tls.clone()).map(|t| {
-                let sni = t.sni.clone().unwrap_or_else(|| service.hostname.to_string());
-                (t, sni)
-            });
-            Ok(target(Some(endpoint), addr, labels, tls))
-        }
-        Route::Workload { workload, addr } => {
-            let labels = TcpLabels::new(source, Some(&workload), None, false);
-            Ok(target(Some(workload), addr, labels, None))
-        }
-        Route::Passthrough { addr } => Ok(target(None, addr, TcpLabels::new(source, None, None, true), None)),
-        Route::Refused { service, reason } => {
-            let labels = TcpLabels::new(source, None, Some(&service), false);
-            let error = ProxyError::Refused { service: service.key.clone(), reason };
-            Err(Box::new(Refused { labels, error }))
-        }
-        Route::BlackHole { addr } => {
-            Err(Box::new(Refused { labels: TcpLabels::black_hole(source), error: ProxyError::BlackHole(addr) }))
-        }
-    }
-}
-
 /// A try that got no response.
 enum Failure {
     /// No upstream connection (connect error, tunnel refused, policy).
@@ -227,15 +182,13 @@ async fn handle(ctx: Arc<Inputs>, down: Arc<Downstream>, mut req: Request<Incomi
     let rule = decision.rule.clone();
     let cluster = decision.cluster.clone();
     let cluster_state = cluster.as_ref().and_then(|c| ctx.clusters.get(c));
-    if let Some(redirect) = rule.as_ref().and_then(|r| r.redirect.as_ref()) {
+    if let Some((code, location)) = filters::redirect(rule.as_ref(), &req, &down) {
         let labels = match target(decision.route, source.as_ref(), None) {
             Ok(t) => t.labels,
             Err(refused) => refused.labels,
         };
-        let authority = redirect.authority.clone().unwrap_or_else(|| request_authority(&req, &down));
-        let path = redirect.uri.clone().unwrap_or_else(|| view_path(&req));
         let record = Record::new(&ctx, &down, &req, labels, grpc, None, started_at, start);
-        return record.finish_redirect(redirect.code, &format!("http://{authority}{path}"));
+        return record.finish_redirect(code, &location);
     }
     // At a gateway the client's HTTP version is the edge's business: upstream
     // speaks what the destination port declares (HTTP/1.1 unless http2/grpc),
@@ -252,28 +205,10 @@ async fn handle(ctx: Arc<Inputs>, down: Arc<Downstream>, mut req: Request<Incomi
     };
     let mut record = Record::new(&ctx, &down, &req, first.labels.clone(), grpc, Some(first.addr), started_at, start);
 
-    // Fault injection, before anything goes upstream.
-    if let Some(fault) = rule.as_ref().and_then(|r| r.fault.as_ref()) {
-        let roll = |pct: f64| (ctx.next_random() % 1_000_000) as f64 / 10_000.0 < pct;
-        if let Some((delay, pct)) = fault.delay
-            && roll(pct)
-        {
-            tokio::time::sleep(delay).await;
-            record.set_flag(Flags::DI);
-        }
-        if let Some((status, pct)) = fault.abort
-            && roll(pct)
-        {
-            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
-            return record.finish_local(LocalReply::fault_abort(status));
-        }
+    if let Some(abort) = filters::fault(&ctx, rule.as_ref(), &mut record).await {
+        return record.finish_local(abort);
     }
-    if let Some(r) = &rule {
-        r.headers.request.apply(req.headers_mut());
-        if let Some(w) = &r.rewrite {
-            rewrite(&mut req, w, decision.matched_prefix.as_deref());
-        }
-    }
+    filters::request(rule.as_ref(), &mut req, decision.matched_prefix.as_deref());
 
     let extended_connect = is_extended_connect(&req);
     let upgrade = wants_upgrade(&req) || extended_connect;
@@ -283,33 +218,15 @@ async fn handle(ctx: Arc<Inputs>, down: Arc<Downstream>, mut req: Request<Incomi
     };
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
-    strip_hop_by_hop(&mut parts.headers, upgrade);
-    parts.version = if h2 { hyper::Version::HTTP_2 } else { hyper::Version::HTTP_11 };
-    if h2 {
-        // HTTP/2 needs the scheme and authority in the URI.
-        let authority = parts.uri.authority().map(|a| a.to_string()).unwrap_or_else(|| down.orig.to_string());
-        let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-        if let Ok(uri) = format!("http://{authority}{path}").parse() {
-            parts.uri = uri;
-        }
-    } else if parts.uri.authority().is_some() {
-        // Absolute-form from the client: origin-form upstream, Host kept.
-        let path = parts.uri.path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "/".into());
-        if let Ok(uri) = path.parse() {
-            parts.uri = uri;
-        }
-    }
+    for_upstream(&mut parts, upgrade, h2, down.orig);
 
     // With retries, a small body is kept so that it can be sent again.
     let retries = rule.as_ref().and_then(|r| r.retries.clone()).filter(|_| !upgrade);
-    let mirror = rule
-        .as_ref()
-        .and_then(|r| r.mirror.clone())
-        .filter(|(_, pct)| !upgrade && (ctx.next_random() % 1_000_000) as f64 / 10_000.0 < *pct);
+    let mirror = mirror::sampled(&ctx, rule.as_ref()).filter(|_| !upgrade);
     let keep_body = retries.is_some() || mirror.is_some();
     let (mut streaming, buffered) = match keep_body {
-        true if fits_retry_buffer(&parts.headers, &body) => {
-            match http_body_util::Limited::new(body, RETRY_BUFFER).collect().await {
+        true if retry::fits_retry_buffer(&parts.headers, &body) => {
+            match http_body_util::Limited::new(body, retry::RETRY_BUFFER).collect().await {
                 Ok(collected) => (None, Some(collected.to_bytes())),
                 Err(e) => {
                     tracing::info!(peer = %down.peer, error = %e, "reading the request body failed");
@@ -322,11 +239,19 @@ async fn handle(ctx: Arc<Inputs>, down: Arc<Downstream>, mut req: Request<Incomi
     if let Some(b) = &buffered {
         record.add_request_bytes(b.len());
     }
-    if let Some((dest, _)) = mirror {
+    if let Some(dest) = mirror {
         match &buffered {
             Some(b) => {
                 let from = source.clone();
-                tokio::spawn(mirror_request(ctx.clone(), down.clone(), from, parts.clone(), b.clone(), dest, h2));
+                tokio::spawn(mirror::mirror_request(
+                    ctx.clone(),
+                    down.clone(),
+                    from,
+                    parts.clone(),
+                    b.clone(),
+                    dest,
+                    h2,
+                ));
             }
             // As Envoy, a body too large to copy is not mirrored.
             None => {
@@ -342,7 +267,6 @@ async fn handle(ctx: Arc<Inputs>, down: Arc<Downstream>, mut req: Request<Incomi
         }
     }
     let limits = limits(&ctx, cluster.as_ref().map(|c| &c.policy.pool));
-    let tries = 1 + retries.as_ref().map_or(0, |r| r.attempts);
     let per_try = retries.as_ref().and_then(|r| r.per_try_timeout);
     let overall = rule.as_ref().and_then(|r| r.timeout);
     let deadline = overall.map(|t| tokio::time::Instant::now() + t);
@@ -372,37 +296,27 @@ async fn handle(ctx: Arc<Inputs>, down: Arc<Downstream>, mut req: Request<Incomi
             },
             None => one.await,
         };
+        let outcome = match &result {
+            Ok(resp) => cluster::Outcome::Status(resp.status().as_u16()),
+            Err(Failure::Connect(_)) => cluster::Outcome::ConnectFailure,
+            Err(_) => cluster::Outcome::NoResponse,
+        };
         if let (Some(cs), Some(c)) = (&cluster_state, &cluster) {
-            let outcome = match &result {
-                Ok(resp) => cluster::Outcome::Status(resp.status().as_u16()),
-                Err(Failure::Connect(_)) => cluster::Outcome::ConnectFailure,
-                Err(_) => cluster::Outcome::NoResponse,
-            };
             cs.report(target.addr, outcome, c.endpoints);
         }
-        let last = try_no >= tries;
-        let on = retries.as_ref().map(|r| &r.on);
-        match result {
-            Ok(resp) if !last && on.is_some_and(|o| o.status(resp.status().as_u16())) => {
-                tracing::debug!(upstream = %target.addr, status = %resp.status(), try_no, "retrying");
-            }
-            Ok(resp) => {
-                if try_no > 1 && on.is_some_and(|o| o.status(resp.status().as_u16())) {
+        match (retry::after_try(try_no, retries.as_ref(), &outcome), result) {
+            (retry::Next::Retry, _) => tracing::debug!(upstream = %target.addr, ?outcome, try_no, "retrying"),
+            (retry::Next::Answer { exhausted }, result) => {
+                if exhausted {
                     record.set_flag(Flags::URX);
                 }
-                break resp;
-            }
-            Err(f) if !last && on.is_some_and(|o| o.failure(matches!(f, Failure::Connect(_)))) => {
-                tracing::debug!(upstream = %target.addr, try_no, "retrying after a failure");
-            }
-            Err(f) => {
-                if try_no > 1 {
-                    record.set_flag(Flags::URX);
+                match result {
+                    Ok(resp) => break resp,
+                    Err(f) => return fail_request(&ctx, &down, target.addr, record, f),
                 }
-                return fail_request(&ctx, &down, target.addr, record, f);
             }
         }
-        tokio::time::sleep(RETRY_BACKOFF).await;
+        tokio::time::sleep(retry::RETRY_BACKOFF).await;
         // Another endpoint may be chosen for the next try.
         let state = ctx.state();
         let view = routing::RequestView {
@@ -433,9 +347,7 @@ async fn handle(ctx: Arc<Inputs>, down: Arc<Downstream>, mut req: Request<Incomi
     }
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers, false);
-    if let Some(r) = &rule {
-        r.headers.response.apply(&mut parts.headers);
-    }
+    filters::response(rule.as_ref(), &mut parts.headers);
     record.set_response(parts.status, &parts.headers);
     Response::from_parts(parts, Metered::response(body, record).boxed_unsync())
 }
@@ -460,64 +372,6 @@ fn decide(
             Some((decision, state.gateway(&gw).map(|g| g.workload.clone())))
         }
     }
-}
-
-/// Sends a copy of a request to the `mirror` destination; the answer is read
-/// and dropped. The authority gets Envoy's `-shadow` suffix.
-async fn mirror_request(
-    ctx: Arc<Inputs>,
-    down: Arc<Downstream>,
-    source: Option<Arc<Workload>>,
-    mut parts: hyper::http::request::Parts,
-    body: Bytes,
-    dest: traffic::WeightedDestination,
-    h2: bool,
-) {
-    let state = ctx.state();
-    let from = state.by_vip.get(down.orig.ip()).map(|s| format!("{}/{}", s.namespace, s.name)).unwrap_or_default();
-    let route = match routing::resolve(&state, &from, &dest, down.orig.port()) {
-        Ok((target, port, labels, _, _)) => crate::routing::l4::route_service(
-            target,
-            port,
-            labels,
-            crate::routing::l4::Pick::Turn(ctx.next_pick()),
-            &|_| false,
-        ),
-        Err(reason) => {
-            tracing::debug!(%reason, "mirror destination unavailable");
-            Route::Passthrough { addr: down.orig }
-        }
-    };
-    let Route::Service { endpoint, addr, .. } = route else {
-        ctx.metrics.mirrored.get_or_create(&crate::telemetry::ResultLabels { result: "failed" }).inc();
-        return;
-    };
-    let shadow = |a: &str| format!("{a}-shadow");
-    if let Some(host) = parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(shadow)
-        && let Ok(v) = HeaderValue::from_str(&host)
-    {
-        parts.headers.insert(header::HOST, v);
-    }
-    if let Some(a) = parts.uri.authority().map(|a| shadow(a.as_str())) {
-        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        if let Ok(uri) = format!("http://{a}{path}").parse() {
-            parts.uri = uri;
-        }
-    }
-    let key = PoolKey { client: down.peer_ip, upstream: addr, h2, tls: false };
-    let limits = limits(&ctx, None);
-    let to = Target { source, dest: Some(endpoint), addr, labels: TcpLabels::black_hole(None), tls: None };
-    drop(state);
-    let req = Request::from_parts(parts, Full::new(body).map_err(|e| match e {}).boxed_unsync());
-    let result = match send(&ctx, &down, &to, key, req, &limits, None).await {
-        // Read to its end: the connection goes back to the pool.
-        Ok(resp) => match resp.into_body().collect().await {
-            Ok(_) => "sent",
-            Err(_) => "failed",
-        },
-        Err(_) => "failed",
-    };
-    ctx.metrics.mirrored.get_or_create(&crate::telemetry::ResultLabels { result }).inc();
 }
 
 /// Istio's `request_protocol`.

@@ -108,3 +108,25 @@ pub(super) fn rewrite(req: &mut Request<Incoming>, w: &traffic::Rewrite, matched
         *req.uri_mut() = uri;
     }
 }
+
+/// The request head as it goes upstream: hop-by-hop headers removed (kept
+/// for an upgrade), the version chosen, and the URI in the form that
+/// version needs (`orig` names the authority when the client gave none).
+pub(super) fn for_upstream(parts: &mut hyper::http::request::Parts, upgrade: bool, h2: bool, orig: SocketAddrV4) {
+    strip_hop_by_hop(&mut parts.headers, upgrade);
+    parts.version = if h2 { hyper::Version::HTTP_2 } else { hyper::Version::HTTP_11 };
+    if h2 {
+        // HTTP/2 needs the scheme and authority in the URI.
+        let authority = parts.uri.authority().map(|a| a.to_string()).unwrap_or_else(|| orig.to_string());
+        let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        if let Ok(uri) = format!("http://{authority}{path}").parse() {
+            parts.uri = uri;
+        }
+    } else if parts.uri.authority().is_some() {
+        // Absolute-form from the client: origin-form upstream, Host kept.
+        let path = parts.uri.path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "/".into());
+        if let Ok(uri) = path.parse() {
+            parts.uri = uri;
+        }
+    }
+}

@@ -12,19 +12,6 @@ pub(super) fn limits(ctx: &Inputs, pool: Option<&traffic::ConnectionPool>) -> po
     }
 }
 
-/// Whether a request body is small enough (or absent) to keep for retries.
-pub(super) fn fits_retry_buffer(headers: &HeaderMap, body: &Incoming) -> bool {
-    use hyper::body::Body as _;
-    if body.is_end_stream() {
-        return true;
-    }
-    headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok())
-        .is_some_and(|n| n <= RETRY_BUFFER)
-}
-
 /// One try: a pooled or new connection to the target, the request, the
 /// response head (within `per_try`).
 #[expect(clippy::too_many_arguments, reason = "one try's inputs; called from one place")]

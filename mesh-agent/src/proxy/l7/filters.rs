@@ -1,0 +1,56 @@
+//! The rule's filters, in Envoy's order: a redirect answered here, fault
+//! injection (delay, abort) before anything goes upstream, then the request
+//! header rules and the path rewrite; the response header rules on the way
+//! back.
+use super::*;
+
+/// The redirect a rule answers with, if it has one: status and `Location`.
+pub(super) fn redirect(
+    rule: Option<&Arc<traffic::HttpRoute>>,
+    req: &Request<Incoming>,
+    down: &Downstream,
+) -> Option<(u16, String)> {
+    let redirect = rule?.redirect.as_ref()?;
+    let authority = redirect.authority.clone().unwrap_or_else(|| request_authority(req, down));
+    let path = redirect.uri.clone().unwrap_or_else(|| view_path(req));
+    Some((redirect.code, format!("http://{authority}{path}")))
+}
+
+/// Fault injection: a delay (flag `DI`) and an abort, each for its share of
+/// requests. `Some`: the abort's answer.
+pub(super) async fn fault(
+    ctx: &Inputs,
+    rule: Option<&Arc<traffic::HttpRoute>>,
+    record: &mut Record,
+) -> Option<LocalReply> {
+    let fault = rule?.fault.as_ref()?;
+    let roll = |pct: f64| (ctx.next_random() % 1_000_000) as f64 / 10_000.0 < pct;
+    if let Some((delay, pct)) = fault.delay
+        && roll(pct)
+    {
+        tokio::time::sleep(delay).await;
+        record.set_flag(Flags::DI);
+    }
+    let (status, pct) = fault.abort?;
+    roll(pct).then(|| LocalReply::fault_abort(StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE)))
+}
+
+/// The rule's request header operations and `rewrite`.
+pub(super) fn request(
+    rule: Option<&Arc<traffic::HttpRoute>>,
+    req: &mut Request<Incoming>,
+    matched_prefix: Option<&str>,
+) {
+    let Some(r) = rule else { return };
+    r.headers.request.apply(req.headers_mut());
+    if let Some(w) = &r.rewrite {
+        rewrite(req, w, matched_prefix);
+    }
+}
+
+/// The rule's response header operations.
+pub(super) fn response(rule: Option<&Arc<traffic::HttpRoute>>, headers: &mut HeaderMap) {
+    if let Some(r) = rule {
+        r.headers.response.apply(headers);
+    }
+}

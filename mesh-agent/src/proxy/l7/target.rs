@@ -1,0 +1,48 @@
+//! A routing decision resolved to where one try of a request goes: the
+//! endpoint, the identity the request leaves with, its metric labels and any
+//! TLS to originate; or the refusal to answer with.
+use super::*;
+
+/// Where one try of a request goes.
+pub(super) struct Target {
+    /// Whose identity the request leaves with (a pod, or a gateway).
+    pub source: Option<Arc<Workload>>,
+    pub dest: Option<Arc<Workload>>,
+    pub addr: SocketAddrV4,
+    pub labels: TcpLabels,
+    /// TLS to originate, with the server name to ask for.
+    pub tls: Option<(Arc<traffic::TlsOrigination>, String)>,
+}
+
+/// Resolves a routing decision to a target, or the local answer for a refusal.
+pub(super) fn target(
+    route: Route,
+    src: Option<&Arc<Workload>>,
+    cluster: Option<&traffic::Cluster>,
+) -> Result<Target, Box<Refused>> {
+    let source = src.map(|s| &**s);
+    let target = |dest, addr, labels, tls| Target { source: src.cloned(), dest, addr, labels, tls };
+    match route {
+        Route::Service { service, endpoint, addr, .. } => {
+            let labels = TcpLabels::new(source, Some(&endpoint), Some(&service), false);
+            let tls = cluster.and_then(|c| c.policy.tls.clone()).map(|t| {
+                let sni = t.sni.clone().unwrap_or_else(|| service.hostname.to_string());
+                (t, sni)
+            });
+            Ok(target(Some(endpoint), addr, labels, tls))
+        }
+        Route::Workload { workload, addr } => {
+            let labels = TcpLabels::new(source, Some(&workload), None, false);
+            Ok(target(Some(workload), addr, labels, None))
+        }
+        Route::Passthrough { addr } => Ok(target(None, addr, TcpLabels::new(source, None, None, true), None)),
+        Route::Refused { service, reason } => {
+            let labels = TcpLabels::new(source, None, Some(&service), false);
+            let error = ProxyError::Refused { service: service.key.clone(), reason };
+            Err(Box::new(Refused { labels, error }))
+        }
+        Route::BlackHole { addr } => {
+            Err(Box::new(Refused { labels: TcpLabels::black_hole(source), error: ProxyError::BlackHole(addr) }))
+        }
+    }
+}
