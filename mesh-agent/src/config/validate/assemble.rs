@@ -1,0 +1,257 @@
+//! The admitted objects put together into one [`State`]: pods, Services
+//! (their addresses unique), ServiceEntry hosts, Gateways and the Services
+//! that address them, security policies and routing rules, each object
+//! admitted or rejected on its own.
+use super::*;
+
+pub(super) fn assemble(objects: Objects, trust_domain: &str, errors: &mut Vec<ConfigError>) -> State {
+    let mut state = State::default();
+    state.trust_domain = trust_domain.into();
+    for (origin, node) in &objects.nodes {
+        let mut ctx = Ctx { origin, object: describe_meta("Node", &node.metadata), errors };
+        let before = ctx.error_count();
+        if let Some(n) = build_node(&mut ctx, node, trust_domain).filter(|_| ctx.error_count() == before) {
+            state.nodes.insert(n.name.clone(), n);
+        }
+    }
+    for (origin, ns) in &objects.namespaces {
+        let mut ctx = Ctx { origin, object: describe_meta("Namespace", &ns.metadata), errors };
+        if let Some(name) = require_name(&mut ctx, &ns.metadata) {
+            let labels = ns.metadata.labels.clone();
+            state.namespaces.insert(name.clone(), Namespace { name, labels });
+        }
+    }
+    let mut ip_owner: HashMap<Ipv4Addr, String> = HashMap::new();
+    for (origin, pod) in &objects.pods {
+        let mut ctx = Ctx { origin, object: describe_meta("Pod", &pod.metadata), errors };
+        let before = ctx.error_count();
+        let built = build_workload(&mut ctx, pod, &state.namespaces, trust_domain);
+        let Some(w) = built.filter(|_| ctx.error_count() == before) else { continue };
+        let key = format!("{}/{}", w.namespace, w.name);
+        if let (Some(ip), false) = (w.ip, w.host_network) {
+            if let Some(other) = ip_owner.get(&ip) {
+                ctx.error("status.podIP", format!("{ip} is already the IP of Pod {other}"));
+                continue;
+            }
+            ip_owner.insert(ip, key.clone());
+        }
+        if state.workloads.contains_key(&key) {
+            ctx.error("metadata.name", format!("Pod {key} is defined twice"));
+            continue;
+        }
+        let w = Arc::new(w);
+        if let (Some(ip), false) = (w.ip, w.host_network) {
+            state.by_ip.insert(ip, w.clone());
+        }
+        state.workloads.insert(key, w);
+    }
+    let mut vip_owner: HashMap<Ipv4Addr, String> = HashMap::new();
+    for (origin, svc) in &objects.services {
+        let mut ctx = Ctx { origin, object: describe_meta("Service", &svc.metadata), errors };
+        let before = ctx.error_count();
+        let Some(s) = build_service(&mut ctx, svc, &state.workloads).filter(|_| ctx.error_count() == before) else {
+            continue;
+        };
+        let key = format!("{}/{}", s.namespace, s.name);
+        if let Some(vip) = s.vip {
+            if let Some(other) = vip_owner.get(&vip) {
+                ctx.error("spec.clusterIP", format!("{vip} is already the clusterIP of Service {other}"));
+                continue;
+            }
+            if let Some(pod) = ip_owner.get(&vip) {
+                ctx.error("spec.clusterIP", format!("{vip} is the IP of Pod {pod}"));
+                continue;
+            }
+            vip_owner.insert(vip, key.clone());
+        }
+        if state.services.contains_key(&key) {
+            ctx.error("metadata.name", format!("Service {key} is defined twice"));
+            continue;
+        }
+        let s = Arc::new(s);
+        if let Some(vip) = s.vip {
+            state.by_vip.insert(vip, s.clone());
+        }
+        state.services.insert(key, s);
+    }
+    add_service_entries(&mut state, &objects.service_entries, errors);
+    if let Some((origin, cm)) = &objects.mesh_config {
+        let mut ctx = Ctx { origin, object: describe_meta("ConfigMap", &cm.metadata), errors };
+        state.outbound_policy = service_entry::outbound_policy(&mut ctx, &cm.data);
+    }
+    let secrets: gateway::Secrets = objects
+        .secrets
+        .iter()
+        .map(|(_, s)| {
+            let ns = s.metadata.namespace.as_deref().unwrap_or("default");
+            (format!("{ns}/{}", s.metadata.name.as_deref().unwrap_or_default()), s.clone())
+        })
+        .collect();
+    let mut gateways = build_unique(
+        &objects.gateways,
+        errors,
+        |o| describe_meta("Gateway", &o.metadata),
+        |ctx, o| gateway::build_gateway(ctx, o, &secrets, trust_domain),
+    );
+    gateways.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    state.gateways = gateways.into_iter().map(Arc::new).collect();
+    add_gateway_services(&mut state, &objects.gateways, errors);
+    state.peer_authentications = build_unique(
+        &objects.peer_authentications,
+        errors,
+        |o| describe_meta("PeerAuthentication", &o.metadata),
+        security::build_peer_authentication,
+    );
+    state.authorization_policies = build_unique(
+        &objects.authorization_policies,
+        errors,
+        |o| describe_meta("AuthorizationPolicy", &o.metadata),
+        security::build_authorization_policy,
+    );
+    let services = &state.services;
+    let gateways = &state.gateways;
+    let mut virtual_services = build_unique(
+        &objects.virtual_services,
+        errors,
+        |o| describe_meta("VirtualService", &o.metadata),
+        |ctx, o| networking::build_virtual_service(ctx, o, services, gateways),
+    );
+    let mut destination_rules = build_unique(
+        &objects.destination_rules,
+        errors,
+        |o| describe_meta("DestinationRule", &o.metadata),
+        |ctx, o| networking::build_destination_rule(ctx, o, services, &secrets),
+    );
+    virtual_services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    destination_rules.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    state.virtual_services = virtual_services;
+    state.destination_rules = destination_rules;
+    // Istio applies the oldest policy first when several select a workload;
+    // without creation times, name order makes the choice stable.
+    state.peer_authentications.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    state
+}
+
+/// Adds one Service per ServiceEntry host (key `namespace/host`), indexed by
+/// address, endpoint IP and host.
+fn add_service_entries(state: &mut State, entries: &[(Origin, ServiceEntryObject)], errors: &mut Vec<ConfigError>) {
+    let built = build_unique(
+        entries,
+        errors,
+        |o| describe_meta("ServiceEntry", &o.metadata),
+        |ctx, o| Some((ctx.origin.clone(), ctx.object.clone(), service_entry::build_service_entry(ctx, o)?)),
+    );
+    for (origin, object, services) in built {
+        let mut ctx = Ctx { origin: &origin, object, errors };
+        for s in services {
+            let key = format!("{}/{}", s.namespace, s.name);
+            if state.services.contains_key(&key) {
+                ctx.error("spec.hosts", format!("host {} is already defined in namespace {}", s.name, s.namespace));
+                continue;
+            }
+            let s = Arc::new(s);
+            for ip in s.external.iter().flat_map(|e| e.addresses.iter()) {
+                match state.by_vip.get(ip) {
+                    Some(other) if other.external.is_none() => {
+                        ctx.error(
+                            "spec.addresses",
+                            format!("{ip} is the clusterIP of Service {}/{}", other.namespace, other.name),
+                        );
+                    }
+                    Some(_) => {}
+                    None => {
+                        state.by_vip.insert(*ip, s.clone());
+                    }
+                }
+            }
+            for ip in s.endpoints.iter().filter_map(|w| w.ip) {
+                state.external_by_ip.entry(ip).or_default().push(s.clone());
+            }
+            state.external_by_host.entry(s.hostname.to_string()).or_insert_with(|| s.clone());
+            state.services.insert(key, s);
+        }
+    }
+}
+
+/// A Gateway is addressable as the Service `<name>.<namespace>.svc.cluster.local`
+/// (as Istio's gateway deployments are): its endpoints are the agents on the
+/// nodes it selects, at their node address, with the gateway's identity. A route
+/// to it (the first hop of the egress-gateway pattern) travels over HBONE.
+fn add_gateway_services(state: &mut State, objects: &[(Origin, GatewayObject)], errors: &mut Vec<ConfigError>) {
+    for g in state.gateways.clone() {
+        let key = format!("{}/{}", g.namespace, g.name);
+        if state.services.contains_key(&key) {
+            if let Some((origin, o)) =
+                objects.iter().find(|(_, o)| describe_meta("Gateway", &o.metadata) == format!("Gateway {key}"))
+            {
+                let mut ctx = Ctx { origin, object: describe_meta("Gateway", &o.metadata), errors };
+                ctx.error(
+                    "metadata.name",
+                    format!("Service {key} exists: a Gateway is addressed by its own name, choose another"),
+                );
+            }
+            continue;
+        }
+        let endpoints = state
+            .nodes
+            .values()
+            .filter(|n| g.selector.iter().all(|(k, v)| n.labels.get(k) == Some(v)))
+            .filter_map(|n| {
+                let ip = n.internal_ip?;
+                Some(Arc::new(Workload {
+                    name: format!("{}@{}", g.name, n.name).into(),
+                    node: Some(n.name.clone()),
+                    ip: Some(ip),
+                    ..Workload::clone(&g.workload)
+                }))
+            })
+            .collect();
+        let ports = g
+            .servers
+            .iter()
+            .map(|s| ServicePort {
+                name: s.name.clone(),
+                port: s.port,
+                target: TargetPort::Number(s.port),
+                protocol: Protocol::Tcp,
+                app_protocol: Some(s.protocol.app_protocol().into()),
+            })
+            .collect();
+        let s = Service {
+            key: format!("{}/{}", g.namespace, g.name),
+            hostname: format!("{}.{}.svc.{CLUSTER_DOMAIN}", g.name, g.namespace).into(),
+            name: g.name.clone(),
+            namespace: g.namespace.clone(),
+            vip: None,
+            ports,
+            endpoints,
+            external: None,
+        };
+        state.services.insert(key, Arc::new(s));
+    }
+}
+
+/// Builds each object, reporting a second object of the same name (the name is
+/// the object's description, `Kind namespace/name`).
+fn build_unique<O, T>(
+    objects: &[(Origin, O)],
+    errors: &mut Vec<ConfigError>,
+    describe: impl Fn(&O) -> String,
+    build: impl Fn(&mut Ctx<'_>, &O) -> Option<T>,
+) -> Vec<T> {
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for (origin, obj) in objects {
+        let mut ctx = Ctx { origin, object: describe(obj), errors };
+        let before = ctx.error_count();
+        // Any error rejects the whole object, even where a builder could
+        // have gone on without the faulty part.
+        let Some(built) = build(&mut ctx, obj).filter(|_| ctx.error_count() == before) else { continue };
+        if !seen.insert(ctx.object.clone()) {
+            ctx.error("metadata.name", "defined twice");
+            continue;
+        }
+        out.push(built);
+    }
+    out
+}
