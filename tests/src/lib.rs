@@ -9,6 +9,7 @@ pub mod agent;
 pub mod certs;
 pub mod clients;
 pub mod grpc;
+pub mod mesh;
 pub mod netns;
 pub mod servers;
 

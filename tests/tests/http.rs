@@ -1,0 +1,278 @@
+//! HTTP/1.1, WebSocket and gRPC through the mesh across nodes (root).
+#![expect(clippy::unwrap_used, reason = "tests")]
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    time::Duration,
+};
+
+use mesh_tests::{agent::metric, mesh::*, require_root};
+
+#[test]
+fn http_through_the_mesh_across_nodes() {
+    if !require_root("http_through_the_mesh_across_nodes") {
+        return;
+    }
+    let access_log = std::env::temp_dir().join(format!("mesh-test-access-{}.log", std::process::id()));
+    let _ = std::fs::remove_file(&access_log);
+    let m = Mesh::start("", &["--access-log", access_log.to_str().unwrap()]);
+    let test = m.pod("test");
+    let api = format!("http://{API_VIP}");
+
+    // HTTP/1.1 keep-alive: two requests on one client connection; the agent adds
+    // x-request-id; the server sees the client pod.
+    let out = test.cmd(&["curl", "-sSfv", "--max-time", "5", &format!("{api}/hello"), &format!("{api}/hello")]);
+    let (body, verbose) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{verbose}");
+    assert_eq!(
+        body.matches(&format!("hello from helloworld; client {TEST_IP}; HTTP/1.1; x-request-id ")).count(),
+        2,
+        "{body}"
+    );
+    assert!(!body.contains("x-request-id -"), "{body}");
+    assert!(verbose.contains("Re-using existing connection"), "{verbose}");
+
+    // Trace context passes untouched (W3C and B3); a request id the client sent is kept.
+    let trace = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let out = test.cmd(&[
+        "curl",
+        "-sSf",
+        "-H",
+        &format!("traceparent: {trace}"),
+        "-H",
+        "x-b3-traceid: 80f198ee56343ba864fe8b2a57d3eff7",
+        "-H",
+        "x-request-id: my-id-1",
+        &format!("{api}/headers"),
+    ]);
+    let seen = String::from_utf8_lossy(&out.stdout);
+    assert!(seen.contains(&format!("traceparent: {trace}")), "{seen}");
+    assert!(seen.contains("x-b3-traceid: 80f198ee56343ba864fe8b2a57d3eff7"), "{seen}");
+    assert!(seen.contains("x-request-id: my-id-1"), "{seen}");
+
+    // h2c with prior knowledge on the same `http` port.
+    let (ok, out) = curl(test, &format!("{api}/hello"));
+    assert!(ok, "{out}");
+    let out = test.cmd(&["curl", "-sSf", "--http2-prior-knowledge", "--max-time", "5", &format!("{api}/hello")]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("; HTTP/2.0;"), "{:?}", out);
+
+    // Streaming bodies both ways: 8 MiB, chunked on HTTP/1.1 (with Expect:
+    // 100-continue, which curl sends for large bodies) and on HTTP/2.
+    let dir = std::env::temp_dir().join(format!("mesh-test-l7-{}", m.c.id));
+    std::fs::create_dir_all(&dir).unwrap();
+    let payload: Vec<u8> = (0..8u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 24) as u8).collect();
+    let input = dir.join("in");
+    std::fs::write(&input, &payload).unwrap();
+    for (what, extra) in [("HTTP/1.1 chunked", "-HTransfer-Encoding: chunked"), ("h2c", "--http2-prior-knowledge")] {
+        let output = dir.join("out");
+        let out = test.cmd(&[
+            "curl",
+            "-sSf",
+            "--max-time",
+            "20",
+            extra,
+            "--data-binary",
+            &format!("@{}", input.display()),
+            "-o",
+            output.to_str().unwrap(),
+            &format!("{api}/echo"),
+        ]);
+        assert!(out.status.success(), "{what}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(std::fs::read(&output).unwrap() == payload, "{what}: echoed body differs");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // An upstream status passes through and is counted.
+    let out = test.cmd(&["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", &format!("{api}/status/503")]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "503");
+
+    // Upgrade (as WebSocket does): 101, then raw bytes both ways.
+    let echoed = test.run(|| {
+        let mut s =
+            TcpStream::connect_timeout(&SocketAddr::from(([10, 96, 0, 11], 80)), Duration::from_secs(5)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"GET /upgrade HTTP/1.1\r\nHost: api\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+            .unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            s.read_exact(&mut byte).unwrap();
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&head).into_owned();
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        let mut total = Vec::new();
+        for round in 0..64u8 {
+            let msg = vec![round; 16 * 1024];
+            s.write_all(&msg).unwrap();
+            let mut back = vec![0u8; msg.len()];
+            s.read_exact(&mut back).unwrap();
+            total.extend_from_slice(&back);
+        }
+        total
+    });
+    assert_eq!(echoed.len(), 64 * 16 * 1024);
+    assert!(echoed.chunks(16 * 1024).enumerate().all(|(i, c)| c.iter().all(|b| *b as usize == i)));
+
+    // HTTP/2 extended CONNECT (RFC 8441, WebSocket over HTTP/2): a tunnel on
+    // one stream, through the mesh.
+    let echoed = test.run(|| {
+        runtime().block_on(async {
+            use http_body_util::Empty;
+            use hyper::body::Bytes;
+            use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+            let tcp = tokio::net::TcpStream::connect((API_VIP, 80)).await.unwrap();
+            let io = hyper_util::rt::TokioIo::new(tcp);
+            let (mut send, conn) =
+                hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io).await.unwrap();
+            tokio::spawn(conn);
+            let mut req =
+                hyper::Request::connect(format!("http://{API_VIP}/upgrade")).body(Empty::<Bytes>::new()).unwrap();
+            req.extensions_mut().insert(hyper::ext::Protocol::from_static("websocket"));
+            let resp = send.send_request(req).await.unwrap();
+            assert_eq!(resp.status(), 200);
+            let mut io = hyper_util::rt::TokioIo::new(hyper::upgrade::on(resp).await.unwrap());
+            let mut total = Vec::new();
+            for round in 0..32u8 {
+                let msg = vec![round; 8 * 1024];
+                io.write_all(&msg).await.unwrap();
+                let mut back = vec![0u8; msg.len()];
+                io.read_exact(&mut back).await.unwrap();
+                total.extend_from_slice(&back);
+            }
+            total
+        })
+    });
+    assert_eq!(echoed.len(), 32 * 8 * 1024);
+    assert!(echoed.chunks(8 * 1024).enumerate().all(|(i, c)| c.iter().all(|b| *b as usize == i)));
+
+    // Per-request metrics at the source, with identities and mTLS.
+    let base = [
+        ("reporter", "source"),
+        ("destination_service", "api.demo.svc.cluster.local"),
+        ("source_principal", TEST_ID),
+        ("destination_principal", HELLO_ID),
+        ("request_protocol", "http"),
+        ("connection_security_policy", "mutual_tls"),
+    ];
+    let with = |code: &'static str| [base.as_slice(), &[("response_code", code)]].concat();
+    let text = m.agents[0].wait_metrics(5, "request metrics", |t| {
+        metric(t, "istio_requests_total", &with("200")) >= 8.0
+            && metric(t, "istio_requests_total", &with("503")) >= 1.0
+            && metric(t, "istio_requests_total", &with("101")) >= 1.0
+    });
+    // Six plain requests, the traced one and the extended CONNECT.
+    assert_eq!(metric(&text, "istio_requests_total", &with("200")), 8.0, "{text}");
+    assert!(metric(&text, "istio_request_bytes_sum", &with("200")) >= 2.0 * payload.len() as f64, "{text}");
+    assert!(metric(&text, "istio_response_bytes_sum", &with("200")) >= 2.0 * payload.len() as f64, "{text}");
+    assert_eq!(metric(&text, "istio_request_duration_milliseconds_count", &with("503")), 1.0, "{text}");
+
+    // One JSON access log line per request.
+    let log = std::fs::read_to_string(&access_log).unwrap();
+    let _ = std::fs::remove_file(&access_log);
+    let lines: Vec<serde_json::Value> = log.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 10, "{log}");
+    let failed = lines.iter().find(|l| l["path"] == "/status/503").expect("503 logged");
+    assert_eq!(failed["response_code"], 503);
+    assert_eq!(failed["source_principal"], TEST_ID);
+    assert_eq!(failed["upstream_host"], "10.244.2.2:8080");
+    assert_eq!(failed["x_request_id"].as_str().map(str::len), Some(36), "{failed}");
+    // Upstream connections are pooled per client pod: requests on new client
+    // connections (a GET, a HEAD and a 204 with no body to read, a GET) all
+    // go on one tunnel to node-2 (none new if the requests above left one).
+    let tunnels = [("reporter", "destination"), ("destination_app", "helloworld")];
+    let opened = || metric(&m.agents[1].metrics(), "istio_tcp_connections_opened_total", &tunnels);
+    let before = opened();
+    for (flag, path) in [("-sSf", "/hello"), ("-sSfI", "/hello"), ("-sSf", "/status/204"), ("-sSf", "/hello")] {
+        let out = test.cmd(&["curl", flag, "--max-time", "5", &format!("{api}{path}")]);
+        assert!(out.status.success(), "{path}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let after = opened();
+    assert!(after - before <= 1.0, "{} new tunnels for 4 requests: upstream connections not reused", after - before);
+}
+
+#[test]
+fn websocket_through_the_mesh_across_nodes() {
+    if !require_root("websocket_through_the_mesh_across_nodes") {
+        return;
+    }
+    let m = Mesh::start("", &[]);
+    // A real WebSocket client (tokio-tungstenite) in the test pod: many small
+    // messages and a large one, each echoed intact, then a clean close.
+    let echoed = m.pod("test").run(|| {
+        runtime().block_on(async {
+            use futures_util::{SinkExt as _, StreamExt as _};
+            use tokio_tungstenite::tungstenite::Message;
+            let (mut ws, resp) = tokio_tungstenite::connect_async(format!("ws://{WS_VIP}/echo")).await.unwrap();
+            assert_eq!(resp.status(), 101);
+            let mut count = 0usize;
+            for i in 0..200 {
+                let text = format!("message {i}");
+                ws.send(Message::text(text.clone())).await.unwrap();
+                let back = ws.next().await.unwrap().unwrap();
+                assert_eq!(back, Message::text(text));
+                count += 1;
+            }
+            let big: Vec<u8> = (0..4u32 << 20).map(|i| (i % 251) as u8).collect();
+            ws.send(Message::binary(big.clone())).await.unwrap();
+            let back = ws.next().await.unwrap().unwrap();
+            assert!(back.into_data() == big, "large message changed");
+            ws.close(None).await.unwrap();
+            while let Some(Ok(m)) = ws.next().await {
+                if m.is_close() {
+                    break;
+                }
+            }
+            count + 1
+        })
+    });
+    assert_eq!(echoed, 201);
+    let labels = [
+        ("destination_service", "ws.demo.svc.cluster.local"),
+        ("response_code", "101"),
+        ("connection_security_policy", "mutual_tls"),
+    ];
+    m.agents[0].wait_metrics(5, "the upgrade request", |t| metric(t, "istio_requests_total", &labels) == 1.0);
+}
+
+#[test]
+fn grpc_through_the_mesh_across_nodes() {
+    if !require_root("grpc_through_the_mesh_across_nodes") {
+        return;
+    }
+    let m = Mesh::start("", &[]);
+    let (ok, streamed, failed) = m.pod("test").run(|| {
+        runtime().block_on(async {
+            let mut c = mesh_tests::grpc::client(format!("http://{GRPC_VIP}")).await;
+            let ok =
+                mesh_tests::grpc::unary(&mut c, mesh_tests::grpc::EchoMsg { text: "hi".into(), fail_with: 0 }).await;
+            let msgs = (0..100).map(|i| mesh_tests::grpc::EchoMsg { text: format!("m{i}"), fail_with: 0 }).collect();
+            let streamed = mesh_tests::grpc::bidi(&mut c, msgs).await;
+            let failed =
+                mesh_tests::grpc::unary(&mut c, mesh_tests::grpc::EchoMsg { text: "x".into(), fail_with: 5 }).await;
+            (ok, streamed, failed)
+        })
+    });
+    assert_eq!(ok.unwrap().text, "helloworld: hi");
+    let streamed = streamed.unwrap();
+    assert_eq!(streamed.len(), 100);
+    assert!(streamed.iter().enumerate().all(|(i, t)| *t == format!("M{i}")), "{streamed:?}");
+    // A non-OK status arrives intact, message included.
+    let status = failed.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
+    assert_eq!(status.message(), "failing as asked: x");
+
+    let base = [
+        ("destination_service", "grpc.demo.svc.cluster.local"),
+        ("request_protocol", "grpc"),
+        ("response_code", "200"),
+        ("connection_security_policy", "mutual_tls"),
+    ];
+    let with = |s: &'static str| [base.as_slice(), &[("grpc_response_status", s)]].concat();
+    let text = m.agents[0].wait_metrics(5, "gRPC metrics", |t| {
+        metric(t, "istio_requests_total", &with("0")) >= 2.0 && metric(t, "istio_requests_total", &with("5")) >= 1.0
+    });
+    assert_eq!(metric(&text, "istio_requests_total", &with("0")), 2.0, "{text}");
+    assert_eq!(metric(&text, "istio_requests_total", &with("5")), 1.0, "{text}");
+}
