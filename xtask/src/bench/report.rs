@@ -1,0 +1,129 @@
+//! The table of medians and ratios to direct, and `target/bench/latest.json`.
+use super::*;
+
+pub(super) fn median(mut v: Vec<f64>) -> f64 {
+    v.retain(|x| x.is_finite());
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+}
+
+/// Agent memory: idle, and per idle proxied connection (both agents, cross-node).
+pub(super) struct Idle {
+    pub(super) rss_mib: f64,
+    pub(super) kib_per_connection: f64,
+    pub(super) source_kib: f64,
+    pub(super) destination_kib: f64,
+    pub(super) connections: usize,
+}
+
+/// The table, and `target/bench/latest.json`.
+pub(super) fn report(results: &Results, idle: &Idle, quick: bool, took: Duration) -> anyhow::Result<()> {
+    let med = |path: &str, scenario: &str, key: &str| {
+        let samples = results.get(path).and_then(|s| s.get(scenario)).map(Vec::as_slice).unwrap_or(&[]);
+        median(samples.iter().filter_map(|s| s.get(key).copied()).collect())
+    };
+    let rows: [(&str, &str, &str, bool); 24] = [
+        ("tcp_1_stream", "gbit_per_s", "Gbit/s", true),
+        ("tcp_8_streams", "gbit_per_s", "Gbit/s", true),
+        ("tcp_rr_1000mps", "p50_us", "µs p50", false),
+        ("tcp_rr_1000mps", "p99_us", "µs p99", false),
+        ("http1_1000rps", "p50_ms", "ms p50", false),
+        ("http1_1000rps", "p90_ms", "ms p90", false),
+        ("http1_1000rps", "p99_ms", "ms p99", false),
+        ("http1_1000rps", "p99.9_ms", "ms p99.9", false),
+        ("http1_saturation", "rps", "req/s", true),
+        ("http2_1000rps", "p50_ms", "ms p50", false),
+        ("http2_1000rps", "p90_ms", "ms p90", false),
+        ("http2_1000rps", "p99_ms", "ms p99", false),
+        ("http2_saturation", "rps", "req/s", true),
+        ("new_connections", "rps", "conn/s", true),
+        ("grpc_unary", "rps", "req/s", true),
+        ("grpc_unary", "mean_ms", "ms mean", false),
+        ("http1_saturation", "non_200", "errors", false),
+        ("http1_1000rps", "agent_vcpu_per_1000rps", "vCPU/1k rps", false),
+        ("http2_1000rps", "agent_vcpu_per_1000rps", "vCPU/1k rps", false),
+        ("http1_1000rps", "server_vcpu_per_1000rps", "nginx vCPU/1k", false),
+        ("http2_1000rps", "server_vcpu_per_1000rps", "nginx vCPU/1k", false),
+        ("http1_1000rps", "agent_switches_per_request", "switches/req", false),
+        ("http2_1000rps", "agent_switches_per_request", "switches/req", false),
+        ("grpc_unary", "failed", "failed", false),
+    ];
+    println!(
+        "\n{:<18} {:<12} {:>10} {:>10} {:>8} {:>10} {:>10} {:>8}",
+        "scenario", "unit", "direct", "same-node", "ratio", "direct", "cross-node", "ratio"
+    );
+    println!("{:<31} {:>29} {:>30}", "", "(node-1 → node-1)", "(node-1 → node-2)");
+    let mut table = Vec::new();
+    for (scenario, key, unit, higher_better) in rows {
+        let d1 = med("direct_same_node", scenario, key);
+        let m1 = med("mesh_same_node", scenario, key);
+        let d2 = med("direct_cross_node", scenario, key);
+        let m2 = med("mesh_cross_node", scenario, key);
+        if [d1, m1, d2, m2].iter().all(|v| v.is_nan()) {
+            continue; // not run (`--only`)
+        }
+        // Throughputs as a ratio to direct; latencies as the time added.
+        let cmp = |d: f64, m: f64| if higher_better { format!("{:.2}x", m / d) } else { format!("{:+.3}", m - d) };
+        println!(
+            "{scenario:<18} {unit:<12} {d1:>10.3} {m1:>10.3} {:>8} {d2:>10.3} {m2:>10.3} {:>8}",
+            cmp(d1, m1),
+            cmp(d2, m2)
+        );
+        table.push(serde_json::json!({
+            "scenario": scenario, "metric": key, "unit": unit,
+            "direct_same_node": d1, "mesh_same_node": m1,
+            "direct_cross_node": d2, "mesh_cross_node": m2,
+        }));
+    }
+    // An agent's CPU per request against nginx's (one socket in, one out) in
+    // the direct run: the ratio travels between machines better than vCPU does.
+    for scenario in ["http1_1000rps", "http2_1000rps"] {
+        let nginx = |path| med(path, scenario, "server_vcpu_per_1000rps");
+        let agent = |path| med(path, scenario, "agent_vcpu_per_1000rps");
+        let (same, cross) = (
+            agent("mesh_same_node") / nginx("direct_same_node"),
+            agent("mesh_cross_node") / nginx("direct_cross_node"),
+        );
+        if same.is_finite() || cross.is_finite() {
+            println!("{scenario}: CPU per request, each agent / nginx: same-node {same:.1}x, cross-node {cross:.1}x");
+        }
+    }
+    let hs = |key: &str| med("mesh_cross_node", "hbone_handshakes", key);
+    if hs("full_per_s").is_finite() {
+        let (full, resumed) = (hs("full_agent_us"), hs("resumed_agent_us"));
+        println!(
+            "new mTLS connections to node-2's agent ({HANDSHAKE_CLIENTS} client threads on the same CPUs): \
+             full {:.0}/s ({full:.0} µs of agent CPU each: {:.0}/s per core), \
+             resumed {:.0}/s ({resumed:.0} µs: {:.0}/s per core)",
+            hs("full_per_s"),
+            1e6 / full,
+            hs("resumed_per_s"),
+            1e6 / resumed
+        );
+    }
+    println!(
+        "agent RSS idle: {:.1} MiB; {} idle connections cross-node: {:.2} KiB per connection (both agents: source {:.2}, destination {:.2})",
+        idle.rss_mib, idle.connections, idle.kib_per_connection, idle.source_kib, idle.destination_kib
+    );
+    let out = crate::workspace_root()?.join("target/bench");
+    std::fs::create_dir_all(&out)?;
+    let doc = serde_json::json!({
+        "quick": quick,
+        "seconds": took.as_secs(),
+        "agent_rss_idle_mib": idle.rss_mib,
+        "idle_connections": idle.connections,
+        "agent_kib_per_idle_connection": idle.kib_per_connection,
+        "source_agent_kib_per_idle_connection": idle.source_kib,
+        "destination_agent_kib_per_idle_connection": idle.destination_kib,
+        "rows": table,
+        "samples": results,
+    });
+    let file = out.join("latest.json");
+    std::fs::write(&file, serde_json::to_string_pretty(&doc)?)?;
+    println!("written: {} ({} s)", file.display(), took.as_secs());
+    Ok(())
+}
