@@ -13,6 +13,7 @@ use std::{
 use crate::{
     Agent, Cluster, Pod,
     agent::{CaService, metric},
+    fixture::{Fixture, PodSpec, port},
     servers,
 };
 
@@ -34,134 +35,54 @@ pub const VER_V2_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 5);
 pub const TEST_ID: &str = "spiffe://cluster.local/ns/demo/sa/test";
 pub const HELLO_ID: &str = "spiffe://cluster.local/ns/demo/sa/helloworld";
 
-/// Nodes node-1 and node-2; namespaces `demo` and `other` (meshed) and `plain`;
-/// `test` (demo/test) and `sleep` (other/sleep) and `outsider` (plain) on
-/// node-1, `helloworld` (demo/helloworld) on node-2, Service helloworld.
-pub fn config(extra: &str) -> String {
-    format!(
-        r#"apiVersion: v1
-kind: Node
-metadata: {{name: node-1}}
-status: {{addresses: [{{type: InternalIP, address: 172.18.0.2}}]}}
----
-apiVersion: v1
-kind: Node
-metadata: {{name: node-2}}
-status: {{addresses: [{{type: InternalIP, address: 172.18.1.2}}]}}
----
-apiVersion: v1
-kind: Namespace
-metadata: {{name: demo, labels: {{istio.io/dataplane-mode: ambient}}}}
----
-apiVersion: v1
-kind: Namespace
-metadata: {{name: other, labels: {{istio.io/dataplane-mode: ambient}}}}
----
-apiVersion: v1
-kind: Namespace
-metadata: {{name: plain}}
----
-apiVersion: v1
-kind: Pod
-metadata: {{name: test, namespace: demo, labels: {{app: test}}}}
-spec: {{nodeName: node-1, serviceAccountName: test}}
-status: {{podIP: {TEST_IP}}}
----
-apiVersion: v1
-kind: Pod
-metadata: {{name: sleep, namespace: other, labels: {{app: sleep}}}}
-spec: {{nodeName: node-1, serviceAccountName: sleep}}
-status: {{podIP: {SLEEP_IP}}}
----
-apiVersion: v1
-kind: Pod
-metadata: {{name: outsider, namespace: plain, labels: {{app: outsider}}}}
-spec: {{nodeName: node-1}}
-status: {{podIP: {OUTSIDER_IP}}}
----
-apiVersion: v1
-kind: Pod
-metadata: {{name: helloworld, namespace: demo, labels: {{app: helloworld, version: v1}}}}
-spec:
-  nodeName: node-2
-  serviceAccountName: helloworld
-  containers: [{{name: hello, ports: [{{name: http, containerPort: 9095}}, {{name: echo, containerPort: 7000}}]}}]
-status: {{podIP: {HELLO_IP}}}
----
-apiVersion: v1
-kind: Service
-metadata: {{name: helloworld, namespace: demo}}
-spec:
-  clusterIP: {VIP}
-  selector: {{app: helloworld}}
-  ports:
-  - {{name: http, port: 9095, targetPort: http}}
-  - {{name: tcp-echo, port: 7000, targetPort: echo}}
----
-apiVersion: v1
-kind: Service
-metadata: {{name: api, namespace: demo}}
-spec:
-  clusterIP: {API_VIP}
-  selector: {{app: helloworld}}
-  ports: [{{name: http-api, port: 80, targetPort: 8080}}]
----
-apiVersion: v1
-kind: Service
-metadata: {{name: ws, namespace: demo}}
-spec:
-  clusterIP: {WS_VIP}
-  selector: {{app: helloworld}}
-  ports: [{{name: http-ws, port: 80, targetPort: 8090}}]
----
-apiVersion: v1
-kind: Service
-metadata: {{name: grpc, namespace: demo}}
-spec:
-  clusterIP: {GRPC_VIP}
-  selector: {{app: helloworld}}
-  ports: [{{name: grpc, port: 80, targetPort: 9090}}]
----
-apiVersion: v1
-kind: Pod
-metadata: {{name: ver-v1, namespace: demo, labels: {{app: ver, version: v1}}}}
-spec: {{nodeName: node-2, serviceAccountName: ver}}
-status: {{podIP: {VER_V1_IP}}}
----
-apiVersion: v1
-kind: Pod
-metadata: {{name: ver-v2, namespace: demo, labels: {{app: ver, version: v2}}}}
-spec: {{nodeName: node-1, serviceAccountName: ver}}
-status: {{podIP: {VER_V2_IP}}}
----
-apiVersion: v1
-kind: Service
-metadata: {{name: ver, namespace: demo}}
-spec:
-  clusterIP: {VER_VIP}
-  selector: {{app: ver}}
-  ports: [{{name: http, port: 80, targetPort: 8080}}]
-{extra}"#
-    )
+/// Nodes node-1 and node-2; namespaces `demo` and `other` (meshed) and
+/// `plain`; `test` (demo/test), `sleep` (other/sleep), `outsider` (plain) and
+/// `ver-v2` on node-1; `helloworld` (demo/helloworld) and `ver-v1` on node-2;
+/// Services helloworld, api, ws, grpc (to helloworld) and ver (v1 and v2).
+pub fn fixture() -> Fixture {
+    let mut f = Fixture::two_nodes([&[], &[]]);
+    f.namespace("demo", true).namespace("other", true).namespace("plain", false);
+    let hello = PodSpec {
+        ports: &[("http", 9095), ("echo", 7000)],
+        ..PodSpec::app("demo", &[("app", "helloworld"), ("version", "v1")])
+    };
+    let ver_v1 = PodSpec::app("demo", &[("app", "ver"), ("version", "v1")]);
+    let ver_v2 = PodSpec::app("demo", &[("app", "ver"), ("version", "v2")]);
+    f.pod(0, "test", TEST_IP, PodSpec::app("demo", &[("app", "test")]))
+        .pod(0, "sleep", SLEEP_IP, PodSpec::app("other", &[("app", "sleep")]))
+        .pod(
+            0,
+            "outsider",
+            OUTSIDER_IP,
+            PodSpec { service_account: None, ..PodSpec::app("plain", &[("app", "outsider")]) },
+        )
+        .pod(1, "helloworld", HELLO_IP, hello)
+        .pod(1, "ver-v1", VER_V1_IP, ver_v1)
+        .pod(0, "ver-v2", VER_V2_IP, ver_v2);
+    let helloworld = &[("app", "helloworld")];
+    f.service("demo", "helloworld", VIP, helloworld, &[port("http", 9095, "http"), port("tcp-echo", 7000, "echo")])
+        .service("demo", "api", API_VIP, helloworld, &[port("http-api", 80, "8080")])
+        .service("demo", "ws", WS_VIP, helloworld, &[port("http-ws", 80, "8090")])
+        .service("demo", "grpc", GRPC_VIP, helloworld, &[port("grpc", 80, "9090")])
+        .service("demo", "ver", VER_VIP, &[("app", "ver")], &[port("http", 80, "8080")]);
+    f
 }
 
 pub struct Mesh {
     // Field order is drop order: agents before the CA, the cluster last.
     pub agents: Vec<Agent>,
     pub ca: CaService,
+    /// The objects of [`fixture`], without a test's own.
+    base: String,
     pub c: Cluster,
 }
 
 impl Mesh {
     /// Two nodes, the CA service, an agent on each node using it, servers up.
     pub fn start(extra: &str, agent_args: &[&str]) -> Mesh {
-        let mut c = Cluster::two_nodes();
-        c.add_pod_on(0, "test", TEST_IP);
-        c.add_pod_on(0, "outsider", OUTSIDER_IP);
-        c.add_pod_on(0, "sleep", SLEEP_IP);
-        c.add_pod_on(1, "helloworld", HELLO_IP);
-        c.add_pod_on(1, "ver-v1", VER_V1_IP);
-        c.add_pod_on(0, "ver-v2", VER_V2_IP);
+        let f = fixture();
+        let base = f.yaml("");
+        let c = f.cluster;
         servers::http_api(c.pod("ver-v1"), 8080);
         servers::http_api(c.pod("ver-v2"), 8080);
         servers::http_hello(c.pod("helloworld"), 9095);
@@ -170,7 +91,7 @@ impl Mesh {
         servers::http_api(c.pod("helloworld"), 8080);
         servers::websocket_echo(c.pod("helloworld"), 8090);
         crate::grpc::serve(c.pod("helloworld"), 9090);
-        let cfg = config(extra);
+        let cfg = format!("{base}{extra}");
         let ca = CaService::start(&c, &cfg);
         let agents = (0..2)
             .map(|i| {
@@ -179,7 +100,7 @@ impl Mesh {
                 Agent::start_on(&c, i, &cfg, &args)
             })
             .collect();
-        Mesh { agents, ca, c }
+        Mesh { agents, ca, base, c }
     }
 
     pub fn pod(&self, name: &str) -> &Pod {
@@ -190,7 +111,7 @@ impl Mesh {
     pub fn set_config(&self, extra: &str) {
         let before: Vec<f64> = self.agents.iter().map(loads).collect();
         for a in &self.agents {
-            a.write_config(&config(extra));
+            a.write_config(&format!("{}{extra}", self.base));
         }
         for (a, n) in self.agents.iter().zip(before) {
             a.wait_metrics(10, "configuration reload", |t| {

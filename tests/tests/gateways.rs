@@ -15,6 +15,7 @@ use mesh_tests::{
     Agent, Cluster, Pod,
     agent::{CaService, metric},
     certs::Certs,
+    fixture::{Fixture, PodSpec, Port, port},
     netns::Background,
     require_root, servers,
 };
@@ -27,45 +28,30 @@ const NODE1: &str = "172.18.0.2";
 const NODE2: &str = "172.18.1.2";
 
 /// node-1 runs the ingress gateway, node-2 the egress gateway; `test` on
-/// node-1 and `helloworld` on node-2 are meshed; outbound traffic is
+/// node-1 and `helloworld` on node-2 are meshed.
+fn fixture() -> Fixture {
+    let mut f = Fixture::two_nodes([&[("istio", "ingressgateway")], &[("istio", "egressgateway")]]);
+    f.namespace("demo", true).pod(0, "test", TEST_IP, PodSpec::app("demo", &[("app", "test")])).pod(
+        1,
+        "helloworld",
+        HELLO_IP,
+        PodSpec::app("demo", &[("app", "helloworld"), ("version", "v1")]),
+    );
+    let ports = [
+        port("http", 5000, "9095"),
+        Port { name: "tcp-echo", port: 7000, target: None },
+        Port { name: "tls", port: 8443, target: None },
+    ];
+    f.service("demo", "helloworld", "10.96.0.10", &[("app", "helloworld")], &ports);
+    f
+}
+
+/// The [`fixture`]'s objects (`base`) and the edge: outbound traffic is
 /// REGISTRY_ONLY; `direct.example` and `external.example` are ServiceEntries
 /// for the outside server, `secure.example` one with TLS originated to it.
-fn config(secret: &str, ca_secret: &str, extra: &str) -> String {
+fn config(base: &str, secret: &str, ca_secret: &str, extra: &str) -> String {
     format!(
-        r#"apiVersion: v1
-kind: Node
-metadata: {{name: node-1, labels: {{istio: ingressgateway}}}}
-status: {{addresses: [{{type: InternalIP, address: {NODE1}}}]}}
----
-apiVersion: v1
-kind: Node
-metadata: {{name: node-2, labels: {{istio: egressgateway}}}}
-status: {{addresses: [{{type: InternalIP, address: {NODE2}}}]}}
----
-apiVersion: v1
-kind: Namespace
-metadata: {{name: demo, labels: {{istio.io/dataplane-mode: ambient}}}}
----
-apiVersion: v1
-kind: Pod
-metadata: {{name: test, namespace: demo, labels: {{app: test}}}}
-spec: {{nodeName: node-1, serviceAccountName: test}}
-status: {{podIP: {TEST_IP}}}
----
-apiVersion: v1
-kind: Pod
-metadata: {{name: helloworld, namespace: demo, labels: {{app: helloworld, version: v1}}}}
-spec: {{nodeName: node-2, serviceAccountName: helloworld}}
-status: {{podIP: {HELLO_IP}}}
----
-apiVersion: v1
-kind: Service
-metadata: {{name: helloworld, namespace: demo}}
-spec:
-  clusterIP: 10.96.0.10
-  selector: {{app: helloworld}}
-  ports: [{{name: http, port: 5000, targetPort: 9095}}, {{name: tcp-echo, port: 7000}}, {{name: tls, port: 8443}}]
----
+        r#"{base}---
 apiVersion: v1
 kind: ConfigMap
 metadata: {{name: istio, namespace: istio-system}}
@@ -204,15 +190,17 @@ struct Edge {
     _busy: TcpListener,
     certs: Certs,
     c: Cluster,
+    /// The [`fixture`]'s objects.
+    base: String,
     secret: String,
     ca_secret: String,
 }
 
 impl Edge {
     fn start() -> Edge {
-        let mut c = Cluster::two_nodes();
-        c.add_pod_on(0, "test", TEST_IP);
-        c.add_pod_on(1, "helloworld", HELLO_IP);
+        let f = fixture();
+        let base = f.yaml("");
+        let c = f.cluster;
         servers::http_hello(c.pod("helloworld"), 9095);
         servers::echo(c.pod("helloworld"), 7000);
         // Outside the cluster: an HTTP server and an HTTPS one (openssl s_server).
@@ -238,10 +226,10 @@ impl Edge {
         let secret =
             format!("  tls.crt: |\n{}  tls.key: |\n{}", Certs::yaml_block(&crt, 4), Certs::yaml_block(&key, 4));
         let ca_secret = format!("  ca.crt: |\n{}", Certs::yaml_block(&certs.ca(), 4));
-        let cfg = config(&secret, &ca_secret, "");
+        let cfg = config(&base, &secret, &ca_secret, "");
         let ca = CaService::start(&c, &cfg);
         let agents = (0..2).map(|i| Agent::start_on(&c, i, &cfg, &ca.agent_args(&c.nodes[i].name))).collect();
-        Edge { agents, _ca: ca, _tls_servers: tls_servers, _busy: busy, certs, c, secret, ca_secret }
+        Edge { agents, _ca: ca, _tls_servers: tls_servers, _busy: busy, certs, c, base, secret, ca_secret }
     }
 
     fn pod(&self, name: &str) -> &Pod {
@@ -249,7 +237,7 @@ impl Edge {
     }
 
     fn set_extra(&self, extra: &str) {
-        self.set_config(&config(&self.secret, &self.ca_secret, extra));
+        self.set_config(&config(&self.base, &self.secret, &self.ca_secret, extra));
     }
 
     fn set_config(&self, cfg: &str) {
@@ -368,7 +356,7 @@ fn ingress_gateway_serves_http_and_https_from_outside_the_mesh() {
     let first = served_serial();
     assert!(first.starts_with("serial="), "{first}");
     let secret2 = format!("  tls.crt: |\n{}  tls.key: |\n{}", Certs::yaml_block(&crt2, 4), Certs::yaml_block(&key2, 4));
-    e.set_config(&config(&secret2, &e.ca_secret, ""));
+    e.set_config(&config(&e.base, &secret2, &e.ca_secret, ""));
     let want = file_serial(&crt2);
     assert_ne!(first, want);
     let deadline = std::time::Instant::now() + Duration::from_secs(5);

@@ -10,29 +10,26 @@ use std::{
     time::Duration,
 };
 
-use mesh_tests::{Agent, Cluster, Pod, agent::CaService, agent::metric, require_root, servers};
+use mesh_tests::{
+    Agent, Pod,
+    agent::{CaService, metric},
+    fixture::{Fixture, PodSpec},
+    require_root, servers,
+};
 
-fn config(extra: &str) -> String {
-    let pod = |name: &str, node: &str, ip: &str| {
-        format!(
-            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: demo, labels: {{app: {name}}}}}\n\
-             spec: {{nodeName: {node}, serviceAccountName: {name}}}\nstatus: {{podIP: {ip}}}\n"
-        )
-    };
-    let mut out = String::new();
-    for (i, ip) in ["172.18.0.2", "172.18.1.2"].iter().enumerate() {
-        out += &format!(
-            "---\napiVersion: v1\nkind: Node\nmetadata: {{name: node-{}}}\n\
-             status: {{addresses: [{{type: InternalIP, address: {ip}}}]}}\n",
-            i + 1
-        );
+/// Namespace `demo` (meshed): `test`, `near` and `bystander` on node-1, `far` on node-2.
+fn fixture() -> Fixture {
+    let mut f = Fixture::two_nodes([&[], &[]]);
+    f.namespace("demo", true);
+    for (node, name, ip) in [
+        (0, "test", Ipv4Addr::new(10, 244, 0, 2)),
+        (0, "near", Ipv4Addr::new(10, 244, 0, 3)),
+        (0, "bystander", Ipv4Addr::new(10, 244, 0, 4)),
+        (1, "far", Ipv4Addr::new(10, 244, 1, 2)),
+    ] {
+        f.pod(node, name, ip, PodSpec::app("demo", &[("app", name)]));
     }
-    out += "---\napiVersion: v1\nkind: Namespace\nmetadata: {name: demo, labels: {istio.io/dataplane-mode: ambient}}\n";
-    out += &pod("test", "node-1", "10.244.0.2");
-    out += &pod("near", "node-1", "10.244.0.3");
-    out += &pod("bystander", "node-1", "10.244.0.4");
-    out += &pod("far", "node-2", "10.244.1.2");
-    out + extra
+    f
 }
 
 /// Refuses `test` everywhere in `demo`, and plaintext.
@@ -116,16 +113,13 @@ fn a_new_deny_or_strict_closes_open_connections_it_refuses() {
     if !require_root("a_new_deny_or_strict_closes_open_connections_it_refuses") {
         return;
     }
-    let mut c = Cluster::two_nodes();
-    c.add_pod_on(0, "test", Ipv4Addr::new(10, 244, 0, 2));
-    c.add_pod_on(0, "near", Ipv4Addr::new(10, 244, 0, 3));
-    c.add_pod_on(0, "bystander", Ipv4Addr::new(10, 244, 0, 4));
-    c.add_pod_on(1, "far", Ipv4Addr::new(10, 244, 1, 2));
+    let f = fixture();
+    let cfg = f.yaml("");
+    let mut c = f.cluster;
     servers::echo(c.pod("near"), 7000);
     servers::websocket_echo(c.pod("near"), 8090);
     servers::echo(c.pod("far"), 7000);
     let lan = c.add_lan(0, "lan", "192.168.77");
-    let cfg = config("");
     let ca = CaService::start(&c, &cfg);
     let agents: Vec<Agent> = (0..2).map(|i| Agent::start_on(&c, i, &cfg, &ca.agent_args(&c.nodes[i].name))).collect();
 
@@ -139,7 +133,7 @@ fn a_new_deny_or_strict_closes_open_connections_it_refuses() {
     let before: Vec<f64> =
         agents.iter().map(|a| metric(&a.metrics(), "mesh_config_loads_total", &[("result", "success")])).collect();
     for a in &agents {
-        a.write_config(&config(REFUSE));
+        a.write_config(&format!("{cfg}{REFUSE}"));
     }
     for (a, n) in agents.iter().zip(before) {
         a.wait_metrics(10, "reload", |m| metric(m, "mesh_config_loads_total", &[("result", "success")]) > n);

@@ -23,88 +23,52 @@ use mesh_tests::{
     Agent, Cluster, Pod,
     agent::{CaService, metric},
     certs::Certs,
-    clients, grpc, servers,
+    clients,
+    fixture::{Fixture, PodSpec, Port, port},
+    grpc, servers,
 };
+
+mod steps;
+
+use steps::*;
 
 const NODE1: &str = "172.18.0.2";
 const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(172, 18, 200, 2);
 
+/// The sample's cluster: node-1 (ingress gateway) with `test`,
+/// `helloworld-v2` and `sleep`; node-2 (egress gateway) with `helloworld-v1`;
+/// namespaces `sample` and `other` in the mesh; Services helloworld, test, ws
+/// and grpc.
+fn fixture() -> Fixture {
+    let mut f = Fixture::two_nodes([&[("istio", "ingressgateway")], &[("istio", "egressgateway")]]);
+    f.namespace("sample", true)
+        .namespace("other", true)
+        .pod(0, "test", Ipv4Addr::new(10, 244, 1, 2), PodSpec::app("sample", &[("app", "test")]))
+        .pod(0, "helloworld-v2", Ipv4Addr::new(10, 244, 1, 3), PodSpec::app("sample", &HELLO_V2))
+        .pod(0, "sleep", Ipv4Addr::new(10, 244, 1, 4), PodSpec::app("other", &[("app", "sleep")]))
+        .pod(1, "helloworld-v1", Ipv4Addr::new(10, 244, 2, 2), PodSpec::app("sample", &HELLO_V1));
+    let plain = |name, port| Port { name, port, target: None };
+    f.service(
+        "sample",
+        "helloworld",
+        "10.96.0.10",
+        &[("app", "helloworld")],
+        &[plain("http", 9095), plain("tcp-echo", 7000)],
+    )
+    .service("sample", "test", "10.96.0.20", &[("app", "test")], &[plain("http", 9095)])
+    .service("sample", "ws", "10.96.0.13", &HELLO_V1, &[port("http-ws", 80, "8090")])
+    .service("sample", "grpc", "10.96.0.14", &HELLO_V1, &[port("grpc", 80, "9090")]);
+    f
+}
+
+const HELLO_V1: [(&str, &str); 2] = [("app", "helloworld"), ("version", "v1")];
+const HELLO_V2: [(&str, &str); 2] = [("app", "helloworld"), ("version", "v2")];
+
+/// The sample's policies, gateways and external services, with the ingress
+/// gateway's certificate (`secret`: the Secret's `stringData` lines).
 fn config(secret: &str) -> String {
     format!(
-        r#"apiVersion: v1
-kind: Node
-metadata: {{name: node-1, labels: {{istio: ingressgateway}}}}
-status: {{addresses: [{{type: InternalIP, address: 172.18.0.2}}]}}
----
-apiVersion: v1
-kind: Node
-metadata: {{name: node-2, labels: {{istio: egressgateway}}}}
-status: {{addresses: [{{type: InternalIP, address: 172.18.1.2}}]}}
----
-apiVersion: v1
-kind: Namespace
-metadata: {{name: sample, labels: {{istio.io/dataplane-mode: ambient}}}}
----
-apiVersion: v1
-kind: Namespace
-metadata: {{name: other, labels: {{istio.io/dataplane-mode: ambient}}}}
----
-apiVersion: v1
-kind: Pod
-metadata: {{name: test, namespace: sample, labels: {{app: test}}}}
-spec: {{nodeName: node-1, serviceAccountName: test}}
-status: {{podIP: 10.244.1.2, phase: Running}}
----
-apiVersion: v1
-kind: Pod
-metadata: {{name: sleep, namespace: other, labels: {{app: sleep}}}}
-spec: {{nodeName: node-1, serviceAccountName: sleep}}
-status: {{podIP: 10.244.1.4, phase: Running}}
----
-apiVersion: v1
-kind: Pod
-metadata: {{name: helloworld-v1, namespace: sample, labels: {{app: helloworld, version: v1}}}}
-spec: {{nodeName: node-2, serviceAccountName: helloworld}}
-status: {{podIP: 10.244.2.2, phase: Running, conditions: [{{type: Ready, status: "True"}}]}}
----
-apiVersion: v1
-kind: Pod
-metadata: {{name: helloworld-v2, namespace: sample, labels: {{app: helloworld, version: v2}}}}
-spec: {{nodeName: node-1, serviceAccountName: helloworld}}
-status: {{podIP: 10.244.1.3, phase: Running, conditions: [{{type: Ready, status: "True"}}]}}
----
-apiVersion: v1
-kind: Service
-metadata: {{name: helloworld, namespace: sample}}
-spec:
-  clusterIP: 10.96.0.10
-  selector: {{app: helloworld}}
-  ports: [{{name: http, port: 9095}}, {{name: tcp-echo, port: 7000}}]
----
-apiVersion: v1
-kind: Service
-metadata: {{name: test, namespace: sample}}
-spec:
-  clusterIP: 10.96.0.20
-  selector: {{app: test}}
-  ports: [{{name: http, port: 9095}}]
----
-apiVersion: v1
-kind: Service
-metadata: {{name: ws, namespace: sample}}
-spec:
-  clusterIP: 10.96.0.13
-  selector: {{app: helloworld, version: v1}}
-  ports: [{{name: http-ws, port: 80, targetPort: 8090}}]
----
-apiVersion: v1
-kind: Service
-metadata: {{name: grpc, namespace: sample}}
-spec:
-  clusterIP: 10.96.0.14
-  selector: {{app: helloworld, version: v1}}
-  ports: [{{name: grpc, port: 80, targetPort: 9090}}]
----
+        r#"---
 apiVersion: security.istio.io/v1
 kind: PeerAuthentication
 metadata: {{name: default, namespace: sample}}
@@ -204,211 +168,6 @@ spec:
     )
 }
 
-/// Where a step's client runs.
-#[derive(Clone, Copy)]
-enum From {
-    Pod(&'static str),
-    /// The cluster network: outside the mesh and the nodes.
-    Outside,
-    /// node-1's own network namespace (a host-network process).
-    Node1,
-    /// node-2's own network namespace.
-    Node2,
-}
-
-/// What a step expects: an HTTP status (0: the connection is refused), and
-/// text the answer must contain.
-struct Step {
-    name: &'static str,
-    protocol: &'static str,
-    from: From,
-    path: &'static str,
-    identities: &'static str,
-    want: u16,
-    want_text: &'static str,
-    action: Action,
-}
-
-enum Action {
-    Curl(Vec<String>),
-    Grpc(&'static str),
-    WebSocket(&'static str),
-    Tcp(SocketAddr),
-}
-
-fn steps(ca: &str) -> Vec<Step> {
-    let curl = |args: &[&str]| Action::Curl(args.iter().map(|s| s.to_string()).collect());
-    let resolve = |host: &str| format!("{host}:80:{EXTERNAL_IP}");
-    vec![
-        Step {
-            name: "test → helloworld",
-            protocol: "HTTP/1.1",
-            from: From::Pod("test"),
-            path: "eBPF → agent → v1 over mTLS, or v2 locally",
-            identities: "sample/test → sample/helloworld",
-            want: 200,
-            want_text: "hello from helloworld",
-            action: curl(&["http://10.96.0.10:9095/hello"]),
-        },
-        Step {
-            name: "test → helloworld again",
-            protocol: "HTTP/1.1",
-            from: From::Pod("test"),
-            path: "round robin (per worker thread): v1 or v2",
-            identities: "sample/test → sample/helloworld",
-            want: 200,
-            want_text: "hello from helloworld",
-            action: curl(&["http://10.96.0.10:9095/hello"]),
-        },
-        Step {
-            name: "helloworld-v1 → test",
-            protocol: "HTTP/2",
-            from: From::Pod("helloworld-v1"),
-            path: "h2c, node-2 → mTLS → node-1",
-            identities: "sample/helloworld → sample/test",
-            want: 200,
-            want_text: "HTTP/2.0",
-            action: curl(&["--http2-prior-knowledge", "http://10.96.0.20:9095/hello"]),
-        },
-        Step {
-            name: "test → grpc (test.Echo/Unary)",
-            protocol: "gRPC",
-            from: From::Pod("test"),
-            path: "tonic client → mTLS → tonic server",
-            identities: "sample/test → sample/helloworld",
-            want: 200,
-            want_text: "helloworld-v1: hi",
-            action: Action::Grpc("http://10.96.0.14:80"),
-        },
-        Step {
-            name: "test → ws (echo)",
-            protocol: "WebSocket",
-            from: From::Pod("test"),
-            path: "Upgrade through the mesh",
-            identities: "sample/test → sample/helloworld",
-            want: 200,
-            want_text: "over the mesh",
-            action: Action::WebSocket("ws://10.96.0.13/echo"),
-        },
-        Step {
-            name: "test → helloworld:7000 (echo)",
-            protocol: "TCP",
-            from: From::Pod("test"),
-            path: "bytes both ways, half-close",
-            identities: "sample/test → sample/helloworld",
-            want: 200,
-            want_text: "64 KiB echoed",
-            action: Action::Tcp(SocketAddr::from(([10, 96, 0, 10], 7000))),
-        },
-        Step {
-            name: "outside → http://node-1/helloworld",
-            protocol: "HTTP/1.1",
-            from: From::Outside,
-            path: "ingress Gateway :80 → mTLS → helloworld",
-            identities: "istio-system/ingress → sample/helloworld",
-            want: 200,
-            want_text: "hello from helloworld",
-            action: curl(&[&format!("http://{NODE1}:80/helloworld")]),
-        },
-        Step {
-            name: "outside → https://hello.example.com",
-            protocol: "HTTPS",
-            from: From::Outside,
-            path: "Gateway :443, Secret's certificate",
-            identities: "istio-system/ingress → sample/helloworld",
-            want: 200,
-            want_text: "hello from helloworld",
-            action: curl(&[
-                "--cacert",
-                ca,
-                "--resolve",
-                &format!("hello.example.com:443:{NODE1}"),
-                "https://hello.example.com/helloworld",
-            ]),
-        },
-        Step {
-            name: "outside → http://node-1/nothing",
-            protocol: "HTTP/1.1",
-            from: From::Outside,
-            path: "ingress Gateway: no route → 404",
-            identities: "-",
-            want: 404,
-            want_text: "",
-            action: curl(&[&format!("http://{NODE1}/nothing")]),
-        },
-        Step {
-            name: "test → direct.example",
-            protocol: "HTTP/1.1",
-            from: From::Pod("test"),
-            path: "ServiceEntry: out from node-1 as the pod",
-            identities: "sample/test → (external)",
-            want: 200,
-            want_text: "client 10.244.1.2",
-            action: curl(&["--resolve", &resolve("direct.example"), "http://direct.example/"]),
-        },
-        Step {
-            name: "test → 172.18.200.3 (unknown)",
-            protocol: "HTTP/1.1",
-            from: From::Pod("test"),
-            path: "REGISTRY_ONLY: BlackHoleCluster → 502",
-            identities: "sample/test → -",
-            want: 502,
-            want_text: "REGISTRY_ONLY",
-            action: curl(&["http://172.18.200.3/"]),
-        },
-        Step {
-            name: "test → external.example",
-            protocol: "HTTP/1.1",
-            from: From::Pod("test"),
-            path: "mTLS → egress Gateway (node-2) → out",
-            identities: "sample/test → istio-system/egress",
-            want: 200,
-            want_text: "client 172.18.1.2",
-            action: curl(&["--resolve", &resolve("external.example"), "http://external.example/"]),
-        },
-        Step {
-            name: "node-1 host process → helloworld",
-            protocol: "HTTP/1.1",
-            from: From::Node1,
-            path: "cgroup/connect4 → agent → mesh",
-            identities: "istio-system/mesh-node-node-1 → …",
-            want: 200,
-            want_text: "hello from helloworld",
-            action: curl(&["http://10.96.0.10:9095/hello"]),
-        },
-        Step {
-            name: "node-2 host process → hw-v1 pod",
-            protocol: "HTTP/1.1",
-            from: From::Node2,
-            path: "no way around: agent as node-2 → 403",
-            identities: "istio-system/mesh-node-node-2 → …",
-            want: 403,
-            want_text: "RBAC: access denied",
-            action: curl(&["http://10.244.2.2:9095/hello"]),
-        },
-        Step {
-            name: "outside → helloworld-v1 pod",
-            protocol: "HTTP/1.1",
-            from: From::Outside,
-            path: "uplink → agent:15006: STRICT refuses",
-            identities: "(plaintext) → sample/helloworld",
-            want: 0,
-            want_text: "",
-            action: curl(&["http://10.244.2.2:9095/hello"]),
-        },
-        Step {
-            name: "sleep → helloworld",
-            protocol: "HTTP/1.1",
-            from: From::Pod("sleep"),
-            path: "AuthorizationPolicy → 403",
-            identities: "other/sleep → sample/helloworld",
-            want: 403,
-            want_text: "RBAC: access denied",
-            action: curl(&["http://10.96.0.10:9095/hello"]),
-        },
-    ]
-}
-
 struct Demo {
     cluster: Cluster,
     outside: Pod,
@@ -470,11 +229,9 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
         bail!("the demo creates network namespaces and loads eBPF: run it as root (sudo cargo xtask demo)");
     }
     crate::run(Command::new("cargo").args(["build", "--package", "mesh-agent"]))?;
-    let mut cluster = Cluster::two_nodes();
-    cluster.add_pod_on(0, "test", Ipv4Addr::new(10, 244, 1, 2));
-    cluster.add_pod_on(0, "helloworld-v2", Ipv4Addr::new(10, 244, 1, 3));
-    cluster.add_pod_on(0, "sleep", Ipv4Addr::new(10, 244, 1, 4));
-    cluster.add_pod_on(1, "helloworld-v1", Ipv4Addr::new(10, 244, 2, 2));
+    let f = fixture();
+    let objects = f.yaml("");
+    let cluster = f.cluster;
     for hello in ["helloworld-v1", "helloworld-v2"] {
         servers::http_hello(cluster.pod(hello), 9095);
         servers::echo(cluster.pod(hello), 7000);
@@ -494,7 +251,7 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
     let certs = Certs::new(&cluster.id);
     let (crt, key) = certs.server("hello", "hello.example.com");
     let secret = format!("  tls.crt: |\n{}  tls.key: |\n{}", Certs::yaml_block(&crt, 4), Certs::yaml_block(&key, 4));
-    let cfg = config(&secret);
+    let cfg = format!("{objects}{}", config(&secret));
     println!("node-1 {} (172.18.0.2, ingress gateway): test, helloworld-v2, sleep", cluster.node_ns);
     println!("node-2 {} (172.18.1.2, egress gateway): helloworld-v1", cluster.nodes[1].ns);
     println!("outside: clients and external.example ({EXTERNAL_IP}) in {}", cluster.net_ns);
