@@ -31,6 +31,8 @@ pub mod inputs;
 pub mod l7;
 mod outbound;
 mod reply;
+#[cfg(test)]
+mod tests;
 mod upstream;
 
 pub(crate) use outbound::sniff_client;

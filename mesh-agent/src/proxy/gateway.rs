@@ -492,3 +492,6 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Prefixed<I> {
         Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -20,8 +20,8 @@ pub(super) async fn mirror_request(
     h2: bool,
 ) {
     let state = ctx.state();
-    let from = state.by_vip.get(down.orig.ip()).map(|s| format!("{}/{}", s.namespace, s.name)).unwrap_or_default();
-    let route = match routing::resolve(&state, &from, &dest, down.orig.port()) {
+    let from = state.by_vip.get(down.orig.ip()).map(|s| s.key.as_str()).unwrap_or_default();
+    let route = match routing::resolve(&state, from, &dest, down.orig.port()) {
         Ok((target, port, labels, _, _)) => crate::routing::l4::route_service(
             target,
             port,

@@ -259,3 +259,41 @@ async fn an_upgrade_joins_client_and_upstream_after_101() {
         assert_eq!(back, msg.as_bytes());
     }
 }
+
+#[tokio::test]
+async fn a_full_connection_pool_answers_503_overflow() {
+    // The first request hangs upstream, holding the one connection allowed.
+    let (port, count) = upstream(|n| if n == 0 { None } else { Some(StatusCode::OK) }).await;
+    let pool = "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: hello, namespace: plain}\n\
+        spec: {host: hello, trafficPolicy: {connectionPool: {tcp: {maxConnections: 1}, http: {http1MaxPendingRequests: 1}}}}\n";
+    let t = TestInputs::new(&format!("{}{pool}", cluster(port, "{route: [{destination: {host: hello}}]}")));
+    let first = tokio::spawn({
+        let inputs = t.inputs.clone();
+        async move { send(inputs).await }
+    });
+    while count.load(Ordering::SeqCst) == 0 {
+        tokio::task::yield_now().await;
+    }
+    // Two more: one may wait for the connection, the other overflows.
+    let (a, b) = (send(t.inputs.clone()), send(t.inputs.clone()));
+    let overflowed = tokio::select! {
+        r = a => r,
+        r = b => r,
+    };
+    assert_eq!(overflowed.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(overflowed.headers().get("x-envoy-overloaded").map(|v| v.as_bytes()), Some(&b"true"[..]));
+    let metrics = t.inputs.metrics.encode();
+    assert!(metrics.contains("response_flags=\"UO\""), "{metrics}");
+    assert_eq!(count.load(Ordering::SeqCst), 1, "nothing past the limit reached the upstream");
+    first.abort();
+}
+
+/// One GET to the Service on a client connection of its own; the response.
+async fn send(inputs: Arc<crate::proxy::Inputs>) -> Response<hyper::body::Incoming> {
+    let (client, server) = tokio::io::duplex(64 * 1024);
+    tokio::spawn(serve(inputs, server, downstream(), Handling::Http1));
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(client)).await.expect("handshake");
+    tokio::spawn(conn);
+    let req = Request::get("/").header("host", "hello").body(Empty::<Bytes>::new()).expect("request");
+    send.send_request(req).await.expect("response")
+}

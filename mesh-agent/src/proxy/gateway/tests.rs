@@ -1,0 +1,87 @@
+//! A Gateway in-process: its listener opened by [`Listeners::reconcile`] on
+//! the node's address (loopback here), HTTP routed by the VirtualService bound
+//! to it to a loopback server. No root, no eBPF.
+use std::{convert::Infallible, net::Ipv4Addr};
+
+use http_body_util::{BodyExt as _, Empty, Full};
+use hyper::{Request, Response, StatusCode, body::Bytes};
+use hyper_util::rt::TokioIo;
+
+use super::Listeners;
+use crate::proxy::inputs::testing::TestInputs;
+
+/// An HTTP server on 127.0.0.1 answering `<path> via <host>`; its port.
+async fn upstream() -> u16 {
+    let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.expect("bind");
+    let port = listener.local_addr().expect("address").port();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let svc = hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
+                let host = req.headers().get("host").and_then(|h| h.to_str().ok()).unwrap_or("-").to_owned();
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(format!("{} via {host}", req.uri().path())))))
+            });
+            tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc));
+        }
+    });
+    port
+}
+
+/// A port free on loopback now (the gateway binds it next).
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
+    l.local_addr().expect("address").port()
+}
+
+async fn get(port: u16, host: &str, path: &str) -> (StatusCode, String) {
+    let tcp = tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port)).await.expect("connect to the gateway");
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.expect("handshake");
+    tokio::spawn(conn);
+    let req = Request::get(path).header("host", host).body(Empty::<Bytes>::new()).expect("request");
+    let resp = send.send_request(req).await.expect("response");
+    let status = resp.status();
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test]
+async fn an_ingress_gateway_routes_by_its_virtual_service() {
+    let (up, port) = (upstream().await, free_port());
+    let yaml = format!(
+        "apiVersion: v1\nkind: Node\nmetadata: {{name: n1, labels: {{istio: ingressgateway}}}}\n\
+         status: {{addresses: [{{type: InternalIP, address: 127.0.0.1}}]}}\n\
+         ---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: plain}}\n\
+         ---\napiVersion: v1\nkind: Pod\nmetadata: {{name: hello, namespace: plain, labels: {{app: hello}}}}\n\
+         spec: {{nodeName: n1}}\nstatus: {{podIP: 127.0.0.1, phase: Running}}\n\
+         ---\napiVersion: v1\nkind: Service\nmetadata: {{name: hello, namespace: plain}}\n\
+         spec: {{clusterIP: 10.96.0.10, selector: {{app: hello}}, ports: [{{name: http, port: 80, targetPort: {up}}}]}}\n\
+         ---\napiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: ingress, namespace: istio-system}}\n\
+         spec: {{selector: {{istio: ingressgateway}}, servers: [{{port: {{number: {port}, name: http, protocol: HTTP}}, hosts: ['*']}}]}}\n\
+         ---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: hello, namespace: plain}}\n\
+         spec: {{hosts: ['*'], gateways: [istio-system/ingress], http: [{{match: [{{uri: {{prefix: /hello}}}}], \
+         route: [{{destination: {{host: hello, port: {{number: 80}}}}}}]}}]}}\n"
+    );
+    let t = TestInputs::new(&yaml);
+    let mut listeners = Listeners::default();
+    listeners.reconcile(&t.inputs);
+    let status = listeners.status();
+    assert!(status.iter().any(|p| p.plan.addr.port() == port && p.status == "listening"), "{status:?}");
+
+    assert_eq!(
+        get(port, "hello.example", "/hello/world").await,
+        (StatusCode::OK, "/hello/world via hello.example".into())
+    );
+    // No rule for the path: Envoy's 404 with NR.
+    let (status, body) = get(port, "hello.example", "/elsewhere").await;
+    assert_eq!((status, body.as_str()), (StatusCode::NOT_FOUND, "no route for this host and path\n"));
+    let metrics = t.inputs.metrics.encode();
+    let counted = |code: &str, flags: &str| {
+        metrics.lines().any(|l| {
+            l.starts_with("istio_requests_total{")
+                && l.contains(&format!("response_code=\"{code}\""))
+                && l.contains(&format!("response_flags=\"{flags}\""))
+                && l.contains("source_workload=\"ingress\"")
+        })
+    };
+    assert!(counted("200", "-") && counted("404", "NR"), "{metrics}");
+    listeners.close_all();
+}
