@@ -209,7 +209,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
     })?;
     let certs = &ctx.inputs.certs;
     let tls = crate::identity::tls::server_config(certs.roots(), certs.clone(), true, &[b"h2"])?;
-    let listeners = Listeners { outbound, inbound, hbone, hbone_tls: tokio_rustls::TlsAcceptor::from(Arc::new(tls)) };
+    let sockets = Sockets { outbound, inbound, hbone, hbone_tls: tokio_rustls::TlsAcceptor::from(Arc::new(tls)) };
     let admin = tokio::net::TcpListener::bind(cfg.admin_addr).await.map_err(|source| RunError::Bind {
         what: "the admin server",
         addr: cfg.admin_addr.to_string(),
@@ -219,7 +219,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
     if let Some(orig) = capture.take_host_orig() {
         let _ = ctx.inputs.host_orig.set(orig);
     }
-    let result = serve(&cfg, &ctx, listeners, admin, &mut capture, (&mut watcher, &mut last_good)).await;
+    let result = serve(&cfg, &ctx, sockets, admin, &mut capture, (&mut watcher, &mut last_good)).await;
     // Whatever happened: capture stays pinned (fail closed) unless the mesh
     // is leaving the node.
     let cleanup = capture.shutdown(cfg.uninstall_on_exit).await;
@@ -228,7 +228,8 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
     Ok(())
 }
 
-struct Listeners {
+/// The data path's bound sockets (15001, 15006, 15008) and the HBONE server's TLS settings.
+struct Sockets {
     outbound: tokio::net::TcpListener,
     inbound: tokio::net::TcpListener,
     hbone: tokio::net::TcpListener,
@@ -271,7 +272,7 @@ async fn sync_certificates(inputs: Arc<Inputs>, every: Duration) {
 async fn serve(
     cfg: &RunConfig,
     ctx: &Arc<Context>,
-    listeners: Listeners,
+    sockets: Sockets,
     admin: tokio::net::TcpListener,
     capture: &mut Capture,
     (watcher, last_good): (&mut config::watch_files::Fingerprint, &mut config::LastGood),
@@ -285,14 +286,14 @@ async fn serve(
     let every = cfg.resync_interval.min(Duration::from_secs(1));
     let certs_task = tokio::spawn(sync_certificates(inputs.clone(), every));
     let (stop_tx, stop_rx) = watch::channel(false);
-    let Listeners { outbound, inbound, hbone, hbone_tls } = listeners;
-    use crate::proxy::Listener;
+    let Sockets { outbound, inbound, hbone, hbone_tls } = sockets;
+    use crate::proxy::Direction;
     let mut gateways = crate::proxy::gateway::Listeners::default();
     ctx.reconcile_gateways(&mut gateways);
     let hop = gateways.tunnel_hop(inputs);
     let tasks = [
-        tokio::spawn(crate::proxy::serve(inputs.clone(), outbound, Listener::Outbound, stop_rx.clone())),
-        tokio::spawn(crate::proxy::serve(inputs.clone(), inbound, Listener::Inbound, stop_rx.clone())),
+        tokio::spawn(crate::proxy::serve(inputs.clone(), outbound, Direction::Outbound, stop_rx.clone())),
+        tokio::spawn(crate::proxy::serve(inputs.clone(), inbound, Direction::Inbound, stop_rx.clone())),
         tokio::spawn(crate::proxy::hbone::serve(inputs.clone(), hbone, hbone_tls, hop, stop_rx)),
     ];
     tokio::spawn(admin::serve(ctx.clone(), admin));

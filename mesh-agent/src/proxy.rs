@@ -16,7 +16,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 use crate::{
     routing::l4::{Route, route},
-    routing::policy::{Decision, Peer},
+    routing::policy::{Peer, Verdict},
     routing::protocol::{self, Declared, Handling, Sniffed},
     state::{State, Workload},
     telemetry::TcpLabels,
@@ -93,7 +93,7 @@ pub fn bind_capture(port: u16) -> io::Result<TcpListener> {
 
 /// Which captured listener a connection came through.
 #[derive(Debug, Clone, Copy)]
-pub enum Listener {
+pub enum Direction {
     /// 15001: a meshed pod's outgoing connection.
     Outbound,
     /// 15006: plaintext from outside the mesh to a local meshed pod.
@@ -104,7 +104,7 @@ pub enum Listener {
 pub async fn serve(
     ctx: Arc<Inputs>,
     listener: TcpListener,
-    kind: Listener,
+    kind: Direction,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     loop {
@@ -116,9 +116,9 @@ pub async fn serve(
                     let ctx = ctx.clone();
                     tokio::spawn(async move {
                         match kind {
-                            Listener::Outbound => outbound::handle(&ctx, stream, peer).await,
+                            Direction::Outbound => outbound::handle(&ctx, stream, peer).await,
                             // Boxed: outbound connections, the many, keep no room for it.
-                            Listener::Inbound => Box::pin(inbound::handle_plaintext(&ctx, stream, peer)).await,
+                            Direction::Inbound => Box::pin(inbound::handle_plaintext(&ctx, stream, peer)).await,
                         }
                         drop(guard);
                     });
@@ -177,7 +177,7 @@ pub(crate) async fn open_upstream(
             // Same-node traffic never leaves the node: the source identity comes
             // from capture (anti-spoofed veth), not from TLS, and is reported so.
             let principal = source_identity.as_deref();
-            if let Decision::Deny(policy) =
+            if let Verdict::Deny(policy) =
                 crate::routing::policy::authorize(state, d, &Peer { principal, ip: peer_ip }, addr.port())
             {
                 return Err(ProxyError::Denied { policy });

@@ -23,7 +23,7 @@ use std::{
 };
 
 use crate::{
-    routing::policy::{Decision, Peer, authorize, peer_mode},
+    routing::policy::{Peer, Verdict, authorize, peer_mode},
     state::State,
     state::security::MtlsMode,
 };
@@ -52,7 +52,7 @@ impl Authorized {
             return false;
         }
         let peer = Peer { principal: self.principal.as_deref(), ip: self.peer_ip };
-        authorize(state, dest, &peer, self.port) == Decision::Allow
+        authorize(state, dest, &peer, self.port) == Verdict::Allow
     }
 }
 

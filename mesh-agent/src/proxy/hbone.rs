@@ -1,7 +1,7 @@
 //! HBONE, as Istio ambient uses it: mTLS between node agents on port 15008,
 //! and one HTTP/2 `CONNECT <pod-ip>:<port>` stream per proxied connection.
 //!
-//! Client side ([`Pool`]): the source agent presents the **source workload's**
+//! Client side ([`TunnelPool`]): the source agent presents the **source workload's**
 //! certificate and accepts only a server presenting the **destination
 //! workload's** identity (asked for by TLS server name, see
 //! [`identity::server_name_for`]). HTTP/2 connections are pooled per
@@ -38,7 +38,7 @@ use crate::{
     identity::{self, IdentityError},
     proxy::Inputs,
     proxy::{self, ProxyError},
-    routing::policy::{Decision, Peer, authorize},
+    routing::policy::{Peer, Verdict, authorize},
     telemetry::TcpLabels,
 };
 
@@ -84,7 +84,7 @@ impl HboneError {
 mod client;
 mod server;
 
-pub use client::{Pool, Tunnel, TunnelTo};
+pub use client::{Tunnel, TunnelPool, TunnelTo};
 pub use server::{GatewayHop, HopServer, serve};
 
 #[cfg(test)]

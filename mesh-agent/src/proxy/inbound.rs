@@ -10,7 +10,7 @@ use tokio::net::TcpStream;
 use super::{ProxyError, deliver, fail};
 use crate::{
     proxy::Inputs,
-    routing::policy::{Decision, Peer, authorize, peer_mode},
+    routing::policy::{Peer, Verdict, authorize, peer_mode},
     state::security::MtlsMode,
     telemetry::TcpLabels,
 };
@@ -38,7 +38,7 @@ pub(super) async fn handle_plaintext(ctx: &Inputs, client: TcpStream, peer: Sock
     }
     let decision = authorize(&state, &dest, &Peer { principal: None, ip: *peer_v4.ip() }, dst.port());
     drop(state);
-    if let Decision::Deny(policy) = decision {
+    if let Verdict::Deny(policy) = decision {
         return fail(ctx, &client, peer, Some(labels), ProxyError::Denied { policy });
     }
     let authorized = super::conns::Authorized {

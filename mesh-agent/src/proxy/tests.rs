@@ -6,7 +6,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-use super::{Listener, serve};
+use super::{Direction, serve};
 use crate::proxy::inputs::testing::TestInputs;
 
 /// The Service's address: the listener is bound there, so a connection to it
@@ -43,7 +43,7 @@ async fn a_captured_connection_reaches_the_service_endpoint_byte_for_byte() {
     );
     let t = TestInputs::new(&yaml);
     let (_stop, stopped) = tokio::sync::watch::channel(false);
-    tokio::spawn(serve(t.inputs.clone(), listener, Listener::Outbound, stopped));
+    tokio::spawn(serve(t.inputs.clone(), listener, Direction::Outbound, stopped));
 
     let mut client = tokio::net::TcpStream::connect(SocketAddr::from((VIP, port))).await.expect("connect");
     let sent: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();

@@ -16,7 +16,7 @@ pub struct Peer<'a> {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Decision {
+pub enum Verdict {
     Allow,
     /// Denied, naming the policy (`ns/name`) or `no ALLOW policy matched`.
     Deny(String),
@@ -47,7 +47,7 @@ pub fn peer_mode(state: &State, w: &Workload, port: u16) -> MtlsMode {
 
 /// Istio's evaluation: a matching DENY denies; else with no ALLOW policy for
 /// the workload, allow; else allow only if an ALLOW policy matches.
-pub fn authorize(state: &State, w: &Workload, peer: &Peer<'_>, port: u16) -> Decision {
+pub fn authorize(state: &State, w: &Workload, peer: &Peer<'_>, port: u16) -> Verdict {
     // The workload's namespace's policies, then the mesh-wide ones.
     let root = (&*w.namespace != ROOT_NAMESPACE).then_some(ROOT_NAMESPACE);
     let policies = || {
@@ -55,17 +55,13 @@ pub fn authorize(state: &State, w: &Workload, peer: &Peer<'_>, port: u16) -> Dec
         namespaces.flat_map(|ns| state.authorization_policies_in(ns)).filter(|p| selects(&p.selector, w))
     };
     if let Some(p) = policies().filter(|p| p.action == Action::Deny).find(|p| p.matches(peer, port)) {
-        return Decision::Deny(format!("{}/{}", p.namespace, p.name));
+        return Verdict::Deny(format!("{}/{}", p.namespace, p.name));
     }
     let mut allows = policies().filter(|p| p.action == Action::Allow).peekable();
     if allows.peek().is_none() {
-        return Decision::Allow;
+        return Verdict::Allow;
     }
-    if allows.any(|p| p.matches(peer, port)) {
-        Decision::Allow
-    } else {
-        Decision::Deny("no ALLOW policy matched".into())
-    }
+    if allows.any(|p| p.matches(peer, port)) { Verdict::Allow } else { Verdict::Deny("no ALLOW policy matched".into()) }
 }
 
 impl AuthorizationPolicy {

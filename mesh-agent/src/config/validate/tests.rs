@@ -411,7 +411,7 @@ fn an_invalid_object_is_rejected_alone_and_the_rest_applies() {
 
 #[test]
 fn a_security_policy_that_cannot_be_admitted_denies_what_it_selects() {
-    use crate::routing::policy::{Decision, Peer, authorize};
+    use crate::routing::policy::{Peer, Verdict, authorize};
     let ap = |name: &str, spec: &str| {
         format!(
             "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: demo}}\nspec: {spec}\n"
@@ -434,14 +434,14 @@ fn a_security_policy_that_cannot_be_admitted_denies_what_it_selects() {
         let loaded = admitted(&format!("{TWO_PODS}{extra}"));
         assert_eq!(loaded.rejected.is_empty(), *what == "all valid", "{what}: {:?}", loaded.rejected);
         let s = &loaded.state;
-        let allowed = |pod: &str| authorize(s, &s.workloads[&format!("demo/{pod}")], &peer, 80) == Decision::Allow;
+        let allowed = |pod: &str| authorize(s, &s.workloads[&format!("demo/{pod}")], &peer, 80) == Verdict::Allow;
         assert_eq!((allowed("hello"), allowed("db")), (*hello_ok, *db_ok), "{what}");
     }
 }
 
 #[test]
 fn a_file_that_stops_parsing_keeps_its_last_good_version() {
-    use crate::routing::policy::{Decision, Peer, authorize};
+    use crate::routing::policy::{Peer, Verdict, authorize};
     let dir = std::env::temp_dir().join(format!("mesh-config-last-good-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("test setup");
     let deny = "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: no, namespace: demo}\n\
@@ -451,7 +451,7 @@ fn a_file_that_stops_parsing_keeps_its_last_good_version() {
     let peer = Peer { principal: None, ip: std::net::Ipv4Addr::new(10, 244, 0, 9) };
     let denied = |loaded: &Loaded| {
         let s = &loaded.state;
-        authorize(s, &s.workloads["demo/hello"], &peer, 80) != Decision::Allow
+        authorize(s, &s.workloads["demo/hello"], &peer, 80) != Verdict::Allow
     };
     let mut last_good = crate::config::LastGood::default();
     let first = crate::config::load_keeping(&dir, "cluster.local", &mut last_good).expect("test setup");

@@ -24,7 +24,7 @@ impl PoolEntry {
     }
 }
 
-pub struct Pool {
+pub struct TunnelPool {
     /// Streams per connection before another is made ([`MAX_STREAMS`]).
     stream_limit: usize,
     conns: Mutex<HashMap<PoolKey, Vec<PoolEntry>>>,
@@ -39,16 +39,16 @@ pub struct Pool {
     connecting: Mutex<HashMap<PoolKey, Arc<Gate>>>,
 }
 
-impl Default for Pool {
+impl Default for TunnelPool {
     fn default() -> Self {
-        Pool::with_stream_limit(MAX_STREAMS as usize)
+        TunnelPool::with_stream_limit(MAX_STREAMS as usize)
     }
 }
 
-impl Pool {
+impl TunnelPool {
     /// A pool that opens another connection to a peer at `limit` streams.
     pub fn with_stream_limit(limit: usize) -> Self {
-        Pool { stream_limit: limit, conns: Mutex::default(), tls: Mutex::default(), connecting: Mutex::default() }
+        TunnelPool { stream_limit: limit, conns: Mutex::default(), tls: Mutex::default(), connecting: Mutex::default() }
     }
 }
 
@@ -120,7 +120,7 @@ pub struct TunnelTo<'a> {
     pub connect_timeout: Duration,
 }
 
-impl Pool {
+impl TunnelPool {
     /// Opens a tunnel (an HTTP/2 CONNECT stream), on a pooled connection when
     /// one is live.
     pub async fn open(&self, ctx: &Inputs, to: TunnelTo<'_>) -> Result<Tunnel, HboneError> {
@@ -194,7 +194,7 @@ impl Pool {
     }
 }
 
-impl Pool {
+impl TunnelPool {
     fn usable(&self, key: &PoolKey, serial: &str) -> bool {
         self.conns
             .lock()

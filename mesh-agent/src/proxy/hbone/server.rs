@@ -157,7 +157,7 @@ async fn handle_connect(
     labels.connection_security_policy = "mutual_tls";
     let decision = authorize(&state, &dest, &Peer { principal: Some(&peer_id), ip: policy_ip }, target.port());
     drop(state);
-    if let Decision::Deny(policy) = decision {
+    if let Verdict::Deny(policy) = decision {
         let err = ProxyError::Denied { policy };
         tracing::warn!(%peer, source = %peer_id, %target, error = %err, "HBONE: connection refused");
         proxy::record_failure(&ctx, Some(labels), &err);

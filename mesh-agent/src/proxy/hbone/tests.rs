@@ -8,7 +8,7 @@ use std::{
 
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-use super::{GatewayHop, Pool, Tunnel, TunnelTo, serve};
+use super::{GatewayHop, Tunnel, TunnelPool, TunnelTo, serve};
 use crate::proxy::inputs::testing::TestInputs;
 
 const CLIENT: &str = "spiffe://cluster.local/ns/mesh/sa/client";
@@ -58,7 +58,7 @@ async fn hbone_server(t: &TestInputs) -> SocketAddrV4 {
 
 type Io = hyper_util::rt::TokioIo<Tunnel>;
 
-async fn open(t: &TestInputs, pool: &Pool, node: SocketAddrV4, port: u16) -> Io {
+async fn open(t: &TestInputs, pool: &TunnelPool, node: SocketAddrV4, port: u16) -> Io {
     let (source, dest) = (Arc::from(CLIENT), Arc::from(ECHO));
     let to = TunnelTo {
         source: &source,
@@ -92,7 +92,7 @@ fn connections(t: &TestInputs) -> f64 {
 async fn tunnels_share_a_connection_up_to_its_stream_limit() {
     let t = TestInputs::new(CLUSTER);
     let (port, node) = (echo().await, hbone_server(&t).await);
-    let pool = Pool::with_stream_limit(2);
+    let pool = TunnelPool::with_stream_limit(2);
     let mut tunnels = Vec::new();
     for i in 0..3 {
         let mut tunnel = open(&t, &pool, node, port).await;
@@ -124,7 +124,7 @@ async fn a_target_that_is_not_a_local_meshed_pod_is_refused() {
         client_ip: Ipv4Addr::new(10, 244, 1, 2),
         connect_timeout: Duration::from_secs(5),
     };
-    match Pool::default().open(&t.inputs, to).await {
+    match TunnelPool::default().open(&t.inputs, to).await {
         Err(super::HboneError::Status { status, .. }) => assert_eq!(status, hyper::StatusCode::NOT_FOUND),
         Err(e) => panic!("refused for the wrong reason: {e}"),
         Ok(_) => panic!("a tunnel to a pod that is not here"),

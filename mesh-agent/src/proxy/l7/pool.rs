@@ -286,14 +286,14 @@ type IdleH1 = (http1::SendRequest<Body>, H1Conn, Meta, Instant);
 type SharedH2 = (http2::SendRequest<Body>, Meta, Instant);
 
 #[derive(Default)]
-pub struct Pool {
+pub struct HttpPool {
     h1: Mutex<HashMap<PoolKey, Vec<IdleH1>>>,
     h2: Mutex<HashMap<PoolKey, SharedH2>>,
-    /// Bumped by [`Pool::clear`]: connections made before are not pooled again.
+    /// Bumped by [`HttpPool::clear`]: connections made before are not pooled again.
     generation: AtomicU64,
 }
 
-impl Pool {
+impl HttpPool {
     /// A live connection for `key`: the shared HTTP/2 one, or an idle HTTP/1.1 one.
     pub fn take(&self, key: &PoolKey, limits: &Limits) -> Option<Sender> {
         let now = Instant::now();
@@ -319,7 +319,7 @@ impl Pool {
     }
 
     /// Pools an HTTP/2 sender after a request (it multiplexes); not one made
-    /// before the last [`Pool::clear`], nor one that served
+    /// before the last [`HttpPool::clear`], nor one that served
     /// `maxRequestsPerConnection` requests.
     fn release_h2(&self, key: PoolKey, tx: http2::SendRequest<Body>, meta: Meta, limits: &Limits) {
         let spent = meta.spent(limits);

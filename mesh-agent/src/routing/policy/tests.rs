@@ -127,7 +127,7 @@ fn authorization_table() {
     for (policies, name, principal, ip, port, allowed) in cases {
         let s = with(&policies.concat());
         let got = authorize(&s, pod(&s, name), &Peer { principal: *principal, ip: *ip }, *port);
-        assert_eq!(got == Decision::Allow, *allowed, "{policies:?} {name} {principal:?} {ip}:{port} → {got:?}");
+        assert_eq!(got == Verdict::Allow, *allowed, "{policies:?} {name} {principal:?} {ip}:{port} → {got:?}");
     }
 }
 
