@@ -5,6 +5,7 @@
 //! (PeerAuthentication and AuthorizationPolicy), `http` (VirtualService and
 //! DestinationRule routing of HTTP, TCP and TLS, at the mesh and at gateways),
 //! `balance` (endpoint choice and the load-balancing randomness).
+pub mod balance;
 pub mod http;
 pub mod l4;
 pub mod policy;

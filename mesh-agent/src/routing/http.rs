@@ -6,7 +6,10 @@ use std::{collections::BTreeMap, net::SocketAddrV4, sync::Arc, time::Duration};
 
 use hyper::header::HeaderMap;
 
-use super::l4::{Pick, Refusal, Route, route, route_to};
+use super::{
+    balance::{Pick, choose, choose_endpoint},
+    l4::{Refusal, Route, route, route_to},
+};
 use crate::state::traffic::*;
 use crate::state::{Service, State};
 
@@ -352,53 +355,6 @@ pub fn rewrite_path(path_and_query: &str, matched_prefix: Option<&str>, uri: &st
         Some(q) => format!("{new}?{q}"),
         None => new,
     }
-}
-
-/// The endpoint choice a load-balancing policy makes for a request.
-fn choose_endpoint<'a>(
-    lb: &LoadBalancer,
-    req: &RequestView<'_>,
-    pick: usize,
-    random: u64,
-    active: &'a dyn Fn(SocketAddrV4) -> u32,
-) -> Pick<'a> {
-    let hash =
-        |s: &str| s.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
-    match lb {
-        LoadBalancer::RoundRobin => Pick::Turn(pick),
-        LoadBalancer::Random => Pick::Turn((random >> 16) as usize),
-        LoadBalancer::LeastRequest => Pick::LeastRequest { random, active },
-        LoadBalancer::ConsistentHash(key) => {
-            let value = match key {
-                HashKey::Header(h) => req.headers.get(h.as_str()).and_then(|v| v.to_str().ok()).map(hash),
-                HashKey::QueryParameter(q) => req.path.split_once('?').and_then(|(_, qs)| {
-                    qs.split('&').find_map(|kv| {
-                        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-                        (k == q).then(|| hash(v))
-                    })
-                }),
-                HashKey::SourceIp => Some(u64::from(u32::from(req.client))),
-            };
-            // Without a key, Envoy picks at random.
-            value.map_or(Pick::Turn((random >> 16) as usize), Pick::Hash)
-        }
-    }
-}
-
-/// A destination by weight (`random` spread over the total).
-fn choose(routes: &[WeightedDestination], random: u64) -> Option<&WeightedDestination> {
-    let total: u64 = routes.iter().map(|r| u64::from(r.weight)).sum();
-    if total == 0 {
-        return routes.first();
-    }
-    let mut x = random % total;
-    for r in routes {
-        if x < u64::from(r.weight) {
-            return Some(r);
-        }
-        x -= u64::from(r.weight);
-    }
-    routes.last()
 }
 
 #[cfg(test)]

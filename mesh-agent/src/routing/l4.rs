@@ -6,6 +6,8 @@ use std::{
     sync::Arc,
 };
 
+use super::balance;
+pub use super::balance::Pick;
 use crate::{
     routing::protocol::{Declared, declared},
     state::{OutboundPolicy, Protocol, Resolution, Service, State, TargetPort, Workload},
@@ -116,26 +118,6 @@ pub fn route_to(
     }
 }
 
-/// How an endpoint is chosen among the eligible ones.
-#[derive(Clone, Copy)]
-pub enum Pick<'a> {
-    /// The n-th (round robin, or a random number).
-    Turn(usize),
-    /// Envoy's LEAST_REQUEST: the less loaded of two random candidates.
-    LeastRequest { random: u64, active: &'a dyn Fn(SocketAddrV4) -> u32 },
-    /// Consistent hashing of a key (rendezvous hashing: when endpoints come
-    /// and go, only the keys of those endpoints move).
-    Hash(u64),
-}
-
-/// Mixes two numbers into one well-spread hash (splitmix64's finalizer).
-pub fn mix(a: u64, b: u64) -> u64 {
-    let mut z = a ^ b.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
 /// A ready endpoint of `service` for `port`, among the pods whose labels include
 /// `subset` (when given), chosen by `pick`, leaving out those `avoid` names
 /// unless that leaves none (then all are used, as Envoy's panic mode).
@@ -167,19 +149,7 @@ pub fn route_service(
     if n == 0 {
         return Route::Refused { service: service.clone(), reason: Refusal::NoReadyEndpoint(port) };
     }
-    let addr_of = |i: usize| eligible().nth(i).map(|(_, ip, p)| SocketAddrV4::new(ip, p));
-    let index = match pick {
-        Pick::Turn(t) => t % n,
-        Pick::LeastRequest { random, active } => {
-            let (a, b) = ((random % n as u64) as usize, ((random >> 32) % n as u64) as usize);
-            let load = |i| addr_of(i).map_or(u32::MAX, active);
-            if load(b) < load(a) { b } else { a }
-        }
-        Pick::Hash(key) => eligible()
-            .enumerate()
-            .max_by_key(|(_, (_, ip, p))| mix(key, u64::from(u32::from(*ip)) << 16 | u64::from(*p)))
-            .map_or(0, |(i, _)| i),
-    };
+    let index = balance::index(pick, n, || eligible().map(|(_, ip, p)| SocketAddrV4::new(ip, p)));
     match eligible().nth(index) {
         Some((w, ip, p)) => Route::Service {
             service: service.clone(),
