@@ -211,6 +211,23 @@ pub(crate) mod testing {
         }
     }
 
+    /// A TCP echo server on 127.0.0.1 that answers a half-close with one; its port.
+    pub(crate) async fn echo_server() -> u16 {
+        use tokio::io::AsyncWriteExt as _;
+        let listener = tokio::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)).await.expect("bind");
+        let port = listener.local_addr().expect("address").port();
+        tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let (mut r, mut w) = tcp.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                    let _ = w.shutdown().await;
+                });
+            }
+        });
+        port
+    }
+
     impl Drop for TestInputs {
         fn drop(&mut self) {
             let _ = std::fs::remove_dir_all(&self.dir);

@@ -7,31 +7,15 @@ use std::net::{Ipv4Addr, SocketAddr};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use super::{Direction, serve};
-use crate::proxy::inputs::testing::TestInputs;
+use crate::proxy::inputs::testing::{TestInputs, echo_server};
 
 /// The Service's address: the listener is bound there, so a connection to it
 /// looks to the proxy like one captured on its way to the Service.
 const VIP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
 
-/// An echo server on 127.0.0.1 (half-close answered with half-close).
-async fn echo() -> u16 {
-    let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.expect("bind");
-    let port = listener.local_addr().expect("address").port();
-    tokio::spawn(async move {
-        while let Ok((mut tcp, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = tcp.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
-        }
-    });
-    port
-}
-
 #[tokio::test]
 async fn a_captured_connection_reaches_the_service_endpoint_byte_for_byte() {
-    let echo_port = echo().await;
+    let echo_port = echo_server().await;
     let listener = tokio::net::TcpListener::bind((VIP, 0)).await.expect("bind the Service address");
     let port = listener.local_addr().expect("address").port();
     let yaml = format!(

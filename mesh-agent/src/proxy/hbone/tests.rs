@@ -9,7 +9,7 @@ use std::{
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use super::{GatewayHop, Tunnel, TunnelPool, TunnelTo, serve};
-use crate::proxy::inputs::testing::TestInputs;
+use crate::proxy::inputs::testing::{TestInputs, echo_server};
 
 const CLIENT: &str = "spiffe://cluster.local/ns/mesh/sa/client";
 const ECHO: &str = "spiffe://cluster.local/ns/mesh/sa/echo";
@@ -21,21 +21,6 @@ const CLUSTER: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: mesh, l
 spec: {nodeName: n1, serviceAccountName: client}\nstatus: {podIP: 10.244.1.2, phase: Running}\n\
 ---\napiVersion: v1\nkind: Pod\nmetadata: {name: echo, namespace: mesh}\n\
 spec: {nodeName: n1, serviceAccountName: echo}\nstatus: {podIP: 127.0.0.1, phase: Running}\n";
-
-/// An echo server on loopback; its port.
-async fn echo() -> u16 {
-    let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.expect("bind");
-    let port = listener.local_addr().expect("address").port();
-    tokio::spawn(async move {
-        while let Ok((mut tcp, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = tcp.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    port
-}
 
 /// The HBONE server of `t` on loopback, with no gateway hop; its address.
 async fn hbone_server(t: &TestInputs) -> SocketAddrV4 {
@@ -91,7 +76,7 @@ fn connections(t: &TestInputs) -> f64 {
 #[tokio::test]
 async fn tunnels_share_a_connection_up_to_its_stream_limit() {
     let t = TestInputs::new(CLUSTER);
-    let (port, node) = (echo().await, hbone_server(&t).await);
+    let (port, node) = (echo_server().await, hbone_server(&t).await);
     let pool = TunnelPool::with_stream_limit(2);
     let mut tunnels = Vec::new();
     for i in 0..3 {
