@@ -1,4 +1,5 @@
-//! HTTP/1.1, WebSocket and gRPC through the mesh across nodes (root).
+//! HTTP/1.1, HTTP/2, upgrades, WebSocket and gRPC through the mesh across
+//! nodes (root), one behaviour per test.
 #![expect(clippy::unwrap_used, reason = "tests")]
 
 use std::{
@@ -9,19 +10,29 @@ use std::{
 
 use mesh_tests::{agent::metric, mesh::*, require_root};
 
+/// The labels of a request from `test` to Service `api` over mTLS, with `code`.
+fn api_request(code: &'static str) -> Vec<(&'static str, &'static str)> {
+    vec![
+        ("reporter", "source"),
+        ("destination_service", "api.demo.svc.cluster.local"),
+        ("source_principal", TEST_ID),
+        ("destination_principal", HELLO_ID),
+        ("request_protocol", "http"),
+        ("connection_security_policy", "mutual_tls"),
+        ("response_code", code),
+    ]
+}
+
 #[test]
-fn http_through_the_mesh_across_nodes() {
-    if !require_root("http_through_the_mesh_across_nodes") {
+fn http1_keep_alive_adds_a_request_id_and_keeps_trace_context() {
+    if !require_root("http1_keep_alive_adds_a_request_id_and_keeps_trace_context") {
         return;
     }
-    let access_log = std::env::temp_dir().join(format!("mesh-test-access-{}.log", std::process::id()));
-    let _ = std::fs::remove_file(&access_log);
-    let m = Mesh::start("", &["--access-log", access_log.to_str().unwrap()]);
+    let m = Mesh::start("", &[]);
     let test = m.pod("test");
     let api = format!("http://{API_VIP}");
-
-    // HTTP/1.1 keep-alive: two requests on one client connection; the agent adds
-    // x-request-id; the server sees the client pod.
+    // Two requests on one client connection; the agent adds x-request-id; the
+    // server sees the client pod.
     let out = test.cmd(&["curl", "-sSfv", "--max-time", "5", &format!("{api}/hello"), &format!("{api}/hello")]);
     let (body, verbose) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "{verbose}");
@@ -50,15 +61,33 @@ fn http_through_the_mesh_across_nodes() {
     assert!(seen.contains(&format!("traceparent: {trace}")), "{seen}");
     assert!(seen.contains("x-b3-traceid: 80f198ee56343ba864fe8b2a57d3eff7"), "{seen}");
     assert!(seen.contains("x-request-id: my-id-1"), "{seen}");
+}
 
-    // h2c with prior knowledge on the same `http` port.
-    let (ok, out) = curl(test, &format!("{api}/hello"));
-    assert!(ok, "{out}");
-    let out = test.cmd(&["curl", "-sSf", "--http2-prior-knowledge", "--max-time", "5", &format!("{api}/hello")]);
+#[test]
+fn h2c_with_prior_knowledge_on_an_http_port() {
+    if !require_root("h2c_with_prior_knowledge_on_an_http_port") {
+        return;
+    }
+    let m = Mesh::start("", &[]);
+    let out = m.pod("test").cmd(&[
+        "curl",
+        "-sSf",
+        "--http2-prior-knowledge",
+        "--max-time",
+        "5",
+        &format!("http://{API_VIP}/hello"),
+    ]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("; HTTP/2.0;"), "{:?}", out);
+}
 
-    // Streaming bodies both ways: 8 MiB, chunked on HTTP/1.1 (with Expect:
-    // 100-continue, which curl sends for large bodies) and on HTTP/2.
+#[test]
+fn bodies_stream_both_ways_on_http1_and_h2c() {
+    if !require_root("bodies_stream_both_ways_on_http1_and_h2c") {
+        return;
+    }
+    let m = Mesh::start("", &[]);
+    // 8 MiB, chunked on HTTP/1.1 (with Expect: 100-continue, which curl sends
+    // for large bodies) and on HTTP/2.
     let dir = std::env::temp_dir().join(format!("mesh-test-l7-{}", m.c.id));
     std::fs::create_dir_all(&dir).unwrap();
     let payload: Vec<u8> = (0..8u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 24) as u8).collect();
@@ -66,7 +95,7 @@ fn http_through_the_mesh_across_nodes() {
     std::fs::write(&input, &payload).unwrap();
     for (what, extra) in [("HTTP/1.1 chunked", "-HTransfer-Encoding: chunked"), ("h2c", "--http2-prior-knowledge")] {
         let output = dir.join("out");
-        let out = test.cmd(&[
+        let out = m.pod("test").cmd(&[
             "curl",
             "-sSf",
             "--max-time",
@@ -76,17 +105,26 @@ fn http_through_the_mesh_across_nodes() {
             &format!("@{}", input.display()),
             "-o",
             output.to_str().unwrap(),
-            &format!("{api}/echo"),
+            &format!("http://{API_VIP}/echo"),
         ]);
         assert!(out.status.success(), "{what}: {}", String::from_utf8_lossy(&out.stderr));
         assert!(std::fs::read(&output).unwrap() == payload, "{what}: echoed body differs");
     }
     let _ = std::fs::remove_dir_all(&dir);
+    // Counted as they streamed.
+    let text = m.agents[0]
+        .wait_metrics(5, "request metrics", |t| metric(t, "istio_requests_total", &api_request("200")) >= 2.0);
+    assert!(metric(&text, "istio_request_bytes_sum", &api_request("200")) >= 2.0 * payload.len() as f64, "{text}");
+    assert!(metric(&text, "istio_response_bytes_sum", &api_request("200")) >= 2.0 * payload.len() as f64, "{text}");
+}
 
-    // An upstream status passes through and is counted.
-    let out = test.cmd(&["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", &format!("{api}/status/503")]);
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "503");
-
+#[test]
+fn an_upgrade_and_an_extended_connect_carry_bytes_both_ways() {
+    if !require_root("an_upgrade_and_an_extended_connect_carry_bytes_both_ways") {
+        return;
+    }
+    let m = Mesh::start("", &[]);
+    let test = m.pod("test");
     // Upgrade (as WebSocket does): 101, then raw bytes both ways.
     let echoed = test.run(|| {
         let mut s =
@@ -146,46 +184,63 @@ fn http_through_the_mesh_across_nodes() {
     });
     assert_eq!(echoed.len(), 32 * 8 * 1024);
     assert!(echoed.chunks(8 * 1024).enumerate().all(|(i, c)| c.iter().all(|b| *b as usize == i)));
-
-    // Per-request metrics at the source, with identities and mTLS.
-    let base = [
-        ("reporter", "source"),
-        ("destination_service", "api.demo.svc.cluster.local"),
-        ("source_principal", TEST_ID),
-        ("destination_principal", HELLO_ID),
-        ("request_protocol", "http"),
-        ("connection_security_policy", "mutual_tls"),
-    ];
-    let with = |code: &'static str| [base.as_slice(), &[("response_code", code)]].concat();
+    // Each counted as one request: the 101 and the extended CONNECT's 200.
     let text = m.agents[0].wait_metrics(5, "request metrics", |t| {
-        metric(t, "istio_requests_total", &with("200")) >= 8.0
-            && metric(t, "istio_requests_total", &with("503")) >= 1.0
-            && metric(t, "istio_requests_total", &with("101")) >= 1.0
+        metric(t, "istio_requests_total", &api_request("101")) >= 1.0
+            && metric(t, "istio_requests_total", &api_request("200")) >= 1.0
     });
-    // Six plain requests, the traced one and the extended CONNECT.
-    assert_eq!(metric(&text, "istio_requests_total", &with("200")), 8.0, "{text}");
-    assert!(metric(&text, "istio_request_bytes_sum", &with("200")) >= 2.0 * payload.len() as f64, "{text}");
-    assert!(metric(&text, "istio_response_bytes_sum", &with("200")) >= 2.0 * payload.len() as f64, "{text}");
-    assert_eq!(metric(&text, "istio_request_duration_milliseconds_count", &with("503")), 1.0, "{text}");
+    assert_eq!(metric(&text, "istio_requests_total", &api_request("101")), 1.0, "{text}");
+    assert_eq!(metric(&text, "istio_requests_total", &api_request("200")), 1.0, "{text}");
+}
 
-    // One JSON access log line per request.
+#[test]
+fn request_metrics_and_the_access_log_name_both_identities() {
+    if !require_root("request_metrics_and_the_access_log_name_both_identities") {
+        return;
+    }
+    let access_log = std::env::temp_dir().join(format!("mesh-test-access-{}.log", std::process::id()));
+    let _ = std::fs::remove_file(&access_log);
+    let m = Mesh::start("", &["--access-log", access_log.to_str().unwrap()]);
+    let test = m.pod("test");
+    let (ok, out) = curl(test, &format!("http://{API_VIP}/hello"));
+    assert!(ok, "{out}");
+    // An upstream status passes through and is counted.
+    let out =
+        test.cmd(&["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", &format!("http://{API_VIP}/status/503")]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "503");
+
+    let text = m.agents[0].wait_metrics(5, "request metrics", |t| {
+        metric(t, "istio_requests_total", &api_request("200")) >= 1.0
+            && metric(t, "istio_requests_total", &api_request("503")) >= 1.0
+    });
+    assert_eq!(metric(&text, "istio_requests_total", &api_request("200")), 1.0, "{text}");
+    assert_eq!(metric(&text, "istio_request_duration_milliseconds_count", &api_request("503")), 1.0, "{text}");
+
+    // One JSON line per request.
     let log = std::fs::read_to_string(&access_log).unwrap();
     let _ = std::fs::remove_file(&access_log);
     let lines: Vec<serde_json::Value> = log.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    assert_eq!(lines.len(), 10, "{log}");
+    assert_eq!(lines.len(), 2, "{log}");
     let failed = lines.iter().find(|l| l["path"] == "/status/503").expect("503 logged");
     assert_eq!(failed["response_code"], 503);
     assert_eq!(failed["source_principal"], TEST_ID);
     assert_eq!(failed["upstream_host"], "10.244.2.2:8080");
     assert_eq!(failed["x_request_id"].as_str().map(str::len), Some(36), "{failed}");
-    // Upstream connections are pooled per client pod: requests on new client
-    // connections (a GET, a HEAD and a 204 with no body to read, a GET) all
-    // go on one tunnel to node-2 (none new if the requests above left one).
+}
+
+#[test]
+fn upstream_connections_are_pooled_per_client_pod() {
+    if !require_root("upstream_connections_are_pooled_per_client_pod") {
+        return;
+    }
+    let m = Mesh::start("", &[]);
+    // Requests on new client connections (a GET, a HEAD and a 204 with no body
+    // to read, a GET) all go on one tunnel to node-2.
     let tunnels = [("reporter", "destination"), ("destination_app", "helloworld")];
     let opened = || metric(&m.agents[1].metrics(), "istio_tcp_connections_opened_total", &tunnels);
     let before = opened();
     for (flag, path) in [("-sSf", "/hello"), ("-sSfI", "/hello"), ("-sSf", "/status/204"), ("-sSf", "/hello")] {
-        let out = test.cmd(&["curl", flag, "--max-time", "5", &format!("{api}{path}")]);
+        let out = m.pod("test").cmd(&["curl", flag, "--max-time", "5", &format!("http://{API_VIP}{path}")]);
         assert!(out.status.success(), "{path}: {}", String::from_utf8_lossy(&out.stderr));
     }
     let after = opened();
