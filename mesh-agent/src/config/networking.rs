@@ -49,18 +49,28 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
     let n: f64 = num.parse().map_err(|_| format!("{s:?}: expected a duration such as 500ms or 2s"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
+    let ms = match unit {
+        "ms" => n,
+        "s" => n * 1e3,
+        "m" => n * 60e3,
+        "h" => n * 3600e3,
         _ => return Err(format!("{s:?}: the unit must be ms, s, m or h")),
     };
-    if !(secs.is_finite() && secs > 0.0) {
-        return Err(format!("{s:?}: must be positive"));
+    // Istio's limits: protobuf's largest Duration, at least 1ms, whole milliseconds.
+    if !ms.is_finite() || ms > MAX_DURATION_MS {
+        return Err(format!("{s:?}: above the largest duration, {}s", MAX_DURATION_MS / 1e3));
     }
-    Ok(Duration::from_secs_f64(secs))
+    if ms < 1.0 {
+        return Err(format!("{s:?}: below 1ms, the shortest duration"));
+    }
+    if (ms - ms.round()).abs() > 1e-6 {
+        return Err(format!("{s:?}: only whole milliseconds are supported"));
+    }
+    Ok(Duration::from_millis(ms.round() as u64))
 }
+
+/// The largest duration protobuf (and so Istio) allows: 10 000 years.
+const MAX_DURATION_MS: f64 = 315_576_000_000e3;
 
 /// Resolves a host as Istio does for mesh Services: a short name (in the
 /// object's namespace), `name.ns`, `name.ns.svc`, the FQDN, or a VIP.

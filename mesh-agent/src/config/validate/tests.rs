@@ -468,3 +468,32 @@ fn a_file_that_stops_parsing_keeps_its_last_good_version() {
     assert!(!denied(&fresh) && fresh.rejected.len() == 1);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn durations_outside_istios_range_are_named_errors_not_panics() {
+    let svc = "apiVersion: v1\nkind: Service\nmetadata: {name: hello, namespace: demo}\n\
+               spec: {clusterIP: 10.96.0.10, ports: [{name: http, port: 80}]}\n---\n";
+    let vs = |timeout: &str| {
+        format!(
+            "{svc}apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: v, namespace: demo}}\n\
+             spec: {{hosts: [hello], http: [{{route: [{{destination: {{host: hello}}}}], timeout: \"{timeout}\"}}]}}\n"
+        )
+    };
+    let at = "cluster.yaml (document 2): VirtualService demo/v: spec.http[0].timeout";
+    for (timeout, why) in [
+        ("99999999999999999999s", "above the largest duration, 315576000000s"),
+        ("315576000001s", "above the largest duration, 315576000000s"),
+        ("1e400s", "\"1e400s\": the unit must be ms, s, m or h"),
+        ("0.5ms", "below 1ms"),
+        ("1.5ms", "only whole milliseconds"),
+        ("0s", "below 1ms"),
+        (".s", "expected a duration such as 500ms or 2s"),
+    ] {
+        let err = error_of(&vs(timeout));
+        assert!(err.starts_with(at) && err.contains(why), "{timeout}: {err}");
+    }
+    // Istio's limits themselves are admitted.
+    for timeout in ["1ms", "315576000000s", "87660h", "0.25s"] {
+        assert!(load(&vs(timeout)).is_ok(), "{timeout}");
+    }
+}
