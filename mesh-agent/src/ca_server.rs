@@ -223,31 +223,48 @@ async fn handle(svc: &Service, peer: SocketAddr, req: Request<hyper::body::Incom
         Ok(b) => b.to_bytes(),
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("reading the body: {e}")),
     };
-    let request: SignRequest = match serde_json::from_slice(&body) {
-        Ok(r) => r,
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("request body: {e}")),
-    };
     let state = svc.state.read().map(|s| s.clone()).unwrap_or_default();
-    let allowed = state.node_identities(&node).contains(&*request.identity);
-    if !allowed {
-        tracing::warn!(%peer, %node, identity = %request.identity, "CA: identity refused for this node");
-        return error(
-            StatusCode::FORBIDDEN,
-            format!(
-                "no meshed pod or Gateway on node {node} runs as {}; a node gets only its own identities",
-                request.identity
-            ),
-        );
-    }
-    let ttl = Duration::from_secs(request.ttl_seconds.max(1)).min(svc.max_ttl);
-    match svc.ca.sign_csr(&request.csr, &request.identity, ttl) {
-        Ok(chain) => {
+    let identities = state.node_identities(&node);
+    match sign_request(&svc.ca, &body, |id| identities.contains(id), svc.max_ttl) {
+        Ok((request, ttl, chain)) => {
             tracing::info!(%node, identity = %request.identity, ?ttl, "CA: certificate signed");
             let pem = chain.iter().map(|c| der_to_pem(c)).collect();
             json(StatusCode::OK, &SignResponse { cert_chain: pem })
         }
-        Err(IdentityError::Invalid { what, message }) => error(StatusCode::BAD_REQUEST, format!("{what}: {message}")),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err((status, message)) => {
+            if status == StatusCode::FORBIDDEN {
+                tracing::warn!(%peer, %node, "CA: {message}");
+            }
+            let message = match status {
+                StatusCode::FORBIDDEN => format!("{message}: a node gets only its own identities (node {node})"),
+                _ => message,
+            };
+            error(status, message)
+        }
+    }
+}
+
+/// A sign request's body, judged and signed: the request, the lifetime given
+/// and the chain; or the status and message to refuse it with. `allowed` says
+/// which identities the asking node may hold. Everything in `body` comes from
+/// the network (fuzzed: `cargo xtask fuzz`).
+pub fn sign_request(
+    ca: &Ca,
+    body: &[u8],
+    allowed: impl Fn(&str) -> bool,
+    max_ttl: Duration,
+) -> Result<(SignRequest, Duration, Vec<CertificateDer<'static>>), (StatusCode, String)> {
+    let request: SignRequest =
+        serde_json::from_slice(body).map_err(|e| (StatusCode::BAD_REQUEST, format!("request body: {e}")))?;
+    if !allowed(&request.identity) {
+        let message = format!("no meshed pod or Gateway on this node runs as {}", request.identity);
+        return Err((StatusCode::FORBIDDEN, message));
+    }
+    let ttl = Duration::from_secs(request.ttl_seconds.max(1)).min(max_ttl);
+    match ca.sign_csr(&request.csr, &request.identity, ttl) {
+        Ok(chain) => Ok((request, ttl, chain)),
+        Err(IdentityError::Invalid { what, message }) => Err((StatusCode::BAD_REQUEST, format!("{what}: {message}"))),
+        Err(e) => Err((StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
     }
 }
 

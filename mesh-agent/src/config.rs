@@ -86,6 +86,19 @@ pub fn load_documents(docs: &[Document], trust_domain: &str) -> Loaded {
     validate::build_state(docs, trust_domain)
 }
 
+/// Loads YAML text as the one file `name` holds: what it admits, with every
+/// problem (parse errors first) in `rejected`. For tests and fuzzing: the same
+/// path as [`load`] without the file system.
+pub fn load_text(name: &str, text: &str, trust_domain: &str) -> Loaded {
+    let file: std::sync::Arc<Path> = Path::new(name).into();
+    let (mut docs, mut errors) = (Vec::new(), Vec::new());
+    load::parse_text(&file, text, &mut docs, &mut errors);
+    let mut loaded = load_documents(&docs, trust_domain);
+    errors.append(&mut loaded.rejected);
+    loaded.rejected = errors;
+    loaded
+}
+
 /// A validated state from YAML text (for unit tests of the decisions made on it).
 #[cfg(test)]
 pub(crate) fn state_from_yaml(yaml: &str) -> State {

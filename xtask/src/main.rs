@@ -62,6 +62,15 @@ enum Task {
         #[arg(long, allow_hyphen_values = true)]
         agent_args: Option<String>,
     },
+    /// Fuzz the parsers of untrusted input with cargo-fuzz (nightly), each
+    /// target for a bounded time; a crash stops with its input saved.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        secs: u64,
+        /// Targets to run (default: all of them).
+        targets: Vec<String>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -74,7 +83,35 @@ fn main() -> anyhow::Result<()> {
             let agent_args = agent_args.map(|a| a.split_whitespace().map(String::from).collect()).unwrap_or_default();
             bench::run(bench::Options { quick, only, perf, secs, rounds, agent_args })
         }
+        Task::Fuzz { secs, targets } => fuzz(secs, &targets),
     }
+}
+
+/// The fuzz targets (mesh-agent/fuzz/fuzz_targets), each with checked-in seeds.
+const FUZZ_TARGETS: [&str; 5] = ["config", "sniff", "sni", "hbone_connect", "ca_request"];
+
+fn fuzz(secs: u64, targets: &[String]) -> anyhow::Result<()> {
+    if let Some(unknown) = targets.iter().find(|t| !FUZZ_TARGETS.contains(&t.as_str())) {
+        bail!("no fuzz target {unknown:?}; there are: {}", FUZZ_TARGETS.join(", "));
+    }
+    let crate_dir = workspace_root()?.join("mesh-agent");
+    let chosen: Vec<&str> = match targets {
+        [] => FUZZ_TARGETS.to_vec(),
+        some => some.iter().map(String::as_str).collect(),
+    };
+    for target in chosen {
+        eprintln!("fuzz: {target} for {secs} s");
+        let corpus = format!("fuzz/corpus/{target}");
+        std::fs::create_dir_all(crate_dir.join(&corpus))?;
+        run(Command::new("cargo")
+            .args(["+nightly", "fuzz", "run", target, &corpus, &format!("fuzz/seeds/{target}")])
+            .args(["--", &format!("-max_total_time={secs}"), "-max_len=65536"])
+            .current_dir(&crate_dir))
+        .with_context(|| {
+            format!("fuzz target {target} failed; its input is under mesh-agent/fuzz/artifacts/{target}/")
+        })?;
+    }
+    Ok(())
 }
 
 fn run(cmd: &mut Command) -> anyhow::Result<()> {
@@ -141,6 +178,11 @@ fn setup() -> anyhow::Result<()> {
             .args(["install", "bpf-linker", "--version", &format!("~{BPF_LINKER_VERSION}")])
             .args(["--no-default-features", "--features", "llvm-22"])
             .env("LLVM_PREFIX", "/usr/lib/llvm-22"))?;
+    }
+    if succeeds(Command::new("cargo").args(["fuzz", "--version"])) {
+        eprintln!("setup: cargo-fuzz present");
+    } else {
+        run(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))?;
     }
     let oha = Command::new("oha").arg("--version").output();
     if oha.as_ref().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(OHA_VERSION)) {

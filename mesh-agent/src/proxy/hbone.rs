@@ -85,7 +85,7 @@ mod client;
 mod server;
 
 pub use client::{Tunnel, TunnelPool, TunnelTo};
-pub use server::{GatewayHop, HopServer, serve};
+pub use server::{GatewayHop, HopServer, connect_request, serve};
 
 #[cfg(test)]
 mod tests;

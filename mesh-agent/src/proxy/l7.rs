@@ -284,7 +284,8 @@ async fn handle(ctx: Arc<Inputs>, down: Arc<Downstream>, mut req: Request<Incomi
         if let Some(cs) = &cluster_state {
             record.hold_in_flight(cs.in_flight(target.addr));
         }
-        let key = PoolKey { client: down.peer_ip, upstream: target.addr, h2, tls: target.tls.is_some() };
+        let source = target.source.as_ref().map(|w| w.principal.clone());
+        let key = PoolKey { client: down.peer_ip, source, upstream: target.addr, h2, tls: target.tls.is_some() };
         let one = exchange(&ctx, &down, &target, key, up_req, per_try, &limits, &mut record);
         let result = match deadline {
             Some(d) => match tokio::time::timeout_at(d, one).await {

@@ -85,3 +85,72 @@ async fn an_ingress_gateway_routes_by_its_virtual_service() {
     assert!(counted("200", "-") && counted("404", "NR"), "{metrics}");
     listeners.close_all();
 }
+
+#[tokio::test]
+async fn a_pooled_upstream_connection_never_carries_another_gateways_request() {
+    // Two Gateways on one port, each with its own host; the destination pod
+    // (meshed, on this node) admits only gateway `a`.
+    let port = free_port();
+    let listener = tokio::net::TcpListener::bind((Ipv4Addr::new(127, 0, 0, 3), 0)).await.expect("bind");
+    let up = listener.local_addr().expect("address").port();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let svc = hyper::service::service_fn(|_req: Request<hyper::body::Incoming>| async move {
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from("secret"))))
+            });
+            tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc));
+        }
+    });
+    let gateway = |name: &str, host: &str| {
+        format!(
+            "---\napiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: {name}, namespace: istio-system}}\n\
+             spec: {{selector: {{istio: ingressgateway}}, servers: [{{port: {{number: {port}, name: http, protocol: HTTP}}, hosts: ['{host}']}}]}}\n\
+             ---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: {name}, namespace: demo}}\n\
+             spec: {{hosts: ['{host}'], gateways: [istio-system/{name}], http: [{{route: [{{destination: {{host: hello, port: {{number: 80}}}}}}]}}]}}\n"
+        )
+    };
+    let yaml = format!(
+        "apiVersion: v1\nkind: Node\nmetadata: {{name: n1, labels: {{istio: ingressgateway}}}}\n\
+         status: {{addresses: [{{type: InternalIP, address: 127.0.0.1}}]}}\n\
+         ---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: demo, labels: {{istio.io/dataplane-mode: ambient}}}}\n\
+         ---\napiVersion: v1\nkind: Pod\nmetadata: {{name: hello, namespace: demo, labels: {{app: hello}}}}\n\
+         spec: {{nodeName: n1, serviceAccountName: hello}}\nstatus: {{podIP: 127.0.0.3, phase: Running}}\n\
+         ---\napiVersion: v1\nkind: Service\nmetadata: {{name: hello, namespace: demo}}\n\
+         spec: {{clusterIP: 10.96.0.10, selector: {{app: hello}}, ports: [{{name: http, port: 80, targetPort: {up}}}]}}\n\
+         ---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: only-a, namespace: demo}}\n\
+         spec: {{selector: {{matchLabels: {{app: hello}}}}, action: ALLOW, \
+         rules: [{{from: [{{source: {{principals: [cluster.local/ns/istio-system/sa/gw-a]}}}}]}}]}}\n{}{}",
+        gateway("gw-a", "a.example"),
+        gateway("gw-b", "b.example"),
+    );
+    let t = TestInputs::new(&yaml);
+    let mut listeners = Listeners::default();
+    listeners.reconcile(&t.inputs);
+
+    // One keep-alive client connection, a request for each gateway's host.
+    let tcp = tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port)).await.expect("connect to the gateway");
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.expect("handshake");
+    tokio::spawn(conn);
+    let mut answers = Vec::new();
+    for host in ["a.example", "b.example"] {
+        let req = Request::get("/").header("host", host).body(Empty::<Bytes>::new()).expect("request");
+        let resp = send.send_request(req).await.expect("response");
+        let status = resp.status();
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        answers.push((status, String::from_utf8_lossy(&body).into_owned()));
+    }
+    assert_eq!(answers[0], (StatusCode::OK, "secret".to_owned()));
+    assert_eq!(answers[1].0, StatusCode::FORBIDDEN, "gateway b got through on gateway a's connection: {answers:?}");
+
+    // Each request reported with the identity it left with.
+    let metrics = t.inputs.metrics.encode();
+    let counted = |code: &str, principal: &str| {
+        metrics.lines().any(|l| {
+            l.starts_with("istio_requests_total{")
+                && l.contains(&format!("response_code=\"{code}\""))
+                && l.contains(&format!("source_principal=\"spiffe://cluster.local/ns/istio-system/sa/{principal}\""))
+        })
+    };
+    assert!(counted("200", "gw-a") && counted("403", "gw-b"), "{metrics}");
+    listeners.close_all();
+}

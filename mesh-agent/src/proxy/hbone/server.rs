@@ -89,9 +89,26 @@ fn answer(status: StatusCode, reason: &str) -> Response<Empty<Bytes>> {
     r
 }
 
+/// What a CONNECT asks for: the target pod address, and the original client's
+/// IP when the source agent names one (`Forwarded: for=`); or the answer to
+/// refuse it with. Pure, for the peer's bytes decide it (fuzzed).
+pub fn connect_request(
+    method: &Method,
+    uri: &hyper::Uri,
+    headers: &hyper::HeaderMap,
+) -> Result<(SocketAddrV4, Option<Ipv4Addr>), (StatusCode, &'static str)> {
+    if method != Method::CONNECT {
+        return Err((StatusCode::METHOD_NOT_ALLOWED, "only CONNECT is served on this port"));
+    }
+    let Some(target) = uri.authority().and_then(|a| a.as_str().parse::<SocketAddrV4>().ok()) else {
+        return Err((StatusCode::BAD_REQUEST, "CONNECT target must be <ipv4>:<port>"));
+    };
+    Ok((target, forwarded_for(headers)))
+}
+
 /// `Forwarded: for=<ip>` (RFC 7239), first element.
-fn forwarded_for(req: &Request<Incoming>) -> Option<Ipv4Addr> {
-    let v = req.headers().get("forwarded")?.to_str().ok()?;
+fn forwarded_for(headers: &hyper::HeaderMap) -> Option<Ipv4Addr> {
+    let v = headers.get("forwarded")?.to_str().ok()?;
     let first = v.split(',').next()?;
     first.split(';').find_map(|kv| {
         let (k, v) = kv.trim().split_once('=')?;
@@ -107,11 +124,9 @@ async fn handle_connect(
     server_id: Arc<str>,
     mut req: Request<Incoming>,
 ) -> Response<Empty<Bytes>> {
-    if req.method() != Method::CONNECT {
-        return answer(StatusCode::METHOD_NOT_ALLOWED, "only CONNECT is served on this port");
-    }
-    let Some(target) = req.uri().authority().and_then(|a| a.as_str().parse::<SocketAddrV4>().ok()) else {
-        return answer(StatusCode::BAD_REQUEST, "CONNECT target must be <ipv4>:<port>");
+    let (target, client_ip) = match connect_request(req.method(), req.uri(), req.headers()) {
+        Ok(asked) => asked,
+        Err((status, why)) => return answer(status, why),
     };
     // The second hop of the egress-gateway pattern: a gateway port on this node.
     if let Some(serve) = hop(target, &server_id) {
@@ -142,7 +157,6 @@ async fn handle_connect(
         return answer(StatusCode::FORBIDDEN, "target does not run as the identity the connection was made for");
     }
     // The original client: trusted only when that pod runs as the peer's identity.
-    let client_ip = forwarded_for(&req);
     let source = client_ip.and_then(|ip| state.workload_by_ip(ip)).filter(|w| *w.principal == *peer_id).cloned();
     // A gateway or a node's host client: labelled as that workload, no pod IP.
     let labelled = source.clone().or_else(|| state.edge_workload(&peer_id));

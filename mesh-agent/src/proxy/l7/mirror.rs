@@ -50,7 +50,8 @@ pub(super) async fn mirror_request(
             parts.uri = uri;
         }
     }
-    let key = PoolKey { client: down.peer_ip, upstream: addr, h2, tls: false };
+    let from = source.as_ref().map(|w| w.principal.clone());
+    let key = PoolKey { client: down.peer_ip, source: from, upstream: addr, h2, tls: false };
     let limits = limits(&ctx, None);
     let to = Target { source, dest: Some(endpoint), addr, labels: TcpLabels::black_hole(None), tls: None };
     drop(state);

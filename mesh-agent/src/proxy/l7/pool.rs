@@ -34,8 +34,12 @@ const MAX_IDLE: usize = 16;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PoolKey {
-    /// The client pod: connections from its address (and identity) are its own.
+    /// The client pod: connections from its address are its own.
     pub client: Ipv4Addr,
+    /// The identity requests leave with (a pod's, or a gateway's): a
+    /// connection authorized for one is never used for another, whatever
+    /// client address they share (two gateways behind one listener do).
+    pub source: Option<std::sync::Arc<str>>,
     pub upstream: SocketAddrV4,
     pub h2: bool,
     /// TLS originated by the agent (DestinationRule `tls.mode: SIMPLE`).
