@@ -256,6 +256,10 @@ pub fn sign_request(
 ) -> Result<(SignRequest, Duration, Vec<CertificateDer<'static>>), (StatusCode, String)> {
     let request: SignRequest =
         serde_json::from_slice(body).map_err(|e| (StatusCode::BAD_REQUEST, format!("request body: {e}")))?;
+    // Whatever the configuration says: the CA's own identity is never given out.
+    if request.identity == crate::identity::ca_identity(&ca.trust_domain) {
+        return Err((StatusCode::FORBIDDEN, format!("{} is the mesh CA's identity", request.identity)));
+    }
     if !allowed(&request.identity) {
         let message = format!("no meshed pod or Gateway on this node runs as {}", request.identity);
         return Err((StatusCode::FORBIDDEN, message));
@@ -270,4 +274,32 @@ pub fn sign_request(
 
 fn der_to_pem(der: &CertificateDer<'_>) -> String {
     pem::encode(&pem::Pem::new("CERTIFICATE", der.to_vec()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use hyper::StatusCode;
+
+    use super::sign_request;
+    use crate::identity::ca::Ca;
+
+    #[test]
+    fn the_cas_own_identity_is_never_signed() {
+        let dir = std::env::temp_dir().join(format!("mesh-ca-server-{}", std::process::id()));
+        let ca = Ca::load_or_create(&dir, "cluster.local").expect("a CA in a temporary directory");
+        let key = rcgen::KeyPair::generate().expect("a key");
+        let csr = rcgen::CertificateParams::default().serialize_request(&key).expect("a CSR").pem().expect("PEM");
+        let body = |identity: &str| {
+            serde_json::to_vec(&serde_json::json!({"identity": identity, "csr": csr, "ttlSeconds": 60})).expect("JSON")
+        };
+        let ttl = Duration::from_secs(3600);
+        let signed = sign_request(&ca, &body("spiffe://cluster.local/ns/demo/sa/test"), |_| true, ttl);
+        assert!(signed.is_ok(), "{:?}", signed.err());
+        // Even when the configuration would allow it (a node with such a pod).
+        let refused = sign_request(&ca, &body("spiffe://cluster.local/ns/istio-system/sa/mesh-ca"), |_| true, ttl);
+        assert_eq!(refused.err().map(|e| e.0), Some(StatusCode::FORBIDDEN));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

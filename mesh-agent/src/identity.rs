@@ -56,7 +56,7 @@ pub fn spiffe_id(trust_domain: &str, namespace: &str, service_account: &str) -> 
 
 /// The identity of the CA service itself (what node agents verify when they dial it).
 pub fn ca_identity(trust_domain: &str) -> String {
-    spiffe_id(trust_domain, ROOT_NAMESPACE, "mesh-ca")
+    spiffe_id(trust_domain, ROOT_NAMESPACE, crate::state::CA_SERVICE_ACCOUNT)
 }
 
 /// The TLS server name a client sends to ask a node agent for the certificate

@@ -73,6 +73,9 @@ pub struct Node {
 
 /// Service accounts in `istio-system` starting so are node identities.
 pub const NODE_IDENTITY_PREFIX: &str = "mesh-node-";
+/// The mesh CA's service account in `istio-system`: no Pod or Gateway may
+/// run as it (agents trust a server with this identity as their CA).
+pub const CA_SERVICE_ACCOUNT: &str = "mesh-ca";
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Namespace {

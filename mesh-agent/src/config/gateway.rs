@@ -119,7 +119,10 @@ pub(super) fn build_gateway(
 ) -> Option<Gateway> {
     let (name, namespace) = super::security::name_and_namespace(ctx, &obj.metadata)?;
     let before = ctx.error_count();
-    if &*namespace == "istio-system" && name.starts_with(crate::state::NODE_IDENTITY_PREFIX) {
+    if &*namespace == crate::state::ROOT_NAMESPACE && &*name == crate::state::CA_SERVICE_ACCOUNT {
+        ctx.error("metadata.name", format!("{name:?}: reserved for the mesh CA's identity"));
+    }
+    if &*namespace == crate::state::ROOT_NAMESPACE && name.starts_with(crate::state::NODE_IDENTITY_PREFIX) {
         ctx.error("metadata.name", "names mesh-node-* in istio-system are node identities");
     }
     if obj.spec.servers.is_empty() {

@@ -22,8 +22,8 @@ use super::{
     service_entry::{self, ServiceEntryObject},
 };
 use crate::state::{
-    CLUSTER_DOMAIN, DATAPLANE_MODE_LABEL, NODE_IDENTITY_PREFIX, Namespace, Node, Protocol, Service, ServicePort, State,
-    TargetPort, Workload,
+    CA_SERVICE_ACCOUNT, CLUSTER_DOMAIN, DATAPLANE_MODE_LABEL, NODE_IDENTITY_PREFIX, Namespace, Node, Protocol,
+    ROOT_NAMESPACE, Service, ServicePort, State, TargetPort, Workload,
 };
 
 /// Collects errors against one object.

@@ -94,7 +94,11 @@ pub(super) fn build_workload(
     let phase_ok = pod.status.phase.as_deref().is_none_or(|p| p == "Running");
     let ready_ok = pod.status.conditions.iter().filter(|c| c.kind == "Ready").all(|c| c.status == "True");
     let service_account: Arc<str> = pod.spec.service_account_name.as_deref().unwrap_or("default").into();
-    if &*namespace == "istio-system" && service_account.starts_with(NODE_IDENTITY_PREFIX) {
+    if &*namespace == ROOT_NAMESPACE && &*service_account == CA_SERVICE_ACCOUNT {
+        ctx.error("spec.serviceAccountName", format!("{service_account:?}: reserved for the mesh CA's identity"));
+        return None;
+    }
+    if &*namespace == ROOT_NAMESPACE && service_account.starts_with(NODE_IDENTITY_PREFIX) {
         ctx.error(
             "spec.serviceAccountName",
             format!(

@@ -497,3 +497,41 @@ fn durations_outside_istios_range_are_named_errors_not_panics() {
         assert!(load(&vs(timeout)).is_ok(), "{timeout}");
     }
 }
+
+#[test]
+fn no_object_can_claim_the_cas_or_a_nodes_identity() {
+    let pod = |sa: &str| {
+        format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: istio-system, labels: {{istio.io/dataplane-mode: ambient}}}}\n---\n\
+             apiVersion: v1\nkind: Pod\nmetadata: {{name: p, namespace: istio-system}}\n\
+             spec: {{nodeName: n1, serviceAccountName: {sa}}}\nstatus: {{podIP: 10.244.0.9}}\n"
+        )
+    };
+    let gateway = |name: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: {name}, namespace: istio-system}}\n\
+             spec: {{selector: {{istio: ingressgateway}}, servers: [{{port: {{number: 80, name: http, protocol: HTTP}}, hosts: ['*']}}]}}\n"
+        )
+    };
+    let cases = [
+        (
+            pod("mesh-ca"),
+            "Pod istio-system/p: spec.serviceAccountName: \"mesh-ca\": reserved for the mesh CA's identity",
+        ),
+        (
+            pod("mesh-node-n1"),
+            "Pod istio-system/p: spec.serviceAccountName: \"mesh-node-n1\": service accounts mesh-node-*",
+        ),
+        (
+            gateway("mesh-ca"),
+            "Gateway istio-system/mesh-ca: metadata.name: \"mesh-ca\": reserved for the mesh CA's identity",
+        ),
+        (gateway("mesh-node-n2"), "Gateway istio-system/mesh-node-n2: metadata.name: names mesh-node-*"),
+    ];
+    for (yaml, want) in cases {
+        let err = error_of(&yaml);
+        assert!(err.contains(want), "{want}\n{err}");
+    }
+    // In another namespace the names are ordinary.
+    assert!(load(&gateway("mesh-ca").replace("istio-system", "demo")).is_ok());
+}
