@@ -230,7 +230,7 @@ fn telemetry(c: &mut Criterion) {
     g.bench_function("request labels + 4 metric updates", |b| {
         b.iter(|| {
             let tcp = TcpLabels::new(Some(&source), Some(&dest), Some(&service), false);
-            let labels = RequestLabels::new(tcp, "http", 200, "-".into(), mesh_agent::telemetry::Flags::NONE);
+            let labels = RequestLabels::new(tcp, "http", 200, "-", mesh_agent::telemetry::Flags::NONE);
             metrics.requests.get_or_create(&labels).inc();
             metrics.request_duration.get_or_create(&labels).observe(0.4);
             metrics.request_bytes.get_or_create(&labels).observe(0.0);

@@ -129,7 +129,7 @@ impl TcpLabels {
 pub struct RequestLabels {
     pub response_code: u16,
     /// The `grpc-status` trailer (or header), `-` when absent.
-    pub grpc_response_status: String,
+    pub grpc_response_status: &'static str,
     /// Last: the derive hands the encoder to a flattened field for good.
     #[prometheus(flatten)]
     pub connection: TcpLabels,
@@ -141,7 +141,7 @@ impl RequestLabels {
         mut tcp: TcpLabels,
         request_protocol: &'static str,
         response_code: u16,
-        grpc_response_status: String,
+        grpc_response_status: &'static str,
         response_flags: Flags,
     ) -> Self {
         tcp.request_protocol = request_protocol;

@@ -43,7 +43,7 @@ pub struct Record {
     downstream: std::net::SocketAddr,
     shared: Arc<Shared>,
     status: u16,
-    grpc_status: Option<String>,
+    grpc_status: Option<&'static str>,
     flags: Flags,
     response_bytes: u64,
     done: bool,
@@ -68,8 +68,16 @@ fn header(h: &HeaderMap, name: &str) -> String {
     h.get(name).and_then(|v| v.to_str().ok()).unwrap_or("-").to_owned()
 }
 
-fn grpc_status(h: &HeaderMap) -> Option<String> {
-    h.get("grpc-status").and_then(|v| v.to_str().ok()).map(str::to_owned)
+/// The `grpc-status` a response carries, as a label value: one of gRPC's
+/// codes (0–16), else `other`. The value comes from the upstream, and each
+/// distinct label value is a time series kept for the agent's life: a hostile
+/// server must not be able to grow the registry.
+fn grpc_status(h: &HeaderMap) -> Option<&'static str> {
+    const CODES: [&str; 17] =
+        ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16"];
+    let v = h.get("grpc-status")?;
+    let code = v.to_str().ok().and_then(|s| s.trim().parse::<usize>().ok()).and_then(|n| CODES.get(n));
+    Some(code.copied().unwrap_or("other"))
 }
 
 impl Record {
@@ -166,7 +174,7 @@ impl Record {
             // gRPC clients read the status from grpc-status: UNAVAILABLE (14),
             // PERMISSION_DENIED (7) as Envoy maps them.
             let code = if status == StatusCode::FORBIDDEN { "7" } else { "14" };
-            self.grpc_status = Some(code.into());
+            self.grpc_status = Some(code);
             r.headers_mut().insert("grpc-status", hyper::header::HeaderValue::from_static(code));
         }
         self.finish();
@@ -222,7 +230,7 @@ impl Record {
             self.tcp.clone(),
             request_protocol(self.grpc),
             self.status,
-            self.grpc_status.clone().unwrap_or_else(|| "-".into()),
+            self.grpc_status.unwrap_or("-"),
             self.flags,
         );
         let m = &self.ctx.metrics;

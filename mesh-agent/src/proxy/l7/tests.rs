@@ -297,3 +297,40 @@ async fn send(inputs: Arc<crate::proxy::Inputs>) -> Response<hyper::body::Incomi
     let req = Request::get("/").header("host", "hello").body(Empty::<Bytes>::new()).expect("request");
     send.send_request(req).await.expect("response")
 }
+
+#[tokio::test]
+async fn grpc_status_labels_from_upstreams_are_limited_to_grpcs_codes() {
+    // A hostile upstream: a new grpc-status value on every answer.
+    let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.expect("bind");
+    let port = listener.local_addr().expect("address").port();
+    let n = Arc::new(AtomicUsize::new(0));
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let n = n.clone();
+            let svc = hyper::service::service_fn(move |_req: Request<hyper::body::Incoming>| {
+                let i = n.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    let status = if i == 0 { "5".to_owned() } else { format!("junk-{i}") };
+                    let resp = Response::builder()
+                        .header("content-type", "application/grpc")
+                        .header("grpc-status", status)
+                        .body(Empty::<Bytes>::new())
+                        .expect("response");
+                    Ok::<_, Infallible>(resp)
+                }
+            });
+            tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc));
+        }
+    });
+    let t = TestInputs::new(&cluster(port, "{route: [{destination: {host: hello}}]}"));
+    for _ in 0..50 {
+        assert_eq!(get(&t).await.0, StatusCode::OK);
+    }
+    let metrics = t.inputs.metrics.encode();
+    let statuses: std::collections::BTreeSet<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("istio_requests_total{"))
+        .filter_map(|l| l.split("grpc_response_status=\"").nth(1)?.split('"').next())
+        .collect();
+    assert_eq!(statuses, ["5", "other"].into(), "{metrics}");
+}
