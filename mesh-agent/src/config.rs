@@ -14,6 +14,7 @@ use crate::state::State;
 mod gateway;
 pub mod k8s;
 mod load;
+mod mesh_config;
 mod networking;
 mod security;
 mod service_entry;

@@ -44,6 +44,8 @@ pub struct State {
     pub gateways: Vec<Arc<Gateway>>,
     /// MeshConfig `outboundTrafficPolicy.mode`.
     pub outbound_policy: OutboundPolicy,
+    /// MeshConfig `pathNormalization`.
+    pub path_normalization: PathNormalization,
     /// ServiceEntry hosts (one Service each), for routing HTTP by `Host`.
     #[serde(skip)]
     pub external_by_host: HashMap<String, Arc<Service>>,
@@ -139,6 +141,22 @@ pub struct External {
     /// The endpoint reported for `resolution: NONE` (the original destination).
     #[serde(skip)]
     pub unknown: Arc<Workload>,
+}
+
+/// MeshConfig `pathNormalization.normalization`: how request paths are
+/// normalised before routing (and forwarded so).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum PathNormalization {
+    /// As the client sent it.
+    None,
+    /// RFC 3986: dot segments removed, unreserved characters decoded (Istio's default).
+    #[default]
+    Base,
+    /// BASE, and runs of slashes merged into one.
+    MergeSlashes,
+    /// MERGE_SLASHES after decoding `%2F` and `%5C`.
+    DecodeAndMergeSlashes,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -11,9 +11,7 @@ use std::{collections::BTreeMap, net::Ipv4Addr, sync::Arc};
 use serde::Deserialize;
 
 use super::{k8s::ObjectMeta, validate::Ctx};
-use crate::state::{
-    External, Location, OutboundPolicy, Protocol, Resolution, Service, ServicePort, TargetPort, Workload,
-};
+use crate::state::{External, Location, Protocol, Resolution, Service, ServicePort, TargetPort, Workload};
 
 type Unsupported = Option<serde_yaml_ng::Value>;
 const NOT_YET: &str = "not supported by this version of mesh-agent";
@@ -286,41 +284,5 @@ fn unknown_endpoint(namespace: &Arc<str>, ip: Option<Ipv4Addr>, labels: BTreeMap
         meshed: false,
         ready: true,
         named_ports: BTreeMap::new(),
-    }
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct MeshConfig {
-    outbound_traffic_policy: Option<OutboundTrafficPolicySpec>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct OutboundTrafficPolicySpec {
-    mode: Option<String>,
-}
-
-/// `outboundTrafficPolicy.mode` from the `mesh` key of ConfigMap
-/// `istio-system/istio` (other MeshConfig fields are Istio's and ignored).
-pub(super) fn outbound_policy(ctx: &mut Ctx<'_>, data: &BTreeMap<String, String>) -> OutboundPolicy {
-    let Some(text) = data.get("mesh") else { return OutboundPolicy::AllowAny };
-    let mesh: MeshConfig = match serde_yaml_ng::from_str::<Option<MeshConfig>>(text) {
-        Ok(m) => m.unwrap_or_default(),
-        Err(e) => {
-            ctx.error("data.mesh", format!("not valid MeshConfig YAML: {e}"));
-            return OutboundPolicy::AllowAny;
-        }
-    };
-    match mesh.outbound_traffic_policy.and_then(|p| p.mode).as_deref() {
-        None | Some("ALLOW_ANY") => OutboundPolicy::AllowAny,
-        Some("REGISTRY_ONLY") => OutboundPolicy::RegistryOnly,
-        Some(other) => {
-            ctx.error(
-                "data.mesh.outboundTrafficPolicy.mode",
-                format!("{other:?}: expected ALLOW_ANY or REGISTRY_ONLY"),
-            );
-            OutboundPolicy::AllowAny
-        }
     }
 }

@@ -34,6 +34,7 @@ mod filters;
 mod headers;
 mod metered;
 mod mirror;
+pub mod path;
 pub mod pool;
 mod retry;
 
@@ -164,6 +165,14 @@ async fn handle(ctx: Arc<Inputs>, down: Arc<Downstream>, mut req: Request<Incomi
     }
     let grpc = is_grpc(req.headers());
     let state = ctx.state();
+    // Before anything reads the path: routing and the upstream see the same one.
+    if let Some(path) = path::normalize(req.uri().path(), state.path_normalization)
+        && set_path(&mut req, &path).is_err()
+    {
+        let labels = TcpLabels::new(down.source.as_deref(), None, None, false);
+        let record = Record::new(&ctx, &down, &req, labels, grpc, None, started_at, start);
+        return record.finish_local(LocalReply::BAD_PATH);
+    }
     let view = routing::RequestView {
         method: req.method().as_str(),
         path: req.uri().path_and_query().map_or("/", |p| p.as_str()),

@@ -48,6 +48,10 @@ impl LocalReply {
     pub const BAD_BODY: LocalReply =
         LocalReply { status: StatusCode::BAD_REQUEST, text: "invalid request body", flags: Flags::DPE };
 
+    /// A path that is no longer a valid one once normalised.
+    pub const BAD_PATH: LocalReply =
+        LocalReply { status: StatusCode::BAD_REQUEST, text: "invalid path", flags: Flags::DPE };
+
     /// The fault filter's abort with its status.
     pub fn fault_abort(status: StatusCode) -> LocalReply {
         LocalReply { status, text: "fault filter abort", flags: Flags::FI }

@@ -77,7 +77,7 @@ pub(super) fn assemble(objects: Objects, trust_domain: &str, errors: &mut Vec<Co
     add_service_entries(&mut state, &objects.service_entries, errors);
     if let Some((origin, cm)) = &objects.mesh_config {
         let mut ctx = Ctx { origin, object: describe_meta("ConfigMap", &cm.metadata), errors };
-        state.outbound_policy = service_entry::outbound_policy(&mut ctx, &cm.data);
+        (state.outbound_policy, state.path_normalization) = super::super::mesh_config::mesh_config(&mut ctx, &cm.data);
     }
     let secrets: gateway::Secrets = objects
         .secrets

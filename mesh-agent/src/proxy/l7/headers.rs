@@ -130,3 +130,15 @@ pub(super) fn for_upstream(parts: &mut hyper::http::request::Parts, upgrade: boo
         }
     }
 }
+
+/// Replaces the request's path, keeping its query (and any scheme and authority).
+pub(super) fn set_path(req: &mut Request<Incoming>, path: &str) -> Result<(), hyper::http::Error> {
+    let mut parts = req.uri().clone().into_parts();
+    let with_query = match req.uri().query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_owned(),
+    };
+    parts.path_and_query = Some(with_query.parse().map_err(hyper::http::Error::from)?);
+    *req.uri_mut() = hyper::Uri::from_parts(parts).map_err(hyper::http::Error::from)?;
+    Ok(())
+}

@@ -290,12 +290,7 @@ async fn a_full_connection_pool_answers_503_overflow() {
 
 /// One GET to the Service on a client connection of its own; the response.
 async fn send(inputs: Arc<crate::proxy::Inputs>) -> Response<hyper::body::Incoming> {
-    let (client, server) = tokio::io::duplex(64 * 1024);
-    tokio::spawn(serve(inputs, server, downstream(), Handling::Http1));
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(client)).await.expect("handshake");
-    tokio::spawn(conn);
-    let req = Request::get("/").header("host", "hello").body(Empty::<Bytes>::new()).expect("request");
-    send.send_request(req).await.expect("response")
+    send_to(inputs, "/").await
 }
 
 #[tokio::test]
@@ -333,4 +328,56 @@ async fn grpc_status_labels_from_upstreams_are_limited_to_grpcs_codes() {
         .filter_map(|l| l.split("grpc_response_status=\"").nth(1)?.split('"').next())
         .collect();
     assert_eq!(statuses, ["5", "other"].into(), "{metrics}");
+}
+
+/// An upstream answering with the path and query it was asked for; its port.
+async fn path_echo() -> u16 {
+    let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.expect("bind");
+    let port = listener.local_addr().expect("address").port();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let svc = hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
+                let asked = req.uri().path_and_query().map_or("", |p| p.as_str()).to_owned();
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(asked))))
+            });
+            tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc));
+        }
+    });
+    port
+}
+
+/// One GET of `path` to the Service.
+async fn get_path(t: &TestInputs, path: &str) -> (StatusCode, String) {
+    let resp = send_to(t.inputs.clone(), path).await;
+    let status = resp.status();
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+async fn send_to(inputs: Arc<crate::proxy::Inputs>, path: &str) -> Response<hyper::body::Incoming> {
+    let (client, server) = tokio::io::duplex(64 * 1024);
+    tokio::spawn(serve(inputs, server, downstream(), Handling::Http1));
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(client)).await.expect("handshake");
+    tokio::spawn(conn);
+    let req = Request::get(path).header("host", "hello").body(Empty::<Bytes>::new()).expect("request");
+    send.send_request(req).await.expect("response")
+}
+
+#[tokio::test]
+async fn paths_are_normalised_before_routing_and_forwarded_so() {
+    // /public goes through; anything else is refused by the second rule.
+    let rules = "{match: [{uri: {prefix: /public}}], route: [{destination: {host: hello}}]}, \
+                 {route: [{destination: {host: hello}}], fault: {abort: {httpStatus: 403, percentage: {value: 100}}}}";
+    let port = path_echo().await;
+    let t = TestInputs::new(&cluster(port, rules));
+    assert_eq!(get_path(&t, "/public/x?q=1").await, (StatusCode::OK, "/public/x?q=1".into()));
+    assert_eq!(get_path(&t, "/public/a/./b/%7Ec").await, (StatusCode::OK, "/public/a/b/~c".into()));
+    for sneaky in ["/public/../admin", "/public/%2e%2e/admin", "/public/.%2E/admin", "/public/x/../../admin"] {
+        assert_eq!(get_path(&t, sneaky).await.0, StatusCode::FORBIDDEN, "{sneaky} was routed as /public");
+    }
+    // MeshConfig pathNormalization NONE: paths as the client sent them.
+    let none = "---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: istio, namespace: istio-system}\n\
+                data: {mesh: 'pathNormalization: {normalization: NONE}'}\n";
+    let t = TestInputs::new(&format!("{}{none}", cluster(port, rules)));
+    assert_eq!(get_path(&t, "/public/../admin").await, (StatusCode::OK, "/public/../admin".into()));
 }
