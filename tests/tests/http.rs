@@ -64,20 +64,24 @@ fn http1_keep_alive_adds_a_request_id_and_keeps_trace_context() {
 }
 
 #[test]
-fn h2c_with_prior_knowledge_on_an_http_port() {
-    if !require_root("h2c_with_prior_knowledge_on_an_http_port") {
+fn an_h2c_client_reaches_an_http_port_as_http1_upstream() {
+    if !require_root("an_h2c_client_reaches_an_http_port_as_http1_upstream") {
         return;
     }
     let m = Mesh::start("", &[]);
+    // As Istio: the client keeps HTTP/2, the `http` port gets HTTP/1.1.
     let out = m.pod("test").cmd(&[
         "curl",
         "-sSf",
         "--http2-prior-knowledge",
         "--max-time",
         "5",
+        "-w",
+        "client %{http_version}",
         &format!("http://{API_VIP}/hello"),
     ]);
-    assert!(String::from_utf8_lossy(&out.stdout).contains("; HTTP/2.0;"), "{:?}", out);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("; HTTP/1.1;") && text.ends_with("client 2"), "{out:?}");
 }
 
 #[test]

@@ -55,7 +55,7 @@ fn fixture() -> Fixture {
         &[("app", "helloworld")],
         &[plain("http", 9095), plain("tcp-echo", 7000)],
     )
-    .service("sample", "test", "10.96.0.20", &[("app", "test")], &[plain("http", 9095)])
+    .service("sample", "test", "10.96.0.20", &[("app", "test")], &[plain("http2", 9095)])
     .service("sample", "ws", "10.96.0.13", &HELLO_V1, &[port("http-ws", 80, "8090")])
     .service("sample", "grpc", "10.96.0.14", &HELLO_V1, &[port("grpc", 80, "9090")]);
     f

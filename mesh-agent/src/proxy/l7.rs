@@ -199,11 +199,10 @@ async fn handle(ctx: Arc<Inputs>, down: Arc<Downstream>, mut req: Request<Incomi
         let record = Record::new(&ctx, &down, &req, labels, grpc, None, started_at, start);
         return record.finish_redirect(code, &location);
     }
-    // At a gateway the client's HTTP version is the edge's business: upstream
-    // speaks what the destination port declares (HTTP/1.1 unless http2/grpc),
-    // as Envoy does. Inside the mesh, the client's version is kept.
-    let declared_h2 =
-        matches!(decision.route, Route::Service { protocol: protocol::Declared::Http2 | protocol::Declared::Grpc, .. });
+    let declared = match &decision.route {
+        Route::Service { protocol, .. } => Some(*protocol),
+        _ => None,
+    };
     let first = match target(decision.route, source.as_ref(), cluster.as_ref()) {
         Ok(t) => t,
         Err(refused) => {
@@ -221,13 +220,19 @@ async fn handle(ctx: Arc<Inputs>, down: Arc<Downstream>, mut req: Request<Incomi
 
     let extended_connect = is_extended_connect(&req);
     let upgrade = wants_upgrade(&req) || extended_connect;
-    let h2 = match down.gateways {
-        Some(_) => declared_h2 || grpc,
-        None => req.version() == hyper::Version::HTTP_2,
-    };
+    // Istio's choice of upstream HTTP version (see `upstream_http2`).
+    let no_pool = traffic::ConnectionPool::default();
+    let pool_settings = cluster.as_ref().map_or(&no_pool, |c| &c.policy.pool);
+    let client_h2 = req.version() == hyper::Version::HTTP_2;
+    let h2 = protocol::upstream_http2(declared, client_h2, grpc, down.gateways.is_some(), pool_settings, upgrade);
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     for_upstream(&mut parts, upgrade, h2, down.orig);
+    // WebSocket (or another protocol) over HTTP/2 to an HTTP/1.1 upstream: an Upgrade there.
+    let translated = extended_connect && !h2;
+    if translated {
+        connect_to_upgrade(&mut parts);
+    }
 
     // With retries, a small body is kept so that it can be sent again.
     let retries = rule.as_ref().and_then(|r| r.retries.clone()).filter(|_| !upgrade);
@@ -352,7 +357,14 @@ async fn handle(ctx: Arc<Inputs>, down: Arc<Downstream>, mut req: Request<Incomi
         if let Some(client_upgrade) = client_upgrade {
             tokio::spawn(tunnel_upgrade(client_upgrade, upstream_upgrade, target.addr));
         }
-        let (parts, _) = resp.into_parts();
+        let (mut parts, _) = resp.into_parts();
+        if translated {
+            // The HTTP/2 client asked with CONNECT: its answer is 200, without
+            // HTTP/1.1's connection-specific headers.
+            parts.status = StatusCode::OK;
+            strip_hop_by_hop(&mut parts.headers, false);
+            parts.headers.remove("sec-websocket-accept");
+        }
         return record.finish_switch(parts);
     }
     let (mut parts, body) = resp.into_parts();

@@ -55,6 +55,36 @@ fn from_name(p: &str) -> Option<Declared> {
     })
 }
 
+/// Istio's upstream HTTP version for a request (Envoy's cluster protocol
+/// options): `http2`/`grpc` ports speak HTTP/2, `http` ports HTTP/1.1
+/// (unless the DestinationRule asks for `h2UpgradePolicy: UPGRADE`, or the
+/// request is gRPC, which needs HTTP/2), sniffed ports (and pod addresses)
+/// the client's version (`USE_DOWNSTREAM_PROTOCOL`); at a gateway, gRPC asks
+/// for HTTP/2. `useClientProtocol` keeps the client's version everywhere. An
+/// HTTP/1.1 Upgrade stays HTTP/1.1; WebSocket over HTTP/2 to an HTTP/1.1
+/// upstream becomes an Upgrade there.
+pub fn upstream_http2(
+    port: Option<Declared>,
+    client_h2: bool,
+    grpc: bool,
+    at_gateway: bool,
+    pool: &crate::state::traffic::ConnectionPool,
+    upgrade: bool,
+) -> bool {
+    if upgrade && !client_h2 {
+        return false;
+    }
+    if pool.use_client_protocol {
+        return client_h2;
+    }
+    match port {
+        Some(Declared::Http2 | Declared::Grpc) => true,
+        Some(Declared::Http) => grpc || (pool.h2_upgrade && !upgrade),
+        _ if at_gateway => grpc,
+        _ => client_h2,
+    }
+}
+
 /// The outcome of looking at the first bytes a client sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Sniffed {
@@ -148,6 +178,38 @@ mod tests {
         ];
         for (bytes, want) in cases {
             assert_eq!(sniff(bytes), want, "{:?}", String::from_utf8_lossy(bytes));
+        }
+    }
+
+    #[test]
+    fn upstream_version_follows_istio() {
+        use crate::state::traffic::ConnectionPool;
+        let default = ConnectionPool::default();
+        let upgrade = ConnectionPool { h2_upgrade: true, ..ConnectionPool::default() };
+        let client = ConnectionPool { use_client_protocol: true, ..ConnectionPool::default() };
+        let (http, h2, grpc_port, sniffed) =
+            (Some(Declared::Http), Some(Declared::Http2), Some(Declared::Grpc), Some(Declared::Unknown));
+        // (port, client h2, gRPC, at a gateway, pool, upgrade) → upstream h2
+        let cases = [
+            ("h2c client, http port", http, true, false, false, &default, false, false),
+            ("h1 client, http port", http, false, false, false, &default, false, false),
+            ("gRPC on an http port", http, true, true, false, &default, false, true),
+            ("h1 client, http2 port", h2, false, false, false, &default, false, true),
+            ("h1 client, grpc port", grpc_port, false, true, false, &default, false, true),
+            ("h1 client, sniffed port", sniffed, false, false, false, &default, false, false),
+            ("h2c client, sniffed port", sniffed, true, false, false, &default, false, true),
+            ("h2 client at a gateway, no declared port", None, true, false, true, &default, false, false),
+            ("gRPC at a gateway", None, true, true, true, &default, false, true),
+            ("h2UpgradePolicy UPGRADE", http, false, false, false, &upgrade, false, true),
+            ("UPGRADE leaves an Upgrade alone", http, false, false, false, &upgrade, true, false),
+            ("useClientProtocol, h2c client", http, true, false, false, &client, false, true),
+            ("useClientProtocol, h1 client", h2, false, false, false, &client, false, false),
+            ("h1 Upgrade to an http2 port", h2, false, false, false, &default, true, false),
+            ("WebSocket over HTTP/2 to an http port", http, true, false, false, &default, true, false),
+            ("WebSocket over HTTP/2 to an http2 port", h2, true, false, false, &default, true, true),
+        ];
+        for (name, port, client_h2, grpc, gateway, pool, upgrade, want) in cases {
+            assert_eq!(upstream_http2(port, client_h2, grpc, gateway, pool, upgrade), want, "{name}");
         }
     }
 }

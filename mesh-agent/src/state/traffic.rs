@@ -275,6 +275,11 @@ pub struct ConnectionPool {
     pub max_requests_per_connection: Option<u32>,
     /// `http.idleTimeout`: an unused upstream connection is dropped after this long.
     pub idle_timeout: Option<Duration>,
+    /// `http.h2UpgradePolicy`: `UPGRADE` sends HTTP/1.1 requests to an `http`
+    /// port as HTTP/2 (`Some(true)`); `DO_NOT_UPGRADE` and `DEFAULT` do not.
+    pub h2_upgrade: bool,
+    /// `http.useClientProtocol`: upstream speaks the client's HTTP version.
+    pub use_client_protocol: bool,
 }
 
 /// `outlierDetection`: endpoints failing in a row are left out for a while.

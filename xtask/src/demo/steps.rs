@@ -62,7 +62,7 @@ pub(super) fn steps(ca: &str) -> Vec<Step> {
             name: "helloworld-v1 → test",
             protocol: "HTTP/2",
             from: From::Pod("helloworld-v1"),
-            path: "h2c, node-2 → mTLS → node-1",
+            path: "h2c to an http2 port, node-2 → mTLS → node-1",
             identities: "sample/helloworld → sample/test",
             want: 200,
             want_text: "HTTP/2.0",

@@ -55,12 +55,7 @@ fn policy(
             reject(
                 ctx,
                 &hf,
-                &[
-                    ("maxRetries", &http.max_retries),
-                    ("h2UpgradePolicy", &http.h2_upgrade_policy),
-                    ("useClientProtocol", &http.use_client_protocol),
-                    ("maxConcurrentStreams", &http.max_concurrent_streams),
-                ],
+                &[("maxRetries", &http.max_retries), ("maxConcurrentStreams", &http.max_concurrent_streams)],
             );
             let max = i64::from(u32::MAX);
             if let Some(n) = count(ctx, &format!("{hf}.http1MaxPendingRequests"), http.http1_max_pending_requests, max)
@@ -79,6 +74,15 @@ fn policy(
             if let Some(t) = duration_field(ctx, &format!("{hf}.idleTimeout"), &http.idle_timeout) {
                 out.pool.idle_timeout = Some(t);
             }
+            match http.h2_upgrade_policy.as_deref() {
+                None | Some("DEFAULT" | "DO_NOT_UPGRADE") => {}
+                Some("UPGRADE") => out.pool.h2_upgrade = true,
+                Some(other) => ctx.error(
+                    format!("{hf}.h2UpgradePolicy"),
+                    format!("{other:?}: expected DEFAULT, DO_NOT_UPGRADE or UPGRADE"),
+                ),
+            }
+            out.pool.use_client_protocol = http.use_client_protocol.unwrap_or(false);
         }
     }
     if let Some(od) = &tp.outlier_detection {

@@ -323,8 +323,8 @@ pub struct HttpPoolSpec {
     pub max_requests_per_connection: Option<i64>,
     pub max_retries: Unsupported,
     pub idle_timeout: Option<String>,
-    pub h2_upgrade_policy: Unsupported,
-    pub use_client_protocol: Unsupported,
+    pub h2_upgrade_policy: Option<String>,
+    pub use_client_protocol: Option<bool>,
     pub max_concurrent_streams: Unsupported,
 }
 

@@ -142,3 +142,29 @@ pub(super) fn set_path(req: &mut Request<Incoming>, path: &str) -> Result<(), hy
     *req.uri_mut() = hyper::Uri::from_parts(parts).map_err(hyper::http::Error::from)?;
     Ok(())
 }
+
+/// An HTTP/2 extended CONNECT (RFC 8441) as the HTTP/1.1 Upgrade request an
+/// HTTP/1.1 upstream expects: `GET` with `Upgrade: <protocol>` and, for
+/// WebSocket, the handshake headers RFC 8441 leaves out.
+pub(super) fn connect_to_upgrade(parts: &mut hyper::http::request::Parts) {
+    let protocol = parts.extensions.remove::<hyper::ext::Protocol>();
+    let protocol = protocol.as_ref().map_or("websocket", |p| p.as_str()).to_owned();
+    parts.method = hyper::Method::GET;
+    if let Ok(v) = HeaderValue::from_str(&protocol) {
+        parts.headers.insert(header::UPGRADE, v);
+    }
+    parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    if protocol.eq_ignore_ascii_case("websocket") {
+        if !parts.headers.contains_key(header::SEC_WEBSOCKET_KEY) {
+            use base64::Engine as _;
+            let nonce = crate::identity::random_bytes::<16>().unwrap_or_default();
+            let key = base64::engine::general_purpose::STANDARD.encode(nonce);
+            if let Ok(v) = HeaderValue::from_str(&key) {
+                parts.headers.insert(header::SEC_WEBSOCKET_KEY, v);
+            }
+        }
+        if !parts.headers.contains_key(header::SEC_WEBSOCKET_VERSION) {
+            parts.headers.insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+        }
+    }
+}
