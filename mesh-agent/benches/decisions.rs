@@ -164,14 +164,15 @@ fn routing(c: &mut Criterion) {
     });
     let pod = SocketAddrV4::new(Ipv4Addr::new(10, 244, 1, 12), 8080);
     g.bench_function("l4 pod ip", |b| b.iter(|| route(black_box(&state), black_box(pod), 0)));
-    let default_rule = RequestView { method: "GET", path: "/index.html?x=1", headers: &headers, client };
+    let default_rule =
+        RequestView { method: "GET", path: "/index.html?x=1", headers: &headers, client, namespace: None };
     g.bench_function("l7 request, 4th rule (weighted)", |b| {
         b.iter(|| {
             pick = pick.wrapping_add(1);
             route_request(black_box(&state), vip, black_box(&default_rule), pick, pick as u64, &Healthy)
         })
     });
-    let regex = RequestView { method: "POST", path: "/api/v2/users/42", headers: &headers, client };
+    let regex = RequestView { method: "POST", path: "/api/v2/users/42", headers: &headers, client, namespace: None };
     g.bench_function("l7 request, regex rule", |b| {
         b.iter(|| route_request(black_box(&state), vip, black_box(&regex), 0, 0, &Healthy))
     });

@@ -207,9 +207,25 @@ pub struct GatewayServer {
     pub port: u16,
     pub name: Option<String>,
     pub protocol: GatewayProtocol,
-    /// Host patterns (`*`, `*.example.com`, `example.com`), namespace part removed.
-    pub hosts: Vec<String>,
+    /// Host patterns and the namespaces whose VirtualServices may bind them.
+    pub hosts: Vec<ServerHost>,
     pub tls: Option<ServerTls>,
+}
+
+/// A Gateway server's `hosts` entry, `namespace/host`: the host pattern
+/// (`*`, `*.example.com`, `example.com`) and the one namespace whose
+/// VirtualServices may bind it (`None`: any, written `*/host` or `host`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ServerHost {
+    pub namespace: Option<Arc<str>>,
+    pub host: String,
+}
+
+impl ServerHost {
+    /// Whether a VirtualService in `namespace` may bind this host.
+    pub fn allows(&self, namespace: &str) -> bool {
+        self.namespace.as_deref().is_none_or(|ns| ns == namespace)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

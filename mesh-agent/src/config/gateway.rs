@@ -7,7 +7,7 @@ use std::{collections::BTreeMap, sync::Arc};
 use serde::Deserialize;
 
 use super::{k8s::ObjectMeta, validate::Ctx};
-use crate::state::{Gateway, GatewayProtocol, GatewayServer, ServerCert, ServerTls, Workload};
+use crate::state::{Gateway, GatewayProtocol, GatewayServer, ServerCert, ServerHost, ServerTls, Workload};
 
 type Unsupported = Option<serde_yaml_ng::Value>;
 const NOT_YET: &str = "not supported by this version of mesh-agent";
@@ -205,8 +205,26 @@ fn build_server(
     if s.hosts.is_empty() {
         ctx.error(format!("{base}.hosts"), "at least one host is required (\"*\" for any)");
     }
-    // `namespace/host` limits which VirtualServices may bind; `*/` and `./` forms.
-    let hosts = s.hosts.iter().map(|h| h.split_once('/').map_or(h.as_str(), |(_, h)| h).to_owned()).collect();
+    // `namespace/host` limits which VirtualServices may bind the host: `*/`
+    // (or none) any namespace, `./` the Gateway's own.
+    let mut hosts = Vec::new();
+    for (i, h) in s.hosts.iter().enumerate() {
+        let (ns, host) = h.split_once('/').unwrap_or(("*", h));
+        let allowed: Option<std::sync::Arc<str>> = match ns {
+            "*" => None,
+            "." => Some(namespace.into()),
+            "" => {
+                ctx.error(format!("{base}.hosts[{i}]"), format!("{h:?}: empty namespace before '/'"));
+                continue;
+            }
+            ns => Some(ns.into()),
+        };
+        if host.is_empty() || host.contains('/') {
+            ctx.error(format!("{base}.hosts[{i}]"), format!("{h:?}: expected [namespace/]host"));
+            continue;
+        }
+        hosts.push(ServerHost { namespace: allowed, host: host.to_owned() });
+    }
     let tls = match (&s.tls, protocol) {
         (None, GatewayProtocol::Https | GatewayProtocol::Tls) => {
             ctx.error(format!("{base}.tls"), format!("required for a {} server", port.protocol.to_uppercase()));

@@ -14,6 +14,8 @@ pub struct ObjectMeta {
     pub labels: BTreeMap<String, String>,
     pub annotations: BTreeMap<String, String>,
     pub owner_references: Vec<OwnerReference>,
+    /// RFC 3339, as the API server writes it (`2024-01-02T03:04:05Z`).
+    pub creation_timestamp: Option<String>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]

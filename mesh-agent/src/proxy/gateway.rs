@@ -117,7 +117,7 @@ pub fn plan(state: &State, node: &str) -> Result<BTreeMap<u16, PortPlan>, String
             }
             if let Some(ServerTls::Simple(cert)) = &s.tls {
                 let id = format!("{} ({})", cert.credential, cert.fingerprint());
-                p.credentials.extend(s.hosts.iter().map(|h| (h.clone(), id.clone())));
+                p.credentials.extend(s.hosts.iter().map(|h| (h.host.clone(), id.clone())));
             }
         }
     }
@@ -300,7 +300,7 @@ fn tls_acceptor(state: &State, plan: &PortPlan) -> std::io::Result<tokio_rustls:
                 let key = crate::identity::tls::certified_key_from_pem(&c.cert_pem, &c.key_pem)
                     .map_err(|e| std::io::Error::other(format!("{}: {e}", c.credential)))?;
                 let key = Arc::new(key);
-                certs.extend(s.hosts.iter().map(|h| (h.clone(), key.clone())));
+                certs.extend(s.hosts.iter().map(|h| (h.host.clone(), key.clone())));
             }
         }
     }

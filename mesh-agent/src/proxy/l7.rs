@@ -178,6 +178,7 @@ async fn handle(ctx: Arc<Inputs>, down: Arc<Downstream>, mut req: Request<Incomi
         path: req.uri().path_and_query().map_or("/", |p| p.as_str()),
         headers: req.headers(),
         client: down.peer_ip,
+        namespace: down.source.as_deref().map(|w| &*w.namespace),
     };
     let Some((decision, source)) = decide(&ctx, &state, &down, &view, down.pick(&ctx)) else {
         // A gateway with no rule for this host and path.
@@ -339,6 +340,7 @@ async fn handle(ctx: Arc<Inputs>, down: Arc<Downstream>, mut req: Request<Incomi
             path: parts.uri.path_and_query().map_or("/", |p| p.as_str()),
             headers: &parts.headers,
             client: down.peer_ip,
+            namespace: down.source.as_deref().map(|w| &*w.namespace),
         };
         let Some((again, source)) = decide(&ctx, &state, &down, &view, ctx.next_pick()) else {
             return record.finish_local(LocalReply::NO_ROUTE);

@@ -64,7 +64,8 @@ async fn open(ctx: &Arc<Inputs>, client: TcpStream, peer: SocketAddr) -> Option<
         Route::Service { protocol: Declared::Tcp | Declared::Unknown, .. } | Route::Refused { .. }
             if state.by_vip.contains_key(orig.ip()) =>
         {
-            match crate::routing::http::route_tcp(&state, orig, pick, ctx.next_random()) {
+            let from = source.as_deref().map(|w| &*w.namespace);
+            match crate::routing::http::route_tcp(&state, orig, from, pick, ctx.next_random()) {
                 Some(Route::Service { service, endpoint, addr, .. }) => {
                     Route::Service { service, endpoint, addr, protocol: Declared::Tcp }
                 }

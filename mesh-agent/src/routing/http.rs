@@ -29,6 +29,9 @@ pub struct RequestView<'a> {
     pub headers: &'a HeaderMap,
     /// The client's address (for `useSourceIp` hashing).
     pub client: std::net::Ipv4Addr,
+    /// The client's namespace, for VirtualService `exportTo` (`None`: only
+    /// rules exported everywhere apply).
+    pub namespace: Option<&'a str>,
 }
 
 /// Where a request goes, and the rule that sent it there (timeouts, retries,
@@ -105,7 +108,8 @@ pub fn route_request(
     let key = &service.key;
     // The first rule with a matching condition (no condition matches all), and
     // the condition that matched.
-    let found = first_rule(state.mesh_routes(key), req, orig.port(), MESH);
+    let visible = |vs: &&VirtualService| req.namespace.map_or(vs.export_to.is_none(), |ns| vs.visible_in(ns));
+    let found = first_rule(state.mesh_routes(key).filter(visible), req, orig.port(), MESH);
     let Some((rule, matched)) = found else {
         let policy = state.destination_rule(key).map(|d| d.policy.clone()).unwrap_or_default();
         let avoid = |a: SocketAddrV4| endpoints.ejected(key, a);
@@ -134,11 +138,26 @@ pub fn route_gateway(
 ) -> Option<(Decision, String)> {
     let host = request_host(req.headers).unwrap_or("");
     gateways.iter().find_map(|gw| {
-        let bound = state.gateway_routes(gw).filter(|vs| vs.host_patterns.iter().any(|p| host_matches(p, host)));
+        let g = state.gateway(gw)?;
+        let bound = state.gateway_routes(gw).filter(|vs| {
+            vs.host_patterns.iter().any(|p| host_matches(p, host))
+                && vs.visible_in(&g.namespace)
+                && serves(g, orig.port(), Some(host), &vs.namespace)
+        });
         let (rule, matched) = first_rule(bound, req, orig.port(), gw)?;
         let chosen = Chosen { rule, matched, from: "", orig, port: orig.port(), pick, random };
         Some((follow_rule(state, chosen, None, req, endpoints), gw.clone()))
     })
+}
+
+/// Whether a server of Gateway `g` on `port` lists a host that matches
+/// `host` (any, for TCP) and lets VirtualServices of `namespace` bind it.
+fn serves(g: &crate::state::Gateway, port: u16, host: Option<&str>, namespace: &str) -> bool {
+    g.servers
+        .iter()
+        .filter(|s| s.port == port)
+        .flat_map(|s| &s.hosts)
+        .any(|h| h.allows(namespace) && host.is_none_or(|host| host_matches(&h.host, host)))
 }
 
 /// The request's host, without a port: `:authority` (HTTP/2) or `Host`.
@@ -263,11 +282,18 @@ pub fn resolve<'a>(
 
 /// Routes a TCP connection to a Service VIP by the first matching `tcp` rule of
 /// its VirtualServices; `None` when no rule applies (the default route then).
-pub fn route_tcp(state: &State, orig: SocketAddrV4, pick: usize, random: u64) -> Option<Route> {
+pub fn route_tcp(
+    state: &State,
+    orig: SocketAddrV4,
+    from_namespace: Option<&str>,
+    pick: usize,
+    random: u64,
+) -> Option<Route> {
     let service = state.by_vip.get(orig.ip())?;
     let key = &service.key;
     let rule = state
         .mesh_routes(key)
+        .filter(|vs| from_namespace.map_or(vs.export_to.is_none(), |ns| vs.visible_in(ns)))
         .flat_map(|vs| vs.tcp.iter())
         .find(|r| r.ports.is_empty() || r.ports.iter().any(|p| p.is_none_or(|p| p == orig.port())))?;
     let dest = choose(&rule.routes, random)?;
@@ -287,8 +313,10 @@ pub fn route_gateway_tcp(
     random: u64,
 ) -> Option<(Route, String)> {
     gateways.iter().find_map(|gw| {
+        let g = state.gateway(gw)?;
         let rule = state
             .gateway_routes(gw)
+            .filter(|vs| vs.visible_in(&g.namespace) && serves(g, orig.port(), None, &vs.namespace))
             .flat_map(|vs| vs.tcp.iter())
             .find(|r| r.ports.is_empty() || r.ports.iter().any(|p| p.is_none_or(|p| p == orig.port())))?;
         let dest = choose(&rule.routes, random)?;

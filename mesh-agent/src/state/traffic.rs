@@ -17,9 +17,21 @@ pub struct VirtualService {
     pub host_patterns: Vec<String>,
     /// `mesh` and/or gateways (`namespace/name`) the rules apply at.
     pub gateways: Vec<String>,
+    /// `exportTo`: the namespaces the rules apply in (`None`: all).
+    pub export_to: Option<Vec<Arc<str>>>,
+    /// `metadata.creationTimestamp`: when several VirtualServices claim a
+    /// host, Istio applies the oldest first.
+    pub created: Option<String>,
     pub http: Vec<Arc<HttpRoute>>,
     pub tcp: Vec<Arc<TcpRoute>>,
     pub tls: Vec<Arc<TlsRoute>>,
+}
+
+impl VirtualService {
+    /// Whether the rules apply to clients (or a gateway) in `namespace`.
+    pub fn visible_in(&self, namespace: &str) -> bool {
+        self.export_to.as_ref().is_none_or(|to| to.iter().any(|ns| &**ns == namespace))
+    }
 }
 
 /// A `tls` rule: connections whose SNI matches go to the destinations, the

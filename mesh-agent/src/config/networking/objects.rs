@@ -35,7 +35,7 @@ pub struct VirtualServiceSpec {
     pub tcp: Vec<TcpRouteSpec>,
     #[serde(default)]
     pub tls: Vec<TlsRouteSpec>,
-    pub export_to: Unsupported,
+    pub export_to: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

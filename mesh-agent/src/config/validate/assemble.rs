@@ -122,7 +122,17 @@ pub(super) fn assemble(objects: Objects, trust_domain: &str, errors: &mut Vec<Co
         |o| describe_meta("DestinationRule", &o.metadata),
         |ctx, o| networking::build_destination_rule(ctx, o, services, &secrets),
     );
-    virtual_services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    // Istio's order when several claim a host: the oldest first (by
+    // creationTimestamp, which files written by hand lack), then by
+    // namespace and name.
+    virtual_services.sort_by(|a, b| {
+        (a.created.is_none(), &a.created, &a.namespace, &a.name).cmp(&(
+            b.created.is_none(),
+            &b.created,
+            &b.namespace,
+            &b.name,
+        ))
+    });
     destination_rules.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
     state.virtual_services = virtual_services;
     state.destination_rules = destination_rules;

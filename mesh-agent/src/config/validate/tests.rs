@@ -535,3 +535,25 @@ fn no_object_can_claim_the_cas_or_a_nodes_identity() {
     // In another namespace the names are ordinary.
     assert!(load(&gateway("mesh-ca").replace("istio-system", "demo")).is_ok());
 }
+
+#[test]
+fn virtual_services_claiming_a_host_apply_oldest_first() {
+    let svc = "apiVersion: v1\nkind: Service\nmetadata: {name: hello, namespace: demo}\n\
+               spec: {clusterIP: 10.96.0.10, ports: [{name: http, port: 80}]}\n";
+    let vs = |name: &str, created: &str| {
+        format!(
+            "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\n\
+             metadata: {{name: {name}, namespace: demo{created}}}\n\
+             spec: {{hosts: [hello], http: [{{route: [{{destination: {{host: hello}}}}]}}]}}\n"
+        )
+    };
+    let yaml = format!(
+        "{svc}{}{}{}",
+        vs("a-newer", ", creationTimestamp: '2026-03-01T00:00:00Z'"),
+        vs("b-older", ", creationTimestamp: '2025-01-01T00:00:00Z'"),
+        vs("c-by-hand", ""),
+    );
+    let loaded = load(&yaml).unwrap_or_else(|e| panic!("{e:?}"));
+    let order: Vec<&str> = loaded.state.virtual_services.iter().map(|v| &*v.name).collect();
+    assert_eq!(order, ["b-older", "a-newer", "c-by-hand"]);
+}

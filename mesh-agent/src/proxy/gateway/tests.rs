@@ -154,3 +154,58 @@ async fn a_pooled_upstream_connection_never_carries_another_gateways_request() {
     assert!(counted("200", "gw-a") && counted("403", "gw-b"), "{metrics}");
     listeners.close_all();
 }
+
+#[tokio::test]
+async fn a_host_a_gateway_reserves_for_a_namespace_cannot_be_taken_from_another() {
+    // Two backends, each echoing its name; a Gateway whose server reserves
+    // app.example for namespace `prod`, and VirtualServices in `evil` (first
+    // by name) and `prod` both claiming it.
+    let backend = |name: &'static str, ip: Ipv4Addr| async move {
+        let listener = tokio::net::TcpListener::bind((ip, 0)).await.expect("bind");
+        let port = listener.local_addr().expect("address").port();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let svc = hyper::service::service_fn(move |_req: Request<hyper::body::Incoming>| async move {
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(name))))
+                });
+                tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc));
+            }
+        });
+        port
+    };
+    let prod = backend("prod", Ipv4Addr::new(127, 0, 0, 1)).await;
+    let (evil, port) = (backend("evil", Ipv4Addr::new(127, 0, 0, 4)).await, free_port());
+    let tenant = |ns: &str, vip: &str, target: u16, hosts: &str| {
+        format!(
+            "---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}}}\n\
+             ---\napiVersion: v1\nkind: Pod\nmetadata: {{name: app, namespace: {ns}, labels: {{app: app}}}}\n\
+             spec: {{nodeName: n1}}\nstatus: {{podIP: 127.0.0.{}, phase: Running}}\n\
+             ---\napiVersion: v1\nkind: Service\nmetadata: {{name: app, namespace: {ns}}}\n\
+             spec: {{clusterIP: {vip}, selector: {{app: app}}, ports: [{{name: http, port: 80, targetPort: {target}}}]}}\n\
+             ---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: app, namespace: {ns}}}\n\
+             spec: {{hosts: [{hosts}], gateways: [istio-system/ingress], \
+             http: [{{route: [{{destination: {{host: app, port: {{number: 80}}}}}}]}}]}}\n",
+            if ns == "prod" { 1 } else { 4 }
+        )
+    };
+    let yaml = format!(
+        "apiVersion: v1\nkind: Node\nmetadata: {{name: n1, labels: {{istio: ingressgateway}}}}\n\
+         status: {{addresses: [{{type: InternalIP, address: 127.0.0.1}}]}}\n\
+         ---\napiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: ingress, namespace: istio-system}}\n\
+         spec: {{selector: {{istio: ingressgateway}}, servers: [{{port: {{number: {port}, name: http, protocol: HTTP}}, \
+         hosts: [prod/app.example, '*/open.example']}}]}}\n{}{}",
+        tenant("evil", "10.96.0.20", evil, "app.example, other.example"),
+        tenant("prod", "10.96.0.10", prod, "'*'"),
+    );
+    let t = TestInputs::new(&yaml);
+    let mut listeners = Listeners::default();
+    listeners.reconcile(&t.inputs);
+    // The reserved host goes to prod, whatever evil's VirtualService says.
+    assert_eq!(get(port, "app.example", "/").await, (StatusCode::OK, "prod".into()));
+    // A host no server of the Gateway lists is not served, even though a
+    // VirtualService bound to it says `*`.
+    assert_eq!(get(port, "other.example", "/").await.0, StatusCode::NOT_FOUND);
+    // `*/`: any namespace may bind it (prod's `*` does).
+    assert_eq!(get(port, "open.example", "/").await, (StatusCode::OK, "prod".into()));
+    listeners.close_all();
+}

@@ -117,7 +117,7 @@ fn virtual_service_rules_in_order() {
     let mut v2 = HeaderMap::new();
     v2.insert("x-version", HeaderValue::from_static("v2"));
     let none = HeaderMap::new();
-    let req = |method, path, headers| RequestView { method, path, headers, client: CLIENT };
+    let req = |method, path, headers| RequestView { method, path, headers, client: CLIENT, namespace: None };
     let orig = "10.96.0.10:80".parse().unwrap_or_else(|e| panic!("{e}"));
     // (request, random, expected)
     let cases = [
@@ -153,7 +153,7 @@ fn weights_split_as_declared() {
     let s = state_from_yaml(CLUSTER);
     let none = HeaderMap::new();
     let orig = "10.96.0.10:80".parse().unwrap_or_else(|e| panic!("{e}"));
-    let view = RequestView { method: "GET", path: "/", headers: &none, client: CLIENT };
+    let view = RequestView { method: "GET", path: "/", headers: &none, client: CLIENT, namespace: None };
     let v1 = (0..1000u64)
         .filter(|i| {
             let d = route_request(&s, orig, &view, 0, i.wrapping_mul(0x9e37_79b9_7f4a_7c15), &NoState);
@@ -197,7 +197,7 @@ spec:
         describe(&route_request(
             &s,
             orig,
-            &RequestView { method: "GET", path, headers: &none, client: CLIENT },
+            &RequestView { method: "GET", path, headers: &none, client: CLIENT, namespace: None },
             0,
             0,
             &NoState,
@@ -216,7 +216,7 @@ fn ejected_endpoints_are_left_out_unless_all_are() {
     let s = state_from_yaml(CLUSTER);
     let none = HeaderMap::new();
     let orig = "10.96.0.11:8000".parse().unwrap_or_else(|e| panic!("{e}"));
-    let view = RequestView { method: "GET", path: "/", headers: &none, client: CLIENT };
+    let view = RequestView { method: "GET", path: "/", headers: &none, client: CLIENT, namespace: None };
     // `other` has one endpoint: ejected, it is still used (panic mode).
     let d = route_request(&s, orig, &view, 0, 0, &AllEjected);
     assert_eq!(describe(&d), "other 10.244.0.4:9000");
@@ -249,7 +249,7 @@ fn consistent_hash_and_least_request() {
     assert_eq!(*lb, LoadBalancer::ConsistentHash(HashKey::Header("x-user".into())));
     let active = |_: SocketAddrV4| 0;
     let pick_for = |h: &HeaderMap, pick, random| {
-        let view = RequestView { method: "GET", path: "/", headers: h, client: CLIENT };
+        let view = RequestView { method: "GET", path: "/", headers: h, client: CLIENT, namespace: None };
         match route_service(svc, 80, None, choose_endpoint(lb, &view, pick, random, &active), &|_| false) {
             Route::Service { endpoint, .. } => endpoint.name.to_string(),
             other => format!("{other:?}"),
@@ -289,7 +289,7 @@ spec:
     route: [{{destination: {{host: hello, subset: v2, port: {{number: 80}}}}}}]
 "
     ));
-    let go = |orig: &str| match route_tcp(&s, orig.parse().unwrap_or_else(|e| panic!("{e}")), 0, 0) {
+    let go = |orig: &str| match route_tcp(&s, orig.parse().unwrap_or_else(|e| panic!("{e}")), None, 0, 0) {
         Some(Route::Service { endpoint, addr, .. }) => format!("{} {addr}", endpoint.name),
         Some(other) => format!("{other:?}"),
         None => "default".into(),
@@ -397,12 +397,12 @@ fn gateways_service_entries_and_registry_only() {
     };
     let mesh = |orig: &str, h: &str, path: &str| {
         let headers = host(h);
-        let view = RequestView { method: "GET", path, headers: &headers, client: CLIENT };
+        let view = RequestView { method: "GET", path, headers: &headers, client: CLIENT, namespace: None };
         describe(&route_request(&s, orig.parse().expect("orig"), &view, 0, 0, &NoState))
     };
     let gateway = |gw: &str, orig: &str, h: &str, path: &str| {
         let headers = host(h);
-        let view = RequestView { method: "GET", path, headers: &headers, client: CLIENT };
+        let view = RequestView { method: "GET", path, headers: &headers, client: CLIENT, namespace: None };
         let gws = [gw.to_owned()];
         route_gateway(&s, &gws, orig.parse().expect("orig"), &view, 0, 0, &NoState)
             .map_or_else(|| "404".to_owned(), |(d, _)| describe(&d))
@@ -452,4 +452,24 @@ fn host_patterns() {
     ] {
         assert_eq!(host_matches(pattern, host), want, "{pattern} {host}");
     }
+}
+
+#[test]
+fn export_to_limits_which_clients_the_rules_apply_to() {
+    // The rules send everything to v2, for clients in `demo` only.
+    let yaml = CLUSTER.replace(
+        "  hosts: [hello.demo.svc.cluster.local]\n",
+        "  hosts: [hello.demo.svc.cluster.local]\n  exportTo: [.]\n",
+    );
+    let s = state_from_yaml(&yaml);
+    let mut v2 = HeaderMap::new();
+    v2.insert("x-version", HeaderValue::from_static("v2"));
+    let orig = "10.96.0.10:80".parse().unwrap_or_else(|e| panic!("{e}"));
+    let asked = |namespace| {
+        let view = RequestView { method: "GET", path: "/", headers: &v2, client: CLIENT, namespace };
+        route_request(&s, orig, &view, 0, 0, &NoState).rule.is_some()
+    };
+    assert!(asked(Some("demo")), "a client in the exporting namespace gets the rules");
+    assert!(!asked(Some("other")), "a client elsewhere gets the Service's default route");
+    assert!(!asked(None), "a client of no namespace gets the default route");
 }
