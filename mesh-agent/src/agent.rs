@@ -47,6 +47,8 @@ pub struct RunConfig {
     pub bpffs: PathBuf,
     /// Remove capture at exit instead of leaving it pinned.
     pub uninstall_on_exit: bool,
+    /// Bounds on what clients and peers can make the agent hold.
+    pub limits: crate::proxy::limits::Limits,
 }
 
 /// Where workload certificates come from.
@@ -180,6 +182,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
         certs,
         access_log,
         state: loaded.state,
+        limits: cfg.limits.clone(),
     }));
     let ctx = Arc::new(Context {
         inputs,

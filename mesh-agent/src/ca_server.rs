@@ -219,9 +219,11 @@ async fn handle(svc: &Service, peer: SocketAddr, req: Request<hyper::body::Incom
         tracing::warn!(%peer, "CA: request with an unknown node token");
         return error(StatusCode::UNAUTHORIZED, "missing or unknown node token");
     };
-    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("reading the body: {e}")),
+    let read = Limited::new(req.into_body(), MAX_BODY).collect();
+    let body = match tokio::time::timeout(Duration::from_secs(10), read).await {
+        Ok(Ok(b)) => b.to_bytes(),
+        Ok(Err(e)) => return error(StatusCode::BAD_REQUEST, format!("reading the body: {e}")),
+        Err(_) => return error(StatusCode::REQUEST_TIMEOUT, "the request body did not arrive within 10 s"),
     };
     let state = svc.state.read().map(|s| s.clone()).unwrap_or_default();
     let identities = state.node_identities(&node);

@@ -21,6 +21,63 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// Bounds on what clients and peers can make the agent hold (docs/limits.md).
+#[derive(Debug, clap::Args)]
+pub struct LimitArgs {
+    /// Connections open at once on one listener (capture, 15006, 15008, each gateway port).
+    #[arg(long, default_value_t = 65_536)]
+    max_connections: usize,
+    /// Of those, from one client address.
+    #[arg(long, default_value_t = 8_192)]
+    max_connections_per_source: usize,
+    /// TLS handshakes in progress at once on one listener (15008, HTTPS gateways).
+    #[arg(long, default_value_t = 512)]
+    max_tls_handshakes: usize,
+    /// Time for a client to finish its TLS handshake.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    tls_handshake_timeout: Duration,
+    /// Largest HTTP/1 request line and headers, in bytes (Envoy: 60 KiB).
+    #[arg(long, default_value_t = 60 * 1024, value_parser = clap::value_parser!(u64).range(8192..=16 << 20))]
+    max_request_headers: u64,
+    /// Concurrent streams on one client HTTP/2 connection.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    max_http2_streams: u32,
+    /// Bytes buffered for one HTTP/2 stream's slow reader before reading upstream stops.
+    #[arg(long, default_value_t = 256 * 1024, value_parser = clap::value_parser!(u64).range(16384..=16 << 20))]
+    http2_send_buffer: u64,
+    /// HTTP/2 keep-alive ping interval on client connections (answered within 20 s).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    http2_keepalive: Duration,
+    /// Close a connection with no byte either way for this long (Istio: 1h).
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    idle_timeout: Duration,
+    /// Time for a peer agent to answer an HBONE CONNECT.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    hbone_connect_timeout: Duration,
+    /// Time to read a request body the agent keeps for retries or mirroring.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    body_timeout: Duration,
+}
+
+impl From<LimitArgs> for crate::proxy::limits::Limits {
+    fn from(a: LimitArgs) -> Self {
+        crate::proxy::limits::Limits {
+            max_connections: a.max_connections.max(1),
+            max_connections_per_source: a.max_connections_per_source.max(1),
+            max_handshakes: a.max_tls_handshakes.max(1),
+            handshake_timeout: a.tls_handshake_timeout,
+            max_request_headers: a.max_request_headers as usize,
+            max_streams: a.max_http2_streams,
+            h2_send_buffer: a.http2_send_buffer as usize,
+            keepalive_interval: a.http2_keepalive,
+            keepalive_timeout: std::time::Duration::from_secs(20),
+            idle_timeout: a.idle_timeout,
+            connect_answer_timeout: a.hbone_connect_timeout,
+            body_timeout: a.body_timeout,
+        }
+    }
+}
+
 #[derive(Debug, Subcommand)]
 #[expect(clippy::large_enum_variant, reason = "parsed once at start; boxing buys nothing")]
 pub enum Command {
@@ -99,6 +156,8 @@ pub enum Command {
         /// 25–30 % less CPU per request than 2, at the same saturation).
         #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
         worker_threads: Option<u16>,
+        #[command(flatten)]
+        limits: LimitArgs,
     },
     /// Run the mesh CA service for a multi-node mesh.
     Ca {
@@ -179,6 +238,7 @@ pub fn main() -> ExitCode {
             bpffs,
             uninstall_on_exit,
             worker_threads,
+            limits,
         } => {
             if let Err(msg) = crate::privileges::check() {
                 eprintln!("mesh-agent run: {msg}");
@@ -204,6 +264,7 @@ pub fn main() -> ExitCode {
                 kubelet_cgroup: None,
                 bpffs,
                 uninstall_on_exit,
+                limits: limits.into(),
             };
             let cfg = match no_host_capture {
                 true => cfg,

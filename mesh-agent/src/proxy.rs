@@ -29,6 +29,7 @@ pub mod hbone;
 mod inbound;
 pub mod inputs;
 pub mod l7;
+pub mod limits;
 mod outbound;
 mod reply;
 #[cfg(test)]
@@ -107,14 +108,24 @@ pub async fn serve(
     kind: Direction,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
+    let name = match kind {
+        Direction::Outbound => "outbound",
+        Direction::Inbound => "inbound",
+    };
+    let gate = limits::Gate::new(name, &ctx.limits);
     loop {
         tokio::select! {
             _ = stop.changed() => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
+                    let Ok(ticket) = gate.admit(peer.ip(), &ctx.metrics) else {
+                        reset(&stream);
+                        continue;
+                    };
                     let guard = ctx.active.enter();
                     let ctx = ctx.clone();
                     tokio::spawn(async move {
+                        let _ticket = ticket;
                         match kind {
                             Direction::Outbound => outbound::handle(&ctx, stream, peer).await,
                             // Boxed: outbound connections, the many, keep no room for it.
@@ -311,7 +322,8 @@ where
     U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + 'a,
 {
     async move {
-        let result = copy::bidirectional(&mut client, &mut upstream, &meters.received, &meters.sent).await;
+        let idle = Some(ctx.limits.idle_timeout);
+        let result = copy::bidirectional(&mut client, &mut upstream, &meters.received, &meters.sent, idle).await;
         drop(meters);
         drop(guard);
         if let Err((op, error)) = result {

@@ -181,6 +181,13 @@ pub struct ReasonLabels {
     pub reason: &'static str,
 }
 
+/// A connection turned away by a limit: where, and which limit.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabels {
+    pub listener: &'static str,
+    pub reason: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EbpfLabels {
     pub counter: &'static str,
@@ -194,6 +201,8 @@ pub struct Metrics {
     pub tcp_received: Family<TcpLabels, Counter>,
     /// Connections that failed, by reason (also counted in the Istio metrics).
     pub connection_failures: Family<ReasonLabels, Counter>,
+    /// Connections, streams and log lines turned away by a limit.
+    pub limit_refusals: Family<LimitLabels, Counter>,
     pub active_connections: Gauge,
     /// Config loads by result: `success` (valid objects applied), `rejected`
     /// (the configuration could not be read at all).
@@ -223,6 +232,7 @@ impl Metrics {
         let tcp_sent = Family::default();
         let tcp_received = Family::default();
         let connection_failures = Family::default();
+        let limit_refusals = Family::default();
         let active_connections = Gauge::default();
         let config_loads = Family::default();
         let config_objects_rejected = Gauge::default();
@@ -266,6 +276,11 @@ impl Metrics {
             "Proxied connections that failed, by reason",
             connection_failures.clone(),
         );
+        registry.register(
+            "mesh_limit_refusals",
+            "What a limit turned away (connections, TLS handshakes, access log lines), by listener and limit",
+            limit_refusals.clone(),
+        );
         registry.register("mesh_tcp_active_connections", "Proxied connections open now", active_connections.clone());
         registry.register(
             "mesh_config_loads",
@@ -289,6 +304,7 @@ impl Metrics {
             tcp_sent,
             tcp_received,
             connection_failures,
+            limit_refusals,
             active_connections,
             config_loads,
             config_objects_rejected,

@@ -220,8 +220,13 @@ fn request_metrics_and_the_access_log_name_both_identities() {
     assert_eq!(metric(&text, "istio_requests_total", &api_request("200")), 1.0, "{text}");
     assert_eq!(metric(&text, "istio_request_duration_milliseconds_count", &api_request("503")), 1.0, "{text}");
 
-    // One JSON line per request.
-    let log = std::fs::read_to_string(&access_log).unwrap();
+    // One JSON line per request (written by the agent's log thread).
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut log = std::fs::read_to_string(&access_log).unwrap_or_default();
+    while log.lines().count() < 2 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        log = std::fs::read_to_string(&access_log).unwrap_or_default();
+    }
     let _ = std::fs::remove_file(&access_log);
     let lines: Vec<serde_json::Value> = log.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.len(), 2, "{log}");

@@ -32,6 +32,8 @@ pub enum Failed {
     WriteUpstream,
     ReadUpstream,
     WriteClient,
+    /// No byte moved either way for the idle timeout.
+    Idle,
 }
 
 impl std::fmt::Display for Failed {
@@ -41,6 +43,7 @@ impl std::fmt::Display for Failed {
             Failed::WriteUpstream => "writing to the upstream",
             Failed::ReadUpstream => "reading from the upstream",
             Failed::WriteClient => "writing to the client",
+            Failed::Idle => "idle for the idle timeout",
         })
     }
 }
@@ -48,12 +51,16 @@ impl std::fmt::Display for Failed {
 /// Copies client→upstream (counted in `received`) and upstream→client (`sent`)
 /// until both directions have seen EOF. Each EOF is passed on as a write
 /// shutdown (half-close). On an error the caller resets what it can (a TCP
-/// socket gets RST; a tunnel stream is cancelled when dropped).
+/// socket gets RST; a tunnel stream is cancelled when dropped). With `idle`,
+/// a connection that moves no byte either way for that long fails as
+/// [`Failed::Idle`]: the timer is re-armed only when it fires (progress is
+/// read from the counters), so a busy connection pays for no timer update.
 pub async fn bidirectional<C, U>(
     client: &mut C,
     upstream: &mut U,
     received: &Counter,
     sent: &Counter,
+    idle: Option<std::time::Duration>,
 ) -> Result<(), (Failed, io::Error)>
 where
     C: AsyncRead + AsyncWrite + Unpin,
@@ -61,14 +68,26 @@ where
 {
     let mut up = Direction::new((Failed::ReadClient, Failed::WriteUpstream));
     let mut down = Direction::new((Failed::ReadUpstream, Failed::WriteClient));
+    let moved = || received.get() + sent.get();
+    let mut timer = idle.map(|d| (d, Box::pin(tokio::time::sleep(d)), moved()));
     poll_fn(|cx| {
         // Both directions are polled every time, so each registers its wakers.
         let a = up.poll(cx, client, upstream, received)?;
         let b = down.poll(cx, upstream, client, sent)?;
-        match (a, b) {
-            (Poll::Ready(()), Poll::Ready(())) => Poll::Ready(Ok(())),
-            _ => Poll::Pending,
+        if let (Poll::Ready(()), Poll::Ready(())) = (a, b) {
+            return Poll::Ready(Ok(()));
         }
+        if let Some((d, sleep, seen)) = &mut timer {
+            while sleep.as_mut().poll(cx).is_ready() {
+                let now = moved();
+                if now == *seen {
+                    return Poll::Ready(Err((Failed::Idle, io::ErrorKind::TimedOut.into())));
+                }
+                *seen = now;
+                sleep.as_mut().reset(tokio::time::Instant::now() + *d);
+            }
+        }
+        Poll::Pending
     })
     .await
 }
@@ -227,7 +246,7 @@ mod tests {
         let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
         let answer: Vec<u8> = data.iter().rev().copied().collect();
         let proxy = async {
-            bidirectional(&mut client_side, &mut upstream_side, &rx, &tx).await.unwrap();
+            bidirectional(&mut client_side, &mut upstream_side, &rx, &tx, None).await.unwrap();
         };
         let (d, a) = (data.clone(), answer.clone());
         let app = async move {
@@ -263,7 +282,7 @@ mod tests {
         drop(upstream);
         client.write_all(b"hello").await.unwrap();
         let (rx, tx) = (Counter::default(), Counter::default());
-        let err = bidirectional(&mut client_side, &mut upstream_side, &rx, &tx).await.unwrap_err();
+        let err = bidirectional(&mut client_side, &mut upstream_side, &rx, &tx, None).await.unwrap_err();
         assert_eq!(err.0, Failed::WriteUpstream);
     }
 }

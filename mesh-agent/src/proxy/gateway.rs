@@ -40,9 +40,6 @@ use crate::{
     telemetry::TcpLabels,
 };
 
-/// How long a client may take to finish the TLS handshake.
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// What one port should be: compared on each reconcile, a change reopens it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct PortPlan {
@@ -260,6 +257,7 @@ fn open(ctx: &Arc<Inputs>, state: &State, plan: &PortPlan) -> std::io::Result<Se
     let listener = tokio::net::TcpListener::from_std(socket.into())?;
     let (tx, mut rx) = watch::channel(Some(Arc::new(first)));
     let ctx = ctx.clone();
+    let gate = crate::proxy::limits::Gate::new("gateway", &ctx.limits);
     tokio::spawn(async move {
         loop {
             tokio::select! {
@@ -271,11 +269,28 @@ fn open(ctx: &Arc<Inputs>, state: &State, plan: &PortPlan) -> std::io::Result<Se
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
                         let Some(now) = rx.borrow().clone() else { break };
+                        let Ok(ticket) = gate.admit(peer.ip(), &ctx.metrics) else {
+                            proxy::reset(&stream);
+                            continue;
+                        };
+                        // At most so many TLS handshakes at once.
+                        let handshake = match now.protocol {
+                            GatewayProtocol::Https => match gate.handshake(&ctx.metrics) {
+                                Some(p) => Some(p),
+                                None => {
+                                    proxy::reset(&stream);
+                                    continue;
+                                }
+                            },
+                            _ => None,
+                        };
                         let guard = ctx.active.enter();
                         let ctx = ctx.clone();
                         tokio::spawn(async move {
+                            let _ticket = ticket;
                             let acceptor = now.acceptor.clone();
-                            handle(&ctx, stream, peer, now.protocol, now.gateways.clone(), acceptor).await;
+                            let gateways = now.gateways.clone();
+                            handle(&ctx, stream, peer, now.protocol, gateways, acceptor, handshake).await;
                             drop(guard);
                         });
                     }
@@ -315,16 +330,18 @@ async fn handle(
     protocol: GatewayProtocol,
     gateways: Arc<[String]>,
     acceptor: Option<tokio_rustls::TlsAcceptor>,
+    handshake: Option<tokio::sync::OwnedSemaphorePermit>,
 ) {
     let _ = stream.set_nodelay(true);
     let Ok(SocketAddr::V4(local)) = stream.local_addr() else { return };
     match (protocol, acceptor) {
         (GatewayProtocol::Https, Some(acceptor)) => {
-            let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+            let tls = match tokio::time::timeout(ctx.limits.handshake_timeout, acceptor.accept(stream)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => return tracing::info!(%peer, error = %e, "gateway TLS handshake failed"),
                 Err(_) => return tracing::info!(%peer, "gateway TLS handshake timed out"),
             };
+            drop(handshake);
             let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
             let handling = if h2 { Handling::Http2 } else { Handling::Http1 };
             crate::proxy::l7::serve(ctx.clone(), tls, downstream(peer, local, gateways), handling).await;
@@ -336,7 +353,7 @@ async fn handle(
             serve_tcp(ctx, stream, peer, local, found).await
         }
         (GatewayProtocol::Tls, _) => {
-            let Some(sni) = peek_sni(&stream).await else {
+            let Some(sni) = peek_sni(&stream, ctx.limits.handshake_timeout).await else {
                 tracing::info!(%peer, %local, "gateway: no TLS server name from the client");
                 return proxy::fail(ctx, &stream, peer, None, ProxyError::NotLocal(local));
             };
@@ -365,9 +382,9 @@ fn downstream(peer: SocketAddr, local: SocketAddrV4, gateways: Arc<[String]>) ->
 
 /// The server name in the client's ClientHello, read without consuming it
 /// (the bytes go upstream untouched).
-async fn peek_sni(stream: &TcpStream) -> Option<String> {
+async fn peek_sni(stream: &TcpStream, timeout: Duration) -> Option<String> {
     let mut buf = vec![0u8; 16 * 1024];
-    let deadline = tokio::time::Instant::now() + TLS_HANDSHAKE_TIMEOUT;
+    let deadline = tokio::time::Instant::now() + timeout;
     loop {
         let n = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
             Ok(Ok(n)) if n > 0 => n,
@@ -375,7 +392,13 @@ async fn peek_sni(stream: &TcpStream) -> Option<String> {
         };
         match crate::proxy::l7::sni::sni(&buf[..n]) {
             crate::proxy::l7::sni::Sni::Found(name) => return Some(name.to_ascii_lowercase()),
-            crate::proxy::l7::sni::Sni::NeedMore if n < buf.len() => tokio::time::sleep(Duration::from_millis(2)).await,
+            crate::proxy::l7::sni::Sni::NeedMore if n < buf.len() => {
+                // Wait for more bytes without spinning: forget the readiness
+                // this peek saw, then wait for the next arrival.
+                let _ = stream
+                    .try_io(tokio::io::Interest::READABLE, || Err::<(), _>(std::io::ErrorKind::WouldBlock.into()));
+                tokio::time::timeout_at(deadline, stream.readable()).await.ok()?.ok()?;
+            }
             _ => return None,
         }
     }

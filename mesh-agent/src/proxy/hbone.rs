@@ -64,6 +64,8 @@ pub enum HboneError {
     Tls { addr: SocketAddrV4, expected: Arc<str>, error: std::io::Error },
     #[error("HTTP/2 with agent {addr}: {error}")]
     Http { addr: SocketAddrV4, error: hyper::Error },
+    #[error("agent {addr} did not answer CONNECT {target} in time")]
+    AnswerTimeout { addr: SocketAddrV4, target: SocketAddrV4 },
     #[error("agent {addr} answered {status} for CONNECT {target}: {reason}")]
     Status { addr: SocketAddrV4, target: SocketAddrV4, status: StatusCode, reason: String },
 }
@@ -73,6 +75,7 @@ impl HboneError {
         match self {
             HboneError::Identity(_) => "no_certificate",
             HboneError::Connect { .. } | HboneError::ConnectTimeout { .. } => "tunnel_connect",
+            HboneError::AnswerTimeout { .. } => "tunnel_timeout",
             HboneError::Tls { .. } => "tunnel_tls",
             HboneError::Http { .. } => "tunnel_http",
             HboneError::Status { status, .. } if *status == StatusCode::UNAUTHORIZED => "denied_by_peer",

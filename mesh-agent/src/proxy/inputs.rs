@@ -20,6 +20,8 @@ use crate::{identity::CertManager, state::State, telemetry::Metrics};
 /// Shared by every connection's task.
 pub struct Inputs {
     pub node: String,
+    /// Bounds on what clients and peers can make the agent hold.
+    pub limits: super::limits::Limits,
     pub connect_timeout: Duration,
     pub protocol_detection_timeout: Duration,
     pub metrics: Metrics,
@@ -49,12 +51,14 @@ pub struct Settings {
     pub certs: Arc<CertManager>,
     pub access_log: crate::proxy::l7::access_log::AccessLog,
     pub state: State,
+    pub limits: super::limits::Limits,
 }
 
 impl Inputs {
     pub fn new(s: Settings) -> Self {
         let inputs = Inputs {
             node: s.node,
+            limits: s.limits,
             connect_timeout: s.connect_timeout,
             protocol_detection_timeout: s.protocol_detection_timeout,
             metrics: Metrics::new(),
@@ -192,6 +196,10 @@ pub(crate) mod testing {
 
     impl TestInputs {
         pub(crate) fn new(yaml: &str) -> Self {
+            Self::with_limits(yaml, crate::proxy::limits::Limits::default())
+        }
+
+        pub(crate) fn with_limits(yaml: &str, limits: crate::proxy::limits::Limits) -> Self {
             static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
             let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let dir = std::env::temp_dir().join(format!("mesh-inputs-{}-{n}", std::process::id()));
@@ -206,6 +214,7 @@ pub(crate) mod testing {
                 certs,
                 access_log: crate::proxy::l7::access_log::AccessLog::open("off").expect("no access log"),
                 state: crate::config::state_from_yaml(yaml),
+                limits,
             });
             TestInputs { inputs: Arc::new(inputs), dir }
         }

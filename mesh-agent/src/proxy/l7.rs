@@ -104,6 +104,7 @@ where
 {
     let down = Arc::new(down);
     let peer = down.peer;
+    let limits = ctx.limits.clone();
     let svc_ctx = ctx.clone();
     let service = hyper::service::service_fn(move |req| {
         let (ctx, down) = (svc_ctx.clone(), down.clone());
@@ -114,6 +115,11 @@ where
         Handling::Http2 => {
             hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
+                .max_concurrent_streams(limits.max_streams)
+                .max_send_buf_size(limits.h2_send_buffer)
+                .max_header_list_size(u32::try_from(limits.max_request_headers).unwrap_or(u32::MAX))
+                .keep_alive_interval(limits.keepalive_interval)
+                .keep_alive_timeout(limits.keepalive_timeout)
                 // RFC 8441: WebSocket (and the like) over HTTP/2 streams.
                 .enable_connect_protocol()
                 .serve_connection(io, service)
@@ -123,6 +129,7 @@ where
             hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_READ_TIMEOUT)
+                .max_buf_size(limits.max_request_headers.max(8192))
                 .serve_connection(io, service)
                 .with_upgrades()
                 .await
@@ -241,11 +248,16 @@ async fn handle(ctx: Arc<Inputs>, down: Arc<Downstream>, mut req: Request<Incomi
     let keep_body = retries.is_some() || mirror.is_some();
     let (mut streaming, buffered) = match keep_body {
         true if retry::fits_retry_buffer(&parts.headers, &body) => {
-            match http_body_util::Limited::new(body, retry::RETRY_BUFFER).collect().await {
-                Ok(collected) => (None, Some(collected.to_bytes())),
-                Err(e) => {
+            let read = http_body_util::Limited::new(body, retry::RETRY_BUFFER).collect();
+            match tokio::time::timeout(ctx.limits.body_timeout, read).await {
+                Ok(Ok(collected)) => (None, Some(collected.to_bytes())),
+                Ok(Err(e)) => {
                     tracing::info!(peer = %down.peer, error = %e, "reading the request body failed");
                     return record.finish_local(LocalReply::BAD_BODY);
+                }
+                Err(_) => {
+                    tracing::info!(peer = %down.peer, "the request body did not arrive in time");
+                    return record.finish_local(LocalReply::BODY_TIMEOUT);
                 }
             }
         }
@@ -357,7 +369,7 @@ async fn handle(ctx: Arc<Inputs>, down: Arc<Downstream>, mut req: Request<Incomi
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS || (extended_connect && resp.status() == StatusCode::OK) {
         let upstream_upgrade = hyper::upgrade::on(&mut resp);
         if let Some(client_upgrade) = client_upgrade {
-            tokio::spawn(tunnel_upgrade(client_upgrade, upstream_upgrade, target.addr));
+            tokio::spawn(tunnel_upgrade(client_upgrade, upstream_upgrade, target.addr, ctx.limits.idle_timeout));
         }
         let (mut parts, _) = resp.into_parts();
         if translated {

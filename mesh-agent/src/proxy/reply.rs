@@ -48,6 +48,9 @@ impl LocalReply {
     pub const BAD_BODY: LocalReply =
         LocalReply { status: StatusCode::BAD_REQUEST, text: "invalid request body", flags: Flags::DPE };
 
+    /// The client did not send the body the agent waited for in time.
+    pub const BODY_TIMEOUT: LocalReply =
+        LocalReply { status: StatusCode::REQUEST_TIMEOUT, text: "request body timeout", flags: Flags::SI };
     /// A path that is no longer a valid one once normalised.
     pub const BAD_PATH: LocalReply =
         LocalReply { status: StatusCode::BAD_REQUEST, text: "invalid path", flags: Flags::DPE };
@@ -66,6 +69,7 @@ impl ProxyError {
             ProxyError::Refused { .. } => "no_route",
             ProxyError::ConnectTimeout { .. } => "connect_timeout",
             ProxyError::Connect { .. } => "connect_error",
+            ProxyError::Copy { op: super::copy::Failed::Idle, .. } => "idle_timeout",
             ProxyError::Copy { .. } => "copy_error",
             ProxyError::NoNodeAddress { .. } => "no_node_address",
             ProxyError::NoSourceIdentity(_) => "no_identity",

@@ -7,12 +7,13 @@ use std::fmt;
 pub struct Flags(u16);
 
 /// Each flag and how it prints, in print order.
-const NAMES: [(Flags, &str); 12] = [
+const NAMES: [(Flags, &str); 13] = [
     (Flags::DC, "DC"),
     (Flags::DI, "DI"),
     (Flags::DPE, "DPE"),
     (Flags::FI, "FI"),
     (Flags::NR, "NR"),
+    (Flags::SI, "SI"),
     (Flags::UC, "UC"),
     (Flags::UF, "UF"),
     (Flags::UH, "UH"),
@@ -34,6 +35,8 @@ impl Flags {
     pub const FI: Flags = Flags(1 << 3);
     /// No route.
     pub const NR: Flags = Flags(1 << 4);
+    /// Stream idle timeout (the client stopped sending).
+    pub const SI: Flags = Flags(1 << 12);
     /// Upstream connection terminated.
     pub const UC: Flags = Flags(1 << 5);
     /// Upstream connection failure.

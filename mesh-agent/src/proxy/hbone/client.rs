@@ -128,7 +128,8 @@ impl TunnelPool {
         let cert = ctx.certs.get(source).await?;
         let key = PoolKey { source: source.clone(), node, dest: dest.clone() };
         let serial = &cert.info.serial;
-        if let Some(r) = self.on_pooled(&key, serial, node, target, client_ip).await {
+        if let Some(r) = self.on_pooled(&key, serial, node, target, client_ip, ctx.limits.connect_answer_timeout).await
+        {
             return r;
         }
         // One handshake at a time per peer: a burst of new connections waits
@@ -150,7 +151,9 @@ impl TunnelPool {
         // holding the gate over the CONNECT.
         if self.usable(&key, serial) {
             turn = None;
-            if let Some(r) = self.on_pooled(&key, serial, node, target, client_ip).await {
+            if let Some(r) =
+                self.on_pooled(&key, serial, node, target, client_ip, ctx.limits.connect_answer_timeout).await
+            {
                 return r;
             }
         }
@@ -184,7 +187,7 @@ impl TunnelPool {
             m.entry(key).or_default().push(entry);
         }
         drop(turn);
-        match send_connect(sender, node, target, client_ip).await {
+        match send_connect(sender, node, target, client_ip, ctx.limits.connect_answer_timeout).await {
             Ok(io) => Ok(Tunnel { io, streams }),
             Err(e) => {
                 streams.fetch_sub(1, Ordering::AcqRel);
@@ -212,13 +215,14 @@ impl TunnelPool {
         node: SocketAddrV4,
         target: SocketAddrV4,
         client_ip: Ipv4Addr,
+        answer_timeout: Duration,
     ) -> Option<Result<Tunnel, HboneError>> {
         let (sender, streams) = self.conns.lock().ok().and_then(|m| {
             let e = m.get(key)?.iter().find(|e| e.usable(serial, self.stream_limit))?;
             e.streams.fetch_add(1, Ordering::AcqRel);
             Some((e.sender.clone(), e.streams.clone()))
         })?;
-        match send_connect(sender, node, target, client_ip).await {
+        match send_connect(sender, node, target, client_ip, answer_timeout).await {
             Ok(io) => Some(Ok(Tunnel { io, streams })),
             Err(e) => {
                 streams.fetch_sub(1, Ordering::AcqRel);
@@ -261,6 +265,7 @@ async fn send_connect(
     node: SocketAddrV4,
     target: SocketAddrV4,
     client_ip: Ipv4Addr,
+    answer_timeout: Duration,
 ) -> Result<Upgraded, HboneError> {
     let http = |error| HboneError::Http { addr: node, error };
     let req = Request::builder()
@@ -274,8 +279,15 @@ async fn send_connect(
             status: StatusCode::BAD_REQUEST,
             reason: e.to_string(),
         })?;
-    sender.ready().await.map_err(http)?;
-    let resp = sender.send_request(req).await.map_err(http)?;
+    // A peer that never answers must not hold the connection (and its client) forever.
+    let answer = async {
+        sender.ready().await.map_err(http)?;
+        sender.send_request(req).await.map_err(http)
+    };
+    let resp = match tokio::time::timeout(answer_timeout, answer).await {
+        Ok(r) => r?,
+        Err(_) => return Err(HboneError::AnswerTimeout { addr: node, target }),
+    };
     if resp.status() != StatusCode::OK {
         let reason =
             resp.headers().get("x-mesh-reason").and_then(|v| v.to_str().ok()).unwrap_or("no reason given").to_owned();

@@ -21,13 +21,20 @@ pub async fn serve(
     hop: GatewayHop,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
+    let gate = crate::proxy::limits::Gate::new("hbone", &ctx.limits);
     loop {
         tokio::select! {
             _ = stop.changed() => break,
             accepted = listener.accept() => match accepted {
                 Ok((tcp, peer)) => {
+                    let Ok(ticket) = gate.admit(peer.ip(), &ctx.metrics) else { continue };
+                    // At most so many handshakes at once; a client over it waits for none.
+                    let Some(handshake) = gate.handshake(&ctx.metrics) else { continue };
                     let (ctx, acceptor, hop) = (ctx.clone(), acceptor.clone(), hop.clone());
-                    tokio::spawn(async move { serve_connection(ctx, tcp, peer, acceptor, hop).await });
+                    tokio::spawn(async move {
+                        let _ticket = ticket;
+                        serve_connection(ctx, tcp, peer, acceptor, hop, handshake).await
+                    });
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "HBONE accept failed");
@@ -44,17 +51,20 @@ async fn serve_connection(
     peer: SocketAddr,
     acceptor: tokio_rustls::TlsAcceptor,
     hop: GatewayHop,
+    handshake: tokio::sync::OwnedSemaphorePermit,
 ) {
     let _ = tcp.set_nodelay(true);
+    let ctx_limits = ctx.limits.clone();
     let refused = |why: String| {
         tracing::warn!(%peer, "HBONE connection refused: {why}");
         ctx.metrics.connection_failures.get_or_create(&crate::telemetry::ReasonLabels { reason: "tunnel_tls" }).inc();
     };
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+    let tls = match tokio::time::timeout(ctx.limits.handshake_timeout, acceptor.accept(tcp)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return refused(format!("mTLS handshake: {e}")),
         Err(_) => return refused("mTLS handshake timed out".into()),
     };
+    drop(handshake);
     let (_, conn) = tls.get_ref();
     let peer_id = conn.peer_certificates().and_then(|c| c.first()).and_then(|c| identity::peer_identity(c));
     let server_id = conn.server_name().and_then(|sni| ctx.certs.identity_for_server_name(sni));
@@ -72,7 +82,10 @@ async fn serve_connection(
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)
         .max_concurrent_streams(MAX_STREAMS)
+        // Per stream: 1000 streams × hyper's default 400 KB was 400 MB a connection.
+        .max_send_buf_size(ctx_limits.h2_send_buffer)
         .keep_alive_interval(KEEPALIVE)
+        .keep_alive_timeout(ctx_limits.keepalive_timeout)
         .serve_connection(TokioIo::new(tls), service)
         .await;
     if let Err(e) = result {

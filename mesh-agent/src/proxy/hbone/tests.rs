@@ -115,3 +115,55 @@ async fn a_target_that_is_not_a_local_meshed_pod_is_refused() {
         Ok(_) => panic!("a tunnel to a pod that is not here"),
     }
 }
+
+#[tokio::test]
+async fn a_peer_that_never_answers_connect_is_given_up_on() {
+    let limits = crate::proxy::limits::Limits {
+        connect_answer_timeout: std::time::Duration::from_millis(300),
+        ..Default::default()
+    };
+    let t = TestInputs::with_limits(CLUSTER, limits);
+    let ctx = &t.inputs;
+    // An agent that completes mTLS and HTTP/2, then never answers a CONNECT.
+    ctx.certs.get(&Arc::from(ECHO)).await.expect("the echo pod's certificate");
+    let tls = crate::identity::tls::server_config(ctx.certs.roots(), ctx.certs.clone(), true, &[b"h2"])
+        .expect("server TLS settings");
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.expect("bind");
+    let node = match listener.local_addr().expect("address") {
+        std::net::SocketAddr::V4(a) => a,
+        other => panic!("{other}"),
+    };
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else { return };
+                let never = hyper::service::service_fn(|_req: hyper::Request<hyper::body::Incoming>| async {
+                    std::future::pending::<
+                        Result<hyper::Response<http_body_util::Empty<hyper::body::Bytes>>, std::convert::Infallible>,
+                    >()
+                    .await
+                });
+                let builder = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+                let _ = builder.serve_connection(hyper_util::rt::TokioIo::new(tls), never).await;
+            });
+        }
+    });
+    let (source, dest) = (Arc::from(CLIENT), Arc::from(ECHO));
+    let to = TunnelTo {
+        source: &source,
+        node,
+        dest: &dest,
+        target: SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9),
+        client_ip: Ipv4Addr::new(10, 244, 1, 2),
+        connect_timeout: Duration::from_secs(5),
+    };
+    let started = std::time::Instant::now();
+    match TunnelPool::default().open(&t.inputs, to).await {
+        Err(super::HboneError::AnswerTimeout { .. }) => {}
+        Err(e) => panic!("failed otherwise: {e}"),
+        Ok(_) => panic!("a tunnel from a peer that never answered"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(5), "gave up only after {:?}", started.elapsed());
+}

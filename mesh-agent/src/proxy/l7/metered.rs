@@ -239,7 +239,7 @@ impl Record {
         m.request_bytes.get_or_create(&labels).observe(request_bytes as f64);
         m.response_bytes.get_or_create(&labels).observe(self.response_bytes as f64);
         let Some(line) = self.line.take() else { return };
-        self.ctx.access_log.write(&serde_json::json!({
+        let queued = self.ctx.access_log.write(&serde_json::json!({
             "start_time": super::access_log::rfc3339(line.started_at),
             "method": line.method,
             "path": line.path,
@@ -264,6 +264,10 @@ impl Record {
             "destination_service": labels.connection.destination_service,
             "connection_security_policy": labels.connection.connection_security_policy,
         }));
+        if !queued {
+            let labels = crate::telemetry::LimitLabels { listener: "access_log", reason: "queue_full" };
+            m.limit_refusals.get_or_create(&labels).inc();
+        }
     }
 }
 

@@ -513,3 +513,28 @@ async fn websocket_over_http2_becomes_an_http1_upgrade_upstream() {
         assert_eq!(back, msg.as_bytes());
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_body_kept_for_retries_that_never_arrives_is_answered_408() {
+    let (port, count) = upstream(|_| Some(StatusCode::OK)).await;
+    let t = TestInputs::new(&cluster(
+        port,
+        "{route: [{destination: {host: hello}}], retries: {attempts: 2, retryOn: 5xx}}",
+    ));
+    let (mut client, server) = tokio::io::duplex(64 * 1024);
+    tokio::spawn(serve(t.inputs.clone(), server, downstream(), Handling::Http1));
+    // Ten bytes promised, five sent, then silence (a slowloris body).
+    tokio::io::AsyncWriteExt::write_all(
+        &mut client,
+        b"POST / HTTP/1.1\r\nhost: hello\r\ncontent-length: 10\r\n\r\nhello",
+    )
+    .await
+    .expect("write");
+    let started = tokio::time::Instant::now();
+    let mut answer = vec![0u8; 512];
+    let n = tokio::io::AsyncReadExt::read(&mut client, &mut answer).await.expect("an answer");
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(started.elapsed() >= std::time::Duration::from_secs(30));
+    assert_eq!(count.load(Ordering::SeqCst), 0, "nothing went upstream");
+}

@@ -99,6 +99,7 @@ pub(super) async fn tunnel_upgrade(
     client: hyper::upgrade::OnUpgrade,
     upstream: hyper::upgrade::OnUpgrade,
     addr: SocketAddrV4,
+    idle: Duration,
 ) {
     let (client, upstream) = match tokio::try_join!(client, upstream) {
         Ok(both) => both,
@@ -107,7 +108,9 @@ pub(super) async fn tunnel_upgrade(
     let mut client = TokioIo::new(client);
     let mut upstream = TokioIo::new(upstream);
     let counter = prometheus_client::metrics::counter::Counter::default();
-    if let Err((op, error)) = proxy::copy::bidirectional(&mut client, &mut upstream, &counter, &counter).await {
+    if let Err((op, error)) =
+        proxy::copy::bidirectional(&mut client, &mut upstream, &counter, &counter, Some(idle)).await
+    {
         tracing::debug!(upstream = %addr, %op, %error, "upgraded connection reset");
     }
 }
