@@ -33,6 +33,9 @@ pub struct LimitArgs {
     /// TLS handshakes in progress at once on one listener (15008, HTTPS gateways).
     #[arg(long, default_value_t = 512)]
     max_tls_handshakes: usize,
+    /// Of those, from one client address.
+    #[arg(long, default_value_t = 64)]
+    max_tls_handshakes_per_source: usize,
     /// Time for a client to finish its TLS handshake.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     tls_handshake_timeout: Duration,
@@ -65,6 +68,7 @@ impl From<LimitArgs> for crate::proxy::limits::Limits {
             max_connections: a.max_connections.max(1),
             max_connections_per_source: a.max_connections_per_source.max(1),
             max_handshakes: a.max_tls_handshakes.max(1),
+            max_handshakes_per_source: a.max_tls_handshakes_per_source.max(1),
             handshake_timeout: a.tls_handshake_timeout,
             max_request_headers: a.max_request_headers as usize,
             max_streams: a.max_http2_streams,

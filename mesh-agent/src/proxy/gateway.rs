@@ -275,7 +275,7 @@ fn open(ctx: &Arc<Inputs>, state: &State, plan: &PortPlan) -> std::io::Result<Se
                         };
                         // At most so many TLS handshakes at once.
                         let handshake = match now.protocol {
-                            GatewayProtocol::Https => match gate.handshake(&ctx.metrics) {
+                            GatewayProtocol::Https => match gate.handshake(peer.ip(), &ctx.metrics) {
                                 Some(p) => Some(p),
                                 None => {
                                     proxy::reset(&stream);
@@ -330,7 +330,7 @@ async fn handle(
     protocol: GatewayProtocol,
     gateways: Arc<[String]>,
     acceptor: Option<tokio_rustls::TlsAcceptor>,
-    handshake: Option<tokio::sync::OwnedSemaphorePermit>,
+    handshake: Option<crate::proxy::limits::Handshake>,
 ) {
     let _ = stream.set_nodelay(true);
     let Ok(SocketAddr::V4(local)) = stream.local_addr() else { return };

@@ -23,6 +23,9 @@ pub struct Limits {
     pub max_connections_per_source: usize,
     /// TLS handshakes in progress at once on one listener (15008, HTTPS gateways).
     pub max_handshakes: usize,
+    /// Of those, from one client address: one client cannot take every slot
+    /// from the peer agents and the other clients.
+    pub max_handshakes_per_source: usize,
     /// Time for a client to finish its TLS handshake.
     pub handshake_timeout: Duration,
     /// An HTTP/1 request's line and headers (Envoy's `max_request_headers_kb`: 60).
@@ -49,6 +52,7 @@ impl Default for Limits {
             max_connections: 65_536,
             max_connections_per_source: 8_192,
             max_handshakes: 512,
+            max_handshakes_per_source: 64,
             handshake_timeout: Duration::from_secs(10),
             max_request_headers: 60 * 1024,
             max_streams: 100,
@@ -69,7 +73,16 @@ pub struct Gate {
     max_per_source: usize,
     open: AtomicUsize,
     by_source: Mutex<HashMap<IpAddr, usize>>,
-    handshakes: Arc<tokio::sync::Semaphore>,
+    handshakes: AtomicUsize,
+    max_handshakes: usize,
+    max_handshakes_per_source: usize,
+    handshakes_by_source: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// A TLS handshake's place; dropping it gives the place back.
+pub struct Handshake {
+    gate: Arc<Gate>,
+    source: IpAddr,
 }
 
 /// A connection's place at its listener; dropping it gives the place back.
@@ -104,7 +117,10 @@ impl Gate {
             max_per_source: limits.max_connections_per_source,
             open: AtomicUsize::new(0),
             by_source: Mutex::default(),
-            handshakes: Arc::new(tokio::sync::Semaphore::new(limits.max_handshakes)),
+            handshakes: AtomicUsize::new(0),
+            max_handshakes: limits.max_handshakes,
+            max_handshakes_per_source: limits.max_handshakes_per_source,
+            handshakes_by_source: Mutex::default(),
         })
     }
 
@@ -132,20 +148,49 @@ impl Gate {
         Ok(Ticket { gate: self.clone(), source })
     }
 
-    /// A place for one TLS handshake, or `None` when as many are in progress
-    /// as allowed (counted).
-    pub fn handshake(&self, metrics: &Metrics) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        let permit = self.handshakes.clone().try_acquire_owned().ok();
-        if permit.is_none() {
+    /// A place for one TLS handshake from `source`, or `None` when as many
+    /// are in progress as allowed, in all or from that address (counted).
+    pub fn handshake(self: &Arc<Self>, source: IpAddr, metrics: &Metrics) -> Option<Handshake> {
+        let refused = || {
             let labels = LimitLabels { listener: self.listener, reason: Refusal::HandshakesFull.reason() };
             metrics.limit_refusals.get_or_create(&labels).inc();
+            None
+        };
+        if self.handshakes.fetch_add(1, Ordering::AcqRel) >= self.max_handshakes {
+            self.handshakes.fetch_sub(1, Ordering::AcqRel);
+            return refused();
         }
-        permit
+        let Ok(mut by_source) = self.handshakes_by_source.lock() else {
+            self.handshakes.fetch_sub(1, Ordering::AcqRel);
+            return refused();
+        };
+        let n = by_source.entry(source).or_default();
+        if *n >= self.max_handshakes_per_source {
+            drop(by_source);
+            self.handshakes.fetch_sub(1, Ordering::AcqRel);
+            return refused();
+        }
+        *n += 1;
+        Some(Handshake { gate: self.clone(), source })
     }
 
     /// Connections open now.
     pub fn open(&self) -> usize {
         self.open.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for Handshake {
+    fn drop(&mut self) {
+        if let Ok(mut by_source) = self.gate.handshakes_by_source.lock()
+            && let Some(n) = by_source.get_mut(&self.source)
+        {
+            *n -= 1;
+            if *n == 0 {
+                by_source.remove(&self.source);
+            }
+        }
+        self.gate.handshakes.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

@@ -29,7 +29,7 @@ pub async fn serve(
                 Ok((tcp, peer)) => {
                     let Ok(ticket) = gate.admit(peer.ip(), &ctx.metrics) else { continue };
                     // At most so many handshakes at once; a client over it waits for none.
-                    let Some(handshake) = gate.handshake(&ctx.metrics) else { continue };
+                    let Some(handshake) = gate.handshake(peer.ip(), &ctx.metrics) else { continue };
                     let (ctx, acceptor, hop) = (ctx.clone(), acceptor.clone(), hop.clone());
                     tokio::spawn(async move {
                         let _ticket = ticket;
@@ -51,7 +51,7 @@ async fn serve_connection(
     peer: SocketAddr,
     acceptor: tokio_rustls::TlsAcceptor,
     hop: GatewayHop,
-    handshake: tokio::sync::OwnedSemaphorePermit,
+    handshake: crate::proxy::limits::Handshake,
 ) {
     let _ = tcp.set_nodelay(true);
     let ctx_limits = ctx.limits.clone();
