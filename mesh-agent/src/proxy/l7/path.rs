@@ -11,9 +11,14 @@ pub fn normalize(path: &str, mode: PathNormalization) -> Option<String> {
     if mode == PathNormalization::None || !path.starts_with('/') {
         return None;
     }
+    // Nearly every path is already normal: answer without allocating.
+    let merge = matches!(mode, PathNormalization::MergeSlashes | PathNormalization::DecodeAndMergeSlashes);
+    if !path.contains('%') && !path.contains("/.") && !(merge && path.contains("//")) {
+        return None;
+    }
     let decode_slashes = mode == PathNormalization::DecodeAndMergeSlashes;
     let mut out = remove_dot_segments(&percent_normalize(path, decode_slashes));
-    if matches!(mode, PathNormalization::MergeSlashes | PathNormalization::DecodeAndMergeSlashes) {
+    if merge {
         out = merge_slashes(&out);
     }
     (out != path).then_some(out)
