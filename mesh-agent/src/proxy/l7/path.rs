@@ -13,7 +13,8 @@ pub fn normalize(path: &str, mode: PathNormalization) -> Option<String> {
     }
     // Nearly every path is already normal: answer without allocating.
     let merge = matches!(mode, PathNormalization::MergeSlashes | PathNormalization::DecodeAndMergeSlashes);
-    if !path.contains('%') && !path.contains("/.") && !(merge && path.contains("//")) {
+    let maybe_abnormal = path.contains('%') || path.contains("/.") || (merge && path.contains("//"));
+    if !maybe_abnormal {
         return None;
     }
     let decode_slashes = mode == PathNormalization::DecodeAndMergeSlashes;
