@@ -312,6 +312,14 @@ impl CaService {
         self.dir.join("ca")
     }
 
+    /// Replaces the configuration the CA reads (it notices within a resync).
+    pub fn write_config(&self, yaml: &str) {
+        let dir = self.dir.join("config");
+        let tmp = dir.join(".cluster.yaml.tmp");
+        std::fs::write(&tmp, yaml).unwrap();
+        std::fs::rename(&tmp, dir.join("cluster.yaml")).unwrap();
+    }
+
     pub fn root_cert(&self) -> PathBuf {
         self.ca_dir().join("root-cert.pem")
     }

@@ -185,7 +185,7 @@ spec:
 
 struct Edge {
     agents: Vec<Agent>,
-    _ca: CaService,
+    ca: CaService,
     _tls_servers: Vec<Background>,
     _busy: TcpListener,
     certs: Certs,
@@ -229,7 +229,7 @@ impl Edge {
         let cfg = config(&base, &secret, &ca_secret, "");
         let ca = CaService::start(&c, &cfg);
         let agents = (0..2).map(|i| Agent::start_on(&c, i, &cfg, &ca.agent_args(&c.nodes[i].name))).collect();
-        Edge { agents, _ca: ca, _tls_servers: tls_servers, _busy: busy, certs, c, base, secret, ca_secret }
+        Edge { agents, ca, _tls_servers: tls_servers, _busy: busy, certs, c, base, secret, ca_secret }
     }
 
     fn pod(&self, name: &str) -> &Pod {
@@ -241,6 +241,7 @@ impl Edge {
     }
 
     fn set_config(&self, cfg: &str) {
+        self.ca.write_config(cfg);
         for a in &self.agents {
             let before = metric(&a.metrics(), "mesh_config_loads_total", &[("result", "success")]);
             a.write_config(cfg);
@@ -469,4 +470,82 @@ fn host_network_clients_reach_services_with_the_node_identity() {
     e.agents[0].wait_metrics(5, "host_captured counter", |t| {
         metric(t, "mesh_ebpf_packets_total", &[("counter", "host_captured")]) >= 1.0
     });
+}
+
+#[test]
+fn two_gateways_on_one_client_connection_keep_their_own_identities() {
+    if !require_root("two_gateways_on_one_client_connection_keep_their_own_identities") {
+        return;
+    }
+    let e = Edge::start();
+    // A second Gateway on node-1's port 80 for partner.example, and a policy
+    // on helloworld (node-2) that admits only the `ingress` gateway.
+    e.set_extra(
+        r#"---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: partner, namespace: istio-system}
+spec:
+  selector: {istio: ingressgateway}
+  servers: [{port: {number: 80, name: http, protocol: HTTP}, hosts: [partner.example]}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: partner, namespace: demo}
+spec:
+  hosts: [partner.example]
+  gateways: [istio-system/partner]
+  http:
+  - match: [{uri: {prefix: /partner}}]
+    rewrite: {uri: /helloworld}
+    route: [{destination: {host: helloworld, port: {number: 5000}}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: only-ingress, namespace: demo}
+spec:
+  selector: {matchLabels: {app: helloworld}}
+  action: ALLOW
+  rules: [{from: [{source: {principals: [cluster.local/ns/istio-system/sa/ingress]}}]}]
+"#,
+    );
+    // The agent holds the new gateway's certificate once the CA knows it too.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !e.agents[0].admin_get("/config_dump").is_some_and(|(_, d)| d.contains("/sa/partner\""))
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // One keep-alive client connection: /helloworld is the `ingress`
+    // gateway's, /partner the `partner` gateway's.
+    let out = e.c.net_cmd(&[
+        "curl",
+        "-s",
+        "-v",
+        "-H",
+        "Host: partner.example",
+        "-w",
+        "%{http_code}\n",
+        &format!("http://{NODE1}/helloworld/x"),
+        &format!("http://{NODE1}/partner/x"),
+    ]);
+    let (body, verbose) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(verbose.contains("Re-using existing connection"), "not one client connection: {verbose}");
+    assert!(body.contains("hello from helloworld") && body.contains("200\n"), "ingress refused: {body}");
+    assert!(body.contains("RBAC: access denied") && body.ends_with("403\n"), "partner got through: {body}");
+    // Both sides report the identity each request left with.
+    let principal = |gw: &str| format!("spiffe://cluster.local/ns/istio-system/sa/{gw}");
+    let (ingress, partner) = (principal("ingress"), principal("partner"));
+    let source = e.agents[0].wait_metrics(5, "request metrics", |t| {
+        metric(t, "istio_requests_total", &[("source_principal", &partner), ("response_code", "403")]) >= 1.0
+    });
+    assert!(
+        metric(&source, "istio_requests_total", &[("source_principal", &ingress), ("response_code", "200")]) >= 1.0
+    );
+    let dest = e.agents[1].metrics();
+    let admitted = [("reporter", "destination"), ("source_principal", ingress.as_str())];
+    assert!(metric(&dest, "istio_tcp_connections_opened_total", &admitted) >= 1.0, "{dest}");
+    let refused = [("reporter", "destination"), ("source_principal", partner.as_str())];
+    assert!(metric(&dest, "istio_tcp_connections_opened_total", &refused) >= 1.0, "{dest}");
+    assert!(metric(&dest, "mesh_tcp_connection_failures_total", &[("reason", "denied")]) >= 1.0, "{dest}");
 }
