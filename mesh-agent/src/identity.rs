@@ -152,6 +152,17 @@ pub fn peer_identity(der: &[u8]) -> Option<String> {
     uris.next().is_none().then(|| first.to_owned())
 }
 
+/// [`peer_identity`], if the certificate is valid now. A resumed TLS session
+/// carries the certificate it was first made with: a session resumed after
+/// that certificate expired must not pass for its identity.
+pub fn current_peer_identity(der: &[u8], now: std::time::SystemTime) -> Option<String> {
+    use x509_parser::prelude::FromDer as _;
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der).ok()?;
+    let secs = now.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs();
+    let at = x509_parser::time::ASN1Time::from_timestamp(i64::try_from(secs).ok()?).ok()?;
+    cert.validity().is_valid_at(at).then(|| peer_identity(der))?
+}
+
 /// A fresh in-memory key pair and a CSR for `identity`.
 pub fn new_key_and_csr(identity: &str) -> Result<(rcgen::KeyPair, String), IdentityError> {
     let key = rcgen::KeyPair::generate().map_err(|e| IdentityError::invalid("key generation", e))?;

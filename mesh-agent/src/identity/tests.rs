@@ -122,3 +122,17 @@ async fn manager_issues_caches_and_forgets() {
     let dump = serde_json::to_string(&m.dump()).unwrap();
     assert!(dump.contains(B) && !dump.contains("PRIVATE"), "{dump}");
 }
+
+#[test]
+fn a_certificate_past_its_validity_names_no_peer_as_a_resumed_session_would_carry_it() {
+    let d = TempDir::new("resumed");
+    let mesh = Ca::load_or_create(&d.0, "cluster.local").unwrap();
+    let now = SystemTime::now();
+    let hour = Duration::from_secs(3600);
+    let cert = mesh.issue(B, now - hour, now + hour).unwrap();
+    let der = cert.key.cert[0].as_ref();
+    assert_eq!(crate::identity::current_peer_identity(der, now).as_deref(), Some(B));
+    // The same certificate, as a session resumed after it expired presents it.
+    assert_eq!(crate::identity::current_peer_identity(der, now + 2 * hour), None);
+    assert_eq!(crate::identity::current_peer_identity(der, now - 2 * hour), None);
+}

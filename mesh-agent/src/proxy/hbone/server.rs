@@ -66,7 +66,9 @@ async fn serve_connection(
     };
     drop(handshake);
     let (_, conn) = tls.get_ref();
-    let peer_id = conn.peer_certificates().and_then(|c| c.first()).and_then(|c| identity::peer_identity(c));
+    let now = std::time::SystemTime::now();
+    let leaf = conn.peer_certificates().and_then(|c| c.first());
+    let peer_id = leaf.and_then(|c| identity::current_peer_identity(c, now));
     let server_id = conn.server_name().and_then(|sni| ctx.certs.identity_for_server_name(sni));
     let (Some(peer_id), Some(server_id)) = (peer_id, server_id) else {
         return refused("client certificate without a SPIFFE identity, or unknown server name".into());
