@@ -178,6 +178,14 @@ async fn api(
     if path == "/echo" {
         return hyper::Response::new(req.into_body().boxed());
     }
+    if let Some(n) = path.strip_prefix("/bytes/").and_then(|n| n.parse::<usize>().ok()) {
+        // `n` bytes, streamed in 64 KiB chunks (for slow-reader tests).
+        let chunks = futures_util::stream::iter((0..n.div_ceil(65536)).map(move |i| {
+            let len = (n - i * 65536).min(65536);
+            Ok::<_, hyper::Error>(hyper::body::Frame::data(hyper::body::Bytes::from(vec![b'x'; len])))
+        }));
+        return hyper::Response::new(http_body_util::StreamBody::new(chunks).boxed());
+    }
     if let Some(code) = path.strip_prefix("/status/").and_then(|c| c.parse::<u16>().ok()) {
         return text(code, format!("status {code}\n"));
     }

@@ -56,6 +56,16 @@ fn well_behaved(m: &Mesh, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<(usi
 fn under_attack(m: &Mesh, what: &str, attack: impl FnOnce()) {
     let stop = Arc::new(AtomicBool::new(false));
     let client = well_behaved(m, stop.clone());
+    judge(what, stop, client, attack);
+}
+
+/// As [`under_attack`], with a well-behaved client already started.
+fn judge(
+    what: &str,
+    stop: Arc<AtomicBool>,
+    client: std::thread::JoinHandle<(usize, Vec<Duration>)>,
+    attack: impl FnOnce(),
+) {
     std::thread::sleep(Duration::from_millis(300));
     attack();
     stop.store(true, Ordering::Relaxed);
@@ -279,4 +289,188 @@ fn an_upstream_sending_100_000_distinct_grpc_statuses_grows_no_metric() {
     assert!(answered >= total * 99 / 100, "only {answered} of {total} answered");
     assert!(statuses.len() <= 18, "{} distinct grpc_response_status values", statuses.len());
     assert!(after - before < 64.0, "agent memory grew {:.1} MiB", after - before);
+}
+
+#[test]
+fn a_gateway_under_slowloris_and_hanging_tls_handshakes_keeps_serving() {
+    if !require_root("a_gateway_under_slowloris_and_hanging_tls_handshakes_keeps_serving") {
+        return;
+    }
+    mesh_agent::privileges::raise_fd_limit();
+    let certs = mesh_tests::certs::Certs::new(&format!("overload-{}", std::process::id()));
+    let (crt, key) = certs.server("edge", "edge.example");
+    let yaml_block = mesh_tests::certs::Certs::yaml_block;
+    let edge = format!(
+        "---\napiVersion: v1\nkind: Secret\nmetadata: {{name: edge-cert, namespace: istio-system}}\n\
+         type: kubernetes.io/tls\nstringData:\n  tls.crt: |\n{}  tls.key: |\n{}\
+         ---\napiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: edge, namespace: istio-system}}\n\
+         spec:\n  selector: {{}}\n  servers:\n\
+         \x20 - port: {{number: 80, name: http, protocol: HTTP}}\n    hosts: ['*']\n\
+         \x20 - port: {{number: 443, name: https, protocol: HTTPS}}\n    hosts: [edge.example]\n\
+         \x20   tls: {{mode: SIMPLE, credentialName: edge-cert}}\n\
+         ---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: edge, namespace: demo}}\n\
+         spec:\n  hosts: ['*']\n  gateways: [istio-system/edge]\n\
+         \x20 http: [{{route: [{{destination: {{host: helloworld, port: {{number: 9095}}}}}}]}}]\n",
+        yaml_block(&crt, 4),
+        yaml_block(&key, 4)
+    );
+    let m = Mesh::start(&edge, &[]);
+    let node1 = m.c.nodes[0].ip;
+    // The attacker has an address of its own in the network outside the nodes.
+    let attacker = std::net::Ipv4Addr::new(172, 18, 200, 9);
+    assert!(m.c.net_cmd(&["ip", "addr", "add", &format!("{attacker}/32"), "dev", "lo"]).status.success());
+    // A well-behaved client outside the mesh: HTTPS through the gateway.
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let url = "https://edge.example/hello".to_owned();
+    let resolve = format!("edge.example:443:{node1}");
+    let ca = certs.ca();
+    let net = m.c.net_ns.clone();
+    let client = std::thread::spawn(move || {
+        let (mut errors, mut took) = (0, Vec::new());
+        while !flag.load(Ordering::Relaxed) {
+            let start = Instant::now();
+            let ok = std::process::Command::new("ip")
+                .args(["netns", "exec", &net, "curl", "-sSf", "--max-time", "5", "--resolve", &resolve, "--cacert"])
+                .arg(&ca)
+                .arg(&url)
+                .output()
+                .is_ok_and(|o| o.status.success());
+            took.push(start.elapsed());
+            if !ok {
+                errors += 1;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        (errors, took)
+    });
+    let held = std::sync::Mutex::new(Vec::new());
+    judge("2 000 hanging TLS handshakes and 500 slowloris connections at the gateway", stop, client, || {
+        let conns = mesh_tests::netns::enter_and_spawn(&m.c.net_ns, move || {
+            let connect = |port: u16| {
+                let s = std::net::TcpStream::from(
+                    socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).ok()?,
+                );
+                let sock = socket2::SockRef::from(&s);
+                sock.bind(&SocketAddr::from((attacker, 0)).into()).ok()?;
+                sock.connect_timeout(&SocketAddr::from((node1, port)).into(), Duration::from_secs(2)).ok()?;
+                Some(s)
+            };
+            let mut open = Vec::new();
+            for _ in 0..2_000 {
+                if let Some(mut s) = connect(443) {
+                    let _ = s.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01]);
+                    open.push(s);
+                }
+            }
+            for _ in 0..500 {
+                if let Some(mut s) = connect(80) {
+                    let _ = s.write_all(b"GET / HTTP/1.1\r\nHost: edge.example\r\nX-Slow: ");
+                    open.push(s);
+                }
+            }
+            for _ in 0..6 {
+                std::thread::sleep(Duration::from_millis(500));
+                for s in open.iter_mut().skip(2_000) {
+                    let _ = s.write_all(b"a");
+                }
+            }
+            open
+        })
+        .join()
+        .unwrap();
+        held.lock().unwrap().extend(conns);
+    });
+    let text = m.agents[0].metrics();
+    let refused = metric(&text, "mesh_limit_refusals_total", &[("listener", "gateway"), ("reason", "handshakes_full")]);
+    eprintln!("node-1's gateway turned away {refused} handshakes over the limit");
+    assert!(refused >= 1.0, "no handshake was refused");
+    drop(held);
+}
+
+/// A client stream that stops reading once told to (and never wakes again).
+struct StopReading {
+    inner: tokio::net::TcpStream,
+    stopped: Arc<AtomicBool>,
+}
+
+impl tokio::io::AsyncRead for StopReading {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.stopped.load(Ordering::Relaxed) {
+            return std::task::Poll::Pending;
+        }
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for StopReading {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[test]
+fn a_client_that_opens_a_huge_window_and_never_reads_costs_bounded_memory() {
+    if !require_root("a_client_that_opens_a_huge_window_and_never_reads_costs_bounded_memory") {
+        return;
+    }
+    let m = Mesh::start("", &[]);
+    let before = rss_mib(&m.agents[0]);
+    under_attack(&m, "50 streams × 8 MiB to a client with a 1 GiB window that never reads", || {
+        let stopped = Arc::new(AtomicBool::new(false));
+        let stop = stopped.clone();
+        m.pod("sleep").run(move || {
+            runtime().block_on(async move {
+                use http_body_util::Empty;
+                use hyper::body::Bytes;
+                let tcp = tokio::net::TcpStream::connect((API_VIP, 80)).await.unwrap();
+                let io = hyper_util::rt::TokioIo::new(StopReading { inner: tcp, stopped: stop.clone() });
+                let (send, conn) = hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .initial_stream_window_size(1 << 30)
+                    .initial_connection_window_size(1 << 30)
+                    .handshake(io)
+                    .await
+                    .unwrap();
+                tokio::spawn(conn);
+                let mut asked = Vec::new();
+                for _ in 0..50 {
+                    let mut send = send.clone();
+                    let req = hyper::Request::get(format!("http://{API_VIP}/bytes/8388608"))
+                        .body(Empty::<Bytes>::new())
+                        .unwrap();
+                    asked.push(tokio::spawn(async move { send.send_request(req).await.map(|_| ()) }));
+                }
+                // The requests are out: from now on nothing is read.
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                stop.store(true, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_secs(4)).await;
+            })
+        });
+        let _ = stopped;
+    });
+    let after = rss_mib(&m.agents[0]);
+    eprintln!("agent RSS {before:.1} → {after:.1} MiB with 400 MiB of responses nobody reads");
+    assert!(after - before < 128.0, "agent memory grew {:.1} MiB", after - before);
 }
