@@ -110,10 +110,14 @@ where
         let (ctx, down) = (svc_ctx.clone(), down.clone());
         async move { Ok::<_, Infallible>(handle(ctx, down, req).await) }
     });
-    let io = TokioIo::new(client);
     let result = match handling {
         Handling::Http2 => {
-            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            // HTTP/2 has no idle timer of its own: a connection that moves no
+            // byte either way for the idle timeout is closed (Envoy's
+            // `idle_timeout`, 1 h by default, as Istio leaves it).
+            let moved = Arc::new(std::sync::atomic::AtomicU64::new(0));
+            let io = TokioIo::new(headers::Counting { inner: client, moved: moved.clone() });
+            let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .max_concurrent_streams(limits.max_streams)
                 .max_send_buf_size(limits.h2_send_buffer)
@@ -122,10 +126,17 @@ where
                 .keep_alive_timeout(limits.keepalive_timeout)
                 // RFC 8441: WebSocket (and the like) over HTTP/2 streams.
                 .enable_connect_protocol()
-                .serve_connection(io, service)
-                .await
+                .serve_connection(io, service);
+            tokio::select! {
+                r = conn => r,
+                () = headers::idle(&moved, limits.idle_timeout) => {
+                    tracing::debug!(%peer, "HTTP/2 client connection idle: closed");
+                    return;
+                }
+            }
         }
         _ => {
+            let io = TokioIo::new(client);
             hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_READ_TIMEOUT)

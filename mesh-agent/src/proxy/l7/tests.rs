@@ -538,3 +538,47 @@ async fn a_body_kept_for_retries_that_never_arrives_is_answered_408() {
     assert!(started.elapsed() >= std::time::Duration::from_secs(30));
     assert_eq!(count.load(Ordering::SeqCst), 0, "nothing went upstream");
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_idle_keep_alive_client_connection_is_closed() {
+    let (port, _) = upstream(|_| Some(StatusCode::OK)).await;
+    let t = TestInputs::new(&cluster(port, "{route: [{destination: {host: hello}}]}"));
+    let (mut client, server) = tokio::io::duplex(64 * 1024);
+    tokio::spawn(serve(t.inputs.clone(), server, downstream(), Handling::Http1));
+    tokio::io::AsyncWriteExt::write_all(&mut client, b"GET / HTTP/1.1\r\nhost: hello\r\n\r\n").await.expect("write");
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::io::AsyncReadExt::read(&mut client, &mut buf).await.expect("an answer");
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    // Then nothing: the agent lets the connection go.
+    let idle_since = tokio::time::Instant::now();
+    let n = tokio::io::AsyncReadExt::read(&mut client, &mut buf).await.unwrap_or(0);
+    assert_eq!(n, 0, "more bytes on an idle connection");
+    // HTTP/1.1: hyper's header read timeout, 30 s, runs between requests too.
+    let idle = idle_since.elapsed();
+    assert!(idle >= std::time::Duration::from_secs(30) && idle < std::time::Duration::from_secs(31), "{idle:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_idle_http2_client_connection_is_closed_after_the_idle_timeout() {
+    let (port, _) = upstream(|_| Some(StatusCode::OK)).await;
+    let limits = crate::proxy::limits::Limits {
+        idle_timeout: std::time::Duration::from_secs(600),
+        // No pings in the way: only the idle timer may close it.
+        keepalive_interval: std::time::Duration::from_secs(100_000),
+        ..Default::default()
+    };
+    let t = TestInputs::with_limits(&cluster(port, "{route: [{destination: {host: hello}}]}"), limits);
+    let (client, server) = tokio::io::duplex(64 * 1024);
+    tokio::spawn(serve(t.inputs.clone(), server, downstream(), Handling::Http2));
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), TokioIo::new(client))
+            .await
+            .expect("h2 handshake");
+    let closed = tokio::spawn(conn);
+    let req = Request::get("http://hello/").body(Empty::<Bytes>::new()).expect("request");
+    assert_eq!(send.send_request(req).await.expect("response").status(), StatusCode::OK);
+    let idle_since = tokio::time::Instant::now();
+    let _ = closed.await;
+    let idle = idle_since.elapsed();
+    assert!(idle >= std::time::Duration::from_secs(600) && idle < std::time::Duration::from_secs(1300), "{idle:?}");
+}
