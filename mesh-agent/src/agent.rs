@@ -334,7 +334,8 @@ async fn serve(
 }
 
 fn reload(ctx: &Context, path: &std::path::Path, trust_domain: &str, last_good: &mut config::LastGood) {
-    match config::load_keeping(path, trust_domain, last_good) {
+    let loaded = config::reload_guarded(path, trust_domain, last_good);
+    match loaded {
         Ok(loaded) => {
             tracing::info!(path = %path.display(), pods = loaded.state.workloads.len(), services = loaded.state.services.len(), rejected = loaded.rejected.len(), "configuration reloaded");
             ctx.record_rejected(&loaded.rejected);

@@ -160,7 +160,7 @@ pub async fn run(cfg: CaServiceConfig) -> Result<(), CaServiceError> {
 }
 
 fn reload(svc: &Service, cfg: &CaServiceConfig, last_good: &mut config::LastGood) {
-    match config::load_keeping(&cfg.config_path, &cfg.trust_domain, last_good) {
+    match config::reload_guarded(&cfg.config_path, &cfg.trust_domain, last_good) {
         Ok(loaded) => {
             for e in &loaded.rejected {
                 tracing::error!("object rejected, the rest of the configuration applies: {e}");

@@ -82,6 +82,32 @@ pub fn load_keeping(path: &Path, trust_domain: &str, last_good: &mut LastGood) -
     Ok(loaded)
 }
 
+/// [`load_keeping`] for a running process's reloads: a bug in validation that
+/// some new input reaches (a panic) rejects the reload, so the last good
+/// configuration keeps serving, instead of taking the process down.
+pub fn reload_guarded(path: &Path, trust_domain: &str, last_good: &mut LastGood) -> Result<Loaded, ConfigErrors> {
+    let attempt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let mut kept = last_good.clone();
+        load_keeping(path, trust_domain, &mut kept).map(|l| (l, kept))
+    }));
+    match attempt {
+        Ok(Ok((loaded, kept))) => {
+            *last_good = kept;
+            Ok(loaded)
+        }
+        Ok(Err(errors)) => Err(errors),
+        Err(_) => {
+            tracing::error!(path = %path.display(), "validating the configuration failed inside the process (a bug); keeping the last good one");
+            Err(ConfigErrors(vec![ConfigError {
+                origin: Origin { file: path.into(), document: 0, item: None },
+                object: "file".into(),
+                field: "-".into(),
+                message: "validating it failed inside the agent (a bug: please report it with the file)".into(),
+            }]))
+        }
+    }
+}
+
 /// Validates documents that were already read (used by tests and by the watcher).
 pub fn load_documents(docs: &[Document], trust_domain: &str) -> Loaded {
     validate::build_state(docs, trust_domain)

@@ -70,7 +70,7 @@ fn config_files(path: &Path) -> Result<Vec<PathBuf>, ConfigErrors> {
 /// read or has a YAML syntax error keeps serving its last good version: what
 /// follows a syntax error cannot be read at all, and may be a security policy
 /// whose loss would open what it closed.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct LastGood(HashMap<Arc<Path>, Vec<Document>>);
 
 /// Reads every document of every config file under `path`, with the problems

@@ -557,3 +557,20 @@ fn virtual_services_claiming_a_host_apply_oldest_first() {
     let order: Vec<&str> = loaded.state.virtual_services.iter().map(|v| &*v.name).collect();
     assert_eq!(order, ["b-older", "a-newer", "c-by-hand"]);
 }
+
+#[test]
+fn a_reload_keeps_the_last_good_configuration_when_the_file_goes_bad() {
+    let dir = std::env::temp_dir().join(format!("mesh-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("a directory");
+    let file = dir.join("cluster.yaml");
+    let good = "apiVersion: v1\nkind: Namespace\nmetadata: {name: demo}\n";
+    std::fs::write(&file, good).expect("write");
+    let mut last_good = crate::config::LastGood::default();
+    let first = crate::config::reload_guarded(&dir, "cluster.local", &mut last_good).expect("the first load");
+    assert!(first.state.namespaces.contains_key("demo"));
+    std::fs::write(&file, "kind: [").expect("write");
+    let second = crate::config::reload_guarded(&dir, "cluster.local", &mut last_good).expect("a load");
+    assert!(second.state.namespaces.contains_key("demo"), "the last good version of the file applies");
+    assert!(!second.rejected.is_empty(), "the syntax error is named");
+    let _ = std::fs::remove_dir_all(&dir);
+}
