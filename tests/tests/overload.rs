@@ -19,14 +19,7 @@ use mesh_tests::{Agent, agent::metric, mesh::*, require_root};
 
 /// The agent's resident memory, MiB.
 fn rss_mib(a: &Agent) -> f64 {
-    let pid = a.pid().unwrap();
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map_or(f64::NAN, |kb| kb / 1024.0)
+    mesh_tests::agent::rss_mib(a.pid().unwrap())
 }
 
 /// A well-behaved client in pod `test`: one request to helloworld (across
@@ -34,21 +27,26 @@ fn rss_mib(a: &Agent) -> f64 {
 fn well_behaved(m: &Mesh, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<(usize, Vec<Duration>)> {
     let url = format!("http://{VIP}:9095/hello");
     m.pod("test").spawn(move || {
-        let (mut errors, mut took) = (0, Vec::new());
-        while !stop.load(Ordering::Relaxed) {
-            let start = Instant::now();
-            let ok = std::process::Command::new("curl")
-                .args(["-sSf", "--max-time", "5", &url])
-                .output()
-                .is_ok_and(|o| o.status.success());
-            took.push(start.elapsed());
-            if !ok {
-                errors += 1;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        (errors, took)
+        polite(stop, || std::process::Command::new("curl").args(["-sSf", "--max-time", "5", &url]).output())
     })
+}
+
+/// Runs `request` every 50 ms until stopped: (errors, latencies).
+fn polite(
+    stop: Arc<AtomicBool>,
+    request: impl Fn() -> std::io::Result<std::process::Output>,
+) -> (usize, Vec<Duration>) {
+    let (mut errors, mut took) = (0, Vec::new());
+    while !stop.load(Ordering::Relaxed) {
+        let start = Instant::now();
+        let ok = request().is_ok_and(|o| o.status.success());
+        took.push(start.elapsed());
+        if !ok {
+            errors += 1;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (errors, took)
 }
 
 /// Runs `attack` while the well-behaved client runs; asserts it saw no error
@@ -327,22 +325,13 @@ fn a_gateway_under_slowloris_and_hanging_tls_handshakes_keeps_serving() {
     let ca = certs.ca();
     let net = m.c.net_ns.clone();
     let client = std::thread::spawn(move || {
-        let (mut errors, mut took) = (0, Vec::new());
-        while !flag.load(Ordering::Relaxed) {
-            let start = Instant::now();
-            let ok = std::process::Command::new("ip")
+        polite(flag, || {
+            std::process::Command::new("ip")
                 .args(["netns", "exec", &net, "curl", "-sSf", "--max-time", "5", "--resolve", &resolve, "--cacert"])
                 .arg(&ca)
                 .arg(&url)
                 .output()
-                .is_ok_and(|o| o.status.success());
-            took.push(start.elapsed());
-            if !ok {
-                errors += 1;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        (errors, took)
+        })
     });
     let held = std::sync::Mutex::new(Vec::new());
     judge("2 000 hanging TLS handshakes and 500 slowloris connections at the gateway", stop, client, || {

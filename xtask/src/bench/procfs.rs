@@ -59,11 +59,5 @@ pub(super) fn context_switches(pid: u32) -> f64 {
 
 /// Resident memory of a process in MiB.
 pub(super) fn rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map_or(f64::NAN, |kb| kb / 1024.0)
+    mesh_tests::agent::rss_mib(pid)
 }

@@ -173,18 +173,7 @@ fn downstream() -> Downstream {
 #[tokio::test]
 async fn http2_stays_http2_to_an_upstream_declared_http2() {
     // An h2c upstream answering with the version it was asked in.
-    let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.expect("bind");
-    let port = listener.local_addr().expect("address").port();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let svc = hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
-                let body = format!("{:?} {}", req.version(), req.uri().path());
-                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body))))
-            });
-            let builder = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
-            tokio::spawn(async move { builder.serve_connection(TokioIo::new(tcp), svc).await });
-        }
-    });
+    let port = h2_only().await;
     let yaml = cluster(port, "{route: [{destination: {host: hello}}]}").replace("name: http,", "name: http2,");
     let t = TestInputs::new(&yaml);
     let (client, server) = tokio::io::duplex(64 * 1024);
