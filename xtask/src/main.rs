@@ -13,6 +13,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod demo;
+mod scale;
 
 #[derive(Parser)]
 #[command(name = "xtask")]
@@ -62,6 +63,13 @@ enum Task {
         #[arg(long, allow_hyphen_values = true)]
         agent_args: Option<String>,
     },
+    /// Build the model from a synthetic large cluster and report time and memory.
+    Scale {
+        #[arg(long, default_value_t = 100_000)]
+        pods: usize,
+        #[arg(long, default_value_t = 10_000)]
+        services: usize,
+    },
     /// Fuzz the parsers of untrusted input with cargo-fuzz (nightly), each
     /// target for a bounded time; a crash stops with its input saved.
     Fuzz {
@@ -84,6 +92,7 @@ fn main() -> anyhow::Result<()> {
             bench::run(bench::Options { quick, only, perf, secs, rounds, agent_args })
         }
         Task::Fuzz { secs, targets } => fuzz(secs, &targets),
+        Task::Scale { pods, services } => scale::run(pods, services),
     }
 }
 
