@@ -8,6 +8,7 @@
 pub mod agent;
 pub mod certs;
 pub mod clients;
+pub mod edge;
 pub mod fixture;
 pub mod grpc;
 pub mod mesh;

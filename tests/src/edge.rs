@@ -1,0 +1,256 @@
+//! The two-node cluster with the mesh's edges that the gateway tests share:
+//! an ingress Gateway on node-1 (HTTP, HTTPS from a Secret, TCP, TLS
+//! passthrough, and a port something else holds), an egress Gateway on
+//! node-2, ServiceEntries under REGISTRY_ONLY, TLS origination, and servers
+//! outside the cluster.
+use std::{
+    net::{Ipv4Addr, TcpListener},
+    path::PathBuf,
+};
+
+use crate::{
+    Agent, Cluster, Pod,
+    agent::{CaService, metric},
+    certs::Certs,
+    fixture::{Fixture, PodSpec, Port, port},
+    netns::Background,
+    servers,
+};
+
+pub const TEST_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
+pub const HELLO_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 2);
+/// A server outside the cluster, on the cluster network's namespace.
+pub const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(172, 18, 200, 2);
+pub const NODE1: &str = "172.18.0.2";
+pub const NODE2: &str = "172.18.1.2";
+
+/// node-1 runs the ingress gateway, node-2 the egress gateway; `test` on
+/// node-1 and `helloworld` on node-2 are meshed.
+pub fn fixture() -> Fixture {
+    let mut f = Fixture::two_nodes([&[("istio", "ingressgateway")], &[("istio", "egressgateway")]]);
+    f.namespace("demo", true).pod(0, "test", TEST_IP, PodSpec::app("demo", &[("app", "test")])).pod(
+        1,
+        "helloworld",
+        HELLO_IP,
+        PodSpec::app("demo", &[("app", "helloworld"), ("version", "v1")]),
+    );
+    let ports = [
+        port("http", 5000, "9095"),
+        Port { name: "tcp-echo", port: 7000, target: None },
+        Port { name: "tls", port: 8443, target: None },
+    ];
+    f.service("demo", "helloworld", "10.96.0.10", &[("app", "helloworld")], &ports);
+    f
+}
+
+/// The [`fixture`]'s objects (`base`) and the edge: outbound traffic is
+/// REGISTRY_ONLY; `direct.example` and `external.example` are ServiceEntries
+/// for the outside server, `secure.example` one with TLS originated to it.
+pub fn config(base: &str, secret: &str, ca_secret: &str, extra: &str) -> String {
+    format!(
+        r#"{base}---
+apiVersion: v1
+kind: ConfigMap
+metadata: {{name: istio, namespace: istio-system}}
+data:
+  mesh: |
+    outboundTrafficPolicy:
+      mode: REGISTRY_ONLY
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: hello-cert, namespace: istio-system}}
+type: kubernetes.io/tls
+stringData:
+{secret}---
+apiVersion: v1
+kind: Secret
+metadata: {{name: external-ca, namespace: demo}}
+stringData:
+{ca_secret}---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: ingress, namespace: istio-system}}
+spec:
+  selector: {{istio: ingressgateway}}
+  servers:
+  - port: {{number: 80, name: http, protocol: HTTP}}
+    hosts: ["*"]
+  - port: {{number: 443, name: https, protocol: HTTPS}}
+    hosts: [hello.example.com]
+    tls: {{mode: SIMPLE, credentialName: hello-cert}}
+  - port: {{number: 8443, name: busy, protocol: HTTP}}
+    hosts: ["*"]
+  - port: {{number: 9000, name: tcp, protocol: TCP}}
+    hosts: ["*"]
+  - port: {{number: 9443, name: tls, protocol: TLS}}
+    hosts: [passthrough.example]
+    tls: {{mode: PASSTHROUGH}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: passthrough, namespace: demo}}
+spec:
+  hosts: [passthrough.example]
+  gateways: [istio-system/ingress]
+  tls:
+  - match: [{{port: 9443, sniHosts: [passthrough.example]}}]
+    route: [{{destination: {{host: helloworld, port: {{number: 8443}}}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: echo, namespace: demo}}
+spec:
+  hosts: ["*"]
+  gateways: [istio-system/ingress]
+  tcp:
+  - match: [{{port: 9000}}]
+    route: [{{destination: {{host: helloworld, port: {{number: 7000}}}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: helloworld, namespace: demo}}
+spec:
+  hosts: ["*"]
+  gateways: [istio-system/ingress]
+  http:
+  - match: [{{uri: {{prefix: /helloworld}}}}]
+    route: [{{destination: {{host: helloworld, port: {{number: 5000}}}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: direct, namespace: demo}}
+spec:
+  hosts: [direct.example]
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  location: MESH_EXTERNAL
+  endpoints: [{{address: {EXTERNAL_IP}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: external, namespace: demo}}
+spec:
+  hosts: [external.example]
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  resolution: DNS
+  endpoints: [{{address: {EXTERNAL_IP}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: secure, namespace: demo}}
+spec:
+  hosts: [secure.example]
+  ports: [{{number: 80, name: http, protocol: HTTP, targetPort: 8443}}]
+  resolution: STATIC
+  endpoints: [{{address: {EXTERNAL_IP}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: secure, namespace: demo}}
+spec:
+  host: secure.example
+  trafficPolicy:
+    tls: {{mode: SIMPLE, credentialName: external-ca}}
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: egress, namespace: istio-system}}
+spec:
+  selector: {{istio: egressgateway}}
+  servers:
+  - port: {{number: 80, name: http, protocol: HTTP}}
+    hosts: [external.example]
+{extra}"#
+    )
+}
+
+/// Sends external.example through the egress gateway (Istio's two-hop rule).
+pub const VIA_EGRESS: &str = r#"---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: external-via-egress, namespace: demo}
+spec:
+  hosts: [external.example]
+  gateways: [istio-system/egress, mesh]
+  http:
+  - match: [{gateways: [mesh], port: 80}]
+    route: [{destination: {host: egress.istio-system.svc.cluster.local, port: {number: 80}}}]
+  - match: [{gateways: [istio-system/egress], port: 80}]
+    route: [{destination: {host: external.example, port: {number: 80}}}]
+"#;
+
+pub struct Edge {
+    pub agents: Vec<Agent>,
+    pub ca: CaService,
+    pub _tls_servers: Vec<Background>,
+    pub _busy: TcpListener,
+    pub certs: Certs,
+    pub c: Cluster,
+    /// The [`fixture`]'s objects.
+    pub base: String,
+    pub secret: String,
+    pub ca_secret: String,
+}
+
+impl Edge {
+    pub fn start() -> Edge {
+        let f = fixture();
+        let base = f.yaml("");
+        let c = f.cluster;
+        servers::http_hello(c.pod("helloworld"), 9095);
+        servers::echo(c.pod("helloworld"), 7000);
+        // Outside the cluster: an HTTP server and an HTTPS one (openssl s_server).
+        assert!(c.net_cmd(&["ip", "addr", "add", &format!("{EXTERNAL_IP}/32"), "dev", "lo"]).status.success());
+        let outside = Pod::namespace("external", EXTERNAL_IP, &c.net_ns);
+        servers::http_hello(&outside, 80);
+        let certs = Certs::new(&c.id);
+        let (crt, key) = certs.server("hello", "hello.example.com");
+        let (ext_crt, ext_key) = certs.server("secure", "secure.example");
+        let (pass_crt, pass_key) = certs.server("passthrough", "passthrough.example");
+        let s_server = |netns: &str, crt: &PathBuf, key: &PathBuf| {
+            let (crt, key) = (crt.to_str().unwrap(), key.to_str().unwrap());
+            let args = ["openssl", "s_server", "-quiet", "-www", "-accept", "8443", "-cert", crt, "-key", key];
+            Background::spawn_in(netns, &args).unwrap()
+        };
+        // The outside HTTPS service, and a TLS server inside the mesh that the
+        // gateway passes through unopened.
+        let tls_servers =
+            vec![s_server(&c.net_ns, &ext_crt, &ext_key), s_server(&c.pod("helloworld").netns, &pass_crt, &pass_key)];
+        // Something else holds node-1's port 8443: that listener must fail alone.
+        let node1 = Pod::namespace("node-1", c.nodes[0].ip, &c.nodes[0].ns);
+        let busy = node1.run(|| TcpListener::bind((NODE1, 8443)).unwrap());
+        let secret =
+            format!("  tls.crt: |\n{}  tls.key: |\n{}", Certs::yaml_block(&crt, 4), Certs::yaml_block(&key, 4));
+        let ca_secret = format!("  ca.crt: |\n{}", Certs::yaml_block(&certs.ca(), 4));
+        let cfg = config(&base, &secret, &ca_secret, "");
+        let ca = CaService::start(&c, &cfg);
+        let agents = (0..2).map(|i| Agent::start_on(&c, i, &cfg, &ca.agent_args(&c.nodes[i].name))).collect();
+        Edge { agents, ca, _tls_servers: tls_servers, _busy: busy, certs, c, base, secret, ca_secret }
+    }
+
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.c.pod(name)
+    }
+
+    pub fn set_extra(&self, extra: &str) {
+        self.set_config(&config(&self.base, &self.secret, &self.ca_secret, extra));
+    }
+
+    pub fn set_config(&self, cfg: &str) {
+        self.ca.write_config(cfg);
+        for a in &self.agents {
+            let before = metric(&a.metrics(), "mesh_config_loads_total", &[("result", "success")]);
+            a.write_config(cfg);
+            a.wait_metrics(10, "configuration reload", |t| {
+                metric(t, "mesh_config_loads_total", &[("result", "success")]) > before
+            });
+        }
+    }
+}
+
+/// curl in a namespace; returns (HTTP status, body + errors).
+pub fn curl(run: impl Fn(&[&str]) -> std::process::Output, args: &[&str]) -> (u16, String) {
+    let c = crate::clients::curl(run, args);
+    (c.code, c.body + &c.stderr)
+}
