@@ -66,17 +66,63 @@ impl Default for Limits {
     }
 }
 
-/// One listener's admission: connections open in all and per client address.
-pub struct Gate {
-    listener: &'static str,
+/// Places of one kind at a listener: so many in all, so many per client address.
+struct Slots {
     max: usize,
     max_per_source: usize,
-    open: AtomicUsize,
+    taken: AtomicUsize,
     by_source: Mutex<HashMap<IpAddr, usize>>,
-    handshakes: AtomicUsize,
-    max_handshakes: usize,
-    max_handshakes_per_source: usize,
-    handshakes_by_source: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// Which bound a place was refused by.
+enum Full {
+    All,
+    Source,
+}
+
+impl Slots {
+    fn new(max: usize, max_per_source: usize) -> Self {
+        Slots { max, max_per_source, taken: AtomicUsize::new(0), by_source: Mutex::default() }
+    }
+
+    fn take(&self, source: IpAddr) -> Result<(), Full> {
+        if self.taken.fetch_add(1, Ordering::AcqRel) >= self.max {
+            self.taken.fetch_sub(1, Ordering::AcqRel);
+            return Err(Full::All);
+        }
+        let Ok(mut by_source) = self.by_source.lock() else {
+            self.taken.fetch_sub(1, Ordering::AcqRel);
+            return Err(Full::All);
+        };
+        let n = by_source.entry(source).or_default();
+        if *n >= self.max_per_source {
+            drop(by_source);
+            self.taken.fetch_sub(1, Ordering::AcqRel);
+            return Err(Full::Source);
+        }
+        *n += 1;
+        Ok(())
+    }
+
+    fn give_back(&self, source: IpAddr) {
+        if let Ok(mut by_source) = self.by_source.lock()
+            && let Some(n) = by_source.get_mut(&source)
+        {
+            *n -= 1;
+            if *n == 0 {
+                by_source.remove(&source);
+            }
+        }
+        self.taken.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// One listener's admission: connections open, and TLS handshakes in
+/// progress, in all and per client address.
+pub struct Gate {
+    listener: &'static str,
+    connections: Slots,
+    handshakes: Slots,
 }
 
 /// A TLS handshake's place; dropping it gives the place back.
@@ -113,98 +159,52 @@ impl Gate {
     pub fn new(listener: &'static str, limits: &Limits) -> Arc<Gate> {
         Arc::new(Gate {
             listener,
-            max: limits.max_connections,
-            max_per_source: limits.max_connections_per_source,
-            open: AtomicUsize::new(0),
-            by_source: Mutex::default(),
-            handshakes: AtomicUsize::new(0),
-            max_handshakes: limits.max_handshakes,
-            max_handshakes_per_source: limits.max_handshakes_per_source,
-            handshakes_by_source: Mutex::default(),
+            connections: Slots::new(limits.max_connections, limits.max_connections_per_source),
+            handshakes: Slots::new(limits.max_handshakes, limits.max_handshakes_per_source),
         })
+    }
+
+    fn count(&self, refusal: Refusal, metrics: &Metrics) -> Refusal {
+        metrics.limit_refusals.get_or_create(&LimitLabels { listener: self.listener, reason: refusal.reason() }).inc();
+        refusal
     }
 
     /// A place for a connection from `source`, or why there is none (counted).
     pub fn admit(self: &Arc<Self>, source: IpAddr, metrics: &Metrics) -> Result<Ticket, Refusal> {
-        let refused = |r: Refusal| {
-            metrics.limit_refusals.get_or_create(&LimitLabels { listener: self.listener, reason: r.reason() }).inc();
-            r
-        };
-        if self.open.fetch_add(1, Ordering::AcqRel) >= self.max {
-            self.open.fetch_sub(1, Ordering::AcqRel);
-            return Err(refused(Refusal::ListenerFull));
+        match self.connections.take(source) {
+            Ok(()) => Ok(Ticket { gate: self.clone(), source }),
+            Err(Full::All) => Err(self.count(Refusal::ListenerFull, metrics)),
+            Err(Full::Source) => Err(self.count(Refusal::SourceFull, metrics)),
         }
-        let Ok(mut by_source) = self.by_source.lock() else {
-            self.open.fetch_sub(1, Ordering::AcqRel);
-            return Err(refused(Refusal::ListenerFull));
-        };
-        let n = by_source.entry(source).or_default();
-        if *n >= self.max_per_source {
-            drop(by_source);
-            self.open.fetch_sub(1, Ordering::AcqRel);
-            return Err(refused(Refusal::SourceFull));
-        }
-        *n += 1;
-        Ok(Ticket { gate: self.clone(), source })
     }
 
     /// A place for one TLS handshake from `source`, or `None` when as many
     /// are in progress as allowed, in all or from that address (counted).
     pub fn handshake(self: &Arc<Self>, source: IpAddr, metrics: &Metrics) -> Option<Handshake> {
-        let refused = || {
-            let labels = LimitLabels { listener: self.listener, reason: Refusal::HandshakesFull.reason() };
-            metrics.limit_refusals.get_or_create(&labels).inc();
-            None
-        };
-        if self.handshakes.fetch_add(1, Ordering::AcqRel) >= self.max_handshakes {
-            self.handshakes.fetch_sub(1, Ordering::AcqRel);
-            return refused();
+        match self.handshakes.take(source) {
+            Ok(()) => Some(Handshake { gate: self.clone(), source }),
+            Err(_) => {
+                self.count(Refusal::HandshakesFull, metrics);
+                None
+            }
         }
-        let Ok(mut by_source) = self.handshakes_by_source.lock() else {
-            self.handshakes.fetch_sub(1, Ordering::AcqRel);
-            return refused();
-        };
-        let n = by_source.entry(source).or_default();
-        if *n >= self.max_handshakes_per_source {
-            drop(by_source);
-            self.handshakes.fetch_sub(1, Ordering::AcqRel);
-            return refused();
-        }
-        *n += 1;
-        Some(Handshake { gate: self.clone(), source })
     }
 
     /// Connections open now.
     pub fn open(&self) -> usize {
-        self.open.load(Ordering::Acquire)
+        self.connections.taken.load(Ordering::Acquire)
     }
 }
 
 impl Drop for Handshake {
     fn drop(&mut self) {
-        if let Ok(mut by_source) = self.gate.handshakes_by_source.lock()
-            && let Some(n) = by_source.get_mut(&self.source)
-        {
-            *n -= 1;
-            if *n == 0 {
-                by_source.remove(&self.source);
-            }
-        }
-        self.gate.handshakes.fetch_sub(1, Ordering::AcqRel);
+        self.gate.handshakes.give_back(self.source);
     }
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        if let Ok(mut by_source) = self.gate.by_source.lock()
-            && let Some(n) = by_source.get_mut(&self.source)
-        {
-            *n -= 1;
-            if *n == 0 {
-                by_source.remove(&self.source);
-            }
-        }
-        self.gate.open.fetch_sub(1, Ordering::AcqRel);
+        self.gate.connections.give_back(self.source);
     }
 }
 
