@@ -241,3 +241,27 @@ fn redirect_rewrite_and_header_rules() {
     assert!(text.contains("x-set: one") && text.contains("x-added: one") && text.contains("x-added: two"), "{text}");
     assert!(!text.contains("x-remove-me"), "{text}");
 }
+
+#[test]
+fn paths_are_normalised_before_the_rules_see_them() {
+    if !require_root("paths_are_normalised_before_the_rules_see_them") {
+        return;
+    }
+    let m = Mesh::start(RULES, &[]);
+    let test = m.pod("test");
+    // Sent as written (curl would otherwise resolve the dot segments itself):
+    // the agent matches, and forwards, `/teapot`, whose rule aborts with 418.
+    for sneaky in ["/fail-once/../teapot", "/fail-once/%2e%2e/teapot", "/old/.%2E/teapot"] {
+        let out = test.cmd(&[
+            "curl",
+            "-s",
+            "--path-as-is",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &format!("http://{VER_VIP}{sneaky}"),
+        ]);
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "418", "{sneaky} was routed by its first segment");
+    }
+}
