@@ -113,6 +113,20 @@ pub fn load_documents(docs: &[Document], trust_domain: &str) -> Loaded {
     validate::build_state(docs, trust_domain)
 }
 
+/// [`load_documents`] for a running process (the Kubernetes source): a bug
+/// in validation that some object reaches (a panic) drops this snapshot, and
+/// the last good model keeps serving.
+pub fn load_documents_guarded(docs: &[Document], trust_domain: &str) -> Option<Loaded> {
+    let attempt = std::panic::catch_unwind(|| load_documents(docs, trust_domain));
+    if attempt.is_err() {
+        tracing::error!(
+            objects = docs.len(),
+            "validating the API server's objects failed inside the process (a bug); keeping the last good model"
+        );
+    }
+    attempt.ok()
+}
+
 /// Loads YAML text as the one file `name` holds: what it admits, with every
 /// problem (parse errors first) in `rejected`. For tests and fuzzing: the same
 /// path as [`load`] without the file system.

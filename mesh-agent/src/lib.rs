@@ -7,6 +7,7 @@
 //! certificates, the mesh CA, TLS settings), `config` (YAML in, model out,
 //! object by object), `telemetry` (metrics), `capture` (eBPF and netlink),
 //! `proxy` (the data path: inputs, L4 inbound/outbound, HBONE, L7, gateways),
+//! `discovery` (the Kubernetes API server as a configuration source),
 //! and at the top `agent` (the running process and its admin server),
 //! `ca_server` (`mesh-agent ca`) and `cli`.
 pub mod agent;
@@ -14,6 +15,7 @@ pub mod ca_server;
 pub mod capture;
 pub mod cli;
 pub mod config;
+pub mod discovery;
 pub mod identity;
 pub mod privileges;
 pub mod proxy;

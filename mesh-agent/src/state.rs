@@ -110,6 +110,9 @@ pub struct Workload {
     pub ready: bool,
     /// Named container ports, for Services whose `targetPort` is a name.
     pub named_ports: BTreeMap<String, u16>,
+    /// The pod's `metadata.uid` when the source gives one: the CA checks a
+    /// ServiceAccount token's pod against it.
+    pub uid: Option<Arc<str>>,
 }
 
 #[derive(Debug, Serialize)]

@@ -166,6 +166,13 @@ fn size_histogram() -> Histogram {
 
 type HistogramFamily = Family<RequestLabels, Histogram, fn() -> Histogram>;
 
+/// A watched Kubernetes kind (`Pod`, or `Secret/istio-system` for a
+/// namespace-scoped watch).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: &'static str,
@@ -209,6 +216,10 @@ pub struct Metrics {
     pub config_loads: Family<ResultLabels, Counter>,
     /// Objects rejected in the configuration now applied.
     pub config_objects_rejected: Gauge,
+    /// Kubernetes list and watch failures, by kind (`--kubernetes`).
+    pub kube_watch_errors: Family<KindLabels, Counter>,
+    /// Models built from the API server's objects (one per burst of changes).
+    pub kube_rebuilds: Counter,
     pub requests: Family<RequestLabels, Counter>,
     /// Mirrored request copies by result: `sent`, `failed`, `skipped` (body too large).
     pub mirrored: Family<ResultLabels, Counter>,
@@ -236,6 +247,8 @@ impl Metrics {
         let active_connections = Gauge::default();
         let config_loads = Family::default();
         let config_objects_rejected = Gauge::default();
+        let kube_watch_errors = Family::default();
+        let kube_rebuilds = Counter::default();
         let ebpf_packets = Family::default();
         let requests = Family::default();
         let gateway_bind_failures = Counter::default();
@@ -293,6 +306,16 @@ impl Metrics {
             config_objects_rejected.clone(),
         );
         registry.register(
+            "mesh_kube_watch_errors",
+            "Kubernetes list and watch failures by kind; the last objects keep serving while they are retried",
+            kube_watch_errors.clone(),
+        );
+        registry.register(
+            "mesh_kube_rebuilds",
+            "Models built from the Kubernetes API server's objects (one per burst of changes)",
+            kube_rebuilds.clone(),
+        );
+        registry.register(
             "mesh_ebpf_packets",
             "Packets handled by the capture classifier, by outcome",
             ebpf_packets.clone(),
@@ -308,6 +331,8 @@ impl Metrics {
             active_connections,
             config_loads,
             config_objects_rejected,
+            kube_watch_errors,
+            kube_rebuilds,
             requests,
             mirrored,
             hbone_connections,

@@ -18,8 +18,9 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("capture", &["state"]),
     ("privileges", &[]),
     ("proxy", &["state", "routing", "identity", "telemetry", "capture"]),
-    ("agent", &["state", "routing", "identity", "telemetry", "config", "capture", "proxy"]),
-    ("ca_server", &["state", "identity", "config"]),
+    ("discovery", &["state", "config", "telemetry"]),
+    ("agent", &["state", "routing", "identity", "telemetry", "config", "capture", "proxy", "discovery"]),
+    ("ca_server", &["state", "identity", "config", "telemetry", "discovery"]),
     (
         "cli",
         &[
@@ -30,6 +31,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "config",
             "capture",
             "proxy",
+            "discovery",
             "agent",
             "ca_server",
             "privileges",

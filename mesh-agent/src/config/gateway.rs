@@ -158,6 +158,7 @@ pub(super) fn build_gateway(
         meshed: true,
         ready: true,
         named_ports: BTreeMap::new(),
+        uid: None,
     });
     Some(Gateway { name, namespace, selector: obj.spec.selector.clone(), servers, workload })
 }

@@ -11,6 +11,8 @@ use serde::Deserialize;
 pub struct ObjectMeta {
     pub name: Option<String>,
     pub namespace: Option<String>,
+    /// The API server's unique id; the CA matches a token's pod by it.
+    pub uid: Option<String>,
     pub labels: BTreeMap<String, String>,
     pub annotations: BTreeMap<String, String>,
     pub owner_references: Vec<OwnerReference>,

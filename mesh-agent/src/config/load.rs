@@ -19,8 +19,26 @@ pub struct Origin {
     pub item: Option<usize>,
 }
 
+/// The `file` of every object read from the Kubernetes API server.
+const API_SERVER: &str = "<api-server>";
+
+impl Origin {
+    /// The `n`th object of a snapshot read from the API server (the object
+    /// itself is named next to it in every error).
+    pub fn api(n: usize) -> Self {
+        Origin { file: Path::new(API_SERVER).into(), document: n, item: None }
+    }
+
+    fn is_api(&self) -> bool {
+        &*self.file == Path::new(API_SERVER)
+    }
+}
+
 impl fmt::Display for Origin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.is_api() {
+            return f.write_str("api-server");
+        }
         write!(f, "{} (document {}", self.file.display(), self.document)?;
         if let Some(item) = self.item {
             write!(f, ", items[{item}]")?;
@@ -33,7 +51,8 @@ impl fmt::Display for Origin {
 #[derive(Debug, Clone)]
 pub struct Document {
     pub origin: Origin,
-    pub value: serde_yaml_ng::Value,
+    /// Shared: a watched object is one value in the store and in each snapshot.
+    pub value: Arc<serde_yaml_ng::Value>,
 }
 
 /// Lists the files to read: `path` itself, or the YAML/JSON files directly in
@@ -127,7 +146,7 @@ pub(crate) fn parse_text(file: &Arc<Path>, text: &str, docs: &mut Vec<Document>,
         let origin = Origin { file: file.clone(), document: i + 1, item: None };
         match serde_yaml_ng::Value::deserialize(de) {
             Ok(serde_yaml_ng::Value::Null) => {}
-            Ok(value) => docs.push(Document { origin, value }),
+            Ok(value) => docs.push(Document { origin, value: Arc::new(value) }),
             Err(e) => {
                 errors.push(ConfigError {
                     origin,

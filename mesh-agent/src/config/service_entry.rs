@@ -284,5 +284,6 @@ fn unknown_endpoint(namespace: &Arc<str>, ip: Option<Ipv4Addr>, labels: BTreeMap
         meshed: false,
         ready: true,
         named_ports: BTreeMap::new(),
+        uid: None,
     }
 }

@@ -31,6 +31,7 @@ pub(super) fn build_node(ctx: &mut Ctx<'_>, node: &k8s::Node, trust_domain: &str
         meshed: true,
         ready: true,
         named_ports: BTreeMap::new(),
+        uid: None,
     });
     Some(Node { name, internal_ip, labels: node.metadata.labels.clone(), workload })
 }
@@ -132,6 +133,7 @@ pub(super) fn build_workload(
         meshed,
         ready: phase_ok && ready_ok,
         named_ports,
+        uid: pod.metadata.uid.as_deref().map(Into::into),
     })
 }
 

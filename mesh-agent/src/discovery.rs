@@ -1,0 +1,250 @@
+//! Kubernetes as a configuration source (`--kubernetes`): the API server's
+//! objects, watched kind by kind, reduced on arrival to the fields the agent
+//! reads, and built into the model by the same object-by-object path as files
+//! ([`config::load_documents`]), once per burst of changes.
+//!
+//! - Each kind is listed from the API server's watch cache
+//!   (`resourceVersion=0`, kube-rs's "any" semantic), then watched; a `410
+//!   Gone` leads kube-rs's watcher to list again, and errors are retried with
+//!   its default backoff and counted in `mesh_kube_watch_errors_total{kind}`.
+//!   The last good objects keep serving meanwhile.
+//! - Nothing is published until every kind has finished its first list, so a
+//!   half-known cluster never serves (`/ready` waits for it).
+//! - Changes bump a generation; the builder waits [`Settings::debounce`]
+//!   after a change before building, so a burst of events is one rebuild.
+//! - Secrets are read only in the namespaces named by `--secret-namespaces`,
+//!   with namespace-scoped Roles (the Gateway and DestinationRule
+//!   credentials live there), never cluster-wide.
+use std::{sync::Arc, time::Duration};
+
+use futures_util::StreamExt as _;
+use kube::{
+    Api, Client,
+    api::{ApiResource, DynamicObject},
+    runtime::{WatchStreamExt as _, watcher},
+};
+use prometheus_client::metrics::{counter::Counter, family::Family};
+use tokio::sync::{mpsc, watch};
+
+use crate::{
+    config::{self, Loaded},
+    telemetry::KindLabels,
+};
+
+mod reduce;
+mod store;
+pub mod testing;
+#[cfg(test)]
+mod tests;
+
+use store::Store;
+
+/// Which objects of a kind are read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    Cluster,
+    Namespace(String),
+    /// One object, by namespace and name (a field selector on the name).
+    Object {
+        namespace: String,
+        name: String,
+    },
+}
+
+/// One watched kind: its API group and version, its plural, and which of its
+/// objects are read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Kind {
+    pub kind: &'static str,
+    /// Empty for the core group.
+    pub group: &'static str,
+    pub version: &'static str,
+    pub plural: &'static str,
+    pub scope: Scope,
+}
+
+impl Kind {
+    const fn core(kind: &'static str, plural: &'static str) -> Self {
+        Kind { kind, group: "", version: "v1", plural, scope: Scope::Cluster }
+    }
+
+    const fn istio(group: &'static str, kind: &'static str, plural: &'static str) -> Self {
+        Kind { kind, group, version: "v1", plural, scope: Scope::Cluster }
+    }
+
+    pub fn api_version(&self) -> String {
+        match self.group {
+            "" => self.version.to_owned(),
+            g => format!("{g}/{}", self.version),
+        }
+    }
+
+    /// The name its errors are counted under: `Secret/istio-system` for a
+    /// namespace-scoped watch, else the kind.
+    pub fn label(&self) -> String {
+        match &self.scope {
+            Scope::Cluster => self.kind.to_owned(),
+            Scope::Namespace(ns) | Scope::Object { namespace: ns, .. } => format!("{}/{ns}", self.kind),
+        }
+    }
+
+    fn resource(&self) -> ApiResource {
+        ApiResource {
+            group: self.group.to_owned(),
+            version: self.version.to_owned(),
+            api_version: self.api_version(),
+            kind: self.kind.to_owned(),
+            plural: self.plural.to_owned(),
+        }
+    }
+}
+
+const NETWORKING: &str = "networking.istio.io";
+const SECURITY: &str = "security.istio.io";
+/// The versions read, by preference: `v1` (Istio 1.22 on), else `v1beta1`.
+const ISTIO_VERSIONS: [&str; 2] = ["v1", "v1beta1"];
+
+/// What the node agent reads: everything the files hold, Secrets only in
+/// `secret_namespaces`.
+pub fn agent_kinds(secret_namespaces: &[String]) -> Vec<Kind> {
+    let mut kinds = vec![
+        Kind::core("Node", "nodes"),
+        Kind::core("Namespace", "namespaces"),
+        Kind::core("Pod", "pods"),
+        Kind::core("Service", "services"),
+        Kind {
+            scope: Scope::Object { namespace: "istio-system".into(), name: "istio".into() },
+            ..Kind::core("ConfigMap", "configmaps")
+        },
+        Kind::istio(NETWORKING, "Gateway", "gateways"),
+        Kind::istio(NETWORKING, "VirtualService", "virtualservices"),
+        Kind::istio(NETWORKING, "DestinationRule", "destinationrules"),
+        Kind::istio(NETWORKING, "ServiceEntry", "serviceentries"),
+        Kind::istio(SECURITY, "PeerAuthentication", "peerauthentications"),
+        Kind::istio(SECURITY, "AuthorizationPolicy", "authorizationpolicies"),
+    ];
+    for ns in secret_namespaces {
+        kinds.push(Kind { scope: Scope::Namespace(ns.clone()), ..Kind::core("Secret", "secrets") });
+    }
+    kinds
+}
+
+/// What the CA reads to know which identities live on which node: pods,
+/// nodes, namespaces (enrolment) and Gateways.
+pub fn ca_kinds() -> Vec<Kind> {
+    vec![
+        Kind::core("Node", "nodes"),
+        Kind::core("Namespace", "namespaces"),
+        Kind::core("Pod", "pods"),
+        Kind::istio(NETWORKING, "Gateway", "gateways"),
+    ]
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoveryError {
+    #[error("Kubernetes client: {0} (in a cluster: the pod's service account; outside: $KUBECONFIG or ~/.kube/config)")]
+    Client(#[source] kube::Error),
+    #[error("API discovery: {0}")]
+    Discovery(#[source] kube::Error),
+    #[error(
+        "the API server does not serve {group} in {versions}: install Istio's base CRDs \
+         (see README, \"Install on Kubernetes\")",
+        versions = ISTIO_VERSIONS.join(" or ")
+    )]
+    MissingGroup { group: &'static str },
+}
+
+/// The client kube-rs infers: in-cluster service account, else `$KUBECONFIG`.
+pub async fn client() -> Result<Client, DiscoveryError> {
+    Client::try_default().await.map_err(DiscoveryError::Client)
+}
+
+/// Sets each Istio kind's version to the newest one the API server serves.
+pub async fn resolve_versions(client: &Client, kinds: &mut [Kind]) -> Result<(), DiscoveryError> {
+    let groups = client.list_api_groups().await.map_err(DiscoveryError::Discovery)?;
+    for group in [NETWORKING, SECURITY] {
+        if !kinds.iter().any(|k| k.group == group) {
+            continue;
+        }
+        let served = groups.groups.iter().find(|g| g.name == group);
+        let served: Vec<&str> =
+            served.map(|g| g.versions.iter().map(|v| v.version.as_str()).collect()).unwrap_or_default();
+        let version =
+            ISTIO_VERSIONS.into_iter().find(|v| served.contains(v)).ok_or(DiscoveryError::MissingGroup { group })?;
+        for k in kinds.iter_mut().filter(|k| k.group == group) {
+            k.version = version;
+        }
+    }
+    Ok(())
+}
+
+/// How the source builds.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub trust_domain: String,
+    /// How long after a change the model is built, so that a burst of events
+    /// is one rebuild.
+    pub debounce: Duration,
+}
+
+/// What the source reports while it runs.
+#[derive(Debug, Clone, Default)]
+pub struct Counters {
+    /// `mesh_kube_watch_errors_total{kind}`.
+    pub watch_errors: Family<KindLabels, Counter>,
+    /// Models built from the API server's objects.
+    pub rebuilds: Counter,
+}
+
+/// Watches `kinds` and sends a model built from all of them whenever they
+/// changed; the first one once every kind has been listed. Runs until the
+/// receiver is dropped.
+pub async fn run(client: Client, kinds: Vec<Kind>, settings: Settings, counters: Counters, out: mpsc::Sender<Loaded>) {
+    let (changed, mut generation) = watch::channel(0u64);
+    let store = Arc::new(Store::new(kinds.len(), changed));
+    let mut watches = tokio::task::JoinSet::new();
+    for (i, kind) in kinds.iter().enumerate() {
+        watches.spawn(watch_kind(client.clone(), i, kind.clone(), store.clone(), counters.watch_errors.clone()));
+    }
+    while generation.changed().await.is_ok() {
+        // Let the rest of a burst arrive; everything that came meanwhile is
+        // in this one build.
+        tokio::time::sleep(settings.debounce).await;
+        generation.borrow_and_update();
+        let Some(docs) = store.documents(&kinds) else { continue };
+        let Some(loaded) = config::load_documents_guarded(&docs, &settings.trust_domain) else { continue };
+        counters.rebuilds.inc();
+        if out.send(loaded).await.is_err() {
+            break;
+        }
+    }
+    watches.abort_all();
+}
+
+/// Lists and watches one kind into the store until aborted.
+async fn watch_kind(client: Client, index: usize, kind: Kind, store: Arc<Store>, errors: Family<KindLabels, Counter>) {
+    let resource = kind.resource();
+    let mut config = watcher::Config::default().any_semantic();
+    // kube-rs leaves `resourceVersion=0` out of paged lists, and the API
+    // server serves `resourceVersion=0` from its watch cache whole anyway.
+    config.page_size = None;
+    let api: Api<DynamicObject> = match &kind.scope {
+        Scope::Cluster => Api::all_with(client, &resource),
+        Scope::Namespace(ns) => Api::namespaced_with(client, ns, &resource),
+        Scope::Object { namespace, name } => {
+            config = config.fields(&format!("metadata.name={name}"));
+            Api::namespaced_with(client, namespace, &resource)
+        }
+    };
+    let label = KindLabels { kind: kind.label() };
+    let mut events = watcher(api, config).default_backoff().boxed();
+    while let Some(event) = events.next().await {
+        match event {
+            Ok(event) => store.apply(index, &kind, event),
+            Err(e) => {
+                errors.get_or_create(&label).inc();
+                tracing::warn!(kind = %label.kind, error = %e, "Kubernetes watch failed; the last objects keep serving, retrying with backoff");
+            }
+        }
+    }
+}

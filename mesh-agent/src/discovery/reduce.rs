@@ -1,0 +1,107 @@
+//! Objects reduced on arrival to the fields the agent reads (as ztunnel and
+//! Cilium strip theirs), so that memory follows what matters: a Pod keeps its
+//! name, labels, owner, node, service account, ports, IP and readiness, not
+//! its containers' images, environment, volumes or managed fields.
+use kube::api::DynamicObject;
+use serde_json::{Map, Value, json};
+
+use super::Kind;
+
+/// The object as the configuration builder reads it: `apiVersion`, `kind`,
+/// the metadata it uses and the kind's fields it uses.
+pub(super) fn reduce(kind: &Kind, obj: DynamicObject) -> Value {
+    let meta = &obj.metadata;
+    let mut metadata = Map::new();
+    let mut put = |k: &str, v: Value| {
+        if !v.is_null() {
+            metadata.insert(k.to_owned(), v);
+        }
+    };
+    put("name", json!(meta.name));
+    put("namespace", json!(meta.namespace));
+    put("uid", json!(meta.uid));
+    put("creationTimestamp", json!(meta.creation_timestamp.as_ref().map(|t| t.0.to_string())));
+    if let Some(labels) = meta.labels.as_ref().filter(|l| !l.is_empty()) {
+        put("labels", json!(labels));
+    }
+    if let Some(owners) = meta.owner_references.as_ref().filter(|o| !o.is_empty()) {
+        let owners: Vec<Value> =
+            owners.iter().map(|o| json!({"kind": o.kind, "name": o.name, "controller": o.controller})).collect();
+        put("ownerReferences", Value::Array(owners));
+    }
+    let mut out = Map::new();
+    out.insert("apiVersion".into(), Value::String(kind.api_version()));
+    out.insert("kind".into(), Value::String(kind.kind.to_owned()));
+    out.insert("metadata".into(), Value::Object(metadata));
+    let data = obj.data;
+    let field = |path: &[&str]| path.iter().try_fold(&data, |v, k| v.get(k)).cloned();
+    let fields: &[(&str, &[&str])] = match kind.kind {
+        "Pod" => &[("spec", &["nodeName", "serviceAccountName", "hostNetwork"]), ("status", &["podIP", "phase"])],
+        "Service" => &[("spec", &["clusterIP", "selector"])],
+        "Node" => &[("status", &["addresses"])],
+        "Namespace" => &[],
+        "ConfigMap" => &[("data", &[])],
+        "Secret" => &[("type", &[]), ("data", &[]), ("stringData", &[])],
+        _ => &[("spec", &[])],
+    };
+    for (top, keep) in fields {
+        let Some(value) = field(&[top]) else { continue };
+        let value = match (keep.is_empty(), value) {
+            (true, v) => v,
+            (false, Value::Object(m)) => {
+                Value::Object(m.into_iter().filter(|(k, _)| keep.contains(&k.as_str())).collect())
+            }
+            (false, other) => other,
+        };
+        out.insert((*top).to_owned(), value);
+    }
+    match kind.kind {
+        "Pod" => {
+            let containers = field(&["spec", "containers"]).and_then(|c| c.as_array().cloned()).unwrap_or_default();
+            let containers: Vec<Value> = containers
+                .iter()
+                .map(|c| {
+                    let ports = c.get("ports").and_then(Value::as_array).cloned().unwrap_or_default();
+                    let ports: Vec<Value> = ports
+                        .iter()
+                        .map(|p| json!({"name": p.get("name"), "containerPort": p.get("containerPort"), "protocol": p.get("protocol")}))
+                        .map(without_nulls)
+                        .collect();
+                    json!({"name": c.get("name"), "ports": ports})
+                })
+                .collect();
+            let conditions = field(&["status", "conditions"]).and_then(|c| c.as_array().cloned()).unwrap_or_default();
+            let conditions: Vec<Value> =
+                conditions.iter().map(|c| json!({"type": c.get("type"), "status": c.get("status")})).collect();
+            set(&mut out, "spec", "containers", Value::Array(containers));
+            set(&mut out, "status", "conditions", Value::Array(conditions));
+        }
+        "Service" => {
+            let ports = field(&["spec", "ports"]).and_then(|c| c.as_array().cloned()).unwrap_or_default();
+            let ports: Vec<Value> = ports
+                .iter()
+                .map(|p| {
+                    let keep = ["name", "port", "targetPort", "protocol", "appProtocol"];
+                    Value::Object(keep.iter().filter_map(|k| Some(((*k).to_owned(), p.get(*k)?.clone()))).collect())
+                })
+                .collect();
+            set(&mut out, "spec", "ports", Value::Array(ports));
+        }
+        _ => {}
+    }
+    Value::Object(out)
+}
+
+fn set(out: &mut Map<String, Value>, top: &str, key: &str, value: Value) {
+    let entry = out.entry(top.to_owned()).or_insert_with(|| Value::Object(Map::new()));
+    if let Value::Object(m) = entry {
+        m.insert(key.to_owned(), value);
+    }
+}
+
+fn without_nulls(v: Value) -> Value {
+    match v {
+        Value::Object(m) => Value::Object(m.into_iter().filter(|(_, v)| !v.is_null()).collect()),
+        other => other,
+    }
+}
