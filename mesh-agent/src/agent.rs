@@ -23,11 +23,15 @@ use crate::{
 };
 
 mod admin;
+mod source;
+
+pub use source::ConfigSource;
+use source::Source;
 
 /// Settings of `mesh-agent run`.
 #[derive(Debug, Clone)]
 pub struct RunConfig {
-    pub config_path: PathBuf,
+    pub source: ConfigSource,
     pub node: String,
     pub admin_addr: SocketAddr,
     pub connect_timeout: Duration,
@@ -72,6 +76,8 @@ pub struct RemoteCa {
 pub enum RunError {
     #[error("invalid configuration:\n{0}")]
     Config(#[from] ConfigErrors),
+    #[error("Kubernetes: {0}")]
+    Kubernetes(#[from] crate::discovery::DiscoveryError),
     #[error("binding {what} on {addr}: {source} (is another mesh-agent running in this network namespace?)")]
     Bind { what: &'static str, addr: String, source: std::io::Error },
     #[error(transparent)]
@@ -96,7 +102,8 @@ pub struct CaptureStatus {
 pub struct Context {
     /// What the data path runs on (it never sees the rest of this).
     pub inputs: Arc<Inputs>,
-    pub config_path: PathBuf,
+    /// Where configuration comes from (a path, or `kubernetes`).
+    pub source: String,
     capture: RwLock<CaptureStatus>,
     gateway_status: RwLock<Vec<crate::proxy::gateway::PortStatus>>,
     last_config_error: RwLock<Option<String>>,
@@ -155,9 +162,10 @@ impl Context {
 
 /// Runs until SIGTERM or SIGINT, then drains and cleans up.
 pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
-    // Configuration is loaded and validated before any port is bound.
-    let mut last_good = config::LastGood::default();
-    let loaded = config::load_keeping(&cfg.config_path, &cfg.identity.trust_domain, &mut last_good)?;
+    // Configuration is loaded and validated before any port is bound; from
+    // the API server, once every kind has been listed.
+    let metrics = crate::telemetry::Metrics::new();
+    let (mut source, loaded) = Source::start(&cfg.source, &cfg.identity.trust_domain, &metrics).await?;
     for note in &loaded.notes {
         tracing::info!("{note}");
     }
@@ -171,7 +179,6 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
              run `mesh-agent ca` and start the agents with --ca-addr"
         );
     }
-    let mut watcher = config::watch_files::Fingerprint::of(&cfg.config_path);
     let certs = Arc::new(cert_manager(&cfg.identity)?);
     let access_log = crate::proxy::l7::access_log::AccessLog::open(&cfg.access_log)
         .map_err(|source| RunError::AccessLog { path: cfg.access_log.clone(), source })?;
@@ -183,10 +190,11 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
         access_log,
         state: loaded.state,
         limits: cfg.limits.clone(),
+        metrics,
     }));
     let ctx = Arc::new(Context {
         inputs,
-        config_path: cfg.config_path.clone(),
+        source: cfg.source.describe(),
         capture: RwLock::default(),
         gateway_status: RwLock::default(),
         last_config_error: RwLock::default(),
@@ -222,7 +230,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
     if let Some(orig) = capture.take_host_orig() {
         let _ = ctx.inputs.host_orig.set(orig);
     }
-    let result = serve(&cfg, &ctx, sockets, admin, &mut capture, (&mut watcher, &mut last_good)).await;
+    let result = serve(&cfg, &ctx, sockets, admin, &mut capture, &mut source).await;
     // Whatever happened: capture stays pinned (fail closed) unless the mesh
     // is leaving the node.
     let cleanup = capture.shutdown(cfg.uninstall_on_exit).await;
@@ -249,9 +257,11 @@ fn cert_manager(cfg: &IdentityConfig) -> Result<CertManager, IdentityError> {
         }
         Some(remote) => {
             let roots = ca::load_roots(&remote.root)?;
-            let token = ca_service::read_token(&remote.token_file)?;
+            // Readable now, or the agent does not start; read again for every request.
+            ca_service::read_token(&remote.token_file)?;
+            let token_file = remote.token_file.clone();
             let client =
-                ca_service::CaClient::new(remote.addr.clone(), Arc::new(roots.clone()), token, &cfg.trust_domain)?;
+                ca_service::CaClient::new(remote.addr.clone(), Arc::new(roots.clone()), token_file, &cfg.trust_domain)?;
             Ok(CertManager::new(CertSource::Remote(client), roots, cfg.cert_ttl))
         }
     }
@@ -278,7 +288,7 @@ async fn serve(
     sockets: Sockets,
     admin: tokio::net::TcpListener,
     capture: &mut Capture,
-    (watcher, last_good): (&mut config::watch_files::Fingerprint, &mut config::LastGood),
+    source: &mut Source,
 ) -> Result<(), RunError> {
     let inputs = &ctx.inputs;
     capture.reconcile(&inputs.state(), &cfg.node).await?;
@@ -310,9 +320,17 @@ async fn serve(
         tokio::select! {
             _ = sigterm.recv() => { tracing::info!("SIGTERM: draining"); break }
             _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: draining"); break }
+            loaded = source.next_model() => {
+                apply(ctx, Ok(loaded));
+                ctx.reconcile_gateways(&mut gateways);
+                if let Err(e) = capture.reconcile(&inputs.state(), &cfg.node).await {
+                    tracing::warn!(error = %e, "capture reconcile failed; will retry");
+                }
+                ctx.publish_capture(capture);
+            }
             _ = tick.tick() => {
-                if watcher.changed(&cfg.config_path) {
-                    reload(ctx, &cfg.config_path, &cfg.identity.trust_domain, last_good);
+                if let Some(loaded) = source.poll_files(&cfg.identity.trust_domain) {
+                    apply(ctx, loaded);
                 }
                 ctx.reconcile_gateways(&mut gateways);
                 if let Err(e) = capture.reconcile(&inputs.state(), &cfg.node).await {
@@ -333,11 +351,11 @@ async fn serve(
     Ok(())
 }
 
-fn reload(ctx: &Context, path: &std::path::Path, trust_domain: &str, last_good: &mut config::LastGood) {
-    let loaded = config::reload_guarded(path, trust_domain, last_good);
+/// Applies a new model (or records why there is none).
+fn apply(ctx: &Context, loaded: Result<config::Loaded, ConfigErrors>) {
     match loaded {
         Ok(loaded) => {
-            tracing::info!(path = %path.display(), pods = loaded.state.workloads.len(), services = loaded.state.services.len(), rejected = loaded.rejected.len(), "configuration reloaded");
+            tracing::info!(source = %ctx.source, pods = loaded.state.workloads.len(), services = loaded.state.services.len(), rejected = loaded.rejected.len(), "configuration reloaded");
             ctx.record_rejected(&loaded.rejected);
             let inputs = &ctx.inputs;
             inputs.set_state(loaded.state);

@@ -5,7 +5,7 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 use clap::{Parser, Subcommand};
 
 use crate::{
-    agent::{IdentityConfig, RemoteCa, RunConfig, RunError},
+    agent::{ConfigSource, IdentityConfig, RemoteCa, RunConfig, RunError},
     ca_server::CaServiceConfig,
 };
 
@@ -88,8 +88,17 @@ pub enum Command {
     /// Capture this node's meshed pods and proxy their traffic (needs root).
     Run {
         /// Kubernetes-shaped YAML: a file, or a directory of *.yaml files. Watched.
+        #[arg(long, required_unless_present = "kubernetes", conflicts_with = "kubernetes")]
+        config: Option<PathBuf>,
+        /// Read configuration from the Kubernetes API server instead (in a
+        /// cluster: the pod's service account; outside: $KUBECONFIG).
         #[arg(long)]
-        config: PathBuf,
+        kubernetes: bool,
+        /// With --kubernetes: the namespaces whose Secrets the agent reads
+        /// (Gateway and DestinationRule credentials), each granted by a Role
+        /// there; Secrets are never read cluster-wide.
+        #[arg(long, value_delimiter = ',', default_value = "istio-system", requires = "kubernetes")]
+        secret_namespaces: Vec<String>,
         /// Name of this node (pods are local when `spec.nodeName` matches).
         #[arg(long)]
         node: String,
@@ -223,6 +232,8 @@ pub fn main() -> ExitCode {
         Command::Validate { paths, trust_domain } => validate(&paths, &trust_domain),
         Command::Run {
             config,
+            kubernetes,
+            secret_namespaces,
             node,
             admin_addr,
             connect_timeout,
@@ -254,8 +265,12 @@ pub fn main() -> ExitCode {
                 _ => None,
             };
             let identity = IdentityConfig { trust_domain, state_dir, remote, cert_ttl };
+            let source = match (config, kubernetes) {
+                (Some(path), false) => ConfigSource::Files(path),
+                _ => ConfigSource::Kubernetes { secret_namespaces },
+            };
             let cfg = RunConfig {
-                config_path: config,
+                source,
                 node,
                 admin_addr,
                 connect_timeout,

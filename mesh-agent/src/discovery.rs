@@ -152,6 +152,8 @@ pub enum DiscoveryError {
         versions = ISTIO_VERSIONS.join(" or ")
     )]
     MissingGroup { group: &'static str },
+    #[error("the Kubernetes source stopped")]
+    Stopped,
 }
 
 /// The client kube-rs infers: in-cluster service account, else `$KUBECONFIG`.

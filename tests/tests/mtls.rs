@@ -194,11 +194,15 @@ fn node_token_obtains_only_its_own_pods_identities() {
     }
     let m = Mesh::start("", &[]);
     let roots = std::sync::Arc::new(mesh_agent::identity::ca::load_roots(&m.ca.root_cert()).unwrap());
-    let token = mesh_agent::identity::ca_service::read_token(&m.ca.token_file("node-1")).unwrap();
+    let token = m.ca.token_file("node-1");
+    let bad = std::env::temp_dir().join(format!("mesh-bad-token-{}", std::process::id()));
+    std::fs::write(&bad, "not-a-token").unwrap();
+    std::fs::set_permissions(&bad, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let addr = m.ca.addr.clone();
+    let bad_token = bad.clone();
     let results = mesh_tests::netns::enter_and_spawn(&m.c.net_ns, move || {
         runtime().block_on(async move {
-            let ask = |token: String, identity: &'static str| {
+            let ask = |token: std::path::PathBuf, identity: &'static str| {
                 let (roots, addr) = (roots.clone(), addr.clone());
                 async move {
                     let client =
@@ -210,12 +214,13 @@ fn node_token_obtains_only_its_own_pods_identities() {
             (
                 ask(token.clone(), TEST_ID).await.map(|chain| chain.len()),
                 ask(token.clone(), HELLO_ID).await.map(|chain| chain.len()),
-                ask("not-a-token".into(), TEST_ID).await.map(|chain| chain.len()),
+                ask(bad_token, TEST_ID).await.map(|chain| chain.len()),
             )
         })
     })
     .join()
     .unwrap();
+    let _ = std::fs::remove_file(&bad);
     assert_eq!(results.0, Ok(1), "node-1's own pod identity");
     let refused = results.1.unwrap_err();
     assert!(refused.contains("403") && refused.contains("node-1"), "{refused}");

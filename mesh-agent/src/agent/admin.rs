@@ -1,5 +1,7 @@
 //! Admin server on 127.0.0.1:15000 in the node's network namespace:
-//! `/ready` (200 once capture is attached and config loaded), `/metrics`
+//! `/ready` (200 once capture is attached and config loaded; 503 while
+//! draining), `/healthz` (200 while the process serves, draining included:
+//! a liveness probe must not kill an agent that is draining), `/metrics`
 //! (Prometheus text), `/config_dump` (JSON of the current state).
 use std::{convert::Infallible, sync::Arc};
 
@@ -48,6 +50,7 @@ fn respond<B>(ctx: &Context, req: &Request<B>) -> Response<Full<Bytes>> {
                 text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into())
             }
         }
+        "/healthz" | "/healthz/live" => text(StatusCode::OK, "alive\n".into()),
         "/metrics" | "/stats/prometheus" => {
             let mut r = text(StatusCode::OK, ctx.inputs.metrics.encode());
             r.headers_mut().insert(
@@ -59,7 +62,7 @@ fn respond<B>(ctx: &Context, req: &Request<B>) -> Response<Full<Bytes>> {
         "/config_dump" => {
             let dump = serde_json::json!({
                 "node": ctx.inputs.node,
-                "config_path": ctx.config_path,
+                "config_source": ctx.source,
                 "ready": ctx.is_ready(),
                 "last_config_error": ctx.last_config_error(),
                 "active_connections": ctx.inputs.active.count(),
@@ -73,8 +76,8 @@ fn respond<B>(ctx: &Context, req: &Request<B>) -> Response<Full<Bytes>> {
             r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
             r
         }
-        "/" => text(StatusCode::OK, "mesh-agent admin: /ready /metrics /config_dump\n".into()),
-        _ => text(StatusCode::NOT_FOUND, "not found: try /ready /metrics /config_dump\n".into()),
+        "/" => text(StatusCode::OK, "mesh-agent admin: /ready /healthz /metrics /config_dump\n".into()),
+        _ => text(StatusCode::NOT_FOUND, "not found: try /ready /healthz /metrics /config_dump\n".into()),
     }
 }
 

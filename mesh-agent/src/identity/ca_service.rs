@@ -6,7 +6,11 @@
 //!   signed by the mesh root; agents verify it against `--ca-root`.
 //! - `POST /v1/certificates` with `Authorization: Bearer <node token>` and a JSON
 //!   body `{"identity": "spiffe://…", "csr": "<PEM CERTIFICATE REQUEST>", "ttlSeconds": N}`.
-//! - The token names the node (one per `Node`, in `<ca-dir>/node-tokens/<node>`).
+//! - The token names the node: in file mode a bootstrap token (one per
+//!   `Node`, in `<ca-dir>/node-tokens/<node>`); on Kubernetes the agent pod's
+//!   projected ServiceAccount token, which the CA checks with a TokenReview
+//!   and follows to the pod and its node. The client reads the token file
+//!   again for every request (the kubelet rotates it).
 //!   The identity must be that of a meshed pod scheduled on that node in the
 //!   CA's own view of the configuration. The CSR's signature must verify; only
 //!   its public key is used. `ttlSeconds` is capped by `--max-cert-ttl`.
@@ -48,7 +52,9 @@ pub struct ErrorBody {
 /// The node agent's side: asks the CA service to sign CSRs.
 pub struct CaClient {
     addr: String,
-    token: String,
+    /// Read again for every request: a projected ServiceAccount token is
+    /// rotated in place by the kubelet.
+    token_file: std::path::PathBuf,
     tls: tokio_rustls::TlsConnector,
     server_name: rustls::pki_types::ServerName<'static>,
 }
@@ -57,7 +63,7 @@ impl CaClient {
     pub fn new(
         addr: String,
         roots: Arc<RootCertStore>,
-        token: String,
+        token_file: std::path::PathBuf,
         trust_domain: &str,
     ) -> Result<Self, IdentityError> {
         let identity = super::ca_identity(trust_domain);
@@ -65,7 +71,7 @@ impl CaClient {
             .map_err(|e| IdentityError::invalid("TLS settings", e))?;
         let server_name = rustls::pki_types::ServerName::try_from(super::server_name_for(&identity))
             .map_err(|e| IdentityError::invalid("CA server name", e))?;
-        Ok(Self { addr, token, tls: tokio_rustls::TlsConnector::from(Arc::new(config)), server_name })
+        Ok(Self { addr, token_file, tls: tokio_rustls::TlsConnector::from(Arc::new(config)), server_name })
     }
 
     pub async fn sign(
@@ -76,6 +82,7 @@ impl CaClient {
     ) -> Result<Vec<CertificateDer<'static>>, IdentityError> {
         let remote = |message: String| IdentityError::Remote { addr: self.addr.clone(), message };
         let work = async {
+            let token = read_token(&self.token_file)?;
             let tcp = tokio::net::TcpStream::connect(&self.addr).await.map_err(|e| remote(format!("connect: {e}")))?;
             let tls = self
                 .tls
@@ -94,7 +101,7 @@ impl CaClient {
             .map_err(|e| remote(e.to_string()))?;
             let req = Request::post("/v1/certificates")
                 .header(header::HOST, self.addr.as_str())
-                .header(header::AUTHORIZATION, format!("Bearer {}", self.token))
+                .header(header::AUTHORIZATION, format!("Bearer {token}"))
                 .header(header::CONTENT_TYPE, "application/json")
                 .body(Full::new(Bytes::from(body)))
                 .map_err(|e| remote(e.to_string()))?;

@@ -52,6 +52,8 @@ pub struct Settings {
     pub access_log: crate::proxy::l7::access_log::AccessLog,
     pub state: State,
     pub limits: super::limits::Limits,
+    /// Made before the data path (the configuration source counts into it).
+    pub metrics: Metrics,
 }
 
 impl Inputs {
@@ -61,7 +63,7 @@ impl Inputs {
             limits: s.limits,
             connect_timeout: s.connect_timeout,
             protocol_detection_timeout: s.protocol_detection_timeout,
-            metrics: Metrics::new(),
+            metrics: s.metrics,
             active: Arc::default(),
             certs: s.certs,
             hbone: crate::proxy::hbone::TunnelPool::default(),
@@ -215,6 +217,7 @@ pub(crate) mod testing {
                 access_log: crate::proxy::l7::access_log::AccessLog::open("off").expect("no access log"),
                 state: crate::config::state_from_yaml(yaml),
                 limits,
+                metrics: crate::telemetry::Metrics::new(),
             });
             TestInputs { inputs: Arc::new(inputs), dir }
         }
