@@ -27,10 +27,23 @@ use crate::{
     state::State,
 };
 
+mod kubernetes;
+
+pub use kubernetes::KubeAuthConfig;
+
+/// Where the CA learns which pods run where, and how it knows agents.
+#[derive(Debug, Clone)]
+pub enum CaSource {
+    /// Configuration files; agents present bootstrap tokens written under `ca_dir`.
+    Files(PathBuf),
+    /// The API server; agents present projected ServiceAccount tokens.
+    Kubernetes(KubeAuthConfig),
+}
+
 /// Settings of `mesh-agent ca`.
 #[derive(Debug, Clone)]
 pub struct CaServiceConfig {
-    pub config_path: PathBuf,
+    pub source: CaSource,
     pub ca_dir: PathBuf,
     pub listen: SocketAddr,
     pub trust_domain: String,
@@ -41,8 +54,28 @@ struct Service {
     ca: Ca,
     max_ttl: Duration,
     state: RwLock<Arc<State>>,
-    /// token → node name.
-    tokens: RwLock<HashMap<String, String>>,
+    auth: Auth,
+}
+
+/// How an agent's bearer token names its node.
+enum Auth {
+    /// Bootstrap tokens: token → node name.
+    Tokens(RwLock<HashMap<String, String>>),
+    Kubernetes(kubernetes::KubeAuth),
+}
+
+/// The CA's running view of the cluster.
+enum View {
+    Files { path: PathBuf, fingerprint: config::watch_files::Fingerprint, last_good: config::LastGood },
+    Kubernetes { models: tokio::sync::mpsc::Receiver<config::Loaded>, task: tokio::task::JoinHandle<()> },
+}
+
+impl Drop for View {
+    fn drop(&mut self) {
+        if let View::Kubernetes { task, .. } = self {
+            task.abort();
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -91,17 +124,44 @@ pub enum CaServiceError {
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error("signal handler: {0}")]
     Signal(std::io::Error),
+    #[error("Kubernetes: {0}")]
+    Kubernetes(#[from] crate::discovery::DiscoveryError),
+    #[error("Kubernetes: checking the CA's permissions: {0}")]
+    AccessReview(#[source] kube::Error),
+    #[error("the CA's service account may not: {}; apply deploy/ (its ClusterRole mesh-ca) or grant them", .0.join(", "))]
+    Permissions(Vec<String>),
 }
 
 /// Runs the CA service until SIGTERM/SIGINT.
 pub async fn run(cfg: CaServiceConfig) -> Result<(), CaServiceError> {
-    let mut last_good = config::LastGood::default();
-    let loaded = config::load_keeping(&cfg.config_path, &cfg.trust_domain, &mut last_good)?;
+    let (mut view, loaded, auth) = match &cfg.source {
+        CaSource::Files(path) => {
+            let mut last_good = config::LastGood::default();
+            let loaded = config::load_keeping(path, &cfg.trust_domain, &mut last_good)?;
+            let tokens = Auth::Tokens(RwLock::new(ensure_tokens(&cfg.ca_dir, &loaded.state)?));
+            let fingerprint = config::watch_files::Fingerprint::of(path);
+            (View::Files { path: path.clone(), fingerprint, last_good }, loaded, tokens)
+        }
+        CaSource::Kubernetes(auth) => {
+            let client = crate::discovery::client().await?;
+            let kinds = crate::discovery::ca_kinds();
+            let missing =
+                kubernetes::missing_permissions(&client, &kinds).await.map_err(CaServiceError::AccessReview)?;
+            if !missing.is_empty() {
+                return Err(CaServiceError::Permissions(missing));
+            }
+            let counters = crate::discovery::Counters::default();
+            let (mut models, task) =
+                crate::discovery::start(client.clone(), kinds, &cfg.trust_domain, counters).await?;
+            let loaded = crate::discovery::first_model(&mut models).await?;
+            let auth = Auth::Kubernetes(kubernetes::KubeAuth { client, config: auth.clone() });
+            (View::Kubernetes { models, task }, loaded, auth)
+        }
+    };
     for e in &loaded.rejected {
         tracing::error!("object rejected, the rest of the configuration applies: {e}");
     }
     let ca = Ca::load_or_create(&cfg.ca_dir, &cfg.trust_domain)?;
-    let tokens = ensure_tokens(&cfg.ca_dir, &loaded.state)?;
     let now = std::time::SystemTime::now();
     let identity = crate::identity::ca_identity(&cfg.trust_domain);
     let serving = ca.issue(&identity, now - Duration::from_secs(60), now + Duration::from_secs(365 * 24 * 3600))?;
@@ -113,14 +173,8 @@ pub async fn run(cfg: CaServiceConfig) -> Result<(), CaServiceError> {
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .map_err(|source| CaServiceError::Bind { addr: cfg.listen, source })?;
-    let svc = Arc::new(Service {
-        ca,
-        max_ttl: cfg.max_ttl,
-        state: RwLock::new(Arc::new(loaded.state)),
-        tokens: RwLock::new(tokens),
-    });
+    let svc = Arc::new(Service { ca, max_ttl: cfg.max_ttl, state: RwLock::new(Arc::new(loaded.state)), auth });
     tracing::info!(listen = %cfg.listen, ca_dir = %cfg.ca_dir.display(), %identity, "mesh CA service ready");
-    let mut watcher = crate::config::watch_files::Fingerprint::of(&cfg.config_path);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut sigterm =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(CaServiceError::Signal)?;
@@ -128,8 +182,11 @@ pub async fn run(cfg: CaServiceConfig) -> Result<(), CaServiceError> {
         tokio::select! {
             _ = sigterm.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
-            _ = tick.tick() => if watcher.changed(&cfg.config_path) {
-                reload(&svc, &cfg, &mut last_good);
+            loaded = next_model(&mut view) => set_state(&svc, loaded),
+            _ = tick.tick() => if let View::Files { path, fingerprint, last_good } = &mut view
+                && fingerprint.changed(path)
+            {
+                reload(&svc, &cfg, path, last_good);
             },
             accepted = listener.accept() => {
                 let Ok((stream, peer)) = accepted else { continue };
@@ -159,23 +216,39 @@ pub async fn run(cfg: CaServiceConfig) -> Result<(), CaServiceError> {
     Ok(())
 }
 
-fn reload(svc: &Service, cfg: &CaServiceConfig, last_good: &mut config::LastGood) {
-    match config::reload_guarded(&cfg.config_path, &cfg.trust_domain, last_good) {
+/// The next model from the API server; never, for files (polled instead).
+async fn next_model(view: &mut View) -> config::Loaded {
+    match view {
+        View::Kubernetes { models, .. } => match models.recv().await {
+            Some(m) => m,
+            None => std::future::pending().await,
+        },
+        View::Files { .. } => std::future::pending().await,
+    }
+}
+
+fn set_state(svc: &Service, loaded: config::Loaded) {
+    for e in &loaded.rejected {
+        tracing::error!("object rejected, the rest of the configuration applies: {e}");
+    }
+    if let Ok(mut s) = svc.state.write() {
+        *s = Arc::new(loaded.state);
+    }
+}
+
+fn reload(svc: &Service, cfg: &CaServiceConfig, path: &Path, last_good: &mut config::LastGood) {
+    match config::reload_guarded(path, &cfg.trust_domain, last_good) {
         Ok(loaded) => {
-            for e in &loaded.rejected {
-                tracing::error!("object rejected, the rest of the configuration applies: {e}");
-            }
-            match ensure_tokens(&cfg.ca_dir, &loaded.state) {
-                Ok(t) => {
-                    if let Ok(mut m) = svc.tokens.write() {
+            match (ensure_tokens(&cfg.ca_dir, &loaded.state), &svc.auth) {
+                (Ok(t), Auth::Tokens(tokens)) => {
+                    if let Ok(mut m) = tokens.write() {
                         *m = t;
                     }
                 }
-                Err(e) => tracing::error!(error = %e, "writing node tokens"),
+                (Err(e), _) => tracing::error!(error = %e, "writing node tokens"),
+                _ => {}
             }
-            if let Ok(mut s) = svc.state.write() {
-                *s = Arc::new(loaded.state);
-            }
+            set_state(svc, loaded);
             tracing::info!("CA: configuration reloaded");
         }
         Err(e) => tracing::error!("CA: configuration rejected, keeping the last good one:\n{e}"),
@@ -213,8 +286,24 @@ async fn handle(svc: &Service, peer: SocketAddr, req: Request<hyper::body::Incom
         .map(str::trim)
         .unwrap_or_default()
         .to_owned();
-    let node =
-        svc.tokens.read().ok().and_then(|m| m.iter().find(|(t, _)| same_token(t, &token)).map(|(_, n)| n.clone()));
+    let state = svc.state.read().map(|s| s.clone()).unwrap_or_default();
+    let node = match &svc.auth {
+        Auth::Tokens(tokens) => {
+            let known = tokens.read().ok();
+            known.and_then(|m| m.iter().find(|(t, _)| same_token(t, &token)).map(|(_, n)| n.clone()))
+        }
+        Auth::Kubernetes(auth) => match auth.node_of(&token, &state).await {
+            Ok(node) => Some(node),
+            Err((status, message)) => {
+                tracing::warn!(%peer, %status, "CA: {message}");
+                let mut r = error(status, message);
+                if status == StatusCode::SERVICE_UNAVAILABLE {
+                    r.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+                }
+                return r;
+            }
+        },
+    };
     let Some(node) = node else {
         tracing::warn!(%peer, "CA: request with an unknown node token");
         return error(StatusCode::UNAUTHORIZED, "missing or unknown node token");
@@ -225,7 +314,6 @@ async fn handle(svc: &Service, peer: SocketAddr, req: Request<hyper::body::Incom
         Ok(Err(e)) => return error(StatusCode::BAD_REQUEST, format!("reading the body: {e}")),
         Err(_) => return error(StatusCode::REQUEST_TIMEOUT, "the request body did not arrive within 10 s"),
     };
-    let state = svc.state.read().map(|s| s.clone()).unwrap_or_default();
     let identities = state.node_identities(&node);
     match sign_request(&svc.ca, &body, |id| identities.contains(id), svc.max_ttl) {
         Ok((request, ttl, chain)) => {

@@ -6,7 +6,7 @@ use clap::{Parser, Subcommand};
 
 use crate::{
     agent::{ConfigSource, IdentityConfig, RemoteCa, RunConfig, RunError},
-    ca_server::CaServiceConfig,
+    ca_server::{CaServiceConfig, CaSource, KubeAuthConfig},
 };
 
 /// Exit status for invalid configuration (EX_USAGE).
@@ -175,9 +175,21 @@ pub enum Command {
     /// Run the mesh CA service for a multi-node mesh.
     Ca {
         /// The same configuration the agents read (Nodes and Pods decide who may get which identity).
+        #[arg(long, required_unless_present = "kubernetes", conflicts_with = "kubernetes")]
+        config: Option<PathBuf>,
+        /// Learn pods, nodes and Gateways from the Kubernetes API server, and
+        /// authenticate agents by their projected ServiceAccount tokens
+        /// (TokenReview) instead of bootstrap tokens.
         #[arg(long)]
-        config: PathBuf,
-        /// Root key and certificate (created on first start), node-tokens/.
+        kubernetes: bool,
+        /// With --kubernetes: the audience agents' tokens must carry.
+        #[arg(long, default_value = "mesh-ca", requires = "kubernetes")]
+        token_audience: String,
+        /// With --kubernetes: service accounts (`namespace/name`) of node agents.
+        #[arg(long, value_delimiter = ',', default_value = "mesh-system/mesh-agent", requires = "kubernetes")]
+        trusted_node_accounts: Vec<String>,
+        /// Root key and certificate (root-key.pem, root-cert.pem: created on
+        /// first start if absent; on Kubernetes, a mounted Secret), node-tokens/.
         #[arg(long)]
         ca_dir: PathBuf,
         /// Address to serve on (Istio's CA port is 15012).
@@ -188,6 +200,14 @@ pub enum Command {
         /// Longest certificate lifetime granted.
         #[arg(long, default_value = "24h", value_parser = parse_duration)]
         max_cert_ttl: Duration,
+    },
+    /// Create a mesh root (root-key.pem, root-cert.pem) in a directory, or
+    /// show the one there; for the Secret the CA mounts on Kubernetes.
+    CaRoot {
+        #[arg(long)]
+        ca_dir: PathBuf,
+        #[arg(long, default_value = crate::state::DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
     },
     /// Remove the mesh from this node (run in the node's network namespace):
     /// every pinned program in `--bpffs`, the routing rule, the notrack rule,
@@ -312,9 +332,39 @@ pub fn main() -> ExitCode {
                 }
             }
         }
-        Command::Ca { config, ca_dir, listen, trust_domain, max_cert_ttl } => {
-            let cfg = CaServiceConfig { config_path: config, ca_dir, listen, trust_domain, max_ttl: max_cert_ttl };
+        Command::Ca {
+            config,
+            kubernetes,
+            token_audience,
+            trusted_node_accounts,
+            ca_dir,
+            listen,
+            trust_domain,
+            max_cert_ttl,
+        } => {
+            let source = match (config, kubernetes) {
+                (Some(path), false) => CaSource::Files(path),
+                _ => CaSource::Kubernetes(KubeAuthConfig { audience: token_audience, trusted_node_accounts }),
+            };
+            let cfg = CaServiceConfig { source, ca_dir, listen, trust_domain, max_ttl: max_cert_ttl };
             run_ca(cfg)
+        }
+        Command::CaRoot { ca_dir, trust_domain } => {
+            match crate::identity::ca::Ca::load_or_create(&ca_dir, &trust_domain) {
+                Ok(_) => {
+                    let file = |f: &str| ca_dir.join(f).display().to_string();
+                    println!(
+                        "{}\n{}",
+                        file(crate::identity::ca::ROOT_CERT_FILE),
+                        file(crate::identity::ca::ROOT_KEY_FILE)
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("mesh-agent ca-root: {e}");
+                    ExitCode::FAILURE
+                }
+            }
         }
     }
 }

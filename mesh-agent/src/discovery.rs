@@ -35,7 +35,7 @@ mod reduce;
 mod store;
 pub mod testing;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use store::Store;
 
@@ -178,6 +178,46 @@ pub async fn resolve_versions(client: &Client, kinds: &mut [Kind]) -> Result<(),
         }
     }
     Ok(())
+}
+
+/// Picks the Istio API versions
+/// served (retrying while the API server cannot be reached) and starts
+/// watching `kinds`.
+pub async fn start(
+    client: Client,
+    mut kinds: Vec<Kind>,
+    trust_domain: &str,
+    counters: Counters,
+) -> Result<(mpsc::Receiver<Loaded>, tokio::task::JoinHandle<()>), DiscoveryError> {
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        match resolve_versions(&client, &mut kinds).await {
+            Ok(()) => break,
+            Err(e @ DiscoveryError::MissingGroup { .. }) => return Err(e),
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "Kubernetes API discovery failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+    let (tx, models) = mpsc::channel(1);
+    let settings = Settings { trust_domain: trust_domain.to_owned(), debounce: Duration::from_millis(100) };
+    let task = tokio::spawn(run(client, kinds, settings, counters, tx));
+    Ok((models, task))
+}
+
+/// Waits for the first complete model, saying so every 10 s.
+pub async fn first_model(models: &mut mpsc::Receiver<Loaded>) -> Result<Loaded, DiscoveryError> {
+    let started = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            m = models.recv() => return m.ok_or(DiscoveryError::Stopped),
+            _ = tokio::time::sleep(Duration::from_secs(10)) => {
+                tracing::info!(waited = ?started.elapsed(), "waiting for the first list of every Kubernetes kind (not ready until then)");
+            }
+        }
+    }
 }
 
 /// How the source builds.

@@ -1,14 +1,14 @@
 //! Where the agent's configuration comes from: files (polled, the embedded
 //! default for local use, the demo and the tests) or the Kubernetes API
 //! server (watched; `--kubernetes`).
-use std::{path::PathBuf, time::Duration};
+use std::path::PathBuf;
 
 use tokio::sync::mpsc;
 
 use super::RunError;
 use crate::{
     config::{self, ConfigErrors, Loaded},
-    discovery::{self, DiscoveryError},
+    discovery,
     telemetry::Metrics,
 };
 
@@ -58,8 +58,9 @@ impl Source {
                     rebuilds: metrics.kube_rebuilds.clone(),
                 };
                 let kinds = discovery::agent_kinds(secret_namespaces);
-                let (mut models, task) = start_kubernetes(kinds, trust_domain, counters).await?;
-                let first = first_model(&mut models).await?;
+                let (mut models, task) =
+                    discovery::start(discovery::client().await?, kinds, trust_domain, counters).await?;
+                let first = discovery::first_model(&mut models).await?;
                 Ok((Source::Kubernetes { models, task }, first))
             }
         }
@@ -87,46 +88,6 @@ impl Drop for Source {
     fn drop(&mut self) {
         if let Source::Kubernetes { task, .. } = self {
             task.abort();
-        }
-    }
-}
-
-/// Connects (in-cluster or `$KUBECONFIG`), picks the Istio API versions
-/// served (retrying while the API server cannot be reached) and starts
-/// watching `kinds`.
-pub(crate) async fn start_kubernetes(
-    mut kinds: Vec<discovery::Kind>,
-    trust_domain: &str,
-    counters: discovery::Counters,
-) -> Result<(mpsc::Receiver<Loaded>, tokio::task::JoinHandle<()>), DiscoveryError> {
-    let client = discovery::client().await?;
-    let mut backoff = Duration::from_secs(1);
-    loop {
-        match discovery::resolve_versions(&client, &mut kinds).await {
-            Ok(()) => break,
-            Err(e @ DiscoveryError::MissingGroup { .. }) => return Err(e),
-            Err(e) => {
-                tracing::warn!(error = %e, retry_in = ?backoff, "Kubernetes API discovery failed");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(30));
-            }
-        }
-    }
-    let (tx, models) = mpsc::channel(1);
-    let settings = discovery::Settings { trust_domain: trust_domain.to_owned(), debounce: Duration::from_millis(100) };
-    let task = tokio::spawn(discovery::run(client, kinds, settings, counters, tx));
-    Ok((models, task))
-}
-
-/// Waits for the first complete model, saying so every 10 s.
-pub(crate) async fn first_model(models: &mut mpsc::Receiver<Loaded>) -> Result<Loaded, DiscoveryError> {
-    let started = tokio::time::Instant::now();
-    loop {
-        tokio::select! {
-            m = models.recv() => return m.ok_or(DiscoveryError::Stopped),
-            _ = tokio::time::sleep(Duration::from_secs(10)) => {
-                tracing::info!(waited = ?started.elapsed(), "waiting for the first list of every Kubernetes kind (not ready until then)");
-            }
         }
     }
 }
