@@ -31,6 +31,19 @@ mod kubernetes;
 
 pub use kubernetes::KubeAuthConfig;
 
+/// What the CA checks at start on Kubernetes (for the RBAC test).
+#[cfg(test)]
+pub(crate) async fn kubernetes_missing_permissions(client: &kube::Client) -> Result<Vec<String>, kube::Error> {
+    kubernetes::missing_permissions(client, &crate::discovery::ca_kinds()).await
+}
+
+/// One token review as the CA makes it (for the RBAC test).
+#[cfg(test)]
+pub(crate) async fn review_token_for_test(client: kube::Client, token: &str, state: &State) {
+    let config = KubeAuthConfig { audience: "mesh-ca".into(), trusted_node_accounts: Vec::new() };
+    let _ = kubernetes::KubeAuth { client, config }.node_of(token, state).await;
+}
+
 /// Where the CA learns which pods run where, and how it knows agents.
 #[derive(Debug, Clone)]
 pub enum CaSource {

@@ -154,7 +154,11 @@ const PACKAGES: &[&str] = &[
     "sockperf",
     "nginx-light",
     "nghttp2-client",
+    // `cargo xtask image`: the OCI archive checked by an independent reader.
+    "skopeo",
 ];
+/// `deploy/` is checked against the API schemas with this PyPI package.
+const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
 /// The HTTP load generator of `cargo xtask bench`, from crates.io.
 const OHA_VERSION: &str = "1.16.0";
 const BPF_LINKER_VERSION: &str = "0.13";
@@ -198,6 +202,15 @@ fn setup() -> anyhow::Result<()> {
         eprintln!("setup: oha {OHA_VERSION} present");
     } else {
         run(Command::new("cargo").args(["install", "oha", "--locked", "--version", &format!("={OHA_VERSION}")]))?;
+    }
+    if succeeds(Command::new("kubernetes-validate").arg("--version")) {
+        eprintln!("setup: kubernetes-validate present");
+    } else {
+        run(Command::new("python3").args(["-m", "pip", "install", "-q", KUBERNETES_VALIDATE]))?;
+    }
+    if !succeeds(Command::new("kubectl").args(["version", "--client"])) {
+        // Not in Debian's archive; machines of this kind carry it.
+        eprintln!("setup: kubectl missing: `kubectl kustomize deploy/` cannot be checked");
     }
     eprintln!("setup: done");
     Ok(())

@@ -229,3 +229,5 @@ async fn the_same_objects_as_files_or_from_the_api_server_give_the_same_model() 
     // Pods are reduced on arrival: no images, environment or annotations kept.
     assert!(from_api.state.workloads.values().all(|w| w.uid.is_some()));
 }
+
+mod rbac;
