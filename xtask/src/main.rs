@@ -13,6 +13,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod demo;
+mod image;
 mod scale;
 
 #[derive(Parser)]
@@ -63,6 +64,9 @@ enum Task {
         #[arg(long, allow_hyphen_values = true)]
         agent_args: Option<String>,
     },
+    /// Build the OCI image archive target/image/mesh-agent-<version>.tar from
+    /// scratch (no base image, no registry), checked with skopeo.
+    Image,
     /// Build the model from a synthetic large cluster and report time and memory.
     Scale {
         #[arg(long, default_value_t = 100_000)]
@@ -93,6 +97,7 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Fuzz { secs, targets } => fuzz(secs, &targets),
         Task::Scale { pods, services } => scale::run(pods, services),
+        Task::Image => image::build(),
     }
 }
 

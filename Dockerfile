@@ -1,0 +1,16 @@
+# The usual container build, for machines with a container engine and a
+# registry (`docker build -t mesh-agent:0.1.0 .`). Without either,
+# `cargo xtask image` builds the same image from scratch (README). Not
+# exercised on the project's own machines, which have no container engine.
+FROM rust:1.95-bookworm AS build
+WORKDIR /src
+COPY . .
+# LLVM 22 (bookworm-security), nightly rust-src and bpf-linker for the eBPF programs.
+RUN cargo xtask setup \
+ && cargo build --release -p mesh-agent --bin mesh-agent \
+ && strip --strip-debug target/release/mesh-agent
+
+# glibc, libgcc and nothing else: the agent needs no shell and no files.
+FROM gcr.io/distroless/cc-debian12
+COPY --from=build /src/target/release/mesh-agent /usr/local/bin/mesh-agent
+ENTRYPOINT ["/usr/local/bin/mesh-agent"]
