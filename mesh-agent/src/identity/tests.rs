@@ -136,3 +136,49 @@ fn a_certificate_past_its_validity_names_no_peer_as_a_resumed_session_would_carr
     assert_eq!(crate::identity::current_peer_identity(der, now + 2 * hour), None);
     assert_eq!(crate::identity::current_peer_identity(der, now - 2 * hour), None);
 }
+
+#[derive(Debug)]
+struct OneKey(Arc<rustls::sign::CertifiedKey>);
+
+impl tls::CertLookup for OneKey {
+    fn by_server_name(&self, _sni: &str) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
+/// What `openssl s_client` says when it tries `version` against `port`.
+fn s_client(port: u16, version: &str) -> String {
+    let sni = server_name_for(B);
+    let out = std::process::Command::new("openssl")
+        .args(["s_client", "-connect", &format!("127.0.0.1:{port}"), "-servername", &sni, version, "-brief"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
+/// The rustls build may carry TLS 1.2 (the Kubernetes client's HTTP stack
+/// turns it on, and the edges want it), but the mesh's own TLS (HBONE, the
+/// CA) stays TLS 1.3 only, by its explicit protocol list.
+#[tokio::test]
+async fn mesh_tls_refuses_tls_1_2_whatever_the_build_enables() {
+    let d = TempDir::new("tls13");
+    let ca = Ca::load_or_create(&d.0, "cluster.local").unwrap();
+    let now = SystemTime::now();
+    let hour = Duration::from_secs(3600);
+    let b = ca.issue(B, now - hour, now + hour).unwrap();
+    let config = tls::server_config(roots(&ca), Arc::new(OneKey(b.key.clone())), false, &[b"h2"]).unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move { drop(acceptor.accept(tcp).await) });
+        }
+    });
+    let tls12 = tokio::task::spawn_blocking(move || s_client(port, "-tls1_2")).await.unwrap();
+    assert!(tls12.contains("protocol version") && !tls12.contains("Protocol version: TLSv1.2"), "{tls12}");
+    let tls13 = tokio::task::spawn_blocking(move || s_client(port, "-tls1_3")).await.unwrap();
+    assert!(tls13.contains("TLSv1.3"), "{tls13}");
+}
