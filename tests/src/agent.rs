@@ -32,6 +32,14 @@ pub fn binary() -> PathBuf {
     bin
 }
 
+/// Where a test agent's configuration comes from.
+enum Source<'a> {
+    /// YAML, written to the agent's config directory.
+    Files(&'a str),
+    /// The API server a kubeconfig names.
+    Kubernetes(&'a std::path::Path),
+}
+
 pub struct Agent {
     child: Option<Child>,
     node_ns: String,
@@ -49,14 +57,34 @@ impl Agent {
     /// Starts the agent on node `node` with extra arguments (without
     /// `--ca-addr`, the CA is embedded, in a directory of its own).
     pub fn start_on(cluster: &Cluster, node: usize, config: &str, extra: &[String]) -> Self {
+        Self::launch(cluster, node, Source::Files(config), extra)
+    }
+
+    /// Starts the agent on node `node` with `--kubernetes`, reading the API
+    /// server `kubeconfig` names, and waits for `/ready`.
+    pub fn start_kubernetes(cluster: &Cluster, node: usize, kubeconfig: &std::path::Path, extra: &[String]) -> Self {
+        Self::launch(cluster, node, Source::Kubernetes(kubeconfig), extra)
+    }
+
+    fn launch(cluster: &Cluster, node: usize, source: Source<'_>, extra: &[String]) -> Self {
         let node = &cluster.nodes[node];
         let dir = std::env::temp_dir().join(format!("mesh-test-{}-{}", cluster.id, node.name));
         std::fs::create_dir_all(&dir).unwrap();
         let log = dir.join("agent.log");
         let mut agent = Self { child: None, node_ns: node.ns.clone(), dir, log };
-        agent.write_config(config);
+        let (source_args, kubeconfig): (Vec<std::ffi::OsString>, _) = match source {
+            Source::Files(config) => {
+                agent.write_config(config);
+                (vec!["--config".into(), agent.dir.join("config").into()], None)
+            }
+            Source::Kubernetes(kubeconfig) => (vec!["--kubernetes".into()], Some(kubeconfig)),
+        };
         let stderr = std::fs::File::create(&agent.log).unwrap();
-        let child = Command::new("ip")
+        let mut command = Command::new("ip");
+        if let Some(k) = kubeconfig {
+            command.env("KUBECONFIG", k);
+        }
+        let child = command
             .args(["netns", "exec", &node.ns])
             .arg(binary())
             .args(["run", "--node", &node.name, "--drain-timeout", "2s"])
@@ -71,8 +99,7 @@ impl Agent {
             // MESH_AGENT_ARGS: more flags for every agent a test starts (to
             // run the suite with an experimental option on).
             .args(std::env::var("MESH_AGENT_ARGS").unwrap_or_default().split_whitespace())
-            .arg("--config")
-            .arg(agent.dir.join("config"))
+            .args(source_args)
             .env(
                 "RUST_LOG",
                 std::env::var("MESH_AGENT_LOG")
@@ -280,16 +307,33 @@ impl CaService {
     /// Starts on `172.18.0.1:15012` in the `net` namespace with `config`, and
     /// waits until the root and every node token are written and it accepts.
     pub fn start(cluster: &Cluster, config: &str) -> Self {
+        Self::launch(cluster, Some(config), None)
+    }
+
+    /// Starts with `--kubernetes` against the API server `kubeconfig` names
+    /// (agents then present ServiceAccount tokens), and waits until it accepts.
+    pub fn start_kubernetes(cluster: &Cluster, kubeconfig: &std::path::Path) -> Self {
+        Self::launch(cluster, None, Some(kubeconfig))
+    }
+
+    fn launch(cluster: &Cluster, config: Option<&str>, kubeconfig: Option<&std::path::Path>) -> Self {
         let dir = std::env::temp_dir().join(format!("mesh-test-{}-ca", cluster.id));
         std::fs::create_dir_all(dir.join("config")).unwrap();
-        std::fs::write(dir.join("config").join("cluster.yaml"), config).unwrap();
         let log = dir.join("ca.log");
         let addr = "172.18.0.1:15012".to_owned();
-        let child = Command::new("ip")
-            .args(["netns", "exec", &cluster.net_ns])
-            .arg(binary())
-            .args(["ca", "--listen", &addr, "--config"])
-            .arg(dir.join("config"))
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", &cluster.net_ns]).arg(binary()).args(["ca", "--listen", &addr]);
+        match (config, kubeconfig) {
+            (Some(config), _) => {
+                std::fs::write(dir.join("config").join("cluster.yaml"), config).unwrap();
+                command.arg("--config").arg(dir.join("config"));
+            }
+            (None, Some(kubeconfig)) => {
+                command.arg("--kubernetes").env("KUBECONFIG", kubeconfig);
+            }
+            (None, None) => panic!("a CA needs a configuration source"),
+        }
+        let child = command
             .arg("--ca-dir")
             .arg(dir.join("ca"))
             .stdin(Stdio::null())
@@ -303,7 +347,7 @@ impl CaService {
             if let Some(status) = ca.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
                 panic!("mesh-agent ca exited with {status}:\n{}", ca.log_text());
             }
-            let tokens_ready = cluster.nodes.iter().all(|n| ca.token_file(&n.name).exists());
+            let tokens_ready = kubeconfig.is_some() || cluster.nodes.iter().all(|n| ca.token_file(&n.name).exists());
             let addr = ca.addr.clone();
             let listening = tokens_ready
                 && enter_and_spawn(&cluster.net_ns, move || {

@@ -28,13 +28,18 @@ impl Certs {
         Self { dir }
     }
 
-    /// A server certificate for `host` signed by the CA: `<name>.crt`, `<name>.key`.
+    /// A server certificate for `host` (a name or an IP address) signed by
+    /// the CA: `<name>.crt`, `<name>.key`.
     pub fn server(&self, name: &str, host: &str) -> (PathBuf, PathBuf) {
         let (key, csr, crt, ext) =
             (format!("{name}.key"), format!("{name}.csr"), format!("{name}.crt"), format!("{name}.ext"));
+        let san = match host.parse::<std::net::IpAddr>() {
+            Ok(_) => format!("IP:{host}"),
+            Err(_) => format!("DNS:{host}"),
+        };
         std::fs::write(
             self.dir.join(&ext),
-            format!("subjectAltName=DNS:{host}\nbasicConstraints=critical,CA:FALSE\nextendedKeyUsage=serverAuth\n"),
+            format!("subjectAltName={san}\nbasicConstraints=critical,CA:FALSE\nextendedKeyUsage=serverAuth\n"),
         )
         .unwrap();
         openssl(&self.dir, &["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", &key]);

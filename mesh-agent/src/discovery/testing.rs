@@ -222,6 +222,11 @@ impl FakeApi {
         );
     }
 
+    /// The TokenReview API refuses `token` from now on.
+    pub fn revoke_token(&self, token: &str) {
+        self.inner().tokens.remove(token);
+    }
+
     /// SelfSubjectAccessReviews answer "not allowed" for this.
     pub fn refuse(&self, verb: &str, group: &str, resource: &str) {
         self.inner().refused.insert((verb.to_owned(), group.to_owned(), resource.to_owned()));

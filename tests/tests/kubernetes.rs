@@ -1,0 +1,215 @@
+//! The real agent binary with `--kubernetes` against a stand-in API server
+//! (lists and chunked watch streams over TLS, named in a kubeconfig), through
+//! real eBPF capture: a pod that arrives by a watch event is captured and
+//! meshed (root).
+#![expect(clippy::unwrap_used, reason = "tests")]
+
+use std::{net::Ipv4Addr, time::Duration};
+
+use mesh_tests::{Agent, Cluster, agent::metric, kube_api::ApiServer, require_root, servers};
+use serde::Deserialize as _;
+
+const VIP: &str = "10.96.0.10";
+
+/// Node, namespace `demo` (meshed), pods `helloworld` and `test`, Service helloworld.
+const CLUSTER: &str = r#"
+apiVersion: v1
+kind: Node
+metadata: {name: node-1, uid: node-1-uid}
+status: {addresses: [{type: InternalIP, address: 172.18.0.2}]}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: demo, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: helloworld, namespace: demo, uid: hello-uid, labels: {app: helloworld}}
+spec: {nodeName: node-1, serviceAccountName: helloworld, containers: [{name: hello, image: helloworld, ports: [{name: http, containerPort: 9095}]}]}
+status: {podIP: 10.244.0.3, phase: Running, conditions: [{type: Ready, status: "True"}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: helloworld, namespace: demo}
+spec: {clusterIP: 10.96.0.10, selector: {app: helloworld}, ports: [{name: http, port: 9095, targetPort: http}]}
+"#;
+
+/// Arrives later, by a watch event.
+const LATE: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: late, namespace: demo, uid: late-uid, labels: {app: late}}
+spec: {nodeName: node-1, serviceAccountName: late, containers: [{name: late, image: curl}]}
+status: {podIP: 10.244.0.5, phase: Running, conditions: [{type: Ready, status: "True"}]}
+"#;
+
+fn objects(yaml: &str) -> Vec<serde_json::Value> {
+    serde_yaml_ng::Deserializer::from_str(yaml)
+        .map(|d| serde_json::to_value(serde_yaml_ng::Value::deserialize(d).unwrap()).unwrap())
+        .collect()
+}
+
+fn curl(pod: &mesh_tests::Pod, url: &str) -> (bool, String) {
+    let out = pod.cmd(&["curl", "-sS", "--max-time", "3", url]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+#[test]
+fn a_pod_added_by_a_watch_event_is_captured_and_meshed() {
+    if !require_root("a_pod_added_by_a_watch_event_is_captured_and_meshed") {
+        return;
+    }
+    let mut c = Cluster::new();
+    c.add_pod("helloworld", Ipv4Addr::new(10, 244, 0, 3));
+    c.add_pod("late", Ipv4Addr::new(10, 244, 0, 5));
+    servers::http_hello(c.pod("helloworld"), 9095);
+    let api = ApiServer::start(&c, 0);
+    for o in objects(CLUSTER) {
+        api.fake.apply(o);
+    }
+    let agent = Agent::start_kubernetes(&c, 0, &api.kubeconfig, &[]);
+    // Ready only once every kind was listed, from the watch cache.
+    let lists: Vec<_> = api.fake.requests().into_iter().filter(|r| r.method == "GET" && r.path != "/apis").collect();
+    assert!(lists.iter().any(|r| r.path == "/api/v1/pods" && r.query.contains("resourceVersion=0")), "{lists:?}");
+    assert!(lists.iter().any(|r| r.query.contains("watch=true")), "{lists:?}");
+    let vip = format!("http://{VIP}:9095/hello");
+    let late = c.pod("late");
+    assert!(!curl(late, &vip).0, "late is not in the API server yet, so not captured");
+
+    api.fake.apply(objects(LATE).remove(0));
+    let mut reached = (false, String::new());
+    for _ in 0..50 {
+        reached = curl(late, &vip);
+        if reached.0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(reached.0, "late arrived by a watch event but was never captured: {}\n{}", reached.1, agent.log_text());
+    assert_eq!(reached.1, "hello from helloworld; client 10.244.0.5\n");
+    // Meshed: the agent carried it with late's own identity.
+    let m = agent.wait_metrics(5, "late's request", |m| {
+        metric(m, "istio_requests_total", &[("source_workload", "late")]) >= 1.0
+    });
+    let labels =
+        [("source_principal", "spiffe://cluster.local/ns/demo/sa/late"), ("destination_workload", "helloworld")];
+    assert!(metric(&m, "istio_requests_total", &labels) >= 1.0, "{m}");
+    assert!(metric(&m, "mesh_kube_rebuilds_total", &[]) >= 2.0, "{m}");
+    let (_, dump) = agent.admin_get("/config_dump").unwrap();
+    assert!(dump.contains("\"config_source\": \"kubernetes\""), "{dump}");
+
+    // Deleted by a watch event: released.
+    api.fake.delete("v1", "Pod", Some("demo"), "late");
+    let mut released = false;
+    for _ in 0..50 {
+        if !curl(late, &vip).0 {
+            released = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(released, "late was deleted but is still captured");
+}
+
+/// This node's agent pod, as the CA sees it (a TokenReview names it).
+const AGENT_POD: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: mesh-agent-x7k2p, namespace: mesh-system, uid: agent-pod-uid}
+spec: {nodeName: node-1, hostNetwork: true, serviceAccountName: mesh-agent}
+status: {podIP: 172.18.0.2, phase: Running}
+"#;
+
+fn write_token(path: &std::path::Path, token: &str) {
+    use std::os::unix::fs::PermissionsExt as _;
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, token).unwrap();
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)).unwrap();
+    // As the kubelet does: the new token replaces the old one at once.
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+fn has_certificate(agent: &Agent, identity: &str) -> bool {
+    let (_, dump) = agent.admin_get("/config_dump").unwrap_or_default();
+    let dump: serde_json::Value = serde_json::from_str(&dump).unwrap_or_default();
+    let certs = dump["certificates"].as_array().cloned().unwrap_or_default();
+    certs.iter().any(|c| c["identity"] == identity)
+}
+
+fn wait_certificate(agent: &Agent, identity: &str) -> bool {
+    (0..50).any(|_| {
+        let held = has_certificate(agent, identity);
+        if !held {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        held
+    })
+}
+
+#[test]
+fn the_ca_signs_for_a_reviewed_token_and_the_agent_follows_its_rotation() {
+    if !require_root("the_ca_signs_for_a_reviewed_token_and_the_agent_follows_its_rotation") {
+        return;
+    }
+    let mut c = Cluster::new();
+    c.add_pod("helloworld", Ipv4Addr::new(10, 244, 0, 3));
+    c.add_pod("late", Ipv4Addr::new(10, 244, 0, 5));
+    servers::http_hello(c.pod("helloworld"), 9095);
+    // One API server for the CA (in the cluster network) and the agent.
+    let net = c.net_ns.clone();
+    let api = ApiServer::start_in(&c, &net, "172.18.0.1");
+    for o in objects(CLUSTER).into_iter().chain(objects(AGENT_POD)) {
+        api.fake.apply(o);
+    }
+    let agent_pod = Some(("mesh-agent-x7k2p", "agent-pod-uid"));
+    api.fake.add_token("token-1", "mesh-system/mesh-agent", agent_pod, &["mesh-ca"]);
+    let ca = mesh_tests::agent::CaService::start_kubernetes(&c, &api.kubeconfig);
+    let reviews =
+        |kind: &str| api.fake.requests().iter().filter(|r| r.method == "POST" && r.path.ends_with(kind)).count();
+    assert!(reviews("selfsubjectaccessreviews") >= 1, "the CA checks its permissions at start");
+
+    let token = ca.dir.join("agent-token");
+    write_token(&token, "token-1");
+    let args: Vec<String> = vec![
+        "--ca-addr".into(),
+        ca.addr.clone(),
+        "--ca-root".into(),
+        ca.root_cert().display().to_string(),
+        "--ca-token-file".into(),
+        token.display().to_string(),
+    ];
+    let agent = Agent::start_kubernetes(&c, 0, &api.kubeconfig, &args);
+    let hello = "spiffe://cluster.local/ns/demo/sa/helloworld";
+    assert!(
+        wait_certificate(&agent, hello),
+        "no certificate after a TokenReview:\n{}\n{}",
+        agent.log_text(),
+        ca.log_text()
+    );
+    assert!(reviews("tokenreviews") >= 1);
+
+    // The kubelet rotates the token; the old one stops being valid. A pod
+    // arriving now needs a certificate, asked for with the new token.
+    write_token(&token, "token-2");
+    api.fake.add_token("token-2", "mesh-system/mesh-agent", agent_pod, &["mesh-ca"]);
+    api.fake.revoke_token("token-1");
+    api.fake.apply(objects(LATE).remove(0));
+    let late = "spiffe://cluster.local/ns/demo/sa/late";
+    assert!(
+        wait_certificate(&agent, late),
+        "no certificate with the rotated token:\n{}\n{}",
+        agent.log_text(),
+        ca.log_text()
+    );
+
+    // A token the API server no longer accepts gets nothing.
+    write_token(&token, "token-1");
+    api.fake.apply(serde_json::json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "later", "namespace": "demo", "uid": "later-uid"},
+        "spec": {"nodeName": "node-1", "serviceAccountName": "later"},
+        "status": {"podIP": "10.244.0.9", "phase": "Running"}}));
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(!has_certificate(&agent, "spiffe://cluster.local/ns/demo/sa/later"));
+    assert!(ca.log_text().contains("401"), "{}", ca.log_text());
+}
