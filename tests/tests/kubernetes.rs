@@ -6,7 +6,7 @@
 
 use std::{net::Ipv4Addr, time::Duration};
 
-use mesh_tests::{Agent, Cluster, agent::metric, kube_api::ApiServer, require_root, servers};
+use mesh_tests::{Agent, Cluster, agent::metric, kube_api::ApiServer, mesh::curl, require_root, servers};
 use serde::Deserialize as _;
 
 const VIP: &str = "10.96.0.10";
@@ -49,12 +49,6 @@ fn objects(yaml: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
-fn curl(pod: &mesh_tests::Pod, url: &str) -> (bool, String) {
-    let out = pod.cmd(&["curl", "-sS", "--max-time", "3", url]);
-    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    (out.status.success(), text)
-}
-
 #[test]
 fn a_pod_added_by_a_watch_event_is_captured_and_meshed() {
     if !require_root("a_pod_added_by_a_watch_event_is_captured_and_meshed") {
@@ -78,16 +72,9 @@ fn a_pod_added_by_a_watch_event_is_captured_and_meshed() {
     assert!(!curl(late, &vip).0, "late is not in the API server yet, so not captured");
 
     api.fake.apply(objects(LATE).remove(0));
-    let mut reached = (false, String::new());
-    for _ in 0..50 {
-        reached = curl(late, &vip);
-        if reached.0 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    assert!(reached.0, "late arrived by a watch event but was never captured: {}\n{}", reached.1, agent.log_text());
-    assert_eq!(reached.1, "hello from helloworld; client 10.244.0.5\n");
+    let captured = eventually(|| curl(late, &vip).0);
+    assert!(captured, "late arrived by a watch event but was never captured:\n{}", agent.log_text());
+    assert_eq!(curl(late, &vip).1, "hello from helloworld; client 10.244.0.5\n");
     // Meshed: the agent carried it with late's own identity.
     let m = agent.wait_metrics(5, "late's request", |m| {
         metric(m, "istio_requests_total", &[("source_workload", "late")]) >= 1.0
@@ -101,14 +88,7 @@ fn a_pod_added_by_a_watch_event_is_captured_and_meshed() {
 
     // Deleted by a watch event: released.
     api.fake.delete("v1", "Pod", Some("demo"), "late");
-    let mut released = false;
-    for _ in 0..50 {
-        if !curl(late, &vip).0 {
-            released = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let released = eventually(|| !curl(late, &vip).0);
     assert!(released, "late was deleted but is still captured");
 }
 
@@ -138,8 +118,13 @@ fn has_certificate(agent: &Agent, identity: &str) -> bool {
 }
 
 fn wait_certificate(agent: &Agent, identity: &str) -> bool {
+    eventually(|| has_certificate(agent, identity))
+}
+
+/// Whether `cond` holds within 10 s (checked every 200 ms).
+fn eventually(cond: impl Fn() -> bool) -> bool {
     (0..50).any(|_| {
-        let held = has_certificate(agent, identity);
+        let held = cond();
         if !held {
             std::thread::sleep(Duration::from_millis(200));
         }
