@@ -27,20 +27,36 @@ impl ApiServer {
         Self::start_in(cluster, &cluster.nodes[node].ns, "127.0.0.1")
     }
 
+    /// Serves on 127.0.0.1 in this process's own network namespace (no root:
+    /// `cargo xtask scale --kubernetes`).
+    pub fn start_local(fake: FakeApi) -> ApiServer {
+        let certs = Certs::new(&format!("kube-api-local-{}", std::process::id()));
+        Self::serve_from(fake, certs, "127.0.0.1", |f| std::thread::spawn(f))
+    }
+
     /// Serves on `ip` in the network namespace `ns` (the cluster network's
     /// `172.18.0.1` is reached from every node and from the CA).
     pub fn start_in(cluster: &Cluster, ns: &str, ip: &str) -> ApiServer {
         let certs = Certs::new(&format!("kube-api-{}", cluster.id));
+        let ns = ns.to_owned();
+        Self::serve_from(FakeApi::default(), certs, ip, move |f| enter_and_spawn(&ns, f))
+    }
+
+    fn serve_from(
+        fake: FakeApi,
+        certs: Certs,
+        ip: &str,
+        spawn: impl FnOnce(Box<dyn FnOnce() + Send>) -> std::thread::JoinHandle<()>,
+    ) -> ApiServer {
         let (crt, key) = certs.server("apiserver", ip);
         let addr: std::net::SocketAddr = format!("{ip}:0").parse().unwrap();
-        let fake = FakeApi::default();
         let (port_tx, port_rx) = std::sync::mpsc::channel();
         let (stop, stopped) = tokio::sync::oneshot::channel();
         let served = fake.clone();
-        let thread = enter_and_spawn(ns, move || {
+        let thread = spawn(Box::new(move || {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             runtime.block_on(serve(served, (crt, key), addr, port_tx, stopped));
-        });
+        }));
         let port: u16 = port_rx.recv_timeout(Duration::from_secs(10)).expect("the API server's port");
         let kubeconfig = certs.dir.join("kubeconfig");
         std::fs::write(

@@ -73,6 +73,10 @@ enum Task {
         pods: usize,
         #[arg(long, default_value_t = 10_000)]
         services: usize,
+        /// Through the agent's Kubernetes source (a stand-in API server on
+        /// loopback) instead of YAML; also times one rebuild.
+        #[arg(long)]
+        kubernetes: bool,
     },
     /// Fuzz the parsers of untrusted input with cargo-fuzz (nightly), each
     /// target for a bounded time; a crash stops with its input saved.
@@ -96,7 +100,7 @@ fn main() -> anyhow::Result<()> {
             bench::run(bench::Options { quick, only, perf, secs, rounds, agent_args })
         }
         Task::Fuzz { secs, targets } => fuzz(secs, &targets),
-        Task::Scale { pods, services } => scale::run(pods, services),
+        Task::Scale { pods, services, kubernetes } => scale::run(pods, services, kubernetes),
         Task::Image => image::build(),
     }
 }
