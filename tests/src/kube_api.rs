@@ -31,7 +31,7 @@ impl ApiServer {
     /// `cargo xtask scale --kubernetes`).
     pub fn start_local(fake: FakeApi) -> ApiServer {
         let certs = Certs::new(&format!("kube-api-local-{}", std::process::id()));
-        Self::serve_from(fake, certs, "127.0.0.1", |f| std::thread::spawn(f))
+        Self::serve_from(fake, certs, "127.0.0.1", std::thread::spawn)
     }
 
     /// Serves on `ip` in the network namespace `ns` (the cluster network's
