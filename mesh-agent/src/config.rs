@@ -21,7 +21,7 @@ mod service_entry;
 mod validate;
 pub(crate) mod watch_files;
 
-pub use load::{Document, LastGood, Origin, read_documents};
+pub use load::{Body, Document, LastGood, Origin, read_documents};
 
 /// One problem in the configuration.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -47,12 +47,24 @@ impl fmt::Display for Origin {
     }
 }
 
-/// One parsed YAML document.
+/// One document: where it is and what it holds.
 #[derive(Debug, Clone)]
 pub struct Document {
     pub origin: Origin,
-    /// Shared: a watched object is one value in the store and in each snapshot.
-    pub value: Arc<serde_yaml_ng::Value>,
+    pub body: Body,
+}
+
+/// What a document holds: parsed YAML, or (from the Kubernetes source) a core
+/// object the API server has already checked, kept typed: compact, and not
+/// parsed again on each rebuild. Shared: a watched object is one value in the
+/// store and in every snapshot.
+#[derive(Debug, Clone)]
+pub enum Body {
+    Yaml(Arc<serde_yaml_ng::Value>),
+    Node(Arc<super::k8s::Node>),
+    Namespace(Arc<super::k8s::Namespace>),
+    Pod(Arc<super::k8s::Pod>),
+    Service(Arc<super::k8s::Service>),
 }
 
 /// Lists the files to read: `path` itself, or the YAML/JSON files directly in
@@ -146,7 +158,7 @@ pub(crate) fn parse_text(file: &Arc<Path>, text: &str, docs: &mut Vec<Document>,
         let origin = Origin { file: file.clone(), document: i + 1, item: None };
         match serde_yaml_ng::Value::deserialize(de) {
             Ok(serde_yaml_ng::Value::Null) => {}
-            Ok(value) => docs.push(Document { origin, value: Arc::new(value) }),
+            Ok(value) => docs.push(Document { origin, body: Body::Yaml(Arc::new(value)) }),
             Err(e) => {
                 errors.push(ConfigError {
                     origin,

@@ -14,7 +14,7 @@ use std::{
 use serde::de::DeserializeOwned;
 
 use super::{
-    ConfigError, Document, Loaded, Origin,
+    Body, ConfigError, Document, Loaded, Origin,
     gateway::{self, GatewayObject, SecretObject},
     k8s,
     networking::{self, DestinationRuleObject, VirtualServiceObject},
@@ -64,10 +64,10 @@ impl Ctx<'_> {
 /// Objects sorted by kind, each with its origin, before cross-object checks.
 #[derive(Default)]
 struct Objects {
-    nodes: Vec<(Origin, k8s::Node)>,
-    namespaces: Vec<(Origin, k8s::Namespace)>,
-    pods: Vec<(Origin, k8s::Pod)>,
-    services: Vec<(Origin, k8s::Service)>,
+    nodes: Vec<(Origin, Arc<k8s::Node>)>,
+    namespaces: Vec<(Origin, Arc<k8s::Namespace>)>,
+    pods: Vec<(Origin, Arc<k8s::Pod>)>,
+    services: Vec<(Origin, Arc<k8s::Service>)>,
     peer_authentications: Vec<(Origin, PeerAuthenticationObject)>,
     authorization_policies: Vec<(Origin, AuthorizationPolicyObject)>,
     virtual_services: Vec<(Origin, VirtualServiceObject)>,
@@ -124,7 +124,14 @@ pub(super) fn build_state(docs: &[Document], trust_domain: &str) -> Loaded {
     let mut notes = Vec::new();
     let mut objects = Objects::default();
     for doc in docs {
-        sort_document(&doc.origin, &doc.value, &mut objects, &mut notes, &mut errors);
+        let origin = doc.origin.clone();
+        match &doc.body {
+            Body::Yaml(value) => sort_document(&doc.origin, value, &mut objects, &mut notes, &mut errors),
+            Body::Node(n) => objects.nodes.push((origin, n.clone())),
+            Body::Namespace(n) => objects.namespaces.push((origin, n.clone())),
+            Body::Pod(p) => objects.pods.push((origin, p.clone())),
+            Body::Service(s) => objects.services.push((origin, s.clone())),
+        }
     }
     let security = std::mem::take(&mut objects.security);
     let mut state = assemble(objects, trust_domain, &mut errors);
@@ -190,10 +197,10 @@ fn sort_document(
                 sort_document(&origin, item, objects, notes, ctx.errors);
             }
         }
-        ("v1", "Node") => push(&mut ctx, value, &mut objects.nodes),
-        ("v1", "Namespace") => push(&mut ctx, value, &mut objects.namespaces),
-        ("v1", "Pod") => push(&mut ctx, value, &mut objects.pods),
-        ("v1", "Service") => push(&mut ctx, value, &mut objects.services),
+        ("v1", "Node") => push_shared(&mut ctx, value, &mut objects.nodes),
+        ("v1", "Namespace") => push_shared(&mut ctx, value, &mut objects.namespaces),
+        ("v1", "Pod") => push_shared(&mut ctx, value, &mut objects.pods),
+        ("v1", "Service") => push_shared(&mut ctx, value, &mut objects.services),
         ("v1", "Secret") => push(&mut ctx, value, &mut objects.secrets),
         ("v1", "ConfigMap") => {
             let mut found = Vec::new();
@@ -238,11 +245,26 @@ fn is_mesh_config(cm: &k8s::ConfigMap) -> bool {
 }
 
 fn push<T: DeserializeOwned>(ctx: &mut Ctx<'_>, value: &serde_yaml_ng::Value, into: &mut Vec<(Origin, T)>) {
+    if let Some(obj) = parse(ctx, value) {
+        into.push((ctx.origin.clone(), obj));
+    }
+}
+
+/// As [`push`], for the kinds kept shared ([`Body`]).
+fn push_shared<T: DeserializeOwned>(ctx: &mut Ctx<'_>, value: &serde_yaml_ng::Value, into: &mut Vec<(Origin, Arc<T>)>) {
+    if let Some(obj) = parse(ctx, value) {
+        into.push((ctx.origin.clone(), Arc::new(obj)));
+    }
+}
+
+/// The object as `T`, or an error naming the field.
+fn parse<T: DeserializeOwned>(ctx: &mut Ctx<'_>, value: &serde_yaml_ng::Value) -> Option<T> {
     match serde_path_to_error::deserialize::<_, T>(value.clone()) {
-        Ok(obj) => into.push((ctx.origin.clone(), obj)),
+        Ok(obj) => Some(obj),
         Err(e) => {
             let path = e.path().to_string();
             ctx.error(path, e.into_inner().to_string());
+            None
         }
     }
 }

@@ -11,9 +11,9 @@ use kube::{api::DynamicObject, runtime::watcher::Event};
 use tokio::sync::watch;
 
 use super::{Kind, reduce};
-use crate::config::{Document, Origin};
+use crate::config::{Body, Document, Origin};
 
-type Objects = BTreeMap<String, Arc<serde_yaml_ng::Value>>;
+type Objects = BTreeMap<String, Body>;
 
 #[derive(Default)]
 struct KindObjects {
@@ -74,7 +74,7 @@ impl Store {
             return None;
         }
         let values = store.iter().flat_map(|k| k.objects.values());
-        Some(values.enumerate().map(|(i, v)| Document { origin: Origin::api(i + 1), value: v.clone() }).collect())
+        Some(values.enumerate().map(|(i, b)| Document { origin: Origin::api(i + 1), body: b.clone() }).collect())
     }
 }
 
@@ -86,16 +86,34 @@ fn key(obj: &DynamicObject) -> String {
     }
 }
 
-/// The object's key and its reduced value, or `None` (logged) when it cannot
-/// be represented, which a well-formed API object never is.
-fn entry(kind: &Kind, obj: DynamicObject) -> Option<(String, Arc<serde_yaml_ng::Value>)> {
+/// The object's key and its reduced form: typed for the core kinds the API
+/// server has checked (compact, and parsed once), else YAML for the builder
+/// to validate field by field. `None` (logged) when it cannot be represented,
+/// which a well-formed API object never is.
+fn entry(kind: &Kind, obj: DynamicObject) -> Option<(String, Body)> {
     let key = key(&obj);
     let json = reduce::reduce(kind, obj);
+    let typed = match kind.kind {
+        "Pod" => typed(&json).map(Body::Pod),
+        "Service" => typed(&json).map(Body::Service),
+        "Node" => typed(&json).map(Body::Node),
+        "Namespace" => typed(&json).map(Body::Namespace),
+        _ => None,
+    };
+    if let Some(body) = typed {
+        return Some((key, body));
+    }
     match serde_yaml_ng::to_value(json) {
-        Ok(v) => Some((key, Arc::new(v))),
+        Ok(v) => Some((key, Body::Yaml(Arc::new(v)))),
         Err(e) => {
             tracing::warn!(kind = kind.kind, object = %key, error = %e, "object skipped: not representable");
             None
         }
     }
+}
+
+/// The object as the builder's type; `None` sends it the long way, where a
+/// field that does not fit is reported by name.
+fn typed<T: serde::de::DeserializeOwned>(json: &serde_json::Value) -> Option<Arc<T>> {
+    T::deserialize(json).ok().map(Arc::new)
 }
