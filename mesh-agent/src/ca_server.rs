@@ -41,7 +41,7 @@ pub(crate) async fn kubernetes_missing_permissions(client: &kube::Client) -> Res
 #[cfg(test)]
 pub(crate) async fn review_token_for_test(client: kube::Client, token: &str, state: &State) {
     let config = KubeAuthConfig { audience: "mesh-ca".into(), trusted_node_accounts: Vec::new() };
-    let _ = kubernetes::KubeAuth { client, config }.node_of(token, state).await;
+    let _ = kubernetes::KubeAuth::new(client, config).node_of(token, state).await;
 }
 
 /// Where the CA learns which pods run where, and how it knows agents.
@@ -167,7 +167,7 @@ pub async fn run(cfg: CaServiceConfig) -> Result<(), CaServiceError> {
             let (mut models, task) =
                 crate::discovery::start(client.clone(), kinds, &cfg.trust_domain, counters).await?;
             let loaded = crate::discovery::first_model(&mut models).await?;
-            let auth = Auth::Kubernetes(kubernetes::KubeAuth { client, config: auth.clone() });
+            let auth = Auth::Kubernetes(kubernetes::KubeAuth::new(client, auth.clone()));
             (View::Kubernetes { models, task }, loaded, auth)
         }
     };

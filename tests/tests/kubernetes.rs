@@ -188,8 +188,8 @@ fn the_ca_signs_for_a_reviewed_token_and_the_agent_follows_its_rotation() {
         ca.log_text()
     );
 
-    // A token the API server no longer accepts gets nothing.
-    write_token(&token, "token-1");
+    // A token the API server does not accept gets nothing.
+    write_token(&token, "forged-token");
     api.fake.apply(serde_json::json!({"apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": "later", "namespace": "demo", "uid": "later-uid"},
         "spec": {"nodeName": "node-1", "serviceAccountName": "later"},

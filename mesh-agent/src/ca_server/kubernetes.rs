@@ -25,21 +25,97 @@ pub struct KubeAuthConfig {
     pub trusted_node_accounts: Vec<String>,
 }
 
+/// Longest bearer token sent for review (projected tokens are 1–2 KiB).
+const MAX_TOKEN: usize = 16 * 1024;
+/// How long a review's answer is reused for the same token: long enough that
+/// a node's burst of new pods costs one review, short enough that a token
+/// the API server stops accepting is refused within seconds. (The caller's
+/// pod and its UID are still checked on every request.)
+const REVIEW_TTL: std::time::Duration = std::time::Duration::from_secs(10);
+/// Answers kept at most (the cache is emptied when full).
+const REVIEW_CACHE: usize = 4096;
+/// TokenReviews in flight at once; beyond that, callers retry.
+const REVIEWS_IN_FLIGHT: usize = 32;
+
 pub(super) struct KubeAuth {
-    pub(super) client: Client,
-    pub(super) config: KubeAuthConfig,
+    client: Client,
+    config: KubeAuthConfig,
+    /// Token → (when reviewed, the reviewed caller).
+    reviewed: std::sync::Mutex<std::collections::HashMap<String, (std::time::Instant, Caller)>>,
+    in_flight: tokio::sync::Semaphore,
+}
+
+/// Who a reviewed token belongs to.
+#[derive(Debug, Clone)]
+struct Caller {
+    /// `namespace/name` of the service account.
+    account: String,
+    pod: String,
+    uid: String,
 }
 
 /// A refusal: the status (401, 403, or 503 to retry) and why.
 pub(super) type Refusal = (StatusCode, String);
 
 impl KubeAuth {
+    pub(super) fn new(client: Client, config: KubeAuthConfig) -> Self {
+        let (reviewed, in_flight) = (Default::default(), tokio::sync::Semaphore::new(REVIEWS_IN_FLIGHT));
+        KubeAuth { client, config, reviewed, in_flight }
+    }
+
     /// The node whose agent presented `token`, in the CA's view `state`.
     pub(super) async fn node_of(&self, token: &str, state: &State) -> Result<String, Refusal> {
+        let caller = self.caller(token).await?;
+        if !self.config.trusted_node_accounts.contains(&caller.account) {
+            let message = format!("service account {} is not a node agent's (--trusted-node-accounts)", caller.account);
+            return Err((StatusCode::FORBIDDEN, message));
+        }
+        let namespace = caller.account.split_once('/').map_or("", |(ns, _)| ns);
+        let (key, uid) = (format!("{namespace}/{}", caller.pod), &caller.uid);
+        let Some(workload) = state.workloads.get(&key) else {
+            return Err((StatusCode::SERVICE_UNAVAILABLE, format!("pod {key} not seen by the CA yet; retry")));
+        };
+        if workload.uid.as_deref() != Some(uid.as_str()) {
+            return Err((StatusCode::UNAUTHORIZED, format!("the token's pod {key} (uid {uid}) no longer exists")));
+        }
+        match &workload.node {
+            Some(node) => Ok(node.to_string()),
+            None => Err((StatusCode::SERVICE_UNAVAILABLE, format!("pod {key} is not scheduled yet; retry"))),
+        }
+    }
+
+    /// Who `token` belongs to: reviewed by the API server, or as reviewed
+    /// within [`REVIEW_TTL`]. Only accepted tokens are kept: refusals are
+    /// reviewed again, bounded by [`REVIEWS_IN_FLIGHT`].
+    async fn caller(&self, token: &str) -> Result<Caller, Refusal> {
         let unauthorized = |m: String| (StatusCode::UNAUTHORIZED, m);
         if token.is_empty() {
             return Err(unauthorized("missing bearer token".into()));
         }
+        if token.len() > MAX_TOKEN {
+            return Err(unauthorized(format!("bearer token longer than {MAX_TOKEN} bytes")));
+        }
+        let cached = self.reviewed.lock().ok().and_then(|m| m.get(token).cloned());
+        if let Some((at, caller)) = cached.filter(|(at, _)| at.elapsed() < REVIEW_TTL) {
+            tracing::trace!(?at, "token reviewed recently");
+            return Ok(caller);
+        }
+        let Ok(_permit) = self.in_flight.try_acquire() else {
+            return Err((StatusCode::SERVICE_UNAVAILABLE, "too many token reviews in flight; retry".into()));
+        };
+        let caller = self.review(token).await?;
+        if let Ok(mut m) = self.reviewed.lock() {
+            if m.len() >= REVIEW_CACHE {
+                m.clear();
+            }
+            m.insert(token.to_owned(), (std::time::Instant::now(), caller.clone()));
+        }
+        Ok(caller)
+    }
+
+    /// One TokenReview with the CA's audience.
+    async fn review(&self, token: &str) -> Result<Caller, Refusal> {
+        let unauthorized = |m: String| (StatusCode::UNAUTHORIZED, m);
         let audience = &self.config.audience;
         let review = TokenReview {
             spec: TokenReviewSpec { token: Some(token.to_owned()), audiences: Some(vec![audience.clone()]) },
@@ -64,27 +140,12 @@ impl KubeAuth {
         let Some((namespace, name)) = account else {
             return Err((StatusCode::FORBIDDEN, format!("{username} is not a service account")));
         };
-        let account = format!("{namespace}/{name}");
-        if !self.config.trusted_node_accounts.contains(&account) {
-            let message = format!("service account {account} is not a node agent's (--trusted-node-accounts)");
-            return Err((StatusCode::FORBIDDEN, message));
-        }
         let extra = user.extra.unwrap_or_default();
         let one = |key: &str| extra.get(key).and_then(|v| v.first()).cloned();
         let (Some(pod), Some(uid)) = (one(POD_NAME), one(POD_UID)) else {
             return Err(unauthorized("the token is not bound to a pod (use a projected ServiceAccount token)".into()));
         };
-        let key = format!("{namespace}/{pod}");
-        let Some(workload) = state.workloads.get(&key) else {
-            return Err((StatusCode::SERVICE_UNAVAILABLE, format!("pod {key} not seen by the CA yet; retry")));
-        };
-        if workload.uid.as_deref() != Some(uid.as_str()) {
-            return Err(unauthorized(format!("the token's pod {key} (uid {uid}) no longer exists")));
-        }
-        match &workload.node {
-            Some(node) => Ok(node.to_string()),
-            None => Err((StatusCode::SERVICE_UNAVAILABLE, format!("pod {key} is not scheduled yet; retry"))),
-        }
+        Ok(Caller { account: format!("{namespace}/{name}"), pod, uid })
     }
 }
 
@@ -144,7 +205,7 @@ mod tests {
         let state = crate::config::load_text("cluster.yaml", CLUSTER, "cluster.local").state;
         let config =
             KubeAuthConfig { audience: "mesh-ca".into(), trusted_node_accounts: vec!["mesh-system/mesh-agent".into()] };
-        let auth = KubeAuth { client: mock_client(&fake), config };
+        let auth = KubeAuth::new(mock_client(&fake), config);
         let cases = [
             ("good", Ok("n1")),
             ("", Err(StatusCode::UNAUTHORIZED)),
@@ -163,9 +224,39 @@ mod tests {
         let n1 = state.node_identities("n1");
         assert!(n1.contains("spiffe://cluster.local/ns/demo/sa/helloworld"));
         assert!(!n1.contains("spiffe://cluster.local/ns/demo/sa/test"));
-        // The API server unreachable: retry later, not "unauthenticated".
+        // The API server unreachable: retry later, not "unauthenticated" (a
+        // token reviewed within the last minute is still known).
+        fake.add_token("not-yet-reviewed", "mesh-system/mesh-agent", agent, &["mesh-ca"]);
         fake.set_down(true);
-        assert_eq!(auth.node_of("good", &state).await.map_err(|e| e.0), Err(StatusCode::SERVICE_UNAVAILABLE));
+        let fresh = auth.node_of("not-yet-reviewed", &state).await;
+        assert_eq!(fresh.map_err(|e| e.0), Err(StatusCode::SERVICE_UNAVAILABLE));
+        assert_eq!(auth.node_of("good", &state).await.as_deref(), Ok("n1"));
+    }
+
+    /// Anyone who can reach the CA can send tokens; each must not cost the
+    /// API server a review: an oversized one is refused unread, a token
+    /// reviewed moments ago is not reviewed again, and reviews in flight are
+    /// bounded.
+    #[tokio::test]
+    async fn tokens_from_the_network_cannot_flood_the_api_server_with_reviews() {
+        let fake = FakeApi::default();
+        fake.add_token("good", "mesh-system/mesh-agent", Some(("agent-x1", "agent-uid-1")), &["mesh-ca"]);
+        let state = crate::config::load_text("cluster.yaml", CLUSTER, "cluster.local").state;
+        let config =
+            KubeAuthConfig { audience: "mesh-ca".into(), trusted_node_accounts: vec!["mesh-system/mesh-agent".into()] };
+        let auth = KubeAuth::new(mock_client(&fake), config);
+        let reviews = || fake.requests().iter().filter(|r| r.path.ends_with("/tokenreviews")).count();
+        let huge = "x".repeat(64 * 1024);
+        assert_eq!(auth.node_of(&huge, &state).await.map_err(|e| e.0), Err(StatusCode::UNAUTHORIZED));
+        assert_eq!(reviews(), 0, "an oversized token was sent for review");
+        for _ in 0..10 {
+            assert_eq!(auth.node_of("good", &state).await.as_deref(), Ok("n1"));
+        }
+        assert_eq!(reviews(), 1, "a token reviewed moments ago was reviewed again");
+        // The pod is still checked on every request: deleted, its token stops working at once.
+        let gone = CLUSTER.replace("name: agent-x1", "name: agent-x2");
+        let gone = crate::config::load_text("cluster.yaml", &gone, "cluster.local").state;
+        assert_eq!(auth.node_of("good", &gone).await.map_err(|e| e.0), Err(StatusCode::SERVICE_UNAVAILABLE));
     }
 
     #[tokio::test]
