@@ -31,6 +31,7 @@ use crate::{
     telemetry::KindLabels,
 };
 
+mod client;
 mod reduce;
 mod store;
 pub mod testing;
@@ -142,7 +143,11 @@ pub fn ca_kinds() -> Vec<Kind> {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DiscoveryError {
-    #[error("Kubernetes client: {0} (in a cluster: the pod's service account; outside: $KUBECONFIG or ~/.kube/config)")]
+    #[error(
+        "Kubernetes client configuration: {0} (in a cluster: the pod's service account; outside: $KUBECONFIG or ~/.kube/config)"
+    )]
+    Config(String),
+    #[error("Kubernetes client: {0}")]
     Client(#[source] kube::Error),
     #[error("API discovery: {0}")]
     Discovery(#[source] kube::Error),
@@ -156,10 +161,7 @@ pub enum DiscoveryError {
     Stopped,
 }
 
-/// The client kube-rs infers: in-cluster service account, else `$KUBECONFIG`.
-pub async fn client() -> Result<Client, DiscoveryError> {
-    Client::try_default().await.map_err(DiscoveryError::Client)
-}
+pub use client::client;
 
 /// Sets each Istio kind's version to the newest one the API server serves.
 pub async fn resolve_versions(client: &Client, kinds: &mut [Kind]) -> Result<(), DiscoveryError> {

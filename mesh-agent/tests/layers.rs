@@ -19,7 +19,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("capture", &["state"]),
     ("privileges", &[]),
     ("proxy", &["state", "routing", "identity", "telemetry", "capture"]),
-    ("discovery", &["state", "config", "telemetry"]),
+    ("discovery", &["state", "identity", "config", "telemetry"]),
     ("agent", &["state", "routing", "identity", "telemetry", "config", "capture", "proxy", "discovery"]),
     ("ca_server", &["state", "identity", "config", "telemetry", "discovery"]),
     (

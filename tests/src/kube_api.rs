@@ -17,6 +17,8 @@ pub struct ApiServer {
     /// A kubeconfig naming the server, its CA and a bearer token.
     pub kubeconfig: PathBuf,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
+    /// Bumped to cut every open connection.
+    cut: tokio::sync::watch::Sender<u64>,
     thread: Option<std::thread::JoinHandle<()>>,
     _certs: Certs,
 }
@@ -52,10 +54,11 @@ impl ApiServer {
         let addr: std::net::SocketAddr = format!("{ip}:0").parse().unwrap();
         let (port_tx, port_rx) = std::sync::mpsc::channel();
         let (stop, stopped) = tokio::sync::oneshot::channel();
+        let (cut, cuts) = tokio::sync::watch::channel(0u64);
         let served = fake.clone();
         let thread = spawn(Box::new(move || {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            runtime.block_on(serve(served, (crt, key), addr, port_tx, stopped));
+            runtime.block_on(serve(served, (crt, key), addr, port_tx, (stopped, cuts)));
         }));
         let port: u16 = port_rx.recv_timeout(Duration::from_secs(10)).expect("the API server's port");
         let kubeconfig = certs.dir.join("kubeconfig");
@@ -71,7 +74,13 @@ impl ApiServer {
             ),
         )
         .unwrap();
-        ApiServer { fake, kubeconfig, stop: Some(stop), thread: Some(thread), _certs: certs }
+        ApiServer { fake, kubeconfig, stop: Some(stop), cut, thread: Some(thread), _certs: certs }
+    }
+
+    /// Closes every open connection (as an API server restart or a load
+    /// balancer does): clients must connect again.
+    pub fn cut_connections(&self) {
+        self.cut.send_modify(|n| *n += 1);
     }
 }
 
@@ -91,7 +100,7 @@ async fn serve(
     (crt, key): (PathBuf, PathBuf),
     addr: std::net::SocketAddr,
     port: std::sync::mpsc::Sender<u16>,
-    mut stopped: tokio::sync::oneshot::Receiver<()>,
+    (mut stopped, cuts): (tokio::sync::oneshot::Receiver<()>, tokio::sync::watch::Receiver<u64>),
 ) {
     let chain: Vec<CertificateDer<'static>> =
         CertificateDer::pem_file_iter(&crt).unwrap().map(Result::unwrap).collect();
@@ -112,7 +121,8 @@ async fn serve(
             _ = &mut stopped => return,
             accepted = listener.accept() => {
                 let Ok((tcp, _)) = accepted else { continue };
-                let (acceptor, fake) = (acceptor.clone(), fake.clone());
+                let (acceptor, fake, mut cut) = (acceptor.clone(), fake.clone(), cuts.clone());
+                cut.borrow_and_update();
                 tokio::spawn(async move {
                     let Ok(tls) = acceptor.accept(tcp).await else { return };
                     let service = hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
@@ -123,7 +133,11 @@ async fn serve(
                             Ok::<_, Infallible>(fake.handle(&parts.method, &parts.uri, &body))
                         }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), service).await;
+                    let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), service);
+                    tokio::select! {
+                        _ = conn => {}
+                        _ = cut.changed() => {}
+                    }
                 });
             }
         }

@@ -147,6 +147,11 @@ fn the_ca_signs_for_a_reviewed_token_and_the_agent_follows_its_rotation() {
     for o in objects(CLUSTER).into_iter().chain(objects(AGENT_POD)) {
         api.fake.apply(o);
     }
+    // The CA reached at a Service VIP the node captures (as mesh-ca's is):
+    // the agent's CA connections must not be taken for a host client's.
+    api.fake.apply(serde_json::json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "mesh-ca", "namespace": "mesh-system"},
+        "spec": {"clusterIP": "172.18.0.1", "ports": [{"name": "tls", "port": 15012}]}}));
     let agent_pod = Some(("mesh-agent-x7k2p", "agent-pod-uid"));
     api.fake.add_token("token-1", "mesh-system/mesh-agent", agent_pod, &["mesh-ca"]);
     let ca = mesh_tests::agent::CaService::start_kubernetes(&c, &api.kubeconfig);
@@ -197,4 +202,37 @@ fn the_ca_signs_for_a_reviewed_token_and_the_agent_follows_its_rotation() {
     std::thread::sleep(Duration::from_secs(3));
     assert!(!has_certificate(&agent, "spiffe://cluster.local/ns/demo/sa/later"));
     assert!(ca.log_text().contains("401"), "{}", ca.log_text());
+}
+
+/// The agent's own connections to the API server are never captured, even
+/// when the API server's address is a Service VIP in the model (the
+/// `kubernetes` Service, as in every cluster): otherwise the agent's
+/// reconnects would be sent to its own outbound listener, and an agent
+/// restarting under pinned capture could never list anything.
+#[test]
+fn the_agents_own_api_connections_survive_the_api_server_being_a_service_vip() {
+    if !require_root("the_agents_own_api_connections_survive_the_api_server_being_a_service_vip") {
+        return;
+    }
+    let mut c = Cluster::new();
+    c.add_pod("helloworld", Ipv4Addr::new(10, 244, 0, 3));
+    c.add_pod("late", Ipv4Addr::new(10, 244, 0, 5));
+    servers::http_hello(c.pod("helloworld"), 9095);
+    let net = c.net_ns.clone();
+    let api = ApiServer::start_in(&c, &net, "172.18.0.1");
+    for o in objects(CLUSTER) {
+        api.fake.apply(o);
+    }
+    // The API server's own Service: no selector, its address a VIP.
+    api.fake.apply(serde_json::json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "kubernetes", "namespace": "default"},
+        "spec": {"clusterIP": "172.18.0.1", "ports": [{"name": "https", "port": 443}]}}));
+    let agent = Agent::start_kubernetes(&c, 0, &api.kubeconfig, &[]);
+    // Every connection cut: the agent must connect again, past its own capture.
+    api.cut_connections();
+    api.fake.apply(objects(LATE).remove(0));
+    let vip = format!("http://{VIP}:9095/hello");
+    let late = c.pod("late");
+    let captured = eventually(|| curl(late, &vip).0);
+    assert!(captured, "the agent lost the API server after a reconnect:\n{}", agent.log_text());
 }

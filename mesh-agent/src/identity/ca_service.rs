@@ -83,7 +83,13 @@ impl CaClient {
         let remote = |message: String| IdentityError::Remote { addr: self.addr.clone(), message };
         let work = async {
             let token = read_token(&self.token_file)?;
-            let tcp = tokio::net::TcpStream::connect(&self.addr).await.map_err(|e| remote(format!("connect: {e}")))?;
+            let (host, port) = self
+                .addr
+                .rsplit_once(':')
+                .and_then(|(h, p)| Some((h.trim_matches(['[', ']']), p.parse::<u16>().ok()?)))
+                .ok_or_else(|| remote("expected host:port".into()))?;
+            // Marked as the agent's: the CA's address may be a Service VIP the node captures.
+            let tcp = super::connect_as_agent(host, port).await.map_err(|e| remote(format!("connect: {e}")))?;
             let tls = self
                 .tls
                 .connect(self.server_name.clone(), tcp)
