@@ -27,8 +27,8 @@ fn deploy_renders_and_passes_strict_schema_validation() {
     let file = std::env::temp_dir().join(format!("mesh-deploy-{}.yaml", std::process::id()));
     std::fs::write(&file, &rendered).expect("temp file");
     for version in ["1.33.0", "1.37.0"] {
-        let out = Command::new("kubernetes-validate")
-            .args(["--strict", "-k", version])
+        let out = Command::new("python3")
+            .args(["-m", "kubernetes_validate", "--strict", "-k", version])
             .arg(&file)
             .output()
             .expect("kubernetes-validate (pip; `cargo xtask setup` installs it)");

@@ -212,10 +212,12 @@ fn setup() -> anyhow::Result<()> {
     } else {
         run(Command::new("cargo").args(["install", "oha", "--locked", "--version", &format!("={OHA_VERSION}")]))?;
     }
-    if succeeds(Command::new("kubernetes-validate").arg("--version")) {
+    // Run as `python3 -m kubernetes_validate`, by the same interpreter that installed it.
+    if succeeds(Command::new("python3").args(["-m", "kubernetes_validate", "--version"])) {
         eprintln!("setup: kubernetes-validate present");
     } else {
-        run(Command::new("python3").args(["-m", "pip", "install", "-q", KUBERNETES_VALIDATE]))?;
+        // Debian's own python3 is "externally managed"; this tool stays out of its way.
+        run(Command::new("python3").args(["-m", "pip", "install", "-q", "--break-system-packages", KUBERNETES_VALIDATE]))?;
     }
     if !succeeds(Command::new("kubectl").args(["version", "--client"])) {
         // Not in Debian's archive; machines of this kind carry it.
