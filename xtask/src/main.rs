@@ -217,7 +217,14 @@ fn setup() -> anyhow::Result<()> {
         eprintln!("setup: kubernetes-validate present");
     } else {
         // Debian's own python3 is "externally managed"; this tool stays out of its way.
-        run(Command::new("python3").args(["-m", "pip", "install", "-q", "--break-system-packages", KUBERNETES_VALIDATE]))?;
+        run(Command::new("python3").args([
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--break-system-packages",
+            KUBERNETES_VALIDATE,
+        ]))?;
     }
     if !succeeds(Command::new("kubectl").args(["version", "--client"])) {
         // Not in Debian's archive; machines of this kind carry it.
