@@ -7,6 +7,10 @@ use serde_json::{Map, Value, json};
 
 use super::Kind;
 
+/// The Secret keys credentials are read from (`tls.crt`, `tls.key`, and the
+/// CA as `ca.crt` or Istio's `cacert`).
+const SECRET_KEYS: &[&str] = &["tls.crt", "tls.key", "ca.crt", "cacert"];
+
 /// The object as the configuration builder reads it: `apiVersion`, `kind`,
 /// the metadata it uses and the kind's fields it uses.
 pub(super) fn reduce(kind: &Kind, obj: DynamicObject) -> Value {
@@ -41,7 +45,9 @@ pub(super) fn reduce(kind: &Kind, obj: DynamicObject) -> Value {
         "Node" => &[("status", &["addresses"])],
         "Namespace" => &[],
         "ConfigMap" => &[("data", &[])],
-        "Secret" => &[("type", &[]), ("data", &[]), ("stringData", &[])],
+        // Only the keys a Gateway or DestinationRule credential is read
+        // from: other secrets' contents never stay in a node agent's memory.
+        "Secret" => &[("type", &[]), ("data", SECRET_KEYS), ("stringData", SECRET_KEYS)],
         _ => &[("spec", &[])],
     };
     for (top, keep) in fields {
@@ -103,5 +109,31 @@ fn without_nulls(v: Value) -> Value {
     match v {
         Value::Object(m) => Value::Object(m.into_iter().filter(|(_, v)| !v.is_null()).collect()),
         other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kube::api::DynamicObject;
+    use serde_json::json;
+
+    use super::reduce;
+    use crate::discovery::agent_kinds;
+
+    #[test]
+    fn a_secret_keeps_only_the_keys_credentials_are_read_from() {
+        let secret: DynamicObject = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "mixed", "namespace": "istio-system", "annotations": {"a": "b"}},
+            "type": "kubernetes.io/tls",
+            "data": {"tls.crt": "Y2VydA==", "tls.key": "a2V5", "ca.crt": "Y2E=", "db-password": "aHVudGVyMg=="},
+            "stringData": {"api-token": "secret"},
+        }))
+        .expect("a Secret");
+        let kind = agent_kinds(&["istio-system".to_owned()]).into_iter().find(|k| k.kind == "Secret").expect("Secrets");
+        let reduced = reduce(&kind, secret);
+        assert_eq!(reduced["data"], json!({"tls.crt": "Y2VydA==", "tls.key": "a2V5", "ca.crt": "Y2E="}));
+        assert_eq!(reduced["stringData"], json!({}));
+        assert!(reduced["metadata"].get("annotations").is_none());
     }
 }
