@@ -259,6 +259,41 @@ mod tests {
         assert_eq!(auth.node_of("good", &gone).await.map_err(|e| e.0), Err(StatusCode::SERVICE_UNAVAILABLE));
     }
 
+    /// A slow API server and a caller sending many tokens at once: at most
+    /// 32 reviews wait on it, the rest are told to retry at once.
+    #[tokio::test]
+    async fn token_reviews_in_flight_are_bounded() {
+        let fake = FakeApi::default();
+        let state = crate::config::load_text("cluster.yaml", CLUSTER, "cluster.local").state;
+        let config =
+            KubeAuthConfig { audience: "mesh-ca".into(), trusted_node_accounts: vec!["mesh-system/mesh-agent".into()] };
+        let auth = std::sync::Arc::new(KubeAuth::new(mock_client(&fake), config));
+        let state = std::sync::Arc::new(state);
+        fake.hold_token_reviews(true);
+        let calls: Vec<_> = (0..40)
+            .map(|i| {
+                let (auth, state) = (auth.clone(), state.clone());
+                tokio::spawn(async move { auth.node_of(&format!("garbage-{i}"), &state).await.map_err(|e| e.0) })
+            })
+            .collect();
+        let reviews = || fake.requests().iter().filter(|r| r.path.ends_with("/tokenreviews")).count();
+        for _ in 0..500 {
+            if reviews() >= 32 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert_eq!(reviews(), 32, "reviews in flight");
+        fake.hold_token_reviews(false);
+        let mut answers = std::collections::BTreeMap::new();
+        for c in calls {
+            *answers.entry(c.await.expect("a call").err()).or_insert(0) += 1;
+        }
+        let expected = [(Some(StatusCode::UNAUTHORIZED), 32), (Some(StatusCode::SERVICE_UNAVAILABLE), 8)];
+        assert_eq!(answers, expected.into_iter().collect(), "{answers:?}");
+    }
+
     #[tokio::test]
     async fn the_ca_names_the_permissions_it_lacks() {
         let fake = FakeApi::default();

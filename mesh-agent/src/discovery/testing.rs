@@ -63,6 +63,9 @@ struct Inner {
     tokens: HashMap<String, Token>,
     /// (verb, group, resource) refused by SelfSubjectAccessReviews.
     refused: BTreeSet<(String, String, String)>,
+    /// While set, TokenReview answers wait until it is cleared (`true` in
+    /// the channel: held).
+    held_reviews: Option<tokio::sync::watch::Sender<bool>>,
 }
 
 struct Token {
@@ -142,6 +145,18 @@ fn status(code: u16, reason: &str, message: &str) -> Value {
 fn respond(code: u16, body: &Value) -> http::Response<Body> {
     let mut r = http::Response::new(Full::new(Bytes::from(body.to_string())).boxed_unsync());
     *r.status_mut() = http::StatusCode::from_u16(code).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
+    r.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    r
+}
+
+/// `answer`, its body sent once `held` turns false.
+fn held_response(mut held: tokio::sync::watch::Receiver<bool>, answer: Value) -> http::Response<Body> {
+    let body = futures_util::stream::once(async move {
+        let _ = held.wait_for(|h| !h).await;
+        Ok::<_, Infallible>(Frame::data(Bytes::from(answer.to_string())))
+    });
+    let mut r = http::Response::new(StreamBody::new(body).boxed_unsync());
+    *r.status_mut() = http::StatusCode::CREATED;
     r.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
     r
 }
@@ -227,6 +242,20 @@ impl FakeApi {
         self.inner().tokens.remove(token);
     }
 
+    /// Holds TokenReview answers (`true`) until released (`false`), as a
+    /// slow API server would.
+    pub fn hold_token_reviews(&self, hold: bool) {
+        let mut inner = self.inner();
+        match (&inner.held_reviews, hold) {
+            (None, true) => inner.held_reviews = Some(tokio::sync::watch::channel(true).0),
+            (Some(tx), false) => {
+                let _ = tx.send(false);
+                inner.held_reviews = None;
+            }
+            _ => {}
+        }
+    }
+
     /// SelfSubjectAccessReviews answer "not allowed" for this.
     pub fn refuse(&self, verb: &str, group: &str, resource: &str) {
         self.inner().refused.insert((verb.to_owned(), group.to_owned(), resource.to_owned()));
@@ -257,7 +286,13 @@ impl FakeApi {
         };
         let request: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
         match (method.as_str(), target.plural.as_str()) {
-            ("POST", "tokenreviews") => respond(201, &inner.token_review(request)),
+            ("POST", "tokenreviews") => {
+                let answer = inner.token_review(request);
+                match &inner.held_reviews {
+                    Some(held) => held_response(held.subscribe(), answer),
+                    None => respond(201, &answer),
+                }
+            }
             ("POST", "selfsubjectaccessreviews") => respond(201, &inner.access_review(request)),
             ("GET", _) if params.get("watch").is_some_and(|w| w == "true") => inner.watch(target, &params),
             ("GET", _) => inner.list(&target, &params),
