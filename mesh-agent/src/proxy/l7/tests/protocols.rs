@@ -134,12 +134,7 @@ async fn an_upgrade_joins_client_and_upstream_after_101() {
     let resp = send.send_request(req).await.expect("response");
     assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
     let mut io = TokioIo::new(hyper::upgrade::on(resp).await.expect("upgraded"));
-    for msg in ["first frame", "second frame"] {
-        tokio::io::AsyncWriteExt::write_all(&mut io, msg.as_bytes()).await.expect("write");
-        let mut back = vec![0; msg.len()];
-        tokio::io::AsyncReadExt::read_exact(&mut io, &mut back).await.expect("echo");
-        assert_eq!(back, msg.as_bytes());
-    }
+    echoes(&mut io, &["first frame", "second frame"]).await;
 }
 
 #[tokio::test]
@@ -182,12 +177,7 @@ async fn websocket_over_http2_becomes_an_http1_upgrade_upstream() {
     let resp = send.send_request(req).await.expect("response");
     assert_eq!(resp.status(), StatusCode::OK);
     let mut io = TokioIo::new(hyper::upgrade::on(resp).await.expect("upgraded"));
-    for msg in ["over h2", "and h1"] {
-        tokio::io::AsyncWriteExt::write_all(&mut io, msg.as_bytes()).await.expect("write");
-        let mut back = vec![0; msg.len()];
-        tokio::io::AsyncReadExt::read_exact(&mut io, &mut back).await.expect("echo");
-        assert_eq!(back, msg.as_bytes());
-    }
+    echoes(&mut io, &["over h2", "and h1"]).await;
 }
 
 #[tokio::test(start_paused = true)]
@@ -232,4 +222,14 @@ async fn an_idle_http2_client_connection_is_closed_after_the_idle_timeout() {
     let _ = closed.await;
     let idle = idle_since.elapsed();
     assert!(idle >= std::time::Duration::from_secs(600) && idle < std::time::Duration::from_secs(1300), "{idle:?}");
+}
+
+/// Each message written to the upgraded stream comes back whole.
+async fn echoes(io: &mut (impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin), messages: &[&str]) {
+    for msg in messages {
+        tokio::io::AsyncWriteExt::write_all(io, msg.as_bytes()).await.expect("write");
+        let mut back = vec![0; msg.len()];
+        tokio::io::AsyncReadExt::read_exact(io, &mut back).await.expect("echo");
+        assert_eq!(back, msg.as_bytes());
+    }
 }
