@@ -49,19 +49,37 @@ fn objects(yaml: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// Where the stand-in API server listens.
+enum Where {
+    /// 127.0.0.1 in the node's namespace.
+    OnTheNode,
+    /// 172.18.0.1 in the cluster network, reached by the node and the CA.
+    ClusterNetwork,
+}
+
+/// One node with pods `helloworld` (serving on 9095) and `late`, and an API
+/// server holding [`CLUSTER`] (the cluster is dropped after the server).
+fn cluster_with_api(at: Where) -> (Cluster, ApiServer) {
+    let mut c = Cluster::new();
+    c.add_pod("helloworld", Ipv4Addr::new(10, 244, 0, 3));
+    c.add_pod("late", Ipv4Addr::new(10, 244, 0, 5));
+    servers::http_hello(c.pod("helloworld"), 9095);
+    let api = match at {
+        Where::OnTheNode => ApiServer::start(&c, 0),
+        Where::ClusterNetwork => ApiServer::start_in(&c, &c.net_ns.clone(), "172.18.0.1"),
+    };
+    for o in objects(CLUSTER) {
+        api.fake.apply(o);
+    }
+    (c, api)
+}
+
 #[test]
 fn a_pod_added_by_a_watch_event_is_captured_and_meshed() {
     if !require_root("a_pod_added_by_a_watch_event_is_captured_and_meshed") {
         return;
     }
-    let mut c = Cluster::new();
-    c.add_pod("helloworld", Ipv4Addr::new(10, 244, 0, 3));
-    c.add_pod("late", Ipv4Addr::new(10, 244, 0, 5));
-    servers::http_hello(c.pod("helloworld"), 9095);
-    let api = ApiServer::start(&c, 0);
-    for o in objects(CLUSTER) {
-        api.fake.apply(o);
-    }
+    let (c, api) = cluster_with_api(Where::OnTheNode);
     let agent = Agent::start_kubernetes(&c, 0, &api.kubeconfig, &[]);
     // Ready only once every kind was listed, from the watch cache.
     let lists: Vec<_> = api.fake.requests().into_iter().filter(|r| r.method == "GET" && r.path != "/apis").collect();
@@ -137,14 +155,9 @@ fn the_ca_signs_for_a_reviewed_token_and_the_agent_follows_its_rotation() {
     if !require_root("the_ca_signs_for_a_reviewed_token_and_the_agent_follows_its_rotation") {
         return;
     }
-    let mut c = Cluster::new();
-    c.add_pod("helloworld", Ipv4Addr::new(10, 244, 0, 3));
-    c.add_pod("late", Ipv4Addr::new(10, 244, 0, 5));
-    servers::http_hello(c.pod("helloworld"), 9095);
     // One API server for the CA (in the cluster network) and the agent.
-    let net = c.net_ns.clone();
-    let api = ApiServer::start_in(&c, &net, "172.18.0.1");
-    for o in objects(CLUSTER).into_iter().chain(objects(AGENT_POD)) {
+    let (c, api) = cluster_with_api(Where::ClusterNetwork);
+    for o in objects(AGENT_POD) {
         api.fake.apply(o);
     }
     // The CA reached at a Service VIP the node captures (as mesh-ca's is):
@@ -214,15 +227,7 @@ fn the_agents_own_api_connections_survive_the_api_server_being_a_service_vip() {
     if !require_root("the_agents_own_api_connections_survive_the_api_server_being_a_service_vip") {
         return;
     }
-    let mut c = Cluster::new();
-    c.add_pod("helloworld", Ipv4Addr::new(10, 244, 0, 3));
-    c.add_pod("late", Ipv4Addr::new(10, 244, 0, 5));
-    servers::http_hello(c.pod("helloworld"), 9095);
-    let net = c.net_ns.clone();
-    let api = ApiServer::start_in(&c, &net, "172.18.0.1");
-    for o in objects(CLUSTER) {
-        api.fake.apply(o);
-    }
+    let (c, api) = cluster_with_api(Where::ClusterNetwork);
     // The API server's own Service: no selector, its address a VIP.
     api.fake.apply(serde_json::json!({"apiVersion": "v1", "kind": "Service",
         "metadata": {"name": "kubernetes", "namespace": "default"},
