@@ -123,6 +123,7 @@ pub fn agent_kinds(secret_namespaces: &[String]) -> Vec<Kind> {
         Kind::istio(NETWORKING, "ServiceEntry", "serviceentries"),
         Kind::istio(SECURITY, "PeerAuthentication", "peerauthentications"),
         Kind::istio(SECURITY, "AuthorizationPolicy", "authorizationpolicies"),
+        Kind::istio(SECURITY, "RequestAuthentication", "requestauthentications"),
     ];
     for ns in secret_namespaces {
         kinds.push(Kind { scope: Scope::Namespace(ns.clone()), ..Kind::core("Secret", "secrets") });

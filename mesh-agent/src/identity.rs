@@ -21,6 +21,7 @@ use serde::Serialize;
 
 pub mod ca;
 pub mod ca_service;
+pub mod jwt;
 pub mod manager;
 pub mod tls;
 

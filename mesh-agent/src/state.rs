@@ -37,6 +37,7 @@ pub struct State {
     pub services: BTreeMap<String, Arc<Service>>,
     pub peer_authentications: Vec<security::PeerAuthentication>,
     pub authorization_policies: Vec<security::AuthorizationPolicy>,
+    pub request_authentications: Vec<security::RequestAuthentication>,
     /// In name order (Istio applies the oldest first; creation time is not kept).
     pub virtual_services: Vec<traffic::VirtualService>,
     pub destination_rules: Vec<traffic::DestinationRule>,

@@ -7,9 +7,7 @@ use std::{collections::BTreeMap, sync::Arc};
 use serde::Deserialize;
 
 use super::{k8s::ObjectMeta, validate::Ctx};
-use crate::state::security::{
-    self as policy, Action, AuthorizationPolicy, Cidr, MtlsMode, Operation, Pattern, PeerAuthentication, Rule,
-};
+use crate::state::security::{Action, AuthorizationPolicy, Cidr, MtlsMode, PeerAuthentication, Rule};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -79,7 +77,8 @@ pub struct RuleSpec {
     pub from: Vec<FromSpec>,
     #[serde(default)]
     pub to: Vec<ToSpec>,
-    pub when: Option<serde_yaml_ng::Value>,
+    #[serde(default)]
+    pub when: Vec<ConditionSpec>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -104,11 +103,17 @@ pub struct SourceSpec {
     pub ip_blocks: Vec<String>,
     #[serde(default)]
     pub not_ip_blocks: Vec<String>,
-    // L7-only (need a request): rejected until L7 lands.
-    pub request_principals: Option<Vec<String>>,
-    pub not_request_principals: Option<Vec<String>>,
-    pub remote_ip_blocks: Option<Vec<String>>,
-    pub not_remote_ip_blocks: Option<Vec<String>>,
+    #[serde(default)]
+    pub request_principals: Vec<String>,
+    #[serde(default)]
+    pub not_request_principals: Vec<String>,
+    #[serde(default)]
+    pub remote_ip_blocks: Vec<String>,
+    #[serde(default)]
+    pub not_remote_ip_blocks: Vec<String>,
+    // Ambient waypoint-only selectors.
+    pub service_accounts: Option<serde_yaml_ng::Value>,
+    pub not_service_accounts: Option<serde_yaml_ng::Value>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -125,13 +130,28 @@ pub struct OperationSpec {
     pub ports: Vec<super::k8s::IntOrString>,
     #[serde(default)]
     pub not_ports: Vec<super::k8s::IntOrString>,
-    // L7-only.
-    pub hosts: Option<Vec<String>>,
-    pub not_hosts: Option<Vec<String>>,
-    pub methods: Option<Vec<String>>,
-    pub not_methods: Option<Vec<String>>,
-    pub paths: Option<Vec<String>>,
-    pub not_paths: Option<Vec<String>>,
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    #[serde(default)]
+    pub not_hosts: Vec<String>,
+    #[serde(default)]
+    pub methods: Vec<String>,
+    #[serde(default)]
+    pub not_methods: Vec<String>,
+    #[serde(default)]
+    pub paths: Vec<String>,
+    #[serde(default)]
+    pub not_paths: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ConditionSpec {
+    pub key: String,
+    #[serde(default)]
+    pub values: Vec<String>,
+    #[serde(default)]
+    pub not_values: Vec<String>,
 }
 
 /// The object's name (required) and namespace (`default` when absent).
@@ -140,7 +160,7 @@ pub(super) fn name_and_namespace(ctx: &mut Ctx<'_>, meta: &ObjectMeta) -> Option
     Some((name, meta.namespace.as_deref().unwrap_or("default").into()))
 }
 
-fn selector(ctx: &mut Ctx<'_>, sel: &Option<Selector>) -> Option<BTreeMap<String, String>> {
+pub(super) fn selector(ctx: &mut Ctx<'_>, sel: &Option<Selector>) -> Option<BTreeMap<String, String>> {
     match sel {
         Some(s) if s.match_labels.is_empty() => {
             ctx.error("spec.selector.matchLabels", "empty: omit `selector` to select every workload");
@@ -209,11 +229,7 @@ pub(super) fn build_peer_authentication(
     ok.then_some(PeerAuthentication { name, namespace, selector, mode, port_modes })
 }
 
-fn patterns(v: &[String]) -> Vec<Pattern> {
-    v.iter().map(|s| Pattern::parse(s)).collect()
-}
-
-fn cidrs(ctx: &mut Ctx<'_>, field: &str, v: &[String]) -> Option<Vec<Cidr>> {
+pub(super) fn cidrs(ctx: &mut Ctx<'_>, field: &str, v: &[String]) -> Option<Vec<Cidr>> {
     let mut out = Vec::new();
     let mut ok = true;
     for (i, s) in v.iter().enumerate() {
@@ -228,7 +244,7 @@ fn cidrs(ctx: &mut Ctx<'_>, field: &str, v: &[String]) -> Option<Vec<Cidr>> {
     ok.then_some(out)
 }
 
-fn ports(ctx: &mut Ctx<'_>, field: &str, v: &[super::k8s::IntOrString]) -> Option<Vec<u16>> {
+pub(super) fn ports(ctx: &mut Ctx<'_>, field: &str, v: &[super::k8s::IntOrString]) -> Option<Vec<u16>> {
     let mut out = Vec::new();
     let mut ok = true;
     for (i, p) in v.iter().enumerate() {
@@ -247,17 +263,6 @@ fn ports(ctx: &mut Ctx<'_>, field: &str, v: &[super::k8s::IntOrString]) -> Optio
     ok.then_some(out)
 }
 
-/// Reports each L7-only field that is set.
-fn reject_l7(ctx: &mut Ctx<'_>, field: &str, fields: &[(&str, &Option<Vec<String>>)]) {
-    for (name, value) in fields {
-        if value.is_some() {
-            ctx.error(format!("{field}.{name}"), L7_ONLY);
-        }
-    }
-}
-
-const L7_ONLY: &str = "needs an HTTP request: L7 authorization is not supported by this version of mesh-agent (L4 fields: principals, namespaces, ipBlocks, ports and their not* forms)";
-
 pub(super) fn build_authorization_policy(
     ctx: &mut Ctx<'_>,
     obj: &AuthorizationPolicyObject,
@@ -272,69 +277,26 @@ pub(super) fn build_authorization_policy(
     let action = match spec.action.as_deref() {
         None | Some("ALLOW") => Action::Allow,
         Some("DENY") => Action::Deny,
-        Some(a @ ("AUDIT" | "CUSTOM")) => {
-            ctx.error("spec.action", format!("{a} is not supported; use ALLOW or DENY"));
+        Some("AUDIT") => Action::Audit,
+        Some("CUSTOM") => {
+            ctx.error("spec.action", "CUSTOM (external authorization) is not supported yet; use ALLOW, DENY or AUDIT");
             Action::Allow
         }
         Some(other) => {
-            ctx.error("spec.action", format!("{other:?}: expected ALLOW or DENY"));
+            ctx.error("spec.action", format!("{other:?}: expected ALLOW, DENY, AUDIT or CUSTOM"));
             Action::Allow
         }
     };
     if spec.provider.is_some() {
-        ctx.error("spec.provider", "external authorization (CUSTOM) is not supported");
+        ctx.error("spec.provider", "only with action CUSTOM, which is not supported yet");
     }
-    let mut rules = Vec::new();
-    for (ri, r) in spec.rules.iter().flatten().enumerate() {
-        let base = format!("spec.rules[{ri}]");
-        if r.when.is_some() {
-            ctx.error(format!("{base}.when"), L7_ONLY);
-        }
-        let mut rule = Rule::default();
-        for (fi, f) in r.from.iter().enumerate() {
-            let field = format!("{base}.from[{fi}].source");
-            let s = &f.source;
-            reject_l7(
-                ctx,
-                &field,
-                &[
-                    ("requestPrincipals", &s.request_principals),
-                    ("notRequestPrincipals", &s.not_request_principals),
-                    ("remoteIpBlocks", &s.remote_ip_blocks),
-                    ("notRemoteIpBlocks", &s.not_remote_ip_blocks),
-                ],
-            );
-            let ip_blocks = cidrs(ctx, &format!("{field}.ipBlocks"), &s.ip_blocks).unwrap_or_default();
-            let not_ip_blocks = cidrs(ctx, &format!("{field}.notIpBlocks"), &s.not_ip_blocks).unwrap_or_default();
-            rule.from.push(policy::Source {
-                principals: patterns(&s.principals),
-                not_principals: patterns(&s.not_principals),
-                namespaces: patterns(&s.namespaces),
-                not_namespaces: patterns(&s.not_namespaces),
-                ip_blocks,
-                not_ip_blocks,
-            });
-        }
-        for (ti, t) in r.to.iter().enumerate() {
-            let field = format!("{base}.to[{ti}].operation");
-            let o = &t.operation;
-            reject_l7(
-                ctx,
-                &field,
-                &[
-                    ("hosts", &o.hosts),
-                    ("notHosts", &o.not_hosts),
-                    ("methods", &o.methods),
-                    ("notMethods", &o.not_methods),
-                    ("paths", &o.paths),
-                    ("notPaths", &o.not_paths),
-                ],
-            );
-            let p = ports(ctx, &format!("{field}.ports"), &o.ports).unwrap_or_default();
-            let np = ports(ctx, &format!("{field}.notPorts"), &o.not_ports).unwrap_or_default();
-            rule.to.push(Operation { ports: p, not_ports: np });
-        }
-        rules.push(rule);
-    }
+    let rules =
+        spec.rules.iter().flatten().enumerate().map(|(i, r)| rules::build_rule(ctx, &format!("spec.rules[{i}]"), r));
+    let rules: Vec<Rule> = rules.collect();
     (ctx.error_count() == errors_before).then_some(AuthorizationPolicy { name, namespace, selector, action, rules })
 }
+
+pub(super) use request_authentication::{RequestAuthenticationObject, build_request_authentication};
+
+mod request_authentication;
+mod rules;

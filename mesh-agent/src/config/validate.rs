@@ -18,7 +18,7 @@ use super::{
     gateway::{self, GatewayObject, SecretObject},
     k8s,
     networking::{self, DestinationRuleObject, VirtualServiceObject},
-    security::{self, AuthorizationPolicyObject, PeerAuthenticationObject},
+    security::{self, AuthorizationPolicyObject, PeerAuthenticationObject, RequestAuthenticationObject},
     service_entry::{self, ServiceEntryObject},
 };
 use crate::state::{
@@ -70,6 +70,7 @@ struct Objects {
     services: Vec<(Origin, Arc<k8s::Service>)>,
     peer_authentications: Vec<(Origin, PeerAuthenticationObject)>,
     authorization_policies: Vec<(Origin, AuthorizationPolicyObject)>,
+    request_authentications: Vec<(Origin, RequestAuthenticationObject)>,
     virtual_services: Vec<(Origin, VirtualServiceObject)>,
     destination_rules: Vec<(Origin, DestinationRuleObject)>,
     gateways: Vec<(Origin, GatewayObject)>,
@@ -226,6 +227,10 @@ fn sort_document(
         ("security.istio.io/v1" | "security.istio.io/v1beta1", "AuthorizationPolicy") => {
             objects.security.push(FailClosed::read(origin, &ctx.object, value));
             push(&mut ctx, value, &mut objects.authorization_policies)
+        }
+        ("security.istio.io/v1" | "security.istio.io/v1beta1", "RequestAuthentication") => {
+            objects.security.push(FailClosed::read(origin, &ctx.object, value));
+            push(&mut ctx, value, &mut objects.request_authentications)
         }
         ("networking.istio.io/v1" | "networking.istio.io/v1beta1", "VirtualService") => {
             push(&mut ctx, value, &mut objects.virtual_services)

@@ -1,5 +1,7 @@
-//! Security policy at L4, as Istio defines it: `PeerAuthentication` (which mTLS
-//! mode a workload port requires) and `AuthorizationPolicy` (who may connect).
+//! Security policy, as Istio defines it: `PeerAuthentication` (which mTLS
+//! mode a workload port requires) and `AuthorizationPolicy` (who may connect,
+//! and which requests they may make), with the RequestAuthentications that
+//! say which workloads check end-user JWTs.
 //! Validated objects live in the [`State`]; the decisions here are pure
 //! functions of it, tested with tables.
 use std::{collections::BTreeMap, net::Ipv4Addr};
@@ -45,56 +47,280 @@ pub fn peer_mode(state: &State, w: &Workload, port: u16) -> MtlsMode {
     namespace_level.or_else(mesh_level).unwrap_or(MtlsMode::Permissive)
 }
 
-/// Istio's evaluation: a matching DENY denies; else with no ALLOW policy for
-/// the workload, allow; else allow only if an ALLOW policy matches.
+/// What an HTTP request adds to its connection's attributes.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    pub method: &'a str,
+    /// Normalised, without the query.
+    pub path: &'a str,
+    /// `Host` (`:authority`).
+    pub host: &'a str,
+    pub headers: &'a http::HeaderMap,
+    /// The request's valid JWT, if it carried one.
+    pub auth: Option<Auth<'a>>,
+    /// The original client (`remote.ip`, `remoteIpBlocks`): the connection's
+    /// client, as no proxy in front of the mesh is trusted to name another.
+    pub remote_ip: Ipv4Addr,
+}
+
+/// A request's verified end-user identity (`request.auth.*`).
+#[derive(Debug, Clone, Copy)]
+pub struct Auth<'a> {
+    /// `iss/sub`.
+    pub principal: &'a str,
+    pub audiences: &'a [String],
+    pub presenter: Option<&'a str>,
+    pub claims: &'a serde_json::Map<String, serde_json::Value>,
+}
+
+/// Everything a decision reads: who connects, to which port, and, for an
+/// HTTP request, the request.
+#[derive(Debug, Clone, Copy)]
+pub struct Attributes<'a> {
+    pub peer: Peer<'a>,
+    pub port: u16,
+    /// The SNI the connection to the workload asked for, if any.
+    pub sni: Option<&'a str>,
+    /// `None` for a connection that is not HTTP (or not parsed as HTTP).
+    pub request: Option<Request<'a>>,
+}
+
+/// A decision, and the AUDIT policy that matched (if one did).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub verdict: Verdict,
+    pub audit: Option<String>,
+}
+
+/// Istio's evaluation at L4: a connection that is not HTTP.
 pub fn authorize(state: &State, w: &Workload, peer: &Peer<'_>, port: u16) -> Verdict {
+    evaluate(state, w, &Attributes { peer: *peer, port, sni: None, request: None }).verdict
+}
+
+/// Istio's evaluation: a matching DENY denies; else with no ALLOW policy for
+/// the workload, allow; else allow only if an ALLOW policy matches. AUDIT
+/// policies decide nothing; the first that matches is named.
+///
+/// Without a request, a rule naming HTTP-only fields (methods, paths, hosts,
+/// request principals, remote IPs, request conditions) cannot be matched, and
+/// Istio's documented answer is followed: in an ALLOW policy it grants
+/// nothing; in a DENY policy its HTTP fields are ignored, so it denies on the
+/// rest (failing closed).
+pub fn evaluate(state: &State, w: &Workload, a: &Attributes<'_>) -> Decision {
     // The workload's namespace's policies, then the mesh-wide ones.
     let root = (&*w.namespace != ROOT_NAMESPACE).then_some(ROOT_NAMESPACE);
     let policies = || {
         let namespaces = std::iter::once(&*w.namespace).chain(root);
         namespaces.flat_map(|ns| state.authorization_policies_in(ns)).filter(|p| selects(&p.selector, w))
     };
-    if let Some(p) = policies().filter(|p| p.action == Action::Deny).find(|p| p.matches(peer, port)) {
-        return Verdict::Deny(format!("{}/{}", p.namespace, p.name));
+    let ctx = Eval { a, dest_ip: w.ip };
+    let audit = policies()
+        .filter(|p| p.action == Action::Audit)
+        .find(|p| ctx.policy_matches(p))
+        .map(|p| format!("{}/{}", p.namespace, p.name));
+    let decide = |verdict| Decision { verdict, audit: audit.clone() };
+    if let Some(p) = policies().filter(|p| p.action == Action::Deny).find(|p| ctx.policy_matches(p)) {
+        return decide(Verdict::Deny(format!("{}/{}", p.namespace, p.name)));
     }
     let mut allows = policies().filter(|p| p.action == Action::Allow).peekable();
     if allows.peek().is_none() {
-        return Verdict::Allow;
+        return decide(Verdict::Allow);
     }
-    if allows.any(|p| p.matches(peer, port)) { Verdict::Allow } else { Verdict::Deny("no ALLOW policy matched".into()) }
+    if allows.any(|p| ctx.policy_matches(p)) {
+        decide(Verdict::Allow)
+    } else {
+        decide(Verdict::Deny("no ALLOW policy matched".into()))
+    }
 }
 
-impl AuthorizationPolicy {
+/// Whether a request to `w` must be parsed as HTTP at its destination: a
+/// RequestAuthentication or an AuthorizationPolicy with HTTP-only rules
+/// selects it.
+pub fn needs_request(state: &State, w: &Workload) -> bool {
+    let root = (&*w.namespace != ROOT_NAMESPACE).then_some(ROOT_NAMESPACE);
+    let namespaces = || std::iter::once(&*w.namespace).chain(root);
+    let authn = namespaces().flat_map(|ns| state.request_authentications_in(ns)).any(|p| selects(&p.selector, w));
+    authn
+        || namespaces()
+            .flat_map(|ns| state.authorization_policies_in(ns))
+            .filter(|p| selects(&p.selector, w))
+            .any(|p| p.rules.iter().any(Rule::is_http))
+}
+
+/// The JWT rules of the RequestAuthentications that select `w` (its
+/// namespace's, then the mesh-wide ones), in name order.
+pub fn jwt_rules<'s>(state: &'s State, w: &Workload) -> Vec<&'s JwtRule> {
+    let root = (&*w.namespace != ROOT_NAMESPACE).then_some(ROOT_NAMESPACE);
+    let namespaces = std::iter::once(&*w.namespace).chain(root);
+    let policies = namespaces.flat_map(|ns| state.request_authentications_in(ns)).filter(|p| selects(&p.selector, w));
+    policies.flat_map(|p| p.rules.iter().map(|r| &**r)).collect()
+}
+
+struct Eval<'a> {
+    a: &'a Attributes<'a>,
+    dest_ip: Option<Ipv4Addr>,
+}
+
+impl Eval<'_> {
     /// Any rule matches. No rules: matches nothing (so an empty ALLOW denies all).
-    fn matches(&self, peer: &Peer<'_>, port: u16) -> bool {
-        self.rules.iter().any(|r| {
-            (r.from.is_empty() || r.from.iter().any(|s| s.matches(peer)))
-                && (r.to.is_empty() || r.to.iter().any(|o| o.matches(port)))
+    fn policy_matches(&self, p: &AuthorizationPolicy) -> bool {
+        let l4 = self.a.request.is_none();
+        p.rules.iter().any(|r| {
+            if l4 && p.action != Action::Deny && r.is_http() {
+                return false;
+            }
+            (r.from.is_empty() || r.from.iter().any(|s| self.source(s)))
+                && (r.to.is_empty() || r.to.iter().any(|o| self.operation(o)))
+                && r.when.iter().all(|c| self.condition(c))
         })
     }
-}
 
-impl Source {
-    fn matches(&self, peer: &Peer<'_>) -> bool {
+    fn principal(&self) -> Option<&str> {
         // Istio writes principals without the scheme: `cluster.local/ns/x/sa/y`.
-        let principal = peer.principal.map(|p| p.strip_prefix("spiffe://").unwrap_or(p));
-        let namespace = principal.and_then(|p| {
+        self.a.peer.principal.map(|p| p.strip_prefix("spiffe://").unwrap_or(p))
+    }
+
+    fn namespace(&self) -> Option<&str> {
+        self.principal().and_then(|p| {
             let mut it = p.split('/');
             it.find(|s| *s == "ns").and_then(|_| it.next())
-        });
-        let any = |pats: &[Pattern], v: Option<&str>| v.is_some_and(|v| pats.iter().any(|p| p.matches(v)));
-        (self.principals.is_empty() || any(&self.principals, principal))
-            && (self.not_principals.is_empty() || !any(&self.not_principals, principal))
-            && (self.namespaces.is_empty() || any(&self.namespaces, namespace))
-            && (self.not_namespaces.is_empty() || !any(&self.not_namespaces, namespace))
-            && (self.ip_blocks.is_empty() || self.ip_blocks.iter().any(|c| c.contains(peer.ip)))
-            && (self.not_ip_blocks.is_empty() || !self.not_ip_blocks.iter().any(|c| c.contains(peer.ip)))
+        })
+    }
+
+    fn source(&self, s: &Source) -> bool {
+        let principal = self.principal();
+        let namespace = self.namespace();
+        let ip = self.a.peer.ip;
+        let l4 = matches_l4(&s.principals, &s.not_principals, principal)
+            && matches_l4(&s.namespaces, &s.not_namespaces, namespace)
+            && in_blocks(&s.ip_blocks, &s.not_ip_blocks, ip);
+        // Without a request, HTTP-only fields are ignored (only DENY gets here).
+        let Some(req) = &self.a.request else { return l4 };
+        let request_principal = req.auth.map(|a| a.principal);
+        l4 && matches_l4(&s.request_principals, &s.not_request_principals, request_principal)
+            && in_blocks(&s.remote_ip_blocks, &s.not_remote_ip_blocks, req.remote_ip)
+    }
+
+    fn operation(&self, o: &Operation) -> bool {
+        let port = self.a.port;
+        let l4 = (o.ports.is_empty() || o.ports.contains(&port)) && !o.not_ports.contains(&port);
+        let Some(req) = &self.a.request else { return l4 };
+        let host = |pats: &[Pattern]| pats.iter().any(|p| host_matches(p, req.host));
+        l4 && (o.hosts.is_empty() || host(&o.hosts))
+            && !host(&o.not_hosts)
+            && matches_l4(&o.methods, &o.not_methods, Some(req.method))
+            && matches_l4(&o.paths, &o.not_paths, Some(req.path))
+    }
+
+    fn condition(&self, c: &Condition) -> bool {
+        use std::borrow::Cow;
+        let (ip, strings): (Option<Ipv4Addr>, Vec<Cow<'_, str>>) = match &c.key {
+            ConditionKey::SourceIp => (Some(self.a.peer.ip), vec![]),
+            ConditionKey::DestinationIp => (self.dest_ip, vec![]),
+            ConditionKey::DestinationPort => {
+                let port = self.a.port;
+                let hit = |v: &[Value]| v.contains(&Value::Port(port));
+                return (c.values.is_empty() || hit(&c.values)) && !hit(&c.not_values);
+            }
+            ConditionKey::SourceNamespace => (None, self.namespace().map(Cow::Borrowed).into_iter().collect()),
+            ConditionKey::SourcePrincipal => (None, self.principal().map(Cow::Borrowed).into_iter().collect()),
+            ConditionKey::ConnectionSni => (None, self.a.sni.map(Cow::Borrowed).into_iter().collect()),
+            // HTTP keys without a request: ignored (only DENY gets here).
+            _ if self.a.request.is_none() => return true,
+            key => {
+                let Some(req) = &self.a.request else { return true };
+                match key {
+                    ConditionKey::RemoteIp => (Some(req.remote_ip), vec![]),
+                    ConditionKey::RequestHeader(name) => {
+                        let values = req.headers.get_all(name.as_str()).into_iter();
+                        (None, values.filter_map(|v| v.to_str().ok()).map(Cow::Borrowed).collect())
+                    }
+                    ConditionKey::RequestPrincipal => {
+                        (None, req.auth.map(|a| Cow::Borrowed(a.principal)).into_iter().collect())
+                    }
+                    ConditionKey::RequestAudiences => (
+                        None,
+                        req.auth
+                            .into_iter()
+                            .flat_map(|a| a.audiences.iter().map(|s| Cow::Borrowed(s.as_str())))
+                            .collect(),
+                    ),
+                    ConditionKey::RequestPresenter => {
+                        (None, req.auth.and_then(|a| a.presenter).map(Cow::Borrowed).into_iter().collect())
+                    }
+                    ConditionKey::RequestClaim(path) => {
+                        (None, req.auth.map(|a| claim_values(a.claims, path)).unwrap_or_default())
+                    }
+                    _ => (None, vec![]),
+                }
+            }
+        };
+        let hit = |values: &[Value]| {
+            values.iter().any(|v| match (v, ip) {
+                (Value::Cidr(c), Some(ip)) => c.contains(ip),
+                (Value::Pattern(p), _) => strings.iter().any(|s| p.matches(s)),
+                _ => false,
+            })
+        };
+        (c.values.is_empty() || hit(&c.values)) && !hit(&c.not_values)
     }
 }
 
-impl Operation {
-    fn matches(&self, port: u16) -> bool {
-        (self.ports.is_empty() || self.ports.contains(&port)) && !self.not_ports.contains(&port)
+/// `values` (any, if given) and `not_values` (none) against an attribute
+/// that may be absent: an absent one matches no value.
+fn matches_l4(values: &[Pattern], not_values: &[Pattern], v: Option<&str>) -> bool {
+    let any = |pats: &[Pattern]| v.is_some_and(|v| pats.iter().any(|p| p.matches(v)));
+    (values.is_empty() || any(values)) && (not_values.is_empty() || !any(not_values))
+}
+
+fn in_blocks(blocks: &[Cidr], not_blocks: &[Cidr], ip: Ipv4Addr) -> bool {
+    (blocks.is_empty() || blocks.iter().any(|c| c.contains(ip))) && !not_blocks.iter().any(|c| c.contains(ip))
+}
+
+/// Hosts compare case-insensitively (patterns are kept lowercase); a pattern
+/// without a port matches the host with any port, as Istio's does.
+fn host_matches(p: &Pattern, host: &str) -> bool {
+    let has_port = |s: &str| s.rsplit_once(':').is_some_and(|(_, port)| port.bytes().all(|b| b.is_ascii_digit()));
+    let pattern_port = match p {
+        Pattern::Exact(s) | Pattern::Prefix(s) | Pattern::Suffix(s) => has_port(s),
+        Pattern::Any => return true,
+    };
+    let host = match host.rsplit_once(':') {
+        Some((h, port)) if !pattern_port && port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    };
+    match p {
+        Pattern::Exact(s) => host.eq_ignore_ascii_case(s),
+        Pattern::Prefix(s) => host.get(..s.len()).is_some_and(|h| h.eq_ignore_ascii_case(s)),
+        Pattern::Suffix(s) => {
+            host.len() >= s.len() && host.get(host.len() - s.len()..).is_some_and(|h| h.eq_ignore_ascii_case(s))
+        }
+        Pattern::Any => true,
+    }
+}
+
+/// A claim by its path (`request.auth.claims[a][b]`), as the strings policy
+/// compares: a string, each string of a list, or a number or boolean written out.
+pub fn claim_values<'a>(
+    claims: &'a serde_json::Map<String, serde_json::Value>,
+    path: &[String],
+) -> Vec<std::borrow::Cow<'a, str>> {
+    use serde_json::Value as J;
+    let Some(mut v) = path.first().and_then(|p| claims.get(p)) else { return Vec::new() };
+    for p in &path[1..] {
+        match v.get(p) {
+            Some(next) => v = next,
+            None => return Vec::new(),
+        }
+    }
+    let one = |v: &'a J| match v {
+        J::String(s) => Some(std::borrow::Cow::Borrowed(s.as_str())),
+        J::Bool(_) | J::Number(_) => Some(std::borrow::Cow::Owned(v.to_string())),
+        _ => None,
+    };
+    match v {
+        J::Array(list) => list.iter().filter_map(one).collect(),
+        v => one(v).into_iter().collect(),
     }
 }
 

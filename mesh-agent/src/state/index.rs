@@ -8,7 +8,7 @@ use std::{collections::HashMap, sync::Arc};
 
 use super::{
     State,
-    security::{AuthorizationPolicy, PeerAuthentication},
+    security::{AuthorizationPolicy, PeerAuthentication, RequestAuthentication},
     traffic::{DestinationRule, MESH, VirtualService},
 };
 
@@ -19,6 +19,7 @@ pub struct Index {
     destination_rules: HashMap<String, usize>,
     peer_authentications: HashMap<Arc<str>, Vec<usize>>,
     authorization_policies: HashMap<Arc<str>, Vec<usize>>,
+    request_authentications: HashMap<Arc<str>, Vec<usize>>,
     gateways: HashMap<String, usize>,
 }
 
@@ -45,6 +46,9 @@ impl State {
         }
         for (i, p) in self.authorization_policies.iter().enumerate() {
             index.authorization_policies.entry(p.namespace.clone()).or_default().push(i);
+        }
+        for (i, p) in self.request_authentications.iter().enumerate() {
+            index.request_authentications.entry(p.namespace.clone()).or_default().push(i);
         }
         for (i, g) in self.gateways.iter().enumerate() {
             index.gateways.entry(format!("{}/{}", g.namespace, g.name)).or_insert(i);
@@ -79,6 +83,15 @@ impl State {
     pub fn authorization_policies_in<'a>(&'a self, namespace: &str) -> impl Iterator<Item = &'a AuthorizationPolicy> {
         let found = self.index.authorization_policies.get(namespace).map(Vec::as_slice).unwrap_or_default();
         found.iter().map(|&i| &self.authorization_policies[i])
+    }
+
+    /// The RequestAuthentications in `namespace`, in name order.
+    pub fn request_authentications_in<'a>(
+        &'a self,
+        namespace: &str,
+    ) -> impl Iterator<Item = &'a RequestAuthentication> {
+        let found = self.index.request_authentications.get(namespace).map(Vec::as_slice).unwrap_or_default();
+        found.iter().map(|&i| &self.request_authentications[i])
     }
 
     /// The Gateway `namespace/name`.

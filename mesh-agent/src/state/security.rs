@@ -1,7 +1,8 @@
 //! Security policy as admitted: `PeerAuthentication` (which mTLS mode a
-//! workload port requires) and `AuthorizationPolicy` (who may connect). Plain
-//! data with its matching primitives; the decisions are in
-//! [`crate::routing::policy`].
+//! workload port requires), `AuthorizationPolicy` (who may connect, and which
+//! requests they may make) and `RequestAuthentication` (which end-user JWTs
+//! are valid). Plain data with its matching primitives; the decisions are in
+//! [`crate::routing::policy`], the token checks in [`crate::identity::jwt`].
 use std::{collections::BTreeMap, net::Ipv4Addr, sync::Arc};
 
 use serde::Serialize;
@@ -34,6 +35,8 @@ pub struct PeerAuthentication {
 pub enum Action {
     Allow,
     Deny,
+    /// Grants and denies nothing: a matching request is recorded as audited.
+    Audit,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -45,12 +48,13 @@ pub struct AuthorizationPolicy {
     pub rules: Vec<Rule>,
 }
 
-/// Matches when any `from` matches (or there is none) and any `to` matches (or
-/// there is none).
+/// Matches when any `from` matches (or there is none), any `to` matches (or
+/// there is none) and every `when` condition holds.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Rule {
     pub from: Vec<Source>,
     pub to: Vec<Operation>,
+    pub when: Vec<Condition>,
 }
 
 /// Every non-empty field must match.
@@ -62,12 +66,115 @@ pub struct Source {
     pub not_namespaces: Vec<Pattern>,
     pub ip_blocks: Vec<Cidr>,
     pub not_ip_blocks: Vec<Cidr>,
+    /// HTTP only: the request's JWT principal, `iss/sub`.
+    pub request_principals: Vec<Pattern>,
+    pub not_request_principals: Vec<Pattern>,
+    /// HTTP only: the original client's address.
+    pub remote_ip_blocks: Vec<Cidr>,
+    pub not_remote_ip_blocks: Vec<Cidr>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Operation {
     pub ports: Vec<u16>,
     pub not_ports: Vec<u16>,
+    /// HTTP only. Hosts match case-insensitively (patterns kept lowercase).
+    pub hosts: Vec<Pattern>,
+    pub not_hosts: Vec<Pattern>,
+    pub methods: Vec<Pattern>,
+    pub not_methods: Vec<Pattern>,
+    /// Matched against the normalised path, without the query.
+    pub paths: Vec<Pattern>,
+    pub not_paths: Vec<Pattern>,
+}
+
+/// A `when` condition: the attribute named by `key` matches one of `values`
+/// (if any) and none of `not_values`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Condition {
+    pub key: ConditionKey,
+    pub values: Vec<Value>,
+    pub not_values: Vec<Value>,
+}
+
+/// Istio's condition keys.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub enum ConditionKey {
+    /// `request.headers[name]`, the name lowercase.
+    RequestHeader(String),
+    RequestPrincipal,
+    RequestAudiences,
+    RequestPresenter,
+    /// `request.auth.claims[a][b]`: the path into nested claims.
+    RequestClaim(Vec<String>),
+    SourceIp,
+    RemoteIp,
+    SourceNamespace,
+    SourcePrincipal,
+    DestinationIp,
+    DestinationPort,
+    ConnectionSni,
+}
+
+/// A condition value: an address block for the `*.ip` keys, a port for
+/// `destination.port`, else a string pattern.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub enum Value {
+    Pattern(Pattern),
+    Cidr(Cidr),
+    Port(u16),
+}
+
+/// `RequestAuthentication`: the JWTs a workload accepts.
+#[derive(Debug, Clone, Serialize)]
+pub struct RequestAuthentication {
+    pub name: Arc<str>,
+    pub namespace: Arc<str>,
+    pub selector: Option<BTreeMap<String, String>>,
+    pub rules: Vec<Arc<JwtRule>>,
+}
+
+/// One `jwtRules[]` entry.
+#[derive(Debug, Clone, Serialize)]
+pub struct JwtRule {
+    pub issuer: String,
+    /// Empty: the token's audience is not checked.
+    pub audiences: Vec<String>,
+    /// The issuer's keys (`jwks`), usable ones only.
+    pub keys: Vec<JwtKey>,
+    /// Where the token may be: empty headers and params mean Istio's defaults
+    /// (`Authorization: Bearer`, `?access_token=`).
+    pub from_headers: Vec<TokenHeader>,
+    pub from_params: Vec<String>,
+    pub from_cookies: Vec<String>,
+    pub output_payload_to_header: Option<String>,
+    pub output_claim_to_headers: Vec<(String, String)>,
+    pub forward_original_token: bool,
+}
+
+/// A verification key from the issuer's key set.
+#[derive(Clone, Serialize)]
+pub struct JwtKey {
+    pub kid: Option<String>,
+    /// The key's `alg`, when the set names one: only that algorithm may use it.
+    pub alg: Option<jsonwebtoken::Algorithm>,
+    /// What kind of key: `RSA`, `EC` or `OKP`.
+    pub kty: &'static str,
+    #[serde(skip)]
+    pub key: jsonwebtoken::DecodingKey,
+}
+
+impl std::fmt::Debug for JwtKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JwtKey").field("kid", &self.kid).field("alg", &self.alg).field("kty", &self.kty).finish()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TokenHeader {
+    /// Lowercase.
+    pub name: String,
+    pub prefix: String,
 }
 
 /// Istio's string match: exact, `prefix*`, `*suffix`, or `*`.
@@ -129,5 +236,106 @@ impl Cidr {
     pub fn contains(&self, ip: Ipv4Addr) -> bool {
         let mask = if self.prefix == 0 { 0 } else { u32::MAX << (32 - self.prefix) };
         u32::from(ip) & mask == u32::from(self.addr) & mask
+    }
+}
+
+// === impl Rule ===
+
+impl Rule {
+    /// Whether the rule names anything only an HTTP request has: on a
+    /// connection that is not HTTP, Istio ignores such a rule in an ALLOW
+    /// policy (it grants nothing) and its HTTP fields in a DENY policy (it
+    /// denies on the rest).
+    pub fn is_http(&self) -> bool {
+        self.from.iter().any(Source::is_http)
+            || self.to.iter().any(Operation::is_http)
+            || self.when.iter().any(|c| c.key.is_http())
+    }
+}
+
+impl Source {
+    fn is_http(&self) -> bool {
+        !(self.request_principals.is_empty()
+            && self.not_request_principals.is_empty()
+            && self.remote_ip_blocks.is_empty()
+            && self.not_remote_ip_blocks.is_empty())
+    }
+}
+
+impl Operation {
+    fn is_http(&self) -> bool {
+        !(self.hosts.is_empty()
+            && self.not_hosts.is_empty()
+            && self.methods.is_empty()
+            && self.not_methods.is_empty()
+            && self.paths.is_empty()
+            && self.not_paths.is_empty())
+    }
+}
+
+impl ConditionKey {
+    pub fn is_http(&self) -> bool {
+        matches!(
+            self,
+            ConditionKey::RequestHeader(_)
+                | ConditionKey::RequestPrincipal
+                | ConditionKey::RequestAudiences
+                | ConditionKey::RequestPresenter
+                | ConditionKey::RequestClaim(_)
+                | ConditionKey::RemoteIp
+        )
+    }
+
+    /// Istio's key syntax: `source.ip`, `request.headers[x-user]`,
+    /// `request.auth.claims[groups]`, `request.auth.claims[a][b]`.
+    pub fn parse(key: &str) -> Result<ConditionKey, String> {
+        let fixed = match key {
+            "request.auth.principal" => Some(ConditionKey::RequestPrincipal),
+            "request.auth.audiences" => Some(ConditionKey::RequestAudiences),
+            "request.auth.presenter" => Some(ConditionKey::RequestPresenter),
+            "source.ip" => Some(ConditionKey::SourceIp),
+            "remote.ip" => Some(ConditionKey::RemoteIp),
+            "source.namespace" => Some(ConditionKey::SourceNamespace),
+            "source.principal" => Some(ConditionKey::SourcePrincipal),
+            "destination.ip" => Some(ConditionKey::DestinationIp),
+            "destination.port" => Some(ConditionKey::DestinationPort),
+            "connection.sni" => Some(ConditionKey::ConnectionSni),
+            _ => None,
+        };
+        if let Some(k) = fixed {
+            return Ok(k);
+        }
+        let bracketed = |prefix: &str| -> Option<Result<Vec<String>, String>> {
+            let rest = key.strip_prefix(prefix)?;
+            let mut parts = Vec::new();
+            let mut rest = rest;
+            while !rest.is_empty() {
+                let Some(inner) = rest.strip_prefix('[') else {
+                    return Some(Err(format!("{key:?}: expected `[name]` after {prefix:?}")));
+                };
+                let Some((name, after)) = inner.split_once(']') else {
+                    return Some(Err(format!("{key:?}: `[` without `]`")));
+                };
+                if name.is_empty() {
+                    return Some(Err(format!("{key:?}: empty name in `[]`")));
+                }
+                parts.push(name.to_owned());
+                rest = after;
+            }
+            Some(if parts.is_empty() { Err(format!("{key:?}: expected `[name]` after {prefix:?}")) } else { Ok(parts) })
+        };
+        if let Some(parts) = bracketed("request.headers") {
+            let mut parts = parts?;
+            if parts.len() != 1 {
+                return Err(format!("{key:?}: request.headers takes one header name"));
+            }
+            return Ok(ConditionKey::RequestHeader(parts.remove(0).to_ascii_lowercase()));
+        }
+        if let Some(parts) = bracketed("request.auth.claims") {
+            return Ok(ConditionKey::RequestClaim(parts?));
+        }
+        Err(format!(
+            "{key:?} is not a supported key (request.headers[...], request.auth.principal, request.auth.audiences, request.auth.presenter, request.auth.claims[...], source.ip, remote.ip, source.namespace, source.principal, destination.ip, destination.port, connection.sni)"
+        ))
     }
 }

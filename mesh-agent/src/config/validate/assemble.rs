@@ -108,6 +108,13 @@ pub(super) fn assemble(objects: Objects, trust_domain: &str, errors: &mut Vec<Co
         |o| describe_meta("AuthorizationPolicy", &o.metadata),
         security::build_authorization_policy,
     );
+    state.request_authentications = build_unique(
+        &objects.request_authentications,
+        errors,
+        |o| describe_meta("RequestAuthentication", &o.metadata),
+        security::build_request_authentication,
+    );
+    state.request_authentications.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
     let services = &state.services;
     let gateways = &state.gateways;
     let mut virtual_services = build_unique(

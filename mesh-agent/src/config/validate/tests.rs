@@ -172,6 +172,11 @@ fn security_policies_are_validated_field_by_field() {
             "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: a, namespace: demo}}\nspec: {spec}\n"
         )
     };
+    let ra = |spec: &str| {
+        format!(
+            "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: r, namespace: demo}}\nspec: {spec}\n"
+        )
+    };
     let at = "cluster.yaml (document 1)";
     let cases = [
         (
@@ -193,22 +198,104 @@ fn security_policies_are_validated_field_by_field() {
             format!("{at}: PeerAuthentication demo/p: spec.portLevelMtls[http]: \"http\" is not a port number"),
         ),
         (
-            ap("{action: AUDIT}"),
-            format!("{at}: AuthorizationPolicy demo/a: spec.action: AUDIT is not supported; use ALLOW or DENY"),
-        ),
-        (
-            ap("{rules: [{to: [{operation: {methods: [GET]}}]}]}"),
-            format!("{at}: AuthorizationPolicy demo/a: spec.rules[0].to[0].operation.methods: needs an HTTP request"),
-        ),
-        (
-            ap("{rules: [{from: [{source: {requestPrincipals: [\"*\"]}}]}]}"),
+            ap("{action: CUSTOM, provider: {name: opa}}"),
             format!(
-                "{at}: AuthorizationPolicy demo/a: spec.rules[0].from[0].source.requestPrincipals: needs an HTTP request"
+                "{at}: AuthorizationPolicy demo/a: spec.action: CUSTOM (external authorization) is not supported yet"
+            ),
+        ),
+        (
+            ap("{rules: [{to: [{operation: {methods: [get]}}]}]}"),
+            format!(
+                "{at}: AuthorizationPolicy demo/a: spec.rules[0].to[0].operation.methods[0]: \"get\": methods are matched case-sensitively"
+            ),
+        ),
+        (
+            ap("{rules: [{to: [{operation: {paths: [\"/api/{*}\"]}}]}]}"),
+            format!(
+                "{at}: AuthorizationPolicy demo/a: spec.rules[0].to[0].operation.paths[0]: \"/api/{{*}}\": path templates"
+            ),
+        ),
+        (
+            ap("{rules: [{to: [{operation: {paths: [api]}}]}]}"),
+            format!(
+                "{at}: AuthorizationPolicy demo/a: spec.rules[0].to[0].operation.paths[0]: \"api\": a path starts with '/'"
+            ),
+        ),
+        (
+            ap("{rules: [{from: [{source: {}}]}]}"),
+            format!("{at}: AuthorizationPolicy demo/a: spec.rules[0].from[0].source: must not be empty"),
+        ),
+        (
+            ap("{rules: [{from: [{source: {requestPrincipals: [\"\"]}}]}]}"),
+            format!("{at}: AuthorizationPolicy demo/a: spec.rules[0].from[0].source.requestPrincipals[0]: empty value"),
+        ),
+        (
+            ap("{rules: [{from: [{source: {remoteIpBlocks: [nope]}}]}]}"),
+            format!(
+                "{at}: AuthorizationPolicy demo/a: spec.rules[0].from[0].source.remoteIpBlocks[0]: \"nope\" is not an IPv4"
+            ),
+        ),
+        (
+            ap("{rules: [{when: [{key: request.auth.claims, values: [y]}]}]}"),
+            format!(
+                "{at}: AuthorizationPolicy demo/a: spec.rules[0].when[0].key: \"request.auth.claims\": expected `[name]`"
+            ),
+        ),
+        (
+            ap("{rules: [{when: [{key: request.time, values: [y]}]}]}"),
+            format!(
+                "{at}: AuthorizationPolicy demo/a: spec.rules[0].when[0].key: \"request.time\" is not a supported key"
             ),
         ),
         (
             ap("{rules: [{when: [{key: source.ip, values: [y]}]}]}"),
-            format!("{at}: AuthorizationPolicy demo/a: spec.rules[0].when: needs an HTTP request"),
+            format!("{at}: AuthorizationPolicy demo/a: spec.rules[0].when[0].values[0]: \"y\" is not an IPv4"),
+        ),
+        (
+            ap("{rules: [{when: [{key: destination.port, notValues: [\"0\"]}]}]}"),
+            format!("{at}: AuthorizationPolicy demo/a: spec.rules[0].when[0].notValues[0]: \"0\" is not a port number"),
+        ),
+        (
+            ap("{rules: [{when: [{key: source.namespace}]}]}"),
+            format!("{at}: AuthorizationPolicy demo/a: spec.rules[0].when[0]: needs values or notValues"),
+        ),
+        (
+            ra("{jwtRules: [{issuer: x}]}"),
+            format!("{at}: RequestAuthentication demo/r: spec.jwtRules[0].jwks: required"),
+        ),
+        (
+            ra("{jwtRules: [{issuer: x, jwksUri: \"https://x/keys\"}]}"),
+            format!("{at}: RequestAuthentication demo/r: spec.jwtRules[0].jwksUri: fetching keys is not supported yet"),
+        ),
+        (
+            ra("{jwtRules: [{jwks: '{\"keys\": [{\"kty\": \"oct\", \"k\": \"c2VjcmV0\"}]}'}]}"),
+            format!("{at}: RequestAuthentication demo/r: spec.jwtRules[0].issuer: required"),
+        ),
+        (
+            ra(&format!("{{jwtRules: [{{issuer: x, jwks: '{ED}', fromHeaders: [{{name: \"bad header\"}}]}}]}}")),
+            format!(
+                "{at}: RequestAuthentication demo/r: spec.jwtRules[0].fromHeaders[0].name: \"bad header\" is not a valid HTTP header name"
+            ),
+        ),
+        (
+            ra(&format!("{{jwtRules: [{{issuer: x, jwks: '{ED}', outputClaimToHeaders: [{{header: x-sub}}]}}]}}")),
+            format!("{at}: RequestAuthentication demo/r: spec.jwtRules[0].outputClaimToHeaders[0].claim: required"),
+        ),
+        (
+            ra(&format!("{{jwtRules: [{{issuer: x, jwks: '{ED}'}}, {{issuer: x, jwks: '{ED}'}}]}}")),
+            format!("{at}: RequestAuthentication demo/r: spec.jwtRules[1].issuer: \"x\" has a rule already"),
+        ),
+        (
+            ra(&format!("{{jwtRules: [{{issuer: x, jwks: '{ED}', timeout: 5 minutes}}]}}")),
+            format!("{at}: RequestAuthentication demo/r: spec.jwtRules[0].timeout:"),
+        ),
+        (
+            ra("{jwtRules: [{issuer: x, jwks: nope}]}"),
+            format!("{at}: RequestAuthentication demo/r: spec.jwtRules[0].jwks: not a JSON Web Key Set"),
+        ),
+        (
+            ra("{jwtRules: [{issuer: x, audience: [y]}]}"),
+            format!("{at}: RequestAuthentication demo/r: spec.jwtRules[0].audience: unknown field `audience`"),
         ),
         (
             ap("{rules: [{from: [{source: {ipBlocks: [10.0.0.0/40]}}]}]}"),
@@ -248,7 +335,29 @@ fn security_policies_are_validated_field_by_field() {
     let loaded = load(&ok).expect("valid");
     assert_eq!(loaded.state.peer_authentications.len(), 1);
     assert_eq!(loaded.state.authorization_policies[0].rules[0].to[0].ports, [22, 23]);
+    // Every L7 field and key, and a RequestAuthentication with every field.
+    let l7 = format!(
+        "{}---\n{}",
+        ap(
+            r#"{action: AUDIT, rules: [{from: [{source: {requestPrincipals: ["*"], notRequestPrincipals: [a/b], remoteIpBlocks: [1.2.3.0/24], notRemoteIpBlocks: [1.2.3.4]}}],
+              to: [{operation: {hosts: [A.example.com], notHosts: ["*.x"], methods: [GET], notMethods: [POST], paths: ["/a/*"], notPaths: ["*.png"]}}],
+              when: [{key: "request.headers[X-User]", values: [u]}, {key: request.auth.principal, values: [a/b]}, {key: request.auth.audiences, values: [x]},
+                     {key: request.auth.presenter, values: [x]}, {key: "request.auth.claims[a][b]", values: [x]}, {key: remote.ip, values: [1.2.3.4]},
+                     {key: source.principal, values: [x]}, {key: destination.ip, values: [10.0.0.0/8]}, {key: connection.sni, values: [x]}]}]}"#
+        ),
+        ra(&format!(
+            "{{selector: {{matchLabels: {{app: x}}}}, jwtRules: [{{issuer: x, audiences: [a], jwks: '{ED}', fromHeaders: [{{name: X-Jwt, prefix: \"Token \"}}], fromParams: [t], fromCookies: [c], outputPayloadToHeader: x-payload, forwardOriginalToken: true, outputClaimToHeaders: [{{header: x-sub, claim: sub}}], timeout: 5s}}]}}"
+        ))
+    );
+    let loaded = load(&l7).expect("valid");
+    let op = &loaded.state.authorization_policies[0].rules[0].to[0];
+    assert_eq!(op.hosts[0], crate::state::security::Pattern::Exact("a.example.com".into()));
+    let rule = &loaded.state.request_authentications[0].rules[0];
+    assert_eq!((rule.keys.len(), rule.from_headers[0].name.as_str()), (1, "x-jwt"));
 }
+
+/// A valid key set: one Ed25519 key.
+const ED: &str = r#"{"keys": [{"kty": "OKP", "crv": "Ed25519", "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"}]}"#;
 
 #[test]
 fn routing_rules_are_validated_field_by_field() {

@@ -144,3 +144,161 @@ fn patterns_and_cidrs() {
     assert!(Cidr::parse("10.0.0.0/33").is_err());
     assert!(Cidr::parse("fe80::/10").is_err());
 }
+
+/// A request as the destination's agent sees it.
+struct Req {
+    method: &'static str,
+    path: &'static str,
+    host: &'static str,
+    headers: http::HeaderMap,
+    principal: Option<&'static str>,
+    claims: serde_json::Value,
+}
+
+fn get(path: &'static str) -> Req {
+    Req {
+        method: "GET",
+        path,
+        host: "hello.demo.svc.cluster.local:9095",
+        headers: http::HeaderMap::new(),
+        principal: None,
+        claims: serde_json::json!({}),
+    }
+}
+
+impl Req {
+    fn method(self, method: &'static str) -> Req {
+        Req { method, ..self }
+    }
+    fn host(self, host: &'static str) -> Req {
+        Req { host, ..self }
+    }
+    fn header(mut self, k: &'static str, v: &'static str) -> Req {
+        self.headers.append(k, http::HeaderValue::from_static(v));
+        self
+    }
+    fn jwt(self, principal: &'static str, claims: serde_json::Value) -> Req {
+        Req { principal: Some(principal), claims, ..self }
+    }
+}
+
+fn decide(s: &State, r: Option<&Req>, principal: Option<&str>, port: u16) -> Decision {
+    let empty = serde_json::Map::new();
+    let audiences = ["hello".to_owned()];
+    let request = r.map(|r| Request {
+        method: r.method,
+        path: r.path,
+        host: r.host,
+        headers: &r.headers,
+        auth: r.principal.map(|p| Auth {
+            principal: p,
+            audiences: &audiences,
+            presenter: None,
+            claims: r.claims.as_object().unwrap_or(&empty),
+        }),
+        remote_ip: Ipv4Addr::new(172, 18, 0, 1),
+    });
+    let peer = Peer { principal, ip: Ipv4Addr::new(10, 244, 1, 2) };
+    evaluate(s, pod(s, "hello"), &Attributes { peer, port, sni: None, request })
+}
+
+#[test]
+fn request_authorization_table() {
+    let test = Some("spiffe://cluster.local/ns/demo/sa/test");
+    let alice = "https://issuer.example/alice";
+    let requires_jwt = ap("demo", "jwt", "{rules: [{from: [{source: {requestPrincipals: [\"*\"]}}]}]}");
+    let alice_only =
+        ap("demo", "alice", &format!("{{rules: [{{from: [{{source: {{requestPrincipals: [\"{alice}\"]}}}}]}}]}}"));
+    let get_api = ap("demo", "get-api", "{rules: [{to: [{operation: {methods: [GET, HEAD], paths: [\"/api/*\"]}}]}]}");
+    let deny_admin =
+        ap("demo", "no-admin", "{action: DENY, rules: [{to: [{operation: {paths: [/admin, \"/admin/*\"]}}]}]}");
+    let deny_delete = ap("demo", "no-delete", "{action: DENY, rules: [{to: [{operation: {methods: [DELETE]}}]}]}");
+    let hosts = ap(
+        "demo",
+        "hosts",
+        "{rules: [{to: [{operation: {hosts: [\"hello.demo.svc.cluster.local\", \"*.example.com\"], notHosts: [bad.example.com]}}]}]}",
+    );
+    let claims = ap(
+        "demo",
+        "claims",
+        "{rules: [{when: [{key: \"request.auth.claims[groups]\", values: [dev]}, {key: \"request.auth.claims[org][team]\", notValues: [red]}]}]}",
+    );
+    let header = ap("demo", "header", "{rules: [{when: [{key: \"request.headers[x-user]\", values: [\"admin-*\"]}]}]}");
+    let tcp_keys = ap(
+        "demo",
+        "tcp-keys",
+        "{rules: [{when: [{key: source.namespace, values: [demo]}, {key: destination.port, values: [\"9095\"]}, {key: source.ip, values: [10.244.0.0/16]}]}]}",
+    );
+    let audit = ap("demo", "audit", "{action: AUDIT, rules: [{to: [{operation: {paths: [\"/api/*\"]}}]}]}");
+    let dev = serde_json::json!({"groups": ["dev", "ops"], "org": {"team": "blue"}});
+    let red = serde_json::json!({"groups": "dev", "org": {"team": "red"}});
+    // (policies, request (None: a TCP connection), peer principal, port, allowed)
+    type Case<'a> = (Vec<&'a str>, Option<Req>, Option<&'a str>, u16, bool);
+    #[rustfmt::skip]
+    let cases: Vec<Case<'_>> = vec![
+        (vec![&requires_jwt], Some(get("/")), test, 9095, false),
+        (vec![&requires_jwt], Some(get("/").jwt(alice, dev.clone())), test, 9095, true),
+        (vec![&alice_only], Some(get("/").jwt("https://issuer.example/bob", dev.clone())), None, 9095, false),
+        (vec![&alice_only], Some(get("/").jwt(alice, dev.clone())), None, 9095, true),
+        (vec![&get_api], Some(get("/api/x")), None, 9095, true),
+        (vec![&get_api], Some(get("/api/x").method("HEAD")), None, 9095, true),
+        (vec![&get_api], Some(get("/api/x").method("POST")), None, 9095, false),
+        (vec![&get_api], Some(get("/apix")), None, 9095, false),
+        (vec![&deny_admin], Some(get("/admin")), None, 9095, false),
+        (vec![&deny_admin], Some(get("/admin/users")), None, 9095, false),
+        (vec![&deny_admin], Some(get("/administrator")), None, 9095, true),
+        (vec![&deny_delete, &get_api], Some(get("/api/x").method("DELETE")), None, 9095, false),
+        (vec![&hosts], Some(get("/")), None, 9095, true),
+        (vec![&hosts], Some(get("/").host("HELLO.demo.svc.cluster.local")), None, 9095, true),
+        (vec![&hosts], Some(get("/").host("api.example.com:8443")), None, 9095, true),
+        (vec![&hosts], Some(get("/").host("bad.example.com")), None, 9095, false),
+        (vec![&hosts], Some(get("/").host("other.svc")), None, 9095, false),
+        (vec![&claims], Some(get("/").jwt(alice, dev.clone())), None, 9095, true),
+        (vec![&claims], Some(get("/").jwt(alice, red.clone())), None, 9095, false),
+        (vec![&claims], Some(get("/")), None, 9095, false),
+        (vec![&header], Some(get("/").header("x-user", "admin-1")), None, 9095, true),
+        (vec![&header], Some(get("/").header("x-user", "guest")), None, 9095, false),
+        (vec![&header], Some(get("/")), None, 9095, false),
+        (vec![&tcp_keys], Some(get("/")), test, 9095, true),
+        (vec![&tcp_keys], None, test, 9095, true),
+        (vec![&tcp_keys], None, test, 80, false),
+        // Istio on a connection that is not HTTP: an ALLOW rule with HTTP
+        // fields grants nothing; a DENY rule's HTTP fields are ignored.
+        (vec![&get_api], None, test, 9095, false),
+        (vec![&requires_jwt], None, test, 9095, false),
+        (vec![&deny_delete], None, test, 9095, false),
+        (vec![&deny_admin], None, test, 9095, false),
+        (vec![&claims], None, test, 9095, false),
+        // AUDIT decides nothing.
+        (vec![&audit], Some(get("/api/x")), None, 9095, true),
+        (vec![&audit], None, None, 9095, true),
+    ];
+    for (i, (policies, req, principal, port, allowed)) in cases.into_iter().enumerate() {
+        let s = with(&policies.concat());
+        let got = decide(&s, req.as_ref(), principal, port);
+        assert_eq!(got.verdict == Verdict::Allow, allowed, "case {i}: {policies:?} → {got:?}");
+    }
+    let s = with(&audit);
+    assert_eq!(decide(&s, Some(&get("/api/x")), None, 9095).audit.as_deref(), Some("demo/audit"));
+    assert_eq!(decide(&s, Some(&get("/other")), None, 9095).audit, None);
+}
+
+#[test]
+fn workloads_with_request_policies_are_parsed_at_their_destination() {
+    let ra = "---\napiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {name: jwt, namespace: demo}\nspec: {selector: {matchLabels: {app: hello}}, jwtRules: [{issuer: x, jwks: '{\"keys\": [{\"kty\": \"OKP\", \"crv\": \"Ed25519\", \"x\": \"11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo\"}]}'}]}\n";
+    let l4 = ap("demo", "l4", "{rules: [{from: [{source: {namespaces: [demo]}}]}]}");
+    let l7 = ap("demo", "l7", "{rules: [{to: [{operation: {methods: [GET]}}]}]}");
+    let mesh_l7 = ap("istio-system", "l7", "{action: DENY, rules: [{to: [{operation: {paths: [/x]}}]}]}");
+    let cases: &[(&str, &str, bool)] = &[
+        ("", "hello", false),
+        (&l4, "hello", false),
+        (&l7, "hello", true),
+        (&mesh_l7, "db", true),
+        (ra, "hello", true),
+        (ra, "db", false),
+    ];
+    for (policies, name, want) in cases {
+        let s = with(policies);
+        assert_eq!(needs_request(&s, pod(&s, name)), *want, "{policies} {name}");
+    }
+}
