@@ -150,7 +150,7 @@ pub async fn serve(
 /// authorization when the pod is a meshed one on this node (this agent is then
 /// the destination's agent too).
 pub(crate) async fn open_upstream(
-    ctx: &Inputs,
+    ctx: &Arc<Inputs>,
     state: &State,
     source: Option<&Arc<Workload>>,
     peer: SocketAddr,
@@ -183,6 +183,23 @@ pub(crate) async fn open_upstream(
             };
             let tunnel = ctx.hbone.open(ctx, to).await?;
             Ok(Opened { io: Upstream::Tunnel(hyper_util::rt::TokioIo::new(tunnel)), mtls: true, guard: None })
+        }
+        // This agent is the destination's too: its request policies are
+        // judged on the far end of an in-process pipe.
+        Some(d) if l7::destination::wanted(state, d, addr.port()) => {
+            let (near, far) = tokio::io::duplex(l7::destination::PIPE_BUFFER);
+            let inbound = l7::destination::Inbound {
+                dest: d.clone(),
+                target: addr,
+                peer,
+                principal: source_identity,
+                client_ip: peer_ip,
+                source: source.cloned(),
+                transparent: transparent_source(ctx, peer, addr),
+                mtls: false,
+            };
+            tokio::spawn(l7::destination::serve(ctx.clone(), far, inbound));
+            Ok(Opened { io: Upstream::Pipe(near), mtls: false, guard: None })
         }
         Some(d) => {
             // Same-node traffic never leaves the node: the source identity comes

@@ -223,6 +223,11 @@ pub struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
     /// Mirrored request copies by result: `sent`, `failed`, `skipped` (body too large).
     pub mirrored: Family<ResultLabels, Counter>,
+    /// Requests a destination's agent checked for a JWT, by result
+    /// (`valid`, `invalid`, `none`).
+    pub jwt_checks: Family<ResultLabels, Counter>,
+    /// Requests an AUDIT AuthorizationPolicy matched.
+    pub authorization_audits: Counter,
     /// mTLS connections this agent opened to other agents, by handshake
     /// (`full`, or `resumed` from an earlier session with the same peer).
     pub hbone_connections: Family<HandshakeLabels, Counter>,
@@ -259,6 +264,18 @@ impl Metrics {
         );
         let mirrored = Family::default();
         registry.register("mesh_http_mirrored_requests", "Mirrored request copies, by result", mirrored.clone());
+        let jwt_checks = Family::default();
+        registry.register(
+            "mesh_jwt_checks",
+            "Requests checked for an end-user JWT at their destination, by result (valid, invalid, none)",
+            jwt_checks.clone(),
+        );
+        let authorization_audits = Counter::default();
+        registry.register(
+            "mesh_authorization_audits",
+            "Requests an AUDIT AuthorizationPolicy matched",
+            authorization_audits.clone(),
+        );
         let hbone_connections = Family::default();
         registry.register(
             "mesh_hbone_connections",
@@ -335,6 +352,8 @@ impl Metrics {
             kube_rebuilds,
             requests,
             mirrored,
+            jwt_checks,
+            authorization_audits,
             hbone_connections,
             gateway_bind_failures,
             request_duration,

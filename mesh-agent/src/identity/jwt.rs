@@ -39,6 +39,23 @@ pub enum JwtError {
     Claim(&'static str),
 }
 
+impl JwtError {
+    /// The message as a static string (what the client is told).
+    pub fn text(&self) -> &'static str {
+        match self {
+            JwtError::Malformed => "Jwt is not in the form of Header.Payload.Signature",
+            JwtError::UnknownIssuer => "Jwt issuer is not configured",
+            JwtError::Algorithm => "Jwt header alg is not allowed",
+            JwtError::NoKey => "Jwks doesn't have key to match kid or alg from Jwt",
+            JwtError::Signature => "Jwt verification fails",
+            JwtError::Expired => "Jwt is expired",
+            JwtError::NotYetValid => "Jwt not yet valid",
+            JwtError::Audience => "Audiences in Jwt are not allowed",
+            JwtError::Claim(_) => "Jwt verification fails",
+        }
+    }
+}
+
 /// A valid token's contents, for policy (`request.auth.*`) and for the
 /// headers the rule asks to add.
 #[derive(Debug, Clone)]
@@ -354,4 +371,4 @@ fn tokens<'r>(rule: &'r JwtRule, headers: &http::HeaderMap, query: Option<&str>)
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

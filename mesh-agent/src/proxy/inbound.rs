@@ -15,7 +15,7 @@ use crate::{
     telemetry::TcpLabels,
 };
 
-pub(super) async fn handle_plaintext(ctx: &Inputs, client: TcpStream, peer: SocketAddr) {
+pub(super) async fn handle_plaintext(ctx: &std::sync::Arc<Inputs>, client: TcpStream, peer: SocketAddr) {
     let _ = client.set_nodelay(true);
     let (Ok(SocketAddr::V4(dst)), SocketAddr::V4(peer_v4)) = (client.local_addr(), peer) else {
         return fail(ctx, &client, peer, None, ProxyError::NotIpv4(peer));
@@ -35,6 +35,20 @@ pub(super) async fn handle_plaintext(ctx: &Inputs, client: TcpStream, peer: Sock
     if mode == MtlsMode::Strict {
         let err = ProxyError::PlaintextRefused { pod: format!("{}/{}", dest.namespace, dest.name), port: dst.port() };
         return fail(ctx, &client, peer, Some(labels), err);
+    }
+    if crate::proxy::l7::destination::wanted(&state, &dest, dst.port()) {
+        drop(state);
+        let inbound = crate::proxy::l7::destination::Inbound {
+            dest,
+            target: dst,
+            peer,
+            principal: None,
+            client_ip: *peer_v4.ip(),
+            source,
+            transparent: super::transparent_source(ctx, peer, dst),
+            mtls: false,
+        };
+        return crate::proxy::l7::destination::serve(ctx.clone(), client, inbound).await;
     }
     let decision = authorize(&state, &dest, &Peer { principal: None, ip: *peer_v4.ip() }, dst.port());
     drop(state);

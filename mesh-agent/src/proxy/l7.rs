@@ -30,6 +30,7 @@ use crate::{
 
 pub mod access_log;
 pub mod cluster;
+pub(crate) mod destination;
 mod filters;
 mod headers;
 mod metered;
@@ -104,12 +105,30 @@ where
 {
     let down = Arc::new(down);
     let peer = down.peer;
-    let limits = ctx.limits.clone();
     let svc_ctx = ctx.clone();
     let service = hyper::service::service_fn(move |req| {
         let (ctx, down) = (svc_ctx.clone(), down.clone());
         async move { Ok::<_, Infallible>(handle(ctx, down, req).await) }
     });
+    serve_http(&ctx.limits, client, peer, handling, service).await
+}
+
+/// Runs hyper's server for one client connection (HTTP/1.1 with upgrades,
+/// or HTTP/2 with an idle timer), within the agent's limits.
+async fn serve_http<I, S, F>(
+    limits: &proxy::limits::Limits,
+    client: I,
+    peer: SocketAddr,
+    handling: Handling,
+    service: S,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible, Future = F>
+        + Clone
+        + Send
+        + 'static,
+    F: Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
+{
     let result = match handling {
         Handling::Http2 => {
             // HTTP/2 has no idle timer of its own: a connection that moves no

@@ -55,6 +55,15 @@ impl LocalReply {
     pub const BAD_PATH: LocalReply =
         LocalReply { status: StatusCode::BAD_REQUEST, text: "invalid path", flags: Flags::DPE };
 
+    /// An AuthorizationPolicy refused the request (Envoy's RBAC filter's answer).
+    pub const RBAC_DENIED: LocalReply =
+        LocalReply { status: StatusCode::FORBIDDEN, text: "RBAC: access denied", flags: Flags::NONE };
+
+    /// A JWT that is not valid (Envoy's jwt_authn filter's answer and wording).
+    pub fn jwt_refused(error: &crate::identity::jwt::JwtError) -> LocalReply {
+        LocalReply { status: StatusCode::UNAUTHORIZED, text: error.text(), flags: Flags::NONE }
+    }
+
     /// The fault filter's abort with its status.
     pub fn fault_abort(status: StatusCode) -> LocalReply {
         LocalReply { status, text: "fault filter abort", flags: Flags::FI }

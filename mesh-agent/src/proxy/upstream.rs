@@ -25,6 +25,8 @@ pub(crate) enum Upstream {
     ),
     Tunnel(hyper_util::rt::TokioIo<crate::proxy::hbone::Tunnel>),
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    /// To this agent's own destination stage (a local pod with request policies).
+    Pipe(tokio::io::DuplexStream),
 }
 
 /// The client TLS settings (HTTP/1.1 and h2 ALPN) for each TLS origination
@@ -117,7 +119,7 @@ impl Upstream {
         match self {
             Upstream::Tcp(s) | Upstream::Local(s, _) => reset(s),
             Upstream::Tls(t) => reset(t.get_ref().0),
-            Upstream::Tunnel(_) => {}
+            Upstream::Tunnel(_) | Upstream::Pipe(_) => {}
         }
     }
 }
@@ -132,6 +134,7 @@ impl tokio::io::AsyncRead for Upstream {
             Upstream::Tcp(s) | Upstream::Local(s, _) => std::pin::Pin::new(s).poll_read(cx, buf),
             Upstream::Tunnel(t) => std::pin::Pin::new(t).poll_read(cx, buf),
             Upstream::Tls(t) => std::pin::Pin::new(t).poll_read(cx, buf),
+            Upstream::Pipe(p) => std::pin::Pin::new(p).poll_read(cx, buf),
         }
     }
 }
@@ -146,6 +149,7 @@ impl tokio::io::AsyncWrite for Upstream {
             Upstream::Tcp(s) | Upstream::Local(s, _) => std::pin::Pin::new(s).poll_write(cx, buf),
             Upstream::Tunnel(t) => std::pin::Pin::new(t).poll_write(cx, buf),
             Upstream::Tls(t) => std::pin::Pin::new(t).poll_write(cx, buf),
+            Upstream::Pipe(p) => std::pin::Pin::new(p).poll_write(cx, buf),
         }
     }
 
@@ -154,6 +158,7 @@ impl tokio::io::AsyncWrite for Upstream {
             Upstream::Tcp(s) | Upstream::Local(s, _) => std::pin::Pin::new(s).poll_flush(cx),
             Upstream::Tunnel(t) => std::pin::Pin::new(t).poll_flush(cx),
             Upstream::Tls(t) => std::pin::Pin::new(t).poll_flush(cx),
+            Upstream::Pipe(p) => std::pin::Pin::new(p).poll_flush(cx),
         }
     }
 
@@ -165,6 +170,7 @@ impl tokio::io::AsyncWrite for Upstream {
             Upstream::Tcp(s) | Upstream::Local(s, _) => std::pin::Pin::new(s).poll_shutdown(cx),
             Upstream::Tunnel(t) => std::pin::Pin::new(t).poll_shutdown(cx),
             Upstream::Tls(t) => std::pin::Pin::new(t).poll_shutdown(cx),
+            Upstream::Pipe(p) => std::pin::Pin::new(p).poll_shutdown(cx),
         }
     }
 }

@@ -21,6 +21,8 @@ pub struct Index {
     authorization_policies: HashMap<Arc<str>, Vec<usize>>,
     request_authentications: HashMap<Arc<str>, Vec<usize>>,
     gateways: HashMap<String, usize>,
+    /// The Services that select a pod, by its IP.
+    services_of: HashMap<std::net::Ipv4Addr, Vec<Arc<super::Service>>>,
 }
 
 impl State {
@@ -52,6 +54,11 @@ impl State {
         }
         for (i, g) in self.gateways.iter().enumerate() {
             index.gateways.entry(format!("{}/{}", g.namespace, g.name)).or_insert(i);
+        }
+        for svc in self.services.values().filter(|s| s.external.is_none()) {
+            for ip in svc.endpoints.iter().filter_map(|w| w.ip) {
+                index.services_of.entry(ip).or_default().push(svc.clone());
+            }
         }
         self.index = index;
     }
@@ -92,6 +99,24 @@ impl State {
     ) -> impl Iterator<Item = &'a RequestAuthentication> {
         let found = self.index.request_authentications.get(namespace).map(Vec::as_slice).unwrap_or_default();
         found.iter().map(|&i| &self.request_authentications[i])
+    }
+
+    /// The first Service (by `namespace/name`) with a port whose target is
+    /// `port` of the pod `w`, and that port: what a connection to the pod's
+    /// port serves.
+    pub fn service_port_of<'a>(
+        &'a self,
+        w: &super::Workload,
+        port: u16,
+    ) -> Option<(&'a Arc<super::Service>, &'a super::ServicePort)> {
+        let services = self.index.services_of.get(&w.ip?)?;
+        services.iter().find_map(|s| {
+            let p = s.ports.iter().find(|p| match &p.target {
+                super::TargetPort::Number(t) => *t == port,
+                super::TargetPort::Name(n) => w.named_ports.get(n) == Some(&port),
+            })?;
+            Some((s, p))
+        })
     }
 
     /// The Gateway `namespace/name`.

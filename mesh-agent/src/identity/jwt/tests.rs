@@ -5,7 +5,7 @@ use serde_json::json;
 use super::*;
 use crate::state::security::TokenHeader;
 
-const ISSUER: &str = "https://issuer.example";
+pub(crate) const ISSUER: &str = "https://issuer.example";
 
 /// Signs tokens with a key of its own and describes its public half as a JWK.
 pub(crate) struct Signer {
@@ -20,7 +20,7 @@ fn b64(bytes: &[u8]) -> String {
 }
 
 impl Signer {
-    fn rsa(kid: &str, alg: Algorithm) -> Signer {
+    pub(crate) fn rsa(kid: &str, alg: Algorithm) -> Signer {
         let der = pem::parse(include_str!("tests/rsa.pem")).expect("the test's RSA key").into_contents();
         let pair = ring::rsa::KeyPair::from_der(&der).expect("PKCS#1 key");
         let public = ring::rsa::PublicKeyComponents::<Vec<u8>>::from(pair.public());
@@ -29,7 +29,7 @@ impl Signer {
         Signer { alg, kid: kid.into(), key: EncodingKey::from_rsa_der(&der), jwk }
     }
 
-    fn ec(kid: &str, alg: Algorithm) -> Signer {
+    pub(crate) fn ec(kid: &str, alg: Algorithm) -> Signer {
         let (sig, crv, len) = match alg {
             Algorithm::ES256 => (&rcgen::PKCS_ECDSA_P256_SHA256, "P-256", 32),
             _ => (&rcgen::PKCS_ECDSA_P384_SHA384, "P-384", 48),
@@ -41,20 +41,20 @@ impl Signer {
         Signer { alg, kid: kid.into(), key: EncodingKey::from_ec_der(&pair.serialize_der()), jwk }
     }
 
-    fn ed25519(kid: &str) -> Signer {
+    pub(crate) fn ed25519(kid: &str) -> Signer {
         let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).expect("Ed25519 key");
         let jwk = json!({"kty": "OKP", "kid": kid, "crv": "Ed25519", "x": b64(pair.public_key_raw())});
         Signer { alg: Algorithm::EdDSA, kid: kid.into(), key: EncodingKey::from_ed_der(&pair.serialize_der()), jwk }
     }
 
-    fn sign(&self, claims: Value) -> String {
+    pub(crate) fn sign(&self, claims: Value) -> String {
         let mut header = Header::new(self.alg);
         header.kid = Some(self.kid.clone());
         jsonwebtoken::encode(&header, &claims, &self.key).expect("signs")
     }
 }
 
-fn jwks(signers: &[&Signer]) -> String {
+pub(crate) fn jwks(signers: &[&Signer]) -> String {
     json!({"keys": signers.iter().map(|s| s.jwk.clone()).collect::<Vec<_>>()}).to_string()
 }
 
@@ -72,7 +72,7 @@ fn rule(signers: &[&Signer]) -> JwtRule {
     }
 }
 
-fn now() -> u64 {
+pub(crate) fn now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("after 1970").as_secs()
 }
 

@@ -180,6 +180,31 @@ async fn handle_connect(
         std::net::IpAddr::V4(ip) => ip,
         std::net::IpAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
     });
+    // Request policies: the stream is parsed here, each request judged.
+    if proxy::l7::destination::wanted(&state, &dest, target.port()) {
+        drop(state);
+        let inbound = proxy::l7::destination::Inbound {
+            dest,
+            target,
+            peer,
+            principal: Some(peer_id.clone()),
+            client_ip: policy_ip,
+            source: labelled,
+            transparent: source_ip.filter(|_| ctx.is_captured(*target.ip())),
+            mtls: true,
+        };
+        let guard = ctx.active.enter();
+        let upgrade = hyper::upgrade::on(&mut req);
+        drop(req);
+        tokio::spawn(async move {
+            match upgrade.await {
+                Ok(up) => proxy::l7::destination::serve(ctx, TokioIo::new(up), inbound).await,
+                Err(e) => tracing::debug!(%peer, %target, error = %e, "HBONE stream ended before upgrade"),
+            }
+            drop(guard);
+        });
+        return answer(StatusCode::OK, "");
+    }
     let mut labels = TcpLabels::new(labelled.as_deref(), Some(&dest), None, false);
     labels.reporter = "destination";
     labels.source_principal = crate::telemetry::Label(peer_id.clone());

@@ -172,8 +172,12 @@ impl Record {
         let mut r = local_reply(status, text);
         if self.grpc {
             // gRPC clients read the status from grpc-status: UNAVAILABLE (14),
-            // PERMISSION_DENIED (7) as Envoy maps them.
-            let code = if status == StatusCode::FORBIDDEN { "7" } else { "14" };
+            // PERMISSION_DENIED (7), UNAUTHENTICATED (16) as Envoy maps them.
+            let code = match status {
+                StatusCode::FORBIDDEN => "7",
+                StatusCode::UNAUTHORIZED => "16",
+                _ => "14",
+            };
             self.grpc_status = Some(code);
             r.headers_mut().insert("grpc-status", hyper::header::HeaderValue::from_static(code));
         }
@@ -293,6 +297,11 @@ pub struct Metered<B: hyper::body::Body> {
 impl Metered<Incoming> {
     pub fn request(inner: Incoming, shared: Arc<Shared>) -> Self {
         Metered { inner, side: Side::Request(shared), ended: false }
+    }
+
+    /// A response read straight from its connection (no pool to return it to).
+    pub fn response_direct(inner: Incoming, record: Record) -> Self {
+        Metered { inner, side: Side::Response(Box::new(record)), ended: false }
     }
 }
 

@@ -117,7 +117,7 @@ pub(super) async fn tunnel_upgrade(
 
 /// A new upstream connection and its HTTP handshake.
 pub(super) async fn connect(
-    ctx: &Inputs,
+    ctx: &Arc<Inputs>,
     state: &crate::state::State,
     down: &Downstream,
     to: &Target,
