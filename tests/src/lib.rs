@@ -11,6 +11,7 @@ pub mod clients;
 pub mod edge;
 pub mod fixture;
 pub mod grpc;
+pub mod jwt;
 pub mod kube_api;
 pub mod mesh;
 pub mod netns;

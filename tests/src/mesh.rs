@@ -109,11 +109,18 @@ impl Mesh {
 
     /// Replaces both agents' configuration and waits until both loaded it.
     pub fn set_config(&self, extra: &str) {
-        let before: Vec<f64> = self.agents.iter().map(loads).collect();
-        for a in &self.agents {
+        self.set_config_of(&[0, 1], extra);
+    }
+
+    /// Replaces the configuration of the agents named by index (the others
+    /// keep theirs) and waits until they loaded it.
+    pub fn set_config_of(&self, agents: &[usize], extra: &str) {
+        let agents: Vec<&Agent> = agents.iter().map(|&i| &self.agents[i]).collect();
+        let before: Vec<f64> = agents.iter().map(|a| loads(a)).collect();
+        for a in &agents {
             a.write_config(&format!("{}{extra}", self.base));
         }
-        for (a, n) in self.agents.iter().zip(before) {
+        for (a, n) in agents.iter().zip(before) {
             a.wait_metrics(10, "configuration reload", |t| {
                 metric(t, "mesh_config_loads_total", &[("result", "success")]) > n
             });

@@ -1,0 +1,143 @@
+//! End-user authentication (RequestAuthentication, JWT) and request-level
+//! AuthorizationPolicy, enforced by the destination's agent (root): real
+//! tokens signed by the test, curl through eBPF capture, two nodes.
+
+use mesh_tests::{
+    agent::metric,
+    clients::{Curled, curl},
+    jwt::{Signer, jwks, now, unsigned, with_signature_of},
+    mesh::*,
+    require_root,
+};
+use serde_json::json;
+
+const ISSUER_A: &str = "https://a.example";
+const ISSUER_B: &str = "https://b.example";
+
+/// helloworld (node-2) and the ver pods (node-1 and node-2) accept tokens
+/// of issuer A (RSA, `Authorization: Bearer`) and B (EC, `?token=` or the
+/// `session` cookie); requests need a token except `/public*`, GETs only,
+/// and never from a member of the `banned` group.
+fn policies(a: &Signer, b: &Signer) -> String {
+    let (ka, kb) = (jwks(&[a]), jwks(&[b]));
+    let mut out = String::new();
+    for app in ["helloworld", "ver"] {
+        out += &format!(
+            "---\napiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: {app}, namespace: demo}}\n\
+             spec:\n  selector: {{matchLabels: {{app: {app}}}}}\n  jwtRules:\n\
+             \x20 - {{issuer: \"{ISSUER_A}\", audiences: [hello], jwks: '{ka}', outputClaimToHeaders: [{{header: x-jwt-sub, claim: sub}}]}}\n\
+             \x20 - {{issuer: \"{ISSUER_B}\", jwks: '{kb}', fromParams: [token], fromCookies: [session]}}\n\
+             ---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: {app}, namespace: demo}}\n\
+             spec:\n  selector: {{matchLabels: {{app: {app}}}}}\n  rules:\n\
+             \x20 - to: [{{operation: {{paths: [\"/public*\"]}}}}]\n\
+             \x20 - from: [{{source: {{requestPrincipals: [\"{ISSUER_A}/*\", \"{ISSUER_B}/*\"]}}}}]\n\
+             \x20   to: [{{operation: {{methods: [GET], hosts: [\"api.demo.svc.cluster.local\", \"10.*\"]}}}}]\n\
+             ---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: {app}-banned, namespace: demo}}\n\
+             spec:\n  selector: {{matchLabels: {{app: {app}}}}}\n  action: DENY\n\
+             \x20 rules: [{{when: [{{key: \"request.auth.claims[groups]\", values: [banned]}}]}}]\n"
+        );
+    }
+    out
+}
+
+fn claims(iss: &str) -> serde_json::Value {
+    json!({"iss": iss, "sub": "alice", "aud": "hello", "exp": now() + 600, "groups": ["dev"]})
+}
+
+fn call(m: &Mesh, pod: &str, args: &[&str]) -> Curled {
+    curl(|a| m.pod(pod).cmd(a), args)
+}
+
+#[test]
+fn jwt_and_request_policy_are_enforced_by_the_destinations_agent() {
+    if !require_root("jwt_and_request_policy_are_enforced_by_the_destinations_agent") {
+        return;
+    }
+    let m = Mesh::start("", &[]);
+    let (a, b) = (Signer::rsa("a1"), Signer::ec("b1"));
+    // Only node-2's agent, the destination's, is told: node-1's is not.
+    m.set_config_of(&[1], &policies(&a, &b));
+    let api = "http://api.demo.svc.cluster.local/headers";
+    let resolve = format!("api.demo.svc.cluster.local:80:{API_VIP}");
+    let valid = a.sign(&claims(ISSUER_A));
+    let bearer = |t: &str| format!("Authorization: Bearer {t}");
+    let expired = a.sign(&json!({"iss": ISSUER_A, "sub": "alice", "aud": "hello", "exp": now() - 3600}));
+    let wrong_aud = a.sign(&json!({"iss": ISSUER_A, "sub": "alice", "aud": "other", "exp": now() + 600}));
+    let unknown_iss = a.sign(&claims("https://evil.example"));
+    let forged = with_signature_of(&valid, &Signer::rsa("a1").sign(&claims(ISSUER_A)));
+    let unknown_kid = Signer::rsa("a2").sign(&claims(ISSUER_A));
+    let banned =
+        a.sign(&json!({"iss": ISSUER_A, "sub": "mallory", "aud": "hello", "exp": now() + 600, "groups": ["banned"]}));
+    let ec = b.sign(&claims(ISSUER_B));
+    let by_param = format!("http://api.demo.svc.cluster.local/headers?token={ec}");
+    let cookie = format!("session={ec}");
+    // (what, curl arguments, status)
+    let cases: Vec<(&str, Vec<String>, u16)> = vec![
+        ("no token", vec![api.into()], 403),
+        ("no token, public path", vec!["http://api.demo.svc.cluster.local/public".into()], 200),
+        ("RSA token in the header", vec!["-H".into(), bearer(&valid), api.into()], 200),
+        ("expired", vec!["-H".into(), bearer(&expired), api.into()], 401),
+        ("wrong audience", vec!["-H".into(), bearer(&wrong_aud), api.into()], 401),
+        ("unknown issuer", vec!["-H".into(), bearer(&unknown_iss), api.into()], 401),
+        ("bad signature", vec!["-H".into(), bearer(&forged), api.into()], 401),
+        ("alg none", vec!["-H".into(), bearer(&unsigned(&claims(ISSUER_A))), api.into()], 401),
+        ("unknown kid", vec!["-H".into(), bearer(&unknown_kid), api.into()], 401),
+        ("EC token in a query parameter", vec![by_param.clone()], 200),
+        ("EC token in a cookie", vec!["--cookie".into(), cookie.clone(), api.into()], 200),
+        ("EC token in the header: issuer B is not read there", vec!["-H".into(), bearer(&ec), api.into()], 401),
+        ("POST: GET only", vec!["-X".into(), "POST".into(), "-H".into(), bearer(&valid), api.into()], 403),
+        ("another host", vec!["-H".into(), "Host: other.example".into(), "-H".into(), bearer(&valid), api.into()], 403),
+        ("DENY by claim", vec!["-H".into(), bearer(&banned), api.into()], 403),
+        // Normalised before matching: `/public/../headers` is `/headers`.
+        (
+            "dot segments",
+            vec!["--path-as-is".into(), "http://api.demo.svc.cluster.local/public/../headers".into()],
+            403,
+        ),
+    ];
+    for (what, args, want) in &cases {
+        let mut v: Vec<&str> = vec!["--resolve", &resolve];
+        v.extend(args.iter().map(String::as_str));
+        let got = call(&m, "test", &v);
+        assert_eq!(got.code, *want, "{what}: {} {}", got.body, got.stderr);
+        if got.code == 401 {
+            assert!(got.body.starts_with("Jw") || got.body.starts_with("Audiences"), "{what}: {}", got.body);
+        }
+        if got.code == 403 {
+            assert_eq!(got.body.trim(), "RBAC: access denied", "{what}");
+        }
+    }
+    // The token is not forwarded; its subject is, as the rule asks.
+    let got = call(&m, "test", &["--resolve", &resolve, "-H", &bearer(&valid), api]);
+    assert!(got.body.contains("x-jwt-sub: alice") && !got.body.contains("authorization"), "{}", got.body);
+
+    // Plaintext from outside the mesh (PERMISSIVE) meets the same checks.
+    let hello_api = format!("http://{HELLO_IP}:8080/headers");
+    assert_eq!(curl(|a| m.c.net_cmd(a), &[&hello_api]).code, 403);
+    assert_eq!(curl(|a| m.c.net_cmd(a), &["-H", &bearer(&valid), &hello_api]).code, 200);
+    // Same node: test calls ver-v2 on node-1, whose agent has no policy now...
+    let v2 = format!("http://{VER_V2_IP}:8080/headers");
+    assert_eq!(call(&m, "test", &[&v2]).code, 200);
+    // ...and once it has, it is the destination's agent and enforces it.
+    m.set_config_of(&[0], &policies(&a, &b));
+    assert_eq!(call(&m, "test", &[&v2]).code, 403);
+    assert_eq!(call(&m, "test", &["-H", &bearer(&valid), &v2]).code, 200);
+    assert_eq!(call(&m, "test", &["-H", &bearer(&expired), &v2]).code, 401);
+
+    // Request metrics as Istio's sidecars report them, at the destination.
+    let text = m.agents[1].metrics();
+    for code in ["200", "401", "403"] {
+        let labels = [("reporter", "destination"), ("response_code", code), ("destination_workload", "helloworld")];
+        assert!(metric(&text, "istio_requests_total", &labels) >= 1.0, "{code}:\n{text}");
+    }
+    let labels = [("reporter", "destination"), ("source_principal", TEST_ID), ("response_code", "200")];
+    assert!(metric(&text, "istio_requests_total", &labels) >= 1.0, "{text}");
+
+    // Keys rotate with the configuration: a new key is accepted, the old one no longer.
+    let a2 = Signer::rsa("a2");
+    m.set_config_of(&[1], &policies(&a2, &b));
+    assert_eq!(call(&m, "test", &["--resolve", &resolve, "-H", &bearer(&unknown_kid), api]).code, 401);
+    let rotated = a2.sign(&claims(ISSUER_A));
+    assert_eq!(call(&m, "test", &["--resolve", &resolve, "-H", &bearer(&rotated), api]).code, 200);
+    assert_eq!(call(&m, "test", &["--resolve", &resolve, "-H", &bearer(&valid), api]).code, 401);
+}
