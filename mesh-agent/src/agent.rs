@@ -28,6 +28,24 @@ mod source;
 pub use source::ConfigSource;
 use source::Source;
 
+/// The roots `jwksUri` servers are checked against: the system's, and the
+/// operator's extra CA file (which must load).
+fn jwks_roots(extra: Option<&std::path::Path>) -> Result<rustls::RootCertStore, RunError> {
+    let mut roots = rustls::RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    for e in &native.errors {
+        tracing::debug!(error = %e, "system CA certificates");
+    }
+    roots.add_parsable_certificates(native.certs);
+    if let Some(path) = extra {
+        let fail = |message: String| RunError::JwksCa { path: path.display().to_string(), message };
+        let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
+        let extra = crate::identity::ca::roots_from_pem(&text).map_err(fail)?;
+        roots.roots.extend(extra.roots);
+    }
+    Ok(roots)
+}
+
 /// Settings of `mesh-agent run`.
 #[derive(Debug, Clone)]
 pub struct RunConfig {
@@ -43,6 +61,10 @@ pub struct RunConfig {
     pub protocol_detection_timeout: Duration,
     /// `off`, `stdout` or a file path.
     pub access_log: String,
+    /// Extra CA certificates for `jwksUri` servers.
+    pub jwks_ca: Option<PathBuf>,
+    /// The shortest time between two fetches of one key set.
+    pub jwks_refetch_interval: Duration,
     /// The cgroup v2 root for host-client capture; `None`: not captured.
     pub host_cgroup: Option<PathBuf>,
     /// The kubelet's cgroup, whose connections to local meshed pods go directly.
@@ -88,6 +110,8 @@ pub enum RunError {
     Tls(#[from] rustls::Error),
     #[error("access log {path}: {source}")]
     AccessLog { path: String, source: std::io::Error },
+    #[error("--jwks-ca {path}: {message}")]
+    JwksCa { path: String, message: String },
 }
 
 /// What the admin server shows about capture.
@@ -191,6 +215,10 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
         state: loaded.state,
         limits: cfg.limits.clone(),
         metrics,
+        jwks: Arc::new(crate::identity::jwt::jwks::JwksCache::with_min_refetch(
+            jwks_roots(cfg.jwks_ca.as_deref())?,
+            cfg.jwks_refetch_interval,
+        )?),
     }));
     let ctx = Arc::new(Context {
         inputs,

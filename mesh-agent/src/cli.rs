@@ -139,6 +139,14 @@ pub enum Command {
         /// JSON access log, one line per request: `off`, `stdout` or a file path.
         #[arg(long, default_value = "stdout")]
         access_log: String,
+        /// CA certificates (PEM) trusted, beside the system's, for the HTTPS
+        /// servers RequestAuthentications' `jwksUri` names.
+        #[arg(long)]
+        jwks_ca: Option<PathBuf>,
+        /// The shortest time between two fetches of one `jwksUri` key set (a
+        /// token naming an unknown key fetches it again at most this often).
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        jwks_refetch_interval: Duration,
         /// cgroup v2 root whose processes' connects to Service VIPs are captured
         /// (host clients); default: /sys/fs/cgroup, or /sys/fs/cgroup/unified.
         #[arg(long)]
@@ -267,6 +275,8 @@ pub fn main() -> ExitCode {
             cert_ttl,
             protocol_detection_timeout,
             access_log,
+            jwks_ca,
+            jwks_refetch_interval,
             cgroup_root,
             no_host_capture,
             kubelet_cgroup,
@@ -299,6 +309,8 @@ pub fn main() -> ExitCode {
                 identity,
                 protocol_detection_timeout,
                 access_log,
+                jwks_ca,
+                jwks_refetch_interval,
                 host_cgroup: None,
                 kubelet_cgroup: None,
                 bpffs,

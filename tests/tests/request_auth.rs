@@ -1,6 +1,7 @@
 //! End-user authentication (RequestAuthentication, JWT) and request-level
 //! AuthorizationPolicy, enforced by the destination's agent (root): real
 //! tokens signed by the test, curl through eBPF capture, two nodes.
+#![expect(clippy::unwrap_used, reason = "tests")]
 
 use mesh_tests::{
     agent::metric,
@@ -140,4 +141,63 @@ fn jwt_and_request_policy_are_enforced_by_the_destinations_agent() {
     let rotated = a2.sign(&claims(ISSUER_A));
     assert_eq!(call(&m, "test", &["--resolve", &resolve, "-H", &bearer(&rotated), api]).code, 200);
     assert_eq!(call(&m, "test", &["--resolve", &resolve, "-H", &bearer(&valid), api]).code, 401);
+}
+
+/// helloworld's keys from a `jwksUri`: an HTTPS server outside the cluster
+/// (openssl s_server serving a file), trusted through `--jwks-ca`.
+fn remote_keys(uri: &str) -> String {
+    format!(
+        "---\napiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: hello, namespace: demo}}\n\
+         spec: {{selector: {{matchLabels: {{app: helloworld}}}}, jwtRules: [{{issuer: \"{ISSUER_A}\", jwksUri: \"{uri}\"}}]}}\n\
+         ---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: hello, namespace: demo}}\n\
+         spec: {{selector: {{matchLabels: {{app: helloworld}}}}, rules: [{{from: [{{source: {{requestPrincipals: [\"*\"]}}}}]}}]}}\n"
+    )
+}
+
+#[test]
+fn keys_from_a_jwks_uri_are_fetched_refetched_for_a_new_key_and_kept_when_the_issuer_is_down() {
+    if !require_root("keys_from_a_jwks_uri_are_fetched_refetched_for_a_new_key_and_kept_when_the_issuer_is_down") {
+        return;
+    }
+    let certs = mesh_tests::certs::Certs::new(&format!("jwks-{}", std::process::id()));
+    let (crt, key) = certs.server("jwks", "172.18.0.1");
+    let (a, b) = (Signer::rsa("a1"), Signer::ec("b1"));
+    let keys_file = certs.dir.join("keys.json");
+    std::fs::write(&keys_file, jwks(&[&a])).unwrap();
+    let ca = certs.ca();
+    let m = Mesh::start("", &["--jwks-ca", ca.to_str().unwrap(), "--jwks-refetch-interval", "1s"]);
+    let serve = format!(
+        "cd {} && exec openssl s_server -quiet -WWW -accept 172.18.0.1:8443 -cert {} -key {}",
+        certs.dir.display(),
+        crt.display(),
+        key.display()
+    );
+    let issuer = mesh_tests::netns::Background::spawn_in(&m.c.net_ns, &["sh", "-c", &serve]).unwrap();
+    m.set_config_of(&[1], &remote_keys("https://172.18.0.1:8443/keys.json"));
+    let api = format!("http://{API_VIP}/headers");
+    let bearer = |t: &str| format!("Authorization: Bearer {t}");
+    let status = |t: &str| call(&m, "test", &["-H", &bearer(t), &api]).code;
+    let (ta, tb) = (a.sign(&claims(ISSUER_A)), b.sign(&claims(ISSUER_A)));
+    // The first request waits for the keys (the server may still be starting: poll).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while status(&ta) != 200 {
+        assert!(std::time::Instant::now() < deadline, "the key set was never fetched");
+    }
+    assert_eq!(call(&m, "test", &[&api]).code, 403, "no token: not a request principal");
+    assert_eq!(status(&tb), 401, "b1 is not in the set yet");
+    // The issuer rotates to b1: a token naming it makes the agent fetch again.
+    std::fs::write(&keys_file, jwks(&[&b])).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while status(&tb) != 200 {
+        assert!(std::time::Instant::now() < deadline, "the rotated key set was never fetched");
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while status(&ta) != 401 {
+        assert!(std::time::Instant::now() < deadline, "a key removed from the set is still accepted");
+    }
+    // The issuer goes away: the last good set stays.
+    drop(issuer);
+    let unknown = Signer::rsa("c1").sign(&claims(ISSUER_A));
+    assert_eq!(status(&unknown), 401);
+    assert_eq!(status(&tb), 200);
 }

@@ -8,7 +8,7 @@
 //! decides what an unauthenticated request may do); a request with a token
 //! that fails any check is refused with 401; the principal of a valid token
 //! is `iss/sub`.
-use std::collections::HashSet;
+use std::{collections::HashSet, sync::Arc};
 
 use base64::Engine as _;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, jwk};
@@ -37,6 +37,8 @@ pub enum JwtError {
     Audience,
     #[error("Jwt claim {0} is malformed")]
     Claim(&'static str),
+    #[error("too many Jwts in the request")]
+    TooMany,
 }
 
 impl JwtError {
@@ -52,6 +54,7 @@ impl JwtError {
             JwtError::NotYetValid => "Jwt not yet valid",
             JwtError::Audience => "Audiences in Jwt are not allowed",
             JwtError::Claim(_) => "Jwt verification fails",
+            JwtError::TooMany => "too many Jwts in the request",
         }
     }
 }
@@ -88,7 +91,7 @@ const ALLOWED: [Algorithm; 9] = [
 /// Parses a JSON Web Key Set (RFC 7517) into the keys a token may be checked
 /// with. Symmetric (`oct`) keys and encryption keys are refused: a shared
 /// secret in a key set would let anyone who reads the configuration sign.
-pub fn parse_jwks(text: &str) -> Result<Vec<JwtKey>, String> {
+pub fn parse_jwks(text: &str) -> Result<Arc<[JwtKey]>, String> {
     let set: jwk::JwkSet = serde_json::from_str(text).map_err(|e| format!("not a JSON Web Key Set: {e}"))?;
     if set.keys.is_empty() {
         return Err("the key set has no keys".into());
@@ -127,7 +130,7 @@ pub fn parse_jwks(text: &str) -> Result<Vec<JwtKey>, String> {
         let key = DecodingKey::from_jwk(k).map_err(|e| format!("{}: {e}", named()))?;
         keys.push(JwtKey { kid, alg, kty, key });
     }
-    Ok(keys)
+    Ok(keys.into())
 }
 
 fn key_algorithm(a: jwk::KeyAlgorithm) -> Option<Algorithm> {
@@ -166,10 +169,10 @@ pub fn claimed_issuer(token: &str) -> Option<String> {
     serde_json::from_slice::<Iss>(&bytes).ok()?.iss
 }
 
-/// Checks `token` against `rule`: a key of the rule's set that fits the
+/// Checks `token` against `rule` with the rule's `keys`: a key that fits the
 /// token's `kid` and `alg`, the signature, `iss`, `aud` (when the rule names
 /// audiences), `exp` and `nbf` (when present, with a minute's skew).
-pub fn verify(token: &str, rule: &JwtRule) -> Result<Verified, JwtError> {
+pub fn verify(token: &str, rule: &JwtRule, keys: &[JwtKey]) -> Result<Verified, JwtError> {
     let mut parts = token.split('.');
     let (Some(_), Some(payload), Some(_), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
         return Err(JwtError::Malformed);
@@ -190,7 +193,7 @@ pub fn verify(token: &str, rule: &JwtRule) -> Result<Verified, JwtError> {
     // Issuer and audience are checked below, on the claims as they are.
     validation.validate_aud = false;
     let mut result = Err(JwtError::NoKey);
-    for key in rule.keys.iter().filter(fits) {
+    for key in keys.iter().filter(fits) {
         match jsonwebtoken::decode::<Map<String, Value>>(token, &key.key, &validation) {
             Ok(data) => {
                 result = Ok(data.claims);
@@ -277,27 +280,47 @@ pub struct Authenticated<'r> {
     pub consumed: Vec<&'r str>,
 }
 
+/// A request's tokens refused: why, and the rule that refused (none when no
+/// rule is for the token's issuer).
+#[derive(Debug)]
+pub struct Refused<'r> {
+    pub error: JwtError,
+    pub rule: Option<&'r JwtRule>,
+}
+
+/// More tokens than this in one request are refused unread: each costs a
+/// signature check.
+pub const MAX_TOKENS: usize = 8;
+
 /// Finds every token the rules look for in the request and checks each with
-/// the rule of its issuer (among those that look where it was): all must be
-/// valid. `Ok(None)`: no token at all.
+/// the rule of its issuer (among those that look where it was) and that
+/// rule's keys: all must be valid. `Ok(None)`: no token at all.
 pub fn authenticate<'r>(
-    rules: &[&'r JwtRule],
+    rules: &[(&'r JwtRule, Arc<[JwtKey]>)],
     headers: &http::HeaderMap,
     query: Option<&str>,
-) -> Result<Option<Authenticated<'r>>, JwtError> {
+) -> Result<Option<Authenticated<'r>>, Refused<'r>> {
+    let refused = |error, rule| Refused { error, rule };
     let mut found: Vec<(Location<'r>, String)> = Vec::new();
-    for rule in rules {
+    for (rule, _) in rules {
         for (at, token) in tokens(rule, headers, query) {
-            if !found.iter().any(|(l, t)| *l == at && *t == token) {
-                found.push((at, token));
+            if found.iter().any(|(l, t)| *l == at && *t == token) {
+                continue;
             }
+            if found.len() == MAX_TOKENS {
+                return Err(refused(JwtError::TooMany, None));
+            }
+            found.push((at, token));
         }
     }
     let mut first: Option<Authenticated<'r>> = None;
     for (at, token) in &found {
-        let issuer = claimed_issuer(token).ok_or(JwtError::Malformed)?;
-        let rule = rules.iter().find(|r| r.issuer == issuer && looks_at(r, at)).ok_or(JwtError::UnknownIssuer)?;
-        let verified = verify(token, rule)?;
+        let issuer = claimed_issuer(token).ok_or(refused(JwtError::Malformed, None))?;
+        let (rule, keys) = rules
+            .iter()
+            .find(|(r, _)| r.issuer == issuer && looks_at(r, at))
+            .ok_or(refused(JwtError::UnknownIssuer, None))?;
+        let verified = verify(token, rule, keys).map_err(|e| refused(e, Some(*rule)))?;
         let header = match at {
             Location::Header(h) if !rule.forward_original_token => Some(*h),
             _ => None,
@@ -327,6 +350,8 @@ fn looks_at(rule: &JwtRule, at: &Location<'_>) -> bool {
 /// The tokens `rule` looks for: Istio's defaults (`Authorization: Bearer`,
 /// `?access_token=`) unless it names its own places.
 fn tokens<'r>(rule: &'r JwtRule, headers: &http::HeaderMap, query: Option<&str>) -> Vec<(Location<'r>, String)> {
+    // Past the bound the request is refused anyway: stop collecting there.
+    let full = |out: &Vec<(Location<'r>, String)>| out.len() > MAX_TOKENS;
     let mut out = Vec::new();
     let default = [("authorization", "Bearer ")];
     let from_headers: Vec<(&'r str, &'r str)> = if uses_defaults(rule) {
@@ -342,7 +367,7 @@ fn tokens<'r>(rule: &'r JwtRule, headers: &http::HeaderMap, query: Option<&str>)
                 Some(p) if p.eq_ignore_ascii_case(prefix) => v[prefix.len()..].trim(),
                 _ => continue,
             };
-            if !token.is_empty() {
+            if !token.is_empty() && !full(&out) {
                 out.push((Location::Header(name), token.to_owned()));
             }
         }
@@ -352,7 +377,7 @@ fn tokens<'r>(rule: &'r JwtRule, headers: &http::HeaderMap, query: Option<&str>)
     for name in params {
         let pairs = query.into_iter().flat_map(|q| q.split('&'));
         for v in pairs.filter_map(|kv| kv.strip_prefix(name)?.strip_prefix('=')) {
-            if !v.is_empty() {
+            if !v.is_empty() && !full(&out) {
                 out.push((Location::Param(name), v.to_owned()));
             }
         }
@@ -362,6 +387,7 @@ fn tokens<'r>(rule: &'r JwtRule, headers: &http::HeaderMap, query: Option<&str>)
         for pair in cookies.flat_map(|c| c.split(';')) {
             if let Some(v) = pair.trim().strip_prefix(name.as_str()).and_then(|r| r.strip_prefix('='))
                 && !v.is_empty()
+                && !full(&out)
             {
                 out.push((Location::Cookie(name), v.trim_matches('"').to_owned()));
             }
@@ -370,5 +396,6 @@ fn tokens<'r>(rule: &'r JwtRule, headers: &http::HeaderMap, query: Option<&str>)
     out
 }
 
+pub mod jwks;
 #[cfg(test)]
 pub(crate) mod tests;

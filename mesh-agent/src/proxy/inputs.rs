@@ -35,6 +35,8 @@ pub struct Inputs {
     /// TLS settings for the snapshot's TLS originations.
     pub originations: super::Originations,
     pub access_log: crate::proxy::l7::access_log::AccessLog,
+    /// Key sets fetched from RequestAuthentications' `jwksUri`.
+    pub jwks: Arc<crate::identity::jwt::jwks::JwksCache>,
     /// Original destinations of captured host clients (when that capture runs).
     pub host_orig: std::sync::OnceLock<crate::capture::host::HostOrig>,
     state: RwLock<Arc<State>>,
@@ -54,6 +56,7 @@ pub struct Settings {
     pub limits: super::limits::Limits,
     /// Made before the data path (the configuration source counts into it).
     pub metrics: Metrics,
+    pub jwks: Arc<crate::identity::jwt::jwks::JwksCache>,
 }
 
 impl Inputs {
@@ -72,6 +75,7 @@ impl Inputs {
             clusters: crate::proxy::l7::cluster::Clusters::default(),
             originations: super::Originations::default(),
             access_log: s.access_log,
+            jwks: s.jwks,
             host_orig: std::sync::OnceLock::new(),
             state: RwLock::default(),
             captured_ips: RwLock::default(),
@@ -218,6 +222,9 @@ pub(crate) mod testing {
                 state: crate::config::state_from_yaml(yaml),
                 limits,
                 metrics: crate::telemetry::Metrics::new(),
+                jwks: Arc::new(
+                    crate::identity::jwt::jwks::JwksCache::new(rustls::RootCertStore::empty()).expect("TLS settings"),
+                ),
             });
             TestInputs { inputs: Arc::new(inputs), dir }
         }

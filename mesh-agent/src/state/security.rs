@@ -140,8 +140,12 @@ pub struct JwtRule {
     pub issuer: String,
     /// Empty: the token's audience is not checked.
     pub audiences: Vec<String>,
-    /// The issuer's keys (`jwks`), usable ones only.
-    pub keys: Vec<JwtKey>,
+    /// The issuer's keys given inline (`jwks`); empty when fetched from `jwks_uri`.
+    pub keys: Arc<[JwtKey]>,
+    /// Where the keys are fetched from (HTTPS), when not given inline.
+    pub jwks_uri: Option<String>,
+    /// How long a request may wait for keys being fetched.
+    pub timeout: std::time::Duration,
     /// Where the token may be: empty headers and params mean Istio's defaults
     /// (`Authorization: Bearer`, `?access_token=`).
     pub from_headers: Vec<TokenHeader>,

@@ -103,21 +103,39 @@ fn jwt_rule(ctx: &mut Ctx<'_>, field: &str, r: &JwtRuleSpec) -> Option<JwtRule> 
     if r.issuer.is_empty() {
         ctx.error(format!("{field}.issuer"), "required");
     }
-    if r.jwks_uri.is_some() {
-        ctx.error(format!("{field}.jwksUri"), "fetching keys is not supported yet; give the key set inline in `jwks`");
-    }
-    let keys = match r.jwks.as_deref() {
-        Some(text) => crate::identity::jwt::parse_jwks(text).map_err(|e| ctx.error(format!("{field}.jwks"), e)).ok(),
-        None => {
-            ctx.error(format!("{field}.jwks"), "required (the issuer's JSON Web Key Set)");
+    let keys = match (r.jwks.as_deref(), &r.jwks_uri) {
+        (Some(_), Some(_)) => {
+            ctx.error(format!("{field}.jwksUri"), "set one of jwks and jwksUri, not both");
+            None
+        }
+        (Some(text), None) => {
+            crate::identity::jwt::parse_jwks(text).map_err(|e| ctx.error(format!("{field}.jwks"), e)).ok()
+        }
+        (None, Some(uri)) => match crate::identity::jwt::jwks::parse_uri(uri) {
+            Ok(_) => Some(Vec::new().into()),
+            Err(e) => {
+                ctx.error(format!("{field}.jwksUri"), e);
+                None
+            }
+        },
+        (None, None) => {
+            ctx.error(
+                format!("{field}.jwks"),
+                "one of jwks (the issuer's JSON Web Key Set) and jwksUri (where to fetch it) is required",
+            );
             None
         }
     };
-    if let Some(t) = &r.timeout
-        && let Err(e) = crate::config::networking::parse_duration(t)
-    {
-        ctx.error(format!("{field}.timeout"), e);
-    }
+    let timeout = match &r.timeout {
+        None => Some(crate::identity::jwt::jwks::DEFAULT_TIMEOUT),
+        Some(t) => match crate::config::networking::parse_duration(t) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                ctx.error(format!("{field}.timeout"), e);
+                None
+            }
+        },
+    };
     for (i, a) in r.audiences.iter().enumerate() {
         if a.is_empty() {
             ctx.error(format!("{field}.audiences[{i}]"), "empty value");
@@ -152,6 +170,8 @@ fn jwt_rule(ctx: &mut Ctx<'_>, field: &str, r: &JwtRuleSpec) -> Option<JwtRule> 
         issuer: r.issuer.clone(),
         audiences: r.audiences.clone(),
         keys: keys?,
+        jwks_uri: r.jwks_uri.clone(),
+        timeout: timeout?,
         from_headers,
         from_params: r.from_params.clone(),
         from_cookies: r.from_cookies.clone(),

@@ -261,11 +261,23 @@ fn security_policies_are_validated_field_by_field() {
         ),
         (
             ra("{jwtRules: [{issuer: x}]}"),
-            format!("{at}: RequestAuthentication demo/r: spec.jwtRules[0].jwks: required"),
+            format!("{at}: RequestAuthentication demo/r: spec.jwtRules[0].jwks: one of jwks"),
         ),
         (
-            ra("{jwtRules: [{issuer: x, jwksUri: \"https://x/keys\"}]}"),
-            format!("{at}: RequestAuthentication demo/r: spec.jwtRules[0].jwksUri: fetching keys is not supported yet"),
+            ra("{jwtRules: [{issuer: x, jwksUri: \"http://x/keys\"}]}"),
+            format!(
+                "{at}: RequestAuthentication demo/r: spec.jwtRules[0].jwksUri: \"http://x/keys\": keys are fetched over https only"
+            ),
+        ),
+        (
+            ra(&format!("{{jwtRules: [{{issuer: x, jwksUri: \"https://x/keys\", jwks: '{ED}'}}]}}")),
+            format!(
+                "{at}: RequestAuthentication demo/r: spec.jwtRules[0].jwksUri: set one of jwks and jwksUri, not both"
+            ),
+        ),
+        (
+            ra("{jwtRules: [{issuer: x, jwksUri: \"https://x/keys\", timeout: 0s}]}"),
+            format!("{at}: RequestAuthentication demo/r: spec.jwtRules[0].timeout: \"0s\": below 1ms"),
         ),
         (
             ra("{jwtRules: [{jwks: '{\"keys\": [{\"kty\": \"oct\", \"k\": \"c2VjcmV0\"}]}'}]}"),

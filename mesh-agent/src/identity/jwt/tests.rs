@@ -63,6 +63,8 @@ fn rule(signers: &[&Signer]) -> JwtRule {
         issuer: ISSUER.into(),
         audiences: vec!["hello".into()],
         keys: parse_jwks(&jwks(signers)).expect("valid key set"),
+        jwks_uri: None,
+        timeout: jwks::DEFAULT_TIMEOUT,
         from_headers: vec![],
         from_params: vec![],
         from_cookies: vec![],
@@ -140,7 +142,7 @@ fn tokens_are_checked_as_istio_checks_them() {
         ("four parts", format!("{}.x", rs.sign(c.clone())), Err(JwtError::Malformed)),
     ];
     for (name, token, want) in cases {
-        let got = verify(&token, &r).map(|v| v.principal);
+        let got = verify(&token, &r, &r.keys).map(|v| v.principal);
         assert_eq!(got.as_deref().map_err(Clone::clone), want, "{name}");
     }
 }
@@ -151,7 +153,8 @@ fn a_token_without_exp_is_accepted_and_its_claims_read() {
     let mut c = claims();
     c.as_object_mut().expect("object").remove("exp");
     c["azp"] = json!("web");
-    let v = verify(&rs.sign(c), &rule(&[&rs])).expect("valid");
+    let r = rule(&[&rs]);
+    let v = verify(&rs.sign(c), &r, &r.keys).expect("valid");
     assert_eq!(v.audiences, ["hello"]);
     assert_eq!(v.presenter.as_deref(), Some("web"));
     assert_eq!(v.claims["groups"], json!(["dev"]));
@@ -207,7 +210,7 @@ fn tokens_are_found_where_the_rules_look() {
         (&custom, h(&[("cookie", format!("a=b; session={token}"))]), None, Some("alice"), vec![]),
     ];
     for (i, (r, headers, query, principal, consumed)) in cases.into_iter().enumerate() {
-        let got = authenticate(&[r], &headers, query).unwrap_or_else(|e| panic!("case {i}: {e}"));
+        let got = authenticate(&[(r, r.keys.clone())], &headers, query).unwrap_or_else(|e| panic!("case {i}: {e:?}"));
         let sub = got.as_ref().map(|a| a.verified.principal.rsplit('/').next().unwrap_or_default());
         assert_eq!(sub, principal, "case {i}");
         assert_eq!(got.map(|a| a.consumed).unwrap_or_default(), consumed, "case {i}");
@@ -215,6 +218,11 @@ fn tokens_are_found_where_the_rules_look() {
     // Any token that fails fails the request, even beside a valid one.
     let forged = Signer::rsa("rs", Algorithm::RS256).sign(with(claims(), "iss", json!("https://evil.example")));
     let headers = h(&[("authorization", format!("Bearer {token}")), ("x-jwt", forged)]);
-    let both = [&default, &custom];
-    assert_eq!(authenticate(&both, &headers, None).err(), Some(JwtError::UnknownIssuer));
+    let both = [(&default, default.keys.clone()), (&custom, custom.keys.clone())];
+    assert_eq!(authenticate(&both, &headers, None).err().map(|r| r.error), Some(JwtError::UnknownIssuer));
+    // A flood of tokens is refused before any is checked.
+    let flood: String = (0..10_000).map(|i| format!("session=a.b{i}.c; ")).collect();
+    let headers = h(&[("cookie", flood)]);
+    let got = authenticate(&[(&custom, custom.keys.clone())], &headers, None).err().map(|r| r.error);
+    assert_eq!(got, Some(JwtError::TooMany));
 }

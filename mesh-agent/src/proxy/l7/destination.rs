@@ -173,9 +173,28 @@ async fn handle(ctx: Arc<Inputs>, conn: Arc<Conn>, mut req: Request<Incoming>) -
     }
     let dest = &conn.inbound.dest;
     let rules = policy::jwt_rules(&state, dest);
-    let authn = match jwt::authenticate(&rules, req.headers(), req.uri().query()) {
+    let mut keyed = Vec::with_capacity(rules.len());
+    for rule in rules {
+        let keys = match &rule.jwks_uri {
+            Some(uri) => ctx.jwks.keys(uri, rule.timeout).await,
+            None => rule.keys.clone(),
+        };
+        keyed.push((rule, keys));
+    }
+    let mut checked = jwt::authenticate(&keyed, req.headers(), req.uri().query());
+    // A key the fetched set lacks: the issuer may have rotated; fetch again once.
+    if let Err(jwt::Refused { error: jwt::JwtError::NoKey, rule: Some(rule) }) = &checked
+        && let Some(uri) = &rule.jwks_uri
+    {
+        let fresh = ctx.jwks.refetch(uri, rule.timeout).await;
+        for (_, keys) in keyed.iter_mut().filter(|(r, _)| r.jwks_uri.as_ref() == Some(uri)) {
+            *keys = fresh.clone();
+        }
+        checked = jwt::authenticate(&keyed, req.headers(), req.uri().query());
+    }
+    let authn = match checked {
         Ok(a) => a,
-        Err(e) => {
+        Err(jwt::Refused { error: e, .. }) => {
             ctx.metrics.jwt_checks.get_or_create(&crate::telemetry::ResultLabels { result: "invalid" }).inc();
             tracing::info!(peer = %conn.inbound.peer, target = %conn.inbound.target, error = %e, "request refused: JWT");
             let mut r = record.finish_local(LocalReply::jwt_refused(&e));
@@ -184,7 +203,7 @@ async fn handle(ctx: Arc<Inputs>, conn: Arc<Conn>, mut req: Request<Incoming>) -
             return r;
         }
     };
-    if !rules.is_empty() {
+    if !keyed.is_empty() {
         let result = if authn.is_some() { "valid" } else { "none" };
         ctx.metrics.jwt_checks.get_or_create(&crate::telemetry::ResultLabels { result }).inc();
     }
