@@ -47,6 +47,8 @@ pub struct State {
     pub outbound_policy: OutboundPolicy,
     /// MeshConfig `pathNormalization`.
     pub path_normalization: PathNormalization,
+    /// MeshConfig `extensionProviders` that are external authorizers, by name.
+    pub extension_providers: BTreeMap<String, Arc<security::ExtAuthz>>,
     /// ServiceEntry hosts (one Service each), for routing HTTP by `Host`.
     #[serde(skip)]
     pub external_by_host: HashMap<String, Arc<Service>>,

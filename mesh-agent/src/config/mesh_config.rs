@@ -1,17 +1,30 @@
 //! The mesh-wide settings the agent takes from Istio's MeshConfig (the `mesh`
 //! key of ConfigMap `istio-system/istio`).
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
 use serde::Deserialize;
 
 use super::validate::Ctx;
-use crate::state::{OutboundPolicy, PathNormalization};
+use crate::state::{OutboundPolicy, PathNormalization, security::ExtAuthz};
+
+mod providers;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct MeshConfig {
     outbound_traffic_policy: Option<OutboundTrafficPolicySpec>,
     path_normalization: Option<PathNormalizationSpec>,
+    #[serde(default)]
+    extension_providers: Vec<serde_yaml_ng::Value>,
+}
+
+/// What the agent reads of MeshConfig.
+#[derive(Debug, Default)]
+pub(super) struct MeshSettings {
+    pub outbound: OutboundPolicy,
+    pub paths: PathNormalization,
+    /// The external authorizers among `extensionProviders`, by name.
+    pub providers: BTreeMap<String, Arc<ExtAuthz>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -27,9 +40,10 @@ struct OutboundTrafficPolicySpec {
 }
 
 /// What the agent reads of the `mesh` key of ConfigMap `istio-system/istio`:
-/// `outboundTrafficPolicy.mode` and `pathNormalization.normalization` (other
-/// MeshConfig fields are Istio's and ignored).
-pub(super) fn mesh_config(ctx: &mut Ctx<'_>, data: &BTreeMap<String, String>) -> (OutboundPolicy, PathNormalization) {
+/// `outboundTrafficPolicy.mode`, `pathNormalization.normalization` and the
+/// external authorizers of `extensionProviders` (other MeshConfig fields,
+/// and other kinds of providers, are Istio's and ignored).
+pub(super) fn mesh_config(ctx: &mut Ctx<'_>, data: &BTreeMap<String, String>) -> MeshSettings {
     let Some(text) = data.get("mesh") else { return Default::default() };
     let mesh: MeshConfig = match serde_yaml_ng::from_str::<Option<MeshConfig>>(text) {
         Ok(m) => m.unwrap_or_default(),
@@ -62,5 +76,6 @@ pub(super) fn mesh_config(ctx: &mut Ctx<'_>, data: &BTreeMap<String, String>) ->
             PathNormalization::Base
         }
     };
-    (outbound, paths)
+    let providers = providers::ext_authz(ctx, &mesh.extension_providers);
+    MeshSettings { outbound, paths, providers }
 }

@@ -66,8 +66,15 @@ pub struct AuthorizationPolicySpec {
     pub target_ref: Option<serde_yaml_ng::Value>,
     pub target_refs: Option<serde_yaml_ng::Value>,
     pub action: Option<String>,
-    pub provider: Option<serde_yaml_ng::Value>,
+    pub provider: Option<ProviderRef>,
     pub rules: Option<Vec<RuleSpec>>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderRef {
+    #[serde(default)]
+    pub name: String,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -266,6 +273,7 @@ pub(super) fn ports(ctx: &mut Ctx<'_>, field: &str, v: &[super::k8s::IntOrString
 pub(super) fn build_authorization_policy(
     ctx: &mut Ctx<'_>,
     obj: &AuthorizationPolicyObject,
+    providers: &BTreeMap<String, Arc<crate::state::security::ExtAuthz>>,
 ) -> Option<AuthorizationPolicy> {
     let (name, namespace) = name_and_namespace(ctx, &obj.metadata)?;
     let spec = &obj.spec;
@@ -278,22 +286,42 @@ pub(super) fn build_authorization_policy(
         None | Some("ALLOW") => Action::Allow,
         Some("DENY") => Action::Deny,
         Some("AUDIT") => Action::Audit,
-        Some("CUSTOM") => {
-            ctx.error("spec.action", "CUSTOM (external authorization) is not supported yet; use ALLOW, DENY or AUDIT");
-            Action::Allow
-        }
+        Some("CUSTOM") => Action::Custom,
         Some(other) => {
             ctx.error("spec.action", format!("{other:?}: expected ALLOW, DENY, AUDIT or CUSTOM"));
             Action::Allow
         }
     };
-    if spec.provider.is_some() {
-        ctx.error("spec.provider", "only with action CUSTOM, which is not supported yet");
-    }
+    let provider = match (&spec.provider, action) {
+        (None, Action::Custom) => {
+            ctx.error("spec.provider", "required with action CUSTOM: the name of an extensionProviders entry");
+            None
+        }
+        (Some(p), Action::Custom) => match providers.get(&p.name) {
+            Some(found) => Some(found.clone()),
+            None => {
+                let known: Vec<&str> = providers.keys().map(String::as_str).collect();
+                ctx.error(
+                    "spec.provider.name",
+                    format!(
+                        "{:?} is not an external authorizer in the mesh config's extensionProviders (known: {known:?})",
+                        p.name
+                    ),
+                );
+                None
+            }
+        },
+        (Some(_), _) => {
+            ctx.error("spec.provider", "only with action CUSTOM");
+            None
+        }
+        (None, _) => None,
+    };
     let rules =
         spec.rules.iter().flatten().enumerate().map(|(i, r)| rules::build_rule(ctx, &format!("spec.rules[{i}]"), r));
     let rules: Vec<Rule> = rules.collect();
-    (ctx.error_count() == errors_before).then_some(AuthorizationPolicy { name, namespace, selector, action, rules })
+    let policy = AuthorizationPolicy { name, namespace, selector, action, rules, provider };
+    (ctx.error_count() == errors_before).then_some(policy)
 }
 
 pub(super) use request_authentication::{RequestAuthenticationObject, build_request_authentication};

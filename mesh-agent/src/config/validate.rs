@@ -114,6 +114,7 @@ impl FailClosed {
             selector: self.selector.clone(),
             action: crate::state::security::Action::Deny,
             rules: vec![crate::state::security::Rule::default()],
+            provider: None,
         }
     }
 }

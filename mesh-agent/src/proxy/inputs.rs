@@ -37,6 +37,8 @@ pub struct Inputs {
     pub access_log: crate::proxy::l7::access_log::AccessLog,
     /// Key sets fetched from RequestAuthentications' `jwksUri`.
     pub jwks: Arc<crate::identity::jwt::jwks::JwksCache>,
+    /// gRPC channels to external authorizers (CUSTOM).
+    pub ext_authz: crate::proxy::l7::destination::ext_authz::Channels,
     /// Original destinations of captured host clients (when that capture runs).
     pub host_orig: std::sync::OnceLock<crate::capture::host::HostOrig>,
     state: RwLock<Arc<State>>,
@@ -76,6 +78,7 @@ impl Inputs {
             originations: super::Originations::default(),
             access_log: s.access_log,
             jwks: s.jwks,
+            ext_authz: Default::default(),
             host_orig: std::sync::OnceLock::new(),
             state: RwLock::default(),
             captured_ips: RwLock::default(),

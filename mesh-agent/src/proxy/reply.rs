@@ -59,6 +59,11 @@ impl LocalReply {
     pub const RBAC_DENIED: LocalReply =
         LocalReply { status: StatusCode::FORBIDDEN, text: "RBAC: access denied", flags: Flags::NONE };
 
+    /// A body longer than an external authorizer takes, which it does not
+    /// take in part (`allowPartialMessage: false`), as Envoy answers.
+    pub const TOO_LARGE_FOR_CHECK: LocalReply =
+        LocalReply { status: StatusCode::PAYLOAD_TOO_LARGE, text: "Payload Too Large", flags: Flags::NONE };
+
     /// A JWT that is not valid (Envoy's jwt_authn filter's answer and wording).
     pub fn jwt_refused(error: &crate::identity::jwt::JwtError) -> LocalReply {
         LocalReply { status: StatusCode::UNAUTHORIZED, text: error.text(), flags: Flags::NONE }

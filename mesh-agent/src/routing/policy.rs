@@ -119,6 +119,13 @@ pub fn evaluate(state: &State, w: &Workload, a: &Attributes<'_>) -> Decision {
         .find(|p| ctx.policy_matches(p))
         .map(|p| format!("{}/{}", p.namespace, p.name));
     let decide = |verdict| Decision { verdict, audit: audit.clone() };
+    // CUSTOM asks an authorizer about requests (see [`custom`]); a
+    // connection that is not HTTP cannot be asked about, and is refused.
+    if a.request.is_none()
+        && let Some(p) = policies().filter(|p| p.action == Action::Custom).find(|p| ctx.policy_matches(p))
+    {
+        return decide(Verdict::Deny(format!("{}/{} (CUSTOM, not HTTP)", p.namespace, p.name)));
+    }
     if let Some(p) = policies().filter(|p| p.action == Action::Deny).find(|p| ctx.policy_matches(p)) {
         return decide(Verdict::Deny(format!("{}/{}", p.namespace, p.name)));
     }
@@ -133,9 +140,22 @@ pub fn evaluate(state: &State, w: &Workload, a: &Attributes<'_>) -> Decision {
     }
 }
 
+/// The CUSTOM policy whose authorizer must be asked about this request,
+/// before DENY and ALLOW are judged: the first (namespace's, then the
+/// mesh's, by name) whose rules match.
+pub fn custom<'s>(state: &'s State, w: &Workload, a: &Attributes<'_>) -> Option<&'s AuthorizationPolicy> {
+    let root = (&*w.namespace != ROOT_NAMESPACE).then_some(ROOT_NAMESPACE);
+    let namespaces = std::iter::once(&*w.namespace).chain(root);
+    let ctx = Eval { a, dest_ip: w.ip };
+    namespaces
+        .flat_map(|ns| state.authorization_policies_in(ns))
+        .filter(|p| p.action == Action::Custom && selects(&p.selector, w))
+        .find(|p| ctx.policy_matches(p))
+}
+
 /// Whether a request to `w` must be parsed as HTTP at its destination: a
-/// RequestAuthentication or an AuthorizationPolicy with HTTP-only rules
-/// selects it.
+/// RequestAuthentication, a CUSTOM policy or an AuthorizationPolicy with
+/// HTTP-only rules selects it.
 pub fn needs_request(state: &State, w: &Workload) -> bool {
     let root = (&*w.namespace != ROOT_NAMESPACE).then_some(ROOT_NAMESPACE);
     let namespaces = || std::iter::once(&*w.namespace).chain(root);
@@ -144,7 +164,7 @@ pub fn needs_request(state: &State, w: &Workload) -> bool {
         || namespaces()
             .flat_map(|ns| state.authorization_policies_in(ns))
             .filter(|p| selects(&p.selector, w))
-            .any(|p| p.rules.iter().any(Rule::is_http))
+            .any(|p| p.action == Action::Custom || p.rules.iter().any(Rule::is_http))
 }
 
 /// The JWT rules of the RequestAuthentications that select `w` (its
@@ -166,7 +186,7 @@ impl Eval<'_> {
     fn policy_matches(&self, p: &AuthorizationPolicy) -> bool {
         let l4 = self.a.request.is_none();
         p.rules.iter().any(|r| {
-            if l4 && p.action != Action::Deny && r.is_http() {
+            if l4 && matches!(p.action, Action::Allow | Action::Audit) && r.is_http() {
                 return false;
             }
             (r.from.is_empty() || r.from.iter().any(|s| self.source(s)))

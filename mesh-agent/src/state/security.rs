@@ -37,6 +37,8 @@ pub enum Action {
     Deny,
     /// Grants and denies nothing: a matching request is recorded as audited.
     Audit,
+    /// A matching request is checked by an external authorizer first.
+    Custom,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -46,6 +48,8 @@ pub struct AuthorizationPolicy {
     pub selector: Option<BTreeMap<String, String>>,
     pub action: Action,
     pub rules: Vec<Rule>,
+    /// For CUSTOM: the extension provider (MeshConfig `extensionProviders`) to ask.
+    pub provider: Option<Arc<ExtAuthz>>,
 }
 
 /// Matches when any `from` matches (or there is none), any `to` matches (or
@@ -194,6 +198,55 @@ pub enum Pattern {
 pub struct Cidr {
     pub addr: Ipv4Addr,
     pub prefix: u8,
+}
+
+/// An external authorizer (MeshConfig `extensionProviders[]` with
+/// `envoyExtAuthzHttp` or `envoyExtAuthzGrpc`), spoken to as Envoy speaks to one.
+#[derive(Debug, Clone, Serialize)]
+pub struct ExtAuthz {
+    pub name: String,
+    pub kind: ExtAuthzKind,
+    /// The authorizer's Service host (`name.namespace.svc.cluster.local`, or
+    /// a ServiceEntry host), and its port.
+    pub service: String,
+    pub port: u16,
+    pub timeout: std::time::Duration,
+    /// Let the request through when the authorizer cannot be asked (or
+    /// answers 5xx over HTTP).
+    pub fail_open: bool,
+    /// The status a request gets when the authorizer cannot be asked.
+    pub status_on_error: u16,
+    /// Send the request body (at most this many bytes) in the check.
+    pub body: Option<BodyInCheck>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub enum ExtAuthzKind {
+    Http(HttpAuthz),
+    /// `envoy.service.auth.v3.Authorization/Check`.
+    Grpc,
+}
+
+/// The HTTP authorizer's settings. Header names are patterns (exact,
+/// `prefix*`, `*suffix`), lowercase.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct HttpAuthz {
+    pub path_prefix: String,
+    pub include_request_headers: Vec<Pattern>,
+    pub include_additional_headers: Vec<(String, String)>,
+    pub headers_to_upstream_on_allow: Vec<Pattern>,
+    pub headers_to_downstream_on_allow: Vec<Pattern>,
+    /// Empty: every header of the authorizer's answer.
+    pub headers_to_downstream_on_deny: Vec<Pattern>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct BodyInCheck {
+    pub max_bytes: u32,
+    /// A larger body is cut to `max_bytes` (else refused with 413).
+    pub allow_partial: bool,
+    /// gRPC: the body as bytes (`raw_body`) rather than as text.
+    pub pack_as_bytes: bool,
 }
 
 // === impl Pattern ===

@@ -77,7 +77,9 @@ pub(super) fn assemble(objects: Objects, trust_domain: &str, errors: &mut Vec<Co
     add_service_entries(&mut state, &objects.service_entries, errors);
     if let Some((origin, cm)) = &objects.mesh_config {
         let mut ctx = Ctx { origin, object: describe_meta("ConfigMap", &cm.metadata), errors };
-        (state.outbound_policy, state.path_normalization) = super::super::mesh_config::mesh_config(&mut ctx, &cm.data);
+        let mesh = super::super::mesh_config::mesh_config(&mut ctx, &cm.data);
+        (state.outbound_policy, state.path_normalization) = (mesh.outbound, mesh.paths);
+        state.extension_providers = mesh.providers;
     }
     let secrets: gateway::Secrets = objects
         .secrets
@@ -106,7 +108,7 @@ pub(super) fn assemble(objects: Objects, trust_domain: &str, errors: &mut Vec<Co
         &objects.authorization_policies,
         errors,
         |o| describe_meta("AuthorizationPolicy", &o.metadata),
-        security::build_authorization_policy,
+        |ctx, o| security::build_authorization_policy(ctx, o, &state.extension_providers),
     );
     state.request_authentications = build_unique(
         &objects.request_authentications,

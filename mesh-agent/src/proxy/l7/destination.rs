@@ -36,6 +36,7 @@ use crate::{
     telemetry::{Flags, TcpLabels},
 };
 
+pub(crate) mod ext_authz;
 mod sniffed;
 #[cfg(test)]
 mod tests;
@@ -225,16 +226,15 @@ async fn handle(ctx: Arc<Inputs>, conn: Arc<Conn>, mut req: Request<Incoming>) -
     };
     let peer = Peer { principal: conn.inbound.principal.as_deref(), ip: conn.inbound.client_ip };
     let port = conn.inbound.target.port();
-    let decision = policy::evaluate(&state, dest, &Attributes { peer, port, sni: None, request: Some(request) });
+    let attributes = Attributes { peer, port, sni: None, request: Some(request) };
+    let custom = policy::custom(&state, dest, &attributes).and_then(|p| p.provider.clone());
+    let decision = policy::evaluate(&state, dest, &attributes);
     if let Some(audited) = &decision.audit {
         ctx.metrics.authorization_audits.inc();
         tracing::info!(policy = %audited, method = %req.method(), path = %req.uri().path(), source = ?conn.inbound.principal, "AUDIT");
     }
-    if let Verdict::Deny(policy) = decision.verdict {
-        tracing::info!(peer = %conn.inbound.peer, target = %conn.inbound.target, %policy, "request refused by AuthorizationPolicy");
-        return record.finish_local(LocalReply::RBAC_DENIED);
-    }
     let outputs = authn.map(|a| token_outputs(&a));
+    drop(keyed);
     drop(state);
     if let Some(outputs) = outputs {
         for (name, value) in outputs {
@@ -244,7 +244,50 @@ async fn handle(ctx: Arc<Inputs>, conn: Arc<Conn>, mut req: Request<Incoming>) -
             };
         }
     }
-    forward(&ctx, &conn, req, record).await
+    // CUSTOM first (Istio's order), then DENY and ALLOW.
+    let Some(provider) = custom else {
+        if let Verdict::Deny(policy) = decision.verdict {
+            return refused(&conn, &policy, record);
+        }
+        return forward(&ctx, &conn, req, record).await;
+    };
+    let (mut parts, body) = req.into_parts();
+    let (read, body) = match provider.body {
+        None => (None, ext_authz::Replay { read: None, rest: Some(body) }),
+        Some(b) => match ext_authz::read_for_check(body, b.max_bytes as usize, b.allow_partial).await {
+            Ok((read, replay)) => (Some(read), replay),
+            Err(()) => return record.finish_local(LocalReply::TOO_LARGE_FOR_CHECK),
+        },
+    };
+    let ask = ext_authz::Ask { parts: &parts, body: read.as_ref(), conn: &conn.inbound };
+    let to_client = match ext_authz::check(&ctx, &provider, ask).await {
+        ext_authz::Checked::Deny(answer) => {
+            tracing::info!(peer = %conn.inbound.peer, target = %conn.inbound.target, provider = %provider.name, status = %answer.status(), "request refused by the external authorizer");
+            return record.finish_answer(answer);
+        }
+        ext_authz::Checked::Allow { upstream, remove, downstream } => {
+            for name in remove {
+                parts.headers.remove(name);
+            }
+            for (name, value) in upstream {
+                parts.headers.insert(name, value);
+            }
+            downstream
+        }
+    };
+    if let Verdict::Deny(policy) = decision.verdict {
+        return refused(&conn, &policy, record);
+    }
+    let mut resp = forward(&ctx, &conn, Request::from_parts(parts, body), record).await;
+    for (name, value) in to_client {
+        resp.headers_mut().append(name, value);
+    }
+    resp
+}
+
+fn refused(conn: &Conn, policy: &str, record: Record) -> Response<Body> {
+    tracing::info!(peer = %conn.inbound.peer, target = %conn.inbound.target, %policy, "request refused by AuthorizationPolicy");
+    record.finish_local(LocalReply::RBAC_DENIED)
 }
 
 /// What a valid token changes in the request, as its rule says: the
@@ -277,7 +320,10 @@ fn token_outputs(a: &jwt::Authenticated<'_>) -> Vec<(HeaderName, Option<HeaderVa
     out
 }
 
-async fn forward(ctx: &Arc<Inputs>, conn: &Conn, mut req: Request<Incoming>, mut record: Record) -> Response<Body> {
+async fn forward<B>(ctx: &Arc<Inputs>, conn: &Conn, mut req: Request<B>, mut record: Record) -> Response<Body>
+where
+    B: hyper::body::Body<Data = hyper::body::Bytes, Error = hyper::Error> + Send + Unpin + 'static,
+{
     if is_extended_connect(&req) {
         return record.finish_local(LocalReply {
             status: StatusCode::NOT_IMPLEMENTED,

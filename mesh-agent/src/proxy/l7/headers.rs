@@ -35,11 +35,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 }
 
 /// An HTTP/2 extended CONNECT (RFC 8441), as WebSocket over HTTP/2 uses.
-pub(super) fn is_extended_connect(req: &Request<Incoming>) -> bool {
+pub(super) fn is_extended_connect<B>(req: &Request<B>) -> bool {
     req.method() == hyper::Method::CONNECT && req.extensions().get::<hyper::ext::Protocol>().is_some()
 }
 
-pub(super) fn wants_upgrade(req: &Request<Incoming>) -> bool {
+pub(super) fn wants_upgrade<B>(req: &Request<B>) -> bool {
     req.version() <= hyper::Version::HTTP_11
         && req.headers().contains_key(header::UPGRADE)
         && req

@@ -214,6 +214,13 @@ impl Record {
         r
     }
 
+    /// An answer made elsewhere (an external authorizer's denial).
+    pub fn finish_answer(mut self, r: Response<Body>) -> Response<Body> {
+        self.status = r.status().as_u16();
+        self.finish();
+        r
+    }
+
     /// `101 Switching Protocols`: the request is complete; the tunnel follows.
     pub fn finish_switch(mut self, parts: Parts) -> Response<Body> {
         self.status = parts.status.as_u16();
@@ -294,11 +301,13 @@ pub struct Metered<B: hyper::body::Body> {
     ended: bool,
 }
 
-impl Metered<Incoming> {
-    pub fn request(inner: Incoming, shared: Arc<Shared>) -> Self {
+impl<B: hyper::body::Body> Metered<B> {
+    pub fn request(inner: B, shared: Arc<Shared>) -> Self {
         Metered { inner, side: Side::Request(shared), ended: false }
     }
+}
 
+impl Metered<Incoming> {
     /// A response read straight from its connection (no pool to return it to).
     pub fn response_direct(inner: Incoming, record: Record) -> Self {
         Metered { inner, side: Side::Response(Box::new(record)), ended: false }

@@ -302,3 +302,35 @@ fn workloads_with_request_policies_are_parsed_at_their_destination() {
         assert_eq!(needs_request(&s, pod(&s, name)), *want, "{policies} {name}");
     }
 }
+
+#[test]
+fn custom_policies_name_their_authorizer_and_refuse_what_is_not_http() {
+    let mesh = "---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: istio, namespace: istio-system}\n\
+                data:\n  mesh: |\n    extensionProviders: [{name: opa, envoyExtAuthzGrpc: {service: opa.x.svc.cluster.local, port: 9191}}]\n";
+    let policy = ap(
+        "demo",
+        "ext",
+        "{action: CUSTOM, provider: {name: opa}, rules: [{to: [{operation: {paths: [\"/api/*\"]}}]}]}",
+    );
+    let s = with(&format!("{mesh}{policy}"));
+    let hello = pod(&s, "hello");
+    assert!(needs_request(&s, hello));
+    let asked = |r: Option<&Req>| {
+        let request = r.map(|r| Request {
+            method: r.method,
+            path: r.path,
+            host: r.host,
+            headers: &r.headers,
+            auth: None,
+            remote_ip: Ipv4Addr::new(172, 18, 0, 1),
+        });
+        let peer = Peer { principal: None, ip: Ipv4Addr::new(10, 244, 1, 2) };
+        let a = Attributes { peer, port: 9095, sni: None, request };
+        custom(&s, hello, &a).and_then(|p| p.provider.as_ref()).map(|p| p.name.clone())
+    };
+    assert_eq!(asked(Some(&get("/api/x"))).as_deref(), Some("opa"));
+    assert_eq!(asked(Some(&get("/public"))), None);
+    // A connection that is not HTTP cannot be asked about: refused.
+    assert!(matches!(decide(&s, None, None, 9095).verdict, Verdict::Deny(_)));
+    assert_eq!(decide(&s, Some(&get("/api/x")), None, 9095).verdict, Verdict::Allow);
+}

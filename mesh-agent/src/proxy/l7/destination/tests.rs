@@ -55,7 +55,7 @@ const POLICIES: &str = "---\napiVersion: security.istio.io/v1\nkind: Authorizati
 
 /// The pod: answers 200 with the request's path and the headers the test
 /// looks at; counts connections.
-async fn pod() -> (u16, Arc<AtomicUsize>) {
+pub(super) async fn pod() -> (u16, Arc<AtomicUsize>) {
     let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.expect("bind");
     let port = listener.local_addr().expect("address").port();
     let connections = Arc::new(AtomicUsize::new(0));
@@ -66,11 +66,12 @@ async fn pod() -> (u16, Arc<AtomicUsize>) {
             let svc = hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
                 let h = |n: &str| req.headers().get(n).and_then(|v| v.to_str().ok()).unwrap_or("-").to_owned();
                 let body = format!(
-                    "{} auth={} sub={} payload={}",
+                    "{} auth={} sub={} payload={} checked={}",
                     req.uri().path(),
                     h("authorization"),
                     h("x-sub"),
-                    h("x-payload").len()
+                    h("x-payload").len(),
+                    h("x-ext-authz-check-result")
                 );
                 Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body))))
             });
@@ -80,7 +81,7 @@ async fn pod() -> (u16, Arc<AtomicUsize>) {
     (port, connections)
 }
 
-fn inbound(t: &TestInputs, port: u16) -> Inbound {
+pub(super) fn inbound(t: &TestInputs, port: u16) -> Inbound {
     let state = t.inputs.state();
     Inbound {
         dest: state.workloads["demo/hello"].clone(),
@@ -149,10 +150,10 @@ async fn requests_are_authenticated_and_authorized_at_the_destination() {
     let payload = valid.split('.').nth(1).expect("payload").len();
     let bearer = r#"Bearer error="invalid_token""#;
     let want: Vec<(StatusCode, String, String)> = vec![
-        (StatusCode::OK, "/public/x auth=- sub=- payload=1".into(), String::new()),
+        (StatusCode::OK, "/public/x auth=- sub=- payload=1 checked=-".into(), String::new()),
         (StatusCode::FORBIDDEN, "RBAC: access denied".into(), String::new()),
         // The token's header is not forwarded; its claims and payload are.
-        (StatusCode::OK, format!("/api auth=- sub=alice payload={payload}"), String::new()),
+        (StatusCode::OK, format!("/api auth=- sub=alice payload={payload} checked=-"), String::new()),
         (StatusCode::UNAUTHORIZED, "Jwt is expired".into(), bearer.into()),
         (StatusCode::UNAUTHORIZED, "Jwt issuer is not configured".into(), bearer.into()),
         (StatusCode::FORBIDDEN, "RBAC: access denied".into(), String::new()),
@@ -216,3 +217,5 @@ async fn send_raw(t: &TestInputs, port: u16, bytes: &[u8]) -> String {
     served.await.expect("served");
     String::from_utf8_lossy(&answer).into_owned()
 }
+
+mod ext_authz;

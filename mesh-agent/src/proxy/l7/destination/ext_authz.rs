@@ -1,0 +1,355 @@
+//! CUSTOM authorization: the destination's agent asks an external authorizer
+//! about a request, as Envoy's ext_authz filter does, over HTTP (the
+//! request's method and path under `pathPrefix`, with the headers the
+//! provider names; 200 allows) or gRPC (`envoy.service.auth.v3.Authorization/Check`,
+//! types from `envoy-types`). A denial answers the client with the
+//! authorizer's status, headers and body. An authorizer that cannot be asked
+//! (no endpoint, connect error, timeout; over HTTP, a 5xx too) lets the
+//! request through only with `failOpen`, else answers `statusOnError`.
+use std::{collections::HashMap, net::SocketAddrV4, sync::Mutex};
+
+use envoy_types::ext_authz::v3::pb::{CheckRequest, CheckResponse, HeaderValueOption, HttpResponse};
+use envoy_types::pb::envoy::{
+    config::core::v3::{Address, SocketAddress, address, socket_address::PortSpecifier},
+    service::auth::v3::{AttributeContext, attribute_context, authorization_client::AuthorizationClient},
+};
+use http_body_util::{BodyExt as _, Full};
+use hyper::{
+    Request, Response, StatusCode,
+    body::Bytes,
+    header::{self, HeaderMap, HeaderName, HeaderValue},
+    http::request::Parts,
+};
+
+use super::{Body, Inbound};
+use crate::{
+    proxy::{self, Inputs},
+    state::{
+        State,
+        security::{ExtAuthz, ExtAuthzKind, HttpAuthz, Pattern},
+    },
+};
+
+/// The authorizer's answer, as the request goes on.
+pub(super) enum Checked {
+    Allow {
+        /// Set on the request to the pod (replacing any of the same name).
+        upstream: Vec<(HeaderName, HeaderValue)>,
+        /// Removed from the request to the pod.
+        remove: Vec<HeaderName>,
+        /// Added to the response to the client.
+        downstream: Vec<(HeaderName, HeaderValue)>,
+    },
+    Deny(Response<Body>),
+}
+
+/// What the authorizer is told about a request.
+pub(super) struct Ask<'a> {
+    pub parts: &'a Parts,
+    /// The body, or its first bytes, when the provider asks for it.
+    pub body: Option<&'a Bytes>,
+    pub conn: &'a Inbound,
+}
+
+/// gRPC channels to authorizers, by address (one HTTP/2 connection each,
+/// shared by every check).
+#[derive(Default)]
+pub struct Channels(Mutex<HashMap<SocketAddrV4, tonic::transport::Channel>>);
+
+pub(super) async fn check(ctx: &Inputs, p: &ExtAuthz, ask: Ask<'_>) -> Checked {
+    let Some(addr) = resolve(&ctx.state(), p, ctx.next_pick()) else {
+        return unreachable(p, "no ready endpoint for the authorizer's service and port");
+    };
+    let asked = async {
+        match &p.kind {
+            ExtAuthzKind::Http(h) => http(ctx, p, h, addr, &ask).await,
+            ExtAuthzKind::Grpc => grpc(ctx, addr, &ask).await,
+        }
+    };
+    match tokio::time::timeout(p.timeout, asked).await {
+        Ok(Ok(checked)) => checked,
+        Ok(Err(why)) => unreachable(p, &why),
+        Err(_) => unreachable(p, "timed out"),
+    }
+}
+
+/// The authorizer could not be asked (or failed): `failOpen` lets the
+/// request through, else `statusOnError`.
+fn unreachable(p: &ExtAuthz, why: &str) -> Checked {
+    tracing::warn!(provider = %p.name, fail_open = p.fail_open, "external authorization failed: {why}");
+    if p.fail_open {
+        return Checked::Allow { upstream: Vec::new(), remove: Vec::new(), downstream: Vec::new() };
+    }
+    let status = StatusCode::from_u16(p.status_on_error).unwrap_or(StatusCode::FORBIDDEN);
+    Checked::Deny(answer(status, HeaderMap::new(), Bytes::new()))
+}
+
+fn answer(status: StatusCode, headers: HeaderMap, body: Bytes) -> Response<Body> {
+    let mut r = Response::new(Full::new(body).map_err(|e| match e {}).boxed_unsync());
+    *r.status_mut() = status;
+    *r.headers_mut() = headers;
+    r
+}
+
+/// An endpoint of the authorizer's Service (or ServiceEntry host) for its port.
+fn resolve(state: &State, p: &ExtAuthz, pick: usize) -> Option<SocketAddrV4> {
+    // Istio also accepts `namespace/host`.
+    let host = p.service.rsplit('/').next().unwrap_or_default();
+    let service =
+        state.services.values().find(|s| &*s.hostname == host).or_else(|| state.external_by_host.get(host))?;
+    let port = service.ports.iter().find(|sp| sp.port == p.port)?;
+    let ready: Vec<_> = service.endpoints.iter().filter(|w| w.ready && w.ip.is_some()).collect();
+    let w = ready.get(pick % ready.len().max(1))?;
+    let target = match &port.target {
+        crate::state::TargetPort::Number(n) => *n,
+        crate::state::TargetPort::Name(n) => *w.named_ports.get(n)?,
+    };
+    Some(SocketAddrV4::new(w.ip?, target))
+}
+
+fn matches(patterns: &[Pattern], name: &str) -> bool {
+    patterns.iter().any(|p| p.matches(name))
+}
+
+/// Envoy's HTTP ext_authz: the request's method, `pathPrefix` + its path,
+/// `Host`, `Content-Length` and the headers the provider names.
+async fn http(ctx: &Inputs, p: &ExtAuthz, h: &HttpAuthz, addr: SocketAddrV4, ask: &Ask<'_>) -> Result<Checked, String> {
+    let parts = ask.parts;
+    let path = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+    let mut req = Request::builder().method(parts.method.clone()).uri(format!("{}{path}", h.path_prefix));
+    let host = parts
+        .headers
+        .get(header::HOST)
+        .cloned()
+        .or_else(|| parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
+    if let Some(host) = host {
+        req = req.header(header::HOST, host);
+    }
+    for (name, value) in &parts.headers {
+        if name != header::HOST && matches(&h.include_request_headers, name.as_str()) {
+            req = req.header(name, value);
+        }
+    }
+    for (k, v) in &h.include_additional_headers {
+        req = req.header(k.as_str(), v.as_str());
+    }
+    let body = ask.body.cloned().unwrap_or_default();
+    let req = req.body(Full::new(body)).map_err(|e| format!("check request: {e}"))?;
+    let tcp = proxy::connect(addr, None, ctx.connect_timeout).await.map_err(|e| e.to_string())?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+        .await
+        .map_err(|e| format!("HTTP: {e}"))?;
+    tokio::spawn(conn);
+    let resp = send.send_request(req).await.map_err(|e| format!("HTTP: {e}"))?;
+    let status = resp.status();
+    if status.is_server_error() && p.fail_open {
+        return Err(format!("the authorizer answered {status}"));
+    }
+    let (parts, body) = resp.into_parts();
+    let pick = |patterns: &[Pattern]| -> Vec<(HeaderName, HeaderValue)> {
+        let named = parts.headers.iter().filter(|(n, _)| matches(patterns, n.as_str()));
+        named.map(|(n, v)| (n.clone(), v.clone())).collect()
+    };
+    if status == StatusCode::OK {
+        return Ok(Checked::Allow {
+            upstream: pick(&h.headers_to_upstream_on_allow),
+            remove: Vec::new(),
+            downstream: pick(&h.headers_to_downstream_on_allow),
+        });
+    }
+    let body = http_body_util::Limited::new(body, 64 * 1024).collect().await;
+    let body = body.map(|b| b.to_bytes()).unwrap_or_default();
+    let mut headers = HeaderMap::new();
+    for (n, v) in &parts.headers {
+        let wanted =
+            h.headers_to_downstream_on_deny.is_empty() || matches(&h.headers_to_downstream_on_deny, n.as_str());
+        if wanted && !is_framing(n) {
+            headers.append(n.clone(), v.clone());
+        }
+    }
+    Ok(Checked::Deny(answer(status, headers, body)))
+}
+
+/// Headers that belong to the authorizer's own message, not to the answer.
+fn is_framing(name: &HeaderName) -> bool {
+    name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING || name == header::CONNECTION
+}
+
+fn socket(ip: std::net::Ipv4Addr, port: u16, principal: Option<&str>) -> attribute_context::Peer {
+    let addr = SocketAddress {
+        address: ip.to_string(),
+        port_specifier: Some(PortSpecifier::PortValue(u32::from(port))),
+        ..Default::default()
+    };
+    attribute_context::Peer {
+        address: Some(Address { address: Some(address::Address::SocketAddress(addr)) }),
+        principal: principal.unwrap_or_default().to_owned(),
+        ..Default::default()
+    }
+}
+
+/// `envoy.service.auth.v3.Authorization/Check`.
+async fn grpc(ctx: &Inputs, addr: SocketAddrV4, ask: &Ask<'_>) -> Result<Checked, String> {
+    let parts = ask.parts;
+    let mut headers: HashMap<String, String> = HashMap::new();
+    for (n, v) in &parts.headers {
+        let v = String::from_utf8_lossy(v.as_bytes());
+        headers.entry(n.as_str().to_owned()).and_modify(|all| *all = format!("{all},{v}")).or_insert_with(|| v.into());
+    }
+    let host = parts.headers.get(header::HOST).and_then(|h| h.to_str().ok());
+    let host = host.or(parts.uri.authority().map(|a| a.as_str())).unwrap_or_default();
+    let body = ask.body.cloned().unwrap_or_default();
+    let http = attribute_context::HttpRequest {
+        id: headers.get("x-request-id").cloned().unwrap_or_default(),
+        method: parts.method.to_string(),
+        path: parts.uri.path_and_query().map_or("/", |pq| pq.as_str()).to_owned(),
+        host: host.to_owned(),
+        scheme: "http".into(),
+        query: parts.uri.query().unwrap_or_default().to_owned(),
+        protocol: match parts.version {
+            hyper::Version::HTTP_2 => "HTTP/2",
+            hyper::Version::HTTP_10 => "HTTP/1.0",
+            _ => "HTTP/1.1",
+        }
+        .into(),
+        size: i64::try_from(body.len()).unwrap_or(i64::MAX),
+        body: String::from_utf8_lossy(&body).into_owned(),
+        raw_body: body.to_vec(),
+        headers,
+        ..Default::default()
+    };
+    let conn = ask.conn;
+    let attributes = AttributeContext {
+        source: Some(socket(conn.client_ip, conn.peer.port(), conn.principal.as_deref())),
+        destination: Some(socket(*conn.target.ip(), conn.target.port(), Some(&conn.dest.principal))),
+        request: Some(attribute_context::Request { http: Some(http), ..Default::default() }),
+        ..Default::default()
+    };
+    let channel = channel(ctx, addr);
+    let mut client = AuthorizationClient::new(channel);
+    let resp = client.check(CheckRequest { attributes: Some(attributes) }).await;
+    let resp = resp.map_err(|s| format!("gRPC: {} {}", s.code(), s.message()))?.into_inner();
+    Ok(from_grpc(resp))
+}
+
+fn header_pairs(options: &[HeaderValueOption]) -> Vec<(HeaderName, HeaderValue)> {
+    let valid = options.iter().filter_map(|o| o.header.as_ref());
+    let parsed = valid.filter_map(|h| {
+        let name = HeaderName::from_bytes(h.key.as_bytes()).ok()?;
+        let value = match h.raw_value.is_empty() {
+            true => HeaderValue::from_str(&h.value).ok()?,
+            false => HeaderValue::from_bytes(&h.raw_value).ok()?,
+        };
+        Some((name, value))
+    });
+    parsed.collect()
+}
+
+/// The gRPC answer: `status.code` 0 allows (with the headers it adds or
+/// removes); anything else denies, with `denied_response`'s status (403 if
+/// none), headers and body.
+fn from_grpc(resp: CheckResponse) -> Checked {
+    let ok = resp.status.as_ref().is_none_or(|s| s.code == 0);
+    match (ok, resp.http_response) {
+        (true, Some(HttpResponse::OkResponse(ok))) => Checked::Allow {
+            upstream: header_pairs(&ok.headers),
+            remove: ok.headers_to_remove.iter().filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok()).collect(),
+            downstream: header_pairs(&ok.response_headers_to_add),
+        },
+        (true, _) => Checked::Allow { upstream: Vec::new(), remove: Vec::new(), downstream: Vec::new() },
+        (false, denied) => {
+            let (status, headers, body) = match denied {
+                Some(HttpResponse::DeniedResponse(d)) => {
+                    let code = d.status.map(|s| s.code).and_then(|c| u16::try_from(c).ok());
+                    (code, header_pairs(&d.headers), Bytes::from(d.body))
+                }
+                _ => (None, Vec::new(), Bytes::new()),
+            };
+            let status = status.and_then(|c| StatusCode::from_u16(c).ok()).filter(|s| *s != StatusCode::OK);
+            let mut map = HeaderMap::new();
+            for (n, v) in headers {
+                map.append(n, v);
+            }
+            Checked::Deny(answer(status.unwrap_or(StatusCode::FORBIDDEN), map, body))
+        }
+    }
+}
+
+/// The shared channel to `addr`, its connections made from the agent's own
+/// (uncaptured) sockets.
+fn channel(ctx: &Inputs, addr: SocketAddrV4) -> tonic::transport::Channel {
+    let mut channels = ctx.ext_authz.0.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(c) = channels.get(&addr) {
+        return c.clone();
+    }
+    let connect_timeout = ctx.connect_timeout;
+    let connector = tower::service_fn(move |_: hyper::Uri| async move {
+        let tcp = proxy::connect(addr, None, connect_timeout).await.map_err(std::io::Error::other)?;
+        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tcp))
+    });
+    // The URI only names the authority; the connector decides where to connect.
+    let endpoint = tonic::transport::Endpoint::from_static("http://ext-authz");
+    let channel = endpoint.connect_with_connector_lazy(connector);
+    channels.insert(addr, channel.clone());
+    channel
+}
+
+/// A request body read (up to a bound) for the check, then sent on whole:
+/// the bytes read, then the rest as it streams.
+pub(super) struct Replay {
+    pub read: Option<Bytes>,
+    pub rest: Option<hyper::body::Incoming>,
+}
+
+impl hyper::body::Body for Replay {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        if let Some(read) = this.read.take().filter(|b| !b.is_empty()) {
+            return std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(read))));
+        }
+        match &mut this.rest {
+            Some(rest) => std::pin::Pin::new(rest).poll_frame(cx),
+            None => std::task::Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.read.as_ref().is_none_or(Bytes::is_empty) && self.rest.as_ref().is_none_or(|r| r.is_end_stream())
+    }
+}
+
+/// Reads up to `max` bytes of `body` for the check. `Err(())`: the body is
+/// longer and the provider does not take part of it (413), or it failed.
+pub(super) async fn read_for_check(
+    mut body: hyper::body::Incoming,
+    max: usize,
+    allow_partial: bool,
+) -> Result<(Bytes, Replay), ()> {
+    let mut read = Vec::new();
+    while read.len() < max {
+        match body.frame().await {
+            None => return Ok((Bytes::from(read.clone()), Replay { read: Some(read.into()), rest: None })),
+            Some(Ok(frame)) => {
+                if let Some(d) = frame.data_ref() {
+                    read.extend_from_slice(d);
+                }
+            }
+            Some(Err(_)) => return Err(()),
+        }
+    }
+    if hyper::body::Body::is_end_stream(&body) {
+        let all = Bytes::from(read);
+        return Ok((all.clone(), Replay { read: Some(all), rest: None }));
+    }
+    if !allow_partial {
+        return Err(());
+    }
+    let all = Bytes::from(read);
+    Ok((all.slice(..max.min(all.len())), Replay { read: Some(all), rest: Some(body) }))
+}
