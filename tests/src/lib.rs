@@ -9,6 +9,7 @@ pub mod agent;
 pub mod certs;
 pub mod clients;
 pub mod edge;
+pub mod ext_authz;
 pub mod fixture;
 pub mod grpc;
 pub mod jwt;

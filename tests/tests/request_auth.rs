@@ -201,3 +201,80 @@ fn keys_from_a_jwks_uri_are_fetched_refetched_for_a_new_key_and_kept_when_the_is
     assert_eq!(status(&unknown), 401);
     assert_eq!(status(&tb), 200);
 }
+
+/// The authorizers' Service (the `outsider` pod, outside the mesh), the mesh
+/// config's providers, and a CUSTOM policy on helloworld's `/headers` naming
+/// `provider`.
+fn custom(provider: &str) -> String {
+    format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: ext-authz, namespace: plain}}\n\
+         spec: {{clusterIP: 10.96.0.30, selector: {{app: outsider}}, ports: [{{name: http, port: 8000, targetPort: 8000}},\n\
+         \x20 {{name: grpc, port: 9000, targetPort: 9000}}, {{name: http-down, port: 8001, targetPort: 8001}}]}}\n\
+         ---\napiVersion: v1\nkind: ConfigMap\nmetadata: {{name: istio, namespace: istio-system}}\ndata:\n  mesh: |\n\
+         \x20   extensionProviders:\n\
+         \x20   - name: http\n      envoyExtAuthzHttp:\n        service: ext-authz.plain.svc.cluster.local\n        port: 8000\n\
+         \x20       pathPrefix: /check\n        includeRequestHeadersInCheck: [x-ext-authz]\n\
+         \x20       headersToUpstreamOnAllow: [x-ext-authz-check-result]\n\
+         \x20       headersToDownstreamOnDeny: [x-ext-authz-check-result]\n\
+         \x20   - name: grpc\n      envoyExtAuthzGrpc: {{service: ext-authz.plain.svc.cluster.local, port: 9000, timeout: 2s}}\n\
+         \x20   - name: down-open\n      envoyExtAuthzHttp: {{service: ext-authz.plain.svc.cluster.local, port: 8001, failOpen: true}}\n\
+         \x20   - name: down-closed\n      envoyExtAuthzGrpc: {{service: ext-authz.plain.svc.cluster.local, port: 8001, statusOnError: \"503\"}}\n\
+         ---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: ext, namespace: demo}}\n\
+         spec: {{selector: {{matchLabels: {{app: helloworld}}}}, action: CUSTOM, provider: {{name: {provider}}},\n\
+         \x20 rules: [{{to: [{{operation: {{paths: [/headers]}}}}]}}]}}\n"
+    )
+}
+
+#[test]
+fn custom_policies_ask_the_external_authorizer_at_the_destination() {
+    if !require_root("custom_policies_ask_the_external_authorizer_at_the_destination") {
+        return;
+    }
+    let m = Mesh::start("", &[]);
+    mesh_tests::ext_authz::http(m.pod("outsider"), 8000);
+    mesh_tests::ext_authz::grpc(m.pod("outsider"), 9000);
+    let ask = |path: &str, allow: bool| {
+        let url = format!("http://{API_VIP}{path}");
+        let mut args = vec!["-i".to_owned(), url];
+        if allow {
+            args.extend(["-H".to_owned(), "x-ext-authz: allow".to_owned()]);
+        }
+        call(&m, "test", &args.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    // (provider, path, allowed by the authorizer, status, what the client sees)
+    let cases = [
+        ("http", "/headers", true, 200, "x-ext-authz-check-result: allowed"),
+        ("http", "/headers", false, 403, "denied by the HTTP authorizer (/check/headers)"),
+        ("grpc", "/headers", true, 200, "x-ext-authz-check-result: allowed"),
+        (
+            "grpc",
+            "/headers",
+            false,
+            451,
+            "denied by the gRPC authorizer (/headers from spiffe://cluster.local/ns/demo/sa/test)",
+        ),
+        // Reached the pod, with nothing from an authorizer.
+        ("down-open", "/headers", false, 200, "user-agent: curl"),
+        ("down-closed", "/headers", true, 503, ""),
+        // A path the policy does not name: no one is asked.
+        ("down-closed", "/", false, 200, "hello from helloworld"),
+    ];
+    for (provider, path, allow, status, seen) in cases {
+        // Only the destination's agent is told.
+        m.set_config_of(&[1], &custom(provider));
+        let got = ask(path, allow);
+        assert_eq!(got.code, status, "{provider} {path} allow={allow}: {}", got.body);
+        assert!(got.body.contains(seen), "{provider} {path} allow={allow}: {}", got.body);
+        if provider == "down-open" {
+            assert!(!got.body.contains("x-ext-authz-check-result"), "{}", got.body);
+        }
+        if status == 403 || status == 451 {
+            assert!(got.body.to_ascii_lowercase().contains("x-ext-authz-check-result: denied"), "{}", got.body);
+        }
+    }
+    let text = m.agents[1].metrics();
+    for code in ["200", "403", "451", "503"] {
+        let labels = [("reporter", "destination"), ("response_code", code)];
+        assert!(metric(&text, "istio_requests_total", &labels) >= 1.0, "{code}:\n{text}");
+    }
+}
