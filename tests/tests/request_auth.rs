@@ -108,6 +108,9 @@ fn jwt_and_request_policy_are_enforced_by_the_destinations_agent() {
             assert_eq!(got.body.trim(), "RBAC: access denied", "{what}");
         }
     }
+    // A gRPC client without a token: PERMISSION_DENIED (7), as Envoy answers gRPC.
+    let grpc = m.pod("test").run(|| mesh_tests::clients::grpc_unary(format!("http://{GRPC_VIP}:80"), "hi"));
+    assert!(grpc.as_ref().is_err_and(|e| e.starts_with("PermissionDenied")), "{grpc:?}");
     // The token is not forwarded; its subject is, as the rule asks.
     let got = call(&m, "test", &["--resolve", &resolve, "-H", &bearer(&valid), api]);
     assert!(got.body.contains("x-jwt-sub: alice") && !got.body.contains("authorization"), "{}", got.body);
