@@ -64,9 +64,13 @@ fn fixture() -> Fixture {
 const HELLO_V1: [(&str, &str); 2] = [("app", "helloworld"), ("version", "v1")];
 const HELLO_V2: [(&str, &str); 2] = [("app", "helloworld"), ("version", "v2")];
 
+/// The issuer of the demo's end-user tokens.
+const ISSUER: &str = "https://auth.demo.example";
+
 /// The sample's policies, gateways and external services, with the ingress
-/// gateway's certificate (`secret`: the Secret's `stringData` lines).
-fn config(secret: &str) -> String {
+/// gateway's certificate (`secret`: the Secret's `stringData` lines) and
+/// the end-user tokens' key set (`jwks`, JSON).
+fn config(secret: &str, jwks: &str) -> String {
     format!(
         r#"---
 apiVersion: security.istio.io/v1
@@ -85,8 +89,23 @@ spec:
     - source:
         principals:
         - cluster.local/ns/sample/sa/test
-        - cluster.local/ns/istio-system/sa/ingress
         - cluster.local/ns/istio-system/sa/mesh-node-node-1
+  # From outside, through the ingress gateway: only with an end-user JWT,
+  # checked by helloworld's node agent, not by the gateway.
+  - from:
+    - source:
+        principals: [cluster.local/ns/istio-system/sa/ingress]
+        requestPrincipals: ["{ISSUER}/*"]
+---
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {{name: helloworld, namespace: sample}}
+spec:
+  selector: {{matchLabels: {{app: helloworld}}}}
+  jwtRules:
+  - issuer: "{ISSUER}"
+    audiences: [helloworld]
+    jwks: '{jwks}'
 ---
 apiVersion: v1
 kind: ConfigMap
@@ -251,7 +270,15 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
     let certs = Certs::new(&cluster.id);
     let (crt, key) = certs.server("hello", "hello.example.com");
     let secret = format!("  tls.crt: |\n{}  tls.key: |\n{}", Certs::yaml_block(&crt, 4), Certs::yaml_block(&key, 4));
-    let cfg = format!("{objects}{}", config(&secret));
+    // An identity provider's key, and a token it signed for an end user.
+    let signer = mesh_tests::jwt::Signer::ec("demo-1");
+    let exp = mesh_tests::jwt::now() + 3600;
+    let claims = serde_json::json!({"iss": ISSUER, "sub": "alice", "aud": "helloworld", "exp": exp});
+    let token = signer.sign(&claims);
+    // Mallory's claims under alice's signature.
+    let mallory = serde_json::json!({"iss": ISSUER, "sub": "mallory", "aud": "helloworld", "exp": exp});
+    let forged = mesh_tests::jwt::with_signature_of(&signer.sign(&mallory), &token);
+    let cfg = format!("{objects}{}", config(&secret, &mesh_tests::jwt::jwks(&[&signer])));
     println!("node-1 {} (172.18.0.2, ingress gateway): test, helloworld-v2, sleep", cluster.node_ns);
     println!("node-2 {} (172.18.1.2, egress gateway): helloworld-v1", cluster.nodes[1].ns);
     println!("outside: clients and external.example ({EXTERNAL_IP}) in {}", cluster.net_ns);
@@ -266,7 +293,7 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
     let ca_path = certs.ca().display().to_string();
     println!("\n{:<36} {:<9} {:<44} {:<42} {:<8} {:>9}", "step", "protocol", "path", "identities", "status", "latency");
     let mut unexpected = 0;
-    for step in steps(&ca_path) {
+    for step in steps(&ca_path, &token, &forged) {
         let start = Instant::now();
         let (code, text) = demo.run(&step);
         let ms = start.elapsed().as_secs_f64() * 1000.0;
@@ -288,7 +315,11 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
     if keep {
         let c = &demo.cluster;
         println!("\nleft running; try:");
-        println!("  ip netns exec {} curl http://{NODE1}/helloworld           # ingress", c.net_ns);
+        println!("  TOKEN={token}");
+        println!(
+            "  ip netns exec {} curl -H \"Authorization: Bearer $TOKEN\" http://{NODE1}/helloworld   # ingress",
+            c.net_ns
+        );
         println!("  ip netns exec {}-test curl http://10.96.0.10:9095/", c.id);
         println!(
             "  ip netns exec {}-test curl --resolve external.example:80:{EXTERNAL_IP} http://external.example/",

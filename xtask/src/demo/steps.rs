@@ -34,7 +34,8 @@ pub(super) enum Action {
     Tcp(SocketAddr),
 }
 
-pub(super) fn steps(ca: &str) -> Vec<Step> {
+pub(super) fn steps(ca: &str, token: &str, forged: &str) -> Vec<Step> {
+    let bearer = format!("Authorization: Bearer {token}");
     let curl = |args: &[&str]| Action::Curl(args.iter().map(|s| s.to_string()).collect());
     let resolve = |host: &str| format!("{host}:80:{EXTERNAL_IP}");
     vec![
@@ -103,10 +104,30 @@ pub(super) fn steps(ca: &str) -> Vec<Step> {
             protocol: "HTTP/1.1",
             from: From::Outside,
             path: "ingress Gateway :80 → mTLS → helloworld",
-            identities: "istio-system/ingress → sample/helloworld",
+            identities: "istio-system/ingress + JWT alice → helloworld",
             want: 200,
             want_text: "hello from helloworld",
+            action: curl(&["-H", &bearer, &format!("http://{NODE1}:80/helloworld")]),
+        },
+        Step {
+            name: "outside → node-1/helloworld, no JWT",
+            protocol: "HTTP/1.1",
+            from: From::Outside,
+            path: "ingress → helloworld's agent: 403",
+            identities: "istio-system/ingress → sample/helloworld",
+            want: 403,
+            want_text: "RBAC: access denied",
             action: curl(&[&format!("http://{NODE1}:80/helloworld")]),
+        },
+        Step {
+            name: "outside → node-1/helloworld, forged",
+            protocol: "HTTP/1.1",
+            from: From::Outside,
+            path: "ingress → helloworld's agent: 401",
+            identities: "istio-system/ingress → sample/helloworld",
+            want: 401,
+            want_text: "Jwt verification fails",
+            action: curl(&["-H", &format!("Authorization: Bearer {forged}"), &format!("http://{NODE1}:80/helloworld")]),
         },
         Step {
             name: "outside → https://hello.example.com",
@@ -117,6 +138,8 @@ pub(super) fn steps(ca: &str) -> Vec<Step> {
             want: 200,
             want_text: "hello from helloworld",
             action: curl(&[
+                "-H",
+                &bearer,
                 "--cacert",
                 ca,
                 "--resolve",
