@@ -108,6 +108,14 @@ fn jwt_and_request_policy_are_enforced_by_the_destinations_agent() {
             assert_eq!(got.body.trim(), "RBAC: access denied", "{what}");
         }
     }
+    // A WebSocket upgrade goes through the destination's parsing to the pod
+    // (the public path needs no token); elsewhere it is refused like any request.
+    let ws = |path: &str| {
+        let url = format!("ws://{WS_VIP}{path}");
+        m.pod("test").run(move || mesh_tests::clients::websocket_echo(url, "over the destination stage"))
+    };
+    assert_eq!(ws("/public/ws").as_deref(), Ok("over the destination stage"));
+    assert!(ws("/ws").is_err_and(|e| e.contains("403")), "a WebSocket without a token was let through");
     // A gRPC client without a token: PERMISSION_DENIED (7), as Envoy answers gRPC.
     let grpc = m.pod("test").run(|| mesh_tests::clients::grpc_unary(format!("http://{GRPC_VIP}:80"), "hi"));
     assert!(grpc.as_ref().is_err_and(|e| e.starts_with("PermissionDenied")), "{grpc:?}");

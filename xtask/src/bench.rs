@@ -45,6 +45,23 @@ use tools::*;
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
 const LOCAL: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 3);
 const REMOTE: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 2);
+/// Servers whose policies need each request checked at the destination: a
+/// RequestAuthentication (ES256 key) and an ALLOW needing a request
+/// principal and a path, as `guarded_policy` says.
+const GUARDED_LOCAL: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 4);
+const GUARDED_REMOTE: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 3);
+const ISSUER: &str = "https://bench.example";
+
+/// The policies on the `guarded` servers, with the issuer's key set.
+fn guarded_policy(jwks: &str) -> String {
+    format!(
+        "---\napiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: guarded, namespace: bench}}\n\
+         spec: {{selector: {{matchLabels: {{app: guarded}}}}, jwtRules: [{{issuer: \"{ISSUER}\", audiences: [bench], jwks: '{jwks}'}}]}}\n\
+         ---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: guarded, namespace: bench}}\n\
+         spec: {{selector: {{matchLabels: {{app: guarded}}}}, rules: [{{from: [{{source: {{requestPrincipals: [\"{ISSUER}/*\"]}}}}],\n\
+         \x20 to: [{{operation: {{methods: [GET], paths: [\"/*\"]}}}}]}}]}}\n"
+    )
+}
 
 /// How long each measurement window runs, and how many rounds.
 struct Plan {
@@ -52,6 +69,8 @@ struct Plan {
     rounds: usize,
     /// Idle connections held open to measure memory per connection.
     idle: usize,
+    /// `Authorization: Bearer …` for the guarded servers.
+    bearer: String,
 }
 
 /// What `cargo xtask bench` was asked for.
@@ -76,12 +95,13 @@ impl Options {
 }
 
 /// Every scenario, in the order they run; `idle` is the memory measurement.
-const SCENARIOS: [&str; 11] = [
+const SCENARIOS: [&str; 12] = [
     "idle",
     "tcp_1_stream",
     "tcp_8_streams",
     "tcp_rr_1000mps",
     "http1_1000rps",
+    "http1_1000rps_jwt",
     "http1_saturation",
     "http2_1000rps",
     "http2_saturation",
@@ -108,6 +128,8 @@ fn scenarios(
     let s = plan.secs;
     let h1 = format!("http://{ip}:8080/");
     let h2 = format!("http://{ip}:8081/");
+    // The same server behind request policy at its destination.
+    let guarded = format!("http://{}:8080/", if ip == LOCAL { GUARDED_LOCAL } else { GUARDED_REMOTE });
     let mut out = BTreeMap::new();
     let apart = ["idle", "hbone_handshakes"];
     for scenario in SCENARIOS.into_iter().filter(|s| !apart.contains(s) && options.wants(s)) {
@@ -120,6 +142,7 @@ fn scenarios(
             "tcp_8_streams" => iperf(client, ip, s, 8)?,
             "tcp_rr_1000mps" => sockperf(client, ip, s)?,
             "http1_1000rps" => oha(client, &h1, s, Some(1000), &[])?,
+            "http1_1000rps_jwt" => oha(client, &guarded, s, Some(1000), &["-H", &plan.bearer])?,
             "http1_saturation" => oha(client, &h1, s, None, &[])?,
             "http2_1000rps" => oha(client, &h2, s, Some(1000), &["--http2"])?,
             "http2_saturation" => oha(client, &h2, s, None, &["--http2"])?,
@@ -128,7 +151,9 @@ fn scenarios(
             other => bail!("no scenario {other}"),
         };
         let elapsed = start.elapsed().as_secs_f64();
-        if let Some(rps) = sample.get("rps").copied().filter(|_| scenario.starts_with("http")) {
+        // (The guarded servers' nginx is not the one watched.)
+        let watched = scenario.starts_with("http") && !scenario.ends_with("_jwt");
+        if let Some(rps) = sample.get("rps").copied().filter(|_| watched) {
             let used = server.iter().map(|p| cpu_seconds(*p)).sum::<f64>() - server0;
             sample.insert("server_vcpu_per_1000rps", used / elapsed / (rps / 1000.0));
         }
@@ -182,8 +207,15 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     if !crate::succeeds(Command::new(oha_binary()).arg("--version")) {
         bail!("oha not found: run `cargo xtask setup` first (it installs oha from crates.io)");
     }
-    let mut plan =
-        if quick { Plan { secs: 2, rounds: 1, idle: 2000 } } else { Plan { secs: 10, rounds: 3, idle: 10_000 } };
+    let signer = mesh_tests::jwt::Signer::ec("bench-1");
+    let claims =
+        serde_json::json!({"iss": ISSUER, "sub": "bench", "aud": "bench", "exp": mesh_tests::jwt::now() + 86400});
+    let bearer = format!("Authorization: Bearer {}", signer.sign(&claims));
+    let mut plan = if quick {
+        Plan { secs: 2, rounds: 1, idle: 2000, bearer }
+    } else {
+        Plan { secs: 10, rounds: 3, idle: 10_000, bearer }
+    };
     plan.secs = options.secs.unwrap_or(plan.secs);
     plan.rounds = options.rounds.unwrap_or(plan.rounds).max(1);
     raise_fd_limit();
@@ -197,11 +229,14 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     // Namespace `bench` (meshed): `client` and `local` on node-1, `remote` on node-2.
     let mut f = Fixture::two_nodes([&[], &[]]);
     let server = PodSpec::app("bench", &[("app", "server")]);
+    let guarded = PodSpec::app("bench", &[("app", "guarded")]);
     f.namespace("bench", true)
         .pod(0, "client", CLIENT, PodSpec::app("bench", &[("app", "client")]))
         .pod(0, "local", LOCAL, server)
-        .pod(1, "remote", REMOTE, server);
-    let config = f.yaml("");
+        .pod(1, "remote", REMOTE, server)
+        .pod(0, "guarded-local", GUARDED_LOCAL, guarded)
+        .pod(1, "guarded-remote", GUARDED_REMOTE, guarded);
+    let config = f.yaml(&guarded_policy(&mesh_tests::jwt::jwks(&[&signer])));
     let cluster = f.cluster;
     let work = WorkDir(std::env::temp_dir().join(format!("mesh-bench-{}", cluster.id)));
     std::fs::create_dir_all(&work.0)?;
@@ -217,6 +252,10 @@ pub fn run(options: Options) -> anyhow::Result<()> {
         for port in [5201, 11111, 8080, 8081, 9090] {
             wait_port(&cluster.pod("client").netns, ip, port)?;
         }
+    }
+    for (name, ip) in [("guarded-local", GUARDED_LOCAL), ("guarded-remote", GUARDED_REMOTE)] {
+        servers.push(nginx(cluster.pod(name), work)?);
+        wait_port(&cluster.pod("client").netns, ip, 8080)?;
     }
     let nginx_local = nginx_pids(&work.join("local"));
     let nginx_remote = nginx_pids(&work.join("remote"));

@@ -106,7 +106,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// The fuzz targets (mesh-agent/fuzz/fuzz_targets), each with checked-in seeds.
-const FUZZ_TARGETS: [&str; 5] = ["config", "sniff", "sni", "hbone_connect", "ca_request"];
+const FUZZ_TARGETS: [&str; 6] = ["config", "sniff", "sni", "hbone_connect", "ca_request", "jwt"];
 
 fn fuzz(secs: u64, targets: &[String]) -> anyhow::Result<()> {
     if let Some(unknown) = targets.iter().find(|t| !FUZZ_TARGETS.contains(&t.as_str())) {

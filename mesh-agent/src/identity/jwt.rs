@@ -74,7 +74,7 @@ pub struct Verified {
 }
 
 /// Clock skew allowed on `exp` and `nbf`, as Envoy's default.
-const CLOCK_SKEW_SECS: u64 = 60;
+pub(crate) const CLOCK_SKEW_SECS: u64 = 60;
 
 const ALLOWED: [Algorithm; 9] = [
     Algorithm::RS256,
@@ -273,7 +273,7 @@ pub enum Location<'a> {
 /// The outcome of a request's authentication: nothing to check (no token),
 /// or the first valid token, the rule it passed, and where it was.
 pub struct Authenticated<'r> {
-    pub verified: Verified,
+    pub verified: Arc<Verified>,
     pub rule: &'r JwtRule,
     /// Headers the tokens came from, removed before the request goes on
     /// unless the rule says `forwardOriginalToken`.
@@ -299,6 +299,7 @@ pub fn authenticate<'r>(
     rules: &[(&'r JwtRule, Arc<[JwtKey]>)],
     headers: &http::HeaderMap,
     query: Option<&str>,
+    cache: &cache::VerifiedCache,
 ) -> Result<Option<Authenticated<'r>>, Refused<'r>> {
     let refused = |error, rule| Refused { error, rule };
     let mut found: Vec<(Location<'r>, String)> = Vec::new();
@@ -320,7 +321,7 @@ pub fn authenticate<'r>(
             .iter()
             .find(|(r, _)| r.issuer == issuer && looks_at(r, at))
             .ok_or(refused(JwtError::UnknownIssuer, None))?;
-        let verified = verify(token, rule, keys).map_err(|e| refused(e, Some(*rule)))?;
+        let verified = cache.check(token, rule, keys).map_err(|e| refused(e, Some(*rule)))?;
         let header = match at {
             Location::Header(h) if !rule.forward_original_token => Some(*h),
             _ => None,
@@ -396,6 +397,7 @@ fn tokens<'r>(rule: &'r JwtRule, headers: &http::HeaderMap, query: Option<&str>)
     out
 }
 
+pub mod cache;
 pub mod jwks;
 #[cfg(test)]
 pub(crate) mod tests;

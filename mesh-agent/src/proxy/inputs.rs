@@ -37,6 +37,8 @@ pub struct Inputs {
     pub access_log: crate::proxy::l7::access_log::AccessLog,
     /// Key sets fetched from RequestAuthentications' `jwksUri`.
     pub jwks: Arc<crate::identity::jwt::jwks::JwksCache>,
+    /// End-user tokens already verified.
+    pub jwt_verified: crate::identity::jwt::cache::VerifiedCache,
     /// gRPC channels to external authorizers (CUSTOM).
     pub ext_authz: crate::proxy::l7::destination::ext_authz::Channels,
     /// Original destinations of captured host clients (when that capture runs).
@@ -78,6 +80,7 @@ impl Inputs {
             originations: super::Originations::default(),
             access_log: s.access_log,
             jwks: s.jwks,
+            jwt_verified: Default::default(),
             ext_authz: Default::default(),
             host_orig: std::sync::OnceLock::new(),
             state: RwLock::default(),

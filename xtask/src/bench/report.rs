@@ -26,7 +26,7 @@ pub(super) fn report(results: &Results, idle: &Idle, quick: bool, took: Duration
         let samples = results.get(path).and_then(|s| s.get(scenario)).map(Vec::as_slice).unwrap_or(&[]);
         median(samples.iter().filter_map(|s| s.get(key).copied()).collect())
     };
-    let rows: [(&str, &str, &str, bool); 24] = [
+    let rows: [(&str, &str, &str, bool); 28] = [
         ("tcp_1_stream", "gbit_per_s", "Gbit/s", true),
         ("tcp_8_streams", "gbit_per_s", "Gbit/s", true),
         ("tcp_rr_1000mps", "p50_us", "µs p50", false),
@@ -35,6 +35,8 @@ pub(super) fn report(results: &Results, idle: &Idle, quick: bool, took: Duration
         ("http1_1000rps", "p90_ms", "ms p90", false),
         ("http1_1000rps", "p99_ms", "ms p99", false),
         ("http1_1000rps", "p99.9_ms", "ms p99.9", false),
+        ("http1_1000rps_jwt", "p50_ms", "ms p50", false),
+        ("http1_1000rps_jwt", "p99_ms", "ms p99", false),
         ("http1_saturation", "rps", "req/s", true),
         ("http2_1000rps", "p50_ms", "ms p50", false),
         ("http2_1000rps", "p90_ms", "ms p90", false),
@@ -45,6 +47,8 @@ pub(super) fn report(results: &Results, idle: &Idle, quick: bool, took: Duration
         ("grpc_unary", "mean_ms", "ms mean", false),
         ("http1_saturation", "non_200", "errors", false),
         ("http1_1000rps", "agent_vcpu_per_1000rps", "vCPU/1k rps", false),
+        ("http1_1000rps_jwt", "agent_vcpu_per_1000rps", "vCPU/1k rps", false),
+        ("http1_1000rps_jwt", "non_200", "errors", false),
         ("http2_1000rps", "agent_vcpu_per_1000rps", "vCPU/1k rps", false),
         ("http1_1000rps", "server_vcpu_per_1000rps", "nginx vCPU/1k", false),
         ("http2_1000rps", "server_vcpu_per_1000rps", "nginx vCPU/1k", false),
@@ -91,6 +95,19 @@ pub(super) fn report(results: &Results, idle: &Idle, quick: bool, took: Duration
         if same.is_finite() || cross.is_finite() {
             println!("{scenario}: CPU per request, each agent / nginx: same-node {same:.1}x, cross-node {cross:.1}x");
         }
+    }
+    // Request policy at the destination (HTTP parsed there, a JWT checked,
+    // the policy judged): its cost over the same requests without it.
+    let cost = |path: &str, key: &str| med(path, "http1_1000rps_jwt", key) - med(path, "http1_1000rps", key);
+    if cost("mesh_cross_node", "agent_vcpu_per_1000rps").is_finite() {
+        println!(
+            "request policy at the destination (JWT ES256 + L7 ALLOW), over http1_1000rps: \
+             same-node {:+.3} vCPU/1k rps {:+.3} ms p50, cross-node {:+.3} vCPU/1k rps (per agent) {:+.3} ms p50",
+            cost("mesh_same_node", "agent_vcpu_per_1000rps"),
+            cost("mesh_same_node", "p50_ms"),
+            cost("mesh_cross_node", "agent_vcpu_per_1000rps"),
+            cost("mesh_cross_node", "p50_ms"),
+        );
     }
     let hs = |key: &str| med("mesh_cross_node", "hbone_handshakes", key);
     if hs("full_per_s").is_finite() {

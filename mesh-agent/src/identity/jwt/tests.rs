@@ -210,7 +210,8 @@ fn tokens_are_found_where_the_rules_look() {
         (&custom, h(&[("cookie", format!("a=b; session={token}"))]), None, Some("alice"), vec![]),
     ];
     for (i, (r, headers, query, principal, consumed)) in cases.into_iter().enumerate() {
-        let got = authenticate(&[(r, r.keys.clone())], &headers, query).unwrap_or_else(|e| panic!("case {i}: {e:?}"));
+        let got = authenticate(&[(r, r.keys.clone())], &headers, query, &Default::default())
+            .unwrap_or_else(|e| panic!("case {i}: {e:?}"));
         let sub = got.as_ref().map(|a| a.verified.principal.rsplit('/').next().unwrap_or_default());
         assert_eq!(sub, principal, "case {i}");
         assert_eq!(got.map(|a| a.consumed).unwrap_or_default(), consumed, "case {i}");
@@ -219,10 +220,36 @@ fn tokens_are_found_where_the_rules_look() {
     let forged = Signer::rsa("rs", Algorithm::RS256).sign(with(claims(), "iss", json!("https://evil.example")));
     let headers = h(&[("authorization", format!("Bearer {token}")), ("x-jwt", forged)]);
     let both = [(&default, default.keys.clone()), (&custom, custom.keys.clone())];
-    assert_eq!(authenticate(&both, &headers, None).err().map(|r| r.error), Some(JwtError::UnknownIssuer));
+    assert_eq!(
+        authenticate(&both, &headers, None, &Default::default()).err().map(|r| r.error),
+        Some(JwtError::UnknownIssuer)
+    );
     // A flood of tokens is refused before any is checked.
     let flood: String = (0..10_000).map(|i| format!("session=a.b{i}.c; ")).collect();
     let headers = h(&[("cookie", flood)]);
-    let got = authenticate(&[(&custom, custom.keys.clone())], &headers, None).err().map(|r| r.error);
+    let got =
+        authenticate(&[(&custom, custom.keys.clone())], &headers, None, &Default::default()).err().map(|r| r.error);
     assert_eq!(got, Some(JwtError::TooMany));
+}
+
+#[test]
+fn verified_tokens_are_remembered_only_under_the_same_rule_and_keys() {
+    let rs = Signer::rsa("rs", Algorithm::RS256);
+    let r = rule(&[&rs]);
+    let cache = cache::VerifiedCache::default();
+    let token = rs.sign(claims());
+    let first = cache.check(&token, &r, &r.keys).expect("valid");
+    // The same token again: the same answer, not checked again.
+    assert!(Arc::ptr_eq(&first, &cache.check(&token, &r, &r.keys).expect("valid")));
+    // Another key set (a reload, a rotation): checked again, and refused if
+    // the token's key is gone.
+    let other = Signer::ec("rs", Algorithm::ES256);
+    let rotated = rule(&[&other]);
+    assert_eq!(cache.check(&token, &rotated, &rotated.keys).err(), Some(JwtError::NoKey));
+    // The same keys under a rule asking for another audience: refused.
+    let stricter = JwtRule { audiences: vec!["other".into()], ..rule(&[&rs]) };
+    assert_eq!(cache.check(&token, &stricter, &r.keys).err(), Some(JwtError::Audience));
+    // An expired token is never remembered past its expiry.
+    let expired = rs.sign(with(claims(), "exp", json!(now() - 3600)));
+    assert_eq!(cache.check(&expired, &r, &r.keys).err(), Some(JwtError::Expired));
 }

@@ -182,7 +182,7 @@ async fn handle(ctx: Arc<Inputs>, conn: Arc<Conn>, mut req: Request<Incoming>) -
         };
         keyed.push((rule, keys));
     }
-    let mut checked = jwt::authenticate(&keyed, req.headers(), req.uri().query());
+    let mut checked = jwt::authenticate(&keyed, req.headers(), req.uri().query(), &ctx.jwt_verified);
     // A key the fetched set lacks: the issuer may have rotated; fetch again once.
     if let Err(jwt::Refused { error: jwt::JwtError::NoKey, rule: Some(rule) }) = &checked
         && let Some(uri) = &rule.jwks_uri
@@ -191,7 +191,7 @@ async fn handle(ctx: Arc<Inputs>, conn: Arc<Conn>, mut req: Request<Incoming>) -
         for (_, keys) in keyed.iter_mut().filter(|(r, _)| r.jwks_uri.as_ref() == Some(uri)) {
             *keys = fresh.clone();
         }
-        checked = jwt::authenticate(&keyed, req.headers(), req.uri().query());
+        checked = jwt::authenticate(&keyed, req.headers(), req.uri().query(), &ctx.jwt_verified);
     }
     let authn = match checked {
         Ok(a) => a,
