@@ -30,6 +30,10 @@ fn a_security_policy_that_cannot_be_admitted_denies_what_it_selects() {
     };
     let pa = "---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: demo}\n\
         spec: {mtls: {mode: SOMETIMES}}\n";
+    // A key set the agent cannot use: tokens could not be checked, so the
+    // workload it protects is closed.
+    let ra = "---\napiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {name: jwt, namespace: demo}\n\
+        spec: {selector: {matchLabels: {app: hello}}, jwtRules: [{issuer: x, jwks: '{\"keys\": []}'}]}\n";
     let peer =
         Peer { principal: Some("spiffe://cluster.local/ns/demo/sa/test"), ip: std::net::Ipv4Addr::new(10, 244, 0, 9) };
     #[rustfmt::skip]
@@ -40,6 +44,8 @@ fn a_security_policy_that_cannot_be_admitted_denies_what_it_selects() {
         ("unreadable spec, selected",      ap("bad", "{selector: {matchLabels: {app: hello}}, rules: 7}"), false, true),
         ("unreadable selector: namespace", ap("sel", "{selector: {matchLabels: [app]}, action: ALLOW}"), false, false),
         ("PeerAuthentication: namespace",  pa.to_owned(), false, false),
+        ("RequestAuthentication, selected", ra.to_owned(), false, true),
+        ("CUSTOM, unknown provider",       ap("ext", "{selector: {matchLabels: {app: hello}}, action: CUSTOM, provider: {name: opa}, rules: [{}]}"), false, true),
     ];
     for (what, extra, hello_ok, db_ok) in cases {
         let loaded = admitted(&format!("{TWO_PODS}{extra}"));

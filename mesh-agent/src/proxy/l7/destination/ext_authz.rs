@@ -332,9 +332,13 @@ pub(super) async fn read_for_check(
     allow_partial: bool,
 ) -> Result<(Bytes, Replay), ()> {
     let mut read = Vec::new();
-    while read.len() < max {
+    // Until the body ends, or is known to be longer than `max`.
+    while read.len() <= max {
         match body.frame().await {
-            None => return Ok((Bytes::from(read.clone()), Replay { read: Some(read.into()), rest: None })),
+            None => {
+                let all = Bytes::from(read);
+                return Ok((all.clone(), Replay { read: Some(all), rest: None }));
+            }
             Some(Ok(frame)) => {
                 if let Some(d) = frame.data_ref() {
                     read.extend_from_slice(d);
@@ -343,13 +347,9 @@ pub(super) async fn read_for_check(
             Some(Err(_)) => return Err(()),
         }
     }
-    if hyper::body::Body::is_end_stream(&body) {
-        let all = Bytes::from(read);
-        return Ok((all.clone(), Replay { read: Some(all), rest: None }));
-    }
     if !allow_partial {
         return Err(());
     }
     let all = Bytes::from(read);
-    Ok((all.slice(..max.min(all.len())), Replay { read: Some(all), rest: Some(body) }))
+    Ok((all.slice(..max), Replay { read: Some(all), rest: Some(body) }))
 }

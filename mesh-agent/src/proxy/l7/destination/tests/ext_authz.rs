@@ -39,19 +39,25 @@ async fn http_authorizer(seen: Seen) -> u16 {
         while let Ok((tcp, _)) = listener.accept().await {
             let seen = seen.clone();
             let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                seen.lock().expect("seen").push(format!("{} {}", req.method(), req.uri()));
-                let header = req.headers().get("x-ext-authz").and_then(|v| v.to_str().ok());
-                let r = match allows(header) {
-                    true => {
-                        Response::builder().header("x-ext-authz-check-result", "allowed").body(Full::new(Bytes::new()))
-                    }
-                    false => Response::builder()
-                        .status(403)
-                        .header("x-ext-authz-check-result", "denied")
-                        .header("x-internal", "not for the client")
-                        .body(Full::new(Bytes::from("denied by the HTTP authorizer"))),
-                };
-                async move { Ok::<_, Infallible>(r.expect("response")) }
+                let seen = seen.clone();
+                async move {
+                    let line = format!("{} {}", req.method(), req.uri());
+                    let header = req.headers().get("x-ext-authz").and_then(|v| v.to_str().ok()).map(str::to_owned);
+                    let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                    let body = String::from_utf8_lossy(&body).into_owned();
+                    seen.lock().expect("seen").push(if body.is_empty() { line } else { format!("{line} body={body}") });
+                    let r = match allows(header.as_deref()) && !body.contains("forbidden") {
+                        true => Response::builder()
+                            .header("x-ext-authz-check-result", "allowed")
+                            .body(Full::new(Bytes::new())),
+                        false => Response::builder()
+                            .status(403)
+                            .header("x-ext-authz-check-result", "denied")
+                            .header("x-internal", "not for the client")
+                            .body(Full::new(Bytes::from("denied by the HTTP authorizer"))),
+                    };
+                    Ok::<_, Infallible>(r.expect("response"))
+                }
             });
             tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc));
         }
@@ -138,6 +144,11 @@ fn cluster(pod_port: u16, http: u16, grpc: u16, provider: &str) -> String {
          \x20   - name: grpc\n      envoyExtAuthzGrpc: {{service: ext-authz.demo.svc.cluster.local, port: 9000}}\n\
          \x20   - name: down-open\n      envoyExtAuthzHttp: {{service: ext-authz.demo.svc.cluster.local, port: 8001, failOpen: true}}\n\
          \x20   - name: down-closed\n      envoyExtAuthzGrpc: {{service: ext-authz.demo.svc.cluster.local, port: 8001, statusOnError: \"503\"}}\n\
+         \x20   - name: body\n      envoyExtAuthzHttp:\n        service: ext-authz.demo.svc.cluster.local\n        port: 8000\n\
+         \x20       includeRequestHeadersInCheck: [x-ext-authz]\n        includeRequestBodyInCheck: {{maxRequestBytes: 16}}\n\
+         \x20   - name: partial\n      envoyExtAuthzHttp:\n        service: ext-authz.demo.svc.cluster.local\n        port: 8000\n\
+         \x20       includeRequestHeadersInCheck: [x-ext-authz]\n\
+         \x20       includeRequestBodyInCheck: {{maxRequestBytes: 16, allowPartialMessage: true}}\n\
          \x20   - name: tracing\n      zipkin: {{service: zipkin.istio-system.svc.cluster.local, port: 9411}}\n\
          ---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: ext, namespace: demo}}\n\
          spec: {{selector: {{matchLabels: {{app: hello}}}}, action: CUSTOM, provider: {{name: {provider}}},\n\
@@ -201,4 +212,35 @@ async fn custom_policies_ask_an_http_or_grpc_authorizer() {
             "GET /api/x from spiffe://cluster.local/ns/demo/sa/test",
         ]
     );
+}
+
+/// A POST with `body` through the stage, asking the authorizer to allow.
+async fn post(t: &TestInputs, port: u16, body: &'static str) -> StatusCode {
+    let (client, server) = tokio::io::duplex(64 * 1024);
+    tokio::spawn(super::serve(t.inputs.clone(), server, inbound(t, port)));
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(client)).await.expect("handshake");
+    tokio::spawn(conn);
+    let req = Request::post("/api/x")
+        .header("host", "hello.demo.svc.cluster.local")
+        .header("x-ext-authz", "allow")
+        .body(Full::new(Bytes::from(body)))
+        .expect("request");
+    send.send_request(req).await.expect("response").status()
+}
+
+#[tokio::test]
+async fn the_body_goes_to_the_authorizer_when_the_provider_asks_for_it() {
+    let (pod_port, _) = pod().await;
+    let seen: Seen = Arc::default();
+    let (http, grpc) = (http_authorizer(seen.clone()).await, grpc_authorizer(seen.clone()).await);
+    let body = TestInputs::new(&cluster(pod_port, http, grpc, "body"));
+    let partial = TestInputs::new(&cluster(pod_port, http, grpc, "partial"));
+    assert_eq!(post(&body, pod_port, "hello").await, StatusCode::OK);
+    assert_eq!(post(&body, pod_port, "forbidden").await, StatusCode::FORBIDDEN);
+    // Longer than the provider takes, and not in part: Envoy's 413, no check.
+    assert_eq!(post(&body, pod_port, "0123456789abcdef forbidden").await, StatusCode::PAYLOAD_TOO_LARGE);
+    // In part: the authorizer sees the first 16 bytes, the pod the whole body.
+    assert_eq!(post(&partial, pod_port, "0123456789abcdef forbidden").await, StatusCode::OK);
+    let seen = seen.lock().expect("seen").clone();
+    assert_eq!(seen, ["POST /api/x body=hello", "POST /api/x body=forbidden", "POST /api/x body=0123456789abcdef"]);
 }
