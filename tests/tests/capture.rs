@@ -372,7 +372,7 @@ fn invalid_objects_are_rejected_one_by_one_and_an_unreadable_config_refuses_to_s
     // A security policy that cannot be admitted fails closed for what it selects.
     let policy = "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
         metadata: {name: hello, namespace: demo}\n\
-        spec: {selector: {matchLabels: {app: helloworld}}, rules: [{when: [{key: source.ip, values: [10.0.0.1]}]}]}\n";
+        spec: {selector: {matchLabels: {app: helloworld}}, rules: [{when: [{key: request.time, values: [now]}]}]}\n";
     let loads = |m: &str| metric(m, "mesh_config_loads_total", &[("result", "success")]);
     let before = loads(&agent.metrics());
     agent.write_config(&config(false, policy));
