@@ -273,10 +273,38 @@ pub enum ServerTls {
 pub struct ServerCert {
     /// `namespace/name` of the Secret.
     pub credential: String,
+    /// The protocol versions and TLS 1.2 suites offered with it.
+    pub settings: TlsSettings,
     #[serde(skip)]
     pub cert_pem: Arc<[u8]>,
     #[serde(skip)]
     pub key_pem: Arc<[u8]>,
+}
+
+/// What a TLS server at the mesh's edge offers: TLS 1.2 and 1.3 by default
+/// (Istio's gateway defaults, Mozilla's "intermediate"), never below 1.2,
+/// and for TLS 1.2 only ECDHE key exchange with AEAD ciphers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TlsSettings {
+    pub min: TlsVersion,
+    pub max: TlsVersion,
+    /// `cipherSuites` as Istio names them (OpenSSL's names); empty: every
+    /// suite offered (they only apply to TLS 1.2).
+    pub cipher_suites: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub enum TlsVersion {
+    #[serde(rename = "TLSV1_2")]
+    V1_2,
+    #[serde(rename = "TLSV1_3")]
+    V1_3,
+}
+
+impl Default for TlsSettings {
+    fn default() -> Self {
+        TlsSettings { min: TlsVersion::V1_2, max: TlsVersion::V1_3, cipher_suites: Vec::new() }
+    }
 }
 
 impl ServerCert {

@@ -237,6 +237,14 @@ impl Edge {
         self.set_config(&config(&self.base, &self.secret, &self.ca_secret, extra));
     }
 
+    /// The ingress Gateway's HTTPS server with more `tls` fields (`, a: b, …`).
+    pub fn set_https_tls(&self, fields: &str) {
+        let cfg = config(&self.base, &self.secret, &self.ca_secret, "");
+        let tls = "credentialName: hello-cert}";
+        assert!(cfg.contains(tls));
+        self.set_config(&cfg.replacen(tls, &format!("credentialName: hello-cert{fields}}}"), 1));
+    }
+
     pub fn set_config(&self, cfg: &str) {
         self.ca.write_config(cfg);
         for a in &self.agents {

@@ -303,3 +303,49 @@ spec:
     assert!(metric(&dest, "istio_tcp_connections_opened_total", &refused) >= 1.0, "{dest}");
     assert!(metric(&dest, "mesh_tcp_connection_failures_total", &[("reason", "denied")]) >= 1.0, "{dest}");
 }
+
+/// Whether an openssl client with `args` completes a TLS handshake with the
+/// ingress gateway's HTTPS server.
+fn handshakes(e: &Edge, args: &str) -> bool {
+    let cmd = format!(
+        "openssl s_client -connect {NODE1}:443 -servername hello.example.com {args} </dev/null 2>&1 | grep -q '^New, TLS'"
+    );
+    e.c.net_cmd(&["sh", "-c", &cmd]).status.success()
+}
+
+#[test]
+fn https_gateways_speak_tls_1_2_and_1_3_and_honour_versions_and_suites() {
+    if !require_root("https_gateways_speak_tls_1_2_and_1_3_and_honour_versions_and_suites") {
+        return;
+    }
+    let e = Edge::start();
+    // Defaults: Mozilla's intermediate profile.
+    assert!(handshakes(&e, "-tls1_3"), "TLS 1.3 refused");
+    assert!(handshakes(&e, "-tls1_2"), "TLS 1.2 refused");
+    assert!(!handshakes(&e, "-tls1_1 -cipher DEFAULT@SECLEVEL=0"), "TLS 1.1 accepted");
+    assert!(!handshakes(&e, "-tls1_2 -cipher ECDHE-ECDSA-AES128-SHA"), "a CBC suite accepted");
+    assert!(!handshakes(&e, "-tls1_2 -cipher AES128-GCM-SHA256"), "RSA key exchange accepted");
+    // TLS 1.3 only.
+    e.set_https_tls(", minProtocolVersion: TLSV1_3");
+    assert!(handshakes(&e, "-tls1_3"));
+    assert!(!handshakes(&e, "-tls1_2"), "minProtocolVersion TLSV1_3 let TLS 1.2 in");
+    // TLS 1.2 only, one suite.
+    e.set_https_tls(", maxProtocolVersion: TLSV1_2, cipherSuites: [ECDHE-ECDSA-AES256-GCM-SHA384]");
+    assert!(!handshakes(&e, "-tls1_3"), "maxProtocolVersion TLSV1_2 let TLS 1.3 in");
+    assert!(handshakes(&e, "-tls1_2 -cipher ECDHE-ECDSA-AES256-GCM-SHA384"));
+    assert!(!handshakes(&e, "-tls1_2 -cipher ECDHE-ECDSA-AES128-GCM-SHA256"), "a suite not listed accepted");
+    // A real client through it, with the suite it settles on.
+    let (code, body) = curl(
+        |a| e.c.net_cmd(a),
+        &[
+            "--cacert",
+            e.certs.ca().to_str().unwrap(),
+            "--tls-max",
+            "1.2",
+            "--resolve",
+            &format!("hello.example.com:443:{NODE1}"),
+            "https://hello.example.com/helloworld",
+        ],
+    );
+    assert_eq!(code, 200, "{body}");
+}

@@ -7,7 +7,9 @@ use std::{collections::BTreeMap, sync::Arc};
 use serde::Deserialize;
 
 use super::{k8s::ObjectMeta, validate::Ctx};
-use crate::state::{Gateway, GatewayProtocol, GatewayServer, ServerCert, ServerHost, ServerTls, Workload};
+use crate::state::{
+    Gateway, GatewayProtocol, GatewayServer, ServerCert, ServerHost, ServerTls, TlsSettings, TlsVersion, Workload,
+};
 
 type Unsupported = Option<serde_yaml_ng::Value>;
 const NOT_YET: &str = "not supported by this version of mesh-agent";
@@ -70,9 +72,9 @@ pub struct ServerTlsSpec {
     pub subject_alt_names: Unsupported,
     pub verify_certificate_spki: Unsupported,
     pub verify_certificate_hash: Unsupported,
-    pub min_protocol_version: Unsupported,
-    pub max_protocol_version: Unsupported,
-    pub cipher_suites: Unsupported,
+    pub min_protocol_version: Option<String>,
+    pub max_protocol_version: Option<String>,
+    pub cipher_suites: Option<Vec<String>>,
     pub ca_crl: Unsupported,
     pub tls_certificates: Unsupported,
 }
@@ -258,9 +260,6 @@ fn server_tls(
         ("subjectAltNames", &t.subject_alt_names),
         ("verifyCertificateSpki", &t.verify_certificate_spki),
         ("verifyCertificateHash", &t.verify_certificate_hash),
-        ("minProtocolVersion", &t.min_protocol_version),
-        ("maxProtocolVersion", &t.max_protocol_version),
-        ("cipherSuites", &t.cipher_suites),
         ("caCrl", &t.ca_crl),
         ("tlsCertificates", &t.tls_certificates),
     ];
@@ -272,7 +271,14 @@ fn server_tls(
         }
     }
     let tls = match t.mode.as_deref().unwrap_or("SIMPLE") {
-        "PASSTHROUGH" if protocol == GatewayProtocol::Tls => ServerTls::Passthrough,
+        "PASSTHROUGH" if protocol == GatewayProtocol::Tls => {
+            let set = [t.min_protocol_version.is_some(), t.max_protocol_version.is_some(), t.cipher_suites.is_some()];
+            if set.into_iter().any(|s| s) {
+                ctx.error(base, "PASSTHROUGH does not terminate TLS: protocol versions and cipher suites do not apply");
+                return None;
+            }
+            ServerTls::Passthrough
+        }
         "PASSTHROUGH" => {
             ctx.error(format!("{base}.mode"), "PASSTHROUGH needs port protocol TLS");
             return None;
@@ -286,7 +292,9 @@ fn server_tls(
                 ctx.error(format!("{base}.credentialName"), "required for mode SIMPLE");
                 return None;
             };
-            ServerTls::Simple(server_cert(ctx, &format!("{base}.credentialName"), name, namespace, secrets)?)
+            let mut cert = server_cert(ctx, &format!("{base}.credentialName"), name, namespace, secrets)?;
+            cert.settings = tls_settings(ctx, base, t)?;
+            ServerTls::Simple(cert)
         }
         other => {
             ctx.error(format!("{base}.mode"), format!("{other:?}: expected SIMPLE or PASSTHROUGH ({NOT_YET}: MUTUAL)"));
@@ -294,6 +302,44 @@ fn server_tls(
         }
     };
     ok.then_some(tls)
+}
+
+/// `minProtocolVersion`, `maxProtocolVersion` and `cipherSuites`, with
+/// Istio's rules (the minimum not above the maximum) and the edge's floor:
+/// nothing below TLS 1.2, TLS 1.2 suites ECDHE and AEAD only.
+fn tls_settings(ctx: &mut Ctx<'_>, base: &str, t: &ServerTlsSpec) -> Option<TlsSettings> {
+    let before = ctx.error_count();
+    let mut version = |field: &str, v: &Option<String>, default: TlsVersion| match v.as_deref() {
+        None | Some("TLS_AUTO") => default,
+        Some("TLSV1_2") => TlsVersion::V1_2,
+        Some("TLSV1_3") => TlsVersion::V1_3,
+        Some(old @ ("TLSV1_0" | "TLSV1_1")) => {
+            ctx.error(
+                format!("{base}.{field}"),
+                format!("{old}: not offered; the mesh's edge speaks TLS 1.2 and 1.3 (Mozilla's intermediate profile)"),
+            );
+            default
+        }
+        Some(other) => {
+            ctx.error(format!("{base}.{field}"), format!("{other:?}: expected TLS_AUTO, TLSV1_2 or TLSV1_3"));
+            default
+        }
+    };
+    let min = version("minProtocolVersion", &t.min_protocol_version, TlsVersion::V1_2);
+    let max = version("maxProtocolVersion", &t.max_protocol_version, TlsVersion::V1_3);
+    if min > max {
+        ctx.error(format!("{base}.minProtocolVersion"), "above maxProtocolVersion");
+    }
+    let cipher_suites = t.cipher_suites.clone().unwrap_or_default();
+    for (i, c) in cipher_suites.iter().enumerate() {
+        if let Err(e) = crate::identity::tls::check_cipher_suite(c) {
+            ctx.error(format!("{base}.cipherSuites[{i}]"), e);
+        }
+    }
+    if !cipher_suites.is_empty() && min == TlsVersion::V1_3 {
+        ctx.error(format!("{base}.cipherSuites"), "only apply to TLS 1.2, which minProtocolVersion TLSV1_3 leaves out");
+    }
+    (ctx.error_count() == before).then_some(TlsSettings { min, max, cipher_suites })
 }
 
 /// The certificate and key of a `kubernetes.io/tls` Secret in the Gateway's
@@ -314,7 +360,12 @@ fn server_cert(ctx: &mut Ctx<'_>, field: &str, name: &str, namespace: &str, secr
         _ => return fail("needs both tls.crt and tls.key (type kubernetes.io/tls)".into()),
     };
     match crate::identity::tls::certified_key_from_pem(&cert, &pkey) {
-        Ok(_) => Some(ServerCert { credential: key.clone(), cert_pem: cert.into(), key_pem: pkey.into() }),
+        Ok(_) => Some(ServerCert {
+            credential: key.clone(),
+            settings: TlsSettings::default(),
+            cert_pem: cert.into(),
+            key_pem: pkey.into(),
+        }),
         Err(e) => fail(e),
     }
 }

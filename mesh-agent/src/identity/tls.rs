@@ -181,28 +181,70 @@ pub fn certified_key_from_pem(cert_pem: &[u8], key_pem: &[u8]) -> Result<Certifi
     Ok(certified)
 }
 
-/// Settings for a Gateway's TLS server (mode SIMPLE): the certificate of the
-/// first server whose host pattern matches the client's SNI (the first one
-/// without SNI), no client certificate, TLS 1.2 and 1.3 (clients outside the
-/// mesh), h2 and HTTP/1.1 offered by ALPN.
-pub fn gateway_server_config(certs: Vec<(String, Arc<CertifiedKey>)>) -> Result<ServerConfig, Error> {
-    let mut config = ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()?
+/// Istio's `cipherSuites` names (OpenSSL's) and the rustls TLS 1.2 suites
+/// they are: ECDHE key exchange with an AEAD cipher, Mozilla's
+/// "intermediate" profile. Names of suites with CBC ciphers, RSA key
+/// exchange or 3DES are refused by the configuration.
+const TLS12_SUITES: [(&str, rustls::CipherSuite); 6] = [
+    ("ECDHE-ECDSA-AES128-GCM-SHA256", rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256),
+    ("ECDHE-RSA-AES128-GCM-SHA256", rustls::CipherSuite::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256),
+    ("ECDHE-ECDSA-AES256-GCM-SHA384", rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384),
+    ("ECDHE-RSA-AES256-GCM-SHA384", rustls::CipherSuite::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384),
+    ("ECDHE-ECDSA-CHACHA20-POLY1305", rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256),
+    ("ECDHE-RSA-CHACHA20-POLY1305", rustls::CipherSuite::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256),
+];
+
+/// Whether `name` is a `cipherSuites` entry the edge offers (else why not).
+pub fn check_cipher_suite(name: &str) -> Result<(), String> {
+    if TLS12_SUITES.iter().any(|(n, _)| *n == name) {
+        return Ok(());
+    }
+    let offered: Vec<&str> = TLS12_SUITES.iter().map(|(n, _)| *n).collect();
+    Err(format!(
+        "{name:?} is not offered: TLS 1.2 at the mesh's edge is ECDHE with AES-GCM or ChaCha20-Poly1305 only (no CBC, no RSA key exchange); one of {offered:?}"
+    ))
+}
+
+/// Settings for a Gateway's TLS server (mode SIMPLE): its certificate, the
+/// protocol versions and TLS 1.2 suites it allows (TLS 1.3's suites are
+/// always offered), no client certificate, h2 and HTTP/1.1 by ALPN.
+pub fn gateway_server_config(
+    cert: Arc<CertifiedKey>,
+    settings: &crate::state::TlsSettings,
+) -> Result<ServerConfig, Error> {
+    use crate::state::TlsVersion;
+    let mut provider = (*provider()).clone();
+    let wanted = |s: &rustls::SupportedCipherSuite| match s {
+        rustls::SupportedCipherSuite::Tls13(_) => true,
+        rustls::SupportedCipherSuite::Tls12(_) => {
+            settings.cipher_suites.is_empty()
+                || TLS12_SUITES.iter().any(|(n, id)| *id == s.suite() && settings.cipher_suites.iter().any(|c| c == n))
+        }
+    };
+    provider.cipher_suites.retain(wanted);
+    let mut versions: Vec<&'static rustls::SupportedProtocolVersion> = Vec::new();
+    if settings.min <= TlsVersion::V1_2 && settings.max >= TlsVersion::V1_2 {
+        versions.push(&rustls::version::TLS12);
+    }
+    if settings.max >= TlsVersion::V1_3 {
+        versions.push(&rustls::version::TLS13);
+    }
+    let mut config = ServerConfig::builder_with_provider(Arc::new(provider))
+        .with_protocol_versions(&versions)?
         .with_no_client_auth()
-        .with_cert_resolver(Arc::new(ByHost(certs)));
+        .with_cert_resolver(Arc::new(OneCert(cert)));
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(config)
 }
 
+/// The server's one certificate, whatever the client's SNI (the gateway chose
+/// the server by it already).
 #[derive(Debug)]
-struct ByHost(Vec<(String, Arc<CertifiedKey>)>);
+struct OneCert(Arc<CertifiedKey>);
 
-impl ResolvesServerCert for ByHost {
-    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let found = hello
-            .server_name()
-            .and_then(|sni| self.0.iter().find(|(pattern, _)| crate::state::traffic::host_matches(pattern, sni)));
-        found.or(self.0.first()).map(|(_, c)| c.clone())
+impl ResolvesServerCert for OneCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
     }
 }
 

@@ -72,7 +72,19 @@ struct Held {
 struct Serving {
     protocol: GatewayProtocol,
     gateways: Arc<[String]>,
-    acceptor: Option<tokio_rustls::TlsAcceptor>,
+    acceptor: Option<Arc<TlsServers>>,
+}
+
+/// An HTTPS port's servers' TLS settings, chosen by the client's SNI (the
+/// first server whose host pattern matches; the first server without SNI or
+/// when none does), each with its own certificate, versions and suites.
+struct TlsServers(Vec<(String, Arc<rustls::ServerConfig>)>);
+
+impl TlsServers {
+    fn choose(&self, sni: Option<&str>) -> Option<Arc<rustls::ServerConfig>> {
+        let found = sni.and_then(|sni| self.0.iter().find(|(p, _)| crate::state::traffic::host_matches(p, sni)));
+        found.or(self.0.first()).map(|(_, c)| c.clone())
+    }
 }
 
 /// The gateway listeners of this node.
@@ -113,7 +125,7 @@ pub fn plan(state: &State, node: &str) -> Result<BTreeMap<u16, PortPlan>, String
                 p.gateways.push(key.clone());
             }
             if let Some(ServerTls::Simple(cert)) = &s.tls {
-                let id = format!("{} ({})", cert.credential, cert.fingerprint());
+                let id = format!("{} ({}) {:?}", cert.credential, cert.fingerprint(), cert.settings);
                 p.credentials.extend(s.hosts.iter().map(|h| (h.host.clone(), id.clone())));
             }
         }
@@ -305,22 +317,22 @@ fn open(ctx: &Arc<Inputs>, state: &State, plan: &PortPlan) -> std::io::Result<Se
     Ok(tx)
 }
 
-/// A TLS acceptor presenting, by SNI, the certificate of the server whose hosts
-/// match (the first server's when none does).
-fn tls_acceptor(state: &State, plan: &PortPlan) -> std::io::Result<tokio_rustls::TlsAcceptor> {
-    let mut certs = Vec::new();
+/// The TLS settings of each HTTPS server on the port, by host pattern.
+fn tls_acceptor(state: &State, plan: &PortPlan) -> std::io::Result<Arc<TlsServers>> {
+    let mut servers = Vec::new();
     for g in plan.gateways.iter().filter_map(|k| state.gateway(k)) {
         for s in g.servers.iter().filter(|s| s.port == plan.addr.port()) {
             if let Some(ServerTls::Simple(c)) = &s.tls {
-                let key = crate::identity::tls::certified_key_from_pem(&c.cert_pem, &c.key_pem)
-                    .map_err(|e| std::io::Error::other(format!("{}: {e}", c.credential)))?;
-                let key = Arc::new(key);
-                certs.extend(s.hosts.iter().map(|h| (h.host.clone(), key.clone())));
+                let fail = |e: String| std::io::Error::other(format!("{}: {e}", c.credential));
+                let key = crate::identity::tls::certified_key_from_pem(&c.cert_pem, &c.key_pem).map_err(fail)?;
+                let config = crate::identity::tls::gateway_server_config(Arc::new(key), &c.settings)
+                    .map_err(|e| fail(e.to_string()))?;
+                let config = Arc::new(config);
+                servers.extend(s.hosts.iter().map(|h| (h.host.clone(), config.clone())));
             }
         }
     }
-    let config = crate::identity::tls::gateway_server_config(certs).map_err(std::io::Error::other)?;
-    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+    Ok(Arc::new(TlsServers(servers)))
 }
 
 async fn handle(
@@ -329,14 +341,23 @@ async fn handle(
     peer: SocketAddr,
     protocol: GatewayProtocol,
     gateways: Arc<[String]>,
-    acceptor: Option<tokio_rustls::TlsAcceptor>,
+    acceptor: Option<Arc<TlsServers>>,
     handshake: Option<crate::proxy::limits::Handshake>,
 ) {
     let _ = stream.set_nodelay(true);
     let Ok(SocketAddr::V4(local)) = stream.local_addr() else { return };
     match (protocol, acceptor) {
-        (GatewayProtocol::Https, Some(acceptor)) => {
-            let tls = match tokio::time::timeout(ctx.limits.handshake_timeout, acceptor.accept(stream)).await {
+        (GatewayProtocol::Https, Some(servers)) => {
+            // The ClientHello first: its SNI picks the server's settings.
+            let accept = async {
+                let lazy = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream);
+                let start = lazy.await?;
+                let Some(config) = servers.choose(start.client_hello().server_name()) else {
+                    return Err(std::io::Error::other("no HTTPS server on this port"));
+                };
+                start.into_stream(config).await
+            };
+            let tls = match tokio::time::timeout(ctx.limits.handshake_timeout, accept).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => return tracing::info!(%peer, error = %e, "gateway TLS handshake failed"),
                 Err(_) => return tracing::info!(%peer, "gateway TLS handshake timed out"),

@@ -325,4 +325,5 @@ fn virtual_services_claiming_a_host_apply_oldest_first() {
 }
 
 mod admission;
+mod gateway_tls;
 mod security;
