@@ -216,6 +216,8 @@ pub struct GatewayServer {
     /// Host patterns and the namespaces whose VirtualServices may bind them.
     pub hosts: Vec<ServerHost>,
     pub tls: Option<ServerTls>,
+    /// `tls.httpsRedirect` on an HTTP server: every request is sent to HTTPS.
+    pub https_redirect: bool,
 }
 
 /// A Gateway server's `hosts` entry, `namespace/host`: the host pattern

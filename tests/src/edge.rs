@@ -239,10 +239,14 @@ impl Edge {
 
     /// The ingress Gateway's HTTPS server with more `tls` fields (`, a: b, …`).
     pub fn set_https_tls(&self, fields: &str) {
+        self.set_replaced("credentialName: hello-cert}", &format!("credentialName: hello-cert{fields}}}"));
+    }
+
+    /// The base configuration with the first `from` replaced by `to`.
+    pub fn set_replaced(&self, from: &str, to: &str) {
         let cfg = config(&self.base, &self.secret, &self.ca_secret, "");
-        let tls = "credentialName: hello-cert}";
-        assert!(cfg.contains(tls));
-        self.set_config(&cfg.replacen(tls, &format!("credentialName: hello-cert{fields}}}"), 1));
+        assert!(cfg.contains(from), "{from:?} is not in the configuration");
+        self.set_config(&cfg.replacen(from, to, 1));
     }
 
     pub fn set_config(&self, cfg: &str) {

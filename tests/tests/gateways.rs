@@ -348,4 +348,24 @@ fn https_gateways_speak_tls_1_2_and_1_3_and_honour_versions_and_suites() {
         ],
     );
     assert_eq!(code, 200, "{body}");
+    // The HTTP server sends its clients to HTTPS, and curl follows to the page.
+    e.set_replaced("hosts: [\"*\"]", "hosts: [\"*\"]\n    tls: {httpsRedirect: true}");
+    let (code, body) = curl(|a| e.c.net_cmd(a), &["-i", &format!("http://{NODE1}/helloworld?x=1")]);
+    assert_eq!(code, 301, "{body}");
+    assert!(body.contains(&format!("location: https://{NODE1}/helloworld?x=1")), "{body}");
+    let (code, body) = curl(
+        |a| e.c.net_cmd(a),
+        &[
+            "-L",
+            "--cacert",
+            e.certs.ca().to_str().unwrap(),
+            "--resolve",
+            &format!("hello.example.com:80:{NODE1}"),
+            "--resolve",
+            &format!("hello.example.com:443:{NODE1}"),
+            "http://hello.example.com/helloworld",
+        ],
+    );
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("hello from helloworld"), "{body}");
 }

@@ -64,7 +64,7 @@ pub struct PortSpec {
 pub struct ServerTlsSpec {
     pub mode: Option<String>,
     pub credential_name: Option<String>,
-    pub https_redirect: Unsupported,
+    pub https_redirect: Option<bool>,
     pub server_certificate: Unsupported,
     pub private_key: Unsupported,
     pub ca_certificates: Unsupported,
@@ -234,13 +234,24 @@ fn build_server(
             return None;
         }
         (None, _) => None,
+        // An HTTP server takes `httpsRedirect` alone.
+        (Some(t), GatewayProtocol::Http) if is_redirect_only(t) => None,
         (Some(_), GatewayProtocol::Http | GatewayProtocol::Http2 | GatewayProtocol::Tcp) => {
-            ctx.error(format!("{base}.tls"), "only HTTPS and TLS servers take tls settings");
+            ctx.error(
+                format!("{base}.tls"),
+                "only HTTPS and TLS servers take tls settings (an HTTP server: httpsRedirect alone)",
+            );
             return None;
         }
         (Some(t), _) => Some(server_tls(ctx, &format!("{base}.tls"), t, protocol, namespace, secrets)?),
     };
-    Some(GatewayServer { port: number, name: port.name.clone().or(s.name.clone()), protocol, hosts, tls })
+    let https_redirect = s.tls.as_ref().and_then(|t| t.https_redirect).unwrap_or(false);
+    if https_redirect && protocol != GatewayProtocol::Http {
+        ctx.error(format!("{base}.tls.httpsRedirect"), "only for an HTTP server (it sends its clients to HTTPS)");
+        return None;
+    }
+    let name = port.name.clone().or(s.name.clone());
+    Some(GatewayServer { port: number, name, protocol, hosts, tls, https_redirect })
 }
 
 fn server_tls(
@@ -252,7 +263,6 @@ fn server_tls(
     secrets: &Secrets,
 ) -> Option<ServerTls> {
     let unsupported = [
-        ("httpsRedirect", &t.https_redirect),
         ("serverCertificate", &t.server_certificate),
         ("privateKey", &t.private_key),
         ("caCertificates", &t.ca_certificates),
@@ -302,6 +312,28 @@ fn server_tls(
         }
     };
     ok.then_some(tls)
+}
+
+/// A `tls` block with nothing but `httpsRedirect`.
+fn is_redirect_only(t: &ServerTlsSpec) -> bool {
+    let unsupported = [
+        &t.server_certificate,
+        &t.private_key,
+        &t.ca_certificates,
+        &t.credential_names,
+        &t.subject_alt_names,
+        &t.verify_certificate_spki,
+        &t.verify_certificate_hash,
+        &t.ca_crl,
+        &t.tls_certificates,
+    ];
+    t.https_redirect.is_some()
+        && t.mode.is_none()
+        && t.credential_name.is_none()
+        && t.min_protocol_version.is_none()
+        && t.max_protocol_version.is_none()
+        && t.cipher_suites.is_none()
+        && unsupported.iter().all(|u| u.is_none())
 }
 
 /// `minProtocolVersion`, `maxProtocolVersion` and `cipherSuites`, with

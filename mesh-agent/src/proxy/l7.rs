@@ -217,6 +217,16 @@ async fn handle(ctx: Arc<Inputs>, down: Arc<Downstream>, mut req: Request<Incomi
         client: down.peer_ip,
         namespace: down.source.as_deref().map(|w| &*w.namespace),
     };
+    // An HTTP gateway server with `httpsRedirect` sends every request to HTTPS.
+    if let Some(gws) = &down.gateways
+        && let Some(location) = routing::https_redirect(&state, gws, down.orig.port(), &view)
+    {
+        let gw = gws.first().and_then(|g| state.gateway(g)).map(|g| g.workload.clone());
+        drop(state);
+        let labels = TcpLabels::new(gw.as_deref(), None, None, false);
+        let record = Record::new(&ctx, &down, &req, labels, grpc, None, started_at, start);
+        return record.finish_redirect(301, &location);
+    }
     let Some((decision, source)) = decide(&ctx, &state, &down, &view, down.pick(&ctx)) else {
         // A gateway with no rule for this host and path.
         let gw = down.gateways.as_ref().and_then(|g| state.gateway(g.first()?)).map(|g| g.workload.clone());

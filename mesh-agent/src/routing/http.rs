@@ -150,6 +150,16 @@ pub fn route_gateway(
     })
 }
 
+/// Where an HTTP request to a gateway goes instead, when the server that
+/// takes its host on this port says `httpsRedirect`: the same host (without
+/// the port) and path, over HTTPS (Envoy's `https_redirect`, a 301).
+pub fn https_redirect(state: &State, gateways: &[String], port: u16, req: &RequestView<'_>) -> Option<String> {
+    let host = request_host(req.headers)?;
+    let servers = gateways.iter().filter_map(|gw| state.gateway(gw)).flat_map(|g| &g.servers);
+    let server = servers.filter(|s| s.port == port).find(|s| s.hosts.iter().any(|h| host_matches(&h.host, host)))?;
+    server.https_redirect.then(|| format!("https://{host}{}", req.path))
+}
+
 /// Whether a server of Gateway `g` on `port` lists a host that matches
 /// `host` (any, for TCP) and lets VirtualServices of `namespace` bind it.
 fn serves(g: &crate::state::Gateway, port: u16, host: Option<&str>, namespace: &str) -> bool {

@@ -209,3 +209,33 @@ async fn a_host_a_gateway_reserves_for_a_namespace_cannot_be_taken_from_another(
     assert_eq!(get(port, "open.example", "/").await, (StatusCode::OK, "prod".into()));
     listeners.close_all();
 }
+
+#[tokio::test]
+async fn an_http_server_with_https_redirect_sends_every_request_to_https() {
+    let port = free_port();
+    let server = |hosts: &str, tls: &str| {
+        format!("{{port: {{number: {port}, name: http, protocol: HTTP}}, hosts: [{hosts}]{tls}}}")
+    };
+    let yaml = format!(
+        "apiVersion: v1\nkind: Node\nmetadata: {{name: n1, labels: {{istio: ingressgateway}}}}\n\
+         status: {{addresses: [{{type: InternalIP, address: 127.0.0.1}}]}}\n\
+         ---\napiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: ingress, namespace: istio-system}}\n\
+         spec: {{selector: {{istio: ingressgateway}}, servers: [{}, {}]}}\n",
+        server("secure.example", ", tls: {httpsRedirect: true}"),
+        server("plain.example", ", tls: {httpsRedirect: false}"),
+    );
+    let t = TestInputs::new(&yaml);
+    let mut listeners = Listeners::default();
+    listeners.reconcile(&t.inputs);
+    let tcp = tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port)).await.expect("connect to the gateway");
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.expect("handshake");
+    tokio::spawn(conn);
+    let req =
+        Request::get("/a/b?c=1").header("host", "secure.example:8080").body(Empty::<Bytes>::new()).expect("request");
+    let resp = send.send_request(req).await.expect("response");
+    assert_eq!(resp.status(), StatusCode::MOVED_PERMANENTLY);
+    assert_eq!(resp.headers()["location"], "https://secure.example/a/b?c=1");
+    // The other server on the port does not redirect: no route there, 404.
+    assert_eq!(get(port, "plain.example", "/a").await.0, StatusCode::NOT_FOUND);
+    listeners.close_all();
+}

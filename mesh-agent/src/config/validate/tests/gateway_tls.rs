@@ -46,7 +46,7 @@ fn protocol_versions_and_cipher_suites_are_checked() {
             ", minProtocolVersion: TLSV1_3, cipherSuites: [ECDHE-ECDSA-AES128-GCM-SHA256]",
             format!("{at}.cipherSuites: only apply to TLS 1.2"),
         ),
-        (", httpsRedirect: true", format!("{at}.httpsRedirect: not supported")),
+        (", httpsRedirect: true", format!("{at}.httpsRedirect: only for an HTTP server")),
     ];
     for (fields, want) in cases {
         let got = error_of(&gateway(fields));
@@ -62,4 +62,23 @@ fn protocol_versions_and_cipher_suites_are_checked() {
     let settings = &cert.settings;
     assert_eq!((settings.min, settings.max), (crate::state::TlsVersion::V1_2, crate::state::TlsVersion::V1_3));
     assert_eq!(settings.cipher_suites, ["ECDHE-ECDSA-AES256-GCM-SHA384"]);
+}
+
+#[test]
+fn https_redirect_belongs_to_http_servers_alone() {
+    let gw = |server: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: in, namespace: istio-system}}\n\
+             spec: {{selector: {{istio: ingressgateway}}, servers: [{server}]}}\n"
+        )
+    };
+    let at = "cluster.yaml (document 1): Gateway istio-system/in: spec.servers[0].tls";
+    let http = "{port: {number: 80, name: http, protocol: HTTP}, hosts: ['*'], tls: {httpsRedirect: true}}";
+    let loaded = load(&gw(http)).expect("valid");
+    assert!(loaded.state.gateways[0].servers[0].https_redirect);
+    let with_more =
+        "{port: {number: 80, name: http, protocol: HTTP}, hosts: ['*'], tls: {httpsRedirect: true, mode: SIMPLE}}";
+    assert!(error_of(&gw(with_more)).starts_with(&format!("{at}: only HTTPS and TLS servers take tls settings")));
+    let tcp = "{port: {number: 81, name: tcp, protocol: TCP}, hosts: ['*'], tls: {httpsRedirect: true}}";
+    assert!(error_of(&gw(tcp)).starts_with(&format!("{at}: only HTTPS and TLS servers")));
 }
