@@ -75,18 +75,6 @@ struct Serving {
     acceptor: Option<Arc<TlsServers>>,
 }
 
-/// An HTTPS port's servers' TLS settings, chosen by the client's SNI (the
-/// first server whose host pattern matches; the first server without SNI or
-/// when none does), each with its own certificate, versions and suites.
-struct TlsServers(Vec<(String, Arc<rustls::ServerConfig>)>);
-
-impl TlsServers {
-    fn choose(&self, sni: Option<&str>) -> Option<Arc<rustls::ServerConfig>> {
-        let found = sni.and_then(|sni| self.0.iter().find(|(p, _)| crate::state::traffic::host_matches(p, sni)));
-        found.or(self.0.first()).map(|(_, c)| c.clone())
-    }
-}
-
 /// The gateway listeners of this node.
 #[derive(Default)]
 pub struct Listeners {
@@ -317,24 +305,6 @@ fn open(ctx: &Arc<Inputs>, state: &State, plan: &PortPlan) -> std::io::Result<Se
     Ok(tx)
 }
 
-/// The TLS settings of each HTTPS server on the port, by host pattern.
-fn tls_acceptor(state: &State, plan: &PortPlan) -> std::io::Result<Arc<TlsServers>> {
-    let mut servers = Vec::new();
-    for g in plan.gateways.iter().filter_map(|k| state.gateway(k)) {
-        for s in g.servers.iter().filter(|s| s.port == plan.addr.port()) {
-            if let Some(ServerTls::Simple(c)) = &s.tls {
-                let fail = |e: String| std::io::Error::other(format!("{}: {e}", c.credential));
-                let key = crate::identity::tls::certified_key_from_pem(&c.cert_pem, &c.key_pem).map_err(fail)?;
-                let config = crate::identity::tls::gateway_server_config(Arc::new(key), &c.settings)
-                    .map_err(|e| fail(e.to_string()))?;
-                let config = Arc::new(config);
-                servers.extend(s.hosts.iter().map(|h| (h.host.clone(), config.clone())));
-            }
-        }
-    }
-    Ok(Arc::new(TlsServers(servers)))
-}
-
 async fn handle(
     ctx: &Arc<Inputs>,
     stream: TcpStream,
@@ -539,3 +509,6 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Prefixed<I> {
 
 #[cfg(test)]
 mod tests;
+mod tls;
+
+use tls::{TlsServers, tls_acceptor};
