@@ -107,12 +107,7 @@ pub fn authorize(state: &State, w: &Workload, peer: &Peer<'_>, port: u16) -> Ver
 /// nothing; in a DENY policy its HTTP fields are ignored, so it denies on the
 /// rest (failing closed).
 pub fn evaluate(state: &State, w: &Workload, a: &Attributes<'_>) -> Decision {
-    // The workload's namespace's policies, then the mesh-wide ones.
-    let root = (&*w.namespace != ROOT_NAMESPACE).then_some(ROOT_NAMESPACE);
-    let policies = || {
-        let namespaces = std::iter::once(&*w.namespace).chain(root);
-        namespaces.flat_map(|ns| state.authorization_policies_in(ns)).filter(|p| selects(&p.selector, w))
-    };
+    let policies = || authorization_policies(state, w);
     let ctx = Eval { a, dest_ip: w.ip };
     let audit = policies()
         .filter(|p| p.action == Action::Audit)
@@ -144,36 +139,44 @@ pub fn evaluate(state: &State, w: &Workload, a: &Attributes<'_>) -> Decision {
 /// before DENY and ALLOW are judged: the first (namespace's, then the
 /// mesh's, by name) whose rules match.
 pub fn custom<'s>(state: &'s State, w: &Workload, a: &Attributes<'_>) -> Option<&'s AuthorizationPolicy> {
-    let root = (&*w.namespace != ROOT_NAMESPACE).then_some(ROOT_NAMESPACE);
-    let namespaces = std::iter::once(&*w.namespace).chain(root);
     let ctx = Eval { a, dest_ip: w.ip };
-    namespaces
-        .flat_map(|ns| state.authorization_policies_in(ns))
-        .filter(|p| p.action == Action::Custom && selects(&p.selector, w))
-        .find(|p| ctx.policy_matches(p))
+    authorization_policies(state, w).filter(|p| p.action == Action::Custom).find(|p| ctx.policy_matches(p))
 }
 
 /// Whether a request to `w` must be parsed as HTTP at its destination: a
 /// RequestAuthentication, a CUSTOM policy or an AuthorizationPolicy with
 /// HTTP-only rules selects it.
 pub fn needs_request(state: &State, w: &Workload) -> bool {
-    let root = (&*w.namespace != ROOT_NAMESPACE).then_some(ROOT_NAMESPACE);
-    let namespaces = || std::iter::once(&*w.namespace).chain(root);
-    let authn = namespaces().flat_map(|ns| state.request_authentications_in(ns)).any(|p| selects(&p.selector, w));
-    authn
-        || namespaces()
-            .flat_map(|ns| state.authorization_policies_in(ns))
-            .filter(|p| selects(&p.selector, w))
-            .any(|p| p.action == Action::Custom || p.rules.iter().any(Rule::is_http))
+    request_authentications(state, w).next().is_some()
+        || authorization_policies(state, w).any(|p| p.action == Action::Custom || p.rules.iter().any(Rule::is_http))
 }
 
 /// The JWT rules of the RequestAuthentications that select `w` (its
 /// namespace's, then the mesh-wide ones), in name order.
 pub fn jwt_rules<'s>(state: &'s State, w: &Workload) -> Vec<&'s JwtRule> {
+    request_authentications(state, w).flat_map(|p| p.rules.iter().map(|r| &**r)).collect()
+}
+
+/// The workload's namespace, then the mesh-wide root namespace (once).
+fn namespaces(w: &Workload) -> impl Iterator<Item = &str> {
     let root = (&*w.namespace != ROOT_NAMESPACE).then_some(ROOT_NAMESPACE);
-    let namespaces = std::iter::once(&*w.namespace).chain(root);
-    let policies = namespaces.flat_map(|ns| state.request_authentications_in(ns)).filter(|p| selects(&p.selector, w));
-    policies.flat_map(|p| p.rules.iter().map(|r| &**r)).collect()
+    std::iter::once(&*w.namespace).chain(root)
+}
+
+/// The AuthorizationPolicies that select `w`, its namespace's first.
+fn authorization_policies<'s, 'w>(
+    state: &'s State,
+    w: &'w Workload,
+) -> impl Iterator<Item = &'s AuthorizationPolicy> + use<'s, 'w> {
+    namespaces(w).flat_map(|ns| state.authorization_policies_in(ns)).filter(|p| selects(&p.selector, w))
+}
+
+/// The RequestAuthentications that select `w`, its namespace's first.
+fn request_authentications<'s, 'w>(
+    state: &'s State,
+    w: &'w Workload,
+) -> impl Iterator<Item = &'s RequestAuthentication> + use<'s, 'w> {
+    namespaces(w).flat_map(|ns| state.request_authentications_in(ns)).filter(|p| selects(&p.selector, w))
 }
 
 struct Eval<'a> {
