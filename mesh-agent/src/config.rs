@@ -11,6 +11,7 @@ use std::{fmt, path::Path};
 
 use crate::state::State;
 
+mod credentials;
 mod gateway;
 pub mod k8s;
 mod load;

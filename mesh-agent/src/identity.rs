@@ -140,6 +140,26 @@ impl WorkloadCert {
     }
 }
 
+/// Whether a certificate carries one of `names` as a subject alternative
+/// name: DNS names compared without case, IP addresses by value, URIs and
+/// email addresses exactly (as Envoy's exact SAN matchers).
+pub fn has_subject_alt_name(der: &[u8], names: &[String]) -> bool {
+    use x509_parser::{extensions::GeneralName, prelude::FromDer as _};
+    let Ok((_, cert)) = x509_parser::certificate::X509Certificate::from_der(der) else { return false };
+    let Ok(Some(san)) = cert.subject_alternative_name() else { return false };
+    let matches = |n: &GeneralName<'_>, want: &str| match n {
+        GeneralName::DNSName(d) => d.eq_ignore_ascii_case(want),
+        GeneralName::URI(u) | GeneralName::RFC822Name(u) => *u == want,
+        GeneralName::IPAddress(b) => match want.parse::<std::net::IpAddr>() {
+            Ok(std::net::IpAddr::V4(a)) => a.octets()[..] == **b,
+            Ok(std::net::IpAddr::V6(a)) => a.octets()[..] == **b,
+            Err(_) => false,
+        },
+        _ => false,
+    };
+    san.value.general_names.iter().any(|n| names.iter().any(|w| matches(n, w)))
+}
+
 /// The `spiffe://` URI SAN of a certificate, if it has exactly one.
 pub fn peer_identity(der: &[u8]) -> Option<String> {
     use x509_parser::{extensions::GeneralName, prelude::FromDer as _};

@@ -277,6 +277,8 @@ pub struct ServerCert {
     pub credential: String,
     /// The protocol versions and TLS 1.2 suites offered with it.
     pub settings: TlsSettings,
+    /// `MUTUAL` / `OPTIONAL_MUTUAL`: the client certificates accepted.
+    pub client: Option<ClientAuth>,
     #[serde(skip)]
     pub cert_pem: Arc<[u8]>,
     #[serde(skip)]
@@ -293,6 +295,45 @@ pub struct TlsSettings {
     /// `cipherSuites` as Istio names them (OpenSSL's names); empty: every
     /// suite offered (they only apply to TLS 1.2).
     pub cipher_suites: Vec<String>,
+}
+
+/// Who may present a certificate to a Gateway server (`tls.mode: MUTUAL`,
+/// `OPTIONAL_MUTUAL`), or to whom TLS is originated: a chain to `roots`,
+/// not revoked by `crls`, carrying one of `subject_alt_names` (any, when
+/// empty).
+#[derive(Clone, Default, PartialEq, Eq, Serialize)]
+pub struct PeerCheck {
+    /// Where the roots come from (`Secret ns/name`, a file).
+    pub ca: String,
+    pub subject_alt_names: Vec<String>,
+    /// Trusted roots (DER), checked by the configuration.
+    #[serde(skip)]
+    pub roots: Vec<Vec<u8>>,
+    /// Certificate revocation lists (DER): `ca.crl` or `caCrl`.
+    #[serde(skip)]
+    pub crls: Vec<Vec<u8>>,
+}
+
+impl std::fmt::Debug for PeerCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use std::hash::{Hash as _, Hasher as _};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (&self.roots, &self.crls).hash(&mut h);
+        f.debug_struct("PeerCheck")
+            .field("ca", &self.ca)
+            .field("subject_alt_names", &self.subject_alt_names)
+            .field("digest", &format_args!("{:016x}", h.finish()))
+            .finish()
+    }
+}
+
+/// A Gateway server's client certificate check.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ClientAuth {
+    pub check: PeerCheck,
+    /// `OPTIONAL_MUTUAL`: a client without a certificate is served too (one
+    /// that presents a certificate must pass the check).
+    pub optional: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]

@@ -8,7 +8,8 @@ use serde::Deserialize;
 
 use super::{k8s::ObjectMeta, validate::Ctx};
 use crate::state::{
-    Gateway, GatewayProtocol, GatewayServer, ServerCert, ServerHost, ServerTls, TlsSettings, TlsVersion, Workload,
+    ClientAuth, Gateway, GatewayProtocol, GatewayServer, PeerCheck, ServerCert, ServerHost, ServerTls, TlsSettings,
+    TlsVersion, Workload,
 };
 
 type Unsupported = Option<serde_yaml_ng::Value>;
@@ -69,13 +70,13 @@ pub struct ServerTlsSpec {
     pub private_key: Unsupported,
     pub ca_certificates: Unsupported,
     pub credential_names: Unsupported,
-    pub subject_alt_names: Unsupported,
+    pub subject_alt_names: Option<Vec<String>>,
     pub verify_certificate_spki: Unsupported,
     pub verify_certificate_hash: Unsupported,
     pub min_protocol_version: Option<String>,
     pub max_protocol_version: Option<String>,
     pub cipher_suites: Option<Vec<String>>,
-    pub ca_crl: Unsupported,
+    pub ca_crl: Option<String>,
     pub tls_certificates: Unsupported,
 }
 
@@ -267,10 +268,8 @@ fn server_tls(
         ("privateKey", &t.private_key),
         ("caCertificates", &t.ca_certificates),
         ("credentialNames", &t.credential_names),
-        ("subjectAltNames", &t.subject_alt_names),
         ("verifyCertificateSpki", &t.verify_certificate_spki),
         ("verifyCertificateHash", &t.verify_certificate_hash),
-        ("caCrl", &t.ca_crl),
         ("tlsCertificates", &t.tls_certificates),
     ];
     let mut ok = true;
@@ -280,7 +279,15 @@ fn server_tls(
             ok = false;
         }
     }
-    let tls = match t.mode.as_deref().unwrap_or("SIMPLE") {
+    let mode = t.mode.as_deref().unwrap_or("SIMPLE");
+    let client_fields = [("subjectAltNames", t.subject_alt_names.is_some()), ("caCrl", t.ca_crl.is_some())];
+    if !matches!(mode, "MUTUAL" | "OPTIONAL_MUTUAL")
+        && let Some((name, _)) = client_fields.iter().find(|(_, set)| *set)
+    {
+        ctx.error(format!("{base}.{name}"), "checks client certificates: only with mode MUTUAL or OPTIONAL_MUTUAL");
+        return None;
+    }
+    let tls = match mode {
         "PASSTHROUGH" if protocol == GatewayProtocol::Tls => {
             let set = [t.min_protocol_version.is_some(), t.max_protocol_version.is_some(), t.cipher_suites.is_some()];
             if set.into_iter().any(|s| s) {
@@ -293,25 +300,83 @@ fn server_tls(
             ctx.error(format!("{base}.mode"), "PASSTHROUGH needs port protocol TLS");
             return None;
         }
-        "SIMPLE" if protocol == GatewayProtocol::Tls => {
-            ctx.error(format!("{base}.mode"), "a TLS server takes PASSTHROUGH; use protocol HTTPS with SIMPLE");
+        "SIMPLE" | "MUTUAL" | "OPTIONAL_MUTUAL" if protocol == GatewayProtocol::Tls => {
+            ctx.error(
+                format!("{base}.mode"),
+                format!("a TLS server takes PASSTHROUGH; use protocol HTTPS with {mode}"),
+            );
             return None;
         }
-        "SIMPLE" => {
+        "SIMPLE" | "MUTUAL" | "OPTIONAL_MUTUAL" => {
             let Some(name) = t.credential_name.as_deref() else {
-                ctx.error(format!("{base}.credentialName"), "required for mode SIMPLE");
+                ctx.error(format!("{base}.credentialName"), format!("required for mode {mode}"));
                 return None;
             };
             let mut cert = server_cert(ctx, &format!("{base}.credentialName"), name, namespace, secrets)?;
             cert.settings = tls_settings(ctx, base, t)?;
+            if mode != "SIMPLE" {
+                match client_auth(t, name, namespace, secrets) {
+                    Ok(check) => cert.client = Some(ClientAuth { check, optional: mode == "OPTIONAL_MUTUAL" }),
+                    Err((field, e)) => {
+                        ctx.error(format!("{base}.{field}"), e);
+                        return None;
+                    }
+                }
+            }
             ServerTls::Simple(cert)
         }
+        "ISTIO_MUTUAL" | "AUTO_PASSTHROUGH" => {
+            ctx.error(
+                format!("{base}.mode"),
+                format!(
+                    "{mode} is for traffic between meshed proxies, which reaches a pod over HBONE here, not through a Gateway server; use MUTUAL with a CA for clients outside the mesh"
+                ),
+            );
+            return None;
+        }
         other => {
-            ctx.error(format!("{base}.mode"), format!("{other:?}: expected SIMPLE or PASSTHROUGH ({NOT_YET}: MUTUAL)"));
+            ctx.error(
+                format!("{base}.mode"),
+                format!("{other:?}: expected SIMPLE, MUTUAL, OPTIONAL_MUTUAL or PASSTHROUGH"),
+            );
             return None;
         }
     };
     ok.then_some(tls)
+}
+
+/// The client certificates a `MUTUAL` server accepts, as Istio finds its CA:
+/// `ca.crt` (or `cacert`) in the server's Secret, else in a Secret named
+/// `<credentialName>-cacert`; a CRL from `ca.crl` in that Secret and from
+/// the file `caCrl`; the names `subjectAltNames`.
+fn client_auth(
+    t: &ServerTlsSpec,
+    name: &str,
+    namespace: &str,
+    secrets: &Secrets,
+) -> Result<PeerCheck, (&'static str, String)> {
+    use super::credentials::{first_value, peer_check, read_file, secret};
+    let fail = |e: String| ("credentialName", e);
+    let mut found = None;
+    for candidate in [name.to_owned(), format!("{name}-cacert")] {
+        let Ok((key, s)) = secret(secrets, namespace, &candidate) else { continue };
+        let values = |keys: &[&str]| first_value(s, keys).map_err(|e| fail(format!("Secret {key}: {e}")));
+        if let Some(ca) = values(&["ca.crt", "cacert"])? {
+            found = Some((key.clone(), ca, values(&["ca.crl"])?));
+            break;
+        }
+    }
+    let Some((key, ca, crl)) = found else {
+        return Err(fail(format!(
+            "MUTUAL needs a CA for client certificates: ca.crt in Secret {namespace}/{name}, or a Secret {namespace}/{name}-cacert"
+        )));
+    };
+    let mut crls: Vec<Vec<u8>> = crl.into_iter().collect();
+    if let Some(path) = &t.ca_crl {
+        crls.push(read_file(path).map_err(|e| ("caCrl", e))?);
+    }
+    let names = t.subject_alt_names.clone().unwrap_or_default();
+    peer_check(format!("Secret {key}"), &ca, &crls, names).map_err(fail)
 }
 
 /// A `tls` block with nothing but `httpsRedirect`.
@@ -321,10 +386,8 @@ fn is_redirect_only(t: &ServerTlsSpec) -> bool {
         &t.private_key,
         &t.ca_certificates,
         &t.credential_names,
-        &t.subject_alt_names,
         &t.verify_certificate_spki,
         &t.verify_certificate_hash,
-        &t.ca_crl,
         &t.tls_certificates,
     ];
     t.https_redirect.is_some()
@@ -333,6 +396,8 @@ fn is_redirect_only(t: &ServerTlsSpec) -> bool {
         && t.min_protocol_version.is_none()
         && t.max_protocol_version.is_none()
         && t.cipher_suites.is_none()
+        && t.subject_alt_names.is_none()
+        && t.ca_crl.is_none()
         && unsupported.iter().all(|u| u.is_none())
 }
 
@@ -395,6 +460,7 @@ fn server_cert(ctx: &mut Ctx<'_>, field: &str, name: &str, namespace: &str, secr
         Ok(_) => Some(ServerCert {
             credential: key.clone(),
             settings: TlsSettings::default(),
+            client: None,
             cert_pem: cert.into(),
             key_pem: pkey.into(),
         }),

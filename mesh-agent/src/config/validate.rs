@@ -51,13 +51,18 @@ impl Ctx<'_> {
         }
     }
 
+    /// Reports an error (once: a setting checked again, as a policy
+    /// inherited by subsets and ports is, is not reported twice).
     pub(super) fn error(&mut self, field: impl Into<String>, message: impl Into<String>) {
-        self.errors.push(ConfigError {
+        let e = ConfigError {
             origin: self.origin.clone(),
             object: self.object.clone(),
             field: field.into(),
             message: message.into(),
-        });
+        };
+        if !self.errors.contains(&e) {
+            self.errors.push(e);
+        }
     }
 }
 

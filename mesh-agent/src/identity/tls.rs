@@ -181,124 +181,28 @@ pub fn certified_key_from_pem(cert_pem: &[u8], key_pem: &[u8]) -> Result<Certifi
     Ok(certified)
 }
 
-/// Istio's `cipherSuites` names (OpenSSL's) and the rustls TLS 1.2 suites
-/// they are: ECDHE key exchange with an AEAD cipher, Mozilla's
-/// "intermediate" profile. Names of suites with CBC ciphers, RSA key
-/// exchange or 3DES are refused by the configuration.
-const TLS12_SUITES: [(&str, rustls::CipherSuite); 6] = [
-    ("ECDHE-ECDSA-AES128-GCM-SHA256", rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256),
-    ("ECDHE-RSA-AES128-GCM-SHA256", rustls::CipherSuite::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256),
-    ("ECDHE-ECDSA-AES256-GCM-SHA384", rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384),
-    ("ECDHE-RSA-AES256-GCM-SHA384", rustls::CipherSuite::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384),
-    ("ECDHE-ECDSA-CHACHA20-POLY1305", rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256),
-    ("ECDHE-RSA-CHACHA20-POLY1305", rustls::CipherSuite::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256),
-];
-
-/// Whether `name` is a `cipherSuites` entry the edge offers (else why not).
-pub fn check_cipher_suite(name: &str) -> Result<(), String> {
-    if TLS12_SUITES.iter().any(|(n, _)| *n == name) {
-        return Ok(());
+/// PEM certificate revocation lists (a Secret's `ca.crl`, a `caCrl` file) as DER.
+pub fn crls_from_pem(pem: &[u8]) -> Result<Vec<Vec<u8>>, String> {
+    use rustls::pki_types::{CertificateRevocationListDer, pem::PemObject as _};
+    let crls = CertificateRevocationListDer::pem_slice_iter(pem)
+        .map(|c| c.map(|c| c.to_vec()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    if crls.is_empty() {
+        return Err("holds no PEM X509 CRL".into());
     }
-    let offered: Vec<&str> = TLS12_SUITES.iter().map(|(n, _)| *n).collect();
-    Err(format!(
-        "{name:?} is not offered: TLS 1.2 at the mesh's edge is ECDHE with AES-GCM or ChaCha20-Poly1305 only (no CBC, no RSA key exchange); one of {offered:?}"
-    ))
+    // Each must parse as a CRL webpki can use.
+    for der in &crls {
+        use x509_parser::prelude::FromDer as _;
+        x509_parser::revocation_list::CertificateRevocationList::from_der(der)
+            .map_err(|e| format!("not a certificate revocation list: {e}"))?;
+    }
+    Ok(crls)
 }
 
-/// Settings for a Gateway's TLS server (mode SIMPLE): its certificate, the
-/// protocol versions and TLS 1.2 suites it allows (TLS 1.3's suites are
-/// always offered), no client certificate, h2 and HTTP/1.1 by ALPN.
-pub fn gateway_server_config(
-    cert: Arc<CertifiedKey>,
-    settings: &crate::state::TlsSettings,
-) -> Result<ServerConfig, Error> {
-    use crate::state::TlsVersion;
-    let mut provider = (*provider()).clone();
-    let wanted = |s: &rustls::SupportedCipherSuite| match s {
-        rustls::SupportedCipherSuite::Tls13(_) => true,
-        rustls::SupportedCipherSuite::Tls12(_) => {
-            settings.cipher_suites.is_empty()
-                || TLS12_SUITES.iter().any(|(n, id)| *id == s.suite() && settings.cipher_suites.iter().any(|c| c == n))
-        }
-    };
-    provider.cipher_suites.retain(wanted);
-    let mut versions: Vec<&'static rustls::SupportedProtocolVersion> = Vec::new();
-    if settings.min <= TlsVersion::V1_2 && settings.max >= TlsVersion::V1_2 {
-        versions.push(&rustls::version::TLS12);
-    }
-    if settings.max >= TlsVersion::V1_3 {
-        versions.push(&rustls::version::TLS13);
-    }
-    let mut config = ServerConfig::builder_with_provider(Arc::new(provider))
-        .with_protocol_versions(&versions)?
-        .with_no_client_auth()
-        .with_cert_resolver(Arc::new(OneCert(cert)));
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(config)
-}
+mod edge;
 
-/// The server's one certificate, whatever the client's SNI (the gateway chose
-/// the server by it already).
-#[derive(Debug)]
-struct OneCert(Arc<CertifiedKey>);
+pub use edge::{check_cipher_suite, gateway_server_config, https_client_config, origination_config};
 
-impl ResolvesServerCert for OneCert {
-    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.0.clone())
-    }
-}
-
-/// Client settings for TLS origination to a service outside the mesh
-/// (DestinationRule `tls.mode: SIMPLE`): the server's chain must reach `roots`
-/// and name the server name asked for, unless `roots` is `None`
-/// (`insecureSkipVerify`). TLS 1.2 and 1.3.
-pub fn origination_config(roots: Option<RootCertStore>, alpn: &[&[u8]]) -> Result<ClientConfig, Error> {
-    let builder = ClientConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
-    let mut config = match roots {
-        Some(r) => builder.with_root_certificates(r).with_no_client_auth(),
-        None => {
-            builder.dangerous().with_custom_certificate_verifier(Arc::new(NoVerify(provider()))).with_no_client_auth()
-        }
-    };
-    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    Ok(config)
-}
-
-/// `insecureSkipVerify`: any certificate, but the handshake signatures still checked.
-#[derive(Debug)]
-struct NoVerify(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for NoVerify {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
+#[cfg(test)]
+mod tests;

@@ -113,7 +113,7 @@ pub fn plan(state: &State, node: &str) -> Result<BTreeMap<u16, PortPlan>, String
                 p.gateways.push(key.clone());
             }
             if let Some(ServerTls::Simple(cert)) = &s.tls {
-                let id = format!("{} ({}) {:?}", cert.credential, cert.fingerprint(), cert.settings);
+                let id = format!("{} ({}) {:?} {:?}", cert.credential, cert.fingerprint(), cert.settings, cert.client);
                 p.credentials.extend(s.hosts.iter().map(|h| (h.host.clone(), id.clone())));
             }
         }

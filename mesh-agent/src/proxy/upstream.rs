@@ -41,10 +41,7 @@ type Built = Vec<(Arc<TlsOrigination>, OriginationConfigs)>;
 
 impl Originations {
     pub(crate) fn rebuild(&self, state: &State) {
-        let policies = state
-            .destination_rules
-            .iter()
-            .flat_map(|d| std::iter::once(&d.policy).chain(d.subsets.iter().map(|s| &s.policy)));
+        let policies = state.destination_rules.iter().flat_map(|d| d.policies());
         let mut built = Built::new();
         for tls in policies.filter_map(|p| p.tls.as_ref()) {
             if built.iter().any(|(t, _)| Arc::ptr_eq(t, tls)) {
@@ -52,7 +49,7 @@ impl Originations {
             }
             match origination_configs(tls) {
                 Ok(c) => built.push((tls.clone(), c)),
-                Err(e) => tracing::warn!(ca = %tls.ca, error = %e, "TLS origination settings"),
+                Err(e) => tracing::warn!(ca = %tls.check.ca, error = %e, "TLS origination settings"),
             }
         }
         if let Ok(mut o) = self.0.write() {
@@ -74,21 +71,11 @@ impl Originations {
 }
 
 fn origination_configs(tls: &TlsOrigination) -> Result<OriginationConfigs, rustls::Error> {
-    let roots = match tls.insecure_skip_verify {
-        true => None,
-        false => {
-            let mut store = rustls::RootCertStore::empty();
-            for der in &tls.roots {
-                store.add(rustls::pki_types::CertificateDer::from(der.clone()))?;
-            }
-            Some(store)
-        }
-    };
-    let config = |alpn: &[&[u8]]| crate::identity::tls::origination_config(roots.clone(), alpn).map(Arc::new);
+    let config = |alpn: &[&[u8]]| crate::identity::tls::origination_config(tls, alpn).map(Arc::new);
     Ok([config(&[b"http/1.1"])?, config(&[b"h2"])?])
 }
 
-/// Starts TLS to an upstream outside the mesh (DestinationRule `tls.mode: SIMPLE`).
+/// Starts TLS to an upstream outside the mesh (DestinationRule `tls.mode: SIMPLE`, `MUTUAL`).
 pub(crate) async fn originate_tls(
     originations: &Originations,
     tcp: TcpStream,

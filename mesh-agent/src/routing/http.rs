@@ -111,13 +111,18 @@ pub fn route_request(
     let visible = |vs: &&VirtualService| req.namespace.map_or(vs.export_to.is_none(), |ns| vs.visible_in(ns));
     let found = first_rule(state.mesh_routes(key).filter(visible), req, orig.port(), MESH);
     let Some((rule, matched)) = found else {
-        let policy = state.destination_rule(key).map(|d| d.policy.clone()).unwrap_or_default();
-        let avoid = |a: SocketAddrV4| endpoints.ejected(key, a);
-        let active = |a: SocketAddrV4| endpoints.active(key, a);
+        let at = state.destination_rule(key).and_then(|d| d.policy_at(None, orig.port()));
+        let (policy, key) = match at {
+            Some((p, true)) => (p.clone(), format!("{key}|{}", orig.port())),
+            Some((p, false)) => (p.clone(), key.clone()),
+            None => (Policy::default(), key.clone()),
+        };
+        let avoid = |a: SocketAddrV4| endpoints.ejected(&key, a);
+        let active = |a: SocketAddrV4| endpoints.active(&key, a);
         let how = choose_endpoint(&policy.load_balancer, req, pick, random, &active);
         let route = route_to(service, orig, orig.port(), None, how, &avoid);
         let endpoints = count_endpoints(service, None);
-        let cluster = Some(Cluster { key: key.clone(), policy, endpoints });
+        let cluster = Some(Cluster { key, policy, endpoints });
         return Decision { route, rule: None, matched_prefix: None, cluster };
     };
     let chosen = Chosen { rule, matched, from: key, orig, port: orig.port(), pick, random };
@@ -275,18 +280,25 @@ pub fn resolve<'a>(
         },
     };
     let dr = state.destination_rule(&dest.service);
-    let (labels, policy) = match (&dest.subset, dr) {
-        (None, dr) => (None, dr.map(|d| d.policy.clone()).unwrap_or_default()),
-        (Some(name), Some(dr)) => match dr.subsets.iter().find(|s| &s.name == name) {
-            Some(s) => (Some(&s.labels), s.policy.clone()),
-            None => return Err(Refusal::NoSubset(name.clone())),
+    let subset = dest.subset.as_deref();
+    let (policy, own) = match (subset, dr) {
+        (None, None) => (Policy::default(), false),
+        (_, Some(dr)) => match dr.policy_at(subset, port) {
+            Some((p, own)) => (p.clone(), own),
+            None => return Err(Refusal::NoSubset(dest.subset.clone().unwrap_or_default())),
         },
-        (Some(name), None) => return Err(Refusal::NoSubset(name.clone())),
+        (Some(name), None) => return Err(Refusal::NoSubset(name.to_owned())),
     };
-    let key = match &dest.subset {
+    let labels = subset.and_then(|n| dr?.subsets.iter().find(|s| s.name == n)).map(|s| &s.labels);
+    // A port with a policy of its own is a cluster of its own (as Envoy's
+    // clusters are per port): its pool and ejections are not another port's.
+    let mut key = match subset {
         Some(name) => format!("{}|{name}", dest.service),
         None => dest.service.clone(),
     };
+    if own {
+        key = format!("{key}|{port}");
+    }
     Ok((target, port, labels, policy, key))
 }
 

@@ -235,6 +235,8 @@ pub struct DestinationRule {
     pub service: String,
     pub subsets: Vec<Subset>,
     pub policy: Policy,
+    /// `portLevelSettings`: the policy on a Service port, by port number.
+    pub ports: BTreeMap<u16, Policy>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -243,6 +245,31 @@ pub struct Subset {
     pub labels: BTreeMap<String, String>,
     /// The subset's own policy, its unset parts taken from the rule's.
     pub policy: Policy,
+    /// Its policy on a Service port: the rule's policy on the port, then the
+    /// subset's, then the subset's on the port, each setting what it sets.
+    pub ports: BTreeMap<u16, Policy>,
+}
+
+impl DestinationRule {
+    /// The policy for traffic to Service port `port` of `subset` (`None`: the
+    /// whole Service), and whether it is that port's own
+    /// (`portLevelSettings`); `None` for a subset the rule does not define.
+    pub fn policy_at(&self, subset: Option<&str>, port: u16) -> Option<(&Policy, bool)> {
+        let (policy, ports) = match subset {
+            None => (&self.policy, &self.ports),
+            Some(name) => {
+                let s = self.subsets.iter().find(|s| s.name == name)?;
+                (&s.policy, &s.ports)
+            }
+        };
+        Some(ports.get(&port).map_or((policy, false), |p| (p, true)))
+    }
+
+    /// Every policy the rule holds (for settings built ahead, such as TLS).
+    pub fn policies(&self) -> impl Iterator<Item = &Policy> {
+        let subsets = self.subsets.iter().flat_map(|s| std::iter::once(&s.policy).chain(s.ports.values()));
+        std::iter::once(&self.policy).chain(self.ports.values()).chain(subsets)
+    }
 }
 
 /// A DestinationRule's `trafficPolicy` (the parts implemented).
@@ -251,26 +278,45 @@ pub struct Policy {
     pub load_balancer: LoadBalancer,
     pub pool: ConnectionPool,
     pub outlier: Option<OutlierDetection>,
-    /// `tls.mode: SIMPLE`: TLS to the destination, originated by the agent.
+    /// `tls.mode: SIMPLE` or `MUTUAL`: TLS to the destination, originated by the agent.
     pub tls: Option<Arc<TlsOrigination>>,
 }
 
 /// The system's trusted roots, used for TLS origination without `caCertificates`.
 pub const SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
 
-/// TLS originated to a destination (DestinationRule `tls.mode: SIMPLE`). The
-/// data path builds the client settings from it (`proxy::upstream`).
+/// TLS originated to a destination (DestinationRule `tls.mode: SIMPLE` or
+/// `MUTUAL`). The data path builds the client settings from it
+/// (`identity::tls::origination_config`).
 #[derive(Debug, PartialEq, Serialize)]
 pub struct TlsOrigination {
-    /// Server name to send and verify; the destination's host when unset.
+    /// Server name to send (and verify, without `subjectAltNames`); the
+    /// destination's host when unset.
     pub sni: Option<String>,
-    /// Where the trusted roots come from.
-    pub ca: String,
     pub insecure_skip_verify: bool,
-    /// The trusted roots (DER), checked by the configuration; empty when
-    /// `insecure_skip_verify`.
+    /// What the server's certificate must be (roots empty when
+    /// `insecure_skip_verify`).
+    pub check: super::PeerCheck,
+    /// `MUTUAL`: the certificate presented to the server.
+    pub client_cert: Option<ClientCert>,
+}
+
+/// A client certificate chain and key (PEM, checked by the configuration to
+/// belong together; never shown: only where it came from).
+#[derive(PartialEq, Serialize)]
+pub struct ClientCert {
+    /// `Secret ns/name`, or the certificate's file.
+    pub source: String,
     #[serde(skip)]
-    pub roots: Vec<Vec<u8>>,
+    pub cert_pem: Arc<[u8]>,
+    #[serde(skip)]
+    pub key_pem: Arc<[u8]>,
+}
+
+impl std::fmt::Debug for ClientCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientCert").field("source", &self.source).finish_non_exhaustive()
+    }
 }
 
 /// `connectionPool`: Envoy's circuit breakers, per source agent and cluster.

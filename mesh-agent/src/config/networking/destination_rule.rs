@@ -1,6 +1,7 @@
 //! `DestinationRule`: traffic policies (load balancing, connection pools,
 //! outlier detection, client TLS) for a Service and its subsets.
 use super::*;
+use crate::state::PeerCheck;
 
 /// A `trafficPolicy`; what it leaves unset comes from `inherited` (a subset's
 /// policy inherits the rule's).
@@ -16,15 +17,7 @@ fn policy(
     if let Some(tls) = &tp.tls {
         out.tls = client_tls(ctx, &format!("{field}.tls"), tls, secrets);
     }
-    reject(
-        ctx,
-        field,
-        &[
-            ("portLevelSettings", &tp.port_level_settings),
-            ("tunnel", &tp.tunnel),
-            ("proxyProtocol", &tp.proxy_protocol),
-        ],
-    );
+    reject(ctx, field, &[("tunnel", &tp.tunnel), ("proxyProtocol", &tp.proxy_protocol)]);
     if let Some(lb) = &tp.load_balancer
         && let Some(x) = load_balancer(ctx, &format!("{field}.loadBalancer"), lb)
     {
@@ -183,7 +176,12 @@ pub(in crate::config) fn build_destination_rule(
             String::new()
         }
     };
-    let top = policy(ctx, "spec.trafficPolicy", &spec.traffic_policy, &Policy::default(), secrets);
+    let field = "spec.trafficPolicy";
+    let top = policy(ctx, field, &spec.traffic_policy, &Policy::default(), secrets);
+    let mut ports = BTreeMap::new();
+    for (port, f, tp) in port_level(ctx, field, &spec.traffic_policy) {
+        ports.insert(port, policy(ctx, &f, &Some(tp), &top, secrets));
+    }
     let mut subsets = Vec::new();
     for (i, s) in spec.subsets.iter().enumerate() {
         let field = format!("spec.subsets[{i}]");
@@ -193,89 +191,169 @@ pub(in crate::config) fn build_destination_rule(
         if subsets.iter().any(|x: &Subset| x.name == s.name) {
             ctx.error(format!("{field}.name"), format!("subset {:?} is defined twice", s.name));
         }
-        let own = policy(ctx, &format!("{field}.trafficPolicy"), &s.traffic_policy, &top, secrets);
-        subsets.push(Subset { name: s.name.clone(), labels: s.labels.clone(), policy: own });
+        let tf = format!("{field}.trafficPolicy");
+        let own = policy(ctx, &tf, &s.traffic_policy, &top, secrets);
+        // On a port: the rule's policy there, then the subset's, then the
+        // subset's on the port (a repeated error is reported once).
+        let own_ports = port_level(ctx, &tf, &s.traffic_policy);
+        let mut sub_ports = BTreeMap::new();
+        for (port, base) in &ports {
+            sub_ports.insert(*port, policy(ctx, &tf, &s.traffic_policy, base, secrets));
+        }
+        for (port, f, tp) in own_ports {
+            let base = sub_ports.get(&port).unwrap_or(&own).clone();
+            sub_ports.insert(port, policy(ctx, &f, &Some(tp), &base, secrets));
+        }
+        subsets.push(Subset { name: s.name.clone(), labels: s.labels.clone(), policy: own, ports: sub_ports });
     }
-    (ctx.error_count() == before).then_some(DestinationRule { name, namespace, service, subsets, policy: top })
+    (ctx.error_count() == before).then_some(DestinationRule { name, namespace, service, subsets, policy: top, ports })
 }
 
-/// `trafficPolicy.tls`: SIMPLE originates TLS to the destination (the
-/// application speaks plain HTTP); DISABLE and ISTIO_MUTUAL leave the
+/// `portLevelSettings`: each entry's port (a Service port number, each
+/// once) and the entry as a policy of its own.
+fn port_level(ctx: &mut Ctx<'_>, field: &str, tp: &Option<TrafficPolicySpec>) -> Vec<(u16, String, TrafficPolicySpec)> {
+    let mut out: Vec<(u16, String, TrafficPolicySpec)> = Vec::new();
+    let entries = tp.as_ref().and_then(|t| t.port_level_settings.as_ref());
+    for (i, e) in entries.into_iter().flatten().enumerate() {
+        let f = format!("{field}.portLevelSettings[{i}]");
+        let Some(selector) = &e.port else {
+            ctx.error(format!("{f}.port"), "required (port: {number: N})");
+            continue;
+        };
+        let Some(port) = u16::try_from(selector.number).ok().filter(|p| *p != 0) else {
+            ctx.error(format!("{f}.port.number"), format!("{} is out of range 1-65535", selector.number));
+            continue;
+        };
+        if out.iter().any(|(p, _, _)| *p == port) {
+            ctx.error(format!("{f}.port.number"), format!("port {port} has settings already"));
+            continue;
+        }
+        out.push((port, f, e.as_policy()));
+    }
+    out
+}
+
+/// `trafficPolicy.tls`: SIMPLE and MUTUAL originate TLS to the destination
+/// (the application speaks plain HTTP); DISABLE and ISTIO_MUTUAL leave the
 /// connection as the mesh makes it (mesh hops are always mutual TLS here).
 fn client_tls(ctx: &mut Ctx<'_>, field: &str, t: &ClientTlsSpec, secrets: &Secrets) -> Option<Arc<TlsOrigination>> {
-    reject(
-        ctx,
-        field,
-        &[
-            ("clientCertificate", &t.client_certificate),
-            ("privateKey", &t.private_key),
-            ("subjectAltNames", &t.subject_alt_names),
-            ("caCrl", &t.ca_crl),
-        ],
-    );
-    match t.mode.as_deref().unwrap_or("DISABLE") {
-        "DISABLE" | "ISTIO_MUTUAL" => return None,
-        "SIMPLE" => {}
-        "MUTUAL" => {
-            ctx.error(format!("{field}.mode"), format!("MUTUAL is {NOT_YET}"));
+    let mutual = match t.mode.as_deref().unwrap_or("DISABLE") {
+        mode @ ("DISABLE" | "ISTIO_MUTUAL") => {
+            let set = [
+                ("credentialName", t.credential_name.is_some()),
+                ("clientCertificate", t.client_certificate.is_some()),
+                ("privateKey", t.private_key.is_some()),
+                ("caCertificates", t.ca_certificates.is_some()),
+                ("caCrl", t.ca_crl.is_some()),
+            ];
+            for (name, _) in set.iter().filter(|(_, s)| *s) {
+                ctx.error(format!("{field}.{name}"), format!("only with mode SIMPLE or MUTUAL, not {mode}"));
+            }
             return None;
         }
+        "SIMPLE" => false,
+        "MUTUAL" => true,
         other => {
-            ctx.error(format!("{field}.mode"), format!("{other:?}: expected DISABLE, SIMPLE or ISTIO_MUTUAL"));
+            ctx.error(format!("{field}.mode"), format!("{other:?}: expected DISABLE, SIMPLE, MUTUAL or ISTIO_MUTUAL"));
             return None;
         }
-    }
-    let insecure = t.insecure_skip_verify.unwrap_or(false);
-    let (ca, pem) = match (&t.credential_name, &t.ca_certificates) {
-        (Some(_), Some(_)) => {
-            ctx.error(format!("{field}.caCertificates"), "give credentialName or caCertificates, not both");
-            return None;
-        }
-        (Some(name), None) => {
-            let key = if name.contains('/') { name.clone() } else { format!("{}/{name}", ctx_namespace(ctx)) };
-            let value = secrets.get(&key).map(|s| {
-                s.value("ca.crt").and_then(|v| match v {
-                    Some(v) => Ok(v),
-                    None => s.value("cacert").and_then(|v| v.ok_or_else(|| "has no ca.crt".to_owned())),
-                })
-            });
-            match value {
-                Some(Ok(pem)) => (format!("Secret {key}"), pem),
-                Some(Err(e)) => {
-                    ctx.error(format!("{field}.credentialName"), format!("Secret {key}: {e}"));
-                    return None;
-                }
-                None => {
-                    ctx.error(format!("{field}.credentialName"), format!("Secret {key} does not exist"));
-                    return None;
-                }
-            }
-        }
-        (None, path) => {
-            let path = path.as_deref().unwrap_or(crate::state::traffic::SYSTEM_ROOTS);
-            match std::fs::read(path) {
-                Ok(pem) => (path.to_owned(), pem),
-                Err(_) if insecure => (path.to_owned(), Vec::new()),
-                Err(e) => {
-                    ctx.error(format!("{field}.caCertificates"), format!("{path}: {e}"));
-                    return None;
-                }
-            }
-        }
     };
-    let roots = match insecure {
-        true => Ok(Vec::new()),
-        false => {
-            crate::identity::ca::root_ders_from_pem(&String::from_utf8_lossy(&pem)).map_err(|e| format!("{ca}: {e}"))
-        }
-    };
-    match roots {
-        Ok(roots) => Some(Arc::new(TlsOrigination { sni: t.sni.clone(), ca, insecure_skip_verify: insecure, roots })),
-        Err(e) => {
-            ctx.error(field.to_owned(), e);
+    match origination(t, mutual, &ctx_namespace(ctx), secrets) {
+        Ok(o) => Some(Arc::new(o)),
+        Err((name, e)) => {
+            ctx.error(if name.is_empty() { field.to_owned() } else { format!("{field}.{name}") }, e);
             None
         }
     }
+}
+
+/// The origination `t` asks for, or the field at fault and why.
+fn origination(
+    t: &ClientTlsSpec,
+    mutual: bool,
+    namespace: &str,
+    secrets: &Secrets,
+) -> Result<TlsOrigination, (&'static str, String)> {
+    use crate::config::credentials::{client_cert, first_value, peer_check, read_file, secret};
+    let insecure = t.insecure_skip_verify.unwrap_or(false);
+    let names = t.subject_alt_names.clone().unwrap_or_default();
+    if insecure && !names.is_empty() {
+        return Err(("subjectAltNames", "insecureSkipVerify checks no certificate: drop one of them".into()));
+    }
+    if insecure && t.ca_certificates.is_some() {
+        return Err(("caCertificates", "insecureSkipVerify checks no certificate: drop one of them".into()));
+    }
+    if !mutual && (t.client_certificate.is_some() || t.private_key.is_some()) {
+        let name = if t.client_certificate.is_some() { "clientCertificate" } else { "privateKey" };
+        return Err((name, "a client certificate is only presented with mode MUTUAL".into()));
+    }
+    let mut crls = Vec::new();
+    if let Some(path) = &t.ca_crl {
+        crls.push(read_file(path).map_err(|e| ("caCrl", e))?);
+    }
+    // Where the client certificate and the CA come from: a Secret, or files.
+    let (ca, client) = match &t.credential_name {
+        Some(name) => {
+            let files = [t.client_certificate.is_some(), t.private_key.is_some(), t.ca_certificates.is_some()];
+            if files.into_iter().any(|f| f) {
+                return Err((
+                    "credentialName",
+                    "give credentialName or clientCertificate/privateKey/caCertificates, not both".into(),
+                ));
+            }
+            let fail = |e: String| ("credentialName", e);
+            let (key, s) = secret(secrets, namespace, name).map_err(fail)?;
+            let in_secret = |keys: &[&str]| first_value(s, keys).map_err(|e| fail(format!("Secret {key}: {e}")));
+            if let Some(crl) = in_secret(&["ca.crl"])? {
+                crls.push(crl);
+            }
+            let ca = in_secret(&["ca.crt", "cacert"])?.map(|pem| (format!("Secret {key}"), pem));
+            if ca.is_none() && !mutual && !insecure {
+                return Err(fail(format!("Secret {key} has no ca.crt")));
+            }
+            let client = match (mutual, in_secret(&["tls.crt", "cert"])?, in_secret(&["tls.key", "key"])?) {
+                (false, _, _) => None,
+                (true, Some(c), Some(k)) => Some(client_cert(format!("Secret {key}"), c, k).map_err(fail)?),
+                (true, _, _) => {
+                    return Err(fail(format!("Secret {key}: MUTUAL needs tls.crt and tls.key (or cert and key)")));
+                }
+            };
+            (ca, client)
+        }
+        None => {
+            let ca = match &t.ca_certificates {
+                Some(path) => Some((path.clone(), read_file(path).map_err(|e| ("caCertificates", e))?)),
+                None => None,
+            };
+            let client = match (mutual, &t.client_certificate, &t.private_key) {
+                (false, _, _) => None,
+                (true, Some(c), Some(k)) => {
+                    let cert = read_file(c).map_err(|e| ("clientCertificate", e))?;
+                    let key = read_file(k).map_err(|e| ("privateKey", e))?;
+                    Some(client_cert(c.clone(), cert, key).map_err(|e| ("clientCertificate", e))?)
+                }
+                (true, None, _) => {
+                    return Err((
+                        "clientCertificate",
+                        "MUTUAL needs credentialName, or clientCertificate and privateKey".into(),
+                    ));
+                }
+                (true, Some(_), None) => return Err(("privateKey", "required with clientCertificate".into())),
+            };
+            (ca, client)
+        }
+    };
+    // Without a CA of its own, the server is checked against the system's roots.
+    let check = match (insecure, ca) {
+        (true, _) => PeerCheck::default(),
+        (false, Some((ca, pem))) => peer_check(ca, &pem, &crls, names).map_err(|e| ("", e))?,
+        (false, None) => {
+            let path = crate::state::traffic::SYSTEM_ROOTS;
+            let pem = read_file(path).map_err(|e| ("caCertificates", e))?;
+            peer_check(path.to_owned(), &pem, &crls, names).map_err(|e| ("", e))?
+        }
+    };
+    Ok(TlsOrigination { sni: t.sni.clone(), insecure_skip_verify: insecure, check, client_cert: client })
 }
 
 /// A count in a policy: 0 or more, at most `max`.

@@ -279,9 +279,33 @@ pub struct TrafficPolicySpec {
     pub connection_pool: Option<ConnectionPoolSpec>,
     pub outlier_detection: Option<OutlierDetectionSpec>,
     pub tls: Option<ClientTlsSpec>,
-    pub port_level_settings: Unsupported,
+    pub port_level_settings: Option<Vec<PortTrafficPolicySpec>>,
     pub tunnel: Unsupported,
     pub proxy_protocol: Unsupported,
+}
+
+/// A `portLevelSettings` entry: the policy for one Service port.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PortTrafficPolicySpec {
+    pub port: Option<PortSelectorSpec>,
+    pub load_balancer: Option<LoadBalancerSpec>,
+    pub connection_pool: Option<ConnectionPoolSpec>,
+    pub outlier_detection: Option<OutlierDetectionSpec>,
+    pub tls: Option<ClientTlsSpec>,
+}
+
+impl PortTrafficPolicySpec {
+    /// The entry as a `trafficPolicy` of its own.
+    pub fn as_policy(&self) -> TrafficPolicySpec {
+        TrafficPolicySpec {
+            load_balancer: self.load_balancer.clone(),
+            connection_pool: self.connection_pool.clone(),
+            outlier_detection: self.outlier_detection.clone(),
+            tls: self.tls.clone(),
+            ..TrafficPolicySpec::default()
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -292,10 +316,10 @@ pub struct ClientTlsSpec {
     pub ca_certificates: Option<String>,
     pub sni: Option<String>,
     pub insecure_skip_verify: Option<bool>,
-    pub client_certificate: Unsupported,
-    pub private_key: Unsupported,
-    pub subject_alt_names: Unsupported,
-    pub ca_crl: Unsupported,
+    pub client_certificate: Option<String>,
+    pub private_key: Option<String>,
+    pub subject_alt_names: Option<Vec<String>>,
+    pub ca_crl: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

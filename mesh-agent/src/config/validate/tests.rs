@@ -326,4 +326,5 @@ fn virtual_services_claiming_a_host_apply_oldest_first() {
 
 mod admission;
 mod gateway_tls;
+mod origination_tls;
 mod security;

@@ -58,7 +58,7 @@ impl JwksCache {
     }
 
     pub fn with_min_refetch(roots: rustls::RootCertStore, min_refetch: Duration) -> Result<JwksCache, rustls::Error> {
-        let tls = crate::identity::tls::origination_config(Some(roots), &[b"http/1.1"])?;
+        let tls = crate::identity::tls::https_client_config(roots, &[b"http/1.1"])?;
         Ok(JwksCache { tls: Arc::new(tls), entries: Mutex::default(), min_refetch })
     }
 

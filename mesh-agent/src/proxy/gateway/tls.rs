@@ -25,7 +25,7 @@ pub(super) fn tls_acceptor(state: &State, plan: &PortPlan) -> std::io::Result<Ar
             if let Some(ServerTls::Simple(c)) = &s.tls {
                 let fail = |e: String| std::io::Error::other(format!("{}: {e}", c.credential));
                 let key = crate::identity::tls::certified_key_from_pem(&c.cert_pem, &c.key_pem).map_err(fail)?;
-                let config = crate::identity::tls::gateway_server_config(Arc::new(key), &c.settings)
+                let config = crate::identity::tls::gateway_server_config(Arc::new(key), &c.settings, c.client.as_ref())
                     .map_err(|e| fail(e.to_string()))?;
                 let config = Arc::new(config);
                 servers.extend(s.hosts.iter().map(|h| (h.host.clone(), config.clone())));

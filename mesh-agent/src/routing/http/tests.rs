@@ -473,3 +473,69 @@ fn export_to_limits_which_clients_the_rules_apply_to() {
     assert!(!asked(Some("other")), "a client elsewhere gets the Service's default route");
     assert!(!asked(None), "a client of no namespace gets the default route");
 }
+
+#[test]
+fn port_level_settings_apply_per_port_and_subset() {
+    let s = state_from_yaml(&format!(
+        "{CLUSTER}---
+apiVersion: v1
+kind: Service
+metadata: {{name: multi, namespace: demo}}
+spec:
+  clusterIP: 10.96.0.12
+  selector: {{app: hello}}
+  ports: [{{name: http, port: 80, targetPort: 8080}}, {{name: http-admin, port: 90, targetPort: 8090}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: multi, namespace: demo}}
+spec:
+  host: multi
+  trafficPolicy:
+    loadBalancer: {{simple: RANDOM}}
+    connectionPool: {{tcp: {{maxConnections: 1}}}}
+    portLevelSettings:
+    - port: {{number: 90}}
+      loadBalancer: {{simple: LEAST_REQUEST}}
+      tls: {{mode: SIMPLE, insecureSkipVerify: true}}
+  subsets:
+  - name: v1
+    labels: {{version: v1}}
+    trafficPolicy:
+      outlierDetection: {{consecutive5xxErrors: 3}}
+      portLevelSettings:
+      - port: {{number: 80}}
+        connectionPool: {{tcp: {{maxConnections: 7}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: multi, namespace: demo}}
+spec:
+  hosts: [multi]
+  http:
+  - match: [{{headers: {{x-subset: {{exact: v1}}}}}}]
+    route: [{{destination: {{host: multi, subset: v1}}}}]
+"
+    ));
+    let mut v1 = HeaderMap::new();
+    v1.insert("x-subset", HeaderValue::from_static("v1"));
+    let none = HeaderMap::new();
+    let cluster = |orig: &str, headers: &HeaderMap| {
+        let view = RequestView { method: "GET", path: "/", headers, client: CLIENT, namespace: None };
+        let orig = orig.parse().unwrap_or_else(|e| panic!("{e}"));
+        let c = route_request(&s, orig, &view, 0, 0, &NoState).cluster.unwrap_or_else(|| panic!("a cluster"));
+        let p = &c.policy;
+        let outlier = p.outlier.as_ref().map(|o| o.consecutive_5xx);
+        (c.key, format!("{:?} {:?} tls={} {outlier:?}", p.load_balancer, p.pool.max_connections, p.tls.is_some()))
+    };
+    // (destination, headers, cluster key, policy)
+    let cases = [
+        ("10.96.0.12:80", &none, "demo/multi", "Random Some(1) tls=false None"),
+        ("10.96.0.12:90", &none, "demo/multi|90", "LeastRequest Some(1) tls=true None"),
+        ("10.96.0.12:80", &v1, "demo/multi|v1|80", "Random Some(7) tls=false Some(3)"),
+        ("10.96.0.12:90", &v1, "demo/multi|v1|90", "LeastRequest Some(1) tls=true Some(3)"),
+    ];
+    for (orig, headers, key, policy) in cases {
+        assert_eq!(cluster(orig, headers), (key.to_owned(), policy.to_owned()), "{orig} {headers:?}");
+    }
+}
