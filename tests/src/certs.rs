@@ -31,6 +31,15 @@ impl Certs {
     /// A server certificate for `host` (a name or an IP address) signed by
     /// the CA: `<name>.crt`, `<name>.key`.
     pub fn server(&self, name: &str, host: &str) -> (PathBuf, PathBuf) {
+        self.leaf(name, host, "serverAuth")
+    }
+
+    /// A client certificate naming `host`, signed by the CA.
+    pub fn client(&self, name: &str, host: &str) -> (PathBuf, PathBuf) {
+        self.leaf(name, host, "clientAuth")
+    }
+
+    fn leaf(&self, name: &str, host: &str, usage: &str) -> (PathBuf, PathBuf) {
         let (key, csr, crt, ext) =
             (format!("{name}.key"), format!("{name}.csr"), format!("{name}.crt"), format!("{name}.ext"));
         let san = match host.parse::<std::net::IpAddr>() {
@@ -39,7 +48,7 @@ impl Certs {
         };
         std::fs::write(
             self.dir.join(&ext),
-            format!("subjectAltName={san}\nbasicConstraints=critical,CA:FALSE\nextendedKeyUsage=serverAuth\n"),
+            format!("subjectAltName={san}\nbasicConstraints=critical,CA:FALSE\nextendedKeyUsage={usage}\n"),
         )
         .unwrap();
         openssl(&self.dir, &["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", &key]);
