@@ -160,6 +160,38 @@ pub fn has_subject_alt_name(der: &[u8], names: &[String]) -> bool {
     san.value.general_names.iter().any(|n| names.iter().any(|w| matches(n, w)))
 }
 
+/// The `x-forwarded-client-cert` value a gateway sets for a client that
+/// presented `der` (Envoy's with `Hash`, `Subject`, `URI` and `DNS`, as
+/// Istio's gateways set it): `Hash=<sha256 hex>;Subject="…";URI=…;DNS=…`.
+pub fn forwarded_client_cert(der: &[u8]) -> String {
+    use std::fmt::Write as _;
+    use x509_parser::{extensions::GeneralName, prelude::FromDer as _};
+    let digest = ring::digest::digest(&ring::digest::SHA256, der);
+    let mut out = String::from("Hash=");
+    for b in digest.as_ref() {
+        let _ = write!(out, "{b:02x}");
+    }
+    let Ok((_, cert)) = x509_parser::certificate::X509Certificate::from_der(der) else { return out };
+    let subject = cert.subject().to_string();
+    let _ = write!(out, ";Subject=\"{}\"", subject.replace('\\', "\\\\").replace('"', "\\\""));
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for n in &san.value.general_names {
+            // Values with a separator would let a certificate forge fields.
+            let clean = |v: &str| !v.contains([';', ',', '"', '=']);
+            match n {
+                GeneralName::URI(u) if clean(u) => {
+                    let _ = write!(out, ";URI={u}");
+                }
+                GeneralName::DNSName(d) if clean(d) => {
+                    let _ = write!(out, ";DNS={d}");
+                }
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
 /// The `spiffe://` URI SAN of a certificate, if it has exactly one.
 pub fn peer_identity(der: &[u8]) -> Option<String> {
     use x509_parser::{extensions::GeneralName, prelude::FromDer as _};

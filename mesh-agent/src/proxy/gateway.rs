@@ -333,9 +333,12 @@ async fn handle(
                 Err(_) => return tracing::info!(%peer, "gateway TLS handshake timed out"),
             };
             drop(handshake);
-            let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+            let session = tls.get_ref().1;
+            let h2 = session.alpn_protocol() == Some(b"h2");
             let handling = if h2 { Handling::Http2 } else { Handling::Http1 };
-            crate::proxy::l7::serve(ctx.clone(), tls, downstream(peer, local, gateways), handling).await;
+            let mut down = downstream(peer, local, gateways);
+            down.client_cert = tls::forwarded_client_cert(session);
+            crate::proxy::l7::serve(ctx.clone(), tls, down, handling).await;
         }
         (GatewayProtocol::Tcp, _) => {
             let state = ctx.state();
@@ -368,7 +371,8 @@ fn downstream(peer: SocketAddr, local: SocketAddrV4, gateways: Arc<[String]>) ->
         IpAddr::V4(ip) => ip,
         IpAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
     };
-    Downstream { peer, peer_ip, orig: local, source: None, gateways: Some(gateways), first_pick: usize::MAX.into() }
+    let first_pick = usize::MAX.into();
+    Downstream { peer, peer_ip, orig: local, source: None, gateways: Some(gateways), first_pick, client_cert: None }
 }
 
 /// The server name in the client's ClientHello, read without consuming it

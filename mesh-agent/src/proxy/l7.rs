@@ -72,6 +72,9 @@ pub struct Downstream {
     /// The round-robin turn the connection already drew, for its first request
     /// (`usize::MAX` once used), so that L7 does not skip endpoints.
     pub first_pick: std::sync::atomic::AtomicUsize,
+    /// At a Gateway server: the `x-forwarded-client-cert` value for the
+    /// client certificate the server verified (`tls.mode: MUTUAL`).
+    pub client_cert: Option<HeaderValue>,
 }
 
 impl Downstream {
@@ -95,6 +98,7 @@ static HOP_BY_HOP: [HeaderName; 7] = [
 ];
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static X_FORWARDED_CLIENT_CERT: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
 
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -193,6 +197,14 @@ async fn handle(ctx: Arc<Inputs>, down: Arc<Downstream>, mut req: Request<Incomi
     let started_at = SystemTime::now();
     if !req.headers().contains_key(&X_REQUEST_ID) {
         req.headers_mut().insert(X_REQUEST_ID.clone(), request_id(&ctx));
+    }
+    // At the edge the client certificate header is the gateway's to set
+    // (Envoy's SANITIZE_SET): whatever a client sent in it is dropped.
+    if down.gateways.is_some() {
+        req.headers_mut().remove(&X_FORWARDED_CLIENT_CERT);
+        if let Some(v) = &down.client_cert {
+            req.headers_mut().insert(X_FORWARDED_CLIENT_CERT.clone(), v.clone());
+        }
     }
     // HTTP/2 names the host in `:authority`; routing reads `Host`.
     if !req.headers().contains_key(header::HOST)

@@ -118,8 +118,15 @@ async fn open(ctx: &Arc<Inputs>, client: TcpStream, peer: SocketAddr) -> Option<
     if handling != Handling::Tcp {
         drop(state);
         // The first request takes this connection's turn in the round robin.
-        let down =
-            crate::proxy::l7::Downstream { peer, peer_ip, orig, source, gateways: None, first_pick: pick.into() };
+        let down = crate::proxy::l7::Downstream {
+            peer,
+            peer_ip,
+            orig,
+            source,
+            gateways: None,
+            first_pick: pick.into(),
+            client_cert: None,
+        };
         // Boxed: a connection waiting for its first bytes keeps no room for an HTTP server.
         Box::pin(crate::proxy::l7::serve(ctx.clone(), client, down, handling)).await;
         return None;

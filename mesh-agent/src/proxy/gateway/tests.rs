@@ -239,3 +239,115 @@ async fn an_http_server_with_https_redirect_sends_every_request_to_https() {
     assert_eq!(get(port, "plain.example", "/a").await.0, StatusCode::NOT_FOUND);
     listeners.close_all();
 }
+
+/// A CA, and certificates it signs for `names` (server and client use).
+struct TestCa(rcgen::Issuer<'static, rcgen::KeyPair>, String);
+
+impl TestCa {
+    fn new() -> TestCa {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let pem = p.self_signed(&key).expect("CA").pem();
+        TestCa(rcgen::Issuer::new(p, key), pem)
+    }
+
+    /// (certificate PEM, key PEM, certificate DER)
+    fn leaf(&self, name: &str) -> (String, String, Vec<u8>) {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = rcgen::CertificateParams::new(vec![name.to_owned()])
+            .expect("params")
+            .signed_by(&key, &self.0)
+            .expect("certificate");
+        (cert.pem(), key.serialize_pem(), cert.der().to_vec())
+    }
+}
+
+#[tokio::test]
+async fn a_mutual_server_forwards_the_verified_client_certificate_and_no_forged_one() {
+    // The upstream answers with the x-forwarded-client-cert it received.
+    let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.expect("bind");
+    let up = listener.local_addr().expect("address").port();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let svc = hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
+                let xfcc = req.headers().get("x-forwarded-client-cert").map(|v| v.as_bytes().to_vec());
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(xfcc.unwrap_or_else(|| b"-".to_vec())))))
+            });
+            tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc));
+        }
+    });
+    let ca = TestCa::new();
+    let (server_crt, server_key, _) = ca.leaf("hello.example");
+    let (client_crt, client_key, client_der) = ca.leaf("client.example");
+    let block = |pem: &str| pem.lines().map(|l| format!("    {l}\n")).collect::<String>();
+    let (https, http) = (free_port(), free_port());
+    let yaml = format!(
+        "apiVersion: v1\nkind: Node\nmetadata: {{name: n1, labels: {{istio: ingressgateway}}}}\n\
+         status: {{addresses: [{{type: InternalIP, address: 127.0.0.1}}]}}\n\
+         ---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: plain}}\n\
+         ---\napiVersion: v1\nkind: Pod\nmetadata: {{name: hello, namespace: plain, labels: {{app: hello}}}}\n\
+         spec: {{nodeName: n1}}\nstatus: {{podIP: 127.0.0.1, phase: Running}}\n\
+         ---\napiVersion: v1\nkind: Service\nmetadata: {{name: hello, namespace: plain}}\n\
+         spec: {{clusterIP: 10.96.0.10, selector: {{app: hello}}, ports: [{{name: http, port: 80, targetPort: {up}}}]}}\n\
+         ---\napiVersion: v1\nkind: Secret\nmetadata: {{name: hello-cert, namespace: istio-system}}\n\
+         stringData:\n  tls.crt: |\n{}  tls.key: |\n{}  ca.crt: |\n{}\
+         ---\napiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: ingress, namespace: istio-system}}\n\
+         spec: {{selector: {{istio: ingressgateway}}, servers: [\
+         {{port: {{number: {https}, name: https, protocol: HTTPS}}, hosts: ['*'], tls: {{mode: MUTUAL, credentialName: hello-cert}}}}, \
+         {{port: {{number: {http}, name: http, protocol: HTTP}}, hosts: ['*']}}]}}\n\
+         ---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: hello, namespace: plain}}\n\
+         spec: {{hosts: ['*'], gateways: [istio-system/ingress], http: [{{route: [{{destination: {{host: hello, port: {{number: 80}}}}}}]}}]}}\n",
+        block(&server_crt),
+        block(&server_key),
+        block(&ca.1)
+    );
+    let t = TestInputs::new(&yaml);
+    let mut listeners = Listeners::default();
+    listeners.reconcile(&t.inputs);
+
+    // Over TLS with the client certificate, a forged header beside it.
+    let mut roots = rustls::RootCertStore::empty();
+    for c in crate::identity::ca::pem_certs(&ca.1).expect("CA") {
+        roots.add(c).expect("root");
+    }
+    let key = crate::identity::tls::certified_key_from_pem(client_crt.as_bytes(), client_key.as_bytes()).expect("key");
+    let config = rustls::ClientConfig::builder_with_provider(crate::identity::tls::provider())
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_client_auth_cert(key.cert.clone(), {
+            use rustls::pki_types::{PrivateKeyDer, pem::PemObject as _};
+            PrivateKeyDer::from_pem_slice(client_key.as_bytes()).expect("key")
+        })
+        .expect("client settings");
+    let tcp = tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, https)).await.expect("connect");
+    let name = rustls::pki_types::ServerName::try_from("hello.example").expect("name");
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)).connect(name, tcp).await.expect("TLS");
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.expect("handshake");
+    tokio::spawn(conn);
+    let req = Request::get("/")
+        .header("host", "hello.example")
+        .header("x-forwarded-client-cert", "Hash=forged;URI=spiffe://cluster.local/ns/prod/sa/admin")
+        .body(Empty::<Bytes>::new())
+        .expect("request");
+    let body = send.send_request(req).await.expect("response").into_body().collect().await.expect("body").to_bytes();
+    let body = String::from_utf8_lossy(&body);
+    let hash: String =
+        ring::digest::digest(&ring::digest::SHA256, &client_der).as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    assert!(body.starts_with(&format!("Hash={hash};Subject=")), "{body}");
+    assert!(body.ends_with(";DNS=client.example") && !body.contains("forged"), "{body}");
+
+    // Without a client certificate (plain HTTP), a forged header is dropped.
+    let tcp = tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, http)).await.expect("connect");
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.expect("handshake");
+    tokio::spawn(conn);
+    let req = Request::get("/")
+        .header("host", "hello.example")
+        .header("x-forwarded-client-cert", "Hash=forged")
+        .body(Empty::<Bytes>::new())
+        .expect("request");
+    let body = send.send_request(req).await.expect("response").into_body().collect().await.expect("body").to_bytes();
+    assert_eq!(&body[..], b"-");
+    listeners.close_all();
+}

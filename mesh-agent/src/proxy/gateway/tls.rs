@@ -34,3 +34,11 @@ pub(super) fn tls_acceptor(state: &State, plan: &PortPlan) -> std::io::Result<Ar
     }
     Ok(Arc::new(TlsServers(servers)))
 }
+
+/// The `x-forwarded-client-cert` value for the certificate a client
+/// presented (and the server verified), if it did.
+pub(super) fn forwarded_client_cert(session: &rustls::ServerConnection) -> Option<hyper::header::HeaderValue> {
+    let der = session.peer_certificates()?.first()?;
+    let value = crate::identity::forwarded_client_cert(der);
+    hyper::header::HeaderValue::from_bytes(value.as_bytes()).ok()
+}

@@ -103,6 +103,7 @@ where
         source: conn.source.clone(),
         gateways: None,
         first_pick: usize::MAX.into(),
+        client_cert: None,
     };
     let shared = Arc::new(Conn { inbound: conn, down, labels, handling, pod: tokio::sync::Mutex::new(None) });
     let svc_ctx = ctx.clone();

@@ -167,6 +167,7 @@ fn downstream() -> Downstream {
         source: None,
         gateways: None,
         first_pick: 0.into(),
+        client_cert: None,
     }
 }
 
