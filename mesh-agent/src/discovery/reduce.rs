@@ -7,9 +7,10 @@ use serde_json::{Map, Value, json};
 
 use super::Kind;
 
-/// The Secret keys credentials are read from (`tls.crt`, `tls.key`, and the
-/// CA as `ca.crt` or Istio's `cacert`).
-const SECRET_KEYS: &[&str] = &["tls.crt", "tls.key", "ca.crt", "cacert"];
+/// The Secret keys credentials are read from: `tls.crt`, `tls.key` (or
+/// Istio's generic `cert`, `key`), the CA as `ca.crt` or `cacert`, and a
+/// revocation list as `ca.crl`.
+const SECRET_KEYS: &[&str] = &["tls.crt", "tls.key", "cert", "key", "ca.crt", "cacert", "ca.crl"];
 
 /// The object as the configuration builder reads it: `apiVersion`, `kind`,
 /// the metadata it uses and the kind's fields it uses.
@@ -126,13 +127,16 @@ mod tests {
             "apiVersion": "v1", "kind": "Secret",
             "metadata": {"name": "mixed", "namespace": "istio-system", "annotations": {"a": "b"}},
             "type": "kubernetes.io/tls",
-            "data": {"tls.crt": "Y2VydA==", "tls.key": "a2V5", "ca.crt": "Y2E=", "db-password": "aHVudGVyMg=="},
+            "data": {"tls.crt": "Y2VydA==", "tls.key": "a2V5", "ca.crt": "Y2E=", "ca.crl": "Y3Js", "db-password": "aHVudGVyMg=="},
             "stringData": {"api-token": "secret"},
         }))
         .expect("a Secret");
         let kind = agent_kinds(&["istio-system".to_owned()]).into_iter().find(|k| k.kind == "Secret").expect("Secrets");
         let reduced = reduce(&kind, secret);
-        assert_eq!(reduced["data"], json!({"tls.crt": "Y2VydA==", "tls.key": "a2V5", "ca.crt": "Y2E="}));
+        assert_eq!(
+            reduced["data"],
+            json!({"tls.crt": "Y2VydA==", "tls.key": "a2V5", "ca.crt": "Y2E=", "ca.crl": "Y3Js"})
+        );
         assert_eq!(reduced["stringData"], json!({}));
         assert!(reduced["metadata"].get("annotations").is_none());
     }
