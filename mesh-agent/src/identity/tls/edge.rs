@@ -80,6 +80,13 @@ pub fn gateway_server_config(
     };
     let mut config = builder.with_cert_resolver(Arc::new(OneCert(cert)));
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    if client.is_some() {
+        // A resumed session skips the certificate checks: a client whose
+        // certificate expired since, or was revoked, would pass. Every
+        // handshake checks it again.
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        config.send_tls13_tickets = 0;
+    }
     Ok(config)
 }
 

@@ -237,3 +237,40 @@ fn crls_must_be_pem_crls() {
     );
     assert!(crls_from_pem(cert.as_bytes()).expect_err("a certificate").contains("not a certificate revocation list"));
 }
+
+/// How the second of two connections from one client was made.
+async fn second_handshake(server: ServerConfig, client: ClientConfig) -> Option<rustls::HandshakeKind> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let (server, client) = (Arc::new(server), Arc::new(client));
+    let mut kind = None;
+    for _ in 0..2 {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let acceptor = tokio_rustls::TlsAcceptor::from(server.clone());
+        let served = tokio::spawn(async move {
+            let mut s = acceptor.accept(b).await.ok()?;
+            s.write_all(b"y").await.ok()?;
+            s.flush().await.ok()
+        });
+        let name = rustls::pki_types::ServerName::try_from("hello.example.com").expect("name");
+        let mut s = tokio_rustls::TlsConnector::from(client.clone()).connect(name, a).await.expect("handshake");
+        let mut byte = [0u8];
+        s.read_exact(&mut byte).await.expect("a byte from the server");
+        kind = s.get_ref().1.handshake_kind();
+        served.await.expect("server task");
+    }
+    kind
+}
+
+#[tokio::test]
+async fn a_mutual_server_checks_every_handshake_never_resuming() {
+    let ca = TestCa::new("ca");
+    let server_key = key(&ca.leaf(&["hello.example.com"], 1));
+    let client_leaf = ca.leaf(&["client.example"], 2);
+    let simple = gateway_server_config(server_key.clone(), &TlsSettings::default(), None).expect("SIMPLE");
+    let resumed = second_handshake(simple, client(&ca, Some(&client_leaf), false)).await;
+    assert_eq!(resumed, Some(rustls::HandshakeKind::Resumed), "SIMPLE resumes sessions");
+    let auth = ClientAuth { check: ca.check(&[], Vec::new()), optional: false };
+    let mutual = gateway_server_config(server_key, &TlsSettings::default(), Some(&auth)).expect("MUTUAL");
+    let again = second_handshake(mutual, client(&ca, Some(&client_leaf), false)).await;
+    assert_eq!(again, Some(rustls::HandshakeKind::Full), "MUTUAL must check the certificate on every handshake");
+}
