@@ -26,6 +26,20 @@ async fn upstream() -> u16 {
     port
 }
 
+/// Node n1 on loopback (running the ingress gateway) and the Service
+/// `plain/hello` whose one pod is the loopback server on port `up`.
+fn hello(up: u16) -> String {
+    format!(
+        "apiVersion: v1\nkind: Node\nmetadata: {{name: n1, labels: {{istio: ingressgateway}}}}\n\
+         status: {{addresses: [{{type: InternalIP, address: 127.0.0.1}}]}}\n\
+         ---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: plain}}\n\
+         ---\napiVersion: v1\nkind: Pod\nmetadata: {{name: hello, namespace: plain, labels: {{app: hello}}}}\n\
+         spec: {{nodeName: n1}}\nstatus: {{podIP: 127.0.0.1, phase: Running}}\n\
+         ---\napiVersion: v1\nkind: Service\nmetadata: {{name: hello, namespace: plain}}\n\
+         spec: {{clusterIP: 10.96.0.10, selector: {{app: hello}}, ports: [{{name: http, port: 80, targetPort: {up}}}]}}\n"
+    )
+}
+
 /// A port free on loopback now (the gateway binds it next).
 fn free_port() -> u16 {
     let l = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
@@ -47,18 +61,13 @@ async fn get(port: u16, host: &str, path: &str) -> (StatusCode, String) {
 async fn an_ingress_gateway_routes_by_its_virtual_service() {
     let (up, port) = (upstream().await, free_port());
     let yaml = format!(
-        "apiVersion: v1\nkind: Node\nmetadata: {{name: n1, labels: {{istio: ingressgateway}}}}\n\
-         status: {{addresses: [{{type: InternalIP, address: 127.0.0.1}}]}}\n\
-         ---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: plain}}\n\
-         ---\napiVersion: v1\nkind: Pod\nmetadata: {{name: hello, namespace: plain, labels: {{app: hello}}}}\n\
-         spec: {{nodeName: n1}}\nstatus: {{podIP: 127.0.0.1, phase: Running}}\n\
-         ---\napiVersion: v1\nkind: Service\nmetadata: {{name: hello, namespace: plain}}\n\
-         spec: {{clusterIP: 10.96.0.10, selector: {{app: hello}}, ports: [{{name: http, port: 80, targetPort: {up}}}]}}\n\
+        "{}\
          ---\napiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: ingress, namespace: istio-system}}\n\
          spec: {{selector: {{istio: ingressgateway}}, servers: [{{port: {{number: {port}, name: http, protocol: HTTP}}, hosts: ['*']}}]}}\n\
          ---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: hello, namespace: plain}}\n\
          spec: {{hosts: ['*'], gateways: [istio-system/ingress], http: [{{match: [{{uri: {{prefix: /hello}}}}], \
-         route: [{{destination: {{host: hello, port: {{number: 80}}}}}}]}}]}}\n"
+         route: [{{destination: {{host: hello, port: {{number: 80}}}}}}]}}]}}\n",
+        hello(up)
     );
     let t = TestInputs::new(&yaml);
     let mut listeners = Listeners::default();
@@ -283,13 +292,7 @@ async fn a_mutual_server_forwards_the_verified_client_certificate_and_no_forged_
     let block = |pem: &str| pem.lines().map(|l| format!("    {l}\n")).collect::<String>();
     let (https, http) = (free_port(), free_port());
     let yaml = format!(
-        "apiVersion: v1\nkind: Node\nmetadata: {{name: n1, labels: {{istio: ingressgateway}}}}\n\
-         status: {{addresses: [{{type: InternalIP, address: 127.0.0.1}}]}}\n\
-         ---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: plain}}\n\
-         ---\napiVersion: v1\nkind: Pod\nmetadata: {{name: hello, namespace: plain, labels: {{app: hello}}}}\n\
-         spec: {{nodeName: n1}}\nstatus: {{podIP: 127.0.0.1, phase: Running}}\n\
-         ---\napiVersion: v1\nkind: Service\nmetadata: {{name: hello, namespace: plain}}\n\
-         spec: {{clusterIP: 10.96.0.10, selector: {{app: hello}}, ports: [{{name: http, port: 80, targetPort: {up}}}]}}\n\
+        "{}\
          ---\napiVersion: v1\nkind: Secret\nmetadata: {{name: hello-cert, namespace: istio-system}}\n\
          stringData:\n  tls.crt: |\n{}  tls.key: |\n{}  ca.crt: |\n{}\
          ---\napiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: ingress, namespace: istio-system}}\n\
@@ -298,6 +301,7 @@ async fn a_mutual_server_forwards_the_verified_client_certificate_and_no_forged_
          {{port: {{number: {http}, name: http, protocol: HTTP}}, hosts: ['*']}}]}}\n\
          ---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: hello, namespace: plain}}\n\
          spec: {{hosts: ['*'], gateways: [istio-system/ingress], http: [{{route: [{{destination: {{host: hello, port: {{number: 80}}}}}}]}}]}}\n",
+        hello(up),
         block(&server_crt),
         block(&server_key),
         block(&ca.1)
