@@ -166,4 +166,15 @@ fn mutual_origination_presents_a_client_certificate_to_a_tls_1_2_server() {
     assert!(code >= 500, "mutual.example is not the server's name, got {code}: {body}");
     e.set_extra(&origination(&e, &client, "{mode: MUTUAL, credentialName: client-cert, sni: secure.example}"));
     assert_eq!(call().0, 200);
+    // The client certificate, its key and the CA from files instead.
+    let path = |p: &std::path::Path| p.to_str().unwrap().to_owned();
+    let files = format!(
+        "{{mode: MUTUAL, clientCertificate: {}, privateKey: {}, caCertificates: {}, sni: secure.example}}",
+        path(&client.0),
+        path(&client.1),
+        path(&ca)
+    );
+    e.set_extra(&origination(&e, &client, &files));
+    let (code, body) = call();
+    assert_eq!(code, 200, "{body}");
 }
