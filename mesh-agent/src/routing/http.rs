@@ -111,7 +111,7 @@ pub fn route_request(
     let visible = |vs: &&VirtualService| req.namespace.map_or(vs.export_to.is_none(), |ns| vs.visible_in(ns));
     let found = first_rule(state.mesh_routes(key).filter(visible), req, orig.port(), MESH);
     let Some((rule, matched)) = found else {
-        let at = state.destination_rule(key).and_then(|d| d.policy_at(None, orig.port()));
+        let at = state.destination_rule(key).map(|d| d.policy_on(None, orig.port()));
         let (policy, key) = match at {
             Some((p, true)) => (p.clone(), format!("{key}|{}", orig.port())),
             Some((p, false)) => (p.clone(), key.clone()),
@@ -280,19 +280,18 @@ pub fn resolve<'a>(
         },
     };
     let dr = state.destination_rule(&dest.service);
-    let subset = dest.subset.as_deref();
-    let (policy, own) = match (subset, dr) {
-        (None, None) => (Policy::default(), false),
-        (_, Some(dr)) => match dr.policy_at(subset, port) {
-            Some((p, own)) => (p.clone(), own),
-            None => return Err(Refusal::NoSubset(dest.subset.clone().unwrap_or_default())),
-        },
-        (Some(name), None) => return Err(Refusal::NoSubset(name.to_owned())),
+    let subset = match &dest.subset {
+        None => None,
+        Some(name) => Some(dr.and_then(|d| d.subset(name)).ok_or_else(|| Refusal::NoSubset(name.clone()))?),
     };
-    let labels = subset.and_then(|n| dr?.subsets.iter().find(|s| s.name == n)).map(|s| &s.labels);
+    let (policy, own) = match dr {
+        Some(dr) => dr.policy_on(subset, port),
+        None => (&Policy::default(), false),
+    };
+    let (policy, labels) = (policy.clone(), subset.map(|s| &s.labels));
     // A port with a policy of its own is a cluster of its own (as Envoy's
     // clusters are per port): its pool and ejections are not another port's.
-    let mut key = match subset {
+    let mut key = match &dest.subset {
         Some(name) => format!("{}|{name}", dest.service),
         None => dest.service.clone(),
     };

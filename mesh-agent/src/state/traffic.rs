@@ -251,18 +251,19 @@ pub struct Subset {
 }
 
 impl DestinationRule {
+    /// A subset the rule defines.
+    pub fn subset(&self, name: &str) -> Option<&Subset> {
+        self.subsets.iter().find(|s| s.name == name)
+    }
+
     /// The policy for traffic to Service port `port` of `subset` (`None`: the
-    /// whole Service), and whether it is that port's own
-    /// (`portLevelSettings`); `None` for a subset the rule does not define.
-    pub fn policy_at(&self, subset: Option<&str>, port: u16) -> Option<(&Policy, bool)> {
+    /// whole Service), and whether it is that port's own (`portLevelSettings`).
+    pub fn policy_on<'a>(&'a self, subset: Option<&'a Subset>, port: u16) -> (&'a Policy, bool) {
         let (policy, ports) = match subset {
             None => (&self.policy, &self.ports),
-            Some(name) => {
-                let s = self.subsets.iter().find(|s| s.name == name)?;
-                (&s.policy, &s.ports)
-            }
+            Some(s) => (&s.policy, &s.ports),
         };
-        Some(ports.get(&port).map_or((policy, false), |p| (p, true)))
+        ports.get(&port).map_or((policy, false), |p| (p, true))
     }
 
     /// Every policy the rule holds (for settings built ahead, such as TLS).

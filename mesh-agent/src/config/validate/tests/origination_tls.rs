@@ -115,8 +115,8 @@ fn mutual_origination_needs_a_client_certificate_and_checks_its_fields() {
         (tls.check.subject_alt_names.as_slice(), tls.check.roots.len()),
         (&["secure.example".to_owned()][..], 1)
     );
-    let port = dr.policy_at(Some("b"), 81).expect("subset b");
+    let port = dr.policy_on(Some(dr.subset("b").expect("subset b")), 81);
     assert!(port.1 && port.0.tls.as_ref().is_some_and(|t| t.client_cert.is_none()), "{port:?}");
-    let other = dr.policy_at(Some("b"), 80).expect("subset b");
+    let other = dr.policy_on(Some(dr.subset("b").expect("subset b")), 80);
     assert!(!other.1 && other.0.tls.as_ref().is_some_and(|t| t.client_cert.is_some()), "{other:?}");
 }
