@@ -18,7 +18,7 @@ pub fn binary() -> PathBuf {
         return p.into();
     }
     let exe = std::env::current_exe().unwrap();
-    // target/<profile>/deps/<test> (tests) or target/<profile>/xtask (demo).
+    // target/<profile>/deps/<test> (tests) or target/<profile>/lab (demo, bench).
     let dir = exe.parent().unwrap();
     let bin = [dir.join("mesh-agent"), dir.parent().unwrap().join("mesh-agent")]
         .into_iter()

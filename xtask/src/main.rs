@@ -4,17 +4,16 @@
 //!   bpf-linker built against LLVM 22), idempotently.
 //! - `build-ebpf`: build the eBPF object alone (the agent's build script embeds it).
 //! - `test`: build the agent and run every test; root tests need root.
-//! - `demo`: the whole pattern on two nodes (mesh, ingress, egress, policy).
-//! - `bench`: the mesh against a direct connection (see `bench.rs`).
+//! - `demo`, `bench`, `scale`: run `lab` (tests/src/bin/lab), the programs
+//!   that drive the agent, kept out of xtask so that xtask builds without the
+//!   eBPF toolchain that `setup` installs.
+//! - `image`, `fuzz`: the OCI image archive; the fuzz targets.
 use std::process::Command;
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
-mod bench;
-mod demo;
 mod image;
-mod scale;
 
 #[derive(Parser)]
 #[command(name = "xtask")]
@@ -35,48 +34,29 @@ enum Task {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
-    /// Run the demo (as root): two nodes, test → helloworld over mTLS, STRICT and authorization.
+    /// Run the demo (as root): two nodes, test → helloworld over mTLS, STRICT and
+    /// authorization (`cargo xtask demo --help` for its options).
+    #[command(disable_help_flag = true)]
     Demo {
-        /// Leave everything running and print how to poke at it.
-        #[arg(long)]
-        keep: bool,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
     },
-    /// Measure the mesh against a direct connection (as root; not part of the tests).
+    /// Measure the mesh against a direct connection (as root; not part of the
+    /// tests; `cargo xtask bench --help` for its options).
+    #[command(disable_help_flag = true)]
     Bench {
-        /// A short run for development: 2 s windows, one round.
-        #[arg(long)]
-        quick: bool,
-        /// Only these scenarios (comma-separated: tcp_1_stream, http1_1000rps,
-        /// idle, …); the rest are skipped.
-        #[arg(long, value_delimiter = ',')]
-        only: Vec<String>,
-        /// Record the agents with `perf record -g` during the mesh windows
-        /// (written to target/bench/perf.data).
-        #[arg(long)]
-        perf: bool,
-        /// Seconds per measurement window (default 10, 2 with --quick).
-        #[arg(long)]
-        secs: Option<u64>,
-        /// Rounds of direct and mesh windows (default 3, 1 with --quick).
-        #[arg(long)]
-        rounds: Option<usize>,
-        /// More arguments for the agents, e.g. `--agent-args="--worker-threads 1"`.
-        #[arg(long, allow_hyphen_values = true)]
-        agent_args: Option<String>,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
     },
     /// Build the OCI image archive target/image/mesh-agent-<version>.tar from
     /// scratch (no base image, no registry), checked with skopeo.
     Image,
-    /// Build the model from a synthetic large cluster and report time and memory.
+    /// Build the model from a synthetic large cluster and report time and
+    /// memory (release build; `cargo xtask scale --help` for its options).
+    #[command(disable_help_flag = true)]
     Scale {
-        #[arg(long, default_value_t = 100_000)]
-        pods: usize,
-        #[arg(long, default_value_t = 10_000)]
-        services: usize,
-        /// Through the agent's Kubernetes source (a stand-in API server on
-        /// loopback) instead of YAML; also times one rebuild.
-        #[arg(long)]
-        kubernetes: bool,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
     },
     /// Fuzz the parsers of untrusted input with cargo-fuzz (nightly), each
     /// target for a bounded time; a crash stops with its input saved.
@@ -94,13 +74,10 @@ fn main() -> anyhow::Result<()> {
         Task::Setup => setup(),
         Task::BuildEbpf => build_ebpf(),
         Task::Test { args } => test(&args),
-        Task::Demo { keep } => demo::run(keep),
-        Task::Bench { quick, only, perf, secs, rounds, agent_args } => {
-            let agent_args = agent_args.map(|a| a.split_whitespace().map(String::from).collect()).unwrap_or_default();
-            bench::run(bench::Options { quick, only, perf, secs, rounds, agent_args })
-        }
+        Task::Demo { args } => lab(false, "demo", &args),
+        Task::Bench { args } => lab(false, "bench", &args),
         Task::Fuzz { secs, targets } => fuzz(secs, &targets),
-        Task::Scale { pods, services, kubernetes } => scale::run(pods, services, kubernetes),
+        Task::Scale { args } => lab(true, "scale", &args),
         Task::Image => image::build(),
     }
 }
@@ -130,6 +107,20 @@ fn fuzz(secs: u64, targets: &[String]) -> anyhow::Result<()> {
         })?;
     }
     Ok(())
+}
+
+/// The tasks that drive the agent run `lab` (tests/src/bin/lab), which
+/// depends on the agent and so on the eBPF toolchain; xtask itself does not,
+/// so that `cargo xtask setup` compiles on a machine that has none of it yet.
+fn lab(release: bool, task: &str, args: &[String]) -> anyhow::Result<()> {
+    let mut cmd = Command::new("cargo");
+    cmd.args(["run", "--quiet", "--package", "mesh-tests", "--bin", "lab"]);
+    if release {
+        cmd.arg("--release");
+    }
+    let status = cmd.arg("--").arg(task).args(args).current_dir(workspace_root()?).status()?;
+    // The task's own exit code (a failed demo step, a bad flag's 2) passes through.
+    std::process::exit(status.code().unwrap_or(1))
 }
 
 fn run(cmd: &mut Command) -> anyhow::Result<()> {

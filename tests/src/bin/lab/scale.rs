@@ -1,4 +1,4 @@
-//! `cargo xtask scale [--pods N] [--services M] [--kubernetes]`: the model
+//! `cargo xtask scale [--pods N] [--services M] [--kubernetes]` (release build): the model
 //! built from a synthetic cluster as large as a big one (100 000 pods, 10 000
 //! Services by default), through the same object-by-object path as any
 //! configuration: from YAML text, or (`--kubernetes`) listed and watched from
