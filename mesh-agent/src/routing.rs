@@ -4,9 +4,11 @@
 //! endpoint, a pod, an external service, or a refusal), `policy`
 //! (PeerAuthentication and AuthorizationPolicy), `http` (VirtualService and
 //! DestinationRule routing of HTTP, TCP and TLS, at the mesh and at gateways),
-//! `balance` (endpoint choice and the load-balancing randomness).
+//! `balance` (endpoint choice and the load-balancing randomness), `sni`
+//! (which HTTPS gateway server a TLS connection and its requests belong to).
 pub mod balance;
 pub mod http;
 pub mod l4;
 pub mod policy;
 pub mod protocol;
+pub mod sni;

@@ -233,6 +233,9 @@ pub struct Metrics {
     pub hbone_connections: Family<HandshakeLabels, Counter>,
     /// Gateway ports that could not be opened (another process holds them).
     pub gateway_bind_failures: Counter,
+    /// Requests refused with 421 at an HTTPS gateway: a host that the
+    /// server the connection's SNI chose does not serve.
+    pub gateway_misdirected: Counter,
     pub request_duration: HistogramFamily,
     pub request_bytes: HistogramFamily,
     pub response_bytes: HistogramFamily,
@@ -261,6 +264,12 @@ impl Metrics {
             "mesh_gateway_listener_failures",
             "Gateway listeners that could not be opened",
             gateway_bind_failures.clone(),
+        );
+        let gateway_misdirected = Counter::default();
+        registry.register(
+            "mesh_gateway_misdirected_requests",
+            "Requests refused with 421 at an HTTPS gateway: a host the server chosen by SNI does not serve",
+            gateway_misdirected.clone(),
         );
         let mirrored = Family::default();
         registry.register("mesh_http_mirrored_requests", "Mirrored request copies, by result", mirrored.clone());
@@ -356,6 +365,7 @@ impl Metrics {
             authorization_audits,
             hbone_connections,
             gateway_bind_failures,
+            gateway_misdirected,
             request_duration,
             request_bytes,
             response_bytes,

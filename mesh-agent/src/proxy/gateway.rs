@@ -322,12 +322,12 @@ async fn handle(
             let accept = async {
                 let lazy = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream);
                 let start = lazy.await?;
-                let Some(config) = servers.choose(start.client_hello().server_name()) else {
+                let Some((config, server)) = servers.choose(start.client_hello().server_name()) else {
                     return Err(std::io::Error::other("no HTTPS server on this port"));
                 };
-                start.into_stream(config).await
+                Ok((start.into_stream(config).await?, server))
             };
-            let tls = match tokio::time::timeout(ctx.limits.handshake_timeout, accept).await {
+            let (tls, server) = match tokio::time::timeout(ctx.limits.handshake_timeout, accept).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => return tracing::info!(%peer, error = %e, "gateway TLS handshake failed"),
                 Err(_) => return tracing::info!(%peer, "gateway TLS handshake timed out"),
@@ -338,6 +338,7 @@ async fn handle(
             let handling = if h2 { Handling::Http2 } else { Handling::Http1 };
             let mut down = downstream(peer, local, gateways);
             down.client_cert = tls::forwarded_client_cert(session);
+            down.server = Some(server);
             crate::proxy::l7::serve(ctx.clone(), tls, down, handling).await;
         }
         (GatewayProtocol::Tcp, _) => {
@@ -372,7 +373,8 @@ fn downstream(peer: SocketAddr, local: SocketAddrV4, gateways: Arc<[String]>) ->
         IpAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
     };
     let first_pick = usize::MAX.into();
-    Downstream { peer, peer_ip, orig: local, source: None, gateways: Some(gateways), first_pick, client_cert: None }
+    let gateways = Some(gateways);
+    Downstream { peer, peer_ip, orig: local, source: None, gateways, server: None, first_pick, client_cert: None }
 }
 
 /// The server name in the client's ClientHello, read without consuming it

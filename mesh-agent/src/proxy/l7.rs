@@ -24,6 +24,7 @@ use crate::{
     proxy::{self, Inputs, LocalReply, ProxyError, Refused},
     routing::http as routing,
     routing::l4::Route,
+    routing::sni::Fit,
     state::{Workload, traffic},
     telemetry::{Flags, TcpLabels},
 };
@@ -69,6 +70,9 @@ pub struct Downstream {
     /// requests are routed by their VirtualServices and leave with the
     /// identity of the gateway that matched.
     pub gateways: Option<Arc<[String]>>,
+    /// At an HTTPS Gateway port: the server the TLS handshake chose by SNI,
+    /// the only one this connection's requests are routed through.
+    pub server: Option<crate::routing::sni::Binding>,
     /// The round-robin turn the connection already drew, for its first request
     /// (`usize::MAX` once used), so that L7 does not skip endpoints.
     pub first_pick: std::sync::atomic::AtomicUsize,
@@ -229,6 +233,20 @@ async fn handle(ctx: Arc<Inputs>, down: Arc<Downstream>, mut req: Request<Incomi
         client: down.peer_ip,
         namespace: down.source.as_deref().map(|w| &*w.namespace),
     };
+    // On a TLS connection, only hosts of the server its SNI chose: a host
+    // another server on the port takes (domain fronting, a reused HTTP/2
+    // connection) is refused before anything routes it (421: the client may
+    // retry on a connection of its own for that host).
+    if let Some(binding) = &down.server
+        && binding.fit(routing::request_host(view.headers).unwrap_or("")) == Fit::Misdirected
+    {
+        let gw = binding.server().and_then(|s| state.gateway(&s.gateway)).map(|g| g.workload.clone());
+        drop(state);
+        ctx.metrics.gateway_misdirected.inc();
+        let labels = TcpLabels::new(gw.as_deref(), None, None, false);
+        let record = Record::new(&ctx, &down, &req, labels, grpc, None, started_at, start);
+        return record.finish_local(LocalReply::MISDIRECTED);
+    }
     // An HTTP gateway server with `httpsRedirect` sends every request to HTTPS.
     if let Some(gws) = &down.gateways
         && let Some(location) = routing::https_redirect(&state, gws, down.orig.port(), &view)
@@ -456,7 +474,9 @@ fn decide(
             Some((routing::route_request(state, down.orig, view, pick, random, &ctx.clusters), down.source.clone()))
         }
         Some(gws) => {
-            let (decision, gw) = routing::route_gateway(state, gws, down.orig, view, pick, random, &ctx.clusters)?;
+            let bound = down.server.as_ref().and_then(|b| b.server());
+            let (decision, gw) =
+                routing::route_gateway(state, gws, bound, down.orig, view, pick, random, &ctx.clusters)?;
             Some((decision, state.gateway(&gw).map(|g| g.workload.clone())))
         }
     }

@@ -124,6 +124,7 @@ async fn open(ctx: &Arc<Inputs>, client: TcpStream, peer: SocketAddr) -> Option<
             orig,
             source,
             gateways: None,
+            server: None,
             first_pick: pick.into(),
             client_cert: None,
         };

@@ -29,6 +29,13 @@ impl LocalReply {
     /// No VirtualService rule for the host and path (at a gateway, or after a retry's re-route).
     pub const NO_ROUTE: LocalReply =
         LocalReply { status: StatusCode::NOT_FOUND, text: "no route for this host and path", flags: Flags::NR };
+    /// At an HTTPS gateway, a request for a host that the server its TLS
+    /// handshake chose does not serve.
+    pub const MISDIRECTED: LocalReply = LocalReply {
+        status: StatusCode::MISDIRECTED_REQUEST,
+        text: "misdirected request: this host is not served on this TLS connection",
+        flags: Flags::NR,
+    };
     /// The route's timeout passed before a response.
     pub const TIMEOUT: LocalReply =
         LocalReply { status: StatusCode::GATEWAY_TIMEOUT, text: "upstream request timeout", flags: Flags::UT };

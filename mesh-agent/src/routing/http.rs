@@ -131,10 +131,14 @@ pub fn route_request(
 
 /// Routes one request that arrived at a Gateway listener on `port`: the first
 /// rule of the VirtualServices bound to one of `gateways` (`namespace/name`)
-/// whose hosts match the request's host. `None`: nothing matches (404).
+/// whose hosts match the request's host. On a connection whose TLS handshake
+/// chose a server (`bound`), only that server's Gateway and hosts are
+/// considered. `None`: nothing matches (404).
+#[expect(clippy::too_many_arguments, reason = "the request's parts, each a plain input of the decision")]
 pub fn route_gateway(
     state: &State,
     gateways: &[String],
+    bound: Option<&super::sni::BoundServer>,
     orig: SocketAddrV4,
     req: &RequestView<'_>,
     pick: usize,
@@ -142,12 +146,19 @@ pub fn route_gateway(
     endpoints: &dyn EndpointState,
 ) -> Option<(Decision, String)> {
     let host = request_host(req.headers).unwrap_or("");
+    let gateways = match bound {
+        Some(b) => std::slice::from_ref(&b.gateway),
+        None => gateways,
+    };
     gateways.iter().find_map(|gw| {
         let g = state.gateway(gw)?;
         let bound = state.gateway_routes(gw).filter(|vs| {
             vs.host_patterns.iter().any(|p| host_matches(p, host))
                 && vs.visible_in(&g.namespace)
-                && serves(g, orig.port(), Some(host), &vs.namespace)
+                && match bound {
+                    Some(b) => b.hosts.iter().any(|h| h.allows(&vs.namespace) && host_matches(&h.host, host)),
+                    None => serves(g, orig.port(), Some(host), &vs.namespace),
+                }
         });
         let (rule, matched) = first_rule(bound, req, orig.port(), gw)?;
         let chosen = Chosen { rule, matched, from: "", orig, port: orig.port(), pick, random };
@@ -176,7 +187,7 @@ fn serves(g: &crate::state::Gateway, port: u16, host: Option<&str>, namespace: &
 }
 
 /// The request's host, without a port: `:authority` (HTTP/2) or `Host`.
-fn request_host(headers: &HeaderMap) -> Option<&str> {
+pub fn request_host(headers: &HeaderMap) -> Option<&str> {
     let h = headers.get(hyper::header::HOST)?.to_str().ok()?;
     Some(match h.rsplit_once(':') {
         Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
@@ -368,7 +379,13 @@ pub fn route_gateway_tls(
     random: u64,
 ) -> Option<(Route, String)> {
     gateways.iter().find_map(|gw| {
-        let rule = state.gateway_routes(gw).flat_map(|vs| vs.tls.iter()).find(|r| {
+        let g = state.gateway(gw)?;
+        // Only a VirtualService that the server the SNI names lets bind it:
+        // another namespace's rule cannot take over a host it was not given.
+        let allowed = state
+            .gateway_routes(gw)
+            .filter(|vs| vs.visible_in(&g.namespace) && serves(g, orig.port(), Some(sni), &vs.namespace));
+        let rule = allowed.flat_map(|vs| vs.tls.iter()).find(|r| {
             r.matches.iter().any(|m| {
                 (m.gateways.is_empty() || m.gateways.iter().any(|g| g == gw))
                     && m.port.is_none_or(|p| p == orig.port())

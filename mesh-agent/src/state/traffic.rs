@@ -391,7 +391,11 @@ pub const MESH: &str = "mesh";
 pub fn host_matches(pattern: &str, host: &str) -> bool {
     match pattern.strip_prefix('*') {
         Some("") => true,
-        Some(suffix) => host.len() > suffix.len() && host.ends_with(suffix),
+        // DNS names compare without case, the wildcard's suffix too.
+        Some(suffix) => {
+            host.len() > suffix.len()
+                && host.as_bytes()[host.len() - suffix.len()..].eq_ignore_ascii_case(suffix.as_bytes())
+        }
         None => pattern.eq_ignore_ascii_case(host),
     }
 }

@@ -3,36 +3,46 @@
 use std::sync::Arc;
 
 use super::PortPlan;
-use crate::state::{ServerTls, State};
+use crate::{
+    routing::sni::{Binding, BoundServer, SniTable},
+    state::{ServerTls, State},
+};
 
-/// An HTTPS port's servers' TLS settings, chosen by the client's SNI (the
-/// first server whose host pattern matches; the first server without SNI or
-/// when none does), each with its own certificate, versions and suites.
-pub(super) struct TlsServers(Vec<(String, Arc<rustls::ServerConfig>)>);
+/// An HTTPS port's servers' TLS settings, chosen by the client's SNI
+/// ([`SniTable`]: the most specific host, as Envoy chooses a filter chain),
+/// each with its own certificate, versions and suites. The connection is
+/// then bound to the chosen server ([`Binding`]).
+pub(super) struct TlsServers {
+    table: Arc<SniTable>,
+    /// Each server's settings, by its index in `table`.
+    configs: Vec<Arc<rustls::ServerConfig>>,
+}
 
 impl TlsServers {
-    pub(super) fn choose(&self, sni: Option<&str>) -> Option<Arc<rustls::ServerConfig>> {
-        let found = sni.and_then(|sni| self.0.iter().find(|(p, _)| crate::state::traffic::host_matches(p, sni)));
-        found.or(self.0.first()).map(|(_, c)| c.clone())
+    pub(super) fn choose(&self, sni: Option<&str>) -> Option<(Arc<rustls::ServerConfig>, Binding)> {
+        let chosen = self.table.choose(sni)?;
+        let config = self.configs.get(chosen)?.clone();
+        Some((config, Binding { table: self.table.clone(), chosen }))
     }
 }
 
 /// The TLS settings of each HTTPS server on the port, by host pattern.
 pub(super) fn tls_acceptor(state: &State, plan: &PortPlan) -> std::io::Result<Arc<TlsServers>> {
-    let mut servers = Vec::new();
-    for g in plan.gateways.iter().filter_map(|k| state.gateway(k)) {
+    let (mut table, mut configs) = (SniTable::default(), Vec::new());
+    for (key, g) in plan.gateways.iter().filter_map(|k| Some((k, state.gateway(k)?))) {
         for s in g.servers.iter().filter(|s| s.port == plan.addr.port()) {
             if let Some(ServerTls::Simple(c)) = &s.tls {
                 let fail = |e: String| std::io::Error::other(format!("{}: {e}", c.credential));
-                let key = crate::identity::tls::certified_key_from_pem(&c.cert_pem, &c.key_pem).map_err(fail)?;
-                let config = crate::identity::tls::gateway_server_config(Arc::new(key), &c.settings, c.client.as_ref())
-                    .map_err(|e| fail(e.to_string()))?;
-                let config = Arc::new(config);
-                servers.extend(s.hosts.iter().map(|h| (h.host.clone(), config.clone())));
+                let key_pair = crate::identity::tls::certified_key_from_pem(&c.cert_pem, &c.key_pem).map_err(fail)?;
+                let config =
+                    crate::identity::tls::gateway_server_config(Arc::new(key_pair), &c.settings, c.client.as_ref())
+                        .map_err(|e| fail(e.to_string()))?;
+                table.push(BoundServer { gateway: key.clone(), hosts: s.hosts.clone() });
+                configs.push(Arc::new(config));
             }
         }
     }
-    Ok(Arc::new(TlsServers(servers)))
+    Ok(Arc::new(TlsServers { table: Arc::new(table), configs }))
 }
 
 /// The `x-forwarded-client-cert` value for the certificate a client

@@ -102,6 +102,7 @@ where
         orig: conn.target,
         source: conn.source.clone(),
         gateways: None,
+        server: None,
         first_pick: usize::MAX.into(),
         client_cert: None,
     };

@@ -166,6 +166,7 @@ fn downstream() -> Downstream {
         orig: SocketAddrV4::new(VIP, 80),
         source: None,
         gateways: None,
+        server: None,
         first_pick: 0.into(),
         client_cert: None,
     }

@@ -404,7 +404,7 @@ fn gateways_service_entries_and_registry_only() {
         let headers = host(h);
         let view = RequestView { method: "GET", path, headers: &headers, client: CLIENT, namespace: None };
         let gws = [gw.to_owned()];
-        route_gateway(&s, &gws, orig.parse().expect("orig"), &view, 0, 0, &NoState)
+        route_gateway(&s, &gws, None, orig.parse().expect("orig"), &view, 0, 0, &NoState)
             .map_or_else(|| "404".to_owned(), |(d, _)| describe(&d))
     };
     // Mesh: the ServiceEntry host goes to the egress gateway's node.

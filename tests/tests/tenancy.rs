@@ -1,0 +1,165 @@
+//! Tenant isolation, tested as attacks (root, two nodes, the CA service):
+//! each test first makes the attack a hostile client or a hostile tenant
+//! would (a tenant writes objects in its own namespace only), then the
+//! positive control — the legitimate client still gets through. Every attack
+//! here got through before its fix; docs/limits.md ("Adversarial") lists them.
+#![expect(clippy::unwrap_used, reason = "tests")]
+
+use std::path::PathBuf;
+
+use mesh_tests::{certs::Certs, edge::*, require_root};
+
+/// Two more HTTPS servers on the ingress gateway's port 443, each in a
+/// Gateway of its own: `partners.example`, MUTUAL with the test CA, routed by
+/// a VirtualService of namespace `demo` to helloworld; and a tenant's server
+/// for `*` in namespace `attacker` (first in Gateway order), with a
+/// certificate of another CA.
+fn partners(e: &Edge, crt: &std::path::Path, key: &std::path::Path, rogue: &(PathBuf, PathBuf)) -> String {
+    format!(
+        "---
+apiVersion: v1
+kind: Secret
+metadata: {{name: partners-cert, namespace: istio-system}}
+type: kubernetes.io/tls
+stringData:
+  tls.crt: |
+{}  tls.key: |
+{}{}---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: partners, namespace: istio-system}}
+spec:
+  selector: {{istio: ingressgateway}}
+  servers:
+  - port: {{number: 443, name: https-partners, protocol: HTTPS}}
+    hosts: [partners.example]
+    tls: {{mode: MUTUAL, credentialName: partners-cert}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: partners, namespace: demo}}
+spec:
+  hosts: [partners.example]
+  gateways: [istio-system/partners]
+  http:
+  - route: [{{destination: {{host: helloworld, port: {{number: 5000}}}}}}]
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: rogue-cert, namespace: attacker}}
+type: kubernetes.io/tls
+stringData:
+  tls.crt: |
+{}  tls.key: |
+{}---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: tenant, namespace: attacker}}
+spec:
+  selector: {{istio: ingressgateway}}
+  servers:
+  - port: {{number: 443, name: https-any, protocol: HTTPS}}
+    hosts: ['*']
+    tls: {{mode: SIMPLE, credentialName: rogue-cert}}
+",
+        Certs::yaml_block(crt, 4),
+        Certs::yaml_block(key, 4),
+        e.ca_secret,
+        Certs::yaml_block(&rogue.0, 4),
+        Certs::yaml_block(&rogue.1, 4),
+    )
+}
+
+/// Domain fronting: the TLS handshake names the public SIMPLE server, the
+/// request names the MUTUAL one. And certificate theft: a tenant's `*`
+/// server, first in Gateway order, must not answer for names that other
+/// servers list (the positive controls fail if it does). The request must never reach the MUTUAL
+/// server's routes without the certificate that server asks for: 421, over
+/// HTTP/1.1 and HTTP/2 (where it is also how a reused connection is told to
+/// go elsewhere).
+#[test]
+fn a_request_is_routed_only_through_the_server_its_sni_chose() {
+    if !require_root("a_request_is_routed_only_through_the_server_its_sni_chose") {
+        return;
+    }
+    let e = Edge::start();
+    let (crt, key) = e.certs.server("partners", "partners.example");
+    // The tenant's certificate names every host, from a CA clients do not trust.
+    let rogue_ca = Certs::new(&format!("{}-rogue", e.c.id));
+    let rogue = rogue_ca.server("rogue", "hello.example.com");
+    e.set_extra(&partners(&e, &crt, &key, &rogue));
+    let partner = e.certs.client("partner", "partner.example");
+    let ca = e.certs.ca();
+    let get = |sni: &str, host: Option<&str>, more: &[&str]| {
+        let resolve = format!("{sni}:443:{NODE1}");
+        let mut args = vec!["--cacert", ca.to_str().unwrap(), "--resolve", &resolve];
+        let header = host.map(|h| format!("Host: {h}"));
+        if let Some(h) = &header {
+            args.extend(["-H", h]);
+        }
+        args.extend_from_slice(more);
+        let url = format!("https://{sni}/helloworld");
+        args.push(&url);
+        curl(|a| e.c.net_cmd(a), &args)
+    };
+    let (crt, key) = (partner.0.to_str().unwrap(), partner.1.to_str().unwrap());
+    let partner_get = |version: &str| get("partners.example", None, &[version, "--cert", crt, "--key", key]);
+    // The partners' Gateway gets its identity's certificate from the CA
+    // shortly after the configuration names it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while partner_get("--http1.1").0 != 200 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let before = e.agents[0].metrics();
+    let misdirected = |t: &str| mesh_tests::agent::metric(t, "mesh_gateway_misdirected_requests_total", &[]);
+    for version in ["--http1.1", "--http2"] {
+        // Positive controls: each server's own host, with what it asks for.
+        let (code, body) = get("hello.example.com", None, &[version]);
+        assert_eq!(code, 200, "{version}: hello.example.com: {body}");
+        let (code, body) = partner_get(version);
+        assert_eq!(code, 200, "{version}: partners.example with its certificate: {body}");
+        assert!(body.contains("hello from helloworld"), "{body}");
+        // And the partners' server still asks for the certificate.
+        assert_eq!(get("partners.example", None, &[version]).0, 0, "{version}: partners.example without a certificate");
+        // The attack: SNI of the public server, Host of the partners' one, no certificate.
+        let (code, body) = get("hello.example.com", Some("partners.example"), &[version]);
+        assert_eq!(code, 421, "{version}: a fronted request reached partners.example: {body}");
+    }
+    assert_eq!(misdirected(&e.agents[0].metrics()) - misdirected(&before), 2.0);
+}
+
+/// A TLS passthrough server whose host is reserved for namespace `demo`
+/// (`demo/passthrough.example`): a VirtualService of another namespace
+/// naming the same SNI host cannot take its connections.
+#[test]
+fn a_passthrough_host_reserved_for_a_namespace_stays_with_it() {
+    if !require_root("a_passthrough_host_reserved_for_a_namespace_stays_with_it") {
+        return;
+    }
+    let e = Edge::start();
+    // The attacker's rule: passthrough.example to helloworld's echo port,
+    // which would answer the ClientHello with itself.
+    let hijack = "---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: hijack, namespace: attacker}
+spec:
+  hosts: [passthrough.example]
+  gateways: [istio-system/ingress]
+  tls:
+  - match: [{port: 9443, sniHosts: [passthrough.example]}]
+    route: [{destination: {host: helloworld.demo.svc.cluster.local, port: {number: 7000}}}]
+";
+    let cfg = config(&e.base, &e.secret, &e.ca_secret, hijack);
+    let reserved = "hosts: [passthrough.example]\n    tls: {mode: PASSTHROUGH}";
+    assert!(cfg.contains(reserved));
+    e.set_config(&cfg.replacen(reserved, "hosts: [demo/passthrough.example]\n    tls: {mode: PASSTHROUGH}", 1));
+    let resolve = format!("passthrough.example:9443:{NODE1}");
+    let ca = e.certs.ca();
+    let args = ["--cacert", ca.to_str().unwrap(), "--resolve", &resolve, "https://passthrough.example:9443/"];
+    // The attack fails and the legitimate client is served in one request:
+    // the connection reaches demo's TLS server, not the attacker's echo.
+    let (code, body) = curl(|a| e.c.net_cmd(a), &args);
+    assert_eq!(code, 200, "passthrough.example was taken by another namespace: {body}");
+    assert!(body.contains("s_server"), "{body}");
+}
