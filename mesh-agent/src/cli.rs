@@ -143,6 +143,12 @@ pub enum Command {
         /// servers RequestAuthentications' `jwksUri` names.
         #[arg(long)]
         jwks_ca: Option<PathBuf>,
+        /// Directories from which objects outside the root namespace may name
+        /// files in TLS settings (DestinationRule `clientCertificate`,
+        /// `privateKey`, `caCertificates`, `caCrl`; Gateway `caCrl`). Without
+        /// it only istio-system's objects may name files on the node.
+        #[arg(long, value_delimiter = ',')]
+        tls_files_from: Vec<PathBuf>,
         /// The shortest time between two fetches of one `jwksUri` key set (a
         /// token naming an unknown key fetches it again at most this often).
         #[arg(long, default_value = "30s", value_parser = parse_duration)]
@@ -231,6 +237,10 @@ pub enum Command {
         paths: Vec<PathBuf>,
         #[arg(long, default_value = crate::state::DEFAULT_TRUST_DOMAIN)]
         trust_domain: String,
+        /// As `run --tls-files-from`: directories that objects outside the
+        /// root namespace may name files under.
+        #[arg(long, value_delimiter = ',')]
+        tls_files_from: Vec<PathBuf>,
     },
     /// Print the version.
     Version,
@@ -257,7 +267,10 @@ pub fn main() -> ExitCode {
             println!("mesh-agent {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
-        Command::Validate { paths, trust_domain } => validate(&paths, &trust_domain),
+        Command::Validate { paths, trust_domain, tls_files_from } => {
+            crate::config::allow_files_under(&tls_files_from);
+            validate(&paths, &trust_domain)
+        }
         Command::Run {
             config,
             kubernetes,
@@ -276,6 +289,7 @@ pub fn main() -> ExitCode {
             protocol_detection_timeout,
             access_log,
             jwks_ca,
+            tls_files_from,
             jwks_refetch_interval,
             cgroup_root,
             no_host_capture,
@@ -290,6 +304,7 @@ pub fn main() -> ExitCode {
                 return ExitCode::from(EXIT_NOPERM);
             }
             crate::privileges::raise_fd_limit();
+            crate::config::allow_files_under(&tls_files_from);
             let remote = match (ca_addr, ca_root, ca_token_file) {
                 (Some(addr), Some(root), Some(token_file)) => Some(RemoteCa { addr, root, token_file }),
                 _ => None,

@@ -22,6 +22,7 @@ mod service_entry;
 mod validate;
 pub(crate) mod watch_files;
 
+pub use credentials::allow_files_under;
 pub use load::{Body, Document, LastGood, Origin, read_documents};
 
 /// One problem in the configuration.

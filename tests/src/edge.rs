@@ -18,6 +18,8 @@ use crate::{
 };
 
 pub const TEST_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
+/// A meshed pod of another tenant, namespace `attacker`, on node-1.
+pub const INTRUDER_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 9);
 pub const HELLO_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 2);
 /// A server outside the cluster, on the cluster network's namespace.
 pub const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(172, 18, 200, 2);
@@ -25,9 +27,11 @@ pub const NODE1: &str = "172.18.0.2";
 pub const NODE2: &str = "172.18.1.2";
 
 /// node-1 runs the ingress gateway, node-2 the egress gateway; `test` on
-/// node-1 and `helloworld` on node-2 are meshed.
+/// node-1 and `helloworld` on node-2 are meshed (namespace `demo`), and so is
+/// `intruder` on node-1, another tenant's pod (namespace `attacker`).
 pub fn fixture() -> Fixture {
     let mut f = Fixture::two_nodes([&[("istio", "ingressgateway")], &[("istio", "egressgateway")]]);
+    f.namespace("attacker", true).pod(0, "intruder", INTRUDER_IP, PodSpec::app("attacker", &[("app", "intruder")]));
     f.namespace("demo", true).pod(0, "test", TEST_IP, PodSpec::app("demo", &[("app", "test")])).pod(
         1,
         "helloworld",
@@ -265,4 +269,67 @@ impl Edge {
 pub fn curl(run: impl Fn(&[&str]) -> std::process::Output, args: &[&str]) -> (u16, String) {
     let c = crate::clients::curl(run, args);
     (c.code, c.body + &c.stderr)
+}
+
+/// `mutual.example`: the outside server on port 9444, reached with TLS the
+/// agent originates as `tls` says; the Secret `client-cert` holds the
+/// client certificate, its key and the CA.
+pub fn origination(e: &Edge, client: &(std::path::PathBuf, std::path::PathBuf), tls: &str) -> String {
+    format!(
+        "---
+apiVersion: v1
+kind: Secret
+metadata: {{name: client-cert, namespace: demo}}
+type: kubernetes.io/tls
+stringData:
+  tls.crt: |
+{}  tls.key: |
+{}{}---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: mutual, namespace: demo}}
+spec:
+  hosts: [mutual.example]
+  ports: [{{number: 80, name: http, protocol: HTTP, targetPort: 9444}}]
+  resolution: STATIC
+  endpoints: [{{address: {EXTERNAL_IP}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: mutual, namespace: demo}}
+spec:
+  host: mutual.example
+  trafficPolicy:
+    tls: {tls}
+",
+        Certs::yaml_block(&client.0, 4),
+        Certs::yaml_block(&client.1, 4),
+        e.ca_secret,
+    )
+}
+
+/// The outside server `mutual.example` reaches (see [`origination`]): TLS 1.2
+/// only, a client certificate of the test CA required, on port 9444.
+pub fn mutual_server(e: &Edge) -> Background {
+    let (crt, key) = e.certs.server("secure", "secure.example");
+    let ca = e.certs.ca();
+    let args = [
+        "openssl",
+        "s_server",
+        "-quiet",
+        "-www",
+        "-accept",
+        "9444",
+        "-tls1_2",
+        "-Verify",
+        "1",
+        "-verify_return_error",
+        "-CAfile",
+        ca.to_str().unwrap(),
+        "-cert",
+        crt.to_str().unwrap(),
+        "-key",
+        key.to_str().unwrap(),
+    ];
+    Background::spawn_in(&e.c.net_ns, &args).unwrap()
 }

@@ -6,7 +6,7 @@
 //! s_server as the outside server.
 #![expect(clippy::unwrap_used, reason = "tests")]
 
-use mesh_tests::{certs::Certs, edge::*, netns::Background, require_root};
+use mesh_tests::{certs::Certs, edge::*, require_root};
 
 /// The ingress Gateway's HTTPS server asks for client certificates of the
 /// test CA (in `hello-cert-cacert`, as Istio names it) naming client.example.
@@ -66,43 +66,6 @@ fn mutual_gateways_check_client_certificates() {
     assert_eq!(get(None, &[]).0, 200);
 }
 
-/// `mutual.example`: the outside server on port 9444, reached with TLS the
-/// agent originates as `tls` says; the Secret `client-cert` holds the
-/// client certificate, its key and the CA.
-fn origination(e: &Edge, client: &(std::path::PathBuf, std::path::PathBuf), tls: &str) -> String {
-    format!(
-        "---
-apiVersion: v1
-kind: Secret
-metadata: {{name: client-cert, namespace: demo}}
-type: kubernetes.io/tls
-stringData:
-  tls.crt: |
-{}  tls.key: |
-{}{}---
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{name: mutual, namespace: demo}}
-spec:
-  hosts: [mutual.example]
-  ports: [{{number: 80, name: http, protocol: HTTP, targetPort: 9444}}]
-  resolution: STATIC
-  endpoints: [{{address: {EXTERNAL_IP}}}]
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {{name: mutual, namespace: demo}}
-spec:
-  host: mutual.example
-  trafficPolicy:
-    tls: {tls}
-",
-        Certs::yaml_block(&client.0, 4),
-        Certs::yaml_block(&client.1, 4),
-        e.ca_secret,
-    )
-}
-
 #[test]
 fn mutual_origination_presents_a_client_certificate_to_a_tls_1_2_server() {
     if !require_root("mutual_origination_presents_a_client_certificate_to_a_tls_1_2_server") {
@@ -110,27 +73,8 @@ fn mutual_origination_presents_a_client_certificate_to_a_tls_1_2_server() {
     }
     let e = Edge::start();
     // Outside: TLS 1.2 only, a client certificate of the test CA required.
-    let (crt, key) = e.certs.server("secure", "secure.example");
+    let _server = mutual_server(&e);
     let ca = e.certs.ca();
-    let args = [
-        "openssl",
-        "s_server",
-        "-quiet",
-        "-www",
-        "-accept",
-        "9444",
-        "-tls1_2",
-        "-Verify",
-        "1",
-        "-verify_return_error",
-        "-CAfile",
-        ca.to_str().unwrap(),
-        "-cert",
-        crt.to_str().unwrap(),
-        "-key",
-        key.to_str().unwrap(),
-    ];
-    let _server = Background::spawn_in(&e.c.net_ns, &args).unwrap();
     let client = e.certs.client("mesh-client", "mesh-client.example");
     let test = |args: &[&str]| e.pod("test").cmd(args);
     let call = || {
@@ -174,7 +118,11 @@ fn mutual_origination_presents_a_client_certificate_to_a_tls_1_2_server() {
         path(&client.1),
         path(&ca)
     );
-    e.set_extra(&origination(&e, &client, &files));
+    // Files are the node's: only a rule in the root namespace may name them.
+    e.set_extra(&origination(&e, &client, &files).replace(
+        "name: mutual, namespace: demo}\nspec:\n  host: ",
+        "name: mutual, namespace: istio-system}\nspec:\n  host: ",
+    ));
     let (code, body) = call();
     assert_eq!(code, 200, "{body}");
 }

@@ -163,3 +163,59 @@ spec:
     assert_eq!(code, 200, "passthrough.example was taken by another namespace: {body}");
     assert!(body.contains("s_server"), "{body}");
 }
+
+/// Borrowed client certificates: `demo` originates MUTUAL TLS to
+/// mutual.example with its Secret `client-cert`. A pod of namespace
+/// `attacker` calling the same host must not leave with demo's certificate,
+/// and `attacker` cannot name demo's Secret (`demo/client-cert`) or the
+/// node's files in a DestinationRule of its own.
+#[test]
+fn a_client_never_presents_another_namespaces_certificate() {
+    if !require_root("a_client_never_presents_another_namespaces_certificate") {
+        return;
+    }
+    let e = Edge::start();
+    let _server = mutual_server(&e);
+    let client = e.certs.client("bank-client", "bank.example");
+    let demo = origination(&e, &client, "{mode: MUTUAL, credentialName: client-cert, sni: secure.example}");
+    e.set_extra(&demo);
+    let call = |pod: &str| {
+        let resolve = format!("mutual.example:80:{EXTERNAL_IP}");
+        curl(|a| e.pod(pod).cmd(a), &["--resolve", &resolve, "http://mutual.example/"])
+    };
+    // Positive control: demo's own client, with demo's certificate.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while call("test").0 != 200 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let (code, body) = call("test");
+    assert_eq!(code, 200, "demo's client: {body}");
+    // The attack: another tenant's pod calls the same host.
+    let (code, body) = call("intruder");
+    assert!(code >= 500, "attacker's pod left with demo's certificate ({code}): {body}");
+    // The attacker's own rules naming demo's Secret, or the node's files,
+    // are refused; the attacker's pod is still refused, demo's still served.
+    let path = |p: &std::path::Path| p.to_str().unwrap().to_owned();
+    let own_rule = |tls: &str| {
+        format!(
+            "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: borrow, namespace: attacker}}\n\
+             spec: {{host: mutual.example, trafficPolicy: {{tls: {tls}}}}}\n"
+        )
+    };
+    let borrowed = [
+        own_rule("{mode: MUTUAL, credentialName: demo/client-cert, sni: secure.example}"),
+        own_rule(&format!(
+            "{{mode: MUTUAL, clientCertificate: {}, privateKey: {}, sni: secure.example}}",
+            path(&client.0),
+            path(&client.1)
+        )),
+    ];
+    for rule in borrowed {
+        e.set_extra(&format!("{demo}{rule}"));
+        let rejected = mesh_tests::agent::metric(&e.agents[0].metrics(), "mesh_config_objects_rejected", &[]);
+        assert_eq!(rejected, 1.0, "the attacker's rule was admitted: {rule}");
+        let (code, body) = call("intruder");
+        assert!(code >= 500, "attacker's pod got through ({code}) with {rule}: {body}");
+        assert_eq!(call("test").0, 200, "demo's client with {rule}");
+    }
+}

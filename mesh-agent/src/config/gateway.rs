@@ -373,7 +373,7 @@ fn client_auth(
     };
     let mut crls: Vec<Vec<u8>> = crl.into_iter().collect();
     if let Some(path) = &t.ca_crl {
-        crls.push(read_file(path).map_err(|e| ("caCrl", e))?);
+        crls.push(read_file(namespace, path).map_err(|e| ("caCrl", e))?);
     }
     let names = t.subject_alt_names.clone().unwrap_or_default();
     peer_check(format!("Secret {key}"), &ca, &crls, names).map_err(fail)
@@ -442,6 +442,10 @@ fn tls_settings(ctx: &mut Ctx<'_>, base: &str, t: &ServerTlsSpec) -> Option<TlsS
 /// The certificate and key of a `kubernetes.io/tls` Secret in the Gateway's
 /// namespace, checked to belong together.
 fn server_cert(ctx: &mut Ctx<'_>, field: &str, name: &str, namespace: &str, secrets: &Secrets) -> Option<ServerCert> {
+    if let Err(e) = super::credentials::plain_name(name) {
+        ctx.error(field, e);
+        return None;
+    }
     let key = format!("{namespace}/{name}");
     let Some(secret) = secrets.get(&key) else {
         ctx.error(field, format!("Secret {key} does not exist"));

@@ -8,8 +8,8 @@ use super::{gateway::Secrets, validate::Ctx};
 use crate::{
     state::traffic::{
         DestinationRule, Fault, HashKey, HeaderOps, HeaderPair, HeaderRules, HttpMatch, HttpRoute, LoadBalancer,
-        OutlierDetection, Policy, Redirect, Retries, RetryOn, Rewrite, StrMatch, Subset, TcpRoute, TlsMatch,
-        TlsOrigination, TlsRoute, VirtualService, WeightedDestination,
+        Origination, OutlierDetection, Policy, Redirect, Retries, RetryOn, Rewrite, StrMatch, Subset, TcpRoute,
+        TlsMatch, TlsOrigination, TlsRoute, VirtualService, WeightedDestination,
     },
     state::{CLUSTER_DOMAIN, Gateway, Service},
 };

@@ -43,7 +43,7 @@ impl Originations {
     pub(crate) fn rebuild(&self, state: &State) {
         let policies = state.destination_rules.iter().flat_map(|d| d.policies());
         let mut built = Built::new();
-        for tls in policies.filter_map(|p| p.tls.as_ref()) {
+        for tls in policies.filter_map(|p| p.tls.as_deref()).flat_map(|o| o.all()) {
             if built.iter().any(|(t, _)| Arc::ptr_eq(t, tls)) {
                 continue;
             }

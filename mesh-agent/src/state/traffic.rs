@@ -280,7 +280,54 @@ pub struct Policy {
     pub pool: ConnectionPool,
     pub outlier: Option<OutlierDetection>,
     /// `tls.mode: SIMPLE` or `MUTUAL`: TLS to the destination, originated by the agent.
-    pub tls: Option<Arc<TlsOrigination>>,
+    pub tls: Option<Arc<Origination>>,
+}
+
+/// TLS origination as a DestinationRule asks for it, for each client.
+#[derive(Debug, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Origination {
+    /// The same for every client: files (from the root namespace or a
+    /// directory the operator allows), or the system's roots.
+    Fixed(Arc<TlsOrigination>),
+    /// `credentialName`: the Secret of that name in the client's own
+    /// namespace (a gateway's: the gateway's), as Istio reads it ("must exist
+    /// in the namespace of the proxy using the certificates"). A client whose
+    /// namespace holds no usable one originates nothing: its request fails,
+    /// and it never presents another namespace's certificate.
+    PerNamespace {
+        credential: String,
+        by_namespace: BTreeMap<Arc<str>, Arc<TlsOrigination>>,
+        /// Namespaces whose Secret of that name cannot be used, and why.
+        unusable: BTreeMap<Arc<str>, String>,
+    },
+}
+
+impl Origination {
+    /// The settings for a client of `namespace`, or why it has none.
+    pub fn for_client(&self, namespace: Option<&str>) -> Result<&Arc<TlsOrigination>, String> {
+        match self {
+            Origination::Fixed(t) => Ok(t),
+            Origination::PerNamespace { credential, by_namespace, unusable } => {
+                let Some(ns) = namespace else {
+                    return Err(format!("credentialName {credential}: a client with no namespace has no Secret"));
+                };
+                by_namespace.get(ns).ok_or_else(|| match unusable.get(ns) {
+                    Some(why) => why.clone(),
+                    None => format!("no Secret {ns}/{credential} for this client's TLS origination (credentialName is read in the client's namespace)"),
+                })
+            }
+        }
+    }
+
+    /// Every client's settings.
+    pub fn all(&self) -> impl Iterator<Item = &Arc<TlsOrigination>> {
+        let (fixed, per) = match self {
+            Origination::Fixed(t) => (Some(t), None),
+            Origination::PerNamespace { by_namespace, .. } => (None, Some(by_namespace.values())),
+        };
+        fixed.into_iter().chain(per.into_iter().flatten())
+    }
 }
 
 /// The system's trusted roots, used for TLS origination without `caCertificates`.

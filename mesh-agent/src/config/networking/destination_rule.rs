@@ -236,7 +236,7 @@ fn port_level(ctx: &mut Ctx<'_>, field: &str, tp: &Option<TrafficPolicySpec>) ->
 /// `trafficPolicy.tls`: SIMPLE and MUTUAL originate TLS to the destination
 /// (the application speaks plain HTTP); DISABLE and ISTIO_MUTUAL leave the
 /// connection as the mesh makes it (mesh hops are always mutual TLS here).
-fn client_tls(ctx: &mut Ctx<'_>, field: &str, t: &ClientTlsSpec, secrets: &Secrets) -> Option<Arc<TlsOrigination>> {
+fn client_tls(ctx: &mut Ctx<'_>, field: &str, t: &ClientTlsSpec, secrets: &Secrets) -> Option<Arc<Origination>> {
     let mutual = match t.mode.as_deref().unwrap_or("DISABLE") {
         mode @ ("DISABLE" | "ISTIO_MUTUAL") => {
             let set = [
@@ -267,17 +267,19 @@ fn client_tls(ctx: &mut Ctx<'_>, field: &str, t: &ClientTlsSpec, secrets: &Secre
     }
 }
 
-/// The origination `t` asks for, or the field at fault and why.
+/// The origination `t` asks for, or the field at fault and why. With
+/// `credentialName`, one for each namespace that holds a Secret of that
+/// name: each client presents its own namespace's credentials, never the
+/// rule's namespace's (Istio's `ClientTLSSettings.credentialName`).
 fn origination(
     t: &ClientTlsSpec,
     mutual: bool,
     namespace: &str,
     secrets: &Secrets,
-) -> Result<TlsOrigination, (&'static str, String)> {
-    use crate::config::credentials::{client_cert, first_value, peer_check, read_file, secret};
+) -> Result<Origination, (&'static str, String)> {
+    use crate::config::credentials::{client_cert, read_file};
     let insecure = t.insecure_skip_verify.unwrap_or(false);
-    let names = t.subject_alt_names.clone().unwrap_or_default();
-    if insecure && !names.is_empty() {
+    if insecure && t.subject_alt_names.as_ref().is_some_and(|n| !n.is_empty()) {
         return Err(("subjectAltNames", "insecureSkipVerify checks no certificate: drop one of them".into()));
     }
     if insecure && t.ca_certificates.is_some() {
@@ -289,67 +291,118 @@ fn origination(
     }
     let mut crls = Vec::new();
     if let Some(path) = &t.ca_crl {
-        crls.push(read_file(path).map_err(|e| ("caCrl", e))?);
+        crls.push(read_file(namespace, path).map_err(|e| ("caCrl", e))?);
     }
-    // Where the client certificate and the CA come from: a Secret, or files.
-    let (ca, client) = match &t.credential_name {
-        Some(name) => {
-            let files = [t.client_certificate.is_some(), t.private_key.is_some(), t.ca_certificates.is_some()];
-            if files.into_iter().any(|f| f) {
-                return Err((
-                    "credentialName",
-                    "give credentialName or clientCertificate/privateKey/caCertificates, not both".into(),
-                ));
-            }
-            let fail = |e: String| ("credentialName", e);
-            let (key, s) = secret(secrets, namespace, name).map_err(fail)?;
-            let in_secret = |keys: &[&str]| first_value(s, keys).map_err(|e| fail(format!("Secret {key}: {e}")));
-            if let Some(crl) = in_secret(&["ca.crl"])? {
-                crls.push(crl);
-            }
-            let ca = in_secret(&["ca.crt", "cacert"])?.map(|pem| (format!("Secret {key}"), pem));
-            if ca.is_none() && !mutual && !insecure {
-                return Err(fail(format!("Secret {key} has no ca.crt")));
-            }
-            let client = match (mutual, in_secret(&["tls.crt", "cert"])?, in_secret(&["tls.key", "key"])?) {
-                (false, _, _) => None,
-                (true, Some(c), Some(k)) => Some(client_cert(format!("Secret {key}"), c, k).map_err(fail)?),
-                (true, _, _) => {
-                    return Err(fail(format!("Secret {key}: MUTUAL needs tls.crt and tls.key (or cert and key)")));
-                }
-            };
-            (ca, client)
+    if let Some(name) = &t.credential_name {
+        let files = [t.client_certificate.is_some(), t.private_key.is_some(), t.ca_certificates.is_some()];
+        if files.into_iter().any(|f| f) {
+            return Err((
+                "credentialName",
+                "give credentialName or clientCertificate/privateKey/caCertificates, not both".into(),
+            ));
         }
-        None => {
-            let ca = match &t.ca_certificates {
-                Some(path) => Some((path.clone(), read_file(path).map_err(|e| ("caCertificates", e))?)),
-                None => None,
-            };
-            let client = match (mutual, &t.client_certificate, &t.private_key) {
-                (false, _, _) => None,
-                (true, Some(c), Some(k)) => {
-                    let cert = read_file(c).map_err(|e| ("clientCertificate", e))?;
-                    let key = read_file(k).map_err(|e| ("privateKey", e))?;
-                    Some(client_cert(c.clone(), cert, key).map_err(|e| ("clientCertificate", e))?)
-                }
-                (true, None, _) => {
-                    return Err((
-                        "clientCertificate",
-                        "MUTUAL needs credentialName, or clientCertificate and privateKey".into(),
-                    ));
-                }
-                (true, Some(_), None) => return Err(("privateKey", "required with clientCertificate".into())),
-            };
-            (ca, client)
-        }
+        return per_namespace(t, mutual, namespace, name, &crls, secrets);
+    }
+    let ca = match &t.ca_certificates {
+        Some(path) => Some((path.clone(), read_file(namespace, path).map_err(|e| ("caCertificates", e))?)),
+        None => None,
     };
-    // Without a CA of its own, the server is checked against the system's roots.
+    let client = match (mutual, &t.client_certificate, &t.private_key) {
+        (false, _, _) => None,
+        (true, Some(c), Some(k)) => {
+            let cert = read_file(namespace, c).map_err(|e| ("clientCertificate", e))?;
+            let key = read_file(namespace, k).map_err(|e| ("privateKey", e))?;
+            Some(client_cert(c.clone(), cert, key).map_err(|e| ("clientCertificate", e))?)
+        }
+        (true, None, _) => {
+            return Err((
+                "clientCertificate",
+                "MUTUAL needs credentialName, or clientCertificate and privateKey".into(),
+            ));
+        }
+        (true, Some(_), None) => return Err(("privateKey", "required with clientCertificate".into())),
+    };
+    Ok(Origination::Fixed(Arc::new(settings(t, ca, crls, client)?)))
+}
+
+/// `credentialName`: the settings from each namespace's Secret of that name.
+/// The rule's own namespace's Secret must be usable if it exists, and some
+/// namespace must hold one; another namespace's unusable Secret leaves that
+/// namespace's clients without origination (their requests fail).
+fn per_namespace(
+    t: &ClientTlsSpec,
+    mutual: bool,
+    namespace: &str,
+    name: &str,
+    crls: &[Vec<u8>],
+    secrets: &Secrets,
+) -> Result<Origination, (&'static str, String)> {
+    let fail = |e: String| ("credentialName", e);
+    crate::config::credentials::plain_name(name).map_err(fail)?;
+    let (mut by_namespace, mut unusable) = (BTreeMap::new(), BTreeMap::new());
+    for (key, s) in secrets.iter().filter(|(k, _)| k.split_once('/').is_some_and(|(_, n)| n == name)) {
+        let ns = key.split_once('/').map_or("", |(ns, _)| ns);
+        match from_secret(t, mutual, key, s, crls.to_vec()) {
+            Ok(o) => {
+                by_namespace.insert(Arc::from(ns), Arc::new(o));
+            }
+            Err(e) if ns == namespace => return Err(fail(e)),
+            Err(e) => {
+                unusable.insert(Arc::from(ns), e);
+            }
+        }
+    }
+    if by_namespace.is_empty() && unusable.is_empty() {
+        return Err(fail(format!(
+            "Secret {namespace}/{name} does not exist, nor does any Secret {name} (credentialName is read in the namespace of each client that uses it)"
+        )));
+    }
+    Ok(Origination::PerNamespace { credential: name.to_owned(), by_namespace, unusable })
+}
+
+/// The settings from one Secret (`key` is its `namespace/name`).
+fn from_secret(
+    t: &ClientTlsSpec,
+    mutual: bool,
+    key: &str,
+    s: &crate::config::gateway::SecretObject,
+    mut crls: Vec<Vec<u8>>,
+) -> Result<TlsOrigination, String> {
+    use crate::config::credentials::{client_cert, first_value};
+    let in_secret = |keys: &[&str]| first_value(s, keys).map_err(|e| format!("Secret {key}: {e}"));
+    if let Some(crl) = in_secret(&["ca.crl"])? {
+        crls.push(crl);
+    }
+    let insecure = t.insecure_skip_verify.unwrap_or(false);
+    let ca = in_secret(&["ca.crt", "cacert"])?.map(|pem| (format!("Secret {key}"), pem));
+    if ca.is_none() && !mutual && !insecure {
+        return Err(format!("Secret {key} has no ca.crt"));
+    }
+    let client = match (mutual, in_secret(&["tls.crt", "cert"])?, in_secret(&["tls.key", "key"])?) {
+        (false, _, _) => None,
+        (true, Some(c), Some(k)) => Some(client_cert(format!("Secret {key}"), c, k)?),
+        (true, _, _) => return Err(format!("Secret {key}: MUTUAL needs tls.crt and tls.key (or cert and key)")),
+    };
+    settings(t, ca, crls, client).map_err(|(_, e)| e)
+}
+
+/// The settings once the CA, the CRLs and the client certificate are known;
+/// without a CA of its own, the server is checked against the system's roots.
+fn settings(
+    t: &ClientTlsSpec,
+    ca: Option<(String, Vec<u8>)>,
+    crls: Vec<Vec<u8>>,
+    client: Option<crate::state::traffic::ClientCert>,
+) -> Result<TlsOrigination, (&'static str, String)> {
+    use crate::config::credentials::peer_check;
+    let insecure = t.insecure_skip_verify.unwrap_or(false);
+    let names = t.subject_alt_names.clone().unwrap_or_default();
     let check = match (insecure, ca) {
         (true, _) => PeerCheck::default(),
         (false, Some((ca, pem))) => peer_check(ca, &pem, &crls, names).map_err(|e| ("", e))?,
         (false, None) => {
             let path = crate::state::traffic::SYSTEM_ROOTS;
-            let pem = read_file(path).map_err(|e| ("caCertificates", e))?;
+            let pem = std::fs::read(path).map_err(|e| ("caCertificates", format!("{path}: {e}")))?;
             peer_check(path.to_owned(), &pem, &crls, names).map_err(|e| ("", e))?
         }
     };

@@ -25,10 +25,19 @@ pub(super) fn target(
     match route {
         Route::Service { service, endpoint, addr, .. } => {
             let labels = TcpLabels::new(source, Some(&endpoint), Some(&service), false);
-            let tls = cluster.and_then(|c| c.policy.tls.clone()).map(|t| {
-                let sni = t.sni.clone().unwrap_or_else(|| service.hostname.to_string());
-                (t, sni)
-            });
+            let tls = match cluster.and_then(|c| c.policy.tls.as_deref()) {
+                None => None,
+                // The client's own credentials or none: never another namespace's.
+                Some(o) => match o.for_client(source.map(|s| &*s.namespace)) {
+                    Ok(t) => Some((t.clone(), t.sni.clone().unwrap_or_else(|| service.hostname.to_string()))),
+                    Err(why) => {
+                        tracing::warn!(service = %service.key, error = %why, "TLS origination: no credentials for this client");
+                        let sni = service.hostname.to_string();
+                        let error = ProxyError::Tls { addr, sni, error: std::io::Error::other(why) };
+                        return Err(Box::new(Refused { labels, error }));
+                    }
+                },
+            };
             Ok(target(Some(endpoint), addr, labels, tls))
         }
         Route::Workload { workload, addr } => {

@@ -57,7 +57,9 @@ fn mutual_origination_needs_a_client_certificate_and_checks_its_fields() {
         ),
         (
             "{tls: {mode: MUTUAL, clientCertificate: /nonexistent/c.pem, privateKey: /nonexistent/k.pem}}",
-            format!("{at}.tls.clientCertificate: /nonexistent/c.pem: No such file"),
+            format!(
+                "{at}.tls.clientCertificate: /nonexistent/c.pem: files on the node are named only by objects in istio-system (this one is in demo)"
+            ),
         ),
         (
             "{tls: {mode: SIMPLE, credentialName: ca-only, clientCertificate: /c.pem}}",
@@ -79,7 +81,25 @@ fn mutual_origination_needs_a_client_certificate_and_checks_its_fields() {
         ),
         (
             "{tls: {mode: MUTUAL, credentialName: full, caCrl: /nonexistent/crl.pem}}",
-            format!("{at}.tls.caCrl: /nonexistent/crl.pem: No such file"),
+            format!(
+                "{at}.tls.caCrl: /nonexistent/crl.pem: files on the node are named only by objects in istio-system"
+            ),
+        ),
+        // A tenant's rule naming a node file that exists is told no more.
+        (
+            "{tls: {mode: MUTUAL, clientCertificate: /etc/hostname, privateKey: /etc/hostname}}",
+            format!(
+                "{at}.tls.clientCertificate: /etc/hostname: files on the node are named only by objects in istio-system"
+            ),
+        ),
+        // Another namespace's Secret, named in full: never read.
+        (
+            "{tls: {mode: MUTUAL, credentialName: bank/partner-client}}",
+            format!("{at}.tls.credentialName: \"bank/partner-client\": give the Secret's name alone"),
+        ),
+        (
+            "{tls: {mode: SIMPLE, credentialName: nowhere}}",
+            format!("{at}.tls.credentialName: Secret demo/nowhere does not exist, nor does any Secret nowhere"),
         ),
         (
             "{tls: {mode: PERMISSIVE}}",
@@ -109,14 +129,52 @@ fn mutual_origination_needs_a_client_certificate_and_checks_its_fields() {
                   portLevelSettings: [{port: {number: 81}, tls: {mode: SIMPLE, credentialName: ca-only}}]}";
     let loaded = load(&rule(policy, subsets)).expect("valid");
     let dr = &loaded.state.destination_rules[0];
-    let tls = dr.policy.tls.as_ref().expect("TLS originated");
+    let tls = dr.policy.tls.as_ref().expect("TLS originated").for_client(Some("demo")).expect("demo's");
     assert_eq!(tls.client_cert.as_ref().map(|c| c.source.as_str()), Some("Secret demo/full"));
     assert_eq!(
         (tls.check.subject_alt_names.as_slice(), tls.check.roots.len()),
         (&["secure.example".to_owned()][..], 1)
     );
     let port = dr.policy_on(Some(dr.subset("b").expect("subset b")), 81);
-    assert!(port.1 && port.0.tls.as_ref().is_some_and(|t| t.client_cert.is_none()), "{port:?}");
+    let client_cert = |p: &crate::state::traffic::Policy| {
+        p.tls.as_ref().and_then(|t| t.for_client(Some("demo")).ok()).map(|t| t.client_cert.is_some())
+    };
+    assert!(port.1 && client_cert(port.0) == Some(false), "{port:?}");
     let other = dr.policy_on(Some(dr.subset("b").expect("subset b")), 80);
-    assert!(!other.1 && other.0.tls.as_ref().is_some_and(|t| t.client_cert.is_some()), "{other:?}");
+    assert!(!other.1 && client_cert(other.0) == Some(true), "{other:?}");
+}
+
+/// `credentialName` is read in each client's namespace: a client presents
+/// its own namespace's certificate, and a namespace without the Secret has
+/// none to present (its requests fail), never the rule's namespace's.
+#[test]
+fn a_client_presents_only_its_own_namespaces_credentials() {
+    let (ca, cert, key) = pems();
+    let other = format!(
+        "---\napiVersion: v1\nkind: Secret\nmetadata: {{name: full, namespace: partner-ns}}\n\
+         stringData:\n  tls.crt: |\n{}  tls.key: |\n{}  ca.crt: |\n{}\
+         ---\napiVersion: v1\nkind: Secret\nmetadata: {{name: full, namespace: broken}}\nstringData:\n  ca.crt: |\n{}",
+        block(&cert),
+        block(&key),
+        block(&ca),
+        block(&ca)
+    );
+    let yaml = format!("{}{other}", rule("{tls: {mode: MUTUAL, credentialName: full}}", ""));
+    let loaded = load(&yaml).expect("valid");
+    let tls = loaded.state.destination_rules[0].policy.tls.clone().expect("TLS originated");
+    let source = |ns: Option<&str>| match tls.for_client(ns) {
+        Ok(t) => t.client_cert.as_ref().map_or("none".to_owned(), |c| c.source.clone()),
+        Err(e) => format!("refused: {e}"),
+    };
+    assert_eq!(source(Some("demo")), "Secret demo/full");
+    assert_eq!(source(Some("partner-ns")), "Secret partner-ns/full");
+    let refused = [
+        (Some("attacker"), "no Secret attacker/full"),
+        (Some("broken"), "Secret broken/full: MUTUAL needs tls.crt and tls.key"),
+        (None, "a client with no namespace has no Secret"),
+    ];
+    for (ns, want) in refused {
+        let got = source(ns);
+        assert!(got.starts_with("refused: ") && got.contains(want), "{ns:?}: {got}");
+    }
 }
