@@ -219,3 +219,40 @@ fn a_client_never_presents_another_namespaces_certificate() {
         assert_eq!(call("test").0, 200, "demo's client with {rule}");
     }
 }
+
+/// Borrowed hosts: `demo` originates MUTUAL TLS to mutual.example. A tenant's
+/// DestinationRule for the same host (first by namespace and name, and
+/// older) saying `tls: DISABLE` must change its own clients' traffic only:
+/// demo's requests still leave in TLS with demo's certificate.
+#[test]
+fn a_tenants_destination_rule_applies_to_its_own_clients_only() {
+    if !require_root("a_tenants_destination_rule_applies_to_its_own_clients_only") {
+        return;
+    }
+    let e = Edge::start();
+    let _server = mutual_server(&e);
+    let client = e.certs.client("bank-client", "bank.example");
+    let demo = origination(&e, &client, "{mode: MUTUAL, credentialName: client-cert, sni: secure.example}");
+    let strip = "---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: strip, namespace: attacker, creationTimestamp: \"2020-01-01T00:00:00Z\"}
+spec: {host: mutual.example, trafficPolicy: {tls: {mode: DISABLE}}}
+";
+    e.set_extra(&format!("{demo}{strip}"));
+    let call = |pod: &str| {
+        let resolve = format!("mutual.example:80:{EXTERNAL_IP}");
+        curl(|a| e.pod(pod).cmd(a), &["--resolve", &resolve, "http://mutual.example/"])
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while call("test").0 != 200 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    // The attack would strip demo's TLS: demo's client must still be served.
+    let (code, body) = call("test");
+    assert_eq!(code, 200, "demo's origination was changed by another namespace's rule: {body}");
+    assert!(body.contains("TLSv1.2"), "{body}");
+    // The attacker's rule does apply to the attacker's own pod: plaintext,
+    // which the TLS server does not answer with HTTP.
+    assert_ne!(call("intruder").0, 200);
+}

@@ -36,6 +36,25 @@ fn gateway_ref(g: &str, namespace: &str) -> String {
     }
 }
 
+/// `exportTo` of an object in `namespace`: the namespaces whose clients (and
+/// gateways) it applies to: `*` everywhere (`None`, also when absent), `.`
+/// its own, `~` nowhere, or namespaces by name.
+fn export_to(ctx: &mut Ctx<'_>, list: Option<&[String]>, namespace: &Arc<str>) -> Option<Vec<Arc<str>>> {
+    let list = list?;
+    let mut to = Vec::new();
+    for (i, e) in list.iter().enumerate() {
+        match e.as_str() {
+            "*" | "~" => {}
+            "." => to.push(namespace.clone()),
+            ns if !ns.is_empty() && ns.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') => {
+                to.push(ns.into())
+            }
+            other => ctx.error(format!("spec.exportTo[{i}]"), format!("{other:?}: expected *, ., ~ or a namespace")),
+        }
+    }
+    (!list.iter().any(|e| e == "*")).then_some(to)
+}
+
 fn reject(ctx: &mut Ctx<'_>, base: &str, fields: &[(&str, &Unsupported)]) {
     for (name, value) in fields {
         if value.is_some() {

@@ -111,10 +111,11 @@ pub fn route_request(
     let visible = |vs: &&VirtualService| req.namespace.map_or(vs.export_to.is_none(), |ns| vs.visible_in(ns));
     let found = first_rule(state.mesh_routes(key).filter(visible), req, orig.port(), MESH);
     let Some((rule, matched)) = found else {
-        let at = state.destination_rule(key).map(|d| d.policy_on(None, orig.port()));
+        let dr = state.destination_rule(key, req.namespace);
+        let at = dr.map(|d| (d.policy_on(None, orig.port()), cluster_suffix(d, key)));
         let (policy, key) = match at {
-            Some((p, true)) => (p.clone(), format!("{key}|{}", orig.port())),
-            Some((p, false)) => (p.clone(), key.clone()),
+            Some(((p, true), rule)) => (p.clone(), format!("{key}{rule}|{}", orig.port())),
+            Some(((p, false), rule)) => (p.clone(), format!("{key}{rule}")),
             None => (Policy::default(), key.clone()),
         };
         let avoid = |a: SocketAddrV4| endpoints.ejected(&key, a);
@@ -162,7 +163,9 @@ pub fn route_gateway(
         });
         let (rule, matched) = first_rule(bound, req, orig.port(), gw)?;
         let chosen = Chosen { rule, matched, from: "", orig, port: orig.port(), pick, random };
-        Some((follow_rule(state, chosen, None, req, endpoints), gw.clone()))
+        // The gateway is the client: its namespace chooses the DestinationRule.
+        let req = RequestView { namespace: Some(&g.namespace), ..*req };
+        Some((follow_rule(state, chosen, None, &req, endpoints), gw.clone()))
     })
 }
 
@@ -251,7 +254,7 @@ fn follow_rule(
     let Some(dest) = dest else {
         return refused(Refusal::NoRoute);
     };
-    let (target, port, labels, policy, cluster_key) = match resolve(state, c.from, dest, c.port) {
+    let (target, port, labels, policy, cluster_key) = match resolve(state, req.namespace, c.from, dest, c.port) {
         Ok(r) => r,
         Err(reason) => return refused(reason),
     };
@@ -272,11 +275,13 @@ fn follow_rule(
 /// policy that applies, and the cluster key.
 type Resolved<'a> = (&'a Arc<Service>, u16, Option<&'a BTreeMap<String, String>>, Policy, String);
 
-/// Resolves a destination of a rule for a request to Service `from` on `port`:
-/// the same port on the same Service, else another Service's only port, else
-/// the port as named; the subset from the destination's DestinationRule.
+/// Resolves a destination of a rule for a request to Service `from` on `port`
+/// by a client in namespace `client`: the same port on the same Service, else
+/// another Service's only port, else the port as named; the subset from the
+/// DestinationRule that applies to that client.
 pub fn resolve<'a>(
     state: &'a State,
+    client: Option<&str>,
     from: &str,
     dest: &WeightedDestination,
     port: u16,
@@ -290,7 +295,7 @@ pub fn resolve<'a>(
             _ => port,
         },
     };
-    let dr = state.destination_rule(&dest.service);
+    let dr = state.destination_rule(&dest.service, client);
     let subset = match &dest.subset {
         None => None,
         Some(name) => Some(dr.and_then(|d| d.subset(name)).ok_or_else(|| Refusal::NoSubset(name.clone()))?),
@@ -306,10 +311,24 @@ pub fn resolve<'a>(
         Some(name) => format!("{}|{name}", dest.service),
         None => dest.service.clone(),
     };
+    if let Some(dr) = dr {
+        key.push_str(&cluster_suffix(dr, &dest.service));
+    }
     if own {
         key = format!("{key}|{port}");
     }
     Ok((target, port, labels, policy, key))
+}
+
+/// What a cluster key carries of the DestinationRule that made it: nothing
+/// for the Service's own namespace's rule, else `@namespace/name`, so that
+/// clients under another namespace's rule never share its pools, limits or
+/// ejections.
+fn cluster_suffix(dr: &DestinationRule, service: &str) -> String {
+    match service.split_once('/') {
+        Some((ns, _)) if ns == &*dr.namespace => String::new(),
+        _ => format!("@{}/{}", dr.namespace, dr.name),
+    }
 }
 
 /// Routes a TCP connection to a Service VIP by the first matching `tcp` rule of
@@ -329,7 +348,7 @@ pub fn route_tcp(
         .flat_map(|vs| vs.tcp.iter())
         .find(|r| r.ports.is_empty() || r.ports.iter().any(|p| p.is_none_or(|p| p == orig.port())))?;
     let dest = choose(&rule.routes, random)?;
-    Some(match resolve(state, key, dest, orig.port()) {
+    Some(match resolve(state, from_namespace, key, dest, orig.port()) {
         Ok((target, port, labels, _, _)) => route_to(target, orig, port, labels, Pick::Turn(pick), &|_| false),
         Err(reason) => Route::Refused { service: service.clone(), reason },
     })
@@ -352,13 +371,19 @@ pub fn route_gateway_tcp(
             .flat_map(|vs| vs.tcp.iter())
             .find(|r| r.ports.is_empty() || r.ports.iter().any(|p| p.is_none_or(|p| p == orig.port())))?;
         let dest = choose(&rule.routes, random)?;
-        Some((route_at_gateway(state, dest, orig, pick), gw.clone()))
+        Some((route_at_gateway(state, g, dest, orig, pick), gw.clone()))
     })
 }
 
 /// Where a gateway's TCP or TLS rule destination sends a connection to `orig`.
-fn route_at_gateway(state: &State, dest: &WeightedDestination, orig: SocketAddrV4, pick: usize) -> Route {
-    match resolve(state, "", dest, orig.port()) {
+fn route_at_gateway(
+    state: &State,
+    gateway: &crate::state::Gateway,
+    dest: &WeightedDestination,
+    orig: SocketAddrV4,
+    pick: usize,
+) -> Route {
+    match resolve(state, Some(&gateway.namespace), "", dest, orig.port()) {
         Ok((target, port, labels, _, _)) => route_to(target, orig, port, labels, Pick::Turn(pick), &|_| false),
         Err(reason) => match state.services.get(&dest.service) {
             Some(s) => Route::Refused { service: s.clone(), reason },
@@ -393,7 +418,7 @@ pub fn route_gateway_tls(
             })
         })?;
         let dest = choose(&rule.routes, random)?;
-        Some((route_at_gateway(state, dest, orig, pick), gw.clone()))
+        Some((route_at_gateway(state, g, dest, orig, pick), gw.clone()))
     })
 }
 

@@ -16,7 +16,7 @@ use super::{
 pub struct Index {
     mesh_routes: HashMap<String, Vec<usize>>,
     gateway_routes: HashMap<String, Vec<usize>>,
-    destination_rules: HashMap<String, usize>,
+    destination_rules: HashMap<String, Vec<usize>>,
     peer_authentications: HashMap<Arc<str>, Vec<usize>>,
     authorization_policies: HashMap<Arc<str>, Vec<usize>>,
     request_authentications: HashMap<Arc<str>, Vec<usize>>,
@@ -41,7 +41,7 @@ impl State {
             }
         }
         for (i, dr) in self.destination_rules.iter().enumerate() {
-            index.destination_rules.entry(dr.service.clone()).or_insert(i);
+            index.destination_rules.entry(dr.service.clone()).or_default().push(i);
         }
         for (i, p) in self.peer_authentications.iter().enumerate() {
             index.peer_authentications.entry(p.namespace.clone()).or_default().push(i);
@@ -75,9 +75,25 @@ impl State {
         found.iter().map(|&i| &self.virtual_services[i])
     }
 
-    /// The DestinationRule for the Service `namespace/name` (the first by name).
-    pub fn destination_rule(&self, service: &str) -> Option<&DestinationRule> {
-        self.index.destination_rules.get(service).map(|&i| &self.destination_rules[i])
+    /// The DestinationRule that applies to a client in `client` (a pod's or
+    /// a gateway's namespace; `None`: unknown) calling the Service
+    /// `namespace/name`, in Istio's lookup order: the client's namespace,
+    /// then the Service's, then the root namespace, each rule exported to
+    /// the client's namespace (its own namespace's rules always); the
+    /// oldest within a namespace. A rule in any other namespace never applies.
+    pub fn destination_rule(&self, service: &str, client: Option<&str>) -> Option<&DestinationRule> {
+        let found = self.index.destination_rules.get(service).map(Vec::as_slice).unwrap_or_default();
+        let rules = || found.iter().map(|&i| &self.destination_rules[i]);
+        let service_ns = service.split_once('/').map_or("", |(ns, _)| ns);
+        let order = [client, Some(service_ns), Some(super::ROOT_NAMESPACE)];
+        order.into_iter().flatten().find_map(|ns| {
+            // A client's own namespace's rules apply to it whatever they export.
+            let visible = |dr: &DestinationRule| match client {
+                Some(c) => c == ns || dr.visible_in(c),
+                None => dr.export_to.is_none(),
+            };
+            rules().find(|dr| &*dr.namespace == ns && visible(dr))
+        })
     }
 
     /// The PeerAuthentications in `namespace`, in name order.

@@ -34,6 +34,13 @@ impl VirtualService {
     }
 }
 
+impl DestinationRule {
+    /// Whether the rule applies to clients (or a gateway) in `namespace`.
+    pub fn visible_in(&self, namespace: &str) -> bool {
+        self.export_to.as_ref().is_none_or(|to| to.iter().any(|ns| &**ns == namespace))
+    }
+}
+
 /// A `tls` rule: connections whose SNI matches go to the destinations, the
 /// TLS left unopened.
 #[derive(Debug, Clone, Serialize)]
@@ -233,6 +240,10 @@ pub struct DestinationRule {
     pub namespace: Arc<str>,
     /// `namespace/name` of the Service.
     pub service: String,
+    /// `exportTo`: the clients' namespaces it applies to (`None`: all).
+    pub export_to: Option<Vec<Arc<str>>>,
+    /// `metadata.creationTimestamp`: of several in one namespace, the oldest applies.
+    pub created: Option<String>,
     pub subsets: Vec<Subset>,
     pub policy: Policy,
     /// `portLevelSettings`: the policy on a Service port, by port number.

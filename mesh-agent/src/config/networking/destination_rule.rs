@@ -168,7 +168,8 @@ pub(in crate::config) fn build_destination_rule(
     let (name, namespace) = crate::config::security::name_and_namespace(ctx, &obj.metadata)?;
     let before = ctx.error_count();
     let spec = &obj.spec;
-    reject(ctx, "spec", &[("exportTo", &spec.export_to), ("workloadSelector", &spec.workload_selector)]);
+    reject(ctx, "spec", &[("workloadSelector", &spec.workload_selector)]);
+    let export_to = export_to(ctx, spec.export_to.as_deref(), &namespace);
     let service = match resolve_host(&spec.host, &namespace, services) {
         Some(s) => format!("{}/{}", s.namespace, s.name),
         None => {
@@ -206,7 +207,9 @@ pub(in crate::config) fn build_destination_rule(
         }
         subsets.push(Subset { name: s.name.clone(), labels: s.labels.clone(), policy: own, ports: sub_ports });
     }
-    (ctx.error_count() == before).then_some(DestinationRule { name, namespace, service, subsets, policy: top, ports })
+    let created = obj.metadata.creation_timestamp.clone();
+    let rule = DestinationRule { name, namespace, service, export_to, created, subsets, policy: top, ports };
+    (ctx.error_count() == before).then_some(rule)
 }
 
 /// `portLevelSettings`: each entry's port (a Service port number, each

@@ -259,7 +259,7 @@ pub struct DestinationRuleSpec {
     #[serde(default)]
     pub subsets: Vec<SubsetSpec>,
     pub traffic_policy: Option<TrafficPolicySpec>,
-    pub export_to: Unsupported,
+    pub export_to: Option<Vec<String>>,
     pub workload_selector: Unsupported,
 }
 

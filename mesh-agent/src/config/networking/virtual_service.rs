@@ -12,29 +12,8 @@ pub(in crate::config) fn build_virtual_service(
     let before = ctx.error_count();
     let spec = &obj.spec;
     // `exportTo`: where the rules apply (clients' namespaces, and the
-    // namespaces of the gateways they bind): `*` everywhere, `.` here, `~` nowhere.
-    let mut export_to: Option<Vec<Arc<str>>> = None;
-    if let Some(list) = &spec.export_to {
-        let mut to = Vec::new();
-        for (i, e) in list.iter().enumerate() {
-            match e.as_str() {
-                "*" => export_to = None,
-                "." => to.push(namespace.clone()),
-                "~" => {}
-                ns if !ns.is_empty()
-                    && ns.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') =>
-                {
-                    to.push(ns.into())
-                }
-                other => {
-                    ctx.error(format!("spec.exportTo[{i}]"), format!("{other:?}: expected *, ., ~ or a namespace"))
-                }
-            }
-        }
-        if !list.iter().any(|e| e == "*") {
-            export_to = Some(to);
-        }
-    }
+    // namespaces of the gateways they bind).
+    let export_to = export_to(ctx, spec.export_to.as_deref(), &namespace);
     // No `gateways` means the mesh only; `mesh` names the mesh among gateways.
     let gw_refs: Vec<String> = match spec.gateways.is_empty() {
         true => vec![MESH.to_owned()],

@@ -142,7 +142,14 @@ pub(super) fn assemble(objects: Objects, trust_domain: &str, errors: &mut Vec<Co
             &b.name,
         ))
     });
-    destination_rules.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    destination_rules.sort_by(|a, b| {
+        (a.created.is_none(), &a.created, &a.namespace, &a.name).cmp(&(
+            b.created.is_none(),
+            &b.created,
+            &b.namespace,
+            &b.name,
+        ))
+    });
     state.virtual_services = virtual_services;
     state.destination_rules = destination_rules;
     // Istio applies the oldest policy first when several select a workload;

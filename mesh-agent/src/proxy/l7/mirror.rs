@@ -21,7 +21,8 @@ pub(super) async fn mirror_request(
 ) {
     let state = ctx.state();
     let from = state.by_vip.get(down.orig.ip()).map(|s| s.key.as_str()).unwrap_or_default();
-    let route = match routing::resolve(&state, from, &dest, down.orig.port()) {
+    let client = source.as_deref().map(|w| &*w.namespace);
+    let route = match routing::resolve(&state, client, from, &dest, down.orig.port()) {
         Ok((target, port, labels, _, _)) => crate::routing::l4::route_service(
             target,
             port,

@@ -539,3 +539,52 @@ spec:
         assert_eq!(cluster(orig, headers), (key.to_owned(), policy.to_owned()), "{orig} {headers:?}");
     }
 }
+
+/// Which DestinationRule applies, as Istio looks one up for a client: its
+/// own namespace's, then the Service's namespace's, then the root
+/// namespace's, each exported to the client; the oldest in a namespace; a
+/// rule in any other namespace never. A tenant's rule changes its own
+/// clients' traffic only.
+#[test]
+fn destination_rules_are_looked_up_for_the_client_in_istios_order() {
+    let rule = |name: &str, ns: &str, extra: &str| {
+        format!(
+            "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\n\
+             metadata: {{name: {name}, namespace: {ns}{extra}}}\nspec: {{host: hello.demo.svc.cluster.local}}\n"
+        )
+    };
+    let created = |t: &str| format!(", creationTimestamp: \"{t}\"");
+    let yaml = format!(
+        "{}{}{}{}{}{}",
+        // Replaced: demo's own rule, named so that it sorts after the others.
+        CLUSTER.replace(
+            "metadata: {name: hello, namespace: demo}\nspec:\n  host: hello\n",
+            "metadata: {name: z-hello, namespace: demo, creationTimestamp: \"2026-01-01T00:00:00Z\"}\nspec:\n  host: hello.demo.svc.cluster.local\n"
+        ),
+        rule("a-newer", "demo", &created("2026-06-01T00:00:00Z")),
+        rule("evil", "attacker", ""),
+        rule("third", "bystander", ""),
+        rule("mesh-wide", "istio-system", ""),
+        rule("private", "team", "").replace("spec: {", "spec: {exportTo: [.], "),
+    );
+    let s = state_from_yaml(&yaml);
+    let applies = |client: Option<&str>| s.destination_rule("demo/hello", client).map(|d| d.name.to_string());
+    let table = [
+        (Some("demo"), "z-hello"),  // the oldest of the Service's namespace
+        (Some("attacker"), "evil"), // a tenant's rule: its own clients only
+        (Some("bystander"), "third"),
+        (Some("elsewhere"), "z-hello"), // not attacker's, bystander's or team's
+        (Some("team"), "private"),      // `.`: its own namespace
+        (None, "z-hello"),
+    ];
+    for (client, want) in table {
+        assert_eq!(applies(client).as_deref(), Some(want), "client in {client:?}");
+    }
+    // Without the Service's namespace's rules: the root namespace's.
+    let s = state_from_yaml(
+        &yaml
+            .replace("namespace: demo, creationTimestamp", "namespace: gone, creationTimestamp")
+            .replace("a-newer, namespace: demo", "a-newer, namespace: gone"),
+    );
+    assert_eq!(s.destination_rule("demo/hello", Some("elsewhere")).map(|d| &*d.name), Some("mesh-wide"));
+}
