@@ -159,11 +159,11 @@ fn routing(c: &mut Criterion) {
     g.bench_function("l4 service vip", |b| {
         b.iter(|| {
             pick = pick.wrapping_add(1);
-            route(black_box(&state), black_box(vip), pick)
+            route(black_box(&state), black_box(vip), None, pick)
         })
     });
     let pod = SocketAddrV4::new(Ipv4Addr::new(10, 244, 1, 12), 8080);
-    g.bench_function("l4 pod ip", |b| b.iter(|| route(black_box(&state), black_box(pod), 0)));
+    g.bench_function("l4 pod ip", |b| b.iter(|| route(black_box(&state), black_box(pod), None, 0)));
     let default_rule =
         RequestView { method: "GET", path: "/index.html?x=1", headers: &headers, client, namespace: None };
     g.bench_function("l7 request, 4th rule (weighted)", |b| {

@@ -49,9 +49,15 @@ pub struct State {
     pub path_normalization: PathNormalization,
     /// MeshConfig `extensionProviders` that are external authorizers, by name.
     pub extension_providers: BTreeMap<String, Arc<security::ExtAuthz>>,
-    /// ServiceEntry hosts (one Service each), for routing HTTP by `Host`.
+    /// ServiceEntry hosts (one Service each), for routing HTTP by `Host`:
+    /// every namespace's entry for the host, oldest first
+    /// ([`State::external_for_host`] chooses for a client).
     #[serde(skip)]
-    pub external_by_host: HashMap<String, Arc<Service>>,
+    pub external_by_host: HashMap<String, Vec<Arc<Service>>>,
+    /// ServiceEntry `addresses`: every entry that claims one, oldest first
+    /// (`by_vip` holds the oldest; [`State::service_at`] chooses for a client).
+    #[serde(skip)]
+    pub external_by_addr: HashMap<Ipv4Addr, Vec<Arc<Service>>>,
     /// ServiceEntry endpoint IPs, for connections the application addressed
     /// to one of them directly (after its own DNS lookup).
     #[serde(skip)]
@@ -141,6 +147,9 @@ pub struct Service {
 pub struct External {
     /// The ServiceEntry, `namespace/name`.
     pub entry: String,
+    /// Its `metadata.creationTimestamp`: of entries for one host, the oldest
+    /// serves clients outside their namespaces.
+    pub created: Option<String>,
     pub location: Location,
     pub resolution: Resolution,
     pub addresses: Vec<Ipv4Addr>,
@@ -396,6 +405,38 @@ fn serialize_endpoint_names<S: serde::Serializer>(eps: &[Arc<Workload>], s: S) -
 }
 
 // === impl State ===
+
+impl State {
+    /// The Service a client in `client` reaches at `ip`: a Kubernetes
+    /// Service's clusterIP, else a ServiceEntry address, the client's own
+    /// namespace's entry first (Istio's rule for one host declared in several
+    /// namespaces: the proxy's namespace first, then the oldest).
+    ///
+    /// The entry that claims the address names a host; the client sees that
+    /// host as its own namespace's entry declares it, if one does (as Istio
+    /// keeps one service per host for a client): another namespace's entry
+    /// cannot take a host's traffic by claiming an address for it.
+    pub fn service_at(&self, ip: &Ipv4Addr, client: Option<&str>) -> Option<&Arc<Service>> {
+        let first = self.by_vip.get(ip)?;
+        if first.external.is_none() {
+            return Some(first);
+        }
+        let claimant = self.external_by_addr.get(ip).and_then(|list| prefer_own(list, client)).unwrap_or(first);
+        self.external_for_host(&claimant.hostname, client).or(Some(claimant))
+    }
+
+    /// The ServiceEntry host `host` as a client in `client` sees it (as
+    /// [`State::service_at`] chooses).
+    pub fn external_for_host(&self, host: &str, client: Option<&str>) -> Option<&Arc<Service>> {
+        prefer_own(self.external_by_host.get(host)?, client)
+    }
+}
+
+/// Of services declaring one host or address (oldest first), the one in the
+/// client's namespace, else the oldest.
+pub fn prefer_own<'a>(list: &'a [Arc<Service>], client: Option<&str>) -> Option<&'a Arc<Service>> {
+    client.and_then(|c| list.iter().find(|s| &*s.namespace == c)).or(list.first())
+}
 
 impl State {
     /// The pod with this IP (never a hostNetwork pod).

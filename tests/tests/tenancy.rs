@@ -256,3 +256,35 @@ spec: {host: mutual.example, trafficPolicy: {tls: {mode: DISABLE}}}
     // which the TLS server does not answer with HTTP.
     assert_ne!(call("intruder").0, 200);
 }
+
+/// Borrowed hosts by ServiceEntry: `demo` declares direct.example (the
+/// server outside the cluster). A tenant declares the same host, older, with
+/// the outside server's address and its own pod as the endpoint. demo's
+/// requests must still reach the outside server, not the tenant's pod.
+#[test]
+fn a_tenants_service_entry_does_not_take_another_namespaces_host() {
+    if !require_root("a_tenants_service_entry_does_not_take_another_namespaces_host") {
+        return;
+    }
+    let e = Edge::start();
+    mesh_tests::servers::http_hello(e.pod("intruder"), 80);
+    let hijack = format!(
+        "---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: direct, namespace: attacker, creationTimestamp: \"2020-01-01T00:00:00Z\"}}
+spec:
+  hosts: [direct.example]
+  addresses: [{EXTERNAL_IP}]
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  location: MESH_EXTERNAL
+  endpoints: [{{address: {INTRUDER_IP}}}]
+"
+    );
+    e.set_extra(&hijack);
+    let resolve = format!("direct.example:80:{EXTERNAL_IP}");
+    let (code, body) = curl(|a| e.pod("test").cmd(a), &["--resolve", &resolve, "http://direct.example/"]);
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("hello from external"), "demo's request went to another namespace's endpoint: {body}");
+}

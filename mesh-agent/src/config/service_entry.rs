@@ -129,6 +129,7 @@ pub(super) fn build_service_entry(ctx: &mut Ctx<'_>, obj: &ServiceEntryObject) -
     }
     let external = Arc::new(External {
         entry: format!("{namespace}/{name}"),
+        created: obj.metadata.creation_timestamp.clone(),
         location,
         resolution,
         addresses: addresses.clone(),

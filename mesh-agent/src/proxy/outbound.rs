@@ -58,19 +58,19 @@ async fn open(ctx: &Arc<Inputs>, client: TcpStream, peer: SocketAddr) -> Option<
         source = state.nodes.get(ctx.node.as_str()).map(|n| n.workload.clone());
     }
     let pick = ctx.next_pick();
+    let client_ns = source.as_deref().map(|w| &*w.namespace);
     // On a port that is not HTTP, a VirtualService `tcp` rule may decide
     // instead of the default route (the connection then stays opaque bytes).
-    let decided = match route(&state, orig, pick) {
+    let decided = match route(&state, orig, client_ns, pick) {
         Route::Service { protocol: Declared::Tcp | Declared::Unknown, .. } | Route::Refused { .. }
             if state.by_vip.contains_key(orig.ip()) =>
         {
-            let from = source.as_deref().map(|w| &*w.namespace);
-            match crate::routing::http::route_tcp(&state, orig, from, pick, ctx.next_random()) {
+            match crate::routing::http::route_tcp(&state, orig, client_ns, pick, ctx.next_random()) {
                 Some(Route::Service { service, endpoint, addr, .. }) => {
                     Route::Service { service, endpoint, addr, protocol: Declared::Tcp }
                 }
                 Some(other) => other,
-                None => route(&state, orig, pick),
+                None => route(&state, orig, client_ns, pick),
             }
         }
         other => other,

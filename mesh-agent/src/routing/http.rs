@@ -98,12 +98,13 @@ pub fn route_request(
     endpoints: &dyn EndpointState,
 ) -> Decision {
     // A Service VIP, else a ServiceEntry host named by the request.
-    let service = state.by_vip.get(orig.ip()).or_else(|| {
+    let service = state.service_at(orig.ip(), req.namespace).or_else(|| {
         let host = request_host(req.headers)?;
-        state.external_by_host.get(host).filter(|s| s.ports.iter().any(|p| p.port == orig.port()))
+        state.external_for_host(host, req.namespace).filter(|s| s.ports.iter().any(|p| p.port == orig.port()))
     });
     let Some(service) = service else {
-        return Decision { route: route(state, orig, pick), rule: None, matched_prefix: None, cluster: None };
+        let route = route(state, orig, req.namespace, pick);
+        return Decision { route, rule: None, matched_prefix: None, cluster: None };
     };
     let key = &service.key;
     // The first rule with a matching condition (no condition matches all), and
@@ -340,7 +341,7 @@ pub fn route_tcp(
     pick: usize,
     random: u64,
 ) -> Option<Route> {
-    let service = state.by_vip.get(orig.ip())?;
+    let service = state.service_at(orig.ip(), from_namespace)?;
     let key = &service.key;
     let rule = state
         .mesh_routes(key)

@@ -53,11 +53,13 @@ impl std::fmt::Display for Refusal {
     }
 }
 
-/// Decides where a connection to `dst` goes. `pick` chooses among the eligible
-/// endpoints (the caller passes a round-robin counter).
-pub fn route(state: &State, dst: SocketAddrV4, pick: usize) -> Route {
+/// Decides where a connection to `dst` from a client in namespace `client`
+/// goes (a host several namespaces' ServiceEntries declare: the client's
+/// own namespace's first). `pick` chooses among the eligible endpoints (the
+/// caller passes a round-robin counter).
+pub fn route(state: &State, dst: SocketAddrV4, client: Option<&str>, pick: usize) -> Route {
     let ip: Ipv4Addr = *dst.ip();
-    if let Some(service) = state.by_vip.get(&ip) {
+    if let Some(service) = state.service_at(&ip, client) {
         return route_to(service, dst, dst.port(), None, Pick::Turn(pick), &|_| false);
     }
     if let Some(workload) = state.workload_by_ip(ip) {
@@ -65,8 +67,9 @@ pub fn route(state: &State, dst: SocketAddrV4, pick: usize) -> Route {
     }
     // An address a ServiceEntry resolves to, dialed by the application itself:
     // kept as dialed (the application chose among the addresses).
-    let external = state.external_by_ip.get(&ip).into_iter().flatten();
-    for service in external {
+    let all = state.external_by_ip.get(&ip).map(Vec::as_slice).unwrap_or_default();
+    let own = client.and_then(|c| all.iter().find(|s| &*s.namespace == c));
+    for service in own.into_iter().chain(all) {
         if let Some(sp) = service.ports.iter().find(|p| p.port == dst.port())
             && let Some(endpoint) = service.endpoints.iter().find(|w| w.ip == Some(ip))
         {

@@ -161,13 +161,19 @@ pub(super) fn assemble(objects: Objects, trust_domain: &str, errors: &mut Vec<Co
 /// Adds one Service per ServiceEntry host (key `namespace/host`), indexed by
 /// address, endpoint IP and host.
 fn add_service_entries(state: &mut State, entries: &[(Origin, ServiceEntryObject)], errors: &mut Vec<ConfigError>) {
-    let built = build_unique(
+    let mut built = build_unique(
         entries,
         errors,
         |o| describe_meta("ServiceEntry", &o.metadata),
-        |ctx, o| Some((ctx.origin.clone(), ctx.object.clone(), service_entry::build_service_entry(ctx, o)?)),
+        |ctx, o| {
+            let created = o.metadata.creation_timestamp.clone();
+            Some((created, ctx.origin.clone(), ctx.object.clone(), service_entry::build_service_entry(ctx, o)?))
+        },
     );
-    for (origin, object, services) in built {
+    // Oldest first, as Istio orders entries that declare one host or address
+    // (then by namespace and name, which the object's description holds).
+    built.sort_by(|a, b| (a.0.is_none(), &a.0, &a.2).cmp(&(b.0.is_none(), &b.0, &b.2)));
+    for (_, origin, object, services) in built {
         let mut ctx = Ctx { origin: &origin, object, errors };
         for s in services {
             let key = format!("{}/{}", s.namespace, s.name);
@@ -177,6 +183,9 @@ fn add_service_entries(state: &mut State, entries: &[(Origin, ServiceEntryObject
             }
             let s = Arc::new(s);
             for ip in s.external.iter().flat_map(|e| e.addresses.iter()) {
+                if state.by_vip.get(ip).is_none_or(|other| other.external.is_some()) {
+                    state.external_by_addr.entry(*ip).or_default().push(s.clone());
+                }
                 match state.by_vip.get(ip) {
                     Some(other) if other.external.is_none() => {
                         ctx.error(
@@ -193,7 +202,7 @@ fn add_service_entries(state: &mut State, entries: &[(Origin, ServiceEntryObject
             for ip in s.endpoints.iter().filter_map(|w| w.ip) {
                 state.external_by_ip.entry(ip).or_default().push(s.clone());
             }
-            state.external_by_host.entry(s.hostname.to_string()).or_insert_with(|| s.clone());
+            state.external_by_host.entry(s.hostname.to_string()).or_default().push(s.clone());
             state.services.insert(key, s);
         }
     }

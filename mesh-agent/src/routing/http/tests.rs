@@ -414,7 +414,7 @@ fn gateways_service_entries_and_registry_only() {
     // A ServiceEntry address with resolution NONE: the original destination.
     assert_eq!(
         describe(&Decision {
-            route: crate::routing::l4::route(&s, "192.0.2.10:443".parse().expect("a"), 0),
+            route: crate::routing::l4::route(&s, "192.0.2.10:443".parse().expect("a"), None, 0),
             rule: None,
             matched_prefix: None,
             cluster: None
@@ -423,7 +423,7 @@ fn gateways_service_entries_and_registry_only() {
     );
     assert_eq!(
         describe(&Decision {
-            route: crate::routing::l4::route(&s, "198.51.100.1:443".parse().expect("a"), 0),
+            route: crate::routing::l4::route(&s, "198.51.100.1:443".parse().expect("a"), None, 0),
             rule: None,
             matched_prefix: None,
             cluster: None
@@ -587,4 +587,57 @@ fn destination_rules_are_looked_up_for_the_client_in_istios_order() {
             .replace("a-newer, namespace: demo", "a-newer, namespace: gone"),
     );
     assert_eq!(s.destination_rule("demo/hello", Some("elsewhere")).map(|d| &*d.name), Some("mesh-wide"));
+}
+
+/// One host declared by ServiceEntries of two namespaces: each namespace's
+/// clients reach their own namespace's entry (by `Host` and by address), and
+/// clients of other namespaces the oldest entry, as Istio chooses.
+#[test]
+fn a_host_declared_in_two_namespaces_is_each_clients_own() {
+    let entry = |ns: &str, created: &str, endpoint: &str| {
+        format!(
+            "---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\n\
+             metadata: {{name: partner, namespace: {ns}, creationTimestamp: \"{created}\"}}\n\
+             spec: {{hosts: [partner.example], addresses: [192.0.2.50], ports: [{{number: 80, name: http, protocol: HTTP}}], \
+             resolution: STATIC, endpoints: [{{address: {endpoint}}}]}}\n"
+        )
+    };
+    // The attacker's entry is older and first by namespace.
+    let yaml = format!(
+        "{CLUSTER}{}{}",
+        entry("bank", "2026-02-01T00:00:00Z", "198.51.100.10"),
+        entry("attacker", "2026-01-01T00:00:00Z", "198.51.100.66")
+    );
+    let s = state_from_yaml(&yaml);
+    let mut headers = HeaderMap::new();
+    headers.insert("host", HeaderValue::from_static("partner.example"));
+    let by_host = |namespace: Option<&str>| {
+        let view = RequestView { method: "GET", path: "/", headers: &headers, client: CLIENT, namespace };
+        // An address no entry claims: the request's host decides.
+        describe(&route_request(&s, "203.0.113.1:80".parse().expect("a"), &view, 0, 0, &NoState))
+    };
+    let by_address = |namespace: Option<&str>| {
+        describe(&Decision {
+            route: crate::routing::l4::route(&s, "192.0.2.50:80".parse().expect("a"), namespace, 0),
+            rule: None,
+            matched_prefix: None,
+            cluster: None,
+        })
+    };
+    let table = [
+        (Some("bank"), "198.51.100.10 198.51.100.10:80"),
+        (Some("attacker"), "198.51.100.66 198.51.100.66:80"),
+        (Some("elsewhere"), "198.51.100.66 198.51.100.66:80"),
+        (None, "198.51.100.66 198.51.100.66:80"),
+    ];
+    for (client, want) in table {
+        assert_eq!(by_host(client), want, "by host, client in {client:?}");
+        assert_eq!(by_address(client), want, "by address, client in {client:?}");
+    }
+    // An address claimed by the attacker's entry alone still reaches, for
+    // bank's clients, the host as bank declares it.
+    let s = state_from_yaml(&yaml.replacen("addresses: [192.0.2.50], ", "", 1));
+    let route = crate::routing::l4::route(&s, "192.0.2.50:80".parse().expect("a"), Some("bank"), 0);
+    let d = Decision { route, rule: None, matched_prefix: None, cluster: None };
+    assert_eq!(describe(&d), "198.51.100.10 198.51.100.10:80");
 }

@@ -92,7 +92,7 @@ fn routing_table() {
         ("192.0.2.1:443", 0, "passthrough 192.0.2.1:443"),
     ];
     for (dst, pick, want) in cases {
-        assert_eq!(describe(&route(&s, addr(dst), pick)), want, "dst {dst} pick {pick}");
+        assert_eq!(describe(&route(&s, addr(dst), None, pick)), want, "dst {dst} pick {pick}");
     }
 }
 
@@ -101,7 +101,7 @@ fn round_robin_spreads_evenly() {
     let s = state(CLUSTER);
     let mut counts = std::collections::BTreeMap::new();
     for pick in 0..100 {
-        if let Route::Service { endpoint, .. } = route(&s, addr("10.96.0.10:80"), pick) {
+        if let Route::Service { endpoint, .. } = route(&s, addr("10.96.0.10:80"), None, pick) {
             *counts.entry(endpoint.name.to_string()).or_insert(0) += 1;
         }
     }

@@ -95,8 +95,9 @@ fn answer(status: StatusCode, headers: HeaderMap, body: Bytes) -> Response<Body>
 fn resolve(state: &State, p: &ExtAuthz, pick: usize) -> Option<SocketAddrV4> {
     // Istio also accepts `namespace/host`.
     let host = p.service.rsplit('/').next().unwrap_or_default();
-    let service =
-        state.services.values().find(|s| &*s.hostname == host).or_else(|| state.external_by_host.get(host))?;
+    let kubernetes = state.services.values().find(|s| s.external.is_none() && &*s.hostname == host);
+    // The mesh config is the root namespace's: so is its choice of entry.
+    let service = kubernetes.or_else(|| state.external_for_host(host, Some(crate::state::ROOT_NAMESPACE)))?;
     let port = service.ports.iter().find(|sp| sp.port == p.port)?;
     let ready: Vec<_> = service.endpoints.iter().filter(|w| w.ready && w.ip.is_some()).collect();
     let w = ready.get(pick % ready.len().max(1))?;
