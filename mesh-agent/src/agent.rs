@@ -130,6 +130,7 @@ pub struct Context {
     pub source: String,
     capture: RwLock<CaptureStatus>,
     gateway_status: RwLock<Vec<crate::proxy::gateway::PortStatus>>,
+    gateway_conflicts: RwLock<Vec<crate::proxy::gateway::Conflict>>,
     last_config_error: RwLock<Option<String>>,
     ready: AtomicBool,
 }
@@ -148,10 +149,18 @@ impl Context {
         self.gateway_status.read().map(|g| g.clone()).unwrap_or_default()
     }
 
+    /// Gateway servers left out of this node's listeners, and why.
+    pub fn gateway_conflicts(&self) -> Vec<crate::proxy::gateway::Conflict> {
+        self.gateway_conflicts.read().map(|g| g.clone()).unwrap_or_default()
+    }
+
     fn reconcile_gateways(&self, gateways: &mut crate::proxy::gateway::Listeners) {
         gateways.reconcile(&self.inputs);
         if let Ok(mut g) = self.gateway_status.write() {
             *g = gateways.status();
+        }
+        if let Ok(mut c) = self.gateway_conflicts.write() {
+            *c = gateways.conflicts();
         }
     }
 
@@ -225,6 +234,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
         source: cfg.source.describe(),
         capture: RwLock::default(),
         gateway_status: RwLock::default(),
+        gateway_conflicts: RwLock::default(),
         last_config_error: RwLock::default(),
         ready: AtomicBool::new(false),
     });

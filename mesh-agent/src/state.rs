@@ -209,6 +209,9 @@ pub enum OutboundPolicy {
 pub struct Gateway {
     pub name: Arc<str>,
     pub namespace: Arc<str>,
+    /// `metadata.creationTimestamp`: where two Gateways' servers conflict,
+    /// the oldest keeps the port (Istio's precedence).
+    pub created: Option<String>,
     pub selector: BTreeMap<String, String>,
     pub servers: Vec<GatewayServer>,
     /// The gateway as a workload: the identity (`spiffe://<td>/ns/<namespace>/sa/<name>`)

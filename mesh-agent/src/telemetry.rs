@@ -236,6 +236,9 @@ pub struct Metrics {
     /// Requests refused with 421 at an HTTPS gateway: a host that the
     /// server the connection's SNI chose does not serve.
     pub gateway_misdirected: Counter,
+    /// Gateway servers left out of this node's listeners: their port's
+    /// protocol was given by an older Gateway's server.
+    pub gateway_conflicts: Gauge,
     pub request_duration: HistogramFamily,
     pub request_bytes: HistogramFamily,
     pub response_bytes: HistogramFamily,
@@ -270,6 +273,12 @@ impl Metrics {
             "mesh_gateway_misdirected_requests",
             "Requests refused with 421 at an HTTPS gateway: a host the server chosen by SNI does not serve",
             gateway_misdirected.clone(),
+        );
+        let gateway_conflicts = Gauge::default();
+        registry.register(
+            "mesh_gateway_server_conflicts",
+            "Gateway servers left out of this node's listeners (their port has another protocol in an older Gateway)",
+            gateway_conflicts.clone(),
         );
         let mirrored = Family::default();
         registry.register("mesh_http_mirrored_requests", "Mirrored request copies, by result", mirrored.clone());
@@ -366,6 +375,7 @@ impl Metrics {
             hbone_connections,
             gateway_bind_failures,
             gateway_misdirected,
+            gateway_conflicts,
             request_duration,
             request_bytes,
             response_bytes,

@@ -288,3 +288,88 @@ spec:
     assert_eq!(code, 200, "{body}");
     assert!(body.contains("hello from external"), "demo's request went to another namespace's endpoint: {body}");
 }
+
+/// Gateway takeover: a tenant's Gateway on the ingress node with a `*`
+/// server on port 80 and a newer VirtualService of its own for the host
+/// demo's older one names (answering 418): demo's older rule keeps the host.
+/// Then the tenant adds a TCP server on port 443, which demo's Gateway serves
+/// as HTTPS: that server alone is left out (reported), and a change to
+/// demo's Gateway made at the same time (a new port) still applies: nothing
+/// is frozen.
+#[test]
+fn a_tenants_gateway_cannot_take_or_freeze_another_namespaces_listeners() {
+    if !require_root("a_tenants_gateway_cannot_take_or_freeze_another_namespaces_listeners") {
+        return;
+    }
+    let e = Edge::start();
+    let tenant = "---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: tenant, namespace: attacker, creationTimestamp: \"2026-06-01T00:00:00Z\"}
+spec:
+  selector: {istio: ingressgateway}
+  servers:
+  - port: {number: 80, name: http, protocol: HTTP}
+    hosts: ['*']
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: takeover, namespace: attacker, creationTimestamp: \"2026-06-01T00:00:00Z\"}
+spec:
+  hosts: [hello.example.com]
+  gateways: [attacker/tenant]
+  http:
+  - fault: {abort: {httpStatus: 418, percentage: {value: 100}}}
+    route: [{destination: {host: helloworld.demo.svc.cluster.local, port: {number: 5000}}}]
+";
+    let cfg = |tenant: &str| {
+        config(&e.base, &e.secret, &e.ca_secret, tenant)
+            // demo's objects are older than the tenant's, and name the host.
+            .replacen(
+                "metadata: {name: helloworld, namespace: demo}\nspec:\n  hosts: [\"*\"]",
+                "metadata: {name: helloworld, namespace: demo, creationTimestamp: \"2025-01-01T00:00:00Z\"}\nspec:\n  hosts: [hello.example.com, \"*\"]",
+                1,
+            )
+            .replacen(
+                "metadata: {name: ingress, namespace: istio-system}",
+                "metadata: {name: ingress, namespace: istio-system, creationTimestamp: \"2025-01-01T00:00:00Z\"}",
+                1,
+            )
+    };
+    e.set_config(&cfg(tenant));
+    let http = |port: u16| {
+        let url = format!("http://{NODE1}:{port}/helloworld");
+        curl(|a| e.c.net_cmd(a), &["-H", "Host: hello.example.com", &url])
+    };
+    // The takeover: demo's older rule answers for its host.
+    let (code, body) = http(80);
+    assert_eq!(code, 200, "the tenant's newer VirtualService took hello.example.com: {body}");
+    assert!(body.contains("hello from helloworld"), "{body}");
+    // The freeze: a TCP server on demo's HTTPS port, while demo adds a port.
+    let conflicting = tenant.replacen(
+        "    hosts: ['*']\n",
+        "    hosts: ['*']\n  - port: {number: 443, name: tcp, protocol: TCP}\n    hosts: ['*']\n",
+        1,
+    );
+    e.set_config(&cfg(&conflicting).replacen(
+        "  - port: {number: 9000, name: tcp, protocol: TCP}",
+        "  - port: {number: 8081, name: http-new, protocol: HTTP}\n    hosts: [\"*\"]\n  - port: {number: 9000, name: tcp, protocol: TCP}",
+        1,
+    ));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut got = http(8081);
+    while got.0 != 200 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        got = http(8081);
+    }
+    assert_eq!(got.0, 200, "a tenant's conflicting server froze the listeners: {}", got.1);
+    // HTTPS on 443 is still demo's, and the tenant's server is reported.
+    let ca = e.certs.ca();
+    let resolve = format!("hello.example.com:443:{NODE1}");
+    let args = ["--cacert", ca.to_str().unwrap(), "--resolve", &resolve, "https://hello.example.com/helloworld"];
+    assert_eq!(curl(|a| e.c.net_cmd(a), &args).0, 200);
+    let dump = e.agents[0].admin_get("/config_dump").unwrap().1;
+    assert!(dump.contains("\"gateway\": \"attacker/tenant\""), "the conflict is not in /config_dump");
+    let conflicts = mesh_tests::agent::metric(&e.agents[0].metrics(), "mesh_gateway_server_conflicts", &[]);
+    assert_eq!(conflicts, 1.0);
+}

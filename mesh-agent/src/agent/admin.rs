@@ -69,6 +69,7 @@ fn respond<B>(ctx: &Context, req: &Request<B>) -> Response<Full<Bytes>> {
                 "capture": ctx.capture(),
                 "certificates": ctx.inputs.certs.dump(),
                 "gateway_listeners": ctx.gateway_status(),
+                "gateway_conflicts": ctx.gateway_conflicts(),
                 "state": &*ctx.inputs.state(),
             });
             let body = serde_json::to_string_pretty(&dump).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"));

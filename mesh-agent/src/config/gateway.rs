@@ -163,7 +163,8 @@ pub(super) fn build_gateway(
         named_ports: BTreeMap::new(),
         uid: None,
     });
-    Some(Gateway { name, namespace, selector: obj.spec.selector.clone(), servers, workload })
+    let (selector, created) = (obj.spec.selector.clone(), obj.metadata.creation_timestamp.clone());
+    Some(Gateway { name, namespace, created, selector, servers, workload })
 }
 
 fn build_server(

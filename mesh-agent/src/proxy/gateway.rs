@@ -79,6 +79,8 @@ struct Serving {
 #[derive(Default)]
 pub struct Listeners {
     held: BTreeMap<u16, Held>,
+    /// Servers left out of the plan, for logs and `/config_dump`.
+    conflicts: Vec<Conflict>,
     /// This node's gateway ports as HBONE targets, kept with the plan.
     hops: Arc<RwLock<HashMap<SocketAddrV4, Hop>>>,
 }
@@ -90,10 +92,14 @@ struct Hop {
     principals: Vec<Arc<str>>,
 }
 
-/// The ports this node's gateways ask for.
-pub fn plan(state: &State, node: &str) -> Result<BTreeMap<u16, PortPlan>, String> {
+/// The ports this node's gateways ask for, and the servers left out. Gateways
+/// are taken oldest first (Istio's precedence): a server whose protocol
+/// differs from the one an older Gateway's server gave its port is left out
+/// alone, reported, and every other server and port is served.
+pub fn plan(state: &State, node: &str) -> (BTreeMap<u16, PortPlan>, Vec<Conflict>) {
     let ip = state.nodes.get(node).and_then(|n| n.internal_ip).unwrap_or(Ipv4Addr::UNSPECIFIED);
     let mut ports: BTreeMap<u16, PortPlan> = BTreeMap::new();
+    let mut conflicts = Vec::new();
     for g in state.gateways_on(node) {
         let key = format!("{}/{}", g.namespace, g.name);
         for s in &g.servers {
@@ -104,10 +110,17 @@ pub fn plan(state: &State, node: &str) -> Result<BTreeMap<u16, PortPlan>, String
                 credentials: Vec::new(),
             });
             if p.protocol != s.protocol {
-                return Err(format!(
-                    "port {} is {:?} in one Gateway and {:?} in {key}",
-                    s.port, p.protocol, s.protocol
-                ));
+                let holder = p.gateways.first().cloned().unwrap_or_default();
+                conflicts.push(Conflict {
+                    gateway: key.clone(),
+                    server: s.name.clone(),
+                    port: s.port,
+                    reason: format!(
+                        "port {} is {:?} in the older Gateway {holder}, not {:?}",
+                        s.port, p.protocol, s.protocol
+                    ),
+                });
+                continue;
             }
             if !p.gateways.contains(&key) {
                 p.gateways.push(key.clone());
@@ -118,21 +131,30 @@ pub fn plan(state: &State, node: &str) -> Result<BTreeMap<u16, PortPlan>, String
             }
         }
     }
-    Ok(ports)
+    (ports, conflicts)
+}
+
+/// A Gateway server left out of this node's listeners, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Conflict {
+    pub gateway: String,
+    pub server: Option<String>,
+    pub port: u16,
+    pub reason: String,
 }
 
 impl Listeners {
     /// Opens, updates and closes listeners to match the configuration.
     pub fn reconcile(&mut self, ctx: &Arc<Inputs>) {
         let state = ctx.state();
-        let want = match plan(&state, &ctx.node) {
-            Ok(w) => w,
-            Err(e) => {
-                tracing::error!(error = %e, "gateway listeners unchanged");
-                self.set_hops(&state, &BTreeMap::new());
-                return;
+        let (want, conflicts) = plan(&state, &ctx.node);
+        if conflicts != self.conflicts {
+            for c in &conflicts {
+                tracing::error!(gateway = %c.gateway, server = ?c.server, port = c.port, "gateway server left out: {}", c.reason);
             }
-        };
+        }
+        ctx.metrics.gateway_conflicts.set(conflicts.len() as i64);
+        self.conflicts = conflicts;
         self.set_hops(&state, &want);
         self.held.retain(|port, held| {
             // Kept while wanted at the same address; a new address rebinds.
@@ -219,6 +241,12 @@ impl Listeners {
 
     pub fn status(&self) -> Vec<PortStatus> {
         self.held.values().map(|h| PortStatus { plan: h.plan.clone(), status: h.status.clone() }).collect()
+    }
+
+    /// The servers left out of the plan (a protocol an older Gateway's server
+    /// gave their port already).
+    pub fn conflicts(&self) -> Vec<Conflict> {
+        self.conflicts.clone()
     }
 
     pub fn close_all(&mut self) {

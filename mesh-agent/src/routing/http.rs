@@ -131,11 +131,14 @@ pub fn route_request(
     follow_rule(state, chosen, Some(service), req, endpoints)
 }
 
-/// Routes one request that arrived at a Gateway listener on `port`: the first
-/// rule of the VirtualServices bound to one of `gateways` (`namespace/name`)
-/// whose hosts match the request's host. On a connection whose TLS handshake
-/// chose a server (`bound`), only that server's Gateway and hosts are
-/// considered. `None`: nothing matches (404).
+/// Routes one request that arrived at a Gateway listener on `port`, as Envoy
+/// routes Istio's merged route table for the port: the VirtualServices bound
+/// to one of `gateways` (`namespace/name`) whose server on the port lets
+/// their namespace take the request's host; of those, the ones whose host
+/// is the most specific match (an exact name before a wildcard); their rules
+/// merged oldest VirtualService first, whichever Gateway they are bound to.
+/// On a connection whose TLS handshake chose a server (`bound`), only that
+/// server's Gateway and hosts are considered. `None`: nothing matches (404).
 #[expect(clippy::too_many_arguments, reason = "the request's parts, each a plain input of the decision")]
 pub fn route_gateway(
     state: &State,
@@ -152,22 +155,40 @@ pub fn route_gateway(
         Some(b) => std::slice::from_ref(&b.gateway),
         None => gateways,
     };
-    gateways.iter().find_map(|gw| {
-        let g = state.gateway(gw)?;
-        let bound = state.gateway_routes(gw).filter(|vs| {
-            vs.host_patterns.iter().any(|p| host_matches(p, host))
-                && vs.visible_in(&g.namespace)
-                && match bound {
-                    Some(b) => b.hosts.iter().any(|h| h.allows(&vs.namespace) && host_matches(&h.host, host)),
-                    None => serves(g, orig.port(), Some(host), &vs.namespace),
-                }
-        });
-        let (rule, matched) = first_rule(bound, req, orig.port(), gw)?;
-        let chosen = Chosen { rule, matched, from: "", orig, port: orig.port(), pick, random };
-        // The gateway is the client: its namespace chooses the DestinationRule.
-        let req = RequestView { namespace: Some(&g.namespace), ..*req };
-        Some((follow_rule(state, chosen, None, &req, endpoints), gw.clone()))
-    })
+    let mut found = Vec::new();
+    for gw in gateways {
+        let Some(g) = state.gateway(gw) else { continue };
+        let takes = |vs: &VirtualService| match bound {
+            Some(b) => b.hosts.iter().any(|h| h.allows(&vs.namespace) && host_matches(&h.host, host)),
+            None => serves(g, orig.port(), Some(host), &vs.namespace),
+        };
+        found.extend(
+            state
+                .gateway_routes_ordered(gw)
+                .filter(|(_, vs)| !vs.http.is_empty() && vs.visible_in(&g.namespace) && takes(vs))
+                .filter_map(|(i, vs)| Some((i, best_host(vs, host)?, vs, g, gw))),
+        );
+    }
+    let best = found.iter().map(|f| f.1).min_by_key(|p| super::sni::specificity(p))?;
+    // Oldest first; a VirtualService bound to two of the port's Gateways
+    // counts once, through the first.
+    found.retain(|f| f.1.eq_ignore_ascii_case(best));
+    found.sort_by_key(|f| f.0);
+    found.dedup_by_key(|f| f.0);
+    let (rule, matched, g, gw) = found.iter().find_map(|&(_, _, vs, g, gw)| {
+        let (rule, matched) = first_rule(std::iter::once(vs), req, orig.port(), gw)?;
+        Some((rule, matched, g, gw))
+    })?;
+    let chosen = Chosen { rule, matched, from: "", orig, port: orig.port(), pick, random };
+    // The gateway is the client: its namespace chooses the DestinationRule.
+    let req = RequestView { namespace: Some(&g.namespace), ..*req };
+    Some((follow_rule(state, chosen, None, &req, endpoints), gw.clone()))
+}
+
+/// The most specific of a VirtualService's hosts that matches `host`.
+fn best_host<'a>(vs: &'a VirtualService, host: &str) -> Option<&'a str> {
+    let matching = vs.host_patterns.iter().filter(|p| host_matches(p, host));
+    matching.min_by_key(|p| super::sni::specificity(p)).map(String::as_str)
 }
 
 /// Where an HTTP request to a gateway goes instead, when the server that

@@ -95,7 +95,7 @@ impl Binding {
 
 /// How specific a host pattern is, smallest first: an exact name, then
 /// wildcards by decreasing length of what they fix, then `*`.
-fn specificity(pattern: &str) -> (u8, std::cmp::Reverse<usize>) {
+pub(crate) fn specificity(pattern: &str) -> (u8, std::cmp::Reverse<usize>) {
     match pattern {
         "*" => (2, std::cmp::Reverse(0)),
         p if p.starts_with('*') => (1, std::cmp::Reverse(p.len())),

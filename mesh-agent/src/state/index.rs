@@ -75,6 +75,13 @@ impl State {
         found.iter().map(|&i| &self.virtual_services[i])
     }
 
+    /// [`State::gateway_routes`] with each VirtualService's place in the
+    /// snapshot's order (oldest first), to merge several Gateways' lists.
+    pub fn gateway_routes_ordered<'a>(&'a self, gateway: &str) -> impl Iterator<Item = (usize, &'a VirtualService)> {
+        let found = self.index.gateway_routes.get(gateway).map(Vec::as_slice).unwrap_or_default();
+        found.iter().map(|&i| (i, &self.virtual_services[i]))
+    }
+
     /// The DestinationRule that applies to a client in `client` (a pod's or
     /// a gateway's namespace; `None`: unknown) calling the Service
     /// `namespace/name`, in Istio's lookup order: the client's namespace,

@@ -95,7 +95,16 @@ pub(super) fn assemble(objects: Objects, trust_domain: &str, errors: &mut Vec<Co
         |o| describe_meta("Gateway", &o.metadata),
         |ctx, o| gateway::build_gateway(ctx, o, &secrets, trust_domain),
     );
-    gateways.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    // Oldest first (Istio's precedence when servers conflict), then by
+    // namespace and name.
+    gateways.sort_by(|a, b| {
+        (a.created.is_none(), &a.created, &a.namespace, &a.name).cmp(&(
+            b.created.is_none(),
+            &b.created,
+            &b.namespace,
+            &b.name,
+        ))
+    });
     state.gateways = gateways.into_iter().map(Arc::new).collect();
     add_gateway_services(&mut state, &objects.gateways, errors);
     state.peer_authentications = build_unique(

@@ -641,3 +641,55 @@ fn a_host_declared_in_two_namespaces_is_each_clients_own() {
     let d = Decision { route, rule: None, matched_prefix: None, cluster: None };
     assert_eq!(describe(&d), "198.51.100.10 198.51.100.10:80");
 }
+
+/// Istio's merged route table for a gateway port: the most specific host
+/// wins, then the oldest VirtualService, whichever Gateway (of any
+/// namespace) it is bound to; a tenant's newer rule for another tenant's
+/// host never comes first.
+#[test]
+fn gateway_rules_for_a_host_are_the_oldest_and_most_specific() {
+    let vs = |name: &str, ns: &str, created: &str, hosts: &str, gw: &str, service: &str| {
+        format!(
+            "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\n\
+             metadata: {{name: {name}, namespace: {ns}, creationTimestamp: \"{created}\"}}\n\
+             spec: {{hosts: [{hosts}], gateways: [{gw}], http: [{{route: [{{destination: {{host: {service}}}}}]}}]}}\n"
+        )
+    };
+    let gateway = |name: &str, ns: &str, created: &str| {
+        format!(
+            "---\napiVersion: networking.istio.io/v1\nkind: Gateway\n\
+             metadata: {{name: {name}, namespace: {ns}, creationTimestamp: \"{created}\"}}\n\
+             spec: {{selector: {{istio: ingressgateway}}, servers: [{{port: {{number: 80, name: http, protocol: HTTP}}, hosts: ['*']}}]}}\n"
+        )
+    };
+    let yaml = format!(
+        "apiVersion: v1\nkind: Node\nmetadata: {{name: n1, labels: {{istio: ingressgateway}}}}\n\
+         status: {{addresses: [{{type: InternalIP, address: 172.18.0.2}}]}}\n---\n{CLUSTER}{}{}{}{}{}",
+        gateway("ingress", "demo", "2026-01-01T00:00:00Z"),
+        gateway("tenant", "attacker", "2026-03-01T00:00:00Z"),
+        vs("bank", "demo", "2026-01-02T00:00:00Z", "www.bank.example", "ingress", "hello.demo.svc.cluster.local"),
+        vs(
+            "takeover",
+            "attacker",
+            "2026-02-01T00:00:00Z",
+            "www.bank.example",
+            "tenant",
+            "other.demo.svc.cluster.local"
+        ),
+        vs("wide", "attacker", "2025-01-01T00:00:00Z", "'*.bank.example'", "tenant", "other.demo.svc.cluster.local"),
+    );
+    let s = state_from_yaml(&yaml);
+    let gateways = ["attacker/tenant".to_owned(), "demo/ingress".to_owned()];
+    let at = |host: &str| {
+        let mut headers = HeaderMap::new();
+        headers.insert("host", HeaderValue::from_str(host).expect("host"));
+        let view = RequestView { method: "GET", path: "/", headers: &headers, client: CLIENT, namespace: None };
+        route_gateway(&s, &gateways, None, "172.18.0.2:80".parse().expect("a"), &view, 0, 0, &NoState)
+            .map_or_else(|| "404".to_owned(), |(d, gw)| format!("{} via {gw}", describe(&d)))
+    };
+    // The older rule for the exact host, though the tenant's Gateway sorts first.
+    assert_eq!(at("www.bank.example"), "hello-v1 10.244.0.2:8080 via demo/ingress");
+    // The wildcard (older still) only where no exact host is declared.
+    assert_eq!(at("api.bank.example"), "other 10.244.0.4:9000 via attacker/tenant");
+    assert_eq!(at("nobody.example"), "404");
+}
