@@ -373,3 +373,51 @@ spec:
     let conflicts = mesh_tests::agent::metric(&e.agents[0].metrics(), "mesh_gateway_server_conflicts", &[]);
     assert_eq!(conflicts, 1.0);
 }
+
+/// Policy judged before the request is final: helloworld's JWT rule copies
+/// the token's `sub` into `x-user`, and its ALLOW needs `x-user: admin`. A
+/// client with its own token (sub alice) that also sends `x-user: admin` is
+/// refused; the real admin's token is allowed; the app sees the claim, never
+/// what a client wrote under that name.
+#[test]
+fn policy_sees_the_request_the_app_will_see() {
+    use mesh_tests::{
+        jwt::{Signer, jwks, now},
+        mesh::{API_VIP, Mesh},
+    };
+    if !require_root("policy_sees_the_request_the_app_will_see") {
+        return;
+    }
+    let m = Mesh::start("", &[]);
+    let signer = Signer::rsa("k1");
+    let issuer = "https://issuer.example";
+    let policy = format!(
+        "---\napiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: hello, namespace: demo}}\n\
+         spec:\n  selector: {{matchLabels: {{app: helloworld}}}}\n  jwtRules:\n\
+         \x20 - {{issuer: \"{issuer}\", jwks: '{}', outputClaimToHeaders: [{{header: x-user, claim: sub}}]}}\n\
+         ---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: hello, namespace: demo}}\n\
+         spec:\n  selector: {{matchLabels: {{app: helloworld}}}}\n\
+         \x20 rules: [{{when: [{{key: \"request.headers[x-user]\", values: [admin]}}]}}]\n",
+        jwks(&[&signer])
+    );
+    m.set_config_of(&[1], &policy);
+    let token = |sub: &str| signer.sign(&serde_json::json!({"iss": issuer, "sub": sub, "exp": now() + 600}));
+    let resolve = format!("api.demo.svc.cluster.local:80:{API_VIP}");
+    let call = |headers: &[String]| {
+        let mut args = vec!["--resolve", &resolve];
+        for h in headers {
+            args.extend(["-H", h.as_str()]);
+        }
+        args.push("http://api.demo.svc.cluster.local/headers");
+        mesh_tests::clients::curl(|a| m.pod("test").cmd(a), &args)
+    };
+    let bearer = |sub: &str| format!("Authorization: Bearer {}", token(sub));
+    // Positive control: the admin's own token.
+    let admin = call(&[bearer("admin")]);
+    assert_eq!(admin.code, 200, "the admin was refused: {}", admin.body);
+    assert!(admin.body.to_ascii_lowercase().contains("x-user: admin"), "{}", admin.body);
+    // The attacks: another user's token with a forged header; no token at all.
+    let forged = call(&[bearer("alice"), "x-user: admin".into()]);
+    assert_eq!(forged.code, 403, "a forged x-user passed the policy: {}", forged.body);
+    assert_eq!(call(&["x-user: admin".into()]).code, 403, "x-user without a token passed");
+}

@@ -32,7 +32,10 @@ use crate::{
     proxy::{self, Inputs, LocalReply, ProxyError},
     routing::policy::{self, Attributes, Peer, Verdict},
     routing::protocol::{Declared, Handling},
-    state::Workload,
+    state::{
+        Workload,
+        security::{JwtKey, JwtRule},
+    },
     telemetry::{Flags, TcpLabels},
 };
 
@@ -210,73 +213,82 @@ async fn handle(ctx: Arc<Inputs>, conn: Arc<Conn>, mut req: Request<Incoming>) -
         let result = if authn.is_some() { "valid" } else { "none" };
         ctx.metrics.jwt_checks.get_or_create(&crate::telemetry::ResultLabels { result }).inc();
     }
-    let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok());
-    let host = host.or(req.uri().authority().map(|a| a.as_str())).unwrap_or_default();
-    let auth = authn.as_ref().map(|a| policy::Auth {
-        principal: &a.verified.principal,
-        audiences: &a.verified.audiences,
-        presenter: a.verified.presenter.as_deref(),
-        claims: &a.verified.claims,
-    });
-    let request = policy::Request {
-        method: req.method().as_str(),
-        path: req.uri().path(),
-        host,
-        headers: req.headers(),
-        auth,
-        remote_ip: conn.inbound.client_ip,
-    };
-    let peer = Peer { principal: conn.inbound.principal.as_deref(), ip: conn.inbound.client_ip };
-    let port = conn.inbound.target.port();
-    let attributes = Attributes { peer, port, sni: None, request: Some(request) };
-    let custom = policy::custom(&state, dest, &attributes).and_then(|p| p.provider.clone());
-    let decision = policy::evaluate(&state, dest, &attributes);
-    if let Some(audited) = &decision.audit {
-        ctx.metrics.authorization_audits.inc();
-        tracing::info!(policy = %audited, method = %req.method(), path = %req.uri().path(), source = ?conn.inbound.principal, "AUDIT");
-    }
-    let outputs = authn.map(|a| token_outputs(&a));
+    // Envoy's filter order, so that every policy sees the request exactly as
+    // the app will: JWT and its outputs, then CUSTOM and its header changes,
+    // then DENY and ALLOW. Headers the mesh sets are the mesh's alone: what
+    // a client sent under their names is dropped first.
+    let owned = mesh_owned_headers(&keyed);
+    let outputs = authn.as_ref().map(token_outputs);
+    let verified = authn.map(|a| a.verified);
     drop(keyed);
+    let from_gateway =
+        conn.inbound.principal.as_deref().is_some_and(|p| state.gateways.iter().any(|g| *g.workload.principal == *p));
     drop(state);
-    if let Some(outputs) = outputs {
-        for (name, value) in outputs {
-            match value {
-                Some(v) => req.headers_mut().insert(name, v),
-                None => req.headers_mut().remove(name),
-            };
-        }
+    for name in &owned {
+        req.headers_mut().remove(name);
     }
-    // CUSTOM first (Istio's order), then DENY and ALLOW.
-    let Some(provider) = custom else {
-        if let Verdict::Deny(policy) = decision.verdict {
-            return refused(&conn, &policy, record);
-        }
-        return forward(&ctx, &conn, req, record).await;
+    // A gateway's x-forwarded-client-cert names the client it verified; from
+    // anyone else it is a claim nobody checked.
+    if !from_gateway {
+        req.headers_mut().remove(&super::X_FORWARDED_CLIENT_CERT);
+    }
+    for (name, value) in outputs.into_iter().flatten() {
+        match value {
+            Some(v) => req.headers_mut().insert(name, v),
+            None => req.headers_mut().remove(name),
+        };
+    }
+    let custom = {
+        let state = ctx.state();
+        let attributes = attributes(&conn, req.method(), req.uri(), req.headers(), verified.as_deref());
+        policy::custom(&state, &conn.inbound.dest, &attributes).and_then(|p| p.provider.clone())
     };
-    let (mut parts, body) = req.into_parts();
-    let (read, body) = match provider.body {
-        None => (None, ext_authz::Replay { read: None, rest: Some(body) }),
-        Some(b) => match ext_authz::read_for_check(body, b.max_bytes as usize, b.allow_partial).await {
-            Ok((read, replay)) => (Some(read), replay),
-            Err(()) => return record.finish_local(LocalReply::TOO_LARGE_FOR_CHECK),
-        },
-    };
-    let ask = ext_authz::Ask { parts: &parts, body: read.as_ref(), conn: &conn.inbound };
-    let to_client = match ext_authz::check(&ctx, &provider, ask).await {
-        ext_authz::Checked::Deny(answer) => {
-            tracing::info!(peer = %conn.inbound.peer, target = %conn.inbound.target, provider = %provider.name, status = %answer.status(), "request refused by the external authorizer");
-            return record.finish_answer(answer);
+    let (parts, body, to_client) = match custom {
+        None => {
+            let (parts, body) = req.into_parts();
+            (parts, ext_authz::Replay { read: None, rest: Some(body) }, Vec::new())
         }
-        ext_authz::Checked::Allow { upstream, remove, downstream } => {
-            for name in remove {
+        Some(provider) => {
+            let (mut parts, body) = req.into_parts();
+            // The authorizer's headers are its own, too.
+            for name in ext_authz::authorizer_headers(&provider, &parts.headers) {
                 parts.headers.remove(name);
             }
-            for (name, value) in upstream {
-                parts.headers.insert(name, value);
+            let (read, body) = match provider.body {
+                None => (None, ext_authz::Replay { read: None, rest: Some(body) }),
+                Some(b) => match ext_authz::read_for_check(body, b.max_bytes as usize, b.allow_partial).await {
+                    Ok((read, replay)) => (Some(read), replay),
+                    Err(()) => return record.finish_local(LocalReply::TOO_LARGE_FOR_CHECK),
+                },
+            };
+            let ask = ext_authz::Ask { parts: &parts, body: read.as_ref(), conn: &conn.inbound };
+            match ext_authz::check(&ctx, &provider, ask).await {
+                ext_authz::Checked::Deny(answer) => {
+                    tracing::info!(peer = %conn.inbound.peer, target = %conn.inbound.target, provider = %provider.name, status = %answer.status(), "request refused by the external authorizer");
+                    return record.finish_answer(answer);
+                }
+                ext_authz::Checked::Allow { upstream, remove, downstream } => {
+                    for name in remove {
+                        parts.headers.remove(name);
+                    }
+                    for (name, value) in upstream {
+                        parts.headers.insert(name, value);
+                    }
+                    (parts, body, downstream)
+                }
             }
-            downstream
         }
     };
+    // DENY and ALLOW on the request as it now is.
+    let decision = {
+        let state = ctx.state();
+        let attributes = attributes(&conn, &parts.method, &parts.uri, &parts.headers, verified.as_deref());
+        policy::evaluate(&state, &conn.inbound.dest, &attributes)
+    };
+    if let Some(audited) = &decision.audit {
+        ctx.metrics.authorization_audits.inc();
+        tracing::info!(policy = %audited, method = %parts.method, path = %parts.uri.path(), source = ?conn.inbound.principal, "AUDIT");
+    }
     if let Verdict::Deny(policy) = decision.verdict {
         return refused(&conn, &policy, record);
     }
@@ -285,6 +297,46 @@ async fn handle(ctx: Arc<Inputs>, conn: Arc<Conn>, mut req: Request<Incoming>) -
         resp.headers_mut().append(name, value);
     }
     resp
+}
+
+/// What policy sees of a request: its method, path, host and headers, the
+/// verified token, and the connection's peer.
+fn attributes<'a>(
+    conn: &'a Conn,
+    method: &'a hyper::Method,
+    uri: &'a hyper::Uri,
+    headers: &'a hyper::HeaderMap,
+    verified: Option<&'a jwt::Verified>,
+) -> Attributes<'a> {
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+    let host = host.or(uri.authority().map(|a| a.as_str())).unwrap_or_default();
+    let auth = verified.map(|v| policy::Auth {
+        principal: &v.principal,
+        audiences: &v.audiences,
+        presenter: v.presenter.as_deref(),
+        claims: &v.claims,
+    });
+    let request = policy::Request {
+        method: method.as_str(),
+        path: uri.path(),
+        host,
+        headers,
+        auth,
+        remote_ip: conn.inbound.client_ip,
+    };
+    let peer = Peer { principal: conn.inbound.principal.as_deref(), ip: conn.inbound.client_ip };
+    Attributes { peer, port: conn.inbound.target.port(), sni: None, request: Some(request) }
+}
+
+/// The headers the workload's JWT rules write (`outputPayloadToHeader`,
+/// `outputClaimToHeaders`): set by the mesh from a verified token, never
+/// taken from the client.
+fn mesh_owned_headers(keyed: &[(&JwtRule, Arc<[JwtKey]>)]) -> Vec<HeaderName> {
+    let names = keyed.iter().flat_map(|(r, _)| {
+        let payload = r.output_payload_to_header.iter();
+        payload.chain(r.output_claim_to_headers.iter().map(|(h, _)| h))
+    });
+    names.filter_map(|h| HeaderName::from_bytes(h.as_bytes()).ok()).collect()
 }
 
 fn refused(conn: &Conn, policy: &str, record: Record) -> Response<Body> {

@@ -297,6 +297,18 @@ fn channel(ctx: &Inputs, addr: SocketAddrV4) -> tonic::transport::Channel {
 
 /// A request body read (up to a bound) for the check, then sent on whole:
 /// the bytes read, then the rest as it streams.
+/// The request headers that an HTTP authorizer's answer may set upstream
+/// (`headersToUpstreamOnAllow`): the authorizer's to set, so a client's own
+/// are dropped before the check.
+pub(super) fn authorizer_headers(provider: &ExtAuthz, headers: &hyper::HeaderMap) -> Vec<HeaderName> {
+    match &provider.kind {
+        crate::state::security::ExtAuthzKind::Http(h) => {
+            headers.keys().filter(|n| matches(&h.headers_to_upstream_on_allow, n.as_str())).cloned().collect()
+        }
+        crate::state::security::ExtAuthzKind::Grpc => Vec::new(),
+    }
+}
+
 pub(super) struct Replay {
     pub read: Option<Bytes>,
     pub rest: Option<hyper::body::Incoming>,
