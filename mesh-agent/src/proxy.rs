@@ -228,6 +228,21 @@ pub(crate) async fn open_upstream(
     }
 }
 
+/// [`open_upstream`] as a boxed future of a named type: for callers inside
+/// the destination stage (an external authorizer's check), which
+/// `open_upstream` itself may start, so its future type cannot name theirs.
+pub(crate) fn open_upstream_boxed<'a>(
+    ctx: &'a Arc<Inputs>,
+    state: &'a State,
+    source: Option<&'a Arc<Workload>>,
+    peer: SocketAddr,
+    dest: Option<&'a Arc<Workload>>,
+    addr: SocketAddrV4,
+    connect_timeout: Duration,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Opened, ProxyError>> + Send + 'a>> {
+    Box::pin(open_upstream(ctx, state, source, peer, dest, addr, connect_timeout))
+}
+
 /// Registers a connection authorized here, so a policy change reaches it.
 pub(crate) fn register(
     ctx: &Inputs,

@@ -270,17 +270,26 @@ spec:
     {
         std::thread::sleep(Duration::from_millis(100));
     }
-    // One keep-alive client connection: /helloworld is the `ingress`
-    // gateway's, /partner the `partner` gateway's.
+    // One keep-alive client connection: a request for www.example is the
+    // `ingress` gateway's (its `*` host), one for partner.example the
+    // `partner` gateway's (the more specific host, as Envoy picks a virtual
+    // host: /helloworld there would be 404).
     let out = e.c.net_cmd(&[
         "curl",
+        "-s",
+        "-v",
+        "-H",
+        "Host: www.example",
+        "-w",
+        "%{http_code}\n",
+        &format!("http://{NODE1}/helloworld/x"),
+        "--next",
         "-s",
         "-v",
         "-H",
         "Host: partner.example",
         "-w",
         "%{http_code}\n",
-        &format!("http://{NODE1}/helloworld/x"),
         &format!("http://{NODE1}/partner/x"),
     ]);
     let (body, verbose) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));

@@ -421,3 +421,63 @@ fn policy_sees_the_request_the_app_will_see() {
     assert_eq!(forged.code, 403, "a forged x-user passed the policy: {}", forged.body);
     assert_eq!(call(&["x-user: admin".into()]).code, 403, "x-user without a token passed");
 }
+
+/// CUSTOM checks through the mesh: helloworld (node-2) asks an authorizer
+/// in namespace `other` (the `sleep` pod, node-1) under STRICT mTLS, with
+/// `failOpen: true`. The check must travel in mTLS as helloworld and be
+/// answered: a request the authorizer denies is denied (a plaintext check
+/// was refused by STRICT, and `failOpen` let every request through). And
+/// when the mesh refuses the check (the authorizer's policy), that is a
+/// denial, not an outage `failOpen` would excuse.
+#[test]
+fn custom_checks_travel_through_the_mesh() {
+    use mesh_tests::mesh::{API_VIP, Mesh};
+    if !require_root("custom_checks_travel_through_the_mesh") {
+        return;
+    }
+    let m = Mesh::start("", &[]);
+    mesh_tests::ext_authz::http(m.pod("sleep"), 8000);
+    mesh_tests::ext_authz::grpc(m.pod("sleep"), 9000);
+    let config = |provider: &str, extra: &str| {
+        format!(
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: ext-authz, namespace: other}}\n\
+             spec: {{clusterIP: 10.96.0.31, selector: {{app: sleep}}, ports: [{{name: http, port: 8000, targetPort: 8000}}, {{name: grpc, port: 9000, targetPort: 9000}}]}}\n\
+             ---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{name: strict, namespace: other}}\n\
+             spec: {{mtls: {{mode: STRICT}}}}\n\
+             ---\napiVersion: v1\nkind: ConfigMap\nmetadata: {{name: istio, namespace: istio-system}}\ndata:\n  mesh: |\n\
+             \x20   extensionProviders:\n\
+             \x20   - name: http\n      envoyExtAuthzHttp:\n        service: ext-authz.other.svc.cluster.local\n        port: 8000\n\
+             \x20       failOpen: true\n        includeRequestHeadersInCheck: [x-ext-authz]\n\
+             \x20   - name: grpc\n      envoyExtAuthzGrpc: {{service: ext-authz.other.svc.cluster.local, port: 9000, failOpen: true}}\n\
+             ---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: ext, namespace: demo}}\n\
+             spec: {{selector: {{matchLabels: {{app: helloworld}}}}, action: CUSTOM, provider: {{name: {provider}}},\n\
+             \x20 rules: [{{to: [{{operation: {{paths: [/headers]}}}}]}}]}}\n{extra}"
+        )
+    };
+    let ask = |allow: bool| {
+        let url = format!("http://{API_VIP}/headers");
+        let mut args = vec![url];
+        if allow {
+            args.extend(["-H".to_owned(), "x-ext-authz: allow".to_owned()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        mesh_tests::clients::curl(|a| m.pod("test").cmd(a), &args)
+    };
+    for provider in ["http", "grpc"] {
+        m.set_config_of(&[0, 1], &config(provider, ""));
+        // Positive control: the authorizer allows.
+        let allowed = ask(true);
+        assert_eq!(allowed.code, 200, "{provider}: allowed request: {}", allowed.body);
+        // The attack: a request the authorizer denies.
+        let denied = ask(false);
+        assert_ne!(denied.code, 200, "{provider}: a denied request got through: {}", denied.body);
+        assert!(denied.body.contains("denied by the"), "{provider}: not the authorizer's answer: {}", denied.body);
+    }
+    // The authorizer's namespace refuses helloworld's calls: denied, even
+    // for a request the authorizer would allow, even with failOpen.
+    let refuse = "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: no-hello, namespace: other}\n\
+                  spec: {action: DENY, rules: [{from: [{source: {principals: [cluster.local/ns/demo/sa/helloworld]}}]}]}\n";
+    m.set_config_of(&[0, 1], &config("http", refuse));
+    let refused = ask(true);
+    assert_eq!(refused.code, 403, "a check the mesh refused counted as an outage: {}", refused.body);
+}

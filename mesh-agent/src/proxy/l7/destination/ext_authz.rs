@@ -6,7 +6,17 @@
 //! authorizer's status, headers and body. An authorizer that cannot be asked
 //! (no endpoint, connect error, timeout; over HTTP, a 5xx too) lets the
 //! request through only with `failOpen`, else answers `statusOnError`.
-use std::{collections::HashMap, net::SocketAddrV4, sync::Mutex};
+//!
+//! A meshed authorizer is reached through the mesh, as the protected
+//! workload's own call: over HBONE (mutual TLS, the workload's identity) to
+//! another node, so that a STRICT authorizer takes the check and nothing
+//! crosses the network in clear. The mesh refusing the call (policy at the
+//! authorizer) is an answer, not an outage: `failOpen` does not apply.
+use std::{
+    collections::HashMap,
+    net::SocketAddrV4,
+    sync::{Arc, Mutex},
+};
 
 use envoy_types::ext_authz::v3::pb::{CheckRequest, CheckResponse, HeaderValueOption, HttpResponse};
 use envoy_types::pb::envoy::{
@@ -23,9 +33,9 @@ use hyper::{
 
 use super::{Body, Inbound};
 use crate::{
-    proxy::{self, Inputs},
+    proxy::{self, Inputs, ProxyError, hbone::HboneError, upstream::Upstream},
     state::{
-        State,
+        State, Workload,
         security::{ExtAuthz, ExtAuthzKind, HttpAuthz, Pattern},
     },
 };
@@ -51,25 +61,82 @@ pub(super) struct Ask<'a> {
     pub conn: &'a Inbound,
 }
 
-/// gRPC channels to authorizers, by address (one HTTP/2 connection each,
-/// shared by every check).
+/// gRPC channels to authorizers, by address and the identity that calls
+/// (one HTTP/2 connection each, shared by every check).
 #[derive(Default)]
-pub struct Channels(Mutex<HashMap<SocketAddrV4, tonic::transport::Channel>>);
+pub struct Channels(Mutex<HashMap<ChannelKey, tonic::transport::Channel>>);
 
-pub(super) async fn check(ctx: &Inputs, p: &ExtAuthz, ask: Ask<'_>) -> Checked {
-    let Some(addr) = resolve(&ctx.state(), p, ctx.next_pick()) else {
+/// The authorizer's address, and the identity checks go with (none: from
+/// the agent's own address, to an authorizer outside the mesh).
+type ChannelKey = (SocketAddrV4, Option<Arc<str>>);
+
+/// Where a check goes: the authorizer's endpoint, and it as a workload when
+/// it is one (then reached through the mesh).
+#[derive(Clone)]
+struct Authorizer {
+    addr: SocketAddrV4,
+    endpoint: Option<Arc<Workload>>,
+}
+
+/// Why a check got no answer.
+enum Failed {
+    /// The authorizer could not be reached or failed: `failOpen` applies.
+    Unreachable(String),
+    /// The mesh refused the call (the authorizer's policy): a denial.
+    Refused(String),
+}
+
+impl From<String> for Failed {
+    fn from(why: String) -> Self {
+        Failed::Unreachable(why)
+    }
+}
+
+pub(super) async fn check(ctx: &Arc<Inputs>, p: &ExtAuthz, ask: Ask<'_>) -> Checked {
+    let Some(to) = resolve(&ctx.state(), p, ctx.next_pick()) else {
         return unreachable(p, "no ready endpoint for the authorizer's service and port");
     };
     let asked = async {
         match &p.kind {
-            ExtAuthzKind::Http(h) => http(ctx, p, h, addr, &ask).await,
-            ExtAuthzKind::Grpc => grpc(ctx, addr, &ask).await,
+            ExtAuthzKind::Http(h) => http(ctx, p, h, &to, &ask).await,
+            ExtAuthzKind::Grpc => grpc(ctx, &to, &ask).await,
         }
     };
     match tokio::time::timeout(p.timeout, asked).await {
         Ok(Ok(checked)) => checked,
-        Ok(Err(why)) => unreachable(p, &why),
+        Ok(Err(Failed::Unreachable(why))) => unreachable(p, &why),
+        Ok(Err(Failed::Refused(why))) => {
+            tracing::warn!(provider = %p.name, "external authorization refused by the mesh: {why}");
+            let status = StatusCode::from_u16(p.status_on_error).unwrap_or(StatusCode::FORBIDDEN);
+            Checked::Deny(answer(status, HeaderMap::new(), Bytes::new()))
+        }
         Err(_) => unreachable(p, "timed out"),
+    }
+}
+
+/// A connection to the authorizer: through the mesh as the protected
+/// workload (`dest` of the request) when the authorizer is meshed, else from
+/// the agent's own address.
+async fn connect(ctx: &Arc<Inputs>, to: &Authorizer, caller: &Arc<Workload>) -> Result<Upstream, Failed> {
+    let Some(endpoint) = to.endpoint.as_ref().filter(|w| w.meshed) else {
+        let tcp = proxy::connect(to.addr, None, ctx.connect_timeout).await.map_err(|e| e.to_string())?;
+        return Ok(Upstream::Tcp(tcp));
+    };
+    let state = ctx.state();
+    let peer = std::net::SocketAddr::from((caller.ip.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED), 0));
+    let opened =
+        proxy::open_upstream_boxed(ctx, &state, Some(caller), peer, Some(endpoint), to.addr, ctx.connect_timeout).await;
+    match opened {
+        Ok(o) => Ok(o.into_io()),
+        Err(e @ (ProxyError::Denied { .. } | ProxyError::PlaintextRefused { .. })) => {
+            Err(Failed::Refused(e.to_string()))
+        }
+        Err(ProxyError::Tunnel(HboneError::Status { status, .. }))
+            if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN =>
+        {
+            Err(Failed::Refused(format!("the authorizer's agent answered {status}")))
+        }
+        Err(e) => Err(Failed::Unreachable(e.to_string())),
     }
 }
 
@@ -92,7 +159,7 @@ fn answer(status: StatusCode, headers: HeaderMap, body: Bytes) -> Response<Body>
 }
 
 /// An endpoint of the authorizer's Service (or ServiceEntry host) for its port.
-fn resolve(state: &State, p: &ExtAuthz, pick: usize) -> Option<SocketAddrV4> {
+fn resolve(state: &State, p: &ExtAuthz, pick: usize) -> Option<Authorizer> {
     // Istio also accepts `namespace/host`.
     let host = p.service.rsplit('/').next().unwrap_or_default();
     let kubernetes = state.services.values().find(|s| s.external.is_none() && &*s.hostname == host);
@@ -105,7 +172,8 @@ fn resolve(state: &State, p: &ExtAuthz, pick: usize) -> Option<SocketAddrV4> {
         crate::state::TargetPort::Number(n) => *n,
         crate::state::TargetPort::Name(n) => *w.named_ports.get(n)?,
     };
-    Some(SocketAddrV4::new(w.ip?, target))
+    let endpoint = service.external.is_none().then(|| (*w).clone());
+    Some(Authorizer { addr: SocketAddrV4::new(w.ip?, target), endpoint })
 }
 
 fn matches(patterns: &[Pattern], name: &str) -> bool {
@@ -114,7 +182,13 @@ fn matches(patterns: &[Pattern], name: &str) -> bool {
 
 /// Envoy's HTTP ext_authz: the request's method, `pathPrefix` + its path,
 /// `Host`, `Content-Length` and the headers the provider names.
-async fn http(ctx: &Inputs, p: &ExtAuthz, h: &HttpAuthz, addr: SocketAddrV4, ask: &Ask<'_>) -> Result<Checked, String> {
+async fn http(
+    ctx: &Arc<Inputs>,
+    p: &ExtAuthz,
+    h: &HttpAuthz,
+    to: &Authorizer,
+    ask: &Ask<'_>,
+) -> Result<Checked, Failed> {
     let parts = ask.parts;
     let path = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
     let mut req = Request::builder().method(parts.method.clone()).uri(format!("{}{path}", h.path_prefix));
@@ -136,15 +210,15 @@ async fn http(ctx: &Inputs, p: &ExtAuthz, h: &HttpAuthz, addr: SocketAddrV4, ask
     }
     let body = ask.body.cloned().unwrap_or_default();
     let req = req.body(Full::new(body)).map_err(|e| format!("check request: {e}"))?;
-    let tcp = proxy::connect(addr, None, ctx.connect_timeout).await.map_err(|e| e.to_string())?;
-    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+    let io = connect(ctx, to, &ask.conn.dest).await?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
         .await
         .map_err(|e| format!("HTTP: {e}"))?;
     tokio::spawn(conn);
     let resp = send.send_request(req).await.map_err(|e| format!("HTTP: {e}"))?;
     let status = resp.status();
     if status.is_server_error() && p.fail_open {
-        return Err(format!("the authorizer answered {status}"));
+        return Err(Failed::Unreachable(format!("the authorizer answered {status}")));
     }
     let (parts, body) = resp.into_parts();
     let pick = |patterns: &[Pattern]| -> Vec<(HeaderName, HeaderValue)> {
@@ -190,7 +264,7 @@ fn socket(ip: std::net::Ipv4Addr, port: u16, principal: Option<&str>) -> attribu
 }
 
 /// `envoy.service.auth.v3.Authorization/Check`.
-async fn grpc(ctx: &Inputs, addr: SocketAddrV4, ask: &Ask<'_>) -> Result<Checked, String> {
+async fn grpc(ctx: &Arc<Inputs>, to: &Authorizer, ask: &Ask<'_>) -> Result<Checked, Failed> {
     let parts = ask.parts;
     let mut headers: HashMap<String, String> = HashMap::new();
     for (n, v) in &parts.headers {
@@ -226,7 +300,7 @@ async fn grpc(ctx: &Inputs, addr: SocketAddrV4, ask: &Ask<'_>) -> Result<Checked
         request: Some(attribute_context::Request { http: Some(http), ..Default::default() }),
         ..Default::default()
     };
-    let channel = channel(ctx, addr);
+    let channel = channel(ctx, to, &ask.conn.dest);
     let mut client = AuthorizationClient::new(channel);
     let resp = client.check(CheckRequest { attributes: Some(attributes) }).await;
     let resp = resp.map_err(|s| format!("gRPC: {} {}", s.code(), s.message()))?.into_inner();
@@ -276,22 +350,32 @@ fn from_grpc(resp: CheckResponse) -> Checked {
     }
 }
 
-/// The shared channel to `addr`, its connections made from the agent's own
-/// (uncaptured) sockets.
-fn channel(ctx: &Inputs, addr: SocketAddrV4) -> tonic::transport::Channel {
+/// The shared channel to an authorizer for checks `caller` makes, its
+/// connections made as [`connect`] makes them (through the mesh for a
+/// meshed authorizer, else from the agent's own uncaptured sockets).
+fn channel(ctx: &Arc<Inputs>, to: &Authorizer, caller: &Arc<Workload>) -> tonic::transport::Channel {
+    let meshed = to.endpoint.as_ref().is_some_and(|w| w.meshed);
+    let key = (to.addr, meshed.then(|| caller.principal.clone()));
     let mut channels = ctx.ext_authz.0.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(c) = channels.get(&addr) {
+    if let Some(c) = channels.get(&key) {
         return c.clone();
     }
-    let connect_timeout = ctx.connect_timeout;
-    let connector = tower::service_fn(move |_: hyper::Uri| async move {
-        let tcp = proxy::connect(addr, None, connect_timeout).await.map_err(std::io::Error::other)?;
-        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tcp))
+    // Weak: the channel lives in the inputs it would otherwise keep alive.
+    let (weak, to, caller) = (Arc::downgrade(ctx), to.clone(), caller.clone());
+    let connector = tower::service_fn(move |_: hyper::Uri| {
+        let (weak, to, caller) = (weak.clone(), to.clone(), caller.clone());
+        async move {
+            let ctx = weak.upgrade().ok_or_else(|| std::io::Error::other("the agent is stopping"))?;
+            let io = connect(&ctx, &to, &caller).await.map_err(|f| match f {
+                Failed::Unreachable(why) | Failed::Refused(why) => std::io::Error::other(why),
+            })?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(io))
+        }
     });
     // The URI only names the authority; the connector decides where to connect.
     let endpoint = tonic::transport::Endpoint::from_static("http://ext-authz");
     let channel = endpoint.connect_with_connector_lazy(connector);
-    channels.insert(addr, channel.clone());
+    channels.insert(key, channel.clone());
     channel
 }
 
