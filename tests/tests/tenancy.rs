@@ -9,6 +9,16 @@ use std::path::PathBuf;
 
 use mesh_tests::{certs::Certs, edge::*, require_root};
 
+/// Polls `status` until it is 200, for at most 10 s: what a configuration
+/// change makes the CA issue (a new Gateway's or workload's certificate)
+/// arrives shortly after the agents load it.
+fn until_served(status: impl Fn() -> u16) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while status() != 200 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
 /// Two more HTTPS servers on the ingress gateway's port 443, each in a
 /// Gateway of its own: `partners.example`, MUTUAL with the test CA, routed by
 /// a VirtualService of namespace `demo` to helloworld; and a tenant's server
@@ -106,10 +116,7 @@ fn a_request_is_routed_only_through_the_server_its_sni_chose() {
     let partner_get = |version: &str| get("partners.example", None, &[version, "--cert", crt, "--key", key]);
     // The partners' Gateway gets its identity's certificate from the CA
     // shortly after the configuration names it.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while partner_get("--http1.1").0 != 200 && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    until_served(|| partner_get("--http1.1").0);
     let before = e.agents[0].metrics();
     let misdirected = |t: &str| mesh_tests::agent::metric(t, "mesh_gateway_misdirected_requests_total", &[]);
     for version in ["--http1.1", "--http2"] {
@@ -184,10 +191,7 @@ fn a_client_never_presents_another_namespaces_certificate() {
         curl(|a| e.pod(pod).cmd(a), &["--resolve", &resolve, "http://mutual.example/"])
     };
     // Positive control: demo's own client, with demo's certificate.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while call("test").0 != 200 && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    until_served(|| call("test").0);
     let (code, body) = call("test");
     assert_eq!(code, 200, "demo's client: {body}");
     // The attack: another tenant's pod calls the same host.
@@ -244,10 +248,7 @@ spec: {host: mutual.example, trafficPolicy: {tls: {mode: DISABLE}}}
         let resolve = format!("mutual.example:80:{EXTERNAL_IP}");
         curl(|a| e.pod(pod).cmd(a), &["--resolve", &resolve, "http://mutual.example/"])
     };
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while call("test").0 != 200 && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    until_served(|| call("test").0);
     // The attack would strip demo's TLS: demo's client must still be served.
     let (code, body) = call("test");
     assert_eq!(code, 200, "demo's origination was changed by another namespace's rule: {body}");
@@ -356,12 +357,8 @@ spec:
         "  - port: {number: 8081, name: http-new, protocol: HTTP}\n    hosts: [\"*\"]\n  - port: {number: 9000, name: tcp, protocol: TCP}",
         1,
     ));
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    let mut got = http(8081);
-    while got.0 != 200 && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(100));
-        got = http(8081);
-    }
+    until_served(|| http(8081).0);
+    let got = http(8081);
     assert_eq!(got.0, 200, "a tenant's conflicting server froze the listeners: {}", got.1);
     // HTTPS on 443 is still demo's, and the tenant's server is reported.
     let ca = e.certs.ca();

@@ -97,14 +97,7 @@ pub(super) fn assemble(objects: Objects, trust_domain: &str, errors: &mut Vec<Co
     );
     // Oldest first (Istio's precedence when servers conflict), then by
     // namespace and name.
-    gateways.sort_by(|a, b| {
-        (a.created.is_none(), &a.created, &a.namespace, &a.name).cmp(&(
-            b.created.is_none(),
-            &b.created,
-            &b.namespace,
-            &b.name,
-        ))
-    });
+    gateways.sort_by(|a, b| by_age(&a.created, &a.namespace, &a.name).cmp(&by_age(&b.created, &b.namespace, &b.name)));
     state.gateways = gateways.into_iter().map(Arc::new).collect();
     add_gateway_services(&mut state, &objects.gateways, errors);
     state.peer_authentications = build_unique(
@@ -143,22 +136,10 @@ pub(super) fn assemble(objects: Objects, trust_domain: &str, errors: &mut Vec<Co
     // Istio's order when several claim a host: the oldest first (by
     // creationTimestamp, which files written by hand lack), then by
     // namespace and name.
-    virtual_services.sort_by(|a, b| {
-        (a.created.is_none(), &a.created, &a.namespace, &a.name).cmp(&(
-            b.created.is_none(),
-            &b.created,
-            &b.namespace,
-            &b.name,
-        ))
-    });
-    destination_rules.sort_by(|a, b| {
-        (a.created.is_none(), &a.created, &a.namespace, &a.name).cmp(&(
-            b.created.is_none(),
-            &b.created,
-            &b.namespace,
-            &b.name,
-        ))
-    });
+    virtual_services
+        .sort_by(|a, b| by_age(&a.created, &a.namespace, &a.name).cmp(&by_age(&b.created, &b.namespace, &b.name)));
+    destination_rules
+        .sort_by(|a, b| by_age(&a.created, &a.namespace, &a.name).cmp(&by_age(&b.created, &b.namespace, &b.name)));
     state.virtual_services = virtual_services;
     state.destination_rules = destination_rules;
     // Istio applies the oldest policy first when several select a workload;
@@ -181,7 +162,7 @@ fn add_service_entries(state: &mut State, entries: &[(Origin, ServiceEntryObject
     );
     // Oldest first, as Istio orders entries that declare one host or address
     // (then by namespace and name, which the object's description holds).
-    built.sort_by(|a, b| (a.0.is_none(), &a.0, &a.2).cmp(&(b.0.is_none(), &b.0, &b.2)));
+    built.sort_by(|a, b| by_age(&a.0, "", &a.2).cmp(&by_age(&b.0, "", &b.2)));
     for (_, origin, object, services) in built {
         let mut ctx = Ctx { origin: &origin, object, errors };
         for s in services {
@@ -298,4 +279,15 @@ fn build_unique<O, T>(
         out.push(built);
     }
     out
+}
+
+/// Istio's precedence among objects that claim the same thing: the oldest
+/// first (by `creationTimestamp`; objects without one, as files written by
+/// hand, after those with one), then by namespace and name.
+fn by_age<'a>(
+    created: &'a Option<String>,
+    namespace: &'a str,
+    name: &'a str,
+) -> (bool, &'a Option<String>, &'a str, &'a str) {
+    (created.is_none(), created, namespace, name)
 }
