@@ -220,10 +220,17 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     plan.rounds = options.rounds.unwrap_or(plan.rounds).max(1);
     raise_fd_limit();
     let root = crate::workspace_root()?;
-    crate::run(Command::new("cargo").args(["build", "--release", "--package", "mesh-agent"]).current_dir(&root))?;
+    // A binary named in MESH_AGENT_BIN is measured as it is (another
+    // commit's build, for a comparison in one session); else this tree's.
+    let given = std::env::var_os("MESH_AGENT_BIN");
+    if given.is_none() {
+        crate::run(Command::new("cargo").args(["build", "--release", "--package", "mesh-agent"]).current_dir(&root))?;
+    }
+    let binary = given.map_or_else(|| root.join("target/release/mesh-agent"), PathBuf::from);
+    eprintln!("bench: agent {}", binary.display());
     // SAFETY: still single-threaded; the harness reads these when it starts agents.
     unsafe {
-        std::env::set_var("MESH_AGENT_BIN", root.join("target/release/mesh-agent"));
+        std::env::set_var("MESH_AGENT_BIN", binary);
         std::env::set_var("MESH_AGENT_LOG", "warn");
     }
     // Namespace `bench` (meshed): `client` and `local` on node-1, `remote` on node-2.
