@@ -478,3 +478,28 @@ fn custom_checks_travel_through_the_mesh() {
     let refused = ask(true);
     assert_eq!(refused.code, 403, "a check the mesh refused counted as an outage: {}", refused.body);
 }
+
+/// Paths as Envoy canonicalises them (Istio's default `BASE`): a backslash
+/// is a slash, so `/public\..\admin` is `/admin` to the DENY that guards it
+/// (it used to reach `/admin` past the DENY), and `%00` is refused.
+#[test]
+fn backslashes_are_slashes_and_nul_is_refused() {
+    use mesh_tests::mesh::{API_VIP, Mesh};
+    if !require_root("backslashes_are_slashes_and_nul_is_refused") {
+        return;
+    }
+    let m = Mesh::start("", &[]);
+    let deny = "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: no-admin, namespace: demo}\n\
+                spec: {selector: {matchLabels: {app: helloworld}}, action: DENY, rules: [{to: [{operation: {paths: [\"/admin*\"]}}]}]}\n";
+    m.set_config_of(&[1], deny);
+    let get = |path: &str| {
+        let url = format!("http://{API_VIP}{path}");
+        mesh_tests::clients::curl(|a| m.pod("test").cmd(a), &["--path-as-is", &url])
+    };
+    // Positive control.
+    assert_eq!(get("/public/x").code, 200);
+    assert_eq!(get("/admin").code, 403);
+    let bypass = get("/public\\..\\admin");
+    assert_eq!(bypass.code, 403, "a backslashed path got past the DENY: {}", bypass.body);
+    assert_eq!(get("/admin%00.png").code, 400);
+}

@@ -219,9 +219,7 @@ async fn handle(ctx: Arc<Inputs>, down: Arc<Downstream>, mut req: Request<Incomi
     let grpc = is_grpc(req.headers());
     let state = ctx.state();
     // Before anything reads the path: routing and the upstream see the same one.
-    if let Some(path) = path::normalize(req.uri().path(), state.path_normalization)
-        && set_path(&mut req, &path).is_err()
-    {
+    if path::apply(&mut req, state.path_normalization).is_err() {
         let labels = TcpLabels::new(down.source.as_deref(), None, None, false);
         let record = Record::new(&ctx, &down, &req, labels, grpc, None, started_at, start);
         return record.finish_local(LocalReply::BAD_PATH);

@@ -170,8 +170,7 @@ async fn handle(ctx: Arc<Inputs>, conn: Arc<Conn>, mut req: Request<Incoming>) -
     let started_at = SystemTime::now();
     let grpc = is_grpc(req.headers());
     let state = ctx.state();
-    let normalized = path::normalize(req.uri().path(), state.path_normalization);
-    let bad_path = normalized.is_some_and(|p| set_path(&mut req, &p).is_err());
+    let bad_path = path::apply(&mut req, state.path_normalization).is_err();
     let record =
         Record::new(&ctx, &conn.down, &req, conn.labels.clone(), grpc, Some(conn.inbound.target), started_at, start);
     if bad_path {

@@ -5,24 +5,45 @@
 //! agree: `/public/../admin` is routed, and sent, as `/admin`.
 use crate::state::PathNormalization;
 
+/// A path no normalisation can make safe: an encoded NUL (`%00`), which
+/// Envoy's path canonicalisation refuses (400).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Unsafe;
+
+/// The request's path normalised in place as `mode` says (the query is
+/// kept); `Err` when the request must be refused (400).
+pub(super) fn apply(req: &mut hyper::Request<hyper::body::Incoming>, mode: PathNormalization) -> Result<(), Unsafe> {
+    match normalize(req.uri().path(), mode)? {
+        Some(path) => super::set_path(req, &path).map_err(|_| Unsafe),
+        None => Ok(()),
+    }
+}
+
 /// The path (without the query) normalised as `mode` says; `None` when it is
-/// already so. The query string is never touched.
-pub fn normalize(path: &str, mode: PathNormalization) -> Option<String> {
+/// already so. The query string is never touched. Every mode but NONE turns
+/// `\` into `/` (as Envoy's canonicalisation does, so `/public\..\admin` is
+/// `/admin` to routing and policy alike) and refuses `%00`.
+pub fn normalize(path: &str, mode: PathNormalization) -> Result<Option<String>, Unsafe> {
     if mode == PathNormalization::None || !path.starts_with('/') {
-        return None;
+        return Ok(None);
     }
     // Nearly every path is already normal: answer without allocating.
     let merge = matches!(mode, PathNormalization::MergeSlashes | PathNormalization::DecodeAndMergeSlashes);
-    let maybe_abnormal = path.contains('%') || path.contains("/.") || (merge && path.contains("//"));
+    let maybe_abnormal =
+        path.contains('%') || path.contains("/.") || path.contains('\\') || (merge && path.contains("//"));
     if !maybe_abnormal {
-        return None;
+        return Ok(None);
+    }
+    if path.as_bytes().windows(3).any(|w| w == b"%00") {
+        return Err(Unsafe);
     }
     let decode_slashes = mode == PathNormalization::DecodeAndMergeSlashes;
-    let mut out = remove_dot_segments(&percent_normalize(path, decode_slashes));
+    let decoded = percent_normalize(path, decode_slashes).replace('\\', "/");
+    let mut out = remove_dot_segments(&decoded);
     if merge {
         out = merge_slashes(&out);
     }
-    (out != path).then_some(out)
+    Ok((out != path).then_some(out))
 }
 
 /// RFC 3986 §6.2.2: percent-encoded unreserved characters decoded, other
@@ -95,7 +116,7 @@ mod tests {
 
     #[test]
     fn normalises_as_istio_defines_each_mode() {
-        let cases: [(&str, PathNormalization, &str); 20] = [
+        let cases: [(&str, PathNormalization, &str); 23] = [
             ("/a/b", Base, "/a/b"),
             ("/helloworld/../admin", Base, "/admin"),
             ("/helloworld/%2e%2e/admin", Base, "/admin"),
@@ -114,11 +135,19 @@ mod tests {
             ("/a///b//", MergeSlashes, "/a/b/"),
             ("/a%2F%2Fb", MergeSlashes, "/a%2F%2Fb"),
             ("/a%2F%2fb", DecodeAndMergeSlashes, "/a/b"),
-            ("/a%5Cb", DecodeAndMergeSlashes, "/a\\b"),
+            ("/a%5Cb", DecodeAndMergeSlashes, "/a/b"),
+            // Backslashes are slashes (Envoy's canonicalisation) before dot segments.
+            ("/public\\..\\admin", Base, "/admin"),
+            ("/a\\b", MergeSlashes, "/a/b"),
+            ("/public\\..\\admin", None, "/public\\..\\admin"),
             ("/helloworld/../admin", None, "/helloworld/../admin"),
         ];
         for (path, mode, want) in cases {
-            assert_eq!(normalize(path, mode).as_deref().unwrap_or(path), want, "{path} {mode:?}");
+            let got = normalize(path, mode).expect("not refused");
+            assert_eq!(got.as_deref().unwrap_or(path), want, "{path} {mode:?}");
+        }
+        for mode in [Base, MergeSlashes, DecodeAndMergeSlashes] {
+            assert_eq!(normalize("/admin%00.png", mode), Err(super::Unsafe), "{mode:?}");
         }
     }
 }
