@@ -503,3 +503,29 @@ fn backslashes_are_slashes_and_nul_is_refused() {
     assert_eq!(bypass.code, 403, "a backslashed path got past the DENY: {}", bypass.body);
     assert_eq!(get("/admin%00.png").code, 400);
 }
+
+/// Only WebSocket upgrades are forwarded (Istio's `upgrade_configs`): an
+/// `Upgrade` to anything else is refused before it reaches a pod, and `h2c`
+/// is dropped and the request served as it came.
+#[test]
+fn only_websocket_upgrades_are_forwarded() {
+    use mesh_tests::mesh::{API_VIP, Mesh};
+    if !require_root("only_websocket_upgrades_are_forwarded") {
+        return;
+    }
+    let m = Mesh::start("", &[]);
+    let url = format!("http://{API_VIP}/headers");
+    let get = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.push(&url);
+        mesh_tests::clients::curl(|a| m.pod("test").cmd(a), &all)
+    };
+    // Positive control, and h2c (curl asks for it over http:// with --http2).
+    assert_eq!(get(&[]).code, 200);
+    let h2c = get(&["--http2"]);
+    assert_eq!(h2c.code, 200, "{}", h2c.body);
+    assert!(!h2c.body.to_ascii_lowercase().contains("upgrade: h2c"), "h2c reached the pod: {}", h2c.body);
+    // The attack: another protocol through the mesh's HTTP proxy.
+    let other = get(&["-H", "Connection: Upgrade", "-H", "Upgrade: tunnel/1"]);
+    assert_eq!(other.code, 403, "an upgrade to tunnel/1 was forwarded: {}", other.body);
+}

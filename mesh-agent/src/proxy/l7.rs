@@ -224,6 +224,11 @@ async fn handle(ctx: Arc<Inputs>, down: Arc<Downstream>, mut req: Request<Incomi
         let record = Record::new(&ctx, &down, &req, labels, grpc, None, started_at, start);
         return record.finish_local(LocalReply::BAD_PATH);
     }
+    if upgrade_asked(&req) == Upgrade::Refused {
+        let labels = TcpLabels::new(down.source.as_deref(), None, None, false);
+        let record = Record::new(&ctx, &down, &req, labels, grpc, None, started_at, start);
+        return record.finish_local(LocalReply::UPGRADE_REFUSED);
+    }
     let view = routing::RequestView {
         method: req.method().as_str(),
         path: req.uri().path_and_query().map_or("/", |p| p.as_str()),

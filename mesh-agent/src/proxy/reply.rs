@@ -36,6 +36,13 @@ impl LocalReply {
         text: "misdirected request: this host is not served on this TLS connection",
         flags: Flags::NR,
     };
+    /// An upgrade to a protocol other than WebSocket (Envoy's answer to an
+    /// upgrade it is not configured for).
+    pub const UPGRADE_REFUSED: LocalReply = LocalReply {
+        status: StatusCode::FORBIDDEN,
+        text: "upgrade failed: only websocket is forwarded",
+        flags: Flags::NONE,
+    };
     /// The route's timeout passed before a response.
     pub const TIMEOUT: LocalReply =
         LocalReply { status: StatusCode::GATEWAY_TIMEOUT, text: "upstream request timeout", flags: Flags::UT };

@@ -171,10 +171,14 @@ async fn handle(ctx: Arc<Inputs>, conn: Arc<Conn>, mut req: Request<Incoming>) -
     let grpc = is_grpc(req.headers());
     let state = ctx.state();
     let bad_path = path::apply(&mut req, state.path_normalization).is_err();
+    let bad_upgrade = upgrade_asked(&req) == Upgrade::Refused;
     let record =
         Record::new(&ctx, &conn.down, &req, conn.labels.clone(), grpc, Some(conn.inbound.target), started_at, start);
     if bad_path {
         return record.finish_local(LocalReply::BAD_PATH);
+    }
+    if bad_upgrade {
+        return record.finish_local(LocalReply::UPGRADE_REFUSED);
     }
     let dest = &conn.inbound.dest;
     let rules = policy::jwt_rules(&state, dest);

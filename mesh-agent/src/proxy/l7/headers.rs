@@ -39,15 +39,57 @@ pub(super) fn is_extended_connect<B>(req: &Request<B>) -> bool {
     req.method() == hyper::Method::CONNECT && req.extensions().get::<hyper::ext::Protocol>().is_some()
 }
 
+/// A WebSocket upgrade (HTTP/1.1 `Upgrade: websocket`, or an HTTP/2
+/// extended CONNECT for `websocket`): the only upgrade Istio configures Envoy
+/// to forward (`upgrade_configs: websocket`).
 pub(super) fn wants_upgrade<B>(req: &Request<B>) -> bool {
-    req.version() <= hyper::Version::HTTP_11
-        && req.headers().contains_key(header::UPGRADE)
-        && req
-            .headers()
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
+    upgrade_asked(req) == Upgrade::WebSocket
+}
+
+/// What a request asks to switch to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Upgrade {
+    /// Nothing (or `h2c`, which is dropped and the request served as HTTP/1.1, as Envoy does).
+    None,
+    WebSocket,
+    /// Another protocol: refused (403), as Envoy refuses an upgrade it is not configured for.
+    Refused,
+}
+
+pub(super) fn upgrade_asked<B>(req: &Request<B>) -> Upgrade {
+    if let Some(protocol) = req.extensions().get::<hyper::ext::Protocol>()
+        && req.method() == hyper::Method::CONNECT
+    {
+        return match protocol.as_str().eq_ignore_ascii_case("websocket") {
+            true => Upgrade::WebSocket,
+            false => Upgrade::Refused,
+        };
+    }
+    let connection_upgrade = req
+        .headers()
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")));
+    if req.version() > hyper::Version::HTTP_11 || !connection_upgrade {
+        return Upgrade::None;
+    }
+    let tokens: Vec<&str> = req
+        .headers()
+        .get_all(header::UPGRADE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .collect();
+    if tokens.iter().any(|t| t.eq_ignore_ascii_case("websocket")) {
+        Upgrade::WebSocket
+    } else if tokens.iter().all(|t| t.eq_ignore_ascii_case("h2c")) {
+        Upgrade::None
+    } else {
+        Upgrade::Refused
+    }
 }
 
 /// A UUID v4 for `x-request-id`, from the agent's generator (seeded from
@@ -229,5 +271,38 @@ pub(super) async fn idle(moved: &std::sync::atomic::AtomicU64, idle: Duration) {
             return;
         }
         seen = now;
+    }
+}
+
+#[cfg(test)]
+mod upgrade_tests {
+    use super::{Upgrade, upgrade_asked};
+
+    /// Only WebSocket is forwarded; `h2c` is dropped (the request served as
+    /// it came), anything else refused.
+    #[test]
+    fn only_websocket_upgrades_are_forwarded() {
+        let req = |connection: &str, upgrade: &str| {
+            let mut b = hyper::Request::builder().uri("/");
+            if !connection.is_empty() {
+                b = b.header("connection", connection);
+            }
+            if !upgrade.is_empty() {
+                b = b.header("upgrade", upgrade);
+            }
+            b.body(()).expect("request")
+        };
+        let table = [
+            ("Upgrade", "websocket", Upgrade::WebSocket),
+            ("keep-alive, Upgrade", "WebSocket", Upgrade::WebSocket),
+            ("Upgrade, HTTP2-Settings", "h2c", Upgrade::None),
+            ("Upgrade", "tls/1.2", Upgrade::Refused),
+            ("Upgrade", "h2c, evil", Upgrade::Refused),
+            ("", "websocket", Upgrade::None),
+            ("Upgrade", "", Upgrade::None),
+        ];
+        for (connection, upgrade, want) in table {
+            assert_eq!(upgrade_asked(&req(connection, upgrade)), want, "{connection:?} {upgrade:?}");
+        }
     }
 }
