@@ -150,7 +150,7 @@ fn decisions(c: &mut Criterion) {
         remote_ip: Ipv4Addr::new(10, 244, 0, 9),
     };
     let peer = Peer { principal: Some("spiffe://cluster.local/ns/demo/sa/client"), ip: Ipv4Addr::new(10, 244, 0, 9) };
-    let attributes = Attributes { peer, port: 8080, sni: None, request: Some(request) };
+    let attributes = Attributes { peer, port: 8080, request: Some(request) };
     let mut g = c.benchmark_group("policy");
     g.bench_function("evaluate request: DENY paths + ALLOW principal, method, path, claim", |b| {
         b.iter(|| evaluate(black_box(&state), &dest, black_box(&attributes)))

@@ -79,8 +79,6 @@ pub struct Auth<'a> {
 pub struct Attributes<'a> {
     pub peer: Peer<'a>,
     pub port: u16,
-    /// The SNI the connection to the workload asked for, if any.
-    pub sni: Option<&'a str>,
     /// `None` for a connection that is not HTTP (or not parsed as HTTP).
     pub request: Option<Request<'a>>,
 }
@@ -94,7 +92,7 @@ pub struct Decision {
 
 /// Istio's evaluation at L4: a connection that is not HTTP.
 pub fn authorize(state: &State, w: &Workload, peer: &Peer<'_>, port: u16) -> Verdict {
-    evaluate(state, w, &Attributes { peer: *peer, port, sni: None, request: None }).verdict
+    evaluate(state, w, &Attributes { peer: *peer, port, request: None }).verdict
 }
 
 /// Istio's evaluation: a matching DENY denies; else with no ALLOW policy for
@@ -247,7 +245,6 @@ impl Eval<'_> {
             }
             ConditionKey::SourceNamespace => (None, self.namespace().map(Cow::Borrowed).into_iter().collect()),
             ConditionKey::SourcePrincipal => (None, self.principal().map(Cow::Borrowed).into_iter().collect()),
-            ConditionKey::ConnectionSni => (None, self.a.sni.map(Cow::Borrowed).into_iter().collect()),
             // HTTP keys without a request: ignored (only DENY gets here).
             _ if self.a.request.is_none() => return true,
             key => {

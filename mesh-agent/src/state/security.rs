@@ -117,7 +117,6 @@ pub enum ConditionKey {
     SourcePrincipal,
     DestinationIp,
     DestinationPort,
-    ConnectionSni,
 }
 
 /// A condition value: an address block for the `*.ip` keys, a port for
@@ -356,7 +355,15 @@ impl ConditionKey {
             "source.principal" => Some(ConditionKey::SourcePrincipal),
             "destination.ip" => Some(ConditionKey::DestinationIp),
             "destination.port" => Some(ConditionKey::DestinationPort),
-            "connection.sni" => Some(ConditionKey::ConnectionSni),
+            // Istio's `connection.sni` is the server name of the mTLS between
+            // sidecars; HBONE carries none to match, and a client's own TLS is
+            // bytes to the agent: a condition on it could never be met as
+            // written, so it is refused rather than silently never true.
+            "connection.sni" => {
+                return Err(format!(
+                    "{key:?} is not supported: connections reach a workload over HBONE, which carries no server name of the workload's, and a client's own TLS passes through unread"
+                ));
+            }
             _ => None,
         };
         if let Some(k) = fixed {
@@ -392,7 +399,7 @@ impl ConditionKey {
             return Ok(ConditionKey::RequestClaim(parts?));
         }
         Err(format!(
-            "{key:?} is not a supported key (request.headers[...], request.auth.principal, request.auth.audiences, request.auth.presenter, request.auth.claims[...], source.ip, remote.ip, source.namespace, source.principal, destination.ip, destination.port, connection.sni)"
+            "{key:?} is not a supported key (request.headers[...], request.auth.principal, request.auth.audiences, request.auth.presenter, request.auth.claims[...], source.ip, remote.ip, source.namespace, source.principal, destination.ip, destination.port)"
         ))
     }
 }

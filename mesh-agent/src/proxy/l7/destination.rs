@@ -328,7 +328,7 @@ fn attributes<'a>(
         remote_ip: conn.inbound.client_ip,
     };
     let peer = Peer { principal: conn.inbound.principal.as_deref(), ip: conn.inbound.client_ip };
-    Attributes { peer, port: conn.inbound.target.port(), sni: None, request: Some(request) }
+    Attributes { peer, port: conn.inbound.target.port(), request: Some(request) }
 }
 
 /// The headers the workload's JWT rules write (`outputPayloadToHeader`,

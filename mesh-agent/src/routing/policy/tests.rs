@@ -199,7 +199,7 @@ fn decide(s: &State, r: Option<&Req>, principal: Option<&str>, port: u16) -> Dec
         remote_ip: Ipv4Addr::new(172, 18, 0, 1),
     });
     let peer = Peer { principal, ip: Ipv4Addr::new(10, 244, 1, 2) };
-    evaluate(s, pod(s, "hello"), &Attributes { peer, port, sni: None, request })
+    evaluate(s, pod(s, "hello"), &Attributes { peer, port, request })
 }
 
 #[test]
@@ -325,7 +325,7 @@ fn custom_policies_name_their_authorizer_and_refuse_what_is_not_http() {
             remote_ip: Ipv4Addr::new(172, 18, 0, 1),
         });
         let peer = Peer { principal: None, ip: Ipv4Addr::new(10, 244, 1, 2) };
-        let a = Attributes { peer, port: 9095, sni: None, request };
+        let a = Attributes { peer, port: 9095, request };
         custom(&s, hello, &a).and_then(|p| p.provider.as_ref()).map(|p| p.name.clone())
     };
     assert_eq!(asked(Some(&get("/api/x"))).as_deref(), Some("opa"));

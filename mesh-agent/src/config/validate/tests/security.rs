@@ -99,6 +99,12 @@ fn security_policies_are_validated_field_by_field() {
             ),
         ),
         (
+            ap("{rules: [{when: [{key: connection.sni, values: [a.example]}]}]}"),
+            format!(
+                "{at}: AuthorizationPolicy demo/a: spec.rules[0].when[0].key: \"connection.sni\" is not supported: connections reach a workload over HBONE"
+            ),
+        ),
+        (
             ap("{rules: [{when: [{key: source.ip, values: [y]}]}]}"),
             format!("{at}: AuthorizationPolicy demo/a: spec.rules[0].when[0].values[0]: \"y\" is not an IPv4"),
         ),
@@ -206,7 +212,7 @@ fn security_policies_are_validated_field_by_field() {
               to: [{operation: {hosts: [A.example.com], notHosts: ["*.x"], methods: [GET], notMethods: [POST], paths: ["/a/*"], notPaths: ["*.png"]}}],
               when: [{key: "request.headers[X-User]", values: [u]}, {key: request.auth.principal, values: [a/b]}, {key: request.auth.audiences, values: [x]},
                      {key: request.auth.presenter, values: [x]}, {key: "request.auth.claims[a][b]", values: [x]}, {key: remote.ip, values: [1.2.3.4]},
-                     {key: source.principal, values: [x]}, {key: destination.ip, values: [10.0.0.0/8]}, {key: connection.sni, values: [x]}]}]}"#
+                     {key: source.principal, values: [x]}, {key: destination.ip, values: [10.0.0.0/8]}]}]}"#
         ),
         ra(&format!(
             "{{selector: {{matchLabels: {{app: x}}}}, jwtRules: [{{issuer: x, audiences: [a], jwks: '{ED}', fromHeaders: [{{name: X-Jwt, prefix: \"Token \"}}], fromParams: [t], fromCookies: [c], outputPayloadToHeader: x-payload, forwardOriginalToken: true, outputClaimToHeaders: [{{header: x-sub, claim: sub}}], timeout: 5s}}]}}"
