@@ -529,3 +529,25 @@ fn only_websocket_upgrades_are_forwarded() {
     let other = get(&["-H", "Connection: Upgrade", "-H", "Upgrade: tunnel/1"]);
     assert_eq!(other.code, 403, "an upgrade to tunnel/1 was forwarded: {}", other.body);
 }
+
+/// One host per request: a request whose target names one host and whose
+/// `Host` header another is refused (400) before routing or policy reads
+/// either; the same target with a matching header is served.
+#[test]
+fn host_and_authority_must_agree() {
+    use mesh_tests::mesh::{API_VIP, Mesh};
+    if !require_root("host_and_authority_must_agree") {
+        return;
+    }
+    let m = Mesh::start("", &[]);
+    let url = format!("http://{API_VIP}/headers");
+    let get = |host: &str| {
+        let target = "http://api.demo.svc.cluster.local/headers";
+        let args = ["--request-target", target, "-H", host, url.as_str()];
+        mesh_tests::clients::curl(|a| m.pod("test").cmd(a), &args)
+    };
+    let same = get("Host: api.demo.svc.cluster.local");
+    assert_eq!(same.code, 200, "{}", same.body);
+    let other = get("Host: admin.demo.svc.cluster.local");
+    assert_eq!(other.code, 400, "a Host that contradicts the target was served: {}", other.body);
+}

@@ -210,6 +210,13 @@ async fn handle(ctx: Arc<Inputs>, down: Arc<Downstream>, mut req: Request<Incomi
             req.headers_mut().insert(X_FORWARDED_CLIENT_CERT.clone(), v.clone());
         }
     }
+    // One host for routing and policy alike: a Host header that contradicts
+    // the authority is refused before anything reads either.
+    if authority_conflict(&req) {
+        let labels = TcpLabels::new(down.source.as_deref(), None, None, false);
+        let record = Record::new(&ctx, &down, &req, labels, is_grpc(req.headers()), None, started_at, start);
+        return record.finish_local(LocalReply::AUTHORITY_CONFLICT);
+    }
     // HTTP/2 names the host in `:authority`; routing reads `Host`.
     if !req.headers().contains_key(header::HOST)
         && let Some(v) = req.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok())

@@ -36,6 +36,12 @@ impl LocalReply {
         text: "misdirected request: this host is not served on this TLS connection",
         flags: Flags::NR,
     };
+    /// `Host` and `:authority` (or an absolute URI) name different hosts.
+    pub const AUTHORITY_CONFLICT: LocalReply = LocalReply {
+        status: StatusCode::BAD_REQUEST,
+        text: "the Host header and the request's authority disagree",
+        flags: Flags::DPE,
+    };
     /// An upgrade to a protocol other than WebSocket (Envoy's answer to an
     /// upgrade it is not configured for).
     pub const UPGRADE_REFUSED: LocalReply = LocalReply {

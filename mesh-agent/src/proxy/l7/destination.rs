@@ -172,6 +172,7 @@ async fn handle(ctx: Arc<Inputs>, conn: Arc<Conn>, mut req: Request<Incoming>) -
     let state = ctx.state();
     let bad_path = path::apply(&mut req, state.path_normalization).is_err();
     let bad_upgrade = upgrade_asked(&req) == Upgrade::Refused;
+    let conflict = authority_conflict(&req);
     let record =
         Record::new(&ctx, &conn.down, &req, conn.labels.clone(), grpc, Some(conn.inbound.target), started_at, start);
     if bad_path {
@@ -179,6 +180,9 @@ async fn handle(ctx: Arc<Inputs>, conn: Arc<Conn>, mut req: Request<Incoming>) -
     }
     if bad_upgrade {
         return record.finish_local(LocalReply::UPGRADE_REFUSED);
+    }
+    if conflict {
+        return record.finish_local(LocalReply::AUTHORITY_CONFLICT);
     }
     let dest = &conn.inbound.dest;
     let rules = policy::jwt_rules(&state, dest);

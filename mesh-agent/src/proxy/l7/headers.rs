@@ -46,6 +46,16 @@ pub(super) fn wants_upgrade<B>(req: &Request<B>) -> bool {
     upgrade_asked(req) == Upgrade::WebSocket
 }
 
+/// A request whose target names one host (`:authority` in HTTP/2, an
+/// absolute URI in HTTP/1.1) and whose `Host` header another: malformed
+/// (RFC 9113 §8.3.1), and a way to show routing one host and policy another.
+pub(super) fn authority_conflict<B>(req: &Request<B>) -> bool {
+    match (req.uri().authority(), req.headers().get(header::HOST)) {
+        (Some(a), Some(h)) => !a.as_str().as_bytes().eq_ignore_ascii_case(h.as_bytes()),
+        _ => false,
+    }
+}
+
 /// What a request asks to switch to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Upgrade {
@@ -158,8 +168,11 @@ pub(super) fn for_upstream(parts: &mut hyper::http::request::Parts, upgrade: boo
     strip_hop_by_hop(&mut parts.headers, upgrade);
     parts.version = if h2 { hyper::Version::HTTP_2 } else { hyper::Version::HTTP_11 };
     if h2 {
-        // HTTP/2 needs the scheme and authority in the URI.
-        let authority = parts.uri.authority().map(|a| a.to_string()).unwrap_or_else(|| orig.to_string());
+        // HTTP/2 needs the scheme and authority in the URI: the request's
+        // host (so `:authority` and any `Host` agree), else the address.
+        let host = parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned);
+        let authority =
+            host.or_else(|| parts.uri.authority().map(|a| a.to_string())).unwrap_or_else(|| orig.to_string());
         let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
         if let Ok(uri) = format!("http://{authority}{path}").parse() {
             parts.uri = uri;
