@@ -551,3 +551,27 @@ fn host_and_authority_must_agree() {
     let other = get("Host: admin.demo.svc.cluster.local");
     assert_eq!(other.code, 400, "a Host that contradicts the target was served: {}", other.body);
 }
+
+/// Borrowed hosts by VirtualService: namespace `other` writes a rule for
+/// demo's Service helloworld (older, first by namespace) that answers 418.
+/// It applies to `other`'s own clients only; demo's clients keep demo's
+/// Service as it is.
+#[test]
+fn a_tenants_virtual_service_applies_to_its_own_clients_only() {
+    use mesh_tests::mesh::{Mesh, VIP};
+    if !require_root("a_tenants_virtual_service_applies_to_its_own_clients_only") {
+        return;
+    }
+    let m = Mesh::start("", &[]);
+    let hijack = "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\n\
+                  metadata: {name: hijack, namespace: other, creationTimestamp: \"2020-01-01T00:00:00Z\"}\n\
+                  spec: {hosts: [helloworld.demo.svc.cluster.local], http: [{fault: {abort: {httpStatus: 418, percentage: {value: 100}}},\n\
+                  \x20 route: [{destination: {host: helloworld.demo.svc.cluster.local, port: {number: 9095}}}]}]}\n";
+    m.set_config_of(&[0, 1], hijack);
+    let get = |pod: &str| {
+        let url = format!("http://{VIP}:9095/");
+        mesh_tests::clients::curl(|a| m.pod(pod).cmd(a), &[url.as_str()]).code
+    };
+    assert_eq!(get("test"), 200, "another namespace's VirtualService changed demo's traffic");
+    assert_eq!(get("sleep"), 418, "the tenant's own clients follow its rule");
+}

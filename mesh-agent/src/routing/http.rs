@@ -109,8 +109,7 @@ pub fn route_request(
     let key = &service.key;
     // The first rule with a matching condition (no condition matches all), and
     // the condition that matched.
-    let visible = |vs: &&VirtualService| req.namespace.map_or(vs.export_to.is_none(), |ns| vs.visible_in(ns));
-    let found = first_rule(state.mesh_routes(key).filter(visible), req, orig.port(), MESH);
+    let found = first_rule(mesh_routes_for(state, service, req.namespace), req, orig.port(), MESH);
     let Some((rule, matched)) = found else {
         let dr = state.destination_rule(key, req.namespace);
         let at = dr.map(|d| (d.policy_on(None, orig.port()), cluster_suffix(d, key)));
@@ -342,6 +341,25 @@ pub fn resolve<'a>(
     Ok((target, port, labels, policy, key))
 }
 
+/// The mesh VirtualServices for `service` that apply to a client in
+/// `client`, in Istio's lookup order: those of the client's own namespace,
+/// else the Service's namespace's, else the root namespace's, each exported
+/// to the client (oldest first within the namespace). A VirtualService of
+/// any other namespace never changes the client's traffic.
+fn mesh_routes_for<'a>(
+    state: &'a State,
+    service: &'a Service,
+    client: Option<&'a str>,
+) -> impl Iterator<Item = &'a VirtualService> + 'a {
+    let visible = move |vs: &VirtualService| client.map_or(vs.export_to.is_none(), |ns| vs.visible_in(ns));
+    let order = [client, Some(&*service.namespace), Some(crate::state::ROOT_NAMESPACE)];
+    let ns = order
+        .into_iter()
+        .flatten()
+        .find(|ns| state.mesh_routes(&service.key).any(|vs| &*vs.namespace == *ns && visible(vs)));
+    state.mesh_routes(&service.key).filter(move |vs| ns.is_some_and(|ns| &*vs.namespace == ns) && visible(vs))
+}
+
 /// What a cluster key carries of the DestinationRule that made it: nothing
 /// for the Service's own namespace's rule, else `@namespace/name`, so that
 /// clients under another namespace's rule never share its pools, limits or
@@ -364,9 +382,7 @@ pub fn route_tcp(
 ) -> Option<Route> {
     let service = state.service_at(orig.ip(), from_namespace)?;
     let key = &service.key;
-    let rule = state
-        .mesh_routes(key)
-        .filter(|vs| from_namespace.map_or(vs.export_to.is_none(), |ns| vs.visible_in(ns)))
+    let rule = mesh_routes_for(state, service, from_namespace)
         .flat_map(|vs| vs.tcp.iter())
         .find(|r| r.ports.is_empty() || r.ports.iter().any(|p| p.is_none_or(|p| p == orig.port())))?;
     let dest = choose(&rule.routes, random)?;

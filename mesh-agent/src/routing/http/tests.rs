@@ -693,3 +693,44 @@ fn gateway_rules_for_a_host_are_the_oldest_and_most_specific() {
     assert_eq!(at("api.bank.example"), "other 10.244.0.4:9000 via attacker/tenant");
     assert_eq!(at("nobody.example"), "404");
 }
+
+/// Mesh VirtualServices for a Service, chosen for the client as Istio looks
+/// them up: the client's namespace's, else the Service's namespace's, else
+/// the root namespace's; a tenant's rule for another namespace's Service
+/// changes only the tenant's own clients' traffic.
+#[test]
+fn mesh_virtual_services_are_looked_up_for_the_client() {
+    let vs = |name: &str, ns: &str, to: &str| {
+        format!(
+            "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: {name}, namespace: {ns}}}\n\
+             spec: {{hosts: [hello.demo.svc.cluster.local], http: [{{route: [{{destination: {{host: {to}}}}}]}}]}}\n"
+        )
+    };
+    // Without demo's own rules: a tenant's, a bystander's and the root's.
+    let vs_at =
+        CLUSTER.find("---\napiVersion: networking.istio.io/v1\nkind: VirtualService").expect("demo's VirtualService");
+    let base = &CLUSTER[..vs_at];
+    let yaml = format!(
+        "{base}{}{}{}",
+        vs("evil", "attacker", "other.demo.svc.cluster.local"),
+        vs("third", "bystander", "other.demo.svc.cluster.local"),
+        vs("mesh-wide", "istio-system", "hello.demo.svc.cluster.local"),
+    );
+    let s = state_from_yaml(&yaml);
+    let headers = HeaderMap::new();
+    let at = |namespace: Option<&str>| {
+        let view = RequestView { method: "GET", path: "/", headers: &headers, client: CLIENT, namespace };
+        let d = route_request(&s, "10.96.0.10:80".parse().expect("a"), &view, 0, 0, &NoState);
+        format!("{} {:?}", describe(&d).split(' ').next().unwrap_or_default(), d.rule.is_some())
+    };
+    assert_eq!(at(Some("attacker")), "other true", "the tenant's own clients follow its rule");
+    assert_eq!(at(Some("bystander")), "other true");
+    assert_eq!(at(Some("demo")), "hello-v1 true", "demo's clients: the root namespace's rule");
+    assert_eq!(at(Some("elsewhere")), "hello-v1 true");
+    // With demo's own rules, they apply to everyone but the namespaces that have their own.
+    let s = state_from_yaml(&format!("{CLUSTER}{}", vs("evil", "attacker", "other.demo.svc.cluster.local")));
+    let headers = HeaderMap::new();
+    let view = |namespace| RequestView { method: "GET", path: "/", headers: &headers, client: CLIENT, namespace };
+    let d = route_request(&s, "10.96.0.10:80".parse().expect("a"), &view(Some("elsewhere")), 0, 0, &NoState);
+    assert!(describe(&d).starts_with("hello-v"), "{}", describe(&d));
+}
