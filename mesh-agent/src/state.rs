@@ -49,6 +49,10 @@ pub struct State {
     pub path_normalization: PathNormalization,
     /// MeshConfig `extensionProviders` that are external authorizers, by name.
     pub extension_providers: BTreeMap<String, Arc<security::ExtAuthz>>,
+    /// Query parameters that carry end-user tokens (`access_token` and every
+    /// RequestAuthentication's `fromParams`): redacted from access logs.
+    #[serde(skip)]
+    pub token_params: std::collections::BTreeSet<String>,
     /// ServiceEntry hosts (one Service each), for routing HTTP by `Host`:
     /// every namespace's entry for the host, oldest first
     /// ([`State::external_for_host`] chooses for a client).

@@ -376,10 +376,13 @@ fn tokens<'r>(rule: &'r JwtRule, headers: &http::HeaderMap, query: Option<&str>)
     let params: Vec<&'r str> =
         if uses_defaults(rule) { vec!["access_token"] } else { rule.from_params.iter().map(String::as_str).collect() };
     for name in params {
-        let pairs = query.into_iter().flat_map(|q| q.split('&'));
-        for v in pairs.filter_map(|kv| kv.strip_prefix(name)?.strip_prefix('=')) {
+        // Names and values as the application decodes them: a token sent as
+        // `?access%5Ftoken=` is the application's `access_token` too.
+        let pairs = query.into_iter().flat_map(|q| q.split('&')).filter_map(|kv| kv.split_once('='));
+        for (_, v) in pairs.filter(|(k, _)| percent_decode(k) == name) {
+            let v = percent_decode(v);
             if !v.is_empty() && !full(&out) {
-                out.push((Location::Param(name), v.to_owned()));
+                out.push((Location::Param(name), v.into_owned()));
             }
         }
     }
@@ -395,6 +398,55 @@ fn tokens<'r>(rule: &'r JwtRule, headers: &http::HeaderMap, query: Option<&str>)
         }
     }
     out
+}
+
+/// `%XX` sequences decoded (others kept as they are), as a query string's
+/// names and values are to the application.
+pub fn percent_decode(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.contains('%') {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (bytes[i], bytes.get(i + 1).and_then(|b| hex(*b)), bytes.get(i + 2).and_then(|b| hex(*b))) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    std::borrow::Cow::Owned(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// A request's path and query for a log line: the values of the query
+/// parameters that carry tokens (`names`, compared decoded) replaced by
+/// `REDACTED`, so that a log never holds a bearer credential.
+pub fn redact_query<'a>(
+    path_and_query: &'a str,
+    names: &std::collections::BTreeSet<String>,
+) -> std::borrow::Cow<'a, str> {
+    let Some((path, query)) = path_and_query.split_once('?') else {
+        return std::borrow::Cow::Borrowed(path_and_query);
+    };
+    let secret = |kv: &str| kv.split_once('=').is_some_and(|(k, _)| names.contains(percent_decode(k).as_ref()));
+    if !query.split('&').any(secret) {
+        return std::borrow::Cow::Borrowed(path_and_query);
+    }
+    let redacted: Vec<String> = query
+        .split('&')
+        .map(|kv| match kv.split_once('=') {
+            Some((k, _)) if secret(kv) => format!("{k}=REDACTED"),
+            _ => kv.to_owned(),
+        })
+        .collect();
+    std::borrow::Cow::Owned(format!("{path}?{}", redacted.join("&")))
 }
 
 pub mod cache;

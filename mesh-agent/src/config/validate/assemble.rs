@@ -119,6 +119,9 @@ pub(super) fn assemble(objects: Objects, trust_domain: &str, errors: &mut Vec<Co
         security::build_request_authentication,
     );
     state.request_authentications.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    let params =
+        state.request_authentications.iter().flat_map(|r| &r.rules).flat_map(|r| r.from_params.iter().cloned());
+    state.token_params = std::iter::once("access_token".to_owned()).chain(params).collect();
     let services = &state.services;
     let gateways = &state.gateways;
     let mut virtual_services = build_unique(

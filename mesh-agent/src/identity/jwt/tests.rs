@@ -253,3 +253,26 @@ fn verified_tokens_are_remembered_only_under_the_same_rule_and_keys() {
     let expired = rs.sign(with(claims(), "exp", json!(now() - 3600)));
     assert_eq!(cache.check(&expired, &r, &r.keys).err(), Some(JwtError::Expired));
 }
+
+/// Query parameters as the application decodes them: `?access%5Ftoken=` is
+/// found (and checked) as `access_token`; and a log line never holds one.
+#[test]
+fn query_tokens_are_found_decoded_and_redacted_from_logs() {
+    let r = rule(&[&Signer::ed25519("k")]);
+    let headers = http::HeaderMap::new();
+    let found = |q: &str| tokens(&r, &headers, Some(q)).into_iter().map(|(_, t)| t).collect::<Vec<_>>();
+    assert_eq!(found("access_token=a.b.c"), ["a.b.c"]);
+    assert_eq!(found("x=1&access%5Ftoken=a.b%2Ec"), ["a.b.c"]);
+    assert_eq!(found("access_tokenx=a.b.c"), Vec::<String>::new());
+    let names = std::collections::BTreeSet::from(["access_token".to_owned(), "t".to_owned()]);
+    let table = [
+        ("/a?access_token=secret&x=1", "/a?access_token=REDACTED&x=1"),
+        ("/a?x=1&access%5Ftoken=secret", "/a?x=1&access%5Ftoken=REDACTED"),
+        ("/a?t=secret", "/a?t=REDACTED"),
+        ("/a?tt=kept", "/a?tt=kept"),
+        ("/a", "/a"),
+    ];
+    for (path, want) in table {
+        assert_eq!(redact_query(path, &names), want, "{path}");
+    }
+}

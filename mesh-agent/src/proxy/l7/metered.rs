@@ -97,7 +97,10 @@ impl Record {
             Box::new(RequestLine {
                 started_at,
                 method: req.method().to_string(),
-                path: req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_else(|| "/".into()),
+                path: req.uri().path_and_query().map_or_else(
+                    || "/".into(),
+                    |p| crate::identity::jwt::redact_query(p.as_str(), &ctx.state().token_params).into_owned(),
+                ),
                 authority: req
                     .uri()
                     .authority()
