@@ -217,6 +217,7 @@ pub(crate) async fn open_upstream(
                 principal: source_identity,
                 peer_ip,
                 plaintext: false,
+                request: None,
             };
             let guard = register(ctx, authorized, &s, addr)?;
             Ok(Opened { io: Upstream::Tcp(s), mtls: false, guard: Some(guard) })

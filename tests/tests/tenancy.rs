@@ -575,3 +575,66 @@ fn a_tenants_virtual_service_applies_to_its_own_clients_only() {
     assert_eq!(get("test"), 200, "another namespace's VirtualService changed demo's traffic");
     assert_eq!(get("sleep"), 418, "the tenant's own clients follow its rule");
 }
+
+/// An upgraded tunnel at a destination with request policy is judged again
+/// when policy changes: a WebSocket to helloworld (whose ALLOW has a path,
+/// so its requests are parsed at its agent) is closed once a DENY names the
+/// path it was opened on; a new one is refused.
+#[test]
+fn an_open_websocket_is_closed_by_a_new_deny() {
+    use mesh_tests::mesh::{Mesh, WS_VIP, runtime};
+    use std::sync::mpsc;
+    if !require_root("an_open_websocket_is_closed_by_a_new_deny") {
+        return;
+    }
+    let m = Mesh::start("", &[]);
+    let allow = "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: paths, namespace: demo}\n\
+                 spec: {selector: {matchLabels: {app: helloworld}}, rules: [{to: [{operation: {paths: [\"/*\"]}}]}]}\n";
+    let deny = "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: no-echo, namespace: demo}\n\
+                spec: {selector: {matchLabels: {app: helloworld}}, action: DENY, rules: [{to: [{operation: {paths: [\"/echo\"]}}]}]}\n";
+    m.set_config_of(&[1], allow);
+    let (opened_tx, opened) = mpsc::channel::<Result<(), String>>();
+    let (go, go_rx) = mpsc::channel::<()>();
+    let client = mesh_tests::netns::enter_and_spawn(&m.pod("test").netns, move || {
+        runtime().block_on(async move {
+            use futures_util::{SinkExt as _, StreamExt as _};
+            use tokio_tungstenite::tungstenite::Message;
+            let connect = tokio_tungstenite::connect_async(format!("ws://{WS_VIP}/echo"));
+            let mut ws = match connect.await {
+                Ok((ws, _)) => ws,
+                Err(e) => {
+                    let _ = opened_tx.send(Err(e.to_string()));
+                    return Err("no tunnel".to_owned());
+                }
+            };
+            let first = async {
+                ws.send(Message::text("one")).await.map_err(|e| e.to_string())?;
+                ws.next().await.ok_or("closed")?.map_err(|e| e.to_string())?;
+                Ok::<_, String>(())
+            };
+            let _ = opened_tx.send(first.await);
+            let _ = tokio::task::spawn_blocking(move || go_rx.recv()).await;
+            // After the DENY: the tunnel is gone.
+            let again = async {
+                ws.send(Message::text("two")).await.map_err(|e| e.to_string())?;
+                match tokio::time::timeout(std::time::Duration::from_secs(3), ws.next()).await {
+                    Ok(Some(Ok(m))) if m.is_text() => Ok(m.into_text().map_err(|e| e.to_string())?.to_string()),
+                    other => Err(format!("{other:?}")),
+                }
+            };
+            again.await
+        })
+    });
+    assert_eq!(opened.recv().unwrap(), Ok(()), "the WebSocket did not open under the ALLOW");
+    m.set_config_of(&[1], &format!("{allow}{deny}"));
+    let closed = [("reason", "denied_after_policy_change")];
+    m.agents[1].wait_metrics(5, "the tunnel closed by the new policy", |t| {
+        mesh_tests::agent::metric(t, "mesh_tcp_connection_failures_total", &closed) >= 1.0
+    });
+    go.send(()).unwrap();
+    let after = client.join().unwrap();
+    assert!(after.is_err(), "the WebSocket still carried messages after the DENY: {after:?}");
+    // A new one is refused.
+    let fresh = m.pod("test").run(|| mesh_tests::clients::websocket_echo(format!("ws://{WS_VIP}/echo"), "three"));
+    assert!(fresh.is_err(), "a new WebSocket was opened after the DENY: {fresh:?}");
+}

@@ -40,7 +40,28 @@ pub struct Authorized {
     pub peer_ip: Ipv4Addr,
     /// Plaintext from outside the mesh (the inbound listener): STRICT refuses it.
     pub plaintext: bool,
+    /// For a tunnel upgraded from an HTTP request that the destination's
+    /// request policy judged: that request, judged again on each reload.
+    pub request: Option<Arc<RequestSnapshot>>,
 }
+
+/// What request policy saw of the request that opened an upgraded tunnel.
+#[derive(Debug)]
+pub struct RequestSnapshot {
+    pub method: String,
+    pub path: String,
+    pub host: String,
+    pub headers: http::HeaderMap,
+    pub verified: Option<Arc<crate::identity::jwt::Verified>>,
+}
+
+impl PartialEq for RequestSnapshot {
+    fn eq(&self, other: &Self) -> bool {
+        std::ptr::eq(self, other)
+    }
+}
+
+impl Eq for RequestSnapshot {}
 
 impl Authorized {
     /// Whether `state` still admits this connection. A destination that is no
@@ -52,7 +73,27 @@ impl Authorized {
             return false;
         }
         let peer = Peer { principal: self.principal.as_deref(), ip: self.peer_ip };
-        authorize(state, dest, &peer, self.port) == Verdict::Allow
+        let Some(r) = &self.request else {
+            return authorize(state, dest, &peer, self.port) == Verdict::Allow;
+        };
+        // The upgrade request as policy saw it, under the new policy (DENY
+        // and ALLOW; an external authorizer is not asked again).
+        let auth = r.verified.as_deref().map(|v| crate::routing::policy::Auth {
+            principal: &v.principal,
+            audiences: &v.audiences,
+            presenter: v.presenter.as_deref(),
+            claims: &v.claims,
+        });
+        let request = crate::routing::policy::Request {
+            method: &r.method,
+            path: &r.path,
+            host: &r.host,
+            headers: &r.headers,
+            auth,
+            remote_ip: self.peer_ip,
+        };
+        let attributes = crate::routing::policy::Attributes { peer, port: self.port, request: Some(request) };
+        crate::routing::policy::evaluate(state, dest, &attributes).verdict == Verdict::Allow
     }
 }
 
@@ -101,6 +142,15 @@ impl Conns {
             live.insert(id, Entry { authorized, upstream, client: None });
         }
         Ok(Guard { conns: self.clone(), id })
+    }
+
+    /// [`Conns::register`] with the upstream's descriptor already duplicated.
+    pub fn register_socket(self: &Arc<Self>, authorized: Authorized, upstream: socket2::Socket) -> Guard {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut live) = self.live.lock() {
+            live.insert(id, Entry { authorized, upstream, client: None });
+        }
+        Guard { conns: self.clone(), id }
     }
 
     /// Judges every live connection against `state`; closes those it refuses.
@@ -169,6 +219,7 @@ mod tests {
             principal: principal.map(Arc::from),
             peer_ip: Ipv4Addr::from(peer),
             plaintext,
+            request: None,
         }
     }
 

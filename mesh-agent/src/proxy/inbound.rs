@@ -61,6 +61,7 @@ pub(super) async fn handle_plaintext(ctx: &std::sync::Arc<Inputs>, client: TcpSt
         principal: None,
         peer_ip: *peer_v4.ip(),
         plaintext: true,
+        request: None,
     };
     deliver(ctx, client, peer, SocketAddrV4::new(*dst.ip(), dst.port()), labels, authorized).await;
 }

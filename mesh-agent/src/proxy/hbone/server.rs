@@ -233,6 +233,7 @@ async fn handle_connect(
         principal: Some(peer_id.clone()),
         peer_ip: policy_ip,
         plaintext: false,
+        request: None,
     };
     let revocable = match proxy::register(&ctx, authorized, &upstream, target) {
         Ok(g) => g,

@@ -109,7 +109,8 @@ where
         first_pick: usize::MAX.into(),
         client_cert: None,
     };
-    let shared = Arc::new(Conn { inbound: conn, down, labels, handling, pod: tokio::sync::Mutex::new(None) });
+    let pod = tokio::sync::Mutex::new(None);
+    let shared = Arc::new(Conn { inbound: conn, down, labels, handling, pod, pod_socket: Default::default() });
     let svc_ctx = ctx.clone();
     let service = hyper::service::service_fn(move |req| {
         let (ctx, conn) = (svc_ctx.clone(), shared.clone());
@@ -141,6 +142,7 @@ where
         principal: conn.principal.clone(),
         peer_ip: conn.client_ip,
         plaintext: !conn.mtls,
+        request: None,
     };
     let guard = match proxy::register(ctx, authorized, &upstream, conn.target) {
         Ok(g) => g,
@@ -158,6 +160,9 @@ struct Conn {
     handling: Handling,
     /// The connection to the pod, opened by the first request.
     pod: tokio::sync::Mutex<Option<PodSender>>,
+    /// A duplicate of the pod connection's socket: a tunnel upgraded on it
+    /// is registered with it, so that a policy change can close it.
+    pod_socket: std::sync::Mutex<Option<socket2::Socket>>,
 }
 
 enum PodSender {
@@ -299,7 +304,7 @@ async fn handle(ctx: Arc<Inputs>, conn: Arc<Conn>, mut req: Request<Incoming>) -
     if let Verdict::Deny(policy) = decision.verdict {
         return refused(&conn, &policy, record);
     }
-    let mut resp = forward(&ctx, &conn, Request::from_parts(parts, body), record).await;
+    let mut resp = forward(&ctx, &conn, Request::from_parts(parts, body), record, verified.as_ref()).await;
     for (name, value) in to_client {
         resp.headers_mut().append(name, value);
     }
@@ -381,7 +386,13 @@ fn token_outputs(a: &jwt::Authenticated<'_>) -> Vec<(HeaderName, Option<HeaderVa
     out
 }
 
-async fn forward<B>(ctx: &Arc<Inputs>, conn: &Conn, mut req: Request<B>, mut record: Record) -> Response<Body>
+async fn forward<B>(
+    ctx: &Arc<Inputs>,
+    conn: &Conn,
+    mut req: Request<B>,
+    mut record: Record,
+    verified: Option<&Arc<jwt::Verified>>,
+) -> Response<Body>
 where
     B: hyper::body::Body<Data = hyper::body::Bytes, Error = hyper::Error> + Send + Unpin + 'static,
 {
@@ -393,6 +404,18 @@ where
         });
     }
     let upgrade = wants_upgrade(&req);
+    // The request an upgraded tunnel is opened by, to judge again on reloads.
+    let snapshot = upgrade.then(|| {
+        let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned);
+        let host = host.or_else(|| req.uri().authority().map(|a| a.to_string())).unwrap_or_default();
+        Arc::new(proxy::conns::RequestSnapshot {
+            method: req.method().to_string(),
+            path: req.uri().path().to_owned(),
+            host,
+            headers: req.headers().clone(),
+            verified: verified.cloned(),
+        })
+    });
     let h2 = conn.handling == Handling::Http2;
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
@@ -423,7 +446,27 @@ where
         let upstream_upgrade = hyper::upgrade::on(&mut resp);
         if let Some(client_upgrade) = client_upgrade {
             let (target, idle) = (conn.inbound.target, ctx.limits.idle_timeout);
-            tokio::spawn(tunnel_upgrade(client_upgrade, upstream_upgrade, target, idle));
+            // Registered, so that a policy change closes the tunnel; one
+            // that cannot be registered is not opened.
+            let dup = conn.pod_socket.lock().ok().and_then(|s| s.as_ref()?.try_clone().ok());
+            let Some(dup) = dup else {
+                return record.finish_local(LocalReply::RESET);
+            };
+            let authorized = proxy::conns::Authorized {
+                dest_ip: *target.ip(),
+                port: target.port(),
+                principal: conn.inbound.principal.clone(),
+                peer_ip: conn.inbound.client_ip,
+                // Plaintext from outside the mesh has no identity (same-node
+                // and HBONE clients have one).
+                plaintext: conn.inbound.principal.is_none(),
+                request: snapshot,
+            };
+            let guard = ctx.conns.register_socket(authorized, dup);
+            tokio::spawn(async move {
+                tunnel_upgrade(client_upgrade, upstream_upgrade, target, idle).await;
+                drop(guard);
+            });
         }
         let (parts, _) = resp.into_parts();
         return record.finish_switch(parts);
@@ -455,6 +498,9 @@ impl Conn {
         }
         let target = self.inbound.target;
         let tcp = proxy::connect(target, self.inbound.transparent, ctx.connect_timeout).await?;
+        if let Ok(mut s) = self.pod_socket.lock() {
+            *s = socket2::SockRef::from(&tcp).try_clone().ok();
+        }
         let io = TokioIo::new(tcp);
         let failed = |error: hyper::Error| ProxyError::Connect {
             addr: target,
