@@ -23,10 +23,7 @@ use aya::{
         tc::{SchedClassifierLink, TcAttachOptions},
     },
 };
-use mesh_common::{
-    HANDOFF_MARK, INBOUND_PORT, IfaceInfo, OUTBOUND_ADDR, OUTBOUND_PORT, PROBE_MARK, PROXY_MARK, PROXY_MARK_MASK,
-    Settings, counter, role,
-};
+use mesh_common::{INBOUND_PORT, IfaceInfo, OUTBOUND_ADDR, OUTBOUND_PORT, Settings, counter, role};
 use serde::Serialize;
 
 use crate::state::State;
@@ -128,17 +125,18 @@ impl Capture {
             }
             None => None,
         };
+        let marks = crate::marks::get();
         let settings = Settings {
             outbound_addr: OUTBOUND_ADDR.to_be(),
             outbound_port: OUTBOUND_PORT,
             inbound_port: INBOUND_PORT,
-            mark: PROXY_MARK,
-            mark_mask: PROXY_MARK_MASK,
+            mark: marks.captured,
+            mark_mask: marks.mask,
             netns_cookie: netns_cookie.unwrap_or(0),
-            agent_mark: host::AGENT_MARK,
+            agent_mark: marks.agent,
             host_capture: u32::from(netns_cookie.is_some()),
-            handoff_mark: HANDOFF_MARK,
-            probe_mark: PROBE_MARK,
+            handoff_mark: marks.handoff,
+            _pad: 0,
             kubelet_cgroup: kubelet_cgroup.map(host::cgroup_id).transpose()?.unwrap_or(0),
         };
         // Borrowed, not taken: the map must stay open until the program is loaded.
@@ -163,8 +161,8 @@ impl Capture {
         };
         let handle = netlink::connect()?;
         let lo = loopback_index()?;
-        netlink::install_proxy_routing(&handle, lo).await?;
-        let node = node::NodeSettings::apply();
+        netlink::install_proxy_routing(&handle, lo, &marks).await?;
+        let node = node::NodeSettings::apply(&marks);
         Ok(Self {
             ebpf,
             ifaces,
@@ -233,7 +231,7 @@ impl Capture {
         }
         self.sync_meshed_ips(state, node)?;
         if let Some(h) = &mut self.host {
-            h.sync(state)?;
+            h.sync(state, node)?;
         }
         // Detach what is no longer wanted (pod removed, or its interface replaced).
         let stale: Vec<u32> = self

@@ -161,12 +161,19 @@ pub enum Command {
         #[arg(long, conflicts_with = "cgroup_root")]
         no_host_capture: bool,
         /// The kubelet's cgroup (absolute, or under the cgroup root): its
-        /// connections to local meshed pods (health probes) reach them
-        /// directly, as in Istio ambient; every other node process goes
-        /// through the agent. Default: system.slice/kubelet.service when it
-        /// exists; `none` exempts nothing (probes then obey STRICT).
+        /// connections to a local meshed pod on a port that a probe in the
+        /// Pod spec names reach it directly, as in Istio ambient; its other
+        /// connections and every other node process go through the agent.
+        /// Default: system.slice/kubelet.service when it exists; `none`
+        /// exempts nothing (probes then obey STRICT).
         #[arg(long, conflicts_with = "no_host_capture")]
         kubelet_cgroup: Option<PathBuf>,
+        /// The bits of the packet mark the agent owns (at least two; `0x` for
+        /// hexadecimal): its three marks are made of the two lowest. The
+        /// default is clear of Cilium's, Calico's, kube-proxy's and the AWS
+        /// VPC CNI's bits (docs/limits.md).
+        #[arg(long, default_value = "0x30", value_parser = crate::marks::parse_mark_mask)]
+        mark_mask: mesh_common::Marks,
         /// BPF file system where capture is pinned (under `mesh-agent/`), so
         /// that it outlives this process and fails closed while no agent
         /// runs; mounted if nothing is. On Kubernetes, the host's.
@@ -294,6 +301,7 @@ pub fn main() -> ExitCode {
             cgroup_root,
             no_host_capture,
             kubelet_cgroup,
+            mark_mask,
             bpffs,
             uninstall_on_exit,
             worker_threads,
@@ -305,6 +313,7 @@ pub fn main() -> ExitCode {
             }
             crate::privileges::raise_fd_limit();
             crate::config::allow_files_under(&tls_files_from);
+            crate::marks::set(mark_mask);
             let remote = match (ca_addr, ca_root, ca_token_file) {
                 (Some(addr), Some(root), Some(token_file)) => Some(RemoteCa { addr, root, token_file }),
                 _ => None,

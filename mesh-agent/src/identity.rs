@@ -246,7 +246,7 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
 mod tests;
 
 /// A TCP connection to `host:port` (the first address that answers) from a
-/// socket marked as the agent's own (`AGENT_MARK`), so that the node's
+/// socket marked as the agent's own (the agent mark), so that the node's
 /// capture never takes it for a host client's: the CA and the API server
 /// are reached this way. The mark needs CAP_NET_ADMIN; without it (the CA
 /// service, outside any captured namespace) the socket goes unmarked.
@@ -254,7 +254,7 @@ pub async fn connect_as_agent(host: &str, port: u16) -> std::io::Result<tokio::n
     let mut last = std::io::Error::other(format!("{host}: no address"));
     for addr in tokio::net::lookup_host((host, port)).await? {
         let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
-        if let Err(e) = socket2::SockRef::from(&socket).set_mark(mesh_common::AGENT_MARK) {
+        if let Err(e) = socket2::SockRef::from(&socket).set_mark(crate::marks::get().agent) {
             tracing::debug!(error = %e, "socket not marked as the agent's");
         }
         match socket.connect(addr).await {

@@ -9,7 +9,8 @@
 //! `proxy` (the data path: inputs, L4 inbound/outbound, HBONE, L7, gateways),
 //! `discovery` (the Kubernetes API server as a configuration source),
 //! and at the top `agent` (the running process and its admin server),
-//! `ca_server` (`mesh-agent ca`) and `cli`.
+//! `ca_server` (`mesh-agent ca`) and `cli`; `marks` and `privileges` (the
+//! process's packet marks and privileges) sit below them all.
 pub mod agent;
 pub mod ca_server;
 pub mod capture;
@@ -17,6 +18,7 @@ pub mod cli;
 pub mod config;
 pub mod discovery;
 pub mod identity;
+pub mod marks;
 pub mod privileges;
 pub mod proxy;
 pub mod routing;

@@ -85,7 +85,7 @@ pub fn bind_capture(port: u16) -> io::Result<TcpListener> {
     socket.set_ip_transparent_v4(true)?;
     // Accepted sockets inherit the mark: their packets to a meshed pod (replies
     // to its outbound connections) pass the pod's last-hop gate.
-    socket.set_mark(mesh_common::AGENT_MARK)?;
+    socket.set_mark(crate::marks::get().agent)?;
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(4096)?;
@@ -385,7 +385,7 @@ pub(crate) async fn connect(
     }
     let _ = socket.set_nodelay(true);
     // The agent's own sockets are never captured as host clients.
-    let _ = socket2::SockRef::from(&socket).set_mark(mesh_common::AGENT_MARK);
+    let _ = socket2::SockRef::from(&socket).set_mark(crate::marks::get().agent);
     match tokio::time::timeout(timeout, socket.connect(addr.into())).await {
         Ok(Ok(stream)) => Ok(stream),
         Ok(Err(error)) => Err(ProxyError::Connect { addr, source_ip, error }),

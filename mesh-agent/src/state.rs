@@ -123,6 +123,9 @@ pub struct Workload {
     pub ready: bool,
     /// Named container ports, for Services whose `targetPort` is a name.
     pub named_ports: BTreeMap<String, u16>,
+    /// Ports the kubelet's probes connect to (the Pod spec's `httpGet`,
+    /// `tcpSocket` and `grpc` probes): the kubelet reaches these directly.
+    pub probe_ports: std::collections::BTreeSet<u16>,
     /// The pod's `metadata.uid` when the source gives one: the CA checks a
     /// ServiceAccount token's pod against it.
     pub uid: Option<Arc<str>>,

@@ -12,15 +12,16 @@ use std::{
 /// Each top-level module and what it may import.
 const ALLOWED: &[(&str, &[&str])] = &[
     ("state", &[]),
+    ("marks", &[]),
     ("routing", &["state"]),
-    ("identity", &["state"]),
+    ("identity", &["state", "marks"]),
     ("telemetry", &["state"]),
     ("config", &["state", "routing", "identity"]),
-    ("capture", &["state"]),
+    ("capture", &["state", "marks"]),
     ("privileges", &[]),
-    ("proxy", &["state", "routing", "identity", "telemetry", "capture"]),
+    ("proxy", &["state", "routing", "identity", "telemetry", "capture", "marks"]),
     ("discovery", &["state", "identity", "config", "telemetry"]),
-    ("agent", &["state", "routing", "identity", "telemetry", "config", "capture", "proxy", "discovery"]),
+    ("agent", &["state", "routing", "identity", "telemetry", "config", "capture", "proxy", "discovery", "marks"]),
     ("ca_server", &["state", "identity", "config", "telemetry", "discovery"]),
     (
         "cli",
@@ -36,6 +37,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "agent",
             "ca_server",
             "privileges",
+            "marks",
         ],
     ),
 ];

@@ -18,26 +18,59 @@ pub const HBONE_PORT: u16 = 15008;
 /// Port of the admin server on 127.0.0.1.
 pub const ADMIN_PORT: u16 = 15000;
 
-/// skb mark set on packets assigned to an agent socket. A policy-routing rule
-/// (`fwmark PROXY_MARK/PROXY_MARK_MASK lookup PROXY_ROUTE_TABLE`) sends them to a
-/// table whose only route is `local 0.0.0.0/0 dev lo`, so the kernel delivers them
-/// locally instead of forwarding them to the pod the destination address names.
-pub const PROXY_MARK: u32 = 0x0000_0e00;
-/// Bits of the mark the agent owns; other bits are left to the node's other tenants.
-pub const PROXY_MARK_MASK: u32 = 0x0000_0f00;
-/// Socket mark (`SO_MARK`) on the agent's own outgoing sockets, inside
-/// [`PROXY_MARK_MASK`] but not [`PROXY_MARK`]: the host-client capture
-/// (`cgroup/connect4`) leaves sockets carrying it alone, so the agent never
-/// captures itself.
-pub const AGENT_MARK: u32 = 0x0000_0d00;
-/// skb mark of a packet the last-hop gate (`mesh_gate`, a meshed pod veth's
-/// egress) handed back to the same veth's ingress: the ingress program then
-/// assigns it to an agent socket, or drops it. Inside [`PROXY_MARK_MASK`]; a
-/// pod cannot set it (marks are cleared when a packet leaves a namespace).
-pub const HANDOFF_MARK: u32 = 0x0000_0c00;
-/// Socket mark the host-client hook puts on the kubelet's connections to a
-/// local meshed pod (its health probes): the last-hop gate lets them through.
-pub const PROBE_MARK: u32 = 0x0000_0b00;
+/// The mark bits the agent owns by default: `0x30`. Cilium keeps its magic
+/// values in `0x0F00`, its identity in `0xFFFF00FF` (the low byte only for a
+/// cluster id, 0 in a single cluster and below 16 in most meshes) and IPsec key
+/// indices and its WireGuard marker in `0xF000`; Calico owns `0xFFFF0000`;
+/// kube-proxy `0x4000` and `0x8000`; the AWS VPC CNI `0x80`. Configurable
+/// (`--mark-mask`) for nodes where these bits are taken.
+pub const DEFAULT_MARK_MASK: u32 = 0x0000_0030;
+
+/// The three marks the agent uses, all inside `mask` (the bits it owns; the
+/// rest of a packet's mark is left to the node's other tenants).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Marks {
+    /// Bits of the mark the agent owns.
+    pub mask: u32,
+    /// Socket mark (`SO_MARK`) on the agent's own sockets and on the kubelet's
+    /// probe connections: the host-client capture (`cgroup/connect4`) leaves
+    /// such sockets alone, and a meshed pod's last-hop gate lets their packets
+    /// pass.
+    pub agent: u32,
+    /// skb mark set on packets assigned to an agent socket. A policy-routing rule
+    /// (`fwmark captured/mask lookup PROXY_ROUTE_TABLE`) sends them to a
+    /// table whose only route is `local 0.0.0.0/0 dev lo`, so the kernel delivers
+    /// them locally instead of forwarding them to the pod the destination names.
+    pub captured: u32,
+    /// skb mark of a packet the last-hop gate (`mesh_gate`, a meshed pod veth's
+    /// egress) handed back to the same veth's ingress: the ingress program then
+    /// assigns it to an agent socket, or drops it. Routed locally like
+    /// `captured`, and skipped by conntrack. A pod cannot set it (marks are
+    /// cleared when a packet leaves a namespace).
+    pub handoff: u32,
+}
+
+impl Marks {
+    /// The marks made of the two lowest bits of `mask` (`agent` the lower,
+    /// `captured` the higher, `handoff` both); `None` when `mask` has fewer
+    /// than two bits.
+    pub const fn from_mask(mask: u32) -> Option<Self> {
+        if mask.count_ones() < 2 {
+            return None;
+        }
+        let low = mask & mask.wrapping_neg();
+        let rest = mask & !low;
+        let high = rest & rest.wrapping_neg();
+        Some(Self { mask, agent: low, captured: high, handoff: low | high })
+    }
+}
+
+/// The default marks: agent `0x10`, captured `0x20`, handed off `0x30`.
+pub const DEFAULT_MARKS: Marks = match Marks::from_mask(DEFAULT_MARK_MASK) {
+    Some(m) => m,
+    None => panic!("the default mark mask has two bits"),
+};
+
 /// Routing table holding the `local 0.0.0.0/0 dev lo` route.
 pub const PROXY_ROUTE_TABLE: u32 = 15001;
 /// Priority of the agent's policy-routing rule: before `lookup local` (0) is not
@@ -81,21 +114,20 @@ pub struct Settings {
     pub outbound_port: u16,
     /// Inbound plaintext listener port (same address), host byte order.
     pub inbound_port: u16,
-    /// Mark set on every assigned packet (see [`PROXY_MARK`]).
+    /// Mark set on every assigned packet (see [`Marks::captured`]).
     pub mark: u32,
     /// Bits of the mark the agent owns.
     pub mark_mask: u32,
     /// Cookie of the node's network namespace: host clients are captured there
     /// only (the cgroup hooks see every namespace's sockets).
     pub netns_cookie: u64,
-    /// Socket mark of the agent's own sockets (see [`AGENT_MARK`]).
+    /// Socket mark of the agent's own sockets (see [`Marks::agent`]).
     pub agent_mark: u32,
     /// 1 when host clients are captured (`cgroup/connect4`), else 0.
     pub host_capture: u32,
-    /// Mark of packets handed back by the last-hop gate (see [`HANDOFF_MARK`]).
+    /// Mark of packets handed back by the last-hop gate (see [`Marks::handoff`]).
     pub handoff_mark: u32,
-    /// Socket mark of the kubelet's probe connections (see [`PROBE_MARK`]).
-    pub probe_mark: u32,
+    pub _pad: u32,
     /// cgroup v2 id of the kubelet (its directory's inode), or 0 when no
     /// process is exempt as the kubelet.
     pub kubelet_cgroup: u64,
@@ -105,6 +137,18 @@ pub struct Settings {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct OrigDst {
+    /// IPv4 address, network byte order.
+    pub ip: u32,
+    /// Port, host byte order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// Key of `PROBE_PORTS`: a local meshed pod's port that a probe in its Pod
+/// spec names, which the kubelet reaches directly.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PodPort {
     /// IPv4 address, network byte order.
     pub ip: u32,
     /// Port, host byte order.
@@ -159,8 +203,8 @@ pub mod counter {
     pub const IPV6_DROPPED: u32 = 12;
     /// A packet to or from a meshed pod whose headers could not be read whole.
     pub const UNPARSED_DROPPED: u32 = 13;
-    /// A kubelet connection to a local meshed pod, let through unproxied (its
-    /// health probes; counts connections).
+    /// A kubelet connection to a probe port of a local meshed pod, let
+    /// through unproxied (counts connections).
     pub const PROBE_PASSED: u32 = 14;
     /// Number of counters.
     pub const LEN: u32 = 15;
@@ -188,6 +232,7 @@ const _: () = assert!(core::mem::size_of::<IfaceInfo>() == 8);
 const _: () = assert!(core::mem::size_of::<Settings>() == 48);
 const _: () = assert!(core::mem::size_of::<OrigDst>() == 8);
 const _: () = assert!(core::mem::size_of::<HostKey>() == 8);
+const _: () = assert!(core::mem::size_of::<PodPort>() == 8);
 
 #[cfg(feature = "user")]
 mod user {
@@ -200,4 +245,6 @@ mod user {
     unsafe impl aya::Pod for super::OrigDst {}
     // SAFETY: two u32s.
     unsafe impl aya::Pod for super::HostKey {}
+    // SAFETY: a u32 and two u16s, no padding.
+    unsafe impl aya::Pod for super::PodPort {}
 }

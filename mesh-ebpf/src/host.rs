@@ -7,9 +7,9 @@ use aya_ebpf::{
     macros::{cgroup_sock_addr, sock_ops},
     programs::{SockAddrContext, SockOpsContext},
 };
-use mesh_common::{HostKey, OrigDst, counter};
+use mesh_common::{HostKey, OrigDst, PodPort, counter};
 
-use crate::{HOST_DESTS, HOST_ORIG, LOCAL_MESHED, ORIG_BY_COOKIE, SETTINGS, count};
+use crate::{HOST_DESTS, HOST_ORIG, ORIG_BY_COOKIE, PROBE_PORTS, SETTINGS, count};
 
 /// Allow the connect (1), possibly redirected to the outbound listener.
 #[cgroup_sock_addr(connect4)]
@@ -49,14 +49,18 @@ fn connect4(ctx: &SockAddrContext) {
     if sk.is_null() || unsafe { (*sk).mark } & settings.mark_mask == settings.agent_mark {
         return;
     }
-    // The kubelet's health probes reach a local meshed pod directly, as in
-    // Istio ambient; the socket mark lets them past the pod's last-hop gate.
+    let dst_port = u16::from_be(addr.user_port as u16);
+    // The kubelet's probes reach a local meshed pod directly on the ports its
+    // Pod spec's probes name, as in Istio ambient; the socket mark lets them
+    // past the pod's last-hop gate. Any other port is captured like any node
+    // process's connection.
+    let probe = PodPort { ip: dst_ip, port: dst_port, _pad: 0 };
     // SAFETY: plain helper calls; the map is only tested for presence.
     if settings.kubelet_cgroup != 0
         && unsafe { bpf_get_current_cgroup_id() } == settings.kubelet_cgroup
-        && unsafe { LOCAL_MESHED.get(&dst_ip) }.is_some()
+        && unsafe { PROBE_PORTS.get(&probe) }.is_some()
     {
-        let mut mark = settings.probe_mark;
+        let mut mark = settings.agent_mark;
         // SAFETY: a u32 option value on this program's stack, with its length.
         let rc = unsafe { bpf_setsockopt(ctx.as_ptr(), SOL_SOCKET, SO_MARK, (&mut mark as *mut u32).cast(), 4) };
         if rc == 0 {
@@ -64,7 +68,7 @@ fn connect4(ctx: &SockAddrContext) {
             return;
         }
     }
-    let orig = OrigDst { ip: dst_ip, port: u16::from_be(addr.user_port as u16), _pad: 0 };
+    let orig = OrigDst { ip: dst_ip, port: dst_port, _pad: 0 };
     // SAFETY: helper over this program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     if ORIG_BY_COOKIE.insert(&cookie, &orig, 0).is_err() {

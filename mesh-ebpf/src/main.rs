@@ -26,11 +26,11 @@
 //! `mesh_gate`: a TC **egress** program on each meshed pod's host-side veth, the
 //! last hop toward the pod, where every path has converged after routing and
 //! DNAT (a second interface, an overlay tunnel, kube-proxy, a node process).
-//! Packets from the agent's sockets (`AGENT_MARK`) and the kubelet's probes
-//! (`PROBE_MARK`) pass, and so do the replies of the pod's own link-local
+//! Packets marked as the agent's (its own sockets, and the kubelet's probes)
+//! pass, and so do the replies of the pod's own link-local
 //! connections (not a SYN, from 169.254.0.0/16); IPv6 TCP, TCP fragments and unreadable headers are
 //! dropped; any other TCP packet is handed back to the veth's ingress
-//! (`bpf_redirect` with `BPF_F_INGRESS`, marked `HANDOFF_MARK`), where
+//! (`bpf_redirect` with `BPF_F_INGRESS`, marked with the hand-off mark), where
 //! `mesh_tc` assigns it to the agent socket it belongs to or, for a SYN, to the
 //! inbound listener, and drops it otherwise. So a connection reaches a meshed
 //! pod through the agent or not at all.
@@ -46,12 +46,14 @@
 //! original destination recorded by socket cookie (`ORIG_BY_COOKIE`); when the
 //! kernel has picked the source port, `mesh_sockops` moves it to `HOST_ORIG`
 //! keyed by (source address, port), which the agent reads on accept. Other
-//! namespaces (netns cookie) and the agent's own sockets (`AGENT_MARK`) are
-//! left alone; the kubelet's connections to local meshed pods (its cgroup id
-//! in `SETTINGS`) are marked `PROBE_MARK` and go directly.
+//! namespaces (netns cookie) and the agent's own sockets (the agent mark) are
+//! left alone; the kubelet's connections (its cgroup id in `SETTINGS`) to a
+//! probe port of a local meshed pod (`PROBE_PORTS`, from the Pod specs) are
+//! given the agent mark and go directly.
 //!
 //! Maps: `IFACES` (ifindex → [`IfaceInfo`]), `LOCAL_MESHED` (local meshed pod
-//! IPv4 → 1), `HOST_DESTS` (VIPs and meshed pod IPs → 1), `ORIG_BY_COOKIE`, `HOST_ORIG`,
+//! IPv4 → 1), `HOST_DESTS` (VIPs and meshed pod IPs → 1), `PROBE_PORTS`
+//! (local meshed pods' probe ports → 1), `ORIG_BY_COOKIE`, `HOST_ORIG`,
 //! `V6_REFUSED` (meshed pods' ifindexes that refused IPv6),
 //! `SETTINGS` (ports, marks, netns cookie), `COUNTERS`
 //! (per-CPU packet counters, see `mesh_common::counter`).
@@ -67,7 +69,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::TcContext,
 };
-use mesh_common::{HostKey, IfaceInfo, OrigDst, Settings, counter, role};
+use mesh_common::{HostKey, IfaceInfo, OrigDst, PodPort, Settings, counter, role};
 
 mod host;
 
@@ -79,6 +81,9 @@ static LOCAL_MESHED: HashMap<u32, u32> = HashMap::with_max_entries(4096, 0);
 
 #[map]
 static HOST_DESTS: HashMap<u32, u32> = HashMap::with_max_entries(65536, 0);
+
+#[map]
+static PROBE_PORTS: HashMap<PodPort, u32> = HashMap::with_max_entries(16384, 0);
 
 #[map]
 static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(65536, 0);
@@ -258,7 +263,7 @@ fn gate(ctx: &TcContext) -> i32 {
         return drop_counted(counter::GATE_DROPPED);
     };
     let owner = skb_mark(ctx) & settings.mark_mask;
-    if owner == settings.agent_mark || owner == settings.probe_mark {
+    if owner == settings.agent_mark {
         return TC_ACT_OK;
     }
     match parse(ctx) {

@@ -41,7 +41,13 @@ apiVersion: v1
 kind: Pod
 metadata: {{name: helloworld-v1-5d9f8c7b6-abcde, namespace: demo, labels: {{app: helloworld, version: v1}},
   ownerReferences: [{{kind: ReplicaSet, name: helloworld-v1-5d9f8c7b6, controller: true}}]}}
-spec: {{nodeName: node-1, serviceAccountName: helloworld}}
+spec:
+  nodeName: node-1
+  serviceAccountName: helloworld
+  containers:
+  - name: hello
+    ports: [{{name: http, containerPort: 9095}}, {{name: debug, containerPort: 9098}}]
+    readinessProbe: {{httpGet: {{path: /, port: http}}}}
 status: {{podIP: {HELLO}, phase: Running, conditions: [{{type: Ready, status: "True"}}]}}
 {extra}"#
     )
@@ -63,6 +69,8 @@ fn cluster() -> Cluster {
     c.add_pod("test", Ipv4Addr::new(10, 244, 0, 2));
     c.add_pod("helloworld", Ipv4Addr::new(10, 244, 0, 3));
     servers::http_hello(c.pod("helloworld"), 9095);
+    // A port that no probe names: the kubelet has no business there.
+    servers::http_hello(c.pod("helloworld"), 9098);
     c
 }
 
@@ -203,16 +211,27 @@ const ALLOW_ONLY_TEST: &str = "---\napiVersion: security.istio.io/v1\nkind: Auth
     rules: [{from: [{source: {principals: [cluster.local/ns/demo/sa/test]}}]}]}\n";
 
 #[test]
-fn node_processes_go_through_the_agent_and_only_the_kubelet_is_exempt() {
-    if !require_root("node_processes_go_through_the_agent_and_only_the_kubelet_is_exempt") {
+fn node_processes_go_through_the_agent_and_only_kubelet_probes_are_exempt() {
+    if !require_root("node_processes_go_through_the_agent_and_only_kubelet_probes_are_exempt") {
         return;
     }
     let mut c = cluster();
     let daemon = c.node_process(0, "daemon");
     let kubelet = c.node_process(0, "kubelet");
     let url = format!("http://{HELLO}:9095/");
-    let args = vec!["--kubelet-cgroup".to_owned(), c.cgroup_under_root(&kubelet)];
+    // Marks in bits of the operator's choosing: capture, the gate's
+    // hand-off and the agent's own sockets all use them.
+    let args = vec![
+        "--kubelet-cgroup".to_owned(),
+        c.cgroup_under_root(&kubelet),
+        "--mark-mask".to_owned(),
+        "0x00c00000".to_owned(),
+    ];
     let mut a = Agent::start_on(&c, 0, &config(&format!("{STRICT}{ALLOW_ONLY_TEST}")), &args);
+    let rules = c.node_routing();
+    for rule in ["fwmark 0x800000/0xc00000 lookup 15001", "fwmark 0xc00000/0xc00000 lookup 15001"] {
+        assert!(rules.contains(rule), "no {rule:?} in\n{rules}");
+    }
 
     // A node daemon is carried as the node's identity, which the policy does not admit.
     let (captured, denied) = (ebpf(&a, "host_captured"), failures(&a, "denied"));
@@ -223,13 +242,24 @@ fn node_processes_go_through_the_agent_and_only_the_kubelet_is_exempt() {
             && metric(m, "mesh_ebpf_packets_total", &[("counter", "host_captured")]) > captured
     });
 
-    // The kubelet's probes reach the pod directly, whatever the policy says.
+    // The kubelet's probes reach the pod directly on the port the Pod spec's
+    // readinessProbe names, whatever the policy says.
     let probes = ebpf(&a, "probe_passed");
     let r = curl_in(&kubelet, &url);
     assert_eq!(r.code, 200, "the kubelet's probe was refused: {}{}", r.body, r.stderr);
     assert_eq!(r.body, "hello from helloworld; client 172.18.0.2\n");
     a.wait_metrics(5, "the probe counted", |m| {
         metric(m, "mesh_ebpf_packets_total", &[("counter", "probe_passed")]) > probes
+    });
+
+    // Attack: anything in the kubelet's cgroup (an exec'd helper, a
+    // compromised plugin) on a port no probe names is a node process like
+    // any other: carried as the node's identity, which the policy refuses.
+    let denied = failures(&a, "denied");
+    let r = curl_in(&kubelet, &format!("http://{HELLO}:9098/"));
+    assert_ne!(r.code, 200, "the kubelet's cgroup reached a port no probe names: {}{}", r.body, r.stderr);
+    a.wait_metrics(5, "the kubelet's non-probe connection denied", |m| {
+        metric(m, "mesh_tcp_connection_failures_total", &[("reason", "denied")]) > denied
     });
 
     // Admitted by name, the node's identity gets through the agent.

@@ -385,3 +385,32 @@ fn invalid_objects_are_rejected_one_by_one_and_an_unreadable_config_refuses_to_s
     let (ok, body) = curl(c.pod("test"), &format!("http://{VIP}:9095/"));
     assert!(ok && body.starts_with("hello from helloworld"), "fixed, the workload is still denied: {body}");
 }
+
+#[test]
+fn other_tenants_marks_are_left_alone() {
+    if !require_root("other_tenants_marks_are_left_alone") {
+        return;
+    }
+    // The node's other tenants mark packets the mesh never handles: Cilium
+    // its magic values in 0x0F00 (0x0E00: "to encrypt"), Calico 0xFFFF0000,
+    // kube-proxy 0x4000 (masquerade). An un-meshed pod's connection out of
+    // the node, so marked, must be routed as if the agent were not there.
+    let c = cluster();
+    let _agent = Agent::start(&c, &config(false, ""));
+    let net = mesh_tests::Pod::namespace("net", Ipv4Addr::new(172, 18, 0, 1), &c.net_ns);
+    servers::http_hello(&net, 8080);
+    let outsider = c.pod("outsider");
+    let url = "http://172.18.0.1:8080/";
+    let (ok, body) = curl(outsider, url);
+    assert!(ok, "unmarked: {body}");
+    let script = "table ip tenants {\n chain pre {\n  type filter hook prerouting priority mangle; policy accept;\n  \
+                  ip saddr 10.244.0.4 counter meta mark set 0xabcd4e00\n  \
+                  ip daddr 10.244.0.4 meta mark set 0xabcd4e00\n }\n}\n";
+    let out = c.node_cmd(&["nft", script]);
+    assert!(out.status.success(), "nft: {}", String::from_utf8_lossy(&out.stderr));
+    let (ok, body) = curl(outsider, url);
+    assert!(ok, "a connection another tenant marked was taken by the agent's routing: {body}");
+    let counted =
+        String::from_utf8_lossy(&c.node_cmd(&["nft", "list", "chain", "ip", "tenants", "pre"]).stdout).into_owned();
+    assert!(!counted.contains("counter packets 0 "), "the tenant's rule marked nothing:\n{counted}");
+}

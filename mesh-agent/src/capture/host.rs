@@ -7,10 +7,11 @@
 //!
 //! The programs see every namespace's sockets (the cgroup is the machine's
 //! root), so they act only in this node's namespace (its netns cookie), and
-//! never on the agent's own sockets (marked [`AGENT_MARK`]). The kubelet's
-//! connections to local meshed pods (its health probes) are the one exemption:
-//! a process in the kubelet's cgroup (`--kubelet-cgroup`) reaches them
-//! directly, its socket marked so that the pod's last-hop gate lets it pass.
+//! never on the agent's own sockets (the agent mark). The kubelet's probes are
+//! the one exemption: a process in the kubelet's cgroup (`--kubelet-cgroup`)
+//! reaches a local meshed pod directly on a port that a probe in the pod's
+//! spec names (`PROBE_PORTS`), its socket marked so that the pod's last-hop
+//! gate lets it pass; on every other port it is captured like any node process.
 //! Links are pinned (see [`super::pins`]): they outlive the agent, and while no
 //! agent listens a captured connect is refused.
 use std::{
@@ -25,7 +26,7 @@ use aya::{
     maps::{HashMap as BpfHashMap, MapData},
     programs::{CgroupAttachMode, CgroupSockAddr, SockOps, links::FdLink},
 };
-use mesh_common::{HostKey, OrigDst};
+use mesh_common::{HostKey, OrigDst, PodPort};
 
 use super::{
     CaptureError, map_err,
@@ -33,8 +34,6 @@ use super::{
     take_map,
 };
 use crate::state::State;
-
-pub use mesh_common::AGENT_MARK;
 
 /// The original destinations of captured host connections, shared with the proxy.
 pub struct HostOrig(Mutex<BpfHashMap<MapData, HostKey, OrigDst>>);
@@ -55,6 +54,8 @@ impl HostOrig {
 pub struct HostCapture {
     dests: BpfHashMap<MapData, u32, u32>,
     dest_set: HashSet<u32>,
+    probes: BpfHashMap<MapData, PodPort, u32>,
+    probe_set: HashSet<PodPort>,
     pub cgroup: PathBuf,
     links: Vec<Held>,
 }
@@ -115,6 +116,7 @@ pub const PINS: [&str; 2] = ["cgroup-connect4", "cgroup-sockops"];
 pub fn start(ebpf: &mut Ebpf, cgroup: &Path, pins: &Pins) -> Result<(HostCapture, HostOrig), CaptureError> {
     let dests = BpfHashMap::try_from(take_map(ebpf, "HOST_DESTS")?).map_err(map_err("HOST_DESTS"))?;
     let orig = BpfHashMap::try_from(take_map(ebpf, "HOST_ORIG")?).map_err(map_err("HOST_ORIG"))?;
+    let probes = BpfHashMap::try_from(take_map(ebpf, "PROBE_PORTS")?).map_err(map_err("PROBE_PORTS"))?;
     let dir = std::fs::File::open(cgroup).map_err(|e| CaptureError::Cgroup { path: cgroup.into(), source: e })?;
     for name in PINS {
         pins.remove(name);
@@ -133,8 +135,14 @@ pub fn start(ebpf: &mut Ebpf, cgroup: &Path, pins: &Pins) -> Result<(HostCapture
     let id = sockops.attach(&dir, CgroupAttachMode::Single)?;
     let sockops_link = pins.hold(PINS[1], FdLink::try_from(sockops.take_link(id)?)?).map_err(CaptureError::Pin)?;
     tracing::info!(cgroup = %cgroup.display(), "host clients captured (cgroup/connect4 + sockops)");
-    let capture =
-        HostCapture { dests, dest_set: HashSet::new(), cgroup: cgroup.into(), links: vec![connect_link, sockops_link] };
+    let capture = HostCapture {
+        dests,
+        dest_set: HashSet::new(),
+        probes,
+        probe_set: HashSet::new(),
+        cgroup: cgroup.into(),
+        links: vec![connect_link, sockops_link],
+    };
     Ok((capture, HostOrig(Mutex::new(orig))))
 }
 
@@ -147,8 +155,9 @@ impl HostCapture {
     }
 
     /// Makes `HOST_DESTS` hold exactly the mesh Services' VIPs and the meshed
-    /// pods' IPs (on every node: a host client reaches a remote one over HBONE).
-    pub fn sync(&mut self, state: &State) -> Result<(), CaptureError> {
+    /// pods' IPs (on every node: a host client reaches a remote one over HBONE),
+    /// and `PROBE_PORTS` the probe ports of the meshed pods on `node`.
+    pub fn sync(&mut self, state: &State, node: &str) -> Result<(), CaptureError> {
         let vips = state.services.values().filter(|s| s.external.is_none()).filter_map(|s| s.vip);
         let pods = state.workloads.values().filter(|w| w.meshed && !w.host_network).filter_map(|w| w.ip);
         let want: HashSet<u32> = vips.chain(pods).map(|ip| u32::from_ne_bytes(ip.octets())).collect();
@@ -159,6 +168,21 @@ impl HostCapture {
             let _ = self.dests.remove(ip);
         }
         self.dest_set = want;
+        let want: HashSet<PodPort> = state
+            .local_workloads(node)
+            .filter(|w| w.meshed)
+            .filter_map(|w| Some((w.ip?, &w.probe_ports)))
+            .flat_map(|(ip, ports)| {
+                ports.iter().map(move |&port| PodPort { ip: u32::from_ne_bytes(ip.octets()), port, _pad: 0 })
+            })
+            .collect();
+        for p in want.difference(&self.probe_set) {
+            self.probes.insert(*p, 1, 0).map_err(map_err("PROBE_PORTS"))?;
+        }
+        for p in self.probe_set.difference(&want) {
+            let _ = self.probes.remove(p);
+        }
+        self.probe_set = want;
         Ok(())
     }
 }

@@ -4,11 +4,7 @@
 use std::{collections::HashMap, net::Ipv4Addr};
 
 use futures_util::TryStreamExt as _;
-use mesh_common::{HANDOFF_MARK, PROXY_MARK, PROXY_MARK_MASK, PROXY_ROUTE_TABLE, PROXY_RULE_PRIORITY};
-
-/// Marks of packets assigned to an agent socket: captured ones, and those the
-/// last-hop gate handed back (kept apart so netfilter can skip the latter).
-const LOCAL_MARKS: [u32; 2] = [PROXY_MARK, HANDOFF_MARK];
+use mesh_common::{Marks, PROXY_ROUTE_TABLE, PROXY_RULE_PRIORITY};
 use rtnetlink::{
     Handle, IpVersion, RouteMessageBuilder,
     packet_route::{
@@ -114,10 +110,13 @@ pub async fn link_names(handle: &Handle) -> Result<HashMap<u32, String>, Netlink
     Ok(out)
 }
 
+/// The agent's rules, whatever marks the run that installed them used: its
+/// priority and its table.
 fn is_ours(rule: &RuleMessage) -> bool {
     let attrs = &rule.attributes;
     attrs.contains(&RuleAttribute::Priority(PROXY_RULE_PRIORITY))
-        && LOCAL_MARKS.iter().any(|m| attrs.contains(&RuleAttribute::FwMark(*m)))
+        && attrs.contains(&RuleAttribute::Table(PROXY_ROUTE_TABLE))
+        && attrs.iter().any(|a| matches!(a, RuleAttribute::FwMark(_)))
 }
 
 /// Removes the agent's rule (left by a previous run that crashed, or ours at exit).
@@ -142,13 +141,14 @@ fn local_route(lo: u32) -> RouteMessage {
         .build()
 }
 
-/// Installs `fwmark PROXY_MARK/PROXY_MARK_MASK lookup PROXY_ROUTE_TABLE` (and
-/// the same for `HANDOFF_MARK`) and `local 0.0.0.0/0 dev lo table
-/// PROXY_ROUTE_TABLE`, replacing stale copies.
-pub async fn install_proxy_routing(handle: &Handle, lo: u32) -> Result<(), NetlinkError> {
+/// Installs `fwmark captured/mask lookup PROXY_ROUTE_TABLE` (and the same for
+/// the hand-off mark: the marks of packets assigned to an agent socket, kept
+/// apart so that netfilter can skip handed-back ones) and `local 0.0.0.0/0
+/// dev lo table PROXY_ROUTE_TABLE`, replacing stale copies.
+pub async fn install_proxy_routing(handle: &Handle, lo: u32, marks: &Marks) -> Result<(), NetlinkError> {
     remove_proxy_rule(handle).await?;
     handle.route().add(local_route(lo)).replace().execute().await.map_err(nl("add local route"))?;
-    for mark in LOCAL_MARKS {
+    for mark in [marks.captured, marks.handoff] {
         let mut req = handle
             .rule()
             .add()
@@ -157,7 +157,7 @@ pub async fn install_proxy_routing(handle: &Handle, lo: u32) -> Result<(), Netli
             .priority(PROXY_RULE_PRIORITY)
             .fw_mark(mark)
             .action(RuleAction::ToTable);
-        req.message_mut().attributes.push(RuleAttribute::FwMask(PROXY_MARK_MASK));
+        req.message_mut().attributes.push(RuleAttribute::FwMask(marks.mask));
         req.execute().await.map_err(nl("add rule"))?;
     }
     Ok(())

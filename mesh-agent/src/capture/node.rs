@@ -14,13 +14,13 @@
 //!   IP forwarding, which refuses packets that carry a socket, before the gate
 //!   could hand them back;
 //! - handed-back packets are not tracked again (a raw-table `notrack` for
-//!   [`HANDOFF_MARK`]): redirecting resets a packet's conntrack entry, and a
+//!   hand-off mark): redirecting resets a packet's conntrack entry, and a
 //!   second entry for a kube-proxy-DNAT'd flow clashes with the first, whose
 //!   reply direction un-NATs the agent's replies. Installed with `nft` when
 //!   it is there; without it, DNAT'd connections to meshed pods fail (closed).
 use std::{io, path::Path, process::Command};
 
-use mesh_common::{HANDOFF_MARK, PROXY_MARK_MASK};
+use mesh_common::Marks;
 
 const EARLY_DEMUX: &str = "/proc/sys/net/ipv4/tcp_early_demux";
 const NFT_TABLE: &str = "mesh_agent";
@@ -36,7 +36,7 @@ impl NodeSettings {
     /// Turns TCP early demux off and installs the notrack rule (best effort:
     /// each failure is logged, and leaves DNAT'd or re-entering flows failing
     /// closed, never passing).
-    pub fn apply() -> Self {
+    pub fn apply(marks: &Marks) -> Self {
         let mut applied = NodeSettings::default();
         match std::fs::read_to_string(EARLY_DEMUX) {
             Ok(old) if old.trim() == "0" => {}
@@ -48,7 +48,7 @@ impl NodeSettings {
             },
             Err(e) => tracing::warn!(error = %e, "cannot read {EARLY_DEMUX}"),
         }
-        match install_notrack() {
+        match install_notrack(marks) {
             Ok(()) => applied.nft = true,
             Err(e) => {
                 tracing::warn!(error = %e, "no notrack rule for handed-back packets: connections DNAT'd to a meshed pod (kube-proxy NodePort) will fail")
@@ -99,13 +99,14 @@ fn read_sysctl(path: &str) -> Option<String> {
     std::fs::read_to_string(Path::new("/proc/sys").join(path)).ok().map(|s| s.trim().to_owned())
 }
 
-fn install_notrack() -> io::Result<()> {
+fn install_notrack(marks: &Marks) -> io::Result<()> {
+    let (mask, handoff) = (marks.mask, marks.handoff);
     // `add` then `delete` makes the replacement atomic whether or not a
     // previous run left the table behind.
     nft(&format!(
         "add table inet {NFT_TABLE}\ndelete table inet {NFT_TABLE}\n\
          table inet {NFT_TABLE} {{\n  chain prerouting {{\n    type filter hook prerouting priority raw; policy accept;\n    \
-         meta mark & {PROXY_MARK_MASK:#010x} == {HANDOFF_MARK:#010x} notrack\n  }}\n}}\n"
+         meta mark & {mask:#010x} == {handoff:#010x} notrack\n  }}\n}}\n"
     ))
 }
 

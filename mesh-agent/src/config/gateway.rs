@@ -161,6 +161,7 @@ pub(super) fn build_gateway(
         meshed: true,
         ready: true,
         named_ports: BTreeMap::new(),
+        probe_ports: Default::default(),
         uid: None,
     });
     let (selector, created) = (obj.spec.selector.clone(), obj.metadata.creation_timestamp.clone());

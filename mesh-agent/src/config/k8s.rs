@@ -70,13 +70,39 @@ pub struct PodSpec {
     pub service_account_name: Option<String>,
     pub host_network: bool,
     pub containers: Vec<Container>,
+    /// Read for their probes: a sidecar (an init container that keeps
+    /// running) is probed like the others.
+    pub init_containers: Vec<Container>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
-#[serde(default)]
+#[serde(default, rename_all = "camelCase")]
 pub struct Container {
     pub name: String,
     pub ports: Vec<ContainerPort>,
+    pub liveness_probe: Option<Probe>,
+    pub readiness_probe: Option<Probe>,
+    pub startup_probe: Option<Probe>,
+}
+
+/// A container probe: only the handlers that make the kubelet open a TCP
+/// connection to the pod (`exec` runs inside it).
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct Probe {
+    pub http_get: Option<ProbeTarget>,
+    pub tcp_socket: Option<ProbeTarget>,
+    pub grpc: Option<ProbeTarget>,
+}
+
+/// Where a probe connects: `port` (a number, or the name of one of the
+/// container's ports) on `host` (the pod's IP when empty).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProbeTarget {
+    pub port: IntOrString,
+    #[serde(default)]
+    pub host: Option<String>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]

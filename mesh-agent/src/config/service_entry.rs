@@ -285,6 +285,7 @@ fn unknown_endpoint(namespace: &Arc<str>, ip: Option<Ipv4Addr>, labels: BTreeMap
         meshed: false,
         ready: true,
         named_ports: BTreeMap::new(),
+        probe_ports: Default::default(),
         uid: None,
     }
 }

@@ -6,7 +6,7 @@
 //! even its selector cannot be read), as ztunnel does with a policy it
 //! cannot understand.
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::Ipv4Addr,
     sync::Arc,
 };

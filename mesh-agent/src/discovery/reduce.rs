@@ -64,23 +64,15 @@ pub(super) fn reduce(kind: &Kind, obj: DynamicObject) -> Value {
     }
     match kind.kind {
         "Pod" => {
-            let containers = field(&["spec", "containers"]).and_then(|c| c.as_array().cloned()).unwrap_or_default();
-            let containers: Vec<Value> = containers
-                .iter()
-                .map(|c| {
-                    let ports = c.get("ports").and_then(Value::as_array).cloned().unwrap_or_default();
-                    let ports: Vec<Value> = ports
-                        .iter()
-                        .map(|p| json!({"name": p.get("name"), "containerPort": p.get("containerPort"), "protocol": p.get("protocol")}))
-                        .map(without_nulls)
-                        .collect();
-                    json!({"name": c.get("name"), "ports": ports})
-                })
-                .collect();
+            for list in ["containers", "initContainers"] {
+                let containers = field(&["spec", list]).and_then(|c| c.as_array().cloned()).unwrap_or_default();
+                if list == "containers" || !containers.is_empty() {
+                    set(&mut out, "spec", list, Value::Array(containers.iter().map(container).collect()));
+                }
+            }
             let conditions = field(&["status", "conditions"]).and_then(|c| c.as_array().cloned()).unwrap_or_default();
             let conditions: Vec<Value> =
                 conditions.iter().map(|c| json!({"type": c.get("type"), "status": c.get("status")})).collect();
-            set(&mut out, "spec", "containers", Value::Array(containers));
             set(&mut out, "status", "conditions", Value::Array(conditions));
         }
         "Service" => {
@@ -95,6 +87,34 @@ pub(super) fn reduce(kind: &Kind, obj: DynamicObject) -> Value {
             set(&mut out, "spec", "ports", Value::Array(ports));
         }
         _ => {}
+    }
+    Value::Object(out)
+}
+
+/// What the agent reads of a container: its ports and where its probes connect.
+fn container(c: &Value) -> Value {
+    let ports = c.get("ports").and_then(Value::as_array).cloned().unwrap_or_default();
+    let ports: Vec<Value> = ports
+        .iter()
+        .map(|p| json!({"name": p.get("name"), "containerPort": p.get("containerPort"), "protocol": p.get("protocol")}))
+        .map(without_nulls)
+        .collect();
+    let mut kept = json!({"name": c.get("name"), "ports": ports});
+    for probe in ["livenessProbe", "readinessProbe", "startupProbe"] {
+        if let Some(p) = c.get(probe).map(probe_target) {
+            kept[probe] = p;
+        }
+    }
+    kept
+}
+
+/// What the agent reads of a probe: where its TCP handlers connect.
+fn probe_target(probe: &Value) -> Value {
+    let mut out = Map::new();
+    for handler in ["httpGet", "tcpSocket", "grpc"] {
+        if let Some(h) = probe.get(handler) {
+            out.insert(handler.to_owned(), without_nulls(json!({"port": h.get("port"), "host": h.get("host")})));
+        }
     }
     Value::Object(out)
 }
@@ -139,5 +159,34 @@ mod tests {
         );
         assert_eq!(reduced["stringData"], json!({}));
         assert!(reduced["metadata"].get("annotations").is_none());
+    }
+
+    #[test]
+    fn a_pod_keeps_its_ports_and_where_its_probes_connect() {
+        let pod: DynamicObject = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "p", "namespace": "demo"},
+            "spec": {
+                "containers": [{
+                    "name": "app", "image": "app:1", "env": [{"name": "PASSWORD", "value": "x"}],
+                    "ports": [{"name": "http", "containerPort": 8080}],
+                    "readinessProbe": {"httpGet": {"path": "/ready", "port": "http", "httpHeaders": [{"name": "a", "value": "b"}]}, "periodSeconds": 5},
+                    "livenessProbe": {"exec": {"command": ["true"]}},
+                }],
+                "initContainers": [{"name": "proxy", "restartPolicy": "Always", "startupProbe": {"tcpSocket": {"port": 9901}}}],
+            },
+        }))
+        .expect("a Pod");
+        let kind = agent_kinds(&[]).into_iter().find(|k| k.kind == "Pod").expect("Pods");
+        let reduced = reduce(&kind, pod);
+        assert_eq!(
+            reduced["spec"]["containers"],
+            json!([{"name": "app", "ports": [{"name": "http", "containerPort": 8080}],
+                    "readinessProbe": {"httpGet": {"port": "http"}}, "livenessProbe": {}}])
+        );
+        assert_eq!(
+            reduced["spec"]["initContainers"],
+            json!([{"name": "proxy", "ports": [], "startupProbe": {"tcpSocket": {"port": 9901}}}])
+        );
     }
 }

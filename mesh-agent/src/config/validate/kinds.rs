@@ -31,6 +31,7 @@ pub(super) fn build_node(ctx: &mut Ctx<'_>, node: &k8s::Node, trust_domain: &str
         meshed: true,
         ready: true,
         named_ports: BTreeMap::new(),
+        probe_ports: BTreeSet::new(),
         uid: None,
     });
     Some(Node { name, internal_ip, labels: node.metadata.labels.clone(), workload })
@@ -92,6 +93,7 @@ pub(super) fn build_workload(
             }
         }
     }
+    let probe_ports = probe_ports(ctx, &pod.spec)?;
     let phase_ok = pod.status.phase.as_deref().is_none_or(|p| p == "Running");
     let ready_ok = pod.status.conditions.iter().filter(|c| c.kind == "Ready").all(|c| c.status == "True");
     let service_account: Arc<str> = pod.spec.service_account_name.as_deref().unwrap_or("default").into();
@@ -133,8 +135,47 @@ pub(super) fn build_workload(
         meshed,
         ready: phase_ok && ready_ok,
         named_ports,
+        probe_ports,
         uid: pod.metadata.uid.as_deref().map(Into::into),
     })
+}
+
+/// The ports that the kubelet's probes connect to on the pod's own address
+/// (`httpGet`, `tcpSocket` and `grpc` with no `host`), a name resolved
+/// against the probed container's ports as the kubelet resolves it. A name
+/// that no port has is skipped: the kubelet cannot run that probe either.
+fn probe_ports(ctx: &mut Ctx<'_>, spec: &k8s::PodSpec) -> Option<BTreeSet<u16>> {
+    let mut out = BTreeSet::new();
+    for (list, containers) in [("containers", &spec.containers), ("initContainers", &spec.init_containers)] {
+        for (ci, c) in containers.iter().enumerate() {
+            let probes = [
+                ("livenessProbe", &c.liveness_probe),
+                ("readinessProbe", &c.readiness_probe),
+                ("startupProbe", &c.startup_probe),
+            ];
+            for (which, probe) in probes {
+                let Some(probe) = probe else { continue };
+                for (handler, target) in
+                    [("httpGet", &probe.http_get), ("tcpSocket", &probe.tcp_socket), ("grpc", &probe.grpc)]
+                {
+                    let Some(target) = target.as_ref().filter(|t| t.host.as_deref().is_none_or(str::is_empty)) else {
+                        continue;
+                    };
+                    let field = format!("spec.{list}[{ci}].{which}.{handler}.port");
+                    let number = match &target.port {
+                        k8s::IntOrString::Int(n) => Some(*n),
+                        k8s::IntOrString::String(s) => s.parse().ok().or_else(|| {
+                            c.ports.iter().find(|p| p.name.as_deref() == Some(s)).map(|p| p.container_port)
+                        }),
+                    };
+                    if let Some(n) = number {
+                        out.insert(parse_port(ctx, &field, n)?);
+                    }
+                }
+            }
+        }
+    }
+    Some(out)
 }
 
 pub(super) fn build_service(

@@ -328,3 +328,42 @@ mod admission;
 mod gateway_tls;
 mod origination_tls;
 mod security;
+
+#[test]
+fn probe_ports_are_those_the_kubelet_connects_to() {
+    let pod = |containers: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: p, namespace: demo}}\n\
+             spec: {{nodeName: node-1, {containers}}}\nstatus: {{podIP: 10.244.0.9}}\n"
+        )
+    };
+    let cases: [(&str, &[u16]); 6] = [
+        (
+            "containers: [{name: a, ports: [{name: http, containerPort: 8080}], readinessProbe: {httpGet: {port: http}}}]",
+            &[8080],
+        ),
+        (
+            "containers: [{name: a, livenessProbe: {tcpSocket: {port: 9000}}, startupProbe: {grpc: {port: 9001}}}]",
+            &[9000, 9001],
+        ),
+        // A name is resolved in the probed container only, as the kubelet does.
+        (
+            "containers: [{name: a, readinessProbe: {httpGet: {port: metrics}}}, {name: b, ports: [{name: metrics, containerPort: 9090}]}]",
+            &[],
+        ),
+        // Another host is probed, not the pod; exec runs inside the pod.
+        (
+            "containers: [{name: a, livenessProbe: {httpGet: {host: 10.0.0.1, port: 80}}, readinessProbe: {exec: {command: [\"true\"]}}}]",
+            &[],
+        ),
+        ("containers: [{name: a, readinessProbe: {httpGet: {port: \"8081\"}}}]", &[8081]),
+        ("initContainers: [{name: s, restartPolicy: Always, startupProbe: {tcpSocket: {port: 15021}}}]", &[15021]),
+    ];
+    for (containers, want) in cases {
+        let loaded = load(&pod(containers)).unwrap_or_else(|e| panic!("{containers}: {e:?}"));
+        let got: Vec<u16> = loaded.state.workloads["demo/p"].probe_ports.iter().copied().collect();
+        assert_eq!(got, want, "{containers}");
+    }
+    let err = error_of(&pod("containers: [{name: a, readinessProbe: {tcpSocket: {port: 70000}}}]"));
+    assert!(err.contains("spec.containers[0].readinessProbe.tcpSocket.port"), "{err}");
+}
