@@ -52,6 +52,10 @@ pub struct RunConfig {
     pub source: ConfigSource,
     pub node: String,
     pub admin_addr: SocketAddr,
+    /// The stats port (`/metrics`, `/stats/prometheus`) for scrapers; `None`: off.
+    pub stats_addr: Option<SocketAddr>,
+    /// The readiness port (`/healthz/ready`) for the kubelet; `None`: off.
+    pub readiness_addr: Option<SocketAddr>,
     pub connect_timeout: Duration,
     pub drain_timeout: Duration,
     /// How often the configuration and the node's interfaces are re-checked.
@@ -259,11 +263,21 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
     let certs = &ctx.inputs.certs;
     let tls = crate::identity::tls::server_config(certs.roots(), certs.clone(), true, &[b"h2"])?;
     let sockets = Sockets { outbound, inbound, hbone, hbone_tls: tokio_rustls::TlsAcceptor::from(Arc::new(tls)) };
-    let admin = tokio::net::TcpListener::bind(cfg.admin_addr).await.map_err(|source| RunError::Bind {
-        what: "the admin server",
-        addr: cfg.admin_addr.to_string(),
-        source,
-    })?;
+    let mut admin = Vec::new();
+    let surfaces = [
+        (admin::Surface::Admin, "the admin server", Some(cfg.admin_addr)),
+        (admin::Surface::Stats, "the stats port", cfg.stats_addr),
+        (admin::Surface::Readiness, "the readiness port", cfg.readiness_addr),
+    ];
+    for (surface, what, addr) in surfaces {
+        let Some(addr) = addr else { continue };
+        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| RunError::Bind {
+            what,
+            addr: addr.to_string(),
+            source,
+        })?;
+        admin.push((surface, listener));
+    }
     let mut capture = Capture::start(cfg.host_cgroup.as_deref(), cfg.kubelet_cgroup.as_deref(), &cfg.bpffs).await?;
     if let Some(orig) = capture.take_host_orig() {
         let _ = ctx.inputs.host_orig.set(orig);
@@ -324,7 +338,7 @@ async fn serve(
     cfg: &RunConfig,
     ctx: &Arc<Context>,
     sockets: Sockets,
-    admin: tokio::net::TcpListener,
+    admin: Vec<(admin::Surface, tokio::net::TcpListener)>,
     capture: &mut Capture,
     source: &mut Source,
 ) -> Result<(), RunError> {
@@ -347,7 +361,9 @@ async fn serve(
         tokio::spawn(crate::proxy::serve(inputs.clone(), inbound, Direction::Inbound, stop_rx.clone())),
         tokio::spawn(crate::proxy::hbone::serve(inputs.clone(), hbone, hbone_tls, hop, stop_rx)),
     ];
-    tokio::spawn(admin::serve(ctx.clone(), admin));
+    for (surface, listener) in admin {
+        tokio::spawn(admin::serve(ctx.clone(), listener, surface));
+    }
     ctx.ready.store(true, Ordering::Release);
     tracing::info!(node = %cfg.node, admin = %cfg.admin_addr, pods = capture.attached().len(), "mesh-agent ready");
 

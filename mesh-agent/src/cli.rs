@@ -1,8 +1,14 @@
-//! Command line: `run`, `uninstall`, `ca`, `validate`, `version`. All argument parsing lives here;
+//! Command line: `run`, `uninstall`, `ca`, `ca-root`, `inspect`, `validate`, `version`. All argument parsing lives here;
 //! the rest of the agent takes plain config structs.
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
+
+mod args;
+mod inspect;
+
+use args::parse_listen;
+pub use args::{KubeArgs, LimitArgs, Listen, parse_duration};
 
 use crate::{
     agent::{ConfigSource, IdentityConfig, RemoteCa, RunConfig, RunError},
@@ -19,67 +25,13 @@ pub const EXIT_NOPERM: u8 = 77;
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
-}
-
-/// Bounds on what clients and peers can make the agent hold (docs/limits.md).
-#[derive(Debug, clap::Args)]
-pub struct LimitArgs {
-    /// Connections open at once on one listener (capture, 15006, 15008, each gateway port).
-    #[arg(long, default_value_t = 65_536)]
-    max_connections: usize,
-    /// Of those, from one client address.
-    #[arg(long, default_value_t = 8_192)]
-    max_connections_per_source: usize,
-    /// TLS handshakes in progress at once on one listener (15008, HTTPS gateways).
-    #[arg(long, default_value_t = 512)]
-    max_tls_handshakes: usize,
-    /// Of those, from one client address.
-    #[arg(long, default_value_t = 64)]
-    max_tls_handshakes_per_source: usize,
-    /// Time for a client to finish its TLS handshake.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
-    tls_handshake_timeout: Duration,
-    /// Largest HTTP/1 request line and headers, in bytes (Envoy: 60 KiB).
-    #[arg(long, default_value_t = 60 * 1024, value_parser = clap::value_parser!(u64).range(8192..=16 << 20))]
-    max_request_headers: u64,
-    /// Concurrent streams on one client HTTP/2 connection.
-    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
-    max_http2_streams: u32,
-    /// Bytes buffered for one HTTP/2 stream's slow reader before reading upstream stops.
-    #[arg(long, default_value_t = 256 * 1024, value_parser = clap::value_parser!(u64).range(16384..=16 << 20))]
-    http2_send_buffer: u64,
-    /// HTTP/2 keep-alive ping interval on client connections (answered within 20 s).
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
-    http2_keepalive: Duration,
-    /// Close a connection with no byte either way for this long (Istio: 1h).
-    #[arg(long, default_value = "1h", value_parser = parse_duration)]
-    idle_timeout: Duration,
-    /// Time for a peer agent to answer an HBONE CONNECT.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
-    hbone_connect_timeout: Duration,
-    /// Time to read a request body the agent keeps for retries or mirroring.
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
-    body_timeout: Duration,
-}
-
-impl From<LimitArgs> for crate::proxy::limits::Limits {
-    fn from(a: LimitArgs) -> Self {
-        crate::proxy::limits::Limits {
-            max_connections: a.max_connections.max(1),
-            max_connections_per_source: a.max_connections_per_source.max(1),
-            max_handshakes: a.max_tls_handshakes.max(1),
-            max_handshakes_per_source: a.max_tls_handshakes_per_source.max(1),
-            handshake_timeout: a.tls_handshake_timeout,
-            max_request_headers: a.max_request_headers as usize,
-            max_streams: a.max_http2_streams,
-            h2_send_buffer: a.http2_send_buffer as usize,
-            keepalive_interval: a.http2_keepalive,
-            keepalive_timeout: std::time::Duration::from_secs(20),
-            idle_timeout: a.idle_timeout,
-            connect_answer_timeout: a.hbone_connect_timeout,
-            body_timeout: a.body_timeout,
-        }
-    }
+    /// Log lines as `text` or `json` (one object per line).
+    #[arg(long, global = true, env = "MESH_LOG_FORMAT", default_value = "text")]
+    pub log_format: crate::telemetry::logging::LogFormat,
+    /// Log filter (`info`, `debug`, `mesh_agent=debug,info`, …); RUST_LOG,
+    /// when set, wins. Changed at run time with `mesh-agent inspect log-level`.
+    #[arg(long, global = true, env = "MESH_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
 }
 
 #[derive(Debug, Subcommand)]
@@ -88,77 +40,93 @@ pub enum Command {
     /// Capture this node's meshed pods and proxy their traffic (needs root).
     Run {
         /// Kubernetes-shaped YAML: a file, or a directory of *.yaml files. Watched.
-        #[arg(long, required_unless_present = "kubernetes", conflicts_with = "kubernetes")]
+        #[arg(long, env = "MESH_CONFIG", required_unless_present = "kubernetes", conflicts_with = "kubernetes")]
         config: Option<PathBuf>,
         /// Read configuration from the Kubernetes API server instead (in a
         /// cluster: the pod's service account; outside: $KUBECONFIG).
-        #[arg(long)]
+        #[arg(long, env = "MESH_KUBERNETES")]
         kubernetes: bool,
         /// With --kubernetes: the namespaces whose Secrets the agent reads
         /// (Gateway and DestinationRule credentials), each granted by a Role
         /// there; Secrets are never read cluster-wide.
-        #[arg(long, value_delimiter = ',', default_value = "istio-system", requires = "kubernetes")]
+        #[arg(
+            long,
+            env = "MESH_SECRET_NAMESPACES",
+            value_delimiter = ',',
+            default_value = "istio-system",
+            requires = "kubernetes"
+        )]
         secret_namespaces: Vec<String>,
         /// Name of this node (pods are local when `spec.nodeName` matches).
-        #[arg(long)]
+        #[arg(long, env = "NODE_NAME")]
         node: String,
-        /// Admin server address (/ready, /metrics, /config_dump).
-        #[arg(long, default_value = "127.0.0.1:15000")]
+        /// Admin server address (/config_dump, /connections, /logging, and
+        /// the stats and readiness paths); keep it on loopback.
+        #[arg(long, env = "MESH_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
         admin_addr: SocketAddr,
+        /// Stats port for Prometheus (`/metrics`, `/stats/prometheus`), on the
+        /// node's addresses as Istio's 15020; `off` to close it.
+        #[arg(long, env = "MESH_STATS_ADDR", default_value = "0.0.0.0:15020", value_parser = parse_listen)]
+        stats_addr: Listen,
+        /// Readiness port for the kubelet (`/healthz/ready`), as Istio's 15021; `off` to close it.
+        #[arg(long, env = "MESH_READINESS_ADDR", default_value = "0.0.0.0:15021", value_parser = parse_listen)]
+        readiness_addr: Listen,
+        #[command(flatten)]
+        kube: KubeArgs,
         /// Upstream connect timeout, e.g. `10s` or `500ms`.
-        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        #[arg(long, env = "MESH_CONNECT_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
         connect_timeout: Duration,
         /// How long to wait for live connections on SIGTERM before closing them.
-        #[arg(long, default_value = "5s", value_parser = parse_duration)]
+        #[arg(long, env = "MESH_DRAIN_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
         drain_timeout: Duration,
         /// How often configuration and interfaces are re-checked.
-        #[arg(long, default_value = "1s", value_parser = parse_duration)]
+        #[arg(long, env = "MESH_RESYNC_INTERVAL", default_value = "1s", value_parser = parse_duration)]
         resync_interval: Duration,
         /// SPIFFE trust domain of workload identities.
-        #[arg(long, default_value = crate::state::DEFAULT_TRUST_DOMAIN)]
+        #[arg(long, env = "MESH_TRUST_DOMAIN", default_value = crate::state::DEFAULT_TRUST_DOMAIN)]
         trust_domain: String,
         /// Where the embedded CA keeps its root (used when --ca-addr is not given).
-        #[arg(long, default_value = "/var/lib/mesh-agent")]
+        #[arg(long, env = "MESH_STATE_DIR", default_value = "/var/lib/mesh-agent")]
         state_dir: PathBuf,
         /// CA service address (host:port); the agent then holds no CA key.
-        #[arg(long, requires_all = ["ca_root", "ca_token_file"])]
+        #[arg(long, env = "MESH_CA_ADDR", requires_all = ["ca_root", "ca_token_file"])]
         ca_addr: Option<String>,
         /// The mesh root certificate (the CA service's root-cert.pem).
-        #[arg(long, requires = "ca_addr")]
+        #[arg(long, env = "MESH_CA_ROOT", requires = "ca_addr")]
         ca_root: Option<PathBuf>,
         /// This node's bootstrap token (the CA service's node-tokens/<node>).
-        #[arg(long, requires = "ca_addr")]
+        #[arg(long, env = "MESH_CA_TOKEN_FILE", requires = "ca_addr")]
         ca_token_file: Option<PathBuf>,
         /// Lifetime of workload certificates; renewed at half life.
-        #[arg(long, default_value = "24h", value_parser = parse_duration)]
+        #[arg(long, env = "MESH_CERT_TTL", default_value = "24h", value_parser = parse_duration)]
         cert_ttl: Duration,
         /// How long to wait for a client's first bytes to tell HTTP from TCP, on
         /// ports that declare no protocol (silence means TCP).
-        #[arg(long, default_value = "100ms", value_parser = parse_duration)]
+        #[arg(long, env = "MESH_PROTOCOL_DETECTION_TIMEOUT", default_value = "100ms", value_parser = parse_duration)]
         protocol_detection_timeout: Duration,
         /// JSON access log, one line per request: `off`, `stdout` or a file path.
-        #[arg(long, default_value = "stdout")]
+        #[arg(long, env = "MESH_ACCESS_LOG", default_value = "stdout")]
         access_log: String,
         /// CA certificates (PEM) trusted, beside the system's, for the HTTPS
         /// servers RequestAuthentications' `jwksUri` names.
-        #[arg(long)]
+        #[arg(long, env = "MESH_JWKS_CA")]
         jwks_ca: Option<PathBuf>,
         /// Directories from which objects outside the root namespace may name
         /// files in TLS settings (DestinationRule `clientCertificate`,
         /// `privateKey`, `caCertificates`, `caCrl`; Gateway `caCrl`). Without
         /// it only istio-system's objects may name files on the node.
-        #[arg(long, value_delimiter = ',')]
+        #[arg(long, env = "MESH_TLS_FILES_FROM", value_delimiter = ',')]
         tls_files_from: Vec<PathBuf>,
         /// The shortest time between two fetches of one `jwksUri` key set (a
         /// token naming an unknown key fetches it again at most this often).
-        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        #[arg(long, env = "MESH_JWKS_REFETCH_INTERVAL", default_value = "30s", value_parser = parse_duration)]
         jwks_refetch_interval: Duration,
         /// cgroup v2 root whose processes' connects to Service VIPs are captured
         /// (host clients); default: /sys/fs/cgroup, or /sys/fs/cgroup/unified.
-        #[arg(long)]
+        #[arg(long, env = "MESH_CGROUP_ROOT")]
         cgroup_root: Option<PathBuf>,
         /// Leave host-network processes' connections alone.
-        #[arg(long, conflicts_with = "cgroup_root")]
+        #[arg(long, env = "MESH_NO_HOST_CAPTURE", conflicts_with = "cgroup_root")]
         no_host_capture: bool,
         /// The kubelet's cgroup (absolute, or under the cgroup root): its
         /// connections to a local meshed pod on a port that a probe in the
@@ -166,29 +134,29 @@ pub enum Command {
         /// connections and every other node process go through the agent.
         /// Default: system.slice/kubelet.service when it exists; `none`
         /// exempts nothing (probes then obey STRICT).
-        #[arg(long, conflicts_with = "no_host_capture")]
+        #[arg(long, env = "MESH_KUBELET_CGROUP", conflicts_with = "no_host_capture")]
         kubelet_cgroup: Option<PathBuf>,
         /// The bits of the packet mark the agent owns (at least two; `0x` for
         /// hexadecimal): its three marks are made of the two lowest. The
         /// default is clear of Cilium's, Calico's, kube-proxy's and the AWS
         /// VPC CNI's bits (docs/limits.md).
-        #[arg(long, default_value = "0x30", value_parser = crate::marks::parse_mark_mask)]
+        #[arg(long, env = "MESH_MARK_MASK", default_value = "0x30", value_parser = crate::marks::parse_mark_mask)]
         mark_mask: mesh_common::Marks,
         /// BPF file system where capture is pinned (under `mesh-agent/`), so
         /// that it outlives this process and fails closed while no agent
         /// runs; mounted if nothing is. On Kubernetes, the host's.
-        #[arg(long, default_value = "/sys/fs/bpf")]
+        #[arg(long, env = "MESH_BPFFS", default_value = "/sys/fs/bpf")]
         bpffs: PathBuf,
         /// On exit (SIGTERM), remove capture from the node as `mesh-agent
         /// uninstall` does, instead of leaving it pinned for the next agent.
-        #[arg(long)]
+        #[arg(long, env = "MESH_UNINSTALL_ON_EXIT")]
         uninstall_on_exit: bool,
         /// Proxy worker threads; default: half the CPUs this process may use
         /// (affinity and cgroup quota), at least one: the agent shares its
         /// node with the pods it serves, and a thread that sleeps less costs
         /// less per request (`cargo xtask bench` on 2 CPUs: 1 worker used
         /// 25–30 % less CPU per request than 2, at the same saturation).
-        #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
+        #[arg(long, env = "MESH_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
         worker_threads: Option<u16>,
         #[command(flatten)]
         limits: LimitArgs,
@@ -196,32 +164,44 @@ pub enum Command {
     /// Run the mesh CA service for a multi-node mesh.
     Ca {
         /// The same configuration the agents read (Nodes and Pods decide who may get which identity).
-        #[arg(long, required_unless_present = "kubernetes", conflicts_with = "kubernetes")]
+        #[arg(long, env = "MESH_CONFIG", required_unless_present = "kubernetes", conflicts_with = "kubernetes")]
         config: Option<PathBuf>,
         /// Learn pods, nodes and Gateways from the Kubernetes API server, and
         /// authenticate agents by their projected ServiceAccount tokens
         /// (TokenReview) instead of bootstrap tokens.
-        #[arg(long)]
+        #[arg(long, env = "MESH_KUBERNETES")]
         kubernetes: bool,
         /// With --kubernetes: the audience agents' tokens must carry.
-        #[arg(long, default_value = "mesh-ca", requires = "kubernetes")]
+        #[arg(long, env = "MESH_TOKEN_AUDIENCE", default_value = "mesh-ca", requires = "kubernetes")]
         token_audience: String,
         /// With --kubernetes: service accounts (`namespace/name`) of node agents.
-        #[arg(long, value_delimiter = ',', default_value = "mesh-system/mesh-agent", requires = "kubernetes")]
+        #[arg(
+            long,
+            env = "MESH_TRUSTED_NODE_ACCOUNTS",
+            value_delimiter = ',',
+            default_value = "mesh-system/mesh-agent",
+            requires = "kubernetes"
+        )]
         trusted_node_accounts: Vec<String>,
         /// Root key and certificate (root-key.pem, root-cert.pem: created on
         /// first start if absent; on Kubernetes, a mounted Secret), node-tokens/.
-        #[arg(long)]
+        #[arg(long, env = "MESH_CA_DIR")]
         ca_dir: PathBuf,
         /// Address to serve on (Istio's CA port is 15012).
-        #[arg(long, default_value = "0.0.0.0:15012")]
+        #[arg(long, env = "MESH_LISTEN", default_value = "0.0.0.0:15012")]
         listen: SocketAddr,
-        #[arg(long, default_value = crate::state::DEFAULT_TRUST_DOMAIN)]
+        #[arg(long, env = "MESH_TRUST_DOMAIN", default_value = crate::state::DEFAULT_TRUST_DOMAIN)]
         trust_domain: String,
         /// Longest certificate lifetime granted.
-        #[arg(long, default_value = "24h", value_parser = parse_duration)]
+        #[arg(long, env = "MESH_MAX_CERT_TTL", default_value = "24h", value_parser = parse_duration)]
         max_cert_ttl: Duration,
+        #[command(flatten)]
+        kube: KubeArgs,
     },
+    /// Look inside a running agent through its admin API, as `istioctl
+    /// ztunnel-config` does: on the node, or in the agent's pod with
+    /// `kubectl exec` (or a port-forward to 15000).
+    Inspect(inspect::InspectArgs),
     /// Create a mesh root (root-key.pem, root-cert.pem) in a directory, or
     /// show the one there; for the Secret the CA mounts on Kubernetes.
     CaRoot {
@@ -253,23 +233,11 @@ pub enum Command {
     Version,
 }
 
-/// Parses `250ms`, `10s`, `2m`, `24h`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (num, unit) = s.find(|c: char| !c.is_ascii_digit()).map_or((s, "s"), |i| s.split_at(i));
-    let n: u64 = num.parse().map_err(|_| format!("{s:?}: expected a number with ms, s, m or h"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        "h" => Ok(Duration::from_secs(n * 3600)),
-        _ => Err(format!("{s:?}: unit must be ms, s, m or h")),
-    }
-}
-
 pub fn main() -> ExitCode {
-    init_tracing();
     let cli = Cli::parse();
+    crate::telemetry::logging::init(cli.log_format, &cli.log_level);
     match cli.command {
+        Command::Inspect(args) => inspect::main(args),
         Command::Version => {
             println!("mesh-agent {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
@@ -284,6 +252,9 @@ pub fn main() -> ExitCode {
             secret_namespaces,
             node,
             admin_addr,
+            stats_addr,
+            readiness_addr,
+            kube,
             connect_timeout,
             drain_timeout,
             resync_interval,
@@ -314,6 +285,7 @@ pub fn main() -> ExitCode {
             crate::privileges::raise_fd_limit();
             crate::config::allow_files_under(&tls_files_from);
             crate::marks::set(mark_mask);
+            crate::discovery::select_cluster(kube.into());
             let remote = match (ca_addr, ca_root, ca_token_file) {
                 (Some(addr), Some(root), Some(token_file)) => Some(RemoteCa { addr, root, token_file }),
                 _ => None,
@@ -327,6 +299,8 @@ pub fn main() -> ExitCode {
                 source,
                 node,
                 admin_addr,
+                stats_addr: stats_addr.0,
+                readiness_addr: readiness_addr.0,
                 connect_timeout,
                 drain_timeout,
                 resync_interval,
@@ -377,7 +351,9 @@ pub fn main() -> ExitCode {
             listen,
             trust_domain,
             max_cert_ttl,
+            kube,
         } => {
+            crate::discovery::select_cluster(kube.into());
             let source = match (config, kubernetes) {
                 (Some(path), false) => CaSource::Files(path),
                 _ => CaSource::Kubernetes(KubeAuthConfig { audience: token_audience, trusted_node_accounts }),
@@ -507,11 +483,4 @@ fn run(cfg: RunConfig, workers: Option<u16>) -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        // netlink-packet-route warns about every attribute newer kernels add.
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,netlink_packet_route=error"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }

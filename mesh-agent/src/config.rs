@@ -12,6 +12,7 @@ use std::{fmt, path::Path};
 use crate::state::State;
 
 mod credentials;
+pub mod duration;
 mod gateway;
 pub mod k8s;
 mod load;

@@ -162,7 +162,7 @@ pub enum DiscoveryError {
     Stopped,
 }
 
-pub use client::client;
+pub use client::{KubeSelection, client, select_cluster};
 
 /// Sets each Istio kind's version to the newest one the API server serves.
 pub async fn resolve_versions(client: &Client, kinds: &mut [Kind]) -> Result<(), DiscoveryError> {

@@ -93,6 +93,33 @@ pub struct CertInfo {
     /// from `not_before`, which the CA backdates for clock skew) to expiry.
     #[serde(serialize_with = "serialize_time")]
     pub renew_at: SystemTime,
+    /// Every certificate the agent presents, the leaf first, then the
+    /// intermediates up to the mesh root's child.
+    pub chain: Vec<ChainLink>,
+}
+
+/// One certificate of a presented chain.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChainLink {
+    pub subject: String,
+    pub issuer: String,
+    pub serial: String,
+    #[serde(serialize_with = "serialize_time")]
+    pub not_after: SystemTime,
+}
+
+impl ChainLink {
+    fn parse(der: &[u8]) -> Option<ChainLink> {
+        use x509_parser::prelude::FromDer as _;
+        let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der).ok()?;
+        Some(ChainLink {
+            subject: cert.subject().to_string(),
+            issuer: cert.issuer().to_string(),
+            serial: cert.tbs_certificate.raw_serial_as_string().replace(':', ""),
+            not_after: SystemTime::UNIX_EPOCH
+                + Duration::from_secs(u64::try_from(cert.validity().not_after.timestamp()).unwrap_or(0)),
+        })
+    }
 }
 
 fn serialize_time<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
@@ -120,6 +147,7 @@ impl CertInfo {
             not_before: time(cert.validity().not_before),
             not_after,
             renew_at: now + not_after.duration_since(now).unwrap_or_default() / 2,
+            chain: Vec::new(),
         })
     }
 }
@@ -128,7 +156,8 @@ impl WorkloadCert {
     /// Builds from a chain (leaf first) and the leaf's PKCS#8 key.
     pub fn new(chain: Vec<CertificateDer<'static>>, key_pkcs8: Vec<u8>) -> Result<WorkloadCert, IdentityError> {
         let leaf = chain.first().ok_or_else(|| IdentityError::invalid("certificate chain", "empty"))?;
-        let info = CertInfo::parse(leaf)?;
+        let mut info = CertInfo::parse(leaf)?;
+        info.chain = chain.iter().filter_map(|c| ChainLink::parse(c)).collect();
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_pkcs8));
         let signer = rustls::crypto::ring::sign::any_supported_type(&key)
             .map_err(|e| IdentityError::invalid("private key", e))?;

@@ -12,6 +12,8 @@ use prometheus_client::{
 use crate::state::{Service, Workload};
 
 mod flags;
+pub mod logging;
+mod process;
 pub use flags::Flags;
 
 /// Istio's labels for TCP metrics.
@@ -200,6 +202,13 @@ pub struct EbpfLabels {
     pub counter: &'static str,
 }
 
+/// `istio_build`'s labels: what this binary is, and its version.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabels {
+    pub component: &'static str,
+    pub tag: &'static str,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub tcp_opened: Family<TcpLabels, Counter>,
@@ -350,6 +359,10 @@ impl Metrics {
             "Models built from the Kubernetes API server's objects (one per burst of changes)",
             kube_rebuilds.clone(),
         );
+        registry.register_collector(Box::new(process::ProcessCollector));
+        let build = Family::<BuildLabels, Gauge>::default();
+        build.get_or_create(&BuildLabels { component: "mesh-agent", tag: env!("CARGO_PKG_VERSION") }).set(1);
+        registry.register("istio_build", "This binary's component and version (Istio's `istio_build`)", build);
         registry.register(
             "mesh_ebpf_packets",
             "Packets handled by the capture classifier, by outcome",

@@ -128,3 +128,37 @@ fn validate_names_a_gateway_whose_secret_is_missing_or_mismatched() {
         "{err}"
     );
 }
+
+/// `binary args` with `env` set (and nothing else of the caller's MESH_*).
+fn agent_env(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let mut cmd = Command::new(binary());
+    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("MESH_") && k != "MESH_AGENT_BIN") {
+        cmd.env_remove(k);
+    }
+    let out = cmd.env_remove("NODE_NAME").args(args).envs(env.iter().copied()).output().unwrap();
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+#[test]
+fn flags_come_from_the_environment_and_durations_are_gos() {
+    // --node from NODE_NAME (the downward API), the rest from MESH_*: with
+    // neither, clap names what is missing; with them, the next check speaks.
+    let (code, err) = agent_env(&["run", "--config", "/nonexistent"], &[]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--node"), "{err}");
+    let bad = [("NODE_NAME", "node-1"), ("MESH_DRAIN_TIMEOUT", "5x")];
+    let mut cmd = Command::new(binary());
+    let out = cmd.args(["run", "--config", "/nonexistent"]).envs(bad).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("'5x' for '--drain-timeout") && err.contains("unknown unit \"x\""), "{err}");
+    // Go's syntax, as in Istio objects: 1h30m, 1.5s.
+    for good in ["1h30m", "1.5s", "250ms"] {
+        let (_, err) = agent_env(&["run", "--config", "/nonexistent", "--drain-timeout", good], &[("NODE_NAME", "n")]);
+        assert!(!err.contains("--drain-timeout"), "{good}: {err}");
+    }
+    let (code, err) = agent_env(&["inspect", "workloads"], &[("MESH_NODE_ADMIN", "127.0.0.1:1")]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("admin API at 127.0.0.1:1"), "{err}");
+    let (_, err) = agent_env(&["run", "--node", "n", "--config", "/x", "--mark-mask", "0x10"], &[]);
+    assert!(err.contains("at least two bits"), "{err}");
+}

@@ -7,10 +7,16 @@ use std::process::Command;
 use serde::Deserialize as _;
 use serde_yaml_ng::Value;
 
+const DEPLOY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy");
+
 fn render() -> String {
-    let deploy = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy");
+    kustomize(std::path::Path::new(DEPLOY))
+}
+
+fn kustomize(dir: &std::path::Path) -> String {
     let out = Command::new("kubectl")
-        .args(["kustomize", deploy])
+        .arg("kustomize")
+        .arg(dir)
         .output()
         .expect("kubectl (`kubectl kustomize` renders deploy/) must be installed");
     assert!(out.status.success(), "kubectl kustomize: {}", String::from_utf8_lossy(&out.stderr));
@@ -55,18 +61,29 @@ fn the_daemonset_is_what_the_agent_needs_and_no_more() {
     assert!(tolerations.iter().any(|t| t["operator"] == "Exists" && t.get("key").is_none()), "{tolerations:?}");
     let agent = &pod["containers"][0];
     let args: Vec<&str> = agent["args"].as_sequence().expect("args").iter().filter_map(Value::as_str).collect();
-    assert!(args.contains(&"--kubernetes") && args.contains(&"--node=$(NODE_NAME)"), "{args:?}");
+    // The node's name from the downward API, read by the agent as NODE_NAME.
+    assert!(args.contains(&"--kubernetes") && !args.iter().any(|a| a.starts_with("--node")), "{args:?}");
     let node_env =
         agent["env"].as_sequence().expect("env").iter().find(|e| e["name"] == "NODE_NAME").expect("NODE_NAME");
     assert_eq!(node_env["valueFrom"]["fieldRef"]["fieldPath"].as_str(), Some("spec.nodeName"));
-    // Readiness on the admin port's /ready, liveness on a path that stays 200 while draining.
+    // The stats and readiness ports declared; the kubelet probes the
+    // readiness port on the node's address (no host: the admin API stays on
+    // loopback), liveness on a path that stays 200 while draining.
+    let ports = agent["ports"].as_sequence().expect("ports");
+    let port = |name: &str| ports.iter().find(|p| p["name"] == name).and_then(|p| p["containerPort"].as_u64());
+    assert_eq!((port("stats"), port("readiness")), (Some(15020), Some(15021)));
     let probe = |name: &str| &agent[name]["httpGet"];
-    assert_eq!(
-        (probe("readinessProbe")["host"].as_str(), probe("readinessProbe")["path"].as_str()),
-        (Some("127.0.0.1"), Some("/ready"))
-    );
-    assert_eq!(probe("readinessProbe")["port"].as_u64(), Some(15000));
+    for name in ["readinessProbe", "livenessProbe", "startupProbe"] {
+        assert_eq!(probe(name)["port"].as_str(), Some("readiness"), "{name}");
+        assert!(probe(name).get("host").is_none(), "{name}");
+    }
+    assert_eq!(probe("readinessProbe")["path"].as_str(), Some("/healthz/ready"));
     assert_eq!(probe("livenessProbe")["path"].as_str(), Some("/healthz"));
+    // Scraped as Istio's proxies are: the annotations name the stats port.
+    let annotations = &ds["spec"]["template"]["metadata"]["annotations"];
+    assert_eq!(annotations["prometheus.io/scrape"].as_str(), Some("true"));
+    assert_eq!(annotations["prometheus.io/port"].as_str(), Some("15020"));
+    assert_eq!(annotations["prometheus.io/path"].as_str(), Some("/stats/prometheus"));
     // The grace period outlasts the drain.
     let drain: u64 = args
         .iter()
@@ -104,4 +121,40 @@ fn the_daemonset_is_what_the_agent_needs_and_no_more() {
             assert!(!resources.iter().any(|r| r == "secrets"), "no cluster-wide Secrets");
         }
     }
+}
+
+#[test]
+fn the_podmonitor_component_scrapes_what_the_annotations_name() {
+    // An overlay outside deploy/ (kustomize refuses one inside its base),
+    // as a user writes it.
+    let dir = std::env::temp_dir().join(format!("mesh-deploy-overlay-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let base = dir.join("base");
+    let _ = std::fs::remove_file(&base);
+    std::os::unix::fs::symlink(std::fs::canonicalize(DEPLOY).expect("deploy/"), &base).expect("symlink");
+    std::fs::write(
+        dir.join("kustomization.yaml"),
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources: [base]\n\
+         components: [base/components/podmonitor]\n",
+    )
+    .expect("kustomization");
+    let all = docs(&kustomize(&dir));
+    let _ = std::fs::remove_dir_all(&dir);
+    let ds = all.iter().find(|d| d["kind"] == "DaemonSet").expect("a DaemonSet");
+    let monitor = all.iter().find(|d| d["kind"] == "PodMonitor").expect("a PodMonitor");
+    assert_eq!(monitor["apiVersion"].as_str(), Some("monitoring.coreos.com/v1"));
+    assert_eq!(monitor["metadata"]["namespace"], ds["metadata"]["namespace"]);
+    // It selects the agents' pods, by a port they declare, on the annotated path.
+    let labels = &ds["spec"]["template"]["metadata"]["labels"];
+    let selector = monitor["spec"]["selector"]["matchLabels"].as_mapping().expect("matchLabels");
+    assert!(selector.iter().all(|(k, v)| &labels[k] == v), "{selector:?} does not select {labels:?}");
+    let endpoint = &monitor["spec"]["podMetricsEndpoints"][0];
+    let ports = ds["spec"]["template"]["spec"]["containers"][0]["ports"].as_sequence().expect("ports");
+    let port = ports.iter().find(|p| p["name"] == endpoint["port"]).expect("the PodMonitor's port is declared");
+    let annotations = &ds["spec"]["template"]["metadata"]["annotations"];
+    assert_eq!(
+        port["containerPort"].as_u64().map(|p| p.to_string()).as_deref(),
+        annotations["prometheus.io/port"].as_str()
+    );
+    assert_eq!(endpoint["path"], annotations["prometheus.io/path"]);
 }

@@ -241,3 +241,53 @@ fn the_agents_own_api_connections_survive_the_api_server_being_a_service_vip() {
     let captured = eventually(|| curl(late, &vip).0);
     assert!(captured, "the agent lost the API server after a reconnect:\n{}", agent.log_text());
 }
+
+#[test]
+fn the_cluster_is_the_one_kubeconfig_and_context_name() {
+    if !require_root("the_cluster_is_the_one_kubeconfig_and_context_name") {
+        return;
+    }
+    let (c, api) = cluster_with_api(Where::OnTheNode);
+    // A kubeconfig whose current context is another cluster (nothing
+    // listens there); the stand-in is the context named `stand-in`.
+    let theirs: serde_yaml_ng::Value =
+        serde_yaml_ng::from_str(&std::fs::read_to_string(&api.kubeconfig).unwrap()).unwrap();
+    let cluster = &theirs["clusters"][0]["cluster"];
+    let (server, ca) = (cluster["server"].as_str().unwrap(), cluster["certificate-authority"].as_str().unwrap());
+    let dir = std::env::temp_dir().join(format!("mesh-test-{}-kubeconfig", c.id));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = dir.join("two-clusters");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\n\
+             clusters: [{{name: stand-in, cluster: {{server: '{server}', certificate-authority: '{ca}'}}}},\n  \
+             {{name: elsewhere, cluster: {{server: 'https://127.0.0.1:1', certificate-authority: '{ca}'}}}}]\n\
+             users: [{{name: agent, user: {{token: test-token}}}}]\n\
+             contexts: [{{name: stand-in, context: {{cluster: stand-in, user: agent}}}}, {{name: elsewhere, context: {{cluster: elsewhere, user: agent}}}}]\n\
+             current-context: elsewhere\n"
+        ),
+    )
+    .unwrap();
+    let path = kubeconfig.to_str().unwrap().to_owned();
+
+    // $KUBECONFIG names nothing: the flags alone choose.
+    let nowhere = dir.join("absent");
+    let args = ["--kubeconfig".to_owned(), path.clone(), "--context".to_owned(), "stand-in".to_owned()];
+    let mut agent = Agent::start_kubernetes(&c, 0, &nowhere, &args);
+    assert!(api.fake.requests().iter().any(|r| r.path == "/api/v1/pods"), "nothing listed from the stand-in");
+    assert!(eventually(|| curl(c.pod("helloworld"), &format!("http://{VIP}:9095/")).0));
+    agent.stop();
+
+    // A context the kubeconfig does not have: refused, naming it.
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &c.node_ns])
+        .arg(mesh_tests::agent::binary())
+        .args(["run", "--node", "node-1", "--kubernetes", "--kubeconfig", &path, "--context", "nope", "--state-dir"])
+        .arg(dir.join("state"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--context nope"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

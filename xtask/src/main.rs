@@ -156,6 +156,8 @@ const PACKAGES: &[&str] = &[
     "nghttp2-client",
     // `cargo xtask image`: the OCI archive checked by an independent reader.
     "skopeo",
+    // The scrape test: a real Prometheus reading the agents' stats port.
+    "prometheus",
 ];
 /// `deploy/` is checked against the API schemas with this PyPI package.
 const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";

@@ -63,33 +63,25 @@ fn reject(ctx: &mut Ctx<'_>, base: &str, fields: &[(&str, &Unsupported)]) {
     }
 }
 
-/// Istio's duration format: `250ms`, `0.5s`, `2s`, `1m`, `1h`.
+/// A duration in an Istio object: Go's syntax (`250ms`, `1.5s`, `1h30m`, as
+/// Istio's YAML decoding accepts), within protobuf's range, whole milliseconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num.parse().map_err(|_| format!("{s:?}: expected a duration such as 500ms or 2s"))?;
-    let ms = match unit {
-        "ms" => n,
-        "s" => n * 1e3,
-        "m" => n * 60e3,
-        "h" => n * 3600e3,
-        _ => return Err(format!("{s:?}: the unit must be ms, s, m or h")),
-    };
+    let d = super::duration::parse_go(s)?;
     // Istio's limits: protobuf's largest Duration, at least 1ms, whole milliseconds.
-    if !ms.is_finite() || ms > MAX_DURATION_MS {
-        return Err(format!("{s:?}: above the largest duration, {}s", MAX_DURATION_MS / 1e3));
+    if d > Duration::from_millis(MAX_DURATION_MS) {
+        return Err(format!("{s:?}: above the largest duration, {}s", MAX_DURATION_MS / 1000));
     }
-    if ms < 1.0 {
+    if d < Duration::from_millis(1) {
         return Err(format!("{s:?}: below 1ms, the shortest duration"));
     }
-    if (ms - ms.round()).abs() > 1e-6 {
+    if d.subsec_nanos() % 1_000_000 != 0 {
         return Err(format!("{s:?}: only whole milliseconds are supported"));
     }
-    Ok(Duration::from_millis(ms.round() as u64))
+    Ok(d)
 }
 
 /// The largest duration protobuf (and so Istio) allows: 10 000 years.
-const MAX_DURATION_MS: f64 = 315_576_000_000e3;
+const MAX_DURATION_MS: u64 = 315_576_000_000_000;
 
 /// Resolves a host as Istio does for mesh Services: a short name (in the
 /// object's namespace), `name.ns`, `name.ns.svc`, the FQDN, or a VIP.

@@ -17,10 +17,44 @@ use tower::ServiceBuilder;
 
 use super::DiscoveryError;
 
-/// The client kube-rs infers (in-cluster service account, else `$KUBECONFIG`),
-/// its connections marked as the agent's.
+/// Which cluster to read, from the command line (`--kubeconfig`, `--context`).
+#[derive(Debug, Clone, Default)]
+pub struct KubeSelection {
+    pub kubeconfig: Option<std::path::PathBuf>,
+    pub context: Option<String>,
+}
+
+/// The process's choice, made once by the command line before any client.
+static SELECTION: std::sync::OnceLock<KubeSelection> = std::sync::OnceLock::new();
+
+/// Records the command line's choice of cluster (the first call wins).
+pub fn select_cluster(selection: KubeSelection) {
+    let _ = SELECTION.set(selection);
+}
+
+/// The configuration: from `--kubeconfig`/`--context` when given, else as
+/// kube-rs infers it (in-cluster service account, else `$KUBECONFIG`).
+async fn config() -> Result<kube::Config, DiscoveryError> {
+    let err = |e: &dyn std::fmt::Display| DiscoveryError::Config(e.to_string());
+    let selection = SELECTION.get().cloned().unwrap_or_default();
+    if selection.kubeconfig.is_none() && selection.context.is_none() {
+        return kube::Config::infer().await.map_err(|e| err(&e));
+    }
+    let kubeconfig = match &selection.kubeconfig {
+        Some(path) => kube::config::Kubeconfig::read_from(path)
+            .map_err(|e| DiscoveryError::Config(format!("--kubeconfig {}: {e}", path.display())))?,
+        None => kube::config::Kubeconfig::read().map_err(|e| err(&e))?,
+    };
+    let options = kube::config::KubeConfigOptions { context: selection.context.clone(), ..Default::default() };
+    kube::Config::from_custom_kubeconfig(kubeconfig, &options).await.map_err(|e| match &selection.context {
+        Some(c) => DiscoveryError::Config(format!("--context {c}: {e}")),
+        None => err(&e),
+    })
+}
+
+/// The client for the selected cluster, its connections marked as the agent's.
 pub async fn client() -> Result<Client, DiscoveryError> {
-    let config = kube::Config::infer().await.map_err(|e| DiscoveryError::Config(e.to_string()))?;
+    let config = config().await?;
     let https = config.rustls_https_connector_with_connector(AgentConnector).map_err(DiscoveryError::Client)?;
     let mut connector = hyper_timeout::TimeoutConnector::new(https);
     connector.set_connect_timeout(config.connect_timeout);

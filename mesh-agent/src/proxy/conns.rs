@@ -99,6 +99,7 @@ impl Authorized {
 
 struct Entry {
     authorized: Authorized,
+    since: std::time::Instant,
     /// Duplicates of the upstream's (and the client's) descriptors: shutting
     /// them down reaches the connection whoever owns the originals.
     upstream: socket2::Socket,
@@ -112,6 +113,54 @@ impl Entry {
             let _ = s.shutdown(Shutdown::Both);
         }
     }
+}
+
+/// One live connection, as the admin API (`/connections`) shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ConnInfo {
+    pub source: String,
+    pub source_principal: Option<String>,
+    pub destination: String,
+    pub destination_workload: Option<String>,
+    /// `mtls` (HBONE, or a meshed pod on this node) or `plaintext`.
+    pub security: &'static str,
+    /// `tcp`, or `websocket` for a tunnel upgraded from a judged request.
+    pub protocol: &'static str,
+    /// Bytes sent to the destination and acknowledged by it.
+    pub bytes_sent: u64,
+    /// Bytes received from the destination.
+    pub bytes_received: u64,
+    pub age_seconds: u64,
+}
+
+/// The kernel's `struct tcp_info` up to `tcpi_bytes_received` (Linux ≥ 4.1;
+/// the layout only ever grows at the end).
+#[repr(C)]
+#[derive(Default)]
+struct TcpInfo {
+    _u8s: [u8; 8],
+    _u32s: [u32; 24],
+    _pacing_rate: u64,
+    _max_pacing_rate: u64,
+    bytes_acked: u64,
+    bytes_received: u64,
+}
+
+/// (bytes acknowledged by the peer, bytes received) of a TCP socket.
+fn tcp_bytes(s: &socket2::Socket) -> Option<(u64, u64)> {
+    let mut info = TcpInfo::default();
+    let mut len = std::mem::size_of::<TcpInfo>() as libc::socklen_t;
+    // SAFETY: a valid descriptor and an out-buffer of `len` bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(s),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut TcpInfo).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0 && len as usize >= std::mem::size_of::<TcpInfo>()).then_some((info.bytes_acked, info.bytes_received))
 }
 
 /// The registry.
@@ -139,7 +188,7 @@ impl Conns {
         let upstream = socket2::SockRef::from(upstream).try_clone()?;
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut live) = self.live.lock() {
-            live.insert(id, Entry { authorized, upstream, client: None });
+            live.insert(id, Entry { authorized, since: std::time::Instant::now(), upstream, client: None });
         }
         Ok(Guard { conns: self.clone(), id })
     }
@@ -148,7 +197,7 @@ impl Conns {
     pub fn register_socket(self: &Arc<Self>, authorized: Authorized, upstream: socket2::Socket) -> Guard {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut live) = self.live.lock() {
-            live.insert(id, Entry { authorized, upstream, client: None });
+            live.insert(id, Entry { authorized, since: std::time::Instant::now(), upstream, client: None });
         }
         Guard { conns: self.clone(), id }
     }
@@ -167,6 +216,36 @@ impl Conns {
             }
         }
         refused.len()
+    }
+
+    /// The live connections, oldest first, for the admin API: who, to
+    /// where, how, and the bytes the kernel counted on the upstream socket.
+    pub fn dump(&self, state: &State) -> Vec<ConnInfo> {
+        let Ok(live) = self.live.lock() else { return Vec::new() };
+        let mut out: Vec<(u64, ConnInfo)> = live
+            .iter()
+            .map(|(id, e)| {
+                let a = &e.authorized;
+                let (sent, received) = tcp_bytes(&e.upstream).unwrap_or_default();
+                let dest = state.workload_by_ip(a.dest_ip);
+                (
+                    *id,
+                    ConnInfo {
+                        source: a.peer_ip.to_string(),
+                        source_principal: a.principal.as_deref().map(str::to_owned),
+                        destination: format!("{}:{}", a.dest_ip, a.port),
+                        destination_workload: dest.map(|w| format!("{}/{}", w.namespace, w.name)),
+                        security: if a.plaintext { "plaintext" } else { "mtls" },
+                        protocol: if a.request.is_some() { "websocket" } else { "tcp" },
+                        bytes_sent: sent,
+                        bytes_received: received,
+                        age_seconds: e.since.elapsed().as_secs(),
+                    },
+                )
+            })
+            .collect();
+        out.sort_by_key(|(id, _)| *id);
+        out.into_iter().map(|(_, c)| c).collect()
     }
 
     /// Connections registered now.

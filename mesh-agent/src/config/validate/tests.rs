@@ -194,7 +194,9 @@ fn routing_rules_are_validated_field_by_field() {
         ),
         (
             vs("{hosts: [hello], http: [{route: [{destination: {host: hello}}], timeout: 5x}]}"),
-            format!("{at}: VirtualService demo/v: spec.http[0].timeout: \"5x\": the unit must be ms, s, m or h"),
+            format!(
+                "{at}: VirtualService demo/v: spec.http[0].timeout: \"5x\": unknown unit \"x\" (ns, us, ms, s, m or h)"
+            ),
         ),
         (
             vs("{hosts: [hello], http: [{match: [{uri: {regex: \"(\"}}], route: [{destination: {host: hello}}]}]}"),

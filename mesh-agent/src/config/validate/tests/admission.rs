@@ -115,19 +115,20 @@ fn durations_outside_istios_range_are_named_errors_not_panics() {
     };
     let at = "cluster.yaml (document 2): VirtualService demo/v: spec.http[0].timeout";
     for (timeout, why) in [
-        ("99999999999999999999s", "above the largest duration, 315576000000s"),
+        ("99999999999999999999s", "above the largest duration"),
+        ("999999999999999999999999999999999999999h", "above the largest duration"),
         ("315576000001s", "above the largest duration, 315576000000s"),
-        ("1e400s", "\"1e400s\": the unit must be ms, s, m or h"),
+        ("1e400s", "\"1e400s\": unknown unit \"e\""),
         ("0.5ms", "below 1ms"),
         ("1.5ms", "only whole milliseconds"),
         ("0s", "below 1ms"),
-        (".s", "expected a duration such as 500ms or 2s"),
+        (".s", "expected a duration such as 1h30m, 500ms or 1.5s"),
     ] {
         let err = error_of(&vs(timeout));
         assert!(err.starts_with(at) && err.contains(why), "{timeout}: {err}");
     }
     // Istio's limits themselves are admitted.
-    for timeout in ["1ms", "315576000000s", "87660h", "0.25s"] {
+    for timeout in ["1ms", "315576000000s", "87660h", "0.25s", "1h30m", "2m3.5s", "2000us"] {
         assert!(load(&vs(timeout)).is_ok(), "{timeout}");
     }
 }
