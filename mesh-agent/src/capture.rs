@@ -36,6 +36,34 @@ pub mod pins;
 /// The eBPF object built by build.rs from `mesh-ebpf`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh-ebpf"));
 
+/// A map of keys (each with the value 1) that the agent keeps equal to a
+/// set it computes from the configuration, and the set it last wrote.
+pub struct KeySet<K> {
+    map: BpfHashMap<MapData, K, u32>,
+    held: std::collections::HashSet<K>,
+    name: &'static str,
+}
+
+impl<K: aya::Pod + Eq + std::hash::Hash> KeySet<K> {
+    /// Takes map `name` out of the loaded object.
+    pub fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Self, CaptureError> {
+        let map = BpfHashMap::try_from(take_map(ebpf, name)?).map_err(map_err(name))?;
+        Ok(Self { map, held: Default::default(), name })
+    }
+
+    /// Adds what `want` has and the map lacks, removes the rest.
+    pub fn sync(&mut self, want: std::collections::HashSet<K>) -> Result<(), CaptureError> {
+        for k in want.difference(&self.held) {
+            self.map.insert(*k, 1, 0).map_err(map_err(self.name))?;
+        }
+        for k in self.held.difference(&want) {
+            let _ = self.map.remove(k);
+        }
+        self.held = want;
+        Ok(())
+    }
+}
+
 const PROGRAM: &str = "mesh_tc";
 const GATE: &str = "mesh_gate";
 
@@ -86,8 +114,7 @@ pub struct Capture {
     ebpf: Ebpf,
     ifaces: BpfHashMap<MapData, u32, IfaceInfo>,
     /// Local meshed pod IPs (network order): plaintext to them goes to 15006.
-    meshed_ips: BpfHashMap<MapData, u32, u32>,
-    meshed_set: std::collections::HashSet<u32>,
+    meshed_ips: KeySet<u32>,
     counters: PerCpuArray<MapData, u64>,
     handle: rtnetlink::Handle,
     lo: u32,
@@ -144,7 +171,7 @@ impl Capture {
         let mut settings_map: Array<_, Settings> = Array::try_from(settings_map).map_err(map_err("SETTINGS"))?;
         settings_map.set(0, settings, 0).map_err(map_err("SETTINGS"))?;
         let ifaces = BpfHashMap::try_from(take_map(&mut ebpf, "IFACES")?).map_err(map_err("IFACES"))?;
-        let meshed_ips = BpfHashMap::try_from(take_map(&mut ebpf, "LOCAL_MESHED")?).map_err(map_err("LOCAL_MESHED"))?;
+        let meshed_ips = KeySet::take(&mut ebpf, "LOCAL_MESHED")?;
         let counters = PerCpuArray::try_from(take_map(&mut ebpf, "COUNTERS")?).map_err(map_err("COUNTERS"))?;
         let v6_refused = BpfHashMap::try_from(take_map(&mut ebpf, "V6_REFUSED")?).map_err(map_err("V6_REFUSED"))?;
         program(&mut ebpf, PROGRAM)?.load()?;
@@ -167,7 +194,6 @@ impl Capture {
             ebpf,
             ifaces,
             meshed_ips,
-            meshed_set: Default::default(),
             counters,
             handle,
             lo,
@@ -385,20 +411,8 @@ impl Capture {
     }
 
     fn sync_meshed_ips(&mut self, state: &State, node: &str) -> Result<(), CaptureError> {
-        let want: std::collections::HashSet<u32> = state
-            .local_workloads(node)
-            .filter(|w| w.meshed)
-            .filter_map(|w| w.ip)
-            .map(|ip| u32::from_ne_bytes(ip.octets()))
-            .collect();
-        for ip in want.difference(&self.meshed_set) {
-            self.meshed_ips.insert(*ip, 1, 0).map_err(map_err("LOCAL_MESHED"))?;
-        }
-        for ip in self.meshed_set.difference(&want) {
-            let _ = self.meshed_ips.remove(ip);
-        }
-        self.meshed_set = want;
-        Ok(())
+        let want = state.local_workloads(node).filter(|w| w.meshed).filter_map(|w| w.ip);
+        self.meshed_ips.sync(want.map(|ip| u32::from_ne_bytes(ip.octets())).collect())
     }
 
     fn detach(&mut self, ifindex: u32) {

@@ -29,7 +29,7 @@ use aya::{
 use mesh_common::{HostKey, OrigDst, PodPort};
 
 use super::{
-    CaptureError, map_err,
+    CaptureError, KeySet, map_err,
     pins::{Held, Pins},
     take_map,
 };
@@ -52,10 +52,8 @@ impl HostOrig {
 
 /// The destinations the programs act on, kept in step with the configuration.
 pub struct HostCapture {
-    dests: BpfHashMap<MapData, u32, u32>,
-    dest_set: HashSet<u32>,
-    probes: BpfHashMap<MapData, PodPort, u32>,
-    probe_set: HashSet<PodPort>,
+    dests: KeySet<u32>,
+    probes: KeySet<PodPort>,
     pub cgroup: PathBuf,
     links: Vec<Held>,
 }
@@ -114,9 +112,9 @@ pub const PINS: [&str; 2] = ["cgroup-connect4", "cgroup-sockops"];
 /// neither is attached a node process's connection to a meshed pod meets the
 /// pod's last-hop gate, which fails closed.
 pub fn start(ebpf: &mut Ebpf, cgroup: &Path, pins: &Pins) -> Result<(HostCapture, HostOrig), CaptureError> {
-    let dests = BpfHashMap::try_from(take_map(ebpf, "HOST_DESTS")?).map_err(map_err("HOST_DESTS"))?;
+    let dests = KeySet::take(ebpf, "HOST_DESTS")?;
     let orig = BpfHashMap::try_from(take_map(ebpf, "HOST_ORIG")?).map_err(map_err("HOST_ORIG"))?;
-    let probes = BpfHashMap::try_from(take_map(ebpf, "PROBE_PORTS")?).map_err(map_err("PROBE_PORTS"))?;
+    let probes = KeySet::take(ebpf, "PROBE_PORTS")?;
     let dir = std::fs::File::open(cgroup).map_err(|e| CaptureError::Cgroup { path: cgroup.into(), source: e })?;
     for name in PINS {
         pins.remove(name);
@@ -135,14 +133,7 @@ pub fn start(ebpf: &mut Ebpf, cgroup: &Path, pins: &Pins) -> Result<(HostCapture
     let id = sockops.attach(&dir, CgroupAttachMode::Single)?;
     let sockops_link = pins.hold(PINS[1], FdLink::try_from(sockops.take_link(id)?)?).map_err(CaptureError::Pin)?;
     tracing::info!(cgroup = %cgroup.display(), "host clients captured (cgroup/connect4 + sockops)");
-    let capture = HostCapture {
-        dests,
-        dest_set: HashSet::new(),
-        probes,
-        probe_set: HashSet::new(),
-        cgroup: cgroup.into(),
-        links: vec![connect_link, sockops_link],
-    };
+    let capture = HostCapture { dests, probes, cgroup: cgroup.into(), links: vec![connect_link, sockops_link] };
     Ok((capture, HostOrig(Mutex::new(orig))))
 }
 
@@ -160,14 +151,7 @@ impl HostCapture {
     pub fn sync(&mut self, state: &State, node: &str) -> Result<(), CaptureError> {
         let vips = state.services.values().filter(|s| s.external.is_none()).filter_map(|s| s.vip);
         let pods = state.workloads.values().filter(|w| w.meshed && !w.host_network).filter_map(|w| w.ip);
-        let want: HashSet<u32> = vips.chain(pods).map(|ip| u32::from_ne_bytes(ip.octets())).collect();
-        for ip in want.difference(&self.dest_set) {
-            self.dests.insert(*ip, 1, 0).map_err(map_err("HOST_DESTS"))?;
-        }
-        for ip in self.dest_set.difference(&want) {
-            let _ = self.dests.remove(ip);
-        }
-        self.dest_set = want;
+        self.dests.sync(vips.chain(pods).map(|ip| u32::from_ne_bytes(ip.octets())).collect())?;
         let want: HashSet<PodPort> = state
             .local_workloads(node)
             .filter(|w| w.meshed)
@@ -176,14 +160,7 @@ impl HostCapture {
                 ports.iter().map(move |&port| PodPort { ip: u32::from_ne_bytes(ip.octets()), port, _pad: 0 })
             })
             .collect();
-        for p in want.difference(&self.probe_set) {
-            self.probes.insert(*p, 1, 0).map_err(map_err("PROBE_PORTS"))?;
-        }
-        for p in self.probe_set.difference(&want) {
-            let _ = self.probes.remove(p);
-        }
-        self.probe_set = want;
-        Ok(())
+        self.probes.sync(want)
     }
 }
 
