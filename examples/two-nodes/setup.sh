@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A two-node mesh in network namespaces, step by step (README: "A two-node mesh by
+# A two-node mesh in network namespaces, step by step (docs/identity.md: "A two-node mesh by
 # hand"). Everything lives in namespaces made here: mesh-net (the cluster network,
 # routing each pod IP to its node; also "outside the mesh"), mesh-node1 and
 # mesh-node2 (the nodes), mesh-test and mesh-hello (the pods).

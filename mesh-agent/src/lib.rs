@@ -1,5 +1,6 @@
 //! The mesh node agent: captures the traffic of the node's meshed pods with eBPF
-//! and proxies it (see DESIGN.md in the repository for the whole picture).
+//! and proxies it (ARCHITECTURE.md and docs/traffic.md in the repository have
+//! the whole picture).
 //!
 //! Layers, bottom up (ARCHITECTURE.md has the picture and the import rules):
 //! `state` (the model: plain types and indexes), `routing` (pure decisions
