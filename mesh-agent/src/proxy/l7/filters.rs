@@ -12,7 +12,13 @@ pub(super) fn redirect(
 ) -> Option<(u16, String)> {
     let redirect = rule?.redirect.as_ref()?;
     let authority = redirect.authority.clone().unwrap_or_else(|| request_authority(req, down));
-    let path = redirect.uri.clone().unwrap_or_else(|| view_path(req));
+    // Envoy's `path_redirect` replaces the path and keeps the request's
+    // query (`strip_query` is false), unless the new path carries its own.
+    let path = match (&redirect.uri, req.uri().query()) {
+        (Some(uri), Some(query)) if !uri.contains('?') => format!("{uri}?{query}"),
+        (Some(uri), _) => uri.clone(),
+        (None, _) => view_path(req),
+    };
     Some((redirect.code, format!("http://{authority}{path}")))
 }
 

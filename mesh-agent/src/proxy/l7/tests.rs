@@ -319,4 +319,5 @@ async fn a_body_kept_for_retries_that_never_arrives_is_answered_408() {
     assert_eq!(count.load(Ordering::SeqCst), 0, "nothing went upstream");
 }
 
+mod filters;
 mod protocols;
