@@ -18,6 +18,7 @@ pub mod k8s;
 mod load;
 mod mesh_config;
 mod networking;
+mod object;
 mod security;
 mod service_entry;
 mod validate;

@@ -34,6 +34,9 @@ use crate::{
 mod client;
 mod reduce;
 mod store;
+/// A fake API server for tests (this crate's and `tests/`), not shipped:
+/// behind the `testing` feature.
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 #[cfg(test)]
 pub(crate) mod tests;

@@ -11,4 +11,5 @@ pub mod http;
 pub mod l4;
 pub mod policy;
 pub mod protocol;
+pub mod request;
 pub mod sni;

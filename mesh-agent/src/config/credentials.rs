@@ -1,7 +1,7 @@
 //! Certificates, keys, CAs and CRLs that TLS settings name: keys of a
 //! Kubernetes Secret (`credentialName`) or files on the agent's host, read
 //! and checked when the configuration loads.
-use super::gateway::{SecretObject, Secrets};
+use super::object::{SecretObject, Secrets};
 use crate::state::{PeerCheck, traffic::ClientCert};
 
 /// A Secret named `name` in `namespace`, the namespace of whoever uses it

@@ -6,7 +6,10 @@ use std::{collections::BTreeMap, sync::Arc};
 
 use serde::Deserialize;
 
-use super::{k8s::ObjectMeta, validate::Ctx};
+use super::{
+    k8s::ObjectMeta,
+    object::{Ctx, Secrets, name_and_namespace},
+};
 use crate::state::{
     ClientAuth, Gateway, GatewayProtocol, GatewayServer, PeerCheck, ServerCert, ServerHost, ServerTls, TlsSettings,
     TlsVersion, Workload,
@@ -80,47 +83,13 @@ pub struct ServerTlsSpec {
     pub tls_certificates: Unsupported,
 }
 
-/// A Kubernetes `Secret` (only `kubernetes.io/tls` and `Opaque` ones are read,
-/// when a Gateway or DestinationRule names them).
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(default, rename_all = "camelCase")]
-pub struct SecretObject {
-    pub metadata: ObjectMeta,
-    #[serde(rename = "type")]
-    pub kind: Option<String>,
-    /// Base64 values, as the API server returns them.
-    pub data: BTreeMap<String, String>,
-    /// Plain values, as one may write them.
-    pub string_data: BTreeMap<String, String>,
-}
-
-impl SecretObject {
-    /// The decoded value of `key` (`stringData` wins, as in Kubernetes).
-    pub fn value(&self, key: &str) -> Result<Option<Vec<u8>>, String> {
-        use base64::Engine as _;
-        if let Some(v) = self.string_data.get(key) {
-            return Ok(Some(v.as_bytes().to_vec()));
-        }
-        match self.data.get(key) {
-            Some(v) => base64::engine::general_purpose::STANDARD
-                .decode(v.split_whitespace().collect::<String>())
-                .map(Some)
-                .map_err(|e| format!("data[{key}] is not valid base64: {e}")),
-            None => Ok(None),
-        }
-    }
-}
-
-/// Secrets by `namespace/name`.
-pub type Secrets = BTreeMap<String, SecretObject>;
-
 pub(super) fn build_gateway(
     ctx: &mut Ctx<'_>,
     obj: &GatewayObject,
     secrets: &Secrets,
     trust_domain: &str,
 ) -> Option<Gateway> {
-    let (name, namespace) = super::security::name_and_namespace(ctx, &obj.metadata)?;
+    let (name, namespace) = name_and_namespace(ctx, &obj.metadata)?;
     let before = ctx.error_count();
     if &*namespace == crate::state::ROOT_NAMESPACE && &*name == crate::state::CA_SERVICE_ACCOUNT {
         ctx.error("metadata.name", format!("{name:?}: reserved for the mesh CA's identity"));

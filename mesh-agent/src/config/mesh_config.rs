@@ -4,7 +4,7 @@ use std::{collections::BTreeMap, sync::Arc};
 
 use serde::Deserialize;
 
-use super::validate::Ctx;
+use super::object::Ctx;
 use crate::state::{OutboundPolicy, PathNormalization, security::ExtAuthz};
 
 mod providers;

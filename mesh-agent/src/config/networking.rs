@@ -4,7 +4,7 @@
 //! errors too, named, so that a rule is never half applied.
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
-use super::{gateway::Secrets, validate::Ctx};
+use super::object::{Ctx, Secrets};
 use crate::{
     state::traffic::{
         DestinationRule, Fault, HashKey, HeaderOps, HeaderPair, HeaderRules, HttpMatch, HttpRoute, LoadBalancer,

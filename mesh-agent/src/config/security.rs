@@ -6,7 +6,10 @@ use std::{collections::BTreeMap, sync::Arc};
 
 use serde::Deserialize;
 
-use super::{k8s::ObjectMeta, validate::Ctx};
+use super::{
+    k8s::ObjectMeta,
+    object::{Ctx, name_and_namespace},
+};
 use crate::state::security::{Action, AuthorizationPolicy, Cidr, MtlsMode, PeerAuthentication, Rule};
 
 #[derive(Debug, Clone, Deserialize)]
@@ -159,12 +162,6 @@ pub struct ConditionSpec {
     pub values: Vec<String>,
     #[serde(default)]
     pub not_values: Vec<String>,
-}
-
-/// The object's name (required) and namespace (`default` when absent).
-pub(super) fn name_and_namespace(ctx: &mut Ctx<'_>, meta: &ObjectMeta) -> Option<(Arc<str>, Arc<str>)> {
-    let name = super::validate::require_name(ctx, meta)?;
-    Some((name, meta.namespace.as_deref().unwrap_or("default").into()))
 }
 
 pub(super) fn selector(ctx: &mut Ctx<'_>, sel: &Option<Selector>) -> Option<BTreeMap<String, String>> {

@@ -10,7 +10,10 @@ use std::{collections::BTreeMap, net::Ipv4Addr, sync::Arc};
 
 use serde::Deserialize;
 
-use super::{k8s::ObjectMeta, validate::Ctx};
+use super::{
+    k8s::ObjectMeta,
+    object::{Ctx, name_and_namespace},
+};
 use crate::state::{External, Location, Protocol, Resolution, Service, ServicePort, TargetPort, Workload};
 
 type Unsupported = Option<serde_yaml_ng::Value>;
@@ -72,7 +75,7 @@ pub struct SeEndpointSpec {
 }
 
 pub(super) fn build_service_entry(ctx: &mut Ctx<'_>, obj: &ServiceEntryObject) -> Option<Vec<Service>> {
-    let (name, namespace) = super::security::name_and_namespace(ctx, &obj.metadata)?;
+    let (name, namespace) = name_and_namespace(ctx, &obj.metadata)?;
     let before = ctx.error_count();
     let spec = &obj.spec;
     for (field, v) in [

@@ -15,9 +15,10 @@ use serde::de::DeserializeOwned;
 
 use super::{
     Body, ConfigError, Document, Loaded, Origin,
-    gateway::{self, GatewayObject, SecretObject},
+    gateway::{self, GatewayObject},
     k8s,
     networking::{self, DestinationRuleObject, VirtualServiceObject},
+    object::{Ctx, SecretObject, parse_ip, parse_port, require_name, valid_port_name},
     security::{self, AuthorizationPolicyObject, PeerAuthenticationObject, RequestAuthenticationObject},
     service_entry::{self, ServiceEntryObject},
 };
@@ -25,46 +26,6 @@ use crate::state::{
     CA_SERVICE_ACCOUNT, CLUSTER_DOMAIN, DATAPLANE_MODE_LABEL, NODE_IDENTITY_PREFIX, Namespace, Node, Protocol,
     ROOT_NAMESPACE, Service, ServicePort, State, TargetPort, Workload,
 };
-
-/// Collects errors against one object.
-pub(super) struct Ctx<'a> {
-    origin: &'a Origin,
-    object: String,
-    errors: &'a mut Vec<ConfigError>,
-}
-
-impl Ctx<'_> {
-    pub(super) fn object(&self) -> &str {
-        &self.object
-    }
-
-    pub(super) fn error_count(&self) -> usize {
-        self.errors.len()
-    }
-
-    /// Rewrites the field prefix `from` to `to` in the errors reported since `since`.
-    pub(super) fn rename_errors_since(&mut self, since: usize, from: &str, to: &str) {
-        for e in self.errors.iter_mut().skip(since) {
-            if let Some(rest) = e.field.strip_prefix(from) {
-                e.field = format!("{to}{rest}");
-            }
-        }
-    }
-
-    /// Reports an error (once: a setting checked again, as a policy
-    /// inherited by subsets and ports is, is not reported twice).
-    pub(super) fn error(&mut self, field: impl Into<String>, message: impl Into<String>) {
-        let e = ConfigError {
-            origin: self.origin.clone(),
-            object: self.object.clone(),
-            field: field.into(),
-            message: message.into(),
-        };
-        if !self.errors.contains(&e) {
-            self.errors.push(e);
-        }
-    }
-}
 
 /// Objects sorted by kind, each with its origin, before cross-object checks.
 #[derive(Default)]
@@ -275,52 +236,6 @@ fn parse<T: DeserializeOwned>(ctx: &mut Ctx<'_>, value: &serde_yaml_ng::Value) -
         Err(e) => {
             let path = e.path().to_string();
             ctx.error(path, e.into_inner().to_string());
-            None
-        }
-    }
-}
-
-fn parse_ip(ctx: &mut Ctx<'_>, field: &str, s: &str) -> Option<Ipv4Addr> {
-    match s.parse::<Ipv4Addr>() {
-        Ok(ip) => Some(ip),
-        Err(_) if s.parse::<std::net::Ipv6Addr>().is_ok() => {
-            ctx.error(field, format!("{s:?}: IPv6 is not supported yet"));
-            None
-        }
-        Err(_) => {
-            ctx.error(field, format!("{s:?} is not an IPv4 address"));
-            None
-        }
-    }
-}
-
-fn parse_port(ctx: &mut Ctx<'_>, field: &str, p: i64) -> Option<u16> {
-    match u16::try_from(p) {
-        Ok(p) if p != 0 => Some(p),
-        _ => {
-            ctx.error(field, format!("port {p} is out of range 1-65535"));
-            None
-        }
-    }
-}
-
-/// Kubernetes IANA_SVC_NAME: 1-15 lowercase alphanumerics or '-', with a letter,
-/// not starting or ending with '-'.
-fn valid_port_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 15
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && s.bytes().any(|b| b.is_ascii_lowercase())
-        && !s.starts_with('-')
-        && !s.ends_with('-')
-        && !s.contains("--")
-}
-
-pub(super) fn require_name(ctx: &mut Ctx<'_>, meta: &k8s::ObjectMeta) -> Option<Arc<str>> {
-    match meta.name.as_deref() {
-        Some(n) if !n.is_empty() => Some(n.into()),
-        _ => {
-            ctx.error("metadata.name", "required");
             None
         }
     }

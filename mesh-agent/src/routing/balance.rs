@@ -5,7 +5,7 @@
 //! the data path's per-worker picker.
 use std::net::SocketAddrV4;
 
-use super::http::RequestView;
+use super::request::RequestView;
 use crate::state::traffic::{HashKey, LoadBalancer, WeightedDestination};
 
 /// How an endpoint is chosen among the eligible ones.

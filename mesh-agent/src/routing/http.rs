@@ -21,18 +21,7 @@ pub trait EndpointState {
     fn active(&self, cluster: &str, addr: SocketAddrV4) -> u32;
 }
 
-/// What routing looks at in a request.
-#[derive(Debug, Clone, Copy)]
-pub struct RequestView<'a> {
-    pub method: &'a str,
-    pub path: &'a str,
-    pub headers: &'a HeaderMap,
-    /// The client's address (for `useSourceIp` hashing).
-    pub client: std::net::Ipv4Addr,
-    /// The client's namespace, for VirtualService `exportTo` (`None`: only
-    /// rules exported everywhere apply).
-    pub namespace: Option<&'a str>,
-}
+pub use super::request::RequestView;
 
 /// Where a request goes, and the rule that sent it there (timeouts, retries,
 /// faults, header changes), if a VirtualService matched.

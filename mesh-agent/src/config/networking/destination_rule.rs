@@ -165,7 +165,7 @@ pub(in crate::config) fn build_destination_rule(
     services: &BTreeMap<String, Arc<Service>>,
     secrets: &Secrets,
 ) -> Option<DestinationRule> {
-    let (name, namespace) = crate::config::security::name_and_namespace(ctx, &obj.metadata)?;
+    let (name, namespace) = crate::config::object::name_and_namespace(ctx, &obj.metadata)?;
     let before = ctx.error_count();
     let spec = &obj.spec;
     reject(ctx, "spec", &[("workloadSelector", &spec.workload_selector)]);
@@ -368,7 +368,7 @@ fn from_secret(
     t: &ClientTlsSpec,
     mutual: bool,
     key: &str,
-    s: &crate::config::gateway::SecretObject,
+    s: &crate::config::object::SecretObject,
     mut crls: Vec<Vec<u8>>,
 ) -> Result<TlsOrigination, String> {
     use crate::config::credentials::{client_cert, first_value};

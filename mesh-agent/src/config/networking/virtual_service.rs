@@ -8,7 +8,7 @@ pub(in crate::config) fn build_virtual_service(
     services: &BTreeMap<String, Arc<Service>>,
     gateways: &[Arc<Gateway>],
 ) -> Option<VirtualService> {
-    let (name, namespace) = crate::config::security::name_and_namespace(ctx, &obj.metadata)?;
+    let (name, namespace) = crate::config::object::name_and_namespace(ctx, &obj.metadata)?;
     let before = ctx.error_count();
     let spec = &obj.spec;
     // `exportTo`: where the rules apply (clients' namespaces, and the

@@ -81,7 +81,7 @@ pub(super) fn assemble(objects: Objects, trust_domain: &str, errors: &mut Vec<Co
         (state.outbound_policy, state.path_normalization) = (mesh.outbound, mesh.paths);
         state.extension_providers = mesh.providers;
     }
-    let secrets: gateway::Secrets = objects
+    let secrets: super::super::object::Secrets = objects
         .secrets
         .iter()
         .map(|(_, s)| {

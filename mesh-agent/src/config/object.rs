@@ -1,0 +1,137 @@
+//! What every kind's validation shares, and nothing else: the error
+//! collector ([`Ctx`]), names, addresses and ports, and Secrets. A leaf: it
+//! imports no other module of `config` but the plain Kubernetes types.
+use std::{collections::BTreeMap, net::Ipv4Addr, sync::Arc};
+
+use serde::Deserialize;
+
+use super::{
+    ConfigError, Origin,
+    k8s::{self, ObjectMeta},
+};
+
+/// Collects errors against one object.
+pub(super) struct Ctx<'a> {
+    pub(super) origin: &'a Origin,
+    pub(super) object: String,
+    pub(super) errors: &'a mut Vec<ConfigError>,
+}
+
+impl Ctx<'_> {
+    pub(super) fn object(&self) -> &str {
+        &self.object
+    }
+
+    pub(super) fn error_count(&self) -> usize {
+        self.errors.len()
+    }
+
+    /// Rewrites the field prefix `from` to `to` in the errors reported since `since`.
+    pub(super) fn rename_errors_since(&mut self, since: usize, from: &str, to: &str) {
+        for e in self.errors.iter_mut().skip(since) {
+            if let Some(rest) = e.field.strip_prefix(from) {
+                e.field = format!("{to}{rest}");
+            }
+        }
+    }
+
+    /// Reports an error (once: a setting checked again, as a policy
+    /// inherited by subsets and ports is, is not reported twice).
+    pub(super) fn error(&mut self, field: impl Into<String>, message: impl Into<String>) {
+        let e = ConfigError {
+            origin: self.origin.clone(),
+            object: self.object.clone(),
+            field: field.into(),
+            message: message.into(),
+        };
+        if !self.errors.contains(&e) {
+            self.errors.push(e);
+        }
+    }
+}
+
+pub(super) fn parse_ip(ctx: &mut Ctx<'_>, field: &str, s: &str) -> Option<Ipv4Addr> {
+    match s.parse::<Ipv4Addr>() {
+        Ok(ip) => Some(ip),
+        Err(_) if s.parse::<std::net::Ipv6Addr>().is_ok() => {
+            ctx.error(field, format!("{s:?}: IPv6 is not supported yet"));
+            None
+        }
+        Err(_) => {
+            ctx.error(field, format!("{s:?} is not an IPv4 address"));
+            None
+        }
+    }
+}
+
+pub(super) fn parse_port(ctx: &mut Ctx<'_>, field: &str, p: i64) -> Option<u16> {
+    match u16::try_from(p) {
+        Ok(p) if p != 0 => Some(p),
+        _ => {
+            ctx.error(field, format!("port {p} is out of range 1-65535"));
+            None
+        }
+    }
+}
+
+/// Kubernetes IANA_SVC_NAME: 1-15 lowercase alphanumerics or '-', with a letter,
+/// not starting or ending with '-'.
+pub(super) fn valid_port_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 15
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes().any(|b| b.is_ascii_lowercase())
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+        && !s.contains("--")
+}
+
+pub(super) fn require_name(ctx: &mut Ctx<'_>, meta: &k8s::ObjectMeta) -> Option<Arc<str>> {
+    match meta.name.as_deref() {
+        Some(n) if !n.is_empty() => Some(n.into()),
+        _ => {
+            ctx.error("metadata.name", "required");
+            None
+        }
+    }
+}
+
+/// The object's name (required) and namespace (`default` when absent).
+pub(super) fn name_and_namespace(ctx: &mut Ctx<'_>, meta: &ObjectMeta) -> Option<(Arc<str>, Arc<str>)> {
+    let name = require_name(ctx, meta)?;
+    Some((name, meta.namespace.as_deref().unwrap_or("default").into()))
+}
+
+/// A Kubernetes `Secret` (only `kubernetes.io/tls` and `Opaque` ones are read,
+/// when a Gateway or DestinationRule names them).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct SecretObject {
+    pub metadata: ObjectMeta,
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    /// Base64 values, as the API server returns them.
+    pub data: BTreeMap<String, String>,
+    /// Plain values, as one may write them.
+    pub string_data: BTreeMap<String, String>,
+}
+
+impl SecretObject {
+    /// The decoded value of `key` (`stringData` wins, as in Kubernetes).
+    pub fn value(&self, key: &str) -> Result<Option<Vec<u8>>, String> {
+        use base64::Engine as _;
+        if let Some(v) = self.string_data.get(key) {
+            return Ok(Some(v.as_bytes().to_vec()));
+        }
+        match self.data.get(key) {
+            Some(v) => base64::engine::general_purpose::STANDARD
+                .decode(v.split_whitespace().collect::<String>())
+                .map(Some)
+                .map_err(|e| format!("data[{key}] is not valid base64: {e}")),
+            None => Ok(None),
+        }
+    }
+}
+
+/// Secrets by `namespace/name`.
+pub type Secrets = BTreeMap<String, SecretObject>;
