@@ -16,12 +16,12 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 use crate::{
     routing::l4::{Route, route},
-    routing::policy::{Peer, Verdict},
     routing::protocol::{self, Declared, Handling, Sniffed},
     state::{State, Workload},
     telemetry::TcpLabels,
 };
 
+pub(crate) mod admit;
 pub mod conns;
 pub(crate) mod copy;
 pub mod gateway;
@@ -184,11 +184,10 @@ pub(crate) async fn open_upstream(
             let tunnel = ctx.hbone.open(ctx, to).await?;
             Ok(Opened { io: Upstream::Tunnel(hyper_util::rt::TokioIo::new(tunnel)), mtls: true, guard: None })
         }
-        // This agent is the destination's too: its request policies are
-        // judged on the far end of an in-process pipe.
-        Some(d) if l7::destination::wanted(state, d, addr.port()) => {
-            let (near, far) = tokio::io::duplex(l7::destination::PIPE_BUFFER);
-            let inbound = l7::destination::Inbound {
+        // This agent is the destination's too: the connection goes through
+        // the destination side's door (`admit`), as an HBONE stream would.
+        Some(d) => {
+            let arrival = l7::destination::Inbound {
                 dest: d.clone(),
                 target: addr,
                 peer,
@@ -198,29 +197,18 @@ pub(crate) async fn open_upstream(
                 transparent: transparent_source(ctx, peer, addr),
                 mtls: false,
             };
-            tokio::spawn(l7::destination::serve(ctx.clone(), far, inbound));
-            Ok(Opened { io: Upstream::Pipe(near), mtls: false, guard: None })
-        }
-        Some(d) => {
-            // Same-node traffic never leaves the node: the source identity comes
-            // from capture (anti-spoofed veth), not from TLS, and is reported so.
-            let principal = source_identity.as_deref();
-            if let Verdict::Deny(policy) =
-                crate::routing::policy::authorize(state, d, &Peer { principal, ip: peer_ip }, addr.port())
-            {
-                return Err(ProxyError::Denied { policy });
+            match admit::admit(state, arrival)? {
+                // Its request policies are judged on the far end of an in-process pipe.
+                admit::Admission::Http(inbound) => {
+                    let (near, far) = tokio::io::duplex(l7::destination::PIPE_BUFFER);
+                    tokio::spawn(l7::destination::serve(ctx.clone(), far, inbound));
+                    Ok(Opened { io: Upstream::Pipe(near), mtls: false, guard: None })
+                }
+                admit::Admission::Tcp(arrival) => {
+                    let (s, guard) = admit::connect_admitted(ctx, &arrival, connect_timeout).await?;
+                    Ok(Opened { io: Upstream::Tcp(s), mtls: false, guard: Some(guard) })
+                }
             }
-            let s = connect(addr, transparent_source(ctx, peer, addr), connect_timeout).await?;
-            let authorized = conns::Authorized {
-                dest_ip: *addr.ip(),
-                port: addr.port(),
-                principal: source_identity,
-                peer_ip,
-                plaintext: false,
-                request: None,
-            };
-            let guard = register(ctx, authorized, &s, addr)?;
-            Ok(Opened { io: Upstream::Tcp(s), mtls: false, guard: Some(guard) })
         }
         None => {
             let s = connect(addr, transparent_source(ctx, peer, addr), connect_timeout).await?;
@@ -254,25 +242,22 @@ pub(crate) fn register(
     ctx.conns.register(authorized, upstream).map_err(|error| ProxyError::Connect { addr, source_ip: None, error })
 }
 
-/// Connects to the local meshed pod `addr` (keeping the client's address
-/// where the reply path is captured), authorized as `authorized`, and copies
-/// both ways.
+/// Connects an arrival admitted as a connection to its pod, registered
+/// with its client too (reset both when policy closes it), and copies both ways.
 pub(crate) async fn deliver(
     ctx: &Inputs,
     client: TcpStream,
     peer: SocketAddr,
-    addr: SocketAddrV4,
+    arrival: &l7::destination::Inbound,
     labels: TcpLabels,
-    authorized: conns::Authorized,
 ) {
-    let upstream = match connect(addr, transparent_source(ctx, peer, addr), ctx.connect_timeout).await {
-        Ok(s) => s,
-        Err(e) => return fail(ctx, &client, peer, Some(labels), e),
-    };
-    let guard = match register(ctx, authorized, &upstream, addr)
-        .and_then(|g| g.and_client(&client).map_err(|error| ProxyError::Connect { addr, source_ip: None, error }))
-    {
-        Ok(g) => g,
+    let addr = arrival.target;
+    let registered = admit::connect_admitted(ctx, arrival, ctx.connect_timeout).await.and_then(|(upstream, g)| {
+        let g = g.and_client(&client).map_err(|error| ProxyError::Connect { addr, source_ip: None, error })?;
+        Ok((upstream, g))
+    });
+    let (upstream, guard) = match registered {
+        Ok(r) => r,
         Err(e) => return fail(ctx, &client, peer, Some(labels), e),
     };
     tracing::debug!(%peer, upstream = %addr, "proxying");

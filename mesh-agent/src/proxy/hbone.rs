@@ -38,7 +38,6 @@ use crate::{
     identity::{self, IdentityError},
     proxy::Inputs,
     proxy::{self, ProxyError},
-    routing::policy::{Peer, Verdict, authorize},
     telemetry::TcpLabels,
 };
 

@@ -3,17 +3,16 @@
 //! on this node) to a local meshed pod. PeerAuthentication decides whether
 //! plaintext is admitted at all; AuthorizationPolicy then applies with no
 //! principal.
-use std::net::{SocketAddr, SocketAddrV4};
+use std::net::SocketAddr;
 
 use tokio::net::TcpStream;
 
-use super::{ProxyError, deliver, fail};
-use crate::{
-    proxy::Inputs,
-    routing::policy::{Peer, Verdict, authorize, peer_mode},
-    state::security::MtlsMode,
-    telemetry::TcpLabels,
+use super::{
+    ProxyError,
+    admit::{Admission, admit},
+    deliver, fail,
 };
+use crate::{proxy::Inputs, telemetry::TcpLabels};
 
 pub(super) async fn handle_plaintext(ctx: &std::sync::Arc<Inputs>, client: TcpStream, peer: SocketAddr) {
     let _ = client.set_nodelay(true);
@@ -31,37 +30,21 @@ pub(super) async fn handle_plaintext(ctx: &std::sync::Arc<Inputs>, client: TcpSt
     let mut labels = TcpLabels::new(source.as_deref(), Some(&dest), None, false);
     labels.reporter = "destination";
     labels.source_principal = "unknown".into();
-    let mode = peer_mode(&state, &dest, dst.port());
-    if mode == MtlsMode::Strict {
-        let err = ProxyError::PlaintextRefused { pod: format!("{}/{}", dest.namespace, dest.name), port: dst.port() };
-        return fail(ctx, &client, peer, Some(labels), err);
-    }
-    if crate::proxy::l7::destination::wanted(&state, &dest, dst.port()) {
-        drop(state);
-        let inbound = crate::proxy::l7::destination::Inbound {
-            dest,
-            target: dst,
-            peer,
-            principal: None,
-            client_ip: *peer_v4.ip(),
-            source,
-            transparent: super::transparent_source(ctx, peer, dst),
-            mtls: false,
-        };
-        return crate::proxy::l7::destination::serve(ctx.clone(), client, inbound).await;
-    }
-    let decision = authorize(&state, &dest, &Peer { principal: None, ip: *peer_v4.ip() }, dst.port());
-    drop(state);
-    if let Verdict::Deny(policy) = decision {
-        return fail(ctx, &client, peer, Some(labels), ProxyError::Denied { policy });
-    }
-    let authorized = super::conns::Authorized {
-        dest_ip: *dst.ip(),
-        port: dst.port(),
+    let arrival = crate::proxy::l7::destination::Inbound {
+        dest,
+        target: dst,
+        peer,
         principal: None,
-        peer_ip: *peer_v4.ip(),
-        plaintext: true,
-        request: None,
+        client_ip: *peer_v4.ip(),
+        source,
+        transparent: super::transparent_source(ctx, peer, dst),
+        mtls: false,
     };
-    deliver(ctx, client, peer, SocketAddrV4::new(*dst.ip(), dst.port()), labels, authorized).await;
+    let admitted = admit(&state, arrival);
+    drop(state);
+    match admitted {
+        Err(e) => fail(ctx, &client, peer, Some(labels), e),
+        Ok(Admission::Http(inbound)) => crate::proxy::l7::destination::serve(ctx.clone(), client, inbound).await,
+        Ok(Admission::Tcp(arrival)) => deliver(ctx, client, peer, &arrival, labels).await,
+    }
 }

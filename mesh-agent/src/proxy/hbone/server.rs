@@ -180,68 +180,57 @@ async fn handle_connect(
         std::net::IpAddr::V4(ip) => ip,
         std::net::IpAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
     });
-    // Request policies: the stream is parsed here, each request judged.
-    if proxy::l7::destination::wanted(&state, &dest, target.port()) {
-        drop(state);
-        let inbound = proxy::l7::destination::Inbound {
-            dest,
-            target,
-            peer,
-            principal: Some(peer_id.clone()),
-            client_ip: policy_ip,
-            source: labelled,
-            transparent: source_ip.filter(|_| ctx.is_captured(*target.ip())),
-            mtls: true,
-        };
-        let guard = ctx.active.enter();
-        let upgrade = hyper::upgrade::on(&mut req);
-        drop(req);
-        tokio::spawn(async move {
-            match upgrade.await {
-                Ok(up) => proxy::l7::destination::serve(ctx, TokioIo::new(up), inbound).await,
-                Err(e) => tracing::debug!(%peer, %target, error = %e, "HBONE stream ended before upgrade"),
-            }
-            drop(guard);
-        });
-        return answer(StatusCode::OK, "");
-    }
-    let mut labels = TcpLabels::new(labelled.as_deref(), Some(&dest), None, false);
-    labels.reporter = "destination";
-    labels.source_principal = crate::telemetry::Label(peer_id.clone());
-    labels.connection_security_policy = "mutual_tls";
-    let decision = authorize(&state, &dest, &Peer { principal: Some(&peer_id), ip: policy_ip }, target.port());
+    let labels = || {
+        let mut labels = TcpLabels::new(labelled.as_deref(), Some(&dest), None, false);
+        labels.reporter = "destination";
+        labels.source_principal = crate::telemetry::Label(peer_id.clone());
+        labels.connection_security_policy = "mutual_tls";
+        labels
+    };
+    let arrival = proxy::l7::destination::Inbound {
+        dest: dest.clone(),
+        target,
+        peer,
+        principal: Some(peer_id.clone()),
+        client_ip: policy_ip,
+        source: labelled.clone(),
+        // Replies to the source pod's IP come back through the pod's captured veth.
+        transparent: source_ip.filter(|_| ctx.is_captured(*target.ip())),
+        mtls: true,
+    };
+    let admitted = proxy::admit::admit(&state, arrival);
     drop(state);
-    if let Verdict::Deny(policy) = decision {
-        let err = ProxyError::Denied { policy };
-        tracing::warn!(%peer, source = %peer_id, %target, error = %err, "HBONE: connection refused");
-        proxy::record_failure(&ctx, Some(labels), &err);
-        return answer(StatusCode::UNAUTHORIZED, &err.to_string());
-    }
-    // Replies to the source pod's IP come back through the pod's captured veth.
-    let transparent = source_ip.filter(|_| ctx.is_captured(*target.ip()));
-    let upstream = match proxy::connect(target, transparent, ctx.connect_timeout).await {
-        Ok(s) => s,
+    let arrival = match admitted {
+        // Request policies: the stream is parsed here, each request judged.
+        Ok(proxy::admit::Admission::Http(inbound)) => {
+            let guard = ctx.active.enter();
+            let upgrade = hyper::upgrade::on(&mut req);
+            drop(req);
+            tokio::spawn(async move {
+                match upgrade.await {
+                    Ok(up) => proxy::l7::destination::serve(ctx, TokioIo::new(up), inbound).await,
+                    Err(e) => tracing::debug!(%peer, %target, error = %e, "HBONE stream ended before upgrade"),
+                }
+                drop(guard);
+            });
+            return answer(StatusCode::OK, "");
+        }
+        Ok(proxy::admit::Admission::Tcp(arrival)) => arrival,
+        Err(err) => {
+            tracing::warn!(%peer, source = %peer_id, %target, error = %err, "HBONE: connection refused");
+            proxy::record_failure(&ctx, Some(labels()), &err);
+            return answer(StatusCode::UNAUTHORIZED, &err.to_string());
+        }
+    };
+    let (upstream, revocable) = match proxy::admit::connect_admitted(&ctx, &arrival, ctx.connect_timeout).await {
+        Ok(r) => r,
         Err(err) => {
             tracing::warn!(%peer, %target, error = %err, "HBONE: upstream connect failed");
-            proxy::record_failure(&ctx, Some(labels), &err);
+            proxy::record_failure(&ctx, Some(labels()), &err);
             return answer(StatusCode::SERVICE_UNAVAILABLE, &err.to_string());
         }
     };
-    let authorized = proxy::conns::Authorized {
-        dest_ip: *target.ip(),
-        port: target.port(),
-        principal: Some(peer_id.clone()),
-        peer_ip: policy_ip,
-        plaintext: false,
-        request: None,
-    };
-    let revocable = match proxy::register(&ctx, authorized, &upstream, target) {
-        Ok(g) => g,
-        Err(err) => {
-            proxy::record_failure(&ctx, Some(labels), &err);
-            return answer(StatusCode::SERVICE_UNAVAILABLE, &err.to_string());
-        }
-    };
+    let labels = labels();
     let guard = ctx.active.enter();
     let meters = proxy::ConnMeters::open(&ctx.metrics, &labels);
     drop(labels);

@@ -132,20 +132,8 @@ where
         tracing::warn!(peer = %conn.peer, target = %conn.target, error = %err, "connection refused");
         return proxy::record_failure(ctx, Some(labels), &err);
     }
-    let upstream = match proxy::connect(conn.target, conn.transparent, ctx.connect_timeout).await {
-        Ok(s) => s,
-        Err(err) => return proxy::record_failure(ctx, Some(labels), &err),
-    };
-    let authorized = proxy::conns::Authorized {
-        dest_ip: *conn.target.ip(),
-        port: conn.target.port(),
-        principal: conn.principal.clone(),
-        peer_ip: conn.client_ip,
-        plaintext: !conn.mtls,
-        request: None,
-    };
-    let guard = match proxy::register(ctx, authorized, &upstream, conn.target) {
-        Ok(g) => g,
+    let (upstream, guard) = match proxy::admit::connect_admitted(ctx, &conn, ctx.connect_timeout).await {
+        Ok(r) => r,
         Err(err) => return proxy::record_failure(ctx, Some(labels), &err),
     };
     let meters = proxy::ConnMeters::open(&ctx.metrics, &labels);
@@ -452,16 +440,7 @@ where
             let Some(dup) = dup else {
                 return record.finish_local(LocalReply::RESET);
             };
-            let authorized = proxy::conns::Authorized {
-                dest_ip: *target.ip(),
-                port: target.port(),
-                principal: conn.inbound.principal.clone(),
-                peer_ip: conn.inbound.client_ip,
-                // Plaintext from outside the mesh has no identity (same-node
-                // and HBONE clients have one).
-                plaintext: conn.inbound.principal.is_none(),
-                request: snapshot,
-            };
+            let authorized = proxy::admit::authorized(&conn.inbound, snapshot);
             let guard = ctx.conns.register_socket(authorized, dup);
             tokio::spawn(async move {
                 tunnel_upgrade(client_upgrade, upstream_upgrade, target, idle).await;
