@@ -158,3 +158,38 @@ fn a_new_deny_or_strict_closes_open_connections_it_refuses() {
         roundtrip(&mut s, b"ping").is_none()
     }));
 }
+
+#[test]
+fn a_reload_keeps_a_same_node_connection_the_destination_stage_carries_as_tcp() {
+    if !require_root("a_reload_keeps_a_same_node_connection_the_destination_stage_carries_as_tcp") {
+        return;
+    }
+    // `near` has a policy with HTTP fields, so its connections go through the
+    // destination's HTTP stage; bytes that are not HTTP are carried there as
+    // TCP. Under STRICT, a reload must not take a same-node client (it has
+    // an identity, from capture) for plaintext.
+    let policy = "---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\n\
+        metadata: {name: default, namespace: demo}\nspec: {mtls: {mode: STRICT}}\n\
+        ---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+        metadata: {name: no-admin, namespace: demo}\n\
+        spec: {selector: {matchLabels: {app: near}}, action: DENY,\n\
+          rules: [{from: [{source: {principals: [cluster.local/ns/demo/sa/nobody]}}], to: [{operation: {paths: [/admin]}}]}]}\n";
+    let f = fixture();
+    let cfg = f.yaml(policy);
+    let c = f.cluster;
+    servers::echo(c.pod("near"), 7000);
+    let ca = CaService::start(&c, &cfg);
+    let a = Agent::start_on(&c, 0, &cfg, &ca.agent_args(&c.nodes[0].name));
+    let mut opaque = echo_conn(c.pod("test"), "10.244.0.3:7000");
+
+    let before = metric(&a.metrics(), "mesh_config_loads_total", &[("result", "success")]);
+    a.write_config(&format!("{cfg}---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: unrelated}}\n"));
+    a.wait_metrics(10, "reload", |m| metric(m, "mesh_config_loads_total", &[("result", "success")]) > before);
+    assert_eq!(
+        roundtrip(&mut opaque, b"after the reload"),
+        Some(b"after the reload".to_vec()),
+        "a same-node connection was closed by an unrelated reload:\n{}",
+        a.log_text()
+    );
+    assert_eq!(revoked(&a), 0.0, "{}", a.metrics());
+}
