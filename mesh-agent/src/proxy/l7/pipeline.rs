@@ -91,8 +91,9 @@ pub(super) async fn handle(ctx: Arc<Inputs>, down: Arc<Downstream>, mut req: Req
         }
     };
     let (labels, addr) = (routed.target.labels.clone(), routed.target.addr);
-    let mut record = Record::new(&ctx, &down, &req, labels, is_grpc(req.headers()), Some(addr), started_at, start);
-    match back(&ctx, &down, req, routed, &mut record).await {
+    let grpc = is_grpc(req.headers());
+    let mut record = Record::new(&ctx, &down, &req, labels, grpc, Some(addr), started_at, start);
+    match back(&ctx, &down, req, grpc, routed, &mut record).await {
         Ok(Answer::Upstream(resp, rule)) => respond(resp, rule.as_ref(), record),
         Ok(Answer::Switched(parts)) => record.finish_switch(parts),
         Err(stop) => stop.answer(&ctx, &down, record),
@@ -258,12 +259,13 @@ async fn back(
     ctx: &Arc<Inputs>,
     down: &Arc<Downstream>,
     mut req: Request<Incoming>,
+    grpc: bool,
     routed: Routed,
     record: &mut Record,
 ) -> Result<Answer, Stop> {
     let Routed { rule, cluster, matched_prefix, declared, target: first } = routed;
     filters(ctx, rule.as_ref(), &mut req, matched_prefix.as_deref(), record).await?;
-    let out = upstream_request(down, req, declared, cluster.as_ref());
+    let out = upstream_request(down, req, grpc, declared, cluster.as_ref());
     // With retries, a small body is kept so that it can be sent again.
     let retries = rule.as_ref().and_then(|r| r.retries.clone()).filter(|_| !out.upgrade());
     let mirrored = mirror::sampled(ctx, rule.as_ref()).filter(|_| !out.upgrade());
@@ -315,10 +317,10 @@ async fn filters(
 fn upstream_request(
     down: &Downstream,
     mut req: Request<Incoming>,
+    grpc: bool,
     declared: Option<protocol::Declared>,
     cluster: Option<&traffic::Cluster>,
 ) -> Outgoing {
-    let grpc = is_grpc(req.headers());
     let extended_connect = is_extended_connect(&req);
     let upgrade = wants_upgrade(&req) || extended_connect;
     let no_pool = traffic::ConnectionPool::default();
