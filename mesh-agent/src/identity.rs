@@ -115,11 +115,19 @@ impl ChainLink {
         Some(ChainLink {
             subject: cert.subject().to_string(),
             issuer: cert.issuer().to_string(),
-            serial: cert.tbs_certificate.raw_serial_as_string().replace(':', ""),
-            not_after: SystemTime::UNIX_EPOCH
-                + Duration::from_secs(u64::try_from(cert.validity().not_after.timestamp()).unwrap_or(0)),
+            serial: serial(&cert),
+            not_after: system_time(cert.validity().not_after),
         })
     }
+}
+
+/// A certificate's serial number in hex, as dumps show it.
+fn serial(cert: &x509_parser::certificate::X509Certificate<'_>) -> String {
+    cert.tbs_certificate.raw_serial_as_string().replace(':', "")
+}
+
+fn system_time(t: x509_parser::time::ASN1Time) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(t.timestamp()).unwrap_or(0))
 }
 
 fn serialize_time<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
@@ -136,15 +144,12 @@ impl CertInfo {
             .map_err(|e| IdentityError::invalid("certificate", e))?;
         let identity =
             peer_identity(der).ok_or_else(|| IdentityError::invalid("certificate", "no spiffe:// URI SAN"))?;
-        let time = |t: x509_parser::time::ASN1Time| {
-            SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(t.timestamp()).unwrap_or(0))
-        };
-        let not_after = time(cert.validity().not_after);
+        let not_after = system_time(cert.validity().not_after);
         let now = SystemTime::now();
         Ok(CertInfo {
             identity,
-            serial: cert.tbs_certificate.raw_serial_as_string().replace(':', ""),
-            not_before: time(cert.validity().not_before),
+            serial: serial(&cert),
+            not_before: system_time(cert.validity().not_before),
             not_after,
             renew_at: now + not_after.duration_since(now).unwrap_or_default() / 2,
             chain: Vec::new(),
