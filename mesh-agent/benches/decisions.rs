@@ -12,7 +12,7 @@ use std::{
 use criterion::{Criterion, criterion_group, criterion_main};
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 use mesh_agent::{
-    proxy::l7,
+    proxy::http as l7,
     routing::{
         http::{EndpointState, RequestView, route_request},
         l4::route,

@@ -217,7 +217,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
         );
     }
     let certs = Arc::new(cert_manager(&cfg.identity)?);
-    let access_log = crate::proxy::l7::access_log::AccessLog::open(&cfg.access_log)
+    let access_log = crate::proxy::http::access_log::AccessLog::open(&cfg.access_log)
         .map_err(|source| RunError::AccessLog { path: cfg.access_log.clone(), source })?;
     let inputs = Arc::new(Inputs::new(crate::proxy::inputs::Settings {
         node: cfg.node.clone(),
@@ -359,7 +359,7 @@ async fn serve(
     let tasks = [
         tokio::spawn(crate::proxy::serve(inputs.clone(), outbound, Direction::Outbound, stop_rx.clone())),
         tokio::spawn(crate::proxy::serve(inputs.clone(), inbound, Direction::Inbound, stop_rx.clone())),
-        tokio::spawn(crate::proxy::hbone::serve(inputs.clone(), hbone, hbone_tls, hop, stop_rx)),
+        tokio::spawn(crate::proxy::inbound::hbone::serve(inputs.clone(), hbone, hbone_tls, hop, stop_rx)),
     ];
     for (surface, listener) in admin {
         tokio::spawn(admin::serve(ctx.clone(), listener, surface));

@@ -161,11 +161,21 @@ fn ident(s: &str) -> String {
     s.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect()
 }
 
-/// The child modules of `module` (its `.rs` files and directories under
-/// `src/<module>/`) that each child names by path: `super::x` from a child
-/// file, `super::super::x` from a grandchild, `crate::<module>::x` from
-/// anywhere inside (tests excluded).
-fn child_imports(module: &str) -> BTreeMap<String, BTreeSet<String>> {
+/// How the files under `src/<module>/` name things: for each child module
+/// (its `.rs` files and directories), the other children it names by path —
+/// `super::x` from a child file, `super::super::x` from a grandchild,
+/// `crate::<module>::x` or `<module>::x` from anywhere inside (tests
+/// excluded) — and every name it takes from the module's own file that is
+/// not a child: a function, constant or static when it starts lowercase.
+struct Naming {
+    edges: BTreeMap<String, BTreeSet<String>>,
+    /// `(file, name)`: a lowercase name of the parent's own file, used by a child.
+    upward: Vec<(String, String)>,
+    /// Files that glob-import their parent (`use super::*`), which hides what they name.
+    globs: Vec<String>,
+}
+
+fn naming(module: &str) -> Naming {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
     let dir = src.join(module);
     let children: BTreeSet<String> = std::fs::read_dir(&dir)
@@ -176,7 +186,9 @@ fn child_imports(module: &str) -> BTreeMap<String, BTreeSet<String>> {
             Some(name.strip_suffix(".rs").map_or(name.clone(), str::to_owned)).filter(|n| n != "tests")
         })
         .collect();
-    let mut found: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let path = module.replace('/', "::");
+    let last = module.rsplit('/').next().expect("a name");
+    let mut found = Naming { edges: BTreeMap::new(), upward: Vec::new(), globs: Vec::new() };
     for file in rust_files(&dir) {
         let rel = file.strip_prefix(&dir).expect("under the module");
         let test_module = rel.file_name().is_some_and(|n| n == "tests.rs") || rel.iter().any(|c| c == "tests");
@@ -186,9 +198,13 @@ fn child_imports(module: &str) -> BTreeMap<String, BTreeSet<String>> {
         let child = rel.iter().next().and_then(|c| c.to_str()).expect("a path").trim_end_matches(".rs").to_owned();
         let depth = rel.components().count();
         let text = without_tests(&without_comments(&std::fs::read_to_string(&file).expect("readable source")));
+        if depth == 1 && text.contains("use super::*") {
+            found.globs.push(rel.display().to_string());
+        }
         // Rewrite each way of naming the parent module as `crate::`, then
         // reuse the crate-level parser.
-        let mut text = text.replace(&format!("crate::{module}::"), "\u{2}").replace("crate::", "\u{1}");
+        let mut text = text.replace(&format!("crate::{path}::"), "\u{2}").replace("crate::", "\u{1}");
+        text = by_bare_name(&text, last);
         match depth {
             1 => text = text.replace("super::", "crate::"),
             2 => text = text.replace("super::super::", "crate::"),
@@ -196,12 +212,51 @@ fn child_imports(module: &str) -> BTreeMap<String, BTreeSet<String>> {
         }
         let text = text.replace('\u{2}', "crate::");
         for target in imported_modules(&text) {
-            if target != child && children.contains(&target) {
-                found.entry(child.clone()).or_default().insert(target);
+            if target == child || target == "self" {
+                continue;
+            }
+            if children.contains(&target) {
+                found.edges.entry(child.clone()).or_default().insert(target);
+            } else if target.starts_with(|c: char| c.is_ascii_lowercase()) {
+                found.upward.push((rel.display().to_string(), target));
             }
         }
     }
     found
+}
+
+/// `name::` where `name` stands alone (not `x::name::` or `x_name::`): the
+/// module imported by its own name (`use crate::proxy; … proxy::x`).
+fn by_bare_name(text: &str, name: &str) -> String {
+    let pattern = format!("{name}::");
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find(&pattern) {
+        let before = rest[..at].chars().next_back();
+        let alone = !before.is_some_and(|c| c.is_alphanumeric() || c == '_' || c == ':');
+        out.push_str(&rest[..at]);
+        out.push_str(if alone { "\u{2}" } else { &pattern });
+        rest = &rest[at + pattern.len()..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Every directory under `src/<top>/`, as a module path (`proxy/inbound`).
+fn modules_under(top: &str) -> Vec<String> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut out = vec![top.to_owned()];
+    let mut i = 0;
+    while i < out.len() {
+        for entry in std::fs::read_dir(src.join(&out[i])).expect("readable").flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if entry.path().is_dir() && name != "tests" {
+                out.push(format!("{}/{name}", out[i]));
+            }
+        }
+        i += 1;
+    }
+    out
 }
 
 /// A cycle in `edges`, if there is one, as the modules along it.
@@ -234,15 +289,38 @@ fn a_cycle(edges: &BTreeMap<String, BTreeSet<String>>) -> Option<Vec<String>> {
     edges.keys().find_map(|n| visit(n, edges, &mut Vec::new(), &mut done))
 }
 
-/// Inside `config/`, `routing/` and `proxy/` too, the child modules import
-/// each other without a circle (what every kind shares is a leaf:
-/// `config/object.rs`, `routing/request.rs`).
+/// Inside `config/`, `routing/` and `proxy/` too, and inside each of their
+/// directories (`proxy/inbound/`, `proxy/outbound/http/`, …), the child
+/// modules import each other without a circle (what every kind shares is a
+/// leaf: `config/object.rs`, `routing/request.rs`; the destination side
+/// reaches the outbound direction only through `Inputs::dial`).
 #[test]
 fn the_child_modules_of_config_routing_and_proxy_have_no_import_circle() {
-    for module in ["config", "routing", "proxy"] {
-        let edges = child_imports(module);
+    for module in ["config", "routing", "proxy"].into_iter().flat_map(modules_under) {
+        let edges = naming(&module).edges;
         if let Some(cycle) = a_cycle(&edges) {
             panic!("{module}/ has an import circle: {}\n(imports: {edges:?})", cycle.join(" → "));
         }
+    }
+}
+
+/// `proxy.rs` declares the data path's modules, holds the error type and
+/// runs the capture listeners; its children call none of its functions (the
+/// shared L4 tools are `proxy/l4.rs`), and none glob-imports it.
+#[test]
+fn the_proxy_modules_children_call_nothing_of_it() {
+    let found = naming("proxy");
+    assert!(found.upward.is_empty(), "children of proxy/ naming functions of proxy.rs: {:?}", found.upward);
+    assert!(found.globs.is_empty(), "children of proxy/ glob-importing proxy.rs: {:?}", found.globs);
+    // The directions: the destination side never names the outbound one.
+    let edges = naming("proxy").edges;
+    let inbound = edges.get("inbound").cloned().unwrap_or_default();
+    assert!(!inbound.contains("outbound"), "inbound/ imports outbound/: {inbound:?}");
+    for shared in ["l4", "http", "upstream", "hbone", "conns"] {
+        let names = edges.get(shared).cloned().unwrap_or_default();
+        assert!(
+            !names.contains("inbound") && !names.contains("outbound") && !names.contains("gateway"),
+            "{shared} is shared by the directions, yet imports {names:?}"
+        );
     }
 }

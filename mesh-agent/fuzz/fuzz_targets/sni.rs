@@ -3,5 +3,5 @@
 #![no_main]
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    let _ = mesh_agent::proxy::l7::sni::sni(data);
+    let _ = mesh_agent::proxy::sni::sni(data);
 });

@@ -32,7 +32,7 @@ use tokio::{
 
 use crate::{
     proxy::Inputs,
-    proxy::l7::Downstream,
+    proxy::http::Downstream,
     proxy::{self, ProxyError},
     routing::l4::Route,
     routing::protocol::Handling,
@@ -206,7 +206,7 @@ impl Listeners {
 
     /// The HBONE server's second hop: a CONNECT to one of this node's gateway
     /// ports, made to that gateway's identity, is served as if accepted there.
-    pub fn tunnel_hop(&self, ctx: &Arc<Inputs>) -> crate::proxy::hbone::GatewayHop {
+    pub fn tunnel_hop(&self, ctx: &Arc<Inputs>) -> crate::proxy::inbound::hbone::GatewayHop {
         let (hops, ctx) = (self.hops.clone(), ctx.clone());
         Arc::new(move |target: SocketAddrV4, identity: &str| {
             let hops = hops.read().ok()?;
@@ -215,7 +215,7 @@ impl Listeners {
             Some(Box::new(move |io, peer| {
                 Box::pin(serve_tunneled(ctx, io, peer, target, gateways, protocol))
                     as Pin<Box<dyn std::future::Future<Output = ()> + Send>>
-            }) as crate::proxy::hbone::HopServer)
+            }) as crate::proxy::inbound::hbone::HopServer)
         })
     }
 
@@ -298,7 +298,7 @@ fn open(ctx: &Arc<Inputs>, state: &State, plan: &PortPlan) -> std::io::Result<Se
                     Ok((stream, peer)) => {
                         let Some(now) = rx.borrow().clone() else { break };
                         let Ok(ticket) = gate.admit(peer.ip(), &ctx.metrics) else {
-                            proxy::reset(&stream);
+                            proxy::l4::reset(&stream);
                             continue;
                         };
                         // At most so many TLS handshakes at once.
@@ -306,7 +306,7 @@ fn open(ctx: &Arc<Inputs>, state: &State, plan: &PortPlan) -> std::io::Result<Se
                             GatewayProtocol::Https => match gate.handshake(peer.ip(), &ctx.metrics) {
                                 Some(p) => Some(p),
                                 None => {
-                                    proxy::reset(&stream);
+                                    proxy::l4::reset(&stream);
                                     continue;
                                 }
                             },
@@ -367,7 +367,7 @@ async fn handle(
             let mut down = downstream(peer, local, gateways);
             down.client_cert = tls::forwarded_client_cert(session);
             down.server = Some(server);
-            crate::proxy::l7::serve(ctx.clone(), tls, down, handling).await;
+            crate::proxy::outbound::http::serve(ctx.clone(), tls, down, handling).await;
         }
         (GatewayProtocol::Tcp, _) => {
             let state = ctx.state();
@@ -378,7 +378,7 @@ async fn handle(
         (GatewayProtocol::Tls, _) => {
             let Some(sni) = peek_sni(&stream, ctx.limits.handshake_timeout).await else {
                 tracing::info!(%peer, %local, "gateway: no TLS server name from the client");
-                return proxy::fail(ctx, &stream, peer, None, ProxyError::NotLocal(local));
+                return proxy::l4::fail(ctx, &stream, peer, None, ProxyError::NotLocal(local));
             };
             let state = ctx.state();
             let (pick, random) = (ctx.next_pick(), ctx.next_random());
@@ -386,11 +386,11 @@ async fn handle(
             serve_tcp(ctx, stream, peer, local, found).await
         }
         _ => {
-            let handling = match proxy::sniff_client(&stream, ctx.protocol_detection_timeout).await {
+            let handling = match proxy::outbound::sniff_client(&stream, ctx.protocol_detection_timeout).await {
                 Handling::Http2 => Handling::Http2,
                 _ => Handling::Http1,
             };
-            crate::proxy::l7::serve(ctx.clone(), stream, downstream(peer, local, gateways), handling).await;
+            crate::proxy::outbound::http::serve(ctx.clone(), stream, downstream(peer, local, gateways), handling).await;
         }
     }
 }
@@ -415,9 +415,9 @@ async fn peek_sni(stream: &TcpStream, timeout: Duration) -> Option<String> {
             Ok(Ok(n)) if n > 0 => n,
             _ => return None,
         };
-        match crate::proxy::l7::sni::sni(&buf[..n]) {
-            crate::proxy::l7::sni::Sni::Found(name) => return Some(name.to_ascii_lowercase()),
-            crate::proxy::l7::sni::Sni::NeedMore if n < buf.len() => {
+        match crate::proxy::sni::sni(&buf[..n]) {
+            crate::proxy::sni::Sni::Found(name) => return Some(name.to_ascii_lowercase()),
+            crate::proxy::sni::Sni::NeedMore if n < buf.len() => {
                 // Wait for more bytes without spinning: forget the readiness
                 // this peek saw, then wait for the next arrival.
                 let _ = stream
@@ -442,7 +442,7 @@ async fn serve_tcp(
     let Some((route, gw)) = found else {
         let err = ProxyError::NotLocal(local);
         tracing::info!(%peer, %local, "gateway: no tcp/tls route for this connection");
-        return proxy::fail(ctx, &client, peer, None, err);
+        return proxy::l4::fail(ctx, &client, peer, None, err);
     };
     let source = state.gateway(&gw).map(|g| g.workload.clone());
     let (dest, addr, mut labels) = match route {
@@ -453,27 +453,29 @@ async fn serve_tcp(
         Route::Refused { service, reason } => {
             let labels = TcpLabels::new(source.as_deref(), None, Some(&service), false);
             let err = ProxyError::Refused { service: service.key.clone(), reason };
-            return proxy::fail(ctx, &client, peer, Some(labels), err);
+            return proxy::l4::fail(ctx, &client, peer, Some(labels), err);
         }
         Route::Workload { addr, .. } | Route::Passthrough { addr } | Route::BlackHole { addr } => {
             let labels = TcpLabels::black_hole(source.as_deref());
-            return proxy::fail(ctx, &client, peer, Some(labels), ProxyError::BlackHole(addr));
+            return proxy::l4::fail(ctx, &client, peer, Some(labels), ProxyError::BlackHole(addr));
         }
     };
-    match proxy::open_upstream(ctx, &state, source.as_ref(), peer, dest.as_ref(), addr, ctx.connect_timeout).await {
+    match proxy::outbound::open_upstream(ctx, &state, source.as_ref(), peer, dest.as_ref(), addr, ctx.connect_timeout)
+        .await
+    {
         Ok(opened) => {
             drop(state);
             if opened.mtls {
                 labels.connection_security_policy = "mutual_tls";
             }
-            let meters = proxy::ConnMeters::open(&ctx.metrics, &labels);
-            proxy::pump(ctx, client, opened.io, meters, addr, opened.guard, |c, u| {
-                proxy::reset(c);
+            let meters = proxy::l4::ConnMeters::open(&ctx.metrics, &labels);
+            proxy::l4::pump(ctx, client, opened.io, meters, addr, opened.guard, |c, u| {
+                proxy::l4::reset(c);
                 u.reset();
             })
             .await;
         }
-        Err(e) => proxy::fail(ctx, &client, peer, Some(labels), e),
+        Err(e) => proxy::l4::fail(ctx, &client, peer, Some(labels), e),
     }
 }
 
@@ -504,7 +506,7 @@ pub async fn serve_tunneled<I>(
     }
     let handling = if first == b"PRI" { Handling::Http2 } else { Handling::Http1 };
     let io = Prefixed { prefix: first, at: 0, io };
-    crate::proxy::l7::serve(ctx, io, downstream(peer, target, gateways), handling).await;
+    crate::proxy::outbound::http::serve(ctx, io, downstream(peer, target, gateways), handling).await;
 }
 
 /// A stream with bytes already read put back in front.

@@ -9,14 +9,12 @@
 //! renewed source certificate starts a new connection while streams on the old
 //! one run to their end. The original client's IP travels in `Forwarded: for=`.
 //!
-//! Server side ([`serve`]): the client chain must lead to the mesh root; the
-//! source principal comes from it. The target must be a meshed pod on this node
-//! running as the identity the client asked for; AuthorizationPolicy decides;
-//! then the agent connects to the pod with the source pod's IP as the client
-//! address when that IP belongs to the authenticated identity.
+//! Server side: [`crate::proxy::inbound::hbone`] (an HBONE stream is an
+//! arrival at a local pod); this module keeps what both sides share, and
+//! [`connect_request`], the server's reading of a CONNECT.
 use std::{
     collections::HashMap,
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{Ipv4Addr, SocketAddrV4},
     sync::{
         Arc, Mutex,
         atomic::{AtomicUsize, Ordering},
@@ -25,31 +23,24 @@ use std::{
 };
 
 use http_body_util::Empty;
-use hyper::{
-    Method, Request, Response, StatusCode,
-    body::{Bytes, Incoming},
-    client::conn::http2::SendRequest,
-    upgrade::Upgraded,
-};
+use hyper::{Method, Request, StatusCode, body::Bytes, client::conn::http2::SendRequest, upgrade::Upgraded};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::{TcpListener, TcpStream};
 
 use crate::{
     identity::{self, IdentityError},
     proxy::Inputs,
     proxy::{self, ProxyError},
-    telemetry::TcpLabels,
 };
 
 /// HTTP/2 flow-control windows: large enough that one stream can fill a fast
 /// link without waiting for WINDOW_UPDATEs.
-const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
-const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
-const MAX_FRAME: u32 = 256 * 1024;
+pub(crate) const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+pub(crate) const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+pub(crate) const MAX_FRAME: u32 = 256 * 1024;
 /// Streams per pooled connection.
-const MAX_STREAMS: u32 = 1000;
+pub(crate) const MAX_STREAMS: u32 = 1000;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-const KEEPALIVE: Duration = Duration::from_secs(30);
+pub(crate) const KEEPALIVE: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum HboneError {
@@ -84,10 +75,35 @@ impl HboneError {
 }
 
 mod client;
-mod server;
 
 pub use client::{Tunnel, TunnelPool, TunnelTo};
-pub use server::{GatewayHop, HopServer, connect_request, serve};
+
+/// What a CONNECT asks for: the target pod address, and the original client's
+/// IP when the source agent names one (`Forwarded: for=`); or the answer to
+/// refuse it with. Pure, for the peer's bytes decide it (fuzzed).
+pub fn connect_request(
+    method: &Method,
+    uri: &hyper::Uri,
+    headers: &hyper::HeaderMap,
+) -> Result<(SocketAddrV4, Option<Ipv4Addr>), (StatusCode, &'static str)> {
+    if method != Method::CONNECT {
+        return Err((StatusCode::METHOD_NOT_ALLOWED, "only CONNECT is served on this port"));
+    }
+    let Some(target) = uri.authority().and_then(|a| a.as_str().parse::<SocketAddrV4>().ok()) else {
+        return Err((StatusCode::BAD_REQUEST, "CONNECT target must be <ipv4>:<port>"));
+    };
+    Ok((target, forwarded_for(headers)))
+}
+
+/// `Forwarded: for=<ip>` (RFC 7239), first element.
+fn forwarded_for(headers: &hyper::HeaderMap) -> Option<Ipv4Addr> {
+    let v = headers.get("forwarded")?.to_str().ok()?;
+    let first = v.split(',').next()?;
+    first.split(';').find_map(|kv| {
+        let (k, v) = kv.trim().split_once('=')?;
+        k.eq_ignore_ascii_case("for").then(|| v.trim_matches('"').parse().ok())?
+    })
+}
 
 #[cfg(test)]
 mod tests;

@@ -1,50 +1,193 @@
-//! The inbound plaintext listener (15006): connections from outside the mesh
-//! (another node's un-meshed pod, a client beyond the cluster, an un-meshed pod
-//! on this node) to a local meshed pod. PeerAuthentication decides whether
-//! plaintext is admitted at all; AuthorizationPolicy then applies with no
-//! principal.
-use std::net::SocketAddr;
+//! The destination side: every connection that arrives for a local meshed
+//! pod — an HBONE stream from another node ([`hbone`]), plaintext through
+//! the inbound listener ([`plaintext`]), a connection from a pod or process
+//! of this node ([`same_node`]) — goes through one door, [`admit`]:
+//! PeerAuthentication for a client without an identity, then either the
+//! destination's HTTP stage ([`http`], when the pod's policies need its
+//! requests) or L4 authorization, a connection to the pod and its
+//! registration, so that a policy change reaches it.
+use std::{
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    sync::Arc,
+    time::Duration,
+};
 
 use tokio::net::TcpStream;
 
 use super::{
-    ProxyError,
-    admit::{Admission, admit},
-    deliver, fail,
+    Inputs, ProxyError, conns,
+    l4::{connect, register},
+    upstream::{Opened, Upstream},
 };
-use crate::{proxy::Inputs, telemetry::TcpLabels};
+use crate::{
+    routing::policy::{Peer, Verdict, authorize, peer_mode},
+    state::{State, Workload, security::MtlsMode},
+};
 
-pub(super) async fn handle_plaintext(ctx: &std::sync::Arc<Inputs>, client: TcpStream, peer: SocketAddr) {
-    let _ = client.set_nodelay(true);
-    let (Ok(SocketAddr::V4(dst)), SocketAddr::V4(peer_v4)) = (client.local_addr(), peer) else {
-        return fail(ctx, &client, peer, None, ProxyError::NotIpv4(peer));
+pub mod hbone;
+pub(crate) mod http;
+pub(super) mod plaintext;
+
+/// A connection to a local meshed workload, authenticated (or not) as far
+/// as its transport goes.
+pub(crate) struct Inbound {
+    pub dest: Arc<Workload>,
+    /// The pod's address and port.
+    pub target: SocketAddrV4,
+    /// Who connected (for logs): the peer agent, or the client.
+    pub peer: SocketAddr,
+    /// The client's identity (mTLS, or capture on this node); `None` for plaintext.
+    pub principal: Option<Arc<str>>,
+    /// The client's address as policy sees it (`source.ip`).
+    pub client_ip: Ipv4Addr,
+    /// The client workload, for labels.
+    pub source: Option<Arc<Workload>>,
+    /// The address to connect to the pod from (the client's, where replies
+    /// come back to this agent).
+    pub transparent: Option<Ipv4Addr>,
+    pub mtls: bool,
+}
+
+/// The in-process pipe's buffer each way, for a pod of this node whose
+/// policies need its requests.
+const PIPE_BUFFER: usize = 64 * 1024;
+
+/// How an arrival was admitted.
+pub(crate) enum Admission {
+    /// Its requests are judged one by one: the destination's HTTP stage
+    /// takes the stream ([`http::serve`]).
+    Http(Inbound),
+    /// Authorized as a connection: [`connect_admitted`] reaches the pod.
+    Tcp(Inbound),
+}
+
+/// Judges `arrival`, for the local meshed pod it names.
+pub(crate) fn admit(state: &State, arrival: Inbound) -> Result<Admission, ProxyError> {
+    let (dest, port) = (&arrival.dest, arrival.target.port());
+    if arrival.principal.is_none() && peer_mode(state, dest, port) == MtlsMode::Strict {
+        return Err(ProxyError::PlaintextRefused { pod: format!("{}/{}", dest.namespace, dest.name), port });
+    }
+    if http::wanted(state, dest, port) {
+        return Ok(Admission::Http(arrival));
+    }
+    let peer = Peer { principal: arrival.principal.as_deref(), ip: arrival.client_ip };
+    if let Verdict::Deny(policy) = authorize(state, dest, &peer, port) {
+        return Err(ProxyError::Denied { policy });
+    }
+    Ok(Admission::Tcp(arrival))
+}
+
+/// Connects an arrival authorized as a connection to its pod (from the
+/// client's address where replies come back here) and registers it.
+pub(crate) async fn connect_admitted(
+    ctx: &Inputs,
+    arrival: &Inbound,
+    timeout: Duration,
+) -> Result<(TcpStream, conns::Guard), ProxyError> {
+    let upstream = connect(arrival.target, arrival.transparent, timeout).await?;
+    let guard = register(ctx, authorized(arrival, None), &upstream, arrival.target)?;
+    Ok((upstream, guard))
+}
+
+/// What a policy change judges again: the arrival, and for a tunnel upgraded
+/// from a request, that request. A client without an identity is plaintext
+/// (from outside the mesh); same-node and HBONE clients have one.
+pub(crate) fn authorized(arrival: &Inbound, request: Option<Arc<conns::RequestSnapshot>>) -> conns::Authorized {
+    conns::Authorized {
+        dest_ip: *arrival.target.ip(),
+        port: arrival.target.port(),
+        principal: arrival.principal.clone(),
+        peer_ip: arrival.client_ip,
+        plaintext: arrival.principal.is_none(),
+        request,
+    }
+}
+
+/// A connection from this node (a pod, a host process, a gateway) to a local
+/// meshed pod: this agent is the destination's too, so the connection goes
+/// through the door an HBONE stream would. The source side copies to what
+/// this opens: the pod, or (request policies) the far end of an in-process
+/// pipe whose near end the HTTP stage serves.
+pub(crate) async fn same_node(
+    ctx: &Arc<Inputs>,
+    state: &State,
+    arrival: Inbound,
+    timeout: Duration,
+) -> Result<Opened, ProxyError> {
+    match admit(state, arrival)? {
+        Admission::Http(inbound) => {
+            let (near, far) = tokio::io::duplex(PIPE_BUFFER);
+            tokio::spawn(http::serve(ctx.clone(), far, inbound));
+            Ok(Opened { io: Upstream::Pipe(near), mtls: false, guard: None })
+        }
+        Admission::Tcp(arrival) => {
+            let (s, guard) = connect_admitted(ctx, &arrival, timeout).await?;
+            Ok(Opened { io: Upstream::Tcp(s), mtls: false, guard: Some(guard) })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+        sync::Arc,
     };
-    let state = ctx.state();
-    let dest =
-        state.workload_by_ip(*dst.ip()).filter(|w| w.meshed && w.node.as_deref() == Some(ctx.node.as_str())).cloned();
-    let Some(dest) = dest else {
-        return fail(ctx, &client, peer, None, ProxyError::NotLocal(dst));
-    };
-    // An un-meshed pod of the cluster keeps its labels; it has no principal.
-    let source = state.workload_by_ip(*peer_v4.ip()).cloned();
-    let mut labels = TcpLabels::new(source.as_deref(), Some(&dest), None, false);
-    labels.reporter = "destination";
-    labels.source_principal = "unknown".into();
-    let arrival = crate::proxy::l7::destination::Inbound {
-        dest,
-        target: dst,
-        peer,
-        principal: None,
-        client_ip: *peer_v4.ip(),
-        source,
-        transparent: super::transparent_source(ctx, peer, dst),
-        mtls: false,
-    };
-    let admitted = admit(&state, arrival);
-    drop(state);
-    match admitted {
-        Err(e) => fail(ctx, &client, peer, Some(labels), e),
-        Ok(Admission::Http(inbound)) => crate::proxy::l7::destination::serve(ctx.clone(), client, inbound).await,
-        Ok(Admission::Tcp(arrival)) => deliver(ctx, client, peer, &arrival, labels).await,
+
+    use super::{Admission, Inbound, admit, authorized};
+    use crate::proxy::{ProxyError, inputs::testing::TestInputs};
+
+    const CLUSTER: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: demo, labels: {istio.io/dataplane-mode: ambient}}\n\
+        ---\napiVersion: v1\nkind: Pod\nmetadata: {name: hello, namespace: demo, labels: {app: hello}}\n\
+        spec: {nodeName: n1, serviceAccountName: hello}\nstatus: {podIP: 10.244.0.3}\n\
+        ---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: strict, namespace: demo}\n\
+        spec: {mtls: {mode: STRICT}}\n";
+
+    fn arrival(t: &TestInputs, principal: Option<&str>, mtls: bool) -> Inbound {
+        let state = t.inputs.state();
+        let dest = state.workload_by_ip(Ipv4Addr::new(10, 244, 0, 3)).expect("hello").clone();
+        Inbound {
+            dest,
+            target: SocketAddrV4::new(Ipv4Addr::new(10, 244, 0, 3), 8080),
+            peer: SocketAddr::from(([10, 244, 0, 2], 40_000)),
+            principal: principal.map(Arc::from),
+            client_ip: Ipv4Addr::new(10, 244, 0, 2),
+            source: None,
+            transparent: None,
+            mtls,
+        }
+    }
+
+    #[test]
+    fn every_door_judges_alike_and_only_an_identityless_client_is_plaintext() {
+        let extra = "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+                     metadata: {name: only-test, namespace: demo}\n\
+                     spec: {action: ALLOW, rules: [{from: [{source: {principals: [cluster.local/ns/demo/sa/test]}}]}]}\n";
+        let t = TestInputs::new(&format!("{CLUSTER}{extra}"));
+        let state = t.inputs.state();
+        let test = Some("spiffe://cluster.local/ns/demo/sa/test");
+        // HBONE (mTLS) and same-node (capture) clients alike: admitted as
+        // connections, and never taken for plaintext when policy is judged again.
+        for mtls in [true, false] {
+            let Ok(Admission::Tcp(a)) = admit(&state, arrival(&t, test, mtls)) else {
+                panic!("test refused (mtls {mtls})")
+            };
+            assert!(!authorized(&a, None).plaintext, "a client with an identity was registered as plaintext");
+        }
+        let other = Some("spiffe://cluster.local/ns/demo/sa/other");
+        assert!(matches!(admit(&state, arrival(&t, other, true)), Err(ProxyError::Denied { .. })));
+        // No identity under STRICT: refused before any policy.
+        assert!(matches!(admit(&state, arrival(&t, None, false)), Err(ProxyError::PlaintextRefused { .. })));
+    }
+
+    #[test]
+    fn a_pod_whose_policies_need_requests_gets_the_http_stage() {
+        let http_rule = "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+                         metadata: {name: paths, namespace: demo}\n\
+                         spec: {action: ALLOW, rules: [{to: [{operation: {paths: [/public]}}]}]}\n";
+        let t = TestInputs::new(&format!("{CLUSTER}{http_rule}"));
+        let state = t.inputs.state();
+        let a = admit(&state, arrival(&t, Some("spiffe://cluster.local/ns/demo/sa/test"), false));
+        assert!(matches!(a, Ok(Admission::Http(_))));
     }
 }

@@ -28,19 +28,22 @@ pub struct Inputs {
     pub active: Arc<Active>,
     pub certs: Arc<CertManager>,
     pub hbone: crate::proxy::hbone::TunnelPool,
-    pub http_pool: crate::proxy::l7::pool::HttpPool,
+    pub http_pool: crate::proxy::http::pool::HttpPool,
     /// Connections authorized here, judged again after each reload.
     pub conns: Arc<super::conns::Conns>,
-    pub clusters: crate::proxy::l7::cluster::Clusters,
+    pub clusters: crate::proxy::http::cluster::Clusters,
     /// TLS settings for the snapshot's TLS originations.
-    pub originations: super::Originations,
-    pub access_log: crate::proxy::l7::access_log::AccessLog,
+    pub originations: super::outbound::tls::Originations,
+    pub access_log: crate::proxy::http::access_log::AccessLog,
     /// Key sets fetched from RequestAuthentications' `jwksUri`.
     pub jwks: Arc<crate::identity::jwt::jwks::JwksCache>,
     /// End-user tokens already verified.
     pub jwt_verified: crate::identity::jwt::cache::VerifiedCache,
     /// gRPC channels to external authorizers (CUSTOM).
-    pub ext_authz: crate::proxy::l7::destination::ext_authz::Channels,
+    pub ext_authz: crate::proxy::inbound::http::ext_authz::Channels,
+    /// The destination side's way out (to an external authorizer): the
+    /// outbound direction's opening of a connection.
+    pub(crate) dial: super::upstream::Dial,
     /// Original destinations of captured host clients (when that capture runs).
     pub host_orig: std::sync::OnceLock<crate::capture::host::HostOrig>,
     state: RwLock<Arc<State>>,
@@ -55,7 +58,7 @@ pub struct Settings {
     pub connect_timeout: Duration,
     pub protocol_detection_timeout: Duration,
     pub certs: Arc<CertManager>,
-    pub access_log: crate::proxy::l7::access_log::AccessLog,
+    pub access_log: crate::proxy::http::access_log::AccessLog,
     pub state: State,
     pub limits: super::limits::Limits,
     /// Made before the data path (the configuration source counts into it).
@@ -74,14 +77,15 @@ impl Inputs {
             active: Arc::default(),
             certs: s.certs,
             hbone: crate::proxy::hbone::TunnelPool::default(),
-            http_pool: crate::proxy::l7::pool::HttpPool::default(),
+            http_pool: crate::proxy::http::pool::HttpPool::default(),
             conns: Arc::default(),
-            clusters: crate::proxy::l7::cluster::Clusters::default(),
-            originations: super::Originations::default(),
+            clusters: crate::proxy::http::cluster::Clusters::default(),
+            originations: Default::default(),
             access_log: s.access_log,
             jwks: s.jwks,
             jwt_verified: Default::default(),
             ext_authz: Default::default(),
+            dial: super::outbound::dial,
             host_orig: std::sync::OnceLock::new(),
             state: RwLock::default(),
             captured_ips: RwLock::default(),
@@ -224,7 +228,7 @@ pub(crate) mod testing {
                 connect_timeout: Duration::from_secs(10),
                 protocol_detection_timeout: Duration::from_millis(100),
                 certs,
-                access_log: crate::proxy::l7::access_log::AccessLog::open("off").expect("no access log"),
+                access_log: crate::proxy::http::access_log::AccessLog::open("off").expect("no access log"),
                 state: crate::config::state_from_yaml(yaml),
                 limits,
                 metrics: crate::telemetry::Metrics::new(),

@@ -1,7 +1,33 @@
 //! The outbound direction (15001): a meshed pod's (or a host client's)
-//! connection, routed by its original destination and opened upstream,
-//! directly, over HBONE, or as HTTP through the L7 pipeline.
-use super::*;
+//! connection, routed by its original destination and opened upstream —
+//! directly, over HBONE to the destination's node, through this node's own
+//! door for a local pod ([`inbound::same_node`]) — or served as HTTP by the
+//! source's pipeline ([`http`]).
+use std::{
+    future::Future,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    sync::Arc,
+    time::Duration,
+};
+
+use tokio::net::TcpStream;
+
+use super::{
+    Inputs, ProxyError,
+    hbone::TunnelTo,
+    inbound::{self, Inbound},
+    l4::{ConnMeters, connect, fail, pump, reset, transparent_source},
+    upstream::{Opened, Upstream},
+};
+use crate::{
+    routing::l4::{Route, route},
+    routing::protocol::{self, Declared, Handling, Sniffed},
+    state::{State, Workload},
+    telemetry::TcpLabels,
+};
+
+pub mod http;
+pub mod tls;
 
 /// One outbound connection: routed and opened (or served as HTTP), then copied.
 /// (An `async` block, not an `async fn`: the latter keeps its arguments twice
@@ -20,122 +46,58 @@ pub(super) fn handle(ctx: &Arc<Inputs>, client: TcpStream, peer: SocketAddr) -> 
 /// the copy. `None`: refused, failed, or served as HTTP here.
 async fn open(ctx: &Arc<Inputs>, client: TcpStream, peer: SocketAddr) -> Option<impl Future<Output = ()> + '_> {
     let _ = client.set_nodelay(true);
-    let mut orig = match client.local_addr() {
-        Ok(SocketAddr::V4(a)) => a,
-        Ok(other) => {
-            fail(ctx, &client, peer, None, ProxyError::NotIpv4(other));
-            return None;
-        }
-        Err(e) => {
-            tracing::debug!(%peer, error = %e, "client gone before routing");
-            return None;
-        }
-    };
-    let peer_ip = match peer.ip() {
-        std::net::IpAddr::V4(ip) => ip,
-        std::net::IpAddr::V6(_) => {
-            fail(ctx, &client, peer, None, ProxyError::NotIpv4(peer));
-            return None;
-        }
-    };
     let state = ctx.state();
-    let mut source = state.workload_by_ip(peer_ip).cloned();
-    // Connected to the listener itself: a host client redirected by
-    // cgroup/connect4, whose original destination the sockops program kept.
-    if *orig.ip() == Ipv4Addr::from(mesh_common::OUTBOUND_ADDR) && orig.port() == mesh_common::OUTBOUND_PORT {
-        let found = match peer {
-            SocketAddr::V4(p) => ctx.host_orig.get().and_then(|h| h.take(p)),
-            SocketAddr::V6(_) => None,
-        };
-        let Some(found) = found else {
-            {
-                fail(ctx, &client, peer, None, ProxyError::NotLocal(orig));
-                return None;
-            }
-        };
-        tracing::debug!(%peer, orig = %found, "host client");
-        orig = found;
-        source = state.nodes.get(ctx.node.as_str()).map(|n| n.workload.clone());
-    }
-    let pick = ctx.next_pick();
-    let client_ns = source.as_deref().map(|w| &*w.namespace);
-    // On a port that is not HTTP, a VirtualService `tcp` rule may decide
-    // instead of the default route (the connection then stays opaque bytes).
-    let decided = match route(&state, orig, client_ns, pick) {
-        Route::Service { protocol: Declared::Tcp | Declared::Unknown, .. } | Route::Refused { .. }
-            if state.by_vip.contains_key(orig.ip()) =>
-        {
-            match crate::routing::http::route_tcp(&state, orig, client_ns, pick, ctx.next_random()) {
-                Some(Route::Service { service, endpoint, addr, .. }) => {
-                    Route::Service { service, endpoint, addr, protocol: Declared::Tcp }
-                }
-                Some(other) => other,
-                None => route(&state, orig, client_ns, pick),
-            }
+    let Client { orig, peer_ip, source } = match original_destination(ctx, &state, &client, peer) {
+        Ok(found) => found,
+        Err(Some(e)) => {
+            fail(ctx, &client, peer, None, e);
+            return None;
         }
-        other => other,
+        Err(None) => return None,
     };
+    let pick = ctx.next_pick();
+    let decided = decide(ctx, &state, orig, source.as_deref().map(|w| &*w.namespace), pick);
     // Not in the registry under REGISTRY_ONLY: refused unless HTTP names a host.
     let black_hole = matches!(decided, Route::BlackHole { .. });
-    let (dest, addr, mut labels, declared) = match decided {
-        Route::Service { service, endpoint, addr, protocol } => {
-            let labels = TcpLabels::new(source.as_deref(), Some(&endpoint), Some(&service), false);
-            (Some(endpoint), addr, labels, Some(protocol))
-        }
-        Route::Workload { workload, addr } => {
-            let labels = TcpLabels::new(source.as_deref(), Some(&workload), None, false);
-            (Some(workload), addr, labels, Some(Declared::Unknown))
-        }
-        Route::Passthrough { addr } => (None, addr, TcpLabels::new(source.as_deref(), None, None, true), None),
-        // HTTP may still name a host a ServiceEntry declares: look first.
-        Route::BlackHole { addr } => (None, addr, TcpLabels::black_hole(source.as_deref()), Some(Declared::Unknown)),
-        Route::Refused { service, reason } => {
-            let labels = TcpLabels::new(source.as_deref(), None, Some(&service), false);
-            let err = ProxyError::Refused { service: format!("{}/{} {orig}", service.namespace, service.name), reason };
-            {
-                fail(ctx, &client, peer, Some(labels), err);
-                return None;
-            }
-        }
-    };
-    // Mesh destinations may speak HTTP: declared on the Service port, else sniffed.
-    let handling = match declared {
-        None | Some(Declared::Tcp) => Handling::Tcp,
-        Some(Declared::Http2 | Declared::Grpc) => Handling::Http2,
-        // An `http` port takes HTTP/1.1 and h2c alike (as Envoy's AUTO codec).
-        Some(Declared::Http) => match sniff_client(&client, ctx.protocol_detection_timeout).await {
-            Handling::Http2 => Handling::Http2,
-            _ => Handling::Http1,
-        },
-        Some(Declared::Unknown) => sniff_client(&client, ctx.protocol_detection_timeout).await,
-    };
-    if handling == Handling::Tcp && black_hole {
-        {
-            fail(ctx, &client, peer, Some(labels), ProxyError::BlackHole(addr));
+    let (dest, addr, labels, declared) = match destination(decided, source.as_deref(), orig) {
+        Ok(d) => d,
+        Err(refused) => {
+            let (labels, e) = *refused;
+            fail(ctx, &client, peer, Some(labels), e);
             return None;
         }
+    };
+    let handling = handling(ctx, &client, declared).await;
+    if handling == Handling::Tcp && black_hole {
+        fail(ctx, &client, peer, Some(labels), ProxyError::BlackHole(addr));
+        return None;
     }
     if handling != Handling::Tcp {
         drop(state);
         // The first request takes this connection's turn in the round robin.
-        let down = crate::proxy::l7::Downstream {
-            peer,
-            peer_ip,
-            orig,
-            source,
-            gateways: None,
-            server: None,
-            first_pick: pick.into(),
-            client_cert: None,
-        };
+        let down = super::http::Downstream::captured(peer, peer_ip, orig, source, pick);
         // Boxed: a connection waiting for its first bytes keeps no room for an HTTP server.
-        Box::pin(crate::proxy::l7::serve(ctx.clone(), client, down, handling)).await;
+        Box::pin(http::serve(ctx.clone(), client, down, handling)).await;
         return None;
     }
     // Boxed apart: connecting (TLS, HBONE) takes ~6 KB of state, which a
     // connection waiting for its first bytes (sniffing) need not hold yet.
     let opened =
         Box::pin(open_upstream(ctx, &state, source.as_ref(), peer, dest.as_ref(), addr, ctx.connect_timeout)).await;
+    drop(state);
+    joined(ctx, client, peer, addr, opened, labels)
+}
+
+/// The copy between the client and its opened upstream, or the failure to
+/// open one counted and the client reset (`None`).
+fn joined(
+    ctx: &Inputs,
+    client: TcpStream,
+    peer: SocketAddr,
+    addr: SocketAddrV4,
+    opened: Result<Opened, ProxyError>,
+    mut labels: TcpLabels,
+) -> Option<impl Future<Output = ()> + '_> {
     let Opened { io, mtls, guard } = match opened {
         Ok(opened) => opened,
         Err(e) => {
@@ -146,7 +108,6 @@ async fn open(ctx: &Arc<Inputs>, client: TcpStream, peer: SocketAddr) -> Option<
             return None;
         }
     };
-    drop(state);
     if mtls {
         labels.connection_security_policy = "mutual_tls";
     }
@@ -154,16 +115,197 @@ async fn open(ctx: &Arc<Inputs>, client: TcpStream, peer: SocketAddr) -> Option<
     let guard = match guard.map(|g| g.and_client(&client)).transpose() {
         Ok(g) => g,
         Err(error) => {
-            fail(ctx, &client, peer, Some(labels), ProxyError::Connect { addr, source_ip: None, error });
+            let e = ProxyError::Connect { addr, source_ip: None, error };
+            fail(ctx, &client, peer, Some(labels), e);
             return None;
         }
     };
-    tracing::debug!(%peer, %orig, upstream = %addr, mtls, "proxying");
+    tracing::debug!(%peer, upstream = %addr, mtls, "proxying");
     let meters = ConnMeters::open(&ctx.metrics, &labels);
     Some(pump(ctx, client, io, meters, addr, guard, |c, u| {
         reset(c);
         u.reset();
     }))
+}
+
+/// A captured client, as routing sees it.
+struct Client {
+    /// Where it meant to go.
+    orig: SocketAddrV4,
+    peer_ip: Ipv4Addr,
+    /// The workload it is (a pod, or this node for a host client).
+    source: Option<Arc<Workload>>,
+}
+
+/// The client: where it meant to go (the accepted socket's local address,
+/// or for a host client redirected by `cgroup/connect4` the address its
+/// sockops program kept), its address and workload. `Err(None)`: the client
+/// is gone already.
+fn original_destination(
+    ctx: &Inputs,
+    state: &State,
+    client: &TcpStream,
+    peer: SocketAddr,
+) -> Result<Client, Option<ProxyError>> {
+    let orig = match client.local_addr() {
+        Ok(SocketAddr::V4(a)) => a,
+        Ok(other) => return Err(Some(ProxyError::NotIpv4(other))),
+        Err(e) => {
+            tracing::debug!(%peer, error = %e, "client gone before routing");
+            return Err(None);
+        }
+    };
+    let SocketAddr::V4(peer_v4) = peer else {
+        return Err(Some(ProxyError::NotIpv4(peer)));
+    };
+    // Connected to the listener itself: a host client.
+    if *orig.ip() == Ipv4Addr::from(mesh_common::OUTBOUND_ADDR) && orig.port() == mesh_common::OUTBOUND_PORT {
+        let found = ctx.host_orig.get().and_then(|h| h.take(peer_v4)).ok_or(ProxyError::NotLocal(orig))?;
+        tracing::debug!(%peer, orig = %found, "host client");
+        let node = state.nodes.get(ctx.node.as_str()).map(|n| n.workload.clone());
+        return Ok(Client { orig: found, peer_ip: *peer_v4.ip(), source: node });
+    }
+    Ok(Client { orig, peer_ip: *peer_v4.ip(), source: state.workload_by_ip(*peer_v4.ip()).cloned() })
+}
+
+/// The route: on a port that is not HTTP, a VirtualService `tcp` rule may
+/// decide instead of the default route (the connection then stays opaque bytes).
+fn decide(ctx: &Inputs, state: &State, orig: SocketAddrV4, client_ns: Option<&str>, pick: usize) -> Route {
+    match route(state, orig, client_ns, pick) {
+        Route::Service { protocol: Declared::Tcp | Declared::Unknown, .. } | Route::Refused { .. }
+            if state.by_vip.contains_key(orig.ip()) =>
+        {
+            match crate::routing::http::route_tcp(state, orig, client_ns, pick, ctx.next_random()) {
+                Some(Route::Service { service, endpoint, addr, .. }) => {
+                    Route::Service { service, endpoint, addr, protocol: Declared::Tcp }
+                }
+                Some(other) => other,
+                None => route(state, orig, client_ns, pick),
+            }
+        }
+        other => other,
+    }
+}
+
+/// What a route leads to: the destination workload (if any), the address,
+/// the connection's labels, and the protocol the port declares (`None`:
+/// passthrough, never parsed).
+type Destination = (Option<Arc<Workload>>, SocketAddrV4, TcpLabels, Option<Declared>);
+
+fn destination(
+    decided: Route,
+    source: Option<&Workload>,
+    orig: SocketAddrV4,
+) -> Result<Destination, Box<(TcpLabels, ProxyError)>> {
+    Ok(match decided {
+        Route::Service { service, endpoint, addr, protocol } => {
+            let labels = TcpLabels::new(source, Some(&endpoint), Some(&service), false);
+            (Some(endpoint), addr, labels, Some(protocol))
+        }
+        Route::Workload { workload, addr } => {
+            let labels = TcpLabels::new(source, Some(&workload), None, false);
+            (Some(workload), addr, labels, Some(Declared::Unknown))
+        }
+        Route::Passthrough { addr } => (None, addr, TcpLabels::new(source, None, None, true), None),
+        // HTTP may still name a host a ServiceEntry declares: look first.
+        Route::BlackHole { addr } => (None, addr, TcpLabels::black_hole(source), Some(Declared::Unknown)),
+        Route::Refused { service, reason } => {
+            let labels = TcpLabels::new(source, None, Some(&service), false);
+            let err = ProxyError::Refused { service: format!("{}/{} {orig}", service.namespace, service.name), reason };
+            return Err(Box::new((labels, err)));
+        }
+    })
+}
+
+/// Mesh destinations may speak HTTP: declared on the Service port, else sniffed.
+async fn handling(ctx: &Inputs, client: &TcpStream, declared: Option<Declared>) -> Handling {
+    match declared {
+        None | Some(Declared::Tcp) => Handling::Tcp,
+        Some(Declared::Http2 | Declared::Grpc) => Handling::Http2,
+        // An `http` port takes HTTP/1.1 and h2c alike (as Envoy's AUTO codec).
+        Some(Declared::Http) => match sniff_client(client, ctx.protocol_detection_timeout).await {
+            Handling::Http2 => Handling::Http2,
+            _ => Handling::Http1,
+        },
+        Some(Declared::Unknown) => sniff_client(client, ctx.protocol_detection_timeout).await,
+    }
+}
+
+/// Opens the upstream for a connection from `peer` (the pod `source`, if known)
+/// to `addr` (the pod `dest`, if known): HBONE to the destination node's agent
+/// for a meshed pod on another node; otherwise a direct connection, after
+/// authorization when the pod is a meshed one on this node (this agent is then
+/// the destination's agent too).
+pub(crate) async fn open_upstream(
+    ctx: &Arc<Inputs>,
+    state: &State,
+    source: Option<&Arc<Workload>>,
+    peer: SocketAddr,
+    dest: Option<&Arc<Workload>>,
+    addr: SocketAddrV4,
+    connect_timeout: Duration,
+) -> Result<Opened, ProxyError> {
+    let peer_ip = match peer.ip() {
+        std::net::IpAddr::V4(ip) => ip,
+        std::net::IpAddr::V6(_) => return Err(ProxyError::NotIpv4(peer)),
+    };
+    let source_identity = source.filter(|s| s.meshed).map(|s| s.principal.clone());
+    match dest.filter(|d| d.meshed) {
+        Some(d) if d.node.as_deref() != Some(ctx.node.as_str()) => {
+            let node_ip = d.node.as_ref().and_then(|n| state.nodes.get(n)).and_then(|n| n.internal_ip);
+            let Some(node_ip) = node_ip else {
+                return Err(ProxyError::NoNodeAddress {
+                    node: d.node.as_deref().unwrap_or("<unscheduled>").to_owned(),
+                });
+            };
+            let src_id = source_identity.ok_or(ProxyError::NoSourceIdentity(peer_ip))?;
+            let node = SocketAddrV4::new(node_ip, mesh_common::HBONE_PORT);
+            let to = TunnelTo {
+                source: &src_id,
+                node,
+                dest: &d.principal,
+                target: addr,
+                client_ip: peer_ip,
+                connect_timeout,
+            };
+            let tunnel = ctx.hbone.open(ctx, to).await?;
+            Ok(Opened { io: Upstream::Tunnel(hyper_util::rt::TokioIo::new(tunnel)), mtls: true, guard: None })
+        }
+        // This agent is the destination's too: the door an HBONE stream takes.
+        Some(d) => {
+            let arrival = Inbound {
+                dest: d.clone(),
+                target: addr,
+                peer,
+                principal: source_identity,
+                client_ip: peer_ip,
+                source: source.cloned(),
+                transparent: transparent_source(ctx, peer, addr),
+                mtls: false,
+            };
+            inbound::same_node(ctx, state, arrival, connect_timeout).await
+        }
+        None => {
+            let s = connect(addr, transparent_source(ctx, peer, addr), connect_timeout).await?;
+            Ok(Opened { io: Upstream::Tcp(s), mtls: false, guard: None })
+        }
+    }
+}
+
+/// [`open_upstream`] as a boxed future of a named type: the destination
+/// side's way out ([`crate::proxy::upstream::Dial`], for an external
+/// authorizer's check), which `open_upstream` itself may start (a same-node
+/// pod), so its future type cannot name the check's.
+pub(crate) fn dial<'a>(
+    ctx: &'a Arc<Inputs>,
+    state: &'a State,
+    source: Option<&'a Arc<Workload>>,
+    peer: SocketAddr,
+    dest: Option<&'a Arc<Workload>>,
+    addr: SocketAddrV4,
+    connect_timeout: Duration,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Opened, ProxyError>> + Send + 'a>> {
+    Box::pin(open_upstream(ctx, state, source, peer, dest, addr, connect_timeout))
 }
 
 /// Waits (up to `timeout`) for the client's first bytes and classifies them;

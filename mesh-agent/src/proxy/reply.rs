@@ -103,7 +103,7 @@ impl ProxyError {
             ProxyError::Refused { .. } => "no_route",
             ProxyError::ConnectTimeout { .. } => "connect_timeout",
             ProxyError::Connect { .. } => "connect_error",
-            ProxyError::Copy { op: super::copy::Failed::Idle, .. } => "idle_timeout",
+            ProxyError::Copy { op: super::l4::copy::Failed::Idle, .. } => "idle_timeout",
             ProxyError::Copy { .. } => "copy_error",
             ProxyError::NoNodeAddress { .. } => "no_node_address",
             ProxyError::NoSourceIdentity(_) => "no_identity",

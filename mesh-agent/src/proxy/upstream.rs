@@ -1,17 +1,36 @@
 //! What a proxied connection's upstream is: a TCP connection (one this agent
-//! authorized carries its revocation guard), an HBONE stream, or TLS the agent
-//! originated; and what opening one yields.
+//! authorized carries its revocation guard), an HBONE stream, TLS the agent
+//! originated, or a pipe to this agent's own destination stage; and what
+//! opening one yields.
 use std::{
+    future::Future,
     io,
-    net::SocketAddrV4,
-    sync::{Arc, RwLock},
+    net::{SocketAddr, SocketAddrV4},
+    pin::Pin,
+    sync::Arc,
+    time::Duration,
 };
 
-use rustls::ClientConfig;
 use tokio::net::TcpStream;
 
-use super::{ProxyError, conns, reset};
-use crate::state::{State, traffic::TlsOrigination};
+use super::{Inputs, ProxyError, conns, l4::reset};
+use crate::state::{State, Workload};
+
+/// Opens a connection as a source agent would (routing done: the source
+/// workload, its address, the destination workload and address, the connect
+/// timeout): [`crate::proxy::outbound::dial`]. The destination side reaches
+/// an external authorizer through it, given by [`Inputs`] so that `inbound`
+/// does not import `outbound` (which hands same-node connections to
+/// `inbound`).
+pub(crate) type Dial = for<'a> fn(
+    &'a Arc<Inputs>,
+    &'a State,
+    Option<&'a Arc<Workload>>,
+    SocketAddr,
+    Option<&'a Arc<Workload>>,
+    SocketAddrV4,
+    Duration,
+) -> Pin<Box<dyn Future<Output = Result<Opened, ProxyError>> + Send + 'a>>;
 
 /// An upstream byte stream: a TCP connection, an HBONE stream, or TLS the
 /// agent originated over TCP.
@@ -27,77 +46,6 @@ pub(crate) enum Upstream {
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
     /// To this agent's own destination stage (a local pod with request policies).
     Pipe(tokio::io::DuplexStream),
-}
-
-/// The client TLS settings (HTTP/1.1 and h2 ALPN) for each TLS origination
-/// of the current snapshot, built when it is swapped in: the model keeps
-/// plain roots, a connection finds its settings by the origination's
-/// identity (an `Arc` the snapshot holds, so never a stale match).
-#[derive(Default)]
-pub struct Originations(RwLock<Arc<Built>>);
-
-type OriginationConfigs = [Arc<ClientConfig>; 2];
-type Built = Vec<(Arc<TlsOrigination>, OriginationConfigs)>;
-
-impl Originations {
-    pub(crate) fn rebuild(&self, state: &State) {
-        let policies = state.destination_rules.iter().flat_map(|d| d.policies());
-        let mut built = Built::new();
-        for tls in policies.filter_map(|p| p.tls.as_deref()).flat_map(|o| o.all()) {
-            if built.iter().any(|(t, _)| Arc::ptr_eq(t, tls)) {
-                continue;
-            }
-            match origination_configs(tls) {
-                Ok(c) => built.push((tls.clone(), c)),
-                Err(e) => tracing::warn!(ca = %tls.check.ca, error = %e, "TLS origination settings"),
-            }
-        }
-        if let Ok(mut o) = self.0.write() {
-            *o = Arc::new(built);
-        }
-    }
-
-    /// The settings for `tls`: built with its snapshot, or now for a
-    /// connection that began under the previous one.
-    fn get(&self, tls: &Arc<TlsOrigination>, h2: bool) -> Result<Arc<ClientConfig>, rustls::Error> {
-        let found =
-            self.0.read().ok().and_then(|o| o.iter().find(|(t, _)| Arc::ptr_eq(t, tls)).map(|(_, c)| c.clone()));
-        let [http1, http2] = match found {
-            Some(c) => c,
-            None => origination_configs(tls)?,
-        };
-        Ok(if h2 { http2 } else { http1 })
-    }
-}
-
-fn origination_configs(tls: &TlsOrigination) -> Result<OriginationConfigs, rustls::Error> {
-    let config = |alpn: &[&[u8]]| crate::identity::tls::origination_config(tls, alpn).map(Arc::new);
-    Ok([config(&[b"http/1.1"])?, config(&[b"h2"])?])
-}
-
-/// Starts TLS to an upstream outside the mesh (DestinationRule `tls.mode: SIMPLE`, `MUTUAL`).
-pub(crate) async fn originate_tls(
-    originations: &Originations,
-    tcp: TcpStream,
-    tls: &Arc<TlsOrigination>,
-    sni: &str,
-    h2: bool,
-    addr: SocketAddrV4,
-) -> Result<Upstream, ProxyError> {
-    let config = originations.get(tls, h2).map_err(|e| ProxyError::Tls {
-        addr,
-        sni: sni.to_owned(),
-        error: io::Error::other(e),
-    })?;
-    let name = rustls::pki_types::ServerName::try_from(sni.to_owned()).map_err(|e| ProxyError::Tls {
-        addr,
-        sni: sni.to_owned(),
-        error: io::Error::other(e),
-    })?;
-    match tokio_rustls::TlsConnector::from(config).connect(name, tcp).await {
-        Ok(s) => Ok(Upstream::Tls(Box::new(s))),
-        Err(error) => Err(ProxyError::Tls { addr, sni: sni.to_owned(), error }),
-    }
 }
 
 impl Upstream {

@@ -303,7 +303,7 @@ async fn connect(
     dest: &Arc<str>,
     connect_timeout: Duration,
 ) -> Result<SendRequest<Empty<Bytes>>, HboneError> {
-    let tcp = match proxy::connect(node, None, connect_timeout).await {
+    let tcp = match proxy::l4::connect(node, None, connect_timeout).await {
         Ok(s) => s,
         Err(ProxyError::ConnectTimeout { .. }) => return Err(HboneError::ConnectTimeout { addr: node }),
         Err(ProxyError::Connect { error, .. }) => return Err(HboneError::Connect { addr: node, error }),

@@ -8,7 +8,8 @@ use std::{
 
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-use super::{GatewayHop, Tunnel, TunnelPool, TunnelTo, serve};
+use super::{Tunnel, TunnelPool, TunnelTo};
+use crate::proxy::inbound::hbone::{GatewayHop, serve};
 use crate::proxy::inputs::testing::{TestInputs, echo_server};
 
 const CLIENT: &str = "spiffe://cluster.local/ns/mesh/sa/client";

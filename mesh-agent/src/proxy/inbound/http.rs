@@ -1,4 +1,4 @@
-//! L7 at the destination's agent: requests to a local workload whose
+//! HTTP at the destination's agent: requests to a local workload whose
 //! policies need them (a RequestAuthentication, or an AuthorizationPolicy
 //! with HTTP fields) are parsed here, where every path to the workload has
 //! converged — HBONE streams from other nodes, plaintext through the inbound
@@ -12,7 +12,6 @@
 //! [`crate::routing::policy::evaluate`]).
 use std::{
     convert::Infallible,
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     sync::Arc,
     time::{Instant, SystemTime},
 };
@@ -26,47 +25,28 @@ use hyper::{
 };
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
-use super::{Body, Downstream, headers::*, metered::Metered, metered::Record, path, upstream::tunnel_upgrade};
+use super::Inbound;
 use crate::{
     identity::jwt,
-    proxy::{self, Inputs, LocalReply, ProxyError},
+    proxy::{
+        self, Inputs, LocalReply, ProxyError,
+        http::{
+            Body, Downstream, headers::*, metered::Metered, metered::Record, path, serve_http, strip_hop_by_hop,
+            tunnel_upgrade,
+        },
+        l4::{ConnMeters, connect, pump, record_failure, reset},
+    },
     routing::policy::{self, Attributes, Peer, Verdict},
     routing::protocol::{Declared, Handling},
-    state::{
-        Workload,
-        security::{JwtKey, JwtRule},
-    },
+    state::Workload,
     telemetry::{Flags, TcpLabels},
 };
 
+mod authn;
 pub(crate) mod ext_authz;
 mod sniffed;
 #[cfg(test)]
 mod tests;
-
-/// A connection to a local meshed workload, authenticated (or not) as far
-/// as its transport goes.
-pub(crate) struct Inbound {
-    pub dest: Arc<Workload>,
-    /// The pod's address and port.
-    pub target: SocketAddrV4,
-    /// Who connected (for logs): the peer agent, or the client.
-    pub peer: SocketAddr,
-    /// The client's identity (mTLS, or capture on this node); `None` for plaintext.
-    pub principal: Option<Arc<str>>,
-    /// The client's address as policy sees it (`source.ip`).
-    pub client_ip: Ipv4Addr,
-    /// The client workload, for labels.
-    pub source: Option<Arc<Workload>>,
-    /// The address to connect to the pod from (the client's, where replies
-    /// come back to this agent).
-    pub transparent: Option<Ipv4Addr>,
-    pub mtls: bool,
-}
-
-/// The in-process pipe's buffer each way, for a pod of this node whose
-/// policies need its requests.
-pub(crate) const PIPE_BUFFER: usize = 64 * 1024;
 
 /// Whether connections to `dest`'s `port` are served here: its policies
 /// need requests and the port is not declared as opaque TCP.
@@ -116,7 +96,7 @@ where
         let (ctx, conn) = (svc_ctx.clone(), shared.clone());
         async move { Ok::<_, Infallible>(handle(ctx, conn, req).await) }
     });
-    super::serve_http(&ctx.limits, io, peer, handling, service).await;
+    serve_http(&ctx.limits, io, peer, handling, service).await;
 }
 
 /// Not HTTP: authorized as a connection (HTTP rules cannot match it), then
@@ -130,14 +110,14 @@ where
     if let Verdict::Deny(policy) = verdict {
         let err = ProxyError::Denied { policy };
         tracing::warn!(peer = %conn.peer, target = %conn.target, error = %err, "connection refused");
-        return proxy::record_failure(ctx, Some(labels), &err);
+        return record_failure(ctx, Some(labels), &err);
     }
-    let (upstream, guard) = match proxy::admit::connect_admitted(ctx, &conn, ctx.connect_timeout).await {
+    let (upstream, guard) = match super::connect_admitted(ctx, &conn, ctx.connect_timeout).await {
         Ok(r) => r,
-        Err(err) => return proxy::record_failure(ctx, Some(labels), &err),
+        Err(err) => return record_failure(ctx, Some(labels), &err),
     };
-    let meters = proxy::ConnMeters::open(&ctx.metrics, &labels);
-    proxy::pump(ctx, io, upstream, meters, conn.target, Some(guard), |_, u| proxy::reset(u)).await;
+    let meters = ConnMeters::open(&ctx.metrics, &labels);
+    pump(ctx, io, upstream, meters, conn.target, Some(guard), |_, u| reset(u)).await;
 }
 
 /// One parsed connection: what every request on it shares.
@@ -158,131 +138,136 @@ enum PodSender {
     H2(http2::SendRequest<Body>),
 }
 
+/// Why a request stops here instead of reaching the pod.
+enum Stop {
+    /// The agent's own reply.
+    Local(LocalReply),
+    /// A token that does not verify: 401 with `WWW-Authenticate`.
+    Jwt(jwt::JwtError),
+    /// The external authorizer's answer.
+    Answer(Box<Response<Body>>),
+}
+
+impl Stop {
+    /// The one place a stop becomes the response and its record.
+    fn answer(self, record: Record) -> Response<Body> {
+        match self {
+            Stop::Local(reply) => record.finish_local(reply),
+            Stop::Jwt(e) => {
+                let mut r = record.finish_local(LocalReply::jwt_refused(&e));
+                let challenge = HeaderValue::from_static("Bearer error=\"invalid_token\"");
+                r.headers_mut().insert(header::WWW_AUTHENTICATE, challenge);
+                r
+            }
+            Stop::Answer(r) => record.finish_answer(*r),
+        }
+    }
+}
+
+/// One request at the destination, in Envoy's filter order, so that every
+/// policy sees the request exactly as the app will: the request's form,
+/// JWT and its outputs, then CUSTOM and its header changes, then DENY and
+/// ALLOW; then the pod.
 async fn handle(ctx: Arc<Inputs>, conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<Body> {
     let start = Instant::now();
     let started_at = SystemTime::now();
     let grpc = is_grpc(req.headers());
-    let state = ctx.state();
-    let bad_path = path::apply(&mut req, state.path_normalization).is_err();
-    let bad_upgrade = upgrade_asked(&req) == Upgrade::Refused;
-    let conflict = authority_conflict(&req);
+    let formed = well_formed(&ctx, &mut req);
     let record =
         Record::new(&ctx, &conn.down, &req, conn.labels.clone(), grpc, Some(conn.inbound.target), started_at, start);
-    if bad_path {
-        return record.finish_local(LocalReply::BAD_PATH);
-    }
-    if bad_upgrade {
-        return record.finish_local(LocalReply::UPGRADE_REFUSED);
-    }
-    if conflict {
-        return record.finish_local(LocalReply::AUTHORITY_CONFLICT);
-    }
-    let dest = &conn.inbound.dest;
-    let rules = policy::jwt_rules(&state, dest);
-    let mut keyed = Vec::with_capacity(rules.len());
-    for rule in rules {
-        let keys = match &rule.jwks_uri {
-            Some(uri) => ctx.jwks.keys(uri, rule.timeout).await,
-            None => rule.keys.clone(),
-        };
-        keyed.push((rule, keys));
-    }
-    let mut checked = jwt::authenticate(&keyed, req.headers(), req.uri().query(), &ctx.jwt_verified);
-    // A key the fetched set lacks: the issuer may have rotated; fetch again once.
-    if let Err(jwt::Refused { error: jwt::JwtError::NoKey, rule: Some(rule) }) = &checked
-        && let Some(uri) = &rule.jwks_uri
-    {
-        let fresh = ctx.jwks.refetch(uri, rule.timeout).await;
-        for (_, keys) in keyed.iter_mut().filter(|(r, _)| r.jwks_uri.as_ref() == Some(uri)) {
-            *keys = fresh.clone();
-        }
-        checked = jwt::authenticate(&keyed, req.headers(), req.uri().query(), &ctx.jwt_verified);
-    }
-    let authn = match checked {
-        Ok(a) => a,
-        Err(jwt::Refused { error: e, .. }) => {
-            ctx.metrics.jwt_checks.get_or_create(&crate::telemetry::ResultLabels { result: "invalid" }).inc();
-            tracing::info!(peer = %conn.inbound.peer, target = %conn.inbound.target, error = %e, "request refused: JWT");
-            let mut r = record.finish_local(LocalReply::jwt_refused(&e));
-            r.headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer error=\"invalid_token\""));
-            return r;
-        }
+    let judged = async {
+        formed.map_err(Stop::Local)?;
+        let verified = authn::authenticate(&ctx, &conn, &mut req).await?;
+        let (parts, body, to_client) = custom(&ctx, &conn, req, verified.as_deref()).await?;
+        authorize(&ctx, &conn, &parts, verified.as_deref())?;
+        Ok::<_, Stop>((Request::from_parts(parts, body), verified, to_client))
     };
-    if !keyed.is_empty() {
-        let result = if authn.is_some() { "valid" } else { "none" };
-        ctx.metrics.jwt_checks.get_or_create(&crate::telemetry::ResultLabels { result }).inc();
+    let (req, verified, to_client) = match judged.await {
+        Ok(judged) => judged,
+        Err(stop) => return stop.answer(record),
+    };
+    let mut resp = forward(&ctx, &conn, req, record, verified.as_ref()).await;
+    for (name, value) in to_client {
+        resp.headers_mut().append(name, value);
     }
-    // Envoy's filter order, so that every policy sees the request exactly as
-    // the app will: JWT and its outputs, then CUSTOM and its header changes,
-    // then DENY and ALLOW. Headers the mesh sets are the mesh's alone: what
-    // a client sent under their names is dropped first.
-    let owned = mesh_owned_headers(&keyed);
-    let outputs = authn.as_ref().map(token_outputs);
-    let verified = authn.map(|a| a.verified);
-    drop(keyed);
-    let from_gateway =
-        conn.inbound.principal.as_deref().is_some_and(|p| state.gateways.iter().any(|g| *g.workload.principal == *p));
-    drop(state);
-    for name in &owned {
-        req.headers_mut().remove(name);
+    resp
+}
+
+/// The request's form: its path normalized (or refused), no upgrade the
+/// agent refuses, no conflicting authorities.
+fn well_formed(ctx: &Inputs, req: &mut Request<Incoming>) -> Result<(), LocalReply> {
+    if path::apply(req, ctx.state().path_normalization).is_err() {
+        return Err(LocalReply::BAD_PATH);
     }
-    // A gateway's x-forwarded-client-cert names the client it verified; from
-    // anyone else it is a claim nobody checked.
-    if !from_gateway {
-        req.headers_mut().remove(&super::X_FORWARDED_CLIENT_CERT);
+    if upgrade_asked(req) == Upgrade::Refused {
+        return Err(LocalReply::UPGRADE_REFUSED);
     }
-    for (name, value) in outputs.into_iter().flatten() {
-        match value {
-            Some(v) => req.headers_mut().insert(name, v),
-            None => req.headers_mut().remove(name),
-        };
+    if authority_conflict(req) {
+        return Err(LocalReply::AUTHORITY_CONFLICT);
     }
-    let custom = {
+    Ok(())
+}
+
+/// What CUSTOM leaves: the request head as the authorizer changed it, the
+/// body (replayed if the check read it), and headers for the client.
+type Customized = (hyper::http::request::Parts, ext_authz::Replay, Vec<(HeaderName, HeaderValue)>);
+
+/// CUSTOM: the external authorizer the workload's policy names, if any,
+/// asked about the request (with its body when the provider wants it).
+async fn custom(
+    ctx: &Arc<Inputs>,
+    conn: &Conn,
+    req: Request<Incoming>,
+    verified: Option<&jwt::Verified>,
+) -> Result<Customized, Stop> {
+    let provider = {
         let state = ctx.state();
-        let attributes = attributes(&conn, req.method(), req.uri(), req.headers(), verified.as_deref());
+        let attributes = attributes(conn, req.method(), req.uri(), req.headers(), verified);
         policy::custom(&state, &conn.inbound.dest, &attributes).and_then(|p| p.provider.clone())
     };
-    let (parts, body, to_client) = match custom {
-        None => {
-            let (parts, body) = req.into_parts();
-            (parts, ext_authz::Replay { read: None, rest: Some(body) }, Vec::new())
+    let (mut parts, body) = req.into_parts();
+    let Some(provider) = provider else {
+        return Ok((parts, ext_authz::Replay { read: None, rest: Some(body) }, Vec::new()));
+    };
+    // The authorizer's headers are its own, too.
+    for name in ext_authz::authorizer_headers(&provider, &parts.headers) {
+        parts.headers.remove(name);
+    }
+    let (read, body) = match provider.body {
+        None => (None, ext_authz::Replay { read: None, rest: Some(body) }),
+        Some(b) => match ext_authz::read_for_check(body, b.max_bytes as usize, b.allow_partial).await {
+            Ok((read, replay)) => (Some(read), replay),
+            Err(()) => return Err(Stop::Local(LocalReply::TOO_LARGE_FOR_CHECK)),
+        },
+    };
+    let ask = ext_authz::Ask { parts: &parts, body: read.as_ref(), conn: &conn.inbound };
+    match ext_authz::check(ctx, &provider, ask).await {
+        ext_authz::Checked::Deny(answer) => {
+            tracing::info!(peer = %conn.inbound.peer, target = %conn.inbound.target, provider = %provider.name, status = %answer.status(), "request refused by the external authorizer");
+            Err(Stop::Answer(Box::new(answer)))
         }
-        Some(provider) => {
-            let (mut parts, body) = req.into_parts();
-            // The authorizer's headers are its own, too.
-            for name in ext_authz::authorizer_headers(&provider, &parts.headers) {
+        ext_authz::Checked::Allow { upstream, remove, downstream } => {
+            for name in remove {
                 parts.headers.remove(name);
             }
-            let (read, body) = match provider.body {
-                None => (None, ext_authz::Replay { read: None, rest: Some(body) }),
-                Some(b) => match ext_authz::read_for_check(body, b.max_bytes as usize, b.allow_partial).await {
-                    Ok((read, replay)) => (Some(read), replay),
-                    Err(()) => return record.finish_local(LocalReply::TOO_LARGE_FOR_CHECK),
-                },
-            };
-            let ask = ext_authz::Ask { parts: &parts, body: read.as_ref(), conn: &conn.inbound };
-            match ext_authz::check(&ctx, &provider, ask).await {
-                ext_authz::Checked::Deny(answer) => {
-                    tracing::info!(peer = %conn.inbound.peer, target = %conn.inbound.target, provider = %provider.name, status = %answer.status(), "request refused by the external authorizer");
-                    return record.finish_answer(answer);
-                }
-                ext_authz::Checked::Allow { upstream, remove, downstream } => {
-                    for name in remove {
-                        parts.headers.remove(name);
-                    }
-                    for (name, value) in upstream {
-                        parts.headers.insert(name, value);
-                    }
-                    (parts, body, downstream)
-                }
+            for (name, value) in upstream {
+                parts.headers.insert(name, value);
             }
+            Ok((parts, body, downstream))
         }
-    };
-    // DENY and ALLOW on the request as it now is.
+    }
+}
+
+/// DENY and ALLOW, on the request as it now is; AUDIT logged and counted.
+fn authorize(
+    ctx: &Inputs,
+    conn: &Conn,
+    parts: &hyper::http::request::Parts,
+    verified: Option<&jwt::Verified>,
+) -> Result<(), Stop> {
     let decision = {
         let state = ctx.state();
-        let attributes = attributes(&conn, &parts.method, &parts.uri, &parts.headers, verified.as_deref());
+        let attributes = attributes(conn, &parts.method, &parts.uri, &parts.headers, verified);
         policy::evaluate(&state, &conn.inbound.dest, &attributes)
     };
     if let Some(audited) = &decision.audit {
@@ -290,13 +275,10 @@ async fn handle(ctx: Arc<Inputs>, conn: Arc<Conn>, mut req: Request<Incoming>) -
         tracing::info!(policy = %audited, method = %parts.method, path = %parts.uri.path(), source = ?conn.inbound.principal, "AUDIT");
     }
     if let Verdict::Deny(policy) = decision.verdict {
-        return refused(&conn, &policy, record);
+        tracing::info!(peer = %conn.inbound.peer, target = %conn.inbound.target, %policy, "request refused by AuthorizationPolicy");
+        return Err(Stop::Local(LocalReply::RBAC_DENIED));
     }
-    let mut resp = forward(&ctx, &conn, Request::from_parts(parts, body), record, verified.as_ref()).await;
-    for (name, value) in to_client {
-        resp.headers_mut().append(name, value);
-    }
-    resp
+    Ok(())
 }
 
 /// What policy sees of a request: its method, path, host and headers, the
@@ -328,52 +310,6 @@ fn attributes<'a>(
     Attributes { peer, port: conn.inbound.target.port(), request: Some(request) }
 }
 
-/// The headers the workload's JWT rules write (`outputPayloadToHeader`,
-/// `outputClaimToHeaders`): set by the mesh from a verified token, never
-/// taken from the client.
-fn mesh_owned_headers(keyed: &[(&JwtRule, Arc<[JwtKey]>)]) -> Vec<HeaderName> {
-    let names = keyed.iter().flat_map(|(r, _)| {
-        let payload = r.output_payload_to_header.iter();
-        payload.chain(r.output_claim_to_headers.iter().map(|(h, _)| h))
-    });
-    names.filter_map(|h| HeaderName::from_bytes(h.as_bytes()).ok()).collect()
-}
-
-fn refused(conn: &Conn, policy: &str, record: Record) -> Response<Body> {
-    tracing::info!(peer = %conn.inbound.peer, target = %conn.inbound.target, %policy, "request refused by AuthorizationPolicy");
-    record.finish_local(LocalReply::RBAC_DENIED)
-}
-
-/// What a valid token changes in the request, as its rule says: the
-/// token's header removed (unless `forwardOriginalToken`), the payload and
-/// chosen claims copied into headers. (`None`: remove.)
-fn token_outputs(a: &jwt::Authenticated<'_>) -> Vec<(HeaderName, Option<HeaderValue>)> {
-    let mut out = Vec::new();
-    for h in &a.consumed {
-        if let Ok(name) = HeaderName::from_bytes(h.as_bytes()) {
-            out.push((name, None));
-        }
-    }
-    let rule = a.rule;
-    if let Some(h) = &rule.output_payload_to_header
-        && let (Ok(name), Ok(v)) = (HeaderName::from_bytes(h.as_bytes()), HeaderValue::from_str(&a.verified.payload))
-    {
-        out.push((name, Some(v)));
-    }
-    for (h, claim) in &rule.output_claim_to_headers {
-        let path = [claim.clone()];
-        let values = policy::claim_values(&a.verified.claims, &path);
-        let Ok(name) = HeaderName::from_bytes(h.as_bytes()) else { continue };
-        // A claim that is absent, or not a string, number or boolean: no header.
-        let joined = values.iter().map(|v| v.as_ref()).collect::<Vec<_>>().join(",");
-        match HeaderValue::from_str(&joined) {
-            Ok(v) if !values.is_empty() => out.push((name, Some(v))),
-            _ => out.push((name, None)),
-        }
-    }
-    out
-}
-
 async fn forward<B>(
     ctx: &Arc<Inputs>,
     conn: &Conn,
@@ -392,18 +328,7 @@ where
         });
     }
     let upgrade = wants_upgrade(&req);
-    // The request an upgraded tunnel is opened by, to judge again on reloads.
-    let snapshot = upgrade.then(|| {
-        let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned);
-        let host = host.or_else(|| req.uri().authority().map(|a| a.to_string())).unwrap_or_default();
-        Arc::new(proxy::conns::RequestSnapshot {
-            method: req.method().to_string(),
-            path: req.uri().path().to_owned(),
-            host,
-            headers: req.headers().clone(),
-            verified: verified.cloned(),
-        })
-    });
+    let snapshot = upgrade.then(|| snapshot(&req, verified));
     let h2 = conn.handling == Handling::Http2;
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
@@ -432,20 +357,10 @@ where
     };
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         let upstream_upgrade = hyper::upgrade::on(&mut resp);
-        if let Some(client_upgrade) = client_upgrade {
-            let (target, idle) = (conn.inbound.target, ctx.limits.idle_timeout);
-            // Registered, so that a policy change closes the tunnel; one
-            // that cannot be registered is not opened.
-            let dup = conn.pod_socket.lock().ok().and_then(|s| s.as_ref()?.try_clone().ok());
-            let Some(dup) = dup else {
-                return record.finish_local(LocalReply::RESET);
-            };
-            let authorized = proxy::admit::authorized(&conn.inbound, snapshot);
-            let guard = ctx.conns.register_socket(authorized, dup);
-            tokio::spawn(async move {
-                tunnel_upgrade(client_upgrade, upstream_upgrade, target, idle).await;
-                drop(guard);
-            });
+        if let Some(client_upgrade) = client_upgrade
+            && !tunnel(ctx, conn, snapshot, client_upgrade, upstream_upgrade)
+        {
+            return record.finish_local(LocalReply::RESET);
         }
         let (parts, _) = resp.into_parts();
         return record.finish_switch(parts);
@@ -454,6 +369,42 @@ where
     strip_hop_by_hop(&mut parts.headers, false);
     record.set_response(parts.status, &parts.headers);
     Response::from_parts(parts, Metered::response_direct(body, record).boxed_unsync())
+}
+
+/// The request an upgraded tunnel is opened by, to judge again on reloads.
+fn snapshot<B>(req: &Request<B>, verified: Option<&Arc<jwt::Verified>>) -> Arc<proxy::conns::RequestSnapshot> {
+    let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned);
+    let host = host.or_else(|| req.uri().authority().map(|a| a.to_string())).unwrap_or_default();
+    Arc::new(proxy::conns::RequestSnapshot {
+        method: req.method().to_string(),
+        path: req.uri().path().to_owned(),
+        host,
+        headers: req.headers().clone(),
+        verified: verified.cloned(),
+    })
+}
+
+/// Joins an upgraded client and pod connection, registered so that a policy
+/// change closes the tunnel; one that cannot be registered is not opened
+/// (`false`).
+fn tunnel(
+    ctx: &Inputs,
+    conn: &Conn,
+    snapshot: Option<Arc<proxy::conns::RequestSnapshot>>,
+    client: hyper::upgrade::OnUpgrade,
+    pod: hyper::upgrade::OnUpgrade,
+) -> bool {
+    let (target, idle) = (conn.inbound.target, ctx.limits.idle_timeout);
+    let dup = conn.pod_socket.lock().ok().and_then(|s| s.as_ref()?.try_clone().ok());
+    let Some(dup) = dup else {
+        return false;
+    };
+    let guard = ctx.conns.register_socket(super::authorized(&conn.inbound, snapshot), dup);
+    tokio::spawn(async move {
+        tunnel_upgrade(client, pod, target, idle).await;
+        drop(guard);
+    });
+    true
 }
 
 impl Conn {
@@ -476,7 +427,7 @@ impl Conn {
             _ => {}
         }
         let target = self.inbound.target;
-        let tcp = proxy::connect(target, self.inbound.transparent, ctx.connect_timeout).await?;
+        let tcp = connect(target, self.inbound.transparent, ctx.connect_timeout).await?;
         if let Ok(mut s) = self.pod_socket.lock() {
             *s = socket2::SockRef::from(&tcp).try_clone().ok();
         }

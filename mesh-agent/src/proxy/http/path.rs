@@ -12,9 +12,9 @@ pub struct Unsafe;
 
 /// The request's path normalised in place as `mode` says (the query is
 /// kept); `Err` when the request must be refused (400).
-pub(super) fn apply(req: &mut hyper::Request<hyper::body::Incoming>, mode: PathNormalization) -> Result<(), Unsafe> {
+pub(crate) fn apply(req: &mut hyper::Request<hyper::body::Incoming>, mode: PathNormalization) -> Result<(), Unsafe> {
     match normalize(req.uri().path(), mode)? {
-        Some(path) => super::set_path(req, &path).map_err(|_| Unsafe),
+        Some(path) => super::headers::set_path(req, &path).map_err(|_| Unsafe),
         None => Ok(()),
     }
 }

@@ -24,7 +24,7 @@ use hyper::{
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use super::Body;
-use crate::proxy::{Inputs, Upstream};
+use crate::proxy::{Inputs, upstream::Upstream};
 
 /// How long an unused connection is kept when no DestinationRule says
 /// (`connectionPool.http.idleTimeout`).

@@ -1,6 +1,38 @@
-//! The destination agent's side: mTLS on 15008, CONNECT streams authorized
-//! and joined to the local pod (or handed to a gateway port).
-use super::*;
+//! HBONE arrivals (15008): mTLS from another node's agent, one HTTP/2
+//! `CONNECT <pod-ip>:<port>` stream per connection. The client chain must
+//! lead to the mesh root (the source principal comes from it); the target
+//! must be a meshed pod of this node running as the identity the client
+//! asked for (by TLS server name); then the door ([`super::admit`]) decides,
+//! and the stream is joined to the pod from the source pod's IP when that IP
+//! belongs to the authenticated identity. A target that is a gateway port of
+//! this node is handed to the gateway ([`GatewayHop`]).
+use std::{
+    future::Future,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    sync::Arc,
+    time::Duration,
+};
+
+use http_body_util::Empty;
+use hyper::{
+    Request, Response, StatusCode,
+    body::{Bytes, Incoming},
+    upgrade::Upgraded,
+};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+
+use super::{Admission, Inbound, admit, connect_admitted, http};
+use crate::{
+    identity,
+    proxy::{
+        Inputs,
+        hbone::{CONNECTION_WINDOW, KEEPALIVE, MAX_FRAME, MAX_STREAMS, STREAM_WINDOW, connect_request},
+        l4::{ConnMeters, pump, record_failure, reset},
+    },
+    state::{State, Workload},
+    telemetry::TcpLabels,
+};
 
 /// The second hop of the egress-gateway pattern, given by the agent (the
 /// gateway module implements it; HBONE does not import it): for a CONNECT
@@ -104,40 +136,13 @@ fn answer(status: StatusCode, reason: &str) -> Response<Empty<Bytes>> {
     r
 }
 
-/// What a CONNECT asks for: the target pod address, and the original client's
-/// IP when the source agent names one (`Forwarded: for=`); or the answer to
-/// refuse it with. Pure, for the peer's bytes decide it (fuzzed).
-pub fn connect_request(
-    method: &Method,
-    uri: &hyper::Uri,
-    headers: &hyper::HeaderMap,
-) -> Result<(SocketAddrV4, Option<Ipv4Addr>), (StatusCode, &'static str)> {
-    if method != Method::CONNECT {
-        return Err((StatusCode::METHOD_NOT_ALLOWED, "only CONNECT is served on this port"));
-    }
-    let Some(target) = uri.authority().and_then(|a| a.as_str().parse::<SocketAddrV4>().ok()) else {
-        return Err((StatusCode::BAD_REQUEST, "CONNECT target must be <ipv4>:<port>"));
-    };
-    Ok((target, forwarded_for(headers)))
-}
-
-/// `Forwarded: for=<ip>` (RFC 7239), first element.
-fn forwarded_for(headers: &hyper::HeaderMap) -> Option<Ipv4Addr> {
-    let v = headers.get("forwarded")?.to_str().ok()?;
-    let first = v.split(',').next()?;
-    first.split(';').find_map(|kv| {
-        let (k, v) = kv.trim().split_once('=')?;
-        k.eq_ignore_ascii_case("for").then(|| v.trim_matches('"').parse().ok())?
-    })
-}
-
 async fn handle_connect(
     ctx: Arc<Inputs>,
     hop: &GatewayHop,
     peer: SocketAddr,
     peer_id: Arc<str>,
     server_id: Arc<str>,
-    mut req: Request<Incoming>,
+    req: Request<Incoming>,
 ) -> Response<Empty<Bytes>> {
     let (target, client_ip) = match connect_request(req.method(), req.uri(), req.headers()) {
         Ok(asked) => asked,
@@ -145,105 +150,118 @@ async fn handle_connect(
     };
     // The second hop of the egress-gateway pattern: a gateway port on this node.
     if let Some(serve) = hop(target, &server_id) {
-        let guard = ctx.active.enter();
-        tokio::spawn(async move {
-            match hyper::upgrade::on(req).await {
-                Ok(up) => {
-                    tracing::debug!(%peer, source = %peer_id, %target, "HBONE stream to a gateway");
-                    serve(TokioIo::new(up), peer).await;
-                }
-                Err(e) => tracing::debug!(%peer, %target, error = %e, "HBONE stream ended before upgrade"),
-            }
-            drop(guard);
+        let id = peer_id.clone();
+        return on_upgrade(&ctx, req, peer, target, move |io| {
+            tracing::debug!(%peer, source = %id, %target, "HBONE stream to a gateway");
+            serve(io, peer)
         });
-        return answer(StatusCode::OK, "");
     }
     let state = ctx.state();
-    let dest = state
-        .workload_by_ip(*target.ip())
-        .filter(|w| w.meshed && w.node.as_deref() == Some(ctx.node.as_str()))
-        .cloned();
-    let Some(dest) = dest else {
+    let arrival = match arrival(&ctx, &state, peer, &peer_id, &server_id, target, client_ip) {
+        Ok(a) => a,
+        Err((status, why)) => return answer(status, why),
+    };
+    let (dest, source) = (arrival.dest.clone(), arrival.source.clone());
+    let labels = || mtls_labels(source.as_deref(), &dest, &peer_id);
+    let admitted = admit(&state, arrival);
+    drop(state);
+    let arrival = match admitted {
+        // Request policies: the stream is parsed here, each request judged.
+        Ok(Admission::Http(inbound)) => {
+            let ctx2 = ctx.clone();
+            return on_upgrade(&ctx, req, peer, target, move |io| http::serve(ctx2, io, inbound));
+        }
+        Ok(Admission::Tcp(arrival)) => arrival,
+        Err(err) => {
+            tracing::warn!(%peer, source = %peer_id, %target, error = %err, "HBONE: connection refused");
+            record_failure(&ctx, Some(labels()), &err);
+            return answer(StatusCode::UNAUTHORIZED, &err.to_string());
+        }
+    };
+    let (upstream, revocable) = match connect_admitted(&ctx, &arrival, ctx.connect_timeout).await {
+        Ok(r) => r,
+        Err(err) => {
+            tracing::warn!(%peer, %target, error = %err, "HBONE: upstream connect failed");
+            record_failure(&ctx, Some(labels()), &err);
+            return answer(StatusCode::SERVICE_UNAVAILABLE, &err.to_string());
+        }
+    };
+    let meters = ConnMeters::open(&ctx.metrics, &labels());
+    let ctx2 = ctx.clone();
+    on_upgrade(&ctx, req, peer, target, move |io| async move {
+        tracing::debug!(%peer, source = %peer_id, %target, "HBONE stream proxying");
+        pump(&ctx2, io, upstream, meters, target, Some(revocable), |_, u| reset(u)).await;
+    })
+}
+
+/// The arrival a CONNECT stream asks for, or why it is refused before policy.
+fn arrival(
+    ctx: &Inputs,
+    state: &State,
+    peer: SocketAddr,
+    peer_id: &Arc<str>,
+    server_id: &str,
+    target: SocketAddrV4,
+    client_ip: Option<Ipv4Addr>,
+) -> Result<Inbound, (StatusCode, &'static str)> {
+    let dest = state.workload_by_ip(*target.ip()).filter(|w| w.meshed && w.node.as_deref() == Some(ctx.node.as_str()));
+    let Some(dest) = dest.cloned() else {
         tracing::warn!(%peer, %target, "HBONE: target is not a meshed pod on this node");
-        return answer(StatusCode::NOT_FOUND, "target is not a meshed pod on this node");
+        return Err((StatusCode::NOT_FOUND, "target is not a meshed pod on this node"));
     };
     if *dest.principal != *server_id {
         tracing::warn!(%peer, %target, expected = %server_id, actual = %dest.principal, "HBONE: identity mismatch");
-        return answer(StatusCode::FORBIDDEN, "target does not run as the identity the connection was made for");
+        return Err((StatusCode::FORBIDDEN, "target does not run as the identity the connection was made for"));
     }
     // The original client: trusted only when that pod runs as the peer's identity.
-    let source = client_ip.and_then(|ip| state.workload_by_ip(ip)).filter(|w| *w.principal == *peer_id).cloned();
-    // A gateway or a node's host client: labelled as that workload, no pod IP.
-    let labelled = source.clone().or_else(|| state.edge_workload(&peer_id));
+    let source = client_ip.and_then(|ip| state.workload_by_ip(ip)).filter(|w| *w.principal == **peer_id).cloned();
     let source_ip = source.as_ref().and_then(|w| w.ip);
     let policy_ip = source_ip.unwrap_or(match peer.ip() {
         std::net::IpAddr::V4(ip) => ip,
         std::net::IpAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
     });
-    let labels = || {
-        let mut labels = TcpLabels::new(labelled.as_deref(), Some(&dest), None, false);
-        labels.reporter = "destination";
-        labels.source_principal = crate::telemetry::Label(peer_id.clone());
-        labels.connection_security_policy = "mutual_tls";
-        labels
-    };
-    let arrival = proxy::l7::destination::Inbound {
-        dest: dest.clone(),
+    Ok(Inbound {
+        dest,
         target,
         peer,
         principal: Some(peer_id.clone()),
         client_ip: policy_ip,
-        source: labelled.clone(),
+        // A gateway or a node's host client: labelled as that workload, no pod IP.
+        source: source.or_else(|| state.edge_workload(peer_id)),
         // Replies to the source pod's IP come back through the pod's captured veth.
         transparent: source_ip.filter(|_| ctx.is_captured(*target.ip())),
         mtls: true,
-    };
-    let admitted = proxy::admit::admit(&state, arrival);
-    drop(state);
-    let arrival = match admitted {
-        // Request policies: the stream is parsed here, each request judged.
-        Ok(proxy::admit::Admission::Http(inbound)) => {
-            let guard = ctx.active.enter();
-            let upgrade = hyper::upgrade::on(&mut req);
-            drop(req);
-            tokio::spawn(async move {
-                match upgrade.await {
-                    Ok(up) => proxy::l7::destination::serve(ctx, TokioIo::new(up), inbound).await,
-                    Err(e) => tracing::debug!(%peer, %target, error = %e, "HBONE stream ended before upgrade"),
-                }
-                drop(guard);
-            });
-            return answer(StatusCode::OK, "");
-        }
-        Ok(proxy::admit::Admission::Tcp(arrival)) => arrival,
-        Err(err) => {
-            tracing::warn!(%peer, source = %peer_id, %target, error = %err, "HBONE: connection refused");
-            proxy::record_failure(&ctx, Some(labels()), &err);
-            return answer(StatusCode::UNAUTHORIZED, &err.to_string());
-        }
-    };
-    let (upstream, revocable) = match proxy::admit::connect_admitted(&ctx, &arrival, ctx.connect_timeout).await {
-        Ok(r) => r,
-        Err(err) => {
-            tracing::warn!(%peer, %target, error = %err, "HBONE: upstream connect failed");
-            proxy::record_failure(&ctx, Some(labels()), &err);
-            return answer(StatusCode::SERVICE_UNAVAILABLE, &err.to_string());
-        }
-    };
-    let labels = labels();
+    })
+}
+
+/// A stream's labels at the destination, for a peer with `peer_id`.
+fn mtls_labels(source: Option<&Workload>, dest: &Arc<Workload>, peer_id: &Arc<str>) -> TcpLabels {
+    let mut labels = TcpLabels::new(source, Some(dest), None, false);
+    labels.reporter = "destination";
+    labels.source_principal = crate::telemetry::Label(peer_id.clone());
+    labels.connection_security_policy = "mutual_tls";
+    labels
+}
+
+/// Answers 200 to the CONNECT and runs `serve` on its stream once hyper
+/// hands it over. Only the upgrade goes into the stream's task, not the request.
+fn on_upgrade<F, Fut>(
+    ctx: &Inputs,
+    mut req: Request<Incoming>,
+    peer: SocketAddr,
+    target: SocketAddrV4,
+    serve: F,
+) -> Response<Empty<Bytes>>
+where
+    F: FnOnce(TokioIo<Upgraded>) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     let guard = ctx.active.enter();
-    let meters = proxy::ConnMeters::open(&ctx.metrics, &labels);
-    drop(labels);
-    // Only the upgrade goes into the stream's task, not the request.
     let upgrade = hyper::upgrade::on(&mut req);
     drop(req);
     tokio::spawn(async move {
         match upgrade.await {
-            Ok(upgraded) => {
-                tracing::debug!(%peer, source = %peer_id, %target, "HBONE stream proxying");
-                let io = TokioIo::new(upgraded);
-                proxy::pump(&ctx, io, upstream, meters, target, Some(revocable), |_, u| proxy::reset(u)).await;
-            }
+            Ok(up) => serve(TokioIo::new(up)).await,
             Err(e) => tracing::debug!(%peer, %target, error = %e, "HBONE stream ended before upgrade"),
         }
         drop(guard);

@@ -33,7 +33,7 @@ use hyper::{
 
 use super::{Body, Inbound};
 use crate::{
-    proxy::{self, Inputs, ProxyError, hbone::HboneError, upstream::Upstream},
+    proxy::{Inputs, ProxyError, hbone::HboneError, upstream::Upstream},
     state::{
         State, Workload,
         security::{ExtAuthz, ExtAuthzKind, HttpAuthz, Pattern},
@@ -119,13 +119,12 @@ pub(super) async fn check(ctx: &Arc<Inputs>, p: &ExtAuthz, ask: Ask<'_>) -> Chec
 /// the agent's own address.
 async fn connect(ctx: &Arc<Inputs>, to: &Authorizer, caller: &Arc<Workload>) -> Result<Upstream, Failed> {
     let Some(endpoint) = to.endpoint.as_ref().filter(|w| w.meshed) else {
-        let tcp = proxy::connect(to.addr, None, ctx.connect_timeout).await.map_err(|e| e.to_string())?;
+        let tcp = crate::proxy::l4::connect(to.addr, None, ctx.connect_timeout).await.map_err(|e| e.to_string())?;
         return Ok(Upstream::Tcp(tcp));
     };
     let state = ctx.state();
     let peer = std::net::SocketAddr::from((caller.ip.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED), 0));
-    let opened =
-        proxy::open_upstream_boxed(ctx, &state, Some(caller), peer, Some(endpoint), to.addr, ctx.connect_timeout).await;
+    let opened = (ctx.dial)(ctx, &state, Some(caller), peer, Some(endpoint), to.addr, ctx.connect_timeout).await;
     match opened {
         Ok(o) => Ok(o.into_io()),
         Err(e @ (ProxyError::Denied { .. } | ProxyError::PlaintextRefused { .. })) => {

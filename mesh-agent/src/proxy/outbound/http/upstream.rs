@@ -93,28 +93,6 @@ pub(super) fn fail_request(
         Failure::Timeout => record.finish_local(LocalReply::TIMEOUT),
     }
 }
-/// After a `101 Switching Protocols`, bytes both ways between the two upgraded
-/// connections (WebSocket and the like).
-pub(super) async fn tunnel_upgrade(
-    client: hyper::upgrade::OnUpgrade,
-    upstream: hyper::upgrade::OnUpgrade,
-    addr: SocketAddrV4,
-    idle: Duration,
-) {
-    let (client, upstream) = match tokio::try_join!(client, upstream) {
-        Ok(both) => both,
-        Err(e) => return tracing::debug!(upstream = %addr, error = %e, "upgrade did not complete"),
-    };
-    let mut client = TokioIo::new(client);
-    let mut upstream = TokioIo::new(upstream);
-    let counter = prometheus_client::metrics::counter::Counter::default();
-    if let Err((op, error)) =
-        proxy::copy::bidirectional(&mut client, &mut upstream, &counter, &counter, Some(idle)).await
-    {
-        tracing::debug!(upstream = %addr, %op, %error, "upgraded connection reset");
-    }
-}
-
 /// A new upstream connection and its HTTP handshake.
 pub(super) async fn connect(
     ctx: &Arc<Inputs>,
@@ -129,12 +107,12 @@ pub(super) async fn connect(
     let generation = ctx.http_pool.generation();
     let addr = to.addr;
     let opened =
-        proxy::open_upstream(ctx, state, to.source.as_ref(), down.peer, to.dest.as_ref(), addr, timeout).await?;
+        super::super::open_upstream(ctx, state, to.source.as_ref(), down.peer, to.dest.as_ref(), addr, timeout).await?;
     let mtls = opened.mtls;
     let mut io = opened.into_io();
     if let Some((tls, sni)) = &to.tls {
         io = match io {
-            proxy::Upstream::Tcp(tcp) => proxy::originate_tls(&ctx.originations, tcp, tls, sni, h2, addr).await?,
+            Upstream::Tcp(tcp) => super::super::tls::originate_tls(&ctx.originations, tcp, tls, sni, h2, addr).await?,
             other => other,
         };
     }

@@ -1,8 +1,17 @@
 //! What the pipeline reads from and writes into requests' headers: gRPC,
 //! hop-by-hop names, upgrades, request ids, the path and authority, rewrites.
-use super::*;
+use std::{net::SocketAddrV4, sync::Arc, time::Duration};
 
-pub(super) fn is_grpc(headers: &HeaderMap) -> bool {
+use hyper::{
+    Request,
+    body::Incoming,
+    header::{self, HeaderMap, HeaderName, HeaderValue},
+};
+
+use super::{Downstream, HOP_BY_HOP};
+use crate::{proxy::Inputs, routing::http as routing, state::traffic};
+
+pub(crate) fn is_grpc(headers: &HeaderMap) -> bool {
     headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("application/grpc"))
 }
 
@@ -35,21 +44,21 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 }
 
 /// An HTTP/2 extended CONNECT (RFC 8441), as WebSocket over HTTP/2 uses.
-pub(super) fn is_extended_connect<B>(req: &Request<B>) -> bool {
+pub(crate) fn is_extended_connect<B>(req: &Request<B>) -> bool {
     req.method() == hyper::Method::CONNECT && req.extensions().get::<hyper::ext::Protocol>().is_some()
 }
 
 /// A WebSocket upgrade (HTTP/1.1 `Upgrade: websocket`, or an HTTP/2
 /// extended CONNECT for `websocket`): the only upgrade Istio configures Envoy
 /// to forward (`upgrade_configs: websocket`).
-pub(super) fn wants_upgrade<B>(req: &Request<B>) -> bool {
+pub(crate) fn wants_upgrade<B>(req: &Request<B>) -> bool {
     upgrade_asked(req) == Upgrade::WebSocket
 }
 
 /// A request whose target names one host (`:authority` in HTTP/2, an
 /// absolute URI in HTTP/1.1) and whose `Host` header another: malformed
 /// (RFC 9113 §8.3.1), and a way to show routing one host and policy another.
-pub(super) fn authority_conflict<B>(req: &Request<B>) -> bool {
+pub(crate) fn authority_conflict<B>(req: &Request<B>) -> bool {
     match (req.uri().authority(), req.headers().get(header::HOST)) {
         (Some(a), Some(h)) => !a.as_str().as_bytes().eq_ignore_ascii_case(h.as_bytes()),
         _ => false,
@@ -58,7 +67,7 @@ pub(super) fn authority_conflict<B>(req: &Request<B>) -> bool {
 
 /// What a request asks to switch to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Upgrade {
+pub(crate) enum Upgrade {
     /// Nothing (or `h2c`, which is dropped and the request served as HTTP/1.1, as Envoy does).
     None,
     WebSocket,
@@ -66,7 +75,7 @@ pub(super) enum Upgrade {
     Refused,
 }
 
-pub(super) fn upgrade_asked<B>(req: &Request<B>) -> Upgrade {
+pub(crate) fn upgrade_asked<B>(req: &Request<B>) -> Upgrade {
     if let Some(protocol) = req.extensions().get::<hyper::ext::Protocol>()
         && req.method() == hyper::Method::CONNECT
     {
@@ -104,7 +113,7 @@ pub(super) fn upgrade_asked<B>(req: &Request<B>) -> Upgrade {
 
 /// A UUID v4 for `x-request-id`, from the agent's generator (seeded from
 /// the OS; as Envoy's, not a secret): no system call per request.
-pub(super) fn request_id(ctx: &Inputs) -> HeaderValue {
+pub(crate) fn request_id(ctx: &Inputs) -> HeaderValue {
     let (hi, lo) = (ctx.next_random(), ctx.next_random());
     let hi = (hi & !0xf000) | 0x4000; // version 4
     let lo = (lo & !(0xc << 60)) | (0x8 << 60); // RFC 4122 variant
@@ -124,12 +133,12 @@ pub(super) fn request_id(ctx: &Inputs) -> HeaderValue {
     HeaderValue::from_bytes(&out).unwrap_or_else(|_| HeaderValue::from_static("00000000-0000-4000-8000-000000000000"))
 }
 
-pub(super) fn view_path(req: &Request<Incoming>) -> String {
+pub(crate) fn view_path(req: &Request<Incoming>) -> String {
     req.uri().path_and_query().map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned())
 }
 
 /// The authority the client asked for: the URI's (HTTP/2, absolute form), else Host.
-pub(super) fn request_authority(req: &Request<Incoming>, down: &Downstream) -> String {
+pub(crate) fn request_authority(req: &Request<Incoming>, down: &Downstream) -> String {
     req.uri()
         .authority()
         .map(|a| a.to_string())
@@ -138,7 +147,7 @@ pub(super) fn request_authority(req: &Request<Incoming>, down: &Downstream) -> S
 }
 
 /// Applies `rewrite`: the path (the matched prefix, or all of it) and the authority.
-pub(super) fn rewrite(req: &mut Request<Incoming>, w: &traffic::Rewrite, matched_prefix: Option<&str>) {
+pub(crate) fn rewrite(req: &mut Request<Incoming>, w: &traffic::Rewrite, matched_prefix: Option<&str>) {
     let mut parts = req.uri().clone().into_parts();
     if let Some(uri) = &w.uri {
         let path = routing::rewrite_path(&view_path(req), matched_prefix, uri);
@@ -164,7 +173,7 @@ pub(super) fn rewrite(req: &mut Request<Incoming>, w: &traffic::Rewrite, matched
 /// The request head as it goes upstream: hop-by-hop headers removed (kept
 /// for an upgrade), the version chosen, and the URI in the form that
 /// version needs (`orig` names the authority when the client gave none).
-pub(super) fn for_upstream(parts: &mut hyper::http::request::Parts, upgrade: bool, h2: bool, orig: SocketAddrV4) {
+pub(crate) fn for_upstream(parts: &mut hyper::http::request::Parts, upgrade: bool, h2: bool, orig: SocketAddrV4) {
     strip_hop_by_hop(&mut parts.headers, upgrade);
     parts.version = if h2 { hyper::Version::HTTP_2 } else { hyper::Version::HTTP_11 };
     if h2 {
@@ -187,7 +196,7 @@ pub(super) fn for_upstream(parts: &mut hyper::http::request::Parts, upgrade: boo
 }
 
 /// Replaces the request's path, keeping its query (and any scheme and authority).
-pub(super) fn set_path(req: &mut Request<Incoming>, path: &str) -> Result<(), hyper::http::Error> {
+pub(crate) fn set_path(req: &mut Request<Incoming>, path: &str) -> Result<(), hyper::http::Error> {
     let mut parts = req.uri().clone().into_parts();
     let with_query = match req.uri().query() {
         Some(q) => format!("{path}?{q}"),
@@ -201,7 +210,7 @@ pub(super) fn set_path(req: &mut Request<Incoming>, path: &str) -> Result<(), hy
 /// An HTTP/2 extended CONNECT (RFC 8441) as the HTTP/1.1 Upgrade request an
 /// HTTP/1.1 upstream expects: `GET` with `Upgrade: <protocol>` and, for
 /// WebSocket, the handshake headers RFC 8441 leaves out.
-pub(super) fn connect_to_upgrade(parts: &mut hyper::http::request::Parts) {
+pub(crate) fn connect_to_upgrade(parts: &mut hyper::http::request::Parts) {
     let protocol = parts.extensions.remove::<hyper::ext::Protocol>();
     let protocol = protocol.as_ref().map_or("websocket", |p| p.as_str()).to_owned();
     parts.method = hyper::Method::GET;
@@ -225,7 +234,7 @@ pub(super) fn connect_to_upgrade(parts: &mut hyper::http::request::Parts) {
 }
 
 /// A client stream that counts what moves through it, for the idle timer.
-pub(super) struct Counting<I> {
+pub(crate) struct Counting<I> {
     pub inner: I,
     pub moved: Arc<std::sync::atomic::AtomicU64>,
 }
@@ -275,7 +284,7 @@ impl<I: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counting<I> {
 }
 
 /// Resolves once `moved` stays the same for a whole `idle` period.
-pub(super) async fn idle(moved: &std::sync::atomic::AtomicU64, idle: Duration) {
+pub(crate) async fn idle(moved: &std::sync::atomic::AtomicU64, idle: Duration) {
     let mut seen = moved.load(std::sync::atomic::Ordering::Relaxed);
     loop {
         tokio::time::sleep(idle).await;

@@ -2,7 +2,7 @@
 //! as a pure function of the policy and the outcome, and what a retried
 //! request needs (its body kept, a pause between tries).
 use super::*;
-use crate::{proxy::l7::cluster::Outcome, state::traffic::Retries};
+use crate::{proxy::http::cluster::Outcome, state::traffic::Retries};
 
 /// The largest request body kept in memory so that the request can be retried;
 /// larger (or unsized and long) bodies stream and are tried once.

@@ -1,61 +1,37 @@
-//! L7 at the source agent: HTTP/1.1 (keep-alive, chunked, `Expect: 100-continue`,
-//! WebSocket through `Upgrade`) and HTTP/2 (h2c, gRPC), with hyper. Each request
-//! is routed on its own (a Service's endpoints are balanced per request), sent
-//! on a pooled upstream connection to the chosen endpoint (a direct connection
-//! for this node, an HBONE stream for another node), streamed both ways without
-//! buffering whole messages, and measured: `istio_requests_total`, duration and
-//! size histograms, and a JSON access log line.
+//! What both HTTP sides share — the source's pipeline
+//! ([`crate::proxy::outbound::http`]) and the destination's stage
+//! ([`crate::proxy::inbound::http`]): bodies, the client connection's
+//! server, header rules, path normalization, metering and the access log,
+//! the upstream connection pool and its outlier detection.
 use std::{
     convert::Infallible,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     sync::Arc,
-    time::{Duration, Instant, SystemTime},
+    time::Duration,
 };
 
 use http_body_util::{BodyExt as _, Full, combinators::UnsyncBoxBody};
 use hyper::{
     Request, Response, StatusCode,
     body::{Bytes, Incoming},
-    header::{self, HeaderMap, HeaderName, HeaderValue},
+    header::{self, HeaderName, HeaderValue},
 };
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use crate::{
-    proxy::{self, Inputs, LocalReply, ProxyError, Refused},
-    routing::http as routing,
-    routing::l4::Route,
-    routing::sni::Fit,
-    state::{Workload, traffic},
-    telemetry::{Flags, TcpLabels},
+    proxy::{self, Inputs},
+    routing::protocol::Handling,
+    state::Workload,
 };
 
 pub mod access_log;
 pub mod cluster;
-pub(crate) mod destination;
-mod filters;
-mod headers;
-mod metered;
-mod mirror;
+pub(crate) mod headers;
+pub(crate) mod metered;
 pub mod path;
-mod pipeline;
 pub mod pool;
-mod retry;
-
-pub mod sni;
-mod target;
-mod upstream;
 
 pub use headers::strip_hop_by_hop;
-use headers::*;
-use pipeline::handle;
-use target::{Target, target};
-use upstream::*;
-#[cfg(test)]
-mod tests;
-
-use crate::routing::protocol::{self, Handling};
-use metered::{Metered, Record};
-use pool::{PoolKey, Sender};
 
 /// Bodies going either way: the peer's, or one the agent wrote.
 pub type Body = UnsyncBoxBody<Bytes, hyper::Error>;
@@ -84,7 +60,28 @@ pub struct Downstream {
 }
 
 impl Downstream {
-    fn pick(&self, ctx: &Inputs) -> usize {
+    /// A connection captured at a source pod (or a host client) to `orig`,
+    /// whose first request takes the round-robin turn `pick`.
+    pub(crate) fn captured(
+        peer: SocketAddr,
+        peer_ip: Ipv4Addr,
+        orig: SocketAddrV4,
+        source: Option<Arc<Workload>>,
+        pick: usize,
+    ) -> Self {
+        Downstream {
+            peer,
+            peer_ip,
+            orig,
+            source,
+            gateways: None,
+            server: None,
+            first_pick: pick.into(),
+            client_cert: None,
+        }
+    }
+
+    pub(crate) fn pick(&self, ctx: &Inputs) -> usize {
         match self.first_pick.swap(usize::MAX, std::sync::atomic::Ordering::AcqRel) {
             usize::MAX => ctx.next_pick(),
             first => first,
@@ -93,7 +90,7 @@ impl Downstream {
 }
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1), never forwarded.
-static HOP_BY_HOP: [HeaderName; 7] = [
+pub(crate) static HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -103,29 +100,14 @@ static HOP_BY_HOP: [HeaderName; 7] = [
     header::PROXY_AUTHORIZATION,
 ];
 
-static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-static X_FORWARDED_CLIENT_CERT: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
+pub(crate) static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub(crate) static X_FORWARDED_CLIENT_CERT: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
 
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Serves one client connection until it closes.
-pub async fn serve<I>(ctx: Arc<Inputs>, client: I, down: Downstream, handling: Handling)
-where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let down = Arc::new(down);
-    let peer = down.peer;
-    let svc_ctx = ctx.clone();
-    let service = hyper::service::service_fn(move |req| {
-        let (ctx, down) = (svc_ctx.clone(), down.clone());
-        async move { Ok::<_, Infallible>(handle(ctx, down, req).await) }
-    });
-    serve_http(&ctx.limits, client, peer, handling, service).await
-}
+pub(crate) const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Runs hyper's server for one client connection (HTTP/1.1 with upgrades,
 /// or HTTP/2 with an idle timer), within the agent's limits.
-async fn serve_http<I, S, F>(
+pub(crate) async fn serve_http<I, S, F>(
     limits: &proxy::limits::Limits,
     client: I,
     peer: SocketAddr,
@@ -181,48 +163,36 @@ async fn serve_http<I, S, F>(
 }
 
 /// Envoy's wording for what the agent answers itself.
-fn local_reply(status: StatusCode, text: &str) -> Response<Body> {
+pub(crate) fn local_reply(status: StatusCode, text: &str) -> Response<Body> {
     let mut r = Response::new(Full::new(Bytes::from(format!("{text}\n"))).map_err(|e| match e {}).boxed_unsync());
     *r.status_mut() = status;
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     r
 }
 
-/// A try that got no response.
-enum Failure {
-    /// No upstream connection (connect error, tunnel refused, policy).
-    Connect(ProxyError),
-    /// The upstream reset or closed before answering.
-    Reset(hyper::Error),
-    /// The per-try timeout passed.
-    Timeout,
-}
-
-/// Routes a request: by the mesh's rules for the Service asked for, or at a
-/// gateway by the rules bound to it. Also returns whose identity the request
-/// leaves with. `None`: a gateway has no rule for it.
-fn decide(
-    ctx: &Inputs,
-    state: &crate::state::State,
-    down: &Downstream,
-    view: &routing::RequestView<'_>,
-    pick: usize,
-) -> Option<(routing::Decision, Option<Arc<Workload>>)> {
-    let random = ctx.next_random();
-    match &down.gateways {
-        None => {
-            Some((routing::route_request(state, down.orig, view, pick, random, &ctx.clusters), down.source.clone()))
-        }
-        Some(gws) => {
-            let bound = down.server.as_ref().and_then(|b| b.server());
-            let (decision, gw) =
-                routing::route_gateway(state, gws, bound, down.orig, view, pick, random, &ctx.clusters)?;
-            Some((decision, state.gateway(&gw).map(|g| g.workload.clone())))
-        }
-    }
-}
-
 /// Istio's `request_protocol`.
-fn request_protocol(grpc: bool) -> &'static str {
+pub(crate) fn request_protocol(grpc: bool) -> &'static str {
     if grpc { "grpc" } else { "http" }
+}
+
+/// After a `101 Switching Protocols`, bytes both ways between the two upgraded
+/// connections (WebSocket and the like).
+pub(crate) async fn tunnel_upgrade(
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    addr: SocketAddrV4,
+    idle: Duration,
+) {
+    let (client, upstream) = match tokio::try_join!(client, upstream) {
+        Ok(both) => both,
+        Err(e) => return tracing::debug!(upstream = %addr, error = %e, "upgrade did not complete"),
+    };
+    let mut client = TokioIo::new(client);
+    let mut upstream = TokioIo::new(upstream);
+    let counter = prometheus_client::metrics::counter::Counter::default();
+    if let Err((op, error)) =
+        super::l4::copy::bidirectional(&mut client, &mut upstream, &counter, &counter, Some(idle)).await
+    {
+        tracing::debug!(upstream = %addr, %op, %error, "upgraded connection reset");
+    }
 }
