@@ -306,12 +306,16 @@ fn the_child_modules_of_config_routing_and_proxy_have_no_import_circle() {
 
 /// `proxy.rs` declares the data path's modules, holds the error type and
 /// runs the capture listeners; its children call none of its functions (the
-/// shared L4 tools are `proxy/l4.rs`), and none glob-imports it.
+/// shared L4 tools are `proxy/l4.rs`), and none glob-imports it. So too for
+/// each direction: the door is `inbound/admit.rs`, opening an upstream
+/// `outbound/open.rs`, each a sibling the others call, never the parent.
 #[test]
 fn the_proxy_modules_children_call_nothing_of_it() {
-    let found = naming("proxy");
-    assert!(found.upward.is_empty(), "children of proxy/ naming functions of proxy.rs: {:?}", found.upward);
-    assert!(found.globs.is_empty(), "children of proxy/ glob-importing proxy.rs: {:?}", found.globs);
+    for module in ["proxy", "proxy/inbound", "proxy/outbound"] {
+        let found = naming(module);
+        assert!(found.upward.is_empty(), "children of {module}/ naming functions of {module}.rs: {:?}", found.upward);
+        assert!(found.globs.is_empty(), "children of {module}/ glob-importing {module}.rs: {:?}", found.globs);
+    }
     // The directions: the destination side never names the outbound one.
     let edges = naming("proxy").edges;
     let inbound = edges.get("inbound").cloned().unwrap_or_default();

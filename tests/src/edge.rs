@@ -31,8 +31,8 @@ pub const NODE2: &str = "172.18.1.2";
 /// `intruder` on node-1, another tenant's pod (namespace `attacker`).
 pub fn fixture() -> Fixture {
     let mut f = Fixture::two_nodes([&[("istio", "ingressgateway")], &[("istio", "egressgateway")]]);
-    f.namespace("attacker", true).pod(0, "intruder", INTRUDER_IP, PodSpec::app("attacker", &[("app", "intruder")]));
-    f.namespace("demo", true).pod(0, "test", TEST_IP, PodSpec::app("demo", &[("app", "test")])).pod(
+    f.namespace("attacker", true).add_pod(0, "intruder", INTRUDER_IP, PodSpec::app("attacker", &[("app", "intruder")]));
+    f.namespace("demo", true).add_pod(0, "test", TEST_IP, PodSpec::app("demo", &[("app", "test")])).add_pod(
         1,
         "helloworld",
         HELLO_IP,

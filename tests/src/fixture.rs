@@ -7,9 +7,18 @@ use std::net::Ipv4Addr;
 
 use crate::Cluster;
 
-/// The network namespaces of a cluster and its objects.
+/// The network namespaces of a cluster and its objects. It derefs to its
+/// [`Cluster`], so a test uses it as one (`f.pod("test")`, `Agent::start(&f, …)`).
 pub struct Fixture {
     pub cluster: Cluster,
+    pub objects: Objects,
+}
+
+/// Kubernetes objects as one YAML stream, written by the same calls for every
+/// test: the cluster YAML tests extend instead of copying a Node, Namespace
+/// and Pod preamble.
+#[derive(Debug, Clone, Default)]
+pub struct Objects {
     docs: Vec<String>,
 }
 
@@ -41,27 +50,26 @@ pub struct Port<'a> {
     pub target: Option<&'a str>,
 }
 
-impl Fixture {
-    /// `node-1` and `node-2` (see [`Cluster::two_nodes`]) with the labels given.
-    pub fn two_nodes(labels: [&[(&str, &str)]; 2]) -> Fixture {
-        let cluster = Cluster::two_nodes();
-        let docs = cluster
-            .nodes
-            .iter()
-            .zip(labels)
-            .map(|(node, labels)| {
-                let labels = match labels {
-                    [] => String::new(),
-                    l => format!(", labels: {}", map(l)),
-                };
-                format!(
-                    "apiVersion: v1\nkind: Node\nmetadata: {{name: {}{labels}}}\n\
-                     status: {{addresses: [{{type: InternalIP, address: {}}}]}}\n",
-                    node.name, node.ip
-                )
-            })
-            .collect();
-        Fixture { cluster, docs }
+impl Objects {
+    /// `node-1` (172.18.0.2, as [`Cluster::new`] makes it) and the meshed
+    /// namespace `demo`: what the single-node tests start from.
+    pub fn demo() -> Objects {
+        let mut o = Objects::default();
+        o.node("node-1", Ipv4Addr::new(172, 18, 0, 2), &[]).namespace("demo", true);
+        o
+    }
+
+    /// A Node with its InternalIP.
+    pub fn node(&mut self, name: &str, ip: Ipv4Addr, labels: &[(&str, &str)]) -> &mut Self {
+        let labels = match labels {
+            [] => String::new(),
+            l => format!(", labels: {}", map(l)),
+        };
+        self.docs.push(format!(
+            "apiVersion: v1\nkind: Node\nmetadata: {{name: {name}{labels}}}\n\
+             status: {{addresses: [{{type: InternalIP, address: {ip}}}]}}\n"
+        ));
+        self
     }
 
     /// A namespace, enrolled in the mesh (ambient) or not.
@@ -71,11 +79,8 @@ impl Fixture {
         self
     }
 
-    /// A pod on node `node` (0-based) at `ip`: its namespace on the wire and
-    /// its object, Running and Ready.
-    pub fn pod(&mut self, node: usize, name: &str, ip: Ipv4Addr, spec: PodSpec<'_>) -> &mut Self {
-        self.cluster.add_pod_on(node, name, ip);
-        let node = &self.cluster.nodes[node].name;
+    /// A pod on `node` at `ip`, Running and Ready.
+    pub fn pod(&mut self, node: &str, name: &str, ip: Ipv4Addr, spec: PodSpec<'_>) -> &mut Self {
         let labels = match spec.labels {
             [] => String::new(),
             l => format!(", labels: {}", map(l)),
@@ -123,6 +128,12 @@ impl Fixture {
         self
     }
 
+    /// Any other object (a pod with owners or probes, a policy), as one YAML document.
+    pub fn object(&mut self, yaml: &str) -> &mut Self {
+        self.docs.push(yaml.trim_start().trim_start_matches("---").trim_start_matches('\n').to_owned());
+        self
+    }
+
     /// The objects as one YAML stream, followed by `extra` (more documents,
     /// each starting with `---`).
     pub fn yaml(&self, extra: &str) -> String {
@@ -134,6 +145,81 @@ impl Fixture {
             out.push_str(extra);
         }
         out
+    }
+}
+
+impl Fixture {
+    /// `node-1` and `node-2` (see [`Cluster::two_nodes`]) with the labels given.
+    pub fn two_nodes(labels: [&[(&str, &str)]; 2]) -> Fixture {
+        Fixture::of(Cluster::two_nodes(), &labels)
+    }
+
+    /// `node-1` alone (see [`Cluster::new`]) with the meshed namespace `demo`:
+    /// the single-node tests' cluster.
+    pub fn one_node() -> Fixture {
+        let mut f = Fixture::of(Cluster::new(), &[&[]]);
+        f.objects.namespace("demo", true);
+        f
+    }
+
+    fn of(cluster: Cluster, labels: &[&[(&str, &str)]]) -> Fixture {
+        let mut objects = Objects::default();
+        for (node, labels) in cluster.nodes.iter().zip(labels) {
+            objects.node(&node.name, node.ip, labels);
+        }
+        Fixture { cluster, objects }
+    }
+
+    /// A namespace, enrolled in the mesh (ambient) or not.
+    pub fn namespace(&mut self, name: &str, meshed: bool) -> &mut Self {
+        self.objects.namespace(name, meshed);
+        self
+    }
+
+    /// A pod on node `node` (0-based) at `ip`: its namespace on the wire and
+    /// its object, Running and Ready.
+    pub fn add_pod(&mut self, node: usize, name: &str, ip: Ipv4Addr, spec: PodSpec<'_>) -> &mut Self {
+        self.cluster.add_pod_on(node, name, ip);
+        let node = self.cluster.nodes[node].name.clone();
+        self.objects.pod(&node, name, ip, spec);
+        self
+    }
+
+    /// A ClusterIP Service selecting pods by `selector`.
+    pub fn service(
+        &mut self,
+        namespace: &str,
+        name: &str,
+        vip: &str,
+        selector: &[(&str, &str)],
+        ports: &[Port<'_>],
+    ) -> &mut Self {
+        self.objects.service(namespace, name, vip, selector, ports);
+        self
+    }
+
+    /// Any other object, as one YAML document.
+    pub fn object(&mut self, yaml: &str) -> &mut Self {
+        self.objects.object(yaml);
+        self
+    }
+
+    /// The objects as one YAML stream, followed by `extra`.
+    pub fn yaml(&self, extra: &str) -> String {
+        self.objects.yaml(extra)
+    }
+}
+
+impl std::ops::Deref for Fixture {
+    type Target = Cluster;
+    fn deref(&self) -> &Cluster {
+        &self.cluster
+    }
+}
+
+impl std::ops::DerefMut for Fixture {
+    fn deref_mut(&mut self) -> &mut Cluster {
+        &mut self.cluster
     }
 }
 

@@ -48,17 +48,17 @@ pub fn fixture() -> Fixture {
     };
     let ver_v1 = PodSpec::app("demo", &[("app", "ver"), ("version", "v1")]);
     let ver_v2 = PodSpec::app("demo", &[("app", "ver"), ("version", "v2")]);
-    f.pod(0, "test", TEST_IP, PodSpec::app("demo", &[("app", "test")]))
-        .pod(0, "sleep", SLEEP_IP, PodSpec::app("other", &[("app", "sleep")]))
-        .pod(
+    f.add_pod(0, "test", TEST_IP, PodSpec::app("demo", &[("app", "test")]))
+        .add_pod(0, "sleep", SLEEP_IP, PodSpec::app("other", &[("app", "sleep")]))
+        .add_pod(
             0,
             "outsider",
             OUTSIDER_IP,
             PodSpec { service_account: None, ..PodSpec::app("plain", &[("app", "outsider")]) },
         )
-        .pod(1, "helloworld", HELLO_IP, hello)
-        .pod(1, "ver-v1", VER_V1_IP, ver_v1)
-        .pod(0, "ver-v2", VER_V2_IP, ver_v2);
+        .add_pod(1, "helloworld", HELLO_IP, hello)
+        .add_pod(1, "ver-v1", VER_V1_IP, ver_v1)
+        .add_pod(0, "ver-v2", VER_V2_IP, ver_v2);
     let helloworld = &[("app", "helloworld")];
     f.service("demo", "helloworld", VIP, helloworld, &[port("http", 9095, "http"), port("tcp-echo", 7000, "echo")])
         .service("demo", "api", API_VIP, helloworld, &[port("http-api", 80, "8080")])

@@ -13,44 +13,34 @@ use mesh_tests::{
     Agent, Cluster, Pod,
     agent::metric,
     clients::{Curled, curl},
+    fixture::{Objects, PodSpec},
     netns::sh,
     require_root, servers,
 };
 
 const HELLO: &str = "10.244.0.3";
 
-/// Node node-1, namespace `demo` (meshed) with `test` and helloworld-v1, and `extra`.
-fn config(extra: &str) -> String {
-    format!(
-        r#"apiVersion: v1
-kind: Node
-metadata: {{name: node-1}}
-status: {{addresses: [{{type: InternalIP, address: 172.18.0.2}}]}}
----
-apiVersion: v1
-kind: Namespace
-metadata: {{name: demo, labels: {{istio.io/dataplane-mode: ambient}}}}
----
-apiVersion: v1
+/// helloworld-v1, made by a Deployment, with a readiness probe on `http`
+/// (9095) and a debug port (9098) that no probe names.
+const HELLO_POD: &str = r#"apiVersion: v1
 kind: Pod
-metadata: {{name: test, namespace: demo, labels: {{app: test}}}}
-spec: {{nodeName: node-1, serviceAccountName: test}}
-status: {{podIP: 10.244.0.2}}
----
-apiVersion: v1
-kind: Pod
-metadata: {{name: helloworld-v1-5d9f8c7b6-abcde, namespace: demo, labels: {{app: helloworld, version: v1}},
-  ownerReferences: [{{kind: ReplicaSet, name: helloworld-v1-5d9f8c7b6, controller: true}}]}}
+metadata: {name: helloworld-v1-5d9f8c7b6-abcde, namespace: demo, labels: {app: helloworld, version: v1},
+  ownerReferences: [{kind: ReplicaSet, name: helloworld-v1-5d9f8c7b6, controller: true}]}
 spec:
   nodeName: node-1
   serviceAccountName: helloworld
   containers:
   - name: hello
-    ports: [{{name: http, containerPort: 9095}}, {{name: debug, containerPort: 9098}}]
-    readinessProbe: {{httpGet: {{path: /, port: http}}}}
-status: {{podIP: {HELLO}, phase: Running, conditions: [{{type: Ready, status: "True"}}]}}
-{extra}"#
-    )
+    ports: [{name: http, containerPort: 9095}, {name: debug, containerPort: 9098}]
+    readinessProbe: {httpGet: {path: /, port: http}}
+status: {podIP: 10.244.0.3, phase: Running, conditions: [{type: Ready, status: "True"}]}
+"#;
+
+/// Node node-1, namespace `demo` (meshed) with `test` and helloworld-v1, and `extra`.
+fn config(extra: &str) -> String {
+    let mut o = Objects::demo();
+    o.pod("node-1", "test", Ipv4Addr::new(10, 244, 0, 2), PodSpec::app("demo", &[("app", "test")])).object(HELLO_POD);
+    o.yaml(extra)
 }
 
 const STRICT: &str = "---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\n\

@@ -8,66 +8,53 @@ use std::{
     time::Duration,
 };
 
-use mesh_tests::{Agent, Cluster, agent::metric, require_root, servers};
+use mesh_tests::{
+    Agent, Cluster,
+    agent::metric,
+    fixture::{Objects, PodSpec, port},
+    require_root, servers,
+};
 
 const VIP: &str = "10.96.0.10";
 
-/// Namespace `demo` (meshed) and `plain` (not), pods `test` and `helloworld`
-/// (and optionally `late`) in demo, `outsider` in plain, Service helloworld.
-fn config(with_late: bool, extra: &str) -> String {
-    let late = if with_late {
-        "---\napiVersion: v1\nkind: Pod\nmetadata: {name: late, namespace: demo, labels: {app: late}}\n\
-         spec: {nodeName: node-1}\nstatus: {podIP: 10.244.0.5}\n"
-    } else {
-        ""
-    };
-    format!(
-        r#"apiVersion: v1
-kind: Node
-metadata: {{name: node-1}}
-status: {{addresses: [{{type: InternalIP, address: 172.18.0.2}}]}}
----
-apiVersion: v1
-kind: Namespace
-metadata: {{name: demo, labels: {{istio.io/dataplane-mode: ambient}}}}
----
-apiVersion: v1
-kind: Namespace
-metadata: {{name: plain}}
----
-apiVersion: v1
+/// helloworld-v1, made by a Deployment: HTTP on 9095 and echo on 7000.
+const HELLO_POD: &str = r#"apiVersion: v1
 kind: Pod
-metadata: {{name: test, namespace: demo, labels: {{app: test}}}}
-spec: {{nodeName: node-1, serviceAccountName: test}}
-status: {{podIP: 10.244.0.2}}
----
-apiVersion: v1
-kind: Pod
-metadata: {{name: helloworld-v1-5d9f8c7b6-abcde, namespace: demo, labels: {{app: helloworld, version: v1}},
-  ownerReferences: [{{kind: ReplicaSet, name: helloworld-v1-5d9f8c7b6, controller: true}}]}}
+metadata: {name: helloworld-v1-5d9f8c7b6-abcde, namespace: demo, labels: {app: helloworld, version: v1},
+  ownerReferences: [{kind: ReplicaSet, name: helloworld-v1-5d9f8c7b6, controller: true}]}
 spec:
   nodeName: node-1
   serviceAccountName: helloworld
-  containers: [{{name: hello, ports: [{{name: http, containerPort: 9095}}, {{name: echo, containerPort: 7000}}]}}]
-status: {{podIP: 10.244.0.3, phase: Running, conditions: [{{type: Ready, status: "True"}}]}}
----
-apiVersion: v1
-kind: Pod
-metadata: {{name: outsider, namespace: plain, labels: {{app: outsider}}}}
-spec: {{nodeName: node-1}}
-status: {{podIP: 10.244.0.4}}
----
-apiVersion: v1
-kind: Service
-metadata: {{name: helloworld, namespace: demo}}
-spec:
-  clusterIP: {VIP}
-  selector: {{app: helloworld}}
-  ports:
-  - {{name: http, port: 9095, targetPort: http}}
-  - {{name: tcp-echo, port: 7000, targetPort: echo}}
-{late}{extra}"#
-    )
+  containers: [{name: hello, ports: [{name: http, containerPort: 9095}, {name: echo, containerPort: 7000}]}]
+status: {podIP: 10.244.0.3, phase: Running, conditions: [{type: Ready, status: "True"}]}
+"#;
+
+/// Namespace `demo` (meshed) and `plain` (not), pods `test` and `helloworld`
+/// (and optionally `late`, with no service account) in demo, `outsider` in
+/// plain, Service helloworld.
+fn config(with_late: bool, extra: &str) -> String {
+    let ip = |last| Ipv4Addr::new(10, 244, 0, last);
+    let mut o = Objects::demo();
+    o.namespace("plain", false)
+        .pod("node-1", "test", ip(2), PodSpec::app("demo", &[("app", "test")]))
+        .object(HELLO_POD)
+        .pod(
+            "node-1",
+            "outsider",
+            ip(4),
+            PodSpec { service_account: None, ..PodSpec::app("plain", &[("app", "outsider")]) },
+        )
+        .service(
+            "demo",
+            "helloworld",
+            VIP,
+            &[("app", "helloworld")],
+            &[port("http", 9095, "http"), port("tcp-echo", 7000, "echo")],
+        );
+    if with_late {
+        o.pod("node-1", "late", ip(5), PodSpec { service_account: None, ..PodSpec::app("demo", &[("app", "late")]) });
+    }
+    o.yaml(extra)
 }
 
 fn cluster() -> Cluster {

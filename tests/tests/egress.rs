@@ -4,13 +4,14 @@
 
 use std::net::Ipv4Addr;
 
-use mesh_tests::{Agent, Cluster, Pod, agent::metric, clients::curl, netns::sh, require_root, servers};
-
-const CONFIG: &str = "apiVersion: v1\nkind: Node\nmetadata: {name: node-1}\n\
-    status: {addresses: [{type: InternalIP, address: 172.18.0.2}]}\n\
-    ---\napiVersion: v1\nkind: Namespace\nmetadata: {name: demo, labels: {istio.io/dataplane-mode: ambient}}\n\
-    ---\napiVersion: v1\nkind: Pod\nmetadata: {name: test, namespace: demo, labels: {app: test}}\n\
-    spec: {nodeName: node-1, serviceAccountName: test}\nstatus: {podIP: 10.244.0.2}\n";
+use mesh_tests::{
+    Agent, Pod,
+    agent::metric,
+    clients::curl,
+    fixture::{Fixture, PodSpec},
+    netns::sh,
+    require_root, servers,
+};
 
 fn outbound(a: &Agent) -> f64 {
     metric(&a.metrics(), "mesh_ebpf_packets_total", &[("counter", "assigned_outbound")])
@@ -21,15 +22,15 @@ fn egress_leaves_with_the_pods_address_and_metadata_is_not_captured() {
     if !require_root("egress_leaves_with_the_pods_address_and_metadata_is_not_captured") {
         return;
     }
-    let mut c = Cluster::new();
-    c.add_pod("test", Ipv4Addr::new(10, 244, 0, 2));
+    let mut c = Fixture::one_node();
+    c.add_pod(0, "test", Ipv4Addr::new(10, 244, 0, 2), PodSpec::app("demo", &[("app", "test")]));
     // Outside the node: a server, and a metadata service at its well-known address.
     let outside = Pod::namespace("outside", Ipv4Addr::new(172, 18, 0, 1), &c.net_ns);
     servers::http_hello(&outside, 8080);
     sh(&["ip", "-n", &c.net_ns, "addr", "add", "169.254.169.254/32", "dev", "lo"]);
     sh(&["ip", "-n", &c.node_ns, "route", "add", "169.254.169.254/32", "via", "172.18.0.1"]);
     servers::http_hello(&outside, 80);
-    let a = Agent::start(&c, CONFIG);
+    let a = Agent::start(&c, &c.yaml(""));
     let test = c.pod("test");
 
     let captured = outbound(&a);

@@ -6,33 +6,31 @@
 
 use std::{net::Ipv4Addr, time::Duration};
 
-use mesh_tests::{Agent, Cluster, agent::metric, kube_api::ApiServer, mesh::curl, require_root, servers};
+use mesh_tests::{
+    Agent, Cluster,
+    agent::metric,
+    fixture::{Objects, PodSpec, port},
+    kube_api::ApiServer,
+    mesh::curl,
+    require_root, servers,
+};
 use serde::Deserialize as _;
 
 const VIP: &str = "10.96.0.10";
 
-/// Node, namespace `demo` (meshed), pods `helloworld` and `test`, Service helloworld.
-const CLUSTER: &str = r#"
-apiVersion: v1
-kind: Node
-metadata: {name: node-1, uid: node-1-uid}
-status: {addresses: [{type: InternalIP, address: 172.18.0.2}]}
----
-apiVersion: v1
-kind: Namespace
-metadata: {name: demo, labels: {istio.io/dataplane-mode: ambient}}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: helloworld, namespace: demo, uid: hello-uid, labels: {app: helloworld}}
-spec: {nodeName: node-1, serviceAccountName: helloworld, containers: [{name: hello, image: helloworld, ports: [{name: http, containerPort: 9095}]}]}
-status: {podIP: 10.244.0.3, phase: Running, conditions: [{type: Ready, status: "True"}]}
----
-apiVersion: v1
-kind: Service
-metadata: {name: helloworld, namespace: demo}
-spec: {clusterIP: 10.96.0.10, selector: {app: helloworld}, ports: [{name: http, port: 9095, targetPort: http}]}
-"#;
+/// Node, namespace `demo` (meshed), pod `helloworld`, Service helloworld.
+fn cluster_objects() -> String {
+    let mut o = Objects::demo();
+    let hello = PodSpec { ports: &[("http", 9095)], ..PodSpec::app("demo", &[("app", "helloworld")]) };
+    o.pod("node-1", "helloworld", Ipv4Addr::new(10, 244, 0, 3), hello).service(
+        "demo",
+        "helloworld",
+        VIP,
+        &[("app", "helloworld")],
+        &[port("http", 9095, "http")],
+    );
+    o.yaml("")
+}
 
 /// Arrives later, by a watch event.
 const LATE: &str = r#"
@@ -58,7 +56,7 @@ enum Where {
 }
 
 /// One node with pods `helloworld` (serving on 9095) and `late`, and an API
-/// server holding [`CLUSTER`] (the cluster is dropped after the server).
+/// server holding [`cluster_objects`] (the cluster is dropped after the server).
 fn cluster_with_api(at: Where) -> (Cluster, ApiServer) {
     let mut c = Cluster::new();
     c.add_pod("helloworld", Ipv4Addr::new(10, 244, 0, 3));
@@ -68,7 +66,7 @@ fn cluster_with_api(at: Where) -> (Cluster, ApiServer) {
         Where::OnTheNode => ApiServer::start(&c, 0),
         Where::ClusterNetwork => ApiServer::start_in(&c, &c.net_ns.clone(), "172.18.0.1"),
     };
-    for o in objects(CLUSTER) {
+    for o in objects(&cluster_objects()) {
         api.fake.apply(o);
     }
     (c, api)

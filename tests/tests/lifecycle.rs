@@ -10,6 +10,7 @@ use mesh_tests::{
     Agent, Cluster, Pod,
     agent::BpfFs,
     clients::{Curled, curl},
+    fixture::{Objects, PodSpec},
     netns::enter_and_spawn,
     require_root, servers,
 };
@@ -18,20 +19,12 @@ const HELLO: &str = "10.244.0.3";
 
 /// Node node-1, namespace `demo` (meshed) with helloworld and the `clients`.
 fn config(clients: &[(&str, &str)]) -> String {
-    let mut out = String::from(
-        "apiVersion: v1\nkind: Node\nmetadata: {name: node-1}\n\
-         status: {addresses: [{type: InternalIP, address: 172.18.0.2}]}\n\
-         ---\napiVersion: v1\nkind: Namespace\nmetadata: {name: demo, labels: {istio.io/dataplane-mode: ambient}}\n\
-         ---\napiVersion: v1\nkind: Pod\nmetadata: {name: helloworld, namespace: demo, labels: {app: helloworld}}\n\
-         spec: {nodeName: node-1, serviceAccountName: helloworld}\nstatus: {podIP: 10.244.0.3}\n",
-    );
+    let mut o = Objects::demo();
+    o.pod("node-1", "helloworld", HELLO.parse().unwrap(), PodSpec::app("demo", &[("app", "helloworld")]));
     for (name, ip) in clients {
-        out += &format!(
-            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: demo, labels: {{app: {name}}}}}\n\
-             spec: {{nodeName: node-1, serviceAccountName: {name}}}\nstatus: {{podIP: {ip}}}\n"
-        );
+        o.pod("node-1", name, ip.parse().unwrap(), PodSpec::app("demo", &[("app", *name)]));
     }
-    out
+    o.yaml("")
 }
 
 fn get(ns: &Pod) -> Curled {

@@ -15,56 +15,38 @@ use mesh_tests::{
     Agent, Cluster,
     agent::{binary, metric},
     clients::{Curled, curl},
+    fixture::{Fixture, PodSpec, Port},
     require_root, servers,
 };
 
 const NODE_IP: &str = "172.18.0.2";
 
-/// Namespace `demo` (meshed) with `test` and helloworld (HTTP on 9095, echo on 7000).
-const CONFIG: &str = r#"apiVersion: v1
-kind: Node
-metadata: {name: node-1}
-status: {addresses: [{type: InternalIP, address: 172.18.0.2}]}
----
-apiVersion: v1
-kind: Namespace
-metadata: {name: demo, labels: {istio.io/dataplane-mode: ambient}}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: test, namespace: demo, labels: {app: test}}
-spec: {nodeName: node-1, serviceAccountName: test}
-status: {podIP: 10.244.0.2}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: helloworld-v1, namespace: demo, labels: {app: helloworld, version: v1}}
-spec:
-  nodeName: node-1
-  serviceAccountName: helloworld
-  containers: [{name: hello, ports: [{name: http, containerPort: 9095}, {name: echo, containerPort: 7000}]}]
-status: {podIP: 10.244.0.3, phase: Running, conditions: [{type: Ready, status: "True"}]}
----
-apiVersion: v1
-kind: Service
-metadata: {name: helloworld, namespace: demo}
-spec:
-  clusterIP: 10.96.0.10
-  selector: {app: helloworld}
-  ports: [{name: http, port: 9095}, {name: tcp-echo, port: 7000}]
----
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: allow-test, namespace: demo}
-spec: {selector: {matchLabels: {app: helloworld}}, action: ALLOW, rules: [{from: [{source: {principals: [cluster.local/ns/demo/sa/test]}}]}]}
-"#;
+/// Only `test` may call helloworld.
+const ALLOW_TEST: &str = "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+    metadata: {name: allow-test, namespace: demo}\n\
+    spec: {selector: {matchLabels: {app: helloworld}}, action: ALLOW, \
+    rules: [{from: [{source: {principals: [cluster.local/ns/demo/sa/test]}}]}]}\n";
 
-fn cluster() -> Cluster {
-    let mut c = Cluster::new();
-    c.add_pod("test", Ipv4Addr::new(10, 244, 0, 2));
-    c.add_pod("helloworld", Ipv4Addr::new(10, 244, 0, 3));
-    servers::http_hello(c.pod("helloworld"), 9095);
-    servers::echo(c.pod("helloworld"), 7000);
+/// Namespace `demo` (meshed) with `test` and helloworld-v1 (HTTP on 9095,
+/// echo on 7000) behind the Service `helloworld`; `ALLOW_TEST` is added to
+/// the agent's configuration.
+fn cluster() -> Fixture {
+    let mut c = Fixture::one_node();
+    let hello = PodSpec {
+        ports: &[("http", 9095), ("echo", 7000)],
+        ..PodSpec::app("demo", &[("app", "helloworld"), ("version", "v1")])
+    };
+    c.add_pod(0, "test", Ipv4Addr::new(10, 244, 0, 2), PodSpec::app("demo", &[("app", "test")]))
+        .add_pod(0, "helloworld-v1", Ipv4Addr::new(10, 244, 0, 3), hello)
+        .service(
+            "demo",
+            "helloworld",
+            "10.96.0.10",
+            &[("app", "helloworld")],
+            &[Port { name: "http", port: 9095, target: None }, Port { name: "tcp-echo", port: 7000, target: None }],
+        );
+    servers::http_hello(c.pod("helloworld-v1"), 9095);
+    servers::echo(c.pod("helloworld-v1"), 7000);
     c
 }
 
@@ -93,7 +75,7 @@ fn stats_readiness_and_inspect_of_a_running_agent() {
         return;
     }
     let c = cluster();
-    let mut a = Agent::start_on(&c, 0, CONFIG, &["--log-format".into(), "json".into()]);
+    let mut a = Agent::start_on(&c, 0, &c.yaml(ALLOW_TEST), &["--log-format".into(), "json".into()]);
     let r = curl(|args| c.pod("test").cmd(args), &["http://10.96.0.10:9095/"]);
     assert_eq!(r.code, 200, "{}{}", r.body, r.stderr);
 
@@ -238,7 +220,7 @@ fn prometheus_scrapes_the_stats_port() {
         return;
     }
     let c = cluster();
-    let _a = Agent::start(&c, CONFIG);
+    let _a = Agent::start(&c, &c.yaml(ALLOW_TEST));
     let r = curl(|args| c.pod("test").cmd(args), &["http://10.96.0.10:9095/"]);
     assert_eq!(r.code, 200, "{}{}", r.body, r.stderr);
 

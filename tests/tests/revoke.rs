@@ -27,7 +27,7 @@ fn fixture() -> Fixture {
         (0, "bystander", Ipv4Addr::new(10, 244, 0, 4)),
         (1, "far", Ipv4Addr::new(10, 244, 1, 2)),
     ] {
-        f.pod(node, name, ip, PodSpec::app("demo", &[("app", name)]));
+        f.add_pod(node, name, ip, PodSpec::app("demo", &[("app", name)]));
     }
     f
 }

@@ -31,9 +31,15 @@ use tokio::{
 };
 
 use crate::{
-    proxy::Inputs,
-    proxy::http::Downstream,
-    proxy::{self, ProxyError},
+    proxy::{
+        Inputs, ProxyError,
+        http::Downstream,
+        inbound::hbone::{GatewayHop, HopServer},
+        l4::{ConnMeters, fail, pump, reset},
+        limits::{Gate, Handshake},
+        outbound::{self, http::serve},
+        sni::{Sni, sni},
+    },
     routing::l4::Route,
     routing::protocol::Handling,
     state::{GatewayProtocol, ServerTls, State},
@@ -206,7 +212,7 @@ impl Listeners {
 
     /// The HBONE server's second hop: a CONNECT to one of this node's gateway
     /// ports, made to that gateway's identity, is served as if accepted there.
-    pub fn tunnel_hop(&self, ctx: &Arc<Inputs>) -> crate::proxy::inbound::hbone::GatewayHop {
+    pub fn tunnel_hop(&self, ctx: &Arc<Inputs>) -> GatewayHop {
         let (hops, ctx) = (self.hops.clone(), ctx.clone());
         Arc::new(move |target: SocketAddrV4, identity: &str| {
             let hops = hops.read().ok()?;
@@ -215,7 +221,7 @@ impl Listeners {
             Some(Box::new(move |io, peer| {
                 Box::pin(serve_tunneled(ctx, io, peer, target, gateways, protocol))
                     as Pin<Box<dyn std::future::Future<Output = ()> + Send>>
-            }) as crate::proxy::inbound::hbone::HopServer)
+            }) as HopServer)
         })
     }
 
@@ -285,7 +291,7 @@ fn open(ctx: &Arc<Inputs>, state: &State, plan: &PortPlan) -> std::io::Result<Se
     let listener = tokio::net::TcpListener::from_std(socket.into())?;
     let (tx, mut rx) = watch::channel(Some(Arc::new(first)));
     let ctx = ctx.clone();
-    let gate = crate::proxy::limits::Gate::new("gateway", &ctx.limits);
+    let gate = Gate::new("gateway", &ctx.limits);
     tokio::spawn(async move {
         loop {
             tokio::select! {
@@ -298,7 +304,7 @@ fn open(ctx: &Arc<Inputs>, state: &State, plan: &PortPlan) -> std::io::Result<Se
                     Ok((stream, peer)) => {
                         let Some(now) = rx.borrow().clone() else { break };
                         let Ok(ticket) = gate.admit(peer.ip(), &ctx.metrics) else {
-                            proxy::l4::reset(&stream);
+                            reset(&stream);
                             continue;
                         };
                         // At most so many TLS handshakes at once.
@@ -306,7 +312,7 @@ fn open(ctx: &Arc<Inputs>, state: &State, plan: &PortPlan) -> std::io::Result<Se
                             GatewayProtocol::Https => match gate.handshake(peer.ip(), &ctx.metrics) {
                                 Some(p) => Some(p),
                                 None => {
-                                    proxy::l4::reset(&stream);
+                                    reset(&stream);
                                     continue;
                                 }
                             },
@@ -340,7 +346,7 @@ async fn handle(
     protocol: GatewayProtocol,
     gateways: Arc<[String]>,
     acceptor: Option<Arc<TlsServers>>,
-    handshake: Option<crate::proxy::limits::Handshake>,
+    handshake: Option<Handshake>,
 ) {
     let _ = stream.set_nodelay(true);
     let Ok(SocketAddr::V4(local)) = stream.local_addr() else { return };
@@ -367,7 +373,7 @@ async fn handle(
             let mut down = downstream(peer, local, gateways);
             down.client_cert = tls::forwarded_client_cert(session);
             down.server = Some(server);
-            crate::proxy::outbound::http::serve(ctx.clone(), tls, down, handling).await;
+            serve(ctx.clone(), tls, down, handling).await;
         }
         (GatewayProtocol::Tcp, _) => {
             let state = ctx.state();
@@ -378,7 +384,7 @@ async fn handle(
         (GatewayProtocol::Tls, _) => {
             let Some(sni) = peek_sni(&stream, ctx.limits.handshake_timeout).await else {
                 tracing::info!(%peer, %local, "gateway: no TLS server name from the client");
-                return proxy::l4::fail(ctx, &stream, peer, None, ProxyError::NotLocal(local));
+                return fail(ctx, &stream, peer, None, ProxyError::NotLocal(local));
             };
             let state = ctx.state();
             let (pick, random) = (ctx.next_pick(), ctx.next_random());
@@ -386,11 +392,11 @@ async fn handle(
             serve_tcp(ctx, stream, peer, local, found).await
         }
         _ => {
-            let handling = match proxy::outbound::sniff_client(&stream, ctx.protocol_detection_timeout).await {
+            let handling = match outbound::sniff_client(&stream, ctx.protocol_detection_timeout).await {
                 Handling::Http2 => Handling::Http2,
                 _ => Handling::Http1,
             };
-            crate::proxy::outbound::http::serve(ctx.clone(), stream, downstream(peer, local, gateways), handling).await;
+            serve(ctx.clone(), stream, downstream(peer, local, gateways), handling).await;
         }
     }
 }
@@ -415,9 +421,9 @@ async fn peek_sni(stream: &TcpStream, timeout: Duration) -> Option<String> {
             Ok(Ok(n)) if n > 0 => n,
             _ => return None,
         };
-        match crate::proxy::sni::sni(&buf[..n]) {
-            crate::proxy::sni::Sni::Found(name) => return Some(name.to_ascii_lowercase()),
-            crate::proxy::sni::Sni::NeedMore if n < buf.len() => {
+        match sni(&buf[..n]) {
+            Sni::Found(name) => return Some(name.to_ascii_lowercase()),
+            Sni::NeedMore if n < buf.len() => {
                 // Wait for more bytes without spinning: forget the readiness
                 // this peek saw, then wait for the next arrival.
                 let _ = stream
@@ -442,7 +448,7 @@ async fn serve_tcp(
     let Some((route, gw)) = found else {
         let err = ProxyError::NotLocal(local);
         tracing::info!(%peer, %local, "gateway: no tcp/tls route for this connection");
-        return proxy::l4::fail(ctx, &client, peer, None, err);
+        return fail(ctx, &client, peer, None, err);
     };
     let source = state.gateway(&gw).map(|g| g.workload.clone());
     let (dest, addr, mut labels) = match route {
@@ -453,14 +459,14 @@ async fn serve_tcp(
         Route::Refused { service, reason } => {
             let labels = TcpLabels::new(source.as_deref(), None, Some(&service), false);
             let err = ProxyError::Refused { service: service.key.clone(), reason };
-            return proxy::l4::fail(ctx, &client, peer, Some(labels), err);
+            return fail(ctx, &client, peer, Some(labels), err);
         }
         Route::Workload { addr, .. } | Route::Passthrough { addr } | Route::BlackHole { addr } => {
             let labels = TcpLabels::black_hole(source.as_deref());
-            return proxy::l4::fail(ctx, &client, peer, Some(labels), ProxyError::BlackHole(addr));
+            return fail(ctx, &client, peer, Some(labels), ProxyError::BlackHole(addr));
         }
     };
-    match proxy::outbound::open_upstream(ctx, &state, source.as_ref(), peer, dest.as_ref(), addr, ctx.connect_timeout)
+    match outbound::open::open_upstream(ctx, &state, source.as_ref(), peer, dest.as_ref(), addr, ctx.connect_timeout)
         .await
     {
         Ok(opened) => {
@@ -468,14 +474,14 @@ async fn serve_tcp(
             if opened.mtls {
                 labels.connection_security_policy = "mutual_tls";
             }
-            let meters = proxy::l4::ConnMeters::open(&ctx.metrics, &labels);
-            proxy::l4::pump(ctx, client, opened.io, meters, addr, opened.guard, |c, u| {
-                proxy::l4::reset(c);
+            let meters = ConnMeters::open(&ctx.metrics, &labels);
+            pump(ctx, client, opened.io, meters, addr, opened.guard, |c, u| {
+                reset(c);
                 u.reset();
             })
             .await;
         }
-        Err(e) => proxy::l4::fail(ctx, &client, peer, Some(labels), e),
+        Err(e) => fail(ctx, &client, peer, Some(labels), e),
     }
 }
 
@@ -506,7 +512,7 @@ pub async fn serve_tunneled<I>(
     }
     let handling = if first == b"PRI" { Handling::Http2 } else { Handling::Http1 };
     let io = Prefixed { prefix: first, at: 0, io };
-    crate::proxy::outbound::http::serve(ctx, io, downstream(peer, target, gateways), handling).await;
+    serve(ctx, io, downstream(peer, target, gateways), handling).await;
 }
 
 /// A stream with bytes already read put back in front.

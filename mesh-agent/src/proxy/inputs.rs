@@ -85,7 +85,7 @@ impl Inputs {
             jwks: s.jwks,
             jwt_verified: Default::default(),
             ext_authz: Default::default(),
-            dial: super::outbound::dial,
+            dial: super::outbound::open::dial,
             host_orig: std::sync::OnceLock::new(),
             state: RwLock::default(),
             captured_ips: RwLock::default(),

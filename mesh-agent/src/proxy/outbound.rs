@@ -14,10 +14,8 @@ use tokio::net::TcpStream;
 
 use super::{
     Inputs, ProxyError,
-    hbone::TunnelTo,
-    inbound::{self, Inbound},
-    l4::{ConnMeters, connect, fail, pump, reset, transparent_source},
-    upstream::{Opened, Upstream},
+    l4::{ConnMeters, fail, pump, reset},
+    upstream::Opened,
 };
 use crate::{
     routing::l4::{Route, route},
@@ -27,6 +25,7 @@ use crate::{
 };
 
 pub mod http;
+pub(crate) mod open;
 pub mod tls;
 
 /// One outbound connection: routed and opened (or served as HTTP), then copied.
@@ -83,7 +82,8 @@ async fn open(ctx: &Arc<Inputs>, client: TcpStream, peer: SocketAddr) -> Option<
     // Boxed apart: connecting (TLS, HBONE) takes ~6 KB of state, which a
     // connection waiting for its first bytes (sniffing) need not hold yet.
     let opened =
-        Box::pin(open_upstream(ctx, &state, source.as_ref(), peer, dest.as_ref(), addr, ctx.connect_timeout)).await;
+        Box::pin(open::open_upstream(ctx, &state, source.as_ref(), peer, dest.as_ref(), addr, ctx.connect_timeout))
+            .await;
     drop(state);
     joined(ctx, client, peer, addr, opened, labels)
 }
@@ -229,83 +229,6 @@ async fn handling(ctx: &Inputs, client: &TcpStream, declared: Option<Declared>) 
         },
         Some(Declared::Unknown) => sniff_client(client, ctx.protocol_detection_timeout).await,
     }
-}
-
-/// Opens the upstream for a connection from `peer` (the pod `source`, if known)
-/// to `addr` (the pod `dest`, if known): HBONE to the destination node's agent
-/// for a meshed pod on another node; otherwise a direct connection, after
-/// authorization when the pod is a meshed one on this node (this agent is then
-/// the destination's agent too).
-pub(crate) async fn open_upstream(
-    ctx: &Arc<Inputs>,
-    state: &State,
-    source: Option<&Arc<Workload>>,
-    peer: SocketAddr,
-    dest: Option<&Arc<Workload>>,
-    addr: SocketAddrV4,
-    connect_timeout: Duration,
-) -> Result<Opened, ProxyError> {
-    let peer_ip = match peer.ip() {
-        std::net::IpAddr::V4(ip) => ip,
-        std::net::IpAddr::V6(_) => return Err(ProxyError::NotIpv4(peer)),
-    };
-    let source_identity = source.filter(|s| s.meshed).map(|s| s.principal.clone());
-    match dest.filter(|d| d.meshed) {
-        Some(d) if d.node.as_deref() != Some(ctx.node.as_str()) => {
-            let node_ip = d.node.as_ref().and_then(|n| state.nodes.get(n)).and_then(|n| n.internal_ip);
-            let Some(node_ip) = node_ip else {
-                return Err(ProxyError::NoNodeAddress {
-                    node: d.node.as_deref().unwrap_or("<unscheduled>").to_owned(),
-                });
-            };
-            let src_id = source_identity.ok_or(ProxyError::NoSourceIdentity(peer_ip))?;
-            let node = SocketAddrV4::new(node_ip, mesh_common::HBONE_PORT);
-            let to = TunnelTo {
-                source: &src_id,
-                node,
-                dest: &d.principal,
-                target: addr,
-                client_ip: peer_ip,
-                connect_timeout,
-            };
-            let tunnel = ctx.hbone.open(ctx, to).await?;
-            Ok(Opened { io: Upstream::Tunnel(hyper_util::rt::TokioIo::new(tunnel)), mtls: true, guard: None })
-        }
-        // This agent is the destination's too: the door an HBONE stream takes.
-        Some(d) => {
-            let arrival = Inbound {
-                dest: d.clone(),
-                target: addr,
-                peer,
-                principal: source_identity,
-                client_ip: peer_ip,
-                source: source.cloned(),
-                transparent: transparent_source(ctx, peer, addr),
-                mtls: false,
-            };
-            inbound::same_node(ctx, state, arrival, connect_timeout).await
-        }
-        None => {
-            let s = connect(addr, transparent_source(ctx, peer, addr), connect_timeout).await?;
-            Ok(Opened { io: Upstream::Tcp(s), mtls: false, guard: None })
-        }
-    }
-}
-
-/// [`open_upstream`] as a boxed future of a named type: the destination
-/// side's way out ([`crate::proxy::upstream::Dial`], for an external
-/// authorizer's check), which `open_upstream` itself may start (a same-node
-/// pod), so its future type cannot name the check's.
-pub(crate) fn dial<'a>(
-    ctx: &'a Arc<Inputs>,
-    state: &'a State,
-    source: Option<&'a Arc<Workload>>,
-    peer: SocketAddr,
-    dest: Option<&'a Arc<Workload>>,
-    addr: SocketAddrV4,
-    connect_timeout: Duration,
-) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Opened, ProxyError>> + Send + 'a>> {
-    Box::pin(open_upstream(ctx, state, source, peer, dest, addr, connect_timeout))
 }
 
 /// Waits (up to `timeout`) for the client's first bytes and classifies them;

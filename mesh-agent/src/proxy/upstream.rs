@@ -18,7 +18,7 @@ use crate::state::{State, Workload};
 
 /// Opens a connection as a source agent would (routing done: the source
 /// workload, its address, the destination workload and address, the connect
-/// timeout): [`crate::proxy::outbound::dial`]. The destination side reaches
+/// timeout): [`crate::proxy::outbound::open::dial`]. The destination side reaches
 /// an external authorizer through it, given by [`Inputs`] so that `inbound`
 /// does not import `outbound` (which hands same-node connections to
 /// `inbound`).

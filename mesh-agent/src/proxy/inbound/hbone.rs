@@ -22,7 +22,11 @@ use hyper::{
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 
-use super::{Admission, Inbound, admit, connect_admitted, http};
+use super::{
+    Inbound,
+    admit::{Admission, admit, connect_admitted},
+    http,
+};
 use crate::{
     identity,
     proxy::{

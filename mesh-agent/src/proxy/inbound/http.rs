@@ -38,7 +38,6 @@ use crate::{
     },
     routing::policy::{self, Attributes, Peer, Verdict},
     routing::protocol::{Declared, Handling},
-    state::Workload,
     telemetry::{Flags, TcpLabels},
 };
 
@@ -47,13 +46,6 @@ pub(crate) mod ext_authz;
 mod sniffed;
 #[cfg(test)]
 mod tests;
-
-/// Whether connections to `dest`'s `port` are served here: its policies
-/// need requests and the port is not declared as opaque TCP.
-pub(crate) fn wanted(state: &crate::state::State, dest: &Workload, port: u16) -> bool {
-    policy::needs_request(state, dest)
-        && state.service_port_of(dest, port).is_none_or(|(_, p)| crate::routing::protocol::declared(p) != Declared::Tcp)
-}
 
 /// Serves one connection to the pod until it closes.
 pub(crate) async fn serve<I>(ctx: Arc<Inputs>, io: I, conn: Inbound)
@@ -112,7 +104,7 @@ where
         tracing::warn!(peer = %conn.peer, target = %conn.target, error = %err, "connection refused");
         return record_failure(ctx, Some(labels), &err);
     }
-    let (upstream, guard) = match super::connect_admitted(ctx, &conn, ctx.connect_timeout).await {
+    let (upstream, guard) = match super::admit::connect_admitted(ctx, &conn, ctx.connect_timeout).await {
         Ok(r) => r,
         Err(err) => return record_failure(ctx, Some(labels), &err),
     };
@@ -399,7 +391,7 @@ fn tunnel(
     let Some(dup) = dup else {
         return false;
     };
-    let guard = ctx.conns.register_socket(super::authorized(&conn.inbound, snapshot), dup);
+    let guard = ctx.conns.register_socket(super::admit::authorized(&conn.inbound, snapshot), dup);
     tokio::spawn(async move {
         tunnel_upgrade(client, pod, target, idle).await;
         drop(guard);

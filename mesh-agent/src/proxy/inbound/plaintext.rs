@@ -7,7 +7,11 @@ use std::net::SocketAddr;
 
 use tokio::net::TcpStream;
 
-use super::{Admission, Inbound, admit, connect_admitted, http};
+use super::{
+    Inbound,
+    admit::{Admission, admit, connect_admitted},
+    http,
+};
 use crate::{
     proxy::{
         Inputs, ProxyError,

@@ -238,11 +238,11 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     let server = PodSpec::app("bench", &[("app", "server")]);
     let guarded = PodSpec::app("bench", &[("app", "guarded")]);
     f.namespace("bench", true)
-        .pod(0, "client", CLIENT, PodSpec::app("bench", &[("app", "client")]))
-        .pod(0, "local", LOCAL, server)
-        .pod(1, "remote", REMOTE, server)
-        .pod(0, "guarded-local", GUARDED_LOCAL, guarded)
-        .pod(1, "guarded-remote", GUARDED_REMOTE, guarded);
+        .add_pod(0, "client", CLIENT, PodSpec::app("bench", &[("app", "client")]))
+        .add_pod(0, "local", LOCAL, server)
+        .add_pod(1, "remote", REMOTE, server)
+        .add_pod(0, "guarded-local", GUARDED_LOCAL, guarded)
+        .add_pod(1, "guarded-remote", GUARDED_REMOTE, guarded);
     let config = f.yaml(&guarded_policy(&mesh_tests::jwt::jwks(&[&signer])));
     let cluster = f.cluster;
     let work = WorkDir(std::env::temp_dir().join(format!("mesh-bench-{}", cluster.id)));

@@ -43,10 +43,10 @@ fn fixture() -> Fixture {
     let mut f = Fixture::two_nodes([&[("istio", "ingressgateway")], &[("istio", "egressgateway")]]);
     f.namespace("sample", true)
         .namespace("other", true)
-        .pod(0, "test", Ipv4Addr::new(10, 244, 1, 2), PodSpec::app("sample", &[("app", "test")]))
-        .pod(0, "helloworld-v2", Ipv4Addr::new(10, 244, 1, 3), PodSpec::app("sample", &HELLO_V2))
-        .pod(0, "sleep", Ipv4Addr::new(10, 244, 1, 4), PodSpec::app("other", &[("app", "sleep")]))
-        .pod(1, "helloworld-v1", Ipv4Addr::new(10, 244, 2, 2), PodSpec::app("sample", &HELLO_V1));
+        .add_pod(0, "test", Ipv4Addr::new(10, 244, 1, 2), PodSpec::app("sample", &[("app", "test")]))
+        .add_pod(0, "helloworld-v2", Ipv4Addr::new(10, 244, 1, 3), PodSpec::app("sample", &HELLO_V2))
+        .add_pod(0, "sleep", Ipv4Addr::new(10, 244, 1, 4), PodSpec::app("other", &[("app", "sleep")]))
+        .add_pod(1, "helloworld-v1", Ipv4Addr::new(10, 244, 2, 2), PodSpec::app("sample", &HELLO_V1));
     let plain = |name, port| Port { name, port, target: None };
     f.service(
         "sample",

@@ -107,7 +107,8 @@ pub(super) async fn connect(
     let generation = ctx.http_pool.generation();
     let addr = to.addr;
     let opened =
-        super::super::open_upstream(ctx, state, to.source.as_ref(), down.peer, to.dest.as_ref(), addr, timeout).await?;
+        super::super::open::open_upstream(ctx, state, to.source.as_ref(), down.peer, to.dest.as_ref(), addr, timeout)
+            .await?;
     let mtls = opened.mtls;
     let mut io = opened.into_io();
     if let Some((tls, sni)) = &to.tls {
