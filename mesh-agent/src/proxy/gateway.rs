@@ -13,37 +13,23 @@
 //! of the configuration are unaffected.
 use std::{
     collections::{BTreeMap, HashMap},
-    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    pin::Pin,
     sync::{Arc, RwLock},
     time::Duration,
 };
 
-use std::{
-    pin::Pin,
-    task::{Context as TaskContext, Poll},
-};
-
 use serde::Serialize;
-use tokio::{
-    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, ReadBuf},
-    net::TcpStream,
-    sync::watch,
-};
+use tokio::sync::watch;
 
 use crate::{
     proxy::{
-        Inputs, ProxyError,
-        http::Downstream,
+        Inputs,
         inbound::hbone::{GatewayHop, HopServer},
-        l4::{ConnMeters, fail, pump, reset},
-        limits::{Gate, Handshake},
-        outbound::{self, http::serve},
-        sni::{Sni, sni},
+        l4::reset,
+        limits::Gate,
     },
-    routing::l4::Route,
-    routing::protocol::Handling,
     state::{GatewayProtocol, ServerTls, State},
-    telemetry::TcpLabels,
 };
 
 /// What one port should be: compared on each reconcile, a change reopens it.
@@ -339,218 +325,12 @@ fn open(ctx: &Arc<Inputs>, state: &State, plan: &PortPlan) -> std::io::Result<Se
     Ok(tx)
 }
 
-async fn handle(
-    ctx: &Arc<Inputs>,
-    stream: TcpStream,
-    peer: SocketAddr,
-    protocol: GatewayProtocol,
-    gateways: Arc<[String]>,
-    acceptor: Option<Arc<TlsServers>>,
-    handshake: Option<Handshake>,
-) {
-    let _ = stream.set_nodelay(true);
-    let Ok(SocketAddr::V4(local)) = stream.local_addr() else { return };
-    match (protocol, acceptor) {
-        (GatewayProtocol::Https, Some(servers)) => {
-            // The ClientHello first: its SNI picks the server's settings.
-            let accept = async {
-                let lazy = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream);
-                let start = lazy.await?;
-                let Some((config, server)) = servers.choose(start.client_hello().server_name()) else {
-                    return Err(std::io::Error::other("no HTTPS server on this port"));
-                };
-                Ok((start.into_stream(config).await?, server))
-            };
-            let (tls, server) = match tokio::time::timeout(ctx.limits.handshake_timeout, accept).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => return tracing::info!(%peer, error = %e, "gateway TLS handshake failed"),
-                Err(_) => return tracing::info!(%peer, "gateway TLS handshake timed out"),
-            };
-            drop(handshake);
-            let session = tls.get_ref().1;
-            let h2 = session.alpn_protocol() == Some(b"h2");
-            let handling = if h2 { Handling::Http2 } else { Handling::Http1 };
-            let mut down = downstream(peer, local, gateways);
-            down.client_cert = tls::forwarded_client_cert(session);
-            down.server = Some(server);
-            serve(ctx.clone(), tls, down, handling).await;
-        }
-        (GatewayProtocol::Tcp, _) => {
-            let state = ctx.state();
-            let found =
-                crate::routing::http::route_gateway_tcp(&state, &gateways, local, ctx.next_pick(), ctx.next_random());
-            serve_tcp(ctx, stream, peer, local, found).await
-        }
-        (GatewayProtocol::Tls, _) => {
-            let Some(sni) = peek_sni(&stream, ctx.limits.handshake_timeout).await else {
-                tracing::info!(%peer, %local, "gateway: no TLS server name from the client");
-                return fail(ctx, &stream, peer, None, ProxyError::NotLocal(local));
-            };
-            let state = ctx.state();
-            let (pick, random) = (ctx.next_pick(), ctx.next_random());
-            let found = crate::routing::http::route_gateway_tls(&state, &gateways, local, &sni, pick, random);
-            serve_tcp(ctx, stream, peer, local, found).await
-        }
-        _ => {
-            let handling = match outbound::sniff_client(&stream, ctx.protocol_detection_timeout).await {
-                Handling::Http2 => Handling::Http2,
-                _ => Handling::Http1,
-            };
-            serve(ctx.clone(), stream, downstream(peer, local, gateways), handling).await;
-        }
-    }
-}
-
-fn downstream(peer: SocketAddr, local: SocketAddrV4, gateways: Arc<[String]>) -> Downstream {
-    let peer_ip = match peer.ip() {
-        IpAddr::V4(ip) => ip,
-        IpAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
-    };
-    let first_pick = usize::MAX.into();
-    let gateways = Some(gateways);
-    Downstream { peer, peer_ip, orig: local, source: None, gateways, server: None, first_pick, client_cert: None }
-}
-
-/// The server name in the client's ClientHello, read without consuming it
-/// (the bytes go upstream untouched).
-async fn peek_sni(stream: &TcpStream, timeout: Duration) -> Option<String> {
-    let mut buf = vec![0u8; 16 * 1024];
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        let n = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
-            Ok(Ok(n)) if n > 0 => n,
-            _ => return None,
-        };
-        match sni(&buf[..n]) {
-            Sni::Found(name) => return Some(name.to_ascii_lowercase()),
-            Sni::NeedMore if n < buf.len() => {
-                // Wait for more bytes without spinning: forget the readiness
-                // this peek saw, then wait for the next arrival.
-                let _ = stream
-                    .try_io(tokio::io::Interest::READABLE, || Err::<(), _>(std::io::ErrorKind::WouldBlock.into()));
-                tokio::time::timeout_at(deadline, stream.readable()).await.ok()?.ok()?;
-            }
-            _ => return None,
-        }
-    }
-}
-
-/// A TCP or TLS-passthrough server: where the first matching rule sends the
-/// connection (`found`), bytes copied both ways.
-async fn serve_tcp(
-    ctx: &Arc<Inputs>,
-    client: TcpStream,
-    peer: SocketAddr,
-    local: SocketAddrV4,
-    found: Option<(Route, String)>,
-) {
-    let state = ctx.state();
-    let Some((route, gw)) = found else {
-        let err = ProxyError::NotLocal(local);
-        tracing::info!(%peer, %local, "gateway: no tcp/tls route for this connection");
-        return fail(ctx, &client, peer, None, err);
-    };
-    let source = state.gateway(&gw).map(|g| g.workload.clone());
-    let (dest, addr, mut labels) = match route {
-        Route::Service { service, endpoint, addr, .. } => {
-            let labels = TcpLabels::new(source.as_deref(), Some(&endpoint), Some(&service), false);
-            (Some(endpoint), addr, labels)
-        }
-        Route::Refused { service, reason } => {
-            let labels = TcpLabels::new(source.as_deref(), None, Some(&service), false);
-            let err = ProxyError::Refused { service: service.key.clone(), reason };
-            return fail(ctx, &client, peer, Some(labels), err);
-        }
-        Route::Workload { addr, .. } | Route::Passthrough { addr } | Route::BlackHole { addr } => {
-            let labels = TcpLabels::black_hole(source.as_deref());
-            return fail(ctx, &client, peer, Some(labels), ProxyError::BlackHole(addr));
-        }
-    };
-    match outbound::open::open_upstream(ctx, &state, source.as_ref(), peer, dest.as_ref(), addr, ctx.connect_timeout)
-        .await
-    {
-        Ok(opened) => {
-            drop(state);
-            if opened.mtls {
-                labels.connection_security_policy = "mutual_tls";
-            }
-            let meters = ConnMeters::open(&ctx.metrics, &labels);
-            pump(ctx, client, opened.io, meters, addr, opened.guard, |c, u| {
-                reset(c);
-                u.reset();
-            })
-            .await;
-        }
-        Err(e) => fail(ctx, &client, peer, Some(labels), e),
-    }
-}
-
-/// Serves a stream that reached this node's gateway over HBONE (the second
-/// hop of the egress-gateway pattern): as if it had been accepted on the port.
-pub async fn serve_tunneled<I>(
-    ctx: Arc<Inputs>,
-    io: I,
-    peer: SocketAddr,
-    target: SocketAddrV4,
-    gateways: Arc<[String]>,
-    protocol: GatewayProtocol,
-) where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    if !matches!(protocol, GatewayProtocol::Http | GatewayProtocol::Http2) {
-        return tracing::warn!(%peer, %target, ?protocol, "HBONE to a gateway port that is not plain HTTP: not served");
-    }
-    // The source agent speaks its client's HTTP version: look at the first bytes.
-    let mut io = io;
-    let mut first = vec![0u8; 3];
-    let mut got = 0;
-    while got < first.len() {
-        match tokio::time::timeout(ctx.protocol_detection_timeout * 10, io.read(&mut first[got..])).await {
-            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return,
-            Ok(Ok(n)) => got += n,
-        }
-    }
-    let handling = if first == b"PRI" { Handling::Http2 } else { Handling::Http1 };
-    let io = Prefixed { prefix: first, at: 0, io };
-    serve(ctx, io, downstream(peer, target, gateways), handling).await;
-}
-
-/// A stream with bytes already read put back in front.
-struct Prefixed<I> {
-    prefix: Vec<u8>,
-    at: usize,
-    io: I,
-}
-
-impl<I: AsyncRead + Unpin> AsyncRead for Prefixed<I> {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut TaskContext<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        if this.at < this.prefix.len() {
-            let n = (this.prefix.len() - this.at).min(buf.remaining());
-            buf.put_slice(&this.prefix[this.at..this.at + n]);
-            this.at += n;
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut this.io).poll_read(cx, buf)
-    }
-}
-
-impl<I: AsyncWrite + Unpin> AsyncWrite for Prefixed<I> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut TaskContext<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
-    }
-}
-
+mod serve;
 #[cfg(test)]
 mod tests;
 mod tls;
+
+use serve::handle;
+pub use serve::serve_tunneled;
 
 use tls::{TlsServers, tls_acceptor};
