@@ -23,6 +23,7 @@ use crate::{
 };
 
 mod admin;
+pub mod handover;
 mod source;
 
 pub use source::ConfigSource;
@@ -245,21 +246,48 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
     ctx.inputs.metrics.config_loads.get_or_create(&ResultLabels { result: "success" }).inc();
     ctx.record_rejected(&loaded.rejected);
 
-    let bind_capture = |what, port| {
-        crate::proxy::bind_capture(port).map_err(|source| RunError::Bind {
+    // An agent already running on the node hands its listening sockets
+    // over (an upgrade): each keeps its accept queue, no SYN is refused.
+    let handover_path = handover::path(&cfg.identity.state_dir);
+    let path = handover_path.clone();
+    let mut inherited = match tokio::task::spawn_blocking(move || handover::take_over(&path)).await {
+        Ok(Ok(Some(i))) => {
+            tracing::info!(sockets = ?i.names(), "taking over from the agent running on this node");
+            Some(i)
+        }
+        Ok(Ok(None)) => None,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, path = %handover_path.display(), "handover from the running agent failed; binding anew");
+            None
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "handover task failed; binding anew");
+            None
+        }
+    };
+    let mut listen = |name: &str,
+                      what: &'static str,
+                      addr: SocketAddr,
+                      bind: &dyn Fn() -> std::io::Result<std::net::TcpListener>| {
+        let listener = match inherited.as_mut().and_then(|i| i.take(name, addr)) {
+            Some(l) => Ok(l),
+            None => bind(),
+        };
+        listener.and_then(tokio::net::TcpListener::from_std).map_err(|source| RunError::Bind {
             what,
-            addr: format!("127.0.0.1:{port}"),
+            addr: addr.to_string(),
             source,
         })
     };
-    let outbound = bind_capture("the outbound listener", mesh_common::OUTBOUND_PORT)?;
-    let inbound = bind_capture("the inbound plaintext listener", mesh_common::INBOUND_PORT)?;
-    let hbone_addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, mesh_common::HBONE_PORT));
-    let hbone = tokio::net::TcpListener::bind(hbone_addr).await.map_err(|source| RunError::Bind {
-        what: "the HBONE listener",
-        addr: hbone_addr.to_string(),
-        source,
+    let capture_addr = |port| SocketAddr::from((Ipv4Addr::from(mesh_common::OUTBOUND_ADDR), port));
+    let (out_port, in_port) = (mesh_common::OUTBOUND_PORT, mesh_common::INBOUND_PORT);
+    let outbound =
+        listen("outbound", "the outbound listener", capture_addr(out_port), &|| crate::proxy::bind_capture(out_port))?;
+    let inbound = listen("inbound", "the inbound plaintext listener", capture_addr(in_port), &|| {
+        crate::proxy::bind_capture(in_port)
     })?;
+    let hbone_addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, mesh_common::HBONE_PORT));
+    let hbone = listen("hbone", "the HBONE listener", hbone_addr, &|| bind_tcp(hbone_addr))?;
     let certs = &ctx.inputs.certs;
     let tls = crate::identity::tls::server_config(certs.roots(), certs.clone(), true, &[b"h2"])?;
     let sockets = Sockets { outbound, inbound, hbone, hbone_tls: tokio_rustls::TlsAcceptor::from(Arc::new(tls)) };
@@ -271,24 +299,39 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
     ];
     for (surface, what, addr) in surfaces {
         let Some(addr) = addr else { continue };
-        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| RunError::Bind {
-            what,
-            addr: addr.to_string(),
-            source,
-        })?;
-        admin.push((surface, listener));
+        admin.push((surface, listen(surface.name(), what, addr, &|| bind_tcp(addr))?));
     }
     let mut capture = Capture::start(cfg.host_cgroup.as_deref(), cfg.kubelet_cgroup.as_deref(), &cfg.bpffs).await?;
     if let Some(orig) = capture.take_host_orig() {
         let _ = ctx.inputs.host_orig.set(orig);
     }
-    let result = serve(&cfg, &ctx, sockets, admin, &mut capture, &mut source).await;
+    let handover = Handover { path: handover_path, inherited };
+    let result = serve(&cfg, &ctx, sockets, admin, handover, &mut capture, &mut source).await;
     // Whatever happened: capture stays pinned (fail closed) unless the mesh
     // is leaving the node.
     let cleanup = capture.shutdown(cfg.uninstall_on_exit).await;
     result?;
     cleanup?;
     Ok(())
+}
+
+/// Binds a listening socket as the admin surfaces and HBONE do (Tokio's
+/// settings: `SO_REUSEADDR`, a backlog of 1024).
+fn bind_tcp(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
+}
+
+/// The handover's two ends for this agent: the sockets it took from the
+/// agent it replaces (told `ready` once this one accepts), and where it
+/// offers its own to the next.
+struct Handover {
+    path: std::path::PathBuf,
+    inherited: Option<handover::Inherited>,
 }
 
 /// The data path's bound sockets (15001, 15006, 15008) and the HBONE server's TLS settings.
@@ -339,6 +382,7 @@ async fn serve(
     ctx: &Arc<Context>,
     sockets: Sockets,
     admin: Vec<(admin::Surface, tokio::net::TcpListener)>,
+    handover: Handover,
     capture: &mut Capture,
     source: &mut Source,
 ) -> Result<(), RunError> {
@@ -352,6 +396,7 @@ async fn serve(
     let certs_task = tokio::spawn(sync_certificates(inputs.clone(), every));
     let (stop_tx, stop_rx) = watch::channel(false);
     let Sockets { outbound, inbound, hbone, hbone_tls } = sockets;
+    let offered = offered(&outbound, &inbound, &hbone, &admin);
     use crate::proxy::Direction;
     let mut gateways = crate::proxy::gateway::Listeners::default();
     ctx.reconcile_gateways(&mut gateways);
@@ -361,11 +406,34 @@ async fn serve(
         tokio::spawn(crate::proxy::serve(inputs.clone(), inbound, Direction::Inbound, stop_rx.clone())),
         tokio::spawn(crate::proxy::inbound::hbone::serve(inputs.clone(), hbone, hbone_tls, hop, stop_rx)),
     ];
-    for (surface, listener) in admin {
-        tokio::spawn(admin::serve(ctx.clone(), listener, surface));
-    }
+    let admin_tasks: Vec<_> = admin
+        .into_iter()
+        .map(|(surface, listener)| tokio::spawn(admin::serve(ctx.clone(), listener, surface)))
+        .collect();
     ctx.ready.store(true, Ordering::Release);
     tracing::info!(node = %cfg.node, admin = %cfg.admin_addr, pods = capture.attached().len(), "mesh-agent ready");
+    if let Some(inherited) = handover.inherited {
+        match tokio::task::spawn_blocking(move || inherited.ready()).await {
+            Ok(Ok(())) => tracing::info!("took over: the previous agent stops accepting and drains"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "the previous agent did not hear that this one is ready"),
+            Err(e) => tracing::warn!(error = %e, "handover task failed"),
+        }
+    }
+    // Offered to the next agent only now: until this one accepts, the
+    // previous one's offer is the node's.
+    let offer = match offered.and_then(|sockets| handover::Offer::bind(&handover.path, sockets)) {
+        Ok(o) => Some(o),
+        Err(e) => {
+            tracing::warn!(error = %e, path = %handover.path.display(), "cannot offer the sockets for a handover; an upgrade will refuse connections");
+            None
+        }
+    };
+    let mut handed_over = std::pin::pin!(async {
+        match &offer {
+            Some(o) => o.handed_over().await,
+            None => std::future::pending().await,
+        }
+    });
 
     let mut sigterm =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(CaptureError::Io)?;
@@ -374,6 +442,15 @@ async fn serve(
         tokio::select! {
             _ = sigterm.recv() => { tracing::info!("SIGTERM: draining"); break }
             _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: draining"); break }
+            () = &mut handed_over => {
+                // The replacement accepts on these sockets now; the admin
+                // surfaces are its too (the kubelet asks it about readiness).
+                tracing::info!("handed over to the new agent: draining");
+                for t in &admin_tasks {
+                    t.abort();
+                }
+                break;
+            }
             loaded = source.next_model() => {
                 apply(ctx, Ok(loaded));
                 ctx.reconcile_gateways(&mut gateways);
@@ -403,6 +480,24 @@ async fn serve(
     certs_task.abort();
     drain(&inputs.active, cfg.drain_timeout).await;
     Ok(())
+}
+
+/// Duplicates of the listeners' descriptors, offered to the next agent.
+fn offered(
+    outbound: &tokio::net::TcpListener,
+    inbound: &tokio::net::TcpListener,
+    hbone: &tokio::net::TcpListener,
+    admin: &[(admin::Surface, tokio::net::TcpListener)],
+) -> std::io::Result<Vec<(String, std::os::fd::OwnedFd)>> {
+    let mut out = vec![
+        handover::offered("outbound", outbound)?,
+        handover::offered("inbound", inbound)?,
+        handover::offered("hbone", hbone)?,
+    ];
+    for (surface, listener) in admin {
+        out.push(handover::offered(surface.name(), listener)?);
+    }
+    Ok(out)
 }
 
 /// Applies a new model (or records why there is none).

@@ -79,7 +79,7 @@ pub enum ProxyError {
 
 /// Binds a capture listener on loopback (`port` 15001 or 15006), IP_TRANSPARENT
 /// so that it may accept connections addressed to any destination.
-pub fn bind_capture(port: u16) -> io::Result<TcpListener> {
+pub fn bind_capture(port: u16) -> io::Result<std::net::TcpListener> {
     let addr = SocketAddrV4::new(Ipv4Addr::from(mesh_common::OUTBOUND_ADDR), port);
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
     socket.set_reuse_address(true)?;
@@ -90,7 +90,7 @@ pub fn bind_capture(port: u16) -> io::Result<TcpListener> {
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(4096)?;
-    TcpListener::from_std(socket.into())
+    Ok(socket.into())
 }
 
 /// Which captured listener a connection came through.

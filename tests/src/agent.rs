@@ -36,6 +36,9 @@ pub fn binary() -> PathBuf {
 enum Source<'a> {
     /// YAML, written to the agent's config directory.
     Files(&'a str),
+    /// The config directory as it is (a replacement reads what its
+    /// predecessor reads).
+    Written,
     /// The API server a kubeconfig names.
     Kubernetes(&'a std::path::Path),
 }
@@ -45,6 +48,8 @@ pub struct Agent {
     node_ns: String,
     pub dir: PathBuf,
     pub log: PathBuf,
+    /// Removes `dir` when dropped (not once a replacement shares it).
+    owns_dir: bool,
 }
 
 impl Agent {
@@ -57,26 +62,73 @@ impl Agent {
     /// Starts the agent on node `node` with extra arguments (without
     /// `--ca-addr`, the CA is embedded, in a directory of its own).
     pub fn start_on(cluster: &Cluster, node: usize, config: &str, extra: &[String]) -> Self {
-        Self::launch(cluster, node, Source::Files(config), extra)
+        Self::launch(cluster, node, Source::Files(config), extra, "agent.log")
+    }
+
+    /// Starts another agent on this one's node with the same state and
+    /// configuration directories, as a rolling upgrade does, and waits until
+    /// it says it took the sockets over (this one then stops accepting,
+    /// drains and exits by itself; see [`Agent::wait_exit`]).
+    pub fn replace(&mut self, cluster: &Cluster, node: usize, extra: &[String]) -> Agent {
+        self.owns_dir = false;
+        let n = (1..).find(|n| !self.dir.join(format!("agent-{n}.log")).exists()).unwrap();
+        let mut next = Self::spawn(cluster, node, Source::Written, extra, &format!("agent-{n}.log"));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !next.log_text().contains("took over") {
+            if let Some(status) = next.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
+                panic!("the replacement exited with {status}:\n{}", next.log_text());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no handover after 30s:\n{}\nold:\n{}",
+                next.log_text(),
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        next
+    }
+
+    /// Waits (up to `secs`) for the agent to exit on its own.
+    pub fn wait_exit(&mut self, secs: u64) -> ExitStatus {
+        let mut child = self.child.take().expect("agent running");
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("mesh-agent did not exit within {secs}s:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Starts the agent on node `node` with `--kubernetes`, reading the API
     /// server `kubeconfig` names, and waits for `/ready`.
     pub fn start_kubernetes(cluster: &Cluster, node: usize, kubeconfig: &std::path::Path, extra: &[String]) -> Self {
-        Self::launch(cluster, node, Source::Kubernetes(kubeconfig), extra)
+        Self::launch(cluster, node, Source::Kubernetes(kubeconfig), extra, "agent.log")
     }
 
-    fn launch(cluster: &Cluster, node: usize, source: Source<'_>, extra: &[String]) -> Self {
+    fn launch(cluster: &Cluster, node: usize, source: Source<'_>, extra: &[String], log: &str) -> Self {
+        let mut agent = Self::spawn(cluster, node, source, extra, log);
+        agent.wait_ready();
+        agent
+    }
+
+    fn spawn(cluster: &Cluster, node: usize, source: Source<'_>, extra: &[String], log: &str) -> Self {
         let node = &cluster.nodes[node];
         let dir = std::env::temp_dir().join(format!("mesh-test-{}-{}", cluster.id, node.name));
         std::fs::create_dir_all(&dir).unwrap();
-        let log = dir.join("agent.log");
-        let mut agent = Self { child: None, node_ns: node.ns.clone(), dir, log };
+        let log = dir.join(log);
+        let mut agent = Self { child: None, node_ns: node.ns.clone(), dir, log, owns_dir: true };
         let (source_args, kubeconfig): (Vec<std::ffi::OsString>, _) = match source {
             Source::Files(config) => {
                 agent.write_config(config);
                 (vec!["--config".into(), agent.dir.join("config").into()], None)
             }
+            Source::Written => (vec!["--config".into(), agent.dir.join("config").into()], None),
             Source::Kubernetes(kubeconfig) => (vec!["--kubernetes".into()], Some(kubeconfig)),
         };
         let stderr = std::fs::File::create(&agent.log).unwrap();
@@ -111,7 +163,6 @@ impl Agent {
             .spawn()
             .unwrap();
         agent.child = Some(child);
-        agent.wait_ready();
         agent
     }
 
@@ -220,7 +271,9 @@ impl Drop for Agent {
         if std::thread::panicking() {
             eprintln!("--- mesh-agent log ({}) ---\n{}", self.log.display(), self.log_text());
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if self.owns_dir {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 

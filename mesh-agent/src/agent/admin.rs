@@ -29,6 +29,17 @@ pub enum Surface {
     Readiness,
 }
 
+impl Surface {
+    /// Its socket's name in a handover.
+    pub fn name(self) -> &'static str {
+        match self {
+            Surface::Admin => "admin",
+            Surface::Stats => "stats",
+            Surface::Readiness => "readiness",
+        }
+    }
+}
+
 /// Serves until the process exits (it stays up during drain so `/ready` can
 /// report 503 and metrics stay scrapeable).
 pub async fn serve(ctx: Arc<Context>, listener: TcpListener, surface: Surface) {

@@ -1,0 +1,279 @@
+//! Handing the listening sockets from a running agent to its replacement, so
+//! that an upgrade refuses no connection (ztunnel cannot: istio/istio#51126).
+//!
+//! The running agent offers its listeners on a unix socket in the node's
+//! state directory (`<state dir>/handover.sock`). A starting agent that finds
+//! one answering asks for them: it receives the same sockets (`SCM_RIGHTS`,
+//! duplicates of the old agent's descriptors, so each keeps its accept
+//! queue), starts accepting on them, and says `ready`. Only then does the old
+//! agent stop accepting; it keeps serving what it has open and exits when
+//! its connections end or the drain timeout passes. At every moment one of
+//! the two accepts on each socket: no SYN meets a closed listener.
+//!
+//! The exchange, on one unix stream connection:
+//!
+//! 1. old → new: a JSON [`Manifest`] naming the sockets, with their
+//!    descriptors attached in that order;
+//! 2. new → old: `ready\n` once it accepts on them (or nothing, if it failed:
+//!    the old agent then goes on as if no one had asked).
+use std::{
+    io::{self, BufRead as _, IoSlice, IoSliceMut, Write as _},
+    net::SocketAddr,
+    os::{
+        fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
+        unix::net::UnixStream,
+    },
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
+use serde::{Deserialize, Serialize};
+
+/// The most sockets one handover carries (the data path's three, the
+/// admin surfaces, gateway ports).
+const MAX_SOCKETS: usize = 64;
+/// How long the old agent waits for its replacement to say `ready`: it is
+/// loading its configuration, capture and certificates meanwhile.
+const READY_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// What the old agent sends before the descriptors.
+#[derive(Debug, Serialize, Deserialize)]
+struct Manifest {
+    version: u32,
+    /// The sockets' names (`outbound`, `hbone`, `admin`, …), in the order
+    /// of the descriptors.
+    sockets: Vec<String>,
+}
+
+/// The handover socket's path in a state directory.
+pub fn path(state_dir: &Path) -> PathBuf {
+    state_dir.join("handover.sock")
+}
+
+/// Sockets received from a running agent, taken one by one by name; what is
+/// not taken is closed on drop (the old agent still holds its copy).
+pub struct Inherited {
+    sockets: Vec<(String, OwnedFd)>,
+    peer: UnixStream,
+}
+
+impl std::fmt::Debug for Inherited {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inherited").field("sockets", &self.names()).finish()
+    }
+}
+
+/// Asks the agent running on this node (if any) for its sockets. `Ok(None)`:
+/// no agent answers at `path` (none runs, or one that died left the file).
+pub fn take_over(path: &Path) -> io::Result<Option<Inherited>> {
+    let peer = match UnixStream::connect(path) {
+        Ok(s) => s,
+        Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    peer.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let (manifest, fds) = receive(&peer)?;
+    if manifest.version != 1 || manifest.sockets.len() != fds.len() {
+        return Err(io::Error::other(format!(
+            "handover: manifest version {} names {} sockets, {} received",
+            manifest.version,
+            manifest.sockets.len(),
+            fds.len()
+        )));
+    }
+    Ok(Some(Inherited { sockets: manifest.sockets.into_iter().zip(fds).collect(), peer }))
+}
+
+impl Inherited {
+    /// The names received.
+    pub fn names(&self) -> Vec<&str> {
+        self.sockets.iter().map(|(n, _)| n.as_str()).collect()
+    }
+
+    /// The listening socket named `name`, if it was received and is bound to
+    /// `want` (an agent whose address changed binds a new one instead).
+    pub fn take(&mut self, name: &str, want: SocketAddr) -> Option<std::net::TcpListener> {
+        let at = self.sockets.iter().position(|(n, fd)| n == name && local_addr(fd).is_some_and(|a| a == want))?;
+        let (_, fd) = self.sockets.remove(at);
+        let listener = std::net::TcpListener::from(fd);
+        listener.set_nonblocking(true).ok()?;
+        Some(listener)
+    }
+
+    /// Tells the old agent to stop accepting: this one accepts on every
+    /// socket it took.
+    pub fn ready(mut self) -> io::Result<()> {
+        self.peer.write_all(b"ready\n")
+    }
+}
+
+/// A duplicate of a listener's descriptor, to offer: the listener itself
+/// goes on to its accept loop.
+pub fn offered(name: &str, listener: &impl std::os::fd::AsFd) -> io::Result<(String, OwnedFd)> {
+    Ok((name.to_owned(), listener.as_fd().try_clone_to_owned()?))
+}
+
+fn local_addr(fd: &OwnedFd) -> Option<SocketAddr> {
+    socket2::SockRef::from(fd).local_addr().ok()?.as_socket()
+}
+
+/// The running agent's side: its listeners, offered to a replacement.
+pub struct Offer {
+    listener: tokio::net::UnixListener,
+    sockets: Vec<(String, OwnedFd)>,
+}
+
+impl Offer {
+    /// Listens at `path` (replacing the file an earlier agent left: a
+    /// replacement binds a new one there once it took over), offering
+    /// `sockets` (duplicates of the listeners' descriptors, see [`offered`]).
+    pub fn bind(path: &Path, sockets: Vec<(String, OwnedFd)>) -> io::Result<Offer> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        match std::fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        let listener = tokio::net::UnixListener::bind(path)?;
+        Ok(Offer { listener, sockets })
+    }
+
+    /// Waits for a replacement, gives it the sockets and returns once it
+    /// accepts on them. A replacement that fails midway is logged, and the
+    /// next one is waited for.
+    pub async fn handed_over(&self) {
+        loop {
+            let stream = match self.listener.accept().await {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "handover: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let sockets: io::Result<Vec<(String, OwnedFd)>> =
+                self.sockets.iter().map(|(n, fd)| Ok((n.clone(), fd.try_clone()?))).collect();
+            let exchange = sockets.and_then(|sockets| {
+                let stream = stream.into_std()?;
+                stream.set_nonblocking(false)?;
+                Ok((stream, sockets))
+            });
+            let (stream, sockets) = match exchange {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::warn!(error = %e, "handover: cannot offer the sockets");
+                    continue;
+                }
+            };
+            let given = tokio::task::spawn_blocking(move || give(&stream, &sockets)).await;
+            match given {
+                Ok(Ok(())) => return,
+                Ok(Err(e)) => tracing::warn!(error = %e, "handover: the replacement did not take over; serving on"),
+                Err(e) => tracing::warn!(error = %e, "handover: exchange task failed; serving on"),
+            }
+        }
+    }
+}
+
+/// Sends the manifest and descriptors, then waits for `ready`.
+fn give(stream: &UnixStream, sockets: &[(String, OwnedFd)]) -> io::Result<()> {
+    let manifest = Manifest { version: 1, sockets: sockets.iter().map(|(n, _)| n.clone()).collect() };
+    let body = serde_json::to_vec(&manifest).map_err(io::Error::other)?;
+    let fds: Vec<RawFd> = sockets.iter().map(|(_, fd)| fd.as_raw_fd()).collect();
+    let len = u32::try_from(body.len()).map_err(io::Error::other)?.to_be_bytes();
+    let iov = [IoSlice::new(&len), IoSlice::new(&body)];
+    let cmsg = [ControlMessage::ScmRights(&fds)];
+    let sent = sendmsg::<()>(stream.as_raw_fd(), &iov, &cmsg, MsgFlags::empty(), None)?;
+    if sent != len.len() + body.len() {
+        return Err(io::Error::other("handover: manifest sent in part"));
+    }
+    stream.set_read_timeout(Some(READY_TIMEOUT))?;
+    let mut line = String::new();
+    io::BufReader::new(stream).read_line(&mut line)?;
+    match line.trim() {
+        "ready" => Ok(()),
+        "" => Err(io::Error::other("the replacement closed the handover before it was ready")),
+        other => Err(io::Error::other(format!("unexpected handover answer {other:?}"))),
+    }
+}
+
+/// Receives the manifest and the descriptors sent with it.
+fn receive(stream: &UnixStream) -> io::Result<(Manifest, Vec<OwnedFd>)> {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut space = nix::cmsg_space!([RawFd; MAX_SOCKETS]);
+    let (n, fds) = {
+        let mut iov = [IoSliceMut::new(&mut buf)];
+        let msg = recvmsg::<()>(stream.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)?;
+        let mut fds = Vec::new();
+        for c in msg.cmsgs()? {
+            if let ControlMessageOwned::ScmRights(received) = c {
+                // SAFETY: the kernel installed these descriptors in this
+                // process for this message; nothing else owns them.
+                fds.extend(received.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+            }
+        }
+        if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
+            return Err(io::Error::other("handover: more sockets than this agent takes"));
+        }
+        (msg.bytes, fds)
+    };
+    let Some((len, rest)) = buf[..n].split_first_chunk::<4>() else {
+        return Err(io::Error::other("handover: short manifest"));
+    };
+    let len = u32::from_be_bytes(*len) as usize;
+    let body = rest.get(..len).ok_or_else(|| io::Error::other("handover: manifest cut short"))?;
+    let manifest = serde_json::from_slice(body).map_err(|e| io::Error::other(format!("handover manifest: {e}")))?;
+    Ok((manifest, fds))
+}
+
+#[cfg(test)]
+#[expect(clippy::unwrap_used, reason = "tests")]
+mod tests {
+    use std::{
+        io::{Read as _, Write as _},
+        net::TcpStream,
+    };
+
+    use super::{Offer, offered, path, take_over};
+
+    /// Two "agents" in one process: the old one's listener keeps its queue
+    /// across the handover, and a connection made before it is accepted by
+    /// the new one.
+    #[tokio::test]
+    async fn a_replacement_takes_the_same_listening_socket_and_the_old_one_learns_when() {
+        let dir = std::env::temp_dir().join(format!("handover-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let at = path(&dir);
+        assert!(take_over(&at).unwrap().is_none(), "no agent runs yet");
+
+        let old = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = old.local_addr().unwrap();
+        let offer = Offer::bind(&at, vec![offered("outbound", &old).unwrap()]).unwrap();
+        let handed = tokio::spawn(async move { offer.handed_over().await });
+
+        // A client connects while the handover is under way: it waits in the queue.
+        let mut early = TcpStream::connect(addr).unwrap();
+        let at2 = at.clone();
+        let mut inherited = tokio::task::spawn_blocking(move || take_over(&at2)).await.unwrap().unwrap().unwrap();
+        assert_eq!(inherited.names(), ["outbound"]);
+        let wrong = "127.0.0.1:1".parse().unwrap();
+        assert!(inherited.take("outbound", wrong).is_none(), "a socket bound elsewhere is not taken");
+        let new = inherited.take("outbound", addr).expect("the same socket");
+        assert!(!handed.is_finished(), "the old agent keeps accepting until the new one is ready");
+        inherited.ready().unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(5), handed).await.unwrap().unwrap();
+        drop(old);
+
+        new.set_nonblocking(false).unwrap();
+        let (mut conn, _) = new.accept().unwrap();
+        early.write_all(b"hi").unwrap();
+        early.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut got = String::new();
+        conn.read_to_string(&mut got).unwrap();
+        assert_eq!(got, "hi");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,168 @@
+//! Upgrading the agent in place (root): a second agent started on the node
+//! takes the running one's listening sockets over, so a client making a new
+//! connection every few milliseconds sees no refusal across three
+//! replacements (none refused, none slowed by a SYN retry), and a stream
+//! opened before a replacement keeps working until the old agent's drain
+//! timeout. A stop-then-start, as a DaemonSet without surge does, is the
+//! control: the same load sees its gap.
+#![expect(clippy::unwrap_used, reason = "tests")]
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, TcpStream},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use mesh_tests::{
+    Agent,
+    agent::{metric, rss_mib},
+    fixture::{Fixture, PodSpec, Port},
+    require_root, servers,
+};
+
+const VIP: [u8; 4] = [10, 96, 0, 10];
+
+/// Slower than this, a request's SYN went unanswered once (Linux retries after 1 s).
+const SYN_RETRY: Duration = Duration::from_millis(900);
+
+/// `test` calling helloworld (HTTP on 9095, echo on 7000) through the Service.
+fn cluster() -> Fixture {
+    let mut c = Fixture::one_node();
+    let hello = PodSpec { ports: &[("http", 9095), ("echo", 7000)], ..PodSpec::app("demo", &[("app", "helloworld")]) };
+    c.add_pod(0, "test", Ipv4Addr::new(10, 244, 0, 2), PodSpec::app("demo", &[("app", "test")]))
+        .add_pod(0, "helloworld", Ipv4Addr::new(10, 244, 0, 3), hello)
+        .service(
+            "demo",
+            "helloworld",
+            "10.96.0.10",
+            &[("app", "helloworld")],
+            &[Port { name: "http", port: 9095, target: None }, Port { name: "tcp-echo", port: 7000, target: None }],
+        );
+    servers::http_hello(c.pod("helloworld"), 9095);
+    servers::echo(c.pod("helloworld"), 7000);
+    c
+}
+
+/// One request on a new connection: `Ok` when helloworld answered 200.
+fn request() -> Result<(), String> {
+    let addr = SocketAddr::from((VIP, 9095));
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: helloworld\r\nConnection: close\r\n\r\n")
+        .map_err(|e| format!("write: {e}"))?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).map_err(|e| format!("read: {e}"))?;
+    match out.starts_with("HTTP/1.1 200") {
+        true => Ok(()),
+        false => Err(format!("answer: {:?}", out.lines().next().unwrap_or_default())),
+    }
+}
+
+/// An echo round trip on an open stream.
+fn echo(s: &mut TcpStream, what: &str) -> std::io::Result<String> {
+    s.write_all(what.as_bytes())?;
+    let mut buf = vec![0u8; what.len()];
+    s.read_exact(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf).into_owned())
+}
+
+#[test]
+fn three_replacements_refuse_no_connection_and_open_streams_drain() {
+    if !require_root("three_replacements_refuse_no_connection_and_open_streams_drain") {
+        return;
+    }
+    let c = cluster();
+    let mut a = Agent::start(&c, &c.yaml(""));
+    assert_eq!(c.pod("test").run(request), Ok(()), "{}", a.log_text());
+
+    // New connections, one every 5 ms, for the whole test.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (done, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(std::sync::Mutex::new(Vec::new())));
+    let load = {
+        let (stop, done, failed) = (stop.clone(), done.clone(), failed.clone());
+        c.pod("test").spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let at = Instant::now();
+                match request() {
+                    // A SYN that met no listener is retried after 1 s: as
+                    // much a gap as a refusal.
+                    Ok(()) if at.elapsed() >= SYN_RETRY => {
+                        failed.lock().unwrap().push(format!("took {:?}", at.elapsed()))
+                    }
+                    Ok(()) => drop(done.fetch_add(1, Ordering::Relaxed)),
+                    Err(e) => failed.lock().unwrap().push(e),
+                };
+                std::thread::sleep(Duration::from_millis(5).saturating_sub(at.elapsed()));
+            }
+        })
+    };
+
+    for round in 1..=3 {
+        // A stream opened through the agent about to be replaced.
+        let mut stream = c.pod("test").run(|| TcpStream::connect(SocketAddr::from((VIP, 7000)))).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        assert_eq!(echo(&mut stream, "before").unwrap(), "before");
+        let before = done.load(Ordering::Relaxed);
+
+        let started = Instant::now();
+        let mut b = a.replace(&c, 0, &[]);
+        let handover = started.elapsed();
+        let both = (rss_mib(a.pid().unwrap()), rss_mib(b.pid().unwrap()));
+        // The old agent drains: the stream it carries still works.
+        assert_eq!(echo(&mut stream, "during").unwrap(), "during", "round {round}:\n{}", a.log_text());
+        let status = a.wait_exit(15);
+        assert!(status.success(), "round {round}: the old agent exited with {status}:\n{}", a.log_text());
+        assert!(a.log_text().contains("handed over"), "{}", a.log_text());
+        // Its drain timeout (2 s) has passed: the stream is closed, not left hanging.
+        let mut buf = [0u8; 8];
+        let closed = stream.write_all(b"after").and_then(|()| stream.read(&mut buf));
+        assert!(matches!(closed, Ok(0) | Err(_)), "round {round}: the stream outlived its agent: {closed:?}");
+
+        // The new agent serves the load on its own.
+        let wait = Instant::now();
+        while done.load(Ordering::Relaxed) < before + 20 {
+            assert!(wait.elapsed() < Duration::from_secs(10), "round {round}: no requests served\n{}", b.log_text());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let served = metric(&b.metrics(), "istio_requests_total", &[("reporter", "source"), ("response_code", "200")]);
+        assert!(served > 0.0, "round {round}: the new agent served no request:\n{}", b.log_text());
+        eprintln!(
+            "round {round}: started to took over {handover:?}; overlap RSS old {:.1} MiB, new {:.1} MiB",
+            both.0, both.1
+        );
+        std::mem::swap(&mut a, &mut b);
+        drop(b);
+    }
+    let replaced = done.load(Ordering::Relaxed);
+    {
+        let failed = failed.lock().unwrap();
+        let n = failed.len();
+        assert!(
+            n == 0,
+            "{n} of {} requests failed across three replacements: {:?}",
+            replaced + n as u64,
+            &failed[..n.min(10)]
+        );
+    }
+    assert!(replaced > 100, "only {replaced} requests made");
+    eprintln!("{replaced} requests across three replacements, none failed");
+
+    // Control: stopping the agent and then starting one (a DaemonSet with
+    // `maxSurge: 0`) leaves a gap, and the same load sees it.
+    let config = c.yaml("");
+    a.stop();
+    let b = Agent::start(&c, &config);
+    let wait = Instant::now();
+    while failed.lock().unwrap().is_empty() && wait.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    stop.store(true, Ordering::Relaxed);
+    load.join().unwrap();
+    let lost = failed.lock().unwrap().len();
+    eprintln!("stop, then start: {lost} requests failed or waited for a SYN retry");
+    assert!(lost > 0, "the load did not see the gap of a stop-then-start:\n{}", b.log_text());
+}
