@@ -2,7 +2,7 @@
 //! that an upgrade refuses no connection (ztunnel cannot: istio/istio#51126).
 //!
 //! The running agent offers its listeners on a unix socket in the node's
-//! state directory (`<state dir>/handover.sock`). A starting agent that finds
+//! state directory (`<state dir>/handover-<netns inode>.sock`). A starting agent that finds
 //! one answering asks for them: it receives the same sockets (`SCM_RIGHTS`,
 //! duplicates of the old agent's descriptors, so each keeps its accept
 //! queue), starts accepting on them, and says `ready`. Only then does the old
@@ -33,9 +33,6 @@ use serde::{Deserialize, Serialize};
 /// The most sockets one handover carries (the data path's three, the
 /// admin surfaces, gateway ports).
 const MAX_SOCKETS: usize = 64;
-/// How long the old agent waits for its replacement to say `ready`: it is
-/// loading its configuration, capture and certificates meanwhile.
-const READY_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// What the old agent sends before the descriptors.
 #[derive(Debug, Serialize, Deserialize)]
@@ -46,9 +43,14 @@ struct Manifest {
     sockets: Vec<String>,
 }
 
-/// The handover socket's path in a state directory.
+/// The handover socket's path in a state directory, for this network
+/// namespace: a unix socket's path crosses namespaces, and an agent of
+/// another (a second node in one machine's test, sharing a directory) must
+/// neither find nor replace this node's offer.
 pub fn path(state_dir: &Path) -> PathBuf {
-    state_dir.join("handover.sock")
+    use std::os::unix::fs::MetadataExt as _;
+    let netns = std::fs::metadata("/proc/self/ns/net").map(|m| m.ino()).unwrap_or_default();
+    state_dir.join(format!("handover-{netns}.sock"))
 }
 
 /// Sockets received from a running agent, taken one by one by name; what is
@@ -190,7 +192,9 @@ fn give(stream: &UnixStream, sockets: &[(String, OwnedFd)]) -> io::Result<()> {
     if sent != len.len() + body.len() {
         return Err(io::Error::other("handover: manifest sent in part"));
     }
-    stream.set_read_timeout(Some(READY_TIMEOUT))?;
+    // No deadline: the replacement loads its configuration, capture and
+    // certificates meanwhile, and its exit closes the stream.
+    stream.set_read_timeout(None)?;
     let mut line = String::new();
     io::BufReader::new(stream).read_line(&mut line)?;
     match line.trim() {

@@ -144,11 +144,20 @@ fn local_route(lo: u32) -> RouteMessage {
 /// Installs `fwmark captured/mask lookup PROXY_ROUTE_TABLE` (and the same for
 /// the hand-off mark: the marks of packets assigned to an agent socket, kept
 /// apart so that netfilter can skip handed-back ones) and `local 0.0.0.0/0
-/// dev lo table PROXY_ROUTE_TABLE`, replacing stale copies.
+/// dev lo table PROXY_ROUTE_TABLE`, replacing stale copies. The rules this
+/// run wants are added before any other is removed, and one already in
+/// place is kept: an agent that replaces a running one (an upgrade) leaves
+/// no moment in which captured packets find no rule.
 pub async fn install_proxy_routing(handle: &Handle, lo: u32, marks: &Marks) -> Result<(), NetlinkError> {
-    remove_proxy_rule(handle).await?;
     handle.route().add(local_route(lo)).replace().execute().await.map_err(nl("add local route"))?;
-    for mark in [marks.captured, marks.handoff] {
+    let rules: Vec<RuleMessage> =
+        handle.rule().get(IpVersion::V4).execute().try_collect().await.map_err(nl("list rules"))?;
+    let ours: Vec<RuleMessage> = rules.into_iter().filter(is_ours).collect();
+    let wanted = [marks.captured, marks.handoff].map(|m| (m, marks.mask));
+    for (mark, mask) in wanted {
+        if ours.iter().any(|r| mark_of(r) == Some((mark, mask))) {
+            continue;
+        }
         let mut req = handle
             .rule()
             .add()
@@ -157,10 +166,27 @@ pub async fn install_proxy_routing(handle: &Handle, lo: u32, marks: &Marks) -> R
             .priority(PROXY_RULE_PRIORITY)
             .fw_mark(mark)
             .action(RuleAction::ToTable);
-        req.message_mut().attributes.push(RuleAttribute::FwMask(marks.mask));
+        req.message_mut().attributes.push(RuleAttribute::FwMask(mask));
         req.execute().await.map_err(nl("add rule"))?;
     }
+    for rule in ours.into_iter().filter(|r| mark_of(r).is_none_or(|m| !wanted.contains(&m))) {
+        handle.rule().del(rule).execute().await.map_err(nl("delete rule"))?;
+    }
     Ok(())
+}
+
+/// A rule's `fwmark/mask` (the mask all ones when the rule names none).
+fn mark_of(rule: &RuleMessage) -> Option<(u32, u32)> {
+    let attrs = &rule.attributes;
+    let mark = attrs.iter().find_map(|a| match a {
+        RuleAttribute::FwMark(m) => Some(*m),
+        _ => None,
+    })?;
+    let mask = attrs.iter().find_map(|a| match a {
+        RuleAttribute::FwMask(m) => Some(*m),
+        _ => None,
+    });
+    Some((mark, mask.unwrap_or(u32::MAX)))
 }
 
 /// Removes what [`install_proxy_routing`] added.
