@@ -143,7 +143,17 @@ impl Capture {
         bpffs: &std::path::Path,
     ) -> Result<Self, CaptureError> {
         let pins = pins::Pins::open(bpffs);
-        let mut ebpf = EbpfLoader::new().load(EBPF_OBJECT)?;
+        let mut loader = EbpfLoader::new();
+        // Host clients' original destinations: written by the programs,
+        // read by whichever agent accepts. During a replacement the old
+        // agent still accepts while the new one's programs run, so the maps
+        // are the node's, pinned, not each process's.
+        for name in SHARED_MAPS {
+            if let Some(path) = pins.map_path(name) {
+                loader.map_pin_path(name, path);
+            }
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT)?;
         let netns_cookie = match host_cgroup.map(|_| host::netns_cookie()) {
             Some(Ok(c)) => Some(c),
             Some(Err(e)) => {
@@ -483,6 +493,9 @@ impl Capture {
         Ok(removed)
     }
 }
+
+/// Maps pinned beside the links and reused by the next agent.
+const SHARED_MAPS: [&str; 2] = ["ORIG_BY_COOKIE", "HOST_ORIG"];
 
 fn pin_name(attach: TcAttachType, ifindex: u32) -> String {
     match attach {

@@ -19,7 +19,7 @@ use std::{
 
 use mesh_tests::{
     Agent,
-    agent::{metric, rss_mib},
+    agent::{BpfFs, metric, rss_mib},
     fixture::{Fixture, PodSpec, Port},
     require_root, servers,
 };
@@ -75,9 +75,33 @@ fn three_replacements_refuse_no_connection_and_open_streams_drain() {
     if !require_root("three_replacements_refuse_no_connection_and_open_streams_drain") {
         return;
     }
-    let c = cluster();
-    let mut a = Agent::start(&c, &c.yaml(""));
+    let mut c = cluster();
+    let daemon = c.node_process(0, "daemon");
+    // The host's bpffs, as the DaemonSet's pods share it: each replacement
+    // adopts the pinned capture and the shared maps.
+    let bpf = BpfFs::mount(&c);
+    let mut a = Agent::start_on(&c, 0, &c.yaml(""), &bpf.agent_args());
     assert_eq!(c.pod("test").run(request), Ok(()), "{}", a.log_text());
+
+    // A node process (a host client, captured by cgroup/connect4) calling
+    // the Service in a loop, each call's status and time on a line.
+    let host_log = a.dir.join("host-client.log");
+    let host_stop = a.dir.join("host-client.stop");
+    let script = format!(
+        "while [ ! -e {stop} ]; do curl -s -o /dev/null --max-time 3 -w '%{{http_code}} %{{time_total}}\\n' \
+         http://10.96.0.10:9095/ >> {log}; sleep 0.01; done",
+        stop = host_stop.display(),
+        log = host_log.display()
+    );
+    let first = daemon.cmd(&["curl", "-sS", "--max-time", "3", "http://10.96.0.10:9095/"]);
+    assert!(
+        first.status.success(),
+        "the host client cannot call the Service: {}{}\n{}",
+        String::from_utf8_lossy(&first.stdout),
+        String::from_utf8_lossy(&first.stderr),
+        a.log_text()
+    );
+    let host_load = std::thread::spawn(move || daemon.cmd(&["sh", "-c", &script]));
 
     // New connections, one every 5 ms, for the whole test.
     let stop = Arc::new(AtomicBool::new(false));
@@ -109,7 +133,7 @@ fn three_replacements_refuse_no_connection_and_open_streams_drain() {
         let before = done.load(Ordering::Relaxed);
 
         let started = Instant::now();
-        let mut b = a.replace(&c, 0, &[]);
+        let mut b = a.replace(&c, 0, &bpf.agent_args());
         let handover = started.elapsed();
         let both = (rss_mib(a.pid().unwrap()), rss_mib(b.pid().unwrap()));
         // The old agent drains: the stream it carries still works.
@@ -137,6 +161,19 @@ fn three_replacements_refuse_no_connection_and_open_streams_drain() {
         std::mem::swap(&mut a, &mut b);
         drop(b);
     }
+    std::fs::write(&host_stop, "").unwrap();
+    host_load.join().unwrap();
+    let host = std::fs::read_to_string(&host_log).unwrap();
+    let host_failed: Vec<&str> = host
+        .lines()
+        .filter(|l| {
+            let (code, secs) = l.split_once(' ').unwrap_or_default();
+            code != "200" || secs.parse::<f64>().map_or(true, |t| t >= SYN_RETRY.as_secs_f64())
+        })
+        .collect();
+    assert!(host.lines().count() > 20, "the host client made too few calls:\n{host}");
+    assert!(host_failed.is_empty(), "host client calls that failed or waited across the replacements: {host_failed:?}");
+    eprintln!("{} host client calls, none failed", host.lines().count());
     let replaced = done.load(Ordering::Relaxed);
     {
         let failed = failed.lock().unwrap();
@@ -155,7 +192,7 @@ fn three_replacements_refuse_no_connection_and_open_streams_drain() {
     // `maxSurge: 0`) leaves a gap, and the same load sees it.
     let config = c.yaml("");
     a.stop();
-    let b = Agent::start(&c, &config);
+    let b = Agent::start_on(&c, 0, &config, &bpf.agent_args());
     let wait = Instant::now();
     while failed.lock().unwrap().is_empty() && wait.elapsed() < Duration::from_secs(5) {
         std::thread::sleep(Duration::from_millis(20));

@@ -19,6 +19,9 @@ use aya::programs::links::{FdLink, PinnedLink};
 /// `statfs` magic of a BPF file system.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const DIR: &str = "mesh-agent";
+/// Beside the links: maps the agents of a node share across a replacement
+/// (what the old agent reads must be what the new programs write).
+const MAPS_DIR: &str = "mesh-agent-maps";
 
 /// The pin directory, or none when pinning is impossible (then capture ends
 /// with the process, as it did before pinning; logged at start).
@@ -67,6 +70,14 @@ impl Pins {
 
     fn path(&self, name: &str) -> Option<PathBuf> {
         self.dir.as_ref().map(|d| d.join(name))
+    }
+
+    /// Where the map `name` is pinned, to be shared with the next agent (none
+    /// when nothing can be pinned: the map is then this process's alone).
+    pub fn map_path(&self, name: &str) -> Option<PathBuf> {
+        let maps = self.dir.as_ref()?.with_file_name(MAPS_DIR);
+        std::fs::create_dir_all(&maps).ok()?;
+        Some(maps.join(name))
     }
 
     /// A pinned link of that name, from an earlier run (its pin stays).
@@ -119,7 +130,8 @@ impl Pins {
         entries.filter_map(Result::ok).filter_map(|e| e.file_name().into_string().ok()).collect()
     }
 
-    /// Removes every pin and the directory: the mesh leaves the node.
+    /// Removes every pin and the directory, and the shared maps: the mesh
+    /// leaves the node.
     pub fn remove_all(&self) -> usize {
         let names = self.names();
         for n in &names {
@@ -127,6 +139,11 @@ impl Pins {
         }
         if let Some(d) = &self.dir {
             let _ = std::fs::remove_dir(d);
+            let maps = d.with_file_name(MAPS_DIR);
+            for e in std::fs::read_dir(&maps).into_iter().flatten().flatten() {
+                let _ = std::fs::remove_file(e.path());
+            }
+            let _ = std::fs::remove_dir(maps);
         }
         names.len()
     }
