@@ -74,6 +74,7 @@ pub fn take_over(path: &Path) -> io::Result<Option<Inherited>> {
         Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused) => return Ok(None),
         Err(e) => return Err(e),
     };
+    same_user(&peer)?;
     peer.set_read_timeout(Some(Duration::from_secs(10)))?;
     let (manifest, fds) = receive(&peer)?;
     if manifest.version != 1 || manifest.sockets.len() != fds.len() {
@@ -140,6 +141,9 @@ impl Offer {
             Err(e) => return Err(e),
         }
         let listener = tokio::net::UnixListener::bind(path)?;
+        // Whoever holds these sockets carries the node's traffic: the file
+        // is the agent's user's alone, and each peer is checked again.
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
         Ok(Offer { listener, sockets })
     }
 
@@ -160,6 +164,7 @@ impl Offer {
                 self.sockets.iter().map(|(n, fd)| Ok((n.clone(), fd.try_clone()?))).collect();
             let exchange = sockets.and_then(|sockets| {
                 let stream = stream.into_std()?;
+                same_user(&stream)?;
                 stream.set_nonblocking(false)?;
                 Ok((stream, sockets))
             });
@@ -178,6 +183,21 @@ impl Offer {
             }
         }
     }
+}
+
+/// Refuses a peer that runs as another user than this agent: the sockets
+/// would let it take the node's traffic, and a fake offer would let it
+/// listen beside this agent.
+fn same_user(peer: &UnixStream) -> io::Result<()> {
+    let cred = nix::sys::socket::getsockopt(peer, nix::sys::socket::sockopt::PeerCredentials)?;
+    let me = nix::unistd::geteuid().as_raw();
+    if cred.uid() != me {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("handover peer (pid {}) runs as uid {}, not {me}", cred.pid(), cred.uid()),
+        ));
+    }
+    Ok(())
 }
 
 /// Sends the manifest and descriptors, then waits for `ready`.
@@ -256,6 +276,8 @@ mod tests {
         let old = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = old.local_addr().unwrap();
         let offer = Offer::bind(&at, vec![offered("outbound", &old).unwrap()]).unwrap();
+        let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&at).unwrap().permissions());
+        assert_eq!(mode & 0o777, 0o600, "only the agent's user may ask for the sockets");
         let handed = tokio::spawn(async move { offer.handed_over().await });
 
         // A client connects while the handover is under way: it waits in the queue.
