@@ -223,6 +223,22 @@ impl std::ops::DerefMut for Fixture {
     }
 }
 
+/// One node: `test` (10.244.0.2) in the meshed namespace `demo`, and the
+/// helloworld pod `name` (10.244.0.3, `labels`, served: HTTP on 9095, echo on
+/// 7000) behind the Service `helloworld` (10.96.0.10: `http` 9095,
+/// `tcp-echo` 7000).
+pub fn hello_one_node(name: &str, labels: &[(&str, &str)]) -> Fixture {
+    let mut c = Fixture::one_node();
+    let hello = PodSpec { ports: &[("http", 9095), ("echo", 7000)], ..PodSpec::app("demo", labels) };
+    let ports = [Port { name: "http", port: 9095, target: None }, Port { name: "tcp-echo", port: 7000, target: None }];
+    c.add_pod(0, "test", Ipv4Addr::new(10, 244, 0, 2), PodSpec::app("demo", &[("app", "test")]))
+        .add_pod(0, name, Ipv4Addr::new(10, 244, 0, 3), hello)
+        .service("demo", "helloworld", "10.96.0.10", &[("app", "helloworld")], &ports);
+    crate::servers::http_hello(c.pod(name), 9095);
+    crate::servers::echo(c.pod(name), 7000);
+    c
+}
+
 /// A port with a target.
 pub fn port<'a>(name: &'a str, port: u16, target: &'a str) -> Port<'a> {
     Port { name, port, target: Some(target) }

@@ -6,7 +6,7 @@
 
 use std::{
     io::{Read as _, Write as _},
-    net::{Ipv4Addr, TcpStream},
+    net::TcpStream,
     process::{Child, Command, Output, Stdio},
     time::{Duration, Instant},
 };
@@ -15,8 +15,8 @@ use mesh_tests::{
     Agent, Cluster,
     agent::{binary, metric},
     clients::{Curled, curl},
-    fixture::{Fixture, PodSpec, Port},
-    require_root, servers,
+    fixture::{Fixture, hello_one_node},
+    require_root,
 };
 
 const NODE_IP: &str = "172.18.0.2";
@@ -31,23 +31,7 @@ const ALLOW_TEST: &str = "---\napiVersion: security.istio.io/v1\nkind: Authoriza
 /// echo on 7000) behind the Service `helloworld`; `ALLOW_TEST` is added to
 /// the agent's configuration.
 fn cluster() -> Fixture {
-    let mut c = Fixture::one_node();
-    let hello = PodSpec {
-        ports: &[("http", 9095), ("echo", 7000)],
-        ..PodSpec::app("demo", &[("app", "helloworld"), ("version", "v1")])
-    };
-    c.add_pod(0, "test", Ipv4Addr::new(10, 244, 0, 2), PodSpec::app("demo", &[("app", "test")]))
-        .add_pod(0, "helloworld-v1", Ipv4Addr::new(10, 244, 0, 3), hello)
-        .service(
-            "demo",
-            "helloworld",
-            "10.96.0.10",
-            &[("app", "helloworld")],
-            &[Port { name: "http", port: 9095, target: None }, Port { name: "tcp-echo", port: 7000, target: None }],
-        );
-    servers::http_hello(c.pod("helloworld-v1"), 9095);
-    servers::echo(c.pod("helloworld-v1"), 7000);
-    c
+    hello_one_node("helloworld-v1", &[("app", "helloworld"), ("version", "v1")])
 }
 
 /// curl from the cluster network (outside the node), as a Prometheus or a

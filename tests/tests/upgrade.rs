@@ -9,7 +9,7 @@
 
 use std::{
     io::{Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, TcpStream},
+    net::{SocketAddr, TcpStream},
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -20,8 +20,8 @@ use std::{
 use mesh_tests::{
     Agent,
     agent::{BpfFs, metric, rss_mib},
-    fixture::{Fixture, PodSpec, Port},
-    require_root, servers,
+    fixture::{Fixture, hello_one_node},
+    require_root,
 };
 
 const VIP: [u8; 4] = [10, 96, 0, 10];
@@ -31,20 +31,7 @@ const SYN_RETRY: Duration = Duration::from_millis(900);
 
 /// `test` calling helloworld (HTTP on 9095, echo on 7000) through the Service.
 fn cluster() -> Fixture {
-    let mut c = Fixture::one_node();
-    let hello = PodSpec { ports: &[("http", 9095), ("echo", 7000)], ..PodSpec::app("demo", &[("app", "helloworld")]) };
-    c.add_pod(0, "test", Ipv4Addr::new(10, 244, 0, 2), PodSpec::app("demo", &[("app", "test")]))
-        .add_pod(0, "helloworld", Ipv4Addr::new(10, 244, 0, 3), hello)
-        .service(
-            "demo",
-            "helloworld",
-            "10.96.0.10",
-            &[("app", "helloworld")],
-            &[Port { name: "http", port: 9095, target: None }, Port { name: "tcp-echo", port: 7000, target: None }],
-        );
-    servers::http_hello(c.pod("helloworld"), 9095);
-    servers::echo(c.pod("helloworld"), 7000);
-    c
+    hello_one_node("helloworld", &[("app", "helloworld")])
 }
 
 /// One request on a new connection: `Ok` when helloworld answered 200.
