@@ -3,7 +3,7 @@
 //! leaves the node exactly as it found it.
 use std::{
     collections::HashSet,
-    net::{Ipv4Addr, SocketAddr},
+    net::SocketAddr,
     path::PathBuf,
     sync::{
         Arc, RwLock,
@@ -24,7 +24,10 @@ use crate::{
 
 mod admin;
 pub mod handover;
+mod listeners;
 mod source;
+
+use listeners::{Acquired, Handover};
 
 pub use source::ConfigSource;
 use source::Source;
@@ -246,66 +249,14 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
     ctx.inputs.metrics.config_loads.get_or_create(&ResultLabels { result: "success" }).inc();
     ctx.record_rejected(&loaded.rejected);
 
-    // An agent already running on the node hands its listening sockets
-    // over (an upgrade): each keeps its accept queue, no SYN is refused.
-    let handover_path = handover::path(&cfg.identity.state_dir);
-    let path = handover_path.clone();
-    let mut inherited = match tokio::task::spawn_blocking(move || handover::take_over(&path)).await {
-        Ok(Ok(Some(i))) => {
-            tracing::info!(sockets = ?i.names(), "taking over from the agent running on this node");
-            Some(i)
-        }
-        Ok(Ok(None)) => None,
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, path = %handover_path.display(), "handover from the running agent failed; binding anew");
-            None
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "handover task failed; binding anew");
-            None
-        }
-    };
-    let mut listen = |name: &str,
-                      what: &'static str,
-                      addr: SocketAddr,
-                      bind: &dyn Fn() -> std::io::Result<std::net::TcpListener>| {
-        let listener = match inherited.as_mut().and_then(|i| i.take(name, addr)) {
-            Some(l) => Ok(l),
-            None => bind(),
-        };
-        listener.and_then(tokio::net::TcpListener::from_std).map_err(|source| RunError::Bind {
-            what,
-            addr: addr.to_string(),
-            source,
-        })
-    };
-    let capture_addr = |port| SocketAddr::from((Ipv4Addr::from(mesh_common::OUTBOUND_ADDR), port));
-    let (out_port, in_port) = (mesh_common::OUTBOUND_PORT, mesh_common::INBOUND_PORT);
-    let outbound =
-        listen("outbound", "the outbound listener", capture_addr(out_port), &|| crate::proxy::bind_capture(out_port))?;
-    let inbound = listen("inbound", "the inbound plaintext listener", capture_addr(in_port), &|| {
-        crate::proxy::bind_capture(in_port)
-    })?;
-    let hbone_addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, mesh_common::HBONE_PORT));
-    let hbone = listen("hbone", "the HBONE listener", hbone_addr, &|| bind_tcp(hbone_addr))?;
+    let Acquired { outbound, inbound, hbone, admin, handover } = listeners::acquire(&cfg).await?;
     let certs = &ctx.inputs.certs;
     let tls = crate::identity::tls::server_config(certs.roots(), certs.clone(), true, &[b"h2"])?;
     let sockets = Sockets { outbound, inbound, hbone, hbone_tls: tokio_rustls::TlsAcceptor::from(Arc::new(tls)) };
-    let mut admin = Vec::new();
-    let surfaces = [
-        (admin::Surface::Admin, "the admin server", Some(cfg.admin_addr)),
-        (admin::Surface::Stats, "the stats port", cfg.stats_addr),
-        (admin::Surface::Readiness, "the readiness port", cfg.readiness_addr),
-    ];
-    for (surface, what, addr) in surfaces {
-        let Some(addr) = addr else { continue };
-        admin.push((surface, listen(surface.name(), what, addr, &|| bind_tcp(addr))?));
-    }
     let mut capture = Capture::start(cfg.host_cgroup.as_deref(), cfg.kubelet_cgroup.as_deref(), &cfg.bpffs).await?;
     if let Some(orig) = capture.take_host_orig() {
         let _ = ctx.inputs.host_orig.set(orig);
     }
-    let handover = Handover { path: handover_path, inherited };
     let result = serve(&cfg, &ctx, sockets, admin, handover, &mut capture, &mut source).await;
     // Whatever happened: capture stays pinned (fail closed) unless the mesh
     // is leaving the node.
@@ -313,25 +264,6 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
     result?;
     cleanup?;
     Ok(())
-}
-
-/// Binds a listening socket as the admin surfaces and HBONE do (Tokio's
-/// settings: `SO_REUSEADDR`, a backlog of 1024).
-fn bind_tcp(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
-    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
-    socket.set_reuse_address(true)?;
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(1024)?;
-    Ok(socket.into())
-}
-
-/// The handover's two ends for this agent: the sockets it took from the
-/// agent it replaces (told `ready` once this one accepts), and where it
-/// offers its own to the next.
-struct Handover {
-    path: std::path::PathBuf,
-    inherited: Option<handover::Inherited>,
 }
 
 /// The data path's bound sockets (15001, 15006, 15008) and the HBONE server's TLS settings.
@@ -396,7 +328,7 @@ async fn serve(
     let certs_task = tokio::spawn(sync_certificates(inputs.clone(), every));
     let (stop_tx, stop_rx) = watch::channel(false);
     let Sockets { outbound, inbound, hbone, hbone_tls } = sockets;
-    let offered = offered(&outbound, &inbound, &hbone, &admin);
+    let offered = listeners::offered(&outbound, &inbound, &hbone, &admin);
     use crate::proxy::Direction;
     let mut gateways = crate::proxy::gateway::Listeners::default();
     ctx.reconcile_gateways(&mut gateways);
@@ -480,24 +412,6 @@ async fn serve(
     certs_task.abort();
     drain(&inputs.active, cfg.drain_timeout).await;
     Ok(())
-}
-
-/// Duplicates of the listeners' descriptors, offered to the next agent.
-fn offered(
-    outbound: &tokio::net::TcpListener,
-    inbound: &tokio::net::TcpListener,
-    hbone: &tokio::net::TcpListener,
-    admin: &[(admin::Surface, tokio::net::TcpListener)],
-) -> std::io::Result<Vec<(String, std::os::fd::OwnedFd)>> {
-    let mut out = vec![
-        handover::offered("outbound", outbound)?,
-        handover::offered("inbound", inbound)?,
-        handover::offered("hbone", hbone)?,
-    ];
-    for (surface, listener) in admin {
-        out.push(handover::offered(surface.name(), listener)?);
-    }
-    Ok(out)
 }
 
 /// Applies a new model (or records why there is none).
