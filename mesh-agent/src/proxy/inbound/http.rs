@@ -164,12 +164,14 @@ async fn handle(ctx: Arc<Inputs>, conn: Arc<Conn>, mut req: Request<Incoming>) -
     let start = Instant::now();
     let started_at = SystemTime::now();
     let grpc = is_grpc(req.headers());
-    let formed = well_formed(&ctx, &mut req);
+    // One snapshot for the request's form and its authentication.
+    let state = ctx.state();
+    let formed = well_formed(&state, &mut req);
     let record =
         Record::new(&ctx, &conn.down, &req, conn.labels.clone(), grpc, Some(conn.inbound.target), started_at, start);
     let judged = async {
         formed.map_err(Stop::Local)?;
-        let verified = authn::authenticate(&ctx, &conn, &mut req).await?;
+        let verified = authn::authenticate(&ctx, state, &conn, &mut req).await?;
         let (parts, body, to_client) = custom(&ctx, &conn, req, verified.as_deref()).await?;
         authorize(&ctx, &conn, &parts, verified.as_deref())?;
         Ok::<_, Stop>((Request::from_parts(parts, body), verified, to_client))
@@ -187,8 +189,8 @@ async fn handle(ctx: Arc<Inputs>, conn: Arc<Conn>, mut req: Request<Incoming>) -
 
 /// The request's form: its path normalized (or refused), no upgrade the
 /// agent refuses, no conflicting authorities.
-fn well_formed(ctx: &Inputs, req: &mut Request<Incoming>) -> Result<(), LocalReply> {
-    if path::apply(req, ctx.state().path_normalization).is_err() {
+fn well_formed(state: &crate::state::State, req: &mut Request<Incoming>) -> Result<(), LocalReply> {
+    if path::apply(req, state.path_normalization).is_err() {
         return Err(LocalReply::BAD_PATH);
     }
     if upgrade_asked(req) == Upgrade::Refused {

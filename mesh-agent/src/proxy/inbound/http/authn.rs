@@ -23,10 +23,10 @@ use crate::{
 /// kept only from a gateway.
 pub(super) async fn authenticate(
     ctx: &Inputs,
+    state: Arc<crate::state::State>,
     conn: &Conn,
     req: &mut Request<Incoming>,
 ) -> Result<Option<Arc<jwt::Verified>>, Stop> {
-    let state = ctx.state();
     let rules = policy::jwt_rules(&state, &conn.inbound.dest);
     let mut keyed = Vec::with_capacity(rules.len());
     for rule in rules {
