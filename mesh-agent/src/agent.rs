@@ -81,6 +81,8 @@ pub struct RunConfig {
     pub bpffs: PathBuf,
     /// Remove capture at exit instead of leaving it pinned.
     pub uninstall_on_exit: bool,
+    /// The node's pod ranges, over the Node's `spec.podCIDRs` (see `capture::gate`).
+    pub pod_cidrs: Vec<crate::state::security::Cidr>,
     /// Bounds on what clients and peers can make the agent hold.
     pub limits: crate::proxy::limits::Limits,
 }
@@ -254,6 +256,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
     let tls = crate::identity::tls::server_config(certs.roots(), certs.clone(), true, &[b"h2"])?;
     let sockets = Sockets { outbound, inbound, hbone, hbone_tls: tokio_rustls::TlsAcceptor::from(Arc::new(tls)) };
     let mut capture = Capture::start(cfg.host_cgroup.as_deref(), cfg.kubelet_cgroup.as_deref(), &cfg.bpffs).await?;
+    capture.pod_cidrs = cfg.pod_cidrs.clone();
     if let Some(orig) = capture.take_host_orig() {
         let _ = ctx.inputs.host_orig.set(orig);
     }
@@ -319,6 +322,15 @@ async fn serve(
     source: &mut Source,
 ) -> Result<(), RunError> {
     let inputs = &ctx.inputs;
+    // Subscribed before the first reconcile, so that no pod's interface
+    // appears unnoticed between the two.
+    let mut changes = match crate::capture::netlink::changes() {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::warn!(error = %e, "no netlink notifications: new pods are captured at the next resync");
+            None
+        }
+    };
     capture.reconcile(&inputs.state(), &cfg.node).await?;
     ctx.publish_capture(capture);
     // Certificates for the local pods before serving, so that the first
@@ -382,6 +394,18 @@ async fn serve(
                     t.abort();
                 }
                 break;
+            }
+            Some(n) = async {
+                match &mut changes {
+                    Some(c) => c.next().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                tracing::trace!(notifications = n, "links or routes changed");
+                if let Err(e) = capture.reconcile(&inputs.state(), &cfg.node).await {
+                    tracing::warn!(error = %e, "capture reconcile failed; will retry");
+                }
+                ctx.publish_capture(capture);
             }
             loaded = source.next_model() => {
                 apply(ctx, Ok(loaded));

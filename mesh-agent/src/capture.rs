@@ -28,6 +28,7 @@ use serde::Serialize;
 
 use crate::state::State;
 
+pub mod gate;
 pub mod host;
 pub mod netlink;
 pub mod node;
@@ -131,6 +132,9 @@ pub struct Capture {
     pub pending: Vec<Pending>,
     host: Option<host::HostCapture>,
     host_orig: Option<host::HostOrig>,
+    gate: gate::Gate,
+    /// The node's pod ranges given on the command line (over the Node's).
+    pub pod_cidrs: Vec<crate::state::security::Cidr>,
 }
 
 impl Capture {
@@ -217,6 +221,8 @@ impl Capture {
             pending: Vec::new(),
             host,
             host_orig,
+            gate: gate::Gate::default(),
+            pod_cidrs: Vec::new(),
         })
     }
 
@@ -317,8 +323,31 @@ impl Capture {
         }
         self.log_refused_v6();
         self.sweep_pins();
+        self.sync_pod_gate(state, node);
         self.pending = pending;
         Ok(())
+    }
+
+    /// Opens the pod gate (see [`gate`]) for the pods whose capture is
+    /// complete: the classifier attached, and the last-hop gate for a meshed one.
+    fn sync_pod_gate(&mut self, state: &State, node: &str) {
+        let ranges = match &self.pod_cidrs[..] {
+            [] => state.nodes.get(node).map(|n| n.pod_cidrs.clone()).unwrap_or_default(),
+            given => given.to_vec(),
+        };
+        let ready = self
+            .attached
+            .iter()
+            .filter(|(i, a)| match a.info.role {
+                role::MESHED_POD => self.gates.contains_key(i),
+                role::UNMESHED_POD => true,
+                _ => false,
+            })
+            .map(|(i, _)| *i)
+            .collect();
+        if let Err(e) = self.gate.sync(ranges, ready) {
+            tracing::warn!(error = %e, "updating the pod gate failed; will retry");
+        }
     }
 
     /// Attaches the last-hop gate to a meshed pod's veth (with the settings

@@ -151,6 +151,11 @@ pub enum Command {
         /// uninstall` does, instead of leaving it pinned for the next agent.
         #[arg(long, env = "MESH_UNINSTALL_ON_EXIT")]
         uninstall_on_exit: bool,
+        /// This node's pod address ranges, when the Node's `spec.podCIDRs`
+        /// does not give them (a CNI with its own IPAM): a pod in them is
+        /// gated until its capture is attached. Repeatable.
+        #[arg(long = "pod-cidr", env = "MESH_POD_CIDRS", value_delimiter = ',', value_parser = parse_cidr)]
+        pod_cidrs: Vec<crate::state::security::Cidr>,
         /// Proxy worker threads; default: half the CPUs this process may use
         /// (affinity and cgroup quota), at least one: the agent shares its
         /// node with the pods it serves, and a thread that sleeps less costs
@@ -275,6 +280,7 @@ pub fn main() -> ExitCode {
             mark_mask,
             bpffs,
             uninstall_on_exit,
+            pod_cidrs,
             worker_threads,
             limits,
         } => {
@@ -313,6 +319,7 @@ pub fn main() -> ExitCode {
                 kubelet_cgroup: None,
                 bpffs,
                 uninstall_on_exit,
+                pod_cidrs,
                 limits: limits.into(),
             };
             let cfg = match no_host_capture {
@@ -483,4 +490,8 @@ fn run(cfg: RunConfig, workers: Option<u16>) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn parse_cidr(s: &str) -> Result<crate::state::security::Cidr, String> {
+    crate::state::security::Cidr::parse(s)
 }

@@ -79,6 +79,8 @@ pub struct State {
 pub struct Node {
     pub name: Arc<str>,
     pub internal_ip: Option<Ipv4Addr>,
+    /// `spec.podCIDRs`: the node's pods' addresses, gated until captured.
+    pub pod_cidrs: Vec<security::Cidr>,
     pub labels: BTreeMap<String, String>,
     /// The node as a workload: the identity its host clients travel with,
     /// `spiffe://<td>/ns/istio-system/sa/mesh-node-<name>`.

@@ -72,6 +72,14 @@ impl Objects {
         self
     }
 
+    /// Gives Node `node` (written before) its pods' range, `spec.podCIDR`.
+    pub fn pod_cidr(&mut self, node: &str, cidr: &str) -> &mut Self {
+        let head = format!("kind: Node\nmetadata: {{name: {node}");
+        let doc = self.docs.iter_mut().find(|d| d.contains(&head)).unwrap_or_else(|| panic!("no Node {node}"));
+        *doc = doc.replacen("status:", &format!("spec: {{podCIDR: {cidr}}}\nstatus:"), 1);
+        self
+    }
+
     /// A namespace, enrolled in the mesh (ambient) or not.
     pub fn namespace(&mut self, name: &str, meshed: bool) -> &mut Self {
         let labels = if meshed { ", labels: {istio.io/dataplane-mode: ambient}" } else { "" };

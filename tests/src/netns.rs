@@ -36,6 +36,20 @@ pub fn sh(args: &[&str]) -> Output {
     out
 }
 
+/// Runs `ip -batch` in namespace `ns`: several changes from one process.
+pub fn batch(ns: &str, commands: &str) {
+    use std::io::Write as _;
+    let mut child = Command::new("ip")
+        .args(["-n", ns, "-batch", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("ip");
+    child.stdin.take().unwrap().write_all(commands.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "ip -n {ns} -batch: {commands}{}", String::from_utf8_lossy(&out.stderr));
+}
+
 /// Runs a command, returning its output whatever the status.
 pub fn sh_any(args: &[&str]) -> Output {
     Command::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("{args:?}: {e}"))
@@ -150,31 +164,52 @@ impl Cluster {
     /// Adds a pod namespace `name` with `ip` on node `node`, wired like a CNI
     /// would, and routed to that node by the cluster network.
     pub fn add_pod_on(&mut self, node: usize, name: &str, ip: Ipv4Addr) -> &Pod {
+        self.add_sandbox(node, name, ip);
+        self.wire(name);
+        self.pods.last().unwrap()
+    }
+
+    /// Adds pod `name`'s namespace with nothing in it but its loopback, as a
+    /// container runtime makes it before the CNI plugins run; [`Cluster::wire`]
+    /// is the plugins' part.
+    pub fn add_sandbox(&mut self, node: usize, name: &str, ip: Ipv4Addr) -> &Pod {
         let netns = format!("{}-{name}", self.id);
         let host_if = format!("v{}", &name[..name.len().min(12)]);
         sh(&["ip", "netns", "add", &netns]);
-        let ips = format!("{ip}/32");
-        let node_ip = self.nodes[node].ip.to_string();
-        sh(&["ip", "-n", &self.net_ns, "route", "add", &ips, "via", &node_ip]);
-        let node_index = node;
-        let node = self.nodes[node].ns.as_str();
-        sh(&["ip", "-n", node, "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &netns]);
-        sh(&["ip", "-n", node, "link", "set", &host_if, "up"]);
-        sh(&["ip", "netns", "exec", node, "sysctl", "-qw", &format!("net.ipv4.conf.{host_if}.proxy_arp=1")]);
-        // Answer at once: the kernel's default delays proxy ARP replies by up to 0.8 s.
-        sh(&["ip", "netns", "exec", node, "sysctl", "-qw", &format!("net.ipv4.neigh.{host_if}.proxy_delay=0")]);
-        sh(&["ip", "-n", node, "route", "add", &ips, "dev", &host_if]);
         sh(&["ip", "-n", &netns, "link", "set", "lo", "up"]);
-        sh(&["ip", "-n", &netns, "link", "set", "eth0", "up"]);
-        sh(&["ip", "-n", &netns, "addr", "add", &ips, "dev", "eth0"]);
-        sh(&["ip", "-n", &netns, "route", "add", "169.254.1.1", "dev", "eth0", "scope", "link"]);
-        sh(&["ip", "-n", &netns, "route", "add", "default", "via", "169.254.1.1", "dev", "eth0"]);
         let cgroup = self.cgroup_root.join(name);
         if self.cgroup_root.exists() {
             std::fs::create_dir_all(&cgroup).unwrap();
         }
-        self.pods.push(Pod { name: name.into(), ip, node: node_index, netns, host_if, cgroup });
+        self.pods.push(Pod { name: name.into(), ip, node, netns, host_if, cgroup });
         self.pods.last().unwrap()
+    }
+
+    /// Wires pod `name` as a CNI would: the veth, the pod's address and
+    /// routes, the node's proxy ARP; the node's side of the veth comes up
+    /// last, in the same `ip` process as the pod's /32 route, so the pod's
+    /// first packets leave within a millisecond of its link appearing.
+    pub fn wire(&self, name: &str) {
+        let pod = self.pod(name);
+        let (ips, host_if, netns) = (format!("{}/32", pod.ip), pod.host_if.as_str(), pod.netns.as_str());
+        let node_ns = self.nodes[pod.node].ns.as_str();
+        sh(&["ip", "-n", &self.net_ns, "route", "add", &ips, "via", &self.nodes[pod.node].ip.to_string()]);
+        // The node's side has Calico's fixed MAC, which the pod knows for its
+        // gateway without asking (a permanent neighbour, as Calico and Cilium
+        // set): its first packet leaves as soon as the link is up.
+        let mac = "ee:ee:ee:ee:ee:ee";
+        let link = ["link", "add", host_if, "address", mac, "type", "veth", "peer", "name", "eth0", "netns", netns];
+        sh(&[&["ip", "-n", node_ns][..], &link].concat());
+        // Answer at once: the kernel's default delays proxy ARP replies by up to 0.8 s.
+        let (arp, delay) =
+            (format!("net.ipv4.conf.{host_if}.proxy_arp=1"), format!("net.ipv4.neigh.{host_if}.proxy_delay=0"));
+        sh(&["ip", "netns", "exec", node_ns, "sysctl", "-qw", &arp, &delay]);
+        let pod_side = format!(
+            "link set eth0 up\naddr add {ips} dev eth0\nroute add 169.254.1.1 dev eth0 scope link\n\
+             neigh replace 169.254.1.1 lladdr {mac} dev eth0 nud permanent\nroute add default via 169.254.1.1 dev eth0\n"
+        );
+        batch(netns, &pod_side);
+        batch(node_ns, &format!("link set {host_if} up\nroute add {ips} dev {host_if}\n"));
     }
 
     /// Adds a namespace `<id>-<name>` (removed on drop) reached from node

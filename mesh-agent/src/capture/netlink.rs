@@ -199,3 +199,36 @@ pub async fn remove_proxy_routing(handle: &Handle, lo: u32) -> Result<(), Netlin
         Err(e) => Err(nl("delete local route")(e)),
     }
 }
+
+/// Kernel notifications of link and IPv4 route changes in this namespace:
+/// a pod's veth and its route appearing or going, as they happen.
+pub struct Changes(futures_util::stream::BoxStream<'static, ()>);
+
+/// Subscribes to link and IPv4 route notifications.
+pub fn changes() -> std::io::Result<Changes> {
+    use futures_util::StreamExt as _;
+    use rtnetlink::{
+        constants::{RTMGRP_IPV4_ROUTE, RTMGRP_LINK},
+        sys::{AsyncSocket as _, SocketAddr},
+    };
+    let (mut conn, _handle, messages) = rtnetlink::new_connection()?;
+    conn.socket_mut().socket_mut().bind(&SocketAddr::new(0, RTMGRP_LINK | RTMGRP_IPV4_ROUTE))?;
+    // Runs as long as the notifications are read (the handle is not needed).
+    tokio::spawn(conn);
+    Ok(Changes(messages.map(|_| ()).boxed()))
+}
+
+impl Changes {
+    /// Waits for a change, then takes the ones queued with it (a new pod's
+    /// link, its state and its route arrive as several): how many.
+    /// `None`: the subscription ended.
+    pub async fn next(&mut self) -> Option<usize> {
+        use futures_util::{FutureExt as _, StreamExt as _};
+        self.0.next().await?;
+        let mut n = 1;
+        while let Some(Some(())) = self.0.next().now_or_never() {
+            n += 1;
+        }
+        Some(n)
+    }
+}

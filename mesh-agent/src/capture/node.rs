@@ -18,6 +18,9 @@
 //!   second entry for a kube-proxy-DNAT'd flow clashes with the first, whose
 //!   reply direction un-NATs the agent's replies. Installed with `nft` when
 //!   it is there; without it, DNAT'd connections to meshed pods fail (closed).
+//!
+//! The same nftables table holds the gate for pods not captured yet (see
+//! [`super::gate`]).
 use std::{io, path::Path, process::Command};
 
 use mesh_common::Marks;
@@ -51,7 +54,7 @@ impl NodeSettings {
         match install_notrack(marks) {
             Ok(()) => applied.nft = true,
             Err(e) => {
-                tracing::warn!(error = %e, "no notrack rule for handed-back packets: connections DNAT'd to a meshed pod (kube-proxy NodePort) will fail")
+                tracing::warn!(error = %e, "no nftables table: connections DNAT'd to a meshed pod (kube-proxy NodePort) will fail, and a new pod's packets are not gated until its capture is attached")
             }
         }
         if read_sysctl("net/ipv4/conf/all/rp_filter").is_some_and(|v| v != "0") {
@@ -101,16 +104,33 @@ fn read_sysctl(path: &str) -> Option<String> {
 
 fn install_notrack(marks: &Marks) -> io::Result<()> {
     let (mask, handoff) = (marks.mask, marks.handoff);
-    // `add` then `delete` makes the replacement atomic whether or not a
-    // previous run left the table behind.
+    // Declared with `add` (a no-op for what exists) and the chains' rules
+    // replaced, all in one transaction: the sets of the gate (see
+    // [`super::gate`]) keep what a running or earlier agent wrote, so a
+    // starting agent opens no gap for pods already captured.
+    let t = format!("inet {NFT_TABLE}");
     nft(&format!(
-        "add table inet {NFT_TABLE}\ndelete table inet {NFT_TABLE}\n\
-         table inet {NFT_TABLE} {{\n  chain prerouting {{\n    type filter hook prerouting priority raw; policy accept;\n    \
-         meta mark & {mask:#010x} == {handoff:#010x} notrack\n  }}\n}}\n"
+        "add table {t}
+         add set {t} {POD_CIDRS} {{ type ipv4_addr; flags interval; auto-merge; }}
+         add set {t} {READY} {{ type iface_index; }}
+         add chain {t} prerouting {{ type filter hook prerouting priority raw; policy accept; }}
+         add chain {t} postrouting {{ type filter hook postrouting priority filter; policy accept; }}
+         flush chain {t} prerouting
+         flush chain {t} postrouting
+         add rule {t} prerouting meta mark & {mask:#010x} == {handoff:#010x} notrack
+         add rule {t} prerouting meta iifkind \"veth\" ip saddr @{POD_CIDRS} iif != @{READY} counter drop comment \"from a pod not captured yet\"
+         add rule {t} postrouting meta oifkind \"veth\" ip daddr @{POD_CIDRS} oif != @{READY} counter drop comment \"to a pod not captured yet\"
+"
     ))
 }
 
-fn nft(script: &str) -> io::Result<()> {
+/// The nftables set of this node's pod ranges, and of the pods' interfaces
+/// whose capture is complete.
+pub(super) const POD_CIDRS: &str = "pod_cidrs";
+pub(super) const READY: &str = "ready";
+pub(super) const TABLE: &str = NFT_TABLE;
+
+pub(super) fn nft(script: &str) -> io::Result<()> {
     use std::io::Write as _;
     let mut child = Command::new("nft")
         .args(["-f", "-"])

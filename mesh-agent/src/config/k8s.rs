@@ -32,7 +32,19 @@ pub struct OwnerReference {
 #[serde(default)]
 pub struct Node {
     pub metadata: ObjectMeta,
+    pub spec: NodeSpec,
     pub status: NodeStatus,
+}
+
+/// The node's pod address ranges: where its pods' addresses come from (with
+/// host-local IPAM), gated until a pod is captured.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(default)]
+pub struct NodeSpec {
+    #[serde(rename = "podCIDR")]
+    pub pod_cidr: String,
+    #[serde(rename = "podCIDRs")]
+    pub pod_cidrs: Vec<String>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]

@@ -43,7 +43,7 @@ pub(super) fn reduce(kind: &Kind, obj: DynamicObject) -> Value {
     let fields: &[(&str, &[&str])] = match kind.kind {
         "Pod" => &[("spec", &["nodeName", "serviceAccountName", "hostNetwork"]), ("status", &["podIP", "phase"])],
         "Service" => &[("spec", &["clusterIP", "selector"])],
-        "Node" => &[("status", &["addresses"])],
+        "Node" => &[("spec", &["podCIDR", "podCIDRs"]), ("status", &["addresses"])],
         "Namespace" => &[],
         "ConfigMap" => &[("data", &[])],
         // Only the keys a Gateway or DestinationRule credential is read

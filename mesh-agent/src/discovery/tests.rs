@@ -164,11 +164,13 @@ async fn changes_of_each_kind_reach_routing_capture_certificates_and_gateways() 
     source.fake.delete("v1", "ConfigMap", Some("istio-system"), "istio");
     let s = source.next().await.state;
     assert_eq!(s.outbound_policy, crate::state::OutboundPolicy::default());
-    // A Node's address changed.
+    // A Node's address changed (its pod range is kept from the API's object too).
     source.fake.apply(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n2"},
+        "spec": {"podCIDR": "10.244.2.0/24", "podCIDRs": ["10.244.2.0/24"], "providerID": "x"},
         "status": {"addresses": [{"type": "InternalIP", "address": "172.18.0.9"}]}}));
     let s = source.next().await.state;
     assert_eq!(s.nodes.get("n2").and_then(|n| n.internal_ip).map(|i| i.to_string()).as_deref(), Some("172.18.0.9"));
+    assert_eq!(s.nodes["n2"].pod_cidrs, [crate::state::security::Cidr::parse("10.244.2.0/24").unwrap()]);
 }
 
 #[tokio::test(start_paused = true)]

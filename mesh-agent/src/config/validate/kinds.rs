@@ -34,7 +34,29 @@ pub(super) fn build_node(ctx: &mut Ctx<'_>, node: &k8s::Node, trust_domain: &str
         probe_ports: BTreeSet::new(),
         uid: None,
     });
-    Some(Node { name, internal_ip, labels: node.metadata.labels.clone(), workload })
+    let pod_cidrs = pod_cidrs(ctx, &node.spec);
+    Some(Node { name, internal_ip, pod_cidrs, labels: node.metadata.labels.clone(), workload })
+}
+
+/// `spec.podCIDRs` (or the older `spec.podCIDR`), IPv4 ranges only: a
+/// dual-stack node's IPv6 range is skipped, as IPv6 pods are refused anyway.
+fn pod_cidrs(ctx: &mut Ctx<'_>, spec: &k8s::NodeSpec) -> Vec<crate::state::security::Cidr> {
+    let (field, list) = match (&spec.pod_cidrs[..], spec.pod_cidr.as_str()) {
+        ([], "") => return Vec::new(),
+        ([], one) => ("spec.podCIDR", vec![one]),
+        (many, _) => ("spec.podCIDRs", many.iter().map(String::as_str).collect()),
+    };
+    let mut out = Vec::new();
+    for s in list {
+        if s.split('/').next().is_some_and(|ip| ip.parse::<std::net::Ipv6Addr>().is_ok()) {
+            continue;
+        }
+        match crate::state::security::Cidr::parse(s) {
+            Ok(c) => out.push(c),
+            Err(e) => ctx.error(field, e),
+        }
+    }
+    out
 }
 
 /// Istio's workload name: a ReplicaSet's owner Deployment (the ReplicaSet name

@@ -80,6 +80,10 @@ fn invalid_input_names_file_object_and_field() {
             "apiVersion: v1\nkind: Node\nmetadata: {name: n1}\nstatus: {addresses: [{type: InternalIP, address: nope}]}\n",
             "cluster.yaml (document 1): Node n1: status.addresses[0].address: \"nope\" is not an IPv4 address",
         ),
+        (
+            "apiVersion: v1\nkind: Node\nmetadata: {name: n1}\nspec: {podCIDRs: [10.244.0.0/24, 10.9.0.0/33]}\n",
+            "cluster.yaml (document 1): Node n1: spec.podCIDRs: \"10.9.0.0/33\": prefix length above 32",
+        ),
     ];
     for (yaml, want) in cases {
         assert_eq!(error_of(yaml), want);
@@ -368,4 +372,17 @@ fn probe_ports_are_those_the_kubelet_connects_to() {
     }
     let err = error_of(&pod("containers: [{name: a, readinessProbe: {tcpSocket: {port: 70000}}}]"));
     assert!(err.contains("spec.containers[0].readinessProbe.tcpSocket.port"), "{err}");
+}
+
+#[test]
+fn a_nodes_pod_ranges_are_its_ipv4_pod_cidrs() {
+    let node = |spec: &str| {
+        let yaml = format!("apiVersion: v1\nkind: Node\nmetadata: {{name: n1}}\nspec: {spec}\n");
+        let cidrs = admitted(&yaml).state.nodes["n1"].pod_cidrs.clone();
+        cidrs.iter().map(|c| format!("{}/{}", c.addr, c.prefix)).collect::<Vec<_>>()
+    };
+    assert_eq!(node("{podCIDR: 10.244.1.0/24}"), ["10.244.1.0/24"]);
+    // podCIDRs wins (podCIDR is its first entry); IPv6 ranges are skipped.
+    assert_eq!(node("{podCIDR: 10.244.1.0/24, podCIDRs: [10.244.1.0/24, 'fd00:10::/64']}"), ["10.244.1.0/24"]);
+    assert!(node("{}").is_empty());
 }
