@@ -23,6 +23,7 @@ use crate::{
 };
 
 mod admin;
+pub mod cni;
 pub mod handover;
 mod listeners;
 mod source;
@@ -162,6 +163,28 @@ impl Context {
     /// Gateway servers left out of this node's listeners, and why.
     pub fn gateway_conflicts(&self) -> Vec<crate::proxy::gateway::Conflict> {
         self.gateway_conflicts.read().map(|g| g.clone()).unwrap_or_default()
+    }
+
+    /// Does what the CNI plugin asked (see [`cni`]) and answers it.
+    async fn cni_command(&self, capture: &mut Capture, cmd: cni::Command, node: &str) {
+        let (ip, reply) = match cmd {
+            cni::Command::Add { pod, ip, reply } => {
+                capture.cni_ips.insert(pod, ip);
+                (ip, Some(reply))
+            }
+            cni::Command::Check { ip, reply } => (ip, Some(reply)),
+            cni::Command::Del { pod } => {
+                capture.cni_ips.remove(&pod);
+                (std::net::Ipv4Addr::UNSPECIFIED, None)
+            }
+        };
+        if let Err(e) = capture.reconcile(&self.inputs.state(), node).await {
+            tracing::warn!(error = %e, "capture reconcile failed; will retry");
+        }
+        self.publish_capture(capture);
+        if let Some(reply) = reply {
+            let _ = reply.send(capture.ready_role(ip));
+        }
     }
 
     fn reconcile_gateways(&self, gateways: &mut crate::proxy::gateway::Listeners) {
@@ -372,6 +395,17 @@ async fn serve(
             None
         }
     };
+    // The CNI plugin's questions, once this agent captures (a predecessor
+    // answered them until now).
+    let mut cni_rx = match std::fs::create_dir_all(&cfg.identity.state_dir)
+        .and_then(|()| cni::serve(ctx.clone(), cni::path(&cfg.identity.state_dir), cfg.node.clone()))
+    {
+        Ok(rx) => Some(rx),
+        Err(e) => {
+            tracing::warn!(error = %e, dir = %cfg.identity.state_dir.display(), "no socket for the CNI plugin: it will fail new pods on this node");
+            None
+        }
+    };
     let mut handed_over = std::pin::pin!(async {
         match &offer {
             Some(o) => o.handed_over().await,
@@ -406,6 +440,14 @@ async fn serve(
                     tracing::warn!(error = %e, "capture reconcile failed; will retry");
                 }
                 ctx.publish_capture(capture);
+            }
+            Some(cmd) = async {
+                match &mut cni_rx {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                ctx.cni_command(capture, cmd, &cfg.node).await;
             }
             loaded = source.next_model() => {
                 apply(ctx, Ok(loaded));

@@ -135,6 +135,9 @@ pub struct Capture {
     gate: gate::Gate,
     /// The node's pod ranges given on the command line (over the Node's).
     pub pod_cidrs: Vec<crate::state::security::Cidr>,
+    /// Pods' addresses from the CNI plugin, by (namespace, name): known
+    /// before the API server's pod status says them.
+    pub cni_ips: HashMap<(String, String), Ipv4Addr>,
 }
 
 impl Capture {
@@ -223,6 +226,7 @@ impl Capture {
             host_orig,
             gate: gate::Gate::default(),
             pod_cidrs: Vec::new(),
+            cni_ips: HashMap::new(),
         })
     }
 
@@ -238,8 +242,15 @@ impl Capture {
         let names = netlink::link_names(&self.handle).await?;
         let mut desired: BTreeMap<u32, Attached> = BTreeMap::new();
         let mut pending = Vec::new();
-        for w in state.local_workloads(node) {
-            let Some(ip) = w.ip else { continue };
+        self.forget_departed_cni_pods(state, node);
+        for w in state.scheduled_workloads(node) {
+            let from_cni = match self.cni_ips.is_empty() {
+                true => None,
+                false => self.cni_ips.get(&(w.namespace.to_string(), w.name.to_string())).copied(),
+            };
+            // The plugin's address is the current sandbox's; the API's may be a
+            // previous one's until the kubelet reports the new.
+            let Some(ip) = from_cni.or(w.ip) else { continue };
             let pod = format!("{}/{}", w.namespace, w.name);
             let Some((&ifindex, ifname)) = routes.get(&ip).and_then(|i| names.get_key_value(i)) else {
                 if w.meshed {
@@ -326,6 +337,28 @@ impl Capture {
         self.sync_pod_gate(state, node);
         self.pending = pending;
         Ok(())
+    }
+
+    /// Whether the pod at `ip` is captured: its role, or why not.
+    pub fn ready_role(&self, ip: Ipv4Addr) -> Result<&'static str, String> {
+        let found = self.attached.iter().find(|(_, a)| a.pod_ip == ip && a.info.role != role::UPLINK);
+        match found {
+            Some((i, a)) if a.info.role == role::MESHED_POD && self.gates.contains_key(i) => Ok("meshed"),
+            Some((_, a)) if a.info.role == role::UNMESHED_POD => Ok("unmeshed"),
+            _ => match self.pending.iter().find(|p| p.pod_ip == ip) {
+                Some(p) => Err(p.reason.to_owned()),
+                None => Err(format!("no captured interface has a /32 route to {ip}")),
+            },
+        }
+    }
+
+    fn forget_departed_cni_pods(&mut self, state: &State, node: &str) {
+        if self.cni_ips.is_empty() {
+            return;
+        }
+        let here: std::collections::HashSet<(String, String)> =
+            state.scheduled_workloads(node).map(|w| (w.namespace.to_string(), w.name.to_string())).collect();
+        self.cni_ips.retain(|pod, _| here.contains(pod));
     }
 
     /// Opens the pod gate (see [`gate`]) for the pods whose capture is

@@ -479,6 +479,12 @@ impl State {
         pods.chain(self.gateways_on(node).map(|g| g.workload.principal.clone())).chain(node_id).collect()
     }
 
+    /// Pods scheduled on `node` with a network of their own, addressed or
+    /// not yet (a sandbox being made, whose address the CNI plugin gives).
+    pub fn scheduled_workloads<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Arc<Workload>> {
+        self.workloads.values().filter(move |w| w.node.as_deref() == Some(node) && !w.host_network)
+    }
+
     /// Pods scheduled on `node` that have an IP of their own.
     pub fn local_workloads<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Arc<Workload>> {
         self.workloads.values().filter(move |w| w.node.as_deref() == Some(node) && !w.host_network && w.ip.is_some())

@@ -13,6 +13,17 @@ pub const NODE: &str = "node-1";
 
 /// The agent binary: `MESH_AGENT_BIN`, or `mesh-agent` next to this test's
 /// target directory (`cargo xtask test` builds it first).
+/// The `mesh-cni` plugin built beside the agent (`MESH_CNI_BIN` overrides).
+pub fn cni_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("MESH_CNI_BIN") {
+        return p.into();
+    }
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap();
+    let bin = [dir.join("mesh-cni"), dir.parent().unwrap().join("mesh-cni")].into_iter().find(|p| p.exists());
+    bin.unwrap_or_else(|| panic!("no mesh-cni beside {} (cargo build -p mesh-cni)", dir.display()))
+}
+
 pub fn binary() -> PathBuf {
     if let Some(p) = std::env::var_os("MESH_AGENT_BIN") {
         return p.into();

@@ -190,3 +190,109 @@ fn a_new_pod_is_captured_from_its_first_packet_in_both_directions() {
     outside.join().unwrap();
     hello.join().unwrap();
 }
+
+/// Runs the plugin as a container runtime does: the command and the pod in
+/// the environment, the network configuration (with the main plugin's
+/// result) on stdin. Returns the exit status's success and stdout as JSON.
+fn cni(command: &str, namespace: &str, pod: &str, socket: &std::path::Path, timeout: f64) -> (bool, serde_json::Value) {
+    let conf = serde_json::json!({
+        "cniVersion": "1.0.0", "name": "k8s-pod-network", "type": "mesh-cni",
+        "agent_socket": socket, "timeout_seconds": timeout,
+        "prevResult": {"cniVersion": "1.0.0",
+            "interfaces": [{"name": "vc0"}, {"name": "eth0", "sandbox": "/run/netns/c0"}],
+            "ips": [{"address": "10.244.0.200/32", "interface": 1}]},
+    });
+    let mut child = std::process::Command::new(mesh_tests::agent::cni_binary())
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", "f00d")
+        .env("CNI_NETNS", "/run/netns/c0")
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", "/opt/cni/bin")
+        .env("CNI_ARGS", format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={pod}"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(conf.to_string().as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    (out.status.success(), serde_json::from_str(&text).unwrap_or(serde_json::Value::Null))
+}
+
+/// One connection from `netns` to `to`: what it met.
+fn once(netns: &str, to: SocketAddr) -> &'static str {
+    enter_and_spawn(netns, move || match TcpStream::connect_timeout(&to, Duration::from_millis(200)) {
+        Err(_) => "dropped",
+        Ok(mut s) => {
+            s.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+            match s.read(&mut [0; 16]) {
+                Ok(n) if n > 0 => "passed",
+                _ => "captured",
+            }
+        }
+    })
+    .join()
+    .unwrap()
+}
+
+/// The pod `c0`, known to the API server before its sandbox is made: no
+/// address yet (the plugin gives it).
+const PENDING_POD: &str = "apiVersion: v1
+kind: Pod
+metadata: {name: c0, namespace: demo, labels: {app: newpod}}
+spec: {nodeName: node-1, serviceAccountName: newpod}
+";
+
+#[test]
+fn the_cni_plugin_returns_once_the_pod_is_captured_and_fails_without_an_agent() {
+    if !require_root("the_cni_plugin_returns_once_the_pod_is_captured_and_fails_without_an_agent") {
+        return;
+    }
+    let mut c = Fixture::one_node();
+    c.objects.pod_cidr("node-1", "10.244.0.0/24").object(PENDING_POD);
+    let stop_servers = Arc::new(AtomicBool::new(false));
+    let outside = banner_server(&c.net_ns, OUTSIDE, "outside\n", stop_servers.clone());
+    let agent = Agent::start(&c, &c.yaml(POLICY));
+    let socket = agent.dir.join("state/cni.sock");
+
+    // The main plugin's work: the pod's interface and address. Not captured
+    // (the agent does not know its address), and gated: nothing leaves.
+    let netns = c.add_sandbox(0, "c0", Ipv4Addr::new(10, 244, 0, 200)).netns.clone();
+    c.wire("c0");
+    assert_eq!(once(&netns, OUTSIDE), "dropped", "{}", agent.log_text());
+
+    // ADD returns the previous result once the agent has captured the pod:
+    // the pod's very first connection meets the agent.
+    let (ok, out) = cni("ADD", "demo", "c0", &socket, 5.0);
+    assert!(ok, "ADD failed: {out}\n{}", agent.log_text());
+    assert_eq!(out["ips"][0]["address"], "10.244.0.200/32", "{out}");
+    assert_eq!(once(&netns, OUTSIDE), "captured", "{}", agent.log_text());
+    assert!(cni("CHECK", "demo", "c0", &socket, 5.0).0);
+
+    // A pod the agent never hears of fails its sandbox, with the reason.
+    let (ok, out) = cni("ADD", "demo", "ghost", &socket, 0.5);
+    assert!(!ok);
+    assert_eq!(out["code"], 11, "{out}");
+    assert!(out["details"].as_str().unwrap().contains("not in this agent's configuration"), "{out}");
+
+    // DEL forgets the address: capture released, the gate closed again.
+    assert!(cni("DEL", "demo", "c0", &socket, 5.0).0);
+    let (ok, out) = cni("CHECK", "demo", "c0", &socket, 5.0);
+    assert!(!ok, "still captured after DEL: {out}");
+    assert_eq!(once(&netns, OUTSIDE), "dropped");
+
+    // No agent: ADD fails (try again later), naming the socket; a pod of an
+    // excluded namespace (kube-system) starts anyway; DEL never fails.
+    drop(agent);
+    let (ok, out) = cni("ADD", "demo", "c0", &socket, 1.0);
+    assert!(!ok);
+    assert_eq!(out["code"], 11, "{out}");
+    assert!(out["msg"].as_str().unwrap().contains("is mesh-agent running"), "{out}");
+    assert!(out["details"].as_str().unwrap().contains("cni.sock"), "{out}");
+    let (ok, out) = cni("ADD", "kube-system", "coredns-0", &socket, 1.0);
+    assert!(ok, "{out}");
+    assert_eq!(out["ips"][0]["address"], "10.244.0.200/32");
+    assert!(cni("DEL", "demo", "c0", &socket, 1.0).0);
+    stop_servers.store(true, Ordering::Relaxed);
+    outside.join().unwrap();
+}

@@ -243,7 +243,7 @@ fn build_ebpf() -> anyhow::Result<()> {
 
 fn test(args: &[String]) -> anyhow::Result<()> {
     // The netns tests run the agent binary, which `cargo test` does not build.
-    run(Command::new("cargo").args(["build", "--package", "mesh-agent"]))?;
+    run(Command::new("cargo").args(["build", "--package", "mesh-agent", "--package", "mesh-cni"]))?;
     // Default members: every crate but mesh-ebpf, which only builds for BPF.
     run(Command::new("cargo").arg("test").args(args))
 }

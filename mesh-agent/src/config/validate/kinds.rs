@@ -97,12 +97,11 @@ pub(super) fn build_workload(
             }
             None => ns_mode.map(String::as_str) == Some("ambient"),
         };
+    // No address yet: a pod whose sandbox is being made. Known, so that the
+    // CNI plugin's request for it is answered; reachable once its address
+    // is known (from the kubelet's status, or the plugin).
     let ip = match pod.status.pod_ip.as_deref() {
         Some(s) => Some(parse_ip(ctx, "status.podIP", s)?),
-        None if meshed && pod.spec.node_name.is_some() => {
-            ctx.error("status.podIP", "required for a pod enrolled in the mesh");
-            return None;
-        }
         None => None,
     };
     let mut named_ports = BTreeMap::new();

@@ -61,10 +61,6 @@ fn invalid_input_names_file_object_and_field() {
             "cluster.yaml (document 2): Service x/b: spec.clusterIP: 10.96.0.1 is already the clusterIP of Service default/a",
         ),
         (
-            "apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: demo, labels: {istio.io/dataplane-mode: ambient}}\nspec: {nodeName: n1}\n",
-            "cluster.yaml (document 1): Pod demo/p: status.podIP: required for a pod enrolled in the mesh",
-        ),
-        (
             "apiVersion: v1\nkind: Pod\nmetadata: {name: p, labels: {istio.io/dataplane-mode: sidecar}}\n",
             "cluster.yaml (document 1): Pod default/p: metadata.labels[istio.io/dataplane-mode]: \"sidecar\": expected \"ambient\" or \"none\"",
         ),
@@ -385,4 +381,12 @@ fn a_nodes_pod_ranges_are_its_ipv4_pod_cidrs() {
     // podCIDRs wins (podCIDR is its first entry); IPv6 ranges are skipped.
     assert_eq!(node("{podCIDR: 10.244.1.0/24, podCIDRs: [10.244.1.0/24, 'fd00:10::/64']}"), ["10.244.1.0/24"]);
     assert!(node("{}").is_empty());
+}
+
+#[test]
+fn a_scheduled_pod_without_an_address_yet_is_known_to_its_node() {
+    let yaml = "apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: demo, labels: {istio.io/dataplane-mode: ambient}}\nspec: {nodeName: n1}\n";
+    let state = admitted(yaml).state;
+    assert_eq!(state.scheduled_workloads("n1").map(|w| w.name.to_string()).collect::<Vec<_>>(), ["p"]);
+    assert_eq!(state.local_workloads("n1").count(), 0, "not addressable yet");
 }
