@@ -8,9 +8,12 @@ COPY . .
 # LLVM 22 (bookworm-security), nightly rust-src and bpf-linker for the eBPF programs.
 RUN cargo xtask setup \
  && cargo build --release -p mesh-agent --bin mesh-agent \
- && strip --strip-debug target/release/mesh-agent
+ && cargo rustc --release -p mesh-cni --bin mesh-cni -- -C target-feature=+crt-static \
+ && strip --strip-debug target/release/mesh-agent target/release/mesh-cni
 
 # glibc, libgcc and nothing else: the agent needs no shell and no files.
 FROM gcr.io/distroless/cc-debian12
 COPY --from=build /src/target/release/mesh-agent /usr/local/bin/mesh-agent
+# Statically linked: the init container copies it onto the host.
+COPY --from=build /src/target/release/mesh-cni /usr/local/bin/mesh-cni
 ENTRYPOINT ["/usr/local/bin/mesh-agent"]

@@ -416,9 +416,29 @@ async fn serve(
     let mut sigterm =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(CaptureError::Io)?;
     let mut tick = tokio::time::interval(cfg.resync_interval);
+    // SIGTERM while a replacement is getting ready (a DaemonSet surge: the
+    // kubelet may count the new pod ready from this agent's answer on the
+    // shared readiness socket) must not stop accepting before it does.
+    let (mut terminating, mut handed) = (false, false);
+    let taking_over = || offer.as_ref().is_some_and(handover::Offer::taking_over);
+    let mut recheck = tokio::time::interval(Duration::from_millis(100));
     loop {
         tokio::select! {
-            _ = sigterm.recv() => { tracing::info!("SIGTERM: draining"); break }
+            _ = sigterm.recv(), if !terminating => {
+                if taking_over() {
+                    tracing::info!("SIGTERM while a replacement takes over: accepting until it is ready");
+                    terminating = true;
+                    continue;
+                }
+                tracing::info!("SIGTERM: draining");
+                break
+            }
+            _ = recheck.tick(), if terminating => {
+                if !taking_over() {
+                    tracing::info!("the replacement gave up: draining");
+                    break;
+                }
+            }
             _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: draining"); break }
             () = &mut handed_over => {
                 // The replacement accepts on these sockets now; the admin
@@ -427,6 +447,7 @@ async fn serve(
                 for t in &admin_tasks {
                     t.abort();
                 }
+                handed = true;
                 break;
             }
             Some(n) = async {
@@ -477,6 +498,13 @@ async fn serve(
     }
     certs_task.abort();
     drain(&inputs.active, cfg.drain_timeout).await;
+    // A pod's container that exits is restarted by the kubelet, and would
+    // take the sockets back from its replacement: under Kubernetes the old
+    // agent waits for its pod's deletion (the DaemonSet's next step).
+    if handed && !terminating && matches!(cfg.source, ConfigSource::Kubernetes { .. }) {
+        tracing::info!("handed over and drained; waiting for SIGTERM (the DaemonSet deletes this pod)");
+        sigterm.recv().await;
+    }
     Ok(())
 }
 

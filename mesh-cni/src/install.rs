@@ -160,6 +160,7 @@ fn uninstall(o: &Options) -> Result<String, String> {
 }
 
 #[cfg(test)]
+#[expect(clippy::unwrap_used, reason = "tests")]
 mod tests {
     use super::*;
 

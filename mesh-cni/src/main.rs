@@ -153,7 +153,7 @@ fn run(command: &str, conf: &Conf) -> Result<Option<Value>, Failure> {
     }
     let (namespace, name) = pod_of(&std::env::var("CNI_ARGS").unwrap_or_default());
     let container_id = std::env::var("CNI_CONTAINERID").unwrap_or_default();
-    let excluded = conf.exclude_namespaces.iter().any(|n| *n == namespace);
+    let excluded = conf.exclude_namespaces.contains(&namespace);
     let ips = conf.prev_result.as_ref().map(addresses).unwrap_or_default();
     let request = Request {
         command,

@@ -30,8 +30,39 @@ fn docs(yaml: &str) -> Vec<Value> {
 #[test]
 fn deploy_renders_and_passes_strict_schema_validation() {
     let rendered = render();
-    let file = std::env::temp_dir().join(format!("mesh-deploy-{}.yaml", std::process::id()));
-    std::fs::write(&file, &rendered).expect("temp file");
+    validate(&rendered, "mesh-deploy");
+    let kinds: Vec<String> =
+        docs(&rendered).iter().map(|d| d["kind"].as_str().unwrap_or_default().to_owned()).collect();
+    for kind in ["Namespace", "DaemonSet", "Deployment", "Service", "ClusterRole", "Role"] {
+        assert!(kinds.iter().any(|k| k == kind), "no {kind} in deploy/: {kinds:?}");
+    }
+}
+
+#[test]
+fn the_cleanup_removes_the_plugin_then_capture_on_every_node() {
+    let rendered = kustomize(&std::path::Path::new(DEPLOY).join("cleanup"));
+    validate(&rendered, "mesh-cleanup");
+    let all = docs(&rendered);
+    let ds = all.iter().find(|d| d["kind"] == "DaemonSet").expect("a DaemonSet");
+    let pod = &ds["spec"]["template"]["spec"];
+    assert_eq!(pod["hostNetwork"], Value::Bool(true), "capture is in the node's network namespace");
+    let steps: Vec<String> = pod["initContainers"]
+        .as_sequence()
+        .expect("init containers")
+        .iter()
+        .map(|c| {
+            let words = c["command"].as_sequence().or(c["args"].as_sequence()).expect("command or args");
+            words.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(" ")
+        })
+        .collect();
+    assert!(steps[0].starts_with("/usr/local/bin/mesh-cni uninstall"), "{steps:?}");
+    assert!(steps[1].starts_with("uninstall --bpffs=/sys/fs/bpf"), "{steps:?}");
+}
+
+/// `kubernetes-validate --strict` for the oldest and newest Kubernetes supported.
+fn validate(rendered: &str, name: &str) {
+    let file = std::env::temp_dir().join(format!("{name}-{}.yaml", std::process::id()));
+    std::fs::write(&file, rendered).expect("temp file");
     for version in ["1.33.0", "1.37.0"] {
         let out = Command::new("python3")
             .args(["-m", "kubernetes_validate", "--strict", "-k", version])
@@ -42,11 +73,6 @@ fn deploy_renders_and_passes_strict_schema_validation() {
         assert!(out.status.success() && !text.contains("ERROR"), "Kubernetes {version}:\n{text}");
     }
     let _ = std::fs::remove_file(&file);
-    let kinds: Vec<String> =
-        docs(&rendered).iter().map(|d| d["kind"].as_str().unwrap_or_default().to_owned()).collect();
-    for kind in ["Namespace", "DaemonSet", "Deployment", "Service", "ClusterRole", "Role"] {
-        assert!(kinds.iter().any(|k| k == kind), "no {kind} in deploy/: {kinds:?}");
-    }
 }
 
 #[test]
@@ -66,15 +92,15 @@ fn the_daemonset_is_what_the_agent_needs_and_no_more() {
     let node_env =
         agent["env"].as_sequence().expect("env").iter().find(|e| e["name"] == "NODE_NAME").expect("NODE_NAME");
     assert_eq!(node_env["valueFrom"]["fieldRef"]["fieldPath"].as_str(), Some("spec.nodeName"));
-    // The stats and readiness ports declared; the kubelet probes the
-    // readiness port on the node's address (no host: the admin API stays on
-    // loopback), liveness on a path that stays 200 while draining.
-    let ports = agent["ports"].as_sequence().expect("ports");
-    let port = |name: &str| ports.iter().find(|p| p["name"] == name).and_then(|p| p["containerPort"].as_u64());
-    assert_eq!((port("stats"), port("readiness")), (Some(15020), Some(15021)));
+    // No ports declared (a surge pod would not be scheduled beside the old
+    // one: hostNetwork container ports are host ports); the kubelet probes
+    // the readiness port by number on the node's address (no host: the
+    // admin API stays on loopback), liveness on a path that stays 200 while
+    // draining.
+    assert!(agent.get("ports").is_none(), "declared ports block the surge: {:?}", agent["ports"]);
     let probe = |name: &str| &agent[name]["httpGet"];
     for name in ["readinessProbe", "livenessProbe", "startupProbe"] {
-        assert_eq!(probe(name)["port"].as_str(), Some("readiness"), "{name}");
+        assert_eq!(probe(name)["port"].as_u64(), Some(15021), "{name}");
         assert!(probe(name).get("host").is_none(), "{name}");
     }
     assert_eq!(probe("readinessProbe")["path"].as_str(), Some("/healthz/ready"));
@@ -107,8 +133,20 @@ fn the_daemonset_is_what_the_agent_needs_and_no_more() {
     assert!(host("/sys/fs/cgroup") && host("/sys/fs/bpf"));
     let token = volumes.iter().find_map(|v| v["projected"]["sources"][0].get("serviceAccountToken")).expect("token");
     assert_eq!(token["audience"].as_str(), Some("mesh-ca"));
-    // No surge: two agents cannot share a node's ports.
-    assert_eq!(ds["spec"]["updateStrategy"]["rollingUpdate"]["maxSurge"].as_u64(), Some(0));
+    // Surge: the new agent takes the old one's sockets over through the
+    // state directory both share on the host; none is ever unavailable.
+    let rolling = &ds["spec"]["updateStrategy"]["rollingUpdate"];
+    assert_eq!((rolling["maxSurge"].as_u64(), rolling["maxUnavailable"].as_u64()), (Some(1), Some(0)));
+    assert!(args.contains(&"--state-dir=/var/run/mesh-agent"), "{args:?}");
+    assert!(host("/var/run/mesh-agent"));
+    // The CNI plugin installed by an init container into the host's CNI
+    // directories, asking the agent on the socket in that state directory.
+    assert!(host("/opt/cni/bin") && host("/etc/cni/net.d"));
+    let init = &pod["initContainers"][0];
+    let command: Vec<&str> = init["command"].as_sequence().expect("command").iter().filter_map(Value::as_str).collect();
+    assert_eq!(command[..2], ["/usr/local/bin/mesh-cni", "install"]);
+    assert!(command.contains(&"--socket=/var/run/mesh-agent/cni.sock"), "{command:?}");
+    assert_eq!(init["securityContext"]["capabilities"]["drop"][0].as_str(), Some("ALL"));
     // Requests set, no limits (see the comment in deploy/agent.yaml).
     assert!(agent["resources"]["requests"]["memory"].is_string() && agent["resources"].get("limits").is_none());
     // The agent's role only reads.
@@ -144,17 +182,21 @@ fn the_podmonitor_component_scrapes_what_the_annotations_name() {
     let monitor = all.iter().find(|d| d["kind"] == "PodMonitor").expect("a PodMonitor");
     assert_eq!(monitor["apiVersion"].as_str(), Some("monitoring.coreos.com/v1"));
     assert_eq!(monitor["metadata"]["namespace"], ds["metadata"]["namespace"]);
-    // It selects the agents' pods, by a port they declare, on the annotated path.
+    // It selects the agents' pods and scrapes the annotated port (set as the
+    // target's address: the pods declare none) on the annotated path.
     let labels = &ds["spec"]["template"]["metadata"]["labels"];
     let selector = monitor["spec"]["selector"]["matchLabels"].as_mapping().expect("matchLabels");
     assert!(selector.iter().all(|(k, v)| &labels[k] == v), "{selector:?} does not select {labels:?}");
     let endpoint = &monitor["spec"]["podMetricsEndpoints"][0];
-    let ports = ds["spec"]["template"]["spec"]["containers"][0]["ports"].as_sequence().expect("ports");
-    let port = ports.iter().find(|p| p["name"] == endpoint["port"]).expect("the PodMonitor's port is declared");
     let annotations = &ds["spec"]["template"]["metadata"]["annotations"];
-    assert_eq!(
-        port["containerPort"].as_u64().map(|p| p.to_string()).as_deref(),
-        annotations["prometheus.io/port"].as_str()
-    );
+    let address = endpoint["relabelings"]
+        .as_sequence()
+        .expect("relabelings")
+        .iter()
+        .find(|r| r["targetLabel"] == "__address__")
+        .expect("the address set to the stats port");
+    assert_eq!(address["sourceLabels"][0].as_str(), Some("__meta_kubernetes_pod_ip"));
+    let port = annotations["prometheus.io/port"].as_str().expect("port annotation");
+    assert_eq!(address["replacement"].as_str(), Some(format!("$1:{port}").as_str()));
     assert_eq!(endpoint["path"], annotations["prometheus.io/path"]);
 }

@@ -19,11 +19,17 @@ use crate::{run, workspace_root};
 /// The image reference the archive carries (deploy/ names `mesh-agent`, tag set by kustomize).
 const NAME: &str = "docker.io/library/mesh-agent";
 const ENTRYPOINT: &str = "/usr/local/bin/mesh-agent";
+/// The CNI plugin, copied onto each node by the DaemonSet's init container:
+/// linked statically, as it runs on the host, whatever its C library.
+const CNI: &str = "/usr/local/bin/mesh-cni";
 
 pub fn build() -> anyhow::Result<()> {
     let root = workspace_root()?;
     run(Command::new("cargo")
         .args(["build", "--release", "-p", "mesh-agent", "--bin", "mesh-agent"])
+        .current_dir(&root))?;
+    run(Command::new("cargo")
+        .args(["rustc", "--release", "-p", "mesh-cni", "--bin", "mesh-cni", "--", "-C", "target-feature=+crt-static"])
         .current_dir(&root))?;
     let binary = root.join("target/release/mesh-agent");
     let version = env!("CARGO_PKG_VERSION");
@@ -38,6 +44,8 @@ pub fn build() -> anyhow::Result<()> {
     place(&binary, &rootfs, Path::new(ENTRYPOINT))?;
     // Debug information stays in target/ (the release profile keeps it for perf).
     run(Command::new("strip").arg("--strip-debug").arg(rootfs.join(&ENTRYPOINT[1..])))?;
+    place(&root.join("target/release/mesh-cni"), &rootfs, Path::new(CNI))?;
+    run(Command::new("strip").arg("--strip-debug").arg(rootfs.join(&CNI[1..])))?;
     for lib in libraries(&binary)? {
         place(&lib, &rootfs, &lib)?;
     }

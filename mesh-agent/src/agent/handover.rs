@@ -125,6 +125,8 @@ fn local_addr(fd: &OwnedFd) -> Option<SocketAddr> {
 pub struct Offer {
     listener: tokio::net::UnixListener,
     sockets: Vec<(String, OwnedFd)>,
+    /// A replacement holds the sockets and has not said `ready` yet.
+    taking: std::sync::atomic::AtomicBool,
 }
 
 impl Offer {
@@ -144,7 +146,13 @@ impl Offer {
         // Whoever holds these sockets carries the node's traffic: the file
         // is the agent's user's alone, and each peer is checked again.
         std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
-        Ok(Offer { listener, sockets })
+        Ok(Offer { listener, sockets, taking: false.into() })
+    }
+
+    /// Whether a replacement holds the sockets and is getting ready: this
+    /// agent must go on accepting until it is (or gives up).
+    pub fn taking_over(&self) -> bool {
+        self.taking.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Waits for a replacement, gives it the sockets and returns once it
@@ -175,7 +183,11 @@ impl Offer {
                     continue;
                 }
             };
+            self.taking.store(true, std::sync::atomic::Ordering::Release);
             let given = tokio::task::spawn_blocking(move || give(&stream, &sockets)).await;
+            if !matches!(given, Ok(Ok(()))) {
+                self.taking.store(false, std::sync::atomic::Ordering::Release);
+            }
             match given {
                 Ok(Ok(())) => return,
                 Ok(Err(e)) => tracing::warn!(error = %e, "handover: the replacement did not take over; serving on"),
@@ -275,10 +287,27 @@ mod tests {
 
         let old = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = old.local_addr().unwrap();
-        let offer = Offer::bind(&at, vec![offered("outbound", &old).unwrap()]).unwrap();
+        let offer = std::sync::Arc::new(Offer::bind(&at, vec![offered("outbound", &old).unwrap()]).unwrap());
         let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&at).unwrap().permissions());
         assert_eq!(mode & 0o777, 0o600, "only the agent's user may ask for the sockets");
-        let handed = tokio::spawn(async move { offer.handed_over().await });
+        assert!(!offer.taking_over());
+
+        // A replacement that takes the sockets and dies before it is ready:
+        // the old agent learns it (a SIGTERM then drains at once) and waits
+        // for the next one.
+        let at1 = at.clone();
+        let quitter = std::thread::spawn(move || take_over(&at1).unwrap().unwrap());
+        let waiting = offer.clone();
+        let handed = tokio::spawn(async move { waiting.handed_over().await });
+        let quitter = tokio::task::spawn_blocking(move || quitter.join().unwrap()).await.unwrap();
+        assert!(offer.taking_over(), "a SIGTERM now must not stop accepting");
+        drop(quitter);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while offer.taking_over() {
+            assert!(std::time::Instant::now() < deadline, "the old agent did not notice the replacement quit");
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert!(!handed.is_finished());
 
         // A client connects while the handover is under way: it waits in the queue.
         let mut early = TcpStream::connect(addr).unwrap();

@@ -74,6 +74,7 @@ fn script(ranges: &[Cidr], ready: &BTreeSet<u32>) -> String {
 }
 
 #[cfg(test)]
+#[expect(clippy::unwrap_used, reason = "tests")]
 mod tests {
     use super::*;
 

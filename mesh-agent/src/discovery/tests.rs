@@ -170,7 +170,7 @@ async fn changes_of_each_kind_reach_routing_capture_certificates_and_gateways() 
         "status": {"addresses": [{"type": "InternalIP", "address": "172.18.0.9"}]}}));
     let s = source.next().await.state;
     assert_eq!(s.nodes.get("n2").and_then(|n| n.internal_ip).map(|i| i.to_string()).as_deref(), Some("172.18.0.9"));
-    assert_eq!(s.nodes["n2"].pod_cidrs, [crate::state::security::Cidr::parse("10.244.2.0/24").unwrap()]);
+    assert_eq!(s.nodes["n2"].pod_cidrs, [crate::state::security::Cidr::parse("10.244.2.0/24").expect("a CIDR")]);
 }
 
 #[tokio::test(start_paused = true)]
