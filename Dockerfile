@@ -5,15 +5,20 @@
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY . .
-# LLVM 22 (bookworm-security), nightly rust-src and bpf-linker for the eBPF programs.
+# LLVM 22 (bookworm-security), nightly rust-src and bpf-linker for the eBPF
+# programs; nftables (setup installs it), copied below with its libraries.
 RUN cargo xtask setup \
  && cargo build --release -p mesh-agent --bin mesh-agent \
  && cargo rustc --release -p mesh-cni --bin mesh-cni -- -C target-feature=+crt-static \
- && strip --strip-debug target/release/mesh-agent target/release/mesh-cni
+ && strip --strip-debug target/release/mesh-agent target/release/mesh-cni \
+ && mkdir /nft && cp --parents /usr/sbin/nft $(ldd /usr/sbin/nft | awk '/=>/ {print $3}') /nft/
 
-# glibc, libgcc and nothing else: the agent needs no shell and no files.
+# glibc, libgcc, nft and its libraries: the agent needs no shell.
 FROM gcr.io/distroless/cc-debian12
 COPY --from=build /src/target/release/mesh-agent /usr/local/bin/mesh-agent
 # Statically linked: the init container copies it onto the host.
 COPY --from=build /src/target/release/mesh-cni /usr/local/bin/mesh-cni
+# nft and the libraries it loads: the agent's nftables table (notrack for
+# DNAT'd flows, the gate for pods not captured yet).
+COPY --from=build /nft/ /
 ENTRYPOINT ["/usr/local/bin/mesh-agent"]

@@ -22,6 +22,8 @@ const ENTRYPOINT: &str = "/usr/local/bin/mesh-agent";
 /// The CNI plugin, copied onto each node by the DaemonSet's init container:
 /// linked statically, as it runs on the host, whatever its C library.
 const CNI: &str = "/usr/local/bin/mesh-cni";
+/// The host's nftables command (`cargo xtask setup` installs it).
+const NFT: &str = "/usr/sbin/nft";
 
 pub fn build() -> anyhow::Result<()> {
     let root = workspace_root()?;
@@ -46,6 +48,13 @@ pub fn build() -> anyhow::Result<()> {
     run(Command::new("strip").arg("--strip-debug").arg(rootfs.join(&ENTRYPOINT[1..])))?;
     place(&root.join("target/release/mesh-cni"), &rootfs, Path::new(CNI))?;
     run(Command::new("strip").arg("--strip-debug").arg(rootfs.join(&CNI[1..])))?;
+    // `nft`, with which the agent installs its nftables table (the notrack
+    // rule for DNAT'd flows and the gate for pods not captured yet).
+    let nft = Path::new(NFT);
+    place(nft, &rootfs, Path::new("/usr/local/bin/nft"))?;
+    for lib in libraries(nft)? {
+        place(&lib, &rootfs, &lib)?;
+    }
     for lib in libraries(&binary)? {
         place(&lib, &rootfs, &lib)?;
     }
@@ -56,6 +65,10 @@ pub fn build() -> anyhow::Result<()> {
             bail!("the image's file system cannot run the agent: {}", String::from_utf8_lossy(&out.stderr));
         }
         eprintln!("in the image's file system: {}", String::from_utf8_lossy(&out.stdout).trim());
+        let out = Command::new("chroot").arg(&rootfs).args(["/usr/local/bin/nft", "--version"]).output()?;
+        if !out.status.success() {
+            bail!("the image's file system cannot run nft: {}", String::from_utf8_lossy(&out.stderr));
+        }
     }
     std::fs::create_dir_all(rootfs.join("tmp"))?;
     let blobs = layout.join("blobs/sha256");
