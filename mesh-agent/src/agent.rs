@@ -18,7 +18,7 @@ use crate::{
     capture::{Attached, Capture, CaptureError, Pending},
     config::{self, ConfigErrors},
     identity::{CertManager, IdentityError, ca, ca_service, manager::CertSource},
-    proxy::inputs::{Active, Inputs},
+    proxy::inputs::Inputs,
     telemetry::ResultLabels,
 };
 
@@ -497,7 +497,7 @@ async fn serve(
         let _ = t.await;
     }
     certs_task.abort();
-    drain(&inputs.active, cfg.drain_timeout).await;
+    drain(inputs, cfg.drain_timeout).await;
     // A pod's container that exits is restarted by the kubelet, and would
     // take the sockets back from its replacement: under Kubernetes the old
     // agent waits for its pod's deletion (the DaemonSet's next step).
@@ -540,20 +540,27 @@ fn apply(ctx: &Context, loaded: Result<config::Loaded, ConfigErrors>) {
     }
 }
 
-/// Waits for live connections to finish, up to `deadline`.
-async fn drain(active: &Arc<Active>, deadline: Duration) {
+/// Waits for live connections to finish, up to `deadline`; then ends the
+/// rest cleanly (a FIN each way, counted in the log) and gives their copies
+/// a moment to finish before the process exits.
+async fn drain(inputs: &Inputs, deadline: Duration) {
     let start = Instant::now();
     loop {
-        let n = active.count();
+        let n = inputs.active.count();
         if n == 0 {
             return;
         }
         let left = deadline.saturating_sub(start.elapsed());
         if left.is_zero() {
-            tracing::warn!(connections = n, "drain deadline reached; closing the rest");
+            let closed = inputs.conns.close_all();
+            tracing::warn!(connections = n, closed, "drain deadline reached: open connections ended (FIN both ways)");
+            let end = Instant::now() + Duration::from_secs(1);
+            while inputs.active.count() > 0 && Instant::now() < end {
+                let _ = tokio::time::timeout(Duration::from_millis(100), inputs.active.idle()).await;
+            }
             return;
         }
         tracing::info!(connections = n, "waiting for connections to finish");
-        let _ = tokio::time::timeout(left.min(Duration::from_millis(200)), active.idle()).await;
+        let _ = tokio::time::timeout(left.min(Duration::from_millis(200)), inputs.active.idle()).await;
     }
 }

@@ -75,3 +75,77 @@ pub fn curl(run: impl Fn(&[&str]) -> std::process::Output, args: &[&str]) -> Cur
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
 }
+
+/// What a long-lived stream went through: echoes, when the last came, and
+/// how and when it ended.
+#[derive(Debug, Default, Clone)]
+pub struct StreamLife {
+    pub echoes: u64,
+    pub last_echo: Option<std::time::Instant>,
+    pub ended: Option<(std::time::Instant, String)>,
+}
+
+type Life = std::sync::Arc<std::sync::Mutex<StreamLife>>;
+
+fn echoed(life: &Life) {
+    let mut l = life.lock().unwrap();
+    l.echoes += 1;
+    l.last_echo = Some(std::time::Instant::now());
+}
+
+fn ended(life: &Life, how: String) {
+    life.lock().unwrap().ended = Some((std::time::Instant::now(), how));
+}
+
+/// Holds a WebSocket (`ws_url`) and a gRPC bidirectional stream
+/// (`grpc_uri`, `test.Echo/Bidi`) open, a message and its echo on each every
+/// `every`, until each ends; records each one's life. Blocks: run it in a
+/// pod's thread.
+pub fn hold_streams(ws_url: String, grpc_uri: String, every: Duration, ws: Life, grpc: Life) {
+    use futures_util::{SinkExt as _, StreamExt as _};
+    use tokio_tungstenite::tungstenite::Message;
+    let patience = Duration::from_secs(5);
+    let ws_side = async {
+        let Ok(Ok((mut s, _))) = tokio::time::timeout(patience, tokio_tungstenite::connect_async(ws_url)).await else {
+            return ended(&ws, "no handshake".into());
+        };
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            if let Err(e) = s.send(Message::text("ping")).await {
+                return ended(&ws, format!("send: {e}"));
+            }
+            match tokio::time::timeout(patience, s.next()).await {
+                Ok(Some(Ok(m))) if m.is_text() => echoed(&ws),
+                Ok(Some(Ok(m))) if m.is_close() => return ended(&ws, "close frame".into()),
+                Ok(Some(Ok(_))) => {}
+                Ok(None) => return ended(&ws, "end of stream".into()),
+                Ok(Some(Err(e))) => return ended(&ws, e.to_string()),
+                Err(_) => return ended(&ws, "no echo within 5 s".into()),
+            }
+        }
+    };
+    let grpc_side = async {
+        let channel =
+            tonic::transport::Endpoint::from_shared(grpc_uri).unwrap().connect_timeout(patience).connect().await;
+        let Ok(channel) = channel else { return ended(&grpc, "no connection".into()) };
+        let mut client = tonic::client::Grpc::new(channel);
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let mut replies = match crate::grpc::bidi_open(&mut client, rx).await {
+            Ok(r) => r,
+            Err(s) => return ended(&grpc, format!("{:?}: {}", s.code(), s.message())),
+        };
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            let _ = tx.send(crate::grpc::EchoMsg { text: "ping".into(), fail_with: 0 }).await;
+            match tokio::time::timeout(patience, replies.message()).await {
+                Ok(Ok(Some(_))) => echoed(&grpc),
+                Ok(Ok(None)) => return ended(&grpc, "end of stream".into()),
+                Ok(Err(s)) => return ended(&grpc, format!("{:?}: {}", s.code(), s.message())),
+                Err(_) => return ended(&grpc, "no echo within 5 s".into()),
+            }
+        }
+    };
+    runtime().block_on(async { tokio::join!(ws_side, grpc_side) });
+}

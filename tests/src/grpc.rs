@@ -101,3 +101,15 @@ pub async fn bidi(
     }
     Ok(out)
 }
+
+/// Opens `test.Echo/Bidi` with the messages `requests` yields, for a caller
+/// that keeps the stream open and sends as it goes.
+pub async fn bidi_open(
+    grpc: &mut tonic::client::Grpc<tonic::transport::Channel>,
+    requests: tokio::sync::mpsc::Receiver<EchoMsg>,
+) -> Result<Streaming<EchoMsg>, Status> {
+    grpc.ready().await.map_err(|e| Status::unknown(e.to_string()))?;
+    let path = http::uri::PathAndQuery::from_static("/test.Echo/Bidi");
+    let stream = futures_util::stream::unfold(requests, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
+    Ok(grpc.streaming(Request::new(stream), path, Codec::default()).await?.into_inner())
+}

@@ -20,11 +20,14 @@ use std::{
 use mesh_tests::{
     Agent,
     agent::{BpfFs, metric, rss_mib},
+    clients,
     fixture::{Fixture, hello_one_node},
-    require_root,
+    require_root, servers,
 };
 
 const VIP: [u8; 4] = [10, 96, 0, 10];
+const WS_PORT: u16 = 8081;
+const GRPC_PORT: u16 = 50051;
 
 /// Slower than this, a request's SYN went unanswered once (Linux retries after 1 s).
 const SYN_RETRY: Duration = Duration::from_millis(900);
@@ -49,6 +52,15 @@ fn request() -> Result<(), String> {
     }
 }
 
+/// The time of day of a log line (`…THH:MM:SS.ffffffZ …`), in seconds.
+fn seconds_of_day(line: &str) -> Option<f64> {
+    let t = line.split('T').nth(1)?.split('Z').next()?;
+    let mut parts = t.split(':');
+    let (h, m, s) =
+        (parts.next()?.parse::<f64>().ok()?, parts.next()?.parse::<f64>().ok()?, parts.next()?.parse::<f64>().ok()?);
+    Some(h * 3600.0 + m * 60.0 + s)
+}
+
 /// An echo round trip on an open stream.
 fn echo(s: &mut TcpStream, what: &str) -> std::io::Result<String> {
     s.write_all(what.as_bytes())?;
@@ -69,6 +81,8 @@ fn three_replacements_refuse_no_connection_and_open_streams_drain() {
     let bpf = BpfFs::mount(&c);
     let mut a = Agent::start_on(&c, 0, &c.yaml(""), &bpf.agent_args());
     assert_eq!(c.pod("test").run(request), Ok(()), "{}", a.log_text());
+    servers::websocket_echo(c.pod("helloworld"), WS_PORT);
+    mesh_tests::grpc::serve(c.pod("helloworld"), GRPC_PORT);
 
     // A node process (a host client, captured by cgroup/connect4) calling
     // the Service in a loop, each call's status and time on a line.
@@ -113,10 +127,27 @@ fn three_replacements_refuse_no_connection_and_open_streams_drain() {
     };
 
     for round in 1..=3 {
-        // A stream opened through the agent about to be replaced.
+        // Streams opened through the agent about to be replaced: raw TCP,
+        // a WebSocket and a gRPC bidirectional call, each echoing every 100 ms.
         let mut stream = c.pod("test").run(|| TcpStream::connect(SocketAddr::from((VIP, 7000)))).unwrap();
         stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         assert_eq!(echo(&mut stream, "before").unwrap(), "before");
+        let (ws, grpc) = (Arc::default(), Arc::default());
+        let streams = {
+            let (ws, grpc) = (Arc::clone(&ws), Arc::clone(&grpc));
+            let hello = c.pod("helloworld").ip;
+            let (ws_url, grpc_uri) = (format!("ws://{hello}:{WS_PORT}/"), format!("http://{hello}:{GRPC_PORT}"));
+            c.pod("test").spawn(move || clients::hold_streams(ws_url, grpc_uri, Duration::from_millis(100), ws, grpc))
+        };
+        let wait = Instant::now();
+        while [&ws, &grpc].iter().any(|l| l.lock().unwrap().echoes == 0) {
+            assert!(
+                wait.elapsed() < Duration::from_secs(10),
+                "round {round}: streams not open: {ws:?} {grpc:?}\n{}",
+                a.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let before = done.load(Ordering::Relaxed);
 
         let started = Instant::now();
@@ -126,12 +157,39 @@ fn three_replacements_refuse_no_connection_and_open_streams_drain() {
         // The old agent drains: the stream it carries still works.
         assert_eq!(echo(&mut stream, "during").unwrap(), "during", "round {round}:\n{}", a.log_text());
         let status = a.wait_exit(15);
+        let exited = Instant::now();
         assert!(status.success(), "round {round}: the old agent exited with {status}:\n{}", a.log_text());
         assert!(a.log_text().contains("handed over"), "{}", a.log_text());
-        // Its drain timeout (2 s) has passed: the stream is closed, not left hanging.
+        // Its drain timeout (2 s) has passed: the stream was ended cleanly
+        // (end of stream, not a reset), and counted in its log.
         let mut buf = [0u8; 8];
-        let closed = stream.write_all(b"after").and_then(|()| stream.read(&mut buf));
-        assert!(matches!(closed, Ok(0) | Err(_)), "round {round}: the stream outlived its agent: {closed:?}");
+        let closed = stream.read(&mut buf);
+        assert!(matches!(closed, Ok(0)), "round {round}: the stream was not ended cleanly: {closed:?}");
+        assert!(a.log_text().contains("drain deadline reached"), "{}", a.log_text());
+        // The WebSocket and the gRPC call lived through the drain and ended
+        // with it: echoes until the old agent's deadline, none hanging after.
+        streams.join().unwrap();
+        for (what, life) in [("WebSocket", &ws), ("gRPC stream", &grpc)] {
+            let l = life.lock().unwrap().clone();
+            let (end, how) = l.ended.clone().unwrap_or_else(|| panic!("round {round}: {what} never ended"));
+            let lived = l.last_echo.map(|t| t.saturating_duration_since(started)).unwrap_or_default();
+            assert!(
+                lived >= handover + Duration::from_millis(1500),
+                "round {round}: {what} stopped echoing {lived:?} into the replacement: {l:?}"
+            );
+            assert!(end <= exited + Duration::from_secs(2), "round {round}: {what} outlived its agent: {l:?}");
+            // Clean: an end of stream (a FIN; for the WebSocket, whose frames
+            // the agent does not parse after the upgrade, without a closing
+            // handshake), never a TCP reset (os error 104) or a hang.
+            assert!(
+                !how.contains("os error") && !how.contains("no echo"),
+                "round {round}: {what} did not end cleanly: {how}"
+            );
+            eprintln!(
+                "round {round}: {what}: {} echoes, the last {lived:?} after the replacement started; ended: {how}",
+                l.echoes
+            );
+        }
 
         // The new agent serves the load on its own.
         let wait = Instant::now();
@@ -141,8 +199,19 @@ fn three_replacements_refuse_no_connection_and_open_streams_drain() {
         }
         let served = metric(&b.metrics(), "istio_requests_total", &[("reporter", "source"), ("response_code", "200")]);
         assert!(served > 0.0, "round {round}: the new agent served no request:\n{}", b.log_text());
+        // The gap between the old agent's last accepted connection and the
+        // new one's first (negative: both accepted for a while), from their
+        // logs of the host client's calls (one every ~25 ms).
+        let accepts = |log: &str| {
+            log.lines().filter(|l| l.contains("host client")).filter_map(seconds_of_day).collect::<Vec<f64>>()
+        };
+        let (old, new) = (accepts(&a.log_text()), accepts(&b.log_text()));
+        let gap = match (old.last(), new.first()) {
+            (Some(last), Some(first)) => format!("{:+.1} ms", (first - last) * 1000.0),
+            _ => "not seen".into(),
+        };
         eprintln!(
-            "round {round}: started to took over {handover:?}; overlap RSS old {:.1} MiB, new {:.1} MiB",
+            "round {round}: started to took over {handover:?}; last accept of the old agent to first of the new: {gap}; overlap RSS old {:.1} MiB, new {:.1} MiB",
             both.0, both.1
         );
         std::mem::swap(&mut a, &mut b);

@@ -218,6 +218,20 @@ impl Conns {
         refused.len()
     }
 
+    /// Ends every live connection with a FIN each way (the drain deadline):
+    /// both peers read the end of the stream, not a reset, and the copies
+    /// between them finish. Returns how many.
+    pub fn close_all(&self) -> usize {
+        let Ok(mut live) = self.live.lock() else { return 0 };
+        let n = live.len();
+        for (_, e) in live.drain() {
+            for s in std::iter::once(&e.upstream).chain(&e.client) {
+                let _ = s.shutdown(Shutdown::Write);
+            }
+        }
+        n
+    }
+
     /// The live connections, oldest first, for the admin API: who, to
     /// where, how, and the bytes the kernel counted on the upstream socket.
     pub fn dump(&self, state: &State) -> Vec<ConnInfo> {
