@@ -263,8 +263,10 @@ fn the_cni_plugin_returns_once_the_pod_is_captured_and_fails_without_an_agent() 
 
     // ADD returns the previous result once the agent has captured the pod:
     // the pod's very first connection meets the agent.
+    let add = Instant::now();
     let (ok, out) = cni("ADD", "demo", "c0", &socket, 5.0);
     assert!(ok, "ADD failed: {out}\n{}", agent.log_text());
+    eprintln!("CNI ADD returned after {:?} (plugin start, capture attached, gate opened)", add.elapsed());
     assert_eq!(out["ips"][0]["address"], "10.244.0.200/32", "{out}");
     assert_eq!(once(&netns, OUTSIDE), "captured", "{}", agent.log_text());
     assert!(cni("CHECK", "demo", "c0", &socket, 5.0).0);
