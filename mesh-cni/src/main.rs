@@ -155,13 +155,15 @@ fn run(command: &str, conf: &Conf) -> Result<Option<Value>, Failure> {
     let container_id = std::env::var("CNI_CONTAINERID").unwrap_or_default();
     let excluded = conf.exclude_namespaces.contains(&namespace);
     let ips = conf.prev_result.as_ref().map(addresses).unwrap_or_default();
+    // The agent answers with its reason before this plugin stops waiting.
+    let agent_wait = timeout.saturating_sub((timeout / 4).min(Duration::from_secs(1)));
     let request = Request {
         command,
         namespace: &namespace,
         name: &name,
         container_id: &container_id,
         ips,
-        timeout_ms: timeout.as_millis() as u64,
+        timeout_ms: agent_wait.as_millis() as u64,
     };
     match command {
         "ADD" => {

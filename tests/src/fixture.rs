@@ -80,6 +80,17 @@ impl Objects {
         self
     }
 
+    /// Adds label `key: value` to Node `node` (written before).
+    pub fn label_node(&mut self, node: &str, key: &str, value: &str) -> &mut Self {
+        let head = format!("kind: Node\nmetadata: {{name: {node}");
+        let doc = self.docs.iter_mut().find(|d| d.contains(&head)).unwrap_or_else(|| panic!("no Node {node}"));
+        *doc = match doc.contains(", labels: {") {
+            true => doc.replacen(", labels: {", &format!(", labels: {{{key}: {value}, "), 1),
+            false => doc.replacen(&head, &format!("{head}, labels: {{{key}: {value}}}"), 1),
+        };
+        self
+    }
+
     /// A namespace, enrolled in the mesh (ambient) or not.
     pub fn namespace(&mut self, name: &str, meshed: bool) -> &mut Self {
         let labels = if meshed { ", labels: {istio.io/dataplane-mode: ambient}" } else { "" };

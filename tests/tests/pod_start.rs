@@ -272,7 +272,7 @@ fn the_cni_plugin_returns_once_the_pod_is_captured_and_fails_without_an_agent() 
     assert!(cni("CHECK", "demo", "c0", &socket, 5.0).0);
 
     // A pod the agent never hears of fails its sandbox, with the reason.
-    let (ok, out) = cni("ADD", "demo", "ghost", &socket, 0.5);
+    let (ok, out) = cni("ADD", "demo", "ghost", &socket, 1.5);
     assert!(!ok);
     assert_eq!(out["code"], 11, "{out}");
     assert!(out["details"].as_str().unwrap().contains("not in this agent's configuration"), "{out}");

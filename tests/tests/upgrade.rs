@@ -22,6 +22,7 @@ use mesh_tests::{
     agent::{BpfFs, metric, rss_mib},
     clients,
     fixture::{Fixture, hello_one_node},
+    netns::enter_and_spawn,
     require_root, servers,
 };
 
@@ -32,14 +33,43 @@ const GRPC_PORT: u16 = 50051;
 /// Slower than this, a request's SYN went unanswered once (Linux retries after 1 s).
 const SYN_RETRY: Duration = Duration::from_millis(900);
 
-/// `test` calling helloworld (HTTP on 9095, echo on 7000) through the Service.
+/// `test` calling helloworld (HTTP on 9095, echo on 7000) through the
+/// Service, and node-1 its ingress gateway (port 80).
 fn cluster() -> Fixture {
-    hello_one_node("helloworld", &[("app", "helloworld")])
+    let mut f = hello_one_node("helloworld", &[("app", "helloworld")]);
+    f.objects.label_node("node-1", "istio", "ingressgateway");
+    f
 }
+
+const GATEWAY: &str = r#"apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: ingress, namespace: istio-system}
+spec:
+  selector: {istio: ingressgateway}
+  servers:
+  - port: {number: 80, name: http, protocol: HTTP}
+    hosts: ["*"]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: ingress, namespace: demo}
+spec:
+  hosts: ["*"]
+  gateways: [istio-system/ingress]
+  http:
+  - route: [{destination: {host: helloworld, port: {number: 9095}}}]
+"#;
+
+/// node-1's gateway port, from outside the node.
+const INGRESS: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::new(172, 18, 0, 2)), 80);
 
 /// One request on a new connection: `Ok` when helloworld answered 200.
 fn request() -> Result<(), String> {
-    let addr = SocketAddr::from((VIP, 9095));
+    request_to(SocketAddr::from((VIP, 9095)))
+}
+
+/// The same request to `addr` (the Service, or the node's gateway port).
+fn request_to(addr: SocketAddr) -> Result<(), String> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(|e| format!("connect: {e}"))?;
     s.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
     s.write_all(b"GET / HTTP/1.1\r\nHost: helloworld\r\nConnection: close\r\n\r\n")
@@ -79,8 +109,10 @@ fn three_replacements_refuse_no_connection_and_open_streams_drain() {
     // The host's bpffs, as the DaemonSet's pods share it: each replacement
     // adopts the pinned capture and the shared maps.
     let bpf = BpfFs::mount(&c);
-    let mut a = Agent::start_on(&c, 0, &c.yaml(""), &bpf.agent_args());
+    let mut a = Agent::start_on(&c, 0, &c.yaml(GATEWAY), &bpf.agent_args());
     assert_eq!(c.pod("test").run(request), Ok(()), "{}", a.log_text());
+    let net = c.net_ns.clone();
+    assert_eq!(enter_and_spawn(&net, || request_to(INGRESS)).join().unwrap(), Ok(()), "{}", a.log_text());
     servers::websocket_echo(c.pod("helloworld"), WS_PORT);
     mesh_tests::grpc::serve(c.pod("helloworld"), GRPC_PORT);
 
@@ -115,6 +147,26 @@ fn three_replacements_refuse_no_connection_and_open_streams_drain() {
                 match request() {
                     // A SYN that met no listener is retried after 1 s: as
                     // much a gap as a refusal.
+                    Ok(()) if at.elapsed() >= SYN_RETRY => {
+                        failed.lock().unwrap().push(format!("took {:?}", at.elapsed()))
+                    }
+                    Ok(()) => drop(done.fetch_add(1, Ordering::Relaxed)),
+                    Err(e) => failed.lock().unwrap().push(e),
+                };
+                std::thread::sleep(Duration::from_millis(5).saturating_sub(at.elapsed()));
+            }
+        })
+    };
+
+    // And clients outside the node at its gateway port, one every 5 ms.
+    let ingress_failed = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let ingress_done = Arc::new(AtomicU64::new(0));
+    let ingress = {
+        let (stop, done, failed) = (stop.clone(), ingress_done.clone(), ingress_failed.clone());
+        enter_and_spawn(&net, move || {
+            while !stop.load(Ordering::Relaxed) {
+                let at = Instant::now();
+                match request_to(INGRESS) {
                     Ok(()) if at.elapsed() >= SYN_RETRY => {
                         failed.lock().unwrap().push(format!("took {:?}", at.elapsed()))
                     }
@@ -243,10 +295,17 @@ fn three_replacements_refuse_no_connection_and_open_streams_drain() {
     }
     assert!(replaced > 100, "only {replaced} requests made");
     eprintln!("{replaced} requests across three replacements, none failed");
+    {
+        let failed = ingress_failed.lock().unwrap();
+        let (n, done) = (failed.len(), ingress_done.load(Ordering::Relaxed));
+        assert!(n == 0, "{n} of {} requests at the gateway port failed: {:?}", done + n as u64, &failed[..n.min(10)]);
+        assert!(done > 100, "only {done} requests at the gateway port");
+        eprintln!("{done} requests at the gateway port across three replacements, none failed");
+    }
 
     // Control: stopping the agent and then starting one (a DaemonSet with
     // `maxSurge: 0`) leaves a gap, and the same load sees it.
-    let config = c.yaml("");
+    let config = c.yaml(GATEWAY);
     a.stop();
     let b = Agent::start_on(&c, 0, &config, &bpf.agent_args());
     let wait = Instant::now();
@@ -255,6 +314,7 @@ fn three_replacements_refuse_no_connection_and_open_streams_drain() {
     }
     stop.store(true, Ordering::Relaxed);
     load.join().unwrap();
+    ingress.join().unwrap();
     let lost = failed.lock().unwrap().len();
     eprintln!("stop, then start: {lost} requests failed or waited for a SYN retry");
     assert!(lost > 0, "the load did not see the gap of a stop-then-start:\n{}", b.log_text());

@@ -26,12 +26,14 @@ use std::{io, path::Path, process::Command};
 use mesh_common::Marks;
 
 const EARLY_DEMUX: &str = "/proc/sys/net/ipv4/tcp_early_demux";
+const MIGRATE_REQ: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
 const NFT_TABLE: &str = "mesh_agent";
 
 /// What [`NodeSettings::apply`] changed, to undo at exit.
 #[derive(Debug, Default)]
 pub struct NodeSettings {
     early_demux: Option<String>,
+    migrate_req: Option<String>,
     nft: bool,
 }
 
@@ -50,6 +52,21 @@ impl NodeSettings {
                 }
             },
             Err(e) => tracing::warn!(error = %e, "cannot read {EARLY_DEMUX}"),
+        }
+        // Connections waiting in a closing gateway listener's queue move to
+        // the replacing agent's listener in the same SO_REUSEPORT group
+        // (Linux ≥ 5.14) instead of being reset.
+        match std::fs::read_to_string(MIGRATE_REQ) {
+            Ok(old) if old.trim() == "1" => {}
+            Ok(old) => match std::fs::write(MIGRATE_REQ, "1") {
+                Ok(()) => applied.migrate_req = Some(old.trim().to_owned()),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot set tcp_migrate_req: an upgrade may reset connections waiting at a gateway port")
+                }
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "no {MIGRATE_REQ} (Linux < 5.14): an upgrade may reset connections waiting at a gateway port")
+            }
         }
         match install_notrack(marks) {
             Ok(()) => applied.nft = true,
@@ -72,6 +89,9 @@ impl NodeSettings {
         if read_sysctl("net/ipv4/tcp_early_demux").as_deref() == Some("0") {
             let _ = std::fs::write(EARLY_DEMUX, "1");
         }
+        if read_sysctl("net/ipv4/tcp_migrate_req").as_deref() == Some("1") {
+            let _ = std::fs::write(MIGRATE_REQ, "0");
+        }
         let _ = nft(&format!("delete table inet {NFT_TABLE}\n"));
     }
 
@@ -81,6 +101,9 @@ impl NodeSettings {
             && let Err(e) = std::fs::write(EARLY_DEMUX, &old)
         {
             tracing::warn!(error = %e, "restoring tcp_early_demux");
+        }
+        if let Some(old) = self.migrate_req.take() {
+            let _ = std::fs::write(MIGRATE_REQ, &old);
         }
         if std::mem::take(&mut self.nft) {
             let _ = nft(&format!("delete table inet {NFT_TABLE}\n"));

@@ -271,6 +271,12 @@ fn open(ctx: &Arc<Inputs>, state: &State, plan: &PortPlan) -> std::io::Result<Se
     let first = serving(state, plan)?;
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
     socket.set_reuse_address(true)?;
+    // A replacing agent (an upgrade) listens beside this one at once, and
+    // when this one closes its listener the kernel moves the connections
+    // waiting in its queue to the other (`net.ipv4.tcp_migrate_req`, set by
+    // the agent): the gateway's port refuses nothing across the handover.
+    // Only a process of the same user may join the group.
+    socket.set_reuse_port(true)?;
     socket.set_nonblocking(true)?;
     socket.bind(&plan.addr.into())?;
     socket.listen(1024)?;
