@@ -274,8 +274,14 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
     ctx.inputs.metrics.config_loads.get_or_create(&ResultLabels { result: "success" }).inc();
     ctx.record_rejected(&loaded.rejected);
 
-    let Acquired { outbound, inbound, hbone, admin, handover } = listeners::acquire(&cfg).await?;
+    let Acquired { outbound, inbound, hbone, admin, mut handover } = listeners::acquire(&cfg).await?;
     let certs = &ctx.inputs.certs;
+    // The previous agent's certificates: the CA is not asked again for them.
+    if let Some(inherited) = &mut handover.inherited {
+        let frame = inherited.take_certs();
+        let taken = certs.adopt(handover::decode_certs(&frame));
+        tracing::info!(certificates = taken, "took the previous agent's workload certificates");
+    }
     let tls = crate::identity::tls::server_config(certs.roots(), certs.clone(), true, &[b"h2"])?;
     let sockets = Sockets { outbound, inbound, hbone, hbone_tls: tokio_rustls::TlsAcceptor::from(Arc::new(tls)) };
     let mut capture = Capture::start(cfg.host_cgroup.as_deref(), cfg.kubelet_cgroup.as_deref(), &cfg.bpffs).await?;
@@ -388,7 +394,9 @@ async fn serve(
     }
     // Offered to the next agent only now: until this one accepts, the
     // previous one's offer is the node's.
-    let offer = match offered.and_then(|sockets| handover::Offer::bind(&handover.path, sockets)) {
+    let certs = inputs.certs.clone();
+    let offer = offered.and_then(|sockets| handover::Offer::bind(&handover.path, sockets));
+    let offer = match offer.map(|o| o.with_certs(move || handover::encode_certs(certs.export()))) {
         Ok(o) => Some(o),
         Err(e) => {
             tracing::warn!(error = %e, path = %handover.path.display(), "cannot offer the sockets for a handover; an upgrade will refuse connections");

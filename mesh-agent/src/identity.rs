@@ -77,6 +77,9 @@ pub struct WorkloadCert {
     pub identity: Arc<str>,
     pub key: Arc<CertifiedKey>,
     pub info: CertInfo,
+    /// The key's PKCS#8 form, only ever handed to a replacing agent of the
+    /// same user (see `agent::handover`), never shown or written.
+    pkcs8: Vec<u8>,
 }
 
 /// What `/config_dump` shows of a certificate: never the key.
@@ -163,14 +166,21 @@ impl WorkloadCert {
         let leaf = chain.first().ok_or_else(|| IdentityError::invalid("certificate chain", "empty"))?;
         let mut info = CertInfo::parse(leaf)?;
         info.chain = chain.iter().filter_map(|c| ChainLink::parse(c)).collect();
-        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_pkcs8));
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_pkcs8.clone()));
         let signer = rustls::crypto::ring::sign::any_supported_type(&key)
             .map_err(|e| IdentityError::invalid("private key", e))?;
         Ok(WorkloadCert {
             identity: info.identity.as_str().into(),
             key: Arc::new(CertifiedKey::new(chain, signer)),
             info,
+            pkcs8: key_pkcs8,
         })
+    }
+
+    /// The chain (DER, leaf first) and the key (PKCS#8), for a replacing
+    /// agent: what [`WorkloadCert::new`] takes back.
+    pub fn export(&self) -> (Vec<Vec<u8>>, Vec<u8>) {
+        (self.key.cert.iter().map(|c| c.to_vec()).collect(), self.pkcs8.clone())
     }
 }
 

@@ -212,6 +212,16 @@ fn three_replacements_refuse_no_connection_and_open_streams_drain() {
         let exited = Instant::now();
         assert!(status.success(), "round {round}: the old agent exited with {status}:\n{}", a.log_text());
         assert!(a.log_text().contains("handed over"), "{}", a.log_text());
+        // The new agent took the old one's certificates: it asked the CA for none.
+        let new_log = b.log_text();
+        assert!(
+            !new_log.contains("workload certificate issued"),
+            "round {round}: the replacement asked the CA:\n{new_log}"
+        );
+        assert!(
+            new_log.lines().any(|l| l.contains("took the previous agent's workload certificates") && !l.contains("certificates=0")),
+            "round {round}:\n{new_log}"
+        );
         // Its drain timeout (2 s) has passed: the stream was ended cleanly
         // (end of stream, not a reset), and counted in its log.
         let mut buf = [0u8; 8];

@@ -41,7 +41,14 @@ struct Manifest {
     /// The sockets' names (`outbound`, `hbone`, `admin`, …), in the order
     /// of the descriptors.
     sockets: Vec<String>,
+    /// A second frame follows with the workload certificates held (an
+    /// agent that predates it neither sends nor reads it).
+    #[serde(default)]
+    certs: bool,
 }
+
+/// The most a certificate frame may hold (a node's identities' chains and keys).
+const MAX_CERTS_FRAME: usize = 16 << 20;
 
 /// The handover socket's path in a state directory, for this network
 /// namespace: a unix socket's path crosses namespaces, and an agent of
@@ -58,6 +65,8 @@ pub fn path(state_dir: &Path) -> PathBuf {
 pub struct Inherited {
     sockets: Vec<(String, OwnedFd)>,
     peer: UnixStream,
+    /// The old agent's certificates (see [`Offer::with_certs`]), as it sent them.
+    certs: Vec<u8>,
 }
 
 impl std::fmt::Debug for Inherited {
@@ -76,7 +85,7 @@ pub fn take_over(path: &Path) -> io::Result<Option<Inherited>> {
     };
     same_user(&peer)?;
     peer.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let (manifest, fds) = receive(&peer)?;
+    let (manifest, fds, leftover) = receive(&peer)?;
     if manifest.version != 1 || manifest.sockets.len() != fds.len() {
         return Err(io::Error::other(format!(
             "handover: manifest version {} names {} sockets, {} received",
@@ -85,7 +94,70 @@ pub fn take_over(path: &Path) -> io::Result<Option<Inherited>> {
             fds.len()
         )));
     }
-    Ok(Some(Inherited { sockets: manifest.sockets.into_iter().zip(fds).collect(), peer }))
+    let certs = if manifest.certs { read_frame(&peer, leftover)? } else { Vec::new() };
+    Ok(Some(Inherited { sockets: manifest.sockets.into_iter().zip(fds).collect(), peer, certs }))
+}
+
+/// One certificate in the certificate frame: its chain (DER, leaf first) and
+/// its key (PKCS#8), base64 in JSON.
+#[derive(Debug, Serialize, Deserialize)]
+struct CertEntry {
+    chain: Vec<String>,
+    key: String,
+}
+
+/// The certificate frame for `certs` (chain, key) pairs.
+pub fn encode_certs(certs: Vec<(Vec<Vec<u8>>, Vec<u8>)>) -> Vec<u8> {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let entries: Vec<CertEntry> = certs
+        .into_iter()
+        .map(|(chain, key)| CertEntry { chain: chain.iter().map(|c| b64.encode(c)).collect(), key: b64.encode(key) })
+        .collect();
+    serde_json::to_vec(&entries).unwrap_or_default()
+}
+
+/// The (chain, key) pairs of a certificate frame; what does not decode is left out.
+pub fn decode_certs(frame: &[u8]) -> Vec<(Vec<Vec<u8>>, Vec<u8>)> {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let entries: Vec<CertEntry> = serde_json::from_slice(frame).unwrap_or_default();
+    entries
+        .into_iter()
+        .filter_map(|e| {
+            let chain = e.chain.iter().map(|c| b64.decode(c).ok()).collect::<Option<Vec<_>>>()?;
+            Some((chain, b64.decode(&e.key).ok()?))
+        })
+        .collect()
+}
+
+/// A length-prefixed frame (`u32` big-endian, then the bytes), some of which
+/// may have been read already.
+fn read_frame(mut stream: &UnixStream, mut have: Vec<u8>) -> io::Result<Vec<u8>> {
+    use std::io::Read as _;
+    let mut chunk = [0u8; 64 * 1024];
+    let mut want = None;
+    loop {
+        if want.is_none() && have.len() >= 4 {
+            let len = u32::from_be_bytes([have[0], have[1], have[2], have[3]]) as usize;
+            if len > MAX_CERTS_FRAME {
+                return Err(io::Error::other(format!("handover: a {len}-byte certificate frame")));
+            }
+            have.drain(..4);
+            want = Some(len);
+        }
+        if let Some(len) = want
+            && have.len() >= len
+        {
+            have.truncate(len);
+            return Ok(have);
+        }
+        let n = stream.read(&mut chunk)?;
+        if n == 0 {
+            return Err(io::Error::other("handover: the certificate frame was cut short"));
+        }
+        have.extend_from_slice(&chunk[..n]);
+    }
 }
 
 impl Inherited {
@@ -102,6 +174,12 @@ impl Inherited {
         let listener = std::net::TcpListener::from(fd);
         listener.set_nonblocking(true).ok()?;
         Some(listener)
+    }
+
+    /// The old agent's certificates, as [`Offer::with_certs`] made them
+    /// (empty if it sent none); taken once.
+    pub fn take_certs(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.certs)
     }
 
     /// Tells the old agent to stop accepting: this one accepts on every
@@ -125,6 +203,8 @@ fn local_addr(fd: &OwnedFd) -> Option<SocketAddr> {
 pub struct Offer {
     listener: tokio::net::UnixListener,
     sockets: Vec<(String, OwnedFd)>,
+    /// Makes the certificate frame at the moment of a handover.
+    certs: Option<Box<dyn Fn() -> Vec<u8> + Send + Sync>>,
     /// A replacement holds the sockets and has not said `ready` yet.
     taking: std::sync::atomic::AtomicBool,
 }
@@ -146,7 +226,16 @@ impl Offer {
         // Whoever holds these sockets carries the node's traffic: the file
         // is the agent's user's alone, and each peer is checked again.
         std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
-        Ok(Offer { listener, sockets, taking: false.into() })
+        Ok(Offer { listener, sockets, certs: None, taking: false.into() })
+    }
+
+    /// Sends what `certs` makes (the workload certificates and keys held
+    /// at that moment) with the sockets, so that the replacement does not
+    /// ask the CA for them again. The channel is the sockets' own: a file
+    /// only this agent's user may open, a peer checked to be that user.
+    pub fn with_certs(mut self, certs: impl Fn() -> Vec<u8> + Send + Sync + 'static) -> Offer {
+        self.certs = Some(Box::new(certs));
+        self
     }
 
     /// Whether a replacement holds the sockets and is getting ready: this
@@ -184,7 +273,8 @@ impl Offer {
                 }
             };
             self.taking.store(true, std::sync::atomic::Ordering::Release);
-            let given = tokio::task::spawn_blocking(move || give(&stream, &sockets)).await;
+            let certs = self.certs.as_ref().map(|make| make());
+            let given = tokio::task::spawn_blocking(move || give(&stream, &sockets, certs.as_deref())).await;
             if !matches!(given, Ok(Ok(()))) {
                 self.taking.store(false, std::sync::atomic::Ordering::Release);
             }
@@ -212,9 +302,11 @@ fn same_user(peer: &UnixStream) -> io::Result<()> {
     Ok(())
 }
 
-/// Sends the manifest and descriptors, then waits for `ready`.
-fn give(stream: &UnixStream, sockets: &[(String, OwnedFd)]) -> io::Result<()> {
-    let manifest = Manifest { version: 1, sockets: sockets.iter().map(|(n, _)| n.clone()).collect() };
+/// Sends the manifest and descriptors (and the certificate frame), then
+/// waits for `ready`.
+fn give(stream: &UnixStream, sockets: &[(String, OwnedFd)], certs: Option<&[u8]>) -> io::Result<()> {
+    let names = sockets.iter().map(|(n, _)| n.clone()).collect();
+    let manifest = Manifest { version: 1, sockets: names, certs: certs.is_some() };
     let body = serde_json::to_vec(&manifest).map_err(io::Error::other)?;
     let fds: Vec<RawFd> = sockets.iter().map(|(_, fd)| fd.as_raw_fd()).collect();
     let len = u32::try_from(body.len()).map_err(io::Error::other)?.to_be_bytes();
@@ -223,6 +315,12 @@ fn give(stream: &UnixStream, sockets: &[(String, OwnedFd)]) -> io::Result<()> {
     let sent = sendmsg::<()>(stream.as_raw_fd(), &iov, &cmsg, MsgFlags::empty(), None)?;
     if sent != len.len() + body.len() {
         return Err(io::Error::other("handover: manifest sent in part"));
+    }
+    if let Some(certs) = certs {
+        let len = u32::try_from(certs.len()).map_err(io::Error::other)?.to_be_bytes();
+        let mut w = stream;
+        w.write_all(&len)?;
+        w.write_all(certs)?;
     }
     // No deadline: the replacement loads its configuration, capture and
     // certificates meanwhile, and its exit closes the stream.
@@ -236,8 +334,9 @@ fn give(stream: &UnixStream, sockets: &[(String, OwnedFd)]) -> io::Result<()> {
     }
 }
 
-/// Receives the manifest and the descriptors sent with it.
-fn receive(stream: &UnixStream) -> io::Result<(Manifest, Vec<OwnedFd>)> {
+/// Receives the manifest and the descriptors sent with it, and whatever
+/// bytes came after the manifest in the same read.
+fn receive(stream: &UnixStream) -> io::Result<(Manifest, Vec<OwnedFd>, Vec<u8>)> {
     let mut buf = vec![0u8; 64 * 1024];
     let mut space = nix::cmsg_space!([RawFd; MAX_SOCKETS]);
     let (n, fds) = {
@@ -262,7 +361,7 @@ fn receive(stream: &UnixStream) -> io::Result<(Manifest, Vec<OwnedFd>)> {
     let len = u32::from_be_bytes(*len) as usize;
     let body = rest.get(..len).ok_or_else(|| io::Error::other("handover: manifest cut short"))?;
     let manifest = serde_json::from_slice(body).map_err(|e| io::Error::other(format!("handover manifest: {e}")))?;
-    Ok((manifest, fds))
+    Ok((manifest, fds, rest[len..].to_vec()))
 }
 
 #[cfg(test)]
@@ -287,7 +386,11 @@ mod tests {
 
         let old = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = old.local_addr().unwrap();
-        let offer = std::sync::Arc::new(Offer::bind(&at, vec![offered("outbound", &old).unwrap()]).unwrap());
+        let frame = super::encode_certs(vec![(vec![b"leaf".to_vec(), b"intermediate".to_vec()], b"key".to_vec())]);
+        let sent = frame.clone();
+        let offer =
+            Offer::bind(&at, vec![offered("outbound", &old).unwrap()]).unwrap().with_certs(move || sent.clone());
+        let offer = std::sync::Arc::new(offer);
         let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&at).unwrap().permissions());
         assert_eq!(mode & 0o777, 0o600, "only the agent's user may ask for the sockets");
         assert!(!offer.taking_over());
@@ -314,6 +417,11 @@ mod tests {
         let at2 = at.clone();
         let mut inherited = tokio::task::spawn_blocking(move || take_over(&at2)).await.unwrap().unwrap().unwrap();
         assert_eq!(inherited.names(), ["outbound"]);
+        // The certificates came with the sockets, whole.
+        let certs = inherited.take_certs();
+        assert_eq!(certs, frame);
+        let decoded = super::decode_certs(&certs);
+        assert_eq!(decoded, [(vec![b"leaf".to_vec(), b"intermediate".to_vec()], b"key".to_vec())]);
         let wrong = "127.0.0.1:1".parse().unwrap();
         assert!(inherited.take("outbound", wrong).is_none(), "a socket bound elsewhere is not taken");
         let new = inherited.take("outbound", addr).expect("the same socket");

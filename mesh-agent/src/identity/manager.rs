@@ -8,7 +8,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use rustls::{RootCertStore, sign::CertifiedKey};
+use rustls::{RootCertStore, pki_types::CertificateDer, sign::CertifiedKey};
 
 use super::{CertInfo, IdentityError, WorkloadCert, ca::Ca, ca_service::CaClient, tls::CertLookup};
 
@@ -138,6 +138,42 @@ impl CertManager {
     /// The identity whose certificate a client asked for by server name.
     pub fn identity_for_server_name(&self, sni: &str) -> Option<Arc<str>> {
         self.by_sni.read().ok()?.get(sni).cloned()
+    }
+
+    /// The certificates held and still valid, with their keys: what a
+    /// replacing agent adopts instead of asking the CA again.
+    pub fn export(&self) -> Vec<(Vec<Vec<u8>>, Vec<u8>)> {
+        let now = SystemTime::now();
+        let held = self.certs.read().map(|m| m.values().cloned().collect::<Vec<_>>()).unwrap_or_default();
+        held.iter().filter(|c| c.info.not_after > now).map(|c| c.export()).collect()
+    }
+
+    /// Takes certificates a previous agent held (see [`CertManager::export`]):
+    /// each one still valid is used as if this agent had fetched it, and
+    /// renewed at half its remaining life. Returns how many were taken.
+    pub fn adopt(&self, certs: Vec<(Vec<Vec<u8>>, Vec<u8>)>) -> usize {
+        let now = SystemTime::now();
+        let mut taken = 0;
+        for (chain, key) in certs {
+            let chain = chain.into_iter().map(CertificateDer::from).collect();
+            let cert = match WorkloadCert::new(chain, key) {
+                Ok(c) if c.info.not_after > now && c.info.identity.starts_with("spiffe://") => Arc::new(c),
+                Ok(_) => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, "a handed-over certificate was not usable; the CA will be asked");
+                    continue;
+                }
+            };
+            let identity = cert.identity.clone();
+            if let Ok(mut m) = self.certs.write() {
+                m.insert(identity.clone(), cert);
+            }
+            if let Ok(mut m) = self.by_sni.write() {
+                m.insert(super::server_name_for(&identity), identity);
+            }
+            taken += 1;
+        }
+        taken
     }
 
     /// What `/config_dump` shows: identity, serial, validity (no keys).
