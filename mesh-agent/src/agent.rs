@@ -2,17 +2,14 @@
 //! serves admin, watches the configuration, and on SIGTERM/SIGINT drains and
 //! leaves the node exactly as it found it.
 use std::{
-    collections::HashSet,
     net::SocketAddr,
     path::PathBuf,
     sync::{
         Arc, RwLock,
         atomic::{AtomicBool, Ordering},
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
-
-use tokio::sync::watch;
 
 use crate::{
     capture::{Attached, Capture, CaptureError, Pending},
@@ -26,9 +23,10 @@ mod admin;
 pub mod cni;
 pub mod handover;
 mod listeners;
+mod serve;
 mod source;
 
-use listeners::{Acquired, Handover};
+use listeners::Acquired;
 
 pub use source::ConfigSource;
 use source::Source;
@@ -165,28 +163,6 @@ impl Context {
         self.gateway_conflicts.read().map(|g| g.clone()).unwrap_or_default()
     }
 
-    /// Does what the CNI plugin asked (see [`cni`]) and answers it.
-    async fn cni_command(&self, capture: &mut Capture, cmd: cni::Command, node: &str) {
-        let (ip, reply) = match cmd {
-            cni::Command::Add { pod, ip, reply } => {
-                capture.cni_ips.insert(pod, ip);
-                (ip, Some(reply))
-            }
-            cni::Command::Check { ip, reply } => (ip, Some(reply)),
-            cni::Command::Del { pod } => {
-                capture.cni_ips.remove(&pod);
-                (std::net::Ipv4Addr::UNSPECIFIED, None)
-            }
-        };
-        if let Err(e) = capture.reconcile(&self.inputs.state(), node).await {
-            tracing::warn!(error = %e, "capture reconcile failed; will retry");
-        }
-        self.publish_capture(capture);
-        if let Some(reply) = reply {
-            let _ = reply.send(capture.ready_role(ip));
-        }
-    }
-
     fn reconcile_gateways(&self, gateways: &mut crate::proxy::gateway::Listeners) {
         gateways.reconcile(&self.inputs);
         if let Ok(mut g) = self.gateway_status.write() {
@@ -289,7 +265,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
     if let Some(orig) = capture.take_host_orig() {
         let _ = ctx.inputs.host_orig.set(orig);
     }
-    let result = serve(&cfg, &ctx, sockets, admin, handover, &mut capture, &mut source).await;
+    let result = serve::serve(&cfg, &ctx, sockets, admin, handover, &mut capture, &mut source).await;
     // Whatever happened: capture stays pinned (fail closed) unless the mesh
     // is leaving the node.
     let cleanup = capture.shutdown(cfg.uninstall_on_exit).await;
@@ -299,7 +275,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
 }
 
 /// The data path's bound sockets (15001, 15006, 15008) and the HBONE server's TLS settings.
-struct Sockets {
+pub(super) struct Sockets {
     outbound: tokio::net::TcpListener,
     inbound: tokio::net::TcpListener,
     hbone: tokio::net::TcpListener,
@@ -323,252 +299,5 @@ fn cert_manager(cfg: &IdentityConfig) -> Result<CertManager, IdentityError> {
                 ca_service::CaClient::new(remote.addr.clone(), Arc::new(roots.clone()), token_file, &cfg.trust_domain)?;
             Ok(CertManager::new(CertSource::Remote(client), roots, cfg.cert_ttl))
         }
-    }
-}
-
-/// The identities of this node's meshed pods and gateways: the certificates to hold.
-fn wanted_identities(inputs: &Inputs) -> HashSet<Arc<str>> {
-    inputs.state().node_identities(&inputs.node)
-}
-
-/// Keeps certificates in step with the local pods, renewing at half life.
-async fn sync_certificates(inputs: Arc<Inputs>, every: Duration) {
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        inputs.certs.sync(&wanted_identities(&inputs)).await;
-    }
-}
-
-async fn serve(
-    cfg: &RunConfig,
-    ctx: &Arc<Context>,
-    sockets: Sockets,
-    admin: Vec<(admin::Surface, tokio::net::TcpListener)>,
-    handover: Handover,
-    capture: &mut Capture,
-    source: &mut Source,
-) -> Result<(), RunError> {
-    let inputs = &ctx.inputs;
-    // Subscribed before the first reconcile, so that no pod's interface
-    // appears unnoticed between the two.
-    let mut changes = match crate::capture::netlink::changes() {
-        Ok(c) => Some(c),
-        Err(e) => {
-            tracing::warn!(error = %e, "no netlink notifications: new pods are captured at the next resync");
-            None
-        }
-    };
-    capture.reconcile(&inputs.state(), &cfg.node).await?;
-    ctx.publish_capture(capture);
-    // Certificates for the local pods before serving, so that the first
-    // connections need not wait for the CA.
-    inputs.certs.sync(&wanted_identities(inputs)).await;
-    let every = cfg.resync_interval.min(Duration::from_secs(1));
-    let certs_task = tokio::spawn(sync_certificates(inputs.clone(), every));
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let Sockets { outbound, inbound, hbone, hbone_tls } = sockets;
-    let offered = listeners::offered(&outbound, &inbound, &hbone, &admin);
-    use crate::proxy::Direction;
-    let mut gateways = crate::proxy::gateway::Listeners::default();
-    ctx.reconcile_gateways(&mut gateways);
-    let hop = gateways.tunnel_hop(inputs);
-    let tasks = [
-        tokio::spawn(crate::proxy::serve(inputs.clone(), outbound, Direction::Outbound, stop_rx.clone())),
-        tokio::spawn(crate::proxy::serve(inputs.clone(), inbound, Direction::Inbound, stop_rx.clone())),
-        tokio::spawn(crate::proxy::inbound::hbone::serve(inputs.clone(), hbone, hbone_tls, hop, stop_rx)),
-    ];
-    let admin_tasks: Vec<_> = admin
-        .into_iter()
-        .map(|(surface, listener)| tokio::spawn(admin::serve(ctx.clone(), listener, surface)))
-        .collect();
-    ctx.ready.store(true, Ordering::Release);
-    tracing::info!(node = %cfg.node, admin = %cfg.admin_addr, pods = capture.attached().len(), "mesh-agent ready");
-    if let Some(inherited) = handover.inherited {
-        match tokio::task::spawn_blocking(move || inherited.ready()).await {
-            Ok(Ok(())) => tracing::info!("took over: the previous agent stops accepting and drains"),
-            Ok(Err(e)) => tracing::warn!(error = %e, "the previous agent did not hear that this one is ready"),
-            Err(e) => tracing::warn!(error = %e, "handover task failed"),
-        }
-    }
-    // Offered to the next agent only now: until this one accepts, the
-    // previous one's offer is the node's.
-    let certs = inputs.certs.clone();
-    let offer = offered.and_then(|sockets| handover::Offer::bind(&handover.path, sockets));
-    let offer = match offer.map(|o| o.with_certs(move || handover::encode_certs(certs.export()))) {
-        Ok(o) => Some(o),
-        Err(e) => {
-            tracing::warn!(error = %e, path = %handover.path.display(), "cannot offer the sockets for a handover; an upgrade will refuse connections");
-            None
-        }
-    };
-    // The CNI plugin's questions, once this agent captures (a predecessor
-    // answered them until now).
-    let mut cni_rx = match std::fs::create_dir_all(&cfg.identity.state_dir)
-        .and_then(|()| cni::serve(ctx.clone(), cni::path(&cfg.identity.state_dir), cfg.node.clone()))
-    {
-        Ok(rx) => Some(rx),
-        Err(e) => {
-            tracing::warn!(error = %e, dir = %cfg.identity.state_dir.display(), "no socket for the CNI plugin: it will fail new pods on this node");
-            None
-        }
-    };
-    let mut handed_over = std::pin::pin!(async {
-        match &offer {
-            Some(o) => o.handed_over().await,
-            None => std::future::pending().await,
-        }
-    });
-
-    let mut sigterm =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(CaptureError::Io)?;
-    let mut tick = tokio::time::interval(cfg.resync_interval);
-    // SIGTERM while a replacement is getting ready (a DaemonSet surge: the
-    // kubelet may count the new pod ready from this agent's answer on the
-    // shared readiness socket) must not stop accepting before it does.
-    let (mut terminating, mut handed) = (false, false);
-    let taking_over = || offer.as_ref().is_some_and(handover::Offer::taking_over);
-    let mut recheck = tokio::time::interval(Duration::from_millis(100));
-    loop {
-        tokio::select! {
-            _ = sigterm.recv(), if !terminating => {
-                if taking_over() {
-                    tracing::info!("SIGTERM while a replacement takes over: accepting until it is ready");
-                    terminating = true;
-                    continue;
-                }
-                tracing::info!("SIGTERM: draining");
-                break
-            }
-            _ = recheck.tick(), if terminating => {
-                if !taking_over() {
-                    tracing::info!("the replacement gave up: draining");
-                    break;
-                }
-            }
-            _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: draining"); break }
-            () = &mut handed_over => {
-                // The replacement accepts on these sockets now; the admin
-                // surfaces are its too (the kubelet asks it about readiness).
-                tracing::info!("handed over to the new agent: draining");
-                for t in &admin_tasks {
-                    t.abort();
-                }
-                handed = true;
-                break;
-            }
-            Some(n) = async {
-                match &mut changes {
-                    Some(c) => c.next().await,
-                    None => std::future::pending().await,
-                }
-            } => {
-                tracing::trace!(notifications = n, "links or routes changed");
-                if let Err(e) = capture.reconcile(&inputs.state(), &cfg.node).await {
-                    tracing::warn!(error = %e, "capture reconcile failed; will retry");
-                }
-                ctx.publish_capture(capture);
-            }
-            Some(cmd) = async {
-                match &mut cni_rx {
-                    Some(rx) => rx.recv().await,
-                    None => std::future::pending().await,
-                }
-            } => {
-                ctx.cni_command(capture, cmd, &cfg.node).await;
-            }
-            loaded = source.next_model() => {
-                apply(ctx, Ok(loaded));
-                ctx.reconcile_gateways(&mut gateways);
-                if let Err(e) = capture.reconcile(&inputs.state(), &cfg.node).await {
-                    tracing::warn!(error = %e, "capture reconcile failed; will retry");
-                }
-                ctx.publish_capture(capture);
-            }
-            _ = tick.tick() => {
-                if let Some(loaded) = source.poll_files(&cfg.identity.trust_domain) {
-                    apply(ctx, loaded);
-                }
-                ctx.reconcile_gateways(&mut gateways);
-                if let Err(e) = capture.reconcile(&inputs.state(), &cfg.node).await {
-                    tracing::warn!(error = %e, "capture reconcile failed; will retry");
-                }
-                ctx.publish_capture(capture);
-            }
-        }
-    }
-    ctx.ready.store(false, Ordering::Release);
-    let _ = stop_tx.send(true);
-    gateways.close_all();
-    for t in tasks {
-        let _ = t.await;
-    }
-    certs_task.abort();
-    drain(inputs, cfg.drain_timeout).await;
-    // A pod's container that exits is restarted by the kubelet, and would
-    // take the sockets back from its replacement: under Kubernetes the old
-    // agent waits for its pod's deletion (the DaemonSet's next step).
-    if handed && !terminating && matches!(cfg.source, ConfigSource::Kubernetes { .. }) {
-        tracing::info!("handed over and drained; waiting for SIGTERM (the DaemonSet deletes this pod)");
-        sigterm.recv().await;
-    }
-    Ok(())
-}
-
-/// Applies a new model (or records why there is none).
-fn apply(ctx: &Context, loaded: Result<config::Loaded, ConfigErrors>) {
-    match loaded {
-        Ok(loaded) => {
-            tracing::info!(source = %ctx.source, pods = loaded.state.workloads.len(), services = loaded.state.services.len(), rejected = loaded.rejected.len(), "configuration reloaded");
-            ctx.record_rejected(&loaded.rejected);
-            let inputs = &ctx.inputs;
-            inputs.set_state(loaded.state);
-            // Pooled upstream connections were authorized under the old policy:
-            // new requests get new connections, checked against the new one;
-            // open connections the new one refuses are closed.
-            inputs.http_pool.clear();
-            inputs.clusters.clear();
-            let closed = inputs.conns.revalidate(&inputs.state());
-            if closed > 0 {
-                let reason = crate::telemetry::ReasonLabels { reason: "denied_after_policy_change" };
-                inputs.metrics.connection_failures.get_or_create(&reason).inc_by(closed as u64);
-            }
-            inputs.metrics.config_loads.get_or_create(&ResultLabels { result: "success" }).inc();
-        }
-        Err(errors) => {
-            for e in &errors.0 {
-                tracing::error!("configuration rejected, keeping the last good one: {e}");
-            }
-            ctx.inputs.metrics.config_loads.get_or_create(&ResultLabels { result: "rejected" }).inc();
-            if let Ok(mut e) = ctx.last_config_error.write() {
-                *e = Some(errors.to_string());
-            }
-        }
-    }
-}
-
-/// Waits for live connections to finish, up to `deadline`; then ends the
-/// rest cleanly (a FIN each way, counted in the log) and gives their copies
-/// a moment to finish before the process exits.
-async fn drain(inputs: &Inputs, deadline: Duration) {
-    let start = Instant::now();
-    loop {
-        let n = inputs.active.count();
-        if n == 0 {
-            return;
-        }
-        let left = deadline.saturating_sub(start.elapsed());
-        if left.is_zero() {
-            let closed = inputs.conns.close_all();
-            tracing::warn!(connections = n, closed, "drain deadline reached: open connections ended (FIN both ways)");
-            let end = Instant::now() + Duration::from_secs(1);
-            while inputs.active.count() > 0 && Instant::now() < end {
-                let _ = tokio::time::timeout(Duration::from_millis(100), inputs.active.idle()).await;
-            }
-            return;
-        }
-        tracing::info!(connections = n, "waiting for connections to finish");
-        let _ = tokio::time::timeout(left.min(Duration::from_millis(200)), inputs.active.idle()).await;
     }
 }

@@ -339,50 +339,6 @@ impl Capture {
         Ok(())
     }
 
-    /// Whether the pod at `ip` is captured: its role, or why not.
-    pub fn ready_role(&self, ip: Ipv4Addr) -> Result<&'static str, String> {
-        let found = self.attached.iter().find(|(_, a)| a.pod_ip == ip && a.info.role != role::UPLINK);
-        match found {
-            Some((i, a)) if a.info.role == role::MESHED_POD && self.gates.contains_key(i) => Ok("meshed"),
-            Some((_, a)) if a.info.role == role::UNMESHED_POD => Ok("unmeshed"),
-            _ => match self.pending.iter().find(|p| p.pod_ip == ip) {
-                Some(p) => Err(p.reason.to_owned()),
-                None => Err(format!("no captured interface has a /32 route to {ip}")),
-            },
-        }
-    }
-
-    fn forget_departed_cni_pods(&mut self, state: &State, node: &str) {
-        if self.cni_ips.is_empty() {
-            return;
-        }
-        let here: std::collections::HashSet<(String, String)> =
-            state.scheduled_workloads(node).map(|w| (w.namespace.to_string(), w.name.to_string())).collect();
-        self.cni_ips.retain(|pod, _| here.contains(pod));
-    }
-
-    /// Opens the pod gate (see [`gate`]) for the pods whose capture is
-    /// complete: the classifier attached, and the last-hop gate for a meshed one.
-    fn sync_pod_gate(&mut self, state: &State, node: &str) {
-        let ranges = match &self.pod_cidrs[..] {
-            [] => state.nodes.get(node).map(|n| n.pod_cidrs.clone()).unwrap_or_default(),
-            given => given.to_vec(),
-        };
-        let ready = self
-            .attached
-            .iter()
-            .filter(|(i, a)| match a.info.role {
-                role::MESHED_POD => self.gates.contains_key(i),
-                role::UNMESHED_POD => true,
-                _ => false,
-            })
-            .map(|(i, _)| *i)
-            .collect();
-        if let Err(e) = self.gate.sync(ranges, ready) {
-            tracing::warn!(error = %e, "updating the pod gate failed; will retry");
-        }
-    }
-
     /// Attaches the last-hop gate to a meshed pod's veth (with the settings
     /// handed-back packets need), or detaches it from one no longer meshed.
     fn sync_gate(&mut self, ifindex: u32) -> Result<(), &'static str> {

@@ -27,8 +27,12 @@
 //! its SYN: the first connection is delayed, never carried around the agent.
 use std::collections::BTreeSet;
 
+use std::net::Ipv4Addr;
+
+use mesh_common::role;
+
 use super::node::{POD_CIDRS, READY, TABLE, nft};
-use crate::state::security::Cidr;
+use crate::state::{State, security::Cidr};
 
 /// What the sets hold, as last written.
 #[derive(Debug, Default)]
@@ -55,6 +59,52 @@ impl Gate {
         tracing::debug!(ranges = want.0.len(), ready = want.1.len(), "pod gate updated");
         self.written = Some(want);
         Ok(())
+    }
+}
+
+impl super::Capture {
+    /// Whether the pod at `ip` is captured: its role, or why not.
+    pub fn ready_role(&self, ip: Ipv4Addr) -> Result<&'static str, String> {
+        let found = self.attached.iter().find(|(_, a)| a.pod_ip == ip && a.info.role != role::UPLINK);
+        match found {
+            Some((i, a)) if a.info.role == role::MESHED_POD && self.gates.contains_key(i) => Ok("meshed"),
+            Some((_, a)) if a.info.role == role::UNMESHED_POD => Ok("unmeshed"),
+            _ => match self.pending.iter().find(|p| p.pod_ip == ip) {
+                Some(p) => Err(p.reason.to_owned()),
+                None => Err(format!("no captured interface has a /32 route to {ip}")),
+            },
+        }
+    }
+
+    pub(super) fn forget_departed_cni_pods(&mut self, state: &State, node: &str) {
+        if self.cni_ips.is_empty() {
+            return;
+        }
+        let here: std::collections::HashSet<(String, String)> =
+            state.scheduled_workloads(node).map(|w| (w.namespace.to_string(), w.name.to_string())).collect();
+        self.cni_ips.retain(|pod, _| here.contains(pod));
+    }
+
+    /// Opens the pod gate (see [`gate`]) for the pods whose capture is
+    /// complete: the classifier attached, and the last-hop gate for a meshed one.
+    pub(super) fn sync_pod_gate(&mut self, state: &State, node: &str) {
+        let ranges = match &self.pod_cidrs[..] {
+            [] => state.nodes.get(node).map(|n| n.pod_cidrs.clone()).unwrap_or_default(),
+            given => given.to_vec(),
+        };
+        let ready = self
+            .attached
+            .iter()
+            .filter(|(i, a)| match a.info.role {
+                role::MESHED_POD => self.gates.contains_key(i),
+                role::UNMESHED_POD => true,
+                _ => false,
+            })
+            .map(|(i, _)| *i)
+            .collect();
+        if let Err(e) = self.gate.sync(ranges, ready) {
+            tracing::warn!(error = %e, "updating the pod gate failed; will retry");
+        }
     }
 }
 

@@ -42,32 +42,18 @@ impl NodeSettings {
     /// each failure is logged, and leaves DNAT'd or re-entering flows failing
     /// closed, never passing).
     pub fn apply(marks: &Marks) -> Self {
-        let mut applied = NodeSettings::default();
-        match std::fs::read_to_string(EARLY_DEMUX) {
-            Ok(old) if old.trim() == "0" => {}
-            Ok(old) => match std::fs::write(EARLY_DEMUX, "0") {
-                Ok(()) => applied.early_demux = Some(old.trim().to_owned()),
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot turn tcp_early_demux off: flows that enter by another interface and reach a meshed pod will stall")
-                }
-            },
-            Err(e) => tracing::warn!(error = %e, "cannot read {EARLY_DEMUX}"),
-        }
-        // Connections waiting in a closing gateway listener's queue move to
-        // the replacing agent's listener in the same SO_REUSEPORT group
-        // (Linux ≥ 5.14) instead of being reset.
-        match std::fs::read_to_string(MIGRATE_REQ) {
-            Ok(old) if old.trim() == "1" => {}
-            Ok(old) => match std::fs::write(MIGRATE_REQ, "1") {
-                Ok(()) => applied.migrate_req = Some(old.trim().to_owned()),
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot set tcp_migrate_req: an upgrade may reset connections waiting at a gateway port")
-                }
-            },
-            Err(e) => {
-                tracing::warn!(error = %e, "no {MIGRATE_REQ} (Linux < 5.14): an upgrade may reset connections waiting at a gateway port")
-            }
-        }
+        let mut applied = NodeSettings {
+            early_demux: set_sysctl(
+                EARLY_DEMUX,
+                "0",
+                "flows that enter by another interface and reach a meshed pod will stall",
+            ),
+            // Connections waiting in a closing gateway listener's queue move
+            // to the replacing agent's listener in the same SO_REUSEPORT
+            // group (Linux ≥ 5.14) instead of being reset.
+            migrate_req: set_sysctl(MIGRATE_REQ, "1", "an upgrade may reset connections waiting at a gateway port"),
+            nft: false,
+        };
         match install_notrack(marks) {
             Ok(()) => applied.nft = true,
             Err(e) => {
@@ -119,6 +105,25 @@ pub fn prepare_gated(ifname: &str) -> io::Result<()> {
     let dir = Path::new("/proc/sys/net/ipv4/conf").join(ifname);
     std::fs::write(dir.join("accept_local"), "1")?;
     std::fs::write(dir.join("rp_filter"), "0")
+}
+
+/// Sets the sysctl file `path` to `want`; returns the value it had, to
+/// restore, if it was changed. A failure is logged with what it costs.
+fn set_sysctl(path: &str, want: &str, consequence: &str) -> Option<String> {
+    match std::fs::read_to_string(path) {
+        Ok(old) if old.trim() == want => None,
+        Ok(old) => match std::fs::write(path, want) {
+            Ok(()) => Some(old.trim().to_owned()),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot set {path} to {want}: {consequence}");
+                None
+            }
+        },
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read {path}: {consequence}");
+            None
+        }
+    }
 }
 
 fn read_sysctl(path: &str) -> Option<String> {
