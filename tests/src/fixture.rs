@@ -22,6 +22,11 @@ pub struct Objects {
     docs: Vec<String>,
 }
 
+/// MeshConfig (Istio's `istio` ConfigMap) with `outboundTrafficPolicy:
+/// REGISTRY_ONLY`, for a cluster's YAML.
+pub const REGISTRY_ONLY: &str = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: istio, namespace: istio-system}\n\
+                                 data:\n  mesh: |\n    outboundTrafficPolicy:\n      mode: REGISTRY_ONLY\n";
+
 /// What a pod is, beyond its name, node and address.
 #[derive(Debug, Clone, Copy)]
 pub struct PodSpec<'a> {

@@ -23,7 +23,7 @@ use std::{
 
 use mesh_tests::{
     Agent,
-    fixture::{Fixture, PodSpec},
+    fixture::{Fixture, PodSpec, REGISTRY_ONLY},
     netns::enter_and_spawn,
     require_root,
 };
@@ -99,15 +99,8 @@ fn cluster() -> Fixture {
     f
 }
 
-const POLICY: &str = r#"apiVersion: v1
-kind: ConfigMap
-metadata: {name: istio, namespace: istio-system}
-data:
-  mesh: |
-    outboundTrafficPolicy:
-      mode: REGISTRY_ONLY
----
-apiVersion: security.istio.io/v1
+/// STRICT, and the two denials; with [`REGISTRY_ONLY`].
+const POLICY: &str = r#"apiVersion: security.istio.io/v1
 kind: PeerAuthentication
 metadata: {name: strict, namespace: demo}
 spec: {mtls: {mode: STRICT}}
@@ -131,6 +124,10 @@ spec:
   rules: [{from: [{source: {principals: ["cluster.local/ns/istio-system/sa/mesh-node-node-1"]}}]}]
 "#;
 
+fn policy() -> String {
+    format!("{REGISTRY_ONLY}---\n{POLICY}")
+}
+
 #[test]
 fn a_new_pod_is_captured_from_its_first_packet_in_both_directions() {
     if !require_root("a_new_pod_is_captured_from_its_first_packet_in_both_directions") {
@@ -140,7 +137,7 @@ fn a_new_pod_is_captured_from_its_first_packet_in_both_directions() {
     let stop_servers = Arc::new(AtomicBool::new(false));
     let outside = banner_server(&c.net_ns, OUTSIDE, "outside\n", stop_servers.clone());
     let hello = banner_server(&c.pod("hello").netns.clone(), HELLO, "hello\n", stop_servers.clone());
-    let agent = Agent::start(&c, &c.yaml(POLICY));
+    let agent = Agent::start(&c, &c.yaml(&policy()));
     let node_ns = c.node_ns.clone();
     let net_ns = c.net_ns.clone();
     let started = Instant::now();
@@ -252,7 +249,7 @@ fn the_cni_plugin_returns_once_the_pod_is_captured_and_fails_without_an_agent() 
     c.objects.pod_cidr("node-1", "10.244.0.0/24").object(PENDING_POD);
     let stop_servers = Arc::new(AtomicBool::new(false));
     let outside = banner_server(&c.net_ns, OUTSIDE, "outside\n", stop_servers.clone());
-    let agent = Agent::start(&c, &c.yaml(POLICY));
+    let agent = Agent::start(&c, &c.yaml(&policy()));
     let socket = agent.dir.join("state/cni.sock");
 
     // The main plugin's work: the pod's interface and address. Not captured
