@@ -151,6 +151,10 @@ pub enum Command {
         /// uninstall` does, instead of leaving it pinned for the next agent.
         #[arg(long, env = "MESH_UNINSTALL_ON_EXIT")]
         uninstall_on_exit: bool,
+        /// The cluster's name in metrics (`source_cluster`,
+        /// `destination_cluster`), as Istio's `global.multiCluster.clusterName`.
+        #[arg(long, env = "MESH_CLUSTER_ID", default_value = crate::telemetry::DEFAULT_CLUSTER_ID)]
+        cluster_id: String,
         /// This node's pod address ranges, when the Node's `spec.podCIDRs`
         /// does not give them (a CNI with its own IPAM): a pod in them is
         /// gated until its capture is attached. Repeatable.
@@ -280,6 +284,7 @@ pub fn main() -> ExitCode {
             mark_mask,
             bpffs,
             uninstall_on_exit,
+            cluster_id,
             pod_cidrs,
             worker_threads,
             limits,
@@ -291,6 +296,7 @@ pub fn main() -> ExitCode {
             crate::privileges::raise_fd_limit();
             crate::config::allow_files_under(&tls_files_from);
             crate::marks::set(mark_mask);
+            crate::telemetry::set_cluster_id(&cluster_id);
             crate::discovery::select_cluster(kube.into());
             let remote = match (ca_addr, ca_root, ca_token_file) {
                 (Some(addr), Some(root), Some(token_file)) => Some(RemoteCa { addr, root, token_file }),

@@ -112,6 +112,9 @@ pub struct Workload {
     pub app: Arc<str>,
     /// `version` (or `app.kubernetes.io/version`) label, else `unknown`.
     pub version: Arc<str>,
+    /// Istio's canonical service and revision (see [`Workload::canonical`]).
+    pub canonical_service: Arc<str>,
+    pub canonical_revision: Arc<str>,
     pub labels: BTreeMap<String, String>,
     pub node: Option<Arc<str>>,
     pub service_account: Arc<str>,
@@ -494,6 +497,22 @@ impl State {
 // === impl Workload ===
 
 impl Workload {
+    /// Istio's canonical service of a workload (`CanonicalService` in
+    /// istio/istio `pkg/config/labels`): the name from
+    /// `service.istio.io/canonical-name`, else `app.kubernetes.io/name`, else
+    /// `app`, else the workload's name; the revision from
+    /// `service.istio.io/canonical-revision`, else `app.kubernetes.io/version`,
+    /// else `version`, else `latest`.
+    pub fn canonical(labels: &BTreeMap<String, String>, workload_name: &Arc<str>) -> (Arc<str>, Arc<str>) {
+        let first = |keys: [&str; 3]| keys.iter().find_map(|k| labels.get(*k));
+        let name = first(["service.istio.io/canonical-name", "app.kubernetes.io/name", "app"]);
+        let revision = first(["service.istio.io/canonical-revision", "app.kubernetes.io/version", "version"]);
+        (
+            name.map_or_else(|| workload_name.clone(), |n| n.as_str().into()),
+            revision.map_or_else(|| "latest".into(), |r| r.as_str().into()),
+        )
+    }
+
     /// The port a Service's `targetPort` means on this pod, if any.
     pub fn resolve_port(&self, target: &TargetPort) -> Option<u16> {
         match target {

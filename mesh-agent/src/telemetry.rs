@@ -25,11 +25,17 @@ pub struct TcpLabels {
     pub source_principal: Label,
     pub source_app: Label,
     pub source_version: Label,
+    pub source_canonical_service: Label,
+    pub source_canonical_revision: Label,
+    pub source_cluster: Label,
     pub destination_workload: Label,
     pub destination_workload_namespace: Label,
     pub destination_principal: Label,
     pub destination_app: Label,
     pub destination_version: Label,
+    pub destination_canonical_service: Label,
+    pub destination_canonical_revision: Label,
+    pub destination_cluster: Label,
     pub destination_service: Label,
     pub destination_service_name: Label,
     pub destination_service_namespace: Label,
@@ -75,6 +81,21 @@ static UNKNOWN_LABEL: LazyLock<Label> = LazyLock::new(|| UNKNOWN.into());
 static PASSTHROUGH: LazyLock<Label> = LazyLock::new(|| "PassthroughCluster".into());
 static BLACK_HOLE: LazyLock<Label> = LazyLock::new(|| "BlackHoleCluster".into());
 
+/// Istio's default cluster name (`global.multiCluster.clusterName`, the
+/// proxies' `CLUSTER_ID`), when none is given.
+pub const DEFAULT_CLUSTER_ID: &str = "Kubernetes";
+static CLUSTER: std::sync::OnceLock<Label> = std::sync::OnceLock::new();
+
+/// Sets the cluster's name for `source_cluster`/`destination_cluster` (once,
+/// at start: `--cluster-id`).
+pub fn set_cluster_id(id: &str) {
+    let _ = CLUSTER.set(id.into());
+}
+
+fn cluster() -> Label {
+    CLUSTER.get_or_init(|| DEFAULT_CLUSTER_ID.into()).clone()
+}
+
 impl TcpLabels {
     /// Labels for a connection from `source` (a pod, or unknown) to `dest` (a
     /// pod, or unknown) through `service` (or none).
@@ -93,6 +114,11 @@ impl TcpLabels {
             // A pod IP called directly: no Service was involved.
             (None, false) => (UNKNOWN_LABEL.clone(), UNKNOWN_LABEL.clone(), UNKNOWN_LABEL.clone()),
         };
+        // The mesh's workloads are all in this cluster; an unknown peer's is unknown.
+        let cluster_of = |w: Option<&Workload>| match w {
+            Some(w) if &*w.principal != UNKNOWN => cluster(),
+            _ => UNKNOWN_LABEL.clone(),
+        };
         Self {
             reporter: "source",
             source_workload: field(source, |w| &w.workload_name),
@@ -100,11 +126,17 @@ impl TcpLabels {
             source_principal: field(source, |w| &w.principal),
             source_app: field(source, |w| &w.app),
             source_version: field(source, |w| &w.version),
+            source_canonical_service: field(source, |w| &w.canonical_service),
+            source_canonical_revision: field(source, |w| &w.canonical_revision),
+            source_cluster: cluster_of(source),
             destination_workload: field(dest, |w| &w.workload_name),
             destination_workload_namespace: field(dest, |w| &w.namespace),
             destination_principal: field(dest, |w| &w.principal),
             destination_app: field(dest, |w| &w.app),
             destination_version: field(dest, |w| &w.version),
+            destination_canonical_service: field(dest, |w| &w.canonical_service),
+            destination_canonical_revision: field(dest, |w| &w.canonical_revision),
+            destination_cluster: cluster_of(dest),
             destination_service: svc,
             destination_service_name: svc_name,
             destination_service_namespace: svc_ns,

@@ -105,6 +105,14 @@ fn curl_reaches_vip_and_pod_ip_and_server_sees_client_ip() {
         ("connection_security_policy", "none"),
         ("request_protocol", "http"),
         ("response_code", "200"),
+        // Istio's canonical service (app label, else the workload) and
+        // revision (version label, else `latest`), and the default cluster.
+        ("source_canonical_service", "test"),
+        ("source_canonical_revision", "latest"),
+        ("destination_canonical_service", "helloworld"),
+        ("destination_canonical_revision", "v1"),
+        ("source_cluster", "Kubernetes"),
+        ("destination_cluster", "Kubernetes"),
     ];
     assert_eq!(metric(&m, "istio_requests_total", &via_vip), 1.0, "{m}");
     assert_eq!(metric(&m, "istio_response_bytes_sum", &via_vip), 41.0, "{m}");

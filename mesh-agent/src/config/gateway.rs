@@ -115,12 +115,15 @@ pub(super) fn build_gateway(
     }
     // The identity the gateway's agents use for traffic they send into the mesh.
     let principal: Arc<str> = crate::identity::spiffe_id(trust_domain, &namespace, &name).into();
+    let (canonical_service, canonical_revision) = Workload::canonical(&BTreeMap::new(), &name);
     let workload = Arc::new(Workload {
         name: name.clone(),
         namespace: namespace.clone(),
         workload_name: name.clone(),
         app: name.clone(),
         version: "unknown".into(),
+        canonical_service,
+        canonical_revision,
         labels: BTreeMap::new(),
         node: None,
         service_account: name.clone(),

@@ -279,6 +279,8 @@ fn unknown_endpoint(namespace: &Arc<str>, ip: Option<Ipv4Addr>, labels: BTreeMap
         workload_name: unknown.clone(),
         app: unknown.clone(),
         version: unknown.clone(),
+        canonical_service: unknown.clone(),
+        canonical_revision: unknown.clone(),
         labels,
         node: None,
         service_account: unknown.clone(),

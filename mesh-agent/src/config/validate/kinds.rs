@@ -16,12 +16,15 @@ pub(super) fn build_node(ctx: &mut Ctx<'_>, node: &k8s::Node, trust_domain: &str
         }
     }
     let sa: Arc<str> = format!("{NODE_IDENTITY_PREFIX}{name}").into();
+    let (canonical_service, canonical_revision) = Workload::canonical(&BTreeMap::new(), &name);
     let workload = Arc::new(Workload {
         name: name.clone(),
         namespace: "istio-system".into(),
         workload_name: name.clone(),
         app: "mesh-node".into(),
         version: "unknown".into(),
+        canonical_service,
+        canonical_revision,
         labels: BTreeMap::new(),
         node: Some(name.clone()),
         principal: crate::identity::spiffe_id(trust_domain, "istio-system", &sa).into(),
@@ -141,6 +144,7 @@ pub(super) fn build_workload(
         .or_else(|| labels.get("app.kubernetes.io/version"))
         .map_or("unknown", String::as_str)
         .into();
+    let (canonical_service, canonical_revision) = Workload::canonical(labels, &workload_name);
     Some(Workload {
         principal: crate::identity::spiffe_id(trust_domain, &namespace, &service_account).into(),
         name,
@@ -148,6 +152,8 @@ pub(super) fn build_workload(
         workload_name,
         app,
         version,
+        canonical_service,
+        canonical_revision,
         labels: labels.clone(),
         node: pod.spec.node_name.as_deref().map(Into::into),
         service_account,

@@ -390,3 +390,32 @@ fn a_scheduled_pod_without_an_address_yet_is_known_to_its_node() {
     assert_eq!(state.scheduled_workloads("n1").map(|w| w.name.to_string()).collect::<Vec<_>>(), ["p"]);
     assert_eq!(state.local_workloads("n1").count(), 0, "not addressable yet");
 }
+
+#[test]
+fn canonical_service_and_revision_follow_istio() {
+    let pod = |labels: &str, owner: &str| {
+        let yaml = format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: p-5d9f8c7b6-abcde, namespace: demo, labels: {{{labels}}}{owner}}}\n\
+             spec: {{nodeName: n1}}\nstatus: {{podIP: 10.244.0.9}}\n"
+        );
+        let state = admitted(&yaml).state;
+        let w = state.workloads.values().next().expect("the pod");
+        (w.canonical_service.to_string(), w.canonical_revision.to_string())
+    };
+    let rs = ", ownerReferences: [{kind: ReplicaSet, name: reviews-v2-5d9f8c7b6, controller: true}]";
+    let cases = [
+        // Istio's own labels first, then app.kubernetes.io/*, then app/version.
+        (
+            "service.istio.io/canonical-name: c, app.kubernetes.io/name: k, app: a, service.istio.io/canonical-revision: r, version: v",
+            "",
+            ("c", "r"),
+        ),
+        ("app.kubernetes.io/name: k, app: a, app.kubernetes.io/version: '2', version: v", "", ("k", "2")),
+        ("app: a, version: v", "", ("a", "v")),
+        // No label: the workload's name (the Deployment's), and `latest`.
+        ("", rs, ("reviews-v2", "latest")),
+    ];
+    for (labels, owner, want) in cases {
+        assert_eq!(pod(labels, owner), (want.0.to_owned(), want.1.to_owned()), "{labels}");
+    }
+}
