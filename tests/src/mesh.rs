@@ -41,6 +41,8 @@ pub const HELLO_ID: &str = "spiffe://cluster.local/ns/demo/sa/helloworld";
 /// Services helloworld, api, ws, grpc (to helloworld) and ver (v1 and v2).
 pub fn fixture() -> Fixture {
     let mut f = Fixture::two_nodes([&[], &[]]);
+    // Each node's pods' range (host-local IPAM): a pod not captured yet is gated.
+    f.objects.pod_cidr("node-1", "10.244.1.0/24").pod_cidr("node-2", "10.244.2.0/24");
     f.namespace("demo", true).namespace("other", true).namespace("plain", false);
     let hello = PodSpec {
         ports: &[("http", 9095), ("echo", 7000)],

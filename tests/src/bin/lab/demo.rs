@@ -41,6 +41,8 @@ const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(172, 18, 200, 2);
 /// and grpc.
 fn fixture() -> Fixture {
     let mut f = Fixture::two_nodes([&[("istio", "ingressgateway")], &[("istio", "egressgateway")]]);
+    // Each node's pods' range (host-local IPAM): a pod not captured yet is gated.
+    f.objects.pod_cidr("node-1", "10.244.1.0/24").pod_cidr("node-2", "10.244.2.0/24");
     f.namespace("sample", true)
         .namespace("other", true)
         .add_pod(0, "test", Ipv4Addr::new(10, 244, 1, 2), PodSpec::app("sample", &[("app", "test")]))
