@@ -184,18 +184,17 @@ impl RequestLabels {
     }
 }
 
-/// Istio's default buckets for `istio_request_duration_milliseconds`.
-const DURATION_BUCKETS_MS: [f64; 19] = [
+/// Envoy's default histogram buckets (`StatsConfig.histogram_bucket_settings`
+/// when no rule matches), which Istio's proxies use for all of its
+/// histograms — durations in milliseconds and body sizes in bytes alike —
+/// unless a pod's `sidecar.istio.io/statsHistogramBuckets` says otherwise.
+const ENVOY_DEFAULT_BUCKETS: [f64; 19] = [
     0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0, 60000.0, 300000.0,
     600000.0, 1800000.0, 3600000.0,
 ];
 
-fn duration_histogram() -> Histogram {
-    Histogram::new(DURATION_BUCKETS_MS)
-}
-
-fn size_histogram() -> Histogram {
-    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(1.0, 10.0, 10))
+fn istio_histogram() -> Histogram {
+    Histogram::new(ENVOY_DEFAULT_BUCKETS)
 }
 
 type HistogramFamily = Family<RequestLabels, Histogram, fn() -> Histogram>;
@@ -341,9 +340,9 @@ impl Metrics {
             "mTLS connections opened to other agents, by TLS handshake (full or resumed)",
             hbone_connections.clone(),
         );
-        let request_duration: HistogramFamily = Family::new_with_constructor(duration_histogram);
-        let request_bytes: HistogramFamily = Family::new_with_constructor(size_histogram);
-        let response_bytes: HistogramFamily = Family::new_with_constructor(size_histogram);
+        let request_duration: HistogramFamily = Family::new_with_constructor(istio_histogram);
+        let request_bytes: HistogramFamily = Family::new_with_constructor(istio_histogram);
+        let response_bytes: HistogramFamily = Family::new_with_constructor(istio_histogram);
         registry.register("istio_requests", "Requests, by response", requests.clone());
         registry.register(
             "istio_request_duration_milliseconds",
@@ -452,5 +451,39 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Request and response sizes in Envoy's default buckets, as Istio's
+    /// proxies report them: a dashboard's `histogram_quantile` over them
+    /// reads the same `le` values.
+    #[test]
+    fn size_histograms_use_istios_buckets() {
+        let m = Metrics::new();
+        let labels = RequestLabels::new(TcpLabels::new(None, None, None, false), "http", 200, "-", Flags::NONE);
+        m.request_bytes.get_or_create(&labels).observe(700.0);
+        m.response_bytes.get_or_create(&labels).observe(3.0);
+        let text = m.encode();
+        let les = |metric: &str| -> Vec<String> {
+            text.lines()
+                .filter(|l| l.starts_with(&format!("{metric}_bucket{{")))
+                .filter_map(|l| l.split("le=\"").nth(1)?.split('"').next().map(str::to_owned))
+                .collect()
+        };
+        let want: Vec<String> =
+            ENVOY_DEFAULT_BUCKETS.iter().map(|b| format!("{b:?}")).chain(["+Inf".to_owned()]).collect();
+        for metric in ["istio_request_bytes", "istio_response_bytes"] {
+            assert_eq!(les(metric), want, "{metric}:\n{text}");
+        }
+        // 700 bytes: above 500, within 1000.
+        let count = |le: &str| {
+            let line = text.lines().find(|l| l.starts_with(&format!("istio_request_bytes_bucket{{le=\"{le}\"")));
+            line.and_then(|l| l.rsplit(' ').next()).map(str::to_owned)
+        };
+        assert_eq!((count("500.0").as_deref(), count("1000.0").as_deref()), (Some("0"), Some("1")), "{text}");
     }
 }
