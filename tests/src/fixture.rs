@@ -79,16 +79,21 @@ impl Objects {
 
     /// Gives Node `node` (written before) its pods' range, `spec.podCIDR`.
     pub fn pod_cidr(&mut self, node: &str, cidr: &str) -> &mut Self {
-        let head = format!("kind: Node\nmetadata: {{name: {node}");
-        let doc = self.docs.iter_mut().find(|d| d.contains(&head)).unwrap_or_else(|| panic!("no Node {node}"));
+        let doc = self.node_doc(node);
         *doc = doc.replacen("status:", &format!("spec: {{podCIDR: {cidr}}}\nstatus:"), 1);
         self
+    }
+
+    /// Node `node`'s document, written before.
+    fn node_doc(&mut self, node: &str) -> &mut String {
+        let head = format!("kind: Node\nmetadata: {{name: {node}");
+        self.docs.iter_mut().find(|d| d.contains(&head)).unwrap_or_else(|| panic!("no Node {node}"))
     }
 
     /// Adds label `key: value` to Node `node` (written before).
     pub fn label_node(&mut self, node: &str, key: &str, value: &str) -> &mut Self {
         let head = format!("kind: Node\nmetadata: {{name: {node}");
-        let doc = self.docs.iter_mut().find(|d| d.contains(&head)).unwrap_or_else(|| panic!("no Node {node}"));
+        let doc = self.node_doc(node);
         *doc = match doc.contains(", labels: {") {
             true => doc.replacen(", labels: {", &format!(", labels: {{{key}: {value}, "), 1),
             false => doc.replacen(&head, &format!("{head}, labels: {{{key}: {value}}}"), 1),

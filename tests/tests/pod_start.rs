@@ -63,24 +63,39 @@ fn banner_server(netns: &str, addr: SocketAddr, banner: &'static str, stop: Arc<
     })
 }
 
+/// What one connection to `to` met, its connect waiting up to `connect`.
+fn attempt(to: SocketAddr, connect: Duration) -> Outcome {
+    let Ok(mut s) = TcpStream::connect_timeout(&to, connect) else { return Outcome::Dropped };
+    s.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    match s.read(&mut [0; 16]) {
+        Ok(n) if n > 0 => Outcome::Passed,
+        _ => Outcome::Captured,
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Outcome {
+    Dropped,
+    Captured,
+    Passed,
+}
+
 /// Connects to `to` from `netns` again and again until `stop`.
 fn client(netns: &str, to: SocketAddr, stop: Arc<AtomicBool>) -> (JoinHandle<()>, Arc<Outcomes>) {
     let out = Arc::new(Outcomes::default());
     let seen = out.clone();
     let t = enter_and_spawn(netns, move || {
         while !stop.load(Ordering::Relaxed) {
-            let Ok(mut s) = TcpStream::connect_timeout(&to, Duration::from_millis(10)) else {
-                seen.dropped.fetch_add(1, Ordering::Relaxed);
-                // No route yet (the pod's interface is being made): fails at once.
-                std::thread::sleep(Duration::from_millis(1));
-                continue;
+            let counter = match attempt(to, Duration::from_millis(10)) {
+                Outcome::Dropped => {
+                    // No route yet (the pod's interface is being made): fails at once.
+                    std::thread::sleep(Duration::from_millis(1));
+                    &seen.dropped
+                }
+                Outcome::Captured => &seen.captured,
+                Outcome::Passed => &seen.passed,
             };
-            s.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
-            let mut buf = [0; 16];
-            match s.read(&mut buf) {
-                Ok(n) if n > 0 => seen.passed.fetch_add(1, Ordering::Relaxed),
-                _ => seen.captured.fetch_add(1, Ordering::Relaxed),
-            };
+            counter.fetch_add(1, Ordering::Relaxed);
         }
     });
     (t, out)
@@ -217,19 +232,8 @@ fn cni(command: &str, namespace: &str, pod: &str, socket: &std::path::Path, time
 }
 
 /// One connection from `netns` to `to`: what it met.
-fn once(netns: &str, to: SocketAddr) -> &'static str {
-    enter_and_spawn(netns, move || match TcpStream::connect_timeout(&to, Duration::from_millis(200)) {
-        Err(_) => "dropped",
-        Ok(mut s) => {
-            s.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
-            match s.read(&mut [0; 16]) {
-                Ok(n) if n > 0 => "passed",
-                _ => "captured",
-            }
-        }
-    })
-    .join()
-    .unwrap()
+fn once(netns: &str, to: SocketAddr) -> Outcome {
+    enter_and_spawn(netns, move || attempt(to, Duration::from_millis(200))).join().unwrap()
 }
 
 /// The pod `c0`, known to the API server before its sandbox is made: no
@@ -256,7 +260,7 @@ fn the_cni_plugin_returns_once_the_pod_is_captured_and_fails_without_an_agent() 
     // (the agent does not know its address), and gated: nothing leaves.
     let netns = c.add_sandbox(0, "c0", Ipv4Addr::new(10, 244, 0, 200)).netns.clone();
     c.wire("c0");
-    assert_eq!(once(&netns, OUTSIDE), "dropped", "{}", agent.log_text());
+    assert_eq!(once(&netns, OUTSIDE), Outcome::Dropped, "{}", agent.log_text());
 
     // ADD returns the previous result once the agent has captured the pod:
     // the pod's very first connection meets the agent.
@@ -265,7 +269,7 @@ fn the_cni_plugin_returns_once_the_pod_is_captured_and_fails_without_an_agent() 
     assert!(ok, "ADD failed: {out}\n{}", agent.log_text());
     eprintln!("CNI ADD returned after {:?} (plugin start, capture attached, gate opened)", add.elapsed());
     assert_eq!(out["ips"][0]["address"], "10.244.0.200/32", "{out}");
-    assert_eq!(once(&netns, OUTSIDE), "captured", "{}", agent.log_text());
+    assert_eq!(once(&netns, OUTSIDE), Outcome::Captured, "{}", agent.log_text());
     assert!(cni("CHECK", "demo", "c0", &socket, 5.0).0);
 
     // A pod the agent never hears of fails its sandbox, with the reason.
@@ -278,7 +282,7 @@ fn the_cni_plugin_returns_once_the_pod_is_captured_and_fails_without_an_agent() 
     assert!(cni("DEL", "demo", "c0", &socket, 5.0).0);
     let (ok, out) = cni("CHECK", "demo", "c0", &socket, 5.0);
     assert!(!ok, "still captured after DEL: {out}");
-    assert_eq!(once(&netns, OUTSIDE), "dropped");
+    assert_eq!(once(&netns, OUTSIDE), Outcome::Dropped);
 
     // No agent: ADD fails (try again later), naming the socket; a pod of an
     // excluded namespace (kube-system) starts anyway; DEL never fails.
