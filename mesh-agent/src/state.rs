@@ -49,6 +49,9 @@ pub struct State {
     pub path_normalization: PathNormalization,
     /// MeshConfig `extensionProviders` that are external authorizers, by name.
     pub extension_providers: BTreeMap<String, Arc<security::ExtAuthz>>,
+    /// MeshConfig `accessLogFile`, `accessLogEncoding`, `accessLogFormat`.
+    #[serde(skip)]
+    pub access_log: AccessLogSettings,
     /// Query parameters that carry end-user tokens (`access_token` and every
     /// RequestAuthentication's `fromParams`): redacted from access logs.
     #[serde(skip)]
@@ -202,6 +205,25 @@ pub enum Resolution {
     Static,
     /// To the addresses the names resolved to when the configuration was loaded.
     Dns,
+}
+
+/// The access log as MeshConfig asks for it.
+#[derive(Debug, Clone)]
+pub struct AccessLogSettings {
+    /// `accessLogFile`: `""` for none, `/dev/stdout`, or a path; `None`
+    /// when MeshConfig does not say (the agent's `--access-log` decides).
+    pub file: Option<Arc<str>>,
+    /// The line's format (Istio's TEXT format by default).
+    pub format: Arc<crate::telemetry::access_format::Format>,
+}
+
+impl Default for AccessLogSettings {
+    fn default() -> Self {
+        AccessLogSettings {
+            file: None,
+            format: Arc::new(crate::telemetry::access_format::Format::istio_default(false)),
+        }
+    }
 }
 
 /// Istio's `outboundTrafficPolicy.mode`.

@@ -11,6 +11,7 @@ use prometheus_client::{
 
 use crate::state::{Service, Workload};
 
+pub mod access_format;
 mod flags;
 pub mod logging;
 mod process;
@@ -131,7 +132,8 @@ impl TcpLabels {
             source_cluster: cluster_of(source),
             destination_workload: field(dest, |w| &w.workload_name),
             destination_workload_namespace: field(dest, |w| &w.namespace),
-            destination_principal: field(dest, |w| &w.principal),
+            // Only a meshed pod proves an identity: an un-meshed one has none.
+            destination_principal: field(dest.filter(|w| w.meshed), |w| &w.principal),
             destination_app: field(dest, |w| &w.app),
             destination_version: field(dest, |w| &w.version),
             destination_canonical_service: field(dest, |w| &w.canonical_service),

@@ -197,14 +197,37 @@ fn an_upgrade_and_an_extended_connect_carry_bytes_both_ways() {
     assert_eq!(metric(&text, "istio_requests_total", &api_request("200")), 1.0, "{text}");
 }
 
+/// MeshConfig's access log settings, for a test's YAML.
+fn mesh_config(body: &str) -> String {
+    format!(
+        "---\napiVersion: v1\nkind: ConfigMap\nmetadata: {{name: istio, namespace: istio-system}}\n\
+         data:\n  mesh: |\n{}",
+        body.lines().map(|l| format!("    {l}\n")).collect::<String>()
+    )
+}
+
+/// The access log's lines once it has `n` (both agents write to `path`).
+fn log_lines(path: &std::path::Path, n: usize) -> Vec<String> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let log = std::fs::read_to_string(path).unwrap_or_default();
+        if log.lines().count() >= n || std::time::Instant::now() > deadline {
+            return log.lines().map(str::to_owned).collect();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
-fn request_metrics_and_the_access_log_name_both_identities() {
-    if !require_root("request_metrics_and_the_access_log_name_both_identities") {
+fn request_metrics_and_envoys_access_log_at_both_agents() {
+    if !require_root("request_metrics_and_envoys_access_log_at_both_agents") {
         return;
     }
     let access_log = std::env::temp_dir().join(format!("mesh-test-access-{}.log", std::process::id()));
     let _ = std::fs::remove_file(&access_log);
-    let m = Mesh::start("", &["--access-log", access_log.to_str().unwrap()]);
+    // MeshConfig names no file: the agents' --access-log does; JSON encoding.
+    let json = mesh_config("accessLogEncoding: JSON");
+    let m = Mesh::start(&json, &["--access-log", access_log.to_str().unwrap()]);
     let test = m.pod("test");
     let (ok, out) = curl(test, &format!("http://{API_VIP}/hello"));
     assert!(ok, "{out}");
@@ -220,21 +243,49 @@ fn request_metrics_and_the_access_log_name_both_identities() {
     assert_eq!(metric(&text, "istio_requests_total", &api_request("200")), 1.0, "{text}");
     assert_eq!(metric(&text, "istio_request_duration_milliseconds_count", &api_request("503")), 1.0, "{text}");
 
-    // One JSON line per request (written by the agent's log thread).
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    let mut log = std::fs::read_to_string(&access_log).unwrap_or_default();
-    while log.lines().count() < 2 && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-        log = std::fs::read_to_string(&access_log).unwrap_or_default();
+    // One line per request at each agent, Istio's JSON fields.
+    let lines: Vec<serde_json::Value> =
+        log_lines(&access_log, 4).iter().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 4, "{lines:?}");
+    let at = |cluster: &str| lines.iter().find(|l| l["path"] == "/status/503" && l["upstream_cluster"] == cluster);
+    let source = at("outbound|80||api.demo.svc.cluster.local").expect("the source's line");
+    assert_eq!(source["response_code"], 503);
+    assert_eq!(source["response_code_details"], "via_upstream");
+    assert_eq!(source["downstream_local_address"], format!("{API_VIP}:80"));
+    assert_eq!(source["upstream_host"], "10.244.2.2:8080");
+    assert_eq!(source["request_id"].as_str().map(str::len), Some(36), "{source}");
+    assert_eq!(source["method"], "GET");
+    assert_eq!(source["protocol"], "HTTP/1.1");
+    let dest = at("inbound|8080||").expect("the destination's line");
+    // The same request, by its id.
+    assert_eq!(dest["request_id"], source["request_id"]);
+    assert_eq!(dest["response_code"], 503);
+
+    // A custom TEXT format, a file named by MeshConfig, a token in the query
+    // redacted, and TCP connections logged when they open and close.
+    let custom_log = access_log.with_extension("custom");
+    let _ = std::fs::remove_file(&custom_log);
+    let format = "%ACCESS_LOG_TYPE% %REQ(:METHOD)% %REQ(:PATH)% %BYTES_RECEIVED% %UPSTREAM_CLUSTER%";
+    m.set_config(&mesh_config(&format!("accessLogFile: {}\naccessLogFormat: \"{format}\"", custom_log.display())));
+    let (ok, out) = curl(test, &format!("http://{API_VIP}/hello?access_token=secret-value&x=1"));
+    assert!(ok, "{out}");
+    let marker = b"logged".to_vec();
+    let echoed = test.run(move || mesh_tests::clients::tcp_echo(format!("{VIP}:7000").parse().unwrap(), &marker));
+    assert_eq!(echoed.unwrap(), b"logged");
+    let custom = log_lines(&custom_log, 6);
+    let _ = (std::fs::remove_file(&access_log), std::fs::remove_file(&custom_log));
+    let want = [
+        "DownstreamEnd GET /hello?access_token=REDACTED&x=1 0 outbound|80||api.demo.svc.cluster.local",
+        "DownstreamEnd GET /hello?access_token=REDACTED&x=1 0 inbound|8080||",
+        "TcpUpstreamConnected - - 0 outbound|7000||helloworld.demo.svc.cluster.local",
+        "TcpConnectionEnd - - 6 outbound|7000||helloworld.demo.svc.cluster.local",
+        "TcpUpstreamConnected - - 0 inbound|7000||",
+        "TcpConnectionEnd - - 6 inbound|7000||",
+    ];
+    for line in want {
+        assert!(custom.iter().any(|l| l == line), "no {line:?} in {custom:#?}");
     }
-    let _ = std::fs::remove_file(&access_log);
-    let lines: Vec<serde_json::Value> = log.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    assert_eq!(lines.len(), 2, "{log}");
-    let failed = lines.iter().find(|l| l["path"] == "/status/503").expect("503 logged");
-    assert_eq!(failed["response_code"], 503);
-    assert_eq!(failed["source_principal"], TEST_ID);
-    assert_eq!(failed["upstream_host"], "10.244.2.2:8080");
-    assert_eq!(failed["x_request_id"].as_str().map(str::len), Some(36), "{failed}");
+    assert!(!custom.iter().any(|l| l.contains("secret-value")), "{custom:#?}");
 }
 
 #[test]

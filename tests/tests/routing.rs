@@ -178,7 +178,8 @@ fn a_tcp_rule_routes_a_port_to_another_service() {
         let _ = s.read_to_string(&mut out);
         out
     });
-    assert!(answer.starts_with("HTTP/1.1 200") && answer.contains("hello from ver-v1;"), "{answer}");
+    let logs = || format!("{}\n{}", m.agents[0].log_text(), m.agents[1].log_text());
+    assert!(answer.starts_with("HTTP/1.1 200") && answer.contains("hello from ver-v1;"), "{answer}\n{}", logs());
 }
 
 #[test]

@@ -5,7 +5,10 @@ use std::{collections::BTreeMap, sync::Arc};
 use serde::Deserialize;
 
 use super::object::Ctx;
-use crate::state::{OutboundPolicy, PathNormalization, security::ExtAuthz};
+use crate::{
+    state::{AccessLogSettings, OutboundPolicy, PathNormalization, security::ExtAuthz},
+    telemetry::access_format::Format,
+};
 
 mod providers;
 
@@ -16,6 +19,9 @@ struct MeshConfig {
     path_normalization: Option<PathNormalizationSpec>,
     #[serde(default)]
     extension_providers: Vec<serde_yaml_ng::Value>,
+    access_log_file: Option<String>,
+    access_log_encoding: Option<String>,
+    access_log_format: Option<String>,
 }
 
 /// What the agent reads of MeshConfig.
@@ -25,6 +31,7 @@ pub(super) struct MeshSettings {
     pub paths: PathNormalization,
     /// The external authorizers among `extensionProviders`, by name.
     pub providers: BTreeMap<String, Arc<ExtAuthz>>,
+    pub access_log: AccessLogSettings,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -40,9 +47,10 @@ struct OutboundTrafficPolicySpec {
 }
 
 /// What the agent reads of the `mesh` key of ConfigMap `istio-system/istio`:
-/// `outboundTrafficPolicy.mode`, `pathNormalization.normalization` and the
-/// external authorizers of `extensionProviders` (other MeshConfig fields,
-/// and other kinds of providers, are Istio's and ignored).
+/// `outboundTrafficPolicy.mode`, `pathNormalization.normalization`, the
+/// access log's file, encoding and format, and the external authorizers of
+/// `extensionProviders` (other MeshConfig fields, and other kinds of
+/// providers, are Istio's and ignored).
 pub(super) fn mesh_config(ctx: &mut Ctx<'_>, data: &BTreeMap<String, String>) -> MeshSettings {
     let Some(text) = data.get("mesh") else { return Default::default() };
     let mesh: MeshConfig = match serde_yaml_ng::from_str::<Option<MeshConfig>>(text) {
@@ -77,5 +85,35 @@ pub(super) fn mesh_config(ctx: &mut Ctx<'_>, data: &BTreeMap<String, String>) ->
         }
     };
     let providers = providers::ext_authz(ctx, &mesh.extension_providers);
-    MeshSettings { outbound, paths, providers }
+    let access_log = access_log(ctx, mesh.access_log_file, mesh.access_log_encoding, mesh.access_log_format);
+    MeshSettings { outbound, paths, providers, access_log }
+}
+
+/// `accessLogFile`, `accessLogEncoding` and `accessLogFormat`, as Istio
+/// reads them: the file (`""`: off; absent: the agent's `--access-log`),
+/// `TEXT` (the default) or `JSON`, and an Envoy format (Istio's own when
+/// empty). A format the agent cannot fill is refused, and Istio's default
+/// for the encoding is used.
+fn access_log(
+    ctx: &mut Ctx<'_>,
+    file: Option<String>,
+    encoding: Option<String>,
+    format: Option<String>,
+) -> AccessLogSettings {
+    let json = match encoding.as_deref() {
+        None | Some("TEXT") => false,
+        Some("JSON") => true,
+        Some(other) => {
+            ctx.error("data.mesh.accessLogEncoding", format!("{other:?}: expected TEXT or JSON"));
+            false
+        }
+    };
+    let format = match format.as_deref().filter(|f| !f.trim().is_empty()) {
+        None => Format::istio_default(json),
+        Some(f) => Format::parse(f, json).unwrap_or_else(|e| {
+            ctx.error("data.mesh.accessLogFormat", e.to_string());
+            Format::istio_default(json)
+        }),
+    };
+    AccessLogSettings { file: file.map(Arc::from), format: Arc::new(format) }
 }

@@ -78,31 +78,63 @@ mod client;
 
 pub use client::{Tunnel, TunnelPool, TunnelTo};
 
-/// What a CONNECT asks for: the target pod address, and the original client's
-/// IP when the source agent names one (`Forwarded: for=`); or the answer to
-/// refuse it with. Pure, for the peer's bytes decide it (fuzzed).
+/// What a CONNECT asks for: the target pod address; the original client's
+/// IP and the Service it addressed, when the source agent names them
+/// (`Forwarded: for=<ip>;host=<service hostname>`, as ztunnel writes it).
+/// The host is a claim for metrics only: the destination keeps it only if it
+/// names a Service of the target pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectAsk {
+    pub target: SocketAddrV4,
+    pub client_ip: Option<Ipv4Addr>,
+    pub service_host: Option<String>,
+}
+
+/// Reads a CONNECT, or gives the answer to refuse it with. Pure, for the
+/// peer's bytes decide it (fuzzed).
 pub fn connect_request(
     method: &Method,
     uri: &hyper::Uri,
     headers: &hyper::HeaderMap,
-) -> Result<(SocketAddrV4, Option<Ipv4Addr>), (StatusCode, &'static str)> {
+) -> Result<ConnectAsk, (StatusCode, &'static str)> {
     if method != Method::CONNECT {
         return Err((StatusCode::METHOD_NOT_ALLOWED, "only CONNECT is served on this port"));
     }
     let Some(target) = uri.authority().and_then(|a| a.as_str().parse::<SocketAddrV4>().ok()) else {
         return Err((StatusCode::BAD_REQUEST, "CONNECT target must be <ipv4>:<port>"));
     };
-    Ok((target, forwarded_for(headers)))
+    let (client_ip, service_host) = forwarded(headers);
+    Ok(ConnectAsk { target, client_ip, service_host })
 }
 
-/// `Forwarded: for=<ip>` (RFC 7239), first element.
-fn forwarded_for(headers: &hyper::HeaderMap) -> Option<Ipv4Addr> {
-    let v = headers.get("forwarded")?.to_str().ok()?;
-    let first = v.split(',').next()?;
-    first.split(';').find_map(|kv| {
-        let (k, v) = kv.trim().split_once('=')?;
-        k.eq_ignore_ascii_case("for").then(|| v.trim_matches('"').parse().ok())?
-    })
+/// The longest Service hostname taken from a peer (a DNS name's limit).
+const MAX_HOST: usize = 253;
+
+/// `Forwarded: for=<ip>;host=<name>` (RFC 7239), first element: the client's
+/// IPv4 address (ztunnel's `for="<ip>:<port>"` too) and the host.
+fn forwarded(headers: &hyper::HeaderMap) -> (Option<Ipv4Addr>, Option<String>) {
+    let Some(first) = headers.get("forwarded").and_then(|v| v.to_str().ok()).and_then(|v| v.split(',').next()) else {
+        return (None, None);
+    };
+    let (mut ip, mut host) = (None, None);
+    for (k, v) in first.split(';').filter_map(|kv| kv.trim().split_once('=')) {
+        let v = v.trim().trim_matches('"');
+        if k.eq_ignore_ascii_case("for") {
+            ip = v.parse().ok().or_else(|| v.parse::<SocketAddrV4>().ok().map(|a| *a.ip()));
+        } else if k.eq_ignore_ascii_case("host") && !v.is_empty() && v.len() <= MAX_HOST {
+            host = Some(v.to_ascii_lowercase());
+        }
+    }
+    (ip, host)
+}
+
+/// The `Forwarded` value a source agent sends: the client's IP, and the
+/// Service it addressed when there is one.
+pub(crate) fn forwarded_value(client_ip: Ipv4Addr, service_host: Option<&str>) -> String {
+    match service_host {
+        Some(h) => format!("for={client_ip};host={h}"),
+        None => format!("for={client_ip}"),
+    }
 }
 
 #[cfg(test)]

@@ -191,7 +191,7 @@ pub(crate) async fn tunnel_upgrade(
     let mut upstream = TokioIo::new(upstream);
     let counter = prometheus_client::metrics::counter::Counter::default();
     if let Err((op, error)) =
-        super::l4::copy::bidirectional(&mut client, &mut upstream, &counter, &counter, Some(idle)).await
+        super::l4::copy::bidirectional(&mut client, &mut upstream, &counter, &counter, Some(idle), &mut [0; 2]).await
     {
         tracing::debug!(upstream = %addr, %op, %error, "upgraded connection reset");
     }

@@ -16,7 +16,10 @@ use super::{
     Inputs, ProxyError,
     upstream::{Opened, Upstream},
 };
-use crate::state::{State, Workload};
+use crate::{
+    state::{Service, State, Workload},
+    telemetry::{Label, TcpLabels},
+};
 
 pub(crate) mod admit;
 pub mod hbone;
@@ -41,6 +44,28 @@ pub(crate) struct Inbound {
     /// come back to this agent).
     pub transparent: Option<Ipv4Addr>,
     pub mtls: bool,
+    /// The Service the client addressed, as its agent told (checked to be
+    /// one of the pod's; for metrics only). `None`: guessed from the port.
+    pub service: Option<Arc<Service>>,
+    /// This node's source side already found the stream to be opaque bytes
+    /// (declared or sniffed): there are no requests to count.
+    pub opaque: bool,
+}
+
+impl Inbound {
+    /// The connection's labels at the destination (`reporter="destination"`):
+    /// the Service the client's agent named, else the pod's Service whose
+    /// target port this is (as ztunnel's `guess_inbound_service`); the
+    /// principal the transport proved, `unknown` for plaintext.
+    pub(crate) fn labels(&self, state: &State) -> TcpLabels {
+        let guessed = || state.service_port_of(&self.dest, self.target.port()).map(|(s, _)| s);
+        let service = self.service.as_ref().or_else(guessed);
+        let mut labels = TcpLabels::new(self.source.as_deref(), Some(&self.dest), service.map(|s| &**s), false);
+        labels.reporter = "destination";
+        labels.source_principal = self.principal.as_ref().map_or_else(|| "unknown".into(), |p| Label(p.clone()));
+        labels.connection_security_policy = if self.mtls { "mutual_tls" } else { "none" };
+        labels
+    }
 }
 
 /// The in-process pipe's buffer each way, for a pod of this node whose

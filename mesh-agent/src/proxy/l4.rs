@@ -6,14 +6,22 @@ use std::{
     future::Future,
     io,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    pin::Pin,
+    task::{Context, Poll},
     time::Duration,
 };
 
 use prometheus_client::metrics::counter::Counter;
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::{TcpSocket, TcpStream},
+};
 
-use super::{Inputs, ProxyError, conns};
-use crate::telemetry::TcpLabels;
+use super::{Inputs, ProxyError, conns, http::access_log::Sink};
+use crate::telemetry::{
+    TcpLabels,
+    access_format::{Entry, Format, Kind},
+};
 
 pub(crate) mod copy;
 
@@ -57,6 +65,8 @@ pub(crate) struct ConnMeters {
     sent: Counter,
     closed: Counter,
     active: prometheus_client::metrics::gauge::Gauge,
+    /// The connection log's record, when access logging is on.
+    log: Option<Box<ConnLog>>,
 }
 
 impl ConnMeters {
@@ -68,6 +78,87 @@ impl ConnMeters {
             sent: m.tcp_sent.get_or_create(labels).clone(),
             closed: m.tcp_closed.get_or_create(labels).clone(),
             active: m.active_connections.clone(),
+            log: None,
+        }
+    }
+
+    /// Logs the connection as Envoy's TCP proxy does, when the access log is
+    /// on: a line now (`TcpUpstreamConnected`) and one when it closes
+    /// (`TcpConnectionEnd`, with its bytes and duration).
+    pub(crate) fn logged(
+        mut self,
+        ctx: &Inputs,
+        labels: &TcpLabels,
+        peer: SocketAddr,
+        local: SocketAddrV4,
+        to: SocketAddrV4,
+    ) -> Self {
+        let state = ctx.state();
+        let sink = ctx.access_log.sink(state.access_log.file.as_ref());
+        if sink == Sink::Off {
+            return self;
+        }
+        let principal = (labels.reporter == "destination" && &*labels.source_principal != "unknown")
+            .then(|| labels.source_principal.clone());
+        let log = ConnLog {
+            sink,
+            format: state.access_log.format.clone(),
+            start: std::time::SystemTime::now(),
+            started: std::time::Instant::now(),
+            peer,
+            local,
+            upstream: to,
+            cluster: crate::proxy::http::metered::upstream_cluster(labels, local, Some(to)),
+            principal,
+        };
+        log.write(ctx, Kind::TcpOpen, [0; 2]);
+        self.log = Some(Box::new(log));
+        self
+    }
+}
+
+/// What a connection's log lines say besides its bytes.
+pub(crate) struct ConnLog {
+    sink: Sink,
+    format: std::sync::Arc<Format>,
+    start: std::time::SystemTime,
+    started: std::time::Instant,
+    peer: SocketAddr,
+    /// Where the client connected.
+    local: SocketAddrV4,
+    upstream: SocketAddrV4,
+    cluster: Option<String>,
+    principal: Option<crate::telemetry::Label>,
+}
+
+impl ConnLog {
+    fn write(&self, ctx: &Inputs, kind: Kind, moved: [u64; 2]) {
+        let entry = Entry {
+            kind,
+            start: self.start,
+            protocol: None,
+            request: None,
+            response: None,
+            response_code: None,
+            flags: crate::telemetry::Flags::NONE,
+            details: None,
+            transport_failure: None,
+            bytes_received: moved[0],
+            bytes_sent: moved[1],
+            duration_ms: (kind == Kind::TcpClose).then(|| self.started.elapsed().as_millis() as u64),
+            grpc_status: None,
+            upstream_host: Some(self.upstream.into()),
+            upstream_cluster: self.cluster.as_deref(),
+            upstream_local: None,
+            downstream_local: Some(self.local.into()),
+            downstream_remote: self.peer,
+            peer_principal: self.principal.as_deref(),
+            sni: None,
+            route_name: None,
+        };
+        if !ctx.access_log.write(&self.sink, self.format.render(&entry)) {
+            let labels = crate::telemetry::LimitLabels { listener: "access_log", reason: "queue_full" };
+            ctx.metrics.limit_refusals.get_or_create(&labels).inc();
         }
     }
 }
@@ -76,6 +167,68 @@ impl Drop for ConnMeters {
     fn drop(&mut self) {
         self.active.dec();
         self.closed.inc();
+    }
+}
+
+/// A stream whose bytes are counted on its connection's meters as they move
+/// (read: `received`, written: `sent`): an HTTP connection's own TCP series,
+/// for the server that parses it.
+pub(crate) struct Counted<I> {
+    inner: I,
+    meters: ConnMeters,
+}
+
+impl<I> Counted<I> {
+    pub(crate) fn new(inner: I, meters: ConnMeters) -> Self {
+        Counted { inner, meters }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Counted<I> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = polled {
+            this.meters.received.inc_by((buf.filled().len() - before) as u64);
+        }
+        polled
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Counted<I> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = polled {
+            this.meters.sent.inc_by(n as u64);
+        }
+        polled
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = polled {
+            this.meters.sent.inc_by(n as u64);
+        }
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }
 
@@ -100,7 +253,13 @@ where
 {
     async move {
         let idle = Some(ctx.limits.idle_timeout);
-        let result = copy::bidirectional(&mut client, &mut upstream, &meters.received, &meters.sent, idle).await;
+        let mut meters = meters;
+        let mut moved = [0; 2];
+        let result =
+            copy::bidirectional(&mut client, &mut upstream, &meters.received, &meters.sent, idle, &mut moved).await;
+        if let Some(log) = meters.log.take() {
+            log.write(ctx, Kind::TcpClose, moved);
+        }
         drop(meters);
         drop(guard);
         if let Err((op, error)) = result {

@@ -14,13 +14,13 @@ use tokio::net::TcpStream;
 
 use super::{
     Inputs, ProxyError,
-    l4::{ConnMeters, fail, pump, reset},
-    upstream::Opened,
+    l4::{ConnMeters, Counted, fail, pump, reset},
+    upstream::{Hop, Opened},
 };
 use crate::{
     routing::l4::{Route, route},
     routing::protocol::{self, Declared, Handling, Sniffed},
-    state::{State, Workload},
+    state::{Service, State, Workload},
     telemetry::TcpLabels,
 };
 
@@ -58,7 +58,7 @@ async fn open(ctx: &Arc<Inputs>, client: TcpStream, peer: SocketAddr) -> Option<
     let decided = decide(ctx, &state, orig, source.as_deref().map(|w| &*w.namespace), pick);
     // Not in the registry under REGISTRY_ONLY: refused unless HTTP names a host.
     let black_hole = matches!(decided, Route::BlackHole { .. });
-    let (dest, addr, labels, declared) = match destination(decided, source.as_deref(), orig) {
+    let (dest, addr, mut labels, declared, service) = match destination(decided, source.as_deref(), orig) {
         Ok(d) => d,
         Err(refused) => {
             let (labels, e) = *refused;
@@ -73,6 +73,13 @@ async fn open(ctx: &Arc<Inputs>, client: TcpStream, peer: SocketAddr) -> Option<
     }
     if handling != Handling::Tcp {
         drop(state);
+        // The client connection's own TCP series, labelled with the route its
+        // first request takes (later ones are balanced apart: see the
+        // request metrics): an endpoint on another node is reached over mTLS.
+        if dest.as_ref().is_some_and(|d| d.meshed && d.node.as_deref() != Some(ctx.node.as_str())) {
+            labels.connection_security_policy = "mutual_tls";
+        }
+        let client = Counted::new(client, ConnMeters::open(&ctx.metrics, &labels));
         // The first request takes this connection's turn in the round robin.
         let down = super::http::Downstream::captured(peer, peer_ip, orig, source, pick);
         // Boxed: a connection waiting for its first bytes keeps no room for an HTTP server.
@@ -81,11 +88,10 @@ async fn open(ctx: &Arc<Inputs>, client: TcpStream, peer: SocketAddr) -> Option<
     }
     // Boxed apart: connecting (TLS, HBONE) takes ~6 KB of state, which a
     // connection waiting for its first bytes (sniffing) need not hold yet.
-    let opened =
-        Box::pin(open::open_upstream(ctx, &state, source.as_ref(), peer, dest.as_ref(), addr, ctx.connect_timeout))
-            .await;
+    let hop = Hop { source: source.as_ref(), peer, dest: dest.as_ref(), addr, service: service.as_ref(), opaque: true };
+    let opened = Box::pin(open::open_upstream(ctx, &state, hop, ctx.connect_timeout)).await;
     drop(state);
-    joined(ctx, client, peer, addr, opened, labels)
+    joined(ctx, client, (peer, orig), addr, opened, labels)
 }
 
 /// The copy between the client and its opened upstream, or the failure to
@@ -93,7 +99,7 @@ async fn open(ctx: &Arc<Inputs>, client: TcpStream, peer: SocketAddr) -> Option<
 fn joined(
     ctx: &Inputs,
     client: TcpStream,
-    peer: SocketAddr,
+    (peer, orig): (SocketAddr, SocketAddrV4),
     addr: SocketAddrV4,
     opened: Result<Opened, ProxyError>,
     mut labels: TcpLabels,
@@ -121,7 +127,7 @@ fn joined(
         }
     };
     tracing::debug!(%peer, upstream = %addr, mtls, "proxying");
-    let meters = ConnMeters::open(&ctx.metrics, &labels);
+    let meters = ConnMeters::open(&ctx.metrics, &labels).logged(ctx, &labels, peer, orig, addr);
     Some(pump(ctx, client, io, meters, addr, guard, |c, u| {
         reset(c);
         u.reset();
@@ -188,9 +194,9 @@ fn decide(ctx: &Inputs, state: &State, orig: SocketAddrV4, client_ns: Option<&st
 }
 
 /// What a route leads to: the destination workload (if any), the address,
-/// the connection's labels, and the protocol the port declares (`None`:
-/// passthrough, never parsed).
-type Destination = (Option<Arc<Workload>>, SocketAddrV4, TcpLabels, Option<Declared>);
+/// the connection's labels, the protocol the port declares (`None`:
+/// passthrough, never parsed), and the Service.
+type Destination = (Option<Arc<Workload>>, SocketAddrV4, TcpLabels, Option<Declared>, Option<Arc<Service>>);
 
 fn destination(
     decided: Route,
@@ -200,15 +206,15 @@ fn destination(
     Ok(match decided {
         Route::Service { service, endpoint, addr, protocol } => {
             let labels = TcpLabels::new(source, Some(&endpoint), Some(&service), false);
-            (Some(endpoint), addr, labels, Some(protocol))
+            (Some(endpoint), addr, labels, Some(protocol), Some(service))
         }
         Route::Workload { workload, addr } => {
             let labels = TcpLabels::new(source, Some(&workload), None, false);
-            (Some(workload), addr, labels, Some(Declared::Unknown))
+            (Some(workload), addr, labels, Some(Declared::Unknown), None)
         }
-        Route::Passthrough { addr } => (None, addr, TcpLabels::new(source, None, None, true), None),
+        Route::Passthrough { addr } => (None, addr, TcpLabels::new(source, None, None, true), None, None),
         // HTTP may still name a host a ServiceEntry declares: look first.
-        Route::BlackHole { addr } => (None, addr, TcpLabels::black_hole(source), Some(Declared::Unknown)),
+        Route::BlackHole { addr } => (None, addr, TcpLabels::black_hole(source), Some(Declared::Unknown), None),
         Route::Refused { service, reason } => {
             let labels = TcpLabels::new(source, None, Some(&service), false);
             let err = ProxyError::Refused { service: format!("{}/{} {orig}", service.namespace, service.name), reason };

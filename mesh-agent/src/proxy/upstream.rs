@@ -14,23 +14,33 @@ use std::{
 use tokio::net::TcpStream;
 
 use super::{Inputs, ProxyError, conns, l4::reset};
-use crate::state::{State, Workload};
+use crate::state::{Service, State, Workload};
 
-/// Opens a connection as a source agent would (routing done: the source
-/// workload, its address, the destination workload and address, the connect
-/// timeout): [`crate::proxy::outbound::open::dial`]. The destination side reaches
+/// Opens a connection as a source agent would (routing done: the [`Hop`],
+/// the connect timeout): [`crate::proxy::outbound::open::dial`]. The destination side reaches
 /// an external authorizer through it, given by [`Inputs`] so that `inbound`
 /// does not import `outbound` (which hands same-node connections to
 /// `inbound`).
 pub(crate) type Dial = for<'a> fn(
     &'a Arc<Inputs>,
     &'a State,
-    Option<&'a Arc<Workload>>,
-    SocketAddr,
-    Option<&'a Arc<Workload>>,
-    SocketAddrV4,
+    Hop<'a>,
     Duration,
 ) -> Pin<Box<dyn Future<Output = Result<Opened, ProxyError>> + Send + 'a>>;
+
+/// One connection's way to its upstream: from `peer` (the pod `source`, if
+/// known) to `addr` (the pod `dest`, if known), for the Service `service`
+/// the client addressed (told to the destination's agent, for its metrics);
+/// `opaque` when the source side found the stream not to be HTTP.
+#[derive(Clone, Copy)]
+pub(crate) struct Hop<'a> {
+    pub source: Option<&'a Arc<Workload>>,
+    pub peer: SocketAddr,
+    pub dest: Option<&'a Arc<Workload>>,
+    pub addr: SocketAddrV4,
+    pub service: Option<&'a Arc<Service>>,
+    pub opaque: bool,
+}
 
 /// An upstream byte stream: a TCP connection, an HBONE stream, or TLS the
 /// agent originated over TCP.

@@ -142,6 +142,12 @@ impl State {
         })
     }
 
+    /// The Service named `hostname` that selects `w`, if any: the only
+    /// Services a peer may say a connection to `w` was for.
+    pub fn service_of_endpoint(&self, w: &super::Workload, hostname: &str) -> Option<&Arc<super::Service>> {
+        self.index.services_of.get(&w.ip?)?.iter().find(|s| &*s.hostname == hostname)
+    }
+
     /// The Gateway `namespace/name`.
     pub fn gateway(&self, key: &str) -> Option<&Arc<super::Gateway>> {
         self.index.gateways.get(key).map(|&i| &self.gateways[i])

@@ -80,6 +80,7 @@ pub(super) fn assemble(objects: Objects, trust_domain: &str, errors: &mut Vec<Co
         let mesh = super::super::mesh_config::mesh_config(&mut ctx, &cm.data);
         (state.outbound_policy, state.path_normalization) = (mesh.outbound, mesh.paths);
         state.extension_providers = mesh.providers;
+        state.access_log = mesh.access_log;
     }
     let secrets: super::super::object::Secrets = objects
         .secrets

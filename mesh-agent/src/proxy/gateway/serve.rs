@@ -24,6 +24,7 @@ use crate::{
         limits::Handshake,
         outbound::{self, http::serve},
         sni::{Sni, sni},
+        upstream::Hop,
     },
     routing::l4::Route,
     routing::protocol::Handling,
@@ -143,10 +144,10 @@ async fn serve_tcp(
         return fail(ctx, &client, peer, None, err);
     };
     let source = state.gateway(&gw).map(|g| g.workload.clone());
-    let (dest, addr, mut labels) = match route {
+    let (dest, addr, mut labels, service) = match route {
         Route::Service { service, endpoint, addr, .. } => {
             let labels = TcpLabels::new(source.as_deref(), Some(&endpoint), Some(&service), false);
-            (Some(endpoint), addr, labels)
+            (Some(endpoint), addr, labels, service)
         }
         Route::Refused { service, reason } => {
             let labels = TcpLabels::new(source.as_deref(), None, Some(&service), false);
@@ -158,15 +159,14 @@ async fn serve_tcp(
             return fail(ctx, &client, peer, Some(labels), ProxyError::BlackHole(addr));
         }
     };
-    match outbound::open::open_upstream(ctx, &state, source.as_ref(), peer, dest.as_ref(), addr, ctx.connect_timeout)
-        .await
-    {
+    let hop = Hop { source: source.as_ref(), peer, dest: dest.as_ref(), addr, service: Some(&service), opaque: true };
+    match outbound::open::open_upstream(ctx, &state, hop, ctx.connect_timeout).await {
         Ok(opened) => {
             drop(state);
             if opened.mtls {
                 labels.connection_security_policy = "mutual_tls";
             }
-            let meters = ConnMeters::open(&ctx.metrics, &labels);
+            let meters = ConnMeters::open(&ctx.metrics, &labels).logged(ctx, &labels, peer, local, addr);
             pump(ctx, client, opened.io, meters, addr, opened.guard, |c, u| {
                 reset(c);
                 u.reset();

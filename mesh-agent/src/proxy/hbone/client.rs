@@ -109,7 +109,8 @@ impl hyper::rt::Write for Tunnel {
 }
 
 /// What a tunnel is for: the pod `target` on the node whose agent is `node`,
-/// running as `dest`, on behalf of `source` whose pod IP is `client_ip`.
+/// running as `dest`, on behalf of `source` whose pod IP is `client_ip`,
+/// which addressed the Service `service` (its hostname), if any.
 #[derive(Debug, Clone, Copy)]
 pub struct TunnelTo<'a> {
     pub source: &'a Arc<str>,
@@ -117,6 +118,7 @@ pub struct TunnelTo<'a> {
     pub dest: &'a Arc<str>,
     pub target: SocketAddrV4,
     pub client_ip: Ipv4Addr,
+    pub service: Option<&'a str>,
     pub connect_timeout: Duration,
 }
 
@@ -124,12 +126,11 @@ impl TunnelPool {
     /// Opens a tunnel (an HTTP/2 CONNECT stream), on a pooled connection when
     /// one is live.
     pub async fn open(&self, ctx: &Inputs, to: TunnelTo<'_>) -> Result<Tunnel, HboneError> {
-        let TunnelTo { source, node, dest, target, client_ip, connect_timeout } = to;
+        let TunnelTo { source, node, dest, connect_timeout, .. } = to;
         let cert = ctx.certs.get(source).await?;
         let key = PoolKey { source: source.clone(), node, dest: dest.clone() };
         let serial = &cert.info.serial;
-        if let Some(r) = self.on_pooled(&key, serial, node, target, client_ip, ctx.limits.connect_answer_timeout).await
-        {
+        if let Some(r) = self.on_pooled(&key, serial, &to, ctx.limits.connect_answer_timeout).await {
             return r;
         }
         // One handshake at a time per peer: a burst of new connections waits
@@ -151,9 +152,7 @@ impl TunnelPool {
         // holding the gate over the CONNECT.
         if self.usable(&key, serial) {
             turn = None;
-            if let Some(r) =
-                self.on_pooled(&key, serial, node, target, client_ip, ctx.limits.connect_answer_timeout).await
-            {
+            if let Some(r) = self.on_pooled(&key, serial, &to, ctx.limits.connect_answer_timeout).await {
                 return r;
             }
         }
@@ -187,7 +186,7 @@ impl TunnelPool {
             m.entry(key).or_default().push(entry);
         }
         drop(turn);
-        match send_connect(sender, node, target, client_ip, ctx.limits.connect_answer_timeout).await {
+        match send_connect(sender, &to, ctx.limits.connect_answer_timeout).await {
             Ok(io) => Ok(Tunnel { io, streams }),
             Err(e) => {
                 streams.fetch_sub(1, Ordering::AcqRel);
@@ -212,9 +211,7 @@ impl TunnelPool {
         &self,
         key: &PoolKey,
         serial: &str,
-        node: SocketAddrV4,
-        target: SocketAddrV4,
-        client_ip: Ipv4Addr,
+        to: &TunnelTo<'_>,
         answer_timeout: Duration,
     ) -> Option<Result<Tunnel, HboneError>> {
         let (sender, streams) = self.conns.lock().ok().and_then(|m| {
@@ -222,12 +219,12 @@ impl TunnelPool {
             e.streams.fetch_add(1, Ordering::AcqRel);
             Some((e.sender.clone(), e.streams.clone()))
         })?;
-        match send_connect(sender, node, target, client_ip, answer_timeout).await {
+        match send_connect(sender, to, answer_timeout).await {
             Ok(io) => Some(Ok(Tunnel { io, streams })),
             Err(e) => {
                 streams.fetch_sub(1, Ordering::AcqRel);
                 if matches!(e, HboneError::Http { .. }) {
-                    tracing::debug!(%node, "pooled HBONE connection failed; reconnecting");
+                    tracing::debug!(node = %to.node, "pooled HBONE connection failed; reconnecting");
                     return None;
                 }
                 Some(Err(e))
@@ -262,16 +259,15 @@ impl TunnelPool {
 /// Sends `CONNECT target` on an HTTP/2 connection and returns the tunnel.
 async fn send_connect(
     mut sender: SendRequest<Empty<Bytes>>,
-    node: SocketAddrV4,
-    target: SocketAddrV4,
-    client_ip: Ipv4Addr,
+    to: &TunnelTo<'_>,
     answer_timeout: Duration,
 ) -> Result<Upgraded, HboneError> {
+    let (node, target) = (to.node, to.target);
     let http = |error| HboneError::Http { addr: node, error };
     let req = Request::builder()
         .method(Method::CONNECT)
         .uri(target.to_string())
-        .header("forwarded", format!("for={client_ip}"))
+        .header("forwarded", super::forwarded_value(to.client_ip, to.service))
         .body(Empty::new())
         .map_err(|e| HboneError::Status {
             addr: node,

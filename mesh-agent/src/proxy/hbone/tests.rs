@@ -52,6 +52,7 @@ async fn open(t: &TestInputs, pool: &TunnelPool, node: SocketAddrV4, port: u16) 
         dest: &dest,
         target: SocketAddrV4::new(Ipv4Addr::LOCALHOST, port),
         client_ip: Ipv4Addr::new(10, 244, 1, 2),
+        service: None,
         connect_timeout: Duration::from_secs(5),
     };
     hyper_util::rt::TokioIo::new(pool.open(&t.inputs, to).await.expect("a tunnel"))
@@ -108,6 +109,7 @@ async fn a_target_that_is_not_a_local_meshed_pod_is_refused() {
         dest: &dest,
         target: SocketAddrV4::new(Ipv4Addr::new(10, 244, 9, 9), 80),
         client_ip: Ipv4Addr::new(10, 244, 1, 2),
+        service: None,
         connect_timeout: Duration::from_secs(5),
     };
     match TunnelPool::default().open(&t.inputs, to).await {
@@ -158,6 +160,7 @@ async fn a_peer_that_never_answers_connect_is_given_up_on() {
         dest: &dest,
         target: SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9),
         client_ip: Ipv4Addr::new(10, 244, 1, 2),
+        service: None,
         connect_timeout: Duration::from_secs(5),
     };
     let started = std::time::Instant::now();
@@ -167,4 +170,45 @@ async fn a_peer_that_never_answers_connect_is_given_up_on() {
         Ok(_) => panic!("a tunnel from a peer that never answered"),
     }
     assert!(started.elapsed() < Duration::from_secs(5), "gave up only after {:?}", started.elapsed());
+}
+
+#[test]
+fn a_connect_names_its_target_client_and_service() {
+    use hyper::{HeaderMap, Method, StatusCode, header::HeaderValue};
+    let ask = |method: Method, uri: &str, forwarded: Option<&str>| {
+        let mut headers = HeaderMap::new();
+        if let Some(f) = forwarded {
+            headers.insert("forwarded", HeaderValue::from_str(f).expect("header"));
+        }
+        super::connect_request(&method, &uri.parse().expect("uri"), &headers)
+    };
+    let target = SocketAddrV4::new(Ipv4Addr::new(10, 244, 2, 5), 8080);
+    let client = Some(Ipv4Addr::new(10, 244, 1, 2));
+    let host = |h: &str| Some(h.to_owned());
+    // (Forwarded, client IP, service host): ours, ztunnel's, and what a peer may not get through.
+    let cases = [
+        (None, None, None),
+        (Some("for=10.244.1.2"), client, None),
+        (Some("for=10.244.1.2;host=hello.demo.svc.cluster.local"), client, host("hello.demo.svc.cluster.local")),
+        (
+            Some(r#"for="10.244.1.2:40000";host=Hello.demo.svc.cluster.local"#),
+            client,
+            host("hello.demo.svc.cluster.local"),
+        ),
+        (Some("host=a;for=10.244.1.2, for=10.0.0.9;host=b"), client, host("a")),
+        (Some("for=not-an-ip;host="), None, None),
+        (Some(&format!("for=10.244.1.2;host={}", "x".repeat(300))), client, None),
+    ];
+    for (forwarded, client_ip, service_host) in cases {
+        let got = ask(Method::CONNECT, "10.244.2.5:8080", forwarded).expect("a CONNECT");
+        assert_eq!(got, super::ConnectAsk { target, client_ip, service_host }, "{forwarded:?}");
+    }
+    assert_eq!(ask(Method::GET, "10.244.2.5:8080", None).expect_err("not CONNECT").0, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(ask(Method::CONNECT, "hello:8080", None).expect_err("no IP").0, StatusCode::BAD_REQUEST);
+    // What a source agent sends reads back as it was meant.
+    let sent = super::forwarded_value(Ipv4Addr::new(10, 244, 1, 2), Some("hello.demo.svc.cluster.local"));
+    assert_eq!(
+        ask(Method::CONNECT, "10.244.2.5:8080", Some(&sent)).expect("ours").service_host,
+        host("hello.demo.svc.cluster.local")
+    );
 }

@@ -1,60 +1,107 @@
-//! The JSON access log: one line per request, to stdout (the default), a
-//! file, or nowhere (`--access-log off|stdout|PATH`).
+//! Where access log lines go: MeshConfig `accessLogFile` (`/dev/stdout`, a
+//! path, or `""` for none), or, when MeshConfig does not say, the agent's
+//! `--access-log off|stdout|PATH` (stdout by default). The lines themselves
+//! are Envoy's ([`crate::telemetry::access_format`]).
 //!
 //! A worker thread never writes: lines go into a bounded queue that one
 //! writer thread drains, so a slow or blocked stdout (a full pipe, a stalled
 //! log collector) costs requests nothing. When the queue is full the line is
 //! dropped and counted (`mesh_limit_refusals_total{listener="access_log"}`).
 use std::{
+    collections::{HashMap, HashSet},
     io::Write as _,
-    path::PathBuf,
-    sync::mpsc::{SyncSender, TrySendError},
-    time::SystemTime,
+    sync::{
+        Arc,
+        mpsc::{Receiver, SyncSender, TrySendError},
+    },
 };
 
 /// Lines waiting for the writer at most.
 const QUEUE: usize = 8192;
 
-pub struct AccessLog(Option<SyncSender<String>>);
+/// Where a line goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sink {
+    Off,
+    Stdout,
+    /// A file, appended to (opened by the writer on first use).
+    File(Arc<str>),
+}
+
+pub struct AccessLog {
+    tx: SyncSender<(Sink, String)>,
+    /// `--access-log`: where lines go when MeshConfig does not say.
+    default: Sink,
+}
 
 impl AccessLog {
-    /// `off`, `stdout`, or a file path (appended to).
+    /// `off`, `stdout`, or a file path (appended to; checked to open now).
     pub fn open(spec: &str) -> std::io::Result<AccessLog> {
-        let out: Box<dyn std::io::Write + Send> = match spec {
-            "off" => return Ok(AccessLog(None)),
-            "stdout" | "-" => Box::new(std::io::stdout()),
-            path => Box::new(std::fs::OpenOptions::new().create(true).append(true).open(PathBuf::from(path))?),
-        };
-        let (tx, rx) = std::sync::mpsc::sync_channel::<String>(QUEUE);
-        std::thread::Builder::new().name("access-log".into()).spawn(move || {
-            let mut out = std::io::BufWriter::new(out);
-            while let Ok(line) = rx.recv() {
-                // A full disk or a closed stdout must not stop the agent.
-                let _ = out.write_all(line.as_bytes());
-                // Write out whenever the queue is drained, so lines are not held.
-                while let Ok(more) = rx.try_recv() {
-                    let _ = out.write_all(more.as_bytes());
-                }
-                let _ = out.flush();
+        let default = match spec {
+            "off" => Sink::Off,
+            "stdout" | "-" | "/dev/stdout" => Sink::Stdout,
+            path => {
+                std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+                Sink::File(path.into())
             }
-        })?;
-        Ok(AccessLog(Some(tx)))
+        };
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(Sink, String)>(QUEUE);
+        std::thread::Builder::new().name("access-log".into()).spawn(move || write_lines(&rx))?;
+        Ok(AccessLog { tx, default })
     }
 
-    /// Whether lines are written anywhere (requests skip building them if not).
-    pub fn enabled(&self) -> bool {
-        self.0.is_some()
+    /// Where lines go under MeshConfig's `accessLogFile` (`None`: not set).
+    pub fn sink(&self, mesh_file: Option<&Arc<str>>) -> Sink {
+        match mesh_file.map(|f| &**f) {
+            None => self.default.clone(),
+            Some("") => Sink::Off,
+            Some("/dev/stdout") => Sink::Stdout,
+            Some(_) => Sink::File(mesh_file.cloned().unwrap_or_else(|| "".into())),
+        }
     }
 
     /// Queues a line; `false` when it was dropped because the writer is behind.
-    pub fn write(&self, entry: &serde_json::Value) -> bool {
-        let Some(tx) = &self.0 else { return true };
-        let mut line = entry.to_string();
-        line.push('\n');
-        !matches!(tx.try_send(line), Err(TrySendError::Full(_)))
+    pub fn write(&self, sink: &Sink, line: String) -> bool {
+        if *sink == Sink::Off {
+            return true;
+        }
+        !matches!(self.tx.try_send((sink.clone(), line)), Err(TrySendError::Full(_)))
     }
 }
 
-pub fn rfc3339(t: SystemTime) -> String {
-    time::OffsetDateTime::from(t).format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+/// The writer thread: every line to its sink, written out whenever the
+/// queue is drained so that lines are not held.
+fn write_lines(rx: &Receiver<(Sink, String)>) {
+    let mut stdout = std::io::BufWriter::new(std::io::stdout());
+    let mut files: HashMap<Arc<str>, std::io::BufWriter<std::fs::File>> = HashMap::new();
+    let mut failed: HashSet<Arc<str>> = HashSet::new();
+    while let Ok(first) = rx.recv() {
+        let mut next = Some(first);
+        while let Some((sink, line)) = next.take() {
+            // A full disk or a closed stdout must not stop the agent.
+            match sink {
+                Sink::Off => {}
+                Sink::Stdout => drop(stdout.write_all(line.as_bytes())),
+                Sink::File(path) => {
+                    if !files.contains_key(&path) && !failed.contains(&path) {
+                        match std::fs::OpenOptions::new().create(true).append(true).open(&*path) {
+                            Ok(f) => drop(files.insert(path.clone(), std::io::BufWriter::new(f))),
+                            Err(e) => {
+                                tracing::warn!(path = %path, error = %e, "access log file cannot be opened; its lines are dropped");
+                                failed.insert(path.clone());
+                            }
+                        }
+                    }
+                    if let Some(f) = files.get_mut(&path) {
+                        let _ = f.write_all(line.as_bytes());
+                    }
+                }
+            }
+            next = rx.try_recv().ok();
+        }
+        let _ = stdout.flush();
+        for f in files.values_mut() {
+            let _ = f.flush();
+        }
+    }
 }

@@ -20,10 +20,14 @@ use hyper::{
     http::response::Parts,
 };
 
+use super::access_log::Sink;
 use super::{Body, Downstream, local_reply, pool::ResponseBody, request_protocol};
 use crate::{
     proxy::{Inputs, LocalReply},
-    telemetry::{Flags, RequestLabels, TcpLabels},
+    telemetry::{
+        Flags, RequestLabels, TcpLabels,
+        access_format::{Captured, Entry, Format, Kind},
+    },
 };
 
 /// Request bytes, counted by the request body while it streams upstream.
@@ -41,6 +45,10 @@ pub struct Record {
     line: Option<Box<RequestLine>>,
     upstream: Option<SocketAddrV4>,
     downstream: std::net::SocketAddr,
+    /// Where the client connected (a Service VIP, a pod, a gateway port).
+    local: SocketAddrV4,
+    /// The answer came from the upstream (not the agent).
+    via_upstream: bool,
     shared: Arc<Shared>,
     status: u16,
     grpc_status: Option<&'static str>,
@@ -53,19 +61,14 @@ pub struct Record {
     in_flight: Option<super::cluster::InFlight>,
 }
 
-/// The request as the access log describes it.
+/// The request as the access log describes it: only what its format reads.
 struct RequestLine {
     started_at: SystemTime,
-    method: String,
-    path: String,
-    authority: String,
-    user_agent: String,
-    request_id: String,
     protocol: &'static str,
-}
-
-fn header(h: &HeaderMap, name: &str) -> String {
-    h.get(name).and_then(|v| v.to_str().ok()).unwrap_or("-").to_owned()
+    request: Captured,
+    response: Option<Captured>,
+    format: Arc<Format>,
+    sink: Sink,
 }
 
 /// The `grpc-status` a response carries, as a label value: one of gRPC's
@@ -92,27 +95,26 @@ impl Record {
         started_at: SystemTime,
         start: Instant,
     ) -> Record {
-        let line = ctx.access_log.enabled().then(|| {
-            let h = req.headers();
+        let state = ctx.state();
+        let sink = ctx.access_log.sink(state.access_log.file.as_ref());
+        let line = (sink != Sink::Off).then(|| {
+            let format = state.access_log.format.clone();
+            let path = req.uri().path_and_query().map_or_else(
+                || "/".into(),
+                |p| crate::identity::jwt::redact_query(p.as_str(), &state.token_params).into_owned(),
+            );
+            let request = format.capture_request(req.method().as_str(), &path, req.uri(), req.headers());
             Box::new(RequestLine {
                 started_at,
-                method: req.method().to_string(),
-                path: req.uri().path_and_query().map_or_else(
-                    || "/".into(),
-                    |p| crate::identity::jwt::redact_query(p.as_str(), &ctx.state().token_params).into_owned(),
-                ),
-                authority: req
-                    .uri()
-                    .authority()
-                    .map(|a| a.to_string())
-                    .unwrap_or_else(|| header(h, hyper::header::HOST.as_str())),
-                user_agent: header(h, "user-agent"),
-                request_id: header(h, "x-request-id"),
                 protocol: match req.version() {
                     hyper::Version::HTTP_2 => "HTTP/2",
                     hyper::Version::HTTP_10 => "HTTP/1.0",
                     _ => "HTTP/1.1",
                 },
+                request,
+                response: None,
+                format,
+                sink,
             })
         });
         Record {
@@ -123,6 +125,8 @@ impl Record {
             line,
             upstream,
             downstream: down.peer,
+            local: down.orig,
+            via_upstream: false,
             shared: Arc::default(),
             status: 0,
             grpc_status: None,
@@ -162,6 +166,12 @@ impl Record {
 
     pub fn set_response(&mut self, status: StatusCode, headers: &HeaderMap) {
         self.status = status.as_u16();
+        self.via_upstream = true;
+        if let Some(line) = &mut self.line
+            && line.format.reads_response()
+        {
+            line.response = Some(line.format.capture_response(headers));
+        }
         // gRPC "trailers-only" responses carry the status in the headers.
         self.grpc_status = grpc_status(headers);
     }
@@ -253,35 +263,79 @@ impl Record {
         m.request_bytes.get_or_create(&labels).observe(request_bytes as f64);
         m.response_bytes.get_or_create(&labels).observe(self.response_bytes as f64);
         let Some(line) = self.line.take() else { return };
-        let queued = self.ctx.access_log.write(&serde_json::json!({
-            "start_time": super::access_log::rfc3339(line.started_at),
-            "method": line.method,
-            "path": line.path,
-            "protocol": line.protocol,
-            "response_code": self.status,
-            "grpc_status": self.grpc_status,
-            "response_flags": self.flags,
-            "bytes_received": request_bytes,
-            "bytes_sent": self.response_bytes,
-            "duration_ms": (ms * 1000.0).round() / 1000.0,
-            "authority": line.authority,
-            "user_agent": line.user_agent,
-            "x_request_id": line.request_id,
-            "downstream_peer": self.downstream.to_string(),
-            "upstream_host": self.upstream.map(|a| a.to_string()),
-            "source_workload": labels.connection.source_workload,
-            "source_namespace": labels.connection.source_workload_namespace,
-            "source_principal": labels.connection.source_principal,
-            "destination_workload": labels.connection.destination_workload,
-            "destination_namespace": labels.connection.destination_workload_namespace,
-            "destination_principal": labels.connection.destination_principal,
-            "destination_service": labels.connection.destination_service,
-            "connection_security_policy": labels.connection.connection_security_policy,
-        }));
+        let tcp = &labels.connection;
+        let cluster = upstream_cluster(tcp, self.local, self.upstream);
+        let entry = Entry {
+            kind: Kind::Http,
+            start: line.started_at,
+            protocol: Some(line.protocol),
+            request: Some(&line.request),
+            response: line.response.as_ref(),
+            response_code: Some(self.status),
+            flags: self.flags,
+            details: Some(details(self.via_upstream, self.flags, self.status)),
+            transport_failure: None,
+            bytes_received: request_bytes,
+            bytes_sent: self.response_bytes,
+            duration_ms: Some(self.start.elapsed().as_millis() as u64),
+            grpc_status: self.grpc_status,
+            upstream_host: self.upstream.map(Into::into),
+            upstream_cluster: cluster.as_deref(),
+            upstream_local: None,
+            downstream_local: Some(self.local.into()),
+            downstream_remote: self.downstream,
+            peer_principal: (tcp.reporter == "destination" && &*tcp.source_principal != "unknown")
+                .then_some(&*tcp.source_principal),
+            sni: None,
+            route_name: None,
+        };
+        let queued = self.ctx.access_log.write(&line.sink, line.format.render(&entry));
         if !queued {
             let labels = crate::telemetry::LimitLabels { listener: "access_log", reason: "queue_full" };
             m.limit_refusals.get_or_create(&labels).inc();
         }
+    }
+}
+
+/// Istio's cluster name for where a request went (`%UPSTREAM_CLUSTER_RAW%`):
+/// `outbound|<port>||<service>` at the source, `inbound|<port>||` at the
+/// destination, or the passthrough and black-hole clusters.
+pub(crate) fn upstream_cluster(tcp: &TcpLabels, local: SocketAddrV4, upstream: Option<SocketAddrV4>) -> Option<String> {
+    let svc = &*tcp.destination_service;
+    if tcp.reporter == "destination" {
+        return Some(format!("inbound|{}||", upstream.map_or(local.port(), |u| u.port())));
+    }
+    match svc {
+        "unknown" => None,
+        "PassthroughCluster" | "BlackHoleCluster" => Some(svc.to_owned()),
+        host => Some(format!("outbound|{}||{host}", local.port())),
+    }
+}
+
+/// Envoy's `%RESPONSE_CODE_DETAILS%` for how a request ended.
+fn details(via_upstream: bool, flags: Flags, status: u16) -> &'static str {
+    if via_upstream {
+        return "via_upstream";
+    }
+    let named = [
+        (Flags::NR, "route_not_found"),
+        (Flags::UH, "no_healthy_upstream"),
+        (Flags::UF, "upstream_reset_before_response_started{connection_failure}"),
+        (Flags::UO, "upstream_reset_before_response_started{overflow}"),
+        (Flags::UT, "upstream_response_timeout"),
+        (Flags::UR, "upstream_reset_before_response_started{remote_reset}"),
+        (Flags::UC, "upstream_reset_before_response_started{connection_termination}"),
+        (Flags::DI, "fault_filter_delay"),
+        (Flags::FI, "fault_filter_abort"),
+        (Flags::DPE, "codec_error"),
+    ];
+    if let Some((_, d)) = named.iter().find(|(f, _)| flags.contains(*f)) {
+        return d;
+    }
+    match status {
+        401 => "jwt_authn_access_denied",
+        403 => "rbac_access_denied",
+        _ => "direct_response",
     }
 }
 

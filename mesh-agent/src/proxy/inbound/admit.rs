@@ -1,9 +1,10 @@
 //! The destination side's one door. Every connection that arrives for a
 //! local meshed pod is judged here the same way: PeerAuthentication for a
 //! client without an identity, then either the destination's HTTP stage
-//! (the pod's policies need its requests) or L4 authorization; a connection
-//! admitted as such is connected to the pod and registered, so that a policy
-//! change reaches it.
+//! (a port that may carry HTTP: its requests are counted with
+//! `reporter="destination"`, and judged when the pod's policies need them)
+//! or L4 authorization; a connection admitted as such is connected to the
+//! pod and registered, so that a policy change reaches it.
 use std::{sync::Arc, time::Duration};
 
 use tokio::net::TcpStream;
@@ -36,21 +37,28 @@ pub(crate) fn admit(state: &State, arrival: Inbound) -> Result<Admission, ProxyE
     if arrival.principal.is_none() && peer_mode(state, dest, port) == MtlsMode::Strict {
         return Err(ProxyError::PlaintextRefused { pod: format!("{}/{}", dest.namespace, dest.name), port });
     }
-    if wanted(state, dest, port) {
+    let needs_request = policy::needs_request(state, dest);
+    let http = may_carry_http(state, dest, port) && (needs_request || !arrival.opaque);
+    if http && needs_request {
         return Ok(Admission::Http(arrival));
     }
+    // No rule needs the request: the connection is judged once, here, and
+    // refused as a whole as ztunnel refuses it; one admitted may still have
+    // its requests counted.
     let peer = Peer { principal: arrival.principal.as_deref(), ip: arrival.client_ip };
     if let Verdict::Deny(policy) = authorize(state, dest, &peer, port) {
         return Err(ProxyError::Denied { policy });
     }
-    Ok(Admission::Tcp(arrival))
+    Ok(if http { Admission::Http(arrival) } else { Admission::Tcp(arrival) })
 }
 
-/// Whether connections to `dest`'s `port` are served by the HTTP stage: its policies
-/// need requests and the port is not declared as opaque TCP.
-fn wanted(state: &State, dest: &Workload, port: u16) -> bool {
-    policy::needs_request(state, dest)
-        && state.service_port_of(dest, port).is_none_or(|(_, p)| declared(p) != Declared::Tcp)
+/// Whether `dest`'s `port` may carry HTTP: it is not declared opaque TCP.
+/// Connections to it are served by the HTTP stage when the pod's policies
+/// need requests, or to count them (Istio's default reporting,
+/// `CLIENT_AND_SERVER`) unless this node's source side already found the
+/// stream opaque.
+fn may_carry_http(state: &State, dest: &Workload, port: u16) -> bool {
+    state.service_port_of(dest, port).is_none_or(|(_, p)| declared(p) != Declared::Tcp)
 }
 
 /// Connects an arrival authorized as a connection to its pod (from the
@@ -96,6 +104,11 @@ mod tests {
         spec: {mtls: {mode: STRICT}}\n";
 
     fn arrival(t: &TestInputs, principal: Option<&str>, mtls: bool) -> Inbound {
+        Inbound { opaque: true, ..may_speak_http(t, principal, mtls) }
+    }
+
+    /// An arrival the source side did not find opaque (HBONE, plaintext, HTTP).
+    fn may_speak_http(t: &TestInputs, principal: Option<&str>, mtls: bool) -> Inbound {
         let state = t.inputs.state();
         let dest = state.workload_by_ip(Ipv4Addr::new(10, 244, 0, 3)).expect("hello").clone();
         Inbound {
@@ -107,6 +120,8 @@ mod tests {
             source: None,
             transparent: None,
             mtls,
+            service: None,
+            opaque: false,
         }
     }
 
@@ -141,5 +156,64 @@ mod tests {
         let state = t.inputs.state();
         let a = admit(&state, arrival(&t, Some("spiffe://cluster.local/ns/demo/sa/test"), false));
         assert!(matches!(a, Ok(Admission::Http(_))));
+    }
+
+    #[test]
+    fn requests_are_counted_at_the_destination_unless_the_port_is_opaque() {
+        let service = "---\napiVersion: v1\nkind: Service\nmetadata: {name: hello, namespace: demo}\n\
+                       spec: {selector: {app: hello}, ports: [{name: tcp-raw, port: 9000}, {name: http, port: 8080}]}\n";
+        let t = TestInputs::new(&format!("{CLUSTER}{service}"));
+        let state = t.inputs.state();
+        let id = Some("spiffe://cluster.local/ns/demo/sa/test");
+        // (port, the source side found it opaque) → served by the HTTP stage
+        let cases = [(8080, false, true), (8080, true, false), (9000, false, false), (7000, false, true)];
+        for (port, opaque, http) in cases {
+            let mut a = Inbound { opaque, ..may_speak_http(&t, id, true) };
+            a.target.set_port(port);
+            let got = admit(&state, a);
+            assert_eq!(matches!(got, Ok(Admission::Http(_))), http, "port {port}, opaque {opaque}");
+        }
+        // Plaintext (no identity) is counted too, when PeerAuthentication admits it.
+        let permissive = CLUSTER.replace("mode: STRICT", "mode: PERMISSIVE");
+        let t = TestInputs::new(&format!("{permissive}{service}"));
+        assert!(matches!(admit(&t.inputs.state(), may_speak_http(&t, None, false)), Ok(Admission::Http(_))));
+    }
+
+    #[test]
+    fn the_destination_labels_name_the_service_the_client_addressed_or_guess_it() {
+        let services = "---\napiVersion: v1\nkind: Service\nmetadata: {name: hello, namespace: demo}\n\
+                        spec: {selector: {app: hello}, ports: [{name: http, port: 80, targetPort: 8080}]}\n\
+                        ---\napiVersion: v1\nkind: Service\nmetadata: {name: alias, namespace: demo}\n\
+                        spec: {selector: {app: hello}, ports: [{name: http, port: 8080}]}\n";
+        let t = TestInputs::new(&format!("{CLUSTER}{services}"));
+        let state = t.inputs.state();
+        const TEST: &str = "spiffe://cluster.local/ns/demo/sa/test";
+        let id = Some(TEST);
+        let hello = state.workload_by_ip([10, 244, 0, 3].into()).expect("hello").clone();
+        let told = state.service_of_endpoint(&hello, "hello.demo.svc.cluster.local").cloned();
+        assert!(told.is_some(), "hello selects its pod");
+        let labels = Inbound { service: told, ..may_speak_http(&t, id, true) }.labels(&state);
+        assert_eq!((&*labels.destination_service, labels.reporter), ("hello.demo.svc.cluster.local", "destination"));
+        assert_eq!((&*labels.source_principal, labels.connection_security_policy), (TEST, "mutual_tls"));
+        // Not told: the first Service (by name) whose target port this is.
+        let guessed = may_speak_http(&t, None, false).labels(&state);
+        assert_eq!(&*guessed.destination_service, "alias.demo.svc.cluster.local");
+        assert_eq!((&*guessed.source_principal, guessed.connection_security_policy), ("unknown", "none"));
+        // A Service that does not select the pod is never taken from a peer.
+        assert!(state.service_of_endpoint(&hello, "kubernetes.default.svc.cluster.local").is_none());
+    }
+
+    #[test]
+    fn only_a_meshed_destination_is_labelled_with_a_principal() {
+        let plain = "---\napiVersion: v1\nkind: Pod\nmetadata: {name: web, namespace: plain, labels: {app: web}}\n\
+                     spec: {nodeName: n1, serviceAccountName: web}\nstatus: {podIP: 10.244.0.9}\n";
+        let t = TestInputs::new(&format!("{CLUSTER}{plain}"));
+        let state = t.inputs.state();
+        let label = |ip: [u8; 4]| {
+            let w = state.workload_by_ip(ip.into()).expect("pod");
+            crate::telemetry::TcpLabels::new(None, Some(w), None, false).destination_principal
+        };
+        assert_eq!(&*label([10, 244, 0, 9]), "unknown");
+        assert_eq!(&*label([10, 244, 0, 3]), "spiffe://cluster.local/ns/demo/sa/hello");
     }
 }

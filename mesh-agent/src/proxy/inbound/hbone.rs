@@ -31,11 +31,10 @@ use crate::{
     identity,
     proxy::{
         Inputs,
-        hbone::{CONNECTION_WINDOW, KEEPALIVE, MAX_FRAME, MAX_STREAMS, STREAM_WINDOW, connect_request},
+        hbone::{CONNECTION_WINDOW, ConnectAsk, KEEPALIVE, MAX_FRAME, MAX_STREAMS, STREAM_WINDOW, connect_request},
         l4::{ConnMeters, pump, record_failure, reset},
     },
-    state::{State, Workload},
-    telemetry::TcpLabels,
+    state::State,
 };
 
 /// The second hop of the egress-gateway pattern, given by the agent (the
@@ -148,10 +147,11 @@ async fn handle_connect(
     server_id: Arc<str>,
     req: Request<Incoming>,
 ) -> Response<Empty<Bytes>> {
-    let (target, client_ip) = match connect_request(req.method(), req.uri(), req.headers()) {
+    let ask = match connect_request(req.method(), req.uri(), req.headers()) {
         Ok(asked) => asked,
         Err((status, why)) => return answer(status, why),
     };
+    let target = ask.target;
     // The second hop of the egress-gateway pattern: a gateway port on this node.
     if let Some(serve) = hop(target, &server_id) {
         let id = peer_id.clone();
@@ -161,12 +161,11 @@ async fn handle_connect(
         });
     }
     let state = ctx.state();
-    let arrival = match arrival(&ctx, &state, peer, &peer_id, &server_id, target, client_ip) {
+    let arrival = match arrival(&ctx, &state, peer, &peer_id, &server_id, ask) {
         Ok(a) => a,
         Err((status, why)) => return answer(status, why),
     };
-    let (dest, source) = (arrival.dest.clone(), arrival.source.clone());
-    let labels = || mtls_labels(source.as_deref(), &dest, &peer_id);
+    let labels = arrival.labels(&state);
     let admitted = admit(&state, arrival);
     drop(state);
     let arrival = match admitted {
@@ -178,7 +177,7 @@ async fn handle_connect(
         Ok(Admission::Tcp(arrival)) => arrival,
         Err(err) => {
             tracing::warn!(%peer, source = %peer_id, %target, error = %err, "HBONE: connection refused");
-            record_failure(&ctx, Some(labels()), &err);
+            record_failure(&ctx, Some(labels), &err);
             return answer(StatusCode::UNAUTHORIZED, &err.to_string());
         }
     };
@@ -186,11 +185,11 @@ async fn handle_connect(
         Ok(r) => r,
         Err(err) => {
             tracing::warn!(%peer, %target, error = %err, "HBONE: upstream connect failed");
-            record_failure(&ctx, Some(labels()), &err);
+            record_failure(&ctx, Some(labels), &err);
             return answer(StatusCode::SERVICE_UNAVAILABLE, &err.to_string());
         }
     };
-    let meters = ConnMeters::open(&ctx.metrics, &labels());
+    let meters = ConnMeters::open(&ctx.metrics, &labels).logged(&ctx, &labels, peer, target, target);
     let ctx2 = ctx.clone();
     on_upgrade(&ctx, req, peer, target, move |io| async move {
         tracing::debug!(%peer, source = %peer_id, %target, "HBONE stream proxying");
@@ -205,9 +204,9 @@ fn arrival(
     peer: SocketAddr,
     peer_id: &Arc<str>,
     server_id: &str,
-    target: SocketAddrV4,
-    client_ip: Option<Ipv4Addr>,
+    ask: ConnectAsk,
 ) -> Result<Inbound, (StatusCode, &'static str)> {
+    let ConnectAsk { target, client_ip, service_host } = ask;
     let dest = state.workload_by_ip(*target.ip()).filter(|w| w.meshed && w.node.as_deref() == Some(ctx.node.as_str()));
     let Some(dest) = dest.cloned() else {
         tracing::warn!(%peer, %target, "HBONE: target is not a meshed pod on this node");
@@ -224,6 +223,9 @@ fn arrival(
         std::net::IpAddr::V4(ip) => ip,
         std::net::IpAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
     });
+    // The Service the client addressed, as its agent says: kept only when
+    // it is one of the target pod's (a claim that reaches metrics alone).
+    let service = service_host.and_then(|h| state.service_of_endpoint(&dest, &h)).cloned();
     Ok(Inbound {
         dest,
         target,
@@ -235,16 +237,9 @@ fn arrival(
         // Replies to the source pod's IP come back through the pod's captured veth.
         transparent: source_ip.filter(|_| ctx.is_captured(*target.ip())),
         mtls: true,
+        service,
+        opaque: false,
     })
-}
-
-/// A stream's labels at the destination, for a peer with `peer_id`.
-fn mtls_labels(source: Option<&Workload>, dest: &Arc<Workload>, peer_id: &Arc<str>) -> TcpLabels {
-    let mut labels = TcpLabels::new(source, Some(dest), None, false);
-    labels.reporter = "destination";
-    labels.source_principal = crate::telemetry::Label(peer_id.clone());
-    labels.connection_security_policy = "mutual_tls";
-    labels
 }
 
 /// Answers 200 to the CONNECT and runs `serve` on its stream once hyper

@@ -34,7 +34,7 @@ use crate::{
             Body, Downstream, headers::*, metered::Metered, metered::Record, path, serve_http, strip_hop_by_hop,
             tunnel_upgrade,
         },
-        l4::{ConnMeters, connect, pump, record_failure, reset},
+        l4::{ConnMeters, Counted, connect, pump, record_failure, reset},
     },
     routing::policy::{self, Attributes, Peer, Verdict},
     routing::protocol::{Declared, Handling},
@@ -55,11 +55,8 @@ where
     let state = ctx.state();
     let found = state.service_port_of(&conn.dest, conn.target.port());
     let declared = found.map_or(Declared::Unknown, |(_, p)| crate::routing::protocol::declared(p));
-    let mut labels = TcpLabels::new(conn.source.as_deref(), Some(&conn.dest), found.map(|(s, _)| &**s), false);
+    let labels = conn.labels(&state);
     drop(state);
-    labels.reporter = "destination";
-    labels.source_principal = conn.principal.as_deref().unwrap_or("unknown").into();
-    labels.connection_security_policy = if conn.mtls { "mutual_tls" } else { "none" };
     let (io, sniffed) = sniffed::sniff(io, ctx.protocol_detection_timeout).await;
     let handling = match declared {
         Declared::Http2 | Declared::Grpc => Handling::Http2,
@@ -70,6 +67,8 @@ where
     if handling == Handling::Tcp {
         return opaque(&ctx, io, conn, labels).await;
     }
+    // The connection's own TCP series, beside its requests'.
+    let io = Counted::new(io, ConnMeters::open(&ctx.metrics, &labels));
     let peer = conn.peer;
     let down = Downstream {
         peer,
@@ -108,7 +107,7 @@ where
         Ok(r) => r,
         Err(err) => return record_failure(ctx, Some(labels), &err),
     };
-    let meters = ConnMeters::open(&ctx.metrics, &labels);
+    let meters = ConnMeters::open(&ctx.metrics, &labels).logged(ctx, &labels, conn.peer, conn.target, conn.target);
     pump(ctx, io, upstream, meters, conn.target, Some(guard), |_, u| reset(u)).await;
 }
 

@@ -33,9 +33,6 @@ pub(in crate::proxy) async fn handle(ctx: &std::sync::Arc<Inputs>, client: TcpSt
     };
     // An un-meshed pod of the cluster keeps its labels; it has no principal.
     let source = state.workload_by_ip(*peer_v4.ip()).cloned();
-    let mut labels = TcpLabels::new(source.as_deref(), Some(&dest), None, false);
-    labels.reporter = "destination";
-    labels.source_principal = "unknown".into();
     let arrival = Inbound {
         dest,
         target: dst,
@@ -45,7 +42,11 @@ pub(in crate::proxy) async fn handle(ctx: &std::sync::Arc<Inputs>, client: TcpSt
         source,
         transparent: transparent_source(ctx, peer, dst),
         mtls: false,
+        // Never taken from a client outside the mesh: guessed from the port.
+        service: None,
+        opaque: false,
     };
+    let labels = arrival.labels(&state);
     let admitted = admit(&state, arrival);
     drop(state);
     match admitted {
@@ -68,7 +69,8 @@ async fn deliver(ctx: &Inputs, client: TcpStream, peer: SocketAddr, arrival: &In
         Err(e) => return fail(ctx, &client, peer, Some(labels), e),
     };
     tracing::debug!(%peer, upstream = %addr, "proxying");
-    pump(ctx, client, upstream, ConnMeters::open(&ctx.metrics, &labels), addr, Some(guard), |c, u| {
+    let meters = ConnMeters::open(&ctx.metrics, &labels).logged(ctx, &labels, peer, addr, addr);
+    pump(ctx, client, upstream, meters, addr, Some(guard), |c, u| {
         reset(c);
         reset(u);
     })

@@ -49,7 +49,8 @@ impl std::fmt::Display for Failed {
 }
 
 /// Copies client→upstream (counted in `received`) and upstream→client (`sent`)
-/// until both directions have seen EOF. Each EOF is passed on as a write
+/// until both directions have seen EOF; `moved` gets each direction's bytes
+/// (client→upstream, upstream→client), whatever the outcome. Each EOF is passed on as a write
 /// shutdown (half-close). On an error the caller resets what it can (a TCP
 /// socket gets RST; a tunnel stream is cancelled when dropped). With `idle`,
 /// a connection that moves no byte either way for that long fails as
@@ -61,6 +62,7 @@ pub async fn bidirectional<C, U>(
     received: &Counter,
     sent: &Counter,
     idle: Option<std::time::Duration>,
+    moved: &mut [u64; 2],
 ) -> Result<(), (Failed, io::Error)>
 where
     C: AsyncRead + AsyncWrite + Unpin,
@@ -68,18 +70,29 @@ where
 {
     let mut up = Direction::new((Failed::ReadClient, Failed::WriteUpstream));
     let mut down = Direction::new((Failed::ReadUpstream, Failed::WriteClient));
-    let moved = || received.get() + sent.get();
-    let mut timer = idle.map(|d| (d, Box::pin(tokio::time::sleep(d)), moved()));
-    poll_fn(|cx| {
+    let progress = || received.get() + sent.get();
+    let mut timer = idle.map(|d| (d, Box::pin(tokio::time::sleep(d)), progress()));
+    let result = poll_fn(|cx| {
         // Both directions are polled every time, so each registers its wakers.
-        let a = up.poll(cx, client, upstream, received)?;
         let b = down.poll(cx, upstream, client, sent)?;
+        let a = match up.poll(cx, client, upstream, received) {
+            // The upstream finished its answer (its end of stream is passed
+            // on) and then took no more: it has closed, as a server closes
+            // after `Connection: close`. The client gets its end of stream,
+            // not a reset that would throw away the answer it has not read.
+            Poll::Ready(Err((Failed::WriteUpstream, e))) if down.done => {
+                tracing::debug!(error = %e, "the upstream closed after its answer; the client's further bytes are dropped");
+                up.done = true;
+                Poll::Ready(Ok(()))
+            }
+            other => other,
+        }?;
         if let (Poll::Ready(()), Poll::Ready(())) = (a, b) {
             return Poll::Ready(Ok(()));
         }
         if let Some((d, sleep, seen)) = &mut timer {
             while sleep.as_mut().poll(cx).is_ready() {
-                let now = moved();
+                let now = progress();
                 if now == *seen {
                     return Poll::Ready(Err((Failed::Idle, io::ErrorKind::TimedOut.into())));
                 }
@@ -89,7 +102,9 @@ where
         }
         Poll::Pending
     })
-    .await
+    .await;
+    *moved = [up.moved, down.moved];
+    result
 }
 
 /// One direction's progress.
@@ -104,6 +119,8 @@ struct Direction {
     eof: bool,
     done: bool,
     ops: (Failed, Failed),
+    /// Bytes written on.
+    moved: u64,
 }
 
 /// What one read (and the write tried at once) came to.
@@ -116,7 +133,7 @@ enum Step {
 
 impl Direction {
     fn new(ops: (Failed, Failed)) -> Self {
-        Direction { buf: Vec::new(), start: 0, end: 0, eof: false, done: false, ops }
+        Direction { buf: Vec::new(), start: 0, end: 0, eof: false, done: false, ops, moved: 0 }
     }
 
     fn poll<R, W>(
@@ -206,6 +223,7 @@ impl Direction {
             return Poll::Ready(Ok(Step::Eof));
         }
         counter.inc_by(n as u64);
+        self.moved += n as u64;
         let taken = match Pin::new(&mut *w).poll_write(cx, &into[..n]) {
             Poll::Ready(Ok(0)) => return Poll::Ready(Err((write_op, io::ErrorKind::WriteZero.into()))),
             Poll::Ready(Ok(t)) => t,
@@ -246,7 +264,7 @@ mod tests {
         let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
         let answer: Vec<u8> = data.iter().rev().copied().collect();
         let proxy = async {
-            bidirectional(&mut client_side, &mut upstream_side, &rx, &tx, None).await.unwrap();
+            bidirectional(&mut client_side, &mut upstream_side, &rx, &tx, None, &mut [0; 2]).await.unwrap();
         };
         let (d, a) = (data.clone(), answer.clone());
         let app = async move {
@@ -277,12 +295,42 @@ mod tests {
     /// A writer that fails is reported as such, naming the direction.
     #[tokio::test]
     async fn names_the_failed_operation() {
-        let (mut client, mut client_side) = tokio::io::duplex(64);
-        let (mut upstream_side, upstream) = tokio::io::duplex(64);
-        drop(upstream);
-        client.write_all(b"hello").await.unwrap();
+        let (client, mut client_side) = tokio::io::duplex(64);
+        let (mut upstream_side, mut upstream) = tokio::io::duplex(64);
+        drop(client);
+        upstream.write_all(b"hello").await.unwrap();
         let (rx, tx) = (Counter::default(), Counter::default());
-        let err = bidirectional(&mut client_side, &mut upstream_side, &rx, &tx, None).await.unwrap_err();
-        assert_eq!(err.0, Failed::WriteUpstream);
+        let err = bidirectional(&mut client_side, &mut upstream_side, &rx, &tx, None, &mut [0; 2]).await.unwrap_err();
+        assert_eq!(err.0, Failed::WriteClient);
+    }
+
+    /// An upstream that answers and closes (HTTP's `Connection: close`, an
+    /// HBONE stream whose server is done) while the client still sends: the
+    /// client reads the whole answer and its end, and the copy is no failure.
+    #[tokio::test]
+    async fn an_upstream_that_closes_after_answering_is_not_a_failure() {
+        let (mut client, mut client_side) = tokio::io::duplex(64);
+        let (mut upstream_side, mut upstream) = tokio::io::duplex(64);
+        client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        let server = async move {
+            let mut req = [0u8; 18];
+            upstream.read_exact(&mut req).await.unwrap();
+            upstream.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await.unwrap();
+            drop(upstream);
+        };
+        let (rx, tx) = (Counter::default(), Counter::default());
+        let mut moved = [0; 2];
+        let proxy = bidirectional(&mut client_side, &mut upstream_side, &rx, &tx, None, &mut moved);
+        let app = async {
+            let mut answer = Vec::new();
+            client.read_to_end(&mut answer).await.unwrap();
+            // More from the client once the answer is in: the upstream is gone.
+            client.write_all(b"more").await.unwrap();
+            answer
+        };
+        let (result, answer, ()) = tokio::join!(proxy, app, server);
+        result.unwrap();
+        assert_eq!(answer, b"HTTP/1.1 200 OK\r\n\r\n");
+        assert_eq!(moved[1], 19);
     }
 }

@@ -50,7 +50,7 @@ use crate::{
         pool::{self, PoolKey, Sender},
         serve_http, strip_hop_by_hop, tunnel_upgrade,
     },
-    proxy::upstream::Upstream,
+    proxy::upstream::{Hop, Upstream},
     routing::protocol::{self, Handling},
 };
 

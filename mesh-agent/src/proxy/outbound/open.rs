@@ -2,11 +2,7 @@
 //! HTTP pipeline alike: an HBONE stream to the destination's node for a
 //! meshed pod elsewhere, this node's own door for a local one
 //! ([`inbound::same_node`]), a direct connection otherwise.
-use std::{
-    net::{SocketAddr, SocketAddrV4},
-    sync::Arc,
-    time::Duration,
-};
+use std::{net::SocketAddrV4, sync::Arc, time::Duration};
 
 use crate::{
     proxy::{
@@ -14,25 +10,22 @@ use crate::{
         hbone::TunnelTo,
         inbound::{self, Inbound},
         l4::{connect, transparent_source},
-        upstream::{Opened, Upstream},
+        upstream::{Hop, Opened, Upstream},
     },
-    state::{State, Workload},
+    state::State,
 };
 
-/// Opens the upstream for a connection from `peer` (the pod `source`, if known)
-/// to `addr` (the pod `dest`, if known): HBONE to the destination node's agent
-/// for a meshed pod on another node; otherwise a direct connection, after
+/// Opens the upstream for `hop`: HBONE to the destination node's agent for a
+/// meshed pod on another node; otherwise a direct connection, after
 /// authorization when the pod is a meshed one on this node (this agent is then
 /// the destination's agent too).
 pub(crate) async fn open_upstream(
     ctx: &Arc<Inputs>,
     state: &State,
-    source: Option<&Arc<Workload>>,
-    peer: SocketAddr,
-    dest: Option<&Arc<Workload>>,
-    addr: SocketAddrV4,
+    hop: Hop<'_>,
     connect_timeout: Duration,
 ) -> Result<Opened, ProxyError> {
+    let Hop { source, peer, dest, addr, service, opaque } = hop;
     let peer_ip = match peer.ip() {
         std::net::IpAddr::V4(ip) => ip,
         std::net::IpAddr::V6(_) => return Err(ProxyError::NotIpv4(peer)),
@@ -54,6 +47,7 @@ pub(crate) async fn open_upstream(
                 dest: &d.principal,
                 target: addr,
                 client_ip: peer_ip,
+                service: service.map(|s| &*s.hostname),
                 connect_timeout,
             };
             let tunnel = ctx.hbone.open(ctx, to).await?;
@@ -70,6 +64,8 @@ pub(crate) async fn open_upstream(
                 source: source.cloned(),
                 transparent: transparent_source(ctx, peer, addr),
                 mtls: false,
+                service: service.cloned(),
+                opaque,
             };
             inbound::same_node(ctx, state, arrival, connect_timeout).await
         }
@@ -87,11 +83,8 @@ pub(crate) async fn open_upstream(
 pub(crate) fn dial<'a>(
     ctx: &'a Arc<Inputs>,
     state: &'a State,
-    source: Option<&'a Arc<Workload>>,
-    peer: SocketAddr,
-    dest: Option<&'a Arc<Workload>>,
-    addr: SocketAddrV4,
+    hop: Hop<'a>,
     connect_timeout: Duration,
 ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Opened, ProxyError>> + Send + 'a>> {
-    Box::pin(open_upstream(ctx, state, source, peer, dest, addr, connect_timeout))
+    Box::pin(open_upstream(ctx, state, hop, connect_timeout))
 }

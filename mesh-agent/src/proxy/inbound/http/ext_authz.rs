@@ -33,7 +33,11 @@ use hyper::{
 
 use super::{Body, Inbound};
 use crate::{
-    proxy::{Inputs, ProxyError, hbone::HboneError, upstream::Upstream},
+    proxy::{
+        Inputs, ProxyError,
+        hbone::HboneError,
+        upstream::{Hop, Upstream},
+    },
     state::{
         State, Workload,
         security::{ExtAuthz, ExtAuthzKind, HttpAuthz, Pattern},
@@ -124,7 +128,8 @@ async fn connect(ctx: &Arc<Inputs>, to: &Authorizer, caller: &Arc<Workload>) -> 
     };
     let state = ctx.state();
     let peer = std::net::SocketAddr::from((caller.ip.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED), 0));
-    let opened = (ctx.dial)(ctx, &state, Some(caller), peer, Some(endpoint), to.addr, ctx.connect_timeout).await;
+    let hop = Hop { source: Some(caller), peer, dest: Some(endpoint), addr: to.addr, service: None, opaque: false };
+    let opened = (ctx.dial)(ctx, &state, hop, ctx.connect_timeout).await;
     match opened {
         Ok(o) => Ok(o.into_io()),
         Err(e @ (ProxyError::Denied { .. } | ProxyError::PlaintextRefused { .. })) => {

@@ -92,6 +92,8 @@ pub(super) fn inbound(t: &TestInputs, port: u16) -> Inbound {
         source: None,
         transparent: None,
         mtls: true,
+        service: None,
+        opaque: false,
     }
 }
 

@@ -54,7 +54,8 @@ pub(super) async fn mirror_request(
     let from = source.as_ref().map(|w| w.principal.clone());
     let key = PoolKey { client: down.peer_ip, source: from, upstream: addr, h2, tls: false };
     let limits = limits(&ctx, None);
-    let to = Target { source, dest: Some(endpoint), addr, labels: TcpLabels::black_hole(None), tls: None };
+    let to =
+        Target { source, dest: Some(endpoint), addr, service: None, labels: TcpLabels::black_hole(None), tls: None };
     drop(state);
     let req = Request::from_parts(parts, Full::new(body).map_err(|e| match e {}).boxed_unsync());
     let result = match send(&ctx, &down, &to, key, req, &limits, None).await {

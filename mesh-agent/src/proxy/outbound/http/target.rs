@@ -9,6 +9,8 @@ pub(super) struct Target {
     pub source: Option<Arc<Workload>>,
     pub dest: Option<Arc<Workload>>,
     pub addr: SocketAddrV4,
+    /// The Service routed to, told to the destination's agent.
+    pub service: Option<Arc<crate::state::Service>>,
     pub labels: TcpLabels,
     /// TLS to originate, with the server name to ask for.
     pub tls: Option<(Arc<traffic::TlsOrigination>, String)>,
@@ -21,7 +23,7 @@ pub(super) fn target(
     cluster: Option<&traffic::Cluster>,
 ) -> Result<Target, Box<Refused>> {
     let source = src.map(|s| &**s);
-    let target = |dest, addr, labels, tls| Target { source: src.cloned(), dest, addr, labels, tls };
+    let target = |dest, addr, service, labels, tls| Target { source: src.cloned(), dest, addr, service, labels, tls };
     match route {
         Route::Service { service, endpoint, addr, .. } => {
             let labels = TcpLabels::new(source, Some(&endpoint), Some(&service), false);
@@ -38,13 +40,13 @@ pub(super) fn target(
                     }
                 },
             };
-            Ok(target(Some(endpoint), addr, labels, tls))
+            Ok(target(Some(endpoint), addr, Some(service), labels, tls))
         }
         Route::Workload { workload, addr } => {
             let labels = TcpLabels::new(source, Some(&workload), None, false);
-            Ok(target(Some(workload), addr, labels, None))
+            Ok(target(Some(workload), addr, None, labels, None))
         }
-        Route::Passthrough { addr } => Ok(target(None, addr, TcpLabels::new(source, None, None, true), None)),
+        Route::Passthrough { addr } => Ok(target(None, addr, None, TcpLabels::new(source, None, None, true), None)),
         Route::Refused { service, reason } => {
             let labels = TcpLabels::new(source, None, Some(&service), false);
             let error = ProxyError::Refused { service: service.key.clone(), reason };

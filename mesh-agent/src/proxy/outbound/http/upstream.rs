@@ -106,9 +106,15 @@ pub(super) async fn connect(
     // connection out of the pool.
     let generation = ctx.http_pool.generation();
     let addr = to.addr;
-    let opened =
-        super::super::open::open_upstream(ctx, state, to.source.as_ref(), down.peer, to.dest.as_ref(), addr, timeout)
-            .await?;
+    let hop = Hop {
+        source: to.source.as_ref(),
+        peer: down.peer,
+        dest: to.dest.as_ref(),
+        addr,
+        service: to.service.as_ref(),
+        opaque: false,
+    };
+    let opened = super::super::open::open_upstream(ctx, state, hop, timeout).await?;
     let mtls = opened.mtls;
     let mut io = opened.into_io();
     if let Some((tls, sni)) = &to.tls {

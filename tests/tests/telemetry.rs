@@ -1,0 +1,107 @@
+//! Istio's standard metrics as both of its reporters give them (root): the
+//! source and the destination agent each count every request and every
+//! connection, across nodes, on one node and from plaintext clients.
+#![expect(clippy::unwrap_used, reason = "tests")]
+
+use mesh_tests::{agent::metric, mesh::*, require_root};
+
+/// `aaa-hello` selects helloworld's HTTP port too and sorts first, so a
+/// destination that guessed the Service from the port would name it;
+/// `ver-v2` is a Service whose one endpoint is on the client's node.
+const SERVICES: &str = "---
+apiVersion: v1
+kind: Service
+metadata: {name: aaa-hello, namespace: demo}
+spec: {clusterIP: 10.96.0.20, selector: {app: helloworld}, ports: [{name: http, port: 80, targetPort: 9095}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: ver-v2, namespace: demo}
+spec: {clusterIP: 10.96.0.21, selector: {app: ver, version: v2}, ports: [{name: http, port: 80, targetPort: 8080}]}
+";
+
+const HELLO_SVC: &str = "helloworld.demo.svc.cluster.local";
+
+#[test]
+fn both_reporters_count_every_request_and_connection() {
+    if !require_root("both_reporters_count_every_request_and_connection") {
+        return;
+    }
+    let m = Mesh::start(SERVICES, &[]);
+    let test = m.pod("test");
+    // Across nodes: two requests to helloworld, one to api; a TCP echo.
+    for url in [format!("http://{VIP}:9095/"), format!("http://{VIP}:9095/"), format!("http://{API_VIP}/hello")] {
+        let (ok, out) = curl(test, &url);
+        assert!(ok, "{url}: {out}");
+    }
+    let marker = b"both-reporters".to_vec();
+    let echoed = test.run({
+        let marker = marker.clone();
+        move || mesh_tests::clients::tcp_echo(format!("{VIP}:7000").parse().unwrap(), &marker).unwrap()
+    });
+    assert_eq!(echoed, marker);
+    // On one node: test → ver-v2 (node-1).
+    let (ok, out) = curl(test, "http://10.96.0.21/hello");
+    assert!(ok, "{out}");
+    // Plaintext from an un-meshed pod to helloworld's address.
+    let (ok, out) = curl(m.pod("outsider"), &format!("http://{HELLO_IP}:9095/"));
+    assert!(ok, "{out}");
+
+    let mtls = [("source_principal", TEST_ID), ("connection_security_policy", "mutual_tls")];
+    let dest = |svc: &'static str, code: &'static str| {
+        [("reporter", "destination"), ("destination_service", svc), ("response_code", code)]
+            .into_iter()
+            .chain(mtls)
+            .collect::<Vec<_>>()
+    };
+    let hello_at_dest = dest(HELLO_SVC, "200");
+    let plaintext = [
+        ("reporter", "destination"),
+        ("source_workload", "outsider"),
+        ("source_principal", "unknown"),
+        ("connection_security_policy", "none"),
+        ("response_code", "200"),
+    ];
+    let node2 = m.agents[1].wait_metrics(5, "the destination's request metrics", |t| {
+        metric(t, "istio_requests_total", &hello_at_dest) >= 2.0
+            && metric(t, "istio_requests_total", &plaintext) >= 1.0
+            && metric(t, "istio_tcp_connections_closed_total", &[("reporter", "destination")]) >= 2.0
+    });
+    // The destination names the Service the source addressed, not the first
+    // one selecting the port (aaa-hello), for requests and connections alike.
+    assert_eq!(metric(&node2, "istio_requests_total", &hello_at_dest), 2.0, "{node2}");
+    assert_eq!(metric(&node2, "istio_requests_total", &dest("api.demo.svc.cluster.local", "200")), 1.0, "{node2}");
+    let dest_tcp = [("reporter", "destination"), ("destination_service", HELLO_SVC)];
+    assert!(metric(&node2, "istio_tcp_received_bytes_total", &dest_tcp) >= marker.len() as f64, "{node2}");
+    // The echo, and the pooled connection the two requests shared.
+    assert_eq!(metric(&node2, "istio_tcp_connections_opened_total", &dest_tcp), 2.0, "{node2}");
+    assert_eq!(metric(&node2, "istio_tcp_connections_opened_total", &[("destination_service", "unknown")]), 0.0);
+    // The histograms count every request at the destination too.
+    let count = |name: &str| metric(&node2, &format!("{name}_count"), &hello_at_dest);
+    assert_eq!(count("istio_request_duration_milliseconds"), 2.0, "{node2}");
+    assert_eq!(count("istio_response_bytes"), 2.0, "{node2}");
+
+    // The source side: the requests, and the HTTP client connections' own TCP series.
+    let node1 = m.agents[0].wait_metrics(5, "the source's metrics", |t| {
+        metric(
+            t,
+            "istio_requests_total",
+            &[("reporter", "destination"), ("destination_service", "ver-v2.demo.svc.cluster.local")],
+        ) >= 1.0
+    });
+    let src = [("reporter", "source"), ("destination_service", HELLO_SVC), ("source_principal", TEST_ID)];
+    assert_eq!(metric(&node1, "istio_requests_total", &[src.as_slice(), &[("response_code", "200")]].concat()), 2.0);
+    let http_conns = [src.as_slice(), &[("connection_security_policy", "mutual_tls")]].concat();
+    // Two curl connections and the echo.
+    assert!(metric(&node1, "istio_tcp_connections_opened_total", &http_conns) >= 3.0, "{node1}");
+    assert!(metric(&node1, "istio_tcp_received_bytes_total", &http_conns) > 2.0 * 70.0, "{node1}");
+    assert!(metric(&node1, "istio_tcp_sent_bytes_total", &http_conns) > 2.0 * 100.0, "{node1}");
+    // On one node the agent is both reporters, one count each.
+    let same_node = |reporter| {
+        [("reporter", reporter), ("destination_service", "ver-v2.demo.svc.cluster.local"), ("response_code", "200")]
+    };
+    assert_eq!(metric(&node1, "istio_requests_total", &same_node("source")), 1.0, "{node1}");
+    assert_eq!(metric(&node1, "istio_requests_total", &same_node("destination")), 1.0, "{node1}");
+    let dest_conns = [("reporter", "destination"), ("destination_service", "ver-v2.demo.svc.cluster.local")];
+    assert!(metric(&node1, "istio_tcp_connections_opened_total", &dest_conns) >= 1.0, "{node1}");
+}
