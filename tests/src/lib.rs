@@ -11,11 +11,13 @@ pub mod clients;
 pub mod edge;
 pub mod ext_authz;
 pub mod fixture;
+pub mod graph;
 pub mod grpc;
 pub mod jwt;
 pub mod kube_api;
 pub mod mesh;
 pub mod netns;
+pub mod prometheus;
 pub mod servers;
 
 pub use agent::Agent;

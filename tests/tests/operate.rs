@@ -7,8 +7,8 @@
 use std::{
     io::{Read as _, Write as _},
     net::TcpStream,
-    process::{Child, Command, Output, Stdio},
-    time::{Duration, Instant},
+    process::{Command, Output},
+    time::Duration,
 };
 
 use mesh_tests::{
@@ -16,6 +16,7 @@ use mesh_tests::{
     agent::{binary, metric},
     clients::{Curled, curl},
     fixture::{Fixture, hello_one_node},
+    prometheus::Prometheus,
     require_root,
 };
 
@@ -162,45 +163,9 @@ fn stats_readiness_and_inspect_of_a_running_agent() {
     assert!(!out.status.success() && err.contains("127.0.0.1:15000") && err.contains("refused"), "{err}");
 }
 
-/// A Prometheus server in the cluster network, killed on drop.
-struct Prometheus {
-    child: Child,
-    dir: std::path::PathBuf,
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// Queries Prometheus's HTTP API until `query` has a sample, or panics.
-fn query(c: &Cluster, query: &str) -> serde_json::Value {
-    let deadline = Instant::now() + Duration::from_secs(40);
-    loop {
-        let url = format!("http://127.0.0.1:9090/api/v1/query?query={query}");
-        let r = curl(|args| c.net_cmd(args), &[&url]);
-        if r.code == 200 {
-            let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
-            if let Some(sample) = v["data"]["result"].as_array().and_then(|a| a.first()) {
-                return sample.clone();
-            }
-        }
-        assert!(Instant::now() < deadline, "Prometheus has no {query}: {} {}{}", r.code, r.body, r.stderr);
-        std::thread::sleep(Duration::from_millis(500));
-    }
-}
-
 #[test]
 fn prometheus_scrapes_the_stats_port() {
     if !require_root("prometheus_scrapes_the_stats_port") {
-        return;
-    }
-    if Command::new("prometheus").arg("--version").output().is_err() {
-        assert!(std::env::var("CI").is_err(), "prometheus is not installed (cargo xtask setup installs it)");
-        eprintln!("\n*** SKIPPED prometheus_scrapes_the_stats_port: no prometheus (cargo xtask setup) ***\n");
         return;
     }
     let c = cluster();
@@ -210,29 +175,15 @@ fn prometheus_scrapes_the_stats_port() {
 
     // Scraped as Istio's own scrape configuration scrapes proxies: the
     // annotations' port and path.
-    let dir = std::env::temp_dir().join(format!("mesh-test-{}-prometheus", c.id));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = format!(
-        "global: {{scrape_interval: 1s}}\nscrape_configs:\n- job_name: mesh-agents\n  metrics_path: /stats/prometheus\n  \
-         static_configs: [{{targets: ['{NODE_IP}:15020']}}]\n"
-    );
-    std::fs::write(dir.join("prometheus.yml"), config).unwrap();
-    let child = Command::new("ip")
-        .args(["netns", "exec", &c.net_ns, "prometheus", "--web.listen-address=127.0.0.1:9090"])
-        .arg(format!("--config.file={}", dir.join("prometheus.yml").display()))
-        .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("prometheus.log")).unwrap())
-        .spawn()
-        .unwrap();
-    let _prometheus = Prometheus { child, dir };
-
-    let up = query(&c, "up");
+    let Some(prometheus) = Prometheus::start(&c, &[format!("{NODE_IP}:15020")], "prometheus_scrapes_the_stats_port")
+    else {
+        return;
+    };
+    let up = prometheus.wait_for("up");
     assert_eq!(up["value"][1], "1", "the agent's target is not up: {up}");
-    let requests = query(&c, "istio_requests_total%7Bresponse_code%3D%22200%22%7D");
+    let requests = prometheus.wait_for("istio_requests_total{response_code=\"200\"}");
     assert_eq!(requests["metric"]["destination_workload"], "helloworld", "{requests}");
-    let rss = query(&c, "process_resident_memory_bytes");
+    let rss = prometheus.wait_for("process_resident_memory_bytes");
     let bytes: f64 = rss["value"][1].as_str().unwrap().parse().unwrap();
     assert!(bytes > 1e6, "{rss}");
 }

@@ -295,6 +295,7 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
     let ca_path = certs.ca().display().to_string();
     println!("\n{:<36} {:<9} {:<44} {:<42} {:<8} {:>9}", "step", "protocol", "path", "identities", "status", "latency");
     let mut unexpected = 0;
+    let began = Instant::now();
     for step in steps(&ca_path, &token, &forged) {
         let start = Instant::now();
         let (code, text) = demo.run(&step);
@@ -314,6 +315,7 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
         println!("    {}", text.lines().next().unwrap_or("").trim());
     }
     print_metrics(&demo, &agents);
+    write_graph(&agents, began.elapsed().as_secs_f64())?;
     if keep {
         let c = &demo.cluster;
         println!("\nleft running; try:");
@@ -373,6 +375,23 @@ fn print_metrics(demo: &Demo, agents: &[Agent]) {
     for l in pick(&node2, "istio_tcp_connections_opened_total", &["reporter=\"destination\""]) {
         println!("{l}");
     }
+}
+
+/// The service graph of the demo's calls, from both agents' metrics.
+fn write_graph(agents: &[Agent], secs: f64) -> anyhow::Result<()> {
+    let texts: Vec<String> = agents.iter().map(Agent::metrics).collect();
+    let graph = mesh_tests::graph::from_metrics(&texts);
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/demo");
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("service-graph.svg");
+    std::fs::write(&path, mesh_tests::graph::svg(&graph, secs, "cargo xtask demo: who called whom"))?;
+    println!(
+        "
+service graph ({} edges, from the metrics): {}",
+        graph.len(),
+        path.display()
+    );
+    Ok(())
 }
 
 fn wait_for_ctrl_c() {
