@@ -222,7 +222,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
         );
     }
     let certs = Arc::new(cert_manager(&cfg.identity)?);
-    let access_log = crate::proxy::http::access_log::AccessLog::open(&cfg.access_log)
+    let access_log = crate::telemetry::access_log::AccessLog::open(&cfg.access_log)
         .map_err(|source| RunError::AccessLog { path: cfg.access_log.clone(), source })?;
     let inputs = Arc::new(Inputs::new(crate::proxy::inputs::Settings {
         node: cfg.node.clone(),

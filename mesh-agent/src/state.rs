@@ -14,6 +14,7 @@ use std::{
 use serde::Serialize;
 
 mod index;
+pub mod log_format;
 pub mod security;
 pub mod traffic;
 
@@ -214,15 +215,12 @@ pub struct AccessLogSettings {
     /// when MeshConfig does not say (the agent's `--access-log` decides).
     pub file: Option<Arc<str>>,
     /// The line's format (Istio's TEXT format by default).
-    pub format: Arc<crate::telemetry::access_format::Format>,
+    pub format: Arc<log_format::Format>,
 }
 
 impl Default for AccessLogSettings {
     fn default() -> Self {
-        AccessLogSettings {
-            file: None,
-            format: Arc::new(crate::telemetry::access_format::Format::istio_default(false)),
-        }
+        AccessLogSettings { file: None, format: Arc::new(log_format::Format::istio_default(false)) }
     }
 }
 

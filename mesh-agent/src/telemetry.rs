@@ -11,7 +11,7 @@ use prometheus_client::{
 
 use crate::state::{Service, Workload};
 
-pub mod access_format;
+pub mod access_log;
 mod flags;
 pub mod logging;
 mod process;

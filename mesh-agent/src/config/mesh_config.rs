@@ -5,10 +5,7 @@ use std::{collections::BTreeMap, sync::Arc};
 use serde::Deserialize;
 
 use super::object::Ctx;
-use crate::{
-    state::{AccessLogSettings, OutboundPolicy, PathNormalization, security::ExtAuthz},
-    telemetry::access_format::Format,
-};
+use crate::state::{AccessLogSettings, OutboundPolicy, PathNormalization, log_format::Format, security::ExtAuthz};
 
 mod providers;
 

@@ -24,7 +24,6 @@ use crate::{
     state::Workload,
 };
 
-pub mod access_log;
 pub mod cluster;
 pub(crate) mod headers;
 pub(crate) mod metered;

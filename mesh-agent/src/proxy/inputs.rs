@@ -34,7 +34,7 @@ pub struct Inputs {
     pub clusters: crate::proxy::http::cluster::Clusters,
     /// TLS settings for the snapshot's TLS originations.
     pub originations: super::outbound::tls::Originations,
-    pub access_log: crate::proxy::http::access_log::AccessLog,
+    pub access_log: crate::telemetry::access_log::AccessLog,
     /// Key sets fetched from RequestAuthentications' `jwksUri`.
     pub jwks: Arc<crate::identity::jwt::jwks::JwksCache>,
     /// End-user tokens already verified.
@@ -58,7 +58,7 @@ pub struct Settings {
     pub connect_timeout: Duration,
     pub protocol_detection_timeout: Duration,
     pub certs: Arc<CertManager>,
-    pub access_log: crate::proxy::http::access_log::AccessLog,
+    pub access_log: crate::telemetry::access_log::AccessLog,
     pub state: State,
     pub limits: super::limits::Limits,
     /// Made before the data path (the configuration source counts into it).
@@ -228,7 +228,7 @@ pub(crate) mod testing {
                 connect_timeout: Duration::from_secs(10),
                 protocol_detection_timeout: Duration::from_millis(100),
                 certs,
-                access_log: crate::proxy::http::access_log::AccessLog::open("off").expect("no access log"),
+                access_log: crate::telemetry::access_log::AccessLog::open("off").expect("no access log"),
                 state: crate::config::state_from_yaml(yaml),
                 limits,
                 metrics: crate::telemetry::Metrics::new(),

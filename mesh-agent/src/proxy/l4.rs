@@ -17,10 +17,10 @@ use tokio::{
     net::{TcpSocket, TcpStream},
 };
 
-use super::{Inputs, ProxyError, conns, http::access_log::Sink};
-use crate::telemetry::{
-    TcpLabels,
-    access_format::{Entry, Format, Kind},
+use super::{Inputs, ProxyError, conns};
+use crate::{
+    state::log_format::{Entry, Format, Kind},
+    telemetry::{TcpLabels, access_log::Sink},
 };
 
 pub(crate) mod copy;
@@ -108,12 +108,27 @@ impl ConnMeters {
             peer,
             local,
             upstream: to,
-            cluster: crate::proxy::http::metered::upstream_cluster(labels, local, Some(to)),
+            cluster: upstream_cluster(labels, local, Some(to)),
             principal,
         };
         log.write(ctx, Kind::TcpOpen, [0; 2]);
         self.log = Some(Box::new(log));
         self
+    }
+}
+
+/// Istio's cluster name for where a request went (`%UPSTREAM_CLUSTER_RAW%`):
+/// `outbound|<port>||<service>` at the source, `inbound|<port>||` at the
+/// destination, or the passthrough and black-hole clusters.
+pub(crate) fn upstream_cluster(tcp: &TcpLabels, local: SocketAddrV4, upstream: Option<SocketAddrV4>) -> Option<String> {
+    let svc = &*tcp.destination_service;
+    if tcp.reporter == "destination" {
+        return Some(format!("inbound|{}||", upstream.map_or(local.port(), |u| u.port())));
+    }
+    match svc {
+        "unknown" => None,
+        "PassthroughCluster" | "BlackHoleCluster" => Some(svc.to_owned()),
+        host => Some(format!("outbound|{}||{host}", local.port())),
     }
 }
 
@@ -140,7 +155,7 @@ impl ConnLog {
             request: None,
             response: None,
             response_code: None,
-            flags: crate::telemetry::Flags::NONE,
+            flags: crate::telemetry::Flags::NONE.to_string(),
             details: None,
             transport_failure: None,
             bytes_received: moved[0],

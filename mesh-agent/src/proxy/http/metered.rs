@@ -20,14 +20,11 @@ use hyper::{
     http::response::Parts,
 };
 
-use super::access_log::Sink;
 use super::{Body, Downstream, local_reply, pool::ResponseBody, request_protocol};
 use crate::{
     proxy::{Inputs, LocalReply},
-    telemetry::{
-        Flags, RequestLabels, TcpLabels,
-        access_format::{Captured, Entry, Format, Kind},
-    },
+    state::log_format::{Captured, Entry, Format, Kind},
+    telemetry::{Flags, RequestLabels, TcpLabels, access_log::Sink},
 };
 
 /// Request bytes, counted by the request body while it streams upstream.
@@ -264,7 +261,7 @@ impl Record {
         m.response_bytes.get_or_create(&labels).observe(self.response_bytes as f64);
         let Some(line) = self.line.take() else { return };
         let tcp = &labels.connection;
-        let cluster = upstream_cluster(tcp, self.local, self.upstream);
+        let cluster = crate::proxy::l4::upstream_cluster(tcp, self.local, self.upstream);
         let entry = Entry {
             kind: Kind::Http,
             start: line.started_at,
@@ -272,7 +269,7 @@ impl Record {
             request: Some(&line.request),
             response: line.response.as_ref(),
             response_code: Some(self.status),
-            flags: self.flags,
+            flags: self.flags.to_string(),
             details: Some(details(self.via_upstream, self.flags, self.status)),
             transport_failure: None,
             bytes_received: request_bytes,
@@ -294,21 +291,6 @@ impl Record {
             let labels = crate::telemetry::LimitLabels { listener: "access_log", reason: "queue_full" };
             m.limit_refusals.get_or_create(&labels).inc();
         }
-    }
-}
-
-/// Istio's cluster name for where a request went (`%UPSTREAM_CLUSTER_RAW%`):
-/// `outbound|<port>||<service>` at the source, `inbound|<port>||` at the
-/// destination, or the passthrough and black-hole clusters.
-pub(crate) fn upstream_cluster(tcp: &TcpLabels, local: SocketAddrV4, upstream: Option<SocketAddrV4>) -> Option<String> {
-    let svc = &*tcp.destination_service;
-    if tcp.reporter == "destination" {
-        return Some(format!("inbound|{}||", upstream.map_or(local.port(), |u| u.port())));
-    }
-    match svc {
-        "unknown" => None,
-        "PassthroughCluster" | "BlackHoleCluster" => Some(svc.to_owned()),
-        host => Some(format!("outbound|{}||{host}", local.port())),
     }
 }
 

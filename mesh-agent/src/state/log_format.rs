@@ -10,8 +10,6 @@ use std::{fmt::Write as _, net::SocketAddr, time::SystemTime};
 
 use hyper::header::HeaderMap;
 
-use super::Flags;
-
 /// Istio's default TEXT format (`EnvoyTextLogFormat`).
 pub const ISTIO_TEXT: &str = "[%START_TIME%] \"%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%\" \
     %RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS% %CONNECTION_TERMINATION_DETAILS% \
@@ -429,7 +427,8 @@ pub struct Entry<'a> {
     pub request: Option<&'a Captured>,
     pub response: Option<&'a Captured>,
     pub response_code: Option<u16>,
-    pub flags: Flags,
+    /// Envoy's response flags as written (`-` for none).
+    pub flags: String,
     pub details: Option<&'a str>,
     pub transport_failure: Option<&'a str>,
     pub bytes_received: u64,
@@ -459,7 +458,7 @@ impl Entry<'_> {
             Op::Resp { names, max } => self.response?.first(names).map(|v| cut(v, *max)),
             Op::Protocol => self.protocol.map(Into::into),
             Op::ResponseCode => Some(self.response_code.unwrap_or(0).to_string()),
-            Op::ResponseFlags => Some(self.flags.to_string()),
+            Op::ResponseFlags => Some(self.flags.clone()),
             Op::ResponseCodeDetails => self.details.map(Into::into),
             Op::TerminationDetails => None,
             Op::TransportFailure => self.transport_failure.map(Into::into),

@@ -1,7 +1,7 @@
 //! Where access log lines go: MeshConfig `accessLogFile` (`/dev/stdout`, a
 //! path, or `""` for none), or, when MeshConfig does not say, the agent's
 //! `--access-log off|stdout|PATH` (stdout by default). The lines themselves
-//! are Envoy's ([`crate::telemetry::access_format`]).
+//! are Envoy's ([`crate::state::log_format`]).
 //!
 //! A worker thread never writes: lines go into a bounded queue that one
 //! writer thread drains, so a slow or blocked stdout (a full pipe, a stalled

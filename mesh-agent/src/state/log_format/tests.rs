@@ -22,7 +22,7 @@ fn entry<'a>(req: &'a Captured, resp: &'a Captured) -> Entry<'a> {
         request: Some(req),
         response: Some(resp),
         response_code: Some(200),
-        flags: Flags::NONE,
+        flags: "-".into(),
         details: Some("via_upstream"),
         transport_failure: None,
         bytes_received: 0,
