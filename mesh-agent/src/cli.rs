@@ -104,7 +104,9 @@ pub enum Command {
         /// ports that declare no protocol (silence means TCP).
         #[arg(long, env = "MESH_PROTOCOL_DETECTION_TIMEOUT", default_value = "100ms", value_parser = parse_duration)]
         protocol_detection_timeout: Duration,
-        /// JSON access log, one line per request: `off`, `stdout` or a file path.
+        /// Where the access log goes (`off`, `stdout` or a file path) when
+        /// MeshConfig names no `accessLogFile`; lines are Envoy's, as Istio
+        /// writes them (one per request, two per TCP connection).
         #[arg(long, env = "MESH_ACCESS_LOG", default_value = "stdout")]
         access_log: String,
         /// CA certificates (PEM) trusted, beside the system's, for the HTTPS
