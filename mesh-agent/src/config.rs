@@ -21,6 +21,7 @@ mod networking;
 mod object;
 mod security;
 mod service_entry;
+mod telemetry;
 mod validate;
 pub(crate) mod watch_files;
 

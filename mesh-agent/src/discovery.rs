@@ -105,8 +105,15 @@ impl Kind {
 
 const NETWORKING: &str = "networking.istio.io";
 const SECURITY: &str = "security.istio.io";
-/// The versions read, by preference: `v1` (Istio 1.22 on), else `v1beta1`.
-const ISTIO_VERSIONS: [&str; 2] = ["v1", "v1beta1"];
+const TELEMETRY: &str = "telemetry.istio.io";
+/// The versions read, by preference: `v1` (Istio 1.22 on), else `v1beta1`
+/// (`v1alpha1` for Telemetry, which had no beta).
+fn versions_of(group: &str) -> &'static [&'static str] {
+    match group {
+        TELEMETRY => &["v1", "v1alpha1"],
+        _ => &["v1", "v1beta1"],
+    }
+}
 
 /// What the node agent reads: everything the files hold, Secrets only in
 /// `secret_namespaces`.
@@ -127,6 +134,7 @@ pub fn agent_kinds(secret_namespaces: &[String]) -> Vec<Kind> {
         Kind::istio(SECURITY, "PeerAuthentication", "peerauthentications"),
         Kind::istio(SECURITY, "AuthorizationPolicy", "authorizationpolicies"),
         Kind::istio(SECURITY, "RequestAuthentication", "requestauthentications"),
+        Kind::istio(TELEMETRY, "Telemetry", "telemetries"),
     ];
     for ns in secret_namespaces {
         kinds.push(Kind { scope: Scope::Namespace(ns.clone()), ..Kind::core("Secret", "secrets") });
@@ -157,10 +165,9 @@ pub enum DiscoveryError {
     Discovery(#[source] kube::Error),
     #[error(
         "the API server does not serve {group} in {versions}: install Istio's base CRDs \
-         (see README, \"Install on Kubernetes\")",
-        versions = ISTIO_VERSIONS.join(" or ")
+         (see README, \"Install on Kubernetes\")"
     )]
-    MissingGroup { group: &'static str },
+    MissingGroup { group: &'static str, versions: String },
     #[error("the Kubernetes source stopped")]
     Stopped,
 }
@@ -170,15 +177,18 @@ pub use client::{KubeSelection, client, select_cluster};
 /// Sets each Istio kind's version to the newest one the API server serves.
 pub async fn resolve_versions(client: &Client, kinds: &mut [Kind]) -> Result<(), DiscoveryError> {
     let groups = client.list_api_groups().await.map_err(DiscoveryError::Discovery)?;
-    for group in [NETWORKING, SECURITY] {
+    for group in [NETWORKING, SECURITY, TELEMETRY] {
         if !kinds.iter().any(|k| k.group == group) {
             continue;
         }
         let served = groups.groups.iter().find(|g| g.name == group);
         let served: Vec<&str> =
             served.map(|g| g.versions.iter().map(|v| v.version.as_str()).collect()).unwrap_or_default();
-        let version =
-            ISTIO_VERSIONS.into_iter().find(|v| served.contains(v)).ok_or(DiscoveryError::MissingGroup { group })?;
+        let version = versions_of(group)
+            .iter()
+            .copied()
+            .find(|v| served.contains(v))
+            .ok_or_else(|| DiscoveryError::MissingGroup { group, versions: versions_of(group).join(" or ") })?;
         for k in kinds.iter_mut().filter(|k| k.group == group) {
             k.version = version;
         }

@@ -16,6 +16,7 @@ use serde::Serialize;
 mod index;
 pub mod log_format;
 pub mod security;
+pub mod telemetry;
 pub mod traffic;
 
 /// Label that enrolls a namespace or pod in the mesh (Istio ambient).
@@ -50,6 +51,8 @@ pub struct State {
     pub path_normalization: PathNormalization,
     /// MeshConfig `extensionProviders` that are external authorizers, by name.
     pub extension_providers: BTreeMap<String, Arc<security::ExtAuthz>>,
+    /// Telemetry objects, oldest first (creation time, then namespace and name).
+    pub telemetries: Vec<telemetry::Telemetry>,
     /// MeshConfig `accessLogFile`, `accessLogEncoding`, `accessLogFormat`.
     #[serde(skip)]
     pub access_log: AccessLogSettings,

@@ -105,3 +105,67 @@ fn both_reporters_count_every_request_and_connection() {
     let dest_conns = [("reporter", "destination"), ("destination_service", "ver-v2.demo.svc.cluster.local")];
     assert!(metric(&node1, "istio_tcp_connections_opened_total", &dest_conns) >= 1.0, "{node1}");
 }
+
+/// Telemetry: helloworld reports nothing as a server (no metric, no access
+/// log: its agent does not even parse its requests); sleep leaves
+/// `istio_requests_total` out as a client.
+const TELEMETRY: &str = "---
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: quiet-server, namespace: demo}
+spec:
+  selector: {matchLabels: {app: helloworld}}
+  metrics: [{providers: [{name: prometheus}], overrides: [{match: {metric: ALL_METRICS, mode: SERVER}, disabled: true}]}]
+  accessLogging: [{match: {mode: SERVER}, disabled: true}]
+---
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: no-count, namespace: other}
+spec:
+  metrics: [{overrides: [{match: {metric: REQUEST_COUNT, mode: CLIENT}, disabled: true}]}]
+";
+
+#[test]
+fn the_telemetry_api_turns_a_side_or_a_metric_off() {
+    if !require_root("the_telemetry_api_turns_a_side_or_a_metric_off") {
+        return;
+    }
+    let log = std::env::temp_dir().join(format!("mesh-test-telemetry-{}.log", std::process::id()));
+    let _ = std::fs::remove_file(&log);
+    let m = Mesh::start(TELEMETRY, &["--access-log", log.to_str().unwrap()]);
+    for (pod, url) in [("test", format!("http://{VIP}:9095/")), ("sleep", format!("http://{VIP}:9095/"))] {
+        let (ok, out) = curl(m.pod(pod), &url);
+        assert!(ok, "{pod}: {out}");
+    }
+    // The positive control: ver-v1, on the same node, still reports as a server.
+    let (ok, out) = curl(m.pod("test"), &format!("http://{VER_V1_IP}:8080/hello"));
+    assert!(ok, "{out}");
+    let ver = [("reporter", "destination"), ("destination_workload", "ver"), ("destination_version", "v1")];
+    let node2 =
+        m.agents[1].wait_metrics(5, "ver-v1's server metrics", |t| metric(t, "istio_requests_total", &ver) >= 1.0);
+    let hello = [("reporter", "destination"), ("destination_workload", "helloworld")];
+    for name in
+        ["istio_requests_total", "istio_request_duration_milliseconds_count", "istio_tcp_connections_opened_total"]
+    {
+        assert_eq!(metric(&node2, name, &hello), 0.0, "{name} reported for helloworld as a server:\n{node2}");
+    }
+    // The clients' side is untouched, but for sleep's request count.
+    let node1 = m.agents[0].wait_metrics(5, "the clients' metrics", |t| {
+        metric(t, "istio_request_duration_milliseconds_count", &[("source_workload", "sleep")]) >= 1.0
+    });
+    let from = |w| [("reporter", "source"), ("source_workload", w), ("destination_workload", "helloworld")];
+    assert_eq!(metric(&node1, "istio_requests_total", &from("test")), 1.0, "{node1}");
+    assert_eq!(metric(&node1, "istio_requests_total", &from("sleep")), 0.0, "{node1}");
+    assert!(metric(&node1, "istio_tcp_connections_opened_total", &from("sleep")) >= 1.0, "{node1}");
+    // The access log: ver-v1's server line, none for helloworld as a server.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut text = String::new();
+    while !text.contains("inbound|8080||") && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        text = std::fs::read_to_string(&log).unwrap_or_default();
+    }
+    let _ = std::fs::remove_file(&log);
+    assert!(text.contains("inbound|8080||"), "{text}");
+    assert!(!text.contains("inbound|9095||"), "helloworld logged as a server:\n{text}");
+    assert!(text.contains("outbound|9095||helloworld.demo.svc.cluster.local"), "{text}");
+}

@@ -37,6 +37,7 @@ struct Objects {
     peer_authentications: Vec<(Origin, PeerAuthenticationObject)>,
     authorization_policies: Vec<(Origin, AuthorizationPolicyObject)>,
     request_authentications: Vec<(Origin, RequestAuthenticationObject)>,
+    telemetries: Vec<(Origin, super::telemetry::TelemetryObject)>,
     virtual_services: Vec<(Origin, VirtualServiceObject)>,
     destination_rules: Vec<(Origin, DestinationRuleObject)>,
     gateways: Vec<(Origin, GatewayObject)>,
@@ -204,6 +205,9 @@ fn sort_document(
         }
         ("networking.istio.io/v1" | "networking.istio.io/v1beta1", "DestinationRule") => {
             push(&mut ctx, value, &mut objects.destination_rules)
+        }
+        ("telemetry.istio.io/v1" | "telemetry.istio.io/v1alpha1", "Telemetry") => {
+            push(&mut ctx, value, &mut objects.telemetries)
         }
         (api, _) if api.split('/').next().is_some_and(|g| g.ends_with("istio.io")) => {
             ctx.error("kind", format!("{api} {kind} is not supported by this version of mesh-agent"));

@@ -309,12 +309,13 @@ impl Inner {
     }
 
     fn discovery(&self) -> Value {
-        let groups: Vec<Value> = ["networking.istio.io", "security.istio.io"]
+        let groups: Vec<Value> = ["networking.istio.io", "security.istio.io", "telemetry.istio.io"]
             .iter()
             .map(|g| {
+                let older = if *g == "telemetry.istio.io" { "v1alpha1" } else { "v1beta1" };
                 let versions = [
                     json!({"groupVersion": format!("{g}/v1"), "version": "v1"}),
-                    json!({"groupVersion": format!("{g}/v1beta1"), "version": "v1beta1"}),
+                    json!({"groupVersion": format!("{g}/{older}"), "version": older}),
                 ];
                 json!({"name": g, "versions": versions, "preferredVersion": versions[0]})
             })

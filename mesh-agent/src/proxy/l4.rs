@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::{counter::Counter, family::Family};
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpSocket, TcpStream},
@@ -19,7 +19,10 @@ use tokio::{
 
 use super::{Inputs, ProxyError, conns};
 use crate::{
-    state::log_format::{Entry, Format, Kind},
+    state::{
+        log_format::{Entry, Format, Kind},
+        telemetry::{Logging, MetricSet},
+    },
     telemetry::{TcpLabels, access_log::Sink},
 };
 
@@ -65,19 +68,32 @@ pub(crate) struct ConnMeters {
     sent: Counter,
     closed: Counter,
     active: prometheus_client::metrics::gauge::Gauge,
+    /// What the Telemetries say of this side's access log.
+    logging: Logging,
     /// The connection log's record, when access logging is on.
     log: Option<Box<ConnLog>>,
 }
 
 impl ConnMeters {
-    pub(crate) fn open(m: &crate::telemetry::Metrics, labels: &TcpLabels) -> Self {
-        m.tcp_opened.get_or_create(labels).inc();
+    /// The meters of a connection reported for the pod at `subject` (the
+    /// client at the source, the server at the destination): Istio's TCP
+    /// metrics its Telemetries leave on, the others counted nowhere.
+    pub(crate) fn open(ctx: &Inputs, labels: &TcpLabels, subject: Option<Ipv4Addr>) -> Self {
+        let m = &ctx.metrics;
+        let side = ctx.state().telemetry_policy(subject).side(labels.reporter == "destination");
+        let kept = |family: &Family<TcpLabels, Counter>, metric| {
+            if side.off.contains(metric) { Counter::default() } else { family.get_or_create(labels).clone() }
+        };
+        if !side.off.contains(MetricSet::TCP_OPENED_CONNECTIONS) {
+            m.tcp_opened.get_or_create(labels).inc();
+        }
         m.active_connections.inc();
         ConnMeters {
-            received: m.tcp_received.get_or_create(labels).clone(),
-            sent: m.tcp_sent.get_or_create(labels).clone(),
-            closed: m.tcp_closed.get_or_create(labels).clone(),
+            received: kept(&m.tcp_received, MetricSet::TCP_RECEIVED_BYTES),
+            sent: kept(&m.tcp_sent, MetricSet::TCP_SENT_BYTES),
+            closed: kept(&m.tcp_closed, MetricSet::TCP_CLOSED_CONNECTIONS),
             active: m.active_connections.clone(),
+            logging: side.logging,
             log: None,
         }
     }
@@ -94,7 +110,7 @@ impl ConnMeters {
         to: SocketAddrV4,
     ) -> Self {
         let state = ctx.state();
-        let sink = ctx.access_log.sink(state.access_log.file.as_ref());
+        let sink = ctx.access_log.sink(state.access_log.file.as_ref(), self.logging);
         if sink == Sink::Off {
             return self;
         }

@@ -79,7 +79,7 @@ async fn open(ctx: &Arc<Inputs>, client: TcpStream, peer: SocketAddr) -> Option<
         if dest.as_ref().is_some_and(|d| d.meshed && d.node.as_deref() != Some(ctx.node.as_str())) {
             labels.connection_security_policy = "mutual_tls";
         }
-        let client = Counted::new(client, ConnMeters::open(&ctx.metrics, &labels));
+        let client = Counted::new(client, ConnMeters::open(ctx, &labels, Some(peer_ip)));
         // The first request takes this connection's turn in the round robin.
         let down = super::http::Downstream::captured(peer, peer_ip, orig, source, pick);
         // Boxed: a connection waiting for its first bytes keeps no room for an HTTP server.
@@ -127,7 +127,11 @@ fn joined(
         }
     };
     tracing::debug!(%peer, upstream = %addr, mtls, "proxying");
-    let meters = ConnMeters::open(&ctx.metrics, &labels).logged(ctx, &labels, peer, orig, addr);
+    let subject = match peer.ip() {
+        std::net::IpAddr::V4(ip) => Some(ip),
+        std::net::IpAddr::V6(_) => None,
+    };
+    let meters = ConnMeters::open(ctx, &labels, subject).logged(ctx, &labels, peer, orig, addr);
     Some(pump(ctx, client, io, meters, addr, guard, |c, u| {
         reset(c);
         u.reset();

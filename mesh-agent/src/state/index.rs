@@ -23,6 +23,9 @@ pub struct Index {
     gateways: HashMap<String, usize>,
     /// The Services that select a pod, by its IP.
     services_of: HashMap<std::net::Ipv4Addr, Vec<Arc<super::Service>>>,
+    /// What the Telemetries make of a pod's reporting, by its IP (pods no
+    /// Telemetry applies to are left out).
+    telemetry: HashMap<std::net::Ipv4Addr, super::telemetry::TelemetryPolicy>,
 }
 
 impl State {
@@ -54,6 +57,14 @@ impl State {
         }
         for (i, g) in self.gateways.iter().enumerate() {
             index.gateways.entry(format!("{}/{}", g.namespace, g.name)).or_insert(i);
+        }
+        if !self.telemetries.is_empty() {
+            for w in self.workloads.values() {
+                let policy = super::telemetry::resolve(&self.telemetries, w);
+                if let (Some(ip), false) = (w.ip, policy == super::telemetry::TelemetryPolicy::default()) {
+                    index.telemetry.insert(ip, policy);
+                }
+            }
         }
         for svc in self.services.values().filter(|s| s.external.is_none()) {
             for ip in svc.endpoints.iter().filter_map(|w| w.ip) {
@@ -146,6 +157,12 @@ impl State {
     /// Services a peer may say a connection to `w` was for.
     pub fn service_of_endpoint(&self, w: &super::Workload, hostname: &str) -> Option<&Arc<super::Service>> {
         self.index.services_of.get(&w.ip?)?.iter().find(|s| &*s.hostname == hostname)
+    }
+
+    /// What the Telemetries make of the reporting of the pod at `ip` (the
+    /// default when none applies, or for no pod).
+    pub fn telemetry_policy(&self, ip: Option<std::net::Ipv4Addr>) -> super::telemetry::TelemetryPolicy {
+        ip.and_then(|ip| self.index.telemetry.get(&ip)).copied().unwrap_or_default()
     }
 
     /// The Gateway `namespace/name`.

@@ -7,6 +7,7 @@
 //! writer thread drains, so a slow or blocked stdout (a full pipe, a stalled
 //! log collector) costs requests nothing. When the queue is full the line is
 //! dropped and counted (`mesh_limit_refusals_total{listener="access_log"}`).
+use crate::state::telemetry::Logging;
 use std::{
     collections::{HashMap, HashSet},
     io::Write as _,
@@ -50,13 +51,21 @@ impl AccessLog {
         Ok(AccessLog { tx, default })
     }
 
-    /// Where lines go under MeshConfig's `accessLogFile` (`None`: not set).
-    pub fn sink(&self, mesh_file: Option<&Arc<str>>) -> Sink {
-        match mesh_file.map(|f| &**f) {
+    /// Where a side's lines go: MeshConfig's `accessLogFile` (`None`: not
+    /// set, the agent's flag decides), unless its Telemetry turns logging off,
+    /// or on with the built-in `envoy` provider (stdout when nothing else is
+    /// named, as Istio's provider writes to `/dev/stdout`).
+    pub fn sink(&self, mesh_file: Option<&Arc<str>>, logging: Logging) -> Sink {
+        let configured = match mesh_file.map(|f| &**f) {
             None => self.default.clone(),
             Some("") => Sink::Off,
             Some("/dev/stdout") => Sink::Stdout,
             Some(_) => Sink::File(mesh_file.cloned().unwrap_or_else(|| "".into())),
+        };
+        match (logging, configured) {
+            (Logging::Off, _) => Sink::Off,
+            (Logging::On, Sink::Off) => Sink::Stdout,
+            (_, sink) => sink,
         }
     }
 

@@ -120,6 +120,16 @@ pub(super) fn assemble(objects: Objects, trust_domain: &str, errors: &mut Vec<Co
         security::build_request_authentication,
     );
     state.request_authentications.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    let mut telemetries = build_unique(
+        &objects.telemetries,
+        errors,
+        |o| describe_meta("Telemetry", &o.metadata),
+        super::super::telemetry::build_telemetry,
+    );
+    // Of two namespace-wide Telemetries, Istio applies the oldest.
+    telemetries
+        .sort_by(|a, b| by_age(&a.created, &a.namespace, &a.name).cmp(&by_age(&b.created, &b.namespace, &b.name)));
+    state.telemetries = telemetries;
     let params =
         state.request_authentications.iter().flat_map(|r| &r.rules).flat_map(|r| r.from_params.iter().cloned());
     state.token_params = std::iter::once("access_token".to_owned()).chain(params).collect();

@@ -166,7 +166,7 @@ async fn serve_tcp(
             if opened.mtls {
                 labels.connection_security_policy = "mutual_tls";
             }
-            let meters = ConnMeters::open(&ctx.metrics, &labels).logged(ctx, &labels, peer, local, addr);
+            let meters = ConnMeters::open(ctx, &labels, None).logged(ctx, &labels, peer, local, addr);
             pump(ctx, client, opened.io, meters, addr, opened.guard, |c, u| {
                 reset(c);
                 u.reset();

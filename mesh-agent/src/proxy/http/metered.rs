@@ -23,7 +23,10 @@ use hyper::{
 use super::{Body, Downstream, local_reply, pool::ResponseBody, request_protocol};
 use crate::{
     proxy::{Inputs, LocalReply},
-    state::log_format::{Captured, Entry, Format, Kind},
+    state::{
+        log_format::{Captured, Entry, Format, Kind},
+        telemetry::MetricSet,
+    },
     telemetry::{Flags, RequestLabels, TcpLabels, access_log::Sink},
 };
 
@@ -46,6 +49,8 @@ pub struct Record {
     local: SocketAddrV4,
     /// The answer came from the upstream (not the agent).
     via_upstream: bool,
+    /// The request metrics the Telemetries leave out.
+    off: MetricSet,
     shared: Arc<Shared>,
     status: u16,
     grpc_status: Option<&'static str>,
@@ -93,7 +98,12 @@ impl Record {
         start: Instant,
     ) -> Record {
         let state = ctx.state();
-        let sink = ctx.access_log.sink(state.access_log.file.as_ref());
+        // The Telemetries of the pod this side reports for: the server at
+        // the destination, the client at the source.
+        let destination = tcp.reporter == "destination";
+        let subject = if destination { upstream.map(|u| *u.ip()) } else { down.source.as_ref().and_then(|w| w.ip) };
+        let side = state.telemetry_policy(subject).side(destination);
+        let sink = ctx.access_log.sink(state.access_log.file.as_ref(), side.logging);
         let line = (sink != Sink::Off).then(|| {
             let format = state.access_log.format.clone();
             let path = req.uri().path_and_query().map_or_else(
@@ -124,6 +134,7 @@ impl Record {
             downstream: down.peer,
             local: down.orig,
             via_upstream: false,
+            off: side.off,
             shared: Arc::default(),
             status: 0,
             grpc_status: None,
@@ -254,11 +265,19 @@ impl Record {
             self.grpc_status.unwrap_or("-"),
             self.flags,
         );
-        let m = &self.ctx.metrics;
-        m.requests.get_or_create(&labels).inc();
-        m.request_duration.get_or_create(&labels).observe(ms);
-        m.request_bytes.get_or_create(&labels).observe(request_bytes as f64);
-        m.response_bytes.get_or_create(&labels).observe(self.response_bytes as f64);
+        let (m, on) = (&self.ctx.metrics, |metric| !self.off.contains(metric));
+        if on(MetricSet::REQUEST_COUNT) {
+            m.requests.get_or_create(&labels).inc();
+        }
+        if on(MetricSet::REQUEST_DURATION) {
+            m.request_duration.get_or_create(&labels).observe(ms);
+        }
+        if on(MetricSet::REQUEST_SIZE) {
+            m.request_bytes.get_or_create(&labels).observe(request_bytes as f64);
+        }
+        if on(MetricSet::RESPONSE_SIZE) {
+            m.response_bytes.get_or_create(&labels).observe(self.response_bytes as f64);
+        }
         let Some(line) = self.line.take() else { return };
         let tcp = &labels.connection;
         let cluster = crate::proxy::l4::upstream_cluster(tcp, self.local, self.upstream);

@@ -19,7 +19,11 @@ use crate::{
         policy::{self, Peer, Verdict, authorize, peer_mode},
         protocol::{Declared, declared},
     },
-    state::{State, Workload, security::MtlsMode},
+    state::{
+        State, Workload,
+        security::MtlsMode,
+        telemetry::{Logging, MetricSet},
+    },
 };
 
 /// How an arrival was admitted.
@@ -38,7 +42,7 @@ pub(crate) fn admit(state: &State, arrival: Inbound) -> Result<Admission, ProxyE
         return Err(ProxyError::PlaintextRefused { pod: format!("{}/{}", dest.namespace, dest.name), port });
     }
     let needs_request = policy::needs_request(state, dest);
-    let http = may_carry_http(state, dest, port) && (needs_request || !arrival.opaque);
+    let http = may_carry_http(state, dest, port) && (needs_request || (!arrival.opaque && counted(state, dest)));
     if http && needs_request {
         return Ok(Admission::Http(arrival));
     }
@@ -59,6 +63,13 @@ pub(crate) fn admit(state: &State, arrival: Inbound) -> Result<Admission, ProxyE
 /// stream opaque.
 fn may_carry_http(state: &State, dest: &Workload, port: u16) -> bool {
     state.service_port_of(dest, port).is_none_or(|(_, p)| declared(p) != Declared::Tcp)
+}
+
+/// Whether the pod's requests are reported here: its Telemetries leave a
+/// request metric on or its access log not off, as a server.
+fn counted(state: &State, dest: &Workload) -> bool {
+    let side = state.telemetry_policy(dest.ip).server;
+    !side.off.contains(MetricSet::REQUESTS) || side.logging != Logging::Off
 }
 
 /// Connects an arrival authorized as a connection to its pod (from the

@@ -189,7 +189,7 @@ async fn handle_connect(
             return answer(StatusCode::SERVICE_UNAVAILABLE, &err.to_string());
         }
     };
-    let meters = ConnMeters::open(&ctx.metrics, &labels).logged(&ctx, &labels, peer, target, target);
+    let meters = ConnMeters::open(&ctx, &labels, Some(*target.ip())).logged(&ctx, &labels, peer, target, target);
     let ctx2 = ctx.clone();
     on_upgrade(&ctx, req, peer, target, move |io| async move {
         tracing::debug!(%peer, source = %peer_id, %target, "HBONE stream proxying");

@@ -68,7 +68,7 @@ where
         return opaque(&ctx, io, conn, labels).await;
     }
     // The connection's own TCP series, beside its requests'.
-    let io = Counted::new(io, ConnMeters::open(&ctx.metrics, &labels));
+    let io = Counted::new(io, ConnMeters::open(&ctx, &labels, Some(*conn.target.ip())));
     let peer = conn.peer;
     let down = Downstream {
         peer,
@@ -107,7 +107,13 @@ where
         Ok(r) => r,
         Err(err) => return record_failure(ctx, Some(labels), &err),
     };
-    let meters = ConnMeters::open(&ctx.metrics, &labels).logged(ctx, &labels, conn.peer, conn.target, conn.target);
+    let meters = ConnMeters::open(ctx, &labels, Some(*conn.target.ip())).logged(
+        ctx,
+        &labels,
+        conn.peer,
+        conn.target,
+        conn.target,
+    );
     pump(ctx, io, upstream, meters, conn.target, Some(guard), |_, u| reset(u)).await;
 }
 

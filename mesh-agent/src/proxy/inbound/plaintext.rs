@@ -69,7 +69,7 @@ async fn deliver(ctx: &Inputs, client: TcpStream, peer: SocketAddr, arrival: &In
         Err(e) => return fail(ctx, &client, peer, Some(labels), e),
     };
     tracing::debug!(%peer, upstream = %addr, "proxying");
-    let meters = ConnMeters::open(&ctx.metrics, &labels).logged(ctx, &labels, peer, addr, addr);
+    let meters = ConnMeters::open(ctx, &labels, Some(*addr.ip())).logged(ctx, &labels, peer, addr, addr);
     pump(ctx, client, upstream, meters, addr, Some(guard), |c, u| {
         reset(c);
         reset(u);

@@ -1,0 +1,196 @@
+//! Istio's Telemetry API (`telemetry.istio.io` `Telemetry`), as far as the
+//! agent reports: which standard metrics a workload's reporting leaves out,
+//! and whether its requests and connections are access-logged, as a client
+//! (`CLIENT`: `reporter="source"`) and as a server (`SERVER`:
+//! `reporter="destination"`).
+//!
+//! Resolution follows istio/istio `pilot/pkg/model/telemetry.go`
+//! (`applicableTelemetries`, `mergeMetrics`, `mergeLogs`): the root
+//! namespace's namespace-wide Telemetry, then the workload's namespace's,
+//! then those selecting the workload, each later one applied over the
+//! earlier; within one, `overrides` in order. A metric override with
+//! `disabled` sets that metric on or off for its modes; `ALL_METRICS`
+//! disabled turns every metric off for its modes until a later override for
+//! the mode applies, as Istio's `disabledAllMetricsProviders` does. An
+//! access logging entry for a mode turns logging off (`disabled: true`) or
+//! on (the built-in `envoy` provider) for it.
+use std::{collections::BTreeMap, sync::Arc};
+
+use serde::Serialize;
+
+use super::{ROOT_NAMESPACE, Workload};
+
+/// Istio's standard metrics, as `match.metric` names them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct MetricSet(pub u16);
+
+impl MetricSet {
+    pub const NONE: MetricSet = MetricSet(0);
+    pub const REQUEST_COUNT: MetricSet = MetricSet(1);
+    pub const REQUEST_DURATION: MetricSet = MetricSet(1 << 1);
+    pub const REQUEST_SIZE: MetricSet = MetricSet(1 << 2);
+    pub const RESPONSE_SIZE: MetricSet = MetricSet(1 << 3);
+    pub const TCP_OPENED_CONNECTIONS: MetricSet = MetricSet(1 << 4);
+    pub const TCP_CLOSED_CONNECTIONS: MetricSet = MetricSet(1 << 5);
+    pub const TCP_SENT_BYTES: MetricSet = MetricSet(1 << 6);
+    pub const TCP_RECEIVED_BYTES: MetricSet = MetricSet(1 << 7);
+    pub const ALL: MetricSet = MetricSet(0xff);
+    /// The four request metrics.
+    pub const REQUESTS: MetricSet = MetricSet(0x0f);
+
+    /// `match.metric`: a standard metric's name, or `ALL_METRICS`.
+    pub fn by_name(name: &str) -> Option<MetricSet> {
+        Some(match name {
+            "ALL_METRICS" => MetricSet::ALL,
+            "REQUEST_COUNT" => MetricSet::REQUEST_COUNT,
+            "REQUEST_DURATION" => MetricSet::REQUEST_DURATION,
+            "REQUEST_SIZE" => MetricSet::REQUEST_SIZE,
+            "RESPONSE_SIZE" => MetricSet::RESPONSE_SIZE,
+            "TCP_OPENED_CONNECTIONS" => MetricSet::TCP_OPENED_CONNECTIONS,
+            "TCP_CLOSED_CONNECTIONS" => MetricSet::TCP_CLOSED_CONNECTIONS,
+            "TCP_SENT_BYTES" => MetricSet::TCP_SENT_BYTES,
+            "TCP_RECEIVED_BYTES" => MetricSet::TCP_RECEIVED_BYTES,
+            _ => return None,
+        })
+    }
+
+    pub fn contains(self, other: MetricSet) -> bool {
+        self.0 & other.0 == other.0
+    }
+
+    fn set(&mut self, other: MetricSet, on: bool) {
+        if on { self.0 |= other.0 } else { self.0 &= !other.0 }
+    }
+}
+
+/// `match.mode`: which side's reporting an entry is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Modes {
+    pub client: bool,
+    pub server: bool,
+}
+
+impl Modes {
+    pub const BOTH: Modes = Modes { client: true, server: true };
+}
+
+/// One `metrics[].overrides[]` entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MetricOverride {
+    pub metrics: MetricSet,
+    pub modes: Modes,
+    /// `disabled`, when given.
+    pub disabled: Option<bool>,
+}
+
+/// One `accessLogging[]` entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LoggingRule {
+    pub modes: Modes,
+    pub disabled: bool,
+}
+
+/// A `Telemetry`, validated.
+#[derive(Debug, Clone, Serialize)]
+pub struct Telemetry {
+    pub name: Arc<str>,
+    pub namespace: Arc<str>,
+    /// `metadata.creationTimestamp`: of two namespace-wide Telemetries, the
+    /// oldest applies.
+    pub created: Option<String>,
+    /// `spec.selector.matchLabels`; `None`: the whole namespace.
+    pub selector: Option<BTreeMap<String, String>>,
+    /// Every `metrics[]`'s overrides, in order.
+    pub metric_overrides: Vec<MetricOverride>,
+    pub access_logging: Vec<LoggingRule>,
+}
+
+/// Whether lines are written for a side's requests and connections.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub enum Logging {
+    /// No Telemetry says: MeshConfig (or the agent's flag) decides.
+    #[default]
+    Default,
+    Off,
+    /// The built-in `envoy` provider: written, to stdout when nothing else is named.
+    On,
+}
+
+/// One side's reporting for a workload.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Reporting {
+    /// The standard metrics left out.
+    pub off: MetricSet,
+    pub logging: Logging,
+}
+
+/// What the Telemetries make of a workload's reporting.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct TelemetryPolicy {
+    /// As a client (`reporter="source"`).
+    pub client: Reporting,
+    /// As a server (`reporter="destination"`).
+    pub server: Reporting,
+}
+
+impl TelemetryPolicy {
+    /// The side a reporter reports for.
+    pub fn side(&self, destination: bool) -> Reporting {
+        if destination { self.server } else { self.client }
+    }
+}
+
+/// The Telemetries that apply to `w`, in the order they apply: the root
+/// namespace's namespace-wide one, its namespace's, those selecting it.
+/// `telemetries` is in (creation, name) order.
+fn applicable<'t>(telemetries: &'t [Telemetry], w: &Workload) -> Vec<&'t Telemetry> {
+    let namespace_wide = |ns: &str| telemetries.iter().find(|t| &*t.namespace == ns && t.selector.is_none());
+    let mut out: Vec<&Telemetry> = namespace_wide(ROOT_NAMESPACE).into_iter().collect();
+    if &*w.namespace != ROOT_NAMESPACE {
+        out.extend(namespace_wide(&w.namespace));
+    }
+    out.extend(telemetries.iter().filter(|t| {
+        t.namespace == w.namespace
+            && t.selector.as_ref().is_some_and(|s| s.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
+    }));
+    out
+}
+
+/// `w`'s reporting under `telemetries` (in creation, name order).
+pub fn resolve(telemetries: &[Telemetry], w: &Workload) -> TelemetryPolicy {
+    let mut policy = TelemetryPolicy::default();
+    // Per side: metrics off one by one, and "all off" until a later override.
+    let mut all_off = [false; 2];
+    for t in applicable(telemetries, w) {
+        for o in &t.metric_overrides {
+            let sides = [(o.modes.client, 0), (o.modes.server, 1)];
+            for (_, i) in sides.into_iter().filter(|(on, _)| *on) {
+                let side = if i == 0 { &mut policy.client } else { &mut policy.server };
+                if o.metrics == MetricSet::ALL && o.disabled == Some(true) {
+                    all_off[i] = true;
+                    continue;
+                }
+                all_off[i] = false;
+                if let Some(d) = o.disabled {
+                    side.off.set(o.metrics, d);
+                }
+            }
+        }
+        for l in &t.access_logging {
+            let logging = if l.disabled { Logging::Off } else { Logging::On };
+            if l.modes.client {
+                policy.client.logging = logging;
+            }
+            if l.modes.server {
+                policy.server.logging = logging;
+            }
+        }
+    }
+    if all_off[0] {
+        policy.client.off = MetricSet::ALL;
+    }
+    if all_off[1] {
+        policy.server.off = MetricSet::ALL;
+    }
+    policy
+}
