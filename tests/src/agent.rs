@@ -359,6 +359,19 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         .sum()
 }
 
+/// An access log file's text once `done` holds for it, or after 5 s (the
+/// agent's writer thread writes lines a moment after their requests).
+pub fn wait_for_log(path: &std::path::Path, done: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if done(&text) || Instant::now() > deadline {
+            return text;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// The CA service (`mesh-agent ca`), run in the cluster network's namespace.
 pub struct CaService {
     child: Option<Child>,

@@ -208,14 +208,8 @@ fn mesh_config(body: &str) -> String {
 
 /// The access log's lines once it has `n` (both agents write to `path`).
 fn log_lines(path: &std::path::Path, n: usize) -> Vec<String> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let log = std::fs::read_to_string(path).unwrap_or_default();
-        if log.lines().count() >= n || std::time::Instant::now() > deadline {
-            return log.lines().map(str::to_owned).collect();
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let text = mesh_tests::agent::wait_for_log(path, |t| t.lines().count() >= n);
+    text.lines().map(str::to_owned).collect()
 }
 
 #[test]

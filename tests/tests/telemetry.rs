@@ -158,12 +158,7 @@ fn the_telemetry_api_turns_a_side_or_a_metric_off() {
     assert_eq!(metric(&node1, "istio_requests_total", &from("sleep")), 0.0, "{node1}");
     assert!(metric(&node1, "istio_tcp_connections_opened_total", &from("sleep")) >= 1.0, "{node1}");
     // The access log: ver-v1's server line, none for helloworld as a server.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    let mut text = String::new();
-    while !text.contains("inbound|8080||") && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(50));
-        text = std::fs::read_to_string(&log).unwrap_or_default();
-    }
+    let text = mesh_tests::agent::wait_for_log(&log, |t| t.contains("inbound|8080||"));
     let _ = std::fs::remove_file(&log);
     assert!(text.contains("inbound|8080||"), "{text}");
     assert!(!text.contains("inbound|9095||"), "helloworld logged as a server:\n{text}");
