@@ -51,6 +51,14 @@ const REMOTE: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 2);
 const GUARDED_LOCAL: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 4);
 const GUARDED_REMOTE: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 3);
 const ISSUER: &str = "https://bench.example";
+/// Servers whose Telemetry turns their reporting as servers off (no
+/// request metrics, no access log): their destination carries bytes and
+/// parses nothing, as before both reporters.
+const QUIET_LOCAL: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 5);
+const QUIET_REMOTE: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 4);
+const QUIET_TELEMETRY: &str = "---\napiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {name: quiet, namespace: bench}\n\
+    spec: {selector: {matchLabels: {app: quiet}}, metrics: [{overrides: [{match: {mode: SERVER}, disabled: true}]}],\n\
+    \x20 accessLogging: [{match: {mode: SERVER}, disabled: true}]}\n";
 
 /// The policies on the `guarded` servers, with the issuer's key set.
 fn guarded_policy(jwks: &str) -> String {
@@ -95,13 +103,14 @@ impl Options {
 }
 
 /// Every scenario, in the order they run; `idle` is the memory measurement.
-const SCENARIOS: [&str; 12] = [
+const SCENARIOS: [&str; 13] = [
     "idle",
     "tcp_1_stream",
     "tcp_8_streams",
     "tcp_rr_1000mps",
     "http1_1000rps",
     "http1_1000rps_jwt",
+    "http1_1000rps_l4dest",
     "http1_saturation",
     "http2_1000rps",
     "http2_saturation",
@@ -130,6 +139,8 @@ fn scenarios(
     let h2 = format!("http://{ip}:8081/");
     // The same server behind request policy at its destination.
     let guarded = format!("http://{}:8080/", if ip == LOCAL { GUARDED_LOCAL } else { GUARDED_REMOTE });
+    // The same server with its reporting as a server off.
+    let quiet = format!("http://{}:8080/", if ip == LOCAL { QUIET_LOCAL } else { QUIET_REMOTE });
     let mut out = BTreeMap::new();
     let apart = ["idle", "hbone_handshakes"];
     for scenario in SCENARIOS.into_iter().filter(|s| !apart.contains(s) && options.wants(s)) {
@@ -143,6 +154,7 @@ fn scenarios(
             "tcp_rr_1000mps" => sockperf(client, ip, s)?,
             "http1_1000rps" => oha(client, &h1, s, Some(1000), &[])?,
             "http1_1000rps_jwt" => oha(client, &guarded, s, Some(1000), &["-H", &plan.bearer])?,
+            "http1_1000rps_l4dest" => oha(client, &quiet, s, Some(1000), &[])?,
             "http1_saturation" => oha(client, &h1, s, None, &[])?,
             "http2_1000rps" => oha(client, &h2, s, Some(1000), &["--http2"])?,
             "http2_saturation" => oha(client, &h2, s, None, &["--http2"])?,
@@ -151,8 +163,8 @@ fn scenarios(
             other => bail!("no scenario {other}"),
         };
         let elapsed = start.elapsed().as_secs_f64();
-        // (The guarded servers' nginx is not the one watched.)
-        let watched = scenario.starts_with("http") && !scenario.ends_with("_jwt");
+        // (The guarded and quiet servers' nginx is not the one watched.)
+        let watched = scenario.starts_with("http") && !scenario.ends_with("_jwt") && !scenario.ends_with("_l4dest");
         if let Some(rps) = sample.get("rps").copied().filter(|_| watched) {
             let used = server.iter().map(|p| cpu_seconds(*p)).sum::<f64>() - server0;
             sample.insert("server_vcpu_per_1000rps", used / elapsed / (rps / 1000.0));
@@ -242,8 +254,10 @@ pub fn run(options: Options) -> anyhow::Result<()> {
         .add_pod(0, "local", LOCAL, server)
         .add_pod(1, "remote", REMOTE, server)
         .add_pod(0, "guarded-local", GUARDED_LOCAL, guarded)
-        .add_pod(1, "guarded-remote", GUARDED_REMOTE, guarded);
-    let config = f.yaml(&guarded_policy(&mesh_tests::jwt::jwks(&[&signer])));
+        .add_pod(1, "guarded-remote", GUARDED_REMOTE, guarded)
+        .add_pod(0, "quiet-local", QUIET_LOCAL, PodSpec::app("bench", &[("app", "quiet")]))
+        .add_pod(1, "quiet-remote", QUIET_REMOTE, PodSpec::app("bench", &[("app", "quiet")]));
+    let config = f.yaml(&format!("{}{QUIET_TELEMETRY}", guarded_policy(&mesh_tests::jwt::jwks(&[&signer]))));
     let cluster = f.cluster;
     let work = WorkDir(std::env::temp_dir().join(format!("mesh-bench-{}", cluster.id)));
     std::fs::create_dir_all(&work.0)?;
@@ -260,7 +274,13 @@ pub fn run(options: Options) -> anyhow::Result<()> {
             wait_port(&cluster.pod("client").netns, ip, port)?;
         }
     }
-    for (name, ip) in [("guarded-local", GUARDED_LOCAL), ("guarded-remote", GUARDED_REMOTE)] {
+    let others = [
+        ("guarded-local", GUARDED_LOCAL),
+        ("guarded-remote", GUARDED_REMOTE),
+        ("quiet-local", QUIET_LOCAL),
+        ("quiet-remote", QUIET_REMOTE),
+    ];
+    for (name, ip) in others {
         servers.push(nginx(cluster.pod(name), work)?);
         wait_port(&cluster.pod("client").netns, ip, 8080)?;
     }
