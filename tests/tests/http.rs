@@ -229,6 +229,10 @@ fn request_metrics_and_envoys_access_log_at_both_agents() {
     let out =
         test.cmd(&["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", &format!("http://{API_VIP}/status/503")]);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "503");
+    // A pod outside the mesh with nothing on the port: the source cannot connect.
+    let refused = format!("http://{OUTSIDER_IP}:9999/closed");
+    let out = test.cmd(&["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", &refused]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "503");
 
     let text = m.agents[0].wait_metrics(5, "request metrics", |t| {
         metric(t, "istio_requests_total", &api_request("200")) >= 1.0
@@ -237,10 +241,15 @@ fn request_metrics_and_envoys_access_log_at_both_agents() {
     assert_eq!(metric(&text, "istio_requests_total", &api_request("200")), 1.0, "{text}");
     assert_eq!(metric(&text, "istio_request_duration_milliseconds_count", &api_request("503")), 1.0, "{text}");
 
-    // One line per request at each agent, Istio's JSON fields.
+    // One line per request at each agent that handled it, Istio's JSON fields.
     let lines: Vec<serde_json::Value> =
-        log_lines(&access_log, 4).iter().map(|l| serde_json::from_str(l).unwrap()).collect();
-    assert_eq!(lines.len(), 4, "{lines:?}");
+        log_lines(&access_log, 5).iter().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 5, "{lines:?}");
+    let closed = lines.iter().find(|l| l["path"] == "/closed").expect("the refused request's line");
+    assert_eq!(closed["response_code"], 503);
+    assert_eq!(closed["response_flags"], "UF", "{closed}");
+    let why = closed["upstream_transport_failure_reason"].as_str().unwrap_or_default();
+    assert!(why.contains("refused"), "{closed}");
     let at = |cluster: &str| lines.iter().find(|l| l["path"] == "/status/503" && l["upstream_cluster"] == cluster);
     let source = at("outbound|80||api.demo.svc.cluster.local").expect("the source's line");
     assert_eq!(source["response_code"], 503);
@@ -250,6 +259,7 @@ fn request_metrics_and_envoys_access_log_at_both_agents() {
     assert_eq!(source["request_id"].as_str().map(str::len), Some(36), "{source}");
     assert_eq!(source["method"], "GET");
     assert_eq!(source["protocol"], "HTTP/1.1");
+    assert_eq!(source["route_name"], "default");
     let dest = at("inbound|8080||").expect("the destination's line");
     // The same request, by its id.
     assert_eq!(dest["request_id"], source["request_id"]);

@@ -71,6 +71,10 @@ struct RequestLine {
     response: Option<Captured>,
     format: Arc<Format>,
     sink: Sink,
+    /// Envoy's route name (`%ROUTE_NAME%`).
+    route: Option<String>,
+    /// Why the upstream could not be reached (`%UPSTREAM_TRANSPORT_FAILURE_REASON%`).
+    transport_failure: Option<String>,
 }
 
 /// The `grpc-status` a response carries, as a label value: one of gRPC's
@@ -122,6 +126,8 @@ impl Record {
                 response: None,
                 format,
                 sink,
+                route: None,
+                transport_failure: None,
             })
         });
         Record {
@@ -148,6 +154,24 @@ impl Record {
 
     pub fn set_mtls(&mut self, mtls: bool) {
         self.tcp.connection_security_policy = if mtls { "mutual_tls" } else { "none" };
+    }
+
+    /// The route the request took, as Envoy names it for Istio: the
+    /// VirtualService rule's `name`, `default` with no VirtualService.
+    pub fn set_route(&mut self, rule: Option<&crate::state::traffic::HttpRoute>) {
+        if let Some(line) = &mut self.line {
+            line.route = match rule {
+                None => Some("default".into()),
+                Some(r) => r.name.clone(),
+            };
+        }
+    }
+
+    /// Why no upstream connection was made, for the access log.
+    pub fn set_transport_failure(&mut self, why: &dyn std::fmt::Display) {
+        if let Some(line) = &mut self.line {
+            line.transport_failure = Some(why.to_string());
+        }
     }
 
     /// Adds a response flag (`DI`, `URX`), keeping any already set.
@@ -290,7 +314,7 @@ impl Record {
             response_code: Some(self.status),
             flags: self.flags.to_string(),
             details: Some(details(self.via_upstream, self.flags, self.status)),
-            transport_failure: None,
+            transport_failure: line.transport_failure.as_deref(),
             bytes_received: request_bytes,
             bytes_sent: self.response_bytes,
             duration_ms: Some(self.start.elapsed().as_millis() as u64),
@@ -303,7 +327,7 @@ impl Record {
             peer_principal: (tcp.reporter == "destination" && &*tcp.source_principal != "unknown")
                 .then_some(&*tcp.source_principal),
             sni: None,
-            route_name: None,
+            route_name: line.route.as_deref(),
         };
         let queued = self.ctx.access_log.write(&line.sink, line.format.render(&entry));
         if !queued {

@@ -172,8 +172,10 @@ async fn handle(ctx: Arc<Inputs>, conn: Arc<Conn>, mut req: Request<Incoming>) -
     // One snapshot for the request's form and its authentication.
     let state = ctx.state();
     let formed = well_formed(&state, &mut req);
-    let record =
+    let mut record =
         Record::new(&ctx, &conn.down, &req, conn.labels.clone(), grpc, Some(conn.inbound.target), started_at, start);
+    // Istio's inbound route is named `default`.
+    record.set_route(None);
     let judged = async {
         formed.map_err(Stop::Local)?;
         let verified = authn::authenticate(&ctx, state, &conn, &mut req).await?;

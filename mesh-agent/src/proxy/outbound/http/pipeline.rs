@@ -93,6 +93,7 @@ pub(super) async fn handle(ctx: Arc<Inputs>, down: Arc<Downstream>, mut req: Req
     let (labels, addr) = (routed.target.labels.clone(), routed.target.addr);
     let grpc = is_grpc(req.headers());
     let mut record = Record::new(&ctx, &down, &req, labels, grpc, Some(addr), started_at, start);
+    record.set_route(routed.rule.as_deref());
     match back(&ctx, &down, req, grpc, routed, &mut record).await {
         Ok(Answer::Upstream(resp, rule)) => respond(resp, rule.as_ref(), record),
         Ok(Answer::Switched(parts)) => record.finish_switch(parts),

@@ -84,6 +84,8 @@ pub(super) fn fail_request(
         Failure::Connect(e) => {
             tracing::info!(peer = %down.peer, upstream = %addr, error = %e, "request failed: upstream connection");
             ctx.metrics.connection_failures.get_or_create(&crate::telemetry::ReasonLabels { reason: e.reason() }).inc();
+            let mut record = record;
+            record.set_transport_failure(&e);
             record.finish_local(e.reply())
         }
         Failure::Reset(e) => {
