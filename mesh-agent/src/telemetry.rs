@@ -13,6 +13,8 @@ use crate::state::{Service, Workload};
 
 pub mod access_log;
 mod flags;
+mod tags;
+pub use tags::Extra;
 pub mod logging;
 mod process;
 pub use flags::Flags;
@@ -43,6 +45,10 @@ pub struct TcpLabels {
     pub request_protocol: &'static str,
     pub response_flags: Flags,
     pub connection_security_policy: &'static str,
+    /// Labels a Telemetry's `tagOverrides` add. Last: the derive hands the
+    /// encoder to a flattened field for good.
+    #[prometheus(flatten)]
+    pub extra: Extra,
 }
 
 /// A label value shared, not copied, between connections, requests and the
@@ -146,6 +152,7 @@ impl TcpLabels {
             response_flags: Flags::NONE,
             // Same-node plaintext hop: no mTLS yet.
             connection_security_policy: "none",
+            extra: Extra::default(),
         }
     }
 }

@@ -108,7 +108,8 @@ fn both_reporters_count_every_request_and_connection() {
 
 /// Telemetry: helloworld reports nothing as a server (no metric, no access
 /// log: its agent does not even parse its requests); sleep leaves
-/// `istio_requests_total` out as a client.
+/// `istio_requests_total` out as a client; test's request count, as a
+/// client, gains `request_host` and loses `destination_canonical_revision`.
 const TELEMETRY: &str = "---
 apiVersion: telemetry.istio.io/v1
 kind: Telemetry
@@ -123,6 +124,16 @@ kind: Telemetry
 metadata: {name: no-count, namespace: other}
 spec:
   metrics: [{overrides: [{match: {metric: REQUEST_COUNT, mode: CLIENT}, disabled: true}]}]
+---
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: tagged, namespace: demo}
+spec:
+  selector: {matchLabels: {app: test}}
+  metrics:
+  - overrides:
+    - match: {metric: REQUEST_COUNT, mode: CLIENT}
+      tagOverrides: {request_host: {value: request.host}, destination_canonical_revision: {operation: REMOVE}}
 ";
 
 #[test]
@@ -155,6 +166,14 @@ fn the_telemetry_api_turns_a_side_or_a_metric_off() {
     });
     let from = |w| [("reporter", "source"), ("source_workload", w), ("destination_workload", "helloworld")];
     assert_eq!(metric(&node1, "istio_requests_total", &from("test")), 1.0, "{node1}");
+    // test's tag overrides: on its request count alone.
+    let tagged =
+        [from("test").as_slice(), &[("request_host", "10.96.0.10:9095"), ("destination_canonical_revision", "")]]
+            .concat();
+    assert_eq!(metric(&node1, "istio_requests_total", &tagged), 1.0, "{node1}");
+    let duration = [from("test").as_slice(), &[("destination_canonical_revision", "v1")]].concat();
+    assert_eq!(metric(&node1, "istio_request_duration_milliseconds_count", &duration), 1.0, "{node1}");
+    assert!(!node1.lines().any(|l| l.starts_with("istio_request_duration") && l.contains("request_host")), "{node1}");
     assert_eq!(metric(&node1, "istio_requests_total", &from("sleep")), 0.0, "{node1}");
     assert!(metric(&node1, "istio_tcp_connections_opened_total", &from("sleep")) >= 1.0, "{node1}");
     // The access log: ver-v1's server line, none for helloworld as a server.

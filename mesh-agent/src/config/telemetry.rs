@@ -1,9 +1,10 @@
 //! `telemetry.istio.io/v1` (and `v1alpha1`) `Telemetry`: the metrics a
 //! workload reports and whether it is access-logged, validated into
 //! [`crate::state::telemetry::Telemetry`]. What the agent cannot do yet —
-//! tracing, tag overrides, `targetRefs`, custom metrics, reporting
-//! intervals, log filters, providers other than the built-in `prometheus`
-//! and `envoy` — is a named error, never silently ignored.
+//! tracing, `targetRefs`, custom metrics, reporting intervals, log filters,
+//! CEL beyond a literal and the request's attributes, providers other than
+//! the built-in `prometheus` and `envoy` — is a named error, never silently
+//! ignored.
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
@@ -13,7 +14,9 @@ use super::{
     object::{Ctx, name_and_namespace},
     security::{Selector, selector},
 };
-use crate::state::telemetry::{LoggingRule, MetricOverride, MetricSet, Modes, Telemetry};
+use crate::state::telemetry::{
+    LoggingRule, MetricOverride, MetricSet, Modes, RequestAttribute, TagOverride, TagValue, Telemetry,
+};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -65,7 +68,15 @@ pub struct OverrideSpec {
     #[serde(rename = "match")]
     pub matches: Option<MetricMatch>,
     pub disabled: Option<bool>,
-    pub tag_overrides: Option<BTreeMap<String, serde_yaml_ng::Value>>,
+    #[serde(default)]
+    pub tag_overrides: BTreeMap<String, TagOverrideSpec>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TagOverrideSpec {
+    pub operation: Option<String>,
+    pub value: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -190,9 +201,12 @@ pub(super) fn build_telemetry(ctx: &mut Ctx<'_>, obj: &TelemetryObject) -> Optio
 
 fn metric_override(ctx: &mut Ctx<'_>, field: &str, o: &OverrideSpec) -> Option<MetricOverride> {
     let mut ok = true;
-    if o.tag_overrides.as_ref().is_some_and(|t| !t.is_empty()) {
-        ctx.error(format!("{field}.tagOverrides"), "is not supported by this version of mesh-agent");
-        ok = false;
+    let mut tags = Vec::new();
+    for (name, t) in &o.tag_overrides {
+        match tag_override(ctx, &format!("{field}.tagOverrides[{name}]"), name, t) {
+            Some(t) => tags.push(t),
+            None => ok = false,
+        }
     }
     let m = o.matches.clone().unwrap_or_default();
     if m.custom_metric.is_some() {
@@ -221,7 +235,88 @@ fn metric_override(ctx: &mut Ctx<'_>, field: &str, o: &OverrideSpec) -> Option<M
         },
     };
     let modes = modes(ctx, &format!("{field}.match.mode"), m.mode.as_deref());
-    ok.then_some(MetricOverride { metrics, modes: modes?, disabled: o.disabled })
+    ok.then_some(MetricOverride { metrics, modes: modes?, disabled: o.disabled, tags })
+}
+
+/// Labels whose values the agent computes and does not let a Telemetry
+/// replace (their values are not free text in its metrics).
+const FIXED_LABELS: [&str; 6] = [
+    "reporter",
+    "request_protocol",
+    "response_flags",
+    "connection_security_policy",
+    "response_code",
+    "grpc_response_status",
+];
+
+fn tag_override(ctx: &mut Ctx<'_>, field: &str, name: &str, t: &TagOverrideSpec) -> Option<TagOverride> {
+    let valid_name = name.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if !valid_name {
+        ctx.error(field, format!("{name:?} is not a Prometheus label name"));
+        return None;
+    }
+    if FIXED_LABELS.contains(&name) {
+        ctx.error(field, format!("{name} cannot be overridden by this version of mesh-agent"));
+        return None;
+    }
+    let value = match (t.operation.as_deref(), t.value.as_deref()) {
+        (Some("REMOVE"), _) => None,
+        (None | Some("UPSERT"), Some(v)) => Some(tag_value(ctx, &format!("{field}.value"), v)?),
+        (None | Some("UPSERT"), None) => {
+            ctx.error(format!("{field}.value"), "required with operation UPSERT");
+            return None;
+        }
+        (Some(other), _) => {
+            ctx.error(format!("{field}.operation"), format!("{other:?}: expected UPSERT or REMOVE"));
+            return None;
+        }
+    };
+    Some(TagOverride { name: name.into(), value })
+}
+
+/// The CEL expressions a tag's value may be: a string literal, or one of the
+/// request attributes the agent evaluates.
+fn tag_value(ctx: &mut Ctx<'_>, field: &str, v: &str) -> Option<TagValue> {
+    let v = v.trim();
+    let quoted = |q: char| v.len() >= 2 && v.starts_with(q) && v.ends_with(q);
+    if quoted('\'') || quoted('"') {
+        return Some(TagValue::Literal(v[1..v.len() - 1].into()));
+    }
+    let header = v
+        .strip_prefix("request.headers[")
+        .and_then(|r| r.strip_suffix(']'))
+        .map(|h| h.trim_matches(|c| c == '\'' || c == '"').to_ascii_lowercase());
+    if let Some(h) = header {
+        if h.is_empty() || hyper::header::HeaderName::from_bytes(h.as_bytes()).is_err() {
+            ctx.error(field, format!("{v:?}: not a header name"));
+            return None;
+        }
+        return Some(TagValue::Request(RequestAttribute::Header(h.into())));
+    }
+    Some(match v {
+        "request.host" => TagValue::Request(RequestAttribute::Host),
+        "request.method" => TagValue::Request(RequestAttribute::Method),
+        "request.path" => TagValue::Request(RequestAttribute::Path),
+        "request.url_path" => TagValue::Request(RequestAttribute::UrlPath),
+        "request.scheme" => TagValue::Request(RequestAttribute::Scheme),
+        "request.protocol" => TagValue::Request(RequestAttribute::Protocol),
+        "request.useragent" => TagValue::Request(RequestAttribute::UserAgent),
+        "request.id" => TagValue::Request(RequestAttribute::Id),
+        "request.referer" => TagValue::Request(RequestAttribute::Referer),
+        "response.code" => TagValue::ResponseCode,
+        other => {
+            ctx.error(
+                field,
+                format!(
+                    "{other:?}: this version of mesh-agent evaluates a string literal, request.host, request.method, \
+                     request.path, request.url_path, request.scheme, request.protocol, request.useragent, request.id, \
+                     request.referer, request.headers['name'] or response.code"
+                ),
+            );
+            return None;
+        }
+    })
 }
 
 #[cfg(test)]

@@ -21,7 +21,7 @@ use super::{Inputs, ProxyError, conns};
 use crate::{
     state::{
         log_format::{Entry, Format, Kind},
-        telemetry::{Logging, MetricSet},
+        telemetry::{Logging, MetricSet, TagValue},
     },
     telemetry::{TcpLabels, access_log::Sink},
 };
@@ -80,12 +80,25 @@ impl ConnMeters {
     /// metrics its Telemetries leave on, the others counted nowhere.
     pub(crate) fn open(ctx: &Inputs, labels: &TcpLabels, subject: Option<Ipv4Addr>) -> Self {
         let m = &ctx.metrics;
-        let side = ctx.state().telemetry_policy(subject).side(labels.reporter == "destination");
+        let state = ctx.state();
+        let side = state.telemetry_policy(subject).side(labels.reporter == "destination");
+        // A Telemetry's tag overrides: on a connection, literals only.
+        let literal = |v: &TagValue| match v {
+            TagValue::Literal(s) => Some(s.to_string()),
+            _ => None,
+        };
+        let tagged = |metric| side.tags.as_deref().map(|t| labels.with_tags(t, metric, &literal));
         let kept = |family: &Family<TcpLabels, Counter>, metric| {
-            if side.off.contains(metric) { Counter::default() } else { family.get_or_create(labels).clone() }
+            if side.off.contains(metric) {
+                return Counter::default();
+            }
+            match tagged(metric) {
+                Some(l) => family.get_or_create(&l).clone(),
+                None => family.get_or_create(labels).clone(),
+            }
         };
         if !side.off.contains(MetricSet::TCP_OPENED_CONNECTIONS) {
-            m.tcp_opened.get_or_create(labels).inc();
+            kept(&m.tcp_opened, MetricSet::TCP_OPENED_CONNECTIONS).inc();
         }
         m.active_connections.inc();
         ConnMeters {

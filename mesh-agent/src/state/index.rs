@@ -161,8 +161,12 @@ impl State {
 
     /// What the Telemetries make of the reporting of the pod at `ip` (the
     /// default when none applies, or for no pod).
-    pub fn telemetry_policy(&self, ip: Option<std::net::Ipv4Addr>) -> super::telemetry::TelemetryPolicy {
-        ip.and_then(|ip| self.index.telemetry.get(&ip)).copied().unwrap_or_default()
+    pub fn telemetry_policy(&self, ip: Option<std::net::Ipv4Addr>) -> &super::telemetry::TelemetryPolicy {
+        static DEFAULT: super::telemetry::TelemetryPolicy = super::telemetry::TelemetryPolicy {
+            client: super::telemetry::Reporting::DEFAULT,
+            server: super::telemetry::Reporting::DEFAULT,
+        };
+        ip.and_then(|ip| self.index.telemetry.get(&ip)).unwrap_or(&DEFAULT)
     }
 
     /// The Gateway `namespace/name`.

@@ -81,6 +81,44 @@ pub struct MetricOverride {
     pub modes: Modes,
     /// `disabled`, when given.
     pub disabled: Option<bool>,
+    /// `tagOverrides`, by label name.
+    pub tags: Vec<TagOverride>,
+}
+
+/// A `tagOverrides` entry: a label removed (`value: None`, operation
+/// `REMOVE`) or set (`UPSERT`) from the request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TagOverride {
+    pub name: Arc<str>,
+    pub value: Option<TagValue>,
+}
+
+/// What an `UPSERT` sets a label to: the subset of Istio's CEL attributes
+/// the agent evaluates (anything else is refused at validation).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub enum TagValue {
+    /// A string literal (`'v1'`).
+    Literal(Arc<str>),
+    /// `request.host`, `request.method`, … (`unknown` on a TCP metric).
+    Request(RequestAttribute),
+    /// `response.code`.
+    ResponseCode,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub enum RequestAttribute {
+    Host,
+    Method,
+    Path,
+    /// `request.url_path`: the path without its query.
+    UrlPath,
+    Scheme,
+    Protocol,
+    UserAgent,
+    Id,
+    Referer,
+    /// `request.headers['name']`, lower case.
+    Header(Arc<str>),
 }
 
 /// One `accessLogging[]` entry.
@@ -117,15 +155,22 @@ pub enum Logging {
 }
 
 /// One side's reporting for a workload.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Reporting {
     /// The standard metrics left out.
     pub off: MetricSet,
     pub logging: Logging,
+    /// Tag overrides in the order they apply, each with the metrics it is for.
+    pub tags: Option<Arc<[(MetricSet, TagOverride)]>>,
+}
+
+impl Reporting {
+    /// Istio's default: everything reported, the access log as configured.
+    pub const DEFAULT: Reporting = Reporting { off: MetricSet::NONE, logging: Logging::Default, tags: None };
 }
 
 /// What the Telemetries make of a workload's reporting.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct TelemetryPolicy {
     /// As a client (`reporter="source"`).
     pub client: Reporting,
@@ -135,8 +180,8 @@ pub struct TelemetryPolicy {
 
 impl TelemetryPolicy {
     /// The side a reporter reports for.
-    pub fn side(&self, destination: bool) -> Reporting {
-        if destination { self.server } else { self.client }
+    pub fn side(&self, destination: bool) -> &Reporting {
+        if destination { &self.server } else { &self.client }
     }
 }
 
@@ -161,6 +206,7 @@ pub fn resolve(telemetries: &[Telemetry], w: &Workload) -> TelemetryPolicy {
     let mut policy = TelemetryPolicy::default();
     // Per side: metrics off one by one, and "all off" until a later override.
     let mut all_off = [false; 2];
+    let mut tags: [Vec<(MetricSet, TagOverride)>; 2] = Default::default();
     for t in applicable(telemetries, w) {
         for o in &t.metric_overrides {
             let sides = [(o.modes.client, 0), (o.modes.server, 1)];
@@ -174,6 +220,7 @@ pub fn resolve(telemetries: &[Telemetry], w: &Workload) -> TelemetryPolicy {
                 if let Some(d) = o.disabled {
                     side.off.set(o.metrics, d);
                 }
+                tags[i].extend(o.tags.iter().map(|t| (o.metrics, t.clone())));
             }
         }
         for l in &t.access_logging {
@@ -186,6 +233,9 @@ pub fn resolve(telemetries: &[Telemetry], w: &Workload) -> TelemetryPolicy {
             }
         }
     }
+    let [client_tags, server_tags] = tags;
+    policy.client.tags = (!client_tags.is_empty()).then(|| client_tags.into());
+    policy.server.tags = (!server_tags.is_empty()).then(|| server_tags.into());
     if all_off[0] {
         policy.client.off = MetricSet::ALL;
     }

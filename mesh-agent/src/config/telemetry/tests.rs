@@ -32,10 +32,10 @@ fn telemetry(name: &str, namespace: &str, spec: &str) -> String {
 fn policies(extra: &str) -> [TelemetryPolicy; 3] {
     let loaded = load(extra);
     assert!(loaded.rejected.is_empty(), "{:?}", loaded.rejected);
-    [1, 2, 3].map(|i| loaded.state.telemetry_policy(Some([10, 0, 0, i].into())))
+    [1, 2, 3].map(|i| loaded.state.telemetry_policy(Some([10, 0, 0, i].into())).clone())
 }
 
-const ON: Reporting = Reporting { off: MetricSet::NONE, logging: Logging::Default };
+const ON: Reporting = Reporting { off: MetricSet::NONE, logging: Logging::Default, tags: None };
 
 #[test]
 fn the_hierarchy_resolves_as_istios() {
@@ -44,7 +44,8 @@ fn the_hierarchy_resolves_as_istios() {
     let client_tcp_off = "{metrics: [{overrides: [{match: {metric: TCP_SENT_BYTES, mode: CLIENT}, disabled: true}]}]}";
     let logs_off_for_api = "{selector: {matchLabels: {app: api}}, accessLogging: [{disabled: true}]}";
     let logs_on_server = "{accessLogging: [{providers: [{name: envoy}], match: {mode: SERVER}}]}";
-    let server_only = |off| TelemetryPolicy { client: ON, server: Reporting { off, logging: Logging::Default } };
+    let server_only =
+        |off| TelemetryPolicy { client: ON, server: Reporting { off, logging: Logging::Default, tags: None } };
     let (web, api, job) = (0, 1, 2);
     // (Telemetries, pod, the pod's reporting)
     let cases: Vec<(String, usize, TelemetryPolicy)> = vec![
@@ -71,7 +72,7 @@ fn the_hierarchy_resolves_as_istios() {
             telemetry("ns", "demo", client_tcp_off),
             web,
             TelemetryPolicy {
-                client: Reporting { off: MetricSet::TCP_SENT_BYTES, logging: Logging::Default },
+                client: Reporting { off: MetricSet::TCP_SENT_BYTES, logging: Logging::Default, tags: None },
                 server: ON,
             },
         ),
@@ -80,14 +81,17 @@ fn the_hierarchy_resolves_as_istios() {
             telemetry("ns", "demo", logs_on_server) + &telemetry("api", "demo", logs_off_for_api),
             api,
             TelemetryPolicy {
-                client: Reporting { off: MetricSet::NONE, logging: Logging::Off },
-                server: Reporting { off: MetricSet::NONE, logging: Logging::Off },
+                client: Reporting { off: MetricSet::NONE, logging: Logging::Off, tags: None },
+                server: Reporting { off: MetricSet::NONE, logging: Logging::Off, tags: None },
             },
         ),
         (
             telemetry("ns", "demo", logs_on_server) + &telemetry("api", "demo", logs_off_for_api),
             web,
-            TelemetryPolicy { client: ON, server: Reporting { off: MetricSet::NONE, logging: Logging::On } },
+            TelemetryPolicy {
+                client: ON,
+                server: Reporting { off: MetricSet::NONE, logging: Logging::On, tags: None },
+            },
         ),
         // The root's and the namespace's apply in that order: the namespace wins.
         (
@@ -128,8 +132,20 @@ fn what_the_agent_cannot_do_is_refused_by_name() {
             "spec.metrics[0].overrides[0].match.mode: \"BOTH\": expected CLIENT_AND_SERVER, CLIENT or SERVER",
         ),
         (
-            "{metrics: [{overrides: [{tagOverrides: {request_host: {value: request.host}}}]}]}",
-            "spec.metrics[0].overrides[0].tagOverrides: is not supported",
+            "{metrics: [{overrides: [{tagOverrides: {request_host: {value: size(request.host)}}}]}]}",
+            "spec.metrics[0].overrides[0].tagOverrides[request_host].value: \"size(request.host)\": this version of mesh-agent evaluates",
+        ),
+        (
+            "{metrics: [{overrides: [{tagOverrides: {response_code: {operation: REMOVE}}}]}]}",
+            "tagOverrides[response_code]: response_code cannot be overridden",
+        ),
+        (
+            "{metrics: [{overrides: [{tagOverrides: {bad-name: {value: \"'x'\"}}}]}]}",
+            "\"bad-name\" is not a Prometheus label name",
+        ),
+        (
+            "{metrics: [{overrides: [{tagOverrides: {x: {operation: UPSERT}}}]}]}",
+            "tagOverrides[x].value: required with operation UPSERT",
         ),
         (
             "{accessLogging: [{providers: [{name: otel}]}]}",
@@ -147,6 +163,32 @@ fn what_the_agent_cannot_do_is_refused_by_name() {
         let errors: Vec<String> = loaded.rejected.iter().map(ConfigError::to_string).collect();
         assert!(errors.iter().any(|e| e.contains("Telemetry demo/t") && e.contains(want)), "{spec}: {errors:?}");
         // Refused on its own: every workload keeps Istio's default reporting.
-        assert_eq!(loaded.state.telemetry_policy(Some([10, 0, 0, 1].into())), TelemetryPolicy::default());
+        assert_eq!(loaded.state.telemetry_policy(Some([10, 0, 0, 1].into())), &TelemetryPolicy::default());
     }
+}
+
+#[test]
+fn tag_overrides_apply_in_istios_order() {
+    let root = "{metrics: [{overrides: [{match: {metric: REQUEST_COUNT}, tagOverrides: {request_host: {value: request.host}}}]}]}";
+    let ns = "{metrics: [{overrides: [{match: {metric: REQUEST_COUNT, mode: SERVER}, \
+              tagOverrides: {request_host: {operation: REMOVE}, app_version: {value: \"'v9'\"}}}]}]}";
+    let [web, ..] = policies(&(telemetry("mesh", "istio-system", root) + &telemetry("ns", "demo", ns)));
+    let list = |r: &Reporting| -> Vec<(u16, String, bool)> {
+        r.tags.as_deref().unwrap_or(&[]).iter().map(|(m, t)| (m.0, t.name.to_string(), t.value.is_some())).collect()
+    };
+    let count = MetricSet::REQUEST_COUNT.0;
+    assert_eq!(list(&web.client), [(count, "request_host".to_owned(), true)]);
+    // The namespace's come after the root's: removed again for servers.
+    assert_eq!(
+        list(&web.server),
+        [
+            (count, "request_host".to_owned(), true),
+            (count, "app_version".to_owned(), true),
+            (count, "request_host".to_owned(), false)
+        ]
+    );
+    let labels = crate::telemetry::TcpLabels::new(None, None, None, false);
+    let value = |_: &crate::state::telemetry::TagValue| Some("x".to_owned());
+    let tagged = labels.with_tags(web.server.tags.as_deref().unwrap_or(&[]), MetricSet::REQUEST_COUNT, &value);
+    assert_eq!(tagged.extra, crate::telemetry::Extra::default().with([("app_version", "x")]));
 }

@@ -25,7 +25,7 @@ use crate::{
     proxy::{Inputs, LocalReply},
     state::{
         log_format::{Captured, Entry, Format, Kind},
-        telemetry::MetricSet,
+        telemetry::{MetricSet, RequestAttribute, TagOverride, TagValue},
     },
     telemetry::{Flags, RequestLabels, TcpLabels, access_log::Sink},
 };
@@ -51,6 +51,8 @@ pub struct Record {
     via_upstream: bool,
     /// The request metrics the Telemetries leave out.
     off: MetricSet,
+    /// A Telemetry's tag overrides, with the request's values they read.
+    tags: Option<Box<Tags>>,
     shared: Arc<Shared>,
     status: u16,
     grpc_status: Option<&'static str>,
@@ -108,6 +110,8 @@ impl Record {
         let subject = if destination { upstream.map(|u| *u.ip()) } else { down.source.as_ref().and_then(|w| w.ip) };
         let side = state.telemetry_policy(subject).side(destination);
         let sink = ctx.access_log.sink(state.access_log.file.as_ref(), side.logging);
+        let tags = side.tags.clone().map(|tags| Box::new(Tags::capture(tags, req)));
+        let off = side.off;
         let line = (sink != Sink::Off).then(|| {
             let format = state.access_log.format.clone();
             let path = req.uri().path_and_query().map_or_else(
@@ -140,7 +144,8 @@ impl Record {
             downstream: down.peer,
             local: down.orig,
             via_upstream: false,
-            off: side.off,
+            off,
+            tags,
             shared: Arc::default(),
             status: 0,
             grpc_status: None,
@@ -290,17 +295,20 @@ impl Record {
             self.flags,
         );
         let (m, on) = (&self.ctx.metrics, |metric| !self.off.contains(metric));
+        let status = self.status;
+        let tagged = |metric| self.tags.as_ref().map(|t| t.labels(&labels, metric, status));
+        let labels_for = |metric| tagged(metric).map_or(std::borrow::Cow::Borrowed(&labels), std::borrow::Cow::Owned);
         if on(MetricSet::REQUEST_COUNT) {
-            m.requests.get_or_create(&labels).inc();
+            m.requests.get_or_create(&labels_for(MetricSet::REQUEST_COUNT)).inc();
         }
         if on(MetricSet::REQUEST_DURATION) {
-            m.request_duration.get_or_create(&labels).observe(ms);
+            m.request_duration.get_or_create(&labels_for(MetricSet::REQUEST_DURATION)).observe(ms);
         }
         if on(MetricSet::REQUEST_SIZE) {
-            m.request_bytes.get_or_create(&labels).observe(request_bytes as f64);
+            m.request_bytes.get_or_create(&labels_for(MetricSet::REQUEST_SIZE)).observe(request_bytes as f64);
         }
         if on(MetricSet::RESPONSE_SIZE) {
-            m.response_bytes.get_or_create(&labels).observe(self.response_bytes as f64);
+            m.response_bytes.get_or_create(&labels_for(MetricSet::RESPONSE_SIZE)).observe(self.response_bytes as f64);
         }
         let Some(line) = self.line.take() else { return };
         let tcp = &labels.connection;
@@ -334,6 +342,51 @@ impl Record {
             let labels = crate::telemetry::LimitLabels { listener: "access_log", reason: "queue_full" };
             m.limit_refusals.get_or_create(&labels).inc();
         }
+    }
+}
+
+/// A side's tag overrides and the request attributes they read, taken when
+/// the request arrives (its head is gone by the time it is counted).
+struct Tags {
+    tags: Arc<[(MetricSet, TagOverride)]>,
+    values: Vec<(RequestAttribute, String)>,
+}
+
+impl Tags {
+    fn capture(tags: Arc<[(MetricSet, TagOverride)]>, req: &Request<Incoming>) -> Tags {
+        let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let mut values = Vec::new();
+        for (_, t) in tags.iter() {
+            let Some(TagValue::Request(a)) = &t.value else { continue };
+            if values.iter().any(|(seen, _)| seen == a) {
+                continue;
+            }
+            let v = match a {
+                RequestAttribute::Host => req.uri().authority().map(|a| a.to_string()).or_else(|| header("host")),
+                RequestAttribute::Method => Some(req.method().to_string()),
+                RequestAttribute::Path => req.uri().path_and_query().map(|p| p.to_string()),
+                RequestAttribute::UrlPath => Some(req.uri().path().to_owned()),
+                RequestAttribute::Scheme => Some(req.uri().scheme_str().unwrap_or("http").to_owned()),
+                RequestAttribute::Protocol => Some(format!("{:?}", req.version())),
+                RequestAttribute::UserAgent => header("user-agent"),
+                RequestAttribute::Id => header("x-request-id"),
+                RequestAttribute::Referer => header("referer"),
+                RequestAttribute::Header(h) => header(h),
+            };
+            if let Some(v) = v {
+                values.push((a.clone(), v));
+            }
+        }
+        Tags { tags, values }
+    }
+
+    fn labels(&self, base: &RequestLabels, metric: MetricSet, status: u16) -> RequestLabels {
+        let value = |v: &TagValue| match v {
+            TagValue::Literal(s) => Some(s.to_string()),
+            TagValue::ResponseCode => Some(status.to_string()),
+            TagValue::Request(a) => self.values.iter().find(|(seen, _)| seen == a).map(|(_, v)| v.clone()),
+        };
+        RequestLabels { connection: base.connection.with_tags(&self.tags, metric, &value), ..base.clone() }
     }
 }
 

@@ -68,7 +68,7 @@ fn may_carry_http(state: &State, dest: &Workload, port: u16) -> bool {
 /// Whether the pod's requests are reported here: its Telemetries leave a
 /// request metric on or its access log not off, as a server.
 fn counted(state: &State, dest: &Workload) -> bool {
-    let side = state.telemetry_policy(dest.ip).server;
+    let side = &state.telemetry_policy(dest.ip).server;
     !side.off.contains(MetricSet::REQUESTS) || side.logging != Logging::Off
 }
 
