@@ -59,7 +59,9 @@ impl State {
             index.gateways.entry(format!("{}/{}", g.namespace, g.name)).or_insert(i);
         }
         if !self.telemetries.is_empty() {
-            for w in self.workloads.values() {
+            // By pod IP: a host-network pod's is the node's, which its host
+            // clients share; such pods are not in the mesh either.
+            for w in self.workloads.values().filter(|w| !w.host_network) {
                 let policy = super::telemetry::resolve(&self.telemetries, w);
                 if let (Some(ip), false) = (w.ip, policy == super::telemetry::TelemetryPolicy::default()) {
                     index.telemetry.insert(ip, policy);

@@ -192,3 +192,18 @@ fn tag_overrides_apply_in_istios_order() {
     let tagged = labels.with_tags(web.server.tags.as_deref().unwrap_or(&[]), MetricSet::REQUEST_COUNT, &value);
     assert_eq!(tagged.extra, crate::telemetry::Extra::default().with([("app_version", "x")]));
 }
+
+#[test]
+fn a_host_network_pod_lends_its_telemetry_to_no_one() {
+    // Its address is its node's, shared with the node's own host clients.
+    let host = "---\napiVersion: v1\nkind: Pod\nmetadata: {name: daemon, namespace: demo, labels: {app: daemon}}\n\
+                spec: {hostNetwork: true}\nstatus: {podIP: 10.0.0.9}\n";
+    let off = telemetry(
+        "daemon",
+        "demo",
+        "{selector: {matchLabels: {app: daemon}}, metrics: [{overrides: [{disabled: true}]}]}",
+    );
+    let loaded = load(&format!("{host}{off}"));
+    assert!(loaded.rejected.is_empty(), "{:?}", loaded.rejected);
+    assert_eq!(loaded.state.telemetry_policy(Some([10, 0, 0, 9].into())), &TelemetryPolicy::default());
+}
