@@ -17,6 +17,7 @@ mod index;
 pub mod log_format;
 pub mod security;
 pub mod telemetry;
+pub mod trace;
 pub mod traffic;
 
 /// Label that enrolls a namespace or pod in the mesh (Istio ambient).
@@ -56,6 +57,8 @@ pub struct State {
     /// MeshConfig `accessLogFile`, `accessLogEncoding`, `accessLogFormat`.
     #[serde(skip)]
     pub access_log: AccessLogSettings,
+    /// MeshConfig's tracing providers and defaults.
+    pub tracing: trace::TraceSettings,
     /// Query parameters that carry end-user tokens (`access_token` and every
     /// RequestAuthentication's `fromParams`): redacted from access logs.
     #[serde(skip)]

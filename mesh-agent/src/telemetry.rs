@@ -17,6 +17,7 @@ mod tags;
 pub use tags::Extra;
 pub mod logging;
 mod process;
+pub mod trace;
 pub use flags::Flags;
 
 /// Istio's labels for TCP metrics.
@@ -99,7 +100,8 @@ pub fn set_cluster_id(id: &str) {
     let _ = CLUSTER.set(id.into());
 }
 
-fn cluster() -> Label {
+/// The cluster's name (`--cluster-id`, else Istio's default).
+pub fn cluster() -> Label {
     CLUSTER.get_or_init(|| DEFAULT_CLUSTER_ID.into()).clone()
 }
 
@@ -280,6 +282,9 @@ pub struct Metrics {
     /// mTLS connections this agent opened to other agents, by handshake
     /// (`full`, or `resumed` from an earlier session with the same peer).
     pub hbone_connections: Family<HandshakeLabels, Counter>,
+    /// Spans by what became of them: `exported`, or dropped (`queue_full`,
+    /// `export_failed`, `rejected` by the collector).
+    pub trace_spans: Family<ResultLabels, Counter>,
     /// Gateway ports that could not be opened (another process holds them).
     pub gateway_bind_failures: Counter,
     /// Requests refused with 421 at an HTTPS gateway: a host that the
@@ -348,6 +353,12 @@ impl Metrics {
             "mesh_hbone_connections",
             "mTLS connections opened to other agents, by TLS handshake (full or resumed)",
             hbone_connections.clone(),
+        );
+        let trace_spans = Family::default();
+        registry.register(
+            "mesh_trace_spans",
+            "Spans by result: exported, or dropped (queue_full, export_failed, rejected)",
+            trace_spans.clone(),
         );
         let request_duration: HistogramFamily = Family::new_with_constructor(istio_histogram);
         let request_bytes: HistogramFamily = Family::new_with_constructor(istio_histogram);
@@ -426,6 +437,7 @@ impl Metrics {
             jwt_checks,
             authorization_audits,
             hbone_connections,
+            trace_spans,
             gateway_bind_failures,
             gateway_misdirected,
             gateway_conflicts,

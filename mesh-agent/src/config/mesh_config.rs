@@ -5,9 +5,12 @@ use std::{collections::BTreeMap, sync::Arc};
 use serde::Deserialize;
 
 use super::object::Ctx;
-use crate::state::{AccessLogSettings, OutboundPolicy, PathNormalization, log_format::Format, security::ExtAuthz};
+use crate::state::{
+    AccessLogSettings, OutboundPolicy, PathNormalization, log_format::Format, security::ExtAuthz, trace::TraceSettings,
+};
 
 mod providers;
+mod trace;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -19,6 +22,9 @@ struct MeshConfig {
     access_log_file: Option<String>,
     access_log_encoding: Option<String>,
     access_log_format: Option<String>,
+    default_providers: Option<trace::DefaultProviders>,
+    default_config: Option<trace::ProxyConfig>,
+    mesh_id: Option<String>,
 }
 
 /// What the agent reads of MeshConfig.
@@ -29,6 +35,7 @@ pub(super) struct MeshSettings {
     /// The external authorizers among `extensionProviders`, by name.
     pub providers: BTreeMap<String, Arc<ExtAuthz>>,
     pub access_log: AccessLogSettings,
+    pub tracing: TraceSettings,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -45,9 +52,10 @@ struct OutboundTrafficPolicySpec {
 
 /// What the agent reads of the `mesh` key of ConfigMap `istio-system/istio`:
 /// `outboundTrafficPolicy.mode`, `pathNormalization.normalization`, the
-/// access log's file, encoding and format, and the external authorizers of
-/// `extensionProviders` (other MeshConfig fields, and other kinds of
-/// providers, are Istio's and ignored).
+/// access log's file, encoding and format, the external authorizers and
+/// OpenTelemetry tracers of `extensionProviders`, `defaultProviders.tracing`,
+/// `defaultConfig.tracing` and `meshId` (other MeshConfig fields, and other
+/// kinds of providers, are Istio's and ignored).
 pub(super) fn mesh_config(ctx: &mut Ctx<'_>, data: &BTreeMap<String, String>) -> MeshSettings {
     let Some(text) = data.get("mesh") else { return Default::default() };
     let mesh: MeshConfig = match serde_yaml_ng::from_str::<Option<MeshConfig>>(text) {
@@ -83,7 +91,9 @@ pub(super) fn mesh_config(ctx: &mut Ctx<'_>, data: &BTreeMap<String, String>) ->
     };
     let providers = providers::ext_authz(ctx, &mesh.extension_providers);
     let access_log = access_log(ctx, mesh.access_log_file, mesh.access_log_encoding, mesh.access_log_format);
-    MeshSettings { outbound, paths, providers, access_log }
+    let proxy_tracing = mesh.default_config.and_then(|c| c.tracing);
+    let tracing = trace::settings(ctx, &mesh.extension_providers, mesh.default_providers, proxy_tracing, mesh.mesh_id);
+    MeshSettings { outbound, paths, providers, access_log, tracing }
 }
 
 /// `accessLogFile`, `accessLogEncoding` and `accessLogFormat`, as Istio

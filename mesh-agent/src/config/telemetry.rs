@@ -1,11 +1,12 @@
 //! `telemetry.istio.io/v1` (and `v1alpha1`) `Telemetry`: the metrics a
-//! workload reports and whether it is access-logged, validated into
-//! [`crate::state::telemetry::Telemetry`]. What the agent cannot do yet —
-//! tracing, `targetRefs`, custom metrics, reporting intervals, log filters,
-//! CEL beyond a literal and the request's attributes, providers other than
-//! the built-in `prometheus` and `envoy` — is a named error, never silently
-//! ignored.
-use std::collections::BTreeMap;
+//! workload reports, whether it is access-logged and how it is traced,
+//! validated into [`crate::state::telemetry::Telemetry`]. What the agent
+//! cannot do yet — `targetRefs`, custom metrics, reporting intervals, log
+//! filters, CEL beyond a literal and the request's attributes, metrics and
+//! log providers other than the built-in `prometheus` and `envoy`, tracing
+//! providers other than MeshConfig's `opentelemetry` ones — is a named
+//! error, never silently ignored.
+use std::{collections::BTreeMap, sync::Arc};
 
 use serde::Deserialize;
 
@@ -14,8 +15,9 @@ use super::{
     object::{Ctx, name_and_namespace},
     security::{Selector, selector},
 };
-use crate::state::telemetry::{
-    LoggingRule, MetricOverride, MetricSet, Modes, RequestAttribute, TagOverride, TagValue, Telemetry,
+use crate::state::{
+    telemetry::{LoggingRule, MetricOverride, MetricSet, Modes, RequestAttribute, TagOverride, TagValue, Telemetry},
+    trace::{CustomTag, CustomTags, TraceSettings, TracingRule},
 };
 
 #[derive(Debug, Clone, Deserialize)]
@@ -38,7 +40,8 @@ pub struct TelemetrySpec {
     pub selector: Option<Selector>,
     pub target_ref: Option<serde_yaml_ng::Value>,
     pub target_refs: Option<serde_yaml_ng::Value>,
-    pub tracing: Option<serde_yaml_ng::Value>,
+    #[serde(default)]
+    pub tracing: Vec<TracingSpec>,
     #[serde(default)]
     pub metrics: Vec<MetricsSpec>,
     #[serde(default)]
@@ -100,6 +103,47 @@ pub struct AccessLoggingSpec {
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TracingSpec {
+    #[serde(rename = "match")]
+    pub matches: Option<LogMatch>,
+    #[serde(default)]
+    pub providers: Vec<ProviderSpec>,
+    #[serde(default)]
+    pub custom_tags: Option<BTreeMap<String, CustomTagSpec>>,
+    pub random_sampling_percentage: Option<f64>,
+    pub disable_span_reporting: Option<bool>,
+    pub use_request_id_for_trace_sampling: Option<bool>,
+    pub enable_istio_tags: Option<bool>,
+    pub disable_context_propagation: Option<bool>,
+}
+
+/// A custom span tag (Telemetry `customTags`, ProxyConfig `tracing.custom_tags`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CustomTagSpec {
+    pub literal: Option<LiteralSpec>,
+    pub environment: Option<FromSpec>,
+    pub header: Option<FromSpec>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LiteralSpec {
+    #[serde(default)]
+    pub value: String,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct FromSpec {
+    #[serde(default)]
+    pub name: String,
+    #[serde(alias = "default_value")]
+    pub default_value: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogMatch {
     pub mode: Option<String>,
@@ -137,7 +181,7 @@ fn providers(ctx: &mut Ctx<'_>, field: &str, list: &[ProviderSpec], builtin: &st
     ok
 }
 
-pub(super) fn build_telemetry(ctx: &mut Ctx<'_>, obj: &TelemetryObject) -> Option<Telemetry> {
+pub(super) fn build_telemetry(ctx: &mut Ctx<'_>, obj: &TelemetryObject, trace: &TraceSettings) -> Option<Telemetry> {
     let (name, namespace) = name_and_namespace(ctx, &obj.metadata)?;
     let spec = &obj.spec;
     let selector = selector(ctx, &spec.selector);
@@ -152,11 +196,6 @@ pub(super) fn build_telemetry(ctx: &mut Ctx<'_>, obj: &TelemetryObject) -> Optio
             "spec.targetRefs",
             spec.target_refs.is_some(),
             "is not supported by this version of mesh-agent; use spec.selector",
-        ),
-        (
-            "spec.tracing",
-            spec.tracing.is_some(),
-            "is not supported by this version of mesh-agent (it produces no spans yet)",
         ),
     ];
     for (field, present, why) in unsupported {
@@ -195,8 +234,86 @@ pub(super) fn build_telemetry(ctx: &mut Ctx<'_>, obj: &TelemetryObject) -> Optio
             None => ok = false,
         }
     }
+    let mut tracing = Vec::new();
+    for (i, t) in spec.tracing.iter().enumerate() {
+        match tracing_rule(ctx, &format!("spec.tracing[{i}]"), t, trace) {
+            Some(rule) => tracing.push(rule),
+            None => ok = false,
+        }
+    }
     let created = obj.metadata.creation_timestamp.clone();
-    ok.then_some(Telemetry { name, namespace, created, selector, metric_overrides, access_logging })
+    ok.then_some(Telemetry { name, namespace, created, selector, metric_overrides, access_logging, tracing })
+}
+
+/// A `tracing[]` entry: its provider must be one of MeshConfig's
+/// OpenTelemetry providers (Istio would silently trace nothing).
+fn tracing_rule(ctx: &mut Ctx<'_>, field: &str, t: &TracingSpec, trace: &TraceSettings) -> Option<TracingRule> {
+    let before = ctx.error_count();
+    let modes = modes(ctx, &format!("{field}.match.mode"), t.matches.as_ref().and_then(|m| m.mode.as_deref()));
+    if t.providers.len() > 1 {
+        ctx.error(format!("{field}.providers"), "at most one provider (Istio uses only the first)");
+    }
+    let provider = t.providers.first().map(|p| Arc::<str>::from(p.name.as_str()));
+    if let Some(name) = &provider
+        && trace.provider(name).is_none()
+    {
+        ctx.error(
+            format!("{field}.providers[0].name"),
+            format!("{name:?}: not an opentelemetry provider of MeshConfig's extensionProviders"),
+        );
+    }
+    if let Some(p) = t.random_sampling_percentage
+        && !(0.0..=100.0).contains(&p)
+    {
+        ctx.error(format!("{field}.randomSamplingPercentage"), format!("{p}: expected 0 to 100"));
+    }
+    let custom_tags = t.custom_tags.as_ref().map(|tags| custom_tags(ctx, &format!("{field}.customTags"), tags));
+    (ctx.error_count() == before).then(|| TracingRule {
+        modes: modes.unwrap_or(Modes::BOTH),
+        provider,
+        disable_span_reporting: t.disable_span_reporting,
+        custom_tags,
+        sampling: t.random_sampling_percentage,
+        request_id_sampling: t.use_request_id_for_trace_sampling,
+        istio_tags: t.enable_istio_tags,
+        disable_propagation: t.disable_context_propagation,
+    })
+}
+
+/// Custom span tags, in name order: a literal, a request header, or a
+/// variable of the agent's environment (read now, as Envoy reads its own).
+pub(super) fn custom_tags(ctx: &mut Ctx<'_>, field: &str, tags: &BTreeMap<String, CustomTagSpec>) -> CustomTags {
+    let mut out = Vec::new();
+    for (name, t) in tags {
+        let field = format!("{field}[{name}]");
+        let tag = match (&t.literal, &t.environment, &t.header) {
+            (Some(l), None, None) => CustomTag::Literal(l.value.as_str().into()),
+            (None, Some(e), None) if !e.name.is_empty() => {
+                let value = std::env::var(&e.name).ok().or_else(|| e.default_value.clone()).unwrap_or_default();
+                CustomTag::Literal(value.into())
+            }
+            (None, None, Some(h)) if hyper::header::HeaderName::from_bytes(h.name.as_bytes()).is_ok() => {
+                CustomTag::Header {
+                    name: h.name.to_ascii_lowercase().into(),
+                    default: h.default_value.as_deref().map(Arc::from),
+                }
+            }
+            (None, Some(_), None) => {
+                ctx.error(format!("{field}.environment.name"), "required");
+                continue;
+            }
+            (None, None, Some(h)) => {
+                ctx.error(format!("{field}.header.name"), format!("{:?} is not a header name", h.name));
+                continue;
+            }
+            _ => {
+                ctx.error(field, "exactly one of literal, environment and header");
+                continue;
+            }
+        };
+        out.push((Arc::from(name.as_str()), tag));
+    }
+    out.into()
 }
 
 fn metric_override(ctx: &mut Ctx<'_>, field: &str, o: &OverrideSpec) -> Option<MetricOverride> {

@@ -29,6 +29,7 @@ pub(crate) mod headers;
 pub(crate) mod metered;
 pub mod path;
 pub mod pool;
+pub(crate) mod traced;
 
 pub use headers::strip_hop_by_hop;
 

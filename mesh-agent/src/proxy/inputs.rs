@@ -41,12 +41,14 @@ pub struct Inputs {
     pub jwt_verified: crate::identity::jwt::cache::VerifiedCache,
     /// gRPC channels to external authorizers (CUSTOM).
     pub ext_authz: crate::proxy::inbound::http::ext_authz::Channels,
+    /// Span exporters, one per tracing provider.
+    pub tracer: crate::telemetry::trace::Tracer,
     /// The destination side's way out (to an external authorizer): the
     /// outbound direction's opening of a connection.
     pub(crate) dial: super::upstream::Dial,
     /// Original destinations of captured host clients (when that capture runs).
     pub host_orig: std::sync::OnceLock<crate::capture::host::HostOrig>,
-    state: RwLock<Arc<State>>,
+    state: Arc<RwLock<Arc<State>>>,
     captured_ips: RwLock<Arc<HashSet<Ipv4Addr>>>,
     /// Local meshed pods behind a last-hop gate.
     gated_ips: RwLock<Arc<HashSet<Ipv4Addr>>>,
@@ -68,6 +70,11 @@ pub struct Settings {
 
 impl Inputs {
     pub fn new(s: Settings) -> Self {
+        let state = Arc::<RwLock<Arc<State>>>::default();
+        let tracer = crate::telemetry::trace::Tracer::new(
+            collector_connect(state.clone(), s.connect_timeout),
+            s.metrics.trace_spans.clone(),
+        );
         let inputs = Inputs {
             node: s.node,
             limits: s.limits,
@@ -85,9 +92,10 @@ impl Inputs {
             jwks: s.jwks,
             jwt_verified: Default::default(),
             ext_authz: Default::default(),
+            tracer,
             dial: super::outbound::open::dial,
             host_orig: std::sync::OnceLock::new(),
-            state: RwLock::default(),
+            state,
             captured_ips: RwLock::default(),
             gated_ips: RwLock::default(),
         };
@@ -151,6 +159,23 @@ impl Inputs {
             z ^ (z >> 31)
         })
     }
+}
+
+/// How span exporters reach a provider's collector: an endpoint of its
+/// Service, from the agent's own address (uncaptured, in plaintext: the
+/// collector's port must accept plaintext from nodes).
+fn collector_connect(state: Arc<RwLock<Arc<State>>>, timeout: Duration) -> crate::telemetry::trace::Connect {
+    static TURN: AtomicUsize = AtomicUsize::new(0);
+    Arc::new(move |p| {
+        let current = state.read().map(|s| s.clone()).unwrap_or_default();
+        let to = current.provider_endpoint(&p.service, p.port, TURN.fetch_add(1, Ordering::Relaxed));
+        Box::pin(async move {
+            let Some((addr, _)) = to else {
+                return Err(std::io::Error::other("no ready endpoint for the collector's service and port"));
+            };
+            super::l4::connect(addr, None, timeout).await.map_err(std::io::Error::other)
+        })
+    })
 }
 
 thread_local! {

@@ -26,6 +26,8 @@ pub struct Index {
     /// What the Telemetries make of a pod's reporting, by its IP (pods no
     /// Telemetry applies to are left out).
     telemetry: HashMap<std::net::Ipv4Addr, super::telemetry::TelemetryPolicy>,
+    /// The policy of a pod no Telemetry applies to (MeshConfig's tracing).
+    default_telemetry: super::telemetry::TelemetryPolicy,
 }
 
 impl State {
@@ -58,16 +60,21 @@ impl State {
         for (i, g) in self.gateways.iter().enumerate() {
             index.gateways.entry(format!("{}/{}", g.namespace, g.name)).or_insert(i);
         }
+        // What applies to a pod no Telemetry selects (MeshConfig's tracing).
+        let [client, server] = super::trace::resolve(&self.tracing, std::iter::empty());
+        let mut default = super::telemetry::TelemetryPolicy::default();
+        (default.client.trace, default.server.trace) = (client, server);
         if !self.telemetries.is_empty() {
             // By pod IP: a host-network pod's is the node's, which its host
             // clients share; such pods are not in the mesh either.
             for w in self.workloads.values().filter(|w| !w.host_network) {
-                let policy = super::telemetry::resolve(&self.telemetries, w);
-                if let (Some(ip), false) = (w.ip, policy == super::telemetry::TelemetryPolicy::default()) {
+                let policy = super::telemetry::resolve(&self.telemetries, &self.tracing, w);
+                if let (Some(ip), false) = (w.ip, policy == default) {
                     index.telemetry.insert(ip, policy);
                 }
             }
         }
+        index.default_telemetry = default;
         for svc in self.services.values().filter(|s| s.external.is_none()) {
             for ip in svc.endpoints.iter().filter_map(|w| w.ip) {
                 index.services_of.entry(ip).or_default().push(svc.clone());
@@ -164,11 +171,31 @@ impl State {
     /// What the Telemetries make of the reporting of the pod at `ip` (the
     /// default when none applies, or for no pod).
     pub fn telemetry_policy(&self, ip: Option<std::net::Ipv4Addr>) -> &super::telemetry::TelemetryPolicy {
-        static DEFAULT: super::telemetry::TelemetryPolicy = super::telemetry::TelemetryPolicy {
-            client: super::telemetry::Reporting::DEFAULT,
-            server: super::telemetry::Reporting::DEFAULT,
+        ip.and_then(|ip| self.index.telemetry.get(&ip)).unwrap_or(&self.index.default_telemetry)
+    }
+
+    /// An endpoint of the Service (or the root namespace's ServiceEntry) that
+    /// a MeshConfig provider names (`host` or `namespace/host`) for `port`,
+    /// the `pick`th ready one: its address, and it as a pod when it is one.
+    pub fn provider_endpoint(
+        &self,
+        service: &str,
+        port: u16,
+        pick: usize,
+    ) -> Option<(std::net::SocketAddrV4, Option<Arc<super::Workload>>)> {
+        let host = service.rsplit('/').next().unwrap_or_default();
+        let kubernetes = self.services.values().find(|s| s.external.is_none() && &*s.hostname == host);
+        // The mesh config is the root namespace's: so is its choice of entry.
+        let svc = kubernetes.or_else(|| self.external_for_host(host, Some(super::ROOT_NAMESPACE)))?;
+        let sp = svc.ports.iter().find(|sp| sp.port == port)?;
+        let ready: Vec<_> = svc.endpoints.iter().filter(|w| w.ready && w.ip.is_some()).collect();
+        let w = ready.get(pick % ready.len().max(1))?;
+        let target = match &sp.target {
+            super::TargetPort::Number(n) => *n,
+            super::TargetPort::Name(n) => *w.named_ports.get(n)?,
         };
-        ip.and_then(|ip| self.index.telemetry.get(&ip)).unwrap_or(&DEFAULT)
+        let pod = svc.external.is_none().then(|| (*w).clone());
+        Some((std::net::SocketAddrV4::new(w.ip?, target), pod))
     }
 
     /// The Gateway `namespace/name`.

@@ -13,12 +13,15 @@
 //! disabled turns every metric off for its modes until a later override for
 //! the mode applies, as Istio's `disabledAllMetricsProviders` does. An
 //! access logging entry for a mode turns logging off (`disabled: true`) or
-//! on (the built-in `envoy` provider) for it.
+//! on (the built-in `envoy` provider) for it. Tracing: [`super::trace`].
 use std::{collections::BTreeMap, sync::Arc};
 
 use serde::Serialize;
 
-use super::{ROOT_NAMESPACE, Workload};
+use super::{
+    ROOT_NAMESPACE, Workload,
+    trace::{TraceSettings, TraceSpec, TracingRule},
+};
 
 /// Istio's standard metrics, as `match.metric` names them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -141,6 +144,8 @@ pub struct Telemetry {
     /// Every `metrics[]`'s overrides, in order.
     pub metric_overrides: Vec<MetricOverride>,
     pub access_logging: Vec<LoggingRule>,
+    /// `tracing[]`, in order.
+    pub tracing: Vec<TracingRule>,
 }
 
 /// Whether lines are written for a side's requests and connections.
@@ -155,22 +160,25 @@ pub enum Logging {
 }
 
 /// One side's reporting for a workload.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Reporting {
     /// The standard metrics left out.
     pub off: MetricSet,
     pub logging: Logging,
     /// Tag overrides in the order they apply, each with the metrics it is for.
     pub tags: Option<Arc<[(MetricSet, TagOverride)]>>,
+    /// Spans, and where they go; none: no tracing.
+    pub trace: Option<Arc<TraceSpec>>,
 }
 
 impl Reporting {
-    /// Istio's default: everything reported, the access log as configured.
-    pub const DEFAULT: Reporting = Reporting { off: MetricSet::NONE, logging: Logging::Default, tags: None };
+    /// Istio's default: everything reported, the access log as configured, no tracing.
+    pub const DEFAULT: Reporting =
+        Reporting { off: MetricSet::NONE, logging: Logging::Default, tags: None, trace: None };
 }
 
 /// What the Telemetries make of a workload's reporting.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct TelemetryPolicy {
     /// As a client (`reporter="source"`).
     pub client: Reporting,
@@ -201,13 +209,18 @@ fn applicable<'t>(telemetries: &'t [Telemetry], w: &Workload) -> Vec<&'t Telemet
     out
 }
 
-/// `w`'s reporting under `telemetries` (in creation, name order).
-pub fn resolve(telemetries: &[Telemetry], w: &Workload) -> TelemetryPolicy {
+/// `w`'s reporting under `telemetries` (in creation, name order) and
+/// MeshConfig's tracing settings.
+pub fn resolve(telemetries: &[Telemetry], trace: &TraceSettings, w: &Workload) -> TelemetryPolicy {
+    let applicable = applicable(telemetries, w);
+    let [client_trace, server_trace] = super::trace::resolve(trace, applicable.iter().flat_map(|t| &t.tracing));
     let mut policy = TelemetryPolicy::default();
+    policy.client.trace = client_trace;
+    policy.server.trace = server_trace;
     // Per side: metrics off one by one, and "all off" until a later override.
     let mut all_off = [false; 2];
     let mut tags: [Vec<(MetricSet, TagOverride)>; 2] = Default::default();
-    for t in applicable(telemetries, w) {
+    for t in applicable {
         for o in &t.metric_overrides {
             let sides = [(o.modes.client, 0), (o.modes.server, 1)];
             for (_, i) in sides.into_iter().filter(|(on, _)| *on) {

@@ -35,7 +35,7 @@ fn policies(extra: &str) -> [TelemetryPolicy; 3] {
     [1, 2, 3].map(|i| loaded.state.telemetry_policy(Some([10, 0, 0, i].into())).clone())
 }
 
-const ON: Reporting = Reporting { off: MetricSet::NONE, logging: Logging::Default, tags: None };
+const ON: Reporting = Reporting { off: MetricSet::NONE, logging: Logging::Default, tags: None, trace: None };
 
 #[test]
 fn the_hierarchy_resolves_as_istios() {
@@ -44,8 +44,10 @@ fn the_hierarchy_resolves_as_istios() {
     let client_tcp_off = "{metrics: [{overrides: [{match: {metric: TCP_SENT_BYTES, mode: CLIENT}, disabled: true}]}]}";
     let logs_off_for_api = "{selector: {matchLabels: {app: api}}, accessLogging: [{disabled: true}]}";
     let logs_on_server = "{accessLogging: [{providers: [{name: envoy}], match: {mode: SERVER}}]}";
-    let server_only =
-        |off| TelemetryPolicy { client: ON, server: Reporting { off, logging: Logging::Default, tags: None } };
+    let server_only = |off| TelemetryPolicy {
+        client: ON,
+        server: Reporting { off, logging: Logging::Default, tags: None, trace: None },
+    };
     let (web, api, job) = (0, 1, 2);
     // (Telemetries, pod, the pod's reporting)
     let cases: Vec<(String, usize, TelemetryPolicy)> = vec![
@@ -72,7 +74,12 @@ fn the_hierarchy_resolves_as_istios() {
             telemetry("ns", "demo", client_tcp_off),
             web,
             TelemetryPolicy {
-                client: Reporting { off: MetricSet::TCP_SENT_BYTES, logging: Logging::Default, tags: None },
+                client: Reporting {
+                    off: MetricSet::TCP_SENT_BYTES,
+                    logging: Logging::Default,
+                    tags: None,
+                    trace: None,
+                },
                 server: ON,
             },
         ),
@@ -81,8 +88,8 @@ fn the_hierarchy_resolves_as_istios() {
             telemetry("ns", "demo", logs_on_server) + &telemetry("api", "demo", logs_off_for_api),
             api,
             TelemetryPolicy {
-                client: Reporting { off: MetricSet::NONE, logging: Logging::Off, tags: None },
-                server: Reporting { off: MetricSet::NONE, logging: Logging::Off, tags: None },
+                client: Reporting { off: MetricSet::NONE, logging: Logging::Off, tags: None, trace: None },
+                server: Reporting { off: MetricSet::NONE, logging: Logging::Off, tags: None, trace: None },
             },
         ),
         (
@@ -90,7 +97,7 @@ fn the_hierarchy_resolves_as_istios() {
             web,
             TelemetryPolicy {
                 client: ON,
-                server: Reporting { off: MetricSet::NONE, logging: Logging::On, tags: None },
+                server: Reporting { off: MetricSet::NONE, logging: Logging::On, tags: None, trace: None },
             },
         ),
         // The root's and the namespace's apply in that order: the namespace wins.
@@ -113,7 +120,6 @@ fn what_the_agent_cannot_do_is_refused_by_name() {
             "{targetRefs: [{kind: Service, name: web}]}",
             "spec.targetRefs: is not supported by this version of mesh-agent; use spec.selector",
         ),
-        ("{tracing: [{randomSamplingPercentage: 10}]}", "spec.tracing: is not supported by this version of mesh-agent"),
         (
             "{metrics: [{providers: [{name: stackdriver}]}]}",
             "spec.metrics[0].providers[0].name: \"stackdriver\": only the built-in provider \"prometheus\"",
@@ -207,3 +213,5 @@ fn a_host_network_pod_lends_its_telemetry_to_no_one() {
     assert!(loaded.rejected.is_empty(), "{:?}", loaded.rejected);
     assert_eq!(loaded.state.telemetry_policy(Some([10, 0, 0, 9].into())), &TelemetryPolicy::default());
 }
+
+mod tracing;

@@ -81,6 +81,7 @@ pub(super) fn assemble(objects: Objects, trust_domain: &str, errors: &mut Vec<Co
         (state.outbound_policy, state.path_normalization) = (mesh.outbound, mesh.paths);
         state.extension_providers = mesh.providers;
         state.access_log = mesh.access_log;
+        state.tracing = mesh.tracing;
     }
     let secrets: super::super::object::Secrets = objects
         .secrets
@@ -124,7 +125,7 @@ pub(super) fn assemble(objects: Objects, trust_domain: &str, errors: &mut Vec<Co
         &objects.telemetries,
         errors,
         |o| describe_meta("Telemetry", &o.metadata),
-        super::super::telemetry::build_telemetry,
+        |ctx, o| super::super::telemetry::build_telemetry(ctx, o, &state.tracing),
     );
     // Of two namespace-wide Telemetries, Istio applies the oldest.
     telemetries

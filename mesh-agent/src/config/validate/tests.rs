@@ -65,8 +65,8 @@ fn invalid_input_names_file_object_and_field() {
             "cluster.yaml (document 1): Pod default/p: metadata.labels[istio.io/dataplane-mode]: \"sidecar\": expected \"ambient\" or \"none\"",
         ),
         (
-            "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {name: t, namespace: demo}\nspec: {tracing: [{randomSamplingPercentage: 1}]}\n",
-            "cluster.yaml (document 1): Telemetry demo/t: spec.tracing: is not supported by this version of mesh-agent (it produces no spans yet)",
+            "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {name: t, namespace: demo}\nspec: {tracing: [{providers: [{name: jaeger}]}]}\n",
+            "cluster.yaml (document 1): Telemetry demo/t: spec.tracing[0].providers[0].name: \"jaeger\": not an opentelemetry provider of MeshConfig's extensionProviders",
         ),
         (
             "apiVersion: networking.istio.io/v1alpha3\nkind: Sidecar\nmetadata: {name: s, namespace: demo}\n",

@@ -20,15 +20,24 @@ use hyper::{
     http::response::Parts,
 };
 
-use super::{Body, Downstream, local_reply, pool::ResponseBody, request_protocol};
+use super::{
+    Body, Downstream, local_reply,
+    pool::ResponseBody,
+    request_protocol,
+    traced::{At, Ending, Traced},
+};
 use crate::{
     proxy::{Inputs, LocalReply},
     state::{
+        Workload,
         log_format::{Captured, Entry, Format, Kind},
-        telemetry::{MetricSet, RequestAttribute, TagOverride, TagValue},
+        telemetry::MetricSet,
     },
     telemetry::{Flags, RequestLabels, TcpLabels, access_log::Sink},
 };
+
+mod tags;
+use tags::Tags;
 
 /// Request bytes, counted by the request body while it streams upstream.
 #[derive(Debug, Default)]
@@ -63,6 +72,21 @@ pub struct Record {
     held: Option<super::cluster::Admission>,
     /// The endpoint it is in flight to (for LEAST_REQUEST).
     in_flight: Option<super::cluster::InFlight>,
+    /// Its trace here, when the side's Telemetry traces.
+    trace: Option<Box<Traced>>,
+}
+
+/// What a request's record is about, besides the request.
+pub struct About<'a> {
+    pub tcp: TcpLabels,
+    pub grpc: bool,
+    /// Where it goes (the pod, at the destination), once known.
+    pub upstream: Option<SocketAddrV4>,
+    /// The workload this side reports for: the client pod (or the gateway)
+    /// at the source, the pod at the destination.
+    pub subject: Option<&'a Arc<Workload>>,
+    pub started_at: SystemTime,
+    pub start: Instant,
 }
 
 /// The request as the access log describes it: only what its format reads.
@@ -92,23 +116,21 @@ fn grpc_status(h: &HeaderMap) -> Option<&'static str> {
 }
 
 impl Record {
-    #[expect(clippy::too_many_arguments, reason = "one constructor, called in two places")]
-    pub fn new(
-        ctx: &Arc<Inputs>,
-        down: &Downstream,
-        req: &Request<Incoming>,
-        tcp: TcpLabels,
-        grpc: bool,
-        upstream: Option<SocketAddrV4>,
-        started_at: SystemTime,
-        start: Instant,
-    ) -> Record {
+    pub fn new<B>(ctx: &Arc<Inputs>, down: &Downstream, req: &Request<B>, about: About<'_>) -> Record {
+        let About { tcp, grpc, upstream, subject, started_at, start } = about;
         let state = ctx.state();
         // The Telemetries of the pod this side reports for: the server at
         // the destination, the client at the source.
         let destination = tcp.reporter == "destination";
-        let subject = if destination { upstream.map(|u| *u.ip()) } else { down.source.as_ref().and_then(|w| w.ip) };
-        let side = state.telemetry_policy(subject).side(destination);
+        let side = state.telemetry_policy(subject.and_then(|w| w.ip)).side(destination);
+        let trace = side.trace.as_ref().map(|spec| {
+            let at = match (destination, down.gateways.is_some()) {
+                (true, _) => At::Destination,
+                (false, true) => At::Gateway,
+                (false, false) => At::Source,
+            };
+            Box::new(Traced::begin(ctx, &state, spec, req, subject.map(|w| &**w), at, down.peer, started_at))
+        });
         let sink = ctx.access_log.sink(state.access_log.file.as_ref(), side.logging);
         let tags = side.tags.clone().map(|tags| Box::new(Tags::capture(tags, req)));
         let off = side.off;
@@ -154,6 +176,7 @@ impl Record {
             done: false,
             held: None,
             in_flight: None,
+            trace,
         }
     }
 
@@ -162,13 +185,24 @@ impl Record {
     }
 
     /// The route the request took, as Envoy names it for Istio: the
-    /// VirtualService rule's `name`, `default` with no VirtualService.
-    pub fn set_route(&mut self, rule: Option<&crate::state::traffic::HttpRoute>) {
+    /// VirtualService rule's `name`, `default` with no VirtualService; and
+    /// the `uri.prefix` it matched.
+    pub fn set_route(&mut self, rule: Option<&crate::state::traffic::HttpRoute>, prefix: Option<&str>) {
+        if let Some(t) = &mut self.trace {
+            t.set_prefix(prefix);
+        }
         if let Some(line) = &mut self.line {
             line.route = match rule {
                 None => Some("default".into()),
                 Some(r) => r.name.clone(),
             };
+        }
+    }
+
+    /// Trace headers on the request sent on, when this side traces.
+    pub fn propagate(&self, headers: &mut HeaderMap) {
+        if let Some(t) = &self.trace {
+            t.propagate(headers);
         }
     }
 
@@ -310,9 +344,33 @@ impl Record {
         if on(MetricSet::RESPONSE_SIZE) {
             m.response_bytes.get_or_create(&labels_for(MetricSet::RESPONSE_SIZE)).observe(self.response_bytes as f64);
         }
-        let Some(line) = self.line.take() else { return };
         let tcp = &labels.connection;
+        let traced = self.trace.take();
+        if traced.is_none() && self.line.is_none() {
+            return;
+        }
         let cluster = crate::proxy::l4::upstream_cluster(tcp, self.local, self.upstream);
+        if let Some(t) = traced {
+            // Named for the Service port the client asked for (the endpoint's
+            // at the destination and past a gateway).
+            let port = match (tcp.reporter, self.upstream) {
+                ("source", Some(u)) if t.at_gateway() => u.port(),
+                _ => self.local.port(),
+            };
+            let end = Ending {
+                status: self.status,
+                grpc_status: self.grpc_status,
+                flags: self.flags,
+                request_bytes,
+                response_bytes: self.response_bytes,
+                upstream: self.upstream,
+                cluster: cluster.as_deref(),
+                service: &tcp.destination_service,
+                port,
+            };
+            t.finish(&self.ctx, end);
+        }
+        let Some(line) = self.line.take() else { return };
         let entry = Entry {
             kind: Kind::Http,
             start: line.started_at,
@@ -342,51 +400,6 @@ impl Record {
             let labels = crate::telemetry::LimitLabels { listener: "access_log", reason: "queue_full" };
             m.limit_refusals.get_or_create(&labels).inc();
         }
-    }
-}
-
-/// A side's tag overrides and the request attributes they read, taken when
-/// the request arrives (its head is gone by the time it is counted).
-struct Tags {
-    tags: Arc<[(MetricSet, TagOverride)]>,
-    values: Vec<(RequestAttribute, String)>,
-}
-
-impl Tags {
-    fn capture(tags: Arc<[(MetricSet, TagOverride)]>, req: &Request<Incoming>) -> Tags {
-        let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
-        let mut values = Vec::new();
-        for (_, t) in tags.iter() {
-            let Some(TagValue::Request(a)) = &t.value else { continue };
-            if values.iter().any(|(seen, _)| seen == a) {
-                continue;
-            }
-            let v = match a {
-                RequestAttribute::Host => req.uri().authority().map(|a| a.to_string()).or_else(|| header("host")),
-                RequestAttribute::Method => Some(req.method().to_string()),
-                RequestAttribute::Path => req.uri().path_and_query().map(|p| p.to_string()),
-                RequestAttribute::UrlPath => Some(req.uri().path().to_owned()),
-                RequestAttribute::Scheme => Some(req.uri().scheme_str().unwrap_or("http").to_owned()),
-                RequestAttribute::Protocol => Some(format!("{:?}", req.version())),
-                RequestAttribute::UserAgent => header("user-agent"),
-                RequestAttribute::Id => header("x-request-id"),
-                RequestAttribute::Referer => header("referer"),
-                RequestAttribute::Header(h) => header(h),
-            };
-            if let Some(v) = v {
-                values.push((a.clone(), v));
-            }
-        }
-        Tags { tags, values }
-    }
-
-    fn labels(&self, base: &RequestLabels, metric: MetricSet, status: u16) -> RequestLabels {
-        let value = |v: &TagValue| match v {
-            TagValue::Literal(s) => Some(s.to_string()),
-            TagValue::ResponseCode => Some(status.to_string()),
-            TagValue::Request(a) => self.values.iter().find(|(seen, _)| seen == a).map(|(_, v)| v.clone()),
-        };
-        RequestLabels { connection: base.connection.with_tags(&self.tags, metric, &value), ..base.clone() }
     }
 }
 

@@ -31,8 +31,11 @@ use crate::{
     proxy::{
         self, Inputs, LocalReply, ProxyError,
         http::{
-            Body, Downstream, headers::*, metered::Metered, metered::Record, path, serve_http, strip_hop_by_hop,
-            tunnel_upgrade,
+            Body, Downstream,
+            headers::*,
+            metered::Metered,
+            metered::{About, Record},
+            path, serve_http, strip_hop_by_hop, tunnel_upgrade,
         },
         l4::{ConnMeters, Counted, connect, pump, record_failure, reset},
     },
@@ -172,10 +175,12 @@ async fn handle(ctx: Arc<Inputs>, conn: Arc<Conn>, mut req: Request<Incoming>) -
     // One snapshot for the request's form and its authentication.
     let state = ctx.state();
     let formed = well_formed(&state, &mut req);
-    let mut record =
-        Record::new(&ctx, &conn.down, &req, conn.labels.clone(), grpc, Some(conn.inbound.target), started_at, start);
+    let upstream = Some(conn.inbound.target);
+    let about =
+        About { tcp: conn.labels.clone(), grpc, upstream, subject: Some(&conn.inbound.dest), started_at, start };
+    let mut record = Record::new(&ctx, &conn.down, &req, about);
     // Istio's inbound route is named `default`.
-    record.set_route(None);
+    record.set_route(None, None);
     let judged = async {
         formed.map_err(Stop::Local)?;
         let verified = authn::authenticate(&ctx, state, &conn, &mut req).await?;
@@ -334,6 +339,7 @@ where
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     for_upstream(&mut parts, upgrade, h2, conn.inbound.target);
+    record.propagate(&mut parts.headers);
     let up_req = Request::from_parts(parts, Metered::request(body, record.shared()).boxed_unsync());
     let sent = match conn.sender(ctx, h2).await {
         Ok(PodSender::H1(mut tx)) => {

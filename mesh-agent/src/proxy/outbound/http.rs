@@ -45,7 +45,7 @@ use crate::{
     proxy::http::{
         Body, Downstream, X_FORWARDED_CLIENT_CERT, X_REQUEST_ID, cluster,
         headers::*,
-        metered::{Metered, Record},
+        metered::{About, Metered, Record},
         path,
         pool::{self, PoolKey, Sender},
         serve_http, strip_hop_by_hop, tunnel_upgrade,

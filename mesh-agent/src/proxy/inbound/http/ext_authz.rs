@@ -164,20 +164,8 @@ fn answer(status: StatusCode, headers: HeaderMap, body: Bytes) -> Response<Body>
 
 /// An endpoint of the authorizer's Service (or ServiceEntry host) for its port.
 fn resolve(state: &State, p: &ExtAuthz, pick: usize) -> Option<Authorizer> {
-    // Istio also accepts `namespace/host`.
-    let host = p.service.rsplit('/').next().unwrap_or_default();
-    let kubernetes = state.services.values().find(|s| s.external.is_none() && &*s.hostname == host);
-    // The mesh config is the root namespace's: so is its choice of entry.
-    let service = kubernetes.or_else(|| state.external_for_host(host, Some(crate::state::ROOT_NAMESPACE)))?;
-    let port = service.ports.iter().find(|sp| sp.port == p.port)?;
-    let ready: Vec<_> = service.endpoints.iter().filter(|w| w.ready && w.ip.is_some()).collect();
-    let w = ready.get(pick % ready.len().max(1))?;
-    let target = match &port.target {
-        crate::state::TargetPort::Number(n) => *n,
-        crate::state::TargetPort::Name(n) => *w.named_ports.get(n)?,
-    };
-    let endpoint = service.external.is_none().then(|| (*w).clone());
-    Some(Authorizer { addr: SocketAddrV4::new(w.ip?, target), endpoint })
+    let (addr, endpoint) = state.provider_endpoint(&p.service, p.port, pick)?;
+    Some(Authorizer { addr, endpoint })
 }
 
 fn matches(patterns: &[Pattern], name: &str) -> bool {

@@ -47,18 +47,21 @@ type EarlyStop = Box<Early>;
 
 struct Early {
     labels: TcpLabels,
+    /// The workload the request is reported for (the client, or the gateway).
+    subject: Option<Arc<Workload>>,
     stop: Stop,
 }
 
 impl Early {
     /// Labelled with the client (a pod, or nothing known).
     fn client(down: &Downstream, stop: impl Into<Stop>) -> EarlyStop {
-        Box::new(Early { labels: TcpLabels::new(down.source.as_deref(), None, None, false), stop: stop.into() })
+        let labels = TcpLabels::new(down.source.as_deref(), None, None, false);
+        Box::new(Early { labels, subject: down.source.clone(), stop: stop.into() })
     }
 
     /// Labelled with a gateway's workload (the request's source at the edge).
     fn gateway(gw: Option<Arc<Workload>>, stop: impl Into<Stop>) -> EarlyStop {
-        Box::new(Early { labels: TcpLabels::new(gw.as_deref(), None, None, false), stop: stop.into() })
+        Box::new(Early { labels: TcpLabels::new(gw.as_deref(), None, None, false), subject: gw, stop: stop.into() })
     }
 }
 
@@ -85,15 +88,19 @@ pub(super) async fn handle(ctx: Arc<Inputs>, down: Arc<Downstream>, mut req: Req
     let routed = match front(&ctx, &down, &mut req) {
         Ok(r) => r,
         Err(early) => {
-            let Early { labels, stop } = *early;
-            let record = Record::new(&ctx, &down, &req, labels, is_grpc(req.headers()), None, started_at, start);
+            let Early { labels, subject, stop } = *early;
+            let grpc = is_grpc(req.headers());
+            let about = About { tcp: labels, grpc, upstream: None, subject: subject.as_ref(), started_at, start };
+            let record = Record::new(&ctx, &down, &req, about);
             return stop.answer(&ctx, &down, record);
         }
     };
-    let (labels, addr) = (routed.target.labels.clone(), routed.target.addr);
+    let (tcp, addr) = (routed.target.labels.clone(), routed.target.addr);
     let grpc = is_grpc(req.headers());
-    let mut record = Record::new(&ctx, &down, &req, labels, grpc, Some(addr), started_at, start);
-    record.set_route(routed.rule.as_deref());
+    let subject = routed.target.source.as_ref();
+    let about = About { tcp, grpc, upstream: Some(addr), subject, started_at, start };
+    let mut record = Record::new(&ctx, &down, &req, about);
+    record.set_route(routed.rule.as_deref(), routed.matched_prefix.as_deref());
     match back(&ctx, &down, req, grpc, routed, &mut record).await {
         Ok(Answer::Upstream(resp, rule)) => respond(resp, rule.as_ref(), record),
         Ok(Answer::Switched(parts)) => record.finish_switch(parts),
@@ -221,7 +228,7 @@ fn resolve(
             Ok(t) => t.labels,
             Err(refused) => refused.labels,
         };
-        return Err(Box::new(Early { labels, stop: Stop::Redirect(code, location) }));
+        return Err(Box::new(Early { labels, subject: source, stop: Stop::Redirect(code, location) }));
     }
     let declared = match &route {
         Route::Service { protocol, .. } => Some(*protocol),
@@ -231,7 +238,7 @@ fn resolve(
         Ok(target) => Ok(Routed { rule, cluster, matched_prefix, declared, target }),
         Err(refused) => {
             let Refused { labels, error } = *refused;
-            Err(Box::new(Early { labels, stop: error.reply().into() }))
+            Err(Box::new(Early { labels, subject: source, stop: error.reply().into() }))
         }
     }
 }
@@ -270,7 +277,8 @@ async fn back(
     // With retries, a small body is kept so that it can be sent again.
     let retries = rule.as_ref().and_then(|r| r.retries.clone()).filter(|_| !out.upgrade());
     let mirrored = mirror::sampled(ctx, rule.as_ref()).filter(|_| !out.upgrade());
-    let Outgoing { parts, body, h2, client_upgrade, extended_connect, translated } = out;
+    let Outgoing { mut parts, body, h2, client_upgrade, extended_connect, translated } = out;
+    record.propagate(&mut parts.headers);
     let body = keep_body(ctx, down, &parts.headers, body, retries.is_some() || mirrored.is_some(), record).await?;
     if let Some(dest) = mirrored {
         mirror(ctx, down, first.source.clone(), &parts, &body, dest, h2);

@@ -321,3 +321,4 @@ async fn a_body_kept_for_retries_that_never_arrives_is_answered_408() {
 
 mod filters;
 mod protocols;
+mod tracing;
