@@ -82,7 +82,11 @@ pub struct Mesh {
 impl Mesh {
     /// Two nodes, the CA service, an agent on each node using it, servers up.
     pub fn start(extra: &str, agent_args: &[&str]) -> Mesh {
-        let f = fixture();
+        Mesh::start_with(fixture(), extra, agent_args)
+    }
+
+    /// As [`Mesh::start`], from [`fixture`] as a test changed it.
+    pub fn start_with(f: Fixture, extra: &str, agent_args: &[&str]) -> Mesh {
         let base = f.yaml("");
         let c = f.cluster;
         servers::http_api(c.pod("ver-v1"), 8080);

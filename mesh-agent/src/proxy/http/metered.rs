@@ -129,7 +129,7 @@ impl Record {
                 (false, true) => At::Gateway,
                 (false, false) => At::Source,
             };
-            Box::new(Traced::begin(ctx, &state, spec, req, subject.map(|w| &**w), at, down.peer, started_at))
+            Box::new(Traced::begin(ctx, &state, spec, req, subject.map(|w| &**w), at, down.peer_ip, started_at))
         });
         let sink = ctx.access_log.sink(state.access_log.file.as_ref(), side.logging);
         let tags = side.tags.clone().map(|tags| Box::new(Tags::capture(tags, req)));
@@ -351,12 +351,6 @@ impl Record {
         }
         let cluster = crate::proxy::l4::upstream_cluster(tcp, self.local, self.upstream);
         if let Some(t) = traced {
-            // Named for the Service port the client asked for (the endpoint's
-            // at the destination and past a gateway).
-            let port = match (tcp.reporter, self.upstream) {
-                ("source", Some(u)) if t.at_gateway() => u.port(),
-                _ => self.local.port(),
-            };
             let end = Ending {
                 status: self.status,
                 grpc_status: self.grpc_status,
@@ -366,7 +360,7 @@ impl Record {
                 upstream: self.upstream,
                 cluster: cluster.as_deref(),
                 service: &tcp.destination_service,
-                port,
+                local: self.local,
             };
             t.finish(&self.ctx, end);
         }

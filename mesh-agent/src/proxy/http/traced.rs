@@ -10,7 +10,7 @@
 //! its ids and a `traceparent` that carries the decision on.
 use std::{
     borrow::Cow,
-    net::{SocketAddr, SocketAddrV4},
+    net::{Ipv4Addr, SocketAddrV4},
     sync::Arc,
     time::SystemTime,
 };
@@ -44,6 +44,7 @@ pub struct Traced {
     sampled: bool,
     /// At a gateway: the upstream span, the next hop's parent.
     upstream_span: Option<[u8; 8]>,
+    side: At,
     /// What the span says, when it is sampled.
     span: Option<Box<Started>>,
 }
@@ -68,8 +69,8 @@ pub struct Ending<'a> {
     pub cluster: Option<&'a str>,
     /// The Service host the request was for (`unknown`: none).
     pub service: &'a str,
-    /// The port in the span's name (`host:port/*`).
-    pub port: u16,
+    /// Where the client connected (a Service VIP and port at the source).
+    pub local: SocketAddrV4,
 }
 
 /// What the span's side is.
@@ -91,7 +92,7 @@ impl Traced {
         req: &Request<B>,
         me: Option<&Workload>,
         side: At,
-        peer: SocketAddr,
+        peer: Ipv4Addr,
         start: SystemTime,
     ) -> Traced {
         let parent = context::extract(req.headers());
@@ -118,11 +119,7 @@ impl Traced {
             let attributes = request_tags(state, spec, req, me, peer);
             Box::new(Started { start, service, kind, attributes, prefix: None })
         });
-        Traced { spec: spec.clone(), parent, trace_id, span_id, sampled, upstream_span, span }
-    }
-
-    pub fn at_gateway(&self) -> bool {
-        self.upstream_span.is_some()
+        Traced { spec: spec.clone(), parent, trace_id, span_id, sampled, upstream_span, side, span }
     }
 
     /// The route's matched `uri.prefix` (the span is named `host:port<prefix>*`).
@@ -149,8 +146,14 @@ impl Traced {
         let Started { start, service, kind, mut attributes, prefix } = *started;
         let now = SystemTime::now();
         let error = end.status >= 500 || end.status == 0 || end.grpc_status.is_some_and(grpc_server_error);
-        let host = if end.service == "unknown" { "unknown" } else { end.service };
-        let name = format!("{host}:{}{}", end.port, prefix.map_or_else(|| "/*".to_owned(), |p| format!("{p}*")));
+        // Istio's route decorator: the Service and its port (the one the
+        // client dialled at the source), the route's prefix.
+        let port = match (self.side, end.upstream) {
+            (At::Destination | At::Gateway, Some(u)) => service_port(&ctx.state(), end.service, u.port()),
+            _ => end.local.port(),
+        };
+        let path = prefix.map_or_else(|| "/*".to_owned(), |p| format!("{p}*"));
+        let name = format!("{}:{port}{path}", end.service);
         let mut response = vec![
             ("http.status_code".into(), end.status.to_string()),
             ("response_flags".into(), end.flags.to_string()),
@@ -211,6 +214,18 @@ impl Traced {
     }
 }
 
+/// The port of the Service `host` (a cluster Service's name) whose target is
+/// `target`, else `target`.
+fn service_port(state: &State, host: &str, target: u16) -> u16 {
+    let mut labels = host.split('.');
+    let (Some(name), Some(namespace), Some("svc")) = (labels.next(), labels.next(), labels.next()) else {
+        return target;
+    };
+    let Some(svc) = state.services.get(&format!("{namespace}/{name}")) else { return target };
+    let by_target = svc.ports.iter().find(|p| p.target == crate::state::TargetPort::Number(target));
+    by_target.map_or(target, |p| p.port)
+}
+
 /// No decision came with the request: Istio's random sampling, from the
 /// request's `x-request-id` (the first 8 hex digits, modulo 10 000, as
 /// Envoy's UUID extension) so that every proxy decides alike, else at random.
@@ -260,7 +275,7 @@ fn request_tags<B>(
     spec: &TraceSpec,
     req: &Request<B>,
     me: Option<&Workload>,
-    peer: SocketAddr,
+    peer: Ipv4Addr,
 ) -> Vec<(Cow<'static, str>, String)> {
     let h = req.headers();
     let host = req.uri().authority().map(|a| a.to_string()).or_else(|| header_tag(h, "host")).unwrap_or_default();
@@ -279,7 +294,7 @@ fn request_tags<B>(
         ("user_agent".into(), header_tag(h, "user-agent").unwrap_or_else(|| "-".to_owned())),
         ("guid:x-request-id".into(), header_tag(h, "x-request-id").unwrap_or_else(|| "-".to_owned())),
         ("downstream_cluster".into(), "-".to_owned()),
-        ("peer.address".into(), peer.ip().to_string()),
+        ("peer.address".into(), peer.to_string()),
     ];
     if spec.istio_tags {
         let field = |f: fn(&Workload) -> &Arc<str>| me.map_or_else(|| "unknown".to_owned(), |w| f(w).to_string());

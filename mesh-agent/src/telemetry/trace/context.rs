@@ -20,8 +20,7 @@ static B3_FLAGS: HeaderName = HeaderName::from_static("x-b3-flags");
 /// that a vendor must be able to propagate); a longer one is dropped.
 const MAX_TRACESTATE: usize = 512;
 
-/// How the caller carried its trace context, so that the request sent on
-/// carries it the same way (and W3C's always).
+/// Which header the caller's trace context was read from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Carrier {
     W3c,
@@ -164,8 +163,10 @@ pub struct Outgoing<'a> {
 }
 
 /// Sets the trace headers of the request sent on: `traceparent` (the
-/// caller's `tracestate` stays as it came, if its `traceparent` was valid,
-/// else it is dropped with it), and B3 in the form the caller used.
+/// caller's `tracestate` stays as it came if its `traceparent` was valid,
+/// else it is dropped with it), and the B3 headers the request carries, in
+/// their form, with this agent's span (a hop that read `traceparent` keeps
+/// B3 up to date too, for an app that reads only B3).
 pub fn inject(headers: &mut HeaderMap, out: Outgoing<'_>) {
     let mut tp = *b"00-00000000000000000000000000000000-0000000000000000-00";
     write_hex(&out.trace_id, &mut tp[3..35]);
@@ -174,31 +175,38 @@ pub fn inject(headers: &mut HeaderMap, out: Outgoing<'_>) {
     if let Ok(v) = HeaderValue::from_bytes(&tp) {
         headers.insert(TRACEPARENT.clone(), v);
     }
-    let carrier = out.parent.map(|p| p.carrier);
-    if carrier != Some(Carrier::W3c) || headers.get(&TRACESTATE).is_some_and(|s| s.len() > MAX_TRACESTATE) {
+    let w3c = out.parent.is_some_and(|p| p.carrier == Carrier::W3c);
+    if !w3c || headers.get(&TRACESTATE).is_some_and(|s| s.len() > MAX_TRACESTATE) {
         headers.remove(&TRACESTATE);
     }
     let sampled = HeaderValue::from_static(if out.sampled { "1" } else { "0" });
-    match (carrier, out.parent) {
-        (Some(Carrier::B3Multi), Some(p)) => {
-            headers.insert(B3_TRACE.clone(), hex_value::<32>(&out.trace_id));
-            headers.insert(B3_SPAN.clone(), hex_value::<16>(&out.span_id));
-            headers.insert(B3_PARENT.clone(), hex_value::<16>(&p.span_id));
-            headers.insert(B3_SAMPLED.clone(), sampled);
-            headers.remove(&B3_FLAGS);
-        }
-        (Some(Carrier::B3Single), Some(p)) => {
-            let mut v = [0u8; 32 + 1 + 16 + 3 + 16];
-            write_hex(&out.trace_id, &mut v[..32]);
-            v[32] = b'-';
-            write_hex(&out.span_id, &mut v[33..49]);
-            v[49..52].copy_from_slice(if out.sampled { b"-1-" } else { b"-0-" });
-            write_hex(&p.span_id, &mut v[52..]);
-            if let Ok(v) = HeaderValue::from_bytes(&v) {
-                headers.insert(B3.clone(), v);
+    let parent = out.parent.map(|p| p.span_id);
+    if headers.contains_key(&B3_TRACE) || headers.contains_key(&B3_SPAN) {
+        headers.insert(B3_TRACE.clone(), hex_value::<32>(&out.trace_id));
+        headers.insert(B3_SPAN.clone(), hex_value::<16>(&out.span_id));
+        match parent {
+            Some(p) => headers.insert(B3_PARENT.clone(), hex_value::<16>(&p)),
+            None => headers.remove(&B3_PARENT),
+        };
+        headers.insert(B3_SAMPLED.clone(), sampled);
+        headers.remove(&B3_FLAGS);
+    }
+    if headers.contains_key(&B3) {
+        let mut v = [0u8; 32 + 1 + 16 + 3 + 16];
+        write_hex(&out.trace_id, &mut v[..32]);
+        v[32] = b'-';
+        write_hex(&out.span_id, &mut v[33..49]);
+        v[49..52].copy_from_slice(if out.sampled { b"-1-" } else { b"-0-" });
+        let len = match parent {
+            Some(p) => {
+                write_hex(&p, &mut v[52..]);
+                v.len()
             }
+            None => 51,
+        };
+        if let Ok(v) = HeaderValue::from_bytes(&v[..len]) {
+            headers.insert(B3.clone(), v);
         }
-        _ => {}
     }
 }
 

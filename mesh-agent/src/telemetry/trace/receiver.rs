@@ -85,7 +85,8 @@ impl TraceService for Collected {
     }
 }
 
-/// A receiver listening on `addr` (port 0: any).
+/// A receiver listening on `addr` (port 0: any); a clone reads the same spans.
+#[derive(Clone)]
 pub struct Receiver {
     pub addr: SocketAddr,
     collected: Collected,

@@ -7,7 +7,10 @@ use super::{Carrier, Outgoing, Parent, extract, inject};
 fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
     let mut h = HeaderMap::new();
     for (k, v) in pairs {
-        h.append(HeaderName::from_bytes(k.as_bytes()).expect("a header name"), HeaderValue::from_str(v).expect("a header value"));
+        h.append(
+            HeaderName::from_bytes(k.as_bytes()).expect("a header name"),
+            HeaderValue::from_str(v).expect("a header value"),
+        );
     }
     h
 }
@@ -124,6 +127,16 @@ fn the_request_sent_on_carries_the_agents_span() {
     inject(&mut h, Outgoing { trace_id: TRACE, span_id: ours, sampled: false, parent: Some(&parent) });
     assert_eq!(get(&h, "b3").as_deref(), Some("4bf92f3577b34da6a3ce929d0e0e4736-1111111111111111-0-00f067aa0ba902b7"));
     assert_eq!(get(&h, "traceparent").as_deref(), Some("00-4bf92f3577b34da6a3ce929d0e0e4736-1111111111111111-00"));
+    // Read from traceparent, B3 carried along: both say the agent's span.
+    let mut h = headers(&[
+        ("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+        ("x-b3-traceid", "4bf92f3577b34da6a3ce929d0e0e4736"),
+        ("x-b3-spanid", "00f067aa0ba902b7"),
+    ]);
+    let parent = extract(&h).expect("a parent");
+    inject(&mut h, Outgoing { trace_id: TRACE, span_id: ours, sampled: true, parent: Some(&parent) });
+    assert_eq!(get(&h, "x-b3-spanid").as_deref(), Some("1111111111111111"));
+    assert_eq!(get(&h, "x-b3-parentspanid").as_deref(), Some("00f067aa0ba902b7"));
     // A new trace: W3C only; a stray tracestate (no valid traceparent) is dropped.
     let mut h = headers(&[("tracestate", "congo=t61rcWkgMzE")]);
     inject(&mut h, Outgoing { trace_id: TRACE, span_id: ours, sampled: true, parent: None });
