@@ -236,3 +236,33 @@ pub fn websocket_echo(pod: &Pod, port: u16) {
         let _ = ws.close(None).await;
     });
 }
+
+/// An OTLP/gRPC trace collector on port 4317 in the pod: it keeps the spans
+/// it is sent, or (`count_only`, for a benchmark's load) only counts them.
+pub fn otlp_collector(pod: &Pod, count_only: bool) -> mesh_agent::telemetry::trace::receiver::Receiver {
+    use mesh_agent::telemetry::trace::receiver::Receiver;
+    let (tx, rx) = std::sync::mpsc::channel();
+    pod.spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async move {
+            let addr = ([0, 0, 0, 0], 4317).into();
+            let started = if count_only { Receiver::counting(addr).await } else { Receiver::start(addr).await };
+            tx.send(started.unwrap()).unwrap();
+            std::future::pending::<()>().await
+        })
+    });
+    rx.recv().unwrap()
+}
+
+/// The collector's Service `otel-collector` (port 4317, `grpc-otlp`) in
+/// front of the pods labelled `app: <app>` in `namespace`, and MeshConfig
+/// with it as the `opentelemetry` provider `otel`, then `mesh` (more of
+/// MeshConfig, indented as its lines).
+pub fn otlp_collector_config(namespace: &str, app: &str, vip: &str, mesh: &str) -> String {
+    format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: otel-collector, namespace: {namespace}}}\n\
+         spec: {{clusterIP: {vip}, selector: {{app: {app}}}, ports: [{{name: grpc-otlp, port: 4317, targetPort: 4317}}]}}\n\
+         ---\napiVersion: v1\nkind: ConfigMap\nmetadata: {{name: istio, namespace: istio-system}}\ndata:\n  mesh: |\n    \
+         extensionProviders:\n    - name: otel\n      opentelemetry: {{service: otel-collector.{namespace}.svc.cluster.local, port: 4317}}\n{mesh}"
+    )
+}

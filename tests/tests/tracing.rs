@@ -1,39 +1,21 @@
 //! OpenTelemetry tracing through the real data path (root): both nodes'
 //! agents and an ingress gateway send their spans with OTLP/gRPC to a
-//! receiver the test runs in a pod behind a Service, as MeshConfig names
-//! it; curl's trace headers are continued (W3C and B3) and the spans link
+//! receiver the test runs in an un-meshed pod behind a Service, as
+//! MeshConfig names it; curl's trace headers are continued (W3C and B3) and the spans link
 //! up parent to child across the nodes.
 #![expect(clippy::unwrap_used, reason = "tests")]
 
 use std::time::{Duration, Instant};
 
 use mesh_agent::telemetry::trace::receiver::{Received, Receiver};
-use mesh_tests::{agent::metric, mesh::*, require_root};
+use mesh_tests::{agent::metric, mesh::*, require_root, servers};
 
 const NODE1: &str = "172.18.0.2";
 const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const CALLER_SPAN: &str = "00f067aa0ba902b7";
 
-/// The collector's Service (the `outsider` pod, un-meshed), MeshConfig
-/// tracing every request to it, and an ingress gateway on node-1 routing
-/// `/helloworld` to helloworld.
-const EXTRA: &str = r#"---
-apiVersion: v1
-kind: Service
-metadata: {name: otel-collector, namespace: plain}
-spec: {clusterIP: 10.96.0.30, selector: {app: outsider}, ports: [{name: grpc-otlp, port: 4317, targetPort: 4317}]}
----
-apiVersion: v1
-kind: ConfigMap
-metadata: {name: istio, namespace: istio-system}
-data:
-  mesh: |
-    extensionProviders:
-    - name: otel
-      opentelemetry: {service: otel-collector.plain.svc.cluster.local, port: 4317}
-    defaultProviders: {tracing: [otel]}
-    defaultConfig: {tracing: {sampling: 100}}
----
+/// An ingress gateway on node-1 routing `/helloworld` to helloworld's API.
+const GATEWAY: &str = r#"---
 apiVersion: networking.istio.io/v1
 kind: Gateway
 metadata: {name: ingress, namespace: istio-system}
@@ -53,19 +35,6 @@ spec:
   - match: [{uri: {prefix: /helloworld}}]
     route: [{destination: {host: api, port: {number: 80}}}]
 "#;
-
-/// The receiver, in the collector pod's network namespace.
-fn collector(m: &Mesh) -> Receiver {
-    let (tx, rx) = std::sync::mpsc::channel();
-    m.pod("outsider").spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        rt.block_on(async move {
-            tx.send(Receiver::start(([0, 0, 0, 0], 4317).into()).await.unwrap()).unwrap();
-            std::future::pending::<()>().await
-        })
-    });
-    rx.recv().unwrap()
-}
 
 /// The spans of `trace`, once `n` have arrived.
 fn spans_of(r: &Receiver, trace: &str, n: usize) -> Vec<Received> {
@@ -105,8 +74,11 @@ fn spans_link_source_destination_and_gateway_across_nodes() {
     }
     let mut f = fixture();
     f.objects.label_node("node-1", "istio", "ingressgateway");
-    let m = Mesh::start_with(f, EXTRA, &[]);
-    let r = collector(&m);
+    // The collector in the `outsider` pod (un-meshed); every request traced.
+    let mesh = "    defaultProviders: {tracing: [otel]}\n    defaultConfig: {tracing: {sampling: 100}}\n";
+    let collector = servers::otlp_collector_config("plain", "outsider", "10.96.0.30", mesh);
+    let m = Mesh::start_with(f, &format!("{collector}{GATEWAY}"), &[]);
+    let r = servers::otlp_collector(m.pod("outsider"), false);
     let test = m.pod("test");
 
     // W3C from the client, across nodes: the app sees the destination's span.

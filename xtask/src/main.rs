@@ -83,7 +83,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// The fuzz targets (mesh-agent/fuzz/fuzz_targets), each with checked-in seeds.
-const FUZZ_TARGETS: [&str; 6] = ["config", "sniff", "sni", "hbone_connect", "ca_request", "jwt"];
+const FUZZ_TARGETS: [&str; 7] = ["config", "sniff", "sni", "hbone_connect", "ca_request", "jwt", "trace_context"];
 
 fn fuzz(secs: u64, targets: &[String]) -> anyhow::Result<()> {
     if let Some(unknown) = targets.iter().find(|t| !FUZZ_TARGETS.contains(&t.as_str())) {

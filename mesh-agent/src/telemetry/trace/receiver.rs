@@ -56,6 +56,9 @@ pub fn hex(bytes: &[u8]) -> String {
 struct Collected {
     spans: Arc<Mutex<Vec<Received>>>,
     arrived: Arc<Notify>,
+    /// Only count (a benchmark's load would fill the memory).
+    count_only: bool,
+    count: Arc<std::sync::atomic::AtomicU64>,
 }
 
 #[tonic::async_trait]
@@ -64,8 +67,14 @@ impl TraceService for Collected {
         &self,
         request: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let request = request.into_inner();
+        let n = request.resource_spans.iter().flat_map(|r| &r.scope_spans).map(|s| s.spans.len() as u64).sum();
+        self.count.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        if self.count_only {
+            return Ok(tonic::Response::new(ExportTraceServiceResponse { partial_success: None }));
+        }
         let mut kept = self.spans.lock().unwrap_or_else(|e| e.into_inner());
-        for rs in request.into_inner().resource_spans {
+        for rs in request.resource_spans {
             let service = rs
                 .resource
                 .iter()
@@ -94,9 +103,18 @@ pub struct Receiver {
 
 impl Receiver {
     pub async fn start(addr: SocketAddr) -> std::io::Result<Receiver> {
+        Self::listen(addr, false).await
+    }
+
+    /// A receiver that only counts the spans it is sent.
+    pub async fn counting(addr: SocketAddr) -> std::io::Result<Receiver> {
+        Self::listen(addr, true).await
+    }
+
+    async fn listen(addr: SocketAddr, count_only: bool) -> std::io::Result<Receiver> {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
-        let collected = Collected::default();
+        let collected = Collected { count_only, ..Default::default() };
         let server = TraceServiceServer::new(collected.clone());
         tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
@@ -112,7 +130,12 @@ impl Receiver {
         Ok(Receiver { addr, collected })
     }
 
-    /// Every span received so far.
+    /// How many spans it was sent.
+    pub fn received(&self) -> u64 {
+        self.collected.count.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Every span received so far (none when only counting).
     pub fn spans(&self) -> Vec<Received> {
         self.collected.spans.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }

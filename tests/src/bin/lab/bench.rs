@@ -60,6 +60,22 @@ const QUIET_TELEMETRY: &str = "---\napiVersion: telemetry.istio.io/v1\nkind: Tel
     spec: {selector: {matchLabels: {app: quiet}}, metrics: [{overrides: [{match: {mode: SERVER}, disabled: true}]}],\n\
     \x20 accessLogging: [{match: {mode: SERVER}, disabled: true}]}\n";
 
+/// Tracing: `traced-client` samples 1 % of its requests (Istio's default
+/// rate), or all of them when oha sends a sampled `traceparent`; the
+/// `traced` servers follow the decision that comes with each request. The
+/// spans go to a collector in an un-meshed pod (node-1) that counts them.
+const TRACED_CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 6);
+const TRACED_LOCAL: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 7);
+const TRACED_REMOTE: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 5);
+const COLLECTOR: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 8);
+const SAMPLED: &str = "traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+/// The Telemetries of the traced client and servers (the collector's
+/// Service and MeshConfig come from `servers::otlp_collector_config`).
+const TRACING: &str = "---\napiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {name: traced-client, namespace: bench}\n\
+    spec: {selector: {matchLabels: {app: traced-client}}, tracing: [{providers: [{name: otel}], randomSamplingPercentage: 1}]}\n\
+    ---\napiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {name: traced, namespace: bench}\n\
+    spec: {selector: {matchLabels: {app: traced}}, tracing: [{providers: [{name: otel}], randomSamplingPercentage: 0}]}\n";
+
 /// The policies on the `guarded` servers, with the issuer's key set.
 fn guarded_policy(jwks: &str) -> String {
     format!(
@@ -103,7 +119,7 @@ impl Options {
 }
 
 /// Every scenario, in the order they run; `idle` is the memory measurement.
-const SCENARIOS: [&str; 13] = [
+const SCENARIOS: [&str; 15] = [
     "idle",
     "tcp_1_stream",
     "tcp_8_streams",
@@ -111,6 +127,8 @@ const SCENARIOS: [&str; 13] = [
     "http1_1000rps",
     "http1_1000rps_jwt",
     "http1_1000rps_l4dest",
+    "http1_1000rps_trace1",
+    "http1_1000rps_trace100",
     "http1_saturation",
     "http2_1000rps",
     "http2_saturation",
@@ -125,8 +143,10 @@ type Sample = BTreeMap<&'static str, f64>;
 /// Every scenario against `ip`; `agents` (pids) are watched for CPU during
 /// the request windows, and so is `server` (nginx's processes at `ip`): what
 /// one hop of a fast server costs per request on this machine, in the same run.
+#[expect(clippy::too_many_arguments, reason = "the pods and processes one round measures")]
 fn scenarios(
     client: &Pod,
+    traced_client: &Pod,
     ip: Ipv4Addr,
     plan: &Plan,
     options: &Options,
@@ -141,6 +161,8 @@ fn scenarios(
     let guarded = format!("http://{}:8080/", if ip == LOCAL { GUARDED_LOCAL } else { GUARDED_REMOTE });
     // The same server with its reporting as a server off.
     let quiet = format!("http://{}:8080/", if ip == LOCAL { QUIET_LOCAL } else { QUIET_REMOTE });
+    // The same server with tracing (following the client's decision).
+    let traced = format!("http://{}:8080/", if ip == LOCAL { TRACED_LOCAL } else { TRACED_REMOTE });
     let mut out = BTreeMap::new();
     let apart = ["idle", "hbone_handshakes"];
     for scenario in SCENARIOS.into_iter().filter(|s| !apart.contains(s) && options.wants(s)) {
@@ -155,6 +177,8 @@ fn scenarios(
             "http1_1000rps" => oha(client, &h1, s, Some(1000), &[])?,
             "http1_1000rps_jwt" => oha(client, &guarded, s, Some(1000), &["-H", &plan.bearer])?,
             "http1_1000rps_l4dest" => oha(client, &quiet, s, Some(1000), &[])?,
+            "http1_1000rps_trace1" => oha(traced_client, &traced, s, Some(1000), &[])?,
+            "http1_1000rps_trace100" => oha(traced_client, &traced, s, Some(1000), &["-H", SAMPLED])?,
             "http1_saturation" => oha(client, &h1, s, None, &[])?,
             "http2_1000rps" => oha(client, &h2, s, Some(1000), &["--http2"])?,
             "http2_saturation" => oha(client, &h2, s, None, &["--http2"])?,
@@ -164,7 +188,8 @@ fn scenarios(
         };
         let elapsed = start.elapsed().as_secs_f64();
         // (The guarded and quiet servers' nginx is not the one watched.)
-        let watched = scenario.starts_with("http") && !scenario.ends_with("_jwt") && !scenario.ends_with("_l4dest");
+        let watched = scenario.starts_with("http")
+            && !["_jwt", "_l4dest", "_trace1", "_trace100"].iter().any(|x| scenario.ends_with(x));
         if let Some(rps) = sample.get("rps").copied().filter(|_| watched) {
             let used = server.iter().map(|p| cpu_seconds(*p)).sum::<f64>() - server0;
             sample.insert("server_vcpu_per_1000rps", used / elapsed / (rps / 1000.0));
@@ -258,8 +283,19 @@ pub fn run(options: Options) -> anyhow::Result<()> {
         .add_pod(0, "guarded-local", GUARDED_LOCAL, guarded)
         .add_pod(1, "guarded-remote", GUARDED_REMOTE, guarded)
         .add_pod(0, "quiet-local", QUIET_LOCAL, PodSpec::app("bench", &[("app", "quiet")]))
-        .add_pod(1, "quiet-remote", QUIET_REMOTE, PodSpec::app("bench", &[("app", "quiet")]));
-    let config = f.yaml(&format!("{}{QUIET_TELEMETRY}", guarded_policy(&mesh_tests::jwt::jwks(&[&signer]))));
+        .add_pod(1, "quiet-remote", QUIET_REMOTE, PodSpec::app("bench", &[("app", "quiet")]))
+        .add_pod(0, "traced-client", TRACED_CLIENT, PodSpec::app("bench", &[("app", "traced-client")]))
+        .add_pod(0, "traced-local", TRACED_LOCAL, PodSpec::app("bench", &[("app", "traced")]))
+        .add_pod(1, "traced-remote", TRACED_REMOTE, PodSpec::app("bench", &[("app", "traced")]));
+    f.namespace("observability", false).add_pod(
+        0,
+        "collector",
+        COLLECTOR,
+        PodSpec { service_account: None, ..PodSpec::app("observability", &[("app", "collector")]) },
+    );
+    let policy = guarded_policy(&mesh_tests::jwt::jwks(&[&signer]));
+    let otel = mesh_tests::servers::otlp_collector_config("observability", "collector", "10.96.0.50", "");
+    let config = f.yaml(&format!("{policy}{QUIET_TELEMETRY}{otel}{TRACING}"));
     let cluster = f.cluster;
     let work = WorkDir(std::env::temp_dir().join(format!("mesh-bench-{}", cluster.id)));
     std::fs::create_dir_all(&work.0)?;
@@ -281,6 +317,8 @@ pub fn run(options: Options) -> anyhow::Result<()> {
         ("guarded-remote", GUARDED_REMOTE),
         ("quiet-local", QUIET_LOCAL),
         ("quiet-remote", QUIET_REMOTE),
+        ("traced-local", TRACED_LOCAL),
+        ("traced-remote", TRACED_REMOTE),
     ];
     for (name, ip) in others {
         servers.push(nginx(cluster.pod(name), work)?);
@@ -288,19 +326,24 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     }
     let nginx_local = nginx_pids(&work.join("local"));
     let nginx_remote = nginx_pids(&work.join("remote"));
+    let collector = mesh_tests::servers::otlp_collector(cluster.pod("collector"), true);
     let ca = CaService::start(&cluster, &config);
-    let client = cluster.pod("client");
+    let (client, traced_client) = (cluster.pod("client"), cluster.pod("traced-client"));
     let mut results = Results::new();
     let mut agent_rss = Vec::new();
     let mut per_conn = Vec::new();
     let started = Instant::now();
     for round in 1..=plan.rounds {
         eprintln!("round {round}/{}: direct (no agent)", plan.rounds);
-        record(&mut results, "direct_same_node", scenarios(client, LOCAL, &plan, &options, &body, &[], &nginx_local)?);
+        record(
+            &mut results,
+            "direct_same_node",
+            scenarios(client, traced_client, LOCAL, &plan, &options, &body, &[], &nginx_local)?,
+        );
         record(
             &mut results,
             "direct_cross_node",
-            scenarios(client, REMOTE, &plan, &options, &body, &[], &nginx_remote)?,
+            scenarios(client, traced_client, REMOTE, &plan, &options, &body, &[], &nginx_remote)?,
         );
         eprintln!("round {round}/{}: through the mesh", plan.rounds);
         let extra = |i: usize| {
@@ -332,18 +375,29 @@ pub fn run(options: Options) -> anyhow::Result<()> {
         record(
             &mut results,
             "mesh_same_node",
-            scenarios(client, LOCAL, &plan, &options, &body, &pids[..1], &nginx_local)?,
+            scenarios(client, traced_client, LOCAL, &plan, &options, &body, &pids[..1], &nginx_local)?,
         );
         record(
             &mut results,
             "mesh_cross_node",
-            scenarios(client, REMOTE, &plan, &options, &body, &pids, &nginx_remote)?,
+            scenarios(client, traced_client, REMOTE, &plan, &options, &body, &pids, &nginx_remote)?,
         );
         if options.wants("hbone_handshakes") {
             let sample = hbone_handshakes(&cluster, &ca, work, plan.secs, pids[1])?;
             record(&mut results, "mesh_cross_node", BTreeMap::from([("hbone_handshakes", sample)]));
         }
         drop(perf);
+        let dropped: f64 = agents
+            .iter()
+            .map(|a| {
+                let text = a.metrics();
+                ["queue_full", "export_failed", "rejected"]
+                    .iter()
+                    .map(|r| mesh_tests::agent::metric(&text, "mesh_trace_spans_total", &[("result", r)]))
+                    .sum::<f64>()
+            })
+            .sum();
+        eprintln!("round {round}: the collector has {} spans; the agents dropped {dropped}", collector.received());
         drop(agents);
     }
     drop(ca);

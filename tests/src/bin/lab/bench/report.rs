@@ -26,7 +26,7 @@ pub(super) fn report(results: &Results, idle: &Idle, quick: bool, took: Duration
         let samples = results.get(path).and_then(|s| s.get(scenario)).map(Vec::as_slice).unwrap_or(&[]);
         median(samples.iter().filter_map(|s| s.get(key).copied()).collect())
     };
-    let rows: [(&str, &str, &str, bool); 30] = [
+    let rows: [(&str, &str, &str, bool); 34] = [
         ("tcp_1_stream", "gbit_per_s", "Gbit/s", true),
         ("tcp_8_streams", "gbit_per_s", "Gbit/s", true),
         ("tcp_rr_1000mps", "p50_us", "µs p50", false),
@@ -50,6 +50,10 @@ pub(super) fn report(results: &Results, idle: &Idle, quick: bool, took: Duration
         ("http1_1000rps_jwt", "agent_vcpu_per_1000rps", "vCPU/1k rps", false),
         ("http1_1000rps_l4dest", "p50_ms", "ms p50", false),
         ("http1_1000rps_l4dest", "agent_vcpu_per_1000rps", "vCPU/1k rps", false),
+        ("http1_1000rps_trace1", "p50_ms", "ms p50", false),
+        ("http1_1000rps_trace1", "agent_vcpu_per_1000rps", "vCPU/1k rps", false),
+        ("http1_1000rps_trace100", "p50_ms", "ms p50", false),
+        ("http1_1000rps_trace100", "agent_vcpu_per_1000rps", "vCPU/1k rps", false),
         ("http1_1000rps_jwt", "non_200", "errors", false),
         ("http2_1000rps", "agent_vcpu_per_1000rps", "vCPU/1k rps", false),
         ("http1_1000rps", "server_vcpu_per_1000rps", "nginx vCPU/1k", false),
@@ -123,6 +127,23 @@ pub(super) fn report(results: &Results, idle: &Idle, quick: bool, took: Duration
             parsed("mesh_cross_node", "agent_vcpu_per_1000rps"),
             parsed("mesh_cross_node", "p50_ms"),
         );
+    }
+    // Tracing at Istio's 1 % and at 100 %, over the same requests untraced.
+    for (scenario, rate) in [("http1_1000rps_trace1", "1 %"), ("http1_1000rps_trace100", "100 %")] {
+        let traced = |path: &str, key: &str| med(path, scenario, key) - med(path, "http1_1000rps", key);
+        let relative =
+            |path: &str| traced(path, "agent_vcpu_per_1000rps") / med(path, "http1_1000rps", "agent_vcpu_per_1000rps");
+        if traced("mesh_cross_node", "agent_vcpu_per_1000rps").is_finite() {
+            println!(
+                "tracing at {rate}, over http1_1000rps: same-node {:+.3} vCPU/1k rps ({:+.0} %) {:+.3} ms p50,                  cross-node {:+.3} vCPU/1k rps (per agent, {:+.0} %) {:+.3} ms p50",
+                traced("mesh_same_node", "agent_vcpu_per_1000rps"),
+                100.0 * relative("mesh_same_node"),
+                traced("mesh_same_node", "p50_ms"),
+                traced("mesh_cross_node", "agent_vcpu_per_1000rps"),
+                100.0 * relative("mesh_cross_node"),
+                traced("mesh_cross_node", "p50_ms"),
+            );
+        }
     }
     let hs = |key: &str| med("mesh_cross_node", "hbone_handshakes", key);
     if hs("full_per_s").is_finite() {
