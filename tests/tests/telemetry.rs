@@ -183,3 +183,33 @@ fn the_telemetry_api_turns_a_side_or_a_metric_off() {
     assert!(!text.contains("inbound|9095||"), "helloworld logged as a server:\n{text}");
     assert!(text.contains("outbound|9095||helloworld.demo.svc.cluster.local"), "{text}");
 }
+
+#[test]
+fn a_telemetry_attached_to_a_service_changes_only_its_traffic() {
+    if !require_root("a_telemetry_attached_to_a_service_changes_only_its_traffic") {
+        return;
+    }
+    // Attached to aaa-hello: helloworld's agent stops counting requests
+    // addressed to it (their duration is still reported); requests to
+    // helloworld's own Service, and the client's counts, are unchanged.
+    let attached = "---\napiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {name: aaa-quiet, namespace: demo}\n\
+        spec: {targetRefs: [{kind: Service, name: aaa-hello}], metrics: [{overrides: [{match: {metric: REQUEST_COUNT, mode: SERVER}, disabled: true}]}]}\n";
+    let m = Mesh::start(&format!("{SERVICES}{attached}"), &[]);
+    let test = m.pod("test");
+    for url in ["http://10.96.0.20/", "http://10.96.0.20/", &format!("http://{VIP}:9095/")] {
+        let (ok, out) = curl(test, url);
+        assert!(ok, "{url}: {out}");
+    }
+    let aaa = "aaa-hello.demo.svc.cluster.local";
+    let at = |reporter, svc| [("reporter", reporter), ("destination_service", svc)];
+    let node2 = m.agents[1].wait_metrics(5, "the destination's request metrics", |t| {
+        metric(t, "istio_requests_total", &at("destination", HELLO_SVC)) >= 1.0
+            && metric(t, "istio_request_duration_milliseconds_count", &at("destination", aaa)) >= 2.0
+    });
+    assert_eq!(metric(&node2, "istio_requests_total", &at("destination", aaa)), 0.0, "{node2}");
+    assert_eq!(metric(&node2, "istio_requests_total", &at("destination", HELLO_SVC)), 1.0, "{node2}");
+    let node1 = m.agents[0].wait_metrics(5, "the source's request metrics", |t| {
+        metric(t, "istio_requests_total", &at("source", aaa)) >= 2.0
+    });
+    assert_eq!(metric(&node1, "istio_requests_total", &at("source", aaa)), 2.0, "{node1}");
+}

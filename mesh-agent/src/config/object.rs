@@ -135,3 +135,66 @@ impl SecretObject {
 
 /// Secrets by `namespace/name`.
 pub type Secrets = BTreeMap<String, SecretObject>;
+
+/// A policy's `targetRef`/`targetRefs` entry (Istio's `PolicyTargetReference`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TargetRef {
+    #[serde(default)]
+    pub group: String,
+    #[serde(default)]
+    pub kind: String,
+    #[serde(default)]
+    pub name: String,
+    pub namespace: Option<String>,
+    pub section_name: Option<String>,
+}
+
+/// The Services (in the policy's `namespace`) that `targetRef` and
+/// `targetRefs` name; any other target is an error naming it, and so is a
+/// target in another namespace (Istio allows only the policy's own).
+pub(super) fn target_services(
+    ctx: &mut Ctx<'_>,
+    namespace: &str,
+    single: Option<&TargetRef>,
+    list: &[TargetRef],
+) -> Option<Vec<Arc<str>>> {
+    let before = ctx.error_count();
+    let entries = single.map(|t| ("spec.targetRef".to_owned(), t));
+    let entries = entries.into_iter().chain(list.iter().enumerate().map(|(i, t)| (format!("spec.targetRefs[{i}]"), t)));
+    let mut out = Vec::new();
+    for (field, t) in entries {
+        match (t.group.as_str(), t.kind.as_str()) {
+            ("" | "core", "Service") => {}
+            ("gateway.networking.k8s.io", kind @ ("Gateway" | "GatewayClass")) => {
+                ctx.error(
+                    format!("{field}.kind"),
+                    format!("{kind}: the Gateway API is not supported by this version of mesh-agent"),
+                );
+                continue;
+            }
+            ("networking.istio.io", "ServiceEntry") => {
+                ctx.error(
+                    format!("{field}.kind"),
+                    "ServiceEntry targets are not supported by this version of mesh-agent",
+                );
+                continue;
+            }
+            (group, kind) => {
+                ctx.error(format!("{field}.kind"), format!("{group:?} {kind:?}: expected a Service (group \"\")"));
+                continue;
+            }
+        }
+        if t.name.is_empty() {
+            ctx.error(format!("{field}.name"), "required");
+        }
+        if let Some(ns) = t.namespace.as_deref().filter(|ns| *ns != namespace) {
+            ctx.error(format!("{field}.namespace"), format!("{ns:?}: a policy may target only its own namespace"));
+        }
+        if t.section_name.is_some() {
+            ctx.error(format!("{field}.sectionName"), "is not supported for a Service");
+        }
+        out.push(Arc::from(t.name.as_str()));
+    }
+    (ctx.error_count() == before).then_some(out)
+}

@@ -1,7 +1,7 @@
 //! `telemetry.istio.io/v1` (and `v1alpha1`) `Telemetry`: the metrics a
 //! workload reports, whether it is access-logged and how it is traced,
 //! validated into [`crate::state::telemetry::Telemetry`]. What the agent
-//! cannot do yet — `targetRefs`, custom metrics, reporting intervals, log
+//! cannot do yet — `targetRefs` other than Services, custom metrics, reporting intervals, log
 //! filters, CEL beyond a literal and the request's attributes, metrics and
 //! log providers other than the built-in `prometheus` and `envoy`, tracing
 //! providers other than MeshConfig's `opentelemetry` ones — is a named
@@ -12,7 +12,7 @@ use serde::Deserialize;
 
 use super::{
     k8s::ObjectMeta,
-    object::{Ctx, name_and_namespace},
+    object::{Ctx, TargetRef, name_and_namespace, target_services},
     security::{Selector, selector},
 };
 use crate::state::{
@@ -38,8 +38,9 @@ pub struct TelemetryObject {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct TelemetrySpec {
     pub selector: Option<Selector>,
-    pub target_ref: Option<serde_yaml_ng::Value>,
-    pub target_refs: Option<serde_yaml_ng::Value>,
+    pub target_ref: Option<TargetRef>,
+    #[serde(default)]
+    pub target_refs: Vec<TargetRef>,
     #[serde(default)]
     pub tracing: Vec<TracingSpec>,
     #[serde(default)]
@@ -186,23 +187,12 @@ pub(super) fn build_telemetry(ctx: &mut Ctx<'_>, obj: &TelemetryObject, trace: &
     let spec = &obj.spec;
     let selector = selector(ctx, &spec.selector);
     let mut ok = spec.selector.is_none() || selector.is_some();
-    let unsupported = [
-        (
-            "spec.targetRef",
-            spec.target_ref.is_some(),
-            "is not supported by this version of mesh-agent; use spec.selector",
-        ),
-        (
-            "spec.targetRefs",
-            spec.target_refs.is_some(),
-            "is not supported by this version of mesh-agent; use spec.selector",
-        ),
-    ];
-    for (field, present, why) in unsupported {
-        if present {
-            ctx.error(field, why);
-            ok = false;
-        }
+    let services = target_services(ctx, &namespace, spec.target_ref.as_ref(), &spec.target_refs);
+    ok &= services.is_some();
+    let services = services.unwrap_or_default();
+    if spec.selector.is_some() && !services.is_empty() {
+        ctx.error("spec.targetRefs", "only one of selector and targetRefs (as Istio)");
+        ok = false;
     }
     let mut metric_overrides = Vec::new();
     for (i, m) in spec.metrics.iter().enumerate() {
@@ -242,7 +232,7 @@ pub(super) fn build_telemetry(ctx: &mut Ctx<'_>, obj: &TelemetryObject, trace: &
         }
     }
     let created = obj.metadata.creation_timestamp.clone();
-    ok.then_some(Telemetry { name, namespace, created, selector, metric_overrides, access_logging, tracing })
+    ok.then_some(Telemetry { name, namespace, created, selector, services, metric_overrides, access_logging, tracing })
 }
 
 /// A `tracing[]` entry: its provider must be one of MeshConfig's

@@ -81,7 +81,7 @@ impl ConnMeters {
     pub(crate) fn open(ctx: &Inputs, labels: &TcpLabels, subject: Option<Ipv4Addr>) -> Self {
         let m = &ctx.metrics;
         let state = ctx.state();
-        let side = state.telemetry_policy(subject).side(labels.reporter == "destination");
+        let side = state.reporting(subject, labels.reporter == "destination", &labels.destination_service);
         // A Telemetry's tag overrides: on a connection, literals only.
         let literal = |v: &TagValue| match v {
             TagValue::Literal(s) => Some(s.to_string()),

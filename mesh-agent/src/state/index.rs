@@ -28,6 +28,9 @@ pub struct Index {
     telemetry: HashMap<std::net::Ipv4Addr, super::telemetry::TelemetryPolicy>,
     /// The policy of a pod no Telemetry applies to (MeshConfig's tracing).
     default_telemetry: super::telemetry::TelemetryPolicy,
+    /// For traffic to a Service a Telemetry is attached to (`targetRefs`):
+    /// its endpoints' policies, by pod IP and the Service's hostname.
+    telemetry_by_service: HashMap<std::net::Ipv4Addr, Vec<(Arc<str>, super::telemetry::TelemetryPolicy)>>,
 }
 
 impl State {
@@ -68,9 +71,20 @@ impl State {
             // By pod IP: a host-network pod's is the node's, which its host
             // clients share; such pods are not in the mesh either.
             for w in self.workloads.values().filter(|w| !w.host_network) {
-                let policy = super::telemetry::resolve(&self.telemetries, &self.tracing, w);
+                let policy = super::telemetry::resolve(&self.telemetries, &self.tracing, w, None);
                 if let (Some(ip), false) = (w.ip, policy == default) {
                     index.telemetry.insert(ip, policy);
+                }
+            }
+            let attached =
+                self.telemetries.iter().flat_map(|t| t.services.iter().map(|s| format!("{}/{s}", t.namespace)));
+            for svc in attached.collect::<std::collections::BTreeSet<_>>().iter().filter_map(|k| self.services.get(k)) {
+                for w in svc.endpoints.iter().filter(|w| !w.host_network) {
+                    let Some(ip) = w.ip else { continue };
+                    let policy = super::telemetry::resolve(&self.telemetries, &self.tracing, w, Some(svc));
+                    if policy != *index.telemetry.get(&ip).unwrap_or(&default) {
+                        index.telemetry_by_service.entry(ip).or_default().push((svc.hostname.clone(), policy));
+                    }
                 }
             }
         }
@@ -196,6 +210,24 @@ impl State {
         };
         let pod = svc.external.is_none().then(|| (*w).clone());
         Some((std::net::SocketAddrV4::new(w.ip?, target), pod))
+    }
+
+    /// One side's reporting of the pod at `ip`; at the destination, for
+    /// traffic addressed to the Service `service` (a hostname, `unknown`
+    /// for none), whose attached Telemetries apply there too.
+    pub fn reporting(
+        &self,
+        ip: Option<std::net::Ipv4Addr>,
+        destination: bool,
+        service: &str,
+    ) -> &super::telemetry::Reporting {
+        let attached = destination
+            .then(|| self.index.telemetry_by_service.get(&ip?)?.iter().find(|(host, _)| &**host == service))
+            .flatten();
+        match attached {
+            Some((_, policy)) => &policy.server,
+            None => self.telemetry_policy(ip).side(destination),
+        }
     }
 
     /// The Gateway `namespace/name`.

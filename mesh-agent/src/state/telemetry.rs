@@ -19,7 +19,7 @@ use std::{collections::BTreeMap, sync::Arc};
 use serde::Serialize;
 
 use super::{
-    ROOT_NAMESPACE, Workload,
+    ROOT_NAMESPACE, Service, Workload,
     trace::{TraceSettings, TraceSpec, TracingRule},
 };
 
@@ -139,8 +139,11 @@ pub struct Telemetry {
     /// `metadata.creationTimestamp`: of two namespace-wide Telemetries, the
     /// oldest applies.
     pub created: Option<String>,
-    /// `spec.selector.matchLabels`; `None`: the whole namespace.
+    /// `spec.selector.matchLabels`; `None` (and no `services`): the whole namespace.
     pub selector: Option<BTreeMap<String, String>>,
+    /// `spec.targetRefs`: the Services (of its namespace) it is attached to,
+    /// for traffic addressed to them at their endpoints' agents.
+    pub services: Vec<Arc<str>>,
     /// Every `metrics[]`'s overrides, in order.
     pub metric_overrides: Vec<MetricOverride>,
     pub access_logging: Vec<LoggingRule>,
@@ -194,10 +197,13 @@ impl TelemetryPolicy {
 }
 
 /// The Telemetries that apply to `w`, in the order they apply: the root
-/// namespace's namespace-wide one, its namespace's, those selecting it.
-/// `telemetries` is in (creation, name) order.
-fn applicable<'t>(telemetries: &'t [Telemetry], w: &Workload) -> Vec<&'t Telemetry> {
-    let namespace_wide = |ns: &str| telemetries.iter().find(|t| &*t.namespace == ns && t.selector.is_none());
+/// namespace's namespace-wide one, its namespace's, those selecting it, and
+/// for traffic addressed to `service`, those attached to it (as Istio's
+/// `applicableTelemetries` with a Service). `telemetries` is in (creation,
+/// name) order.
+fn applicable<'t>(telemetries: &'t [Telemetry], w: &Workload, service: Option<&Service>) -> Vec<&'t Telemetry> {
+    let namespace_wide =
+        |ns: &str| telemetries.iter().find(|t| &*t.namespace == ns && t.selector.is_none() && t.services.is_empty());
     let mut out: Vec<&Telemetry> = namespace_wide(ROOT_NAMESPACE).into_iter().collect();
     if &*w.namespace != ROOT_NAMESPACE {
         out.extend(namespace_wide(&w.namespace));
@@ -206,13 +212,21 @@ fn applicable<'t>(telemetries: &'t [Telemetry], w: &Workload) -> Vec<&'t Telemet
         t.namespace == w.namespace
             && t.selector.as_ref().is_some_and(|s| s.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
     }));
+    if let Some(svc) = service {
+        out.extend(telemetries.iter().filter(|t| t.namespace == svc.namespace && t.services.contains(&svc.name)));
+    }
     out
 }
 
 /// `w`'s reporting under `telemetries` (in creation, name order) and
-/// MeshConfig's tracing settings.
-pub fn resolve(telemetries: &[Telemetry], trace: &TraceSettings, w: &Workload) -> TelemetryPolicy {
-    let applicable = applicable(telemetries, w);
+/// MeshConfig's tracing settings, for traffic addressed to `service` if given.
+pub fn resolve(
+    telemetries: &[Telemetry],
+    trace: &TraceSettings,
+    w: &Workload,
+    service: Option<&Service>,
+) -> TelemetryPolicy {
+    let applicable = applicable(telemetries, w, service);
     let [client_trace, server_trace] = super::trace::resolve(trace, applicable.iter().flat_map(|t| &t.tracing));
     let mut policy = TelemetryPolicy::default();
     policy.client.trace = client_trace;

@@ -117,8 +117,17 @@ fn the_hierarchy_resolves_as_istios() {
 fn what_the_agent_cannot_do_is_refused_by_name() {
     let cases = [
         (
-            "{targetRefs: [{kind: Service, name: web}]}",
-            "spec.targetRefs: is not supported by this version of mesh-agent; use spec.selector",
+            "{targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: web}]}",
+            "spec.targetRefs[0].kind: Gateway: the Gateway API is not supported by this version of mesh-agent",
+        ),
+        ("{targetRef: {kind: Pod, name: web}}", "spec.targetRef.kind: \"\" \"Pod\": expected a Service"),
+        (
+            "{targetRefs: [{kind: Service, name: web, namespace: other}]}",
+            "spec.targetRefs[0].namespace: \"other\": a policy may target only its own namespace",
+        ),
+        (
+            "{selector: {matchLabels: {app: web}}, targetRefs: [{kind: Service, name: web}]}",
+            "spec.targetRefs: only one of selector and targetRefs",
         ),
         (
             "{metrics: [{providers: [{name: stackdriver}]}]}",
@@ -212,6 +221,29 @@ fn a_host_network_pod_lends_its_telemetry_to_no_one() {
     let loaded = load(&format!("{host}{off}"));
     assert!(loaded.rejected.is_empty(), "{:?}", loaded.rejected);
     assert_eq!(loaded.state.telemetry_policy(Some([10, 0, 0, 9].into())), &TelemetryPolicy::default());
+}
+
+#[test]
+fn a_telemetry_attached_to_a_service_applies_to_traffic_addressed_to_it() {
+    let service = "---\napiVersion: v1\nkind: Service\nmetadata: {name: websvc, namespace: demo}\n\
+                   spec: {clusterIP: 10.96.0.40, selector: {app: web}, ports: [{name: http, port: 80}]}\n";
+    let attached = telemetry(
+        "websvc",
+        "demo",
+        "{targetRefs: [{kind: Service, name: websvc}], metrics: [{overrides: [{match: {mode: SERVER}, disabled: true}]}]}",
+    );
+    let loaded = load(&format!("{service}{attached}"));
+    assert!(loaded.rejected.is_empty(), "{:?}", loaded.rejected);
+    let (web, api) = (Some([10, 0, 0, 1].into()), Some([10, 0, 0, 2].into()));
+    let s = &loaded.state;
+    // At the destination, for traffic to websvc: its Telemetry applies.
+    assert_eq!(s.reporting(web, true, "websvc.demo.svc.cluster.local").off, MetricSet::ALL);
+    // Not for traffic to the pod by another name, nor as a client, nor to
+    // another pod of the namespace (it is not namespace-wide).
+    assert_eq!(s.reporting(web, true, "unknown"), &ON);
+    assert_eq!(s.reporting(web, false, "websvc.demo.svc.cluster.local"), &ON);
+    assert_eq!(s.reporting(api, true, "websvc.demo.svc.cluster.local"), &ON);
+    assert_eq!(s.telemetry_policy(api), &TelemetryPolicy::default());
 }
 
 mod tracing;

@@ -122,7 +122,7 @@ impl Record {
         // The Telemetries of the pod this side reports for: the server at
         // the destination, the client at the source.
         let destination = tcp.reporter == "destination";
-        let side = state.telemetry_policy(subject.and_then(|w| w.ip)).side(destination);
+        let side = state.reporting(subject.and_then(|w| w.ip), destination, &tcp.destination_service);
         let trace = side.trace.as_ref().map(|spec| {
             let at = match (destination, down.gateways.is_some()) {
                 (true, _) => At::Destination,

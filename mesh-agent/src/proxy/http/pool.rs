@@ -44,6 +44,11 @@ pub struct PoolKey {
     pub h2: bool,
     /// TLS originated by the agent (DestinationRule `tls.mode: SIMPLE`).
     pub tls: bool,
+    /// The Service the connection is for (its hostname), which the
+    /// destination is told when the connection opens and reports every
+    /// request on it under: as Envoy's pools are per cluster, a connection
+    /// is never shared between two Services that select one pod.
+    pub service: Option<std::sync::Arc<str>>,
 }
 
 /// What the DestinationRule's `connectionPool` says about upstream connections.

@@ -42,7 +42,7 @@ pub(crate) fn admit(state: &State, arrival: Inbound) -> Result<Admission, ProxyE
         return Err(ProxyError::PlaintextRefused { pod: format!("{}/{}", dest.namespace, dest.name), port });
     }
     let needs_request = policy::needs_request(state, dest);
-    let http = may_carry_http(state, dest, port) && (needs_request || (!arrival.opaque && counted(state, dest)));
+    let http = may_carry_http(state, dest, port) && (needs_request || (!arrival.opaque && counted(state, &arrival)));
     if http && needs_request {
         return Ok(Admission::Http(arrival));
     }
@@ -65,10 +65,13 @@ fn may_carry_http(state: &State, dest: &Workload, port: u16) -> bool {
     state.service_port_of(dest, port).is_none_or(|(_, p)| declared(p) != Declared::Tcp)
 }
 
-/// Whether the pod's requests are reported here: its Telemetries leave a
-/// request metric on or its access log not off, as a server.
-fn counted(state: &State, dest: &Workload) -> bool {
-    let side = &state.telemetry_policy(dest.ip).server;
+/// Whether the pod's requests are reported here: its Telemetries (and those
+/// attached to the Service the arrival is for) leave a request metric on or
+/// its access log not off, as a server.
+fn counted(state: &State, arrival: &Inbound) -> bool {
+    let guessed = || state.service_port_of(&arrival.dest, arrival.target.port()).map(|(s, _)| s);
+    let service = arrival.service.as_ref().or_else(guessed).map_or("unknown", |s| &*s.hostname);
+    let side = state.reporting(arrival.dest.ip, true, service);
     !side.off.contains(MetricSet::REQUESTS) || side.logging != Logging::Off
 }
 

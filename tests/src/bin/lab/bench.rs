@@ -397,7 +397,11 @@ pub fn run(options: Options) -> anyhow::Result<()> {
                     .sum::<f64>()
             })
             .sum();
-        eprintln!("round {round}: the collector has {} spans; the agents dropped {dropped}", collector.received());
+        eprintln!(
+            "round {round}: the collector has {} spans; the agents dropped {}",
+            collector.received(),
+            dropped as u64
+        );
         drop(agents);
     }
     drop(ca);

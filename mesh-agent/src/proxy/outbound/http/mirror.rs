@@ -52,7 +52,7 @@ pub(super) async fn mirror_request(
         }
     }
     let from = source.as_ref().map(|w| w.principal.clone());
-    let key = PoolKey { client: down.peer_ip, source: from, upstream: addr, h2, tls: false };
+    let key = PoolKey { client: down.peer_ip, source: from, upstream: addr, h2, tls: false, service: None };
     let limits = limits(&ctx, None);
     let to =
         Target { source, dest: Some(endpoint), addr, service: None, labels: TcpLabels::black_hole(None), tls: None };

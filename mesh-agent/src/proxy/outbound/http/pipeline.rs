@@ -76,6 +76,7 @@ struct Routed {
 }
 
 /// How the back stages end, when the upstream answered.
+#[expect(clippy::large_enum_variant, reason = "made once per request: boxing would allocate for every response")]
 enum Answer {
     /// Its response, streamed to the client.
     Upstream(Response<pool::ResponseBody>, Option<Arc<traffic::HttpRoute>>),
@@ -455,8 +456,9 @@ async fn tries(
             record.hold_in_flight(cs.in_flight(target.addr));
         }
         let source = target.source.as_ref().map(|w| w.principal.clone());
-        let key =
-            PoolKey { client: down.peer_ip, source, upstream: target.addr, h2: attempt.h2, tls: target.tls.is_some() };
+        let service = target.service.as_ref().map(|s| s.hostname.clone());
+        let (upstream, h2, tls) = (target.addr, attempt.h2, target.tls.is_some());
+        let key = PoolKey { client: down.peer_ip, source, upstream, h2, tls, service };
         let one = exchange(ctx, down, &target, key, up_req, per_try, &limits, record);
         let result = match deadline {
             Some(d) => match tokio::time::timeout_at(d, one).await {

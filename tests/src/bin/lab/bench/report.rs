@@ -135,7 +135,8 @@ pub(super) fn report(results: &Results, idle: &Idle, quick: bool, took: Duration
             |path: &str| traced(path, "agent_vcpu_per_1000rps") / med(path, "http1_1000rps", "agent_vcpu_per_1000rps");
         if traced("mesh_cross_node", "agent_vcpu_per_1000rps").is_finite() {
             println!(
-                "tracing at {rate}, over http1_1000rps: same-node {:+.3} vCPU/1k rps ({:+.0} %) {:+.3} ms p50,                  cross-node {:+.3} vCPU/1k rps (per agent, {:+.0} %) {:+.3} ms p50",
+                "tracing at {rate}, over http1_1000rps: same-node {:+.3} vCPU/1k rps ({:+.0} %) {:+.3} ms p50, \
+                 cross-node {:+.3} vCPU/1k rps (per agent, {:+.0} %) {:+.3} ms p50",
                 traced("mesh_same_node", "agent_vcpu_per_1000rps"),
                 100.0 * relative("mesh_same_node"),
                 traced("mesh_same_node", "p50_ms"),
