@@ -155,6 +155,22 @@ fn spans_link_source_destination_and_gateway_across_nodes() {
     assert_eq!(server.span.name, "api.demo.svc.cluster.local:80/helloworld*");
     assert_eq!(upstream.span.name, "router outbound|80||api.demo.svc.cluster.local egress");
 
+    // The gateway's own answer (no route): its span alone, no upstream span.
+    let no_route = "7bf92f3577b34da6a3ce929d0e0e4739";
+    let out = m.c.net_cmd(&[
+        "curl",
+        "-s",
+        "--max-time",
+        "5",
+        "-H",
+        &format!("traceparent: 00-{no_route}-{CALLER_SPAN}-01"),
+        &format!("http://{NODE1}/nothing-here"),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let spans = spans_of(&r, no_route, 1);
+    assert_eq!(spans.len(), 1, "{spans:#?}");
+    assert_eq!((spans[0].span.kind, spans[0].attribute("http.status_code")), (2, Some("404")));
+
     // Every span was exported, none dropped, and the counters say so.
     for a in &m.agents {
         let text = a.metrics();

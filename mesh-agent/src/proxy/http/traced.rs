@@ -176,8 +176,10 @@ impl Traced {
         }
         attributes.extend(response.iter().cloned());
         let parent_span_id = self.parent.as_ref().map(|p| p.span_id);
-        if let Some(upstream_span) = self.upstream_span {
-            // A gateway: the upstream request is a span of its own, under the gateway's.
+        // A gateway's request that went upstream: a span of its own, under
+        // the gateway's (an answer of the gateway's own has none, as Envoy's
+        // router never ran).
+        if let Some(upstream_span) = self.upstream_span.filter(|_| end.upstream.is_some()) {
             let mut child = vec![("component".into(), "proxy".to_owned())];
             child.extend(upstream);
             child.extend(response);
