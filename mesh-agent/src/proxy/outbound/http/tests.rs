@@ -158,6 +158,39 @@ async fn outlier_detection_ejects_an_endpoint_after_consecutive_5xx() {
     assert_eq!(codes.iter().filter(|c| **c == StatusCode::OK).count(), 7);
 }
 
+#[tokio::test]
+async fn two_services_of_one_pod_do_not_share_upstream_connections() {
+    // `hello` and `hello-too` select the same pod: a connection opened for
+    // one names it to the destination, which reports every request on it so.
+    let up = upstream_on(Ipv4Addr::LOCALHOST, 0, |_| Some(StatusCode::OK)).await;
+    let too = format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: hello-too, namespace: plain}}\n\
+         spec: {{clusterIP: 10.96.0.11, selector: {{app: hello}}, ports: [{{name: http, port: 80, targetPort: {}}}]}}\n",
+        up.port
+    );
+    let t = TestInputs::new(&format!("{}{too}", cluster(up.port, "{route: [{destination: {host: hello}}]}")));
+    let via = |vip: Ipv4Addr, host: &'static str| {
+        let inputs = t.inputs.clone();
+        async move {
+            let (client, server) = tokio::io::duplex(64 * 1024);
+            let down = Downstream { orig: SocketAddrV4::new(vip, 80), ..downstream() };
+            tokio::spawn(serve(inputs, server, down, Handling::Http1));
+            let (mut send, conn) =
+                hyper::client::conn::http1::handshake(TokioIo::new(client)).await.expect("handshake");
+            tokio::spawn(conn);
+            let req = Request::get("/").header("host", host).body(Empty::<Bytes>::new()).expect("request");
+            let resp = send.send_request(req).await.expect("response");
+            assert_eq!(resp.status(), StatusCode::OK);
+            resp.into_body().collect().await.expect("body");
+        }
+    };
+    via(VIP, "hello").await;
+    via(Ipv4Addr::new(10, 96, 0, 11), "hello-too").await;
+    via(VIP, "hello").await;
+    assert_eq!(up.requests.load(Ordering::SeqCst), 3);
+    assert_eq!(up.connections.load(Ordering::SeqCst), 2, "one pooled connection per Service");
+}
+
 /// The pipeline as a client connected to the Service VIP speaking `handling`.
 fn downstream() -> Downstream {
     Downstream {
