@@ -115,3 +115,22 @@ fn authorization_policy_allows_and_denies_by_principal_namespace_ip_and_port() {
     let denied = failures(&m.agents[1], "denied");
     assert!(denied >= 7.0, "denied connections counted: {denied}");
 }
+
+#[test]
+fn a_policy_attached_by_target_refs_closes_its_target_not_its_namespace() {
+    if !require_root("a_policy_attached_by_target_refs_closes_its_target_not_its_namespace") {
+        return;
+    }
+    // Attached to Service `ver` (targetRefs are not enforced yet, so the
+    // policy is rejected): ver's pods are closed; helloworld, in the same
+    // namespace, keeps serving — a migrating ambient user's namespace is not
+    // blacked out.
+    let attached = "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: ver-only, namespace: demo}\n\
+        spec: {targetRefs: [{kind: Service, name: ver}], action: ALLOW, rules: [{from: [{source: {principals: [cluster.local/ns/demo/sa/test]}}]}]}\n";
+    let m = Mesh::start(attached, &[]);
+    let test = m.pod("test");
+    let (ok, out) = curl(test, &format!("http://{VIP}:9095/"));
+    assert!(ok, "helloworld, same namespace, not targeted: {out}");
+    let (ok, out) = curl(test, &format!("http://{VER_VIP}/hello"));
+    assert!(!ok, "ver, the target of a policy that could not be admitted, is closed: {out}");
+}

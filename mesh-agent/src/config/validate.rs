@@ -4,7 +4,9 @@
 //! PeerAuthentication that cannot be admitted is replaced by a policy that
 //! denies everything to the workloads it would select (its namespace's, when
 //! even its selector cannot be read), as ztunnel does with a policy it
-//! cannot understand.
+//! cannot understand. One attached by `targetRefs` closes only its target
+//! Services' pods, never its namespace; a target that is no pod's (a
+//! Gateway, a missing Service) leaves it rejected alone.
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::Ipv4Addr,
@@ -56,8 +58,10 @@ struct FailClosed {
     object: String,
     namespace: Arc<str>,
     /// `spec.selector.matchLabels`; `None` (absent or unreadable) selects the
-    /// whole namespace.
+    /// whole namespace, unless the object has `targets`.
     selector: Option<BTreeMap<String, String>>,
+    /// `spec.targetRef(s)`, when present: the names of the Services among them.
+    targets: Option<Vec<String>>,
 }
 
 impl FailClosed {
@@ -70,19 +74,38 @@ impl FailClosed {
                 .collect::<Option<BTreeMap<_, _>>>()
                 .filter(|m| !m.is_empty())
         });
-        FailClosed { origin: origin.clone(), object: object.to_owned(), namespace: namespace.into(), selector }
+        let spec = value.get("spec");
+        let refs = spec.and_then(|s| s.get("targetRefs")).and_then(|r| r.as_sequence()).into_iter().flatten();
+        let refs: Vec<&serde_yaml_ng::Value> = refs.chain(spec.and_then(|s| s.get("targetRef"))).collect();
+        let service = |r: &serde_yaml_ng::Value| {
+            let core = matches!(str_field(r, "group"), None | Some("" | "core"));
+            (core && str_field(r, "kind") == Some("Service")).then(|| str_field(r, "name").map(str::to_owned)).flatten()
+        };
+        let targets = (!refs.is_empty()).then(|| refs.iter().filter_map(|r| service(r)).collect());
+        FailClosed { origin: origin.clone(), object: object.to_owned(), namespace: namespace.into(), selector, targets }
     }
 
-    /// A DENY whose one empty rule matches every request.
-    fn deny_all(&self) -> crate::state::security::AuthorizationPolicy {
-        crate::state::security::AuthorizationPolicy {
+    /// DENYs whose one empty rule matches every request: for the workloads
+    /// the selector selects, or those of the target Services (`selectors`:
+    /// Services' selectors by `namespace/name`).
+    fn deny_all(
+        &self,
+        selectors: &HashMap<String, BTreeMap<String, String>>,
+    ) -> Vec<crate::state::security::AuthorizationPolicy> {
+        let deny = |selector| crate::state::security::AuthorizationPolicy {
             name: format!("{} (rejected: denies all)", self.object).into(),
             namespace: self.namespace.clone(),
-            selector: self.selector.clone(),
+            selector,
             action: crate::state::security::Action::Deny,
             rules: vec![crate::state::security::Rule::default()],
             provider: None,
-        }
+        };
+        let Some(targets) = &self.targets else { return vec![deny(self.selector.clone())] };
+        let services = targets.iter().filter_map(|t| selectors.get(&format!("{}/{t}", self.namespace)));
+        // A Service without a selector selects no pod: it closes nothing.
+        let mut out: Vec<_> = services.filter(|s| !s.is_empty()).map(|s| deny(Some(s.clone()))).collect();
+        out.extend(self.selector.clone().map(|s| deny(Some(s))));
+        out
     }
 }
 
@@ -103,11 +126,19 @@ pub(super) fn build_state(docs: &[Document], trust_domain: &str) -> Loaded {
         }
     }
     let security = std::mem::take(&mut objects.security);
+    let selectors: HashMap<String, BTreeMap<String, String>> = objects
+        .services
+        .iter()
+        .filter_map(|(_, s)| {
+            let ns = s.metadata.namespace.as_deref().unwrap_or("default");
+            Some((format!("{ns}/{}", s.metadata.name.as_deref()?), s.spec.selector.clone()?))
+        })
+        .collect();
     let mut state = assemble(objects, trust_domain, &mut errors);
     let rejected: std::collections::HashSet<&Origin> = errors.iter().map(|e| &e.origin).collect();
     for f in security.iter().filter(|f| rejected.contains(&f.origin)) {
-        tracing::warn!(object = %f.object, namespace = %f.namespace, selector = ?f.selector, "security policy rejected: the workloads it selects deny every connection until it is fixed");
-        state.authorization_policies.push(f.deny_all());
+        tracing::warn!(object = %f.object, namespace = %f.namespace, selector = ?f.selector, targets = ?f.targets, "security policy rejected: the workloads it selects deny every connection until it is fixed");
+        state.authorization_policies.extend(f.deny_all(&selectors));
     }
     state.build_index();
     Loaded { state, notes, rejected: errors }

@@ -36,6 +36,8 @@ fn a_security_policy_that_cannot_be_admitted_denies_what_it_selects() {
         spec: {selector: {matchLabels: {app: hello}}, jwtRules: [{issuer: x, jwks: '{\"keys\": []}'}]}\n";
     let peer =
         Peer { principal: Some("spiffe://cluster.local/ns/demo/sa/test"), ip: std::net::Ipv4Addr::new(10, 244, 0, 9) };
+    let hello_svc = "---\napiVersion: v1\nkind: Service\nmetadata: {name: hello-svc, namespace: demo}\n\
+        spec: {clusterIP: 10.96.0.10, selector: {app: hello}, ports: [{name: http, port: 80}]}\n";
     #[rustfmt::skip]
     let cases: &[(&str, String, bool, bool)] = &[
         // (what, extra YAML, hello allowed, db allowed)
@@ -46,6 +48,11 @@ fn a_security_policy_that_cannot_be_admitted_denies_what_it_selects() {
         ("PeerAuthentication: namespace",  pa.to_owned(), false, false),
         ("RequestAuthentication, selected", ra.to_owned(), false, true),
         ("CUSTOM, unknown provider",       ap("ext", "{selector: {matchLabels: {app: hello}}, action: CUSTOM, provider: {name: opa}, rules: [{}]}"), false, true),
+        // Attached by targetRefs (not enforced yet): closed for its target's
+        // pods, never for the namespace; a target that is no pod's, alone.
+        ("targetRefs a Service: its pods", format!("{hello_svc}{}", ap("svc", "{targetRefs: [{kind: Service, name: hello-svc}], rules: [{}]}")), false, true),
+        ("targetRefs a Gateway: alone",     ap("gw", "{targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: waypoint}], action: DENY, rules: [{}]}"), true, true),
+        ("targetRefs, no such Service",     ap("none", "{targetRefs: [{kind: Service, name: nope}], action: DENY, rules: [{}]}"), true, true),
     ];
     for (what, extra, hello_ok, db_ok) in cases {
         let loaded = admitted(&format!("{TWO_PODS}{extra}"));
