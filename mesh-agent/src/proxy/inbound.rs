@@ -53,13 +53,19 @@ pub(crate) struct Inbound {
 }
 
 impl Inbound {
-    /// The connection's labels at the destination (`reporter="destination"`):
-    /// the Service the client's agent named, else the pod's Service whose
-    /// target port this is (as ztunnel's `guess_inbound_service`); the
-    /// principal the transport proved, `unknown` for plaintext.
-    pub(crate) fn labels(&self, state: &State) -> TcpLabels {
+    /// The Service the arrival is for: the one the client's agent named, else
+    /// the pod's Service whose target port this is (as ztunnel's
+    /// `guess_inbound_service`).
+    pub(crate) fn service_in<'s>(&'s self, state: &'s State) -> Option<&'s Arc<crate::state::Service>> {
         let guessed = || state.service_port_of(&self.dest, self.target.port()).map(|(s, _)| s);
-        let service = self.service.as_ref().or_else(guessed);
+        self.service.as_ref().or_else(guessed)
+    }
+
+    /// The connection's labels at the destination (`reporter="destination"`):
+    /// its Service ([`Inbound::service_in`]); the principal the transport
+    /// proved, `unknown` for plaintext.
+    pub(crate) fn labels(&self, state: &State) -> TcpLabels {
+        let service = self.service_in(state);
         let mut labels = TcpLabels::new(self.source.as_deref(), Some(&self.dest), service.map(|s| &**s), false);
         labels.reporter = "destination";
         labels.source_principal = self.principal.as_ref().map_or_else(|| "unknown".into(), |p| Label(p.clone()));

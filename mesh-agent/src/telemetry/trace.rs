@@ -92,10 +92,6 @@ impl Tracer {
         Tracer { queues: Mutex::default(), connect, counts }
     }
 
-    fn count(&self, result: &'static str, n: u64) {
-        self.counts.get_or_create(&ResultLabels { result }).inc_by(n);
-    }
-
     /// Queues `span` for `provider`'s collector, or drops and counts it.
     pub fn send(&self, provider: &Arc<TraceProvider>, span: Span) {
         let mut span = span;
@@ -107,7 +103,7 @@ impl Tracer {
                 Err(mpsc::error::TrySendError::Closed(s)) => span = s,
             }
         }
-        self.count("queue_full", 1);
+        count(&self.counts, "queue_full", 1);
     }
 
     /// The provider's queue; a new exporter when it has none (or its last
@@ -163,22 +159,16 @@ impl Exporter {
             let failure = match sent {
                 Ok(Ok(resp)) => {
                     let rejected = resp.into_inner().partial_success.map_or(0, |p| p.rejected_spans.max(0) as u64);
-                    self.count("exported", n - rejected.min(n));
+                    count(&self.counts, "exported", n - rejected.min(n));
                     (rejected > 0).then(|| ("rejected", rejected.min(n), "the collector rejected spans".to_owned()))
                 }
                 Ok(Err(status)) => Some(("export_failed", n, status.to_string())),
                 Err(_) => Some(("export_failed", n, "timed out".to_owned())),
             };
             if let Some((result, dropped, why)) = failure {
-                self.count(result, dropped);
+                count(&self.counts, result, dropped);
                 self.warn(dropped, &why);
             }
-        }
-    }
-
-    fn count(&self, result: &'static str, n: u64) {
-        if n > 0 {
-            self.counts.get_or_create(&ResultLabels { result }).inc_by(n);
         }
     }
 
@@ -202,6 +192,13 @@ impl Exporter {
         });
         let endpoint = tonic::transport::Endpoint::from_static("http://otel-collector").connect_timeout(EXPORT_TIMEOUT);
         TraceServiceClient::new(endpoint.connect_with_connector_lazy(connector))
+    }
+}
+
+/// Adds `n` spans to `mesh_trace_spans_total{result}`.
+fn count(counts: &Family<ResultLabels, Counter>, result: &'static str, n: u64) {
+    if n > 0 {
+        counts.get_or_create(&ResultLabels { result }).inc_by(n);
     }
 }
 

@@ -69,8 +69,7 @@ fn may_carry_http(state: &State, dest: &Workload, port: u16) -> bool {
 /// attached to the Service the arrival is for) leave a request metric on or
 /// its access log not off, as a server.
 fn counted(state: &State, arrival: &Inbound) -> bool {
-    let guessed = || state.service_port_of(&arrival.dest, arrival.target.port()).map(|(s, _)| s);
-    let service = arrival.service.as_ref().or_else(guessed).map_or("unknown", |s| &*s.hostname);
+    let service = arrival.service_in(state).map_or("unknown", |s| &*s.hostname);
     let side = state.reporting(arrival.dest.ip, true, service);
     !side.off.contains(MetricSet::REQUESTS) || side.logging != Logging::Off
 }
