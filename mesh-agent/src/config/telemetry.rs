@@ -226,7 +226,8 @@ pub(super) fn build_telemetry(ctx: &mut Ctx<'_>, obj: &TelemetryObject, trace: &
     }
     let mut tracing = Vec::new();
     for (i, t) in spec.tracing.iter().enumerate() {
-        match tracing_rule(ctx, &format!("spec.tracing[{i}]"), t, trace) {
+        let operator = &*namespace == crate::state::ROOT_NAMESPACE;
+        match tracing_rule(ctx, &format!("spec.tracing[{i}]"), t, trace, operator) {
             Some(rule) => tracing.push(rule),
             None => ok = false,
         }
@@ -237,7 +238,13 @@ pub(super) fn build_telemetry(ctx: &mut Ctx<'_>, obj: &TelemetryObject, trace: &
 
 /// A `tracing[]` entry: its provider must be one of MeshConfig's
 /// OpenTelemetry providers (Istio would silently trace nothing).
-fn tracing_rule(ctx: &mut Ctx<'_>, field: &str, t: &TracingSpec, trace: &TraceSettings) -> Option<TracingRule> {
+fn tracing_rule(
+    ctx: &mut Ctx<'_>,
+    field: &str,
+    t: &TracingSpec,
+    trace: &TraceSettings,
+    operator: bool,
+) -> Option<TracingRule> {
     let before = ctx.error_count();
     let modes = modes(ctx, &format!("{field}.match.mode"), t.matches.as_ref().and_then(|m| m.mode.as_deref()));
     if t.providers.len() > 1 {
@@ -257,7 +264,8 @@ fn tracing_rule(ctx: &mut Ctx<'_>, field: &str, t: &TracingSpec, trace: &TraceSe
     {
         ctx.error(format!("{field}.randomSamplingPercentage"), format!("{p}: expected 0 to 100"));
     }
-    let custom_tags = t.custom_tags.as_ref().map(|tags| custom_tags(ctx, &format!("{field}.customTags"), tags));
+    let field_tags = format!("{field}.customTags");
+    let custom_tags = t.custom_tags.as_ref().map(|tags| custom_tags(ctx, &field_tags, tags, operator));
     (ctx.error_count() == before).then(|| TracingRule {
         modes: modes.unwrap_or(Modes::BOTH),
         provider,
@@ -271,13 +279,28 @@ fn tracing_rule(ctx: &mut Ctx<'_>, field: &str, t: &TracingSpec, trace: &TraceSe
 }
 
 /// Custom span tags, in name order: a literal, a request header, or a
-/// variable of the agent's environment (read now, as Envoy reads its own).
-pub(super) fn custom_tags(ctx: &mut Ctx<'_>, field: &str, tags: &BTreeMap<String, CustomTagSpec>) -> CustomTags {
+/// variable of the agent's environment (read when the configuration loads).
+/// The agent serves every tenant of its node, so its environment is the
+/// operator's: only `operator` configuration (MeshConfig, the root
+/// namespace's Telemetries) may name it.
+pub(super) fn custom_tags(
+    ctx: &mut Ctx<'_>,
+    field: &str,
+    tags: &BTreeMap<String, CustomTagSpec>,
+    operator: bool,
+) -> CustomTags {
     let mut out = Vec::new();
     for (name, t) in tags {
         let field = format!("{field}[{name}]");
         let tag = match (&t.literal, &t.environment, &t.header) {
             (Some(l), None, None) => CustomTag::Literal(l.value.as_str().into()),
+            (None, Some(_), None) if !operator => {
+                ctx.error(
+                    format!("{field}.environment"),
+                    "the agent's environment is shared by every namespace: only MeshConfig and the root namespace's Telemetries may read it",
+                );
+                continue;
+            }
             (None, Some(e), None) if !e.name.is_empty() => {
                 let value = std::env::var(&e.name).ok().or_else(|| e.default_value.clone()).unwrap_or_default();
                 CustomTag::Literal(value.into())

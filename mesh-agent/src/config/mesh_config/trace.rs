@@ -94,7 +94,7 @@ pub(super) fn settings(
             settings.sampling = None;
         }
         settings.custom_tags = t.custom_tags.map(|tags| {
-            crate::config::telemetry::custom_tags(ctx, "data.mesh.defaultConfig.tracing.custom_tags", &tags)
+            crate::config::telemetry::custom_tags(ctx, "data.mesh.defaultConfig.tracing.custom_tags", &tags, true)
         });
         settings.max_path_tag_length = t.max_path_tag_length.filter(|l| *l > 0).map(|l| l as usize);
     }

@@ -214,3 +214,22 @@ fn tracing_the_agent_cannot_do_is_refused_by_name() {
         assert!(errors.iter().any(|e| e.contains(&format!("extensionProviders[0].{want}"))), "{otel}: {errors:?}");
     }
 }
+
+#[test]
+fn a_tenant_cannot_read_the_agents_environment_into_its_spans() {
+    // The agent is shared by every tenant on the node: its environment is
+    // the operator's, so only the root namespace and MeshConfig may name it.
+    let tenant = "{tracing: [{customTags: {leak: {environment: {name: PATH}}}}]}";
+    let loaded = load(&(mesh("defaultProviders: {tracing: [otel]}") + &telemetry("t", "demo", tenant)));
+    let errors: Vec<String> = loaded.rejected.iter().map(ConfigError::to_string).collect();
+    assert!(
+        errors.iter().any(|e| e.contains("Telemetry demo/t")
+            && e.contains("spec.tracing[0].customTags[leak].environment: the agent's environment")),
+        "{errors:?}"
+    );
+    // The operator's root namespace may (positive control).
+    let root = "{tracing: [{customTags: {node: {environment: {name: MESH_TEST_UNSET_VARIABLE, defaultValue: n1}}}}]}";
+    let [web, ..] = tracing(&(mesh("defaultProviders: {tracing: [otel]}") + &telemetry("mesh", "istio-system", root)));
+    let tags = web.0.and_then(|t| t.custom_tags.clone()).map(|t| t.to_vec()).unwrap_or_default();
+    assert_eq!(tags, vec![("node".into(), CustomTag::Literal("n1".into()))]);
+}
