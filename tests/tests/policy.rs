@@ -117,16 +117,54 @@ fn authorization_policy_allows_and_denies_by_principal_namespace_ip_and_port() {
 }
 
 #[test]
+fn a_policy_attached_to_a_service_judges_its_traffic_and_nothing_else() {
+    if !require_root("a_policy_attached_to_a_service_judges_its_traffic_and_nothing_else") {
+        return;
+    }
+    // helloworld's pod (node-2) backs Services helloworld (9095) and api
+    // (80 → 8080). An ALLOW attached to `api` admits demo/test alone; a DENY
+    // attached to `ver` (pods on both nodes) refuses /admin requests.
+    let attached = "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: api-test-only, namespace: demo}\n\
+        spec: {targetRefs: [{kind: Service, name: api}], action: ALLOW, rules: [{from: [{source: {principals: [cluster.local/ns/demo/sa/test]}}]}]}\n\
+        ---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: ver-no-admin, namespace: demo}\n\
+        spec: {targetRef: {kind: Service, name: ver}, action: DENY, rules: [{to: [{operation: {paths: [\"/admin*\"]}}]}]}\n";
+    let m = Mesh::start(attached, &[]);
+    let (test, sleep) = (m.pod("test"), m.pod("sleep"));
+    // Positive control: the client the policy names, through the Service.
+    let (ok, out) = curl(test, &format!("http://{API_VIP}/api"));
+    assert!(ok, "demo/test to api: {out}");
+    // The attack: another namespace's client, through the Service, and
+    // straight to the pod's port (judged as the Service whose port it is).
+    let (ok, out) = curl(sleep, &format!("http://{API_VIP}/api"));
+    assert!(!ok, "other/sleep passed the ALLOW attached to api: {out}");
+    let (ok, out) = curl(sleep, &format!("http://{HELLO_IP}:8080/api"));
+    assert!(!ok, "other/sleep reached api's port by the pod's address: {out}");
+    // The same pod by its other Service, and the namespace's other Services:
+    // not judged by a policy attached to api.
+    let (ok, out) = curl(sleep, &format!("http://{VIP}:9095/"));
+    assert!(ok, "other/sleep to helloworld, the same pod by another Service: {out}");
+    // Request rules attached to ver: parsed and judged at both of its
+    // endpoints' agents (ver-v2 on the client's node, ver-v1 across).
+    for _ in 0..4 {
+        let (ok, out) = curl(test, &format!("http://{VER_VIP}/hello"));
+        assert!(ok, "ver, an allowed path: {out}");
+        let (ok, out) = curl(test, &format!("http://{VER_VIP}/admin/users"));
+        assert!(!ok && out.contains("403"), "ver, a path the attached DENY names: {out}");
+    }
+    assert!(failures(&m.agents[1], "denied") >= 2.0, "the api refusals are counted at the destination");
+}
+
+#[test]
 fn a_policy_attached_by_target_refs_closes_its_target_not_its_namespace() {
     if !require_root("a_policy_attached_by_target_refs_closes_its_target_not_its_namespace") {
         return;
     }
-    // Attached to Service `ver` (targetRefs are not enforced yet, so the
-    // policy is rejected): ver's pods are closed; helloworld, in the same
+    // Attached to Service `ver`, and rejected (a condition key Istio does
+    // not have): traffic to ver is closed; helloworld, in the same
     // namespace, keeps serving — a migrating ambient user's namespace is not
     // blacked out.
     let attached = "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: ver-only, namespace: demo}\n\
-        spec: {targetRefs: [{kind: Service, name: ver}], action: ALLOW, rules: [{from: [{source: {principals: [cluster.local/ns/demo/sa/test]}}]}]}\n";
+        spec: {targetRefs: [{kind: Service, name: ver}], action: ALLOW, rules: [{when: [{key: request.colour, values: [blue]}]}]}\n";
     let m = Mesh::start(attached, &[]);
     let test = m.pod("test");
     let (ok, out) = curl(test, &format!("http://{VIP}:9095/"));

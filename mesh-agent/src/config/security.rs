@@ -8,7 +8,7 @@ use serde::Deserialize;
 
 use super::{
     k8s::ObjectMeta,
-    object::{Ctx, name_and_namespace},
+    object::{Ctx, TargetRef, name_and_namespace, target_services},
 };
 use crate::state::security::{Action, AuthorizationPolicy, Cidr, MtlsMode, PeerAuthentication, Rule};
 
@@ -66,8 +66,9 @@ pub struct AuthorizationPolicyObject {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct AuthorizationPolicySpec {
     pub selector: Option<Selector>,
-    pub target_ref: Option<serde_yaml_ng::Value>,
-    pub target_refs: Option<serde_yaml_ng::Value>,
+    pub target_ref: Option<TargetRef>,
+    #[serde(default)]
+    pub target_refs: Vec<TargetRef>,
     pub action: Option<String>,
     pub provider: Option<ProviderRef>,
     pub rules: Option<Vec<RuleSpec>>,
@@ -175,6 +176,23 @@ pub(super) fn selector(ctx: &mut Ctx<'_>, sel: &Option<Selector>) -> Option<BTre
     }
 }
 
+/// The Services a policy is attached to by `targetRef(s)` (Istio's
+/// `PolicyTargetReference`; other kinds are named errors), with Istio's rule
+/// that a policy has a selector or targets, not both.
+pub(super) fn attached_to(
+    ctx: &mut Ctx<'_>,
+    namespace: &str,
+    selector: &Option<Selector>,
+    single: Option<&TargetRef>,
+    list: &[TargetRef],
+) -> Vec<Arc<str>> {
+    let services = target_services(ctx, namespace, single, list).unwrap_or_default();
+    if selector.is_some() && (single.is_some() || !list.is_empty()) {
+        ctx.error("spec.targetRefs", "only one of selector and targetRefs (as Istio)");
+    }
+    services
+}
+
 fn parse_mode(ctx: &mut Ctx<'_>, field: &str, m: &Mtls) -> Result<Option<MtlsMode>, ()> {
     match m.mode.as_deref() {
         None | Some("UNSET") => Ok(None),
@@ -276,9 +294,7 @@ pub(super) fn build_authorization_policy(
     let spec = &obj.spec;
     let errors_before = ctx.error_count();
     let selector = selector(ctx, &spec.selector);
-    if spec.target_ref.is_some() || spec.target_refs.is_some() {
-        ctx.error("spec.targetRef", "targetRef(s) is not supported; use spec.selector");
-    }
+    let services = attached_to(ctx, &namespace, &spec.selector, spec.target_ref.as_ref(), &spec.target_refs);
     let action = match spec.action.as_deref() {
         None | Some("ALLOW") => Action::Allow,
         Some("DENY") => Action::Deny,
@@ -317,7 +333,7 @@ pub(super) fn build_authorization_policy(
     let rules =
         spec.rules.iter().flatten().enumerate().map(|(i, r)| rules::build_rule(ctx, &format!("spec.rules[{i}]"), r));
     let rules: Vec<Rule> = rules.collect();
-    let policy = AuthorizationPolicy { name, namespace, selector, action, rules, provider };
+    let policy = AuthorizationPolicy { name, namespace, selector, services, action, rules, provider };
     (ctx.error_count() == errors_before).then_some(policy)
 }
 

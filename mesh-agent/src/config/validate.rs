@@ -86,25 +86,24 @@ impl FailClosed {
     }
 
     /// DENYs whose one empty rule matches every request: for the workloads
-    /// the selector selects, or those of the target Services (`selectors`:
-    /// Services' selectors by `namespace/name`).
-    fn deny_all(
-        &self,
-        selectors: &HashMap<String, BTreeMap<String, String>>,
-    ) -> Vec<crate::state::security::AuthorizationPolicy> {
-        let deny = |selector| crate::state::security::AuthorizationPolicy {
+    /// the selector selects, and for the traffic addressed to the target
+    /// Services (as the policy would have been attached).
+    fn deny_all(&self) -> Vec<crate::state::security::AuthorizationPolicy> {
+        let deny = |selector, services| crate::state::security::AuthorizationPolicy {
             name: format!("{} (rejected: denies all)", self.object).into(),
             namespace: self.namespace.clone(),
             selector,
+            services,
             action: crate::state::security::Action::Deny,
             rules: vec![crate::state::security::Rule::default()],
             provider: None,
         };
-        let Some(targets) = &self.targets else { return vec![deny(self.selector.clone())] };
-        let services = targets.iter().filter_map(|t| selectors.get(&format!("{}/{t}", self.namespace)));
-        // A Service without a selector selects no pod: it closes nothing.
-        let mut out: Vec<_> = services.filter(|s| !s.is_empty()).map(|s| deny(Some(s.clone()))).collect();
-        out.extend(self.selector.clone().map(|s| deny(Some(s))));
+        let Some(targets) = &self.targets else { return vec![deny(self.selector.clone(), Vec::new())] };
+        let mut out = Vec::new();
+        if !targets.is_empty() {
+            out.push(deny(None, targets.iter().map(|t| Arc::from(t.as_str())).collect()));
+        }
+        out.extend(self.selector.clone().map(|s| deny(Some(s), Vec::new())));
         out
     }
 }
@@ -126,19 +125,11 @@ pub(super) fn build_state(docs: &[Document], trust_domain: &str) -> Loaded {
         }
     }
     let security = std::mem::take(&mut objects.security);
-    let selectors: HashMap<String, BTreeMap<String, String>> = objects
-        .services
-        .iter()
-        .filter_map(|(_, s)| {
-            let ns = s.metadata.namespace.as_deref().unwrap_or("default");
-            Some((format!("{ns}/{}", s.metadata.name.as_deref()?), s.spec.selector.clone()?))
-        })
-        .collect();
     let mut state = assemble(objects, trust_domain, &mut errors);
     let rejected: std::collections::HashSet<&Origin> = errors.iter().map(|e| &e.origin).collect();
     for f in security.iter().filter(|f| rejected.contains(&f.origin)) {
         tracing::warn!(object = %f.object, namespace = %f.namespace, selector = ?f.selector, targets = ?f.targets, "security policy rejected: the workloads it selects deny every connection until it is fixed");
-        state.authorization_policies.extend(f.deny_all(&selectors));
+        state.authorization_policies.extend(f.deny_all());
     }
     state.build_index();
     Loaded { state, notes, rejected: errors }

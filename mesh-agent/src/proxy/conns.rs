@@ -23,7 +23,7 @@ use std::{
 };
 
 use crate::{
-    routing::policy::{Peer, Verdict, authorize, peer_mode},
+    routing::policy::{Dest, Peer, Verdict, authorize, peer_mode},
     state::State,
     state::security::MtlsMode,
 };
@@ -40,6 +40,9 @@ pub struct Authorized {
     pub peer_ip: Ipv4Addr,
     /// Plaintext from outside the mesh (the inbound listener): STRICT refuses it.
     pub plaintext: bool,
+    /// The hostname of the Service the client's agent said it addressed
+    /// (else the pod's Service for the port is found again in each snapshot).
+    pub service: Option<Arc<str>>,
     /// For a tunnel upgraded from an HTTP request that the destination's
     /// request policy judged: that request, judged again on each reload.
     pub request: Option<Arc<RequestSnapshot>>,
@@ -73,6 +76,9 @@ impl Authorized {
             return false;
         }
         let peer = Peer { principal: self.principal.as_deref(), ip: self.peer_ip };
+        let told = self.service.as_deref().and_then(|h| state.service_of_endpoint(dest, h, self.port));
+        let service = told.or_else(|| state.service_port_of(dest, self.port).map(|(s, _)| s));
+        let dest = Dest { pod: dest, service: service.map(|s| &**s) };
         let Some(r) = &self.request else {
             return authorize(state, dest, &peer, self.port) == Verdict::Allow;
         };
@@ -312,6 +318,7 @@ mod tests {
             principal: principal.map(Arc::from),
             peer_ip: Ipv4Addr::from(peer),
             plaintext,
+            service: None,
             request: None,
         }
     }

@@ -61,6 +61,12 @@ impl Inbound {
         self.service.as_ref().or_else(guessed)
     }
 
+    /// What policy judges the arrival as: the pod, and the Service it is
+    /// for ([`Inbound::service_in`]), whose attached policies apply too.
+    pub(crate) fn judged_as<'s>(&'s self, state: &'s State) -> crate::routing::policy::Dest<'s> {
+        crate::routing::policy::Dest { pod: &self.dest, service: self.service_in(state).map(|s| &**s) }
+    }
+
     /// The connection's labels at the destination (`reporter="destination"`):
     /// its Service ([`Inbound::service_in`]); the principal the transport
     /// proved, `unknown` for plaintext.

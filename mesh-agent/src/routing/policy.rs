@@ -7,7 +7,23 @@
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use crate::state::security::*;
-use crate::state::{ROOT_NAMESPACE, State, Workload};
+use crate::state::{ROOT_NAMESPACE, Service, State, Workload};
+
+/// What a connection or request is judged for: the local meshed pod, and
+/// the Service it was addressed to (told by the client's agent, else the
+/// pod's Service whose port it is), whose attached policies apply too.
+#[derive(Debug, Clone, Copy)]
+pub struct Dest<'a> {
+    pub pod: &'a Workload,
+    pub service: Option<&'a Service>,
+}
+
+impl<'a> From<&'a Workload> for Dest<'a> {
+    /// The pod alone: traffic not addressed to any of its Services.
+    fn from(pod: &'a Workload) -> Self {
+        Dest { pod, service: None }
+    }
+}
 
 /// Who is connecting, as the destination agent knows it.
 #[derive(Debug, Clone, Copy)]
@@ -90,69 +106,72 @@ pub struct Decision {
     pub audit: Option<String>,
 }
 
+const NO_ALLOW: &str = "no ALLOW policy matched";
+
 /// Istio's evaluation at L4: a connection that is not HTTP.
-pub fn authorize(state: &State, w: &Workload, peer: &Peer<'_>, port: u16) -> Verdict {
-    evaluate(state, w, &Attributes { peer: *peer, port, request: None }).verdict
+pub fn authorize(state: &State, dest: Dest<'_>, peer: &Peer<'_>, port: u16) -> Verdict {
+    evaluate(state, dest, &Attributes { peer: *peer, port, request: None }).verdict
 }
 
-/// Istio's evaluation: a matching DENY denies; else with no ALLOW policy for
-/// the workload, allow; else allow only if an ALLOW policy matches. AUDIT
-/// policies decide nothing; the first that matches is named.
+/// Istio's evaluation, once for the policies that select the pod (by
+/// selector, its namespace's, the mesh's: as its own proxy would judge) and
+/// once for those attached to the Service it is addressed to (as that
+/// Service's waypoint would judge): both must allow, so that attaching a
+/// policy to a Service can only narrow what the pod's own policies allow.
+///
+/// Each evaluation: a matching DENY denies; else with no ALLOW policy, allow;
+/// else allow only if an ALLOW policy matches. AUDIT policies decide
+/// nothing; the first that matches is named.
 ///
 /// Without a request, a rule naming HTTP-only fields (methods, paths, hosts,
 /// request principals, remote IPs, request conditions) cannot be matched, and
 /// Istio's documented answer is followed: in an ALLOW policy it grants
 /// nothing; in a DENY policy its HTTP fields are ignored, so it denies on the
 /// rest (failing closed).
-pub fn evaluate(state: &State, w: &Workload, a: &Attributes<'_>) -> Decision {
-    let policies = || authorization_policies(state, w);
-    let ctx = Eval { a, dest_ip: w.ip };
-    let audit = policies()
-        .filter(|p| p.action == Action::Audit)
-        .find(|p| ctx.policy_matches(p))
-        .map(|p| format!("{}/{}", p.namespace, p.name));
-    let decide = |verdict| Decision { verdict, audit: audit.clone() };
-    // CUSTOM asks an authorizer about requests (see [`custom`]); a
-    // connection that is not HTTP cannot be asked about, and is refused.
-    if a.request.is_none()
-        && let Some(p) = policies().filter(|p| p.action == Action::Custom).find(|p| ctx.policy_matches(p))
+pub fn evaluate(state: &State, dest: Dest<'_>, a: &Attributes<'_>) -> Decision {
+    let ctx = Eval { a, dest_ip: dest.pod.ip };
+    let pod = ctx.decide(|| selecting(state, dest.pod));
+    let Some(svc) = dest.service else { return pod };
+    let mut service = ctx.decide(|| attached(state, svc));
+    if let Verdict::Deny(why) = &mut service.verdict
+        && why == NO_ALLOW
     {
-        return decide(Verdict::Deny(format!("{}/{} (CUSTOM, not HTTP)", p.namespace, p.name)));
+        *why = format!("no ALLOW policy attached to Service {}/{} matched", svc.namespace, svc.name);
     }
-    if let Some(p) = policies().filter(|p| p.action == Action::Deny).find(|p| ctx.policy_matches(p)) {
-        return decide(Verdict::Deny(format!("{}/{}", p.namespace, p.name)));
-    }
-    let mut allows = policies().filter(|p| p.action == Action::Allow).peekable();
-    if allows.peek().is_none() {
-        return decide(Verdict::Allow);
-    }
-    if allows.any(|p| ctx.policy_matches(p)) {
-        decide(Verdict::Allow)
-    } else {
-        decide(Verdict::Deny("no ALLOW policy matched".into()))
-    }
+    let audit = pod.audit.or(service.audit);
+    let verdict = if pod.verdict == Verdict::Allow { service.verdict } else { pod.verdict };
+    Decision { verdict, audit }
 }
 
-/// The CUSTOM policy whose authorizer must be asked about this request,
-/// before DENY and ALLOW are judged: the first (namespace's, then the
-/// mesh's, by name) whose rules match.
-pub fn custom<'s>(state: &'s State, w: &Workload, a: &Attributes<'_>) -> Option<&'s AuthorizationPolicy> {
-    let ctx = Eval { a, dest_ip: w.ip };
-    authorization_policies(state, w).filter(|p| p.action == Action::Custom).find(|p| ctx.policy_matches(p))
+/// The CUSTOM policies whose authorizers must be asked about this request,
+/// before DENY and ALLOW are judged: for each layer (the pod's, then its
+/// Service's), the first (its namespace's, then the mesh's, by name) whose
+/// rules match.
+pub fn custom<'s>(state: &'s State, dest: Dest<'_>, a: &Attributes<'_>) -> Vec<&'s AuthorizationPolicy> {
+    let ctx = Eval { a, dest_ip: dest.pod.ip };
+    let asks = |p: &&AuthorizationPolicy| p.action == Action::Custom && ctx.policy_matches(p);
+    let pod = selecting(state, dest.pod).find(asks);
+    let service = dest.service.and_then(|svc| attached(state, svc).find(asks));
+    pod.into_iter().chain(service).collect()
 }
 
-/// Whether a request to `w` must be parsed as HTTP at its destination: a
+/// Whether a request to `dest` must be parsed as HTTP at its destination: a
 /// RequestAuthentication, a CUSTOM policy or an AuthorizationPolicy with
-/// HTTP-only rules selects it.
-pub fn needs_request(state: &State, w: &Workload) -> bool {
-    request_authentications(state, w).next().is_some()
-        || authorization_policies(state, w).any(|p| p.action == Action::Custom || p.rules.iter().any(Rule::is_http))
+/// HTTP-only rules applies to it.
+pub fn needs_request(state: &State, dest: Dest<'_>) -> bool {
+    let http = |p: &AuthorizationPolicy| p.action == Action::Custom || p.rules.iter().any(Rule::is_http);
+    let service = dest
+        .service
+        .is_some_and(|svc| authentications_attached(state, svc).next().is_some() || attached(state, svc).any(http));
+    service || request_authentications(state, dest.pod).next().is_some() || selecting(state, dest.pod).any(http)
 }
 
-/// The JWT rules of the RequestAuthentications that select `w` (its
-/// namespace's, then the mesh-wide ones), in name order.
-pub fn jwt_rules<'s>(state: &'s State, w: &Workload) -> Vec<&'s JwtRule> {
-    request_authentications(state, w).flat_map(|p| p.rules.iter().map(|r| &**r)).collect()
+/// The JWT rules of the RequestAuthentications that apply to `dest` (those
+/// selecting the pod, its namespace's then the mesh-wide ones, in name
+/// order; then those attached to its Service).
+pub fn jwt_rules<'s>(state: &'s State, dest: Dest<'_>) -> Vec<&'s JwtRule> {
+    let attached = dest.service.into_iter().flat_map(|svc| authentications_attached(state, svc));
+    request_authentications(state, dest.pod).chain(attached).flat_map(|p| p.rules.iter().map(|r| &**r)).collect()
 }
 
 /// The workload's namespace, then the mesh-wide root namespace (once).
@@ -161,12 +180,16 @@ fn namespaces(w: &Workload) -> impl Iterator<Item = &str> {
     std::iter::once(&*w.namespace).chain(root)
 }
 
-/// The AuthorizationPolicies that select `w`, its namespace's first.
-fn authorization_policies<'s, 'w>(
-    state: &'s State,
-    w: &'w Workload,
-) -> impl Iterator<Item = &'s AuthorizationPolicy> + use<'s, 'w> {
-    namespaces(w).flat_map(|ns| state.authorization_policies_in(ns)).filter(|p| selects(&p.selector, w))
+/// The AuthorizationPolicies that select `w` (not those attached to a
+/// Service), its namespace's first.
+fn selecting<'s, 'w>(state: &'s State, w: &'w Workload) -> impl Iterator<Item = &'s AuthorizationPolicy> + use<'s, 'w> {
+    let policies = namespaces(w).flat_map(|ns| state.authorization_policies_in(ns));
+    policies.filter(|p| p.services.is_empty() && selects(&p.selector, w))
+}
+
+/// The AuthorizationPolicies attached to `svc` by `targetRefs`.
+fn attached<'s, 'v>(state: &'s State, svc: &'v Service) -> impl Iterator<Item = &'s AuthorizationPolicy> + use<'s, 'v> {
+    state.authorization_policies_in(&svc.namespace).filter(|p| p.services.contains(&svc.name))
 }
 
 /// The RequestAuthentications that select `w`, its namespace's first.
@@ -174,7 +197,16 @@ fn request_authentications<'s, 'w>(
     state: &'s State,
     w: &'w Workload,
 ) -> impl Iterator<Item = &'s RequestAuthentication> + use<'s, 'w> {
-    namespaces(w).flat_map(|ns| state.request_authentications_in(ns)).filter(|p| selects(&p.selector, w))
+    let policies = namespaces(w).flat_map(|ns| state.request_authentications_in(ns));
+    policies.filter(|p| p.services.is_empty() && selects(&p.selector, w))
+}
+
+/// The RequestAuthentications attached to `svc` by `targetRefs`.
+fn authentications_attached<'s, 'v>(
+    state: &'s State,
+    svc: &'v Service,
+) -> impl Iterator<Item = &'s RequestAuthentication> + use<'s, 'v> {
+    state.request_authentications_in(&svc.namespace).filter(|p| p.services.contains(&svc.name))
 }
 
 struct Eval<'a> {
@@ -183,6 +215,34 @@ struct Eval<'a> {
 }
 
 impl Eval<'_> {
+    /// One layer's decision over its `policies` (called once per action).
+    fn decide<'s, I: Iterator<Item = &'s AuthorizationPolicy>>(&self, policies: impl Fn() -> I) -> Decision {
+        let audit = policies()
+            .filter(|p| p.action == Action::Audit)
+            .find(|p| self.policy_matches(p))
+            .map(|p| format!("{}/{}", p.namespace, p.name));
+        let decide = |verdict| Decision { verdict, audit: audit.clone() };
+        // CUSTOM asks an authorizer about requests (see [`custom`]); a
+        // connection that is not HTTP cannot be asked about, and is refused.
+        if self.a.request.is_none()
+            && let Some(p) = policies().filter(|p| p.action == Action::Custom).find(|p| self.policy_matches(p))
+        {
+            return decide(Verdict::Deny(format!("{}/{} (CUSTOM, not HTTP)", p.namespace, p.name)));
+        }
+        if let Some(p) = policies().filter(|p| p.action == Action::Deny).find(|p| self.policy_matches(p)) {
+            return decide(Verdict::Deny(format!("{}/{}", p.namespace, p.name)));
+        }
+        let mut allows = policies().filter(|p| p.action == Action::Allow).peekable();
+        if allows.peek().is_none() {
+            return decide(Verdict::Allow);
+        }
+        if allows.any(|p| self.policy_matches(p)) {
+            decide(Verdict::Allow)
+        } else {
+            decide(Verdict::Deny(NO_ALLOW.into()))
+        }
+    }
+
     /// Any rule matches. No rules: matches nothing (so an empty ALLOW denies all).
     fn policy_matches(&self, p: &AuthorizationPolicy) -> bool {
         let l4 = self.a.request.is_none();

@@ -167,19 +167,15 @@ impl State {
         port: u16,
     ) -> Option<(&'a Arc<super::Service>, &'a super::ServicePort)> {
         let services = self.index.services_of.get(&w.ip?)?;
-        services.iter().find_map(|s| {
-            let p = s.ports.iter().find(|p| match &p.target {
-                super::TargetPort::Number(t) => *t == port,
-                super::TargetPort::Name(n) => w.named_ports.get(n) == Some(&port),
-            })?;
-            Some((s, p))
-        })
+        services.iter().find_map(|s| Some((s, target_of(s, w, port)?)))
     }
 
-    /// The Service named `hostname` that selects `w`, if any: the only
-    /// Services a peer may say a connection to `w` was for.
-    pub fn service_of_endpoint(&self, w: &super::Workload, hostname: &str) -> Option<&Arc<super::Service>> {
-        self.index.services_of.get(&w.ip?)?.iter().find(|s| &*s.hostname == hostname)
+    /// The Service named `hostname` that selects `w` and has a port whose
+    /// target is `port` of it, if any: the only Services a peer may say a
+    /// connection to that port was for (its attached policies judge it).
+    pub fn service_of_endpoint(&self, w: &super::Workload, hostname: &str, port: u16) -> Option<&Arc<super::Service>> {
+        let services = self.index.services_of.get(&w.ip?)?;
+        services.iter().find(|s| &*s.hostname == hostname && target_of(s, w, port).is_some())
     }
 
     /// What the Telemetries make of the reporting of the pod at `ip` (the
@@ -234,6 +230,14 @@ impl State {
     pub fn gateway(&self, key: &str) -> Option<&Arc<super::Gateway>> {
         self.index.gateways.get(key).map(|&i| &self.gateways[i])
     }
+}
+
+/// The port of `s` whose target is `port` of the pod `w`.
+fn target_of<'a>(s: &'a super::Service, w: &super::Workload, port: u16) -> Option<&'a super::ServicePort> {
+    s.ports.iter().find(|p| match &p.target {
+        super::TargetPort::Number(t) => *t == port,
+        super::TargetPort::Name(n) => w.named_ports.get(n) == Some(&port),
+    })
 }
 
 fn push_once(list: &mut Vec<usize>, i: usize) {

@@ -46,6 +46,10 @@ pub struct AuthorizationPolicy {
     pub name: Arc<str>,
     pub namespace: Arc<str>,
     pub selector: Option<BTreeMap<String, String>>,
+    /// The Services of `namespace` it is attached to (`targetRefs`): it then
+    /// judges only traffic addressed to one of them, and `selector` is `None`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<Arc<str>>,
     pub action: Action,
     pub rules: Vec<Rule>,
     /// For CUSTOM: the extension provider (MeshConfig `extensionProviders`) to ask.
@@ -134,6 +138,9 @@ pub struct RequestAuthentication {
     pub name: Arc<str>,
     pub namespace: Arc<str>,
     pub selector: Option<BTreeMap<String, String>>,
+    /// As [`AuthorizationPolicy::services`].
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<Arc<str>>,
     pub rules: Vec<Arc<JwtRule>>,
 }
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
-use super::{Ctx, Selector, name_and_namespace, selector};
+use super::{Ctx, Selector, TargetRef, attached_to, name_and_namespace, selector};
 use crate::config::k8s::ObjectMeta;
 use crate::state::security::{JwtRule, RequestAuthentication, TokenHeader};
 
@@ -28,8 +28,9 @@ pub struct RequestAuthenticationObject {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RequestAuthenticationSpec {
     pub selector: Option<Selector>,
-    pub target_ref: Option<serde_yaml_ng::Value>,
-    pub target_refs: Option<serde_yaml_ng::Value>,
+    pub target_ref: Option<TargetRef>,
+    #[serde(default)]
+    pub target_refs: Vec<TargetRef>,
     #[serde(default)]
     pub jwt_rules: Vec<JwtRuleSpec>,
 }
@@ -83,9 +84,7 @@ pub(in crate::config) fn build_request_authentication(
     let spec = &obj.spec;
     let errors_before = ctx.error_count();
     let selector = selector(ctx, &spec.selector);
-    if spec.target_ref.is_some() || spec.target_refs.is_some() {
-        ctx.error("spec.targetRef", "targetRef(s) is not supported; use spec.selector");
-    }
+    let services = attached_to(ctx, &namespace, &spec.selector, spec.target_ref.as_ref(), &spec.target_refs);
     let mut rules = Vec::with_capacity(spec.jwt_rules.len());
     for (i, r) in spec.jwt_rules.iter().enumerate() {
         let field = format!("spec.jwtRules[{i}]");
@@ -96,7 +95,7 @@ pub(in crate::config) fn build_request_authentication(
             rules.push(Arc::new(rule));
         }
     }
-    (ctx.error_count() == errors_before).then_some(RequestAuthentication { name, namespace, selector, rules })
+    (ctx.error_count() == errors_before).then_some(RequestAuthentication { name, namespace, selector, services, rules })
 }
 
 fn jwt_rule(ctx: &mut Ctx<'_>, field: &str, r: &JwtRuleSpec) -> Option<JwtRule> {

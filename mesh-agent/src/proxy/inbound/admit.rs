@@ -41,7 +41,7 @@ pub(crate) fn admit(state: &State, arrival: Inbound) -> Result<Admission, ProxyE
     if arrival.principal.is_none() && peer_mode(state, dest, port) == MtlsMode::Strict {
         return Err(ProxyError::PlaintextRefused { pod: format!("{}/{}", dest.namespace, dest.name), port });
     }
-    let needs_request = policy::needs_request(state, dest);
+    let needs_request = policy::needs_request(state, arrival.judged_as(state));
     let http = may_carry_http(state, dest, port) && (needs_request || (!arrival.opaque && counted(state, &arrival)));
     if http && needs_request {
         return Ok(Admission::Http(arrival));
@@ -50,7 +50,7 @@ pub(crate) fn admit(state: &State, arrival: Inbound) -> Result<Admission, ProxyE
     // refused as a whole as ztunnel refuses it; one admitted may still have
     // its requests counted.
     let peer = Peer { principal: arrival.principal.as_deref(), ip: arrival.client_ip };
-    if let Verdict::Deny(policy) = authorize(state, dest, &peer, port) {
+    if let Verdict::Deny(policy) = authorize(state, arrival.judged_as(state), &peer, port) {
         return Err(ProxyError::Denied { policy });
     }
     Ok(if http { Admission::Http(arrival) } else { Admission::Tcp(arrival) })
@@ -96,6 +96,7 @@ pub(crate) fn authorized(arrival: &Inbound, request: Option<Arc<conns::RequestSn
         principal: arrival.principal.clone(),
         peer_ip: arrival.client_ip,
         plaintext: arrival.principal.is_none(),
+        service: arrival.service.as_ref().map(|s| s.hostname.clone()),
         request,
     }
 }
@@ -203,7 +204,7 @@ mod tests {
         const TEST: &str = "spiffe://cluster.local/ns/demo/sa/test";
         let id = Some(TEST);
         let hello = state.workload_by_ip([10, 244, 0, 3].into()).expect("hello").clone();
-        let told = state.service_of_endpoint(&hello, "hello.demo.svc.cluster.local").cloned();
+        let told = state.service_of_endpoint(&hello, "hello.demo.svc.cluster.local", 8080).cloned();
         assert!(told.is_some(), "hello selects its pod");
         let labels = Inbound { service: told, ..may_speak_http(&t, id, true) }.labels(&state);
         assert_eq!((&*labels.destination_service, labels.reporter), ("hello.demo.svc.cluster.local", "destination"));
@@ -213,7 +214,9 @@ mod tests {
         assert_eq!(&*guessed.destination_service, "alias.demo.svc.cluster.local");
         assert_eq!((&*guessed.source_principal, guessed.connection_security_policy), ("unknown", "none"));
         // A Service that does not select the pod is never taken from a peer.
-        assert!(state.service_of_endpoint(&hello, "kubernetes.default.svc.cluster.local").is_none());
+        assert!(state.service_of_endpoint(&hello, "kubernetes.default.svc.cluster.local", 8080).is_none());
+        // A Service of the pod, but not for this port: a claim not kept.
+        assert!(state.service_of_endpoint(&hello, "hello.demo.svc.cluster.local", 9000).is_none());
     }
 
     #[test]

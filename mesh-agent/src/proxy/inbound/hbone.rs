@@ -224,8 +224,10 @@ fn arrival(
         std::net::IpAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
     });
     // The Service the client addressed, as its agent says: kept only when
-    // it is one of the target pod's (a claim that reaches metrics alone).
-    let service = service_host.and_then(|h| state.service_of_endpoint(&dest, &h)).cloned();
+    // it is one of the target pod's with a port for this one. Its attached
+    // policies judge the stream, as the pod's own do: a peer cannot name its
+    // way out of them (a claim not kept is guessed from the port instead).
+    let service = service_host.and_then(|h| state.service_of_endpoint(&dest, &h, target.port())).cloned();
     Ok(Inbound {
         dest,
         target,

@@ -100,7 +100,10 @@ where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let peer = Peer { principal: conn.principal.as_deref(), ip: conn.client_ip };
-    let verdict = policy::authorize(&ctx.state(), &conn.dest, &peer, conn.target.port());
+    let verdict = {
+        let state = ctx.state();
+        policy::authorize(&state, conn.judged_as(&state), &peer, conn.target.port())
+    };
     if let Verdict::Deny(policy) = verdict {
         let err = ProxyError::Denied { policy };
         tracing::warn!(peer = %conn.peer, target = %conn.target, error = %err, "connection refused");
@@ -218,50 +221,58 @@ fn well_formed(state: &crate::state::State, req: &mut Request<Incoming>) -> Resu
 /// body (replayed if the check read it), and headers for the client.
 type Customized = (hyper::http::request::Parts, ext_authz::Replay, Vec<(HeaderName, HeaderValue)>);
 
-/// CUSTOM: the external authorizer the workload's policy names, if any,
-/// asked about the request (with its body when the provider wants it).
+/// CUSTOM: the external authorizers the policies name (the pod's, then its
+/// Service's, as its proxy and then the Service's waypoint would ask), each
+/// asked in turn about the request (with its body when the provider wants
+/// it) as the previous one let it through.
 async fn custom(
     ctx: &Arc<Inputs>,
     conn: &Conn,
     req: Request<Incoming>,
     verified: Option<&jwt::Verified>,
 ) -> Result<Customized, Stop> {
-    let provider = {
+    let providers: Vec<_> = {
         let state = ctx.state();
         let attributes = attributes(conn, req.method(), req.uri(), req.headers(), verified);
-        policy::custom(&state, &conn.inbound.dest, &attributes).and_then(|p| p.provider.clone())
+        let found = policy::custom(&state, conn.inbound.judged_as(&state), &attributes);
+        found.into_iter().filter_map(|p| p.provider.clone()).collect()
     };
     let (mut parts, body) = req.into_parts();
-    let Some(provider) = provider else {
-        return Ok((parts, ext_authz::Replay { read: None, rest: Some(body) }, Vec::new()));
-    };
-    // The authorizer's headers are its own, too.
-    for name in ext_authz::authorizer_headers(&provider, &parts.headers) {
-        parts.headers.remove(name);
-    }
-    let (read, body) = match provider.body {
-        None => (None, ext_authz::Replay { read: None, rest: Some(body) }),
-        Some(b) => match ext_authz::read_for_check(body, b.max_bytes as usize, b.allow_partial).await {
-            Ok((read, replay)) => (Some(read), replay),
-            Err(()) => return Err(Stop::Local(LocalReply::TOO_LARGE_FOR_CHECK)),
-        },
-    };
-    let ask = ext_authz::Ask { parts: &parts, body: read.as_ref(), conn: &conn.inbound };
-    match ext_authz::check(ctx, &provider, ask).await {
-        ext_authz::Checked::Deny(answer) => {
-            tracing::info!(peer = %conn.inbound.peer, target = %conn.inbound.target, provider = %provider.name, status = %answer.status(), "request refused by the external authorizer");
-            Err(Stop::Answer(Box::new(answer)))
+    let mut body = ext_authz::Replay { read: None, rest: Some(body) };
+    let mut to_downstream = Vec::new();
+    for provider in providers {
+        // The authorizer's headers are its own, too.
+        for name in ext_authz::authorizer_headers(&provider, &parts.headers) {
+            parts.headers.remove(name);
         }
-        ext_authz::Checked::Allow { upstream, remove, downstream } => {
-            for name in remove {
-                parts.headers.remove(name);
+        let read = match provider.body {
+            None => None,
+            Some(b) => match ext_authz::read_for_check(body, b.max_bytes as usize, b.allow_partial).await {
+                Ok((read, replay)) => {
+                    body = replay;
+                    Some(read)
+                }
+                Err(()) => return Err(Stop::Local(LocalReply::TOO_LARGE_FOR_CHECK)),
+            },
+        };
+        let ask = ext_authz::Ask { parts: &parts, body: read.as_ref(), conn: &conn.inbound };
+        match ext_authz::check(ctx, &provider, ask).await {
+            ext_authz::Checked::Deny(answer) => {
+                tracing::info!(peer = %conn.inbound.peer, target = %conn.inbound.target, provider = %provider.name, status = %answer.status(), "request refused by the external authorizer");
+                return Err(Stop::Answer(Box::new(answer)));
             }
-            for (name, value) in upstream {
-                parts.headers.insert(name, value);
+            ext_authz::Checked::Allow { upstream, remove, downstream } => {
+                for name in remove {
+                    parts.headers.remove(name);
+                }
+                for (name, value) in upstream {
+                    parts.headers.insert(name, value);
+                }
+                to_downstream.extend(downstream);
             }
-            Ok((parts, body, downstream))
         }
     }
+    Ok((parts, body, to_downstream))
 }
 
 /// DENY and ALLOW, on the request as it now is; AUDIT logged and counted.
@@ -274,7 +285,7 @@ fn authorize(
     let decision = {
         let state = ctx.state();
         let attributes = attributes(conn, &parts.method, &parts.uri, &parts.headers, verified);
-        policy::evaluate(&state, &conn.inbound.dest, &attributes)
+        policy::evaluate(&state, conn.inbound.judged_as(&state), &attributes)
     };
     if let Some(audited) = &decision.audit {
         ctx.metrics.authorization_audits.inc();

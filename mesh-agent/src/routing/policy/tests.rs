@@ -126,7 +126,7 @@ fn authorization_table() {
     ];
     for (policies, name, principal, ip, port, allowed) in cases {
         let s = with(&policies.concat());
-        let got = authorize(&s, pod(&s, name), &Peer { principal: *principal, ip: *ip }, *port);
+        let got = authorize(&s, pod(&s, name).into(), &Peer { principal: *principal, ip: *ip }, *port);
         assert_eq!(got == Verdict::Allow, *allowed, "{policies:?} {name} {principal:?} {ip}:{port} → {got:?}");
     }
 }
@@ -199,7 +199,7 @@ fn decide(s: &State, r: Option<&Req>, principal: Option<&str>, port: u16) -> Dec
         remote_ip: Ipv4Addr::new(172, 18, 0, 1),
     });
     let peer = Peer { principal, ip: Ipv4Addr::new(10, 244, 1, 2) };
-    evaluate(s, pod(s, "hello"), &Attributes { peer, port, request })
+    evaluate(s, pod(s, "hello").into(), &Attributes { peer, port, request })
 }
 
 #[test]
@@ -299,7 +299,7 @@ fn workloads_with_request_policies_are_parsed_at_their_destination() {
     ];
     for (policies, name, want) in cases {
         let s = with(policies);
-        assert_eq!(needs_request(&s, pod(&s, name)), *want, "{policies} {name}");
+        assert_eq!(needs_request(&s, pod(&s, name).into()), *want, "{policies} {name}");
     }
 }
 
@@ -314,7 +314,7 @@ fn custom_policies_name_their_authorizer_and_refuse_what_is_not_http() {
     );
     let s = with(&format!("{mesh}{policy}"));
     let hello = pod(&s, "hello");
-    assert!(needs_request(&s, hello));
+    assert!(needs_request(&s, hello.into()));
     let asked = |r: Option<&Req>| {
         let request = r.map(|r| Request {
             method: r.method,
@@ -326,7 +326,7 @@ fn custom_policies_name_their_authorizer_and_refuse_what_is_not_http() {
         });
         let peer = Peer { principal: None, ip: Ipv4Addr::new(10, 244, 1, 2) };
         let a = Attributes { peer, port: 9095, request };
-        custom(&s, hello, &a).and_then(|p| p.provider.as_ref()).map(|p| p.name.clone())
+        custom(&s, hello.into(), &a).first().and_then(|p| p.provider.as_ref()).map(|p| p.name.clone())
     };
     assert_eq!(asked(Some(&get("/api/x"))).as_deref(), Some("opa"));
     assert_eq!(asked(Some(&get("/public"))), None);
@@ -334,3 +334,5 @@ fn custom_policies_name_their_authorizer_and_refuse_what_is_not_http() {
     assert!(matches!(decide(&s, None, None, 9095).verdict, Verdict::Deny(_)));
     assert_eq!(decide(&s, Some(&get("/api/x")), None, 9095).verdict, Verdict::Allow);
 }
+
+mod attached;

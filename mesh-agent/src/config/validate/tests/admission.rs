@@ -22,7 +22,7 @@ fn an_invalid_object_is_rejected_alone_and_the_rest_applies() {
 
 #[test]
 fn a_security_policy_that_cannot_be_admitted_denies_what_it_selects() {
-    use crate::routing::policy::{Peer, Verdict, authorize};
+    use crate::routing::policy::{Dest, Peer, Verdict, authorize};
     let ap = |name: &str, spec: &str| {
         format!(
             "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: demo}}\nspec: {spec}\n"
@@ -48,17 +48,27 @@ fn a_security_policy_that_cannot_be_admitted_denies_what_it_selects() {
         ("PeerAuthentication: namespace",  pa.to_owned(), false, false),
         ("RequestAuthentication, selected", ra.to_owned(), false, true),
         ("CUSTOM, unknown provider",       ap("ext", "{selector: {matchLabels: {app: hello}}, action: CUSTOM, provider: {name: opa}, rules: [{}]}"), false, true),
-        // Attached by targetRefs (not enforced yet): closed for its target's
-        // pods, never for the namespace; a target that is no pod's, alone.
-        ("targetRefs a Service: its pods", format!("{hello_svc}{}", ap("svc", "{targetRefs: [{kind: Service, name: hello-svc}], rules: [{}]}")), false, true),
+        // Attached by targetRefs: closed for traffic to its target, never for
+        // the namespace; a target that is no pod's, alone.
+        ("targetRefs a Service: its traffic", format!("{hello_svc}{}", ap("svc", "{targetRefs: [{kind: Service, name: hello-svc}], rules: [{when: [{key: a, values: [b]}]}]}")), false, true),
         ("targetRefs a Gateway: alone",     ap("gw", "{targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: waypoint}], action: DENY, rules: [{}]}"), true, true),
-        ("targetRefs, no such Service",     ap("none", "{targetRefs: [{kind: Service, name: nope}], action: DENY, rules: [{}]}"), true, true),
+        ("valid: targetRefs, no such Service",     ap("none", "{targetRefs: [{kind: Service, name: nope}], action: DENY, rules: [{}]}"), true, true),
     ];
     for (what, extra, hello_ok, db_ok) in cases {
         let loaded = admitted(&format!("{TWO_PODS}{extra}"));
-        assert_eq!(loaded.rejected.is_empty(), *what == "all valid", "{what}: {:?}", loaded.rejected);
+        assert_eq!(
+            loaded.rejected.is_empty(),
+            what.starts_with("valid") || *what == "all valid",
+            "{what}: {:?}",
+            loaded.rejected
+        );
         let s = &loaded.state;
-        let allowed = |pod: &str| authorize(s, &s.workloads[&format!("demo/{pod}")], &peer, 80) == Verdict::Allow;
+        let allowed = |pod: &str| {
+            let pod = &s.workloads[&format!("demo/{pod}")];
+            // Addressed to the Service whose port this is, as an arrival is.
+            let service = s.service_port_of(pod, 80).map(|(svc, _)| &**svc);
+            authorize(s, Dest { pod, service }, &peer, 80) == Verdict::Allow
+        };
         assert_eq!((allowed("hello"), allowed("db")), (*hello_ok, *db_ok), "{what}");
     }
 }
@@ -75,7 +85,7 @@ fn a_file_that_stops_parsing_keeps_its_last_good_version() {
     let peer = Peer { principal: None, ip: std::net::Ipv4Addr::new(10, 244, 0, 9) };
     let denied = |loaded: &Loaded| {
         let s = &loaded.state;
-        authorize(s, &s.workloads["demo/hello"], &peer, 80) != Verdict::Allow
+        authorize(s, (&*s.workloads["demo/hello"]).into(), &peer, 80) != Verdict::Allow
     };
     let mut last_good = crate::config::LastGood::default();
     let first = crate::config::load_keeping(&dir, "cluster.local", &mut last_good).expect("test setup");

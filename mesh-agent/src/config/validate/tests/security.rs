@@ -188,6 +188,35 @@ fn security_policies_are_validated_field_by_field() {
             ap("{selector: {matchLabels: {}}}"),
             format!("{at}: AuthorizationPolicy demo/a: spec.selector.matchLabels: empty"),
         ),
+        // targetRefs: Services of the policy's namespace; never with a selector.
+        (
+            ap("{selector: {matchLabels: {app: x}}, targetRefs: [{kind: Service, name: x}]}"),
+            format!("{at}: AuthorizationPolicy demo/a: spec.targetRefs: only one of selector and targetRefs"),
+        ),
+        (
+            ap("{targetRefs: [{kind: Service, name: x, namespace: other}]}"),
+            format!(
+                "{at}: AuthorizationPolicy demo/a: spec.targetRefs[0].namespace: \"other\": a policy may target only its own namespace"
+            ),
+        ),
+        (
+            ap("{targetRef: {kind: Pod, name: x}}"),
+            format!("{at}: AuthorizationPolicy demo/a: spec.targetRef.kind: \"\" \"Pod\": expected a Service"),
+        ),
+        (
+            ap("{targetRefs: [{kind: Service, name: x, port: 80}]}"),
+            format!("{at}: AuthorizationPolicy demo/a: spec.targetRefs[0].port: unknown field `port`"),
+        ),
+        (
+            ra("{targetRefs: [{kind: Service, name: x, sectionName: http}]}"),
+            format!(
+                "{at}: RequestAuthentication demo/r: spec.targetRefs[0].sectionName: is not supported for a Service"
+            ),
+        ),
+        (
+            ra("{targetRefs: [{kind: Service}], jwtRules: [{issuer: x, jwks: '{\"keys\": []}'}]}"),
+            format!("{at}: RequestAuthentication demo/r: spec.targetRefs[0].name: required"),
+        ),
     ];
     for (yaml, want) in cases {
         let got = error_of(&yaml);
@@ -204,6 +233,17 @@ fn security_policies_are_validated_field_by_field() {
     let loaded = load(&ok).expect("valid");
     assert_eq!(loaded.state.peer_authentications.len(), 1);
     assert_eq!(loaded.state.authorization_policies[0].rules[0].to[0].ports, [22, 23]);
+    // Attached to Services: both kinds, `targetRef` and `targetRefs`.
+    let attached = format!(
+        "{}---\n{}",
+        ap("{targetRef: {kind: Service, name: web}, action: DENY, rules: [{}]}"),
+        ra(&format!(
+            "{{targetRefs: [{{group: \"\", kind: Service, name: web}}, {{kind: Service, name: api}}], jwtRules: [{{issuer: x, jwks: '{ED}'}}]}}"
+        ))
+    );
+    let loaded = load(&attached).expect("valid");
+    assert_eq!(loaded.state.authorization_policies[0].services, [Arc::from("web")]);
+    assert_eq!(loaded.state.request_authentications[0].services, [Arc::from("web"), Arc::from("api")]);
     // Every L7 field and key, and a RequestAuthentication with every field.
     let l7 = format!(
         "{}---\n{}",

@@ -27,7 +27,7 @@ pub(super) async fn authenticate(
     conn: &Conn,
     req: &mut Request<Incoming>,
 ) -> Result<Option<Arc<jwt::Verified>>, Stop> {
-    let rules = policy::jwt_rules(&state, &conn.inbound.dest);
+    let rules = policy::jwt_rules(&state, conn.inbound.judged_as(&state));
     let mut keyed = Vec::with_capacity(rules.len());
     for rule in rules {
         let keys = match &rule.jwks_uri {

@@ -413,17 +413,22 @@ impl hyper::body::Body for Replay {
     }
 }
 
-/// Reads up to `max` bytes of `body` for the check. `Err(())`: the body is
-/// longer and the provider does not take part of it (413), or it failed.
-pub(super) async fn read_for_check(
-    mut body: hyper::body::Incoming,
-    max: usize,
-    allow_partial: bool,
-) -> Result<(Bytes, Replay), ()> {
-    let mut read = Vec::new();
+/// Reads up to `max` bytes of `body` for the check (what an earlier check
+/// read first). `Err(())`: the body is longer and the provider does not take
+/// part of it (413), or it failed.
+pub(super) async fn read_for_check(body: Replay, max: usize, allow_partial: bool) -> Result<(Bytes, Replay), ()> {
+    let mut read = body.read.map(Vec::from).unwrap_or_default();
+    let Some(mut rest) = body.rest else {
+        let all = Bytes::from(read);
+        return if all.len() <= max || allow_partial {
+            Ok((all.slice(..all.len().min(max)), Replay { read: Some(all), rest: None }))
+        } else {
+            Err(())
+        };
+    };
     // Until the body ends, or is known to be longer than `max`.
     while read.len() <= max {
-        match body.frame().await {
+        match rest.frame().await {
             None => {
                 let all = Bytes::from(read);
                 return Ok((all.clone(), Replay { read: Some(all), rest: None }));
@@ -440,5 +445,5 @@ pub(super) async fn read_for_check(
         return Err(());
     }
     let all = Bytes::from(read);
-    Ok((all.slice(..max), Replay { read: Some(all), rest: Some(body) }))
+    Ok((all.slice(..max), Replay { read: Some(all), rest: Some(rest) }))
 }
