@@ -187,10 +187,10 @@ fn policy(c: &mut Criterion) {
     let denied = Peer { principal: Some("spiffe://cluster.local/ns/legacy/sa/old"), ip: Ipv4Addr::new(10, 244, 0, 8) };
     let mut g = c.benchmark_group("policy");
     g.bench_function("authorize allowed (2 policies)", |b| {
-        b.iter(|| authorize(black_box(&state), &dest, black_box(&allowed), 8080))
+        b.iter(|| authorize(black_box(&state), (&*dest).into(), black_box(&allowed), 8080))
     });
     g.bench_function("authorize denied by DENY", |b| {
-        b.iter(|| authorize(black_box(&state), &dest, black_box(&denied), 8080))
+        b.iter(|| authorize(black_box(&state), (&*dest).into(), black_box(&denied), 8080))
     });
     g.finish();
 }

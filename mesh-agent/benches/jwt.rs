@@ -153,7 +153,7 @@ fn decisions(c: &mut Criterion) {
     let attributes = Attributes { peer, port: 8080, request: Some(request) };
     let mut g = c.benchmark_group("policy");
     g.bench_function("evaluate request: DENY paths + ALLOW principal, method, path, claim", |b| {
-        b.iter(|| evaluate(black_box(&state), &dest, black_box(&attributes)))
+        b.iter(|| evaluate(black_box(&state), (&*dest).into(), black_box(&attributes)))
     });
     g.finish();
 }

@@ -364,7 +364,7 @@ pub fn sign_request(
         return Err((StatusCode::FORBIDDEN, format!("{} is the mesh CA's identity", request.identity)));
     }
     if !allowed(&request.identity) {
-        let message = format!("no meshed pod or Gateway on this node runs as {}", request.identity);
+        let message = format!("no meshed pod (gateway pods included) on this node runs as {}", request.identity);
         return Err((StatusCode::FORBIDDEN, message));
     }
     let ttl = Duration::from_secs(request.ttl_seconds.max(1)).min(max_ttl);

@@ -142,15 +142,10 @@ pub fn agent_kinds(secret_namespaces: &[String]) -> Vec<Kind> {
     kinds
 }
 
-/// What the CA reads to know which identities live on which node: pods,
-/// nodes, namespaces (enrolment) and Gateways.
+/// What the CA reads to know which identities live on which node: pods
+/// (gateway pods among them), nodes and namespaces (enrolment).
 pub fn ca_kinds() -> Vec<Kind> {
-    vec![
-        Kind::core("Node", "nodes"),
-        Kind::core("Namespace", "namespaces"),
-        Kind::core("Pod", "pods"),
-        Kind::istio(NETWORKING, "Gateway", "gateways"),
-    ]
+    vec![Kind::core("Node", "nodes"), Kind::core("Namespace", "namespaces"), Kind::core("Pod", "pods")]
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -27,6 +27,7 @@ use std::{
 use tokio::net::TcpListener;
 
 pub mod conns;
+pub mod edge;
 pub mod gateway;
 pub mod hbone;
 pub mod http;

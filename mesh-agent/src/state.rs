@@ -134,6 +134,10 @@ pub struct Workload {
     pub host_network: bool,
     /// Enrolled in the mesh: captured by eBPF on its node.
     pub meshed: bool,
+    /// A gateway pod (Istio's gateway injection, `inject.istio.io/templates:
+    /// gateway`, or a Gateway API gateway's `gateway.networking.k8s.io/gateway-name`):
+    /// its node's agent serves the Gateways that select it, on its address.
+    pub gateway: bool,
     /// Running and Ready (or no status given): eligible as a Service endpoint.
     pub ready: bool,
     /// Named container ports, for Services whose `targetPort` is a name.
@@ -241,8 +245,9 @@ pub enum OutboundPolicy {
     RegistryOnly,
 }
 
-/// An Istio `Gateway`: listeners opened on the node address of every node
-/// whose labels match `selector` (every node when empty).
+/// An Istio `Gateway`: served on the address of every gateway pod whose
+/// labels match `selector` (every gateway pod when empty; in any namespace,
+/// as Istio's default), by that pod's node agent, as that pod.
 #[derive(Debug, Serialize)]
 pub struct Gateway {
     pub name: Arc<str>,
@@ -252,10 +257,6 @@ pub struct Gateway {
     pub created: Option<String>,
     pub selector: BTreeMap<String, String>,
     pub servers: Vec<GatewayServer>,
-    /// The gateway as a workload: the identity (`spiffe://<td>/ns/<namespace>/sa/<name>`)
-    /// and the labels its traffic carries into the mesh.
-    #[serde(skip)]
-    pub workload: Arc<Workload>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -485,27 +486,25 @@ impl State {
         self.by_ip.get(&ip)
     }
 
-    /// The Gateways whose selector matches `node`'s labels.
-    pub fn gateways_on<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Arc<Gateway>> {
-        let labels = self.nodes.get(node).map(|n| &n.labels);
-        self.gateways
-            .iter()
-            .filter(move |g| g.selector.iter().all(|(k, v)| labels.is_some_and(|l| l.get(k) == Some(v))))
+    /// The Gateways that select the gateway pod `pod` (oldest first).
+    pub fn gateways_of<'a>(&'a self, pod: &'a Workload) -> impl Iterator<Item = &'a Arc<Gateway>> {
+        let selects = |g: &&Arc<Gateway>| g.selector.iter().all(|(k, v)| pod.labels.get(k) == Some(v));
+        self.gateways.iter().filter(move |_| pod.gateway).filter(selects)
     }
 
-    /// The Gateway or node that runs as `principal` (they have no pod IP).
+    /// A gateway pod or node that runs as `principal`: who sent a stream
+    /// whose client address is not its own (a gateway forwards its clients').
     pub fn edge_workload(&self, principal: &str) -> Option<Arc<Workload>> {
-        let gateways = self.gateways.iter().map(|g| &g.workload);
-        let nodes = self.nodes.values().map(|n| &n.workload);
-        gateways.chain(nodes).find(|w| *w.principal == *principal).cloned()
+        let node = || self.nodes.values().map(|n| &n.workload).find(|w| *w.principal == *principal);
+        self.gateway_pod_of(principal).or_else(node).cloned()
     }
 
     /// The identities an agent on `node` holds certificates for: its meshed
-    /// pods' and those of the Gateways it runs.
+    /// pods' (gateway pods are meshed) and the node's own.
     pub fn node_identities(&self, node: &str) -> std::collections::HashSet<Arc<str>> {
         let pods = self.local_workloads(node).filter(|w| w.meshed).map(|w| w.principal.clone());
         let node_id = self.nodes.get(node).map(|n| n.workload.principal.clone());
-        pods.chain(self.gateways_on(node).map(|g| g.workload.principal.clone())).chain(node_id).collect()
+        pods.chain(node_id).collect()
     }
 
     /// Pods scheduled on `node` with a network of their own, addressed or

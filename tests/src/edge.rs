@@ -1,12 +1,9 @@
 //! The two-node cluster with the mesh's edges that the gateway tests share:
-//! an ingress Gateway on node-1 (HTTP, HTTPS from a Secret, TCP, TLS
-//! passthrough, and a port something else holds), an egress Gateway on
-//! node-2, ServiceEntries under REGISTRY_ONLY, TLS origination, and servers
-//! outside the cluster.
-use std::{
-    net::{Ipv4Addr, TcpListener},
-    path::PathBuf,
-};
+//! Istio's ingress gateway as a pod on node-1 behind a LoadBalancer address
+//! (HTTP, HTTPS from a Secret, TCP, TLS passthrough), its egress gateway as a
+//! pod on node-2 behind a ClusterIP Service, ServiceEntries under
+//! REGISTRY_ONLY, TLS origination, and servers outside the cluster.
+use std::{net::Ipv4Addr, path::PathBuf};
 
 use crate::{
     Agent, Cluster, Pod,
@@ -25,12 +22,38 @@ pub const HELLO_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 2);
 pub const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(172, 18, 200, 2);
 pub const NODE1: &str = "172.18.0.2";
 pub const NODE2: &str = "172.18.1.2";
+/// The ingress gateway pod (node-1) and its LoadBalancer Service's address.
+pub const INGRESS_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 100);
+pub const INGRESS_LB: Ipv4Addr = Ipv4Addr::new(172, 18, 100, 1);
+/// The ingress gateway Service's cluster IP (for clients in the mesh).
+pub const INGRESS_VIP: &str = "10.96.0.40";
+/// [`INGRESS_LB`] as URLs and `--resolve` write it.
+pub const INGRESS: &str = "172.18.100.1";
+/// The egress gateway pod (node-2).
+pub const EGRESS_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 100);
+/// What Istio's gateway Deployments run as.
+pub const INGRESS_ID: &str = "spiffe://cluster.local/ns/istio-system/sa/istio-ingressgateway-service-account";
+pub const EGRESS_ID: &str = "spiffe://cluster.local/ns/istio-system/sa/istio-egressgateway-service-account";
 
-/// node-1 runs the ingress gateway, node-2 the egress gateway; `test` on
-/// node-1 and `helloworld` on node-2 are meshed (namespace `demo`), and so is
+/// node-1 runs the ingress gateway pod, node-2 the egress gateway pod (as
+/// Istio's manifests deploy them: labels `istio: ingressgateway` and
+/// `istio: egressgateway`, gateway injection); `test` on node-1 and
+/// `helloworld` on node-2 are meshed (namespace `demo`), and so is
 /// `intruder` on node-1, another tenant's pod (namespace `attacker`).
 pub fn fixture() -> Fixture {
-    let mut f = Fixture::two_nodes([&[("istio", "ingressgateway")], &[("istio", "egressgateway")]]);
+    let mut f = Fixture::two_nodes([&[], &[]]);
+    let ingress = [("app", "istio-ingressgateway"), ("istio", "ingressgateway")];
+    let spec = PodSpec::gateway("istio-system", &ingress, "istio-ingressgateway-service-account");
+    f.gateway(0, "istio-ingressgateway", INGRESS_IP, spec, (INGRESS_VIP, INGRESS_LB), &[80, 443, 9000, 9443]);
+    let egress = [("app", "istio-egressgateway"), ("istio", "egressgateway")];
+    let spec = PodSpec::gateway("istio-system", &egress, "istio-egressgateway-service-account");
+    f.add_pod(1, "istio-egressgateway", EGRESS_IP, spec).service(
+        "istio-system",
+        "istio-egressgateway",
+        "10.96.0.50",
+        &egress[1..],
+        &[Port { name: "http", port: 80, target: None }, Port { name: "https", port: 443, target: None }],
+    );
     f.namespace("attacker", true).add_pod(0, "intruder", INTRUDER_IP, PodSpec::app("attacker", &[("app", "intruder")]));
     f.namespace("demo", true).add_pod(0, "test", TEST_IP, PodSpec::app("demo", &[("app", "test")])).add_pod(
         1,
@@ -83,8 +106,6 @@ spec:
   - port: {{number: 443, name: https, protocol: HTTPS}}
     hosts: [hello.example.com]
     tls: {{mode: SIMPLE, credentialName: hello-cert}}
-  - port: {{number: 8443, name: busy, protocol: HTTP}}
-    hosts: ["*"]
   - port: {{number: 9000, name: tcp, protocol: TCP}}
     hosts: ["*"]
   - port: {{number: 9443, name: tls, protocol: TLS}}
@@ -179,7 +200,7 @@ spec:
   gateways: [istio-system/egress, mesh]
   http:
   - match: [{gateways: [mesh], port: 80}]
-    route: [{destination: {host: egress.istio-system.svc.cluster.local, port: {number: 80}}}]
+    route: [{destination: {host: istio-egressgateway.istio-system.svc.cluster.local, port: {number: 80}}}]
   - match: [{gateways: [istio-system/egress], port: 80}]
     route: [{destination: {host: external.example, port: {number: 80}}}]
 "#;
@@ -188,7 +209,6 @@ pub struct Edge {
     pub agents: Vec<Agent>,
     pub ca: CaService,
     pub _tls_servers: Vec<Background>,
-    pub _busy: TcpListener,
     pub certs: Certs,
     pub c: Cluster,
     /// The [`fixture`]'s objects.
@@ -221,16 +241,13 @@ impl Edge {
         // gateway passes through unopened.
         let tls_servers =
             vec![s_server(&c.net_ns, &ext_crt, &ext_key), s_server(&c.pod("helloworld").netns, &pass_crt, &pass_key)];
-        // Something else holds node-1's port 8443: that listener must fail alone.
-        let node1 = Pod::namespace("node-1", c.nodes[0].ip, &c.nodes[0].ns);
-        let busy = node1.run(|| TcpListener::bind((NODE1, 8443)).unwrap());
         let secret =
             format!("  tls.crt: |\n{}  tls.key: |\n{}", Certs::yaml_block(&crt, 4), Certs::yaml_block(&key, 4));
         let ca_secret = format!("  ca.crt: |\n{}", Certs::yaml_block(&certs.ca(), 4));
         let cfg = config(&base, &secret, &ca_secret, "");
         let ca = CaService::start(&c, &cfg);
         let agents = (0..2).map(|i| Agent::start_on(&c, i, &cfg, &ca.agent_args(&c.nodes[i].name))).collect();
-        Edge { agents, ca, _tls_servers: tls_servers, _busy: busy, certs, c, base, secret, ca_secret }
+        Edge { agents, ca, _tls_servers: tls_servers, certs, c, base, secret, ca_secret }
     }
 
     pub fn pod(&self, name: &str) -> &Pod {

@@ -36,13 +36,21 @@ pub struct PodSpec<'a> {
     pub labels: &'a [(&'a str, &'a str)],
     /// Named container ports (for Services whose `targetPort` is a name).
     pub ports: &'a [(&'a str, u16)],
+    /// A gateway pod, as Istio's gateway injection marks one
+    /// (`inject.istio.io/templates: gateway`): the node's agent serves it.
+    pub gateway: bool,
 }
 
 impl PodSpec<'_> {
     /// A pod in `namespace` labelled `app: <app>`, running as service account `<app>`.
     pub fn app<'a>(namespace: &'a str, app: &'a [(&'a str, &'a str)]) -> PodSpec<'a> {
         let service_account = app.iter().find(|(k, _)| *k == "app").map(|(_, v)| *v);
-        PodSpec { namespace, service_account, labels: app, ports: &[] }
+        PodSpec { namespace, service_account, labels: app, ports: &[], gateway: false }
+    }
+
+    /// A gateway pod in `namespace` labelled `labels`, running as `service_account`.
+    pub fn gateway<'a>(namespace: &'a str, labels: &'a [(&'a str, &'a str)], service_account: &'a str) -> PodSpec<'a> {
+        PodSpec { namespace, service_account: Some(service_account), labels, ports: &[], gateway: true }
     }
 }
 
@@ -123,8 +131,9 @@ impl Objects {
                 format!(", containers: [{{name: main, ports: [{}]}}]", ports.join(", "))
             }
         };
+        let annotations = if spec.gateway { ", annotations: {inject.istio.io/templates: gateway}" } else { "" };
         self.docs.push(format!(
-            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {}{labels}}}\n\
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {}{labels}{annotations}}}\n\
              spec: {{nodeName: {node}{account}{containers}}}\n\
              status: {{podIP: {ip}, phase: Running, conditions: [{{type: Ready, status: \"True\"}}]}}\n",
             spec.namespace
@@ -151,6 +160,29 @@ impl Objects {
         self.docs.push(format!(
             "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {namespace}}}\n\
              spec: {{clusterIP: {vip}, selector: {}, ports: [{}]}}\n",
+            map(selector),
+            ports.join(", ")
+        ));
+        self
+    }
+
+    /// A LoadBalancer Service selecting pods by `selector` (its cluster IP
+    /// `vip`), its load balancer's address `lb` in its status, as a cloud
+    /// controller writes it.
+    pub fn load_balancer(
+        &mut self,
+        namespace: &str,
+        name: &str,
+        vip: &str,
+        lb: Ipv4Addr,
+        selector: &[(&str, &str)],
+        ports: &[u16],
+    ) -> &mut Self {
+        let ports: Vec<String> = ports.iter().map(|p| format!("{{name: tcp-{p}, port: {p}}}")).collect();
+        self.docs.push(format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {namespace}}}\n\
+             spec: {{type: LoadBalancer, clusterIP: {vip}, selector: {}, ports: [{}]}}\n\
+             status: {{loadBalancer: {{ingress: [{{ip: {lb}}}]}}}}\n",
             map(selector),
             ports.join(", ")
         ));
@@ -202,6 +234,27 @@ impl Fixture {
     /// A namespace, enrolled in the mesh (ambient) or not.
     pub fn namespace(&mut self, name: &str, meshed: bool) -> &mut Self {
         self.objects.namespace(name, meshed);
+        self
+    }
+
+    /// A gateway pod (`spec` from [`PodSpec::gateway`]) on node `node` at
+    /// `ip`, behind a LoadBalancer Service `name` (cluster IP `vip`) at `lb`, as a cluster puts
+    /// one in front of Istio's gateways: the cluster network routes `lb` to
+    /// that node, where kube-proxy-style DNAT sends it to the pod (the
+    /// Service lists `ports`).
+    pub fn gateway(
+        &mut self,
+        node: usize,
+        name: &str,
+        ip: Ipv4Addr,
+        spec: PodSpec<'_>,
+        (vip, lb): (&str, Ipv4Addr),
+        ports: &[u16],
+    ) -> &mut Self {
+        let (namespace, labels) = (spec.namespace, spec.labels);
+        self.add_pod(node, name, ip, spec);
+        self.objects.load_balancer(namespace, name, vip, lb, labels, ports);
+        self.cluster.load_balancer(node, lb, ip);
         self
     }
 

@@ -246,6 +246,24 @@ impl Cluster {
         pod.cgroup.strip_prefix(CGROUP_BASE).unwrap().display().to_string()
     }
 
+    /// A load balancer's address `lb` for the pod at `pod` on node `node`:
+    /// routed to the node by the cluster network, sent to the pod (every TCP
+    /// port) by a kube-proxy-style DNAT in the node's prerouting. Both go
+    /// with the namespaces.
+    pub fn load_balancer(&self, node: usize, lb: Ipv4Addr, pod: Ipv4Addr) {
+        let node_ip = self.nodes[node].ip.to_string();
+        sh(&["ip", "-n", &self.net_ns, "route", "add", &format!("{lb}/32"), "via", &node_ip]);
+        let rules = format!(
+            "table ip kube-proxy-lb-{lb_tag} {{\n chain lb {{\n  type nat hook prerouting priority dstnat; policy accept;\n  \
+             ip daddr {lb} meta l4proto tcp dnat to {pod}\n }}\n}}\n",
+            lb_tag = lb.octets()[3]
+        );
+        let file = std::env::temp_dir().join(format!("mesh-test-{}-lb-{lb}.nft", self.id));
+        std::fs::write(&file, rules).expect("nft rules");
+        sh(&["ip", "netns", "exec", &self.nodes[node].ns, "nft", "-f", file.to_str().expect("path")]);
+        let _ = std::fs::remove_file(&file);
+    }
+
     pub fn pod(&self, name: &str) -> &Pod {
         self.pods.iter().find(|p| p.name == name).unwrap_or_else(|| panic!("no pod {name}"))
     }

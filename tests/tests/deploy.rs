@@ -126,7 +126,7 @@ fn the_daemonset_is_what_the_agent_needs_and_no_more() {
         security["capabilities"][k].as_sequence().expect("capabilities").iter().filter_map(Value::as_str).collect()
     };
     assert_eq!(caps("drop"), ["ALL"]);
-    assert_eq!(caps("add"), ["NET_ADMIN", "BPF", "PERFMON", "NET_BIND_SERVICE"]);
+    assert_eq!(caps("add"), ["NET_ADMIN", "BPF", "PERFMON"]);
     // The host's cgroup2 root and bpffs, and the projected token for the CA.
     let volumes = pod["volumes"].as_sequence().expect("volumes");
     let host = |path: &str| volumes.iter().any(|v| v["hostPath"]["path"].as_str() == Some(path));
@@ -161,23 +161,85 @@ fn the_daemonset_is_what_the_agent_needs_and_no_more() {
     }
 }
 
-#[test]
-fn the_podmonitor_component_scrapes_what_the_annotations_name() {
-    // An overlay outside deploy/ (kustomize refuses one inside its base),
-    // as a user writes it.
-    let dir = std::env::temp_dir().join(format!("mesh-deploy-overlay-{}", std::process::id()));
+/// deploy/ with `component`, rendered as a user's overlay outside deploy/
+/// (kustomize refuses one inside its base).
+fn with_component(component: &str) -> String {
+    let dir = std::env::temp_dir().join(format!("mesh-deploy-overlay-{component}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let base = dir.join("base");
     let _ = std::fs::remove_file(&base);
     std::os::unix::fs::symlink(std::fs::canonicalize(DEPLOY).expect("deploy/"), &base).expect("symlink");
     std::fs::write(
         dir.join("kustomization.yaml"),
-        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources: [base]\n\
-         components: [base/components/podmonitor]\n",
+        format!(
+            "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources: [base]\n\
+             components: [base/components/{component}]\n"
+        ),
     )
     .expect("kustomization");
-    let all = docs(&kustomize(&dir));
+    let rendered = kustomize(&dir);
     let _ = std::fs::remove_dir_all(&dir);
+    rendered
+}
+
+#[test]
+fn the_ingress_gateway_component_is_a_gateway_pod_behind_a_load_balancer() {
+    let rendered = with_component("ingressgateway");
+    validate(&rendered, "ingressgateway");
+    let all = docs(&rendered);
+    let deployment = all.iter().find(|d| d["kind"] == "Deployment").expect("a Deployment");
+    let template = &deployment["spec"]["template"];
+    // What the agent reads of its pods: gateway injection, the labels Istio's
+    // Gateways select (`istio: ingressgateway`), and the identity Istio's
+    // own install gives it.
+    let pod = serde_yaml_ng::to_string(&serde_yaml_ng::Value::Mapping(
+        [
+            ("apiVersion".into(), "v1".into()),
+            ("kind".into(), "Pod".into()),
+            ("metadata".into(), {
+                let mut m = template["metadata"].clone();
+                m["name"] = "istio-ingressgateway-abc".into();
+                m["namespace"] = deployment["metadata"]["namespace"].clone();
+                m
+            }),
+            ("spec".into(), {
+                let mut s = template["spec"].clone();
+                s["nodeName"] = "n1".into();
+                s
+            }),
+            ("status".into(), serde_yaml_ng::from_str("{podIP: 10.244.1.100, phase: Running}").expect("status")),
+        ]
+        .into_iter()
+        .collect(),
+    ))
+    .expect("pod");
+    let loaded = mesh_agent::config::load_text(
+        "ingressgateway.yaml",
+        &format!(
+            "{pod}---\napiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: ingress, namespace: istio-system}}\n\
+         spec: {{selector: {{istio: ingressgateway}}, servers: [{{port: {{number: 80, name: http, protocol: HTTP}}, hosts: ['*']}}]}}\n"
+        ),
+        "cluster.local",
+    );
+    assert!(loaded.rejected.is_empty(), "{:?}", loaded.rejected);
+    let state = loaded.state;
+    let w = &state.workloads["istio-system/istio-ingressgateway-abc"];
+    assert!(w.gateway && w.meshed, "{w:?}");
+    assert_eq!(&*w.principal, "spiffe://cluster.local/ns/istio-system/sa/istio-ingressgateway-service-account");
+    assert_eq!(state.gateways_of(w).count(), 1);
+    // Reached through a LoadBalancer Service selecting exactly those pods.
+    let service = all.iter().find(|d| d["kind"] == "Service" && d["spec"]["type"] == "LoadBalancer").expect("a LB");
+    let labels = &template["metadata"]["labels"];
+    let selector = service["spec"]["selector"].as_mapping().expect("selector");
+    assert!(selector.iter().all(|(k, v)| &labels[k] == v));
+    let ports: Vec<u64> =
+        service["spec"]["ports"].as_sequence().expect("ports").iter().filter_map(|p| p["port"].as_u64()).collect();
+    assert_eq!(ports, [80, 443]);
+}
+
+#[test]
+fn the_podmonitor_component_scrapes_what_the_annotations_name() {
+    let all = docs(&with_component("podmonitor"));
     let ds = all.iter().find(|d| d["kind"] == "DaemonSet").expect("a DaemonSet");
     let monitor = all.iter().find(|d| d["kind"] == "PodMonitor").expect("a PodMonitor");
     assert_eq!(monitor["apiVersion"].as_str(), Some("monitoring.coreos.com/v1"));

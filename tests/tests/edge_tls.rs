@@ -35,7 +35,7 @@ fn mutual_gateways_check_client_certificates() {
     let foreign = other_ca.client("foreign", "client.example");
     let ca = e.certs.ca();
     let get = |cert: Option<&(std::path::PathBuf, std::path::PathBuf)>, more: &[&str]| {
-        let resolve = format!("hello.example.com:443:{NODE1}");
+        let resolve = format!("hello.example.com:443:{INGRESS}");
         let mut args = vec!["--cacert", ca.to_str().unwrap(), "--resolve", &resolve];
         if let Some((crt, key)) = cert {
             args.extend(["--cert", crt.to_str().unwrap(), "--key", key.to_str().unwrap()]);

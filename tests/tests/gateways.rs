@@ -1,7 +1,8 @@
-//! The mesh's edges (root, two nodes, the CA service): an ingress Gateway on
-//! node-1 (HTTP and HTTPS from a Secret), ServiceEntries and REGISTRY_ONLY,
-//! TLS origination, and an egress Gateway on node-2 — with curl from outside
-//! the mesh and from a meshed pod, and servers outside the cluster.
+//! The mesh's edges (root, two nodes, the CA service): Istio's ingress
+//! gateway as a pod on node-1 behind a LoadBalancer address (HTTP and HTTPS
+//! from a Secret), ServiceEntries and REGISTRY_ONLY, TLS origination, and the
+//! egress gateway as a pod on node-2 — with curl from outside the mesh and
+//! from a meshed pod, and servers outside the cluster.
 #![expect(clippy::unwrap_used, reason = "tests")]
 
 use std::{
@@ -20,12 +21,12 @@ fn ingress_gateway_serves_http_and_https_from_outside_the_mesh() {
     let e = Edge::start();
     let outside = |args: &[&str]| e.c.net_cmd(args);
 
-    // The pattern's example: curl http://<node-ip>:80/helloworld from outside.
-    let (code, body) = curl(outside, &[&format!("http://{NODE1}:80/helloworld")]);
+    // The pattern's example: curl http://<lb-ip>:80/helloworld from outside.
+    let (code, body) = curl(outside, &[&format!("http://{INGRESS}:80/helloworld")]);
     assert_eq!(code, 200, "{body}");
     assert!(body.contains("hello from helloworld"), "{body}");
     // Unknown path: 404 from the gateway, counted.
-    let (code, body) = curl(outside, &[&format!("http://{NODE1}/nothing-here")]);
+    let (code, body) = curl(outside, &[&format!("http://{INGRESS}/nothing-here")]);
     assert_eq!(code, 404, "{body}");
     // HTTPS with the Secret's certificate, checked by curl against the test CA.
     let ca = e.certs.ca();
@@ -35,7 +36,7 @@ fn ingress_gateway_serves_http_and_https_from_outside_the_mesh() {
             "--cacert",
             ca.to_str().unwrap(),
             "--resolve",
-            &format!("hello.example.com:443:{NODE1}"),
+            &format!("hello.example.com:443:{INGRESS}"),
             "https://hello.example.com/helloworld",
         ],
     );
@@ -48,7 +49,7 @@ fn ingress_gateway_serves_http_and_https_from_outside_the_mesh() {
             "--cacert",
             ca.to_str().unwrap(),
             "--resolve",
-            &format!("passthrough.example:9443:{NODE1}"),
+            &format!("passthrough.example:9443:{INGRESS}"),
             "https://passthrough.example:9443/",
         ],
     );
@@ -56,14 +57,17 @@ fn ingress_gateway_serves_http_and_https_from_outside_the_mesh() {
     assert!(body.contains("s_server"), "{body}");
     // Another SNI has no route: the connection is refused.
     let (code, _) =
-        curl(outside, &["-k", "--resolve", &format!("other.example:9443:{NODE1}"), "https://other.example:9443/"]);
+        curl(outside, &["-k", "--resolve", &format!("other.example:9443:{INGRESS}"), "https://other.example:9443/"]);
     assert_eq!(code, 0);
-    // node-2 runs the egress Gateway only: its port 80 does not route the
-    // ingress rules, and its port 443 is not open.
-    let (code, _) = curl(outside, &[&format!("http://{NODE2}/helloworld")]);
+    // The egress gateway pod serves the egress Gateway only: its port 80
+    // does not route the ingress rules, and it has no port 443 to serve.
+    let (code, _) = curl(outside, &[&format!("http://{EGRESS_IP}/helloworld")]);
     assert_eq!(code, 404);
-    let (code, _) = curl(outside, &["-k", &format!("https://{NODE2}/helloworld")]);
+    let (code, _) = curl(outside, &["-k", &format!("https://{EGRESS_IP}/helloworld")]);
     assert_eq!(code, 0);
+    // Nor does a node serve anything on its own address: the gateway is a pod.
+    let (code, body) = curl(outside, &[&format!("http://{NODE1}/helloworld")]);
+    assert_eq!(code, 0, "{body}");
 
     // A TCP server: bytes both ways, half-close kept, to the echo pod on node-2.
     let outside_ns = e.c.net_ns.clone();
@@ -71,7 +75,7 @@ fn ingress_gateway_serves_http_and_https_from_outside_the_mesh() {
     let sent = payload.clone();
     let back = mesh_tests::netns::enter_and_spawn(&outside_ns, move || {
         use std::io::{Read as _, Write as _};
-        let addr: SocketAddr = format!("{NODE1}:9000").parse().unwrap();
+        let addr: SocketAddr = format!("{INGRESS}:9000").parse().unwrap();
         let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         s.write_all(&sent).unwrap();
@@ -84,21 +88,27 @@ fn ingress_gateway_serves_http_and_https_from_outside_the_mesh() {
     .unwrap();
     assert!(back == payload, "echoed {} of {} bytes", back.len(), payload.len());
 
-    // Port 8443 was taken: reported, not fatal, the other ports serve.
+    // A client in the mesh on the gateway pod's node, through the gateway's
+    // Service: handed to the gateway in-process, out with its identity.
+    let (code, body) = curl(|a| e.pod("test").cmd(a), &[&format!("http://{INGRESS_VIP}/helloworld")]);
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("hello from helloworld"), "{body}");
+
+    // The gateway pod's ports, as /config_dump shows them.
     let (_, dump) = e.agents[0].admin_get("/config_dump").unwrap();
     let v: serde_json::Value = serde_json::from_str(&dump).unwrap();
     let ports = v["gateway_listeners"].as_array().unwrap();
     let status = |port: u64| {
-        ports.iter().find(|p| p["addr"].as_str() == Some(&format!("{NODE1}:{port}"))).unwrap()["status"].clone()
+        let p = ports.iter().find(|p| p["addr"].as_str() == Some(&format!("{INGRESS_IP}:{port}"))).unwrap();
+        (p["pod"].clone(), p["status"].clone())
     };
-    assert_eq!(status(80), "listening");
-    assert!(status(8443).as_str().unwrap().contains("cannot listen"), "{dump}");
-    assert_eq!(metric(&e.agents[0].metrics(), "mesh_gateway_listener_failures_total", &[]), 1.0);
+    assert_eq!(status(80), ("istio-system/istio-ingressgateway".into(), "serving".into()), "{dump}");
+    assert_eq!(status(443).1, "serving");
 
     // A new certificate in the Secret is served without rebinding the port.
     let served_serial = || {
         let cmd = format!(
-            "openssl s_client -connect {NODE1}:443 -servername hello.example.com </dev/null 2>/dev/null \
+            "openssl s_client -connect {INGRESS}:443 -servername hello.example.com </dev/null 2>/dev/null \
              | openssl x509 -noout -serial"
         );
         String::from_utf8_lossy(&e.c.net_cmd(&["sh", "-c", &cmd]).stdout).trim().to_owned()
@@ -125,25 +135,21 @@ fn ingress_gateway_serves_http_and_https_from_outside_the_mesh() {
             "--cacert",
             ca.to_str().unwrap(),
             "--resolve",
-            &format!("hello.example.com:443:{NODE1}"),
+            &format!("hello.example.com:443:{INGRESS}"),
             "https://hello.example.com/helloworld",
         ],
     );
     assert_eq!(code, 200, "{body}");
 
-    // The gateway's identity reaches the destination's agent over HBONE.
+    // The gateway pod's identity reaches the destination's agent over HBONE.
     let m1 = e.agents[0].metrics();
-    let gw = [("source_workload", "ingress"), ("destination_service", "helloworld.demo.svc.cluster.local")];
+    let ingress = ("source_workload", "istio-ingressgateway");
+    let gw = [ingress, ("destination_service", "helloworld.demo.svc.cluster.local")];
     assert!(metric(&m1, "istio_requests_total", &[gw[0], gw[1], ("response_code", "200")]) >= 2.0, "{m1}");
-    assert!(metric(&m1, "istio_requests_total", &[("source_workload", "ingress"), ("response_code", "404")]) >= 1.0);
+    assert!(metric(&m1, "istio_requests_total", &[ingress, ("response_code", "404")]) >= 1.0);
     let m2 = e.agents[1].metrics();
-    let principal = ("source_principal", "spiffe://cluster.local/ns/istio-system/sa/ingress");
-    let dest = [
-        principal,
-        ("source_workload", "ingress"),
-        ("reporter", "destination"),
-        ("connection_security_policy", "mutual_tls"),
-    ];
+    let principal = ("source_principal", INGRESS_ID);
+    let dest = [principal, ingress, ("reporter", "destination"), ("connection_security_policy", "mutual_tls")];
     assert!(metric(&m2, "istio_tcp_connections_opened_total", &dest) >= 1.0, "{m2}");
 }
 
@@ -192,10 +198,10 @@ fn egress_registry_only_service_entries_tls_origination_and_egress_gateway() {
     assert_eq!(code, 200, "{body}");
     assert!(body.contains(&format!("hello from external; client {NODE2}")), "{body}");
     let m1 = e.agents[0].metrics();
-    let hop1 = ("destination_service", "egress.istio-system.svc.cluster.local");
+    let hop1 = ("destination_service", "istio-egressgateway.istio-system.svc.cluster.local");
     assert!(metric(&m1, "istio_requests_total", &[hop1, ("connection_security_policy", "mutual_tls")]) >= 1.0, "{m1}");
     let m2 = e.agents[1].metrics();
-    let hop2 = [("source_workload", "egress"), ("destination_service", "external.example")];
+    let hop2 = [("source_workload", "istio-egressgateway"), ("destination_service", "external.example")];
     assert!(metric(&m2, "istio_requests_total", &[hop2[0], hop2[1], ("response_code", "200")]) >= 1.0, "{m2}");
 }
 
@@ -227,32 +233,36 @@ fn host_network_clients_reach_services_with_the_node_identity() {
 }
 
 #[test]
-fn two_gateways_on_one_client_connection_keep_their_own_identities() {
-    if !require_root("two_gateways_on_one_client_connection_keep_their_own_identities") {
+fn only_gateway_pods_serve_gateways_and_only_with_their_own_identity() {
+    if !require_root("only_gateway_pods_serve_gateways_and_only_with_their_own_identity") {
         return;
     }
     let e = Edge::start();
-    // A second Gateway on node-1's port 80 for partner.example, and a policy
-    // on helloworld (node-2) that admits only the `ingress` gateway.
-    e.set_extra(
-        r#"---
+    // The attacks: node-2 labelled as the ingress gateway (a kubelet may set
+    // most of its own labels), and another tenant's Gateway whose selector
+    // matches an application pod (helloworld, on port 5000's target 9095).
+    // helloworld admits only the ingress gateway pod's identity.
+    let labelled = e.base.replacen(
+        "kind: Node\nmetadata: {name: node-2",
+        "kind: Node\nmetadata: {name: node-2, labels: {istio: ingressgateway}",
+        1,
+    );
+    assert_ne!(labelled, e.base);
+    let extra = r#"---
 apiVersion: networking.istio.io/v1
 kind: Gateway
-metadata: {name: partner, namespace: istio-system}
+metadata: {name: hijack, namespace: attacker}
 spec:
-  selector: {istio: ingressgateway}
-  servers: [{port: {number: 80, name: http, protocol: HTTP}, hosts: [partner.example]}]
+  selector: {app: helloworld}
+  servers: [{port: {number: 9095, name: http, protocol: HTTP}, hosts: ["*"]}]
 ---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
-metadata: {name: partner, namespace: demo}
+metadata: {name: hijack, namespace: attacker}
 spec:
-  hosts: [partner.example]
-  gateways: [istio-system/partner]
-  http:
-  - match: [{uri: {prefix: /partner}}]
-    rewrite: {uri: /helloworld}
-    route: [{destination: {host: helloworld, port: {number: 5000}}}]
+  hosts: ["*"]
+  gateways: [attacker/hijack]
+  http: [{direct_response: {status: 200}, route: [{destination: {host: helloworld.demo.svc.cluster.local, port: {number: 5000}}}]}]
 ---
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
@@ -260,64 +270,45 @@ metadata: {name: only-ingress, namespace: demo}
 spec:
   selector: {matchLabels: {app: helloworld}}
   action: ALLOW
-  rules: [{from: [{source: {principals: [cluster.local/ns/istio-system/sa/ingress]}}]}]
-"#,
-    );
-    // The agent holds the new gateway's certificate once the CA knows it too.
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    while !e.agents[0].admin_get("/config_dump").is_some_and(|(_, d)| d.contains("/sa/partner\""))
-        && std::time::Instant::now() < deadline
-    {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    // One keep-alive client connection: a request for www.example is the
-    // `ingress` gateway's (its `*` host), one for partner.example the
-    // `partner` gateway's (the more specific host, as Envoy picks a virtual
-    // host: /helloworld there would be 404).
-    let out = e.c.net_cmd(&[
-        "curl",
-        "-s",
-        "-v",
-        "-H",
-        "Host: www.example",
-        "-w",
-        "%{http_code}\n",
-        &format!("http://{NODE1}/helloworld/x"),
-        "--next",
-        "-s",
-        "-v",
-        "-H",
-        "Host: partner.example",
-        "-w",
-        "%{http_code}\n",
-        &format!("http://{NODE1}/partner/x"),
-    ]);
-    let (body, verbose) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(verbose.contains("Re-using existing connection"), "not one client connection: {verbose}");
-    assert!(body.contains("hello from helloworld") && body.contains("200\n"), "ingress refused: {body}");
-    assert!(body.contains("RBAC: access denied") && body.ends_with("403\n"), "partner got through: {body}");
-    // Both sides report the identity each request left with.
-    let principal = |gw: &str| format!("spiffe://cluster.local/ns/istio-system/sa/{gw}");
-    let (ingress, partner) = (principal("ingress"), principal("partner"));
+  rules: [{from: [{source: {principals: [cluster.local/ns/istio-system/sa/istio-ingressgateway-service-account]}}]}]
+"#
+    .replace("direct_response: {status: 200}, ", "");
+    e.set_config(&config(&labelled, &e.secret, &e.ca_secret, &extra));
+    // Positive control: through the load balancer, the gateway pod's
+    // identity is admitted at helloworld.
+    let outside = |args: &[&str]| e.c.net_cmd(args);
+    let (code, body) = curl(outside, &[&format!("http://{INGRESS}/helloworld")]);
+    assert_eq!((code, body.contains("hello from helloworld")), (200, true), "{body}");
+    // The labelled node serves nothing and holds no gateway identity.
+    let (code, _) = curl(outside, &[&format!("http://{NODE2}/helloworld")]);
+    assert_eq!(code, 0, "node-2's address served the ingress gateway");
+    let holds = |agent: usize| {
+        let (_, dump) = e.agents[agent].admin_get("/config_dump").unwrap();
+        let v: serde_json::Value = serde_json::from_str(&dump).unwrap();
+        let certs = v["certificates"].as_array().cloned().unwrap_or_default();
+        certs.iter().any(|c| c["identity"] == INGRESS_ID)
+    };
+    assert!(!holds(1), "node-2 holds the gateway's identity");
+    assert!(holds(0), "node-1 runs the gateway pod and holds its identity");
+    // The application pod is not turned into a gateway: node-2 serves the
+    // egress gateway pod's one port, and nothing at helloworld's address.
+    let dump = e.agents[1].admin_get("/config_dump").unwrap().1;
+    let v: serde_json::Value = serde_json::from_str(&dump).unwrap();
+    assert_eq!(v["gateway_listeners"].as_array().map(Vec::len), Some(1), "only the egress gateway pod's port: {dump}");
+    // A mesh client is not the gateway either: refused by helloworld's policy.
+    let (code, _) = curl(|a| e.pod("test").cmd(a), &["http://10.96.0.10:5000/helloworld"]);
+    assert_ne!(code, 200);
     let source = e.agents[0].wait_metrics(5, "request metrics", |t| {
-        metric(t, "istio_requests_total", &[("source_principal", &partner), ("response_code", "403")]) >= 1.0
+        metric(t, "istio_requests_total", &[("source_principal", INGRESS_ID), ("response_code", "200")]) >= 1.0
     });
-    assert!(
-        metric(&source, "istio_requests_total", &[("source_principal", &ingress), ("response_code", "200")]) >= 1.0
-    );
-    let dest = e.agents[1].metrics();
-    let admitted = [("reporter", "destination"), ("source_principal", ingress.as_str())];
-    assert!(metric(&dest, "istio_tcp_connections_opened_total", &admitted) >= 1.0, "{dest}");
-    let refused = [("reporter", "destination"), ("source_principal", partner.as_str())];
-    assert!(metric(&dest, "istio_tcp_connections_opened_total", &refused) >= 1.0, "{dest}");
-    assert!(metric(&dest, "mesh_tcp_connection_failures_total", &[("reason", "denied")]) >= 1.0, "{dest}");
+    assert!(metric(&source, "istio_requests_total", &[("source_workload", "istio-ingressgateway")]) >= 1.0);
 }
 
 /// Whether an openssl client with `args` completes a TLS handshake with the
 /// ingress gateway's HTTPS server.
 fn handshakes(e: &Edge, args: &str) -> bool {
     let cmd = format!(
-        "openssl s_client -connect {NODE1}:443 -servername hello.example.com {args} </dev/null 2>&1 | grep -q '^New, TLS'"
+        "openssl s_client -connect {INGRESS}:443 -servername hello.example.com {args} </dev/null 2>&1 | grep -q '^New, TLS'"
     );
     e.c.net_cmd(&["sh", "-c", &cmd]).status.success()
 }
@@ -352,16 +343,16 @@ fn https_gateways_speak_tls_1_2_and_1_3_and_honour_versions_and_suites() {
             "--tls-max",
             "1.2",
             "--resolve",
-            &format!("hello.example.com:443:{NODE1}"),
+            &format!("hello.example.com:443:{INGRESS}"),
             "https://hello.example.com/helloworld",
         ],
     );
     assert_eq!(code, 200, "{body}");
     // The HTTP server sends its clients to HTTPS, and curl follows to the page.
     e.set_replaced("hosts: [\"*\"]", "hosts: [\"*\"]\n    tls: {httpsRedirect: true}");
-    let (code, body) = curl(|a| e.c.net_cmd(a), &["-i", &format!("http://{NODE1}/helloworld?x=1")]);
+    let (code, body) = curl(|a| e.c.net_cmd(a), &["-i", &format!("http://{INGRESS}/helloworld?x=1")]);
     assert_eq!(code, 301, "{body}");
-    assert!(body.contains(&format!("location: https://{NODE1}/helloworld?x=1")), "{body}");
+    assert!(body.contains(&format!("location: https://{INGRESS}/helloworld?x=1")), "{body}");
     let (code, body) = curl(
         |a| e.c.net_cmd(a),
         &[
@@ -369,9 +360,9 @@ fn https_gateways_speak_tls_1_2_and_1_3_and_honour_versions_and_suites() {
             "--cacert",
             e.certs.ca().to_str().unwrap(),
             "--resolve",
-            &format!("hello.example.com:80:{NODE1}"),
+            &format!("hello.example.com:80:{INGRESS}"),
             "--resolve",
-            &format!("hello.example.com:443:{NODE1}"),
+            &format!("hello.example.com:443:{INGRESS}"),
             "http://hello.example.com/helloworld",
         ],
     );

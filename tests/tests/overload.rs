@@ -312,8 +312,13 @@ fn a_gateway_under_slowloris_and_hanging_tls_handshakes_keeps_serving() {
         yaml_block(&crt, 4),
         yaml_block(&key, 4)
     );
-    let m = Mesh::start(&edge, &[]);
-    let node1 = m.c.nodes[0].ip;
+    // The gateway pod on node-1, behind its load balancer's address.
+    let mut f = fixture();
+    let lb = std::net::Ipv4Addr::new(172, 18, 100, 1);
+    let spec = mesh_tests::fixture::PodSpec::gateway("istio-system", &[("istio", "edge")], "edge-gateway");
+    f.gateway(0, "edge-gateway", std::net::Ipv4Addr::new(10, 244, 1, 100), spec, ("10.96.0.40", lb), &[80, 443]);
+    let m = Mesh::start_with(f, &edge, &[]);
+    let node1 = lb;
     // The attacker has an address of its own in the network outside the nodes.
     let attacker = std::net::Ipv4Addr::new(172, 18, 200, 9);
     assert!(m.c.net_cmd(&["ip", "addr", "add", &format!("{attacker}/32"), "dev", "lo"]).status.success());

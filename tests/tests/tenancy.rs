@@ -103,7 +103,7 @@ fn a_request_is_routed_only_through_the_server_its_sni_chose() {
     let partner = e.certs.client("partner", "partner.example");
     let ca = e.certs.ca();
     let get = |sni: &str, host: Option<&str>, more: &[&str]| {
-        let resolve = format!("{sni}:443:{NODE1}");
+        let resolve = format!("{sni}:443:{INGRESS}");
         let mut args = vec!["--cacert", ca.to_str().unwrap(), "--resolve", &resolve];
         let header = host.map(|h| format!("Host: {h}"));
         if let Some(h) = &header {
@@ -163,7 +163,7 @@ spec:
     let reserved = "hosts: [passthrough.example]\n    tls: {mode: PASSTHROUGH}";
     assert!(cfg.contains(reserved));
     e.set_config(&cfg.replacen(reserved, "hosts: [demo/passthrough.example]\n    tls: {mode: PASSTHROUGH}", 1));
-    let resolve = format!("passthrough.example:9443:{NODE1}");
+    let resolve = format!("passthrough.example:9443:{INGRESS}");
     let ca = e.certs.ca();
     let args = ["--cacert", ca.to_str().unwrap(), "--resolve", &resolve, "https://passthrough.example:9443/"];
     // The attack fails and the legitimate client is served in one request:
@@ -341,7 +341,7 @@ spec:
     };
     e.set_config(&cfg(tenant));
     let http = |port: u16| {
-        let url = format!("http://{NODE1}:{port}/helloworld");
+        let url = format!("http://{INGRESS}:{port}/helloworld");
         curl(|a| e.c.net_cmd(a), &["-H", "Host: hello.example.com", &url])
     };
     // The takeover: demo's older rule answers for its host.
@@ -364,7 +364,7 @@ spec:
     assert_eq!(got.0, 200, "a tenant's conflicting server froze the listeners: {}", got.1);
     // HTTPS on 443 is still demo's, and the tenant's server is reported.
     let ca = e.certs.ca();
-    let resolve = format!("hello.example.com:443:{NODE1}");
+    let resolve = format!("hello.example.com:443:{INGRESS}");
     let args = ["--cacert", ca.to_str().unwrap(), "--resolve", &resolve, "https://hello.example.com/helloworld"];
     assert_eq!(curl(|a| e.c.net_cmd(a), &args).0, 200);
     let dump = e.agents[0].admin_get("/config_dump").unwrap().1;

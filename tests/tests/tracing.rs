@@ -8,13 +8,14 @@
 use std::time::{Duration, Instant};
 
 use mesh_agent::telemetry::trace::receiver::{Received, Receiver};
-use mesh_tests::{agent::metric, mesh::*, require_root, servers};
+use mesh_tests::{agent::metric, fixture::PodSpec, mesh::*, require_root, servers};
 
-const NODE1: &str = "172.18.0.2";
+/// The ingress gateway pod's LoadBalancer address.
+const INGRESS: &str = "172.18.100.1";
 const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const CALLER_SPAN: &str = "00f067aa0ba902b7";
 
-/// An ingress gateway on node-1 routing `/helloworld` to helloworld's API.
+/// The ingress gateway (a pod on node-1) routing `/helloworld` to helloworld's API.
 const GATEWAY: &str = r#"---
 apiVersion: networking.istio.io/v1
 kind: Gateway
@@ -73,7 +74,16 @@ fn spans_link_source_destination_and_gateway_across_nodes() {
         return;
     }
     let mut f = fixture();
-    f.objects.label_node("node-1", "istio", "ingressgateway");
+    let labels = [("istio", "ingressgateway")];
+    let spec = PodSpec::gateway("istio-system", &labels, "istio-ingressgateway-service-account");
+    f.gateway(
+        0,
+        "istio-ingressgateway",
+        "10.244.1.100".parse().unwrap(),
+        spec,
+        ("10.96.0.40", INGRESS.parse().unwrap()),
+        &[80],
+    );
     // The collector in the `outsider` pod (un-meshed); every request traced.
     let mesh = "    defaultProviders: {tracing: [otel]}\n    defaultConfig: {tracing: {sampling: 100}}\n";
     let collector = servers::otlp_collector_config("plain", "outsider", "10.96.0.30", mesh);
@@ -140,7 +150,7 @@ fn spans_link_source_destination_and_gateway_across_nodes() {
         "5",
         "-H",
         &format!("traceparent: 00-{gw_trace}-{CALLER_SPAN}-01"),
-        &format!("http://{NODE1}/helloworld/headers"),
+        &format!("http://{INGRESS}/helloworld/headers"),
     ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let spans = spans_of(&r, gw_trace, 3);
@@ -164,7 +174,7 @@ fn spans_link_source_destination_and_gateway_across_nodes() {
         "5",
         "-H",
         &format!("traceparent: 00-{no_route}-{CALLER_SPAN}-01"),
-        &format!("http://{NODE1}/nothing-here"),
+        &format!("http://{INGRESS}/nothing-here"),
     ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let spans = spans_of(&r, no_route, 1);

@@ -21,7 +21,7 @@ use mesh_tests::{
     Agent,
     agent::{BpfFs, metric, rss_mib},
     clients,
-    fixture::{Fixture, hello_one_node},
+    fixture::{Fixture, PodSpec, hello_one_node},
     netns::enter_and_spawn,
     require_root, servers,
 };
@@ -34,12 +34,17 @@ const GRPC_PORT: u16 = 50051;
 const SYN_RETRY: Duration = Duration::from_millis(900);
 
 /// `test` calling helloworld (HTTP on 9095, echo on 7000) through the
-/// Service, and node-1 its ingress gateway (port 80).
+/// Service, and node-1 running the ingress gateway pod (port 80) behind a
+/// LoadBalancer address.
 fn cluster() -> Fixture {
     let mut f = hello_one_node("helloworld", &[("app", "helloworld")]);
-    f.objects.label_node("node-1", "istio", "ingressgateway");
+    let labels = [("istio", "ingressgateway")];
+    let spec = PodSpec::gateway("istio-system", &labels, "istio-ingressgateway-service-account");
+    f.gateway(0, "istio-ingressgateway", std::net::Ipv4Addr::new(10, 244, 0, 100), spec, ("10.96.0.40", LB), &[80]);
     f
 }
+
+const LB: std::net::Ipv4Addr = std::net::Ipv4Addr::new(172, 18, 100, 1);
 
 const GATEWAY: &str = r#"apiVersion: networking.istio.io/v1
 kind: Gateway
@@ -60,8 +65,8 @@ spec:
   - route: [{destination: {host: helloworld, port: {number: 9095}}}]
 "#;
 
-/// node-1's gateway port, from outside the node.
-const INGRESS: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::new(172, 18, 0, 2)), 80);
+/// The gateway's port at its load balancer, from outside the node.
+const INGRESS: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(LB), 80);
 
 /// One request on a new connection: `Ok` when helloworld answered 200.
 fn request() -> Result<(), String> {

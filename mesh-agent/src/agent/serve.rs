@@ -110,7 +110,7 @@ impl Running {
         let offered = listeners::offered(&outbound, &inbound, &hbone, &admin);
         let mut gateways = gateway::Listeners::default();
         ctx.reconcile_gateways(&mut gateways);
-        let hop = gateways.tunnel_hop(inputs);
+        let hop = gateway::tunnel_hop(inputs);
         let tasks = vec![
             tokio::spawn(crate::proxy::serve(inputs.clone(), outbound, Direction::Outbound, stop_rx.clone())),
             tokio::spawn(crate::proxy::serve(inputs.clone(), inbound, Direction::Inbound, stop_rx.clone())),
@@ -129,7 +129,7 @@ impl Running {
         ctx.ready.store(false, Ordering::Release);
         let _ = self.stop_tx.send(true);
         let mut gateways = self.gateways;
-        gateways.close_all();
+        gateways.close_all(&ctx.inputs);
         for t in self.tasks {
             let _ = t.await;
         }

@@ -33,7 +33,6 @@ const NFT_TABLE: &str = "mesh_agent";
 #[derive(Debug, Default)]
 pub struct NodeSettings {
     early_demux: Option<String>,
-    migrate_req: Option<String>,
     nft: bool,
 }
 
@@ -48,10 +47,6 @@ impl NodeSettings {
                 "0",
                 "flows that enter by another interface and reach a meshed pod will stall",
             ),
-            // Connections waiting in a closing gateway listener's queue move
-            // to the replacing agent's listener in the same SO_REUSEPORT
-            // group (Linux ≥ 5.14) instead of being reset.
-            migrate_req: set_sysctl(MIGRATE_REQ, "1", "an upgrade may reset connections waiting at a gateway port"),
             nft: false,
         };
         match install_notrack(marks) {
@@ -75,6 +70,8 @@ impl NodeSettings {
         if read_sysctl("net/ipv4/tcp_early_demux").as_deref() == Some("0") {
             let _ = std::fs::write(EARLY_DEMUX, "1");
         }
+        // Set by agents that bound gateway ports themselves (before gateways
+        // were pods served through the capture listeners).
         if read_sysctl("net/ipv4/tcp_migrate_req").as_deref() == Some("1") {
             let _ = std::fs::write(MIGRATE_REQ, "0");
         }
@@ -87,9 +84,6 @@ impl NodeSettings {
             && let Err(e) = std::fs::write(EARLY_DEMUX, &old)
         {
             tracing::warn!(error = %e, "restoring tcp_early_demux");
-        }
-        if let Some(old) = self.migrate_req.take() {
-            let _ = std::fs::write(MIGRATE_REQ, &old);
         }
         if std::mem::take(&mut self.nft) {
             let _ = nft(&format!("delete table inet {NFT_TABLE}\n"));

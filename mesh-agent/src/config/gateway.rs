@@ -1,8 +1,8 @@
 //! `networking.istio.io/v1` `Gateway` and the Kubernetes `Secret`s its TLS
 //! servers name, validated into [`crate::state::Gateway`]. A Gateway's
-//! `selector` is matched against Node labels: the agents on those nodes open
-//! its listeners on their node address.
-use std::{collections::BTreeMap, sync::Arc};
+//! `selector` is matched against gateway pods' labels: each such pod's node
+//! agent serves it on the pod's address, as the pod (its identity).
+use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
@@ -12,7 +12,7 @@ use super::{
 };
 use crate::state::{
     ClientAuth, Gateway, GatewayProtocol, GatewayServer, PeerCheck, ServerCert, ServerHost, ServerTls, TlsSettings,
-    TlsVersion, Workload,
+    TlsVersion,
 };
 
 type Unsupported = Option<serde_yaml_ng::Value>;
@@ -83,20 +83,9 @@ pub struct ServerTlsSpec {
     pub tls_certificates: Unsupported,
 }
 
-pub(super) fn build_gateway(
-    ctx: &mut Ctx<'_>,
-    obj: &GatewayObject,
-    secrets: &Secrets,
-    trust_domain: &str,
-) -> Option<Gateway> {
+pub(super) fn build_gateway(ctx: &mut Ctx<'_>, obj: &GatewayObject, secrets: &Secrets) -> Option<Gateway> {
     let (name, namespace) = name_and_namespace(ctx, &obj.metadata)?;
     let before = ctx.error_count();
-    if &*namespace == crate::state::ROOT_NAMESPACE && &*name == crate::state::CA_SERVICE_ACCOUNT {
-        ctx.error("metadata.name", format!("{name:?}: reserved for the mesh CA's identity"));
-    }
-    if &*namespace == crate::state::ROOT_NAMESPACE && name.starts_with(crate::state::NODE_IDENTITY_PREFIX) {
-        ctx.error("metadata.name", "names mesh-node-* in istio-system are node identities");
-    }
     if obj.spec.servers.is_empty() {
         ctx.error("spec.servers", "at least one server is required");
     }
@@ -113,31 +102,8 @@ pub(super) fn build_gateway(
     if ctx.error_count() != before {
         return None;
     }
-    // The identity the gateway's agents use for traffic they send into the mesh.
-    let principal: Arc<str> = crate::identity::spiffe_id(trust_domain, &namespace, &name).into();
-    let (canonical_service, canonical_revision) = Workload::canonical(&BTreeMap::new(), &name);
-    let workload = Arc::new(Workload {
-        name: name.clone(),
-        namespace: namespace.clone(),
-        workload_name: name.clone(),
-        app: name.clone(),
-        version: "unknown".into(),
-        canonical_service,
-        canonical_revision,
-        labels: BTreeMap::new(),
-        node: None,
-        service_account: name.clone(),
-        principal,
-        ip: None,
-        host_network: true,
-        meshed: true,
-        ready: true,
-        named_ports: BTreeMap::new(),
-        probe_ports: Default::default(),
-        uid: None,
-    });
     let (selector, created) = (obj.spec.selector.clone(), obj.metadata.creation_timestamp.clone());
-    Some(Gateway { name, namespace, created, selector, servers, workload })
+    Some(Gateway { name, namespace, created, selector, servers })
 }
 
 fn build_server(

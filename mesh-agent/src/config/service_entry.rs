@@ -288,6 +288,7 @@ fn unknown_endpoint(namespace: &Arc<str>, ip: Option<Ipv4Addr>, labels: BTreeMap
         ip,
         host_network: false,
         meshed: false,
+        gateway: false,
         ready: true,
         named_ports: BTreeMap::new(),
         probe_ports: Default::default(),

@@ -12,6 +12,9 @@ use super::Kind;
 /// revocation list as `ca.crl`.
 const SECRET_KEYS: &[&str] = &["tls.crt", "tls.key", "cert", "key", "ca.crt", "cacert", "ca.crl"];
 
+/// The annotations the configuration builder reads.
+const READ_ANNOTATIONS: &[&str] = &["inject.istio.io/templates"];
+
 /// The object as the configuration builder reads it: `apiVersion`, `kind`,
 /// the metadata it uses and the kind's fields it uses.
 pub(super) fn reduce(kind: &Kind, obj: DynamicObject) -> Value {
@@ -28,6 +31,15 @@ pub(super) fn reduce(kind: &Kind, obj: DynamicObject) -> Value {
     put("creationTimestamp", json!(meta.creation_timestamp.as_ref().map(|t| t.0.to_string())));
     if let Some(labels) = meta.labels.as_ref().filter(|l| !l.is_empty()) {
         put("labels", json!(labels));
+    }
+    // Of the annotations, only those the agent reads (a Pod's gateway
+    // injection template); `last-applied-configuration` and the like go.
+    let kept = |k: &String| READ_ANNOTATIONS.contains(&k.as_str());
+    if let Some(annotations) = meta.annotations.as_ref().filter(|a| a.keys().any(kept)) {
+        put(
+            "annotations",
+            json!(annotations.iter().filter(|(k, _)| kept(k)).collect::<std::collections::BTreeMap<_, _>>()),
+        );
     }
     if let Some(owners) = meta.owner_references.as_ref().filter(|o| !o.is_empty()) {
         let owners: Vec<Value> =

@@ -118,7 +118,7 @@ async fn nothing_is_published_until_every_kind_has_been_listed() {
     fake.set_down(false);
     let loaded = source.next().await;
     assert!(loaded.rejected.is_empty(), "{:?}", loaded.rejected);
-    assert_eq!(loaded.state.workloads.len(), 3);
+    assert_eq!(loaded.state.workloads.len(), 4);
     // Lists come from the watch cache.
     let lists: Vec<_> =
         fake.requests().into_iter().filter(|r| r.method == "GET" && !r.query.contains("watch")).collect();
@@ -151,11 +151,18 @@ async fn changes_of_each_kind_reach_routing_capture_certificates_and_gateways() 
     assert!(!s.node_identities("n2").contains("spiffe://cluster.local/ns/demo/sa/helloworld"));
     // A namespace leaving the mesh: its pods are no longer captured.
     source.fake.apply(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "demo"}}));
-    assert!(!source.next().await.state.local_workloads("n1").any(|w| w.meshed));
-    // A Gateway deleted: no gateway on the node.
-    assert!(s.gateways_on("n1").count() > 0);
+    // (The gateway pod, served by the agent, stays captured.)
+    assert!(!source.next().await.state.local_workloads("n1").any(|w| w.meshed && !w.gateway));
+    // A Gateway deleted: nothing for the node's gateway pod to serve.
+    let served =
+        |s: &crate::state::State| s.local_workloads("n1").filter(|w| w.gateway).flat_map(|w| s.gateways_of(w)).count();
+    assert!(served(&s) > 0);
+    assert!(
+        s.node_identities("n1")
+            .contains("spiffe://cluster.local/ns/istio-system/sa/istio-ingressgateway-service-account")
+    );
     source.fake.delete("networking.istio.io/v1", "Gateway", Some("istio-system"), "ingress");
-    assert_eq!(source.next().await.state.gateways_on("n1").count(), 0);
+    assert_eq!(served(&source.next().await.state), 0);
     // Istio kinds: an AuthorizationPolicy, a DestinationRule, the mesh ConfigMap.
     source.fake.delete("security.istio.io/v1", "AuthorizationPolicy", Some("demo"), "hello-from-test");
     assert!(source.next().await.state.authorization_policies.is_empty());
@@ -183,7 +190,7 @@ async fn a_burst_of_a_thousand_events_is_one_rebuild() {
         source.fake.apply(pod(&format!("burst-{i}"), "n2", &ip));
     }
     let s = source.next().await.state;
-    assert_eq!(s.workloads.len(), 1003);
+    assert_eq!(s.workloads.len(), 1004);
     assert!(source.quiet_for(10).await, "a second rebuild for the same burst");
     assert_eq!(source.counters.rebuilds.get() - before, 1);
 }
@@ -199,7 +206,7 @@ async fn a_410_gone_leads_to_a_relist_and_what_changed_meanwhile_is_seen() {
     source.fake.expire_watches();
     source.fake.apply(pod("after-expiry", "n1", "10.244.1.77"));
     let s = source.until(|s| s.workloads.contains_key("demo/after-expiry")).await.state;
-    assert_eq!(s.workloads.len(), 4, "nothing lost in the relist");
+    assert_eq!(s.workloads.len(), 5, "nothing lost in the relist");
     assert_eq!(lists(&source.fake), 2, "the pods were listed again");
 }
 
@@ -228,7 +235,7 @@ async fn an_invalid_object_is_rejected_by_itself() {
     let error = loaded.rejected[0].to_string();
     assert!(error.starts_with("api-server: VirtualService demo/broken: spec.http[0].timeout"), "{error}");
     assert_eq!(loaded.state.virtual_services.len(), 1);
-    assert_eq!(loaded.state.workloads.len(), 3);
+    assert_eq!(loaded.state.workloads.len(), 4);
 }
 
 #[tokio::test(start_paused = true)]

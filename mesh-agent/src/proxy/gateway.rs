@@ -1,41 +1,52 @@
-//! Ingress and egress gateways: the listeners a `Gateway` asks for, opened by
-//! the agents on the nodes it selects, on their node address.
+//! Ingress and egress gateways, as Istio deploys them: a Gateway is served
+//! on the address of each gateway pod its `selector` matches, by that pod's
+//! node agent, as that pod (its service account's identity, issued by the CA
+//! as any pod's). The pod itself runs nothing: every connection to it is
+//! captured like any meshed pod's, and the doors that would hand it to the
+//! pod — the plaintext listener for clients outside the mesh (a
+//! LoadBalancer, NodePort or externalIPs Service in front of the pods),
+//! HBONE from other nodes, a local pod's connection — hand a gateway port's
+//! connection to [`Ports`] instead.
 //!
 //! HTTP (and HTTPS, terminated with the Secret's certificate) goes through the
 //! L7 pipeline, routed by the VirtualServices bound to the gateway; TCP by
-//! their `tcp` rules. Traffic leaves with the gateway's own identity: over
+//! their `tcp` rules. Traffic leaves with the gateway pod's identity: over
 //! HBONE to a workload on another node, directly (after authorization) on this
 //! one, and directly to services outside the mesh — an egress gateway is the
 //! same thing reached over HBONE by other nodes' agents ([`serve_tunneled`]).
 //!
-//! A port that cannot be bound (another process has it) is reported in logs and
-//! `/config_dump` and retried on every resync; the other listeners and the rest
-//! of the configuration are unaffected.
+//! An HTTPS port whose certificate cannot be used is reported in logs and
+//! `/config_dump` and tried again on every resync; the other ports and the
+//! rest of the configuration are unaffected.
 use std::{
     collections::{BTreeMap, HashMap},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
-    pin::Pin,
-    sync::{Arc, RwLock},
-    time::Duration,
+    net::{SocketAddr, SocketAddrV4},
+    sync::Arc,
 };
 
 use serde::Serialize;
-use tokio::sync::watch;
+use tokio::net::TcpStream;
 
 use crate::{
     proxy::{
-        Inputs,
-        inbound::hbone::{GatewayHop, HopServer},
-        l4::reset,
+        Inputs, ProxyError,
+        edge::{GatewayPort, Io, Serve},
+        hbone::{GatewayHop, HopServer},
+        l4::{fail, reset},
         limits::Gate,
     },
-    state::{GatewayProtocol, ServerTls, State},
+    routing::policy::{self, Peer, Verdict},
+    state::{GatewayProtocol, ServerTls, State, Workload},
 };
 
-/// What one port should be: compared on each reconcile, a change reopens it.
+/// What one gateway pod's port should be: compared on each reconcile, a
+/// change rebuilds what it serves.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct PortPlan {
-    pub addr: SocketAddr,
+    /// The gateway pod's address and the port.
+    pub addr: SocketAddrV4,
+    /// The gateway pod, `namespace/name`.
+    pub pod: String,
     pub protocol: GatewayProtocol,
     /// Gateways (`namespace/name`) with a server on the port.
     pub gateways: Vec<String>,
@@ -48,85 +59,87 @@ pub struct PortPlan {
 pub struct PortStatus {
     #[serde(flatten)]
     pub plan: PortPlan,
-    /// `listening`, or why the port could not be opened.
+    /// `serving`, or why the port cannot be served.
     pub status: String,
+}
+
+/// What a gateway port serves; replaced when the configuration changes.
+pub struct Serving {
+    protocol: GatewayProtocol,
+    gateways: Arc<[String]>,
+    acceptor: Option<Arc<TlsServers>>,
+    /// The gateway pod: the requests' source, its identity theirs.
+    pod: Arc<Workload>,
+    /// Bounds on connections and TLS handshakes (one for all the node's ports).
+    gate: Arc<Gate>,
+}
+
+/// The plans of this node, with their status and what they serve.
+#[derive(Default)]
+pub struct Listeners {
+    held: BTreeMap<SocketAddrV4, Held>,
+    gate: Option<Arc<Gate>>,
+    /// Servers left out of the plan, for logs and `/config_dump`.
+    conflicts: Vec<Conflict>,
 }
 
 struct Held {
     plan: PortPlan,
-    /// What the port's task serves; `None` (or dropped) stops it.
-    serving: Option<watch::Sender<Option<Arc<Serving>>>>,
+    serving: Option<Arc<Serving>>,
     status: String,
 }
 
-/// What an open port serves; swapped in place when the configuration changes,
-/// so the socket stays bound across reloads.
-struct Serving {
-    protocol: GatewayProtocol,
-    gateways: Arc<[String]>,
-    acceptor: Option<Arc<TlsServers>>,
-}
-
-/// The gateway listeners of this node.
-#[derive(Default)]
-pub struct Listeners {
-    held: BTreeMap<u16, Held>,
-    /// Servers left out of the plan, for logs and `/config_dump`.
-    conflicts: Vec<Conflict>,
-    /// This node's gateway ports as HBONE targets, kept with the plan.
-    hops: Arc<RwLock<HashMap<SocketAddrV4, Hop>>>,
-}
-
-/// A gateway port reachable over HBONE, and the identities it runs as.
-struct Hop {
-    gateways: Arc<[String]>,
-    protocol: GatewayProtocol,
-    principals: Vec<Arc<str>>,
-}
-
-/// The ports this node's gateways ask for, and the servers left out. Gateways
-/// are taken oldest first (Istio's precedence): a server whose protocol
-/// differs from the one an older Gateway's server gave its port is left out
-/// alone, reported, and every other server and port is served.
-pub fn plan(state: &State, node: &str) -> (BTreeMap<u16, PortPlan>, Vec<Conflict>) {
-    let ip = state.nodes.get(node).and_then(|n| n.internal_ip).unwrap_or(Ipv4Addr::UNSPECIFIED);
-    let mut ports: BTreeMap<u16, PortPlan> = BTreeMap::new();
+/// The ports this node's gateway pods serve, and the servers left out. For
+/// each pod, the Gateways that select it are taken oldest first (Istio's
+/// precedence): a server whose protocol differs from the one an older
+/// Gateway's server gave its port is left out alone, reported, and every
+/// other server and port is served.
+pub fn plan(state: &State, node: &str) -> (BTreeMap<SocketAddrV4, PortPlan>, Vec<Conflict>) {
+    let mut ports: BTreeMap<SocketAddrV4, PortPlan> = BTreeMap::new();
     let mut conflicts = Vec::new();
-    for g in state.gateways_on(node) {
-        let key = format!("{}/{}", g.namespace, g.name);
-        for s in &g.servers {
-            let p = ports.entry(s.port).or_insert_with(|| PortPlan {
-                addr: SocketAddr::from((ip, s.port)),
-                protocol: s.protocol,
-                gateways: Vec::new(),
-                credentials: Vec::new(),
-            });
-            if p.protocol != s.protocol {
-                let holder = p.gateways.first().cloned().unwrap_or_default();
-                conflicts.push(Conflict {
-                    gateway: key.clone(),
-                    server: s.name.clone(),
-                    port: s.port,
-                    reason: format!(
-                        "port {} is {:?} in the older Gateway {holder}, not {:?}",
-                        s.port, p.protocol, s.protocol
-                    ),
+    for pod in state.local_workloads(node).filter(|w| w.gateway) {
+        let Some(ip) = pod.ip else { continue };
+        for g in state.gateways_of(pod) {
+            let key = format!("{}/{}", g.namespace, g.name);
+            for s in &g.servers {
+                let p = ports.entry(SocketAddrV4::new(ip, s.port)).or_insert_with(|| PortPlan {
+                    addr: SocketAddrV4::new(ip, s.port),
+                    pod: format!("{}/{}", pod.namespace, pod.name),
+                    protocol: s.protocol,
+                    gateways: Vec::new(),
+                    credentials: Vec::new(),
                 });
-                continue;
-            }
-            if !p.gateways.contains(&key) {
-                p.gateways.push(key.clone());
-            }
-            if let Some(ServerTls::Simple(cert)) = &s.tls {
-                let id = format!("{} ({}) {:?} {:?}", cert.credential, cert.fingerprint(), cert.settings, cert.client);
-                p.credentials.extend(s.hosts.iter().map(|h| (h.host.clone(), id.clone())));
+                if p.protocol != s.protocol {
+                    let holder = p.gateways.first().cloned().unwrap_or_default();
+                    let conflict = Conflict {
+                        gateway: key.clone(),
+                        server: s.name.clone(),
+                        port: s.port,
+                        reason: format!(
+                            "port {} is {:?} in the older Gateway {holder}, not {:?}",
+                            s.port, p.protocol, s.protocol
+                        ),
+                    };
+                    if !conflicts.contains(&conflict) {
+                        conflicts.push(conflict);
+                    }
+                    continue;
+                }
+                if !p.gateways.contains(&key) {
+                    p.gateways.push(key.clone());
+                }
+                if let Some(ServerTls::Simple(cert)) = &s.tls {
+                    let id =
+                        format!("{} ({}) {:?} {:?}", cert.credential, cert.fingerprint(), cert.settings, cert.client);
+                    p.credentials.extend(s.hosts.iter().map(|h| (h.host.clone(), id.clone())));
+                }
             }
         }
     }
     (ports, conflicts)
 }
 
-/// A Gateway server left out of this node's listeners, and why.
+/// A Gateway server left out of this node's ports, and why.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Conflict {
     pub gateway: String,
@@ -136,7 +149,7 @@ pub struct Conflict {
 }
 
 impl Listeners {
-    /// Opens, updates and closes listeners to match the configuration.
+    /// Makes this node's gateway ports match the configuration.
     pub fn reconcile(&mut self, ctx: &Arc<Inputs>) {
         let state = ctx.state();
         let (want, conflicts) = plan(&state, &ctx.node);
@@ -147,88 +160,43 @@ impl Listeners {
         }
         ctx.metrics.gateway_conflicts.set(conflicts.len() as i64);
         self.conflicts = conflicts;
-        self.set_hops(&state, &want);
-        self.held.retain(|port, held| {
-            // Kept while wanted at the same address; a new address rebinds.
-            let keep = want.get(port).is_some_and(|p| p.addr == held.plan.addr);
+        self.held.retain(|addr, held| {
+            let keep = want.contains_key(addr);
             if !keep {
-                held.close();
-                tracing::info!(port, "gateway listener closed");
+                tracing::info!(%addr, pod = %held.plan.pod, "gateway port no longer served");
             }
             keep
         });
-        for (port, plan) in want {
-            let held = self.held.entry(port).or_insert_with(|| Held {
+        for (addr, plan) in want {
+            let held = self.held.entry(addr).or_insert_with(|| Held {
                 plan: plan.clone(),
                 serving: None,
                 status: String::new(),
             });
-            let result = match &held.serving {
-                Some(tx) if held.plan == plan => Ok(tx.clone()),
-                Some(tx) => serving(&state, &plan).map(|s| {
-                    let _ = tx.send(Some(Arc::new(s)));
-                    tracing::info!(addr = %plan.addr, gateways = ?plan.gateways, "gateway listener updated");
-                    tx.clone()
-                }),
-                None => open(ctx, &state, &plan),
-            };
-            match result {
-                Ok(tx) => {
-                    if held.serving.is_none() {
-                        tracing::info!(addr = %plan.addr, protocol = ?plan.protocol, gateways = ?plan.gateways, "gateway listener open");
-                    }
-                    held.serving = Some(tx);
-                    held.plan = plan;
-                    held.status = "listening".into();
+            let unchanged = held.serving.is_some() && held.plan == plan;
+            if unchanged {
+                continue;
+            }
+            let gate = self.gate.get_or_insert_with(|| Gate::new("gateway", &ctx.limits)).clone();
+            match serving(&state, &plan, gate) {
+                Ok(s) => {
+                    tracing::info!(%addr, pod = %plan.pod, protocol = ?plan.protocol, gateways = ?plan.gateways, "gateway port served");
+                    held.serving = Some(Arc::new(s));
+                    held.status = "serving".into();
                 }
                 Err(e) => {
-                    if held.serving.is_none() {
-                        held.plan = plan.clone();
-                    }
-                    let status = format!("cannot listen on {}: {e}", plan.addr);
+                    let status = format!("cannot serve {addr}: {e}");
                     if held.status != status {
-                        tracing::error!(gateways = ?plan.gateways, "{status}; retrying on every resync");
+                        tracing::error!(pod = %plan.pod, gateways = ?plan.gateways, "{status}; retrying on every resync");
                         ctx.metrics.gateway_bind_failures.inc();
                     }
                     held.status = status;
                 }
             }
+            held.plan = plan;
         }
-    }
-
-    /// The HBONE server's second hop: a CONNECT to one of this node's gateway
-    /// ports, made to that gateway's identity, is served as if accepted there.
-    pub fn tunnel_hop(&self, ctx: &Arc<Inputs>) -> GatewayHop {
-        let (hops, ctx) = (self.hops.clone(), ctx.clone());
-        Arc::new(move |target: SocketAddrV4, identity: &str| {
-            let hops = hops.read().ok()?;
-            let hop = hops.get(&target).filter(|h| h.principals.iter().any(|p| **p == *identity))?;
-            let (gateways, protocol, ctx) = (hop.gateways.clone(), hop.protocol, ctx.clone());
-            Some(Box::new(move |io, peer| {
-                Box::pin(serve_tunneled(ctx, io, peer, target, gateways, protocol))
-                    as Pin<Box<dyn std::future::Future<Output = ()> + Send>>
-            }) as HopServer)
-        })
-    }
-
-    fn set_hops(&self, state: &State, want: &BTreeMap<u16, PortPlan>) {
-        let hops = want
-            .values()
-            .filter_map(|plan| {
-                let SocketAddr::V4(addr) = plan.addr else { return None };
-                let principals =
-                    plan.gateways.iter().filter_map(|k| state.gateway(k)).map(|g| g.workload.principal.clone());
-                let hop = Hop {
-                    gateways: plan.gateways.clone().into(),
-                    protocol: plan.protocol,
-                    principals: principals.collect(),
-                };
-                (!addr.ip().is_unspecified()).then_some((addr, hop))
-            })
-            .collect();
-        if let Ok(mut h) = self.hops.write() {
-            *h = hops;
-        }
+        let serving = self.held.iter().filter_map(|(a, h)| Some((*a, h.serving.clone()? as Arc<dyn GatewayPort>)));
+        ctx.gateways.set(serving.collect());
     }
 
     pub fn status(&self) -> Vec<PortStatus> {
@@ -241,94 +209,84 @@ impl Listeners {
         self.conflicts.clone()
     }
 
-    pub fn close_all(&mut self) {
-        for held in self.held.values_mut() {
-            held.close();
-        }
+    /// Serves no port any more (the agent stops accepting).
+    pub fn close_all(&mut self, ctx: &Inputs) {
         self.held.clear();
+        ctx.gateways.set(HashMap::new());
     }
 }
 
-impl Held {
-    fn close(&mut self) {
-        if let Some(tx) = self.serving.take() {
-            let _ = tx.send(None);
+/// The HBONE server's second hop: a CONNECT to a gateway pod's port on this
+/// node, made to that pod's identity, is served as the port serves it.
+pub fn tunnel_hop(ctx: &Arc<Inputs>) -> GatewayHop {
+    let ctx = ctx.clone();
+    Arc::new(move |target: SocketAddrV4, identity: &str| {
+        let serving = ctx.gateways.get(target).filter(|s| s.principal() == identity)?;
+        let ctx = ctx.clone();
+        Some(Box::new(move |io, peer| serving.serve_stream(ctx, Box::new(io), peer, target)) as HopServer)
+    })
+}
+
+// === impl Serving ===
+
+impl GatewayPort for Serving {
+    fn admits(&self, ctx: &Inputs, peer: &Peer<'_>, port: u16) -> Result<(), ProxyError> {
+        // Judged per connection: a rule on request attributes grants nothing
+        // and a DENY's request fields are ignored, so such policies fail closed.
+        let state = ctx.state();
+        match policy::authorize(&state, (&*self.pod).into(), peer, port) {
+            Verdict::Allow => Ok(()),
+            Verdict::Deny(policy) => Err(ProxyError::Denied { policy }),
         }
     }
+
+    fn serve_captured(self: Arc<Self>, ctx: Arc<Inputs>, stream: TcpStream, peer: SocketAddr) -> Serve {
+        Box::pin(async move { serve_captured(&ctx, stream, peer, self).await })
+    }
+
+    fn serve_stream(
+        self: Arc<Self>,
+        ctx: Arc<Inputs>,
+        io: Box<dyn Io>,
+        peer: SocketAddr,
+        target: SocketAddrV4,
+    ) -> Serve {
+        Box::pin(serve_tunneled(ctx, io, peer, target, self))
+    }
+
+    fn principal(&self) -> &str {
+        &self.pod.principal
+    }
 }
 
-fn serving(state: &State, plan: &PortPlan) -> std::io::Result<Serving> {
+async fn serve_captured(ctx: &Arc<Inputs>, stream: TcpStream, peer: SocketAddr, serving: Arc<Serving>) {
+    let ip = match peer.ip() {
+        std::net::IpAddr::V4(ip) => ip,
+        std::net::IpAddr::V6(_) => return reset(&stream),
+    };
+    let Ok(SocketAddr::V4(local)) = stream.local_addr() else { return reset(&stream) };
+    if let Err(e) = serving.admits(ctx, &Peer { principal: None, ip }, local.port()) {
+        return fail(ctx, &stream, peer, None, e);
+    }
+    let Ok(_ticket) = serving.gate.admit(peer.ip(), &ctx.metrics) else { return reset(&stream) };
+    // At most so many TLS handshakes at once.
+    let handshake = match serving.protocol {
+        GatewayProtocol::Https => match serving.gate.handshake(peer.ip(), &ctx.metrics) {
+            Some(p) => Some(p),
+            None => return reset(&stream),
+        },
+        _ => None,
+    };
+    handle(ctx, stream, peer, &serving, handshake).await;
+}
+
+fn serving(state: &State, plan: &PortPlan, gate: Arc<Gate>) -> std::io::Result<Serving> {
     let acceptor = match plan.protocol {
         GatewayProtocol::Https => Some(tls_acceptor(state, plan)?),
         _ => None,
     };
-    Ok(Serving { protocol: plan.protocol, gateways: plan.gateways.clone().into(), acceptor })
-}
-
-type ServingTx = watch::Sender<Option<Arc<Serving>>>;
-
-fn open(ctx: &Arc<Inputs>, state: &State, plan: &PortPlan) -> std::io::Result<ServingTx> {
-    let first = serving(state, plan)?;
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
-    socket.set_reuse_address(true)?;
-    // A replacing agent (an upgrade) listens beside this one at once, and
-    // when this one closes its listener the kernel moves the connections
-    // waiting in its queue to the other (`net.ipv4.tcp_migrate_req`, set by
-    // the agent): the gateway's port refuses nothing across the handover.
-    // Only a process of the same user may join the group.
-    socket.set_reuse_port(true)?;
-    socket.set_nonblocking(true)?;
-    socket.bind(&plan.addr.into())?;
-    socket.listen(1024)?;
-    let listener = tokio::net::TcpListener::from_std(socket.into())?;
-    let (tx, mut rx) = watch::channel(Some(Arc::new(first)));
-    let ctx = ctx.clone();
-    let gate = Gate::new("gateway", &ctx.limits);
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                changed = rx.changed() => {
-                    if changed.is_err() || rx.borrow().is_none() {
-                        break;
-                    }
-                }
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, peer)) => {
-                        let Some(now) = rx.borrow().clone() else { break };
-                        let Ok(ticket) = gate.admit(peer.ip(), &ctx.metrics) else {
-                            reset(&stream);
-                            continue;
-                        };
-                        // At most so many TLS handshakes at once.
-                        let handshake = match now.protocol {
-                            GatewayProtocol::Https => match gate.handshake(peer.ip(), &ctx.metrics) {
-                                Some(p) => Some(p),
-                                None => {
-                                    reset(&stream);
-                                    continue;
-                                }
-                            },
-                            _ => None,
-                        };
-                        let guard = ctx.active.enter();
-                        let ctx = ctx.clone();
-                        tokio::spawn(async move {
-                            let _ticket = ticket;
-                            let acceptor = now.acceptor.clone();
-                            let gateways = now.gateways.clone();
-                            handle(&ctx, stream, peer, now.protocol, gateways, acceptor, handshake).await;
-                            drop(guard);
-                        });
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "gateway accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                },
-            }
-        }
-    });
-    Ok(tx)
+    let pod = state.workload_by_ip(*plan.addr.ip()).cloned().ok_or_else(|| std::io::Error::other("no gateway pod"))?;
+    Ok(Serving { protocol: plan.protocol, gateways: plan.gateways.clone().into(), acceptor, pod, gate })
 }
 
 mod serve;

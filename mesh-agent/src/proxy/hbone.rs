@@ -137,5 +137,20 @@ pub(crate) fn forwarded_value(client_ip: Ipv4Addr, service_host: Option<&str>) -
     }
 }
 
+/// The second hop of the egress-gateway pattern, given by the agent (the
+/// gateway module implements it; HBONE does not import it): for a CONNECT
+/// target and the identity the connection was made for, what serves the
+/// stream when the target is a gateway port of this node run as that identity.
+pub type GatewayHop = std::sync::Arc<dyn Fn(std::net::SocketAddrV4, &str) -> Option<HopServer> + Send + Sync>;
+
+/// Serves one upgraded CONNECT stream from `peer`.
+pub type HopServer = Box<
+    dyn FnOnce(
+            hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>,
+            std::net::SocketAddr,
+        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
+        + Send,
+>;
+
 #[cfg(test)]
 mod tests;

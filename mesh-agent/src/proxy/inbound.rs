@@ -95,6 +95,15 @@ pub(crate) async fn same_node(
     arrival: Inbound,
     timeout: Duration,
 ) -> Result<Opened, ProxyError> {
+    // A gateway pod's port: its policies, then the gateway, at the far end
+    // of an in-process pipe.
+    if let Some(serving) = ctx.gateways.get(arrival.target) {
+        let peer = crate::routing::policy::Peer { principal: arrival.principal.as_deref(), ip: arrival.client_ip };
+        serving.admits(ctx, &peer, arrival.target.port())?;
+        let (near, far) = tokio::io::duplex(PIPE_BUFFER);
+        tokio::spawn(serving.serve_stream(ctx.clone(), Box::new(far), arrival.peer, arrival.target));
+        return Ok(Opened { io: Upstream::Pipe(near), mtls: false, guard: None });
+    }
     match admit::admit(state, arrival)? {
         admit::Admission::Http(inbound) => {
             let (near, far) = tokio::io::duplex(PIPE_BUFFER);

@@ -43,6 +43,9 @@ pub struct Inputs {
     pub ext_authz: crate::proxy::inbound::http::ext_authz::Channels,
     /// Span exporters, one per tracing provider.
     pub tracer: crate::telemetry::trace::Tracer,
+    /// The gateway pods' ports this agent serves (kept by the agent's
+    /// reconcile), looked up before a connection is handed to a pod.
+    pub gateways: super::edge::GatewayPorts,
     /// The destination side's way out (to an external authorizer): the
     /// outbound direction's opening of a connection.
     pub(crate) dial: super::upstream::Dial,
@@ -76,6 +79,7 @@ impl Inputs {
             s.metrics.trace_spans.clone(),
         );
         let inputs = Inputs {
+            gateways: Default::default(),
             node: s.node,
             limits: s.limits,
             connect_timeout: s.connect_timeout,

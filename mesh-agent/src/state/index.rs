@@ -21,6 +21,8 @@ pub struct Index {
     authorization_policies: HashMap<Arc<str>, Vec<usize>>,
     request_authentications: HashMap<Arc<str>, Vec<usize>>,
     gateways: HashMap<String, usize>,
+    /// Gateway pods by their identity (one of each).
+    gateway_pods: HashMap<Arc<str>, Arc<super::Workload>>,
     /// The Services that select a pod, by its IP.
     services_of: HashMap<std::net::Ipv4Addr, Vec<Arc<super::Service>>>,
     /// What the Telemetries make of a pod's reporting, by its IP (pods no
@@ -89,12 +91,20 @@ impl State {
             }
         }
         index.default_telemetry = default;
+        for w in self.workloads.values().filter(|w| w.gateway) {
+            index.gateway_pods.entry(w.principal.clone()).or_insert_with(|| w.clone());
+        }
         for svc in self.services.values().filter(|s| s.external.is_none()) {
             for ip in svc.endpoints.iter().filter_map(|w| w.ip) {
                 index.services_of.entry(ip).or_default().push(svc.clone());
             }
         }
         self.index = index;
+    }
+
+    /// A gateway pod that runs as `principal`.
+    pub fn gateway_pod_of(&self, principal: &str) -> Option<&Arc<super::Workload>> {
+        self.index.gateway_pods.get(principal)
     }
 
     /// The VirtualServices bound to `mesh` that route the Service `namespace/name`.

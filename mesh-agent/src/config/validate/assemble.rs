@@ -95,13 +95,12 @@ pub(super) fn assemble(objects: Objects, trust_domain: &str, errors: &mut Vec<Co
         &objects.gateways,
         errors,
         |o| describe_meta("Gateway", &o.metadata),
-        |ctx, o| gateway::build_gateway(ctx, o, &secrets, trust_domain),
+        |ctx, o| gateway::build_gateway(ctx, o, &secrets),
     );
     // Oldest first (Istio's precedence when servers conflict), then by
     // namespace and name.
     gateways.sort_by(|a, b| by_age(&a.created, &a.namespace, &a.name).cmp(&by_age(&b.created, &b.namespace, &b.name)));
     state.gateways = gateways.into_iter().map(Arc::new).collect();
-    add_gateway_services(&mut state, &objects.gateways, errors);
     state.peer_authentications = build_unique(
         &objects.peer_authentications,
         errors,
@@ -210,64 +209,6 @@ fn add_service_entries(state: &mut State, entries: &[(Origin, ServiceEntryObject
             state.external_by_host.entry(s.hostname.to_string()).or_default().push(s.clone());
             state.services.insert(key, s);
         }
-    }
-}
-
-/// A Gateway is addressable as the Service `<name>.<namespace>.svc.cluster.local`
-/// (as Istio's gateway deployments are): its endpoints are the agents on the
-/// nodes it selects, at their node address, with the gateway's identity. A route
-/// to it (the first hop of the egress-gateway pattern) travels over HBONE.
-fn add_gateway_services(state: &mut State, objects: &[(Origin, GatewayObject)], errors: &mut Vec<ConfigError>) {
-    for g in state.gateways.clone() {
-        let key = format!("{}/{}", g.namespace, g.name);
-        if state.services.contains_key(&key) {
-            if let Some((origin, o)) =
-                objects.iter().find(|(_, o)| describe_meta("Gateway", &o.metadata) == format!("Gateway {key}"))
-            {
-                let mut ctx = Ctx { origin, object: describe_meta("Gateway", &o.metadata), errors };
-                ctx.error(
-                    "metadata.name",
-                    format!("Service {key} exists: a Gateway is addressed by its own name, choose another"),
-                );
-            }
-            continue;
-        }
-        let endpoints = state
-            .nodes
-            .values()
-            .filter(|n| g.selector.iter().all(|(k, v)| n.labels.get(k) == Some(v)))
-            .filter_map(|n| {
-                let ip = n.internal_ip?;
-                Some(Arc::new(Workload {
-                    name: format!("{}@{}", g.name, n.name).into(),
-                    node: Some(n.name.clone()),
-                    ip: Some(ip),
-                    ..Workload::clone(&g.workload)
-                }))
-            })
-            .collect();
-        let ports = g
-            .servers
-            .iter()
-            .map(|s| ServicePort {
-                name: s.name.clone(),
-                port: s.port,
-                target: TargetPort::Number(s.port),
-                protocol: Protocol::Tcp,
-                app_protocol: Some(s.protocol.app_protocol().into()),
-            })
-            .collect();
-        let s = Service {
-            key: format!("{}/{}", g.namespace, g.name),
-            hostname: format!("{}.{}.svc.{CLUSTER_DOMAIN}", g.name, g.namespace).into(),
-            name: g.name.clone(),
-            namespace: g.namespace.clone(),
-            vip: None,
-            ports,
-            endpoints,
-            external: None,
-        };
-        state.services.insert(key, Arc::new(s));
     }
 }
 

@@ -32,6 +32,7 @@ pub(super) fn build_node(ctx: &mut Ctx<'_>, node: &k8s::Node, trust_domain: &str
         ip: internal_ip,
         host_network: true,
         meshed: true,
+        gateway: false,
         ready: true,
         named_ports: BTreeMap::new(),
         probe_ports: BTreeSet::new(),
@@ -87,19 +88,26 @@ pub(super) fn build_workload(
     let namespace: Arc<str> = pod.metadata.namespace.as_deref().unwrap_or("default").into();
     let labels = &pod.metadata.labels;
     let ns_mode = namespaces.get(&namespace).and_then(|ns| ns.labels.get(DATAPLANE_MODE_LABEL));
-    let meshed = !pod.spec.host_network
-        && match labels.get(DATAPLANE_MODE_LABEL).map(String::as_str) {
-            Some("none") => false,
-            Some("ambient") => true,
-            Some(other) => {
-                ctx.error(
-                    format!("metadata.labels[{DATAPLANE_MODE_LABEL}]"),
-                    format!("{other:?}: expected \"ambient\" or \"none\""),
-                );
-                return None;
-            }
-            None => ns_mode.map(String::as_str) == Some("ambient"),
-        };
+    let gateway = is_gateway(&pod.metadata);
+    if gateway && pod.spec.host_network {
+        ctx.error("spec.hostNetwork", "a gateway pod needs an address of its own: its agent serves the Gateway there");
+        return None;
+    }
+    // A gateway pod is served by its node's agent: always captured.
+    let meshed = gateway
+        || !pod.spec.host_network
+            && match labels.get(DATAPLANE_MODE_LABEL).map(String::as_str) {
+                Some("none") => false,
+                Some("ambient") => true,
+                Some(other) => {
+                    ctx.error(
+                        format!("metadata.labels[{DATAPLANE_MODE_LABEL}]"),
+                        format!("{other:?}: expected \"ambient\" or \"none\""),
+                    );
+                    return None;
+                }
+                None => ns_mode.map(String::as_str) == Some("ambient"),
+            };
     // No address yet: a pod whose sandbox is being made. Known, so that the
     // CNI plugin's request for it is answered; reachable once its address
     // is known (from the kubelet's status, or the plugin).
@@ -160,11 +168,22 @@ pub(super) fn build_workload(
         ip,
         host_network: pod.spec.host_network,
         meshed,
+        gateway,
         ready: phase_ok && ready_ok,
         named_ports,
         probe_ports,
         uid: pod.metadata.uid.as_deref().map(Into::into),
     })
+}
+
+/// Whether a pod is a gateway, as Istio tells: gateway injection
+/// (`inject.istio.io/templates` naming `gateway`, how Istio's own gateway
+/// Deployments are written), or a Gateway API gateway's pod
+/// (`gateway.networking.k8s.io/gateway-name`, set by automated deployment).
+fn is_gateway(meta: &k8s::ObjectMeta) -> bool {
+    let templates = meta.annotations.get("inject.istio.io/templates");
+    templates.is_some_and(|t| t.split(',').any(|t| t.trim() == "gateway"))
+        || meta.labels.contains_key("gateway.networking.k8s.io/gateway-name")
 }
 
 /// The ports that the kubelet's probes connect to on the pod's own address

@@ -15,7 +15,7 @@ use tokio::{
     net::TcpStream,
 };
 
-use super::tls::{self, TlsServers};
+use super::{Serving, tls};
 use crate::{
     proxy::{
         Inputs, ProxyError,
@@ -28,7 +28,7 @@ use crate::{
     },
     routing::l4::Route,
     routing::protocol::Handling,
-    state::GatewayProtocol,
+    state::{GatewayProtocol, Workload},
     telemetry::TcpLabels,
 };
 
@@ -36,14 +36,13 @@ pub(super) async fn handle(
     ctx: &Arc<Inputs>,
     stream: TcpStream,
     peer: SocketAddr,
-    protocol: GatewayProtocol,
-    gateways: Arc<[String]>,
-    acceptor: Option<Arc<TlsServers>>,
+    serving: &Serving,
     handshake: Option<Handshake>,
 ) {
     let _ = stream.set_nodelay(true);
     let Ok(SocketAddr::V4(local)) = stream.local_addr() else { return };
-    match (protocol, acceptor) {
+    let gateways = serving.gateways.clone();
+    match (serving.protocol, serving.acceptor.clone()) {
         (GatewayProtocol::Https, Some(servers)) => {
             // The ClientHello first: its SNI picks the server's settings.
             let accept = async {
@@ -72,7 +71,7 @@ pub(super) async fn handle(
             let state = ctx.state();
             let found =
                 crate::routing::http::route_gateway_tcp(&state, &gateways, local, ctx.next_pick(), ctx.next_random());
-            serve_tcp(ctx, stream, peer, local, found).await
+            serve_tcp(ctx, stream, peer, local, found, &serving.pod).await
         }
         (GatewayProtocol::Tls, _) => {
             let Some(sni) = peek_sni(&stream, ctx.limits.handshake_timeout).await else {
@@ -82,7 +81,7 @@ pub(super) async fn handle(
             let state = ctx.state();
             let (pick, random) = (ctx.next_pick(), ctx.next_random());
             let found = crate::routing::http::route_gateway_tls(&state, &gateways, local, &sni, pick, random);
-            serve_tcp(ctx, stream, peer, local, found).await
+            serve_tcp(ctx, stream, peer, local, found, &serving.pod).await
         }
         _ => {
             let handling = match outbound::sniff_client(&stream, ctx.protocol_detection_timeout).await {
@@ -136,14 +135,15 @@ async fn serve_tcp(
     peer: SocketAddr,
     local: SocketAddrV4,
     found: Option<(Route, String)>,
+    pod: &Arc<Workload>,
 ) {
     let state = ctx.state();
-    let Some((route, gw)) = found else {
+    let Some((route, _)) = found else {
         let err = ProxyError::NotLocal(local);
         tracing::info!(%peer, %local, "gateway: no tcp/tls route for this connection");
         return fail(ctx, &client, peer, None, err);
     };
-    let source = state.gateway(&gw).map(|g| g.workload.clone());
+    let source = Some(pod.clone());
     let (dest, addr, mut labels, service) = match route {
         Route::Service { service, endpoint, addr, .. } => {
             let labels = TcpLabels::new(source.as_deref(), Some(&endpoint), Some(&service), false);
@@ -179,19 +179,15 @@ async fn serve_tcp(
 
 /// Serves a stream that reached this node's gateway over HBONE (the second
 /// hop of the egress-gateway pattern): as if it had been accepted on the port.
-pub async fn serve_tunneled<I>(
-    ctx: Arc<Inputs>,
-    io: I,
-    peer: SocketAddr,
-    target: SocketAddrV4,
-    gateways: Arc<[String]>,
-    protocol: GatewayProtocol,
-) where
+pub async fn serve_tunneled<I>(ctx: Arc<Inputs>, io: I, peer: SocketAddr, target: SocketAddrV4, serving: Arc<Serving>)
+where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let protocol = serving.protocol;
     if !matches!(protocol, GatewayProtocol::Http | GatewayProtocol::Http2) {
-        return tracing::warn!(%peer, %target, ?protocol, "HBONE to a gateway port that is not plain HTTP: not served");
+        return tracing::warn!(%peer, %target, ?protocol, "a mesh client to a gateway port that is not plain HTTP: not served");
     }
+    let gateways = serving.gateways.clone();
     // The source agent speaks its client's HTTP version: look at the first bytes.
     let mut io = io;
     let mut first = vec![0u8; 3];

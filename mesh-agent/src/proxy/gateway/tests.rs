@@ -1,14 +1,19 @@
-//! A Gateway in-process: its listener opened by [`Listeners::reconcile`] on
-//! the node's address (loopback here), HTTP routed by the VirtualService bound
-//! to it to a loopback server. No root, no eBPF.
-use std::{convert::Infallible, net::Ipv4Addr};
+//! A Gateway in-process: served by [`Listeners::reconcile`] for a gateway
+//! pod whose address is on loopback, reached as a captured connection is
+//! (the plaintext door's lookup, on a listener at the gateway pod's
+//! address), HTTP routed by the
+//! VirtualService bound to it to a loopback server. No root, no eBPF.
+use std::{convert::Infallible, net::Ipv4Addr, sync::Arc};
 
 use http_body_util::{BodyExt as _, Empty, Full};
 use hyper::{Request, Response, StatusCode, body::Bytes};
 use hyper_util::rt::TokioIo;
 
 use super::Listeners;
-use crate::proxy::inputs::testing::TestInputs;
+use crate::proxy::{Inputs, inputs::testing::TestInputs};
+
+/// The ingress gateway pod's address (loopback).
+const GATEWAY: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 10);
 
 /// An HTTP server on 127.0.0.1 answering `<path> via <host>`; its port.
 async fn upstream() -> u16 {
@@ -26,28 +31,63 @@ async fn upstream() -> u16 {
     port
 }
 
-/// Node n1 on loopback (running the ingress gateway) and the Service
+/// A gateway pod `name` on node n1 at `ip`, running as `sa`, labelled `istio: <label>`.
+fn gateway_pod(name: &str, ip: Ipv4Addr, sa: &str, label: &str) -> String {
+    format!(
+        "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: istio-system, labels: {{istio: {label}}}, \
+         annotations: {{inject.istio.io/templates: gateway}}}}\n\
+         spec: {{nodeName: n1, serviceAccountName: {sa}}}\nstatus: {{podIP: {ip}, phase: Running}}\n"
+    )
+}
+
+/// Node n1 on loopback, the ingress gateway pod, and the Service
 /// `plain/hello` whose one pod is the loopback server on port `up`.
 fn hello(up: u16) -> String {
     format!(
-        "apiVersion: v1\nkind: Node\nmetadata: {{name: n1, labels: {{istio: ingressgateway}}}}\n\
-         status: {{addresses: [{{type: InternalIP, address: 127.0.0.1}}]}}\n\
+        "apiVersion: v1\nkind: Node\nmetadata: {{name: n1}}\n\
+         status: {{addresses: [{{type: InternalIP, address: 127.0.0.1}}]}}\n{}\
          ---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: plain}}\n\
          ---\napiVersion: v1\nkind: Pod\nmetadata: {{name: hello, namespace: plain, labels: {{app: hello}}}}\n\
          spec: {{nodeName: n1}}\nstatus: {{podIP: 127.0.0.1, phase: Running}}\n\
          ---\napiVersion: v1\nkind: Service\nmetadata: {{name: hello, namespace: plain}}\n\
-         spec: {{clusterIP: 10.96.0.10, selector: {{app: hello}}, ports: [{{name: http, port: 80, targetPort: {up}}}]}}\n"
+         spec: {{clusterIP: 10.96.0.10, selector: {{app: hello}}, ports: [{{name: http, port: 80, targetPort: {up}}}]}}\n",
+        gateway_pod("ingress", GATEWAY, "ingress", "ingressgateway")
     )
 }
 
-/// A port free on loopback now (the gateway binds it next).
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
-    l.local_addr().expect("address").port()
+/// A listening socket on a gateway pod's address, the port the kernel gave.
+async fn door(ip: Ipv4Addr) -> (tokio::net::TcpListener, u16) {
+    let l = tokio::net::TcpListener::bind((ip, 0)).await.expect("bind on the gateway pod's address");
+    let port = l.local_addr().expect("address").port();
+    (l, port)
+}
+
+/// Serves this node's gateway ports and hands what `doors` accept to the
+/// inbound plaintext handler, as capture would.
+fn serve(t: &TestInputs, doors: Vec<tokio::net::TcpListener>) -> Listeners {
+    let mut listeners = Listeners::default();
+    listeners.reconcile(&t.inputs);
+    for door in doors {
+        let ctx: Arc<Inputs> = t.inputs.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, peer)) = door.accept().await {
+                let ctx = ctx.clone();
+                // As the plaintext door does (the gateway must not import it).
+                let Ok(std::net::SocketAddr::V4(local)) = tcp.local_addr() else { continue };
+                let Some(serving) = ctx.gateways.get(local) else { continue };
+                tokio::spawn(serving.serve_captured(ctx.clone(), tcp, peer));
+            }
+        });
+    }
+    listeners
 }
 
 async fn get(port: u16, host: &str, path: &str) -> (StatusCode, String) {
-    let tcp = tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port)).await.expect("connect to the gateway");
+    get_at(GATEWAY, port, host, path).await
+}
+
+async fn get_at(ip: Ipv4Addr, port: u16, host: &str, path: &str) -> (StatusCode, String) {
+    let tcp = tokio::net::TcpStream::connect((ip, port)).await.expect("connect to the gateway");
     let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.expect("handshake");
     tokio::spawn(conn);
     let req = Request::get(path).header("host", host).body(Empty::<Bytes>::new()).expect("request");
@@ -59,7 +99,7 @@ async fn get(port: u16, host: &str, path: &str) -> (StatusCode, String) {
 
 #[tokio::test]
 async fn an_ingress_gateway_routes_by_its_virtual_service() {
-    let (up, port) = (upstream().await, free_port());
+    let (up, (door, port)) = (upstream().await, door(GATEWAY).await);
     let yaml = format!(
         "{}\
          ---\napiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: ingress, namespace: istio-system}}\n\
@@ -70,10 +110,9 @@ async fn an_ingress_gateway_routes_by_its_virtual_service() {
         hello(up)
     );
     let t = TestInputs::new(&yaml);
-    let mut listeners = Listeners::default();
-    listeners.reconcile(&t.inputs);
+    let mut listeners = serve(&t, vec![door]);
     let status = listeners.status();
-    assert!(status.iter().any(|p| p.plan.addr.port() == port && p.status == "listening"), "{status:?}");
+    assert!(status.iter().any(|p| p.plan.addr.port() == port && p.status == "serving"), "{status:?}");
 
     assert_eq!(
         get(port, "hello.example", "/hello/world").await,
@@ -89,17 +128,21 @@ async fn an_ingress_gateway_routes_by_its_virtual_service() {
                 && l.contains(&format!("response_code=\"{code}\""))
                 && l.contains(&format!("response_flags=\"{flags}\""))
                 && l.contains("source_workload=\"ingress\"")
+                && l.contains("source_principal=\"spiffe://cluster.local/ns/istio-system/sa/ingress\"")
         })
     };
     assert!(counted("200", "-") && counted("404", "NR"), "{metrics}");
-    listeners.close_all();
+    listeners.close_all(&t.inputs);
 }
 
 #[tokio::test]
 async fn a_pooled_upstream_connection_never_carries_another_gateways_request() {
-    // Two Gateways on one port, each with its own host; the destination pod
-    // (meshed, on this node) admits only gateway `a`.
-    let port = free_port();
+    // Two gateway pods on this node, each running as its own service account
+    // and selected by its own Gateway; the destination pod (meshed, on this
+    // node) admits only gateway pod `a`'s identity.
+    const B: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 11);
+    let ((door_a, port), door_b) = (door(GATEWAY).await, tokio::net::TcpListener::bind((B, 0)).await.expect("bind"));
+    let port_b = door_b.local_addr().expect("address").port();
     let listener = tokio::net::TcpListener::bind((Ipv4Addr::new(127, 0, 0, 3), 0)).await.expect("bind");
     let up = listener.local_addr().expect("address").port();
     tokio::spawn(async move {
@@ -110,17 +153,17 @@ async fn a_pooled_upstream_connection_never_carries_another_gateways_request() {
             tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc));
         }
     });
-    let gateway = |name: &str, host: &str| {
+    let gateway = |name: &str, port: u16, host: &str| {
         format!(
             "---\napiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: {name}, namespace: istio-system}}\n\
-             spec: {{selector: {{istio: ingressgateway}}, servers: [{{port: {{number: {port}, name: http, protocol: HTTP}}, hosts: ['{host}']}}]}}\n\
+             spec: {{selector: {{istio: {name}}}, servers: [{{port: {{number: {port}, name: http, protocol: HTTP}}, hosts: ['{host}']}}]}}\n\
              ---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: {name}, namespace: demo}}\n\
              spec: {{hosts: ['{host}'], gateways: [istio-system/{name}], http: [{{route: [{{destination: {{host: hello, port: {{number: 80}}}}}}]}}]}}\n"
         )
     };
     let yaml = format!(
-        "apiVersion: v1\nkind: Node\nmetadata: {{name: n1, labels: {{istio: ingressgateway}}}}\n\
-         status: {{addresses: [{{type: InternalIP, address: 127.0.0.1}}]}}\n\
+        "apiVersion: v1\nkind: Node\nmetadata: {{name: n1}}\n\
+         status: {{addresses: [{{type: InternalIP, address: 127.0.0.1}}]}}\n{}{}\
          ---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: demo, labels: {{istio.io/dataplane-mode: ambient}}}}\n\
          ---\napiVersion: v1\nkind: Pod\nmetadata: {{name: hello, namespace: demo, labels: {{app: hello}}}}\n\
          spec: {{nodeName: n1, serviceAccountName: hello}}\nstatus: {{podIP: 127.0.0.3, phase: Running}}\n\
@@ -129,27 +172,21 @@ async fn a_pooled_upstream_connection_never_carries_another_gateways_request() {
          ---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: only-a, namespace: demo}}\n\
          spec: {{selector: {{matchLabels: {{app: hello}}}}, action: ALLOW, \
          rules: [{{from: [{{source: {{principals: [cluster.local/ns/istio-system/sa/gw-a]}}}}]}}]}}\n{}{}",
-        gateway("gw-a", "a.example"),
-        gateway("gw-b", "b.example"),
+        gateway_pod("gw-a", GATEWAY, "gw-a", "gw-a"),
+        gateway_pod("gw-b", B, "gw-b", "gw-b"),
+        gateway("gw-a", port, "a.example"),
+        gateway("gw-b", port_b, "b.example"),
     );
     let t = TestInputs::new(&yaml);
-    let mut listeners = Listeners::default();
-    listeners.reconcile(&t.inputs);
+    let mut listeners = serve(&t, vec![door_a, door_b]);
 
-    // One keep-alive client connection, a request for each gateway's host.
-    let tcp = tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port)).await.expect("connect to the gateway");
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.expect("handshake");
-    tokio::spawn(conn);
-    let mut answers = Vec::new();
-    for host in ["a.example", "b.example"] {
-        let req = Request::get("/").header("host", host).body(Empty::<Bytes>::new()).expect("request");
-        let resp = send.send_request(req).await.expect("response");
-        let status = resp.status();
-        let body = resp.into_body().collect().await.expect("body").to_bytes();
-        answers.push((status, String::from_utf8_lossy(&body).into_owned()));
-    }
-    assert_eq!(answers[0], (StatusCode::OK, "secret".to_owned()));
-    assert_eq!(answers[1].0, StatusCode::FORBIDDEN, "gateway b got through on gateway a's connection: {answers:?}");
+    // Gateway pod a's request first (its upstream connection is pooled),
+    // then gateway pod b's: it leaves with b's identity, on a connection of its own.
+    assert_eq!(get(port, "a.example", "/").await, (StatusCode::OK, "secret".to_owned()));
+    let (status, _) = get_at(B, port_b, "b.example", "/").await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "gateway pod b got through on gateway pod a's connection");
+    // A Gateway serves only the pods it selects: b's host at pod a is not routed.
+    assert_eq!(get(port, "b.example", "/").await.0, StatusCode::NOT_FOUND);
 
     // Each request reported with the identity it left with.
     let metrics = t.inputs.metrics.encode();
@@ -161,7 +198,7 @@ async fn a_pooled_upstream_connection_never_carries_another_gateways_request() {
         })
     };
     assert!(counted("200", "gw-a") && counted("403", "gw-b"), "{metrics}");
-    listeners.close_all();
+    listeners.close_all(&t.inputs);
 }
 
 #[tokio::test]
@@ -183,7 +220,7 @@ async fn a_host_a_gateway_reserves_for_a_namespace_cannot_be_taken_from_another(
         port
     };
     let prod = backend("prod", Ipv4Addr::new(127, 0, 0, 1)).await;
-    let (evil, port) = (backend("evil", Ipv4Addr::new(127, 0, 0, 4)).await, free_port());
+    let (evil, (door, port)) = (backend("evil", Ipv4Addr::new(127, 0, 0, 4)).await, door(GATEWAY).await);
     let tenant = |ns: &str, vip: &str, target: u16, hosts: &str| {
         format!(
             "---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}}}\n\
@@ -198,17 +235,17 @@ async fn a_host_a_gateway_reserves_for_a_namespace_cannot_be_taken_from_another(
         )
     };
     let yaml = format!(
-        "apiVersion: v1\nkind: Node\nmetadata: {{name: n1, labels: {{istio: ingressgateway}}}}\n\
-         status: {{addresses: [{{type: InternalIP, address: 127.0.0.1}}]}}\n\
+        "apiVersion: v1\nkind: Node\nmetadata: {{name: n1}}\n\
+         status: {{addresses: [{{type: InternalIP, address: 127.0.0.1}}]}}\n{}\
          ---\napiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: ingress, namespace: istio-system}}\n\
          spec: {{selector: {{istio: ingressgateway}}, servers: [{{port: {{number: {port}, name: http, protocol: HTTP}}, \
          hosts: [prod/app.example, '*/open.example']}}]}}\n{}{}",
+        gateway_pod("ingress", GATEWAY, "ingress", "ingressgateway"),
         tenant("evil", "10.96.0.20", evil, "app.example, other.example"),
         tenant("prod", "10.96.0.10", prod, "'*'"),
     );
     let t = TestInputs::new(&yaml);
-    let mut listeners = Listeners::default();
-    listeners.reconcile(&t.inputs);
+    let mut listeners = serve(&t, vec![door]);
     // The reserved host goes to prod, whatever evil's VirtualService says.
     assert_eq!(get(port, "app.example", "/").await, (StatusCode::OK, "prod".into()));
     // A host no server of the Gateway lists is not served, even though a
@@ -216,27 +253,27 @@ async fn a_host_a_gateway_reserves_for_a_namespace_cannot_be_taken_from_another(
     assert_eq!(get(port, "other.example", "/").await.0, StatusCode::NOT_FOUND);
     // `*/`: any namespace may bind it (prod's `*` does).
     assert_eq!(get(port, "open.example", "/").await, (StatusCode::OK, "prod".into()));
-    listeners.close_all();
+    listeners.close_all(&t.inputs);
 }
 
 #[tokio::test]
 async fn an_http_server_with_https_redirect_sends_every_request_to_https() {
-    let port = free_port();
+    let (door, port) = door(GATEWAY).await;
     let server = |hosts: &str, tls: &str| {
         format!("{{port: {{number: {port}, name: http, protocol: HTTP}}, hosts: [{hosts}]{tls}}}")
     };
     let yaml = format!(
-        "apiVersion: v1\nkind: Node\nmetadata: {{name: n1, labels: {{istio: ingressgateway}}}}\n\
-         status: {{addresses: [{{type: InternalIP, address: 127.0.0.1}}]}}\n\
+        "apiVersion: v1\nkind: Node\nmetadata: {{name: n1}}\n\
+         status: {{addresses: [{{type: InternalIP, address: 127.0.0.1}}]}}\n{}\
          ---\napiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: ingress, namespace: istio-system}}\n\
          spec: {{selector: {{istio: ingressgateway}}, servers: [{}, {}]}}\n",
+        gateway_pod("ingress", GATEWAY, "ingress", "ingressgateway"),
         server("secure.example", ", tls: {httpsRedirect: true}"),
         server("plain.example", ", tls: {httpsRedirect: false}"),
     );
     let t = TestInputs::new(&yaml);
-    let mut listeners = Listeners::default();
-    listeners.reconcile(&t.inputs);
-    let tcp = tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port)).await.expect("connect to the gateway");
+    let mut listeners = serve(&t, vec![door]);
+    let tcp = tokio::net::TcpStream::connect((GATEWAY, port)).await.expect("connect to the gateway");
     let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.expect("handshake");
     tokio::spawn(conn);
     let req =
@@ -246,7 +283,7 @@ async fn an_http_server_with_https_redirect_sends_every_request_to_https() {
     assert_eq!(resp.headers()["location"], "https://secure.example/a/b?c=1");
     // The other server on the port does not redirect: no route there, 404.
     assert_eq!(get(port, "plain.example", "/a").await.0, StatusCode::NOT_FOUND);
-    listeners.close_all();
+    listeners.close_all(&t.inputs);
 }
 
 /// A CA, and certificates it signs for `names` (server and client use).
@@ -290,7 +327,7 @@ async fn a_mutual_server_forwards_the_verified_client_certificate_and_no_forged_
     let (server_crt, server_key, _) = ca.leaf("hello.example");
     let (client_crt, client_key, client_der) = ca.leaf("client.example");
     let block = |pem: &str| pem.lines().map(|l| format!("    {l}\n")).collect::<String>();
-    let (https, http) = (free_port(), free_port());
+    let ((https_door, https), (http_door, http)) = (door(GATEWAY).await, door(GATEWAY).await);
     let yaml = format!(
         "{}\
          ---\napiVersion: v1\nkind: Secret\nmetadata: {{name: hello-cert, namespace: istio-system}}\n\
@@ -307,8 +344,7 @@ async fn a_mutual_server_forwards_the_verified_client_certificate_and_no_forged_
         block(&ca.1)
     );
     let t = TestInputs::new(&yaml);
-    let mut listeners = Listeners::default();
-    listeners.reconcile(&t.inputs);
+    let mut listeners = serve(&t, vec![https_door, http_door]);
 
     // Over TLS with the client certificate, a forged header beside it.
     let mut roots = rustls::RootCertStore::empty();
@@ -325,7 +361,7 @@ async fn a_mutual_server_forwards_the_verified_client_certificate_and_no_forged_
             PrivateKeyDer::from_pem_slice(client_key.as_bytes()).expect("key")
         })
         .expect("client settings");
-    let tcp = tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, https)).await.expect("connect");
+    let tcp = tokio::net::TcpStream::connect((GATEWAY, https)).await.expect("connect");
     let name = rustls::pki_types::ServerName::try_from("hello.example").expect("name");
     let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)).connect(name, tcp).await.expect("TLS");
     let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.expect("handshake");
@@ -343,7 +379,7 @@ async fn a_mutual_server_forwards_the_verified_client_certificate_and_no_forged_
     assert!(body.ends_with(";DNS=client.example") && !body.contains("forged"), "{body}");
 
     // Without a client certificate (plain HTTP), a forged header is dropped.
-    let tcp = tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, http)).await.expect("connect");
+    let tcp = tokio::net::TcpStream::connect((GATEWAY, http)).await.expect("connect");
     let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.expect("handshake");
     tokio::spawn(conn);
     let req = Request::get("/")
@@ -353,5 +389,5 @@ async fn a_mutual_server_forwards_the_verified_client_certificate_and_no_forged_
         .expect("request");
     let body = send.send_request(req).await.expect("response").into_body().collect().await.expect("body").to_bytes();
     assert_eq!(&body[..], b"-");
-    listeners.close_all();
+    listeners.close_all(&t.inputs);
 }

@@ -9,8 +9,8 @@ use std::{
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use super::{Tunnel, TunnelPool, TunnelTo};
-use crate::proxy::inbound::hbone::{GatewayHop, serve};
 use crate::proxy::inputs::testing::{TestInputs, echo_server};
+use crate::proxy::{hbone::GatewayHop, inbound::hbone::serve};
 
 const CLIENT: &str = "spiffe://cluster.local/ns/mesh/sa/client";
 const ECHO: &str = "spiffe://cluster.local/ns/mesh/sa/echo";

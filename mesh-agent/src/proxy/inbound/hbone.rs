@@ -5,7 +5,7 @@
 //! asked for (by TLS server name); then the door ([`super::admit`]) decides,
 //! and the stream is joined to the pod from the source pod's IP when that IP
 //! belongs to the authenticated identity. A target that is a gateway port of
-//! this node is handed to the gateway ([`GatewayHop`]).
+//! this node (a gateway pod's) is handed to the gateway ([`GatewayHop`]).
 use std::{
     future::Future,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
@@ -30,23 +30,15 @@ use super::{
 use crate::{
     identity,
     proxy::{
-        Inputs,
-        hbone::{CONNECTION_WINDOW, ConnectAsk, KEEPALIVE, MAX_FRAME, MAX_STREAMS, STREAM_WINDOW, connect_request},
+        Inputs, ProxyError,
+        hbone::{
+            CONNECTION_WINDOW, ConnectAsk, GatewayHop, KEEPALIVE, MAX_FRAME, MAX_STREAMS, STREAM_WINDOW,
+            connect_request,
+        },
         l4::{ConnMeters, pump, record_failure, reset},
     },
     state::State,
 };
-
-/// The second hop of the egress-gateway pattern, given by the agent (the
-/// gateway module implements it; HBONE does not import it): for a CONNECT
-/// target and the identity the connection was made for, what serves the
-/// stream when the target is a gateway port of this node run as that identity.
-pub type GatewayHop = Arc<dyn Fn(SocketAddrV4, &str) -> Option<HopServer> + Send + Sync>;
-
-/// Serves one upgraded CONNECT stream from `peer`.
-pub type HopServer = Box<
-    dyn FnOnce(TokioIo<Upgraded>, SocketAddr) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> + Send,
->;
 
 /// Accepts mTLS connections on 15008 until `stop` fires.
 pub async fn serve(
@@ -152,8 +144,15 @@ async fn handle_connect(
         Err((status, why)) => return answer(status, why),
     };
     let target = ask.target;
-    // The second hop of the egress-gateway pattern: a gateway port on this node.
+    // A gateway pod's port on this node (the second hop of the
+    // egress-gateway pattern, a mesh client of an ingress gateway): judged
+    // by the gateway pod's own policies, then served by the gateway.
     if let Some(serve) = hop(target, &server_id) {
+        if let Err(err) = admit_to_gateway(&ctx.state(), peer, &peer_id, &ask) {
+            tracing::warn!(%peer, source = %peer_id, %target, error = %err, "HBONE: connection to a gateway refused");
+            record_failure(&ctx, None, &err);
+            return answer(StatusCode::UNAUTHORIZED, &err.to_string());
+        }
         let id = peer_id.clone();
         return on_upgrade(&ctx, req, peer, target, move |io| {
             tracing::debug!(%peer, source = %id, %target, "HBONE stream to a gateway");
@@ -195,6 +194,22 @@ async fn handle_connect(
         tracing::debug!(%peer, source = %peer_id, %target, "HBONE stream proxying");
         pump(&ctx2, io, upstream, meters, target, Some(revocable), |_, u| reset(u)).await;
     })
+}
+
+/// The gateway pod's AuthorizationPolicies, for a stream from `peer_id` to
+/// its port (the client's address as [`arrival`] trusts it).
+fn admit_to_gateway(state: &State, peer: SocketAddr, peer_id: &str, ask: &ConnectAsk) -> Result<(), ProxyError> {
+    let Some(pod) = state.workload_by_ip(*ask.target.ip()) else { return Ok(()) };
+    let claimed = ask.client_ip.filter(|ip| state.workload_by_ip(*ip).is_some_and(|w| *w.principal == *peer_id));
+    let ip = claimed.unwrap_or(match peer.ip() {
+        std::net::IpAddr::V4(ip) => ip,
+        std::net::IpAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
+    });
+    let peer = crate::routing::policy::Peer { principal: Some(peer_id), ip };
+    match crate::routing::policy::authorize(state, (&**pod).into(), &peer, ask.target.port()) {
+        crate::routing::policy::Verdict::Allow => Ok(()),
+        crate::routing::policy::Verdict::Deny(policy) => Err(ProxyError::Denied { policy }),
+    }
 }
 
 /// The arrival a CONNECT stream asks for, or why it is refused before policy.

@@ -25,6 +25,10 @@ pub(in crate::proxy) async fn handle(ctx: &std::sync::Arc<Inputs>, client: TcpSt
     let (Ok(SocketAddr::V4(dst)), SocketAddr::V4(peer_v4)) = (client.local_addr(), peer) else {
         return fail(ctx, &client, peer, None, ProxyError::NotIpv4(peer));
     };
+    // A gateway pod's port: served by the gateway (a LoadBalancer's client).
+    if let Some(serving) = ctx.gateways.get(dst) {
+        return serving.serve_captured(ctx.clone(), client, peer).await;
+    }
     let state = ctx.state();
     let dest =
         state.workload_by_ip(*dst.ip()).filter(|w| w.meshed && w.node.as_deref() == Some(ctx.node.as_str())).cloned();

@@ -96,9 +96,9 @@ fn decide(
         }
         Some(gws) => {
             let bound = down.server.as_ref().and_then(|b| b.server());
-            let (decision, gw) =
+            let (decision, _) =
                 routing::route_gateway(state, gws, bound, down.orig, view, pick, random, &ctx.clusters)?;
-            Some((decision, state.gateway(&gw).map(|g| g.workload.clone())))
+            Some((decision, pipeline::gateway_pod(state, down)))
         }
     }
 }

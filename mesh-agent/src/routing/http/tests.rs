@@ -302,13 +302,33 @@ spec:
 const EDGE: &str = r#"
 apiVersion: v1
 kind: Node
-metadata: {name: n1, labels: {istio: ingressgateway}}
+metadata: {name: n1}
 status: {addresses: [{type: InternalIP, address: 172.18.0.2}]}
 ---
 apiVersion: v1
 kind: Node
-metadata: {name: n2, labels: {istio: egressgateway}}
+metadata: {name: n2}
 status: {addresses: [{type: InternalIP, address: 172.18.1.2}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: ingressgateway, namespace: istio-system, labels: {istio: ingressgateway}, annotations: {inject.istio.io/templates: gateway}}
+spec: {nodeName: n1, serviceAccountName: istio-ingressgateway-service-account}
+status: {podIP: 10.244.0.100}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: egressgateway, namespace: istio-system, labels: {istio: egressgateway}, annotations: {inject.istio.io/templates: gateway}}
+spec: {nodeName: n2, serviceAccountName: istio-egressgateway-service-account}
+status: {podIP: 10.244.1.100}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: istio-egressgateway, namespace: istio-system}
+spec:
+  clusterIP: 10.96.0.99
+  selector: {istio: egressgateway}
+  ports: [{name: http, port: 80}]
 ---
 apiVersion: v1
 kind: Pod
@@ -382,7 +402,7 @@ spec:
   gateways: [istio-system/egress, mesh]
   http:
   - match: [{gateways: [mesh], port: 80}]
-    route: [{destination: {host: egress.istio-system.svc.cluster.local, port: {number: 80}}}]
+    route: [{destination: {host: istio-egressgateway.istio-system.svc.cluster.local, port: {number: 80}}}]
   - match: [{gateways: [istio-system/egress], port: 80}]
     route: [{destination: {host: ext.example.com, port: {number: 80}}}]
 "#;
@@ -407,8 +427,8 @@ fn gateways_service_entries_and_registry_only() {
         route_gateway(&s, &gws, None, orig.parse().expect("orig"), &view, 0, 0, &NoState)
             .map_or_else(|| "404".to_owned(), |(d, _)| describe(&d))
     };
-    // Mesh: the ServiceEntry host goes to the egress gateway's node.
-    assert_eq!(mesh("172.18.200.2:80", "ext.example.com", "/"), "egress@n2 172.18.1.2:80");
+    // Mesh: the ServiceEntry host goes to the egress gateway's pod.
+    assert_eq!(mesh("172.18.200.2:80", "ext.example.com", "/"), "egressgateway 10.244.1.100:80");
     // Mesh: an address nobody declared, under REGISTRY_ONLY.
     assert_eq!(mesh("198.51.100.1:80", "nowhere.example.com", "/"), "black hole 198.51.100.1:80");
     // A ServiceEntry address with resolution NONE: the original destination.
@@ -431,14 +451,24 @@ fn gateways_service_entries_and_registry_only() {
         "black hole 198.51.100.1:443"
     );
     // Ingress: any host, by path; nothing else matches (404).
-    assert_eq!(gateway("istio-system/ingress", "172.18.0.2:80", "172.18.0.2", "/hello"), "hello-v1 10.244.0.2:5000");
-    assert_eq!(gateway("istio-system/ingress", "172.18.0.2:80", "x.example", "/nope"), "404");
+    assert_eq!(gateway("istio-system/ingress", "10.244.0.100:80", "172.18.0.2", "/hello"), "hello-v1 10.244.0.2:5000");
+    assert_eq!(gateway("istio-system/ingress", "10.244.0.100:80", "x.example", "/nope"), "404");
     // Egress gateway: the second hop goes to the external endpoint.
-    assert_eq!(gateway("istio-system/egress", "172.18.1.2:80", "ext.example.com", "/"), "172.18.200.2 172.18.200.2:80");
-    assert_eq!(gateway("istio-system/egress", "172.18.1.2:80", "other.example.com", "/"), "404");
-    // The gateways' identities are what their nodes may hold.
-    assert!(s.node_identities("n1").contains("spiffe://cluster.local/ns/istio-system/sa/ingress"));
-    assert!(!s.node_identities("n1").contains("spiffe://cluster.local/ns/istio-system/sa/egress"));
+    assert_eq!(
+        gateway("istio-system/egress", "10.244.1.100:80", "ext.example.com", "/"),
+        "172.18.200.2 172.18.200.2:80"
+    );
+    assert_eq!(gateway("istio-system/egress", "10.244.1.100:80", "other.example.com", "/"), "404");
+    // The gateway pods' identities are what their nodes may hold: as any pod's.
+    let ingress = "spiffe://cluster.local/ns/istio-system/sa/istio-ingressgateway-service-account";
+    let egress = "spiffe://cluster.local/ns/istio-system/sa/istio-egressgateway-service-account";
+    assert!(s.node_identities("n1").contains(ingress) && !s.node_identities("n1").contains(egress));
+    assert!(s.node_identities("n2").contains(egress) && !s.node_identities("n2").contains(ingress));
+    // A Gateway serves the gateway pods its selector matches, nothing else.
+    let served = |pod: &str| s.gateways_of(&s.workloads[pod]).map(|g| g.name.to_string()).collect::<Vec<_>>();
+    assert_eq!(served("istio-system/ingressgateway"), ["ingress"]);
+    assert_eq!(served("istio-system/egressgateway"), ["egress"]);
+    assert!(served("demo/hello-v1").is_empty(), "a pod that is no gateway is never served as one");
 }
 
 #[test]

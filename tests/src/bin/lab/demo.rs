@@ -3,11 +3,12 @@
 //!
 //! - inter-service: `test` → `helloworld` (v1 on node-2 over mTLS/HBONE, v2 on
 //!   node-1), `helloworld-v1` → `test` over HTTP/2, gRPC, WebSocket and TCP;
-//! - ingress: `http://<node-1>:80/helloworld` and HTTPS with a Secret's
+//! - ingress: `http://<lb-ip>:80/helloworld` (Istio's ingress gateway, a pod
+//!   on node-1 behind a LoadBalancer address) and HTTPS with a Secret's
 //!   certificate, from a client outside the mesh;
 //! - egress: REGISTRY_ONLY; a ServiceEntry host straight out from node-1, an
 //!   unknown host refused, and `external.example` through the egress gateway
-//!   on node-2 (the only node that then talks to the outside);
+//!   pod on node-2 (the only node that then talks to the outside);
 //! - a host-network client on node-1 (cgroup/connect4) with the node's identity;
 //! - STRICT mTLS and an AuthorizationPolicy turning clients away.
 //!
@@ -32,15 +33,17 @@ mod steps;
 
 use steps::*;
 
-const NODE1: &str = "172.18.0.2";
+/// The ingress gateway's LoadBalancer address.
+const INGRESS: &str = "172.18.100.1";
 const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(172, 18, 200, 2);
 
-/// The sample's cluster: node-1 (ingress gateway) with `test`,
-/// `helloworld-v2` and `sleep`; node-2 (egress gateway) with `helloworld-v1`;
-/// namespaces `sample` and `other` in the mesh; Services helloworld, test, ws
-/// and grpc.
+/// The sample's cluster: node-1 (the ingress gateway pod) with `test`,
+/// `helloworld-v2` and `sleep`; node-2 (the egress gateway pod) with
+/// `helloworld-v1`; namespaces `sample` and `other` in the mesh; Services
+/// helloworld, test, ws and grpc, and the gateways' (a LoadBalancer for
+/// the ingress gateway).
 fn fixture() -> Fixture {
-    let mut f = Fixture::two_nodes([&[("istio", "ingressgateway")], &[("istio", "egressgateway")]]);
+    let mut f = Fixture::two_nodes([&[], &[]]);
     // Each node's pods' range (host-local IPAM): a pod not captured yet is gated.
     f.objects.pod_cidr("node-1", "10.244.1.0/24").pod_cidr("node-2", "10.244.2.0/24");
     f.namespace("sample", true)
@@ -60,6 +63,20 @@ fn fixture() -> Fixture {
     .service("sample", "test", "10.96.0.20", &[("app", "test")], &[plain("http2", 9095)])
     .service("sample", "ws", "10.96.0.13", &HELLO_V1, &[port("http-ws", 80, "8090")])
     .service("sample", "grpc", "10.96.0.14", &HELLO_V1, &[port("grpc", 80, "9090")]);
+    // Istio's gateways as its manifests deploy them (gateway injection).
+    let ingress = [("app", "istio-ingressgateway"), ("istio", "ingressgateway")];
+    let spec = PodSpec::gateway("istio-system", &ingress, "istio-ingressgateway-service-account");
+    let lb = INGRESS.parse().expect("address");
+    f.gateway(0, "istio-ingressgateway", Ipv4Addr::new(10, 244, 1, 100), spec, ("10.96.0.40", lb), &[80, 443]);
+    let egress = [("app", "istio-egressgateway"), ("istio", "egressgateway")];
+    let spec = PodSpec::gateway("istio-system", &egress, "istio-egressgateway-service-account");
+    f.add_pod(1, "istio-egressgateway", Ipv4Addr::new(10, 244, 2, 100), spec).service(
+        "istio-system",
+        "istio-egressgateway",
+        "10.96.0.50",
+        &egress[1..],
+        &[plain("http", 80)],
+    );
     f
 }
 
@@ -96,7 +113,7 @@ spec:
   # checked by helloworld's node agent, not by the gateway.
   - from:
     - source:
-        principals: [cluster.local/ns/istio-system/sa/ingress]
+        principals: [cluster.local/ns/istio-system/sa/istio-ingressgateway-service-account]
         requestPrincipals: ["{ISSUER}/*"]
 ---
 apiVersion: security.istio.io/v1
@@ -182,7 +199,7 @@ spec:
   gateways: [istio-system/egress, mesh]
   http:
   - match: [{{gateways: [mesh], port: 80}}]
-    route: [{{destination: {{host: egress.istio-system.svc.cluster.local, port: {{number: 80}}}}}}]
+    route: [{{destination: {{host: istio-egressgateway.istio-system.svc.cluster.local, port: {{number: 80}}}}}}]
   - match: [{{gateways: [istio-system/egress], port: 80}}]
     route: [{{destination: {{host: external.example, port: {{number: 80}}}}}}]
 "#
@@ -281,8 +298,11 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
     let mallory = serde_json::json!({"iss": ISSUER, "sub": "mallory", "aud": "helloworld", "exp": exp});
     let forged = mesh_tests::jwt::with_signature_of(&signer.sign(&mallory), &token);
     let cfg = format!("{objects}{}", config(&secret, &mesh_tests::jwt::jwks(&[&signer])));
-    println!("node-1 {} (172.18.0.2, ingress gateway): test, helloworld-v2, sleep", cluster.node_ns);
-    println!("node-2 {} (172.18.1.2, egress gateway): helloworld-v1", cluster.nodes[1].ns);
+    println!(
+        "node-1 {} (172.18.0.2): istio-ingressgateway (LB {INGRESS}), test, helloworld-v2, sleep",
+        cluster.node_ns
+    );
+    println!("node-2 {} (172.18.1.2): istio-egressgateway, helloworld-v1", cluster.nodes[1].ns);
     println!("outside: clients and external.example ({EXTERNAL_IP}) in {}", cluster.net_ns);
     let ca = CaService::start(&cluster, &cfg);
     println!("mesh CA service on {} (root and node tokens in {})", ca.addr, ca.ca_dir().display());
@@ -321,7 +341,7 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
         println!("\nleft running; try:");
         println!("  TOKEN={token}");
         println!(
-            "  ip netns exec {} curl -H \"Authorization: Bearer $TOKEN\" http://{NODE1}/helloworld   # ingress",
+            "  ip netns exec {} curl -H \"Authorization: Bearer $TOKEN\" http://{INGRESS}/helloworld   # ingress",
             c.net_ns
         );
         println!("  ip netns exec {}-test curl http://10.96.0.10:9095/", c.id);
@@ -361,15 +381,15 @@ fn print_metrics(demo: &Demo, agents: &[Agent]) {
         "destination_service=\"helloworld",
         "BlackHoleCluster",
         "direct.example",
-        "source_workload=\"ingress\"",
-        "egress.istio-system",
+        "source_workload=\"istio-ingressgateway\"",
+        "istio-egressgateway.istio-system",
     ];
     for l in pick(&node1, "istio_requests_total", &keys) {
         println!("{l}");
     }
     let node2 = agents[1].metrics();
     println!("\nnode-2: the egress gateway's requests, and tunnels it accepted:");
-    for l in pick(&node2, "istio_requests_total", &["source_workload=\"egress\""]) {
+    for l in pick(&node2, "istio_requests_total", &["source_workload=\"istio-egressgateway\""]) {
         println!("{l}");
     }
     for l in pick(&node2, "istio_tcp_connections_opened_total", &["reporter=\"destination\""]) {

@@ -159,10 +159,11 @@ fn no_object_can_claim_the_cas_or_a_nodes_identity() {
              spec: {{nodeName: n1, serviceAccountName: {sa}}}\nstatus: {{podIP: 10.244.0.9}}\n"
         )
     };
-    let gateway = |name: &str| {
-        format!(
-            "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: {name}, namespace: istio-system}}\n\
-             spec: {{selector: {{istio: ingressgateway}}, servers: [{{port: {{number: 80, name: http, protocol: HTTP}}, hosts: ['*']}}]}}\n"
+    // A gateway pod is a pod: its identity is its service account's, checked alike.
+    let gateway_pod = |sa: &str| {
+        pod(sa).replace(
+            "namespace: istio-system}\n",
+            "namespace: istio-system, annotations: {inject.istio.io/templates: gateway}}\n",
         )
     };
     let cases = [
@@ -175,15 +176,15 @@ fn no_object_can_claim_the_cas_or_a_nodes_identity() {
             "Pod istio-system/p: spec.serviceAccountName: \"mesh-node-n1\": service accounts mesh-node-*",
         ),
         (
-            gateway("mesh-ca"),
-            "Gateway istio-system/mesh-ca: metadata.name: \"mesh-ca\": reserved for the mesh CA's identity",
+            gateway_pod("mesh-ca"),
+            "Pod istio-system/p: spec.serviceAccountName: \"mesh-ca\": reserved for the mesh CA's identity",
         ),
-        (gateway("mesh-node-n2"), "Gateway istio-system/mesh-node-n2: metadata.name: names mesh-node-*"),
     ];
     for (yaml, want) in cases {
         let err = error_of(&yaml);
         assert!(err.contains(want), "{want}\n{err}");
     }
+    assert!(gateway_pod("mesh-ca").contains("inject.istio.io/templates"));
     // In another namespace the names are ordinary.
-    assert!(load(&gateway("mesh-ca").replace("istio-system", "demo")).is_ok());
+    assert!(load(&pod("mesh-ca").replace("namespace: istio-system}", "namespace: demo}")).is_ok());
 }

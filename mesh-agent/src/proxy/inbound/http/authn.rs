@@ -65,8 +65,8 @@ pub(super) async fn authenticate(
     let outputs = authn.as_ref().map(token_outputs);
     let verified = authn.map(|a| a.verified);
     drop(keyed);
-    let from_gateway =
-        conn.inbound.principal.as_deref().is_some_and(|p| state.gateways.iter().any(|g| *g.workload.principal == *p));
+    // The arrival's source is a gateway pod only where its identity was proven.
+    let from_gateway = conn.inbound.principal.is_some() && conn.inbound.source.as_ref().is_some_and(|w| w.gateway);
     drop(state);
     for name in &owned {
         req.headers_mut().remove(name);

@@ -189,18 +189,23 @@ fn bind(
     if let Some(binding) = &down.server
         && binding.fit(routing::request_host(view.headers).unwrap_or("")) == Fit::Misdirected
     {
-        let gw = binding.server().and_then(|s| state.gateway(&s.gateway)).map(|g| g.workload.clone());
         ctx.metrics.gateway_misdirected.inc();
-        return Err(Early::gateway(gw, LocalReply::MISDIRECTED));
+        return Err(Early::gateway(gateway_pod(state, down), LocalReply::MISDIRECTED));
     }
     // An HTTP gateway server with `httpsRedirect` sends every request to HTTPS.
     if let Some(gws) = &down.gateways
         && let Some(location) = routing::https_redirect(state, gws, down.orig.port(), view)
     {
-        let gw = gws.first().and_then(|g| state.gateway(g)).map(|g| g.workload.clone());
-        return Err(Early::gateway(gw, Stop::Redirect(301, location)));
+        return Err(Early::gateway(gateway_pod(state, down), Stop::Redirect(301, location)));
     }
     Ok(())
+}
+
+/// At a gateway: the gateway pod it arrived at (its address is where the
+/// client connected), whose identity and labels the request leaves with.
+pub(super) fn gateway_pod(state: &crate::state::State, down: &Downstream) -> Option<Arc<Workload>> {
+    down.gateways.as_ref()?;
+    state.workload_by_ip(*down.orig.ip()).filter(|w| w.gateway).cloned()
 }
 
 /// The routing decision, and whose identity the request leaves with.
@@ -212,8 +217,7 @@ fn route(
 ) -> Result<(routing::Decision, Option<Arc<Workload>>), EarlyStop> {
     decide(ctx, state, down, view, down.pick(ctx)).ok_or_else(|| {
         // A gateway with no rule for this host and path.
-        let gw = down.gateways.as_ref().and_then(|g| state.gateway(g.first()?)).map(|g| g.workload.clone());
-        Early::gateway(gw, LocalReply::NO_ROUTE)
+        Early::gateway(gateway_pod(state, down), LocalReply::NO_ROUTE)
     })
 }
 

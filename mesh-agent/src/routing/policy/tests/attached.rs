@@ -95,10 +95,8 @@ fn request_rules_attached_to_a_service_parse_only_its_traffic() {
         "no-admin",
         "{targetRefs: [{kind: Service, name: hello}], action: DENY, rules: [{to: [{operation: {paths: [\"/admin*\"]}}]}]}",
     );
-    let jwt = format!(
-        "---\napiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: jwt, namespace: demo}}\n\
-         spec: {{targetRefs: [{{kind: Service, name: hello}}], jwtRules: [{{issuer: issuer.example, jwksUri: https://issuer.example/jwks}}]}}\n"
-    );
+    let jwt = "---\napiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {name: jwt, namespace: demo}\n\
+         spec: {targetRefs: [{kind: Service, name: hello}], jwtRules: [{issuer: issuer.example, jwksUri: https://issuer.example/jwks}]}\n";
     let s = state(&[&deny_admin_path]);
     assert!(needs_request(&s, to(&s, Some("hello"))));
     assert!(!needs_request(&s, to(&s, Some("admin"))) && !needs_request(&s, to(&s, None)));
