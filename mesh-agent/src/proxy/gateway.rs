@@ -102,6 +102,26 @@ pub fn plan(state: &State, node: &str) -> (BTreeMap<SocketAddrV4, PortPlan>, Vec
         for g in state.gateways_of(pod) {
             let key = format!("{}/{}", g.namespace, g.name);
             for s in &g.servers {
+                // A certificate is read in the gateway workload's namespace
+                // (Istio's `credentialName` rule), and the Gateway's
+                // Secret is its own namespace's: a gateway pod of another
+                // namespace never serves it (Istio would look for a Secret
+                // of that name in the pod's namespace; we refuse instead).
+                if matches!(s.tls, Some(ServerTls::Simple(_))) && g.namespace != pod.namespace {
+                    let conflict = Conflict {
+                        gateway: key.clone(),
+                        server: s.name.clone(),
+                        port: s.port,
+                        reason: format!(
+                            "gateway pod {}/{} is in another namespace than the Gateway, whose credentialName Secret it may not use",
+                            pod.namespace, pod.name
+                        ),
+                    };
+                    if !conflicts.contains(&conflict) {
+                        conflicts.push(conflict);
+                    }
+                    continue;
+                }
                 let p = ports.entry(SocketAddrV4::new(ip, s.port)).or_insert_with(|| PortPlan {
                     addr: SocketAddrV4::new(ip, s.port),
                     pod: format!("{}/{}", pod.namespace, pod.name),

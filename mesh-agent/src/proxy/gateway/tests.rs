@@ -391,3 +391,45 @@ async fn a_mutual_server_forwards_the_verified_client_certificate_and_no_forged_
     assert_eq!(&body[..], b"-");
     listeners.close_all(&t.inputs);
 }
+
+#[tokio::test]
+async fn a_gateway_pod_of_another_namespace_never_serves_a_gateways_certificate() {
+    // A tenant's gateway pod labelled as the ingress gateway: as in Istio, it
+    // serves the shared Gateway's HTTP server, but never its HTTPS server,
+    // whose certificate is istio-system's.
+    const TENANT: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 12);
+    let ca = TestCa::new();
+    let (crt, key, _) = ca.leaf("hello.example");
+    let block = |pem: &str| pem.lines().map(|l| format!("    {l}\n")).collect::<String>();
+    let (up, ((door, https), tenant_door)) = (upstream().await, (door(GATEWAY).await, door(TENANT).await));
+    let (tenant_door, tenant_port) = tenant_door;
+    let yaml = format!(
+        "{}{}\
+         ---\napiVersion: v1\nkind: Secret\nmetadata: {{name: hello-cert, namespace: istio-system}}\n\
+         stringData:\n  tls.crt: |\n{}  tls.key: |\n{}\
+         ---\napiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: ingress, namespace: istio-system}}\n\
+         spec: {{selector: {{istio: ingressgateway}}, servers: [\
+         {{port: {{number: {https}, name: https, protocol: HTTPS}}, hosts: ['*'], tls: {{mode: SIMPLE, credentialName: hello-cert}}}}, \
+         {{port: {{number: {tenant_port}, name: http, protocol: HTTP}}, hosts: ['*']}}]}}\n\
+         ---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: hello, namespace: plain}}\n\
+         spec: {{hosts: ['*'], gateways: [istio-system/ingress], http: [{{route: [{{destination: {{host: hello, port: {{number: 80}}}}}}]}}]}}\n",
+        hello(up),
+        gateway_pod("tenant-gw", TENANT, "tenant", "ingressgateway")
+            .replace("namespace: istio-system", "namespace: attacker"),
+        block(&crt),
+        block(&key),
+    );
+    let t = TestInputs::new(&yaml);
+    let mut listeners = serve(&t, vec![door, tenant_door]);
+    let (plans, conflicts) = super::plan(&t.inputs.state(), "n1");
+    let served: Vec<String> = plans.values().map(|p| format!("{} {}", p.pod, p.addr)).collect();
+    // The istio-system pod serves both ports; the tenant's pod the HTTP one only.
+    assert!(served.contains(&format!("istio-system/ingress {GATEWAY}:{https}")), "{served:?}");
+    assert!(served.contains(&format!("attacker/tenant-gw {TENANT}:{tenant_port}")), "{served:?}");
+    assert!(!served.contains(&format!("attacker/tenant-gw {TENANT}:{https}")), "{served:?}");
+    assert_eq!(conflicts.len(), 1, "{conflicts:?}");
+    assert!(conflicts[0].reason.contains("attacker/tenant-gw"), "{conflicts:?}");
+    // Positive control: the tenant's pod serves the shared HTTP server.
+    assert_eq!(get_at(TENANT, tenant_port, "x", "/p").await.0, StatusCode::OK);
+    listeners.close_all(&t.inputs);
+}
