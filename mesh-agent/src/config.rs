@@ -14,6 +14,7 @@ use crate::state::State;
 mod credentials;
 pub mod duration;
 mod gateway;
+mod gateway_api;
 pub mod k8s;
 mod load;
 mod mesh_config;

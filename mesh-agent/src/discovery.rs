@@ -106,6 +106,9 @@ impl Kind {
 const NETWORKING: &str = "networking.istio.io";
 const SECURITY: &str = "security.istio.io";
 const TELEMETRY: &str = "telemetry.istio.io";
+/// The Gateway API: optional (its CRDs may not be installed), and each kind
+/// at the version its standard channel serves it.
+const GATEWAY_API: &str = "gateway.networking.k8s.io";
 /// The versions read, by preference: `v1` (Istio 1.22 on), else `v1beta1`
 /// (`v1alpha1` for Telemetry, which had no beta).
 fn versions_of(group: &str) -> &'static [&'static str] {
@@ -135,6 +138,8 @@ pub fn agent_kinds(secret_namespaces: &[String]) -> Vec<Kind> {
         Kind::istio(SECURITY, "AuthorizationPolicy", "authorizationpolicies"),
         Kind::istio(SECURITY, "RequestAuthentication", "requestauthentications"),
         Kind::istio(TELEMETRY, "Telemetry", "telemetries"),
+        Kind::istio(GATEWAY_API, "HTTPRoute", "httproutes"),
+        Kind { version: "v1beta1", ..Kind::istio(GATEWAY_API, "ReferenceGrant", "referencegrants") },
     ];
     for ns in secret_namespaces {
         kinds.push(Kind { scope: Scope::Namespace(ns.clone()), ..Kind::core("Secret", "secrets") });
@@ -169,9 +174,18 @@ pub enum DiscoveryError {
 
 pub use client::{KubeSelection, client, select_cluster};
 
-/// Sets each Istio kind's version to the newest one the API server serves.
-pub async fn resolve_versions(client: &Client, kinds: &mut [Kind]) -> Result<(), DiscoveryError> {
+/// Sets each Istio kind's version to the newest one the API server serves;
+/// leaves the Gateway API's kinds out when its CRDs are not installed.
+pub async fn resolve_versions(client: &Client, kinds: &mut Vec<Kind>) -> Result<(), DiscoveryError> {
     let groups = client.list_api_groups().await.map_err(DiscoveryError::Discovery)?;
+    let served =
+        |g: &str, v: &str| groups.groups.iter().any(|s| s.name == g && s.versions.iter().any(|x| x.version == v));
+    let missing: Vec<&'static str> =
+        kinds.iter().filter(|k| k.group == GATEWAY_API && !served(k.group, k.version)).map(|k| k.kind).collect();
+    if !missing.is_empty() {
+        tracing::warn!(kinds = ?missing, "the Gateway API's CRDs are not installed (or not at the versions read): these kinds are not read");
+        kinds.retain(|k| !missing.contains(&k.kind) || k.group != GATEWAY_API);
+    }
     for group in [NETWORKING, SECURITY, TELEMETRY] {
         if !kinds.iter().any(|k| k.group == group) {
             continue;

@@ -198,3 +198,14 @@ pub(super) fn target_services(
     }
     (ctx.error_count() == before).then_some(out)
 }
+
+/// Istio's precedence among objects that claim the same thing: the oldest
+/// first (by `creationTimestamp`; objects without one, as files written by
+/// hand, after those with one), then by namespace and name.
+pub(super) fn by_age<'a>(
+    created: &'a Option<String>,
+    namespace: &'a str,
+    name: &'a str,
+) -> (bool, &'a Option<String>, &'a str, &'a str) {
+    (created.is_none(), created, namespace, name)
+}

@@ -4,9 +4,9 @@
 //! PeerAuthentication that cannot be admitted is replaced by a policy that
 //! denies everything to the workloads it would select (its namespace's, when
 //! even its selector cannot be read), as ztunnel does with a policy it
-//! cannot understand. One attached by `targetRefs` closes only its target
-//! Services' pods, never its namespace; a target that is no pod's (a
-//! Gateway, a missing Service) leaves it rejected alone.
+//! cannot understand. One attached by `targetRefs` closes only the traffic
+//! addressed to its target Services, never its namespace; a target that is
+//! no Service (a Gateway) leaves it rejected alone.
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::Ipv4Addr,
@@ -18,9 +18,10 @@ use serde::de::DeserializeOwned;
 use super::{
     Body, ConfigError, Document, Loaded, Origin,
     gateway::{self, GatewayObject},
+    gateway_api::{self, HttpRouteObject, ReferenceGrantObject},
     k8s,
     networking::{self, DestinationRuleObject, VirtualServiceObject},
-    object::{Ctx, SecretObject, parse_ip, parse_port, require_name, valid_port_name},
+    object::{Ctx, SecretObject, by_age, parse_ip, parse_port, require_name, valid_port_name},
     security::{self, AuthorizationPolicyObject, PeerAuthenticationObject, RequestAuthenticationObject},
     service_entry::{self, ServiceEntryObject},
 };
@@ -44,6 +45,8 @@ struct Objects {
     destination_rules: Vec<(Origin, DestinationRuleObject)>,
     gateways: Vec<(Origin, GatewayObject)>,
     service_entries: Vec<(Origin, ServiceEntryObject)>,
+    http_routes: Vec<(Origin, HttpRouteObject)>,
+    reference_grants: Vec<(Origin, ReferenceGrantObject)>,
     secrets: Vec<(Origin, SecretObject)>,
     /// ConfigMap `istio-system/istio`.
     mesh_config: Option<(Origin, k8s::ConfigMap)>,
@@ -231,6 +234,16 @@ fn sort_document(
         ("telemetry.istio.io/v1" | "telemetry.istio.io/v1alpha1", "Telemetry") => {
             push(&mut ctx, value, &mut objects.telemetries)
         }
+        ("gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1beta1", "HTTPRoute") => {
+            push(&mut ctx, value, &mut objects.http_routes)
+        }
+        ("gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1beta1", "ReferenceGrant") => {
+            push(&mut ctx, value, &mut objects.reference_grants)
+        }
+        (api, _) if api.starts_with("gateway.networking.k8s.io/") => ctx.error(
+            "kind",
+            format!("{api} {kind} is not supported by this version of mesh-agent (of the Gateway API: HTTPRoute attached to a Service, and ReferenceGrant)"),
+        ),
         (api, _) if api.split('/').next().is_some_and(|g| g.ends_with("istio.io")) => {
             ctx.error("kind", format!("{api} {kind} is not supported by this version of mesh-agent"));
         }

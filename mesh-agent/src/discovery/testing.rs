@@ -66,6 +66,8 @@ struct Inner {
     /// While set, TokenReview answers wait until it is cleared (`true` in
     /// the channel: held).
     held_reviews: Option<tokio::sync::watch::Sender<bool>>,
+    /// The Gateway API's CRDs are not installed: its group is not served.
+    no_gateway_api: bool,
 }
 
 struct Token {
@@ -166,6 +168,11 @@ fn line(v: &Value) -> Bytes {
 }
 
 impl FakeApi {
+    /// An API server without the Gateway API's CRDs.
+    pub fn without_gateway_api(&self) {
+        self.0.lock().expect("fake API").no_gateway_api = true;
+    }
+
     fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -319,6 +326,15 @@ impl Inner {
                 ];
                 json!({"name": g, "versions": versions, "preferredVersion": versions[0]})
             })
+            .chain((!self.no_gateway_api).then(|| {
+                // The Gateway API's standard channel: HTTPRoute in v1, ReferenceGrant in v1beta1.
+                let g = "gateway.networking.k8s.io";
+                let versions = [
+                    json!({"groupVersion": format!("{g}/v1"), "version": "v1"}),
+                    json!({"groupVersion": format!("{g}/v1beta1"), "version": "v1beta1"}),
+                ];
+                json!({"name": g, "versions": versions, "preferredVersion": versions[0]})
+            }))
             .collect();
         json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
     }

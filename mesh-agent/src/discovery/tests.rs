@@ -234,8 +234,23 @@ async fn an_invalid_object_is_rejected_by_itself() {
     assert_eq!(loaded.rejected.len(), 1, "{:?}", loaded.rejected);
     let error = loaded.rejected[0].to_string();
     assert!(error.starts_with("api-server: VirtualService demo/broken: spec.http[0].timeout"), "{error}");
-    assert_eq!(loaded.state.virtual_services.len(), 1);
+    // The cluster's VirtualService and the one its HTTPRoute makes.
+    assert_eq!(loaded.state.virtual_services.len(), 2);
     assert_eq!(loaded.state.workloads.len(), 4);
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_the_gateway_apis_crds_its_kinds_are_left_out_not_waited_for() {
+    let fake = with_cluster();
+    fake.without_gateway_api();
+    let kinds = agent_kinds(&["istio-system".to_owned()]);
+    let (mut models, _task) = super::start(mock_client(&fake), kinds, "cluster.local", Counters::default())
+        .await
+        .expect("started without the Gateway API");
+    let state = super::first_model(&mut models).await.expect("a first model").state;
+    assert!(state.virtual_services.iter().all(|v| !v.name.starts_with("HTTPRoute")));
+    assert!(state.workloads.contains_key("demo/test-0"), "everything else is read");
+    assert!(fake.requests().iter().all(|r| !r.path.contains("gateway.networking.k8s.io")), "never listed");
 }
 
 #[tokio::test(start_paused = true)]

@@ -87,14 +87,33 @@ pub struct HttpRoute {
 pub struct Rewrite {
     pub uri: Option<String>,
     pub authority: Option<String>,
+    /// `uri` replaces the whole path even after a prefix match (the
+    /// Gateway API's `ReplaceFullPath`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub full_path: bool,
 }
 
 /// `redirect`: answered by the agent, never sent upstream.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Redirect {
     pub uri: Option<String>,
     pub authority: Option<String>,
     pub code: u16,
+    /// The Gateway API's `RequestRedirect`: `authority` is a host alone, the
+    /// port is `port`, else the scheme's well-known one when `scheme` is
+    /// given, else the one the client connected to (a well-known port left
+    /// out of the location), and `uri` replaces the matched prefix when
+    /// `replace_prefix`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gateway_api: Option<RedirectTarget>,
+}
+
+/// The Gateway API's redirect parts (see [`Redirect::gateway_api`]).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct RedirectTarget {
+    pub scheme: Option<String>,
+    pub port: Option<u16>,
+    pub replace_prefix: bool,
 }
 
 /// `retries`: how many more tries, each with its own timeout, on which failures.

@@ -132,7 +132,7 @@ pub(in crate::config) fn build_virtual_service(
         };
         let rewrite = r.rewrite.as_ref().map(|w| {
             reject(ctx, &format!("{base}.rewrite"), &[("uriRegexRewrite", &w.uri_regex_rewrite)]);
-            Rewrite { uri: w.uri.clone(), authority: w.authority.clone() }
+            Rewrite { uri: w.uri.clone(), authority: w.authority.clone(), full_path: false }
         });
         let redirect = r.redirect.as_ref().and_then(|d| redirect(ctx, &format!("{base}.redirect"), d));
         if redirect.is_some() && (!r.route.is_empty() || rewrite.is_some()) {
@@ -318,7 +318,7 @@ fn redirect(ctx: &mut Ctx<'_>, base: &str, d: &RedirectSpec) -> Option<Redirect>
             return None;
         }
     };
-    Some(Redirect { uri: d.uri.clone(), authority: d.authority.clone(), code })
+    Some(Redirect { uri: d.uri.clone(), authority: d.authority.clone(), code, gateway_api: None })
 }
 
 fn retries(ctx: &mut Ctx<'_>, base: &str, r: &RetriesSpec) -> Option<Retries> {

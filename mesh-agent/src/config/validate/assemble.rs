@@ -141,6 +141,15 @@ pub(super) fn assemble(objects: Objects, trust_domain: &str, errors: &mut Vec<Co
         |o| describe_meta("VirtualService", &o.metadata),
         |ctx, o| networking::build_virtual_service(ctx, o, services, gateways),
     );
+    // The Gateway API's routes attached to Services: mesh VirtualServices.
+    let grants: Vec<ReferenceGrantObject> = objects.reference_grants.iter().map(|(_, g)| g.clone()).collect();
+    let routes = build_unique(
+        &objects.http_routes,
+        errors,
+        |o| describe_meta("HTTPRoute", &o.metadata),
+        |ctx, o| gateway_api::http_route::build(ctx, o, services, &grants),
+    );
+    virtual_services.extend(gateway_api::http_route::mesh_virtual_services(&routes));
     let mut destination_rules = build_unique(
         &objects.destination_rules,
         errors,
@@ -235,15 +244,4 @@ fn build_unique<O, T>(
         out.push(built);
     }
     out
-}
-
-/// Istio's precedence among objects that claim the same thing: the oldest
-/// first (by `creationTimestamp`; objects without one, as files written by
-/// hand, after those with one), then by namespace and name.
-fn by_age<'a>(
-    created: &'a Option<String>,
-    namespace: &'a str,
-    name: &'a str,
-) -> (bool, &'a Option<String>, &'a str, &'a str) {
-    (created.is_none(), created, namespace, name)
 }

@@ -150,7 +150,8 @@ pub(crate) fn request_authority(req: &Request<Incoming>, down: &Downstream) -> S
 pub(crate) fn rewrite(req: &mut Request<Incoming>, w: &traffic::Rewrite, matched_prefix: Option<&str>) {
     let mut parts = req.uri().clone().into_parts();
     if let Some(uri) = &w.uri {
-        let path = routing::rewrite_path(&view_path(req), matched_prefix, uri);
+        let prefix = matched_prefix.filter(|_| !w.full_path);
+        let path = routing::rewrite_path(&view_path(req), prefix, uri);
         if let Ok(pq) = path.parse() {
             parts.path_and_query = Some(pq);
         }

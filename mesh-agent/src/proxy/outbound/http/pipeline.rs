@@ -228,7 +228,7 @@ fn resolve(
     down: &Downstream,
 ) -> Result<Routed, EarlyStop> {
     let routing::Decision { route, rule, matched_prefix, cluster } = decision;
-    if let Some((code, location)) = filters::redirect(rule.as_ref(), req, down) {
+    if let Some((code, location)) = filters::redirect(rule.as_ref(), req, down, matched_prefix.as_deref()) {
         let labels = match target(route, source.as_ref(), None) {
             Ok(t) => t.labels,
             Err(refused) => refused.labels,

@@ -1,0 +1,176 @@
+//! The mesh's edges routed: Istio's gateways as pods (ingress by path,
+//! egress by host), ServiceEntries and REGISTRY_ONLY, and which node may hold
+//! a gateway pod's identity.
+use super::*;
+
+const EDGE: &str = r#"
+apiVersion: v1
+kind: Node
+metadata: {name: n1}
+status: {addresses: [{type: InternalIP, address: 172.18.0.2}]}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: n2}
+status: {addresses: [{type: InternalIP, address: 172.18.1.2}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: ingressgateway, namespace: istio-system, labels: {istio: ingressgateway}, annotations: {inject.istio.io/templates: gateway}}
+spec: {nodeName: n1, serviceAccountName: istio-ingressgateway-service-account}
+status: {podIP: 10.244.0.100}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: egressgateway, namespace: istio-system, labels: {istio: egressgateway}, annotations: {inject.istio.io/templates: gateway}}
+spec: {nodeName: n2, serviceAccountName: istio-egressgateway-service-account}
+status: {podIP: 10.244.1.100}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: istio-egressgateway, namespace: istio-system}
+spec:
+  clusterIP: 10.96.0.99
+  selector: {istio: egressgateway}
+  ports: [{name: http, port: 80}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: hello-v1, namespace: demo, labels: {app: hello, version: v1}}
+spec: {nodeName: n1}
+status: {podIP: 10.244.0.2}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: hello, namespace: demo}
+spec:
+  clusterIP: 10.96.0.10
+  selector: {app: hello}
+  ports: [{name: http, port: 5000}]
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: istio, namespace: istio-system}
+data:
+  mesh: |
+    outboundTrafficPolicy:
+      mode: REGISTRY_ONLY
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: ext, namespace: demo}
+spec:
+  hosts: [ext.example.com]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: STATIC
+  location: MESH_EXTERNAL
+  endpoints: [{address: 172.18.200.2}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: any, namespace: demo}
+spec:
+  hosts: [any.example.com]
+  addresses: [192.0.2.10]
+  ports: [{number: 443, name: tls, protocol: TLS}]
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: ingress, namespace: istio-system}
+spec:
+  selector: {istio: ingressgateway}
+  servers: [{port: {number: 80, name: http, protocol: HTTP}, hosts: ["*"]}]
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: egress, namespace: istio-system}
+spec:
+  selector: {istio: egressgateway}
+  servers: [{port: {number: 80, name: http, protocol: HTTP}, hosts: [ext.example.com]}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: hello-ingress, namespace: demo}
+spec:
+  hosts: ["*"]
+  gateways: [istio-system/ingress]
+  http:
+  - match: [{uri: {exact: /hello}}]
+    route: [{destination: {host: hello}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: ext-via-egress, namespace: demo}
+spec:
+  hosts: [ext.example.com]
+  gateways: [istio-system/egress, mesh]
+  http:
+  - match: [{gateways: [mesh], port: 80}]
+    route: [{destination: {host: istio-egressgateway.istio-system.svc.cluster.local, port: {number: 80}}}]
+  - match: [{gateways: [istio-system/egress], port: 80}]
+    route: [{destination: {host: ext.example.com, port: {number: 80}}}]
+"#;
+
+#[test]
+fn gateways_service_entries_and_registry_only() {
+    let s = state_from_yaml(EDGE);
+    let host = |h: &str| {
+        let mut m = HeaderMap::new();
+        m.insert("host", HeaderValue::from_str(h).expect("host"));
+        m
+    };
+    let mesh = |orig: &str, h: &str, path: &str| {
+        let headers = host(h);
+        let view = RequestView { method: "GET", path, headers: &headers, client: CLIENT, namespace: None };
+        describe(&route_request(&s, orig.parse().expect("orig"), &view, 0, 0, &NoState))
+    };
+    let gateway = |gw: &str, orig: &str, h: &str, path: &str| {
+        let headers = host(h);
+        let view = RequestView { method: "GET", path, headers: &headers, client: CLIENT, namespace: None };
+        let gws = [gw.to_owned()];
+        route_gateway(&s, &gws, None, orig.parse().expect("orig"), &view, 0, 0, &NoState)
+            .map_or_else(|| "404".to_owned(), |(d, _)| describe(&d))
+    };
+    // Mesh: the ServiceEntry host goes to the egress gateway's pod.
+    assert_eq!(mesh("172.18.200.2:80", "ext.example.com", "/"), "egressgateway 10.244.1.100:80");
+    // Mesh: an address nobody declared, under REGISTRY_ONLY.
+    assert_eq!(mesh("198.51.100.1:80", "nowhere.example.com", "/"), "black hole 198.51.100.1:80");
+    // A ServiceEntry address with resolution NONE: the original destination.
+    assert_eq!(
+        describe(&Decision {
+            route: crate::routing::l4::route(&s, "192.0.2.10:443".parse().expect("a"), None, 0),
+            rule: None,
+            matched_prefix: None,
+            cluster: None
+        }),
+        "unknown 192.0.2.10:443"
+    );
+    assert_eq!(
+        describe(&Decision {
+            route: crate::routing::l4::route(&s, "198.51.100.1:443".parse().expect("a"), None, 0),
+            rule: None,
+            matched_prefix: None,
+            cluster: None
+        }),
+        "black hole 198.51.100.1:443"
+    );
+    // Ingress: any host, by path; nothing else matches (404).
+    assert_eq!(gateway("istio-system/ingress", "10.244.0.100:80", "172.18.0.2", "/hello"), "hello-v1 10.244.0.2:5000");
+    assert_eq!(gateway("istio-system/ingress", "10.244.0.100:80", "x.example", "/nope"), "404");
+    // Egress gateway: the second hop goes to the external endpoint.
+    assert_eq!(
+        gateway("istio-system/egress", "10.244.1.100:80", "ext.example.com", "/"),
+        "172.18.200.2 172.18.200.2:80"
+    );
+    assert_eq!(gateway("istio-system/egress", "10.244.1.100:80", "other.example.com", "/"), "404");
+    // The gateway pods' identities are what their nodes may hold: as any pod's.
+    let ingress = "spiffe://cluster.local/ns/istio-system/sa/istio-ingressgateway-service-account";
+    let egress = "spiffe://cluster.local/ns/istio-system/sa/istio-egressgateway-service-account";
+    assert!(s.node_identities("n1").contains(ingress) && !s.node_identities("n1").contains(egress));
+    assert!(s.node_identities("n2").contains(egress) && !s.node_identities("n2").contains(ingress));
+    // A Gateway serves the gateway pods its selector matches, nothing else.
+    let served = |pod: &str| s.gateways_of(&s.workloads[pod]).map(|g| g.name.to_string()).collect::<Vec<_>>();
+    assert_eq!(served("istio-system/ingressgateway"), ["ingress"]);
+    assert_eq!(served("istio-system/egressgateway"), ["egress"]);
+    assert!(served("demo/hello-v1").is_empty(), "a pod that is no gateway is never served as one");
+}
