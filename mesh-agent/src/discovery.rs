@@ -138,6 +138,8 @@ pub fn agent_kinds(secret_namespaces: &[String]) -> Vec<Kind> {
         Kind::istio(SECURITY, "AuthorizationPolicy", "authorizationpolicies"),
         Kind::istio(SECURITY, "RequestAuthentication", "requestauthentications"),
         Kind::istio(TELEMETRY, "Telemetry", "telemetries"),
+        Kind { scope: Scope::Cluster, ..Kind::istio(GATEWAY_API, "GatewayClass", "gatewayclasses") },
+        Kind::istio(GATEWAY_API, "Gateway", "gateways"),
         Kind::istio(GATEWAY_API, "HTTPRoute", "httproutes"),
         Kind { version: "v1beta1", ..Kind::istio(GATEWAY_API, "ReferenceGrant", "referencegrants") },
     ];

@@ -134,9 +134,8 @@ pub struct Workload {
     pub host_network: bool,
     /// Enrolled in the mesh: captured by eBPF on its node.
     pub meshed: bool,
-    /// A gateway pod (Istio's gateway injection, `inject.istio.io/templates:
-    /// gateway`, or a Gateway API gateway's `gateway.networking.k8s.io/gateway-name`):
-    /// its node's agent serves the Gateways that select it, on its address.
+    /// A gateway pod (Istio's gateway injection, or a Gateway API gateway's
+    /// pod): its node's agent serves the Gateways that select it.
     pub gateway: bool,
     /// Running and Ready (or no status given): eligible as a Service endpoint.
     pub ready: bool,
@@ -257,6 +256,8 @@ pub struct Gateway {
     pub created: Option<String>,
     pub selector: BTreeMap<String, String>,
     pub servers: Vec<GatewayServer>,
+    /// Served by its own namespace's gateway pods only (a Gateway API one).
+    pub own_namespace: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -484,12 +485,6 @@ impl State {
     /// The pod with this IP (never a hostNetwork pod).
     pub fn workload_by_ip(&self, ip: Ipv4Addr) -> Option<&Arc<Workload>> {
         self.by_ip.get(&ip)
-    }
-
-    /// The Gateways that select the gateway pod `pod` (oldest first).
-    pub fn gateways_of<'a>(&'a self, pod: &'a Workload) -> impl Iterator<Item = &'a Arc<Gateway>> {
-        let selects = |g: &&Arc<Gateway>| g.selector.iter().all(|(k, v)| pod.labels.get(k) == Some(v));
-        self.gateways.iter().filter(move |_| pod.gateway).filter(selects)
     }
 
     /// A gateway pod or node that runs as `principal`: who sent a stream

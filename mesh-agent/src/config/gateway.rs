@@ -103,7 +103,7 @@ pub(super) fn build_gateway(ctx: &mut Ctx<'_>, obj: &GatewayObject, secrets: &Se
         return None;
     }
     let (selector, created) = (obj.spec.selector.clone(), obj.metadata.creation_timestamp.clone());
-    Some(Gateway { name, namespace, created, selector, servers })
+    Some(Gateway { name, namespace, created, selector, servers, own_namespace: false })
 }
 
 fn build_server(
@@ -381,7 +381,13 @@ fn tls_settings(ctx: &mut Ctx<'_>, base: &str, t: &ServerTlsSpec) -> Option<TlsS
 
 /// The certificate and key of a `kubernetes.io/tls` Secret in the Gateway's
 /// namespace, checked to belong together.
-fn server_cert(ctx: &mut Ctx<'_>, field: &str, name: &str, namespace: &str, secrets: &Secrets) -> Option<ServerCert> {
+pub(super) fn server_cert(
+    ctx: &mut Ctx<'_>,
+    field: &str,
+    name: &str,
+    namespace: &str,
+    secrets: &Secrets,
+) -> Option<ServerCert> {
     if let Err(e) = super::credentials::plain_name(name) {
         ctx.error(field, e);
         return None;

@@ -11,7 +11,127 @@ use serde::Deserialize;
 
 use super::k8s::ObjectMeta;
 
+pub(super) mod gateway;
 pub(super) mod http_route;
+
+/// The controller names whose GatewayClasses this mesh serves: its own,
+/// and Istio's (so that Istio's samples, `gatewayClassName: istio`, work).
+pub const CONTROLLERS: [&str; 2] = ["mesh-agent.dev/gateway-controller", "istio.io/gateway-controller"];
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct GatewayClassObject {
+    #[allow(dead_code)]
+    pub api_version: String,
+    #[allow(dead_code)]
+    pub kind: String,
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: GatewayClassSpec,
+    #[allow(dead_code)]
+    pub status: Option<serde_yaml_ng::Value>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct GatewayClassSpec {
+    #[serde(default)]
+    pub controller_name: String,
+    pub parameters_ref: Option<serde_yaml_ng::Value>,
+    #[allow(dead_code)]
+    pub description: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct GatewayObject {
+    #[allow(dead_code)]
+    pub api_version: String,
+    #[allow(dead_code)]
+    pub kind: String,
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: GatewaySpec,
+    #[allow(dead_code)]
+    pub status: Option<serde_yaml_ng::Value>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct GatewaySpec {
+    #[serde(default)]
+    pub gateway_class_name: String,
+    #[serde(default)]
+    pub listeners: Vec<ListenerSpec>,
+    pub addresses: Option<serde_yaml_ng::Value>,
+    pub infrastructure: Option<serde_yaml_ng::Value>,
+    pub backend_tls: Option<serde_yaml_ng::Value>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ListenerSpec {
+    #[serde(default)]
+    pub name: String,
+    pub hostname: Option<String>,
+    #[serde(default)]
+    pub port: i64,
+    #[serde(default)]
+    pub protocol: String,
+    pub tls: Option<ListenerTls>,
+    pub allowed_routes: Option<AllowedRoutes>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ListenerTls {
+    pub mode: Option<String>,
+    #[serde(default)]
+    pub certificate_refs: Vec<SecretRef>,
+    pub options: Option<serde_yaml_ng::Value>,
+    pub frontend_validation: Option<serde_yaml_ng::Value>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretRef {
+    pub group: Option<String>,
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub name: String,
+    pub namespace: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AllowedRoutes {
+    pub namespaces: Option<RouteNamespaces>,
+    #[serde(default)]
+    pub kinds: Vec<RouteKind>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteNamespaces {
+    pub from: Option<String>,
+    pub selector: Option<LabelSelector>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LabelSelector {
+    #[serde(default)]
+    pub match_labels: std::collections::BTreeMap<String, String>,
+    pub match_expressions: Option<serde_yaml_ng::Value>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteKind {
+    pub group: Option<String>,
+    #[serde(default)]
+    pub kind: String,
+}
 
 pub(super) const GROUP: &str = "gateway.networking.k8s.io";
 

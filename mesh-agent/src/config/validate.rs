@@ -18,7 +18,7 @@ use serde::de::DeserializeOwned;
 use super::{
     Body, ConfigError, Document, Loaded, Origin,
     gateway::{self, GatewayObject},
-    gateway_api::{self, HttpRouteObject, ReferenceGrantObject},
+    gateway_api::{self, GatewayClassObject, HttpRouteObject, ReferenceGrantObject},
     k8s,
     networking::{self, DestinationRuleObject, VirtualServiceObject},
     object::{Ctx, SecretObject, by_age, parse_ip, parse_port, require_name, valid_port_name},
@@ -46,6 +46,8 @@ struct Objects {
     gateways: Vec<(Origin, GatewayObject)>,
     service_entries: Vec<(Origin, ServiceEntryObject)>,
     http_routes: Vec<(Origin, HttpRouteObject)>,
+    gateway_classes: Vec<(Origin, GatewayClassObject)>,
+    api_gateways: Vec<(Origin, gateway_api::GatewayObject)>,
     reference_grants: Vec<(Origin, ReferenceGrantObject)>,
     secrets: Vec<(Origin, SecretObject)>,
     /// ConfigMap `istio-system/istio`.
@@ -145,7 +147,7 @@ fn str_field<'a>(v: &'a serde_yaml_ng::Value, key: &str) -> Option<&'a str> {
 /// `Kind namespace/name` (namespaced kinds default to `default`) or `Kind name`.
 fn object_name(kind: &str, name: Option<&str>, namespace: Option<&str>) -> String {
     let name = name.unwrap_or("<unnamed>");
-    let cluster_scoped = matches!(kind, "Node" | "Namespace" | "List");
+    let cluster_scoped = matches!(kind, "Node" | "Namespace" | "List" | "GatewayClass");
     match namespace {
         Some(ns) => format!("{kind} {ns}/{name}"),
         None if cluster_scoped => format!("{kind} {name}"),
@@ -240,9 +242,15 @@ fn sort_document(
         ("gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1beta1", "ReferenceGrant") => {
             push(&mut ctx, value, &mut objects.reference_grants)
         }
+        ("gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1beta1", "GatewayClass") => {
+            push(&mut ctx, value, &mut objects.gateway_classes)
+        }
+        ("gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1beta1", "Gateway") => {
+            push(&mut ctx, value, &mut objects.api_gateways)
+        }
         (api, _) if api.starts_with("gateway.networking.k8s.io/") => ctx.error(
             "kind",
-            format!("{api} {kind} is not supported by this version of mesh-agent (of the Gateway API: HTTPRoute attached to a Service, and ReferenceGrant)"),
+            format!("{api} {kind} is not supported by this version of mesh-agent (of the Gateway API: GatewayClass, Gateway, HTTPRoute and ReferenceGrant)"),
         ),
         (api, _) if api.split('/').next().is_some_and(|g| g.ends_with("istio.io")) => {
             ctx.error("kind", format!("{api} {kind} is not supported by this version of mesh-agent"));

@@ -130,6 +130,9 @@ impl Target {
 /// `networkpolicy` → `networkpolicies`, `gateway` → `gateways`.
 fn plural(kind: &str) -> String {
     let lower = kind.to_ascii_lowercase();
+    if lower.ends_with("ss") {
+        return format!("{lower}es");
+    }
     match lower.strip_suffix('y') {
         Some(stem) if !stem.ends_with(['a', 'e', 'o', 'u']) => format!("{stem}ies"),
         _ => format!("{lower}s"),

@@ -234,8 +234,9 @@ async fn an_invalid_object_is_rejected_by_itself() {
     assert_eq!(loaded.rejected.len(), 1, "{:?}", loaded.rejected);
     let error = loaded.rejected[0].to_string();
     assert!(error.starts_with("api-server: VirtualService demo/broken: spec.http[0].timeout"), "{error}");
-    // The cluster's VirtualService and the one its HTTPRoute makes.
-    assert_eq!(loaded.state.virtual_services.len(), 2);
+    // The cluster's VirtualService and the ones its HTTPRoutes make (one
+    // attached to a Service, one to a Gateway API Gateway).
+    assert_eq!(loaded.state.virtual_services.len(), 3);
     assert_eq!(loaded.state.workloads.len(), 4);
 }
 

@@ -102,6 +102,15 @@ impl State {
         self.index = index;
     }
 
+    /// The Gateways that select the gateway pod `pod` (oldest first).
+    pub fn gateways_of<'a>(&'a self, pod: &'a super::Workload) -> impl Iterator<Item = &'a Arc<super::Gateway>> {
+        let selects = |g: &&Arc<super::Gateway>| {
+            g.selector.iter().all(|(k, v)| pod.labels.get(k) == Some(v))
+                && (!g.own_namespace || g.namespace == pod.namespace)
+        };
+        self.gateways.iter().filter(move |_| pod.gateway).filter(selects)
+    }
+
     /// A gateway pod that runs as `principal`.
     pub fn gateway_pod_of(&self, principal: &str) -> Option<&Arc<super::Workload>> {
         self.index.gateway_pods.get(principal)

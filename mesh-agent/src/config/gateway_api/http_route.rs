@@ -11,17 +11,14 @@
 //! before the producer's (as Istio's lookup order gives).
 use std::{cmp::Reverse, collections::BTreeMap, sync::Arc};
 
-use hyper::header::{HeaderName, HeaderValue};
+use hyper::header::HeaderName;
 
-use super::{BackendRef, FilterSpec, HeaderModifier, HttpRouteObject, MatchSpec, PathModifier, ReferenceGrantObject};
+use super::{HttpRouteObject, MatchSpec, ReferenceGrantObject};
 use crate::{
     config::{networking::parse_duration, object::Ctx},
     state::{
         Service,
-        traffic::{
-            HeaderOps, HeaderPair, HeaderRules, HttpMatch, HttpRoute, MESH, Redirect, RedirectTarget, Rewrite,
-            StrMatch, VirtualService, WeightedDestination,
-        },
+        traffic::{HttpMatch, HttpRoute, MESH, StrMatch, VirtualService, WeightedDestination},
     },
 };
 
@@ -30,11 +27,24 @@ pub(in crate::config) struct Route {
     namespace: Arc<str>,
     name: Arc<str>,
     created: Option<String>,
-    /// The Services (`namespace/name`) it attaches to, and the port if the
-    /// parentRef names one.
+    /// The Services it attaches to, and the port if the parentRef names one.
     parents: Vec<(Arc<Service>, Option<u16>)>,
+    /// The Gateways (`namespace/name`) it attaches to: each listener's port
+    /// with the hostnames the route and the listener share.
+    gateways: Vec<GatewayParent>,
     rules: Vec<(Precedence, HttpRoute)>,
 }
+
+/// A Gateway (`namespace/name`) a route attaches to: each listener's port,
+/// with the hostnames the route and the listener share.
+type GatewayParent = (String, Vec<(u16, Vec<String>)>);
+
+/// Gateway API Gateways' listeners, by `namespace/name`.
+mod filters;
+
+use filters::{backend, filters, path_filters};
+
+pub(in crate::config) type Listeners = BTreeMap<String, Vec<super::gateway::Listener>>;
 
 /// The Gateway API's order among matches (smaller first).
 type Precedence = (u8, Reverse<usize>, u8, Reverse<usize>, Reverse<usize>);
@@ -44,6 +54,7 @@ pub(in crate::config) fn build(
     ctx: &mut Ctx<'_>,
     obj: &HttpRouteObject,
     services: &BTreeMap<String, Arc<Service>>,
+    listeners: &Listeners,
     grants: &[ReferenceGrantObject],
 ) -> Option<Route> {
     let (name, namespace) = crate::config::object::name_and_namespace(ctx, &obj.metadata)?;
@@ -66,16 +77,22 @@ pub(in crate::config) fn build(
         }
     }
     let mut parents = Vec::new();
+    let mut gateways = Vec::new();
     for (i, p) in spec.parent_refs.iter().enumerate() {
         let field = format!("spec.parentRefs[{i}]");
         let group = p.group.as_deref().unwrap_or(super::GROUP);
         let kind = p.kind.as_deref().unwrap_or("Gateway");
+        if (group, kind) == (super::GROUP, "Gateway") {
+            if let Some(attached) = gateway_parent(ctx, &field, p, &namespace, &spec.hostnames, listeners) {
+                gateways.push(attached);
+            }
+            continue;
+        }
         if (group, kind) != ("", "Service") && (group, kind) != ("core", "Service") {
-            let message = match kind {
-                "Gateway" => "a Gateway API Gateway: not supported by this version of mesh-agent (HTTPRoutes attach to Services here)".to_owned(),
-                _ => format!("{group:?} {kind:?}: expected a Service (group \"\", kind Service)"),
-            };
-            ctx.error(format!("{field}.kind"), message);
+            ctx.error(
+                format!("{field}.kind"),
+                format!("{group:?} {kind:?}: expected a Gateway or a Service (group \"\")"),
+            );
             continue;
         }
         if p.section_name.is_some() {
@@ -108,17 +125,71 @@ pub(in crate::config) fn build(
         name,
         created: obj.metadata.creation_timestamp.clone(),
         parents,
+        gateways,
         rules,
     })
 }
 
-/// What a rule's filters make of every one of its matches.
-#[derive(Default)]
-struct Filters {
-    headers: HeaderRules,
-    redirect: Option<(super::RedirectSpec, Option<u16>)>,
-    rewrite: Option<super::RewriteSpec>,
-    mirror: Option<(WeightedDestination, f64)>,
+/// The listeners of a Gateway a route attaches to: those the parentRef
+/// names (`sectionName`, `port`), that take routes from the route's
+/// namespace, and whose hostname the route's hostnames meet; with the
+/// hostnames they share (the more specific of each pair, as the API says).
+fn gateway_parent(
+    ctx: &mut Ctx<'_>,
+    field: &str,
+    p: &super::ParentRef,
+    namespace: &str,
+    hostnames: &[String],
+    listeners: &Listeners,
+) -> Option<GatewayParent> {
+    let key = format!("{}/{}", p.namespace.as_deref().unwrap_or(namespace), p.name);
+    let Some(all) = listeners.get(&key) else {
+        ctx.error(format!("{field}.name"), format!("Gateway {key} does not exist (or is another controller's)"));
+        return None;
+    };
+    let mut attached = Vec::new();
+    for l in all {
+        let named =
+            p.section_name.as_deref().is_none_or(|s| s == l.name) && p.port.is_none_or(|n| n == i64::from(l.port));
+        let allowed = l.namespaces.as_ref().is_none_or(|list| list.iter().any(|ns| &**ns == namespace));
+        let shared = shared_hostnames(l.hostname.as_deref(), hostnames);
+        if named && allowed && !shared.is_empty() {
+            attached.push((l.port, shared));
+        }
+    }
+    if attached.is_empty() {
+        ctx.error(
+            field.to_owned(),
+            format!("no listener of Gateway {key} takes this route (its sectionName/port, allowedRoutes from namespace {namespace}, hostnames)"),
+        );
+        return None;
+    }
+    Some((key, attached))
+}
+
+/// The hostnames a listener (`None`: any) and a route (empty: any) share.
+fn shared_hostnames(listener: Option<&str>, route: &[String]) -> Vec<String> {
+    let covers = |pattern: &str, host: &str| match pattern.strip_prefix('*') {
+        Some(suffix) => host.len() > suffix.len() && host.ends_with(suffix),
+        None => pattern == host,
+    };
+    match (listener, route) {
+        (None, []) => vec!["*".to_owned()],
+        (None, r) => r.to_vec(),
+        (Some(l), []) => vec![l.to_owned()],
+        (Some(l), r) => r
+            .iter()
+            .filter_map(|h| {
+                if covers(l, h) || l == h {
+                    Some(h.clone())
+                } else if covers(h, l) {
+                    Some(l.to_owned())
+                } else {
+                    None
+                }
+            })
+            .collect(),
+    }
 }
 
 fn build_rule(
@@ -285,239 +356,36 @@ fn precedence(m: &MatchSpec) -> Precedence {
     (rank, Reverse(len), method, Reverse(m.headers.len()), Reverse(m.query_params.len()))
 }
 
-/// The rule's filters, each type at most once (the API's rule).
-fn filters(
-    ctx: &mut Ctx<'_>,
-    base: &str,
-    list: &[FilterSpec],
-    namespace: &str,
-    services: &BTreeMap<String, Arc<Service>>,
-    grants: &[ReferenceGrantObject],
-) -> Filters {
-    let mut out = Filters::default();
-    for (i, f) in list.iter().enumerate() {
-        let field = format!("{base}.filters[{i}]");
-        if list[..i].iter().any(|o| o.kind == f.kind) {
-            ctx.error(format!("{field}.type"), format!("{}: once per rule", f.kind));
-            continue;
-        }
-        let missing = |ctx: &mut Ctx<'_>, key: &str| {
-            ctx.error(format!("{field}.{key}"), format!("required with type {}", f.kind))
-        };
-        match f.kind.as_str() {
-            "RequestHeaderModifier" => match &f.request_header_modifier {
-                Some(m) => out.headers.request = header_ops(ctx, &format!("{field}.requestHeaderModifier"), m),
-                None => missing(ctx, "requestHeaderModifier"),
-            },
-            "ResponseHeaderModifier" => match &f.response_header_modifier {
-                Some(m) => out.headers.response = header_ops(ctx, &format!("{field}.responseHeaderModifier"), m),
-                None => missing(ctx, "responseHeaderModifier"),
-            },
-            "RequestRedirect" => match &f.request_redirect {
-                Some(r) => {
-                    let code = match r.status_code.unwrap_or(302) {
-                        c @ (301 | 302 | 303 | 307 | 308) => c as u16,
-                        c => {
-                            ctx.error(
-                                format!("{field}.requestRedirect.statusCode"),
-                                format!("{c}: expected 301, 302, 303, 307 or 308"),
-                            );
-                            302
-                        }
-                    };
-                    if let Some(s) = r.scheme.as_deref().filter(|s| !matches!(*s, "http" | "https")) {
-                        ctx.error(format!("{field}.requestRedirect.scheme"), format!("{s:?}: expected http or https"));
-                    }
-                    if let Some(p) = r.port.filter(|p| u16::try_from(*p).is_err() || *p == 0) {
-                        ctx.error(format!("{field}.requestRedirect.port"), format!("{p} is not a port number 1-65535"));
-                    }
-                    out.redirect = Some((r.clone(), Some(code)));
-                }
-                None => missing(ctx, "requestRedirect"),
-            },
-            "URLRewrite" => match &f.url_rewrite {
-                Some(r) => out.rewrite = Some(r.clone()),
-                None => missing(ctx, "urlRewrite"),
-            },
-            "RequestMirror" => match &f.request_mirror {
-                Some(m) => {
-                    let f = format!("{field}.requestMirror");
-                    let pct = match (m.percent, &m.fraction) {
-                        (Some(p), None) if (0..=100).contains(&p) => p as f64,
-                        (None, Some(fr)) if fr.numerator >= 0 && fr.denominator.unwrap_or(100) > 0 => {
-                            (fr.numerator as f64 * 100.0 / fr.denominator.unwrap_or(100) as f64).min(100.0)
-                        }
-                        (None, None) => 100.0,
-                        _ => {
-                            ctx.error(format!("{f}.percent"), "one of percent (0-100) and fraction");
-                            0.0
-                        }
-                    };
-                    if let Some(d) =
-                        backend(ctx, &format!("{f}.backendRef"), &m.backend_ref, namespace, services, grants)
-                    {
-                        out.mirror = Some((WeightedDestination { weight: 100, ..d }, pct));
-                    }
-                }
-                None => missing(ctx, "requestMirror"),
-            },
-            other => {
-                ctx.error(format!("{field}.type"), format!("{other:?}: not supported by this version of mesh-agent"))
-            }
-        }
-    }
-    if out.redirect.is_some() && out.rewrite.is_some() {
-        ctx.error(base.to_owned() + ".filters", "RequestRedirect and URLRewrite cannot both be set");
-    }
-    out
-}
-
-/// The redirect and rewrite for one match variant (`prefix`: what a
-/// `PathPrefix` match strips; `None` for other matches).
-fn path_filters(
-    ctx: &mut Ctx<'_>,
-    base: &str,
-    f: &Filters,
-    prefix: Option<&str>,
-) -> Option<(Option<Redirect>, Option<Rewrite>)> {
-    let path = |ctx: &mut Ctx<'_>, field: &str, p: &Option<PathModifier>| -> Option<Option<(String, bool)>> {
-        let Some(p) = p else { return Some(None) };
-        match (p.kind.as_str(), &p.replace_full_path, &p.replace_prefix_match, prefix) {
-            ("ReplaceFullPath", Some(full), None, _) => Some(Some((full.clone(), false))),
-            ("ReplacePrefixMatch", None, Some(with), Some(stripped)) => {
-                // `/a` → `/b`: `/a/x` becomes `/b/x`, and `/` → `/x`.
-                let with = match (stripped.ends_with('/'), with.ends_with('/')) {
-                    (true, false) => format!("{with}/"),
-                    _ => with.clone(),
-                };
-                Some(Some((with, true)))
-            }
-            ("ReplacePrefixMatch", None, Some(_), None) => {
-                ctx.error(format!("{base}.filters.{field}.path"), "ReplacePrefixMatch needs PathPrefix matches");
-                None
-            }
-            (kind, _, _, _) => {
-                ctx.error(
-                    format!("{base}.filters.{field}.path"),
-                    format!(
-                        "{kind:?}: ReplaceFullPath with replaceFullPath, or ReplacePrefixMatch with replacePrefixMatch"
-                    ),
-                );
-                None
-            }
-        }
-    };
-    let redirect = match &f.redirect {
-        None => None,
-        Some((r, code)) => {
-            let p = path(ctx, "requestRedirect", &r.path)?;
-            let (uri, replace_prefix) = p.map_or((None, false), |(u, pre)| (Some(u), pre));
-            let target = RedirectTarget { scheme: r.scheme.clone(), port: r.port.map(|p| p as u16), replace_prefix };
-            Some(Redirect { uri, authority: r.hostname.clone(), code: code.unwrap_or(302), gateway_api: Some(target) })
-        }
-    };
-    let rewrite = match &f.rewrite {
-        None => None,
-        Some(w) => {
-            let p = path(ctx, "urlRewrite", &w.path)?;
-            let (uri, full_path) = p.map_or((None, false), |(u, pre)| (Some(u), !pre));
-            Some(Rewrite { uri, authority: w.hostname.clone(), full_path })
-        }
-    };
-    Some((redirect, rewrite))
-}
-
-fn header_ops(ctx: &mut Ctx<'_>, base: &str, m: &HeaderModifier) -> HeaderOps {
-    let name = |ctx: &mut Ctx<'_>, field: String, k: &str| match HeaderName::from_bytes(k.as_bytes()) {
-        Ok(n) => Some(n),
-        Err(_) => {
-            ctx.error(field, format!("{k:?} is not a valid header name"));
-            None
-        }
-    };
-    let pairs = |ctx: &mut Ctx<'_>, op: &str, list: &[super::NameValue]| {
-        let mut out = Vec::new();
-        for (i, nv) in list.iter().enumerate() {
-            let field = format!("{base}.{op}[{i}]");
-            let value = HeaderValue::from_str(&nv.value);
-            if value.is_err() {
-                ctx.error(format!("{field}.value"), format!("{:?} is not a valid header value", nv.value));
-            }
-            if let (Some(n), Ok(v)) = (name(ctx, format!("{field}.name"), &nv.name), value) {
-                out.push(HeaderPair(n, v));
-            }
-        }
-        out
-    };
-    let set = pairs(ctx, "set", &m.set);
-    let add = pairs(ctx, "add", &m.add);
-    let remove = m.remove.iter().enumerate().filter_map(|(i, k)| name(ctx, format!("{base}.remove[{i}]"), k)).collect();
-    HeaderOps { set, add, remove }
-}
-
-/// A backend: a Service (of the route's namespace, or another's that grants
-/// it by a ReferenceGrant) and one of its ports.
-fn backend(
-    ctx: &mut Ctx<'_>,
-    field: &str,
-    b: &BackendRef,
-    namespace: &str,
-    services: &BTreeMap<String, Arc<Service>>,
-    grants: &[ReferenceGrantObject],
-) -> Option<WeightedDestination> {
-    let (group, kind) = (b.group.as_deref().unwrap_or(""), b.kind.as_deref().unwrap_or("Service"));
-    if !matches!(group, "" | "core") || kind != "Service" {
-        ctx.error(format!("{field}.kind"), format!("{group:?} {kind:?}: expected a Service (group \"\")"));
-        return None;
-    }
-    let ns = b.namespace.as_deref().unwrap_or(namespace);
-    if ns != namespace && !super::granted(grants, "HTTPRoute", namespace, "Service", ns, &b.name) {
-        ctx.error(
-            format!("{field}.namespace"),
-            format!("Service {ns}/{}: another namespace's, and no ReferenceGrant in {ns} lets HTTPRoutes of {namespace} refer to it", b.name),
-        );
-        return None;
-    }
-    let Some(svc) = services.get(&format!("{ns}/{}", b.name)).filter(|s| s.external.is_none()) else {
-        ctx.error(format!("{field}.name"), format!("Service {ns}/{} does not exist", b.name));
-        return None;
-    };
-    let port = match b.port.map(|p| u16::try_from(p).ok().filter(|p| svc.ports.iter().any(|sp| sp.port == *p))) {
-        Some(Some(p)) => p,
-        Some(None) => {
-            ctx.error(format!("{field}.port"), format!("not a port of Service {}", svc.key));
-            return None;
-        }
-        None => {
-            ctx.error(format!("{field}.port"), "required for a Service");
-            return None;
-        }
-    };
-    Some(WeightedDestination { service: svc.key.clone(), subset: None, port: Some(port), weight: 1 })
-}
-
-/// A route attached to a Service, and the parentRef's port.
+/// A route attached to a parent, and the port of the parent it is for.
 type Attached<'a> = (&'a Route, Option<u16>);
 
-/// The mesh VirtualServices the admitted routes make: one per namespace of
-/// routes and Service they attach to, its rules in the API's precedence.
-pub(in crate::config) fn mesh_virtual_services(routes: &[Route]) -> Vec<VirtualService> {
-    // (route namespace, Service key) → its routes, oldest first.
-    let mut by_parent: BTreeMap<(Arc<str>, String), Vec<Attached<'_>>> = BTreeMap::new();
+/// The VirtualServices the admitted routes make: for Service parents, one
+/// mesh VirtualService per namespace of routes and Service; for Gateway
+/// parents, one bound to the Gateway per namespace of routes and set of
+/// shared hostnames; each with its rules in the API's precedence.
+pub(in crate::config) fn virtual_services(routes: &[Route]) -> Vec<VirtualService> {
+    // (route namespace, parent, hostnames) → its routes and ports.
+    let mut by_parent: BTreeMap<(Arc<str>, String, Vec<String>), Vec<Attached<'_>>> = BTreeMap::new();
+    let mut services: BTreeMap<String, Arc<Service>> = BTreeMap::new();
     for r in routes {
         for (svc, port) in &r.parents {
-            by_parent.entry((r.namespace.clone(), svc.key.clone())).or_default().push((r, *port));
+            services.insert(svc.key.clone(), svc.clone());
+            by_parent.entry((r.namespace.clone(), svc.key.clone(), Vec::new())).or_default().push((r, *port));
+        }
+        for (gateway, listeners) in &r.gateways {
+            for (port, hosts) in listeners {
+                let key = (r.namespace.clone(), format!("gateway:{gateway}"), hosts.clone());
+                by_parent.entry(key).or_default().push((r, Some(*port)));
+            }
         }
     }
     let mut out = Vec::new();
-    for ((namespace, key), mut attached) in by_parent {
+    for ((namespace, parent, hosts), mut attached) in by_parent {
         use crate::config::object::by_age;
         attached.sort_by(|(a, _), (b, _)| {
             by_age(&a.created, &a.namespace, &a.name).cmp(&by_age(&b.created, &b.namespace, &b.name))
         });
         let Some((first, _)) = attached.first() else { continue };
-        let svc = first.parents.iter().map(|(s, _)| s).find(|s| s.key == key).cloned();
-        let Some(svc) = svc else { continue };
         let mut rules: Vec<(Precedence, usize, usize, HttpRoute)> = Vec::new();
         for (ri, (route, port)) in attached.iter().enumerate() {
             for (i, (p, rule)) in route.rules.iter().enumerate() {
@@ -529,16 +397,26 @@ pub(in crate::config) fn mesh_virtual_services(routes: &[Route]) -> Vec<VirtualS
             }
         }
         rules.sort_by_key(|r| (r.0, r.1, r.2));
-        let names: Vec<&str> = attached.iter().map(|(r, _)| &*r.name).collect();
+        let mut names: Vec<&str> = attached.iter().map(|(r, _)| &*r.name).collect();
+        names.dedup();
+        let http = rules.into_iter().map(|(_, _, _, r)| Arc::new(r)).collect();
+        let (hosts, host_patterns, gateways, export_to) = match parent.strip_prefix("gateway:") {
+            Some(gateway) => (Vec::new(), hosts, vec![gateway.to_owned()], None),
+            None => {
+                let Some(svc) = services.get(&parent) else { continue };
+                let export_to = (*namespace != *svc.namespace).then(|| vec![namespace.clone()]);
+                (vec![parent.clone()], vec![svc.hostname.to_string()], vec![MESH.to_owned()], export_to)
+            }
+        };
         out.push(VirtualService {
             name: format!("HTTPRoute {}", names.join("+")).into(),
-            export_to: (*namespace != *svc.namespace).then(|| vec![namespace.clone()]),
             namespace,
-            hosts: vec![key],
-            host_patterns: vec![svc.hostname.to_string()],
-            gateways: vec![MESH.to_owned()],
+            hosts,
+            host_patterns,
+            gateways,
+            export_to,
             created: first.created.clone(),
-            http: rules.into_iter().map(|(_, _, _, r)| Arc::new(r)).collect(),
+            http,
             tcp: Vec::new(),
             tls: Vec::new(),
         });

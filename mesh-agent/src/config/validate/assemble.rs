@@ -97,6 +97,39 @@ pub(super) fn assemble(objects: Objects, trust_domain: &str, errors: &mut Vec<Co
         |o| describe_meta("Gateway", &o.metadata),
         |ctx, o| gateway::build_gateway(ctx, o, &secrets),
     );
+    // The Gateway API's Gateways of this mesh's classes, beside Istio's.
+    let grants: Vec<ReferenceGrantObject> = objects.reference_grants.iter().map(|(_, g)| g.clone()).collect();
+    let classes = build_unique(
+        &objects.gateway_classes,
+        errors,
+        |o| describe_meta("GatewayClass", &o.metadata),
+        |ctx, o| {
+            let ours = gateway_api::CONTROLLERS.contains(&o.spec.controller_name.as_str());
+            if ours && o.spec.parameters_ref.is_some() {
+                ctx.error("spec.parametersRef", "not supported by this version of mesh-agent");
+            }
+            Some(o.clone())
+        },
+    );
+    let mut listeners = gateway_api::http_route::Listeners::new();
+    let istio_gateways: Vec<String> = gateways.iter().map(|g| format!("{}/{}", g.namespace, g.name)).collect();
+    for built in build_unique(
+        &objects.api_gateways,
+        errors,
+        |o| describe_meta("Gateway", &o.metadata),
+        |ctx, o| {
+            let built = gateway_api::gateway::build(ctx, o, &classes, &state.namespaces, &secrets, &grants)?;
+            let key = format!("{}/{}", built.gateway.namespace, built.gateway.name);
+            if istio_gateways.contains(&key) {
+                ctx.error("metadata.name", format!("an Istio Gateway {key} exists: routes could not tell them apart"));
+                return None;
+            }
+            Some(built)
+        },
+    ) {
+        listeners.insert(format!("{}/{}", built.gateway.namespace, built.gateway.name), built.listeners);
+        gateways.push(built.gateway);
+    }
     // Oldest first (Istio's precedence when servers conflict), then by
     // namespace and name.
     gateways.sort_by(|a, b| by_age(&a.created, &a.namespace, &a.name).cmp(&by_age(&b.created, &b.namespace, &b.name)));
@@ -141,15 +174,15 @@ pub(super) fn assemble(objects: Objects, trust_domain: &str, errors: &mut Vec<Co
         |o| describe_meta("VirtualService", &o.metadata),
         |ctx, o| networking::build_virtual_service(ctx, o, services, gateways),
     );
-    // The Gateway API's routes attached to Services: mesh VirtualServices.
-    let grants: Vec<ReferenceGrantObject> = objects.reference_grants.iter().map(|(_, g)| g.clone()).collect();
+    // The Gateway API's routes: mesh VirtualServices for Service parents,
+    // bound ones for Gateway parents.
     let routes = build_unique(
         &objects.http_routes,
         errors,
         |o| describe_meta("HTTPRoute", &o.metadata),
-        |ctx, o| gateway_api::http_route::build(ctx, o, services, &grants),
+        |ctx, o| gateway_api::http_route::build(ctx, o, services, &listeners, &grants),
     );
-    virtual_services.extend(gateway_api::http_route::mesh_virtual_services(&routes));
+    virtual_services.extend(gateway_api::http_route::virtual_services(&routes));
     let mut destination_rules = build_unique(
         &objects.destination_rules,
         errors,

@@ -24,7 +24,8 @@ fn http_routes_are_validated_field_by_field() {
     #[rustfmt::skip]
     let cases = [
         (route("{rules: []}"), "spec.parentRefs: at least one parentRef is required".to_owned()),
-        (route("{parentRefs: [{name: gw}], rules: []}"), "spec.parentRefs[0].kind: a Gateway API Gateway: not supported by this version of mesh-agent".to_owned()),
+        (route("{parentRefs: [{name: gw}], rules: []}"), "spec.parentRefs[0].name: Gateway demo/gw does not exist (or is another controller's)".to_owned()),
+        (route("{parentRefs: [{group: networking.istio.io, kind: Gateway, name: gw}], rules: []}"), "spec.parentRefs[0].kind: \"networking.istio.io\" \"Gateway\": expected a Gateway or a Service".to_owned()),
         (route("{parentRefs: [{group: \"\", kind: Service, name: nope}]}"), "spec.parentRefs[0].name: Service demo/nope does not exist".to_owned()),
         (route("{parentRefs: [{group: \"\", kind: Service, name: web, port: 81}]}"), "spec.parentRefs[0].port: 81: not a port of Service demo/web".to_owned()),
         (route("{parentRefs: [{group: \"\", kind: Service, name: web, sectionName: http}]}"), "spec.parentRefs[0].sectionName: not supported for a Service parent".to_owned()),
@@ -75,7 +76,7 @@ fn a_reference_grant_opens_one_namespace_to_another_for_what_it_names() {
 
 #[test]
 fn gateway_api_kinds_this_version_does_not_serve_are_refused_by_name() {
-    for kind in ["Gateway", "GatewayClass", "GRPCRoute", "TCPRoute", "TLSRoute"] {
+    for kind in ["GRPCRoute", "TCPRoute", "TLSRoute", "UDPRoute", "BackendTLSPolicy"] {
         let yaml = format!(
             "apiVersion: gateway.networking.k8s.io/v1\nkind: {kind}\nmetadata: {{name: x, namespace: demo}}\nspec: {{}}\n"
         );
@@ -87,4 +88,108 @@ fn gateway_api_kinds_this_version_does_not_serve_are_refused_by_name() {
         load(&route(&format!("{{{PARENT}, rules: [{{backendRefs: [{{name: web, port: 80}}]}}]}}"))).expect("valid");
     let vs = &loaded.state.virtual_services[0];
     assert_eq!((&*vs.name, vs.hosts.as_slice()), ("HTTPRoute r", ["demo/web".to_owned()].as_slice()));
+}
+
+const CLASS: &str = "apiVersion: gateway.networking.k8s.io/v1\nkind: GatewayClass\nmetadata: {name: istio}\n\
+    spec: {controllerName: istio.io/gateway-controller}\n---\n\
+    apiVersion: gateway.networking.k8s.io/v1\nkind: GatewayClass\nmetadata: {name: theirs}\n\
+    spec: {controllerName: example.net/gateway-controller}\n---\n";
+
+fn gateway(spec: &str) -> String {
+    format!(
+        "{SERVICES}{CLASS}apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: web, namespace: demo}}\nspec: {spec}\n"
+    )
+}
+
+#[test]
+fn gateways_are_validated_listener_by_listener() {
+    let at = "cluster.yaml (document 5): Gateway demo/web";
+    let http = "{name: http, port: 80, protocol: HTTP}";
+    #[rustfmt::skip]
+    let cases = [
+        (gateway("{gatewayClassName: nope, listeners: [{name: http, port: 80, protocol: HTTP}]}"), "spec.gatewayClassName: GatewayClass \"nope\" does not exist"),
+        (gateway("{gatewayClassName: istio, listeners: []}"), "spec.listeners: at least one listener is required"),
+        (gateway(&format!("{{gatewayClassName: istio, listeners: [{http}, {http}]}}")), "spec.listeners[1].name: \"http\": listener names are unique"),
+        (gateway("{gatewayClassName: istio, listeners: [{name: a, port: 0, protocol: HTTP}]}"), "spec.listeners[0].port: 0 is not a port number"),
+        (gateway("{gatewayClassName: istio, listeners: [{name: a, port: 80, protocol: TCP}]}"), "spec.listeners[0].protocol: TCP: its routes (TLSRoute, TCPRoute, UDPRoute) are not served"),
+        (gateway("{gatewayClassName: istio, listeners: [{name: a, port: 443, protocol: HTTPS}]}"), "spec.listeners[0].tls: required for an HTTPS listener"),
+        (gateway("{gatewayClassName: istio, listeners: [{name: a, port: 443, protocol: HTTPS, tls: {certificateRefs: [{name: nope}]}}]}"), "spec.listeners[0].tls.certificateRefs[0].name: Secret demo/nope does not exist"),
+        (gateway("{gatewayClassName: istio, listeners: [{name: a, port: 443, protocol: HTTPS, tls: {certificateRefs: [{name: c, namespace: data}]}}]}"), "spec.listeners[0].tls.certificateRefs[0].namespace: Secret data/c: another namespace's, and no ReferenceGrant in data lets Gateways of demo refer to it"),
+        (gateway("{gatewayClassName: istio, listeners: [{name: a, port: 80, protocol: HTTP, hostname: \"Web.Example\"}]}"), "spec.listeners[0].hostname: \"Web.Example\" is not a hostname"),
+        (gateway("{gatewayClassName: istio, listeners: [{name: a, port: 80, protocol: HTTP, allowedRoutes: {kinds: [{kind: GRPCRoute}]}}]}"), "spec.listeners[0].allowedRoutes.kinds[0]: \"GRPCRoute\": only HTTPRoute is served"),
+        (gateway("{gatewayClassName: istio, listeners: [{name: a, port: 80, protocol: HTTP, allowedRoutes: {namespaces: {from: Some}}}]}"), "spec.listeners[0].allowedRoutes.namespaces.from: \"Some\": expected Same, All or Selector"),
+        (gateway(&format!("{{gatewayClassName: istio, addresses: [{{value: 1.2.3.4}}], listeners: [{http}]}}")), "spec.addresses: not supported by this version of mesh-agent"),
+    ];
+    for (yaml, want) in cases {
+        let got = error_of(&yaml);
+        assert!(got.contains(&format!("{at}: {want}")), "for:\n{yaml}\nwant: {at}: {want}\ngot:  {got}");
+    }
+    // Another controller's Gateway is left to it: loaded, not served.
+    let loaded = load(&gateway(&format!("{{gatewayClassName: theirs, listeners: [{http}]}}"))).expect("valid");
+    assert!(loaded.state.gateways.is_empty());
+    // Ours: served by its own namespace's pods labelled with its name.
+    let loaded = load(&gateway(&format!("{{gatewayClassName: istio, listeners: [{http}]}}"))).expect("valid");
+    let g = &loaded.state.gateways[0];
+    assert!(g.own_namespace && g.selector["gateway.networking.k8s.io/gateway-name"] == "web");
+}
+
+#[test]
+fn a_route_attaches_only_to_listeners_that_take_it() {
+    let listeners = "{gatewayClassName: istio, listeners: [\
+        {name: same, port: 80, protocol: HTTP, hostname: \"*.example.com\"}, \
+        {name: all, port: 8080, protocol: HTTP, allowedRoutes: {namespaces: {from: All}}}]}";
+    let route = |ns: &str, spec: &str| {
+        format!(
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: {ns}}}\n\
+             spec: {{clusterIP: 10.96.0.3{}, selector: {{app: web}}, ports: [{{name: http, port: 80}}]}}\n\
+             ---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: r, namespace: {ns}}}\nspec: {spec}\n",
+            ns.len()
+        )
+    };
+    let to_web = "rules: [{backendRefs: [{name: web, port: 80}]}]";
+    // demo's route on both listeners, with the hostnames each shares.
+    let yaml = format!(
+        "{}{}",
+        gateway(listeners),
+        route(
+            "demo2",
+            &format!(
+                "{{parentRefs: [{{name: web, namespace: demo}}], hostnames: [a.example.com, b.other.org], {to_web}}}"
+            )
+        )
+    );
+    let loaded = load(&yaml).expect("valid");
+    let vs: Vec<(Vec<String>, Option<u16>)> =
+        loaded.state.virtual_services.iter().map(|v| (v.host_patterns.clone(), v.http[0].matches[0].port)).collect();
+    // From namespace demo2: only the listener that takes all namespaces.
+    assert_eq!(vs, [(vec!["a.example.com".to_owned(), "b.other.org".to_owned()], Some(8080))]);
+    // From demo: both; on the first only the hostname it shares.
+    let yaml = format!(
+        "{}{}",
+        gateway(listeners),
+        "---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r, namespace: demo}\n\
+        spec: {parentRefs: [{name: web}], hostnames: [a.example.com, b.other.org], rules: [{backendRefs: [{name: web, port: 80}]}]}\n"
+    );
+    let loaded = load(&yaml).expect("valid");
+    let mut vs: Vec<(Vec<String>, Option<u16>)> =
+        loaded.state.virtual_services.iter().map(|v| (v.host_patterns.clone(), v.http[0].matches[0].port)).collect();
+    vs.sort();
+    assert_eq!(
+        vs,
+        [
+            (vec!["a.example.com".to_owned()], Some(80)),
+            (vec!["a.example.com".to_owned(), "b.other.org".to_owned()], Some(8080))
+        ]
+    );
+    // A sectionName naming a listener that does not take the route: refused, named.
+    let yaml = format!(
+        "{}{}",
+        gateway(listeners),
+        route("demo2", &format!("{{parentRefs: [{{name: web, namespace: demo, sectionName: same}}], {to_web}}}"))
+    );
+    assert!(
+        error_of(&yaml).contains("spec.parentRefs[0]: no listener of Gateway demo/web takes this route"),
+        "{}",
+        error_of(&yaml)
+    );
 }

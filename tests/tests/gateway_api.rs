@@ -1,0 +1,94 @@
+//! The Gateway API at the edge (root, two nodes): a `Gateway` of class
+//! `istio` served by its gateway pod (namespace demo, labelled with the
+//! Gateway's name) behind a LoadBalancer address, HTTP and HTTPS listeners,
+//! an `HTTPRoute` bound to it; curl and openssl from outside the cluster.
+#![expect(clippy::unwrap_used, reason = "tests")]
+
+use mesh_tests::{agent::metric, certs::Certs, fixture::PodSpec, mesh::*, require_root};
+
+const LB: &str = "172.18.100.1";
+
+fn config(secret: &str) -> String {
+    format!(
+        r#"---
+apiVersion: v1
+kind: Secret
+metadata: {{name: web-cert, namespace: demo}}
+type: kubernetes.io/tls
+stringData:
+{secret}---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GatewayClass
+metadata: {{name: istio}}
+spec: {{controllerName: istio.io/gateway-controller}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: web, namespace: demo}}
+spec:
+  gatewayClassName: istio
+  listeners:
+  - {{name: http, port: 80, protocol: HTTP, hostname: "*.example.com"}}
+  - name: https
+    port: 443
+    protocol: HTTPS
+    hostname: hello.example.com
+    tls: {{mode: Terminate, certificateRefs: [{{name: web-cert}}]}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: hello, namespace: demo}}
+spec:
+  parentRefs: [{{name: web}}]
+  hostnames: [hello.example.com]
+  rules:
+  - matches: [{{path: {{type: PathPrefix, value: /helloworld}}}}]
+    filters: [{{type: ResponseHeaderModifier, responseHeaderModifier: {{set: [{{name: x-served-by, value: gateway-api}}]}}}}]
+    backendRefs: [{{name: helloworld, port: 9095}}]
+"#
+    )
+}
+
+fn curl_out(m: &Mesh, args: &[&str]) -> String {
+    let mut v = vec!["curl", "-s", "-i", "--max-time", "5"];
+    v.extend_from_slice(args);
+    String::from_utf8_lossy(&m.c.net_cmd(&v).stdout).into_owned()
+}
+
+#[test]
+fn a_gateway_api_gateway_serves_its_routes_from_its_pod_behind_a_load_balancer() {
+    if !require_root("a_gateway_api_gateway_serves_its_routes_from_its_pod_behind_a_load_balancer") {
+        return;
+    }
+    let mut f = fixture();
+    let labels = [("gateway.networking.k8s.io/gateway-name", "web")];
+    let spec = PodSpec::gateway("demo", &labels, "web-istio");
+    f.gateway(0, "web-istio", "10.244.1.100".parse().unwrap(), spec, ("10.96.0.40", LB.parse().unwrap()), &[80, 443]);
+    let certs = Certs::new(&format!("gwapi-{}", std::process::id()));
+    let (crt, key) = certs.server("web", "hello.example.com");
+    let secret = format!("  tls.crt: |\n{}  tls.key: |\n{}", Certs::yaml_block(&crt, 4), Certs::yaml_block(&key, 4));
+    let m = Mesh::start_with(f, &config(&secret), &[]);
+    // The route's host and path, through the load balancer.
+    let out = curl_out(&m, &["-H", "Host: hello.example.com", &format!("http://{LB}/helloworld")]);
+    assert!(out.starts_with("HTTP/1.1 200") && out.contains("hello from helloworld"), "{out}");
+    assert!(out.to_ascii_lowercase().contains("x-served-by: gateway-api"), "{out}");
+    // A host of the listener no route names, and one the listener does not take.
+    let out = curl_out(&m, &["-H", "Host: other.example.com", &format!("http://{LB}/helloworld")]);
+    assert!(out.starts_with("HTTP/1.1 404"), "{out}");
+    let out = curl_out(&m, &["-H", "Host: hello.example.org", &format!("http://{LB}/helloworld")]);
+    assert!(out.starts_with("HTTP/1.1 404"), "{out}");
+    // HTTPS with the listener's certificate, checked by curl.
+    let ca = certs.ca();
+    let resolve = format!("hello.example.com:443:{LB}");
+    let out = curl_out(
+        &m,
+        &["--cacert", ca.to_str().unwrap(), "--resolve", &resolve, "https://hello.example.com/helloworld"],
+    );
+    assert!(out.contains("hello from helloworld"), "{out}");
+    // The requests left as the gateway pod, with its identity.
+    let text = m.agents[0].wait_metrics(5, "request metrics", |t| {
+        metric(t, "istio_requests_total", &[("source_workload", "web-istio"), ("response_code", "200")]) >= 2.0
+    });
+    let principal = ("source_principal", "spiffe://cluster.local/ns/demo/sa/web-istio");
+    assert!(metric(&text, "istio_requests_total", &[principal, ("response_code", "404")]) >= 2.0, "{text}");
+}
