@@ -91,4 +91,12 @@ fn a_gateway_api_gateway_serves_its_routes_from_its_pod_behind_a_load_balancer()
     });
     let principal = ("source_principal", "spiffe://cluster.local/ns/demo/sa/web-istio");
     assert!(metric(&text, "istio_requests_total", &[principal, ("response_code", "404")]) >= 2.0, "{text}");
+
+    // A policy attached to the Gateway (targetRefs): clients from outside
+    // the pod network are refused at its pods; the positive control above.
+    let policy = "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: inside-only, namespace: demo}\n\
+        spec: {targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: web}], rules: [{from: [{source: {ipBlocks: [10.0.0.0/8]}}]}]}\n";
+    m.set_config(&format!("{}{policy}", config(&secret)));
+    let out = curl_out(&m, &["-H", "Host: hello.example.com", &format!("http://{LB}/helloworld")]);
+    assert!(!out.contains("hello from helloworld"), "an outside client passed the Gateway's policy: {out}");
 }

@@ -150,26 +150,40 @@ pub struct TargetRef {
     pub section_name: Option<String>,
 }
 
-/// The Services (in the policy's `namespace`) that `targetRef` and
-/// `targetRefs` name; any other target is an error naming it, and so is a
-/// target in another namespace (Istio allows only the policy's own).
-pub(super) fn target_services(
+/// The label a Gateway API gateway's pods carry: its Gateway's name.
+pub(super) const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
+
+/// What a policy's `targetRef`/`targetRefs` attach it to, in its own
+/// namespace: Services, or one Gateway API Gateway (whose pods carry its
+/// name in `gateway.networking.k8s.io/gateway-name`).
+#[derive(Debug, Default)]
+pub(super) struct Targets {
+    pub services: Vec<Arc<str>>,
+    /// The Gateway's pods, as a selector of the policy's namespace.
+    pub gateway: Option<BTreeMap<String, String>>,
+}
+
+/// The targets `targetRef` and `targetRefs` name; any other kind is an
+/// error naming it, and so is a target in another namespace (Istio allows
+/// only the policy's own), more than one Gateway, or Gateways with Services.
+pub(super) fn targets(
     ctx: &mut Ctx<'_>,
     namespace: &str,
     single: Option<&TargetRef>,
     list: &[TargetRef],
-) -> Option<Vec<Arc<str>>> {
+) -> Option<Targets> {
     let before = ctx.error_count();
     let entries = single.map(|t| ("spec.targetRef".to_owned(), t));
     let entries = entries.into_iter().chain(list.iter().enumerate().map(|(i, t)| (format!("spec.targetRefs[{i}]"), t)));
-    let mut out = Vec::new();
+    let mut out = Targets::default();
     for (field, t) in entries {
-        match (t.group.as_str(), t.kind.as_str()) {
-            ("" | "core", "Service") => {}
-            ("gateway.networking.k8s.io", kind @ ("Gateway" | "GatewayClass")) => {
+        let gateway = match (t.group.as_str(), t.kind.as_str()) {
+            ("" | "core", "Service") => false,
+            ("gateway.networking.k8s.io", "Gateway") => true,
+            ("gateway.networking.k8s.io", "GatewayClass") => {
                 ctx.error(
                     format!("{field}.kind"),
-                    format!("{kind}: the Gateway API is not supported by this version of mesh-agent"),
+                    "GatewayClass targets are not supported by this version of mesh-agent",
                 );
                 continue;
             }
@@ -181,10 +195,13 @@ pub(super) fn target_services(
                 continue;
             }
             (group, kind) => {
-                ctx.error(format!("{field}.kind"), format!("{group:?} {kind:?}: expected a Service (group \"\")"));
+                ctx.error(
+                    format!("{field}.kind"),
+                    format!("{group:?} {kind:?}: expected a Service (group \"\") or a Gateway (group gateway.networking.k8s.io)"),
+                );
                 continue;
             }
-        }
+        };
         if t.name.is_empty() {
             ctx.error(format!("{field}.name"), "required");
         }
@@ -192,9 +209,19 @@ pub(super) fn target_services(
             ctx.error(format!("{field}.namespace"), format!("{ns:?}: a policy may target only its own namespace"));
         }
         if t.section_name.is_some() {
-            ctx.error(format!("{field}.sectionName"), "is not supported for a Service");
+            ctx.error(format!("{field}.sectionName"), "is not supported by this version of mesh-agent");
         }
-        out.push(Arc::from(t.name.as_str()));
+        if !gateway {
+            out.services.push(Arc::from(t.name.as_str()));
+        } else if out.gateway.is_some() {
+            ctx.error(field, "one Gateway per policy in this version of mesh-agent");
+        } else {
+            let label = GATEWAY_NAME_LABEL.to_owned();
+            out.gateway = Some(BTreeMap::from([(label, t.name.clone())]));
+        }
+    }
+    if out.gateway.is_some() && !out.services.is_empty() {
+        ctx.error("spec.targetRefs", "a Gateway and Services in one policy: write one policy for each");
     }
     (ctx.error_count() == before).then_some(out)
 }

@@ -8,7 +8,7 @@ use serde::Deserialize;
 
 use super::{
     k8s::ObjectMeta,
-    object::{Ctx, TargetRef, name_and_namespace, target_services},
+    object::{Ctx, TargetRef, name_and_namespace, targets},
 };
 use crate::state::security::{Action, AuthorizationPolicy, Cidr, MtlsMode, PeerAuthentication, Rule};
 
@@ -178,19 +178,20 @@ pub(super) fn selector(ctx: &mut Ctx<'_>, sel: &Option<Selector>) -> Option<BTre
 
 /// The Services a policy is attached to by `targetRef(s)` (Istio's
 /// `PolicyTargetReference`; other kinds are named errors), with Istio's rule
-/// that a policy has a selector or targets, not both.
+/// that a policy has a selector or targets, not both: the Services, and the
+/// selector of a targeted Gateway's pods (else `selected`, the spec's).
 pub(super) fn attached_to(
     ctx: &mut Ctx<'_>,
     namespace: &str,
     selector: &Option<Selector>,
-    single: Option<&TargetRef>,
-    list: &[TargetRef],
-) -> Vec<Arc<str>> {
-    let services = target_services(ctx, namespace, single, list).unwrap_or_default();
+    (single, list): (Option<&TargetRef>, &[TargetRef]),
+    selected: Option<BTreeMap<String, String>>,
+) -> (Vec<Arc<str>>, Option<BTreeMap<String, String>>) {
+    let targets = targets(ctx, namespace, single, list).unwrap_or_default();
     if selector.is_some() && (single.is_some() || !list.is_empty()) {
         ctx.error("spec.targetRefs", "only one of selector and targetRefs (as Istio)");
     }
-    services
+    (targets.services, targets.gateway.or(selected))
 }
 
 fn parse_mode(ctx: &mut Ctx<'_>, field: &str, m: &Mtls) -> Result<Option<MtlsMode>, ()> {
@@ -293,8 +294,9 @@ pub(super) fn build_authorization_policy(
     let (name, namespace) = name_and_namespace(ctx, &obj.metadata)?;
     let spec = &obj.spec;
     let errors_before = ctx.error_count();
-    let selector = selector(ctx, &spec.selector);
-    let services = attached_to(ctx, &namespace, &spec.selector, spec.target_ref.as_ref(), &spec.target_refs);
+    let selected = selector(ctx, &spec.selector);
+    let refs = (spec.target_ref.as_ref(), spec.target_refs.as_slice());
+    let (services, selector) = attached_to(ctx, &namespace, &spec.selector, refs, selected);
     let action = match spec.action.as_deref() {
         None | Some("ALLOW") => Action::Allow,
         Some("DENY") => Action::Deny,

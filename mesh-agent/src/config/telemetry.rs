@@ -12,7 +12,7 @@ use serde::Deserialize;
 
 use super::{
     k8s::ObjectMeta,
-    object::{Ctx, TargetRef, name_and_namespace, target_services},
+    object::{Ctx, TargetRef, name_and_namespace, targets},
     security::{Selector, selector},
 };
 use crate::state::{
@@ -187,10 +187,11 @@ pub(super) fn build_telemetry(ctx: &mut Ctx<'_>, obj: &TelemetryObject, trace: &
     let spec = &obj.spec;
     let selector = selector(ctx, &spec.selector);
     let mut ok = spec.selector.is_none() || selector.is_some();
-    let services = target_services(ctx, &namespace, spec.target_ref.as_ref(), &spec.target_refs);
-    ok &= services.is_some();
-    let services = services.unwrap_or_default();
-    if spec.selector.is_some() && !services.is_empty() {
+    let attached = targets(ctx, &namespace, spec.target_ref.as_ref(), &spec.target_refs);
+    ok &= attached.is_some();
+    let attached = attached.unwrap_or_default();
+    let (services, selector) = (attached.services, attached.gateway.or(selector));
+    if spec.selector.is_some() && (!services.is_empty() || spec.target_ref.is_some() || !spec.target_refs.is_empty()) {
         ctx.error("spec.targetRefs", "only one of selector and targetRefs (as Istio)");
         ok = false;
     }

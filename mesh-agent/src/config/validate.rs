@@ -87,6 +87,14 @@ impl FailClosed {
             (core && str_field(r, "kind") == Some("Service")).then(|| str_field(r, "name").map(str::to_owned)).flatten()
         };
         let targets = (!refs.is_empty()).then(|| refs.iter().filter_map(|r| service(r)).collect());
+        // A Gateway API Gateway's pods, as a selector of the namespace.
+        let gateway = refs.iter().find_map(|r| {
+            let is_gateway =
+                str_field(r, "group") == Some("gateway.networking.k8s.io") && str_field(r, "kind") == Some("Gateway");
+            let name = str_field(r, "name").filter(|_| is_gateway)?;
+            Some(BTreeMap::from([(super::object::GATEWAY_NAME_LABEL.to_owned(), name.to_owned())]))
+        });
+        let selector = gateway.or(selector);
         FailClosed { origin: origin.clone(), object: object.to_owned(), namespace: namespace.into(), selector, targets }
     }
 

@@ -11,8 +11,7 @@ use crate::{
     state::{Gateway, GatewayProtocol, GatewayServer, Namespace, ServerHost, ServerTls},
 };
 
-/// The label a Gateway API gateway's pods carry.
-pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
+use crate::config::object::GATEWAY_NAME_LABEL;
 
 /// What routes need of a listener to attach to it.
 #[derive(Debug, Clone)]

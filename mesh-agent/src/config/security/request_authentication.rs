@@ -83,8 +83,9 @@ pub(in crate::config) fn build_request_authentication(
     let (name, namespace) = name_and_namespace(ctx, &obj.metadata)?;
     let spec = &obj.spec;
     let errors_before = ctx.error_count();
-    let selector = selector(ctx, &spec.selector);
-    let services = attached_to(ctx, &namespace, &spec.selector, spec.target_ref.as_ref(), &spec.target_refs);
+    let selected = selector(ctx, &spec.selector);
+    let refs = (spec.target_ref.as_ref(), spec.target_refs.as_slice());
+    let (services, selector) = attached_to(ctx, &namespace, &spec.selector, refs, selected);
     let mut rules = Vec::with_capacity(spec.jwt_rules.len());
     for (i, r) in spec.jwt_rules.iter().enumerate() {
         let field = format!("spec.jwtRules[{i}]");

@@ -117,8 +117,8 @@ fn the_hierarchy_resolves_as_istios() {
 fn what_the_agent_cannot_do_is_refused_by_name() {
     let cases = [
         (
-            "{targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: web}]}",
-            "spec.targetRefs[0].kind: Gateway: the Gateway API is not supported by this version of mesh-agent",
+            "{targetRefs: [{group: gateway.networking.k8s.io, kind: GatewayClass, name: web}]}",
+            "spec.targetRefs[0].kind: GatewayClass targets are not supported by this version of mesh-agent",
         ),
         ("{targetRef: {kind: Pod, name: web}}", "spec.targetRef.kind: \"\" \"Pod\": expected a Service"),
         (

@@ -51,7 +51,7 @@ fn a_security_policy_that_cannot_be_admitted_denies_what_it_selects() {
         // Attached by targetRefs: closed for traffic to its target, never for
         // the namespace; a target that is no pod's, alone.
         ("targetRefs a Service: its traffic", format!("{hello_svc}{}", ap("svc", "{targetRefs: [{kind: Service, name: hello-svc}], rules: [{when: [{key: a, values: [b]}]}]}")), false, true),
-        ("targetRefs a Gateway: alone",     ap("gw", "{targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: waypoint}], action: DENY, rules: [{}]}"), true, true),
+        ("valid: targetRefs a Gateway",     ap("gw", "{targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: waypoint}], action: DENY, rules: [{}]}"), true, true),
         ("valid: targetRefs, no such Service",     ap("none", "{targetRefs: [{kind: Service, name: nope}], action: DENY, rules: [{}]}"), true, true),
     ];
     for (what, extra, hello_ok, db_ok) in cases {

@@ -193,3 +193,40 @@ fn a_route_attaches_only_to_listeners_that_take_it() {
         error_of(&yaml)
     );
 }
+
+#[test]
+fn a_policy_attached_to_a_gateway_selects_its_pods_in_its_namespace() {
+    let ap = |spec: &str| {
+        format!(
+            "{MESHED_NS}apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: a, namespace: demo}}\nspec: {spec}\n---\n\
+             apiVersion: v1\nkind: Pod\nmetadata: {{name: web-gw, namespace: demo, labels: {{gateway.networking.k8s.io/gateway-name: web}}}}\n\
+             spec: {{nodeName: n1}}\nstatus: {{podIP: 10.244.0.9}}\n---\n\
+             apiVersion: v1\nkind: Pod\nmetadata: {{name: web-gw, namespace: other, labels: {{gateway.networking.k8s.io/gateway-name: web}}}}\n\
+             spec: {{nodeName: n1}}\nstatus: {{podIP: 10.244.0.10}}\n"
+        )
+    };
+    let gw = "{group: gateway.networking.k8s.io, kind: Gateway, name: web}";
+    let loaded = load(&ap(&format!("{{targetRefs: [{gw}], action: DENY, rules: [{{}}]}}"))).expect("valid");
+    let p = &loaded.state.authorization_policies[0];
+    assert_eq!(p.selector.as_ref().map(|s| s["gateway.networking.k8s.io/gateway-name"].as_str()), Some("web"));
+    assert!(p.services.is_empty());
+    // It judges demo's gateway pod, never another namespace's of the same name.
+    use crate::routing::policy::{Peer, Verdict, authorize};
+    let peer = Peer { principal: None, ip: std::net::Ipv4Addr::new(172, 18, 0, 1) };
+    let s = &loaded.state;
+    let verdict = |pod: &str| authorize(s, (&*s.workloads[pod]).into(), &peer, 80);
+    assert!(matches!(verdict("demo/web-gw"), Verdict::Deny(_)));
+    assert_eq!(verdict("other/web-gw"), Verdict::Allow);
+    let at = "cluster.yaml (document 2): AuthorizationPolicy demo/a";
+    let cases = [
+        (
+            format!("{{targetRefs: [{gw}, {{kind: Service, name: s}}]}}"),
+            "spec.targetRefs: a Gateway and Services in one policy",
+        ),
+        (format!("{{targetRefs: [{gw}, {gw}]}}"), "spec.targetRefs[1]: one Gateway per policy"),
+    ];
+    for (spec, want) in cases {
+        let got = error_of(&ap(&spec));
+        assert!(got.contains(&format!("{at}: {want}")), "want {want}\ngot {got}");
+    }
+}

@@ -210,7 +210,7 @@ fn security_policies_are_validated_field_by_field() {
         (
             ra("{targetRefs: [{kind: Service, name: x, sectionName: http}]}"),
             format!(
-                "{at}: RequestAuthentication demo/r: spec.targetRefs[0].sectionName: is not supported for a Service"
+                "{at}: RequestAuthentication demo/r: spec.targetRefs[0].sectionName: is not supported by this version of mesh-agent"
             ),
         ),
         (
