@@ -141,6 +141,7 @@ pub fn agent_kinds(secret_namespaces: &[String]) -> Vec<Kind> {
         Kind { scope: Scope::Cluster, ..Kind::istio(GATEWAY_API, "GatewayClass", "gatewayclasses") },
         Kind::istio(GATEWAY_API, "Gateway", "gateways"),
         Kind::istio(GATEWAY_API, "HTTPRoute", "httproutes"),
+        Kind::istio(GATEWAY_API, "GRPCRoute", "grpcroutes"),
         Kind { version: "v1beta1", ..Kind::istio(GATEWAY_API, "ReferenceGrant", "referencegrants") },
     ];
     for ns in secret_namespaces {

@@ -87,6 +87,21 @@ pub async fn unary(grpc: &mut tonic::client::Grpc<tonic::transport::Channel>, ms
     grpc.unary(Request::new(msg), path, Codec::default()).await.map(Response::into_inner)
 }
 
+/// [`unary`] with request metadata (`name`, `value` pairs).
+pub async fn unary_with(
+    grpc: &mut tonic::client::Grpc<tonic::transport::Channel>,
+    msg: EchoMsg,
+    metadata: &[(&'static str, &'static str)],
+) -> Result<EchoMsg, Status> {
+    grpc.ready().await.map_err(|e| Status::unknown(e.to_string()))?;
+    let path = http::uri::PathAndQuery::from_static("/test.Echo/Unary");
+    let mut req = Request::new(msg);
+    for (k, v) in metadata {
+        req.metadata_mut().insert(*k, tonic::metadata::MetadataValue::from_static(v));
+    }
+    grpc.unary(req, path, Codec::default()).await.map(Response::into_inner)
+}
+
 pub async fn bidi(
     grpc: &mut tonic::client::Grpc<tonic::transport::Channel>,
     msgs: Vec<EchoMsg>,

@@ -92,3 +92,51 @@ fn http_routes_attached_to_a_service_route_its_mesh_traffic() {
     let out = get(test, &[&url("/hello")]);
     assert!(out.contains("hello from ver-v1"), "demo's clients keep demo's route: {out}");
 }
+
+#[test]
+fn a_grpc_route_attached_to_a_service_routes_by_method_and_metadata() {
+    if !require_root("a_grpc_route_attached_to_a_service_routes_by_method_and_metadata") {
+        return;
+    }
+    let route = r#"---
+apiVersion: v1
+kind: Service
+metadata: {name: grpc-v1, namespace: demo}
+spec: {clusterIP: 10.96.0.17, selector: {app: ver, version: v1}, ports: [{name: grpc, port: 80, targetPort: 9090}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: grpc-v2, namespace: demo}
+spec: {clusterIP: 10.96.0.18, selector: {app: ver, version: v2}, ports: [{name: grpc, port: 80, targetPort: 9090}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: echo, namespace: demo}
+spec:
+  parentRefs: [{group: "", kind: Service, name: grpc}]
+  rules:
+  - matches: [{method: {service: test.Echo, method: Unary}, headers: [{name: x-canary, value: "yes"}]}]
+    backendRefs: [{name: grpc-v2, port: 80}]
+  - matches: [{method: {service: test.Echo}}]
+    backendRefs: [{name: grpc-v1, port: 80}]
+"#;
+    let m = Mesh::start(route, &[]);
+    mesh_tests::grpc::serve(m.pod("ver-v1"), 9090);
+    mesh_tests::grpc::serve(m.pod("ver-v2"), 9090);
+    let (canary, plain, streamed) = m.pod("test").run(|| {
+        runtime().block_on(async {
+            use mesh_tests::grpc::{EchoMsg, bidi, client, unary_with};
+            let mut c = client(format!("http://{GRPC_VIP}")).await;
+            let hi = || EchoMsg { text: "hi".into(), fail_with: 0 };
+            let canary = unary_with(&mut c, hi(), &[("x-canary", "yes")]).await;
+            let plain = unary_with(&mut c, hi(), &[]).await;
+            let streamed = bidi(&mut c, vec![EchoMsg { text: "a".into(), fail_with: 0 }]).await;
+            (canary, plain, streamed)
+        })
+    });
+    // The method and the metadata pick v2; the service alone, v1 (never
+    // helloworld, the Service's own endpoint, without the route).
+    assert_eq!(canary.expect("canary").text, "ver-v2: hi");
+    assert_eq!(plain.expect("plain").text, "ver-v1: hi");
+    assert_eq!(streamed.expect("streamed"), ["A"]);
+}

@@ -35,6 +35,14 @@ impl Ctx<'_> {
         }
     }
 
+    /// Rewrites `from` to `to` anywhere in the fields of the errors reported
+    /// since `since` (a kind checked as another names its fields so).
+    pub(super) fn rename_in_errors_since(&mut self, since: usize, from: &str, to: &str) {
+        for e in self.errors.iter_mut().skip(since) {
+            e.field = e.field.replace(from, to);
+        }
+    }
+
     /// Reports an error (once: a setting checked again, as a policy
     /// inherited by subsets and ports is, is not reported twice).
     pub(super) fn error(&mut self, field: impl Into<String>, message: impl Into<String>) {

@@ -46,6 +46,7 @@ struct Objects {
     gateways: Vec<(Origin, GatewayObject)>,
     service_entries: Vec<(Origin, ServiceEntryObject)>,
     http_routes: Vec<(Origin, HttpRouteObject)>,
+    grpc_routes: Vec<(Origin, gateway_api::GrpcRouteObject)>,
     gateway_classes: Vec<(Origin, GatewayClassObject)>,
     api_gateways: Vec<(Origin, gateway_api::GatewayObject)>,
     reference_grants: Vec<(Origin, ReferenceGrantObject)>,
@@ -250,6 +251,7 @@ fn sort_document(
         ("gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1beta1", "ReferenceGrant") => {
             push(&mut ctx, value, &mut objects.reference_grants)
         }
+        ("gateway.networking.k8s.io/v1", "GRPCRoute") => push(&mut ctx, value, &mut objects.grpc_routes),
         ("gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1beta1", "GatewayClass") => {
             push(&mut ctx, value, &mut objects.gateway_classes)
         }
@@ -258,7 +260,7 @@ fn sort_document(
         }
         (api, _) if api.starts_with("gateway.networking.k8s.io/") => ctx.error(
             "kind",
-            format!("{api} {kind} is not supported by this version of mesh-agent (of the Gateway API: GatewayClass, Gateway, HTTPRoute and ReferenceGrant)"),
+            format!("{api} {kind} is not supported by this version of mesh-agent (of the Gateway API: GatewayClass, Gateway, HTTPRoute, GRPCRoute and ReferenceGrant)"),
         ),
         (api, _) if api.split('/').next().is_some_and(|g| g.ends_with("istio.io")) => {
             ctx.error("kind", format!("{api} {kind} is not supported by this version of mesh-agent"));

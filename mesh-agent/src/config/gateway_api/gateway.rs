@@ -21,6 +21,8 @@ pub(in crate::config) struct Listener {
     pub hostname: Option<String>,
     /// The namespaces whose routes it takes (`None`: all).
     pub namespaces: Option<Vec<Arc<str>>>,
+    /// The route kinds it takes.
+    pub kinds: Vec<String>,
 }
 
 /// A Gateway admitted: the model's, and its listeners for routes.
@@ -119,13 +121,20 @@ fn listener(
     }
     let allowed = l.allowed_routes.clone().unwrap_or_default();
     for (i, k) in allowed.kinds.iter().enumerate() {
-        if k.group.as_deref().unwrap_or(super::GROUP) != super::GROUP || k.kind != "HTTPRoute" {
+        if k.group.as_deref().unwrap_or(super::GROUP) != super::GROUP
+            || !matches!(k.kind.as_str(), "HTTPRoute" | "GRPCRoute")
+        {
             ctx.error(
                 format!("{field}.allowedRoutes.kinds[{i}]"),
-                format!("{:?}: only HTTPRoute is served by this version of mesh-agent", k.kind),
+                format!("{:?}: only HTTPRoute and GRPCRoute are served by this version of mesh-agent", k.kind),
             );
         }
     }
+    // An HTTP or HTTPS listener takes both by default (as Istio's).
+    let kinds: Vec<String> = match allowed.kinds.is_empty() {
+        true => vec!["HTTPRoute".into(), "GRPCRoute".into()],
+        false => allowed.kinds.iter().map(|k| k.kind.clone()).collect(),
+    };
     let from = allowed.namespaces.as_ref().and_then(|n| n.from.clone()).unwrap_or_else(|| "Same".into());
     let route_namespaces = match from.as_str() {
         "Same" => Some(vec![namespace.clone()]),
@@ -179,7 +188,8 @@ fn listener(
         }
     };
     let server = GatewayServer { port, name: Some(l.name.clone()), protocol, hosts, tls, https_redirect: false };
-    let listener = Listener { name: l.name.clone(), port, hostname: l.hostname.clone(), namespaces: route_namespaces };
+    let listener =
+        Listener { name: l.name.clone(), port, hostname: l.hostname.clone(), namespaces: route_namespaces, kinds };
     Some((server, listener))
 }
 

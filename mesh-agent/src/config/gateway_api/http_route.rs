@@ -53,6 +53,7 @@ type Precedence = (u8, Reverse<usize>, u8, Reverse<usize>, Reverse<usize>);
 pub(in crate::config) fn build(
     ctx: &mut Ctx<'_>,
     obj: &HttpRouteObject,
+    route_kind: &str,
     services: &BTreeMap<String, Arc<Service>>,
     listeners: &Listeners,
     grants: &[ReferenceGrantObject],
@@ -83,7 +84,8 @@ pub(in crate::config) fn build(
         let group = p.group.as_deref().unwrap_or(super::GROUP);
         let kind = p.kind.as_deref().unwrap_or("Gateway");
         if (group, kind) == (super::GROUP, "Gateway") {
-            if let Some(attached) = gateway_parent(ctx, &field, p, &namespace, &spec.hostnames, listeners) {
+            if let Some(attached) = gateway_parent(ctx, &field, p, (&namespace, route_kind), &spec.hostnames, listeners)
+            {
                 gateways.push(attached);
             }
             continue;
@@ -138,7 +140,7 @@ fn gateway_parent(
     ctx: &mut Ctx<'_>,
     field: &str,
     p: &super::ParentRef,
-    namespace: &str,
+    (namespace, kind): (&str, &str),
     hostnames: &[String],
     listeners: &Listeners,
 ) -> Option<GatewayParent> {
@@ -151,7 +153,8 @@ fn gateway_parent(
     for l in all {
         let named =
             p.section_name.as_deref().is_none_or(|s| s == l.name) && p.port.is_none_or(|n| n == i64::from(l.port));
-        let allowed = l.namespaces.as_ref().is_none_or(|list| list.iter().any(|ns| &**ns == namespace));
+        let allowed = l.namespaces.as_ref().is_none_or(|list| list.iter().any(|ns| &**ns == namespace))
+            && l.kinds.iter().any(|k| k == kind);
         let shared = shared_hostnames(l.hostname.as_deref(), hostnames);
         if named && allowed && !shared.is_empty() {
             attached.push((l.port, shared));
@@ -160,7 +163,7 @@ fn gateway_parent(
     if attached.is_empty() {
         ctx.error(
             field.to_owned(),
-            format!("no listener of Gateway {key} takes this route (its sectionName/port, allowedRoutes from namespace {namespace}, hostnames)"),
+            format!("no listener of Gateway {key} takes this route (its sectionName/port, allowedRoutes from namespace {namespace} and of kind {kind}, hostnames)"),
         );
         return None;
     }

@@ -176,12 +176,26 @@ pub(super) fn assemble(objects: Objects, trust_domain: &str, errors: &mut Vec<Co
     );
     // The Gateway API's routes: mesh VirtualServices for Service parents,
     // bound ones for Gateway parents.
-    let routes = build_unique(
+    let mut routes = build_unique(
         &objects.http_routes,
         errors,
         |o| describe_meta("HTTPRoute", &o.metadata),
-        |ctx, o| gateway_api::http_route::build(ctx, o, services, &listeners, &grants),
+        |ctx, o| gateway_api::http_route::build(ctx, o, "HTTPRoute", services, &listeners, &grants),
     );
+    routes.extend(build_unique(
+        &objects.grpc_routes,
+        errors,
+        |o| describe_meta("GRPCRoute", &o.metadata),
+        |ctx, o| {
+            let since = ctx.error_count();
+            let built =
+                gateway_api::http_route::build(ctx, &o.as_http_route(), "GRPCRoute", services, &listeners, &grants);
+            // Its matches are methods, checked as the paths they amount to.
+            ctx.rename_in_errors_since(since, ".path.value", ".method");
+            ctx.rename_in_errors_since(since, ".path.type", ".method.type");
+            built
+        },
+    ));
     virtual_services.extend(gateway_api::http_route::virtual_services(&routes));
     let mut destination_rules = build_unique(
         &objects.destination_rules,

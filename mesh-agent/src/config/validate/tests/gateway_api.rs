@@ -76,7 +76,7 @@ fn a_reference_grant_opens_one_namespace_to_another_for_what_it_names() {
 
 #[test]
 fn gateway_api_kinds_this_version_does_not_serve_are_refused_by_name() {
-    for kind in ["GRPCRoute", "TCPRoute", "TLSRoute", "UDPRoute", "BackendTLSPolicy"] {
+    for kind in ["TCPRoute", "TLSRoute", "UDPRoute", "BackendTLSPolicy", "ListenerSet"] {
         let yaml = format!(
             "apiVersion: gateway.networking.k8s.io/v1\nkind: {kind}\nmetadata: {{name: x, namespace: demo}}\nspec: {{}}\n"
         );
@@ -116,7 +116,7 @@ fn gateways_are_validated_listener_by_listener() {
         (gateway("{gatewayClassName: istio, listeners: [{name: a, port: 443, protocol: HTTPS, tls: {certificateRefs: [{name: nope}]}}]}"), "spec.listeners[0].tls.certificateRefs[0].name: Secret demo/nope does not exist"),
         (gateway("{gatewayClassName: istio, listeners: [{name: a, port: 443, protocol: HTTPS, tls: {certificateRefs: [{name: c, namespace: data}]}}]}"), "spec.listeners[0].tls.certificateRefs[0].namespace: Secret data/c: another namespace's, and no ReferenceGrant in data lets Gateways of demo refer to it"),
         (gateway("{gatewayClassName: istio, listeners: [{name: a, port: 80, protocol: HTTP, hostname: \"Web.Example\"}]}"), "spec.listeners[0].hostname: \"Web.Example\" is not a hostname"),
-        (gateway("{gatewayClassName: istio, listeners: [{name: a, port: 80, protocol: HTTP, allowedRoutes: {kinds: [{kind: GRPCRoute}]}}]}"), "spec.listeners[0].allowedRoutes.kinds[0]: \"GRPCRoute\": only HTTPRoute is served"),
+        (gateway("{gatewayClassName: istio, listeners: [{name: a, port: 80, protocol: HTTP, allowedRoutes: {kinds: [{kind: TCPRoute}]}}]}"), "spec.listeners[0].allowedRoutes.kinds[0]: \"TCPRoute\": only HTTPRoute and GRPCRoute are served"),
         (gateway("{gatewayClassName: istio, listeners: [{name: a, port: 80, protocol: HTTP, allowedRoutes: {namespaces: {from: Some}}}]}"), "spec.listeners[0].allowedRoutes.namespaces.from: \"Some\": expected Same, All or Selector"),
         (gateway(&format!("{{gatewayClassName: istio, addresses: [{{value: 1.2.3.4}}], listeners: [{http}]}}")), "spec.addresses: not supported by this version of mesh-agent"),
     ];
@@ -229,4 +229,37 @@ fn a_policy_attached_to_a_gateway_selects_its_pods_in_its_namespace() {
         let got = error_of(&ap(&spec));
         assert!(got.contains(&format!("{at}: {want}")), "want {want}\ngot {got}");
     }
+}
+
+#[test]
+fn a_grpc_route_is_the_http_route_its_methods_amount_to() {
+    let grpc = |spec: &str| {
+        format!(
+            "{SERVICES}apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {{name: g, namespace: demo}}\nspec: {spec}\n"
+        )
+    };
+    let rules = "rules: [{matches: [{method: {service: test.Echo, method: Unary}}, {method: {service: test.Echo}}, \
+        {method: {type: RegularExpression, method: \"B.*\"}}], backendRefs: [{name: web, port: 80}]}]";
+    let loaded = load(&grpc(&format!("{{{PARENT}, {rules}}}"))).expect("valid");
+    let vs = &loaded.state.virtual_services[0];
+    let uris: Vec<String> = vs.http.iter().map(|r| format!("{:?}", r.matches[0].uri)).collect();
+    // Exact method first, then the service's prefix on a segment, then the regex.
+    assert!(uris[0].contains("Exact(\"/test.Echo/Unary\")"), "{uris:?}");
+    assert!(uris.iter().any(|u| u.contains("Prefix(\"/test.Echo/\")")), "{uris:?}");
+    assert!(uris.iter().any(|u| u.contains("/[^/]+/B.*")), "{uris:?}");
+    // Errors name the GRPCRoute's own fields.
+    let at = "cluster.yaml (document 3): GRPCRoute demo/g";
+    let bad = format!(
+        "{{{PARENT}, rules: [{{matches: [{{method: {{type: Prefix, service: s}}}}], backendRefs: [{{name: web, port: 80}}]}}]}}"
+    );
+    let got = error_of(&grpc(&bad));
+    assert!(got.contains(&format!("{at}: spec.rules[0].matches[0].method.type")), "{got}");
+    let bad = format!(
+        "{{{PARENT}, rules: [{{filters: [{{type: RequestRedirect}}], backendRefs: [{{name: web, port: 80}}]}}]}}"
+    );
+    assert!(
+        error_of(&grpc(&bad)).contains("\"RequestRedirect (an HTTPRoute filter)\": not supported"),
+        "{}",
+        error_of(&grpc(&bad))
+    );
 }
