@@ -90,7 +90,9 @@ pub(in crate::config) fn build(
             }
             continue;
         }
-        if (group, kind) != ("", "Service") && (group, kind) != ("core", "Service") {
+        // A Service named without its group (as Istio's samples write it:
+        // the group then defaults to the Gateway API's) is a Service still.
+        if kind != "Service" || !matches!(group, "" | "core" | super::GROUP) {
             ctx.error(
                 format!("{field}.kind"),
                 format!("{group:?} {kind:?}: expected a Gateway or a Service (group \"\")"),

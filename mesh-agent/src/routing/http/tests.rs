@@ -401,3 +401,4 @@ spec:
 mod edge;
 mod gamma;
 mod lookup;
+mod samples;
