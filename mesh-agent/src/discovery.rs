@@ -142,6 +142,8 @@ pub fn agent_kinds(secret_namespaces: &[String]) -> Vec<Kind> {
         Kind::istio(GATEWAY_API, "Gateway", "gateways"),
         Kind::istio(GATEWAY_API, "HTTPRoute", "httproutes"),
         Kind::istio(GATEWAY_API, "GRPCRoute", "grpcroutes"),
+        Kind { version: "v1alpha2", ..Kind::istio(GATEWAY_API, "TCPRoute", "tcproutes") },
+        Kind { version: "v1alpha2", ..Kind::istio(GATEWAY_API, "TLSRoute", "tlsroutes") },
         Kind { version: "v1beta1", ..Kind::istio(GATEWAY_API, "ReferenceGrant", "referencegrants") },
     ];
     for ns in secret_namespaces {

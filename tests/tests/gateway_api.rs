@@ -29,6 +29,7 @@ spec:
   gatewayClassName: istio
   listeners:
   - {{name: http, port: 80, protocol: HTTP, hostname: "*.example.com"}}
+  - {{name: tcp, port: 9000, protocol: TCP}}
   - name: https
     port: 443
     protocol: HTTPS
@@ -45,6 +46,13 @@ spec:
   - matches: [{{path: {{type: PathPrefix, value: /helloworld}}}}]
     filters: [{{type: ResponseHeaderModifier, responseHeaderModifier: {{set: [{{name: x-served-by, value: gateway-api}}]}}}}]
     backendRefs: [{{name: helloworld, port: 9095}}]
+---
+apiVersion: gateway.networking.k8s.io/v1alpha2
+kind: TCPRoute
+metadata: {{name: echo, namespace: demo}}
+spec:
+  parentRefs: [{{name: web, sectionName: tcp}}]
+  rules: [{{backendRefs: [{{name: helloworld, port: 7000}}]}}]
 "#
     )
 }
@@ -63,7 +71,14 @@ fn a_gateway_api_gateway_serves_its_routes_from_its_pod_behind_a_load_balancer()
     let mut f = fixture();
     let labels = [("gateway.networking.k8s.io/gateway-name", "web")];
     let spec = PodSpec::gateway("demo", &labels, "web-istio");
-    f.gateway(0, "web-istio", "10.244.1.100".parse().unwrap(), spec, ("10.96.0.40", LB.parse().unwrap()), &[80, 443]);
+    f.gateway(
+        0,
+        "web-istio",
+        "10.244.1.100".parse().unwrap(),
+        spec,
+        ("10.96.0.40", LB.parse().unwrap()),
+        &[80, 443, 9000],
+    );
     let certs = Certs::new(&format!("gwapi-{}", std::process::id()));
     let (crt, key) = certs.server("web", "hello.example.com");
     let secret = format!("  tls.crt: |\n{}  tls.key: |\n{}", Certs::yaml_block(&crt, 4), Certs::yaml_block(&key, 4));
@@ -85,6 +100,21 @@ fn a_gateway_api_gateway_serves_its_routes_from_its_pod_behind_a_load_balancer()
         &["--cacert", ca.to_str().unwrap(), "--resolve", &resolve, "https://hello.example.com/helloworld"],
     );
     assert!(out.contains("hello from helloworld"), "{out}");
+    // The TCP listener: bytes both ways to the echo server, half-close kept.
+    let back = mesh_tests::netns::enter_and_spawn(&m.c.net_ns, move || {
+        use std::io::{Read as _, Write as _};
+        let addr: std::net::SocketAddr = format!("{LB}:9000").parse().unwrap();
+        let mut s = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5)).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+        s.write_all(b"through a TCPRoute").unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut back = Vec::new();
+        s.read_to_end(&mut back).unwrap();
+        back
+    })
+    .join()
+    .unwrap();
+    assert_eq!(back, b"through a TCPRoute");
     // The requests left as the gateway pod, with its identity.
     let text = m.agents[0].wait_metrics(5, "request metrics", |t| {
         metric(t, "istio_requests_total", &[("source_workload", "web-istio"), ("response_code", "200")]) >= 2.0

@@ -13,6 +13,7 @@ use super::k8s::ObjectMeta;
 
 pub(super) mod gateway;
 pub(super) mod http_route;
+pub(super) mod stream_route;
 
 /// The controller names whose GatewayClasses this mesh serves: its own,
 /// and Istio's (so that Istio's samples, `gatewayClassName: istio`, work).
@@ -457,6 +458,43 @@ impl GrpcMatchSpec {
         });
         MatchSpec { path, headers: self.headers.clone(), ..MatchSpec::default() }
     }
+}
+
+/// `TCPRoute` and `TLSRoute` (the experimental channel's): a Gateway's TCP
+/// or TLS passthrough listener sends connections (TLS by their SNI, among
+/// `hostnames`) to weighted backends.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct StreamRouteObject {
+    #[allow(dead_code)]
+    pub api_version: String,
+    pub kind: String,
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: StreamRouteSpec,
+    #[allow(dead_code)]
+    pub status: Option<serde_yaml_ng::Value>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct StreamRouteSpec {
+    #[serde(default)]
+    pub parent_refs: Vec<ParentRef>,
+    /// TLSRoute only: the SNI names.
+    #[serde(default)]
+    pub hostnames: Vec<String>,
+    #[serde(default)]
+    pub rules: Vec<StreamRuleSpec>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct StreamRuleSpec {
+    #[allow(dead_code)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub backend_refs: Vec<BackendRef>,
 }
 
 /// `ReferenceGrant`: which kinds in which namespaces may refer to objects of

@@ -47,6 +47,7 @@ struct Objects {
     service_entries: Vec<(Origin, ServiceEntryObject)>,
     http_routes: Vec<(Origin, HttpRouteObject)>,
     grpc_routes: Vec<(Origin, gateway_api::GrpcRouteObject)>,
+    stream_routes: Vec<(Origin, gateway_api::StreamRouteObject)>,
     gateway_classes: Vec<(Origin, GatewayClassObject)>,
     api_gateways: Vec<(Origin, gateway_api::GatewayObject)>,
     reference_grants: Vec<(Origin, ReferenceGrantObject)>,
@@ -252,6 +253,10 @@ fn sort_document(
             push(&mut ctx, value, &mut objects.reference_grants)
         }
         ("gateway.networking.k8s.io/v1", "GRPCRoute") => push(&mut ctx, value, &mut objects.grpc_routes),
+        (
+            "gateway.networking.k8s.io/v1alpha2" | "gateway.networking.k8s.io/v1alpha3" | "gateway.networking.k8s.io/v1",
+            "TCPRoute" | "TLSRoute",
+        ) => push(&mut ctx, value, &mut objects.stream_routes),
         ("gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1beta1", "GatewayClass") => {
             push(&mut ctx, value, &mut objects.gateway_classes)
         }
@@ -260,7 +265,7 @@ fn sort_document(
         }
         (api, _) if api.starts_with("gateway.networking.k8s.io/") => ctx.error(
             "kind",
-            format!("{api} {kind} is not supported by this version of mesh-agent (of the Gateway API: GatewayClass, Gateway, HTTPRoute, GRPCRoute and ReferenceGrant)"),
+            format!("{api} {kind} is not supported by this version of mesh-agent (of the Gateway API: GatewayClass, Gateway, HTTPRoute, GRPCRoute, TCPRoute, TLSRoute and ReferenceGrant)"),
         ),
         (api, _) if api.split('/').next().is_some_and(|g| g.ends_with("istio.io")) => {
             ctx.error("kind", format!("{api} {kind} is not supported by this version of mesh-agent"));

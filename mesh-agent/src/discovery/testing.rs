@@ -330,11 +330,13 @@ impl Inner {
                 json!({"name": g, "versions": versions, "preferredVersion": versions[0]})
             })
             .chain((!self.no_gateway_api).then(|| {
-                // The Gateway API's standard channel: HTTPRoute in v1, ReferenceGrant in v1beta1.
+                // The Gateway API's experimental channel: HTTPRoute in v1,
+                // ReferenceGrant in v1beta1, TCPRoute and TLSRoute in v1alpha2.
                 let g = "gateway.networking.k8s.io";
                 let versions = [
                     json!({"groupVersion": format!("{g}/v1"), "version": "v1"}),
                     json!({"groupVersion": format!("{g}/v1beta1"), "version": "v1beta1"}),
+                    json!({"groupVersion": format!("{g}/v1alpha2"), "version": "v1alpha2"}),
                 ];
                 json!({"name": g, "versions": versions, "preferredVersion": versions[0]})
             }))

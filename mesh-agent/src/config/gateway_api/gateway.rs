@@ -122,18 +122,23 @@ fn listener(
     let allowed = l.allowed_routes.clone().unwrap_or_default();
     for (i, k) in allowed.kinds.iter().enumerate() {
         if k.group.as_deref().unwrap_or(super::GROUP) != super::GROUP
-            || !matches!(k.kind.as_str(), "HTTPRoute" | "GRPCRoute")
+            || !matches!(k.kind.as_str(), "HTTPRoute" | "GRPCRoute" | "TCPRoute" | "TLSRoute")
         {
             ctx.error(
                 format!("{field}.allowedRoutes.kinds[{i}]"),
-                format!("{:?}: only HTTPRoute and GRPCRoute are served by this version of mesh-agent", k.kind),
+                format!(
+                    "{:?}: only HTTPRoute, GRPCRoute, TCPRoute and TLSRoute are served by this version of mesh-agent",
+                    k.kind
+                ),
             );
         }
     }
-    // An HTTP or HTTPS listener takes both by default (as Istio's).
-    let kinds: Vec<String> = match allowed.kinds.is_empty() {
-        true => vec!["HTTPRoute".into(), "GRPCRoute".into()],
-        false => allowed.kinds.iter().map(|k| k.kind.clone()).collect(),
+    // By default, the route kinds of the listener's protocol.
+    let kinds: Vec<String> = match (allowed.kinds.is_empty(), l.protocol.as_str()) {
+        (true, "TCP") => vec!["TCPRoute".into()],
+        (true, "TLS") => vec!["TLSRoute".into()],
+        (true, _) => vec!["HTTPRoute".into(), "GRPCRoute".into()],
+        (false, _) => allowed.kinds.iter().map(|k| k.kind.clone()).collect(),
     };
     let from = allowed.namespaces.as_ref().and_then(|n| n.from.clone()).unwrap_or_else(|| "Same".into());
     let route_namespaces = match from.as_str() {
@@ -173,17 +178,29 @@ fn listener(
             (GatewayProtocol::Http, None)
         }
         "HTTPS" => (GatewayProtocol::Https, Some(terminate(ctx, field, l, namespace, secrets, grants)?)),
-        other @ ("TLS" | "TCP" | "UDP") => {
-            ctx.error(
-                format!("{field}.protocol"),
-                format!(
-                    "{other}: its routes (TLSRoute, TCPRoute, UDPRoute) are not served by this version of mesh-agent"
-                ),
-            );
+        "TCP" => {
+            if l.tls.is_some() {
+                ctx.error(format!("{field}.tls"), "only for HTTPS and TLS listeners");
+                return None;
+            }
+            (GatewayProtocol::Tcp, None)
+        }
+        "TLS" => match l.tls.as_ref().and_then(|t| t.mode.as_deref()) {
+            Some("Passthrough") => (GatewayProtocol::Tls, Some(ServerTls::Passthrough)),
+            _ => {
+                ctx.error(
+                    format!("{field}.tls.mode"),
+                    "a TLS listener passes TLS through here (Passthrough); Terminate is not supported by this version of mesh-agent",
+                );
+                return None;
+            }
+        },
+        "UDP" => {
+            ctx.error(format!("{field}.protocol"), "UDP: not served by this version of mesh-agent");
             return None;
         }
         other => {
-            ctx.error(format!("{field}.protocol"), format!("{other:?}: expected HTTP or HTTPS"));
+            ctx.error(format!("{field}.protocol"), format!("{other:?}: expected HTTP, HTTPS, TLS or TCP"));
             return None;
         }
     };

@@ -37,12 +37,13 @@ pub(in crate::config) struct Route {
 
 /// A Gateway (`namespace/name`) a route attaches to: each listener's port,
 /// with the hostnames the route and the listener share.
-type GatewayParent = (String, Vec<(u16, Vec<String>)>);
+pub(super) type GatewayParent = (String, Vec<(u16, Vec<String>)>);
 
 /// Gateway API Gateways' listeners, by `namespace/name`.
 mod filters;
 
-use filters::{backend, filters, path_filters};
+pub(in crate::config::gateway_api) use filters::backend;
+use filters::{filters, path_filters};
 
 pub(in crate::config) type Listeners = BTreeMap<String, Vec<super::gateway::Listener>>;
 
@@ -138,7 +139,7 @@ pub(in crate::config) fn build(
 /// names (`sectionName`, `port`), that take routes from the route's
 /// namespace, and whose hostname the route's hostnames meet; with the
 /// hostnames they share (the more specific of each pair, as the API says).
-fn gateway_parent(
+pub(super) fn gateway_parent(
     ctx: &mut Ctx<'_>,
     field: &str,
     p: &super::ParentRef,

@@ -197,6 +197,13 @@ pub(super) fn assemble(objects: Objects, trust_domain: &str, errors: &mut Vec<Co
         },
     ));
     virtual_services.extend(gateway_api::http_route::virtual_services(&routes));
+    let streams = build_unique(
+        &objects.stream_routes,
+        errors,
+        |o| describe_meta(&o.kind, &o.metadata),
+        |ctx, o| gateway_api::stream_route::build(ctx, o, services, &listeners, &grants),
+    );
+    virtual_services.extend(streams.into_iter().flatten());
     let mut destination_rules = build_unique(
         &objects.destination_rules,
         errors,

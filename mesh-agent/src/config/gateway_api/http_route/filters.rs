@@ -194,7 +194,7 @@ fn header_ops(ctx: &mut Ctx<'_>, base: &str, m: &HeaderModifier) -> HeaderOps {
 
 /// A backend: a Service (of the route's namespace, or another's that grants
 /// it by a ReferenceGrant) and one of its ports.
-pub(super) fn backend(
+pub(in crate::config::gateway_api) fn backend(
     ctx: &mut Ctx<'_>,
     field: &str,
     b: &BackendRef,

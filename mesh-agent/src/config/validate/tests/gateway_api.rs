@@ -76,7 +76,7 @@ fn a_reference_grant_opens_one_namespace_to_another_for_what_it_names() {
 
 #[test]
 fn gateway_api_kinds_this_version_does_not_serve_are_refused_by_name() {
-    for kind in ["TCPRoute", "TLSRoute", "UDPRoute", "BackendTLSPolicy", "ListenerSet"] {
+    for kind in ["UDPRoute", "BackendTLSPolicy", "ListenerSet"] {
         let yaml = format!(
             "apiVersion: gateway.networking.k8s.io/v1\nkind: {kind}\nmetadata: {{name: x, namespace: demo}}\nspec: {{}}\n"
         );
@@ -111,12 +111,13 @@ fn gateways_are_validated_listener_by_listener() {
         (gateway("{gatewayClassName: istio, listeners: []}"), "spec.listeners: at least one listener is required"),
         (gateway(&format!("{{gatewayClassName: istio, listeners: [{http}, {http}]}}")), "spec.listeners[1].name: \"http\": listener names are unique"),
         (gateway("{gatewayClassName: istio, listeners: [{name: a, port: 0, protocol: HTTP}]}"), "spec.listeners[0].port: 0 is not a port number"),
-        (gateway("{gatewayClassName: istio, listeners: [{name: a, port: 80, protocol: TCP}]}"), "spec.listeners[0].protocol: TCP: its routes (TLSRoute, TCPRoute, UDPRoute) are not served"),
+        (gateway("{gatewayClassName: istio, listeners: [{name: a, port: 80, protocol: UDP}]}"), "spec.listeners[0].protocol: UDP: not served"),
+        (gateway("{gatewayClassName: istio, listeners: [{name: a, port: 443, protocol: TLS, tls: {mode: Terminate}}]}"), "spec.listeners[0].tls.mode: a TLS listener passes TLS through here (Passthrough)"),
         (gateway("{gatewayClassName: istio, listeners: [{name: a, port: 443, protocol: HTTPS}]}"), "spec.listeners[0].tls: required for an HTTPS listener"),
         (gateway("{gatewayClassName: istio, listeners: [{name: a, port: 443, protocol: HTTPS, tls: {certificateRefs: [{name: nope}]}}]}"), "spec.listeners[0].tls.certificateRefs[0].name: Secret demo/nope does not exist"),
         (gateway("{gatewayClassName: istio, listeners: [{name: a, port: 443, protocol: HTTPS, tls: {certificateRefs: [{name: c, namespace: data}]}}]}"), "spec.listeners[0].tls.certificateRefs[0].namespace: Secret data/c: another namespace's, and no ReferenceGrant in data lets Gateways of demo refer to it"),
         (gateway("{gatewayClassName: istio, listeners: [{name: a, port: 80, protocol: HTTP, hostname: \"Web.Example\"}]}"), "spec.listeners[0].hostname: \"Web.Example\" is not a hostname"),
-        (gateway("{gatewayClassName: istio, listeners: [{name: a, port: 80, protocol: HTTP, allowedRoutes: {kinds: [{kind: TCPRoute}]}}]}"), "spec.listeners[0].allowedRoutes.kinds[0]: \"TCPRoute\": only HTTPRoute and GRPCRoute are served"),
+        (gateway("{gatewayClassName: istio, listeners: [{name: a, port: 80, protocol: HTTP, allowedRoutes: {kinds: [{kind: UDPRoute}]}}]}"), "spec.listeners[0].allowedRoutes.kinds[0]: \"UDPRoute\": only HTTPRoute, GRPCRoute, TCPRoute and TLSRoute are served"),
         (gateway("{gatewayClassName: istio, listeners: [{name: a, port: 80, protocol: HTTP, allowedRoutes: {namespaces: {from: Some}}}]}"), "spec.listeners[0].allowedRoutes.namespaces.from: \"Some\": expected Same, All or Selector"),
         (gateway(&format!("{{gatewayClassName: istio, addresses: [{{value: 1.2.3.4}}], listeners: [{http}]}}")), "spec.addresses: not supported by this version of mesh-agent"),
     ];
@@ -262,4 +263,44 @@ fn a_grpc_route_is_the_http_route_its_methods_amount_to() {
         "{}",
         error_of(&grpc(&bad))
     );
+}
+
+#[test]
+fn tcp_and_tls_routes_attach_to_listeners_of_their_kind() {
+    let listeners = "{gatewayClassName: istio, listeners: [{name: http, port: 80, protocol: HTTP}, {name: tcp, port: 9000, protocol: TCP}, \
+        {name: tls, port: 9443, protocol: TLS, hostname: \"*.example.com\", tls: {mode: Passthrough}}]}";
+    let route = |kind: &str, name: &str, spec: &str| {
+        format!(
+            "---\napiVersion: gateway.networking.k8s.io/v1alpha2\nkind: {kind}\nmetadata: {{name: {name}, namespace: demo}}\nspec: {spec}\n"
+        )
+    };
+    let yaml = format!(
+        "{}{}{}",
+        gateway(listeners),
+        route("TCPRoute", "r", "{parentRefs: [{name: web}], rules: [{backendRefs: [{name: web, port: 80}]}]}"),
+        route(
+            "TLSRoute",
+            "t",
+            "{parentRefs: [{name: web}], hostnames: [a.example.com], rules: [{backendRefs: [{name: web, port: 80}]}]}"
+        ),
+    );
+    let loaded = load(&yaml).expect("valid");
+    let tcp: Vec<_> =
+        loaded.state.virtual_services.iter().flat_map(|v| v.tcp.iter().map(|r| r.ports.clone())).collect();
+    assert_eq!(tcp, [vec![Some(9000)]], "the TCP listener only");
+    let tls: Vec<_> = loaded
+        .state
+        .virtual_services
+        .iter()
+        .flat_map(|v| v.tls.iter().map(|r| (r.matches[0].sni_hosts.clone(), r.matches[0].port)))
+        .collect();
+    assert_eq!(tls, [(vec!["a.example.com".to_owned()], Some(9443))]);
+    // A TCPRoute to a Gateway without a TCP listener: named, not attached.
+    let http_only = "{gatewayClassName: istio, listeners: [{name: http, port: 80, protocol: HTTP}]}";
+    let yaml = format!(
+        "{}{}",
+        gateway(http_only),
+        route("TCPRoute", "r", "{parentRefs: [{name: web}], rules: [{backendRefs: [{name: web, port: 80}]}]}")
+    );
+    assert!(error_of(&yaml).contains("no listener of Gateway demo/web takes this route"), "{}", error_of(&yaml));
 }
