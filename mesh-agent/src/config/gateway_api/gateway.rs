@@ -107,17 +107,10 @@ fn listener(
         ctx.error(format!("{field}.port"), format!("{} is not a port number 1-65535", l.port));
         return None;
     };
-    if let Some(h) = &l.hostname {
-        let name = h.strip_prefix("*.").unwrap_or(h);
-        let label_ok =
-            |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-        if name.parse::<std::net::IpAddr>().is_ok() || !name.split('.').all(label_ok) {
-            ctx.error(
-                format!("{field}.hostname"),
-                format!("{h:?} is not a hostname (lower case, `*.` prefix allowed)"),
-            );
-            return None;
-        }
+    if let Some(h) = &l.hostname
+        && !super::hostname(ctx, &format!("{field}.hostname"), h)
+    {
+        return None;
     }
     let allowed = l.allowed_routes.clone().unwrap_or_default();
     for (i, k) in allowed.kinds.iter().enumerate() {

@@ -68,15 +68,7 @@ pub(in crate::config) fn build(
     // Checked, then unused: a Service parent's routes apply to the traffic
     // addressed to it, whatever host it names (as GAMMA says).
     for (i, h) in spec.hostnames.iter().enumerate() {
-        let name = h.strip_prefix("*.").unwrap_or(h);
-        let label_ok =
-            |l: &str| !l.is_empty() && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-        if name.parse::<std::net::IpAddr>().is_ok() || !name.split('.').all(label_ok) {
-            ctx.error(
-                format!("spec.hostnames[{i}]"),
-                format!("{h:?} is not a hostname (lower case, `*.` prefix allowed)"),
-            );
-        }
+        super::hostname(ctx, &format!("spec.hostnames[{i}]"), h);
     }
     let mut parents = Vec::new();
     let mut gateways = Vec::new();
