@@ -30,6 +30,7 @@ spec:
   listeners:
   - {{name: http, port: 80, protocol: HTTP, hostname: "*.example.com"}}
   - {{name: tcp, port: 9000, protocol: TCP}}
+  - {{name: tls, port: 9443, protocol: TLS, hostname: "*.example.net", tls: {{mode: Passthrough}}}}
   - name: https
     port: 443
     protocol: HTTPS
@@ -46,6 +47,19 @@ spec:
   - matches: [{{path: {{type: PathPrefix, value: /helloworld}}}}]
     filters: [{{type: ResponseHeaderModifier, responseHeaderModifier: {{set: [{{name: x-served-by, value: gateway-api}}]}}}}]
     backendRefs: [{{name: helloworld, port: 9095}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: tls-hello, namespace: demo}}
+spec: {{clusterIP: 10.96.0.41, selector: {{app: helloworld}}, ports: [{{name: tls, port: 8443}}]}}
+---
+apiVersion: gateway.networking.k8s.io/v1alpha2
+kind: TLSRoute
+metadata: {{name: passthrough, namespace: demo}}
+spec:
+  parentRefs: [{{name: web}}]
+  hostnames: [passthrough.example.net]
+  rules: [{{backendRefs: [{{name: tls-hello, port: 8443}}]}}]
 ---
 apiVersion: gateway.networking.k8s.io/v1alpha2
 kind: TCPRoute
@@ -83,6 +97,11 @@ fn a_gateway_api_gateway_serves_its_routes_from_its_pod_behind_a_load_balancer()
     let (crt, key) = certs.server("web", "hello.example.com");
     let secret = format!("  tls.crt: |\n{}  tls.key: |\n{}", Certs::yaml_block(&crt, 4), Certs::yaml_block(&key, 4));
     let m = Mesh::start_with(f, &config(&secret), &[]);
+    // A TLS server in helloworld's pod that the gateway passes TLS through to.
+    let (pass_crt, pass_key) = certs.server("passthrough", "passthrough.example.net");
+    let (pc, pk) = (pass_crt.to_str().unwrap(), pass_key.to_str().unwrap());
+    let args = ["openssl", "s_server", "-quiet", "-www", "-accept", "8443", "-cert", pc, "-key", pk];
+    let _tls_server = mesh_tests::netns::Background::spawn_in(&m.pod("helloworld").netns, &args).unwrap();
     // The route's host and path, through the load balancer.
     let out = curl_out(&m, &["-H", "Host: hello.example.com", &format!("http://{LB}/helloworld")]);
     assert!(out.starts_with("HTTP/1.1 200") && out.contains("hello from helloworld"), "{out}");
@@ -100,6 +119,21 @@ fn a_gateway_api_gateway_serves_its_routes_from_its_pod_behind_a_load_balancer()
         &["--cacert", ca.to_str().unwrap(), "--resolve", &resolve, "https://hello.example.com/helloworld"],
     );
     assert!(out.contains("hello from helloworld"), "{out}");
+    // The TLS listener: the pod's own certificate reaches the client (the
+    // TLS untouched), by SNI; another name there is refused.
+    let resolve = |name: &str| format!("{name}:9443:{LB}");
+    let mut out = String::new();
+    for _ in 0..50 {
+        let url = "https://passthrough.example.net:9443/";
+        out = curl_out(&m, &["--cacert", ca.to_str().unwrap(), "--resolve", &resolve("passthrough.example.net"), url]);
+        if out.contains("s_server") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(out.contains("s_server"), "{out}");
+    let out = curl_out(&m, &["-k", "--resolve", &resolve("other.example.net"), "https://other.example.net:9443/"]);
+    assert!(!out.contains("s_server"), "{out}");
     // The TCP listener: bytes both ways to the echo server, half-close kept.
     let back = mesh_tests::netns::enter_and_spawn(&m.c.net_ns, move || {
         use std::io::{Read as _, Write as _};
