@@ -18,7 +18,7 @@ use crate::{
     config::{networking::parse_duration, object::Ctx},
     state::{
         Service,
-        traffic::{HttpMatch, HttpRoute, MESH, StrMatch, VirtualService, WeightedDestination},
+        traffic::{HttpMatch, HttpRoute, MESH, StrMatch, VirtualService},
     },
 };
 
@@ -39,12 +39,12 @@ pub(in crate::config) struct Route {
 /// with the hostnames the route and the listener share.
 pub(super) type GatewayParent = (String, Vec<(u16, Vec<String>)>);
 
-/// Gateway API Gateways' listeners, by `namespace/name`.
 mod filters;
 
-pub(in crate::config::gateway_api) use filters::backend;
+pub(in crate::config::gateway_api) use filters::weighted_backends;
 use filters::{filters, path_filters};
 
+/// Gateway API Gateways' listeners, by `namespace/name`.
 pub(in crate::config) type Listeners = BTreeMap<String, Vec<super::gateway::Listener>>;
 
 /// The Gateway API's order among matches (smaller first).
@@ -211,23 +211,8 @@ fn build_rule(
         d.ok().filter(|d| !d.is_zero())
     });
     let filters = filters(ctx, base, &rule.filters, namespace, services, grants);
-    let mut routes = Vec::new();
-    for (bi, b) in rule.backend_refs.iter().enumerate() {
-        let field = format!("{base}.backendRefs[{bi}]");
-        if !b.filters.is_empty() {
-            ctx.error(format!("{field}.filters"), "not supported by this version of mesh-agent");
-        }
-        let weight = match b.weight.unwrap_or(1) {
-            w @ 0..=1_000_000 => w as u32,
-            w => {
-                ctx.error(format!("{field}.weight"), format!("{w}: expected 0 to 1000000"));
-                continue;
-            }
-        };
-        if let Some(d) = backend(ctx, &field, b, namespace, services, grants) {
-            routes.push(WeightedDestination { weight, ..d });
-        }
-    }
+    let routes =
+        weighted_backends(ctx, &format!("{base}.backendRefs"), &rule.backend_refs, namespace, services, grants);
     if filters.redirect.is_some() && !rule.backend_refs.is_empty() {
         ctx.error(format!("{base}.backendRefs"), "a rule with a RequestRedirect filter has no backendRefs");
     }

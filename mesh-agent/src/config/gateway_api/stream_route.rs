@@ -46,19 +46,8 @@ pub(in crate::config) fn build(
         ctx.error("spec.rules", format!("exactly one rule (a {kind}'s rules cannot be told apart)"));
         return None;
     };
-    let mut routes = Vec::new();
-    for (bi, b) in rule.backend_refs.iter().enumerate() {
-        let field = format!("spec.rules[0].backendRefs[{bi}]");
-        let weight = match b.weight.unwrap_or(1) {
-            w @ 0..=1_000_000 => w as u32,
-            w => {
-                ctx.error(format!("{field}.weight"), format!("{w}: expected 0 to 1000000"));
-                continue;
-            }
-        };
-        let d = super::http_route::backend(ctx, &field, b, &namespace, services, grants);
-        routes.extend(d.map(|d| crate::state::traffic::WeightedDestination { weight, ..d }));
-    }
+    let field = "spec.rules[0].backendRefs";
+    let routes = super::http_route::weighted_backends(ctx, field, &rule.backend_refs, &namespace, services, grants);
     if routes.iter().all(|r| r.weight == 0) {
         ctx.error("spec.rules[0].backendRefs", "a backendRef of weight above 0 is required");
     }

@@ -192,9 +192,38 @@ fn header_ops(ctx: &mut Ctx<'_>, base: &str, m: &HeaderModifier) -> HeaderOps {
     HeaderOps { set, add, remove }
 }
 
+/// A rule's `backendRefs` (under `base`): each a [`backend`] with its
+/// weight (default 1, 0 gets nothing); per-backend filters are refused.
+pub(in crate::config::gateway_api) fn weighted_backends(
+    ctx: &mut Ctx<'_>,
+    base: &str,
+    refs: &[BackendRef],
+    namespace: &str,
+    services: &BTreeMap<String, Arc<Service>>,
+    grants: &[ReferenceGrantObject],
+) -> Vec<WeightedDestination> {
+    let mut routes = Vec::new();
+    for (bi, b) in refs.iter().enumerate() {
+        let field = format!("{base}[{bi}]");
+        if !b.filters.is_empty() {
+            ctx.error(format!("{field}.filters"), "not supported by this version of mesh-agent");
+        }
+        let weight = match b.weight.unwrap_or(1) {
+            w @ 0..=1_000_000 => w as u32,
+            w => {
+                ctx.error(format!("{field}.weight"), format!("{w}: expected 0 to 1000000"));
+                continue;
+            }
+        };
+        routes
+            .extend(backend(ctx, &field, b, namespace, services, grants).map(|d| WeightedDestination { weight, ..d }));
+    }
+    routes
+}
+
 /// A backend: a Service (of the route's namespace, or another's that grants
 /// it by a ReferenceGrant) and one of its ports.
-pub(in crate::config::gateway_api) fn backend(
+fn backend(
     ctx: &mut Ctx<'_>,
     field: &str,
     b: &BackendRef,

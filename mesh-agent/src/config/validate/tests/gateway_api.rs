@@ -303,4 +303,8 @@ fn tcp_and_tls_routes_attach_to_listeners_of_their_kind() {
         route("TCPRoute", "r", "{parentRefs: [{name: web}], rules: [{backendRefs: [{name: web, port: 80}]}]}")
     );
     assert!(error_of(&yaml).contains("no listener of Gateway demo/web takes this route"), "{}", error_of(&yaml));
+    // A TCPRoute's backend takes no filters either: refused, not ignored.
+    let filtered = "{parentRefs: [{name: web}], rules: [{backendRefs: [{name: web, port: 80, filters: [{type: X}]}]}]}";
+    let yaml = format!("{}{}", gateway(listeners), route("TCPRoute", "r", filtered));
+    assert!(error_of(&yaml).contains("spec.rules[0].backendRefs[0].filters: not supported"), "{}", error_of(&yaml));
 }
