@@ -27,6 +27,7 @@ mod validate;
 pub(crate) mod watch_files;
 
 pub use credentials::allow_files_under;
+pub use gateway_api::status::{MESH_CONTROLLER, ObjectStatus};
 pub use load::{Body, Document, LastGood, Origin, read_documents};
 
 /// One problem in the configuration.
@@ -131,6 +132,24 @@ pub fn load_documents_guarded(docs: &[Document], trust_domain: &str) -> Option<L
         );
     }
     attempt.ok()
+}
+
+/// As [`load_documents_guarded`], with the status of each Gateway API object
+/// of this mesh's classes (the controller's).
+pub fn load_documents_with_status(docs: &[Document], trust_domain: &str) -> Option<(Loaded, Vec<ObjectStatus>)> {
+    let attempt = std::panic::catch_unwind(|| validate::build_state_with_status(docs, trust_domain));
+    if attempt.is_err() {
+        tracing::error!(objects = docs.len(), "validating the API server's objects failed inside the process (a bug)");
+    }
+    attempt.ok()
+}
+
+/// The Gateway API statuses YAML text amounts to (for tests and `validate`).
+pub fn status_of_text(name: &str, text: &str, trust_domain: &str) -> Vec<ObjectStatus> {
+    let file: std::sync::Arc<Path> = Path::new(name).into();
+    let (mut docs, mut errors) = (Vec::new(), Vec::new());
+    load::parse_text(&file, text, &mut docs, &mut errors);
+    validate::build_state_with_status(&docs, trust_domain).1
 }
 
 /// Loads YAML text as the one file `name` holds: what it admits, with every

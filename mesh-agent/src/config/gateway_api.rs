@@ -15,6 +15,7 @@ pub(super) mod gateway;
 mod grpc_route;
 pub use grpc_route::GrpcRouteObject;
 pub(super) mod http_route;
+pub(super) mod status;
 pub(super) mod stream_route;
 
 /// The controller names whose GatewayClasses this mesh serves: its own,

@@ -18,6 +18,9 @@ pub struct ObjectMeta {
     pub owner_references: Vec<OwnerReference>,
     /// RFC 3339, as the API server writes it (`2024-01-02T03:04:05Z`).
     pub creation_timestamp: Option<String>,
+    /// Bumped by the API server on each change of `spec`; status conditions
+    /// say which one they judged (`observedGeneration`).
+    pub generation: Option<i64>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]

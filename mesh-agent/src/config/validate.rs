@@ -126,6 +126,19 @@ impl FailClosed {
 /// The state built from every object that could be admitted, and the errors
 /// of those that could not.
 pub(super) fn build_state(docs: &[Document], trust_domain: &str) -> Loaded {
+    build(docs, trust_domain, false).0
+}
+
+/// As [`build_state`], with the status of each Gateway API object of this
+/// mesh's classes (what the controller writes back).
+pub(super) fn build_state_with_status(
+    docs: &[Document],
+    trust_domain: &str,
+) -> (Loaded, Vec<gateway_api::status::ObjectStatus>) {
+    build(docs, trust_domain, true)
+}
+
+fn build(docs: &[Document], trust_domain: &str, status: bool) -> (Loaded, Vec<gateway_api::status::ObjectStatus>) {
     let mut errors = Vec::new();
     let mut notes = Vec::new();
     let mut objects = Objects::default();
@@ -140,14 +153,75 @@ pub(super) fn build_state(docs: &[Document], trust_domain: &str) -> Loaded {
         }
     }
     let security = std::mem::take(&mut objects.security);
-    let mut state = assemble(objects, trust_domain, &mut errors);
+    // What the status is read from, kept before the objects are consumed.
+    let api = status.then(|| ApiObjects {
+        classes: objects.gateway_classes.clone(),
+        gateways: objects.api_gateways.clone(),
+        http_routes: objects.http_routes.clone(),
+        grpc_routes: objects.grpc_routes.clone(),
+        stream_routes: objects.stream_routes.clone(),
+    });
+    let (mut state, listeners) = assemble(objects, trust_domain, &mut errors);
     let rejected: std::collections::HashSet<&Origin> = errors.iter().map(|e| &e.origin).collect();
     for f in security.iter().filter(|f| rejected.contains(&f.origin)) {
         tracing::warn!(object = %f.object, namespace = %f.namespace, selector = ?f.selector, targets = ?f.targets, "security policy rejected: the workloads it selects deny every connection until it is fixed");
         state.authorization_policies.extend(f.deny_all());
     }
     state.build_index();
-    Loaded { state, notes, rejected: errors }
+    let statuses = api.map(|api| api.statuses(&errors, &listeners, &state)).unwrap_or_default();
+    (Loaded { state, notes, rejected: errors }, statuses)
+}
+
+/// The Gateway API objects, as read.
+struct ApiObjects {
+    classes: Vec<(Origin, GatewayClassObject)>,
+    gateways: Vec<(Origin, gateway_api::GatewayObject)>,
+    http_routes: Vec<(Origin, HttpRouteObject)>,
+    grpc_routes: Vec<(Origin, gateway_api::GrpcRouteObject)>,
+    stream_routes: Vec<(Origin, gateway_api::StreamRouteObject)>,
+}
+
+impl ApiObjects {
+    fn statuses(
+        &self,
+        errors: &[ConfigError],
+        listeners: &gateway_api::http_route::Listeners,
+        state: &State,
+    ) -> Vec<gateway_api::status::ObjectStatus> {
+        use gateway_api::status::RouteRef;
+        let http = self.http_routes.iter().map(|(origin, o)| RouteRef {
+            origin,
+            api_version: &o.api_version,
+            kind: "HTTPRoute",
+            meta: &o.metadata,
+            parents: &o.spec.parent_refs,
+            hostnames: &o.spec.hostnames,
+        });
+        let grpc = self.grpc_routes.iter().map(|(origin, o)| RouteRef {
+            origin,
+            api_version: &o.api_version,
+            kind: "GRPCRoute",
+            meta: &o.metadata,
+            parents: &o.spec.parent_refs,
+            hostnames: &o.spec.hostnames,
+        });
+        let streams = self.stream_routes.iter().map(|(origin, o)| RouteRef {
+            origin,
+            api_version: &o.api_version,
+            kind: &o.kind,
+            meta: &o.metadata,
+            parents: &o.spec.parent_refs,
+            hostnames: &o.spec.hostnames,
+        });
+        gateway_api::status::statuses(&gateway_api::status::Inputs {
+            classes: &self.classes,
+            gateways: &self.gateways,
+            routes: http.chain(grpc).chain(streams).collect(),
+            errors,
+            listeners,
+            state,
+        })
+    }
 }
 
 fn str_field<'a>(v: &'a serde_yaml_ng::Value, key: &str) -> Option<&'a str> {

@@ -166,7 +166,7 @@ pub(super) fn gateway_parent(
 }
 
 /// The hostnames a listener (`None`: any) and a route (empty: any) share.
-fn shared_hostnames(listener: Option<&str>, route: &[String]) -> Vec<String> {
+pub(super) fn shared_hostnames(listener: Option<&str>, route: &[String]) -> Vec<String> {
     let covers = |pattern: &str, host: &str| match pattern.strip_prefix('*') {
         Some(suffix) => host.len() > suffix.len() && host.ends_with(suffix),
         None => pattern == host,

@@ -4,7 +4,13 @@
 //! admitted or rejected on its own.
 use super::*;
 
-pub(super) fn assemble(objects: Objects, trust_domain: &str, errors: &mut Vec<ConfigError>) -> State {
+/// The model, and the admitted Gateway API Gateways' listeners (which the
+/// status reads).
+pub(super) fn assemble(
+    objects: Objects,
+    trust_domain: &str,
+    errors: &mut Vec<ConfigError>,
+) -> (State, gateway_api::http_route::Listeners) {
     let mut state = State::default();
     state.trust_domain = trust_domain.into();
     for (origin, node) in &objects.nodes {
@@ -222,7 +228,7 @@ pub(super) fn assemble(objects: Objects, trust_domain: &str, errors: &mut Vec<Co
     // Istio applies the oldest policy first when several select a workload;
     // without creation times, name order makes the choice stable.
     state.peer_authentications.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
-    state
+    (state, listeners)
 }
 
 /// Adds one Service per ServiceEntry host (key `namespace/host`), indexed by

@@ -332,6 +332,7 @@ fn virtual_services_claiming_a_host_apply_oldest_first() {
 
 mod admission;
 mod gateway_api;
+mod gateway_status;
 mod gateway_tls;
 mod origination_tls;
 mod security;
