@@ -66,12 +66,12 @@ fn parent(all: &[ObjectStatus], name: &str, i: usize) -> (String, Vec<String>) {
 fn classes_of_this_mesh_are_accepted_and_others_left_alone() {
     let all = statuses("");
     assert_eq!(conditions(find(&all, "GatewayClass", "istio").expect("ours")), ["Accepted=True/Accepted"]);
-    assert_eq!(find(&all, "GatewayClass", "istio").unwrap()["conditions"][0]["observedGeneration"], 1);
+    assert_eq!(find(&all, "GatewayClass", "istio").expect("present")["conditions"][0]["observedGeneration"], 1);
     assert!(find(&all, "GatewayClass", "theirs").is_none(), "another controller's class is not ours to judge");
     let with_params = "apiVersion: gateway.networking.k8s.io/v1\nkind: GatewayClass\nmetadata: {name: mine}\n\
         spec: {controllerName: mesh-agent.dev/gateway-controller, parametersRef: {group: \"\", kind: ConfigMap, name: p}}\n";
     let all = statuses(with_params);
-    assert_eq!(conditions(find(&all, "GatewayClass", "mine").unwrap()), ["Accepted=False/InvalidParameters"]);
+    assert_eq!(conditions(find(&all, "GatewayClass", "mine").expect("present")), ["Accepted=False/InvalidParameters"]);
 }
 
 #[test]
@@ -98,9 +98,9 @@ fn a_gateway_is_programmed_once_its_pods_exist_and_counts_its_routes_per_listene
     assert_eq!(gw["conditions"][0]["observedGeneration"], 3);
     let attached: Vec<(&str, i64)> = gw["listeners"]
         .as_array()
-        .unwrap()
+        .expect("present")
         .iter()
-        .map(|l| (l["name"].as_str().unwrap(), l["attachedRoutes"].as_i64().unwrap()))
+        .map(|l| (l["name"].as_str().expect("present"), l["attachedRoutes"].as_i64().expect("present")))
         .collect();
     // demo's route on both listeners, demo2's only on the one open to All.
     assert_eq!(attached, [("same", 1), ("all", 2)]);
@@ -120,7 +120,7 @@ fn a_gateway_is_programmed_once_its_pods_exist_and_counts_its_routes_per_listene
         apiVersion: v1\nkind: Service\nmetadata: {name: gw-istio, namespace: demo}\n\
         spec: {clusterIP: 10.96.0.40, selector: {gateway.networking.k8s.io/gateway-name: gw}, ports: [{name: http, port: 80}]}\n---\n";
     let all = statuses(&format!("{yaml}{pod}"));
-    let gw = find(&all, "Gateway", "gw").unwrap();
+    let gw = find(&all, "Gateway", "gw").expect("present");
     assert_eq!(conditions(gw), ["Accepted=True/Accepted", "Programmed=True/Programmed"]);
     assert_eq!(gw["addresses"], serde_json::json!([{"type": "IPAddress", "value": "10.96.0.40"}]));
     // The routes: accepted by the Gateway's class's controller.
@@ -132,7 +132,7 @@ fn a_gateway_is_programmed_once_its_pods_exist_and_counts_its_routes_per_listene
         )
     );
     assert_eq!(
-        find(&all, "HTTPRoute", "r2").unwrap()["parents"][0]["parentRef"],
+        find(&all, "HTTPRoute", "r2").expect("present")["parents"][0]["parentRef"],
         serde_json::json!({"name": "gw", "namespace": "demo"})
     );
 }
@@ -155,16 +155,19 @@ fn a_gateway_that_is_not_served_says_why_listener_by_listener() {
         let gw = find(&all, "Gateway", "gw").expect("ours, judged");
         assert_eq!(conditions(gw), [gateway_accepted, "Programmed=False/Invalid"], "{listeners}");
         assert_eq!(conditions(&gw["listeners"][0]), listener, "{listeners}");
-        assert!(gw["conditions"][0]["message"].as_str().unwrap().contains("spec.listeners[0]"), "{gw}");
+        assert!(gw["conditions"][0]["message"].as_str().expect("present").contains("spec.listeners[0]"), "{gw}");
     }
     // Two protocols on one port: conflicted.
     let all = statuses(&gateway("istio", "[{name: a, port: 80, protocol: HTTP}, {name: b, port: 80, protocol: TCP}]"));
-    let gw = find(&all, "Gateway", "gw").unwrap();
+    let gw = find(&all, "Gateway", "gw").expect("present");
     assert_eq!(conditions(&gw["listeners"][1])[3], "Conflicted=True/ProtocolConflict");
     // Addresses of its own are refused as unsupported.
     let yaml = "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: gw, namespace: demo}\n\
         spec: {gatewayClassName: istio, addresses: [{value: 1.2.3.4}], listeners: [{name: a, port: 80, protocol: HTTP}]}\n";
-    assert_eq!(conditions(find(&statuses(yaml), "Gateway", "gw").unwrap())[0], "Accepted=False/UnsupportedAddress");
+    assert_eq!(
+        conditions(find(&statuses(yaml), "Gateway", "gw").expect("present"))[0],
+        "Accepted=False/UnsupportedAddress"
+    );
     // Another controller's Gateway, and routes only to it: no status of ours.
     let yaml = format!(
         "{}{}",
@@ -202,15 +205,15 @@ fn a_route_that_does_not_attach_gets_the_reason_the_api_names() {
         let (controller, got) = parent(&all, "r", 0);
         assert_eq!(controller, "istio.io/gateway-controller");
         assert_eq!(got, [accepted, resolved], "{yaml}");
-        let entry = &find(&all, "HTTPRoute", "r").unwrap()["parents"][0]["conditions"][0];
+        let entry = &find(&all, "HTTPRoute", "r").expect("present")["parents"][0]["conditions"][0];
         assert_eq!(entry["observedGeneration"], 7);
-        assert!(!entry["message"].as_str().unwrap().is_empty());
+        assert!(!entry["message"].as_str().expect("present").is_empty());
     }
     // The attached listeners now count none of it.
     let yaml =
         route("HTTPRoute", "demo", "r", "{parentRefs: [{name: gw}], rules: [{backendRefs: [{name: nope, port: 80}]}]}");
     let all = statuses(&format!("{}{yaml}", gateway("istio", LISTENERS)));
-    assert_eq!(find(&all, "Gateway", "gw").unwrap()["listeners"][0]["attachedRoutes"], 0);
+    assert_eq!(find(&all, "Gateway", "gw").expect("present")["listeners"][0]["attachedRoutes"], 0);
 }
 
 #[test]
@@ -229,7 +232,7 @@ fn a_route_inside_the_mesh_is_judged_for_its_service_parent() {
             vec!["Accepted=True/Accepted".to_owned(), "ResolvedRefs=True/ResolvedRefs".to_owned()]
         )
     );
-    let p = &find(&all, "HTTPRoute", "mesh").unwrap()["parents"][0]["parentRef"];
+    let p = &find(&all, "HTTPRoute", "mesh").expect("present")["parents"][0]["parentRef"];
     assert_eq!(*p, serde_json::json!({"group": "", "kind": "Service", "name": "web", "port": 80}));
     let yaml = route(
         "HTTPRoute",
