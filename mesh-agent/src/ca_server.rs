@@ -164,8 +164,13 @@ pub async fn run(cfg: CaServiceConfig) -> Result<(), CaServiceError> {
                 return Err(CaServiceError::Permissions(missing));
             }
             let counters = crate::discovery::Counters::default();
-            let (mut models, task) =
-                crate::discovery::start(client.clone(), kinds, &cfg.trust_domain, counters).await?;
+            let (mut models, task) = crate::discovery::start(
+                client.clone(),
+                kinds,
+                crate::discovery::Settings::new(&cfg.trust_domain),
+                counters,
+            )
+            .await?;
             let loaded = crate::discovery::first_model(&mut models).await?;
             let auth = Auth::Kubernetes(kubernetes::KubeAuth::new(client, auth.clone()));
             (View::Kubernetes { models, task }, loaded, auth)

@@ -1,4 +1,4 @@
-//! Command line: `run`, `uninstall`, `ca`, `ca-root`, `inspect`, `validate`, `version`. All argument parsing lives here;
+//! Command line: `run`, `uninstall`, `ca`, `ca-root`, `controller`, `inspect`, `validate`, `version`. All argument parsing lives here;
 //! the rest of the agent takes plain config structs.
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
@@ -177,7 +177,7 @@ pub enum Command {
         /// The same configuration the agents read (Nodes and Pods decide who may get which identity).
         #[arg(long, env = "MESH_CONFIG", required_unless_present = "kubernetes", conflicts_with = "kubernetes")]
         config: Option<PathBuf>,
-        /// Learn pods, nodes and Gateways from the Kubernetes API server, and
+        /// Learn pods, nodes and namespaces from the Kubernetes API server, and
         /// authenticate agents by their projected ServiceAccount tokens
         /// (TokenReview) instead of bootstrap tokens.
         #[arg(long, env = "MESH_KUBERNETES")]
@@ -206,6 +206,21 @@ pub enum Command {
         /// Longest certificate lifetime granted.
         #[arg(long, env = "MESH_MAX_CERT_TTL", default_value = "24h", value_parser = parse_duration)]
         max_cert_ttl: Duration,
+        #[command(flatten)]
+        kube: KubeArgs,
+    },
+    /// Write the Gateway API's status back (GatewayClass, Gateway and route
+    /// conditions), as the one writer of the cluster; reads what the agents read.
+    Controller {
+        /// The namespaces whose Secrets are read (Gateways' certificateRefs),
+        /// as the agents' --secret-namespaces.
+        #[arg(long, env = "MESH_SECRET_NAMESPACES", value_delimiter = ',', default_value = "istio-system")]
+        secret_namespaces: Vec<String>,
+        #[arg(long, env = "MESH_TRUST_DOMAIN", default_value = crate::state::DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
+        /// How often what was written is read back from the API server.
+        #[arg(long, env = "MESH_STATUS_RESYNC", default_value = "5m", value_parser = parse_duration)]
+        resync: Duration,
         #[command(flatten)]
         kube: KubeArgs,
     },
@@ -375,6 +390,18 @@ pub fn main() -> ExitCode {
             };
             let cfg = CaServiceConfig { source, ca_dir, listen, trust_domain, max_ttl: max_cert_ttl };
             run_ca(cfg)
+        }
+        Command::Controller { secret_namespaces, trust_domain, resync, kube } => {
+            crate::discovery::select_cluster(kube.into());
+            let Some(runtime) = runtime() else { return ExitCode::FAILURE };
+            let cfg = crate::controller::ControllerConfig { trust_domain, secret_namespaces, resync };
+            match runtime.block_on(crate::controller::run(cfg)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("mesh-agent controller: {e}");
+                    ExitCode::FAILURE
+                }
+            }
         }
         Command::CaRoot { ca_dir, trust_domain } => {
             match crate::identity::ca::Ca::load_or_create(&ca_dir, &trust_domain) {

@@ -27,7 +27,10 @@ mod validate;
 pub(crate) mod watch_files;
 
 pub use credentials::allow_files_under;
-pub use gateway_api::status::{MESH_CONTROLLER, ObjectStatus};
+pub use gateway_api::{
+    CONTROLLERS,
+    status::{MESH_CONTROLLER, ObjectStatus},
+};
 pub use load::{Body, Document, LastGood, Origin, read_documents};
 
 /// One problem in the configuration.
@@ -67,6 +70,9 @@ pub struct Loaded {
     pub state: State,
     pub notes: Vec<String>,
     pub rejected: Vec<ConfigError>,
+    /// The Gateway API objects' statuses, computed for the controller only
+    /// ([`load_documents_with_status`]); empty otherwise.
+    pub statuses: Vec<ObjectStatus>,
 }
 
 /// Reads and validates everything under `path` (a file, or a directory whose
@@ -136,7 +142,7 @@ pub fn load_documents_guarded(docs: &[Document], trust_domain: &str) -> Option<L
 
 /// As [`load_documents_guarded`], with the status of each Gateway API object
 /// of this mesh's classes (the controller's).
-pub fn load_documents_with_status(docs: &[Document], trust_domain: &str) -> Option<(Loaded, Vec<ObjectStatus>)> {
+pub fn load_documents_with_status(docs: &[Document], trust_domain: &str) -> Option<Loaded> {
     let attempt = std::panic::catch_unwind(|| validate::build_state_with_status(docs, trust_domain));
     if attempt.is_err() {
         tracing::error!(objects = docs.len(), "validating the API server's objects failed inside the process (a bug)");
@@ -149,7 +155,7 @@ pub fn status_of_text(name: &str, text: &str, trust_domain: &str) -> Vec<ObjectS
     let file: std::sync::Arc<Path> = Path::new(name).into();
     let (mut docs, mut errors) = (Vec::new(), Vec::new());
     load::parse_text(&file, text, &mut docs, &mut errors);
-    validate::build_state_with_status(&docs, trust_domain).1
+    validate::build_state_with_status(&docs, trust_domain).statuses
 }
 
 /// Loads YAML text as the one file `name` holds: what it admits, with every

@@ -216,7 +216,7 @@ pub async fn resolve_versions(client: &Client, kinds: &mut Vec<Kind>) -> Result<
 pub async fn start(
     client: Client,
     mut kinds: Vec<Kind>,
-    trust_domain: &str,
+    settings: Settings,
     counters: Counters,
 ) -> Result<(mpsc::Receiver<Loaded>, tokio::task::JoinHandle<()>), DiscoveryError> {
     let mut backoff = Duration::from_secs(1);
@@ -232,7 +232,6 @@ pub async fn start(
         }
     }
     let (tx, models) = mpsc::channel(1);
-    let settings = Settings { trust_domain: trust_domain.to_owned(), debounce: Duration::from_millis(100) };
     let task = tokio::spawn(run(client, kinds, settings, counters, tx));
     Ok((models, task))
 }
@@ -257,6 +256,15 @@ pub struct Settings {
     /// How long after a change the model is built, so that a burst of events
     /// is one rebuild.
     pub debounce: Duration,
+    /// Whether each model carries the Gateway API statuses (the controller's).
+    pub statuses: bool,
+}
+
+impl Settings {
+    /// A model 100 ms after a burst of changes, without statuses.
+    pub fn new(trust_domain: &str) -> Self {
+        Settings { trust_domain: trust_domain.to_owned(), debounce: Duration::from_millis(100), statuses: false }
+    }
 }
 
 /// What the source reports while it runs.
@@ -284,7 +292,11 @@ pub async fn run(client: Client, kinds: Vec<Kind>, settings: Settings, counters:
         tokio::time::sleep(settings.debounce).await;
         generation.borrow_and_update();
         let Some(docs) = store.documents(&kinds) else { continue };
-        let Some(loaded) = config::load_documents_guarded(&docs, &settings.trust_domain) else { continue };
+        let loaded = match settings.statuses {
+            true => config::load_documents_with_status(&docs, &settings.trust_domain),
+            false => config::load_documents_guarded(&docs, &settings.trust_domain),
+        };
+        let Some(loaded) = loaded else { continue };
         counters.rebuilds.inc();
         if out.send(loaded).await.is_err() {
             break;

@@ -10,13 +10,15 @@
 //! `proxy` (the data path: inputs, L4 inbound/outbound, HBONE, L7, gateways),
 //! `discovery` (the Kubernetes API server as a configuration source),
 //! and at the top `agent` (the running process and its admin server),
-//! `ca_server` (`mesh-agent ca`) and `cli`; `marks` and `privileges` (the
+//! `ca_server` (`mesh-agent ca`), `controller` (`mesh-agent controller`,
+//! the Gateway API's status) and `cli`; `marks` and `privileges` (the
 //! process's packet marks and privileges) sit below them all.
 pub mod agent;
 pub mod ca_server;
 pub mod capture;
 pub mod cli;
 pub mod config;
+pub mod controller;
 pub mod discovery;
 pub mod identity;
 pub mod marks;

@@ -23,6 +23,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("discovery", &["state", "identity", "config", "telemetry"]),
     ("agent", &["state", "routing", "identity", "telemetry", "config", "capture", "proxy", "discovery", "marks"]),
     ("ca_server", &["state", "identity", "config", "telemetry", "discovery"]),
+    ("controller", &["config", "discovery"]),
     (
         "cli",
         &[
@@ -36,6 +37,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "discovery",
             "agent",
             "ca_server",
+            "controller",
             "privileges",
             "marks",
         ],

@@ -262,3 +262,44 @@ fn the_podmonitor_component_scrapes_what_the_annotations_name() {
     assert_eq!(address["replacement"].as_str(), Some(format!("$1:{port}").as_str()));
     assert_eq!(endpoint["path"], annotations["prometheus.io/path"]);
 }
+
+#[test]
+fn the_status_controller_is_one_unprivileged_writer_of_status_alone() {
+    let all = docs(&render());
+    let deployment = all
+        .iter()
+        .find(|d| d["kind"] == "Deployment" && d["metadata"]["name"] == "mesh-controller")
+        .expect("the controller's Deployment");
+    assert_eq!(deployment["spec"]["replicas"], Value::from(1));
+    assert_eq!(deployment["spec"]["strategy"]["type"], Value::from("Recreate"), "never two writers at once");
+    let pod = &deployment["spec"]["template"]["spec"];
+    assert_eq!(pod["serviceAccountName"], Value::from("mesh-controller"));
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], Value::Bool(true));
+    let container = &pod["containers"][0];
+    assert_eq!(container["args"][0], Value::from("controller"));
+    assert_eq!(container["securityContext"]["capabilities"]["drop"][0], Value::from("ALL"));
+    assert!(pod["hostNetwork"].is_null() && container["securityContext"]["privileged"].is_null());
+    // Whatever it may write is a status subresource.
+    let bound: Vec<String> = all
+        .iter()
+        .filter(|d| matches!(d["kind"].as_str(), Some("ClusterRoleBinding" | "RoleBinding")))
+        .filter(|b| b["subjects"].as_sequence().into_iter().flatten().any(|s| s["name"] == "mesh-controller"))
+        .map(|b| b["roleRef"]["name"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert!(!bound.is_empty());
+    for role in all.iter().filter(|d| matches!(d["kind"].as_str(), Some("ClusterRole" | "Role"))) {
+        if !bound.iter().any(|b| role["metadata"]["name"] == Value::from(b.as_str())) {
+            continue;
+        }
+        for rule in role["rules"].as_sequence().into_iter().flatten() {
+            let verbs: Vec<&str> =
+                rule["verbs"].as_sequence().into_iter().flatten().filter_map(Value::as_str).collect();
+            if verbs.iter().all(|v| matches!(*v, "get" | "list" | "watch")) {
+                continue;
+            }
+            for r in rule["resources"].as_sequence().into_iter().flatten().filter_map(Value::as_str) {
+                assert!(r.ends_with("/status"), "the controller may write {r}");
+            }
+        }
+    }
+}

@@ -58,8 +58,13 @@ impl Source {
                     rebuilds: metrics.kube_rebuilds.clone(),
                 };
                 let kinds = discovery::agent_kinds(secret_namespaces);
-                let (mut models, task) =
-                    discovery::start(discovery::client().await?, kinds, trust_domain, counters).await?;
+                let (mut models, task) = discovery::start(
+                    discovery::client().await?,
+                    kinds,
+                    discovery::Settings::new(trust_domain),
+                    counters,
+                )
+                .await?;
                 let first = discovery::first_model(&mut models).await?;
                 Ok((Source::Kubernetes { models, task }, first))
             }

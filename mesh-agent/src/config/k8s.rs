@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
-#[derive(Debug, Default, Clone, Deserialize)]
+#[derive(Debug, Default, Clone, PartialEq, Deserialize)]
 #[serde(default, rename_all = "camelCase")]
 pub struct ObjectMeta {
     pub name: Option<String>,
@@ -23,7 +23,7 @@ pub struct ObjectMeta {
     pub generation: Option<i64>,
 }
 
-#[derive(Debug, Default, Clone, Deserialize)]
+#[derive(Debug, Default, Clone, PartialEq, Deserialize)]
 #[serde(default, rename_all = "camelCase")]
 pub struct OwnerReference {
     pub kind: String,
@@ -31,7 +31,7 @@ pub struct OwnerReference {
     pub controller: Option<bool>,
 }
 
-#[derive(Debug, Default, Clone, Deserialize)]
+#[derive(Debug, Default, Clone, PartialEq, Deserialize)]
 #[serde(default)]
 pub struct Node {
     pub metadata: ObjectMeta,
@@ -41,7 +41,7 @@ pub struct Node {
 
 /// The node's pod address ranges: where its pods' addresses come from (with
 /// host-local IPAM), gated until a pod is captured.
-#[derive(Debug, Default, Clone, Deserialize)]
+#[derive(Debug, Default, Clone, PartialEq, Deserialize)]
 #[serde(default)]
 pub struct NodeSpec {
     #[serde(rename = "podCIDR")]
@@ -50,13 +50,13 @@ pub struct NodeSpec {
     pub pod_cidrs: Vec<String>,
 }
 
-#[derive(Debug, Default, Clone, Deserialize)]
+#[derive(Debug, Default, Clone, PartialEq, Deserialize)]
 #[serde(default)]
 pub struct NodeStatus {
     pub addresses: Vec<NodeAddress>,
 }
 
-#[derive(Debug, Default, Clone, Deserialize)]
+#[derive(Debug, Default, Clone, PartialEq, Deserialize)]
 #[serde(default)]
 pub struct NodeAddress {
     #[serde(rename = "type")]
@@ -64,13 +64,13 @@ pub struct NodeAddress {
     pub address: String,
 }
 
-#[derive(Debug, Default, Clone, Deserialize)]
+#[derive(Debug, Default, Clone, PartialEq, Deserialize)]
 #[serde(default)]
 pub struct Namespace {
     pub metadata: ObjectMeta,
 }
 
-#[derive(Debug, Default, Clone, Deserialize)]
+#[derive(Debug, Default, Clone, PartialEq, Deserialize)]
 #[serde(default)]
 pub struct Pod {
     pub metadata: ObjectMeta,
@@ -78,7 +78,7 @@ pub struct Pod {
     pub status: PodStatus,
 }
 
-#[derive(Debug, Default, Clone, Deserialize)]
+#[derive(Debug, Default, Clone, PartialEq, Deserialize)]
 #[serde(default, rename_all = "camelCase")]
 pub struct PodSpec {
     pub node_name: Option<String>,
@@ -90,7 +90,7 @@ pub struct PodSpec {
     pub init_containers: Vec<Container>,
 }
 
-#[derive(Debug, Default, Clone, Deserialize)]
+#[derive(Debug, Default, Clone, PartialEq, Deserialize)]
 #[serde(default, rename_all = "camelCase")]
 pub struct Container {
     pub name: String,
@@ -102,7 +102,7 @@ pub struct Container {
 
 /// A container probe: only the handlers that make the kubelet open a TCP
 /// connection to the pod (`exec` runs inside it).
-#[derive(Debug, Default, Clone, Deserialize)]
+#[derive(Debug, Default, Clone, PartialEq, Deserialize)]
 #[serde(default, rename_all = "camelCase")]
 pub struct Probe {
     pub http_get: Option<ProbeTarget>,
@@ -112,7 +112,7 @@ pub struct Probe {
 
 /// Where a probe connects: `port` (a number, or the name of one of the
 /// container's ports) on `host` (the pod's IP when empty).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ProbeTarget {
     pub port: IntOrString,
@@ -120,7 +120,7 @@ pub struct ProbeTarget {
     pub host: Option<String>,
 }
 
-#[derive(Debug, Default, Clone, Deserialize)]
+#[derive(Debug, Default, Clone, PartialEq, Deserialize)]
 #[serde(default, rename_all = "camelCase")]
 pub struct ContainerPort {
     pub name: Option<String>,
@@ -128,7 +128,7 @@ pub struct ContainerPort {
     pub protocol: Option<String>,
 }
 
-#[derive(Debug, Default, Clone, Deserialize)]
+#[derive(Debug, Default, Clone, PartialEq, Deserialize)]
 #[serde(default, rename_all = "camelCase")]
 pub struct PodStatus {
     #[serde(rename = "podIP")]
@@ -137,7 +137,7 @@ pub struct PodStatus {
     pub conditions: Vec<PodCondition>,
 }
 
-#[derive(Debug, Default, Clone, Deserialize)]
+#[derive(Debug, Default, Clone, PartialEq, Deserialize)]
 #[serde(default)]
 pub struct PodCondition {
     #[serde(rename = "type")]
@@ -145,14 +145,14 @@ pub struct PodCondition {
     pub status: String,
 }
 
-#[derive(Debug, Default, Clone, Deserialize)]
+#[derive(Debug, Default, Clone, PartialEq, Deserialize)]
 #[serde(default)]
 pub struct Service {
     pub metadata: ObjectMeta,
     pub spec: ServiceSpec,
 }
 
-#[derive(Debug, Default, Clone, Deserialize)]
+#[derive(Debug, Default, Clone, PartialEq, Deserialize)]
 #[serde(default, rename_all = "camelCase")]
 pub struct ServiceSpec {
     #[serde(rename = "clusterIP")]
@@ -163,7 +163,7 @@ pub struct ServiceSpec {
     pub ports: Vec<ServicePort>,
 }
 
-#[derive(Debug, Default, Clone, Deserialize)]
+#[derive(Debug, Default, Clone, PartialEq, Deserialize)]
 #[serde(default, rename_all = "camelCase")]
 pub struct ServicePort {
     pub name: Option<String>,
@@ -181,7 +181,7 @@ pub enum IntOrString {
     String(String),
 }
 
-#[derive(Debug, Default, Clone, Deserialize)]
+#[derive(Debug, Default, Clone, PartialEq, Deserialize)]
 #[serde(default)]
 pub struct ConfigMap {
     pub metadata: ObjectMeta,

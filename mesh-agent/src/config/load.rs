@@ -58,7 +58,7 @@ pub struct Document {
 /// object the API server has already checked, kept typed: compact, and not
 /// parsed again on each rebuild. Shared: a watched object is one value in the
 /// store and in every snapshot.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Body {
     Yaml(Arc<serde_yaml_ng::Value>),
     Node(Arc<super::k8s::Node>),

@@ -126,19 +126,16 @@ impl FailClosed {
 /// The state built from every object that could be admitted, and the errors
 /// of those that could not.
 pub(super) fn build_state(docs: &[Document], trust_domain: &str) -> Loaded {
-    build(docs, trust_domain, false).0
+    build(docs, trust_domain, false)
 }
 
 /// As [`build_state`], with the status of each Gateway API object of this
 /// mesh's classes (what the controller writes back).
-pub(super) fn build_state_with_status(
-    docs: &[Document],
-    trust_domain: &str,
-) -> (Loaded, Vec<gateway_api::status::ObjectStatus>) {
+pub(super) fn build_state_with_status(docs: &[Document], trust_domain: &str) -> Loaded {
     build(docs, trust_domain, true)
 }
 
-fn build(docs: &[Document], trust_domain: &str, status: bool) -> (Loaded, Vec<gateway_api::status::ObjectStatus>) {
+fn build(docs: &[Document], trust_domain: &str, status: bool) -> Loaded {
     let mut errors = Vec::new();
     let mut notes = Vec::new();
     let mut objects = Objects::default();
@@ -169,7 +166,7 @@ fn build(docs: &[Document], trust_domain: &str, status: bool) -> (Loaded, Vec<ga
     }
     state.build_index();
     let statuses = api.map(|api| api.statuses(&errors, &listeners, &state)).unwrap_or_default();
-    (Loaded { state, notes, rejected: errors }, statuses)
+    Loaded { state, notes, rejected: errors, statuses }
 }
 
 /// The Gateway API objects, as read.

@@ -28,6 +28,7 @@ pub(super) fn reduce(kind: &Kind, obj: DynamicObject) -> Value {
     put("name", json!(meta.name));
     put("namespace", json!(meta.namespace));
     put("uid", json!(meta.uid));
+    put("generation", json!(meta.generation));
     put("creationTimestamp", json!(meta.creation_timestamp.as_ref().map(|t| t.0.to_string())));
     if let Some(labels) = meta.labels.as_ref().filter(|l| !l.is_empty()) {
         put("labels", json!(labels));

@@ -55,6 +55,11 @@ impl Store {
             }
             Event::Apply(obj) => {
                 let Some((key, value)) = entry(kind, obj) else { return };
+                // A change to what the agent does not read (a status written
+                // back, an annotation, a managed field) builds nothing.
+                if k.objects.get(&key) == Some(&value) {
+                    return;
+                }
                 k.objects.insert(key, value);
             }
             Event::Delete(obj) => {

@@ -34,12 +34,18 @@ impl Request {
         let target = Target::parse(&self.path)?;
         let verb = match (self.method.as_str(), target.name.is_some(), self.query.contains("watch=true")) {
             ("POST", ..) => "create",
+            ("PATCH", ..) => "patch",
+            ("PUT", ..) => "update",
             ("GET", _, true) => "watch",
             ("GET", true, false) => "get",
             ("GET", false, false) => "list",
             _ => "other",
         };
-        Some((verb, target.group, target.plural, target.namespace))
+        let resource = match &target.subresource {
+            Some(sub) => format!("{}/{sub}", target.plural),
+            None => target.plural,
+        };
+        Some((verb, target.group, resource, target.namespace))
     }
 }
 
@@ -100,6 +106,8 @@ struct Target {
     namespace: Option<String>,
     plural: String,
     name: Option<String>,
+    /// `status`, in `…/<plural>/<name>/status`.
+    subresource: Option<String>,
 }
 
 impl Target {
@@ -114,12 +122,14 @@ impl Target {
             ["namespaces", ns, rest @ ..] if !rest.is_empty() => (Some((*ns).to_owned()), rest),
             rest => (None, rest),
         };
-        let (plural, name) = match rest {
-            [plural] => (*plural, None),
-            [plural, name] => (*plural, Some((*name).to_owned())),
+        let (plural, name, subresource) = match rest {
+            [plural] => (*plural, None, None),
+            [plural, name] => (*plural, Some((*name).to_owned()), None),
+            [plural, name, sub] => (*plural, Some((*name).to_owned()), Some((*sub).to_owned())),
             _ => return None,
         };
-        Some(Target { group: group.into(), version: version.into(), namespace, plural: plural.into(), name })
+        let (group, version, plural) = (group.into(), version.into(), plural.into());
+        Some(Target { group, version, namespace, plural, name, subresource })
     }
 
     fn api_version(&self) -> String {
@@ -305,7 +315,9 @@ impl FakeApi {
             }
             ("POST", "selfsubjectaccessreviews") => respond(201, &inner.access_review(request)),
             ("GET", _) if params.get("watch").is_some_and(|w| w == "true") => inner.watch(target, &params),
+            ("GET", _) if target.name.is_some() => inner.get(&target),
             ("GET", _) => inner.list(&target, &params),
+            ("PATCH", _) if target.subresource.as_deref() == Some("status") => inner.patch_status(&target, request),
             _ => respond(405, &status(405, "MethodNotAllowed", "not served by the fake")),
         }
     }
@@ -342,6 +354,53 @@ impl Inner {
             }))
             .collect();
         json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
+    }
+
+    fn stored(&self, target: &Target) -> Option<&Value> {
+        let key = format!("{}/{}", target.namespace.as_deref().unwrap_or_default(), target.name.as_deref()?);
+        self.objects.get(&(target.group.clone(), target.plural.clone()))?.get(&key)
+    }
+
+    /// One object, at the version asked.
+    fn get(&self, target: &Target) -> http::Response<Body> {
+        match self.stored(target) {
+            Some(o) => {
+                let mut o = o.clone();
+                o["apiVersion"] = json!(target.api_version());
+                respond(200, &o)
+            }
+            None => respond(404, &status(404, "NotFound", "no such object")),
+        }
+    }
+
+    /// A JSON merge patch (RFC 7386) of an object's `status`, refused with
+    /// 409 when it names a `resourceVersion` that is no longer the object's.
+    /// Only `status` changes, as through the API server's subresource.
+    fn patch_status(&mut self, target: &Target, patch: Value) -> http::Response<Body> {
+        let Some(current) = self.stored(target).cloned() else {
+            return respond(404, &status(404, "NotFound", "no such object"));
+        };
+        if let Some(rv) = patch["metadata"]["resourceVersion"].as_str()
+            && current["metadata"]["resourceVersion"].as_str() != Some(rv)
+        {
+            return respond(409, &status(409, "Conflict", "the object has been modified"));
+        }
+        let mut object = current;
+        merge_patch(&mut object["status"], &patch["status"]);
+        self.rv += 1;
+        let rv = self.rv;
+        object["metadata"]["resourceVersion"] = json!(rv.to_string());
+        let key = format!(
+            "{}/{}",
+            target.namespace.as_deref().unwrap_or_default(),
+            target.name.as_deref().unwrap_or_default()
+        );
+        let (group, plural) = (target.group.clone(), target.plural.clone());
+        self.objects.entry((group.clone(), plural.clone())).or_default().insert(key, object.clone());
+        let (namespace, name) = (target.namespace.clone(), target.name.clone().unwrap_or_default());
+        self.publish(Event { rv, group, plural, namespace, name, kind: "MODIFIED", object: object.clone() });
+        object["apiVersion"] = json!(target.api_version());
+        respond(200, &object)
     }
 
     fn list(&self, target: &Target, params: &HashMap<String, String>) -> http::Response<Body> {
@@ -421,6 +480,35 @@ impl Inner {
         let field = |k: &str| a[k].as_str().unwrap_or_default().to_owned();
         let allowed = !self.refused.contains(&(field("verb"), field("group"), field("resource")));
         json!({"apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview", "spec": review["spec"], "status": {"allowed": allowed}})
+    }
+}
+
+/// RFC 7386: objects merge key by key, `null` removes, anything else replaces.
+fn merge_patch(target: &mut Value, patch: &Value) {
+    let Value::Object(patch) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = json!({});
+    }
+    if let Value::Object(t) = target {
+        for (k, v) in patch {
+            if v.is_null() {
+                t.remove(k);
+            } else {
+                merge_patch(t.entry(k.clone()).or_insert(Value::Null), v);
+            }
+        }
+    }
+}
+
+impl FakeApi {
+    /// The stored object (`apiVersion` as applied), if any.
+    pub fn object(&self, api_version: &str, kind: &str, namespace: Option<&str>, name: &str) -> Option<Value> {
+        let inner = self.inner();
+        let key = format!("{}/{name}", namespace.unwrap_or_default());
+        inner.objects.get(&(group_of(api_version), plural(kind)))?.get(&key).cloned()
     }
 }
 

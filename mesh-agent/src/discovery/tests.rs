@@ -47,7 +47,7 @@ impl Source {
     fn start(fake: &FakeApi) -> Source {
         let (tx, models) = mpsc::channel(1);
         let counters = Counters::default();
-        let settings = Settings { trust_domain: "cluster.local".into(), debounce: Duration::from_millis(100) };
+        let settings = Settings::new("cluster.local");
         let kinds = agent_kinds(&["istio-system".to_owned()]);
         tokio::spawn(super::run(mock_client(fake), kinds, settings, counters.clone(), tx));
         Source { fake: fake.clone(), models, counters }
@@ -245,9 +245,10 @@ async fn without_the_gateway_apis_crds_its_kinds_are_left_out_not_waited_for() {
     let fake = with_cluster();
     fake.without_gateway_api();
     let kinds = agent_kinds(&["istio-system".to_owned()]);
-    let (mut models, _task) = super::start(mock_client(&fake), kinds, "cluster.local", Counters::default())
-        .await
-        .expect("started without the Gateway API");
+    let (mut models, _task) =
+        super::start(mock_client(&fake), kinds, Settings::new("cluster.local"), Counters::default())
+            .await
+            .expect("started without the Gateway API");
     let state = super::first_model(&mut models).await.expect("a first model").state;
     assert!(state.virtual_services.iter().all(|v| !v.name.starts_with("HTTPRoute")));
     assert!(state.workloads.contains_key("demo/test-0"), "everything else is read");

@@ -1,5 +1,5 @@
 //! The RBAC in `deploy/` against the requests the code makes: every request
-//! the agent and the CA send to the (fake) API server is allowed by their
+//! the agent, the CA and the status controller send to the (fake) API server is allowed by their
 //! roles there, and every permission there is used by some request.
 use std::collections::BTreeSet;
 
@@ -15,7 +15,7 @@ fn deploy_docs() -> Vec<Value> {
     use serde::Deserialize as _;
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
     let mut docs = Vec::new();
-    for file in ["agent-rbac.yaml", "ca.yaml"] {
+    for file in ["agent-rbac.yaml", "ca.yaml", "controller.yaml"] {
         let text = std::fs::read_to_string(dir.join(file)).expect("deploy/ readable");
         for d in serde_yaml_ng::Deserializer::from_str(&text) {
             docs.push(Value::deserialize(d).expect("deploy/ YAML"));
@@ -86,7 +86,7 @@ fn check(who: &str, fake: &FakeApi, granted: &BTreeSet<Grant>) -> BTreeSet<Grant
 }
 
 #[tokio::test(start_paused = true)]
-async fn the_agent_and_the_ca_need_exactly_what_deploy_grants_them() {
+async fn the_agent_the_ca_and_the_controller_need_exactly_what_deploy_grants_them() {
     // The agent: discovery, then every kind listed and watched.
     let fake = FakeApi::default();
     for o in objects(CLUSTER) {
@@ -94,7 +94,9 @@ async fn the_agent_and_the_ca_need_exactly_what_deploy_grants_them() {
     }
     let kinds = discovery::agent_kinds(&["istio-system".to_owned()]);
     let (mut models, _task) =
-        discovery::start(mock_client(&fake), kinds, "cluster.local", Default::default()).await.expect("started");
+        discovery::start(mock_client(&fake), kinds, discovery::Settings::new("cluster.local"), Default::default())
+            .await
+            .expect("started");
     discovery::first_model(&mut models).await.expect("a first model");
     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     let granted = grants("mesh-system/mesh-agent");
@@ -106,14 +108,77 @@ async fn the_agent_and_the_ca_need_exactly_what_deploy_grants_them() {
     let client = mock_client(&fake);
     let missing = crate::ca_server::kubernetes_missing_permissions(&client).await.expect("access reviews");
     assert!(missing.is_empty(), "{missing:?}");
-    let (mut models, _task) =
-        discovery::start(client.clone(), discovery::ca_kinds(), "cluster.local", Default::default())
-            .await
-            .expect("started");
+    let (mut models, _task) = discovery::start(
+        client.clone(),
+        discovery::ca_kinds(),
+        discovery::Settings::new("cluster.local"),
+        Default::default(),
+    )
+    .await
+    .expect("started");
     let state = discovery::first_model(&mut models).await.expect("a first model").state;
     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     crate::ca_server::review_token_for_test(client, "some-token", &state).await;
     let granted = grants("mesh-system/mesh-ca");
     let used = check("mesh-ca", &fake, &granted);
     assert_eq!(used, granted, "granted to the CA but never used");
+
+    // The status controller: the agents' reads, and each kind's status read
+    // and patched.
+    let fake = FakeApi::default();
+    for o in objects(CLUSTER).into_iter().chain(objects(GATEWAY_API)) {
+        fake.apply(o);
+    }
+    let client = mock_client(&fake);
+    let kinds = discovery::agent_kinds(&["istio-system".to_owned()]);
+    let settings = discovery::Settings { statuses: true, ..discovery::Settings::new("cluster.local") };
+    let (mut models, _task) =
+        discovery::start(client.clone(), kinds, settings, Default::default()).await.expect("started");
+    let model = discovery::first_model(&mut models).await.expect("a first model");
+    let kinds: BTreeSet<&str> = model.statuses.iter().map(|s| s.kind.as_str()).collect();
+    assert_eq!(kinds, BTreeSet::from(["GatewayClass", "Gateway", "HTTPRoute", "GRPCRoute", "TCPRoute", "TLSRoute"]));
+    let mut writer = crate::controller::Writer::new(client);
+    writer.write(&model.statuses).await;
+    assert_eq!(writer.failures, 0);
+    let granted = grants("mesh-system/mesh-controller");
+    let used = check("mesh-controller", &fake, &granted);
+    assert_eq!(used, granted, "granted to the controller but never used");
 }
+
+/// One object of each Gateway API kind the controller writes status for.
+const GATEWAY_API: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: GatewayClass
+metadata: {name: istio}
+spec: {controllerName: istio.io/gateway-controller}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: gw, namespace: demo}
+spec:
+  gatewayClassName: istio
+  listeners:
+    - {name: http, port: 80, protocol: HTTP}
+    - {name: tcp, port: 9000, protocol: TCP}
+    - {name: tls, port: 443, protocol: TLS, tls: {mode: Passthrough}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: h, namespace: demo}
+spec: {parentRefs: [{name: gw, sectionName: http}], rules: [{backendRefs: [{name: helloworld, port: 9095}]}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: g, namespace: demo}
+spec: {parentRefs: [{name: gw, sectionName: http}], rules: [{backendRefs: [{name: helloworld, port: 9095}]}]}
+---
+apiVersion: gateway.networking.k8s.io/v1alpha2
+kind: TCPRoute
+metadata: {name: t, namespace: demo}
+spec: {parentRefs: [{name: gw, sectionName: tcp}], rules: [{backendRefs: [{name: helloworld, port: 9095}]}]}
+---
+apiVersion: gateway.networking.k8s.io/v1alpha2
+kind: TLSRoute
+metadata: {name: s, namespace: demo}
+spec: {parentRefs: [{name: gw, sectionName: tls}], hostnames: [a.example.com], rules: [{backendRefs: [{name: helloworld, port: 9095}]}]}
+"#;

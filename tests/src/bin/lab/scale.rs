@@ -95,7 +95,8 @@ fn from_api(
         let before = rss_mib();
         let start = Instant::now();
         let kinds = discovery::agent_kinds(&[]);
-        let (mut models, task) = discovery::start(client, kinds, "cluster.local", Default::default()).await?;
+        let (mut models, task) =
+            discovery::start(client, kinds, discovery::Settings::new("cluster.local"), Default::default()).await?;
         let first = discovery::first_model(&mut models).await?;
         let took = start.elapsed();
         let held = rss_mib() - before;
