@@ -288,7 +288,7 @@ fn the_status_controller_is_one_unprivileged_writer_of_status_alone() {
         .collect();
     assert!(!bound.is_empty());
     for role in all.iter().filter(|d| matches!(d["kind"].as_str(), Some("ClusterRole" | "Role"))) {
-        if !bound.iter().any(|b| role["metadata"]["name"] == Value::from(b.as_str())) {
+        if !bound.iter().any(|b| role["metadata"]["name"].as_str() == Some(b.as_str())) {
             continue;
         }
         for rule in role["rules"].as_sequence().into_iter().flatten() {
