@@ -137,6 +137,11 @@ pub struct Workload {
     /// A gateway pod (Istio's gateway injection, or a Gateway API gateway's
     /// pod): its node's agent serves the Gateways that select it.
     pub gateway: bool,
+    /// The GatewayClass of the Gateway API Gateway whose pod this is (its
+    /// `gateway.networking.k8s.io/gateway-name` Gateway in its namespace):
+    /// what policies attached to that class judge.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gateway_class: Option<Arc<str>>,
     /// Running and Ready (or no status given): eligible as a Service endpoint.
     pub ready: bool,
     /// Named container ports, for Services whose `targetPort` is a name.

@@ -169,11 +169,16 @@ pub(super) struct Targets {
     pub services: Vec<Arc<str>>,
     /// The Gateway's pods, as a selector of the policy's namespace.
     pub gateway: Option<BTreeMap<String, String>>,
+    /// A GatewayClass: the pods of every Gateway of that class (a policy of
+    /// the root namespace only, as Istio).
+    pub gateway_class: Option<Arc<str>>,
 }
 
 /// The targets `targetRef` and `targetRefs` name; any other kind is an
 /// error naming it, and so is a target in another namespace (Istio allows
 /// only the policy's own), more than one Gateway, or Gateways with Services.
+/// A GatewayClass may be targeted from the root namespace alone (Istio's
+/// rule: a class spans every tenant's Gateways), one per policy and alone.
 pub(super) fn targets(
     ctx: &mut Ctx<'_>,
     namespace: &str,
@@ -189,10 +194,19 @@ pub(super) fn targets(
             ("" | "core", "Service") => false,
             ("gateway.networking.k8s.io", "Gateway") => true,
             ("gateway.networking.k8s.io", "GatewayClass") => {
-                ctx.error(
-                    format!("{field}.kind"),
-                    "GatewayClass targets are not supported by this version of mesh-agent",
-                );
+                if namespace != crate::state::ROOT_NAMESPACE {
+                    let root = crate::state::ROOT_NAMESPACE;
+                    ctx.error(
+                        format!("{field}.kind"),
+                        format!("a GatewayClass is targeted only by a policy of the root namespace {root} (as Istio): it spans every namespace's Gateways"),
+                    );
+                } else if t.name.is_empty() {
+                    ctx.error(format!("{field}.name"), "required");
+                } else if out.gateway_class.is_some() {
+                    ctx.error(field, "one GatewayClass per policy in this version of mesh-agent");
+                } else {
+                    out.gateway_class = Some(Arc::from(t.name.as_str()));
+                }
                 continue;
             }
             ("networking.istio.io", "ServiceEntry") => {
@@ -230,6 +244,9 @@ pub(super) fn targets(
     }
     if out.gateway.is_some() && !out.services.is_empty() {
         ctx.error("spec.targetRefs", "a Gateway and Services in one policy: write one policy for each");
+    }
+    if out.gateway_class.is_some() && (out.gateway.is_some() || !out.services.is_empty()) {
+        ctx.error("spec.targetRefs", "a GatewayClass and other targets in one policy: write one policy for each");
     }
     (ctx.error_count() == before).then_some(out)
 }

@@ -179,19 +179,20 @@ pub(super) fn selector(ctx: &mut Ctx<'_>, sel: &Option<Selector>) -> Option<BTre
 /// The Services a policy is attached to by `targetRef(s)` (Istio's
 /// `PolicyTargetReference`; other kinds are named errors), with Istio's rule
 /// that a policy has a selector or targets, not both: the Services, and the
-/// selector of a targeted Gateway's pods (else `selected`, the spec's).
+/// selector of a targeted Gateway's pods (else `selected`, the spec's), and
+/// a targeted GatewayClass.
 pub(super) fn attached_to(
     ctx: &mut Ctx<'_>,
     namespace: &str,
     selector: &Option<Selector>,
     (single, list): (Option<&TargetRef>, &[TargetRef]),
     selected: Option<BTreeMap<String, String>>,
-) -> (Vec<Arc<str>>, Option<BTreeMap<String, String>>) {
+) -> (Vec<Arc<str>>, Option<BTreeMap<String, String>>, Option<Arc<str>>) {
     let targets = targets(ctx, namespace, single, list).unwrap_or_default();
     if selector.is_some() && (single.is_some() || !list.is_empty()) {
         ctx.error("spec.targetRefs", "only one of selector and targetRefs (as Istio)");
     }
-    (targets.services, targets.gateway.or(selected))
+    (targets.services, targets.gateway.or(selected), targets.gateway_class)
 }
 
 fn parse_mode(ctx: &mut Ctx<'_>, field: &str, m: &Mtls) -> Result<Option<MtlsMode>, ()> {
@@ -296,7 +297,7 @@ pub(super) fn build_authorization_policy(
     let errors_before = ctx.error_count();
     let selected = selector(ctx, &spec.selector);
     let refs = (spec.target_ref.as_ref(), spec.target_refs.as_slice());
-    let (services, selector) = attached_to(ctx, &namespace, &spec.selector, refs, selected);
+    let (services, selector, gateway_class) = attached_to(ctx, &namespace, &spec.selector, refs, selected);
     let action = match spec.action.as_deref() {
         None | Some("ALLOW") => Action::Allow,
         Some("DENY") => Action::Deny,
@@ -335,7 +336,7 @@ pub(super) fn build_authorization_policy(
     let rules =
         spec.rules.iter().flatten().enumerate().map(|(i, r)| rules::build_rule(ctx, &format!("spec.rules[{i}]"), r));
     let rules: Vec<Rule> = rules.collect();
-    let policy = AuthorizationPolicy { name, namespace, selector, services, action, rules, provider };
+    let policy = AuthorizationPolicy { name, namespace, selector, services, gateway_class, action, rules, provider };
     (ctx.error_count() == errors_before).then_some(policy)
 }
 

@@ -289,6 +289,7 @@ fn unknown_endpoint(namespace: &Arc<str>, ip: Option<Ipv4Addr>, labels: BTreeMap
         host_network: false,
         meshed: false,
         gateway: false,
+        gateway_class: None,
         ready: true,
         named_ports: BTreeMap::new(),
         probe_ports: Default::default(),

@@ -190,8 +190,9 @@ pub(super) fn build_telemetry(ctx: &mut Ctx<'_>, obj: &TelemetryObject, trace: &
     let attached = targets(ctx, &namespace, spec.target_ref.as_ref(), &spec.target_refs);
     ok &= attached.is_some();
     let attached = attached.unwrap_or_default();
-    let (services, selector) = (attached.services, attached.gateway.or(selector));
-    if spec.selector.is_some() && (!services.is_empty() || spec.target_ref.is_some() || !spec.target_refs.is_empty()) {
+    let (services, selector, gateway_class) =
+        (attached.services, attached.gateway.or(selector), attached.gateway_class);
+    if spec.selector.is_some() && (spec.target_ref.is_some() || !spec.target_refs.is_empty()) {
         ctx.error("spec.targetRefs", "only one of selector and targetRefs (as Istio)");
         ok = false;
     }
@@ -234,7 +235,17 @@ pub(super) fn build_telemetry(ctx: &mut Ctx<'_>, obj: &TelemetryObject, trace: &
         }
     }
     let created = obj.metadata.creation_timestamp.clone();
-    ok.then_some(Telemetry { name, namespace, created, selector, services, metric_overrides, access_logging, tracing })
+    ok.then_some(Telemetry {
+        name,
+        namespace,
+        created,
+        selector,
+        services,
+        gateway_class,
+        metric_overrides,
+        access_logging,
+        tracing,
+    })
 }
 
 /// A `tracing[]` entry: its provider must be one of MeshConfig's

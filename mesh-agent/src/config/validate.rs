@@ -69,6 +69,8 @@ struct FailClosed {
     selector: Option<BTreeMap<String, String>>,
     /// `spec.targetRef(s)`, when present: the names of the Services among them.
     targets: Option<Vec<String>>,
+    /// A GatewayClass among them, for a policy of the root namespace.
+    gateway_class: Option<String>,
 }
 
 impl FailClosed {
@@ -97,7 +99,13 @@ impl FailClosed {
             Some(BTreeMap::from([(super::object::GATEWAY_NAME_LABEL.to_owned(), name.to_owned())]))
         });
         let selector = gateway.or(selector);
-        FailClosed { origin: origin.clone(), object: object.to_owned(), namespace: namespace.into(), selector, targets }
+        let gateway_class = refs.iter().find_map(|r| {
+            let is_class = str_field(r, "group") == Some("gateway.networking.k8s.io")
+                && str_field(r, "kind") == Some("GatewayClass");
+            str_field(r, "name").filter(|_| is_class && namespace == ROOT_NAMESPACE).map(str::to_owned)
+        });
+        let (origin, object, namespace) = (origin.clone(), object.to_owned(), namespace.into());
+        FailClosed { origin, object, namespace, selector, targets, gateway_class }
     }
 
     /// DENYs whose one empty rule matches every request: for the workloads
@@ -109,6 +117,7 @@ impl FailClosed {
             namespace: self.namespace.clone(),
             selector,
             services,
+            gateway_class: None,
             action: crate::state::security::Action::Deny,
             rules: vec![crate::state::security::Rule::default()],
             provider: None,
@@ -119,6 +128,11 @@ impl FailClosed {
             out.push(deny(None, targets.iter().map(|t| Arc::from(t.as_str())).collect()));
         }
         out.extend(self.selector.clone().map(|s| deny(Some(s), Vec::new())));
+        if let Some(class) = &self.gateway_class {
+            let mut p = deny(None, Vec::new());
+            p.gateway_class = Some(Arc::from(class.as_str()));
+            out.push(p);
+        }
         out
     }
 }

@@ -4,7 +4,7 @@
 //! say which workloads check end-user JWTs.
 //! Validated objects live in the [`State`]; the decisions here are pure
 //! functions of it, tested with tables.
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{collections::BTreeMap, net::Ipv4Addr, sync::Arc};
 
 use crate::state::security::*;
 use crate::state::{ROOT_NAMESPACE, Service, State, Workload};
@@ -184,7 +184,7 @@ fn namespaces(w: &Workload) -> impl Iterator<Item = &str> {
 /// Service), its namespace's first.
 fn selecting<'s, 'w>(state: &'s State, w: &'w Workload) -> impl Iterator<Item = &'s AuthorizationPolicy> + use<'s, 'w> {
     let policies = namespaces(w).flat_map(|ns| state.authorization_policies_in(ns));
-    policies.filter(|p| p.services.is_empty() && selects(&p.selector, w))
+    policies.filter(|p| p.services.is_empty() && selects_or_class(&p.selector, p.gateway_class.as_ref(), w))
 }
 
 /// The AuthorizationPolicies attached to `svc` by `targetRefs`.
@@ -198,7 +198,17 @@ fn request_authentications<'s, 'w>(
     w: &'w Workload,
 ) -> impl Iterator<Item = &'s RequestAuthentication> + use<'s, 'w> {
     let policies = namespaces(w).flat_map(|ns| state.request_authentications_in(ns));
-    policies.filter(|p| p.services.is_empty() && selects(&p.selector, w))
+    policies.filter(|p| p.services.is_empty() && selects_or_class(&p.selector, p.gateway_class.as_ref(), w))
+}
+
+/// A policy attached to a GatewayClass judges the pods of that class's
+/// Gateways alone (never the root namespace's whole mesh); any other, by
+/// its selector.
+fn selects_or_class(selector: &Option<BTreeMap<String, String>>, class: Option<&Arc<str>>, w: &Workload) -> bool {
+    match class {
+        Some(c) => w.gateway_class.as_ref() == Some(c),
+        None => selects(selector, w),
+    }
 }
 
 /// The RequestAuthentications attached to `svc` by `targetRefs`.

@@ -50,6 +50,11 @@ pub struct AuthorizationPolicy {
     /// judges only traffic addressed to one of them, and `selector` is `None`.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub services: Vec<Arc<str>>,
+    /// The GatewayClass it is attached to (`targetRefs`, root namespace
+    /// only): it then judges the pods of every Gateway of that class, and
+    /// `selector` is `None`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gateway_class: Option<Arc<str>>,
     pub action: Action,
     pub rules: Vec<Rule>,
     /// For CUSTOM: the extension provider (MeshConfig `extensionProviders`) to ask.
@@ -141,6 +146,9 @@ pub struct RequestAuthentication {
     /// As [`AuthorizationPolicy::services`].
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub services: Vec<Arc<str>>,
+    /// As [`AuthorizationPolicy::gateway_class`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gateway_class: Option<Arc<str>>,
     pub rules: Vec<Arc<JwtRule>>,
 }
 

@@ -144,6 +144,9 @@ pub struct Telemetry {
     /// `spec.targetRefs`: the Services (of its namespace) it is attached to,
     /// for traffic addressed to them at their endpoints' agents.
     pub services: Vec<Arc<str>>,
+    /// The GatewayClass it is attached to (root namespace only): the pods
+    /// of every Gateway of that class.
+    pub gateway_class: Option<Arc<str>>,
     /// Every `metrics[]`'s overrides, in order.
     pub metric_overrides: Vec<MetricOverride>,
     pub access_logging: Vec<LoggingRule>,
@@ -189,6 +192,13 @@ pub struct TelemetryPolicy {
     pub server: Reporting,
 }
 
+impl Telemetry {
+    /// Neither attached to Services nor to a GatewayClass.
+    fn attached_to_nothing(&self) -> bool {
+        self.services.is_empty() && self.gateway_class.is_none()
+    }
+}
+
 impl TelemetryPolicy {
     /// The side a reporter reports for.
     pub fn side(&self, destination: bool) -> &Reporting {
@@ -203,7 +213,7 @@ impl TelemetryPolicy {
 /// name) order.
 fn applicable<'t>(telemetries: &'t [Telemetry], w: &Workload, service: Option<&Service>) -> Vec<&'t Telemetry> {
     let namespace_wide =
-        |ns: &str| telemetries.iter().find(|t| &*t.namespace == ns && t.selector.is_none() && t.services.is_empty());
+        |ns: &str| telemetries.iter().find(|t| &*t.namespace == ns && t.selector.is_none() && t.attached_to_nothing());
     let mut out: Vec<&Telemetry> = namespace_wide(ROOT_NAMESPACE).into_iter().collect();
     if &*w.namespace != ROOT_NAMESPACE {
         out.extend(namespace_wide(&w.namespace));
@@ -212,6 +222,9 @@ fn applicable<'t>(telemetries: &'t [Telemetry], w: &Workload, service: Option<&S
         t.namespace == w.namespace
             && t.selector.as_ref().is_some_and(|s| s.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
     }));
+    if let Some(class) = &w.gateway_class {
+        out.extend(telemetries.iter().filter(|t| t.gateway_class.as_ref() == Some(class)));
+    }
     if let Some(svc) = service {
         out.extend(telemetries.iter().filter(|t| t.namespace == svc.namespace && t.services.contains(&svc.name)));
     }

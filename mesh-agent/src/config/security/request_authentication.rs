@@ -85,7 +85,7 @@ pub(in crate::config) fn build_request_authentication(
     let errors_before = ctx.error_count();
     let selected = selector(ctx, &spec.selector);
     let refs = (spec.target_ref.as_ref(), spec.target_refs.as_slice());
-    let (services, selector) = attached_to(ctx, &namespace, &spec.selector, refs, selected);
+    let (services, selector, gateway_class) = attached_to(ctx, &namespace, &spec.selector, refs, selected);
     let mut rules = Vec::with_capacity(spec.jwt_rules.len());
     for (i, r) in spec.jwt_rules.iter().enumerate() {
         let field = format!("spec.jwtRules[{i}]");
@@ -96,7 +96,14 @@ pub(in crate::config) fn build_request_authentication(
             rules.push(Arc::new(rule));
         }
     }
-    (ctx.error_count() == errors_before).then_some(RequestAuthentication { name, namespace, selector, services, rules })
+    (ctx.error_count() == errors_before).then_some(RequestAuthentication {
+        name,
+        namespace,
+        selector,
+        services,
+        gateway_class,
+        rules,
+    })
 }
 
 fn jwt_rule(ctx: &mut Ctx<'_>, field: &str, r: &JwtRuleSpec) -> Option<JwtRule> {

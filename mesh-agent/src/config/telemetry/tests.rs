@@ -118,7 +118,7 @@ fn what_the_agent_cannot_do_is_refused_by_name() {
     let cases = [
         (
             "{targetRefs: [{group: gateway.networking.k8s.io, kind: GatewayClass, name: web}]}",
-            "spec.targetRefs[0].kind: GatewayClass targets are not supported by this version of mesh-agent",
+            "spec.targetRefs[0].kind: a GatewayClass is targeted only by a policy of the root namespace istio-system",
         ),
         ("{targetRef: {kind: Pod, name: web}}", "spec.targetRef.kind: \"\" \"Pod\": expected a Service"),
         (
@@ -244,6 +244,27 @@ fn a_telemetry_attached_to_a_service_applies_to_traffic_addressed_to_it() {
     assert_eq!(s.reporting(web, false, "websvc.demo.svc.cluster.local"), &ON);
     assert_eq!(s.reporting(api, true, "websvc.demo.svc.cluster.local"), &ON);
     assert_eq!(s.telemetry_policy(api), &TelemetryPolicy::default());
+}
+
+#[test]
+fn a_root_telemetry_attached_to_a_gateway_class_reaches_its_gateways_pods_alone() {
+    let gateway = "---\napiVersion: gateway.networking.k8s.io/v1\nkind: GatewayClass\nmetadata: {name: istio}\n\
+        spec: {controllerName: istio.io/gateway-controller}\n\
+        ---\napiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: gw, namespace: demo}\n\
+        spec: {gatewayClassName: istio, listeners: [{name: http, port: 80, protocol: HTTP}]}\n\
+        ---\napiVersion: v1\nkind: Pod\nmetadata: {name: gw-1, namespace: demo, labels: {gateway.networking.k8s.io/gateway-name: gw}}\n\
+        status: {podIP: 10.0.0.9}\n";
+    let attached = telemetry(
+        "class",
+        "istio-system",
+        "{targetRefs: [{group: gateway.networking.k8s.io, kind: GatewayClass, name: istio}], metrics: [{overrides: [{disabled: true}]}]}",
+    );
+    let loaded = load(&format!("{gateway}{attached}"));
+    assert!(loaded.rejected.is_empty(), "{:?}", loaded.rejected);
+    let s = &loaded.state;
+    assert_eq!(s.telemetry_policy(Some([10, 0, 0, 9].into())).client.off, MetricSet::ALL);
+    // Not the root namespace's whole mesh.
+    assert_eq!(s.telemetry_policy(Some([10, 0, 0, 1].into())), &TelemetryPolicy::default());
 }
 
 mod tracing;

@@ -27,12 +27,28 @@ pub(super) fn assemble(
             state.namespaces.insert(name.clone(), Namespace { name, labels });
         }
     }
+    // Each Gateway API Gateway's class, by `namespace/name`: its pods are
+    // judged by the policies attached to that class.
+    let class_of: HashMap<String, Arc<str>> = objects
+        .api_gateways
+        .iter()
+        .map(|(_, g)| {
+            let ns = g.metadata.namespace.as_deref().unwrap_or("default");
+            let key = format!("{ns}/{}", g.metadata.name.as_deref().unwrap_or_default());
+            (key, Arc::from(g.spec.gateway_class_name.as_str()))
+        })
+        .collect();
     let mut ip_owner: HashMap<Ipv4Addr, String> = HashMap::new();
     for (origin, pod) in &objects.pods {
         let mut ctx = Ctx { origin, object: describe_meta("Pod", &pod.metadata), errors };
         let before = ctx.error_count();
         let built = build_workload(&mut ctx, pod, &state.namespaces, trust_domain);
-        let Some(w) = built.filter(|_| ctx.error_count() == before) else { continue };
+        let Some(mut w) = built.filter(|_| ctx.error_count() == before) else { continue };
+        if w.gateway
+            && let Some(gateway) = w.labels.get(super::super::object::GATEWAY_NAME_LABEL)
+        {
+            w.gateway_class = class_of.get(&format!("{}/{gateway}", w.namespace)).cloned();
+        }
         let key = format!("{}/{}", w.namespace, w.name);
         if let (Some(ip), false) = (w.ip, w.host_network) {
             if let Some(other) = ip_owner.get(&ip) {

@@ -308,3 +308,64 @@ fn tcp_and_tls_routes_attach_to_listeners_of_their_kind() {
     let yaml = format!("{}{}", gateway(listeners), route("TCPRoute", "r", filtered));
     assert!(error_of(&yaml).contains("spec.rules[0].backendRefs[0].filters: not supported"), "{}", error_of(&yaml));
 }
+
+#[test]
+fn a_policy_attached_to_a_gateway_class_judges_that_class_gateways_pods_alone() {
+    // demo/web is an `istio` Gateway and other/web another controller's;
+    // their pods, a pod labelled as web's in a namespace without that
+    // Gateway, and an ordinary pod.
+    let pod = |ns: &str, name: &str, labels: &str, ip: u8| {
+        format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, labels: {{{labels}}}}}\n\
+             spec: {{nodeName: n1}}\nstatus: {{podIP: 10.244.0.{ip}}}\n"
+        )
+    };
+    let gw = "gateway.networking.k8s.io/gateway-name";
+    let cluster = format!(
+        "{}---\napiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: web, namespace: other}}\n\
+         spec: {{gatewayClassName: theirs, listeners: [{{name: http, port: 80, protocol: HTTP}}]}}\n{}{}{}{}",
+        gateway("{gatewayClassName: istio, listeners: [{name: http, port: 80, protocol: HTTP}]}"),
+        pod("demo", "web-gw", &format!("{gw}: web"), 9),
+        pod("other", "web-gw", &format!("{gw}: web"), 10),
+        pod("spare", "web-gw", &format!("{gw}: web"), 11),
+        pod("demo", "app", "app: web", 12),
+    );
+    let policy = |ns: &str, spec: &str| {
+        format!(
+            "{cluster}---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: class, namespace: {ns}}}\nspec: {spec}\n"
+        )
+    };
+    let class = "{group: gateway.networking.k8s.io, kind: GatewayClass, name: istio}";
+    use crate::routing::policy::{Peer, Verdict, authorize};
+    let peer = Peer { principal: None, ip: std::net::Ipv4Addr::new(172, 18, 0, 1) };
+    let verdicts = |yaml: &str| {
+        let loaded = admitted(yaml);
+        let s = &loaded.state;
+        ["demo/web-gw", "other/web-gw", "spare/web-gw", "demo/app"]
+            .map(|pod| matches!(authorize(s, (&*s.workloads[pod]).into(), &peer, 80), Verdict::Deny(_)))
+    };
+    // Attack surface first: the root namespace's DENY reaches the `istio`
+    // Gateway's pod alone — not another class's, not a look-alike pod, and
+    // never the whole mesh (as a root policy without selector would).
+    let deny = policy("istio-system", &format!("{{targetRefs: [{class}], action: DENY, rules: [{{}}]}}"));
+    assert!(load(&deny).is_ok(), "{:?}", load(&deny).err());
+    assert_eq!(verdicts(&deny), [true, false, false, false]);
+    // A tenant may not attach to a class (it spans every namespace's
+    // Gateways): refused by name, and denying nothing in its place.
+    let tenant = policy("demo", &format!("{{targetRefs: [{class}], action: DENY, rules: [{{}}]}}"));
+    assert!(error_of(&tenant).contains(
+        "AuthorizationPolicy demo/class: spec.targetRefs[0].kind: a GatewayClass is targeted only by a policy of the root namespace istio-system"
+    ));
+    assert_eq!(verdicts(&tenant), [false, false, false, false]);
+    // A root policy on the class that cannot be read closes that class's
+    // pods alone.
+    let broken = policy(
+        "istio-system",
+        &format!("{{targetRefs: [{class}], action: ALLOW, rules: [{{to: [{{operation: {{ports: [x]}}}}]}}]}}"),
+    );
+    assert!(load(&broken).is_err());
+    assert_eq!(verdicts(&broken), [true, false, false, false]);
+    // One class per policy, and alone.
+    let two = policy("istio-system", &format!("{{targetRefs: [{class}, {{kind: Service, name: web}}]}}"));
+    assert!(error_of(&two).contains("a GatewayClass and other targets in one policy"));
+}
