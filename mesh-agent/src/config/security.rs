@@ -176,6 +176,9 @@ pub(super) fn selector(ctx: &mut Ctx<'_>, sel: &Option<Selector>) -> Option<BTre
     }
 }
 
+/// The target Services, the selector, and the target GatewayClass.
+pub(super) type Attached = (Vec<Arc<str>>, Option<BTreeMap<String, String>>, Option<Arc<str>>);
+
 /// The Services a policy is attached to by `targetRef(s)` (Istio's
 /// `PolicyTargetReference`; other kinds are named errors), with Istio's rule
 /// that a policy has a selector or targets, not both: the Services, and the
@@ -187,7 +190,7 @@ pub(super) fn attached_to(
     selector: &Option<Selector>,
     (single, list): (Option<&TargetRef>, &[TargetRef]),
     selected: Option<BTreeMap<String, String>>,
-) -> (Vec<Arc<str>>, Option<BTreeMap<String, String>>, Option<Arc<str>>) {
+) -> Attached {
     let targets = targets(ctx, namespace, single, list).unwrap_or_default();
     if selector.is_some() && (single.is_some() || !list.is_empty()) {
         ctx.error("spec.targetRefs", "only one of selector and targetRefs (as Istio)");
