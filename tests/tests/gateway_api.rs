@@ -163,4 +163,20 @@ fn a_gateway_api_gateway_serves_its_routes_from_its_pod_behind_a_load_balancer()
     m.set_config(&format!("{}{policy}", config(&secret)));
     let out = curl_out(&m, &["-H", "Host: hello.example.com", &format!("http://{LB}/helloworld")]);
     assert!(!out.contains("hello from helloworld"), "an outside client passed the Gateway's policy: {out}");
+
+    // The same attached to the Gateway's class: from a tenant's namespace
+    // it is refused by name and closes nothing (the client passes again);
+    // from the root namespace it judges the class's gateway pods.
+    let class_policy = |ns: &str| {
+        format!(
+            "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: class-inside-only, namespace: {ns}}}\n\
+             spec: {{targetRefs: [{{group: gateway.networking.k8s.io, kind: GatewayClass, name: istio}}], rules: [{{from: [{{source: {{ipBlocks: [10.0.0.0/8]}}}}]}}]}}\n"
+        )
+    };
+    m.set_config(&format!("{}{}", config(&secret), class_policy("demo")));
+    let out = curl_out(&m, &["-H", "Host: hello.example.com", &format!("http://{LB}/helloworld")]);
+    assert!(out.contains("hello from helloworld"), "a tenant's GatewayClass policy closed the gateway: {out}");
+    m.set_config(&format!("{}{}", config(&secret), class_policy("istio-system")));
+    let out = curl_out(&m, &["-H", "Host: hello.example.com", &format!("http://{LB}/helloworld")]);
+    assert!(!out.contains("hello from helloworld"), "an outside client passed the class's policy: {out}");
 }
