@@ -221,6 +221,15 @@ pub enum Command {
         /// How often what was written is read back from the API server.
         #[arg(long, env = "MESH_STATUS_RESYNC", default_value = "5m", value_parser = parse_duration)]
         resync: Duration,
+        /// Deploy each Gateway API Gateway's pods and LoadBalancer Service
+        /// (`<name>-<class>`), as Istio's automated deployment; `false` when
+        /// you deploy them (pods labelled gateway.networking.k8s.io/gateway-name).
+        #[arg(long, env = "MESH_DEPLOY_GATEWAYS", default_value_t = true, action = clap::ArgAction::Set)]
+        deploy_gateways: bool,
+        /// The image of deployed gateway pods' one container (it only holds
+        /// the pod's address; the node's agent serves the Gateway there).
+        #[arg(long, env = "MESH_GATEWAY_IMAGE", default_value = "registry.k8s.io/pause:3.10")]
+        gateway_image: String,
         #[command(flatten)]
         kube: KubeArgs,
     },
@@ -391,10 +400,11 @@ pub fn main() -> ExitCode {
             let cfg = CaServiceConfig { source, ca_dir, listen, trust_domain, max_ttl: max_cert_ttl };
             run_ca(cfg)
         }
-        Command::Controller { secret_namespaces, trust_domain, resync, kube } => {
+        Command::Controller { secret_namespaces, trust_domain, resync, deploy_gateways, gateway_image, kube } => {
             crate::discovery::select_cluster(kube.into());
             let Some(runtime) = runtime() else { return ExitCode::FAILURE };
-            let cfg = crate::controller::ControllerConfig { trust_domain, secret_namespaces, resync };
+            let deploy = deploy_gateways.then_some(crate::controller::DeployConfig { image: gateway_image });
+            let cfg = crate::controller::ControllerConfig { trust_domain, secret_namespaces, resync, deploy };
             match runtime.block_on(crate::controller::run(cfg)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

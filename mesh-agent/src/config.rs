@@ -29,7 +29,7 @@ pub(crate) mod watch_files;
 pub use credentials::allow_files_under;
 pub use gateway_api::{
     CONTROLLERS,
-    status::{MESH_CONTROLLER, ObjectStatus},
+    status::{GatewayDeployment, MESH_CONTROLLER, ObjectStatus},
 };
 pub use load::{Body, Document, LastGood, Origin, read_documents};
 
@@ -73,6 +73,8 @@ pub struct Loaded {
     /// The Gateway API objects' statuses, computed for the controller only
     /// ([`load_documents_with_status`]); empty otherwise.
     pub statuses: Vec<ObjectStatus>,
+    /// With the statuses: the Gateways of this mesh's classes, to deploy.
+    pub gateway_deployments: Vec<GatewayDeployment>,
 }
 
 /// Reads and validates everything under `path` (a file, or a directory whose

@@ -17,6 +17,8 @@
 //!   [`ControllerConfig::resync`] (someone else may have changed it).
 //! - One replica (a `Recreate` Deployment): two writers would agree, but
 //!   each would write once more after the other.
+//! - It deploys each Gateway's pods and Service as Istio's automated
+//!   deployment does ([`deploy`]), unless told not to.
 use std::{collections::HashMap, time::Duration};
 
 use kube::{
@@ -27,6 +29,9 @@ use serde_json::{Value, json};
 
 use crate::{config::ObjectStatus, discovery};
 
+mod deploy;
+pub use deploy::{DeployConfig, Deployer, MANAGED_LABEL, objects as gateway_objects};
+
 /// How the controller runs.
 #[derive(Debug, Clone)]
 pub struct ControllerConfig {
@@ -36,6 +41,9 @@ pub struct ControllerConfig {
     pub secret_namespaces: Vec<String>,
     /// How often what it wrote is read back from the API server.
     pub resync: Duration,
+    /// Automated deployment of Gateway API Gateways' pods and Services
+    /// (`None`: deployed by hand).
+    pub deploy: Option<DeployConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -53,26 +61,32 @@ pub async fn run(cfg: ControllerConfig) -> Result<(), ControllerError> {
     let settings = discovery::Settings { statuses: true, ..discovery::Settings::new(&cfg.trust_domain) };
     let (mut models, task) = discovery::start(client.clone(), kinds, settings, Default::default()).await?;
     tracing::info!("Gateway API status controller started; waiting for the first list of every kind");
+    let mut deployer = cfg.deploy.clone().map(|d| Deployer::new(client.clone(), d));
     let mut writer = Writer::new(client);
     let mut resync = tokio::time::interval(cfg.resync);
     resync.tick().await;
     let mut sigterm =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(ControllerError::Signal)?;
-    let mut last: Vec<ObjectStatus> = Vec::new();
+    let (mut last, mut gateways) = (Vec::new(), Vec::new());
     loop {
         tokio::select! {
             _ = sigterm.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
             model = models.recv() => {
                 let Some(model) = model else { break };
-                last = model.statuses;
-                writer.write(&last).await;
+                (last, gateways) = (model.statuses, model.gateway_deployments);
             }
             _ = resync.tick() => {
                 writer.forget();
-                writer.write(&last).await;
+                if let Some(d) = &mut deployer {
+                    d.forget();
+                }
             }
         }
+        if let Some(d) = &mut deployer {
+            d.apply(&gateways).await;
+        }
+        writer.write(&last).await;
     }
     task.abort();
     tracing::info!("Gateway API status controller stopped");

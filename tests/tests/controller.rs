@@ -1,6 +1,7 @@
 //! The real `mesh-agent controller` against the stand-in API server, named in
-//! a kubeconfig: it writes the Gateway API's status back as objects change,
-//! through the status subresource alone, and stops cleanly on SIGTERM. (No
+//! a kubeconfig: it deploys each Gateway's pods and Service, writes the
+//! Gateway API's status back as objects change (through the status
+//! subresource), and stops cleanly on SIGTERM. (No
 //! root: the controller captures nothing; the conditions themselves are
 //! tables in mesh-agent's `config::validate::tests::gateway_status`.)
 use std::{
@@ -103,14 +104,34 @@ fn the_controller_writes_what_the_mesh_did_back_to_each_object() {
     let class = until(&fake, "GatewayClass", "istio", |s| !s.is_null());
     assert_eq!(conditions(&class), ["Accepted=True/Accepted"]);
 
-    // The gateway's pod and its Service arrive: programmed, with the address.
+    // Automated deployment: the Gateway's Deployment and LoadBalancer
+    // Service, as Istio names them, owned by the Gateway.
+    let object = |api: &str, kind: &str| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(o) = fake.object(api, kind, Some("demo"), "hello-istio") {
+                return o;
+            }
+            assert!(Instant::now() < deadline, "no {kind} demo/hello-istio made");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let deployment = object("apps/v1", "Deployment");
+    let template = deployment["spec"]["template"].clone();
+    assert_eq!(template["metadata"]["labels"]["gateway.networking.k8s.io/gateway-name"], "hello");
+    let mut service = object("v1", "Service");
+    assert_eq!(service["spec"]["type"], "LoadBalancer");
+    assert_eq!(service["metadata"]["ownerReferences"][0]["name"], "hello");
+    // Kubernetes' part, played here: the Service gets its cluster IP and the
+    // Deployment its pod. Programmed, with the address.
+    service["spec"]["clusterIP"] = json!("10.96.0.40");
+    fake.apply(service);
+    let mut labels = template["metadata"]["labels"].clone();
+    labels["pod-template-hash"] = json!("5d8f9");
     fake.apply(json!({"apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": "hello-istio-1", "namespace": "demo", "uid": "u1",
-                     "labels": {"gateway.networking.k8s.io/gateway-name": "hello"}},
-        "spec": {"nodeName": "node-1"}, "status": {"podIP": "10.244.1.100", "phase": "Running"}}));
-    fake.apply(json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "hello-istio", "namespace": "demo"},
-        "spec": {"clusterIP": "10.96.0.40", "selector": {"gateway.networking.k8s.io/gateway-name": "hello"},
-                 "ports": [{"name": "http", "port": 80}]}}));
+        "metadata": {"name": "hello-istio-5d8f9-abcde", "namespace": "demo", "uid": "u1", "labels": labels},
+        "spec": {"nodeName": "node-1", "serviceAccountName": template["spec"]["serviceAccountName"]},
+        "status": {"podIP": "10.244.1.100", "phase": "Running"}}));
     let gw =
         until(&fake, "Gateway", "hello", |s| conditions(s).get(1).is_some_and(|c| c == "Programmed=True/Programmed"));
     assert_eq!(gw["addresses"], json!([{"type": "IPAddress", "value": "10.96.0.40"}]));
@@ -124,10 +145,12 @@ fn the_controller_writes_what_the_mesh_did_back_to_each_object() {
     assert_eq!(typo["parents"][0]["conditions"][0]["observedGeneration"], 2);
     until(&fake, "Gateway", "hello", |s| s["listeners"][0]["attachedRoutes"] == 2);
 
-    // Writes went to the status subresource only, and only as patches.
+    // Writes: patches of status subresources, and the deployment's objects.
     for r in fake.requests() {
         if !matches!(r.method.as_str(), "GET") {
-            assert!(r.method == "PATCH" && r.path.ends_with("/status"), "{r:?}");
+            let deployed =
+                ["serviceaccounts", "deployments", "services"].iter().any(|k| r.path.contains(&format!("/{k}")));
+            assert!(r.method == "PATCH" && r.path.ends_with("/status") || deployed, "{r:?}");
         }
     }
     // SIGTERM: a clean stop.

@@ -264,7 +264,7 @@ fn the_podmonitor_component_scrapes_what_the_annotations_name() {
 }
 
 #[test]
-fn the_status_controller_is_one_unprivileged_writer_of_status_alone() {
+fn the_controller_is_one_unprivileged_writer_of_status_and_gateway_deployments_alone() {
     let all = docs(&render());
     let deployment = all
         .iter()
@@ -279,7 +279,8 @@ fn the_status_controller_is_one_unprivileged_writer_of_status_alone() {
     assert_eq!(container["args"][0], Value::from("controller"));
     assert_eq!(container["securityContext"]["capabilities"]["drop"][0], Value::from("ALL"));
     assert!(pod["hostNetwork"].is_null() && container["securityContext"]["privileged"].is_null());
-    // Whatever it may write is a status subresource.
+    // Whatever it may write is a status subresource, or what automated
+    // deployment makes (never Secrets, roles, pods directly, or the mesh's own kinds).
     let bound: Vec<String> = all
         .iter()
         .filter(|d| matches!(d["kind"].as_str(), Some("ClusterRoleBinding" | "RoleBinding")))
@@ -297,9 +298,37 @@ fn the_status_controller_is_one_unprivileged_writer_of_status_alone() {
             if verbs.iter().all(|v| matches!(*v, "get" | "list" | "watch")) {
                 continue;
             }
+            assert!(!verbs.iter().any(|v| matches!(*v, "delete" | "deletecollection" | "*")), "{verbs:?}");
             for r in rule["resources"].as_sequence().into_iter().flatten().filter_map(Value::as_str) {
-                assert!(r.ends_with("/status"), "the controller may write {r}");
+                let deployment = matches!(r, "serviceaccounts" | "services" | "deployments");
+                assert!(r.ends_with("/status") || deployment, "the controller may write {r}");
             }
         }
     }
+}
+
+#[test]
+fn what_automated_deployment_makes_for_a_gateway_is_valid_kubernetes() {
+    let g = mesh_agent::config::GatewayDeployment {
+        namespace: "demo".into(),
+        name: "hello".into(),
+        api_version: "gateway.networking.k8s.io/v1".into(),
+        uid: Some("0b8f1a6e-4f6c-4c3e-9a55-2f1e3c7d9b10".into()),
+        class: "istio".into(),
+        controller: "istio.io/gateway-controller".into(),
+        listeners: vec![("http".into(), 80, "HTTP".into()), ("tls".into(), 443, "TLS".into())],
+    };
+    let config = mesh_agent::controller::DeployConfig { image: "registry.k8s.io/pause:3.10".into() };
+    let objects = mesh_agent::controller::gateway_objects(&g, &config);
+    let yaml: Vec<String> = objects.iter().map(|(_, o)| serde_yaml_ng::to_string(o).expect("YAML")).collect();
+    validate(&yaml.join("---\n"), "mesh-gateway-deployment");
+    let kinds: Vec<&str> = objects.iter().map(|(r, _)| r.kind.as_str()).collect();
+    assert_eq!(kinds, ["ServiceAccount", "Deployment", "Service"]);
+    // Istio's names, and the label that makes the pods the Gateway's.
+    for (_, o) in &objects {
+        assert_eq!(o["metadata"]["name"], "hello-istio");
+    }
+    let template = &objects[1].1["spec"]["template"];
+    assert_eq!(template["metadata"]["labels"]["gateway.networking.k8s.io/gateway-name"], "hello");
+    assert_eq!(template["spec"]["securityContext"]["runAsNonRoot"], true);
 }

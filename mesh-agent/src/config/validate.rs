@@ -179,8 +179,8 @@ fn build(docs: &[Document], trust_domain: &str, status: bool) -> Loaded {
         state.authorization_policies.extend(f.deny_all());
     }
     state.build_index();
-    let statuses = api.map(|api| api.statuses(&errors, &listeners, &state)).unwrap_or_default();
-    Loaded { state, notes, rejected: errors, statuses }
+    let (statuses, gateway_deployments) = api.map(|api| api.statuses(&errors, &listeners, &state)).unwrap_or_default();
+    Loaded { state, notes, rejected: errors, statuses, gateway_deployments }
 }
 
 /// The Gateway API objects, as read.
@@ -198,7 +198,7 @@ impl ApiObjects {
         errors: &[ConfigError],
         listeners: &gateway_api::http_route::Listeners,
         state: &State,
-    ) -> Vec<gateway_api::status::ObjectStatus> {
+    ) -> (Vec<gateway_api::status::ObjectStatus>, Vec<gateway_api::status::GatewayDeployment>) {
         use gateway_api::status::RouteRef;
         let http = self.http_routes.iter().map(|(origin, o)| RouteRef {
             origin,
@@ -224,14 +224,15 @@ impl ApiObjects {
             parents: &o.spec.parent_refs,
             hostnames: &o.spec.hostnames,
         });
-        gateway_api::status::statuses(&gateway_api::status::Inputs {
+        let inputs = gateway_api::status::Inputs {
             classes: &self.classes,
             gateways: &self.gateways,
             routes: http.chain(grpc).chain(streams).collect(),
             errors,
             listeners,
             state,
-        })
+        };
+        (gateway_api::status::statuses(&inputs), gateway_api::status::deployments(&inputs))
     }
 }
 

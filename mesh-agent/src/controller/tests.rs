@@ -145,3 +145,75 @@ async fn statuses_are_written_back_once_and_keep_what_is_not_ours() {
     assert_ne!(gw["conditions"][1]["lastTransitionTime"], "2020-01-01T00:00:00Z");
     assert_eq!(patches(&fake), written + 1, "only the Gateway changed");
 }
+
+fn writes(fake: &FakeApi) -> Vec<(String, String)> {
+    fake.requests().iter().filter(|r| r.method != "GET").map(|r| (r.method.clone(), r.path.clone())).collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn each_gateway_gets_its_pods_and_service_as_istio_deploys_them() {
+    use super::{DeployConfig, Deployer};
+    let fake = FakeApi::default();
+    cluster(&fake);
+    // demo/other-istio exists already and is a tenant's own Service.
+    fake.apply(
+        json!({"apiVersion": GW, "kind": "Gateway", "metadata": {"name": "other", "namespace": "demo", "uid": "g2"},
+        "spec": {"gatewayClassName": "istio", "listeners": [{"name": "http", "port": 80, "protocol": "HTTP"}]}}),
+    );
+    fake.apply(json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "other-istio", "namespace": "demo"},
+        "spec": {"clusterIP": "10.96.0.77", "selector": {"app": "mine"}, "ports": [{"name": "http", "port": 8080}]}}));
+    let mut models = start(&fake);
+    let model = next(&mut models).await;
+    let names: Vec<(&str, &str)> =
+        model.gateway_deployments.iter().map(|g| (g.name.as_str(), g.class.as_str())).collect();
+    assert_eq!(names, [("gw", "istio"), ("other", "istio")]);
+    let mut deployer = Deployer::new(mock_client(&fake), DeployConfig { image: "registry.k8s.io/pause:3.10".into() });
+    deployer.apply(&model.gateway_deployments).await;
+    assert_eq!(deployer.failures, 0);
+
+    let object = |api: &str, kind: &str, name: &str| fake.object(api, kind, Some("demo"), name).unwrap_or(Value::Null);
+    let svc = object("v1", "Service", "gw-istio");
+    assert_eq!(svc["spec"]["type"], "LoadBalancer");
+    assert_eq!(svc["spec"]["selector"], json!({"gateway.networking.k8s.io/gateway-name": "gw"}));
+    assert_eq!(
+        svc["spec"]["ports"],
+        json!([{"name": "http", "port": 80, "targetPort": 80, "protocol": "TCP", "appProtocol": "http"}])
+    );
+    assert_eq!(svc["metadata"]["labels"]["gateway.istio.io/managed"], "istio.io-gateway-controller");
+    let deployment = object("apps/v1", "Deployment", "gw-istio");
+    assert_eq!(deployment["spec"]["replicas"], 1);
+    let pod = &deployment["spec"]["template"];
+    assert_eq!(pod["metadata"]["labels"]["gateway.networking.k8s.io/gateway-name"], "gw");
+    assert_eq!(pod["spec"]["serviceAccountName"], "gw-istio");
+    assert_eq!(pod["spec"]["containers"][0]["image"], "registry.k8s.io/pause:3.10");
+    assert_eq!(object("v1", "ServiceAccount", "gw-istio")["automountServiceAccountToken"], false);
+    // Owned by the Gateway (deleted with it), which the agent reads as its pods' Gateway.
+    let gateway_uid = fake.object(GW, "Gateway", Some("demo"), "gw").expect("gw")["metadata"]["uid"].clone();
+    assert_eq!(svc["metadata"]["ownerReferences"][0]["kind"], "Gateway");
+    assert_eq!(svc["metadata"]["ownerReferences"][0]["uid"], gateway_uid);
+    // The tenant's own Service of that name is left as it was.
+    assert_eq!(object("v1", "Service", "other-istio")["spec"]["selector"], json!({"app": "mine"}));
+    assert!(object("apps/v1", "Deployment", "other-istio").is_object(), "its Deployment is still made");
+
+    // Nothing changed: nothing written. A listener added: the Service follows.
+    let before = writes(&fake).len();
+    deployer.apply(&model.gateway_deployments).await;
+    deployer.forget();
+    deployer.apply(&model.gateway_deployments).await;
+    assert_eq!(writes(&fake).len(), before, "{:?}", writes(&fake));
+    let mut gw = fake.object(GW, "Gateway", Some("demo"), "gw").expect("gw");
+    gw["spec"]["listeners"] =
+        json!([{"name": "http", "port": 80, "protocol": "HTTP"}, {"name": "tcp", "port": 9000, "protocol": "TCP"}]);
+    fake.apply(gw);
+    let model = next(&mut models).await;
+    deployer.apply(&model.gateway_deployments).await;
+    let ports: Vec<i64> = object("v1", "Service", "gw-istio")["spec"]["ports"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["port"].as_i64())
+        .collect();
+    assert_eq!(ports, [80, 9000]);
+    let patched: Vec<(String, String)> = writes(&fake).split_off(before);
+    assert_eq!(patched, [("PATCH".to_owned(), "/api/v1/namespaces/demo/services/gw-istio".to_owned())]);
+}

@@ -202,6 +202,10 @@ impl FakeApi {
         let namespace = object["metadata"]["namespace"].as_str().map(str::to_owned);
         let name = object["metadata"]["name"].as_str().unwrap_or_default().to_owned();
         let key = format!("{}/{name}", namespace.as_deref().unwrap_or_default());
+        // Every API object has a uid (stable per name here, as a test wants it).
+        if object["metadata"]["uid"].is_null() {
+            object["metadata"]["uid"] = json!(format!("uid-{plural}-{key}"));
+        }
         let objects = inner.objects.entry((group.clone(), plural.clone())).or_default();
         let kind = if objects.insert(key, object.clone()).is_some() { "MODIFIED" } else { "ADDED" };
         inner.publish(Event { rv, group, plural, namespace, name, kind, object });
@@ -318,6 +322,8 @@ impl FakeApi {
             ("GET", _) if target.name.is_some() => inner.get(&target),
             ("GET", _) => inner.list(&target, &params),
             ("PATCH", _) if target.subresource.as_deref() == Some("status") => inner.patch_status(&target, request),
+            ("PATCH", _) if target.subresource.is_none() && target.name.is_some() => inner.patch(&target, request),
+            ("POST", _) if target.name.is_none() => inner.create(&target, request),
             _ => respond(405, &status(405, "MethodNotAllowed", "not served by the fake")),
         }
     }
@@ -359,6 +365,49 @@ impl Inner {
     fn stored(&self, target: &Target) -> Option<&Value> {
         let key = format!("{}/{}", target.namespace.as_deref().unwrap_or_default(), target.name.as_deref()?);
         self.objects.get(&(target.group.clone(), target.plural.clone()))?.get(&key)
+    }
+
+    /// Creates an object (`409 AlreadyExists` if it does), with a uid.
+    fn create(&mut self, target: &Target, mut object: Value) -> http::Response<Body> {
+        let name = object["metadata"]["name"].as_str().unwrap_or_default().to_owned();
+        let namespace = target.namespace.clone();
+        let key = format!("{}/{name}", namespace.as_deref().unwrap_or_default());
+        let (group, plural) = (target.group.clone(), target.plural.clone());
+        if self.objects.get(&(group.clone(), plural.clone())).is_some_and(|o| o.contains_key(&key)) {
+            return respond(409, &status(409, "AlreadyExists", "the object exists"));
+        }
+        self.rv += 1;
+        let rv = self.rv;
+        object["metadata"]["resourceVersion"] = json!(rv.to_string());
+        object["metadata"]["uid"] = json!(format!("uid-{rv}"));
+        self.objects.entry((group.clone(), plural.clone())).or_default().insert(key, object.clone());
+        let kind = "ADDED";
+        self.publish(Event { rv, group, plural, namespace, name, kind, object: object.clone() });
+        respond(201, &object)
+    }
+
+    /// A JSON merge patch of a whole object (its `status` untouched).
+    fn patch(&mut self, target: &Target, mut patch: Value) -> http::Response<Body> {
+        let Some(mut object) = self.stored(target).cloned() else {
+            return respond(404, &status(404, "NotFound", "no such object"));
+        };
+        if let Value::Object(p) = &mut patch {
+            p.remove("status");
+        }
+        merge_patch(&mut object, &patch);
+        self.rv += 1;
+        let rv = self.rv;
+        object["metadata"]["resourceVersion"] = json!(rv.to_string());
+        let key = format!(
+            "{}/{}",
+            target.namespace.as_deref().unwrap_or_default(),
+            target.name.as_deref().unwrap_or_default()
+        );
+        let (group, plural) = (target.group.clone(), target.plural.clone());
+        self.objects.entry((group.clone(), plural.clone())).or_default().insert(key, object.clone());
+        let (namespace, name) = (target.namespace.clone(), target.name.clone().unwrap_or_default());
+        self.publish(Event { rv, group, plural, namespace, name, kind: "MODIFIED", object: object.clone() });
+        respond(200, &object)
     }
 
     /// One object, at the version asked.

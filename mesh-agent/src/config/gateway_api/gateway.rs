@@ -60,7 +60,7 @@ pub(in crate::config) fn build(
         if set {
             ctx.error(
                 format!("spec.{field}"),
-                "not supported by this version of mesh-agent (the Service in front of the gateway pods is yours)",
+                "not supported by this version of mesh-agent (`mesh-agent controller` deploys the Gateway's pods and LoadBalancer Service <name>-<class>; with --deploy-gateways=false, put yours in front of pods labelled gateway.networking.k8s.io/gateway-name)",
             );
         }
     }

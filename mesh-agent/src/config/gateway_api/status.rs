@@ -42,6 +42,49 @@ pub struct ObjectStatus {
     pub status: Value,
 }
 
+/// A Gateway of this mesh's classes, as its automated deployment needs it
+/// (Istio's: a Deployment of gateway pods and a LoadBalancer Service, both
+/// `<name>-<class>`, owned by the Gateway).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct GatewayDeployment {
+    pub namespace: String,
+    pub name: String,
+    /// The Gateway's `apiVersion` and `uid`, for the owner reference.
+    pub api_version: String,
+    pub uid: Option<String>,
+    pub class: String,
+    /// The class's controller name.
+    pub controller: String,
+    /// Each listener port once: (listener name, port, protocol).
+    pub listeners: Vec<(String, u16, String)>,
+}
+
+/// The Gateways of this mesh's classes to deploy.
+pub(in crate::config) fn deployments(inputs: &Inputs<'_>) -> Vec<GatewayDeployment> {
+    let mut out = Vec::new();
+    for (_, g) in inputs.gateways {
+        let Some(controller) = controller_of(inputs, &g.spec.gateway_class_name) else { continue };
+        let Some(name) = g.metadata.name.clone().filter(|n| !n.is_empty()) else { continue };
+        let mut listeners: Vec<(String, u16, String)> = Vec::new();
+        for l in &g.spec.listeners {
+            let Some(port) = u16::try_from(l.port).ok().filter(|p| *p != 0) else { continue };
+            if !listeners.iter().any(|(_, p, _)| *p == port) {
+                listeners.push((l.name.clone(), port, l.protocol.clone()));
+            }
+        }
+        out.push(GatewayDeployment {
+            namespace: g.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
+            name,
+            api_version: g.api_version.clone(),
+            uid: g.metadata.uid.clone(),
+            class: g.spec.gateway_class_name.clone(),
+            controller: controller.to_owned(),
+            listeners,
+        });
+    }
+    out
+}
+
 /// A route as its status needs it.
 pub(in crate::config) struct RouteRef<'a> {
     pub origin: &'a Origin,

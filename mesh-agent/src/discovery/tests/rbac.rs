@@ -137,6 +137,10 @@ async fn the_agent_the_ca_and_the_controller_need_exactly_what_deploy_grants_the
     let model = discovery::first_model(&mut models).await.expect("a first model");
     let kinds: BTreeSet<&str> = model.statuses.iter().map(|s| s.kind.as_str()).collect();
     assert_eq!(kinds, BTreeSet::from(["GatewayClass", "Gateway", "HTTPRoute", "GRPCRoute", "TCPRoute", "TLSRoute"]));
+    let image = crate::controller::DeployConfig { image: "pause".into() };
+    let mut deployer = crate::controller::Deployer::new(client.clone(), image);
+    deployer.apply(&model.gateway_deployments).await;
+    assert_eq!(deployer.failures, 0);
     let mut writer = crate::controller::Writer::new(client);
     writer.write(&model.statuses).await;
     assert_eq!(writer.failures, 0);
@@ -145,8 +149,29 @@ async fn the_agent_the_ca_and_the_controller_need_exactly_what_deploy_grants_the
     assert_eq!(used, granted, "granted to the controller but never used");
 }
 
-/// One object of each Gateway API kind the controller writes status for.
+/// One object of each Gateway API kind the controller writes status for;
+/// `gw`'s deployment made before, and stale (patched), `fresh`'s not yet
+/// (created).
 const GATEWAY_API: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: fresh, namespace: demo}
+spec: {gatewayClassName: istio, listeners: [{name: http, port: 8080, protocol: HTTP}]}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: gw-istio, namespace: demo, labels: {gateway.istio.io/managed: istio.io-gateway-controller}}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: gw-istio, namespace: demo, labels: {gateway.istio.io/managed: istio.io-gateway-controller}}
+spec: {selector: {matchLabels: {app: old}}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: gw-istio, namespace: demo, labels: {gateway.istio.io/managed: istio.io-gateway-controller}}
+spec: {selector: {app: old}, ports: [{name: http, port: 80}]}
+---
 apiVersion: gateway.networking.k8s.io/v1
 kind: GatewayClass
 metadata: {name: istio}
