@@ -27,10 +27,20 @@ pub trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
 
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
 
+/// A mesh client of a gateway port, as policy sees it: its identity (proven
+/// by mTLS, or by capture on this node) and address.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub principal: Option<std::sync::Arc<str>>,
+    pub ip: std::net::Ipv4Addr,
+}
+
 /// One gateway pod's port.
 pub trait GatewayPort: Send + Sync {
     /// The gateway pod's own AuthorizationPolicies, for `peer` (Istio
-    /// applies those selecting a gateway at the gateway).
+    /// applies those selecting a gateway at the gateway): per connection on
+    /// TCP and TLS-passthrough ports; on HTTP ports each request is judged
+    /// instead (its JWT, CUSTOM, DENY and ALLOW), so this admits.
     fn admits(&self, ctx: &Inputs, peer: &Peer<'_>, port: u16) -> Result<(), ProxyError>;
 
     /// A connection captured for the port (its local address): admitted by
@@ -45,6 +55,7 @@ pub trait GatewayPort: Send + Sync {
         io: Box<dyn Io>,
         peer: SocketAddr,
         target: SocketAddrV4,
+        caller: Caller,
     ) -> Serve;
 
     /// The gateway pod's identity: what a mesh client connects to.

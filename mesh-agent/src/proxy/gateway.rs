@@ -30,7 +30,7 @@ use tokio::net::TcpStream;
 use crate::{
     proxy::{
         Inputs, ProxyError,
-        edge::{GatewayPort, Io, Serve},
+        edge::{Caller, GatewayPort, Io, Serve},
         hbone::{GatewayHop, HopServer},
         l4::{fail, reset},
         limits::Gate,
@@ -243,7 +243,9 @@ pub fn tunnel_hop(ctx: &Arc<Inputs>) -> GatewayHop {
     Arc::new(move |target: SocketAddrV4, identity: &str| {
         let serving = ctx.gateways.get(target).filter(|s| s.principal() == identity)?;
         let ctx = ctx.clone();
-        Some(Box::new(move |io, peer| serving.serve_stream(ctx, Box::new(io), peer, target)) as HopServer)
+        Some(Box::new(move |io, peer, principal, ip| {
+            serving.serve_stream(ctx, Box::new(io), peer, target, Caller { principal, ip })
+        }) as HopServer)
     })
 }
 
@@ -251,6 +253,11 @@ pub fn tunnel_hop(ctx: &Arc<Inputs>) -> GatewayHop {
 
 impl GatewayPort for Serving {
     fn admits(&self, ctx: &Inputs, peer: &Peer<'_>, port: u16) -> Result<(), ProxyError> {
+        // HTTP: each request is judged (`inbound::http::gate`), as Envoy's
+        // RBAC filter in a gateway's HTTP chain does.
+        if matches!(self.protocol, GatewayProtocol::Http | GatewayProtocol::Http2 | GatewayProtocol::Https) {
+            return Ok(());
+        }
         // Judged per connection: a rule on request attributes grants nothing
         // and a DENY's request fields are ignored, so such policies fail closed.
         let state = ctx.state();
@@ -270,8 +277,9 @@ impl GatewayPort for Serving {
         io: Box<dyn Io>,
         peer: SocketAddr,
         target: SocketAddrV4,
+        caller: Caller,
     ) -> Serve {
-        Box::pin(serve_tunneled(ctx, io, peer, target, self))
+        Box::pin(serve_tunneled(ctx, io, peer, target, self, caller))
     }
 
     fn principal(&self) -> &str {

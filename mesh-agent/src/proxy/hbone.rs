@@ -144,10 +144,14 @@ pub(crate) fn forwarded_value(client_ip: Ipv4Addr, service_host: Option<&str>) -
 pub type GatewayHop = std::sync::Arc<dyn Fn(std::net::SocketAddrV4, &str) -> Option<HopServer> + Send + Sync>;
 
 /// Serves one upgraded CONNECT stream from `peer`.
+/// Serves one upgraded CONNECT stream from `peer`, for the client identity
+/// and address the stream was admitted with.
 pub type HopServer = Box<
     dyn FnOnce(
             hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>,
             std::net::SocketAddr,
+            Option<std::sync::Arc<str>>,
+            std::net::Ipv4Addr,
         ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
         + Send,
 >;

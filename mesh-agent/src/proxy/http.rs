@@ -57,6 +57,9 @@ pub struct Downstream {
     /// At a Gateway server: the `x-forwarded-client-cert` value for the
     /// client certificate the server verified (`tls.mode: MUTUAL`).
     pub client_cert: Option<HeaderValue>,
+    /// At a gateway: the client's identity, for a mesh client (HBONE, or a
+    /// pod of this node); its requests are judged with it.
+    pub principal: Option<Arc<str>>,
 }
 
 impl Downstream {
@@ -78,6 +81,7 @@ impl Downstream {
             server: None,
             first_pick: pick.into(),
             client_cert: None,
+            principal: None,
         }
     }
 

@@ -101,7 +101,8 @@ pub(crate) async fn same_node(
         let peer = crate::routing::policy::Peer { principal: arrival.principal.as_deref(), ip: arrival.client_ip };
         serving.admits(ctx, &peer, arrival.target.port())?;
         let (near, far) = tokio::io::duplex(PIPE_BUFFER);
-        tokio::spawn(serving.serve_stream(ctx.clone(), Box::new(far), arrival.peer, arrival.target));
+        let caller = crate::proxy::edge::Caller { principal: arrival.principal.clone(), ip: arrival.client_ip };
+        tokio::spawn(serving.serve_stream(ctx.clone(), Box::new(far), arrival.peer, arrival.target, caller));
         return Ok(Opened { io: Upstream::Pipe(near), mtls: false, guard: None });
     }
     match admit::admit(state, arrival)? {

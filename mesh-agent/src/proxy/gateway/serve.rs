@@ -98,9 +98,18 @@ fn downstream(peer: SocketAddr, local: SocketAddrV4, gateways: Arc<[String]>) ->
         IpAddr::V4(ip) => ip,
         IpAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
     };
-    let first_pick = usize::MAX.into();
-    let gateways = Some(gateways);
-    Downstream { peer, peer_ip, orig: local, source: None, gateways, server: None, first_pick, client_cert: None }
+    let (first_pick, gateways) = (usize::MAX.into(), Some(gateways));
+    Downstream {
+        peer,
+        peer_ip,
+        orig: local,
+        source: None,
+        gateways,
+        server: None,
+        first_pick,
+        client_cert: None,
+        principal: None,
+    }
 }
 
 /// The server name in the client's ClientHello, read without consuming it
@@ -179,8 +188,14 @@ async fn serve_tcp(
 
 /// Serves a stream that reached this node's gateway over HBONE (the second
 /// hop of the egress-gateway pattern): as if it had been accepted on the port.
-pub async fn serve_tunneled<I>(ctx: Arc<Inputs>, io: I, peer: SocketAddr, target: SocketAddrV4, serving: Arc<Serving>)
-where
+pub async fn serve_tunneled<I>(
+    ctx: Arc<Inputs>,
+    io: I,
+    peer: SocketAddr,
+    target: SocketAddrV4,
+    serving: Arc<Serving>,
+    caller: crate::proxy::edge::Caller,
+) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let protocol = serving.protocol;
@@ -200,7 +215,9 @@ where
     }
     let handling = if first == b"PRI" { Handling::Http2 } else { Handling::Http1 };
     let io = Prefixed { prefix: first, at: 0, io };
-    serve(ctx, io, downstream(peer, target, gateways), handling).await;
+    let mut down = downstream(peer, target, gateways);
+    (down.principal, down.peer_ip) = (caller.principal, caller.ip);
+    serve(ctx, io, down, handling).await;
 }
 
 /// A stream with bytes already read put back in front.

@@ -433,3 +433,63 @@ async fn a_gateway_pod_of_another_namespace_never_serves_a_gateways_certificate(
     assert_eq!(get_at(TENANT, tenant_port, "x", "/p").await.0, StatusCode::OK);
     listeners.close_all(&t.inputs);
 }
+
+/// A GET with an optional bearer token; status and the `x-sub` the upstream
+/// saw is not echoed, so the body is the path and host.
+async fn get_with(port: u16, path: &str, token: Option<&str>) -> StatusCode {
+    let tcp = tokio::net::TcpStream::connect((GATEWAY, port)).await.expect("connect to the gateway");
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.expect("handshake");
+    tokio::spawn(conn);
+    let mut req = Request::get(path).header("host", "hello.example");
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let resp = send.send_request(req.body(Empty::<Bytes>::new()).expect("request")).await.expect("response");
+    resp.status()
+}
+
+#[tokio::test]
+async fn a_gateway_judges_each_request_by_its_pods_jwt_and_request_policies() {
+    use crate::identity::jwt::tests::{ISSUER, Signer, jwks, now};
+    let (up, (door, port)) = (upstream().await, door(GATEWAY).await);
+    let signer = Signer::ed25519("k1");
+    let keys = jwks(&[&signer]).replace('\'', "''");
+    // Istio's "JWT at the ingress gateway": a RequestAuthentication and an
+    // AuthorizationPolicy selecting the gateway pod; /public for anyone,
+    // the rest for a valid token, never /admin.
+    let yaml = format!(
+        "{}\
+         ---\napiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: ingress, namespace: istio-system}}\n\
+         spec: {{selector: {{istio: ingressgateway}}, servers: [{{port: {{number: {port}, name: http, protocol: HTTP}}, hosts: ['*']}}]}}\n\
+         ---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: hello, namespace: plain}}\n\
+         spec: {{hosts: ['*'], gateways: [istio-system/ingress], http: [{{route: [{{destination: {{host: hello, port: {{number: 80}}}}}}]}}]}}\n\
+         ---\napiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: jwt, namespace: istio-system}}\n\
+         spec: {{selector: {{matchLabels: {{istio: ingressgateway}}}}, jwtRules: [{{issuer: \"{ISSUER}\", jwks: '{keys}'}}]}}\n\
+         ---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: front, namespace: istio-system}}\n\
+         spec: {{selector: {{matchLabels: {{istio: ingressgateway}}}}, rules: [{{to: [{{operation: {{paths: [\"/public/*\"]}}}}]}}, \
+         {{from: [{{source: {{requestPrincipals: [\"*\"]}}}}]}}]}}\n\
+         ---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: no-admin, namespace: istio-system}}\n\
+         spec: {{selector: {{matchLabels: {{istio: ingressgateway}}}}, action: DENY, rules: [{{to: [{{operation: {{paths: [/admin]}}}}]}}]}}\n",
+        hello(up)
+    );
+    let t = TestInputs::new(&yaml);
+    let mut listeners = serve(&t, vec![door]);
+    let token = signer.sign(serde_json::json!({"iss": ISSUER, "sub": "alice", "exp": now() + 600}));
+    let forged = Signer::ed25519("k1").sign(serde_json::json!({"iss": ISSUER, "sub": "mallory", "exp": now() + 600}));
+    // The positive controls first: public paths, and a valid token.
+    assert_eq!(get_with(port, "/public/a", None).await, StatusCode::OK);
+    assert_eq!(get_with(port, "/private", Some(&token)).await, StatusCode::OK);
+    // No token: 403; a token the issuer did not sign: 401; /admin even with one: 403.
+    assert_eq!(get_with(port, "/private", None).await, StatusCode::FORBIDDEN);
+    assert_eq!(get_with(port, "/private", Some(&forged)).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(get_with(port, "/admin", Some(&token)).await, StatusCode::FORBIDDEN);
+    // Refusals are the gateway's requests, reported for its pod.
+    let metrics = t.inputs.metrics.encode();
+    let refused = metrics.lines().any(|l| {
+        l.starts_with("istio_requests_total{")
+            && l.contains("response_code=\"403\"")
+            && l.contains("source_workload=\"ingress\"")
+    });
+    assert!(refused, "{metrics}");
+    listeners.close_all(&t.inputs);
+}

@@ -148,15 +148,18 @@ async fn handle_connect(
     // egress-gateway pattern, a mesh client of an ingress gateway): judged
     // by the gateway pod's own policies, then served by the gateway.
     if let Some(serve) = hop(target, &server_id) {
-        if let Err(err) = admit_to_gateway(&ctx.state(), peer, &peer_id, &ask) {
-            tracing::warn!(%peer, source = %peer_id, %target, error = %err, "HBONE: connection to a gateway refused");
-            record_failure(&ctx, None, &err);
-            return answer(StatusCode::UNAUTHORIZED, &err.to_string());
-        }
+        let ip = match admit_to_gateway(&ctx, peer, &peer_id, &ask) {
+            Ok(ip) => ip,
+            Err(err) => {
+                tracing::warn!(%peer, source = %peer_id, %target, error = %err, "HBONE: connection to a gateway refused");
+                record_failure(&ctx, None, &err);
+                return answer(StatusCode::UNAUTHORIZED, &err.to_string());
+            }
+        };
         let id = peer_id.clone();
         return on_upgrade(&ctx, req, peer, target, move |io| {
             tracing::debug!(%peer, source = %id, %target, "HBONE stream to a gateway");
-            serve(io, peer)
+            serve(io, peer, Some(id), ip)
         });
     }
     let state = ctx.state();
@@ -197,19 +200,20 @@ async fn handle_connect(
 }
 
 /// The gateway pod's AuthorizationPolicies, for a stream from `peer_id` to
-/// its port (the client's address as [`arrival`] trusts it).
-fn admit_to_gateway(state: &State, peer: SocketAddr, peer_id: &str, ask: &ConnectAsk) -> Result<(), ProxyError> {
-    let Some(pod) = state.workload_by_ip(*ask.target.ip()) else { return Ok(()) };
+/// its port (the client's address as [`arrival`] trusts it), as the port
+/// judges them ([`crate::proxy::edge::GatewayPort::admits`]); the client's
+/// address as policy sees it.
+fn admit_to_gateway(ctx: &Inputs, peer: SocketAddr, peer_id: &str, ask: &ConnectAsk) -> Result<Ipv4Addr, ProxyError> {
+    let state = ctx.state();
     let claimed = ask.client_ip.filter(|ip| state.workload_by_ip(*ip).is_some_and(|w| *w.principal == *peer_id));
     let ip = claimed.unwrap_or(match peer.ip() {
         std::net::IpAddr::V4(ip) => ip,
         std::net::IpAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
     });
+    let Some(serving) = ctx.gateways.get(ask.target) else { return Ok(ip) };
     let peer = crate::routing::policy::Peer { principal: Some(peer_id), ip };
-    match crate::routing::policy::authorize(state, (&**pod).into(), &peer, ask.target.port()) {
-        crate::routing::policy::Verdict::Allow => Ok(()),
-        crate::routing::policy::Verdict::Deny(policy) => Err(ProxyError::Denied { policy }),
-    }
+    serving.admits(ctx, &peer, ask.target.port())?;
+    Ok(ip)
 }
 
 /// The arrival a CONNECT stream asks for, or why it is refused before policy.

@@ -21,7 +21,7 @@ use hyper::{
     Request, Response, StatusCode,
     body::Incoming,
     client::conn::{http1, http2},
-    header::{self, HeaderName, HeaderValue},
+    header,
 };
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
@@ -39,13 +39,16 @@ use crate::{
         },
         l4::{ConnMeters, Counted, connect, pump, record_failure, reset},
     },
-    routing::policy::{self, Attributes, Peer, Verdict},
+    routing::policy::{self, Peer, Verdict},
     routing::protocol::{Declared, Handling},
     telemetry::{Flags, TcpLabels},
 };
 
 mod authn;
 pub(crate) mod ext_authz;
+mod judge;
+pub(crate) use judge::{Stop, gate};
+use judge::{authorize, custom};
 mod sniffed;
 #[cfg(test)]
 mod tests;
@@ -82,6 +85,7 @@ where
         server: None,
         first_pick: usize::MAX.into(),
         client_cert: None,
+        principal: None,
     };
     let pod = tokio::sync::Mutex::new(None);
     let shared = Arc::new(Conn { inbound: conn, down, labels, handling, pod, pod_socket: Default::default() });
@@ -141,32 +145,6 @@ enum PodSender {
     H2(http2::SendRequest<Body>),
 }
 
-/// Why a request stops here instead of reaching the pod.
-enum Stop {
-    /// The agent's own reply.
-    Local(LocalReply),
-    /// A token that does not verify: 401 with `WWW-Authenticate`.
-    Jwt(jwt::JwtError),
-    /// The external authorizer's answer.
-    Answer(Box<Response<Body>>),
-}
-
-impl Stop {
-    /// The one place a stop becomes the response and its record.
-    fn answer(self, record: Record) -> Response<Body> {
-        match self {
-            Stop::Local(reply) => record.finish_local(reply),
-            Stop::Jwt(e) => {
-                let mut r = record.finish_local(LocalReply::jwt_refused(&e));
-                let challenge = HeaderValue::from_static("Bearer error=\"invalid_token\"");
-                r.headers_mut().insert(header::WWW_AUTHENTICATE, challenge);
-                r
-            }
-            Stop::Answer(r) => record.finish_answer(*r),
-        }
-    }
-}
-
 /// One request at the destination, in Envoy's filter order, so that every
 /// policy sees the request exactly as the app will: the request's form,
 /// JWT and its outputs, then CUSTOM and its header changes, then DENY and
@@ -186,9 +164,9 @@ async fn handle(ctx: Arc<Inputs>, conn: Arc<Conn>, mut req: Request<Incoming>) -
     record.set_route(None, None);
     let judged = async {
         formed.map_err(Stop::Local)?;
-        let verified = authn::authenticate(&ctx, state, &conn, &mut req).await?;
-        let (parts, body, to_client) = custom(&ctx, &conn, req, verified.as_deref()).await?;
-        authorize(&ctx, &conn, &parts, verified.as_deref())?;
+        let verified = authn::authenticate(&ctx, state, &conn.inbound, &mut req, authn::Xfcc::FromGatewaysOnly).await?;
+        let (parts, body, to_client) = custom(&ctx, &conn.inbound, req, verified.as_deref()).await?;
+        authorize(&ctx, &conn.inbound, &parts, verified.as_deref())?;
         Ok::<_, Stop>((Request::from_parts(parts, body), verified, to_client))
     };
     let (req, verified, to_client) = match judged.await {
@@ -215,116 +193,6 @@ fn well_formed(state: &crate::state::State, req: &mut Request<Incoming>) -> Resu
         return Err(LocalReply::AUTHORITY_CONFLICT);
     }
     Ok(())
-}
-
-/// What CUSTOM leaves: the request head as the authorizer changed it, the
-/// body (replayed if the check read it), and headers for the client.
-type Customized = (hyper::http::request::Parts, ext_authz::Replay, Vec<(HeaderName, HeaderValue)>);
-
-/// CUSTOM: the external authorizers the policies name (the pod's, then its
-/// Service's, as its proxy and then the Service's waypoint would ask), each
-/// asked in turn about the request (with its body when the provider wants
-/// it) as the previous one let it through.
-async fn custom(
-    ctx: &Arc<Inputs>,
-    conn: &Conn,
-    req: Request<Incoming>,
-    verified: Option<&jwt::Verified>,
-) -> Result<Customized, Stop> {
-    let providers: Vec<_> = {
-        let state = ctx.state();
-        let attributes = attributes(conn, req.method(), req.uri(), req.headers(), verified);
-        let found = policy::custom(&state, conn.inbound.judged_as(&state), &attributes);
-        found.into_iter().filter_map(|p| p.provider.clone()).collect()
-    };
-    let (mut parts, body) = req.into_parts();
-    let mut body = ext_authz::Replay { read: None, rest: Some(body) };
-    let mut to_downstream = Vec::new();
-    for provider in providers {
-        // The authorizer's headers are its own, too.
-        for name in ext_authz::authorizer_headers(&provider, &parts.headers) {
-            parts.headers.remove(name);
-        }
-        let read = match provider.body {
-            None => None,
-            Some(b) => match ext_authz::read_for_check(body, b.max_bytes as usize, b.allow_partial).await {
-                Ok((read, replay)) => {
-                    body = replay;
-                    Some(read)
-                }
-                Err(()) => return Err(Stop::Local(LocalReply::TOO_LARGE_FOR_CHECK)),
-            },
-        };
-        let ask = ext_authz::Ask { parts: &parts, body: read.as_ref(), conn: &conn.inbound };
-        match ext_authz::check(ctx, &provider, ask).await {
-            ext_authz::Checked::Deny(answer) => {
-                tracing::info!(peer = %conn.inbound.peer, target = %conn.inbound.target, provider = %provider.name, status = %answer.status(), "request refused by the external authorizer");
-                return Err(Stop::Answer(Box::new(answer)));
-            }
-            ext_authz::Checked::Allow { upstream, remove, downstream } => {
-                for name in remove {
-                    parts.headers.remove(name);
-                }
-                for (name, value) in upstream {
-                    parts.headers.insert(name, value);
-                }
-                to_downstream.extend(downstream);
-            }
-        }
-    }
-    Ok((parts, body, to_downstream))
-}
-
-/// DENY and ALLOW, on the request as it now is; AUDIT logged and counted.
-fn authorize(
-    ctx: &Inputs,
-    conn: &Conn,
-    parts: &hyper::http::request::Parts,
-    verified: Option<&jwt::Verified>,
-) -> Result<(), Stop> {
-    let decision = {
-        let state = ctx.state();
-        let attributes = attributes(conn, &parts.method, &parts.uri, &parts.headers, verified);
-        policy::evaluate(&state, conn.inbound.judged_as(&state), &attributes)
-    };
-    if let Some(audited) = &decision.audit {
-        ctx.metrics.authorization_audits.inc();
-        tracing::info!(policy = %audited, method = %parts.method, path = %parts.uri.path(), source = ?conn.inbound.principal, "AUDIT");
-    }
-    if let Verdict::Deny(policy) = decision.verdict {
-        tracing::info!(peer = %conn.inbound.peer, target = %conn.inbound.target, %policy, "request refused by AuthorizationPolicy");
-        return Err(Stop::Local(LocalReply::RBAC_DENIED));
-    }
-    Ok(())
-}
-
-/// What policy sees of a request: its method, path, host and headers, the
-/// verified token, and the connection's peer.
-fn attributes<'a>(
-    conn: &'a Conn,
-    method: &'a hyper::Method,
-    uri: &'a hyper::Uri,
-    headers: &'a hyper::HeaderMap,
-    verified: Option<&'a jwt::Verified>,
-) -> Attributes<'a> {
-    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
-    let host = host.or(uri.authority().map(|a| a.as_str())).unwrap_or_default();
-    let auth = verified.map(|v| policy::Auth {
-        principal: &v.principal,
-        audiences: &v.audiences,
-        presenter: v.presenter.as_deref(),
-        claims: &v.claims,
-    });
-    let request = policy::Request {
-        method: method.as_str(),
-        path: uri.path(),
-        host,
-        headers,
-        auth,
-        remote_ip: conn.inbound.client_ip,
-    };
-    let peer = Peer { principal: conn.inbound.principal.as_deref(), ip: conn.inbound.client_ip };
-    Attributes { peer, port: conn.inbound.target.port(), request: Some(request) }
 }
 
 async fn forward<B>(

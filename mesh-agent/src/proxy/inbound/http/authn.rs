@@ -8,13 +8,22 @@ use hyper::{
     header::{HeaderName, HeaderValue},
 };
 
-use super::{Conn, Stop};
+use super::{Inbound, Stop};
 use crate::{
     identity::jwt,
     proxy::{Inputs, http::X_FORWARDED_CLIENT_CERT},
     routing::policy,
     state::security::{JwtKey, JwtRule},
 };
+
+/// Whose `x-forwarded-client-cert` a request keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Xfcc {
+    /// At a pod: only a gateway's (whose identity was proven).
+    FromGatewaysOnly,
+    /// At a gateway: its own, set from the client certificate it verified.
+    Keep,
+}
 
 /// RequestAuthentication: the workload's JWT rules, their keys (fetched
 /// from `jwksUri`, again once for a key the set lacks), the token checked,
@@ -24,10 +33,11 @@ use crate::{
 pub(super) async fn authenticate(
     ctx: &Inputs,
     state: Arc<crate::state::State>,
-    conn: &Conn,
+    inbound: &Inbound,
     req: &mut Request<Incoming>,
+    xfcc: Xfcc,
 ) -> Result<Option<Arc<jwt::Verified>>, Stop> {
-    let rules = policy::jwt_rules(&state, conn.inbound.judged_as(&state));
+    let rules = policy::jwt_rules(&state, inbound.judged_as(&state));
     let mut keyed = Vec::with_capacity(rules.len());
     for rule in rules {
         let keys = match &rule.jwks_uri {
@@ -51,7 +61,7 @@ pub(super) async fn authenticate(
         Ok(a) => a,
         Err(jwt::Refused { error: e, .. }) => {
             ctx.metrics.jwt_checks.get_or_create(&crate::telemetry::ResultLabels { result: "invalid" }).inc();
-            tracing::info!(peer = %conn.inbound.peer, target = %conn.inbound.target, error = %e, "request refused: JWT");
+            tracing::info!(peer = %inbound.peer, target = %inbound.target, error = %e, "request refused: JWT");
             return Err(Stop::Jwt(e));
         }
     };
@@ -66,14 +76,14 @@ pub(super) async fn authenticate(
     let verified = authn.map(|a| a.verified);
     drop(keyed);
     // The arrival's source is a gateway pod only where its identity was proven.
-    let from_gateway = conn.inbound.principal.is_some() && conn.inbound.source.as_ref().is_some_and(|w| w.gateway);
+    let from_gateway = inbound.principal.is_some() && inbound.source.as_ref().is_some_and(|w| w.gateway);
     drop(state);
     for name in &owned {
         req.headers_mut().remove(name);
     }
     // A gateway's x-forwarded-client-cert names the client it verified; from
     // anyone else it is a claim nobody checked.
-    if !from_gateway {
+    if !from_gateway && xfcc == Xfcc::FromGatewaysOnly {
         req.headers_mut().remove(&X_FORWARDED_CLIENT_CERT);
     }
     for (name, value) in outputs.into_iter().flatten() {

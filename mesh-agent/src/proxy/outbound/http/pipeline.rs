@@ -10,6 +10,12 @@
 //! agent's own response and completes the request's record. A new stage is
 //! one more function here.
 use super::*;
+use crate::proxy::inbound;
+use hyper::header::HeaderName;
+
+/// What a gateway's request policies decide: headers for the client, or
+/// why the request stops (with the gateway pod it is reported for).
+type Gated = Result<Vec<(HeaderName, HeaderValue)>, (Option<Arc<Workload>>, inbound::http::Stop)>;
 
 /// Why a request ends with an answer of the agent's own.
 pub(super) enum Stop {
@@ -86,7 +92,24 @@ enum Answer {
 
 pub(super) async fn handle(ctx: Arc<Inputs>, down: Arc<Downstream>, mut req: Request<Incoming>) -> Response<Body> {
     let (start, started_at) = (Instant::now(), SystemTime::now());
-    let routed = match front(&ctx, &down, &mut req) {
+    let prepared = prepare(&ctx, &ctx.state(), &down, &mut req);
+    // At a gateway, the gateway pod's request policies before routing (as
+    // Envoy's jwt_authn, ext_authz and RBAC filters before its router).
+    let mut to_client = Vec::new();
+    if prepared.is_ok() && down.gateways.is_some() {
+        let (judged, verdict) = gate(&ctx, &down, req).await;
+        req = judged;
+        match verdict {
+            Ok(headers) => to_client = headers,
+            Err((gw, stop)) => {
+                let tcp = TcpLabels::new(gw.as_deref(), None, None, false);
+                let grpc = is_grpc(req.headers());
+                let about = About { tcp, grpc, upstream: None, subject: gw.as_ref(), started_at, start };
+                return stop.answer(Record::new(&ctx, &down, &req, about));
+            }
+        }
+    }
+    let routed = match prepared.and_then(|()| front(&ctx, &down, &req)) {
         Ok(r) => r,
         Err(early) => {
             let Early { labels, subject, stop } = *early;
@@ -102,17 +125,41 @@ pub(super) async fn handle(ctx: Arc<Inputs>, down: Arc<Downstream>, mut req: Req
     let about = About { tcp, grpc, upstream: Some(addr), subject, started_at, start };
     let mut record = Record::new(&ctx, &down, &req, about);
     record.set_route(routed.rule.as_deref(), routed.matched_prefix.as_deref());
-    match back(&ctx, &down, req, grpc, routed, &mut record).await {
+    let mut resp = match back(&ctx, &down, req, grpc, routed, &mut record).await {
         Ok(Answer::Upstream(resp, rule)) => respond(resp, rule.as_ref(), record),
         Ok(Answer::Switched(parts)) => record.finish_switch(parts),
         Err(stop) => stop.answer(&ctx, &down, record),
+    };
+    for (name, value) in to_client {
+        resp.headers_mut().append(name, value);
     }
+    resp
 }
 
-/// The stages that decide where the request goes, on one snapshot of the state.
-fn front(ctx: &Inputs, down: &Downstream, req: &mut Request<Incoming>) -> Result<Routed, EarlyStop> {
+/// The gateway pod's judgement of a request ([`inbound::http::gate`]): the
+/// pod as the destination, the client as it arrived.
+async fn gate(ctx: &Arc<Inputs>, down: &Downstream, req: Request<Incoming>) -> (Request<Incoming>, Gated) {
+    let Some(pod) = gateway_pod(&ctx.state(), down) else { return (req, Ok(Vec::new())) };
+    let arrival = inbound::Inbound {
+        dest: pod.clone(),
+        target: down.orig,
+        peer: down.peer,
+        principal: down.principal.clone(),
+        client_ip: down.peer_ip,
+        source: None,
+        transparent: None,
+        mtls: down.principal.is_some(),
+        service: None,
+        opaque: false,
+    };
+    let (req, verdict) = inbound::http::gate(ctx, &arrival, req).await;
+    (req, verdict.map_err(|stop| (Some(pod), stop)))
+}
+
+/// The stages that decide where the request goes, on one snapshot of the
+/// state (after [`prepare`]).
+fn front(ctx: &Inputs, down: &Downstream, req: &Request<Incoming>) -> Result<Routed, EarlyStop> {
     let state = ctx.state();
-    prepare(ctx, &state, down, req)?;
     let view = request_view(req.method(), req.uri(), req.headers(), down);
     bind(ctx, &state, down, &view)?;
     let decision = route(ctx, &state, down, &view)?;

@@ -194,6 +194,7 @@ async fn two_services_of_one_pod_do_not_share_upstream_connections() {
 /// The pipeline as a client connected to the Service VIP speaking `handling`.
 fn downstream() -> Downstream {
     Downstream {
+        principal: None,
         peer: SocketAddr::from(([10, 244, 1, 2], 40_000)),
         peer_ip: Ipv4Addr::new(10, 244, 1, 2),
         orig: SocketAddrV4::new(VIP, 80),
