@@ -1,7 +1,8 @@
 //! Istio's Gateway API samples (istio/istio `samples/helloworld/gateway-api/`
 //! and `samples/bookinfo/gateway-api/`), as Istio ships them, behave as
 //! their Istio-API twins: the gateway routes `/hello` to helloworld, and
-//! reviews' mesh traffic splits 90/10.
+//! reviews' mesh traffic splits 90/10; httpbin's gateway takes every path, and
+//! tcp-echo's moves from all-v1 to 80/20.
 use super::*;
 
 /// `helloworld-gateway.yaml`, as shipped.
@@ -142,4 +143,174 @@ fn istios_gateway_api_samples_route_as_their_istio_api_twins() {
         }
     }
     assert_eq!(v2, 10);
+}
+
+/// `samples/httpbin/gateway-api/httpbin-gateway.yaml`, as shipped.
+const HTTPBIN_GATEWAY: &str = r#"apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata:
+  name: httpbin-gateway
+spec:
+  gatewayClassName: istio
+  listeners:
+  - name: http
+    port: 80
+    protocol: HTTP
+    allowedRoutes:
+      namespaces:
+        from: All
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata:
+  name: httpbin
+spec:
+  parentRefs:
+  - name: httpbin-gateway
+  rules:
+  - backendRefs:
+    - name: httpbin
+      port: 8000
+"#;
+
+/// `samples/tcp-echo/gateway-api/tcp-echo-all-v1.yaml`, as shipped (its
+/// Services without a cluster IP: the API server gives one; here none).
+const TCP_ECHO_ALL_V1: &str = r#"apiVersion: gateway.networking.k8s.io/v1beta1
+kind: Gateway
+metadata:
+  name: tcp-echo-gateway
+spec:
+  gatewayClassName: istio
+  listeners:
+  - name: tcp-31400
+    protocol: TCP
+    port: 31400
+    allowedRoutes:
+      kinds:
+      - kind: TCPRoute
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: tcp-echo-v1
+spec:
+  ports:
+  - port: 9000
+    name: tcp
+  selector:
+    app: tcp-echo
+    version: v1
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: tcp-echo-v2
+spec:
+  ports:
+  - port: 9000
+    name: tcp
+  selector:
+    app: tcp-echo
+    version: v2
+---
+apiVersion: gateway.networking.k8s.io/v1alpha2
+kind: TCPRoute
+metadata:
+  name: tcp-echo
+spec:
+  parentRefs:
+  - name: tcp-echo-gateway
+    sectionName: tcp-31400
+  rules:
+  - backendRefs:
+    - name: tcp-echo-v1
+      port: 9000
+"#;
+
+/// `samples/tcp-echo/gateway-api/tcp-echo-20-v2.yaml`, as shipped.
+const TCP_ECHO_20_V2: &str = r#"apiVersion: gateway.networking.k8s.io/v1alpha2
+kind: TCPRoute
+metadata:
+  name: tcp-echo
+spec:
+  parentRefs:
+  - name: tcp-echo-gateway
+    sectionName: tcp-31400
+  rules:
+  - backendRefs:
+    - name: tcp-echo-v1
+      port: 9000
+      weight: 80
+    - name: tcp-echo-v2
+      port: 9000
+      weight: 20
+"#;
+
+/// httpbin (`samples/httpbin/httpbin.yaml`: Service port 8000 to the pod's
+/// 8080), tcp-echo's two versions, and the gateway pods automated
+/// deployment makes for both Gateways.
+const MORE: &str = r#"---
+apiVersion: v1
+kind: Pod
+metadata: {name: httpbin-gateway-istio-abc, labels: {gateway.networking.k8s.io/gateway-name: httpbin-gateway}}
+spec: {nodeName: n1, serviceAccountName: httpbin-gateway-istio}
+status: {podIP: 10.244.0.101}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: tcp-echo-gateway-istio-abc, labels: {gateway.networking.k8s.io/gateway-name: tcp-echo-gateway}}
+spec: {nodeName: n1, serviceAccountName: tcp-echo-gateway-istio}
+status: {podIP: 10.244.0.102}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: httpbin, labels: {app: httpbin, version: v1}}
+spec: {nodeName: n1}
+status: {podIP: 10.244.0.7}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: httpbin, labels: {app: httpbin, service: httpbin}}
+spec: {clusterIP: 10.96.0.30, selector: {app: httpbin}, ports: [{name: http, port: 8000, targetPort: 8080}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: tcp-echo-v1, labels: {app: tcp-echo, version: v1}}
+spec: {nodeName: n1}
+status: {podIP: 10.244.0.8}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: tcp-echo-v2, labels: {app: tcp-echo, version: v2}}
+spec: {nodeName: n1}
+status: {podIP: 10.244.0.9}
+"#;
+
+#[test]
+fn istios_httpbin_and_tcp_echo_gateway_api_samples_route_as_shipped() {
+    let s = state_from_yaml(&format!("{CLUSTER}{MORE}---\n{HTTPBIN_GATEWAY}---\n{TCP_ECHO_ALL_V1}"));
+    // httpbin: every path of any host at its gateway pod, to the pod's 8080.
+    let mut h = HeaderMap::new();
+    h.insert("host", HeaderValue::from_static("httpbin.example.com"));
+    let view = RequestView { method: "GET", path: "/status/418", headers: &h, client: CLIENT, namespace: None };
+    let gws = ["default/httpbin-gateway".to_owned()];
+    let at = "10.244.0.101:80".parse().expect("address");
+    let routed = route_gateway(&s, &gws, None, at, &view, 0, 0, &NoState).map(|(d, _)| describe(&d));
+    assert_eq!(routed.as_deref(), Some("httpbin 10.244.0.7:8080"));
+    // tcp-echo: port 31400 of its gateway pod, all to v1, then 80/20.
+    let tcp = |s: &State, random: u64| {
+        let gws = ["default/tcp-echo-gateway".to_owned()];
+        let found = route_gateway_tcp(s, &gws, "10.244.0.102:31400".parse().expect("address"), 0, random);
+        match found.map(|(r, _)| r) {
+            Some(Route::Service { endpoint, addr, .. }) => format!("{} {addr}", endpoint.name),
+            other => format!("{other:?}"),
+        }
+    };
+    assert!((0..100).all(|r| tcp(&s, r) == "tcp-echo-v1 10.244.0.8:9000"));
+    let s = state_from_yaml(&format!(
+        "{CLUSTER}{MORE}---\n{HTTPBIN_GATEWAY}---\n{}---\n{TCP_ECHO_20_V2}",
+        TCP_ECHO_ALL_V1.split("---\napiVersion: gateway.networking.k8s.io/v1alpha2").next().expect("the rest")
+    ));
+    let v2 = (0..100).filter(|r| tcp(&s, *r) == "tcp-echo-v2 10.244.0.9:9000").count();
+    assert_eq!(v2, 20);
 }
