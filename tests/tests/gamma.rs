@@ -1,7 +1,7 @@
 //! The Gateway API inside the mesh (GAMMA), with curl through real capture
 //! (root, two nodes): HTTPRoutes attached to Service `ver` (v1 on node-2, v2
 //! on node-1) split its traffic by header and path, rewrite, add headers and
-//! redirect, at the source agent; another namespace's route for the same
+//! redirect and mirror, at the source agent; another namespace's route for the same
 //! Service changes its own clients' traffic alone.
 
 use mesh_tests::{mesh::*, require_root};
@@ -30,6 +30,9 @@ spec:
     - {type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /}}}
     - {type: RequestHeaderModifier, requestHeaderModifier: {add: [{name: x-routed, value: gamma}]}}
     backendRefs: [{name: ver-v2, port: 80}]
+  - matches: [{path: {type: PathPrefix, value: /mirrored}}]
+    filters: [{type: RequestMirror, requestMirror: {backendRef: {name: ver-v2, port: 80}}}]
+    backendRefs: [{name: ver-v1, port: 80}]
   - matches: [{path: {type: PathPrefix, value: /old}}]
     filters:
     - {type: RequestRedirect, requestRedirect: {statusCode: 301, path: {type: ReplacePrefixMatch, replacePrefixMatch: /new}}}
@@ -84,6 +87,20 @@ fn http_routes_attached_to_a_service_route_its_mesh_traffic() {
     let out = get(test, &[&url("/old/page?q=1")]);
     assert!(out.starts_with("HTTP/1.1 301"), "{out}");
     assert!(out.to_ascii_lowercase().contains(&format!("location: http://{VER_VIP}/new/page?q=1")), "{out}");
+    // A mirror: v1 answers, v2 gets a copy (Envoy's `-shadow` authority).
+    for i in 0..3 {
+        let out = get(test, &[&url(&format!("/mirrored/{i}"))]);
+        assert!(out.contains("hello from ver-v1"), "{out}");
+    }
+    let mut seen = String::new();
+    for _ in 0..50 {
+        seen = get(test, &[&format!("http://{VER_V2_IP}:8080/seen")]);
+        if (0..3).all(|i| seen.contains(&format!("ver-v2 /mirrored/{i} {VER_VIP}-shadow"))) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!((0..3).all(|i| seen.contains(&format!("ver-v2 /mirrored/{i} {VER_VIP}-shadow"))), "{seen}");
     // Another namespace's route: its own clients only.
     for _ in 0..4 {
         let out = get(sleep, &[&url("/hello")]);
