@@ -1,7 +1,8 @@
 //! The Gateway API at the edge (root, two nodes): a `Gateway` of class
 //! `istio` served by its gateway pod (namespace demo, labelled with the
 //! Gateway's name) behind a LoadBalancer address, HTTP and HTTPS listeners,
-//! an `HTTPRoute` bound to it; curl and openssl from outside the cluster.
+//! an `HTTPRoute` bound to it; a second Gateway beside it (listener isolation,
+//! wildcard hostnames); curl and openssl from outside the cluster.
 #![expect(clippy::unwrap_used, reason = "tests")]
 
 use mesh_tests::{agent::metric, certs::Certs, fixture::PodSpec, mesh::*, require_root};
@@ -179,4 +180,77 @@ fn a_gateway_api_gateway_serves_its_routes_from_its_pod_behind_a_load_balancer()
     m.set_config(&format!("{}{}", config(&secret), class_policy("istio-system")));
     let out = curl_out(&m, &["-H", "Host: hello.example.com", &format!("http://{LB}/helloworld")]);
     assert!(!out.contains("hello from helloworld"), "an outside client passed the class's policy: {out}");
+}
+
+/// A second Gateway (`second`, its pod on node-2 behind its own load
+/// balancer) with a wildcard listener, beside `web`.
+const SECOND: &str = r#"---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: second, namespace: demo}
+spec:
+  gatewayClassName: istio
+  listeners: [{name: http, port: 80, protocol: HTTP, hostname: "*.example.org"}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: org, namespace: demo}
+spec:
+  parentRefs: [{name: second}]
+  hostnames: ["*.example.org", "hello.example.com"]
+  rules:
+  - filters: [{type: ResponseHeaderModifier, responseHeaderModifier: {set: [{name: x-served-by, value: second}]}}]
+    backendRefs: [{name: helloworld, port: 9095}]
+"#;
+
+const LB2: &str = "172.18.100.2";
+
+#[test]
+fn each_gateway_serves_its_own_routes_on_the_hostnames_it_shares_with_them() {
+    if !require_root("each_gateway_serves_its_own_routes_on_the_hostnames_it_shares_with_them") {
+        return;
+    }
+    let mut f = fixture();
+    let web = [("gateway.networking.k8s.io/gateway-name", "web")];
+    let ip = "10.244.1.100".parse().unwrap();
+    f.gateway(
+        0,
+        "web-istio",
+        ip,
+        PodSpec::gateway("demo", &web, "web-istio"),
+        ("10.96.0.40", LB.parse().unwrap()),
+        &[80],
+    );
+    let second = [("gateway.networking.k8s.io/gateway-name", "second")];
+    let ip = "10.244.2.100".parse().unwrap();
+    let spec = PodSpec::gateway("demo", &second, "second-istio");
+    f.gateway(1, "second-istio", ip, spec, ("10.96.0.42", LB2.parse().unwrap()), &[80]);
+    let certs = Certs::new(&format!("gwapi2-{}", std::process::id()));
+    let (crt, key) = certs.server("web", "hello.example.com");
+    let secret = format!("  tls.crt: |\n{}  tls.key: |\n{}", Certs::yaml_block(&crt, 4), Certs::yaml_block(&key, 4));
+    let m = Mesh::start_with(f, &format!("{}{SECOND}", config(&secret)), &[]);
+    let get =
+        |lb: &str, host: &str| curl_out(&m, &["-H", &format!("Host: {host}"), &format!("http://{lb}/helloworld")]);
+    // The positive controls: each Gateway serves its own route.
+    let out = get(LB, "hello.example.com");
+    assert!(out.starts_with("HTTP/1.1 200") && out.contains("x-served-by: gateway-api"), "{out}");
+    let out = get(LB2, "a.example.org");
+    assert!(out.starts_with("HTTP/1.1 200") && out.contains("x-served-by: second"), "{out}");
+    // A wildcard covers any depth of subdomain, never the bare domain.
+    let out = get(LB2, "deep.a.example.org");
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(get(LB2, "example.org").starts_with("HTTP/1.1 404"));
+    // Listener isolation: web never serves the other Gateway's route, and
+    // `second` takes none of the route's hostnames its listener does not
+    // share (hello.example.com), nor web's route.
+    assert!(get(LB, "a.example.org").starts_with("HTTP/1.1 404"));
+    let out = get(LB2, "hello.example.com");
+    assert!(out.starts_with("HTTP/1.1 404"), "{out}");
+    // Each Gateway's requests leave as its own pod.
+    let text = m.agents[1].wait_metrics(5, "second's requests", |t| {
+        let from_second = [("reporter", "source"), ("source_workload", "second-istio"), ("response_code", "200")];
+        metric(t, "istio_requests_total", &from_second) >= 2.0
+    });
+    let from_web = [("reporter", "source"), ("source_workload", "web-istio")];
+    assert!(metric(&text, "istio_requests_total", &from_web) == 0.0, "node-2's agent sent web's requests: {text}");
 }
