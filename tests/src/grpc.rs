@@ -81,6 +81,41 @@ pub async fn client(uri: String) -> tonic::client::Grpc<tonic::transport::Channe
     tonic::client::Grpc::new(channel)
 }
 
+/// A tonic client over TLS to `addr` (HTTP/2 by ALPN), checking the
+/// server's certificate for `server_name` against the PEM CA `ca`: a gRPC
+/// client from outside the mesh, at an HTTPS gateway.
+pub async fn client_tls(
+    addr: std::net::SocketAddr,
+    server_name: &str,
+    ca: &std::path::Path,
+) -> tonic::client::Grpc<tonic::transport::Channel> {
+    use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject as _};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).expect("CA file") {
+        roots.add(cert.expect("CA certificate")).expect("CA added");
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let name = ServerName::try_from(server_name.to_owned()).expect("server name");
+    let connect = tower::service_fn(move |_: http::Uri| {
+        let (connector, name) = (connector.clone(), name.clone());
+        async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await?;
+            let tls = connector.connect(name, tcp).await?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+        }
+    });
+    let uri = format!("https://{server_name}");
+    let channel = tonic::transport::Endpoint::from_shared(uri).unwrap().connect_with_connector(connect).await.unwrap();
+    tonic::client::Grpc::new(channel)
+}
+
 pub async fn unary(grpc: &mut tonic::client::Grpc<tonic::transport::Channel>, msg: EchoMsg) -> Result<EchoMsg, Status> {
     grpc.ready().await.map_err(|e| Status::unknown(e.to_string()))?;
     let path = http::uri::PathAndQuery::from_static("/test.Echo/Unary");

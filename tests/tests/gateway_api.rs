@@ -62,6 +62,16 @@ spec:
   hostnames: [passthrough.example.net]
   rules: [{{backendRefs: [{{name: tls-hello, port: 8443}}]}}]
 ---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {{name: echo, namespace: demo}}
+spec:
+  parentRefs: [{{name: web, sectionName: https}}]
+  hostnames: [hello.example.com]
+  rules:
+  - matches: [{{method: {{service: test.Echo}}}}]
+    backendRefs: [{{name: grpc, port: 80}}]
+---
 apiVersion: gateway.networking.k8s.io/v1alpha2
 kind: TCPRoute
 metadata: {{name: echo, namespace: demo}}
@@ -150,6 +160,21 @@ fn a_gateway_api_gateway_serves_its_routes_from_its_pod_behind_a_load_balancer()
     .join()
     .unwrap();
     assert_eq!(back, b"through a TCPRoute");
+    // gRPC from outside over the HTTPS listener (HTTP/2 by ALPN), routed by
+    // the GRPCRoute's method match to the grpc Service.
+    let ca_path = ca.clone();
+    let answer = mesh_tests::netns::enter_and_spawn(&m.c.net_ns, move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            use mesh_tests::grpc::{EchoMsg, client_tls, unary};
+            let addr = format!("{LB}:443").parse().unwrap();
+            let mut c = client_tls(addr, "hello.example.com", &ca_path).await;
+            unary(&mut c, EchoMsg { text: "over https".into(), fail_with: 0 }).await
+        })
+    })
+    .join()
+    .unwrap();
+    assert_eq!(answer.expect("a gRPC answer through the HTTPS listener").text, "helloworld: over https");
     // The requests left as the gateway pod, with its identity.
     let text = m.agents[0].wait_metrics(5, "request metrics", |t| {
         metric(t, "istio_requests_total", &[("source_workload", "web-istio"), ("response_code", "200")]) >= 2.0
