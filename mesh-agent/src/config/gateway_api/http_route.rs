@@ -44,7 +44,8 @@ mod filters;
 pub(in crate::config::gateway_api) use filters::weighted_backends;
 use filters::{filters, path_filters};
 
-/// Gateway API Gateways' listeners, by `namespace/name`.
+/// Gateway API Gateways' listeners, by `namespace/name`; another
+/// controller's Gateway has none (routes to it are that controller's).
 pub(in crate::config) type Listeners = BTreeMap<String, Vec<super::gateway::Listener>>;
 
 /// The Gateway API's order among matches (smaller first).
@@ -141,9 +142,13 @@ pub(super) fn gateway_parent(
 ) -> Option<GatewayParent> {
     let key = format!("{}/{}", p.namespace.as_deref().unwrap_or(namespace), p.name);
     let Some(all) = listeners.get(&key) else {
-        ctx.error(format!("{field}.name"), format!("Gateway {key} does not exist (or is another controller's)"));
+        ctx.error(format!("{field}.name"), format!("Gateway {key} does not exist (or is not accepted)"));
         return None;
     };
+    // Another controller's Gateway: not ours to attach to, nor to judge.
+    if all.is_empty() {
+        return None;
+    }
     let mut attached = Vec::new();
     for l in all {
         let named =

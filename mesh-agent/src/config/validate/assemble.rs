@@ -152,6 +152,16 @@ pub(super) fn assemble(
         listeners.insert(format!("{}/{}", built.gateway.namespace, built.gateway.name), built.listeners);
         gateways.push(built.gateway);
     }
+    // Another controller's Gateways: known, with nothing of ours to attach
+    // to (a route's parentRef to one is its controller's to judge).
+    for (_, g) in &objects.api_gateways {
+        let class = classes.iter().find(|c| c.metadata.name.as_deref() == Some(&g.spec.gateway_class_name));
+        if class.is_some_and(|c| !gateway_api::CONTROLLERS.contains(&c.spec.controller_name.as_str())) {
+            let ns = g.metadata.namespace.as_deref().unwrap_or("default");
+            let key = format!("{ns}/{}", g.metadata.name.as_deref().unwrap_or_default());
+            listeners.entry(key).or_default();
+        }
+    }
     // Oldest first (Istio's precedence when servers conflict), then by
     // namespace and name.
     gateways.sort_by(|a, b| by_age(&a.created, &a.namespace, &a.name).cmp(&by_age(&b.created, &b.namespace, &b.name)));

@@ -24,7 +24,7 @@ fn http_routes_are_validated_field_by_field() {
     #[rustfmt::skip]
     let cases = [
         (route("{rules: []}"), "spec.parentRefs: at least one parentRef is required".to_owned()),
-        (route("{parentRefs: [{name: gw}], rules: []}"), "spec.parentRefs[0].name: Gateway demo/gw does not exist (or is another controller's)".to_owned()),
+        (route("{parentRefs: [{name: gw}], rules: []}"), "spec.parentRefs[0].name: Gateway demo/gw does not exist (or is not accepted)".to_owned()),
         (route("{parentRefs: [{group: networking.istio.io, kind: Gateway, name: gw}], rules: []}"), "spec.parentRefs[0].kind: \"networking.istio.io\" \"Gateway\": expected a Gateway or a Service".to_owned()),
         (route("{parentRefs: [{group: \"\", kind: Service, name: nope}]}"), "spec.parentRefs[0].name: Service demo/nope does not exist".to_owned()),
         (route("{parentRefs: [{group: \"\", kind: Service, name: web, port: 81}]}"), "spec.parentRefs[0].port: 81: not a port of Service demo/web".to_owned()),

@@ -168,6 +168,23 @@ fn a_gateway_that_is_not_served_says_why_listener_by_listener() {
         conditions(find(&statuses(yaml), "Gateway", "gw").expect("present"))[0],
         "Accepted=False/UnsupportedAddress"
     );
+    // A route to ours and to another controller's Gateway: served by ours,
+    // one entry of ours; the other parent is its controller's to judge.
+    let yaml = format!(
+        "{}apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: theirs, namespace: demo}}\n\
+         spec: {{gatewayClassName: theirs, listeners: [{{name: http, port: 80, protocol: HTTP}}]}}\n---\n{}",
+        gateway("istio", LISTENERS),
+        route(
+            "HTTPRoute",
+            "demo",
+            "both",
+            "{parentRefs: [{name: gw, sectionName: all}, {name: theirs}], rules: [{backendRefs: [{name: web, port: 80}]}]}"
+        )
+    );
+    let all = statuses(&yaml);
+    let both = find(&all, "HTTPRoute", "both").expect("ours judged");
+    assert_eq!(both["parents"].as_array().map(Vec::len), Some(1), "{both}");
+    assert_eq!(conditions(&both["parents"][0]), ["Accepted=True/Accepted", "ResolvedRefs=True/ResolvedRefs"]);
     // Another controller's Gateway, and routes only to it: no status of ours.
     let yaml = format!(
         "{}{}",
