@@ -37,6 +37,18 @@ spec:
     protocol: HTTPS
     hostname: hello.example.com
     tls: {{mode: Terminate, certificateRefs: [{{name: web-cert}}]}}
+  - name: tls-term
+    port: 9444
+    protocol: TLS
+    hostname: hello.example.com
+    tls: {{mode: Terminate, certificateRefs: [{{name: web-cert}}]}}
+---
+apiVersion: gateway.networking.k8s.io/v1alpha2
+kind: TCPRoute
+metadata: {{name: terminated, namespace: demo}}
+spec:
+  parentRefs: [{{name: web, sectionName: tls-term}}]
+  rules: [{{backendRefs: [{{name: helloworld, port: 7000}}]}}]
 ---
 apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
@@ -80,6 +92,32 @@ spec:
   rules: [{{backendRefs: [{{name: helloworld, port: 7000}}]}}]
 "#
     )
+}
+
+/// Over TLS to `addr` (checking the server's certificate for `name`
+/// against the PEM CA `ca`): `bytes` written, the write side closed, what
+/// comes back until the end.
+async fn tls_echo(addr: std::net::SocketAddr, name: &str, ca: &std::path::Path, bytes: &[u8]) -> Vec<u8> {
+    use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject as _};
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut tls = connector.connect(ServerName::try_from(name.to_owned()).unwrap(), tcp).await.unwrap();
+    tls.write_all(bytes).await.unwrap();
+    tls.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), tls.read_to_end(&mut back)).await;
+    back
 }
 
 fn curl_out(m: &Mesh, args: &[&str]) -> String {
@@ -160,6 +198,21 @@ fn a_gateway_api_gateway_serves_its_routes_from_its_pod_behind_a_load_balancer()
     .join()
     .unwrap();
     assert_eq!(back, b"through a TCPRoute");
+    // The terminating TLS listener: the gateway's certificate, checked by
+    // the client; the bytes, decrypted, to the echo server and back.
+    let ca_path = ca.clone();
+    let back = mesh_tests::netns::enter_and_spawn(&m.c.net_ns, move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(tls_echo(
+            format!("{LB}:9444").parse().unwrap(),
+            "hello.example.com",
+            &ca_path,
+            b"through TLS, terminated",
+        ))
+    })
+    .join()
+    .unwrap();
+    assert_eq!(back, b"through TLS, terminated");
     // gRPC from outside over the HTTPS listener (HTTP/2 by ALPN), routed by
     // the GRPCRoute's method match to the grpc Service.
     let ca_path = ca.clone();

@@ -240,13 +240,6 @@ fn server_tls(
             ctx.error(format!("{base}.mode"), "PASSTHROUGH needs port protocol TLS");
             return None;
         }
-        "SIMPLE" | "MUTUAL" | "OPTIONAL_MUTUAL" if protocol == GatewayProtocol::Tls => {
-            ctx.error(
-                format!("{base}.mode"),
-                format!("a TLS server takes PASSTHROUGH; use protocol HTTPS with {mode}"),
-            );
-            return None;
-        }
         "SIMPLE" | "MUTUAL" | "OPTIONAL_MUTUAL" => {
             let Some(name) = t.credential_name.as_deref() else {
                 ctx.error(format!("{base}.credentialName"), format!("required for mode {mode}"));

@@ -299,7 +299,7 @@ async fn serve_captured(ctx: &Arc<Inputs>, stream: TcpStream, peer: SocketAddr, 
     let Ok(_ticket) = serving.gate.admit(peer.ip(), &ctx.metrics) else { return reset(&stream) };
     // At most so many TLS handshakes at once.
     let handshake = match serving.protocol {
-        GatewayProtocol::Https => match serving.gate.handshake(peer.ip(), &ctx.metrics) {
+        GatewayProtocol::Https | GatewayProtocol::Tls => match serving.gate.handshake(peer.ip(), &ctx.metrics) {
             Some(p) => Some(p),
             None => return reset(&stream),
         },
@@ -310,7 +310,9 @@ async fn serve_captured(ctx: &Arc<Inputs>, stream: TcpStream, peer: SocketAddr, 
 
 fn serving(state: &State, plan: &PortPlan, gate: Arc<Gate>) -> std::io::Result<Serving> {
     let acceptor = match plan.protocol {
-        GatewayProtocol::Https => Some(tls_acceptor(state, plan)?),
+        GatewayProtocol::Https => Some(tls_acceptor(state, plan, true)?),
+        // A TLS port's terminating servers (its passthrough ones need none).
+        GatewayProtocol::Tls => Some(tls_acceptor(state, plan, false)?),
         _ => None,
     };
     let pod = state.workload_by_ip(*plan.addr.ip()).cloned().ok_or_else(|| std::io::Error::other("no gateway pod"))?;

@@ -129,7 +129,10 @@ fn listener(
     // By default, the route kinds of the listener's protocol.
     let kinds: Vec<String> = match (allowed.kinds.is_empty(), l.protocol.as_str()) {
         (true, "TCP") => vec!["TCPRoute".into()],
-        (true, "TLS") => vec!["TLSRoute".into()],
+        (true, "TLS") => match l.tls.as_ref().and_then(|t| t.mode.as_deref()) {
+            Some("Passthrough") => vec!["TLSRoute".into()],
+            _ => vec!["TCPRoute".into()],
+        },
         (true, _) => vec!["HTTPRoute".into(), "GRPCRoute".into()],
         (false, _) => allowed.kinds.iter().map(|k| k.kind.clone()).collect(),
     };
@@ -180,11 +183,19 @@ fn listener(
         }
         "TLS" => match l.tls.as_ref().and_then(|t| t.mode.as_deref()) {
             Some("Passthrough") => (GatewayProtocol::Tls, Some(ServerTls::Passthrough)),
-            _ => {
-                ctx.error(
-                    format!("{field}.tls.mode"),
-                    "a TLS listener passes TLS through here (Passthrough); Terminate is not supported by this version of mesh-agent",
-                );
+            // Terminated, then the bytes to a TCPRoute's backends.
+            None | Some("Terminate") => {
+                if kinds.iter().any(|k| k == "TLSRoute") {
+                    ctx.error(
+                        format!("{field}.allowedRoutes.kinds"),
+                        "a TLS listener that terminates takes TCPRoutes (a TLSRoute passes TLS through)",
+                    );
+                    return None;
+                }
+                (GatewayProtocol::Tls, Some(terminate(ctx, field, l, namespace, secrets, grants)?))
+            }
+            Some(other) => {
+                ctx.error(format!("{field}.tls.mode"), format!("{other:?}: expected Terminate or Passthrough"));
                 return None;
             }
         },
@@ -214,7 +225,7 @@ fn terminate(
     grants: &[ReferenceGrantObject],
 ) -> Option<ServerTls> {
     let Some(tls) = &l.tls else {
-        ctx.error(format!("{field}.tls"), "required for an HTTPS listener");
+        ctx.error(format!("{field}.tls"), "required to terminate TLS");
         return None;
     };
     if tls.mode.as_deref().is_some_and(|m| m != "Terminate") {

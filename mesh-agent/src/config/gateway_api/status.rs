@@ -304,7 +304,10 @@ fn listener_status(
     };
     let kinds: Vec<String> = match built {
         Some(b) => b.kinds.clone(),
-        None => default_kinds(&l.protocol).iter().map(|k| (*k).to_owned()).collect(),
+        None => {
+            let passthrough = l.tls.as_ref().and_then(|t| t.mode.as_deref()) == Some("Passthrough");
+            default_kinds(&l.protocol, passthrough).iter().map(|k| (*k).to_owned()).collect()
+        }
     };
     let attached = built.map_or(0, |b| attached_routes(inputs, gateway, b));
     json!({
@@ -316,10 +319,11 @@ fn listener_status(
 }
 
 /// The route kinds a listener of `protocol` takes when it names none.
-fn default_kinds(protocol: &str) -> &'static [&'static str] {
+fn default_kinds(protocol: &str, passthrough: bool) -> &'static [&'static str] {
     match protocol {
         "HTTP" | "HTTPS" => &["HTTPRoute", "GRPCRoute"],
-        "TLS" => &["TLSRoute"],
+        "TLS" if passthrough => &["TLSRoute"],
+        "TLS" => &["TCPRoute"],
         "TCP" => &["TCPRoute"],
         _ => &[],
     }

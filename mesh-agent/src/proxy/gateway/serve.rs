@@ -73,11 +73,33 @@ pub(super) async fn handle(
                 crate::routing::http::route_gateway_tcp(&state, &gateways, local, ctx.next_pick(), ctx.next_random());
             serve_tcp(ctx, stream, peer, local, found, &serving.pod).await
         }
-        (GatewayProtocol::Tls, _) => {
+        (GatewayProtocol::Tls, servers) => {
             let Some(sni) = peek_sni(&stream, ctx.limits.handshake_timeout).await else {
                 tracing::info!(%peer, %local, "gateway: no TLS server name from the client");
                 return fail(ctx, &stream, peer, None, ProxyError::NotLocal(local));
             };
+            // A server that terminates for this name: TLS ends here and the
+            // bytes go on by the port's `tcp` rules (a TCPRoute).
+            if let Some(config) = servers.and_then(|s| s.terminating(&sni)) {
+                let accept = tokio_rustls::TlsAcceptor::from(config).accept(stream);
+                let tls = match tokio::time::timeout(ctx.limits.handshake_timeout, accept).await {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(e)) => return tracing::info!(%peer, error = %e, "gateway TLS handshake failed"),
+                    Err(_) => return tracing::info!(%peer, "gateway TLS handshake timed out"),
+                };
+                drop(handshake);
+                let state = ctx.state();
+                let found = crate::routing::http::route_gateway_tcp(
+                    &state,
+                    &gateways,
+                    local,
+                    ctx.next_pick(),
+                    ctx.next_random(),
+                );
+                drop(state);
+                return serve_tcp(ctx, tls, peer, local, found, &serving.pod).await;
+            }
+            drop(handshake);
             let state = ctx.state();
             let (pick, random) = (ctx.next_pick(), ctx.next_random());
             let found = crate::routing::http::route_gateway_tls(&state, &gateways, local, &sni, pick, random);
@@ -136,11 +158,29 @@ async fn peek_sni(stream: &TcpStream, timeout: Duration) -> Option<String> {
     }
 }
 
-/// A TCP or TLS-passthrough server: where the first matching rule sends the
-/// connection (`found`), bytes copied both ways.
-async fn serve_tcp(
+/// A client connection whose socket can be reset: plain, or TLS the gateway
+/// terminated.
+trait OnTcp: AsyncRead + AsyncWrite + Unpin {
+    fn tcp(&self) -> &TcpStream;
+}
+
+impl OnTcp for TcpStream {
+    fn tcp(&self) -> &TcpStream {
+        self
+    }
+}
+
+impl OnTcp for tokio_rustls::server::TlsStream<TcpStream> {
+    fn tcp(&self) -> &TcpStream {
+        self.get_ref().0
+    }
+}
+
+/// A TCP, TLS-passthrough or TLS-terminating server: where the first
+/// matching rule sends the connection (`found`), bytes copied both ways.
+async fn serve_tcp<C: OnTcp>(
     ctx: &Arc<Inputs>,
-    client: TcpStream,
+    client: C,
     peer: SocketAddr,
     local: SocketAddrV4,
     found: Option<(Route, String)>,
@@ -150,7 +190,7 @@ async fn serve_tcp(
     let Some((route, _)) = found else {
         let err = ProxyError::NotLocal(local);
         tracing::info!(%peer, %local, "gateway: no tcp/tls route for this connection");
-        return fail(ctx, &client, peer, None, err);
+        return fail(ctx, client.tcp(), peer, None, err);
     };
     let source = Some(pod.clone());
     let (dest, addr, mut labels, service) = match route {
@@ -161,11 +201,11 @@ async fn serve_tcp(
         Route::Refused { service, reason } => {
             let labels = TcpLabels::new(source.as_deref(), None, Some(&service), false);
             let err = ProxyError::Refused { service: service.key.clone(), reason };
-            return fail(ctx, &client, peer, Some(labels), err);
+            return fail(ctx, client.tcp(), peer, Some(labels), err);
         }
         Route::Workload { addr, .. } | Route::Passthrough { addr } | Route::BlackHole { addr } => {
             let labels = TcpLabels::black_hole(source.as_deref());
-            return fail(ctx, &client, peer, Some(labels), ProxyError::BlackHole(addr));
+            return fail(ctx, client.tcp(), peer, Some(labels), ProxyError::BlackHole(addr));
         }
     };
     let hop = Hop { source: source.as_ref(), peer, dest: dest.as_ref(), addr, service: Some(&service), opaque: true };
@@ -177,12 +217,12 @@ async fn serve_tcp(
             }
             let meters = ConnMeters::open(ctx, &labels, None).logged(ctx, &labels, peer, local, addr);
             pump(ctx, client, opened.io, meters, addr, opened.guard, |c, u| {
-                reset(c);
+                reset(c.tcp());
                 u.reset();
             })
             .await;
         }
-        Err(e) => fail(ctx, &client, peer, Some(labels), e),
+        Err(e) => fail(ctx, client.tcp(), peer, Some(labels), e),
     }
 }
 

@@ -19,6 +19,12 @@ pub(super) struct TlsServers {
 }
 
 impl TlsServers {
+    /// The terminating server whose hosts take `sni` itself (no default):
+    /// on a TLS port, any other name is passed through.
+    pub(super) fn terminating(&self, sni: &str) -> Option<Arc<rustls::ServerConfig>> {
+        self.configs.get(self.table.lookup(sni)?).cloned()
+    }
+
     pub(super) fn choose(&self, sni: Option<&str>) -> Option<(Arc<rustls::ServerConfig>, Binding)> {
         let chosen = self.table.choose(sni)?;
         let config = self.configs.get(chosen)?.clone();
@@ -26,17 +32,22 @@ impl TlsServers {
     }
 }
 
-/// The TLS settings of each HTTPS server on the port, by host pattern.
-pub(super) fn tls_acceptor(state: &State, plan: &PortPlan) -> std::io::Result<Arc<TlsServers>> {
+/// The TLS settings of each terminating server on the port, by host
+/// pattern; `http`: offer HTTP/2 and HTTP/1.1 by ALPN (an HTTPS port), else
+/// no ALPN (a TLS port's bytes go on to a TCP backend as they are).
+pub(super) fn tls_acceptor(state: &State, plan: &PortPlan, http: bool) -> std::io::Result<Arc<TlsServers>> {
     let (mut table, mut configs) = (SniTable::default(), Vec::new());
     for (key, g) in plan.gateways.iter().filter_map(|k| Some((k, state.gateway(k)?))) {
         for s in g.servers.iter().filter(|s| s.port == plan.addr.port()) {
             if let Some(ServerTls::Simple(c)) = &s.tls {
                 let fail = |e: String| std::io::Error::other(format!("{}: {e}", c.credential));
                 let key_pair = crate::identity::tls::certified_key_from_pem(&c.cert_pem, &c.key_pem).map_err(fail)?;
-                let config =
+                let mut config =
                     crate::identity::tls::gateway_server_config(Arc::new(key_pair), &c.settings, c.client.as_ref())
                         .map_err(|e| fail(e.to_string()))?;
+                if !http {
+                    config.alpn_protocols.clear();
+                }
                 table.push(BoundServer { gateway: key.clone(), hosts: s.hosts.clone() });
                 configs.push(Arc::new(config));
             }
