@@ -19,6 +19,8 @@ use tokio::sync::mpsc;
 
 pub type Body = UnsyncBoxBody<Bytes, Infallible>;
 
+mod writes;
+
 /// One request as the API server saw it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request {
@@ -367,49 +369,6 @@ impl Inner {
         self.objects.get(&(target.group.clone(), target.plural.clone()))?.get(&key)
     }
 
-    /// Creates an object (`409 AlreadyExists` if it does), with a uid.
-    fn create(&mut self, target: &Target, mut object: Value) -> http::Response<Body> {
-        let name = object["metadata"]["name"].as_str().unwrap_or_default().to_owned();
-        let namespace = target.namespace.clone();
-        let key = format!("{}/{name}", namespace.as_deref().unwrap_or_default());
-        let (group, plural) = (target.group.clone(), target.plural.clone());
-        if self.objects.get(&(group.clone(), plural.clone())).is_some_and(|o| o.contains_key(&key)) {
-            return respond(409, &status(409, "AlreadyExists", "the object exists"));
-        }
-        self.rv += 1;
-        let rv = self.rv;
-        object["metadata"]["resourceVersion"] = json!(rv.to_string());
-        object["metadata"]["uid"] = json!(format!("uid-{rv}"));
-        self.objects.entry((group.clone(), plural.clone())).or_default().insert(key, object.clone());
-        let kind = "ADDED";
-        self.publish(Event { rv, group, plural, namespace, name, kind, object: object.clone() });
-        respond(201, &object)
-    }
-
-    /// A JSON merge patch of a whole object (its `status` untouched).
-    fn patch(&mut self, target: &Target, mut patch: Value) -> http::Response<Body> {
-        let Some(mut object) = self.stored(target).cloned() else {
-            return respond(404, &status(404, "NotFound", "no such object"));
-        };
-        if let Value::Object(p) = &mut patch {
-            p.remove("status");
-        }
-        merge_patch(&mut object, &patch);
-        self.rv += 1;
-        let rv = self.rv;
-        object["metadata"]["resourceVersion"] = json!(rv.to_string());
-        let key = format!(
-            "{}/{}",
-            target.namespace.as_deref().unwrap_or_default(),
-            target.name.as_deref().unwrap_or_default()
-        );
-        let (group, plural) = (target.group.clone(), target.plural.clone());
-        self.objects.entry((group.clone(), plural.clone())).or_default().insert(key, object.clone());
-        let (namespace, name) = (target.namespace.clone(), target.name.clone().unwrap_or_default());
-        self.publish(Event { rv, group, plural, namespace, name, kind: "MODIFIED", object: object.clone() });
-        respond(200, &object)
-    }
-
     /// One object, at the version asked.
     fn get(&self, target: &Target) -> http::Response<Body> {
         match self.stored(target) {
@@ -420,36 +379,6 @@ impl Inner {
             }
             None => respond(404, &status(404, "NotFound", "no such object")),
         }
-    }
-
-    /// A JSON merge patch (RFC 7386) of an object's `status`, refused with
-    /// 409 when it names a `resourceVersion` that is no longer the object's.
-    /// Only `status` changes, as through the API server's subresource.
-    fn patch_status(&mut self, target: &Target, patch: Value) -> http::Response<Body> {
-        let Some(current) = self.stored(target).cloned() else {
-            return respond(404, &status(404, "NotFound", "no such object"));
-        };
-        if let Some(rv) = patch["metadata"]["resourceVersion"].as_str()
-            && current["metadata"]["resourceVersion"].as_str() != Some(rv)
-        {
-            return respond(409, &status(409, "Conflict", "the object has been modified"));
-        }
-        let mut object = current;
-        merge_patch(&mut object["status"], &patch["status"]);
-        self.rv += 1;
-        let rv = self.rv;
-        object["metadata"]["resourceVersion"] = json!(rv.to_string());
-        let key = format!(
-            "{}/{}",
-            target.namespace.as_deref().unwrap_or_default(),
-            target.name.as_deref().unwrap_or_default()
-        );
-        let (group, plural) = (target.group.clone(), target.plural.clone());
-        self.objects.entry((group.clone(), plural.clone())).or_default().insert(key, object.clone());
-        let (namespace, name) = (target.namespace.clone(), target.name.clone().unwrap_or_default());
-        self.publish(Event { rv, group, plural, namespace, name, kind: "MODIFIED", object: object.clone() });
-        object["apiVersion"] = json!(target.api_version());
-        respond(200, &object)
     }
 
     fn list(&self, target: &Target, params: &HashMap<String, String>) -> http::Response<Body> {
@@ -529,26 +458,6 @@ impl Inner {
         let field = |k: &str| a[k].as_str().unwrap_or_default().to_owned();
         let allowed = !self.refused.contains(&(field("verb"), field("group"), field("resource")));
         json!({"apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview", "spec": review["spec"], "status": {"allowed": allowed}})
-    }
-}
-
-/// RFC 7386: objects merge key by key, `null` removes, anything else replaces.
-fn merge_patch(target: &mut Value, patch: &Value) {
-    let Value::Object(patch) = patch else {
-        *target = patch.clone();
-        return;
-    };
-    if !target.is_object() {
-        *target = json!({});
-    }
-    if let Value::Object(t) = target {
-        for (k, v) in patch {
-            if v.is_null() {
-                t.remove(k);
-            } else {
-                merge_patch(t.entry(k.clone()).or_insert(Value::Null), v);
-            }
-        }
     }
 }
 

@@ -29,6 +29,7 @@ use crate::{
 };
 
 mod filters;
+mod gate;
 mod mirror;
 mod pipeline;
 mod retry;
@@ -98,7 +99,7 @@ fn decide(
             let bound = down.server.as_ref().and_then(|b| b.server());
             let (decision, _) =
                 routing::route_gateway(state, gws, bound, down.orig, view, pick, random, &ctx.clusters)?;
-            Some((decision, pipeline::gateway_pod(state, down)))
+            Some((decision, gate::gateway_pod(state, down)))
         }
     }
 }

@@ -9,13 +9,8 @@
 //! `Result<_, Stop>`; [`Stop::answer`] is the one place a stop becomes the
 //! agent's own response and completes the request's record. A new stage is
 //! one more function here.
+use super::gate::{gate, gateway_pod};
 use super::*;
-use crate::proxy::inbound;
-use hyper::header::HeaderName;
-
-/// What a gateway's request policies decide: headers for the client, or
-/// why the request stops (with the gateway pod it is reported for).
-type Gated = Result<Vec<(HeaderName, HeaderValue)>, (Option<Arc<Workload>>, inbound::http::Stop)>;
 
 /// Why a request ends with an answer of the agent's own.
 pub(super) enum Stop {
@@ -136,26 +131,6 @@ pub(super) async fn handle(ctx: Arc<Inputs>, down: Arc<Downstream>, mut req: Req
     resp
 }
 
-/// The gateway pod's judgement of a request ([`inbound::http::gate`]): the
-/// pod as the destination, the client as it arrived.
-async fn gate(ctx: &Arc<Inputs>, down: &Downstream, req: Request<Incoming>) -> (Request<Incoming>, Gated) {
-    let Some(pod) = gateway_pod(&ctx.state(), down) else { return (req, Ok(Vec::new())) };
-    let arrival = inbound::Inbound {
-        dest: pod.clone(),
-        target: down.orig,
-        peer: down.peer,
-        principal: down.principal.clone(),
-        client_ip: down.peer_ip,
-        source: None,
-        transparent: None,
-        mtls: down.principal.is_some(),
-        service: None,
-        opaque: false,
-    };
-    let (req, verdict) = inbound::http::gate(ctx, &arrival, req).await;
-    (req, verdict.map_err(|stop| (Some(pod), stop)))
-}
-
 /// The stages that decide where the request goes, on one snapshot of the
 /// state (after [`prepare`]).
 fn front(ctx: &Inputs, down: &Downstream, req: &Request<Incoming>) -> Result<Routed, EarlyStop> {
@@ -246,13 +221,6 @@ fn bind(
         return Err(Early::gateway(gateway_pod(state, down), Stop::Redirect(301, location)));
     }
     Ok(())
-}
-
-/// At a gateway: the gateway pod it arrived at (its address is where the
-/// client connected), whose identity and labels the request leaves with.
-pub(super) fn gateway_pod(state: &crate::state::State, down: &Downstream) -> Option<Arc<Workload>> {
-    down.gateways.as_ref()?;
-    state.workload_by_ip(*down.orig.ip()).filter(|w| w.gateway).cloned()
 }
 
 /// The routing decision, and whose identity the request leaves with.
