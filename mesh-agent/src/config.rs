@@ -29,7 +29,7 @@ pub(crate) mod watch_files;
 pub use credentials::allow_files_under;
 pub use gateway_api::{
     CONTROLLERS,
-    status::{GatewayDeployment, MESH_CONTROLLER, ObjectStatus},
+    status::{GatewayDeployment, MESH_CONTROLLER, ObjectStatus, condition_summary},
 };
 pub use load::{Body, Document, LastGood, Origin, read_documents};
 

@@ -165,7 +165,10 @@ impl Writer {
         let patch = json!({"metadata": {"resourceVersion": current.metadata.resource_version}, "status": new});
         api.patch_status(&s.name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
         let object = format!("{} {}/{}", s.kind, s.namespace.as_deref().unwrap_or(""), s.name);
-        tracing::info!(%object, "status written");
+        let parents = s.status["parents"].as_array().map(Vec::as_slice).unwrap_or_default();
+        let conditions: Vec<String> =
+            std::iter::once(&s.status).chain(parents).flat_map(crate::config::condition_summary).collect();
+        tracing::info!(%object, ?conditions, "status written");
         Ok(true)
     }
 }

@@ -43,20 +43,9 @@ impl Drop for Controller {
     }
 }
 
+/// `type=status/reason` of each condition.
 fn conditions(v: &Value) -> Vec<String> {
-    v["conditions"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|c| {
-            format!(
-                "{}={}/{}",
-                c["type"].as_str().unwrap_or("?"),
-                c["status"].as_str().unwrap_or("?"),
-                c["reason"].as_str().unwrap_or("?")
-            )
-        })
-        .collect()
+    mesh_agent::config::condition_summary(v)
 }
 
 /// Waits (up to 30 s) until `f` of the object's status holds.

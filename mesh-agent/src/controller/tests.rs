@@ -56,19 +56,7 @@ fn status(fake: &FakeApi, kind: &str, namespace: Option<&str>, name: &str) -> Va
 
 /// `type=status/reason` of each condition.
 fn conditions(v: &Value) -> Vec<String> {
-    v["conditions"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|c| {
-            format!(
-                "{}={}/{}",
-                c["type"].as_str().unwrap_or("?"),
-                c["status"].as_str().unwrap_or("?"),
-                c["reason"].as_str().unwrap_or("?")
-            )
-        })
-        .collect()
+    crate::config::condition_summary(v)
 }
 
 fn patches(fake: &FakeApi) -> usize {

@@ -138,6 +138,14 @@ pub(in crate::config) fn statuses(inputs: &Inputs<'_>) -> Vec<ObjectStatus> {
     out
 }
 
+/// The `conditions` of a status (or of a listener or a route's parent
+/// entry) as `type=status/reason`, in order: for logs and tests.
+pub fn condition_summary(v: &Value) -> Vec<String> {
+    let list = v["conditions"].as_array().map(Vec::as_slice).unwrap_or_default();
+    let field = |c: &Value, k: &str| c[k].as_str().unwrap_or("?").to_owned();
+    list.iter().map(|c| format!("{}={}/{}", field(c, "type"), field(c, "status"), field(c, "reason"))).collect()
+}
+
 fn object_status(api_version: &str, kind: &str, meta: &ObjectMeta, status: Value) -> ObjectStatus {
     ObjectStatus {
         api_version: api_version.to_owned(),

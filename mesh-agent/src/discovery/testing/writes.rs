@@ -5,6 +5,20 @@ use serde_json::{Value, json};
 use super::{Body, Event, Inner, Target, respond, status};
 
 impl Inner {
+    /// Stores a changed object under a new resourceVersion and tells the
+    /// watches; the object as stored.
+    fn modified(&mut self, target: &Target, mut object: Value) -> Value {
+        self.rv += 1;
+        let rv = self.rv;
+        object["metadata"]["resourceVersion"] = json!(rv.to_string());
+        let (namespace, name) = (target.namespace.clone(), target.name.clone().unwrap_or_default());
+        let key = format!("{}/{name}", namespace.as_deref().unwrap_or_default());
+        let (group, plural) = (target.group.clone(), target.plural.clone());
+        self.objects.entry((group.clone(), plural.clone())).or_default().insert(key, object.clone());
+        self.publish(Event { rv, group, plural, namespace, name, kind: "MODIFIED", object: object.clone() });
+        object
+    }
+
     /// Creates an object (`409 AlreadyExists` if it does), with a uid.
     pub(super) fn create(&mut self, target: &Target, mut object: Value) -> http::Response<Body> {
         let name = object["metadata"]["name"].as_str().unwrap_or_default().to_owned();
@@ -33,18 +47,7 @@ impl Inner {
             p.remove("status");
         }
         merge_patch(&mut object, &patch);
-        self.rv += 1;
-        let rv = self.rv;
-        object["metadata"]["resourceVersion"] = json!(rv.to_string());
-        let key = format!(
-            "{}/{}",
-            target.namespace.as_deref().unwrap_or_default(),
-            target.name.as_deref().unwrap_or_default()
-        );
-        let (group, plural) = (target.group.clone(), target.plural.clone());
-        self.objects.entry((group.clone(), plural.clone())).or_default().insert(key, object.clone());
-        let (namespace, name) = (target.namespace.clone(), target.name.clone().unwrap_or_default());
-        self.publish(Event { rv, group, plural, namespace, name, kind: "MODIFIED", object: object.clone() });
+        let object = self.modified(target, object);
         respond(200, &object)
     }
 
@@ -62,18 +65,7 @@ impl Inner {
         }
         let mut object = current;
         merge_patch(&mut object["status"], &patch["status"]);
-        self.rv += 1;
-        let rv = self.rv;
-        object["metadata"]["resourceVersion"] = json!(rv.to_string());
-        let key = format!(
-            "{}/{}",
-            target.namespace.as_deref().unwrap_or_default(),
-            target.name.as_deref().unwrap_or_default()
-        );
-        let (group, plural) = (target.group.clone(), target.plural.clone());
-        self.objects.entry((group.clone(), plural.clone())).or_default().insert(key, object.clone());
-        let (namespace, name) = (target.namespace.clone(), target.name.clone().unwrap_or_default());
-        self.publish(Event { rv, group, plural, namespace, name, kind: "MODIFIED", object: object.clone() });
+        let mut object = self.modified(target, object);
         object["apiVersion"] = json!(target.api_version());
         respond(200, &object)
     }

@@ -42,17 +42,7 @@ fn find<'a>(all: &'a [ObjectStatus], kind: &str, name: &str) -> Option<&'a Value
 
 /// `type=status/reason` of each condition.
 fn conditions(v: &Value) -> Vec<String> {
-    let list = v["conditions"].as_array().cloned().unwrap_or_default();
-    list.iter()
-        .map(|c| {
-            format!(
-                "{}={}/{}",
-                c["type"].as_str().unwrap_or("?"),
-                c["status"].as_str().unwrap_or("?"),
-                c["reason"].as_str().unwrap_or("?")
-            )
-        })
-        .collect()
+    crate::config::condition_summary(v)
 }
 
 /// A route's conditions for its parent `i`, with the controller named.

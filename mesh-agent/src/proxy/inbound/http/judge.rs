@@ -85,24 +85,37 @@ pub(super) async fn custom(
                 Err(()) => return Err(Stop::Local(LocalReply::TOO_LARGE_FOR_CHECK)),
             },
         };
-        let ask = ext_authz::Ask { parts: &parts, body: read.as_ref(), conn: inbound };
-        match ext_authz::check(ctx, &provider, ask).await {
-            ext_authz::Checked::Deny(answer) => {
-                tracing::info!(peer = %inbound.peer, target = %inbound.target, provider = %provider.name, status = %answer.status(), "request refused by the external authorizer");
-                return Err(Stop::Answer(Box::new(answer)));
-            }
-            ext_authz::Checked::Allow { upstream, remove, downstream } => {
-                for name in remove {
-                    parts.headers.remove(name);
-                }
-                for (name, value) in upstream {
-                    parts.headers.insert(name, value);
-                }
-                to_downstream.extend(downstream);
-            }
-        }
+        to_downstream.extend(ask(ctx, &provider, &mut parts, read.as_ref(), inbound).await?);
     }
     Ok((parts, body, to_downstream))
+}
+
+/// One external authorizer asked about the request (its authorizer headers
+/// already dropped): the request's headers as it allows them, and what it
+/// gives the client; or its refusal.
+async fn ask(
+    ctx: &Arc<Inputs>,
+    provider: &crate::state::security::ExtAuthz,
+    parts: &mut hyper::http::request::Parts,
+    body: Option<&hyper::body::Bytes>,
+    inbound: &Inbound,
+) -> Result<Vec<(HeaderName, HeaderValue)>, Stop> {
+    let question = ext_authz::Ask { parts, body, conn: inbound };
+    match ext_authz::check(ctx, provider, question).await {
+        ext_authz::Checked::Deny(answer) => {
+            tracing::info!(peer = %inbound.peer, target = %inbound.target, provider = %provider.name, status = %answer.status(), "request refused by the external authorizer");
+            Err(Stop::Answer(Box::new(answer)))
+        }
+        ext_authz::Checked::Allow { upstream, remove, downstream } => {
+            for name in remove {
+                parts.headers.remove(name);
+            }
+            for (name, value) in upstream {
+                parts.headers.insert(name, value);
+            }
+            Ok(downstream)
+        }
+    }
 }
 
 /// DENY and ALLOW, on the request as it now is; AUDIT logged and counted.
@@ -189,21 +202,9 @@ pub(crate) async fn gate(
         for name in ext_authz::authorizer_headers(&provider, &parts.headers) {
             parts.headers.remove(name);
         }
-        let ask = ext_authz::Ask { parts: &parts, body: None, conn: inbound };
-        match ext_authz::check(ctx, &provider, ask).await {
-            ext_authz::Checked::Deny(answer) => {
-                tracing::info!(peer = %inbound.peer, target = %inbound.target, provider = %provider.name, status = %answer.status(), "request refused by the external authorizer at a gateway");
-                return (Request::from_parts(parts, body), Err(Stop::Answer(Box::new(answer))));
-            }
-            ext_authz::Checked::Allow { upstream, remove, downstream } => {
-                for name in remove {
-                    parts.headers.remove(name);
-                }
-                for (name, value) in upstream {
-                    parts.headers.insert(name, value);
-                }
-                to_client.extend(downstream);
-            }
+        match ask(ctx, &provider, &mut parts, None, inbound).await {
+            Ok(headers) => to_client.extend(headers),
+            Err(stop) => return (Request::from_parts(parts, body), Err(stop)),
         }
     }
     let judged = authorize(ctx, inbound, &parts, verified);
