@@ -61,12 +61,7 @@ pub(super) async fn custom(
     req: Request<Incoming>,
     verified: Option<&jwt::Verified>,
 ) -> Result<Customized, Stop> {
-    let providers: Vec<_> = {
-        let state = ctx.state();
-        let attributes = attributes(inbound, req.method(), req.uri(), req.headers(), verified);
-        let found = policy::custom(&state, inbound.judged_as(&state), &attributes);
-        found.into_iter().filter_map(|p| p.provider.clone()).collect()
-    };
+    let providers = providers(ctx, inbound, &req, verified);
     let (mut parts, body) = req.into_parts();
     let mut body = ext_authz::Replay { read: None, rest: Some(body) };
     let mut to_downstream = Vec::new();
@@ -88,6 +83,20 @@ pub(super) async fn custom(
         to_downstream.extend(ask(ctx, &provider, &mut parts, read.as_ref(), inbound).await?);
     }
     Ok((parts, body, to_downstream))
+}
+
+/// The external authorizers the CUSTOM policies matching the request name
+/// (the pod's, then its Service's).
+fn providers<B>(
+    ctx: &Inputs,
+    inbound: &Inbound,
+    req: &Request<B>,
+    verified: Option<&jwt::Verified>,
+) -> Vec<Arc<crate::state::security::ExtAuthz>> {
+    let state = ctx.state();
+    let attributes = attributes(inbound, req.method(), req.uri(), req.headers(), verified);
+    let found = policy::custom(&state, inbound.judged_as(&state), &attributes);
+    found.into_iter().filter_map(|p| p.provider.clone()).collect()
 }
 
 /// One external authorizer asked about the request (its authorizer headers
@@ -186,12 +195,7 @@ pub(crate) async fn gate(
         Err(stop) => return (req, Err(stop)),
     };
     let verified = verified.as_deref();
-    let providers: Vec<_> = {
-        let state = ctx.state();
-        let attributes = attributes(inbound, req.method(), req.uri(), req.headers(), verified);
-        let found = policy::custom(&state, inbound.judged_as(&state), &attributes);
-        found.into_iter().filter_map(|p| p.provider.clone()).collect()
-    };
+    let providers = providers(ctx, inbound, &req, verified);
     let (mut parts, body) = req.into_parts();
     let mut to_client = Vec::new();
     for provider in providers {
