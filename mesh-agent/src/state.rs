@@ -72,6 +72,10 @@ pub struct State {
     /// (`by_vip` holds the oldest; [`State::service_at`] chooses for a client).
     #[serde(skip)]
     pub external_by_addr: HashMap<Ipv4Addr, Vec<Arc<Service>>>,
+    /// ServiceEntry `addresses` that are ranges (`a.b.c.d/n`, n < 32), the
+    /// longest prefix first, each with the entries that claim it, oldest first.
+    #[serde(skip)]
+    pub external_by_range: Vec<(security::Cidr, Vec<Arc<Service>>)>,
     /// ServiceEntry endpoint IPs, for connections the application addressed
     /// to one of them directly (after its own DNS lookup).
     #[serde(skip)]
@@ -183,6 +187,8 @@ pub struct External {
     pub location: Location,
     pub resolution: Resolution,
     pub addresses: Vec<Ipv4Addr>,
+    /// Its `addresses` that are ranges (CIDR, prefix shorter than 32).
+    pub ranges: Vec<security::Cidr>,
     /// The endpoint reported for `resolution: NONE` (the original destination).
     #[serde(skip)]
     pub unknown: Arc<Workload>,

@@ -52,3 +52,51 @@ fn egress_leaves_with_the_pods_address_and_metadata_is_not_captured() {
         metric(m, "istio_tcp_connections_opened_total", &[("source_workload", "test"), ("reporter", "source")]) >= 1.0
     });
 }
+
+#[test]
+fn a_cidr_service_entry_opens_its_range_and_port_under_registry_only() {
+    if !require_root("a_cidr_service_entry_opens_its_range_and_port_under_registry_only") {
+        return;
+    }
+    let mut c = Fixture::one_node();
+    c.add_pod(0, "test", Ipv4Addr::new(10, 244, 0, 2), PodSpec::app("demo", &[("app", "test")]));
+    // Outside: a server on 8080 and 80 at 172.18.0.1, and the same at
+    // 172.18.5.1, outside the entry's range.
+    let outside = Pod::namespace("outside", Ipv4Addr::new(172, 18, 0, 1), &c.net_ns);
+    servers::http_hello(&outside, 8080);
+    servers::http_hello(&outside, 80);
+    sh(&["ip", "-n", &c.net_ns, "addr", "add", "172.18.5.1/32", "dev", "lo"]);
+    sh(&["ip", "-n", &c.node_ns, "route", "add", "172.18.5.1/32", "via", "172.18.0.1"]);
+    let config = r#"---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: istio, namespace: istio-system}
+data:
+  mesh: |-
+    outboundTrafficPolicy:
+      mode: REGISTRY_ONLY
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: outside-range, namespace: demo}
+spec:
+  hosts: [outside.internal]
+  addresses: ["172.18.0.0/24"]
+  ports: [{number: 8080, name: tcp, protocol: TCP}]
+  location: MESH_EXTERNAL
+"#;
+    let a = Agent::start(&c, &c.yaml(config));
+    let test = c.pod("test");
+    // The positive control: in the range, on the entry's port.
+    let r = curl(|args| test.cmd(args), &["http://172.18.0.1:8080/"]);
+    assert_eq!(r.code, 200, "{}{}\n{}", r.body, r.stderr, a.log_text());
+    // Out of the range, or another port in it: refused (REGISTRY_ONLY).
+    let r = curl(|args| test.cmd(args), &["http://172.18.5.1:8080/"]);
+    assert_ne!(r.code, 200, "out of the entry's range: {}", r.body);
+    let r = curl(|args| test.cmd(args), &["http://172.18.0.1:80/"]);
+    assert_ne!(r.code, 200, "a port the entry does not list: {}", r.body);
+    // Reported as the entry's host.
+    a.wait_metrics(5, "the entry's connection reported", |m| {
+        metric(m, "istio_tcp_connections_opened_total", &[("destination_service", "outside.internal")]) >= 1.0
+    });
+}

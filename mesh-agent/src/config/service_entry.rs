@@ -14,7 +14,9 @@ use super::{
     k8s::ObjectMeta,
     object::{Ctx, name_and_namespace},
 };
-use crate::state::{External, Location, Protocol, Resolution, Service, ServicePort, TargetPort, Workload};
+use crate::state::{
+    External, Location, Protocol, Resolution, Service, ServicePort, TargetPort, Workload, security::Cidr,
+};
 
 type Unsupported = Option<serde_yaml_ng::Value>;
 const NOT_YET: &str = "not supported by this version of mesh-agent";
@@ -95,16 +97,23 @@ pub(super) fn build_service_entry(ctx: &mut Ctx<'_>, obj: &ServiceEntryObject) -
             ctx.error(format!("spec.hosts[{i}]"), format!("{h:?}: expected a host name (wildcards are {NOT_YET})"));
         }
     }
-    let mut addresses = Vec::new();
+    // Addresses and ranges (Istio's `addresses`: IPs or CIDR blocks); a /32
+    // is an address.
+    let (mut addresses, mut ranges) = (Vec::new(), Vec::new());
     for (i, a) in spec.addresses.iter().enumerate() {
-        match a.parse::<Ipv4Addr>() {
-            Ok(ip) => addresses.push(ip),
+        match Cidr::parse(a) {
+            Ok(c) if c.prefix == 32 => addresses.push(c.addr),
+            // Host bits are ignored, as Istio's prefix parsing and Envoy's ranges do.
+            Ok(c) => {
+                ranges.push(Cidr { addr: Ipv4Addr::from(u32::from(c.addr) & prefix_mask(c.prefix)), prefix: c.prefix })
+            }
             Err(_) => ctx.error(
                 format!("spec.addresses[{i}]"),
-                format!("{a:?}: expected an IPv4 address (CIDR ranges and IPv6 are {NOT_YET})"),
+                format!("{a:?}: expected an IPv4 address or CIDR range (IPv6 is {NOT_YET})"),
             ),
         }
     }
+    addresses.dedup();
     let location = match spec.location.as_deref() {
         None | Some("MESH_EXTERNAL") => Location::MeshExternal,
         Some("MESH_INTERNAL") => Location::MeshInternal,
@@ -136,6 +145,7 @@ pub(super) fn build_service_entry(ctx: &mut Ctx<'_>, obj: &ServiceEntryObject) -
         location,
         resolution,
         addresses: addresses.clone(),
+        ranges,
         unknown: Arc::new(unknown_endpoint(&namespace, None, BTreeMap::new())),
     });
     let services = spec
@@ -153,6 +163,11 @@ pub(super) fn build_service_entry(ctx: &mut Ctx<'_>, obj: &ServiceEntryObject) -
         })
         .collect();
     Some(services)
+}
+
+/// The network mask of a prefix length.
+fn prefix_mask(prefix: u8) -> u32 {
+    if prefix == 0 { 0 } else { u32::MAX << (32 - prefix) }
 }
 
 fn se_ports(ctx: &mut Ctx<'_>, specs: &[SePortSpec]) -> Vec<ServicePort> {

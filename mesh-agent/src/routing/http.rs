@@ -87,7 +87,7 @@ pub fn route_request(
     endpoints: &dyn EndpointState,
 ) -> Decision {
     // A Service VIP, else a ServiceEntry host named by the request.
-    let service = state.service_at(orig.ip(), req.namespace).or_else(|| {
+    let service = state.service_for(orig, req.namespace).or_else(|| {
         let host = request_host(req.headers)?;
         state.external_for_host(host, req.namespace).filter(|s| s.ports.iter().any(|p| p.port == orig.port()))
     });
@@ -369,7 +369,7 @@ pub fn route_tcp(
     pick: usize,
     random: u64,
 ) -> Option<Route> {
-    let service = state.service_at(orig.ip(), from_namespace)?;
+    let service = state.service_for(orig, from_namespace)?;
     let key = &service.key;
     let rule = mesh_routes_for(state, service, from_namespace)
         .flat_map(|vs| vs.tcp.iter())

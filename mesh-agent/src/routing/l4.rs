@@ -59,7 +59,7 @@ impl std::fmt::Display for Refusal {
 /// caller passes a round-robin counter).
 pub fn route(state: &State, dst: SocketAddrV4, client: Option<&str>, pick: usize) -> Route {
     let ip: Ipv4Addr = *dst.ip();
-    if let Some(service) = state.service_at(&ip, client) {
+    if let Some(service) = state.service_for(dst, client) {
         return route_to(service, dst, dst.port(), None, Pick::Turn(pick), &|_| false);
     }
     if let Some(workload) = state.workload_by_ip(ip) {

@@ -103,6 +103,22 @@ impl State {
     }
 
     /// The Gateways that select the gateway pod `pod` (oldest first).
+    /// The Service a client in `client` reaches at `dst`: a Service address
+    /// ([`State::service_at`]), else the ServiceEntry whose range holds the
+    /// address with the longest prefix among those with a port `dst.port()`
+    /// (as Envoy picks a filter chain by destination port, then the most
+    /// specific destination range), the client's own namespace's first.
+    pub fn service_for(&self, dst: std::net::SocketAddrV4, client: Option<&str>) -> Option<&Arc<super::Service>> {
+        if let Some(s) = self.service_at(dst.ip(), client) {
+            return Some(s);
+        }
+        let has_port = |s: &&Arc<super::Service>| s.ports.iter().any(|p| p.port == dst.port());
+        self.external_by_range.iter().filter(|(range, _)| range.contains(*dst.ip())).find_map(|(_, list)| {
+            let own = client.and_then(|c| list.iter().filter(has_port).find(|s| &*s.namespace == c));
+            own.or_else(|| list.iter().find(has_port))
+        })
+    }
+
     pub fn gateways_of<'a>(&'a self, pod: &'a super::Workload) -> impl Iterator<Item = &'a Arc<super::Gateway>> {
         let selects = |g: &&Arc<super::Gateway>| {
             g.selector.iter().all(|(k, v)| pod.labels.get(k) == Some(v))

@@ -260,6 +260,12 @@ pub(super) fn assemble(
 /// Adds one Service per ServiceEntry host (key `namespace/host`), indexed by
 /// address, endpoint IP and host.
 fn add_service_entries(state: &mut State, entries: &[(Origin, ServiceEntryObject)], errors: &mut Vec<ConfigError>) {
+    add_entries(state, entries, errors);
+    // The longest prefix first (stable: oldest entries first within a range).
+    state.external_by_range.sort_by_key(|(r, _)| std::cmp::Reverse(r.prefix));
+}
+
+fn add_entries(state: &mut State, entries: &[(Origin, ServiceEntryObject)], errors: &mut Vec<ConfigError>) {
     let mut built = build_unique(
         entries,
         errors,
@@ -296,6 +302,13 @@ fn add_service_entries(state: &mut State, entries: &[(Origin, ServiceEntryObject
                     None => {
                         state.by_vip.insert(*ip, s.clone());
                     }
+                }
+            }
+            for range in s.external.iter().flat_map(|e| e.ranges.iter()) {
+                match state.external_by_range.iter_mut().find(|(r, _)| r == range) {
+                    Some((_, list)) if !list.iter().any(|o| Arc::ptr_eq(o, &s)) => list.push(s.clone()),
+                    Some(_) => {}
+                    None => state.external_by_range.push((*range, vec![s.clone()])),
                 }
             }
             for ip in s.endpoints.iter().filter_map(|w| w.ip) {

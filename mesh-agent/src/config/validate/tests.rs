@@ -41,6 +41,16 @@ fn invalid_input_names_file_object_and_field() {
             "cluster.yaml (document 1): Pod demo/p: status.podIP: \"10.0.0.300\" is not an IPv4 address",
         ),
         (
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: se, namespace: demo}\n\
+             spec: {hosts: [a.example], addresses: [\"10.0.0.0/8\", \"2001:db8::/32\"], ports: [{number: 22, name: tcp, protocol: TCP}]}\n",
+            "cluster.yaml (document 1): ServiceEntry demo/se: spec.addresses[1]: \"2001:db8::/32\": expected an IPv4 address or CIDR range (IPv6 is not supported by this version of mesh-agent)",
+        ),
+        (
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: se, namespace: demo}\n\
+             spec: {hosts: [a.example], addresses: [\"10.0.0.0/33\"], ports: [{number: 22, name: tcp, protocol: TCP}]}\n",
+            "cluster.yaml (document 1): ServiceEntry demo/se: spec.addresses[0]: \"10.0.0.0/33\": expected an IPv4 address or CIDR range (IPv6 is not supported by this version of mesh-agent)",
+        ),
+        (
             "apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 70000}]}\n",
             "cluster.yaml (document 1): Service default/s: spec.ports[0].port: port 70000 is out of range 1-65535",
         ),

@@ -107,3 +107,94 @@ fn round_robin_spreads_evenly() {
     }
     assert_eq!(counts.into_iter().collect::<Vec<_>>(), [("hello-a".into(), 50), ("hello-b".into(), 50)]);
 }
+
+/// Istio's `samples/external/github.yaml`, as shipped (TCP to GitHub's
+/// ranges on port 22, HTTPS by host), under REGISTRY_ONLY, with a wider
+/// range of another namespace's for 22 and 443.
+const GITHUB: &str = r#"
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: istio, namespace: istio-system}
+data:
+  mesh: |-
+    outboundTrafficPolicy:
+      mode: REGISTRY_ONLY
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: github-https
+spec:
+  hosts:
+  - github.com
+  ports:
+  - number: 443
+    name: https
+    protocol: HTTPS
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: github-tcp
+spec:
+  hosts:
+  - dummy.github.com # not used
+  addresses: # from https://help.github.com/articles/about-github-s-ip-addresses/
+  - "13.229.188.59/32"
+  - "13.250.177.223/32"
+  - "140.82.112.0/20"
+  - "18.194.104.89/32"
+  - "18.195.85.27/32"
+  - "185.199.108.0/22"
+  - "185.199.108.153/32"
+  - "185.199.109.153/32"
+  - "185.199.110.153/32"
+  - "185.199.111.153/32"
+  - "192.30.252.0/22"
+  - "192.30.252.153/32"
+  - "192.30.252.154/32"
+  - "23.20.92.3/32"
+  - "35.159.8.160/32"
+  - "52.74.223.119/32"
+  - "54.166.52.62/32"
+  - "54.87.5.173/32"
+  ports:
+  - name: tcp
+    number: 22
+    protocol: tcp
+  location: MESH_EXTERNAL
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: wide, namespace: ops}
+spec:
+  hosts: [wide.example]
+  addresses: ["140.82.0.1/16"]
+  ports: [{name: tcp, number: 22, protocol: TCP}, {name: tls, number: 443, protocol: TLS}]
+"#;
+
+#[test]
+fn cidr_service_entries_take_their_ranges_by_port_and_longest_prefix() {
+    let s = state(GITHUB);
+    let cases = [
+        // In the /20 on 22: GitHub's entry, to the address dialed.
+        ("140.82.112.5:22", "svc dummy.github.com -> unknown 140.82.112.5:22"),
+        ("140.82.127.255:22", "svc dummy.github.com -> unknown 140.82.127.255:22"),
+        // One of its /32 addresses.
+        ("13.229.188.59:22", "svc dummy.github.com -> unknown 13.229.188.59:22"),
+        // In the /16 only (or on a port the /20 lacks): the wider entry.
+        ("140.82.200.1:22", "svc wide.example -> unknown 140.82.200.1:22"),
+        ("140.82.112.5:443", "svc wide.example -> unknown 140.82.112.5:443"),
+        // Out of every range, or a port no entry of the range has: refused.
+        ("140.83.0.1:22", "black hole 140.83.0.1:22"),
+        ("185.199.108.5:443", "black hole 185.199.108.5:443"),
+        ("8.8.8.8:22", "black hole 8.8.8.8:22"),
+    ];
+    for (dst, want) in cases {
+        let got = describe(&route(&s, addr(dst), Some("demo"), 0));
+        // Without the declared protocol a Service route ends with.
+        let got =
+            if got.starts_with("svc ") { got.rsplit_once(' ').map_or(got.clone(), |(a, _)| a.to_owned()) } else { got };
+        assert_eq!(got, want, "dst {dst}");
+    }
+}
