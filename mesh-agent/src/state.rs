@@ -481,8 +481,20 @@ impl State {
 
     /// The ServiceEntry host `host` as a client in `client` sees it (as
     /// [`State::service_at`] chooses).
+    /// A host no entry declares is taken by the most specific wildcard
+    /// entry (`*.b.example.com` before `*.example.com`).
     pub fn external_for_host(&self, host: &str, client: Option<&str>) -> Option<&Arc<Service>> {
-        prefer_own(self.external_by_host.get(host)?, client)
+        if let Some(list) = self.external_by_host.get(host) {
+            return prefer_own(list, client);
+        }
+        let mut rest = host;
+        while let Some((_, parent)) = rest.split_once('.') {
+            if let Some(list) = self.external_by_host.get(&format!("*.{parent}")) {
+                return prefer_own(list, client);
+            }
+            rest = parent;
+        }
+        None
     }
 }
 

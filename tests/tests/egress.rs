@@ -100,3 +100,78 @@ spec:
         metric(m, "istio_tcp_connections_opened_total", &[("destination_service", "outside.internal")]) >= 1.0
     });
 }
+
+#[test]
+fn wildcard_service_entries_admit_http_and_tls_by_host_under_registry_only() {
+    if !require_root("wildcard_service_entries_admit_http_and_tls_by_host_under_registry_only") {
+        return;
+    }
+    let mut c = Fixture::one_node();
+    c.add_pod(0, "test", Ipv4Addr::new(10, 244, 0, 2), PodSpec::app("demo", &[("app", "test")]));
+    // Outside: an HTTP server on 8080 and a TLS server (openssl) on 8443.
+    let outside = Pod::namespace("outside", Ipv4Addr::new(172, 18, 0, 1), &c.net_ns);
+    servers::http_hello(&outside, 8080);
+    let certs = mesh_tests::certs::Certs::new(&format!("wild-{}", std::process::id()));
+    let (crt, key) = certs.server("outside", "api.outside.test");
+    let args = [
+        "openssl",
+        "s_server",
+        "-quiet",
+        "-www",
+        "-accept",
+        "8443",
+        "-cert",
+        crt.to_str().expect("a UTF-8 path"),
+        "-key",
+        key.to_str().expect("a UTF-8 path"),
+    ];
+    let _tls = mesh_tests::netns::Background::spawn_in(&c.net_ns, &args).expect("openssl s_server");
+    let config = r#"---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: istio, namespace: istio-system}
+data:
+  mesh: |-
+    outboundTrafficPolicy:
+      mode: REGISTRY_ONLY
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: outside-wildcard, namespace: demo}
+spec:
+  hosts: ["*.outside.test"]
+  ports: [{number: 8080, name: http, protocol: HTTP}, {number: 8443, name: tls, protocol: TLS}]
+  location: MESH_EXTERNAL
+  resolution: NONE
+"#;
+    let a = Agent::start(&c, &c.yaml(config));
+    let test = c.pod("test");
+    // HTTP: a host under the wildcard passes; another is refused.
+    let r = curl(|args| test.cmd(args), &["-H", "Host: api.outside.test", "http://172.18.0.1:8080/"]);
+    assert_eq!(r.code, 200, "{}{}\n{}", r.body, r.stderr, a.log_text());
+    let r = curl(|args| test.cmd(args), &["-H", "Host: api.elsewhere.test", "http://172.18.0.1:8080/"]);
+    assert_ne!(r.code, 200, "a host no entry declares: {}", r.body);
+    // TLS: the SNI under the wildcard passes (the server's page comes back);
+    // another SNI is refused.
+    let mut ok = false;
+    for _ in 0..30 {
+        let r = curl(
+            |args| test.cmd(args),
+            &["-k", "--resolve", "api.outside.test:8443:172.18.0.1", "https://api.outside.test:8443/"],
+        );
+        if r.code == 200 {
+            ok = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(ok, "TLS naming a host under the wildcard was refused\n{}", a.log_text());
+    let r = curl(
+        |args| test.cmd(args),
+        &["-k", "--resolve", "api.elsewhere.test:8443:172.18.0.1", "https://api.elsewhere.test:8443/"],
+    );
+    assert_ne!(r.code, 200, "TLS naming a host no entry declares");
+    a.wait_metrics(5, "the wildcard entry's connection reported", |m| {
+        metric(m, "istio_tcp_connections_opened_total", &[("destination_service", "*.outside.test")]) >= 1.0
+    });
+}

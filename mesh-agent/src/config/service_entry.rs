@@ -92,11 +92,15 @@ pub(super) fn build_service_entry(ctx: &mut Ctx<'_>, obj: &ServiceEntryObject) -
     if spec.hosts.is_empty() {
         ctx.error("spec.hosts", "at least one host is required");
     }
+    // A host name, or a wildcard `*.suffix` (requests and TLS naming a
+    // host under it are the entry's; the most specific entry wins).
     for (i, h) in spec.hosts.iter().enumerate() {
-        if h.is_empty() || h.contains('/') || h.contains('*') {
-            ctx.error(format!("spec.hosts[{i}]"), format!("{h:?}: expected a host name (wildcards are {NOT_YET})"));
+        let name = h.strip_prefix("*.").unwrap_or(h);
+        if name.is_empty() || name.contains(['/', '*']) || name.starts_with('.') || name.ends_with('.') {
+            ctx.error(format!("spec.hosts[{i}]"), format!("{h:?}: expected a host name or a wildcard *.domain"));
         }
     }
+    let wildcard = spec.hosts.iter().any(|h| h.starts_with("*."));
     // Addresses and ranges (Istio's `addresses`: IPs or CIDR blocks); a /32
     // is an address.
     let (mut addresses, mut ranges) = (Vec::new(), Vec::new());
@@ -131,6 +135,12 @@ pub(super) fn build_service_entry(ctx: &mut Ctx<'_>, obj: &ServiceEntryObject) -
             Resolution::None
         }
     };
+    if wildcard && resolution == Resolution::Dns && spec.endpoints.is_empty() {
+        ctx.error(
+            "spec.resolution",
+            "DNS resolution of a wildcard host needs endpoints: a wildcard names no one host to resolve",
+        );
+    }
     let ports = se_ports(ctx, &spec.ports);
     let endpoints = endpoints(ctx, spec, &namespace, resolution);
     if resolution == Resolution::None && !spec.endpoints.is_empty() {

@@ -55,7 +55,24 @@ async fn open(ctx: &Arc<Inputs>, client: TcpStream, peer: SocketAddr) -> Option<
         Err(None) => return None,
     };
     let pick = ctx.next_pick();
-    let decided = decide(ctx, &state, orig, source.as_deref().map(|w| &*w.namespace), pick);
+    let client_ns = source.as_deref().map(|w| &*w.namespace);
+    let mut decided = decide(ctx, &state, orig, client_ns, pick);
+    // An address nobody declared, on a port a ServiceEntry host lists: TLS
+    // naming that host (or one under its wildcard) is that entry's.
+    if matches!(decided, Route::BlackHole { .. } | Route::Passthrough { .. })
+        && state.external_port(orig.port())
+        && let Some(name) = crate::proxy::sni::peek_sni(&client, ctx.protocol_detection_timeout).await
+        && let Some(service) = state.external_on_port(&name, orig.port(), client_ns)
+    {
+        decided = crate::routing::l4::route_to(
+            service,
+            orig,
+            orig.port(),
+            None,
+            crate::routing::l4::Pick::Turn(pick),
+            &|_| false,
+        );
+    }
     // Not in the registry under REGISTRY_ONLY: refused unless HTTP names a host.
     let black_hole = matches!(decided, Route::BlackHole { .. });
     let (dest, addr, mut labels, declared, service) = match destination(decided, source.as_deref(), orig) {

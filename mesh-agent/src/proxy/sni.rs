@@ -98,6 +98,30 @@ fn client_hello(record: &[u8]) -> Option<Sni<'_>> {
     Some(Sni::Absent)
 }
 
+/// The server name in the client's ClientHello, read without consuming it
+/// (the bytes go upstream untouched).
+pub(crate) async fn peek_sni(stream: &tokio::net::TcpStream, timeout: std::time::Duration) -> Option<String> {
+    let mut buf = vec![0u8; 16 * 1024];
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let n = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => n,
+            _ => return None,
+        };
+        match sni(&buf[..n]) {
+            Sni::Found(name) => return Some(name.to_ascii_lowercase()),
+            Sni::NeedMore if n < buf.len() => {
+                // Wait for more bytes without spinning: forget the readiness
+                // this peek saw, then wait for the next arrival.
+                let _ = stream
+                    .try_io(tokio::io::Interest::READABLE, || Err::<(), _>(std::io::ErrorKind::WouldBlock.into()));
+                tokio::time::timeout_at(deadline, stream.readable()).await.ok()?.ok()?;
+            }
+            _ => return None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -89,7 +89,7 @@ pub fn route_request(
     // A Service VIP, else a ServiceEntry host named by the request.
     let service = state.service_for(orig, req.namespace).or_else(|| {
         let host = request_host(req.headers)?;
-        state.external_for_host(host, req.namespace).filter(|s| s.ports.iter().any(|p| p.port == orig.port()))
+        state.external_on_port(host, orig.port(), req.namespace)
     });
     let Some(service) = service else {
         let route = route(state, orig, req.namespace, pick);

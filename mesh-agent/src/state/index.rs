@@ -119,6 +119,18 @@ impl State {
         })
     }
 
+    /// The ServiceEntry host `host` (exact, else the most specific wildcard)
+    /// with a port `port`, as a client in `client` sees it.
+    pub fn external_on_port(&self, host: &str, port: u16, client: Option<&str>) -> Option<&Arc<super::Service>> {
+        self.external_for_host(host, client).filter(|s| s.ports.iter().any(|p| p.port == port))
+    }
+
+    /// Whether some ServiceEntry host lists `port` (a connection there to an
+    /// address nobody declared may name one by TLS SNI).
+    pub fn external_port(&self, port: u16) -> bool {
+        self.external_by_host.values().flatten().any(|s| s.ports.iter().any(|p| p.port == port))
+    }
+
     pub fn gateways_of<'a>(&'a self, pod: &'a super::Workload) -> impl Iterator<Item = &'a Arc<super::Gateway>> {
         let selects = |g: &&Arc<super::Gateway>| {
             g.selector.iter().all(|(k, v)| pod.labels.get(k) == Some(v))

@@ -7,7 +7,6 @@ use std::{
     pin::Pin,
     sync::Arc,
     task::{Context as TaskContext, Poll},
-    time::Duration,
 };
 
 use tokio::{
@@ -23,7 +22,7 @@ use crate::{
         l4::{ConnMeters, fail, pump, reset},
         limits::Handshake,
         outbound::{self, http::serve},
-        sni::{Sni, sni},
+        sni::peek_sni,
         upstream::Hop,
     },
     routing::l4::Route,
@@ -131,30 +130,6 @@ fn downstream(peer: SocketAddr, local: SocketAddrV4, gateways: Arc<[String]>) ->
         first_pick,
         client_cert: None,
         principal: None,
-    }
-}
-
-/// The server name in the client's ClientHello, read without consuming it
-/// (the bytes go upstream untouched).
-async fn peek_sni(stream: &TcpStream, timeout: Duration) -> Option<String> {
-    let mut buf = vec![0u8; 16 * 1024];
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        let n = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
-            Ok(Ok(n)) if n > 0 => n,
-            _ => return None,
-        };
-        match sni(&buf[..n]) {
-            Sni::Found(name) => return Some(name.to_ascii_lowercase()),
-            Sni::NeedMore if n < buf.len() => {
-                // Wait for more bytes without spinning: forget the readiness
-                // this peek saw, then wait for the next arrival.
-                let _ = stream
-                    .try_io(tokio::io::Interest::READABLE, || Err::<(), _>(std::io::ErrorKind::WouldBlock.into()));
-                tokio::time::timeout_at(deadline, stream.readable()).await.ok()?.ok()?;
-            }
-            _ => return None,
-        }
     }
 }
 

@@ -174,3 +174,64 @@ fn gateways_service_entries_and_registry_only() {
     assert_eq!(served("istio-system/egressgateway"), ["egress"]);
     assert!(served("demo/hello-v1").is_empty(), "a pod that is no gateway is never served as one");
 }
+
+#[test]
+fn wildcard_service_entry_hosts_take_the_hosts_under_them_most_specific_first() {
+    let entries = r#"
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: google, namespace: demo}
+spec:
+  hosts: ["*.googleapis.com"]
+  ports: [{number: 80, name: http, protocol: HTTP}, {number: 443, name: tls, protocol: TLS}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: storage, namespace: demo}
+spec:
+  hosts: ["*.storage.googleapis.com"]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: exact, namespace: demo}
+spec:
+  hosts: [maps.googleapis.com]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+"#;
+    let s = state_from_yaml(&format!("{EDGE}{entries}"));
+    let named = |h: &str, port: u16| s.external_on_port(h, port, Some("demo")).map(|x| x.name.to_string());
+    assert_eq!(named("maps.googleapis.com", 80).as_deref(), Some("maps.googleapis.com"));
+    assert_eq!(named("a.b.storage.googleapis.com", 80).as_deref(), Some("*.storage.googleapis.com"));
+    assert_eq!(named("pubsub.googleapis.com", 80).as_deref(), Some("*.googleapis.com"));
+    assert_eq!(named("pubsub.googleapis.com", 443).as_deref(), Some("*.googleapis.com"));
+    // Never the bare domain, another domain, or a port no entry lists.
+    assert_eq!(named("googleapis.com", 80), None);
+    assert_eq!(named("googleapis.com.evil.example", 80), None);
+    assert_eq!(named("pubsub.googleapis.com", 8080), None);
+    // Under REGISTRY_ONLY, HTTP naming a host under the wildcard at an
+    // address nobody declared: the entry's, to the address dialed.
+    let mut headers = HeaderMap::new();
+    headers.insert("host", HeaderValue::from_static("pubsub.googleapis.com"));
+    let view = RequestView { method: "GET", path: "/", headers: &headers, client: CLIENT, namespace: Some("demo") };
+    let d = route_request(&s, "198.51.100.7:80".parse().expect("a"), &view, 0, 0, &NoState);
+    assert_eq!(describe(&d), "unknown 198.51.100.7:80");
+    headers.insert("host", HeaderValue::from_static("example.org"));
+    let view = RequestView { method: "GET", path: "/", headers: &headers, client: CLIENT, namespace: Some("demo") };
+    let d = route_request(&s, "198.51.100.7:80".parse().expect("a"), &view, 0, 0, &NoState);
+    assert_eq!(describe(&d), "black hole 198.51.100.7:80");
+    // A wildcard names no one host to resolve: DNS needs endpoints.
+    let bad = "---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: bad, namespace: demo}\n\
+               spec: {hosts: [\"*.example.net\"], resolution: DNS, ports: [{number: 80, name: http, protocol: HTTP}]}\n";
+    let loaded = crate::config::load_text("x.yaml", &format!("{EDGE}{bad}"), "cluster.local");
+    let errors: Vec<String> = loaded.rejected.iter().map(ToString::to_string).collect();
+    assert!(
+        errors.iter().any(|e| e.contains("spec.resolution: DNS resolution of a wildcard host needs endpoints")),
+        "{errors:?}"
+    );
+    let bare = bad.replace("*.example.net", "*");
+    let loaded = crate::config::load_text("x.yaml", &format!("{EDGE}{bare}"), "cluster.local");
+    let errors: Vec<String> = loaded.rejected.iter().map(ToString::to_string).collect();
+    assert!(errors.iter().any(|e| e.contains("expected a host name or a wildcard *.domain")), "{errors:?}");
+}
