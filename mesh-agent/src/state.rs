@@ -176,6 +176,16 @@ pub struct Service {
     pub external: Option<Arc<External>>,
 }
 
+impl Service {
+    /// Whether a client in `client` sees it: a ServiceEntry's `exportTo`
+    /// (its own namespace always; a client of no namespace only what is
+    /// exported to all); a Kubernetes Service, always.
+    pub fn visible_to(&self, client: Option<&str>) -> bool {
+        let Some(to) = self.external.as_ref().and_then(|e| e.export_to.as_ref()) else { return true };
+        client.is_some_and(|c| c == &*self.namespace || to.iter().any(|ns| &**ns == c))
+    }
+}
+
 /// What a ServiceEntry adds to the Service made from one of its hosts.
 #[derive(Debug, Serialize)]
 pub struct External {
@@ -189,6 +199,8 @@ pub struct External {
     pub addresses: Vec<Ipv4Addr>,
     /// Its `addresses` that are ranges (CIDR, prefix shorter than 32).
     pub ranges: Vec<security::Cidr>,
+    /// `exportTo`: the clients' namespaces that see it (`None`: all).
+    pub export_to: Option<Vec<Arc<str>>>,
     /// The endpoint reported for `resolution: NONE` (the original destination).
     #[serde(skip)]
     pub unknown: Arc<Workload>,
@@ -475,7 +487,7 @@ impl State {
         if first.external.is_none() {
             return Some(first);
         }
-        let claimant = self.external_by_addr.get(ip).and_then(|list| prefer_own(list, client)).unwrap_or(first);
+        let claimant = self.external_by_addr.get(ip).and_then(|list| prefer_own(list, client))?;
         self.external_for_host(&claimant.hostname, client).or(Some(claimant))
     }
 
@@ -484,13 +496,14 @@ impl State {
     /// A host no entry declares is taken by the most specific wildcard
     /// entry (`*.b.example.com` before `*.example.com`).
     pub fn external_for_host(&self, host: &str, client: Option<&str>) -> Option<&Arc<Service>> {
-        if let Some(list) = self.external_by_host.get(host) {
-            return prefer_own(list, client);
+        let seen = |host: &str| self.external_by_host.get(host).and_then(|list| prefer_own(list, client));
+        if let Some(s) = seen(host) {
+            return Some(s);
         }
         let mut rest = host;
         while let Some((_, parent)) = rest.split_once('.') {
-            if let Some(list) = self.external_by_host.get(&format!("*.{parent}")) {
-                return prefer_own(list, client);
+            if let Some(s) = seen(&format!("*.{parent}")) {
+                return Some(s);
             }
             rest = parent;
         }
@@ -499,9 +512,9 @@ impl State {
 }
 
 /// Of services declaring one host or address (oldest first), the one in the
-/// client's namespace, else the oldest.
+/// client's namespace, else the oldest the client sees (`exportTo`).
 pub fn prefer_own<'a>(list: &'a [Arc<Service>], client: Option<&str>) -> Option<&'a Arc<Service>> {
-    client.and_then(|c| list.iter().find(|s| &*s.namespace == c)).or(list.first())
+    client.and_then(|c| list.iter().find(|s| &*s.namespace == c)).or_else(|| list.iter().find(|s| s.visible_to(client)))
 }
 
 impl State {

@@ -84,15 +84,26 @@ spec:
   addresses: ["172.18.0.0/24"]
   ports: [{number: 8080, name: tcp, protocol: TCP}]
   location: MESH_EXTERNAL
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: ops-only, namespace: ops}
+spec:
+  hosts: [ops.internal]
+  addresses: ["172.18.5.0/24"]
+  exportTo: ["."]
+  ports: [{number: 8080, name: tcp, protocol: TCP}]
+  location: MESH_EXTERNAL
 "#;
     let a = Agent::start(&c, &c.yaml(config));
     let test = c.pod("test");
     // The positive control: in the range, on the entry's port.
     let r = curl(|args| test.cmd(args), &["http://172.18.0.1:8080/"]);
     assert_eq!(r.code, 200, "{}{}\n{}", r.body, r.stderr, a.log_text());
-    // Out of the range, or another port in it: refused (REGISTRY_ONLY).
+    // Out of the range (in another namespace's entry exported only to its
+    // own), or another port in it: refused (REGISTRY_ONLY).
     let r = curl(|args| test.cmd(args), &["http://172.18.5.1:8080/"]);
-    assert_ne!(r.code, 200, "out of the entry's range: {}", r.body);
+    assert_ne!(r.code, 200, "out of the entry's range, in one not exported to demo: {}", r.body);
     let r = curl(|args| test.cmd(args), &["http://172.18.0.1:80/"]);
     assert_ne!(r.code, 200, "a port the entry does not list: {}", r.body);
     // Reported as the entry's host.

@@ -39,7 +39,7 @@ fn gateway_ref(g: &str, namespace: &str) -> String {
 /// `exportTo` of an object in `namespace`: the namespaces whose clients (and
 /// gateways) it applies to: `*` everywhere (`None`, also when absent), `.`
 /// its own, `~` nowhere, or namespaces by name.
-fn export_to(ctx: &mut Ctx<'_>, list: Option<&[String]>, namespace: &Arc<str>) -> Option<Vec<Arc<str>>> {
+pub(super) fn export_to(ctx: &mut Ctx<'_>, list: Option<&[String]>, namespace: &Arc<str>) -> Option<Vec<Arc<str>>> {
     let list = list?;
     let mut to = Vec::new();
     for (i, e) in list.iter().enumerate() {

@@ -48,7 +48,7 @@ pub struct ServiceEntrySpec {
     pub resolution: Option<String>,
     #[serde(default)]
     pub endpoints: Vec<SeEndpointSpec>,
-    pub export_to: Unsupported,
+    pub export_to: Option<Vec<String>>,
     pub subject_alt_names: Unsupported,
     pub workload_selector: Unsupported,
 }
@@ -80,11 +80,8 @@ pub(super) fn build_service_entry(ctx: &mut Ctx<'_>, obj: &ServiceEntryObject) -
     let (name, namespace) = name_and_namespace(ctx, &obj.metadata)?;
     let before = ctx.error_count();
     let spec = &obj.spec;
-    for (field, v) in [
-        ("exportTo", &spec.export_to),
-        ("subjectAltNames", &spec.subject_alt_names),
-        ("workloadSelector", &spec.workload_selector),
-    ] {
+    let export_to = super::networking::export_to(ctx, spec.export_to.as_deref(), &namespace);
+    for (field, v) in [("subjectAltNames", &spec.subject_alt_names), ("workloadSelector", &spec.workload_selector)] {
         if v.is_some() {
             ctx.error(format!("spec.{field}"), NOT_YET);
         }
@@ -156,6 +153,7 @@ pub(super) fn build_service_entry(ctx: &mut Ctx<'_>, obj: &ServiceEntryObject) -
         resolution,
         addresses: addresses.clone(),
         ranges,
+        export_to,
         unknown: Arc::new(unknown_endpoint(&namespace, None, BTreeMap::new())),
     });
     let services = spec

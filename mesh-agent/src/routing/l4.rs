@@ -69,7 +69,7 @@ pub fn route(state: &State, dst: SocketAddrV4, client: Option<&str>, pick: usize
     // kept as dialed (the application chose among the addresses).
     let all = state.external_by_ip.get(&ip).map(Vec::as_slice).unwrap_or_default();
     let own = client.and_then(|c| all.iter().find(|s| &*s.namespace == c));
-    for service in own.into_iter().chain(all) {
+    for service in own.into_iter().chain(all.iter().filter(|s| s.visible_to(client))) {
         if let Some(sp) = service.ports.iter().find(|p| p.port == dst.port())
             && let Some(endpoint) = service.endpoints.iter().find(|w| w.ip == Some(ip))
         {

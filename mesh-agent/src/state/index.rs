@@ -115,7 +115,7 @@ impl State {
         let has_port = |s: &&Arc<super::Service>| s.ports.iter().any(|p| p.port == dst.port());
         self.external_by_range.iter().filter(|(range, _)| range.contains(*dst.ip())).find_map(|(_, list)| {
             let own = client.and_then(|c| list.iter().filter(has_port).find(|s| &*s.namespace == c));
-            own.or_else(|| list.iter().find(has_port))
+            own.or_else(|| list.iter().filter(has_port).find(|s| s.visible_to(client)))
         })
     }
 

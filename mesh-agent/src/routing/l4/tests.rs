@@ -198,3 +198,51 @@ fn cidr_service_entries_take_their_ranges_by_port_and_longest_prefix() {
         assert_eq!(got, want, "dst {dst}");
     }
 }
+
+#[test]
+fn a_service_entry_is_seen_only_where_it_is_exported() {
+    let entries = r#"
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: istio, namespace: istio-system}
+data:
+  mesh: |-
+    outboundTrafficPolicy:
+      mode: REGISTRY_ONLY
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: private, namespace: ops}
+spec:
+  hosts: [db.ops.example]
+  addresses: [192.0.2.50, 198.18.0.0/16]
+  exportTo: ["."]
+  ports: [{number: 5432, name: tcp, protocol: TCP}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: shared, namespace: ops}
+spec:
+  hosts: [cache.ops.example]
+  addresses: [192.0.2.51]
+  exportTo: [".", demo]
+  ports: [{number: 6379, name: tcp, protocol: TCP}]
+"#;
+    let s = state(entries);
+    let at = |dst: &str, ns: &str| {
+        let r = describe(&route(&s, addr(dst), Some(ns), 0));
+        if r.starts_with("svc ") { r.rsplit_once(' ').map_or(r.clone(), |(a, _)| a.to_owned()) } else { r }
+    };
+    // Its own namespace sees it; another does not (REGISTRY_ONLY refuses),
+    // by address and by range alike.
+    assert_eq!(at("192.0.2.50:5432", "ops"), "svc db.ops.example -> unknown 192.0.2.50:5432");
+    assert_eq!(at("198.18.3.4:5432", "ops"), "svc db.ops.example -> unknown 198.18.3.4:5432");
+    assert_eq!(at("192.0.2.50:5432", "demo"), "black hole 192.0.2.50:5432");
+    assert_eq!(at("198.18.3.4:5432", "demo"), "black hole 198.18.3.4:5432");
+    // Exported to demo by name: demo sees it, other does not.
+    assert_eq!(at("192.0.2.51:6379", "demo"), "svc cache.ops.example -> unknown 192.0.2.51:6379");
+    assert_eq!(at("192.0.2.51:6379", "other"), "black hole 192.0.2.51:6379");
+    // By host, too.
+    assert!(s.external_for_host("db.ops.example", Some("demo")).is_none());
+    assert!(s.external_for_host("db.ops.example", Some("ops")).is_some());
+}
