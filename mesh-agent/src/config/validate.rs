@@ -323,10 +323,11 @@ fn sort_document(
             objects.security.push(FailClosed::read(origin, &ctx.object, value));
             push(&mut ctx, value, &mut objects.request_authentications)
         }
-        ("networking.istio.io/v1" | "networking.istio.io/v1beta1", "VirtualService") => {
+        // Istio serves all three versions of its networking kinds (one schema).
+        ("networking.istio.io/v1" | "networking.istio.io/v1beta1" | "networking.istio.io/v1alpha3", "VirtualService") => {
             push(&mut ctx, value, &mut objects.virtual_services)
         }
-        ("networking.istio.io/v1" | "networking.istio.io/v1beta1", "DestinationRule") => {
+        ("networking.istio.io/v1" | "networking.istio.io/v1beta1" | "networking.istio.io/v1alpha3", "DestinationRule") => {
             push(&mut ctx, value, &mut objects.destination_rules)
         }
         ("telemetry.istio.io/v1" | "telemetry.istio.io/v1alpha1", "Telemetry") => {

@@ -235,3 +235,102 @@ spec:
     let errors: Vec<String> = loaded.rejected.iter().map(ToString::to_string).collect();
     assert!(errors.iter().any(|e| e.contains("expected a host name or a wildcard *.domain")), "{errors:?}");
 }
+
+/// `samples/external/aptget.yaml` and `pypi.yaml`, as shipped (github.yaml:
+/// `routing::l4::tests`).
+const APTGET: &str = r#"apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: make-aptget-work
+spec:
+  hosts:
+  - deb.debian.org
+  - cdn-fastly.deb.debian.org
+  - security.debian.org
+  - archive.ubuntu.com
+  - security.ubuntu.com
+  ports:
+  - number: 80
+    name: http
+    protocol: HTTP
+"#;
+
+const PYPI: &str = r#"apiVersion: networking.istio.io/v1alpha3
+kind: ServiceEntry
+metadata:
+  name: python-https
+spec:
+  hosts:
+  - pypi.python.org
+  ports:
+  - number: 443
+    name: https
+    protocol: HTTPS
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: VirtualService
+metadata:
+  name: python-https
+spec:
+  hosts:
+  - pypi.python.org
+  tls:
+  - match:
+    - port: 443
+      sniHosts:
+      - pypi.python.org
+    route:
+    - destination:
+        host: pypi.python.org
+        port:
+          number: 443
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: ServiceEntry
+metadata:
+  name: pypi-https
+spec:
+  hosts:
+  - pypi.org
+  ports:
+  - number: 443
+    name: https
+    protocol: HTTPS
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: VirtualService
+metadata:
+  name: pypi-https
+spec:
+  hosts:
+  - pypi.org
+  tls:
+  - match:
+    - port: 443
+      sniHosts:
+      - pypi.org
+    route:
+    - destination:
+        host: pypi.org
+        port:
+          number: 443
+"#;
+
+#[test]
+fn istios_external_samples_load_and_name_their_hosts() {
+    let s = state_from_yaml(&format!("{EDGE}---\n{APTGET}---\n{PYPI}"));
+    // By host (HTTP Host, or the TLS server name) on the samples' ports.
+    for (host, port) in
+        [("deb.debian.org", 80), ("security.ubuntu.com", 80), ("pypi.org", 443), ("pypi.python.org", 443)]
+    {
+        assert!(s.external_on_port(host, port, Some("default")).is_some(), "{host}:{port}");
+    }
+    assert!(s.external_on_port("pypi.org", 80, Some("default")).is_none());
+    // apt over HTTP at an address nobody declared, under REGISTRY_ONLY.
+    let mut headers = HeaderMap::new();
+    headers.insert("host", HeaderValue::from_static("deb.debian.org"));
+    let view =
+        RequestView { method: "GET", path: "/debian/", headers: &headers, client: CLIENT, namespace: Some("default") };
+    let d = route_request(&s, "151.101.2.132:80".parse().expect("a"), &view, 0, 0, &NoState);
+    assert_eq!(describe(&d), "unknown 151.101.2.132:80");
+}
