@@ -57,21 +57,22 @@ async fn open(ctx: &Arc<Inputs>, client: TcpStream, peer: SocketAddr) -> Option<
     let pick = ctx.next_pick();
     let client_ns = source.as_deref().map(|w| &*w.namespace);
     let mut decided = decide(ctx, &state, orig, client_ns, pick);
-    // An address nobody declared, on a port a ServiceEntry host lists: TLS
-    // naming that host (or one under its wildcard) is that entry's.
-    if matches!(decided, Route::BlackHole { .. } | Route::Passthrough { .. })
-        && state.external_port(orig.port())
-        && let Some(name) = crate::proxy::sni::peek_sni(&client, ctx.protocol_detection_timeout).await
-        && let Some(service) = state.external_on_port(&name, orig.port(), client_ns)
-    {
-        decided = crate::routing::l4::route_to(
-            service,
-            orig,
-            orig.port(),
-            None,
-            crate::routing::l4::Pick::Turn(pick),
-            &|_| false,
-        );
+    // TLS whose server name decides: a Service with mesh `tls` rules, or an
+    // address nobody declared on a port a ServiceEntry host lists (TLS
+    // naming that host, or one under its wildcard, is that entry's).
+    let unknown = matches!(decided, Route::BlackHole { .. } | Route::Passthrough { .. });
+    let reads_sni = match &decided {
+        Route::Service { service, .. } => crate::routing::http::has_mesh_tls(&state, service, client_ns),
+        _ => unknown && state.external_port(orig.port()),
+    };
+    if reads_sni && let Some(name) = crate::proxy::sni::peek_sni(&client, ctx.protocol_detection_timeout).await {
+        let random = ctx.next_random();
+        if let Some(route) = crate::routing::http::route_tls(&state, orig, &name, client_ns, pick, random) {
+            decided = route;
+        } else if unknown && let Some(service) = state.external_on_port(&name, orig.port(), client_ns) {
+            let pick = crate::routing::l4::Pick::Turn(pick);
+            decided = crate::routing::l4::route_to(service, orig, orig.port(), None, pick, &|_| false);
+        }
     }
     // Not in the registry under REGISTRY_ONLY: refused unless HTTP names a host.
     let black_hole = matches!(decided, Route::BlackHole { .. });

@@ -422,6 +422,41 @@ fn route_at_gateway(
 /// Routes a TLS connection at a Gateway's PASSTHROUGH server by its SNI: the
 /// first `tls` rule, of the VirtualServices bound to one of `gateways`, with a
 /// match for the SNI and port.
+/// A mesh `tls` rule for a connection to `orig` whose ClientHello names
+/// `sni`: of the Service addressed, else of the ServiceEntry host the name
+/// is under; the first rule whose match has the port and a host pattern
+/// covering the name (Istio's `tls` routes, at the source agent).
+pub fn route_tls(
+    state: &State,
+    orig: SocketAddrV4,
+    sni: &str,
+    from_namespace: Option<&str>,
+    pick: usize,
+    random: u64,
+) -> Option<Route> {
+    let service =
+        state.service_for(orig, from_namespace).or_else(|| state.external_on_port(sni, orig.port(), from_namespace))?;
+    let rule = mesh_routes_for(state, service, from_namespace).flat_map(|vs| vs.tls.iter()).find(|r| {
+        r.matches.iter().any(|m| {
+            (m.gateways.is_empty() || m.gateways.iter().any(|g| g == MESH))
+                && m.port.is_none_or(|p| p == orig.port())
+                && m.sni_hosts.iter().any(|h| host_matches(h, sni))
+        })
+    })?;
+    let dest = choose(&rule.routes, random)?;
+    Some(match resolve(state, from_namespace, &service.key, dest, orig.port()) {
+        Ok((target, port, labels, _, _)) => route_to(target, orig, port, labels, Pick::Turn(pick), &|_| false),
+        Err(reason) => Route::Refused { service: service.clone(), reason },
+    })
+}
+
+/// Whether a mesh VirtualService of `service` (as a client in
+/// `from_namespace` sees them) has `tls` rules: its connections' server
+/// names are then read.
+pub fn has_mesh_tls(state: &State, service: &Service, from_namespace: Option<&str>) -> bool {
+    mesh_routes_for(state, service, from_namespace).any(|vs| !vs.tls.is_empty())
+}
+
 pub fn route_gateway_tls(
     state: &State,
     gateways: &[String],

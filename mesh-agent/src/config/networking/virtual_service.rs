@@ -179,7 +179,7 @@ pub(in crate::config) fn build_virtual_service(
         let routes = destinations(ctx, &base, &r.route, &namespace, services);
         tcp.push(Arc::new(TcpRoute { ports, routes }));
     }
-    let tls = tls_routes(ctx, spec, &namespace, services, &gw_refs);
+    let tls = tls_routes(ctx, spec, &namespace, services);
     let host_patterns = spec.hosts.clone();
     (ctx.error_count() == before).then_some(VirtualService {
         name,
@@ -207,13 +207,13 @@ fn match_port(ctx: &mut Ctx<'_>, field: &str, port: Option<i64>) -> Result<Optio
     }
 }
 
-/// `tls` rules: routed by SNI at gateways (TLS PASSTHROUGH servers).
+/// `tls` rules: routed by SNI at gateways (TLS PASSTHROUGH servers) and,
+/// for mesh traffic, at the source agent (the ClientHello peeked).
 fn tls_routes(
     ctx: &mut Ctx<'_>,
     spec: &VirtualServiceSpec,
     namespace: &str,
     services: &BTreeMap<String, Arc<Service>>,
-    gw_refs: &[String],
 ) -> Vec<Arc<TlsRoute>> {
     let mut out = Vec::new();
     for (ri, r) in spec.tls.iter().enumerate() {
@@ -235,14 +235,6 @@ fn tls_routes(
             }
             let port = match_port(ctx, &format!("{mb}.port"), m.port).ok().flatten();
             let gateways: Vec<String> = m.gateways.iter().map(|g| gateway_ref(g, namespace)).collect();
-            let applies: Vec<&String> =
-                if gateways.is_empty() { gw_refs.iter().collect() } else { gateways.iter().collect() };
-            if applies.iter().any(|g| *g == MESH) {
-                ctx.error(
-                    format!("{mb}.gateways"),
-                    format!("tls rules for mesh traffic are {NOT_YET} (gateways only)"),
-                );
-            }
             matches.push(TlsMatch { sni_hosts: m.sni_hosts.clone(), port, gateways });
         }
         if r.matches.is_empty() {

@@ -333,4 +333,11 @@ fn istios_external_samples_load_and_name_their_hosts() {
         RequestView { method: "GET", path: "/debian/", headers: &headers, client: CLIENT, namespace: Some("default") };
     let d = route_request(&s, "151.101.2.132:80".parse().expect("a"), &view, 0, 0, &NoState);
     assert_eq!(describe(&d), "unknown 151.101.2.132:80");
+    // pip over TLS: the samples' mesh `tls` rule by server name, to the
+    // address dialed (resolution NONE); another name has no rule.
+    let orig = "151.101.0.223:443".parse().expect("a");
+    let routed = crate::routing::http::route_tls(&s, orig, "pypi.org", Some("default"), 0, 0);
+    let d = Decision { route: routed.expect("the tls rule"), rule: None, matched_prefix: None, cluster: None };
+    assert_eq!(describe(&d), "unknown 151.101.0.223:443");
+    assert!(crate::routing::http::route_tls(&s, orig, "files.pythonhosted.org", Some("default"), 0, 0).is_none());
 }
