@@ -227,6 +227,16 @@ fn host_network_clients_reach_services_with_the_node_identity() {
     // A pod's connection is not a host client: it goes the usual way.
     let (code, body) = curl(|a: &[&str]| e.pod("test").cmd(a), &["http://10.96.0.10:5000/"]);
     assert_eq!(code, 200, "{body}");
+    // A ServiceEntry's address (routed nowhere on the node) is the entry's
+    // for host clients too: captured, sent to its endpoint.
+    let entry = format!(
+        "---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: virtual, namespace: demo}}\n\
+         spec: {{hosts: [virtual.example], addresses: [240.0.0.10], resolution: STATIC, location: MESH_EXTERNAL, \
+         ports: [{{number: 80, name: http, protocol: HTTP}}], endpoints: [{{address: {EXTERNAL_IP}}}]}}\n"
+    );
+    e.set_config(&config(&e.base, &e.secret, &e.ca_secret, &entry));
+    let (code, body) = curl(node1, &["http://240.0.0.10/from-the-node"]);
+    assert_eq!(code, 200, "a host client to a ServiceEntry address: {body}");
     e.agents[0].wait_metrics(5, "host_captured counter", |t| {
         metric(t, "mesh_ebpf_packets_total", &[("counter", "host_captured")]) >= 1.0
     });

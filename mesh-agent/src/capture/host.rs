@@ -145,11 +145,15 @@ impl HostCapture {
         }
     }
 
-    /// Makes `HOST_DESTS` hold exactly the mesh Services' VIPs and the meshed
-    /// pods' IPs (on every node: a host client reaches a remote one over HBONE),
-    /// and `PROBE_PORTS` the probe ports of the meshed pods on `node`.
+    /// Makes `HOST_DESTS` hold exactly the mesh Services' VIPs, the
+    /// ServiceEntry addresses (host clients get the same routes and policy as
+    /// pods there) and the meshed pods' IPs (on every node: a host client
+    /// reaches a remote one over HBONE), and `PROBE_PORTS` the probe ports of
+    /// the meshed pods on `node`.
     pub fn sync(&mut self, state: &State, node: &str) -> Result<(), CaptureError> {
         let vips = state.services.values().filter(|s| s.external.is_none()).filter_map(|s| s.vip);
+        let entries = state.external_by_addr.keys().copied();
+        let vips = vips.chain(entries);
         let pods = state.workloads.values().filter(|w| w.meshed && !w.host_network).filter_map(|w| w.ip);
         self.dests.sync(vips.chain(pods).map(|ip| u32::from_ne_bytes(ip.octets())).collect())?;
         let want: HashSet<PodPort> = state
