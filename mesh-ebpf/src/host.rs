@@ -9,7 +9,7 @@ use aya_ebpf::{
 };
 use mesh_common::{HostKey, OrigDst, PodPort, counter};
 
-use crate::{HOST_DESTS, HOST_ORIG, ORIG_BY_COOKIE, PROBE_PORTS, SETTINGS, count};
+use crate::{HOST_DESTS, HOST_ORIG, HOST_RANGES, ORIG_BY_COOKIE, PROBE_PORTS, SETTINGS, count};
 
 /// Allow the connect (1), possibly redirected to the outbound listener.
 #[cgroup_sock_addr(connect4)]
@@ -40,7 +40,9 @@ fn connect4(ctx: &SockAddrContext) {
     // SAFETY: reading a field of the valid context.
     let dst_ip: u32 = unsafe { core::ptr::read_volatile(&addr.user_ip4) };
     // SAFETY: only tested for presence.
-    if unsafe { HOST_DESTS.get(&dst_ip) }.is_none() {
+    if unsafe { HOST_DESTS.get(&dst_ip) }.is_none()
+        && HOST_RANGES.get(aya_ebpf::maps::lpm_trie::Key::new(32, dst_ip)).is_none()
+    {
         return;
     }
     // SAFETY: `sk` is always set for connect hooks.

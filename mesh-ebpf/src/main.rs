@@ -66,7 +66,7 @@ use aya_ebpf::{
     bindings::{BPF_F_CURRENT_NETNS, BPF_F_INGRESS, TC_ACT_OK, TC_ACT_SHOT, bpf_sock, bpf_sock_tuple},
     helpers::{bpf_redirect, bpf_sk_assign, bpf_sk_release, bpf_skc_lookup_tcp},
     macros::{classifier, map},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     programs::TcContext,
 };
 use mesh_common::{HostKey, IfaceInfo, OrigDst, PodPort, Settings, counter, role};
@@ -81,6 +81,11 @@ static LOCAL_MESHED: HashMap<u32, u32> = HashMap::with_max_entries(4096, 0);
 
 #[map]
 static HOST_DESTS: HashMap<u32, u32> = HashMap::with_max_entries(65536, 0);
+
+/// ServiceEntry address ranges host clients are captured for (the key's
+/// data: the network in network byte order, as the connect address is).
+#[map]
+static HOST_RANGES: LpmTrie<u32, u32> = LpmTrie::with_max_entries(4096, 0);
 
 #[map]
 static PROBE_PORTS: HashMap<PodPort, u32> = HashMap::with_max_entries(16384, 0);

@@ -237,6 +237,15 @@ fn host_network_clients_reach_services_with_the_node_identity() {
     e.set_config(&config(&e.base, &e.secret, &e.ca_secret, &entry));
     let (code, body) = curl(node1, &["http://240.0.0.10/from-the-node"]);
     assert_eq!(code, 200, "a host client to a ServiceEntry address: {body}");
+    // And an address in its range.
+    e.set_config(&config(
+        &e.base,
+        &e.secret,
+        &e.ca_secret,
+        &entry.replace("[240.0.0.10]", "[240.0.0.10, 240.1.0.0/16]"),
+    ));
+    let (code, body) = curl(node1, &["http://240.1.2.3/from-the-node"]);
+    assert_eq!(code, 200, "a host client to an address in a ServiceEntry's range: {body}");
     e.agents[0].wait_metrics(5, "host_captured counter", |t| {
         metric(t, "mesh_ebpf_packets_total", &[("counter", "host_captured")]) >= 1.0
     });

@@ -53,6 +53,9 @@ impl HostOrig {
 /// The destinations the programs act on, kept in step with the configuration.
 pub struct HostCapture {
     dests: KeySet<u32>,
+    /// `HOST_RANGES`: ServiceEntry CIDR ranges, (prefix length, network in
+    /// network byte order), and those last written.
+    ranges: (aya::maps::lpm_trie::LpmTrie<aya::maps::MapData, u32, u32>, HashSet<(u32, u32)>),
     probes: KeySet<PodPort>,
     pub cgroup: PathBuf,
     links: Vec<Held>,
@@ -113,6 +116,8 @@ pub const PINS: [&str; 2] = ["cgroup-connect4", "cgroup-sockops"];
 /// pod's last-hop gate, which fails closed.
 pub fn start(ebpf: &mut Ebpf, cgroup: &Path, pins: &Pins) -> Result<(HostCapture, HostOrig), CaptureError> {
     let dests = KeySet::take(ebpf, "HOST_DESTS")?;
+    let ranges =
+        aya::maps::lpm_trie::LpmTrie::try_from(take_map(ebpf, "HOST_RANGES")?).map_err(map_err("HOST_RANGES"))?;
     let orig = BpfHashMap::try_from(take_map(ebpf, "HOST_ORIG")?).map_err(map_err("HOST_ORIG"))?;
     let probes = KeySet::take(ebpf, "PROBE_PORTS")?;
     let dir = std::fs::File::open(cgroup).map_err(|e| CaptureError::Cgroup { path: cgroup.into(), source: e })?;
@@ -133,7 +138,8 @@ pub fn start(ebpf: &mut Ebpf, cgroup: &Path, pins: &Pins) -> Result<(HostCapture
     let id = sockops.attach(&dir, CgroupAttachMode::Single)?;
     let sockops_link = pins.hold(PINS[1], FdLink::try_from(sockops.take_link(id)?)?).map_err(CaptureError::Pin)?;
     tracing::info!(cgroup = %cgroup.display(), "host clients captured (cgroup/connect4 + sockops)");
-    let capture = HostCapture { dests, probes, cgroup: cgroup.into(), links: vec![connect_link, sockops_link] };
+    let links = vec![connect_link, sockops_link];
+    let capture = HostCapture { dests, ranges: (ranges, HashSet::new()), probes, cgroup: cgroup.into(), links };
     Ok((capture, HostOrig(Mutex::new(orig))))
 }
 
@@ -156,6 +162,20 @@ impl HostCapture {
         let vips = vips.chain(entries);
         let pods = state.workloads.values().filter(|w| w.meshed && !w.host_network).filter_map(|w| w.ip);
         self.dests.sync(vips.chain(pods).map(|ip| u32::from_ne_bytes(ip.octets())).collect())?;
+        let want: HashSet<(u32, u32)> = state
+            .external_by_range
+            .iter()
+            .map(|(r, _)| (u32::from(r.prefix), u32::from_ne_bytes(r.addr.octets())))
+            .collect();
+        let (map, held) = &mut self.ranges;
+        for &(prefix, net) in want.difference(held) {
+            let key = aya::maps::lpm_trie::Key::new(prefix, net);
+            map.insert(&key, 1, 0).map_err(map_err("HOST_RANGES"))?;
+        }
+        for &(prefix, net) in held.difference(&want) {
+            let _ = map.remove(&aya::maps::lpm_trie::Key::new(prefix, net));
+        }
+        *held = want;
         let want: HashSet<PodPort> = state
             .local_workloads(node)
             .filter(|w| w.meshed)
