@@ -266,3 +266,36 @@ fn paths_are_normalised_before_the_rules_see_them() {
         assert_eq!(String::from_utf8_lossy(&out.stdout), "418", "{sneaky} was routed by its first segment");
     }
 }
+
+#[test]
+fn a_service_entry_selecting_pods_sends_its_host_to_them_over_mtls() {
+    if !require_root("a_service_entry_selecting_pods_sends_its_host_to_them_over_mtls") {
+        return;
+    }
+    // helloworld's pod (node-2) behind a host and address of its own.
+    let entry = r#"---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: hello-internal, namespace: demo}
+spec:
+  hosts: [hello.internal]
+  addresses: [240.3.0.1]
+  ports: [{number: 80, name: http, protocol: HTTP, targetPort: 9095}]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  workloadSelector: {labels: {app: helloworld}}
+"#;
+    let m = Mesh::start(entry, &[]);
+    let (ok, out) = curl(m.pod("test"), "http://240.3.0.1/hello");
+    assert!(ok && out.contains("hello from helloworld"), "{out}");
+    // The pod's identity, over mTLS, reported under the entry's host.
+    let text = m.agents[0].wait_metrics(5, "the entry's request", |t| {
+        metric(t, "istio_requests_total", &[("destination_service", "hello.internal"), ("response_code", "200")]) >= 1.0
+    });
+    let labels = [
+        ("destination_service", "hello.internal"),
+        ("destination_principal", HELLO_ID),
+        ("connection_security_policy", "mutual_tls"),
+    ];
+    assert!(metric(&text, "istio_requests_total", &labels) >= 1.0, "{text}");
+}

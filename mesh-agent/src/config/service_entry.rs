@@ -50,7 +50,14 @@ pub struct ServiceEntrySpec {
     pub endpoints: Vec<SeEndpointSpec>,
     pub export_to: Option<Vec<String>>,
     pub subject_alt_names: Unsupported,
-    pub workload_selector: Unsupported,
+    pub workload_selector: Option<WorkloadSelectorSpec>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadSelectorSpec {
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -76,12 +83,16 @@ pub struct SeEndpointSpec {
     pub service_account: Unsupported,
 }
 
-pub(super) fn build_service_entry(ctx: &mut Ctx<'_>, obj: &ServiceEntryObject) -> Option<Vec<Service>> {
+pub(super) fn build_service_entry(
+    ctx: &mut Ctx<'_>,
+    obj: &ServiceEntryObject,
+    workloads: &BTreeMap<String, Arc<Workload>>,
+) -> Option<Vec<Service>> {
     let (name, namespace) = name_and_namespace(ctx, &obj.metadata)?;
     let before = ctx.error_count();
     let spec = &obj.spec;
     let export_to = super::networking::export_to(ctx, spec.export_to.as_deref(), &namespace);
-    for (field, v) in [("subjectAltNames", &spec.subject_alt_names), ("workloadSelector", &spec.workload_selector)] {
+    for (field, v) in [("subjectAltNames", &spec.subject_alt_names)] {
         if v.is_some() {
             ctx.error(format!("spec.{field}"), NOT_YET);
         }
@@ -139,7 +150,10 @@ pub(super) fn build_service_entry(ctx: &mut Ctx<'_>, obj: &ServiceEntryObject) -
         );
     }
     let ports = se_ports(ctx, &spec.ports);
-    let endpoints = endpoints(ctx, spec, &namespace, resolution);
+    let endpoints = match &spec.workload_selector {
+        None => endpoints(ctx, spec, &namespace, resolution),
+        Some(selector) => selected(ctx, spec, selector, &namespace, resolution, workloads),
+    };
     if resolution == Resolution::None && !spec.endpoints.is_empty() {
         ctx.error("spec.endpoints", "resolution NONE takes no endpoints (the original destination is used)");
     }
@@ -274,6 +288,32 @@ fn endpoints(ctx: &mut Ctx<'_>, spec: &ServiceEntrySpec, namespace: &Arc<str>, r
         ctx.error("spec.endpoints", "resolution STATIC needs endpoints");
     }
     out
+}
+
+/// `workloadSelector`: the pods of the entry's namespace whose labels
+/// include the selector's (a mesh workload behind a host of its own: its
+/// identity, mTLS and telemetry are the pod's).
+fn selected(
+    ctx: &mut Ctx<'_>,
+    spec: &ServiceEntrySpec,
+    selector: &WorkloadSelectorSpec,
+    namespace: &Arc<str>,
+    resolution: Resolution,
+    workloads: &BTreeMap<String, Arc<Workload>>,
+) -> Vec<Arc<Workload>> {
+    if !spec.endpoints.is_empty() {
+        ctx.error("spec.workloadSelector", "only one of workloadSelector and endpoints (as Istio)");
+    }
+    if selector.labels.is_empty() {
+        ctx.error("spec.workloadSelector.labels", "empty: it would select every pod of the namespace");
+    }
+    if resolution != Resolution::Static {
+        ctx.error("spec.resolution", "a workloadSelector's endpoints are its pods: resolution STATIC");
+    }
+    let selects = |w: &&Arc<Workload>| {
+        w.namespace == *namespace && w.ip.is_some() && selector.labels.iter().all(|(k, v)| w.labels.get(k) == Some(v))
+    };
+    workloads.values().filter(selects).cloned().collect()
 }
 
 /// IPv4 addresses of `host` from the system resolver.

@@ -266,13 +266,19 @@ fn add_service_entries(state: &mut State, entries: &[(Origin, ServiceEntryObject
 }
 
 fn add_entries(state: &mut State, entries: &[(Origin, ServiceEntryObject)], errors: &mut Vec<ConfigError>) {
+    let workloads = &state.workloads;
     let mut built = build_unique(
         entries,
         errors,
         |o| describe_meta("ServiceEntry", &o.metadata),
         |ctx, o| {
             let created = o.metadata.creation_timestamp.clone();
-            Some((created, ctx.origin.clone(), ctx.object.clone(), service_entry::build_service_entry(ctx, o)?))
+            Some((
+                created,
+                ctx.origin.clone(),
+                ctx.object.clone(),
+                service_entry::build_service_entry(ctx, o, workloads)?,
+            ))
         },
     );
     // Oldest first, as Istio orders entries that declare one host or address

@@ -47,6 +47,16 @@ fn invalid_input_names_file_object_and_field() {
         ),
         (
             "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: se, namespace: demo}\n\
+             spec: {hosts: [a.internal], resolution: DNS, workloadSelector: {labels: {app: a}}, ports: [{number: 80, name: http, protocol: HTTP}]}\n",
+            "cluster.yaml (document 1): ServiceEntry demo/se: spec.resolution: a workloadSelector's endpoints are its pods: resolution STATIC",
+        ),
+        (
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: se, namespace: demo}\n\
+             spec: {hosts: [a.internal], resolution: STATIC, workloadSelector: {labels: {}}, ports: [{number: 80, name: http, protocol: HTTP}]}\n",
+            "cluster.yaml (document 1): ServiceEntry demo/se: spec.workloadSelector.labels: empty: it would select every pod of the namespace",
+        ),
+        (
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: se, namespace: demo}\n\
              spec: {hosts: [a.example], addresses: [\"10.0.0.0/33\"], ports: [{number: 22, name: tcp, protocol: TCP}]}\n",
             "cluster.yaml (document 1): ServiceEntry demo/se: spec.addresses[0]: \"10.0.0.0/33\": expected an IPv4 address or CIDR range (IPv6 is not supported by this version of mesh-agent)",
         ),
