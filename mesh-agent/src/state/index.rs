@@ -33,6 +33,9 @@ pub struct Index {
     /// For traffic to a Service a Telemetry is attached to (`targetRefs`):
     /// its endpoints' policies, by pod IP and the Service's hostname.
     telemetry_by_service: HashMap<std::net::Ipv4Addr, Vec<(Arc<str>, super::telemetry::TelemetryPolicy)>>,
+    /// The ports ServiceEntry hosts list (a connection there to an address
+    /// nobody declared has its TLS server name read).
+    external_ports: std::collections::HashSet<u16>,
 }
 
 impl State {
@@ -99,6 +102,8 @@ impl State {
                 index.services_of.entry(ip).or_default().push(svc.clone());
             }
         }
+        index.external_ports =
+            self.external_by_host.values().flatten().flat_map(|s| s.ports.iter().map(|p| p.port)).collect();
         self.index = index;
     }
 
@@ -128,7 +133,7 @@ impl State {
     /// Whether some ServiceEntry host lists `port` (a connection there to an
     /// address nobody declared may name one by TLS SNI).
     pub fn external_port(&self, port: u16) -> bool {
-        self.external_by_host.values().flatten().any(|s| s.ports.iter().any(|p| p.port == port))
+        self.index.external_ports.contains(&port)
     }
 
     pub fn gateways_of<'a>(&'a self, pod: &'a super::Workload) -> impl Iterator<Item = &'a Arc<super::Gateway>> {
