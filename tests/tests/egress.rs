@@ -53,29 +53,36 @@ fn egress_leaves_with_the_pods_address_and_metadata_is_not_captured() {
     });
 }
 
+/// One node with the meshed pod `test` (demo), and outside the node an
+/// HTTP server on 8080 at 172.18.0.1.
+fn test_and_outside() -> (Fixture, Pod) {
+    let mut c = Fixture::one_node();
+    c.add_pod(0, "test", Ipv4Addr::new(10, 244, 0, 2), PodSpec::app("demo", &[("app", "test")]));
+    let outside = Pod::namespace("outside", Ipv4Addr::new(172, 18, 0, 1), &c.net_ns);
+    servers::http_hello(&outside, 8080);
+    (c, outside)
+}
+
+/// The mesh config with REGISTRY_ONLY, then `objects`.
+fn registry_only(objects: &str) -> String {
+    format!(
+        "---\napiVersion: v1\nkind: ConfigMap\nmetadata: {{name: istio, namespace: istio-system}}\n\
+         data:\n  mesh: |-\n    outboundTrafficPolicy:\n      mode: REGISTRY_ONLY\n{objects}"
+    )
+}
+
 #[test]
 fn a_cidr_service_entry_opens_its_range_and_port_under_registry_only() {
     if !require_root("a_cidr_service_entry_opens_its_range_and_port_under_registry_only") {
         return;
     }
-    let mut c = Fixture::one_node();
-    c.add_pod(0, "test", Ipv4Addr::new(10, 244, 0, 2), PodSpec::app("demo", &[("app", "test")]));
     // Outside: a server on 8080 and 80 at 172.18.0.1, and the same at
     // 172.18.5.1, outside the entry's range.
-    let outside = Pod::namespace("outside", Ipv4Addr::new(172, 18, 0, 1), &c.net_ns);
-    servers::http_hello(&outside, 8080);
+    let (c, outside) = test_and_outside();
     servers::http_hello(&outside, 80);
     sh(&["ip", "-n", &c.net_ns, "addr", "add", "172.18.5.1/32", "dev", "lo"]);
     sh(&["ip", "-n", &c.node_ns, "route", "add", "172.18.5.1/32", "via", "172.18.0.1"]);
     let config = r#"---
-apiVersion: v1
-kind: ConfigMap
-metadata: {name: istio, namespace: istio-system}
-data:
-  mesh: |-
-    outboundTrafficPolicy:
-      mode: REGISTRY_ONLY
----
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
 metadata: {name: outside-range, namespace: demo}
@@ -95,7 +102,7 @@ spec:
   ports: [{number: 8080, name: tcp, protocol: TCP}]
   location: MESH_EXTERNAL
 "#;
-    let a = Agent::start(&c, &c.yaml(config));
+    let a = Agent::start(&c, &c.yaml(&registry_only(config)));
     let test = c.pod("test");
     // The positive control: in the range, on the entry's port.
     let r = curl(|args| test.cmd(args), &["http://172.18.0.1:8080/"]);
@@ -117,11 +124,8 @@ fn wildcard_service_entries_admit_http_and_tls_by_host_under_registry_only() {
     if !require_root("wildcard_service_entries_admit_http_and_tls_by_host_under_registry_only") {
         return;
     }
-    let mut c = Fixture::one_node();
-    c.add_pod(0, "test", Ipv4Addr::new(10, 244, 0, 2), PodSpec::app("demo", &[("app", "test")]));
     // Outside: an HTTP server on 8080 and a TLS server (openssl) on 8443.
-    let outside = Pod::namespace("outside", Ipv4Addr::new(172, 18, 0, 1), &c.net_ns);
-    servers::http_hello(&outside, 8080);
+    let (c, _outside) = test_and_outside();
     let certs = mesh_tests::certs::Certs::new(&format!("wild-{}", std::process::id()));
     let (crt, key) = certs.server("outside", "api.outside.test");
     let args = [
@@ -138,14 +142,6 @@ fn wildcard_service_entries_admit_http_and_tls_by_host_under_registry_only() {
     ];
     let _tls = mesh_tests::netns::Background::spawn_in(&c.net_ns, &args).expect("openssl s_server");
     let config = r#"---
-apiVersion: v1
-kind: ConfigMap
-metadata: {name: istio, namespace: istio-system}
-data:
-  mesh: |-
-    outboundTrafficPolicy:
-      mode: REGISTRY_ONLY
----
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
 metadata: {name: outside-wildcard, namespace: demo}
@@ -155,7 +151,7 @@ spec:
   location: MESH_EXTERNAL
   resolution: NONE
 "#;
-    let a = Agent::start(&c, &c.yaml(config));
+    let a = Agent::start(&c, &c.yaml(&registry_only(config)));
     let test = c.pod("test");
     // HTTP: a host under the wildcard passes; another is refused.
     let r = curl(|args| test.cmd(args), &["-H", "Host: api.outside.test", "http://172.18.0.1:8080/"]);
