@@ -84,6 +84,32 @@ pub struct RunConfig {
     pub pod_cidrs: Vec<crate::state::security::Cidr>,
     /// Bounds on what clients and peers can make the agent hold.
     pub limits: crate::proxy::limits::Limits,
+    /// How ServiceEntry names are resolved.
+    pub dns: DnsConfig,
+}
+
+/// The node's resolvers, and how their answers are used.
+#[derive(Debug, Clone)]
+pub struct DnsConfig {
+    pub resolv_conf: PathBuf,
+    pub settings: crate::dns::Settings,
+}
+
+/// The ServiceEntry resolver, asking the resolvers `resolv.conf` names (or,
+/// when it cannot be read, failing each lookup with why: the agent still
+/// serves everything else).
+fn dns_resolver(cfg: &DnsConfig, metrics: &crate::telemetry::Metrics) -> Arc<crate::dns::Resolver> {
+    let lookup: Arc<dyn crate::dns::Lookup> = match crate::dns::upstream::Upstream::from_resolv_conf(
+        &cfg.resolv_conf,
+        &cfg.settings,
+    ) {
+        Ok(u) => Arc::new(u),
+        Err(e) => {
+            tracing::warn!(error = %e, "no DNS resolver: ServiceEntries with resolution DNS have only their listed addresses");
+            Arc::new(crate::dns::upstream::Unavailable(e))
+        }
+    };
+    crate::dns::Resolver::new(lookup, cfg.settings.clone(), metrics.dns_resolutions.clone())
 }
 
 /// Where workload certificates come from.
@@ -224,7 +250,9 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
     let certs = Arc::new(cert_manager(&cfg.identity)?);
     let access_log = crate::telemetry::access_log::AccessLog::open(&cfg.access_log)
         .map_err(|source| RunError::AccessLog { path: cfg.access_log.clone(), source })?;
+    let dns = dns_resolver(&cfg.dns, &metrics);
     let inputs = Arc::new(Inputs::new(crate::proxy::inputs::Settings {
+        dns,
         node: cfg.node.clone(),
         connect_timeout: cfg.connect_timeout,
         protocol_detection_timeout: cfg.protocol_detection_timeout,

@@ -8,7 +8,7 @@ mod args;
 mod inspect;
 
 use args::parse_listen;
-pub use args::{KubeArgs, LimitArgs, Listen, parse_duration};
+pub use args::{DnsArgs, KubeArgs, LimitArgs, Listen, parse_duration};
 
 use crate::{
     agent::{ConfigSource, IdentityConfig, RemoteCa, RunConfig, RunError},
@@ -171,6 +171,8 @@ pub enum Command {
         worker_threads: Option<u16>,
         #[command(flatten)]
         limits: LimitArgs,
+        #[command(flatten)]
+        dns: DnsArgs,
     },
     /// Run the mesh CA service for a multi-node mesh.
     Ca {
@@ -314,6 +316,7 @@ pub fn main() -> ExitCode {
             pod_cidrs,
             worker_threads,
             limits,
+            dns,
         } => {
             if let Err(msg) = crate::privileges::check() {
                 eprintln!("mesh-agent run: {msg}");
@@ -353,6 +356,7 @@ pub fn main() -> ExitCode {
                 uninstall_on_exit,
                 pod_cidrs,
                 limits: limits.into(),
+                dns: dns.into(),
             };
             let cfg = match no_host_capture {
                 true => cfg,

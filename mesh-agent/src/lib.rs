@@ -20,6 +20,7 @@ pub mod cli;
 pub mod config;
 pub mod controller;
 pub mod discovery;
+pub mod dns;
 pub mod identity;
 pub mod marks;
 pub mod privileges;

@@ -13,6 +13,7 @@ use std::{
 
 use serde::Serialize;
 
+pub mod dns;
 mod index;
 mod services;
 pub use services::prefer_own;
@@ -176,6 +177,10 @@ pub struct Service {
     pub endpoints: Vec<Arc<Workload>>,
     /// Set for a host of a ServiceEntry.
     pub external: Option<Arc<External>>,
+    /// Set for a ServiceEntry host resolved by DNS: its names and latest
+    /// answers ([`Service::current_endpoints`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dns: Option<Arc<dns::DnsEndpoints>>,
 }
 
 /// What a ServiceEntry adds to the Service made from one of its hosts.
@@ -228,7 +233,8 @@ pub enum Resolution {
     None,
     /// To the listed endpoint addresses.
     Static,
-    /// To the addresses the names resolved to when the configuration was loaded.
+    /// To the addresses the names resolve to (`DNS`: all of an answer's;
+    /// `DNS_ROUND_ROBIN`: its first), kept up to date by the agent's resolver.
     Dns,
 }
 

@@ -244,6 +244,13 @@ pub struct EbpfLabels {
     pub counter: &'static str,
 }
 
+/// A name the agent resolves for a ServiceEntry, and how a lookup went.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DnsLabels {
+    pub host: String,
+    pub result: &'static str,
+}
+
 /// `istio_build`'s labels: what this binary is, and its version.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BuildLabels {
@@ -271,6 +278,9 @@ pub struct Metrics {
     pub kube_watch_errors: Family<KindLabels, Counter>,
     /// Models built from the API server's objects (one per burst of changes).
     pub kube_rebuilds: Counter,
+    /// ServiceEntry name lookups, by name and result (`changed`,
+    /// `unchanged`, `no_records`, `timeout`, `error`).
+    pub dns_resolutions: Family<DnsLabels, Counter>,
     pub requests: Family<RequestLabels, Counter>,
     /// Mirrored request copies by result: `sent`, `failed`, `skipped` (body too large).
     pub mirrored: Family<ResultLabels, Counter>,
@@ -410,6 +420,12 @@ impl Metrics {
             "Models built from the Kubernetes API server's objects (one per burst of changes)",
             kube_rebuilds.clone(),
         );
+        let dns_resolutions = Family::default();
+        registry.register(
+            "mesh_dns_resolutions",
+            "DNS lookups of ServiceEntry names, by name and result (changed, unchanged, no_records, timeout, error); a failed one keeps the last good answer",
+            dns_resolutions.clone(),
+        );
         registry.register_collector(Box::new(process::ProcessCollector));
         let build = Family::<BuildLabels, Gauge>::default();
         build.get_or_create(&BuildLabels { component: "mesh-agent", tag: env!("CARGO_PKG_VERSION") }).set(1);
@@ -432,6 +448,7 @@ impl Metrics {
             config_objects_rejected,
             kube_watch_errors,
             kube_rebuilds,
+            dns_resolutions,
             requests,
             mirrored,
             jwt_checks,

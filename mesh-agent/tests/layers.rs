@@ -19,9 +19,13 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("config", &["state", "routing", "identity"]),
     ("capture", &["state", "marks"]),
     ("privileges", &[]),
-    ("proxy", &["state", "routing", "identity", "telemetry", "capture", "marks"]),
+    ("dns", &["state", "telemetry"]),
+    ("proxy", &["state", "routing", "identity", "telemetry", "capture", "marks", "dns"]),
     ("discovery", &["state", "identity", "config", "telemetry"]),
-    ("agent", &["state", "routing", "identity", "telemetry", "config", "capture", "proxy", "discovery", "marks"]),
+    (
+        "agent",
+        &["state", "routing", "identity", "telemetry", "config", "capture", "proxy", "discovery", "dns", "marks"],
+    ),
     ("ca_server", &["state", "identity", "config", "telemetry", "discovery"]),
     ("controller", &["config", "discovery"]),
     (
@@ -35,6 +39,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "capture",
             "proxy",
             "discovery",
+            "dns",
             "agent",
             "ca_server",
             "controller",

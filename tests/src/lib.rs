@@ -8,6 +8,7 @@
 pub mod agent;
 pub mod certs;
 pub mod clients;
+pub mod dns;
 pub mod edge;
 pub mod ext_authz;
 pub mod fixture;

@@ -44,6 +44,7 @@ pub(super) async fn serve(
     inputs.certs.sync(&wanted_identities(inputs)).await;
     let every = cfg.resync_interval.min(Duration::from_secs(1));
     let certs_task = tokio::spawn(sync_certificates(inputs.clone(), every));
+    let dns_task = tokio::spawn(inputs.dns.clone().run());
     let (mut running, offered) = Running::start(ctx, sockets, admin);
     ctx.ready.store(true, Ordering::Release);
     tracing::info!(node = %cfg.node, admin = %cfg.admin_addr, pods = capture.attached().len(), "mesh-agent ready");
@@ -62,6 +63,7 @@ pub(super) async fn serve(
     let mut ended = event_loop(cfg, ctx, &mut running, capture, source, events).await?;
     running.stop(ctx).await;
     certs_task.abort();
+    dns_task.abort();
     drain(inputs, cfg.drain_timeout).await;
     // A pod's container that exits is restarted by the kubelet, and would
     // take the sockets back from its replacement: under Kubernetes the old

@@ -32,6 +32,43 @@ pub(super) fn parse_listen(s: &str) -> Result<Listen, String> {
     }
 }
 
+/// How ServiceEntry names (`resolution: DNS`) are resolved (docs/egress.md).
+#[derive(Debug, clap::Args)]
+pub struct DnsArgs {
+    /// The node's resolvers, as a `resolv.conf` (read at start).
+    #[arg(long, env = "MESH_RESOLV_CONF", default_value = "/etc/resolv.conf")]
+    resolv_conf: PathBuf,
+    /// The shortest time an answer is used before its name is asked again,
+    /// whatever its TTL (Envoy's `dns_min_refresh_rate`); also the first
+    /// retry's delay after a failure.
+    #[arg(long, env = "MESH_DNS_MIN_TTL", default_value = "5s", value_parser = parse_duration)]
+    dns_min_ttl: Duration,
+    /// The longest time an answer is used before its name is asked again.
+    #[arg(long, env = "MESH_DNS_MAX_TTL", default_value = "5m", value_parser = parse_duration)]
+    dns_max_ttl: Duration,
+    /// The longest wait between two tries of a failing name (retries double
+    /// up to it; Istio's `dnsRefreshRate` default).
+    #[arg(long, env = "MESH_DNS_MAX_RETRY", default_value = "60s", value_parser = parse_duration)]
+    dns_max_retry: Duration,
+    /// Time for one lookup.
+    #[arg(long, env = "MESH_DNS_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    dns_timeout: Duration,
+}
+
+impl From<DnsArgs> for crate::agent::DnsConfig {
+    fn from(a: DnsArgs) -> Self {
+        crate::agent::DnsConfig {
+            resolv_conf: a.resolv_conf,
+            settings: crate::dns::Settings {
+                min_ttl: a.dns_min_ttl,
+                max_ttl: a.dns_max_ttl,
+                max_retry: a.dns_max_retry,
+                timeout: a.dns_timeout,
+            },
+        }
+    }
+}
+
 /// Bounds on what clients and peers can make the agent hold (docs/limits.md).
 #[derive(Debug, clap::Args)]
 pub struct LimitArgs {

@@ -15,7 +15,9 @@ use super::{
     object::{Ctx, name_and_namespace},
 };
 use crate::state::{
-    External, Location, Protocol, Resolution, Service, ServicePort, TargetPort, Workload, security::Cidr,
+    External, Location, Protocol, Resolution, Service, ServicePort, TargetPort, Workload,
+    dns::{DnsEndpoints, DnsNames},
+    security::Cidr,
 };
 
 type Unsupported = Option<serde_yaml_ng::Value>;
@@ -150,10 +152,11 @@ pub(super) fn build_service_entry(
         );
     }
     let ports = se_ports(ctx, &spec.ports);
-    let endpoints = match &spec.workload_selector {
+    let (endpoints, names) = match &spec.workload_selector {
         None => endpoints(ctx, spec, &namespace, resolution),
-        Some(selector) => selected(ctx, spec, selector, &namespace, resolution, workloads),
+        Some(selector) => (selected(ctx, spec, selector, &namespace, resolution, workloads), Vec::new()),
     };
+    let first_only = spec.resolution.as_deref() == Some("DNS_ROUND_ROBIN");
     if resolution == Resolution::None && !spec.endpoints.is_empty() {
         ctx.error("spec.endpoints", "resolution NONE takes no endpoints (the original destination is used)");
     }
@@ -168,8 +171,15 @@ pub(super) fn build_service_entry(
         addresses: addresses.clone(),
         ranges,
         export_to,
-        unknown: Arc::new(unknown_endpoint(&namespace, None, BTreeMap::new())),
+        unknown: Arc::new(Workload::outside(&namespace, None, BTreeMap::new())),
     });
+    // Each host resolves on its own when the entry lists no endpoints.
+    let dns = |host: &str| {
+        (resolution == Resolution::Dns).then(|| {
+            let names = if spec.endpoints.is_empty() { vec![(host.into(), BTreeMap::new())] } else { names.clone() };
+            Arc::new(DnsEndpoints::new(names, endpoints.clone(), namespace.clone(), first_only))
+        })
+    };
     let services = spec
         .hosts
         .iter()
@@ -182,6 +192,7 @@ pub(super) fn build_service_entry(
             ports: ports.clone(),
             endpoints: endpoints.clone(),
             external: Some(external.clone()),
+            dns: dns(host),
         })
         .collect();
     Some(services)
@@ -245,17 +256,17 @@ fn se_ports(ctx: &mut Ctx<'_>, specs: &[SePortSpec]) -> Vec<ServicePort> {
     ports
 }
 
-/// The endpoints to balance over: the listed addresses (STATIC: IPv4; DNS:
-/// names or addresses), or for DNS without endpoints the hosts themselves.
-/// Names are resolved now, with the node's resolver; a name that does not
-/// resolve leaves that endpoint out (logged) rather than failing the load.
-fn endpoints(ctx: &mut Ctx<'_>, spec: &ServiceEntrySpec, namespace: &Arc<str>, res: Resolution) -> Vec<Arc<Workload>> {
-    let mut out = Vec::new();
-    let mut add = |ip: Ipv4Addr, labels: &BTreeMap<String, String>| {
-        if !out.iter().any(|w: &Arc<Workload>| w.ip == Some(ip)) {
-            out.push(Arc::new(unknown_endpoint(namespace, Some(ip), labels.clone())));
-        }
-    };
+/// The endpoints given as addresses (STATIC: IPv4; DNS: names or
+/// addresses), and for DNS the names to resolve with their labels. Nothing is
+/// resolved here: the agent's resolver does it off the control loop, so a
+/// slow or failing DNS server never holds a configuration back.
+fn endpoints(
+    ctx: &mut Ctx<'_>,
+    spec: &ServiceEntrySpec,
+    namespace: &Arc<str>,
+    res: Resolution,
+) -> (Vec<Arc<Workload>>, DnsNames) {
+    let (mut out, mut names) = (Vec::new(), Vec::new());
     for (i, e) in spec.endpoints.iter().enumerate() {
         let field = format!("spec.endpoints[{i}]");
         for (f, v) in [
@@ -274,20 +285,35 @@ fn endpoints(ctx: &mut Ctx<'_>, spec: &ServiceEntrySpec, namespace: &Arc<str>, r
             continue;
         };
         match (address.parse::<Ipv4Addr>(), res) {
-            (Ok(ip), _) => add(ip, &e.labels),
-            (Err(_), Resolution::Dns) => resolve(address).into_iter().for_each(|ip| add(ip, &e.labels)),
+            (Ok(ip), _) => {
+                if !out.iter().any(|w: &Arc<Workload>| w.ip == Some(ip)) {
+                    out.push(Arc::new(Workload::outside(namespace, Some(ip), e.labels.clone())));
+                }
+            }
+            (Err(_), Resolution::Dns) if is_dns_name(address) => names.push((address.into(), e.labels.clone())),
+            (Err(_), Resolution::Dns) => {
+                ctx.error(
+                    format!("{field}.address"),
+                    format!("{address:?} is neither an IPv4 address nor a host name"),
+                );
+            }
             (Err(_), _) => ctx.error(format!("{field}.address"), format!("{address:?} is not an IPv4 address")),
-        }
-    }
-    if spec.endpoints.is_empty() && res == Resolution::Dns {
-        for h in &spec.hosts {
-            resolve(h).into_iter().for_each(|ip| add(ip, &BTreeMap::new()));
         }
     }
     if spec.endpoints.is_empty() && res == Resolution::Static {
         ctx.error("spec.endpoints", "resolution STATIC needs endpoints");
     }
-    out
+    (out, names)
+}
+
+/// A name DNS can be asked about: dot-separated labels of letters, digits,
+/// `-` and `_`, each 1 to 63 bytes, 253 in all.
+fn is_dns_name(name: &str) -> bool {
+    let name = name.strip_suffix('.').unwrap_or(name);
+    name.len() <= 253
+        && name.split('.').all(|l| {
+            (1..=63).contains(&l.len()) && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
 }
 
 /// `workloadSelector`: the pods of the entry's namespace whose labels
@@ -314,48 +340,4 @@ fn selected(
         w.namespace == *namespace && w.ip.is_some() && selector.labels.iter().all(|(k, v)| w.labels.get(k) == Some(v))
     };
     workloads.values().filter(selects).cloned().collect()
-}
-
-/// IPv4 addresses of `host` from the system resolver.
-fn resolve(host: &str) -> Vec<Ipv4Addr> {
-    use std::net::ToSocketAddrs as _;
-    match (host, 0).to_socket_addrs() {
-        Ok(addrs) => addrs
-            .filter_map(|a| match a.ip() {
-                std::net::IpAddr::V4(ip) => Some(ip),
-                std::net::IpAddr::V6(_) => None,
-            })
-            .collect(),
-        Err(e) => {
-            tracing::warn!(host, error = %e, "ServiceEntry host does not resolve; its endpoint is left out");
-            Vec::new()
-        }
-    }
-}
-
-/// An endpoint outside the mesh: no identity, reported as `unknown`.
-fn unknown_endpoint(namespace: &Arc<str>, ip: Option<Ipv4Addr>, labels: BTreeMap<String, String>) -> Workload {
-    let unknown: Arc<str> = "unknown".into();
-    Workload {
-        name: ip.map_or_else(|| unknown.clone(), |ip| ip.to_string().into()),
-        namespace: namespace.clone(),
-        workload_name: unknown.clone(),
-        app: unknown.clone(),
-        version: unknown.clone(),
-        canonical_service: unknown.clone(),
-        canonical_revision: unknown.clone(),
-        labels,
-        node: None,
-        service_account: unknown.clone(),
-        principal: unknown,
-        ip,
-        host_network: false,
-        meshed: false,
-        gateway: false,
-        gateway_class: None,
-        ready: true,
-        named_ports: BTreeMap::new(),
-        probe_ports: Default::default(),
-        uid: None,
-    }
 }

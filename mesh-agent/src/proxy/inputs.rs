@@ -51,6 +51,9 @@ pub struct Inputs {
     pub(crate) dial: super::upstream::Dial,
     /// Original destinations of captured host clients (when that capture runs).
     pub host_orig: std::sync::OnceLock<crate::capture::host::HostOrig>,
+    /// ServiceEntry names and their answers: each new state's DNS endpoints
+    /// are handed to it (and filled from what it knows) as the state is set.
+    pub dns: Arc<crate::dns::Resolver>,
     state: Arc<RwLock<Arc<State>>>,
     captured_ips: RwLock<Arc<HashSet<Ipv4Addr>>>,
     /// Local meshed pods behind a last-hop gate.
@@ -69,6 +72,8 @@ pub struct Settings {
     /// Made before the data path (the configuration source counts into it).
     pub metrics: Metrics,
     pub jwks: Arc<crate::identity::jwt::jwks::JwksCache>,
+    /// Its loop ([`crate::dns::Resolver::run`]) is the agent's to start.
+    pub dns: Arc<crate::dns::Resolver>,
 }
 
 impl Inputs {
@@ -99,6 +104,7 @@ impl Inputs {
             tracer,
             dial: super::outbound::open::dial,
             host_orig: std::sync::OnceLock::new(),
+            dns: s.dns,
             state,
             captured_ips: RwLock::default(),
             gated_ips: RwLock::default(),
@@ -113,6 +119,7 @@ impl Inputs {
 
     pub(crate) fn set_state(&self, state: State) {
         self.originations.rebuild(&state);
+        self.dns.attach(&state);
         if let Ok(mut s) = self.state.write() {
             *s = Arc::new(state);
         }
@@ -252,7 +259,14 @@ pub(crate) mod testing {
             let mut roots = rustls::RootCertStore::empty();
             roots.add(ca.root_der().clone()).expect("the CA's root");
             let certs = Arc::new(CertManager::new(CertSource::Embedded(ca), roots, Duration::from_secs(3600)));
+            let metrics = crate::telemetry::Metrics::new();
+            let dns = crate::dns::Resolver::new(
+                Arc::new(crate::dns::upstream::Unavailable("no DNS in these tests".into())),
+                crate::dns::Settings::default(),
+                metrics.dns_resolutions.clone(),
+            );
             let inputs = Inputs::new(Settings {
+                dns,
                 node: "n1".into(),
                 connect_timeout: Duration::from_secs(10),
                 protocol_detection_timeout: Duration::from_millis(100),
@@ -260,7 +274,7 @@ pub(crate) mod testing {
                 access_log: crate::telemetry::access_log::AccessLog::open("off").expect("no access log"),
                 state: crate::config::state_from_yaml(yaml),
                 limits,
-                metrics: crate::telemetry::Metrics::new(),
+                metrics,
                 jwks: Arc::new(
                     crate::identity::jwt::jwks::JwksCache::new(rustls::RootCertStore::empty()).expect("TLS settings"),
                 ),

@@ -487,7 +487,7 @@ pub fn route_gateway_tls(
 /// Ready endpoints of a Service (in a subset), for the ejection limit.
 fn count_endpoints(service: &crate::state::Service, labels: Option<&BTreeMap<String, String>>) -> usize {
     service
-        .endpoints
+        .current_endpoints()
         .iter()
         .filter(|w| w.ready && labels.is_none_or(|l| l.iter().all(|(k, v)| w.labels.get(k) == Some(v))))
         .count()

@@ -67,11 +67,14 @@ pub fn route(state: &State, dst: SocketAddrV4, client: Option<&str>, pick: usize
     }
     // An address a ServiceEntry resolves to, dialed by the application itself:
     // kept as dialed (the application chose among the addresses).
-    let all = state.external_by_ip.get(&ip).map(Vec::as_slice).unwrap_or_default();
-    let own = client.and_then(|c| all.iter().find(|s| &*s.namespace == c));
-    for service in own.into_iter().chain(all.iter().filter(|s| s.visible_to(client))) {
+    // Its addresses are the configured ones, and what DNS answers now.
+    let fixed = state.external_by_ip.get(&ip).map(Vec::as_slice).unwrap_or_default();
+    let resolved = state.dns_services().iter().filter(|s| s.current_endpoints().iter().any(|w| w.ip == Some(ip)));
+    let all: Vec<&Arc<crate::state::Service>> = fixed.iter().chain(resolved).collect();
+    let own = client.and_then(|c| all.iter().copied().find(|s| &*s.namespace == c));
+    for service in own.into_iter().chain(all.iter().copied().filter(|s| s.visible_to(client))) {
         if let Some(sp) = service.ports.iter().find(|p| p.port == dst.port())
-            && let Some(endpoint) = service.endpoints.iter().find(|w| w.ip == Some(ip))
+            && let Some(endpoint) = service.current_endpoints().iter().find(|w| w.ip == Some(ip))
         {
             let addr = match sp.target {
                 TargetPort::Number(t) => SocketAddrV4::new(ip, t),
@@ -137,9 +140,9 @@ pub fn route_service(
     // Endpoints that are ready and define the target port (a named port may be
     // missing on some pods, as in Kubernetes).
     let in_subset = |w: &&Arc<Workload>| subset.is_none_or(|l| l.iter().all(|(k, v)| w.labels.get(k) == Some(v)));
+    let endpoints = service.current_endpoints();
     let all = || {
-        service
-            .endpoints
+        endpoints
             .iter()
             .filter(|w| w.ready)
             .filter(in_subset)

@@ -36,6 +36,8 @@ pub struct Index {
     /// The ports ServiceEntry hosts list (a connection there to an address
     /// nobody declared has its TLS server name read).
     external_ports: std::collections::HashSet<u16>,
+    /// The ServiceEntry hosts whose endpoints DNS gives.
+    dns_services: Vec<Arc<super::Service>>,
 }
 
 impl State {
@@ -104,6 +106,7 @@ impl State {
         }
         index.external_ports =
             self.external_by_host.values().flatten().flat_map(|s| s.ports.iter().map(|p| p.port)).collect();
+        index.dns_services = self.services.values().filter(|s| s.dns.is_some()).cloned().collect();
         self.index = index;
     }
 
@@ -250,7 +253,8 @@ impl State {
         // The mesh config is the root namespace's: so is its choice of entry.
         let svc = kubernetes.or_else(|| self.external_for_host(host, Some(super::ROOT_NAMESPACE)))?;
         let sp = svc.ports.iter().find(|sp| sp.port == port)?;
-        let ready: Vec<_> = svc.endpoints.iter().filter(|w| w.ready && w.ip.is_some()).collect();
+        let endpoints = svc.current_endpoints();
+        let ready: Vec<_> = endpoints.iter().filter(|w| w.ready && w.ip.is_some()).collect();
         let w = ready.get(pick % ready.len().max(1))?;
         let target = match &sp.target {
             super::TargetPort::Number(n) => *n,
@@ -276,6 +280,12 @@ impl State {
             Some((_, policy)) => &policy.server,
             None => self.telemetry_policy(ip).side(destination),
         }
+    }
+
+    /// The ServiceEntry hosts whose endpoints DNS gives (the agent's
+    /// resolver keeps them current).
+    pub fn dns_services(&self) -> &[Arc<super::Service>] {
+        &self.index.dns_services
     }
 
     /// The Gateway `namespace/name`.

@@ -277,6 +277,7 @@ pub(super) fn build_service(
         ports,
         endpoints,
         external: None,
+        dns: None,
     })
 }
 
