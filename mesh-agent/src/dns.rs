@@ -90,11 +90,16 @@ pub trait Lookup: Send + Sync + 'static {
 
 /// At most this many lookups at once.
 const CONCURRENT: usize = 16;
+/// At most this many names asked about by requests (`DYNAMIC_DNS`) are kept.
+const ON_DEMAND: usize = 1024;
 
 /// The names the configuration asks about, their answers, and the Services
 /// that use them.
 pub struct Resolver {
     table: Mutex<Table>,
+    /// Names requests asked about (`DYNAMIC_DNS`): the last good answer and
+    /// until when it is used.
+    demand: Mutex<HashMap<Arc<str>, Held>>,
     wake: Notify,
     lookup: Arc<dyn Lookup>,
     settings: Settings,
@@ -117,11 +122,21 @@ struct Name {
     asking: bool,
 }
 
+/// An answer and until when it is used.
+type Held = (Arc<[Ipv4Addr]>, Instant);
+
 type Lookups = JoinSet<(Arc<str>, Result<Answer, LookupError>)>;
 
 impl Resolver {
     pub fn new(lookup: Arc<dyn Lookup>, settings: Settings, counters: Family<DnsLabels, Counter>) -> Arc<Self> {
-        Arc::new(Resolver { table: Mutex::default(), wake: Notify::new(), lookup, settings, counters })
+        Arc::new(Resolver {
+            table: Mutex::default(),
+            demand: Mutex::default(),
+            wake: Notify::new(),
+            lookup,
+            settings,
+            counters,
+        })
     }
 
     /// Takes over the DNS endpoints of `state` (about to be applied): fills
@@ -154,6 +169,49 @@ impl Resolver {
     /// The last good addresses of `name`, if it is asked about.
     pub fn addresses(&self, name: &str) -> Option<Arc<[Ipv4Addr]>> {
         self.table.lock().unwrap_or_else(PoisonError::into_inner).names.get(name)?.addrs.clone()
+    }
+
+    /// The addresses of `name`, a host a request names (`DYNAMIC_DNS`):
+    /// the answer held while its TTL (bounded as above) lasts, else asked
+    /// now (within the timeout); when asking fails, the last good answer.
+    /// Counted under `entry` (the entry's wildcard host: the names requests
+    /// pick do not become metric labels).
+    pub async fn resolve_now(&self, name: &str, entry: &str) -> Result<Arc<[Ipv4Addr]>, LookupError> {
+        let now = Instant::now();
+        let held = self.demand.lock().unwrap_or_else(PoisonError::into_inner).get(name).cloned();
+        if let Some((addrs, until)) = &held
+            && *until > now
+        {
+            return Ok(addrs.clone());
+        }
+        let s = &self.settings;
+        let asked = tokio::time::timeout(s.timeout, self.lookup.lookup(name)).await;
+        let result = asked
+            .unwrap_or(Err(LookupError::Timeout))
+            .and_then(|a| if a.addrs.is_empty() { Err(LookupError::NoRecords) } else { Ok(a) });
+        let label = match &result {
+            Ok(_) => "changed",
+            Err(e) => e.result(),
+        };
+        self.counters.get_or_create(&DnsLabels { host: entry.to_owned(), result: label }).inc();
+        match result {
+            Ok(answer) => {
+                let mut addrs = answer.addrs;
+                dedup_keeping_order(&mut addrs);
+                let addrs: Arc<[Ipv4Addr]> = addrs.into();
+                let until = Instant::now() + answer.ttl.clamp(s.min_ttl, s.max_ttl.max(s.min_ttl));
+                let mut demand = self.demand.lock().unwrap_or_else(PoisonError::into_inner);
+                if demand.len() >= ON_DEMAND {
+                    demand.retain(|_, (_, u)| *u > now);
+                    if demand.len() >= ON_DEMAND {
+                        demand.clear();
+                    }
+                }
+                demand.insert(name.into(), (addrs.clone(), until));
+                Ok(addrs)
+            }
+            Err(e) => held.map(|(addrs, _)| addrs).ok_or(e),
+        }
     }
 
     /// Asks about each name when it is due, for as long as the agent runs.

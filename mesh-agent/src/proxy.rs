@@ -76,6 +76,8 @@ pub enum ProxyError {
     Tls { addr: SocketAddrV4, sni: String, error: io::Error },
     #[error("{0} is not in the service registry and outboundTrafficPolicy is REGISTRY_ONLY (add a ServiceEntry)")]
     BlackHole(SocketAddrV4),
+    #[error("DYNAMIC_DNS: {host:?} did not resolve: {error}")]
+    Dns { host: String, error: crate::dns::LookupError },
 }
 
 /// Binds a capture listener on loopback (`port` 15001 or 15006), IP_TRANSPARENT

@@ -236,6 +236,9 @@ pub enum Resolution {
     /// To the addresses the names resolve to (`DNS`: all of an answer's;
     /// `DNS_ROUND_ROBIN`: its first), kept up to date by the agent's resolver.
     Dns,
+    /// To the address the request's host (HTTP `Host`, TLS SNI) resolves to
+    /// when it is made (wildcard hosts; Envoy's dynamic forward proxy).
+    DynamicDns,
 }
 
 /// The access log as MeshConfig asks for it.

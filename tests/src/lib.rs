@@ -10,6 +10,7 @@ pub mod certs;
 pub mod clients;
 pub mod dns;
 pub mod edge;
+pub mod egress;
 pub mod ext_authz;
 pub mod fixture;
 pub mod graph;

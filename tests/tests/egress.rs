@@ -8,6 +8,7 @@ use mesh_tests::{
     Agent, Pod,
     agent::metric,
     clients::curl,
+    egress::{registry_only, test_and_outside},
     fixture::{Fixture, PodSpec},
     netns::sh,
     require_root, servers,
@@ -51,24 +52,6 @@ fn egress_leaves_with_the_pods_address_and_metadata_is_not_captured() {
     a.wait_metrics(5, "the egress connection reported", |m| {
         metric(m, "istio_tcp_connections_opened_total", &[("source_workload", "test"), ("reporter", "source")]) >= 1.0
     });
-}
-
-/// One node with the meshed pod `test` (demo), and outside the node an
-/// HTTP server on 8080 at 172.18.0.1.
-fn test_and_outside() -> (Fixture, Pod) {
-    let mut c = Fixture::one_node();
-    c.add_pod(0, "test", Ipv4Addr::new(10, 244, 0, 2), PodSpec::app("demo", &[("app", "test")]));
-    let outside = Pod::namespace("outside", Ipv4Addr::new(172, 18, 0, 1), &c.net_ns);
-    servers::http_hello(&outside, 8080);
-    (c, outside)
-}
-
-/// The mesh config with REGISTRY_ONLY, then `objects`.
-fn registry_only(objects: &str) -> String {
-    format!(
-        "---\napiVersion: v1\nkind: ConfigMap\nmetadata: {{name: istio, namespace: istio-system}}\n\
-         data:\n  mesh: |-\n    outboundTrafficPolicy:\n      mode: REGISTRY_ONLY\n{objects}"
-    )
 }
 
 #[test]
@@ -181,112 +164,4 @@ spec:
     a.wait_metrics(5, "the wildcard entry's connection reported", |m| {
         metric(m, "istio_tcp_connections_opened_total", &[("destination_service", "*.outside.test")]) >= 1.0
     });
-}
-
-/// An HTTP server on `port` in `pod` answering with the address it was
-/// reached at (which of a name's addresses the agent chose).
-fn which_address(pod: &Pod, port: u16) {
-    servers::serve_async(pod, port, |mut s, _| async move {
-        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-        let mut req = Vec::new();
-        let mut buf = [0u8; 1024];
-        while !req.windows(4).any(|w| w == b"\r\n\r\n") {
-            match s.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => req.extend_from_slice(&buf[..n]),
-            }
-        }
-        let body = s.local_addr().map(|a| a.ip().to_string()).unwrap_or_default();
-        let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
-        let _ = s.write_all(format!("{head}{body}").as_bytes()).await;
-    });
-}
-
-#[test]
-fn a_dns_service_entry_follows_its_answers_keeps_the_last_good_one_and_never_holds_a_reload() {
-    if !require_root("a_dns_service_entry_follows_its_answers_keeps_the_last_good_one_and_never_holds_a_reload") {
-        return;
-    }
-    use mesh_tests::dns::{DnsServer, Reply};
-    // Outside: the node's DNS server (run by this test) at 172.18.0.1, and a
-    // server on 8080 that says which of 172.18.5.1 and 172.18.6.1 it was reached at.
-    let (c, outside) = test_and_outside();
-    for ip in ["172.18.5.1", "172.18.6.1"] {
-        sh(&["ip", "-n", &c.net_ns, "addr", "add", &format!("{ip}/32"), "dev", "lo"]);
-        sh(&["ip", "-n", &c.node_ns, "route", "add", &format!("{ip}/32"), "via", "172.18.0.1"]);
-    }
-    let outside_a = Pod::namespace("outside-a", Ipv4Addr::new(172, 18, 5, 1), &c.net_ns);
-    which_address(&outside_a, 9090);
-    let dns = DnsServer::start(&outside);
-    dns.set("api.outside.test", Reply::A(vec![Ipv4Addr::new(172, 18, 5, 1)], 1));
-    let entry = |name: &str, host: &str, vip: &str, rest: &str| {
-        format!(
-            "---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {name}, namespace: demo}}\n\
-             spec:\n  hosts: [{host}]\n  addresses: [{vip}]\n  ports: [{{number: 80, targetPort: 9090, name: http, protocol: HTTP}}]\n{rest}"
-        )
-    };
-    let api = entry("api", "api.outside.test", "240.240.0.10", "  resolution: DNS\n");
-    let resolv = std::env::temp_dir().join(format!("mesh-resolv-{}.conf", std::process::id()));
-    std::fs::write(&resolv, "nameserver 172.18.0.1\noptions ndots:5\nsearch demo.svc.cluster.local\n")
-        .expect("a resolv.conf");
-    // Lookups may hang for a minute: a reload must not wait for one.
-    let extra: Vec<String> =
-        ["--resolv-conf", resolv.to_str().expect("a UTF-8 path"), "--dns-min-ttl", "1s", "--dns-timeout", "60s"]
-            .map(String::from)
-            .to_vec();
-    let mut a = Agent::start_on(&c, 0, &c.yaml(&registry_only(&api)), &extra);
-    let _ = std::fs::remove_file(&resolv);
-    let test = c.pod("test");
-    let reached = || {
-        let r = curl(|args| test.cmd(args), &["-H", "Host: api.outside.test", "http://240.240.0.10/"]);
-        (r.code == 200).then_some(r.body)
-    };
-    let wait_for = |want: &str, what: &str| {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
-        loop {
-            let got = reached();
-            if got.as_deref() == Some(want) {
-                return;
-            }
-            assert!(std::time::Instant::now() < deadline, "{what}: got {got:?}\n{}", a.log_text());
-            std::thread::sleep(std::time::Duration::from_millis(200));
-        }
-    };
-    wait_for("172.18.5.1", "the first answer");
-    // The answer changes (TTL 1 s): new connections follow it.
-    dns.set("api.outside.test", Reply::A(vec![Ipv4Addr::new(172, 18, 6, 1)], 1));
-    wait_for("172.18.6.1", "the changed answer");
-    // The server fails: the last good answer keeps serving.
-    dns.set("api.outside.test", Reply::ServFail);
-    let m = a.wait_metrics(15, "a failed lookup", |m| {
-        metric(m, "mesh_dns_resolutions_total", &[("host", "api.outside.test"), ("result", "error")]) >= 1.0
-    });
-    assert!(metric(&m, "mesh_dns_resolutions_total", &[("host", "api.outside.test"), ("result", "changed")]) >= 2.0);
-    assert_eq!(reached().as_deref(), Some("172.18.6.1"), "the last good answer after a failure");
-    // A reload adds a name whose server never answers (and an entry with an
-    // address, which shows the reload applied): the reload does not wait,
-    // and the known name keeps its answer meanwhile.
-    dns.set("slow.outside.test", Reply::Silent);
-    let other = entry(
-        "other",
-        "other.outside.test",
-        "240.240.0.12",
-        "  resolution: STATIC\n  endpoints: [{address: 172.18.5.1}]\n",
-    );
-    let slow = entry("slow", "slow.outside.test", "240.240.0.11", "  resolution: DNS\n");
-    a.write_config(&c.yaml(&registry_only(&format!("{api}{slow}{other}"))));
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
-    loop {
-        let r = curl(|args| test.cmd(args), &["-H", "Host: other.outside.test", "http://240.240.0.12/"]);
-        if r.code == 200 {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "the reload was held up:\n{}", a.log_text());
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
-    assert!(dns.asked("slow.outside.test") >= 1, "the slow name was asked");
-    assert_eq!(reached().as_deref(), Some("172.18.6.1"), "the known name during the hanging lookup");
-    let r = curl(|args| test.cmd(args), &["-H", "Host: slow.outside.test", "http://240.240.0.11/"]);
-    assert_ne!(r.code, 200, "a name with no answer yet has no endpoint: {}", r.body);
-    a.stop();
 }

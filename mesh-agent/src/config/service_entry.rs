@@ -140,8 +140,12 @@ pub(super) fn build_service_entry(
         None | Some("NONE") => Resolution::None,
         Some("STATIC") => Resolution::Static,
         Some("DNS" | "DNS_ROUND_ROBIN") => Resolution::Dns,
+        Some("DYNAMIC_DNS") => Resolution::DynamicDns,
         Some(other) => {
-            ctx.error("spec.resolution", format!("{other:?}: expected NONE, STATIC, DNS or DNS_ROUND_ROBIN"));
+            ctx.error(
+                "spec.resolution",
+                format!("{other:?}: expected NONE, STATIC, DNS, DNS_ROUND_ROBIN or DYNAMIC_DNS"),
+            );
             Resolution::None
         }
     };
@@ -152,6 +156,9 @@ pub(super) fn build_service_entry(
         );
     }
     let ports = se_ports(ctx, &spec.ports);
+    if resolution == Resolution::DynamicDns {
+        dynamic_dns(ctx, spec, &ports);
+    }
     let (endpoints, names) = match &spec.workload_selector {
         None => endpoints(ctx, spec, &namespace, resolution),
         Some(selector) => (selected(ctx, spec, selector, &namespace, resolution, workloads), Vec::new()),
@@ -196,6 +203,29 @@ pub(super) fn build_service_entry(
         })
         .collect();
     Some(services)
+}
+
+/// What `DYNAMIC_DNS` needs (as Istio validates it): wildcard hosts only
+/// (the request names the host to resolve), no endpoints and no addresses,
+/// and ports whose traffic names a host (HTTP's `Host`, TLS's SNI).
+fn dynamic_dns(ctx: &mut Ctx<'_>, spec: &ServiceEntrySpec, ports: &[ServicePort]) {
+    if let Some(i) = spec.hosts.iter().position(|h| !h.starts_with("*.")) {
+        ctx.error(format!("spec.hosts[{i}]"), "DYNAMIC_DNS resolves the host each request names: wildcard hosts only");
+    }
+    if !spec.endpoints.is_empty() || spec.workload_selector.is_some() {
+        ctx.error("spec.endpoints", "DYNAMIC_DNS takes no endpoints (the request's host is resolved)");
+    }
+    if !spec.addresses.is_empty() {
+        ctx.error("spec.addresses", "DYNAMIC_DNS takes no addresses");
+    }
+    for (i, p) in ports.iter().enumerate() {
+        if matches!(p.app_protocol.as_deref(), Some("tcp" | "mongo" | "mysql" | "redis")) {
+            ctx.error(
+                format!("spec.ports[{i}].protocol"),
+                "DYNAMIC_DNS needs the host the traffic names: HTTP, HTTP2, GRPC, HTTPS or TLS",
+            );
+        }
+    }
 }
 
 /// The network mask of a prefix length.

@@ -20,7 +20,7 @@ use super::{
 use crate::{
     routing::l4::{Route, route},
     routing::protocol::{self, Declared, Handling, Sniffed},
-    state::{Service, State, Workload},
+    state::{Resolution, Service, State, Workload},
     telemetry::TcpLabels,
 };
 
@@ -65,6 +65,7 @@ async fn open(ctx: &Arc<Inputs>, client: TcpStream, peer: SocketAddr) -> Option<
         Route::Service { service, .. } => crate::routing::http::has_mesh_tls(&state, service, client_ns),
         _ => unknown && state.external_port(orig.port()),
     };
+    let mut sni = None;
     if reads_sni && let Some(name) = crate::proxy::sni::peek_sni(&client, ctx.protocol_detection_timeout).await {
         let random = ctx.next_random();
         if let Some(route) = crate::routing::http::route_tls(&state, orig, &name, client_ns, pick, random) {
@@ -73,10 +74,11 @@ async fn open(ctx: &Arc<Inputs>, client: TcpStream, peer: SocketAddr) -> Option<
             let pick = crate::routing::l4::Pick::Turn(pick);
             decided = crate::routing::l4::route_to(service, orig, orig.port(), None, pick, &|_| false);
         }
+        sni = Some(name);
     }
     // Not in the registry under REGISTRY_ONLY: refused unless HTTP names a host.
     let black_hole = matches!(decided, Route::BlackHole { .. });
-    let (dest, addr, mut labels, declared, service) = match destination(decided, source.as_deref(), orig) {
+    let (dest, mut addr, mut labels, declared, service) = match destination(decided, source.as_deref(), orig) {
         Ok(d) => d,
         Err(refused) => {
             let (labels, e) = *refused;
@@ -88,6 +90,18 @@ async fn open(ctx: &Arc<Inputs>, client: TcpStream, peer: SocketAddr) -> Option<
     if handling == Handling::Tcp && black_hole {
         fail(ctx, &client, peer, Some(labels), ProxyError::BlackHole(addr));
         return None;
+    }
+    // DYNAMIC_DNS over TLS: to where the server name resolves now.
+    if handling == Handling::Tcp
+        && let Some(entry) =
+            service.as_ref().filter(|s| s.external.as_ref().is_some_and(|e| e.resolution == Resolution::DynamicDns))
+    {
+        let host = sni.unwrap_or_default();
+        match ctx.dns.resolve_now(&host, &entry.hostname).await {
+            Ok(addrs) if !addrs.is_empty() => addr = SocketAddrV4::new(addrs[0], addr.port()),
+            Ok(_) => return fail_dns(ctx, &client, peer, labels, host, crate::dns::LookupError::NoRecords),
+            Err(error) => return fail_dns(ctx, &client, peer, labels, host, error),
+        }
     }
     if handling != Handling::Tcp {
         drop(state);
@@ -110,6 +124,18 @@ async fn open(ctx: &Arc<Inputs>, client: TcpStream, peer: SocketAddr) -> Option<
     let opened = Box::pin(open::open_upstream(ctx, &state, hop, ctx.connect_timeout)).await;
     drop(state);
     joined(ctx, client, (peer, orig), addr, opened, labels)
+}
+
+fn fail_dns<T>(
+    ctx: &Inputs,
+    client: &TcpStream,
+    peer: SocketAddr,
+    labels: TcpLabels,
+    host: String,
+    error: crate::dns::LookupError,
+) -> Option<T> {
+    fail(ctx, client, peer, Some(labels), ProxyError::Dns { host, error });
+    None
 }
 
 /// The copy between the client and its opened upstream, or the failure to

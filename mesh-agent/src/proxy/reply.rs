@@ -52,6 +52,10 @@ impl LocalReply {
     /// The route's timeout passed before a response.
     pub const TIMEOUT: LocalReply =
         LocalReply { status: StatusCode::GATEWAY_TIMEOUT, text: "upstream request timeout", flags: Flags::UT };
+    /// `DYNAMIC_DNS`: the request's host did not resolve (Envoy's dynamic
+    /// forward proxy's answer).
+    pub const DNS_FAILURE: LocalReply =
+        LocalReply { status: StatusCode::SERVICE_UNAVAILABLE, text: "DNS resolution failure", flags: Flags::DF };
     /// The upstream reset or closed before answering.
     pub const RESET: LocalReply = LocalReply {
         status: StatusCode::SERVICE_UNAVAILABLE,
@@ -113,6 +117,7 @@ impl ProxyError {
             ProxyError::NotLocal(_) => "not_local",
             ProxyError::BlackHole(_) => "registry_only",
             ProxyError::Tls { .. } => "tls_error",
+            ProxyError::Dns { .. } => "dns_resolution_failure",
         }
     }
 
@@ -128,6 +133,7 @@ impl ProxyError {
             | ProxyError::Connect { .. }
             | ProxyError::Tunnel(_)
             | ProxyError::Tls { .. } => Flags::UF,
+            ProxyError::Dns { .. } => Flags::DF,
             ProxyError::Copy { .. }
             | ProxyError::NoSourceIdentity(_)
             | ProxyError::Denied { .. }

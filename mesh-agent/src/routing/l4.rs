@@ -105,7 +105,8 @@ pub fn route_to(
     avoid: &dyn Fn(SocketAddrV4) -> bool,
 ) -> Route {
     match &service.external {
-        Some(e) if e.resolution == Resolution::None => {
+        // DYNAMIC_DNS: the data path puts the request's host's address in.
+        Some(e) if matches!(e.resolution, Resolution::None | Resolution::DynamicDns) => {
             let Some(sp) = service.ports.iter().find(|p| p.port == port) else {
                 return Route::Refused { service: service.clone(), reason: Refusal::UnknownPort(port) };
             };

@@ -7,8 +7,9 @@ use std::fmt;
 pub struct Flags(u16);
 
 /// Each flag and how it prints, in print order.
-const NAMES: [(Flags, &str); 13] = [
+const NAMES: [(Flags, &str); 14] = [
     (Flags::DC, "DC"),
+    (Flags::DF, "DF"),
     (Flags::DI, "DI"),
     (Flags::DPE, "DPE"),
     (Flags::FI, "FI"),
@@ -27,6 +28,8 @@ impl Flags {
     pub const NONE: Flags = Flags(0);
     /// Downstream connection closed before the response was complete.
     pub const DC: Flags = Flags(1);
+    /// The request's host did not resolve (Envoy's dynamic forward proxy).
+    pub const DF: Flags = Flags(1 << 13);
     /// Request delayed by the fault filter.
     pub const DI: Flags = Flags(1 << 1);
     /// Downstream protocol error (an unreadable request body).

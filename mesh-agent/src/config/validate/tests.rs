@@ -57,6 +57,21 @@ fn invalid_input_names_file_object_and_field() {
         ),
         (
             "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: se, namespace: demo}\n\
+             spec: {hosts: [\"*.example\", a.example], resolution: DYNAMIC_DNS, ports: [{number: 80, name: http, protocol: HTTP}]}\n",
+            "cluster.yaml (document 1): ServiceEntry demo/se: spec.hosts[1]: DYNAMIC_DNS resolves the host each request names: wildcard hosts only",
+        ),
+        (
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: se, namespace: demo}\n\
+             spec: {hosts: [\"*.example\"], resolution: DYNAMIC_DNS, ports: [{number: 22, name: ssh, protocol: TCP}]}\n",
+            "cluster.yaml (document 1): ServiceEntry demo/se: spec.ports[0].protocol: DYNAMIC_DNS needs the host the traffic names: HTTP, HTTP2, GRPC, HTTPS or TLS",
+        ),
+        (
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: se, namespace: demo}\n\
+             spec: {hosts: [api.example], resolution: DNS, endpoints: [{address: \"not a name\"}], ports: [{number: 80, name: http, protocol: HTTP}]}\n",
+            "cluster.yaml (document 1): ServiceEntry demo/se: spec.endpoints[0].address: \"not a name\" is neither an IPv4 address nor a host name",
+        ),
+        (
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: se, namespace: demo}\n\
              spec: {hosts: [a.example], addresses: [\"10.0.0.0/33\"], ports: [{number: 22, name: tcp, protocol: TCP}]}\n",
             "cluster.yaml (document 1): ServiceEntry demo/se: spec.addresses[0]: \"10.0.0.0/33\": expected an IPv4 address or CIDR range (IPv6 is not supported by this version of mesh-agent)",
         ),

@@ -474,6 +474,8 @@ async fn tries(
         if let Some(cs) = cluster_state {
             record.hold_in_flight(cs.in_flight(target.addr));
         }
+        target::dynamic_dns(ctx, &mut target, &attempt.parts).await?;
+        record.set_target(target.labels.clone(), target.addr);
         let source = target.source.as_ref().map(|w| w.principal.clone());
         let service = target.service.as_ref().map(|s| s.hostname.clone());
         let (upstream, h2, tls) = (target.addr, attempt.h2, target.tls.is_some());

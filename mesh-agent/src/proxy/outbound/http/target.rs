@@ -57,3 +57,29 @@ pub(super) fn target(
         }
     }
 }
+
+/// `DYNAMIC_DNS`: the try goes to the address the request's host resolves
+/// to now (the agent's resolver, by TTL), on the routed port.
+pub(super) async fn dynamic_dns(
+    ctx: &Inputs,
+    target: &mut Target,
+    parts: &hyper::http::request::Parts,
+) -> Result<(), LocalReply> {
+    let dynamic = |s: &&Arc<crate::state::Service>| {
+        s.external.as_ref().is_some_and(|e| e.resolution == crate::state::Resolution::DynamicDns)
+    };
+    let Some(service) = target.service.as_ref().filter(dynamic) else { return Ok(()) };
+    // The host routing matched the entry's wildcard by.
+    let host = crate::routing::http::request_host(&parts.headers).or(parts.uri.host()).unwrap_or_default();
+    match ctx.dns.resolve_now(host, &service.hostname).await {
+        Ok(addrs) if !addrs.is_empty() => {
+            target.addr = SocketAddrV4::new(addrs[0], target.addr.port());
+            Ok(())
+        }
+        Ok(_) => Err(LocalReply::DNS_FAILURE),
+        Err(e) => {
+            tracing::info!(host, error = %e, "DYNAMIC_DNS: the request's host did not resolve");
+            Err(LocalReply::DNS_FAILURE)
+        }
+    }
+}
