@@ -93,6 +93,8 @@ pub struct RunConfig {
 pub struct DnsConfig {
     pub resolv_conf: PathBuf,
     pub settings: crate::dns::Settings,
+    /// Meshed pods' DNS answered by the agent (each pod may opt out); `None`: not captured.
+    pub proxy: Option<crate::dns::proxy::ProxySettings>,
 }
 
 /// The ServiceEntry resolver, asking the resolvers `resolv.conf` names (or,
@@ -293,13 +295,57 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
     if let Some(orig) = capture.take_host_orig() {
         let _ = ctx.inputs.host_orig.set(orig);
     }
+    let dns_task = cfg.dns.proxy.as_ref().and_then(|settings| start_dns_proxy(&cfg.dns, settings, &ctx.inputs));
+    capture.dns_capture = dns_task.is_some();
     let result = serve::serve(&cfg, &ctx, sockets, admin, handover, &mut capture, &mut source).await;
+    if let Some(t) = dns_task {
+        t.abort();
+    }
     // Whatever happened: capture stays pinned (fail closed) unless the mesh
     // is leaving the node.
     let cleanup = capture.shutdown(cfg.uninstall_on_exit).await;
     result?;
     cleanup?;
     Ok(())
+}
+
+/// The DNS proxy on its socket, forwarding to the resolvers `resolv.conf`
+/// names; `None` (pods' DNS then goes to their servers as without the mesh)
+/// when the socket cannot be had.
+fn start_dns_proxy(
+    cfg: &DnsConfig,
+    settings: &crate::dns::proxy::ProxySettings,
+    inputs: &Arc<Inputs>,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let socket = crate::dns::proxy::udp::bind()
+        .inspect_err(|e| tracing::warn!(error = %e, "no DNS proxy socket: pods' DNS is not captured"))
+        .ok()?;
+    let text = std::fs::read_to_string(&cfg.resolv_conf).unwrap_or_default();
+    let upstreams = crate::dns::upstream::nameservers(&text);
+    if upstreams.is_empty() {
+        tracing::warn!(resolv_conf = %cfg.resolv_conf.display(), "no IPv4 nameserver: the DNS proxy answers only the mesh's names");
+    }
+    let m = &inputs.metrics;
+    let metrics = crate::dns::proxy::ProxyMetrics {
+        requests: m.dns_requests.clone(),
+        upstream_requests: m.dns_upstream_requests.clone(),
+        upstream_failures: m.dns_upstream_failures.clone(),
+        refusals: m.dns_proxy_refusals.clone(),
+    };
+    let state = inputs.clone();
+    let proxy = Arc::new(crate::dns::proxy::DnsProxy::new(
+        Box::new(move || state.state()),
+        upstreams.clone(),
+        settings.clone(),
+        metrics,
+    ));
+    let _ = inputs.dns_proxy.set(proxy.clone());
+    tracing::info!(?upstreams, "DNS proxy answering meshed pods' queries");
+    Some(tokio::spawn(async move {
+        if let Err(e) = crate::dns::proxy::udp::serve(proxy, socket).await {
+            tracing::error!(error = %e, "DNS proxy stopped");
+        }
+    }))
 }
 
 /// The data path's bound sockets (15001, 15006, 15008) and the HBONE server's TLS settings.

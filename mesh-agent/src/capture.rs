@@ -116,6 +116,8 @@ pub struct Capture {
     ifaces: BpfHashMap<MapData, u32, IfaceInfo>,
     /// Local meshed pod IPs (network order): plaintext to them goes to 15006.
     meshed_ips: KeySet<u32>,
+    /// Meshed pods whose DNS queries the agent answers.
+    dns_pods: KeySet<u32>,
     counters: PerCpuArray<MapData, u64>,
     handle: rtnetlink::Handle,
     lo: u32,
@@ -135,6 +137,8 @@ pub struct Capture {
     gate: gate::Gate,
     /// The node's pod ranges given on the command line (over the Node's).
     pub pod_cidrs: Vec<crate::state::security::Cidr>,
+    /// Whether meshed pods' DNS is captured (`--dns-capture`; each pod may opt out).
+    pub dns_capture: bool,
     /// Pods' addresses from the CNI plugin, by (namespace, name): known
     /// before the API server's pod status says them.
     pub cni_ips: HashMap<(String, String), Ipv4Addr>,
@@ -189,6 +193,7 @@ impl Capture {
         settings_map.set(0, settings, 0).map_err(map_err("SETTINGS"))?;
         let ifaces = BpfHashMap::try_from(take_map(&mut ebpf, "IFACES")?).map_err(map_err("IFACES"))?;
         let meshed_ips = KeySet::take(&mut ebpf, "LOCAL_MESHED")?;
+        let dns_pods = KeySet::take(&mut ebpf, "DNS_PODS")?;
         let counters = PerCpuArray::try_from(take_map(&mut ebpf, "COUNTERS")?).map_err(map_err("COUNTERS"))?;
         let v6_refused = BpfHashMap::try_from(take_map(&mut ebpf, "V6_REFUSED")?).map_err(map_err("V6_REFUSED"))?;
         program(&mut ebpf, PROGRAM)?.load()?;
@@ -211,6 +216,8 @@ impl Capture {
             ebpf,
             ifaces,
             meshed_ips,
+            dns_pods,
+            dns_capture: false,
             counters,
             handle,
             lo,
@@ -440,7 +447,9 @@ impl Capture {
 
     fn sync_meshed_ips(&mut self, state: &State, node: &str) -> Result<(), CaptureError> {
         let want = state.local_workloads(node).filter(|w| w.meshed).filter_map(|w| w.ip);
-        self.meshed_ips.sync(want.map(|ip| u32::from_ne_bytes(ip.octets())).collect())
+        self.meshed_ips.sync(want.map(|ip| u32::from_ne_bytes(ip.octets())).collect())?;
+        let dns = state.local_workloads(node).filter(|w| self.dns_capture && w.meshed && w.dns_capture);
+        self.dns_pods.sync(dns.filter_map(|w| w.ip).map(|ip| u32::from_ne_bytes(ip.octets())).collect())
     }
 
     fn detach(&mut self, ifindex: u32) {

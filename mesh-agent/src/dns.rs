@@ -23,6 +23,8 @@ use crate::{
     telemetry::DnsLabels,
 };
 
+pub mod proxy;
+pub mod records;
 pub mod upstream;
 
 /// How answers are used and lookups bounded.

@@ -156,6 +156,9 @@ pub struct Workload {
     /// Ports the kubelet's probes connect to (the Pod spec's `httpGet`,
     /// `tcpSocket` and `grpc` probes): the kubelet reaches these directly.
     pub probe_ports: std::collections::BTreeSet<u16>,
+    /// Its DNS queries are answered by its node's agent (unless the pod
+    /// says `ambient.istio.io/dns-capture: "false"`).
+    pub dns_capture: bool,
     /// The pod's `metadata.uid` when the source gives one: the CA checks a
     /// ServiceAccount token's pod against it.
     pub uid: Option<Arc<str>>,

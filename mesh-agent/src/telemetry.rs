@@ -251,6 +251,13 @@ pub struct DnsLabels {
     pub result: &'static str,
 }
 
+/// The pod a DNS query came from (ztunnel's `istio_dns_requests` labels, in part).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DnsRequestLabels {
+    pub source_workload: String,
+    pub source_workload_namespace: String,
+}
+
 /// `istio_build`'s labels: what this binary is, and its version.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BuildLabels {
@@ -281,6 +288,12 @@ pub struct Metrics {
     /// ServiceEntry name lookups, by name and result (`changed`,
     /// `unchanged`, `no_records`, `timeout`, `error`).
     pub dns_resolutions: Family<DnsLabels, Counter>,
+    /// The DNS proxy's queries by source pod, its forwards to the node's
+    /// resolvers and their failures, and the queries it dropped (by reason).
+    pub dns_requests: Family<DnsRequestLabels, Counter>,
+    pub dns_upstream_requests: Counter,
+    pub dns_upstream_failures: Counter,
+    pub dns_proxy_refusals: Family<ReasonLabels, Counter>,
     pub requests: Family<RequestLabels, Counter>,
     /// Mirrored request copies by result: `sent`, `failed`, `skipped` (body too large).
     pub mirrored: Family<ResultLabels, Counter>,
@@ -426,6 +439,30 @@ impl Metrics {
             "DNS lookups of ServiceEntry names, by name and result (changed, unchanged, no_records, timeout, error); a failed one keeps the last good answer",
             dns_resolutions.clone(),
         );
+        let dns_requests = Family::default();
+        registry.register(
+            "istio_dns_requests",
+            "DNS queries of meshed pods the agent's DNS proxy took, by source",
+            dns_requests.clone(),
+        );
+        let dns_upstream_requests = Counter::default();
+        registry.register(
+            "istio_dns_upstream_requests",
+            "Queries the DNS proxy forwarded to the node's resolvers",
+            dns_upstream_requests.clone(),
+        );
+        let dns_upstream_failures = Counter::default();
+        registry.register(
+            "istio_dns_upstream_failures",
+            "Forwarded queries a resolver did not answer (in time)",
+            dns_upstream_failures.clone(),
+        );
+        let dns_proxy_refusals = Family::default();
+        registry.register(
+            "mesh_dns_proxy_refusals",
+            "DNS queries the proxy dropped or answered FORMERR, by reason (rate_limited, malformed)",
+            dns_proxy_refusals.clone(),
+        );
         registry.register_collector(Box::new(process::ProcessCollector));
         let build = Family::<BuildLabels, Gauge>::default();
         build.get_or_create(&BuildLabels { component: "mesh-agent", tag: env!("CARGO_PKG_VERSION") }).set(1);
@@ -449,6 +486,10 @@ impl Metrics {
             kube_watch_errors,
             kube_rebuilds,
             dns_resolutions,
+            dns_requests,
+            dns_upstream_requests,
+            dns_upstream_failures,
+            dns_proxy_refusals,
             requests,
             mirrored,
             jwt_checks,

@@ -19,7 +19,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("config", &["state", "routing", "identity"]),
     ("capture", &["state", "marks"]),
     ("privileges", &[]),
-    ("dns", &["state", "telemetry"]),
+    ("dns", &["state", "telemetry", "marks"]),
     ("proxy", &["state", "routing", "identity", "telemetry", "capture", "marks", "dns"]),
     ("discovery", &["state", "identity", "config", "telemetry"]),
     (

@@ -15,6 +15,9 @@ pub const OUTBOUND_ADDR: u32 = 0x7f00_0001;
 pub const INBOUND_PORT: u16 = 15006;
 /// Port of the HBONE (mTLS + HTTP/2 CONNECT) listener between node agents.
 pub const HBONE_PORT: u16 = 15008;
+/// Port of the DNS proxy (UDP, on the outbound listener's address), as
+/// ztunnel's: meshed pods' queries to port 53 are assigned to it.
+pub const DNS_PORT: u16 = 15053;
 /// Port of the admin server on 127.0.0.1.
 pub const ADMIN_PORT: u16 = 15000;
 
@@ -206,8 +209,13 @@ pub mod counter {
     /// A kubelet connection to a probe port of a local meshed pod, let
     /// through unproxied (counts connections).
     pub const PROBE_PASSED: u32 = 14;
+    /// A meshed pod's DNS query (UDP to port 53) assigned to the agent's DNS proxy.
+    pub const ASSIGNED_DNS: u32 = 15;
+    /// A DNS query passed to its server because the agent's DNS socket was
+    /// not there (fail open: the pod resolves as without the mesh).
+    pub const DNS_PROXY_MISSING: u32 = 16;
     /// Number of counters.
-    pub const LEN: u32 = 15;
+    pub const LEN: u32 = 17;
     /// Names for the admin page, in index order.
     pub const NAMES: [&str; LEN as usize] = [
         "seen",
@@ -225,6 +233,8 @@ pub mod counter {
         "ipv6_dropped",
         "unparsed_dropped",
         "probe_passed",
+        "assigned_dns",
+        "dns_proxy_missing",
     ];
 }
 

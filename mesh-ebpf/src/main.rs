@@ -51,7 +51,15 @@
 //! probe port of a local meshed pod (`PROBE_PORTS`, from the Pod specs) are
 //! given the agent mark and go directly.
 //!
-//! Maps: `IFACES` (ifindex → [`IfaceInfo`]), `LOCAL_MESHED` (local meshed pod
+//! 6. on a meshed pod's interface, a DNS query (UDP to port 53, any server)
+//!    of a pod in `DNS_PODS` is assigned to the agent's DNS proxy socket
+//!    (`bpf_sk_lookup_udp` on the outbound address, port 15053), which
+//!    answers from the server's address; when that socket is missing the
+//!    query goes to its server (fail open). TCP to port 53 is captured as
+//!    any connection (4.) and told apart by the agent.
+//!
+//! Maps: `IFACES` (ifindex → [`IfaceInfo`]), `DNS_PODS` (meshed pod IPv4 →
+//! 1: its DNS is proxied), `LOCAL_MESHED` (local meshed pod
 //! IPv4 → 1), `HOST_DESTS` (VIPs and meshed pod IPs → 1), `PROBE_PORTS`
 //! (local meshed pods' probe ports → 1), `ORIG_BY_COOKIE`, `HOST_ORIG`,
 //! `V6_REFUSED` (meshed pods' ifindexes that refused IPv6),
@@ -64,12 +72,12 @@
 
 use aya_ebpf::{
     bindings::{BPF_F_CURRENT_NETNS, BPF_F_INGRESS, TC_ACT_OK, TC_ACT_SHOT, bpf_sock, bpf_sock_tuple},
-    helpers::{bpf_redirect, bpf_sk_assign, bpf_sk_release, bpf_skc_lookup_tcp},
+    helpers::{bpf_redirect, bpf_sk_assign, bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp},
     macros::{classifier, map},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     programs::TcContext,
 };
-use mesh_common::{HostKey, IfaceInfo, OrigDst, PodPort, Settings, counter, role};
+use mesh_common::{DNS_PORT, HostKey, IfaceInfo, OrigDst, PodPort, Settings, counter, role};
 
 mod host;
 
@@ -78,6 +86,10 @@ static IFACES: HashMap<u32, IfaceInfo> = HashMap::with_max_entries(4096, 0);
 
 #[map]
 static LOCAL_MESHED: HashMap<u32, u32> = HashMap::with_max_entries(4096, 0);
+
+/// Meshed pods (IPv4, network byte order) whose DNS queries the agent answers.
+#[map]
+static DNS_PODS: HashMap<u32, u32> = HashMap::with_max_entries(4096, 0);
 
 #[map]
 static HOST_DESTS: HashMap<u32, u32> = HashMap::with_max_entries(65536, 0);
@@ -120,6 +132,7 @@ const TCP_FLAG_ACK: u8 = 0x10;
 /// IPv4 "more fragments" flag and fragment offset.
 const IP_MF_OFFSET: u16 = 0x3fff;
 const PACKET_HOST: u32 = 0;
+const DNS_SERVER_PORT: u16 = 53;
 
 /// Ingress of pod veths and the uplink: anti-spoof and capture (see the crate doc).
 #[classifier]
@@ -167,6 +180,8 @@ enum Parsed {
     V4TcpFragment { saddr: u32 },
     /// A whole IPv4 TCP header.
     Tcp(Packet),
+    /// An unfragmented IPv4 UDP datagram's addresses and ports (no flags).
+    Udp(Packet),
     /// Headers that could not be read whole (truncated, bad lengths).
     Unparsed,
 }
@@ -201,6 +216,12 @@ fn parse_v4(ctx: &TcContext) -> Option<Parsed> {
     let proto: u8 = ctx.load(ETH_HLEN + 9).ok()?;
     let saddr: u32 = ctx.load(ETH_HLEN + 12).ok()?;
     let daddr: u32 = ctx.load(ETH_HLEN + 16).ok()?;
+    if proto == IPPROTO_UDP && frag & IP_MF_OFFSET == 0 {
+        let l4 = ETH_HLEN + ihl;
+        let sport: u16 = ctx.load(l4).ok()?;
+        let dport: u16 = ctx.load(l4 + 2).ok()?;
+        return Some(Parsed::Udp(Packet { saddr, daddr, sport, dport, tcp_flags: 0 }));
+    }
     if proto != IPPROTO_TCP {
         return Some(Parsed::V4Other { saddr });
     }
@@ -272,7 +293,7 @@ fn gate(ctx: &TcContext) -> i32 {
         return TC_ACT_OK;
     }
     match parse(ctx) {
-        Parsed::NotIp | Parsed::V4Other { .. } => TC_ACT_OK,
+        Parsed::NotIp | Parsed::V4Other { .. } | Parsed::Udp(_) => TC_ACT_OK,
         Parsed::V6 { next } if v6_allowed(next) => TC_ACT_OK,
         Parsed::V6 { .. } => {
             seen_v6(ifindex);
@@ -313,7 +334,19 @@ fn classify(ctx: &TcContext) -> i32 {
     if meshed && skb_mark(ctx) & settings.mark_mask == settings.handoff_mark {
         return handed_off(ctx, &settings);
     }
-    let pkt = match parse(ctx) {
+    let parsed = match parse(ctx) {
+        // A meshed pod's DNS query, from its own address: the agent answers.
+        Parsed::Udp(pkt) if meshed && pkt.dport == DNS_SERVER_PORT.to_be() && pkt.saddr == info.pod_ip => {
+            // SAFETY: only tested for presence.
+            if unsafe { DNS_PODS.get(&pkt.saddr) }.is_some() {
+                return dns(ctx, &pkt, &settings);
+            }
+            Parsed::V4Other { saddr: pkt.saddr }
+        }
+        Parsed::Udp(pkt) => Parsed::V4Other { saddr: pkt.saddr },
+        other => other,
+    };
+    let pkt = match parsed {
         Parsed::Tcp(pkt) => pkt,
         Parsed::V4Other { saddr } | Parsed::V4TcpFragment { saddr }
             if info.role != role::UPLINK && saddr != info.pod_ip =>
@@ -426,6 +459,25 @@ fn steer(ctx: &TcContext, pkt: &Packet, mark: u32, settings: &Settings, new_conn
         return Steered::Verdict(drop_counted(counter::LISTENER_MISSING));
     }
     Steered::Verdict(assign(ctx, sk, mark, settings, which))
+}
+
+/// Assigns a DNS query to the agent's DNS proxy socket; passes it on to its
+/// server when the socket is missing (the agent is restarting).
+fn dns(ctx: &TcContext, pkt: &Packet, settings: &Settings) -> i32 {
+    // SAFETY: zeroed plain-old-data union.
+    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    tuple.__bindgen_anon_1.ipv4.saddr = pkt.saddr;
+    tuple.__bindgen_anon_1.ipv4.sport = pkt.sport;
+    tuple.__bindgen_anon_1.ipv4.daddr = settings.outbound_addr;
+    tuple.__bindgen_anon_1.ipv4.dport = DNS_PORT.to_be();
+    let len = core::mem::size_of::<u32>() as u32 * 2 + core::mem::size_of::<u16>() as u32 * 2;
+    // SAFETY: the tuple lives on this program's stack for the call.
+    let sk = unsafe { bpf_sk_lookup_udp(ctx.skb.skb.cast(), &mut tuple, len, BPF_F_CURRENT_NETNS as i64 as u64, 0) };
+    if sk.is_null() {
+        count(counter::DNS_PROXY_MISSING);
+        return TC_ACT_OK;
+    }
+    assign(ctx, sk, settings.mark, settings, counter::ASSIGNED_DNS)
 }
 
 #[inline(always)]

@@ -82,3 +82,32 @@ impl Drop for ResolvConf {
         let _ = std::fs::remove_file(&self.path);
     }
 }
+
+/// A pod's own `/etc/resolv.conf`: `ip netns exec` (how a test runs a
+/// pod's commands) mounts `/etc/netns/<namespace>/resolv.conf` over the
+/// node's. Removed when dropped.
+pub struct PodResolvConf {
+    dir: std::path::PathBuf,
+}
+
+impl PodResolvConf {
+    /// Kubernetes' `ClusterFirst` file: `nameserver`, the namespace's
+    /// search list, `ndots:5`.
+    pub fn cluster_first(pod: &Pod, namespace: &str, nameserver: &str) -> PodResolvConf {
+        let dir = std::path::Path::new("/etc/netns").join(&pod.netns);
+        std::fs::create_dir_all(&dir).unwrap();
+        let text = format!(
+            "nameserver {nameserver}\nsearch {namespace}.svc.cluster.local svc.cluster.local cluster.local\noptions ndots:5\n"
+        );
+        std::fs::write(dir.join("resolv.conf"), text).unwrap();
+        PodResolvConf { dir }
+    }
+}
+
+impl Drop for PodResolvConf {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+        // The parent too, once no other pod's file is in it.
+        let _ = std::fs::remove_dir("/etc/netns");
+    }
+}

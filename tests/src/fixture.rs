@@ -36,6 +36,8 @@ pub struct PodSpec<'a> {
     pub labels: &'a [(&'a str, &'a str)],
     /// Named container ports (for Services whose `targetPort` is a name).
     pub ports: &'a [(&'a str, u16)],
+    /// Annotations beside the gateway's.
+    pub annotations: &'a [(&'a str, &'a str)],
     /// A gateway pod, as Istio's gateway injection marks one
     /// (`inject.istio.io/templates: gateway`): the node's agent serves it.
     pub gateway: bool,
@@ -45,12 +47,19 @@ impl PodSpec<'_> {
     /// A pod in `namespace` labelled `app: <app>`, running as service account `<app>`.
     pub fn app<'a>(namespace: &'a str, app: &'a [(&'a str, &'a str)]) -> PodSpec<'a> {
         let service_account = app.iter().find(|(k, _)| *k == "app").map(|(_, v)| *v);
-        PodSpec { namespace, service_account, labels: app, ports: &[], gateway: false }
+        PodSpec { namespace, service_account, labels: app, ports: &[], gateway: false, annotations: &[] }
     }
 
     /// A gateway pod in `namespace` labelled `labels`, running as `service_account`.
     pub fn gateway<'a>(namespace: &'a str, labels: &'a [(&'a str, &'a str)], service_account: &'a str) -> PodSpec<'a> {
-        PodSpec { namespace, service_account: Some(service_account), labels, ports: &[], gateway: true }
+        PodSpec {
+            namespace,
+            service_account: Some(service_account),
+            labels,
+            ports: &[],
+            gateway: true,
+            annotations: &[],
+        }
     }
 }
 
@@ -131,7 +140,14 @@ impl Objects {
                 format!(", containers: [{{name: main, ports: [{}]}}]", ports.join(", "))
             }
         };
-        let annotations = if spec.gateway { ", annotations: {inject.istio.io/templates: gateway}" } else { "" };
+        let mut annotations: Vec<(&str, &str)> = spec.annotations.to_vec();
+        if spec.gateway {
+            annotations.push(("inject.istio.io/templates", "gateway"));
+        }
+        let annotations = match annotations.as_slice() {
+            [] => String::new(),
+            a => format!(", annotations: {}", map(a)),
+        };
         self.docs.push(format!(
             "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {}{labels}{annotations}}}\n\
              spec: {{nodeName: {node}{account}{containers}}}\n\

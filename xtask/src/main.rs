@@ -83,7 +83,8 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// The fuzz targets (mesh-agent/fuzz/fuzz_targets), each with checked-in seeds.
-const FUZZ_TARGETS: [&str; 7] = ["config", "sniff", "sni", "hbone_connect", "ca_request", "jwt", "trace_context"];
+const FUZZ_TARGETS: [&str; 8] =
+    ["config", "sniff", "sni", "hbone_connect", "ca_request", "jwt", "trace_context", "dns"];
 
 fn fuzz(secs: u64, targets: &[String]) -> anyhow::Result<()> {
     if let Some(unknown) = targets.iter().find(|t| !FUZZ_TARGETS.contains(&t.as_str())) {
@@ -158,6 +159,8 @@ const PACKAGES: &[&str] = &[
     "skopeo",
     // The scrape test: a real Prometheus reading the agents' stats port.
     "prometheus",
+    // The DNS proxy tests' client (`dig`, over UDP and TCP).
+    "bind9-dnsutils",
 ];
 /// `deploy/` is checked against the API schemas with this PyPI package.
 const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";

@@ -53,6 +53,20 @@ pub struct DnsArgs {
     /// Time for one lookup.
     #[arg(long, env = "MESH_DNS_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     dns_timeout: Duration,
+    /// Answer meshed pods' DNS queries (UDP and TCP to port 53), as
+    /// ztunnel's DNS proxy; a pod opts out with the annotation
+    /// `ambient.istio.io/dns-capture: "false"`.
+    #[arg(long, env = "MESH_DNS_CAPTURE", default_value_t = true, action = clap::ArgAction::Set)]
+    dns_capture: bool,
+    /// Queries a second one pod may send the DNS proxy (as many at once); more are dropped.
+    #[arg(long, env = "MESH_DNS_PROXY_QPS", default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..))]
+    dns_proxy_qps: u32,
+    /// Forwarded answers the DNS proxy keeps (each for its TTL, at most 5 min).
+    #[arg(long, env = "MESH_DNS_PROXY_CACHE", default_value_t = 4096)]
+    dns_proxy_cache: usize,
+    /// Time for the node's resolvers to answer a forwarded query.
+    #[arg(long, env = "MESH_DNS_UPSTREAM_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    dns_upstream_timeout: Duration,
 }
 
 impl From<DnsArgs> for crate::agent::DnsConfig {
@@ -65,6 +79,11 @@ impl From<DnsArgs> for crate::agent::DnsConfig {
                 max_retry: a.dns_max_retry,
                 timeout: a.dns_timeout,
             },
+            proxy: a.dns_capture.then_some(crate::dns::proxy::ProxySettings {
+                upstream_timeout: a.dns_upstream_timeout,
+                max_qps_per_pod: a.dns_proxy_qps,
+                cache_entries: a.dns_proxy_cache,
+            }),
         }
     }
 }

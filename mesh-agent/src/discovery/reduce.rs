@@ -13,7 +13,7 @@ use super::Kind;
 const SECRET_KEYS: &[&str] = &["tls.crt", "tls.key", "cert", "key", "ca.crt", "cacert", "ca.crl"];
 
 /// The annotations the configuration builder reads.
-const READ_ANNOTATIONS: &[&str] = &["inject.istio.io/templates"];
+const READ_ANNOTATIONS: &[&str] = &["inject.istio.io/templates", "ambient.istio.io/dns-capture"];
 
 /// The object as the configuration builder reads it: `apiVersion`, `kind`,
 /// the metadata it uses and the kind's fields it uses.

@@ -60,6 +60,17 @@ impl Lookup for Upstream {
     }
 }
 
+/// The `nameserver` addresses of a `resolv.conf` (port 53), for the DNS
+/// proxy to forward to; IPv6 ones are left out (the mesh carries IPv4).
+pub fn nameservers(resolv_conf: &str) -> Vec<std::net::SocketAddr> {
+    resolv_conf
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|rest| rest.trim().parse::<std::net::Ipv4Addr>().ok())
+        .map(|ip| std::net::SocketAddr::from((ip, 53)))
+        .collect()
+}
+
 /// Used when the node's `resolv.conf` cannot be read: every lookup fails,
 /// named, and is retried (a DNS ServiceEntry then has only its addresses).
 pub struct Unavailable(pub String);

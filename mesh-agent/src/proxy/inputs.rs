@@ -54,6 +54,9 @@ pub struct Inputs {
     /// ServiceEntry names and their answers: each new state's DNS endpoints
     /// are handed to it (and filled from what it knows) as the state is set.
     pub dns: Arc<crate::dns::Resolver>,
+    /// The DNS proxy, when meshed pods' DNS is captured (TCP queries reach
+    /// it through the outbound listener).
+    pub dns_proxy: std::sync::OnceLock<Arc<crate::dns::proxy::DnsProxy>>,
     state: Arc<RwLock<Arc<State>>>,
     captured_ips: RwLock<Arc<HashSet<Ipv4Addr>>>,
     /// Local meshed pods behind a last-hop gate.
@@ -105,6 +108,7 @@ impl Inputs {
             dial: super::outbound::open::dial,
             host_orig: std::sync::OnceLock::new(),
             dns: s.dns,
+            dns_proxy: std::sync::OnceLock::new(),
             state,
             captured_ips: RwLock::default(),
             gated_ips: RwLock::default(),

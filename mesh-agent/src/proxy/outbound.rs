@@ -54,6 +54,15 @@ async fn open(ctx: &Arc<Inputs>, client: TcpStream, peer: SocketAddr) -> Option<
         }
         Err(None) => return None,
     };
+    // DNS over TCP from a pod whose DNS is captured: the DNS proxy answers.
+    if orig.port() == 53
+        && let Some(proxy) = ctx.dns_proxy.get()
+        && source.as_ref().is_some_and(|w| w.dns_capture)
+    {
+        drop(state);
+        let _ = Box::pin(crate::dns::proxy::tcp::serve(proxy, client, peer_ip)).await;
+        return None;
+    }
     let pick = ctx.next_pick();
     let client_ns = source.as_deref().map(|w| &*w.namespace);
     let mut decided = decide(ctx, &state, orig, client_ns, pick);

@@ -127,6 +127,7 @@ impl Workload {
             ready: true,
             named_ports: BTreeMap::new(),
             probe_ports: Default::default(),
+            dns_capture: false,
             uid: None,
         }
     }

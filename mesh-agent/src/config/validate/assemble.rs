@@ -284,16 +284,21 @@ fn add_entries(state: &mut State, entries: &[(Origin, ServiceEntryObject)], erro
     // Oldest first, as Istio orders entries that declare one host or address
     // (then by namespace and name, which the object's description holds).
     built.sort_by(|a, b| by_age(&a.0, "", &a.2).cmp(&by_age(&b.0, "", &b.2)));
+    let mut allocated = std::collections::HashSet::new();
     for (_, origin, object, services) in built {
         let mut ctx = Ctx { origin: &origin, object, errors };
-        for s in services {
+        for mut s in services {
             let key = format!("{}/{}", s.namespace, s.name);
             if state.services.contains_key(&key) {
                 ctx.error("spec.hosts", format!("host {} is already defined in namespace {}", s.name, s.namespace));
                 continue;
             }
+            let auto = auto_address(&s, &mut allocated);
+            if auto.is_some() {
+                s.vip = auto;
+            }
             let s = Arc::new(s);
-            for ip in s.external.iter().flat_map(|e| e.addresses.iter()) {
+            for ip in s.external.iter().flat_map(|e| e.addresses.iter()).chain(auto.as_ref()) {
                 if state.by_vip.get(ip).is_none_or(|other| other.external.is_some()) {
                     state.external_by_addr.entry(*ip).or_default().push(s.clone());
                 }
@@ -324,6 +329,36 @@ fn add_entries(state: &mut State, entries: &[(Origin, ServiceEntryObject)], erro
             state.services.insert(key, s);
         }
     }
+}
+
+/// Istio's automatic address for a ServiceEntry host that lists none
+/// (`ISTIO_META_DNS_AUTO_ALLOCATE`, now the default): an address in
+/// 240.240.0.0/16 the DNS proxy answers for the host, and that routes to
+/// it like a listed address. Only for exact hosts of entries with
+/// endpoints to go to (`STATIC`, `DNS`); chosen from a hash of
+/// `namespace/host`, so that it does not move when other entries come and
+/// go and every agent gives the same one; a collision takes the next free
+/// address (oldest entry first).
+fn auto_address(s: &crate::state::Service, taken: &mut std::collections::HashSet<Ipv4Addr>) -> Option<Ipv4Addr> {
+    use crate::state::Resolution;
+    let e = s.external.as_ref()?;
+    let wanted = e.addresses.is_empty()
+        && e.ranges.is_empty()
+        && !s.hostname.starts_with("*.")
+        && matches!(e.resolution, Resolution::Dns | Resolution::Static);
+    if !wanted {
+        return None;
+    }
+    // FNV-1a: stable across builds and platforms.
+    let hash = format!("{}/{}", s.namespace, s.hostname)
+        .bytes()
+        .fold(0x811c_9dc5_u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193));
+    // Hosts 1 to 65534 of the /16 (not its network or broadcast address).
+    let first = hash % 65_534;
+    (0..65_534)
+        .map(|i| (first + i) % 65_534 + 1)
+        .map(|host| Ipv4Addr::from(0xf0f0_0000 | host))
+        .find(|ip| taken.insert(*ip))
 }
 
 /// Builds each object, reporting a second object of the same name (the name is

@@ -37,6 +37,7 @@ pub(super) fn build_node(ctx: &mut Ctx<'_>, node: &k8s::Node, trust_domain: &str
         ready: true,
         named_ports: BTreeMap::new(),
         probe_ports: BTreeSet::new(),
+        dns_capture: false,
         uid: None,
     });
     let pod_cidrs = pod_cidrs(ctx, &node.spec);
@@ -174,9 +175,14 @@ pub(super) fn build_workload(
         ready: phase_ok && ready_ok,
         named_ports,
         probe_ports,
+        // Istio's per-pod switch of ambient DNS capture.
+        dns_capture: pod.metadata.annotations.get(DNS_CAPTURE_ANNOTATION).is_none_or(|v| v.trim() != "false"),
         uid: pod.metadata.uid.as_deref().map(Into::into),
     })
 }
+
+/// The pod annotation that turns its DNS capture off (`"false"`), Istio's.
+pub const DNS_CAPTURE_ANNOTATION: &str = "ambient.istio.io/dns-capture";
 
 /// Whether a pod is a gateway, as Istio tells: gateway injection
 /// (`inject.istio.io/templates` naming `gateway`, how Istio's own gateway
