@@ -201,6 +201,11 @@ pub struct External {
     pub ranges: Vec<security::Cidr>,
     /// `exportTo`: the clients' namespaces that see it (`None`: all).
     pub export_to: Option<Vec<Arc<str>>>,
+    /// `subjectAltNames`: when set, only endpoints whose mesh identity is
+    /// one of these are routed to (a pod the selector takes that runs as
+    /// another service account is left out).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub subject_alt_names: Vec<Arc<str>>,
     /// The endpoint reported for `resolution: NONE` (the original destination).
     #[serde(skip)]
     pub unknown: Arc<Workload>,

@@ -59,7 +59,7 @@ pub struct DnsArgs {
     #[arg(long, env = "MESH_DNS_CAPTURE", default_value_t = true, action = clap::ArgAction::Set)]
     dns_capture: bool,
     /// Queries a second one pod may send the DNS proxy (as many at once); more are dropped.
-    #[arg(long, env = "MESH_DNS_PROXY_QPS", default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, env = "MESH_DNS_PROXY_QPS", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
     dns_proxy_qps: u32,
     /// Forwarded answers the DNS proxy keeps (each for its TTL, at most 5 min).
     #[arg(long, env = "MESH_DNS_PROXY_CACHE", default_value_t = 4096)]

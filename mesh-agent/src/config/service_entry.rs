@@ -51,7 +51,7 @@ pub struct ServiceEntrySpec {
     #[serde(default)]
     pub endpoints: Vec<SeEndpointSpec>,
     pub export_to: Option<Vec<String>>,
-    pub subject_alt_names: Unsupported,
+    pub subject_alt_names: Option<Vec<String>>,
     pub workload_selector: Option<WorkloadSelectorSpec>,
 }
 
@@ -94,10 +94,14 @@ pub(super) fn build_service_entry(
     let before = ctx.error_count();
     let spec = &obj.spec;
     let export_to = super::networking::export_to(ctx, spec.export_to.as_deref(), &namespace);
-    for (field, v) in [("subjectAltNames", &spec.subject_alt_names)] {
-        if v.is_some() {
-            ctx.error(format!("spec.{field}"), NOT_YET);
-        }
+    let subject_alt_names = spec.subject_alt_names.clone().unwrap_or_default();
+    // The identities the entry's endpoints must prove (Istio verifies them
+    // on the mTLS to the endpoints): only mesh endpoints prove one here.
+    if !subject_alt_names.is_empty() && spec.workload_selector.is_none() {
+        ctx.error(
+            "spec.subjectAltNames",
+            "verified on the mesh's mTLS to the entry's pods: only with workloadSelector (other endpoints prove no identity; a DestinationRule's tls.subjectAltNames checks a server's certificate)",
+        );
     }
     if spec.hosts.is_empty() {
         ctx.error("spec.hosts", "at least one host is required");
@@ -178,6 +182,7 @@ pub(super) fn build_service_entry(
         addresses: addresses.clone(),
         ranges,
         export_to,
+        subject_alt_names: subject_alt_names.into_iter().map(Into::into).collect(),
         unknown: Arc::new(Workload::outside(&namespace, None, BTreeMap::new())),
     });
     // Each host resolves on its own when the entry lists no endpoints.

@@ -141,12 +141,16 @@ pub fn route_service(
     // Endpoints that are ready and define the target port (a named port may be
     // missing on some pods, as in Kubernetes).
     let in_subset = |w: &&Arc<Workload>| subset.is_none_or(|l| l.iter().all(|(k, v)| w.labels.get(k) == Some(v)));
+    // A ServiceEntry's `subjectAltNames`: the identities its endpoints must prove.
+    let sans = service.external.as_ref().map(|e| e.subject_alt_names.as_slice()).unwrap_or_default();
+    let proven = |w: &&Arc<Workload>| sans.is_empty() || (w.meshed && sans.iter().any(|s| *s == w.principal));
     let endpoints = service.current_endpoints();
     let all = || {
         endpoints
             .iter()
             .filter(|w| w.ready)
             .filter(in_subset)
+            .filter(proven)
             .filter_map(|w| Some((w, w.ip?, w.resolve_port(&sp.target)?)))
     };
     let healthy = all().filter(|(_, ip, p)| !avoid(SocketAddrV4::new(*ip, *p))).count();

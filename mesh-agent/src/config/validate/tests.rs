@@ -57,6 +57,11 @@ fn invalid_input_names_file_object_and_field() {
         ),
         (
             "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: se, namespace: demo}\n\
+             spec: {hosts: [a.example], subjectAltNames: [a.example], resolution: STATIC, endpoints: [{address: 192.0.2.1}], ports: [{number: 80, name: http, protocol: HTTP}]}\n",
+            "cluster.yaml (document 1): ServiceEntry demo/se: spec.subjectAltNames: verified on the mesh's mTLS to the entry's pods: only with workloadSelector (other endpoints prove no identity; a DestinationRule's tls.subjectAltNames checks a server's certificate)",
+        ),
+        (
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: se, namespace: demo}\n\
              spec: {hosts: [\"*.example\", a.example], resolution: DYNAMIC_DNS, ports: [{number: 80, name: http, protocol: HTTP}]}\n",
             "cluster.yaml (document 1): ServiceEntry demo/se: spec.hosts[1]: DYNAMIC_DNS resolves the host each request names: wildcard hosts only",
         ),

@@ -246,3 +246,56 @@ spec:
     assert!(s.external_for_host("db.ops.example", Some("demo")).is_none());
     assert!(s.external_for_host("db.ops.example", Some("ops")).is_some());
 }
+
+/// A ServiceEntry's `subjectAltNames` pin the identity of the pods its
+/// `workloadSelector` takes: a tenant's pod that wears the labels but runs
+/// as another service account is never routed to (attack), the listed
+/// identity's pod is (positive control); without the field, both are.
+#[test]
+fn subject_alt_names_keep_a_look_alike_pod_out_of_an_entrys_endpoints() {
+    let pods = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: demo, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: db-1, namespace: demo, labels: {app: db}}
+spec: {nodeName: n1, serviceAccountName: db}
+status: {podIP: 10.244.0.20}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: impostor, namespace: demo, labels: {app: db}}
+spec: {nodeName: n1, serviceAccountName: intruder}
+status: {podIP: 10.244.0.21}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: db, namespace: demo}
+spec:
+  hosts: [db.internal]
+  addresses: [10.200.0.5]
+  ports: [{number: 5432, name: tcp, protocol: TCP}]
+  resolution: STATIC
+  workloadSelector: {labels: {app: db}}
+"#;
+    let reached = |yaml: &str| {
+        let s = state(yaml);
+        let dst = SocketAddrV4::new(std::net::Ipv4Addr::new(10, 200, 0, 5), 5432);
+        (0..8)
+            .map(|pick| match route(&s, dst, Some("demo"), pick) {
+                Route::Service { endpoint, .. } => endpoint.name.to_string(),
+                other => format!("{other:?}"),
+            })
+            .collect::<std::collections::BTreeSet<_>>()
+    };
+    let open: Vec<&str> = vec!["db-1", "impostor"];
+    assert_eq!(reached(pods).iter().map(String::as_str).collect::<Vec<_>>(), open, "without the field: any pod");
+    let pinned = format!("{pods}  subjectAltNames: [\"spiffe://cluster.local/ns/demo/sa/db\"]\n");
+    assert_eq!(reached(&pinned).iter().map(String::as_str).collect::<Vec<_>>(), ["db-1"]);
+    // Nobody proves a listed identity: no endpoint, never another one.
+    let nobody = format!("{pods}  subjectAltNames: [\"spiffe://cluster.local/ns/demo/sa/other\"]\n");
+    let got = reached(&nobody);
+    assert!(got.iter().all(|r| r.contains("NoReadyEndpoint")), "{got:?}");
+}

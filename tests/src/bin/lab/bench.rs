@@ -30,12 +30,14 @@ use mesh_tests::{
     netns::Background,
 };
 
+mod dns;
 mod handshakes;
 mod parse;
 mod procfs;
 mod report;
 mod tools;
 
+use dns::*;
 use handshakes::*;
 use parse::*;
 use procfs::*;
@@ -119,7 +121,7 @@ impl Options {
 }
 
 /// Every scenario, in the order they run; `idle` is the memory measurement.
-const SCENARIOS: [&str; 15] = [
+const SCENARIOS: [&str; 17] = [
     "idle",
     "tcp_1_stream",
     "tcp_8_streams",
@@ -135,6 +137,8 @@ const SCENARIOS: [&str; 15] = [
     "new_connections",
     "grpc_unary",
     "hbone_handshakes",
+    "dns_1000qps",
+    "dns_1000qps_mesh",
 ];
 
 /// One number from one window.
@@ -165,7 +169,9 @@ fn scenarios(
     let traced = format!("http://{}:8080/", if ip == LOCAL { TRACED_LOCAL } else { TRACED_REMOTE });
     let mut out = BTreeMap::new();
     let apart = ["idle", "hbone_handshakes"];
-    for scenario in SCENARIOS.into_iter().filter(|s| !apart.contains(s) && options.wants(s)) {
+    // DNS is answered on the client's node (or by its resolver): one path.
+    let here = |s: &&str| ip == LOCAL || !s.starts_with("dns");
+    for scenario in SCENARIOS.into_iter().filter(|s| !apart.contains(s) && options.wants(s)).filter(here) {
         let cpu0: Vec<f64> = agents.iter().map(|p| cpu_seconds(*p)).collect();
         let switches0: f64 = agents.iter().map(|p| context_switches(*p)).sum();
         let server0: f64 = server.iter().map(|p| cpu_seconds(*p)).sum();
@@ -184,6 +190,8 @@ fn scenarios(
             "http2_saturation" => oha(client, &h2, s, None, &["--http2"])?,
             "new_connections" => oha(client, &h1, s, None, &["--disable-keepalive"])?,
             "grpc_unary" => h2load(client, ip, s, body)?,
+            "dns_1000qps" => dns_load(client, OUTSIDE_NAME, s)?,
+            "dns_1000qps_mesh" => dns_load(client, MESH_NAME, s)?,
             other => bail!("no scenario {other}"),
         };
         let elapsed = start.elapsed().as_secs_f64();
@@ -324,6 +332,12 @@ pub fn run(options: Options) -> anyhow::Result<()> {
         servers.push(nginx(cluster.pod(name), work)?);
         wait_port(&cluster.pod("client").netns, ip, 8080)?;
     }
+    // The node's resolver, which the direct rounds ask and the agents forward to.
+    let resolver = mesh_tests::dns::DnsServer::start(&Pod::namespace("resolver", RESOLVER, &cluster.net_ns));
+    resolver.set(OUTSIDE_NAME, mesh_tests::dns::Reply::A(vec![Ipv4Addr::new(192, 0, 2, 80)], 300));
+    resolver.set(MESH_NAME, mesh_tests::dns::Reply::A(vec![Ipv4Addr::new(10, 96, 0, 50)], 30));
+    let resolv_conf = work.join("resolv.conf");
+    std::fs::write(&resolv_conf, format!("nameserver {RESOLVER}\n"))?;
     let nginx_local = nginx_pids(&work.join("local"));
     let nginx_remote = nginx_pids(&work.join("remote"));
     let collector = mesh_tests::servers::otlp_collector(cluster.pod("collector"), true);
@@ -350,6 +364,7 @@ pub fn run(options: Options) -> anyhow::Result<()> {
             let mut a = ca.agent_args(&cluster.nodes[i].name);
             // As deployed: no access log, the default resync interval.
             a.extend(["--access-log", "off", "--resync-interval", "1s"].map(String::from));
+            a.extend(["--resolv-conf".to_owned(), resolv_conf.display().to_string()]);
             a.extend(options.agent_args.iter().cloned());
             a
         };

@@ -26,7 +26,7 @@ pub(super) fn report(results: &Results, idle: &Idle, quick: bool, took: Duration
         let samples = results.get(path).and_then(|s| s.get(scenario)).map(Vec::as_slice).unwrap_or(&[]);
         median(samples.iter().filter_map(|s| s.get(key).copied()).collect())
     };
-    let rows: [(&str, &str, &str, bool); 34] = [
+    let rows: [(&str, &str, &str, bool); 40] = [
         ("tcp_1_stream", "gbit_per_s", "Gbit/s", true),
         ("tcp_8_streams", "gbit_per_s", "Gbit/s", true),
         ("tcp_rr_1000mps", "p50_us", "µs p50", false),
@@ -61,6 +61,12 @@ pub(super) fn report(results: &Results, idle: &Idle, quick: bool, took: Duration
         ("http1_1000rps", "agent_switches_per_request", "switches/req", false),
         ("http2_1000rps", "agent_switches_per_request", "switches/req", false),
         ("grpc_unary", "failed", "failed", false),
+        ("dns_1000qps", "p50_us", "µs p50", false),
+        ("dns_1000qps", "p99_us", "µs p99", false),
+        ("dns_1000qps", "agent_vcpu_per_1000rps", "vCPU/1k q", false),
+        ("dns_1000qps_mesh", "p50_us", "µs p50", false),
+        ("dns_1000qps_mesh", "p99_us", "µs p99", false),
+        ("dns_1000qps_mesh", "agent_vcpu_per_1000rps", "vCPU/1k q", false),
     ];
     println!(
         "\n{:<18} {:<12} {:>10} {:>10} {:>8} {:>10} {:>10} {:>8}",
