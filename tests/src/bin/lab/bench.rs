@@ -308,6 +308,12 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     let work = WorkDir(std::env::temp_dir().join(format!("mesh-bench-{}", cluster.id)));
     std::fs::create_dir_all(&work.0)?;
     let work = &work.0;
+    // The agents' resolver, by environment: an agent from before the DNS
+    // proxy (an A/B run) ignores it.
+    let resolv_conf = work.join("resolv.conf");
+    std::fs::write(&resolv_conf, format!("nameserver {RESOLVER}\n"))?;
+    // SAFETY: still single-threaded (no server started yet).
+    unsafe { std::env::set_var("MESH_RESOLV_CONF", &resolv_conf) };
     let body = grpc_body(work)?;
     let mut servers = Vec::new();
     for (name, ip) in [("local", LOCAL), ("remote", REMOTE)] {
@@ -336,8 +342,6 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     let resolver = mesh_tests::dns::DnsServer::start(&Pod::namespace("resolver", RESOLVER, &cluster.net_ns));
     resolver.set(OUTSIDE_NAME, mesh_tests::dns::Reply::A(vec![Ipv4Addr::new(192, 0, 2, 80)], 300));
     resolver.set(MESH_NAME, mesh_tests::dns::Reply::A(vec![Ipv4Addr::new(10, 96, 0, 50)], 30));
-    let resolv_conf = work.join("resolv.conf");
-    std::fs::write(&resolv_conf, format!("nameserver {RESOLVER}\n"))?;
     let nginx_local = nginx_pids(&work.join("local"));
     let nginx_remote = nginx_pids(&work.join("remote"));
     let collector = mesh_tests::servers::otlp_collector(cluster.pod("collector"), true);
@@ -364,7 +368,6 @@ pub fn run(options: Options) -> anyhow::Result<()> {
             let mut a = ca.agent_args(&cluster.nodes[i].name);
             // As deployed: no access log, the default resync interval.
             a.extend(["--access-log", "off", "--resync-interval", "1s"].map(String::from));
-            a.extend(["--resolv-conf".to_owned(), resolv_conf.display().to_string()]);
             a.extend(options.agent_args.iter().cloned());
             a
         };
