@@ -404,7 +404,14 @@ pub fn run(options: Options) -> anyhow::Result<()> {
             let sample = hbone_handshakes(&cluster, &ca, work, plan.secs, pids[1])?;
             record(&mut results, "mesh_cross_node", BTreeMap::from([("hbone_handshakes", sample)]));
         }
-        drop(perf);
+        if let Some(perf) = perf {
+            let data = root.join("target/bench/perf.data");
+            let top = perf.finish(&data, "mesh-agent, both agents, the mesh windows")?;
+            eprintln!("flame graph: {}; most samples of their own:", data.with_extension("svg").display());
+            for (frame, share) in top {
+                eprintln!("  {:5.1} %  {frame}", share * 100.0);
+            }
+        }
         let dropped: f64 = agents
             .iter()
             .map(|a| {

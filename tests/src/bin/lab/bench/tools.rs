@@ -9,7 +9,7 @@ impl Perf {
     pub(super) fn start(pids: &[u32], out: &Path) -> anyhow::Result<Perf> {
         let pids = pids.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
         let child = Command::new("perf")
-            .args(["record", "-F", "999", "-g", "-p", &pids, "-o"])
+            .args(["record", "-F", "499", "--call-graph", "dwarf,16384", "-p", &pids, "-o"])
             .arg(out)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -17,6 +17,47 @@ impl Perf {
             .context("perf record (apt install linux-perf)")?;
         Ok(Perf(child))
     }
+}
+
+impl Perf {
+    /// Stops recording, then folds the samples per process (`perf script`,
+    /// inferno) into `<out>.folded` and draws `<out>.svg`; the frames with
+    /// the most samples of their own, for the terminal.
+    pub(super) fn finish(self, data: &Path, title: &str) -> anyhow::Result<Vec<(String, f64)>> {
+        use inferno::collapse::Collapse as _;
+        drop(self);
+        let script = Command::new("perf").arg("script").arg("-i").arg(data).output().context("perf script")?;
+        let mut options = inferno::collapse::perf::Options::default();
+        options.include_pid = true;
+        let mut folded = Vec::new();
+        inferno::collapse::perf::Folder::from(options).collapse(&script.stdout[..], &mut folded)?;
+        std::fs::write(data.with_extension("folded"), &folded)?;
+        let mut opts = inferno::flamegraph::Options::default();
+        opts.title = title.to_owned();
+        opts.count_name = "samples".to_owned();
+        // Frames under a fifth of a percent are left out: a drawing to read, not an archive.
+        opts.min_width = 2.4;
+        let svg = std::fs::File::create(data.with_extension("svg"))?;
+        inferno::flamegraph::from_reader(&mut opts, &folded[..], svg)?;
+        Ok(self_time(&String::from_utf8_lossy(&folded)))
+    }
+}
+
+/// Each leaf frame's share of all samples (folded stacks: `a;b;c count`), largest first.
+fn self_time(folded: &str) -> Vec<(String, f64)> {
+    let mut by_leaf: BTreeMap<String, f64> = BTreeMap::new();
+    let mut total = 0.0;
+    for line in folded.lines() {
+        let Some((stack, count)) = line.rsplit_once(' ') else { continue };
+        let Ok(count) = count.parse::<f64>() else { continue };
+        let leaf = stack.rsplit(';').next().unwrap_or(stack);
+        *by_leaf.entry(leaf.to_owned()).or_default() += count;
+        total += count;
+    }
+    let mut leaves: Vec<(String, f64)> = by_leaf.into_iter().map(|(f, c)| (f, c / total.max(1.0))).collect();
+    leaves.sort_by(|a, b| b.1.total_cmp(&a.1));
+    leaves.truncate(25);
+    leaves
 }
 
 impl Drop for Perf {
