@@ -26,7 +26,9 @@ impl Perf {
     pub(super) fn finish(self, data: &Path, title: &str) -> anyhow::Result<Vec<(String, f64)>> {
         use inferno::collapse::Collapse as _;
         drop(self);
-        let script = Command::new("perf").arg("script").arg("-i").arg(data).output().context("perf script")?;
+        // `+pid`: each sample names its process, so each agent is a tower of its own.
+        let script =
+            Command::new("perf").args(["script", "-F", "+pid", "-i"]).arg(data).output().context("perf script")?;
         let mut options = inferno::collapse::perf::Options::default();
         options.include_pid = true;
         let mut folded = Vec::new();
