@@ -17,6 +17,7 @@ mod tags;
 pub use tags::Extra;
 pub mod logging;
 mod process;
+pub mod runtime;
 pub mod trace;
 pub use flags::Flags;
 
@@ -464,6 +465,7 @@ impl Metrics {
             dns_proxy_refusals.clone(),
         );
         registry.register_collector(Box::new(process::ProcessCollector));
+        registry.register_collector(Box::new(runtime::RuntimeCollector));
         let build = Family::<BuildLabels, Gauge>::default();
         build.get_or_create(&BuildLabels { component: "mesh-agent", tag: env!("CARGO_PKG_VERSION") }).set(1);
         registry.register("istio_build", "This binary's component and version (Istio's `istio_build`)", build);

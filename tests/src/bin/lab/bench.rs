@@ -144,9 +144,10 @@ const SCENARIOS: [&str; 17] = [
 /// One number from one window.
 type Sample = BTreeMap<&'static str, f64>;
 
-/// Every scenario against `ip`; `agents` (pids) are watched for CPU during
-/// the request windows, and so is `server` (nginx's processes at `ip`): what
-/// one hop of a fast server costs per request on this machine, in the same run.
+/// Every scenario against `ip`; `agents` are watched for CPU, context
+/// switches, heap allocations and runtime wakeups during the request
+/// windows, and `server` (nginx's processes at `ip`) for CPU: what one hop of
+/// a fast server costs per request on this machine, in the same run.
 #[expect(clippy::too_many_arguments, reason = "the pods and processes one round measures")]
 fn scenarios(
     client: &Pod,
@@ -155,9 +156,10 @@ fn scenarios(
     plan: &Plan,
     options: &Options,
     body: &Path,
-    agents: &[u32],
+    agents: &[Agent],
     server: &[u32],
 ) -> anyhow::Result<BTreeMap<&'static str, Sample>> {
+    let agents: Vec<(u32, &Agent)> = agents.iter().filter_map(|a| Some((a.pid()?, a))).collect();
     let s = plan.secs;
     let h1 = format!("http://{ip}:8080/");
     let h2 = format!("http://{ip}:8081/");
@@ -172,8 +174,9 @@ fn scenarios(
     // DNS is answered on the client's node (or by its resolver): one path.
     let here = |s: &&str| ip == LOCAL || !s.starts_with("dns");
     for scenario in SCENARIOS.into_iter().filter(|s| !apart.contains(s) && options.wants(s)).filter(here) {
-        let cpu0: Vec<f64> = agents.iter().map(|p| cpu_seconds(*p)).collect();
-        let switches0: f64 = agents.iter().map(|p| context_switches(*p)).sum();
+        let cpu0: Vec<f64> = agents.iter().map(|(p, _)| cpu_seconds(*p)).collect();
+        let switches0: f64 = agents.iter().map(|(p, _)| context_switches(*p)).sum();
+        let machinery0 = machinery(&agents);
         let server0: f64 = server.iter().map(|p| cpu_seconds(*p)).sum();
         let start = Instant::now();
         let mut sample = match scenario {
@@ -203,13 +206,22 @@ fn scenarios(
             sample.insert("server_vcpu_per_1000rps", used / elapsed / (rps / 1000.0));
         }
         if let Some(rps) = sample.get("rps").copied().filter(|_| !agents.is_empty()) {
-            let used: f64 = agents.iter().zip(&cpu0).map(|(p, c)| cpu_seconds(*p) - c).sum();
+            let used: f64 = agents.iter().zip(&cpu0).map(|((p, _), c)| cpu_seconds(*p) - c).sum();
             let per_agent = used / agents.len() as f64;
             // vCPU per 1000 rps, per agent: CPU seconds per second, per thousand rps.
             sample.insert("agent_vcpu_per_1000rps", per_agent / elapsed / (rps / 1000.0));
             // Thread sleeps and wakes per request, per agent: what costs most at a fixed rate.
-            let switches = agents.iter().map(|p| context_switches(*p)).sum::<f64>() - switches0;
-            sample.insert("agent_switches_per_request", switches / agents.len() as f64 / (rps * elapsed));
+            let requests = agents.len() as f64 * rps * elapsed;
+            let switches = agents.iter().map(|(p, _)| context_switches(*p)).sum::<f64>() - switches0;
+            sample.insert("agent_switches_per_request", switches / requests);
+            // Heap allocations and runtime wakeups per request, per agent
+            // (what the agents' own metrics count; an agent from before
+            // them reports none).
+            for (key, before, after) in machinery0.iter().zip(machinery(&agents)).map(|((k, b), (_, a))| (k, b, a)) {
+                if after > 0.0 {
+                    sample.insert(key, (after - before) / requests);
+                }
+            }
         }
         out.insert(scenario, sample);
     }
@@ -349,6 +361,7 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     let (client, traced_client) = (cluster.pod("client"), cluster.pod("traced-client"));
     let mut results = Results::new();
     let mut agent_rss = Vec::new();
+    let (mut agent_anon, mut agent_heap) = (Vec::new(), Vec::new());
     let mut per_conn = Vec::new();
     let started = Instant::now();
     for round in 1..=plan.rounds {
@@ -375,6 +388,11 @@ pub fn run(options: Options) -> anyhow::Result<()> {
         let pids: Vec<u32> = agents.iter().filter_map(Agent::pid).collect();
         std::thread::sleep(Duration::from_millis(500));
         agent_rss.extend(pids.iter().map(|p| rss_mib(*p)));
+        // What is resident: the agent's own (anonymous: heap, stacks) and
+        // the binary's pages mapped from the page cache.
+        agent_anon.extend(pids.iter().map(|p| status_mib(*p, "RssAnon:")));
+        let heap = |a: &Agent| mesh_tests::agent::metric(&a.metrics(), "mesh_memory_heap_bytes", &[]) / 1048576.0;
+        agent_heap.extend(agents.iter().map(heap).filter(|h| *h > 0.0));
         // On fresh agents: a heap grown by the load runs would hide the cost.
         let active = |a: &Agent| mesh_tests::agent::metric(&a.metrics(), "mesh_tcp_active_connections", &[]);
         if options.wants("idle") {
@@ -393,12 +411,12 @@ pub fn run(options: Options) -> anyhow::Result<()> {
         record(
             &mut results,
             "mesh_same_node",
-            scenarios(client, traced_client, LOCAL, &plan, &options, &body, &pids[..1], &nginx_local)?,
+            scenarios(client, traced_client, LOCAL, &plan, &options, &body, &agents[..1], &nginx_local)?,
         );
         record(
             &mut results,
             "mesh_cross_node",
-            scenarios(client, traced_client, REMOTE, &plan, &options, &body, &pids, &nginx_remote)?,
+            scenarios(client, traced_client, REMOTE, &plan, &options, &body, &agents, &nginx_remote)?,
         );
         if options.wants("hbone_handshakes") {
             let sample = hbone_handshakes(&cluster, &ca, work, plan.secs, pids[1])?;
@@ -435,6 +453,8 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     let each = |i: usize| median(per_conn.iter().filter_map(|v: &Vec<f64>| v.get(i).copied()).collect());
     let idle = Idle {
         rss_mib: median(agent_rss),
+        anon_mib: median(agent_anon),
+        heap_mib: median(agent_heap),
         kib_per_connection: median(per_conn.iter().map(|v| v.iter().sum()).collect()),
         source_kib: each(0),
         destination_kib: each(1),

@@ -61,3 +61,23 @@ pub(super) fn context_switches(pid: u32) -> f64 {
 pub(super) fn rss_mib(pid: u32) -> f64 {
     mesh_tests::agent::rss_mib(pid)
 }
+
+/// A `/proc/<pid>/status` size (`RssAnon:`, `RssFile:`) in MiB.
+pub(super) fn status_mib(pid: u32, field: &str) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kib = status.lines().find_map(|l| l.strip_prefix(field)?.split_whitespace().next()?.parse::<f64>().ok());
+    kib.map_or(f64::NAN, |k| k / 1024.0)
+}
+
+/// The agents' own counts of their machinery, summed over `agents`: heap
+/// allocations, runtime workers going to sleep, and the seconds workers
+/// were busy, as per-request sample names.
+pub(super) fn machinery(agents: &[(u32, &Agent)]) -> [(&'static str, f64); 3] {
+    let texts: Vec<String> = agents.iter().map(|(_, a)| a.metrics()).collect();
+    let sum = |name: &str| texts.iter().map(|t| mesh_tests::agent::metric(t, name, &[])).sum::<f64>();
+    [
+        ("agent_allocations_per_request", sum("mesh_memory_allocations_total")),
+        ("agent_parks_per_request", sum("mesh_runtime_worker_parks_total")),
+        ("agent_busy_us_per_request", sum("mesh_runtime_worker_busy_seconds_total") * 1e6),
+    ]
+}

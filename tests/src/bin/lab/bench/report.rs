@@ -14,6 +14,10 @@ pub(super) fn median(mut v: Vec<f64>) -> f64 {
 /// Agent memory: idle, and per idle proxied connection (both agents, cross-node).
 pub(super) struct Idle {
     pub(super) rss_mib: f64,
+    /// Of which anonymous (heap, stacks, relocated data): the agent's own.
+    pub(super) anon_mib: f64,
+    /// The heap bytes the agent's allocator counts as in use.
+    pub(super) heap_mib: f64,
     pub(super) kib_per_connection: f64,
     pub(super) source_kib: f64,
     pub(super) destination_kib: f64,
@@ -26,7 +30,7 @@ pub(super) fn report(results: &Results, idle: &Idle, quick: bool, took: Duration
         let samples = results.get(path).and_then(|s| s.get(scenario)).map(Vec::as_slice).unwrap_or(&[]);
         median(samples.iter().filter_map(|s| s.get(key).copied()).collect())
     };
-    let rows: [(&str, &str, &str, bool); 40] = [
+    let rows: [(&str, &str, &str, bool); 45] = [
         ("tcp_1_stream", "gbit_per_s", "Gbit/s", true),
         ("tcp_8_streams", "gbit_per_s", "Gbit/s", true),
         ("tcp_rr_1000mps", "p50_us", "µs p50", false),
@@ -60,6 +64,11 @@ pub(super) fn report(results: &Results, idle: &Idle, quick: bool, took: Duration
         ("http2_1000rps", "server_vcpu_per_1000rps", "nginx vCPU/1k", false),
         ("http1_1000rps", "agent_switches_per_request", "switches/req", false),
         ("http2_1000rps", "agent_switches_per_request", "switches/req", false),
+        ("http1_1000rps", "agent_parks_per_request", "parks/req", false),
+        ("http1_1000rps", "agent_allocations_per_request", "allocs/req", false),
+        ("http1_1000rps", "agent_busy_us_per_request", "busy µs/req", false),
+        ("http1_saturation", "agent_allocations_per_request", "allocs/req", false),
+        ("http2_1000rps", "agent_allocations_per_request", "allocs/req", false),
         ("grpc_unary", "failed", "failed", false),
         ("dns_1000qps", "p50_us", "µs p50", false),
         ("dns_1000qps", "p99_us", "µs p99", false),
@@ -166,8 +175,16 @@ pub(super) fn report(results: &Results, idle: &Idle, quick: bool, took: Duration
         );
     }
     println!(
-        "agent RSS idle: {:.1} MiB; {} idle connections cross-node: {:.2} KiB per connection (both agents: source {:.2}, destination {:.2})",
-        idle.rss_mib, idle.connections, idle.kib_per_connection, idle.source_kib, idle.destination_kib
+        "agent RSS idle: {:.1} MiB (anonymous {:.1}, of which heap in use {:.1}; the rest is the binary's and libraries' \
+         pages, mapped from the page cache); {} idle connections cross-node: {:.2} KiB per connection (both agents: \
+         source {:.2}, destination {:.2})",
+        idle.rss_mib,
+        idle.anon_mib,
+        idle.heap_mib,
+        idle.connections,
+        idle.kib_per_connection,
+        idle.source_kib,
+        idle.destination_kib
     );
     let out = crate::workspace_root()?.join("target/bench");
     std::fs::create_dir_all(&out)?;
@@ -175,6 +192,8 @@ pub(super) fn report(results: &Results, idle: &Idle, quick: bool, took: Duration
         "quick": quick,
         "seconds": took.as_secs(),
         "agent_rss_idle_mib": idle.rss_mib,
+        "agent_anonymous_idle_mib": idle.anon_mib,
+        "agent_heap_idle_mib": idle.heap_mib,
         "idle_connections": idle.connections,
         "agent_kib_per_idle_connection": idle.kib_per_connection,
         "source_agent_kib_per_idle_connection": idle.source_kib,
