@@ -60,6 +60,8 @@ pub struct Downstream {
     /// At a gateway: the client's identity, for a mesh client (HBONE, or a
     /// pod of this node); its requests are judged with it.
     pub principal: Option<Arc<str>>,
+    /// The series its last request was counted in.
+    pub memo: Arc<metered::Memo>,
 }
 
 impl Downstream {
@@ -82,6 +84,7 @@ impl Downstream {
             first_pick: pick.into(),
             client_cert: None,
             principal: None,
+            memo: Arc::default(),
         }
     }
 

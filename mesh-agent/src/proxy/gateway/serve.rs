@@ -130,6 +130,7 @@ fn downstream(peer: SocketAddr, local: SocketAddrV4, gateways: Arc<[String]>) ->
         first_pick,
         client_cert: None,
         principal: None,
+        memo: Default::default(),
     }
 }
 

@@ -36,7 +36,9 @@ use crate::{
     telemetry::{Flags, RequestLabels, TcpLabels, access_log::Sink},
 };
 
+mod memo;
 mod tags;
+pub use memo::Memo;
 use tags::Tags;
 
 /// Request bytes, counted by the request body while it streams upstream.
@@ -63,6 +65,8 @@ pub struct Record {
     /// A Telemetry's tag overrides, with the request's values they read.
     tags: Option<Box<Tags>>,
     shared: Arc<Shared>,
+    /// The connection's last request's series.
+    memo: Arc<Memo>,
     status: u16,
     grpc_status: Option<&'static str>,
     flags: Flags,
@@ -169,6 +173,7 @@ impl Record {
             off,
             tags,
             shared: Arc::default(),
+            memo: down.memo.clone(),
             status: 0,
             grpc_status: None,
             flags: Flags::NONE,
@@ -321,30 +326,47 @@ impl Record {
         self.in_flight = None;
         let request_bytes = self.shared.request_bytes.load(Ordering::Relaxed);
         let ms = self.start.elapsed().as_secs_f64() * 1000.0;
-        let labels = RequestLabels::new(
-            self.tcp.clone(),
-            request_protocol(self.grpc),
-            self.status,
-            self.grpc_status.unwrap_or("-"),
-            self.flags,
-        );
-        let (m, on) = (&self.ctx.metrics, |metric| !self.off.contains(metric));
-        let status = self.status;
-        let tagged = |metric| self.tags.as_ref().map(|t| t.labels(&labels, metric, status));
-        let labels_for = |metric| tagged(metric).map_or(std::borrow::Cow::Borrowed(&labels), std::borrow::Cow::Owned);
-        if on(MetricSet::REQUEST_COUNT) {
-            m.requests.get_or_create(&labels_for(MetricSet::REQUEST_COUNT)).inc();
+        self.tcp.request_protocol = request_protocol(self.grpc);
+        self.tcp.response_flags = self.flags;
+        let m = &self.ctx.metrics;
+        if let Some(tags) = &self.tags {
+            // Tag overrides: each metric's own labels.
+            let labels = RequestLabels::new(
+                self.tcp.clone(),
+                self.tcp.request_protocol,
+                self.status,
+                self.grpc_status.unwrap_or("-"),
+                self.flags,
+            );
+            let on = |metric| !self.off.contains(metric);
+            let labels_for = |metric| tags.labels(&labels, metric, self.status);
+            if on(MetricSet::REQUEST_COUNT) {
+                m.requests.get_or_create(&labels_for(MetricSet::REQUEST_COUNT)).inc();
+            }
+            if on(MetricSet::REQUEST_DURATION) {
+                m.request_duration.get_or_create(&labels_for(MetricSet::REQUEST_DURATION)).observe(ms);
+            }
+            if on(MetricSet::REQUEST_SIZE) {
+                m.request_bytes.get_or_create(&labels_for(MetricSet::REQUEST_SIZE)).observe(request_bytes as f64);
+            }
+            if on(MetricSet::RESPONSE_SIZE) {
+                m.response_bytes
+                    .get_or_create(&labels_for(MetricSet::RESPONSE_SIZE))
+                    .observe(self.response_bytes as f64);
+            }
+        } else {
+            let counted = memo::Counted {
+                tcp: &self.tcp,
+                status: self.status,
+                grpc_status: self.grpc_status.unwrap_or("-"),
+                off: self.off,
+                ms,
+                request_bytes,
+                response_bytes: self.response_bytes,
+            };
+            self.memo.count(m, &counted);
         }
-        if on(MetricSet::REQUEST_DURATION) {
-            m.request_duration.get_or_create(&labels_for(MetricSet::REQUEST_DURATION)).observe(ms);
-        }
-        if on(MetricSet::REQUEST_SIZE) {
-            m.request_bytes.get_or_create(&labels_for(MetricSet::REQUEST_SIZE)).observe(request_bytes as f64);
-        }
-        if on(MetricSet::RESPONSE_SIZE) {
-            m.response_bytes.get_or_create(&labels_for(MetricSet::RESPONSE_SIZE)).observe(self.response_bytes as f64);
-        }
-        let tcp = &labels.connection;
+        let tcp = &self.tcp;
         let traced = self.trace.take();
         if traced.is_none() && self.line.is_none() {
             return;

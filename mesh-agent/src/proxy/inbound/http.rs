@@ -86,6 +86,7 @@ where
         first_pick: usize::MAX.into(),
         client_cert: None,
         principal: None,
+        memo: Default::default(),
     };
     let pod = tokio::sync::Mutex::new(None);
     let shared = Arc::new(Conn { inbound: conn, down, labels, handling, pod, pod_socket: Default::default() });

@@ -203,6 +203,7 @@ fn downstream() -> Downstream {
         server: None,
         first_pick: 0.into(),
         client_cert: None,
+        memo: Default::default(),
     }
 }
 
