@@ -30,11 +30,13 @@ use mesh_tests::{
     netns::Background,
 };
 
+mod chart;
 mod dns;
 mod handshakes;
 mod parse;
 mod procfs;
 mod report;
+mod streams;
 mod tools;
 
 use dns::*;
@@ -42,6 +44,7 @@ use handshakes::*;
 use parse::*;
 use procfs::*;
 use report::*;
+use streams::*;
 use tools::*;
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
@@ -112,6 +115,10 @@ pub struct Options {
     pub rounds: Option<usize>,
     /// Added to the agents' command line.
     pub agent_args: Vec<String>,
+    /// Draw these runs' `latest.json` (`FILE` or `FILE=NAME`) into one
+    /// chart at `chart_out` instead of measuring.
+    pub charts: Vec<String>,
+    pub chart_out: Option<PathBuf>,
 }
 
 impl Options {
@@ -121,7 +128,7 @@ impl Options {
 }
 
 /// Every scenario, in the order they run; `idle` is the memory measurement.
-const SCENARIOS: [&str; 17] = [
+const SCENARIOS: [&str; 18] = [
     "idle",
     "tcp_1_stream",
     "tcp_8_streams",
@@ -136,6 +143,7 @@ const SCENARIOS: [&str; 17] = [
     "http2_saturation",
     "new_connections",
     "grpc_unary",
+    "grpc_streaming",
     "hbone_handshakes",
     "dns_1000qps",
     "dns_1000qps_mesh",
@@ -193,6 +201,7 @@ fn scenarios(
             "http2_saturation" => oha(client, &h2, s, None, &["--http2"])?,
             "new_connections" => oha(client, &h1, s, None, &["--disable-keepalive"])?,
             "grpc_unary" => h2load(client, ip, s, body)?,
+            "grpc_streaming" => grpc_streaming(client, ip, s)?,
             "dns_1000qps" => dns_load(client, OUTSIDE_NAME, s)?,
             "dns_1000qps_mesh" => dns_load(client, MESH_NAME, s)?,
             other => bail!("no scenario {other}"),
@@ -247,7 +256,28 @@ fn record(results: &mut Results, path: &'static str, got: BTreeMap<&'static str,
     }
 }
 
+/// `--chart`: runs side by side, the first as the baseline.
+fn chart(files: &[String], out: Option<&Path>) -> anyhow::Result<()> {
+    let runs = files
+        .iter()
+        .map(|f| match f.split_once('=') {
+            Some((file, name)) => chart::Run::read(Path::new(file), Some(name)),
+            None => chart::Run::read(Path::new(f), None),
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let out = match out {
+        Some(o) => o.to_path_buf(),
+        None => crate::workspace_root()?.join("target/bench/chart.svg"),
+    };
+    std::fs::write(&out, chart::draw(&runs)).with_context(|| format!("writing {}", out.display()))?;
+    println!("chart: {}", out.display());
+    Ok(())
+}
+
 pub fn run(options: Options) -> anyhow::Result<()> {
+    if !options.charts.is_empty() {
+        return chart(&options.charts, options.chart_out.as_deref());
+    }
     let quick = options.quick;
     if let Some(unknown) = options.only.iter().find(|s| !SCENARIOS.contains(&s.as_str())) {
         bail!("no scenario {unknown:?}; there are: {}", SCENARIOS.join(", "));

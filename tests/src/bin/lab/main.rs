@@ -53,6 +53,13 @@ enum Task {
         /// More arguments for the agents, e.g. `--agent-args="--worker-threads 1"`.
         #[arg(long, allow_hyphen_values = true)]
         agent_args: Option<String>,
+        /// Measure nothing: draw the runs' `latest.json` files (`FILE` or
+        /// `FILE=NAME`, repeated; the first is the baseline) as one SVG.
+        #[arg(long, value_name = "FILE[=NAME]")]
+        chart: Vec<String>,
+        /// Where `--chart` writes (default target/bench/chart.svg).
+        #[arg(long, requires = "chart")]
+        chart_out: Option<std::path::PathBuf>,
     },
     /// Build the model from a synthetic large cluster and report time and memory.
     Scale {
@@ -70,9 +77,10 @@ enum Task {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
         Task::Demo { keep } => demo::run(keep),
-        Task::Bench { quick, only, perf, secs, rounds, agent_args } => {
+        Task::Bench { quick, only, perf, secs, rounds, agent_args, chart, chart_out } => {
             let agent_args = agent_args.map(|a| a.split_whitespace().map(String::from).collect()).unwrap_or_default();
-            bench::run(bench::Options { quick, only, perf, secs, rounds, agent_args })
+            let charts = chart;
+            bench::run(bench::Options { quick, only, perf, secs, rounds, agent_args, charts, chart_out })
         }
         Task::Scale { pods, services, kubernetes } => scale::run(pods, services, kubernetes),
     }

@@ -30,7 +30,7 @@ pub(super) fn report(results: &Results, idle: &Idle, quick: bool, took: Duration
         let samples = results.get(path).and_then(|s| s.get(scenario)).map(Vec::as_slice).unwrap_or(&[]);
         median(samples.iter().filter_map(|s| s.get(key).copied()).collect())
     };
-    let rows: [(&str, &str, &str, bool); 45] = [
+    let rows: [(&str, &str, &str, bool); 49] = [
         ("tcp_1_stream", "gbit_per_s", "Gbit/s", true),
         ("tcp_8_streams", "gbit_per_s", "Gbit/s", true),
         ("tcp_rr_1000mps", "p50_us", "µs p50", false),
@@ -49,6 +49,10 @@ pub(super) fn report(results: &Results, idle: &Idle, quick: bool, took: Duration
         ("new_connections", "rps", "conn/s", true),
         ("grpc_unary", "rps", "req/s", true),
         ("grpc_unary", "mean_ms", "ms mean", false),
+        ("grpc_streaming", "rps", "msg/s", true),
+        ("grpc_streaming", "p50_us", "µs p50", false),
+        ("grpc_streaming", "p99_us", "µs p99", false),
+        ("grpc_streaming", "agent_vcpu_per_1000rps", "vCPU/1k msg", false),
         ("http1_saturation", "non_200", "errors", false),
         ("http1_1000rps", "agent_vcpu_per_1000rps", "vCPU/1k rps", false),
         ("http1_1000rps_jwt", "agent_vcpu_per_1000rps", "vCPU/1k rps", false),
@@ -203,6 +207,8 @@ pub(super) fn report(results: &Results, idle: &Idle, quick: bool, took: Duration
     });
     let file = out.join("latest.json");
     std::fs::write(&file, serde_json::to_string_pretty(&doc)?)?;
-    println!("written: {} ({} s)", file.display(), took.as_secs());
+    let svg = out.join("latest.svg");
+    std::fs::write(&svg, super::chart::draw(&[super::chart::Run { name: "this run".into(), doc }]))?;
+    println!("written: {} and {} ({} s)", file.display(), svg.display(), took.as_secs());
     Ok(())
 }
