@@ -32,6 +32,7 @@ use mesh_tests::{
 
 mod chart;
 mod dns;
+mod gateway;
 mod handshakes;
 mod parse;
 mod procfs;
@@ -40,6 +41,7 @@ mod streams;
 mod tools;
 
 use dns::*;
+use gateway::*;
 use handshakes::*;
 use parse::*;
 use procfs::*;
@@ -128,7 +130,7 @@ impl Options {
 }
 
 /// Every scenario, in the order they run; `idle` is the memory measurement.
-const SCENARIOS: [&str; 18] = [
+const SCENARIOS: [&str; 19] = [
     "idle",
     "tcp_1_stream",
     "tcp_8_streams",
@@ -145,6 +147,7 @@ const SCENARIOS: [&str; 18] = [
     "grpc_unary",
     "grpc_streaming",
     "hbone_handshakes",
+    "gateway_https",
     "dns_1000qps",
     "dns_1000qps_mesh",
 ];
@@ -178,7 +181,7 @@ fn scenarios(
     // The same server with tracing (following the client's decision).
     let traced = format!("http://{}:8080/", if ip == LOCAL { TRACED_LOCAL } else { TRACED_REMOTE });
     let mut out = BTreeMap::new();
-    let apart = ["idle", "hbone_handshakes"];
+    let apart = ["idle", "hbone_handshakes", "gateway_https"];
     // DNS is answered on the client's node (or by its resolver): one path.
     let here = |s: &&str| ip == LOCAL || !s.starts_with("dns");
     for scenario in SCENARIOS.into_iter().filter(|s| !apart.contains(s) && options.wants(s)).filter(here) {
@@ -329,7 +332,7 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     f.namespace("bench", true)
         .add_pod(0, "client", CLIENT, PodSpec::app("bench", &[("app", "client")]))
         .add_pod(0, "local", LOCAL, server)
-        .add_pod(1, "remote", REMOTE, server)
+        .add_pod(1, "remote", REMOTE, PodSpec::app("bench", &[("app", "server"), ("bench-node", "two")]))
         .add_pod(0, "guarded-local", GUARDED_LOCAL, guarded)
         .add_pod(1, "guarded-remote", GUARDED_REMOTE, guarded)
         .add_pod(0, "quiet-local", QUIET_LOCAL, PodSpec::app("bench", &[("app", "quiet")]))
@@ -343,9 +346,12 @@ pub fn run(options: Options) -> anyhow::Result<()> {
         COLLECTOR,
         PodSpec { service_account: None, ..PodSpec::app("observability", &[("app", "collector")]) },
     );
+    gateway::add(&mut f);
+    let gateway_tls = GatewayTls::new(&f.cluster.id);
     let policy = guarded_policy(&mesh_tests::jwt::jwks(&[&signer]));
     let otel = mesh_tests::servers::otlp_collector_config("observability", "collector", "10.96.0.50", "");
-    let config = f.yaml(&format!("{policy}{QUIET_TELEMETRY}{otel}{TRACING}"));
+    let gateway = gateway_tls.config();
+    let config = f.yaml(&format!("{policy}{QUIET_TELEMETRY}{otel}{TRACING}{gateway}"));
     let cluster = f.cluster;
     let work = WorkDir(std::env::temp_dir().join(format!("mesh-bench-{}", cluster.id)));
     std::fs::create_dir_all(&work.0)?;
@@ -451,6 +457,10 @@ pub fn run(options: Options) -> anyhow::Result<()> {
         if options.wants("hbone_handshakes") {
             let sample = hbone_handshakes(&cluster, &ca, work, plan.secs, pids[1])?;
             record(&mut results, "mesh_cross_node", BTreeMap::from([("hbone_handshakes", sample)]));
+        }
+        if options.wants("gateway_https") {
+            let sample = gateway_https(&cluster, &gateway_tls, plan.secs, &pids)?;
+            record(&mut results, "mesh_cross_node", BTreeMap::from([("gateway_https", sample)]));
         }
         if let Some(perf) = perf {
             let data = root.join("target/bench/perf.data");

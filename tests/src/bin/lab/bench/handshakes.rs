@@ -36,27 +36,54 @@ pub(super) fn hbone_handshakes(
     let (csr, root_key, ext, out) = (p(&csr), p(&root_key), p(&ext), p(&cert));
     let sign = ["x509", "-req", "-days", "1", "-in", &csr, "-CA", &p(&root), "-CAkey", &root_key, "-extfile", &ext];
     openssl(&[&sign[..], &["-out", &out]].concat()).context("signing the client certificate")?;
-    let config = handshake::client_config(&cert, &key)?;
+    let config = handshake::client_config(Some((&cert, &key)), b"h2")?;
     let target = std::net::SocketAddr::from((cluster.nodes[1].ip, 15008));
+    let to = Target {
+        netns: &cluster.net_ns,
+        addr: target,
+        server_name: handshake::SERVER_NAME,
+        probe: handshake::Probe::H2,
+    };
+    connection_rates(&to, &config, secs, &[agent], ["full_per_s", "full_agent_us", "resumed_per_s", "resumed_agent_us"])
+}
+
+/// Where [`connection_rates`] connects, and how.
+pub(super) struct Target<'a> {
+    pub(super) netns: &'a str,
+    pub(super) addr: std::net::SocketAddr,
+    pub(super) server_name: &'static str,
+    pub(super) probe: handshake::Probe,
+}
+
+/// New connections per second from [`HANDSHAKE_CLIENTS`] threads, each one
+/// at a time, with full handshakes and then resumed ones, and the CPU of
+/// `agents` per connection, in µs; `keys` name the four figures (full
+/// rate and CPU, resumed rate and CPU).
+pub(super) fn connection_rates(
+    to: &Target<'_>,
+    config: &rustls::ClientConfig,
+    secs: u64,
+    agents: &[u32],
+    keys: [&'static str; 4],
+) -> anyhow::Result<Sample> {
     let mut sample = Sample::new();
-    for (resume, rate_key, cpu_key) in
-        [(false, "full_per_s", "full_agent_us"), (true, "resumed_per_s", "resumed_agent_us")]
-    {
+    for (resume, rate_key, cpu_key) in [(false, keys[0], keys[1]), (true, keys[2], keys[3])] {
         let mut config = config.clone();
         if !resume {
             config.resumption = rustls::client::Resumption::disabled();
         }
         let config = std::sync::Arc::new(config);
-        let cpu0 = cpu_seconds(agent);
+        let cpu = || agents.iter().map(|p| cpu_seconds(*p)).sum::<f64>();
+        let cpu0 = cpu();
         let start = Instant::now();
         let deadline = start + Duration::from_secs(secs);
         let clients: Vec<_> = (0..HANDSHAKE_CLIENTS)
             .map(|_| {
-                let config = config.clone();
-                mesh_tests::netns::enter_and_spawn(&cluster.net_ns, move || {
+                let (config, addr, name, probe) = (config.clone(), to.addr, to.server_name, to.probe);
+                mesh_tests::netns::enter_and_spawn(to.netns, move || {
                     let mut made = 0u64;
                     while Instant::now() < deadline {
-                        handshake::connect(&config, target)?;
+                        handshake::connect(&config, addr, name, probe)?;
                         made += 1;
                     }
                     anyhow::Ok(made)
@@ -69,7 +96,7 @@ pub(super) fn hbone_handshakes(
         }
         let (elapsed, made) = (start.elapsed().as_secs_f64(), made as f64);
         sample.insert(rate_key, made / elapsed);
-        sample.insert(cpu_key, (cpu_seconds(agent) - cpu0) / made * 1e6);
+        sample.insert(cpu_key, (cpu() - cpu0) / made * 1e6);
     }
     Ok(sample)
 }
@@ -93,7 +120,7 @@ pub(super) mod handshake {
     };
 
     /// The server name under which node-2's agent holds the remote pod's certificate.
-    const SERVER_NAME: &str = "server.bench.cluster.local.hbone";
+    pub const SERVER_NAME: &str = "server.bench.cluster.local.hbone";
 
     /// Checks the agent's signature (as a client must, for the CPU it costs)
     /// but not its certificate: the load generator trusts whom it measures.
@@ -135,33 +162,66 @@ pub(super) mod handshake {
         }
     }
 
-    pub fn client_config(cert: &Path, key: &Path) -> anyhow::Result<ClientConfig> {
+    /// TLS 1.3 with the client certificate `cert` (if any) and ALPN `alpn`.
+    pub fn client_config(cert: Option<(&Path, &Path)>, alpn: &[u8]) -> anyhow::Result<ClientConfig> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let chain = CertificateDer::pem_file_iter(cert)?.collect::<Result<Vec<_>, _>>()?;
-        let key = PrivateKeyDer::from_pem_file(key).context("the client key")?;
         let verifier = Arc::new(SignatureOnly(provider.signature_verification_algorithms));
-        let mut config = ClientConfig::builder_with_provider(provider as Arc<CryptoProvider>)
+        let builder = ClientConfig::builder_with_provider(provider as Arc<CryptoProvider>)
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .dangerous()
-            .with_custom_certificate_verifier(verifier)
-            .with_client_auth_cert(chain, key)?;
-        config.alpn_protocols = vec![b"h2".to_vec()];
+            .with_custom_certificate_verifier(verifier);
+        let mut config = match cert {
+            Some((cert, key)) => {
+                let chain = CertificateDer::pem_file_iter(cert)?.collect::<Result<Vec<_>, _>>()?;
+                let key = PrivateKeyDer::from_pem_file(key).context("the client key")?;
+                builder.with_client_auth_cert(chain, key)?
+            }
+            None => builder.with_no_client_auth(),
+        };
+        config.alpn_protocols = vec![alpn.to_vec()];
         Ok(config)
     }
 
-    /// One connection: the handshake, the HTTP/2 preface, the agent's first frame.
-    pub fn connect(config: &Arc<ClientConfig>, target: SocketAddr) -> anyhow::Result<()> {
+    /// What a new connection does once its handshake is under way, to know
+    /// the server has finished with it (a TLS 1.3 server checks a client
+    /// certificate after the client's last flight).
+    #[derive(Clone, Copy)]
+    pub enum Probe {
+        /// The HTTP/2 preface, until the agent's first frame (HBONE).
+        H2,
+        /// One HTTP/1.1 request for `/` with this `Host`, until the status line.
+        Http1(&'static str),
+    }
+
+    /// One connection to `target` as `server_name`, the handshake and `probe`.
+    pub fn connect(
+        config: &Arc<ClientConfig>,
+        target: SocketAddr,
+        server_name: &'static str,
+        probe: Probe,
+    ) -> anyhow::Result<()> {
         let mut tcp = TcpStream::connect_timeout(&target, Duration::from_secs(5)).context("connecting")?;
         tcp.set_read_timeout(Some(Duration::from_secs(5)))?;
         let _ = tcp.set_nodelay(true);
-        let name = ServerName::try_from(SERVER_NAME)?;
+        let name = ServerName::try_from(server_name)?;
         let mut tls = ClientConnection::new(config.clone(), name)?;
         let mut stream = rustls::Stream::new(&mut tls, &mut tcp);
-        // The preface and an empty SETTINGS frame.
-        stream.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0").context("the handshake")?;
-        let mut first = [0u8; 9];
-        stream.read_exact(&mut first).context("the agent's first frame")?;
-        anyhow::ensure!(first[3] == 0x4, "the agent's first frame is not SETTINGS: {first:?}");
+        match probe {
+            Probe::H2 => {
+                // The preface and an empty SETTINGS frame.
+                stream.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0").context("the handshake")?;
+                let mut first = [0u8; 9];
+                stream.read_exact(&mut first).context("the agent's first frame")?;
+                anyhow::ensure!(first[3] == 0x4, "the agent's first frame is not SETTINGS: {first:?}");
+            }
+            Probe::Http1(host) => {
+                let request = format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+                stream.write_all(request.as_bytes()).context("the handshake and request")?;
+                let mut status = [0u8; 12];
+                stream.read_exact(&mut status).context("the response")?;
+                anyhow::ensure!(&status[9..] == b"200", "answered {:?}", String::from_utf8_lossy(&status));
+            }
+        }
         tls.send_close_notify();
         let _ = tls.complete_io(&mut tcp);
         Ok(())

@@ -178,6 +178,25 @@ pub(super) fn report(results: &Results, idle: &Idle, quick: bool, took: Duration
             1e6 / resumed
         );
     }
+    let gw = |key: &str| med("mesh_cross_node", "gateway_https", key);
+    if gw("simple_p50_ms").is_finite() {
+        for mode in ["simple", "mutual"] {
+            let k = |what: &str| gw(&format!("{mode}_{what}"));
+            println!(
+                "HTTPS at the ingress gateway, {} (to node-2's server over HBONE): 1000 rps p50 {:.3} ms p99 {:.3} ms, \
+                 {:.3} vCPU/1k rps per agent; new connections with one request: full handshakes {:.0}/s \
+                 ({:.0} µs of agents' CPU each), resumed {:.0}/s ({:.0} µs)",
+                mode.to_uppercase(),
+                k("p50_ms"),
+                k("p99_ms"),
+                k("vcpu_per_1000rps"),
+                k("full_per_s"),
+                k("full_agent_us"),
+                k("resumed_per_s"),
+                k("resumed_agent_us"),
+            );
+        }
+    }
     println!(
         "agent RSS idle: {:.1} MiB (anonymous {:.1}, of which heap in use {:.1}; the rest is the binary's and libraries' \
          pages, mapped from the page cache); {} idle connections cross-node: {:.2} KiB per connection (both agents: \
