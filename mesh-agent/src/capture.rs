@@ -246,7 +246,7 @@ impl Capture {
     /// pods of `state` on `node` are handled, each with its current role.
     pub async fn reconcile(&mut self, state: &State, node: &str) -> Result<(), CaptureError> {
         let routes = netlink::pod_routes(&self.handle).await?;
-        let names = netlink::link_names(&self.handle).await?;
+        let names = netlink::link_names().map_err(CaptureError::Io)?;
         let mut desired: BTreeMap<u32, Attached> = BTreeMap::new();
         let mut pending = Vec::new();
         self.forget_departed_cni_pods(state, node);
