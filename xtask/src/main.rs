@@ -118,7 +118,7 @@ fn lab(release: bool, task: &str, args: &[String]) -> anyhow::Result<()> {
     let mut cmd = Command::new("cargo");
     cmd.args(["run", "--quiet", "--package", "mesh-tests", "--bin", "lab"]);
     if release {
-        cmd.arg("--release");
+        cmd.args(["--profile", "lab"]);
     }
     let status = cmd.arg("--").arg(task).args(args).current_dir(workspace_root()?).status()?;
     // The task's own exit code (a failed demo step, a bad flag's 2) passes through.

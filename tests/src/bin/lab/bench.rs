@@ -34,6 +34,7 @@ mod chart;
 mod dns;
 mod gateway;
 mod handshakes;
+mod node_pods;
 mod parse;
 mod procfs;
 mod report;
@@ -43,6 +44,7 @@ mod tools;
 use dns::*;
 use gateway::*;
 use handshakes::*;
+use node_pods::*;
 use parse::*;
 use procfs::*;
 use report::*;
@@ -130,7 +132,7 @@ impl Options {
 }
 
 /// Every scenario, in the order they run; `idle` is the memory measurement.
-const SCENARIOS: [&str; 19] = [
+const SCENARIOS: [&str; 20] = [
     "idle",
     "tcp_1_stream",
     "tcp_8_streams",
@@ -148,6 +150,7 @@ const SCENARIOS: [&str; 19] = [
     "grpc_streaming",
     "hbone_handshakes",
     "gateway_https",
+    "pods_1000",
     "dns_1000qps",
     "dns_1000qps_mesh",
 ];
@@ -181,7 +184,7 @@ fn scenarios(
     // The same server with tracing (following the client's decision).
     let traced = format!("http://{}:8080/", if ip == LOCAL { TRACED_LOCAL } else { TRACED_REMOTE });
     let mut out = BTreeMap::new();
-    let apart = ["idle", "hbone_handshakes", "gateway_https"];
+    let apart = ["idle", "hbone_handshakes", "gateway_https", "pods_1000"];
     // DNS is answered on the client's node (or by its resolver): one path.
     let here = |s: &&str| ip == LOCAL || !s.starts_with("dns");
     for scenario in SCENARIOS.into_iter().filter(|s| !apart.contains(s) && options.wants(s)).filter(here) {
@@ -238,6 +241,47 @@ fn scenarios(
         out.insert(scenario, sample);
     }
     Ok(out)
+}
+
+/// `pods_1000`: the agents on the configuration with 1 000 more pods on
+/// node-1 (their links made once per run), node-1's agent at rest once
+/// every pod is captured, then `http1_1000rps` through it.
+fn with_1000_pods(
+    cluster: &Cluster,
+    ca: &CaService,
+    config: &str,
+    plan: &Plan,
+    options: &Options,
+    links_made: &mut bool,
+) -> anyhow::Result<Sample> {
+    if !*links_made {
+        add_links(cluster)?;
+        *links_made = true;
+    }
+    let config = format!("{config}{}", objects());
+    ca.write_config(&config);
+    let extra = |i: usize| {
+        let mut a = ca.agent_args(&cluster.nodes[i].name);
+        a.extend(["--access-log", "off", "--resync-interval", "1s"].map(String::from));
+        a.extend(options.agent_args.iter().cloned());
+        a
+    };
+    let agents: Vec<Agent> = (0..2).map(|i| Agent::start_on(cluster, i, &config, &extra(i))).collect();
+    let pid = agents[0].pid().context("node-1's agent has no pid")?;
+    // The bench's own pods on node-1 (client, servers, collector) and the extra ones.
+    let captured = wait_captured(&agents[0], EXTRA_PODS, 120)?;
+    let mut sample = steady(&agents[0], pid, plan.secs);
+    sample.insert("captured_s", captured);
+    let cpu0 = cpu_seconds(pid);
+    let start = Instant::now();
+    let got = oha(cluster.pod("client"), &format!("http://{REMOTE}:8080/"), plan.secs, Some(1000), &[])?;
+    let rps = got.get("rps").copied().unwrap_or(f64::NAN);
+    sample.insert("http1_p50_ms", got.get("p50_ms").copied().unwrap_or(f64::NAN));
+    sample.insert("http1_vcpu_per_1000rps", (cpu_seconds(pid) - cpu0) / start.elapsed().as_secs_f64() / (rps / 1000.0));
+    // The bench's own configuration back for the CA (the next round's agents).
+    let config_without = config.replace(&objects(), "");
+    ca.write_config(&config_without);
+    Ok(sample)
 }
 
 /// The bench's files (nginx's prefixes, the gRPC body, the client
@@ -400,6 +444,7 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     let (mut agent_anon, mut agent_heap) = (Vec::new(), Vec::new());
     let mut per_conn = Vec::new();
     let started = Instant::now();
+    let mut links_made = false;
     for round in 1..=plan.rounds {
         eprintln!("round {round}/{}: direct (no agent)", plan.rounds);
         record(
@@ -486,6 +531,10 @@ pub fn run(options: Options) -> anyhow::Result<()> {
             dropped as u64
         );
         drop(agents);
+        if options.wants("pods_1000") {
+            let got = with_1000_pods(&cluster, &ca, &config, &plan, &options, &mut links_made)?;
+            record(&mut results, "mesh_same_node", BTreeMap::from([("pods_1000", got)]));
+        }
     }
     drop(ca);
     drop(servers);

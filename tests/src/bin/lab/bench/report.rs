@@ -197,6 +197,23 @@ pub(super) fn report(results: &Results, idle: &Idle, quick: bool, took: Duration
             );
         }
     }
+    let big = |key: &str| med("mesh_same_node", "pods_1000", key);
+    if big("rss_mib").is_finite() {
+        println!(
+            "a node with {EXTRA_PODS} more pods (node-1's agent): all captured {:.1} s after start; at rest {:.4} vCPU, \
+             {:.1} context switches/s, RSS {:.1} MiB (anonymous {:.1}, heap in use {:.1}), {:.0} tasks; \
+             http1_1000rps cross-node through it: p50 {:.3} ms, {:.3} vCPU/1k rps (node-1's agent)",
+            big("captured_s"),
+            big("idle_vcpu"),
+            big("idle_switches_per_s"),
+            big("rss_mib"),
+            big("anon_mib"),
+            big("heap_mib"),
+            big("tasks"),
+            big("http1_p50_ms"),
+            big("http1_vcpu_per_1000rps"),
+        );
+    }
     println!(
         "agent RSS idle: {:.1} MiB (anonymous {:.1}, of which heap in use {:.1}; the rest is the binary's and libraries' \
          pages, mapped from the page cache); {} idle connections cross-node: {:.2} KiB per connection (both agents: \
