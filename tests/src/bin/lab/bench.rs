@@ -97,8 +97,8 @@ fn guarded_policy(jwks: &str) -> String {
 }
 
 /// How long each measurement window runs, and how many rounds.
-struct Plan {
-    secs: u64,
+pub(super) struct Plan {
+    pub(super) secs: u64,
     rounds: usize,
     /// Idle connections held open to measure memory per connection.
     idle: usize,
@@ -241,47 +241,6 @@ fn scenarios(
         out.insert(scenario, sample);
     }
     Ok(out)
-}
-
-/// `pods_1000`: the agents on the configuration with 1 000 more pods on
-/// node-1 (their links made once per run), node-1's agent at rest once
-/// every pod is captured, then `http1_1000rps` through it.
-fn with_1000_pods(
-    cluster: &Cluster,
-    ca: &CaService,
-    config: &str,
-    plan: &Plan,
-    options: &Options,
-    links_made: &mut bool,
-) -> anyhow::Result<Sample> {
-    if !*links_made {
-        add_links(cluster)?;
-        *links_made = true;
-    }
-    let config = format!("{config}{}", objects());
-    ca.write_config(&config);
-    let extra = |i: usize| {
-        let mut a = ca.agent_args(&cluster.nodes[i].name);
-        a.extend(["--access-log", "off", "--resync-interval", "1s"].map(String::from));
-        a.extend(options.agent_args.iter().cloned());
-        a
-    };
-    let agents: Vec<Agent> = (0..2).map(|i| Agent::start_on(cluster, i, &config, &extra(i))).collect();
-    let pid = agents[0].pid().context("node-1's agent has no pid")?;
-    // The bench's own pods on node-1 (client, servers, collector) and the extra ones.
-    let captured = wait_captured(&agents[0], EXTRA_PODS, 120)?;
-    let mut sample = steady(&agents[0], pid, plan.secs);
-    sample.insert("captured_s", captured);
-    let cpu0 = cpu_seconds(pid);
-    let start = Instant::now();
-    let got = oha(cluster.pod("client"), &format!("http://{REMOTE}:8080/"), plan.secs, Some(1000), &[])?;
-    let rps = got.get("rps").copied().unwrap_or(f64::NAN);
-    sample.insert("http1_p50_ms", got.get("p50_ms").copied().unwrap_or(f64::NAN));
-    sample.insert("http1_vcpu_per_1000rps", (cpu_seconds(pid) - cpu0) / start.elapsed().as_secs_f64() / (rps / 1000.0));
-    // The bench's own configuration back for the CA (the next round's agents).
-    let config_without = config.replace(&objects(), "");
-    ca.write_config(&config_without);
-    Ok(sample)
 }
 
 /// The bench's files (nginx's prefixes, the gRPC body, the client

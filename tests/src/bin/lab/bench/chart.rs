@@ -117,7 +117,7 @@ fn escape(s: &str) -> String {
 /// The chart of `runs` (the first is drawn grey: the baseline).
 pub(super) fn draw(runs: &[Run]) -> String {
     const WIDTH: f64 = 760.0;
-    const LABEL: f64 = 210.0;
+    const LABEL: f64 = 250.0;
     const BAR: f64 = 11.0;
     let plot = WIDTH - LABEL - 70.0;
     let panels = panels(runs);
