@@ -243,6 +243,18 @@ fn scenarios(
     Ok(out)
 }
 
+/// Both nodes' agents on `config`, as deployed (no access log, the
+/// default resync interval), with the options' extra arguments.
+fn start_agents(cluster: &Cluster, ca: &CaService, config: &str, options: &Options) -> Vec<Agent> {
+    let args = |i: usize| {
+        let mut a = ca.agent_args(&cluster.nodes[i].name);
+        a.extend(["--access-log", "off", "--resync-interval", "1s"].map(String::from));
+        a.extend(options.agent_args.iter().cloned());
+        a
+    };
+    (0..2).map(|i| Agent::start_on(cluster, i, config, &args(i))).collect()
+}
+
 /// The bench's files (nginx's prefixes, the gRPC body, the client
 /// certificate), removed however the run ends.
 struct WorkDir(PathBuf);
@@ -417,14 +429,7 @@ pub fn run(options: Options) -> anyhow::Result<()> {
             scenarios(client, traced_client, REMOTE, &plan, &options, &body, &[], &nginx_remote)?,
         );
         eprintln!("round {round}/{}: through the mesh", plan.rounds);
-        let extra = |i: usize| {
-            let mut a = ca.agent_args(&cluster.nodes[i].name);
-            // As deployed: no access log, the default resync interval.
-            a.extend(["--access-log", "off", "--resync-interval", "1s"].map(String::from));
-            a.extend(options.agent_args.iter().cloned());
-            a
-        };
-        let agents: Vec<Agent> = (0..2).map(|i| Agent::start_on(&cluster, i, &config, &extra(i))).collect();
+        let agents = start_agents(&cluster, &ca, &config, &options);
         let pids: Vec<u32> = agents.iter().filter_map(Agent::pid).collect();
         std::thread::sleep(Duration::from_millis(500));
         agent_rss.extend(pids.iter().map(|p| rss_mib(*p)));

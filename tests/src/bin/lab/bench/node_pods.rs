@@ -112,13 +112,7 @@ pub(super) fn with_1000_pods(
     }
     let config = format!("{config}{}", objects());
     ca.write_config(&config);
-    let extra = |i: usize| {
-        let mut a = ca.agent_args(&cluster.nodes[i].name);
-        a.extend(["--access-log", "off", "--resync-interval", "1s"].map(String::from));
-        a.extend(options.agent_args.iter().cloned());
-        a
-    };
-    let agents: Vec<Agent> = (0..2).map(|i| Agent::start_on(cluster, i, &config, &extra(i))).collect();
+    let agents = super::start_agents(cluster, ca, &config, options);
     let pid = agents[0].pid().context("node-1's agent has no pid")?;
     // The bench's own pods on node-1 (client, servers, collector) and the extra ones.
     let captured = wait_captured(&agents[0], EXTRA_PODS, 120)?;
