@@ -53,6 +53,13 @@ impl Default for Settings {
     }
 }
 
+impl Settings {
+    /// How long an answer with `ttl` is used: its TTL within the bounds.
+    fn hold(&self, ttl: Duration) -> Duration {
+        ttl.clamp(self.min_ttl, self.max_ttl.max(self.min_ttl))
+    }
+}
+
 /// A name's IPv4 addresses and how long they may be used.
 #[derive(Debug, Clone)]
 pub struct Answer {
@@ -201,7 +208,7 @@ impl Resolver {
                 let mut addrs = answer.addrs;
                 dedup_keeping_order(&mut addrs);
                 let addrs: Arc<[Ipv4Addr]> = addrs.into();
-                let until = Instant::now() + answer.ttl.clamp(s.min_ttl, s.max_ttl.max(s.min_ttl));
+                let until = Instant::now() + s.hold(answer.ttl);
                 let mut demand = self.demand.lock().unwrap_or_else(PoisonError::into_inner);
                 if demand.len() >= ON_DEMAND {
                     demand.retain(|_, (_, u)| *u > now);
@@ -270,7 +277,7 @@ impl Resolver {
         let (label, changed) = match result {
             Ok(answer) => {
                 n.failures = 0;
-                n.due = now + answer.ttl.clamp(s.min_ttl, s.max_ttl.max(s.min_ttl));
+                n.due = now + s.hold(answer.ttl);
                 let mut addrs = answer.addrs;
                 dedup_keeping_order(&mut addrs);
                 // The same addresses in another order are the same answer
