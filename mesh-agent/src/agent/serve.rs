@@ -130,8 +130,7 @@ impl Running {
     async fn stop(self, ctx: &Context) {
         ctx.ready.store(false, Ordering::Release);
         let _ = self.stop_tx.send(true);
-        let mut gateways = self.gateways;
-        gateways.close_all(&ctx.inputs);
+        self.gateways.stop_accepting();
         for t in self.tasks {
             let _ = t.await;
         }

@@ -19,7 +19,7 @@
 //! `/config_dump` and tried again on every resync; the other ports and the
 //! rest of the configuration are unaffected.
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::BTreeMap,
     net::{SocketAddr, SocketAddrV4},
     sync::Arc,
 };
@@ -229,10 +229,13 @@ impl Listeners {
         self.conflicts.clone()
     }
 
-    /// Serves no port any more (the agent stops accepting).
-    pub fn close_all(&mut self, ctx: &Inputs) {
-        self.held.clear();
-        ctx.gateways.set(HashMap::new());
+    /// The agent stops accepting (a replacement took the sockets over, or it
+    /// drains to exit): no more reconciling, but the ports served stay
+    /// served, for what was accepted already (a connection taken from the
+    /// queue an instant before, looked up an instant after) and for new
+    /// streams on the HBONE connections that drain.
+    pub fn stop_accepting(self) {
+        drop(self);
     }
 }
 

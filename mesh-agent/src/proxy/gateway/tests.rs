@@ -110,7 +110,7 @@ async fn an_ingress_gateway_routes_by_its_virtual_service() {
         hello(up)
     );
     let t = TestInputs::new(&yaml);
-    let mut listeners = serve(&t, vec![door]);
+    let listeners = serve(&t, vec![door]);
     let status = listeners.status();
     assert!(status.iter().any(|p| p.plan.addr.port() == port && p.status == "serving"), "{status:?}");
 
@@ -132,7 +132,6 @@ async fn an_ingress_gateway_routes_by_its_virtual_service() {
         })
     };
     assert!(counted("200", "-") && counted("404", "NR"), "{metrics}");
-    listeners.close_all(&t.inputs);
 }
 
 #[tokio::test]
@@ -178,7 +177,7 @@ async fn a_pooled_upstream_connection_never_carries_another_gateways_request() {
         gateway("gw-b", port_b, "b.example"),
     );
     let t = TestInputs::new(&yaml);
-    let mut listeners = serve(&t, vec![door_a, door_b]);
+    let _listeners = serve(&t, vec![door_a, door_b]);
 
     // Gateway pod a's request first (its upstream connection is pooled),
     // then gateway pod b's: it leaves with b's identity, on a connection of its own.
@@ -198,7 +197,6 @@ async fn a_pooled_upstream_connection_never_carries_another_gateways_request() {
         })
     };
     assert!(counted("200", "gw-a") && counted("403", "gw-b"), "{metrics}");
-    listeners.close_all(&t.inputs);
 }
 
 #[tokio::test]
@@ -245,7 +243,7 @@ async fn a_host_a_gateway_reserves_for_a_namespace_cannot_be_taken_from_another(
         tenant("prod", "10.96.0.10", prod, "'*'"),
     );
     let t = TestInputs::new(&yaml);
-    let mut listeners = serve(&t, vec![door]);
+    let _listeners = serve(&t, vec![door]);
     // The reserved host goes to prod, whatever evil's VirtualService says.
     assert_eq!(get(port, "app.example", "/").await, (StatusCode::OK, "prod".into()));
     // A host no server of the Gateway lists is not served, even though a
@@ -253,7 +251,6 @@ async fn a_host_a_gateway_reserves_for_a_namespace_cannot_be_taken_from_another(
     assert_eq!(get(port, "other.example", "/").await.0, StatusCode::NOT_FOUND);
     // `*/`: any namespace may bind it (prod's `*` does).
     assert_eq!(get(port, "open.example", "/").await, (StatusCode::OK, "prod".into()));
-    listeners.close_all(&t.inputs);
 }
 
 #[tokio::test]
@@ -272,7 +269,7 @@ async fn an_http_server_with_https_redirect_sends_every_request_to_https() {
         server("plain.example", ", tls: {httpsRedirect: false}"),
     );
     let t = TestInputs::new(&yaml);
-    let mut listeners = serve(&t, vec![door]);
+    let _listeners = serve(&t, vec![door]);
     let tcp = tokio::net::TcpStream::connect((GATEWAY, port)).await.expect("connect to the gateway");
     let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.expect("handshake");
     tokio::spawn(conn);
@@ -283,7 +280,6 @@ async fn an_http_server_with_https_redirect_sends_every_request_to_https() {
     assert_eq!(resp.headers()["location"], "https://secure.example/a/b?c=1");
     // The other server on the port does not redirect: no route there, 404.
     assert_eq!(get(port, "plain.example", "/a").await.0, StatusCode::NOT_FOUND);
-    listeners.close_all(&t.inputs);
 }
 
 /// A CA, and certificates it signs for `names` (server and client use).
@@ -344,7 +340,7 @@ async fn a_mutual_server_forwards_the_verified_client_certificate_and_no_forged_
         block(&ca.1)
     );
     let t = TestInputs::new(&yaml);
-    let mut listeners = serve(&t, vec![https_door, http_door]);
+    let _listeners = serve(&t, vec![https_door, http_door]);
 
     // Over TLS with the client certificate, a forged header beside it.
     let mut roots = rustls::RootCertStore::empty();
@@ -389,7 +385,6 @@ async fn a_mutual_server_forwards_the_verified_client_certificate_and_no_forged_
         .expect("request");
     let body = send.send_request(req).await.expect("response").into_body().collect().await.expect("body").to_bytes();
     assert_eq!(&body[..], b"-");
-    listeners.close_all(&t.inputs);
 }
 
 #[tokio::test]
@@ -420,7 +415,7 @@ async fn a_gateway_pod_of_another_namespace_never_serves_a_gateways_certificate(
         block(&key),
     );
     let t = TestInputs::new(&yaml);
-    let mut listeners = serve(&t, vec![door, tenant_door]);
+    let _listeners = serve(&t, vec![door, tenant_door]);
     let (plans, conflicts) = super::plan(&t.inputs.state(), "n1");
     let served: Vec<String> = plans.values().map(|p| format!("{} {}", p.pod, p.addr)).collect();
     // The istio-system pod serves both ports; the tenant's pod the HTTP one only.
@@ -431,7 +426,6 @@ async fn a_gateway_pod_of_another_namespace_never_serves_a_gateways_certificate(
     assert!(conflicts[0].reason.contains("attacker/tenant-gw"), "{conflicts:?}");
     // Positive control: the tenant's pod serves the shared HTTP server.
     assert_eq!(get_at(TENANT, tenant_port, "x", "/p").await.0, StatusCode::OK);
-    listeners.close_all(&t.inputs);
 }
 
 /// A GET with an optional bearer token; status and the `x-sub` the upstream
@@ -473,7 +467,7 @@ async fn a_gateway_judges_each_request_by_its_pods_jwt_and_request_policies() {
         hello(up)
     );
     let t = TestInputs::new(&yaml);
-    let mut listeners = serve(&t, vec![door]);
+    let _listeners = serve(&t, vec![door]);
     let token = signer.sign(serde_json::json!({"iss": ISSUER, "sub": "alice", "exp": now() + 600}));
     let forged = Signer::ed25519("k1").sign(serde_json::json!({"iss": ISSUER, "sub": "mallory", "exp": now() + 600}));
     // The positive controls first: public paths, and a valid token.
@@ -491,5 +485,37 @@ async fn a_gateway_judges_each_request_by_its_pods_jwt_and_request_policies() {
             && l.contains("source_workload=\"ingress\"")
     });
     assert!(refused, "{metrics}");
-    listeners.close_all(&t.inputs);
+}
+
+#[tokio::test]
+async fn a_connection_accepted_as_the_agent_stops_accepting_is_still_served_by_its_gateway() {
+    // A handover: the replacement accepts on the same sockets and the old
+    // agent stops accepting, but a connection it took from the queue just
+    // before is looked up and served after that moment. It must meet the
+    // gateway still (not the gateway pod's own port, where nothing listens).
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let (up, (door, port)) = (upstream().await, door(GATEWAY).await);
+    let yaml = format!(
+        "{}\
+         ---\napiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: ingress, namespace: istio-system}}\n\
+         spec: {{selector: {{istio: ingressgateway}}, servers: [{{port: {{number: {port}, name: http, protocol: HTTP}}, hosts: ['*']}}]}}\n\
+         ---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: hello, namespace: plain}}\n\
+         spec: {{hosts: ['*'], gateways: [istio-system/ingress], http: [{{route: [{{destination: {{host: hello, port: {{number: 80}}}}}}]}}]}}\n",
+        hello(up)
+    );
+    let t = TestInputs::new(&yaml);
+    let mut listeners = Listeners::default();
+    listeners.reconcile(&t.inputs);
+    let mut client = tokio::net::TcpStream::connect((GATEWAY, port)).await.expect("connect to the gateway");
+    client.write_all(b"GET /late HTTP/1.1\r\nHost: hello.example\r\nConnection: close\r\n\r\n").await.expect("write");
+    // Accepted from the queue; then the agent stops accepting; then the
+    // connection's handler looks its port up.
+    let (tcp, peer) = door.accept().await.expect("accept");
+    listeners.stop_accepting();
+    let Ok(std::net::SocketAddr::V4(local)) = tcp.local_addr() else { panic!("an IPv4 door") };
+    let serving = t.inputs.gateways.get(local).expect("the gateway port is still served for what was accepted");
+    tokio::spawn(serving.serve_captured(t.inputs.clone(), tcp, peer));
+    let mut answer = String::new();
+    client.read_to_string(&mut answer).await.expect("read");
+    assert!(answer.starts_with("HTTP/1.1 200") && answer.ends_with("/late via hello.example"), "{answer}");
 }
