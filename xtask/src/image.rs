@@ -27,13 +27,11 @@ const NFT: &str = "/usr/sbin/nft";
 
 pub fn build() -> anyhow::Result<()> {
     let root = workspace_root()?;
-    run(Command::new("cargo")
-        .args(["build", "--release", "-p", "mesh-agent", "--bin", "mesh-agent"])
-        .current_dir(&root))?;
+    // The agent as `cargo xtask release` builds it: with the data path's profile.
+    let binary = crate::pgo::release()?;
     run(Command::new("cargo")
         .args(["rustc", "--release", "-p", "mesh-cni", "--bin", "mesh-cni", "--", "-C", "target-feature=+crt-static"])
         .current_dir(&root))?;
-    let binary = root.join("target/release/mesh-agent");
     let version = env!("CARGO_PKG_VERSION");
     let out = root.join("target/image");
     let rootfs = out.join("rootfs");

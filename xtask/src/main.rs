@@ -7,6 +7,8 @@
 //! - `demo`, `bench`, `scale`: run `lab` (tests/src/bin/lab), the programs
 //!   that drive the agent, kept out of xtask so that xtask builds without the
 //!   eBPF toolchain that `setup` installs.
+//! - `release`, `pgo`: the release agent built with the checked-in profile
+//!   of its data path; recording that profile again (see `pgo.rs`).
 //! - `image`, `fuzz`: the OCI image archive; the fuzz targets.
 use std::process::Command;
 
@@ -14,6 +16,7 @@ use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
 mod image;
+mod pgo;
 
 #[derive(Parser)]
 #[command(name = "xtask")]
@@ -48,6 +51,12 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Build the release agent with the data path's profile
+    /// (mesh-agent/pgo/) to target/<host>/release/mesh-agent.
+    Release,
+    /// Record that profile again (as root): an instrumented agent carries the
+    /// bench's traffic; then `cargo xtask release` builds with it.
+    Pgo,
     /// Build the OCI image archive target/image/mesh-agent-<version>.tar from
     /// scratch (no base image, no registry), checked with skopeo.
     Image,
@@ -74,12 +83,22 @@ fn main() -> anyhow::Result<()> {
         Task::Setup => setup(),
         Task::BuildEbpf => build_ebpf(),
         Task::Test { args } => test(&args),
-        Task::Demo { args } => lab(false, "demo", &args),
-        // Release: the bench's own clients (gRPC streams, TLS handshakes) must not be the bottleneck.
-        Task::Bench { args } => lab(true, "bench", &args),
+        Task::Demo { args } => lab(false, "demo", &args, None),
+        // Release: the bench's own clients (gRPC streams, TLS handshakes) must
+        // not be the bottleneck. It measures the agent that ships (built with
+        // the profile), unless MESH_AGENT_BIN names another build.
+        Task::Bench { args } => {
+            let agent = match std::env::var_os("MESH_AGENT_BIN") {
+                Some(_) => None,
+                None => Some(pgo::release()?),
+            };
+            lab(true, "bench", &args, agent.as_deref())
+        }
         Task::Fuzz { secs, targets } => fuzz(secs, &targets),
-        Task::Scale { args } => lab(true, "scale", &args),
+        Task::Scale { args } => lab(true, "scale", &args, None),
         Task::Image => image::build(),
+        Task::Release => pgo::release().map(drop),
+        Task::Pgo => pgo::record(),
     }
 }
 
@@ -114,11 +133,14 @@ fn fuzz(secs: u64, targets: &[String]) -> anyhow::Result<()> {
 /// The tasks that drive the agent run `lab` (tests/src/bin/lab), which
 /// depends on the agent and so on the eBPF toolchain; xtask itself does not,
 /// so that `cargo xtask setup` compiles on a machine that has none of it yet.
-fn lab(release: bool, task: &str, args: &[String]) -> anyhow::Result<()> {
+fn lab(release: bool, task: &str, args: &[String], agent: Option<&std::path::Path>) -> anyhow::Result<()> {
     let mut cmd = Command::new("cargo");
     cmd.args(["run", "--quiet", "--package", "mesh-tests", "--bin", "lab"]);
     if release {
         cmd.args(["--profile", "lab"]);
+    }
+    if let Some(agent) = agent {
+        cmd.env("MESH_AGENT_BIN", agent);
     }
     let status = cmd.arg("--").arg(task).args(args).current_dir(workspace_root()?).status()?;
     // The task's own exit code (a failed demo step, a bad flag's 2) passes through.
