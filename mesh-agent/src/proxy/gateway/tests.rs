@@ -55,6 +55,19 @@ fn hello(up: u16) -> String {
     )
 }
 
+/// [`hello`], an HTTP Gateway on `port` for every host, and a VirtualService
+/// bound to it whose one rule (`matching`, then a route) goes to `plain/hello`.
+fn http_ingress(port: u16, up: u16, matching: &str) -> String {
+    format!(
+        "{}\
+         ---\napiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: ingress, namespace: istio-system}}\n\
+         spec: {{selector: {{istio: ingressgateway}}, servers: [{{port: {{number: {port}, name: http, protocol: HTTP}}, hosts: ['*']}}]}}\n\
+         ---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: hello, namespace: plain}}\n\
+         spec: {{hosts: ['*'], gateways: [istio-system/ingress], http: [{{{matching}route: [{{destination: {{host: hello, port: {{number: 80}}}}}}]}}]}}\n",
+        hello(up)
+    )
+}
+
 /// A listening socket on a gateway pod's address, the port the kernel gave.
 async fn door(ip: Ipv4Addr) -> (tokio::net::TcpListener, u16) {
     let l = tokio::net::TcpListener::bind((ip, 0)).await.expect("bind on the gateway pod's address");
@@ -100,15 +113,7 @@ async fn get_at(ip: Ipv4Addr, port: u16, host: &str, path: &str) -> (StatusCode,
 #[tokio::test]
 async fn an_ingress_gateway_routes_by_its_virtual_service() {
     let (up, (door, port)) = (upstream().await, door(GATEWAY).await);
-    let yaml = format!(
-        "{}\
-         ---\napiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: ingress, namespace: istio-system}}\n\
-         spec: {{selector: {{istio: ingressgateway}}, servers: [{{port: {{number: {port}, name: http, protocol: HTTP}}, hosts: ['*']}}]}}\n\
-         ---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: hello, namespace: plain}}\n\
-         spec: {{hosts: ['*'], gateways: [istio-system/ingress], http: [{{match: [{{uri: {{prefix: /hello}}}}], \
-         route: [{{destination: {{host: hello, port: {{number: 80}}}}}}]}}]}}\n",
-        hello(up)
-    );
+    let yaml = http_ingress(port, up, "match: [{uri: {prefix: /hello}}], ");
     let t = TestInputs::new(&yaml);
     let listeners = serve(&t, vec![door]);
     let status = listeners.status();
@@ -495,14 +500,7 @@ async fn a_connection_accepted_as_the_agent_stops_accepting_is_still_served_by_i
     // gateway still (not the gateway pod's own port, where nothing listens).
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let (up, (door, port)) = (upstream().await, door(GATEWAY).await);
-    let yaml = format!(
-        "{}\
-         ---\napiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: ingress, namespace: istio-system}}\n\
-         spec: {{selector: {{istio: ingressgateway}}, servers: [{{port: {{number: {port}, name: http, protocol: HTTP}}, hosts: ['*']}}]}}\n\
-         ---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: hello, namespace: plain}}\n\
-         spec: {{hosts: ['*'], gateways: [istio-system/ingress], http: [{{route: [{{destination: {{host: hello, port: {{number: 80}}}}}}]}}]}}\n",
-        hello(up)
-    );
+    let yaml = http_ingress(port, up, "");
     let t = TestInputs::new(&yaml);
     let mut listeners = Listeners::default();
     listeners.reconcile(&t.inputs);
