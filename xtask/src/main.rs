@@ -16,6 +16,7 @@ use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
 mod image;
+mod layout;
 mod pgo;
 
 #[derive(Parser)]
@@ -55,8 +56,12 @@ enum Task {
     /// (mesh-agent/pgo/) to target/<host>/release/mesh-agent.
     Release,
     /// Record that profile again (as root): an instrumented agent carries the
-    /// bench's traffic; then `cargo xtask release` builds with it.
+    /// bench's traffic; then `cargo xtask release` builds with it. Records
+    /// the layout too.
     Pgo,
+    /// Record which functions the release agent runs (as root), for the
+    /// linker to lay them out together (mesh-agent/pgo/symbol-order.txt).
+    Layout,
     /// Build the OCI image archive target/image/mesh-agent-<version>.tar from
     /// scratch (no base image, no registry), checked with skopeo.
     Image,
@@ -99,6 +104,7 @@ fn main() -> anyhow::Result<()> {
         Task::Image => image::build(),
         Task::Release => pgo::release().map(drop),
         Task::Pgo => pgo::record(),
+        Task::Layout => layout::record(),
     }
 }
 

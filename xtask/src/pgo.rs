@@ -8,7 +8,9 @@
 //!   compiled as without one; nothing fails.
 //! - `cargo xtask pgo` (root) records it: an instrumented agent
 //!   (`-Cprofile-generate`) carries the bench's traffic (`lab bench`, the
-//!   scenarios in [`TRAINING`]), and `llvm-profdata` merges what it counted.
+//!   scenarios in [`TRAINING`]), and `llvm-profdata` merges what it counted;
+//!   then `cargo xtask layout` records the order of the functions
+//!   ([`ORDER`], `crate::layout`).
 //!
 //! Both build for the host's target triple explicitly: then `RUSTFLAGS`
 //! reach the agent and its dependencies but not build scripts or procedural
@@ -27,10 +29,18 @@ use crate::{run, workspace_root};
 /// needs root and network namespaces, which an image build has not).
 const PROFILE: &str = "mesh-agent/pgo/mesh-agent.profdata";
 
+/// The functions the agent runs, in the order the linker lays them out
+/// (`--symbol-ordering-file`): what startup and the bench's traffic touch,
+/// packed together, so that the kernel's fault-around (64 KiB around each
+/// page faulted in) maps code the agent runs rather than code it never
+/// does (docs/performance.md, "Code layout"). It replaces LLD's own
+/// call-graph order, which the list keeps for the functions in it.
+pub(crate) const ORDER: &str = "mesh-agent/pgo/symbol-order.txt";
+
 /// What the instrumented agent carries while it counts: every kind of
 /// traffic the bench drives through the mesh, same-node and cross-node
 /// (`pods_1000` left out: its resync is the idle path, which `idle` has).
-const TRAINING: &str = "idle,tcp_1_stream,tcp_rr_1000mps,http1_1000rps,http1_1000rps_jwt,http1_1000rps_l4dest,\
+pub(crate) const TRAINING: &str = "idle,tcp_1_stream,tcp_rr_1000mps,http1_1000rps,http1_1000rps_jwt,http1_1000rps_l4dest,\
 http1_1000rps_trace1,http1_saturation,http2_1000rps,http2_saturation,new_connections,grpc_unary,grpc_streaming,\
 hbone_handshakes,gateway_https,dns_1000qps_mesh";
 
@@ -43,6 +53,14 @@ pub fn release() -> anyhow::Result<PathBuf> {
     } else {
         eprintln!("release: no {PROFILE}; building without a profile (`cargo xtask pgo` records one)");
         String::new()
+    };
+    let order = root.join(ORDER);
+    let flags = match order.exists() {
+        true => format!(
+            "{flags} -Clink-arg=-Wl,--symbol-ordering-file={} -Clink-arg=-Wl,--no-warn-symbol-ordering",
+            order.display()
+        ),
+        false => flags,
     };
     let host = host_triple()?;
     build(&root, &host, None, &flags)?;
@@ -85,8 +103,10 @@ pub fn record() -> anyhow::Result<()> {
         std::fs::create_dir_all(dir)?;
     }
     run(Command::new(&profdata).args(["merge", "-o"]).arg(root.join(PROFILE)).args(&counted))?;
-    eprintln!("profile: {PROFILE}; `cargo xtask release` builds with it");
-    Ok(())
+    eprintln!("profile: {PROFILE}");
+    // The layout goes with the profile: the functions it names are the
+    // optimized build's.
+    crate::layout::record()
 }
 
 /// `cargo build --release` of the agent for `host`, with `flags` added to RUSTFLAGS.
