@@ -48,6 +48,8 @@ pub(super) async fn serve(
     let (mut running, offered) = Running::start(ctx, sockets, admin);
     ctx.ready.store(true, Ordering::Release);
     tracing::info!(node = %cfg.node, admin = %cfg.admin_addr, pods = capture.attached().len(), "mesh-agent ready");
+    // What start-up freed (configuration, lists, certificates) is not kept.
+    crate::telemetry::runtime::release_free_memory();
     if let Some(inherited) = handover.inherited {
         match tokio::task::spawn_blocking(move || inherited.ready()).await {
             Ok(Ok(())) => tracing::info!("took over: the previous agent stops accepting and drains"),
@@ -302,6 +304,8 @@ fn apply(ctx: &Context, loaded: Result<config::Loaded, ConfigErrors>) {
                 inputs.metrics.connection_failures.get_or_create(&reason).inc_by(closed as u64);
             }
             inputs.metrics.config_loads.get_or_create(&ResultLabels { result: "success" }).inc();
+            // The old model is freed; its pages go back.
+            crate::telemetry::runtime::release_free_memory();
         }
         Err(errors) => {
             for e in &errors.0 {
