@@ -136,11 +136,7 @@ pub fn record() -> anyhow::Result<()> {
     // first part is resident.
     let (mut names, mut seen) = (Vec::new(), std::collections::HashSet::new());
     for only in ["idle", pgo::TRAINING] {
-        run(Command::new("cargo")
-            .args(["run", "--quiet", "--package", "mesh-tests", "--bin", "lab", "--profile", "lab", "--"])
-            .args(["bench", "--quick", "--rounds", "1", "--secs", "2", "--only", only])
-            .env("MESH_AGENT_BIN", &agent)
-            .current_dir(&root))?;
+        pgo::bench(&root, &agent, 2, only)?;
         let touched = cached_pages(&agent)?;
         for name in touched_functions(&agent, &touched)? {
             if seen.insert(name.clone()) {

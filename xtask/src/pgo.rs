@@ -82,12 +82,7 @@ pub fn record() -> anyhow::Result<()> {
     std::fs::create_dir_all(&raw)?;
     build(&root, &host, Some(&target_dir), &format!("-Cprofile-generate={}", raw.display()))?;
     let instrumented = target_dir.join(&host).join("release/mesh-agent");
-    // The bench's own programs as `cargo xtask bench` builds them.
-    run(Command::new("cargo")
-        .args(["run", "--quiet", "--package", "mesh-tests", "--bin", "lab", "--profile", "lab", "--"])
-        .args(["bench", "--quick", "--rounds", "1", "--secs", "4", "--only", TRAINING])
-        .env("MESH_AGENT_BIN", &instrumented)
-        .current_dir(&root))?;
+    bench(&root, &instrumented, 4, TRAINING)?;
     let counted: Vec<PathBuf> = std::fs::read_dir(&raw)?
         .filter_map(|e| Some(e.ok()?.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "profraw"))
@@ -107,6 +102,16 @@ pub fn record() -> anyhow::Result<()> {
     // The layout goes with the profile: the functions it names are the
     // optimized build's.
     crate::layout::record()
+}
+
+/// One quick round of the bench's `scenarios` (`secs` per window) through
+/// `agent`, the bench's own programs built as `cargo xtask bench` builds them.
+pub(crate) fn bench(root: &Path, agent: &Path, secs: u32, scenarios: &str) -> anyhow::Result<()> {
+    run(Command::new("cargo")
+        .args(["run", "--quiet", "--package", "mesh-tests", "--bin", "lab", "--profile", "lab", "--"])
+        .args(["bench", "--quick", "--rounds", "1", "--secs", &secs.to_string(), "--only", scenarios])
+        .env("MESH_AGENT_BIN", agent)
+        .current_dir(root))
 }
 
 /// `cargo build --release` of the agent for `host`, with `flags` added to RUSTFLAGS.
