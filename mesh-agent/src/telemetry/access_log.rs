@@ -7,13 +7,19 @@
 //! writer thread drains, so a slow or blocked stdout (a full pipe, a stalled
 //! log collector) costs requests nothing. When the queue is full the line is
 //! dropped and counted (`mesh_limit_refusals_total{listener="access_log"}`).
+//!
+//! The queue holds memory only for the lines in it: a channel of linked
+//! blocks of 31 lines, freed as the writer empties them, with the bound kept
+//! by a count. (`sync_channel(8192)` allocated and wrote all 8 192 slots, 448
+//! KiB, at start, with the access log off as much as on.)
 use crate::state::telemetry::Logging;
 use std::{
     collections::{HashMap, HashSet},
     io::Write as _,
     sync::{
         Arc,
-        mpsc::{Receiver, SyncSender, TrySendError},
+        atomic::{AtomicUsize, Ordering},
+        mpsc::{Receiver, Sender},
     },
 };
 
@@ -30,7 +36,7 @@ pub enum Sink {
 }
 
 pub struct AccessLog {
-    tx: SyncSender<(Sink, String)>,
+    queue: Queue,
     /// `--access-log`: where lines go when MeshConfig does not say.
     default: Sink,
 }
@@ -46,9 +52,10 @@ impl AccessLog {
                 Sink::File(path.into())
             }
         };
-        let (tx, rx) = std::sync::mpsc::sync_channel::<(Sink, String)>(QUEUE);
-        std::thread::Builder::new().name("access-log".into()).spawn(move || write_lines(&rx))?;
-        Ok(AccessLog { tx, default })
+        let (queue, rx) = Queue::new();
+        let queued = queue.queued.clone();
+        std::thread::Builder::new().name("access-log".into()).spawn(move || write_lines(&rx, &queued))?;
+        Ok(AccessLog { queue, default })
     }
 
     /// Where a side's lines go: MeshConfig's `accessLogFile` (`None`: not
@@ -74,18 +81,51 @@ impl AccessLog {
         if *sink == Sink::Off {
             return true;
         }
-        !matches!(self.tx.try_send((sink.clone(), line)), Err(TrySendError::Full(_)))
+        self.queue.send((sink.clone(), line))
     }
+}
+
+/// The lines between the workers and the writer, at most [`QUEUE`].
+struct Queue {
+    tx: Sender<(Sink, String)>,
+    /// Lines sent and not yet taken by the writer.
+    queued: Arc<AtomicUsize>,
+}
+
+impl Queue {
+    fn new() -> (Queue, Receiver<(Sink, String)>) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        (Queue { tx, queued: Arc::default() }, rx)
+    }
+
+    /// `false` when the queue is full (the line is dropped). A writer that
+    /// has gone takes nothing and is not the queue being full.
+    fn send(&self, item: (Sink, String)) -> bool {
+        if self.queued.fetch_add(1, Ordering::Relaxed) >= QUEUE {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+            return false;
+        }
+        if self.tx.send(item).is_err() {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+        }
+        true
+    }
+}
+
+/// What the writer does with each line it takes: the queue has room again.
+fn taken<T>(item: T, queued: &AtomicUsize) -> T {
+    queued.fetch_sub(1, Ordering::Relaxed);
+    item
 }
 
 /// The writer thread: every line to its sink, written out whenever the
 /// queue is drained so that lines are not held.
-fn write_lines(rx: &Receiver<(Sink, String)>) {
+fn write_lines(rx: &Receiver<(Sink, String)>, queued: &AtomicUsize) {
     let mut stdout = std::io::BufWriter::new(std::io::stdout());
     let mut files: HashMap<Arc<str>, std::io::BufWriter<std::fs::File>> = HashMap::new();
     let mut failed: HashSet<Arc<str>> = HashSet::new();
     while let Ok(first) = rx.recv() {
-        let mut next = Some(first);
+        let mut next = Some(taken(first, queued));
         while let Some((sink, line)) = next.take() {
             // A full disk or a closed stdout must not stop the agent.
             match sink {
@@ -106,11 +146,32 @@ fn write_lines(rx: &Receiver<(Sink, String)>) {
                     }
                 }
             }
-            next = rx.try_recv().ok();
+            next = rx.try_recv().ok().map(|item| taken(item, queued));
         }
         let _ = stdout.flush();
         for f in files.values_mut() {
             let _ = f.flush();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_queue_drops_lines_until_the_writer_takes_one() {
+        let (queue, rx) = Queue::new();
+        let line = || (Sink::Stdout, "line\n".to_owned());
+        for i in 0..QUEUE {
+            assert!(queue.send(line()), "line {i} of {QUEUE} was dropped");
+        }
+        assert!(!queue.send(line()), "line {QUEUE} went past the bound");
+        assert!(!queue.send(line()));
+        let _ = taken(rx.try_recv().expect("a line queued"), &queue.queued);
+        assert!(queue.send(line()), "room again after the writer took one");
+        assert!(!queue.send(line()));
+        // Dropped lines were never queued: exactly QUEUE wait.
+        assert_eq!(rx.try_iter().count(), QUEUE);
     }
 }
