@@ -31,22 +31,26 @@ use listeners::Acquired;
 pub use source::ConfigSource;
 use source::Source;
 
-/// The roots `jwksUri` servers are checked against: the system's, and the
-/// operator's extra CA file (which must load).
-fn jwks_roots(extra: Option<&std::path::Path>) -> Result<rustls::RootCertStore, RunError> {
+/// The operator's CA file for `jwksUri` servers (`--jwks-ca`), read at
+/// start, so that a file that does not load stops the agent there.
+fn jwks_extra_roots(extra: Option<&std::path::Path>) -> Result<Option<rustls::RootCertStore>, RunError> {
+    let Some(path) = extra else { return Ok(None) };
+    let fail = |message: String| RunError::JwksCa { path: path.display().to_string(), message };
+    let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
+    crate::identity::ca::roots_from_pem(&text).map(Some).map_err(fail)
+}
+
+/// The system's CAs and `extra`: what a `jwksUri`'s server certificate is
+/// checked against. Read on the first fetch of a key set, not at start.
+fn jwks_roots(extra: Option<rustls::RootCertStore>) -> rustls::RootCertStore {
     let mut roots = rustls::RootCertStore::empty();
     let native = rustls_native_certs::load_native_certs();
     for e in &native.errors {
         tracing::debug!(error = %e, "system CA certificates");
     }
     roots.add_parsable_certificates(native.certs);
-    if let Some(path) = extra {
-        let fail = |message: String| RunError::JwksCa { path: path.display().to_string(), message };
-        let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
-        let extra = crate::identity::ca::roots_from_pem(&text).map_err(fail)?;
-        roots.roots.extend(extra.roots);
-    }
-    Ok(roots)
+    roots.roots.extend(extra.into_iter().flat_map(|extra| extra.roots));
+    roots
 }
 
 /// Settings of `mesh-agent run`.
@@ -252,6 +256,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
     let certs = Arc::new(cert_manager(&cfg.identity)?);
     let access_log = crate::telemetry::access_log::AccessLog::open(&cfg.access_log)
         .map_err(|source| RunError::AccessLog { path: cfg.access_log.clone(), source })?;
+    let jwks_extra = jwks_extra_roots(cfg.jwks_ca.as_deref())?;
     let dns = dns_resolver(&cfg.dns, &metrics);
     let inputs = Arc::new(Inputs::new(crate::proxy::inputs::Settings {
         dns,
@@ -264,9 +269,9 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
         limits: cfg.limits.clone(),
         metrics,
         jwks: Arc::new(crate::identity::jwt::jwks::JwksCache::with_min_refetch(
-            jwks_roots(cfg.jwks_ca.as_deref())?,
+            move || jwks_roots(jwks_extra),
             cfg.jwks_refetch_interval,
-        )?),
+        )),
     }));
     let ctx = Arc::new(Context {
         inputs,

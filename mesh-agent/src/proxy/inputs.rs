@@ -279,9 +279,7 @@ pub(crate) mod testing {
                 state: crate::config::state_from_yaml(yaml),
                 limits,
                 metrics,
-                jwks: Arc::new(
-                    crate::identity::jwt::jwks::JwksCache::new(rustls::RootCertStore::empty()).expect("TLS settings"),
-                ),
+                jwks: Arc::new(crate::identity::jwt::jwks::JwksCache::new(rustls::RootCertStore::empty)),
             });
             TestInputs { inputs: Arc::new(inputs), dir }
         }

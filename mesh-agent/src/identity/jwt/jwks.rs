@@ -6,7 +6,7 @@
 //! last good set; with none, tokens of that issuer are refused (401).
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex},
+    sync::{Arc, LazyLock, Mutex},
     time::{Duration, Instant},
 };
 
@@ -35,9 +35,15 @@ pub fn parse_uri(uri: &str) -> Result<http::Uri, String> {
     Ok(parsed)
 }
 
+/// The HTTPS client's settings, or why there are none.
+type Tls = Result<Arc<rustls::ClientConfig>, String>;
+
 /// The key sets of every `jwksUri` in use.
 pub struct JwksCache {
-    tls: Arc<rustls::ClientConfig>,
+    /// Made on the first fetch: most meshes name no remote key set, and the
+    /// system's trust store (150 CAs, about 80 KiB once parsed) is then
+    /// never read.
+    tls: LazyLock<Tls, Box<dyn FnOnce() -> Tls + Send>>,
     entries: Mutex<HashMap<String, Arc<Entry>>>,
     /// [`MIN_REFETCH`], but for tests.
     min_refetch: Duration,
@@ -51,15 +57,21 @@ struct Entry {
 }
 
 impl JwksCache {
-    /// Server certificates are checked against `roots` (the system's, and
-    /// any CA the operator adds).
-    pub fn new(roots: rustls::RootCertStore) -> Result<JwksCache, rustls::Error> {
+    /// Server certificates are checked against what `roots` gives (the
+    /// system's CAs, and any the operator adds), called on the first fetch.
+    pub fn new(roots: impl FnOnce() -> rustls::RootCertStore + Send + 'static) -> JwksCache {
         Self::with_min_refetch(roots, MIN_REFETCH)
     }
 
-    pub fn with_min_refetch(roots: rustls::RootCertStore, min_refetch: Duration) -> Result<JwksCache, rustls::Error> {
-        let tls = crate::identity::tls::https_client_config(roots, &[b"http/1.1"])?;
-        Ok(JwksCache { tls: Arc::new(tls), entries: Mutex::default(), min_refetch })
+    pub fn with_min_refetch(
+        roots: impl FnOnce() -> rustls::RootCertStore + Send + 'static,
+        min_refetch: Duration,
+    ) -> JwksCache {
+        let make = move || {
+            let tls = crate::identity::tls::https_client_config(roots(), &[b"http/1.1"]);
+            tls.map(Arc::new).map_err(|e| format!("TLS settings: {e}"))
+        };
+        JwksCache { tls: LazyLock::new(Box::new(make)), entries: Mutex::default(), min_refetch }
     }
 
     fn entry(&self, uri: &str) -> Arc<Entry> {
@@ -101,7 +113,11 @@ impl JwksCache {
             return;
         }
         *last = Some(Instant::now());
-        match tokio::time::timeout(timeout, get(&self.tls, uri)).await {
+        let tls = match &*self.tls {
+            Ok(tls) => tls.clone(),
+            Err(e) => return tracing::warn!(%uri, error = %e, "fetching JWT keys is not possible"),
+        };
+        match tokio::time::timeout(timeout, get(&tls, uri)).await {
             Ok(Ok(keys)) => {
                 tracing::info!(%uri, keys = keys.len(), "JWT keys fetched");
                 *entry.keys.lock().unwrap_or_else(|e| e.into_inner()) = Some((keys, Instant::now()));

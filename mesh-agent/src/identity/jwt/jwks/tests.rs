@@ -26,6 +26,12 @@ struct Server {
     roots: rustls::RootCertStore,
 }
 
+/// What the cache trusts: the test server's CA, handed over on the first fetch.
+fn roots(srv: &Server) -> impl FnOnce() -> rustls::RootCertStore + Send + 'static {
+    let roots = srv.roots.clone();
+    move || roots
+}
+
 async fn server() -> Server {
     let ca_key = rcgen::KeyPair::generate().expect("key");
     let mut ca = rcgen::CertificateParams::new(Vec::new()).expect("params");
@@ -96,7 +102,7 @@ async fn keys_are_fetched_refetched_for_a_new_kid_and_kept_when_the_server_fails
     let srv = server().await;
     let (k1, k2) = (Signer::rsa("k1", Algorithm::RS256), Signer::ec("k2", Algorithm::ES256));
     *srv.answer.lock().expect("answer") = (200, jwks(&[&k1]));
-    let cache = Arc::new(JwksCache::with_min_refetch(srv.roots.clone(), Duration::ZERO).expect("cache"));
+    let cache = Arc::new(JwksCache::with_min_refetch(roots(&srv), Duration::ZERO));
     let r = rule(&srv.uri);
     let keys = cache.keys(&srv.uri, DEFAULT_TIMEOUT).await;
     assert!(jwt::verify(&token(&k1), &r, &keys).is_ok());
@@ -123,7 +129,7 @@ async fn unknown_kids_cannot_make_the_agent_hammer_the_issuer() {
     let srv = server().await;
     let k1 = Signer::ed25519("k1");
     *srv.answer.lock().expect("answer") = (200, jwks(&[&k1]));
-    let cache = Arc::new(JwksCache::new(srv.roots.clone()).expect("cache"));
+    let cache = Arc::new(JwksCache::new(roots(&srv)));
     let _ = cache.keys(&srv.uri, DEFAULT_TIMEOUT).await;
     for _ in 0..20 {
         let _ = cache.refetch(&srv.uri, DEFAULT_TIMEOUT).await;
@@ -137,7 +143,7 @@ async fn a_server_with_a_certificate_from_another_ca_gives_no_keys() {
     let k1 = Signer::ed25519("k1");
     *srv.answer.lock().expect("answer") = (200, jwks(&[&k1]));
     let other = server().await;
-    let cache = Arc::new(JwksCache::new(other.roots).expect("cache"));
+    let cache = Arc::new(JwksCache::new(roots(&other)));
     assert!(cache.keys(&srv.uri, DEFAULT_TIMEOUT).await.is_empty());
     assert_eq!(srv.requests.load(Ordering::SeqCst), 0);
 }
